@@ -1,0 +1,94 @@
+"""EngineConfig: every serving setting the workbench sweeps, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+QUANTIZATION_MODES = (None, "int8", "int4", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+class ConfigError(ValueError):
+    """A setting is outside its allowed range; the message names the field and what is allowed."""
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not allowed: {field} must be {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine instance.
+
+    block_size: tokens per KV-cache block (power of two, 1..256).
+    max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
+    max_num_seqs: most requests running at once.
+    enable_prefix_caching: reuse full KV blocks whose token prefix was seen before.
+    quantization: weight quantization, None | "int8" | "int4" | "fp8".
+    kv_cache_dtype: "auto" (the model dtype) | "fp8".
+    gpu_memory_utilization: share of total device memory the engine may use (weights, activations, KV).
+    max_model_len: longest sequence (prompt + output) in tokens.
+    num_gpu_blocks: override the memory-derived number of KV blocks.
+    attention_backend: "auto" (Triton on CUDA, torch elsewhere) | "torch" | "triton".
+    tensor_parallel_size: number of GPUs one model is split over.
+    enforce_eager: True turns CUDA graphs off.
+    device: "cuda" | "cpu" | None (CUDA when present).
+    seed: seed of the engine's sampler for requests without their own seed.
+    """
+
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int = 4096
+    num_gpu_blocks: int | None = None
+    attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    device: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        _check(_is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
+               "a power of two from 1 to 256 (e.g. 8, 16, 32)")
+        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+               "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
+        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1,
+               "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+               self.enable_prefix_caching, "True or False")
+        _check(self.quantization in QUANTIZATION_MODES, "quantization", self.quantization,
+               f"one of {QUANTIZATION_MODES}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+               f"one of {KV_CACHE_DTYPES}")
+        u = self.gpu_memory_utilization
+        _check(isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1,
+               "gpu_memory_utilization", u, "a number in (0, 1]")
+        _check(_is_int(self.max_model_len) and self.max_model_len >= 1,
+               "max_model_len", self.max_model_len, "an integer >= 1")
+        _check(self.num_gpu_blocks is None or (_is_int(self.num_gpu_blocks) and self.num_gpu_blocks >= 1),
+               "num_gpu_blocks", self.num_gpu_blocks, "None (derived from memory) or an integer >= 1")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",
+               self.attention_backend, f"one of {ATTENTION_BACKENDS}")
+        _check(_is_int(self.tensor_parallel_size) and self.tensor_parallel_size >= 1,
+               "tensor_parallel_size", self.tensor_parallel_size, "an integer >= 1")
+        _check(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "True or False")
+        _check(self.device is None or str(self.device).split(":")[0] in ("cuda", "cpu"),
+               "device", self.device, "None, 'cpu' or 'cuda'")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+
+    def replace(self, **changes) -> "EngineConfig":
+        """A copy with some fields changed (validated like any new config)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

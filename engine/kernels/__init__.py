@@ -1,0 +1,40 @@
+"""Attention backends: the pure-torch reference (CPU, oracle) and the Triton kernels (CUDA).
+
+A backend writes the new tokens' K/V into the paged cache and runs attention over it; the model
+calls nothing else. `select_backend` resolves "auto" and records which backend runs, so a slow
+path is never taken silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from .metadata import AttentionMetadata
+from .reference import paged_attention_reference, write_kv_reference
+
+
+class TorchBackend:
+    """Gather-then-attend in plain torch, one request at a time. Correct everywhere, fast nowhere."""
+
+    name = "torch"
+
+    def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        write_kv_reference(key, value, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+
+
+def select_backend(name: str, device: torch.device):
+    """The backend for `name` ("auto" | "torch" | "triton") on `device`."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name == "triton":
+        raise NotImplementedError(
+            "attention_backend='triton' is not implemented yet; use attention_backend='torch' (or 'auto')")
+    raise ValueError(f"attention_backend={name!r} is not allowed: choose 'auto', 'torch' or 'triton'")
+
+
+__all__ = ["AttentionMetadata", "TorchBackend", "select_backend", "paged_attention_reference",
+           "write_kv_reference"]

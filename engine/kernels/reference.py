@@ -1,0 +1,53 @@
+"""Pure-torch paged attention: the CPU path and the oracle every Triton kernel is tested against.
+
+Cache layout (one tensor per layer for K and one for V):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Token t of a request lives in block block_table[t // block_size] at offset t % block_size.
+"""
+from __future__ import annotations
+
+import torch
+
+from .metadata import AttentionMetadata
+
+
+def write_kv_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V ([T, num_kv_heads, head_dim]) into the cache at slot_mapping ([T])."""
+    num_blocks, block_size, h, d = k_cache.shape
+    k_cache.view(num_blocks * block_size, h, d).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, h, d).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one request as a contiguous [seq_len, num_kv_heads, head_dim] tensor."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of the new tokens q ([T, num_heads, head_dim]) over each request's cached K/V.
+
+    Works for decode, prefill and chunked prefill alike; K/V of the new tokens must already be in
+    the cache. Softmax in float32. Returns [T, num_heads, head_dim] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+    seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+    for i, seq_len in enumerate(seq_lens):
+        start, end = qsl[i], qsl[i + 1]
+        q_len = end - start
+        k = gather_kv(k_cache, meta.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
+        v = gather_kv(v_cache, meta.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
+        qi = q[start:end].float()
+        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
+        if q_len > 1:
+            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+            k_pos = torch.arange(seq_len).unsqueeze(0)
+            scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out
