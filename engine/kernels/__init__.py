@@ -31,8 +31,19 @@ def select_backend(name: str, device: torch.device):
     if name == "torch":
         return TorchBackend()
     if name == "triton":
-        raise NotImplementedError(
-            "attention_backend='triton' is not implemented yet; use attention_backend='torch' (or 'auto')")
+        # Imported lazily: triton is optional on CPU machines, and its kernels are compiled (or
+        # interpreted) according to TRITON_INTERPRET when their module is imported.
+        import os
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"attention_backend='triton' needs a CUDA device, got {device.type!r}: use "
+                             "attention_backend='torch' or 'auto' (or set TRITON_INTERPRET=1 to run the kernels "
+                             "in Triton's slow CPU interpreter, for tests)")
+        try:
+            from .triton_backend import TritonBackend
+        except ImportError as exc:
+            raise ValueError(f"attention_backend='triton' needs the triton package, which failed to import "
+                             f"({exc}): install triton or use attention_backend='torch'") from exc
+        return TritonBackend()
     raise ValueError(f"attention_backend={name!r} is not allowed: choose 'auto', 'torch' or 'triton'")
 
 

@@ -1,0 +1,9 @@
+"""A vLLM-style paged inference engine: paged KV cache, prefix caching, continuous batching."""
+from .config import EngineConfig
+from .llm import LLM, LLMEngine
+from .request import RequestMetrics, RequestOutput
+from .sampling import SamplingParams
+from .stats import EngineStats, StepStats
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics",
+           "EngineStats", "StepStats"]

@@ -1,0 +1,197 @@
+"""Triton kernels: paged decode attention, split over the sequence (flash-decoding).
+
+Reference: `paged_attention_reference` in reference.py, for requests with one new token each.
+
+Layouts:
+    q:                [T, num_heads, head_dim]; row i is the one new token of decode request i
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous
+    block_tables:     [B, max_blocks_per_seq] int32; seq_lens: [B] int32 (context incl. the new token)
+    out:              [T, num_heads, head_dim]; rows 0..B-1 are written
+Query head j reads KV head j // group (group = num_heads // num_kv_heads), as in the reference.
+
+Two launches:
+1. `_decode_split_kernel`, grid (B, num_kv_heads, num_splits). A program owns one KV head of one
+   request and one of num_splits equal slices of its context. It loads each K/V tile once and scores
+   all `group` query heads of that KV head against it with one tl.dot (the group is padded to 16
+   rows, the smallest dot tile), keeping an online softmax. It writes the slice's unnormalised
+   output and its log-sum-exp (base 2) to float32 scratch.
+2. `_decode_reduce_kernel`, grid (B, num_heads), rescales the slices by their log-sum-exp and sums
+   them. With one split the first kernel normalises and writes `out` itself, and the reduce is skipped.
+The split count is a run-time argument, so batches of different sizes share one compiled kernel.
+A tile covers BLOCK_N tokens whatever the block size: each token's physical block comes from the
+block table, so block sizes from 1 to 256 take the same code. Splitting the sequence is what lets
+a few long requests fill every SM; the split count depends only on shapes (never on device
+values), so the launch can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                         acc_ptr, lse_ptr, out_ptr, qk_scale, num_splits,
+                         stride_qt, stride_qh, stride_ot, stride_oh,
+                         stride_cb, stride_cs, stride_ch, stride_bt,
+                         stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SINGLE_SPLIT: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Equal slices rounded to whole tiles, so only the last tile of a slice is ragged.
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch + offs_d[None, :]
+    # Every tile starts below `end`, so each holds at least one real token and m_i turns finite
+    # on the first tile (no -inf - -inf).
+    for tile_start in range(start, end, BLOCK_N):
+        offs_n = tile_start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        block_ids = tl.load(block_table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        kv_off = block_ids[:, None] * stride_cb + (offs_n % BLOCK_SIZE)[:, None] * stride_cs + head_off
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = mask_g[:, None] & mask_d[None, :]
+    if SINGLE_SPLIT:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # An empty slice (start >= seq_len) stores lse = -inf and zeros: the reduce gives it weight 0.
+        lse = m_i + tl.log2(l_i)
+        tl.store(lse_ptr + seq * stride_lse_b + heads * stride_lse_h + split, lse, mask=mask_g)
+        tl.store(acc_ptr + seq * stride_acc_b + heads[:, None] * stride_acc_h + split * stride_acc_s
+                 + offs_d[None, :], acc, mask=out_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
+                          stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
+                          stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(lse_ptr + seq * stride_lse_b + head * stride_lse_h + offs_s, mask=mask_s, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    # Guard a request with no context at all (a padding slot): every slice empty gives zeros, not NaN.
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp2(lse - lse_max)
+    acc = tl.load(acc_ptr + seq * stride_acc_b + head * stride_acc_h + offs_s[:, None] * stride_acc_s
+                  + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    denom = tl.sum(weights, 0)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    out = tl.sum(acc * weights[:, None], 0) / denom
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      min_tokens_per_split: int = 256, max_splits: int = 16) -> int:
+    """How many slices to cut each request's context into: enough programs to fill the GPU a few
+    times over, but no slice shorter than `min_tokens_per_split` tokens. Shapes only, no device values."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    want = triton.cdiv(4 * num_sms, programs)
+    most = max(triton.cdiv(max_seq_len, min_tokens_per_split), 1)
+    return max(1, min(want, most, max_splits))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
+                     num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> None:
+    """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
+
+    B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
+    correctly. num_splits / block_n / num_warps / num_stages override the defaults (benchmarks, tests).
+    """
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if q.stride(2) != 1 or out.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("decode_attention needs q, out and the caches with a contiguous head_dim")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("decode_attention needs k_cache and v_cache with the same strides")
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.device.type == "cuda" else 8
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, sms)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    if num_warps is None:
+        num_warps = 4
+    if num_stages is None:
+        num_stages = 2 if q.device.type == "cuda" and block_d <= 128 else 1
+
+    if num_splits == 1:
+        acc = lse = out  # unused by the kernel with a single split
+        acc_strides = (0, 0, 0)
+        lse_strides = (0, 0)
+    else:
+        acc = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+        acc_strides = acc.stride()[:3]
+        lse_strides = lse.stride()[:2]
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, acc, lse, out, scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        *acc_strides, *lse_strides,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            acc, lse, out, num_splits, *acc_strides, *lse_strides, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+        )

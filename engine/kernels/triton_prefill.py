@@ -1,0 +1,153 @@
+"""Triton kernel: prefill and chunked-prefill attention over K/V in the paged cache.
+
+Reference: `paged_attention_reference` in reference.py.
+
+Layouts:
+    q, out:           [T, num_heads, head_dim]; request i owns rows query_start_loc[i]:query_start_loc[i+1]
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim], head_dim contiguous; the new
+                      tokens' K/V are already written
+    block_tables:     [B, max_blocks_per_seq] int32; seq_lens: [B] int32 (cached + new tokens)
+The new tokens of a request sit at positions ctx_len .. seq_len - 1 (ctx_len = seq_len - query_len,
+the prefix already in the cache, e.g. prefix-cached blocks or earlier chunks) and attend to every
+earlier position of their request and to themselves.
+
+Grid (cdiv(max_query_len, BLOCK_Q), B, num_kv_heads). A program takes BLOCK_Q new tokens of one
+request and all `group` query heads of one KV head, packed as BLOCK_M = BLOCK_Q * group rows (row r is
+token r // group, head r % group), so each K/V tile loaded from the cache serves the whole group. It
+walks K/V tiles of BLOCK_N tokens with an online softmax (base 2): first the tiles every row may see
+in full, without a mask, then the tiles that cross the causal diagonal, and none beyond its last token.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, tile_start, q_pos, kv_end,
+                 qk_scale, stride_cb, stride_cs, mask_d,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = tile_start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        mask_n = offs_n < kv_end
+        block_ids = tl.load(block_table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    else:
+        block_ids = tl.load(block_table + offs_n // BLOCK_SIZE).to(tl.int64)
+    kv_off = block_ids[:, None] * stride_cb + (offs_n % BLOCK_SIZE)[:, None] * stride_cs + head_off
+    if MASKED:
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+    else:
+        kv_mask = mask_d[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+                    out_ptr, qk_scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    q_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    first_tok = q_block * BLOCK_Q
+    if first_tok >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    tok = first_tok + offs_m // GROUP
+    heads = kv_head * GROUP + offs_m % GROUP
+    mask_m = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    row_off = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + row_off[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q_pos = ctx_len + tok
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    head_off = kv_head * stride_ch + offs_d[None, :]
+
+    # Keys 0 .. ctx_len + first_tok are visible to every row of this block: no mask. The rest, up to
+    # this block's last token, cross the diagonal. Key 0 lies in the first tile either way, so every
+    # row's running max is finite after one tile.
+    kv_end = tl.minimum(seq_len, ctx_len + first_tok + BLOCK_Q)
+    full_end = ((ctx_len + first_tok + 1) // BLOCK_N) * BLOCK_N
+    for tile_start in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                     tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
+                                     BLOCK_SIZE, BLOCK_N, False)
+    for tile_start in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                     tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
+                                     BLOCK_SIZE, BLOCK_N, True)
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float,
+                      max_query_len: int, block_m: int | None = None, block_n: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None) -> None:
+    """Causal attention of each request's new tokens over its paged context, written into out.
+
+    B = seq_lens.shape[0] requests; query_start_loc ([B + 1], absolute row offsets into q) may be a
+    slice of the batch's. max_query_len (tokens) must be at least the longest request's new tokens:
+    it sizes the grid, so no device value is read on the host.
+    """
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or max_query_len == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if q.stride(2) != 1 or out.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError("prefill_attention needs q, out and the caches with a contiguous head_dim")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("prefill_attention needs k_cache and v_cache with the same strides")
+    group = num_heads // num_kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    on_gpu = q.device.type == "cuda"
+    if block_m is None:
+        block_m = 128 if on_gpu else 32
+    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    if block_n is None:
+        block_n = (64 if block_d <= 128 else 32) if on_gpu else 16
+    if num_warps is None:
+        num_warps = 8 if on_gpu and block_m >= 128 else 4
+    if num_stages is None:
+        num_stages = 3 if on_gpu and block_d <= 128 else 1
+    block_q = block_m // group
+    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages,
+    )

@@ -1,0 +1,135 @@
+"""The pool of physical KV blocks: a free queue, reference counts, and the prefix-cache index."""
+from __future__ import annotations
+
+from .hashing import BlockHash
+
+
+class KVBlock:
+    """One physical block of block_size token slots in every layer's K and V cache."""
+
+    __slots__ = ("block_id", "ref_count", "block_hash", "prev_free", "next_free")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.block_hash: BlockHash | None = None
+        self.prev_free: KVBlock | None = None
+        self.next_free: KVBlock | None = None
+
+    def __repr__(self) -> str:
+        return f"KVBlock(id={self.block_id}, ref={self.ref_count}, cached={self.block_hash is not None})"
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks, least recently freed at the front.
+
+    A plain deque cannot remove a block from its middle in O(1), which a prefix-cache hit on a free
+    cached block needs; the links live in the blocks themselves, so no node objects are allocated.
+    """
+
+    def __init__(self, blocks: list[KVBlock]):
+        self._head = KVBlock(-1)
+        self._tail = KVBlock(-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self.num_free_blocks = 0
+        for b in blocks:
+            self.append(b)
+
+    def append(self, block: KVBlock) -> None:
+        last = self._tail.prev_free
+        last.next_free, block.prev_free = block, last
+        block.next_free, self._tail.prev_free = self._tail, block
+        self.num_free_blocks += 1
+
+    def remove(self, block: KVBlock) -> None:
+        block.prev_free.next_free = block.next_free
+        block.next_free.prev_free = block.prev_free
+        block.prev_free = block.next_free = None
+        self.num_free_blocks -= 1
+
+    def popleft(self) -> KVBlock:
+        if self.num_free_blocks == 0:
+            raise RuntimeError("no free KV block left")
+        block = self._head.next_free
+        self.remove(block)
+        return block
+
+    def __iter__(self):
+        b = self._head.next_free
+        while b is not self._tail:
+            yield b
+            b = b.next_free
+
+    def __len__(self) -> int:
+        return self.num_free_blocks
+
+
+class BlockPool:
+    """All physical KV blocks of the engine.
+
+    Invariants:
+    - A block is in the free queue if and only if its ref_count is 0.
+    - ref_count equals the number of requests whose block table holds the block; a block is held by
+      more than one request only when they share it through the prefix cache.
+    - A block with a block_hash is the one entry for that hash in cached_blocks (hash -> block). Such a
+      block keeps its hash, and its KV, while free: a later request with the same prefix takes it back
+      out of the free queue. It loses its hash only when the free queue hands it out again (eviction).
+    - The free queue evicts the least recently freed block first; requests free their blocks tail
+      first, so a prefix outlives the private tail that followed it.
+    - num_free_blocks + blocks with ref_count > 0 == num_blocks.
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool):
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached_blocks: dict[BlockHash, KVBlock] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free_blocks
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a cached prefix (reusable until evicted)."""
+        return sum(1 for b in self.cached_blocks.values() if b.ref_count == 0)
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        """Take n blocks from the front of the free queue, evicting their cached hashes."""
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"asked for {n} KV blocks, only {self.num_free_blocks} free")
+        out = []
+        for _ in range(n):
+            block = self.free_queue.popleft()
+            if block.block_hash is not None:
+                del self.cached_blocks[block.block_hash]
+                block.block_hash = None
+            block.ref_count = 1
+            out.append(block)
+        return out
+
+    def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
+        return self.cached_blocks.get(block_hash)
+
+    def touch(self, blocks: list[KVBlock]) -> None:
+        """Take a reference on prefix-cache hits, pulling free ones out of the free queue."""
+        for block in blocks:
+            if block.ref_count == 0:
+                self.free_queue.remove(block)
+            block.ref_count += 1
+
+    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+        """Register a full block under its hash, unless another block already holds that prefix."""
+        if self.enable_caching and block.block_hash is None and block_hash not in self.cached_blocks:
+            block.block_hash = block_hash
+            self.cached_blocks[block_hash] = block
+
+    def free_blocks(self, blocks) -> None:
+        """Drop one reference from each block (in the given order); blocks reaching 0 join the free queue."""
+        for block in blocks:
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue.append(block)
+            elif block.ref_count < 0:
+                raise RuntimeError(f"{block} freed more often than it was allocated")

@@ -1,0 +1,116 @@
+"""Per-request block tables on top of the block pool, with prefix-cache lookups."""
+from __future__ import annotations
+
+from .block_pool import BlockPool, KVBlock
+from .hashing import BlockHash, hash_request_blocks
+
+
+class KVCacheManager:
+    """Owns every request's block table and the counters of the prefix cache.
+
+    Invariants:
+    - req_to_blocks[r] covers at least r.num_computed_tokens token slots, in sequence order; the
+      blocks of r hold one reference each (shared prefix blocks are referenced once per owner).
+    - The first num_cached_blocks[r] blocks of r are registered in the prefix cache under
+      req_to_hashes[r]; only full blocks whose tokens are all scheduled are registered.
+    - A request with no entry owns no block: free() returns every reference.
+    prefix_cache_queries / prefix_cache_hits count tokens, as vLLM does: every admission looks up
+    the request's whole token sequence (queries) and reuses the longest run of cached full blocks
+    (hits), capped one token short of the end so that the last token is computed and gives logits.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self.req_to_hashes: dict[str, list[BlockHash]] = {}
+        self.num_cached_blocks: dict[str, int] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def get_computed_blocks(self, request) -> tuple[list[KVBlock], int]:
+        """The longest run of cached full blocks matching the request's tokens, and their token count."""
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = request.all_token_ids
+        hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(request.request_id, []))
+        # Leave at least one token to compute: the step must produce logits for the last token.
+        max_blocks = (len(tokens) - 1) // self.block_size
+        hits = []
+        for h in hashes[:max_blocks]:
+            block = self.pool.get_cached_block(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks: list[KVBlock] | None = None) -> bool:
+        """Make room for num_new_tokens more tokens of `request` (after any new prefix hits).
+
+        new_computed_blocks is given when a waiting request is admitted (possibly empty): those blocks
+        become the start of its table and the lookup is counted. Returns False, changing nothing,
+        when the free queue cannot supply the blocks.
+        """
+        admitting = new_computed_blocks is not None
+        new_computed_blocks = new_computed_blocks or []
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        needed = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(new_computed_blocks)
+        # Hits on free cached blocks come out of the free queue too.
+        free_hits = sum(1 for b in new_computed_blocks if b.ref_count == 0)
+        if max(needed, 0) + free_hits > self.pool.num_free_blocks:
+            return False
+        if admitting:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
+        self.pool.touch(new_computed_blocks)
+        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        blocks.extend(new_computed_blocks)
+        if needed > 0:
+            blocks.extend(self.pool.get_new_blocks(needed))
+        self._cache_full_blocks(request, num_computed + num_new_tokens)
+        return True
+
+    def _cache_full_blocks(self, request, num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        num_full = num_tokens // self.block_size
+        start = self.num_cached_blocks.get(rid, 0)
+        if num_full <= start:
+            return
+        hashes = hash_request_blocks(request.all_token_ids, self.block_size, self.req_to_hashes.setdefault(rid, []))
+        blocks = self.req_to_blocks[rid]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self.num_cached_blocks[rid] = num_full
+
+    def free(self, request) -> None:
+        """Return every block of the request to the pool, tail first (so prefixes are evicted last)."""
+        rid = request.request_id
+        blocks = self.req_to_blocks.pop(rid, [])
+        self.pool.free_blocks(reversed(blocks))
+        self.num_cached_blocks.pop(rid, None)
+
+    def forget(self, request) -> None:
+        """Drop the request's memoised block hashes (it has finished for good)."""
+        self.req_to_hashes.pop(request.request_id, None)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, [])]

@@ -1,0 +1,273 @@
+"""LLM (the user API: load, generate, reconfigure) and LLMEngine (the step API and its counters)."""
+from __future__ import annotations
+
+import gc
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig
+from .kv import KVCacheManager
+from .model.presets import preset_config
+from .model.spec import ModelSpec
+from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
+from .request import Request, RequestOutput
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .stats import EngineStats, StepStats
+
+
+class LLMEngine:
+    """The step API over one KV cache and scheduler: add_request, step, abort_request, stats.
+
+    Each step schedules a batch, runs it, samples, and appends one StepStats. Bad requests are
+    rejected in add_request, before any state changes, so the engine stays usable.
+    """
+
+    def __init__(self, runner: ModelRunner, config: EngineConfig, tokenizer=None):
+        self.runner, self.config, self.tokenizer = runner, config, tokenizer
+        self.spec = runner.spec
+        num_blocks = runner.determine_num_blocks()
+        runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv)
+        self.requests: dict[str, Request] = {}
+        self.reset_stats()
+
+    # ----- requests -----------------------------------------------------------------------------
+    def validate_request(self, request_id: str, prompt_token_ids, params: SamplingParams) -> list[int]:
+        """Check a request without changing anything; returns the prompt as a list of ints."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt_token_ids, str):
+            prompt_token_ids = self._encode(prompt_token_ids)
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty; give at least one token")
+        vocab = self.spec.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        max_len = self.config.max_model_len
+        if len(ids) > max_len:
+            raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens, more than "
+                             f"max_model_len={max_len}; shorten it or raise max_model_len")
+        # The longest this request can grow; the pool must hold it alone, or it would preempt itself forever.
+        longest = min(len(ids) + params.max_tokens, max_len)
+        if self.kv.blocks_needed(longest) > self.kv.num_blocks:
+            raise ValueError(f"request {request_id!r}: {longest} tokens need {self.kv.blocks_needed(longest)} KV "
+                             f"blocks but the pool has {self.kv.num_blocks}; lower max_tokens or enlarge the pool")
+        return ids
+
+    def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        ids = self.validate_request(request_id, prompt_token_ids, params)
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        req = Request(request_id, ids, params, arrival, self.spec.eos_token_ids)
+        self.requests[request_id] = req
+        self.scheduler.add_request(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort(request_id, time.perf_counter())
+        if req is None:
+            return None
+        del self.requests[request_id]
+        return self._output(req)
+
+    # ----- one iteration ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one batch; returns outputs of the requests that got a token."""
+        start = time.perf_counter()
+        queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.waiting:
+                raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
+            return []
+        sampled = self.runner.execute(sched, self.kv)
+        now = time.perf_counter()
+        finished = self.scheduler.update_from_output(sched, sampled, now)
+        for req in finished:
+            del self.requests[req.request_id]
+        self._record_step(sched, start, now, self.kv.prefix_cache_queries - queries, self.kv.prefix_cache_hits - hits)
+        self._num_generation_tokens += len(sampled)
+        return [self._output(req) for req, _ in sched.scheduled if req.request_id in sampled]
+
+    def _record_step(self, sched, start, now, queries, hits) -> None:
+        kv, bs = self.kv, self.config.block_size
+        used = kv.num_used_blocks
+        wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
+                     for r in self.scheduler.running)
+        self._steps.append(StepStats(
+            time=now, duration=now - start, num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting), num_batched_tokens=sched.num_batched_tokens,
+            num_prefill_tokens=sched.num_prefill_tokens, num_decode_tokens=sched.num_decode_tokens,
+            num_used_blocks=used, num_free_blocks=kv.num_free_blocks,
+            num_cached_blocks=kv.pool.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
+            internal_fragmentation=wasted / (used * bs) if used else 0.0,
+            prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted)))
+        self._num_prompt_tokens += sched.num_prefill_tokens
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.status.finished
+        text = None
+        if finished and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        return RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                             token_ids=list(req.output_token_ids), text=text, finished=finished,
+                             finish_reason=req.status.value if finished else None, metrics=req.metrics)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("a text prompt needs a tokenizer; this model has none, so pass token ids")
+        return self.tokenizer.encode(text)
+
+    # ----- counters -----------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._steps: list[StepStats] = []
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
+
+    def stats(self) -> EngineStats:
+        kv, runner = self.kv, self.runner
+        q0, h0, p0 = self._base
+        dev = runner.device
+        return EngineStats(
+            num_gpu_blocks=kv.num_blocks, block_size=self.config.block_size, num_used_blocks=kv.num_used_blocks,
+            num_free_blocks=kv.num_free_blocks, num_cached_blocks=kv.pool.num_cached_free_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries - q0, prefix_cache_hits=kv.prefix_cache_hits - h0,
+            num_preemptions=self.scheduler.num_preemptions - p0, num_steps=len(self._steps),
+            num_prompt_tokens=self._num_prompt_tokens, num_generation_tokens=self._num_generation_tokens,
+            attention_backend=runner.backend.name, weight_bytes=weight_bytes(runner.model),
+            kv_bytes_per_token=runner.kv_bytes_per_token, quantization=self.config.quantization,
+            kv_cache_dtype=self.config.kv_cache_dtype,
+            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            cuda_graphs=False, memory=runner.memory, steps=list(self._steps))
+
+
+def _default_device(config: EngineConfig) -> torch.device:
+    if config.device is not None:
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LLM:
+    """A model with its weights loaded once, and an engine over them that reconfigure() can replace."""
+
+    _ids = itertools.count()
+
+    def __init__(self, spec: ModelSpec, state: dict | None, config: EngineConfig | None = None, tokenizer=None,
+                 dtype: torch.dtype | None = None, seed: int = 0):
+        config = config or EngineConfig()
+        self.spec, self.tokenizer = spec, tokenizer
+        self.device = _default_device(config)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if config.max_model_len > spec.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
+                             f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
+        self._check_weights_fit(config)
+        self.model = build_model(spec, state, self.dtype, self.device, spec.max_position_embeddings, seed)
+        self._engine: LLMEngine | None = None
+        self.reconfigure(config)
+
+    def _check_weights_fit(self, config: EngineConfig) -> None:
+        if self.device.type != "cuda":
+            return
+        need = self.spec.num_params() * torch.empty((), dtype=self.dtype).element_size()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = config.gpu_memory_utilization * total * config.tensor_parallel_size
+        if need > budget:
+            raise ValueError(f"the weights need {need / 2**30:.1f} GiB but gpu_memory_utilization="
+                             f"{config.gpu_memory_utilization} of this GPU is {budget / 2**30:.1f} GiB: quantize the "
+                             "weights, use more GPUs (tensor_parallel_size) or a smaller model")
+
+    # ----- loaders ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None,
+                        dtype: torch.dtype | None = None) -> "LLM":
+        """Load an HF checkpoint folder (config.json + safetensors or .bin), offline, with its tokenizer if any."""
+        spec = ModelSpec.from_hf_config(load_hf_config(path))
+        state = convert_hf_state_dict(load_checkpoint_state(path), spec)
+        tokenizer = None
+        if any(Path(path).glob("tokenizer*")):
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return cls(spec, state, config, tokenizer, dtype)
+
+    @classmethod
+    def from_hf_model(cls, hf_model, config: EngineConfig | None = None, tokenizer=None,
+                      dtype: torch.dtype | None = None) -> "LLM":
+        """Take the weights of an in-memory transformers *ForCausalLM model (copied, not shared)."""
+        spec = ModelSpec.from_hf_config(hf_model.config)
+        state = convert_hf_state_dict({k: v.detach() for k, v in hf_model.state_dict().items()}, spec)
+        return cls(spec, state, config, tokenizer, dtype or next(hf_model.parameters()).dtype)
+
+    @classmethod
+    def random(cls, model: str, config: EngineConfig | None = None, dtype: torch.dtype | None = None,
+               seed: int = 0) -> "LLM":
+        """A preset architecture (see engine.model.PRESETS) or transformers config, with seeded random weights."""
+        hf_config = preset_config(model) if isinstance(model, str) else model
+        return cls(ModelSpec.from_hf_config(hf_config), None, config, None, dtype, seed)
+
+    # ----- use ----------------------------------------------------------------------------------
+    @property
+    def engine(self) -> LLMEngine:
+        return self._engine
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._engine.config
+
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
+        if self._engine is not None and self._engine.has_unfinished_requests():
+            raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
+        if config.quantization is not None or config.kv_cache_dtype != "auto":
+            raise NotImplementedError("quantization and kv_cache_dtype='fp8' are not implemented yet")
+        if config.tensor_parallel_size != 1:
+            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet")
+        if config.max_model_len > self.spec.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
+                             f"max_position_embeddings={self.spec.max_position_embeddings}; lower max_model_len")
+        if _default_device(config) != self.device:
+            raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "
+                             "load the model again to move it")
+        if self._engine is not None:
+            self._engine.runner.kv_caches = []
+            self._engine = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
+        self._engine = LLMEngine(runner, config, self.tokenizer)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts (strings, or lists of token ids) to completion; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; give one, or one each")
+        engine = self._engine
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        checked = [engine.validate_request(i, p, sp) for i, p, sp in zip(ids, prompts, params)]
+        for i, p, sp in zip(ids, checked, params):
+            engine.add_request(i, p, sp)
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]

@@ -1,0 +1,113 @@
+"""Building a LlamaModel: from a transformers state dict, an HF checkpoint folder, or random weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .llama import LlamaModel
+from .spec import ModelSpec
+
+
+def _fuse(state: dict, prefix: str, names: list[str], target: str, out: dict, suffix: str) -> None:
+    keys = [f"{prefix}{n}.{suffix}" for n in names]
+    if all(k in state for k in keys):
+        out[f"{prefix}{target}.{suffix}"] = torch.cat([state[k] for k in keys], dim=0)
+
+
+def convert_hf_state_dict(state: dict, spec: ModelSpec) -> dict:
+    """Map HF LlamaForCausalLM tensor names to ours, fusing q/k/v and gate/up."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    out = {}
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        for suffix in ("weight", "bias"):
+            _fuse(state, p + "self_attn.", ["q_proj", "k_proj", "v_proj"], "qkv_proj", out, suffix)
+        _fuse(state, p + "mlp.", ["gate_proj", "up_proj"], "gate_up_proj", out, "weight")
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight"):
+            out[p + name] = state[p + name]
+    out["embed_tokens.weight"] = state["embed_tokens.weight"]
+    out["norm.weight"] = state["norm.weight"]
+    if not spec.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+def build_model(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device: torch.device,
+                max_positions: int, seed: int = 0) -> LlamaModel:
+    """A model on `device` in `dtype`, loaded from our-named `state` or, if None, randomly initialised.
+
+    Random init follows HF: normal(0, 0.02) for linear and embedding weights, zero biases, unit norms,
+    drawn on the target device from a seeded generator (so an 8B model initialises in seconds).
+    """
+    with torch.device("meta"):
+        model = LlamaModel(spec, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    # Rotary tables are buffers computed at construction; rebuild them on the device in float32.
+    rotary = model.layers[0].self_attn.rotary
+    fresh = type(rotary)(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
+    rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if state is None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (spec.tie_word_embeddings and m == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+def load_checkpoint_state(folder: str | Path) -> dict:
+    """All tensors of an HF checkpoint folder (safetensors preferred, else pytorch_model*.bin), on the CPU."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    if files:
+        from safetensors.torch import load_file
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    files = sorted(folder.glob("pytorch_model*.bin")) + sorted(folder.glob("*.pt"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
+    for f in files:
+        state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_hf_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not an HF checkpoint folder: config.json is missing")
+    return json.loads(path.read_text())
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers that are weights (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith(("cos", "sin"))]:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+__all__ = ["build_model", "convert_hf_state_dict", "load_checkpoint_state", "load_hf_config", "weight_bytes",
+           "dtype_bytes", "math"]

@@ -1,0 +1,145 @@
+"""Continuous batching at the iteration level: token budget, chunked prefill, preemption by recompute."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+from .kv import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: requests in batch order with their new-token counts."""
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many of their tokens.
+
+    Invariants:
+    - Every request added is in exactly one of `waiting` (FIFO; preempted requests go to the front)
+      and `running` (admission order) until it finishes or is aborted: none is ever dropped.
+    - A step schedules at most max_num_batched_tokens tokens and at most max_num_seqs requests.
+    - Running requests are served first, in admission order: one token each when decoding, or the
+      next chunk of a prompt that did not fit one step (chunked prefill).
+    - When the pool has no block for a running request, the most recently admitted running request
+      is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
+      Recompute gives the same output because the sampled tokens are kept and re-fed as prompt.
+    - Waiting requests are admitted first-come-first-served, only in steps that preempted nothing.
+    """
+
+    def __init__(self, config: EngineConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            self._add(out, req, num_new)
+            budget -= num_new
+            i += 1
+
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and not out.preempted):
+            req = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit_tokens
+            req.status = RequestStatus.RUNNING
+            if not req.admitted_once:
+                req.admitted_once = True
+                req.metrics.first_scheduled_time = time.perf_counter()
+                req.metrics.num_cached_tokens = num_hit_tokens
+            self.running.append(req)
+            self._add(out, req, num_new)
+            budget -= num_new
+        return out
+
+    def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
+        out.scheduled.append((req, num_new))
+        # A request's last prompt token and every later token are decode work; earlier ones are prefill.
+        if req.num_computed_tokens >= req.num_prompt_tokens:
+            out.num_decode_tokens += num_new
+        else:
+            out.num_prefill_tokens += num_new
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
+        """Advance computed counts, append sampled tokens, and retire finished requests (returned)."""
+        finished = []
+        for req, num_new in out.scheduled:
+            req.num_computed_tokens += num_new
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.append_output_token(token, now)
+            status = req.check_stop(self.config.max_model_len)
+            if status is not None:
+                self._finish(req, status, now)
+                finished.append(req)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+        return finished
+
+    def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
+        req.status = status
+        req.metrics.finished_time = now
+        self.kv.free(req)
+        self.kv.forget(req)
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    queue.remove(req)
+                    self._finish(req, RequestStatus.FINISHED_ABORTED, now)
+                    return req
+        return None
