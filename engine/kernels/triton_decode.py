@@ -13,7 +13,7 @@ Two launches:
 1. `_decode_split_kernel`, grid (B, num_kv_heads, num_splits). A program owns one KV head of one
    request and one of num_splits equal slices of its context. It loads each K/V tile once and scores
    all `group` query heads of that KV head against it with one tl.dot (the group is padded to 16
-   rows, the smallest dot tile), keeping an online softmax. It writes the slice's unnormalised
+   rows, the smallest dot tile), keeping an online softmax. It writes the slice's normalised
    output and its log-sum-exp (base 2) to float32 scratch.
 2. `_decode_reduce_kernel`, grid (B, num_heads), rescales the slices by their log-sum-exp and sums
    them. With one split the first kernel normalises and writes `out` itself, and the reduce is skipped.
@@ -92,8 +92,12 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # An empty slice (start >= seq_len) stores lse = -inf and zeros: the reduce gives it weight 0.
-        lse = m_i + tl.log2(l_i)
+        # Each slice stores its own softmax-normalised output and log2-sum-exp; the reduce weighs
+        # slice s by 2^(lse_s - max lse). An empty slice (start >= seq_len) has l_i = 0: it stores
+        # lse = -inf and zeros, and gets weight 0.
+        empty = l_i == 0.0
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(lse_ptr + seq * stride_lse_b + heads * stride_lse_h + split, lse, mask=mask_g)
         tl.store(acc_ptr + seq * stride_acc_b + heads[:, None] * stride_acc_h + split * stride_acc_s
                  + offs_d[None, :], acc, mask=out_mask)

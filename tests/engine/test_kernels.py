@@ -1,0 +1,222 @@
+"""Triton attention kernels against the pure-torch reference, on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before the kernel modules are imported (triton.jit picks the interpreter
+at decoration time), so it is set here, above every engine.kernels.triton_* import; where CUDA is
+present the same tests run compiled on the GPU instead. Shapes are small: the interpreter is slow.
+
+Every case draws fresh random K/V, scatters each request over shuffled, non-contiguous physical
+blocks, fills every cache slot that holds no token with NaN (so a kernel that reads past a request's
+context, or through a block-table padding entry, fails), and poisons the output with NaN (so an
+unwritten element fails).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from engine.kernels import AttentionMetadata, TorchBackend, select_backend  # noqa: E402
+from engine.kernels.reference import paged_attention_reference, write_kv_reference  # noqa: E402
+from engine.kernels.triton_cache import write_kv_triton  # noqa: E402
+from engine.kernels.triton_decode import decode_attention, decode_num_splits  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_batch(requests, *, num_kv_heads, group, head_dim, block_size, dtype, seed, fill_new_kv=True):
+    """A paged batch: requests is a list of (ctx_len, query_len), decodes (query_len 1) first.
+
+    Returns q, k_cache, v_cache, meta and the new tokens' key/value ([T, num_kv_heads, head_dim]).
+    The cache holds every request's first ctx_len tokens (and, if fill_new_kv, its new tokens too);
+    every other slot is NaN. Block-table padding points at a NaN block.
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_heads = num_kv_heads * group
+    blocks_per_req = [-(-(c + n) // block_size) for c, n in requests]
+    num_blocks = sum(blocks_per_req) + 3
+    physical = torch.randperm(num_blocks, generator=g).tolist()
+    spare = physical.pop()  # never holds a token: padding entries point here
+    max_blocks = max(blocks_per_req) + 2
+    block_tables = torch.full((len(requests), max_blocks), spare, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots, keys, values, seq_lens, qsl = [], [], [], [], [0]
+    for i, (ctx_len, q_len) in enumerate(requests):
+        ids = [physical.pop() for _ in range(blocks_per_req[i])]
+        block_tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        seq_len = ctx_len + q_len
+        pos = torch.arange(seq_len)
+        req_slots = torch.tensor(ids)[pos // block_size] * block_size + pos % block_size
+        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
+        upto = seq_len if fill_new_kv else ctx_len
+        write_kv_reference(k[:upto], v[:upto], k_cache, v_cache, req_slots[:upto])
+        slots.append(req_slots[ctx_len:])
+        keys.append(k[ctx_len:])
+        values.append(v[ctx_len:])
+        seq_lens.append(seq_len)
+        qsl.append(qsl[-1] + q_len)
+    num_tokens = qsl[-1]
+    q = torch.randn(num_tokens, num_heads, head_dim, generator=g).to(dtype)
+    num_decodes = 0
+    while num_decodes < len(requests) and requests[num_decodes][1] == 1:
+        num_decodes += 1
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(DEVICE), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_tables=block_tables.to(DEVICE),
+        num_decodes=num_decodes, max_query_len=max(n for _, n in requests), max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    return (q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta,
+            torch.cat(keys).to(DEVICE), torch.cat(values).to(DEVICE))
+
+
+def reference(q, k_cache, v_cache, meta, scale):
+    return paged_attention_reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), _cpu_meta(meta), scale)
+
+
+def _cpu_meta(meta):
+    return AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
+                             meta.block_tables.cpu(), meta.num_decodes, meta.max_query_len, meta.max_seq_len,
+                             meta.query_start_loc_cpu, meta.seq_lens_cpu)
+
+
+TOL = {torch.float32: 2e-3, torch.float16: 5e-3}
+
+
+# --- write_kv ----------------------------------------------------------------------------------
+
+def test_write_kv_matches_reference_through_strided_views():
+    num_kv_heads, head_dim, block_size = 2, 64, 16
+    g = torch.Generator().manual_seed(0)
+    num_blocks, num_tokens = 9, 37
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    # key/value as views into a fused qkv projection: token stride is the fused width.
+    fused = torch.randn(num_tokens, 3 * num_kv_heads * head_dim, generator=g).to(DEVICE)
+    key = fused[:, num_kv_heads * head_dim:2 * num_kv_heads * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    value = fused[:, 2 * num_kv_heads * head_dim:].view(num_tokens, num_kv_heads, head_dim)
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE)
+    k_ref, v_ref = k_cache.clone().cpu(), v_cache.clone().cpu()
+    write_kv_reference(key.cpu(), value.cpu(), k_ref, v_ref, slots)
+    write_kv_triton(key, value, k_cache, v_cache, slots.to(DEVICE))
+    assert torch.equal(k_cache.cpu(), k_ref)
+    assert torch.equal(v_cache.cpu(), v_ref)
+
+
+def test_write_kv_casts_to_cache_dtype_and_skips_negative_slots():
+    num_kv_heads, head_dim, block_size = 1, 16, 8
+    key = torch.randn(3, num_kv_heads, head_dim, device=DEVICE)
+    value = torch.randn(3, num_kv_heads, head_dim, device=DEVICE)
+    k_cache = torch.zeros(2, block_size, num_kv_heads, head_dim, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    write_kv_triton(key, value, k_cache, v_cache, torch.tensor([5, -1, 9], device=DEVICE))
+    flat_k, flat_v = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    assert torch.equal(flat_k[5], key[0].half()) and torch.equal(flat_k[9], key[2].half())
+    assert torch.equal(flat_v[5], value[0].half()) and torch.equal(flat_v[9], value[2].half())
+    untouched = [s for s in range(2 * block_size) if s not in (5, 9)]
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+# --- decode ------------------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # block_size, num_kv_heads, group, head_dim, num_splits, dtype
+    (8, 2, 1, 64, 1, torch.float32),
+    (16, 2, 4, 128, 3, torch.float32),
+    (32, 1, 8, 64, None, torch.float16),
+    (16, 2, 7, 80, 2, torch.float32),  # Qwen-like group of 7 and a head_dim that is no power of two
+]
+
+
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,num_splits,dtype", DECODE_CASES)
+def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num_splits, dtype):
+    # Context lengths around block and tile edges, including 1 token and a slice count above the
+    # number of tiles (empty slices).
+    requests = [(0, 1), (15, 1), (64, 1), (130, 1), (200, 1)]
+    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                                                 block_size=block_size, dtype=dtype, seed=block_size + group)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, scale, max_seq_len=meta.max_seq_len,
+                     num_splits=num_splits)
+    ref = reference(q, k_cache, v_cache, meta, scale)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+def test_decode_split_count_fills_the_gpu_from_shapes():
+    # Few long requests: many slices; a full batch: one slice.
+    assert decode_num_splits(1, 8, 4096, 132) == 16
+    assert decode_num_splits(256, 8, 4096, 132) == 1
+    assert decode_num_splits(4, 8, 100, 132) == 1  # too short to split
+
+
+# --- prefill -----------------------------------------------------------------------------------
+
+PREFILL_CASES = [
+    # block_size, num_kv_heads, group, head_dim, dtype
+    (8, 2, 1, 64, torch.float32),
+    (16, 1, 4, 128, torch.float32),
+    (32, 1, 8, 64, torch.float16),
+    (16, 1, 7, 80, torch.float32),
+]
+
+
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,dtype", PREFILL_CASES)
+def test_prefill_matches_reference(block_size, num_kv_heads, group, head_dim, dtype):
+    # A fresh prompt, prompts continuing from cached blocks (chunked prefill / prefix cache hits,
+    # also starting mid-block), and a one-token chunk.
+    requests = [(0, 45), (32, 20), (37, 9), (50, 1)]
+    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                                                 block_size=block_size, dtype=dtype, seed=100 + block_size + group)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale,
+                      max_query_len=meta.max_query_len)
+    ref = reference(q, k_cache, v_cache, meta, scale)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+# --- the backend -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("block_size,group,dtype", [(16, 4, torch.float16), (8, 8, torch.float32)])
+def test_backend_mixed_decode_and_prefill_matches_torch_backend(block_size, group, dtype, monkeypatch):
+    requests = [(40, 1), (7, 1), (100, 1), (0, 30), (24, 17)]  # 3 decodes, then 2 prefill chunks
+    q, k_cache, v_cache, meta, key, value = make_batch(
+        requests, num_kv_heads=2, group=group, head_dim=64, block_size=block_size, dtype=dtype,
+        seed=7 + block_size, fill_new_kv=False)
+    backend = select_backend("triton", DEVICE)
+    assert backend.name == "triton"
+    # Poison whatever the backend allocates for its output, so an unwritten row shows up as NaN.
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    scale = 0.125
+    k_ref, v_ref = k_cache.cpu().clone(), v_cache.cpu().clone()
+    write_kv_reference(key.cpu(), value.cpu(), k_ref, v_ref, meta.slot_mapping.cpu())
+    backend.write_kv(key, value, k_cache, v_cache, meta)
+    # Slots that hold no token stay NaN in both: compare with NaN mapped to a sentinel.
+    assert torch.equal(k_cache.cpu().nan_to_num(7.0), k_ref.nan_to_num(7.0))
+    assert torch.equal(v_cache.cpu().nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    out = backend.attend(q, k_cache, v_cache, meta, scale)
+    ref = TorchBackend().attend(q.cpu(), k_ref, v_ref, _cpu_meta(meta), scale)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+def test_select_triton_on_cpu_without_interpreter_names_the_setting(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention_backend"):
+        select_backend("triton", torch.device("cpu"))
