@@ -1,0 +1,171 @@
+"""Command line for headless runs on GPU VMs: ``python -m workbench COMMAND ...``.
+
+Each command is one entry of COMMANDS: (name, help, add_arguments(parser), run(args) -> exit code).
+To add a command, write those two functions and append an entry.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_value(text: str):
+    """A command-line value as Python: true/false -> bool, none/null -> None, then int, float, else str."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_assignment(text: str, many: bool = False):
+    """``KEY=VALUE`` (or ``KEY=V1,V2,...`` with many=True) -> (key, value or [values])."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    key, _, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise argparse.ArgumentTypeError(f"{text!r} has no key before '='")
+    return key, [parse_value(v) for v in value.split(",")] if many else parse_value(value)
+
+
+def _grid_item(text):
+    return parse_assignment(text, many=True)
+
+
+# --- sweep ---------------------------------------------------------------------------------------------
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PRESET|DIR",
+                   help="a model preset with random weights (tiny, llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, "
+                        "mistral-7b, qwen2.5-7b, llama-3.1-70b) or a Hugging Face checkpoint folder")
+    p.add_argument("--workload", default="sharegpt-like", metavar="NAME|FILE",
+                   help="a built-in workload (fixed, sharegpt-like, shared-prefix, multi-turn) or a .jsonl trace "
+                        "(looked up in data/workloads/ when not a path); default: %(default)s")
+    p.add_argument("--num-requests", type=int, metavar="N", help="number of requests (default: the workload's)")
+    p.add_argument("--workload-arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the built-in workload, e.g. prefix_len=512 or output_len=64; repeatable")
+    p.add_argument("--arrival", choices=["offline", "poisson", "concurrency"],
+                   help="arrival process: all at t=0, Poisson at --request-rate, or --concurrency in flight "
+                        "(default: offline)")
+    p.add_argument("--request-rate", type=float, metavar="REQ_PER_S", help="Poisson arrival rate (requests/s)")
+    p.add_argument("--concurrency", type=int, metavar="C", help="requests kept in flight (closed loop)")
+    p.add_argument("--grid", type=_grid_item, action="append", default=[], metavar="FIELD=V1,V2,...",
+                   help="an EngineConfig field and the values to sweep, e.g. block_size=8,16,32 or "
+                        "enable_prefix_caching=true,false or quantization=none,int8; repeatable (the grid is "
+                        "the product)")
+    p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
+                   help="an EngineConfig field held fixed for every point, e.g. max_model_len=2048; repeatable")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype of a preset model (default: the engine's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
+    p.add_argument("--slo-ttft", type=float, metavar="SECONDS", help="TTFT SLO for goodput, in seconds")
+    p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="TPOT SLO for goodput, in seconds")
+    p.add_argument("--slo-e2e", type=float, metavar="SECONDS", help="end-to-end latency SLO for goodput, in seconds")
+    p.add_argument("--out", metavar="PATH", help="results file, .parquet or .jsonl; appended after every point, and "
+                   "rerunning with the same file skips finished points")
+    p.add_argument("--html", metavar="PATH", help="write the self-contained HTML report here")
+    p.add_argument("--title", default="paged-workbench sweep report", help="title of the HTML report")
+    p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up before each point")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--telemetry", choices=["auto", "on", "off"], default="auto",
+                   help="NVML GPU sampling: auto (when an NVIDIA GPU is there), on (fail without one), off")
+    p.add_argument("--telemetry-interval", type=float, default=0.1, metavar="SECONDS",
+                   help="NVML sampling interval (default: %(default)s s)")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS",
+                   help="fail a point whose run takes longer than this")
+    p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed in --out")
+    p.add_argument("--save-workload", metavar="PATH", help="also write the workload trace as JSONL here")
+
+
+def run_sweep(args) -> int:
+    import torch
+
+    from engine import EngineConfig
+
+    from .sweep import Sweep
+
+    base = dict(args.set)
+    if args.device:
+        base["device"] = args.device
+    workload_args = dict(args.workload_arg)
+    for key in ("arrival", "request_rate", "concurrency"):
+        if getattr(args, key) is not None:
+            workload_args[key] = getattr(args, key)
+    if "request_rate" in workload_args and "arrival" not in workload_args:
+        workload_args["arrival"] = "poisson"
+    if "concurrency" in workload_args and "arrival" not in workload_args:
+        workload_args["arrival"] = "concurrency"
+    grid = {}
+    for key, values in args.grid:
+        grid.setdefault(key, []).extend(values)
+    slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot), ("e2e", args.slo_e2e)) if v is not None}
+    sweep = Sweep(model=args.model, workload=args.workload, grid=grid, base_config=EngineConfig(**base), slo=slo,
+                  out=args.out, warmup=not args.no_warmup, progress=not args.no_progress,
+                  num_requests=args.num_requests, workload_args=workload_args,
+                  telemetry={"auto": None, "on": True, "off": False}[args.telemetry],
+                  telemetry_interval=args.telemetry_interval, seed=args.seed,
+                  dtype=getattr(torch, args.dtype) if args.dtype else None, max_duration=args.max_duration,
+                  retry_failed=args.retry_failed)
+    if args.save_workload:
+        sweep.workloads[0].save_jsonl(args.save_workload)
+    try:
+        df = sweep.run()
+    finally:
+        sweep.close()
+    cols = [c for c in ("label", "status", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
+                        "prefix_cache_hit_rate", "internal_fragmentation_mean") if c in df]
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for _, r in df[df["status"] != "ok"].iterrows():
+        print(f"FAILED {r['label']}: {r['error']}", file=sys.stderr)
+    if args.out:
+        print(f"results: {args.out}")
+    if args.html:
+        print(f"report: {sweep.write_report(args.html, title=args.title)}")
+    return 0
+
+
+# --- bench (placeholder until the GPU issue lands) ---------------------------------------------------------
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def run_bench(args) -> int:
+    print("python -m workbench bench: not implemented yet", file=sys.stderr)
+    return 2
+
+
+COMMANDS = [
+    ("sweep", "run a grid of engine settings on one workload; write results and an HTML report",
+     add_sweep_arguments, run_sweep),
+    ("bench", "one workload, one config, against the naive baseline (not implemented yet)",
+     add_bench_arguments, run_bench),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="paged-workbench: profile paged LLM "
+                                     "inference from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

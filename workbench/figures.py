@@ -1,0 +1,287 @@
+"""Figures of sweep results: each a function of the results that returns a plotly Figure, and a
+matplotlib twin (same name + ``_mpl``) returning a matplotlib Figure for static output.
+
+Figures read columns made by `workbench.metrics` (through `Sweep`) and never compute a metric;
+where a figure needs a derived view (Pareto front, CDF) it asks `workbench.metrics` for it.
+Rows whose status is not "ok" are left out of every figure (the report lists them).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+from matplotlib.figure import Figure as MplFigure
+from plotly.subplots import make_subplots
+
+from . import metrics
+
+PERCENTILE_COLORS = {"p50": "#4C78A8", "p90": "#F58518", "p99": "#E45756"}
+
+
+def _ok(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"] if "status" in df else df
+
+
+def _empty(title: str, why: str = "no successful points to show") -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False)
+    return fig
+
+
+def _empty_mpl(title: str, why: str = "no successful points to show") -> MplFigure:
+    fig = MplFigure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, why, ha="center", va="center")
+    ax.set_axis_off()
+    ax.set_title(title)
+    return fig
+
+
+def _bars(df, y, title, ytitle, by="label", color=None):
+    d = _ok(df)
+    if len(d) == 0 or y not in d:
+        return _empty(title)
+    fig = go.Figure()
+    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [(None, d)]):
+        fig.add_bar(x=g[by].astype(str), y=g[y], name=str(name) if color else ytitle)
+    fig.update_layout(title=title, yaxis_title=ytitle, xaxis_title=by, barmode="group", showlegend=bool(color))
+    return fig
+
+
+def _bars_mpl(df, y, title, ytitle, by="label", color=None):
+    d = _ok(df)
+    if len(d) == 0 or y not in d:
+        return _empty_mpl(title)
+    fig = MplFigure(figsize=(max(6, 0.6 * len(d) + 3), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    groups = list(d.groupby(color, sort=False, dropna=False)) if color else [(None, d)]
+    xs = list(dict.fromkeys(d[by].astype(str)))
+    width = 0.8 / len(groups)
+    for i, (name, g) in enumerate(groups):
+        pos = [xs.index(x) - 0.4 + width * (i + 0.5) for x in g[by].astype(str)]
+        ax.bar(pos, g[y], width=width, label=str(name) if color else None)
+    ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ytitle)
+    if color:
+        ax.legend(title=color)
+    return fig
+
+
+# --- per setting ----------------------------------------------------------------------------------
+
+def throughput_by_setting(df: pd.DataFrame, metric: str = "output_throughput", by: str = "label") -> go.Figure:
+    """Throughput (``metric``: output_throughput / total_token_throughput tokens/s, request_throughput req/s) per setting."""
+    return _bars(df, metric, f"Throughput per setting ({metric})", metric, by)
+
+
+def throughput_by_setting_mpl(df: pd.DataFrame, metric: str = "output_throughput", by: str = "label") -> MplFigure:
+    return _bars_mpl(df, metric, f"Throughput per setting ({metric})", metric, by)
+
+
+def prefix_hit_rate(df: pd.DataFrame, by: str = "label", color: str = "workload") -> go.Figure:
+    """Token-level prefix-cache hit rate per setting, one bar colour per workload."""
+    return _bars(df, "prefix_cache_hit_rate", "Prefix-cache hit rate", "hit rate (tokens)", by, color)
+
+
+def prefix_hit_rate_mpl(df: pd.DataFrame, by: str = "label", color: str = "workload") -> MplFigure:
+    return _bars_mpl(df, "prefix_cache_hit_rate", "Prefix-cache hit rate", "hit rate (tokens)", by, color)
+
+
+def energy_per_token(df: pd.DataFrame, by: str = "label") -> go.Figure:
+    """Joules per output token per setting (NVML energy counter; empty without a GPU)."""
+    d = _ok(df)
+    if "energy_per_output_token_j" not in d or d["energy_per_output_token_j"].notna().sum() == 0:
+        return _empty("Energy per output token", "no GPU energy data (NVML) in these results")
+    return _bars(df, "energy_per_output_token_j", "Energy per output token", "J / output token", by)
+
+
+def energy_per_token_mpl(df: pd.DataFrame, by: str = "label") -> MplFigure:
+    d = _ok(df)
+    if "energy_per_output_token_j" not in d or d["energy_per_output_token_j"].notna().sum() == 0:
+        return _empty_mpl("Energy per output token", "no GPU energy data (NVML) in these results")
+    return _bars_mpl(df, "energy_per_output_token_j", "Energy per output token", "J / output token", by)
+
+
+def latency_percentiles(df: pd.DataFrame, metric: str = "ttft", by: str = "label") -> go.Figure:
+    """p50 / p90 / p99 of one latency (ttft | tpot | itl | e2e, ms) per setting, as grouped bars."""
+    d = _ok(df)
+    title = f"{metric.upper()} percentiles"
+    if len(d) == 0:
+        return _empty(title)
+    fig = go.Figure()
+    for p, c in PERCENTILE_COLORS.items():
+        fig.add_bar(x=d[by].astype(str), y=d[f"{metric}_{p}_ms"], name=p, marker_color=c)
+    fig.update_layout(title=title, yaxis_title=f"{metric} (ms)", xaxis_title=by, barmode="group")
+    return fig
+
+
+def latency_percentiles_mpl(df: pd.DataFrame, metric: str = "ttft", by: str = "label") -> MplFigure:
+    d = _ok(df)
+    title = f"{metric.upper()} percentiles"
+    if len(d) == 0:
+        return _empty_mpl(title)
+    long = pd.concat([pd.DataFrame({by: d[by].astype(str), "value": d[f"{metric}_{p}_ms"], "percentile": p})
+                      for p in PERCENTILE_COLORS])
+    return _bars_mpl(long.assign(status="ok"), "value", title, f"{metric} (ms)", by, "percentile")
+
+
+def fragmentation_by_block_size(df: pd.DataFrame, color: str | None = None) -> go.Figure:
+    """Mean internal fragmentation (share of allocated KV slots holding no token) against block size."""
+    d = _ok(df)
+    title = "Internal fragmentation per block size"
+    if len(d) == 0:
+        return _empty(title)
+    fig = go.Figure()
+    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
+        g = g.sort_values("block_size")
+        fig.add_scatter(x=g["block_size"], y=g["internal_fragmentation_mean"], mode="lines+markers", name=str(name),
+                        text=g["label"], hovertemplate="%{text}<br>block_size=%{x}<br>fragmentation=%{y:.3f}")
+    fig.update_layout(title=title, xaxis_title="block_size (tokens)", yaxis_title="internal fragmentation (mean)",
+                      xaxis_type="log", xaxis_tickvals=sorted(d["block_size"].unique()))
+    return fig
+
+
+def fragmentation_by_block_size_mpl(df: pd.DataFrame, color: str | None = None) -> MplFigure:
+    d = _ok(df)
+    title = "Internal fragmentation per block size"
+    if len(d) == 0:
+        return _empty_mpl(title)
+    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
+        g = g.sort_values("block_size")
+        ax.plot(g["block_size"], g["internal_fragmentation_mean"], marker="o", label=str(name))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block_size (tokens)")
+    ax.set_ylabel("internal fragmentation (mean)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def throughput_latency(df: pd.DataFrame, x: str = "ttft_p99_ms", y: str = "output_throughput") -> go.Figure:
+    """Throughput against a latency, one marker per setting, the Pareto front (low x, high y) joined by a line."""
+    d = _ok(df)
+    title = f"Throughput vs latency ({y} vs {x})"
+    if len(d) == 0:
+        return _empty(title)
+    front = d[metrics.pareto_front(d, x, y)].sort_values(x)
+    fig = go.Figure()
+    fig.add_scatter(x=d[x], y=d[y], mode="markers", name="settings", text=d["label"],
+                    hovertemplate="%{text}<br>" + x + "=%{x:.1f}<br>" + y + "=%{y:.1f}", marker_size=9)
+    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", text=front["label"],
+                    hovertemplate="%{text}", marker=dict(size=13, symbol="star"), line_dash="dash")
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y)
+    return fig
+
+
+def throughput_latency_mpl(df: pd.DataFrame, x: str = "ttft_p99_ms", y: str = "output_throughput") -> MplFigure:
+    d = _ok(df)
+    title = f"Throughput vs latency ({y} vs {x})"
+    if len(d) == 0:
+        return _empty_mpl(title)
+    front = d[metrics.pareto_front(d, x, y)].sort_values(x)
+    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.scatter(d[x], d[y], label="settings")
+    ax.plot(front[x], front[y], "r*--", markersize=12, label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(str(r["label"]), (r[x], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+# --- per request ---------------------------------------------------------------------------------
+
+def latency_cdf(df: pd.DataFrame, requests: dict, metric: str = "ttft") -> go.Figure:
+    """CDF of one per-request latency (ttft | tpot | e2e | itl, ms), one line per ok setting.
+
+    requests: {point_id: request frame} as kept in `Sweep.requests`.
+    """
+    d = _ok(df)
+    cdf = metrics.latency_cdf({p: requests.get(p) for p in d["point_id"]} if len(d) else {}, metric,
+                              dict(zip(d.get("point_id", []), d.get("label", []))))
+    title = f"{metric.upper()} CDF"
+    if len(cdf) == 0:
+        return _empty(title, "no per-request data")
+    fig = go.Figure()
+    for label, g in cdf.groupby("label", sort=False):
+        fig.add_scatter(x=g["value_ms"], y=g["cdf"], mode="lines", name=str(label), line_shape="hv")
+    fig.update_layout(title=title, xaxis_title=f"{metric} (ms)", yaxis_title="share of requests", yaxis_range=[0, 1.02])
+    return fig
+
+
+def latency_cdf_mpl(df: pd.DataFrame, requests: dict, metric: str = "ttft") -> MplFigure:
+    d = _ok(df)
+    cdf = metrics.latency_cdf({p: requests.get(p) for p in d["point_id"]} if len(d) else {}, metric,
+                              dict(zip(d.get("point_id", []), d.get("label", []))))
+    title = f"{metric.upper()} CDF"
+    if len(cdf) == 0:
+        return _empty_mpl(title, "no per-request data")
+    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, g in cdf.groupby("label", sort=False):
+        ax.step(g["value_ms"], g["cdf"], where="post", label=str(label))
+    ax.set_xlabel(f"{metric} (ms)")
+    ax.set_ylabel("share of requests")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
+
+
+# --- over time (one point) ----------------------------------------------------------------------------
+
+def _two_axes(ts, left, right, title, why):
+    if ts is None or len(ts) == 0 or left[0] not in ts or ts[left[0]].notna().sum() == 0:
+        return _empty(title, why)
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=ts["t"], y=ts[left[0]], name=left[1], mode="lines", secondary_y=False)
+    if right[0] in ts:
+        fig.add_scatter(x=ts["t"], y=ts[right[0]], name=right[1], mode="lines", line_shape="hv", secondary_y=True)
+    fig.update_layout(title=title, xaxis_title="time since start of run (s)")
+    fig.update_yaxes(title_text=left[1], secondary_y=False)
+    fig.update_yaxes(title_text=right[1], secondary_y=True)
+    return fig
+
+
+def _two_axes_mpl(ts, left, right, title, why):
+    if ts is None or len(ts) == 0 or left[0] not in ts or ts[left[0]].notna().sum() == 0:
+        return _empty_mpl(title, why)
+    fig = MplFigure(figsize=(8, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(ts["t"], ts[left[0]], color="C0")
+    ax.set_ylabel(left[1], color="C0")
+    ax.set_xlabel("time since start of run (s)")
+    if right[0] in ts:
+        ax2 = ax.twinx()
+        ax2.step(ts["t"], ts[right[0]], where="post", color="C1")
+        ax2.set_ylabel(right[1], color="C1")
+    ax.set_title(title)
+    return fig
+
+
+def kv_usage_over_time(timeseries: pd.DataFrame, title: str = "KV usage and batch size") -> go.Figure:
+    """KV usage (used / total blocks) and batch size (running requests) per engine step of one point."""
+    return _two_axes(timeseries, ("kv_usage", "KV usage"), ("num_running", "batch size (running)"), title,
+                     "no per-step data")
+
+
+def kv_usage_over_time_mpl(timeseries: pd.DataFrame, title: str = "KV usage and batch size") -> MplFigure:
+    return _two_axes_mpl(timeseries, ("kv_usage", "KV usage"), ("num_running", "batch size (running)"), title,
+                         "no per-step data")
+
+
+def gpu_over_time(telemetry: pd.DataFrame, title: str = "GPU utilisation and power") -> go.Figure:
+    """GPU utilisation (%) and power (W) from the NVML samples of one point (``Sweep.telemetry[pid]``)."""
+    return _two_axes(telemetry, ("gpu_util_pct", "GPU utilisation (%)"), ("power_w", "power (W)"), title,
+                     "no GPU telemetry (NVML) for this point")
+
+
+def gpu_over_time_mpl(telemetry: pd.DataFrame, title: str = "GPU utilisation and power") -> MplFigure:
+    return _two_axes_mpl(telemetry, ("gpu_util_pct", "GPU utilisation (%)"), ("power_w", "power (W)"), title,
+                         "no GPU telemetry (NVML) for this point")

@@ -1,0 +1,288 @@
+"""Every derived number of the workbench, computed in one place.
+
+The engine counts (engine/stats.py: per-request timings, per-step KV usage, prefix-cache queries);
+this module turns those counts into the numbers a results row holds: percentiles, throughput, goodput,
+hit rate, energy per token. Figures, widgets and the report only read the columns made here.
+
+Definitions follow vLLM's benchmark where one exists (see DESIGN.md):
+TTFT = first token - arrival; TPOT = (finish - first token) / (output tokens - 1);
+ITL = gaps between consecutive tokens (pooled over all requests); E2E = finish - arrival;
+throughput = tokens / wall time of the run; goodput = requests/s that met every SLO.
+Latency columns are in milliseconds (``*_ms``), throughputs per second, energy in joules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, is_dataclass
+
+import numpy as np
+import pandas as pd
+
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft", "tpot", "itl", "e2e")
+SLO_KEYS = ("ttft", "tpot", "e2e")  # seconds
+
+REQUEST_COLUMNS = ["request_id", "arrival_time", "first_scheduled_time", "first_token_time", "finished_time",
+                   "queue_time", "ttft", "tpot", "e2e", "itl", "num_prompt_tokens", "num_output_tokens",
+                   "num_cached_tokens", "finish_reason"]
+
+
+def _get(obj, name, default=None):
+    if isinstance(obj, dict):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _num(x) -> float:
+    """A float, NaN for None."""
+    return math.nan if x is None else float(x)
+
+
+# --- per-request ----------------------------------------------------------------------------------
+
+def request_frame(outputs) -> pd.DataFrame:
+    """One row per finished request from RequestOutput objects: timings (s), token counts, itl (list, s).
+
+    queue_time = first_scheduled_time - arrival_time (s).
+    """
+    rows = []
+    for o in outputs:
+        m = o.metrics
+        arrival, sched = _num(_get(m, "arrival_time")), _num(_get(m, "first_scheduled_time"))
+        rows.append({
+            "request_id": o.request_id, "arrival_time": arrival, "first_scheduled_time": sched,
+            "first_token_time": _num(_get(m, "first_token_time")), "finished_time": _num(_get(m, "finished_time")),
+            "queue_time": sched - arrival,
+            "ttft": _num(_get(m, "ttft")), "tpot": _num(_get(m, "tpot")), "e2e": _num(_get(m, "e2e")),
+            "itl": [float(x) for x in (_get(m, "itl") or [])],
+            "num_prompt_tokens": int(_get(m, "num_prompt_tokens", len(o.prompt_token_ids))),
+            "num_output_tokens": int(_get(m, "num_output_tokens", len(o.token_ids))),
+            "num_cached_tokens": int(_get(m, "num_cached_tokens", 0) or 0),
+            "finish_reason": o.finish_reason,
+        })
+    return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+def percentiles(values, ps=PERCENTILES) -> dict:
+    """{"mean": ..., "p50": ..., ...} of the finite values (NaN when there are none); numpy's linear method."""
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": math.nan, **{f"p{p}": math.nan for p in ps}}
+    return {"mean": float(v.mean()), **{f"p{p}": float(np.percentile(v, p)) for p in ps}}
+
+
+def latency_summary(requests: pd.DataFrame) -> dict:
+    """``{ttft,tpot,itl,e2e}_{mean,p50,p90,p99}_ms``; ITL pools the gaps of all requests (as vLLM)."""
+    out = {}
+    for name in LATENCIES:
+        if name == "itl":
+            values = [g for gaps in requests["itl"] for g in gaps] if len(requests) else []
+        else:
+            values = requests[name] if len(requests) else []
+        for stat, v in percentiles(values).items():
+            out[f"{name}_{stat}_ms"] = v * 1e3
+    return out
+
+
+def throughput(requests: pd.DataFrame, duration: float) -> dict:
+    """request_throughput (req/s), output_throughput and total_token_throughput (tokens/s) over ``duration`` s."""
+    n_out = int(requests["num_output_tokens"].sum()) if len(requests) else 0
+    n_in = int(requests["num_prompt_tokens"].sum()) if len(requests) else 0
+    ok = duration > 0
+    return {
+        "num_finished": len(requests), "total_prompt_tokens": n_in, "total_output_tokens": n_out,
+        "request_throughput": len(requests) / duration if ok else math.nan,
+        "output_throughput": n_out / duration if ok else math.nan,
+        "total_token_throughput": (n_in + n_out) / duration if ok else math.nan,
+    }
+
+
+def slo_met(requests: pd.DataFrame, slo: dict | None) -> pd.Series:
+    """Per request: True when every SLO in ``slo`` (keys ttft/tpot/e2e, seconds) is met.
+
+    A request with one output token has no TPOT and meets any TPOT SLO (vLLM does the same).
+    """
+    slo = dict(slo or {})
+    unknown = set(slo) - set(SLO_KEYS)
+    if unknown:
+        raise ValueError(f"slo keys {sorted(unknown)} are unknown: use {list(SLO_KEYS)} (seconds)")
+    met = pd.Series(True, index=requests.index)
+    for key, limit in slo.items():
+        if limit is None:
+            continue
+        v = requests[key].astype(float)
+        met &= (v <= float(limit)) | (v.isna() & (key == "tpot"))
+    return met
+
+
+def goodput(requests: pd.DataFrame, duration: float, slo: dict | None) -> dict:
+    """request_goodput: requests/s that met the SLO; slo_attainment: their share of finished requests.
+
+    Without an SLO both are NaN (goodput would just repeat request_throughput).
+    """
+    if not slo or not any(v is not None for v in slo.values()):
+        return {"request_goodput": math.nan, "slo_attainment": math.nan}
+    good = int(slo_met(requests, slo).sum())
+    return {"request_goodput": good / duration if duration > 0 else math.nan,
+            "slo_attainment": good / len(requests) if len(requests) else math.nan}
+
+
+# --- per-step and engine counters --------------------------------------------------------------------
+
+def steps_frame(stats) -> pd.DataFrame:
+    """The per-step counters of an EngineStats as a DataFrame (its own steps_frame() when it has one)."""
+    if hasattr(stats, "steps_frame"):
+        return stats.steps_frame()
+    steps = _get(stats, "steps", []) or []
+    return pd.DataFrame([asdict(s) if is_dataclass(s) else dict(s) for s in steps])
+
+
+def step_summary(steps: pd.DataFrame) -> dict:
+    """KV usage (mean over steps, peak), internal fragmentation (mean over steps that hold KV blocks),
+    batch size = requests running in a step (mean, p50, max), batched tokens per step (mean, max)."""
+    def col(name):
+        return steps[name].astype(float) if name in steps else pd.Series(dtype=float)
+
+    kv, running, batched = col("kv_usage"), col("num_running"), col("num_batched_tokens")
+    frag = col("internal_fragmentation")
+    if "num_used_blocks" in steps:
+        frag = frag[steps["num_used_blocks"].astype(float) > 0]
+    nan = math.nan
+    return {
+        "kv_usage_mean": float(kv.mean()) if len(kv) else nan, "kv_usage_peak": float(kv.max()) if len(kv) else nan,
+        "internal_fragmentation_mean": float(frag.mean()) if len(frag) else nan,
+        "batch_size_mean": float(running.mean()) if len(running) else nan,
+        "batch_size_p50": float(running.median()) if len(running) else nan,
+        "batch_size_max": float(running.max()) if len(running) else nan,
+        "batched_tokens_mean": float(batched.mean()) if len(batched) else nan,
+        "batched_tokens_max": float(batched.max()) if len(batched) else nan,
+    }
+
+
+def engine_summary(stats) -> dict:
+    """Counters of an EngineStats, and the token-level prefix-cache hit rate (hits / queries; 0 without queries)."""
+    queries, hits = int(_get(stats, "prefix_cache_queries", 0) or 0), int(_get(stats, "prefix_cache_hits", 0) or 0)
+    blocks, block_size = _get(stats, "num_gpu_blocks"), _get(stats, "block_size")
+    return {
+        "prefix_cache_queries": queries, "prefix_cache_hits": hits,
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+        "num_preemptions": int(_get(stats, "num_preemptions", 0) or 0),
+        "num_steps": int(_get(stats, "num_steps", 0) or 0),
+        "kv_blocks": blocks, "kv_capacity_tokens": blocks * block_size if blocks and block_size else None,
+        "weight_bytes": _get(stats, "weight_bytes"), "kv_bytes_per_token": _get(stats, "kv_bytes_per_token"),
+        "attention_backend": _get(stats, "attention_backend"), "device_name": _get(stats, "device_name"),
+    }
+
+
+# --- telemetry ---------------------------------------------------------------------------------------
+
+TELEMETRY_COLUMNS = ["time", "gpu_util_pct", "mem_used_bytes", "power_w", "sm_clock_mhz", "temperature_c", "energy_j"]
+
+
+def telemetry_summary(samples: pd.DataFrame) -> dict:
+    """Means and peaks of NVML samples, and energy_j over the sampled window.
+
+    Energy is the difference of the total-energy counter (energy_source="counter") or, where the GPU
+    has no counter, the trapezoid integral of power over time ("power"); NaN without samples.
+    """
+    nan = math.nan
+    if samples is None or len(samples) == 0:
+        return {"gpu_util_mean": nan, "gpu_util_peak": nan, "power_w_mean": nan, "power_w_peak": nan,
+                "mem_used_peak_bytes": nan, "sm_clock_mhz_mean": nan, "temperature_c_peak": nan,
+                "energy_j": nan, "energy_source": "none", "num_telemetry_samples": 0}
+
+    def stat(name, how):
+        v = samples[name].astype(float).dropna() if name in samples else pd.Series(dtype=float)
+        return float(getattr(v, how)()) if len(v) else nan
+
+    energy, source = nan, "none"
+    e = samples["energy_j"].astype(float).dropna() if "energy_j" in samples else pd.Series(dtype=float)
+    if len(e) >= 2:
+        energy, source = float(e.iloc[-1] - e.iloc[0]), "counter"
+    elif "power_w" in samples and samples["power_w"].notna().sum() >= 2:
+        s = samples[["time", "power_w"]].dropna()
+        energy, source = float(np.trapezoid(s["power_w"], s["time"])), "power"
+    return {"gpu_util_mean": stat("gpu_util_pct", "mean"), "gpu_util_peak": stat("gpu_util_pct", "max"),
+            "power_w_mean": stat("power_w", "mean"), "power_w_peak": stat("power_w", "max"),
+            "mem_used_peak_bytes": stat("mem_used_bytes", "max"), "sm_clock_mhz_mean": stat("sm_clock_mhz", "mean"),
+            "temperature_c_peak": stat("temperature_c", "max"), "energy_j": energy, "energy_source": source,
+            "num_telemetry_samples": len(samples)}
+
+
+# --- one results row ------------------------------------------------------------------------------
+
+def point_metrics(requests: pd.DataFrame, steps: pd.DataFrame, stats, telemetry: dict | None,
+                  duration: float, slo: dict | None = None) -> dict:
+    """The metric columns of one sweep point (see the module docstring for units).
+
+    requests: `request_frame` of the run; steps: `steps_frame`; stats: the EngineStats after the run;
+    telemetry: `telemetry_summary` of the run (or None); duration: wall time of the run in seconds.
+    """
+    row = {"duration_s": duration}
+    row.update(throughput(requests, duration))
+    row.update(goodput(requests, duration, slo))
+    row.update(latency_summary(requests))
+    row.update(step_summary(steps))
+    row.update(engine_summary(stats))
+    row.update(telemetry if telemetry is not None else telemetry_summary(None))
+    n_out = row["total_output_tokens"]
+    row["energy_per_output_token_j"] = row["energy_j"] / n_out if n_out and math.isfinite(row["energy_j"]) else math.nan
+    return row
+
+
+# --- across rows ------------------------------------------------------------------------------------
+
+def pareto_front(df: pd.DataFrame, x: str, y: str, minimize_x: bool = True, maximize_y: bool = True) -> pd.Series:
+    """True for rows no other row beats on both x and y (NaN rows are never on the front)."""
+    xs = df[x].astype(float).to_numpy() * (1 if minimize_x else -1)
+    ys = df[y].astype(float).to_numpy() * (-1 if maximize_y else 1)  # both now "smaller is better"
+    ok = np.isfinite(xs) & np.isfinite(ys)
+    front = np.zeros(len(df), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dominated = ok & (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
+        front[i] = not dominated.any()
+    return pd.Series(front, index=df.index, name="on_pareto_front")
+
+
+def latency_cdf(requests: dict, metric: str = "ttft", labels: dict | None = None) -> pd.DataFrame:
+    """Empirical CDF of one per-request latency: columns point_id, label, value_ms, cdf (in (0, 1]).
+
+    requests: {point_id: request_frame}; metric: ttft | tpot | e2e | itl (itl pools the gaps).
+    """
+    parts = []
+    for pid, frame in requests.items():
+        if frame is None or len(frame) == 0:
+            continue
+        v = [g for gaps in frame["itl"] for g in gaps] if metric == "itl" else frame[metric]
+        v = np.sort(np.asarray(v, dtype=float))
+        v = v[np.isfinite(v)]
+        if v.size:
+            parts.append(pd.DataFrame({"point_id": pid, "label": (labels or {}).get(pid, pid),
+                                       "value_ms": v * 1e3, "cdf": np.arange(1, v.size + 1) / v.size}))
+    if not parts:
+        return pd.DataFrame(columns=["point_id", "label", "value_ms", "cdf"])
+    return pd.concat(parts, ignore_index=True)
+
+
+OBJECTIVES = {  # name: (column, "max" | "min")
+    "max output throughput": ("output_throughput", "max"),
+    "min TTFT p99": ("ttft_p99_ms", "min"),
+    "max goodput": ("request_goodput", "max"),
+    "min energy per token": ("energy_per_output_token_j", "min"),
+}
+
+
+def best_settings(df: pd.DataFrame, objectives: dict | None = None) -> pd.DataFrame:
+    """For each objective, the ok row that optimizes it: columns objective, column, value, point_id, label."""
+    rows = []
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    for name, (col, how) in (objectives or OBJECTIVES).items():
+        if col not in ok or ok[col].astype(float).notna().sum() == 0:
+            continue
+        v = ok[col].astype(float)
+        i = v.idxmax() if how == "max" else v.idxmin()
+        rows.append({"objective": name, "column": col, "value": float(v[i]),
+                     "point_id": ok.at[i, "point_id"] if "point_id" in ok else i,
+                     "label": ok.at[i, "label"] if "label" in ok else str(i)})
+    return pd.DataFrame(rows, columns=["objective", "column", "value", "point_id", "label"])
