@@ -46,13 +46,12 @@ class ModelRunner:
             kv_bytes = int(cfg.gpu_memory_utilization * CPU_KV_BUDGET_BYTES)
         num_blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block
         if num_blocks * cfg.block_size < cfg.max_model_len:
-            have = max(kv_bytes, 0) / 2**30
-            need = cfg.max_model_len * self.kv_bytes_per_token / 2**30
+            need = -(-cfg.max_model_len // cfg.block_size)
             raise ValueError(
-                f"the KV cache holds {num_blocks * cfg.block_size} tokens ({num_blocks} blocks of {cfg.block_size}; "
-                f"{have:.2f} GiB left for KV) but max_model_len={cfg.max_model_len} needs {need:.2f} GiB for one "
-                "request: lower max_model_len, raise gpu_memory_utilization or num_gpu_blocks, quantize the "
-                "weights or the KV cache, or use more GPUs")
+                f"the KV cache has {num_blocks} blocks of {cfg.block_size} tokens ({num_blocks * cfg.block_size} "
+                f"tokens) but max_model_len={cfg.max_model_len} needs {need} blocks "
+                f"({need * bytes_per_block / 2**30:.2f} GiB) for one request: lower max_model_len, raise "
+                "gpu_memory_utilization or num_gpu_blocks, quantize the weights or the KV cache, or use more GPUs")
         return num_blocks
 
     def _profile_cuda_memory(self) -> MemoryProfile:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import torch
 
 from .metadata import AttentionMetadata
-from .reference import paged_attention_reference, write_kv_reference
+from .reference import paged_attention_reference, paged_decode_attention_torch, write_kv_reference
 
 
 class TorchBackend:
-    """Gather-then-attend in plain torch, one request at a time. Correct everywhere, fast nowhere."""
+    """Gather-then-attend in plain torch: decodes batched, prefills one request at a time.
+
+    Correct everywhere, fast nowhere: the CPU path, and the oracle's twin on the GPU.
+    """
 
     name = "torch"
 
@@ -21,7 +24,22 @@ class TorchBackend:
         write_kv_reference(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        d = meta.num_decodes
+        if d == 0:
+            return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
+        out[:d] = paged_decode_attention_torch(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d],
+                                               scale)
+        if d < meta.num_seqs:
+            qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+            rest = AttentionMetadata(
+                slot_mapping=meta.slot_mapping[d:], query_start_loc=meta.query_start_loc[d:] - d,
+                seq_lens=meta.seq_lens[d:], block_tables=meta.block_tables[d:], num_decodes=0,
+                max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+                query_start_loc_cpu=[x - d for x in qsl[d:]] if qsl else None,
+                seq_lens_cpu=lens[d:] if lens else None)
+            out[d:] = paged_attention_reference(q[d:], k_cache, v_cache, rest, scale)
+        return out
 
 
 def select_backend(name: str, device: torch.device):

@@ -85,15 +85,12 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
+        # Free blocks that still hold a cached prefix (reusable until evicted), kept as a running count.
+        self.num_cached_free_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
         return self.free_queue.num_free_blocks
-
-    @property
-    def num_cached_free_blocks(self) -> int:
-        """Free blocks that still hold a cached prefix (reusable until evicted)."""
-        return sum(1 for b in self.cached_blocks.values() if b.ref_count == 0)
 
     def get_new_blocks(self, n: int) -> list[KVBlock]:
         """Take n blocks from the front of the free queue, evicting their cached hashes."""
@@ -105,6 +102,7 @@ class BlockPool:
             if block.block_hash is not None:
                 del self.cached_blocks[block.block_hash]
                 block.block_hash = None
+                self.num_cached_free_blocks -= 1
             block.ref_count = 1
             out.append(block)
         return out
@@ -117,6 +115,7 @@ class BlockPool:
         for block in blocks:
             if block.ref_count == 0:
                 self.free_queue.remove(block)
+                self.num_cached_free_blocks -= block.block_hash is not None
             block.ref_count += 1
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
@@ -131,5 +130,6 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue.append(block)
+                self.num_cached_free_blocks += block.block_hash is not None
             elif block.ref_count < 0:
                 raise RuntimeError(f"{block} freed more often than it was allocated")
