@@ -204,7 +204,6 @@ class Sweep:
             raise ValueError(f"grid keys {unknown} are not EngineConfig fields: use some of {allowed}")
         self.points = self._points()
         self.llm = model if not isinstance(model, str) else None
-        self._fresh_llm = False
         self._telemetry = make_telemetry(telemetry_interval, enabled=telemetry) if telemetry is not False and \
             str(self.base_config.device or "").split(":")[0] != "cpu" else NullTelemetry()
         self.environment = {**environment(self._telemetry), "model": self.model_name,
@@ -314,9 +313,6 @@ class Sweep:
             else:
                 kwargs = {} if self.dtype is None else {"dtype": self.dtype}
                 self.llm = LLM.random(self.model, cfg, seed=self.seed, **kwargs)
-            self._fresh_llm = True
-        elif self._fresh_llm:
-            self._fresh_llm = False  # built with this very config
         else:
             self.llm.reconfigure(cfg)
         return self.llm

@@ -1,0 +1,68 @@
+"""Shared fixtures of the workbench tests: synthetic results for figures/report, one real CPU sweep."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench import metrics
+
+HOSTILE = "<script>alert('x')</script>"
+
+
+def synthetic_results(hostile: bool = False) -> tuple[pd.DataFrame, dict, dict, dict]:
+    """A results table shaped like Sweep.results (4 ok points, 1 failed), with requests / timeseries /
+    telemetry dicts, built through workbench.metrics from made-up engine outputs."""
+    rng = np.random.default_rng(0)
+    rows, requests, timeseries, telemetry = [], {}, {}, {}
+    for i, (bs, pc) in enumerate([(8, True), (8, False), (32, True), (32, False)]):
+        pid = f"p{i}"
+        n = 20
+        arrival = np.zeros(n)
+        ttft = rng.uniform(0.01, 0.2, n) * (1 + i)
+        out_tokens = np.full(n, 10)
+        gaps = [list(rng.uniform(0.01, 0.03, 9)) for _ in range(n)]
+        first = arrival + ttft
+        fin = first + np.array([sum(g) for g in gaps])
+        req = pd.DataFrame({
+            "request_id": [f"r{j}" for j in range(n)], "arrival_time": arrival, "first_scheduled_time": arrival,
+            "first_token_time": first, "finished_time": fin, "queue_time": 0.0, "ttft": ttft,
+            "tpot": (fin - first) / 9, "e2e": fin - arrival, "itl": gaps, "num_prompt_tokens": 100,
+            "num_output_tokens": out_tokens, "num_cached_tokens": 64 if pc else 0, "finish_reason": "length"})
+        t = np.linspace(0, fin.max(), 30)
+        steps = pd.DataFrame({"time": t, "t": t, "num_running": np.minimum(20, np.arange(30)),
+                              "num_batched_tokens": 50, "kv_usage": np.linspace(0.1, 0.6, 30),
+                              "internal_fragmentation": bs / 100, "num_used_blocks": 10})
+        samples = pd.DataFrame({"time": t, "t": t, "gpu_util_pct": 90.0, "mem_used_bytes": 1e9, "power_w": 300.0,
+                                "sm_clock_mhz": 1900.0, "temperature_c": 60.0, "energy_j": 1000 + 300 * t})
+        stats = {"num_gpu_blocks": 100, "block_size": bs, "prefix_cache_queries": 2000,
+                 "prefix_cache_hits": 1280 if pc else 0, "num_preemptions": i, "num_steps": 30,
+                 "attention_backend": "torch", "weight_bytes": 1000, "kv_bytes_per_token": 512, "device_name": "cpu"}
+        row = {"point_id": pid, "label": f"block_size={bs}, enable_prefix_caching={pc}", "workload": "shared-prefix",
+               "block_size": bs, "enable_prefix_caching": pc, "quantization": None, "status": "ok", "error": None}
+        if hostile and i == 0:
+            row["label"] = HOSTILE
+        row.update(metrics.point_metrics(req, steps, stats, metrics.telemetry_summary(samples), float(fin.max()),
+                                         {"ttft": 0.3}))
+        rows.append(row)
+        requests[pid], timeseries[pid], telemetry[pid] = req, steps, samples
+    failed = {"point_id": "p4", "label": "block_size=64, enable_prefix_caching=True", "workload": "shared-prefix",
+              "block_size": 64, "enable_prefix_caching": True, "quantization": None, "status": "error",
+              "error": "ValueError: the KV cache has 2 blocks" + (HOSTILE if hostile else "")}
+    rows.append(failed)
+    df = pd.DataFrame(rows)
+    return df, requests, timeseries, telemetry
+
+
+@pytest.fixture
+def synthetic():
+    return synthetic_results()
+
+
+@pytest.fixture
+def synthetic_hostile():
+    return synthetic_results(hostile=True)
+
+
+def isnan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))

@@ -1,0 +1,47 @@
+"""The self-contained HTML report: plotly.js once, every figure, escaped user strings."""
+import re
+
+import plotly.offline
+
+from workbench.report import report_figures, write_report
+
+HOSTILE = "<script>alert('x')</script>"  # as in conftest.synthetic_results(hostile=True)
+
+
+def test_report_is_self_contained(tmp_path, synthetic):
+    df, requests, timeseries, telemetry = synthetic
+    path = write_report(df, str(tmp_path / "r" / "report.html"), timeseries, requests, telemetry,
+                        environment={"gpu": "NVIDIA H100", "torch": "2.x", "workloads": [{"name": "shared-prefix"}]},
+                        title="My sweep")
+    text = open(path, encoding="utf-8").read()
+    js = plotly.offline.get_plotlyjs()
+    assert text.count(js) == 1
+    assert not re.search(r"<script[^>]*\ssrc=", text)  # nothing fetched from the network
+    figs = report_figures(df, timeseries, requests, telemetry)
+    assert {"throughput", "ttft-percentiles", "throughput-latency", "fragmentation", "prefix-hit-rate",
+            "energy-per-token", "ttft-cdf", "kv-usage-over-time", "gpu-over-time"} <= set(figs)
+    for fig_id in figs:
+        assert text.count(f'id="fig-{fig_id}"') == 1
+    assert "Environment" in text and "NVIDIA H100" in text
+    assert "Best setting per objective" in text and "max output throughput" in text
+    assert "Failed points (1)" in text and "the KV cache has 2 blocks" in text
+    assert "<title>My sweep</title>" in text
+
+
+def test_user_strings_are_escaped(tmp_path, synthetic_hostile):
+    df, requests, timeseries, telemetry = synthetic_hostile
+    path = write_report(df, str(tmp_path / "report.html"), timeseries, requests, telemetry,
+                        environment={"model": HOSTILE}, title=HOSTILE)
+    text = open(path, encoding="utf-8").read()
+    assert HOSTILE not in text
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    # Script tags are only plotly.js and the figures' own.
+    n_figures = len(report_figures(df, timeseries, requests, telemetry))
+    assert len(re.findall(r"<script", text)) == 1 + n_figures
+
+
+def test_report_without_time_series_or_successes(tmp_path, synthetic):
+    df = synthetic[0]
+    path = write_report(df[df.status != "ok"], str(tmp_path / "report.html"))
+    text = open(path, encoding="utf-8").read()
+    assert "0 of 1 points ok" in text and "Failed points (1)" in text
