@@ -32,6 +32,7 @@ class LLMEngine:
         self.spec = runner.spec
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
+        runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.requests: dict[str, Request] = {}
@@ -81,6 +82,7 @@ class LLMEngine:
         if req is None:
             return None
         del self.requests[request_id]
+        self.runner.release(request_id)
         return self._output(req)
 
     # ----- one iteration ------------------------------------------------------------------------
@@ -93,16 +95,22 @@ class LLMEngine:
             if self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
             return []
-        sampled = self.runner.execute(sched, self.kv)
+        for req in sched.preempted:
+            self.runner.release(req.request_id)
+        result = self.runner.execute(sched, self.kv)
+        sampled = result.sampled
         now = time.perf_counter()
         finished = self.scheduler.update_from_output(sched, sampled, now)
         for req in finished:
             del self.requests[req.request_id]
-        self._record_step(sched, start, now, self.kv.prefix_cache_queries - queries, self.kv.prefix_cache_hits - hits)
-        self._num_generation_tokens += len(sampled)
-        return [self._output(req) for req, _ in sched.scheduled if req.request_id in sampled]
+            self.runner.release(req.request_id)
+        outputs = [self._output(req) for req, _ in sched.scheduled if req.request_id in sampled]
+        end = time.perf_counter()
+        self._record_step(sched, result, start, end, self.kv.prefix_cache_queries - queries,
+                          self.kv.prefix_cache_hits - hits)
+        return outputs
 
-    def _record_step(self, sched, start, now, queries, hits) -> None:
+    def _record_step(self, sched, result, start, now, queries, hits) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
@@ -114,8 +122,12 @@ class LLMEngine:
             num_used_blocks=used, num_free_blocks=kv.num_free_blocks,
             num_cached_blocks=kv.pool.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
             internal_fragmentation=wasted / (used * bs) if used else 0.0,
-            prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted)))
+            prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted),
+            num_kv_tokens_read=result.num_kv_tokens_read, num_attention_scores=result.num_attention_scores,
+            host_time=(now - start) - result.device_wait,
+            cuda_graph=result.used_cuda_graph))
         self._num_prompt_tokens += sched.num_prefill_tokens
+        self._num_generation_tokens += len(result.sampled)
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished
@@ -152,7 +164,7 @@ class LLMEngine:
             kv_bytes_per_token=runner.kv_bytes_per_token, quantization=self.config.quantization,
             kv_cache_dtype=self.config.kv_cache_dtype,
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            cuda_graphs=False, memory=runner.memory, steps=list(self._steps))
+            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
 
 
 def _default_device(config: EngineConfig) -> torch.device:

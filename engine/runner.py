@@ -1,5 +1,14 @@
-"""ModelRunner: turns a SchedulerOutput into model inputs, runs the forward pass, samples tokens."""
+"""ModelRunner: turns a SchedulerOutput into model inputs, runs the forward pass, samples tokens.
+
+Host-side work is kept off the critical path: inputs are written into preallocated (pinned) host
+buffers with numpy and copied to the device in one go per tensor; each running request keeps a row
+of a persistent block table that only receives its new block ids. Pure-decode steps on CUDA replay
+a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24, ... max_num_seqs).
+"""
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,11 +23,59 @@ from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .stats import MemoryProfile
 
-CPU_KV_BUDGET_BYTES = 2 * 1024**3  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
+CPU_KV_BUDGET_BYTES = 512 * 1024**2  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes that get a CUDA graph: 1, 2, 4, then every multiple of 8 up to max_num_seqs."""
+    sizes = [s for s in (1, 2, 4) if s < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+@dataclass
+class StepResult:
+    """What one forward pass produced, and what it cost the host (seconds)."""
+
+    sampled: dict[str, int]
+    num_kv_tokens_read: int        # sum over requests of the context attended (K/V tokens read per layer)
+    num_attention_scores: int      # query-key pairs scored per layer and head
+    device_wait: float             # seconds the host waited for the device (the sampler's read of the tokens)
+    used_cuda_graph: bool
+
+
+class InputBuffers:
+    """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        pin = device.type == "cuda"
+
+        def pair(shape, dtype):
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
+
+        self.ids, self.ids_np, self.ids_dev = pair(max_tokens, torch.int64)
+        self.pos, self.pos_np, self.pos_dev = pair(max_tokens, torch.int64)
+        self.slots, self.slots_np, self.slots_dev = pair(max_tokens, torch.int64)
+        self.qsl, self.qsl_np, self.qsl_dev = pair(max_seqs + 1, torch.int32)
+        self.lens, self.lens_np, self.lens_dev = pair(max_seqs, torch.int32)
+        self.tables, self.tables_np, self.tables_dev = pair((max_seqs, max_blocks), torch.int32)
+
+    def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
+        for host, dev, n in ((self.ids, self.ids_dev, num_tokens), (self.pos, self.pos_dev, num_tokens),
+                             (self.slots, self.slots_dev, num_tokens), (self.qsl, self.qsl_dev, num_seqs + 1),
+                             (self.lens, self.lens_dev, num_seqs)):
+            dev[:n].copy_(host[:n], non_blocking=True)
+        self.tables_dev[:num_seqs, :num_cols].copy_(self.tables[:num_seqs, :num_cols], non_blocking=True)
 
 
 class ModelRunner:
-    """Owns the model, the physical KV cache tensors and the attention backend of one engine."""
+    """Owns the model, the physical KV cache tensors, the input buffers and the CUDA graphs of one engine.
+
+    Invariants: rows[rid] is the persistent block-table row of a running request, and its first
+    rows_written[rid] entries equal the request's first block ids; a request loses its row when it
+    is preempted or finishes (release()). One physical block past the pool (null_block) is scratch
+    for the padding rows of CUDA-graph batches, so padding never touches a request's KV.
+    """
 
     def __init__(self, model: LlamaModel, spec: ModelSpec, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype):
@@ -29,6 +86,17 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.kv_dtype = dtype
         self.memory: MemoryProfile | None = None
+        self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
+        self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
+        max_tokens = max(config.max_num_batched_tokens, self.graph_sizes[-1])
+        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device)
+        # Persistent block-table rows (see the class docstring).
+        self.table_rows = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+        self.rows: dict[str, int] = {}
+        self.rows_written: dict[str, int] = {}
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.null_block = 0
 
     # ----- KV cache sizing and allocation -------------------------------------------------------
     @property
@@ -44,13 +112,14 @@ class ModelRunner:
             kv_bytes = self.memory.kv_cache_bytes
         else:
             kv_bytes = int(cfg.gpu_memory_utilization * CPU_KV_BUDGET_BYTES)
-        num_blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block
+        # One block is kept back as the scratch block of CUDA-graph padding.
+        num_blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block - 1
         if num_blocks * cfg.block_size < cfg.max_model_len:
             need = -(-cfg.max_model_len // cfg.block_size)
             raise ValueError(
-                f"the KV cache has {num_blocks} blocks of {cfg.block_size} tokens ({num_blocks * cfg.block_size} "
-                f"tokens) but max_model_len={cfg.max_model_len} needs {need} blocks "
-                f"({need * bytes_per_block / 2**30:.2f} GiB) for one request: lower max_model_len, raise "
+                f"the KV cache has {max(num_blocks, 0)} blocks of {cfg.block_size} tokens "
+                f"({max(num_blocks, 0) * cfg.block_size} tokens) but max_model_len={cfg.max_model_len} needs {need} "
+                f"blocks ({need * bytes_per_block / 2**30:.2f} GiB) for one request: lower max_model_len, raise "
                 "gpu_memory_utilization or num_gpu_blocks, quantize the weights or the KV cache, or use more GPUs")
         return num_blocks
 
@@ -60,7 +129,6 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        weights = weight_bytes(self.model)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_run()
@@ -68,82 +136,181 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         kv = int(self.config.gpu_memory_utilization * total) - base - peak - non_torch
-        return MemoryProfile(total, weights, peak, non_torch, kv)
+        return MemoryProfile(total, weight_bytes(self.model), peak, non_torch, kv)
 
     def _profile_run(self) -> None:
         """A forward + sampling of max_num_batched_tokens tokens spread over max_num_seqs sequences."""
         cfg = self.config
         num_tokens = cfg.max_num_batched_tokens
         num_seqs = max(1, min(cfg.max_num_seqs, num_tokens))
-        lens = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
+        lens = np.full(num_seqs, num_tokens // num_seqs)
+        lens[: num_tokens % num_seqs] += 1
         bs = cfg.block_size
-        blocks_per_seq = -(-max(lens) // bs)
+        blocks_per_seq = -(-int(lens.max()) // bs)
         self.allocate_kv_cache(blocks_per_seq * num_seqs)
-        block_tables = np.arange(blocks_per_seq * num_seqs, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
-        positions = np.concatenate([np.arange(n) for n in lens])
-        slots = np.concatenate([block_tables[i, np.arange(n) // bs] * bs + np.arange(n) % bs
-                                for i, n in enumerate(lens)])
-        meta = self._metadata(slots, lens, lens, block_tables, num_decodes=0)
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        tables = np.arange(blocks_per_seq * num_seqs, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        seq_idx = np.repeat(np.arange(num_seqs), lens)
+        positions = np.arange(num_tokens) - np.repeat(np.cumsum(lens) - lens, lens)
+        b = self.buffers
+        b.ids_np[:num_tokens] = 0
+        b.pos_np[:num_tokens] = positions
+        b.slots_np[:num_tokens] = tables[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
+        b.qsl_np[0] = 0
+        np.cumsum(lens, out=b.qsl_np[1:num_seqs + 1])
+        b.lens_np[:num_seqs] = lens
+        b.tables_np[:num_seqs, :blocks_per_seq] = tables
+        meta = self._metadata(num_tokens, num_seqs, blocks_per_seq, 0, int(lens.max()), int(lens.max()))
         with torch.inference_mode():
-            hidden = self.model(ids, torch.as_tensor(positions, device=self.device), self.kv_caches, meta, self.backend)
-            self.model.compute_logits(hidden[torch.as_tensor(np.cumsum(lens) - 1, device=self.device)]).argmax(-1)
+            hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
+            self.model.compute_logits(hidden[b.qsl_dev[1:num_seqs + 1].long() - 1]).argmax(-1)
         self.kv_caches = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (num_blocks, self.config.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        """K and V tensors of every layer for num_blocks blocks, plus the scratch (null) block."""
+        shape = (num_blocks + 1, self.config.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         self.kv_caches = []
         for _ in range(self.spec.num_layers):
-            k = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-            v = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
-            self.kv_caches.append((k, v))
+            self.kv_caches.append((torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+                                   torch.empty(shape, dtype=self.kv_dtype, device=self.device)))
+        self.null_block = num_blocks
+
+    # ----- persistent block-table rows ----------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """Forget a request's block-table row (it finished, was aborted or was preempted)."""
+        row = self.rows.pop(request_id, None)
+        if row is not None:
+            self.rows_written.pop(request_id)
+            self.free_rows.append(row)
+
+    def _sync_row(self, request_id: str, block_ids: list[int]) -> int:
+        row = self.rows.get(request_id)
+        if row is None:
+            row = self.rows[request_id] = self.free_rows.pop()
+            self.rows_written[request_id] = 0
+        written = self.rows_written[request_id]
+        if len(block_ids) > written:
+            self.table_rows[row, written:len(block_ids)] = block_ids[written:]
+            self.rows_written[request_id] = len(block_ids)
+        return row
 
     # ----- one step -----------------------------------------------------------------------------
-    def _metadata(self, slots, query_lens, seq_lens, block_tables, num_decodes) -> AttentionMetadata:
-        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        dev = self.device
+    def _metadata(self, num_tokens, num_seqs, num_cols, num_decodes, max_query_len, max_seq_len):
+        b = self.buffers
+        on_cpu = self.device.type == "cpu"
         return AttentionMetadata(
-            slot_mapping=torch.as_tensor(np.asarray(slots, dtype=np.int64), device=dev),
-            query_start_loc=torch.as_tensor(qsl, device=dev),
-            seq_lens=torch.as_tensor(np.asarray(seq_lens, dtype=np.int32), device=dev),
-            block_tables=torch.as_tensor(block_tables, device=dev),
-            num_decodes=num_decodes,
-            max_query_len=int(max(query_lens)),
-            max_seq_len=int(max(seq_lens)),
-            query_start_loc_cpu=qsl.tolist(),
-            seq_lens_cpu=[int(s) for s in seq_lens],
-        )
+            slot_mapping=b.slots_dev[:num_tokens], query_start_loc=b.qsl_dev[:num_seqs + 1],
+            seq_lens=b.lens_dev[:num_seqs], block_tables=b.tables_dev[:num_seqs, :num_cols],
+            num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
+            # The torch backend loops over requests on the host: give it host copies (free on the CPU).
+            query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,
+            seq_lens_cpu=b.lens_np[:num_seqs].tolist() if on_cpu or self.backend.name == "torch" else None)
 
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> dict[str, int]:
-        """Run one step; returns {request_id: sampled token} for requests whose last token was computed."""
-        bs = self.config.block_size
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+        """Run one step; sampled holds a token for each request whose last token was computed."""
+        bs, b = self.config.block_size, self.buffers
         # Decodes first, so attention backends can send them to the decode kernel as one group.
         batch = sorted(sched.scheduled, key=lambda rn: rn[1] != 1)
-        num_decodes = sum(1 for _, n in batch if n == 1)
-        tables = [kv.block_ids(req.request_id) for req, _ in batch]
-        block_tables = np.zeros((len(batch), max(len(t) for t in tables)), dtype=np.int32)
-        ids, positions, slots, query_lens, seq_lens, logits_idx, samplers = [], [], [], [], [], [], []
-        for i, ((req, n), table) in enumerate(zip(batch, tables)):
-            block_tables[i, :len(table)] = table
-            start = req.num_computed_tokens
-            pos = np.arange(start, start + n)
-            ids.extend(req.all_token_ids[start:start + n])
-            positions.append(pos)
-            slots.append(block_tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            if start + n == req.num_tokens:
-                logits_idx.append(len(ids) - 1)
-                samplers.append(req)
-        meta = self._metadata(np.concatenate(slots), query_lens, seq_lens, block_tables, num_decodes)
-        dev = self.device
+        n = len(batch)
+        qlens = np.fromiter((k for _, k in batch), dtype=np.int64, count=n)
+        starts = np.fromiter((r.num_computed_tokens for r, _ in batch), dtype=np.int64, count=n)
+        rows = np.fromiter((self._sync_row(r.request_id, kv.block_ids(r.request_id)) for r, _ in batch),
+                           dtype=np.int64, count=n)
+        seq_lens = starts + qlens
+        num_tokens = int(qlens.sum())
+        num_decodes = int(np.count_nonzero(qlens == 1))
+        if num_tokens == n:  # every request decodes one token
+            b.ids_np[:n] = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r, _ in batch),
+                                       dtype=np.int64, count=n)
+            positions, seq_idx = starts, np.arange(n)
+        else:
+            b.ids_np[:num_tokens] = [t for r, k in batch for t in r.all_token_ids[r.num_computed_tokens:
+                                                                                 r.num_computed_tokens + k]]
+            seq_idx = np.repeat(np.arange(n), qlens)
+            positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
+        sample_mask = seq_lens == np.fromiter((r.num_tokens for r, _ in batch), dtype=np.int64, count=n)
+        samplers = [batch[i][0] for i in np.flatnonzero(sample_mask)]
+        num_cols = int(-(-seq_lens.max() // bs))
+        b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
+        b.pos_np[:num_tokens] = positions
+        b.slots_np[:num_tokens] = b.tables_np[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
+        b.qsl_np[0] = 0
+        np.cumsum(qlens, out=b.qsl_np[1:n + 1])
+        b.lens_np[:n] = seq_lens
+        kv_read = int(seq_lens.sum())
+        scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
+
+        graph_size = self._graph_size(n) if num_tokens == n else None
         with torch.inference_mode():
-            hidden = self.model(torch.as_tensor(ids, dtype=torch.long, device=dev),
-                                torch.as_tensor(np.concatenate(positions), device=dev),
-                                self.kv_caches, meta, self.backend)
-            if not samplers:
-                return {}
-            logits = self.model.compute_logits(hidden[torch.as_tensor(logits_idx, device=dev)])
-            tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers])
-        return {r.request_id: t for r, t in zip(samplers, tokens)}
+            if graph_size is not None:
+                self._pad_for_graph(n, graph_size)
+                b.upload(graph_size, graph_size, self.max_blocks_per_seq)
+                graph, logits_out = self.graphs[graph_size]
+                graph.replay()
+                logits = logits_out[:n]
+            else:
+                b.upload(num_tokens, n, num_cols)
+                meta = self._metadata(num_tokens, n, num_cols, num_decodes, int(qlens.max()), int(seq_lens.max()))
+                hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
+                logits = None
+                if samplers:
+                    last = b.qsl_dev[1:n + 1][torch.as_tensor(sample_mask, device=self.device)].long() - 1
+                    logits = self.model.compute_logits(hidden[last])
+            t_launched = time.perf_counter()
+            tokens = []
+            if samplers:
+                if graph_size is not None and not sample_mask.all():
+                    logits = logits[torch.as_tensor(sample_mask, device=self.device)]
+                tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers])
+        t_synced = time.perf_counter()
+        # The sampler's host read waits for the device; everything else is host work.
+        wait = t_synced - t_launched if self.device.type == "cuda" else 0.0
+        return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
+                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=graph_size is not None)
+
+    # ----- CUDA graphs --------------------------------------------------------------------------
+    def _graph_size(self, n: int) -> int | None:
+        if not self.graphs or n > self.graph_sizes[-1]:
+            return None
+        for size in self.graph_sizes:
+            if size >= n:
+                return size
+        return None
+
+    def _pad_for_graph(self, n: int, size: int) -> None:
+        """Padding rows n..size-1 decode one dummy token into the null block."""
+        b = self.buffers
+        b.ids_np[n:size] = 0
+        b.pos_np[n:size] = 0
+        b.slots_np[n:size] = self.null_block * self.config.block_size
+        b.qsl_np[n + 1:size + 1] = b.qsl_np[n] + np.arange(1, size - n + 1)
+        b.lens_np[n:size] = 1
+        b.tables_np[n:size, 0] = self.null_block
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode steps for every size of the ladder, largest first, sharing one memory pool."""
+        if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name != "triton":
+            return
+        b = self.buffers
+        max_size = self.graph_sizes[-1]
+        b.qsl_np[:max_size + 1] = np.arange(max_size + 1)
+        b.ids_np[:max_size] = 0
+        b.pos_np[:max_size] = 0
+        b.slots_np[:max_size] = self.null_block * self.config.block_size
+        b.lens_np[:max_size] = 1
+        b.tables_np[:max_size] = self.null_block
+        b.upload(max_size, max_size, self.max_blocks_per_seq)
+        torch.cuda.synchronize(self.device)
+        pool = None
+        with torch.inference_mode():
+            for size in reversed(self.graph_sizes):
+                # Split counts of the decode kernel come from max_seq_len: fix it at max_model_len.
+                meta = self._metadata(size, size, self.max_blocks_per_seq, size, 1, self.config.max_model_len)
+                args = (b.ids_dev[:size], b.pos_dev[:size], self.kv_caches, meta, self.backend)
+                self.model.compute_logits(self.model(*args))  # warm-up: compile kernels outside the capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.compute_logits(self.model(*args))
+                pool = graph.pool()
+                self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.device)

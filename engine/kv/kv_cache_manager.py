@@ -24,6 +24,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        self.req_to_block_ids: dict[str, list[int]] = {}  # the block table, as ints, for the runner
         self.req_to_hashes: dict[str, list[BlockHash]] = {}
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0
@@ -68,8 +69,15 @@ class KVCacheManager:
         when the free queue cannot supply the blocks.
         """
         admitting = new_computed_blocks is not None
-        new_computed_blocks = new_computed_blocks or []
         blocks = self.req_to_blocks.get(request.request_id, [])
+        if not admitting:
+            # Fast path of a decode step: the new token fits the last block already held.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size:
+                if total // self.block_size > self.num_cached_blocks.get(request.request_id, 0):
+                    self._cache_full_blocks(request, total)
+                return True
+        new_computed_blocks = new_computed_blocks or []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         needed = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(new_computed_blocks)
         # Hits on free cached blocks come out of the free queue too.
@@ -80,10 +88,9 @@ class KVCacheManager:
             self.prefix_cache_queries += request.num_tokens
             self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
         self.pool.touch(new_computed_blocks)
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        blocks.extend(new_computed_blocks)
-        if needed > 0:
-            blocks.extend(self.pool.get_new_blocks(needed))
+        new_blocks = new_computed_blocks + (self.pool.get_new_blocks(needed) if needed > 0 else [])
+        self.req_to_blocks.setdefault(request.request_id, []).extend(new_blocks)
+        self.req_to_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new_blocks)
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
@@ -105,6 +112,7 @@ class KVCacheManager:
         """Return every block of the request to the pool, tail first (so prefixes are evicted last)."""
         rid = request.request_id
         blocks = self.req_to_blocks.pop(rid, [])
+        self.req_to_block_ids.pop(rid, None)
         self.pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(rid, None)
 
@@ -113,4 +121,5 @@ class KVCacheManager:
         self.req_to_hashes.pop(request.request_id, None)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, [])]
+        """The request's block table (physical block ids in sequence order); do not modify."""
+        return self.req_to_block_ids.get(request_id, [])

@@ -28,6 +28,7 @@ def check_invariants(kv: KVCacheManager, live):
     for block_id, n in owners.items():
         if n > 1:
             assert pool.blocks[block_id].block_hash is not None
+    assert kv.req_to_block_ids == {r: [b.block_id for b in bl] for r, bl in kv.req_to_blocks.items()}
     for req in live:
         blocks = kv.req_to_blocks.get(req.request_id, [])
         assert len(blocks) * kv.block_size >= req.num_computed_tokens
