@@ -23,6 +23,7 @@ class StepStats:
     prefix_cache_queries: int        # this step's admissions, in tokens
     prefix_cache_hits: int
     num_preemptions: int             # preemptions in this step
+    num_sampled_tokens: int          # requests that produced a token (LM-head rows computed)
     num_kv_tokens_read: int          # K/V tokens attended, summed over requests (per layer)
     num_attention_scores: int        # query-key pairs scored (per layer and head): attention FLOPs / (4 x head_dim)
     host_time: float                 # seconds of the step not spent waiting for the device

@@ -67,3 +67,13 @@ def test_greedy_matches_hf(hf_models, references, kind, case):
         assert stats.prefix_cache_hits >= 64  # the shared 64-token prefix: 4 full blocks of 16
     if case == "block8-no-prefix-cache":
         assert stats.prefix_cache_hits == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_prompt_logits_match_hf(hf_models, kind):
+    model = hf_models[kind]
+    ids = make_prompts(3, [70])[0]
+    llm = LLM.from_hf_model(model, EngineConfig(device="cpu", max_model_len=128, block_size=16))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.prompt_logits(ids), expected, atol=1e-4, rtol=1e-4)

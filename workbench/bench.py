@@ -1,0 +1,231 @@
+"""One workload, one config: the engine's numbers beside the naive baseline and the physical limit.
+
+The physical limit of a run is the sum over its engine steps of
+    max(FLOPs of the step / measured bf16 matmul rate,
+        bytes the step must move (weights + K/V read and written) / measured copy bandwidth),
+with both rates measured at the start of the same run. measured time / limit time says how far
+the engine is from what the GPU could do with the same schedule of work.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .metrics import latency_summary, request_frame, throughput
+
+
+# ----- device rates -------------------------------------------------------------------------------
+
+def _median_time(fn, repeats: int) -> float:
+    """Median seconds of fn() on the GPU, timed with CUDA events after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
+def measure_device_rates(device="cuda", matmul_size: int = 8192, copy_bytes: int = 2 * 1024**3) -> dict:
+    """bf16 matmul rate (FLOP/s) on random data and device-to-device copy bandwidth (bytes read + written / s)."""
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    t_mm = _median_time(lambda: a @ b, 20)
+    del a, b
+    src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t_copy = _median_time(lambda: dst.copy_(src), 20)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"matmul_flops": 2 * matmul_size**3 / t_mm, "copy_bandwidth": 2 * copy_bytes / t_copy}
+
+
+# ----- physical limit -----------------------------------------------------------------------------
+
+def step_limits(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token: int, rates: dict) -> pd.DataFrame:
+    """Per step: FLOPs, bytes moved and the time the GPU needs at least (seconds), from engine counters."""
+    h, vocab = spec.hidden_size, spec.vocab_size
+    embed = vocab * h
+    lm_head = vocab * h
+    linear_params = spec.num_params() - embed - (0 if spec.tie_word_embeddings else lm_head)
+    attn_width = spec.num_layers * spec.num_heads * spec.head_dim
+    flops = (2 * linear_params * steps["num_batched_tokens"] + 2 * lm_head * steps["num_sampled_tokens"]
+             + 4 * attn_width * steps["num_attention_scores"])
+    moved = weight_bytes + kv_bytes_per_token * (steps["num_kv_tokens_read"] + steps["num_batched_tokens"])
+    out = pd.DataFrame({"flops": flops.astype(float), "bytes": moved.astype(float)})
+    out["compute_time"] = out["flops"] / rates["matmul_flops"]
+    out["memory_time"] = out["bytes"] / rates["copy_bandwidth"]
+    out["limit_time"] = out[["compute_time", "memory_time"]].max(axis=1)
+    return out
+
+
+# ----- runs ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """A finished run: per-request rows, per-step rows, its wall time (s) and the summary numbers."""
+
+    name: str
+    requests: pd.DataFrame
+    duration: float
+    steps: pd.DataFrame | None = None
+    summary: dict = field(default_factory=dict)
+
+
+def run_engine(llm, workload, warmup: bool = True) -> RunResult:
+    """All requests of an offline workload at t=0 through the engine's step API (ignore_eos)."""
+    from engine import SamplingParams
+
+    eng = llm.engine
+    if warmup:
+        llm.generate([list(workload.requests[0].prompt_token_ids)],
+                     SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    eng.reset_stats()
+    start = time.perf_counter()
+    for r in workload.requests:
+        eng.add_request(f"bench-{r.request_id}", list(r.prompt_token_ids),
+                        SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True), arrival_time=start)
+    finished = []
+    while eng.has_unfinished_requests():
+        finished += [o for o in eng.step() if o.finished]
+    duration = time.perf_counter() - start
+    stats = eng.stats()
+    steps = stats.steps_frame()
+    reqs = request_frame(finished)
+    summary = {**throughput(reqs, duration), **latency_summary(reqs),
+               "kv_usage_mean": float(steps["kv_usage"].mean()), "kv_usage_peak": float(steps["kv_usage"].max()),
+               "num_preemptions": stats.num_preemptions, "num_steps": stats.num_steps,
+               "num_gpu_blocks": stats.num_gpu_blocks, "kv_capacity_tokens": stats.kv_capacity_tokens,
+               "attention_backend": stats.attention_backend, "cuda_graphs": stats.cuda_graphs,
+               "weight_bytes": stats.weight_bytes, "kv_bytes_per_token": stats.kv_bytes_per_token,
+               "host_time_p50_ms": float(steps["host_time"].median() * 1e3)}
+    return RunResult("engine", reqs, duration, steps, summary)
+
+
+def run_naive_baseline(hf_model, workload, max_batch_size: int = 128) -> RunResult:
+    """The "naive server": HF generate on static batches in arrival order, each padded (left) to its
+    longest prompt and run to its longest output; each request counts only its own output tokens."""
+    device = next(hf_model.parameters()).device
+    reqs = list(workload.requests)
+    rows = []
+    start = time.perf_counter()
+    for i in range(0, len(reqs), max_batch_size):
+        batch = reqs[i:i + max_batch_size]
+        longest = max(r.prompt_len for r in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for j, r in enumerate(batch):
+            ids[j, longest - r.prompt_len:] = torch.tensor(r.prompt_token_ids)
+            mask[j, longest - r.prompt_len:] = 1
+        new = max(r.max_tokens for r in batch)
+        with torch.inference_mode():
+            hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        done = time.perf_counter()
+        for r in batch:
+            rows.append({"request_id": r.request_id, "num_prompt_tokens": r.prompt_len,
+                         "num_output_tokens": r.max_tokens, "e2e": done - start})
+    duration = time.perf_counter() - start
+    frame = pd.DataFrame(rows)
+    return RunResult("naive HF generate", frame, duration, summary=throughput(frame, duration))
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "command": " ".join([Path(sys.executable).name] + sys.argv)}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or "cpu"
+    return env
+
+
+def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | None) -> str:
+    """One plain-text table: throughput, latency percentiles, KV usage and the two reference lines."""
+    s = engine.summary
+    lines = [f"{'':28s}{'req/s':>10s}{'out tok/s':>12s}{'total tok/s':>13s}",
+             f"{'engine':28s}{s['request_throughput']:10.2f}{s['output_throughput']:12.1f}"
+             f"{s['total_token_throughput']:13.1f}"]
+    if baseline is not None:
+        b = baseline.summary
+        lines.append(f"{'naive HF generate':28s}{b['request_throughput']:10.2f}{b['output_throughput']:12.1f}"
+                     f"{b['total_token_throughput']:13.1f}")
+        lines.append(f"engine / naive (output tok/s): {s['output_throughput'] / b['output_throughput']:.2f}x")
+    if limit is not None:
+        lines.append(f"physical limit: {limit['limit_time']:.2f} s of {engine.duration:.2f} s measured "
+                     f"-> limit / measured = {limit['limit_time'] / engine.duration:.3f} "
+                     f"(compute-bound steps {limit['compute_bound_share']:.0%}; matmul "
+                     f"{limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {limit['copy_bandwidth'] / 1e12:.2f} TB/s)")
+    lines.append("latency (ms)        mean      p50      p90      p99")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        lines.append(f"  {name:12s}" + "".join(f"{s[f'{name}_{p}_ms']:9.1f}" for p in ("mean", "p50", "p90", "p99")))
+    lines.append(f"KV usage mean {s['kv_usage_mean']:.1%}, peak {s['kv_usage_peak']:.1%} of {s['num_gpu_blocks']} "
+                 f"blocks ({s['kv_capacity_tokens']} tokens); preemptions {s['num_preemptions']}; "
+                 f"{s['num_steps']} steps; host time per step p50 {s['host_time_p50_ms']:.2f} ms; backend "
+                 f"{s['attention_backend']}, CUDA graphs {s['cuda_graphs']}")
+    return "\n".join(lines)
+
+
+def bench(model: str, workload, config, baseline: bool = False, baseline_batch_size: int = 128,
+          out: str | None = None, seed: int = 0) -> dict:
+    """Run the bench; print the table; write JSON to `out` (if given). Returns the result dict."""
+    from engine import LLM
+    from engine.model.presets import preset_config
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    rates = measure_device_rates(device) if on_gpu else None
+    base = None
+    if baseline:
+        # Before the engine exists, so the engine's KV pool can take the memory back afterwards.
+        from transformers import AutoModelForCausalLM
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(preset_config(model), dtype=dtype).eval()
+        base = run_naive_baseline(hf, workload, baseline_batch_size)
+        del hf
+        if on_gpu:
+            torch.cuda.empty_cache()
+    llm = LLM.random(model, config, seed=seed)
+    eng = run_engine(llm, workload)
+    limit = None
+    if rates is not None:
+        st = llm.engine.stats()
+        per_step = step_limits(eng.steps, llm.spec, st.weight_bytes, st.kv_bytes_per_token, rates)
+        limit = {**rates, "limit_time": float(per_step["limit_time"].sum()),
+                 "compute_bound_share": float((per_step["compute_time"] > per_step["memory_time"]).mean()),
+                 "limit_over_measured": float(per_step["limit_time"].sum() / eng.duration)}
+    print(format_table(eng, base, limit))
+    result = {"model": model, "workload": workload.summary(), "config": config.to_dict(),
+              "engine": {**eng.summary, "duration": eng.duration},
+              "baseline": None if base is None else {**base.summary, "duration": base.duration,
+                                                     "batch_size": baseline_batch_size},
+              "physical_limit": limit, "environment": environment(device)}
+    if base is not None:
+        result["engine_over_baseline"] = eng.summary["output_throughput"] / base.summary["output_throughput"]
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2, default=str))
+    return result
