@@ -127,7 +127,8 @@ def latency_percentiles_mpl(df: pd.DataFrame, metric: str = "ttft", by: str = "l
 
 
 def fragmentation_by_block_size(df: pd.DataFrame, color: str | None = None) -> go.Figure:
-    """Mean internal fragmentation (share of allocated KV slots holding no token) against block size."""
+    """Mean internal fragmentation (share of allocated KV slots holding no token) against block size;
+    one marker per setting, and a line per group when ``color`` names a column (e.g. "enable_prefix_caching")."""
     d = _ok(df)
     title = "Internal fragmentation per block size"
     if len(d) == 0:
@@ -135,7 +136,8 @@ def fragmentation_by_block_size(df: pd.DataFrame, color: str | None = None) -> g
     fig = go.Figure()
     for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
         g = g.sort_values("block_size")
-        fig.add_scatter(x=g["block_size"], y=g["internal_fragmentation_mean"], mode="lines+markers", name=str(name),
+        fig.add_scatter(x=g["block_size"], y=g["internal_fragmentation_mean"], name=str(name),
+                        mode="lines+markers" if color else "markers", marker_size=9,
                         text=g["label"], hovertemplate="%{text}<br>block_size=%{x}<br>fragmentation=%{y:.3f}")
     fig.update_layout(title=title, xaxis_title="block_size (tokens)", yaxis_title="internal fragmentation (mean)",
                       xaxis_type="log", xaxis_tickvals=sorted(d["block_size"].unique()))
@@ -151,7 +153,8 @@ def fragmentation_by_block_size_mpl(df: pd.DataFrame, color: str | None = None) 
     ax = fig.add_subplot()
     for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
         g = g.sort_values("block_size")
-        ax.plot(g["block_size"], g["internal_fragmentation_mean"], marker="o", label=str(name))
+        ax.plot(g["block_size"], g["internal_fragmentation_mean"], marker="o", label=str(name),
+                linestyle="-" if color else "none")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("block_size (tokens)")
     ax.set_ylabel("internal fragmentation (mean)")

@@ -161,7 +161,10 @@ def step_summary(steps: pd.DataFrame) -> dict:
 
 
 def engine_summary(stats) -> dict:
-    """Counters of an EngineStats, and the token-level prefix-cache hit rate (hits / queries; 0 without queries)."""
+    """Counters of an EngineStats, and the token-level prefix-cache hit rate (hits / queries; 0 without queries).
+
+    attention_backend_used is the backend that ran (the config's attention_backend may say "auto").
+    """
     queries, hits = int(_get(stats, "prefix_cache_queries", 0) or 0), int(_get(stats, "prefix_cache_hits", 0) or 0)
     blocks, block_size = _get(stats, "num_gpu_blocks"), _get(stats, "block_size")
     return {
@@ -171,7 +174,8 @@ def engine_summary(stats) -> dict:
         "num_steps": int(_get(stats, "num_steps", 0) or 0),
         "kv_blocks": blocks, "kv_capacity_tokens": blocks * block_size if blocks and block_size else None,
         "weight_bytes": _get(stats, "weight_bytes"), "kv_bytes_per_token": _get(stats, "kv_bytes_per_token"),
-        "attention_backend": _get(stats, "attention_backend"), "device_name": _get(stats, "device_name"),
+        "attention_backend_used": _get(stats, "attention_backend"), "cuda_graphs": _get(stats, "cuda_graphs"),
+        "device_name": _get(stats, "device_name"),
     }
 
 

@@ -24,7 +24,7 @@ th { background: #f4f4f4; } .scroll { overflow-x: auto; max-width: 100%; }
 
 # Columns of the results table in the report (all columns are in the results file).
 TABLE_COLUMNS = ["label", "status", "workload", "block_size", "max_num_batched_tokens", "max_num_seqs",
-                 "enable_prefix_caching", "quantization", "kv_cache_dtype", "attention_backend",
+                 "enable_prefix_caching", "quantization", "kv_cache_dtype", "attention_backend_used",
                  "request_throughput", "output_throughput", "total_token_throughput", "request_goodput",
                  "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms", "e2e_p99_ms",
                  "kv_usage_mean", "kv_usage_peak", "internal_fragmentation_mean", "prefix_cache_hit_rate",

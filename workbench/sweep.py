@@ -156,6 +156,20 @@ def _model_vocab_size(model) -> int | None:
     return preset_config(model).vocab_size
 
 
+SHORT_NAMES = {"block_size": "bs", "max_num_batched_tokens": "tokens", "max_num_seqs": "seqs",
+               "enable_prefix_caching": "prefix", "quantization": "quant", "kv_cache_dtype": "kv",
+               "gpu_memory_utilization": "mem", "max_model_len": "len", "num_gpu_blocks": "blocks",
+               "attention_backend": "attn", "tensor_parallel_size": "tp", "enforce_eager": "eager"}
+
+
+def point_label(settings: dict) -> str:
+    """A short name for the grid values of a point, e.g. "bs=16 prefix=on tokens=2048" ("base" for none)."""
+    def fmt(v):
+        return {True: "on", False: "off", None: "none"}.get(v, v) if isinstance(v, (bool, type(None))) else v
+
+    return " ".join(f"{SHORT_NAMES.get(k, k)}={fmt(v)}" for k, v in settings.items()) or "base"
+
+
 def _stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -237,7 +251,7 @@ class Sweep:
         for w in self.workloads:
             for combo in combos:
                 cfg = self.base_config.replace(**combo)  # raises ConfigError now, not mid-sweep
-                label = ", ".join(f"{k}={v}" for k, v in combo.items()) or "base"
+                label = point_label(combo)
                 if multi:
                     label = f"{w.name}: {label}"
                 pid = _stable_hash({"config": cfg.to_dict(), "workload": w.fingerprint(), "model": self.model_id,
@@ -354,7 +368,7 @@ class Sweep:
             self._save_frames(pid, {"steps": self.timeseries[pid], "requests": requests, "telemetry": samples})
         except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
             row.update(status="oom" if _is_oom(e) else "error", error=f"{type(e).__name__}: {e}")
-            log.warning("point %s (%s) failed:\n%s", pid, point["label"], traceback.format_exc())
+            log.debug("traceback of point %s:\n%s", pid, traceback.format_exc())
             _release_memory()
         row["point_duration_s"] = time.perf_counter() - t0
         row["timestamp"] = pd.Timestamp.now(tz="UTC").isoformat()
@@ -375,6 +389,12 @@ class Sweep:
             for point in todo:
                 bar.set_postfix_str(point["label"], refresh=True)
                 row = self._run_point(point)
+                if row["status"] != "ok":
+                    msg = f"point {row['point_id']} ({row['label']}) failed [{row['status']}]: {row['error']}"
+                    if self.progress:
+                        bar.write(msg)
+                    else:
+                        log.warning(msg)
                 self._save(row)
                 self._collect()
                 bar.update(1)

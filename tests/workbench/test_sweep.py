@@ -25,7 +25,7 @@ REQUIRED_COLUMNS = (
        "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "batch_size_mean", "batch_size_max",
        "batched_tokens_mean", "gpu_util_mean", "gpu_util_peak", "power_w_mean", "power_w_peak",
        "mem_used_peak_bytes", "energy_j", "energy_per_output_token_j", "weight_bytes", "kv_bytes_per_token",
-       "kv_blocks", "attention_backend", "on_pareto_front"])
+       "kv_blocks", "attention_backend_used", "cuda_graphs", "on_pareto_front"])
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_sweep_table_has_every_column_with_plausible_values(sweep_2x2x2):
     assert df["slo_attainment"].between(0, 1).all() and (df["request_goodput"] <= df["request_throughput"] + 1e-9).all()
     assert ((df["kv_usage_mean"] > 0) & (df["kv_usage_mean"] <= df["kv_usage_peak"]) & (df["kv_usage_peak"] <= 1)).all()
     assert ((df["batch_size_mean"] > 0) & (df["batch_size_max"] <= 12)).all()
-    assert (df["kv_blocks"] == 256).all() and (df["attention_backend"] == "torch").all()
+    assert (df["kv_blocks"] == 256).all() and (df["attention_backend_used"] == "torch").all()
     assert (df["device_name"] == "cpu").all() and (df["energy_source"] == "none").all()
     assert df["gpu_util_mean"].isna().all() and df["energy_per_output_token_j"].isna().all()
     assert df["on_pareto_front"].any()
