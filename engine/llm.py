@@ -10,9 +10,11 @@ import torch
 
 from .config import EngineConfig
 from .kv import KVCacheManager
+from .model.llama import LlamaModel
 from .model.presets import preset_config
 from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
+from .quant import check_quantization, quantize_model
 from .request import Request, RequestOutput
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -167,6 +169,17 @@ class LLMEngine:
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
 
 
+def _host_copy(model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The model's state dict on the host (the tensors themselves on the CPU: quantization replaces
+    modules and never writes into them); a tied LM head is left out, build_model ties it again."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            continue
+        state[name] = t.detach().to("cpu")
+    return state
+
+
 def _default_device(config: EngineConfig) -> torch.device:
     if config.device is not None:
         return torch.device(config.device)
@@ -189,6 +202,10 @@ class LLM:
                              f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
         self._check_weights_fit(config)
         self.model = build_model(spec, state, self.dtype, self.device, spec.max_position_embeddings, seed)
+        # The unquantized weights stay on the host: reconfigure() to another quantization rebuilds
+        # the model from them instead of reading the checkpoint again.
+        self._host_state = _host_copy(self.model, spec)
+        self._quantization: str | None = None  # what self.model holds now
         self._engine: LLMEngine | None = None
         self.reconfigure(config)
 
@@ -244,8 +261,8 @@ class LLM:
         """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
         if self._engine is not None and self._engine.has_unfinished_requests():
             raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
-        if config.quantization is not None or config.kv_cache_dtype != "auto":
-            raise NotImplementedError("quantization and kv_cache_dtype='fp8' are not implemented yet")
+        with torch.device("meta"):  # shapes only, for the int4 group-size check
+            check_quantization(LlamaModel(self.spec, 1), config.quantization, self.device)
         if config.tensor_parallel_size != 1:
             raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet")
         if config.max_model_len > self.spec.max_position_embeddings:
@@ -260,8 +277,22 @@ class LLM:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        if config.quantization != self._quantization:
+            self._quantize(config.quantization)
         runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
         self._engine = LLMEngine(runner, config, self.tokenizer)
+
+    def _quantize(self, mode: str | None) -> None:
+        """Make self.model hold `mode`'s weights, rebuilt from the host copy if it is quantized already."""
+        if self._quantization is not None:
+            self.model = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.model = build_model(self.spec, self._host_state, self.dtype, self.device,
+                                     self.spec.max_position_embeddings)
+        quantize_model(self.model, mode)
+        self._quantization = mode
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (strings, or lists of token ids) to completion; outputs in prompt order."""

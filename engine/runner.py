@@ -19,6 +19,7 @@ from .kv import KVCacheManager
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
+from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .stats import MemoryProfile
@@ -84,7 +85,7 @@ class ModelRunner:
         self.backend = select_backend(config.attention_backend, device)
         self.sampler = Sampler(config.seed)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.kv_dtype = dtype
+        self.kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, dtype)  # "fp8": float8_e4m3fn, 1 byte
         self.memory: MemoryProfile | None = None
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))

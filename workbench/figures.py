@@ -71,7 +71,8 @@ def _bars_mpl(df, y, title, ytitle, by="label", color=None):
 # --- per setting ----------------------------------------------------------------------------------
 
 def throughput_by_setting(df: pd.DataFrame, metric: str = "output_throughput", by: str = "label") -> go.Figure:
-    """Throughput (``metric``: output_throughput / total_token_throughput tokens/s, request_throughput req/s) per setting."""
+    """Throughput per setting; ``metric``: output_throughput or total_token_throughput (tokens/s),
+    request_throughput or request_goodput (requests/s)."""
     return _bars(df, metric, f"Throughput per setting ({metric})", metric, by)
 
 
@@ -248,7 +249,7 @@ def _two_axes(ts, left, right, title, why):
         fig.add_scatter(x=ts["t"], y=ts[right[0]], name=right[1], mode="lines", line_shape="hv", secondary_y=True)
     fig.update_layout(title=title, xaxis_title="time since start of run (s)")
     fig.update_yaxes(title_text=left[1], secondary_y=False)
-    fig.update_yaxes(title_text=right[1], secondary_y=True)
+    fig.update_yaxes(title_text=right[1], secondary_y=True, tickmode="auto", showgrid=False, rangemode="tozero")
     return fig
 
 

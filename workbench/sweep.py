@@ -104,7 +104,8 @@ def warm_up(engine, config, num_requests: int = 4, prompt_len: int = 32, max_tok
     max_tokens = max(1, min(max_tokens, config.max_model_len - prompt_len))
     n = min(num_requests, config.max_num_seqs)
     # Distinct made-up prompts (ids < 503, inside any vocabulary), so they share no cached prefix.
-    reqs = [RequestSpec(f"warmup-{i}", [(7 * i + j) % 500 + 3 for j in range(prompt_len)], max_tokens) for i in range(n)]
+    reqs = [RequestSpec(f"warmup-{i}", [(7 * i + j) % 500 + 3 for j in range(prompt_len)], max_tokens)
+            for i in range(n)]
     replay(engine, Workload("warm-up", tuple(reqs)))
     engine.reset_stats()
 
@@ -140,7 +141,7 @@ def _config_fields() -> list[str]:
 def _model_vocab_size(model) -> int | None:
     """The model's vocabulary size, before loading weights where possible."""
     if not isinstance(model, str):
-        for path in ("vocab_size", "spec.vocab_size", "config.vocab_size", "hf_config.vocab_size", "model_config.vocab_size"):
+        for path in ("vocab_size", "spec.vocab_size", "hf_config.vocab_size", "model_config.vocab_size"):
             obj = model
             for part in path.split("."):
                 obj = getattr(obj, part, None)
@@ -189,6 +190,8 @@ class Sweep:
     ``requests[point_id]`` (per-request latencies), ``telemetry[point_id]`` (raw NVML samples),
     ``environment`` (versions, GPU).
     Points sharing a quantization run next to each other, so weights are re-quantized once per value.
+    A point's key (point_id) hashes its config, workload and model, not the SLO: rows resumed from
+    ``out`` keep the goodput of the SLO they were measured with (see their slo_*_s columns).
     """
 
     def __init__(self, model, workload, grid: dict | None = None, base_config=None, slo: dict | None = None,
@@ -207,10 +210,15 @@ class Sweep:
         if out is not None and not out.endswith((".jsonl", ".parquet")):
             raise ValueError(f"out={out!r}: the results file must end in .jsonl or .parquet")
         self.model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
-        self.model_id = (f"preset:{model}:seed={seed}:dtype={dtype}" if isinstance(model, str) and not os.path.isdir(model)
-                         else os.path.abspath(model) if isinstance(model, str) else f"llm:{self.model_name}")
+        if not isinstance(model, str):
+            self.model_id = f"llm:{self.model_name}"
+        elif os.path.isdir(model):
+            self.model_id = os.path.abspath(model)
+        else:
+            self.model_id = f"preset:{model}:seed={seed}:dtype={dtype}"
         self.vocab_size = _model_vocab_size(model)
-        self.workloads = [self._workload(w, num_requests) for w in (workload if isinstance(workload, list) else [workload])]
+        workloads = workload if isinstance(workload, list) else [workload]
+        self.workloads = [self._workload(w, num_requests) for w in workloads]
         self.grid = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in (grid or {}).items()}
         allowed = _config_fields()
         unknown = [k for k in self.grid if k not in allowed]
@@ -409,7 +417,8 @@ class Sweep:
         self.results = pd.DataFrame(rows)
         if len(self.results) and "ttft_p99_ms" in self.results:
             ok = self.results["status"] == "ok"
-            self.results["on_pareto_front"] = ok & metrics.pareto_front(self.results, "ttft_p99_ms", "output_throughput")
+            front = metrics.pareto_front(self.results, "ttft_p99_ms", "output_throughput")
+            self.results["on_pareto_front"] = ok & front
 
     def write_report(self, path: str, title: str = "paged-workbench sweep report", drilldown: str | None = None) -> str:
         """The HTML report of this sweep (see `workbench.report.write_report`)."""

@@ -371,7 +371,8 @@ def make_workload(name: str, **params) -> Workload:
     """
     if name.endswith(".jsonl") or os.sep in name:
         path = name if os.path.exists(name) or os.path.isabs(name) else os.path.join(WORKLOAD_DIR, name)
-        arrival, rate, conc = params.pop("arrival", None), params.pop("request_rate", None), params.pop("concurrency", None)
+        arrival, rate = params.pop("arrival", None), params.pop("request_rate", None)
+        conc = params.pop("concurrency", None)
         num = params.pop("num_requests", None)
         unknown = set(params) - {"vocab_size", "seed"}
         if unknown:

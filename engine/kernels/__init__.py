@@ -21,9 +21,20 @@ class TorchBackend:
     name = "torch"
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        if k_cache.dtype == torch.float8_e4m3fn:
+            from ..quant.kv_cache import write_kv_fp8  # lazily: engine.quant imports the model, which imports us
+            write_kv_fp8(key, value, k_cache, v_cache, meta.slot_mapping, meta.k_scale, meta.v_scale)
+            return
         write_kv_reference(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if k_cache.dtype == torch.float8_e4m3fn and (meta.k_scale != 1.0 or meta.v_scale != 1.0):
+            # fp8 cache: the kernels below cast tiles to float; the scales fold into the softmax
+            # scale (K) and the output (V), as engine/quant/kv_cache.py explains.
+            return self._attend(q, k_cache, v_cache, meta, scale * meta.k_scale) * meta.v_scale
+        return self._attend(q, k_cache, v_cache, meta, scale)
+
+    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         d = meta.num_decodes
         if d == 0:
             return paged_attention_reference(q, k_cache, v_cache, meta, scale)

@@ -50,7 +50,8 @@ def test_sweep_command_end_to_end(tmp_path, capsys):
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
-    assert {(r["block_size"], r["enable_prefix_caching"]) for r in rows} == {(8, True), (8, False), (16, True), (16, False)}
+    assert {(r["block_size"], r["enable_prefix_caching"]) for r in rows} == {(8, True), (8, False), (16, True),
+                                                                              (16, False)}
     assert all(r["slo_ttft_s"] == 2 and r["max_model_len"] == 128 and r["device"] == "cpu" for r in rows)
     text = html.read_text()
     assert "&lt;b&gt;cli&lt;/b&gt;" in text and 'id="fig-throughput"' in text

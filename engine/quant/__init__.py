@@ -1,0 +1,81 @@
+"""Weight and KV-cache quantization, gpt-fast style: the model stays a plain model, and
+`quantize_model` swaps its nn.Linear modules for quantized ones.
+
+Modes (EngineConfig.quantization):
+    "int8": weight-only, symmetric per output channel (int8.py)
+    "int4": weight-only, group 128 along the input dim, scale + zero point per group (int4.py)
+    "fp8":  W8A8, e4m3 weights per channel, activations per token, torch._scaled_mm (fp8.py)
+What is quantized: every nn.Linear of the decoder layers (qkv_proj, o_proj, gate_up_proj,
+down_proj) and the LM head. The embedding table stays in the model dtype (a lookup reads one row per
+token, so quantizing it saves memory but no time). The LM head is quantized like the decoder, as
+gpt-fast does, unless it is tied to the embeddings (then quantizing would add a copy, not save
+one): on Llama-3.1-8B it is 1/15 of the weights read per decode step, and the memory targets
+(int8 <= 0.55x, int4 <= 0.30x of bf16) cannot be approached with it in 16 bits. AWQ/GPTQ
+checkpoints keep it in 16 bits for quality; set quantize_lm_head=False for that.
+The KV cache in fp8 is kv_cache.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.weights import weight_bytes
+from .fp8 import Fp8Linear, check_fp8_supported
+from .int4 import GROUP_SIZE, Int4Linear, check_int4_shape
+from .int8 import Int8Linear
+
+QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+
+
+def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = True) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every Linear that quantize_model replaces, in model order."""
+    out = []
+    tied = getattr(getattr(model, "spec", None), "tie_word_embeddings", False)
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name == "lm_head" and (tied or not quantize_lm_head):
+            continue
+        out.append((name, module))
+    return out
+
+
+def check_quantization(model: nn.Module, mode: str | None, device: torch.device,
+                       quantize_lm_head: bool = True) -> None:
+    """Raise ValueError (naming `quantization`) if `mode` cannot run on this model and device."""
+    if mode is None:
+        return
+    if mode not in QUANTIZED_LINEARS:
+        raise ValueError(f"quantization={mode!r} is not allowed: choose None, 'int8', 'int4' or 'fp8'")
+    if mode == "fp8":
+        check_fp8_supported(device)
+    if mode == "int4":
+        for name, linear in linears_to_quantize(model, quantize_lm_head):
+            check_int4_shape(name, linear.in_features, GROUP_SIZE)
+
+
+def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = True) -> int:
+    """Replace the model's Linear layers (in place) by `mode`'s quantized modules; returns the model's
+    weight bytes afterwards. Every check runs before the first layer is touched.
+
+    Layers are replaced one at a time and the float weight is dropped right after, so the peak
+    memory is the float model plus one quantized layer.
+    """
+    device = next(model.parameters()).device
+    check_quantization(model, mode, device, quantize_lm_head)
+    if mode is not None:
+        cls = QUANTIZED_LINEARS[mode]
+        with torch.no_grad():
+            # Names only: holding the modules in a list would keep every float weight alive.
+            names = [name for name, _ in linears_to_quantize(model, quantize_lm_head)]
+            for name in names:
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                linear = getattr(parent, attr)
+                setattr(parent, attr, cls.from_linear(linear, name) if cls is Int4Linear else cls.from_linear(linear))
+                del linear
+    return weight_bytes(model)
+
+
+__all__ = ["quantize_model", "check_quantization", "linears_to_quantize", "Int8Linear", "Int4Linear",
+           "Fp8Linear", "QUANTIZED_LINEARS"]

@@ -1,0 +1,147 @@
+"""Triton kernels: out = x @ (q * scale)^T for int8 per-channel weights, dequantized in registers.
+
+Reference: `int8_linear_reference` in int8.py.
+
+Layouts:
+    x:     [M, K] float16 / bfloat16 / float32, K contiguous
+    q:     [N, K] int8, K contiguous (one row per output channel)
+    scale: [N] float32
+    out:   [M, N] in x's dtype
+Two kernels, picked by the number of rows M:
+- `_int8_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): grid (M, cdiv(N, BLOCK_N), SPLIT_K). A program
+  owns BLOCK_N output channels of one row and a 1/SPLIT_K slice of K; it accumulates w * x
+  elementwise in a [BLOCK_N, BLOCK_K] float32 tile and reduces once at the end. The row index is the
+  fastest grid axis, so the programs of all rows that read one weight tile run together and the
+  tile comes from DRAM once. With SPLIT_K > 1 the slices are summed with float32 atomics into a
+  zeroed workspace (cast to x's dtype afterwards): that is what lets a 4096-wide layer fill 132 SMs.
+- `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot over [BLOCK_M, BLOCK_K] x
+  [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16).
+int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
+integer add and a float subtract, instead of the slow int-to-float conversion unit.
+Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_ROWS = 2
+
+
+@triton.jit
+def _int8_to_float(q):
+    return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_om,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        acc += _int8_to_float(w) * x[None, :]
+    out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+    dst = out_ptr + m.to(tl.int64) * stride_om + offs_n
+    if ATOMIC:
+        tl.atomic_add(dst, out, mask=mask_n)
+    else:
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        acc += tl.dot(x, tl.trans(_int8_to_float(w).to(x.dtype)))
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a nominal 8 under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, waves: int = 4) -> int:
+    """Slices of K so that rows x column blocks x slices covers `waves` programs per SM, keeping at
+    least two K tiles per slice. Shapes only (capturable)."""
+    programs = max(num_rows * num_col_blocks, 1)
+    want = triton.cdiv(waves * sms, programs)
+    return max(1, min(want, k_blocks // 2 if k_blocks >= 2 else 1, 16))
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block_n: int | None = None,
+                block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
+                gemv: bool | None = None) -> torch.Tensor:
+    """x [M, K] @ (q [N, K] int8 * scales [N])^T -> [M, N] in x's dtype.
+
+    The keyword arguments override the shape-based defaults (tests, benchmarks).
+    """
+    m, k = x.shape
+    n = q.shape[0]
+    if q.shape[1] != k:
+        raise ValueError(f"int8_matmul: x has {k} features but the weight has {q.shape[1]}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if gemv is None:
+        gemv = m <= GEMV_MAX_ROWS
+    if m == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    if gemv:
+        block_n = block_n or 32
+        block_k = block_k or 256
+        if split_k is None:
+            split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
+        atomic = split_k > 1
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else \
+            torch.empty((m, n), dtype=x.dtype, device=x.device)
+        _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
+            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), out.stride(0),
+            BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, num_warps=num_warps or 4)
+        return out.to(x.dtype) if atomic else out
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = block_n or (64 if m <= 64 else 128)
+    block_k = block_k or (128 if m <= 64 else 64)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x, q, scales, out, m, n, k, x.stride(0), q.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps or 4,
+        num_stages=3 if x.is_cuda else 1)
+    return out
