@@ -1,5 +1,7 @@
 """Shared fixtures of the workbench tests: synthetic results for figures/report, one real CPU sweep."""
 import math
+import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -66,3 +68,46 @@ def synthetic_hostile():
 
 def isnan(x) -> bool:
     return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+def fake_pynvml(energy_supported=True):
+    m = types.ModuleType("pynvml")
+    state = {"energy_mj": 1_000_000, "init": 0, "shutdown": 0}
+    m.NVMLError = FakeNVMLError
+    m.NVML_CLOCK_SM, m.NVML_TEMPERATURE_GPU = 1, 0
+    m.nvmlInit = lambda: state.__setitem__("init", state["init"] + 1)
+    m.nvmlShutdown = lambda: state.__setitem__("shutdown", state["shutdown"] + 1)
+    m.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
+    m.nvmlDeviceGetHandleByUUID = lambda u: ("handle", u)
+    m.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=40)
+    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2 * 2**30, total=80 * 2**30)
+    m.nvmlDeviceGetPowerUsage = lambda h: 250_000  # mW
+    m.nvmlDeviceGetClockInfo = lambda h, kind: 1980
+    m.nvmlDeviceGetTemperature = lambda h, kind: 55
+
+    def energy(h):
+        if not energy_supported:
+            raise FakeNVMLError("not supported")
+        state["energy_mj"] += 5_000  # 5 J per read
+        return state["energy_mj"]
+
+    m.nvmlDeviceGetTotalEnergyConsumption = energy
+    m.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
+    m.nvmlSystemGetDriverVersion = lambda: "550.54"
+    m.nvmlSystemGetNVMLVersion = lambda: "12.550"
+    return m, state
+
+
+@pytest.fixture
+def install_fake_nvml(monkeypatch):
+    """A function that puts a fake pynvml (an H100 at 87% / 250 W) in sys.modules; returns (module, state)."""
+    def install(energy_supported=True):
+        fake, state = fake_pynvml(energy_supported)
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        return fake, state
+
+    return install

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import sys
 
 import pandas as pd
 import pytest
@@ -229,15 +228,28 @@ def test_warm_up_leaves_clean_counters():
     assert st.num_steps == 0 and st.prefix_cache_queries == 0 and not llm.engine.has_unfinished_requests()
 
 
-def test_measure_overhead_runs_with_a_sampler(monkeypatch):
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_telemetry import fake_pynvml
-
-    fake, _ = fake_pynvml()
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+def test_measure_overhead_runs_with_a_sampler(install_fake_nvml):
+    install_fake_nvml()
     from workbench.telemetry import measure_overhead
 
     llm = LLM.random("tiny", BASE)
     w = make_workload("fixed", num_requests=4, prompt_len=8, output_len=4, vocab_size=512)
     r = measure_overhead(llm, w, interval=0.01, repeats=2)
     assert len(r["runs"]["on"]) == 2 and r["throughput_off"] > 0 and math.isfinite(r["overhead_pct"])
+
+
+def test_gpu_telemetry_flows_into_rows_and_time_series(install_fake_nvml, tmp_path):
+    install_fake_nvml()
+    sweep = Sweep(model="tiny", workload="fixed", num_requests=4, workload_args=dict(prompt_len=16, output_len=16),
+                  base_config=BASE.replace(device=None), grid={"block_size": [16]}, telemetry_interval=0.01,
+                  progress=False, out=str(tmp_path / "r.parquet"))
+    df = sweep.run()
+    row = df.iloc[0]
+    assert row["status"] == "ok" and row["gpu_util_mean"] == 87 and row["power_w_peak"] == 250
+    assert row["energy_source"] == "counter" and row["energy_j"] > 0
+    assert row["energy_per_output_token_j"] == pytest.approx(row["energy_j"] / 64)
+    ts = sweep.timeseries[row["point_id"]]
+    assert ts["gpu_util_pct"].notna().any() and "power_w" in ts
+    assert sweep.environment["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert os.path.exists(os.path.join(sweep.sidecar_dir, f"{row['point_id']}.telemetry.parquet"))
+    sweep.close()

@@ -1,4 +1,4 @@
-"""The NVML sampler against a fake pynvml (no GPU needed), and the no-op twin."""
+"""The NVML sampler against a fake pynvml (conftest.install_fake_nvml; no GPU needed), and the no-op twin."""
 import math
 import sys
 import time
@@ -8,38 +8,6 @@ import pytest
 
 from workbench import telemetry
 from workbench.metrics import TELEMETRY_COLUMNS
-
-
-class FakeNVMLError(Exception):
-    pass
-
-
-def fake_pynvml(energy_supported=True):
-    m = types.ModuleType("pynvml")
-    state = {"energy_mj": 1_000_000, "init": 0, "shutdown": 0}
-    m.NVMLError = FakeNVMLError
-    m.NVML_CLOCK_SM, m.NVML_TEMPERATURE_GPU = 1, 0
-    m.nvmlInit = lambda: state.__setitem__("init", state["init"] + 1)
-    m.nvmlShutdown = lambda: state.__setitem__("shutdown", state["shutdown"] + 1)
-    m.nvmlDeviceGetHandleByIndex = lambda i: ("handle", i)
-    m.nvmlDeviceGetHandleByUUID = lambda u: ("handle", u)
-    m.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=87, memory=40)
-    m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=2 * 2**30, total=80 * 2**30)
-    m.nvmlDeviceGetPowerUsage = lambda h: 250_000  # mW
-    m.nvmlDeviceGetClockInfo = lambda h, kind: 1980
-    m.nvmlDeviceGetTemperature = lambda h, kind: 55
-
-    def energy(h):
-        if not energy_supported:
-            raise FakeNVMLError("not supported")
-        state["energy_mj"] += 5_000  # 5 J per read
-        return state["energy_mj"]
-
-    m.nvmlDeviceGetTotalEnergyConsumption = energy
-    m.nvmlDeviceGetName = lambda h: b"NVIDIA H100 80GB HBM3"
-    m.nvmlSystemGetDriverVersion = lambda: "550.54"
-    m.nvmlSystemGetNVMLVersion = lambda: "12.550"
-    return m, state
 
 
 def test_null_telemetry_has_the_same_interface():
@@ -66,9 +34,8 @@ def test_make_telemetry_without_a_gpu_is_the_no_op(monkeypatch):
         telemetry.make_telemetry(enabled=True)
 
 
-def test_sampler_thread_records_samples_and_energy(monkeypatch):
-    fake, state = fake_pynvml()
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+def test_sampler_thread_records_samples_and_energy(install_fake_nvml):
+    fake, state = install_fake_nvml()
     t = telemetry.make_telemetry(interval=0.01)
     assert t.available
     with t:
@@ -90,9 +57,8 @@ def test_sampler_thread_records_samples_and_energy(monkeypatch):
     assert state["shutdown"] == 1
 
 
-def test_unsupported_counter_is_nan_and_energy_falls_back_to_power(monkeypatch):
-    fake, _ = fake_pynvml(energy_supported=False)
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+def test_unsupported_counter_is_nan_and_energy_falls_back_to_power(install_fake_nvml):
+    install_fake_nvml(energy_supported=False)
     t = telemetry.Telemetry(interval=0.01)
     t.start()
     time.sleep(0.05)
@@ -103,9 +69,8 @@ def test_unsupported_counter_is_nan_and_energy_falls_back_to_power(monkeypatch):
     t.close()
 
 
-def test_cuda_visible_devices_picks_the_nvml_device(monkeypatch):
-    fake, _ = fake_pynvml()
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+def test_cuda_visible_devices_picks_the_nvml_device(monkeypatch, install_fake_nvml):
+    install_fake_nvml()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
     assert telemetry.Telemetry()._handle == ("handle", 3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-abc")
