@@ -1,0 +1,296 @@
+"""The memory planner: published shapes by hand, the verdicts and their knobs, the engine's block count on
+the CPU, quantized weight bytes against the engine, the table and its figures, and the load test."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import matplotlib
+import plotly.graph_objects as go
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from engine import LLM, EngineConfig
+from engine.loadtest import load_test
+from engine.model.presets import preset_config
+from engine.runner import CPU_KV_BUDGET_BYTES
+from workbench import planner, planner_figures
+from workbench.planner import GiB, MiB, plan, plan_table
+
+matplotlib.use("Agg")
+H100 = "H100-80GB"
+
+
+def spec(name):
+    return planner.resolve_model(name)[1]
+
+
+# ----- published shapes, by hand ---------------------------------------------------------------------
+
+def test_kv_bytes_per_token_of_published_models():
+    # 2 (K, V) x layers x KV heads x head_dim x 2 bytes
+    assert planner.kv_bytes_per_token(spec("llama-3.1-8b")) == 2 * 32 * 8 * 128 * 2 == 128 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.2-3b")) == 2 * 28 * 8 * 128 * 2 == 112 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.1-70b")) == 2 * 80 * 8 * 128 * 2 == 320 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.2-1b")) == 2 * 16 * 8 * 64 * 2 == 32 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.1-8b"), "fp8") == 64 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.1-8b"), dtype="float32") == 256 * 1024
+    # Tensor parallel: 8 KV heads split over 2 GPUs; replicated (1 per GPU) beyond 8.
+    assert planner.kv_bytes_per_token(spec("llama-3.1-8b"), tensor_parallel_size=2) == 64 * 1024
+    assert planner.kv_bytes_per_token(spec("llama-3.1-8b"), tensor_parallel_size=16) == 16 * 1024
+
+
+def test_weight_bytes_of_published_models():
+    assert planner.weight_bytes(spec("llama-3.1-8b")) == 2 * 8_030_261_248
+    assert planner.weight_bytes(spec("llama-3.2-3b")) == 2 * 3_212_749_824  # tied embeddings counted once
+    assert planner.weight_bytes(spec("llama-3.1-70b")) == 2 * 70_553_706_496
+    # int8 / fp8: 1 byte per linear weight + a float32 scale per output channel; embeddings and norms in bf16.
+    s = spec("llama-3.1-8b")
+    linear = 32 * (4096 * 6144 + 4096 * 4096 + 4096 * 2 * 14336 + 14336 * 4096) + 128256 * 4096
+    channels = 32 * (6144 + 4096 + 2 * 14336 + 4096) + 128256
+    rest = 2 * (128256 * 4096 + (32 * 2 + 1) * 4096)
+    assert planner.weight_bytes(s, "int8") == planner.weight_bytes(s, "fp8") == linear + 4 * channels + rest
+    # int4: half a byte per weight + (bf16 scale + uint8 zero) per group of 128 inputs.
+    groups = 32 * (6144 * 32 + 4096 * 32 + 2 * 14336 * 32 + 4096 * 112) + 128256 * 32
+    assert planner.weight_bytes(s, "int4") == linear // 2 + 3 * groups + rest
+    assert planner.weight_bytes(s, "int8") <= 0.55 * planner.weight_bytes(s)  # issue 4's targets
+    assert planner.weight_bytes(s, "int4") <= 0.32 * planner.weight_bytes(s)
+
+
+def test_every_preset_bf16_weight_bytes_equal_num_params():
+    for name in planner.PRESETS:
+        s = spec(name)
+        assert planner.weight_bytes(s) == 2 * s.num_params(), name
+
+
+# ----- the arithmetic mirrors the engine's ---------------------------------------------------------
+
+def test_plan_arithmetic_is_the_engines_rule():
+    cfg = EngineConfig(max_num_batched_tokens=8192, gpu_memory_utilization=0.9, max_model_len=4096)
+    p = plan("llama-3.1-8b", H100, cfg)
+    total = 81559 * MiB
+    assert p.total_bytes == total and p.budget_bytes == int(0.9 * total)
+    assert p.kv_cache_bytes == (p.budget_bytes - p.weight_bytes - p.static_bytes - p.activation_peak_bytes
+                                - p.non_torch_bytes)
+    assert p.num_gpu_blocks == p.kv_cache_bytes // (128 * 1024 * 16) - 1  # one scratch block, as the runner keeps
+    assert p.kv_tokens == 16 * p.num_gpu_blocks
+    assert p.max_concurrent_requests == p.num_gpu_blocks // 256
+    # The profile step's KV: 8192 tokens over 256 sequences = 32 tokens = 2 blocks each, plus the scratch block.
+    assert p.profile_kv_bytes == (2 * 256 + 1) * 16 * 128 * 1024
+    assert p.activation_peak_bytes == p.profile_kv_bytes + p.forward_peak_bytes
+    # rotary cos + sin (131072 positions x 128 float32 each) are part of what torch holds before the profile
+    assert p.static_bytes >= 2 * 131072 * 128 * 4
+    assert p.verdict == "fits" and p.knobs == []
+    assert 400_000 < p.kv_tokens < 480_000  # about 53 GiB of KV at 128 KiB per token
+
+
+def test_planner_block_count_equals_the_engine_on_cpu():
+    for cfg in (EngineConfig(device="cpu", gpu_memory_utilization=0.01, max_model_len=256),
+                EngineConfig(device="cpu", gpu_memory_utilization=0.003, block_size=32, max_model_len=512),
+                EngineConfig(device="cpu", gpu_memory_utilization=0.02, block_size=8, max_model_len=64,
+                             max_num_batched_tokens=256)):
+        p = plan("tiny", "cpu", cfg)
+        stats = LLM.random("tiny", cfg).engine.stats()
+        assert p.total_bytes == CPU_KV_BUDGET_BYTES
+        assert p.num_gpu_blocks == stats.num_gpu_blocks
+        assert p.kv_bytes_per_token == stats.kv_bytes_per_token
+        assert p.weight_bytes == stats.weight_bytes
+        assert p.verdict == "fits"
+
+
+def test_planner_agrees_with_the_engine_when_the_cpu_pool_is_too_small():
+    _, s = planner.resolve_model("tiny")
+    per_block = planner.kv_bytes_per_token(s, dtype="float32") * 16
+    share = (10 * per_block + 100) / CPU_KV_BUDGET_BYTES  # 10 blocks of budget: 9 after the scratch block
+    cfg = EngineConfig(device="cpu", gpu_memory_utilization=share, max_model_len=160)
+    p = plan("tiny", "cpu", cfg)
+    assert p.num_gpu_blocks == 9 and p.verdict == "max_model_len needs more KV than is left"
+    with pytest.raises(ValueError, match="max_model_len=160 needs 10 blocks"):
+        LLM.random("tiny", cfg)
+    assert plan("tiny", "cpu", cfg.replace(max_model_len=144)).fits
+
+
+# ----- verdicts and knobs ----------------------------------------------------------------------------
+
+def test_70b_bf16_does_not_fit_one_h100():
+    p = plan("llama-3.1-70b", H100, EngineConfig())
+    assert p.verdict == "weights do not fit"
+    assert "131.42 GiB" in p.reason  # 141.1 GB of bf16 weights
+    assert "add GPUs: tensor_parallel_size=2" in p.knobs
+    assert p.num_gpu_blocks == 0 and p.kv_tokens == 0
+    # The engine builds the model in bf16 before quantizing it, so quantization alone does not help here.
+    assert plan("llama-3.1-70b", H100, EngineConfig(quantization="int4")).verdict == "weights do not fit"
+    assert plan("llama-3.1-70b", H100, EngineConfig(), tensor_parallel_size=2).fits
+
+
+def test_long_max_model_len_gets_the_kv_verdict_with_knobs():
+    cfg = EngineConfig(gpu_memory_utilization=0.3, max_model_len=131072)
+    p = plan("llama-3.1-8b", H100, cfg)
+    assert p.verdict == "max_model_len needs more KV than is left"
+    need = 131072 * 128 * 1024  # 16 GiB for one request
+    assert f"{need / GiB:.2f} GiB" in p.reason and "short by" in p.reason
+    short = need - p.num_gpu_blocks * 16 * 128 * 1024
+    assert f"short by {short / GiB:.2f} GiB" in p.reason
+    knobs = " | ".join(p.knobs)
+    assert f"lower max_model_len to {p.kv_tokens} or less" in knobs
+    assert "raise gpu_memory_utilization to" in knobs
+    assert "quantize:" in knobs and "add GPUs: tensor_parallel_size=2" in knobs
+    assert "Fix:" in p.reason
+    # each knob really fixes it
+    assert plan("llama-3.1-8b", H100, cfg.replace(max_model_len=p.kv_tokens)).fits
+    util = float(next(k for k in p.knobs if k.startswith("raise")).split()[-1])
+    assert plan("llama-3.1-8b", H100, cfg.replace(gpu_memory_utilization=util)).fits
+    assert not plan("llama-3.1-8b", H100, cfg.replace(gpu_memory_utilization=round(util - 0.01, 2))).fits
+    assert plan("llama-3.1-8b", H100, cfg, tensor_parallel_size=2).fits
+
+
+def test_headroom_below_safety_margin():
+    p = plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=1.0))
+    assert p.verdict == "headroom below safety margin"
+    assert p.headroom_bytes == 0
+    assert any(k.startswith("lower gpu_memory_utilization") for k in p.knobs)
+    assert plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=0.9)).fits
+
+
+def test_configs_the_engine_refuses_outright_raise():
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        plan("tiny", "cpu", EngineConfig(max_model_len=8192))
+    with pytest.raises(ValueError, match="fp8"):
+        plan("llama-3.1-8b", "A100-80GB", EngineConfig(quantization="fp8"))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        plan("tiny", H100, EngineConfig(quantization="int4"))
+    assert plan("llama-3.1-8b", "L4", EngineConfig(quantization="fp8")).weight_bytes < 9e9
+
+
+def test_gpu_and_model_resolution(tmp_path):
+    assert planner.resolve_gpu("48GiB").total_bytes == 48 * GiB
+    assert planner.resolve_gpu(24 * 10**9).total_bytes == 24 * 10**9
+    assert planner.resolve_gpu("H200").total_bytes == 143771 * MiB
+    with pytest.raises(ValueError, match="unknown"):
+        planner.resolve_gpu("B300")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            planner.resolve_gpu("current")
+    with pytest.raises(ValueError, match="neither a preset"):
+        planner.resolve_model("no-such-model")
+    # a checkpoint folder and an HF config plan like the preset
+    hf = preset_config("llama-3.2-3b")
+    (tmp_path / "config.json").write_text(hf.to_json_string())
+    ref = plan("llama-3.2-3b", "L40S", EngineConfig())
+    for model in (tmp_path, str(tmp_path), hf, hf.to_dict()):
+        assert plan(model, "L40S", EngineConfig()).num_gpu_blocks == ref.num_gpu_blocks
+
+
+def test_calibration_constants_are_the_committed_fit():
+    if not planner.CALIBRATION_FILE.exists():
+        pytest.skip("no calibration file yet (scripts/calibrate_planner.py on a GPU writes it)")
+    fit = json.loads(planner.CALIBRATION_FILE.read_text())["fit"]
+    from_file = planner.Calibration.from_json()
+    for f in fields(planner.Calibration):
+        if f.name != "source":
+            assert getattr(planner.CALIBRATION_H100, f.name) == pytest.approx(fit[f.name]), f.name
+            assert getattr(from_file, f.name) == fit[f.name]
+
+
+# ----- quantized weight bytes against the engine -----------------------------------------------------
+
+def _int4_friendly_tiny():
+    return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=1024,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weight_bytes_match_the_engine(mode):
+    pytest.importorskip("engine.quant")
+    hf = _int4_friendly_tiny()
+    cfg = EngineConfig(device="cpu", gpu_memory_utilization=0.01, max_model_len=128, quantization=mode)
+    try:
+        llm = LLM.random(hf, cfg, dtype=torch.float32)
+    except NotImplementedError:
+        pytest.skip(f"quantization={mode!r} is not implemented in the engine yet")
+    p = plan(hf, "cpu", cfg)
+    assert p.weight_bytes == llm.engine.stats().weight_bytes
+    assert p.num_gpu_blocks == llm.engine.stats().num_gpu_blocks
+
+
+def test_fp8_kv_cache_block_count_matches_the_engine():
+    cfg = EngineConfig(device="cpu", gpu_memory_utilization=0.01, max_model_len=128, kv_cache_dtype="fp8")
+    try:
+        stats = LLM.random("tiny", cfg).engine.stats()
+    except NotImplementedError:
+        pytest.skip("kv_cache_dtype='fp8' is not implemented in the engine yet")
+    p = plan("tiny", "cpu", cfg)
+    assert p.kv_bytes_per_token == stats.kv_bytes_per_token
+    assert p.num_gpu_blocks == stats.num_gpu_blocks
+
+
+# ----- table and figures -----------------------------------------------------------------------------
+
+def test_plan_table_and_its_figures():
+    models, gpus = ["llama-3.1-8b", "llama-3.1-70b"], ["A10G", "L4", H100, "H200"]
+    configs = [dict(quantization=q) for q in (None, "int8", "int4", "fp8")]
+    df = plan_table(models, gpus, configs)
+    assert len(df) == 2 * 4 * 4
+    for column in ("model", "gpu", "quantization", "kv_tokens", "num_gpu_blocks", "verdict", "reason",
+                   "weight_bytes_none", "weight_bytes_int4", "kv_bytes_per_token_fp8", "activation_peak_bytes"):
+        assert column in df
+    # fp8 on the Ampere A10G is refused, as the engine refuses it
+    row = df[(df.gpu == "A10G") & (df.quantization == "fp8")].iloc[0]
+    assert row.verdict == "not allowed" and "fp8" in row.reason
+    eight = df[(df.model == "llama-3.1-8b") & (df.gpu == H100)].set_index("quantization")
+    assert eight.kv_tokens["int4"] > eight.kv_tokens["int8"] > eight.kv_tokens["none"] > 0
+    assert (df[df.model == "llama-3.1-70b"].query("gpu == @H100").verdict == "weights do not fit").all()
+
+    fig = planner_figures.kv_tokens_by_gpu(df)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 8  # 4 modes x 2 model panels
+    bar = next(t for t in fig.data if t.name == "int4" and t.xaxis == "x")
+    assert list(bar.y) == list(df[(df.model == "llama-3.1-8b") & (df.quantization == "int4")].kv_tokens)
+    assert isinstance(planner_figures.kv_tokens_by_gpu_mpl(df), matplotlib.figure.Figure)
+    one = df[df.quantization == "none"]
+    assert len(planner_figures.memory_breakdown(one).data) == len(planner_figures.BREAKDOWN)
+    assert isinstance(planner_figures.memory_breakdown_mpl(one), matplotlib.figure.Figure)
+    empty = df.iloc[:0]
+    assert isinstance(planner_figures.kv_tokens_by_gpu(empty), go.Figure)
+    assert isinstance(planner_figures.memory_breakdown_mpl(empty), matplotlib.figure.Figure)
+
+
+def test_plan_table_sweeps_tensor_parallel_size():
+    df = plan_table("llama-3.1-70b", H100, [EngineConfig()], tensor_parallel_sizes=(1, 2, 4))
+    assert list(df.tensor_parallel_size) == [1, 2, 4]
+    assert list(df.verdict) == ["weights do not fit", "fits", "fits"]
+    assert df.kv_tokens.iloc[2] > 2 * df.kv_tokens.iloc[1]
+
+
+# ----- the load test ---------------------------------------------------------------------------------
+
+def _small_pool_llm():
+    # 24 blocks of 16 tokens: two requests of max_model_len=128 need 16 blocks, so ten cannot run at once.
+    cfg = EngineConfig(device="cpu", num_gpu_blocks=24, max_model_len=128, max_num_batched_tokens=256,
+                       max_num_seqs=8)
+    return LLM.random("tiny", cfg)
+
+
+def test_load_test_to_completion_preempts_and_loses_nothing():
+    llm = _small_pool_llm()
+    r = load_test(llm, num_requests=6, stop="completion")
+    assert r["prompt_len"] == 128 - 33 and r["max_tokens"] == 33
+    assert r["num_preemptions"] > 0 and r["first_preemption_step"] is not None
+    assert r["num_finished"] == 6 and r["num_aborted"] == 0 and r["num_lost"] == 0
+    assert r["outputs_complete"] and r["stop_reason"] == "all finished"
+    assert r["max_kv_usage"] > 0.9 and not r["oom"] and r["error"] is None
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_load_test_stops_after_preemption_and_leaves_the_engine_idle():
+    llm = _small_pool_llm()
+    r = load_test(llm)  # default: enough requests to overfill the pool
+    assert r["num_requests"] == 24 * 16 // 95 + 2
+    assert r["stop_reason"] == "preemption" and r["num_preemptions"] > 0
+    assert r["num_steps"] == r["first_preemption_step"] + 4
+    assert r["num_finished"] + r["num_aborted"] == r["num_requests"] and r["num_lost"] == 0
+    assert not llm.engine.has_unfinished_requests()
+    assert "torch_peak_allocated_bytes" not in r  # CUDA-only fields
+    with pytest.raises(ValueError, match="max_tokens"):
+        load_test(llm, max_tokens=128)

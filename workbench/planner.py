@@ -1,0 +1,454 @@
+"""Memory planner: KV capacity and an out-of-memory verdict for a config, before any run.
+
+It mirrors the engine's sizing rule (vLLM's; engine/runner.py, ``ModelRunner.determine_num_blocks``):
+
+    kv_cache_bytes = int(gpu_memory_utilization * total) - base - peak - non_torch
+    num_gpu_blocks = kv_cache_bytes // (kv_bytes_per_token * block_size) - 1    (one scratch block)
+
+``base`` is what torch holds before the profile step (weights, rotary tables, input buffers), ``peak``
+the allocation peak of the profile step (its own KV blocks, then a forward pass of
+max_num_batched_tokens tokens over min(max_num_seqs, tokens) sequences) and ``non_torch`` device
+memory torch did not allocate (the CUDA context). Weights, KV bytes and the profile's KV blocks are
+exact byte counts; the forward peak and the two overheads come from a fit to the engine's own profile
+on an H100 (``scripts/calibrate_planner.py`` -> ``data/planner/calibration_h100.json``).
+
+On the CPU the engine sizes the pool as gpu_memory_utilization x CPU_KV_BUDGET_BYTES; ``gpu="cpu"``
+plans that. Tensor parallelism is planned per GPU (Megatron sharding: linear layers, embeddings and
+LM head split, norms replicated, KV heads split); the engine does not run it yet.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.model.presets import PRESETS, preset_config
+from engine.model.spec import ModelSpec
+from engine.runner import CPU_KV_BUDGET_BYTES
+
+MiB, GiB = 2**20, 2**30
+QUANT_GROUP_SIZE = 128  # int4: one scale and one zero point per 128 input channels
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+KV_DTYPE_BYTES = {"fp8": 1}  # "auto" = the model dtype
+VERDICTS = ("fits", "weights do not fit", "max_model_len needs more KV than is left",
+            "headroom below safety margin")
+CALIBRATION_FILE = Path(__file__).resolve().parents[1] / "data" / "planner" / "calibration_h100.json"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU model: usable memory in bytes as torch reports it (cudaMemGetInfo total), compute capability."""
+
+    name: str
+    total_bytes: int
+    compute_capability: tuple[int, int]
+    source: str
+
+
+GPUS = {g.name: g for g in [
+    GPU("A10G", 23028 * MiB, (8, 6), "nvidia-smi memory.total as commonly reported (AWS g5); use gpu='current' to read it"),
+    GPU("L4", 23034 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported (GCP g2); use gpu='current' to read it"),
+    GPU("L40S", 46068 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported; use gpu='current' to read it"),
+    GPU("A100-40GB", 40448 * MiB, (8, 0), "torch total capacity 39.50 GiB as commonly reported; varies with the driver"),
+    GPU("A100-80GB", 81040 * MiB, (8, 0), "torch total capacity 79.14 GiB as commonly reported; varies with the driver"),
+    GPU("H100-80GB", 81559 * MiB, (9, 0), "H100 80GB HBM3, driver 580: nvidia-smi and torch, measured on this project's machine"),
+    GPU("H200", 143771 * MiB, (9, 0), "H200 141GB, driver 580: nvidia-smi on this project's machine"),
+]}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The fitted terms of the memory model, in bytes.
+
+    forward peak (bf16) = forward_const_bytes + forward_hidden_bytes * T * hidden_size
+                          + forward_intermediate_bytes * T * intermediate_size / tp
+    for T = max_num_batched_tokens (the per-token terms scale with the dtype's bytes / 2). The MLP
+    holds the residual stream, its normed input, gate_up (2 x intermediate), silu(gate) and the
+    product at once, so theory says about 6 and 8 bytes for bf16. other_bytes: what torch holds
+    before the profile besides weights, rotary tables and input buffers. safety_margin_bytes: device
+    memory the engine uses beyond its budget (CUDA graphs, non-torch growth after the profile), as
+    measured by the load test; "headroom below safety margin" when (1 - util) x total is less.
+    """
+
+    forward_const_bytes: float
+    forward_hidden_bytes: float
+    forward_intermediate_bytes: float
+    non_torch_bytes: int
+    other_bytes: int
+    safety_margin_bytes: int
+    source: str
+
+    @classmethod
+    def from_json(cls, path: str | Path = CALIBRATION_FILE) -> "Calibration":
+        """The ``fit`` section of a calibration file written by scripts/calibrate_planner.py."""
+        fit = json.loads(Path(path).read_text())["fit"]
+        return cls(**{f: fit[f] for f in cls.__dataclass_fields__ if f != "source"}, source=str(path))
+
+
+# Fitted by scripts/calibrate_planner.py on the H100 (data/planner/calibration_h100.json, section "fit");
+# tests/workbench/test_planner.py checks that these equal the committed file.
+CALIBRATION_H100 = Calibration(
+    forward_const_bytes=64 * MiB, forward_hidden_bytes=6.0, forward_intermediate_bytes=8.0,
+    non_torch_bytes=560 * MiB, other_bytes=0, safety_margin_bytes=2 * GiB,
+    source="first-principles estimate (not yet calibrated)")
+
+
+# ----- model shape -> bytes ------------------------------------------------------------------------
+
+def resolve_model(model) -> tuple[str, ModelSpec]:
+    """(name, ModelSpec) of a preset name, an HF config (object or dict), a checkpoint folder or a ModelSpec."""
+    if isinstance(model, ModelSpec):
+        return model.model_type, model
+    if isinstance(model, (str, Path)):
+        if str(model) in PRESETS:
+            return str(model), ModelSpec.from_hf_config(preset_config(str(model)))
+        path = Path(model)
+        if (path / "config.json").exists():
+            return path.name, ModelSpec.from_hf_config(json.loads((path / "config.json").read_text()))
+        raise ValueError(f"model {str(model)!r} is neither a preset ({sorted(PRESETS)}) nor a folder with config.json")
+    name = model.get("_name_or_path") if isinstance(model, dict) else getattr(model, "name_or_path", "")
+    return name or "hf-config", ModelSpec.from_hf_config(model)
+
+
+def _dtype_name(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not allowed: use one of {sorted(DTYPE_BYTES)}")
+    return name
+
+
+def _linear_bytes(out_features: int, in_features: int, quantization: str | None, dtype_bytes: int) -> int:
+    """Bytes of one linear weight [out, in] in engine/quant's formats."""
+    n = out_features * in_features
+    if quantization is None:
+        return n * dtype_bytes
+    if quantization in ("int8", "fp8"):  # one byte per weight, one float32 scale per output channel
+        return n + out_features * 4
+    if quantization == "int4":  # two weights per byte; per group of 128 inputs a scale (model dtype), a uint8 zero
+        return n // 2 + out_features * (in_features // QUANT_GROUP_SIZE) * (dtype_bytes + 1)
+    raise ValueError(f"quantization={quantization!r} is not allowed: use None, 'int8', 'int4' or 'fp8'")
+
+
+def _linears(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(out, in) of the linear layers engine/quant quantizes: each layer's four, and an untied LM head."""
+    h, d, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * d, spec.num_kv_heads * d
+    layer = {"qkv_proj": (q + 2 * kv, h), "o_proj": (h, q), "gate_up_proj": (2 * inter, h), "down_proj": (h, inter)}
+    return {**layer, **({} if spec.tie_word_embeddings else {"lm_head": (spec.vocab_size, h)})}
+
+
+def check_int4_shapes(spec: ModelSpec) -> None:
+    """Raise ValueError, as the engine does, if a quantized layer's input dim is not a multiple of the group."""
+    for name, (_, k) in _linears(spec).items():
+        if k % QUANT_GROUP_SIZE:
+            raise ValueError(f"quantization='int4' needs every quantized layer's input dimension to be a multiple "
+                             f"of {QUANT_GROUP_SIZE}, but {name} has in_features={k}: use quantization='int8'")
+
+
+def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat16",
+                 tensor_parallel_size: int = 1) -> int:
+    """Weight bytes on one GPU, as engine/quant stores them: the decoder's linear layers and an untied LM
+    head quantized; embeddings, norms and biases in the model dtype (a tied LM head is the embedding).
+
+    With tensor_parallel_size > 1, linear layers, embeddings and LM head are split, norms replicated.
+    For quantization=None and tp=1 this equals spec.num_params() x dtype bytes.
+    """
+    e, tp = DTYPE_BYTES[_dtype_name(dtype)], tensor_parallel_size
+    shapes = _linears(spec)
+    lm_head = shapes.pop("lm_head", None)
+    per_layer = sum(_linear_bytes(o, i, quantization, e) for o, i in shapes.values())
+    bias = shapes["qkv_proj"][0] * e if spec.attention_bias else 0
+    sharded = spec.num_layers * (per_layer + bias) + spec.vocab_size * spec.hidden_size * e
+    if lm_head is not None:
+        sharded += _linear_bytes(*lm_head, quantization, e)
+    norms = (spec.num_layers * 2 + 1) * spec.hidden_size * e
+    return -(-sharded // tp) + norms
+
+
+def kv_heads_per_gpu(spec: ModelSpec, tensor_parallel_size: int = 1) -> int:
+    """KV heads each GPU holds: split across GPUs, replicated when there are fewer heads than GPUs."""
+    return max(1, spec.num_kv_heads // tensor_parallel_size)
+
+
+def kv_bytes_per_token(spec: ModelSpec, kv_cache_dtype: str = "auto", dtype="bfloat16",
+                       tensor_parallel_size: int = 1) -> int:
+    """K and V bytes of one token over all layers, on one GPU ("auto" = model dtype, "fp8" = 1 byte)."""
+    e = KV_DTYPE_BYTES.get(kv_cache_dtype) or DTYPE_BYTES[_dtype_name(dtype)]
+    return 2 * spec.num_layers * kv_heads_per_gpu(spec, tensor_parallel_size) * spec.head_dim * e
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _alloc(nbytes: int) -> int:
+    return _cdiv(nbytes, 512) * 512  # torch's caching allocator rounds every block up to 512 bytes
+
+
+def profile_kv_bytes(spec: ModelSpec, cfg: EngineConfig, kv_token_bytes: int, tensor_parallel_size: int = 1) -> int:
+    """The KV blocks the engine's profile step allocates (inside its peak): enough for its sequences, plus scratch."""
+    num_tokens = cfg.max_num_batched_tokens
+    num_seqs = max(1, min(cfg.max_num_seqs, num_tokens))
+    blocks = _cdiv(_cdiv(num_tokens, num_seqs), cfg.block_size) * num_seqs + 1
+    per_tensor = blocks * cfg.block_size * kv_token_bytes // (2 * spec.num_layers)
+    return 2 * spec.num_layers * _alloc(per_tensor)
+
+
+def forward_peak_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calibration: Calibration | None = None,
+                       tensor_parallel_size: int = 1) -> int:
+    """Peak activation bytes of a forward pass over max_num_batched_tokens tokens (calibrated formula)."""
+    c = calibration or CALIBRATION_H100
+    t, scale = cfg.max_num_batched_tokens, DTYPE_BYTES[_dtype_name(dtype)] / 2
+    per_token = (c.forward_hidden_bytes * spec.hidden_size
+                 + c.forward_intermediate_bytes * spec.intermediate_size / tensor_parallel_size)
+    return int(c.forward_const_bytes + scale * t * per_token)
+
+
+def static_bytes(spec: ModelSpec, cfg: EngineConfig) -> int:
+    """Torch allocations besides weights made before the profile: rotary cos/sin (float32) and input buffers."""
+    rotary = 2 * _alloc(spec.max_position_embeddings * spec.head_dim * 4)
+    tokens, seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
+    blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
+    buffers = 3 * _alloc(tokens * 8) + _alloc((seqs + 1) * 4) + _alloc(seqs * 4) + _alloc(seqs * blocks_per_seq * 4)
+    return rotary + buffers
+
+
+# ----- the plan ------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What one config needs on one GPU (bytes unless named otherwise) and the verdict, with its reason.
+
+    load_bytes: the weights in the model dtype, which the engine builds on the GPU before quantizing
+    (its start-up check). activation_peak_bytes is what the engine records as
+    MemoryProfile.peak_activation_bytes: the profile step's KV blocks plus the forward peak.
+    kv_tokens = num_gpu_blocks x block_size; max_concurrent_requests: requests of max_model_len tokens
+    whose KV fits at once. headroom_bytes: memory outside the engine's budget, (1 - util) x total.
+    knobs: single changes that would make a failing plan fit.
+    """
+
+    model: str
+    gpu: str
+    total_bytes: int
+    dtype: str
+    quantization: str | None
+    kv_cache_dtype: str
+    tensor_parallel_size: int
+    gpu_memory_utilization: float
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    load_bytes: int
+    weight_bytes: int
+    weight_bytes_by_mode: dict
+    kv_bytes_per_token: int
+    kv_bytes_per_token_by_dtype: dict
+    static_bytes: int
+    profile_kv_bytes: int
+    forward_peak_bytes: int
+    activation_peak_bytes: int
+    non_torch_bytes: int
+    budget_bytes: int
+    kv_cache_bytes: int
+    num_gpu_blocks: int
+    kv_tokens: int
+    max_concurrent_requests: int
+    headroom_bytes: int
+    safety_margin_bytes: int
+    verdict: str
+    reason: str
+    knobs: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict == "fits"
+
+    def to_dict(self) -> dict:
+        """A flat row: per-mode weight bytes and per-dtype KV bytes as columns, other_bytes (static +
+        non-torch), knobs joined by '; '."""
+        d = asdict(self)
+        d["quantization"] = d["quantization"] or "none"
+        d.update({f"weight_bytes_{m}": b for m, b in d.pop("weight_bytes_by_mode").items()})
+        d.update({f"kv_bytes_per_token_{k}": b for k, b in d.pop("kv_bytes_per_token_by_dtype").items()})
+        d["other_bytes"] = self.static_bytes + self.non_torch_bytes
+        d["knobs"] = "; ".join(self.knobs)
+        return d
+
+
+def resolve_gpu(gpu) -> GPU:
+    """A GPUS name, "current" (this machine's GPU), "cpu" (the engine's CPU pool), bytes, or "80GiB" / "24GB"."""
+    if isinstance(gpu, GPU):
+        return gpu
+    if isinstance(gpu, (int, float)) and not isinstance(gpu, bool):
+        return GPU(f"{gpu / GiB:.1f}GiB", int(gpu), None, "given in bytes")
+    text = str(gpu)
+    if text in GPUS:
+        return GPUS[text]
+    if text.lower() == "cpu":
+        return GPU("cpu", CPU_KV_BUDGET_BYTES, None, "the engine's CPU pool budget (engine.runner.CPU_KV_BUDGET_BYTES)")
+    if text.lower() == "current":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("gpu='current' needs a CUDA GPU: name one of GPUS or give its memory in bytes")
+        return GPU(torch.cuda.get_device_name(), torch.cuda.mem_get_info()[1], torch.cuda.get_device_capability(),
+                   "read from this machine (cudaMemGetInfo)")
+    m = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB)\s*", text)
+    if m:
+        unit = {"GiB": GiB, "GB": 10**9, "MiB": MiB, "MB": 10**6}[m.group(2)]
+        return GPU(text.strip(), int(float(m.group(1)) * unit), None, "given")
+    raise ValueError(f"gpu={gpu!r} is unknown: use one of {sorted(GPUS)}, 'current', 'cpu', bytes or e.g. '48GiB'")
+
+
+def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig) -> None:
+    """Raise ValueError for configs the engine refuses outright, whatever the memory."""
+    if cfg.max_model_len > spec.max_position_embeddings:
+        raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model's max_position_embeddings="
+                         f"{spec.max_position_embeddings}; lower max_model_len")
+    if cfg.quantization == "int4":
+        check_int4_shapes(spec)
+    if cfg.quantization == "fp8" and (gpu.name == "cpu" or (gpu.compute_capability or (9, 0)) < (8, 9)):
+        raise ValueError(f"quantization='fp8' needs fp8 tensor cores (compute capability >= 8.9), which {gpu.name} "
+                         "lacks: use quantization='int8' or 'int4'")
+
+
+def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration) -> Plan:
+    """The numbers and the verdict of one config, without knobs: the engine's arithmetic, step by step."""
+    on_cpu = gpu.name == "cpu"
+    total, util = gpu.total_bytes, cfg.gpu_memory_utilization
+    modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "fp8")}
+    kv_by = {k: kv_bytes_per_token(spec, k, dtype, tp) for k in ("auto", "fp8")}
+    load, weights, kv_token = modes["none"], modes[cfg.quantization or "none"], kv_by[cfg.kv_cache_dtype]
+    bytes_per_block = kv_token * cfg.block_size
+    budget = int(util * total)
+    static = prof_kv = fwd = non_torch = headroom = margin = 0
+    if on_cpu:
+        kv_bytes = budget
+    else:
+        static = static_bytes(spec, cfg) + cal.other_bytes
+        prof_kv = profile_kv_bytes(spec, cfg, kv_token)
+        fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
+        non_torch, headroom, margin = cal.non_torch_bytes, total - budget, cal.safety_margin_bytes
+        kv_bytes = budget - (weights + static) - (prof_kv + fwd) - non_torch
+    blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block - 1
+    have = max(blocks, 0)
+    per_request = _cdiv(cfg.max_model_len, cfg.block_size)
+    if not on_cpu and load > util * total:
+        verdict = VERDICTS[1]
+        reason = (f"the weights need {load / GiB:.2f} GiB per GPU in {dtype} (the engine loads them so, before "
+                  f"any quantization) but gpu_memory_utilization={util} of {gpu.name} is {util * total / GiB:.2f} GiB")
+    elif have * cfg.block_size < cfg.max_model_len:
+        verdict = VERDICTS[2]
+        reason = (f"max_model_len={cfg.max_model_len} needs {per_request} KV blocks "
+                  f"({per_request * bytes_per_block / GiB:.2f} GiB) but {have} blocks "
+                  f"({have * bytes_per_block / GiB:.2f} GiB) are left after weights {weights / GiB:.2f} GiB, "
+                  f"activation peak {(prof_kv + fwd) / GiB:.2f} GiB and other {(static + non_torch) / GiB:.2f} GiB: "
+                  f"short by {(per_request - have) * bytes_per_block / GiB:.2f} GiB")
+    elif headroom < margin:
+        verdict = VERDICTS[3]
+        reason = (f"only {headroom / GiB:.2f} GiB of {gpu.name} lies outside the engine's budget "
+                  f"(gpu_memory_utilization={util}); CUDA graphs and what the profile does not see need "
+                  f"about {margin / GiB:.2f} GiB")
+    else:
+        verdict = VERDICTS[0]
+        reason = (f"{have} KV blocks ({have * cfg.block_size} tokens) hold {have // per_request} requests of "
+                  f"max_model_len={cfg.max_model_len} at once")
+    return Plan(
+        model=name, gpu=gpu.name, total_bytes=total, dtype=dtype, quantization=cfg.quantization,
+        kv_cache_dtype=cfg.kv_cache_dtype, tensor_parallel_size=tp, gpu_memory_utilization=util,
+        block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
+        max_model_len=cfg.max_model_len, load_bytes=load, weight_bytes=weights, weight_bytes_by_mode=modes,
+        kv_bytes_per_token=kv_token, kv_bytes_per_token_by_dtype=kv_by, static_bytes=static,
+        profile_kv_bytes=prof_kv, forward_peak_bytes=fwd, activation_peak_bytes=prof_kv + fwd,
+        non_torch_bytes=non_torch, budget_bytes=budget, kv_cache_bytes=kv_bytes, num_gpu_blocks=have,
+        kv_tokens=have * cfg.block_size, max_concurrent_requests=have // per_request, headroom_bytes=headroom,
+        safety_margin_bytes=margin, verdict=verdict, reason=reason)
+
+
+def _knobs(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration,
+           p: Plan) -> list[str]:
+    """Single changes that turn a failing plan into one that fits (each checked by planning it)."""
+    def fits(c: EngineConfig = cfg, t: int = tp) -> bool:
+        try:
+            _check_allowed(spec, gpu, c)
+        except ValueError:
+            return False
+        return _size(spec, name, gpu, c, t, dtype, cal).fits
+
+    knobs = []
+    if p.verdict == VERDICTS[2] and p.kv_tokens > 0:
+        knobs.append(f"lower max_model_len to {p.kv_tokens} or less")
+    shares = [u / 100 for u in range(1, 100)]
+    if p.verdict == VERDICTS[3]:
+        lower = [u for u in shares if u < p.gpu_memory_utilization and fits(cfg.replace(gpu_memory_utilization=u))]
+        if lower:
+            knobs.append(f"lower gpu_memory_utilization to {lower[-1]:.2f}")
+    else:
+        higher = [u for u in shares if u > p.gpu_memory_utilization and fits(cfg.replace(gpu_memory_utilization=u))]
+        if higher:
+            knobs.append(f"raise gpu_memory_utilization to {higher[0]:.2f}")
+    quant = [f"quantization={m!r}" for m in ("int8", "fp8", "int4")
+             if m != cfg.quantization and fits(cfg.replace(quantization=m))]
+    if cfg.kv_cache_dtype != "fp8" and fits(cfg.replace(kv_cache_dtype="fp8")):
+        quant.append("kv_cache_dtype='fp8'")
+    if quant:
+        knobs.append("quantize: " + " or ".join(quant))
+    if cfg.max_num_batched_tokens > 2048 and fits(cfg.replace(max_num_batched_tokens=2048)):
+        knobs.append("lower max_num_batched_tokens to 2048 (a smaller activation peak)")
+    more = next((n for n in (2, 4, 8) if n > tp and fits(t=n)), None)
+    if more:
+        knobs.append(f"add GPUs: tensor_parallel_size={more}")
+    return knobs
+
+
+def plan(model, gpu, cfg: EngineConfig | None = None, tensor_parallel_size: int | None = None, dtype=None,
+         calibration: Calibration | None = None) -> Plan:
+    """Plan `cfg` for `model` (preset name, HF config, checkpoint folder or ModelSpec) on `gpu` (see resolve_gpu).
+
+    tensor_parallel_size defaults to cfg.tensor_parallel_size; dtype to the engine's default (bfloat16 on a
+    GPU, float32 on "cpu"); calibration to CALIBRATION_H100. Raises ValueError where the engine refuses the
+    config whatever the memory (max_model_len past the model's positions, int4 shapes, fp8 without fp8 units).
+    """
+    cfg = cfg or EngineConfig()
+    tp = tensor_parallel_size or cfg.tensor_parallel_size
+    name, spec = resolve_model(model)
+    g = resolve_gpu(gpu)
+    dtype = _dtype_name(dtype or ("float32" if g.name == "cpu" else "bfloat16"))
+    _check_allowed(spec, g, cfg)
+    cal = calibration or CALIBRATION_H100
+    p = _size(spec, name, g, cfg, tp, dtype, cal)
+    if not p.fits:
+        p.knobs = _knobs(spec, name, g, cfg, tp, dtype, cal, p)
+        if p.knobs:
+            p.reason += ". Fix: " + "; ".join(p.knobs)
+    return p
+
+
+def plan_table(models, gpus, configs, tensor_parallel_sizes=(None,), dtype=None,
+               calibration: Calibration | None = None):
+    """A pandas DataFrame with one row per (model, gpu, config, tensor_parallel_size): Plan.to_dict() plus
+    config_index. configs: EngineConfigs or dicts of EngineConfig fields. A config the engine refuses
+    outright gets verdict "not allowed" and the engine's reason."""
+    import pandas as pd
+
+    models = [models] if isinstance(models, (str, Path, ModelSpec)) else list(models)
+    gpus = [gpus] if isinstance(gpus, (str, int, float, GPU)) else list(gpus)
+    configs = [configs] if isinstance(configs, (EngineConfig, dict)) else list(configs)
+    rows = []
+    for m in models:
+        for g in gpus:
+            for i, c in enumerate(configs):
+                cfg = c if isinstance(c, EngineConfig) else EngineConfig(**c)
+                for tp in tensor_parallel_sizes:
+                    try:
+                        row = plan(m, g, cfg, tp, dtype, calibration).to_dict()
+                    except ValueError as exc:
+                        row = {"model": resolve_model(m)[0], "gpu": resolve_gpu(g).name,
+                               "quantization": cfg.quantization or "none", "kv_cache_dtype": cfg.kv_cache_dtype,
+                               "tensor_parallel_size": tp or cfg.tensor_parallel_size, "verdict": "not allowed",
+                               "reason": str(exc), "kv_tokens": 0, "num_gpu_blocks": 0}
+                    rows.append({"config_index": i, **row})
+    return pd.DataFrame(rows)
