@@ -73,7 +73,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         mask_n = offs_n < end
         block_ids = tl.load(block_table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
         kv_off = block_ids[:, None] * stride_cb + (offs_n % BLOCK_SIZE)[:, None] * stride_cs + head_off
-        kv_mask = mask_n[:, None] & mask_d[None, :]
+        if HEAD_DIM == BLOCK_D:
+            kv_mask = mask_n[:, None]  # rows only: keeps the loads vectorised along head_dim
+        else:
+            kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
 

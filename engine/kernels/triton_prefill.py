@@ -29,7 +29,8 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, tile_start, q_pos, kv_end,
                  qk_scale, stride_cb, stride_cs, mask_d,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr):
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     if MASKED:
         mask_n = offs_n < kv_end
@@ -38,11 +39,18 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
         block_ids = tl.load(block_table + offs_n // BLOCK_SIZE).to(tl.int64)
     kv_off = block_ids[:, None] * stride_cb + (offs_n % BLOCK_SIZE)[:, None] * stride_cs + head_off
     if MASKED:
-        kv_mask = mask_n[:, None] & mask_d[None, :]
+        if HEAD_DIM == BLOCK_D:
+            kv_mask = mask_n[:, None]
+        else:
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+    elif HEAD_DIM == BLOCK_D:
+        k = tl.load(k_cache_ptr + kv_off).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off).to(q.dtype)
     else:
-        kv_mask = mask_d[None, :]
-    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
@@ -60,7 +68,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
-    q_block = tl.program_id(0)
+    # The last query blocks of a prompt see the most keys: launch them first, so the short ones
+    # fill the tail of the grid.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
 
@@ -97,11 +107,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     for tile_start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
-                                     BLOCK_SIZE, BLOCK_N, False)
+                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False)
     for tile_start in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                      tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
-                                     BLOCK_SIZE, BLOCK_N, True)
+                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],

@@ -1,0 +1,277 @@
+"""Microbenchmark of the Triton attention kernels against the device's physical limits and torch SDPA.
+
+Decode (issue 3's target): batch 64, context 4096, 32 query heads, 8 KV heads, head_dim 128, KV block
+16, bf16, shuffled block tables. The kernel must read every K/V byte of every request once, so its
+floor is KV bytes / copy bandwidth; the figure of merit is (KV bytes / kernel time) / copy bandwidth,
+target >= 0.75. The copy bandwidth is measured here, by a large device-to-device copy counting bytes
+read plus bytes written. torch's scaled_dot_product_attention runs over the same K/V gathered into
+contiguous [B, heads, context, head_dim] tensors (the gather is not timed), with enable_gqa and with
+K/V expanded to all query heads.
+
+Prefill: 8 prompts of 2048 tokens (no cached prefix), same heads, causal; its rate is attention FLOPs
+(4 * head_dim per unmasked query-key pair per head) over time, beside a measured bf16 matmul rate and
+SDPA's causal flash attention over contiguous tensors.
+
+Each kernel configuration is checked against SDPA before it is timed. Times are
+triton.testing.do_bench medians (ms). Results go to data/benchmarks/attention_kernels.json and, when
+set, $OUT/attention_kernels.json.
+
+    PYTHONPATH=. python3 benchmarks/bench_attention.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.kernels.triton_decode import decode_attention, decode_num_splits, _num_sms  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+SCALE = HEAD_DIM ** -0.5
+
+
+def bench(fn) -> float:
+    """Median time of fn in milliseconds."""
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def copy_bandwidth() -> dict:
+    """Device-to-device copy of 2 GiB: bytes read + bytes written per second."""
+    n = 1 << 30  # bf16 elements: 2 GiB
+    src = torch.randn(n, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    moved = 2 * src.numel() * src.element_size()
+    del src, dst
+    return {"bytes": moved, "ms": ms, "bytes_per_s": moved / (ms * 1e-3)}
+
+
+def matmul_rate() -> dict:
+    """bf16 8192^3 matmul on random data: FLOP/s."""
+    n = 8192
+    a = torch.randn(n, n, dtype=DTYPE, device="cuda")
+    b = torch.randn(n, n, dtype=DTYPE, device="cuda")
+    ms = bench(lambda: a @ b)
+    return {"n": n, "ms": ms, "flop_per_s": 2 * n ** 3 / (ms * 1e-3)}
+
+
+def paged_cache(num_seqs: int, context: int, gen: torch.Generator):
+    """Caches of exactly num_seqs * context tokens on shuffled physical blocks, and the block tables."""
+    blocks_per_seq = context // BLOCK_SIZE
+    num_blocks = num_seqs * blocks_per_seq
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen)
+    block_tables = perm.view(num_seqs, blocks_per_seq).to(torch.int32)
+    return k_cache, v_cache, block_tables
+
+
+def gather_contiguous(cache, block_tables, context):
+    """[B, num_kv_heads, context, head_dim] contiguous copy of each request's K or V."""
+    b = block_tables.shape[0]
+    return cache[block_tables.long()].view(b, context, NUM_KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+
+
+def bench_decode(copy_bps: float, gen: torch.Generator) -> dict:
+    num_seqs, context = 64, 4096
+    k_cache, v_cache, block_tables = paged_cache(num_seqs, context, gen)
+    seq_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    kv_bytes = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+
+    group = NUM_HEADS // NUM_KV_HEADS
+    k = gather_contiguous(k_cache, block_tables, context)
+    v = gather_contiguous(v_cache, block_tables, context)
+    k_exp, v_exp = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q4 = q.unsqueeze(2)  # [B, H, 1, D]
+    ref = F.scaled_dot_product_attention(q4, k_exp, v_exp, scale=SCALE).squeeze(2)
+
+    result = {"shape": dict(num_seqs=num_seqs, context=context, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS,
+                            head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=str(DTYPE)),
+              "kv_bytes": kv_bytes, "configs": []}
+    sms = _num_sms(torch.cuda.current_device())
+    auto_splits = decode_num_splits(num_seqs, NUM_KV_HEADS, context, sms)
+    # The default (what TritonBackend runs) first, then a small sweep around it.
+    configs = [dict()]
+    configs += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if s != auto_splits]
+    configs += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (4, 8)
+                for st in (2, 3, 4) if (bn, w, st) != (64, 4, 2)]
+    out = torch.empty_like(q)
+    for cfg in configs:
+        def run():
+            decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, SCALE, max_seq_len=context, **cfg)
+        try:
+            out.fill_(float("nan"))
+            run()
+            torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                result["configs"].append({**cfg, "error": f"wrong result: rel err {err}"})
+                continue
+            ms = bench(run)
+        except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
+            result["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        bps = kv_bytes / (ms * 1e-3)
+        row = {**cfg, "ms": ms, "kv_bytes_per_s": bps, "ratio_to_copy_bw": bps / copy_bps, "rel_err": err}
+        result["configs"].append(row)
+        print(f"decode {cfg or 'default (splits=%d)' % auto_splits}: {ms:.4f} ms, {bps / 1e12:.2f} TB/s, "
+              f"{bps / copy_bps:.3f} of copy bw, rel err {err:.1e}", flush=True)
+    result["default"] = {**result["configs"][0], "num_splits": auto_splits}
+    ok = [c for c in result["configs"] if "ms" in c]
+    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+
+    sdpa = {}
+    try:
+        sdpa["enable_gqa_ms"] = bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, enable_gqa=True))
+    except Exception as exc:  # enable_gqa needs torch >= 2.5 and a backend that takes it
+        sdpa["enable_gqa_ms"] = None
+        sdpa["enable_gqa_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    sdpa["expanded_ms"] = bench(lambda: F.scaled_dot_product_attention(q4, k_exp, v_exp, scale=SCALE))
+    sdpa["best_ms"] = min(t for t in (sdpa["enable_gqa_ms"], sdpa["expanded_ms"]) if t)
+    sdpa["kv_bytes_per_s_at_best"] = kv_bytes / (sdpa["best_ms"] * 1e-3)
+    result["sdpa"] = sdpa
+    result["speedup_vs_sdpa"] = sdpa["best_ms"] / result["default"]["ms"] if "ms" in result["default"] else None
+    del k, v, k_exp, v_exp, k_cache, v_cache
+    torch.cuda.empty_cache()
+    return result
+
+
+def bench_prefill(matmul_fps: float, gen: torch.Generator) -> dict:
+    num_seqs, prompt = 8, 2048
+    k_cache, v_cache, block_tables = paged_cache(num_seqs, prompt, gen)
+    seq_lens = torch.full((num_seqs,), prompt, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.arange(0, (num_seqs + 1) * prompt, prompt, dtype=torch.int32, device="cuda")
+    q = torch.randn(num_seqs * prompt, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    flops = 4 * HEAD_DIM * NUM_HEADS * num_seqs * prompt * (prompt + 1) // 2
+
+    k = gather_contiguous(k_cache, block_tables, prompt)
+    v = gather_contiguous(v_cache, block_tables, prompt)
+    group = NUM_HEADS // NUM_KV_HEADS
+    k_exp, v_exp = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    q4 = q.view(num_seqs, prompt, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+    ref = F.scaled_dot_product_attention(q4, k_exp, v_exp, scale=SCALE, is_causal=True)
+    ref = ref.transpose(1, 2).reshape(num_seqs * prompt, NUM_HEADS, HEAD_DIM)
+
+    result = {"shape": dict(num_seqs=num_seqs, prompt=prompt, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS,
+                            head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=str(DTYPE)),
+              "flops": flops, "configs": []}
+    configs = [dict(), dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+               dict(block_m=128, block_n=32, num_warps=4, num_stages=3), dict(block_m=64, block_n=64, num_warps=4,
+                                                                                num_stages=3),
+               dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
+               dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+               dict(block_m=64, block_n=128, num_warps=4, num_stages=2),
+               dict(block_m=128, block_n=128, num_warps=8, num_stages=3)]
+    out = torch.empty_like(q)
+    for cfg in configs:
+        def run():
+            prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, SCALE,
+                              max_query_len=prompt, **cfg)
+        try:
+            out.fill_(float("nan"))
+            run()
+            torch.cuda.synchronize()
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                result["configs"].append({**cfg, "error": f"wrong result: rel err {err}"})
+                continue
+            ms = bench(run)
+        except Exception as exc:
+            result["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        fps = flops / (ms * 1e-3)
+        result["configs"].append({**cfg, "ms": ms, "flop_per_s": fps, "ratio_to_matmul": fps / matmul_fps,
+                                  "rel_err": err})
+        print(f"prefill {cfg or 'default'}: {ms:.4f} ms, {fps / 1e12:.1f} TFLOP/s, {fps / matmul_fps:.3f} of matmul, "
+              f"rel err {err:.1e}", flush=True)
+    result["default"] = result["configs"][0]
+    ok = [c for c in result["configs"] if "ms" in c]
+    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+    sdpa = {"expanded_ms": bench(lambda: F.scaled_dot_product_attention(q4, k_exp, v_exp, scale=SCALE,
+                                                                        is_causal=True))}
+    try:
+        sdpa["enable_gqa_ms"] = bench(lambda: F.scaled_dot_product_attention(q4, k, v, scale=SCALE, is_causal=True,
+                                                                             enable_gqa=True))
+    except Exception as exc:
+        sdpa["enable_gqa_ms"] = None
+        sdpa["enable_gqa_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    sdpa["ms"] = min(t for t in (sdpa["expanded_ms"], sdpa["enable_gqa_ms"]) if t)
+    sdpa["flop_per_s"] = flops / (sdpa["ms"] * 1e-3)
+    result["sdpa"] = sdpa
+    return result
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA device")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    copy = copy_bandwidth()
+    print(f"copy bandwidth: {copy['bytes_per_s'] / 1e12:.3f} TB/s (read + write)", flush=True)
+    mm = matmul_rate()
+    print(f"bf16 matmul: {mm['flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
+    decode = bench_decode(copy["bytes_per_s"], gen)
+    prefill = bench_prefill(mm["flop_per_s"], gen)
+    results = {
+        "benchmark": "attention_kernels",
+        "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "num_sms": _num_sms(torch.cuda.current_device()),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                     "cuda": torch.version.cuda},
+        "copy_bandwidth": copy, "matmul": mm, "decode": decode, "prefill": prefill,
+    }
+    text = json.dumps(results, indent=2)
+    paths = [Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "attention_kernels.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "attention_kernels.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+    d, p = decode["default"], prefill["default"]
+    print("\n=== summary ===")
+    print(f"device {results['device']}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"copy bandwidth        {copy['bytes_per_s'] / 1e12:.3f} TB/s; bf16 matmul {mm['flop_per_s'] / 1e12:.0f} TFLOP/s")
+    if "ms" in d:
+        print(f"decode (default, {d['num_splits']} splits)  {d['ms'] * 1e3:.1f} us, "
+              f"{d['kv_bytes_per_s'] / 1e12:.3f} TB/s of KV = {d['ratio_to_copy_bw']:.3f} of copy bw (target >= 0.75)")
+    else:
+        print(f"decode default FAILED: {d.get('error')}")
+    b = decode["best"]
+    if b:
+        print(f"decode best config    {({k: v for k, v in b.items() if k in ('num_splits', 'block_n', 'num_warps', 'num_stages')})} "
+              f"{b['ms'] * 1e3:.1f} us = {b['ratio_to_copy_bw']:.3f} of copy bw")
+    s = decode["sdpa"]
+    print(f"decode SDPA           enable_gqa {(s['enable_gqa_ms'] or float('nan')) * 1e3:.1f} us, "
+          f"expanded {s['expanded_ms'] * 1e3:.1f} us; "
+          f"triton speedup vs best SDPA {decode['speedup_vs_sdpa'] or float('nan'):.2f}x")
+    if "ms" in p:
+        print(f"prefill (default)     {p['ms'] * 1e3:.1f} us, {p['flop_per_s'] / 1e12:.1f} TFLOP/s = "
+              f"{p['ratio_to_matmul']:.3f} of matmul; SDPA causal {prefill['sdpa']['ms'] * 1e3:.1f} us "
+              f"({prefill['sdpa']['flop_per_s'] / 1e12:.1f} TFLOP/s)")
+    else:
+        print(f"prefill default FAILED: {p.get('error')}")
+    if prefill["best"]:
+        pb = prefill["best"]
+        print(f"prefill best config   {({k: v for k, v in pb.items() if k in ('block_m', 'block_n', 'num_warps', 'num_stages')})} "
+              f"{pb['ms'] * 1e3:.1f} us, {pb['flop_per_s'] / 1e12:.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
