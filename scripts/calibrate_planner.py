@@ -18,7 +18,6 @@ CUDA graphs are off here (they are captured after the pool is sized, so they do 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform

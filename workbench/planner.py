@@ -19,7 +19,6 @@ LM head split, norms replicated, KV heads split); the engine does not run it yet
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
