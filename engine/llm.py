@@ -89,7 +89,7 @@ class LLMEngine:
 
     # ----- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one batch; returns outputs of the requests that got a token."""
+        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it."""
         start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         sched = self.scheduler.schedule()
@@ -100,15 +100,13 @@ class LLMEngine:
         for req in sched.preempted:
             self.runner.release(req.request_id)
         result = self.runner.execute(sched, self.kv)
-        sampled = result.sampled
         now = time.perf_counter()
-        finished = self.scheduler.update_from_output(sched, sampled, now)
+        finished = self.scheduler.update_from_output(sched, result.sampled, now)
         for req in finished:
             del self.requests[req.request_id]
             self.runner.release(req.request_id)
-        outputs = [self._output(req) for req, _ in sched.scheduled if req.request_id in sampled]
-        end = time.perf_counter()
-        self._record_step(sched, result, start, end, self.kv.prefix_cache_queries - queries,
+        outputs = [self._output(req) for req in finished]
+        self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
                           self.kv.prefix_cache_hits - hits)
         return outputs
 
@@ -125,7 +123,8 @@ class LLMEngine:
             num_cached_blocks=kv.pool.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
             internal_fragmentation=wasted / (used * bs) if used else 0.0,
             prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted),
-            num_kv_tokens_read=result.num_kv_tokens_read, num_attention_scores=result.num_attention_scores,
+            num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
+            num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
             cuda_graph=result.used_cuda_graph))
         self._num_prompt_tokens += sched.num_prefill_tokens
@@ -294,6 +293,11 @@ class LLM:
         quantize_model(self.model, mode)
         self._quantization = mode
 
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits [len, vocab] (float32, CPU) at every position of token_ids, in one prefill."""
+        return self._engine.runner.prompt_logits(self._engine.validate_request("logits", token_ids,
+                                                                              SamplingParams()))
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts (strings, or lists of token ids) to completion; outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -311,6 +315,5 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         while len(done) < len(ids):
             for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+                done[out.request_id] = out
         return [done[i] for i in ids]

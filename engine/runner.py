@@ -210,25 +210,37 @@ class ModelRunner:
         """Run one step; sampled holds a token for each request whose last token was computed."""
         bs, b = self.config.block_size, self.buffers
         # Decodes first, so attention backends can send them to the decode kernel as one group.
-        batch = sorted(sched.scheduled, key=lambda rn: rn[1] != 1)
+        batch = sched.scheduled
+        if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
+            batch = sorted(batch, key=lambda rn: rn[1] != 1)
         n = len(batch)
-        qlens = np.fromiter((k for _, k in batch), dtype=np.int64, count=n)
-        starts = np.fromiter((r.num_computed_tokens for r, _ in batch), dtype=np.int64, count=n)
-        rows = np.fromiter((self._sync_row(r.request_id, kv.block_ids(r.request_id)) for r, _ in batch),
-                           dtype=np.int64, count=n)
+        # One pass over the requests in Python; everything after it is numpy on whole arrays.
+        qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
+        sync_row, block_ids = self._sync_row, kv.req_to_block_ids
+        for r, k in batch:
+            c = r.num_computed_tokens
+            tokens = r.all_token_ids
+            qlen_l.append(k)
+            start_l.append(c)
+            total_l.append(len(tokens))
+            row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
+            if k == 1:
+                ids_l.append(tokens[c])
+            else:
+                ids_l.extend(tokens[c:c + k])
+        qlens = np.array(qlen_l, dtype=np.int64)
+        starts = np.array(start_l, dtype=np.int64)
+        rows = np.array(row_l, dtype=np.int64)
         seq_lens = starts + qlens
-        num_tokens = int(qlens.sum())
-        num_decodes = int(np.count_nonzero(qlens == 1))
+        num_tokens = len(ids_l)
+        num_decodes = qlen_l.count(1)
+        b.ids_np[:num_tokens] = ids_l
         if num_tokens == n:  # every request decodes one token
-            b.ids_np[:n] = np.fromiter((r.all_token_ids[r.num_computed_tokens] for r, _ in batch),
-                                       dtype=np.int64, count=n)
             positions, seq_idx = starts, np.arange(n)
         else:
-            b.ids_np[:num_tokens] = [t for r, k in batch for t in r.all_token_ids[r.num_computed_tokens:
-                                                                                 r.num_computed_tokens + k]]
             seq_idx = np.repeat(np.arange(n), qlens)
             positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
-        sample_mask = seq_lens == np.fromiter((r.num_tokens for r, _ in batch), dtype=np.int64, count=n)
+        sample_mask = seq_lens == np.array(total_l, dtype=np.int64)
         samplers = [batch[i][0] for i in np.flatnonzero(sample_mask)]
         num_cols = int(-(-seq_lens.max() // bs))
         b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
@@ -267,6 +279,28 @@ class ModelRunner:
         wait = t_synced - t_launched if self.device.type == "cuda" else 0.0
         return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=graph_size is not None)
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits [len, vocab] (float32, on the CPU) at every position of one sequence.
+
+        Runs one prefill through the model and the engine's attention backend over a scratch KV
+        cache, leaving the engine's own cache untouched. For quality checks (KL, perplexity).
+        """
+        n, bs = len(token_ids), self.config.block_size
+        num_blocks = -(-n // bs)
+        shape = (num_blocks, bs, self.spec.num_kv_heads, self.spec.head_dim)
+        caches = [(torch.empty(shape, dtype=self.kv_dtype, device=self.device),
+                   torch.empty(shape, dtype=self.kv_dtype, device=self.device)) for _ in range(self.spec.num_layers)]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=dev), query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None], num_decodes=0,
+            max_query_len=n, max_seq_len=n, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
+        with torch.inference_mode():
+            hidden = self.model(torch.as_tensor(token_ids, device=dev), torch.arange(n, device=dev), caches, meta,
+                                self.backend)
+            return torch.cat([self.model.compute_logits(h).cpu() for h in hidden.split(1024)])
 
     # ----- CUDA graphs --------------------------------------------------------------------------
     def _graph_size(self, n: int) -> int | None:

@@ -60,19 +60,26 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(req, num_new):
-                victim = self.running.pop()
+        while i < len(running) and budget > 0:
+            req = running[i]
+            computed = req.num_computed_tokens
+            num_new = min(len(req.all_token_ids) - computed, budget)
+            while not allocate(req, num_new):
+                victim = running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break
-            self._add(out, req, num_new)
+            scheduled.append((req, num_new))
+            # A request's last prompt token and every later token are decode work; earlier ones are prefill.
+            if computed >= req.num_prompt_tokens:
+                out.num_decode_tokens += num_new
+            else:
+                out.num_prefill_tokens += num_new
             budget -= num_new
             i += 1
 
@@ -97,7 +104,6 @@ class Scheduler:
 
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         out.scheduled.append((req, num_new))
-        # A request's last prompt token and every later token are decode work; earlier ones are prefill.
         if req.num_computed_tokens >= req.num_prompt_tokens:
             out.num_decode_tokens += num_new
         else:

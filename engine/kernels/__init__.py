@@ -9,16 +9,33 @@ from __future__ import annotations
 import torch
 
 from .metadata import AttentionMetadata
-from .reference import paged_attention_reference, paged_decode_attention_torch, write_kv_reference
+from .reference import (add_rms_norm_reference, paged_attention_reference, paged_decode_attention_torch,
+                        rotate_reference, silu_and_mul_reference, write_kv_reference)
 
 
 class TorchBackend:
     """Gather-then-attend in plain torch: decodes batched, prefills one request at a time.
 
-    Correct everywhere, fast nowhere: the CPU path, and the oracle's twin on the GPU.
+    Correct everywhere, fast nowhere: the CPU path, and the oracle's twin on the GPU. Besides
+    attention, a backend supplies the element-wise ops around it (norm, rotary + cache write,
+    SwiGLU), which the Triton backend fuses into one kernel each.
     """
 
     name = "torch"
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return add_rms_norm_reference(x, residual, weight, eps)
+
+    def rotary_write_kv(self, qkv, positions, rotary, k_cache, v_cache, meta, num_heads, num_kv_heads, head_dim):
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = rotate_reference(q.view(-1, num_heads, head_dim), positions, rotary.cos, rotary.sin)
+        k = rotate_reference(k.view(-1, num_kv_heads, head_dim), positions, rotary.cos, rotary.sin)
+        self.write_kv(k, v.view(-1, num_kv_heads, head_dim), k_cache, v_cache, meta)
+        return q
+
+    def silu_and_mul(self, x):
+        return silu_and_mul_reference(x)
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         if k_cache.dtype == torch.float8_e4m3fn:
@@ -68,11 +85,11 @@ def select_backend(name: str, device: torch.device):
                              "attention_backend='torch' or 'auto' (or set TRITON_INTERPRET=1 to run the kernels "
                              "in Triton's slow CPU interpreter, for tests)")
         try:
-            from .triton_backend import TritonBackend
+            from .triton_fused import TritonFusedBackend
         except ImportError as exc:
             raise ValueError(f"attention_backend='triton' needs the triton package, which failed to import "
                              f"({exc}): install triton or use attention_backend='torch'") from exc
-        return TritonBackend()
+        return TritonFusedBackend()
     raise ValueError(f"attention_backend={name!r} is not allowed: choose 'auto', 'torch' or 'triton'")
 
 

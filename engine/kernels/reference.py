@@ -46,8 +46,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         qi = q[start:end].float()
         scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
         if q_len > 1:
-            q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-            k_pos = torch.arange(seq_len).unsqueeze(0)
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
             scores.masked_fill_(k_pos > q_pos, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
@@ -73,3 +73,26 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     v = v.masked_fill(pad[:, :, None, None], 0.0)
     out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(-1), v)
     return out.reshape(b, num_heads, d).to(q.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(weight * rmsnorm(residual + x), residual + x), the sum in x's dtype and the norm in float32, as HF."""
+    if residual is not None:
+        x = residual + x
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype), x
+
+
+def rotate_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF "rotate half" rotary embedding of x [T, heads, D] in float32; cos/sin [max_pos, D]."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * c + rotated * s).to(x.dtype)
+
+
+def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..kernels.metadata import AttentionMetadata
 from .rotary import RotaryEmbedding
@@ -16,15 +15,15 @@ from .spec import ModelSpec
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the backend computes norm(residual + x) and the new residual in one op."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x, residual, backend):
+        return backend.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -38,13 +37,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        backend.write_kv(k, v, k_cache, v_cache, meta)
+        # Rotates q and k, and writes k and v into the paged cache (one fused kernel on CUDA).
+        q = backend.rotary_write_kv(self.qkv_proj(x), positions, self.rotary, k_cache, v_cache, meta,
+                                    self.num_heads, self.num_kv_heads, self.head_dim)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -56,9 +52,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
-    def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x, backend):
+        return self.down_proj(backend.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -69,9 +64,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, positions, x, kv_cache, meta, backend):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, kv_cache, meta, backend):
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
+        x, residual = self.input_layernorm(x, residual, backend)
+        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual, backend)
+        return self.mlp(x, backend), residual
 
 
 class LlamaModel(nn.Module):
@@ -90,10 +88,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list,
                 meta: AttentionMetadata, backend) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, meta, backend)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, meta, backend)
+        return self.norm(x, residual, backend)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

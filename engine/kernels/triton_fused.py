@@ -1,0 +1,138 @@
+"""Triton kernels that fuse the small element-wise work around the matmuls of a decoder layer.
+
+Without them a decode step of an 8B model runs ~40 kernels per layer, most of them tiny (norm,
+rotary, split, cast, add), and at batch 1 their launch latencies add up to milliseconds. Each
+kernel here replaces a chain of them; the pure-torch twins are in reference.py and the tests
+compare the two.
+
+    add_rms_norm:     x [T, N] (+ residual [T, N]) -> (weight * rmsnorm(x + residual), x + residual)
+    rotary_write_kv:  qkv [T, (H + 2 Hkv) D] -> q rotated [T, H, D]; rotated K and V written into the
+                      paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [T]
+    silu_and_mul:     x [T, 2 I] -> silu(x[:, :I]) * x[:, I:]  [T, I]
+Rounding follows the torch path step by step (sums rounded to the model dtype before the norm,
+silu rounded before the product), so the two agree to the last bit in most elements.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .metadata import AttentionMetadata
+from .triton_backend import TritonBackend
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(res_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
+    x_rounded = x.to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * n + offs, x_rounded, mask=mask)
+    x = x_rounded.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    y = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    t, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, n, eps,
+                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    return out, res_out
+
+
+@triton.jit
+def _rotary_write_kv_kernel(qkv_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+                            k_scale, v_scale, stride_qkv, stride_cos,
+                            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                            H_PAD: tl.constexpr, HKV_PAD: tl.constexpr, IS_FP8: tl.constexpr):
+    t = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + pos * stride_cos + d)[None, :]
+    s = tl.load(sin_ptr + pos * stride_cos + d)[None, :]
+    row = qkv_ptr + t * stride_qkv
+
+    hq = tl.arange(0, H_PAD)[:, None]
+    mq = hq < H
+    q1 = tl.load(row + hq * D + d[None, :], mask=mq, other=0.0).to(tl.float32)
+    q2 = tl.load(row + hq * D + HALF + d[None, :], mask=mq, other=0.0).to(tl.float32)
+    q_out = q_out_ptr + t * H * D + hq * D + d[None, :]
+    tl.store(q_out, (q1 * c - q2 * s).to(q_out_ptr.dtype.element_ty), mask=mq)
+    tl.store(q_out + HALF, (q2 * c + q1 * s).to(q_out_ptr.dtype.element_ty), mask=mq)
+
+    slot = tl.load(slot_ptr + t)
+    hk = tl.arange(0, HKV_PAD)[:, None]
+    mk = hk < HKV
+    k_row = row + H * D
+    k1 = tl.load(k_row + hk * D + d[None, :], mask=mk, other=0.0).to(tl.float32)
+    k2 = tl.load(k_row + hk * D + HALF + d[None, :], mask=mk, other=0.0).to(tl.float32)
+    r1 = (k1 * c - k2 * s) / k_scale
+    r2 = (k2 * c + k1 * s) / k_scale
+    dd = tl.arange(0, D)[None, :]
+    v = tl.load(k_row + HKV * D + hk * D + dd, mask=mk, other=0.0).to(tl.float32) / v_scale
+    if IS_FP8:
+        r1 = tl.minimum(tl.maximum(r1, -448.0), 448.0)
+        r2 = tl.minimum(tl.maximum(r2, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    k_dst = k_cache_ptr + slot * (HKV * D) + hk * D + d[None, :]
+    tl.store(k_dst, r1.to(k_cache_ptr.dtype.element_ty), mask=mk)
+    tl.store(k_dst + HALF, r2.to(k_cache_ptr.dtype.element_ty), mask=mk)
+    tl.store(v_cache_ptr + slot * (HKV * D) + hk * D + dd, v.to(v_cache_ptr.dtype.element_ty), mask=mk)
+
+
+def rotary_write_kv_triton(qkv, positions, cos, sin, k_cache, v_cache, meta: AttentionMetadata,
+                           num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rotary_write_kv_kernel[(t,)](
+        qkv, positions, cos, sin, meta.slot_mapping, q, k_cache, v_cache, float(meta.k_scale), float(meta.v_scale),
+        qkv.stride(0), cos.stride(0), H=num_heads, HKV=num_kv_heads, D=head_dim,
+        H_PAD=triton.next_power_of_2(num_heads), HKV_PAD=triton.next_power_of_2(num_kv_heads),
+        IS_FP8=k_cache.dtype == torch.float8_e4m3fn)
+    return q
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(x_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * inter + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    t, two_i = x.shape
+    inter = two_i // 2
+    out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, BLOCK=block)
+    return out
+
+
+class TritonFusedBackend(TritonBackend):
+    """The Triton attention backend plus the fused element-wise kernels above."""
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        return add_rms_norm_triton(x, residual, weight, eps)
+
+    def rotary_write_kv(self, qkv, positions, rotary, k_cache, v_cache, meta, num_heads, num_kv_heads, head_dim):
+        return rotary_write_kv_triton(qkv, positions, rotary.cos, rotary.sin, k_cache, v_cache, meta,
+                                      num_heads, num_kv_heads, head_dim)
+
+    def silu_and_mul(self, x):
+        return silu_and_mul_triton(x)
