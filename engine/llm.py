@@ -167,6 +167,17 @@ class LLMEngine:
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
 
+    def block_map(self) -> dict:
+        """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
+        (cached: holds a prefix-cache hash), "block_tables" {request_id: [block ids]}, "running"
+        {request_id: num_computed_tokens} in admission order, "waiting" [request_id] in queue order."""
+        kv, sched = self.kv, self.scheduler
+        return {"block_size": self.config.block_size,
+                "blocks": [(b.ref_count, b.block_hash is not None) for b in kv.pool.blocks],
+                "block_tables": {rid: list(ids) for rid, ids in kv.req_to_block_ids.items()},
+                "running": {r.request_id: r.num_computed_tokens for r in sched.running},
+                "waiting": [r.request_id for r in sched.waiting]}
+
 
 def _host_copy(model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The model's state dict on the host (the tensors themselves on the CPU: quantization replaces

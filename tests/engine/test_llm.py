@@ -92,6 +92,30 @@ def test_prefix_hits_and_stats_reset():
     assert st.prefix_cache_hits == 80 and st.prefix_cache_queries == 41 + 42
     assert st.prefix_cache_hit_rate == pytest.approx(80 / 83)
 
+def test_block_map_is_a_copy_of_the_pool():
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=16))
+    eng = llm.engine
+    shared = list(range(20, 28))  # two full blocks
+    eng.add_request("a", shared + [1], GREEDY)
+    eng.add_request("b", shared + [2], GREEDY)
+    eng.add_request("c", [3] * 52, GREEDY)  # 13 blocks: waits for a and b to finish
+    eng.step()
+    m = eng.block_map()
+    assert m["block_size"] == 4 and len(m["blocks"]) == 16 and m["waiting"] == ["c"]
+    assert list(m["running"]) == ["a", "b"] and m["running"]["a"] == 9
+    a, b = m["block_tables"]["a"], m["block_tables"]["b"]
+    assert a[:2] == b[:2] and a[2] != b[2]  # the prefix blocks are shared, the tails are not
+    assert [m["blocks"][i] for i in a] == [(2, True), (2, True), (1, False)]
+    m["block_tables"]["a"].append(99)
+    m["blocks"].clear()
+    fresh = eng.block_map()
+    assert 99 not in fresh["block_tables"]["a"] and len(fresh["blocks"]) == 16
+    while eng.has_unfinished_requests():
+        eng.step()
+    m = eng.block_map()
+    assert m["block_tables"] == {} and m["running"] == {} and all(ref == 0 for ref, _ in m["blocks"])
+    assert m["blocks"][a[0]] == (0, True)  # freed, still a cached prefix
+
 def test_text_prompts_need_a_tokenizer():
     llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
     with pytest.raises(ValueError, match="tokenizer"):
