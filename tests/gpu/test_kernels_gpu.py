@@ -142,7 +142,7 @@ def test_decode_step_captures_in_a_cuda_graph():
     static["q"].copy_(torch.randn_like(q))
     static["key"].copy_(torch.randn_like(key))
     static["value"].copy_(torch.randn_like(value))
-    new_lens = [4000, 20, 1201, 2]
+    new_lens = [4000, 20, 1190, 2]
     tables = meta.block_tables.cpu()
     meta.seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
     meta.slot_mapping.copy_(torch.tensor([int(tables[i, (n - 1) // 16]) * 16 + (n - 1) % 16
