@@ -289,3 +289,150 @@ def gpu_over_time(telemetry: pd.DataFrame, title: str = "GPU utilisation and pow
 def gpu_over_time_mpl(telemetry: pd.DataFrame, title: str = "GPU utilisation and power") -> MplFigure:
     return _two_axes_mpl(telemetry, ("gpu_util_pct", "GPU utilisation (%)"), ("power_w", "power (W)"), title,
                          "no GPU telemetry (NVML) for this point")
+
+
+# --- KV memory: contiguous vs paged allocators, and the block map of one engine step --------------------
+
+MEMORY_PARTS = [("tokens_share", "token states", "#4C78A8"), ("reservation_share", "reservation", "#F58518"),
+                ("internal_fragmentation_share", "internal fragmentation", "#E45756"),
+                ("external_fragmentation_share", "external fragmentation", "#B279A2"),
+                ("free_share", "free", "#D9D9D9")]
+
+
+def memory_waste(summary: pd.DataFrame, title: str = "Where the KV memory goes") -> go.Figure:
+    """The vLLM paper's memory-waste figure: per allocator, the share of the KV pool holding token states,
+    reserved for later tokens, lost to internal and external fragmentation, or free, stacked to 100%.
+    summary: `workbench.baselines.summarize` (one row per allocator, ``*_share`` columns)."""
+    if len(summary) == 0:
+        return _empty(title, "no allocators to show")
+    fig = go.Figure()
+    for column, name, colour in MEMORY_PARTS:
+        fig.add_bar(x=summary["label"], y=summary[column], name=name, marker_color=colour,
+                    texttemplate="%{y:.1%}" if column == "tokens_share" else None, textposition="inside",
+                    hovertemplate="%{x}<br>" + name + ": %{y:.1%}<extra></extra>")
+    fig.update_layout(title=title, barmode="stack", yaxis_tickformat=".0%", yaxis_range=[0, 1],
+                      yaxis_title="share of the KV pool", legend_traceorder="reversed")
+    return fig
+
+
+def memory_waste_mpl(summary: pd.DataFrame, title: str = "Where the KV memory goes") -> MplFigure:
+    if len(summary) == 0:
+        return _empty_mpl(title, "no allocators to show")
+    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    labels, bottom = list(summary["label"]), [0.0] * len(summary)
+    for column, name, colour in MEMORY_PARTS:
+        values = list(summary[column].fillna(0.0))
+        bars = ax.bar(labels, values, bottom=bottom, label=name, color=colour)
+        if column == "tokens_share":
+            ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], label_type="center", color="white")
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylim(0, 1)
+    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.set_ylabel("share of the KV pool")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+
+def allocator_batch_size(timeline: pd.DataFrame, title: str = "Requests running at once") -> go.Figure:
+    """Requests running per step for each allocator (`workbench.baselines.replay_allocator` rows)."""
+    if len(timeline) == 0:
+        return _empty(title, "no steps to show")
+    fig = go.Figure()
+    for label, g in timeline.groupby("label", sort=False):
+        fig.add_scatter(x=g["step"], y=g["num_running"], mode="lines", name=str(label), line_shape="hv")
+    fig.update_layout(title=title, xaxis_title="step (one token per running request)", yaxis_title="requests running")
+    return fig
+
+
+def allocator_batch_size_mpl(timeline: pd.DataFrame, title: str = "Requests running at once") -> MplFigure:
+    if len(timeline) == 0:
+        return _empty_mpl(title, "no steps to show")
+    fig = MplFigure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for label, g in timeline.groupby("label", sort=False):
+        ax.step(g["step"], g["num_running"], where="post", label=str(label))
+    ax.set_xlabel("step (one token per running request)")
+    ax.set_ylabel("requests running")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return fig
+
+
+REQUEST_COLORS = ["#66C2A5", "#FC8D62", "#8DA0CB", "#E78AC3", "#A6D854", "#FFD92F", "#E5C494", "#80B1D3",
+                  "#FB8072", "#BEBADA", "#FDB462", "#FCCDE5", "#BC80BD", "#FFED6F", "#8DD3C7", "#B3DE69"]
+BLOCK_STATES = {  # state: (legend name, fill, outline, text colour)
+    "shared": ("shared prefix (ref_count > 1)", "#3C3C3C", "#3C3C3C", "white"),
+    "cached": ("free, holds a cached prefix", "#F2F2F2", "#2CA02C", "#555555"),
+    "free": ("free", "#F2F2F2", "#D0D0D0", "#AAAAAA"),
+}
+
+
+def block_colors(request_ids) -> dict:
+    """{request_id: colour} from REQUEST_COLORS in the given order (cycling past 16 requests)."""
+    return {rid: REQUEST_COLORS[i % len(REQUEST_COLORS)] for i, rid in enumerate(dict.fromkeys(request_ids))}
+
+
+def _block_groups(blocks: pd.DataFrame, colors: dict):
+    """(legend name, rows, fill, outline, text colour) per request in ``colors``, then per free/shared state."""
+    owned = blocks[blocks["state"] == "owned"]
+    for rid, colour in colors.items():
+        yield str(rid), owned[owned["owner"] == rid], colour, "white", "#222222"
+    for state, (name, fill, line, text) in BLOCK_STATES.items():
+        yield name, blocks[blocks["state"] == state], fill, line, text
+
+
+def block_map(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = None, title: str = "KV blocks",
+              cell_px: int = 30) -> go.Figure:
+    """The physical KV blocks as a grid (block 0 top left, row by row), each coloured by the request that
+    owns it; blocks held by several requests (a shared prefix) dark, free blocks that still hold a cached
+    prefix outlined green, other free blocks grey.
+
+    blocks: one row per physical block with block_id, state ("owned" | "shared" | "cached" | "free"),
+    owner (request id of an owned block), owners (text: who holds a shared block), ref_count.
+    colors: {request_id: colour}, kept fixed across steps (default: `block_colors` of the owners here).
+    There is one trace per request in ``colors`` and per state, in that order, even when empty, so a
+    FigureWidget can be updated trace by trace from step to step.
+    """
+    colors = colors if colors is not None else block_colors(blocks.loc[blocks["state"] == "owned", "owner"])
+    rows = max(1, -(-len(blocks) // columns))
+    fig = go.Figure()
+    for name, g, fill, line, text in _block_groups(blocks, colors):
+        ids = g["block_id"].astype(int)
+        fig.add_scatter(x=ids % columns, y=ids // columns, mode="markers+text", name=name, text=ids.astype(str),
+                        customdata=list(zip(g["owners"], g["ref_count"])), textfont=dict(size=10, color=text),
+                        marker=dict(symbol="square", size=cell_px - 4, color=fill, line=dict(color=line, width=2)),
+                        hovertemplate="block %{text}<br>%{customdata[0]}<br>ref_count %{customdata[1]}"
+                                      "<extra>" + name + "</extra>")
+    fig.update_layout(title=title, width=columns * cell_px + 260, height=rows * cell_px + 90,
+                      margin=dict(l=20, r=240, t=50, b=20), plot_bgcolor="white", showlegend=True,
+                      legend=dict(x=1.02, y=1, xanchor="left", yanchor="top", font_size=11),
+                      xaxis=dict(range=[-0.5, columns - 0.5], visible=False, fixedrange=True),
+                      yaxis=dict(range=[rows - 0.5, -0.5], visible=False, fixedrange=True))
+    return fig
+
+
+def block_map_mpl(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = None,
+                  title: str = "KV blocks") -> MplFigure:
+    from matplotlib.patches import Patch, Rectangle
+
+    colors = colors if colors is not None else block_colors(blocks.loc[blocks["state"] == "owned", "owner"])
+    rows = max(1, -(-len(blocks) // columns))
+    fig = MplFigure(figsize=(0.35 * columns + 2.8, 0.35 * rows + 0.8), layout="constrained")
+    ax = fig.add_subplot()
+    handles = []
+    for name, g, fill, line, text in _block_groups(blocks, colors):
+        for b in g["block_id"].astype(int):
+            ax.add_patch(Rectangle((b % columns - 0.45, b // columns - 0.45), 0.9, 0.9, facecolor=fill,
+                                   edgecolor=line, linewidth=1.5))
+            ax.text(b % columns, b // columns, str(b), ha="center", va="center", fontsize=6, color=text)
+        if len(g):
+            handles.append(Patch(facecolor=fill, edgecolor=line, label=name))
+    ax.set_xlim(-0.5, columns - 0.5)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
