@@ -13,8 +13,9 @@ For each weight mode (bf16, int8, int4, fp8):
   agreement at those positions, and greedy agreement over 256 generated tokens (4 prompts x 64)
 KV cache: blocks with kv_cache_dtype="fp8" vs "auto" at the same gpu_memory_utilization, and the Triton
 decode attention kernel at batch 64, context 4096 over bf16 vs fp8 caches (do_bench medians).
-Kernels: each decoder linear shape (and the LM head) at 1 row in bf16 (cuBLAS), int8, int4 (Triton)
-and fp8 (_scaled_mm), with a few launch configurations of the Triton GEMV kernels, in GB/s of weights.
+Kernels: each decoder linear shape (and the LM head) at 1 and 64 rows in bf16 (cuBLAS), int8, int4
+(Triton, with the launch config engine.quant.tuning measured fastest), fp8 (_scaled_mm) and, where
+torch has it, torch._weight_int8pack_mm: device time from CUDA-graph replays, weight GB/s.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py
 
@@ -43,8 +44,6 @@ from engine.kernels import AttentionMetadata  # noqa: E402
 from engine.quant.fp8 import Fp8Linear, fp8_supported  # noqa: E402
 from engine.quant.int4 import Int4Linear, int4_linear_reference  # noqa: E402
 from engine.quant.int8 import Int8Linear, int8_linear_reference  # noqa: E402
-from engine.quant.triton_int4 import int4_matmul  # noqa: E402
-from engine.quant.triton_int8 import int8_matmul  # noqa: E402
 
 MODEL = os.environ.get("BENCH_QUANT_MODEL", "llama-3.1-8b")  # another preset for a dry run
 MODES = [None, "int8", "int4", "fp8"]
@@ -68,65 +67,74 @@ def rel_err(out, ref) -> float:
 
 # ----- kernels ----------------------------------------------------------------------------------
 def kernel_bench() -> dict:
-    """Every linear shape of one decode step at 1 row: time and weight GB/s per mode and GEMV config."""
+    """Every linear shape of one decode step, at 1 and 64 rows: device time per call (CUDA-graph
+    replays over enough weight copies to overflow L2, as engine.quant.tuning times candidates) and
+    weight GB/s, for bf16 (cuBLAS), int8 and int4 (Triton, the tuned config) and fp8 (_scaled_mm).
+    The timings of every int8/int4 GEMV candidate are kept under "candidates"."""
+    from engine.quant import tuning
     h, inter, q, kv, vocab = 4096, 14336, 4096, 1024, 128256
     shapes = {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * inter),
               "down_proj": (inter, h), "lm_head": (h, vocab)}
-    int8_cfgs = [dict(), dict(block_n=16, block_k=512), dict(block_n=64, block_k=256), dict(block_n=32, block_k=512),
-                 dict(block_n=64, block_k=512, num_warps=8), dict(block_n=128, block_k=256, num_warps=8),
-                 dict(block_n=32, block_k=256, split_k=1)]
-    int4_cfgs = [dict(), dict(block_n=16, groups_per_iter=4), dict(block_n=64, groups_per_iter=2),
-                 dict(block_n=32, groups_per_iter=4), dict(block_n=64, groups_per_iter=4, num_warps=8),
-                 dict(block_n=128, groups_per_iter=2, num_warps=8), dict(block_n=32, groups_per_iter=2, split_k=1)]
     out = {}
     torch.manual_seed(0)
     for name, (k, n) in shapes.items():
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+        i8, i4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, name)
+        f8 = Fp8Linear.from_linear(lin) if fp8_supported(lin.weight.device) else None
+        copies = tuning.weight_copies(k * n)
+        # Distinct weight copies per kind, so small layers stream from DRAM as in a decode step.
+        mods = {"bf16": [lin] + [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                                 for _ in range(copies - 1)],
+                "int8": [i8] + [Int8Linear(i8.weight_int8.clone(), i8.scales, None) for _ in range(copies - 1)],
+                "int4": [i4] + [Int4Linear(i4.qweight.clone(), i4.scales, i4.zeros, None) for _ in range(copies - 1)]}
+        if f8 is not None:
+            mods["fp8"] = [f8] + [Fp8Linear(f8.weight_fp8.clone(), f8.weight_scale, None) for _ in range(copies - 1)]
         row = {}
         for m in (1, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                t = ms(lambda: F.linear(x, lin.weight))
-                row[f"bf16_m{m}_ms"] = t
-                i8 = Int8Linear.from_linear(lin)
-                i4 = Int4Linear.from_linear(lin, name)
-                ref8 = int8_linear_reference(x, i8.weight_int8, i8.scales)
-                ref4 = int4_linear_reference(x, i4.qweight, i4.scales, i4.zeros)
-                cfgs8 = int8_cfgs if m == 1 else [dict()]
-                cfgs4 = int4_cfgs if m == 1 else [dict()]
-                for i, cfg in enumerate(cfgs8):
-                    fn = lambda: int8_matmul(x, i8.weight_int8, i8.scales, **cfg)  # noqa: E731
-                    row[f"int8_m{m}_cfg{i}_err"] = rel_err(fn(), ref8)
-                    row[f"int8_m{m}_cfg{i}_ms"] = ms(fn)
-                for i, cfg in enumerate(cfgs4):
-                    fn = lambda: int4_matmul(x, i4.qweight, i4.scales, i4.zeros, **cfg)  # noqa: E731
-                    row[f"int4_m{m}_cfg{i}_err"] = rel_err(fn(), ref4)
-                    row[f"int4_m{m}_cfg{i}_ms"] = ms(fn)
-                if fp8_supported(x.device):
-                    f8 = Fp8Linear.from_linear(lin)
+            with torch.inference_mode():
+                ref = F.linear(x, lin.weight)
+                row[f"int8_m{m}_err_vs_dequant"] = rel_err(i8(x), int8_linear_reference(x, i8.weight_int8, i8.scales))
+                row[f"int4_m{m}_err_vs_dequant"] = rel_err(i4(x), int4_linear_reference(x, i4.qweight, i4.scales,
+                                                                                        i4.zeros))
+                row[f"int8_m{m}_err_vs_bf16"] = rel_err(i8(x), ref)
+                row[f"int4_m{m}_err_vs_bf16"] = rel_err(i4(x), ref)
+                variants = {kind: (lambda ms_=ms_: [mod(x) for mod in ms_]) for kind, ms_ in mods.items()
+                            if kind != "fp8"}
+                if f8 is not None:
                     try:
-                        row[f"fp8_m{m}_err"] = rel_err(f8(x), F.linear(x, lin.weight))
-                        row[f"fp8_m{m}_ms"] = ms(lambda: f8(x))
+                        row[f"fp8_m{m}_err_vs_bf16"] = rel_err(f8(x), ref)
+                        variants["fp8"] = lambda: [mod(x) for mod in mods["fp8"]]
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         row[f"fp8_m{m}_error"] = repr(exc)[:300]
-                del i8, i4
-        gb = k * n * 2 / 1e9
-        row["bf16_m1_GBps"] = gb / row["bf16_m1_ms"] * 1e3
-        row["int8_m1_best_cfg"] = min(range(len(int8_cfgs)), key=lambda i: row[f"int8_m1_cfg{i}_ms"])
-        row["int4_m1_best_cfg"] = min(range(len(int4_cfgs)), key=lambda i: row[f"int4_m1_cfg{i}_ms"])
-        row["int8_m1_default_GBps"] = gb / 2 / row["int8_m1_cfg0_ms"] * 1e3
-        row["int4_m1_default_GBps"] = gb / 4 / row["int4_m1_cfg0_ms"] * 1e3
+                if m == 1 and hasattr(torch, "_weight_int8pack_mm"):
+                    try:
+                        s16 = i8.scales.to(torch.bfloat16)
+                        row["int8pack_mm_m1_err"] = rel_err(torch._weight_int8pack_mm(x, i8.weight_int8, s16), ref)
+                        variants["int8pack_mm"] = lambda: [torch._weight_int8pack_mm(x, mod.weight_int8, s16)
+                                                           for mod in mods["int8"]]
+                    except Exception as exc:  # noqa: BLE001
+                        row["int8pack_mm_error"] = repr(exc)[:200]
+                for key, fn in variants.items():
+                    try:
+                        row[f"{key}_m{m}_us"] = tuning._graph_time(fn, copies) * 1e3
+                    except Exception as exc:  # noqa: BLE001 - record and go on
+                        row[f"{key}_m{m}_error"] = repr(exc)[:300]
+                        row[f"{key}_m{m}_us"] = float("nan")
+        for kind, nbytes in (("bf16", k * n * 2), ("int8", k * n), ("int4", k * n // 2)):
+            row[f"{kind}_m1_GBps"] = nbytes / row[f"{kind}_m1_us"] / 1e3
+        row["candidates"] = {f"{kind}_m1": [(c, t * 1e3) for c, t in tuning.timings.get((kind, 1, n, k, torch.bfloat16), [])]
+                             for kind in ("int8", "int4")}
+        row["chosen"] = {kind: tuning.chosen.get((kind, 1, n, k, torch.bfloat16)) for kind in ("int8", "int4")}
         out[name] = row
-        b8, b4 = row["int8_m1_best_cfg"], row["int4_m1_best_cfg"]
-        log(f"kernels {name} (us): m1 bf16 {row['bf16_m1_ms'] * 1e3:.1f} int8 {row['int8_m1_cfg0_ms'] * 1e3:.1f} "
-            f"(best cfg{b8} {row['int8_m1_cfg%d_ms' % b8] * 1e3:.1f}) int4 {row['int4_m1_cfg0_ms'] * 1e3:.1f} "
-            f"(best cfg{b4} {row['int4_m1_cfg%d_ms' % b4] * 1e3:.1f}) fp8 {row.get('fp8_m1_ms', float('nan')) * 1e3:.1f}"
-            f" | m64 bf16 {row['bf16_m64_ms'] * 1e3:.1f} int8 {row['int8_m64_cfg0_ms'] * 1e3:.1f} "
-            f"int4 {row['int4_m64_cfg0_ms'] * 1e3:.1f} fp8 {row.get('fp8_m64_ms', float('nan')) * 1e3:.1f}")
-        del lin
+        log(f"kernels {name} (us, device): m1 bf16 {row['bf16_m1_us']:.1f} int8 {row['int8_m1_us']:.1f} "
+            f"int4 {row['int4_m1_us']:.1f} fp8 {row.get('fp8_m1_us', float('nan')):.1f} "
+            f"int8pack {row.get('int8pack_mm_m1_us', float('nan')):.1f} | m64 bf16 {row['bf16_m64_us']:.1f} "
+            f"int8 {row['int8_m64_us']:.1f} int4 {row['int4_m64_us']:.1f} fp8 {row.get('fp8_m64_us', float('nan')):.1f}"
+            f" | chosen {row['chosen']}")
+        del lin, i8, i4, f8, mods
         torch.cuda.empty_cache()
-    out["configs"] = {"int8": int8_cfgs, "int4": int4_cfgs}
     return out
 
 
@@ -239,9 +247,11 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
                cuda_graphs=st.cuda_graphs)
     log(f"mode {mode or 'bf16'} kv {kv}: reconfigured in {res['reconfigure_s']:.1f}s, weights "
         f"{st.weight_bytes / 2**30:.2f} GiB, {st.num_gpu_blocks} blocks, graphs {st.cuda_graphs}")
-    tpot(llm, 64, 16, 4, 0)  # warm-up: kernels compile outside the timed runs
+    # Warm-ups with the timed shapes: Triton compiles (and specializes on sizes) at first use.
+    tpot(llm, 1, 128, 8, 0)
     res["b1"] = tpot(llm, 1, 128, 64, 1)
     res["b1_graph_replay_ms"] = graph_replay_ms(llm)
+    tpot(llm, 64, 128, 32, 3)
     res["b64"] = tpot(llm, 64, 128, 32, 2)
     log(f"  tpot b1 {res['b1']['tpot_ms']:.2f} ms (graph replay {res['b1_graph_replay_ms']}), "
         f"b64 {res['b64']['tpot_ms']:.2f} ms")
@@ -349,12 +359,14 @@ def main() -> None:
               "targets": TARGETS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     only = os.environ.get("BENCH_QUANT_PARTS", "kernels,attention,engine").split(",")
     result["parts"] = only
-    if "kernels" in only:
-        result["kernels"] = kernel_bench()
-        save(result)
-    if "attention" in only:
-        result["attention_b64_ctx4096"] = attention_bench()
-        save(result)
+    for part, key, fn in (("kernels", "kernels", kernel_bench), ("attention", "attention_b64_ctx4096", attention_bench)):
+        if part in only:
+            try:
+                result[key] = fn()
+            except Exception as exc:  # noqa: BLE001 - the engine part must still run
+                traceback.print_exc()
+                result[key] = {"error": repr(exc)[:500]}
+            save(result)
     if "engine" in only:
         backend = "auto"
         try:
@@ -367,6 +379,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             result["engine"] = engine_bench(backend)
         result["engine_backend_requested"] = backend
+        from engine.quant import tuning
+        result["gemv_configs_chosen"] = {str(k): v for k, v in tuning.chosen.items()}
         result["summary"] = summarize(result["engine"])
         print(table(result["engine"]))
         print(json.dumps(result["summary"], indent=1))

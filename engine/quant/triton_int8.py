@@ -12,12 +12,14 @@ Two kernels, picked by the number of rows M:
   owns BLOCK_N output channels of one row and a 1/SPLIT_K slice of K; it accumulates w * x
   elementwise in a [BLOCK_N, BLOCK_K] float32 tile and reduces once at the end. The row index is the
   fastest grid axis, so the programs of all rows that read one weight tile run together and the
-  tile comes from DRAM once. With SPLIT_K > 1 the slices are summed with float32 atomics into a
-  zeroed workspace (cast to x's dtype afterwards): that is what lets a 4096-wide layer fill 132 SMs.
+  tile comes from DRAM once. With SPLIT_K > 1 each slice stores float32 partial sums into a
+  [SPLIT_K, M, N] scratch that one torch.sum reduces and casts: that is what lets a 4096-wide layer
+  fill 132 SMs. The K loop can be software-pipelined (STAGES).
 - `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot over [BLOCK_M, BLOCK_K] x
   [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
+Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
+
 GEMV_MAX_ROWS = 2
 
 
@@ -37,8 +41,8 @@ def _int8_to_float(q):
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_om,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -50,18 +54,17 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += _int8_to_float(w) * x[None, :]
     out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-    dst = out_ptr + m.to(tl.int64) * stride_om + offs_n
-    if ATOMIC:
-        tl.atomic_add(dst, out, mask=mask_n)
-    else:
-        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    # With split_k > 1, out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones
+    # zeros) summed afterwards; else it is the output, stride_os unused.
+    dst = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + offs_n
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -107,12 +110,29 @@ def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, wa
     return max(1, min(want, k_blocks // 2 if k_blocks >= 2 else 1, 16))
 
 
+def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, tile_k: str) -> list[dict]:
+    """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K x pipelining.
+    tile_k names the K-tile key (block_k for int8, groups_per_iter for int4)."""
+    small, large = (256, 512) if tile_k == "block_k" else (2, 4)
+    out = [heuristic]
+    for block_n, tk, warps, stages in ((32, small, 4, 1), (64, small, 4, 1), (16, large, 4, 1), (64, large, 8, 1),
+                                       (128, small, 8, 1), (32, small, 4, 3), (64, small, 4, 3), (16, large, 4, 3)):
+        for split in sorted({1, gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_)}):
+            cfg = dict(block_n=block_n, split_k=split, num_warps=warps, num_stages=stages, gemv=True)
+            cfg[tile_k] = tk
+            if cfg not in out:
+                out.append(cfg)
+    out.append(dict(gemv=False))
+    return out
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block_n: int | None = None,
                 block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
-                gemv: bool | None = None) -> torch.Tensor:
+                num_stages: int | None = None, gemv: bool | None = None) -> torch.Tensor:
     """x [M, K] @ (q [N, K] int8 * scales [N])^T -> [M, N] in x's dtype.
 
-    The keyword arguments override the shape-based defaults (tests, benchmarks).
+    With no keyword argument, a decode-sized call (M <= GEMV_MAX_ROWS) on CUDA uses the config
+    tuning.pick measured fastest for its shape; the keywords force a config (tests, benchmarks).
     """
     m, k = x.shape
     n = q.shape[0]
@@ -120,22 +140,36 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
         raise ValueError(f"int8_matmul: x has {k} features but the weight has {q.shape[1]}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    if gemv is None:
-        gemv = m <= GEMV_MAX_ROWS
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    forced = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
+                  gemv=gemv)
+    forced = {key: v for key, v in forced.items() if v is not None}
+    if not forced and m <= GEMV_MAX_ROWS:
+        sms = num_sms(x.device)
+        cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
+        copies = lambda: [(x, q if i == 0 else q.clone(), scales)  # noqa: E731
+                          for i in range(tuning.weight_copies(q.numel()))]
+        forced = tuning.pick(("int8", m, n, k, x.dtype), cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+    return _launch(x, q, scales, **forced)
+
+
+def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None, gemv=None):
+    m, k = x.shape
+    n = q.shape[0]
+    if gemv is None:
+        gemv = m <= GEMV_MAX_ROWS
     if gemv:
         block_n = block_n or 32
         block_k = block_k or 256
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
-        atomic = split_k > 1
-        out = torch.zeros((m, n), dtype=torch.float32, device=x.device) if atomic else \
-            torch.empty((m, n), dtype=x.dtype, device=x.device)
+        out = torch.empty((split_k, m, n) if split_k > 1 else (m, n),
+                          dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
         _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
-            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), out.stride(0),
-            BLOCK_N=block_n, BLOCK_K=block_k, ATOMIC=atomic, num_warps=num_warps or 4)
-        return out.to(x.dtype) if atomic else out
+            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), out.stride(0) if split_k > 1 else 0,
+            out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages or 1, num_warps=num_warps or 4)
+        return out.sum(0, dtype=x.dtype) if split_k > 1 else out
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = block_n or (64 if m <= 64 else 128)
     block_k = block_k or (128 if m <= 64 else 64)
@@ -143,5 +177,5 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
     _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, q, scales, out, m, n, k, x.stride(0), q.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps or 4,
-        num_stages=3 if x.is_cuda else 1)
+        num_stages=num_stages or (3 if x.is_cuda else 1))
     return out

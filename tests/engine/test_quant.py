@@ -166,6 +166,30 @@ def test_int4_triton_matmul_matches_reference(m, n, k, kw, dtype):
         (1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_every_tuning_candidate_computes_the_same_product():
+    """tuning.pick may choose any GEMV candidate on the GPU; each must be correct (split-K, pipelined, mm)."""
+    from engine.quant.int4 import int4_linear_reference
+    from engine.quant.int8 import int8_linear_reference
+    from engine.quant.triton_int4 import _launch as int4_launch
+    from engine.quant.triton_int8 import _launch as int8_launch
+    from engine.quant.triton_int8 import gemv_candidates
+    g = torch.Generator().manual_seed(7)
+    n, k = 24, 1024
+    x = torch.randn(1, k, generator=g).to(DEVICE)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, s = (t.to(DEVICE) for t in quantize_int8(w))
+    qw, sc, z = (t.to(DEVICE) for t in quantize_int4(w))
+    ref8 = int8_linear_reference(x.cpu(), q.cpu(), s.cpu())
+    ref4 = int4_linear_reference(x.cpu(), qw.cpu(), sc.cpu(), z.cpu())
+    cands8 = gemv_candidates({}, 132, 1, n, 4, "block_k")
+    cands4 = gemv_candidates({}, 132, 1, n, 4, "groups_per_iter")
+    assert any(c.get("split_k", 1) > 1 for c in cands8) and any(c.get("num_stages", 1) > 1 for c in cands8)
+    for cfg in cands8:
+        assert rel_err(int8_launch(x, q, s, **cfg).cpu(), ref8) < 1e-5, cfg
+    for cfg in cands4:
+        assert rel_err(int4_launch(x, qw, sc, z, 128, **cfg).cpu(), ref4) < 1e-5, cfg
+
+
 # --- quantize_model -----------------------------------------------------------------------------
 
 def test_quantize_model_swaps_decoder_linears_and_the_head_and_counts_their_bytes():

@@ -1,0 +1,79 @@
+"""Launch-configuration choice for the dequantizing matmuls, measured once per shape on the device.
+
+Why measured: which tile, split-K and pipelining depth is fastest for a decode GEMV depends on the
+shape (a 4096-wide layer must be split over K to fill 132 SMs, a 128k-wide LM head must not) and on
+the GPU, and timings taken with ordinary launches are dominated by host launch overhead at these
+sizes. So the first call for a (kernel, rows, N, K, dtype) key on CUDA times every candidate by
+replaying a CUDA graph of its launches (device time, including the extra kernel a split-K candidate
+launches), over enough copies of the weights to overflow L2, and keeps the fastest for the life of
+the process.
+
+Invariants: `chosen` maps a key to the config every later call with that key uses; `timings` keeps
+the measured milliseconds per candidate, for benchmarks to record. No tuning happens off CUDA,
+while a CUDA graph is being captured (the first candidate is used then, without caching), or when
+ENGINE_QUANT_AUTOTUNE=0; the first candidate is the shape heuristic.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import torch
+
+chosen: dict[tuple, dict] = {}
+timings: dict[tuple, list[tuple[dict, float]]] = {}
+
+
+def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_sets: Callable[[], list[tuple]],
+         device: torch.device) -> dict:
+    """The config of `candidates` to use for `key`. launch(cfg, *args) runs the kernel(s) once;
+    arg_sets() gives argument tuples whose weights together overflow the L2 cache, so the timing
+    streams weights from DRAM as a decode step does (a lone 17 MB layer would stay in a 50 MB L2)."""
+    cfg = chosen.get(key)
+    if cfg is not None:
+        return cfg
+    if (device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()):
+        return candidates[0]
+    sets = arg_sets()
+    results = []
+    for cand in candidates:
+        try:
+            ms = _graph_time(lambda: [launch(cand, *a) for a in sets], len(sets))
+        except Exception:  # noqa: BLE001 - a config this GPU or Triton cannot build is skipped
+            ms = math.inf
+        results.append((cand, ms))
+    del sets
+    best = min(results, key=lambda r: r[1])[0]
+    chosen[key], timings[key] = best, results
+    return best
+
+
+def _graph_time(fn: Callable[[], object], calls: int, reps: int = 4) -> float:
+    """Milliseconds per call of fn's launches, from replays of a CUDA graph of `reps` x fn (best of 3)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(reps):
+                fn()
+        best = math.inf
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+    torch.cuda.current_stream().wait_stream(stream)
+    del graph
+    return best / (reps * calls)
+
+
+def weight_copies(weight_bytes: int, l2_bytes: int = 50 * 2**20) -> int:
+    """How many copies of a layer's weights make a working set of about 3x the L2 cache (1 to 8)."""
+    return max(1, min(8, math.ceil(3 * l2_bytes / max(weight_bytes, 1))))
