@@ -359,14 +359,6 @@ def main() -> None:
               "targets": TARGETS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     only = os.environ.get("BENCH_QUANT_PARTS", "kernels,attention,engine").split(",")
     result["parts"] = only
-    for part, key, fn in (("kernels", "kernels", kernel_bench), ("attention", "attention_b64_ctx4096", attention_bench)):
-        if part in only:
-            try:
-                result[key] = fn()
-            except Exception as exc:  # noqa: BLE001 - the engine part must still run
-                traceback.print_exc()
-                result[key] = {"error": repr(exc)[:500]}
-            save(result)
     if "engine" in only:
         backend = "auto"
         try:
@@ -384,6 +376,17 @@ def main() -> None:
         result["summary"] = summarize(result["engine"])
         print(table(result["engine"]))
         print(json.dumps(result["summary"], indent=1))
+        save(result)
+        gc.collect()
+        torch.cuda.empty_cache()
+    for part, key, fn in (("attention", "attention_b64_ctx4096", attention_bench), ("kernels", "kernels", kernel_bench)):
+        if part in only:
+            try:
+                result[key] = fn()
+            except Exception as exc:  # noqa: BLE001 - the other parts must still run
+                traceback.print_exc()
+                result[key] = {"error": repr(exc)[:500]}
+            save(result)
     save(result)
     log("done")
 
