@@ -163,6 +163,7 @@ def main():
                              "kv_tokens": st.kv_capacity_tokens, "profile": st.memory.__dict__}
         log(f"loaded in {time.perf_counter() - t:.1f} s; KV {st.num_gpu_blocks} blocks = {st.kv_capacity_tokens} "
             f"tokens; {st.memory}")
+        a = None
         for name, fn, a in (("decode1", decode_batch1, (llm, rates)), ("host", host_time_256, (llm,)),
                             ("limit", limit_1000, (llm, rates))):
             if name in parts:
@@ -179,8 +180,12 @@ def main():
     if "parity" in parts:
         run_part("parity", parity, llm)
     if "naive" in parts:
-        del llm
+        # Free the 8B engine (and its CUDA graphs) before HF loads its own copy of the model.
+        import gc
+        llm = a = None  # noqa: F841 (a still held the engine from the loop above)
+        gc.collect()
         torch.cuda.empty_cache()
+        log(f"GPU memory allocated before the baseline: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
         run_part("naive", naive, lambda: LLM.random(MODEL, DEFAULT), rates)
     print("\nTARGET SUMMARY")
     for name in parts:

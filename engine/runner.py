@@ -281,7 +281,8 @@ class ModelRunner:
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=graph_size is not None)
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Next-token logits [len, vocab] (float32, on the CPU) at every position of one sequence.
+        """Next-token logits [len, vocab] (float32, on the CPU; LM head in float32 unless quantized) at every
+        position of one sequence.
 
         Runs one prefill through the model and the engine's attention backend over a scratch KV
         cache, leaving the engine's own cache untouched. For quality checks (KL, perplexity).
@@ -300,6 +301,12 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(torch.as_tensor(token_ids, device=dev), torch.arange(n, device=dev), caches, meta,
                                 self.backend)
+            head = self.model.lm_head
+            if type(head) is torch.nn.Linear:
+                # A float32 head: bf16 logits are rounded to 1/32..1/8 at typical magnitudes, too coarse
+                # to tell a near-tie from a real difference.
+                weight = head.weight.float()
+                return torch.cat([(h.float() @ weight.T).cpu() for h in hidden.split(1024)])
             return torch.cat([self.model.compute_logits(h).cpu() for h in hidden.split(1024)])
 
     # ----- CUDA graphs --------------------------------------------------------------------------
