@@ -267,6 +267,11 @@ class LLM:
     def config(self) -> EngineConfig:
         return self._engine.config
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids of prompts must lie in [0, vocab_size)."""
+        return self.spec.vocab_size
+
     def reconfigure(self, config: EngineConfig) -> None:
         """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
         if self._engine is not None and self._engine.has_unfinished_requests():
@@ -281,12 +286,30 @@ class LLM:
         if _default_device(config) != self.device:
             raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "
                              "load the model again to move it")
-        if self._engine is not None:
-            self._engine.runner.kv_caches = []
-            self._engine = None
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        previous = self._engine.config if self._engine is not None else None
+        self._release_engine()
+        try:
+            self._build_engine(config)
+        except BaseException:
+            # The new setting does not fit (say, too little KV for max_model_len): put the old engine back,
+            # so that a failed point of a sweep leaves a usable LLM behind, then report the error.
+            self._release_engine()
+            if previous is not None:
+                self._build_engine(previous)
+            raise
+
+    def _release_engine(self) -> None:
+        """Drop the engine and its KV cache (and CUDA graphs), returning the memory to the device."""
+        if self._engine is None:
+            return
+        self._engine.runner.kv_caches = []
+        self._engine.runner.graphs = {}
+        self._engine = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _build_engine(self, config: EngineConfig) -> None:
         if config.quantization != self._quantization:
             self._quantize(config.quantization)
         runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)

@@ -80,6 +80,12 @@ def test_reconfigure_keeps_weights_and_changes_pool():
     llm.engine.add_request("x", [1, 2], GREEDY)
     with pytest.raises(ValueError, match="unfinished"):
         llm.reconfigure(llm.config)
+    llm.engine.abort_request("x")
+    # A setting that cannot be built leaves the previous engine in place, still serving.
+    with pytest.raises(ValueError, match="max_model_len=64 needs 16 blocks"):
+        llm.reconfigure(llm.config.replace(num_gpu_blocks=2))
+    assert llm.config.num_gpu_blocks == 32 and llm.engine.stats().block_size == 4
+    assert llm.generate([[5, 6, 7]], GREEDY)[0].token_ids == before
 
 def test_prefix_hits_and_stats_reset():
     llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=128, block_size=8))
