@@ -132,21 +132,59 @@ def run_sweep(args) -> int:
     return 0
 
 
-# --- bench (placeholder until the GPU issue lands) ---------------------------------------------------------
+# --- bench ---------------------------------------------------------------------------------------------
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    pass
+    p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET",
+                   help="a model preset with random weights (default: %(default)s)")
+    p.add_argument("--workload", default="sharegpt-like", metavar="NAME|FILE",
+                   help="a built-in workload (fixed, sharegpt-like, shared-prefix, multi-turn) or a .jsonl trace; "
+                        "requests all arrive at t=0 (default: %(default)s)")
+    p.add_argument("--num-requests", type=int, default=256, metavar="N", help="number of requests (default: 256)")
+    p.add_argument("--workload-arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the built-in workload, e.g. prompt_len=1024; repeatable")
+    p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
+                   help="an EngineConfig field, e.g. block_size=32 (default: EngineConfig's defaults); repeatable")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also run the naive baseline: HF transformers generate on static batches")
+    p.add_argument("--baseline-batch-size", type=int, default=128, metavar="B",
+                   help="largest static batch of the naive baseline (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
+    p.add_argument("--out", metavar="PATH", help="write the results as JSON here (default: "
+                   "data/benchmarks/bench-MODEL-WORKLOAD.json)")
 
 
 def run_bench(args) -> int:
-    print("python -m workbench bench: not implemented yet", file=sys.stderr)
-    return 2
+    from pathlib import Path
+
+    from engine import EngineConfig
+    from engine.model.presets import preset_config
+
+    from .bench import bench
+    from .workloads import load_workload, make_workload
+
+    base = dict(args.set)
+    if args.device:
+        base["device"] = args.device
+    config = EngineConfig(**base)
+    vocab = preset_config(args.model).vocab_size
+    if args.workload.endswith(".jsonl"):
+        workload = load_workload(args.workload, vocab_size=vocab, seed=args.seed).head(args.num_requests)
+    else:
+        workload = make_workload(args.workload, num_requests=args.num_requests, vocab_size=vocab, seed=args.seed,
+                                 **dict(args.workload_arg))
+    out = args.out or str(Path("data/benchmarks") / f"bench-{args.model}-{Path(args.workload).stem}.json")
+    bench(args.model, workload, config, baseline=args.baseline, baseline_batch_size=args.baseline_batch_size,
+          out=out, seed=args.seed)
+    print(f"results: {out}")
+    return 0
 
 
 COMMANDS = [
     ("sweep", "run a grid of engine settings on one workload; write results and an HTML report",
      add_sweep_arguments, run_sweep),
-    ("bench", "one workload, one config, against the naive baseline (not implemented yet)",
+    ("bench", "one workload, one config: throughput and latency against the naive baseline and the physical limit",
      add_bench_arguments, run_bench),
 ]
 

@@ -1,0 +1,38 @@
+"""The bench: physical-limit arithmetic by hand, and the command line end to end on the CPU."""
+import json
+
+import pandas as pd
+import pytest
+
+from engine.model.presets import preset_config
+from engine.model.spec import ModelSpec
+from workbench.__main__ import main
+from workbench.bench import step_limits
+
+
+def test_step_limits_by_hand():
+    spec = ModelSpec.from_hf_config(preset_config("tiny"))  # hidden 64, inter 128, 2 layers, 4/2 heads x 16, vocab 512
+    layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128 + 2 * 64
+    assert spec.num_params() == 2 * layer + 2 * 512 * 64 + 64
+    steps = pd.DataFrame({"num_batched_tokens": [10], "num_sampled_tokens": [2], "num_attention_scores": [55],
+                          "num_kv_tokens_read": [10]})
+    rates = {"matmul_flops": 1e9, "copy_bandwidth": 1e6}
+    out = step_limits(steps, spec, weight_bytes=1000, kv_bytes_per_token=8, rates=rates).iloc[0]
+    linear = 2 * layer + 64  # everything but the embedding and the LM head (norm weights are tiny)
+    assert out["flops"] == 2 * linear * 10 + 2 * 512 * 64 * 2 + 4 * (2 * 4 * 16) * 55
+    assert out["bytes"] == 1000 + 8 * (10 + 10)
+    assert out["limit_time"] == pytest.approx(max(out["flops"] / 1e9, out["bytes"] / 1e6))
+
+
+def test_bench_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny", "--workload", "fixed", "--num-requests", "6", "--device", "cpu",
+                 "--workload-arg", "prompt_len=20", "--workload-arg", "output_len=5", "--baseline",
+                 "--baseline-batch-size", "4", "--set", "max_model_len=128", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "engine / naive (output tok/s)" in printed and "ttft" in printed
+    result = json.loads(out.read_text())
+    assert result["engine"]["total_output_tokens"] == result["baseline"]["total_output_tokens"] == 30
+    assert result["engine"]["num_finished"] == 6 and result["engine_over_baseline"] > 0
+    assert result["physical_limit"] is None  # no GPU rates to measure on the CPU
+    assert "command" in result["environment"]
