@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -108,9 +108,9 @@ def bench_decode(copy_bps: float, gen: torch.Generator) -> dict:
     auto_splits = decode_num_splits(num_seqs, NUM_KV_HEADS, context, sms)
     # The default (what TritonBackend runs) first, then a small sweep around it.
     configs = [dict()]
-    configs += [dict(num_splits=s) for s in (1, 2, 4, 8, 16) if s != auto_splits]
-    configs += [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (4, 8)
-                for st in (2, 3) if (bn, w, st) != (64, 4, 2)]
+    configs += [dict(num_splits=s) for s in (1, 2, 4, 8) if s != auto_splits]
+    configs += [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in ((32, 4, 2), (64, 4, 3), (128, 4, 2),
+                                                                                (128, 8, 3))]
     out = torch.empty_like(q)
     for cfg in configs:
         def run():
@@ -152,6 +152,32 @@ def bench_decode(copy_bps: float, gen: torch.Generator) -> dict:
     return result
 
 
+def bench_decode_few_requests(copy_bps: float, gen: torch.Generator) -> dict:
+    """4 requests of 4096 tokens: only 32 (request, KV head) pairs, so without splitting the
+    sequence most SMs would idle. Timed as CUDA-graph replays, which also checks that the decode
+    launch captures."""
+    num_seqs, context = 4, 4096
+    k_cache, v_cache, block_tables = paged_cache(num_seqs, context, gen)
+    seq_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+    q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    kv_bytes = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    out = torch.empty_like(q)
+    auto_splits = decode_num_splits(num_seqs, NUM_KV_HEADS, context, _num_sms(torch.cuda.current_device()))
+    result = {"shape": dict(num_seqs=num_seqs, context=context), "kv_bytes": kv_bytes, "configs": []}
+    for splits in (auto_splits, 1):
+        def run():
+            decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, SCALE, max_seq_len=context,
+                             num_splits=splits)
+        run()
+        ms = do_bench_cudagraph(run, rep=200, return_mode="median")
+        bps = kv_bytes / (ms * 1e-3)
+        result["configs"].append({"num_splits": splits, "ms": ms, "kv_bytes_per_s": bps,
+                                  "ratio_to_copy_bw": bps / copy_bps})
+        print(f"decode 4 x 4096, {splits} splits (graph replay): {ms * 1e3:.1f} us, {bps / copy_bps:.3f} of copy bw",
+              flush=True)
+    return result
+
+
 def bench_prefill(matmul_fps: float, gen: torch.Generator) -> dict:
     num_seqs, prompt = 8, 2048
     k_cache, v_cache, block_tables = paged_cache(num_seqs, prompt, gen)
@@ -171,11 +197,10 @@ def bench_prefill(matmul_fps: float, gen: torch.Generator) -> dict:
     result = {"shape": dict(num_seqs=num_seqs, prompt=prompt, num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS,
                             head_dim=HEAD_DIM, block_size=BLOCK_SIZE, dtype=str(DTYPE)),
               "flops": flops, "configs": []}
-    configs = [dict(), dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
-               dict(block_m=128, block_n=32, num_warps=4, num_stages=3), dict(block_m=64, block_n=64, num_warps=4,
-                                                                                num_stages=3),
-               dict(block_m=128, block_n=64, num_warps=4, num_stages=3),
-               dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    configs = [dict(), dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+               dict(block_m=128, block_n=32, num_warps=4, num_stages=4),
+               dict(block_m=128, block_n=32, num_warps=8, num_stages=3),
+               dict(block_m=64, block_n=32, num_warps=4, num_stages=3),
                dict(block_m=128, block_n=128, num_warps=8, num_stages=3)]
     out = torch.empty_like(q)
     for cfg in configs:
@@ -225,6 +250,7 @@ def main() -> None:
     mm = matmul_rate()
     print(f"bf16 matmul: {mm['flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     decode = bench_decode(copy["bytes_per_s"], gen)
+    decode_few = bench_decode_few_requests(copy["bytes_per_s"], gen)
     prefill = bench_prefill(mm["flop_per_s"], gen)
     results = {
         "benchmark": "attention_kernels",
@@ -233,7 +259,7 @@ def main() -> None:
         "num_sms": _num_sms(torch.cuda.current_device()),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
-        "copy_bandwidth": copy, "matmul": mm, "decode": decode, "prefill": prefill,
+        "copy_bandwidth": copy, "matmul": mm, "decode": decode, "decode_few_requests": decode_few, "prefill": prefill,
     }
     text = json.dumps(results, indent=2)
     paths = [Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "attention_kernels.json"]
@@ -260,6 +286,9 @@ def main() -> None:
     print(f"decode SDPA           enable_gqa {(s['enable_gqa_ms'] or float('nan')) * 1e3:.1f} us, "
           f"expanded {s['expanded_ms'] * 1e3:.1f} us; "
           f"triton speedup vs best SDPA {decode['speedup_vs_sdpa'] or float('nan'):.2f}x")
+    f = decode_few["configs"]
+    print(f"decode 4 x 4096       {f[0]['num_splits']} splits {f[0]['ms'] * 1e3:.1f} us "
+          f"({f[0]['ratio_to_copy_bw']:.3f} of copy bw) vs 1 split {f[1]['ms'] * 1e3:.1f} us")
     if "ms" in p:
         print(f"prefill (default)     {p['ms'] * 1e3:.1f} us, {p['flop_per_s'] / 1e12:.1f} TFLOP/s = "
               f"{p['ratio_to_matmul']:.3f} of matmul; SDPA causal {prefill['sdpa']['ms'] * 1e3:.1f} us "
