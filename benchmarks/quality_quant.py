@@ -1,0 +1,140 @@
+"""Quantization quality on the shipped trained model (data/models/pystdlib-llama-6m), on the CPU.
+
+Random weights say little about quality (a random 32-layer model is so sensitive that any rounding
+flips its near-tied greedy choices), so this measures each mode on a real model, against its float32
+weights (the checkpoint's bf16 values, upcast), with the engine's torch backend:
+- held-out perplexity, by the protocol of the model's eval.json (heldout.json: each file as
+  [<s>] + tokens + [</s>], concatenated, chunks of 512, every token but a chunk's first scored)
+- mean KL(float || mode) of the next-token distributions and top-1 agreement over those positions
+- greedy agreement over 256 generated tokens (4 prompts x 64) and the mean index of the first difference
+Modes: int8, int4 (engine.quant), fp8 W8A8 emulated in float32 (fp8_linear_reference: e4m3 weights
+and per-token e4m3 activations, the numbers torch._scaled_mm multiplies; the real path needs a GPU
+with compute capability >= 8.9), the fp8 KV cache alone, and int4 with the fp8 KV cache.
+
+    PYTHONPATH=. python3 benchmarks/quality_quant.py      # about 5 minutes on 2 CPU cores
+
+Writes data/benchmarks/quant_quality.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
+from engine.quant import linears_to_quantize  # noqa: E402
+from engine.quant.fp8 import fp8_linear_reference, quantize_fp8  # noqa: E402
+
+MODEL_DIR = ROOT / "data" / "models" / "pystdlib-llama-6m"
+PROMPTS = ["def ", "import os\n", "class Foo(",
+           'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n']
+CHUNK = 512
+GREEDY_TOKENS = 64
+MODES = {"int8": dict(quantization="int8"), "int4": dict(quantization="int4"), "fp8 (emulated)": "fp8",
+         "kv fp8": dict(kv_cache_dtype="fp8"), "int4 + kv fp8": dict(quantization="int4", kv_cache_dtype="fp8")}
+
+
+class Fp8Emulated(nn.Module):
+    """W8A8 fp8 numerics in float32 on any device (engine.quant.fp8.fp8_linear_reference)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight_fp8, self.weight_scale = quantize_fp8(linear.weight)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        out = fp8_linear_reference(x, self.weight_fp8, self.weight_scale)
+        return out if self.bias is None else out + self.bias
+
+
+def heldout_chunks(tokenizer) -> list[list[int]]:
+    files = json.loads((MODEL_DIR / "heldout.json").read_text())["files"]
+    ids = []
+    for f in files:
+        ids += [tokenizer.bos_token_id] + tokenizer(f["text"], add_special_tokens=False).input_ids + \
+            [tokenizer.eos_token_id]
+    return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK) if len(ids[i:i + CHUNK]) > 1]
+
+
+def evaluate(llm: LLM, chunks, ref_logprobs=None):
+    """(log-probs per chunk, perplexity, mean KL vs ref, top-1 agreement vs ref)."""
+    nll, count, kls, agree, logprobs = 0.0, 0, [], [], []
+    for i, chunk in enumerate(chunks):
+        lp = llm.engine.runner.prompt_logits(chunk).float().log_softmax(-1)
+        target = torch.tensor(chunk[1:])
+        nll -= lp[:-1].gather(1, target[:, None]).sum().item()
+        count += len(chunk) - 1
+        logprobs.append(lp)
+        if ref_logprobs is not None:
+            ref = ref_logprobs[i]
+            kls.append(F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1))
+            agree.append(lp.argmax(-1) == ref.argmax(-1))
+    ppl = math.exp(nll / count)
+    if ref_logprobs is None:
+        return logprobs, ppl, None, None, count
+    return logprobs, ppl, torch.cat(kls).mean().item(), torch.cat(agree).float().mean().item(), count
+
+
+def greedy(llm: LLM, prompts) -> list[list[int]]:
+    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(prompts, params)]
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    base = EngineConfig(device="cpu", max_model_len=1024, enable_prefix_caching=False)
+    llm = LLM.from_pretrained(MODEL_DIR, base, dtype=torch.float32)
+    tok = llm.tokenizer
+    chunks = heldout_chunks(tok)
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    ref_lp, ref_ppl, _, _, positions = evaluate(llm, chunks)
+    ref_greedy = greedy(llm, prompts)
+    rows = {"float32": dict(heldout_ppl=ref_ppl, weight_bytes=llm.engine.stats().weight_bytes,
+                            kv_bytes_per_token=llm.engine.stats().kv_bytes_per_token)}
+    print(f"float32: ppl {ref_ppl:.3f} over {positions} positions")
+    for name, mode in MODES.items():
+        if mode == "fp8":
+            llm.reconfigure(base)
+            for lname, _ in linears_to_quantize(llm.model):
+                parent, _, attr = lname.rpartition(".")
+                owner = llm.model.get_submodule(parent) if parent else llm.model
+                setattr(owner, attr, Fp8Emulated(getattr(owner, attr)))
+        else:
+            llm.reconfigure(base.replace(**mode))
+        _, ppl, kl, top1, _ = evaluate(llm, chunks, ref_lp)
+        gen = greedy(llm, prompts)
+        same = sum(a == b for x, y in zip(gen, ref_greedy) for a, b in zip(x, y)) / sum(map(len, gen))
+        first = sum(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                    for x, y in zip(gen, ref_greedy)) / len(gen)
+        st = llm.engine.stats()
+        rows[name] = dict(heldout_ppl=ppl, ppl_change=ppl / ref_ppl - 1, mean_kl=kl, top1_agreement=top1,
+                          greedy_agreement=same, greedy_first_difference_mean=first,
+                          weight_bytes=st.weight_bytes if mode != "fp8" else None,
+                          kv_bytes_per_token=st.kv_bytes_per_token)
+        print(f"{name:<16} ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%)  KL {kl:.2e}  top1 {top1:.4f}  "
+              f"greedy {same:.3f} (first diff {first:.1f})")
+        if mode == "fp8":
+            llm.reconfigure(base.replace(quantization="int8"))  # drop the emulated modules: rebuild on the next mode
+    result = {"command": "PYTHONPATH=. python3 benchmarks/quality_quant.py", "model": MODEL_DIR.name,
+              "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
+              "positions": positions, "greedy_tokens": GREEDY_TOKENS * len(PROMPTS),
+              "targets": {"int8_ppl_change_max": 0.01, "fp8_ppl_change_max": 0.01, "int4_ppl_change_max": 0.05},
+              "modes": rows, "seconds": time.perf_counter() - t0}
+    out = ROOT / "data" / "benchmarks" / "quant_quality.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
