@@ -109,6 +109,7 @@ class Worker:
                        total_bytes=getattr(m, "total_bytes", None),
                        attention_backend=st.attention_backend, cuda_graphs=st.cuda_graphs,
                        block_rel_error=(p.num_gpu_blocks - st.num_gpu_blocks) / st.num_gpu_blocks)
+            row.update(matching_calibration_blocks(row, self.gpu))
             left = self.deadline - time.perf_counter()
             if p.fits and left > 5:
                 limit = min(self.args.load_test_cap_s, 0.8 * left / max(load_tests_left, 1))
@@ -128,15 +129,24 @@ class Worker:
         return row
 
     def run(self) -> None:
-        L = self.args.max_model_len
-        base = dict(max_model_len=L, attention_backend=self.args.attention_backend)
-        grid = [(T, u) for T in BUDGETS for u in SHARES]
-        tests_left = len(grid) * len(QUANTIZATIONS) + 1
-        for T, u in grid:
-            self.check(EngineConfig(max_num_batched_tokens=T, gpu_memory_utilization=u, **base), "grid", tests_left)
-            tests_left -= 1
-        # Start-up errors, and the verdict on both sides of the max_model_len boundary, at the smallest memory
-        # share that leaves about 32k tokens of KV (so the load test of the side that fits stays short).
+        a = self.args
+        base = dict(max_model_len=a.max_model_len, attention_backend=a.attention_backend)
+        grid = [(T, u) for T in a.budgets for u in a.shares]
+        quants = [None if q == "none" else q for q in a.quantizations]
+        tests_left = len(grid) * len(quants) + (1 if a.boundary else 0)
+        for i, q in enumerate(quants):
+            for T, u in grid:
+                self.check(EngineConfig(max_num_batched_tokens=T, gpu_memory_utilization=u, quantization=q, **base),
+                           "grid", tests_left)
+                tests_left -= 1
+                if self.rows[-1]["start_error"] and "NotImplementedError" in self.rows[-1]["start_error"]:
+                    break  # this quantization is not implemented in the engine yet: recorded once
+            if i == 0 and a.boundary:
+                self.boundary(base, tests_left)
+
+    def boundary(self, base: dict, tests_left: int) -> None:
+        """Start-up errors, and the verdict on both sides of the max_model_len boundary, at the smallest memory
+        share that leaves about 32k tokens of KV (so the load test of the side that fits stays short)."""
         longest = planner.resolve_model(self.model)[1].max_position_embeddings
         share = next(u / 100 for u in range(5, 100) if planner.plan(
             self.model, self.gpu, EngineConfig(gpu_memory_utilization=u / 100, **base), dtype="bfloat16",
@@ -148,13 +158,49 @@ class Worker:
                              ("boundary x1.1", min(int(at.kv_tokens * 1.1), longest))):
             self.check(EngineConfig(gpu_memory_utilization=share, max_model_len=length,
                                     attention_backend=self.args.attention_backend), kind, tests_left)
-        for q in QUANTIZATIONS[1:]:
-            for T, u in grid:
-                self.check(EngineConfig(max_num_batched_tokens=T, gpu_memory_utilization=u, quantization=q, **base),
-                           "grid", tests_left)
-                tests_left -= 1
-                if self.rows[-1]["start_error"] and "NotImplementedError" in self.rows[-1]["start_error"]:
-                    break  # this quantization is not implemented in the engine yet: recorded once
+
+
+def matching_calibration_blocks(row: dict, gpu: str) -> dict:
+    """The planner's blocks with the calibration of how this engine was started: a fresh LLM(...) gets
+    CALIBRATION_H100_FRESH, a reconfigured one CALIBRATION_H100_RECONFIGURED (the default takes the larger)."""
+    cal = planner.CALIBRATION_H100_FRESH if row["fresh_start"] else planner.CALIBRATION_H100_RECONFIGURED
+    cfg = EngineConfig(max_num_batched_tokens=row["max_num_batched_tokens"], max_model_len=row["max_model_len"],
+                       gpu_memory_utilization=row["gpu_memory_utilization"],
+                       quantization=None if row["quantization"] == "none" else row["quantization"])
+    blocks = planner.plan(row["model"], gpu, cfg, dtype="bfloat16", calibration=cal).num_gpu_blocks
+    return {"matching_calibration_blocks": blocks,
+            "matching_calibration_rel_error": (blocks - row["engine_blocks"]) / row["engine_blocks"]}
+
+
+def replan(path: str, out: str) -> int:
+    """Recompute the planner's side of a recorded result with the current planner and calibration (no GPU):
+    the engine's numbers stay as measured; the planner's numbers as run are kept as as_run_*."""
+    result = json.loads(Path(path).read_text())
+    for r in result["rows"]:
+        cfg = EngineConfig(**{k: r[k] for k in ("max_num_batched_tokens", "gpu_memory_utilization", "max_model_len")
+                              if r.get(k) is not None},
+                           quantization=None if r["quantization"] == "none" else r["quantization"])
+        p = planner.plan(r["model"], r.get("planner_gpu", "H100-80GB"), cfg, dtype="bfloat16")
+        for k, v in (("planner_verdict", p.verdict), ("planner_reason", p.reason), ("planner_blocks", p.num_gpu_blocks),
+                     ("planner_weight_bytes", p.weight_bytes), ("planner_activation_peak_bytes",
+                                                                p.activation_peak_bytes),
+                     ("planner_kv_cache_bytes", p.kv_cache_bytes)):
+            if k in r:
+                r.setdefault("as_run_" + k, r[k])
+            r[k] = v
+        if r.get("engine_blocks"):
+            r.setdefault("as_run_block_rel_error", r.get("block_rel_error"))
+            r["block_rel_error"] = (p.num_gpu_blocks - r["engine_blocks"]) / r["engine_blocks"]
+            r.update(matching_calibration_blocks(r, r.get("planner_gpu", "H100-80GB")))
+    result["as_run_calibration_terms"] = result.pop("calibration_terms", None)
+    result["calibration_terms"] = {k: getattr(planner.CALIBRATION_H100, k) for k in planner.Calibration.__dataclass_fields__}
+    result["calibration"] = planner.CALIBRATION_H100.source
+    result.setdefault("as_run_summary", result.get("summary"))
+    result["summary"] = summarize(result["rows"])
+    result["replan_command"] = " ".join([sys.executable, *sys.argv])
+    Path(out).write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result["summary"], indent=1))
+    return 0
 
 
 def check_70b(args, calibration: planner.Calibration) -> dict:
@@ -177,7 +223,10 @@ def summarize(rows: list[dict]) -> dict:
     errors = {}
     for q in sorted({r["quantization"] for r in grid}):
         e = [abs(r["block_rel_error"]) for r in grid if r["quantization"] == q]
-        errors[q] = {"configs": len(e), "max_abs_rel_error": max(e), "within_5pct": sum(x <= TOLERANCE for x in e)}
+        m = [abs(r["matching_calibration_rel_error"]) for r in grid if r["quantization"] == q
+             and r.get("matching_calibration_rel_error") is not None]
+        errors[q] = {"configs": len(e), "max_abs_rel_error": max(e), "within_5pct": sum(x <= TOLERANCE for x in e),
+                     "max_abs_rel_error_matching_calibration": max(m) if m else None}
     tests = [r for r in rows if r.get("load_test")]
     fits_failed_start = [r for r in rows if r.get("planner_verdict") == "fits" and not r.get("engine_started")]
     not_fits = [r for r in rows if r.get("planner_verdict") not in (None, "fits")]
@@ -194,8 +243,9 @@ def summarize(rows: list[dict]) -> dict:
                           "engine_error_at_start": bool(r.get("start_error")) and "ValueError" in r["start_error"]}
                          for r in not_fits],
         "no_oom_met": bool(tests) and not any(r["load_test"]["oom"] for r in tests),
-        "start_errors_met": bool(not_fits) and all(
-            r.get("start_error") and "ValueError" in r["start_error"] for r in not_fits),
+        # None: no config in this run was expected to fail
+        "start_errors_met": all(bool(r.get("start_error")) and "ValueError" in r["start_error"] for r in not_fits)
+        if not_fits else None,
     }
 
 
@@ -208,10 +258,19 @@ def main() -> int:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--budget-s", type=float, default=360.0, help="time budget of all workers together (seconds)")
     ap.add_argument("--load-test-cap-s", type=float, default=20.0, help="most seconds one load test may run")
+    ap.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="max_num_batched_tokens values")
+    ap.add_argument("--shares", nargs="+", type=float, default=list(SHARES), help="gpu_memory_utilization values")
+    ap.add_argument("--quantizations", nargs="+", default=[q or "none" for q in QUANTIZATIONS])
+    ap.add_argument("--no-boundary", dest="boundary", action="store_false",
+                    help="skip the start-up error cases (max_model_len boundary, 70B)")
+    ap.add_argument("--replan", help="recompute the planner's numbers of this result file with the current planner "
+                                     "(no GPU) and write it to --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--first", action="store_true", help=argparse.SUPPRESS)  # this worker also checks the 70B
     ap.add_argument("--worker-budget-s", type=float, default=180.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.replan:
+        return replan(args.replan, args.out)
     cal = planner.CALIBRATION_H100
     if args.calibration:
         try:
@@ -224,7 +283,7 @@ def main() -> int:
         try:
             w.run()
         finally:
-            if args.first and torch.cuda.is_available():
+            if args.first and args.boundary and torch.cuda.is_available():
                 w.rows.append(check_70b(args, cal))
             w.save()
         return 0
@@ -236,8 +295,10 @@ def main() -> int:
         part = Path(tempfile.mkdtemp()) / "rows.json"
         cmd = [sys.executable, __file__, "--worker", str(part), "--models", model, "--worker-budget-s", f"{budget:.0f}",
                "--max-model-len", str(args.max_model_len), "--attention-backend", args.attention_backend,
-               "--load-test-cap-s", str(args.load_test_cap_s)] + (["--calibration", args.calibration] if
-                                                                   args.calibration else [])
+               "--load-test-cap-s", str(args.load_test_cap_s), "--budgets", *map(str, args.budgets),
+               "--shares", *map(str, args.shares), "--quantizations", *args.quantizations]
+        cmd += (["--calibration", args.calibration] if args.calibration else []) + ([] if args.boundary else
+                                                                                    ["--no-boundary"])
         if i == 0:
             cmd += ["--first"]
         rc = subprocess.run(cmd).returncode
@@ -255,7 +316,7 @@ def main() -> int:
         path.write_text(text)
     print(json.dumps(result["summary"], indent=1), flush=True)
     s = result["summary"]
-    return 0 if s["block_count_met"] and s["no_oom_met"] and s["start_errors_met"] and not crashed else 1
+    return 0 if s["block_count_met"] and s["no_oom_met"] and s["start_errors_met"] is not False and not crashed else 1
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ def load_test(llm, num_requests: int | None = None, max_tokens: int | None = Non
               steps_after_preemption: int = 4, time_limit: float | None = None, seed: int = 0) -> dict:
     """Send requests of max_model_len tokens (random prompts of max_model_len - max_tokens) and step.
 
-    num_requests defaults to enough prompts to overfill the KV pool (capacity // prompt + 2); max_tokens
-    to 2 x block_size + 1, so decodes need new blocks once the pool is full. stop="preemption" ends
+    num_requests defaults to enough prompts to overfill the KV pool (capacity // prompt + 2); max_tokens to
+    the steps the prompts take to fill the pool (capacity // max_num_batched_tokens) + 2 x block_size + 1, at
+    most max_model_len // 2, so the first requests still decode, and need new blocks, once the pool is full. stop="preemption" ends
     `steps_after_preemption` steps after the first preemption (unfinished requests are then aborted),
     stop="completion" runs every request to the end. time_limit (seconds) ends the run early.
 
@@ -49,12 +50,15 @@ def load_test(llm, num_requests: int | None = None, max_tokens: int | None = Non
         raise ValueError("load_test needs an idle engine: finish or abort its requests first")
     cfg = engine.config
     bs, max_len = cfg.block_size, cfg.max_model_len
-    max_tokens = min(2 * bs + 1, max_len - 1) if max_tokens is None else max_tokens
+    num_blocks = engine.kv.num_blocks
+    capacity = num_blocks * bs
+    if max_tokens is None:
+        # The first requests must still be decoding when the last prompts fill the pool (about capacity / budget
+        # steps later), and then need new blocks: decode for that long plus two blocks, within max_model_len / 2.
+        max_tokens = max(1, min(max_len // 2, capacity // cfg.max_num_batched_tokens + 2 * bs + 1))
     if not 1 <= max_tokens < max_len:
         raise ValueError(f"max_tokens={max_tokens} must be in [1, max_model_len={max_len}) to leave a prompt")
     prompt_len = max_len - max_tokens
-    num_blocks = engine.kv.num_blocks
-    capacity = num_blocks * bs
     num_requests = capacity // prompt_len + 2 if num_requests is None else num_requests
     if num_requests < 1:
         raise ValueError(f"num_requests={num_requests} must be >= 1")

@@ -4,16 +4,26 @@ For each model (LLM.random presets, bf16) the engine starts once fresh, then is 
 of (max_num_batched_tokens, max_num_seqs, gpu_memory_utilization); each start's profile step is read
 from EngineStats.memory (total, weights, activation peak, non-torch, KV bytes) with the block count.
 Exact terms (weights, rotary tables and input buffers, the profile step's own KV blocks) come from the
-planner; what is left is fitted:
+planner; what is left is fitted to the planner's model (workbench.planner.Calibration):
 
-    forward peak = peak_activation - profile KV = c0 + a * T * hidden + b * T * intermediate   (least squares)
-    non_torch, other (base - weights - rotary/buffers)                                          (means)
+    forward peak = peak_activation - profile KV = c0 + max(T x (a x hidden + b x intermediate),
+                                                          S x vocab x l + 2 x (T + S) x hidden)
+    non_torch, other (base - weights - rotary/buffers)                     (means)
 
-separately for a fresh start (what a user gets from LLM(...): the planner's default, section "fit") and
-for reconfigured engines (section "fit_reconfigured"). Rows, fit and residuals go to one JSON file.
+a, b by least squares over the points where the MLP term is the larger, l over the others, for reconfigured
+engines (section "fit_reconfigured"); the fresh starts (what a user gets from LLM(...), section "fit_fresh")
+keep those slopes and get their own c0 and overheads; section "fit", the planner's default, takes the larger of
+each overhead, so its block count errs low rather than high however the engine was started. safety_margin_bytes comes from a
+planner_check run (--margin-from): its largest over_budget_bytes, rounded up to 512 MiB. The engine counts
+device memory of every process as its non-torch memory, so this script keeps CUDA out of its parent process
+while the per-model workers run (the first H100 run did not, and its non_torch rows include the parent's
+~520 MiB context: data/planner/calibration_h100.json takes non_torch from the planner_check run instead,
+--non-torch-from).
 CUDA graphs are off here (they are captured after the pool is sized, so they do not change it).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 scripts/calibrate_planner.py [--out data/planner/calibration_h100.json]
+    PYTHONPATH=. python3 scripts/calibrate_planner.py --refit data/planner/calibration_h100.json \
+        --margin-from data/benchmarks/planner_h100.json       # no GPU: the fit again from the recorded rows
 """
 from __future__ import annotations
 
@@ -65,7 +75,7 @@ def row(llm, model: str, cfg: EngineConfig, fresh: bool, seconds: float) -> dict
         "model": model, "fresh": fresh, "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "max_num_seqs": cfg.max_num_seqs, "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "block_size": cfg.block_size, "max_model_len": cfg.max_model_len,
-        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size, "vocab_size": spec.vocab_size,
         "total_bytes": m.total_bytes, "weight_bytes": m.weight_bytes, "peak_activation_bytes": m.peak_activation_bytes,
         "non_torch_bytes": m.non_torch_bytes, "kv_cache_bytes": m.kv_cache_bytes, "base_bytes": base,
         "num_gpu_blocks": st.num_gpu_blocks, "kv_bytes_per_token": st.kv_bytes_per_token,
@@ -77,19 +87,76 @@ def row(llm, model: str, cfg: EngineConfig, fresh: bool, seconds: float) -> dict
     }
 
 
+def _stages(r: dict, a: float, b: float, l: float) -> tuple[float, float]:
+    t, h, i = r["max_num_batched_tokens"], r["hidden_size"], r["intermediate_size"]
+    s = max(1, min(r["max_num_seqs"], t))
+    return t * (a * h + b * i), s * r["vocab_size"] * l + 2 * (t + s) * h
+
+
 def fit(rows: list[dict]) -> dict:
-    """Least-squares forward-peak coefficients and mean overheads over `rows` (bytes)."""
-    t = np.array([r["max_num_batched_tokens"] for r in rows], dtype=float)
-    h = np.array([r["hidden_size"] for r in rows], dtype=float)
-    i = np.array([r["intermediate_size"] for r in rows], dtype=float)
-    y = np.array([r["forward_peak_bytes"] for r in rows], dtype=float)
-    a = np.stack([np.ones_like(t), t * h, t * i], axis=1)
-    (c0, ch, ci), *_ = np.linalg.lstsq(a, y, rcond=None)
-    resid = y - a @ np.array([c0, ch, ci])
-    return {"forward_const_bytes": float(c0), "forward_hidden_bytes": float(ch), "forward_intermediate_bytes": float(ci),
-            "non_torch_bytes": int(np.mean([r["non_torch_bytes"] for r in rows])),
+    """The forward-peak terms (bytes) and mean overheads over `rows`; the MLP / logits split is iterated from
+    first principles (8, 6, 6) until it is stable."""
+    a, b, l, c0 = 8.0, 6.0, 6.0, 0.0
+    for _ in range(5):
+        mlp = [r for r in rows if _stages(r, a, b, l)[0] >= _stages(r, a, b, l)[1]]
+        head = [r for r in rows if _stages(r, a, b, l)[0] < _stages(r, a, b, l)[1]]
+        if len(mlp) >= 3:
+            x = np.array([[1.0, r["max_num_batched_tokens"] * r["hidden_size"],
+                           r["max_num_batched_tokens"] * r["intermediate_size"]] for r in mlp])
+            (c0, a, b), *_ = np.linalg.lstsq(x, np.array([r["forward_peak_bytes"] for r in mlp], float), rcond=None)
+        if head:
+            l = float(np.mean([(r["forward_peak_bytes"] - c0 - _stages(r, a, b, 0.0)[1])
+                               / (max(1, min(r["max_num_seqs"], r["max_num_batched_tokens"])) * r["vocab_size"])
+                               for r in head]))
+    resid = [r["forward_peak_bytes"] - c0 - max(_stages(r, a, b, l)) for r in rows]
+    return {"forward_const_bytes": float(c0), "forward_hidden_bytes": float(a), "forward_intermediate_bytes": float(b),
+            "logits_bytes": float(l), "non_torch_bytes": int(np.mean([r["non_torch_bytes"] for r in rows])),
             "other_bytes": int(np.mean([r["other_bytes"] for r in rows])),
-            "forward_residual_max_bytes": float(np.abs(resid).max()), "num_rows": len(rows)}
+            "forward_residual_max_bytes": float(np.abs(resid).max()), "num_rows": len(rows),
+            "num_rows_mlp_bound": len(mlp), "num_rows_logits_bound": len(head)}
+
+
+def fit_all(rows: list[dict], margin: int) -> dict:
+    """Sections fit_reconfigured, fit_fresh (a fresh LLM(...)) and fit: the planner's default, the larger of each
+    overhead of the two, so that its block count errs low, never high, whichever way the engine was started."""
+    fresh = [r for r in rows if r["fresh"]]
+    warm = [r for r in rows if not r["fresh"]]
+    out = {}
+    if warm:
+        out["fit_reconfigured"] = {**fit(warm), "safety_margin_bytes": margin}
+    if fresh and warm:
+        # A fresh start has one profile shape per model: the reconfigured slopes, and the fresh starts' own
+        # constant term and overheads (the first matmul's cuBLAS workspace lands in a fresh start's peak).
+        w = out["fit_reconfigured"]
+        offsets = [r["forward_peak_bytes"] - max(_stages(r, w["forward_hidden_bytes"], w["forward_intermediate_bytes"],
+                                                         w["logits_bytes"])) for r in fresh]
+        out["fit_fresh"] = {**w, "forward_const_bytes": float(np.mean(offsets)),
+                            "non_torch_bytes": int(np.mean([r["non_torch_bytes"] for r in fresh])),
+                            "other_bytes": int(np.mean([r["other_bytes"] for r in fresh])), "num_rows": len(fresh)}
+        out["fit"] = conservative(out["fit_fresh"], w)
+    return out
+
+
+def conservative(fresh: dict, warm: dict) -> dict:
+    """The larger of each overhead term of two fits (same slopes)."""
+    return {**warm, **{k: max(fresh[k], warm[k]) for k in ("forward_const_bytes", "non_torch_bytes", "other_bytes")},
+            "num_rows": fresh["num_rows"] + warm["num_rows"]}
+
+
+def non_torch_from(path: str) -> dict:
+    """Mean engine non_torch_bytes of a planner_check result: fresh starts, and reconfigured engines."""
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if r.get("engine_non_torch_bytes")]
+    mean = [int(np.mean([r["engine_non_torch_bytes"] for r in rows if r["fresh_start"] is fresh])) for fresh in
+            (True, False)]
+    return {"fit_fresh": mean[0], "fit_reconfigured": mean[1]}
+
+
+def margin_from(path: str | None) -> int:
+    """The largest over_budget_bytes of a planner_check result, rounded up to 512 MiB (else the planner's)."""
+    if not path:
+        return planner.CALIBRATION_H100.safety_margin_bytes
+    worst = json.loads(Path(path).read_text())["summary"]["max_over_budget_bytes"]
+    return -(-worst // (512 * planner.MiB)) * 512 * planner.MiB
 
 
 def measure(model: str, max_model_len: int, backend: str) -> tuple[list[dict], list[dict]]:
@@ -116,23 +183,50 @@ def measure(model: str, max_model_len: int, backend: str) -> tuple[list[dict], l
     return rows, failures
 
 
+def write(result: dict, out: str) -> None:
+    text = json.dumps(result, indent=1)
+    for path in [Path(out)] + ([Path(os.environ["OUT"]) / Path(out).name] if os.environ.get("OUT") else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(json.dumps({k: result.get(k) for k in ("fit", "fit_fresh", "fit_reconfigured")}, indent=1), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/planner/calibration_h100.json")
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--refit", help="fit again from the rows of this calibration file (no GPU needed)")
+    ap.add_argument("--margin-from", help="a planner_check result whose largest over_budget_bytes sets the margin")
+    ap.add_argument("--non-torch-from", help="with --refit: take non_torch_bytes from the engine starts of this "
+                                             "planner_check result instead of the calibration rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: measure --models[0] into this file
     args = ap.parse_args()
+    margin = margin_from(args.margin_from)
+    if args.refit:
+        result = json.loads(Path(args.refit).read_text())
+        for r in result["rows"]:  # rows recorded before vocab_size was: every model here has Llama 3's
+            r.setdefault("vocab_size", planner.resolve_model(r["model"])[1].vocab_size)
+        result.update(fit_all(result["rows"], margin))
+        if args.non_torch_from:
+            for section, value in non_torch_from(args.non_torch_from).items():
+                result[section]["non_torch_bytes"] = value
+            result["fit"] = conservative(result["fit_fresh"], result["fit_reconfigured"])
+            result["non_torch_source"] = args.non_torch_from
+        result["refit_command"] = " ".join([sys.executable, *sys.argv])
+        result["safety_margin_source"] = args.margin_from
+        write(result, args.out)
+        return 0
     if not torch.cuda.is_available():
-        print("calibrate_planner needs a CUDA GPU", file=sys.stderr)
+        print("calibrate_planner needs a CUDA GPU (or --refit FILE)", file=sys.stderr)
         return 2
     if args.worker:
         rows, failures = measure(args.models[0], args.max_model_len, args.attention_backend)
         Path(args.worker).write_text(json.dumps({"rows": rows, "failures": failures}))
         return 0
-    env = environment()
-    print(json.dumps(env), flush=True)
+    # No CUDA in this process until the workers are done: the engine counts every process's device memory as
+    # its own non-torch memory, so a context here would inflate theirs (as it did in the first H100 run).
     rows, failures = [], []
     for model in args.models:
         # One process per model, so that each fresh start is a fresh CUDA context, as a user's is.
@@ -146,28 +240,10 @@ def main() -> int:
         got = json.loads(part.read_text())
         rows += got["rows"]
         failures += got["failures"]
-    fresh = [r for r in rows if r["fresh"]]
-    warm = [r for r in rows if not r["fresh"]]
-    result = {"environment": env, "rows": rows, "failures": failures}
-    if warm:
-        result["fit_reconfigured"] = fit(warm)
-    if fresh and warm:
-        # A fresh start has one profile shape per model: take the reconfigured slopes, and the fresh starts'
-        # own constant term and overheads (the first matmul's cuBLAS workspace lands in a fresh peak).
-        w = result["fit_reconfigured"]
-        offsets = [r["forward_peak_bytes"] - w["forward_hidden_bytes"] * r["max_num_batched_tokens"] * r["hidden_size"]
-                   - w["forward_intermediate_bytes"] * r["max_num_batched_tokens"] * r["intermediate_size"]
-                   for r in fresh]
-        result["fit"] = {**w, "forward_const_bytes": float(np.mean(offsets)),
-                         "non_torch_bytes": int(np.mean([r["non_torch_bytes"] for r in fresh])),
-                         "other_bytes": int(np.mean([r["other_bytes"] for r in fresh])),
-                         "safety_margin_bytes": planner.CALIBRATION_H100.safety_margin_bytes,
-                         "num_rows": len(fresh)}
-    text = json.dumps(result, indent=1)
-    for path in [Path(args.out)] + ([Path(os.environ["OUT"]) / Path(args.out).name] if os.environ.get("OUT") else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    print(json.dumps({k: result.get(k) for k in ("fit", "fit_reconfigured")}, indent=1), flush=True)
+    env = environment()
+    result = {"environment": env, "rows": rows, "failures": failures, **fit_all(rows, margin),
+              "safety_margin_source": args.margin_from}
+    write(result, args.out)
     return 0 if rows and not failures else 1
 
 

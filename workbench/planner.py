@@ -48,33 +48,43 @@ class GPU:
 
 
 GPUS = {g.name: g for g in [
-    GPU("A10G", 23028 * MiB, (8, 6), "nvidia-smi memory.total as commonly reported (AWS g5); use gpu='current' to read it"),
-    GPU("L4", 23034 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported (GCP g2); use gpu='current' to read it"),
-    GPU("L40S", 46068 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported; use gpu='current' to read it"),
+    GPU("A10G", 23028 * MiB, (8, 6), "nvidia-smi memory.total as commonly reported (AWS g5); torch reports a little "
+        "less: use gpu='current' there"),
+    GPU("L4", 23034 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported (GCP g2); torch reports a little "
+        "less: use gpu='current' there"),
+    GPU("L40S", 46068 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported; torch reports a little less: "
+        "use gpu='current' there"),
     GPU("A100-40GB", 40448 * MiB, (8, 0), "torch total capacity 39.50 GiB as commonly reported; varies with the driver"),
     GPU("A100-80GB", 81040 * MiB, (8, 0), "torch total capacity 79.14 GiB as commonly reported; varies with the driver"),
-    GPU("H100-80GB", 81559 * MiB, (9, 0), "H100 80GB HBM3, driver 580: nvidia-smi and torch, measured on this project's machine"),
-    GPU("H200", 143771 * MiB, (9, 0), "H200 141GB, driver 580: nvidia-smi on this project's machine"),
+    GPU("H100-80GB", 85017493504, (9, 0), "H100 80GB HBM3, driver 580: torch's total (81080 MiB) measured on this "
+        "project's machine; nvidia-smi shows 81559 MiB"),
+    GPU("H200", 143771 * MiB, (9, 0), "H200 141GB, driver 580: nvidia-smi on this project's machine; torch reports "
+        "a little less (479 MiB less on the H100)"),
 ]}
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """The fitted terms of the memory model, in bytes.
+    """The fitted terms of the memory model, in bytes. The engine's profile forward peaks at the larger of
 
-    forward peak (bf16) = forward_const_bytes + forward_hidden_bytes * T * hidden_size
-                          + forward_intermediate_bytes * T * intermediate_size / tp
-    for T = max_num_batched_tokens (the per-token terms scale with the dtype's bytes / 2). The MLP
-    holds the residual stream, its normed input, gate_up (2 x intermediate), silu(gate) and the
-    product at once, so theory says about 6 and 8 bytes for bf16. other_bytes: what torch holds
-    before the profile besides weights, rotary tables and input buffers. safety_margin_bytes: device
-    memory the engine uses beyond its budget (CUDA graphs, non-torch growth after the profile), as
-    measured by the load test; "headroom below safety margin" when (1 - util) x total is less.
+        MLP:    T x (forward_hidden_bytes x hidden + forward_intermediate_bytes x intermediate / tp)
+        logits: S x vocab / tp x logits_bytes + 2 x (T + S) x hidden
+
+    plus forward_const_bytes, for T = max_num_batched_tokens tokens over S = min(max_num_seqs, T) sequences
+    (16-bit dtypes; the token terms scale with the dtype's bytes / 2). The H100 fit gives 8 and 6 bytes:
+    the residual stream, its normed copy, the layer output and the down projection's output (4 x 2 x hidden)
+    beside gate_up and the fused SwiGLU output (3 x 2 x intermediate); the logits are bf16 plus their float32
+    copy (6 bytes). forward_const_bytes: the first matmul's cuBLAS workspace, which a fresh start counts in its
+    peak. other_bytes: what torch holds before the profile besides weights, rotary tables and input buffers.
+    safety_margin_bytes: how far past its budget (gpu_memory_utilization x total) the engine's device memory
+    went under the load test (CUDA graphs, allocator reserve, non-torch growth after the profile);
+    "headroom below safety margin" when (1 - util) x total is less.
     """
 
     forward_const_bytes: float
     forward_hidden_bytes: float
     forward_intermediate_bytes: float
+    logits_bytes: float
     non_torch_bytes: int
     other_bytes: int
     safety_margin_bytes: int
@@ -87,12 +97,27 @@ class Calibration:
         return cls(**{f: fit[f] for f in cls.__dataclass_fields__ if f != "source"}, source=str(path))
 
 
-# Fitted by scripts/calibrate_planner.py on the H100 (data/planner/calibration_h100.json, section "fit");
-# tests/workbench/test_planner.py checks that these equal the committed file.
+# Fitted by scripts/calibrate_planner.py on the H100 80GB HBM3 (torch 2.11, CUDA 13.0) and committed with its data,
+# data/planner/calibration_h100.json; tests/workbench/test_planner.py checks that these equal the file.
+# A fresh LLM(...) and an engine rebuilt by LLM.reconfigure() (what a sweep does) differ a little: after the first
+# start the cuBLAS workspace has moved from the profile's peak into what torch holds, and the CUDA context has
+# grown by the kernels loaded so far (by about 180 MiB). The default takes the larger of each overhead, so that
+# its block count errs low (by up to 1%) rather than high, however the engine was started.
 CALIBRATION_H100 = Calibration(
-    forward_const_bytes=64 * MiB, forward_hidden_bytes=6.0, forward_intermediate_bytes=8.0,
-    non_torch_bytes=560 * MiB, other_bytes=0, safety_margin_bytes=2 * GiB,
-    source="first-principles estimate (not yet calibrated)")
+    forward_const_bytes=33668419.92924863, forward_hidden_bytes=7.99560761992533,
+    forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
+    non_torch_bytes=829926058, other_bytes=33816576, safety_margin_bytes=4294967296,
+    source="data/planner/calibration_h100.json, section fit")
+CALIBRATION_H100_FRESH = Calibration(
+    forward_const_bytes=33668419.92924863, forward_hidden_bytes=7.99560761992533,
+    forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
+    non_torch_bytes=648871936, other_bytes=262144, safety_margin_bytes=4294967296,
+    source="data/planner/calibration_h100.json, section fit_fresh")
+CALIBRATION_H100_RECONFIGURED = Calibration(
+    forward_const_bytes=98962.58132262375, forward_hidden_bytes=7.99560761992533,
+    forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
+    non_torch_bytes=829926058, other_bytes=33816576, safety_margin_bytes=4294967296,
+    source="data/planner/calibration_h100.json, section fit_reconfigured")
 
 
 # ----- model shape -> bytes ------------------------------------------------------------------------
@@ -198,12 +223,17 @@ def profile_kv_bytes(spec: ModelSpec, cfg: EngineConfig, kv_token_bytes: int, te
 
 def forward_peak_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calibration: Calibration | None = None,
                        tensor_parallel_size: int = 1) -> int:
-    """Peak activation bytes of a forward pass over max_num_batched_tokens tokens (calibrated formula)."""
-    c = calibration or CALIBRATION_H100
-    t, scale = cfg.max_num_batched_tokens, DTYPE_BYTES[_dtype_name(dtype)] / 2
-    per_token = (c.forward_hidden_bytes * spec.hidden_size
-                 + c.forward_intermediate_bytes * spec.intermediate_size / tensor_parallel_size)
-    return int(c.forward_const_bytes + scale * t * per_token)
+    """Peak activation bytes of the profile's forward pass (calibrated; see Calibration): the larger of the MLP
+    of max_num_batched_tokens tokens and the LM head over min(max_num_seqs, tokens) sequences."""
+    c, tp = calibration or CALIBRATION_H100, tensor_parallel_size
+    e = DTYPE_BYTES[_dtype_name(dtype)]
+    t, h = cfg.max_num_batched_tokens, spec.hidden_size
+    s = max(1, min(cfg.max_num_seqs, t))
+    mlp = t * (c.forward_hidden_bytes * h + c.forward_intermediate_bytes * spec.intermediate_size / tp) * e / 2
+    # 16-bit logits and their float32 copy (logits_bytes = 2 + 4); float32 logits need no copy.
+    per_logit = c.logits_bytes * (e + (4 if e < 4 else 0)) / 6
+    logits = s * spec.vocab_size / tp * per_logit + (t + s) * h * e
+    return int(c.forward_const_bytes + max(mlp, logits))
 
 
 def static_bytes(spec: ModelSpec, cfg: EngineConfig) -> int:
