@@ -193,7 +193,8 @@ def replan(path: str, out: str) -> int:
             r["block_rel_error"] = (p.num_gpu_blocks - r["engine_blocks"]) / r["engine_blocks"]
             r.update(matching_calibration_blocks(r, r.get("planner_gpu", "H100-80GB")))
     result["as_run_calibration_terms"] = result.pop("calibration_terms", None)
-    result["calibration_terms"] = {k: getattr(planner.CALIBRATION_H100, k) for k in planner.Calibration.__dataclass_fields__}
+    result["calibration_terms"] = {k: getattr(planner.CALIBRATION_H100, k)
+                                   for k in planner.Calibration.__dataclass_fields__}
     result["calibration"] = planner.CALIBRATION_H100.source
     result.setdefault("as_run_summary", result.get("summary"))
     result["summary"] = summarize(result["rows"])
@@ -307,7 +308,8 @@ def main() -> int:
         if part.exists():
             rows += json.loads(part.read_text())
     result = {"environment": environment(command), "calibration": cal.source if not args.calibration else
-              args.calibration, "calibration_terms": {k: getattr(cal, k) for k in planner.Calibration.__dataclass_fields__},
+              args.calibration,
+              "calibration_terms": {k: getattr(cal, k) for k in planner.Calibration.__dataclass_fields__},
               "tolerance": TOLERANCE, "crashed_workers": crashed, "summary": summarize(rows), "rows": rows,
               "seconds": time.perf_counter() - start}
     text = json.dumps(result, indent=1, default=str)

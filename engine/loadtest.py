@@ -34,9 +34,9 @@ def load_test(llm, num_requests: int | None = None, max_tokens: int | None = Non
 
     num_requests defaults to enough prompts to overfill the KV pool (capacity // prompt + 2); max_tokens to
     the steps the prompts take to fill the pool (capacity // max_num_batched_tokens) + 2 x block_size + 1, at
-    most max_model_len // 2, so the first requests still decode, and need new blocks, once the pool is full. stop="preemption" ends
-    `steps_after_preemption` steps after the first preemption (unfinished requests are then aborted),
-    stop="completion" runs every request to the end. time_limit (seconds) ends the run early.
+    most max_model_len // 2, so the first requests still decode, and need new blocks, once the pool is full.
+    stop="preemption" ends `steps_after_preemption` steps after the first preemption (unfinished requests
+    are then aborted), stop="completion" runs every request to the end. time_limit (seconds) ends the run early.
 
     Returns a dict: counts (requests finished / aborted / lost, preemptions, steps), max_kv_usage,
     stop_reason, oom (bool) and error, seconds, and on CUDA the memory seen in bytes: torch_peak_allocated,

@@ -13,8 +13,9 @@ planner; what is left is fitted to the planner's model (workbench.planner.Calibr
 a, b by least squares over the points where the MLP term is the larger, l over the others, for reconfigured
 engines (section "fit_reconfigured"); the fresh starts (what a user gets from LLM(...), section "fit_fresh")
 keep those slopes and get their own c0 and overheads; section "fit", the planner's default, takes the larger of
-each overhead, so its block count errs low rather than high however the engine was started. safety_margin_bytes comes from a
-planner_check run (--margin-from): its largest over_budget_bytes, rounded up to 512 MiB. The engine counts
+each overhead, so its block count errs low rather than high however the engine was started.
+safety_margin_bytes comes from a planner_check run (--margin-from): its largest over_budget_bytes, rounded up
+to 512 MiB. The engine counts
 device memory of every process as its non-torch memory, so this script keeps CUDA out of its parent process
 while the per-model workers run (the first H100 run did not, and its non_torch rows include the parent's
 ~520 MiB context: data/planner/calibration_h100.json takes non_torch from the planner_check run instead,
@@ -57,7 +58,8 @@ def environment() -> dict:
     dev = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(dev)
     return {"device_name": torch.cuda.get_device_name(dev), "total_memory": props.total_memory,
-            "mem_get_info_total": torch.cuda.mem_get_info(dev)[1], "capability": list(torch.cuda.get_device_capability()),
+            "mem_get_info_total": torch.cuda.mem_get_info(dev)[1],
+            "capability": list(torch.cuda.get_device_capability()),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
             "python": platform.python_version(), "command": " ".join([sys.executable, *sys.argv])}
 

@@ -54,8 +54,10 @@ GPUS = {g.name: g for g in [
         "less: use gpu='current' there"),
     GPU("L40S", 46068 * MiB, (8, 9), "nvidia-smi memory.total as commonly reported; torch reports a little less: "
         "use gpu='current' there"),
-    GPU("A100-40GB", 40448 * MiB, (8, 0), "torch total capacity 39.50 GiB as commonly reported; varies with the driver"),
-    GPU("A100-80GB", 81040 * MiB, (8, 0), "torch total capacity 79.14 GiB as commonly reported; varies with the driver"),
+    GPU("A100-40GB", 40448 * MiB, (8, 0), "torch total capacity 39.50 GiB as commonly reported; varies with the "
+        "driver"),
+    GPU("A100-80GB", 81040 * MiB, (8, 0), "torch total capacity 79.14 GiB as commonly reported; varies with the "
+        "driver"),
     GPU("H100-80GB", 85017493504, (9, 0), "H100 80GB HBM3, driver 580: torch's total (81080 MiB) measured on this "
         "project's machine; nvidia-smi shows 81559 MiB"),
     GPU("H200", 143771 * MiB, (9, 0), "H200 141GB, driver 580: nvidia-smi on this project's machine; torch reports "
