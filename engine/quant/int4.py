@@ -5,8 +5,9 @@ Format (per Linear of weight W [N, K], group size G = 128, K % G == 0):
              in the high nibble (GPTQ's order: its int32 words are these bytes, little-endian)
     scales:  [N, K // G] in the model dtype, scale = (max - min) / 15 over the group
     zeros:   [N, K // G] uint8 integer zero points in [0, 15], zero = round(-min / scale)
-A code q stands for (q - zero) * scale. Rounding error per element <= scale / 2 (the grid spans
-[min, max] up to the rounding of zero, which the clamp absorbs).
+A code q stands for (q - zero) * scale. Rounding error per element <= scale / 2, except at the top
+of a group's range, where the stored scale's own rounding (relative eps/2 of its dtype) can make
+15 steps fall short of max - min: there the clamp adds up to 15 * eps/2 steps.
 
 On CUDA the forward runs Triton kernels that unpack and dequantize in registers (triton_int4.py):
 a GEMV-style kernel for a few rows (decode) and a tiled tl.dot kernel otherwise. On the CPU it

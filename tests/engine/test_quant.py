@@ -57,6 +57,7 @@ def tiny_int4_config():
 # --- formats and round trips -------------------------------------------------------------------
 
 def test_int8_round_trip_error_is_half_a_step_per_channel():
+    torch.manual_seed(0)
     w = torch.randn(48, 256) * 0.05
     q, s = quantize_int8(w)
     assert q.dtype == torch.int8 and s.shape == (48,) and q.abs().max() <= 127
@@ -67,13 +68,18 @@ def test_int8_round_trip_error_is_half_a_step_per_channel():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_int4_round_trip_error_is_half_a_step_per_group(dtype):
+    torch.manual_seed(1)
     w = (torch.randn(24, 384) * 0.05 + torch.linspace(-0.1, 0.1, 384)).to(dtype)  # groups not centred on 0
     qweight, scales, zeros = quantize_int4(w)
     assert qweight.shape == (24, 192) and qweight.dtype == torch.uint8
     assert scales.shape == zeros.shape == (24, 3) and scales.dtype == dtype and zeros.max() <= 15
     err = (dequantize_int4(qweight, scales, zeros) - w.float()).abs().view(24, 3, 128)
-    # Half a step, plus the scale's own rounding to `dtype` at the clamped top of the range.
-    assert (err <= scales.float()[..., None] * (0.5 + 2 ** -9)).all()
+    # Half a step; at the clamped top of the range also 15 x the scale's rounding to `dtype` (the stored
+    # step can be short by a relative eps/2, so 15 steps fall short of max - min by 15 * eps/2 steps).
+    slack = 15 * torch.finfo(dtype).eps / 2
+    assert (err <= scales.float()[..., None] * (0.5 + slack) * (1 + 1e-5)).all()
+    interior = err <= scales.float()[..., None] * 0.5 * (1 + 1e-5)
+    assert interior.float().mean() > 0.99  # only codes clamped at the top may exceed half a step
 
 
 def test_int4_packing_puts_even_features_in_the_low_nibble():
