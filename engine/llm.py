@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig
+from .distributed import TPRunner, check_tensor_parallel_config
 from .kv import KVCacheManager
 from .model.llama import LlamaModel
 from .model.presets import preset_config
@@ -278,8 +279,8 @@ class LLM:
             raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
         with torch.device("meta"):  # shapes only, for the int4 group-size check
             check_quantization(LlamaModel(self.spec, 1), config.quantization, self.device)
-        if config.tensor_parallel_size != 1:
-            raise NotImplementedError("tensor_parallel_size > 1 is not implemented yet")
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel_config(self.spec, config, self.device)
         if config.max_model_len > self.spec.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
                              f"max_position_embeddings={self.spec.max_position_embeddings}; lower max_model_len")
@@ -302,6 +303,8 @@ class LLM:
         """Drop the engine and its KV cache (and CUDA graphs), returning the memory to the device."""
         if self._engine is None:
             return
+        if isinstance(self._engine.runner, TPRunner):
+            self._engine.runner.close()  # its worker processes stop now, not whenever the runner is collected
         self._engine.runner.kv_caches = []
         self._engine.runner.graphs = {}
         self._engine = None
@@ -310,9 +313,13 @@ class LLM:
             torch.cuda.empty_cache()
 
     def _build_engine(self, config: EngineConfig) -> None:
-        if config.quantization != self._quantization:
-            self._quantize(config.quantization)
-        runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
+        if config.tensor_parallel_size > 1:
+            # Every rank's shard is cut from the host copy of the weights; self.model is not used.
+            runner = TPRunner(self.spec, self._host_state, config, self.device, self.dtype)
+        else:
+            if config.quantization != self._quantization:
+                self._quantize(config.quantization)
+            runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
         self._engine = LLMEngine(runner, config, self.tokenizer)
 
     def _quantize(self, mode: str | None) -> None:

@@ -14,7 +14,9 @@ on an H100 (``scripts/calibrate_planner.py`` -> ``data/planner/calibration_h100.
 
 On the CPU the engine sizes the pool as gpu_memory_utilization x CPU_KV_BUDGET_BYTES; ``gpu="cpu"``
 plans that. Tensor parallelism is planned per GPU (Megatron sharding: linear layers, embeddings and
-LM head split, norms replicated, KV heads split); the engine does not run it yet.
+LM head split, norms replicated, KV heads split), as the engine runs it (engine/distributed/); a
+tensor_parallel_size that does not divide the head counts, or with quantization, is refused as the engine
+refuses it.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.distributed import check_tensor_parallel_config
 from engine.model.presets import PRESETS, preset_config
 from engine.model.spec import ModelSpec
 from engine.runner import CPU_KV_BUDGET_BYTES
@@ -334,8 +337,9 @@ def resolve_gpu(gpu) -> GPU:
     raise ValueError(f"gpu={gpu!r} is unknown: use one of {sorted(GPUS)}, 'current', 'cpu', bytes or e.g. '48GiB'")
 
 
-def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig) -> None:
+def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) -> None:
     """Raise ValueError for configs the engine refuses outright, whatever the memory."""
+    check_tensor_parallel_config(spec, cfg.replace(tensor_parallel_size=tp))  # head counts, no quantization
     if cfg.max_model_len > spec.max_position_embeddings:
         raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model's max_position_embeddings="
                          f"{spec.max_position_embeddings}; lower max_model_len")
@@ -404,7 +408,7 @@ def _knobs(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dty
     """Single changes that turn a failing plan into one that fits (each checked by planning it)."""
     def fits(c: EngineConfig = cfg, t: int = tp) -> bool:
         try:
-            _check_allowed(spec, gpu, c)
+            _check_allowed(spec, gpu, c, t)
         except ValueError:
             return False
         return _size(spec, name, gpu, c, t, dtype, cal).fits
@@ -448,7 +452,7 @@ def plan(model, gpu, cfg: EngineConfig | None = None, tensor_parallel_size: int 
     name, spec = resolve_model(model)
     g = resolve_gpu(gpu)
     dtype = _dtype_name(dtype or ("float32" if g.name == "cpu" else "bfloat16"))
-    _check_allowed(spec, g, cfg)
+    _check_allowed(spec, g, cfg, tp)
     cal = calibration or CALIBRATION_H100
     p = _size(spec, name, g, cfg, tp, dtype, cal)
     if not p.fits:

@@ -1,0 +1,177 @@
+"""TPRunner: ModelRunner's interface over a tensor-parallel group, so LLMEngine runs unchanged.
+
+The scheduler and the KV cache manager run once, in rank 0 (this process). TPRunner owns rank 0's
+ModelRunner, whose model is rank 0's shard wrapped in a DriverModel, and a WorkerGroup of ranks
+1..W-1. Every rank holds its shard of the weights and its shard of the KV cache (its KV heads) in a
+pool with the same number of blocks, so one block table serves all ranks. A step is prepared by rank
+0's ModelRunner as without tensor parallelism; the DriverModel broadcasts the prepared inputs, all
+ranks run the forward, and rank 0 samples.
+
+Numbers it reports are per GPU (rank 0's): weight bytes, KV bytes per token, the memory profile.
+CUDA graphs are not captured with tensor_parallel_size > 1 (stats().cuda_graphs is False), and the
+weights are not quantized (quantization must be None).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from contextlib import contextmanager
+
+import torch
+
+from ..config import EngineConfig
+from ..kv import KVCacheManager
+from ..model.spec import ModelSpec
+from ..runner import ModelRunner, StepResult
+from ..scheduler import SchedulerOutput
+from .sharding import build_shard, check_tensor_parallel, rank_spec, scatter_shards
+from .step_broadcast import DriverModel
+from .worker_group import TensorParallelError, WorkerGroup
+
+log = logging.getLogger(__name__)
+
+# Longest wait (seconds) for a collective or a worker's answer before the engine raises: a dead rank is
+# seen at once (its process has ended, or its sockets closed); this bounds the wait for a hung one.
+TP_TIMEOUT_S = 60.0
+
+
+def check_tensor_parallel_config(spec: ModelSpec, config: EngineConfig, device: torch.device | None = None) -> None:
+    """Raise ValueError for a tensor-parallel setting that cannot run, before any process starts; device
+    None skips the check of the GPUs present (for planning on another machine)."""
+    tp = config.tensor_parallel_size
+    check_tensor_parallel(spec, tp)
+    if tp > 1 and config.quantization is not None:
+        raise ValueError(f"quantization={config.quantization!r} with tensor_parallel_size={tp} is not supported "
+                         "(quantized layers are not sharded): use quantization=None or tensor_parallel_size=1")
+    if device is not None and device.type == "cuda" and tp > 1:
+        if device.index not in (None, 0):
+            raise ValueError(f"tensor_parallel_size={tp} puts rank r on cuda:r, so rank 0 must be cuda:0, "
+                             f"not device={str(device)!r}")
+        if torch.cuda.device_count() < tp:
+            raise ValueError(f"tensor_parallel_size={tp} needs {tp} GPUs but {torch.cuda.device_count()} are "
+                             "visible: lower tensor_parallel_size")
+
+
+class TPRunner:
+    """Runs each step on W ranks; same interface as ModelRunner (execute, release, KV sizing, prompt_logits).
+
+    Invariants: the workers hold the same KV pool size as rank 0 (determine_num_blocks takes the
+    minimum over ranks and allocate_kv_cache sends it to all); persistent block-table rows live only in
+    rank 0's ModelRunner (workers receive finished tables each step). After a failure the runner is
+    closed and every later call raises; close() (also run when the runner is garbage-collected or the
+    interpreter exits) leaves no worker process behind.
+    """
+
+    def __init__(self, spec: ModelSpec, host_state: dict, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, timeout_s: float | None = None):
+        check_tensor_parallel_config(spec, config, device)
+        timeout_s = TP_TIMEOUT_S if timeout_s is None else timeout_s
+        self.spec, self.config, self.device, self.dtype = spec, config, device, dtype
+        self.world_size = config.tensor_parallel_size
+        self.graphs: dict = {}
+        self.workers = WorkerGroup(spec, config, device, dtype, timeout_s)
+        self._finalizer = weakref.finalize(self, self.workers.close)
+        with self._guard():
+            self.model = build_shard(spec, 0, self.world_size, dtype, device)
+            scatter_shards(self.model, host_state)
+            self.driver = DriverModel(self.model, self.workers)
+            self.runner = ModelRunner(self.driver, rank_spec(spec, self.world_size), config, device, dtype)
+
+    # ----- what LLMEngine and LLM read ------------------------------------------------------------
+    @property
+    def backend(self):
+        return self.runner.backend
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per GPU: this rank's KV heads."""
+        return self.runner.kv_bytes_per_token
+
+    @property
+    def memory(self):
+        return self.runner.memory
+
+    @property
+    def kv_caches(self) -> list:
+        return self.runner.kv_caches
+
+    @kv_caches.setter
+    def kv_caches(self, caches: list) -> None:
+        self.runner.kv_caches = caches
+
+    # ----- KV cache -------------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        """The smallest pool any rank can hold (every rank sizes its own; on CUDA they profile together)."""
+        with self._guard():
+            self.workers.send(("num_blocks",))
+            mine = self.runner.determine_num_blocks()
+            return min([mine, *self.workers.collect()])
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        with self._guard():
+            self.workers.send(("allocate_kv_cache", num_blocks))
+            self.runner.allocate_kv_cache(num_blocks)
+            self.workers.collect()
+
+    def capture_cuda_graphs(self) -> None:
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            log.info("tensor_parallel_size=%d: CUDA graphs are not captured, decode steps run eagerly",
+                     self.world_size)
+
+    # ----- steps ----------------------------------------------------------------------------------
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+        with self._guard():
+            self.driver.mirroring = True
+            try:
+                return self.runner.execute(sched, kv)
+            finally:
+                self.driver.mirroring = False
+
+    def release(self, request_id: str) -> None:
+        self.runner.release(request_id)
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """As ModelRunner.prompt_logits (every rank runs the prefill; the LM head is in the model dtype)."""
+        with self._guard():
+            self.workers.send(("prompt_logits", token_ids))
+            logits = self.runner.prompt_logits(token_ids)
+            self.workers.collect()
+            return logits
+
+    def describe_ranks(self) -> list[dict]:
+        """What each worker rank holds (pid, device, heads, KV cache shape, NCCL environment)."""
+        with self._guard():
+            self.workers.send(("describe",))
+            return self.workers.collect()
+
+    # ----- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers and free rank 0's KV cache; later calls raise."""
+        self._finalizer()
+        if hasattr(self, "runner"):
+            self.runner.kv_caches = []
+
+    @property
+    def closed(self) -> bool:
+        return self.workers.closed
+
+    @contextmanager
+    def _guard(self):
+        """Run one exchange with the workers; on any failure close the group (it is out of step) and raise."""
+        if self.workers.closed:
+            raise TensorParallelError("this tensor-parallel engine was closed (after a failure, a reconfigure, or "
+                                      "a newer tensor-parallel engine in this process): llm.reconfigure(config) "
+                                      "starts a new one")
+        try:
+            self.workers.check_alive()
+            yield
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, Exception) and not isinstance(exc, (ValueError, TensorParallelError)):
+                error = self.workers.failure(exc)  # a collective failed on rank 0: find the rank to blame
+            # A ValueError (a setting that does not fit) leaves the workers in step: let them exit cleanly.
+            self.workers.close(graceful=isinstance(exc, ValueError))
+            self.close()
+            if error is exc:
+                raise
+            raise error from exc

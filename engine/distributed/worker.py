@@ -1,0 +1,105 @@
+"""The process of one tensor-parallel rank r >= 1, started by WorkerGroup with torch.multiprocessing (spawn).
+
+It builds its shard (empty), says "ready" through its pipe, joins the process group, receives its
+weights from rank 0 (sharding.scatter_shards) and then serves rank 0's commands until "shutdown" or
+until rank 0 goes away (its end of the pipe closes). Each command answers ("ok", result) except the
+per-step "forward" and "logits", which answer nothing (their collectives are the synchronisation).
+Any exception is sent as ("error", type name, message) and ends the process: the group is then out
+of step, and rank 0 raises instead of waiting for it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+# NVLink multicast (NVLS) off: it fails on the lent multi-GPU machines. Set in every rank's environment
+# unless the user set them; NCCL reads them when the communicator is created, after this module loads.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def apply_nccl_env() -> None:
+    for key, value in NCCL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def run_worker(rank: int, world_size: int, init_method: str, spec, config, device: str, dtype, timeout_s: float,
+               conn) -> None:
+    """Entry point of the rank's process (arguments are pickled by the spawn start method)."""
+    apply_nccl_env()
+    import torch
+    import torch.distributed as dist
+
+    try:
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        else:  # share the host's cores with rank 0 instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        from ..runner import ModelRunner
+        from .sharding import build_shard, rank_spec, scatter_shards
+
+        model = build_shard(spec, rank, world_size, dtype, device)
+        conn.send(("ready", os.getpid()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+        scatter_shards(model)
+        runner = ModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
+        _serve(conn, runner, model, device, dtype)
+    except (EOFError, KeyboardInterrupt):
+        pass  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
+    except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then this process ends
+        try:
+            conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
+        except OSError:
+            pass
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve(conn, runner, model, device, dtype) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from .step_broadcast import unpack_step
+
+    while True:
+        command, *args = conn.recv()
+        if command == "shutdown":
+            return
+        with torch.inference_mode():
+            if command == "forward":
+                header = args[0]
+                flat = torch.empty(header.numel, dtype=torch.int64, device=device)
+                dist.broadcast(flat, src=0)
+                ids, positions, meta = unpack_step(header, flat)
+                model(ids, positions, runner.kv_caches, meta, runner.backend)
+                continue
+            if command == "logits":
+                hidden = torch.empty(args[0], model.spec.hidden_size, dtype=dtype, device=device)
+                dist.broadcast(hidden, src=0)
+                model.compute_logits(hidden)
+                continue
+            if command == "num_blocks":
+                result = runner.determine_num_blocks()
+            elif command == "allocate_kv_cache":
+                result = runner.allocate_kv_cache(*args)
+            elif command == "prompt_logits":
+                runner.prompt_logits(*args)
+                result = None
+            elif command == "describe":
+                result = _describe(runner, model)
+            else:
+                raise ValueError(f"unknown command {command!r}")
+        conn.send(("ok", result))
+
+
+def _describe(runner, model) -> dict:
+    """What this rank holds, for tests and debugging."""
+    attn = model.layers[0].self_attn
+    return {"pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
+            "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
+            "kv_cache_shape": tuple(runner.kv_caches[0][0].shape) if runner.kv_caches else None,
+            "env": {k: os.environ.get(k) for k in NCCL_ENV}}

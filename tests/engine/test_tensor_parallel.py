@@ -1,0 +1,221 @@
+"""Tensor parallelism on the CPU: gloo, 2 ranks (this process and one spawned worker), tiny float32 models.
+
+The models come from conftest's make_hf_model (weights of std 0.08, so greedy choices are well separated
+and the different summation order of the all-reduces cannot flip them).
+"""
+import gc
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.distributed import shard_tensor
+from engine.distributed import tp_runner as tp_runner_module
+from engine.model.spec import ModelSpec
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# A pool of 24 blocks of 4 tokens for 8 requests of up to 31 tokens: preemptions; shared first blocks:
+# prefix-cache hits; a 32-token budget: prefills chunked.
+CFG = EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=24, max_num_batched_tokens=32)
+TP2 = CFG.replace(tensor_parallel_size=2)
+PROMPTS = [[7, 8, 9, 10, 11, 12, 13, 14] + [20 + i] * (3 + 2 * i) for i in range(8)]
+
+
+def _tp_processes() -> list:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("paged-workbench-tp")]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _generate(llm, prompts=PROMPTS, params=GREEDY):
+    llm.engine.reset_stats()
+    outs = llm.generate(prompts, params)
+    return [o.token_ids for o in outs], llm.engine.stats()
+
+
+@pytest.fixture(scope="class")
+def llama_pair(hf_models):
+    """(TP=1 reference, TP=2 engine) over the same weights; class-scoped, as a later tensor-parallel engine
+    in this process would close this one."""
+    ref = LLM.from_hf_model(hf_models["llama"], CFG)
+    tp = LLM.from_hf_model(hf_models["llama"], TP2)
+    yield ref, tp
+    tp.reconfigure(CFG)
+    assert not _tp_processes()
+
+
+def test_shard_tensor_slices_q_k_v_and_gate_up_sections_separately():
+    spec = ModelSpec.from_hf_config(dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=6,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=2))
+    rows = torch.arange(4 * 2 + 2 * 2 * 2, dtype=torch.float32)[:, None].expand(-1, 8)  # row i holds i
+    qkv = shard_tensor("layers.0.self_attn.qkv_proj.weight", rows, spec, 1, 2)[:, 0].tolist()
+    # q: heads 2, 3 (rows 4..7); k: KV head 1 (rows 8 + 2..3); v: KV head 1 (rows 12 + 2..3)
+    assert qkv == [4, 5, 6, 7, 10, 11, 14, 15]
+    gate_up = shard_tensor("layers.0.mlp.gate_up_proj.weight", torch.arange(12.0)[:, None], spec, 0, 2)[:, 0]
+    assert gate_up.tolist() == [0, 1, 2, 6, 7, 8]
+    o = shard_tensor("layers.0.self_attn.o_proj.weight", torch.arange(8.0)[None].expand(8, -1), spec, 1, 2)
+    assert o[0].tolist() == [4, 5, 6, 7]
+    # vocabulary 10 over 4 ranks: padded to 12, rank 3 holds rows 9 and one zero row
+    embed = shard_tensor("embed_tokens.weight", torch.arange(1.0, 11.0)[:, None], spec, 3, 4)
+    assert embed[:, 0].tolist() == [10, 0, 0]
+
+
+def test_settings_that_cannot_be_sharded_are_refused_before_any_process_starts(hf_models):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 .*num_heads=4, num_kv_heads=2"):
+        LLM.from_hf_model(hf_models["llama"], CFG.replace(tensor_parallel_size=3))
+    llm = LLM.from_hf_model(hf_models["llama"], CFG)
+    with pytest.raises(ValueError, match=r"quantization='int8' with tensor_parallel_size=2"):
+        llm.reconfigure(TP2.replace(quantization="int8"))
+    assert llm.config == CFG and not _tp_processes()
+
+
+class TestAgainstTP1:
+    def test_greedy_outputs_match_with_prefix_hits_preemption_and_chunked_prefill(self, llama_pair):
+        ref, tp = llama_pair
+        expected, ref_stats = _generate(ref)
+        got, stats = _generate(tp)
+        assert got == expected
+        assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+        # One scheduler, the same decisions: every step has the same shape on both engines.
+        assert (stats.num_preemptions, stats.prefix_cache_hits) == (ref_stats.num_preemptions,
+                                                                    ref_stats.prefix_cache_hits)
+        assert [s.num_batched_tokens for s in stats.steps] == [s.num_batched_tokens for s in ref_stats.steps]
+        assert max(s.num_prefill_tokens for s in stats.steps) == 32
+        # Prompt logits (every position, one prefill) agree to float32 rounding.
+        torch.testing.assert_close(tp.prompt_logits(PROMPTS[3]), ref.prompt_logits(PROMPTS[3]), atol=1e-4, rtol=1e-4)
+
+    def test_each_rank_holds_its_heads_and_its_shard_of_the_kv_cache(self, llama_pair):
+        from workbench.planner import weight_bytes
+
+        ref, tp = llama_pair
+        runner = tp.engine.runner
+        (rank1,) = runner.describe_ranks()
+        assert rank1["rank"] == 1 and rank1["num_heads"] == 2 and rank1["num_kv_heads"] == 1
+        assert rank1["kv_cache_shape"] == (24 + 1, 4, 1, 16) == tuple(runner.kv_caches[0][0].shape)
+        assert rank1["env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                                "NVSHMEM_DISABLE_NVLS": "1"}
+        stats, ref_stats = tp.engine.stats(), ref.engine.stats()
+        assert stats.kv_bytes_per_token * 2 == ref_stats.kv_bytes_per_token
+        # Per-GPU weight bytes: the planner's tensor-parallel arithmetic is what the engine holds.
+        assert stats.weight_bytes == weight_bytes(tp.spec, None, "float32", tensor_parallel_size=2)
+        assert not stats.cuda_graphs
+
+
+def test_tied_embeddings_and_qkv_bias_shard_correctly(hf_models):
+    llm = LLM.from_hf_model(hf_models["qwen2"], CFG)  # tied LM head, q/k/v biases
+    expected, _ = _generate(llm)
+    llm.reconfigure(TP2)
+    got, _ = _generate(llm)
+    llm.reconfigure(CFG)
+    assert got == expected and not _tp_processes()
+
+
+def test_a_dead_rank_raises_a_clear_error_and_reconfigure_recovers(hf_models):
+    llm = LLM.from_hf_model(hf_models["llama"], TP2)
+    expected, _ = _generate(llm, PROMPTS[:2])
+    llm.engine.add_request("a", PROMPTS[0], GREEDY)
+    llm.engine.step()
+    (pid,) = llm.engine.runner.workers.pids
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=rf"rank 1 \(pid {pid}\) died with exit code -9"):
+        llm.engine.step()
+    assert time.monotonic() - start < 10
+    with pytest.raises(RuntimeError, match="was closed"):
+        llm.engine.step()
+    llm.engine.abort_request("a")
+    llm.reconfigure(TP2)
+    assert _generate(llm, PROMPTS[:2])[0] == expected
+    # A worker's own exception reaches rank 0 with its message, and the worker exits.
+    workers = llm.engine.runner.workers
+    workers.send(("no-such-command",))
+    with pytest.raises(ValueError, match="rank 1: unknown command 'no-such-command'"):
+        workers.collect()
+    workers.processes[0].join(10)
+    assert _gone(workers.pids[0])
+    llm.reconfigure(CFG)
+    assert not _tp_processes()
+
+
+def test_a_hung_rank_times_out(hf_models, monkeypatch):
+    monkeypatch.setattr(tp_runner_module, "TP_TIMEOUT_S", 3.0)
+    llm = LLM.from_hf_model(hf_models["llama"], TP2)
+    (pid,) = llm.engine.runner.workers.pids
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="tensor parallelism failed"):
+            llm.generate(PROMPTS[:1], GREEDY)
+    finally:
+        if not _gone(pid):  # only if the engine did not stop it: never leave a stopped process behind
+            os.kill(pid, signal.SIGKILL)
+    assert time.monotonic() - start < 30
+    assert _gone(pid) and not _tp_processes()
+
+
+def test_reconfigure_garbage_collection_and_a_second_engine_leave_no_stray_processes(hf_models):
+    llm = LLM.from_hf_model(hf_models["llama"], CFG)
+    # A setting that fails once the workers run (a pool too small for max_model_len) stops them and
+    # leaves the previous engine in place.
+    with pytest.raises(ValueError, match="max_model_len=64 needs 16"):
+        llm.reconfigure(TP2.replace(num_gpu_blocks=2))
+    assert llm.config == CFG and not _tp_processes()
+    llm.reconfigure(TP2)
+    first = llm.engine.runner.workers.pids
+    llm.reconfigure(TP2.replace(block_size=8, num_gpu_blocks=12))
+    second = llm.engine.runner.workers.pids
+    assert all(map(_gone, first)) and set(first).isdisjoint(second)
+    # A second tensor-parallel engine in this process takes over the process group; the first is closed.
+    other = LLM.from_hf_model(hf_models["llama"], TP2)
+    assert all(map(_gone, second))
+    llm.engine.add_request("x", PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="was closed"):
+        llm.engine.step()
+    llm.engine.abort_request("x")
+    llm.reconfigure(CFG)
+    assert len(_tp_processes()) == 1
+    pids = other.engine.runner.workers.pids
+    del other  # garbage collection stops the workers too
+    gc.collect()
+    assert all(map(_gone, pids)) and not _tp_processes()
+
+
+def test_the_planner_refuses_what_the_engine_refuses():
+    from workbench.planner import plan, plan_table
+
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 .*num_heads=28, num_kv_heads=4"):
+        plan("qwen2.5-7b", "H100-80GB", EngineConfig(), tensor_parallel_size=8)
+    with pytest.raises(ValueError, match="quantization='int8' with tensor_parallel_size=2"):
+        plan("llama-3.1-70b", "H100-80GB", EngineConfig(quantization="int8"), tensor_parallel_size=2)
+    df = plan_table("qwen2.5-7b", "H100-80GB", [EngineConfig()], tensor_parallel_sizes=(1, 2, 4, 8))
+    assert list(df.verdict == "not allowed") == [False, False, False, True]
+
+
+def test_sweep_over_tensor_parallel_size_and_the_planner_agree_with_the_engine(tmp_path):
+    from workbench import Sweep
+    from workbench.planner import plan
+
+    base = EngineConfig(device="cpu", max_model_len=128)
+    sweep = Sweep(model="tiny", workload="shared-prefix", num_requests=4, progress=False, warmup=False,
+                  workload_args=dict(num_prefixes=1, prefix_len=32, suffix_len=8, output_len=4),
+                  grid={"tensor_parallel_size": [1, 2]}, base_config=base)
+    df = sweep.run()
+    assert list(df["tensor_parallel_size"]) == [1, 2] and (df["status"] == "ok").all(), df["error"]
+    assert (df["total_output_tokens"] == 16).all() and list(df["label"]) == ["tp=1", "tp=2"]
+    for tp, blocks in zip(df["tensor_parallel_size"], df["kv_blocks"]):
+        assert plan("tiny", "cpu", base, tensor_parallel_size=tp, dtype="float32").num_gpu_blocks == blocks
+    pids = sweep.llm.engine.runner.workers.pids
+    del sweep
+    gc.collect()
+    assert all(map(_gone, pids)) and not _tp_processes()
