@@ -10,6 +10,12 @@ ranks run the forward, and rank 0 samples.
 Numbers it reports are per GPU (rank 0's): weight bytes, KV bytes per token, the memory profile.
 CUDA graphs are not captured with tensor_parallel_size > 1 (stats().cuda_graphs is False), and the
 weights are not quantized (quantization must be None).
+
+Tested on the CPU only (gloo); the CUDA path (NCCL, rank r on cuda:r, every rank profiling its memory)
+is written but has not run, for want of a multi-GPU machine. Known gaps there: LLM.__init__ still builds
+the unsharded model on cuda:0, so a model that does not fit one GPU cannot load yet and rank 0 has
+less room for KV (the pool is the minimum over ranks); and a NCCL collective that times out is handled
+by torch's NCCL watchdog, which by default ends the process rather than raising.
 """
 from __future__ import annotations
 

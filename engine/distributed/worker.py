@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import traceback
 
 # NVLink multicast (NVLS) off: it fails on the lent multi-GPU machines. Set in every rank's environment
@@ -46,17 +47,21 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
         scatter_shards(model)
         runner = ModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
         _serve(conn, runner, model, device, dtype)
+        code = 0
     except (EOFError, KeyboardInterrupt):
-        pass  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
+        code = 0  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then this process ends
+        code = 1
         try:
             conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
         except OSError:
             pass
-        raise SystemExit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if code == 0 and dist.is_initialized():  # after a failure the group may be stuck: leave it to the OS
+        dist.destroy_process_group()
+    # Skip the interpreter's teardown (about a second with torch loaded): nothing here needs it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _serve(conn, runner, model, device, dtype) -> None:

@@ -181,8 +181,8 @@ class WorkerGroup:
     # ----- shutdown -------------------------------------------------------------------------------
     def close(self, graceful: bool = True) -> None:
         """Stop every worker and destroy the process group. graceful: ask first (a worker in step leaves its
-        loop and exits); else, as after a failure (workers may be stuck in a collective), terminate at once.
-        Then SIGTERM, then SIGKILL, each after a short wait."""
+        loop and exits), then SIGTERM, then SIGKILL, each after a short wait; else, as after a failure
+        (workers may be stuck in a collective, or stopped), SIGKILL at once."""
         global _open_group
         if self.closed:
             return
@@ -194,13 +194,14 @@ class WorkerGroup:
             except OSError:
                 pass
         for _, proc, conn in self.workers:
-            proc.join(5.0 if graceful else 0.0)
-            if proc.is_alive():
+            if graceful:
+                proc.join(5.0)
+            if proc.is_alive() and graceful:
                 proc.terminate()
                 proc.join(2.0)
-            if proc.is_alive():
+            if proc.is_alive():  # after a failure at once: SIGTERM would not end a stopped process
                 proc.kill()
-                proc.join()
+            proc.join()
             conn.close()
         if _open_group is not None and _open_group() is self:
             _open_group = None

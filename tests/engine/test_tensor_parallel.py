@@ -7,6 +7,8 @@ import gc
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -149,7 +151,7 @@ def test_a_dead_rank_raises_a_clear_error_and_reconfigure_recovers(hf_models):
 
 
 def test_a_hung_rank_times_out(hf_models, monkeypatch):
-    monkeypatch.setattr(tp_runner_module, "TP_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(tp_runner_module, "TP_TIMEOUT_S", 2.0)
     llm = LLM.from_hf_model(hf_models["llama"], TP2)
     (pid,) = llm.engine.runner.workers.pids
     os.kill(pid, signal.SIGSTOP)
@@ -189,6 +191,29 @@ def test_reconfigure_garbage_collection_and_a_second_engine_leave_no_stray_proce
     del other  # garbage collection stops the workers too
     gc.collect()
     assert all(map(_gone, pids)) and not _tp_processes()
+
+
+SCRIPT = """
+import os
+from engine import LLM, EngineConfig, SamplingParams
+print("body", os.getpid(), flush=True)
+llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, tensor_parallel_size=2))
+llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+print("worker", llm.engine.runner.workers.pids[0], flush=True)
+"""
+
+
+def test_a_script_without_a_main_guard_runs_once_and_exits_without_stray_workers(tmp_path):
+    """Spawned workers do not re-run the caller's script, and interpreter exit stops them (no close() called)."""
+    script = tmp_path / "tp_script.py"
+    script.write_text(SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.split()
+    assert lines.count("body") == 1 and lines.count("worker") == 1
+    assert _gone(int(lines[lines.index("worker") + 1]))
 
 
 def test_the_planner_refuses_what_the_engine_refuses():
