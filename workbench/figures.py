@@ -360,8 +360,9 @@ def allocator_batch_size_mpl(timeline: pd.DataFrame, title: str = "Requests runn
     return fig
 
 
-REQUEST_COLORS = ["#66C2A5", "#FC8D62", "#8DA0CB", "#E78AC3", "#A6D854", "#FFD92F", "#E5C494", "#80B1D3",
-                  "#FB8072", "#BEBADA", "#FDB462", "#FCCDE5", "#BC80BD", "#FFED6F", "#8DD3C7", "#B3DE69"]
+# Requests get solid fills; greens come last, away from the green outline of cached free blocks.
+REQUEST_COLORS = ["#FC8D62", "#8DA0CB", "#E78AC3", "#FFD92F", "#80B1D3", "#E5C494", "#BC80BD", "#FB8072",
+                  "#BEBADA", "#FDB462", "#FCCDE5", "#FFED6F", "#66C2A5", "#8DD3C7", "#B3DE69", "#A6D854"]
 BLOCK_STATES = {  # state: (legend name, fill, outline, text colour)
     "shared": ("shared prefix (ref_count > 1)", "#3C3C3C", "#3C3C3C", "white"),
     "cached": ("free, holds a cached prefix", "#F2F2F2", "#2CA02C", "#555555"),
@@ -384,7 +385,7 @@ def _block_groups(blocks: pd.DataFrame, colors: dict):
 
 
 def block_map(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = None, title: str = "KV blocks",
-              cell_px: int = 30) -> go.Figure:
+              cell_px: int = 36) -> go.Figure:
     """The physical KV blocks as a grid (block 0 top left, row by row), each coloured by the request that
     owns it; blocks held by several requests (a shared prefix) dark, free blocks that still hold a cached
     prefix outlined green, other free blocks grey.
@@ -397,6 +398,10 @@ def block_map(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = Non
     """
     colors = colors if colors is not None else block_colors(blocks.loc[blocks["state"] == "owned", "owner"])
     rows = max(1, -(-len(blocks) // columns))
+    # The grid keeps square cells of cell_px at the top of the plot; the legend (one line per request and
+    # state, ~20 px each) may need more height than the grid.
+    grid_px, top, bottom = rows * cell_px, 50, 10
+    plot_px = max(grid_px, 20 * (len(colors) + len(BLOCK_STATES)))
     fig = go.Figure()
     for name, g, fill, line, text in _block_groups(blocks, colors):
         ids = g["block_id"].astype(int)
@@ -405,11 +410,12 @@ def block_map(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = Non
                         marker=dict(symbol="square", size=cell_px - 4, color=fill, line=dict(color=line, width=2)),
                         hovertemplate="block %{text}<br>%{customdata[0]}<br>ref_count %{customdata[1]}"
                                       "<extra>" + name + "</extra>")
-    fig.update_layout(title=title, width=columns * cell_px + 260, height=rows * cell_px + 90,
-                      margin=dict(l=20, r=240, t=50, b=20), plot_bgcolor="white", showlegend=True,
+    fig.update_layout(title=title, width=columns * cell_px + 250, height=plot_px + top + bottom,
+                      margin=dict(l=10, r=240, t=top, b=bottom), plot_bgcolor="white", showlegend=True,
                       legend=dict(x=1.02, y=1, xanchor="left", yanchor="top", font_size=11),
                       xaxis=dict(range=[-0.5, columns - 0.5], visible=False, fixedrange=True),
-                      yaxis=dict(range=[rows - 0.5, -0.5], visible=False, fixedrange=True))
+                      yaxis=dict(range=[rows - 0.5, -0.5], visible=False, fixedrange=True,
+                                 domain=[1 - grid_px / plot_px, 1]))
     return fig
 
 

@@ -141,14 +141,13 @@ def record_block_map(llm, requests, max_steps: int = 500) -> BlockMapRecording:
     return BlockMapRecording(snapshots, counters, events, ids)
 
 
-COUNTERS = {  # StepStats field: (label, format)
+COUNTERS = {  # StepStats field: (label, format), shown two per row
     "num_running": ("running requests", "{}"), "num_waiting": ("waiting requests", "{}"),
-    "num_prefill_tokens": ("prefill tokens this step", "{}"), "num_decode_tokens": ("decode tokens this step", "{}"),
+    "num_prefill_tokens": ("prefill tokens", "{}"), "num_decode_tokens": ("decode tokens", "{}"),
     "num_used_blocks": ("used blocks", "{}"), "num_free_blocks": ("free blocks", "{}"),
-    "num_cached_blocks": ("free blocks holding a cached prefix", "{}"), "kv_usage": ("KV usage", "{:.0%}"),
-    "internal_fragmentation": ("internal fragmentation", "{:.1%}"),
+    "kv_usage": ("KV usage", "{:.0%}"), "num_cached_blocks": ("free, cached prefix", "{}"),
+    "internal_fragmentation": ("internal fragmentation", "{:.1%}"), "num_preemptions": ("preemptions", "{}"),
     "prefix_cache_hits": ("prefix-cache hits (tokens)", "{}"), "prefix_cache_queries": ("looked up (tokens)", "{}"),
-    "num_preemptions": ("preemptions this step", "{}"),
 }
 
 
@@ -167,15 +166,17 @@ class BlockMapExplorer(widgets.VBox):
         self.colors = figures.block_colors(recording.request_ids)
         last = len(recording) - 1
         self.figure = go.FigureWidget(figures.block_map(recording.blocks(0), columns, self.colors))
+        self.figure._config = {"displayModeBar": False}  # FigureWidget's config; zooming a fixed grid helps nobody
         self.play = widgets.Play(min=0, max=last, interval=interval_ms, description="play")
         self.slider = widgets.IntSlider(min=0, max=last, description="step", continuous_update=True,
                                         layout=widgets.Layout(width="420px"))
         widgets.jslink((self.play, "value"), (self.slider, "value"))
         self.events = widgets.HTML(layout=widgets.Layout(margin="0 0 0 12px"))
-        self.side = widgets.HTML(layout=widgets.Layout(min_width="330px", margin="0 0 0 8px"))
+        self.counters = widgets.HTML(layout=widgets.Layout(margin="0 0 0 10px"))
+        self.tables = widgets.HTML(layout=widgets.Layout(min_width="330px", margin="0 0 0 16px"))
         self.slider.observe(lambda change: self.show(change["new"]), "value")
         self.children = [widgets.HTML(_CSS), widgets.HBox([self.play, self.slider, self.events]),
-                         widgets.HBox([self.figure, self.side])]
+                         widgets.HBox([widgets.VBox([self.figure, self.counters]), self.tables])]
         self.add_class("wb-block-map-explorer")
         self.step = -1
         self.show(0)
@@ -195,7 +196,8 @@ class BlockMapExplorer(widgets.VBox):
                 old.update(x=new.x, y=new.y, text=new.text, customdata=new.customdata)
             self.figure.layout.title = fig.layout.title
         self.events.value = self._events_html(rec.events[i])
-        self.side.value = _CSS + self._counters_html(rec.counters[i]) + self._tables_html(rec.snapshots[i])
+        self.counters.value = _CSS + self._counters_html(rec.counters[i])
+        self.tables.value = _CSS + self._tables_html(rec.snapshots[i])
         if self.slider.value != i:
             self.slider.value = i
         self.step = i
@@ -208,9 +210,11 @@ class BlockMapExplorer(widgets.VBox):
 
     def _counters_html(self, counters: dict | None) -> str:
         if counters is None:
-            return "<div class='wb-h'>Counters</div><div class='wb-muted'>no step has run yet</div>"
-        rows = [{"name": label, "value": fmt.format(counters[key])} for key, (label, fmt) in COUNTERS.items()]
-        return "<div class='wb-h'>This step</div>" + _table(rows, {"name": ("counter", None), "value": ("", None)})
+            return "<div class='wb-h'>Counters of the step</div><div class='wb-muted'>no step has run yet</div>"
+        cells = [f"<td>{_esc(label)}</td><td><b>{_esc(fmt.format(counters[key]))}</b></td>"
+                 for key, (label, fmt) in COUNTERS.items()]
+        rows = "".join("<tr>" + "".join(cells[j:j + 2]) + "</tr>" for j in range(0, len(cells), 2))
+        return f"<div class='wb-h'>Counters of the step</div><table class='wb-table'>{rows}</table>"
 
     def _tables_html(self, snap: dict) -> str:
         blocks = snap["blocks"]
@@ -251,12 +255,13 @@ class AllocatorComparison(widgets.VBox):
         super().__init__()
         self.trace, self.max_model_len, self.max_num_seqs = trace, max_model_len, max_num_seqs
         style = {"description_width": "initial"}
-        self.block_size = widgets.Dropdown(options=[8, 16, 32, 64, 128], value=block_size,
-                                           description="paged block size", style=style)
+        self.block_size = widgets.Dropdown(options=[8, 16, 32, 64, 128], value=block_size, style=style,
+                                           description="paged block size", layout=widgets.Layout(width="190px"))
         self.capacity = widgets.BoundedIntText(value=capacity_tokens, min=max_model_len, max=10**8, step=1024,
-                                               description="KV pool (token slots)", style=style)
+                                               description="KV pool (token slots)", style=style,
+                                               layout=widgets.Layout(width="270px"))
         self.steps = widgets.ToggleButtons(options=[("while requests wait", "loaded"), ("whole run", "all")],
-                                           value=steps, description="average over", style=style,
+                                           value=steps, style={"button_width": "150px"},
                                            tooltips=["steps in which the pool held a request back",
                                                      "every step, including the drain at the end"])
         self.waste = go.FigureWidget()
@@ -266,7 +271,8 @@ class AllocatorComparison(widgets.VBox):
         for w in (self.block_size, self.capacity, self.steps):
             w.observe(lambda _: self.update(), "value")
         self.children = [widgets.HTML(_CSS), self.caption,
-                         widgets.HBox([self.block_size, self.capacity, self.steps]),
+                         widgets.HBox([self.block_size, self.capacity, widgets.Label("average over"), self.steps],
+                                      layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
                          widgets.HBox([self.waste, self.batch]), self.table]
         self.add_class("wb-allocator-comparison")
         self.update()
@@ -276,10 +282,12 @@ class AllocatorComparison(widgets.VBox):
         self.result = baselines.compare_allocators(self.trace, self.capacity.value, self.max_model_len,
                                                    self.block_size.value, self.max_num_seqs, steps=self.steps.value)
         summary, timeline = self.result
-        waste = figures.memory_waste(summary)
-        waste.update_layout(width=560, height=430)
+        window = "while requests wait" if self.steps.value == "loaded" else "over the whole run"
+        waste = figures.memory_waste(summary, f"Where the KV memory goes ({window})")
+        waste.update_layout(width=500, height=430, margin=dict(l=60, r=10, t=60, b=80))
         batch = figures.allocator_batch_size(timeline)
-        batch.update_layout(width=560, height=430)
+        batch.update_layout(width=470, height=430, margin=dict(l=60, r=10, t=60, b=80),
+                            legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"))
         _show(self.waste, waste)
         _show(self.batch, batch)
         info = getattr(self.trace, "summary", lambda: None)()
@@ -357,7 +365,7 @@ class SweepPanel(widgets.VBox):
         self.background, self.sweep_args = background, dict(sweep_args or {})
         self.sweep, self.results, self.plans = None, pd.DataFrame(), None
         self._thread, self._stop, self._running, self._running_label = None, False, False, None
-        style, wide = {"description_width": "170px"}, widgets.Layout(width="440px")
+        style, wide = {"description_width": "190px"}, widgets.Layout(width="460px")
         self.model = widgets.Combobox(value=model, options=[model] + sorted(PRESETS), description="model",
                                       ensure_option=False, style=style, layout=wide)
         self.workload = widgets.Dropdown(options=list(self.workload_args), description="workload", style=style,
@@ -393,7 +401,7 @@ class SweepPanel(widgets.VBox):
                                 widgets.HBox([self.export_button, self.report_path]), self.points_table],
                                layout=widgets.Layout(margin="0 0 0 20px"))
         figs = widgets.GridBox(list(self.figures.values()),
-                               layout=widgets.Layout(grid_template_columns="repeat(2, 50%)", width="100%"))
+                               layout=widgets.Layout(grid_template_columns="repeat(2, 510px)"))
         self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions]), figs]
         self.add_class("wb-sweep-panel")
         self.preview()
@@ -576,5 +584,5 @@ class SweepPanel(widgets.VBox):
                 "ttft": figures.latency_percentiles(df, "ttft"),
                 "kv": figures.kv_usage_over_time(self.sweep.timeseries.get(pid), f"KV usage and batch size: {label}")}
         for name, fig in figs.items():
-            fig.update_layout(height=360, margin=dict(l=50, r=20, t=50, b=50))
+            fig.update_layout(width=500, height=360, margin=dict(l=60, r=20, t=50, b=50), title_font_size=14)
             _show(self.figures[name], fig)

@@ -1,0 +1,139 @@
+"""Widget state changes, driven from Python as a notebook front end would (button clicks, slider moves)."""
+import pytest
+
+pytest.importorskip("ipywidgets")
+
+from engine import LLM, EngineConfig  # noqa: E402
+from workbench import figures  # noqa: E402
+from workbench.baselines import compare_allocators  # noqa: E402
+from workbench.widgets import (AllocatorComparison, BlockMapExplorer, SweepPanel, parse_values,  # noqa: E402
+                               record_block_map)
+from workbench.workloads import sharegpt_like  # noqa: E402
+
+CPU = EngineConfig(device="cpu", max_model_len=128, num_gpu_blocks=64)
+SMALL = {"shared-prefix": dict(num_prefixes=2, prefix_len=16, suffix_len=4, output_len=4),
+         "fixed": dict(prompt_len=8, output_len=4)}
+
+
+def panel(**kwargs):
+    args = dict(model="tiny", workload="shared-prefix", grid={"block_size": [8, 16]}, base_config=CPU,
+                num_requests=4, workloads=SMALL, background=False, sweep_args={"warmup": False})
+    return SweepPanel(**{**args, **kwargs})
+
+
+def test_parse_values():
+    assert parse_values("8, 16,32") == [8, 16, 32]
+    assert parse_values("True, off, None, int8, 0.9, 'fp8'") == [True, False, None, "int8", 0.9, "fp8"]
+    assert parse_values(" , ") == []
+
+
+def test_sweep_panel_shows_the_plan_before_running():
+    p = panel()
+    assert p.grid() == {"block_size": [8, 16]} and not p.run_button.disabled
+    assert p.progress.max == 2 and p.progress.value == 0
+    table = p.points_table.value
+    assert "bs=8" in table and "bs=16" in table and table.count(">pending<") == 2
+    assert p.plans is not None and table.count(">fits<") == 2  # the memory planner's verdict per point
+    p.dims["max_num_seqs"].value = "1, 2"
+    assert p.progress.max == 4 and "seqs=2" in p.points_table.value
+
+
+def test_run_button_on_a_2_point_grid_fills_results_figures_and_export(tmp_path):
+    p = panel()
+    seen = []
+    run_point = p._on_point
+    p._on_point = lambda row: (seen.append(len(p.figures["throughput"].data[0].x)
+                                           if p.figures["throughput"].data else 0), run_point(row))
+    p.run_button.click()
+    assert len(p.results) == 2 and (p.results["status"] == "ok").all()
+    assert list(p.results["block_size"]) == [8, 16]
+    assert p.progress.value == 2 and p.progress.bar_style == "success" and "2 of 2 points ok" in p.status.value
+    assert seen == [0, 1]  # the figures were redrawn after the first point, before the second finished
+    bars = p.figures["throughput"].data[0]
+    assert list(bars.x) == ["bs=8", "bs=16"] and list(bars.y) == pytest.approx(list(p.results["output_throughput"]))
+    assert p.points_table.value.count(">ok<") == 2 and not p.export_button.disabled
+    assert p.llm is not None and p.sweep.llm is p.llm  # weights kept for the next run
+    p.report_path.value = str(tmp_path / "report.html")
+    p.export_button.click()
+    assert (tmp_path / "report.html").stat().st_size > 100_000 and "report.html" in p.status.value
+    p.dims["block_size"].value = "32"
+    p.run_button.click()  # a second run reuses the loaded model
+    assert list(p.results["block_size"]) == [32] and p.sweep.llm is p.llm
+
+
+def test_stop_ends_the_sweep_after_the_running_point():
+    p = panel()
+    run_point = p._on_point
+    p._on_point = lambda row: (p.stop_button.click(), run_point(row))
+    p.run_button.click()
+    assert len(p.results) == 1 and "stopped after 1 of 2 points" in p.status.value
+    assert not p.run_button.disabled and p.stop_button.disabled
+
+
+def test_a_bad_value_disables_run_and_says_why():
+    p = panel()
+    p.dims["block_size"].value = "8, 7"
+    assert p.run_button.disabled and "block_size=7 is not allowed" in p.status.value
+    p.dims["block_size"].value = "8"
+    assert not p.run_button.disabled
+
+
+@pytest.fixture(scope="module")
+def recording():
+    """Three requests on the tiny model in 12 blocks of 4: two share an 8-token prefix, and the pool runs out."""
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=48, block_size=4, num_gpu_blocks=12))
+    shared = list(range(10, 18))
+    return record_block_map(llm, [("a", shared + [1, 2], 12), ("b", shared + [3], 12),
+                                  ("c", list(range(40, 46)), 20, 2), ("d", shared + [4], 4, 30)])
+
+
+def test_recording_sees_sharing_preemption_and_cached_blocks(recording):
+    events = recording.events
+    assert events[0]["arrived"] == ["a", "b"] and events[1]["admitted"] == ["a", "b"]
+    frame = recording.blocks(1)
+    shared = frame[frame["state"] == "shared"]
+    assert list(shared["block_id"]) == [0, 1] and (shared["ref_count"] == 2).all()
+    assert shared["owners"].str.contains("a, b").all()
+    assert any(e["preempted"] for e in events)  # 12 blocks cannot hold a, b and c to the end
+    finished = next(i for i, e in enumerate(events) if e["finished"])
+    assert (recording.blocks(finished)["state"] == "cached").any()
+    d = next(i for i, e in enumerate(events) if "d" in e["admitted"])
+    assert recording.counters[d]["prefix_cache_hits"] == 8  # d takes the cached prefix back
+    assert recording.counters[0] is None and all(c is not None for c in recording.counters[1:])
+
+
+def test_block_map_explorer_slider_moves_to_the_step(recording):
+    ex = BlockMapExplorer(recording, columns=6)
+    assert ex.step == 0 and ex.slider.max == len(recording) - 1 and ex.play.max == ex.slider.max
+    assert ex.figure.layout.title.text == "KV blocks before the first step"
+    for step in (3, 1, len(recording) - 1):
+        ex.slider.value = step
+        assert ex.step == step and ex.figure.layout.title.text == f"KV blocks after step {step}"
+        expected = figures.block_map(recording.blocks(step), 6, ex.colors)
+        assert [tuple(t.x) for t in ex.figure.data] == [tuple(t.x) for t in expected.data]
+        assert [tuple(t.text) for t in ex.figure.data] == [tuple(t.text) for t in expected.data]
+        snap = recording.snapshots[step]
+        for rid, table in snap["block_tables"].items():
+            assert f">{rid}</span>" in ex.tables.value
+            assert all(f">{b}</span>" in ex.tables.value for b in table)
+        assert f"<b>{recording.counters[step]['num_used_blocks']}</b>" in ex.counters.value
+    ex.show(2)
+    assert ex.slider.value == 2 and ex.step == 2
+    # One trace per request and per block state, in the same order at every step.
+    assert [t.name for t in ex.figure.data][:4] == ["a", "b", "c", "d"]
+
+
+def test_allocator_comparison_shows_the_baselines_and_replays_on_change():
+    trace = sharegpt_like(num_requests=30, vocab_size=64, seed=1, mean_prompt_len=60, mean_output_len=100, max_len=256)
+    ac = AllocatorComparison(trace, capacity_tokens=2048, max_model_len=512, block_size=16)
+    expected = compare_allocators(trace, 2048, 512, 16).summary
+    assert ac.result.summary.equals(expected)
+    assert [t.name for t in ac.waste.data] == ["token states", "reservation", "internal fragmentation",
+                                               "external fragmentation", "free"]
+    assert list(ac.waste.data[0].y) == pytest.approx(list(expected["tokens_share"]))
+    assert all(label in ac.table.value for label in expected["label"])
+    assert len(ac.batch.data) == 4
+    ac.block_size.value = 64
+    assert ac.result.summary.equals(compare_allocators(trace, 2048, 512, 64).summary)
+    ac.steps.value = "all"
+    assert (ac.result.summary["steps"] == "all").all() and "whole run" in ac.waste.layout.title.text
