@@ -354,7 +354,14 @@ class LLM:
         for i, p, sp in zip(ids, checked, params):
             engine.add_request(i, p, sp)
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
-            for out in engine.step():
-                done[out.request_id] = out
+        try:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    done[out.request_id] = out
+        except BaseException:
+            # A failed step (or Ctrl-C in a notebook) must not strand requests in the engine.
+            for i in ids:
+                if i not in done:
+                    engine.abort_request(i)
+            raise
         return [done[i] for i in ids]

@@ -1,7 +1,8 @@
 """Published shapes of common open-weight models, as transformers configs (weights are random)."""
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+# transformers is imported inside the builders: importing it costs about 1.5 s, which every
+# tensor-parallel worker process would pay just to reach the engine.
 
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -12,6 +13,7 @@ def _rope(theta: float, **scaling) -> dict:
 
 
 def _llama3(hidden, inter, layers, heads, kv, *, factor, tied, head_dim=128, max_pos=131072):
+    from transformers import LlamaConfig
     return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
                        vocab_size=128256, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
@@ -20,6 +22,7 @@ def _llama3(hidden, inter, layers, heads, kv, *, factor, tied, head_dim=128, max
 
 
 def _mistral_7b():
+    from transformers import MistralConfig
     return MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,
                          max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -28,6 +31,7 @@ def _mistral_7b():
 
 
 def _qwen25_7b():
+    from transformers import Qwen2Config
     return Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -35,6 +39,7 @@ def _qwen25_7b():
 
 
 def _tiny():
+    from transformers import LlamaConfig
     # Small enough for CPU tests: 2 layers, grouped-query attention (4 query heads, 2 KV heads).
     return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=4096,
@@ -53,8 +58,8 @@ PRESETS = {
 }
 
 
-def preset_config(name: str) -> PretrainedConfig:
-    """The transformers config of a preset, by name (see PRESETS)."""
+def preset_config(name: str):
+    """The transformers config (PretrainedConfig) of a preset, by name (see PRESETS)."""
     if name not in PRESETS:
         raise ValueError(f"model preset {name!r} is unknown: choose one of {sorted(PRESETS)}")
     return PRESETS[name]()

@@ -134,3 +134,17 @@ def test_mixed_params_per_prompt(hf_models):
     assert [len(o.token_ids) for o in outs] == [2, 5]
     with pytest.raises(ValueError, match="one each"):
         llm.generate([[5], [6]], [GREEDY] * 3)
+
+
+def test_failed_step_leaves_no_request_behind(monkeypatch):
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(llm.engine.runner, "execute", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[5, 6], [7, 8]], GREEDY)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.kv.num_used_blocks == 0
+    monkeypatch.undo()
+    assert len(llm.generate([[5, 6]], GREEDY)[0].token_ids) == GREEDY.max_tokens
