@@ -281,7 +281,8 @@ class AllocatorComparisonResult(NamedTuple):
 
 
 def compare_allocators(trace, capacity_tokens: int, max_model_len: int, block_size: int = 16,
-                       max_num_seqs: int = 256, allocators=ALLOCATORS, steps: str = "loaded") -> AllocatorComparisonResult:
+                       max_num_seqs: int = 256, allocators=ALLOCATORS,
+                       steps: str = "loaded") -> AllocatorComparisonResult:
     """The same trace through each allocator in ``allocators`` with the same pool of capacity_tokens slots;
     ``steps`` as in `summarize`."""
     timeline = pd.concat([replay_allocator(trace, a, capacity_tokens, max_model_len, block_size, max_num_seqs)

@@ -42,7 +42,7 @@ def _show(fw: go.FigureWidget, fig: go.Figure) -> None:
 
 
 def _table(rows: list[dict], columns: dict) -> str:
-    """An HTML table; columns: {key: (header, format)}, format a str.format pattern or None (escaped text)."""
+    """An HTML table; columns: {key: (header, format)}: a str.format pattern, None (text) or "html" (as is)."""
     head = "".join(f"<th>{_esc(h)}</th>" for h, _ in columns.values())
     body = []
     for r in rows:
@@ -411,7 +411,10 @@ class SweepPanel(widgets.VBox):
     def _gpu_options(self) -> list[str]:
         import torch
 
-        from .planner import GPUS
+        try:
+            from .planner import GPUS
+        except ImportError:  # no planner: the verdict column is left out (see _plan)
+            GPUS = {}
         return ["cpu", *(["current"] if torch.cuda.is_available() else []), *GPUS]
 
     def _default_gpu(self) -> str:

@@ -86,7 +86,8 @@ def _start_lab(tmp: Path, work: Path, port: int, token: str) -> subprocess.Popen
                 break
             time.sleep(0.5)
     proc.terminate()
-    pytest.fail(f"JupyterLab did not start; see {tmp / 'jupyterlab.log'}:\n{(tmp / 'jupyterlab.log').read_text()[-2000:]}")
+    log = (tmp / "jupyterlab.log").read_text()[-2000:]
+    pytest.fail(f"JupyterLab did not start; see {tmp / 'jupyterlab.log'}:\n{log}")
 
 
 def _start_kernel(port: int, token: str, path: str) -> None:

@@ -39,6 +39,9 @@ def execute(path: Path, workdir: Path, monkeypatch, **params):
     nb = inject_parameters(nbformat.read(path, as_version=4), MODEL=str(SHIPPED_MODEL), OUT_DIR=str(workdir),
                            **params)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # One torch thread: the model is tiny, and OpenMP threads spin-waiting on a busy 2-core CI machine make
+    # CPU inference many times slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     client = nbclient.NotebookClient(nb, timeout=TIME_LIMIT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(workdir)}})
     start = time.perf_counter()
