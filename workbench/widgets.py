@@ -365,7 +365,7 @@ class SweepPanel(widgets.VBox):
         self.background, self.sweep_args = background, dict(sweep_args or {})
         self.sweep, self.results, self.plans = None, pd.DataFrame(), None
         self._thread, self._stop, self._running, self._running_label = None, False, False, None
-        style, wide = {"description_width": "190px"}, widgets.Layout(width="460px")
+        style, wide = {"description_width": "175px"}, widgets.Layout(width="420px")
         self.model = widgets.Combobox(value=model, options=[model] + sorted(PRESETS), description="model",
                                       ensure_option=False, style=style, layout=wide)
         self.workload = widgets.Dropdown(options=list(self.workload_args), description="workload", style=style,
