@@ -1,0 +1,297 @@
+"""SweepPanel: pick a grid, run it, watch the figures fill, export the report."""
+from __future__ import annotations
+
+import threading
+
+import ipywidgets as widgets
+import pandas as pd
+import plotly.graph_objects as go
+
+from .. import figures, metrics
+from ..workloads import WORKLOADS
+from .common import _CSS, _esc, _show, _table
+
+
+DIMENSIONS = {  # EngineConfig field: example values
+    "block_size": "8, 16, 32", "max_num_batched_tokens": "256, 2048", "max_num_seqs": "4, 64",
+    "enable_prefix_caching": "True, False", "quantization": "None, int8", "kv_cache_dtype": "auto, fp8",
+    "gpu_memory_utilization": "0.8, 0.9",
+}
+
+
+def parse_values(text: str) -> list:
+    """"8, 16" -> [8, 16]; "True, off" -> [True, False]; "None, int8" -> [None, "int8"]; "" -> []."""
+    words = {"none": None, "true": True, "on": True, "false": False, "off": False}
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item.lower() in words:
+            out.append(words[item.lower()])
+            continue
+        for cast in (int, float):
+            try:
+                out.append(cast(item))
+                break
+            except ValueError:
+                pass
+        else:
+            out.append(item.strip("'\""))
+    return out
+
+
+class _Stopped(Exception):
+    pass
+
+
+class SweepPanel(widgets.VBox):
+    """Pick a model, a workload and the values to sweep per setting; see the planner's verdict for each
+    point before it runs; Run (Stop ends the sweep after the running point); the figures and the table
+    fill in as points finish; Export HTML writes the report.
+
+    model: preset name or checkpoint folder; llm: an already loaded `LLM` for that model (reused, and kept
+    in ``llm`` after a run). workloads: {workload name: its arguments} offered in the picker (default:
+    every built-in, default arguments). grid: initial values per EngineConfig field. base_config: the
+    other settings. gpu: what the planner plans for ("cpu" on the CPU). background: Run starts a thread, so
+    the notebook stays usable and Stop works; `run()` runs in the calling thread (scripts, tests).
+    After a run: ``sweep`` (the `Sweep`), ``results`` (its DataFrame).
+    """
+
+    def __init__(self, model: str = "tiny", workload: str | None = None, grid: dict | None = None,
+                 base_config=None, num_requests: int = 16, workloads: dict | None = None, gpu: str | None = None,
+                 slo: dict | None = None, llm=None, report_path: str = "sweep_report.html",
+                 background: bool = True, sweep_args: dict | None = None):
+        super().__init__()
+        from engine import EngineConfig
+        from engine.model import PRESETS
+
+        self.base_config = base_config or EngineConfig()
+        self.workload_args = dict(workloads or {name: {} for name in WORKLOADS})
+        self.slo, self.llm, self._llm_model = slo, llm, model if llm is not None else None
+        self.background, self.sweep_args = background, dict(sweep_args or {})
+        self.sweep, self.results, self.plans = None, pd.DataFrame(), None
+        self._thread, self._stop, self._running, self._running_label = None, False, False, None
+        style, wide = {"description_width": "175px"}, widgets.Layout(width="420px")
+        self.model = widgets.Combobox(value=model, options=[model] + sorted(PRESETS), description="model",
+                                      ensure_option=False, style=style, layout=wide)
+        self.workload = widgets.Dropdown(options=list(self.workload_args), description="workload", style=style,
+                                         value=workload or next(iter(self.workload_args)), layout=wide)
+        self.num_requests = widgets.BoundedIntText(value=num_requests, min=1, max=100_000, description="requests",
+                                                   style=style, layout=wide)
+        self.gpu = widgets.Dropdown(options=self._gpu_options(), value=gpu or self._default_gpu(),
+                                    description="plan for GPU", style=style, layout=wide)
+        self.dims = {}
+        for name, example in DIMENSIONS.items():
+            values = (grid or {}).get(name, [])
+            self.dims[name] = widgets.Text(value=", ".join("None" if v is None else str(v) for v in values),
+                                           placeholder=f"e.g. {example}  (empty: {getattr(self.base_config, name)})",
+                                           description=name, continuous_update=False, style=style, layout=wide)
+        self.run_button = widgets.Button(description="Run", icon="play", button_style="success")
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True)
+        self.export_button = widgets.Button(description="Export HTML", icon="download", disabled=True)
+        self.report_path = widgets.Text(value=report_path, description="report", layout=widgets.Layout(width="320px"))
+        self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="440px"))
+        self.status = widgets.HTML()
+        self.points_table = widgets.HTML()
+        self.figures = {name: go.FigureWidget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
+        self.run_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.export_button.on_click(lambda _: self.export())
+        for w in (self.model, self.workload, self.num_requests, self.gpu, *self.dims.values()):
+            w.observe(lambda _: self.preview(), "value")
+        form = widgets.VBox([widgets.HTML("<div class='wb-h'>What to run</div>"), self.model, self.workload,
+                             self.num_requests, self.gpu, widgets.HTML("<div class='wb-h'>Values to sweep "
+                                                                       "(comma separated)</div>"),
+                             *self.dims.values()])
+        actions = widgets.VBox([widgets.HBox([self.run_button, self.stop_button]), self.progress, self.status,
+                                widgets.HBox([self.export_button, self.report_path]), self.points_table],
+                               layout=widgets.Layout(margin="0 0 0 20px"))
+        figs = widgets.GridBox(list(self.figures.values()),
+                               layout=widgets.Layout(grid_template_columns="repeat(2, 510px)"))
+        self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions]), figs]
+        self.add_class("wb-sweep-panel")
+        self.preview()
+
+    # --- setup ---------------------------------------------------------------------------------------
+
+    def _gpu_options(self) -> list[str]:
+        import torch
+
+        try:
+            from ..planner import GPUS
+        except ImportError:  # no planner: the verdict column is left out (see _plan)
+            GPUS = {}
+        return ["cpu", *(["current"] if torch.cuda.is_available() else []), *GPUS]
+
+    def _default_gpu(self) -> str:
+        import torch
+
+        cpu = str(self.base_config.device or "").startswith("cpu") or not torch.cuda.is_available()
+        return "cpu" if cpu else "current"
+
+    def grid(self) -> dict:
+        """The grid the form describes: {EngineConfig field: [values]} for the fields given values."""
+        return {name: parse_values(w.value) for name, w in self.dims.items() if parse_values(w.value)}
+
+    def _model(self):
+        name = self.model.value.strip()
+        if self.llm is not None and name == self._llm_model:
+            return self.llm, name
+        return name, name
+
+    def build_sweep(self):
+        """A `Sweep` of the form's settings (no run); raises ValueError for a bad setting."""
+        from ..sweep import Sweep
+
+        model, name = self._model()
+        return Sweep(model, self.workload.value, self.grid(), self.base_config, slo=self.slo,
+                     num_requests=self.num_requests.value, workload_args=self.workload_args[self.workload.value],
+                     progress=False, model_name=name, on_point=self._on_point, **self.sweep_args)
+
+    def preview(self) -> None:
+        """Rebuild the points from the form and plan each one; shows the table, enables Run if it is valid."""
+        if self._running:
+            return
+        self._prepare()
+
+    def _prepare(self) -> None:
+        try:
+            self.sweep = self.build_sweep()
+        except Exception as e:  # noqa: BLE001 - a bad form value is shown, not raised
+            self.sweep = None
+            self.status.value = f"<div class='wb-error'>{_esc(e)}</div>"
+            self.run_button.disabled = True
+            self.points_table.value = ""
+            return
+        self.plans = self._plan(self.sweep)
+        self.results = pd.DataFrame()
+        self.run_button.disabled = False
+        self.progress.max, self.progress.value = len(self.sweep.points), 0
+        self.status.value = f"{len(self.sweep.points)} points, not run yet"
+        self._render_points()
+
+    def _plan(self, sweep) -> dict | None:
+        """{point_id: (verdict, reason)} from the memory planner, or None when there is no planner."""
+        try:
+            from ..planner import plan_table
+        except ImportError:
+            return None
+        model = sweep.llm.spec if sweep.llm is not None else self.model.value.strip()
+        try:
+            table = plan_table(model, self.gpu.value, [p["config"] for p in sweep.points])
+        except Exception as e:  # noqa: BLE001 - no plan is not a reason to refuse to run
+            return {p["point_id"]: ("no plan", str(e)) for p in sweep.points}
+        return {p["point_id"]: (r["verdict"], r["reason"]) for p, r in zip(sweep.points, table.to_dict("records"))}
+
+    # --- running -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """What Run does: `run()` in a thread (background=True) or here."""
+        if self.background:
+            self._thread = threading.Thread(target=self.run, daemon=True)
+            self._thread.start()
+        else:
+            self.run()
+
+    def stop(self) -> None:
+        """Stop after the point that is running (a point cannot be interrupted halfway)."""
+        self._stop = True
+        self.stop_button.disabled = True
+        self.status.value = "stopping after the running point..."
+
+    def run(self) -> pd.DataFrame:
+        """Run the sweep in this thread; returns the results (also kept in ``results``)."""
+        if self._running:
+            raise RuntimeError("a sweep is running already: Stop it or wait for it")
+        self._prepare()
+        if self.sweep is None:
+            return self.results
+        self._stop, self._running = False, True
+        self.run_button.disabled, self.stop_button.disabled, self.export_button.disabled = True, False, True
+        self.progress.value, self.progress.bar_style = 0, ""
+        self._running_label = self.sweep.points[0]["label"] if self.sweep.points else None
+        self.status.value = f"running {_esc(self._running_label)}... (the first point loads the weights)"
+        self._render_points()
+        try:
+            self.sweep.run()
+            self.status.value = f"done: {self._ok_count()} of {len(self.sweep.points)} points ok"
+            self.progress.bar_style = "success"
+        except _Stopped:
+            self.status.value = f"stopped after {len(self.sweep.results)} of {len(self.sweep.points)} points"
+            self.progress.bar_style = "warning"
+        except Exception as e:  # noqa: BLE001 - shown in the panel; the thread must not die silently
+            self.status.value = f"<div class='wb-error'>the sweep failed: {_esc(type(e).__name__)}: {_esc(e)}</div>"
+            self.progress.bar_style = "danger"
+        finally:
+            self._running, self._running_label = False, None
+            if self.sweep.llm is not None:
+                self.llm, self._llm_model = self.sweep.llm, self.model.value.strip()
+            self.results = self.sweep.results
+            self.run_button.disabled, self.stop_button.disabled = False, True
+            self.export_button.disabled = len(self.results) == 0
+            self._render_points()
+            self._render_figures()
+        return self.results
+
+    def _ok_count(self) -> int:
+        return int((self.sweep.results["status"] == "ok").sum()) if len(self.sweep.results) else 0
+
+    def _on_point(self, row: dict) -> None:
+        self.results = self.sweep.results
+        done = set(self.results["point_id"])
+        nxt = next((p["label"] for p in self.sweep.points if p["point_id"] not in done), None)
+        self._running_label = None if self._stop else nxt
+        self.progress.value = len(done)
+        if nxt is not None and not self._stop:
+            self.status.value = f"{len(done)} of {len(self.sweep.points)} points done; running {_esc(nxt)}..."
+        self._render_points()
+        self._render_figures()
+        if self._stop:
+            raise _Stopped()
+
+    def export(self, path: str | None = None) -> str:
+        """Write the HTML report of the last run (what Export HTML does); returns its path."""
+        path = path or self.report_path.value
+        self.sweep.write_report(path)
+        self.status.value = f"report written to <code>{_esc(path)}</code>"
+        return path
+
+    # --- display -------------------------------------------------------------------------------------
+
+    def _render_points(self) -> None:
+        if self.sweep is None:
+            return
+        by_id = {r["point_id"]: r for r in self.results.to_dict("records")} if len(self.results) else {}
+        running = self._running_label
+        rows = []
+        for p in self.sweep.points:
+            r = by_id.get(p["point_id"], {})
+            status = r.get("status") or ("running" if p["label"] == running else "pending")
+            if r.get("error"):
+                status = f"<span title='{_esc(r['error'])}' class='wb-error'>{_esc(status)}</span>"
+            row = {"label": p["label"], "status": status, **{k: r.get(k) for k in
+                                                             ("output_throughput", "ttft_p99_ms", "tpot_p50_ms",
+                                                              "kv_usage_peak", "num_preemptions")}}
+            if self.plans is not None:
+                verdict, reason = self.plans[p["point_id"]]
+                colour = "#2a7" if verdict == "fits" else "#b00"
+                row["plan"] = f"<span style='color:{colour}' title='{_esc(reason)}'>{_esc(verdict)}</span>"
+            rows.append(row)
+        columns = {"label": ("point", None)}
+        if self.plans is not None:
+            columns["plan"] = ("planner", "html")
+        columns.update({"status": ("status", "html"), "output_throughput": ("output tok/s", "{:.1f}"),
+                        "ttft_p99_ms": ("TTFT p99 ms", "{:.0f}"), "tpot_p50_ms": ("TPOT p50 ms", "{:.1f}"),
+                        "kv_usage_peak": ("KV peak", "{:.0%}"), "num_preemptions": ("preempt.", "{:.0f}")})
+        self.points_table.value = _CSS + _table(rows, columns)
+
+    def _render_figures(self) -> None:
+        df = self.results
+        best = metrics.best_settings(df, {"throughput": ("output_throughput", "max")})
+        pid, label = (best["point_id"].iloc[0], best["label"].iloc[0]) if len(best) else (None, "no point yet")
+        figs = {"throughput_latency": figures.throughput_latency(df), "throughput": figures.throughput_by_setting(df),
+                "ttft": figures.latency_percentiles(df, "ttft"),
+                "kv": figures.kv_usage_over_time(self.sweep.timeseries.get(pid), f"KV usage and batch size: {label}")}
+        for name, fig in figs.items():
+            fig.update_layout(width=500, height=360, margin=dict(l=60, r=20, t=50, b=50), title_font_size=14)
+            _show(self.figures[name], fig)
