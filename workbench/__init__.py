@@ -9,7 +9,7 @@ import importlib
 # Names are imported on first use, so a headless GPU run (`python -m workbench bench`) does not
 # import plotly and matplotlib just to reach the workloads.
 _LAZY = {
-    "figures": ".figures", "metrics": ".metrics", "write_report": ".report", "Sweep": ".sweep", "replay": ".sweep",
+    "figures": ".figures", "metrics": ".metrics", "write_report": ".report", "Sweep": ".sweep", "replay": ".trace_replay",
     "Telemetry": ".telemetry", "NullTelemetry": ".telemetry", "make_telemetry": ".telemetry",
     "measure_overhead": ".telemetry", "WORKLOADS": ".workloads", "RequestSpec": ".workloads",
     "Workload": ".workloads", "load_workload": ".workloads", "make_workload": ".workloads",

@@ -1,6 +1,6 @@
 """The grid runner: one workload (or a few), many engine settings, one results row per setting.
 
-`replay` drives `LLMEngine.step()` through a workload's arrivals; `Sweep` loads the weights once,
+`Sweep` (with `workbench.trace_replay` driving the engine through a workload's arrivals) loads the weights once,
 reconfigures the engine for every grid point, warms it up, replays the workload under telemetry, and
 appends one row per point (config, metrics from `workbench.metrics`, status) to a results file, so
 an interrupted sweep resumes where it stopped.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import heapq
 import itertools
 import json
 import logging
@@ -17,97 +16,16 @@ import math
 import os
 import time
 import traceback
-from collections import defaultdict
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import pandas as pd
 
 from . import metrics
+from .trace_replay import replay, warm_up
 from .telemetry import NullTelemetry, environment, make_telemetry
-from .workloads import RequestSpec, Workload, make_workload
+from .workloads import Workload, make_workload
 
 log = logging.getLogger(__name__)
-
-
-class ReplayResult(NamedTuple):
-    outputs: list        # the final RequestOutput of every request, in finishing order
-    start: float         # perf_counter() when the run started (seconds)
-    duration: float      # seconds from start to the last request finishing
-
-
-def replay(engine, workload: Workload, sampling: dict | None = None, max_duration: float | None = None,
-           on_step: Callable | None = None) -> ReplayResult:
-    """Send the workload's requests to ``engine`` at their arrival times and step until all finish.
-
-    Offline / Poisson: a request is added once its arrival offset has passed, with arrival_time set to
-    the scheduled time (so a long step that delays it counts against TTFT, as in a server's queue).
-    Concurrency: ``workload.concurrency`` requests are kept in flight. A request with ``depends_on``
-    becomes due its think time after that request finished. Sampling is greedy with ignore_eos and
-    max_tokens from the trace; ``sampling`` overrides other SamplingParams fields.
-    Raises TimeoutError after ``max_duration`` seconds (the unfinished requests are aborted).
-    """
-    from engine import SamplingParams
-
-    overrides = dict(sampling or {})
-    closed = workload.arrival == "concurrency"
-    children, due = defaultdict(list), []
-    for i, r in enumerate(workload):
-        if r.depends_on:
-            children[r.depends_on].append(r)
-        else:
-            due.append((0.0 if closed else r.arrival_time, i, r))
-    heapq.heapify(due)
-    seq = itertools.count(len(workload))
-    finished, in_flight = {}, set()
-    start = time.perf_counter()
-    try:
-        while len(finished) < len(workload):
-            now = time.perf_counter() - start
-            if max_duration is not None and now > max_duration:
-                raise TimeoutError(f"the run took over max_duration={max_duration}s with "
-                                   f"{len(workload) - len(finished)} requests unfinished")
-            while due and due[0][0] <= now and (not closed or len(in_flight) < workload.concurrency):
-                t_due, _, r = heapq.heappop(due)
-                params = SamplingParams(**{"temperature": 0.0, "ignore_eos": True, **overrides,
-                                           "max_tokens": r.max_tokens})
-                engine.add_request(r.request_id, list(r.prompt_token_ids), params,
-                                   arrival_time=time.perf_counter() if closed else start + t_due)
-                in_flight.add(r.request_id)
-            if engine.has_unfinished_requests():
-                for out in engine.step():
-                    if not out.finished:
-                        continue
-                    finished[out.request_id] = out
-                    in_flight.discard(out.request_id)
-                    t_fin = getattr(out.metrics, "finished_time", None) or time.perf_counter()
-                    for c in children.pop(out.request_id, []):
-                        heapq.heappush(due, (t_fin - start + c.arrival_time, next(seq), c))
-                if on_step is not None:
-                    on_step()
-            elif due:
-                time.sleep(min(max(due[0][0] - (time.perf_counter() - start), 0.0), 0.05))
-            else:
-                raise RuntimeError(f"the engine is idle but {len(workload) - len(finished)} requests never finished")
-    except BaseException:
-        # Leave the engine empty (reconfigure refuses to drop unfinished requests), then re-raise.
-        for rid in in_flight:
-            engine.abort_request(rid)
-        raise
-    end = max((o.metrics.finished_time for o in finished.values() if o.metrics.finished_time), default=None)
-    duration = (end if end is not None else time.perf_counter()) - start
-    return ReplayResult(list(finished.values()), start, duration)
-
-
-def warm_up(engine, config, num_requests: int = 4, prompt_len: int = 32, max_tokens: int = 4) -> None:
-    """A few short requests through prefill and decode (kernels compiled, allocator warm); then reset_stats()."""
-    prompt_len = max(1, min(prompt_len, config.max_model_len - max_tokens))
-    max_tokens = max(1, min(max_tokens, config.max_model_len - prompt_len))
-    n = min(num_requests, config.max_num_seqs)
-    # Distinct made-up prompts (ids < 503, inside any vocabulary), so they share no cached prefix.
-    reqs = [RequestSpec(f"warmup-{i}", [(7 * i + j) % 500 + 3 for j in range(prompt_len)], max_tokens)
-            for i in range(n)]
-    replay(engine, Workload("warm-up", tuple(reqs)))
-    engine.reset_stats()
 
 
 def _is_oom(e: BaseException) -> bool:

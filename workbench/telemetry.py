@@ -215,7 +215,7 @@ def measure_overhead(llm, workload, interval: float = 0.1, repeats: int = 3, sam
     runs (all throughputs). Needs an NVIDIA GPU; without one overhead_pct is NaN.
     """
     from .metrics import request_frame, throughput
-    from .sweep import replay
+    from .trace_replay import replay
 
     tel = make_telemetry(interval)
     if not tel.available:

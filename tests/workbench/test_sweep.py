@@ -9,7 +9,7 @@ import torch
 
 from engine import LLM, EngineConfig, LLMEngine
 from workbench import Sweep, make_workload, replay
-from workbench.sweep import warm_up
+from workbench.trace_replay import warm_up
 
 SHARED = dict(num_prefixes=2, prefix_len=64, suffix_len=16, output_len=8)
 BASE = EngineConfig(max_model_len=256, num_gpu_blocks=256, device="cpu")
