@@ -41,14 +41,17 @@ def _median_time(fn, repeats: int) -> float:
 
 def measure_device_rates(device="cuda", matmul_size: int = 8192, copy_bytes: int = 2 * 1024**3) -> dict:
     """bf16 matmul rate (FLOP/s) on random data and device-to-device copy bandwidth (bytes read + written / s)."""
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    t_mm = _median_time(lambda: a @ b, 20)
-    del a, b
-    src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t_copy = _median_time(lambda: dst.copy_(src), 20)
-    del src, dst
+    def matmul_time():
+        a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
+        return _median_time(lambda: a @ b, 20)
+
+    def copy_time():
+        src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        return _median_time(lambda: dst.copy_(src), 20)
+
+    # Each in its own function, so its buffers are freed before the next one and before the engine loads.
+    t_mm, t_copy = matmul_time(), copy_time()
     torch.cuda.empty_cache()
     return {"matmul_flops": 2 * matmul_size**3 / t_mm, "copy_bandwidth": 2 * copy_bytes / t_copy}
 
