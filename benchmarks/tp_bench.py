@@ -32,7 +32,7 @@ for tp in [int(d) for d in args.degrees.split(",")]:
     run = run_engine(llm, wl)
     s = run.summary
     results["runs"][tp] = {"load_s": load, "output_tok_s": s["output_throughput"], "tpot_p50_ms": s["tpot_p50_ms"],
-                           "ttft_p50_ms": s["ttft_p50_ms"], "num_gpu_blocks": s["num_gpu_blocks"],
+                           "ttft_p50_ms": s["ttft_p50_ms"], "num_gpu_blocks": s["kv_blocks"],
                            "weight_bytes_per_gpu": s["weight_bytes"], "cuda_graphs": s["cuda_graphs"]}
     print(tp, json.dumps(results["runs"][tp]), flush=True)
     llm._release_engine()

@@ -45,6 +45,8 @@ class MemoryProfile:
 class EngineStats:
     """Counters since the last reset_stats(); block counts are the current state of the pool.
 
+    `workbench.metrics.steps_frame(stats)` turns `steps` into a DataFrame (the engine imports no pandas).
+
     num_cached_blocks: free blocks that still hold a reusable prefix. prefix_cache_queries / _hits
     count tokens looked up / served from the cache at admission.
     """
@@ -77,11 +79,6 @@ class EngineStats:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    def steps_frame(self):
-        """The per-step counters as a pandas DataFrame (pandas imported lazily)."""
-        import pandas as pd
-        return pd.DataFrame([asdict(s) for s in self.steps], columns=[f for f in StepStats.__dataclass_fields__])
 
     def to_dict(self) -> dict:
         d = asdict(self)

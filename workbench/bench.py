@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import latency_summary, request_frame, throughput
+from .metrics import engine_summary, latency_summary, request_frame, step_summary, steps_frame, throughput
+from .trace_replay import replay, warm_up
 
 
 # ----- device rates -------------------------------------------------------------------------------
@@ -89,33 +90,18 @@ class RunResult:
 
 
 def run_engine(llm, workload, warmup: bool = True) -> RunResult:
-    """All requests of an offline workload at t=0 through the engine's step API (ignore_eos)."""
-    from engine import SamplingParams
-
+    """The workload through the engine's step API (`trace_replay.replay`), summarised by `workbench.metrics`."""
     eng = llm.engine
     if warmup:
-        llm.generate([list(workload.requests[0].prompt_token_ids)],
-                     SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        warm_up(eng, llm.config)
     eng.reset_stats()
-    start = time.perf_counter()
-    for r in workload.requests:
-        eng.add_request(f"bench-{r.request_id}", list(r.prompt_token_ids),
-                        SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True), arrival_time=start)
-    finished = []
-    while eng.has_unfinished_requests():
-        finished += [o for o in eng.step() if o.finished]
-    duration = time.perf_counter() - start
+    run = replay(eng, workload)
     stats = eng.stats()
-    steps = stats.steps_frame()
-    reqs = request_frame(finished)
-    summary = {**throughput(reqs, duration), **latency_summary(reqs),
-               "kv_usage_mean": float(steps["kv_usage"].mean()), "kv_usage_peak": float(steps["kv_usage"].max()),
-               "num_preemptions": stats.num_preemptions, "num_steps": stats.num_steps,
-               "num_gpu_blocks": stats.num_gpu_blocks, "kv_capacity_tokens": stats.kv_capacity_tokens,
-               "attention_backend": stats.attention_backend, "cuda_graphs": stats.cuda_graphs,
-               "weight_bytes": stats.weight_bytes, "kv_bytes_per_token": stats.kv_bytes_per_token,
-               "host_time_p50_ms": float(steps["host_time"].median() * 1e3)}
-    return RunResult("engine", reqs, duration, steps, summary)
+    steps = steps_frame(stats)
+    reqs = request_frame(run.outputs)
+    summary = {**throughput(reqs, run.duration), **latency_summary(reqs), **step_summary(steps),
+               **engine_summary(stats), "host_time_p50_ms": float(steps["host_time"].median() * 1e3)}
+    return RunResult("engine", reqs, run.duration, steps, summary)
 
 
 def run_naive_baseline(hf_model, workload, max_batch_size: int = 128) -> RunResult:
@@ -184,10 +170,10 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
     lines.append("latency (ms)        mean      p50      p90      p99")
     for name in ("ttft", "tpot", "itl", "e2e"):
         lines.append(f"  {name:12s}" + "".join(f"{s[f'{name}_{p}_ms']:9.1f}" for p in ("mean", "p50", "p90", "p99")))
-    lines.append(f"KV usage mean {s['kv_usage_mean']:.1%}, peak {s['kv_usage_peak']:.1%} of {s['num_gpu_blocks']} "
+    lines.append(f"KV usage mean {s['kv_usage_mean']:.1%}, peak {s['kv_usage_peak']:.1%} of {s['kv_blocks']} "
                  f"blocks ({s['kv_capacity_tokens']} tokens); preemptions {s['num_preemptions']}; "
                  f"{s['num_steps']} steps; host time per step p50 {s['host_time_p50_ms']:.2f} ms; backend "
-                 f"{s['attention_backend']}, CUDA graphs {s['cuda_graphs']}")
+                 f"{s['attention_backend_used']}, CUDA graphs {s['cuda_graphs']}")
     return "\n".join(lines)
 
 

@@ -131,11 +131,12 @@ def goodput(requests: pd.DataFrame, duration: float, slo: dict | None) -> dict:
 # --- per-step and engine counters --------------------------------------------------------------------
 
 def steps_frame(stats) -> pd.DataFrame:
-    """The per-step counters of an EngineStats as a DataFrame (its own steps_frame() when it has one)."""
-    if hasattr(stats, "steps_frame"):
-        return stats.steps_frame()
+    """The per-step counters (engine.stats.StepStats) of an EngineStats as a DataFrame, one row per step."""
+    from engine import StepStats
+
     steps = _get(stats, "steps", []) or []
-    return pd.DataFrame([asdict(s) if is_dataclass(s) else dict(s) for s in steps])
+    return pd.DataFrame([asdict(s) if is_dataclass(s) else dict(s) for s in steps],
+                        columns=list(StepStats.__dataclass_fields__) if not steps else None)
 
 
 def step_summary(steps: pd.DataFrame) -> dict:

@@ -60,9 +60,7 @@ def replay(engine, workload: Workload, sampling: dict | None = None, max_duratio
                                    arrival_time=time.perf_counter() if closed else start + t_due)
                 in_flight.add(r.request_id)
             if engine.has_unfinished_requests():
-                for out in engine.step():
-                    if not out.finished:
-                        continue
+                for out in engine.step():  # the requests that finished in this step
                     finished[out.request_id] = out
                     in_flight.discard(out.request_id)
                     t_fin = getattr(out.metrics, "finished_time", None) or time.perf_counter()

@@ -61,7 +61,7 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     memory than the per-request loop, far fewer kernel launches. The CPU fast path for decode steps.
     """
     b, num_heads, d = q.shape
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     k = k_cache[block_tables.long()].flatten(1, 2).float()  # [B, max_blocks * block_size, Hkv, D]
     v = v_cache[block_tables.long()].flatten(1, 2).float()

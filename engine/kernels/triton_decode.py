@@ -150,6 +150,18 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, most, max_splits))
 
 
+def check_paged_layout(op: str, q, out, k_cache, v_cache) -> int:
+    """Check the layouts both attention kernels assume; returns the GQA group (query heads per KV head)."""
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if q.stride(2) != 1 or out.stride(2) != 1 or k_cache.stride(3) != 1:
+        raise ValueError(f"{op} needs q, out and the caches with a contiguous head_dim")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"{op} needs k_cache and v_cache with the same strides")
+    return num_heads // num_kv_heads
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
@@ -164,13 +176,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if q.stride(2) != 1 or out.stride(2) != 1 or k_cache.stride(3) != 1:
-        raise ValueError("decode_attention needs q, out and the caches with a contiguous head_dim")
-    if k_cache.stride() != v_cache.stride():
-        raise ValueError("decode_attention needs k_cache and v_cache with the same strides")
-    group = num_heads // num_kv_heads
+    group = check_paged_layout("decode_attention", q, out, k_cache, v_cache)
     if num_splits is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.device.type == "cuda" else 8

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_decode import check_paged_layout
+
 LOG2E = 1.4426950408889634
 
 
@@ -131,15 +133,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
         return
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    head_dim = q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-    if q.stride(2) != 1 or out.stride(2) != 1 or k_cache.stride(3) != 1:
-        raise ValueError("prefill_attention needs q, out and the caches with a contiguous head_dim")
-    if k_cache.stride() != v_cache.stride():
-        raise ValueError("prefill_attention needs k_cache and v_cache with the same strides")
-    group = num_heads // num_kv_heads
+    group = check_paged_layout("prefill_attention", q, out, k_cache, v_cache)
     block_d = max(16, triton.next_power_of_2(head_dim))
     on_gpu = q.device.type == "cuda"
     # Defaults from the H100 sweep in benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128):

@@ -110,4 +110,4 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 
 __all__ = ["build_model", "convert_hf_state_dict", "load_checkpoint_state", "load_hf_config", "weight_bytes",
-           "dtype_bytes", "math"]
+           "dtype_bytes"]

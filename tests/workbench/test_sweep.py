@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, LLMEngine
-from workbench import Sweep, make_workload, replay
+from workbench import Sweep, make_workload, metrics, replay
 from workbench.trace_replay import warm_up
 
 SHARED = dict(num_prefixes=2, prefix_len=64, suffix_len=16, output_len=8)
@@ -195,7 +195,7 @@ def test_replay_closed_loop_keeps_concurrency_in_flight():
     w = make_workload("fixed", num_requests=6, prompt_len=8, output_len=6, vocab_size=512,
                       arrival="concurrency", concurrency=2)
     run = replay(llm.engine, w)
-    steps = llm.engine.stats().steps_frame()
+    steps = metrics.steps_frame(llm.engine.stats())
     assert len(run.outputs) == 6 and (steps["num_running"] + steps["num_waiting"]).max() <= 2
     assert (steps["num_running"] == 2).any()
 
