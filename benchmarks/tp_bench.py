@@ -1,45 +1,115 @@
-"""Tensor parallelism: throughput and TPOT of one model at each degree, in one run.
+"""Tensor parallelism: throughput, TPOT and the all-reduce share of decode step time, per degree, in one run.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/tp_bench.py --model llama-3.1-8b --degrees 1,2
-Writes JSON to $OUT (when set) and data/benchmarks/tp_<model>.json.
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/tp_bench.py --model llama-3.1-8b --degrees 2,1
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/tp_bench.py --model llama-3.1-70b --degrees 2
+For each degree: an offline run of --num-requests fixed requests (256 prompt + 128 output tokens) gives
+output tok/s and TPOT/TTFT; then --decode-batch requests are brought to pure decode and 40 steps are
+timed (ms per step), and 20 more run under torch.profiler on rank 0: the all-reduce share is the time
+of NCCL kernels (the all-reduces and the LM head's all-gather, as rank 0's GPU runs them, waiting for
+its peer included) per step over the step's wall time. A degree that fails is recorded with its
+error, and the run goes on. Writes JSON to $OUT (when set) and data/benchmarks/tp_<model>_<device>.json.
 """
 import argparse
 import gc
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
-from engine import LLM, EngineConfig
+from engine import LLM, EngineConfig, SamplingParams
 from workbench.bench import environment, run_engine
 from workbench.workloads import fixed
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--model", default="llama-3.1-8b")
-ap.add_argument("--degrees", default="1,2")
-ap.add_argument("--num-requests", type=int, default=128)
-ap.add_argument("--device", default=None)
-args = ap.parse_args()
-device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-results = {"environment": environment(device), "model": args.model, "runs": {}}
-for tp in [int(d) for d in args.degrees.split(",")]:
+
+def decode_steps(llm: LLM, batch: int, timed_steps: int = 40, profiled_steps: int = 20) -> dict:
+    """ms per pure-decode step at `batch` running requests, and the NCCL kernels' share of it (rank 0)."""
+    eng = llm.engine
+    gen = torch.Generator().manual_seed(0)
+    ids = [f"decode-{i}" for i in range(batch)]
+    params = SamplingParams(max_tokens=timed_steps + profiled_steps + 20, ignore_eos=True, temperature=0.0)
+    for i in ids:
+        eng.add_request(i, torch.randint(0, llm.vocab_size, (128,), generator=gen).tolist(), params)
+    for _ in range(200):  # until every request has its prompt computed and decodes
+        eng.step()
+        last = eng._steps[-1]
+        if not last.num_prefill_tokens and last.num_running == batch:
+            break
+    else:
+        raise RuntimeError(f"{batch} requests did not all reach decode in 200 steps")
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=1024, device=args.device))
-    load = time.perf_counter() - t0
-    wl = fixed(num_requests=args.num_requests, prompt_len=256, output_len=128, vocab_size=llm.vocab_size, seed=1)
-    run = run_engine(llm, wl)
-    s = run.summary
-    results["runs"][tp] = {"load_s": load, "output_tok_s": s["output_throughput"], "tpot_p50_ms": s["tpot_p50_ms"],
-                           "ttft_p50_ms": s["ttft_p50_ms"], "num_gpu_blocks": s["kv_blocks"],
-                           "weight_bytes_per_gpu": s["weight_bytes"], "cuda_graphs": s["cuda_graphs"]}
-    print(tp, json.dumps(results["runs"][tp]), flush=True)
-    llm._release_engine()
-    del llm
-    gc.collect()
+    for _ in range(timed_steps):
+        eng.step()
+    step_ms = (time.perf_counter() - t0) / timed_steps * 1e3
+    out = {"batch": batch, "step_ms": step_ms, "cuda_graph": eng.stats().steps[-1].cuda_graph}
+    if llm.config.tensor_parallel_size > 1 and llm.device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(profiled_steps):
+                eng.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        nccl_us = sum(e.time_range.elapsed_us() for e in kernels if "nccl" in e.name.lower())
+        busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+        out.update(profiled_step_ms=wall / profiled_steps * 1e3, nccl_ms_per_step=nccl_us / profiled_steps / 1e3,
+                   kernel_ms_per_step=busy_us / profiled_steps / 1e3, num_kernels=len(kernels),
+                   allreduce_share_of_step=nccl_us / 1e6 / wall if kernels else None)
+    for i in ids:
+        eng.abort_request(i)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--degrees", default="1,2")
+    ap.add_argument("--num-requests", type=int, default=128)
+    ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--tag", default=None, help="suffix of the JSON file name (default: the GPU count)")
+    args = ap.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = {"environment": environment(device), "model": args.model, "runs": {}}
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-for d in {Path(os.environ.get("OUT", "data/benchmarks")), Path("data/benchmarks")}:
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"tp_{args.model}.json").write_text(json.dumps(results, indent=2, default=str))
+        results["environment"]["gpus"] = torch.cuda.device_count()
+    for tp in [int(d) for d in args.degrees.split(",")]:
+        llm = None
+        try:
+            t0 = time.perf_counter()
+            llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=1024, device=args.device))
+            load = time.perf_counter() - t0
+            wl = fixed(num_requests=args.num_requests, prompt_len=256, output_len=128, vocab_size=llm.vocab_size, seed=1)
+            s = run_engine(llm, wl).summary
+            run = {"load_s": load, "output_tok_s": s["output_throughput"], "tpot_p50_ms": s["tpot_p50_ms"],
+                   "ttft_p50_ms": s["ttft_p50_ms"], "num_gpu_blocks": s["kv_blocks"],
+                   "weight_bytes_per_gpu": s["weight_bytes"], "cuda_graphs": s["cuda_graphs"]}
+            run["decode"] = decode_steps(llm, args.decode_batch)
+        except Exception as exc:  # noqa: BLE001 - one degree failing must not lose the others
+            run = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+        results["runs"][tp] = run
+        print(tp, json.dumps(run), flush=True)
+        if llm is not None:
+            llm._release_engine()
+        del llm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = results["runs"].get(1, {})
+    for tp, run in results["runs"].items():
+        if tp != 1 and "output_tok_s" in run and "output_tok_s" in base:
+            run["throughput_vs_tp1"] = run["output_tok_s"] / base["output_tok_s"]
+            run["decode_step_vs_tp1"] = run["decode"]["step_ms"] / base["decode"]["step_ms"]
+    tag = args.tag or (f"{torch.cuda.device_count()}gpu" if device.type == "cuda" else "cpu")
+    for d in {Path(os.environ.get("OUT", "data/benchmarks")), Path("data/benchmarks")}:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"tp_{args.model}_{tag}.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

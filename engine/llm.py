@@ -180,17 +180,6 @@ class LLMEngine:
                 "waiting": [r.request_id for r in sched.waiting]}
 
 
-def _host_copy(model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The model's state dict on the host (the tensors themselves on the CPU: quantization replaces
-    modules and never writes into them); a tied LM head is left out, build_model ties it again."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and spec.tie_word_embeddings:
-            continue
-        state[name] = t.detach().to("cpu")
-    return state
-
-
 def _default_device(config: EngineConfig) -> torch.device:
     if config.device is not None:
         return torch.device(config.device)
@@ -212,10 +201,13 @@ class LLM:
             raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
                              f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
         self._check_weights_fit(config)
-        self.model = build_model(spec, state, self.dtype, self.device, spec.max_position_embeddings, seed)
-        # The unquantized weights stay on the host: reconfigure() to another quantization rebuilds
-        # the model from them instead of reading the checkpoint again.
-        self._host_state = _host_copy(self.model, spec)
+        # The unquantized weights stay on the host (random ones: their seed), so that reconfigure() to
+        # another quantization or tensor_parallel_size rebuilds the model from them.
+        self._host_state = None if state is None else {k: v.detach().to("cpu") for k, v in state.items()}
+        self._seed = seed
+        # The whole model on self.device, for tensor_parallel_size 1 (None while the engine is tensor-parallel:
+        # each rank then holds its shard, and no GPU the whole model).
+        self.model: torch.nn.Module | None = None
         self._quantization: str | None = None  # what self.model holds now
         self._engine: LLMEngine | None = None
         self.reconfigure(config)
@@ -314,25 +306,25 @@ class LLM:
 
     def _build_engine(self, config: EngineConfig) -> None:
         if config.tensor_parallel_size > 1:
-            # Every rank's shard is cut from the host copy of the weights; self.model is not used.
-            runner = TPRunner(self.spec, self._host_state, config, self.device, self.dtype)
+            self._drop_model()  # rank 0's GPU holds a shard, not the whole model as well
+            runner = TPRunner(self.spec, self._host_state, config, self.device, self.dtype, self._seed)
         else:
-            if config.quantization != self._quantization:
-                self._quantize(config.quantization)
+            if self.model is None or config.quantization != self._quantization:
+                if self.model is None or self._quantization is not None:  # else quantize the float model in place
+                    self._drop_model()
+                    self.model = build_model(self.spec, self._host_state, self.dtype, self.device,
+                                             self.spec.max_position_embeddings, self._seed)
+                quantize_model(self.model, config.quantization)
+                self._quantization = config.quantization
             runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
         self._engine = LLMEngine(runner, config, self.tokenizer)
 
-    def _quantize(self, mode: str | None) -> None:
-        """Make self.model hold `mode`'s weights, rebuilt from the host copy if it is quantized already."""
-        if self._quantization is not None:
+    def _drop_model(self) -> None:
+        if self.model is not None:
             self.model = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self.model = build_model(self.spec, self._host_state, self.dtype, self.device,
-                                     self.spec.max_position_embeddings)
-        quantize_model(self.model, mode)
-        self._quantization = mode
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits [len, vocab] (float32, CPU) at every position of token_ids, in one prefill."""

@@ -34,6 +34,28 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 @dataclass
+class StepPlan:
+    """What a step's forward pass needs beside the input buffers (every tensor-parallel rank gets a copy)."""
+
+    num_tokens: int
+    num_seqs: int
+    num_cols: int                  # block-table columns the step reads
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    graph_size: int | None         # the CUDA graph replayed (a pure-decode step padded to graph_size), or None
+    sample_rows: np.ndarray | None  # the sequences whose logits are needed; None: all of them
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.graph_size or self.num_tokens
+
+    @property
+    def padded_seqs(self) -> int:
+        return self.graph_size or self.num_seqs
+
+
+@dataclass
 class StepResult:
     """What one forward pass produced, and what it cost the host (seconds)."""
 
@@ -60,6 +82,13 @@ class InputBuffers:
         self.qsl, self.qsl_np, self.qsl_dev = pair(max_seqs + 1, torch.int32)
         self.lens, self.lens_np, self.lens_dev = pair(max_seqs, torch.int32)
         self.tables, self.tables_np, self.tables_dev = pair((max_seqs, max_blocks), torch.int32)
+        # Recorded after each upload: the host arrays must not be rewritten before the copies have read them
+        # (a step that samples nothing does not wait for the device, so the next one could come too early).
+        self.copied = torch.cuda.Event() if pin else None
+
+    def wait_copied(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
 
     def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
         for host, dev, n in ((self.ids, self.ids_dev, num_tokens), (self.pos, self.pos_dev, num_tokens),
@@ -67,6 +96,8 @@ class InputBuffers:
                              (self.lens, self.lens_dev, num_seqs)):
             dev[:n].copy_(host[:n], non_blocking=True)
         self.tables_dev[:num_seqs, :num_cols].copy_(self.tables[:num_seqs, :num_cols], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
 
 class ModelRunner:
@@ -160,6 +191,7 @@ class ModelRunner:
         np.cumsum(lens, out=b.qsl_np[1:num_seqs + 1])
         b.lens_np[:num_seqs] = lens
         b.tables_np[:num_seqs, :blocks_per_seq] = tables
+        b.upload(num_tokens, num_seqs, blocks_per_seq)
         meta = self._metadata(num_tokens, num_seqs, blocks_per_seq, 0, int(lens.max()), int(lens.max()))
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
@@ -208,7 +240,21 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
         """Run one step; sampled holds a token for each request whose last token was computed."""
+        plan, samplers, kv_read, scores = self._prepare(sched, kv)
+        with torch.inference_mode():
+            logits = self.forward_step(plan)
+            t_launched = time.perf_counter()
+            tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
+        t_synced = time.perf_counter()
+        # The sampler's host read waits for the device; everything else is host work.
+        wait = t_synced - t_launched if self.device.type == "cuda" else 0.0
+        return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
+                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None)
+
+    def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager) -> tuple[StepPlan, list, int, int]:
+        """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
+        b.wait_copied()
         # Decodes first, so attention backends can send them to the decode kernel as one group.
         batch = sched.scheduled
         if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
@@ -233,7 +279,6 @@ class ModelRunner:
         rows = np.array(row_l, dtype=np.int64)
         seq_lens = starts + qlens
         num_tokens = len(ids_l)
-        num_decodes = qlen_l.count(1)
         b.ids_np[:num_tokens] = ids_l
         if num_tokens == n:  # every request decodes one token
             positions, seq_idx = starts, np.arange(n)
@@ -249,36 +294,35 @@ class ModelRunner:
         b.qsl_np[0] = 0
         np.cumsum(qlens, out=b.qsl_np[1:n + 1])
         b.lens_np[:n] = seq_lens
-        kv_read = int(seq_lens.sum())
-        scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
-
         graph_size = self._graph_size(n) if num_tokens == n else None
-        with torch.inference_mode():
-            if graph_size is not None:
-                self._pad_for_graph(n, graph_size)
-                b.upload(graph_size, graph_size, self.max_blocks_per_seq)
-                graph, logits_out = self.graphs[graph_size]
-                graph.replay()
-                logits = logits_out[:n]
-            else:
-                b.upload(num_tokens, n, num_cols)
-                meta = self._metadata(num_tokens, n, num_cols, num_decodes, int(qlens.max()), int(seq_lens.max()))
-                hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
-                logits = None
-                if samplers:
-                    last = b.qsl_dev[1:n + 1][torch.as_tensor(sample_mask, device=self.device)].long() - 1
-                    logits = self.model.compute_logits(hidden[last])
-            t_launched = time.perf_counter()
-            tokens = []
-            if samplers:
-                if graph_size is not None and not sample_mask.all():
-                    logits = logits[torch.as_tensor(sample_mask, device=self.device)]
-                tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers])
-        t_synced = time.perf_counter()
-        # The sampler's host read waits for the device; everything else is host work.
-        wait = t_synced - t_launched if self.device.type == "cuda" else 0.0
-        return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
-                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=graph_size is not None)
+        if graph_size is not None:
+            self._pad_for_graph(n, graph_size)
+        plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
+                        None if sample_mask.all() else np.flatnonzero(sample_mask))
+        scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
+        return plan, samplers, int(seq_lens.sum()), scores
+
+    def upload(self, plan: StepPlan) -> None:
+        """Copy the step's inputs from the host buffers to the device (a tensor-parallel rank receives them)."""
+        self.buffers.upload(plan.padded_tokens, plan.padded_seqs, plan.num_cols)
+
+    def forward_step(self, plan: StepPlan) -> torch.Tensor | None:
+        """The logits of the sequences that sample (None if none does): a CUDA graph's replay, or eager."""
+        b, n = self.buffers, plan.num_seqs
+        self.upload(plan)
+        rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
+        if plan.graph_size is not None:
+            graph, logits_out = self.graphs[plan.graph_size]
+            graph.replay()
+            return logits_out[:n] if rows is None else logits_out[rows]
+        meta = self._metadata(plan.num_tokens, n, plan.num_cols, plan.num_decodes, plan.max_query_len,
+                              plan.max_seq_len)
+        hidden = self.model(b.ids_dev[:plan.num_tokens], b.pos_dev[:plan.num_tokens], self.kv_caches, meta,
+                            self.backend)
+        if rows is not None and not len(rows):
+            return None
+        last = b.qsl_dev[1:n + 1].long() - 1
+        return self.model.compute_logits(hidden[last if rows is None else last[rows]])
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits [len, vocab] (float32, on the CPU; LM head in float32 unless quantized) at every

@@ -168,17 +168,21 @@ def build_shard(spec: ModelSpec, rank: int, world_size: int, dtype: torch.dtype,
     return model.eval()
 
 
-def scatter_shards(model: LlamaModel, full_state: dict | None = None) -> None:
-    """Fill every rank's shard from rank 0's full state dict (our names; a tied lm_head may be absent):
-    one scatter per tensor, so each rank receives only its slices. Rank 0 passes full_state (on the
-    host), the others None; all ranks call this together."""
+def scatter_shards(model: LlamaModel, weights=None) -> None:
+    """Fill every rank's shard from rank 0's full tensors: one scatter per tensor, so each rank receives
+    only its slices and no rank ever holds the whole model. Rank 0 passes `weights`, an iterator of
+    (name, full tensor) in the model's parameter order (model.weights.full_weights: from the host copy, or
+    drawn on rank 0's device one tensor at a time); the others pass None. All ranks call this together."""
     rank, world_size = model.tensor_parallel
     spec = model.spec
     with torch.no_grad():
         for name, param in model.named_parameters():  # a tied head is embed_tokens.weight, sent once
             chunks = None
             if rank == 0:
-                full = full_state[name]
+                full_name, full = next(weights)
+                if full_name != name:
+                    raise RuntimeError(f"shard order mismatch: {full_name!r} arrived for {name!r}")
                 chunks = [shard_tensor(name, full, spec, r, world_size).to(param.device, param.dtype).contiguous()
                           for r in range(world_size)]
+                del full
             dist.scatter(param.data, chunks, src=0)

@@ -1,100 +1,79 @@
-"""How one step's inputs travel from rank 0 to the workers.
+"""How one step's inputs reach every rank of a tensor-parallel group.
 
-Rank 0's ModelRunner prepares a step as it does without tensor parallelism and calls its model; the
-model it holds is a DriverModel, which first sends the call to the workers: a small StepHeader (sizes
-and scalars) through each worker's pipe, then the input tensors (token ids, positions, slot mapping,
-query_start_loc, seq_lens, block tables) packed into one int64 tensor by one torch.distributed
-broadcast. A worker rebuilds the same AttentionMetadata and runs the same forward over its shard; the
-LM-head call sends the selected hidden rows (those of the requests that sample) the same way.
+Rank 0's ModelRunner prepares a step as it does without tensor parallelism (the host buffers and a
+StepPlan: sizes, the CUDA graph to replay, the rows that sample). Then, in upload():
+- rank 0 sends the plan to the workers through their pipes (a few hundred bytes, pickled);
+- rank 0 packs the used part of its host buffers (token ids, positions, slot mapping, query_start_loc,
+  seq_lens, block tables) into one pinned int64 tensor and copies it to its device;
+- one torch.distributed broadcast gives every rank that tensor, and every rank unpacks it into its
+  device input buffers.
+From there each rank runs forward_step(plan) on its shard: the same CUDA graph replayed, or the same
+eager forward; only rank 0 samples. A CUDA graph holds the model's collectives too, so a replayed
+step costs the host one broadcast and a graph launch per rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..kernels.metadata import AttentionMetadata
-
-
-@dataclass
-class StepHeader:
-    """The scalars of one forward call; the tensors follow in one broadcast of `numel` int64s."""
-
-    num_tokens: int
-    num_seqs: int
-    num_cols: int
-    num_decodes: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc_cpu: list[int] | None
-    seq_lens_cpu: list[int] | None
-    k_scale: float
-    v_scale: float
-
-    @property
-    def numel(self) -> int:
-        return 3 * self.num_tokens + 2 * self.num_seqs + 1 + self.num_seqs * self.num_cols
+from ..runner import ModelRunner, StepPlan
 
 
-def pack_step(input_ids: torch.Tensor, positions: torch.Tensor,
-              meta: AttentionMetadata) -> tuple[StepHeader, torch.Tensor]:
-    """(header, flat int64 tensor) of one forward call's inputs."""
-    n, cols = meta.block_tables.shape
-    header = StepHeader(input_ids.shape[0], n, cols, meta.num_decodes, meta.max_query_len, meta.max_seq_len,
-                        meta.query_start_loc_cpu, meta.seq_lens_cpu, meta.k_scale, meta.v_scale)
-    flat = torch.cat([input_ids, positions, meta.slot_mapping, meta.query_start_loc.long(), meta.seq_lens.long(),
-                      meta.block_tables.reshape(-1).long()])
-    return header, flat
+def staged_sizes(plan: StepPlan) -> list[int]:
+    """Lengths of the packed sections: ids, positions, slots (tokens), query_start_loc, seq_lens, tables."""
+    t, n = plan.padded_tokens, plan.padded_seqs
+    return [t, t, t, n + 1, n, n * plan.num_cols]
 
 
-def unpack_step(header: StepHeader, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """(input_ids, positions, metadata) back from pack_step's output."""
-    t, n = header.num_tokens, header.num_seqs
-    ids, pos, slots, qsl, lens, tables = flat.split([t, t, t, n + 1, n, n * header.num_cols])
-    meta = AttentionMetadata(
-        slot_mapping=slots, query_start_loc=qsl.int(), seq_lens=lens.int(),
-        block_tables=tables.view(n, header.num_cols).int(), num_decodes=header.num_decodes,
-        max_query_len=header.max_query_len, max_seq_len=header.max_seq_len,
-        query_start_loc_cpu=header.query_start_loc_cpu, seq_lens_cpu=header.seq_lens_cpu,
-        k_scale=header.k_scale, v_scale=header.v_scale)
-    return ids, pos, meta
+class TPModelRunner(ModelRunner):
+    """A rank's ModelRunner whose step inputs come from rank 0 by one broadcast (see the module docstring).
 
-
-class DriverModel(nn.Module):
-    """Rank 0's shard, seen by its ModelRunner as the model.
-
-    While `mirroring` is on (TPRunner.execute sets it for one step), each forward and compute_logits
-    call is first sent to the workers, which make the same call on their shards with their own KV
-    cache; the collectives inside the shards then line up. Off, calls run on rank 0 alone, for work
-    that every rank starts itself (the memory profile, prompt_logits).
+    send_plan: on rank 0, the function that sends a StepPlan to the workers; None on a worker.
     """
 
-    def __init__(self, model: nn.Module, workers):
-        super().__init__()
-        self.model = model
-        self.workers = workers
-        self.mirroring = False
+    def __init__(self, model, spec, config, device: torch.device, dtype: torch.dtype,
+                 send_plan: Callable[[StepPlan], None] | None = None):
+        super().__init__(model, spec, config, device, dtype)
+        self.send_plan = send_plan
+        b = self.buffers
+        capacity = 3 * b.ids.numel() + 2 * b.lens.numel() + 1 + b.tables.numel()
+        self.staging = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.staging_host = None
+        if send_plan is not None:
+            self.staging_host = torch.empty(capacity, dtype=torch.int64, pin_memory=device.type == "cuda")
+            self.staging_np = self.staging_host.numpy()
+            self.staging_copied = torch.cuda.Event() if device.type == "cuda" else None
+        # The torch backend (and any CPU run) reads query_start_loc and seq_lens on the host as well.
+        self.host_lists = device.type == "cpu" or self.backend.name == "torch"
 
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
+    def upload(self, plan: StepPlan) -> None:
+        sizes = staged_sizes(plan)
+        flat = self.staging[:sum(sizes)]
+        b = self.buffers
+        t, n, c = plan.padded_tokens, plan.padded_seqs, plan.num_cols
+        if self.send_plan is not None:
+            self.send_plan(plan)
+            if self.staging_copied is not None:
+                self.staging_copied.synchronize()  # the last step's copy has read the pinned buffer
+            pos = 0
+            for part in (b.ids_np[:t], b.pos_np[:t], b.slots_np[:t], b.qsl_np[:n + 1], b.lens_np[:n],
+                         b.tables_np[:n, :c]):
+                self.staging_np[pos:pos + part.size] = part.reshape(-1)
+                pos += part.size
+            flat.copy_(self.staging_host[:pos], non_blocking=True)
+            if self.staging_copied is not None:
+                self.staging_copied.record()
+        dist.broadcast(flat, src=0)
+        ids, positions, slots, qsl, lens, tables = flat.split(sizes)
+        b.ids_dev[:t].copy_(ids)
+        b.pos_dev[:t].copy_(positions)
+        b.slots_dev[:t].copy_(slots)
+        b.qsl_dev[:n + 1].copy_(qsl)
+        b.lens_dev[:n].copy_(lens)
+        b.tables_dev[:n, :c].copy_(tables.view(n, c))
+        if self.send_plan is None and self.host_lists:
+            b.qsl_np[:n + 1] = qsl.cpu().numpy()
+            b.lens_np[:n] = lens.cpu().numpy()
 
-    @property
-    def spec(self):
-        return self.model.spec
-
-    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, backend) -> torch.Tensor:
-        if self.mirroring:
-            header, flat = pack_step(input_ids, positions, meta)
-            self.workers.send(("forward", header))
-            dist.broadcast(flat, src=0)
-        return self.model(input_ids, positions, kv_caches, meta, backend)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.mirroring:
-            hidden = hidden.contiguous()
-            self.workers.send(("logits", hidden.shape[0]))
-            dist.broadcast(hidden, src=0)
-        return self.model.compute_logits(hidden)

@@ -1,21 +1,17 @@
 """TPRunner: ModelRunner's interface over a tensor-parallel group, so LLMEngine runs unchanged.
 
 The scheduler and the KV cache manager run once, in rank 0 (this process). TPRunner owns rank 0's
-ModelRunner, whose model is rank 0's shard wrapped in a DriverModel, and a WorkerGroup of ranks
-1..W-1. Every rank holds its shard of the weights and its shard of the KV cache (its KV heads) in a
-pool with the same number of blocks, so one block table serves all ranks. A step is prepared by rank
-0's ModelRunner as without tensor parallelism; the DriverModel broadcasts the prepared inputs, all
-ranks run the forward, and rank 0 samples.
+ModelRunner (a TPModelRunner over rank 0's shard) and a WorkerGroup of ranks 1..W-1. Every rank holds
+its shard of the weights and its shard of the KV cache (its KV heads) in a pool with the same number
+of blocks, so one block table serves all ranks. A step is prepared by rank 0's runner as without
+tensor parallelism; its inputs reach the workers by one broadcast (step_broadcast.py), all ranks run
+the forward (replaying the same CUDA graph for decode steps), and rank 0 samples.
 
+The weights are cut into shards one tensor at a time on rank 0 (from the host copy of a checkpoint,
+or drawn on rank 0's GPU for random weights) and scattered: no GPU ever holds the whole model.
 Numbers it reports are per GPU (rank 0's): weight bytes, KV bytes per token, the memory profile.
-CUDA graphs are not captured with tensor_parallel_size > 1 (stats().cuda_graphs is False), and the
-weights are not quantized (quantization must be None).
-
-Tested on the CPU only (gloo); the CUDA path (NCCL, rank r on cuda:r, every rank profiling its memory)
-is written but has not run, for want of a multi-GPU machine. Known gaps there: LLM.__init__ still builds
-the unsharded model on cuda:0, so a model that does not fit one GPU cannot load yet and rank 0 has
-less room for KV (the pool is the minimum over ranks); and a NCCL collective that times out is handled
-by torch's NCCL watchdog, which by default ends the process rather than raising.
+The weights are not quantized (quantization must be None). On GPUs a collective that hangs is
+handled by torch's NCCL watchdog, which by default ends the process rather than raising.
 """
 from __future__ import annotations
 
@@ -28,10 +24,11 @@ import torch
 from ..config import EngineConfig
 from ..kv import KVCacheManager
 from ..model.spec import ModelSpec
-from ..runner import ModelRunner, StepResult
+from ..runner import StepResult
 from ..scheduler import SchedulerOutput
+from ..model.weights import full_weights
 from .sharding import build_shard, check_tensor_parallel, rank_spec, scatter_shards
-from .step_broadcast import DriverModel
+from .step_broadcast import TPModelRunner
 from .worker_group import TensorParallelError, WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -68,20 +65,21 @@ class TPRunner:
     interpreter exits) leaves no worker process behind.
     """
 
-    def __init__(self, spec: ModelSpec, host_state: dict, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, timeout_s: float | None = None):
+    def __init__(self, spec: ModelSpec, host_state: dict | None, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, seed: int = 0, timeout_s: float | None = None):
+        """host_state: the full weights (our names) on the host, or None for build_model's random weights
+        drawn with `seed`."""
         check_tensor_parallel_config(spec, config, device)
         timeout_s = TP_TIMEOUT_S if timeout_s is None else timeout_s
         self.spec, self.config, self.device, self.dtype = spec, config, device, dtype
         self.world_size = config.tensor_parallel_size
-        self.graphs: dict = {}
         self.workers = WorkerGroup(spec, config, device, dtype, timeout_s)
         self._finalizer = weakref.finalize(self, self.workers.close)
         with self._guard():
             self.model = build_shard(spec, 0, self.world_size, dtype, device)
-            scatter_shards(self.model, host_state)
-            self.driver = DriverModel(self.model, self.workers)
-            self.runner = ModelRunner(self.driver, rank_spec(spec, self.world_size), config, device, dtype)
+            scatter_shards(self.model, full_weights(spec, host_state, dtype, device, seed))
+            self.runner = TPModelRunner(self.model, rank_spec(spec, self.world_size), config, device, dtype,
+                                        send_plan=lambda plan: self.workers.send(("step", plan)))
 
     # ----- what LLMEngine and LLM read ------------------------------------------------------------
     @property
@@ -120,18 +118,24 @@ class TPRunner:
             self.workers.collect()
 
     def capture_cuda_graphs(self) -> None:
-        if self.device.type == "cuda" and not self.config.enforce_eager:
-            log.info("tensor_parallel_size=%d: CUDA graphs are not captured, decode steps run eagerly",
-                     self.world_size)
+        """Every rank captures the same ladder of decode graphs (the collectives inside them included)."""
+        with self._guard():
+            self.workers.send(("capture",))
+            self.runner.capture_cuda_graphs()
+            self.workers.collect()
+
+    @property
+    def graphs(self) -> dict:
+        return self.runner.graphs
+
+    @graphs.setter
+    def graphs(self, graphs: dict) -> None:
+        self.runner.graphs = graphs
 
     # ----- steps ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
         with self._guard():
-            self.driver.mirroring = True
-            try:
-                return self.runner.execute(sched, kv)
-            finally:
-                self.driver.mirroring = False
+            return self.runner.execute(sched, kv)
 
     def release(self, request_id: str) -> None:
         self.runner.release(request_id)

@@ -3,7 +3,7 @@
 It builds its shard (empty), says "ready" through its pipe, joins the process group, receives its
 weights from rank 0 (sharding.scatter_shards) and then serves rank 0's commands until "shutdown" or
 until rank 0 goes away (its end of the pipe closes). Each command answers ("ok", result) except the
-per-step "forward" and "logits", which answer nothing (their collectives are the synchronisation).
+per-step "step", which answers nothing (its broadcast and collectives are the synchronisation).
 Any exception is sent as ("error", type name, message) and ends the process: the group is then out
 of step, and rank 0 raises instead of waiting for it.
 """
@@ -37,16 +37,16 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
             torch.cuda.set_device(device)
         else:  # share the host's cores with rank 0 instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        from ..runner import ModelRunner
         from .sharding import build_shard, rank_spec, scatter_shards
+        from .step_broadcast import TPModelRunner
 
         model = build_shard(spec, rank, world_size, dtype, device)
         conn.send(("ready", os.getpid()))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         scatter_shards(model)
-        runner = ModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
-        _serve(conn, runner, model, device, dtype)
+        runner = TPModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
+        _serve(conn, runner, model)
         code = 0
     except (EOFError, KeyboardInterrupt):
         code = 0  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
@@ -64,33 +64,23 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
     os._exit(code)
 
 
-def _serve(conn, runner, model, device, dtype) -> None:
+def _serve(conn, runner, model) -> None:
     import torch
-    import torch.distributed as dist
-
-    from .step_broadcast import unpack_step
 
     while True:
         command, *args = conn.recv()
         if command == "shutdown":
             return
         with torch.inference_mode():
-            if command == "forward":
-                header = args[0]
-                flat = torch.empty(header.numel, dtype=torch.int64, device=device)
-                dist.broadcast(flat, src=0)
-                ids, positions, meta = unpack_step(header, flat)
-                model(ids, positions, runner.kv_caches, meta, runner.backend)
-                continue
-            if command == "logits":
-                hidden = torch.empty(args[0], model.spec.hidden_size, dtype=dtype, device=device)
-                dist.broadcast(hidden, src=0)
-                model.compute_logits(hidden)
+            if command == "step":
+                runner.forward_step(args[0])
                 continue
             if command == "num_blocks":
                 result = runner.determine_num_blocks()
             elif command == "allocate_kv_cache":
                 result = runner.allocate_kv_cache(*args)
+            elif command == "capture":
+                result = runner.capture_cuda_graphs()
             elif command == "prompt_logits":
                 runner.prompt_logits(*args)
                 result = None

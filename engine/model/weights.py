@@ -35,12 +35,21 @@ def convert_hf_state_dict(state: dict, spec: ModelSpec) -> dict:
     return out
 
 
+def init_random_(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
+    """HF's init, in place: normal(0, 0.02) for linear and embedding weights, zero biases, unit norms."""
+    if name.endswith("norm.weight"):
+        tensor.fill_(1.0)
+    elif name.endswith(".bias"):
+        tensor.zero_()
+    else:
+        tensor.normal_(0.0, 0.02, generator=gen)
+
+
 def build_model(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device: torch.device,
                 max_positions: int, seed: int = 0) -> LlamaModel:
-    """A model on `device` in `dtype`, loaded from our-named `state` or, if None, randomly initialised.
-
-    Random init follows HF: normal(0, 0.02) for linear and embedding weights, zero biases, unit norms,
-    drawn on the target device from a seeded generator (so an 8B model initialises in seconds).
+    """A model on `device` in `dtype`, loaded from our-named `state` or, if None, randomly initialised
+    (init_random_, drawn on the target device from a generator seeded with `seed`, so an 8B model
+    initialises in seconds).
     """
     with torch.device("meta"):
         model = LlamaModel(spec, max_positions)
@@ -55,18 +64,33 @@ def build_model(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device:
         gen = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
+                init_random_(name, p, gen)
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (spec.tie_word_embeddings and m == "lm_head.weight")]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()
+
+
+def full_weights(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """(name, tensor) of every parameter, in the order of a model's named_parameters (a tied LM head once),
+    one at a time: from `state` as stored, or drawn as build_model(spec, None, dtype, device, seed=seed)
+    draws them (the same values). For cutting tensor-parallel shards without a whole model in memory."""
+    with torch.device("meta"):
+        model = LlamaModel(spec, 1)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(seed) if state is None else None
+    for name, p in model.named_parameters():
+        if state is not None:
+            if name not in state:
+                raise ValueError(f"checkpoint does not match the model: missing {name}")
+            yield name, state[name]
+            continue
+        tensor = torch.empty(p.shape, dtype=dtype, device=device)
+        init_random_(name, tensor, gen)
+        yield name, tensor
 
 
 def load_checkpoint_state(folder: str | Path) -> dict:

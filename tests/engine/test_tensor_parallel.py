@@ -123,6 +123,23 @@ def test_tied_embeddings_and_qkv_bias_shard_correctly(hf_models):
     assert got == expected and not _tp_processes()
 
 
+def test_random_weights_are_cut_into_shards_without_a_whole_model_and_equal_tp1s():
+    """LLM.random at tensor_parallel_size=2 draws each tensor as the TP=1 model does and keeps no whole model."""
+    cfg = EngineConfig(device="cpu", max_model_len=64)
+    llm = LLM.random("tiny", cfg.replace(tensor_parallel_size=2), seed=3)
+    assert llm.model is None
+    ids = [5, 9, 2, 7, 7, 1, 30, 4]
+    sharded = llm.prompt_logits(ids)
+    rank0 = llm.engine.runner.model
+    llm.reconfigure(cfg)
+    assert not _tp_processes() and llm.model is not None
+    half = llm.model.layers[1].mlp.down_proj.weight.shape[1] // 2
+    assert torch.equal(rank0.layers[1].mlp.down_proj.weight, llm.model.layers[1].mlp.down_proj.weight[:, :half])
+    torch.testing.assert_close(sharded, llm.prompt_logits(ids), atol=1e-5, rtol=1e-5)
+    other_seed = LLM.random("tiny", cfg, seed=4).prompt_logits(ids)
+    assert (other_seed - sharded).abs().max() > 1e-3
+
+
 def test_a_dead_rank_raises_a_clear_error_and_reconfigure_recovers(hf_models):
     llm = LLM.from_hf_model(hf_models["llama"], TP2)
     expected, _ = _generate(llm, PROMPTS[:2])
