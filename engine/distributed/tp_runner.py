@@ -156,10 +156,11 @@ class TPRunner:
 
     # ----- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop the workers and free rank 0's KV cache; later calls raise."""
-        self._finalizer()
+        """Stop the workers and free rank 0's KV cache and CUDA graphs; later calls raise."""
         if hasattr(self, "runner"):
+            self.runner.graphs = {}  # before the process group's teardown (the graphs hold its collectives)
             self.runner.kv_caches = []
+        self._finalizer()
 
     @property
     def closed(self) -> bool:

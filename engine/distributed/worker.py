@@ -31,6 +31,7 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
     import torch
     import torch.distributed as dist
 
+    code, shut_down = 0, False
     try:
         device = torch.device(device)
         if device.type == "cuda":
@@ -47,16 +48,19 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
         scatter_shards(model)
         runner = TPModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
         _serve(conn, runner, model)
-        code = 0
+        runner.graphs = {}  # before the teardown: captured graphs hold the communicator's collectives
+        shut_down = True
     except (EOFError, KeyboardInterrupt):
-        code = 0  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
+        pass  # rank 0 is gone, or the terminal's Ctrl-C reached the whole process group
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, then this process ends
         code = 1
         try:
             conn.send(("error", type(exc).__name__, f"{exc}\n{traceback.format_exc()}"))
         except OSError:
             pass
-    if code == 0 and dist.is_initialized():  # after a failure the group may be stuck: leave it to the OS
+    # Rank 0 asked: tear the group down together with it. Otherwise the group may be stuck, or its other
+    # ranks gone (NCCL's teardown would wait for them): leave it to the OS.
+    if shut_down and dist.is_initialized():
         dist.destroy_process_group()
     # Skip the interpreter's teardown (about a second with torch loaded): nothing here needs it.
     sys.stdout.flush()

@@ -180,19 +180,26 @@ class WorkerGroup:
 
     # ----- shutdown -------------------------------------------------------------------------------
     def close(self, graceful: bool = True) -> None:
-        """Stop every worker and destroy the process group. graceful: ask first (a worker in step leaves its
-        loop and exits), then SIGTERM, then SIGKILL, each after a short wait; else, as after a failure
-        (workers may be stuck in a collective, or stopped), SIGKILL at once."""
+        """Stop every worker and tear the process group down. graceful: the workers are in step; they leave
+        their loop and tear the group down together with rank 0 (NCCL's teardown waits for every rank),
+        then exit; a worker that has not exited after a short wait gets SIGTERM, then SIGKILL. Else, after a
+        failure (workers may be stuck in a collective, stopped, or dead), SIGKILL at once, and rank 0
+        aborts its side of the group (on GPUs: a destroy would wait for the dead rank for ever)."""
         global _open_group
         if self.closed:
             return
         self.closed = True
+        owner = _open_group is not None and _open_group() is self
+        if owner:
+            _open_group = None
         for _, proc, conn in self.workers:
             try:
                 if graceful and proc.is_alive():
                     conn.send(("shutdown",))
             except OSError:
                 pass
+        if owner and graceful and dist.is_initialized():
+            dist.destroy_process_group()
         for _, proc, conn in self.workers:
             if graceful:
                 proc.join(5.0)
@@ -203,10 +210,12 @@ class WorkerGroup:
                 proc.kill()
             proc.join()
             conn.close()
-        if _open_group is not None and _open_group() is self:
-            _open_group = None
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if owner and dist.is_initialized():
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if self.device.type == "cuda" and abort is not None:
+                abort()
+            else:
+                dist.destroy_process_group()  # gloo's teardown is local
 
     @property
     def processes(self) -> list:
