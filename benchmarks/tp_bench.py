@@ -21,7 +21,6 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from workbench.bench import environment, run_engine
-from workbench.trace_replay import replay
 from workbench.workloads import fixed
 
 
@@ -85,9 +84,6 @@ def main() -> None:
             t0 = time.perf_counter()
             llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=1024, device=args.device))
             load = time.perf_counter() - t0
-            # Warm-up with the run's shapes (full-budget prefills, mixed steps, decode) before run_engine's own:
-            # each rank compiles the kernels its steps need, outside the measured run.
-            replay(llm.engine, fixed(num_requests=48, prompt_len=256, output_len=8, vocab_size=llm.vocab_size, seed=2))
             wl = fixed(num_requests=args.num_requests, prompt_len=256, output_len=128, vocab_size=llm.vocab_size, seed=1)
             s = run_engine(llm, wl).summary
             run = {"load_s": load, "output_tok_s": s["output_throughput"], "tpot_p50_ms": s["tpot_p50_ms"],

@@ -82,8 +82,7 @@ class InputBuffers:
         self.qsl, self.qsl_np, self.qsl_dev = pair(max_seqs + 1, torch.int32)
         self.lens, self.lens_np, self.lens_dev = pair(max_seqs, torch.int32)
         self.tables, self.tables_np, self.tables_dev = pair((max_seqs, max_blocks), torch.int32)
-        # Recorded after each upload: the host arrays must not be rewritten before the copies have read them
-        # (a step that samples nothing does not wait for the device, so the next one could come too early).
+        # Recorded after each upload (see ModelRunner.wait_host_buffers).
         self.copied = torch.cuda.Event() if pin else None
 
     def wait_copied(self) -> None:
@@ -240,21 +239,23 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
         """Run one step; sampled holds a token for each request whose last token was computed."""
+        t0 = time.perf_counter()
+        self.wait_host_buffers()
+        waited = time.perf_counter() - t0
         plan, samplers, kv_read, scores = self._prepare(sched, kv)
         with torch.inference_mode():
             logits = self.forward_step(plan)
             t_launched = time.perf_counter()
             tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
         t_synced = time.perf_counter()
-        # The sampler's host read waits for the device; everything else is host work.
-        wait = t_synced - t_launched if self.device.type == "cuda" else 0.0
+        # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
+        wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
         return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None)
 
     def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
-        b.wait_copied()
         # Decodes first, so attention backends can send them to the decode kernel as one group.
         batch = sched.scheduled
         if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
@@ -301,6 +302,11 @@ class ModelRunner:
                         None if sample_mask.all() else np.flatnonzero(sample_mask))
         scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
         return plan, samplers, int(seq_lens.sum()), scores
+
+    def wait_host_buffers(self) -> None:
+        """Until the last upload has read the pinned host buffers (a step that samples nothing does not wait
+        for the device, so the next step could rewrite them before the copy ran)."""
+        self.buffers.wait_copied()
 
     def upload(self, plan: StepPlan) -> None:
         """Copy the step's inputs from the host buffers to the device (a tensor-parallel rank receives them)."""

@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from typing import Callable, NamedTuple
 
-from .workloads import RequestSpec, Workload
+from .workloads import Workload
 
 
 class ReplayResult(NamedTuple):
@@ -83,12 +83,34 @@ def replay(engine, workload: Workload, sampling: dict | None = None, max_duratio
 
 
 def warm_up(engine, config, num_requests: int = 4, prompt_len: int = 32, max_tokens: int = 4) -> None:
-    """A few short requests through prefill and decode (kernels compiled, allocator warm); then reset_stats()."""
+    """Short requests through prefill, mixed and decode steps (kernels compiled, allocator warm); then
+    reset_stats().
+
+    The requests join in waves of 1, 1 and the rest, one step apart, so that prefills also run behind 1
+    and 2 decodes of the same step. Triton compiles a kernel once for each 16-byte alignment of its
+    pointer arguments, and a mixed step's prefill inputs start after its decodes' (behind 1 decode the
+    int64 and int32 arrays are unaligned, behind 2 the int32 ones): each variant is compiled here rather
+    than in the first measured step that needs it (a stall of about a second on an H100).
+    """
+    from engine import SamplingParams
+
     prompt_len = max(1, min(prompt_len, config.max_model_len - max_tokens))
-    max_tokens = max(1, min(max_tokens, config.max_model_len - prompt_len))
-    n = min(num_requests, config.max_num_seqs)
-    # Distinct made-up prompts (ids < 503, inside any vocabulary), so they share no cached prefix.
-    reqs = [RequestSpec(f"warmup-{i}", [(7 * i + j) % 500 + 3 for j in range(prompt_len)], max_tokens)
-            for i in range(n)]
-    replay(engine, Workload("warm-up", tuple(reqs)))
+    max_tokens = max(3, min(max_tokens, config.max_model_len - prompt_len))  # the first wave decodes twice more
+    n = max(1, min(num_requests, config.max_num_seqs))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    waves = [1, 1, n - 2] if n > 2 else [1] * n
+    added = 0
+    try:
+        for size in waves:
+            for _ in range(size):
+                # Distinct made-up prompts (ids < 503, inside any vocabulary), so they share no cached prefix.
+                engine.add_request(f"warmup-{added}", [(7 * added + j) % 500 + 3 for j in range(prompt_len)], params)
+                added += 1
+            engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    except BaseException:
+        for i in range(added):
+            engine.abort_request(f"warmup-{i}")
+        raise
     engine.reset_stats()

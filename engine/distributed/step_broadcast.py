@@ -48,6 +48,10 @@ class TPModelRunner(ModelRunner):
         # The torch backend (and any CPU run) reads query_start_loc and seq_lens on the host as well.
         self.host_lists = device.type == "cpu" or self.backend.name == "torch"
 
+    def wait_host_buffers(self) -> None:
+        if self.staging_host is not None and self.staging_copied is not None:
+            self.staging_copied.synchronize()  # rank 0's last copy has read the pinned staging buffer
+
     def upload(self, plan: StepPlan) -> None:
         sizes = staged_sizes(plan)
         flat = self.staging[:sum(sizes)]
@@ -55,8 +59,6 @@ class TPModelRunner(ModelRunner):
         t, n, c = plan.padded_tokens, plan.padded_seqs, plan.num_cols
         if self.send_plan is not None:
             self.send_plan(plan)
-            if self.staging_copied is not None:
-                self.staging_copied.synchronize()  # the last step's copy has read the pinned buffer
             pos = 0
             for part in (b.ids_np[:t], b.pos_np[:t], b.slots_np[:t], b.qsl_np[:n + 1], b.lens_np[:n],
                          b.tables_np[:n, :c]):

@@ -221,9 +221,13 @@ def test_replay_honours_poisson_arrivals_and_turn_dependencies():
     assert llm.engine.stats().prefix_cache_hits > 0  # each turn reuses the previous turn's prompt
 
 
-def test_warm_up_leaves_clean_counters():
+def test_warm_up_runs_prefills_behind_one_and_two_decodes_and_leaves_clean_counters(monkeypatch):
     llm = LLM.random("tiny", BASE)
+    seen, reset = [], llm.engine.reset_stats
+    monkeypatch.setattr(llm.engine, "reset_stats", lambda: (seen.append(llm.engine.stats()), reset()))
     warm_up(llm.engine, BASE)
+    mixed = {s.num_decode_tokens for s in seen[0].steps if s.num_prefill_tokens}
+    assert mixed == {0, 1, 2}
     st = llm.engine.stats()
     assert st.num_steps == 0 and st.prefix_cache_queries == 0 and not llm.engine.has_unfinished_requests()
 
