@@ -5,7 +5,9 @@ weights from rank 0 (sharding.scatter_shards) and then serves rank 0's commands 
 until rank 0 goes away (its end of the pipe closes). Each command answers ("ok", result) except the
 per-step "step", which answers nothing (its broadcast and collectives are the synchronisation).
 Any exception is sent as ("error", type name, message) and ends the process: the group is then out
-of step, and rank 0 raises instead of waiting for it.
+of step, and rank 0 raises instead of waiting for it. A ValueError of an answered command (a setting
+that does not fit) is the exception: the group is still in step, so the worker answers with it and
+goes on serving until rank 0, having raised it, shuts the group down together with it.
 """
 from __future__ import annotations
 
@@ -79,20 +81,29 @@ def _serve(conn, runner, model) -> None:
             if command == "step":
                 runner.forward_step(args[0])
                 continue
-            if command == "num_blocks":
-                result = runner.determine_num_blocks()
-            elif command == "allocate_kv_cache":
-                result = runner.allocate_kv_cache(*args)
-            elif command == "capture":
-                result = runner.capture_cuda_graphs()
-            elif command == "prompt_logits":
-                runner.prompt_logits(*args)
-                result = None
-            elif command == "describe":
-                result = _describe(runner, model)
-            else:
-                raise ValueError(f"unknown command {command!r}")
+            try:
+                result = _answer(command, args, runner, model)
+            except ValueError as exc:
+                # A setting that does not fit (say, a KV pool too small): raised after the command's collectives,
+                # so the group is still in step; rank 0 raises it and closes the group with this rank's help.
+                conn.send(("error", "ValueError", f"{exc}\n{traceback.format_exc()}"))
+                continue
         conn.send(("ok", result))
+
+
+def _answer(command: str, args: list, runner, model):
+    if command == "num_blocks":
+        return runner.determine_num_blocks()
+    if command == "allocate_kv_cache":
+        return runner.allocate_kv_cache(*args)
+    if command == "capture":
+        return runner.capture_cuda_graphs()
+    if command == "prompt_logits":
+        runner.prompt_logits(*args)
+        return None
+    if command == "describe":
+        return _describe(runner, model)
+    raise ValueError(f"unknown command {command!r}")
 
 
 def _describe(runner, model) -> dict:

@@ -156,10 +156,15 @@ def test_a_dead_rank_raises_a_clear_error_and_reconfigure_recovers(hf_models):
     llm.engine.abort_request("a")
     llm.reconfigure(TP2)
     assert _generate(llm, PROMPTS[:2])[0] == expected
-    # A worker's own exception reaches rank 0 with its message, and the worker exits.
+    # A worker's ValueError reaches rank 0 with its message, and the worker goes on serving (in step).
     workers = llm.engine.runner.workers
     workers.send(("no-such-command",))
     with pytest.raises(ValueError, match="rank 1: unknown command 'no-such-command'"):
+        workers.collect()
+    assert _generate(llm, PROMPTS[:2])[0] == expected
+    # Any other exception ends the worker, and rank 0 says which rank failed and how.
+    workers.send(("allocate_kv_cache", "many"))
+    with pytest.raises(RuntimeError, match="rank 1 failed: TypeError"):
         workers.collect()
     workers.processes[0].join(10)
     assert _gone(workers.pids[0])
