@@ -40,7 +40,7 @@ class TPModelRunner(ModelRunner):
         b = self.buffers
         capacity = 3 * b.ids.numel() + 2 * b.lens.numel() + 1 + b.tables.numel()
         self.staging = torch.empty(capacity, dtype=torch.int64, device=device)
-        self.staging_host = None
+        self.staging_host = self.staging_np = self.staging_copied = None  # rank 0's pinned copy and its copy event
         if send_plan is not None:
             self.staging_host = torch.empty(capacity, dtype=torch.int64, pin_memory=device.type == "cuda")
             self.staging_np = self.staging_host.numpy()
@@ -49,7 +49,7 @@ class TPModelRunner(ModelRunner):
         self.host_lists = device.type == "cpu" or self.backend.name == "torch"
 
     def wait_host_buffers(self) -> None:
-        if self.staging_host is not None and self.staging_copied is not None:
+        if self.staging_copied is not None:
             self.staging_copied.synchronize()  # rank 0's last copy has read the pinned staging buffer
 
     def upload(self, plan: StepPlan) -> None:

@@ -15,7 +15,6 @@ handled by torch's NCCL watchdog, which by default ends the process rather than 
 """
 from __future__ import annotations
 
-import logging
 import weakref
 from contextlib import contextmanager
 
@@ -24,14 +23,13 @@ import torch
 from ..config import EngineConfig
 from ..kv import KVCacheManager
 from ..model.spec import ModelSpec
+from ..model.weights import full_weights
 from ..runner import StepResult
 from ..scheduler import SchedulerOutput
-from ..model.weights import full_weights
 from .sharding import build_shard, check_tensor_parallel, rank_spec, scatter_shards
 from .step_broadcast import TPModelRunner
 from .worker_group import TensorParallelError, WorkerGroup
 
-log = logging.getLogger(__name__)
 
 # Longest wait (seconds) for a collective or a worker's answer before the engine raises: a dead rank is
 # seen at once (its process has ended, or its sockets closed); this bounds the wait for a hung one.
