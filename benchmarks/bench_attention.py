@@ -70,6 +70,29 @@ def matmul_rate() -> dict:
     return {"n": n, "ms": ms, "flop_per_s": 2 * n ** 3 / (ms * 1e-3)}
 
 
+def time_config(run, out, ref, cfg: dict, configs: list) -> tuple[float, float] | None:
+    """(ms, rel err) of one kernel config that gives the right result; else the failure is appended to
+    configs (a wrong result, or a config that does not compile, e.g. out of shared memory) and None returned."""
+    try:
+        out.fill_(float("nan"))
+        run()
+        torch.cuda.synchronize()
+        err = rel_err(out, ref)
+        if not err < 1e-2:
+            configs.append({**cfg, "error": f"wrong result: rel err {err}"})
+            return None
+        return bench(run), err
+    except Exception as exc:  # noqa: BLE001 - recorded, and the other configs still run
+        configs.append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return None
+
+
+def best_config(result: dict) -> None:
+    """result["best"]: the fastest config that ran correctly (None if none did)."""
+    ok = [c for c in result["configs"] if "ms" in c]
+    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+
+
 def paged_cache(num_seqs: int, context: int, gen: torch.Generator):
     """Caches of exactly num_seqs * context tokens on shuffled physical blocks, and the block tables."""
     blocks_per_seq = context // BLOCK_SIZE
@@ -115,26 +138,17 @@ def bench_decode(copy_bps: float, gen: torch.Generator) -> dict:
     for cfg in configs:
         def run():
             decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, SCALE, max_seq_len=context, **cfg)
-        try:
-            out.fill_(float("nan"))
-            run()
-            torch.cuda.synchronize()
-            err = rel_err(out, ref)
-            if not err < 1e-2:
-                result["configs"].append({**cfg, "error": f"wrong result: rel err {err}"})
-                continue
-            ms = bench(run)
-        except Exception as exc:  # a config that does not compile (e.g. out of shared memory)
-            result["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        timed = time_config(run, out, ref, cfg, result["configs"])
+        if timed is None:
             continue
+        ms, err = timed
         bps = kv_bytes / (ms * 1e-3)
         row = {**cfg, "ms": ms, "kv_bytes_per_s": bps, "ratio_to_copy_bw": bps / copy_bps, "rel_err": err}
         result["configs"].append(row)
         print(f"decode {cfg or 'default (splits=%d)' % auto_splits}: {ms:.4f} ms, {bps / 1e12:.2f} TB/s, "
               f"{bps / copy_bps:.3f} of copy bw, rel err {err:.1e}", flush=True)
     result["default"] = {**result["configs"][0], "num_splits": auto_splits}
-    ok = [c for c in result["configs"] if "ms" in c]
-    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+    best_config(result)
 
     sdpa = {}
     try:
@@ -207,26 +221,17 @@ def bench_prefill(matmul_fps: float, gen: torch.Generator) -> dict:
         def run():
             prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, SCALE,
                               max_query_len=prompt, **cfg)
-        try:
-            out.fill_(float("nan"))
-            run()
-            torch.cuda.synchronize()
-            err = rel_err(out, ref)
-            if not err < 1e-2:
-                result["configs"].append({**cfg, "error": f"wrong result: rel err {err}"})
-                continue
-            ms = bench(run)
-        except Exception as exc:
-            result["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        timed = time_config(run, out, ref, cfg, result["configs"])
+        if timed is None:
             continue
+        ms, err = timed
         fps = flops / (ms * 1e-3)
         result["configs"].append({**cfg, "ms": ms, "flop_per_s": fps, "ratio_to_matmul": fps / matmul_fps,
                                   "rel_err": err})
         print(f"prefill {cfg or 'default'}: {ms:.4f} ms, {fps / 1e12:.1f} TFLOP/s, {fps / matmul_fps:.3f} of matmul, "
               f"rel err {err:.1e}", flush=True)
     result["default"] = result["configs"][0]
-    ok = [c for c in result["configs"] if "ms" in c]
-    result["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
+    best_config(result)
     sdpa = {"expanded_ms": bench(lambda: F.scaled_dot_product_attention(q4, k_exp, v_exp, scale=SCALE,
                                                                         is_causal=True))}
     try:

@@ -1,9 +1,10 @@
 """A vLLM-style paged inference engine: paged KV cache, prefix caching, continuous batching."""
 from .config import EngineConfig
 from .llm import LLM, LLMEngine
+from .model.spec import ModelSpec
 from .request import RequestMetrics, RequestOutput
 from .sampling import SamplingParams
 from .stats import EngineStats, StepStats
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics",
-           "EngineStats", "StepStats"]
+           "EngineStats", "StepStats", "ModelSpec"]

@@ -12,12 +12,12 @@ from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
 from .kv import KVCacheManager
 from .model.llama import LlamaModel
-from .model.presets import preset_config
+from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
 from .request import Request, RequestOutput
-from .runner import ModelRunner
+from .runner import CPU_KV_BUDGET_BYTES, ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats, StepStats
@@ -197,9 +197,7 @@ class LLM:
         self.spec, self.tokenizer = spec, tokenizer
         self.device = _default_device(config)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        if config.max_model_len > spec.max_position_embeddings:
-            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
-                             f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
+        self.check_config(spec, config, self.device)
         self._check_weights_fit(config)
         # The unquantized weights stay on the host (random ones: their seed), so that reconfigure() to
         # another quantization or tensor_parallel_size rebuilds the model from them.
@@ -251,6 +249,44 @@ class LLM:
         hf_config = preset_config(model) if isinstance(model, str) else model
         return cls(ModelSpec.from_hf_config(hf_config), None, config, None, dtype, seed)
 
+    # ----- what the engine accepts, without loading anything -----------------------------------
+    CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
+
+    @staticmethod
+    def presets() -> list[str]:
+        """Names LLM.random accepts (published architectures; "tiny" for tests)."""
+        return sorted(PRESETS)
+
+    @staticmethod
+    def hf_config(preset: str):
+        """The transformers config of a preset (the architecture LLM.random builds), e.g. for an HF twin."""
+        return preset_config(preset)
+
+    @staticmethod
+    def model_spec(model) -> ModelSpec:
+        """The shape of a preset name, an HF config (object or dict) or an HF checkpoint folder."""
+        if isinstance(model, (str, Path)):
+            if str(model) in PRESETS:
+                return ModelSpec.from_hf_config(preset_config(str(model)))
+            if (Path(model) / "config.json").exists():
+                return ModelSpec.from_hf_config(load_hf_config(model))
+            raise ValueError(f"model {str(model)!r} is neither a preset ({sorted(PRESETS)}) nor a folder with "
+                             "config.json")
+        return ModelSpec.from_hf_config(model)
+
+    @staticmethod
+    def check_config(spec: ModelSpec, config: EngineConfig, device: torch.device | None = None) -> None:
+        """Raise the ValueError the engine raises for a config this model cannot run at all (quantization,
+        tensor_parallel_size, max_model_len), before anything is built; device None skips what depends on
+        the GPUs present (fp8 support, GPU count)."""
+        with torch.device("meta"):  # shapes only, for the int4 group-size check
+            check_quantization(LlamaModel(spec, 1), config.quantization, device)
+        if config.tensor_parallel_size > 1:
+            check_tensor_parallel_config(spec, config, device)
+        if config.max_model_len > spec.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
+                             f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
+
     # ----- use ----------------------------------------------------------------------------------
     @property
     def engine(self) -> LLMEngine:
@@ -269,13 +305,7 @@ class LLM:
         """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
         if self._engine is not None and self._engine.has_unfinished_requests():
             raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
-        with torch.device("meta"):  # shapes only, for the int4 group-size check
-            check_quantization(LlamaModel(self.spec, 1), config.quantization, self.device)
-        if config.tensor_parallel_size > 1:
-            check_tensor_parallel_config(self.spec, config, self.device)
-        if config.max_model_len > self.spec.max_position_embeddings:
-            raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
-                             f"max_position_embeddings={self.spec.max_position_embeddings}; lower max_model_len")
+        self.check_config(self.spec, config, self.device)
         if _default_device(config) != self.device:
             raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "
                              "load the model again to move it")

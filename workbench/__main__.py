@@ -158,8 +158,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(args) -> int:
     from pathlib import Path
 
-    from engine import EngineConfig
-    from engine.model.presets import preset_config
+    from engine import LLM, EngineConfig
 
     from .bench import bench
     from .workloads import load_workload, make_workload
@@ -168,7 +167,7 @@ def run_bench(args) -> int:
     if args.device:
         base["device"] = args.device
     config = EngineConfig(**base)
-    vocab = preset_config(args.model).vocab_size
+    vocab = LLM.model_spec(args.model).vocab_size
     if args.workload.endswith(".jsonl"):
         workload = load_workload(args.workload, vocab_size=vocab, seed=args.seed).head(args.num_requests)
     else:

@@ -181,7 +181,6 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
           out: str | None = None, seed: int = 0) -> dict:
     """Run the bench; print the table; write JSON to `out` (if given). Returns the result dict."""
     from engine import LLM
-    from engine.model.presets import preset_config
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -192,7 +191,7 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
         from transformers import AutoModelForCausalLM
         dtype = torch.bfloat16 if on_gpu else torch.float32
         with torch.device(device):
-            hf = AutoModelForCausalLM.from_config(preset_config(model), dtype=dtype).eval()
+            hf = AutoModelForCausalLM.from_config(LLM.hf_config(model), dtype=dtype).eval()
         base = run_naive_baseline(hf, workload, baseline_batch_size)
         del hf
         if on_gpu:

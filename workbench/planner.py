@@ -25,11 +25,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.config import EngineConfig
-from engine.distributed import check_tensor_parallel_config
-from engine.model.presets import PRESETS, preset_config
-from engine.model.spec import ModelSpec
-from engine.runner import CPU_KV_BUDGET_BYTES
+from engine import LLM, EngineConfig, ModelSpec
 
 MiB, GiB = 2**20, 2**30
 QUANT_GROUP_SIZE = 128  # int4: one scale and one zero point per 128 input channels
@@ -132,14 +128,9 @@ def resolve_model(model) -> tuple[str, ModelSpec]:
     if isinstance(model, ModelSpec):
         return model.model_type, model
     if isinstance(model, (str, Path)):
-        if str(model) in PRESETS:
-            return str(model), ModelSpec.from_hf_config(preset_config(str(model)))
-        path = Path(model)
-        if (path / "config.json").exists():
-            return path.name, ModelSpec.from_hf_config(json.loads((path / "config.json").read_text()))
-        raise ValueError(f"model {str(model)!r} is neither a preset ({sorted(PRESETS)}) nor a folder with config.json")
+        return (str(model) if str(model) in LLM.presets() else Path(model).name), LLM.model_spec(model)
     name = model.get("_name_or_path") if isinstance(model, dict) else getattr(model, "name_or_path", "")
-    return name or "hf-config", ModelSpec.from_hf_config(model)
+    return name or "hf-config", LLM.model_spec(model)
 
 
 def _dtype_name(dtype) -> str:
@@ -167,14 +158,6 @@ def _linears(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     q, kv = spec.num_heads * d, spec.num_kv_heads * d
     layer = {"qkv_proj": (q + 2 * kv, h), "o_proj": (h, q), "gate_up_proj": (2 * inter, h), "down_proj": (h, inter)}
     return {**layer, **({} if spec.tie_word_embeddings else {"lm_head": (spec.vocab_size, h)})}
-
-
-def check_int4_shapes(spec: ModelSpec) -> None:
-    """Raise ValueError, as the engine does, if a quantized layer's input dim is not a multiple of the group."""
-    for name, (_, k) in _linears(spec).items():
-        if k % QUANT_GROUP_SIZE:
-            raise ValueError(f"quantization='int4' needs every quantized layer's input dimension to be a multiple "
-                             f"of {QUANT_GROUP_SIZE}, but {name} has in_features={k}: use quantization='int8'")
 
 
 def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat16",
@@ -323,7 +306,7 @@ def resolve_gpu(gpu) -> GPU:
     if text in GPUS:
         return GPUS[text]
     if text.lower() == "cpu":
-        return GPU("cpu", CPU_KV_BUDGET_BYTES, None, "the engine's CPU pool budget (engine.runner.CPU_KV_BUDGET_BYTES)")
+        return GPU("cpu", LLM.CPU_KV_BUDGET_BYTES, None, "the engine's CPU pool budget (LLM.CPU_KV_BUDGET_BYTES)")
     if text.lower() == "current":
         import torch
         if not torch.cuda.is_available():
@@ -339,12 +322,7 @@ def resolve_gpu(gpu) -> GPU:
 
 def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) -> None:
     """Raise ValueError for configs the engine refuses outright, whatever the memory."""
-    check_tensor_parallel_config(spec, cfg.replace(tensor_parallel_size=tp))  # head counts, no quantization
-    if cfg.max_model_len > spec.max_position_embeddings:
-        raise ValueError(f"max_model_len={cfg.max_model_len} is more than the model's max_position_embeddings="
-                         f"{spec.max_position_embeddings}; lower max_model_len")
-    if cfg.quantization == "int4":
-        check_int4_shapes(spec)
+    LLM.check_config(spec, cfg.replace(tensor_parallel_size=tp))  # quantization, head counts, max_model_len
     if cfg.quantization == "fp8" and (gpu.name == "cpu" or (gpu.compute_capability or (9, 0)) < (8, 9)):
         raise ValueError(f"quantization='fp8' needs fp8 tensor cores (compute capability >= 8.9), which {gpu.name} "
                          "lacks: use quantization='int8' or 'int4'")

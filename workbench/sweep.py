@@ -66,13 +66,9 @@ def _model_vocab_size(model) -> int | None:
             if isinstance(obj, int):
                 return obj
         return None
-    if os.path.isdir(model):
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
-        return cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    from engine.model import preset_config
+    from engine import LLM
 
-    return preset_config(model).vocab_size
+    return LLM.model_spec(model).vocab_size
 
 
 SHORT_NAMES = {"block_size": "bs", "max_num_batched_tokens": "tokens", "max_num_seqs": "seqs",

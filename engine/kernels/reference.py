@@ -1,4 +1,5 @@
-"""Pure-torch paged attention: the CPU path and the oracle every Triton kernel is tested against.
+"""Pure-torch paged attention: the CPU path and the oracle every Triton kernel is tested against
+(random_paged_batch builds the test cases, reference_on_cpu runs the oracle on them).
 
 Cache layout (one tensor per layer for K and one for V):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
@@ -96,3 +97,58 @@ def rotate_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def random_paged_batch(requests, *, num_kv_heads: int, group: int, head_dim: int, block_size: int,
+                       dtype: torch.dtype, seed: int, device: torch.device | str = "cpu", fill_new_kv: bool = True):
+    """A paged batch for checking kernels: requests is a list of (ctx_len, query_len), decodes (query_len 1) first.
+
+    Returns q, k_cache, v_cache, meta and the new tokens' key/value ([T, num_kv_heads, head_dim]), on `device`.
+    Each request's blocks are shuffled, non-contiguous physical blocks; the cache holds every request's
+    first ctx_len tokens (and, if fill_new_kv, its new tokens too); every other slot is NaN, and
+    block-table padding points at a NaN block, so a kernel that reads past a context fails.
+    """
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-(c + n) // block_size) for c, n in requests]
+    num_blocks = sum(blocks_per_req) + 3
+    physical = torch.randperm(num_blocks, generator=g).tolist()
+    spare = physical.pop()  # never holds a token: padding entries point here
+    block_tables = torch.full((len(requests), max(blocks_per_req) + 2), spare, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots, keys, values, seq_lens, qsl = [], [], [], [], [0]
+    for i, (ctx_len, q_len) in enumerate(requests):
+        ids = [physical.pop() for _ in range(blocks_per_req[i])]
+        block_tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        seq_len = ctx_len + q_len
+        pos = torch.arange(seq_len)
+        req_slots = torch.tensor(ids)[pos // block_size] * block_size + pos % block_size
+        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
+        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
+        upto = seq_len if fill_new_kv else ctx_len
+        write_kv_reference(k[:upto], v[:upto], k_cache, v_cache, req_slots[:upto])
+        slots.append(req_slots[ctx_len:])
+        keys.append(k[ctx_len:])
+        values.append(v[ctx_len:])
+        seq_lens.append(seq_len)
+        qsl.append(qsl[-1] + q_len)
+    q = torch.randn(qsl[-1], num_kv_heads * group, head_dim, generator=g).to(dtype)
+    num_decodes = 0
+    while num_decodes < len(requests) and requests[num_decodes][1] == 1:
+        num_decodes += 1
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(device), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_tables=block_tables.to(device),
+        num_decodes=num_decodes, max_query_len=max(n for _, n in requests), max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    return (q.to(device), k_cache.to(device), v_cache.to(device), meta,
+            torch.cat(keys).to(device), torch.cat(values).to(device))
+
+
+def reference_on_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """paged_attention_reference in float32 on CPU copies of (device) inputs: the kernels' oracle."""
+    cpu_meta = AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
+                                 meta.block_tables.cpu(), meta.num_decodes, meta.max_query_len, meta.max_seq_len,
+                                 meta.query_start_loc_cpu, meta.seq_lens_cpu)
+    return paged_attention_reference(q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), cpu_meta, scale)

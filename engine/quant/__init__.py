@@ -40,14 +40,14 @@ def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = True) -> list
     return out
 
 
-def check_quantization(model: nn.Module, mode: str | None, device: torch.device,
+def check_quantization(model: nn.Module, mode: str | None, device: torch.device | None,
                        quantize_lm_head: bool = True) -> None:
-    """Raise ValueError (naming `quantization`) if `mode` cannot run on this model and device."""
+    """Raise ValueError (naming `quantization`) if `mode` cannot run on this model and device (None: any device)."""
     if mode is None:
         return
     if mode not in QUANTIZED_LINEARS:
         raise ValueError(f"quantization={mode!r} is not allowed: choose None, 'int8', 'int4' or 'fp8'")
-    if mode == "fp8":
+    if mode == "fp8" and device is not None:
         check_fp8_supported(device)
     if mode == "int4":
         for name, linear in linears_to_quantize(model, quantize_lm_head):

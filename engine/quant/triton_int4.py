@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_int8 import gemv_candidates, gemv_split_k, num_sms
+from .triton_int8 import gemv_candidates, gemv_output, gemv_result, gemv_split_k, num_sms
 
 GEMV_MAX_ROWS = 2
 
@@ -159,13 +159,12 @@ def _launch(x, qweight, scales, zeros, group_size, *, block_n=None, groups_per_i
         groups = groups_per_iter or 2
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(num_groups, groups), num_sms(x.device))
-        out = torch.empty((split_k, m, n) if split_k > 1 else (m, n),
-                          dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
+        out, split_stride = gemv_output(x, n, split_k)
         _int4_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
             x, qweight, scales, zeros, out, n, num_groups, split_k,
-            x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0) if split_k > 1 else 0, out.stride(-2),
+            x.stride(0), qweight.stride(0), scales.stride(0), split_stride, out.stride(-2),
             GROUP=group_size, BLOCK_N=block_n, GROUPS=groups, STAGES=num_stages or 1, num_warps=num_warps or 4)
-        return out.sum(0, dtype=x.dtype) if split_k > 1 else out
+        return gemv_result(out, x.dtype)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = block_n or (64 if m <= 64 else 128)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

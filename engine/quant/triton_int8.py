@@ -102,6 +102,19 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def gemv_output(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, int]:
+    """A GEMV kernel's output and its split stride: [M, N] in x's dtype, or with split_k > 1 a float32
+    [split_k, M, N] scratch of partial sums that gemv_result adds up."""
+    if split_k == 1:
+        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device), 0
+    out = torch.empty((split_k, x.shape[0], n), dtype=torch.float32, device=x.device)
+    return out, out.stride(0)
+
+
+def gemv_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out.sum(0, dtype=dtype) if out.dim() == 3 else out
+
+
 def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, waves: int = 4) -> int:
     """Slices of K so that rows x column blocks x slices covers `waves` programs per SM, keeping at
     least two K tiles per slice. Shapes only (capturable)."""
@@ -164,12 +177,11 @@ def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps
         block_k = block_k or 256
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
-        out = torch.empty((split_k, m, n) if split_k > 1 else (m, n),
-                          dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device)
+        out, split_stride = gemv_output(x, n, split_k)
         _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
-            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), out.stride(0) if split_k > 1 else 0,
+            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), split_stride,
             out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages or 1, num_warps=num_warps or 4)
-        return out.sum(0, dtype=x.dtype) if split_k > 1 else out
+        return gemv_result(out, x.dtype)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     block_n = block_n or (64 if m <= 64 else 128)
     block_k = block_k or (128 if m <= 64 else 64)

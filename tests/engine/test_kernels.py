@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from engine.kernels import AttentionMetadata, TorchBackend, select_backend  # noqa: E402
-from engine.kernels.reference import paged_attention_reference, write_kv_reference  # noqa: E402
+from engine.kernels import select_backend  # noqa: E402
+from engine.kernels.reference import random_paged_batch, write_kv_reference  # noqa: E402
+from engine.kernels.reference import reference_on_cpu as reference  # noqa: E402
 from engine.kernels.triton_cache import write_kv_triton  # noqa: E402
 from engine.kernels.triton_decode import decode_attention, decode_num_splits  # noqa: E402
 from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
@@ -35,61 +36,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def make_batch(requests, *, num_kv_heads, group, head_dim, block_size, dtype, seed, fill_new_kv=True):
-    """A paged batch: requests is a list of (ctx_len, query_len), decodes (query_len 1) first.
-
-    Returns q, k_cache, v_cache, meta and the new tokens' key/value ([T, num_kv_heads, head_dim]).
-    The cache holds every request's first ctx_len tokens (and, if fill_new_kv, its new tokens too);
-    every other slot is NaN. Block-table padding points at a NaN block.
-    """
-    g = torch.Generator().manual_seed(seed)
-    num_heads = num_kv_heads * group
-    blocks_per_req = [-(-(c + n) // block_size) for c, n in requests]
-    num_blocks = sum(blocks_per_req) + 3
-    physical = torch.randperm(num_blocks, generator=g).tolist()
-    spare = physical.pop()  # never holds a token: padding entries point here
-    max_blocks = max(blocks_per_req) + 2
-    block_tables = torch.full((len(requests), max_blocks), spare, dtype=torch.int32)
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    v_cache = torch.full_like(k_cache, float("nan"))
-    slots, keys, values, seq_lens, qsl = [], [], [], [], [0]
-    for i, (ctx_len, q_len) in enumerate(requests):
-        ids = [physical.pop() for _ in range(blocks_per_req[i])]
-        block_tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        seq_len = ctx_len + q_len
-        pos = torch.arange(seq_len)
-        req_slots = torch.tensor(ids)[pos // block_size] * block_size + pos % block_size
-        k = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
-        v = torch.randn(seq_len, num_kv_heads, head_dim, generator=g).to(dtype)
-        upto = seq_len if fill_new_kv else ctx_len
-        write_kv_reference(k[:upto], v[:upto], k_cache, v_cache, req_slots[:upto])
-        slots.append(req_slots[ctx_len:])
-        keys.append(k[ctx_len:])
-        values.append(v[ctx_len:])
-        seq_lens.append(seq_len)
-        qsl.append(qsl[-1] + q_len)
-    num_tokens = qsl[-1]
-    q = torch.randn(num_tokens, num_heads, head_dim, generator=g).to(dtype)
-    num_decodes = 0
-    while num_decodes < len(requests) and requests[num_decodes][1] == 1:
-        num_decodes += 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots).to(DEVICE), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_tables=block_tables.to(DEVICE),
-        num_decodes=num_decodes, max_query_len=max(n for _, n in requests), max_seq_len=max(seq_lens),
-        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
-    return (q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta,
-            torch.cat(keys).to(DEVICE), torch.cat(values).to(DEVICE))
-
-
-def reference(q, k_cache, v_cache, meta, scale):
-    return paged_attention_reference(q.cpu(), k_cache.cpu(), v_cache.cpu(), _cpu_meta(meta), scale)
-
-
-def _cpu_meta(meta):
-    return AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
-                             meta.block_tables.cpu(), meta.num_decodes, meta.max_query_len, meta.max_seq_len,
-                             meta.query_start_loc_cpu, meta.seq_lens_cpu)
+def make_batch(requests, **kw):
+    return random_paged_batch(requests, device=DEVICE, **kw)
 
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3}
@@ -211,7 +159,7 @@ def test_backend_mixed_decode_and_prefill_matches_torch_backend(block_size, grou
     assert torch.equal(k_cache.cpu().nan_to_num(7.0), k_ref.nan_to_num(7.0))
     assert torch.equal(v_cache.cpu().nan_to_num(7.0), v_ref.nan_to_num(7.0))
     out = backend.attend(q, k_cache, v_cache, meta, scale)
-    ref = TorchBackend().attend(q.cpu(), k_ref, v_ref, _cpu_meta(meta), scale)
+    ref = reference(q, k_ref, v_ref, meta, scale)
     assert not out.isnan().any()
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 

@@ -22,53 +22,14 @@ def rel_err(out, ref):
 
 def make_batch(requests, block_size, seed, fill_new_kv=True):
     """requests: [(ctx_len, query_len)], decodes first. Returns q, caches, meta, new key/value (all on CUDA)."""
-    from engine.kernels import AttentionMetadata
-    from engine.kernels.reference import write_kv_reference
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    blocks_per_req = [-(-(c + n) // block_size) for c, n in requests]
-    num_blocks = sum(blocks_per_req) + 5
-    physical = torch.randperm(num_blocks, device="cuda", generator=g).cpu().tolist()
-    spare = physical.pop()
-    block_tables = torch.full((len(requests), max(blocks_per_req) + 3), spare, dtype=torch.int32)
-    k_cache = torch.full((num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"), dtype=DTYPE, device="cuda")
-    v_cache = torch.full_like(k_cache, float("nan"))
-    slots, keys, values, seq_lens, qsl = [], [], [], [], [0]
-    for i, (ctx_len, q_len) in enumerate(requests):
-        ids = [physical.pop() for _ in range(blocks_per_req[i])]
-        block_tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        seq_len = ctx_len + q_len
-        pos = torch.arange(seq_len, device="cuda")
-        req_slots = torch.tensor(ids, device="cuda")[pos // block_size] * block_size + pos % block_size
-        k = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
-        v = torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
-        upto = seq_len if fill_new_kv else ctx_len
-        write_kv_reference(k[:upto], v[:upto], k_cache, v_cache, req_slots[:upto])
-        slots.append(req_slots[ctx_len:])
-        keys.append(k[ctx_len:])
-        values.append(v[ctx_len:])
-        seq_lens.append(seq_len)
-        qsl.append(qsl[-1] + q_len)
-    q = torch.randn(qsl[-1], NUM_HEADS, HEAD_DIM, device="cuda", generator=g).to(DTYPE)
-    num_decodes = 0
-    while num_decodes < len(requests) and requests[num_decodes][1] == 1:
-        num_decodes += 1
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots), query_start_loc=torch.tensor(qsl, dtype=torch.int32, device="cuda"),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), block_tables=block_tables.cuda(),
-        num_decodes=num_decodes, max_query_len=max(n for _, n in requests), max_seq_len=max(seq_lens),
-        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
-    return q, k_cache, v_cache, meta, torch.cat(keys), torch.cat(values)
+    from engine.kernels.reference import random_paged_batch
+    return random_paged_batch(requests, num_kv_heads=NUM_KV_HEADS, group=NUM_HEADS // NUM_KV_HEADS, head_dim=HEAD_DIM,
+                              block_size=block_size, dtype=DTYPE, seed=seed, device="cuda", fill_new_kv=fill_new_kv)
 
 
 def reference(q, k_cache, v_cache, meta, scale):
-    from engine.kernels import AttentionMetadata
-    from engine.kernels.reference import paged_attention_reference
-
-    cpu_meta = AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
-                                 meta.block_tables.cpu(), meta.num_decodes, meta.max_query_len, meta.max_seq_len,
-                                 meta.query_start_loc_cpu, meta.seq_lens_cpu)
-    return paged_attention_reference(q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), cpu_meta, scale)
+    from engine.kernels.reference import reference_on_cpu
+    return reference_on_cpu(q, k_cache, v_cache, meta, scale)
 
 
 @pytest.mark.parametrize("block_size,num_splits", [(16, None), (16, 1), (16, 7), (8, None), (32, None), (128, 4)])

@@ -60,7 +60,7 @@ def test_weight_bytes_of_published_models():
 
 
 def test_every_preset_bf16_weight_bytes_equal_num_params():
-    for name in planner.PRESETS:
+    for name in LLM.presets():
         s = spec(name)
         assert planner.weight_bytes(s) == 2 * s.num_params(), name
 
@@ -165,7 +165,7 @@ def test_configs_the_engine_refuses_outright_raise():
         plan("tiny", "cpu", EngineConfig(max_model_len=8192))
     with pytest.raises(ValueError, match="fp8"):
         plan("llama-3.1-8b", "A100-80GB", EngineConfig(quantization="fp8"))
-    with pytest.raises(ValueError, match="multiple of 128"):
+    with pytest.raises(ValueError, match="multiple of the group size 128"):
         plan("tiny", H100, EngineConfig(quantization="int4"))
     assert plan("llama-3.1-8b", "L4", EngineConfig(quantization="fp8")).weight_bytes < 9e9
 

@@ -62,8 +62,7 @@ class SweepPanel(widgets.VBox):
                  slo: dict | None = None, llm=None, report_path: str = "sweep_report.html",
                  background: bool = True, sweep_args: dict | None = None):
         super().__init__()
-        from engine import EngineConfig
-        from engine.model import PRESETS
+        from engine import LLM, EngineConfig
 
         self.base_config = base_config or EngineConfig()
         self.workload_args = dict(workloads or {name: {} for name in WORKLOADS})
@@ -72,7 +71,7 @@ class SweepPanel(widgets.VBox):
         self.sweep, self.results, self.plans = None, pd.DataFrame(), None
         self._thread, self._stop, self._running, self._running_label = None, False, False, None
         style, wide = {"description_width": "175px"}, widgets.Layout(width="420px")
-        self.model = widgets.Combobox(value=model, options=[model] + sorted(PRESETS), description="model",
+        self.model = widgets.Combobox(value=model, options=[model] + LLM.presets(), description="model",
                                       ensure_option=False, style=style, layout=wide)
         self.workload = widgets.Dropdown(options=list(self.workload_args), description="workload", style=style,
                                          value=workload or next(iter(self.workload_args)), layout=wide)
