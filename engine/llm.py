@@ -39,6 +39,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.requests: dict[str, Request] = {}
+        self._undelivered: list[RequestOutput] = []  # finished by a step that then failed (see step())
         self.reset_stats()
 
     # ----- requests -----------------------------------------------------------------------------
@@ -81,6 +82,9 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        for i, out in enumerate(self._undelivered):
+            if out.request_id == request_id:
+                return self._undelivered.pop(i)
         req = self.scheduler.abort(request_id, time.perf_counter())
         if req is None:
             return None
@@ -90,7 +94,28 @@ class LLMEngine:
 
     # ----- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it."""
+        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it.
+
+        If the step raises (KeyboardInterrupt included), it is rolled back before the exception propagates
+        (Scheduler.rollback): its requests wait to be recomputed, no block it wrote stays in the prefix cache,
+        and requests it had already finished are returned by the next step.
+        """
+        try:
+            outputs = self._step()
+        except BaseException:
+            self._rollback()
+            raise
+        if self._undelivered:
+            outputs, self._undelivered = self._undelivered + outputs, []
+        return outputs
+
+    def _rollback(self) -> None:
+        for req in self.scheduler.rollback():
+            self.requests.pop(req.request_id, None)
+            self._undelivered.append(self._output(req))
+        self.runner.release_all()
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         sched = self.scheduler.schedule()
@@ -109,6 +134,7 @@ class LLMEngine:
         outputs = [self._output(req) for req in finished]
         self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
                           self.kv.prefix_cache_hits - hits)
+        self.scheduler.commit()
         return outputs
 
     def _record_step(self, sched, result, start, now, queries, hits) -> None:

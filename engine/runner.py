@@ -214,6 +214,11 @@ class ModelRunner:
             self.rows_written.pop(request_id)
             self.free_rows.append(row)
 
+    def release_all(self) -> None:
+        """Forget every block-table row (after a failed step, whose requests are all recomputed)."""
+        for request_id in list(self.rows):
+            self.release(request_id)
+
     def _sync_row(self, request_id: str, block_ids: list[int]) -> int:
         row = self.rows.get(request_id)
         if row is None:

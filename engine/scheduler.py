@@ -41,6 +41,9 @@ class Scheduler:
       is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
       Recompute gives the same output because the sampled tokens are kept and re-fed as prompt.
     - Waiting requests are admitted first-come-first-served, only in steps that preempted nothing.
+    - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
+      is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
+      hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
     """
 
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
@@ -49,6 +52,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.current: SchedulerOutput | None = None
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -58,7 +62,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = self.current = SchedulerOutput()  # kept for rollback() until the step commits
         budget = self.config.max_num_batched_tokens
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
         i = 0
@@ -134,6 +138,36 @@ class Scheduler:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
         return finished
+
+    def rollback(self) -> list[Request]:
+        """Undo the current step (see the class docstring); returns the requests it finished before failing.
+
+        Not counted as preemptions. Sampled tokens that update_from_output already appended are kept:
+        they came from a completed forward pass, and recompute re-feeds them as prompt.
+        """
+        out, self.current = self.current, None
+        finished = []
+        if out is not None:
+            undone = {id(r) for r, _ in out.scheduled}
+            for req, _ in reversed(out.scheduled):
+                if req.status.finished:
+                    finished.append(req)
+                    continue
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                req.status = RequestStatus.PREEMPTED
+                self.waiting.appendleft(req)
+            self.running = [r for r in self.running if id(r) not in undone]
+        # An admission interrupted between allocation and leaving the queue holds blocks: waiting owns none.
+        for req in self.waiting:
+            self.kv.free(req)
+        self.kv.rollback()
+        return finished[::-1]
+
+    def commit(self) -> None:
+        """The current step completed: the blocks it registered in the prefix cache are now valid."""
+        self.current = None
+        self.kv.commit()
 
     def _finish(self, req: Request, status: RequestStatus, now: float) -> None:
         req.status = status

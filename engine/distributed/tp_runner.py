@@ -138,6 +138,9 @@ class TPRunner:
     def release(self, request_id: str) -> None:
         self.runner.release(request_id)
 
+    def release_all(self) -> None:
+        self.runner.release_all()
+
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """As ModelRunner.prompt_logits (every rank runs the prefill; the LM head is in the model dtype)."""
         with self._guard():

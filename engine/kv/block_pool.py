@@ -118,11 +118,21 @@ class BlockPool:
                 self.num_cached_free_blocks -= block.block_hash is not None
             block.ref_count += 1
 
-    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
-        """Register a full block under its hash, unless another block already holds that prefix."""
+    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
+        """Register a full block under its hash, unless another block already holds that prefix; True if it
+        was registered now."""
         if self.enable_caching and block.block_hash is None and block_hash not in self.cached_blocks:
             block.block_hash = block_hash
             self.cached_blocks[block_hash] = block
+            return True
+        return False
+
+    def uncache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+        """Drop a registration made by cache_block (if the block still holds it): its KV cannot be trusted."""
+        if block.block_hash == block_hash and self.cached_blocks.get(block_hash) is block:
+            del self.cached_blocks[block_hash]
+            block.block_hash = None
+            self.num_cached_free_blocks -= block.ref_count == 0
 
     def free_blocks(self, blocks) -> None:
         """Drop one reference from each block (in the given order); blocks reaching 0 join the free queue."""

@@ -14,6 +14,10 @@ class KVCacheManager:
     - The first num_cached_blocks[r] blocks of r are registered in the prefix cache under
       req_to_hashes[r]; only full blocks whose tokens are all scheduled are registered.
     - A request with no entry owns no block: free() returns every reference.
+    - Blocks registered since the last commit() are provisional: the step that writes their KV has not
+      completed. (A request admitted in the same step may hit them: every layer writes the step's KV
+      before its attention reads it.) rollback() un-registers them, so a failed or interrupted step
+      never leaves a half-written block in the prefix cache; commit() makes them permanent.
     prefix_cache_queries / prefix_cache_hits count tokens, as vLLM does: every admission looks up
     the request's whole token sequence (queries) and reuses the longest run of cached full blocks
     (hits), capped one token short of the end so that the last token is computed and gives logits.
@@ -29,6 +33,10 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Provisional registrations (see the class docstring): (block, its hash), and each touched
+        # request's num_cached_blocks before the first of them.
+        self._uncommitted: list[tuple[KVBlock, BlockHash]] = []
+        self._cached_before: dict[str, int] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -104,9 +112,26 @@ class KVCacheManager:
             return
         hashes = hash_request_blocks(request.all_token_ids, self.block_size, self.req_to_hashes.setdefault(rid, []))
         blocks = self.req_to_blocks[rid]
+        self._cached_before.setdefault(rid, start)
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], hashes[i])
+            if self.pool.cache_block(blocks[i], hashes[i]):
+                self._uncommitted.append((blocks[i], hashes[i]))
         self.num_cached_blocks[rid] = num_full
+
+    def commit(self) -> None:
+        """The step that wrote the provisional blocks completed: they are now regular prefix-cache entries."""
+        self._uncommitted.clear()
+        self._cached_before.clear()
+
+    def rollback(self) -> None:
+        """The step failed: un-register every provisional block (its KV may be half-written), and make
+        each request re-register its blocks from its last committed count."""
+        for block, block_hash in reversed(self._uncommitted):
+            self.pool.uncache_block(block, block_hash)
+        for rid, count in self._cached_before.items():
+            if rid in self.num_cached_blocks:
+                self.num_cached_blocks[rid] = count
+        self.commit()
 
     def free(self, request) -> None:
         """Return every block of the request to the pool, tail first (so prefixes are evicted last)."""
