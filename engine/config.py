@@ -32,7 +32,8 @@ class EngineConfig:
     quantization: weight quantization, None | "int8" | "int4" | "fp8".
     kv_cache_dtype: "auto" (the model dtype) | "fp8".
     gpu_memory_utilization: share of total device memory the engine may use (weights, activations, KV).
-    max_model_len: longest sequence (prompt + output) in tokens.
+    max_model_len: longest sequence (prompt + output) in tokens; None: the model's context length
+        (max_position_embeddings), as vLLM derives it. LLM resolves it, so llm.config holds the number.
     num_gpu_blocks: override the memory-derived number of KV blocks.
     attention_backend: "auto" (Triton on CUDA, torch elsewhere) | "torch" | "triton".
     tensor_parallel_size: number of GPUs one model is split over.
@@ -48,7 +49,7 @@ class EngineConfig:
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
-    max_model_len: int = 4096
+    max_model_len: int | None = None
     num_gpu_blocks: int | None = None
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
@@ -73,8 +74,8 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         _check(isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1,
                "gpu_memory_utilization", u, "a number in (0, 1]")
-        _check(_is_int(self.max_model_len) and self.max_model_len >= 1,
-               "max_model_len", self.max_model_len, "an integer >= 1")
+        _check(self.max_model_len is None or (_is_int(self.max_model_len) and self.max_model_len >= 1),
+               "max_model_len", self.max_model_len, "None (the model's context length) or an integer >= 1")
         _check(self.num_gpu_blocks is None or (_is_int(self.num_gpu_blocks) and self.num_gpu_blocks >= 1),
                "num_gpu_blocks", self.num_gpu_blocks, "None (derived from memory) or an integer >= 1")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend",

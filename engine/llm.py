@@ -17,7 +17,8 @@ from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
 from .request import Request, RequestOutput
-from .runner import CPU_KV_BUDGET_BYTES, ModelRunner
+from .memory import CPU_KV_BUDGET_BYTES, check_host_memory
+from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats, StepStats
@@ -219,7 +220,7 @@ class LLM:
 
     def __init__(self, spec: ModelSpec, state: dict | None, config: EngineConfig | None = None, tokenizer=None,
                  dtype: torch.dtype | None = None, seed: int = 0):
-        config = config or EngineConfig()
+        config = self.resolve_config(spec, config or EngineConfig())
         self.spec, self.tokenizer = spec, tokenizer
         self.device = _default_device(config)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -253,6 +254,9 @@ class LLM:
                         dtype: torch.dtype | None = None) -> "LLM":
         """Load an HF checkpoint folder (config.json + safetensors or .bin), offline, with its tokenizer if any."""
         spec = ModelSpec.from_hf_config(load_hf_config(path))
+        files = [f for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt") for f in Path(path).glob(pattern)]
+        cls._check_host_weights(spec, config, dtype, f"loading {Path(path).name}",
+                                sum(f.stat().st_size for f in files))
         state = convert_hf_state_dict(load_checkpoint_state(path), spec)
         tokenizer = None
         if any(Path(path).glob("tokenizer*")):
@@ -273,7 +277,26 @@ class LLM:
                seed: int = 0) -> "LLM":
         """A preset architecture (see engine.model.PRESETS) or transformers config, with seeded random weights."""
         hf_config = preset_config(model) if isinstance(model, str) else model
-        return cls(ModelSpec.from_hf_config(hf_config), None, config, None, dtype, seed)
+        spec = ModelSpec.from_hf_config(hf_config)
+        cls._check_host_weights(spec, config, dtype, str(model) if isinstance(model, str) else "this model")
+        return cls(spec, None, config, None, dtype, seed)
+
+    @staticmethod
+    def _check_host_weights(spec: ModelSpec, config: EngineConfig | None, dtype: torch.dtype | None, what: str,
+                            checkpoint_bytes: int = 0) -> None:
+        """Before anything is allocated: a checkpoint read into host memory, and on the CPU the model's
+        weights as well, must fit the host memory available (else a ValueError, not the kernel's OOM killer)."""
+        device = _default_device(config or EngineConfig())
+        need = checkpoint_bytes
+        if device.type == "cpu":
+            dtype = dtype or torch.float32
+            need += spec.num_params() * torch.empty((), dtype=dtype).element_size()
+            advice = "use a GPU, a smaller model (e.g. the preset 'tiny'), or dtype=torch.bfloat16"
+        else:
+            advice = "free host memory or use a machine with more"
+        name = str(dtype).removeprefix("torch.") if device.type == "cpu" else "checkpoint"
+        check_host_memory(f"{what} ({spec.num_params() / 1e9:.2f}B parameters, {name} weights on the host)", need,
+                          advice)
 
     # ----- what the engine accepts, without loading anything -----------------------------------
     CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
@@ -301,6 +324,14 @@ class LLM:
         return ModelSpec.from_hf_config(model)
 
     @staticmethod
+    def resolve_config(spec: ModelSpec, config: EngineConfig) -> EngineConfig:
+        """The config the engine runs: max_model_len=None becomes the model's context length
+        (max_position_embeddings), as in vLLM."""
+        if config.max_model_len is None:
+            return config.replace(max_model_len=spec.max_position_embeddings)
+        return config
+
+    @staticmethod
     def check_config(spec: ModelSpec, config: EngineConfig, device: torch.device | None = None) -> None:
         """Raise the ValueError the engine raises for a config this model cannot run at all (quantization,
         tensor_parallel_size, max_model_len), before anything is built; device None skips what depends on
@@ -309,7 +340,7 @@ class LLM:
             check_quantization(LlamaModel(spec, 1), config.quantization, device)
         if config.tensor_parallel_size > 1:
             check_tensor_parallel_config(spec, config, device)
-        if config.max_model_len > spec.max_position_embeddings:
+        if config.max_model_len is not None and config.max_model_len > spec.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} is more than the model's "
                              f"max_position_embeddings={spec.max_position_embeddings}; lower max_model_len")
 
@@ -331,6 +362,7 @@ class LLM:
         """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
         if self._engine is not None and self._engine.has_unfinished_requests():
             raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
+        config = self.resolve_config(self.spec, config)
         self.check_config(self.spec, config, self.device)
         if _default_device(config) != self.device:
             raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "

@@ -20,11 +20,18 @@ from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
-from .sampling import Sampler
+from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
+from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
+                     size_kv_cache)
 from .stats import MemoryProfile
 
-CPU_KV_BUDGET_BYTES = 512 * 1024**2  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
+# SamplingParams the memory profile samples its decode rows with: every filter of the sampler on, in one row of
+# PROFILE_SAMPLED_EVERY, the others greedy. The batch as a whole takes the sampler's mixed path (device logits,
+# float32, over every row); filtering each of 1024 rows on the host would add seconds to every start-up.
+PROFILE_SAMPLING = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50)
+PROFILE_GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
+PROFILE_SAMPLED_EVERY = 64
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -120,12 +127,19 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
         max_tokens = max(config.max_num_batched_tokens, self.graph_sizes[-1])
+        if device.type == "cpu":
+            self._check_host_activations(max_tokens)
         self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device)
+        # Captured decode graphs write their last hidden states here (one buffer for all sizes, so the
+        # graphs' shared pool keeps no per-graph output); the LM head runs eagerly on the rows that sample.
+        self.graph_hidden = (torch.empty(self.graph_sizes[-1], spec.hidden_size, dtype=dtype, device=device)
+                             if self.uses_cuda_graphs else None)
         # Persistent block-table rows (see the class docstring).
         self.table_rows = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self.rows: dict[str, int] = {}
         self.rows_written: dict[str, int] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # size -> (graph, the view of graph_hidden it writes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
 
@@ -134,52 +148,103 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         return self.spec.kv_bytes_per_token(dtype_bytes(self.kv_dtype))
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
+
+    def _check_host_activations(self, max_tokens: int) -> None:
+        """On the CPU: the input buffers and one forward of max_num_batched_tokens must fit the host's memory."""
+        cfg, spec = self.config, self.spec
+        e = torch.empty((), dtype=self.dtype).element_size()
+        buffers = 3 * max_tokens * 8 + (2 * cfg.max_num_seqs + 1) * 4 + cfg.max_num_seqs * self.max_blocks_per_seq * 8
+        seqs = min(cfg.max_num_seqs, max_tokens)
+        qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
+        act = forward_activation_bytes(max_tokens, seqs, spec.hidden_size, spec.intermediate_size, qkv,
+                                       spec.vocab_size, e)
+        check_host_memory(f"max_num_batched_tokens={cfg.max_num_batched_tokens} (with max_num_seqs={cfg.max_num_seqs})",
+                          buffers + act, "lower max_num_batched_tokens or max_num_seqs")
+
     def determine_num_blocks(self) -> int:
-        """Blocks the pool can have: the config's override, else what the memory budget leaves."""
+        """Blocks the pool can have (engine.memory.size_kv_cache over what was measured): the config's override,
+        else what the memory budget leaves. Raises ValueError, naming the settings, when it does not fit."""
         cfg = self.config
-        bytes_per_block = self.kv_bytes_per_token * cfg.block_size
-        if self.device.type == "cuda":
+        sizing = self.kv_sizing()
+        if not sizing.fits:
+            raise ValueError(sizing.reason)
+        if self.device.type == "cpu":
+            check_host_memory(f"a KV cache of {sizing.num_blocks} blocks" + (
+                f" (num_gpu_blocks={cfg.num_gpu_blocks})" if cfg.num_gpu_blocks is not None else ""),
+                (sizing.num_blocks + SCRATCH_BLOCKS) * sizing.bytes_per_block,
+                "lower num_gpu_blocks (or gpu_memory_utilization)")
+        return sizing.num_blocks
+
+    def kv_sizing(self) -> KVCacheSizing:
+        """The pool size and its reason: on CUDA from the worst-case profile (run once), on the CPU the budget."""
+        cfg, spec = self.config, self.spec
+        common = dict(kv_bytes_per_token=self.kv_bytes_per_token, block_size=cfg.block_size,
+                      max_model_len=cfg.max_model_len, num_gpu_blocks=cfg.num_gpu_blocks,
+                      gpu_memory_utilization=cfg.gpu_memory_utilization, max_positions=spec.max_position_embeddings)
+        if self.device.type != "cuda":
+            return size_kv_cache(total_bytes=CPU_KV_BUDGET_BYTES, weight_bytes=weight_bytes(self.model),
+                                 device="cpu", **common)
+        if self.memory is None:
             self.memory = self._profile_cuda_memory()
-            kv_bytes = self.memory.kv_cache_bytes
-        else:
-            kv_bytes = int(cfg.gpu_memory_utilization * CPU_KV_BUDGET_BYTES)
-        # One block is kept back as the scratch block of CUDA-graph padding.
-        num_blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block - 1
-        if num_blocks * cfg.block_size < cfg.max_model_len:
-            need = -(-cfg.max_model_len // cfg.block_size)
-            raise ValueError(
-                f"the KV cache has {max(num_blocks, 0)} blocks of {cfg.block_size} tokens "
-                f"({max(num_blocks, 0) * cfg.block_size} tokens) but max_model_len={cfg.max_model_len} needs {need} "
-                f"blocks ({need * bytes_per_block / 2**30:.2f} GiB) for one request: lower max_model_len, raise "
-                "gpu_memory_utilization or num_gpu_blocks, quantize the weights or the KV cache, or use more GPUs")
-        return num_blocks
+        m = self.memory
+        sizing = size_kv_cache(total_bytes=m.total_bytes, weight_bytes=m.weight_bytes, other_bytes=m.other_bytes,
+                               activation_peak_bytes=m.peak_activation_bytes, graph_pool_bytes=m.graph_pool_bytes,
+                               non_torch_bytes=m.non_torch_bytes, **common)
+        m.budget_bytes, m.kv_cache_bytes, m.margin_bytes = sizing.budget_bytes, sizing.kv_cache_bytes, sizing.margin_bytes
+        return sizing
 
     def _profile_cuda_memory(self) -> MemoryProfile:
-        """vLLM's rule: KV = util x total - weights - peak activations of a max-size step - non-torch memory."""
-        torch.cuda.synchronize(self.device)
+        """Measure, before the KV pool exists, the peak of everything that is not KV at the config's limits:
+        a prefill of max_num_batched_tokens, a decode of max_num_seqs rows with float32 logits and the
+        sampler's filters, and the largest CUDA graph's pool (see engine/memory.py for how they combine)."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self._profile_run()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
+        free, total = torch.cuda.mem_get_info(dev)
+        non_torch = (total - free) - torch.cuda.memory_reserved(dev)
+        base = torch.cuda.memory_allocated(dev)
+        weights = weight_bytes(self.model)
+        prefill = self._measure_peak(self._profile_prefill)
+        decode = self._measure_peak(self._profile_decode)
+        graph_pool = self._measure_graph_pool() if self.uses_cuda_graphs else 0
+        self.kv_caches = []
         torch.cuda.empty_cache()
-        kv = int(self.config.gpu_memory_utilization * total) - base - peak - non_torch
-        return MemoryProfile(total, weight_bytes(self.model), peak, non_torch, kv)
+        return MemoryProfile(total_bytes=total, weight_bytes=weights, peak_activation_bytes=max(prefill, decode),
+                             non_torch_bytes=non_torch, kv_cache_bytes=0, other_bytes=max(base - weights, 0),
+                             prefill_peak_bytes=prefill, decode_peak_bytes=decode, graph_pool_bytes=graph_pool)
 
-    def _profile_run(self) -> None:
-        """A forward + sampling of max_num_batched_tokens tokens spread over max_num_seqs sequences."""
-        cfg = self.config
-        num_tokens = cfg.max_num_batched_tokens
-        num_seqs = max(1, min(cfg.max_num_seqs, num_tokens))
+    def _measure_peak(self, run) -> int:
+        """Peak bytes allocated by run() beyond what was allocated before it (its scratch KV blocks excluded)."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        self.kv_caches = []
+        num_blocks = run(prepare=True)
+        self.allocate_kv_cache(num_blocks)
+        with_kv = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        run(prepare=False)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - with_kv
+        self.kv_caches = []
+        return peak
+
+    def _profile_prefill(self, prepare: bool) -> int:
+        """A forward of max_num_batched_tokens tokens over min(max_num_seqs, tokens) sequences, with logits for
+        each. Every sequence's block table points at the same few scratch blocks: the KV written collides,
+        which a profile does not mind, and the pool it needs is one sequence's."""
+        cfg, bs = self.config, self.config.block_size
+        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+        num_tokens = min(cfg.max_num_batched_tokens, num_seqs * cfg.max_model_len)
         lens = np.full(num_seqs, num_tokens // num_seqs)
         lens[: num_tokens % num_seqs] += 1
-        bs = cfg.block_size
         blocks_per_seq = -(-int(lens.max()) // bs)
-        self.allocate_kv_cache(blocks_per_seq * num_seqs)
-        tables = np.arange(blocks_per_seq * num_seqs, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        if prepare:
+            return blocks_per_seq
+        tables = np.broadcast_to(np.arange(blocks_per_seq, dtype=np.int32), (num_seqs, blocks_per_seq))
         seq_idx = np.repeat(np.arange(num_seqs), lens)
         positions = np.arange(num_tokens) - np.repeat(np.cumsum(lens) - lens, lens)
         b = self.buffers
@@ -194,8 +259,52 @@ class ModelRunner:
         meta = self._metadata(num_tokens, num_seqs, blocks_per_seq, 0, int(lens.max()), int(lens.max()))
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
-            self.model.compute_logits(hidden[b.qsl_dev[1:num_seqs + 1].long() - 1]).argmax(-1)
+            logits = self.model.compute_logits(hidden[b.qsl_dev[1:num_seqs + 1].long() - 1])
+            del hidden
+            logits.argmax(-1)
+        return 0
+
+    def _profile_decode(self, prepare: bool) -> int:
+        """A decode step of the largest batch (max_num_seqs rows, or the token budget if smaller): the forward
+        with the attention split for max_model_len, float32 logits over the whole vocabulary for every row,
+        and the sampler over them with top-k and top-p (see PROFILE_SAMPLING)."""
+        if prepare:
+            return 1
+        n = self.graph_sizes[-1]
+        b = self.buffers
+        b.ids_np[:n] = 0
+        b.pos_np[:n] = 0
+        b.slots_np[:n] = 0
+        b.qsl_np[:n + 1] = np.arange(n + 1)
+        b.lens_np[:n] = 1
+        b.tables_np[:n, :1] = 0
+        b.upload(n, n, 1)
+        # Split counts of the decode kernel come from max_seq_len: the largest a decode can see.
+        meta = self._metadata(n, n, 1, n, 1, self.config.max_model_len)
+        with torch.inference_mode():
+            hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
+            logits = self.model.compute_logits(hidden)
+            del hidden
+            params = [PROFILE_GREEDY if i % PROFILE_SAMPLED_EVERY else PROFILE_SAMPLING for i in range(n)]
+            self.sampler(logits, params, [None] * n)
+        return 0
+
+    def _measure_graph_pool(self) -> int:
+        """Bytes the pool of the largest decode graph holds (captured over scratch KV, then dropped). Smaller
+        graphs reuse that pool (they are captured after it, into it), so it is the pool of the whole ladder."""
+        dev = self.device
+        self.allocate_kv_cache(1)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(dev)
+        size = self.graph_sizes[-1]
+        graph = self._capture(size, None, max_cols=1)
+        torch.cuda.synchronize(dev)
+        pool = torch.cuda.memory_reserved(dev) - before
+        del graph
         self.kv_caches = []
+        torch.cuda.empty_cache()
+        return max(pool, 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """K and V tensors of every layer for num_blocks blocks, plus the scratch (null) block."""
@@ -323,9 +432,13 @@ class ModelRunner:
         self.upload(plan)
         rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
         if plan.graph_size is not None:
-            graph, logits_out = self.graphs[plan.graph_size]
+            graph, hidden = self.graphs[plan.graph_size]
             graph.replay()
-            return logits_out[:n] if rows is None else logits_out[rows]
+            # The LM head runs eagerly, on the rows that sample only (a graph's pool keeps no logits).
+            if rows is not None and not len(rows):
+                return None
+            hidden = hidden[:n]
+            return self.model.compute_logits(hidden if rows is None else hidden[rows])
         meta = self._metadata(plan.num_tokens, n, plan.num_cols, plan.num_decodes, plan.max_query_len,
                               plan.max_seq_len)
         hidden = self.model(b.ids_dev[:plan.num_tokens], b.pos_dev[:plan.num_tokens], self.kv_caches, meta,
@@ -384,30 +497,44 @@ class ModelRunner:
         b.tables_np[n:size, 0] = self.null_block
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode steps for every size of the ladder, largest first, sharing one memory pool."""
-        if self.device.type != "cuda" or self.config.enforce_eager or self.backend.name != "triton":
+        """Capture decode steps for every size of the ladder, largest first, sharing one memory pool; records the
+        pool's size in memory.graph_pool_bytes_captured."""
+        if not self.uses_cuda_graphs:
+            if self.memory is not None:
+                self.memory.graph_pool_bytes_captured = 0
             return
-        b = self.buffers
-        max_size = self.graph_sizes[-1]
-        b.qsl_np[:max_size + 1] = np.arange(max_size + 1)
-        b.ids_np[:max_size] = 0
-        b.pos_np[:max_size] = 0
-        b.slots_np[:max_size] = self.null_block * self.config.block_size
-        b.lens_np[:max_size] = 1
-        b.tables_np[:max_size] = self.null_block
-        b.upload(max_size, max_size, self.max_blocks_per_seq)
-        torch.cuda.synchronize(self.device)
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(dev)
         pool = None
-        with torch.inference_mode():
-            for size in reversed(self.graph_sizes):
-                # Split counts of the decode kernel come from max_seq_len: fix it at max_model_len.
-                meta = self._metadata(size, size, self.max_blocks_per_seq, size, 1, self.config.max_model_len)
-                args = (b.ids_dev[:size], b.pos_dev[:size], self.kv_caches, meta, self.backend)
-                self.model.compute_logits(self.model(*args))  # warm-up: compile kernels outside the capture
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(self.model(*args))
-                pool = graph.pool()
-                self.graphs[size] = (graph, logits)
+        for size in reversed(self.graph_sizes):
+            graph = self._capture(size, pool, self.max_blocks_per_seq)
+            pool = graph.pool()
+            self.graphs[size] = (graph, self.graph_hidden[:size])
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        if self.memory is not None:
+            self.memory.graph_pool_bytes_captured = torch.cuda.memory_reserved(dev) - before
+
+    def _capture(self, size: int, pool, max_cols: int) -> torch.cuda.CUDAGraph:
+        """One decode graph of `size` rows: padding rows only (null block), max_seq_len = max_model_len (the
+        decode kernel's split count comes from it). Its last hidden states go to graph_hidden[:size]."""
+        b = self.buffers
+        b.qsl_np[:size + 1] = np.arange(size + 1)
+        b.ids_np[:size] = 0
+        b.pos_np[:size] = 0
+        b.slots_np[:size] = self.null_block * self.config.block_size
+        b.lens_np[:size] = 1
+        b.tables_np[:size, :max_cols] = self.null_block
+        b.upload(size, size, max_cols)
         torch.cuda.synchronize(self.device)
+        with torch.inference_mode():
+            meta = self._metadata(size, size, max_cols, size, 1, self.config.max_model_len)
+            args = (b.ids_dev[:size], b.pos_dev[:size], self.kv_caches, meta, self.backend)
+            self.graph_hidden[:size].copy_(self.model(*args))  # warm-up: compile kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.graph_hidden[:size].copy_(self.model(*args))
+        return graph

@@ -53,6 +53,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.current: SchedulerOutput | None = None
+        # LLM resolves max_model_len=None to the model's context; a bare Scheduler (tests) has no model.
+        self.max_model_len = config.max_model_len or 2**62
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -130,7 +132,7 @@ class Scheduler:
             if token is None:
                 continue
             req.append_output_token(token, now)
-            status = req.check_stop(self.config.max_model_len)
+            status = req.check_stop(self.max_model_len)
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(req)

@@ -32,13 +32,27 @@ class StepStats:
 
 @dataclass
 class MemoryProfile:
-    """How the KV pool was sized, in bytes (vLLM's rule: util x total - weights - activation peak - other)."""
+    """How the KV pool was sized on CUDA, in bytes (engine/memory.py's rule: util x total - weights - other
+    torch memory - activation peak - CUDA-graph pool - non-torch - margin).
+
+    peak_activation_bytes = max(prefill_peak_bytes, decode_peak_bytes): a prefill of max_num_batched_tokens,
+    and a decode of max_num_seqs rows with float32 logits and the sampler (top-k/top-p) over them.
+    graph_pool_bytes: the largest decode graph's pool, measured before sizing; graph_pool_bytes_captured:
+    the pool of every captured graph, measured after the capture (-1 until then, 0 without graphs).
+    """
 
     total_bytes: int
     weight_bytes: int
     peak_activation_bytes: int
     non_torch_bytes: int
     kv_cache_bytes: int
+    budget_bytes: int = 0
+    other_bytes: int = 0
+    prefill_peak_bytes: int = 0
+    decode_peak_bytes: int = 0
+    graph_pool_bytes: int = 0
+    margin_bytes: int = 0
+    graph_pool_bytes_captured: int = -1
 
 
 @dataclass

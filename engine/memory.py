@@ -1,0 +1,158 @@
+"""The engine's memory arithmetic, in one place: how many KV blocks a memory budget holds, and why.
+
+`size_kv_cache` is pure (bytes in, blocks out, with the reason). The runner calls it with what it measured
+on the device (or the CPU budget), and workbench.planner calls it with its estimates, so the planner and
+the engine cannot disagree on the rule, only on the inputs. On CUDA the rule is vLLM's, with the parts
+vLLM's profile leaves out added:
+
+    kv_cache_bytes = gpu_memory_utilization x total - weights - other torch memory - activation peak
+                     - CUDA-graph pool - non-torch memory - MEMORY_MARGIN_BYTES
+    num_blocks     = kv_cache_bytes // (kv_bytes_per_token x block_size) - SCRATCH_BLOCKS
+
+The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
+with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
+keeps (every graph shares its pool). On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
+and every allocation is first checked against the host memory available (check_host_memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB, MiB = 2**30, 2**20
+CPU_KV_BUDGET_BYTES = 512 * MiB  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
+SCRATCH_BLOCKS = 1  # one block past the pool: the padding rows of CUDA-graph batches write their KV there
+# Kept free inside the budget for what the profile cannot see: the caching allocator's fragmentation across
+# step shapes, cuBLAS/cuDNN workspaces of streams first used later, and CUDA-context growth as kernels load.
+MEMORY_MARGIN_BYTES = 1 * GiB
+
+VERDICTS = ("fits", "weights do not fit", "max_model_len needs more KV than is left", "num_gpu_blocks does not fit")
+
+
+@dataclass(frozen=True)
+class KVCacheSizing:
+    """The outcome of size_kv_cache (bytes unless named otherwise).
+
+    num_blocks: KV blocks of the pool (the override when num_gpu_blocks is given). largest_max_model_len:
+    the longest request the pool holds alone (num_blocks x block_size, capped at max_positions).
+    verdict: one of VERDICTS; reason: a sentence naming the settings to change when it is not "fits".
+    """
+
+    total_bytes: int
+    budget_bytes: int
+    weight_bytes: int
+    other_bytes: int
+    activation_peak_bytes: int
+    graph_pool_bytes: int
+    non_torch_bytes: int
+    margin_bytes: int
+    kv_cache_bytes: int
+    bytes_per_block: int
+    num_blocks: int
+    max_blocks: int
+    largest_max_model_len: int
+    verdict: str
+    reason: str
+
+    @property
+    def fits(self) -> bool:
+        return self.verdict == VERDICTS[0]
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_bytes: int, kv_bytes_per_token: int,
+                  block_size: int, max_model_len: int, other_bytes: int = 0, activation_peak_bytes: int = 0,
+                  graph_pool_bytes: int = 0, non_torch_bytes: int = 0, margin_bytes: int | None = None,
+                  num_gpu_blocks: int | None = None, load_bytes: int | None = None,
+                  max_positions: int | None = None, device: str = "cuda") -> KVCacheSizing:
+    """How many KV blocks fit, by the rule in the module docstring; never raises for a config that does not fit
+    (the verdict says so). total_bytes: device memory (cudaMemGetInfo total), or CPU_KV_BUDGET_BYTES on the CPU,
+    where only the budget counts. load_bytes: peak bytes of loading the weights (the model dtype, before any
+    quantization), default weight_bytes. max_positions: the model's context length, caps largest_max_model_len.
+    """
+    margin = MEMORY_MARGIN_BYTES if margin_bytes is None else margin_bytes
+    on_cpu = device == "cpu"
+    budget = int(gpu_memory_utilization * total_bytes)
+    bytes_per_block = kv_bytes_per_token * block_size
+    if on_cpu:
+        weights = other = peak = graphs = non_torch = margin = 0
+        kv_bytes = budget
+    else:
+        weights, other, peak, graphs, non_torch = (weight_bytes, other_bytes, activation_peak_bytes,
+                                                   graph_pool_bytes, non_torch_bytes)
+        kv_bytes = budget - weights - other - peak - graphs - non_torch - margin
+    max_blocks = max(kv_bytes // bytes_per_block - SCRATCH_BLOCKS, 0)
+    num_blocks = max_blocks if num_gpu_blocks is None else num_gpu_blocks
+    largest = num_blocks * block_size if max_positions is None else min(num_blocks * block_size, max_positions)
+    load = weight_bytes if load_bytes is None else load_bytes
+    need = -(-max_model_len // block_size)
+    if not on_cpu and load > budget:
+        verdict = VERDICTS[1]
+        reason = (f"the weights need {_gib(load)} but gpu_memory_utilization={gpu_memory_utilization} of "
+                  f"{_gib(total_bytes)} is {_gib(budget)}: quantize the weights, use more GPUs "
+                  "(tensor_parallel_size) or a smaller model")
+    elif num_gpu_blocks is not None and not on_cpu and num_gpu_blocks > max_blocks:
+        verdict = VERDICTS[3]
+        reason = (f"num_gpu_blocks={num_gpu_blocks} needs {_gib((num_gpu_blocks + SCRATCH_BLOCKS) * bytes_per_block)}"
+                  f" of KV but {_gib(max(kv_bytes, 0))} is left after weights {_gib(weights)}, activation peak "
+                  f"{_gib(peak)}, CUDA graphs {_gib(graphs)}, other {_gib(other + non_torch)} and the margin "
+                  f"{_gib(margin)}: lower num_gpu_blocks to {max_blocks} or less, or leave it None")
+    elif num_blocks * block_size < max_model_len:
+        verdict = VERDICTS[2]
+        left = (f"the budget gpu_memory_utilization={gpu_memory_utilization} x {_gib(total_bytes)}" if on_cpu else
+                f"what is left after weights {_gib(weights)}, activation peak {_gib(peak)}, CUDA graphs "
+                f"{_gib(graphs)}, other {_gib(other + non_torch)} and the margin {_gib(margin)}")
+        source = f"num_gpu_blocks={num_gpu_blocks}" if num_gpu_blocks is not None else left
+        fix = (f"lower max_model_len to {largest} or less" if largest > 0 else "lower max_model_len")
+        reason = (f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens, "
+                  f"from {source}) but max_model_len={max_model_len} needs {need} blocks "
+                  f"({_gib(need * bytes_per_block)}) for one request: {fix} (the largest max_model_len that fits "
+                  f"is {largest}), raise gpu_memory_utilization or num_gpu_blocks, quantize the weights or the KV "
+                  "cache, or use more GPUs")
+    else:
+        verdict = VERDICTS[0]
+        reason = (f"{num_blocks} KV blocks ({num_blocks * block_size} tokens) hold {num_blocks // need} requests of "
+                  f"max_model_len={max_model_len} at once")
+    return KVCacheSizing(
+        total_bytes=total_bytes, budget_bytes=budget, weight_bytes=weights, other_bytes=other,
+        activation_peak_bytes=peak, graph_pool_bytes=graphs, non_torch_bytes=non_torch, margin_bytes=margin,
+        kv_cache_bytes=kv_bytes, bytes_per_block=bytes_per_block, num_blocks=num_blocks, max_blocks=max_blocks,
+        largest_max_model_len=largest, verdict=verdict, reason=reason)
+
+
+# ----- host memory (the CPU device, and every load) ------------------------------------------------
+
+def available_host_bytes() -> int:
+    """Memory this process can still allocate on the host without swapping (MemAvailable), in bytes."""
+    try:
+        import psutil
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62  # unknown: do not refuse
+
+
+def check_host_memory(setting: str, need_bytes: int, advice: str, available: int | None = None) -> None:
+    """Raise ValueError naming `setting`, the bytes needed and the bytes available, when need > available."""
+    have = available_host_bytes() if available is None else available
+    if need_bytes > have:
+        raise ValueError(f"{setting} needs {need_bytes / GiB:.1f} GiB of host memory; this machine has "
+                         f"{have / GiB:.1f} GiB available: {advice}")
+
+
+def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, intermediate_size: int,
+                             qkv_size: int, vocab_size: int, dtype_bytes: int) -> int:
+    """An upper estimate of one eager forward's activation peak (bytes): the residual stream and its normed
+    copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, and the LM head over
+    num_seqs rows in the model dtype plus its float32 copy. For host-memory checks before any allocation."""
+    per_token = 4 * hidden_size + qkv_size + 3 * intermediate_size
+    return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4)

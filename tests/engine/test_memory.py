@@ -1,0 +1,91 @@
+"""engine.memory: the one sizing rule against hand-computed values; max_model_len=None; host-memory checks that
+refuse, with a ValueError naming the setting, what would otherwise be killed by the kernel's OOM killer."""
+from pathlib import Path
+
+import pytest
+
+import engine.memory as memory
+from engine import LLM, EngineConfig, SamplingParams
+from engine.memory import GiB, MiB, size_kv_cache
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "pystdlib-llama-6m"
+LLAMA_8B_KV = 128 * 1024  # bytes per token: 2 x 32 layers x 8 heads x 128 x 2 bytes
+
+
+def h100(**kw):
+    args = dict(total_bytes=80 * GiB, gpu_memory_utilization=0.9, weight_bytes=15 * GiB, other_bytes=100 * MiB,
+                activation_peak_bytes=3 * GiB, graph_pool_bytes=500 * MiB, non_torch_bytes=600 * MiB,
+                kv_bytes_per_token=LLAMA_8B_KV, block_size=16, max_model_len=8192)
+    return size_kv_cache(**{**args, **kw})
+
+
+def test_sizing_rule_is_hand_computed():
+    s = h100()
+    budget = int(0.9 * 80 * GiB)  # 72 GiB
+    kv = budget - 15 * GiB - 100 * MiB - 3 * GiB - 500 * MiB - 600 * MiB - 1 * GiB  # the 1 GiB margin
+    assert s.budget_bytes == budget and s.kv_cache_bytes == kv == 53 * GiB - 1200 * MiB
+    assert s.bytes_per_block == 2 * MiB and s.num_blocks == kv // (2 * MiB) - 1 == 26536 - 1
+    assert s.fits and s.verdict == "fits" and s.largest_max_model_len == 26535 * 16
+    assert s.margin_bytes == memory.MEMORY_MARGIN_BYTES == GiB
+
+
+def test_sizing_verdicts_and_reasons():
+    big = h100(num_gpu_blocks=10**9)
+    assert big.verdict == "num_gpu_blocks does not fit" and "lower num_gpu_blocks to 26535" in big.reason
+    assert h100(num_gpu_blocks=1000).fits and h100(num_gpu_blocks=1000).num_blocks == 1000
+    weights = h100(weight_bytes=75 * GiB)
+    assert weights.verdict == "weights do not fit" and "gpu_memory_utilization=0.9" in weights.reason
+    long = h100(activation_peak_bytes=51 * GiB, max_model_len=131072)  # 3920 MiB left: 1959 blocks
+    assert long.verdict == "max_model_len needs more KV than is left" and long.num_blocks == 1959
+    assert f"the largest max_model_len that fits is {long.num_blocks * 16}" in long.reason
+    assert f"lower max_model_len to {long.num_blocks * 16}" in long.reason
+    # On the CPU only the budget counts (the engine's CPU pool).
+    cpu = size_kv_cache(total_bytes=512 * MiB, gpu_memory_utilization=0.5, weight_bytes=10**12,
+                        kv_bytes_per_token=1024, block_size=16, max_model_len=64, device="cpu")
+    assert cpu.fits and cpu.num_blocks == (256 * MiB) // (16 * 1024) - 1
+
+
+def test_a_changed_engine_constant_changes_the_rule(monkeypatch):
+    before = h100().num_blocks
+    monkeypatch.setattr(memory, "MEMORY_MARGIN_BYTES", 3 * GiB)
+    assert h100().num_blocks == before - 1024  # 2 GiB more margin: 1024 fewer 2 MiB blocks
+    monkeypatch.setattr(memory, "SCRATCH_BLOCKS", 5)
+    assert h100().num_blocks == before - 1024 - 4
+
+
+def test_shipped_model_loads_with_default_config():
+    llm = LLM.from_pretrained(MODEL_DIR, EngineConfig())
+    assert EngineConfig().max_model_len is None and llm.config.max_model_len == 2048  # the model's context
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+
+
+def test_max_model_len_that_does_not_fit_names_the_largest_that_does():
+    with pytest.raises(ValueError, match="the largest max_model_len that fits is 32"):
+        LLM.random("tiny", EngineConfig(device="cpu", num_gpu_blocks=4, block_size=8))  # tiny's context: 4096
+    llm = LLM.random("tiny", EngineConfig(device="cpu", num_gpu_blocks=4, block_size=8, max_model_len=32))
+    assert llm.config.max_model_len == 32
+
+
+def no_host_memory(monkeypatch, available: int):
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: available)
+
+
+def test_preset_too_large_for_the_host_is_refused_before_loading(monkeypatch):
+    no_host_memory(monkeypatch, 23 * GiB)
+    with pytest.raises(ValueError, match=r"llama-3.1-8b \(8.03B parameters, float32 weights.*needs 29.9 GiB.*"
+                                         r"23.0 GiB available.*dtype=torch.bfloat16"):
+        LLM.random("llama-3.1-8b", EngineConfig(device="cpu"))
+
+
+def test_checkpoint_too_large_for_the_host_is_refused_before_loading(monkeypatch):
+    no_host_memory(monkeypatch, 10 * MiB)
+    with pytest.raises(ValueError, match="loading pystdlib-llama-6m .*host memory"):
+        LLM.from_pretrained(MODEL_DIR, EngineConfig(device="cpu"))
+
+
+@pytest.mark.parametrize("field, value", [("max_num_batched_tokens", 10**9), ("num_gpu_blocks", 10**9)])
+def test_cpu_buffers_beyond_host_memory_are_refused(field, value):
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
+    with pytest.raises(ValueError, match=f"{field}={value}.*GiB of host memory; this machine has"):
+        llm.reconfigure(llm.config.replace(**{field: value}))
+    assert llm.config.max_model_len == 64 and llm.generate([[5, 6]], SamplingParams(max_tokens=2))  # still serves
