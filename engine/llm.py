@@ -17,7 +17,8 @@ from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
 from .request import Request, RequestOutput
-from .memory import CPU_KV_BUDGET_BYTES, check_host_memory
+from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
+from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -300,6 +301,9 @@ class LLM:
 
     # ----- what the engine accepts, without loading anything -----------------------------------
     CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
+    # The engine's sizing rule (engine/memory.py), for planners: bytes in, blocks out, verdict and reason.
+    size_kv_cache = staticmethod(size_kv_cache)
+    MEMORY_VERDICTS = MEMORY_VERDICTS
 
     @staticmethod
     def presets() -> list[str]:

@@ -66,11 +66,14 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
                   block_size: int, max_model_len: int, other_bytes: int = 0, activation_peak_bytes: int = 0,
                   graph_pool_bytes: int = 0, non_torch_bytes: int = 0, margin_bytes: int | None = None,
                   num_gpu_blocks: int | None = None, load_bytes: int | None = None,
-                  max_positions: int | None = None, device: str = "cuda") -> KVCacheSizing:
+                  max_positions: int | None = None, device: str = "cuda",
+                  host_available_bytes: int | None = None) -> KVCacheSizing:
     """How many KV blocks fit, by the rule in the module docstring; never raises for a config that does not fit
     (the verdict says so). total_bytes: device memory (cudaMemGetInfo total), or CPU_KV_BUDGET_BYTES on the CPU,
     where only the budget counts. load_bytes: peak bytes of loading the weights (the model dtype, before any
     quantization), default weight_bytes. max_positions: the model's context length, caps largest_max_model_len.
+    host_available_bytes: on the CPU, what a num_gpu_blocks override is checked against (default: this machine's
+    available memory, available_host_bytes()).
     """
     margin = MEMORY_MARGIN_BYTES if margin_bytes is None else margin_bytes
     on_cpu = device == "cpu"
@@ -79,6 +82,8 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
     if on_cpu:
         weights = other = peak = graphs = non_torch = margin = 0
         kv_bytes = budget
+        if num_gpu_blocks is not None:  # an override is bounded by the host's memory, not the budget
+            kv_bytes = available_host_bytes() if host_available_bytes is None else host_available_bytes
     else:
         weights, other, peak, graphs, non_torch = (weight_bytes, other_bytes, activation_peak_bytes,
                                                    graph_pool_bytes, non_torch_bytes)
@@ -93,7 +98,12 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
         reason = (f"the weights need {_gib(load)} but gpu_memory_utilization={gpu_memory_utilization} of "
                   f"{_gib(total_bytes)} is {_gib(budget)}: quantize the weights, use more GPUs "
                   "(tensor_parallel_size) or a smaller model")
-    elif num_gpu_blocks is not None and not on_cpu and num_gpu_blocks > max_blocks:
+    elif num_gpu_blocks is not None and on_cpu and num_gpu_blocks > max_blocks:
+        verdict = VERDICTS[3]
+        reason = (f"num_gpu_blocks={num_gpu_blocks} needs "
+                  f"{_gib((num_gpu_blocks + SCRATCH_BLOCKS) * bytes_per_block)} of host memory; this machine has "
+                  f"{_gib(kv_bytes)} available: lower num_gpu_blocks to {max_blocks} or less, or leave it None")
+    elif num_gpu_blocks is not None and num_gpu_blocks > max_blocks:
         verdict = VERDICTS[3]
         reason = (f"num_gpu_blocks={num_gpu_blocks} needs {_gib((num_gpu_blocks + SCRATCH_BLOCKS) * bytes_per_block)}"
                   f" of KV but {_gib(max(kv_bytes, 0))} is left after weights {_gib(weights)}, activation peak "
@@ -108,7 +118,8 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
         fix = (f"lower max_model_len to {largest} or less" if largest > 0 else "lower max_model_len")
         reason = (f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens, "
                   f"from {source}) but max_model_len={max_model_len} needs {need} blocks "
-                  f"({_gib(need * bytes_per_block)}) for one request: {fix} (the largest max_model_len that fits "
+                  f"({_gib(need * bytes_per_block)}) for one request, short by "
+                  f"{_gib((need - num_blocks) * bytes_per_block)}: {fix} (the largest max_model_len that fits "
                   f"is {largest}), raise gpu_memory_utilization or num_gpu_blocks, quantize the weights or the KV "
                   "cache, or use more GPUs")
     else:

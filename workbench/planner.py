@@ -1,22 +1,23 @@
 """Memory planner: KV capacity and an out-of-memory verdict for a config, before any run.
 
-It mirrors the engine's sizing rule (vLLM's; engine/runner.py, ``ModelRunner.determine_num_blocks``):
+The rule is the engine's own: ``LLM.size_kv_cache`` (engine/memory.py), which the engine's runner sizes its
+pool with. The planner only estimates that rule's inputs where the engine measures them:
 
-    kv_cache_bytes = int(gpu_memory_utilization * total) - base - peak - non_torch
-    num_gpu_blocks = kv_cache_bytes // (kv_bytes_per_token * block_size) - 1    (one scratch block)
+    weights         exact bytes of engine/quant's formats, per GPU under tensor parallelism
+    other           what torch holds beside the weights (rotary tables, input buffers, the graphs' hidden
+                    buffer), exact, plus a calibrated remainder
+    activation peak the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
+                    with float32 logits (calibrated on the engine's own profile on an H100,
+                    ``scripts/calibrate_planner.py`` -> ``data/planner/calibration_h100.json``)
+    CUDA graphs     the largest decode graph's pool (its forward without the LM head), 0 with enforce_eager
+    non-torch       the CUDA context (calibrated)
 
-``base`` is what torch holds before the profile step (weights, rotary tables, input buffers), ``peak``
-the allocation peak of the profile step (its own KV blocks, then a forward pass of
-max_num_batched_tokens tokens over min(max_num_seqs, tokens) sequences) and ``non_torch`` device
-memory torch did not allocate (the CUDA context). Weights, KV bytes and the profile's KV blocks are
-exact byte counts; the forward peak and the two overheads come from a fit to the engine's own profile
-on an H100 (``scripts/calibrate_planner.py`` -> ``data/planner/calibration_h100.json``).
-
-On the CPU the engine sizes the pool as gpu_memory_utilization x CPU_KV_BUDGET_BYTES; ``gpu="cpu"``
-plans that. Tensor parallelism is planned per GPU (Megatron sharding: linear layers, embeddings and
-LM head split, norms replicated, KV heads split), as the engine runs it (engine/distributed/); a
-tensor_parallel_size that does not divide the head counts, or with quantization, is refused as the engine
-refuses it.
+and the engine adds its margin (engine.memory.MEMORY_MARGIN_BYTES) and scratch block. num_gpu_blocks,
+max_num_seqs, max_num_batched_tokens, quantization, kv_cache_dtype, tensor_parallel_size and enforce_eager all
+change the plan as they change the engine. On the CPU the engine sizes the pool as gpu_memory_utilization x
+CPU_KV_BUDGET_BYTES; ``gpu="cpu"`` plans that. Tensor parallelism is planned per GPU (Megatron sharding:
+linear layers, embeddings and LM head split, norms replicated, KV heads split); a tensor_parallel_size that
+does not divide the head counts, or with quantization, is refused as the engine refuses it.
 """
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ MiB, GiB = 2**20, 2**30
 QUANT_GROUP_SIZE = 128  # int4: one scale and one zero point per 128 input channels
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_DTYPE_BYTES = {"fp8": 1}  # "auto" = the model dtype
-VERDICTS = ("fits", "weights do not fit", "max_model_len needs more KV than is left",
-            "headroom below safety margin")
+VERDICTS = LLM.MEMORY_VERDICTS  # the engine's: fits | weights do not fit | max_model_len ... | num_gpu_blocks ...
 CALIBRATION_FILE = Path(__file__).resolve().parents[1] / "data" / "planner" / "calibration_h100.json"
 
 
@@ -77,9 +77,8 @@ class Calibration:
     beside gate_up and the fused SwiGLU output (3 x 2 x intermediate); the logits are bf16 plus their float32
     copy (6 bytes). forward_const_bytes: the first matmul's cuBLAS workspace, which a fresh start counts in its
     peak. other_bytes: what torch holds before the profile besides weights, rotary tables and input buffers.
-    safety_margin_bytes: how far past its budget (gpu_memory_utilization x total) the engine's device memory
-    went under the load test (CUDA graphs, allocator reserve, non-torch growth after the profile);
-    "headroom below safety margin" when (1 - util) x total is less.
+    (The fit was made on the profile step before issue 13, which also held its sequences' KV blocks; the
+    forward terms are that step's forward, which the engine's prefill profile still runs.)
     """
 
     forward_const_bytes: float
@@ -88,7 +87,6 @@ class Calibration:
     logits_bytes: float
     non_torch_bytes: int
     other_bytes: int
-    safety_margin_bytes: int
     source: str
 
     @classmethod
@@ -107,17 +105,17 @@ class Calibration:
 CALIBRATION_H100 = Calibration(
     forward_const_bytes=33668419.92924863, forward_hidden_bytes=7.99560761992533,
     forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
-    non_torch_bytes=829926058, other_bytes=33816576, safety_margin_bytes=4294967296,
+    non_torch_bytes=829926058, other_bytes=33816576,
     source="data/planner/calibration_h100.json, section fit")
 CALIBRATION_H100_FRESH = Calibration(
     forward_const_bytes=33668419.92924863, forward_hidden_bytes=7.99560761992533,
     forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
-    non_torch_bytes=648871936, other_bytes=262144, safety_margin_bytes=4294967296,
+    non_torch_bytes=648871936, other_bytes=262144,
     source="data/planner/calibration_h100.json, section fit_fresh")
 CALIBRATION_H100_RECONFIGURED = Calibration(
     forward_const_bytes=98962.58132262375, forward_hidden_bytes=7.99560761992533,
     forward_intermediate_bytes=6.001154310030951, logits_bytes=6.008116683072934,
-    non_torch_bytes=829926058, other_bytes=33816576, safety_margin_bytes=4294967296,
+    non_torch_bytes=829926058, other_bytes=33816576,
     source="data/planner/calibration_h100.json, section fit_reconfigured")
 
 
@@ -200,23 +198,22 @@ def _alloc(nbytes: int) -> int:
     return _cdiv(nbytes, 512) * 512  # torch's caching allocator rounds every block up to 512 bytes
 
 
-def profile_kv_bytes(spec: ModelSpec, cfg: EngineConfig, kv_token_bytes: int, tensor_parallel_size: int = 1) -> int:
-    """The KV blocks the engine's profile step allocates (inside its peak): enough for its sequences, plus scratch."""
-    num_tokens = cfg.max_num_batched_tokens
-    num_seqs = max(1, min(cfg.max_num_seqs, num_tokens))
-    blocks = _cdiv(_cdiv(num_tokens, num_seqs), cfg.block_size) * num_seqs + 1
-    per_tensor = blocks * cfg.block_size * kv_token_bytes // (2 * spec.num_layers)
-    return 2 * spec.num_layers * _alloc(per_tensor)
+def _profile_shape(cfg: EngineConfig) -> tuple[int, int]:
+    """(tokens, sequences) of the engine's prefill profile: max_num_batched_tokens over min(max_num_seqs, tokens)
+    sequences, no sequence longer than max_model_len (ModelRunner._profile_prefill)."""
+    seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+    return min(cfg.max_num_batched_tokens, seqs * cfg.max_model_len), seqs
 
 
 def forward_peak_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calibration: Calibration | None = None,
                        tensor_parallel_size: int = 1) -> int:
-    """Peak activation bytes of the profile's forward pass (calibrated; see Calibration): the larger of the MLP
-    of max_num_batched_tokens tokens and the LM head over min(max_num_seqs, tokens) sequences."""
+    """Peak activation bytes of the engine's worst-case profile (calibrated; see Calibration): the larger of the
+    MLP of the prefill's tokens and the LM head (float32 logits) over min(max_num_seqs, tokens) rows, which the
+    prefill and the max_num_seqs-row decode both reach."""
     c, tp = calibration or CALIBRATION_H100, tensor_parallel_size
     e = DTYPE_BYTES[_dtype_name(dtype)]
-    t, h = cfg.max_num_batched_tokens, spec.hidden_size
-    s = max(1, min(cfg.max_num_seqs, t))
+    t, s = _profile_shape(cfg)
+    h = spec.hidden_size
     mlp = t * (c.forward_hidden_bytes * h + c.forward_intermediate_bytes * spec.intermediate_size / tp) * e / 2
     # 16-bit logits and their float32 copy (logits_bytes = 2 + 4); float32 logits need no copy.
     per_logit = c.logits_bytes * (e + (4 if e < 4 else 0)) / 6
@@ -224,13 +221,28 @@ def forward_peak_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", cal
     return int(c.forward_const_bytes + max(mlp, logits))
 
 
-def static_bytes(spec: ModelSpec, cfg: EngineConfig) -> int:
-    """Torch allocations besides weights made before the profile: rotary cos/sin (float32) and input buffers."""
+def graph_pool_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calibration: Calibration | None = None,
+                     tensor_parallel_size: int = 1) -> int:
+    """The CUDA-graph pool the engine measures (0 with enforce_eager): the largest decode graph's forward of
+    min(max_num_seqs, max_num_batched_tokens) rows, without the LM head (the engine runs that eagerly)."""
+    if cfg.enforce_eager:
+        return 0
+    c, tp = calibration or CALIBRATION_H100, tensor_parallel_size
+    e = DTYPE_BYTES[_dtype_name(dtype)]
+    rows = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+    per_row = c.forward_hidden_bytes * spec.hidden_size + c.forward_intermediate_bytes * spec.intermediate_size / tp
+    return _alloc(int(rows * per_row * e / 2))
+
+
+def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16") -> int:
+    """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers and,
+    with CUDA graphs, the graphs' hidden-state output buffer."""
     rotary = 2 * _alloc(spec.max_position_embeddings * spec.head_dim * 4)
     tokens, seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
     blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
     buffers = 3 * _alloc(tokens * 8) + _alloc((seqs + 1) * 4) + _alloc(seqs * 4) + _alloc(seqs * blocks_per_seq * 4)
-    return rotary + buffers
+    hidden = 0 if cfg.enforce_eager else _alloc(min(seqs, tokens) * spec.hidden_size * DTYPE_BYTES[_dtype_name(dtype)])
+    return rotary + buffers + hidden
 
 
 # ----- the plan ------------------------------------------------------------------------------------
@@ -239,12 +251,13 @@ def static_bytes(spec: ModelSpec, cfg: EngineConfig) -> int:
 class Plan:
     """What one config needs on one GPU (bytes unless named otherwise) and the verdict, with its reason.
 
+    The verdict, reason, kv_cache_bytes and num_gpu_blocks come from the engine's rule (LLM.size_kv_cache).
     load_bytes: the weights in the model dtype, which the engine builds on the GPU before quantizing
-    (its start-up check). activation_peak_bytes is what the engine records as
-    MemoryProfile.peak_activation_bytes: the profile step's KV blocks plus the forward peak.
-    kv_tokens = num_gpu_blocks x block_size; max_concurrent_requests: requests of max_model_len tokens
-    whose KV fits at once. headroom_bytes: memory outside the engine's budget, (1 - util) x total.
-    knobs: single changes that would make a failing plan fit.
+    (its start-up check). activation_peak_bytes estimates MemoryProfile.peak_activation_bytes, graph_pool_bytes
+    MemoryProfile.graph_pool_bytes. kv_tokens = num_gpu_blocks x block_size; max_concurrent_requests: requests
+    of max_model_len tokens whose KV fits at once; largest_max_model_len: the longest request the pool holds.
+    headroom_bytes: memory outside the engine's budget, (1 - util) x total. knobs: single changes that would
+    make a failing plan fit (each checked by planning it).
     """
 
     model: str
@@ -259,23 +272,25 @@ class Plan:
     max_num_batched_tokens: int
     max_num_seqs: int
     max_model_len: int
+    enforce_eager: bool
     load_bytes: int
     weight_bytes: int
     weight_bytes_by_mode: dict
     kv_bytes_per_token: int
     kv_bytes_per_token_by_dtype: dict
     static_bytes: int
-    profile_kv_bytes: int
     forward_peak_bytes: int
     activation_peak_bytes: int
+    graph_pool_bytes: int
     non_torch_bytes: int
+    margin_bytes: int
     budget_bytes: int
     kv_cache_bytes: int
     num_gpu_blocks: int
     kv_tokens: int
     max_concurrent_requests: int
+    largest_max_model_len: int
     headroom_bytes: int
-    safety_margin_bytes: int
     verdict: str
     reason: str
     knobs: list = field(default_factory=list)
@@ -286,18 +301,31 @@ class Plan:
 
     def to_dict(self) -> dict:
         """A flat row: per-mode weight bytes and per-dtype KV bytes as columns, other_bytes (static +
-        non-torch), knobs joined by '; '."""
+        non-torch + margin), knobs joined by '; '."""
         d = asdict(self)
         d["quantization"] = d["quantization"] or "none"
         d.update({f"weight_bytes_{m}": b for m, b in d.pop("weight_bytes_by_mode").items()})
         d.update({f"kv_bytes_per_token_{k}": b for k, b in d.pop("kv_bytes_per_token_by_dtype").items()})
-        d["other_bytes"] = self.static_bytes + self.non_torch_bytes
+        d["other_bytes"] = self.static_bytes + self.non_torch_bytes + self.graph_pool_bytes + self.margin_bytes
         d["knobs"] = "; ".join(self.knobs)
         return d
 
 
+def _gpu_key(text: str) -> str:
+    """A GPU name reduced to letters and digits, without the vendor and the memory type: "NVIDIA H100 80GB HBM3",
+    "h100-80gb" and "H100 80GB" all give "h10080gb"."""
+    key = re.sub(r"[^a-z0-9]", "", text.lower()).removeprefix("nvidia")
+    return re.sub(r"(hbm3e?|hbm2e?|sxm\d?)$", "", key)
+
+
+# Common spellings of the GPUS entries (after _gpu_key); the bare model name where it has one memory size.
+GPU_ALIASES = {"h100": "H100-80GB", "h100sxm": "H100-80GB", "h200141gb": "H200", "a10080gbsxm": "A100-80GB",
+               "l40s48gb": "L40S", "l424gb": "L4", "a10g24gb": "A10G"}
+
+
 def resolve_gpu(gpu) -> GPU:
-    """A GPUS name, "current" (this machine's GPU), "cpu" (the engine's CPU pool), bytes, or "80GiB" / "24GB"."""
+    """A GPUS name in any common spelling ("H100", "H100 80GB", "h100-80gb", "NVIDIA H200"), "current" (this
+    machine's GPU), "cpu" (the engine's CPU pool), bytes, or "80GiB" / "24GB"."""
     if isinstance(gpu, GPU):
         return gpu
     if isinstance(gpu, (int, float)) and not isinstance(gpu, bool):
@@ -317,7 +345,16 @@ def resolve_gpu(gpu) -> GPU:
     if m:
         unit = {"GiB": GiB, "GB": 10**9, "MiB": MiB, "MB": 10**6}[m.group(2)]
         return GPU(text.strip(), int(float(m.group(1)) * unit), None, "given")
-    raise ValueError(f"gpu={gpu!r} is unknown: use one of {sorted(GPUS)}, 'current', 'cpu', bytes or e.g. '48GiB'")
+    key = _gpu_key(text)
+    by_key = {_gpu_key(name): name for name in GPUS}
+    name = by_key.get(key) or GPU_ALIASES.get(key)
+    if name is not None:
+        return GPUS[name]
+    if key == "a100":
+        raise ValueError(f"gpu={gpu!r} is ambiguous: the A100 has 40 GB and 80 GB models; use 'A100-40GB' or "
+                         "'A100-80GB'")
+    raise ValueError(f"gpu={gpu!r} is unknown: use one of {sorted(GPUS)} (any common spelling, e.g. 'H100 80GB'), "
+                     "'current', 'cpu', bytes or e.g. '48GiB'")
 
 
 def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) -> None:
@@ -329,80 +366,68 @@ def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) ->
 
 
 def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration) -> Plan:
-    """The numbers and the verdict of one config, without knobs: the engine's arithmetic, step by step."""
+    """The numbers and the verdict of one config, without knobs: the planner's estimates through the engine's rule."""
     on_cpu = gpu.name == "cpu"
     total, util = gpu.total_bytes, cfg.gpu_memory_utilization
     modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "fp8")}
     kv_by = {k: kv_bytes_per_token(spec, k, dtype, tp) for k in ("auto", "fp8")}
     load, weights, kv_token = modes["none"], modes[cfg.quantization or "none"], kv_by[cfg.kv_cache_dtype]
-    bytes_per_block = kv_token * cfg.block_size
-    budget = int(util * total)
-    static = prof_kv = fwd = non_torch = headroom = margin = 0
-    if on_cpu:
-        kv_bytes = budget
-    else:
-        static = static_bytes(spec, cfg) + cal.other_bytes
-        prof_kv = profile_kv_bytes(spec, cfg, kv_token)
+    static = fwd = graphs = non_torch = 0
+    if not on_cpu:
+        static = static_bytes(spec, cfg, dtype) + cal.other_bytes
         fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
-        non_torch, headroom, margin = cal.non_torch_bytes, total - budget, cal.safety_margin_bytes
-        kv_bytes = budget - (weights + static) - (prof_kv + fwd) - non_torch
-    blocks = cfg.num_gpu_blocks if cfg.num_gpu_blocks is not None else kv_bytes // bytes_per_block - 1
-    have = max(blocks, 0)
+        graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
+        non_torch = cal.non_torch_bytes
+    sizing = LLM.size_kv_cache(
+        total_bytes=total, gpu_memory_utilization=util, weight_bytes=weights, kv_bytes_per_token=kv_token,
+        block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static,
+        activation_peak_bytes=fwd, graph_pool_bytes=graphs, non_torch_bytes=non_torch,
+        num_gpu_blocks=cfg.num_gpu_blocks, load_bytes=load, max_positions=spec.max_position_embeddings,
+        device="cpu" if on_cpu else "cuda")
+    blocks = sizing.num_blocks if sizing.verdict in ("fits", VERDICTS[2]) else 0
     per_request = _cdiv(cfg.max_model_len, cfg.block_size)
-    if not on_cpu and load > util * total:
-        verdict = VERDICTS[1]
-        reason = (f"the weights need {load / GiB:.2f} GiB per GPU in {dtype} (the engine loads them so, before "
-                  f"any quantization) but gpu_memory_utilization={util} of {gpu.name} is {util * total / GiB:.2f} GiB")
-    elif have * cfg.block_size < cfg.max_model_len:
-        verdict = VERDICTS[2]
-        reason = (f"max_model_len={cfg.max_model_len} needs {per_request} KV blocks "
-                  f"({per_request * bytes_per_block / GiB:.2f} GiB) but {have} blocks "
-                  f"({have * bytes_per_block / GiB:.2f} GiB) are left after weights {weights / GiB:.2f} GiB, "
-                  f"activation peak {(prof_kv + fwd) / GiB:.2f} GiB and other {(static + non_torch) / GiB:.2f} GiB: "
-                  f"short by {(per_request - have) * bytes_per_block / GiB:.2f} GiB")
-    elif headroom < margin:
-        verdict = VERDICTS[3]
-        reason = (f"only {headroom / GiB:.2f} GiB of {gpu.name} lies outside the engine's budget "
-                  f"(gpu_memory_utilization={util}); CUDA graphs and what the profile does not see need "
-                  f"about {margin / GiB:.2f} GiB")
-    else:
-        verdict = VERDICTS[0]
-        reason = (f"{have} KV blocks ({have * cfg.block_size} tokens) hold {have // per_request} requests of "
-                  f"max_model_len={cfg.max_model_len} at once")
     return Plan(
         model=name, gpu=gpu.name, total_bytes=total, dtype=dtype, quantization=cfg.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, tensor_parallel_size=tp, gpu_memory_utilization=util,
         block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-        max_model_len=cfg.max_model_len, load_bytes=load, weight_bytes=weights, weight_bytes_by_mode=modes,
-        kv_bytes_per_token=kv_token, kv_bytes_per_token_by_dtype=kv_by, static_bytes=static,
-        profile_kv_bytes=prof_kv, forward_peak_bytes=fwd, activation_peak_bytes=prof_kv + fwd,
-        non_torch_bytes=non_torch, budget_bytes=budget, kv_cache_bytes=kv_bytes, num_gpu_blocks=have,
-        kv_tokens=have * cfg.block_size, max_concurrent_requests=have // per_request, headroom_bytes=headroom,
-        safety_margin_bytes=margin, verdict=verdict, reason=reason)
+        max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager, load_bytes=load, weight_bytes=weights,
+        weight_bytes_by_mode=modes, kv_bytes_per_token=kv_token, kv_bytes_per_token_by_dtype=kv_by,
+        static_bytes=static, forward_peak_bytes=fwd, activation_peak_bytes=fwd, graph_pool_bytes=graphs,
+        non_torch_bytes=non_torch, margin_bytes=sizing.margin_bytes, budget_bytes=sizing.budget_bytes,
+        kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks, kv_tokens=blocks * cfg.block_size,
+        max_concurrent_requests=blocks // per_request, largest_max_model_len=sizing.largest_max_model_len,
+        headroom_bytes=0 if on_cpu else total - sizing.budget_bytes, verdict=sizing.verdict, reason=sizing.reason)
 
 
 def _knobs(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration,
            p: Plan) -> list[str]:
-    """Single changes that turn a failing plan into one that fits (each checked by planning it)."""
+    """Single changes that turn a failing plan into one that fits, each checked by planning it."""
+    allowed = {(cfg.quantization, tp, cfg.max_model_len): True}  # what _check_allowed looks at -> its answer
+
     def fits(c: EngineConfig = cfg, t: int = tp) -> bool:
-        try:
-            _check_allowed(spec, gpu, c, t)
-        except ValueError:
-            return False
-        return _size(spec, name, gpu, c, t, dtype, cal).fits
+        key = (c.quantization, t, c.max_model_len)
+        if key not in allowed:
+            try:
+                _check_allowed(spec, gpu, c, t)
+                allowed[key] = True
+            except ValueError:
+                allowed[key] = False
+        return allowed[key] and _size(spec, name, gpu, c, t, dtype, cal).fits
 
     knobs = []
-    if p.verdict == VERDICTS[2] and p.kv_tokens > 0:
-        knobs.append(f"lower max_model_len to {p.kv_tokens} or less")
-    shares = [u / 100 for u in range(1, 100)]
     if p.verdict == VERDICTS[3]:
-        lower = [u for u in shares if u < p.gpu_memory_utilization and fits(cfg.replace(gpu_memory_utilization=u))]
-        if lower:
-            knobs.append(f"lower gpu_memory_utilization to {lower[-1]:.2f}")
-    else:
-        higher = [u for u in shares if u > p.gpu_memory_utilization and fits(cfg.replace(gpu_memory_utilization=u))]
-        if higher:
-            knobs.append(f"raise gpu_memory_utilization to {higher[0]:.2f}")
+        most = _size(spec, name, gpu, cfg.replace(num_gpu_blocks=None), tp, dtype, cal)
+        if most.num_gpu_blocks >= 1 and fits(cfg.replace(num_gpu_blocks=most.num_gpu_blocks)):
+            knobs.append(f"lower num_gpu_blocks to {most.num_gpu_blocks} or less")
+        if fits(cfg.replace(num_gpu_blocks=None)):
+            knobs.append("leave num_gpu_blocks=None (sized from memory)")
+    if p.verdict == VERDICTS[2] and p.largest_max_model_len > 0 and fits(
+            cfg.replace(max_model_len=p.largest_max_model_len)):
+        knobs.append(f"lower max_model_len to {p.largest_max_model_len} or less")
+    shares = [u / 100 for u in range(1, 101)]
+    higher = [u for u in shares if u > p.gpu_memory_utilization and fits(cfg.replace(gpu_memory_utilization=u))]
+    if higher:
+        knobs.append(f"raise gpu_memory_utilization to {higher[0]:.2f}")
     quant = [f"quantization={m!r}" for m in ("int8", "fp8", "int4")
              if m != cfg.quantization and fits(cfg.replace(quantization=m))]
     if cfg.kv_cache_dtype != "fp8" and fits(cfg.replace(kv_cache_dtype="fp8")):
@@ -411,6 +436,10 @@ def _knobs(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dty
         knobs.append("quantize: " + " or ".join(quant))
     if cfg.max_num_batched_tokens > 2048 and fits(cfg.replace(max_num_batched_tokens=2048)):
         knobs.append("lower max_num_batched_tokens to 2048 (a smaller activation peak)")
+    if cfg.max_num_seqs > 256 and fits(cfg.replace(max_num_seqs=256)):
+        knobs.append("lower max_num_seqs to 256 (smaller logits and CUDA graphs)")
+    if not cfg.enforce_eager and gpu.name != "cpu" and fits(cfg.replace(enforce_eager=True)):
+        knobs.append("enforce_eager=True (no CUDA-graph pool)")
     more = next((n for n in (2, 4, 8) if n > tp and fits(t=n)), None)
     if more:
         knobs.append(f"add GPUs: tensor_parallel_size={more}")
@@ -430,6 +459,7 @@ def plan(model, gpu, cfg: EngineConfig | None = None, tensor_parallel_size: int 
     name, spec = resolve_model(model)
     g = resolve_gpu(gpu)
     dtype = _dtype_name(dtype or ("float32" if g.name == "cpu" else "bfloat16"))
+    cfg = LLM.resolve_config(spec, cfg)  # max_model_len=None: the model's context, as the engine reads it
     _check_allowed(spec, g, cfg, tp)
     cal = calibration or CALIBRATION_H100
     p = _size(spec, name, g, cfg, tp, dtype, cal)

@@ -15,7 +15,8 @@ from transformers import LlamaConfig
 from engine import LLM, EngineConfig
 from engine.loadtest import load_test
 from engine.model.presets import preset_config
-from engine.runner import CPU_KV_BUDGET_BYTES
+from engine.memory import CPU_KV_BUDGET_BYTES
+import engine.memory as engine_memory
 from workbench import planner, planner_figures
 from workbench.planner import GiB, MiB, plan, plan_table
 
@@ -72,18 +73,76 @@ def test_plan_arithmetic_is_the_engines_rule():
     p = plan("llama-3.1-8b", H100, cfg)
     total = 85017493504  # torch's total on the H100 80GB HBM3 (nvidia-smi: 81559 MiB)
     assert p.total_bytes == total and p.budget_bytes == int(0.9 * total)
+    assert p.margin_bytes == engine_memory.MEMORY_MARGIN_BYTES == GiB
     assert p.kv_cache_bytes == (p.budget_bytes - p.weight_bytes - p.static_bytes - p.activation_peak_bytes
-                                - p.non_torch_bytes)
+                                - p.graph_pool_bytes - p.non_torch_bytes - p.margin_bytes)
     assert p.num_gpu_blocks == p.kv_cache_bytes // (128 * 1024 * 16) - 1  # one scratch block, as the runner keeps
-    assert p.kv_tokens == 16 * p.num_gpu_blocks
+    assert p.kv_tokens == 16 * p.num_gpu_blocks and p.largest_max_model_len == 131072  # the context caps it
     assert p.max_concurrent_requests == p.num_gpu_blocks // 256
-    # The profile step's KV: 8192 tokens over 256 sequences = 32 tokens = 2 blocks each, plus the scratch block.
-    assert p.profile_kv_bytes == (2 * 256 + 1) * 16 * 128 * 1024
-    assert p.activation_peak_bytes == p.profile_kv_bytes + p.forward_peak_bytes
     # rotary cos + sin (131072 positions x 128 float32 each) are part of what torch holds before the profile
     assert p.static_bytes >= 2 * 131072 * 128 * 4
+    assert 0 < p.graph_pool_bytes < p.activation_peak_bytes
     assert p.verdict == "fits" and p.knobs == []
     assert 400_000 < p.kv_tokens < 460_000  # about 52 GiB of KV at 128 KiB per token
+
+
+def test_planner_calls_the_engines_rule(monkeypatch):
+    """The planner has no sizing rule of its own: a changed engine constant changes the plan."""
+    cfg = EngineConfig(max_model_len=4096)
+    before = plan("llama-3.1-8b", H100, cfg)
+    monkeypatch.setattr(engine_memory, "MEMORY_MARGIN_BYTES", 5 * GiB)
+    after = plan("llama-3.1-8b", H100, cfg)
+    assert after.margin_bytes == 5 * GiB and after.num_gpu_blocks == before.num_gpu_blocks - 4 * GiB // (2 * MiB)
+    monkeypatch.setattr(engine_memory, "SCRATCH_BLOCKS", 3)
+    assert plan("llama-3.1-8b", H100, cfg).num_gpu_blocks == after.num_gpu_blocks - 2
+    calls = []
+    monkeypatch.setattr(LLM, "size_kv_cache", staticmethod(lambda **kw: calls.append(kw) or
+                                                           engine_memory.size_kv_cache(**kw)))
+    plan("tiny", "cpu", EngineConfig(max_model_len=64))
+    assert calls and calls[0]["device"] == "cpu"
+
+
+def test_planner_honours_every_field_that_changes_memory():
+    base = EngineConfig(max_model_len=8192)
+    p = plan("llama-3.1-8b", "H200", base)
+    blocks = p.num_gpu_blocks
+    assert plan("llama-3.1-8b", "H200", base.replace(num_gpu_blocks=1000)).num_gpu_blocks == 1000
+    big = plan("llama-3.1-8b", "H200", base.replace(max_num_seqs=1024, max_num_batched_tokens=16384))
+    assert big.activation_peak_bytes > p.activation_peak_bytes and big.graph_pool_bytes > p.graph_pool_bytes
+    assert big.num_gpu_blocks < blocks
+    assert plan("llama-3.1-8b", "H200", base.replace(quantization="int8")).num_gpu_blocks > blocks
+    fp8 = plan("llama-3.1-8b", "H200", base.replace(kv_cache_dtype="fp8")).num_gpu_blocks
+    assert abs(fp8 - 2 * blocks) <= 2
+    assert plan("llama-3.1-8b", "H200", base, tensor_parallel_size=2).num_gpu_blocks > 2 * blocks
+    eager = plan("llama-3.1-8b", "H200", base.replace(enforce_eager=True))
+    assert eager.graph_pool_bytes == 0 and eager.num_gpu_blocks > blocks
+    assert plan("llama-3.1-8b", "H200", EngineConfig()).max_model_len == 131072  # None: the model's context
+
+
+def test_a_billion_blocks_do_not_fit_and_only_working_fixes_are_offered():
+    cfg = EngineConfig(num_gpu_blocks=10**9, max_model_len=8192)
+    p = plan("llama-3.1-8b", "H200", cfg)
+    assert p.verdict == "num_gpu_blocks does not fit" and not p.fits and p.num_gpu_blocks == 0
+    most = plan("llama-3.1-8b", "H200", cfg.replace(num_gpu_blocks=None)).num_gpu_blocks
+    assert f"lower num_gpu_blocks to {most} or less" in p.knobs
+    assert not any("gpu_memory_utilization" in k for k in p.knobs)  # no share of the GPU holds 10**9 blocks
+    assert plan("llama-3.1-8b", "H200", cfg.replace(num_gpu_blocks=most)).fits
+    assert not plan("llama-3.1-8b", "H200", cfg.replace(num_gpu_blocks=most + 1)).fits
+    # A share of 1.0 is the engine's business: no verdict of the planner's own refuses it.
+    assert plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=1.0, max_model_len=8192)).fits
+
+
+@pytest.mark.parametrize("spelling, name", [("H100 80GB", "H100-80GB"), ("h100-80gb", "H100-80GB"),
+                                            ("H100", "H100-80GB"), ("NVIDIA H100 80GB HBM3", "H100-80GB"),
+                                            ("H200", "H200"), ("h200", "H200"), ("NVIDIA H200", "H200"),
+                                            ("a100 80gb", "A100-80GB"), ("l40s", "L40S")])
+def test_gpu_names_in_common_spellings(spelling, name):
+    assert planner.resolve_gpu(spelling).name == name
+
+
+def test_ambiguous_gpu_name_says_which():
+    with pytest.raises(ValueError, match="A100-40GB"):
+        planner.resolve_gpu("A100")
 
 
 def test_planner_block_count_equals_the_engine_on_cpu():
@@ -115,14 +174,14 @@ def test_planner_agrees_with_the_engine_when_the_cpu_pool_is_too_small():
 # ----- verdicts and knobs ----------------------------------------------------------------------------
 
 def test_70b_bf16_does_not_fit_one_h100():
-    p = plan("llama-3.1-70b", H100, EngineConfig())
+    p = plan("llama-3.1-70b", H100, EngineConfig(max_model_len=4096))
     assert p.verdict == "weights do not fit"
     assert "131.42 GiB" in p.reason  # 141.1 GB of bf16 weights
     assert "add GPUs: tensor_parallel_size=2" in p.knobs
     assert p.num_gpu_blocks == 0 and p.kv_tokens == 0
     # The engine builds the model in bf16 before quantizing it, so quantization alone does not help here.
     assert plan("llama-3.1-70b", H100, EngineConfig(quantization="int4")).verdict == "weights do not fit"
-    assert plan("llama-3.1-70b", H100, EngineConfig(), tensor_parallel_size=2).fits
+    assert plan("llama-3.1-70b", H100, EngineConfig(max_model_len=4096), tensor_parallel_size=2).fits
 
 
 def test_long_max_model_len_gets_the_kv_verdict_with_knobs():
@@ -150,14 +209,6 @@ def test_long_max_model_len_gets_the_kv_verdict_with_knobs():
     tight = plan("llama-3.1-8b", H100, cfg.replace(gpu_memory_utilization=0.25))
     assert not any(k.startswith("quantize") for k in tight.knobs)
     assert not plan("llama-3.1-8b", H100, cfg.replace(gpu_memory_utilization=0.25, quantization="int4")).fits
-
-
-def test_headroom_below_safety_margin():
-    p = plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=1.0))
-    assert p.verdict == "headroom below safety margin"
-    assert p.headroom_bytes == 0
-    assert any(k.startswith("lower gpu_memory_utilization") for k in p.knobs)
-    assert plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=0.9)).fits
 
 
 def test_configs_the_engine_refuses_outright_raise():
@@ -218,43 +269,10 @@ def test_activation_peak_reproduces_the_h100_profile_runs():
     for r in _calibration_file()["rows"]:
         cal = planner.CALIBRATION_H100_FRESH if r["fresh"] else planner.CALIBRATION_H100_RECONFIGURED
         p = plan(r["model"], r["total_bytes"], _row_config(r), calibration=cal)
-        assert p.profile_kv_bytes == r["planner_profile_kv_bytes"]
-        assert abs(p.activation_peak_bytes - r["peak_activation_bytes"]) < MiB, r
+        # The recorded profile step also held its sequences' KV blocks; today's prefill profile runs the same
+        # forward over a few shared scratch blocks, which the engine leaves out of its peak.
+        assert abs(p.forward_peak_bytes - (r["peak_activation_bytes"] - r["planner_profile_kv_bytes"])) < MiB, r
         assert p.weight_bytes == r["weight_bytes"]
-
-
-def test_block_count_is_the_engines_rule_given_its_measured_overheads():
-    """With the overheads the engine measured in each H100 start, the planner's count is the engine's, exactly:
-    the same rule, the same integer division."""
-    for r in _calibration_file()["rows"]:
-        fitted = planner.CALIBRATION_H100_FRESH if r["fresh"] else planner.CALIBRATION_H100_RECONFIGURED
-        cal = dataclasses.replace(fitted, non_torch_bytes=r["non_torch_bytes"], other_bytes=r["other_bytes"])
-        p = plan(r["model"], r["total_bytes"], _row_config(r), calibration=cal)
-        # the forward peak is fitted (within 1 MiB): at most one block either way
-        assert abs(p.num_gpu_blocks - r["num_gpu_blocks"]) <= 1, r
-        assert r["engine_rule_blocks"] == r["num_gpu_blocks"]
-
-
-def test_recorded_h100_engine_counts_are_within_five_percent():
-    """Issue 7's target, against the engine counts recorded by benchmarks/planner_check.py on the H100."""
-    paths = [planner.CALIBRATION_FILE.parents[1] / "benchmarks" / name
-             for name in ("planner_h100.json", "planner_h100_fill.json")]
-    if not all(p.exists() for p in paths):
-        pytest.skip("no recorded planner_check result")
-    rows = [r for p in paths for r in json.loads(p.read_text())["rows"]]
-    grid = [r for r in rows if r["kind"] == "grid" and r.get("engine_blocks")]
-    assert {r["quantization"] for r in grid} >= {"none", "int8"} and len(grid) >= 40
-    for r in rows:
-        if "max_num_batched_tokens" not in r:
-            continue
-        cfg = EngineConfig(max_num_batched_tokens=r["max_num_batched_tokens"], max_model_len=r["max_model_len"],
-                           gpu_memory_utilization=r["gpu_memory_utilization"],
-                           quantization=None if r["quantization"] == "none" else r["quantization"])
-        p = plan(r["model"], H100, cfg)
-        assert p.fits == bool(r["engine_started"]), r["kind"]  # the verdict agrees with the engine's start-up
-        if r["kind"] == "grid":
-            assert abs(p.num_gpu_blocks - r["engine_blocks"]) <= 0.05 * r["engine_blocks"]
-            assert p.num_gpu_blocks <= r["engine_blocks"] * 1.001  # the default calibration errs low
 
 
 # ----- quantized weight bytes against the engine -----------------------------------------------------
@@ -321,7 +339,7 @@ def test_plan_table_and_its_figures():
 
 
 def test_plan_table_sweeps_tensor_parallel_size():
-    df = plan_table("llama-3.1-70b", H100, [EngineConfig()], tensor_parallel_sizes=(1, 2, 4))
+    df = plan_table("llama-3.1-70b", H100, [EngineConfig(max_model_len=4096)], tensor_parallel_sizes=(1, 2, 4))
     assert list(df.tensor_parallel_size) == [1, 2, 4]
     assert list(df.verdict) == ["weights do not fit", "fits", "fits"]
     assert df.kv_tokens.iloc[2] > 2 * df.kv_tokens.iloc[1]
