@@ -267,12 +267,15 @@ class Sweep:
         row = self._base_row(point)
         t0 = time.perf_counter()
         try:
-            if w.max_seq_len > cfg.max_model_len:
+            if cfg.max_model_len is not None and w.max_seq_len > cfg.max_model_len:
                 raise ValueError(f"workload {w.name!r} has a request of {w.max_seq_len} tokens (prompt + output), "
                                  f"over max_model_len={cfg.max_model_len}: raise max_model_len or shorten the workload")
             llm = self._llm_for(cfg)
+            if w.max_seq_len > llm.config.max_model_len:  # max_model_len=None: the model's context
+                raise ValueError(f"workload {w.name!r} has a request of {w.max_seq_len} tokens (prompt + output), "
+                                 f"over the model's context of {llm.config.max_model_len} tokens: shorten the workload")
             if self.warmup:
-                warm_up(llm.engine, cfg)
+                warm_up(llm.engine, llm.config)
             llm.engine.reset_stats()
             self._telemetry.start()
             try:

@@ -1,0 +1,69 @@
+"""Issue 13 on a GPU: the worst-case memory profile at max_num_seqs=1024, and CUDA graphs captured (and replayed)
+at that size, without an out-of-memory error and within the memory share plus the stated margin.
+
+    PYTHONPATH=. python -m pytest -q tests/gpu/test_memory_gpu.py
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.memory import MEMORY_MARGIN_BYTES
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+MODEL = Path(__file__).resolve().parents[2] / "data" / "models" / "pystdlib-llama-6m"
+MiB = 2**20
+
+
+def _params(n: int) -> list[SamplingParams]:
+    """Top-k/top-p sampling on every 16th request (the sampler filters rows on the host), greedy elsewhere."""
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=50, ignore_eos=True, seed=1)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    return [sampled if i % 16 == 0 else greedy for i in range(n)]
+
+
+def test_profile_at_1024_sequences_covers_logits_sampler_and_graphs():
+    """llama-3.2-1b (128256-token vocabulary, random bf16 weights) at max_num_seqs=1024 and 16384 batched tokens:
+    the profile sees the float32 logits of 1024 rows, the graph pool measured before sizing bounds the pool of
+    every captured graph, and 1024 requests decoding at once stay within the share plus the margin."""
+    cfg = EngineConfig(max_num_seqs=1024, max_num_batched_tokens=16384, max_model_len=2048,
+                       gpu_memory_utilization=0.9)
+    llm = LLM.random("llama-3.2-1b", cfg)
+    stats = llm.engine.stats()
+    m = stats.memory
+    assert stats.cuda_graphs and 1024 in llm.engine.runner.graphs
+    assert m.decode_peak_bytes >= 1024 * 128256 * 4  # float32 logits of every row
+    assert m.peak_activation_bytes == max(m.prefill_peak_bytes, m.decode_peak_bytes)
+    assert 0 < m.graph_pool_bytes and 0 <= m.graph_pool_bytes_captured <= m.graph_pool_bytes * 1.1 + 64 * MiB
+    assert m.kv_cache_bytes == (m.budget_bytes - m.weight_bytes - m.other_bytes - m.peak_activation_bytes
+                                - m.graph_pool_bytes - m.non_torch_bytes - m.margin_bytes)
+    torch.cuda.reset_peak_memory_stats()
+    prompts = [[5 + i % 1000, 6, 7, 8, 9, 10, 11, 12] for i in range(1024)]
+    outs = llm.generate(prompts, _params(1024))
+    assert all(len(o.token_ids) == 4 for o in outs)
+    steps = llm.engine.stats().steps
+    assert any(s.cuda_graph and s.num_decode_tokens == 1024 for s in steps)  # the 1024-row graph replayed
+    free, total = torch.cuda.mem_get_info()
+    non_torch = (total - free) - torch.cuda.memory_reserved()
+    assert torch.cuda.max_memory_reserved() + non_torch <= m.budget_bytes + MEMORY_MARGIN_BYTES
+
+
+def test_graphs_at_1024_sequences_give_the_eager_tokens():
+    """The shipped model (float32) with every decode batch up to 1024 captured: greedy tokens equal eager mode's."""
+    prompts = [[(7 * i) % 4000 + 4, (13 * i) % 4000 + 4, 100, 200] for i in range(1024)]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    base = EngineConfig(max_num_seqs=1024, max_num_batched_tokens=16384, max_model_len=256, gpu_memory_utilization=0.5)
+    llm = LLM.from_pretrained(MODEL, base.replace(enforce_eager=True), dtype=torch.float32)
+    eager = [o.token_ids for o in llm.generate(prompts, greedy)]
+    llm.reconfigure(base)
+    assert llm.engine.stats().cuda_graphs
+    graphed = [o.token_ids for o in llm.generate(prompts, greedy)]
+    assert any(s.cuda_graph and s.num_decode_tokens == 1024 for s in llm.engine.stats().steps)
+    assert graphed == eager
+
+
+def test_billion_blocks_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="num_gpu_blocks=1000000000 needs"):
+        LLM.from_pretrained(MODEL, EngineConfig(num_gpu_blocks=10**9, max_model_len=256))
