@@ -23,6 +23,7 @@ from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .stats import MemoryProfile
+from .timeline import DeviceSpan, DeviceTimer
 
 CPU_KV_BUDGET_BYTES = 512 * 1024**2  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
 
@@ -64,6 +65,11 @@ class StepResult:
     num_attention_scores: int      # query-key pairs scored per layer and head
     device_wait: float             # seconds the host waited for the device (the sampler's read of the tokens)
     used_cuda_graph: bool
+    prepare_time: float = 0.0      # host seconds writing the inputs (and waiting for the last upload)
+    launch_time: float = 0.0       # host seconds uploading and launching the forward pass
+    sample_time: float = 0.0       # host seconds in the sampler (waiting for the device included)
+    num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
+    device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
 
 
 class InputBuffers:
@@ -128,6 +134,7 @@ class ModelRunner:
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
+        self.device_timer = DeviceTimer(device)
 
     # ----- KV cache sizing and allocation -------------------------------------------------------
     @property
@@ -243,15 +250,21 @@ class ModelRunner:
         self.wait_host_buffers()
         waited = time.perf_counter() - t0
         plan, samplers, kv_read, scores = self._prepare(sched, kv)
+        t_prepared = time.perf_counter()
         with torch.inference_mode():
+            span = self.device_timer.begin()
             logits = self.forward_step(plan)
+            self.device_timer.end(span)
             t_launched = time.perf_counter()
             tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
         return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
-                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None)
+                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
+                          prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
+                          sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
+                          device_span=span)
 
     def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""

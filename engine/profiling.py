@@ -1,0 +1,136 @@
+"""Deep mode (profile="kernels"): torch.profiler over a window of engine steps, device time by kernel class.
+
+On CUDA the profiled events are the device kernels (and memcpys); on the CPU, where there are no
+kernels, they are the aten ops, each with its self time (its own time, without the ops it called),
+so that the times add up without counting a nested op twice. Each event gets one class of KERNEL_CLASSES by its name (`classify`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+KERNEL_CLASSES = ("attention_prefill", "attention_decode", "gemm", "norm_rotary_act", "sampler", "kv_write",
+                  "communication", "memcpy", "other")
+
+# First match wins: the order settles names that fit two patterns (a fused rotary + KV write is a KV write).
+_RULES = [
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|c10d"),
+    ("memcpy", r"memcpy|memset|copy_?htod|copy_?dtoh|aten::copy_|aten::to\b|aten::_to_copy"),
+    ("attention_decode", r"decode"),
+    ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"),
+    ("kv_write", r"write_kv|reshape_and_cache|index_put|index_copy|scatter"),
+    ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|softmax|exponential"),
+    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"),
+    ("norm_rotary_act", r"norm|rms|rotary|rope|silu|gelu|act|elementwise|aten::mul|aten::add|aten::neg|aten::cat"
+                        r"|aten::pow|aten::mean|aten::rsqrt|aten::sigmoid|aten::embedding|aten::index_select"),
+]
+_COMPILED = [(cls, re.compile(pat, re.IGNORECASE)) for cls, pat in _RULES]
+
+
+def classify(name: str) -> str:
+    """The class (one of KERNEL_CLASSES) of a kernel or aten op by its name."""
+    for cls, pattern in _COMPILED:
+        if pattern.search(name):
+            return cls
+    return "other"
+
+
+@dataclass
+class KernelProfile:
+    """Kernels of profiled steps [first_step, last_step]: (name, class, start, duration) in seconds, start
+    relative to the first kernel. window: seconds from the first kernel's start to the last one's end."""
+
+    first_step: int
+    last_step: int
+    device: str
+    kernels: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    @property
+    def window(self) -> float:
+        return max((s + d for _, _, s, d in self.kernels), default=0.0)
+
+    def busy_time(self) -> float:
+        """Seconds at least one kernel ran (overlapping kernels counted once)."""
+        busy, end = 0.0, 0.0
+        for s, d in sorted((s, d) for _, _, s, d in self.kernels):
+            if s + d > end:
+                busy += s + d - max(s, end)
+                end = s + d
+        return busy
+
+    def by_class(self) -> dict[str, float]:
+        """Seconds of kernel time per class, plus "idle": the window's seconds with no kernel running."""
+        out = {cls: 0.0 for cls in KERNEL_CLASSES}
+        for _, cls, _, d in self.kernels:
+            out[cls] += d
+        out["idle"] = max(self.window - self.busy_time(), 0.0)
+        return out
+
+
+class KernelProfiler:
+    """torch.profiler over engine steps [first_step, first_step + num_steps) (num_steps None: until stop()).
+
+    Invariant: the profiler runs from before_step(first_step) until after_step(last step) or stop(),
+    never across a reset of the engine's counters (step indices restart there).
+    """
+
+    def __init__(self, device: torch.device, first_step: int = 0, num_steps: int | None = None):
+        if first_step < 0:
+            raise ValueError(f"first_step={first_step} must be >= 0")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps={num_steps} must be >= 1 (or None: until the run ends)")
+        self.device = device
+        self.first_step, self.num_steps = first_step, num_steps
+        self.prof = None
+        self.steps_seen: list[int] = []
+        self.result: KernelProfile | None = None
+
+    def before_step(self, step: int) -> None:
+        if self.prof is None and self.result is None and step >= self.first_step:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def after_step(self, step: int) -> bool:
+        """Note a finished step; True when the window is complete (the profile is then in `result`)."""
+        if self.prof is None:
+            return False
+        self.steps_seen.append(step)
+        if self.num_steps is not None and len(self.steps_seen) >= self.num_steps:
+            self.stop()
+            return True
+        return False
+
+    def stop(self) -> KernelProfile | None:
+        if self.prof is None:
+            return self.result
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prof.__exit__(None, None, None)
+        events = self.prof.events()
+        self.prof = None
+        first = self.steps_seen[0] if self.steps_seen else self.first_step
+        last = self.steps_seen[-1] if self.steps_seen else first - 1
+        self.result = KernelProfile(first, last, self.device.type, _kernels(events, self.device.type == "cuda"))
+        return self.result
+
+
+def _kernels(events, cuda: bool) -> list[tuple[str, str, float, float]]:
+    rows = []
+    for e in events:
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+        elif not e.name.startswith("aten::"):
+            continue
+        start = e.time_range.start / 1e6
+        dur = (e.time_range.end - e.time_range.start if cuda else e.self_cpu_time_total) / 1e6
+        rows.append((e.name, classify(e.name), start, dur))
+    if not rows:
+        return []
+    t0 = min(r[2] for r in rows)
+    return sorted(((n, c, s - t0, d) for n, c, s, d in rows), key=lambda r: r[2])
