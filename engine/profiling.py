@@ -1,8 +1,8 @@
 """Deep mode (profile="kernels"): torch.profiler over a window of engine steps, device time by kernel class.
 
 On CUDA the profiled events are the device kernels (and memcpys); on the CPU, where there are no
-kernels, they are the aten ops, each with its self time (its own time, without the ops it called),
-so that the times add up without counting a nested op twice. Each event gets one class of KERNEL_CLASSES by its name (`classify`).
+kernels, they are the aten ops (nested as they call each other), and a class is given each op's
+self time (its own time, without the ops it called), so that nested ops are not counted twice. Each event gets one class of KERNEL_CLASSES by its name (`classify`).
 """
 from __future__ import annotations
 
@@ -39,32 +39,33 @@ def classify(name: str) -> str:
 
 @dataclass
 class KernelProfile:
-    """Kernels of profiled steps [first_step, last_step]: (name, class, start, duration) in seconds, start
-    relative to the first kernel. window: seconds from the first kernel's start to the last one's end."""
+    """Kernels of profiled steps [first_step, last_step]: (name, class, start, duration, self time) in
+    seconds, start relative to the first kernel; self time is the duration less nested events (CPU ops),
+    the duration itself for device kernels. window: from the first kernel's start to the last one's end."""
 
     first_step: int
     last_step: int
     device: str
-    kernels: list[tuple[str, str, float, float]] = field(default_factory=list)
+    kernels: list[tuple[str, str, float, float, float]] = field(default_factory=list)
 
     @property
     def window(self) -> float:
-        return max((s + d for _, _, s, d in self.kernels), default=0.0)
+        return max((k[2] + k[3] for k in self.kernels), default=0.0)
 
     def busy_time(self) -> float:
         """Seconds at least one kernel ran (overlapping kernels counted once)."""
         busy, end = 0.0, 0.0
-        for s, d in sorted((s, d) for _, _, s, d in self.kernels):
+        for s, d in sorted((k[2], k[3]) for k in self.kernels):
             if s + d > end:
                 busy += s + d - max(s, end)
                 end = s + d
         return busy
 
     def by_class(self) -> dict[str, float]:
-        """Seconds of kernel time per class, plus "idle": the window's seconds with no kernel running."""
+        """Seconds of kernel (self) time per class, plus "idle": the window's seconds with no kernel running."""
         out = {cls: 0.0 for cls in KERNEL_CLASSES}
-        for _, cls, _, d in self.kernels:
-            out[cls] += d
+        for k in self.kernels:
+            out[k[1]] += k[4]
         out["idle"] = max(self.window - self.busy_time(), 0.0)
         return out
 
@@ -119,7 +120,7 @@ class KernelProfiler:
         return self.result
 
 
-def _kernels(events, cuda: bool) -> list[tuple[str, str, float, float]]:
+def _kernels(events, cuda: bool) -> list[tuple[str, str, float, float, float]]:
     rows = []
     for e in events:
         if cuda:
@@ -127,10 +128,9 @@ def _kernels(events, cuda: bool) -> list[tuple[str, str, float, float]]:
                 continue
         elif not e.name.startswith("aten::"):
             continue
-        start = e.time_range.start / 1e6
-        dur = (e.time_range.end - e.time_range.start if cuda else e.self_cpu_time_total) / 1e6
-        rows.append((e.name, classify(e.name), start, dur))
+        start, dur = e.time_range.start / 1e6, (e.time_range.end - e.time_range.start) / 1e6
+        rows.append((e.name, classify(e.name), start, dur, dur if cuda else e.self_cpu_time_total / 1e6))
     if not rows:
         return []
     t0 = min(r[2] for r in rows)
-    return sorted(((n, c, s - t0, d) for n, c, s, d in rows), key=lambda r: r[2])
+    return sorted(((n, c, s - t0, d, own) for n, c, s, d, own in rows), key=lambda r: r[2])

@@ -86,9 +86,9 @@ def test_step_roofline_rows():
 
 
 def test_kernel_breakdown_against_class_rooflines():
-    prof = KernelProfile(1, 2, "cuda", [("nvjet_gemm", "gemm", 0.0, 0.03), ("_decode_split_kernel",
-                                        "attention_decode", 0.03, 0.01), ("_add_rms_norm_kernel", "norm_rotary_act",
-                                        0.05, 0.005)])
+    prof = KernelProfile(1, 2, "cuda", [("nvjet_gemm", "gemm", 0.0, 0.03, 0.03), ("_decode_split_kernel",
+                                        "attention_decode", 0.03, 0.01, 0.01), ("_add_rms_norm_kernel",
+                                        "norm_rotary_act", 0.05, 0.005, 0.005)])
     kb = kernel_breakdown(prof, _steps(), SPEC, WEIGHT_BYTES, KV_BYTES, RATES).set_index("class")
     # steps 1-2: GEMM FLOPs 2*1000*(4+1) + 2*100*(4+1) = 11000 -> .011 s; weight bytes 2 x 2200 -> .044 s.
     assert kb.loc["gemm", "roofline_time"] == pytest.approx(0.044)
