@@ -245,3 +245,67 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
                      "flops": flops, "bytes": moved, "roofline_time": limit,
                      "efficiency": limit / t if t > 0 and cls in work else math.nan})
     return pd.DataFrame(rows)
+
+
+# ----- one run, end to end (bench, notebook) --------------------------------------------------------------
+
+KERNEL_WINDOW = (32, 16)  # deep mode: steps [32, 48) of a run, past the first prefill-only steps
+
+
+def start_deep_mode(engine, profile: str | None, first_step: int = KERNEL_WINDOW[0],
+                    num_steps: int = KERNEL_WINDOW[1]) -> None:
+    """Arm profile="kernels" on an engine whose counters were just reset (None: nothing)."""
+    if profile not in (None, "kernels"):
+        raise ValueError(f"profile={profile!r} is not allowed: use None or 'kernels'")
+    if profile == "kernels":
+        engine.profile_kernels(first_step, num_steps)
+
+
+def format_attribution(row: dict) -> str:
+    """The waterfall as plain text: each part in seconds and as a share of the measured time."""
+    frame = attribution_frame(row)
+    lines = [f"where the time goes: {row['gap_measured_s']:.3f} s measured = sum of the parts "
+             f"({row['gap_attributed_s']:.3f} s)"]
+    for r in frame.itertuples(index=False):
+        lines.append(f"  {r.label:34s}{r.seconds:10.3f} s {r.share:8.1%}")
+    lines.append("  host phases summed over steps (s): " + ", ".join(f"{p} {row[f'host_{p}_s']:.3f}"
+                                                                    for p in PHASES))
+    return "\n".join(lines)
+
+
+def format_kernels(breakdown: pd.DataFrame) -> str:
+    """The deep-mode table as plain text: device time per class, share of the window, roofline efficiency."""
+    lines = [f"{'kernel class':20s}{'time ms':>10s}{'share':>8s}{'roofline ms':>13s}{'efficiency':>12s}"]
+    for r in breakdown.itertuples(index=False):
+        lines.append(f"{r[0]:20s}{r.device_time * 1e3:10.3f}{r.share:8.1%}{r.roofline_time * 1e3:13.3f}"
+                     f"{r.efficiency:12.2f}")
+    return "\n".join(lines)
+
+
+def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = True) -> dict:
+    """Attribution (and the deep-mode breakdown, if it ran) of a finished `bench.RunResult` on `llm`; writes
+    the Chrome trace to `trace` if given. rates None: measured now (the CPU's in seconds). Returns
+    {"attribution": columns, "rates": ..., "kernel_breakdown": rows (deep mode), "trace": path}."""
+    from .trace_export import write_chrome_trace
+
+    stats = run.stats if run.stats is not None else llm.engine.stats()
+    rates = rates or measure_rates(llm.device)
+    max_out = int(run.requests["num_output_tokens"].max()) if len(run.requests) else 0
+    att = attribution(run.steps, run.duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
+                      llm.config.max_num_batched_tokens, max_out)
+    out = {"attribution": att, "rates": rates}
+    kb = None
+    if stats.kernel_profile is not None and stats.kernel_profile.kernels:
+        kb = kernel_breakdown(stats.kernel_profile, run.steps, llm.spec, stats.weight_bytes,
+                              stats.kv_bytes_per_token, rates)
+        out["kernel_breakdown"] = kb.to_dict("records")
+    if trace:
+        out["trace"] = str(write_chrome_trace(trace, run.steps, run.requests, stats.request_events,
+                                              stats.kernel_profile))
+    if echo:
+        print(format_attribution(att))
+        if kb is not None:
+            print(format_kernels(kb))
+        if trace:
+            print(f"trace: {out['trace']}")
+    return out
