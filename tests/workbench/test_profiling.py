@@ -125,3 +125,28 @@ def test_bench_command_prints_the_waterfall_and_writes_trace_and_kernels(tmp_pat
     assert classes["gemm"]["device_time"] > 0 and classes["gemm"]["roofline_time"] > 0
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("cat") == "gemm" for e in events) and any(e.get("cat") == "step" for e in events)
+
+
+def test_figures_draw_the_numbers_they_are_given():
+    import plotly.graph_objects as go
+
+    from workbench import profile_figures as pf
+    att = attribution(_steps(), 0.2, SPEC, WEIGHT_BYTES, KV_BYTES, RATES, max_num_batched_tokens=16, max_output_len=2)
+    w = pf.waterfall_figure(att)
+    assert isinstance(w, go.Figure) and list(w.data[0].y)[:-1] == [att[f"gap_{p}_s"] for p in PARTS]
+    assert w.data[0].y[-1] == 0.2 and list(w.data[0].measure)[-1] == "total"
+    rows = pd.DataFrame([{**att, "label": "a", "status": "ok"}, {**att, "label": "b", "status": "error"}])
+    g = pf.gap_parts_figure(rows)
+    assert len(g.data) == len(PARTS) and all(list(t.x) == ["a"] for t in g.data)
+    r = step_roofline(_steps(), SPEC, WEIGHT_BYTES, KV_BYTES, RATES)
+    rf = pf.roofline_figure(r, RATES)
+    points = {t.name: t for t in rf.data}
+    assert set(points) == {"prefill", "decode", "roof"}
+    assert list(points["decode"].x) == list(r.loc[r.kind == "decode", "intensity"])
+    assert max(points["roof"].y) == RATES["matmul_flops"]  # the compute roof, past the ridge
+    tl = pf.step_timeline_figure(_steps())
+    assert [t.name for t in tl.data] == ["schedule", "prepare", "launch", "sample", "output", "device time"]
+    prof = KernelProfile(0, 1, "cuda", [("nvjet", "gemm", 0.0, 0.01, 0.01)])
+    kb = kernel_breakdown(prof, _steps(), SPEC, WEIGHT_BYTES, KV_BYTES, RATES)
+    kf = pf.kernel_classes_figure(kb)
+    assert list(kf.data[0].x) == ["gemm"] and kf.data[0].y[0] == pytest.approx(10.0)
