@@ -93,10 +93,10 @@ class LLMEngine:
     # ----- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one batch; returns the outputs of the requests that finished in it."""
-        start = time.perf_counter()
         profiler = self.kernel_profiler
-        if profiler is not None:
+        if profiler is not None:  # before the step's clock starts: the profiler's own time is not the step's
             profiler.before_step(len(self._steps))
+        start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         sched = self.scheduler.schedule()
         if sched.is_empty:

@@ -7,6 +7,7 @@ self time (its own time, without the ops it called), so that nested ops are not 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,12 @@ class KernelProfile:
     last_step: int
     device: str
     kernels: list[tuple[str, str, float, float, float]] = field(default_factory=list)
+    overhead: float = 0.0  # host seconds the profiler itself took (starting, stopping, reading its events)
+    overhead_spans: list[tuple[float, float]] = field(default_factory=list)  # those seconds, perf_counter spans
+
+    def overhead_within(self, start: float, end: float) -> float:
+        """Seconds of the profiler's own host time inside [start, end] (perf_counter seconds)."""
+        return sum(max(0.0, min(b, end) - max(a, start)) for a, b in self.overhead_spans)
 
     @property
     def window(self) -> float:
@@ -87,14 +94,17 @@ class KernelProfiler:
         self.prof = None
         self.steps_seen: list[int] = []
         self.result: KernelProfile | None = None
+        self.overhead_spans: list[tuple[float, float]] = []
 
     def before_step(self, step: int) -> None:
         if self.prof is None and self.result is None and step >= self.first_step:
+            t0 = time.perf_counter()
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
+            self.overhead_spans.append((t0, time.perf_counter()))
 
     def after_step(self, step: int) -> bool:
         """Note a finished step; True when the window is complete (the profile is then in `result`)."""
@@ -109,6 +119,7 @@ class KernelProfiler:
     def stop(self) -> KernelProfile | None:
         if self.prof is None:
             return self.result
+        t0 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prof.__exit__(None, None, None)
@@ -116,7 +127,10 @@ class KernelProfiler:
         self.prof = None
         first = self.steps_seen[0] if self.steps_seen else self.first_step
         last = self.steps_seen[-1] if self.steps_seen else first - 1
-        self.result = KernelProfile(first, last, self.device.type, _kernels(events, self.device.type == "cuda"))
+        kernels = _kernels(events, self.device.type == "cuda")
+        self.overhead_spans.append((t0, time.perf_counter()))
+        self.result = KernelProfile(first, last, self.device.type, kernels,
+                                    sum(b - a for a, b in self.overhead_spans), list(self.overhead_spans))
         return self.result
 
 

@@ -90,16 +90,18 @@ class RunResult:
     stats: object | None = None    # the engine's EngineStats of the run (request events, kernel profile)
 
 
-def run_engine(llm, workload, warmup: bool = True, profile: str | None = None) -> RunResult:
+def run_engine(llm, workload, warmup: bool = True, profile: str | None = None,
+               kernel_window: tuple[int, int] | None = None) -> RunResult:
     """The workload through the engine's step API (`trace_replay.replay`), summarised by `workbench.metrics`.
-    profile="kernels": deep mode over the window `profiling.KERNEL_WINDOW` of steps."""
+    profile="kernels": deep mode over kernel_window = (first step, number of steps), by default
+    `profiling.KERNEL_WINDOW`."""
     eng = llm.engine
     if warmup:
         warm_up(eng, llm.config)
     eng.reset_stats()
     if profile is not None:
         from .profiling import start_deep_mode
-        start_deep_mode(eng, profile)
+        start_deep_mode(eng, profile, *(kernel_window or ()))
     run = replay(eng, workload)
     if profile is not None:
         eng.stop_kernel_profile()

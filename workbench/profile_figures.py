@@ -12,7 +12,7 @@ from . import profiling
 
 KIND_COLORS = {"prefill": "#F58518", "decode": "#4C78A8", "mixed": "#54A24B"}
 PART_COLORS = {"ideal": "#4C78A8", "host": "#E45756", "kernel": "#F58518", "underfill": "#72B7B2",
-               "recompute": "#B279A2", "padding": "#9D755D"}
+               "recompute": "#B279A2", "padding": "#9D755D", "profiler": "#BAB0AC"}
 PHASE_COLORS = {"schedule": "#4C78A8", "prepare": "#72B7B2", "launch": "#F58518", "sample": "#E45756",
                 "output": "#B279A2"}
 

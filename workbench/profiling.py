@@ -3,7 +3,7 @@
 Gap-to-limit attribution of a run of measured wall time T (seconds), from the engine's step timeline
 (StepStats) and the device rates R (matmul FLOP/s) and BW (copy bytes/s) measured on the same device:
 
-    T = ideal + host + kernel + underfill + recompute + padding
+    T = ideal + host + kernel + underfill + recompute + padding (+ profiler)
 
   ideal      the trace's absolute limit: max(useful FLOPs / R, useful bytes / BW), with the weights read
              once per step of the fewest steps the config allows (tokens / max_num_batched_tokens, and
@@ -16,6 +16,8 @@ Gap-to-limit attribution of a run of measured wall time T (seconds), from the en
   recompute  roofline time of the tokens recomputed after preemptions
   underfill  sum of the steps' roofline time of useful work - ideal: steps that carried fewer tokens
              than the config allows (the tail, a small queue), paying the weight reads more often
+  profiler   host seconds deep mode's torch.profiler took to start, stop and read its events (0 without
+             deep mode); it would otherwise inflate the host part
 
 Each part is a difference of two sums that the next part starts from, so the parts add up to T by
 construction (up to float rounding). FLOPs and bytes per step come from `bench.step_limits`, the
@@ -33,10 +35,11 @@ import torch
 
 from .bench import measure_device_rates, step_limits
 
-PARTS = ("ideal", "host", "kernel", "underfill", "recompute", "padding")
+PARTS = ("ideal", "host", "kernel", "underfill", "recompute", "padding", "profiler")
 PART_LABELS = {"ideal": "ideal (trace's absolute limit)", "host": "host time not hidden",
                "kernel": "kernels below roofline", "underfill": "batch underfill",
-               "recompute": "preemption recompute", "padding": "CUDA-graph padding"}
+               "recompute": "preemption recompute", "padding": "CUDA-graph padding",
+               "profiler": "deep-mode profiler overhead"}
 PHASES = ("schedule", "prepare", "launch", "sample", "output")
 
 # Result columns this module makes, to be registered in the workbench's results schema (one home per column).
@@ -48,6 +51,7 @@ COLUMNS = [
     {"name": "gap_underfill_s", "unit": "s", "label": "time lost to steps below the token budget", "better": "lower"},
     {"name": "gap_recompute_s", "unit": "s", "label": "roofline time of preemption recompute", "better": "lower"},
     {"name": "gap_padding_s", "unit": "s", "label": "roofline time of CUDA-graph padding", "better": "lower"},
+    {"name": "gap_profiler_s", "unit": "s", "label": "host time of the deep-mode profiler", "better": "lower"},
     {"name": "gap_attributed_s", "unit": "s", "label": "sum of the parts", "better": "lower"},
     {"name": "ideal_over_measured", "unit": "ratio", "label": "ideal / measured time", "better": "higher"},
     {"name": "device_busy_share", "unit": "ratio", "label": "share of the run the device was busy",
@@ -166,11 +170,11 @@ def ideal_time(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token:
 
 
 def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, kv_bytes_per_token: int,
-                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0) -> dict:
+                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0, profiler_overhead: float = 0.0) -> dict:
     """The gap-to-limit columns of one run (see the module docstring), in seconds.
 
     steps: `metrics.steps_frame` of the run; duration: its measured wall time (s); max_output_len: the
-    longest output of the trace (tokens). Also host_<phase>_s (the host phases summed over steps),
+    longest output of the trace (tokens); profiler_overhead: `KernelProfile.overhead` if deep mode ran. Also host_<phase>_s (the host phases summed over steps),
     ideal_over_measured and device_busy_share.
     """
     kw = dict(spec=spec, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, rates=rates)
@@ -179,8 +183,9 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     useful = step_work(steps, **kw, padding=False, recompute=False)["limit_time"].sum()
     ideal = ideal_time(steps, **kw, max_num_batched_tokens=max_num_batched_tokens, max_output_len=max_output_len)
     busy = float(device_times(steps).sum())
-    parts = {"ideal": ideal, "host": duration - busy, "kernel": busy - with_pad, "padding": with_pad - no_pad,
-             "recompute": no_pad - useful, "underfill": useful - ideal}
+    parts = {"ideal": ideal, "host": duration - busy - profiler_overhead, "kernel": busy - with_pad,
+             "padding": with_pad - no_pad, "recompute": no_pad - useful, "underfill": useful - ideal,
+             "profiler": profiler_overhead}
     out = {"gap_measured_s": float(duration), **{f"gap_{p}_s": float(parts[p]) for p in PARTS}}
     out["gap_attributed_s"] = float(sum(parts.values()))
     out["ideal_over_measured"] = ideal / duration if duration > 0 else math.nan
@@ -291,8 +296,11 @@ def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = Tr
     stats = run.stats if run.stats is not None else llm.engine.stats()
     rates = rates or measure_rates(llm.device)
     max_out = int(run.requests["num_output_tokens"].max()) if len(run.requests) else 0
+    prof = stats.kernel_profile
     att = attribution(run.steps, run.duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
-                      llm.config.max_num_batched_tokens, max_out)
+                      llm.config.max_num_batched_tokens, max_out,
+                      prof.overhead_within(run.steps["start"].min(), run.steps["time"].max())
+                      if prof is not None and len(run.steps) else 0.0)
     out = {"attribution": att, "rates": rates}
     kb = None
     if stats.kernel_profile is not None and stats.kernel_profile.kernels:

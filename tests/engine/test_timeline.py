@@ -93,7 +93,7 @@ def test_deep_mode_profiles_the_forward_on_the_cpu():
     by = prof.by_class()
     assert set(by) == set(KERNEL_CLASSES) | {"idle"}
     assert by["gemm"] > 0 and by["idle"] >= 0
-    assert prof.busy_time() <= prof.window + 1e-9
+    assert prof.busy_time() <= prof.window + 1e-9 and prof.overhead > 0
     assert llm.engine.kernel_profiler is None  # the window closed with the call
     with pytest.raises(ValueError, match="profile="):
         llm.generate([[4] * 3], SamplingParams(max_tokens=2), profile="everything")

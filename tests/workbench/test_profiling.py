@@ -47,7 +47,7 @@ def test_attribution_parts_match_hand_computation_and_sum_to_measured():
     out = attribution(_steps(), 0.2, SPEC, WEIGHT_BYTES, KV_BYTES, RATES, max_num_batched_tokens=16,
                       max_output_len=2)
     expected = {"ideal": 0.04632, "host": 0.2 - 0.105, "kernel": 0.105 - 0.06872, "padding": 0.06872 - 0.06864,
-                "recompute": 0.06864 - 0.06832, "underfill": 0.06832 - 0.04632}
+                "recompute": 0.06864 - 0.06832, "underfill": 0.06832 - 0.04632, "profiler": 0.0}
     for part, value in expected.items():
         assert out[f"gap_{part}_s"] == pytest.approx(value, abs=1e-12), part
     assert sum(out[f"gap_{p}_s"] for p in PARTS) == pytest.approx(0.2, rel=1e-12)
@@ -56,6 +56,10 @@ def test_attribution_parts_match_hand_computation_and_sum_to_measured():
     assert out["device_busy_share"] == pytest.approx(0.105 / 0.2)
     assert out["ideal_over_measured"] == pytest.approx(0.04632 / 0.2)
     assert {c["name"] for c in COLUMNS} >= set(out)
+    # Deep mode's own host time is a part of its own, taken out of the host part.
+    prof = attribution(_steps(), 0.2, SPEC, WEIGHT_BYTES, KV_BYTES, RATES, 16, 2, profiler_overhead=0.03)
+    assert prof["gap_profiler_s"] == 0.03 and prof["gap_host_s"] == pytest.approx(0.2 - 0.105 - 0.03)
+    assert prof["gap_attributed_s"] == pytest.approx(0.2)
     frame = attribution_frame(out)
     assert list(frame["part"]) == list(PARTS) and frame["share"].sum() == pytest.approx(1.0)
 
@@ -121,6 +125,7 @@ def test_bench_command_prints_the_waterfall_and_writes_trace_and_kernels(tmp_pat
     assert att["gap_measured_s"] == pytest.approx(result["engine"]["duration"])
     assert att["gap_ideal_s"] > 0 and att["gap_host_s"] > 0 and att["gap_underfill_s"] >= 0
     assert att["gap_padding_s"] == 0 and att["gap_recompute_s"] == 0  # no graphs on the CPU, no preemption
+    assert att["gap_profiler_s"] > 0  # deep mode ran: its own time is a part of its own
     classes = {r["class"]: r for r in result["kernel_breakdown"]}
     assert classes["gemm"]["device_time"] > 0 and classes["gemm"]["roofline_time"] > 0
     events = json.loads(trace.read_text())["traceEvents"]
