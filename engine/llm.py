@@ -23,6 +23,7 @@ from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats, StepStats
+from .timeline import RequestLog
 
 
 class LLMEngine:
@@ -42,6 +43,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished by a step that then failed (see step())
+        self.kernel_profiler = None  # an engine.profiling.KernelProfiler while profile="kernels" runs
         self.reset_stats()
 
     # ----- requests -----------------------------------------------------------------------------
@@ -118,6 +120,9 @@ class LLMEngine:
         self.runner.release_all()
 
     def _step(self) -> list[RequestOutput]:
+        profiler = self.kernel_profiler
+        if profiler is not None:  # before the step's clock starts: the profiler's own time is not the step's
+            profiler.before_step(len(self._steps))
         start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         sched = self.scheduler.schedule()
@@ -127,24 +132,46 @@ class LLMEngine:
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
+        recomputed = self._request_log.on_schedule(len(self._steps), sched)
+        t_execute = time.perf_counter()
         result = self.runner.execute(sched, self.kv)
         now = time.perf_counter()
         finished = self.scheduler.update_from_output(sched, result.sampled, now)
         for req in finished:
             del self.requests[req.request_id]
             self.runner.release(req.request_id)
+            self._request_log.forget(req.request_id)
         outputs = [self._output(req) for req in finished]
         self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
-                          self.kv.prefix_cache_hits - hits)
+                          self.kv.prefix_cache_hits - hits, t_execute, recomputed)
         self.scheduler.commit()
+        if profiler is not None and profiler.after_step(len(self._steps) - 1):
+            self.stop_kernel_profile()
         return outputs
 
-    def _record_step(self, sched, result, start, now, queries, hits) -> None:
+    def profile_kernels(self, first_step: int = 0, num_steps: int | None = None) -> None:
+        """Deep mode: run torch.profiler over steps [first_step, first_step + num_steps) counted from the last
+        reset_stats() (num_steps None: until stop_kernel_profile()); the kernels land in stats().kernel_profile."""
+        from .profiling import KernelProfiler
+        if self.kernel_profiler is not None:
+            raise ValueError("a kernel profile is already running; call stop_kernel_profile() first")
+        self.kernel_profiler = KernelProfiler(self.runner.device, first_step, num_steps)
+
+    def stop_kernel_profile(self):
+        """End the deep-mode window now (if any); returns the KernelProfile (None if no step was profiled)."""
+        profiler, self.kernel_profiler = self.kernel_profiler, None
+        if profiler is not None:
+            self._kernel_profile = profiler.stop()
+        return self._kernel_profile
+
+    def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
                      for r in self.scheduler.running)
-        self._steps.append(StepStats(
+        t_execute = start if t_execute is None else t_execute
+        runner_time = result.prepare_time + result.launch_time + result.sample_time
+        step = StepStats(
             time=now, duration=now - start, num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting), num_batched_tokens=sched.num_batched_tokens,
             num_prefill_tokens=sched.num_prefill_tokens, num_decode_tokens=sched.num_decode_tokens,
@@ -155,7 +182,15 @@ class LLMEngine:
             num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
             num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
-            cuda_graph=result.used_cuda_graph))
+            cuda_graph=result.used_cuda_graph,
+            # The phases tile [start, now]: output processing is what the others leave.
+            start=start, schedule_time=t_execute - start, prepare_time=result.prepare_time,
+            launch_time=result.launch_time, sample_time=result.sample_time,
+            output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
+            num_recompute_tokens=recomputed)
+        self._steps.append(step)
+        if self._timer is not None:
+            self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled)
 
@@ -178,11 +213,21 @@ class LLMEngine:
         self._steps: list[StepStats] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._kernel_profile = None
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
+        # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
+        log = getattr(self, "_request_log", None) or RequestLog()
+        log.events = []
+        self._request_log = log
+        self._timer = getattr(self.runner, "device_timer", None)
+        if self._timer is not None:
+            self._timer.reset()
 
     def stats(self) -> EngineStats:
         kv, runner = self.kv, self.runner
         q0, h0, p0 = self._base
+        if self._timer is not None:
+            self._timer.flush()  # the device times of the last steps (waits for the device once)
         dev = runner.device
         return EngineStats(
             num_gpu_blocks=kv.num_blocks, block_size=self.config.block_size, num_used_blocks=kv.num_used_blocks,
@@ -194,7 +239,8 @@ class LLMEngine:
             kv_bytes_per_token=runner.kv_bytes_per_token, quantization=self.config.quantization,
             kv_cache_dtype=self.config.kv_cache_dtype,
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
+            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
+            request_events=list(self._request_log.events), kernel_profile=self._kernel_profile)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
@@ -423,8 +469,15 @@ class LLM:
         return self._engine.runner.prompt_logits(self._engine.validate_request("logits", token_ids,
                                                                               SamplingParams()))
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (strings, or lists of token ids) to completion; outputs in prompt order."""
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 profile: str | None = None) -> list[RequestOutput]:
+        """Run prompts (strings, or lists of token ids) to completion; outputs in prompt order.
+
+        profile="kernels" runs torch.profiler over every step of this call (deep mode): the kernels by
+        class are then in llm.engine.stats().kernel_profile.
+        """
+        if profile not in (None, "kernels"):
+            raise ValueError(f"profile={profile!r} is not allowed: use None or 'kernels'")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -438,11 +491,18 @@ class LLM:
         for i, p, sp in zip(ids, checked, params):
             engine.add_request(i, p, sp)
         done: dict[str, RequestOutput] = {}
+        if profile == "kernels":
+            engine.stop_kernel_profile()
+            engine.profile_kernels(len(engine.stats().steps))
         try:
             while len(done) < len(ids):
                 for out in engine.step():
                     done[out.request_id] = out
+            if profile == "kernels":
+                engine.stop_kernel_profile()
         except BaseException:
+            if profile == "kernels":
+                engine.stop_kernel_profile()
             # A failed step (or Ctrl-C in a notebook) must not strand requests in the engine.
             for i in ids:
                 if i not in done:

@@ -25,6 +25,7 @@ from .scheduler import SchedulerOutput
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
                      size_kv_cache)
 from .stats import MemoryProfile
+from .timeline import DeviceSpan, DeviceTimer
 
 # SamplingParams the memory profile samples its decode rows with: every filter of the sampler on, in one row of
 # PROFILE_SAMPLED_EVERY, the others greedy. The batch as a whole takes the sampler's mixed path (device logits,
@@ -71,6 +72,11 @@ class StepResult:
     num_attention_scores: int      # query-key pairs scored per layer and head
     device_wait: float             # seconds the host waited for the device (the sampler's read of the tokens)
     used_cuda_graph: bool
+    prepare_time: float = 0.0      # host seconds writing the inputs (and waiting for the last upload)
+    launch_time: float = 0.0       # host seconds uploading and launching the forward pass
+    sample_time: float = 0.0       # host seconds in the sampler (waiting for the device included)
+    num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
+    device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
 
 
 class InputBuffers:
@@ -142,6 +148,7 @@ class ModelRunner:
         # size -> (graph, the view of graph_hidden it writes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
+        self.device_timer = DeviceTimer(device)
 
     # ----- KV cache sizing and allocation -------------------------------------------------------
     @property
@@ -357,15 +364,21 @@ class ModelRunner:
         self.wait_host_buffers()
         waited = time.perf_counter() - t0
         plan, samplers, kv_read, scores = self._prepare(sched, kv)
+        t_prepared = time.perf_counter()
         with torch.inference_mode():
+            span = self.device_timer.begin()
             logits = self.forward_step(plan)
+            self.device_timer.end(span)
             t_launched = time.perf_counter()
             tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
         return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
-                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None)
+                          num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
+                          prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
+                          sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
+                          device_span=span)
 
     def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""

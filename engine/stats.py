@@ -28,6 +28,17 @@ class StepStats:
     num_attention_scores: int        # query-key pairs scored (per layer and head): attention FLOPs / (4 x head_dim)
     host_time: float                 # seconds of the step not spent waiting for the device
     cuda_graph: bool                 # the forward pass replayed a captured CUDA graph
+    # The step timeline (engine/timeline.py): host phases in seconds, they add up to duration.
+    start: float = 0.0               # perf_counter seconds at the step's start
+    schedule_time: float = 0.0       # Scheduler.schedule()
+    prepare_time: float = 0.0        # writing the inputs into the host buffers (and waiting for the last upload)
+    launch_time: float = 0.0         # upload + launching the forward pass (or replaying its CUDA graph)
+    sample_time: float = 0.0         # the sampler, including waiting for the device to finish the forward
+    output_time: float = 0.0         # updating requests, building outputs, recording this step
+    device_start: float = float("nan")  # perf_counter seconds when the device began the forward pass
+    device_time: float = float("nan")   # seconds of device work of the forward (CPU: its wall time); set lazily
+    num_padding_tokens: int = 0      # dummy tokens added to reach a CUDA graph's batch size
+    num_recompute_tokens: int = 0    # prefill tokens computed before, redone after a preemption
 
 
 @dataclass
@@ -85,6 +96,10 @@ class EngineStats:
     cuda_graphs: bool
     memory: MemoryProfile | None = None
     steps: list[StepStats] = field(default_factory=list)
+    # (step index, request_id, "prefill" | "recompute" | "preempted", tokens): see engine.timeline.RequestLog
+    request_events: list[tuple] = field(default_factory=list)
+    # torch.profiler kernels of the steps profile="kernels" ran over: see engine.profiling.KernelProfile
+    kernel_profile: object | None = None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -97,6 +112,8 @@ class EngineStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("steps")
+        d.pop("request_events", None)
+        d.pop("kernel_profile", None)
         d["kv_capacity_tokens"] = self.kv_capacity_tokens
         d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
         return d

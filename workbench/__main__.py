@@ -153,6 +153,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
     p.add_argument("--out", metavar="PATH", help="write the results as JSON here (default: "
                    "data/benchmarks/bench-MODEL-WORKLOAD.json)")
+    p.add_argument("--trace", metavar="PATH", help="write the run as a Chrome trace-event JSON here (Perfetto)")
+    p.add_argument("--profile", choices=["kernels"], help="deep mode: torch.profiler over a window of steps, "
+                   "device time by kernel class against each class's roofline")
 
 
 def run_bench(args) -> int:
@@ -175,7 +178,7 @@ def run_bench(args) -> int:
                                  **dict(args.workload_arg))
     out = args.out or str(Path("data/benchmarks") / f"bench-{args.model}-{Path(args.workload).stem}.json")
     bench(args.model, workload, config, baseline=args.baseline, baseline_batch_size=args.baseline_batch_size,
-          out=out, seed=args.seed)
+          out=out, seed=args.seed, trace=args.trace, profile=args.profile)
     print(f"results: {out}")
     return 0
 

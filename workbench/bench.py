@@ -87,21 +87,30 @@ class RunResult:
     duration: float
     steps: pd.DataFrame | None = None
     summary: dict = field(default_factory=dict)
+    stats: object | None = None    # the engine's EngineStats of the run (request events, kernel profile)
 
 
-def run_engine(llm, workload, warmup: bool = True) -> RunResult:
-    """The workload through the engine's step API (`trace_replay.replay`), summarised by `workbench.metrics`."""
+def run_engine(llm, workload, warmup: bool = True, profile: str | None = None,
+               kernel_window: tuple[int, int] | None = None) -> RunResult:
+    """The workload through the engine's step API (`trace_replay.replay`), summarised by `workbench.metrics`.
+    profile="kernels": deep mode over kernel_window = (first step, number of steps), by default
+    `profiling.KERNEL_WINDOW`."""
     eng = llm.engine
     if warmup:
         warm_up(eng, llm.config)
     eng.reset_stats()
+    if profile is not None:
+        from .profiling import start_deep_mode
+        start_deep_mode(eng, profile, *(kernel_window or ()))
     run = replay(eng, workload)
+    if profile is not None:
+        eng.stop_kernel_profile()
     stats = eng.stats()
     steps = steps_frame(stats)
     reqs = request_frame(run.outputs)
     summary = {**throughput(reqs, run.duration), **latency_summary(reqs), **step_summary(steps),
                **engine_summary(stats), "host_time_p50_ms": float(steps["host_time"].median() * 1e3)}
-    return RunResult("engine", reqs, run.duration, steps, summary)
+    return RunResult("engine", reqs, run.duration, steps, summary, stats)
 
 
 def run_naive_baseline(hf_model, workload, max_batch_size: int = 128) -> RunResult:
@@ -178,8 +187,9 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
 
 
 def bench(model: str, workload, config, baseline: bool = False, baseline_batch_size: int = 128,
-          out: str | None = None, seed: int = 0) -> dict:
-    """Run the bench; print the table; write JSON to `out` (if given). Returns the result dict."""
+          out: str | None = None, seed: int = 0, trace: str | None = None, profile: str | None = None) -> dict:
+    """Run the bench; print the table and the gap-to-limit waterfall; write JSON to `out` (if given) and a
+    Chrome trace to `trace` (if given); profile="kernels" adds deep mode. Returns the result dict."""
     from engine import LLM
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -197,7 +207,7 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
         if on_gpu:
             torch.cuda.empty_cache()
     llm = LLM.random(model, config, seed=seed)
-    eng = run_engine(llm, workload)
+    eng = run_engine(llm, workload, profile=profile)
     limit = None
     if rates is not None:
         st = llm.engine.stats()
@@ -206,11 +216,14 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
                  "compute_bound_share": float((per_step["compute_time"] > per_step["memory_time"]).mean()),
                  "limit_over_measured": float(per_step["limit_time"].sum() / eng.duration)}
     print(format_table(eng, base, limit))
+    from .profiling import run_profile
+    profiled = run_profile(llm, eng, rates, trace=trace)
     result = {"model": model, "workload": workload.summary(), "config": config.to_dict(),
               "engine": {**eng.summary, "duration": eng.duration},
               "baseline": None if base is None else {**base.summary, "duration": base.duration,
                                                      "batch_size": baseline_batch_size},
               "physical_limit": limit, "environment": environment(device)}
+    result.update(profiled)
     if base is not None:
         result["engine_over_baseline"] = eng.summary["output_throughput"] / base.summary["output_throughput"]
     if out:

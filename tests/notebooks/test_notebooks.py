@@ -64,7 +64,7 @@ def widget_views(nb) -> int:
 
 def test_every_notebook_has_a_parameters_cell_first_and_no_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_paged_attention_internals.ipynb", "02_sweep.ipynb",
-                                           "03_tuning_session.ipynb"]
+                                           "03_tuning_session.ipynb", "04_where_the_time_goes.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
@@ -93,3 +93,14 @@ def test_03_tuning_session(tmp_path, monkeypatch):
     nb, seconds = execute(NOTEBOOKS[2], tmp_path, monkeypatch)
     assert outputs(nb, "error") == [] and seconds < TIME_LIMIT_S
     assert "Chosen: seqs=" in text(nb) and "planner: fits" in text(nb)
+
+
+def test_04_where_the_time_goes(tmp_path, monkeypatch):
+    nb, seconds = execute(NOTEBOOKS[3], tmp_path, monkeypatch)
+    assert outputs(nb, "error") == [] and seconds < TIME_LIMIT_S
+    log = text(nb)
+    assert "where the time goes:" in log and "kernel class" in log
+    assert "batch underfill:" in log and "host time not hidden:" in log
+    import json
+    trace = json.loads((tmp_path / "where_the_time_goes.trace.json").read_text())
+    assert {e.get("cat") for e in trace["traceEvents"]} >= {"step", "phase", "request", "gemm"}
