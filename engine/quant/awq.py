@@ -145,26 +145,12 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
                        group_size: int = GROUP_SIZE) -> None:
     """Replace the Linear layers `names` of `model` (in place) by AWQ-quantized Int4Linear; the norm
     weights and the V / up rows that absorb the scales are changed in place (same float function)."""
-    spec = model.spec
     stream = LayerStream(model, calibration)
     wanted = set(names)
-    q_size, kv_size, inter = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim, spec.intermediate_size
-    # o_proj input channel h * D + d reads V channel (h // heads per KV head) * D + d.
-    heads = torch.arange(q_size) // spec.head_dim
-    o_slots = (heads // (spec.num_heads // spec.num_kv_heads)) * spec.head_dim + torch.arange(q_size) % spec.head_dim
+    q_size = model.spec.num_heads * model.spec.head_dim
+    kv_size = model.spec.num_kv_heads * model.spec.head_dim
     for index in range(len(model.layers) + 1):
-        if index < len(model.layers):
-            layer = model.layers[index]
-            attn, mlp = layer.self_attn, layer.mlp
-            p = f"layers.{index}."
-            # (name, module, producer fold: callable(s) dividing the producer by s, or None, scale slots)
-            plan = [(p + "self_attn.qkv_proj", attn.qkv_proj, _fold_norm(layer.input_layernorm), None),
-                    (p + "self_attn.o_proj", attn.o_proj, _fold_rows(attn.qkv_proj, q_size + kv_size, kv_size),
-                     o_slots.to(attn.o_proj.weight.device)),
-                    (p + "mlp.gate_up_proj", mlp.gate_up_proj, _fold_norm(layer.post_attention_layernorm), None),
-                    (p + "mlp.down_proj", mlp.down_proj, _fold_rows(mlp.gate_up_proj, inter, inter), None)]
-        else:
-            plan = [("lm_head", model.lm_head, _fold_norm(model.norm), None)]
+        plan = scale_plan(model, index)
         plan = [step for step in plan if step[0] in wanted]
         stats = {name: InputStats(seed=index) for name, *_ in plan}
         stream.run({name: module for name, module, *_ in plan}, lambda name, x: stats[name].add(x))
@@ -185,6 +171,30 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         del stats, samples
         if index < len(model.layers):
             stream.advance()
+
+
+def scale_plan(model: nn.Module, index: int) -> list[tuple]:
+    """(name, Linear, fold, slots) for decoder layer `index` (index == num_layers: the LM head), in call
+    order. fold(s) divides the Linear's input producer by s (norm weight, or the V / up rows that feed
+    it); slots [in] maps each input channel to its scale (o_proj: one scale per V channel, shared by the
+    query heads of its KV group), None for one scale per channel. Scaling a Linear's weight columns
+    by s[slots] after fold(s) leaves the float model's function unchanged."""
+    spec = model.spec
+    if index == len(model.layers):
+        return [("lm_head", model.lm_head, _fold_norm(model.norm), None)]
+    layer = model.layers[index]
+    attn, mlp = layer.self_attn, layer.mlp
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    inter = spec.intermediate_size
+    # o_proj input channel h * D + d reads V channel (h // query heads per KV head) * D + d.
+    channel = torch.arange(q_size, device=attn.o_proj.weight.device)
+    o_slots = (channel // spec.head_dim // (spec.num_heads // spec.num_kv_heads)) * spec.head_dim + \
+        channel % spec.head_dim
+    p = f"layers.{index}."
+    return [(p + "self_attn.qkv_proj", attn.qkv_proj, _fold_norm(layer.input_layernorm), None),
+            (p + "self_attn.o_proj", attn.o_proj, _fold_rows(attn.qkv_proj, q_size + kv_size, kv_size), o_slots),
+            (p + "mlp.gate_up_proj", mlp.gate_up_proj, _fold_norm(layer.post_attention_layernorm), None),
+            (p + "mlp.down_proj", mlp.down_proj, _fold_rows(mlp.gate_up_proj, inter, inter), None)]
 
 
 def _fold_norm(norm: nn.Module):
