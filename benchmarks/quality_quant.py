@@ -7,11 +7,18 @@ weights (the checkpoint's bf16 values, upcast), with the engine's torch backend:
   [<s>] + tokens + [</s>], concatenated, chunks of 512, every token but a chunk's first scored)
 - mean KL(float || mode) of the next-token distributions and top-1 agreement over those positions
 - greedy agreement over 256 generated tokens (4 prompts x 64) and the mean index of the first difference
-Modes: int8, int4 (engine.quant), fp8 W8A8 emulated in float32 (fp8_linear_reference: e4m3 weights
-and per-token e4m3 activations, the numbers torch._scaled_mm multiplies; the real path needs a GPU
-with compute capability >= 8.9), the fp8 KV cache alone, and int4 with the fp8 KV cache.
+Modes: int8, int4 (engine.quant, round-to-nearest), awq and gptq (calibrated, see below), fp8 W8A8
+emulated in float32 (fp8_linear_reference: e4m3 weights and per-token e4m3 activations, the numbers
+torch._scaled_mm multiplies; the real path needs a GPU with compute capability >= 8.9), the fp8 KV
+cache alone, and int4 with the fp8 KV cache.
 
-    PYTHONPATH=. python3 benchmarks/quality_quant.py      # about 5 minutes on 2 CPU cores
+Calibration (awq, gptq): CALIB_SEQUENCES random windows of CALIB_LEN tokens (seeded) from the model's
+training slice, rebuilt as scripts/train_small_model.py splits it (the local Python's stdlib `.py`
+files, sorted; index % 20 not in {0, 10}), minus every file whose path is in heldout.json. The local
+stdlib may be another version than the 3.12.3 the model was trained on; excluding the held-out
+paths by name keeps the scored text out of calibration whatever the version.
+
+    PYTHONPATH=. python3 benchmarks/quality_quant.py      # about 8 minutes on 2 CPU cores
 
 Writes data/benchmarks/quant_quality.json.
 """
@@ -40,7 +47,10 @@ PROMPTS = ["def ", "import os\n", "class Foo(",
            'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n']
 CHUNK = 512
 GREEDY_TOKENS = 64
-MODES = {"int8": dict(quantization="int8"), "int4": dict(quantization="int4"), "fp8 (emulated)": "fp8",
+CALIB_SEQUENCES = 64
+CALIB_LEN = 512
+MODES = {"int8": dict(quantization="int8"), "int4": dict(quantization="int4"), "awq": dict(quantization="awq"),
+         "gptq": dict(quantization="gptq"), "fp8 (emulated)": "fp8",
          "kv fp8": dict(kv_cache_dtype="fp8"), "int4 + kv fp8": dict(quantization="int4", kv_cache_dtype="fp8")}
 
 
@@ -64,6 +74,25 @@ def heldout_chunks(tokenizer) -> list[list[int]]:
         ids += [tokenizer.bos_token_id] + tokenizer(f["text"], add_special_tokens=False).input_ids + \
             [tokenizer.eos_token_id]
     return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK) if len(ids[i:i + CHUNK]) > 1]
+
+
+def calibration_set(tokenizer) -> tuple[list[list[int]], dict]:
+    """Token windows from the training slice (never a held-out file), and a description for the JSON."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_small_model import split_files, stdlib_files
+    heldout = {f["path"] for f in json.loads((MODEL_DIR / "heldout.json").read_text())["files"]}
+    train, _, _ = split_files(stdlib_files())
+    train = [(p, t) for p, t in train if p not in heldout]
+    stream = []
+    for _, text in train:
+        stream += [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False).input_ids + \
+            [tokenizer.eos_token_id]
+    gen = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(stream) - CALIB_LEN, (CALIB_SEQUENCES,), generator=gen).tolist()
+    seqs = [stream[s:s + CALIB_LEN] for s in starts]
+    return seqs, dict(source="training slice of the local stdlib (scripts/train_small_model.py split), "
+                              "held-out paths excluded", python=platform.python_version(), files=len(train),
+                      stream_tokens=len(stream), sequences=CALIB_SEQUENCES, seq_len=CALIB_LEN, seed=0)
 
 
 def evaluate(llm: LLM, chunks, ref_logprobs=None):
@@ -99,10 +128,15 @@ def main() -> None:
     prompts = [tok(p).input_ids for p in PROMPTS]
     ref_lp, ref_ppl, _, _, positions = evaluate(llm, chunks)
     ref_greedy = greedy(llm, prompts)
+    llm.calibration, calib_info = calibration_set(tok)
+    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. "int4,awq,gptq" while developing
     rows = {"float32": dict(heldout_ppl=ref_ppl, weight_bytes=llm.engine.stats().weight_bytes,
                             kv_bytes_per_token=llm.engine.stats().kv_bytes_per_token)}
     print(f"float32: ppl {ref_ppl:.3f} over {positions} positions")
     for name, mode in MODES.items():
+        if only is not None and name not in only:
+            continue
+        t1 = time.perf_counter()
         if mode == "fp8":
             llm.reconfigure(base)
             for lname, _ in linears_to_quantize(llm.model):
@@ -120,16 +154,20 @@ def main() -> None:
         rows[name] = dict(heldout_ppl=ppl, ppl_change=ppl / ref_ppl - 1, mean_kl=kl, top1_agreement=top1,
                           greedy_agreement=same, greedy_first_difference_mean=first,
                           weight_bytes=st.weight_bytes if mode != "fp8" else None,
-                          kv_bytes_per_token=st.kv_bytes_per_token)
+                          kv_bytes_per_token=st.kv_bytes_per_token, seconds=time.perf_counter() - t1)
         print(f"{name:<16} ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%)  KL {kl:.2e}  top1 {top1:.4f}  "
-              f"greedy {same:.3f} (first diff {first:.1f})")
+              f"greedy {same:.3f} (first diff {first:.1f})  {time.perf_counter() - t1:.0f}s", flush=True)
         if mode == "fp8":
             llm.reconfigure(base.replace(quantization="int8"))  # drop the emulated modules: rebuild on the next mode
     result = {"command": "PYTHONPATH=. python3 benchmarks/quality_quant.py", "model": MODEL_DIR.name,
               "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
               "positions": positions, "greedy_tokens": GREEDY_TOKENS * len(PROMPTS),
-              "targets": {"int8_ppl_change_max": 0.01, "fp8_ppl_change_max": 0.01, "int4_ppl_change_max": 0.05},
-              "modes": rows, "seconds": time.perf_counter() - t0}
+              "targets": {"int8_ppl_change_max": 0.01, "fp8_ppl_change_max": 0.01, "int4_ppl_change_max": 0.05,
+                          "awq_ppl_change_max": "below int4's", "gptq_ppl_change_max": "below int4's",
+                          "awq_gptq_ppl_change_goal": 0.01},
+              "calibration": calib_info, "modes": rows, "seconds": time.perf_counter() - t0}
+    if only is not None:
+        return  # a partial run records nothing
     out = ROOT / "data" / "benchmarks" / "quant_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-QUANTIZATION_MODES = (None, "int8", "int4", "fp8")
+QUANTIZATION_MODES = (None, "int8", "int4", "awq", "gptq", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -29,7 +29,7 @@ class EngineConfig:
     max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
     max_num_seqs: most requests running at once.
     enable_prefix_caching: reuse full KV blocks whose token prefix was seen before.
-    quantization: weight quantization, None | "int8" | "int4" | "fp8".
+    quantization: weight quantization, None | "int8" | "int4" | "awq" | "gptq" | "fp8".
     kv_cache_dtype: "auto" (the model dtype) | "fp8".
     gpu_memory_utilization: share of total device memory the engine may use (weights, activations, KV).
     max_model_len: longest sequence (prompt + output) in tokens; None: the model's context length

@@ -16,6 +16,7 @@ from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
+from .quant.checkpoint import load_prequantized_checkpoint
 from .request import Request, RequestOutput
 from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
@@ -266,8 +267,12 @@ class LLM:
     _ids = itertools.count()
 
     def __init__(self, spec: ModelSpec, state: dict | None, config: EngineConfig | None = None, tokenizer=None,
-                 dtype: torch.dtype | None = None, seed: int = 0):
+                 dtype: torch.dtype | None = None, seed: int = 0, calibration: list[list[int]] | None = None,
+                 prequantized=None):
         config = self.resolve_config(spec, config or EngineConfig())
+        # quantization "awq"/"gptq": token-id sequences to calibrate on (None: seeded random tokens), or a
+        # loaded Hub checkpoint's int4 layers (engine.quant.checkpoint.Prequantized), used as they are.
+        self.calibration, self.prequantized = calibration, prequantized
         self.spec, self.tokenizer = spec, tokenizer
         self.device = _default_device(config)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -299,17 +304,22 @@ class LLM:
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None,
                         dtype: torch.dtype | None = None) -> "LLM":
-        """Load an HF checkpoint folder (config.json + safetensors or .bin), offline, with its tokenizer if any."""
-        spec = ModelSpec.from_hf_config(load_hf_config(path))
+        """Load an HF checkpoint folder (config.json + safetensors or .bin), offline, with its tokenizer if any.
+        An AWQ or GPTQ folder (quantization_config in config.json) runs its own codes under quantization
+        "awq"/"gptq" (the default for it when config.quantization is None), dequantized under other modes."""
+        hf_config = load_hf_config(path)
+        spec = ModelSpec.from_hf_config(hf_config)
         files = [f for pattern in ("*.safetensors", "pytorch_model*.bin", "*.pt") for f in Path(path).glob(pattern)]
         cls._check_host_weights(spec, config, dtype, f"loading {Path(path).name}",
                                 sum(f.stat().st_size for f in files))
-        state = convert_hf_state_dict(load_checkpoint_state(path), spec)
+        raw = load_checkpoint_state(path)
+        config, prequantized = load_prequantized_checkpoint(raw, hf_config, spec, config or EngineConfig())
+        state = convert_hf_state_dict(raw, spec)
         tokenizer = None
         if any(Path(path).glob("tokenizer*")):
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        return cls(spec, state, config, tokenizer, dtype)
+        return cls(spec, state, config, tokenizer, dtype, prequantized=prequantized)
 
     @classmethod
     def from_hf_model(cls, hf_model, config: EngineConfig | None = None, tokenizer=None,
@@ -452,7 +462,8 @@ class LLM:
                     self._drop_model()
                     self.model = build_model(self.spec, self._host_state, self.dtype, self.device,
                                              self.spec.max_position_embeddings, self._seed)
-                quantize_model(self.model, config.quantization)
+                quantize_model(self.model, config.quantization, calibration=self.calibration,
+                               prequantized=self.prequantized)
                 self._quantization = config.quantization
             runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
         self._engine = LLMEngine(runner, config, self.tokenizer)

@@ -5,6 +5,13 @@ Modes (EngineConfig.quantization):
     "int8": weight-only, symmetric per output channel (int8.py)
     "int4": weight-only, group 128 along the input dim, scale + zero point per group (int4.py)
     "fp8":  W8A8, e4m3 weights per channel, activations per token, torch._scaled_mm (fp8.py)
+    "awq":  int4's format, codes chosen by AWQ (per-channel scales searched on calibration activations,
+            folded into the norms / V / up rows, then clipped groups; awq.py)
+    "gptq": int4's format, codes chosen by GPTQ (second-order error compensation column by column;
+            gptq.py), optionally in act-order (a permutation of the input features)
+"awq" and "gptq" calibrate on `calibration` (token-id sequences; calibration.py) unless the model
+came from a Hub AWQ/GPTQ checkpoint of that method: then its codes are used as they are
+(`prequantized`, checkpoint.py). All three int4 modes run the same Int4Linear and kernels.
 What is quantized: every nn.Linear of the decoder layers (qkv_proj, o_proj, gate_up_proj,
 down_proj) and the LM head. The embedding table stays in the model dtype (a lookup reads one row per
 token, so quantizing it saves memory but no time). The LM head is quantized like the decoder, as
@@ -25,6 +32,7 @@ from .int4 import GROUP_SIZE, Int4Linear, check_int4_shape
 from .int8 import Int8Linear
 
 QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
+CALIBRATED_MODES = ("awq", "gptq")  # int4 layers whose codes come from a calibrated method
 
 
 def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = True) -> list[tuple[str, nn.Linear]]:
@@ -45,25 +53,31 @@ def check_quantization(model: nn.Module, mode: str | None, device: torch.device 
     """Raise ValueError (naming `quantization`) if `mode` cannot run on this model and device (None: any device)."""
     if mode is None:
         return
-    if mode not in QUANTIZED_LINEARS:
-        raise ValueError(f"quantization={mode!r} is not allowed: choose None, 'int8', 'int4' or 'fp8'")
+    if mode not in QUANTIZED_LINEARS and mode not in CALIBRATED_MODES:
+        raise ValueError(f"quantization={mode!r} is not allowed: choose None, 'int8', 'int4', 'awq', 'gptq' or 'fp8'")
     if mode == "fp8" and device is not None:
         check_fp8_supported(device)
-    if mode == "int4":
+    if mode in ("int4",) + CALIBRATED_MODES:
         for name, linear in linears_to_quantize(model, quantize_lm_head):
             check_int4_shape(name, linear.in_features, GROUP_SIZE)
 
 
-def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = True) -> int:
+def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = True,
+                   calibration: list[list[int]] | None = None, prequantized=None) -> int:
     """Replace the model's Linear layers (in place) by `mode`'s quantized modules; returns the model's
     weight bytes afterwards. Every check runs before the first layer is touched.
 
     Layers are replaced one at a time and the float weight is dropped right after, so the peak
     memory is the float model plus one quantized layer.
+    For "awq"/"gptq": `prequantized` (a checkpoint.Prequantized of the same method) supplies the
+    layers as loaded, else the method runs on `calibration` (token-id sequences; None: seeded random
+    tokens, see calibration.default_calibration).
     """
     device = next(model.parameters()).device
     check_quantization(model, mode, device, quantize_lm_head)
-    if mode is not None:
+    if mode in CALIBRATED_MODES:
+        _quantize_calibrated(model, mode, quantize_lm_head, calibration, prequantized)
+    elif mode is not None:
         cls = QUANTIZED_LINEARS[mode]
         with torch.no_grad():
             # Names only: holding the modules in a list would keep every float weight alive.
@@ -77,5 +91,27 @@ def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = 
     return weight_bytes(model)
 
 
+def _quantize_calibrated(model: nn.Module, mode: str, quantize_lm_head: bool, calibration, prequantized) -> None:
+    import copy
+
+    from .calibration import check_calibration, default_calibration
+    device = next(model.parameters()).device
+    if prequantized is not None and prequantized.method == mode:
+        with torch.no_grad():
+            for name, module in prequantized.modules.items():
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, copy.deepcopy(module).to(device))
+        return
+    names = [name for name, _ in linears_to_quantize(model, quantize_lm_head)]
+    seqs = default_calibration(model.spec.vocab_size) if calibration is None else \
+        check_calibration(calibration, model.spec.vocab_size)
+    if mode == "awq":
+        from .awq import awq_quantize_model
+        awq_quantize_model(model, names, seqs)
+    else:
+        from .gptq import gptq_quantize_model
+        gptq_quantize_model(model, names, seqs)
+
+
 __all__ = ["quantize_model", "check_quantization", "linears_to_quantize", "Int8Linear", "Int4Linear",
-           "Fp8Linear", "QUANTIZED_LINEARS"]
+           "Fp8Linear", "QUANTIZED_LINEARS", "CALIBRATED_MODES"]

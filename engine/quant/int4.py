@@ -81,7 +81,7 @@ class Int4Linear(nn.Module):
     buffers, so engine.model.weights.weight_bytes counts them."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: torch.Tensor | None, group_size: int = GROUP_SIZE):
+                 bias: torch.Tensor | None, group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
@@ -89,6 +89,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", bias)
+        # GPTQ's act-order: the codes are stored with input feature perm[j] at column j (so that groups
+        # stay contiguous) and the forward gathers x's features in that order. None: identity.
+        self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "a Linear layer",
@@ -98,7 +101,18 @@ class Int4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(qweight, scales, zeros, bias, group_size)
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out, in] this layer multiplies by, in the original input order."""
+        w = dequantize_int4(self.qweight, self.scales, self.zeros, dtype)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         if x.is_cuda:
             from .triton_int4 import int4_matmul
             out = int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
