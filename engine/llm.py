@@ -152,6 +152,10 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
 
+    def last_step_stats(self) -> StepStats | None:
+        """The StepStats of the latest step since reset_stats() (None before one), without copying the history."""
+        return self._steps[-1] if self._steps else None
+
     def stats(self) -> EngineStats:
         kv, runner = self.kv, self.runner
         q0, h0, p0 = self._base
