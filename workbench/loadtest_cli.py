@@ -39,9 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telemetry", choices=["auto", "on", "off"], default="auto",
                    help="NVML sampling: auto (local endpoint with a GPU), on, off")
     p.add_argument("--max-duration", type=float, metavar="SECONDS", help="stop the run after this long")
-    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS")
-    p.add_argument("--slo-ttft", type=float, metavar="SECONDS")
-    p.add_argument("--slo-tpot", type=float, metavar="SECONDS")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="a request without a complete answer after this long fails (default: %(default)s)")
+    p.add_argument("--slo-ttft", type=float, metavar="SECONDS", help="TTFT SLO for goodput, in seconds")
+    p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="TPOT SLO for goodput, in seconds")
     p.add_argument("--server-cmd", metavar="TEMPLATE", help="start a server per grid point from this str.format "
                    "template ({model}, {host}, {port} and the grid's and --set's names)")
     p.add_argument("--grid", type=grid_item, action="append", default=[], metavar="NAME=V1,V2,...",
