@@ -79,7 +79,7 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
-async def _scrape(client, url: str, interval: float, rows: list, start: float, stop: asyncio.Event) -> None:
+async def _scrape(client, url: str, interval: float, rows: list, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             r = await client.get(url, timeout=10)
@@ -168,7 +168,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         metrics_url = base + "/metrics"
         scraper = None
         if scrape_interval:
-            scraper = asyncio.create_task(_scrape(client, metrics_url, scrape_interval, scraped, 0.0, stop))
+            scraper = asyncio.create_task(_scrape(client, metrics_url, scrape_interval, scraped, stop))
         closed = workload.arrival == "concurrency"
         sem = asyncio.Semaphore(workload.concurrency) if closed else None
         children = defaultdict(list)
