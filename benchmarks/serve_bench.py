@@ -47,8 +47,8 @@ def in_process_run(llm, workload) -> dict:
     return {**metrics.throughput(req, run.duration), **metrics.latency_summary(req), "duration_s": run.duration}
 
 
-def server_run(url, name, workload) -> dict:
-    res = run_loadtest(url, name, workload, scrape_interval=0.5, telemetry=False)
+def server_run(url, name, workload, warmup=False) -> dict:
+    res = run_loadtest(url, name, workload, scrape_interval=0.5, telemetry=False, warmup=warmup)
     if res.failures:
         print(f"  {len(res.failures)} failed requests, first: {res.failures[0]}", flush=True)
     return res.row
@@ -106,7 +106,7 @@ def main() -> None:
         warm = make_workload("fixed", num_requests=16, prompt_len=min(64, args.max_len),
                              output_len=min(16, args.max_len), vocab_size=vocab,
                              seed=99).with_arrival("poisson", request_rate=args.request_rate, seed=99)
-        server_run(url, "bench", warm)
+        server_run(url, "bench", warm, warmup=True)  # the same waves as warm_up, then the warm-up trace
         warm_up(llm.engine, cfg)
         in_process_run(llm, warm)
         llm.engine.reset_stats()

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (for servers without "
                    "vLLM's extension; outputs may then end early)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the few unmeasured requests sent first")
     p.add_argument("--scrape-interval", type=float, default=0.5, metavar="SECONDS",
                    help="seconds between /metrics scrapes, 0 for none (default: %(default)s)")
     p.add_argument("--telemetry", choices=["auto", "on", "off"], default="auto",
@@ -90,7 +91,7 @@ def run(args) -> int:
 
     workload = _workload(args)
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
-    lt = dict(ignore_eos=not args.no_ignore_eos, scrape_interval=args.scrape_interval or None,
+    lt = dict(ignore_eos=not args.no_ignore_eos, warmup=not args.no_warmup, scrape_interval=args.scrape_interval or None,
               telemetry={"auto": None, "on": True, "off": False}[args.telemetry], max_duration=args.max_duration,
               request_timeout=args.request_timeout, slo=slo)
     name = args.served_model_name or args.model

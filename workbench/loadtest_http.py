@@ -232,6 +232,47 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
     return outputs, failures, scraped, start
 
 
+async def _warm_up(endpoint: str, model: str, num_requests: int, prompt_len: int, max_tokens: int,
+                   ignore_eos: bool, timeout: float) -> None:
+    """Unmeasured requests in waves of 1, 1 and the rest, each wave sent once the previous one streams its
+    first token, so prefills also run beside 1 and 2 decodes (as `trace_replay.warm_up` does in-process:
+    kernels and CUDA graphs see every shape class before the measured run). Raises if one fails."""
+    import httpx
+    from httpx_sse import aconnect_sse
+
+    url = endpoint.rstrip("/") + "/v1/completions"
+
+    async def one(client, k: int, streaming: asyncio.Event):
+        body = {"model": model, "prompt": [(7 * k + j) % 500 + 3 for j in range(prompt_len)],
+                "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        try:
+            async with aconnect_sse(client, "POST", url, json=body) as es:
+                if es.response.status_code != 200:
+                    await es.response.aread()
+                    raise RuntimeError(f"warm-up request failed: HTTP {es.response.status_code}: "
+                                       f"{es.response.text[:300]}")
+                async for sse in es.aiter_sse():
+                    streaming.set()
+                    if sse.data.strip() == "[DONE]":
+                        break
+        finally:
+            streaming.set()
+
+    n = max(1, num_requests)
+    waves = [1, 1, n - 2] if n > 2 else [1] * n
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        tasks, k = [], 0
+        for size in waves:
+            streaming = asyncio.Event()
+            for _ in range(size):
+                tasks.append(asyncio.create_task(one(client, k, streaming)))
+                k += 1
+            await asyncio.wait_for(streaming.wait(), timeout)
+        await asyncio.gather(*tasks)
+
+
 def _scraped_frame(scraped: list, start: float) -> pd.DataFrame:
     df = pd.DataFrame(scraped)
     if len(df):
@@ -260,16 +301,18 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
                  ignore_eos: bool = True, scrape_interval: float | None = 0.5, telemetry: bool | None = None,
                  telemetry_interval: float = 0.1, request_timeout: float = 600.0, max_duration: float | None = None,
                  max_connections: int = 1024, slo: dict | None = None, point_id: str = "endpoint",
-                 label: str | None = None) -> LoadTestResult:
+                 label: str | None = None, warmup: bool = True) -> LoadTestResult:
     """Replay ``workload`` against ``endpoint`` (base URL, e.g. http://127.0.0.1:8000) serving ``model``.
 
     sampling: extra fields of every request body (default greedy). telemetry: NVML sampling, None =
     when the endpoint is local and a GPU is there. scrape_interval: seconds between /metrics scrapes
-    (None: no scraping). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
+    (None: no scraping). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
     (`workbench.metrics.point_metrics`) plus endpoint, model, num_failed, first_failure, status, error.
     """
     from .telemetry import NullTelemetry, make_telemetry
 
+    if warmup:
+        asyncio.run(_warm_up(endpoint, model, 4, 32, 4, ignore_eos, request_timeout))
     use_tel = telemetry if telemetry is not None else (None if _is_local(endpoint) else False)
     tel = NullTelemetry() if use_tel is False else make_telemetry(telemetry_interval, enabled=use_tel)
     try:

@@ -38,7 +38,7 @@ def test_poisson_run_counts_every_request_and_token(live):
     too_long = RequestSpec("too-long", [9] * 600, 4, arrival_time=0.05)
     w = replace(w, requests=w.requests + (too_long,))
     before = live.engine_call(lambda e: e.stats())
-    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1)
+    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1, warmup=False)
     after = live.engine_call(lambda e: e.stats())
     row, req = res.row, res.requests
     assert row["status"] == "ok" and row["num_finished"] == 12 and row["num_failed"] == 1
@@ -61,8 +61,10 @@ def test_poisson_run_counts_every_request_and_token(live):
 def test_multi_turn_under_concurrency_hits_the_prefix_cache(live):
     w = make_workload("multi-turn", num_requests=6, num_turns=3, first_prompt_len=40, turn_len=8, output_len=4,
                       vocab_size=4096, seed=2).with_arrival("concurrency", concurrency=2)
-    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1)
+    before = live.engine_call(lambda e: e.stats().num_generation_tokens)
+    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1)  # with the warm-up: 4 x 4 tokens first
     assert res.row["num_finished"] == len(w) and res.row["num_failed"] == 0
+    assert live.engine_call(lambda e: e.stats().num_generation_tokens) - before == res.row["total_output_tokens"] + 16
     assert res.row["prefix_cache_hits"] > 0
 
 
