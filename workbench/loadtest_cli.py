@@ -3,7 +3,7 @@
     python -m workbench loadtest --endpoint http://127.0.0.1:8000 --model NAME --workload sharegpt-like \\
         --request-rate 4 --num-requests 200 --out results.jsonl --html report.html
     python -m workbench loadtest --model llama-3.1-8b --request-rate 4 \\
-        --server-cmd "python -m engine serve --model {model} --port {port} --block-size {block_size}" \\
+        --server-cmd "{python} -m engine serve --model {model} --port {port} --block-size {block_size}" \\
         --grid block_size=16,32 --out sweep.jsonl --html sweep.html
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft", type=float, metavar="SECONDS", help="TTFT SLO for goodput, in seconds")
     p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="TPOT SLO for goodput, in seconds")
     p.add_argument("--server-cmd", metavar="TEMPLATE", help="start a server per grid point from this str.format "
-                   "template ({model}, {host}, {port} and the grid's and --set's names)")
+                   "template ({model}, {host}, {port}, {python} and the grid's and --set's names)")
     p.add_argument("--grid", type=grid_item, action="append", default=[], metavar="NAME=V1,V2,...",
                    help="a value of --server-cmd to sweep; repeatable (the grid is the product)")
     p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="NAME=VALUE",

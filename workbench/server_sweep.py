@@ -1,9 +1,9 @@
 """A sweep whose backend is a server: per grid point, start it from a command template, wait for
 /health, load-test it (`workbench.loadtest_http`), stop it.
 
-The template is a ``str.format`` string over the point's values plus ``{model}``, ``{host}`` and
-``{port}``, e.g. ``"vllm serve {model} --port {port} --block-size {block_size}"`` or
-``"python -m engine serve --model {model} --port {port} --block-size {block_size}
+The template is a ``str.format`` string over the point's values plus ``{model}``, ``{host}``,
+``{port}`` and ``{python}`` (this interpreter), e.g. ``"vllm serve {model} --port {port} --block-size {block_size}"`` or
+``"{python} -m engine serve --model {model} --port {port} --block-size {block_size}
 --enable-prefix-caching {enable_prefix_caching}"`` (booleans format as True / False, which
 ``engine serve`` accepts). Each server's stdout and stderr go to a log file that is kept; a point
 whose server exits or is not healthy within ``startup_timeout`` seconds, or dies during the run, is a
@@ -18,6 +18,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -98,7 +99,8 @@ class ServerSweep:
                             "workload": workload.summary()}
 
     def command(self, point: dict) -> str:
-        values = {**self.fixed, **point, "model": self.model, "host": self.host, "port": self.port}
+        values = {**self.fixed, **point, "model": self.model, "host": self.host, "port": self.port,
+                  "python": shlex.quote(sys.executable)}
         try:
             return self.server_cmd.format(**values)
         except KeyError as e:

@@ -6,7 +6,6 @@ read after the run, and the number of chunks one request can produce.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -92,7 +91,7 @@ def test_server_sweep_starts_measures_stops_and_keeps_failed_logs(tmp_path):
     from engine.serve.background import free_port
     from workbench.server_sweep import ServerSweep
 
-    cmd = (f"{sys.executable} -m engine serve --model {MODEL_DIR} --served-model-name pystdlib --port {{port}} "
+    cmd = (f"{{python}} -m engine serve --model {MODEL_DIR} --served-model-name pystdlib --port {{port}} "
            "--device cpu --max-model-len 256 --block-size {block_size} --enable-prefix-caching {prefix}")
     w = make_workload("fixed", num_requests=3, prompt_len=16, output_len=3, vocab_size=4096)
     sweep = ServerSweep(cmd, "pystdlib", w, grid={"block_size": [16, 3]}, fixed={"prefix": False},
