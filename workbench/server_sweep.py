@@ -2,7 +2,8 @@
 /health, load-test it (`workbench.loadtest_http`), stop it.
 
 The template is a ``str.format`` string over the point's values plus ``{model}``, ``{host}``,
-``{port}`` and ``{python}`` (this interpreter), e.g. ``"vllm serve {model} --port {port} --block-size {block_size}"`` or
+``{port}`` and ``{python}`` (this interpreter), e.g.
+``"vllm serve {model} --port {port} --block-size {block_size}"`` or
 ``"{python} -m engine serve --model {model} --port {port} --block-size {block_size}
 --enable-prefix-caching {enable_prefix_caching}"`` (booleans format as True / False, which
 ``engine serve`` accepts). Each server's stdout and stderr go to a log file that is kept; a point
