@@ -127,6 +127,8 @@ class OpenAIServer:
                 raise _Failed(d.error)
             c = choices[i]
             c.add(d.token_ids)
+            if d.output is not None:
+                c.cached_tokens = d.output.metrics.num_cached_tokens
             if c.stopped:
                 finish[i] = "stop"
                 if not d.finished:
@@ -138,10 +140,15 @@ class OpenAIServer:
                 left -= 1
             yield i, d.token_ids
 
-    def usage(self, prompts, choices, n) -> dict:
+    @staticmethod
+    def usage(prompts, choices) -> dict:
+        """OpenAI's usage: prompt tokens (each prompt once, whatever n), output tokens of every choice."""
         p = sum(len(x) for x in prompts)
         c = sum(len(ch.ids) for ch in choices)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        n = len(choices) // len(prompts)
+        cached = sum(getattr(ch, "cached_tokens", 0) for ch in choices[::n])  # choice 0 of each prompt
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def respond(self, request: Request, body, prompts, limits, field: str, chat: bool, arrival: float):
         ids, q = await self.submit(body, prompts, limits, field, arrival)
@@ -172,7 +179,7 @@ class OpenAIServer:
                 item["token_ids"] = list(c.ids)
             out.append(item)
         return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": out,
-                             "usage": self.usage(prompts, choices, body.n)})
+                             "usage": self.usage(prompts, choices)})
 
     async def _stream(self, body, ids, q, choices, finish, head, chat, with_ids, prompts):
         try:
@@ -193,7 +200,7 @@ class OpenAIServer:
                 yield _sse(error_body(str(e), None, "server_error", 500))
             else:
                 if body.include_usage:
-                    yield _sse({**head, "choices": [], "usage": self.usage(prompts, choices, body.n)})
+                    yield _sse({**head, "choices": [], "usage": self.usage(prompts, choices)})
             yield b"data: [DONE]\n\n"
         finally:
             # The client went away (or the response ended early): free what is still running.

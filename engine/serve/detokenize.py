@@ -29,6 +29,7 @@ class ChoiceText:
         self.text = ""
         self.emitted = 0
         self.stopped = False
+        self.cached_tokens = 0  # prompt tokens the engine served from its prefix cache (set at the end)
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -65,6 +65,8 @@ def test_multi_turn_under_concurrency_hits_the_prefix_cache(live):
     assert res.row["num_finished"] == len(w) and res.row["num_failed"] == 0
     assert live.engine_call(lambda e: e.stats().num_generation_tokens) - before == res.row["total_output_tokens"] + 16
     assert res.row["prefix_cache_hits"] > 0
+    # usage.prompt_tokens_details.cached_tokens, per request, adds up to the scraped counter
+    assert res.requests["num_cached_tokens"].sum() == res.row["prefix_cache_hits"]
 
 
 def test_parse_metrics_reads_vllm_names():
