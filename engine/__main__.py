@@ -2,6 +2,7 @@
 
 On the CPU it uses the small model shipped in data/models/ (random-weight "tiny" preset if that is
 missing); pass --model PRESET|DIR to choose another and --device cuda on a GPU.
+``python -m engine serve --help``: the OpenAI-compatible HTTP server (engine/serve/).
 """
 from __future__ import annotations
 
@@ -80,4 +81,11 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["serve"]:  # python -m engine serve ...: the OpenAI-compatible server
+        from .serve import main as serve_main
+
+        serve_main(sys.argv[2:])
+    else:
+        main()

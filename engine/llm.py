@@ -224,6 +224,10 @@ class LLMEngine:
         if self._timer is not None:
             self._timer.reset()
 
+    def last_step_stats(self) -> StepStats | None:
+        """The StepStats of the latest step since reset_stats() (None before one), without copying the history."""
+        return self._steps[-1] if self._steps else None
+
     def stats(self) -> EngineStats:
         kv, runner = self.kv, self.runner
         q0, h0, p0 = self._base

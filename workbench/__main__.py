@@ -191,6 +191,22 @@ COMMANDS = [
 ]
 
 
+def _loadtest_arguments(p):  # the command lives in workbench/loadtest_cli.py (issue 21)
+    from .loadtest_cli import add_arguments
+
+    add_arguments(p)
+
+
+def _loadtest_run(args) -> int:
+    from .loadtest_cli import run
+
+    return run(args)
+
+
+COMMANDS.append(("loadtest", "replay a workload against an OpenAI-compatible endpoint (or servers started per grid "
+                 "point) over streaming HTTP", _loadtest_arguments, _loadtest_run))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m workbench", description="paged-workbench: profile paged LLM "
                                      "inference from the command line.")

@@ -1,0 +1,107 @@
+"""Endpoint load tests against the engine's own server (in a thread, or started per point by ServerSweep).
+
+References: the workload's own lengths (exact output tokens with ignore_eos), the server's EngineStats
+read after the run, and the number of chunks one request can produce.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx_sse")
+
+from workbench.loadtest_http import parse_metrics, run_loadtest  # noqa: E402
+from workbench.workloads import RequestSpec, make_workload  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "data" / "models" / "pystdlib-llama-6m"
+
+
+@pytest.fixture(scope="module")
+def live():
+    from engine import LLM, EngineConfig
+    from engine.serve.background import BackgroundServer
+
+    cfg = EngineConfig(device="cpu", max_model_len=512, max_num_batched_tokens=512, block_size=16)
+    with BackgroundServer(LLM.from_pretrained(MODEL_DIR, cfg), "pystdlib") as srv:
+        yield srv
+
+
+def test_poisson_run_counts_every_request_and_token(live):
+    w = make_workload("sharegpt-like", num_requests=12, mean_prompt_len=40, mean_output_len=12, max_len=48,
+                      vocab_size=4096, seed=1).with_arrival("poisson", request_rate=20.0, seed=1)
+    too_long = RequestSpec("too-long", [9] * 600, 4, arrival_time=0.05)
+    w = replace(w, requests=w.requests + (too_long,))
+    before = live.engine_call(lambda e: e.stats())
+    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1, warmup=False)
+    after = live.engine_call(lambda e: e.stats())
+    row, req = res.row, res.requests
+    assert row["status"] == "ok" and row["num_finished"] == 12 and row["num_failed"] == 1
+    assert res.failures[0]["request_id"] == "too-long" and "HTTP 400" in res.failures[0]["error"]
+    want = {r.request_id: r.max_tokens for r in w if r.request_id != "too-long"}
+    assert dict(zip(req["request_id"], req["num_output_tokens"])) == want
+    assert row["total_output_tokens"] == sum(want.values())
+    # Our server sends one chunk per token, so each request has output - 1 gaps.
+    assert all(len(itl) == n - 1 for itl, n in zip(req["itl"], req["num_output_tokens"]))
+    assert (req["ttft"] > 0).all() and (req["ttft"] <= req["e2e"]).all()
+    # The scraped counters' increase over the run is the engine's.
+    assert row["generation_tokens_scraped"] == after.num_generation_tokens - before.num_generation_tokens \
+        == row["total_output_tokens"]
+    assert row["prompt_tokens_scraped"] == after.num_prompt_tokens - before.num_prompt_tokens
+    assert row["prefix_cache_queries"] == after.prefix_cache_queries - before.prefix_cache_queries
+    assert row["kv_blocks"] == after.num_gpu_blocks and row["metrics_scraped"]
+    assert len(res.timeseries) >= 2 and {"t", "kv_usage", "num_running"} <= set(res.timeseries)
+
+
+def test_multi_turn_under_concurrency_hits_the_prefix_cache(live):
+    w = make_workload("multi-turn", num_requests=6, num_turns=3, first_prompt_len=40, turn_len=8, output_len=4,
+                      vocab_size=4096, seed=2).with_arrival("concurrency", concurrency=2)
+    before = live.engine_call(lambda e: e.stats().num_generation_tokens)
+    res = run_loadtest(live.url, "pystdlib", w, scrape_interval=0.1)  # with the warm-up: 4 x 4 tokens first
+    assert res.row["num_finished"] == len(w) and res.row["num_failed"] == 0
+    assert live.engine_call(lambda e: e.stats().num_generation_tokens) - before == res.row["total_output_tokens"] + 16
+    assert res.row["prefix_cache_hits"] > 0
+    # usage.prompt_tokens_details.cached_tokens, per request, adds up to the scraped counter
+    assert res.requests["num_cached_tokens"].sum() == res.row["prefix_cache_hits"]
+
+
+def test_parse_metrics_reads_vllm_names():
+    text = ('# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
+            '# TYPE vllm:prefix_cache_hits_total counter\nvllm:prefix_cache_hits_total{model_name="m"} 7\n'
+            '# TYPE vllm:gpu_prefix_cache_queries_total counter\n'
+            'vllm:gpu_prefix_cache_queries_total{model_name="m"} 9\n')
+    assert parse_metrics(text) == {"kv_usage": 0.25, "prefix_cache_hits": 7, "prefix_cache_queries": 9}
+
+
+def test_cli_writes_results_and_report(live, tmp_path):
+    from workbench.__main__ import main
+
+    out, html = tmp_path / "r.jsonl", tmp_path / "r.html"
+    code = main(["loadtest", "--endpoint", live.url, "--model", "pystdlib", "--workload", "fixed", "--num-requests",
+                 "4", "--workload-arg", "prompt_len=16", "--workload-arg", "output_len=4", "--vocab-size", "4096",
+                 "--concurrency", "2", "--out", str(out), "--html", str(html)])
+    assert code == 0
+    assert '"num_finished": 4' in out.read_text()
+    assert "fig-ttft-cdf" in html.read_text()
+
+
+def test_server_sweep_starts_measures_stops_and_keeps_failed_logs(tmp_path):
+    from engine.serve.background import free_port
+    from workbench.server_sweep import ServerSweep
+
+    cmd = (f"{{python}} -m engine serve --model {MODEL_DIR} --served-model-name pystdlib --port {{port}} "
+           "--device cpu --max-model-len 256 --block-size {block_size} --enable-prefix-caching {prefix}")
+    w = make_workload("fixed", num_requests=3, prompt_len=16, output_len=3, vocab_size=4096)
+    sweep = ServerSweep(cmd, "pystdlib", w, grid={"block_size": [16, 3]}, fixed={"prefix": False},
+                        port=free_port(), startup_timeout=120, out=str(tmp_path / "s.jsonl"),
+                        env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    df = sweep.run()
+    ok, bad = df.iloc[0], df.iloc[1]
+    assert ok["status"] == "ok" and ok["num_finished"] == 3 and ok["block_size"] == 16
+    assert bad["status"] == "error" and "exited" in bad["error"]
+    assert "block_size" in Path(bad["server_log"]).read_text()  # the engine's own message, kept
+    assert os.path.exists(sweep.write_report(str(tmp_path / "s.html")))

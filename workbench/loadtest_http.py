@@ -1,0 +1,346 @@
+"""Load-testing any OpenAI-compatible endpoint (vLLM, SGLang, TGI, or ``python -m engine serve``).
+
+`run_loadtest` replays a `Workload` over HTTP with the workload's arrival process (offline, Poisson at
+a request rate, closed-loop concurrency, follow-up turns after their parent), each request a streaming
+POST /v1/completions with the trace's token ids as the prompt and ``ignore_eos`` (vLLM's extension)
+so it produces exactly max_tokens tokens. From each stream it measures, in the client's clock:
+
+- TTFT: first chunk carrying output - arrival (the scheduled send time, so a late client counts);
+- ITL: gaps between consecutive chunks carrying output (one chunk may carry several tokens, as in
+  ``vllm bench serve``); TPOT = (last chunk - first chunk) / (output tokens - 1); E2E = end - arrival;
+- output tokens from the final ``usage`` (``stream_options.include_usage``), else counted.
+
+While it runs it scrapes ``/metrics`` (Prometheus text, vLLM's names) when the server has it, giving a
+time series of KV usage, running / waiting requests and the counters' increase over the run (prefix
+hits, preemptions), and samples NVML when the GPU is local. Its row is made by the same
+`workbench.metrics.point_metrics` as an in-process run, so results files and the HTML report read the
+same. A request that fails (HTTP error, error event, stream cut before ``[DONE]``, timeout) is kept
+in ``failures`` with its reason and counted in ``num_failed``; it never disappears.
+HTTP and SSE come from httpx and httpx-sse; Prometheus parsing from prometheus_client.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from . import metrics
+from .workloads import Workload
+
+# Series scraped from /metrics: our column -> Prometheus names, first found wins (older vLLM names last).
+GAUGES = {"num_running": ["vllm:num_requests_running"], "num_waiting": ["vllm:num_requests_waiting"],
+          "kv_usage": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]}
+COUNTERS = {"prefix_cache_queries": ["vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"],
+            "prefix_cache_hits": ["vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"],
+            "num_preemptions": ["vllm:num_preemptions"], "prompt_tokens": ["vllm:prompt_tokens"],
+            "generation_tokens": ["vllm:generation_tokens"], "num_steps": ["pwb:engine_steps"]}
+
+
+@dataclass
+class LoadTestResult:
+    """One load test: ``row`` (a results row), per-request frame, scraped /metrics series, NVML samples,
+    and the failed requests as {"request_id", "error"}."""
+
+    row: dict
+    requests: pd.DataFrame
+    timeseries: pd.DataFrame
+    telemetry: pd.DataFrame
+    failures: list = field(default_factory=list)
+
+
+def parse_metrics(text: str) -> dict:
+    """Our scraped columns from a Prometheus text page (values summed over label sets; absent: missing)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = defaultdict(float)
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in (fam.name, fam.name + "_total"):
+                totals[fam.name] += s.value
+        if fam.name == "vllm:cache_config_info" and fam.samples:
+            labels = fam.samples[0].labels
+            for key in ("num_gpu_blocks", "block_size"):
+                if str(labels.get(key, "")).isdigit():
+                    totals["config:" + key] = int(labels[key])
+    out = {}
+    for col, names in {**GAUGES, **COUNTERS}.items():
+        for name in names:
+            if name in totals:
+                out[col] = totals[name]
+                break
+    out.update({k: v for k, v in totals.items() if k.startswith("config:")})
+    return out
+
+
+async def _scrape(client, url: str, interval: float, rows: list, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            r = await client.get(url, timeout=10)
+            if r.status_code == 200:
+                rows.append({"time": time.perf_counter(), **parse_metrics(r.text)})
+        except Exception:  # noqa: BLE001 - a missed scrape is a gap in the series, not a failed run
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _payload(model: str, r, sampling: dict, ignore_eos: bool) -> dict:
+    body = {"model": model, "prompt": list(r.prompt_token_ids), "max_tokens": r.max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, "temperature": 0.0, **sampling}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+async def _send(client, url: str, body: dict, r, arrival: float, timeout: float):
+    """One streaming request; returns (output-like record or None, error or None)."""
+    from httpx_sse import aconnect_sse
+
+    state = {"times": [], "n_chunked": 0, "usage": None, "finish": None, "done": False}
+
+    async def read():
+        async with aconnect_sse(client, "POST", url, json=body) as es:
+            if es.response.status_code != 200:
+                await es.response.aread()
+                return f"HTTP {es.response.status_code}: {es.response.text[:300]}"
+            async for sse in es.aiter_sse():
+                if sse.data.strip() == "[DONE]":
+                    state["done"] = True
+                    return None
+                now = time.perf_counter()
+                obj = json.loads(sse.data)
+                if "error" in obj:
+                    return f"error event: {json.dumps(obj['error'])[:300]}"
+                for c in obj.get("choices") or []:
+                    text = c.get("text") or (c.get("delta") or {}).get("content") or ""
+                    ids = c.get("token_ids")
+                    if text or ids:
+                        state["times"].append(now)
+                        state["n_chunked"] += len(ids) if ids else 1
+                    state["finish"] = c.get("finish_reason") or state["finish"]
+                state["usage"] = obj.get("usage") or state["usage"]
+        return None
+
+    try:
+        err = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        return None, f"timeout: no complete answer after {timeout} s"
+    except Exception as e:  # noqa: BLE001 - the failure is the result
+        return None, f"{type(e).__name__}: {e}"
+    if err is not None:
+        return None, err
+    times, n_chunked, usage, finish, done = (state[k] for k in ("times", "n_chunked", "usage", "finish", "done"))
+    end = time.perf_counter()
+    if not done:
+        return None, "the stream ended without data: [DONE]"
+    n_out = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") is not None else n_chunked
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    first = times[0] if times else None
+    m = {"arrival_time": arrival, "first_scheduled_time": None, "first_token_time": first, "finished_time": end,
+         "ttft": None if first is None else first - arrival, "e2e": end - arrival,
+         "tpot": (times[-1] - first) / (n_out - 1) if first is not None and n_out > 1 else None,
+         "itl": [b - a for a, b in zip(times, times[1:])], "num_prompt_tokens": r.prompt_len,
+         "num_output_tokens": n_out, "num_cached_tokens": int(cached)}
+    return SimpleNamespace(request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), token_ids=[],
+                           finish_reason=finish, metrics=m), None
+
+
+async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict, ignore_eos: bool,
+                  scrape_interval: float | None, request_timeout: float, max_duration: float | None,
+                  max_connections: int):
+    import httpx
+
+    base = endpoint.rstrip("/")
+    url = base + "/v1/completions"
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    outputs, failures, scraped = [], [], []
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout, connect=30)) as client:
+        stop = asyncio.Event()
+        metrics_url = base + "/metrics"
+        scraper = None
+        if scrape_interval:
+            scraper = asyncio.create_task(_scrape(client, metrics_url, scrape_interval, scraped, stop))
+        closed = workload.arrival == "concurrency"
+        sem = asyncio.Semaphore(workload.concurrency) if closed else None
+        children = defaultdict(list)
+        for r in workload:
+            if r.depends_on:
+                children[r.depends_on].append(r)
+        tasks: set = set()
+        start = time.perf_counter()
+
+        async def launch(r, due: float):
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if sem is not None:
+                async with sem:
+                    out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r,
+                                           time.perf_counter(), request_timeout)
+            else:
+                out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r, due,
+                                       request_timeout)
+            if err is not None:
+                failures.append({"request_id": r.request_id, "error": err})
+            else:
+                outputs.append(out)
+            t_fin = out.metrics["finished_time"] if out is not None else time.perf_counter()
+            for c in children.pop(r.request_id, []):
+                _spawn(launch(c, t_fin + c.arrival_time))
+
+        def _spawn(coro):
+            t = asyncio.create_task(coro)
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+        for r in workload:
+            if not r.depends_on:
+                _spawn(launch(r, start if closed else start + r.arrival_time))
+        timed_out = False
+        deadline = None if max_duration is None else start + max_duration
+        while tasks:  # children join the set as their parents finish
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                timed_out = True
+                for t in list(tasks):
+                    t.cancel()
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+                break
+            await asyncio.wait(list(tasks), timeout=left)
+        stop.set()
+        if scraper is not None:
+            await scraper
+            try:  # one last scrape after the run, for the counters' totals
+                r = await client.get(metrics_url, timeout=10)
+                if r.status_code == 200:
+                    scraped.append({"time": time.perf_counter(), **parse_metrics(r.text)})
+            except Exception:  # noqa: BLE001
+                pass
+    done_ids = {o.request_id for o in outputs} | {f["request_id"] for f in failures}
+    for r in workload:  # never dropped: what did not run (timeout, orphaned turns) is a failure too
+        if r.request_id not in done_ids:
+            failures.append({"request_id": r.request_id,
+                             "error": f"not finished: the run hit max_duration={max_duration} s" if timed_out
+                             else "not sent: the request it depends on failed"})
+    return outputs, failures, scraped, start
+
+
+async def _warm_up(endpoint: str, model: str, num_requests: int, prompt_len: int, max_tokens: int,
+                   ignore_eos: bool, timeout: float) -> None:
+    """Unmeasured requests in waves of 1, 1 and the rest, each wave sent once the previous one streams its
+    first token, so prefills also run beside 1 and 2 decodes (as `trace_replay.warm_up` does in-process:
+    kernels and CUDA graphs see every shape class before the measured run). Raises if one fails."""
+    import httpx
+    from httpx_sse import aconnect_sse
+
+    url = endpoint.rstrip("/") + "/v1/completions"
+
+    async def one(client, k: int, streaming: asyncio.Event):
+        body = {"model": model, "prompt": [(7 * k + j) % 500 + 3 for j in range(prompt_len)],
+                "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+        if ignore_eos:
+            body["ignore_eos"] = True
+        try:
+            async with aconnect_sse(client, "POST", url, json=body) as es:
+                if es.response.status_code != 200:
+                    await es.response.aread()
+                    raise RuntimeError(f"warm-up request failed: HTTP {es.response.status_code}: "
+                                       f"{es.response.text[:300]}")
+                async for sse in es.aiter_sse():
+                    streaming.set()
+                    if sse.data.strip() == "[DONE]":
+                        break
+        finally:
+            streaming.set()
+
+    n = max(1, num_requests)
+    waves = [1, 1, n - 2] if n > 2 else [1] * n
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        tasks, k = [], 0
+        for size in waves:
+            streaming = asyncio.Event()
+            for _ in range(size):
+                tasks.append(asyncio.create_task(one(client, k, streaming)))
+                k += 1
+            await asyncio.wait_for(streaming.wait(), timeout)
+        await asyncio.gather(*tasks)
+
+
+def _scraped_frame(scraped: list, start: float) -> pd.DataFrame:
+    df = pd.DataFrame(scraped)
+    if len(df):
+        df["t"] = df["time"] - start
+    return df
+
+
+def _counter_stats(ts: pd.DataFrame) -> dict:
+    """EngineStats-like counters of the run: the increase of each scraped counter, and the pool's size."""
+    out = {}
+    for col in COUNTERS:
+        if col in ts and ts[col].notna().sum() >= 1:
+            v = ts[col].dropna()
+            out[col] = int(round(v.iloc[-1] - v.iloc[0]))
+    for key in ("num_gpu_blocks", "block_size"):
+        if f"config:{key}" in ts and ts[f"config:{key}"].notna().any():
+            out[key] = int(ts[f"config:{key}"].dropna().iloc[0])
+    return out
+
+
+def _is_local(endpoint: str) -> bool:
+    return (urlparse(endpoint).hostname or "") in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict | None = None,
+                 ignore_eos: bool = True, scrape_interval: float | None = 0.5, telemetry: bool | None = None,
+                 telemetry_interval: float = 0.1, request_timeout: float = 600.0, max_duration: float | None = None,
+                 max_connections: int = 1024, slo: dict | None = None, point_id: str = "endpoint",
+                 label: str | None = None, warmup: bool = True) -> LoadTestResult:
+    """Replay ``workload`` against ``endpoint`` (base URL, e.g. http://127.0.0.1:8000) serving ``model``.
+
+    sampling: extra fields of every request body (default greedy). telemetry: NVML sampling, None =
+    when the endpoint is local and a GPU is there. scrape_interval: seconds between /metrics scrapes
+    (None: no scraping). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
+    (`workbench.metrics.point_metrics`) plus endpoint, model, num_failed, first_failure, status, error.
+    """
+    from .telemetry import NullTelemetry, make_telemetry
+
+    if warmup:
+        asyncio.run(_warm_up(endpoint, model, 4, 32, 4, ignore_eos, request_timeout))
+    use_tel = telemetry if telemetry is not None else (None if _is_local(endpoint) else False)
+    tel = NullTelemetry() if use_tel is False else make_telemetry(telemetry_interval, enabled=use_tel)
+    try:
+        tel.start()
+        try:
+            outputs, failures, scraped, start = asyncio.run(_replay(
+                endpoint, model, workload, dict(sampling or {}), ignore_eos, scrape_interval, request_timeout,
+                max_duration, max_connections))
+        finally:
+            samples = tel.stop()
+    finally:
+        tel.close()
+    requests = metrics.request_frame(outputs)
+    ends = [o.metrics["finished_time"] for o in outputs]
+    duration = (max(ends) - start) if ends else math.nan
+    ts = _scraped_frame(scraped, start)
+    stats = _counter_stats(ts)
+    row = {"point_id": point_id, "label": label or f"{model} @ {endpoint}", "backend": "endpoint",
+           "endpoint": endpoint, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
+           "num_requests": len(workload), "arrival": workload.arrival, "request_rate": workload.request_rate,
+           "concurrency": workload.concurrency, "block_size": stats.get("block_size")}
+    row.update(metrics.point_metrics(requests, ts, stats, metrics.telemetry_summary(samples), duration, slo))
+    row.update(num_failed=len(failures), first_failure=failures[0]["error"] if failures else None,
+               metrics_scraped=bool(len(ts)), generation_tokens_scraped=stats.get("generation_tokens"),
+               prompt_tokens_scraped=stats.get("prompt_tokens"))
+    ok = len(outputs) > 0
+    row.update(status="ok" if ok else "error",
+               error=None if ok else f"every request failed; first: {failures[0]['error'] if failures else '?'}")
+    if len(samples):
+        samples = samples.assign(t=samples["time"] - start)
+    return LoadTestResult(row, requests, ts, samples, failures)
