@@ -108,14 +108,14 @@ def run_demo(out_dir: str = ".", num_requests: int = NUM_REQUESTS, repeats: int 
 
     from . import metrics
 
+    t0 = time.perf_counter()
+    sweep = build_sweep(num_requests, repeats, block_sizes, progress)  # checks the arguments; loads nothing yet
     path = os.path.join(out_dir, "report.html")
     os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"out_dir={out_dir!r} is not writable: run the demo in a folder you can write to")
-    t0 = time.perf_counter()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
-    sweep = build_sweep(num_requests, repeats, block_sizes, progress)
     try:
         results = sweep.run()
         sweep.write_report(path, title=f"paged-workbench demo: block size x prefix caching, {sweep.model_name} "
