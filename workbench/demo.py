@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -141,7 +142,9 @@ def recommendation_lines(result: DemoResult) -> list[str]:
     rec = result.recommendation
     if len(rec) == 0:
         return ["No recommendation: no point of the sweep ran (see the failures below)."]
-    lines = ["Recommendation (this machine's CPU, this workload):"]
+    first = rec.iloc[0]
+    lines = [f"Recommendation: {first['label']} (best {first['objective'].removeprefix('max ')} on this machine's "
+             "CPU and this workload)", "Best setting per objective:"]
     base = ("objective", "column", "value", "point_id", "label")
     for r in rec.to_dict("records"):
         # Whatever else best_settings says about its pick (margin, settings equivalent within noise) follows.
@@ -211,9 +214,8 @@ def next_steps(result: DemoResult) -> list[str]:
              f"  open it in any browser (one file, works offline): python -m webbrowser -t {report.as_uri()}"]
     if NOTEBOOKS.is_dir():
         names = ", ".join(p.name for p in sorted(NOTEBOOKS.glob("*.ipynb")))
-        lines += [f"Notebooks ({names}):",
-                  f"  pip install -e \"{ROOT}[dev]\" && jupyter lab {NOTEBOOKS}",
-                  "  (from the checkout: pip install -e \".[dev]\" && jupyter lab notebooks/)"]
+        lines += [f"Notebooks ({names}), with the dev extra (JupyterLab):",
+                  f"  cd {shlex.quote(str(ROOT))} && pip install -e \".[dev]\" && jupyter lab notebooks/"]
     return lines
 
 

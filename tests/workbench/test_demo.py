@@ -43,6 +43,7 @@ def test_demo_words_name_the_pick_and_both_configs(small_demo):
     lines = "\n".join(demo.recommendation_lines(small_demo))
     label = small_demo.recommendation["label"].iloc[0]
     prefix_on = label.endswith("prefix=on")
+    assert lines.startswith(f"Recommendation: {label} (best output throughput")
     assert f"max output throughput  {label}" in lines
     assert f"EngineConfig(block_size=16, enable_prefix_caching={prefix_on})" in lines
     assert ("--enable-prefix-caching" if prefix_on else "--no-enable-prefix-caching") in lines
