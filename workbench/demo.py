@@ -172,8 +172,9 @@ def table_text(results) -> str:
 
 
 def gpu_advice() -> list[str]:
-    """With a CUDA GPU: the preset the memory planner says fits and the command for a real sweep on it;
-    with none, an empty list. Never raises: advice that cannot be made is left out."""
+    """With a CUDA GPU: the largest of GPU_PRESETS that the memory planner says fits it (at
+    gpu_memory_utilization 0.9, else 0.8) and the command for a real sweep on it; with none, an empty
+    list. Never raises: advice that cannot be made is left out."""
     try:
         import torch
 
@@ -183,26 +184,31 @@ def gpu_advice() -> list[str]:
 
         from .planner import plan
 
-        name = torch.cuda.get_device_name()
-        preset, verdict = None, ""
-        for candidate in GPU_PRESETS:
-            try:
-                p = plan(candidate, "current", EngineConfig(max_model_len=4096))
-            except (ValueError, RuntimeError):
-                continue
-            if p.fits:
-                preset, verdict = candidate, p.reason
+        name, last = torch.cuda.get_device_name(), None
+        for util in (0.9, 0.8):
+            for preset in GPU_PRESETS:
+                try:
+                    last = plan(preset, "current", EngineConfig(max_model_len=4096, gpu_memory_utilization=util))
+                except ValueError:
+                    continue
+                if last.fits:
+                    break
+            if last is not None and last.fits:
                 break
-        if preset is None:
-            return [f"A GPU is present ({name}), but none of {', '.join(GPU_PRESETS)} fits it by the planner: "
-                    "pass your own checkpoint folder as --model."]
+        if last is None or not last.fits:
+            why = f": {last.reason}" if last is not None else ""
+            return [f"A GPU is present ({name}), but the planner fits none of {', '.join(GPU_PRESETS)} on it{why}. "
+                    "Pass your own checkpoint folder as --model to `python -m workbench sweep`."]
+        util = "" if last.gpu_memory_utilization == 0.9 else f" --set gpu_memory_utilization={last.gpu_memory_utilization}"
         repeats = " --repeats 3" if sweep_supports("repeats") else ""
         return [f"A GPU is present ({name}). This demo ran on the CPU; for a real run on the GPU:",
-                f"  python -m workbench sweep --model {preset} --device cuda --workload shared-prefix "
-                f"--num-requests 512 \\\n      {GPU_GRID}{repeats} --out results.jsonl --html report.html",
-                f"  ({preset}, random weights: the planner says it fits with max_model_len=4096{': ' + verdict if verdict else ''};"
-                " --model also takes your checkpoint folder)",
-                f"  notebooks: in the first (parameters) cell set MODEL = \"{preset}\", DEVICE = \"cuda\", GPU = \"current\""]
+                f"  python -m workbench sweep --model {last.model} --device cuda --workload shared-prefix "
+                f"--num-requests 512 \\\n      {GPU_GRID}{util} --set max_model_len=4096{repeats} "
+                "--out results.jsonl --html report.html",
+                f"  ({last.model} with random weights, which the planner fits on this GPU; --model also takes "
+                "your checkpoint folder)",
+                f"  notebooks: in the first (parameters) cell set MODEL = \"{last.model}\", DEVICE = \"cuda\", "
+                "GPU = \"current\""]
     except Exception as e:  # noqa: BLE001 - advice is optional; the demo's result is not
         return [f"(no GPU advice: {type(e).__name__}: {e})"]
 

@@ -76,3 +76,58 @@ def test_gpu_advice_is_empty_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert demo.gpu_advice() == []
+
+
+def _fake_gpu(monkeypatch, name):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+
+
+def test_gpu_advice_names_what_the_planner_fits_and_a_command_the_cli_takes(monkeypatch):
+    import shlex
+
+    from engine import EngineConfig
+    from workbench import planner
+    from workbench.__main__ import build_parser
+
+    target = planner.GPUS["H100-80GB"]
+    # The reference: the planner itself, asked about the H100 by name.
+    preset = next(p for p in demo.GPU_PRESETS
+                  if planner.plan(p, target, EngineConfig(max_model_len=4096, gpu_memory_utilization=0.9)).fits)
+    _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3")
+    real_resolve = planner.resolve_gpu
+    monkeypatch.setattr(planner, "resolve_gpu", lambda g: target if g == "current" else real_resolve(g))
+    text = "\n".join(demo.gpu_advice())
+    assert "NVIDIA H100 80GB HBM3" in text and "gpu_memory_utilization" not in text
+    assert f"--model {preset} --device cuda" in text and f'MODEL = "{preset}"' in text
+    command = next(line for line in text.replace("\\\n", " ").splitlines() if "python -m workbench sweep" in line)
+    args = build_parser().parse_args(shlex.split(command)[3:])
+    assert args.model == preset and args.device == "cuda" and args.html == "report.html"
+
+
+@pytest.mark.parametrize("fitting, expected", [
+    ({("llama-3.2-1b", 0.9), ("llama-3.2-3b", 0.8)}, ("llama-3.2-1b", 0.9)),  # 0.9 tried for every preset first
+    ({("llama-3.2-3b", 0.8), ("llama-3.2-1b", 0.8)}, ("llama-3.2-3b", 0.8)),  # then 0.8, largest preset first
+    (set(), None),
+])
+def test_gpu_advice_prefers_the_default_memory_share_then_the_largest_preset(monkeypatch, fitting, expected):
+    import types
+
+    from workbench import planner
+
+    def fake_plan(model, gpu, cfg):
+        fits = (model, cfg.gpu_memory_utilization) in fitting
+        return types.SimpleNamespace(model=model, fits=fits, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                     reason="ok" if fits else "too small")
+
+    _fake_gpu(monkeypatch, "NVIDIA small")
+    monkeypatch.setattr(planner, "plan", fake_plan)
+    text = "\n".join(demo.gpu_advice())
+    if expected is None:
+        assert "fits none of" in text and "too small" in text
+        return
+    preset, util = expected
+    assert f"--model {preset} --device cuda" in text
+    assert ("--set gpu_memory_utilization=0.8" in text) == (util == 0.8)
