@@ -190,6 +190,12 @@ COMMANDS = [
      add_bench_arguments, run_bench),
 ]
 
+# The first command a new user runs (the README's); its logic is all in demo.py.
+from .demo import add_demo_arguments, run_demo_command  # noqa: E402
+
+COMMANDS.insert(0, ("demo", "a small sweep on the shipped model on the CPU: the recommendation, the table and "
+                    "report.html in about a minute", add_demo_arguments, run_demo_command))
+
 
 def _loadtest_arguments(p):  # the command lives in workbench/loadtest_cli.py (issue 21)
     from .loadtest_cli import add_arguments
