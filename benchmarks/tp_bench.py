@@ -2,9 +2,11 @@
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/tp_bench.py --model llama-3.1-8b --degrees 2,1
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/tp_bench.py --model llama-3.1-70b --degrees 2
-For each degree: an offline run of --num-requests fixed requests (256 prompt + 128 output tokens) gives
-output tok/s and TPOT/TTFT; then --decode-batch requests are brought to pure decode and 40 steps are
-timed (ms per step), and 20 more run under torch.profiler on rank 0: the all-reduce share is the time
+For each degree: an offline run of --num-requests requests of --workload (fixed: 256 prompt + 128
+output tokens; sharegpt-like: the 1000-request trace of `python -m workbench bench`) gives output
+tok/s and TPOT/TTFT; then, for each batch of --decode-batches, that many requests are brought to pure
+decode and 40 steps are timed (ms per step, --repeats times, median and range), and 20 more run under
+torch.profiler on rank 0: the all-reduce share is the time
 of NCCL kernels (the all-reduces and the LM head's all-gather, as rank 0's GPU runs them, waiting for
 its peer included) per step over the step's wall time. A degree that fails is recorded with its
 error, and the run goes on. Writes JSON to $OUT (when set) and data/benchmarks/tp_<model>_<device>.json.
@@ -21,7 +23,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from workbench.bench import environment, run_engine
-from workbench.workloads import fixed
+from workbench.workloads import make_workload
 
 
 def decode_steps(llm: LLM, batch: int, timed_steps: int = 40, profiled_steps: int = 20) -> dict:
@@ -70,26 +72,37 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--degrees", default="1,2")
     ap.add_argument("--num-requests", type=int, default=128)
-    ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--workload", default="fixed", choices=["fixed", "sharegpt-like"])
+    ap.add_argument("--decode-batches", default="1,64", help="running requests of the timed decode steps")
+    ap.add_argument("--repeats", type=int, default=3, help="timed decode windows per batch (median, min-max)")
+    ap.add_argument("--max-model-len", type=int, default=None, help="default: 1024 (fixed) or the model's")
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default=None, help="suffix of the JSON file name (default: the GPU count)")
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = {"environment": environment(device), "model": args.model, "runs": {}}
+    results = {"environment": environment(device), "model": args.model, "runs": {},
+               "command": "python3 " + " ".join(__import__("sys").argv)}
     if device.type == "cuda":
         results["environment"]["gpus"] = torch.cuda.device_count()
     for tp in [int(d) for d in args.degrees.split(",")]:
         llm = None
         try:
             t0 = time.perf_counter()
-            llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=1024, device=args.device))
+            max_len = args.max_model_len or (1024 if args.workload == "fixed" else 4096)
+            llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=max_len, device=args.device))
             load = time.perf_counter() - t0
-            wl = fixed(num_requests=args.num_requests, prompt_len=256, output_len=128, vocab_size=llm.vocab_size, seed=1)
+            shape = {"prompt_len": 256, "output_len": 128, "seed": 1} if args.workload == "fixed" else {"seed": 0}
+            wl = make_workload(args.workload, num_requests=args.num_requests, vocab_size=llm.vocab_size, **shape)
             s = run_engine(llm, wl).summary
             run = {"load_s": load, "output_tok_s": s["output_throughput"], "tpot_p50_ms": s["tpot_p50_ms"],
                    "ttft_p50_ms": s["ttft_p50_ms"], "num_gpu_blocks": s["kv_blocks"],
                    "weight_bytes_per_gpu": s["weight_bytes"], "cuda_graphs": s["cuda_graphs"]}
-            run["decode"] = decode_steps(llm, args.decode_batch)
+            run["decode"] = {}
+            for b in [int(x) for x in args.decode_batches.split(",")]:
+                reps = [decode_steps(llm, b) for _ in range(args.repeats)]
+                ms = sorted(r["step_ms"] for r in reps)
+                run["decode"][b] = {"step_ms": ms[len(ms) // 2], "step_ms_min": ms[0], "step_ms_max": ms[-1],
+                                    "repeats": reps}
         except Exception as exc:  # noqa: BLE001 - one degree failing must not lose the others
             run = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
         results["runs"][tp] = run
@@ -104,7 +117,8 @@ def main() -> None:
     for tp, run in results["runs"].items():
         if tp != 1 and "output_tok_s" in run and "output_tok_s" in base:
             run["throughput_vs_tp1"] = run["output_tok_s"] / base["output_tok_s"]
-            run["decode_step_vs_tp1"] = run["decode"]["step_ms"] / base["decode"]["step_ms"]
+            run["decode_speedup_vs_tp1"] = {b: base["decode"][b]["step_ms"] / d["step_ms"]
+                                            for b, d in run["decode"].items() if b in base.get("decode", {})}
     tag = args.tag or (f"{torch.cuda.device_count()}gpu" if device.type == "cuda" else "cpu")
     for d in {Path(os.environ.get("OUT", "data/benchmarks")), Path("data/benchmarks")}:
         d.mkdir(parents=True, exist_ok=True)

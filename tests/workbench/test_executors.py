@@ -1,0 +1,79 @@
+"""Executors: the Ray executor runs the same points to the same results as the sequential one, keeps one
+runner per worker, and survives a worker that dies mid-point."""
+import os
+
+import pytest
+
+from workbench.executors import RayExecutor, SequentialExecutor, make_executor
+
+ray = pytest.importorskip("ray")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class CountingRunner:
+    """A stand-in for a loaded model: counts its own points and tags each result with its process."""
+
+    def __init__(self):
+        self.loads_seen = 0
+
+    def __call__(self, point):
+        if point.get("crash"):
+            os._exit(3)  # the worker process dies, as after a fatal CUDA error
+        if point.get("raise"):
+            raise ValueError(f"bad point {point['id']}")
+        self.loads_seen += 1
+        return {"id": point["id"], "value": point["id"] ** 2 + 1, "pid": os.getpid(), "nth": self.loads_seen}
+
+
+def _collect(executor, points, tp=lambda p: 1):
+    results, errors = {}, {}
+    executor.map(points, CountingRunner, lambda p, r: results.__setitem__(p["id"], r),
+                 lambda p, msg: errors.__setitem__(p["id"], msg), tensor_parallel_size=tp)
+    return results, errors
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([ROOT, os.path.dirname(__file__)])}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_gives_the_sequential_results_over_two_workers(local_ray):
+    points = [{"id": i} for i in range(6)]
+    seq, seq_err = _collect(SequentialExecutor(), points)
+    par, par_err = _collect(RayExecutor(num_workers=2), points)
+    assert not seq_err and not par_err
+    assert {k: v["value"] for k, v in par.items()} == {k: v["value"] for k, v in seq.items()}
+    pids = {r["pid"] for r in par.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # two actors, neither the driver
+    # one runner per actor, kept warm: each actor's counters run 1..k without restarting
+    for pid in pids:
+        assert sorted(r["nth"] for r in par.values() if r["pid"] == pid) == list(
+            range(1, 1 + sum(r["pid"] == pid for r in par.values())))
+
+
+def test_a_dead_worker_fails_its_point_and_the_rest_finish(local_ray):
+    points = [{"id": 0}, {"id": 1, "crash": True}, {"id": 2}, {"id": 3}, {"id": 4, "raise": True}, {"id": 5}]
+    results, errors = _collect(RayExecutor(num_workers=2), points)
+    assert set(results) == {0, 2, 3, 5}
+    assert set(errors) == {1, 4}
+    assert errors[1].startswith("worker died")
+    assert "bad point 4" in errors[4]
+
+
+def test_points_grouped_by_tensor_parallel_size_and_refused_beyond_the_cluster(local_ray):
+    points = [{"id": i, "tp": 1} for i in range(2)]
+    results, errors = _collect(RayExecutor(num_workers=2), points, tp=lambda p: p["tp"])
+    assert set(results) == {0, 1} and not errors
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(ValueError, match="num_workers"):
+            RayExecutor(num_workers=0)
+
+
+def test_make_executor_names():
+    assert isinstance(make_executor(None), SequentialExecutor)
+    assert isinstance(make_executor("ray", num_workers=2), RayExecutor)
+    with pytest.raises(ValueError, match="executor='dask'"):
+        make_executor("dask")
