@@ -237,7 +237,12 @@ class ModelRunner:
         decode = self._measure_peak(self._profile_decode)
         graph_pool = self._measure_graph_pool() if self.uses_cuda_graphs else 0
         self.kv_caches = []
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+        # Memory outside torch that the profile itself brought in (NCCL buffers at the first collective, kernel
+        # modules loaded, library handles) stays: count the larger of before and after.
+        free, _ = torch.cuda.mem_get_info(dev)
+        non_torch = max(non_torch, (total - free) - torch.cuda.memory_reserved(dev))
         return MemoryProfile(total_bytes=total, weight_bytes=weights, peak_activation_bytes=max(prefill, decode),
                              non_torch_bytes=non_torch, kv_cache_bytes=0, other_bytes=max(base - weights, 0),
                              prefill_peak_bytes=prefill, decode_peak_bytes=decode, graph_pool_bytes=graph_pool)
