@@ -128,7 +128,10 @@ def run_point(llm: LLM | None, cfg: EngineConfig, seed: int, time_limit: float) 
         "max_model_len", "block_size", "enforce_eager")}
     try:
         p = planner.plan(MODEL, "current", cfg)
-        row.update(planner_verdict=p.verdict, planner_blocks=p.num_gpu_blocks, planner_reason=p.reason)
+        row.update(planner_verdict=p.verdict, planner_blocks=p.num_gpu_blocks, planner_reason=p.reason,
+                   planner_terms={k: getattr(p, k) for k in (
+                       "weight_bytes", "static_bytes", "activation_peak_bytes", "graph_pool_bytes", "non_torch_bytes",
+                       "margin_bytes", "kv_cache_bytes")})
     except ValueError as exc:
         row.update(planner_verdict="not allowed", planner_blocks=0, planner_reason=str(exc))
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from .quant.checkpoint import load_prequantized_checkpoint
 from .request import Request, RequestOutput
 from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
-from .runner import ModelRunner
+from .runner import ModelRunner, Runner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats, StepStats
@@ -34,7 +34,7 @@ class LLMEngine:
     rejected in add_request, before any state changes, so the engine stays usable.
     """
 
-    def __init__(self, runner: ModelRunner, config: EngineConfig, tokenizer=None):
+    def __init__(self, runner: Runner, config: EngineConfig, tokenizer=None):
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
         self.spec = runner.spec
         num_blocks = runner.determine_num_blocks()
@@ -135,7 +135,7 @@ class LLMEngine:
             self.runner.release(req.request_id)
         recomputed = self._request_log.on_schedule(len(self._steps), sched)
         t_execute = time.perf_counter()
-        result = self.runner.execute(sched, self.kv)
+        result = self.runner.execute(sched)
         now = time.perf_counter()
         finished = self.scheduler.update_from_output(sched, result.sampled, now)
         for req in finished:
@@ -168,8 +168,7 @@ class LLMEngine:
     def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
-        wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
-                     for r in self.scheduler.running)
+        wasted = sum(len(kv.block_ids(r.request_id)) * bs - r.num_computed_tokens for r in self.scheduler.running)
         t_execute = start if t_execute is None else t_execute
         runner_time = result.prepare_time + result.launch_time + result.sample_time
         step = StepStats(
@@ -177,7 +176,7 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting), num_batched_tokens=sched.num_batched_tokens,
             num_prefill_tokens=sched.num_prefill_tokens, num_decode_tokens=sched.num_decode_tokens,
             num_used_blocks=used, num_free_blocks=kv.num_free_blocks,
-            num_cached_blocks=kv.pool.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
+            num_cached_blocks=kv.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
             internal_fragmentation=wasted / (used * bs) if used else 0.0,
             prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted),
             num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
@@ -229,14 +228,14 @@ class LLMEngine:
         return self._steps[-1] if self._steps else None
 
     def stats(self) -> EngineStats:
-        kv, runner = self.kv, self.runner
+        kv, runner = self.kv.snapshot(), self.runner
         q0, h0, p0 = self._base
         if self._timer is not None:
             self._timer.flush()  # the device times of the last steps (waits for the device once)
         dev = runner.device
         return EngineStats(
             num_gpu_blocks=kv.num_blocks, block_size=self.config.block_size, num_used_blocks=kv.num_used_blocks,
-            num_free_blocks=kv.num_free_blocks, num_cached_blocks=kv.pool.num_cached_free_blocks,
+            num_free_blocks=kv.num_free_blocks, num_cached_blocks=kv.num_cached_blocks,
             prefix_cache_queries=kv.prefix_cache_queries - q0, prefix_cache_hits=kv.prefix_cache_hits - h0,
             num_preemptions=self.scheduler.num_preemptions - p0, num_steps=len(self._steps),
             num_prompt_tokens=self._num_prompt_tokens, num_generation_tokens=self._num_generation_tokens,
@@ -251,10 +250,10 @@ class LLMEngine:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
         (cached: holds a prefix-cache hash), "block_tables" {request_id: [block ids]}, "running"
         {request_id: num_computed_tokens} in admission order, "waiting" [request_id] in queue order."""
-        kv, sched = self.kv, self.scheduler
+        kv, sched = self.kv.snapshot(detail=True), self.scheduler
         return {"block_size": self.config.block_size,
-                "blocks": [(b.ref_count, b.block_hash is not None) for b in kv.pool.blocks],
-                "block_tables": {rid: list(ids) for rid, ids in kv.req_to_block_ids.items()},
+                "blocks": list(kv.blocks),
+                "block_tables": {rid: list(ids) for rid, ids in kv.block_tables.items()},
                 "running": {r.request_id: r.num_computed_tokens for r in sched.running},
                 "waiting": [r.request_id for r in sched.waiting]}
 
@@ -447,10 +446,9 @@ class LLM:
         """Drop the engine and its KV cache (and CUDA graphs), returning the memory to the device."""
         if self._engine is None:
             return
-        if isinstance(self._engine.runner, TPRunner):
-            self._engine.runner.close()  # its worker processes stop now, not whenever the runner is collected
-        self._engine.runner.kv_caches = []
-        self._engine.runner.graphs = {}
+        # The KV cache and CUDA graphs go now (and a tensor-parallel runner's worker processes stop now), not
+        # whenever the runner is collected.
+        self._engine.runner.close()
         self._engine = None
         gc.collect()
         if self.device.type == "cuda":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -77,6 +78,31 @@ class StepResult:
     sample_time: float = 0.0       # host seconds in the sampler (waiting for the device included)
     num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
     device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """What LLMEngine and LLM use of a model runner: ModelRunner on one device, and TPRunner over a
+    tensor-parallel group, both implement it and nothing else of theirs is read from outside.
+
+    Start-up: determine_num_blocks (sizing, engine/memory.py), allocate_kv_cache, capture_cuda_graphs.
+    A step: execute(sched) prepares the inputs from the scheduler's output (its block tables included),
+    runs the forward pass and samples. release / release_all forget block-table rows; close frees the KV cache
+    and the graphs (and stops a group's workers). backend, device, kv_bytes_per_token, memory, graphs and model
+    are read for counters.
+    """
+
+    device: torch.device
+    memory: MemoryProfile | None
+
+    def determine_num_blocks(self) -> int: ...
+    def allocate_kv_cache(self, num_blocks: int) -> None: ...
+    def capture_cuda_graphs(self) -> None: ...
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult: ...
+    def release(self, request_id: str) -> None: ...
+    def release_all(self) -> None: ...
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor: ...
+    def close(self) -> None: ...
 
 
 class InputBuffers:
@@ -218,7 +244,12 @@ class ModelRunner:
         decode = self._measure_peak(self._profile_decode)
         graph_pool = self._measure_graph_pool() if self.uses_cuda_graphs else 0
         self.kv_caches = []
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
+        # Memory outside torch that the profile itself brought in (NCCL buffers at the first collective, kernel
+        # modules loaded, library handles) stays: count the larger of before and after.
+        free, _ = torch.cuda.mem_get_info(dev)
+        non_torch = max(non_torch, (total - free) - torch.cuda.memory_reserved(dev))
         return MemoryProfile(total_bytes=total, weight_bytes=weights, peak_activation_bytes=max(prefill, decode),
                              non_torch_bytes=non_torch, kv_cache_bytes=0, other_bytes=max(base - weights, 0),
                              prefill_peak_bytes=prefill, decode_peak_bytes=decode, graph_pool_bytes=graph_pool)
@@ -307,6 +338,7 @@ class ModelRunner:
         size = self.graph_sizes[-1]
         graph = self._capture(size, None, max_cols=1)
         torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()  # the warm-up's blocks in the general pool; the graph's private pool stays
         pool = torch.cuda.memory_reserved(dev) - before
         del graph
         self.kv_caches = []
@@ -329,6 +361,11 @@ class ModelRunner:
         if row is not None:
             self.rows_written.pop(request_id)
             self.free_rows.append(row)
+
+    def close(self) -> None:
+        """Free the KV cache and the CUDA graphs (the engine is being replaced); the model stays."""
+        self.graphs = {}
+        self.kv_caches = []
 
     def release_all(self) -> None:
         """Forget every block-table row (after a failed step, whose requests are all recomputed)."""
@@ -358,12 +395,13 @@ class ModelRunner:
             query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,
             seq_lens_cpu=b.lens_np[:num_seqs].tolist() if on_cpu or self.backend.name == "torch" else None)
 
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
-        """Run one step; sampled holds a token for each request whose last token was computed."""
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
+        """Run one step; sampled holds a token for each request whose last token was computed. The block tables
+        come in the scheduler's output (kv is accepted for older callers and not read)."""
         t0 = time.perf_counter()
         self.wait_host_buffers()
         waited = time.perf_counter() - t0
-        plan, samplers, kv_read, scores = self._prepare(sched, kv)
+        plan, samplers, kv_read, scores = self._prepare(sched)
         t_prepared = time.perf_counter()
         with torch.inference_mode():
             span = self.device_timer.begin()
@@ -380,7 +418,7 @@ class ModelRunner:
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
                           device_span=span)
 
-    def _prepare(self, sched: SchedulerOutput, kv: KVCacheManager) -> tuple[StepPlan, list, int, int]:
+    def _prepare(self, sched: SchedulerOutput) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
         # Decodes first, so attention backends can send them to the decode kernel as one group.
@@ -390,7 +428,7 @@ class ModelRunner:
         n = len(batch)
         # One pass over the requests in Python; everything after it is numpy on whole arrays.
         qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids = self._sync_row, kv.req_to_block_ids
+        sync_row, block_ids = self._sync_row, sched.block_tables
         for r, k in batch:
             c = r.num_computed_tokens
             tokens = r.all_token_ids

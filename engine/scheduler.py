@@ -12,9 +12,12 @@ from .request import Request, RequestStatus
 
 @dataclass
 class SchedulerOutput:
-    """One step's work: requests in batch order with their new-token counts."""
+    """One step's work: requests in batch order with their new-token counts, and the block table of each
+    (block_tables[request_id]: physical block ids in sequence order, read-only; the runner needs nothing else
+    from the KV manager)."""
 
     scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
@@ -81,6 +84,7 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break
             scheduled.append((req, num_new))
+            out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
             # A request's last prompt token and every later token are decode work; earlier ones are prefill.
             if computed >= req.num_prompt_tokens:
                 out.num_decode_tokens += num_new
@@ -110,6 +114,7 @@ class Scheduler:
 
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         out.scheduled.append((req, num_new))
+        out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
         if req.num_computed_tokens >= req.num_prompt_tokens:
             out.num_decode_tokens += num_new
         else:

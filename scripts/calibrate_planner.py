@@ -69,10 +69,11 @@ def row(llm, model: str, cfg: EngineConfig, fresh: bool, seconds: float) -> dict
     st = llm.engine.stats()
     m = st.memory
     _, spec = planner.resolve_model(model)
-    base = int(cfg.gpu_memory_utilization * m.total_bytes) - m.peak_activation_bytes - m.non_torch_bytes \
-        - m.kv_cache_bytes
+    # Since issue 13 the profile holds only a few scratch KV blocks, left out of its peak, and MemoryProfile
+    # records what torch held beside the weights (other_bytes) and the graph pool itself.
+    base = m.weight_bytes + m.other_bytes
     static = planner.static_bytes(spec, cfg)
-    prof_kv = planner.profile_kv_bytes(spec, cfg, st.kv_bytes_per_token)
+    prof_kv = 0
     return {
         "model": model, "fresh": fresh, "max_num_batched_tokens": cfg.max_num_batched_tokens,
         "max_num_seqs": cfg.max_num_seqs, "gpu_memory_utilization": cfg.gpu_memory_utilization,
@@ -85,6 +86,8 @@ def row(llm, model: str, cfg: EngineConfig, fresh: bool, seconds: float) -> dict
         "planner_profile_kv_bytes": prof_kv, "forward_peak_bytes": m.peak_activation_bytes - prof_kv,
         "other_bytes": base - m.weight_bytes - static,
         "engine_rule_blocks": m.kv_cache_bytes // (st.kv_bytes_per_token * cfg.block_size) - 1,
+        "prefill_peak_bytes": m.prefill_peak_bytes, "decode_peak_bytes": m.decode_peak_bytes,
+        "graph_pool_bytes": m.graph_pool_bytes, "margin_bytes": m.margin_bytes,
         "attention_backend": st.attention_backend, "start_seconds": seconds,
     }
 
@@ -156,7 +159,7 @@ def non_torch_from(path: str) -> dict:
 def margin_from(path: str | None) -> int:
     """The largest over_budget_bytes of a planner_check result, rounded up to 512 MiB (else the planner's)."""
     if not path:
-        return planner.CALIBRATION_H100.safety_margin_bytes
+        return 0  # recorded for reference only: the engine's own MEMORY_MARGIN_BYTES is the margin since issue 13
     worst = json.loads(Path(path).read_text())["summary"]["max_over_budget_bytes"]
     return -(-worst // (512 * planner.MiB)) * 512 * planner.MiB
 

@@ -131,9 +131,9 @@ class TPRunner:
         self.runner.graphs = graphs
 
     # ----- steps ----------------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager) -> StepResult:
+    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
         with self._guard():
-            return self.runner.execute(sched, kv)
+            return self.runner.execute(sched)
 
     def release(self, request_id: str) -> None:
         self.runner.release(request_id)

@@ -1,8 +1,29 @@
 """Per-request block tables on top of the block pool, with prefix-cache lookups."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .block_pool import BlockPool, KVBlock
 from .hashing import BlockHash, hash_request_blocks
+
+
+@dataclass(frozen=True)
+class KVCacheSnapshot:
+    """A read-only copy of the pool's state, for counters and pictures (taking one changes nothing).
+
+    blocks: (ref_count, cached) per physical block, cached meaning it holds a prefix-cache hash; block_tables:
+    {request_id: block ids in sequence order}. Both are empty unless asked for (snapshot(detail=True)).
+    num_cached_blocks: free blocks that still hold a reusable prefix.
+    """
+
+    num_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    num_cached_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    blocks: tuple = ()
+    block_tables: dict = None
 
 
 class KVCacheManager:
@@ -49,6 +70,20 @@ class KVCacheManager:
     @property
     def num_used_blocks(self) -> int:
         return self.pool.num_blocks - self.pool.num_free_blocks
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return self.pool.num_cached_free_blocks
+
+    def snapshot(self, detail: bool = False) -> KVCacheSnapshot:
+        """The pool's counters, and with detail=True every block's (ref_count, cached) and every block table."""
+        pool = self.pool
+        return KVCacheSnapshot(
+            num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=self.num_used_blocks,
+            num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
+            block_tables={rid: tuple(ids) for rid, ids in self.req_to_block_ids.items()} if detail else {})
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

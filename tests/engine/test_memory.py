@@ -89,3 +89,14 @@ def test_cpu_buffers_beyond_host_memory_are_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}={value}.*GiB of host memory; this machine has"):
         llm.reconfigure(llm.config.replace(**{field: value}))
     assert llm.config.max_model_len == 64 and llm.generate([[5, 6]], SamplingParams(max_tokens=2))  # still serves
+
+
+def test_both_runners_implement_the_runner_protocol():
+    from engine.distributed import TPRunner
+    from engine.runner import ModelRunner, Runner
+    methods = [n for n in vars(Runner) if not n.startswith("_") and callable(getattr(Runner, n))]
+    assert {"execute", "close", "determine_num_blocks", "release_all"} <= set(methods)
+    for cls in (ModelRunner, TPRunner):
+        assert all(callable(getattr(cls, n, None)) for n in methods), cls
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
+    assert isinstance(llm.engine.runner, Runner)
