@@ -41,6 +41,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.kv)
         self.requests: dict[str, Request] = {}
         self.kernel_profiler = None  # an engine.profiling.KernelProfiler while profile="kernels" runs
+        self.timeline_enabled = True  # see set_timeline
         self.reset_stats()
 
     # ----- requests -----------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class LLMEngine:
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
-        recomputed = self._request_log.on_schedule(len(self._steps), sched)
+        recomputed = self._request_log.on_schedule(len(self._steps), sched) if self.timeline_enabled else 0
         t_execute = time.perf_counter()
         result = self.runner.execute(sched, self.kv)
         now = time.perf_counter()
@@ -120,6 +121,13 @@ class LLMEngine:
         if profiler is not None and profiler.after_step(len(self._steps) - 1):
             self.stop_kernel_profile()
         return outputs
+
+    def set_timeline(self, enabled: bool) -> None:
+        """Switch the always-on timeline's CUDA events and request events off (False) or on: for measuring
+        their cost. Off, device_time stays NaN and request_events empty; the host-phase marks remain."""
+        self.timeline_enabled = bool(enabled)
+        if self._timer is not None:
+            self._timer.enabled = self.timeline_enabled
 
     def profile_kernels(self, first_step: int = 0, num_steps: int | None = None) -> None:
         """Deep mode: run torch.profiler over steps [first_step, first_step + num_steps) counted from the last
@@ -191,7 +199,9 @@ class LLMEngine:
         log = getattr(self, "_request_log", None) or RequestLog()
         log.events = []
         self._request_log = log
-        self._timer = getattr(self.runner, "device_timer", None)
+        # A tensor-parallel runner times the forward on rank 0's ModelRunner.
+        self._timer = getattr(self.runner, "device_timer", None) or getattr(
+            getattr(self.runner, "runner", None), "device_timer", None)
         if self._timer is not None:
             self._timer.reset()
 

@@ -46,6 +46,7 @@ class DeviceTimer:
         self.pending: deque = deque()
         self.origin = None
         self.origin_host = 0.0
+        self.enabled = True  # False: no events are recorded (device_time stays NaN), to measure what they cost
 
     def reset(self) -> None:
         """Forget pending spans (their steps are dropped with the stats) and re-anchor the device clock."""
@@ -60,14 +61,18 @@ class DeviceTimer:
     def _event(self):
         return self.free.pop() if self.free else torch.cuda.Event(enable_timing=True)
 
-    def begin(self) -> DeviceSpan:
+    def begin(self) -> DeviceSpan | None:
+        if not self.enabled:
+            return None
         if not self.cuda:
             return DeviceSpan(host_start=time.perf_counter())
         span = DeviceSpan(self._event())
         span.start.record()
         return span
 
-    def end(self, span: DeviceSpan) -> DeviceSpan:
+    def end(self, span: DeviceSpan | None) -> DeviceSpan | None:
+        if span is None:
+            return None
         if not self.cuda:
             span.host_end = time.perf_counter()
         else:

@@ -109,3 +109,17 @@ def test_deep_mode_window_of_steps():
     assert (prof.first_step, prof.last_step) == (2, 4) and prof.kernels
     with pytest.raises(ValueError, match="num_steps"):
         KernelProfiler(llm.device, 0, 0)
+
+
+def test_the_timeline_can_be_switched_off_for_overhead_measurements():
+    cfg = EngineConfig(device="cpu", max_model_len=64, block_size=8)
+    llm = LLM.random("tiny", cfg)
+    llm.engine.set_timeline(False)
+    llm.generate([[4] * 9, [5] * 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    st = llm.engine.stats()
+    assert st.steps and st.request_events == [] and all(math.isnan(s.device_time) for s in st.steps)
+    llm.engine.set_timeline(True)
+    llm.engine.reset_stats()
+    llm.generate([[4] * 9], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    st = llm.engine.stats()
+    assert st.request_events and all(math.isfinite(s.device_time) for s in st.steps)
