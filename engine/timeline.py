@@ -136,9 +136,12 @@ class RequestLog:
             events.append((step, rid, "preempted", 0))
         if not sched.num_prefill_tokens and not self.high_water:
             return 0
+        high_water = self.high_water
         for req, k in sched.scheduled:
+            if k == 1 and not high_water and req.output_token_ids:
+                continue  # a decode (the cheap test first: mixed steps hold hundreds of them)
             c = req.num_computed_tokens
-            if c >= req.num_prompt_tokens and not self.high_water:
+            if c >= req.num_prompt_tokens and not high_water:
                 continue  # a decode
             rid = req.request_id
             hw = self.high_water.get(rid)
