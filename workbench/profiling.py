@@ -287,33 +287,40 @@ def format_kernels(breakdown: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = True) -> dict:
-    """Attribution (and the deep-mode breakdown, if it ran) of a finished `bench.RunResult` on `llm`; writes
-    the Chrome trace to `trace` if given. rates None: measured now (the CPU's in seconds). Returns
-    {"attribution": columns, "rates": ..., "kernel_breakdown": rows (deep mode), "trace": path}."""
+def point_profile(llm, stats, steps: pd.DataFrame, requests: pd.DataFrame, duration: float, rates: dict,
+                  trace=None) -> dict:
+    """What a bench run or a sweep point adds to its results: {"attribution": gap_* columns, "rates",
+    "kernel_breakdown": rows (if deep mode ran), "trace": path (if `trace` given)}.
+
+    stats: `llm.engine.stats()` of the run; steps / requests: its `metrics.steps_frame` / `request_frame`;
+    duration: its wall time (s). The deep-mode profiler's own host time inside the run is its own part.
+    """
     from .trace_export import write_chrome_trace
 
-    stats = run.stats if run.stats is not None else llm.engine.stats()
-    rates = rates or measure_rates(llm.device)
-    max_out = int(run.requests["num_output_tokens"].max()) if len(run.requests) else 0
+    max_out = int(requests["num_output_tokens"].max()) if len(requests) else 0
     prof = stats.kernel_profile
-    att = attribution(run.steps, run.duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
-                      llm.config.max_num_batched_tokens, max_out,
-                      prof.overhead_within(run.steps["start"].min(), run.steps["time"].max())
-                      if prof is not None and len(run.steps) else 0.0)
+    overhead = prof.overhead_within(steps["start"].min(), steps["time"].max()) if prof is not None and len(steps) \
+        else 0.0
+    att = attribution(steps, duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
+                      llm.config.max_num_batched_tokens, max_out, overhead)
     out = {"attribution": att, "rates": rates}
-    kb = None
-    if stats.kernel_profile is not None and stats.kernel_profile.kernels:
-        kb = kernel_breakdown(stats.kernel_profile, run.steps, llm.spec, stats.weight_bytes,
-                              stats.kv_bytes_per_token, rates)
-        out["kernel_breakdown"] = kb.to_dict("records")
+    if prof is not None and prof.kernels:
+        out["kernel_breakdown"] = kernel_breakdown(prof, steps, llm.spec, stats.weight_bytes,
+                                                   stats.kv_bytes_per_token, rates).to_dict("records")
     if trace:
-        out["trace"] = str(write_chrome_trace(trace, run.steps, run.requests, stats.request_events,
-                                              stats.kernel_profile))
+        out["trace"] = str(write_chrome_trace(trace, steps, requests, stats.request_events, prof))
+    return out
+
+
+def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = True) -> dict:
+    """`point_profile` of a finished `bench.RunResult` on `llm`, printed (echo) as the waterfall and the
+    deep-mode table. rates None: measured now (the CPU's in well under a second)."""
+    stats = run.stats if run.stats is not None else llm.engine.stats()
+    out = point_profile(llm, stats, run.steps, run.requests, run.duration, rates or measure_rates(llm.device), trace)
     if echo:
-        print(format_attribution(att))
-        if kb is not None:
-            print(format_kernels(kb))
+        print(format_attribution(out["attribution"]))
+        if "kernel_breakdown" in out:
+            print(format_kernels(pd.DataFrame(out["kernel_breakdown"])))
         if trace:
             print(f"trace: {out['trace']}")
     return out
