@@ -2,7 +2,8 @@
 
 On CUDA the profiled events are the device kernels (and memcpys); on the CPU, where there are no
 kernels, they are the aten ops (nested as they call each other), and a class is given each op's
-self time (its own time, without the ops it called), so that nested ops are not counted twice. Each event gets one class of KERNEL_CLASSES by its name (`classify`).
+self time (its own time, without the ops it called), so that nested ops are not counted twice.
+Each event gets one class of KERNEL_CLASSES by its name (`classify`).
 """
 from __future__ import annotations
 

@@ -81,7 +81,8 @@ def measure_rates(device="cuda") -> dict:
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    return {"matmul_flops": 2 * n**3 / best(lambda: a @ b), "copy_bandwidth": 2 * 4 * numel / best(lambda: dst.copy_(src))}
+    return {"matmul_flops": 2 * n**3 / best(lambda: a @ b),
+            "copy_bandwidth": 2 * 4 * numel / best(lambda: dst.copy_(src))}
 
 
 # ----- per-step work and roofline ---------------------------------------------------------------------
@@ -170,11 +171,13 @@ def ideal_time(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token:
 
 
 def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, kv_bytes_per_token: int,
-                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0, profiler_overhead: float = 0.0) -> dict:
+                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0,
+                profiler_overhead: float = 0.0) -> dict:
     """The gap-to-limit columns of one run (see the module docstring), in seconds.
 
     steps: `metrics.steps_frame` of the run; duration: its measured wall time (s); max_output_len: the
-    longest output of the trace (tokens); profiler_overhead: `KernelProfile.overhead` if deep mode ran. Also host_<phase>_s (the host phases summed over steps),
+    longest output of the trace (tokens); profiler_overhead: deep mode's own host seconds inside the run
+    (`KernelProfile.overhead_within`). Also host_<phase>_s (the host phases summed over steps),
     ideal_over_measured and device_busy_share.
     """
     kw = dict(spec=spec, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, rates=rates)

@@ -154,7 +154,7 @@ def chrome_trace(steps: pd.DataFrame, requests: pd.DataFrame, request_events=(),
     request_events and kernel_profile from `EngineStats`; t0 (perf_counter seconds) is time zero
     (default: the earliest arrival or step start)."""
     if t0 is None:
-        candidates = list(steps["start"]) + list(requests["arrival_time"]) if len(steps) else list(requests["arrival_time"])
+        candidates = list(requests["arrival_time"]) + (list(steps["start"]) if len(steps) else [])
         t0 = min(candidates) if candidates else 0.0
     ev = (_meta(ENGINE_PID, "engine") + _thread(ENGINE_PID, STEPS_TID, "steps (host phases)")
           + _thread(ENGINE_PID, DEVICE_TID, "device (forward pass)") + _meta(REQUESTS_PID, "requests"))
