@@ -21,9 +21,11 @@ _RULES = [
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|c10d"),
     ("memcpy", r"memcpy|memset|copy_?htod|copy_?dtoh|aten::copy_|aten::to\b|aten::_to_copy"),
     ("attention_decode", r"decode"),
-    ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"),
+    # The torch backend's attention (CPU) is einsum + softmax, prefill and decode alike: it counts as prefill.
+    ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"
+                          r"|einsum|softmax"),
     ("kv_write", r"write_kv|reshape_and_cache|index_put|index_copy|scatter"),
-    ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|softmax|exponential"),
+    ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|exponential"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"),
     ("norm_rotary_act", r"norm|rms|rotary|rope|silu|gelu|act|elementwise|aten::mul|aten::add|aten::neg|aten::cat"
                         r"|aten::pow|aten::mean|aten::rsqrt|aten::sigmoid|aten::embedding|aten::index_select"),

@@ -11,7 +11,9 @@ Gap-to-limit attribution of a run of measured wall time T (seconds), from the en
   host       T - sum of the steps' device time: host work not hidden behind the device (scheduling,
              input preparation, launches, sampling, output processing, and the time between steps)
   kernel     sum over steps of device time - the step's roofline time (FLOPs and bytes the step ran,
-             padding included, at R and BW): kernels below their roofline
+             padding included, at R and BW): kernels below their roofline. Device time spans the forward
+             pass from its first to its last device work, so gaps where the device waited for the host to
+             launch the next kernel (eager steps) count here; deep mode's "idle" class shows them.
   padding    roofline time of the CUDA-graph padding rows (roofline with them - without them)
   recompute  roofline time of the tokens recomputed after preemptions
   underfill  sum of the steps' roofline time of useful work - ideal: steps that carried fewer tokens
@@ -215,7 +217,8 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
 
     Work per class over the window's steps: GEMMs the linear layers and LM head (FLOPs) and their weights
     (bytes); attention its scores and K/V reads, given to attention_decode in pure-decode steps and to
-    attention_prefill in steps with a prefill; KV writes the K/V of every token; the sampler a float32
+    attention_prefill in steps with a prefill (on the CPU the torch backend's attention ops cannot be told
+    apart by kind and all count as attention_prefill); KV writes the K/V of every token; the sampler a float32
     read of each sampled row of logits; norms/rotary/activation reads and writes of the hidden and
     intermediate activations (2 norms + 1 activation per layer).
     """
