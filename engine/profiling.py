@@ -102,9 +102,9 @@ class KernelProfiler:
     def before_step(self, step: int) -> None:
         if self.prof is None and self.result is None and step >= self.first_step:
             t0 = time.perf_counter()
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            # On CUDA only the device's activity: the host's ops would multiply the events to read back.
+            activities = [torch.profiler.ProfilerActivity.CUDA if self.device.type == "cuda"
+                          else torch.profiler.ProfilerActivity.CPU]
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
             self.overhead_spans.append((t0, time.perf_counter()))
