@@ -22,7 +22,9 @@ Gap-to-limit attribution of a run of measured wall time T (seconds), from the en
              deep mode); it would otherwise inflate the host part
 
 Each part is a difference of two sums that the next part starts from, so the parts add up to T by
-construction (up to float rounding). FLOPs and bytes per step come from `bench.step_limits`, the
+construction (up to float rounding). The bench's per-step physical limit (`bench.step_limits` summed,
+without padding) is ideal + underfill + recompute; the kernel part is also split by step kind
+(gap_kernel_{prefill,decode,mixed}_s). FLOPs and bytes per step come from `bench.step_limits`, the
 bench's own model of the physical limit; recomputed tokens take their share of a step's attention
 work in proportion to its tokens (the engine does not count scores per token kind).
 """
@@ -43,6 +45,7 @@ PART_LABELS = {"ideal": "ideal (trace's absolute limit)", "host": "host time not
                "recompute": "preemption recompute", "padding": "CUDA-graph padding",
                "profiler": "deep-mode profiler overhead"}
 PHASES = ("schedule", "prepare", "launch", "sample", "output")
+STEP_KINDS = ("prefill", "decode", "mixed")
 
 # Result columns this module makes, to be registered in the workbench's results schema (one home per column).
 COLUMNS = [
@@ -59,7 +62,9 @@ COLUMNS = [
     {"name": "device_busy_share", "unit": "ratio", "label": "share of the run the device was busy",
      "better": "higher"},
 ] + [{"name": f"host_{p}_s", "unit": "s", "label": f"host time in the {p} phase, summed over steps",
-      "better": "lower"} for p in PHASES]
+      "better": "lower"} for p in PHASES] + [
+    {"name": f"gap_kernel_{k}_s", "unit": "s", "label": f"device time over roofline in {k} steps", "better": "lower"}
+    for k in STEP_KINDS]
 
 
 # ----- device rates --------------------------------------------------------------------------------
@@ -183,11 +188,13 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     ideal_over_measured and device_busy_share.
     """
     kw = dict(spec=spec, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, rates=rates)
-    with_pad = step_work(steps, **kw)["limit_time"].sum()
+    per_step = step_work(steps, **kw)["limit_time"]
+    with_pad = per_step.sum()
     no_pad = step_work(steps, **kw, padding=False)["limit_time"].sum()
     useful = step_work(steps, **kw, padding=False, recompute=False)["limit_time"].sum()
     ideal = ideal_time(steps, **kw, max_num_batched_tokens=max_num_batched_tokens, max_output_len=max_output_len)
-    busy = float(device_times(steps).sum())
+    device = device_times(steps)
+    busy = float(device.sum())
     parts = {"ideal": ideal, "host": duration - busy - profiler_overhead, "kernel": busy - with_pad,
              "padding": with_pad - no_pad, "recompute": no_pad - useful, "underfill": useful - ideal,
              "profiler": profiler_overhead}
@@ -197,6 +204,9 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     out["device_busy_share"] = busy / duration if duration > 0 else math.nan
     for p in PHASES:
         out[f"host_{p}_s"] = float(_col(steps, f"{p}_time").sum())
+    kinds = step_kind(steps) if len(steps) else pd.Series(dtype=str)
+    for k in STEP_KINDS:  # the kernel part, split by the kind of step it was lost in
+        out[f"gap_kernel_{k}_s"] = float((device - per_step)[kinds == k].sum())
     return out
 
 
@@ -281,6 +291,8 @@ def format_attribution(row: dict) -> str:
         lines.append(f"  {r.label:34s}{r.seconds:10.3f} s {r.share:8.1%}")
     lines.append("  host phases summed over steps (s): " + ", ".join(f"{p} {row[f'host_{p}_s']:.3f}"
                                                                     for p in PHASES))
+    lines.append("  kernels below roofline by step kind (s): " + ", ".join(
+        f"{k} {row[f'gap_kernel_{k}_s']:.3f}" for k in STEP_KINDS if f"gap_kernel_{k}_s" in row))
     return "\n".join(lines)
 
 

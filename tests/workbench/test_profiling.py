@@ -54,6 +54,10 @@ def test_attribution_parts_match_hand_computation_and_sum_to_measured():
     assert abs(out["gap_attributed_s"] - out["gap_measured_s"]) <= 0.02 * out["gap_measured_s"]
     assert out["host_schedule_s"] == pytest.approx(0.006) and out["host_sample_s"] == pytest.approx(0.109)
     assert out["device_busy_share"] == pytest.approx(0.105 / 0.2)
+    # The kernel part by step kind: step 0 (prefill) .05 - .0228; steps 1-2 (decode) .03 - .0234 + .025 - .02252.
+    assert out["gap_kernel_prefill_s"] == pytest.approx(0.05 - 0.0228)
+    assert out["gap_kernel_decode_s"] == pytest.approx(0.03 - 0.0234 + 0.025 - 0.02252)
+    assert out["gap_kernel_mixed_s"] == 0.0
     assert out["ideal_over_measured"] == pytest.approx(0.04632 / 0.2)
     assert {c["name"] for c in COLUMNS} >= set(out)
     # Deep mode's own host time is a part of its own, taken out of the host part.
