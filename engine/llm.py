@@ -89,6 +89,7 @@ class LLMEngine:
             return None
         del self.requests[request_id]
         self.runner.release(request_id)
+        self._request_log.forget(request_id)
         return self._output(req)
 
     # ----- one iteration ------------------------------------------------------------------------
