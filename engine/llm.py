@@ -168,7 +168,7 @@ class LLMEngine:
             start=start, schedule_time=t_execute - start, prepare_time=result.prepare_time,
             launch_time=result.launch_time, sample_time=result.sample_time,
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
-            num_recompute_tokens=recomputed)
+            num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read)
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)

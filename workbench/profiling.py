@@ -226,9 +226,9 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
     beside its own roofline time where the model has one (NaN else), and efficiency = roofline / time.
 
     Work per class over the window's steps: GEMMs the linear layers and LM head (FLOPs) and their weights
-    (bytes); attention its scores and K/V reads, given to attention_decode in pure-decode steps and to
-    attention_prefill in steps with a prefill (on the CPU the torch backend's attention ops cannot be told
-    apart by kind and all count as attention_prefill); KV writes the K/V of every token; the sampler a float32
+    (bytes); attention its scores and K/V reads, those of the one-token rows (num_decode_kv_tokens_read)
+    to attention_decode, the rest to attention_prefill (on the CPU the torch backend's attention ops cannot
+    be told apart by kind and all count as attention_prefill); KV writes the K/V of every token; the sampler a float32
     read of each sampled row of logits; norms/rotary/activation reads and writes of the hidden and
     intermediate activations (2 norms + 1 activation per layer).
     """
@@ -242,16 +242,20 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
     lm_head = spec.vocab_size * spec.hidden_size
     linear = spec.num_params() - spec.vocab_size * spec.hidden_size - (0 if spec.tie_word_embeddings else lm_head)
     attn_width = spec.num_layers * spec.num_heads * spec.head_dim
-    decode_only = _col(w, "num_prefill_tokens") == 0
     pad = _col(w, "num_padding_tokens")  # a padding row attends to its own dummy token
     scores, kv_read = _col(w, "num_attention_scores") + pad, _col(w, "num_kv_tokens_read") + pad
+    if "num_decode_kv_tokens_read" in w:  # a one-token row scores each key it reads once
+        dec = _col(w, "num_decode_kv_tokens_read") + pad
+        dec_scores, dec_kv = dec, dec
+    else:  # older step records: all attention of pure-decode steps is decode, that of the others prefill
+        decode_only = _col(w, "num_prefill_tokens") == 0
+        dec_scores, dec_kv = scores.where(decode_only, 0.0), kv_read.where(decode_only, 0.0)
     act = per_param * spec.num_layers * (8 * spec.hidden_size + 3 * spec.intermediate_size)
     work = {  # class -> (flops, bytes)
         "gemm": ((2 * linear * tokens + 2 * lm_head * sampled).sum(), per_param * (linear + lm_head) * len(w)),
-        "attention_decode": ((4 * attn_width * scores)[decode_only].sum(),
-                             (kv_bytes_per_token * kv_read)[decode_only].sum()),
-        "attention_prefill": ((4 * attn_width * scores)[~decode_only].sum(),
-                              (kv_bytes_per_token * kv_read)[~decode_only].sum()),
+        "attention_decode": (4 * attn_width * dec_scores.sum(), kv_bytes_per_token * dec_kv.sum()),
+        "attention_prefill": (4 * attn_width * (scores - dec_scores).sum(),
+                              kv_bytes_per_token * (kv_read - dec_kv).sum()),
         "kv_write": (0.0, kv_bytes_per_token * tokens.sum()),
         "sampler": (0.0, 4.0 * spec.vocab_size * sampled.sum()),
         "norm_rotary_act": (0.0, act * tokens.sum()),

@@ -26,6 +26,13 @@ def test_host_phases_tile_each_step_and_device_time_lies_in_the_launch():
         assert math.isfinite(s.device_time) and 0 < s.device_time <= s.launch_time
         assert s.start + s.schedule_time + s.prepare_time <= s.device_start <= s.time
         assert s.num_padding_tokens == 0  # no CUDA graphs on the CPU
+        assert 0 <= s.num_decode_kv_tokens_read <= s.num_kv_tokens_read
+        if s.num_prefill_tokens == 0:  # every row decodes: all K/V reads are the decode kernel's
+            assert s.num_decode_kv_tokens_read == s.num_kv_tokens_read
+    # Mixed steps exist (a 32-token budget chunks the longer prompts while the others decode), and their
+    # decode rows read one context each: as many K/V tokens as the decoding requests' lengths.
+    assert any(s.num_prefill_tokens and s.num_decode_tokens and 0 < s.num_decode_kv_tokens_read < s.num_kv_tokens_read
+               for s in st.steps)
 
 
 def test_recompute_tokens_are_the_extra_tokens_computed_after_preemption():

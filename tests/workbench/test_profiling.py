@@ -105,6 +105,14 @@ def test_kernel_breakdown_against_class_rooflines():
     assert kb.loc["attention_decode", "roofline_time"] == pytest.approx(1.72e-3)
     assert kb.loc["idle", "device_time"] == pytest.approx(0.055 - 0.045)
     assert math.isnan(kb.loc["other", "roofline_time"])
+    # With the engine's count of the decode rows' K/V reads, a mixed step's decodes go to attention_decode.
+    steps = _steps().assign(num_decode_kv_tokens_read=[6, 30, 12])
+    kb2 = kernel_breakdown(prof, steps, SPEC, WEIGHT_BYTES, KV_BYTES, RATES).set_index("class")
+    assert kb2.loc["attention_decode", "roofline_time"] == pytest.approx(1.72e-3)
+    prof0 = KernelProfile(0, 0, "cuda", prof.kernels)  # step 0: 40 scores and 10 K/V reads, 6 of them decode
+    kb3 = kernel_breakdown(prof0, steps, SPEC, WEIGHT_BYTES, KV_BYTES, RATES).set_index("class")
+    assert kb3.loc["attention_decode", "flops"] == 4 * 6 and kb3.loc["attention_prefill", "flops"] == 4 * 34
+    assert kb3.loc["attention_prefill", "bytes"] == 4 * (10 - 6)
 
 
 def test_cpu_rates_are_positive():
