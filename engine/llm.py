@@ -45,6 +45,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished by a step that then failed (see step())
         self.kernel_profiler = None  # an engine.profiling.KernelProfiler while profile="kernels" runs
+        self.timeline_enabled = True  # see set_timeline
         self.reset_stats()
 
     # ----- requests -----------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class LLMEngine:
             return None
         del self.requests[request_id]
         self.runner.release(request_id)
+        self._request_log.forget(request_id)
         return self._output(req)
 
     # ----- one iteration ------------------------------------------------------------------------
@@ -133,7 +135,7 @@ class LLMEngine:
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
-        recomputed = self._request_log.on_schedule(len(self._steps), sched)
+        recomputed = self._request_log.on_schedule(len(self._steps), sched) if self.timeline_enabled else 0
         t_execute = time.perf_counter()
         result = self.runner.execute(sched)
         now = time.perf_counter()
@@ -149,6 +151,13 @@ class LLMEngine:
         if profiler is not None and profiler.after_step(len(self._steps) - 1):
             self.stop_kernel_profile()
         return outputs
+
+    def set_timeline(self, enabled: bool) -> None:
+        """Switch the always-on timeline's CUDA events and request events off (False) or on: for measuring
+        their cost. Off, device_time stays NaN and request_events empty; the host-phase marks remain."""
+        self.timeline_enabled = bool(enabled)
+        if self._timer is not None:
+            self._timer.enabled = self.timeline_enabled
 
     def profile_kernels(self, first_step: int = 0, num_steps: int | None = None) -> None:
         """Deep mode: run torch.profiler over steps [first_step, first_step + num_steps) counted from the last
@@ -187,7 +196,7 @@ class LLMEngine:
             start=start, schedule_time=t_execute - start, prepare_time=result.prepare_time,
             launch_time=result.launch_time, sample_time=result.sample_time,
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
-            num_recompute_tokens=recomputed)
+            num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read)
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
@@ -219,7 +228,9 @@ class LLMEngine:
         log = getattr(self, "_request_log", None) or RequestLog()
         log.events = []
         self._request_log = log
-        self._timer = getattr(self.runner, "device_timer", None)
+        # A tensor-parallel runner times the forward on rank 0's ModelRunner.
+        self._timer = getattr(self.runner, "device_timer", None) or getattr(
+            getattr(self.runner, "runner", None), "device_timer", None)
         if self._timer is not None:
             self._timer.reset()
 

@@ -2,7 +2,8 @@
 
 On CUDA the profiled events are the device kernels (and memcpys); on the CPU, where there are no
 kernels, they are the aten ops (nested as they call each other), and a class is given each op's
-self time (its own time, without the ops it called), so that nested ops are not counted twice. Each event gets one class of KERNEL_CLASSES by its name (`classify`).
+self time (its own time, without the ops it called), so that nested ops are not counted twice.
+Each event gets one class of KERNEL_CLASSES by its name (`classify`).
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ _RULES = [
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|c10d"),
     ("memcpy", r"memcpy|memset|copy_?htod|copy_?dtoh|aten::copy_|aten::to\b|aten::_to_copy"),
     ("attention_decode", r"decode"),
-    ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"),
+    # The torch backend's attention (CPU) is einsum + softmax, prefill and decode alike: it counts as prefill.
+    ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"
+                          r"|einsum|softmax"),
     ("kv_write", r"write_kv|reshape_and_cache|index_put|index_copy|scatter"),
-    ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|softmax|exponential"),
+    ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|exponential"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"),
     ("norm_rotary_act", r"norm|rms|rotary|rope|silu|gelu|act|elementwise|aten::mul|aten::add|aten::neg|aten::cat"
                         r"|aten::pow|aten::mean|aten::rsqrt|aten::sigmoid|aten::embedding|aten::index_select"),
@@ -99,9 +102,9 @@ class KernelProfiler:
     def before_step(self, step: int) -> None:
         if self.prof is None and self.result is None and step >= self.first_step:
             t0 = time.perf_counter()
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if self.device.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            # On CUDA only the device's activity: the host's ops would multiply the events to read back.
+            activities = [torch.profiler.ProfilerActivity.CUDA if self.device.type == "cuda"
+                          else torch.profiler.ProfilerActivity.CPU]
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.__enter__()
             self.overhead_spans.append((t0, time.perf_counter()))

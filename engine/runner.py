@@ -78,6 +78,7 @@ class StepResult:
     sample_time: float = 0.0       # host seconds in the sampler (waiting for the device included)
     num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
     device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
+    num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what the one-token (decode) rows attend
 
 
 @runtime_checkable
@@ -416,7 +417,11 @@ class ModelRunner:
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
                           prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
-                          device_span=span)
+                          device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
+
+    def _decode_kv_tokens(self, plan: StepPlan) -> int:
+        """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""
+        return int(self.buffers.lens_np[:plan.num_decodes].sum()) if plan.num_decodes else 0
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""

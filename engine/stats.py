@@ -39,6 +39,7 @@ class StepStats:
     device_time: float = float("nan")   # seconds of device work of the forward (CPU: its wall time); set lazily
     num_padding_tokens: int = 0      # dummy tokens added to reach a CUDA graph's batch size
     num_recompute_tokens: int = 0    # prefill tokens computed before, redone after a preemption
+    num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what one-token rows (the decode kernel) attend
 
 
 @dataclass

@@ -46,6 +46,7 @@ class DeviceTimer:
         self.pending: deque = deque()
         self.origin = None
         self.origin_host = 0.0
+        self.enabled = True  # False: no events are recorded (device_time stays NaN), to measure what they cost
 
     def reset(self) -> None:
         """Forget pending spans (their steps are dropped with the stats) and re-anchor the device clock."""
@@ -60,14 +61,18 @@ class DeviceTimer:
     def _event(self):
         return self.free.pop() if self.free else torch.cuda.Event(enable_timing=True)
 
-    def begin(self) -> DeviceSpan:
+    def begin(self) -> DeviceSpan | None:
+        if not self.enabled:
+            return None
         if not self.cuda:
             return DeviceSpan(host_start=time.perf_counter())
         span = DeviceSpan(self._event())
         span.start.record()
         return span
 
-    def end(self, span: DeviceSpan) -> DeviceSpan:
+    def end(self, span: DeviceSpan | None) -> DeviceSpan | None:
+        if span is None:
+            return None
         if not self.cuda:
             span.host_end = time.perf_counter()
         else:
@@ -131,9 +136,12 @@ class RequestLog:
             events.append((step, rid, "preempted", 0))
         if not sched.num_prefill_tokens and not self.high_water:
             return 0
+        high_water = self.high_water
         for req, k in sched.scheduled:
+            if k == 1 and not high_water and req.output_token_ids:
+                continue  # a decode (the cheap test first: mixed steps hold hundreds of them)
             c = req.num_computed_tokens
-            if c >= req.num_prompt_tokens and not self.high_water:
+            if c >= req.num_prompt_tokens and not high_water:
                 continue  # a decode
             rid = req.request_id
             hw = self.high_water.get(rid)

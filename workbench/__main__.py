@@ -83,6 +83,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail a point whose run takes longer than this")
     p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as failed in --out")
     p.add_argument("--save-workload", metavar="PATH", help="also write the workload trace as JSONL here")
+    p.add_argument("--trace", metavar="DIR", help="write each point's run as a Chrome trace-event JSON file "
+                   "(Perfetto) into this folder, named by point id")
 
 
 def run_sweep(args) -> int:
@@ -127,6 +129,10 @@ def run_sweep(args) -> int:
         print(f"FAILED {r['label']}: {r['error']}", file=sys.stderr)
     if args.out:
         print(f"results: {args.out}")
+    if args.trace:
+        from .trace_export import write_sweep_traces
+        for label, path in write_sweep_traces(sweep, args.trace).items():
+            print(f"trace of {label}: {path}")
     if args.html:
         print(f"report: {sweep.write_report(args.html, title=args.title)}")
     return 0

@@ -11,7 +11,9 @@ Gap-to-limit attribution of a run of measured wall time T (seconds), from the en
   host       T - sum of the steps' device time: host work not hidden behind the device (scheduling,
              input preparation, launches, sampling, output processing, and the time between steps)
   kernel     sum over steps of device time - the step's roofline time (FLOPs and bytes the step ran,
-             padding included, at R and BW): kernels below their roofline
+             padding included, at R and BW): kernels below their roofline. Device time spans the forward
+             pass from its first to its last device work, so gaps where the device waited for the host to
+             launch the next kernel (eager steps) count here; deep mode's "idle" class shows them.
   padding    roofline time of the CUDA-graph padding rows (roofline with them - without them)
   recompute  roofline time of the tokens recomputed after preemptions
   underfill  sum of the steps' roofline time of useful work - ideal: steps that carried fewer tokens
@@ -20,7 +22,9 @@ Gap-to-limit attribution of a run of measured wall time T (seconds), from the en
              deep mode); it would otherwise inflate the host part
 
 Each part is a difference of two sums that the next part starts from, so the parts add up to T by
-construction (up to float rounding). FLOPs and bytes per step come from `bench.step_limits`, the
+construction (up to float rounding). The bench's per-step physical limit (`bench.step_limits` summed,
+without padding) is ideal + underfill + recompute; the kernel part is also split by step kind
+(gap_kernel_{prefill,decode,mixed}_s). FLOPs and bytes per step come from `bench.step_limits`, the
 bench's own model of the physical limit; recomputed tokens take their share of a step's attention
 work in proportion to its tokens (the engine does not count scores per token kind).
 """
@@ -41,6 +45,7 @@ PART_LABELS = {"ideal": "ideal (trace's absolute limit)", "host": "host time not
                "recompute": "preemption recompute", "padding": "CUDA-graph padding",
                "profiler": "deep-mode profiler overhead"}
 PHASES = ("schedule", "prepare", "launch", "sample", "output")
+STEP_KINDS = ("prefill", "decode", "mixed")
 
 # Result columns this module makes, to be registered in the workbench's results schema (one home per column).
 COLUMNS = [
@@ -57,7 +62,9 @@ COLUMNS = [
     {"name": "device_busy_share", "unit": "ratio", "label": "share of the run the device was busy",
      "better": "higher"},
 ] + [{"name": f"host_{p}_s", "unit": "s", "label": f"host time in the {p} phase, summed over steps",
-      "better": "lower"} for p in PHASES]
+      "better": "lower"} for p in PHASES] + [
+    {"name": f"gap_kernel_{k}_s", "unit": "s", "label": f"device time over roofline in {k} steps", "better": "lower"}
+    for k in STEP_KINDS]
 
 
 # ----- device rates --------------------------------------------------------------------------------
@@ -81,7 +88,8 @@ def measure_rates(device="cuda") -> dict:
             times.append(time.perf_counter() - t0)
         return float(np.median(times))
 
-    return {"matmul_flops": 2 * n**3 / best(lambda: a @ b), "copy_bandwidth": 2 * 4 * numel / best(lambda: dst.copy_(src))}
+    return {"matmul_flops": 2 * n**3 / best(lambda: a @ b),
+            "copy_bandwidth": 2 * 4 * numel / best(lambda: dst.copy_(src))}
 
 
 # ----- per-step work and roofline ---------------------------------------------------------------------
@@ -170,19 +178,23 @@ def ideal_time(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token:
 
 
 def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, kv_bytes_per_token: int,
-                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0, profiler_overhead: float = 0.0) -> dict:
+                rates: dict, max_num_batched_tokens: int, max_output_len: int = 0,
+                profiler_overhead: float = 0.0) -> dict:
     """The gap-to-limit columns of one run (see the module docstring), in seconds.
 
     steps: `metrics.steps_frame` of the run; duration: its measured wall time (s); max_output_len: the
-    longest output of the trace (tokens); profiler_overhead: `KernelProfile.overhead` if deep mode ran. Also host_<phase>_s (the host phases summed over steps),
+    longest output of the trace (tokens); profiler_overhead: deep mode's own host seconds inside the run
+    (`KernelProfile.overhead_within`). Also host_<phase>_s (the host phases summed over steps),
     ideal_over_measured and device_busy_share.
     """
     kw = dict(spec=spec, weight_bytes=weight_bytes, kv_bytes_per_token=kv_bytes_per_token, rates=rates)
-    with_pad = step_work(steps, **kw)["limit_time"].sum()
+    per_step = step_work(steps, **kw)["limit_time"]
+    with_pad = per_step.sum()
     no_pad = step_work(steps, **kw, padding=False)["limit_time"].sum()
     useful = step_work(steps, **kw, padding=False, recompute=False)["limit_time"].sum()
     ideal = ideal_time(steps, **kw, max_num_batched_tokens=max_num_batched_tokens, max_output_len=max_output_len)
-    busy = float(device_times(steps).sum())
+    device = device_times(steps)
+    busy = float(device.sum())
     parts = {"ideal": ideal, "host": duration - busy - profiler_overhead, "kernel": busy - with_pad,
              "padding": with_pad - no_pad, "recompute": no_pad - useful, "underfill": useful - ideal,
              "profiler": profiler_overhead}
@@ -192,6 +204,9 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     out["device_busy_share"] = busy / duration if duration > 0 else math.nan
     for p in PHASES:
         out[f"host_{p}_s"] = float(_col(steps, f"{p}_time").sum())
+    kinds = step_kind(steps) if len(steps) else pd.Series(dtype=str)
+    for k in STEP_KINDS:  # the kernel part, split by the kind of step it was lost in
+        out[f"gap_kernel_{k}_s"] = float((device - per_step)[kinds == k].sum())
     return out
 
 
@@ -211,8 +226,9 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
     beside its own roofline time where the model has one (NaN else), and efficiency = roofline / time.
 
     Work per class over the window's steps: GEMMs the linear layers and LM head (FLOPs) and their weights
-    (bytes); attention its scores and K/V reads, given to attention_decode in pure-decode steps and to
-    attention_prefill in steps with a prefill; KV writes the K/V of every token; the sampler a float32
+    (bytes); attention its scores and K/V reads, those of the one-token rows (num_decode_kv_tokens_read)
+    to attention_decode, the rest to attention_prefill (on the CPU the torch backend's attention ops cannot
+    be told apart by kind and all count as attention_prefill); KV writes the K/V of every token; the sampler a float32
     read of each sampled row of logits; norms/rotary/activation reads and writes of the hidden and
     intermediate activations (2 norms + 1 activation per layer).
     """
@@ -226,16 +242,20 @@ def kernel_breakdown(profile, steps: pd.DataFrame, spec, weight_bytes: int, kv_b
     lm_head = spec.vocab_size * spec.hidden_size
     linear = spec.num_params() - spec.vocab_size * spec.hidden_size - (0 if spec.tie_word_embeddings else lm_head)
     attn_width = spec.num_layers * spec.num_heads * spec.head_dim
-    decode_only = _col(w, "num_prefill_tokens") == 0
     pad = _col(w, "num_padding_tokens")  # a padding row attends to its own dummy token
     scores, kv_read = _col(w, "num_attention_scores") + pad, _col(w, "num_kv_tokens_read") + pad
+    if "num_decode_kv_tokens_read" in w:  # a one-token row scores each key it reads once
+        dec = _col(w, "num_decode_kv_tokens_read") + pad
+        dec_scores, dec_kv = dec, dec
+    else:  # older step records: all attention of pure-decode steps is decode, that of the others prefill
+        decode_only = _col(w, "num_prefill_tokens") == 0
+        dec_scores, dec_kv = scores.where(decode_only, 0.0), kv_read.where(decode_only, 0.0)
     act = per_param * spec.num_layers * (8 * spec.hidden_size + 3 * spec.intermediate_size)
     work = {  # class -> (flops, bytes)
         "gemm": ((2 * linear * tokens + 2 * lm_head * sampled).sum(), per_param * (linear + lm_head) * len(w)),
-        "attention_decode": ((4 * attn_width * scores)[decode_only].sum(),
-                             (kv_bytes_per_token * kv_read)[decode_only].sum()),
-        "attention_prefill": ((4 * attn_width * scores)[~decode_only].sum(),
-                              (kv_bytes_per_token * kv_read)[~decode_only].sum()),
+        "attention_decode": (4 * attn_width * dec_scores.sum(), kv_bytes_per_token * dec_kv.sum()),
+        "attention_prefill": (4 * attn_width * (scores - dec_scores).sum(),
+                              kv_bytes_per_token * (kv_read - dec_kv).sum()),
         "kv_write": (0.0, kv_bytes_per_token * tokens.sum()),
         "sampler": (0.0, 4.0 * spec.vocab_size * sampled.sum()),
         "norm_rotary_act": (0.0, act * tokens.sum()),
@@ -275,6 +295,8 @@ def format_attribution(row: dict) -> str:
         lines.append(f"  {r.label:34s}{r.seconds:10.3f} s {r.share:8.1%}")
     lines.append("  host phases summed over steps (s): " + ", ".join(f"{p} {row[f'host_{p}_s']:.3f}"
                                                                     for p in PHASES))
+    lines.append("  kernels below roofline by step kind (s): " + ", ".join(
+        f"{k} {row[f'gap_kernel_{k}_s']:.3f}" for k in STEP_KINDS if f"gap_kernel_{k}_s" in row))
     return "\n".join(lines)
 
 
@@ -287,33 +309,40 @@ def format_kernels(breakdown: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = True) -> dict:
-    """Attribution (and the deep-mode breakdown, if it ran) of a finished `bench.RunResult` on `llm`; writes
-    the Chrome trace to `trace` if given. rates None: measured now (the CPU's in seconds). Returns
-    {"attribution": columns, "rates": ..., "kernel_breakdown": rows (deep mode), "trace": path}."""
+def point_profile(llm, stats, steps: pd.DataFrame, requests: pd.DataFrame, duration: float, rates: dict,
+                  trace=None) -> dict:
+    """What a bench run or a sweep point adds to its results: {"attribution": gap_* columns, "rates",
+    "kernel_breakdown": rows (if deep mode ran), "trace": path (if `trace` given)}.
+
+    stats: `llm.engine.stats()` of the run; steps / requests: its `metrics.steps_frame` / `request_frame`;
+    duration: its wall time (s). The deep-mode profiler's own host time inside the run is its own part.
+    """
     from .trace_export import write_chrome_trace
 
-    stats = run.stats if run.stats is not None else llm.engine.stats()
-    rates = rates or measure_rates(llm.device)
-    max_out = int(run.requests["num_output_tokens"].max()) if len(run.requests) else 0
+    max_out = int(requests["num_output_tokens"].max()) if len(requests) else 0
     prof = stats.kernel_profile
-    att = attribution(run.steps, run.duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
-                      llm.config.max_num_batched_tokens, max_out,
-                      prof.overhead_within(run.steps["start"].min(), run.steps["time"].max())
-                      if prof is not None and len(run.steps) else 0.0)
+    overhead = prof.overhead_within(steps["start"].min(), steps["time"].max()) if prof is not None and len(steps) \
+        else 0.0
+    att = attribution(steps, duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
+                      llm.config.max_num_batched_tokens, max_out, overhead)
     out = {"attribution": att, "rates": rates}
-    kb = None
-    if stats.kernel_profile is not None and stats.kernel_profile.kernels:
-        kb = kernel_breakdown(stats.kernel_profile, run.steps, llm.spec, stats.weight_bytes,
-                              stats.kv_bytes_per_token, rates)
-        out["kernel_breakdown"] = kb.to_dict("records")
+    if prof is not None and prof.kernels:
+        out["kernel_breakdown"] = kernel_breakdown(prof, steps, llm.spec, stats.weight_bytes,
+                                                   stats.kv_bytes_per_token, rates).to_dict("records")
     if trace:
-        out["trace"] = str(write_chrome_trace(trace, run.steps, run.requests, stats.request_events,
-                                              stats.kernel_profile))
+        out["trace"] = str(write_chrome_trace(trace, steps, requests, stats.request_events, prof))
+    return out
+
+
+def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = True) -> dict:
+    """`point_profile` of a finished `bench.RunResult` on `llm`, printed (echo) as the waterfall and the
+    deep-mode table. rates None: measured now (the CPU's in well under a second)."""
+    stats = run.stats if run.stats is not None else llm.engine.stats()
+    out = point_profile(llm, stats, run.steps, run.requests, run.duration, rates or measure_rates(llm.device), trace)
     if echo:
-        print(format_attribution(att))
-        if kb is not None:
-            print(format_kernels(kb))
+        print(format_attribution(out["attribution"]))
+        if "kernel_breakdown" in out:
+            print(format_kernels(pd.DataFrame(out["kernel_breakdown"])))
         if trace:
             print(f"trace: {out['trace']}")
     return out

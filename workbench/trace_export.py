@@ -78,6 +78,8 @@ def request_phases(req, chunks: list, preemptions: list) -> list[tuple[str, floa
     preempted it. Between chunks after its first token it decodes; after a preemption it waits until
     its next chunk.
     """
+    if not chunks and not preemptions:
+        return _phases_from_metrics(req)
     out, t = [], req.arrival_time
     marks = sorted([(s, 0, (s, e, n, r)) for s, e, n, r in chunks] + [(p, 1, None) for p in preemptions])
     first_token = req.first_token_time if math.isfinite(req.first_token_time) else math.inf
@@ -99,6 +101,18 @@ def request_phases(req, chunks: list, preemptions: list) -> list[tuple[str, floa
     end = req.finished_time if math.isfinite(req.finished_time) else t
     if end > t:
         out.append(("preempted" if preempted else ("decode" if first_token <= end else "queued"), t, end, {}))
+    return out
+
+
+def _phases_from_metrics(req) -> list[tuple[str, float, float, dict]]:
+    """Without request events (a sweep's saved frames, the timeline switched off): queued until first
+    scheduled, prefill until the first token, decode until finished, from the request's own timestamps."""
+    out, t = [], req.arrival_time
+    for name, until in (("queued", getattr(req, "first_scheduled_time", math.nan)),
+                        ("prefill", req.first_token_time), ("decode", req.finished_time)):
+        if math.isfinite(until) and until > t:
+            out.append((name, t, until, {}))
+            t = until
     return out
 
 
@@ -154,7 +168,7 @@ def chrome_trace(steps: pd.DataFrame, requests: pd.DataFrame, request_events=(),
     request_events and kernel_profile from `EngineStats`; t0 (perf_counter seconds) is time zero
     (default: the earliest arrival or step start)."""
     if t0 is None:
-        candidates = list(steps["start"]) + list(requests["arrival_time"]) if len(steps) else list(requests["arrival_time"])
+        candidates = list(requests["arrival_time"]) + (list(steps["start"]) if len(steps) else [])
         t0 = min(candidates) if candidates else 0.0
     ev = (_meta(ENGINE_PID, "engine") + _thread(ENGINE_PID, STEPS_TID, "steps (host phases)")
           + _thread(ENGINE_PID, DEVICE_TID, "device (forward pass)") + _meta(REQUESTS_PID, "requests"))
@@ -172,3 +186,19 @@ def write_chrome_trace(path, steps: pd.DataFrame, requests: pd.DataFrame, reques
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(chrome_trace(steps, requests, request_events, kernel_profile, t0)))
     return path
+
+
+def write_sweep_traces(sweep, folder) -> dict:
+    """One trace per point of a finished `Sweep` that ran in this process, from the frames it keeps (steps,
+    requests; no prefill chunks or kernels): {label: path}, files named <point_id>.trace.json."""
+    folder = Path(folder)
+    written = {}
+    if not len(sweep.results):
+        return written
+    for row in sweep.results.itertuples(index=False):
+        steps, requests = sweep.timeseries.get(row.point_id), sweep.requests.get(row.point_id)
+        if steps is None or requests is None or not len(steps):
+            continue
+        written[row.label] = str(write_chrome_trace(folder / f"{row.point_id}.trace.json",
+                                                    steps.sort_values("start"), requests))
+    return written

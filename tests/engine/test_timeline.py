@@ -26,6 +26,13 @@ def test_host_phases_tile_each_step_and_device_time_lies_in_the_launch():
         assert math.isfinite(s.device_time) and 0 < s.device_time <= s.launch_time
         assert s.start + s.schedule_time + s.prepare_time <= s.device_start <= s.time
         assert s.num_padding_tokens == 0  # no CUDA graphs on the CPU
+        assert 0 <= s.num_decode_kv_tokens_read <= s.num_kv_tokens_read
+        if s.num_prefill_tokens == 0:  # every row decodes: all K/V reads are the decode kernel's
+            assert s.num_decode_kv_tokens_read == s.num_kv_tokens_read
+    # Mixed steps exist (a 32-token budget chunks the longer prompts while the others decode), and their
+    # decode rows read one context each: as many K/V tokens as the decoding requests' lengths.
+    assert any(s.num_prefill_tokens and s.num_decode_tokens and 0 < s.num_decode_kv_tokens_read < s.num_kv_tokens_read
+               for s in st.steps)
 
 
 def test_recompute_tokens_are_the_extra_tokens_computed_after_preemption():
@@ -79,7 +86,7 @@ def test_reset_stats_clears_the_timeline():
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"), ("_int4_gemv_kernel", "gemm"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>", "sampler"),
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"), ("Memcpy HtoD (Pinned -> Device)", "memcpy"),
-    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("something_else", "other")])
+    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::einsum", "attention_prefill"), ("something_else", "other")])
 def test_kernel_names_are_classified(name, cls):
     assert classify(name) == cls and cls in KERNEL_CLASSES
 
@@ -109,3 +116,17 @@ def test_deep_mode_window_of_steps():
     assert (prof.first_step, prof.last_step) == (2, 4) and prof.kernels
     with pytest.raises(ValueError, match="num_steps"):
         KernelProfiler(llm.device, 0, 0)
+
+
+def test_the_timeline_can_be_switched_off_for_overhead_measurements():
+    cfg = EngineConfig(device="cpu", max_model_len=64, block_size=8)
+    llm = LLM.random("tiny", cfg)
+    llm.engine.set_timeline(False)
+    llm.generate([[4] * 9, [5] * 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    st = llm.engine.stats()
+    assert st.steps and st.request_events == [] and all(math.isnan(s.device_time) for s in st.steps)
+    llm.engine.set_timeline(True)
+    llm.engine.reset_stats()
+    llm.generate([[4] * 9], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    st = llm.engine.stats()
+    assert st.request_events and all(math.isfinite(s.device_time) for s in st.steps)

@@ -54,6 +54,10 @@ def test_attribution_parts_match_hand_computation_and_sum_to_measured():
     assert abs(out["gap_attributed_s"] - out["gap_measured_s"]) <= 0.02 * out["gap_measured_s"]
     assert out["host_schedule_s"] == pytest.approx(0.006) and out["host_sample_s"] == pytest.approx(0.109)
     assert out["device_busy_share"] == pytest.approx(0.105 / 0.2)
+    # The kernel part by step kind: step 0 (prefill) .05 - .0228; steps 1-2 (decode) .03 - .0234 + .025 - .02252.
+    assert out["gap_kernel_prefill_s"] == pytest.approx(0.05 - 0.0228)
+    assert out["gap_kernel_decode_s"] == pytest.approx(0.03 - 0.0234 + 0.025 - 0.02252)
+    assert out["gap_kernel_mixed_s"] == 0.0
     assert out["ideal_over_measured"] == pytest.approx(0.04632 / 0.2)
     assert {c["name"] for c in COLUMNS} >= set(out)
     # Deep mode's own host time is a part of its own, taken out of the host part.
@@ -101,6 +105,14 @@ def test_kernel_breakdown_against_class_rooflines():
     assert kb.loc["attention_decode", "roofline_time"] == pytest.approx(1.72e-3)
     assert kb.loc["idle", "device_time"] == pytest.approx(0.055 - 0.045)
     assert math.isnan(kb.loc["other", "roofline_time"])
+    # With the engine's count of the decode rows' K/V reads, a mixed step's decodes go to attention_decode.
+    steps = _steps().assign(num_decode_kv_tokens_read=[6, 30, 12])
+    kb2 = kernel_breakdown(prof, steps, SPEC, WEIGHT_BYTES, KV_BYTES, RATES).set_index("class")
+    assert kb2.loc["attention_decode", "roofline_time"] == pytest.approx(1.72e-3)
+    prof0 = KernelProfile(0, 0, "cuda", prof.kernels)  # step 0: 40 scores and 10 K/V reads, 6 of them decode
+    kb3 = kernel_breakdown(prof0, steps, SPEC, WEIGHT_BYTES, KV_BYTES, RATES).set_index("class")
+    assert kb3.loc["attention_decode", "flops"] == 4 * 6 and kb3.loc["attention_prefill", "flops"] == 4 * 34
+    assert kb3.loc["attention_prefill", "bytes"] == 4 * (10 - 6)
 
 
 def test_cpu_rates_are_positive():

@@ -19,6 +19,10 @@ def test_request_phases_of_a_hand_made_request():
     assert [(n, s, e) for n, s, e, _ in phases] == [("queued", 0, 1), ("prefill", 1, 2), ("decode", 2, 5),
                                                     ("preempted", 5, 7), ("prefill", 7, 8), ("decode", 8, 10)]
     assert phases[4][3] == {"tokens": 12, "recomputed": 11}
+    # Without request events: the request's own timestamps.
+    req.first_scheduled_time = 0.5
+    assert [(n, s, e) for n, s, e, _ in request_phases(req, [], [])] == [("queued", 0, 0.5), ("prefill", 0.5, 2),
+                                                                         ("decode", 2, 10)]
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +131,18 @@ def test_empty_run_gives_a_valid_trace():
     trace = chrome_trace(steps_frame(SimpleNamespace(steps=[])), request_frame([]))
     assert all(e["ph"] == "M" for e in trace["traceEvents"])
     json.dumps(trace)
+
+
+def test_sweep_command_writes_one_trace_per_point(tmp_path, capsys):
+    from workbench.__main__ import main
+    rc = main(["sweep", "--model", "tiny", "--workload", "fixed", "--num-requests", "3", "--workload-arg",
+               "prompt_len=12", "--workload-arg", "output_len=3", "--grid", "block_size=8,16", "--set",
+               "max_model_len=64", "--device", "cpu", "--no-progress", "--no-warmup", "--trace", str(tmp_path)])
+    assert rc == 0
+    files = sorted(tmp_path.glob("*.trace.json"))
+    assert len(files) == 2 and capsys.readouterr().out.count("trace of bs=") == 2
+    for f in files:
+        events = json.loads(f.read_text())["traceEvents"]
+        assert sum(e.get("cat") == "step" for e in events) > 0
+        names = [e["name"] for e in events if e["ph"] == "b"]
+        assert names.count("request") == 3 and {"queued", "prefill", "decode"} <= set(names)
