@@ -200,16 +200,17 @@ def gptq_layer(k, n, group, seed=0):
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
-@pytest.mark.parametrize("m,kw", [(1, {}), (2, dict(split_k=2, block_n=16, groups_per_iter=1)), (5, {})])
+@pytest.mark.parametrize("m,kw", [(1, {}), (2, dict(split_k=2, block_n=16, groups_per_iter=1)), (5, {}),
+                                  (17, dict(gemv=False, split_k=2, block_n=32, num_warps=4, num_stages=2))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_int4_kernel_on_checkpoint_layers_matches_dequantize_then_matmul(fmt, m, kw, dtype):
     from engine.quant.triton_int4 import int4_matmul
-    layer, formula = (awq_layer if fmt == "awq" else gptq_layer)(256, 48, 128)
+    layer, formula = (awq_layer if fmt == "awq" else gptq_layer)(384, 48, 128)
     assert torch.allclose(layer.dequantized_weight(), formula, atol=1e-7)
     layer = layer.to(DEVICE)
     layer.scales = layer.scales.to(dtype)
     ref_w = layer.dequantized_weight()  # with the scales rounded to dtype
-    x = torch.randn(m, 256, device=DEVICE).to(dtype)
+    x = torch.randn(m, 384, device=DEVICE).to(dtype)
     xp = x if layer.perm is None else x.index_select(1, layer.perm)
     out = int4_matmul(xp, layer.qweight, layer.scales, layer.zeros, layer.group_size, **kw)
     ref = x.float() @ ref_w.t()
