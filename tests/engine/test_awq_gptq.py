@@ -216,3 +216,18 @@ def test_int4_kernel_on_checkpoint_layers_matches_dequantize_then_matmul(fmt, m,
     ref = x.float() @ ref_w.t()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("m", [5, 40])
+def test_every_tl_dot_tuning_candidate_computes_the_same_product(m):
+    """tuning.pick may choose any candidate of the multi-row kernel on the GPU (split-K included)."""
+    from engine.quant.triton_int4 import _launch, mm_candidates
+    layer, _ = awq_layer(1024, 40, 128, seed=3)
+    layer = layer.to(DEVICE)
+    x = torch.randn(m, 1024, device=DEVICE)
+    ref = x @ layer.dequantized_weight().t()
+    cands = mm_candidates(m, 40, 8, 132)
+    assert any(c.get("split_k", 1) > 1 for c in cands)
+    for cfg in cands:
+        out = _launch(x, layer.qweight, layer.scales, layer.zeros, 128, **cfg)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), cfg
