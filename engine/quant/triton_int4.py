@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_int8 import gemv_candidates, gemv_output, gemv_result, gemv_split_k, num_sms
+from .triton_int8 import gemv_candidates, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_candidates, num_sms
 
 GEMV_MAX_ROWS = 2
 
@@ -124,26 +124,6 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, num_groups, split
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def mm_block_m(m: int) -> int:
-    """The row tile of the tl.dot kernel for m rows (also the bucket its tuned config is kept under)."""
-    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-
-
-def mm_candidates(m: int, n: int, num_groups: int, sms: int) -> list[dict]:
-    """Launch configs of the tl.dot kernel to time for m rows: the old heuristic first, then column tiles
-    x split-K (enough programs to fill the GPU when m rows give few row tiles) x warps and stages."""
-    block_m = mm_block_m(m)
-    out = [dict(gemv=False)]
-    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (64, 8, 4), (128, 8, 3), (256, 8, 3)):
-        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = max(1, min(triton.cdiv(2 * sms, programs), num_groups // 4 or 1, 8))
-        for sk in sorted({1, split}):
-            cfg = dict(gemv=False, block_n=block_n, split_k=sk, num_warps=warps, num_stages=stages)
-            if cfg not in out:
-                out.append(cfg)
-    return out
-
-
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int = 128, *, block_n: int | None = None, groups_per_iter: int | None = None,
                 split_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
@@ -175,7 +155,7 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                                     "groups_per_iter")
             key = ("int4", m, n, k, x.dtype)
         else:  # one tuned config per row tile (bucket of m), not per m: the engine's graphs use ~35 sizes
-            cands = mm_candidates(m, n, k // group_size, num_sms(x.device))
+            cands = mm_candidates(m, n, k // group_size, num_sms(x.device))  # K tile: one group
             key = ("int4_mm", mm_block_m(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, qweight, scales, zeros, group_size, **forced)
