@@ -19,7 +19,7 @@ and contract each half with one nibble.
   dequantized to x's dtype and fed to two tl.dot calls (x's even and odd features loaded as two
   stride-2 tiles); grid (row tiles, column tiles, SPLIT_K), split-K partials summed like the GEMV's,
   so that 16-64 rows of a 4096-wide layer still fill the GPU. Its config (column tile, split,
-  warps, stages) is measured per shape and row tile on the device, like the GEMV's.
+  warps, stages) is measured on the device per shape and bucket of rows (mm_bucket), like the GEMV's.
 Codes become floats with the exponent trick (bits 0x4B000000 | c are the float 2^23 + c), and the
 2^23 is folded into the zero point: dequantization is an OR, a subtract and a multiply.
 Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_int8 import gemv_candidates, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_candidates, num_sms
+from .triton_int8 import (gemv_candidates, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket,
+                          mm_candidates, num_sms)
 
 GEMV_MAX_ROWS = 2
 
@@ -154,9 +155,9 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             cands = gemv_candidates(dict(gemv=True), num_sms(x.device), m, n, triton.cdiv(k // group_size, 2),
                                     "groups_per_iter")
             key = ("int4", m, n, k, x.dtype)
-        else:  # one tuned config per row tile (bucket of m), not per m: the engine's graphs use ~35 sizes
+        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, k // group_size, num_sms(x.device))  # K tile: one group
-            key = ("int4_mm", mm_block_m(m), n, k, x.dtype)
+            key = ("int4_mm", mm_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, qweight, scales, zeros, group_size, **forced)
 

@@ -102,6 +102,12 @@ def mm_block_m(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
 
 
+def mm_bucket(m: int) -> int:
+    """The row-count bucket a tuned tl.dot config is kept under: m rounded up to a power of two, all
+    m > 256 (prefill chunks) in one bucket apart from the decode batch sizes."""
+    return min(triton.next_power_of_2(m), 512)
+
+
 def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = None,
                   tile_k_values: tuple = ()) -> list[dict]:
     """Launch configs of a tl.dot kernel to time for m rows: the shape heuristic first, then column tiles
@@ -198,9 +204,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
         if m <= GEMV_MAX_ROWS:
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
             key = ("int8", m, n, k, x.dtype)
-        else:  # one tuned config per row tile (bucket of m), not per m
+        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
-            key = ("int8_mm", mm_block_m(m), n, k, x.dtype)
+            key = ("int8_mm", mm_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
