@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from torch import nn  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
