@@ -1,25 +1,32 @@
-"""Quantization side by side on one GPU: weight bytes, decode speed, KV capacity and quality (issue 4).
+"""Quantization side by side on one GPU: weight bytes, decode speed, KV capacity and quality (issues 4, 20).
 
 Model: the llama-3.1-8b preset with seeded random weights in bf16 (no trained 8B checkpoint can be
 fetched here), one LLM whose reconfigure() re-quantizes from the host copy of the bf16 weights.
-For each weight mode (bf16, int8, int4, fp8):
+For each weight mode (bf16, int8, int4, awq, gptq, fp8) and for bf16 weights with the fp8 KV cache:
 - weight bytes (EngineStats.weight_bytes: parameters + buffers, the int8/uint8/fp8 codes and scales)
-- decode time per output token at batch 1 (one request, prompt 128, 64 new tokens) and at batch 64
-  (64 requests, prompt 128, 32 new tokens): the mean TPOT of RequestMetrics, through the engine as
-  configured (CUDA graphs for decode when the engine captures them), and the device time of one
-  replay of the engine's batch-1 decode graph (CUDA events), which leaves out host overhead
+- a decode speed curve: TPOT (mean over requests, RequestMetrics) at batch 1, 4, 16, 64, 128 and 256
+  (prompt 64 random tokens, 16 new tokens, greedy), through the engine as configured (CUDA graphs
+  for decode), REPS passes interleaved over the batch sizes after one warm-up pass; the median and
+  the spread (min, max) per point, and the speed-up over bf16 per point (median / median)
+- the device time of one replay of the engine's batch-1 decode graph (CUDA events), no host overhead
+awq and gptq: random weights have no activations worth calibrating on, and their speed does not
+depend on the codes, so their layers are int4's codes sent through the Hub layouts (int4_to_awq ->
+awq_to_int4, int4_to_gptq -> gptq_to_int4, zero points >= 1 for GPTQ v1) and loaded as a
+checkpoint's (LLM.prequantized): the load path a Hub AWQ/GPTQ folder takes, with no act-order.
 - quality against bf16 on the same random weights, logits only: mean KL(bf16 || mode) of the next-token
   distributions over 4,096 positions (8 prompts of 512 random tokens, one prefill each), top-1
   agreement at those positions, and greedy agreement over 256 generated tokens (4 prompts x 64)
 KV cache: blocks with kv_cache_dtype="fp8" vs "auto" at the same gpu_memory_utilization, and the Triton
 decode attention kernel at batch 64, context 4096 over bf16 vs fp8 caches (do_bench medians).
-Kernels: each decoder linear shape (and the LM head) at 1 and 64 rows in bf16 (cuBLAS), int8, int4
-(Triton, with the launch config engine.quant.tuning measured fastest), fp8 (_scaled_mm) and, where
+Kernels: each decoder linear shape (and the LM head) at 1, 16, 64 and 256 rows in bf16 (cuBLAS), int8,
+int4 (Triton, with the launch config engine.quant.tuning measured fastest; awq and gptq run the same
+kernel), fp8 (fused per-token activation quantization + _scaled_mm) and, where
 torch has it, torch._weight_int8pack_mm: device time from CUDA-graph replays, weight GB/s.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json
 
-Writes data/benchmarks/quant.json and, when $OUT is set, $OUT/quant.json.
+(about 6 minutes on one H200). Writes --out (default data/benchmarks/quant.json) and, when $OUT is
+set, $OUT/quant.json.
 """
 from __future__ import annotations
 
@@ -46,10 +53,15 @@ from engine.quant.int4 import Int4Linear, int4_linear_reference  # noqa: E402
 from engine.quant.int8 import Int8Linear, int8_linear_reference  # noqa: E402
 
 MODEL = os.environ.get("BENCH_QUANT_MODEL", "llama-3.1-8b")  # another preset for a dry run
-MODES = [None, "int8", "int4", "fp8"]
-TARGETS = {"int8_weight_ratio_max": 0.55, "int4_weight_ratio_max": 0.30, "int8_decode_speedup_min": 1.6,
-           "int4_decode_speedup_min": 2.5, "fp8_b64_faster": True, "kv_fp8_block_ratio_min": 1.9}
-COMMAND = "PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py"
+MODES = [None, "int8", "int4", "awq", "gptq", "fp8"]
+INT4_MODES = ("int4", "awq", "gptq")
+BATCHES = (1, 4, 16, 64, 128, 256)
+REPS = 3
+PROMPT_LEN, NEW_TOKENS = 64, 16
+TARGETS = {"int8_weight_ratio_max": 0.55, "int4_weight_ratio_max": 0.30, "int8_b1_speedup_min": 1.8,
+           "int4_b1_speedup_min": 2.8, "int4_b16_speedup_min": 2.0, "no_weight_mode_slower_than_bf16": True,
+           "fp8_b64_speedup_min": 1.3, "kv_fp8_attention_speedup_min": 1.0, "kv_fp8_block_ratio_min": 1.9}
+COMMAND = "PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json"
 T0 = time.perf_counter()
 
 
@@ -91,7 +103,7 @@ def kernel_bench() -> dict:
         if f8 is not None:
             mods["fp8"] = [f8] + [Fp8Linear(f8.weight_fp8.clone(), f8.weight_scale, None) for _ in range(copies - 1)]
         row = {}
-        for m in (1, 64):
+        for m in (1, 16, 64, 256):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ref = F.linear(x, lin.weight)
@@ -236,6 +248,41 @@ def graph_replay_ms(llm: LLM) -> float | None:
     return start.elapsed_time(end) / 20
 
 
+def speed_curve(llm: LLM) -> dict:
+    """TPOT per batch size: a warm-up pass, then REPS passes interleaved over BATCHES (median, spread)."""
+    for b in BATCHES:
+        tpot(llm, b, PROMPT_LEN, 4, 100 + b)
+    runs = {b: [] for b in BATCHES}
+    for rep in range(REPS):
+        for b in BATCHES:
+            runs[b].append(tpot(llm, b, PROMPT_LEN, NEW_TOKENS, 1000 * rep + b))
+    out = {}
+    for b, rs in runs.items():
+        t = sorted(r["tpot_ms"] for r in rs)
+        out[str(b)] = {"tpot_ms": t[len(t) // 2], "tpot_ms_min": t[0], "tpot_ms_max": t[-1],
+                       "tpot_ms_runs": [r["tpot_ms"] for r in rs],
+                       "decode_steps_graphed": rs[-1]["decode_steps_graphed"], "decode_steps": rs[-1]["decode_steps"]}
+    return out
+
+
+def hub_prequantized(llm: LLM, method: str):
+    """The LLM's current int4 layers sent through `method`'s Hub layout and back (a checkpoint's load
+    path), on the host: engine.quant.checkpoint.Prequantized for LLM.prequantized."""
+    from engine.quant.checkpoint import Prequantized, awq_to_int4, gptq_to_int4, int4_to_awq, int4_to_gptq
+    pre = Prequantized(method)
+    for name, mod in llm.model.named_modules():
+        if not isinstance(mod, Int4Linear):
+            continue
+        cpu = Int4Linear(mod.qweight.cpu(), mod.scales.cpu(), mod.zeros.cpu().clamp(min=1), None, mod.group_size)
+        if method == "awq":
+            layer = awq_to_int4(**int4_to_awq(cpu))
+        else:
+            t = int4_to_gptq(cpu)
+            layer = gptq_to_int4(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], mod.group_size)
+        pre.modules[name] = layer
+    return pre
+
+
 def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, quality_prompts, greedy_prompts):
     cfg = base.replace(quantization=mode, kv_cache_dtype=kv)
     t = time.perf_counter()
@@ -247,14 +294,12 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
                cuda_graphs=st.cuda_graphs)
     log(f"mode {mode or 'bf16'} kv {kv}: reconfigured in {res['reconfigure_s']:.1f}s, weights "
         f"{st.weight_bytes / 2**30:.2f} GiB, {st.num_gpu_blocks} blocks, graphs {st.cuda_graphs}")
-    # Warm-ups with the timed shapes: Triton compiles (and specializes on sizes) at first use.
-    tpot(llm, 1, 128, 8, 0)
-    res["b1"] = tpot(llm, 1, 128, 64, 1)
+    res["curve"] = speed_curve(llm)
     res["b1_graph_replay_ms"] = graph_replay_ms(llm)
-    tpot(llm, 64, 128, 32, 3)
-    res["b64"] = tpot(llm, 64, 128, 32, 2)
-    log(f"  tpot b1 {res['b1']['tpot_ms']:.2f} ms (graph replay {res['b1_graph_replay_ms']}), "
-        f"b64 {res['b64']['tpot_ms']:.2f} ms")
+    log("  tpot ms " + ", ".join(f"b{b} {r['tpot_ms']:.2f} [{r['tpot_ms_min']:.2f}, {r['tpot_ms_max']:.2f}]"
+                                 for b, r in res["curve"].items()) + f" | graph b1 {res['b1_graph_replay_ms']}")
+    if mode in ("awq", "gptq"):  # int4's codes: int4's quality
+        return res, None, None
     lp, kl, top1 = prefill_quality(llm, quality_prompts, ref_lp)
     if ref_lp is not None:
         res["mean_kl"], res["top1_agreement"] = kl, top1
@@ -271,7 +316,7 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
 
 
 def engine_bench(backend: str) -> dict:
-    base = EngineConfig(max_model_len=4096, max_num_seqs=64, max_num_batched_tokens=4096,
+    base = EngineConfig(max_model_len=4096, max_num_seqs=max(BATCHES), max_num_batched_tokens=8192,
                         enable_prefix_caching=False, gpu_memory_utilization=0.85, attention_backend=backend)
     t = time.perf_counter()
     llm = LLM.random(MODEL, base, dtype=torch.bfloat16, seed=0)
@@ -279,11 +324,17 @@ def engine_bench(backend: str) -> dict:
     g = torch.Generator().manual_seed(123)
     quality_prompts = torch.randint(0, llm.spec.vocab_size, (8, 512), generator=g)
     greedy_prompts = torch.randint(0, llm.spec.vocab_size, (4, 32), generator=g).tolist()
-    results, ref_lp, ref_greedy = {}, None, None
+    results, ref_lp, ref_greedy, pre = {}, None, None, {}
     for mode in MODES:
         key = mode or "bf16"
         try:
+            if mode in ("awq", "gptq"):
+                if mode not in pre:
+                    raise RuntimeError("int4 did not run, so there are no codes to send through the Hub layouts")
+                llm.prequantized = pre[mode]
             res, lp, gen = run_mode(llm, base, mode, "auto", ref_lp, ref_greedy, quality_prompts, greedy_prompts)
+            if mode == "int4":
+                pre = {m: hub_prequantized(llm, m) for m in ("awq", "gptq")}
         except Exception as exc:  # noqa: BLE001 - one failing mode must not hide the others
             traceback.print_exc()
             results[key] = {"error": repr(exc)[:500]}
@@ -293,6 +344,7 @@ def engine_bench(backend: str) -> dict:
         results[key] = res
         gc.collect()
         torch.cuda.empty_cache()
+    llm.prequantized = None
     try:
         res, _, _ = run_mode(llm, base, None, "fp8", ref_lp, ref_greedy, quality_prompts, greedy_prompts)
         results["bf16_kvfp8"] = res
@@ -302,33 +354,38 @@ def engine_bench(backend: str) -> dict:
     return results
 
 
-def summarize(eng: dict) -> dict:
+def summarize(eng: dict, attention: dict | None = None) -> dict:
     bf = eng.get("bf16", {})
-    s = {}
+    s = {"speedup_curve": {}}
 
-    def get(mode, *path):
-        d = eng.get(mode, {})
-        for p in path:
-            d = d.get(p) if isinstance(d, dict) else None
-        return d
+    def tp(mode, b):
+        return eng.get(mode, {}).get("curve", {}).get(str(b), {}).get("tpot_ms")
 
-    for mode in ("int8", "int4", "fp8"):
+    for mode in ("int8", "int4", "awq", "gptq", "fp8", "bf16_kvfp8"):
         if "weight_bytes" in eng.get(mode, {}) and "weight_bytes" in bf:
             s[f"{mode}_weight_ratio"] = eng[mode]["weight_bytes"] / bf["weight_bytes"]
-        for b in ("b1", "b64"):
-            if get(mode, b, "tpot_ms") and get("bf16", b, "tpot_ms"):
-                s[f"{mode}_{b}_speedup"] = get("bf16", b, "tpot_ms") / get(mode, b, "tpot_ms")
-        if get(mode, "b1_graph_replay_ms") and get("bf16", "b1_graph_replay_ms"):
-            s[f"{mode}_b1_graph_replay_speedup"] = get("bf16", "b1_graph_replay_ms") / get(mode, "b1_graph_replay_ms")
-    if get("bf16_kvfp8", "num_gpu_blocks") and bf.get("num_gpu_blocks"):
+        curve = {str(b): tp("bf16", b) / tp(mode, b) for b in BATCHES if tp(mode, b) and tp("bf16", b)}
+        if curve:
+            s["speedup_curve"][mode] = curve
+        gr, gb = eng.get(mode, {}).get("b1_graph_replay_ms"), bf.get("b1_graph_replay_ms")
+        if gr and gb:
+            s[f"{mode}_b1_graph_replay_speedup"] = gb / gr
+    if eng.get("bf16_kvfp8", {}).get("num_gpu_blocks") and bf.get("num_gpu_blocks"):
         s["kv_fp8_block_ratio"] = eng["bf16_kvfp8"]["num_gpu_blocks"] / bf["num_gpu_blocks"]
-    t = TARGETS
+    if attention and "fp8_speedup" in attention:
+        s["kv_fp8_attention_speedup"] = attention["fp8_speedup"]
+    t, c = TARGETS, s["speedup_curve"]
+    weight_modes = [m for m in ("int8", "int4", "awq", "gptq", "fp8") if m in c]
     s["met"] = {
         "int8_weight_ratio": s.get("int8_weight_ratio", 9) <= t["int8_weight_ratio_max"],
-        "int4_weight_ratio": s.get("int4_weight_ratio", 9) <= t["int4_weight_ratio_max"],
-        "int8_b1_speedup": s.get("int8_b1_speedup", 0) >= t["int8_decode_speedup_min"],
-        "int4_b1_speedup": s.get("int4_b1_speedup", 0) >= t["int4_decode_speedup_min"],
-        "fp8_b64_faster": s.get("fp8_b64_speedup", 0) > 1.0,
+        "int4_weight_ratio": all(s.get(f"{m}_weight_ratio", 9) <= t["int4_weight_ratio_max"] for m in INT4_MODES),
+        "int8_b1_speedup": c.get("int8", {}).get("1", 0) >= t["int8_b1_speedup_min"],
+        "int4_awq_gptq_b1_speedup": all(c.get(m, {}).get("1", 0) >= t["int4_b1_speedup_min"] for m in INT4_MODES),
+        "int4_awq_gptq_b16_speedup": all(c.get(m, {}).get("16", 0) >= t["int4_b16_speedup_min"] for m in INT4_MODES),
+        "no_weight_mode_slower_than_bf16": bool(weight_modes) and all(
+            v >= 1.0 for m in weight_modes for v in c[m].values()),
+        "fp8_b64_speedup": c.get("fp8", {}).get("64", 0) >= t["fp8_b64_speedup_min"],
+        "kv_fp8_attention_speedup": s.get("kv_fp8_attention_speedup", 0) >= t["kv_fp8_attention_speedup_min"],
         "kv_fp8_block_ratio": s.get("kv_fp8_block_ratio", 0) >= t["kv_fp8_block_ratio_min"],
     }
     return s
@@ -336,29 +393,45 @@ def summarize(eng: dict) -> dict:
 
 def table(eng: dict) -> str:
     bf = eng.get("bf16", {})
-    lines = [f"{'mode':<12}{'weights GiB':>12}{'x bf16':>8}{'KV blocks':>10}{'TPOT b1 ms':>11}{'graph b1 ms':>12}"
-             f"{'TPOT b64 ms':>12}{'mean KL':>10}{'top1':>7}{'greedy':>7}"]
+    lines = [f"{'mode':<12}{'weights GiB':>12}{'x bf16':>8}{'KV blocks':>10}{'graph b1 ms':>12}"
+             + "".join(f"{'b' + str(b) + ' ms (x)':>17}" for b in BATCHES) + f"{'mean KL':>10}{'top1':>7}"]
     for key, r in eng.items():
         if "error" in r:
             lines.append(f"{key:<12} error: {r['error'][:100]}")
             continue
         ratio = r["weight_bytes"] / bf["weight_bytes"] if "weight_bytes" in bf else float("nan")
         gr = r.get("b1_graph_replay_ms")
+        cells = ""
+        for b in BATCHES:
+            mine, ref = r["curve"][str(b)]["tpot_ms"], bf.get("curve", {}).get(str(b), {}).get("tpot_ms")
+            cells += f"{mine:>9.2f} ({ref / mine if ref else float('nan'):.2f})"
         lines.append(f"{key:<12}{r['weight_bytes'] / 2**30:>12.2f}{ratio:>8.3f}{r['num_gpu_blocks']:>10}"
-                     f"{r['b1']['tpot_ms']:>11.2f}{(gr if gr else float('nan')):>12.2f}{r['b64']['tpot_ms']:>12.2f}"
-                     f"{r.get('mean_kl', 0.0):>10.2e}{r.get('top1_agreement', 1.0):>7.3f}"
-                     f"{r.get('greedy_agreement', 1.0):>7.3f}")
+                     f"{(gr if gr else float('nan')):>12.2f}{cells}"
+                     f"{r.get('mean_kl', float('nan')):>10.2e}{r.get('top1_agreement', float('nan')):>7.3f}")
     return "\n".join(lines)
 
 
 def main() -> None:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "quant.json"),
+                    help="where to write the JSON results")
+    args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
-    result = {"command": COMMAND, "model": MODEL, "dtype": "bfloat16", "weights": "random (seed 0)",
+    result = {"command": COMMAND, "argv": sys.argv, "model": MODEL, "dtype": "bfloat16", "weights": "random (seed 0)",
               "device": torch.cuda.get_device_name(0), "compute_capability": f"{props.major}.{props.minor}",
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+              "batches": BATCHES, "reps": REPS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
               "targets": TARGETS, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    only = os.environ.get("BENCH_QUANT_PARTS", "kernels,attention,engine").split(",")
+    only = os.environ.get("BENCH_QUANT_PARTS", "attention,engine,kernels").split(",")
     result["parts"] = only
+    if "attention" in only:
+        try:
+            result["attention_b64_ctx4096"] = attention_bench()
+        except Exception as exc:  # noqa: BLE001 - the other parts must still run
+            traceback.print_exc()
+            result["attention_b64_ctx4096"] = {"error": repr(exc)[:500]}
+        save(result, args.out)
     if "engine" in only:
         backend = "auto"
         try:
@@ -372,33 +445,31 @@ def main() -> None:
             result["engine"] = engine_bench(backend)
         result["engine_backend_requested"] = backend
         from engine.quant import tuning
-        result["gemv_configs_chosen"] = {str(k): v for k, v in tuning.chosen.items()}
-        result["summary"] = summarize(result["engine"])
+        result["configs_chosen"] = {str(k): v for k, v in tuning.chosen.items()}
+        result["summary"] = summarize(result["engine"], result.get("attention_b64_ctx4096"))
         print(table(result["engine"]))
         print(json.dumps(result["summary"], indent=1))
-        save(result)
+        save(result, args.out)
         gc.collect()
         torch.cuda.empty_cache()
-    for part, key, fn in (("attention", "attention_b64_ctx4096", attention_bench), ("kernels", "kernels", kernel_bench)):
-        if part in only:
-            try:
-                result[key] = fn()
-            except Exception as exc:  # noqa: BLE001 - the other parts must still run
-                traceback.print_exc()
-                result[key] = {"error": repr(exc)[:500]}
-            save(result)
-    save(result)
+    if "kernels" in only:
+        try:
+            result["kernels"] = kernel_bench()
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            result["kernels"] = {"error": repr(exc)[:500]}
+    result["seconds"] = time.perf_counter() - T0
+    save(result, args.out)
     log("done")
 
 
-def save(result: dict) -> None:
+def save(result: dict, out: str) -> None:
     """Write what is there so far (a run cut short still leaves its first parts)."""
     text = json.dumps(result, indent=1, default=str)
-    out_dir = Path(__file__).resolve().parents[1] / "data" / "benchmarks"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quant.json").write_text(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "quant.json").write_text(text)
+        Path(os.environ["OUT"], Path(out).name).write_text(text)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ files, sorted; index % 20 not in {0, 10}), minus every file whose path is in hel
 stdlib may be another version than the 3.12.3 the model was trained on; excluding the held-out
 paths by name keeps the scored text out of calibration whatever the version.
 
-    PYTHONPATH=. python3 benchmarks/quality_quant.py      # about 8 minutes on 2 CPU cores
+    PYTHONPATH=. python3 benchmarks/quality_quant.py            # all modes, about 8 minutes on 2 free CPU cores
+    PYTHONPATH=. python3 benchmarks/quality_quant.py awq,gptq   # some modes, merged into the recorded file
 
-Writes data/benchmarks/quant_quality.json.
+Writes data/benchmarks/quant_quality.json (after each mode, so a run cut short keeps what it measured).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ PROMPTS = ["def ", "import os\n", "class Foo(",
            'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n']
 CHUNK = 512
 GREEDY_TOKENS = 64
-CALIB_SEQUENCES = 64
+CALIB_SEQUENCES = 32
 CALIB_LEN = 512
 MODES = {"int8": dict(quantization="int8"), "int4": dict(quantization="int4"), "awq": dict(quantization="awq"),
          "gptq": dict(quantization="gptq"), "fp8 (emulated)": "fp8",
@@ -129,7 +130,7 @@ def main() -> None:
     ref_lp, ref_ppl, _, _, positions = evaluate(llm, chunks)
     ref_greedy = greedy(llm, prompts)
     llm.calibration, calib_info = calibration_set(tok)
-    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. "int4,awq,gptq" while developing
+    only = set(sys.argv[1].split(",")) if len(sys.argv) > 1 else None  # e.g. "awq,gptq": merged into the record
     rows = {"float32": dict(heldout_ppl=ref_ppl, weight_bytes=llm.engine.stats().weight_bytes,
                             kv_bytes_per_token=llm.engine.stats().kv_bytes_per_token)}
     print(f"float32: ppl {ref_ppl:.3f} over {positions} positions")
@@ -159,19 +160,37 @@ def main() -> None:
               f"greedy {same:.3f} (first diff {first:.1f})  {time.perf_counter() - t1:.0f}s", flush=True)
         if mode == "fp8":
             llm.reconfigure(base.replace(quantization="int8"))  # drop the emulated modules: rebuild on the next mode
-    result = {"command": "PYTHONPATH=. python3 benchmarks/quality_quant.py", "model": MODEL_DIR.name,
-              "device": "cpu", "torch": torch.__version__, "python": platform.python_version(),
-              "positions": positions, "greedy_tokens": GREEDY_TOKENS * len(PROMPTS),
-              "targets": {"int8_ppl_change_max": 0.01, "fp8_ppl_change_max": 0.01, "int4_ppl_change_max": 0.05,
-                          "awq_ppl_change_max": "below int4's", "gptq_ppl_change_max": "below int4's",
-                          "awq_gptq_ppl_change_goal": 0.01},
-              "calibration": calib_info, "modes": rows, "seconds": time.perf_counter() - t0}
-    if only is not None:
-        return  # a partial run records nothing
+        record(rows, only, calib_info, positions, t0)
+    record(rows, only, calib_info, positions, t0)
+
+
+def record(rows: dict, only: set | None, calib_info: dict, positions: int, t0: float) -> None:
+    """Write the rows measured so far: the whole file for a full run; for a run of some modes, those
+    rows merged into the recorded file, with the run listed under "runs" (its command, modes, date)."""
     out = ROOT / "data" / "benchmarks" / "quant_quality.json"
+    command = "PYTHONPATH=. python3 benchmarks/quality_quant.py" + (f" {','.join(sorted(only))}" if only else "")
+    run = {"command": command, "modes": sorted(rows), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "torch": torch.__version__, "python": platform.python_version(), "seconds": time.perf_counter() - t0}
+    if only is None or not out.exists():
+        result = {"command": command, "model": MODEL_DIR.name, "device": "cpu", "torch": torch.__version__,
+                  "python": platform.python_version(), "positions": positions,
+                  "greedy_tokens": GREEDY_TOKENS * len(PROMPTS), "modes": {}, "runs": []}
+    else:
+        result = json.loads(out.read_text())
+        if "runs" not in result:  # the record of a full run from before runs were listed
+            result["runs"] = [{"command": result["command"], "modes": sorted(result["modes"]),
+                               "torch": result.get("torch"), "python": result.get("python"),
+                               "seconds": result.get("seconds")}]
+    result["targets"] = {"int8_ppl_change_max": 0.01, "fp8_ppl_change_max": 0.01, "int4_ppl_change_max": 0.05,
+                         "awq_ppl_change_max": "below int4's", "gptq_ppl_change_max": "below int4's",
+                         "awq_gptq_ppl_change_goal": 0.01}
+    result["calibration"] = calib_info
+    result["modes"].update(rows)
+    result["runs"] = [r for r in result.get("runs", []) if r["command"] != command] + [run]
+    result["seconds"] = run["seconds"] if only is None else result.get("seconds")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out.relative_to(ROOT)} in {result['seconds']:.0f}s")
+    print(f"wrote {out.relative_to(ROOT)} ({', '.join(sorted(rows))}) after {run['seconds']:.0f}s", flush=True)
 
 
 if __name__ == "__main__":

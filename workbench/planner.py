@@ -145,9 +145,9 @@ def _linear_bytes(out_features: int, in_features: int, quantization: str | None,
         return n * dtype_bytes
     if quantization in ("int8", "fp8"):  # one byte per weight, one float32 scale per output channel
         return n + out_features * 4
-    if quantization == "int4":  # two weights per byte; per group of 128 inputs a scale (model dtype), a uint8 zero
+    if quantization in ("int4", "awq", "gptq"):  # two weights per byte; per group of 128 inputs a scale, a uint8 zero
         return n // 2 + out_features * (in_features // QUANT_GROUP_SIZE) * (dtype_bytes + 1)
-    raise ValueError(f"quantization={quantization!r} is not allowed: use None, 'int8', 'int4' or 'fp8'")
+    raise ValueError(f"quantization={quantization!r} is not allowed: use None, 'int8', 'int4', 'awq', 'gptq' or 'fp8'")
 
 
 def _linears(spec: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -369,7 +369,7 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
     """The numbers and the verdict of one config, without knobs: the planner's estimates through the engine's rule."""
     on_cpu = gpu.name == "cpu"
     total, util = gpu.total_bytes, cfg.gpu_memory_utilization
-    modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "fp8")}
+    modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "awq", "gptq", "fp8")}
     kv_by = {k: kv_bytes_per_token(spec, k, dtype, tp) for k in ("auto", "fp8")}
     load, weights, kv_token = modes["none"], modes[cfg.quantization or "none"], kv_by[cfg.kv_cache_dtype]
     static = fwd = graphs = non_torch = 0

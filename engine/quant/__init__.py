@@ -97,10 +97,15 @@ def _quantize_calibrated(model: nn.Module, mode: str, quantize_lm_head: bool, ca
     from .calibration import check_calibration, default_calibration
     device = next(model.parameters()).device
     if prequantized is not None and prequantized.method == mode:
+        dtype = model.embed_tokens.weight.dtype
         with torch.no_grad():
             for name, module in prequantized.modules.items():
+                module = copy.deepcopy(module).to(device)
+                for layer in module.modules():  # scales keep the checkpoint's dtype; a bias joins the model's
+                    if isinstance(layer, Int4Linear) and layer.bias is not None:
+                        layer.bias = layer.bias.to(dtype)
                 parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, copy.deepcopy(module).to(device))
+                setattr(model.get_submodule(parent) if parent else model, attr, module)
         return
     names = [name for name, _ in linears_to_quantize(model, quantize_lm_head)]
     seqs = default_calibration(model.spec.vocab_size) if calibration is None else \

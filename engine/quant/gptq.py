@@ -143,7 +143,8 @@ def gptq_quantize_model(model: nn.Module, names: list[str], calibration: list[li
     for index in range(len(model.layers) + 1):
         if index < len(model.layers):
             prefix = f"layers.{index}."
-            order = [prefix + s for s in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+            order = [prefix + s for s in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                          "mlp.down_proj")]
         else:
             order = ["lm_head"]
         for name in [n for n in order if n in wanted]:

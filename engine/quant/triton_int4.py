@@ -16,7 +16,10 @@ and contract each half with one nibble.
   group's products once; with SPLIT_K > 1 the K slices store float32 partials that one torch.sum
   reduces (as in triton_int8.py). The group loop can be software-pipelined (STAGES).
 - `_int4_mm_kernel` (more rows): one group per iteration, the [BLOCK_N, G/2] tiles of both nibbles
-  dequantized to x's dtype and fed to two tl.dot calls.
+  dequantized to x's dtype and fed to two tl.dot calls (x's even and odd features loaded as two
+  stride-2 tiles); grid (row tiles, column tiles, SPLIT_K), split-K partials summed like the GEMV's,
+  so that 16-64 rows of a 4096-wide layer still fill the GPU. Its config (column tile, split,
+  warps, stages) is measured on the device per shape and bucket of rows (mm_bucket), like the GEMV's.
 Codes become floats with the exponent trick (bits 0x4B000000 | c are the float 2^23 + c), and the
 2^23 is folded into the zero point: dequantization is an OR, a subtract and a multiply.
 Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
@@ -29,7 +32,8 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_int8 import gemv_candidates, gemv_output, gemv_result, gemv_split_k, num_sms
+from .triton_int8 import (gemv_candidates, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket,
+                          mm_candidates, num_sms)
 
 GEMV_MAX_ROWS = 2
 
@@ -84,35 +88,41 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, num_groups, split_
 
 
 @triton.jit
-def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, num_groups,
-                    stride_xm, stride_wn, stride_sn, stride_om,
-                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, num_groups, split_k,
+                    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
     HALF: tl.constexpr = GROUP // 2
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, HALF)
-    offs_k = tl.arange(0, GROUP)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    # The even and odd input features of a group, loaded as two stride-2 tiles (they share cache lines),
+    # meet the low and the high nibbles: no reshape of x in registers.
+    x_even = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + 2 * offs_j[None, :]
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_j[None, :]
     s_rows = offs_n.to(tl.int64) * stride_sn
+    groups_per_split = tl.cdiv(num_groups, split_k)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, num_groups)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, num_groups):
-        x = tl.load(x_rows + g * GROUP, mask=mask_m[:, None], other=0.0)
-        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+    for g in tl.range(g_start, g_end, num_stages=STAGES):
+        xe = tl.load(x_even + g * GROUP, mask=mask_m[:, None], other=0.0)
+        xo = tl.load(x_even + g * GROUP + 1, mask=mask_m[:, None], other=0.0)
         b = tl.load(w_rows + g * HALF, mask=mask_n[:, None], other=0)
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)[:, None] + 8388608.0
         lo, hi = _nibbles_to_float(b)
-        w_lo = ((lo - zero) * scale).to(x.dtype)
-        w_hi = ((hi - zero) * scale).to(x.dtype)
+        w_lo = ((lo - zero) * scale).to(xe.dtype)
+        w_hi = ((hi - zero) * scale).to(xe.dtype)
         acc += tl.dot(xe, tl.trans(w_lo))
         acc += tl.dot(xo, tl.trans(w_hi))
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
+    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -138,12 +148,17 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     forced = dict(block_n=block_n, groups_per_iter=groups_per_iter, split_k=split_k, num_warps=num_warps,
                   num_stages=num_stages, gemv=gemv)
     forced = {key: v for key, v in forced.items() if v is not None}
-    if not forced and m <= GEMV_MAX_ROWS:
-        cands = gemv_candidates(dict(gemv=True), num_sms(x.device), m, n, triton.cdiv(k // group_size, 2),
-                                "groups_per_iter")
+    if not forced:
         copies = lambda: [(x, qweight if i == 0 else qweight.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(qweight.numel()))]
-        forced = tuning.pick(("int4", m, n, k, x.dtype), cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+        if m <= GEMV_MAX_ROWS:
+            cands = gemv_candidates(dict(gemv=True), num_sms(x.device), m, n, triton.cdiv(k // group_size, 2),
+                                    "groups_per_iter")
+            key = ("int4", m, n, k, x.dtype)
+        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
+            cands = mm_candidates(m, n, k // group_size, num_sms(x.device))  # K tile: one group
+            key = ("int4_mm", mm_bucket(m), n, k, x.dtype)
+        forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, qweight, scales, zeros, group_size, **forced)
 
 
@@ -165,12 +180,13 @@ def _launch(x, qweight, scales, zeros, group_size, *, block_n=None, groups_per_i
             x.stride(0), qweight.stride(0), scales.stride(0), split_stride, out.stride(-2),
             GROUP=group_size, BLOCK_N=block_n, GROUPS=groups, STAGES=num_stages or 1, num_warps=num_warps or 4)
         return gemv_result(out, x.dtype)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_m = mm_block_m(m)
     block_n = block_n or (64 if m <= 64 else 128)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _int4_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x, qweight, scales, zeros, out, m, n, num_groups,
-        x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or 4,
-        num_stages=num_stages or (3 if x.is_cuda else 1))
-    return out
+    split_k = split_k or 1
+    out, split_stride = gemv_output(x, n, split_k)
+    _int4_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
+        x, qweight, scales, zeros, out, m, n, num_groups, split_k,
+        x.stride(0), qweight.stride(0), scales.stride(0), split_stride, out.stride(-2),
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=(num_stages or 3) if x.is_cuda else 1,
+        num_warps=num_warps or 4)
+    return gemv_result(out, x.dtype)

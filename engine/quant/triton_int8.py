@@ -16,7 +16,9 @@ Two kernels, picked by the number of rows M:
   [SPLIT_K, M, N] scratch that one torch.sum reduces and casts: that is what lets a 4096-wide layer
   fill 132 SMs. The K loop can be software-pipelined (STAGES).
 - `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot over [BLOCK_M, BLOCK_K] x
-  [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16).
+  [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
+  grid (row tiles, column tiles, SPLIT_K) with split-K partials summed like the GEMV's, its config
+  measured per shape and row tile on the device (mm_candidates).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
 Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
@@ -68,26 +70,63 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
 
 
 @triton.jit
-def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_end
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += tl.dot(x, tl.trans(_int8_to_float(w).to(x.dtype)))
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
+    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def mm_block_m(m: int) -> int:
+    """The row tile of a tl.dot kernel for m rows (also the bucket its tuned config is kept under)."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+
+
+def mm_bucket(m: int) -> int:
+    """The row-count bucket a tuned tl.dot config is kept under: m rounded up to a power of two, all
+    m > 256 (prefill chunks) in one bucket apart from the decode batch sizes."""
+    return min(triton.next_power_of_2(m), 512)
+
+
+def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = None,
+                  tile_k_values: tuple = ()) -> list[dict]:
+    """Launch configs of a tl.dot kernel to time for m rows: the shape heuristic first, then column tiles
+    x split-K (enough programs to fill the GPU when m rows give few row tiles) x warps and stages.
+    k_tiles: the K loop's trip count at the smallest K tile (split-K keeps >= 4 per slice); tile_k /
+    tile_k_values: an extra K-tile key to vary (int8's block_k)."""
+    block_m = mm_block_m(m)
+    out = [dict(gemv=False)]
+    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (64, 8, 4), (128, 8, 3), (256, 8, 3)):
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
+        for sk in sorted({1, split}):
+            for tk in tile_k_values or (None,):
+                cfg = dict(gemv=False, block_n=block_n, split_k=sk, num_warps=warps, num_stages=stages)
+                if tk is not None:
+                    cfg[tile_k] = tk
+                if cfg not in out:
+                    out.append(cfg)
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,12 +197,17 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
     forced = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps, num_stages=num_stages,
                   gemv=gemv)
     forced = {key: v for key, v in forced.items() if v is not None}
-    if not forced and m <= GEMV_MAX_ROWS:
+    if not forced:
         sms = num_sms(x.device)
-        cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
         copies = lambda: [(x, q if i == 0 else q.clone(), scales)  # noqa: E731
                           for i in range(tuning.weight_copies(q.numel()))]
-        forced = tuning.pick(("int8", m, n, k, x.dtype), cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+        if m <= GEMV_MAX_ROWS:
+            cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
+            key = ("int8", m, n, k, x.dtype)
+        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
+            cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
+            key = ("int8_mm", mm_bucket(m), n, k, x.dtype)
+        forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
@@ -182,12 +226,13 @@ def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps
             x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), split_stride,
             out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages or 1, num_warps=num_warps or 4)
         return gemv_result(out, x.dtype)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_m = mm_block_m(m)
     block_n = block_n or (64 if m <= 64 else 128)
     block_k = block_k or (128 if m <= 64 else 64)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x, q, scales, out, m, n, k, x.stride(0), q.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps or 4,
-        num_stages=num_stages or (3 if x.is_cuda else 1))
-    return out
+    split_k = split_k or 1
+    out, split_stride = gemv_output(x, n, split_k)
+    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
+        x, q, scales, out, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=(num_stages or 3) if x.is_cuda else 1,
+        num_warps=num_warps or 4)
+    return gemv_result(out, x.dtype)

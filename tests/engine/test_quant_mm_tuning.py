@@ -1,0 +1,32 @@
+"""The multi-row int8 kernel's tuning candidates (split-K included): each computes the product of its
+reference (Triton's CPU interpreter here), since tuning.pick may choose any of them on a GPU."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.quant.int8 import int8_linear_reference, quantize_int8  # noqa: E402
+
+triton = pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("m", [3, 40])
+def test_every_int8_tl_dot_candidate_computes_the_same_product(m):
+    from engine.quant.triton_int8 import _launch, mm_candidates
+    g = torch.Generator().manual_seed(m)
+    n, k = 40, 1024
+    q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    x = torch.randn(m, k, generator=g)
+    ref = int8_linear_reference(x, q, s)
+    cands = mm_candidates(m, n, triton.cdiv(k, 128), 132, "block_k", (128,))
+    assert any(c.get("split_k", 1) > 1 for c in cands)
+    for cfg in cands:
+        out = _launch(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), **cfg).cpu()
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), cfg
