@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 
@@ -106,7 +107,8 @@ class OpenAIServer:
         try:
             q = await self.engine.add(ids, [prompts[i // n] for i in range(len(ids))], params, arrival)
         except ValueError as e:
-            raise RequestError(str(e), "max_tokens" if "max_tokens" in str(e) else field) from None
+            msg = re.sub(r"^request '[^']*': ", "", str(e))  # the engine's request id means nothing to the client
+            raise RequestError(msg, "max_tokens" if "max_tokens" in msg else field) from None
         return ids, q
 
     # ----- engine deltas -> choices -------------------------------------------------------------
