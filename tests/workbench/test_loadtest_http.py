@@ -45,8 +45,10 @@ def test_poisson_run_counts_every_request_and_token(live):
     want = {r.request_id: r.max_tokens for r in w if r.request_id != "too-long"}
     assert dict(zip(req["request_id"], req["num_output_tokens"])) == want
     assert row["total_output_tokens"] == sum(want.values())
-    # Our server sends one chunk per token, so each request has output - 1 gaps.
-    assert all(len(itl) == n - 1 for itl, n in zip(req["itl"], req["num_output_tokens"]))
+    # Our server sends a chunk per token unless it fell behind (then it merges): at most output - 1 gaps,
+    # and far more than one per request here.
+    assert all(1 <= len(itl) <= n - 1 for itl, n in zip(req["itl"], req["num_output_tokens"]) if n > 1)
+    assert sum(map(len, req["itl"])) >= 0.5 * (req["num_output_tokens"] - 1).sum()
     assert (req["ttft"] > 0).all() and (req["ttft"] <= req["e2e"]).all()
     # The scraped counters' increase over the run is the engine's.
     assert row["generation_tokens_scraped"] == after.num_generation_tokens - before.num_generation_tokens \
