@@ -10,7 +10,7 @@ so it produces exactly max_tokens tokens. From each stream it measures, in the c
   ``vllm bench serve``); TPOT = (last chunk - first chunk) / (output tokens - 1); E2E = end - arrival;
 - output tokens from the final ``usage`` (``stream_options.include_usage``), else counted.
 
-While it runs it scrapes ``/metrics`` (Prometheus text, vLLM's names) when the server has it, giving a
+While it runs it scrapes ``/metrics`` (`workbench.metrics_scrape`; vLLM's names) when the server has it, giving a
 time series of KV usage, running / waiting requests and the counters' increase over the run (prefix
 hits, preemptions), and samples NVML when the GPU is local. Its row is made by the same
 `workbench.metrics.point_metrics` as an in-process run, so results files and the HTML report read the
@@ -32,16 +32,8 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from . import metrics
+from .metrics_scrape import counter_increase, scrape_metrics, scrape_once
 from .workloads import Workload
-
-# Series scraped from /metrics: our column -> Prometheus names, first found wins (older vLLM names last).
-GAUGES = {"num_running": ["vllm:num_requests_running"], "num_waiting": ["vllm:num_requests_waiting"],
-          "kv_usage": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]}
-COUNTERS = {"prefix_cache_queries": ["vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"],
-            "prefix_cache_hits": ["vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"],
-            "num_preemptions": ["vllm:num_preemptions"], "prompt_tokens": ["vllm:prompt_tokens"],
-            "generation_tokens": ["vllm:generation_tokens"], "num_steps": ["pwb:engine_steps"]}
-
 
 @dataclass
 class LoadTestResult:
@@ -53,44 +45,6 @@ class LoadTestResult:
     timeseries: pd.DataFrame
     telemetry: pd.DataFrame
     failures: list = field(default_factory=list)
-
-
-def parse_metrics(text: str) -> dict:
-    """Our scraped columns from a Prometheus text page (values summed over label sets; absent: missing)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    totals: dict[str, float] = defaultdict(float)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in (fam.name, fam.name + "_total"):
-                totals[fam.name] += s.value
-        if fam.name == "vllm:cache_config_info" and fam.samples:
-            labels = fam.samples[0].labels
-            for key in ("num_gpu_blocks", "block_size"):
-                if str(labels.get(key, "")).isdigit():
-                    totals["config:" + key] = int(labels[key])
-    out = {}
-    for col, names in {**GAUGES, **COUNTERS}.items():
-        for name in names:
-            if name in totals:
-                out[col] = totals[name]
-                break
-    out.update({k: v for k, v in totals.items() if k.startswith("config:")})
-    return out
-
-
-async def _scrape(client, url: str, interval: float, rows: list, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            r = await client.get(url, timeout=10)
-            if r.status_code == 200:
-                rows.append({"time": time.perf_counter(), **parse_metrics(r.text)})
-        except Exception:  # noqa: BLE001 - a missed scrape is a gap in the series, not a failed run
-            pass
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except asyncio.TimeoutError:
-            pass
 
 
 def _payload(model: str, r, sampling: dict, ignore_eos: bool) -> dict:
@@ -168,7 +122,8 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         metrics_url = base + "/metrics"
         scraper = None
         if scrape_interval:
-            scraper = asyncio.create_task(_scrape(client, metrics_url, scrape_interval, scraped, stop))
+            await scrape_once(client, metrics_url, scraped)  # the counters' values before the first request
+            scraper = asyncio.create_task(scrape_metrics(client, metrics_url, scrape_interval, scraped, stop))
         closed = workload.arrival == "concurrency"
         sem = asyncio.Semaphore(workload.concurrency) if closed else None
         children = defaultdict(list)
@@ -217,12 +172,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         stop.set()
         if scraper is not None:
             await scraper
-            try:  # one last scrape after the run, for the counters' totals
-                r = await client.get(metrics_url, timeout=10)
-                if r.status_code == 200:
-                    scraped.append({"time": time.perf_counter(), **parse_metrics(r.text)})
-            except Exception:  # noqa: BLE001
-                pass
+            await scrape_once(client, metrics_url, scraped)  # the counters' totals after the run
     done_ids = {o.request_id for o in outputs} | {f["request_id"] for f in failures}
     for r in workload:  # never dropped: what did not run (timeout, orphaned turns) is a failure too
         if r.request_id not in done_ids:
@@ -280,19 +230,6 @@ def _scraped_frame(scraped: list, start: float) -> pd.DataFrame:
     return df
 
 
-def _counter_stats(ts: pd.DataFrame) -> dict:
-    """EngineStats-like counters of the run: the increase of each scraped counter, and the pool's size."""
-    out = {}
-    for col in COUNTERS:
-        if col in ts and ts[col].notna().sum() >= 1:
-            v = ts[col].dropna()
-            out[col] = int(round(v.iloc[-1] - v.iloc[0]))
-    for key in ("num_gpu_blocks", "block_size"):
-        if f"config:{key}" in ts and ts[f"config:{key}"].notna().any():
-            out[key] = int(ts[f"config:{key}"].dropna().iloc[0])
-    return out
-
-
 def _is_local(endpoint: str) -> bool:
     return (urlparse(endpoint).hostname or "") in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
@@ -329,7 +266,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
     ends = [o.metrics["finished_time"] for o in outputs]
     duration = (max(ends) - start) if ends else math.nan
     ts = _scraped_frame(scraped, start)
-    stats = _counter_stats(ts)
+    stats = counter_increase(ts)
     row = {"point_id": point_id, "label": label or f"{model} @ {endpoint}", "backend": "endpoint",
            "endpoint": endpoint, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
            "num_requests": len(workload), "arrival": workload.arrival, "request_rate": workload.request_rate,

@@ -14,7 +14,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx_sse")
 
-from workbench.loadtest_http import parse_metrics, run_loadtest  # noqa: E402
+from workbench.loadtest_http import run_loadtest  # noqa: E402
+from workbench.metrics_scrape import parse_metrics  # noqa: E402
 from workbench.workloads import RequestSpec, make_workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
