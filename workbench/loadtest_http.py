@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -47,9 +48,18 @@ class LoadTestResult:
     failures: list = field(default_factory=list)
 
 
-def _payload(model: str, r, sampling: dict, ignore_eos: bool) -> dict:
-    body = {"model": model, "prompt": list(r.prompt_token_ids), "max_tokens": r.max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0.0, **sampling}
+API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def _payload(model: str, r, sampling: dict, ignore_eos: bool, api: str = "completions",
+             text: str | None = None) -> dict:
+    """The request body: the prompt as token ids, or as ``text`` (completions), or one user message (chat)."""
+    body = {"model": model, "max_tokens": r.max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0.0, **sampling}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text if text is not None else list(r.prompt_token_ids)
     if ignore_eos:
         body["ignore_eos"] = True
     return body
@@ -102,7 +112,8 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
     m = {"arrival_time": arrival, "first_scheduled_time": None, "first_token_time": first, "finished_time": end,
          "ttft": None if first is None else first - arrival, "e2e": end - arrival,
          "tpot": (times[-1] - first) / (n_out - 1) if first is not None and n_out > 1 else None,
-         "itl": [b - a for a, b in zip(times, times[1:])], "num_prompt_tokens": r.prompt_len,
+         "itl": [b - a for a, b in zip(times, times[1:])],
+         "num_prompt_tokens": int((usage or {}).get("prompt_tokens") or r.prompt_len),  # the server's count
          "num_output_tokens": n_out, "num_cached_tokens": int(cached)}
     return SimpleNamespace(request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), token_ids=[],
                            finish_reason=finish, metrics=m), None
@@ -110,11 +121,12 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
 
 async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict, ignore_eos: bool,
                   scrape_interval: float | None, request_timeout: float, max_duration: float | None,
-                  max_connections: int):
+                  max_connections: int, api: str = "completions", texts: dict | None = None):
     import httpx
 
     base = endpoint.rstrip("/")
-    url = base + "/v1/completions"
+    url = base + API_PATHS[api]
+    texts = texts or {}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     outputs, failures, scraped = [], [], []
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout, connect=30)) as client:
@@ -135,13 +147,12 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
 
         async def launch(r, due: float):
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            body = _payload(model, r, sampling, ignore_eos, api, texts.get(r.request_id))
             if sem is not None:
                 async with sem:
-                    out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r,
-                                           time.perf_counter(), request_timeout)
+                    out, err = await _send(client, url, body, r, time.perf_counter(), request_timeout)
             else:
-                out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r, due,
-                                       request_timeout)
+                out, err = await _send(client, url, body, r, due, request_timeout)
             if err is not None:
                 failures.append({"request_id": r.request_id, "error": err})
             else:
@@ -238,16 +249,30 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
                  ignore_eos: bool = True, scrape_interval: float | None = 0.5, telemetry: bool | None = None,
                  telemetry_interval: float = 0.1, request_timeout: float = 600.0, max_duration: float | None = None,
                  max_connections: int = 1024, slo: dict | None = None, point_id: str = "endpoint",
-                 label: str | None = None, warmup: bool = True) -> LoadTestResult:
+                 label: str | None = None, warmup: bool = True, api: str = "completions",
+                 tokenizer=None) -> LoadTestResult:
     """Replay ``workload`` against ``endpoint`` (base URL, e.g. http://127.0.0.1:8000) serving ``model``.
 
     sampling: extra fields of every request body (default greedy). telemetry: NVML sampling, None =
     when the endpoint is local and a GPU is there. scrape_interval: seconds between /metrics scrapes
-    (None: no scraping). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
+    (None: no scraping). api: "completions" or "chat" (one user message). tokenizer (a transformers
+    tokenizer or a folder): send each prompt as the text its token ids decode to (needed for chat, and for
+    servers that take no token ids); the prompt length is then the server's count (usage). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
     (`workbench.metrics.point_metrics`) plus endpoint, model, num_failed, first_failure, status, error.
     """
     from .telemetry import NullTelemetry, make_telemetry
 
+    if api not in API_PATHS:
+        raise ValueError(f"api={api!r} is not allowed: use one of {sorted(API_PATHS)}")
+    texts = None
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        texts = {r.request_id: tokenizer.decode(list(r.prompt_token_ids), skip_special_tokens=True) for r in workload}
+    elif api == "chat":
+        raise ValueError("api='chat' sends text: give tokenizer= (a tokenizer or its folder) to decode the prompts")
     if warmup:
         asyncio.run(_warm_up(endpoint, model, 4, 32, 4, ignore_eos, request_timeout))
     use_tel = telemetry if telemetry is not None else (None if _is_local(endpoint) else False)
@@ -257,7 +282,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
         try:
             outputs, failures, scraped, start = asyncio.run(_replay(
                 endpoint, model, workload, dict(sampling or {}), ignore_eos, scrape_interval, request_timeout,
-                max_duration, max_connections))
+                max_duration, max_connections, api, texts))
         finally:
             samples = tel.stop()
     finally:
@@ -268,7 +293,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
     ts = _scraped_frame(scraped, start)
     stats = counter_increase(ts)
     row = {"point_id": point_id, "label": label or f"{model} @ {endpoint}", "backend": "endpoint",
-           "endpoint": endpoint, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
+           "endpoint": endpoint, "api": api, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
            "num_requests": len(workload), "arrival": workload.arrival, "request_rate": workload.request_rate,
            "concurrency": workload.concurrency, "block_size": stats.get("block_size")}
     row.update(metrics.point_metrics(requests, ts, stats, metrics.telemetry_summary(samples), duration, slo))

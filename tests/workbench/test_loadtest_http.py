@@ -72,6 +72,24 @@ def test_multi_turn_under_concurrency_hits_the_prefix_cache(live):
     assert res.requests["num_cached_tokens"].sum() == res.row["prefix_cache_hits"]
 
 
+def test_chat_api_with_text_prompts(live):
+    from transformers import AutoTokenizer
+
+    from engine.serve.app import chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    w = make_workload("fixed", num_requests=4, prompt_len=12, output_len=3, vocab_size=4096, seed=3)
+    res = run_loadtest(live.url, "pystdlib", w, api="chat", tokenizer=str(MODEL_DIR), scrape_interval=None,
+                       warmup=False)
+    assert res.row["num_finished"] == 4 and res.row["total_output_tokens"] == 12
+    # the prompt length is the server's: the decoded text in the chat format, re-encoded
+    want = {r.request_id: len(chat_prompt_ids(tok, [{"role": "user", "content": tok.decode(
+        list(r.prompt_token_ids), skip_special_tokens=True)}])) for r in w}
+    assert dict(zip(res.requests["request_id"], res.requests["num_prompt_tokens"])) == want
+    with pytest.raises(ValueError, match="tokenizer"):
+        run_loadtest(live.url, "pystdlib", w, api="chat")
+
+
 def test_parse_metrics_reads_vllm_names():
     text = ('# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name="m"} 0.25\n'
             '# TYPE vllm:prefix_cache_hits_total counter\nvllm:prefix_cache_hits_total{model_name="m"} 7\n'
