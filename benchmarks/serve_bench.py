@@ -38,13 +38,15 @@ from workbench.trace_replay import replay, warm_up
 from workbench.workloads import make_workload
 
 KEYS = ("output_throughput", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "e2e_p50_ms",
-        "num_finished")
+        "num_finished", "num_steps")
 
 
 def in_process_run(llm, workload) -> dict:
+    llm.engine.reset_stats()
     run = replay(llm.engine, workload)
     req = metrics.request_frame(run.outputs)
-    return {**metrics.throughput(req, run.duration), **metrics.latency_summary(req), "duration_s": run.duration}
+    return {**metrics.throughput(req, run.duration), **metrics.latency_summary(req), "duration_s": run.duration,
+            "num_steps": llm.engine.stats().num_steps, "num_failed": 0}
 
 
 def server_run(url, name, workload, warmup=False) -> dict:
@@ -115,7 +117,8 @@ def main() -> None:
             order = ("server", "in_process") if i % 2 == 0 else ("in_process", "server")
             for side in order:
                 row = server_run(url, "bench", w) if side == "server" else in_process_run(llm, w)
-                runs[side].append({k: row.get(k) for k in (*KEYS, "duration_s", "num_failed",
+                # num_steps (the server's from /metrics): more, smaller steps on one side shows where time went
+                runs[side].append({k: row.get(k) for k in (*KEYS, "duration_s", "num_failed", "num_steps",
                                                            "generation_tokens_scraped")})
                 print(f"run {i} {side:10s} " + "  ".join(f"{k}={row[k]:.4g}" for k in KEYS), flush=True)
         summary = {side: summarize(r) for side, r in runs.items()}

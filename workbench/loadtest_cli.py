@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, help="token ids of the workload are drawn below this (default: the "
                    "model's when --model is a preset or a folder, else 32000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default: 0)")
+    p.add_argument("--api", choices=["completions", "chat"], default="completions",
+                   help="/v1/completions (default) or /v1/chat/completions (one user message; needs --tokenizer)")
+    p.add_argument("--tokenizer", metavar="DIR", help="send prompts as the text their token ids decode to with this "
+                   "tokenizer (for chat, and servers that take no token ids)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (for servers without "
                    "vLLM's extension; outputs may then end early)")
     p.add_argument("--no-warmup", action="store_true", help="skip the few unmeasured requests sent first")
@@ -91,7 +95,7 @@ def run(args) -> int:
 
     workload = _workload(args)
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot)) if v is not None}
-    lt = dict(ignore_eos=not args.no_ignore_eos, warmup=not args.no_warmup, scrape_interval=args.scrape_interval or None,
+    lt = dict(ignore_eos=not args.no_ignore_eos, warmup=not args.no_warmup, api=args.api, tokenizer=args.tokenizer, scrape_interval=args.scrape_interval or None,
               telemetry={"auto": None, "on": True, "off": False}[args.telemetry], max_duration=args.max_duration,
               request_timeout=args.request_timeout, slo=slo)
     name = args.served_model_name or args.model

@@ -10,7 +10,7 @@ so it produces exactly max_tokens tokens. From each stream it measures, in the c
   ``vllm bench serve``); TPOT = (last chunk - first chunk) / (output tokens - 1); E2E = end - arrival;
 - output tokens from the final ``usage`` (``stream_options.include_usage``), else counted.
 
-While it runs it scrapes ``/metrics`` (Prometheus text, vLLM's names) when the server has it, giving a
+While it runs it scrapes ``/metrics`` (`workbench.metrics_scrape`; vLLM's names) when the server has it, giving a
 time series of KV usage, running / waiting requests and the counters' increase over the run (prefix
 hits, preemptions), and samples NVML when the GPU is local. Its row is made by the same
 `workbench.metrics.point_metrics` as an in-process run, so results files and the HTML report read the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -32,16 +33,8 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from . import metrics
+from .metrics_scrape import counter_increase, scrape_metrics, scrape_once
 from .workloads import Workload
-
-# Series scraped from /metrics: our column -> Prometheus names, first found wins (older vLLM names last).
-GAUGES = {"num_running": ["vllm:num_requests_running"], "num_waiting": ["vllm:num_requests_waiting"],
-          "kv_usage": ["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]}
-COUNTERS = {"prefix_cache_queries": ["vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"],
-            "prefix_cache_hits": ["vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"],
-            "num_preemptions": ["vllm:num_preemptions"], "prompt_tokens": ["vllm:prompt_tokens"],
-            "generation_tokens": ["vllm:generation_tokens"], "num_steps": ["pwb:engine_steps"]}
-
 
 @dataclass
 class LoadTestResult:
@@ -55,47 +48,18 @@ class LoadTestResult:
     failures: list = field(default_factory=list)
 
 
-def parse_metrics(text: str) -> dict:
-    """Our scraped columns from a Prometheus text page (values summed over label sets; absent: missing)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    totals: dict[str, float] = defaultdict(float)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in (fam.name, fam.name + "_total"):
-                totals[fam.name] += s.value
-        if fam.name == "vllm:cache_config_info" and fam.samples:
-            labels = fam.samples[0].labels
-            for key in ("num_gpu_blocks", "block_size"):
-                if str(labels.get(key, "")).isdigit():
-                    totals["config:" + key] = int(labels[key])
-    out = {}
-    for col, names in {**GAUGES, **COUNTERS}.items():
-        for name in names:
-            if name in totals:
-                out[col] = totals[name]
-                break
-    out.update({k: v for k, v in totals.items() if k.startswith("config:")})
-    return out
+API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-async def _scrape(client, url: str, interval: float, rows: list, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            r = await client.get(url, timeout=10)
-            if r.status_code == 200:
-                rows.append({"time": time.perf_counter(), **parse_metrics(r.text)})
-        except Exception:  # noqa: BLE001 - a missed scrape is a gap in the series, not a failed run
-            pass
-        try:
-            await asyncio.wait_for(stop.wait(), interval)
-        except asyncio.TimeoutError:
-            pass
-
-
-def _payload(model: str, r, sampling: dict, ignore_eos: bool) -> dict:
-    body = {"model": model, "prompt": list(r.prompt_token_ids), "max_tokens": r.max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "temperature": 0.0, **sampling}
+def _payload(model: str, r, sampling: dict, ignore_eos: bool, api: str = "completions",
+             text: str | None = None) -> dict:
+    """The request body: the prompt as token ids, or as ``text`` (completions), or one user message (chat)."""
+    body = {"model": model, "max_tokens": r.max_tokens, "stream": True, "stream_options": {"include_usage": True},
+            "temperature": 0.0, **sampling}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text if text is not None else list(r.prompt_token_ids)
     if ignore_eos:
         body["ignore_eos"] = True
     return body
@@ -148,7 +112,8 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
     m = {"arrival_time": arrival, "first_scheduled_time": None, "first_token_time": first, "finished_time": end,
          "ttft": None if first is None else first - arrival, "e2e": end - arrival,
          "tpot": (times[-1] - first) / (n_out - 1) if first is not None and n_out > 1 else None,
-         "itl": [b - a for a, b in zip(times, times[1:])], "num_prompt_tokens": r.prompt_len,
+         "itl": [b - a for a, b in zip(times, times[1:])],
+         "num_prompt_tokens": int((usage or {}).get("prompt_tokens") or r.prompt_len),  # the server's count
          "num_output_tokens": n_out, "num_cached_tokens": int(cached)}
     return SimpleNamespace(request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), token_ids=[],
                            finish_reason=finish, metrics=m), None
@@ -156,11 +121,12 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
 
 async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict, ignore_eos: bool,
                   scrape_interval: float | None, request_timeout: float, max_duration: float | None,
-                  max_connections: int):
+                  max_connections: int, api: str = "completions", texts: dict | None = None):
     import httpx
 
     base = endpoint.rstrip("/")
-    url = base + "/v1/completions"
+    url = base + API_PATHS[api]
+    texts = texts or {}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
     outputs, failures, scraped = [], [], []
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(request_timeout, connect=30)) as client:
@@ -168,7 +134,8 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         metrics_url = base + "/metrics"
         scraper = None
         if scrape_interval:
-            scraper = asyncio.create_task(_scrape(client, metrics_url, scrape_interval, scraped, stop))
+            await scrape_once(client, metrics_url, scraped)  # the counters' values before the first request
+            scraper = asyncio.create_task(scrape_metrics(client, metrics_url, scrape_interval, scraped, stop))
         closed = workload.arrival == "concurrency"
         sem = asyncio.Semaphore(workload.concurrency) if closed else None
         children = defaultdict(list)
@@ -180,13 +147,12 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
 
         async def launch(r, due: float):
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            body = _payload(model, r, sampling, ignore_eos, api, texts.get(r.request_id))
             if sem is not None:
                 async with sem:
-                    out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r,
-                                           time.perf_counter(), request_timeout)
+                    out, err = await _send(client, url, body, r, time.perf_counter(), request_timeout)
             else:
-                out, err = await _send(client, url, _payload(model, r, sampling, ignore_eos), r, due,
-                                       request_timeout)
+                out, err = await _send(client, url, body, r, due, request_timeout)
             if err is not None:
                 failures.append({"request_id": r.request_id, "error": err})
             else:
@@ -217,12 +183,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         stop.set()
         if scraper is not None:
             await scraper
-            try:  # one last scrape after the run, for the counters' totals
-                r = await client.get(metrics_url, timeout=10)
-                if r.status_code == 200:
-                    scraped.append({"time": time.perf_counter(), **parse_metrics(r.text)})
-            except Exception:  # noqa: BLE001
-                pass
+            await scrape_once(client, metrics_url, scraped)  # the counters' totals after the run
     done_ids = {o.request_id for o in outputs} | {f["request_id"] for f in failures}
     for r in workload:  # never dropped: what did not run (timeout, orphaned turns) is a failure too
         if r.request_id not in done_ids:
@@ -280,19 +241,6 @@ def _scraped_frame(scraped: list, start: float) -> pd.DataFrame:
     return df
 
 
-def _counter_stats(ts: pd.DataFrame) -> dict:
-    """EngineStats-like counters of the run: the increase of each scraped counter, and the pool's size."""
-    out = {}
-    for col in COUNTERS:
-        if col in ts and ts[col].notna().sum() >= 1:
-            v = ts[col].dropna()
-            out[col] = int(round(v.iloc[-1] - v.iloc[0]))
-    for key in ("num_gpu_blocks", "block_size"):
-        if f"config:{key}" in ts and ts[f"config:{key}"].notna().any():
-            out[key] = int(ts[f"config:{key}"].dropna().iloc[0])
-    return out
-
-
 def _is_local(endpoint: str) -> bool:
     return (urlparse(endpoint).hostname or "") in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
@@ -301,16 +249,30 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
                  ignore_eos: bool = True, scrape_interval: float | None = 0.5, telemetry: bool | None = None,
                  telemetry_interval: float = 0.1, request_timeout: float = 600.0, max_duration: float | None = None,
                  max_connections: int = 1024, slo: dict | None = None, point_id: str = "endpoint",
-                 label: str | None = None, warmup: bool = True) -> LoadTestResult:
+                 label: str | None = None, warmup: bool = True, api: str = "completions",
+                 tokenizer=None) -> LoadTestResult:
     """Replay ``workload`` against ``endpoint`` (base URL, e.g. http://127.0.0.1:8000) serving ``model``.
 
     sampling: extra fields of every request body (default greedy). telemetry: NVML sampling, None =
     when the endpoint is local and a GPU is there. scrape_interval: seconds between /metrics scrapes
-    (None: no scraping). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
+    (None: no scraping). api: "completions" or "chat" (one user message). tokenizer (a transformers
+    tokenizer or a folder): send each prompt as the text its token ids decode to (needed for chat, and for
+    servers that take no token ids); the prompt length is then the server's count (usage). warmup: first send a few unmeasured requests (`_warm_up`). Returns a LoadTestResult whose ``row`` has the columns of an in-process row
     (`workbench.metrics.point_metrics`) plus endpoint, model, num_failed, first_failure, status, error.
     """
     from .telemetry import NullTelemetry, make_telemetry
 
+    if api not in API_PATHS:
+        raise ValueError(f"api={api!r} is not allowed: use one of {sorted(API_PATHS)}")
+    texts = None
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        texts = {r.request_id: tokenizer.decode(list(r.prompt_token_ids), skip_special_tokens=True) for r in workload}
+    elif api == "chat":
+        raise ValueError("api='chat' sends text: give tokenizer= (a tokenizer or its folder) to decode the prompts")
     if warmup:
         asyncio.run(_warm_up(endpoint, model, 4, 32, 4, ignore_eos, request_timeout))
     use_tel = telemetry if telemetry is not None else (None if _is_local(endpoint) else False)
@@ -320,7 +282,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
         try:
             outputs, failures, scraped, start = asyncio.run(_replay(
                 endpoint, model, workload, dict(sampling or {}), ignore_eos, scrape_interval, request_timeout,
-                max_duration, max_connections))
+                max_duration, max_connections, api, texts))
         finally:
             samples = tel.stop()
     finally:
@@ -329,9 +291,9 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
     ends = [o.metrics["finished_time"] for o in outputs]
     duration = (max(ends) - start) if ends else math.nan
     ts = _scraped_frame(scraped, start)
-    stats = _counter_stats(ts)
+    stats = counter_increase(ts)
     row = {"point_id": point_id, "label": label or f"{model} @ {endpoint}", "backend": "endpoint",
-           "endpoint": endpoint, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
+           "endpoint": endpoint, "api": api, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
            "num_requests": len(workload), "arrival": workload.arrival, "request_rate": workload.request_rate,
            "concurrency": workload.concurrency, "block_size": stats.get("block_size")}
     row.update(metrics.point_metrics(requests, ts, stats, metrics.telemetry_summary(samples), duration, slo))

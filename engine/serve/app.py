@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 
@@ -106,39 +107,49 @@ class OpenAIServer:
         try:
             q = await self.engine.add(ids, [prompts[i // n] for i in range(len(ids))], params, arrival)
         except ValueError as e:
-            raise RequestError(str(e), "max_tokens" if "max_tokens" in str(e) else field) from None
+            msg = re.sub(r"^request '[^']*': ", "", str(e))  # the engine's request id means nothing to the client
+            raise RequestError(msg, "max_tokens" if "max_tokens" in msg else field) from None
         return ids, q
 
     # ----- engine deltas -> choices -------------------------------------------------------------
     async def events(self, body, ids: list[str], q: asyncio.Queue, choices: list[ChoiceText], finish: list):
-        """Yield (index, new token ids) as deltas arrive, until every choice finished.
+        """Yield [(index, new token ids)] as deltas arrive, until every choice finished.
 
+        Deltas already queued are taken together and merged per choice (as vLLM merges outputs for a
+        consumer that fell behind): when the event loop keeps up each token is its own chunk, and
+        when it does not it writes fewer, larger chunks instead of falling further behind.
         finish[i] becomes the choice's finish_reason; a choice that hit a stop string is aborted in the
         engine and finishes with "stop". Raises _Failed when the engine failed a request.
         """
         index = {rid: i for i, rid in enumerate(ids)}
         left = len(ids)
         while left:
-            d = await q.get()
-            i = index[d.request_id]
-            if finish[i] is not None:
-                continue  # the abort that follows a stop string
-            if d.finish_reason == "error":
-                raise _Failed(d.error)
-            c = choices[i]
-            c.add(d.token_ids)
-            if d.output is not None:
-                c.cached_tokens = d.output.metrics.num_cached_tokens
-            if c.stopped:
-                finish[i] = "stop"
-                if not d.finished:
-                    self.engine.abort(d.request_id)
-            elif d.finished:
-                c.flush()
-                finish[i] = d.finish_reason
-            if finish[i] is not None:
-                left -= 1
-            yield i, d.token_ids
+            batch = [await q.get()]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            touched: dict[int, list[int]] = {}
+            for d in batch:
+                i = index[d.request_id]
+                if finish[i] is not None:
+                    continue  # the abort that follows a stop string
+                if d.finish_reason == "error":
+                    raise _Failed(d.error)
+                c = choices[i]
+                c.add(d.token_ids)
+                if d.output is not None:
+                    c.cached_tokens = d.output.metrics.num_cached_tokens
+                if c.stopped:
+                    finish[i] = "stop"
+                    if not d.finished:
+                        self.engine.abort(d.request_id)
+                elif d.finished:
+                    c.flush()
+                    finish[i] = d.finish_reason
+                if finish[i] is not None:
+                    left -= 1
+                touched.setdefault(i, []).extend(d.token_ids)
+            if touched:
+                yield list(touched.items())
 
     @staticmethod
     def usage(prompts, choices) -> dict:
@@ -188,14 +199,15 @@ class OpenAIServer:
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
             try:
-                async for i, new_ids in self.events(body, ids, q, choices, finish):
-                    text = choices[i].take(final=finish[i] is not None)
-                    item = {"index": i, "logprobs": None, "finish_reason": finish[i]}
-                    item.update({"delta": {"content": text} if text or not finish[i] else {}} if chat
-                                else {"text": text})
-                    if with_ids:
-                        item["token_ids"] = list(new_ids)
-                    yield _sse({**head, "choices": [item]})
+                async for batch in self.events(body, ids, q, choices, finish):
+                    for i, new_ids in batch:
+                        text = choices[i].take(final=finish[i] is not None)
+                        item = {"index": i, "logprobs": None, "finish_reason": finish[i]}
+                        item.update({"delta": {"content": text} if text or not finish[i] else {}} if chat
+                                    else {"text": text})
+                        if with_ids:
+                            item["token_ids"] = new_ids
+                        yield _sse({**head, "choices": [item]})
             except _Failed as e:
                 yield _sse(error_body(str(e), None, "server_error", 500))
             else:

@@ -140,7 +140,22 @@ def test_64_streaming_clients_with_malformed_burst(live):
         == len(records)
 
 
-def test_stream_disconnect_aborts_and_frees_blocks(live):
+@pytest.fixture
+def slow_steps(live):
+    """Each engine step takes >= 5 ms while the test runs, so 400 tokens take >= 2 s on any machine and a
+    disconnect after a fraction of a second must be what ends the request."""
+    def slow(step):
+        def wrapped():
+            time.sleep(0.005)
+            return step()
+        return wrapped
+
+    live.engine_call(lambda e: setattr(e, "step", slow(e.step)))
+    yield
+    live.engine_call(lambda e: delattr(e, "step"))  # back to the class's step
+
+
+def test_stream_disconnect_aborts_and_frees_blocks(live, slow_steps):
     gen_before = live.engine_call(lambda e: e.stats().num_generation_tokens)
     body = {"model": "pystdlib", "prompt": [11] * 20, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=30) as client:
@@ -154,7 +169,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(live):
     assert generated < 400, "the request ran to the end: the disconnect did not abort it"
 
 
-def test_non_streaming_disconnect_aborts(live):
+def test_non_streaming_disconnect_aborts(live, slow_steps):
     gen_before = live.engine_call(lambda e: e.stats().num_generation_tokens)
     body = {"model": "pystdlib", "prompt": [12] * 20, "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):

@@ -137,6 +137,7 @@ def test_bad_requests_get_400_naming_the_field(client, kwargs, param):
         client.completions.create(model="pystdlib", **kwargs)
     assert e.value.status_code == 400
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+    assert "request '" not in e.value.body["message"]  # no engine-internal request id
 
 
 def test_unknown_model_is_404(client):
