@@ -22,6 +22,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -207,12 +208,10 @@ def main(argv=None) -> int:
         return 1
     from workbench import demo
 
-    helpers_chromium = os.environ.get("WORKBENCH_CHROMIUM") or "/usr/bin/chromium"
-    if not os.path.exists(helpers_chromium):
-        import shutil
-        helpers_chromium = shutil.which("chromium") or helpers_chromium
-    if not os.path.exists(helpers_chromium):
-        print(f"error: no chromium at {helpers_chromium}: apt-get install -y chromium", file=sys.stderr)
+    chromium = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        print(f"error: no chromium at {chromium}: apt-get install -y chromium (or set WORKBENCH_CHROMIUM)",
+              file=sys.stderr)
         return 1
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +224,7 @@ def main(argv=None) -> int:
             if not res.ok:
                 raise ScreenshotError(f"the demo sweep failed: {res.results[['label', 'status', 'error']]}")
             with sync_api.sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=helpers_chromium,
+                browser = p.chromium.launch(executable_path=chromium,
                                             args=["--headless", "--no-sandbox", "--disable-gpu"])
                 try:
                     report_shots(browser.new_page(device_scale_factor=1), Path(res.report_path), shots)

@@ -200,7 +200,7 @@ COMMANDS = [
 from .demo import add_demo_arguments, run_demo_command  # noqa: E402
 
 COMMANDS.insert(0, ("demo", "a small sweep on the shipped model on the CPU: the recommendation, the table and "
-                    "report.html in about a minute", add_demo_arguments, run_demo_command))
+                    "report.html in under two minutes", add_demo_arguments, run_demo_command))
 
 
 def _loadtest_arguments(p):  # the command lives in workbench/loadtest_cli.py (issue 21)

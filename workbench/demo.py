@@ -1,4 +1,4 @@
-"""``python -m workbench demo``: the workbench's main job, on a laptop CPU, in about a minute.
+"""``python -m workbench demo``: the workbench's main job, on a laptop CPU, in under two minutes.
 
 A small sweep (KV block size x prefix caching) of the model shipped in data/models/ on a shared-prefix
 workload, each point run ``repeats`` times; prints the recommendation and the results table, writes the

@@ -131,3 +131,18 @@ def test_gpu_advice_prefers_the_default_memory_share_then_the_largest_preset(mon
     preset, util = expected
     assert f"--model {preset} --device cuda" in text
     assert ("--set gpu_memory_utilization=0.8" in text) == (util == 0.8)
+
+
+def test_readme_leads_with_the_demo_and_its_screenshots_exist_under_300_kb():
+    from pathlib import Path
+
+    root = Path(demo.ROOT)
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    first_block = re.search(r"```bash\n(.*?)\n```", readme, re.S).group(1)
+    assert first_block == "pip install torch==2.13.0 -e . && python -m workbench demo"
+    images = re.findall(r"!\[[^\]]*\]\((docs/img/[^)]+\.png)\)", readme)
+    assert len(images) >= 5  # the recommendation, two report figures, the SweepPanel, the BlockMapExplorer
+    for name in images:
+        png = root / name
+        assert png.exists(), f"{name} is referenced by the README but missing: python scripts/make_screenshots.py"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300 * 1024, name
