@@ -1,0 +1,142 @@
+"""Qwen3, Phi-3, Gemma 2, Gemma 3, Mixtral and Qwen3-MoE: greedy tokens equal HF transformers' (float32, CPU),
+loaded from an in-memory model and from a (sharded) save_pretrained folder, with chunked prefill, prefix
+caching and preemption, prompts several times longer than the sliding window included."""
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.model.spec import ModelSpec
+from family_models import FAMILIES, WINDOW, make_family_model, tiny_family_config
+
+TIE_GAP = 1e-4  # a first divergence is accepted only where HF's top two logits are this close
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    """HF's greedy tokens and, per step, the gap between its two best logits."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, len(prompt):].tolist(), gaps
+
+
+def assert_same_greedy(got, expected, gaps, what):
+    """Equal tokens, or equal up to a step where HF itself had a near-tie (then the paths may part)."""
+    for i, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            assert gaps[i] < TIE_GAP, f"{what}: token {i} is {a}, HF chose {b} (top-2 gap {gaps[i]:.2e})"
+            return
+    assert len(got) == len(expected), what
+
+
+def make_prompts(seed, lengths, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: make_family_model(kind) for kind in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def references(models):
+    """Prompts of 1..130 tokens (up to 5x the window) with mixed output lengths, and HF's greedy run of each."""
+    lengths, max_tokens = [1, 9, 33, 70, 130], [10, 20, 6, 14, 12]
+    refs = {}
+    for kind, model in models.items():
+        prompts = make_prompts(1, lengths)
+        prompts.append(prompts[4][:64] + make_prompts(2, [20])[0])  # shares 64 tokens with the 130-token prompt
+        refs[kind] = [(p, n, *hf_greedy(model, p, n)) for p, n in zip(prompts, max_tokens + [10])]
+    return refs
+
+
+CASES = {
+    "block4": dict(block_size=4, max_num_batched_tokens=2048),
+    "block16-prefix-cache": dict(block_size=16, enable_prefix_caching=True),
+    "chunked-prefill": dict(block_size=8, max_num_batched_tokens=29),
+    # 20 blocks of 8 = 160 slots for 6 requests of up to 142 tokens: forces preemption.
+    "preemption": dict(block_size=8, num_gpu_blocks=20, max_num_batched_tokens=256, max_model_len=144),
+}
+
+
+def run(llm, refs):
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n, _, _ in refs]
+    return llm.generate([p for p, _, _, _ in refs], params)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_hf(models, references, kind, case):
+    cfg = EngineConfig(device="cpu", **{"max_model_len": 256, **CASES[case]})
+    llm = LLM.from_hf_model(models[kind], cfg)
+    outs = run(llm, references[kind])
+    for (prompt, n, expected, gaps), out in zip(references[kind], outs):
+        assert_same_greedy(out.token_ids, expected, gaps, f"{kind}/{case}: prompt of {len(prompt)} tokens")
+        assert out.finish_reason == "length" and len(out.token_ids) == n
+    stats = llm.engine.stats()
+    assert stats.num_used_blocks == 0, "blocks leaked after every request finished"
+    if case == "preemption":
+        assert stats.num_preemptions > 0
+    if case == "chunked-prefill":
+        assert max(s.num_batched_tokens for s in stats.steps) <= 29
+    if case == "block16-prefix-cache":
+        assert stats.prefix_cache_hits >= 64
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_from_sharded_folder_matches_hf(models, references, kind, tmp_path):
+    """save_pretrained in small shards (per-expert tensors on disk for the MoE models), loaded offline."""
+    models[kind].save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    llm = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256, block_size=16))
+    for (prompt, n, expected, gaps), out in zip(references[kind], run(llm, references[kind])):
+        assert_same_greedy(out.token_ids, expected, gaps, f"{kind} from folder: prompt of {len(prompt)} tokens")
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_prompt_logits_match_hf(models, kind):
+    model = models[kind]
+    ids = make_prompts(3, [90])[0]
+    llm = LLM.from_hf_model(model, EngineConfig(device="cpu", max_model_len=128, block_size=16))
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(llm.prompt_logits(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_window_changes_the_output(models):
+    """The sliding window is not a no-op on these prompts: full attention gives other logits."""
+    from dataclasses import replace
+    model = models["gemma3"]
+    ids = make_prompts(4, [80])[0]
+    llm = LLM.from_hf_model(model, EngineConfig(device="cpu", max_model_len=128, block_size=16))
+    windowed = llm.prompt_logits(ids)
+    for layer in llm.model.layers:
+        layer.self_attn.attend_options.pop("sliding_window", None)
+    full = llm.prompt_logits(ids)
+    assert (windowed[WINDOW:] - full[WINDOW:]).abs().max() > 1e-3
+    torch.testing.assert_close(windowed[:WINDOW], full[:WINDOW])  # within the window nothing changes
+
+
+def test_spec_reads_each_family():
+    specs = {k: ModelSpec.from_hf_config(tiny_family_config(k)) for k in FAMILIES}
+    assert specs["gemma2"].layer_windows == (WINDOW, None, WINDOW)
+    assert specs["gemma3"].layer_windows == (WINDOW, WINDOW, None, WINDOW)
+    assert specs["gemma3"].rope_local_theta == 10000.0 and specs["gemma3"].rope_theta == 1e6
+    assert specs["gemma3"].rope_scaling["factor"] == 4.0
+    assert specs["gemma2"].attn_scale == 24 ** -0.5 and specs["gemma2"].final_softcap == 20.0
+    assert specs["phi3"].layer_windows == (WINDOW, WINDOW)
+    assert specs["qwen3"].qk_norm and specs["qwen3"].layer_windows == (None, None)
+    assert specs["qwen3_moe"].moe_layers == (True, False, True) and not specs["qwen3_moe"].norm_topk_prob
+    assert specs["mixtral"].num_experts == 4 and specs["mixtral"].norm_topk_prob
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_num_params_counts_the_hf_model(models, kind):
+    hf = sum(p.numel() for p in models[kind].parameters())  # a tied head counted once, as ours
+    assert ModelSpec.from_hf_config(models[kind].config).num_params() == hf
+
+
+def test_unsupported_family_is_a_clear_error():
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        ModelSpec.from_hf_config({"model_type": "gpt2"})
