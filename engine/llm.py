@@ -20,7 +20,7 @@ from .request import Request, RequestOutput
 from .runner import CPU_KV_BUDGET_BYTES, ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .stats import EngineStats, StepStats
+from .stats import EngineStats, StepStats, expert_imbalance
 
 
 class LLMEngine:
@@ -114,6 +114,7 @@ class LLMEngine:
     def _record_step(self, sched, result, start, now, queries, hits) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
+        load = self._expert_load(sched.num_batched_tokens)
         wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
                      for r in self.scheduler.running)
         self._steps.append(StepStats(
@@ -127,9 +128,22 @@ class LLMEngine:
             num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
             num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
-            cuda_graph=result.used_cuda_graph))
+            cuda_graph=result.used_cuda_graph, expert_imbalance=expert_imbalance(load)))
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled)
+
+    def _expert_load(self, num_tokens: int) -> list[list[int]] | None:
+        """This step's tokens per expert per MoE layer (added to the running totals); None for dense models
+        (and under tensor parallelism, whose runner holds no model here)."""
+        model = getattr(self.runner, "model", None)
+        load = model.expert_load(num_tokens) if model is not None and hasattr(model, "expert_load") else None
+        if load is not None:
+            if self._expert_tokens is None:
+                self._expert_tokens = [[0] * len(layer) for layer in load]
+            for total, layer in zip(self._expert_tokens, load):
+                for e, n in enumerate(layer):
+                    total[e] += n
+        return load
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished
@@ -150,6 +164,7 @@ class LLMEngine:
         self._steps: list[StepStats] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._expert_tokens: list[list[int]] | None = None
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
 
     def stats(self) -> EngineStats:
@@ -166,7 +181,8 @@ class LLMEngine:
             kv_bytes_per_token=runner.kv_bytes_per_token, quantization=self.config.quantization,
             kv_cache_dtype=self.config.kv_cache_dtype,
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
+            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
+            expert_tokens=[list(layer) for layer in self._expert_tokens] if self._expert_tokens else None)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block

@@ -28,6 +28,7 @@ class StepStats:
     num_attention_scores: int        # query-key pairs scored (per layer and head): attention FLOPs / (4 x head_dim)
     host_time: float                 # seconds of the step not spent waiting for the device
     cuda_graph: bool                 # the forward pass replayed a captured CUDA graph
+    expert_imbalance: float | None = None  # MoE models: expert_imbalance() of this step's routing, else None
 
 
 @dataclass
@@ -71,6 +72,12 @@ class EngineStats:
     cuda_graphs: bool
     memory: MemoryProfile | None = None
     steps: list[StepStats] = field(default_factory=list)
+    # MoE models: tokens routed to each expert, [moe layer][expert], summed over the steps (None if dense).
+    expert_tokens: list[list[int]] | None = None
+
+    @property
+    def expert_imbalance(self) -> float | None:
+        return expert_imbalance(self.expert_tokens)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -85,4 +92,15 @@ class EngineStats:
         d.pop("steps")
         d["kv_capacity_tokens"] = self.kv_capacity_tokens
         d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
+        d["expert_imbalance"] = self.expert_imbalance
         return d
+
+
+def expert_imbalance(expert_tokens: list[list[int]] | None) -> float | None:
+    """Load imbalance of MoE routing: per layer, the busiest expert's tokens over the mean tokens per expert,
+    averaged over the layers (1.0: perfectly even; num_experts / k: every token picks the same k experts).
+    None for a dense model or when no token was routed."""
+    if not expert_tokens:
+        return None
+    ratios = [max(layer) * len(layer) / sum(layer) for layer in expert_tokens if sum(layer)]
+    return sum(ratios) / len(ratios) if ratios else None
