@@ -140,3 +140,56 @@ def test_num_params_counts_the_hf_model(models, kind):
 def test_unsupported_family_is_a_clear_error():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ModelSpec.from_hf_config({"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize("window,softcap", [(None, 1.5), (5, None), (16, 2.0), (40, None)])
+def test_attention_backends_take_window_and_softcap(window, softcap):
+    """The Triton kernels (CPU interpreter) and the torch decode path against the reference, for decodes and
+    (chunked) prefills with contexts longer than the window; keys older than every window are NaN for the
+    decodes, so reading one fails."""
+    import os
+    from engine.kernels import TorchBackend
+    from engine.kernels.reference import paged_attention_reference, random_paged_batch
+    requests = [(37, 1), (3, 1), (50, 1), (0, 23), (30, 9)]
+    q, k_cache, v_cache, meta, _, _ = random_paged_batch(requests, num_kv_heads=2, group=2, head_dim=16,
+                                                         block_size=4, dtype=torch.float32, seed=7)
+    expected = paged_attention_reference(q, k_cache, v_cache, meta, 0.25, sliding_window=window, softcap=softcap)
+    if window is not None:  # no decode may read a key older than its window
+        for i, (ctx, n) in enumerate(requests[:3]):
+            old = max(ctx + n - window, 0)
+            for pos in range(old):
+                blk = int(meta.block_tables[i, pos // 4])
+                k_cache[blk, pos % 4] = float("nan")
+                v_cache[blk, pos % 4] = float("nan")
+    backends = [TorchBackend()]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from engine.kernels.triton_backend import TritonBackend
+        backends.append(TritonBackend())
+    for backend in backends:
+        got = backend.attend(q, k_cache, v_cache, meta, 0.25, sliding_window=window, softcap=softcap)
+        torch.testing.assert_close(got[:3], expected[:3], atol=2e-5, rtol=2e-5, msg=f"{backend.name} decode")
+        if window is None:
+            torch.testing.assert_close(got[3:], expected[3:], atol=2e-5, rtol=2e-5, msg=f"{backend.name} prefill")
+    if window is not None:  # prefills, over the cache without NaNs
+        q, k_cache, v_cache, meta, _, _ = random_paged_batch(requests[3:], num_kv_heads=2, group=2, head_dim=16,
+                                                             block_size=4, dtype=torch.float32, seed=8)
+        expected = paged_attention_reference(q, k_cache, v_cache, meta, 0.25, sliding_window=window, softcap=softcap)
+        for backend in backends:
+            got = backend.attend(q, k_cache, v_cache, meta, 0.25, sliding_window=window, softcap=softcap)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5, msg=f"{backend.name} prefill")
+        full = paged_attention_reference(q, k_cache, v_cache, meta, 0.25, softcap=softcap)
+        if window < 30:  # the prefills reach 39 tokens: a window of 40 changes nothing there
+            assert (full - expected).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_triton_engine_runs_sliding_windows_like_torch(models, kind="gemma2"):
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 40)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM.from_hf_model(models[kind], EngineConfig(device="cpu", max_model_len=64, block_size=8,
+                                                            max_num_batched_tokens=16, attention_backend=backend))
+        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert tokens["triton"] == tokens["torch"]
