@@ -193,3 +193,31 @@ def test_triton_engine_runs_sliding_windows_like_torch(models, kind="gemma2"):
                                                             max_num_batched_tokens=16, attention_backend=backend))
         tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
     assert tokens["triton"] == tokens["torch"]
+
+
+# Published parameter counts (billions): total, and activated per token with the embedding table included.
+PUBLISHED = {"qwen3-8b": (8.19, None), "qwen3-30b-a3b": (30.5, 3.3), "mixtral-8x7b": (46.7, 12.9),
+             "gemma-2-9b": (9.24, None), "gemma-3-12b": (11.77, None), "phi-3-mini": (3.82, None)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_presets_have_the_published_sizes(name):
+    spec = LLM.model_spec(name)
+    total, active = PUBLISHED[name]
+    assert spec.num_params() / 1e9 == pytest.approx(total, rel=0.01)
+    if active is not None:
+        embed = spec.vocab_size * spec.hidden_size
+        assert (spec.num_active_params() + embed) / 1e9 == pytest.approx(active, rel=0.02)
+        assert spec.active_weight_bytes(2) == 2 * spec.num_active_params() < spec.weight_bytes(2) / 3
+
+
+def test_kv_bytes_count_sliding_layers_once_the_window_is_full():
+    spec = LLM.model_spec("gemma-3-12b")  # 40 sliding layers (window 1024) and 8 global ones
+    per_layer_token = 2 * spec.num_kv_heads * spec.head_dim * 2
+    assert spec.kv_bytes_for_tokens(4096, 2) == (8 * 4096 + 40 * 1024) * per_layer_token
+    assert spec.kv_bytes_for_tokens(512, 2, block_size=16) == 48 * 512 * per_layer_token
+    # With 16-token blocks a sliding layer keeps the blocks its 1024-token window can touch: 65.
+    assert spec.kv_bytes_for_tokens(4096, 2, block_size=16) == (8 * 4096 + 40 * 65 * 16) * per_layer_token
+    assert spec.kv_bytes_per_token(2) * 4096 / spec.kv_bytes_for_tokens(4096, 2, 16) > 1.5
+    dense = LLM.model_spec("qwen3-8b")
+    assert dense.kv_bytes_for_tokens(4096, 2) == dense.kv_bytes_per_token(2) * 4096
