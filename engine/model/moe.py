@@ -38,13 +38,15 @@ class MoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, backend, routing_out: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; the chosen experts' ids are copied into routing_out ([T, k]) if given."""
-        weights, ids = route_topk(self.gate(x), self.top_k, self.renormalize)
-        if routing_out is not None:
-            routing_out.copy_(ids)
+        logits = self.gate(x)
         if getattr(backend, "name", "torch") == "triton":
-            from ..kernels.moe import fused_moe  # lazily: triton is optional on CPU machines
+            from ..kernels.moe import fused_moe, route_topk_triton  # lazily: triton is optional on CPU machines
+            weights, ids = route_topk_triton(logits, self.top_k, self.renormalize, routing_out)
             out = fused_moe(x, self.w13, self.w2, weights, ids)
         else:
+            weights, ids = route_topk(logits, self.top_k, self.renormalize)
+            if routing_out is not None:
+                routing_out.copy_(ids)
             out = fused_moe_reference(x, self.w13, self.w2, weights, ids)
         if self.tp_group:
             torch.distributed.all_reduce(out)

@@ -34,13 +34,26 @@ def moe_case(t, e, k, h, i, dtype, seed=0):
     (37, 4, 2, 48, 24),     # most experts get several 16-row blocks; hidden not a tile multiple
     (40, 8, 1, 32, 32),     # top-1
 ])
-def test_fused_moe_matches_reference(dtype, t, e, k, h, i):
+@pytest.mark.parametrize("path", ["grouped", "gemv"])
+def test_fused_moe_matches_reference(dtype, t, e, k, h, i, path):
     from engine.kernels.moe import fused_moe
     x, w13, w2, weights, ids = moe_case(t, e, k, h, i, dtype)
     expected = fused_moe_reference(x.float().cpu(), w13.float().cpu(), w2.float().cpu(), weights.cpu(), ids.cpu())
-    got = fused_moe(x, w13, w2, weights, ids)
+    got = fused_moe(x, w13, w2, weights, ids, path=path)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
     torch.testing.assert_close(got.float().cpu(), expected, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("e,k,renormalize", [(8, 2, True), (16, 8, False), (6, 3, True)])
+def test_route_topk_kernel_matches_reference(e, k, renormalize):
+    from engine.kernels.moe import route_topk_triton
+    logits = torch.randn(9, e, generator=torch.Generator().manual_seed(e)).to(DEVICE)
+    routing = torch.zeros(9, k, dtype=torch.int64, device=DEVICE)
+    weights, ids = route_topk_triton(logits, k, renormalize, routing)
+    ref_w, ref_ids = route_topk(logits, k, renormalize)
+    assert torch.equal(ids, ref_ids) and torch.equal(routing, ref_ids)
+    torch.testing.assert_close(weights, ref_w, atol=1e-6, rtol=1e-6)
 
 
 @needs_triton
