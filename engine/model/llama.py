@@ -51,6 +51,10 @@ class Attention(nn.Module):
             self.attend_options["softcap"] = float(spec.attn_softcap)
 
     def _norm_qk(self, qkv, backend):
+        if getattr(backend, "name", "torch") == "triton":
+            from ..kernels.qk_norm import qk_norm_triton_  # lazily: triton is optional on CPU machines
+            return qk_norm_triton_(qkv, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, self.q_norm.eps)
         t, d = qkv.shape[0], self.head_dim
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, d), None, backend)[0].view(t, -1)

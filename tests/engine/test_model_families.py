@@ -221,3 +221,22 @@ def test_kv_bytes_count_sliding_layers_once_the_window_is_full():
     assert spec.kv_bytes_per_token(2) * 4096 / spec.kv_bytes_for_tokens(4096, 2, 16) > 1.5
     dense = LLM.model_spec("qwen3-8b")
     assert dense.kv_bytes_for_tokens(4096, 2) == dense.kv_bytes_per_token(2) * 4096
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qk_norm_kernel_matches_the_torch_path(dtype):
+    from engine.kernels import TorchBackend
+    from engine.kernels.qk_norm import qk_norm_triton_
+    from engine.model.llama import Attention
+    from engine.model.rotary import RotaryEmbedding
+    spec = ModelSpec.from_hf_config(tiny_family_config("qwen3"))
+    attn = Attention(spec, RotaryEmbedding(spec.head_dim, 64, 1e4, None), 0).to(dtype)
+    with torch.no_grad():
+        attn.q_norm.weight.normal_(1.0, 0.2)
+        attn.k_norm.weight.normal_(1.0, 0.2)
+    qkv = torch.randn(7, attn.q_size + 2 * attn.kv_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = attn._norm_qk(qkv.clone(), TorchBackend())
+    got = qk_norm_triton_(qkv.clone(), attn.q_norm.weight, attn.k_norm.weight, spec.num_heads, spec.num_kv_heads,
+                          spec.head_dim, attn.q_norm.eps)
+    torch.testing.assert_close(got, expected, atol=1e-5 if dtype == torch.float32 else 2e-3, rtol=1e-5)
