@@ -154,8 +154,8 @@ class LlamaModel(nn.Module):
                 meta: AttentionMetadata, backend) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         if self.embed_scale is not None:
-            # As transformers: the scale rounded to the model dtype first.
-            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+            # As transformers: the scale rounded to the model dtype first (on the host: no device op to capture).
+            x = x * torch.tensor(self.embed_scale).to(x.dtype).item()
         routing = self._routing_buffer(input_ids.shape[0], x.device) if self.spec.is_moe else None
         j = 0
         for layer, kv_cache in zip(self.layers, kv_caches):
