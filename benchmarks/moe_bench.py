@@ -9,7 +9,11 @@ For each model (qwen3-30b-a3b, mixtral-8x7b; bf16, random weights, CUDA graphs, 
 3. decode at batch 1 (128-token prompt, 128 new tokens): TPOT vs active weight bytes (router + the k chosen
    experts + attention + norms + LM head, ModelSpec.active_weight_bytes) / copy bandwidth; --runs runs,
    each next to a fresh copy-bandwidth measurement (interleaved), median and spread. Target: <= 1.5x.
-Writes JSON (command, device, versions, every run) to --out. About 3-4 minutes on an H200.
+With --parts ...,trace also: 4. the 1000-request ShareGPT-like trace (synthetic lengths), measured time against
+a MoE-aware per-step limit (max of FLOPs of the active parameters / matmul rate and bytes / copy bandwidth,
+the bytes counting each MoE layer's expected distinct experts E (1 - (1 - k/E)^T) for T batched tokens under
+even routing, plus KV reads), reported as limit / measured (workbench.bench.step_limits assumes a dense model).
+Writes JSON (command, device, versions, every run) to --out. About 3-4 minutes on an H200 without the trace.
 """
 from __future__ import annotations
 
@@ -126,6 +130,39 @@ def decode_runs(llm, runs: int) -> dict:
             "target": f"<= {TARGET}", "met": med <= TARGET}
 
 
+TRACE_CFG = EngineConfig(block_size=16, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048)
+
+
+def moe_step_limits(steps, spec, kv_bytes_per_token: int, rates: dict):
+    """Per step: seconds the GPU needs at least (see the module doc, part 4), as a numpy array."""
+    h, e, k, i = spec.hidden_size, spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size
+    head = spec.vocab_size * h
+    expert_bytes = 3 * h * i * 2
+    dense_bytes = spec.active_weight_bytes(2) - spec.num_moe_layers * k * expert_bytes
+    tokens = steps["num_batched_tokens"].to_numpy(dtype=float)
+    distinct = e * (1 - (1 - k / e) ** tokens)
+    moved = (dense_bytes + spec.num_moe_layers * distinct * expert_bytes
+             + kv_bytes_per_token * (steps["num_kv_tokens_read"].to_numpy() + tokens))
+    attn_width = spec.num_layers * spec.num_heads * spec.head_dim
+    flops = (2 * (spec.num_active_params() - head) * tokens + 2 * head * steps["num_sampled_tokens"].to_numpy()
+             + 4 * attn_width * steps["num_attention_scores"].to_numpy())
+    return np.maximum(flops / rates["matmul_flops"], moved / rates["copy_bandwidth"])
+
+
+def trace_1000(llm) -> dict:
+    from workbench.bench import measure_device_rates, run_engine
+    from workbench.workloads import sharegpt_like
+    llm.reconfigure(TRACE_CFG)
+    rates = measure_device_rates()
+    wl = sharegpt_like(num_requests=1000, vocab_size=llm.spec.vocab_size, seed=0)
+    run = run_engine(llm, wl)
+    st = llm.engine.stats()
+    limit = float(moe_step_limits(run.steps, llm.spec, st.kv_bytes_per_token, rates).sum())
+    return {"measured_s": run.duration, "limit_s": limit, "limit_ratio": limit / run.duration,
+            "output_tok_s": run.summary["output_throughput"], "preemptions": run.summary["num_preemptions"],
+            "num_gpu_blocks": st.num_gpu_blocks, "expert_imbalance": st.expert_imbalance, "rates": rates}
+
+
 def environment() -> dict:
     import transformers
     import triton
@@ -138,9 +175,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--parts", default="kernels,decode1", help="comma list of kernels, decode1, trace")
     ap.add_argument("--out", default="data/benchmarks/moe_bench.json")
     args = ap.parse_args()
-    results = {"environment": environment(), "config": str(CFG), "models": {}}
+    parts = args.parts.split(",")
+    results = {"environment": environment(), "config": str(CFG), "parts": parts, "models": {}}
     log(f"{results['environment']}")
 
     def save():
@@ -158,16 +197,24 @@ def main():
             log(f"loaded in {res['load_s']:.0f} s; {llm.spec.weight_bytes(2) / 1e9:.1f} GB of weights, "
                 f"{llm.spec.active_weight_bytes(2) / 1e9:.2f} GB active; backend {llm.engine.stats().attention_backend}")
             mlp = moe_layer(llm)
-            with torch.inference_mode():
-                res["kernel_check"] = kernel_check(mlp)
-                log(f"kernel check {res['kernel_check']}")
-                res["moe_layer"] = kernel_time(mlp, copy_bandwidth())
-                log(f"MoE layer at T=1 {res['moe_layer']}")
-            res["decode_batch1"] = decode_runs(llm, args.runs)
-            d = res["decode_batch1"]
-            log(f"{name}: decode batch 1 median {d['ratio_median']:.2f}x the active-weight read time "
-                f"(spread {d['ratio_spread'][0]:.2f}-{d['ratio_spread'][1]:.2f}); target {d['target']}: "
-                f"{'MET' if d['met'] else 'MISSED'}")
+            if "kernels" in parts:
+                with torch.inference_mode():
+                    res["kernel_check"] = kernel_check(mlp)
+                    log(f"kernel check {res['kernel_check']}")
+                    res["moe_layer"] = kernel_time(mlp, copy_bandwidth())
+                    log(f"MoE layer at T=1 {res['moe_layer']}")
+                save()
+            if "decode1" in parts:
+                res["decode_batch1"] = decode_runs(llm, args.runs)
+                d = res["decode_batch1"]
+                log(f"{name}: decode batch 1 median {d['ratio_median']:.2f}x the active-weight read time "
+                    f"(spread {d['ratio_spread'][0]:.2f}-{d['ratio_spread'][1]:.2f}); target {d['target']}: "
+                    f"{'MET' if d['met'] else 'MISSED'}")
+                save()
+            if "trace" in parts:
+                mlp = None
+                res["trace_1000"] = trace_1000(llm)
+                log(f"{name}: trace {res['trace_1000']}")
         except Exception as exc:  # record and go on to the next model
             import traceback
             traceback.print_exc()

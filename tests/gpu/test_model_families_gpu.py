@@ -17,19 +17,26 @@ from family_models import FAMILIES, make_family_model  # noqa: E402
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_triton_engine_with_cuda_graphs_matches_torch_engine(kind):
+    """Same greedy tokens, or a first divergence where the torch engine's top two logits are within the
+    Triton kernels' tf32 rounding (a near-tie)."""
     model = make_family_model(kind)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 9, 40, 90)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    tokens = {}
+    tokens, llms = {}, {}
     for backend in ("torch", "triton"):
         cfg = EngineConfig(device="cuda", max_model_len=128, block_size=16, max_num_batched_tokens=48,
                            max_num_seqs=8, attention_backend=backend)
-        llm = LLM.from_hf_model(model, cfg, dtype=torch.float32)
-        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
-        if backend == "triton":
-            assert llm.engine.stats().cuda_graphs
-    assert tokens["triton"] == tokens["torch"]
+        llms[backend] = LLM.from_hf_model(model, cfg, dtype=torch.float32)
+        tokens[backend] = [o.token_ids for o in llms[backend].generate(prompts, params)]
+    assert llms["triton"].engine.stats().cuda_graphs
+    for prompt, a, b in zip(prompts, tokens["triton"], tokens["torch"]):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                logits = llms["torch"].prompt_logits(prompt + b[:i])[-1]
+                top = logits.topk(2).values
+                assert top[0] - top[1] < 2e-2, f"{kind}: token {i} differs ({x} vs {y}) without a near-tie"
+                break
 
 
 @pytest.mark.parametrize("window,softcap", [(None, 50.0), (64, None), (1024, 30.0)])
