@@ -12,6 +12,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
                          "qwen3_moe")
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 MOE_TYPES = ("mixtral", "qwen3_moe")
+NEWER_TYPES = ("qwen3", "phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 
 
 def _get(cfg, name, default=None):
@@ -93,9 +94,16 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, cfg) -> "ModelSpec":
         model_type = _get(cfg, "model_type", "llama")
-        if model_type == "gemma3" and _get(cfg, "text_config") is not None:
-            raise ValueError("model_type 'gemma3' is the multimodal Gemma 3: load its text model "
-                             "(Gemma3ForCausalLM, model_type 'gemma3_text')")
+        if model_type == "gemma3":  # the multimodal Gemma 3 checkpoint: its language model (weights.py drops the rest)
+            text = _get(cfg, "text_config")
+            if text is None:
+                raise ValueError("model_type 'gemma3' without a text_config: not a Gemma 3 checkpoint")
+            cfg, model_type = ({**text, "model_type": "gemma3_text"} if isinstance(text, dict) else text), "gemma3_text"
+        if isinstance(cfg, dict) and model_type in NEWER_TYPES:
+            # A config.json as the Hub has it may predate transformers 5's fields (layer_types, rope_parameters):
+            # let transformers' own config class fill them in (Gemma 2 alternating windows, Gemma 3's pattern).
+            from transformers import AutoConfig
+            cfg = AutoConfig.for_model(**cfg)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not supported: the engine runs "
                              f"{SUPPORTED_MODEL_TYPES} decoders")

@@ -27,11 +27,24 @@ def _stack_experts(state: dict, moe: str, names: tuple[str, str, str], num_exper
     out[p + "mlp.w2"] = torch.stack([state.pop(down.format(e)) for e in range(num_experts)])
 
 
+# A multimodal checkpoint's vision tower and projector (Gemma 3), which a text engine does not load.
+MULTIMODAL_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _our_name(name: str) -> str:
+    # Gemma 3's multimodal checkpoints nest the language model: language_model.model.* on disk,
+    # model.language_model.* in transformers 5's memory.
+    for prefix in ("language_model.model.", "model.language_model.", "language_model.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def convert_hf_state_dict(state: dict, spec: ModelSpec) -> dict:
     """Map HF *ForCausalLM tensor names to ours: q/k/v and gate/up fused (or taken fused, as Phi-3 stores
     them), experts stacked (from per-expert tensors on disk, or transformers' in-memory stacked ones), and
     Gemma's (1 + w) norm weights stored as 1 + w."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    state = {_our_name(k): v for k, v in state.items() if not k.startswith(MULTIMODAL_PARTS)}
     out = {}
     for i in range(spec.num_layers):
         p = f"layers.{i}."
