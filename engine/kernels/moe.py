@@ -209,26 +209,46 @@ def _gemv_block_n(rows: int, n: int, min_programs: int = 264) -> int:
     return bn
 
 
+# On the GPU the decode kernels pick their tiles by timing these once per (N, K), at the first call; the
+# engine's first decode-sized call is the warm-up before CUDA-graph capture, so capture never tunes.
+_GEMV_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4),
+                 (64, 256, 8)]
+
+
+def _tuned(kernel):
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _GEMV_CONFIGS]
+    return triton.autotune(configs=configs, key=["N", "K"])(kernel)
+
+
+_gate_up_tuned = _tuned(_moe_gemv_gate_up_kernel)
+_down_tuned = _tuned(_moe_gemv_down_kernel)
+
+
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """The decode path (see the module doc): fused_moe's result without sorting, for a few tokens."""
+    """The decode path (see the module doc): fused_moe's result without sorting, for a few tokens.
+    On the GPU the tiles are autotuned unless block_k is given (then BLOCK_N from _gemv_block_n)."""
     t, h = x.shape
     inter = w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     on_gpu = x.device.type == "cuda"
-    bk = block_k or (256 if on_gpu else 32)
     ids = topk_ids.contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    args1 = (x, w13, act, ids, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
+    args2 = (act, w2, out, ids, weights, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
+    if on_gpu and block_k is None:
+        _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, TOP_K=top_k)
+        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k)
+        return out
+    bk = block_k or 32
     bn1 = _gemv_block_n(t * top_k, inter) if on_gpu else 16
     _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](
-        x, w13, act, ids, inter, h, x.stride(0), w13.stride(0), w13.stride(1),
-        TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=num_warps)
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+        *args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=num_warps)
     bn2 = _gemv_block_n(t, h) if on_gpu else 16
     _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](
-        act, w2, out, ids, weights, h, inter, w2.stride(0), w2.stride(1), out.stride(0),
-        TOP_K=top_k, BLOCK_N=bn2, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=num_warps)
+        *args2, TOP_K=top_k, BLOCK_N=bn2, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=num_warps)
     return out
 
 
