@@ -41,7 +41,8 @@ def check_tensor_parallel(spec: ModelSpec, world_size: int) -> None:
         allowed = [d for d in range(1, g + 1) if g % d == 0]
         raise ValueError(
             f"tensor_parallel_size={world_size} must divide the model's num_heads={spec.num_heads}, "
-            f"num_kv_heads={spec.num_kv_heads} and intermediate_size={spec.intermediate_size} (each rank holds "
+            f"num_kv_heads={spec.num_kv_heads}, intermediate_size={spec.intermediate_size} and "
+            f"moe_intermediate_size={spec.moe_intermediate_size} (each rank holds "
             f"whole attention heads and KV heads): use tensor_parallel_size in {allowed}")
 
 

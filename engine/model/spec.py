@@ -167,6 +167,10 @@ class ModelSpec:
     def __post_init__(self):
         if self.hidden_act not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (silu, gelu_pytorch_tanh)")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if self.rope_scaling is not None and kind not in ("linear", "llama3"):
+            raise ValueError(f"rope scaling {kind!r} is not supported (default, linear, llama3): "
+                             f"{self.model_type} checkpoints with it (e.g. Phi-3 128k's longrope) cannot be loaded")
 
     # ----- per-layer options --------------------------------------------------------------------
     def layer_window(self, i: int) -> int | None:

@@ -283,3 +283,11 @@ def test_hub_style_configs_and_multimodal_gemma3_folder(models, references, tmp_
     llm = LLM.from_pretrained(folder, EngineConfig(device="cpu", max_model_len=256, block_size=16))
     for (prompt, n, expected, gaps), out in zip(references["gemma3"], run(llm, references["gemma3"])):
         assert_same_greedy(out.token_ids, expected, gaps, f"multimodal gemma3 folder: prompt of {len(prompt)} tokens")
+
+
+def test_unsupported_rope_scaling_is_a_value_error():
+    cfg = tiny_family_config("phi3").to_dict()
+    cfg["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                              "long_factor": [1.0] * 8, "original_max_position_embeddings": 512}
+    with pytest.raises(ValueError, match="longrope"):
+        ModelSpec.from_hf_config(cfg)
