@@ -151,9 +151,11 @@ def test_triton_engine_runs_moe_like_the_torch_engine():
     assert tokens["triton"] == tokens["torch"]
 
 
-def test_moe_tensor_parallel_matches_single_rank():
-    """TP=2 (gloo, one spawned worker): experts split over I on both ranks, all-reduced; same greedy tokens."""
-    model = make_family_model("qwen3_moe")
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gemma2"])
+def test_tensor_parallel_matches_single_rank(kind):
+    """TP=2 (gloo, one spawned worker): experts split over I on both ranks and all-reduced (Qwen3-MoE; Gemma 2's
+    sandwich norms, embedding scale, windows and soft-caps under TP too); same greedy tokens."""
+    model = make_family_model(kind)
     cfg = EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=32, max_num_batched_tokens=16)
     prompts = [[7, 8, 9, 10, 11] + [20 + i] * (4 + 3 * i) for i in range(4)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
