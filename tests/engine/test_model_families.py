@@ -291,3 +291,28 @@ def test_unsupported_rope_scaling_is_a_value_error():
                               "long_factor": [1.0] * 8, "original_max_position_embeddings": 512}
     with pytest.raises(ValueError, match="longrope"):
         ModelSpec.from_hf_config(cfg)
+
+
+def test_multimodal_gemma3_in_memory_runs_its_language_model():
+    """Gemma3ForConditionalGeneration (vision tower included) through from_hf_model: text-only logits equal HF's."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=300, sliding_window=8)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        boi_token_index=290, eoi_token_index=291,
+                                                        image_token_index=292)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = make_prompts(6, [30], vocab=280)[0]
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    llm = LLM.from_hf_model(model, EngineConfig(device="cpu", max_model_len=64, block_size=8))
+    assert llm.spec.model_type == "gemma3_text" and llm.spec.layer_windows == (8, 8)
+    torch.testing.assert_close(llm.prompt_logits(ids), expected, atol=1e-4, rtol=1e-4)
