@@ -223,6 +223,7 @@ def main():
         llm = mlp = None
         gc.collect()
         torch.cuda.empty_cache()
+        log(f"GPU memory allocated after {name}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     print("\nSUMMARY")
     for name, res in results["models"].items():
         d = res.get("decode_batch1", {})
