@@ -23,7 +23,7 @@ from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .stats import EngineStats, StepStats
+from .stats import EngineStats, StepStats, expert_imbalance
 from .timeline import RequestLog
 
 
@@ -177,6 +177,7 @@ class LLMEngine:
     def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
+        load = self._expert_load(sched.num_batched_tokens)
         wasted = sum(len(kv.block_ids(r.request_id)) * bs - r.num_computed_tokens for r in self.scheduler.running)
         t_execute = start if t_execute is None else t_execute
         runner_time = result.prepare_time + result.launch_time + result.sample_time
@@ -196,12 +197,26 @@ class LLMEngine:
             start=start, schedule_time=t_execute - start, prepare_time=result.prepare_time,
             launch_time=result.launch_time, sample_time=result.sample_time,
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
-            num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read)
+            num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read,
+            expert_imbalance=expert_imbalance(load))
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled)
+
+    def _expert_load(self, num_tokens: int) -> list[list[int]] | None:
+        """This step's tokens per expert per MoE layer (added to the running totals); None for dense models
+        (and under tensor parallelism, whose runner holds no model here)."""
+        model = getattr(self.runner, "model", None)
+        load = model.expert_load(num_tokens) if model is not None and hasattr(model, "expert_load") else None
+        if load is not None:
+            if self._expert_tokens is None:
+                self._expert_tokens = [[0] * len(layer) for layer in load]
+            for total, layer in zip(self._expert_tokens, load):
+                for e, n in enumerate(layer):
+                    total[e] += n
+        return load
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished
@@ -223,6 +238,7 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._kernel_profile = None
+        self._expert_tokens: list[list[int]] | None = None
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
         # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
         log = getattr(self, "_request_log", None) or RequestLog()
@@ -255,7 +271,8 @@ class LLMEngine:
             kv_cache_dtype=self.config.kv_cache_dtype,
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
-            request_events=list(self._request_log.events), kernel_profile=self._kernel_profile)
+            request_events=list(self._request_log.events), kernel_profile=self._kernel_profile,
+            expert_tokens=[list(layer) for layer in self._expert_tokens] if self._expert_tokens else None)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block

@@ -530,7 +530,7 @@ class ModelRunner:
                 # A float32 head: bf16 logits are rounded to 1/32..1/8 at typical magnitudes, too coarse
                 # to tell a near-tie from a real difference.
                 weight = head.weight.float()
-                return torch.cat([(h.float() @ weight.T).cpu() for h in hidden.split(1024)])
+                return self.model.cap_logits(torch.cat([(h.float() @ weight.T).cpu() for h in hidden.split(1024)]))
             return torch.cat([self.model.compute_logits(h).cpu() for h in hidden.split(1024)])
 
     # ----- CUDA graphs --------------------------------------------------------------------------

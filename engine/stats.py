@@ -40,6 +40,7 @@ class StepStats:
     num_padding_tokens: int = 0      # dummy tokens added to reach a CUDA graph's batch size
     num_recompute_tokens: int = 0    # prefill tokens computed before, redone after a preemption
     num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what one-token rows (the decode kernel) attend
+    expert_imbalance: float | None = None  # MoE models: expert_imbalance() of this step's routing, else None
 
 
 @dataclass
@@ -101,6 +102,12 @@ class EngineStats:
     request_events: list[tuple] = field(default_factory=list)
     # torch.profiler kernels of the steps profile="kernels" ran over: see engine.profiling.KernelProfile
     kernel_profile: object | None = None
+    # MoE models: tokens routed to each expert, [moe layer][expert], summed over the steps (None if dense).
+    expert_tokens: list[list[int]] | None = None
+
+    @property
+    def expert_imbalance(self) -> float | None:
+        return expert_imbalance(self.expert_tokens)
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -117,4 +124,15 @@ class EngineStats:
         d.pop("kernel_profile", None)
         d["kv_capacity_tokens"] = self.kv_capacity_tokens
         d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
+        d["expert_imbalance"] = self.expert_imbalance
         return d
+
+
+def expert_imbalance(expert_tokens: list[list[int]] | None) -> float | None:
+    """Load imbalance of MoE routing: per layer, the busiest expert's tokens over the mean tokens per expert,
+    averaged over the layers (1.0: perfectly even; num_experts / k: every token picks the same k experts).
+    None for a dense model or when no token was routed."""
+    if not expert_tokens:
+        return None
+    ratios = [max(layer) * len(layer) / sum(layer) for layer in expert_tokens if sum(layer)]
+    return sum(ratios) / len(ratios) if ratios else None

@@ -177,6 +177,7 @@ def engine_summary(stats) -> dict:
         "weight_bytes": _get(stats, "weight_bytes"), "kv_bytes_per_token": _get(stats, "kv_bytes_per_token"),
         "attention_backend_used": _get(stats, "attention_backend"), "cuda_graphs": _get(stats, "cuda_graphs"),
         "device_name": _get(stats, "device_name"),
+        "expert_imbalance": _get(stats, "expert_imbalance"),  # MoE models (engine.stats.expert_imbalance); else None
     }
 
 

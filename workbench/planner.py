@@ -175,7 +175,12 @@ def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat
     if lm_head is not None:
         sharded += _linear_bytes(*lm_head, quantization, e)
     norms = (spec.num_layers * 2 + 1) * spec.hidden_size * e
-    return -(-sharded // tp) + norms
+    # What the formula above does not model (MoE experts and routers, q/k and Gemma's extra norms), from the
+    # spec's own count; experts stay in the model dtype (engine/quant swaps nn.Linear only) and are split.
+    plain = spec.num_layers * (sum(o * i for o, i in shapes.values()) * e + bias) \
+        + spec.vocab_size * spec.hidden_size * e * (1 if lm_head is None else 2) + norms
+    extra = spec.weight_bytes(e) - plain
+    return -(-sharded // tp) + norms + (-(-extra // tp) if extra > 0 else extra)
 
 
 def kv_heads_per_gpu(spec: ModelSpec, tensor_parallel_size: int = 1) -> int:

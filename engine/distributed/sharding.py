@@ -12,6 +12,9 @@ Rank r of W holds:
   W); a rank looks up the ids in its range, zeros the others, and the all-reduce adds the one non-zero row.
 - lm_head, vocabulary-parallel: the same rows; each rank computes its logits slice and all-gathers them.
 - norms (and the rotary tables) replicated.
+- MoE layers: the router replicated; every expert split like the dense MLP (w13's gate and up rows
+  column-parallel over I, w2's columns row-parallel), so each rank holds all experts' slices and
+  all-reduces the partial sum of the chosen ones.
 
 Every rank ends a decoder layer with the same residual stream (an all-reduce gives every rank the same
 sum), so the hidden states, and the logits after the gather, are the same on all ranks.
@@ -33,12 +36,13 @@ from ..model.spec import ModelSpec
 
 def check_tensor_parallel(spec: ModelSpec, world_size: int) -> None:
     """Raise ValueError (naming tensor_parallel_size) unless every rank can hold whole heads and MLP columns."""
-    g = math.gcd(spec.num_heads, spec.num_kv_heads, spec.intermediate_size)
-    if spec.num_heads % world_size or spec.num_kv_heads % world_size or spec.intermediate_size % world_size:
+    g = math.gcd(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, spec.moe_intermediate_size)
+    if g % world_size:
         allowed = [d for d in range(1, g + 1) if g % d == 0]
         raise ValueError(
             f"tensor_parallel_size={world_size} must divide the model's num_heads={spec.num_heads}, "
-            f"num_kv_heads={spec.num_kv_heads} and intermediate_size={spec.intermediate_size} (each rank holds "
+            f"num_kv_heads={spec.num_kv_heads}, intermediate_size={spec.intermediate_size} and "
+            f"moe_intermediate_size={spec.moe_intermediate_size} (each rank holds "
             f"whole attention heads and KV heads): use tensor_parallel_size in {allowed}")
 
 
@@ -57,6 +61,12 @@ def shard_tensor(name: str, tensor: torch.Tensor, spec: ModelSpec, rank: int, wo
     if name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         return torch.cat([part.chunk(w, dim=0)[r] for part in tensor.split([q, kv, kv], dim=0)])
+    if name.endswith("mlp.w13"):  # [E, 2I, H]
+        return torch.cat([part.chunk(w, dim=1)[r] for part in tensor.chunk(2, dim=1)], dim=1)
+    if name.endswith("mlp.w2"):  # [E, H, I]
+        return tensor.chunk(w, dim=2)[r].contiguous()
+    if name.endswith("mlp.gate.weight"):
+        return tensor
     if name.endswith("gate_up_proj.weight"):
         return torch.cat([part.chunk(w, dim=0)[r] for part in tensor.chunk(2, dim=0)])
     if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -141,8 +151,12 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
         attn.q_size, attn.kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        mlp.gate_up_proj = _linear(piece(p + "mlp.gate_up_proj.weight"))
-        mlp.down_proj = _linear(piece(p + "mlp.down_proj.weight"), cls=RowParallelLinear)
+        if hasattr(mlp, "w13"):  # mixture of experts
+            mlp.w13, mlp.w2 = piece(p + "mlp.w13"), piece(p + "mlp.w2")
+            mlp.tp_group = True
+        else:
+            mlp.gate_up_proj = _linear(piece(p + "mlp.gate_up_proj.weight"))
+            mlp.down_proj = _linear(piece(p + "mlp.down_proj.weight"), cls=RowParallelLinear)
         mlp.intermediate_size //= world_size
     model.embed_tokens = VocabParallelEmbedding(piece("embed_tokens.weight"), rank)
     head = model.embed_tokens.weight if spec.tie_word_embeddings else piece("lm_head.weight")
@@ -160,9 +174,7 @@ def build_shard(spec: ModelSpec, rank: int, world_size: int, dtype: torch.dtype,
         model = LlamaModel(spec, spec.max_position_embeddings)
     model = shard_model(model, rank, world_size).to(dtype).to_empty(device=device)
     # As build_model does: the rotary tables are computed, in float32, on the device.
-    rotary = model.layers[0].self_attn.rotary
-    fresh = type(rotary)(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
-    rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
+    model.init_rotary_(device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()

@@ -44,20 +44,25 @@ class TorchBackend:
             return
         write_kv_reference(key, value, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        """sliding_window / softcap: this layer's window (tokens) and score soft-cap, as in
+        paged_attention_reference; None: full causal attention, no cap."""
+        opts = dict(sliding_window=sliding_window, softcap=softcap)
         if k_cache.dtype == torch.float8_e4m3fn and (meta.k_scale != 1.0 or meta.v_scale != 1.0):
             # fp8 cache: the kernels below cast tiles to float; the scales fold into the softmax
             # scale (K) and the output (V), as engine/quant/kv_cache.py explains.
-            return self._attend(q, k_cache, v_cache, meta, scale * meta.k_scale) * meta.v_scale
-        return self._attend(q, k_cache, v_cache, meta, scale)
+            return self._attend(q, k_cache, v_cache, meta, scale * meta.k_scale, opts) * meta.v_scale
+        return self._attend(q, k_cache, v_cache, meta, scale, opts)
 
-    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, opts=None) -> torch.Tensor:
+        opts = opts or {}
         d = meta.num_decodes
         if d == 0:
-            return paged_attention_reference(q, k_cache, v_cache, meta, scale)
+            return paged_attention_reference(q, k_cache, v_cache, meta, scale, **opts)
         out = torch.empty_like(q)
         out[:d] = paged_decode_attention_torch(q[:d], k_cache, v_cache, meta.block_tables[:d], meta.seq_lens[:d],
-                                               scale)
+                                               scale, **opts)
         if d < meta.num_seqs:
             qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
             rest = AttentionMetadata(
@@ -66,7 +71,7 @@ class TorchBackend:
                 max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
                 query_start_loc_cpu=[x - d for x in qsl[d:]] if qsl else None,
                 seq_lens_cpu=lens[d:] if lens else None)
-            out[d:] = paged_attention_reference(q[d:], k_cache, v_cache, rest, scale)
+            out[d:] = paged_attention_reference(q[d:], k_cache, v_cache, rest, scale, **opts)
         return out
 
 

@@ -28,11 +28,15 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                              meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
+                              softcap: float | None = None) -> torch.Tensor:
     """Attention of the new tokens q ([T, num_heads, head_dim]) over each request's cached K/V.
 
     Works for decode, prefill and chunked prefill alike; K/V of the new tokens must already be in
     the cache. Softmax in float32. Returns [T, num_heads, head_dim] in q's dtype.
+    sliding_window W: a token at position p sees keys p - W + 1 .. p only (transformers' rule), so keys
+    older than the window are never read (their blocks may hold anything). softcap c: scores become
+    c * tanh(scores / c) before the mask (Gemma 2).
     """
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -45,17 +49,26 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k = gather_kv(k_cache, meta.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
         v = gather_kv(v_cache, meta.block_tables[i], seq_len).float().repeat_interleave(group, dim=1)
         qi = q[start:end].float()
-        scores = torch.einsum("qhd,khd->hqk", qi, k) * scale
-        if q_len > 1:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-            scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        scores = _softcap(torch.einsum("qhd,khd->hqk", qi, k) * scale, softcap)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+        hidden = k_pos > q_pos
+        if sliding_window is not None:
+            hidden |= k_pos <= q_pos - sliding_window
+            v = v.masked_fill(hidden.all(0)[:, None, None], 0.0)  # keys out of every window: not read
+        if q_len > 1 or sliding_window is not None:
+            scores.masked_fill_(hidden, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
 
 
+def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                 block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                 sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Decode attention (one new token per request, q [B, num_heads, head_dim]) for all requests at once.
 
     Gathers every request's blocks into a padded [B, max_len, ...] tensor and masks the padding: more
@@ -67,8 +80,11 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     k = k_cache[block_tables.long()].flatten(1, 2).float()  # [B, max_blocks * block_size, Hkv, D]
     v = v_cache[block_tables.long()].flatten(1, 2).float()
     qg = q.float().view(b, num_kv_heads, group, d)
-    scores = torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale
-    pad = torch.arange(k.shape[1], device=q.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
+    scores = _softcap(torch.einsum("bhgd,bkhd->bhgk", qg, k) * scale, softcap)
+    k_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    pad = k_pos >= seq_lens.unsqueeze(1)
+    if sliding_window is not None:  # the new token sits at seq_len - 1
+        pad |= k_pos <= seq_lens.unsqueeze(1) - 1 - sliding_window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     # Padding slots hold whatever the cache held (possibly NaN): zero them, as 0 * NaN is NaN.
     v = v.masked_fill(pad[:, :, None, None], 0.0)

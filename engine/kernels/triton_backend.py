@@ -24,14 +24,17 @@ class TritonBackend:
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         write_kv_triton(key, value, k_cache, v_cache, meta.slot_mapping)
 
-    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        opts = dict(sliding_window=sliding_window, softcap=softcap)
         out = torch.empty_like(q)
         num_decodes = meta.num_decodes
         num_seqs = meta.seq_lens.shape[0]
         if num_decodes > 0:
             decode_attention(q, k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
-                             out, scale, max_seq_len=meta.max_seq_len)
+                             out, scale, max_seq_len=meta.max_seq_len, **opts)
         if num_seqs > num_decodes:
             prefill_attention(q, k_cache, v_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
-                              meta.query_start_loc[num_decodes:], out, scale, max_query_len=meta.max_query_len)
+                              meta.query_start_loc[num_decodes:], out, scale, max_query_len=meta.max_query_len,
+                              **opts)
         return out

@@ -35,22 +35,34 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def soft_cap(s, softcap):
+    """cap * tanh(x / cap) of base-2 scores s = x * log2(e) (tanh from exp, which the interpreter has)."""
+    x = s / (LOG2E * softcap)
+    t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+    return t * (softcap * LOG2E)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                         acc_ptr, lse_ptr, out_ptr, qk_scale, num_splits,
+                         acc_ptr, lse_ptr, out_ptr, qk_scale, num_splits, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
                          stride_cb, stride_cs, stride_ch, stride_bt,
                          stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SINGLE_SPLIT: tl.constexpr):
+                         SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
+    # A sliding window: the new token (position seq_len - 1) sees keys seq_len - window .. seq_len - 1 only.
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
     # Equal slices rounded to whole tiles, so only the last tile of a slice is ragged.
-    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * tokens_per_split
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
 
     offs_g = tl.arange(0, GROUP_PAD)
@@ -81,6 +93,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
 
         s = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_SOFTCAP:
+            s = soft_cap(s, softcap)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -165,11 +179,13 @@ def check_paged_layout(op: str, q, out, k_cache, v_cache) -> int:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> None:
+                     num_stages: int | None = None, sliding_window: int | None = None,
+                     softcap: float | None = None) -> None:
     """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
 
     B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
     correctly. num_splits / block_n / num_warps / num_stages override the defaults (benchmarks, tests).
+    sliding_window W: only the last W positions are read; softcap c: scores become c * tanh(score / c).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
@@ -180,7 +196,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if num_splits is None:
         sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
             if q.device.type == "cuda" else 8
-        num_splits = decode_num_splits(num_seqs, num_kv_heads, max_seq_len, sms)
+        num_splits = decode_num_splits(num_seqs, num_kv_heads, min(max_seq_len, sliding_window or max_seq_len), sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if block_n is None:
         block_n = 64 if block_d <= 128 else 32
@@ -200,11 +216,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse_strides = lse.stride()[:2]
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, lse, out, scale * LOG2E, num_splits,
+        sliding_window or 0, float(softcap or 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         *acc_strides, *lse_strides,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

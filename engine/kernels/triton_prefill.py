@@ -23,16 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import check_paged_layout
+from .triton_decode import check_paged_layout, soft_cap
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, tile_start, q_pos, kv_end,
-                 qk_scale, stride_cb, stride_cs, mask_d,
+                 qk_scale, stride_cb, stride_cs, mask_d, window, softcap,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr):
+                 MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     if MASKED:
         mask_n = offs_n < kv_end
@@ -54,11 +54,21 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
         k = tl.load(k_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0).to(q.dtype)
         v = tl.load(v_cache_ptr + kv_off, mask=mask_d[None, :], other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k)) * qk_scale
+    if HAS_SOFTCAP:
+        s = soft_cap(s, softcap)
     if MASKED:
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
+        visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        if HAS_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    if HAS_WINDOW:
+        # A row may see no key of this tile (its window starts later): keep its max at -inf without NaNs.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
@@ -66,10 +76,11 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    out_ptr, qk_scale,
+                    out_ptr, qk_scale, window, softcap,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     # The last query blocks of a prompt see the most keys: launch them first, so the short ones
     # fill the tail of the grid.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -105,15 +116,28 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
     # this block's last token, cross the diagonal. Key 0 lies in the first tile either way, so every
     # row's running max is finite after one tile.
     kv_end = tl.minimum(seq_len, ctx_len + first_tok + BLOCK_Q)
-    full_end = ((ctx_len + first_tok + 1) // BLOCK_N) * BLOCK_N
-    for tile_start in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
-                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False)
-    for tile_start in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
-                                     tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
-                                     HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True)
+    if HAS_WINDOW:
+        # Sliding window: from the tile holding the first row's oldest visible key, every tile masked.
+        # A row that sees nothing of a tile keeps m_i = -inf (see _attend_tile), and its own position is
+        # always visible, so every real row ends with a finite max.
+        lo = tl.maximum(ctx_len + first_tok - window + 1, 0)
+        for tile_start in range((lo // BLOCK_N) * BLOCK_N, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                         tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
+                                         window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                         HAS_WINDOW, HAS_SOFTCAP)
+    else:
+        full_end = ((ctx_len + first_tok + 1) // BLOCK_N) * BLOCK_N
+        for tile_start in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                         tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
+                                         window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False,
+                                         HAS_WINDOW, HAS_SOFTCAP)
+        for tile_start in range(full_end, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
+                                         tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
+                                         window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
+                                         HAS_WINDOW, HAS_SOFTCAP)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -123,12 +147,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float,
                       max_query_len: int, block_m: int | None = None, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None) -> None:
+                      num_warps: int | None = None, num_stages: int | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None) -> None:
     """Causal attention of each request's new tokens over its paged context, written into out.
 
     B = seq_lens.shape[0] requests; query_start_loc ([B + 1], absolute row offsets into q) may be a
     slice of the batch's. max_query_len (tokens) must be at least the longest request's new tokens:
-    it sizes the grid, so no device value is read on the host.
+    it sizes the grid, so no device value is read on the host. sliding_window W: a token at position p
+    sees keys p - W + 1 .. p; softcap c: scores become c * tanh(score / c).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
@@ -153,9 +179,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        sliding_window or 0, float(softcap or 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages,
     )

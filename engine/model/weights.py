@@ -1,4 +1,4 @@
-"""Building a LlamaModel: from a transformers state dict, an HF checkpoint folder, or random weights."""
+"""Building a LlamaModel (any supported family): from a transformers state dict, an HF checkpoint folder, or random weights."""
 from __future__ import annotations
 
 import json
@@ -13,25 +13,62 @@ from .spec import ModelSpec
 def _fuse(state: dict, prefix: str, names: list[str], target: str, out: dict, suffix: str) -> None:
     keys = [f"{prefix}{n}.{suffix}" for n in names]
     if all(k in state for k in keys):
-        out[f"{prefix}{target}.{suffix}"] = torch.cat([state[k] for k in keys], dim=0)
+        out[f"{prefix}{target}.{suffix}"] = torch.cat([state.pop(k) for k in keys], dim=0)
+
+
+def _stack_experts(state: dict, moe: str, names: tuple[str, str, str], num_experts: int, out: dict, p: str) -> None:
+    """Per-expert tensors as saved on disk (Mixtral's w1/w3/w2, Qwen3-MoE's gate/up/down_proj) stacked
+    into w13 [E, 2I, H] and w2 [E, H, I]."""
+    gate, up, down = (f"{moe}experts.{{}}.{n}.weight" for n in names)
+    if gate.format(0) not in state:
+        return
+    out[p + "mlp.w13"] = torch.stack([torch.cat([state.pop(gate.format(e)), state.pop(up.format(e))])
+                                      for e in range(num_experts)])
+    out[p + "mlp.w2"] = torch.stack([state.pop(down.format(e)) for e in range(num_experts)])
+
+
+# A multimodal checkpoint's vision tower and projector (Gemma 3), which a text engine does not load.
+MULTIMODAL_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _our_name(name: str) -> str:
+    # Gemma 3's multimodal checkpoints nest the language model: language_model.model.* on disk,
+    # model.language_model.* in transformers 5's memory.
+    for prefix in ("language_model.model.", "model.language_model.", "language_model.", "model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def convert_hf_state_dict(state: dict, spec: ModelSpec) -> dict:
-    """Map HF LlamaForCausalLM tensor names to ours, fusing q/k/v and gate/up."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
+    """Map HF *ForCausalLM tensor names to ours: q/k/v and gate/up fused (or taken fused, as Phi-3 stores
+    them), experts stacked (from per-expert tensors on disk, or transformers' in-memory stacked ones), and
+    Gemma's (1 + w) norm weights stored as 1 + w."""
+    state = {_our_name(k): v for k, v in state.items() if not k.startswith(MULTIMODAL_PARTS)}
     out = {}
     for i in range(spec.num_layers):
         p = f"layers.{i}."
         for suffix in ("weight", "bias"):
             _fuse(state, p + "self_attn.", ["q_proj", "k_proj", "v_proj"], "qkv_proj", out, suffix)
         _fuse(state, p + "mlp.", ["gate_proj", "up_proj"], "gate_up_proj", out, "weight")
-        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"):
-            out[p + name] = state[p + name]
-    out["embed_tokens.weight"] = state["embed_tokens.weight"]
-    out["norm.weight"] = state["norm.weight"]
-    if not spec.tie_word_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
+        if spec.is_moe_layer(i):
+            # transformers 5 in memory: mlp.gate.weight, mlp.experts.gate_up_proj / down_proj (stacked).
+            moe = p + ("block_sparse_moe." if p + "block_sparse_moe.gate.weight" in state else "mlp.")
+            out[p + "mlp.gate.weight"] = state.pop(moe + "gate.weight")
+            if moe + "experts.gate_up_proj" in state:
+                out[p + "mlp.w13"] = state.pop(moe + "experts.gate_up_proj")
+                out[p + "mlp.w2"] = state.pop(moe + "experts.down_proj")
+            names = ("w1", "w3", "w2") if spec.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+            _stack_experts(state, moe, names, spec.num_experts, out, p)
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and spec.tie_word_embeddings:
+            continue
+        if name.startswith(("layers.", "embed_tokens.", "norm.", "lm_head.")):
+            out.setdefault(name, tensor)
+    if spec.gemma_norms:
+        for name in out:
+            if name.endswith("norm.weight"):
+                out[name] = out[name] + 1.0
     return out
 
 
@@ -55,9 +92,7 @@ def build_model(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device:
         model = LlamaModel(spec, max_positions)
     model = model.to_empty(device=device).to(dtype)
     # Rotary tables are buffers computed at construction; rebuild them on the device in float32.
-    rotary = model.layers[0].self_attn.rotary
-    fresh = type(rotary)(spec.head_dim, max_positions, spec.rope_theta, spec.rope_scaling)
-    rotary.cos, rotary.sin = fresh.cos.to(device), fresh.sin.to(device)
+    model.init_rotary_(device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if state is None:

@@ -26,7 +26,8 @@ def test_missing_checkpoint_folder_is_clear(tmp_path):
 def test_presets_have_published_shapes(name):
     spec = ModelSpec.from_hf_config(preset_config(name))
     billions = {"llama-3.1-8b": 8.03, "llama-3.1-70b": 70.6, "llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21,
-                "mistral-7b": 7.25, "qwen2.5-7b": 7.62, "tiny": None}[name]
+                "mistral-7b": 7.25, "qwen2.5-7b": 7.62, "tiny": None, "qwen3-8b": 8.19, "qwen3-30b-a3b": 30.5,
+                "gemma-2-9b": 9.24, "gemma-3-12b": 11.77, "phi-3-mini": 3.82, "mixtral-8x7b": 46.7}[name]
     if billions is not None:
         assert spec.num_params() / 1e9 == pytest.approx(billions, rel=0.01)
     if name == "llama-3.1-8b":

@@ -1,0 +1,314 @@
+"""Fused mixture-of-experts in Triton: token-expert pairs sorted by expert, one grouped GEMM per projection.
+
+Reference: `fused_moe_reference` in moe_reference.py (same layouts, see there).
+
+1. `moe_align` (torch ops, no host sync, shapes from T and k only, so a decode step can be captured in a
+   CUDA graph) sorts the P = T * k token-expert pairs by expert and pads each expert's run to a multiple
+   of BLOCK_M: sorted_pair_ids[r] is the pair in sorted row r (P marks padding), block_expert[b] the
+   expert of rows b*BLOCK_M .. (b+1)*BLOCK_M-1 (-1: an unused block past the last expert). A pair p is
+   token p // k's j = p % k-th choice.
+2. `_moe_gemm_kernel` with GATE_UP: grid (blocks, cdiv(I, BLOCK_N)). A program gathers its BLOCK_M rows of
+   x (by token) and multiplies them with the gate and the up rows of its expert's w13 (two accumulators
+   over the same A tile), and writes silu(gate) * up to act[pair] ([P, I]): the activation is fused.
+3. `_moe_gemm_kernel` with MUL_WEIGHT: grid (blocks, cdiv(H, BLOCK_N)). Rows of act times w2[e]^T, scaled
+   by the pair's routing weight in the epilogue, written to out_pairs[pair] ([P, H], in pair order).
+4. out = out_pairs.view(T, k, H).sum(1): the weighted combine's k-term sum, deterministic (no atomics).
+Each block reads its expert's weight tiles once for all its rows, so weight traffic is one read of each
+chosen expert per step.
+
+Decode path (few tokens, T <= GEMV_MAX_TOKENS): sorting costs a dozen tiny kernels per layer, more than
+the GEMMs at batch 1, so pairs are not sorted at all. `_moe_gemv_gate_up_kernel`, grid (P, cdiv(I, BLOCK_N)),
+has each pair read its own expert's gate and up rows (a GEMV, fused silu * up); `_moe_gemv_down_kernel`, grid
+(T, cdiv(H, BLOCK_N)), has each token loop over its k pairs and sum weight * (w2[e] @ act[pair]): the
+weighted combine is fused, with no atomics. Two tokens choosing one expert read it twice, which the
+token limit keeps rare. `route_topk_triton` fuses the router's softmax, top-k and renormalisation.
+Three launches per MoE layer at decode (router matmul aside).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_pair_ids [num_blocks * block_m] int32, block_expert [num_blocks] int32), see the module doc.
+
+    num_blocks = P // block_m + min(E, P) + 1 bounds sum over experts of cdiv(count_e, block_m).
+    """
+    flat = topk_ids.flatten()
+    p = flat.numel()
+    device = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    dest = starts[sorted_e] + torch.arange(p, device=device) - first[sorted_e]
+    num_blocks = p // block_m + min(num_experts, p) + 1
+    sorted_ids = torch.full((num_blocks * block_m,), p, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(ends, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+@triton.jit
+def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
+                     num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om,
+                     TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATE_UP: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    valid = pair < num_pairs
+    if A_BY_TOKEN:
+        a_row = pair // TOP_K
+    else:
+        a_row = pair
+    a_row = tl.where(valid, a_row, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        if GATE_UP:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_up = tl.dot(a, w_up, acc_up)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dtype = out_ptr.dtype.element_ty
+    if GATE_UP:
+        # Rounded as the reference: gate and up to the model dtype, silu rounded, then the product.
+        g = acc.to(dtype).to(tl.float32)
+        u = acc_up.to(dtype).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        acc = act * u
+    if MUL_WEIGHT:
+        acc = acc.to(dtype).to(tl.float32) * tl.load(weights_ptr + pair, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(dtype), mask=valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _route_topk_kernel(logits_ptr, weights_ptr, ids_ptr, routing_ptr, num_experts, stride_l,
+                       TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+                       RENORMALIZE: tl.constexpr, HAS_ROUTING: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < num_experts
+    x = tl.load(logits_ptr + t * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(mask, p, -1.0)
+    offs_k = tl.arange(0, K_PAD)
+    vals = tl.zeros([K_PAD], dtype=tl.float32)
+    idxs = tl.zeros([K_PAD], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), 0)  # the lowest index among equals, as torch.topk
+        vals = tl.where(offs_k == j, best, vals)
+        idxs = tl.where(offs_k == j, idx.to(tl.int64), idxs)
+        p = tl.where(offs == idx, -1.0, p)
+    if RENORMALIZE:
+        vals = vals / tl.sum(tl.where(offs_k < TOP_K, vals, 0.0), 0)
+    kmask = offs_k < TOP_K
+    tl.store(weights_ptr + t * TOP_K + offs_k, vals, mask=kmask)
+    tl.store(ids_ptr + t * TOP_K + offs_k, idxs, mask=kmask)
+    if HAS_ROUTING:
+        tl.store(routing_ptr + t * TOP_K + offs_k, idxs, mask=kmask)
+
+
+def route_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                      routing_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """route_topk (moe_reference.py) in one kernel; the ids are also written to routing_out ([T, k] int64) if given."""
+    t, e = router_logits.shape
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=router_logits.device)
+    _route_topk_kernel[(t,)](router_logits, weights, ids, routing_out if routing_out is not None else ids, e,
+                             router_logits.stride(0), TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+                             BLOCK_E=triton.next_power_of_2(e), RENORMALIZE=renormalize,
+                             HAS_ROUTING=routing_out is not None)
+    return weights, ids
+
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn,
+                             TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(x_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        m = mask_n[:, None] & mask_k[None, :]
+        acc_g += tl.sum(tl.load(w_rows + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
+        acc_u += tl.sum(tl.load(w_rows + N * stride_wn + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
+    dtype = act_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_u.to(dtype).to(tl.float32)
+    tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, act.to(dtype), mask=mask_n)
+
+
+@triton.jit
+def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_we, stride_wn, stride_o,
+                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    for j in tl.static_range(TOP_K):
+        pair = t * TOP_K + j
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        a_row = act_ptr + pair.to(tl.int64) * K
+        w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            a = tl.load(a_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * a, 1)
+        out += acc.to(dtype).to(tl.float32) * tl.load(weights_ptr + pair)
+    tl.store(out_ptr + t.to(tl.int64) * stride_o + offs_n, out.to(dtype), mask=mask_n)
+
+
+GEMV_MAX_TOKENS = 4  # up to this many tokens the unsorted decode path runs (CUDA-graph decode sizes 1, 2, 4)
+
+
+def _gemv_block_n(rows: int, n: int, min_programs: int = 264) -> int:
+    """The widest row tile (<= 64, >= 8) that still gives min_programs programs (two per H100/H200 SM)."""
+    bn = 64
+    while bn > 8 and rows * triton.cdiv(n, bn) < min_programs:
+        bn //= 2
+    return bn
+
+
+# On the GPU the decode kernels pick their tiles by timing these once per (N, K), at the first call; the
+# engine's first decode-sized call is the warm-up before CUDA-graph capture, so capture never tunes.
+_GEMV_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4),
+                 (64, 256, 8)]
+
+
+def _tuned(kernel):
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _GEMV_CONFIGS]
+    return triton.autotune(configs=configs, key=["N", "K"])(kernel)
+
+
+_gate_up_tuned = _tuned(_moe_gemv_gate_up_kernel)
+_down_tuned = _tuned(_moe_gemv_down_kernel)
+
+
+def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor, block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """The decode path (see the module doc): fused_moe's result without sorting, for a few tokens.
+    On the GPU the tiles are autotuned unless block_k is given (then BLOCK_N from _gemv_block_n)."""
+    t, h = x.shape
+    inter = w13.shape[1] // 2
+    top_k = topk_ids.shape[1]
+    on_gpu = x.device.type == "cuda"
+    ids = topk_ids.contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    args1 = (x, w13, act, ids, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
+    args2 = (act, w2, out, ids, weights, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
+    if on_gpu and block_k is None:
+        _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, TOP_K=top_k)
+        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k)
+        return out
+    bk = block_k or 32
+    bn1 = _gemv_block_n(t * top_k, inter) if on_gpu else 16
+    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](
+        *args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=num_warps)
+    bn2 = _gemv_block_n(t, h) if on_gpu else 16
+    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](
+        *args2, TOP_K=top_k, BLOCK_N=bn2, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=num_warps)
+    return out
+
+
+def _block_n(n: int, active_experts: int, min_programs: int) -> int:
+    """The widest column tile that still gives at least min_programs programs doing work."""
+    for bn in (64, 32):  # 128 would need ~210 KB of shared memory for the gate + up tiles at 3 stages
+        if active_experts * triton.cdiv(n, bn) >= min_programs:
+            return bn
+    return 16
+
+
+def moe_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bool) -> dict:
+    """Tile sizes from shapes only. Few tokens (decode): 16-row blocks (the smallest tl.dot) and long K
+    tiles, the column tile narrowed until the chosen experts fill the SMs twice (the weights are the
+    traffic). Many tokens: 64 x 64 tiles."""
+    pairs = num_tokens * top_k
+    if not on_gpu:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    if pairs <= 4 * num_experts:
+        active = min(pairs, num_experts)
+        return dict(BLOCK_M=16, BLOCK_N=_block_n(n, active, 264), BLOCK_K=128, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, config: dict | None = None, path: str = "auto") -> torch.Tensor:
+    """The MoE output [T, H] in x's dtype (see fused_moe_reference). path: "gemv" (the unsorted decode path),
+    "grouped" (sorted, grouped GEMMs) or "auto" (gemv up to GEMV_MAX_TOKENS tokens); config overrides the
+    grouped path's tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks and tests."""
+    t, h = x.shape
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
+    if path not in ("auto", "gemv", "grouped"):
+        raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
+    if path == "gemv" or (path == "auto" and t <= GEMV_MAX_TOKENS):
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
+    on_gpu = x.device.type == "cuda"
+    cfg1 = dict(config or moe_config(t, top_k, num_experts, inter, on_gpu))
+    cfg2 = dict(config or moe_config(t, top_k, num_experts, h, on_gpu))
+    block_m = cfg1["BLOCK_M"]
+    if cfg2["BLOCK_M"] != block_m:
+        raise ValueError("both projections must use the same BLOCK_M (they share the sorted layout)")
+    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+    num_pairs = t * top_k
+    weights = topk_weights.to(torch.float32).flatten().contiguous()
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    nb = block_expert.shape[0]
+
+    def launch(a, w, out, n, k, by_token, gate_up, mul_weight, cfg):
+        c = dict(cfg)
+        bm, bn, bk = c.pop("BLOCK_M"), c.pop("BLOCK_N"), c.pop("BLOCK_K")
+        _moe_gemm_kernel[(nb, triton.cdiv(n, bn))](
+            a, w, out, sorted_ids, block_expert, weights, num_pairs, n, k, a.stride(0), w.stride(0), w.stride(1),
+            out.stride(0), TOP_K=top_k, A_BY_TOKEN=by_token, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+
+    launch(x, w13, act, inter, h, True, True, False, cfg1)
+    out_pairs = torch.empty(num_pairs, h, dtype=x.dtype, device=x.device)
+    launch(act, w2, out_pairs, h, inter, False, False, True, cfg2)
+    return out_pairs.view(t, top_k, h).sum(dim=1)
