@@ -11,8 +11,10 @@ OOM is counted), then driven to a full pool with max_num_seqs requests decoding 
 held through the KV manager by requests that never run, leaves room for exactly the prompts and one more block
 each, so the pool fills within a few decode steps and preemption follows (the memory of a pool is allocated at
 start-up whatever it holds, so the ballast changes no memory figure, only the minutes needed to compute it). Every
-4th request samples with top-k=50 / top-p=0.9 / temperature 0.8 (the sampler filters rows on the host, one at a
-time), the others are greedy. A run ends 4 steps after the first preemption. Recorded per point: OOM (start-up or
+16th request samples with top-k=50 / top-p=0.9 / temperature 0.8, the others are greedy: the sampler takes its
+top-k/top-p path (float32 logits of every row copied to the host) whenever one row needs it, and then filters each
+such row on the host, about 5 ms per row of a 128k vocabulary, so all 2048 rows would add 10 s to every step.
+A run ends 4 steps after the first preemption. Recorded per point: OOM (start-up or
 run), torch's peak reserved bytes + non-torch bytes against gpu_memory_utilization x total + MEMORY_MARGIN_BYTES,
 the engine's MemoryProfile, and the planner's verdict and num_gpu_blocks against the engine's (target: equal
 verdict, blocks within 1%). Memory figures are not timings, so each point runs once.
@@ -43,6 +45,7 @@ from workbench import planner  # noqa: E402
 MODEL = "llama-3.1-8b"
 MAX_MODEL_LEN = 2048
 PROMPT_LEN, MAX_TOKENS = 64, 48
+SAMPLED_EVERY = 16  # 1 request in 16 samples with top-k/top-p (the sampler filters each such row on the host)
 
 
 def grid() -> list[dict]:
@@ -85,7 +88,8 @@ def drive(llm: LLM, seed: int, time_limit: float) -> dict:
     num_requests = n_seqs + n_seqs // 8
     ids = [f"p{seed}-{i}" for i in range(num_requests)]
     for i, rid in enumerate(ids):
-        eng.add_request(rid, rng.integers(0, eng.spec.vocab_size, PROMPT_LEN).tolist(), sampled if i % 4 == 0 else greedy)
+        prompt = rng.integers(0, eng.spec.vocab_size, PROMPT_LEN).tolist()
+        eng.add_request(rid, prompt, sampled if i % SAMPLED_EVERY == 0 else greedy)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     non_torch_peak = non_torch_bytes()
@@ -153,7 +157,8 @@ def run_point(llm: LLM | None, cfg: EngineConfig, seed: int, time_limit: float) 
         return llm, row
     stats = llm.engine.stats()
     m = stats.memory
-    row.update(engine_verdict="fits", engine_blocks=stats.num_gpu_blocks, verdict_agrees=row["planner_verdict"] == "fits",
+    row.update(engine_verdict="fits", engine_blocks=stats.num_gpu_blocks,
+               verdict_agrees=row["planner_verdict"] == "fits",
                blocks_rel_error=(row["planner_blocks"] - stats.num_gpu_blocks) / stats.num_gpu_blocks,
                memory_profile=vars(m).copy() if m is not None else None)
     run = drive(llm, seed, time_limit)

@@ -357,8 +357,10 @@ class LLM:
                       dtype: torch.dtype | None = None) -> "LLM":
         """Take the weights of an in-memory transformers *ForCausalLM model (copied, not shared)."""
         spec = ModelSpec.from_hf_config(hf_model.config)
+        dtype = dtype or next(hf_model.parameters()).dtype
+        cls._check_host_weights(spec, config, dtype, "a copy of this transformers model")
         state = convert_hf_state_dict({k: v.detach() for k, v in hf_model.state_dict().items()}, spec)
-        return cls(spec, state, config, tokenizer, dtype or next(hf_model.parameters()).dtype)
+        return cls(spec, state, config, tokenizer, dtype)
 
     @classmethod
     def random(cls, model: str, config: EngineConfig | None = None, dtype: torch.dtype | None = None,

@@ -227,7 +227,8 @@ class ModelRunner:
         sizing = size_kv_cache(total_bytes=m.total_bytes, weight_bytes=m.weight_bytes, other_bytes=m.other_bytes,
                                activation_peak_bytes=m.peak_activation_bytes, graph_pool_bytes=m.graph_pool_bytes,
                                non_torch_bytes=m.non_torch_bytes, **common)
-        m.budget_bytes, m.kv_cache_bytes, m.margin_bytes = sizing.budget_bytes, sizing.kv_cache_bytes, sizing.margin_bytes
+        m.budget_bytes, m.kv_cache_bytes = sizing.budget_bytes, sizing.kv_cache_bytes
+        m.margin_bytes = sizing.margin_bytes
         return sizing
 
     def _profile_cuda_memory(self) -> MemoryProfile:

@@ -2,4 +2,5 @@ from .block_pool import BlockPool, FreeBlockQueue, KVBlock
 from .hashing import hash_block_tokens, hash_request_blocks
 from .kv_cache_manager import KVCacheManager, KVCacheSnapshot
 
-__all__ = ["BlockPool", "FreeBlockQueue", "KVBlock", "KVCacheManager", "KVCacheSnapshot", "hash_block_tokens", "hash_request_blocks"]
+__all__ = ["BlockPool", "FreeBlockQueue", "KVBlock", "KVCacheManager", "KVCacheSnapshot", "hash_block_tokens",
+           "hash_request_blocks"]

@@ -127,3 +127,22 @@ def test_block_pool_free_queue_order():
     pool.free_blocks([blocks[2], blocks[0], blocks[1]])
     assert [b.block_id for b in pool.free_queue] == [2, 0, 1]
     assert [b.block_id for b in pool.get_new_blocks(2)] == [2, 0]
+
+
+def test_registrations_are_provisional_until_commit():
+    """Blocks registered since the last commit() leave the prefix cache on rollback(); committed ones stay."""
+    kv = KVCacheManager(8, 2, True)
+    a = make_request("a", [1, 2, 3, 4])
+    assert kv.allocate_slots(a, 4, [])
+    kv.commit()
+    b = make_request("b", [1, 2, 3, 4, 5, 6, 7])
+    hits, num_hit = kv.get_computed_blocks(b)
+    assert num_hit == 4 and kv.allocate_slots(b, 3, hits)
+    assert len(kv.pool.cached_blocks) == 3  # a's two blocks, and b's [5, 6] provisionally
+    kv.rollback()
+    assert len(kv.pool.cached_blocks) == 2 and kv.num_cached_blocks["b"] == 0  # b registers again from 0
+    kv.free(b)
+    kv.free(a)
+    check_invariants(kv, [])
+    c = make_request("c", [1, 2, 3, 4, 5, 6, 7])
+    assert kv.get_computed_blocks(c)[1] == 4  # the rolled-back block [5, 6] is not served

@@ -128,6 +128,8 @@ def test_a_billion_blocks_do_not_fit_and_only_working_fixes_are_offered():
     assert not any("gpu_memory_utilization" in k for k in p.knobs)  # no share of the GPU holds 10**9 blocks
     assert plan("llama-3.1-8b", "H200", cfg.replace(num_gpu_blocks=most)).fits
     assert not plan("llama-3.1-8b", "H200", cfg.replace(num_gpu_blocks=most + 1)).fits
+    cpu = plan("tiny", "cpu", EngineConfig(num_gpu_blocks=10**9, max_model_len=64))
+    assert cpu.verdict == "num_gpu_blocks does not fit" and "host memory" in cpu.reason
     # A share of 1.0 is the engine's business: no verdict of the planner's own refuses it.
     assert plan("llama-3.2-3b", H100, EngineConfig(gpu_memory_utilization=1.0, max_model_len=8192)).fits
 
