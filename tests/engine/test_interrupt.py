@@ -64,7 +64,7 @@ def interrupt_at(llm, call: int, layer: int, exc):
     return llm.model.layers[layer].register_forward_pre_hook(hook)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), layer=st.integers(0, 5), keyboard=st.booleans(), caching_first=st.booleans())
 def test_generate_after_interruption_gives_reference_tokens(llm, reference, data, layer, keyboard, caching_first):
     refs, num_calls = reference
@@ -88,7 +88,7 @@ def test_generate_after_interruption_gives_reference_tokens(llm, reference, data
     check_pool(eng)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), layer=st.integers(0, 5), keyboard=st.booleans())
 def test_step_api_continues_after_interruption(llm, reference, data, layer, keyboard):
     """The step API: the interrupted step's requests wait to be recomputed and finish with the reference tokens."""
