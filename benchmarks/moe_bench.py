@@ -100,8 +100,12 @@ def kernel_time(mlp, bw: float) -> dict:
                 lambda: fused_moe_decode(x, mlp.w13, mlp.w2, w, ids, block_k=bk, num_warps=warps), 100) * 1e6
     whole = cuda_time(lambda: fused_moe(x, mlp.w13, mlp.w2, *route_topk_triton(mlp.gate(x), k, mlp.renormalize)),
                       100)
+    from engine.kernels import moe
+    tuned = {name: str(getattr(k, "best_config", None)) for name, k in
+             (("gate_up", moe._gate_up_tuned), ("down", moe._down_tuned))}
     return {"moe_layer_us": whole * 1e6, "ideal_us": ideal * 1e6, "ratio": whole / ideal,
-            "decode_kernels_sweep_us": sweep, "best": min(sweep, key=sweep.get)}
+            "decode_kernels_sweep_us": sweep, "best_of_sweep": min(sweep, key=sweep.get),
+            "autotuned": tuned}
 
 
 def decode_runs(llm, runs: int) -> dict:

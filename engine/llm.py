@@ -205,17 +205,14 @@ class LLMEngine:
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled)
 
-    def _expert_load(self, num_tokens: int) -> list[list[int]] | None:
-        """This step's tokens per expert per MoE layer (added to the running totals); None for dense models
-        (and under tensor parallelism, whose runner holds no model here)."""
+    def _expert_load(self, num_tokens: int):
+        """This step's tokens per expert per MoE layer ([layers, experts] tensor on the device, added to the
+        running totals there); None for dense models (and under tensor parallelism, whose runner holds no model
+        here)."""
         model = getattr(self.runner, "model", None)
         load = model.expert_load(num_tokens) if model is not None and hasattr(model, "expert_load") else None
         if load is not None:
-            if self._expert_tokens is None:
-                self._expert_tokens = [[0] * len(layer) for layer in load]
-            for total, layer in zip(self._expert_tokens, load):
-                for e, n in enumerate(layer):
-                    total[e] += n
+            self._expert_tokens = load.clone() if self._expert_tokens is None else self._expert_tokens.add_(load)
         return load
 
     def _output(self, req: Request) -> RequestOutput:
@@ -238,7 +235,7 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._kernel_profile = None
-        self._expert_tokens: list[list[int]] | None = None
+        self._expert_tokens = None  # MoE: a [moe layers, experts] tensor on the device
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
         # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
         log = getattr(self, "_request_log", None) or RequestLog()
@@ -272,7 +269,7 @@ class LLMEngine:
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
             request_events=list(self._request_log.events), kernel_profile=self._kernel_profile,
-            expert_tokens=[list(layer) for layer in self._expert_tokens] if self._expert_tokens else None)
+            expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block

@@ -128,11 +128,17 @@ class EngineStats:
         return d
 
 
-def expert_imbalance(expert_tokens: list[list[int]] | None) -> float | None:
-    """Load imbalance of MoE routing: per layer, the busiest expert's tokens over the mean tokens per expert,
-    averaged over the layers (1.0: perfectly even; num_experts / k: every token picks the same k experts).
-    None for a dense model or when no token was routed."""
-    if not expert_tokens:
+def expert_imbalance(expert_tokens) -> float | None:
+    """Load imbalance of MoE routing from tokens per expert ([moe layer][expert], nested lists or a tensor):
+    per layer, the busiest expert's tokens over the mean tokens per expert, averaged over the layers that
+    routed any token (1.0: perfectly even; num_experts / k: every token picks the same k experts). None for a
+    dense model (None) or when no token was routed."""
+    if expert_tokens is None or len(expert_tokens) == 0:
         return None
-    ratios = [max(layer) * len(layer) / sum(layer) for layer in expert_tokens if sum(layer)]
-    return sum(ratios) / len(ratios) if ratios else None
+    import torch  # computed where the counts live (the GPU for the engine's per-step counts): one scalar read
+    counts = torch.as_tensor(expert_tokens, dtype=torch.float64)
+    sums = counts.sum(dim=1)
+    used = sums > 0
+    ratios = torch.where(used, counts.max(dim=1).values * counts.shape[1] / sums.clamp(min=1), 0.0)
+    mean = float(ratios.sum() / used.sum())  # NaN (0 / 0) when no layer routed a token
+    return None if mean != mean else mean

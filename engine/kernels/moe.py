@@ -211,8 +211,10 @@ def _gemv_block_n(rows: int, n: int, min_programs: int = 264) -> int:
 
 # On the GPU the decode kernels pick their tiles by timing these once per (N, K), at the first call; the
 # engine's first decode-sized call is the warm-up before CUDA-graph capture, so capture never tunes.
+# (BLOCK_N, BLOCK_K, num_warps): narrow-and-long tiles keep enough bytes in flight when few rows are read
+# (Mixtral's down projection at batch 1: 4096 rows of 14336), wide ones when many are (its gate/up).
 _GEMV_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4),
-                 (64, 256, 8)]
+                 (64, 256, 8), (8, 1024, 4), (16, 1024, 8)]
 
 
 def _tuned(kernel):

@@ -172,15 +172,15 @@ class LlamaModel(nn.Module):
                                        dtype=torch.int64, device=device)
         return self.routing
 
-    def expert_load(self, num_tokens: int) -> list[list[int]] | None:
-        """Tokens routed to each expert ([num_moe_layers][num_experts]) by the first num_tokens tokens of the
-        last forward pass (a CUDA-graph batch's padding rows come after them); None for a dense model."""
+    def expert_load(self, num_tokens: int) -> torch.Tensor | None:
+        """Tokens routed to each expert, [num_moe_layers, num_experts] int64 on the model's device (no host sync),
+        by the first num_tokens tokens of the last forward pass (a CUDA-graph batch's padding rows come after
+        them); None for a dense model."""
         if not self.spec.is_moe or self.routing is None:
             return None
         ids = self.routing[:, :num_tokens].flatten(1)
         counts = torch.zeros(ids.shape[0], self.spec.num_experts, dtype=torch.int64, device=ids.device)
-        counts.scatter_add_(1, ids, torch.ones_like(ids))
-        return counts.tolist()
+        return counts.scatter_add_(1, ids, torch.ones_like(ids))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cap_logits(self.lm_head(hidden).float())

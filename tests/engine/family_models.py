@@ -13,6 +13,8 @@ def tiny_family_config(kind: str):
     if kind == "phi3":  # Phi-3 mini's config has a window on every layer (2047); ours is tiny
         c = {k: v for k, v in COMMON.items() if k != "head_dim"}
         return tf.Phi3Config(**c, num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False)
+    if kind == "mistral_window":  # Mistral 7B v0.1's 4096-token window on every layer (the engine used to refuse it)
+        return tf.MistralConfig(**COMMON, num_hidden_layers=2, sliding_window=WINDOW, tie_word_embeddings=False)
     if kind == "gemma2":
         return tf.Gemma2Config(**COMMON, num_hidden_layers=3, sliding_window=WINDOW, query_pre_attn_scalar=24,
                                attn_logit_softcapping=2.0, final_logit_softcapping=20.0)
@@ -33,7 +35,7 @@ def tiny_family_config(kind: str):
     raise ValueError(kind)
 
 
-FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe"]
+FAMILIES = ["qwen3", "phi3", "gemma2", "gemma3", "mixtral", "qwen3_moe", "mistral_window"]
 
 
 def make_family_model(kind: str, seed: int = 0):

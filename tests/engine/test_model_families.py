@@ -129,6 +129,7 @@ def test_spec_reads_each_family():
     assert specs["qwen3"].qk_norm and specs["qwen3"].layer_windows == (None, None)
     assert specs["qwen3_moe"].moe_layers == (True, False, True) and not specs["qwen3_moe"].norm_topk_prob
     assert specs["mixtral"].num_experts == 4 and specs["mixtral"].norm_topk_prob
+    assert specs["mistral_window"].layer_windows == (WINDOW, WINDOW)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

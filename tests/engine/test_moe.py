@@ -17,6 +17,13 @@ needs_triton = pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tol(dtype):
+    # float32 tl.dot runs in tf32 on a GPU (10-bit mantissa); the interpreter computes in full float32.
+    if dtype == torch.float32 and DEVICE == "cpu":
+        return dict(atol=1e-5, rtol=1e-5)
+    return dict(atol=3e-3, rtol=3e-3)
+
+
 def moe_case(t, e, k, h, i, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g)
@@ -40,8 +47,7 @@ def test_fused_moe_matches_reference(dtype, t, e, k, h, i, path):
     x, w13, w2, weights, ids = moe_case(t, e, k, h, i, dtype)
     expected = fused_moe_reference(x.float().cpu(), w13.float().cpu(), w2.float().cpu(), weights.cpu(), ids.cpu())
     got = fused_moe(x, w13, w2, weights, ids, path=path)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
-    torch.testing.assert_close(got.float().cpu(), expected, **tol)
+    torch.testing.assert_close(got.float().cpu(), expected, **tol(dtype))
 
 
 @needs_triton
@@ -63,8 +69,8 @@ def test_fused_moe_tile_configs_agree():
     x, w13, w2, weights, ids = moe_case(20, 8, 2, 64, 48, torch.float32, seed=3)
     expected = fused_moe_reference(x, w13, w2, weights, ids)
     for cfg in (dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)):
-        got = fused_moe(x, w13, w2, weights, ids, config={**cfg, "num_warps": 4, "num_stages": 1})
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        got = fused_moe(x, w13, w2, weights, ids, config={**cfg, "num_warps": 4, "num_stages": 1}, path="grouped")
+        torch.testing.assert_close(got, expected, **tol(torch.float32))
 
 
 def test_moe_align_sorts_pairs_by_expert_in_padded_blocks():
