@@ -137,7 +137,9 @@ def report_shots(page, report: Path, shots: dict) -> None:
         fig_id = next((f for f in choices if page.locator(f"#fig-{f} .main-svg").count()), None)
         if fig_id is None:
             raise ScreenshotError(f"report figure: none of {choices} drawn in {report}")
-        el = page.locator(f"#fig-{fig_id}").locator("xpath=..")  # the figure's wrapper, with its caption
+        # The report's wrapper of the figure (with its caption, where the report writes one), else plotly's.
+        wrapper = page.locator(f"div.figure:has(#fig-{fig_id})")
+        el = wrapper.first if wrapper.count() else page.locator(f"#fig-{fig_id}").locator("xpath=..")
         el.scroll_into_view_if_needed()
         _save(shots, f"report_{fig_id.replace('-', '_')}.png", el.screenshot())
 
