@@ -131,7 +131,8 @@ def run_demo(out_dir: str = ".", num_requests: int = NUM_REQUESTS, repeats: int 
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"out_dir={out_dir!r} is not writable: run the demo in a folder you can write to")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 1))
     try:
         results = sweep.run()
         sweep.write_report(path, title=f"paged-workbench demo: block size x prefix caching, {sweep.model_name} "
