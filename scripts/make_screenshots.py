@@ -2,7 +2,7 @@
 
     python scripts/make_screenshots.py [--out-dir docs/img]
 
-1. Runs the demo (`workbench.demo.run_demo`, one run per point) and opens its report.html in headless
+1. Runs the demo (`workbench.demo.run_demo`) and opens its report.html in headless
    Chromium: report_recommendation.png (the recommendation section), report_<figure>.png (two figures).
 2. Writes a two-cell notebook (a SweepPanel that has run a small grid, and the BlockMapExplorer of
    notebook 01), runs it in JupyterLab with the browser test's code (tests/notebooks/test_browser.py:
@@ -45,7 +45,7 @@ from engine import LLM, EngineConfig
 from workbench.widgets import BlockMapExplorer, SweepPanel
 
 MODEL = {model!r}
-base = EngineConfig(device="cpu", max_model_len=256, gpu_memory_utilization=0.05)
+base = EngineConfig(device="cpu", max_model_len=256, num_gpu_blocks=256)  # as notebook 02: a small pool
 panel = SweepPanel(MODEL, "shared-prefix", grid={{"block_size": [8, 32], "enable_prefix_caching": [True, False]}},
                    base_config=base, num_requests=16, gpu="cpu", background=False,
                    workloads={{"shared-prefix": dict(num_prefixes=2, prefix_len=96, suffix_len=16, output_len=16)}})
@@ -137,7 +137,9 @@ def report_shots(page, report: Path, shots: dict) -> None:
         fig_id = next((f for f in choices if page.locator(f"#fig-{f} .main-svg").count()), None)
         if fig_id is None:
             raise ScreenshotError(f"report figure: none of {choices} drawn in {report}")
-        el = page.locator(f"#fig-{fig_id}").locator("xpath=..")  # the figure's wrapper, with its caption
+        # The report's wrapper of the figure (with its caption, where the report writes one), else plotly's.
+        wrapper = page.locator(f"div.figure:has(#fig-{fig_id})")
+        el = wrapper.first if wrapper.count() else page.locator(f"#fig-{fig_id}").locator("xpath=..")
         el.scroll_into_view_if_needed()
         _save(shots, f"report_{fig_id.replace('-', '_')}.png", el.screenshot())
 
@@ -199,6 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(ROOT / "docs" / "img"), help="where the PNGs go (default: docs/img)")
     ap.add_argument("--max-kb", type=int, default=300, help="largest PNG, in KB (default: %(default)s)")
     ap.add_argument("--num-requests", type=int, default=32, help="requests of the demo sweep (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per point of the demo sweep (default: %(default)s)")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="wb-screenshots-") as tmp:
             tmp = Path(tmp)
-            res = demo.run_demo(str(tmp / "report"), num_requests=args.num_requests, repeats=1, progress=False)
+            res = demo.run_demo(str(tmp / "report"), num_requests=args.num_requests, repeats=args.repeats,
+                                progress=False)
             if not res.ok:
                 raise ScreenshotError(f"the demo sweep failed: {res.results[['label', 'status', 'error']]}")
             with sync_api.sync_playwright() as p:

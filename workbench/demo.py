@@ -7,12 +7,12 @@ With a GPU present it also says which preset and flags to use for a real run the
 always runs on the CPU, so that its numbers are comparable from one machine to the next).
 
 Nothing here measures or ranks: the sweep, `workbench.metrics.best_settings` and the report do; this
-module picks the demo's settings and words the result for a first-time user.
+module picks the demo's settings and words the result for a first-time user. Result columns are named
+through the results schema (`_api`), so none is spelled here.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shlex
 import sys
@@ -28,17 +28,15 @@ NOTEBOOKS = ROOT / "notebooks"
 # starts with one of two 96-token system prompts, so prefix caching can serve about 85% of the prompt
 # tokens from the cache, and the block size decides how much of each prompt is cacheable (whole blocks
 # only) and how many slots the last block of each request wastes.
-GRID = {"block_size": [8, 16, 32], "enable_prefix_caching": [True, False]}
+GRID = dict(block_size=[8, 16, 32], enable_prefix_caching=[True, False])  # EngineConfig field: values
 WORKLOAD = "shared-prefix"
-WORKLOAD_ARGS = {"num_prefixes": 2, "prefix_len": 96, "suffix_len": 16, "output_len": 16}
-# The same KV memory for every block size (a 5% share of the engine's CPU pool budget: about 8,700 token
-# slots for this model, room for every request at once), so block sizes are compared at equal memory.
-BASE_CONFIG = {"device": "cpu", "max_model_len": 256, "gpu_memory_utilization": 0.05}
+WORKLOAD_ARGS = dict(num_prefixes=2, prefix_len=96, suffix_len=16, output_len=16)
+# Otherwise the engine's defaults, so that the recommended config is one to take to a GPU: the KV pool is
+# the CPU default (0.9 of the engine's CPU budget; the same memory for every block size, room for every
+# request at once), and max_model_len the shipped model's context.
+BASE_CONFIG = dict(device="cpu", max_model_len=2048)
 NUM_REQUESTS = 32
 REPEATS = 3
-# What the results table shows (the CLI's sweep table; every column is in the report).
-TABLE_COLUMNS = ("label", "status", "output_throughput", "ttft_p99_ms", "tpot_p50_ms", "prefix_cache_hit_rate",
-                 "internal_fragmentation_mean")
 
 # A first real run on a GPU: the presets to try, largest first, and the sweep to run with the one that fits.
 GPU_PRESETS = ("llama-3.1-8b", "llama-3.2-3b", "llama-3.2-1b")
@@ -60,7 +58,26 @@ class DemoResult:
     @property
     def ok(self) -> bool:
         """True when every point of the sweep ran (no failed point)."""
-        return len(self.results) > 0 and bool((self.results["status"] == "ok").all())
+        C = _api()[2]
+        return len(self.results) > 0 and bool((self.results[C.status] == "ok").all())
+
+
+class _SameName:
+    """Column names before the results schema existed: ``C.label`` is "label"."""
+
+    def __getattr__(self, name: str) -> str:
+        return name
+
+
+def _api():
+    """(schema, recommend, C): the results schema, the recommendation's wording and the column names (the
+    sweeps issue, #14). Before that issue: (None, None, names as written), and the fallbacks below.
+    Imported on use, so `python -m workbench --help` stays light."""
+    try:
+        from . import recommend, schema
+    except ImportError:
+        return None, None, _SameName()
+    return schema, recommend, schema.C
 
 
 def demo_model() -> str:
@@ -69,11 +86,9 @@ def demo_model() -> str:
     return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "config.json").exists() else "tiny"
 
 
-def sweep_supports(name: str) -> bool:
-    """Whether `workbench.Sweep` takes the keyword ``name`` (``repeats`` arrives with the sweeps issue)."""
-    from .sweep import Sweep
-
-    return name in inspect.signature(Sweep).parameters
+def has_repeats() -> bool:
+    """Whether the sweep runs each point several times (`Sweep(repeats=N)`, from the sweeps issue, #14)."""
+    return _api()[0] is not None
 
 
 def build_sweep(num_requests: int = NUM_REQUESTS, repeats: int = REPEATS, block_sizes=None, progress: bool = True):
@@ -91,7 +106,7 @@ def build_sweep(num_requests: int = NUM_REQUESTS, repeats: int = REPEATS, block_
     if repeats < 1:
         raise ValueError(f"repeats={repeats}: the demo needs at least 1 run per point")
     grid = dict(GRID, block_size=list(block_sizes)) if block_sizes else dict(GRID)
-    kwargs = {"repeats": repeats} if sweep_supports("repeats") else {}
+    kwargs = dict(repeats=repeats) if has_repeats() else {}
     model = demo_model()
     return Sweep(model, WORKLOAD, grid, EngineConfig(**BASE_CONFIG), num_requests=num_requests,
                  workload_args=WORKLOAD_ARGS, progress=progress, model_name=Path(model).name, **kwargs)
@@ -116,7 +131,8 @@ def run_demo(out_dir: str = ".", num_requests: int = NUM_REQUESTS, repeats: int 
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"out_dir={out_dir!r} is not writable: run the demo in a folder you can write to")
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS") or 1))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 1))
     try:
         results = sweep.run()
         sweep.write_report(path, title=f"paged-workbench demo: block size x prefix caching, {sweep.model_name} "
@@ -124,7 +140,7 @@ def run_demo(out_dir: str = ".", num_requests: int = NUM_REQUESTS, repeats: int 
     finally:
         sweep.close()
         torch.set_num_threads(previous)
-    notes = [] if sweep_supports("repeats") else [
+    notes = [] if has_repeats() else [
         f"this workbench's Sweep has no `repeats` yet: each point ran once, not {repeats} times"]
     return DemoResult(results, path, metrics.best_settings(results), time.perf_counter() - t0,
                       repeats if not notes else None, notes)
@@ -132,42 +148,43 @@ def run_demo(out_dir: str = ".", num_requests: int = NUM_REQUESTS, repeats: int 
 
 # --- what the command prints ------------------------------------------------------------------------------
 
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def recommendation_lines(result: DemoResult) -> list[str]:
-    """The recommendation in words: the best setting per objective, and the throughput pick as an
-    EngineConfig line and `vllm serve` flags (the two swept settings)."""
+    """The recommendation in words: the best setting per objective with its margin and noise, and the
+    throughput pick as an EngineConfig line and a `vllm serve` command (as the report writes them)."""
+    _, recommend, C = _api()
     rec = result.recommendation
     if len(rec) == 0:
         return ["No recommendation: no point of the sweep ran (see the failures below)."]
     first = rec.iloc[0]
-    lines = [f"Recommendation: {first['label']} (best {first['objective'].removeprefix('max ')} on this machine's "
-             "CPU and this workload)", "Best setting per objective:"]
-    base = ("objective", "column", "value", "point_id", "label")
-    for r in rec.to_dict("records"):
-        # Whatever else best_settings says about its pick (margin, settings equivalent within noise) follows.
-        extra = "".join(f"; {k}: {_fmt(v)}" for k, v in r.items() if k not in base and v is not None and v == v)
-        lines.append(f"  {r['objective']:<22} {r['label']:<18} ({r['column']} = {_fmt(r['value'])}{extra})")
-    best = result.results[result.results["point_id"] == rec["point_id"].iloc[0]].iloc[0]
-    fields = {k: getattr(best[k], "item", lambda: best[k])() for k in GRID if k in best}
-    if fields:
-        args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
-        flags = []
-        if "block_size" in fields:
-            flags.append(f"--block-size {int(fields['block_size'])}")
-        if "enable_prefix_caching" in fields:
-            flags.append("--enable-prefix-caching" if bool(fields["enable_prefix_caching"])
-                         else "--no-enable-prefix-caching")
-        lines += [f"  as a config:  EngineConfig({args})", f"  in vLLM:      vllm serve MODEL {' '.join(flags)}",
-                  "  (a CPU and a 6M-parameter model: rerun on your GPU with your model before you ship it)"]
-    return lines
+    lines = [f"Recommendation: {first[C.label]} (best {first['objective'].removeprefix('max ')} on this "
+             "machine's CPU and this workload)", "Best setting per objective:"]
+    best = result.results[result.results[C.point_id] == first[C.point_id]].iloc[0]
+    if recommend is not None:
+        for r in recommend.recommendations(result.results):
+            lines.append(f"  {r['objective']}: {r[C.label]}, {r['value_text']}; {r['verdict']}")
+        row = best.to_dict()
+        config_line, serve = recommend.engine_config_line(row), recommend.vllm_serve_command(row)
+    else:  # before the sweeps issue (#14): best_settings' value only, and the two swept settings
+        swept = {k: getattr(best[k], "item", lambda k=k: best[k])() for k in GRID if k in best}
+        for r in rec.to_dict("records"):
+            lines.append(f"  {r['objective']}: {r[C.label]} ({r['column']} = {r['value']:.4g})")
+        config_line = "EngineConfig(" + ", ".join(f"{k}={v!r}" for k, v in swept.items()) + ")"
+        serve = (f"vllm serve MODEL --block-size {swept[C.block_size]} "
+                 + ("--enable-prefix-caching" if swept[C.enable_prefix_caching] else "--no-enable-prefix-caching"))
+    return lines + [f"  as a config:  {config_line}", f"  in vLLM:      {serve}",
+                    "  (measured on a CPU with a 6M-parameter model: rerun on your GPU with your model before you "
+                    "ship it)"]
 
 
 def table_text(results) -> str:
-    """The results table as text, one row per point."""
-    cols = [c for c in TABLE_COLUMNS if c in results]
+    """The results table as text, one row per point: the CLI sweep's summary columns."""
+    schema, _, C = _api()
+    if schema is not None:
+        cols = [c for c in schema.SUMMARY_COLUMNS if c in results]
+        return results[cols].rename(columns=schema.title).to_string(
+            index=False, formatters={schema.title(c): (lambda v, c=c: schema.fmt(c, v)) for c in cols})
+    cols = [c for c in (C.label, C.status, C.output_throughput, C.ttft_p99_ms, C.tpot_p99_ms, C.prefix_cache_hit_rate,
+                        C.internal_fragmentation_mean) if c in results]
     return results[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -199,8 +216,9 @@ def gpu_advice() -> list[str]:
             why = f": {last.reason}" if last is not None else ""
             return [f"A GPU is present ({name}), but the planner fits none of {', '.join(GPU_PRESETS)} on it{why}. "
                     "Pass your own checkpoint folder as --model to `python -m workbench sweep`."]
-        util = "" if last.gpu_memory_utilization == 0.9 else f" --set gpu_memory_utilization={last.gpu_memory_utilization}"
-        repeats = " --repeats 3" if sweep_supports("repeats") else ""
+        share = last.gpu_memory_utilization
+        util = "" if share == 0.9 else f" --set gpu_memory_utilization={share}"
+        repeats = " --repeats 3" if has_repeats() else ""
         return [f"A GPU is present ({name}). This demo ran on the CPU; for a real run on the GPU:",
                 f"  python -m workbench sweep --model {last.model} --device cuda --workload shared-prefix "
                 f"--num-requests 512 \\\n      {GPU_GRID}{util} --set max_model_len=4096{repeats} "
@@ -234,6 +252,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs per point, for the noise (default: %(default)s)")
     p.add_argument("--out-dir", default=".", metavar="DIR", help="where report.html goes (default: here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def run_demo_command(args) -> int:
@@ -244,13 +263,17 @@ def run_demo_command(args) -> int:
     try:
         result = run_demo(args.out_dir, args.num_requests, args.repeats, progress=not args.no_progress)
     except ValueError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = [""] + recommendation_lines(result) + ["", table_text(result.results), ""]
-    if len(result.results) and "status" in result.results:
-        for r in result.results[result.results["status"] != "ok"].to_dict("records"):
-            out.append(f"FAILED {r['label']}: {r.get('error')}")
-    out += [f"{len(result.results)} points in {result.duration_s:.0f} s." + "".join(f" Note: {n}." for n in result.notes),
+    C = _api()[2]
+    if len(result.results) and C.status in result.results:
+        for r in result.results[result.results[C.status] != "ok"].to_dict("records"):
+            out.append(f"FAILED {r[C.label]}: {r.get(C.error)}")
+    notes = "".join(f" Note: {n}." for n in result.notes)
+    out += [f"{len(result.results)} points in {result.duration_s:.0f} s.{notes}",
             ""] + next_steps(result)
     advice = gpu_advice()
     if advice:

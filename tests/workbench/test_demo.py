@@ -40,14 +40,19 @@ def test_demo_report_is_self_contained_and_holds_the_recommendation(small_demo):
 
 
 def test_demo_words_name_the_pick_and_both_configs(small_demo):
-    lines = "\n".join(demo.recommendation_lines(small_demo))
+    lines = demo.recommendation_lines(small_demo)
+    text = "\n".join(lines)
     label = small_demo.recommendation["label"].iloc[0]
     prefix_on = label.endswith("prefix=on")
-    assert lines.startswith(f"Recommendation: {label} (best output throughput")
-    assert f"max output throughput  {label}" in lines
-    assert f"EngineConfig(block_size=16, enable_prefix_caching={prefix_on})" in lines
-    assert ("--enable-prefix-caching" if prefix_on else "--no-enable-prefix-caching") in lines
-    assert "vllm serve MODEL --block-size 16" in lines
+    assert lines[0].startswith(f"Recommendation: {label} (best ") and "throughput" in lines[0]
+    assert any(line.strip().endswith("throughput" + ": " + label) or f"throughput: {label}" in line for line in lines)
+    config = next(line for line in lines if "EngineConfig(" in line)
+    serve = next(line for line in lines if "vllm serve" in line)
+    assert "EngineConfig(block_size=16" in config and f"enable_prefix_caching={prefix_on}" in config
+    assert "vllm serve MODEL --block-size 16" in serve
+    assert ("--enable-prefix-caching" if prefix_on else "--no-enable-prefix-caching") in serve
+    assert "device" not in config + serve  # a config to take to a GPU, not the demo's CPU
+    assert "rerun on your GPU" in text
     steps = "\n".join(demo.next_steps(small_demo))
     assert "report.html" in steps and "jupyter lab" in steps and "notebooks" in steps
 
