@@ -89,6 +89,7 @@ class Sweep:
         self.results, self.runs = pd.DataFrame(), pd.DataFrame()
         self.timeseries, self.requests, self.telemetry = {}, {}, {}
         self.skipped = 0
+        self.announce: Callable[[str], None] = log.info  # where run() says what it resumes (the CLI prints)
 
     @property
     def out(self) -> str | None:
@@ -191,7 +192,7 @@ class Sweep:
                         if kind in frames:
                             target[p.point_id] = frames[kind]
             if self.skipped:
-                log.info("skipped %d of %d points already in %s", self.skipped, len(self.points), self.out)
+                self.announce(f"resuming: skipped {self.skipped} of {len(self.points)} points already in {self.out}")
             self._collect()
             todo = self._schedule()
             total = len(self.points) * self.repeats
