@@ -81,9 +81,11 @@ def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None, d
 def _base_config(args):
     from engine import EngineConfig
 
+    from .schema import C
+
     base = dict(args.set)
     if args.device:
-        base["device"] = args.device
+        base[C.device] = args.device
     return EngineConfig(**base)
 
 
@@ -134,13 +136,13 @@ def run_sweep(args) -> int:
     from .sweep import Sweep
 
     workload_args = dict(args.workload_arg)
-    for key in ("arrival", "request_rate", "concurrency"):
+    for key in (C.arrival, C.request_rate, C.concurrency):  # workload parameters, recorded as these columns
         if getattr(args, key) is not None:
             workload_args[key] = getattr(args, key)
-    if "request_rate" in workload_args and "arrival" not in workload_args:
-        workload_args["arrival"] = "poisson"
-    if "concurrency" in workload_args and "arrival" not in workload_args:
-        workload_args["arrival"] = "concurrency"
+    if C.request_rate in workload_args and C.arrival not in workload_args:
+        workload_args[C.arrival] = "poisson"
+    if C.concurrency in workload_args and C.arrival not in workload_args:
+        workload_args[C.arrival] = C.concurrency
     grid = {}
     for key, values in args.grid:
         grid.setdefault(key, []).extend(values)
@@ -172,7 +174,7 @@ def run_sweep(args) -> int:
     print(f"report: {sweep.write_report(html, title=args.title)}")
     failed = df[df[C.status] != "ok"] if len(df) else df
     if len(failed):
-        reasons = failed[C.error].fillna("").map(lambda e: str(e).split(":")[0] or "error").value_counts()
+        reasons = failed[C.error].fillna("").map(lambda e: str(e).split(":")[0] or "unknown error").value_counts()
         why = ", ".join(f"{n} {r}" for r, n in reasons.items())
         print(f"FAILED: {len(failed)} of {len(df)} points ({why}); see the report's first section", file=sys.stderr)
         return 1

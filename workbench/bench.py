@@ -204,7 +204,7 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
                  "compute_bound_share": float((per_step["compute_time"] > per_step["memory_time"]).mean()),
                  "limit_over_measured": float(per_step["limit_time"].sum() / eng.duration)}
     print(format_table(eng, base, limit))
-    result = {"model": model, "workload": workload.summary(), "config": config.to_dict(),
+    result = {C.model: model, C.workload: workload.summary(), "config": config.to_dict(),
               "engine": {**eng.summary, "duration": eng.duration},
               "baseline": None if base is None else {**base.summary, "duration": base.duration,
                                                      "batch_size": baseline_batch_size},

@@ -85,7 +85,9 @@ def _bars(df, y, title, by=C.label):
     if not _has(d, y):
         return _empty(title, f"no {schema.column(y).label} in these results")
     fig = go.Figure()
-    groups, legend = _groups(d, exclude=varying_settings(d)[1:])  # colour: the first grid dimension
+    dims = varying_settings(d)
+    # Colour: the first grid dimension, when there are several (with one, the x axis says it already).
+    groups, legend = _groups(d, exclude=dims[1:]) if len(dims) > 1 else ([(None, d)], None)
     for name, g in groups:
         fig.add_bar(x=g[by].astype(str), y=g[y], name=str(name) if name else schema.column(y).label,
                     error_y=_error(g, y), hovertemplate="%{x}<br>%{y:.4g}<extra></extra>")

@@ -94,7 +94,7 @@ def build_points(grid: dict, base_config, workloads: list, identity: dict) -> li
             label = point_label(combo)
             if len(workloads) > 1:
                 label = f"{w.name}: {label}"
-            pid = stable_hash({"config": cfg.to_dict(), "workload": w.fingerprint(), **identity})
+            pid = stable_hash({"config": cfg.to_dict(), schema.C.workload: w.fingerprint(), **identity})
             points.append(Point(pid, label, cfg, w, combo))
     order = {q: i for i, q in enumerate(dict.fromkeys(p.config.quantization for p in points))}
     return sorted(points, key=lambda p: order[p.config.quantization])

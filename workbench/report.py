@@ -131,7 +131,7 @@ def write_report(results: pd.DataFrame, path: str, timeseries: dict | None = Non
     figs = report_figures(results, timeseries, requests, telemetry, drilldown)
     n_ok = int((results[C.status] == "ok").sum()) if len(results) and C.status in results else 0
     repeats = int(results[C.repeats].max()) if C.repeats in results and len(results) else 1
-    model = str((environment or {}).get("model", "MODEL"))
+    model = str((environment or {}).get(C.model, "MODEL"))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
              f"<style>{REPORT_CSS}</style>",
              f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>",

@@ -80,12 +80,12 @@ class Sweep:
         workloads = workload if isinstance(workload, list) else [workload]
         self.workloads = [self._workload(w, num_requests) for w in workloads]
         self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
-                                                {"model": self.model_id, "sampling": self.sampling})
+                                                {C.model: self.model_id, "sampling": self.sampling})
         self.llm = model if not isinstance(model, str) else None
         self._telemetry = make_telemetry(telemetry_interval, enabled=telemetry) if telemetry is not False and \
             str(self.base_config.device or "").split(":")[0] != "cpu" else NullTelemetry()
-        self.environment = {**environment(self._telemetry), "model": self.model_name,
-                            "workloads": [w.summary() for w in self.workloads], "repeats": repeats}
+        self.environment = {**environment(self._telemetry), C.model: self.model_name,
+                            "workloads": [w.summary() for w in self.workloads], C.repeats: repeats}
         self.results, self.runs = pd.DataFrame(), pd.DataFrame()
         self.timeseries, self.requests, self.telemetry = {}, {}, {}
         self.skipped = 0
@@ -101,11 +101,12 @@ class Sweep:
 
     def _workload(self, w, num_requests) -> Workload:
         if isinstance(w, str):
-            params = {"seed": self.seed, **self.workload_args}
-            if self.vocab_size and "vocab_size" not in params:
-                params["vocab_size"] = self.vocab_size
+            params = dict(seed=self.seed)
+            params.update(self.workload_args)
             if num_requests is not None:
-                params["num_requests"] = num_requests
+                params.update(num_requests=num_requests)
+            if self.vocab_size and "vocab_size" not in params:
+                params.update(vocab_size=self.vocab_size)
             w = make_workload(w, **params)
         elif num_requests is not None:
             w = w.head(num_requests)
@@ -166,7 +167,7 @@ class Sweep:
             self.store.save_frames(p.point_id, {"steps": run.steps, "requests": run.requests,
                                                 "telemetry": run.telemetry})
         except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
-            row.update({C.status: "oom" if is_oom(e) else "error", C.error: f"{type(e).__name__}: {e}"})
+            row.update({C.status: "oom" if is_oom(e) else C.error, C.error: f"{type(e).__name__}: {e}"})
             log.debug("traceback of point %s:\n%s", p.point_id, traceback.format_exc())
             release_memory()
         row[C.point_duration_s] = time.perf_counter() - t0

@@ -19,6 +19,7 @@ import time
 import pandas as pd
 
 from .metrics import TELEMETRY_COLUMNS, telemetry_summary
+from .schema import C
 
 
 class NullTelemetry:
@@ -232,7 +233,7 @@ def measure_overhead(llm, workload, interval: float = 0.1, repeats: int = 3, sam
                 run = replay(llm.engine, workload, sampling=sampling)
                 if mode == "on":
                     tel.stop()
-                runs[mode].append(throughput(request_frame(run.outputs), run.duration)["output_throughput"])
+                runs[mode].append(throughput(request_frame(run.outputs), run.duration)[C.output_throughput])
     finally:
         tel.close()
     off, on = pd.Series(runs["off"]).median(), pd.Series(runs["on"]).median()
