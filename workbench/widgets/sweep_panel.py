@@ -76,7 +76,7 @@ class SweepPanel(widgets.VBox):
         self.base_config = base_config or EngineConfig()
         self.workload_args = dict(workloads or {name: {} for name in WORKLOADS})
         self.slo, self.llm, self._llm_model = slo, llm, model if llm is not None else None
-        self.background, self.sweep_args = background, dict(repeats=repeats, **(sweep_args or {}))
+        self.background, self.sweep_args = background, {**dict(repeats=repeats), **(sweep_args or {})}
         self.sweep, self.results, self.plans = None, pd.DataFrame(), None
         self._thread, self._stop, self._running, self._running_label = None, False, False, None
         style, wide = {"description_width": "165px"}, widgets.Layout(width="400px")
