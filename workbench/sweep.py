@@ -82,6 +82,7 @@ class Sweep:
         self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
                                                 {C.model: self.model_id, "sampling": self.sampling})
         self.llm = model if not isinstance(model, str) else None
+        self._check_for_model()
         self._telemetry = make_telemetry(telemetry_interval, enabled=telemetry) if telemetry is not False and \
             str(self.base_config.device or "").split(":")[0] != "cpu" else NullTelemetry()
         self.environment = {**environment(self._telemetry), C.model: self.model_name,
@@ -90,6 +91,23 @@ class Sweep:
         self.timeseries, self.requests, self.telemetry = {}, {}, {}
         self.skipped = 0
         self.announce: Callable[[str], None] = log.info  # where run() says what it resumes (the CLI prints)
+
+    def _check_for_model(self) -> None:
+        """Refuse, before anything runs, configs the engine refuses for this model whatever the memory
+        (max_model_len past its positions, quantization its shapes do not allow): every one in one error."""
+        from engine import LLM
+
+        spec = getattr(self.llm, "spec", None) if self.llm is not None else LLM.model_spec(self.model)
+        if spec is None:
+            return
+        problems = []
+        for cfg in dict.fromkeys(p.config for p in self.points):
+            try:
+                LLM.check_config(spec, cfg)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError(f"invalid for model {self.model_name}: " + "; ".join(dict.fromkeys(problems)))
 
     @property
     def out(self) -> str | None:
