@@ -11,6 +11,7 @@ from .. import figures, recommend, schema
 from ..schema import C
 from ..workloads import WORKLOADS
 from .common import _CSS, _esc, _show, _table
+from .plotly_widget import figure_widget
 
 
 DIMENSIONS = {  # EngineConfig field: example values
@@ -102,7 +103,7 @@ class SweepPanel(widgets.VBox):
         self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="400px"))
         self.status = widgets.HTML()
         self.points_table = widgets.HTML()
-        self.figures = {name: go.FigureWidget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
+        self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.export_button.on_click(lambda _: self.export())
