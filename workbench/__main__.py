@@ -171,7 +171,13 @@ def run_sweep(args) -> int:
     print(df[cols].rename(columns=schema.title).to_string(
         index=False, formatters={schema.title(c): (lambda v, c=c: schema.fmt(c, v)) for c in cols}))
     print(f"results: {out}")
-    print(f"report: {sweep.write_report(html, title=args.title)}")
+    try:
+        import plotly  # noqa: F401 - the report needs it; a headless GPU VM may not have it
+    except ImportError:
+        print(f"no report: plotly is not installed (pip install plotly, then rerun the same command: it only "
+              f"writes the report from {out})", file=sys.stderr)
+    else:
+        print(f"report: {sweep.write_report(html, title=args.title)}")
     failed = df[df[C.status] != "ok"] if len(df) else df
     if len(failed):
         reasons = failed[C.error].fillna("").map(lambda e: str(e).split(":")[0] or "unknown error").value_counts()

@@ -189,7 +189,10 @@ def throughput_latency(df: pd.DataFrame, x: str = C.ttft_p99_ms, y: str = C.outp
     title = f"{schema.column(y).label.capitalize()} against {schema.column(x).label}"
     if len(d) == 0:
         return _empty(title)
-    front = d[metrics.pareto_front(d, x, y)].sort_values(x)
+    # The sweep marks the front of its default axes in the results; other axes ask metrics for theirs.
+    default_axes = (x, y) == (C.ttft_p99_ms, C.output_throughput) and C.on_pareto_front in d
+    on_front = d[C.on_pareto_front].fillna(False).astype(bool) if default_axes else metrics.pareto_front(d, x, y)
+    front = d[on_front].sort_values(x)
     fig = go.Figure()
     groups, legend = _groups(d)
     for name, g in groups:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from .. import baselines, figures
 from .common import _CSS, _esc, _show, _table

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
 
 from .. import figures
 from .common import _CSS, _esc, _table

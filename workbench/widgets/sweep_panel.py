@@ -23,7 +23,7 @@ DIMENSIONS = {  # EngineConfig field: example values
 HEADERS = {C.output_throughput: "out tok/s", C.ttft_p99_ms: "TTFT p99 ms", C.tpot_p50_ms: "TPOT p50 ms",
            C.kv_usage_peak: "KV peak", C.prefix_cache_hit_rate: "hit rate", C.internal_fragmentation_mean: "frag.",
            C.num_preemptions: "preempt."}
-FIGURE_WIDTH = 490  # two per row: 2 x 500 px with the grid gap fits JupyterLab's cell at 1280 px
+FIGURE_WIDTH = 490  # two per row in JupyterLab's cell at 1280 px (one per row when narrower)
 
 
 def parse_values(text: str) -> list:
@@ -117,7 +117,7 @@ class SweepPanel(widgets.VBox):
                                 widgets.HBox([self.export_button, self.report_path])],
                                layout=widgets.Layout(margin="0 0 0 20px"))
         figs = widgets.GridBox(list(self.figures.values()),
-                               layout=widgets.Layout(grid_template_columns=f"repeat(2, {FIGURE_WIDTH + 10}px)"))
+                               layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {FIGURE_WIDTH + 10}px)"))
         self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions], layout=widgets.Layout(flex_flow="row wrap")),
                          self.points_table, figs]
         self.layout.max_width = "100%"
@@ -304,7 +304,8 @@ class SweepPanel(widgets.VBox):
             columns["plan"] = ("planner", "html")
         columns[C.status] = (schema.column(C.status).label, "html")
         columns.update({k: (HEADERS.get(k, schema.title(k)), "schema") for k in schema.PANEL_COLUMNS})
-        self.points_table.value = _CSS + _table(rows, columns)
+        self.points_table.value = (_CSS + "<div style='overflow-x:auto;max-width:100%'>" + _table(rows, columns)
+                                   + "</div>")
 
     def _render_figures(self) -> None:
         df = self.results
