@@ -160,3 +160,15 @@ def test_best_settings_reports_ties_when_ranges_overlap_and_margins():
     assert (row["low"], row["high"]) == (100.0, 120.0)
     s = metrics.summarise(_repeat_rows({"a": [100.0, 120.0, 110.0], "c": [50.0, 52.0, 51.0]}))
     assert metrics.best_settings(s).set_index("objective").loc["throughput", "ties"] == []
+
+
+def test_engine_stats_prints_a_short_summary_not_every_step():
+    from engine import LLM, EngineConfig, SamplingParams
+
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, num_gpu_blocks=32))
+    llm.generate([[1, 2, 3, 4, 5]] * 3, SamplingParams(max_tokens=30, ignore_eos=True))
+    st = llm.engine.stats()
+    text = repr(st)
+    assert len(st.steps) >= 30 and len(text) < 400 and "StepStats(" not in text
+    assert f"{st.num_steps} steps" in text and f"{st.num_generation_tokens} generated" in text
+    assert str(st) == text
