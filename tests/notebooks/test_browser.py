@@ -216,7 +216,8 @@ def test_sweep_panel_fits_a_1280_pixel_jupyterlab(tmp_path):
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            # 1280 px wide; tall, so that the whole panel is on screen for its screenshot
+            page = browser.new_page(viewport={"width": 1280, "height": 2200})
             _open_and_run_all(page, port, token, "panel.ipynb")
             page.wait_for_selector(".wb-sweep-panel .js-plotly-plot .main-svg", timeout=120_000)
             page.wait_for_timeout(1000)
