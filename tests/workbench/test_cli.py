@@ -166,3 +166,12 @@ def test_output_that_cannot_be_written_is_refused_before_the_first_point(tmp_pat
     (tmp_path / "file").write_text("not a folder")
     rc = main(["sweep", *TINY_ARGS, "--out", str(tmp_path / "file" / "r.jsonl")])
     assert rc == 2 and "cannot write the results file" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", ["sweep", "bench"])
+def test_unknown_model_exits_2_naming_the_presets(command, tmp_path, capsys):
+    rc = main([command, "--model", "nope", "--device", "cpu", "--num-requests", "1", "--out",
+               str(tmp_path / ("r.jsonl" if command == "sweep" else "r.json"))])
+    assert rc == 2
+    err = _one_line_error(capsys)
+    assert "'nope' is neither a preset" in err and "tiny" in err
