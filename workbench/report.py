@@ -152,7 +152,9 @@ def write_report(results: pd.DataFrame, path: str, timeseries: dict | None = Non
         caption = f"<p class='caption'>{esc(CAPTIONS[fig_id])}</p>" if fig_id in CAPTIONS else ""
         parts.append(f"<div class='figure'>{div}{caption}</div>")
     if len(results):
-        parts += ["<h2>Results</h2>", "<div class='scroll'>", results_table(results, schema.REPORT_COLUMNS), "</div>",
+        nvml = [c for c in schema.NVML_COLUMNS if c in results and pd.to_numeric(results[c], errors="coerce").notna().any()]
+        parts += ["<h2>Results</h2>", "<div class='scroll'>", results_table(results, schema.REPORT_COLUMNS + nvml),
+                  "</div>",
                   "<p>Every column (and each repeat, and the per-point time series) is in the results file.</p>"]
     if environment:
         parts += ["<h2>Environment</h2>", kv_table(environment)]

@@ -36,6 +36,10 @@ def test_report_is_self_contained(tmp_path, synthetic):
     assert f"vllm serve MODEL --block-size {best.block_size}" in rec
     flag = "--enable-prefix-caching" if best.enable_prefix_caching else "--no-enable-prefix-caching"
     assert flag in rec and "one run: no noise estimate" in rec
+    table = text[text.index("<h2>Results"):]
+    for column in ("power (mean) (W)", "energy per output token (J/token)", "SM clock (mean) (MHz)",
+                   "GPU memory used (peak) (bytes)", "temperature (peak) (°C)", "GPU utilisation (mean) (%)"):
+        assert f"<th>{column}</th>" in table  # NVML of every point, not of one
     assert "<title>My sweep</title>" in text
 
 
