@@ -254,6 +254,7 @@ def test_measure_overhead_runs_with_a_sampler(install_fake_nvml):
     w = make_workload("fixed", num_requests=4, prompt_len=8, output_len=4, vocab_size=512)
     r = measure_overhead(llm, w, interval=0.01, repeats=2)
     assert len(r["runs"]["on"]) == 2 and r["throughput_off"] > 0 and math.isfinite(r["overhead_pct"])
+    assert r["range_on"] == [min(r["runs"]["on"]), max(r["runs"]["on"])] and isinstance(r["within_noise"], bool)
 
 
 def test_gpu_telemetry_flows_into_rows_and_time_series(install_fake_nvml, tmp_path):
