@@ -70,13 +70,16 @@ class _SharedFigureWidget(go.FigureWidget):
 
 
 _lock = threading.Lock()
-_bundle_sent = False
+# The widget that carries the bundle, kept referenced for the life of the kernel: were it garbage-collected,
+# its comm would close and a notebook saved afterwards would hold only widgets waiting for the bundle.
+_bundle_widget: go.FigureWidget | None = None
 
 
 def figure_widget(fig=None) -> go.FigureWidget:
     """A plotly FigureWidget of ``fig`` (None: empty); only the kernel's first one carries plotly's code."""
-    global _bundle_sent
+    global _bundle_widget
     with _lock:
-        cls = _SharedFigureWidget if _bundle_sent else _BundleFigureWidget
-        _bundle_sent = True
-    return cls(fig)
+        if _bundle_widget is None:
+            _bundle_widget = _BundleFigureWidget(fig)
+            return _bundle_widget
+    return _SharedFigureWidget(fig)
