@@ -202,15 +202,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def run_bench(args) -> int:
     from .bench import bench
     from .point_run import model_vocab_size
-    from .workloads import load_workload, make_workload
+    from .workloads import resolve_workload
 
     config = _base_config(args)
-    vocab = model_vocab_size(args.model)
-    if args.workload.endswith(".jsonl"):
-        workload = load_workload(args.workload, vocab_size=vocab, seed=args.seed).head(args.num_requests)
-    else:
-        workload = make_workload(args.workload, num_requests=args.num_requests, vocab_size=vocab, seed=args.seed,
-                                 **dict(args.workload_arg))
+    workload = resolve_workload(args.workload, args.num_requests, model_vocab_size(args.model), args.seed,
+                                dict(args.workload_arg))
     out = args.out or f"bench-{_stem(args.model, args.workload)}.json"
     bench(args.model, workload, config, baseline=args.baseline, baseline_batch_size=args.baseline_batch_size,
           out=out, seed=args.seed)

@@ -22,7 +22,7 @@ from .point_run import is_oom, load_llm, model_vocab_size, release_memory, run_p
 from .schema import C
 from .store import ResultsStore
 from .telemetry import NullTelemetry, environment, make_telemetry
-from .workloads import Workload, make_workload
+from .workloads import resolve_workload
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Sweep:
             self.model_id = f"preset:{model}:seed={seed}:dtype={dtype}"
         self.vocab_size = model_vocab_size(model)
         workloads = workload if isinstance(workload, list) else [workload]
-        self.workloads = [self._workload(w, num_requests) for w in workloads]
+        self.workloads = [resolve_workload(w, num_requests, self.vocab_size, seed, self.workload_args) for w in workloads]
         self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
                                                 {C.model: self.model_id, "sampling": self.sampling})
         self.llm = model if not isinstance(model, str) else None
@@ -116,22 +116,6 @@ class Sweep:
     @property
     def sidecar_dir(self) -> str | None:
         return self.store.sidecar_dir
-
-    def _workload(self, w, num_requests) -> Workload:
-        if isinstance(w, str):
-            params = dict(seed=self.seed)
-            params.update(self.workload_args)
-            if num_requests is not None:
-                params.update(num_requests=num_requests)
-            if self.vocab_size and "vocab_size" not in params:
-                params.update(vocab_size=self.vocab_size)
-            w = make_workload(w, **params)
-        elif num_requests is not None:
-            w = w.head(num_requests)
-        if self.vocab_size and w.max_token_id >= self.vocab_size:
-            raise ValueError(f"workload {w.name!r} has token id {w.max_token_id}, outside the model's "
-                             f"vocabulary of {self.vocab_size}: build it with vocab_size={self.vocab_size}")
-        return w
 
     # --- which runs are left -------------------------------------------------------------------------
 
