@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 import traceback
 from typing import Callable
@@ -35,7 +34,7 @@ class Sweep:
     .jsonl path (built with the model's vocab size, ``num_requests`` and ``workload_args``), or a list
     of those (an outer grid dimension). grid: {EngineConfig field: [values]} (duplicates dropped; every
     value checked here); base_config: the other fields. slo: {"ttft": s, "tpot": s, "e2e": s} for goodput.
-    repeats: runs per point, interleaved: round r runs every point once, in a shuffled order (points
+    repeats: runs per point, interleaved: round r runs every point once, odd rounds in reverse order (points
     sharing a quantization stay adjacent, so weights are re-quantized once per value and round), so
     drift over time does not favour one setting. out: ".jsonl" or ".parquet" results file, one row per
     run, appended as each finishes (locked while the sweep runs; checked writable before the first run);
@@ -131,16 +130,13 @@ class Sweep:
         return all(recs) or any(rec is not None and rec.get(C.status) != "ok" for rec in recs)
 
     def _schedule(self) -> list[tuple[Point, int]]:
-        """The runs still to do: round by round, each round in a shuffled order (seeded), quantizations kept
-        together."""
+        """The runs still to do, round by round: even rounds in grid order, odd rounds reversed, so every
+        setting sits early and late alike (drift over time favours none) and points sharing a quantization
+        stay adjacent; with an odd number of rounds the last run is the last point, as without repeats."""
         todo = []
         for r in range(self.repeats):
             rnd = [p for p in self.points if self._recorded(p, r) is None]
-            if r > 0:
-                random.Random(self.seed * 1000 + r).shuffle(rnd)
-                order = {q: i for i, q in enumerate(dict.fromkeys(p.config.quantization for p in self.points))}
-                rnd.sort(key=lambda p: order[p.config.quantization])
-            todo += [(p, r) for p in rnd]
+            todo += [(p, r) for p in (rnd if r % 2 == 0 else rnd[::-1])]
         return todo
 
     # --- running --------------------------------------------------------------------------------------

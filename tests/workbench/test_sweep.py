@@ -89,9 +89,12 @@ def test_time_series_and_requests_are_kept_per_point(sweep_2x2x2):
             & (df["output_throughput"] <= df["output_throughput_max"])).all()
     for pid, g in runs.groupby("point_id"):
         assert df.set_index("point_id").loc[pid, "output_throughput"] == pytest.approx(g["output_throughput"].median())
-    # Rounds are interleaved: every point's repeat 0 ran before any repeat 1.
+    # Rounds are interleaved: every point's repeat 0 ran before any repeat 1, and the middle round ran in
+    # reverse order, so every setting ran early and late alike.
     t = runs.sort_values("timestamp")
     assert t["repeat"].is_monotonic_increasing
+    order = [list(g["point_id"]) for _, g in t.groupby("repeat", sort=True)]
+    assert order[1] == order[0][::-1] and order[2] == order[0]
 
 
 def test_report_of_a_real_sweep(sweep_2x2x2, tmp_path):
