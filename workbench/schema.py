@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 HIGHER, LOWER = "higher", "lower"
+OK, ERROR, OOM = "ok", "error", "oom"  # values of the status column
 MEDIAN, FIRST = "median", "first"
 ID, CONFIG, WORKLOAD, METRIC, ENGINE, TELEMETRY = "id", "config", "workload", "metric", "engine", "telemetry"
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
-from . import metrics
+from . import metrics, schema
 from .grid import Point, build_points, point_label  # noqa: F401 - point_label is public here too
 from .point_run import is_oom, load_llm, model_vocab_size, release_memory, run_point
 from .schema import C
@@ -159,13 +159,13 @@ class Sweep:
             run = run_point(self.llm, p.workload, self.slo, self.warmup, self.sampling, self._telemetry,
                             self.max_duration)
             row.update(run.metrics)
-            row.update({C.status: "ok", C.error: None})
+            row.update({C.status: schema.OK, C.error: None})
             self.timeseries[p.point_id], self.requests[p.point_id], self.telemetry[p.point_id] = \
                 run.steps, run.requests, run.telemetry
             self.store.save_frames(p.point_id, {"steps": run.steps, "requests": run.requests,
                                                 "telemetry": run.telemetry})
         except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
-            row.update({C.status: "oom" if is_oom(e) else C.error, C.error: f"{type(e).__name__}: {e}"})
+            row.update({C.status: schema.OOM if is_oom(e) else schema.ERROR, C.error: f"{type(e).__name__}: {e}"})
             log.debug("traceback of point %s:\n%s", p.point_id, traceback.format_exc())
             release_memory()
         row[C.point_duration_s] = time.perf_counter() - t0
