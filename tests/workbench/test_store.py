@@ -102,3 +102,33 @@ def test_read_only_folder_is_found_before_the_first_point(tmp_path):
             Sweep(**KW, grid={"block_size": [8]}, out=str(folder / "r.jsonl")).run()
     finally:
         folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_a_writer_in_another_process_keeps_this_one_out(tmp_path, ext):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = str(tmp_path / f"r.{ext}")
+    root = str(Path(__file__).resolve().parents[2])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from workbench.store import ResultsStore\n"
+         f"s = ResultsStore({out!r}).open(); s.append({{'point_id': 'other', 'repeat': 0, 'status': 'ok'}})\n"
+         "print('locked', flush=True); sys.stdin.readline(); s.close()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": root})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        sweep = Sweep(**KW, grid={"block_size": [8]}, out=out)
+        with pytest.raises(StoreLockedError, match="being written by another sweep"):
+            sweep.run()
+        assert sweep.llm is None  # refused before loading anything
+    finally:
+        holder.communicate("done\n", timeout=60)
+    df = sweep.run()  # the other writer is gone: its row is kept, this sweep's is added, nothing twice
+    with ResultsStore(out) as store:
+        assert sorted(pid for pid, _ in store.records) == sorted(["other", df["point_id"][0]])
+    if ext == "jsonl":
+        assert len(open(out).read().splitlines()) == 2
+    else:
+        assert len(pd.read_parquet(out)) == 2
