@@ -103,10 +103,12 @@ def _recommendation(results: pd.DataFrame, model: str, planner_verdict: str | No
     parts = ["<h2>Recommendation</h2>",
              "<table><tr><th>objective</th><th>choose</th><th>median</th><th>compared with the others</th></tr>"
              f"{rows}</table>"]
-    missing = [name for col, name in schema.OBJECTIVES if col not in {r['column'] for r in recs}]
-    if missing:
-        parts.append(f"<p class='verdict'>No recommendation for {esc(', '.join(missing))}: no data (goodput needs "
-                     "an SLO; energy needs a GPU with NVML).</p>")
+    why = {C.request_goodput: "it needs an SLO (slo= / --slo-ttft, --slo-tpot, --slo-e2e)",
+           C.energy_per_output_token_j: "it needs a GPU with NVML energy readings"}
+    for col, name in schema.OBJECTIVES:
+        if col not in {r["column"] for r in recs}:
+            parts.append(f"<p class='verdict'>No recommendation for {esc(name)}: "
+                         f"{esc(why.get(col, 'no data in these results'))}.</p>")
     best = next((r for r in recs if r["column"] == C.output_throughput), recs[0])
     row = results[results[C.point_id] == best[C.point_id]].iloc[0].to_dict()
     parts += [f"<h3>Chosen config (best {esc(best['objective'])}: {esc(best[C.label])})</h3>",
