@@ -127,6 +127,15 @@ class EngineStats:
         d["expert_imbalance"] = self.expert_imbalance
         return d
 
+    def __repr__(self) -> str:
+        """A short summary: the counters, and the per-step list summarised (it is in ``steps``)."""
+        peak = max((s.kv_usage for s in self.steps), default=0.0)
+        return (f"EngineStats({self.num_steps} steps ({len(self.steps)} in .steps, peak KV usage {peak:.0%}), "
+                f"{self.num_prompt_tokens} prompt + {self.num_generation_tokens} generated tokens, "
+                f"KV {self.num_used_blocks}/{self.num_gpu_blocks} blocks of {self.block_size} tokens in use, "
+                f"prefix cache {self.prefix_cache_hits}/{self.prefix_cache_queries} tokens hit "
+                f"({self.prefix_cache_hit_rate:.1%}), {self.num_preemptions} preemptions, "
+                f"backend {self.attention_backend}, quantization {self.quantization}, device {self.device_name})")
 
 def expert_imbalance(expert_tokens) -> float | None:
     """Load imbalance of MoE routing from tokens per expert ([moe layer][expert], nested lists or a tensor):

@@ -6,7 +6,9 @@ To add a command, write those two functions and append an entry.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
 
 
 def parse_value(text: str):
@@ -39,39 +41,80 @@ def _grid_item(text):
     return parse_assignment(text, many=True)
 
 
-# --- sweep ---------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: use an integer >= 1")
+    return value
 
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="PRESET|DIR",
+
+def _stem(model: str, workload: str) -> str:
+    return f"{Path(model.rstrip('/')).name}-{Path(workload).stem}"
+
+
+# --- arguments both commands take ----------------------------------------------------------------------
+
+def add_model_arguments(p: argparse.ArgumentParser, default_model: str | None, default_requests: int | None) -> None:
+    p.add_argument("--model", required=default_model is None, default=default_model, metavar="PRESET|DIR",
                    help="a model preset with random weights (tiny, llama-3.1-8b, llama-3.2-1b, llama-3.2-3b, "
-                        "mistral-7b, qwen2.5-7b, llama-3.1-70b) or a Hugging Face checkpoint folder")
+                        "mistral-7b, qwen2.5-7b, llama-3.1-70b) or a Hugging Face checkpoint folder"
+                        + (" (default: %(default)s)" if default_model else ""))
     p.add_argument("--workload", default="sharegpt-like", metavar="NAME|FILE",
                    help="a built-in workload (fixed, sharegpt-like, shared-prefix, multi-turn) or a .jsonl trace "
                         "(looked up in data/workloads/ when not a path); default: %(default)s")
-    p.add_argument("--num-requests", type=int, metavar="N", help="number of requests (default: the workload's)")
+    p.add_argument("--num-requests", type=positive_int, default=default_requests, metavar="N",
+                   help="number of requests, >= 1 (default: " + (str(default_requests) if default_requests
+                                                                else "the workload's") + ")")
     p.add_argument("--workload-arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the built-in workload, e.g. prefix_len=512 or output_len=64; repeatable")
+    p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
+                   help="an EngineConfig field held fixed for every point, e.g. max_model_len=2048; repeatable")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _base_config(args):
+    from engine import EngineConfig
+
+    from .schema import C
+
+    base = dict(args.set)
+    if args.device:
+        base[C.device] = args.device
+    return EngineConfig(**base)
+
+
+# --- sweep ---------------------------------------------------------------------------------------------
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, None, None)
     p.add_argument("--arrival", choices=["offline", "poisson", "concurrency"],
                    help="arrival process: all at t=0, Poisson at --request-rate, or --concurrency in flight "
                         "(default: offline)")
     p.add_argument("--request-rate", type=float, metavar="REQ_PER_S", help="Poisson arrival rate (requests/s)")
-    p.add_argument("--concurrency", type=int, metavar="C", help="requests kept in flight (closed loop)")
+    p.add_argument("--concurrency", type=positive_int, metavar="C", help="requests kept in flight (closed loop)")
     p.add_argument("--grid", type=_grid_item, action="append", default=[], metavar="FIELD=V1,V2,...",
                    help="an EngineConfig field and the values to sweep, e.g. block_size=8,16,32 or "
                         "enable_prefix_caching=true,false or quantization=none,int8; repeatable (the grid is "
-                        "the product)")
-    p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
-                   help="an EngineConfig field held fixed for every point, e.g. max_model_len=2048; repeatable")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
+                        "the product; repeated values run once)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
+                   help="runs per point, interleaved across points; results are the median with min-max "
+                        "(default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="weight dtype of a preset model (default: the engine's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
     p.add_argument("--slo-ttft", type=float, metavar="SECONDS", help="TTFT SLO for goodput, in seconds")
     p.add_argument("--slo-tpot", type=float, metavar="SECONDS", help="TPOT SLO for goodput, in seconds")
     p.add_argument("--slo-e2e", type=float, metavar="SECONDS", help="end-to-end latency SLO for goodput, in seconds")
-    p.add_argument("--out", metavar="PATH", help="results file, .parquet or .jsonl; appended after every point, and "
-                   "rerunning with the same file skips finished points")
-    p.add_argument("--html", metavar="PATH", help="write the self-contained HTML report here")
+    p.add_argument("--out", metavar="PATH", help="results file, .parquet or .jsonl, one row per run, appended as "
+                   "runs finish; rerunning with the same file skips finished points (default: "
+                   "./sweep-MODEL-WORKLOAD.jsonl)")
+    p.add_argument("--html", metavar="PATH", help="the self-contained HTML report (default: the results file's "
+                   "name with .html)")
     p.add_argument("--title", default="paged-workbench sweep report", help="title of the HTML report")
     p.add_argument("--no-warmup", action="store_true", help="skip the short warm-up before each point")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,99 +133,90 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 def run_sweep(args) -> int:
     import torch
 
-    from engine import EngineConfig
-
+    from . import schema
+    from .schema import C
     from .sweep import Sweep
 
-    base = dict(args.set)
-    if args.device:
-        base["device"] = args.device
     workload_args = dict(args.workload_arg)
-    for key in ("arrival", "request_rate", "concurrency"):
+    for key in (C.arrival, C.request_rate, C.concurrency):  # workload parameters, recorded as these columns
         if getattr(args, key) is not None:
             workload_args[key] = getattr(args, key)
-    if "request_rate" in workload_args and "arrival" not in workload_args:
-        workload_args["arrival"] = "poisson"
-    if "concurrency" in workload_args and "arrival" not in workload_args:
-        workload_args["arrival"] = "concurrency"
+    if C.request_rate in workload_args and C.arrival not in workload_args:
+        workload_args[C.arrival] = "poisson"
+    if C.concurrency in workload_args and C.arrival not in workload_args:
+        workload_args[C.arrival] = C.concurrency
     grid = {}
     for key, values in args.grid:
         grid.setdefault(key, []).extend(values)
     slo = {k: v for k, v in (("ttft", args.slo_ttft), ("tpot", args.slo_tpot), ("e2e", args.slo_e2e)) if v is not None}
-    sweep = Sweep(model=args.model, workload=args.workload, grid=grid, base_config=EngineConfig(**base), slo=slo,
-                  out=args.out, warmup=not args.no_warmup, progress=not args.no_progress,
+    out = args.out or f"sweep-{_stem(args.model, args.workload)}.jsonl"
+    html = args.html or str(Path(out).with_suffix(".html"))
+    sweep = Sweep(model=args.model, workload=args.workload, grid=grid, base_config=_base_config(args), slo=slo,
+                  out=out, warmup=not args.no_warmup, progress=not args.no_progress,
                   num_requests=args.num_requests, workload_args=workload_args,
                   telemetry={"auto": None, "on": True, "off": False}[args.telemetry],
                   telemetry_interval=args.telemetry_interval, seed=args.seed,
                   dtype=getattr(torch, args.dtype) if args.dtype else None, max_duration=args.max_duration,
-                  retry_failed=args.retry_failed)
+                  retry_failed=args.retry_failed, repeats=args.repeats)
+    sweep.announce = lambda message: print(message, file=sys.stderr)
     if args.save_workload:
         sweep.workloads[0].save_jsonl(args.save_workload)
     try:
         df = sweep.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: saved {sweep.saved_points()} of {len(sweep.points)} points to {out}; "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     finally:
         sweep.close()
-    cols = [c for c in ("label", "status", "output_throughput", "ttft_p99_ms", "tpot_p99_ms",
-                        "prefix_cache_hit_rate", "internal_fragmentation_mean") if c in df]
-    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for _, r in df[df["status"] != "ok"].iterrows():
-        print(f"FAILED {r['label']}: {r['error']}", file=sys.stderr)
-    if args.out:
-        print(f"results: {args.out}")
+    cols = [c for c in schema.SUMMARY_COLUMNS if c in df]
+    print(df[cols].rename(columns=schema.title).to_string(
+        index=False, formatters={schema.title(c): (lambda v, c=c: schema.fmt(c, v)) for c in cols}))
+    print(f"results: {out}")
     if args.trace:
         from .trace_export import write_sweep_traces
         for label, path in write_sweep_traces(sweep, args.trace).items():
             print(f"trace of {label}: {path}")
-    if args.html:
-        print(f"report: {sweep.write_report(args.html, title=args.title)}")
+    try:
+        import plotly  # noqa: F401 - the report needs it; a headless GPU VM may not have it
+    except ImportError:
+        print(f"no report: plotly is not installed (pip install plotly, then rerun the same command: it only "
+              f"writes the report from {out})", file=sys.stderr)
+    else:
+        print(f"report: {sweep.write_report(html, title=args.title)}")
+    failed = df[df[C.status] != "ok"] if len(df) else df
+    if len(failed):
+        reasons = failed[C.error].fillna("").map(lambda e: str(e).split(":")[0] or "unknown error").value_counts()
+        why = ", ".join(f"{n} {r}" for r, n in reasons.items())
+        print(f"FAILED: {len(failed)} of {len(df)} points ({why}); see the report's first section", file=sys.stderr)
+        return 1
     return 0
 
 
 # --- bench ---------------------------------------------------------------------------------------------
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET",
-                   help="a model preset with random weights (default: %(default)s)")
-    p.add_argument("--workload", default="sharegpt-like", metavar="NAME|FILE",
-                   help="a built-in workload (fixed, sharegpt-like, shared-prefix, multi-turn) or a .jsonl trace; "
-                        "requests all arrive at t=0 (default: %(default)s)")
-    p.add_argument("--num-requests", type=int, default=256, metavar="N", help="number of requests (default: 256)")
-    p.add_argument("--workload-arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
-                   help="a parameter of the built-in workload, e.g. prompt_len=1024; repeatable")
-    p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
-                   help="an EngineConfig field, e.g. block_size=32 (default: EngineConfig's defaults); repeatable")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
+    add_model_arguments(p, "llama-3.1-8b", 256)
     p.add_argument("--baseline", action="store_true",
                    help="also run the naive baseline: HF transformers generate on static batches")
-    p.add_argument("--baseline-batch-size", type=int, default=128, metavar="B",
+    p.add_argument("--baseline-batch-size", type=positive_int, default=128, metavar="B",
                    help="largest static batch of the naive baseline (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
     p.add_argument("--out", metavar="PATH", help="write the results as JSON here (default: "
-                   "data/benchmarks/bench-MODEL-WORKLOAD.json)")
+                   "./bench-MODEL-WORKLOAD.json)")
     p.add_argument("--trace", metavar="PATH", help="write the run as a Chrome trace-event JSON here (Perfetto)")
     p.add_argument("--profile", choices=["kernels"], help="deep mode: torch.profiler over a window of steps, "
                    "device time by kernel class against each class's roofline")
 
 
 def run_bench(args) -> int:
-    from pathlib import Path
-
-    from engine import LLM, EngineConfig
-
     from .bench import bench
-    from .workloads import load_workload, make_workload
+    from .point_run import model_vocab_size
+    from .workloads import resolve_workload
 
-    base = dict(args.set)
-    if args.device:
-        base["device"] = args.device
-    config = EngineConfig(**base)
-    vocab = LLM.model_spec(args.model).vocab_size
-    if args.workload.endswith(".jsonl"):
-        workload = load_workload(args.workload, vocab_size=vocab, seed=args.seed).head(args.num_requests)
-    else:
-        workload = make_workload(args.workload, num_requests=args.num_requests, vocab_size=vocab, seed=args.seed,
-                                 **dict(args.workload_arg))
-    out = args.out or str(Path("data/benchmarks") / f"bench-{args.model}-{Path(args.workload).stem}.json")
+    config = _base_config(args)
+    workload = resolve_workload(args.workload, args.num_requests, model_vocab_size(args.model), args.seed,
+                                dict(args.workload_arg))
+    out = args.out or f"bench-{_stem(args.model, args.workload)}.json"
     bench(args.model, workload, config, baseline=args.baseline, baseline_batch_size=args.baseline_batch_size,
           out=out, seed=args.seed, trace=args.trace, profile=args.profile)
     print(f"results: {out}")
@@ -207,6 +241,7 @@ def _loadtest_arguments(p):  # the command lives in workbench/loadtest_cli.py (i
     from .loadtest_cli import add_arguments
 
     add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 
 
 def _loadtest_run(args) -> int:
@@ -231,8 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run a command. Exit status: 0 every point ok, 1 some failed (or an unexpected error), 2 bad arguments
+    or config values (one line on stderr; --debug shows the traceback), 130 interrupted."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if not args.debug:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        logging.getLogger("workbench").setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        if args.debug:
+            raise
+        bad_input = isinstance(e, (ValueError, OSError)) or type(e).__name__ == "StoreLockedError"
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if bad_input else 1
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .metrics import engine_summary, latency_summary, request_frame, step_summary, steps_frame, throughput
-from .trace_replay import replay, warm_up
+from .metrics import throughput
+from .point_run import load_llm, run_point
+from .schema import C, latency
 
 
 # ----- device rates -------------------------------------------------------------------------------
@@ -92,25 +93,10 @@ class RunResult:
 
 def run_engine(llm, workload, warmup: bool = True, profile: str | None = None,
                kernel_window: tuple[int, int] | None = None) -> RunResult:
-    """The workload through the engine's step API (`trace_replay.replay`), summarised by `workbench.metrics`.
-    profile="kernels": deep mode over kernel_window = (first step, number of steps), by default
-    `profiling.KERNEL_WINDOW`."""
-    eng = llm.engine
-    if warmup:
-        warm_up(eng, llm.config)
-    eng.reset_stats()
-    if profile is not None:
-        from .profiling import start_deep_mode
-        start_deep_mode(eng, profile, *(kernel_window or ()))
-    run = replay(eng, workload)
-    if profile is not None:
-        eng.stop_kernel_profile()
-    stats = eng.stats()
-    steps = steps_frame(stats)
-    reqs = request_frame(run.outputs)
-    summary = {**throughput(reqs, run.duration), **latency_summary(reqs), **step_summary(steps),
-               **engine_summary(stats), "host_time_p50_ms": float(steps["host_time"].median() * 1e3)}
-    return RunResult("engine", reqs, run.duration, steps, summary, stats)
+    """The workload through the engine (`workbench.point_run.run_point`, the sweep's measurement).
+    profile="kernels": deep mode over kernel_window = (first step, number of steps)."""
+    run = run_point(llm, workload, warmup=warmup, profile=profile, kernel_window=kernel_window)
+    return RunResult("engine", run.requests, run.duration, run.steps, run.metrics, run.stats)
 
 
 def run_naive_baseline(hf_model, workload, max_batch_size: int = 128) -> RunResult:
@@ -153,10 +139,10 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         env["triton"] = None
     if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
+        env[C.device_name] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     else:
-        env["device_name"] = platform.processor() or "cpu"
+        env[C.device_name] = platform.processor() or "cpu"
     return env
 
 
@@ -164,13 +150,13 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
     """One plain-text table: throughput, latency percentiles, KV usage and the two reference lines."""
     s = engine.summary
     lines = [f"{'':28s}{'req/s':>10s}{'out tok/s':>12s}{'total tok/s':>13s}",
-             f"{'engine':28s}{s['request_throughput']:10.2f}{s['output_throughput']:12.1f}"
-             f"{s['total_token_throughput']:13.1f}"]
+             f"{'engine':28s}{s[C.request_throughput]:10.2f}{s[C.output_throughput]:12.1f}"
+             f"{s[C.total_token_throughput]:13.1f}"]
     if baseline is not None:
         b = baseline.summary
-        lines.append(f"{'naive HF generate':28s}{b['request_throughput']:10.2f}{b['output_throughput']:12.1f}"
-                     f"{b['total_token_throughput']:13.1f}")
-        lines.append(f"engine / naive (output tok/s): {s['output_throughput'] / b['output_throughput']:.2f}x")
+        lines.append(f"{'naive HF generate':28s}{b[C.request_throughput]:10.2f}{b[C.output_throughput]:12.1f}"
+                     f"{b[C.total_token_throughput]:13.1f}")
+        lines.append(f"engine / naive (output tok/s): {s[C.output_throughput] / b[C.output_throughput]:.2f}x")
     if limit is not None:
         lines.append(f"physical limit: {limit['limit_time']:.2f} s of {engine.duration:.2f} s measured "
                      f"-> limit / measured = {limit['limit_time'] / engine.duration:.3f} "
@@ -178,18 +164,21 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
                      f"{limit['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {limit['copy_bandwidth'] / 1e12:.2f} TB/s)")
     lines.append("latency (ms)        mean      p50      p90      p99")
     for name in ("ttft", "tpot", "itl", "e2e"):
-        lines.append(f"  {name:12s}" + "".join(f"{s[f'{name}_{p}_ms']:9.1f}" for p in ("mean", "p50", "p90", "p99")))
-    lines.append(f"KV usage mean {s['kv_usage_mean']:.1%}, peak {s['kv_usage_peak']:.1%} of {s['kv_blocks']} "
-                 f"blocks ({s['kv_capacity_tokens']} tokens); preemptions {s['num_preemptions']}; "
-                 f"{s['num_steps']} steps; host time per step p50 {s['host_time_p50_ms']:.2f} ms; backend "
-                 f"{s['attention_backend_used']}, CUDA graphs {s['cuda_graphs']}")
+        lines.append(f"  {name:12s}" + "".join(f"{s[latency(name, p)]:9.1f}" for p in ("mean", "p50", "p90", "p99")))
+    lines.append(f"KV usage mean {s[C.kv_usage_mean]:.1%}, peak {s[C.kv_usage_peak]:.1%} of {s[C.kv_blocks]} "
+                 f"blocks ({s[C.kv_capacity_tokens]} tokens); preemptions {s[C.num_preemptions]}; "
+                 f"{s[C.num_steps]} steps; host time per step p50 {s[C.host_time_p50_ms]:.2f} ms; backend "
+                 f"{s[C.attention_backend_used]}, CUDA graphs {s[C.cuda_graphs]}")
     return "\n".join(lines)
 
 
 def bench(model: str, workload, config, baseline: bool = False, baseline_batch_size: int = 128,
           out: str | None = None, seed: int = 0, trace: str | None = None, profile: str | None = None) -> dict:
-    """Run the bench; print the table and the gap-to-limit waterfall; write JSON to `out` (if given) and a
-    Chrome trace to `trace` (if given); profile="kernels" adds deep mode. Returns the result dict."""
+    """Run the bench on ``model`` (a preset with random weights, or an HF checkpoint folder); print the
+    table and the gap-to-limit waterfall; write JSON to `out` (if given) and a Chrome trace to `trace` (if
+    given); profile="kernels" adds deep mode. Returns the result dict."""
+    import os
+
     from engine import LLM
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,13 +189,16 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
         # Before the engine exists, so the engine's KV pool can take the memory back afterwards.
         from transformers import AutoModelForCausalLM
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        with torch.device(device):
-            hf = AutoModelForCausalLM.from_config(LLM.hf_config(model), dtype=dtype).eval()
+        if os.path.isdir(model):
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        else:
+            with torch.device(device):
+                hf = AutoModelForCausalLM.from_config(LLM.hf_config(model), dtype=dtype).eval()
         base = run_naive_baseline(hf, workload, baseline_batch_size)
         del hf
         if on_gpu:
             torch.cuda.empty_cache()
-    llm = LLM.random(model, config, seed=seed)
+    llm = load_llm(model, config, seed=seed)
     eng = run_engine(llm, workload, profile=profile)
     limit = None
     if rates is not None:
@@ -218,14 +210,14 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
     print(format_table(eng, base, limit))
     from .profiling import run_profile
     profiled = run_profile(llm, eng, rates, trace=trace)
-    result = {"model": model, "workload": workload.summary(), "config": config.to_dict(),
+    result = {C.model: model, C.workload: workload.summary(), "config": config.to_dict(),
               "engine": {**eng.summary, "duration": eng.duration},
               "baseline": None if base is None else {**base.summary, "duration": base.duration,
                                                      "batch_size": baseline_batch_size},
               "physical_limit": limit, "environment": environment(device)}
     result.update(profiled)
     if base is not None:
-        result["engine_over_baseline"] = eng.summary["output_throughput"] / base.summary["output_throughput"]
+        result["engine_over_baseline"] = eng.summary[C.output_throughput] / base.summary[C.output_throughput]
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2, default=str))

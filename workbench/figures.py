@@ -1,240 +1,234 @@
-"""Figures of sweep results: each a function of the results that returns a plotly Figure, and a
-matplotlib twin (same name + ``_mpl``) returning a matplotlib Figure for static output.
+"""Figures of sweep results: each a function of the results that returns a plotly Figure.
 
 Figures read columns made by `workbench.metrics` (through `Sweep`) and never compute a metric;
-where a figure needs a derived view (Pareto front, CDF) it asks `workbench.metrics` for it.
-Rows whose status is not "ok" are left out of every figure (the report lists them).
+where a figure needs a derived view (Pareto front, CDF) it asks `workbench.metrics` for it. Axis titles
+are the schema's labels with units (`workbench.schema.title`). Where a point was repeated, bars and
+markers carry the min-max over repeats as error bars. Colour encodes the grid dimensions that are not
+on an axis. Rows whose status is not "ok" are left out of every figure (the report lists them).
+A figure with nothing to draw says why in ``fig.layout.meta["empty"]`` (the report prints that sentence
+instead of an empty plot) and in an annotation (for widgets).
 """
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
-from matplotlib.figure import Figure as MplFigure
 from plotly.subplots import make_subplots
 
-from . import metrics
+from . import metrics, schema
+from .schema import C
 
 PERCENTILE_COLORS = {"p50": "#4C78A8", "p90": "#F58518", "p99": "#E45756"}
+SETTING_AXIS = "setting (grid point)"
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"] if "status" in df else df
+    return df[df[C.status] == "ok"] if C.status in df else df
 
 
 def _empty(title: str, why: str = "no successful points to show") -> go.Figure:
     fig = go.Figure()
     fig.add_annotation(text=why, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False)
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, meta={"empty": why})
     return fig
 
 
-def _empty_mpl(title: str, why: str = "no successful points to show") -> MplFigure:
-    fig = MplFigure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.text(0.5, 0.5, why, ha="center", va="center")
-    ax.set_axis_off()
-    ax.set_title(title)
-    return fig
+def is_empty(fig: go.Figure) -> str | None:
+    """Why ``fig`` has nothing to draw, or None when it has data."""
+    meta = fig.layout.meta
+    return meta.get("empty") if isinstance(meta, dict) else None
 
 
-def _bars(df, y, title, ytitle, by="label", color=None):
+def _has(d: pd.DataFrame, col: str) -> bool:
+    return col in d and pd.to_numeric(d[col], errors="coerce").notna().any()
+
+
+def varying_settings(df: pd.DataFrame, exclude=()) -> list[str]:
+    """Config columns (and the workload) whose value differs between the ok rows: the grid dimensions."""
     d = _ok(df)
-    if len(d) == 0 or y not in d:
+    cols = [C.workload] + schema.config_columns()
+    return [c for c in cols if c in d and c not in exclude and d[c].astype(str).nunique() > 1]
+
+
+def _groups(d: pd.DataFrame, exclude=()):
+    """(legend name, rows) per combination of the varying grid dimensions not in ``exclude``."""
+    dims = varying_settings(d, exclude)
+    if not dims:
+        return [(None, d)], None
+    names = d[dims].apply(lambda r: schema_label(dict(zip(dims, r))), axis=1)
+    return [(name, d[names == name]) for name in dict.fromkeys(names)], ", ".join(schema.column(c).label for c in dims)
+
+
+def schema_label(settings: dict) -> str:
+    from .grid import point_label
+
+    return point_label(settings)
+
+
+def _error(d: pd.DataFrame, col: str):
+    """Plotly error-bar dict of the min-max over repeats of ``col``, or None without repeats."""
+    if schema.BY_NAME.get(col) is None or schema.column(col).agg != schema.MEDIAN:
+        return None
+    lo, hi = schema.spread(col)
+    if lo not in d or hi not in d or not (d[hi] - d[lo]).fillna(0).any():
+        return None
+    v = d[col].astype(float)
+    return dict(type="data", symmetric=False, array=(d[hi] - v).clip(lower=0), arrayminus=(v - d[lo]).clip(lower=0),
+                thickness=1.2, width=4, color="#444")
+
+
+def _bars(df, y, title, by=C.label):
+    d = _ok(df)
+    if len(d) == 0:
         return _empty(title)
+    if not _has(d, y):
+        return _empty(title, f"no {schema.column(y).label} in these results")
     fig = go.Figure()
-    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [(None, d)]):
-        fig.add_bar(x=g[by].astype(str), y=g[y], name=str(name) if color else ytitle)
-    fig.update_layout(title=title, yaxis_title=ytitle, xaxis_title=by, barmode="group", showlegend=bool(color))
-    return fig
-
-
-def _bars_mpl(df, y, title, ytitle, by="label", color=None):
-    d = _ok(df)
-    if len(d) == 0 or y not in d:
-        return _empty_mpl(title)
-    fig = MplFigure(figsize=(max(6, 0.6 * len(d) + 3), 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    groups = list(d.groupby(color, sort=False, dropna=False)) if color else [(None, d)]
-    xs = list(dict.fromkeys(d[by].astype(str)))
-    width = 0.8 / len(groups)
-    for i, (name, g) in enumerate(groups):
-        pos = [xs.index(x) - 0.4 + width * (i + 0.5) for x in g[by].astype(str)]
-        ax.bar(pos, g[y], width=width, label=str(name) if color else None)
-    ax.set_xticks(range(len(xs)), xs, rotation=30, ha="right", fontsize=8)
-    ax.set_title(title)
-    ax.set_ylabel(ytitle)
-    if color:
-        ax.legend(title=color)
+    dims = varying_settings(d)
+    # Colour: the first grid dimension, when there are several (with one, the x axis says it already).
+    groups, legend = _groups(d, exclude=dims[1:]) if len(dims) > 1 else ([(None, d)], None)
+    for name, g in groups:
+        fig.add_bar(x=g[by].astype(str), y=g[y], name=str(name) if name else schema.column(y).label,
+                    error_y=_error(g, y), hovertemplate="%{x}<br>%{y:.4g}<extra></extra>")
+    fig.update_layout(title=title, yaxis_title=schema.title(y), xaxis_title=SETTING_AXIS,
+                      showlegend=len(groups) > 1, legend_title_text=legend or "")
     return fig
 
 
 # --- per setting ----------------------------------------------------------------------------------
 
-def throughput_by_setting(df: pd.DataFrame, metric: str = "output_throughput", by: str = "label") -> go.Figure:
-    """Throughput per setting; ``metric``: output_throughput or total_token_throughput (tokens/s),
-    request_throughput or request_goodput (requests/s)."""
-    return _bars(df, metric, f"Throughput per setting ({metric})", metric, by)
+def throughput_by_setting(df: pd.DataFrame, metric: str = C.output_throughput, by: str = C.label) -> go.Figure:
+    """Throughput per setting (median over repeats, min-max as error bars); ``metric``: a throughput column."""
+    return _bars(df, metric, f"{schema.column(metric).label.capitalize()} per setting", by)
 
 
-def throughput_by_setting_mpl(df: pd.DataFrame, metric: str = "output_throughput", by: str = "label") -> MplFigure:
-    return _bars_mpl(df, metric, f"Throughput per setting ({metric})", metric, by)
-
-
-def prefix_hit_rate(df: pd.DataFrame, by: str = "label", color: str = "workload") -> go.Figure:
-    """Token-level prefix-cache hit rate per setting, one bar colour per workload."""
-    return _bars(df, "prefix_cache_hit_rate", "Prefix-cache hit rate", "hit rate (tokens)", by, color)
-
-
-def prefix_hit_rate_mpl(df: pd.DataFrame, by: str = "label", color: str = "workload") -> MplFigure:
-    return _bars_mpl(df, "prefix_cache_hit_rate", "Prefix-cache hit rate", "hit rate (tokens)", by, color)
-
-
-def energy_per_token(df: pd.DataFrame, by: str = "label") -> go.Figure:
-    """Joules per output token per setting (NVML energy counter; empty without a GPU)."""
+def prefix_hit_rate(df: pd.DataFrame, by: str = C.label) -> go.Figure:
+    """Token-level prefix-cache hit rate per setting; says so instead when no point had a hit."""
     d = _ok(df)
-    if "energy_per_output_token_j" not in d or d["energy_per_output_token_j"].notna().sum() == 0:
-        return _empty("Energy per output token", "no GPU energy data (NVML) in these results")
-    return _bars(df, "energy_per_output_token_j", "Energy per output token", "J / output token", by)
+    title = "Prefix-cache hit rate"
+    if len(d) and _has(d, C.prefix_cache_hit_rate) and not (d[C.prefix_cache_hit_rate].fillna(0) > 0).any():
+        return _empty(title, "no prompt token was served from the prefix cache in any point (prefix caching off, "
+                             "or no shared prefixes in the workload)")
+    fig = _bars(df, C.prefix_cache_hit_rate, title, by)
+    if not is_empty(fig):
+        fig.update_layout(yaxis_tickformat=".0%", yaxis_rangemode="tozero")
+    return fig
 
 
-def energy_per_token_mpl(df: pd.DataFrame, by: str = "label") -> MplFigure:
+def energy_per_token(df: pd.DataFrame, by: str = C.label) -> go.Figure:
+    """Joules per output token per setting (NVML energy counter; says why without a GPU)."""
+    if len(_ok(df)) and not _has(_ok(df), C.energy_per_output_token_j):
+        return _empty("Energy per output token", "no GPU energy data (NVML) in these results: the runs were on "
+                                                 "the CPU or without telemetry")
+    return _bars(df, C.energy_per_output_token_j, "Energy per output token", by)
+
+
+def nvml_by_setting(df: pd.DataFrame, by: str = C.label) -> go.Figure:
+    """Every NVML column (power, energy per token, SM clock, memory used, temperature, utilisation) per
+    setting, one small panel each."""
     d = _ok(df)
-    if "energy_per_output_token_j" not in d or d["energy_per_output_token_j"].notna().sum() == 0:
-        return _empty_mpl("Energy per output token", "no GPU energy data (NVML) in these results")
-    return _bars_mpl(df, "energy_per_output_token_j", "Energy per output token", "J / output token", by)
+    cols = [c for c in schema.NVML_COLUMNS if _has(d, c)]
+    title = "GPU telemetry per setting (NVML)"
+    if not cols:
+        return _empty(title, "no GPU telemetry (NVML) in these results: the runs were on the CPU or without telemetry")
+    fig = make_subplots(rows=math.ceil(len(cols) / 2), cols=2, subplot_titles=[schema.title(c) for c in cols],
+                        vertical_spacing=0.12)
+    for i, c in enumerate(cols):
+        fig.add_bar(x=d[by].astype(str), y=d[c], error_y=_error(d, c), name=schema.column(c).label,
+                    showlegend=False, row=i // 2 + 1, col=i % 2 + 1)
+        fig.update_yaxes(title_text=schema.column(c).unit, row=i // 2 + 1, col=i % 2 + 1)
+    fig.update_layout(title=title, height=260 * math.ceil(len(cols) / 2) + 80)
+    return fig
 
 
-def latency_percentiles(df: pd.DataFrame, metric: str = "ttft", by: str = "label") -> go.Figure:
+def latency_percentiles(df: pd.DataFrame, metric: str = "ttft", by: str = C.label) -> go.Figure:
     """p50 / p90 / p99 of one latency (ttft | tpot | itl | e2e, ms) per setting, as grouped bars."""
     d = _ok(df)
-    title = f"{metric.upper()} percentiles"
+    name = schema.column(schema.latency(metric, "p50")).label[:-4]
+    title = f"{name} percentiles per setting"
     if len(d) == 0:
         return _empty(title)
     fig = go.Figure()
     for p, c in PERCENTILE_COLORS.items():
-        fig.add_bar(x=d[by].astype(str), y=d[f"{metric}_{p}_ms"], name=p, marker_color=c)
-    fig.update_layout(title=title, yaxis_title=f"{metric} (ms)", xaxis_title=by, barmode="group")
+        col = schema.latency(metric, p)
+        fig.add_bar(x=d[by].astype(str), y=d[col], name=p, marker_color=c, error_y=_error(d, col))
+    fig.update_layout(title=title, yaxis_title=f"{name} (ms)", xaxis_title=SETTING_AXIS, barmode="group",
+                      legend_title_text="percentile")
     return fig
 
 
-def latency_percentiles_mpl(df: pd.DataFrame, metric: str = "ttft", by: str = "label") -> MplFigure:
-    d = _ok(df)
-    title = f"{metric.upper()} percentiles"
-    if len(d) == 0:
-        return _empty_mpl(title)
-    long = pd.concat([pd.DataFrame({by: d[by].astype(str), "value": d[f"{metric}_{p}_ms"], "percentile": p})
-                      for p in PERCENTILE_COLORS])
-    return _bars_mpl(long.assign(status="ok"), "value", title, f"{metric} (ms)", by, "percentile")
-
-
-def fragmentation_by_block_size(df: pd.DataFrame, color: str | None = None) -> go.Figure:
-    """Mean internal fragmentation (share of allocated KV slots holding no token) against block size;
-    one marker per setting, and a line per group when ``color`` names a column (e.g. "enable_prefix_caching")."""
+def fragmentation_by_block_size(df: pd.DataFrame) -> go.Figure:
+    """Mean internal fragmentation (share of allocated KV slots holding no token) against block size; one
+    line per combination of the other grid dimensions (colour)."""
     d = _ok(df)
     title = "Internal fragmentation per block size"
     if len(d) == 0:
         return _empty(title)
+    if not _has(d, C.internal_fragmentation_mean):
+        return _empty(title, "no fragmentation data in these results")
     fig = go.Figure()
-    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
-        g = g.sort_values("block_size")
-        fig.add_scatter(x=g["block_size"], y=g["internal_fragmentation_mean"], name=str(name),
-                        mode="lines+markers" if color else "markers", marker_size=9,
-                        text=g["label"], hovertemplate="%{text}<br>block_size=%{x}<br>fragmentation=%{y:.3f}")
-    fig.update_layout(title=title, xaxis_title="block_size (tokens)", yaxis_title="internal fragmentation (mean)",
-                      xaxis_type="log", xaxis_tickvals=sorted(d["block_size"].unique()))
+    groups, legend = _groups(d, exclude=(C.block_size,))
+    for name, g in groups:
+        g = g.sort_values(C.block_size)
+        fig.add_scatter(x=g[C.block_size], y=g[C.internal_fragmentation_mean], name=str(name or "all points"),
+                        mode="lines+markers", marker_size=9, error_y=_error(g, C.internal_fragmentation_mean),
+                        text=g[C.label], hovertemplate="%{text}<br>block size %{x}<br>fragmentation %{y:.2%}")
+    ticks = sorted(d[C.block_size].unique())
+    fig.update_layout(title=title, xaxis_title=schema.title(C.block_size),
+                      yaxis_title=schema.title(C.internal_fragmentation_mean), yaxis_tickformat=".1%",
+                      yaxis_rangemode="tozero", xaxis_type="log" if len(ticks) > 1 else "linear",
+                      xaxis_tickvals=ticks, legend_title_text=legend or "", showlegend=len(groups) > 1)
     return fig
 
 
-def fragmentation_by_block_size_mpl(df: pd.DataFrame, color: str | None = None) -> MplFigure:
+def throughput_latency(df: pd.DataFrame, x: str = C.ttft_p99_ms, y: str = C.output_throughput) -> go.Figure:
+    """Throughput against a latency, one marker per setting (colour: grid dimensions), the Pareto front
+    (low x, high y) joined by a line."""
     d = _ok(df)
-    title = "Internal fragmentation per block size"
-    if len(d) == 0:
-        return _empty_mpl(title)
-    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for name, g in (d.groupby(color, sort=False, dropna=False) if color else [("all points", d)]):
-        g = g.sort_values("block_size")
-        ax.plot(g["block_size"], g["internal_fragmentation_mean"], marker="o", label=str(name),
-                linestyle="-" if color else "none")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("block_size (tokens)")
-    ax.set_ylabel("internal fragmentation (mean)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return fig
-
-
-def throughput_latency(df: pd.DataFrame, x: str = "ttft_p99_ms", y: str = "output_throughput") -> go.Figure:
-    """Throughput against a latency, one marker per setting, the Pareto front (low x, high y) joined by a line."""
-    d = _ok(df)
-    title = f"Throughput vs latency ({y} vs {x})"
+    title = f"{schema.column(y).label.capitalize()} against {schema.column(x).label}"
     if len(d) == 0:
         return _empty(title)
-    front = d[metrics.pareto_front(d, x, y)].sort_values(x)
+    # The sweep marks the front of its default axes in the results; other axes ask metrics for theirs.
+    default_axes = (x, y) == (C.ttft_p99_ms, C.output_throughput) and C.on_pareto_front in d
+    on_front = d[C.on_pareto_front].fillna(False).astype(bool) if default_axes else metrics.pareto_front(d, x, y)
+    front = d[on_front].sort_values(x)
     fig = go.Figure()
-    fig.add_scatter(x=d[x], y=d[y], mode="markers", name="settings", text=d["label"],
-                    hovertemplate="%{text}<br>" + x + "=%{x:.1f}<br>" + y + "=%{y:.1f}", marker_size=9)
-    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", text=front["label"],
-                    hovertemplate="%{text}", marker=dict(size=13, symbol="star"), line_dash="dash")
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y)
-    return fig
-
-
-def throughput_latency_mpl(df: pd.DataFrame, x: str = "ttft_p99_ms", y: str = "output_throughput") -> MplFigure:
-    d = _ok(df)
-    title = f"Throughput vs latency ({y} vs {x})"
-    if len(d) == 0:
-        return _empty_mpl(title)
-    front = d[metrics.pareto_front(d, x, y)].sort_values(x)
-    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.scatter(d[x], d[y], label="settings")
-    ax.plot(front[x], front[y], "r*--", markersize=12, label="Pareto front")
-    for _, r in front.iterrows():
-        ax.annotate(str(r["label"]), (r[x], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title)
-    ax.legend()
+    groups, legend = _groups(d)
+    for name, g in groups:
+        fig.add_scatter(x=g[x], y=g[y], mode="markers", name=str(name or "settings"), text=g[C.label],
+                        error_x=_error(g, x), error_y=_error(g, y), marker_size=10,
+                        hovertemplate="%{text}<br>%{x:.1f}<br>%{y:.1f}<extra></extra>")
+    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", text=front[C.label],
+                    hovertemplate="%{text}", marker=dict(size=14, symbol="star-open", color="black"), line_dash="dash")
+    fig.update_layout(title=title, xaxis_title=schema.title(x), yaxis_title=schema.title(y),
+                      legend_title_text=legend or "")
     return fig
 
 
 # --- per request ---------------------------------------------------------------------------------
 
 def latency_cdf(df: pd.DataFrame, requests: dict, metric: str = "ttft") -> go.Figure:
-    """CDF of one per-request latency (ttft | tpot | e2e | itl, ms), one line per ok setting.
+    """CDF of one per-request latency (ttft | tpot | e2e | itl, ms), one line per ok setting; log x when
+    the values span more than two decades.
 
     requests: {point_id: request frame} as kept in `Sweep.requests`.
     """
     d = _ok(df)
-    cdf = metrics.latency_cdf({p: requests.get(p) for p in d["point_id"]} if len(d) else {}, metric,
-                              dict(zip(d.get("point_id", []), d.get("label", []))))
-    title = f"{metric.upper()} CDF"
+    cdf = metrics.latency_cdf({p: requests.get(p) for p in d[C.point_id]} if len(d) else {}, metric,
+                              dict(zip(d.get(C.point_id, []), d.get(C.label, []))))
+    name = schema.column(schema.latency(metric, "p50")).label[:-4]
+    title = f"{name} distribution over requests"
     if len(cdf) == 0:
-        return _empty(title, "no per-request data")
+        return _empty(title, "no per-request data for these points")
     fig = go.Figure()
-    for label, g in cdf.groupby("label", sort=False):
+    for label, g in cdf.groupby(C.label, sort=False):
         fig.add_scatter(x=g["value_ms"], y=g["cdf"], mode="lines", name=str(label), line_shape="hv")
-    fig.update_layout(title=title, xaxis_title=f"{metric} (ms)", yaxis_title="share of requests", yaxis_range=[0, 1.02])
-    return fig
-
-
-def latency_cdf_mpl(df: pd.DataFrame, requests: dict, metric: str = "ttft") -> MplFigure:
-    d = _ok(df)
-    cdf = metrics.latency_cdf({p: requests.get(p) for p in d["point_id"]} if len(d) else {}, metric,
-                              dict(zip(d.get("point_id", []), d.get("label", []))))
-    title = f"{metric.upper()} CDF"
-    if len(cdf) == 0:
-        return _empty_mpl(title, "no per-request data")
-    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for label, g in cdf.groupby("label", sort=False):
-        ax.step(g["value_ms"], g["cdf"], where="post", label=str(label))
-    ax.set_xlabel(f"{metric} (ms)")
-    ax.set_ylabel("share of requests")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    positive = cdf["value_ms"][cdf["value_ms"] > 0]
+    wide = len(positive) and positive.max() / positive.min() > 100
+    fig.update_layout(title=title, xaxis_title=f"{name} (ms{', log scale' if wide else ''})",
+                      yaxis_title="share of requests (count / total)", yaxis_range=[0, 1.02],
+                      xaxis_type="log" if wide else "linear")
     return fig
 
 
@@ -253,42 +247,16 @@ def _two_axes(ts, left, right, title, why):
     return fig
 
 
-def _two_axes_mpl(ts, left, right, title, why):
-    if ts is None or len(ts) == 0 or left[0] not in ts or ts[left[0]].notna().sum() == 0:
-        return _empty_mpl(title, why)
-    fig = MplFigure(figsize=(8, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(ts["t"], ts[left[0]], color="C0")
-    ax.set_ylabel(left[1], color="C0")
-    ax.set_xlabel("time since start of run (s)")
-    if right[0] in ts:
-        ax2 = ax.twinx()
-        ax2.step(ts["t"], ts[right[0]], where="post", color="C1")
-        ax2.set_ylabel(right[1], color="C1")
-    ax.set_title(title)
-    return fig
-
-
 def kv_usage_over_time(timeseries: pd.DataFrame, title: str = "KV usage and batch size") -> go.Figure:
     """KV usage (used / total blocks) and batch size (running requests) per engine step of one point."""
-    return _two_axes(timeseries, ("kv_usage", "KV usage"), ("num_running", "batch size (running)"), title,
-                     "no per-step data")
-
-
-def kv_usage_over_time_mpl(timeseries: pd.DataFrame, title: str = "KV usage and batch size") -> MplFigure:
-    return _two_axes_mpl(timeseries, ("kv_usage", "KV usage"), ("num_running", "batch size (running)"), title,
-                         "no per-step data")
+    return _two_axes(timeseries, ("kv_usage", "KV usage (share of blocks)"),
+                     ("num_running", "batch size (running requests, count)"), title, "no per-step data for this point")
 
 
 def gpu_over_time(telemetry: pd.DataFrame, title: str = "GPU utilisation and power") -> go.Figure:
     """GPU utilisation (%) and power (W) from the NVML samples of one point (``Sweep.telemetry[pid]``)."""
     return _two_axes(telemetry, ("gpu_util_pct", "GPU utilisation (%)"), ("power_w", "power (W)"), title,
-                     "no GPU telemetry (NVML) for this point")
-
-
-def gpu_over_time_mpl(telemetry: pd.DataFrame, title: str = "GPU utilisation and power") -> MplFigure:
-    return _two_axes_mpl(telemetry, ("gpu_util_pct", "GPU utilisation (%)"), ("power_w", "power (W)"), title,
-                         "no GPU telemetry (NVML) for this point")
+                     "no GPU telemetry (NVML) for this point: it ran on the CPU or without telemetry")
 
 
 # --- KV memory: contiguous vs paged allocators, and the block map of one engine step --------------------
@@ -307,31 +275,11 @@ def memory_waste(summary: pd.DataFrame, title: str = "Where the KV memory goes")
         return _empty(title, "no allocators to show")
     fig = go.Figure()
     for column, name, colour in MEMORY_PARTS:
-        fig.add_bar(x=summary["label"], y=summary[column], name=name, marker_color=colour,
+        fig.add_bar(x=summary[C.label], y=summary[column], name=name, marker_color=colour,
                     texttemplate="%{y:.1%}" if column == "tokens_share" else None, textposition="inside",
                     hovertemplate="%{x}<br>" + name + ": %{y:.1%}<extra></extra>")
     fig.update_layout(title=title, barmode="stack", yaxis_tickformat=".0%", yaxis_range=[0, 1],
                       yaxis_title="share of the KV pool", legend_traceorder="reversed")
-    return fig
-
-
-def memory_waste_mpl(summary: pd.DataFrame, title: str = "Where the KV memory goes") -> MplFigure:
-    if len(summary) == 0:
-        return _empty_mpl(title, "no allocators to show")
-    fig = MplFigure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    labels, bottom = list(summary["label"]), [0.0] * len(summary)
-    for column, name, colour in MEMORY_PARTS:
-        values = list(summary[column].fillna(0.0))
-        bars = ax.bar(labels, values, bottom=bottom, label=name, color=colour)
-        if column == "tokens_share":
-            ax.bar_label(bars, labels=[f"{v:.1%}" for v in values], label_type="center", color="white")
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_ylim(0, 1)
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.set_ylabel("share of the KV pool")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     return fig
 
 
@@ -340,23 +288,9 @@ def allocator_batch_size(timeline: pd.DataFrame, title: str = "Requests running 
     if len(timeline) == 0:
         return _empty(title, "no steps to show")
     fig = go.Figure()
-    for label, g in timeline.groupby("label", sort=False):
+    for label, g in timeline.groupby(C.label, sort=False):
         fig.add_scatter(x=g["step"], y=g["num_running"], mode="lines", name=str(label), line_shape="hv")
     fig.update_layout(title=title, xaxis_title="step (one token per running request)", yaxis_title="requests running")
-    return fig
-
-
-def allocator_batch_size_mpl(timeline: pd.DataFrame, title: str = "Requests running at once") -> MplFigure:
-    if len(timeline) == 0:
-        return _empty_mpl(title, "no steps to show")
-    fig = MplFigure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    for label, g in timeline.groupby("label", sort=False):
-        ax.step(g["step"], g["num_running"], where="post", label=str(label))
-    ax.set_xlabel("step (one token per running request)")
-    ax.set_ylabel("requests running")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
     return fig
 
 
@@ -416,29 +350,4 @@ def block_map(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = Non
                       xaxis=dict(range=[-0.5, columns - 0.5], visible=False, fixedrange=True),
                       yaxis=dict(range=[rows - 0.5, -0.5], visible=False, fixedrange=True,
                                  domain=[1 - grid_px / plot_px, 1]))
-    return fig
-
-
-def block_map_mpl(blocks: pd.DataFrame, columns: int = 16, colors: dict | None = None,
-                  title: str = "KV blocks") -> MplFigure:
-    from matplotlib.patches import Patch, Rectangle
-
-    colors = colors if colors is not None else block_colors(blocks.loc[blocks["state"] == "owned", "owner"])
-    rows = max(1, -(-len(blocks) // columns))
-    fig = MplFigure(figsize=(0.35 * columns + 2.8, 0.35 * rows + 0.8), layout="constrained")
-    ax = fig.add_subplot()
-    handles = []
-    for name, g, fill, line, text in _block_groups(blocks, colors):
-        for b in g["block_id"].astype(int):
-            ax.add_patch(Rectangle((b % columns - 0.45, b // columns - 0.45), 0.9, 0.9, facecolor=fill,
-                                   edgecolor=line, linewidth=1.5))
-            ax.text(b % columns, b // columns, str(b), ha="center", va="center", fontsize=6, color=text)
-        if len(g):
-            handles.append(Patch(facecolor=fill, edgecolor=line, label=name))
-    ax.set_xlim(-0.5, columns - 0.5)
-    ax.set_ylim(rows - 0.5, -0.5)
-    ax.set_aspect("equal")
-    ax.set_axis_off()
-    ax.set_title(title)
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return fig

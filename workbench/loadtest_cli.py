@@ -7,6 +7,7 @@
         --grid block_size=16,32 --out sweep.jsonl --html sweep.html
 """
 from __future__ import annotations
+from .schema import C
 
 import argparse
 import sys
@@ -81,12 +82,12 @@ def _workload(args):
     else:
         kw = dict(args.workload_arg)
         if args.num_requests:
-            kw["num_requests"] = args.num_requests
+            kw[C.num_requests] = args.num_requests
         w = make_workload(args.workload, vocab_size=vocab, seed=args.seed, **kw)
     if args.request_rate is not None:
         w = w.with_arrival("poisson", request_rate=args.request_rate, seed=args.seed)
     elif args.concurrency is not None:
-        w = w.with_arrival("concurrency", concurrency=args.concurrency)
+        w = w.with_arrival(C.concurrency, concurrency=args.concurrency)
     return w
 
 
@@ -128,18 +129,18 @@ def run(args) -> int:
         if args.html:
             from .report import write_report
 
-            pid = res.row["point_id"]
+            pid = res.row[C.point_id]
             report = write_report(df, args.html, {pid: res.timeseries}, {pid: res.requests}, {pid: res.telemetry},
-                                  {"backend": "endpoint", "endpoint": args.endpoint, "model": name,
-                                   "workload": workload.summary()}, args.title)
-    cols = [c for c in ("label", "status", "num_finished", "num_failed", "output_throughput", "ttft_p50_ms",
-                        "ttft_p99_ms", "tpot_p50_ms", "itl_p99_ms", "prefix_cache_hit_rate", "num_preemptions")
+                                  {"backend": "endpoint", "endpoint": args.endpoint, C.model: name,
+                                   C.workload: workload.summary()}, args.title)
+    cols = [c for c in (C.label, C.status, C.num_finished, "num_failed", C.output_throughput, C.ttft_p50_ms,
+                        C.ttft_p99_ms, C.tpot_p50_ms, C.itl_p99_ms, C.prefix_cache_hit_rate, C.num_preemptions)
             if c in df]
     print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for _, r in df[df["status"] != "ok"].iterrows():
-        print(f"FAILED {r['label']}: {r['error']}", file=sys.stderr)
+    for _, r in df[df[C.status] != "ok"].iterrows():
+        print(f"FAILED {r[C.label]}: {r[C.error]}", file=sys.stderr)
     if args.out:
         print(f"results: {args.out}")
     if report:
         print(f"report: {report}")
-    return 0 if (df["status"] == "ok").all() else 1
+    return 0 if (df[C.status] == "ok").all() else 1

@@ -35,6 +35,7 @@ import pandas as pd
 from . import metrics
 from .metrics_scrape import counter_increase, scrape_metrics, scrape_once
 from .workloads import Workload
+from .schema import C
 
 @dataclass
 class LoadTestResult:
@@ -54,7 +55,7 @@ API_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 def _payload(model: str, r, sampling: dict, ignore_eos: bool, api: str = "completions",
              text: str | None = None) -> dict:
     """The request body: the prompt as token ids, or as ``text`` (completions), or one user message (chat)."""
-    body = {"model": model, "max_tokens": r.max_tokens, "stream": True, "stream_options": {"include_usage": True},
+    body = {C.model: model, "max_tokens": r.max_tokens, "stream": True, "stream_options": {"include_usage": True},
             "temperature": 0.0, **sampling}
     if api == "chat":
         body["messages"] = [{"role": "user", "content": text}]
@@ -82,7 +83,7 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
                     return None
                 now = time.perf_counter()
                 obj = json.loads(sse.data)
-                if "error" in obj:
+                if C.error in obj:
                     return f"error event: {json.dumps(obj['error'])[:300]}"
                 for c in obj.get("choices") or []:
                     text = c.get("text") or (c.get("delta") or {}).get("content") or ""
@@ -136,7 +137,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
         if scrape_interval:
             await scrape_once(client, metrics_url, scraped)  # the counters' values before the first request
             scraper = asyncio.create_task(scrape_metrics(client, metrics_url, scrape_interval, scraped, stop))
-        closed = workload.arrival == "concurrency"
+        closed = workload.arrival == C.concurrency
         sem = asyncio.Semaphore(workload.concurrency) if closed else None
         children = defaultdict(list)
         for r in workload:
@@ -154,7 +155,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
             else:
                 out, err = await _send(client, url, body, r, due, request_timeout)
             if err is not None:
-                failures.append({"request_id": r.request_id, "error": err})
+                failures.append({"request_id": r.request_id, C.error: err})
             else:
                 outputs.append(out)
             t_fin = out.metrics["finished_time"] if out is not None else time.perf_counter()
@@ -188,7 +189,7 @@ async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict,
     for r in workload:  # never dropped: what did not run (timeout, orphaned turns) is a failure too
         if r.request_id not in done_ids:
             failures.append({"request_id": r.request_id,
-                             "error": f"not finished: the run hit max_duration={max_duration} s" if timed_out
+                             C.error: f"not finished: the run hit max_duration={max_duration} s" if timed_out
                              else "not sent: the request it depends on failed"})
     return outputs, failures, scraped, start
 
@@ -204,7 +205,7 @@ async def _warm_up(endpoint: str, model: str, num_requests: int, prompt_len: int
     url = endpoint.rstrip("/") + "/v1/completions"
 
     async def one(client, k: int, streaming: asyncio.Event):
-        body = {"model": model, "prompt": [(7 * k + j) % 500 + 3 for j in range(prompt_len)],
+        body = {C.model: model, "prompt": [(7 * k + j) % 500 + 3 for j in range(prompt_len)],
                 "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
         if ignore_eos:
             body["ignore_eos"] = True
@@ -292,16 +293,16 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
     duration = (max(ends) - start) if ends else math.nan
     ts = _scraped_frame(scraped, start)
     stats = counter_increase(ts)
-    row = {"point_id": point_id, "label": label or f"{model} @ {endpoint}", "backend": "endpoint",
-           "endpoint": endpoint, "api": api, "model": model, "workload": workload.name, "workload_id": workload.fingerprint(),
-           "num_requests": len(workload), "arrival": workload.arrival, "request_rate": workload.request_rate,
-           "concurrency": workload.concurrency, "block_size": stats.get("block_size")}
+    row = {C.point_id: point_id, C.label: label or f"{model} @ {endpoint}", "backend": "endpoint",
+           "endpoint": endpoint, "api": api, C.model: model, C.workload: workload.name, C.workload_id: workload.fingerprint(),
+           C.num_requests: len(workload), C.arrival: workload.arrival, C.request_rate: workload.request_rate,
+           C.concurrency: workload.concurrency, C.block_size: stats.get(C.block_size)}
     row.update(metrics.point_metrics(requests, ts, stats, metrics.telemetry_summary(samples), duration, slo))
-    row.update(num_failed=len(failures), first_failure=failures[0]["error"] if failures else None,
+    row.update(num_failed=len(failures), first_failure=failures[0][C.error] if failures else None,
                metrics_scraped=bool(len(ts)), generation_tokens_scraped=stats.get("generation_tokens"),
                prompt_tokens_scraped=stats.get("prompt_tokens"))
     ok = len(outputs) > 0
-    row.update(status="ok" if ok else "error",
+    row.update(status="ok" if ok else C.error,
                error=None if ok else f"every request failed; first: {failures[0]['error'] if failures else '?'}")
     if len(samples):
         samples = samples.assign(t=samples["time"] - start)

@@ -18,6 +18,9 @@ from dataclasses import asdict, is_dataclass
 import numpy as np
 import pandas as pd
 
+from . import schema
+from .schema import C
+
 PERCENTILES = (50, 90, 99)
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
 SLO_KEYS = ("ttft", "tpot", "e2e")  # seconds
@@ -91,10 +94,10 @@ def throughput(requests: pd.DataFrame, duration: float) -> dict:
     n_in = int(requests["num_prompt_tokens"].sum()) if len(requests) else 0
     ok = duration > 0
     return {
-        "num_finished": len(requests), "total_prompt_tokens": n_in, "total_output_tokens": n_out,
-        "request_throughput": len(requests) / duration if ok else math.nan,
-        "output_throughput": n_out / duration if ok else math.nan,
-        "total_token_throughput": (n_in + n_out) / duration if ok else math.nan,
+        C.num_finished: len(requests), C.total_prompt_tokens: n_in, C.total_output_tokens: n_out,
+        C.request_throughput: len(requests) / duration if ok else math.nan,
+        C.output_throughput: n_out / duration if ok else math.nan,
+        C.total_token_throughput: (n_in + n_out) / duration if ok else math.nan,
     }
 
 
@@ -122,10 +125,10 @@ def goodput(requests: pd.DataFrame, duration: float, slo: dict | None) -> dict:
     Without an SLO both are NaN (goodput would just repeat request_throughput).
     """
     if not slo or not any(v is not None for v in slo.values()):
-        return {"request_goodput": math.nan, "slo_attainment": math.nan}
+        return {C.request_goodput: math.nan, C.slo_attainment: math.nan}
     good = int(slo_met(requests, slo).sum())
-    return {"request_goodput": good / duration if duration > 0 else math.nan,
-            "slo_attainment": good / len(requests) if len(requests) else math.nan}
+    return {C.request_goodput: good / duration if duration > 0 else math.nan,
+            C.slo_attainment: good / len(requests) if len(requests) else math.nan}
 
 
 # --- per-step and engine counters --------------------------------------------------------------------
@@ -146,19 +149,30 @@ def step_summary(steps: pd.DataFrame) -> dict:
         return steps[name].astype(float) if name in steps else pd.Series(dtype=float)
 
     kv, running, batched = col("kv_usage"), col("num_running"), col("num_batched_tokens")
-    frag = col("internal_fragmentation")
+    frag, host = col("internal_fragmentation"), col("host_time")
     if "num_used_blocks" in steps:
         frag = frag[steps["num_used_blocks"].astype(float) > 0]
     nan = math.nan
     return {
-        "kv_usage_mean": float(kv.mean()) if len(kv) else nan, "kv_usage_peak": float(kv.max()) if len(kv) else nan,
-        "internal_fragmentation_mean": float(frag.mean()) if len(frag) else nan,
-        "batch_size_mean": float(running.mean()) if len(running) else nan,
-        "batch_size_p50": float(running.median()) if len(running) else nan,
-        "batch_size_max": float(running.max()) if len(running) else nan,
-        "batched_tokens_mean": float(batched.mean()) if len(batched) else nan,
-        "batched_tokens_max": float(batched.max()) if len(batched) else nan,
+        C.kv_usage_mean: float(kv.mean()) if len(kv) else nan, C.kv_usage_peak: float(kv.max()) if len(kv) else nan,
+        C.internal_fragmentation_mean: float(frag.mean()) if len(frag) else nan,
+        C.batch_size_mean: float(running.mean()) if len(running) else nan,
+        C.batch_size_p50: float(running.median()) if len(running) else nan,
+        C.batch_size_max: float(running.max()) if len(running) else nan,
+        C.batched_tokens_mean: float(batched.mean()) if len(batched) else nan,
+        C.batched_tokens_max: float(batched.max()) if len(batched) else nan,
+        C.host_time_p50_ms: float(host.median() * 1e3) if len(host) else nan,
     }
+
+
+class _Counters:
+    """An EngineStats (or a dict with its fields) read by attribute; a missing counter reads as None."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def __getattr__(self, name):
+        return _get(self._stats, name)
 
 
 def engine_summary(stats) -> dict:
@@ -166,18 +180,18 @@ def engine_summary(stats) -> dict:
 
     attention_backend_used is the backend that ran (the config's attention_backend may say "auto").
     """
-    queries, hits = int(_get(stats, "prefix_cache_queries", 0) or 0), int(_get(stats, "prefix_cache_hits", 0) or 0)
-    blocks, block_size = _get(stats, "num_gpu_blocks"), _get(stats, "block_size")
+    st = _Counters(stats)
+    queries, hits = int(st.prefix_cache_queries or 0), int(st.prefix_cache_hits or 0)
+    blocks, block_size = st.num_gpu_blocks, st.block_size
     return {
-        "prefix_cache_queries": queries, "prefix_cache_hits": hits,
-        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
-        "num_preemptions": int(_get(stats, "num_preemptions", 0) or 0),
-        "num_steps": int(_get(stats, "num_steps", 0) or 0),
-        "kv_blocks": blocks, "kv_capacity_tokens": blocks * block_size if blocks and block_size else None,
-        "weight_bytes": _get(stats, "weight_bytes"), "kv_bytes_per_token": _get(stats, "kv_bytes_per_token"),
-        "attention_backend_used": _get(stats, "attention_backend"), "cuda_graphs": _get(stats, "cuda_graphs"),
-        "device_name": _get(stats, "device_name"),
-        "expert_imbalance": _get(stats, "expert_imbalance"),  # MoE models (engine.stats.expert_imbalance); else None
+        C.prefix_cache_queries: queries, C.prefix_cache_hits: hits,
+        C.prefix_cache_hit_rate: hits / queries if queries else 0.0,
+        C.num_preemptions: int(st.num_preemptions or 0), C.num_steps: int(st.num_steps or 0),
+        C.kv_blocks: blocks, C.kv_capacity_tokens: blocks * block_size if blocks and block_size else None,
+        C.weight_bytes: st.weight_bytes, C.kv_bytes_per_token: st.kv_bytes_per_token,
+        C.attention_backend_used: st.attention_backend, C.cuda_graphs: st.cuda_graphs,
+        C.device_name: st.device_name,
+        C.expert_imbalance: st.expert_imbalance,  # MoE models (engine.stats.expert_imbalance); else None
     }
 
 
@@ -194,9 +208,9 @@ def telemetry_summary(samples: pd.DataFrame) -> dict:
     """
     nan = math.nan
     if samples is None or len(samples) == 0:
-        return {"gpu_util_mean": nan, "gpu_util_peak": nan, "power_w_mean": nan, "power_w_peak": nan,
-                "mem_used_peak_bytes": nan, "sm_clock_mhz_mean": nan, "temperature_c_peak": nan,
-                "energy_j": nan, "energy_source": "none", "num_telemetry_samples": 0}
+        return {C.gpu_util_mean: nan, C.gpu_util_peak: nan, C.power_w_mean: nan, C.power_w_peak: nan,
+                C.mem_used_peak_bytes: nan, C.sm_clock_mhz_mean: nan, C.temperature_c_peak: nan,
+                C.energy_j: nan, C.energy_source: "none", C.num_telemetry_samples: 0}
 
     def stat(name, how):
         v = samples[name].astype(float).dropna() if name in samples else pd.Series(dtype=float)
@@ -209,11 +223,11 @@ def telemetry_summary(samples: pd.DataFrame) -> dict:
     elif "power_w" in samples and samples["power_w"].notna().sum() >= 2:
         s = samples[["time", "power_w"]].dropna()
         energy, source = float(np.trapezoid(s["power_w"], s["time"])), "power"
-    return {"gpu_util_mean": stat("gpu_util_pct", "mean"), "gpu_util_peak": stat("gpu_util_pct", "max"),
-            "power_w_mean": stat("power_w", "mean"), "power_w_peak": stat("power_w", "max"),
-            "mem_used_peak_bytes": stat("mem_used_bytes", "max"), "sm_clock_mhz_mean": stat("sm_clock_mhz", "mean"),
-            "temperature_c_peak": stat("temperature_c", "max"), "energy_j": energy, "energy_source": source,
-            "num_telemetry_samples": len(samples)}
+    return {C.gpu_util_mean: stat("gpu_util_pct", "mean"), C.gpu_util_peak: stat("gpu_util_pct", "max"),
+            C.power_w_mean: stat("power_w", "mean"), C.power_w_peak: stat("power_w", "max"),
+            C.mem_used_peak_bytes: stat("mem_used_bytes", "max"), C.sm_clock_mhz_mean: stat("sm_clock_mhz", "mean"),
+            C.temperature_c_peak: stat("temperature_c", "max"), C.energy_j: energy, C.energy_source: source,
+            C.num_telemetry_samples: len(samples)}
 
 
 # --- one results row ------------------------------------------------------------------------------
@@ -225,15 +239,15 @@ def point_metrics(requests: pd.DataFrame, steps: pd.DataFrame, stats, telemetry:
     requests: `request_frame` of the run; steps: `steps_frame`; stats: the EngineStats after the run;
     telemetry: `telemetry_summary` of the run (or None); duration: wall time of the run in seconds.
     """
-    row = {"duration_s": duration}
+    row = {C.duration_s: duration}
     row.update(throughput(requests, duration))
     row.update(goodput(requests, duration, slo))
     row.update(latency_summary(requests))
     row.update(step_summary(steps))
     row.update(engine_summary(stats))
     row.update(telemetry if telemetry is not None else telemetry_summary(None))
-    n_out = row["total_output_tokens"]
-    row["energy_per_output_token_j"] = row["energy_j"] / n_out if n_out and math.isfinite(row["energy_j"]) else math.nan
+    n_out = row[C.total_output_tokens]
+    row[C.energy_per_output_token_j] = row[C.energy_j] / n_out if n_out and math.isfinite(row[C.energy_j]) else math.nan
     return row
 
 
@@ -248,7 +262,7 @@ def pareto_front(df: pd.DataFrame, x: str, y: str, minimize_x: bool = True, maxi
     for i in np.flatnonzero(ok):
         dominated = ok & (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
         front[i] = not dominated.any()
-    return pd.Series(front, index=df.index, name="on_pareto_front")
+    return pd.Series(front, index=df.index, name=C.on_pareto_front)
 
 
 def latency_cdf(requests: dict, metric: str = "ttft", labels: dict | None = None) -> pd.DataFrame:
@@ -264,31 +278,73 @@ def latency_cdf(requests: dict, metric: str = "ttft", labels: dict | None = None
         v = np.sort(np.asarray(v, dtype=float))
         v = v[np.isfinite(v)]
         if v.size:
-            parts.append(pd.DataFrame({"point_id": pid, "label": (labels or {}).get(pid, pid),
+            parts.append(pd.DataFrame({C.point_id: pid, C.label: (labels or {}).get(pid, pid),
                                        "value_ms": v * 1e3, "cdf": np.arange(1, v.size + 1) / v.size}))
     if not parts:
-        return pd.DataFrame(columns=["point_id", "label", "value_ms", "cdf"])
+        return pd.DataFrame(columns=[C.point_id, C.label, "value_ms", "cdf"])
     return pd.concat(parts, ignore_index=True)
 
 
-OBJECTIVES = {  # name: (column, "max" | "min")
-    "max output throughput": ("output_throughput", "max"),
-    "min TTFT p99": ("ttft_p99_ms", "min"),
-    "max goodput": ("request_goodput", "max"),
-    "min energy per token": ("energy_per_output_token_j", "min"),
-}
-
-
-def best_settings(df: pd.DataFrame, objectives: dict | None = None) -> pd.DataFrame:
-    """For each objective, the ok row that optimizes it: columns objective, column, value, point_id, label."""
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per point from one row per repeat (the results file): the schema's "median" columns as the
+    median over the point's ok repeats with ``<col>_min`` / ``<col>_max`` beside them, the other columns
+    from the point's first repeat. status/error: those of the first failed repeat, "ok" when all were ok;
+    repeats: the number of repeats summarised. Points keep their first-seen order."""
+    if len(runs) == 0:
+        return runs.copy()
+    if C.repeat not in runs:
+        runs = runs.assign(**{C.repeat: 0})
     rows = []
-    ok = df[df["status"] == "ok"] if "status" in df else df
-    for name, (col, how) in (objectives or OBJECTIVES).items():
-        if col not in ok or ok[col].astype(float).notna().sum() == 0:
+    for _, g in runs.groupby(C.point_id, sort=False):
+        g = g.sort_values(C.repeat)
+        ok = g[g[C.status] == "ok"] if C.status in g else g
+        failed = g[g[C.status] != "ok"] if C.status in g else g.iloc[0:0]
+        row = (failed if len(failed) else g).iloc[0].to_dict()
+        row.pop(C.repeat, None)
+        for name in schema.median_columns():
+            if name not in g:
+                continue
+            v = pd.to_numeric(ok[name], errors="coerce")
+            lo, hi = schema.spread(name)
+            row[name] = float(v.median()) if v.notna().any() else math.nan
+            row[lo], row[hi] = (float(v.min()), float(v.max())) if v.notna().any() else (math.nan, math.nan)
+        row[C.repeats] = len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_settings(df: pd.DataFrame, objectives=None) -> pd.DataFrame:
+    """For each objective (default `schema.OBJECTIVES`: [(column, name)]) the ok point that optimizes it,
+    in the direction the schema gives, with the noise around it.
+
+    Columns: objective, column, value, low, high (min-max over repeats; value itself without repeats),
+    point_id, label, runner_up, runner_up_value, margin (best over runner-up as a relative difference,
+    positive = better), ties: labels of the other points whose range overlaps the best one's
+    ("equivalent within noise"; empty when none), repeats.
+    """
+    cols = ["objective", "column", "value", "low", "high", C.point_id, C.label,
+            "runner_up", "runner_up_value", "margin", "ties", C.repeats]
+    rows = []
+    ok = df[df[C.status] == "ok"] if C.status in df else df
+    for col, name in (objectives or schema.OBJECTIVES):
+        if col not in ok or pd.to_numeric(ok[col], errors="coerce").notna().sum() == 0:
             continue
-        v = ok[col].astype(float)
-        i = v.idxmax() if how == "max" else v.idxmin()
-        rows.append({"objective": name, "column": col, "value": float(v[i]),
-                     "point_id": ok.at[i, "point_id"] if "point_id" in ok else i,
-                     "label": ok.at[i, "label"] if "label" in ok else str(i)})
-    return pd.DataFrame(rows, columns=["objective", "column", "value", "point_id", "label"])
+        v = pd.to_numeric(ok[col], errors="coerce")
+        lo_c, hi_c = schema.spread(col) if schema.column(col).agg == schema.MEDIAN else (None, None)
+        lo = pd.to_numeric(ok[lo_c], errors="coerce").fillna(v) if lo_c in ok else v
+        hi = pd.to_numeric(ok[hi_c], errors="coerce").fillna(v) if hi_c in ok else v
+        higher = schema.column(col).better == schema.HIGHER
+        order = v.dropna().sort_values(ascending=not higher).index
+        i = order[0]
+        label = ok[C.label] if C.label in ok else pd.Series(ok.index.astype(str), index=ok.index)
+        ties = [str(label[j]) for j in order[1:] if lo[j] <= hi[i] and hi[j] >= lo[i]]
+        second = order[1] if len(order) > 1 else None
+        margin = math.nan
+        if second is not None and v[second] != 0:
+            margin = (v[i] - v[second]) / abs(v[second]) * (1 if higher else -1)
+        rows.append({"objective": name, "column": col, "value": float(v[i]), "low": float(lo[i]),
+                     "high": float(hi[i]), C.point_id: ok.at[i, C.point_id] if C.point_id in ok else i,
+                     C.label: str(label[i]), "runner_up": None if second is None else str(label[second]),
+                     "runner_up_value": math.nan if second is None else float(v[second]), "margin": margin,
+                     "ties": ties, C.repeats: int(ok.at[i, C.repeats]) if C.repeats in ok else 1})
+    return pd.DataFrame(rows, columns=cols)

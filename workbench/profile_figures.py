@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from . import profiling
+from .schema import C
 
 KIND_COLORS = {"prefill": "#F58518", "decode": "#4C78A8", "mixed": "#54A24B"}
 PART_COLORS = {"ideal": "#4C78A8", "host": "#E45756", "kernel": "#F58518", "underfill": "#72B7B2",
@@ -22,19 +23,19 @@ def waterfall_figure(row, title: str = "Where the time goes") -> go.Figure:
     row: the attribution dict (or a results row holding the gap_* columns)."""
     frame = profiling.attribution_frame(row)
     fig = go.Figure(go.Waterfall(
-        x=list(frame["label"]) + ["measured"], y=list(frame["seconds"]) + [float(row["gap_measured_s"])],
+        x=list(frame[C.label]) + ["measured"], y=list(frame["seconds"]) + [float(row[C.gap_measured_s])],
         measure=["absolute"] + ["relative"] * (len(frame) - 1) + ["total"],
         text=[f"{s:.3g} s ({p:.0%})" for s, p in zip(frame["seconds"], frame["share"])] + [
-            f"{float(row['gap_measured_s']):.3g} s"],
+            f"{float(row[C.gap_measured_s]):.3g} s"],
         textposition="outside", connector={"line": {"color": "#999"}}))
     fig.update_layout(title=title, yaxis_title="seconds", showlegend=False)
     return fig
 
 
-def gap_parts_figure(results: pd.DataFrame, by: str = "label", title: str = "Which setting closes which part "
+def gap_parts_figure(results: pd.DataFrame, by: str = C.label, title: str = "Which setting closes which part "
                      "of the gap") -> go.Figure:
     """Stacked bars: the parts of the measured time (seconds) of each row of a results table."""
-    d = results[results["status"] == "ok"] if "status" in results else results
+    d = results[results[C.status] == "ok"] if C.status in results else results
     fig = go.Figure()
     for part in profiling.PARTS:
         col = f"gap_{part}_s"

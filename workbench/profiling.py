@@ -37,7 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import schema
 from .bench import measure_device_rates, step_limits
+from .schema import C
 
 PARTS = ("ideal", "host", "kernel", "underfill", "recompute", "padding", "profiler")
 PART_LABELS = {"ideal": "ideal (trace's absolute limit)", "host": "host time not hidden",
@@ -48,23 +50,8 @@ PHASES = ("schedule", "prepare", "launch", "sample", "output")
 STEP_KINDS = ("prefill", "decode", "mixed")
 
 # Result columns this module makes, to be registered in the workbench's results schema (one home per column).
-COLUMNS = [
-    {"name": "gap_measured_s", "unit": "s", "label": "measured wall time of the run", "better": "lower"},
-    {"name": "gap_ideal_s", "unit": "s", "label": "ideal time: the trace's absolute limit", "better": "lower"},
-    {"name": "gap_host_s", "unit": "s", "label": "host time not hidden behind the device", "better": "lower"},
-    {"name": "gap_kernel_s", "unit": "s", "label": "device time over each step's roofline", "better": "lower"},
-    {"name": "gap_underfill_s", "unit": "s", "label": "time lost to steps below the token budget", "better": "lower"},
-    {"name": "gap_recompute_s", "unit": "s", "label": "roofline time of preemption recompute", "better": "lower"},
-    {"name": "gap_padding_s", "unit": "s", "label": "roofline time of CUDA-graph padding", "better": "lower"},
-    {"name": "gap_profiler_s", "unit": "s", "label": "host time of the deep-mode profiler", "better": "lower"},
-    {"name": "gap_attributed_s", "unit": "s", "label": "sum of the parts", "better": "lower"},
-    {"name": "ideal_over_measured", "unit": "ratio", "label": "ideal / measured time", "better": "higher"},
-    {"name": "device_busy_share", "unit": "ratio", "label": "share of the run the device was busy",
-     "better": "higher"},
-] + [{"name": f"host_{p}_s", "unit": "s", "label": f"host time in the {p} phase, summed over steps",
-      "better": "lower"} for p in PHASES] + [
-    {"name": f"gap_kernel_{k}_s", "unit": "s", "label": f"device time over roofline in {k} steps", "better": "lower"}
-    for k in STEP_KINDS]
+# The attribution's result columns are defined in the results schema (kind "profile"), with the others.
+COLUMNS = [c for c in schema.COLUMNS if c.kind == schema.PROFILE]
 
 
 # ----- device rates --------------------------------------------------------------------------------
@@ -198,10 +185,10 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     parts = {"ideal": ideal, "host": duration - busy - profiler_overhead, "kernel": busy - with_pad,
              "padding": with_pad - no_pad, "recompute": no_pad - useful, "underfill": useful - ideal,
              "profiler": profiler_overhead}
-    out = {"gap_measured_s": float(duration), **{f"gap_{p}_s": float(parts[p]) for p in PARTS}}
-    out["gap_attributed_s"] = float(sum(parts.values()))
-    out["ideal_over_measured"] = ideal / duration if duration > 0 else math.nan
-    out["device_busy_share"] = busy / duration if duration > 0 else math.nan
+    out = {C.gap_measured_s: float(duration), **{f"gap_{p}_s": float(parts[p]) for p in PARTS}}
+    out[C.gap_attributed_s] = float(sum(parts.values()))
+    out[C.ideal_over_measured] = ideal / duration if duration > 0 else math.nan
+    out[C.device_busy_share] = busy / duration if duration > 0 else math.nan
     for p in PHASES:
         out[f"host_{p}_s"] = float(_col(steps, f"{p}_time").sum())
     kinds = step_kind(steps) if len(steps) else pd.Series(dtype=str)
@@ -213,8 +200,8 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
 def attribution_frame(row: dict) -> pd.DataFrame:
     """The parts of one attribution (a dict or results row with the gap_* columns) as rows: part, label,
     seconds, share of measured; in waterfall order."""
-    measured = float(row["gap_measured_s"])
-    return pd.DataFrame([{"part": p, "label": PART_LABELS[p], "seconds": float(row[f"gap_{p}_s"]),
+    measured = float(row[C.gap_measured_s])
+    return pd.DataFrame([{"part": p, C.label: PART_LABELS[p], "seconds": float(row[f"gap_{p}_s"]),
                           "share": float(row[f"gap_{p}_s"]) / measured if measured else math.nan} for p in PARTS])
 
 
@@ -289,8 +276,8 @@ def start_deep_mode(engine, profile: str | None, first_step: int = KERNEL_WINDOW
 def format_attribution(row: dict) -> str:
     """The waterfall as plain text: each part in seconds and as a share of the measured time."""
     frame = attribution_frame(row)
-    lines = [f"where the time goes: {row['gap_measured_s']:.3f} s measured = sum of the parts "
-             f"({row['gap_attributed_s']:.3f} s)"]
+    lines = [f"where the time goes: {row[C.gap_measured_s]:.3f} s measured = sum of the parts "
+             f"({row[C.gap_attributed_s]:.3f} s)"]
     for r in frame.itertuples(index=False):
         lines.append(f"  {r.label:34s}{r.seconds:10.3f} s {r.share:8.1%}")
     lines.append("  host phases summed over steps (s): " + ", ".join(f"{p} {row[f'host_{p}_s']:.3f}"

@@ -1,54 +1,56 @@
 """A sweep report as one self-contained HTML file (plotly.js inlined once; opens offline).
 
-The report composes `workbench.figures` and `workbench.metrics.best_settings`; it adds no arithmetic.
+It reads top-down as an answer: what failed (if anything), what to choose per objective with the margin
+over the runner-up and the noise, the planner's memory verdict, the chosen config as an `EngineConfig`
+line and as `vllm serve` flags; then the figures, each with a caption saying how to read it (a figure
+without data is replaced by the sentence saying why); then the results table and the environment.
+It composes `workbench.figures`, `workbench.recommend` and `workbench.html_parts`; it adds no arithmetic.
 Every user-supplied string (title, labels, environment, errors) is HTML-escaped.
 """
 from __future__ import annotations
 
-import html
-import json
 import os
 
 import pandas as pd
 import plotly.offline
 
-from . import figures, metrics
+from . import figures, profile_figures, recommend, schema
+from .html_parts import REPORT_CSS, esc, kv_table, results_table
+from .schema import C
 
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 3px 6px; }
-th { background: #f4f4f4; } .scroll { overflow-x: auto; max-width: 100%; }
-.figure { margin: 1em 0; } .failed { color: #a00; } pre { white-space: pre-wrap; margin: 0; }
-"""
-
-# Columns of the results table in the report (all columns are in the results file).
-TABLE_COLUMNS = ["label", "status", "workload", "block_size", "max_num_batched_tokens", "max_num_seqs",
-                 "enable_prefix_caching", "quantization", "kv_cache_dtype", "attention_backend_used",
-                 "request_throughput", "output_throughput", "total_token_throughput", "request_goodput",
-                 "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "itl_p99_ms", "e2e_p99_ms",
-                 "kv_usage_mean", "kv_usage_peak", "internal_fragmentation_mean", "prefix_cache_hit_rate",
-                 "num_preemptions", "batch_size_mean", "gpu_util_mean", "power_w_mean", "energy_per_output_token_j",
-                 "kv_blocks", "duration_s"]
-
-
-def _esc(x) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _kv_table(d: dict) -> str:
-    rows = []
-    for k, v in d.items():
-        cell = f"<pre>{_esc(json.dumps(v, indent=1, default=str))}</pre>" if isinstance(v, (dict, list)) else _esc(v)
-        rows.append(f"<tr><th>{_esc(k)}</th><td>{cell}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
-
-
-def _table(df: pd.DataFrame, columns=None, float_format="{:.4g}") -> str:
-    if columns is not None:
-        df = df[[c for c in columns if c in df]]
-    return df.to_html(index=False, escape=True, na_rep="", border=0,
-                      float_format=lambda v: float_format.format(v))
+CAPTIONS = {
+    "throughput": "Output tokens per second of each setting: the median over repeats, the whisker spans the "
+                  "fastest and slowest repeat. Bars whose whiskers overlap are not distinguishable on this data.",
+    "ttft-percentiles": "Time to first token (arrival to first output token) per setting: p50 is the typical "
+                        "request, p99 the slow tail a user notices. Lower is better.",
+    "tpot-percentiles": "Time per output token after the first (the decode speed a streaming user sees). Lower "
+                        "is better.",
+    "throughput-latency": "Each marker is a setting (colour: the grid values); the dashed line joins the Pareto "
+                          "front, the settings no other beats on both throughput (up) and TTFT p99 (left).",
+    "fragmentation": "Share of the allocated KV slots that hold no token, averaged over engine steps (each "
+                     "running request wastes at most its partly filled last block, so larger blocks waste more). "
+                     "With prefix caching on the share is higher here although no more slots are wasted: requests "
+                     "that share a prefix hold the same physical blocks, so the pool allocates fewer slots for the "
+                     "same requests, while each request still has its own partly filled last block; the same "
+                     "waste over fewer allocated slots is a larger share.",
+    "prefix-hit-rate": "Share of prompt tokens served from the prefix cache instead of being recomputed "
+                       "(token-level, as vLLM's prefix_cache_hits / prefix_cache_queries).",
+    "energy-per-token": "Joules per output token from the GPU's energy counter (NVML) over the run; lower is "
+                        "better.",
+    "nvml": "GPU telemetry of every point, sampled by NVML during its run: mean power, energy per output token, "
+            "mean SM clock, peak memory used, peak temperature and mean utilisation.",
+    "ttft-cdf": "For each setting, the share of requests (y) whose time to first token is at most x. A curve "
+                "further left is faster; the top right shows the tail.",
+    "tpot-cdf": "For each setting, the share of requests (y) whose time per output token is at most x.",
+    "kv-usage-over-time": "KV blocks in use (left axis) and requests running (right axis) at every engine step of "
+                          "the recommended-throughput point: a pool near 100% with preemptions is memory-bound.",
+    "gap-parts": "Each setting's measured time split into parts: the trace's absolute limit (all its FLOPs and "
+                 "bytes at the measured matmul rate and copy bandwidth), host time the GPU did not hide, kernels "
+                 "below their roofline, steps carrying fewer tokens than the budget allows (the tail), preemption "
+                 "recompute and CUDA-graph padding. The parts add up to the measured time.",
+    "waterfall": "The recommended-throughput point's measured time built up from the ideal time, part by part.",
+    "gpu-over-time": "GPU utilisation and power during the run of the recommended-throughput point.",
+}
 
 
 def report_figures(results: pd.DataFrame, timeseries: dict | None = None, requests: dict | None = None,
@@ -63,57 +65,111 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         "fragmentation": figures.fragmentation_by_block_size(results),
         "prefix-hit-rate": figures.prefix_hit_rate(results),
         "energy-per-token": figures.energy_per_token(results),
+        "nvml": figures.nvml_by_setting(results),
     }
+    if C.gap_measured_s in results and results[C.gap_measured_s].notna().any():
+        figs["gap-parts"] = profile_figures.gap_parts_figure(results)
     if requests:
         figs["ttft-cdf"] = figures.latency_cdf(results, requests, "ttft")
         figs["tpot-cdf"] = figures.latency_cdf(results, requests, "tpot")
     if drilldown is None:
-        best = metrics.best_settings(results, {"throughput": ("output_throughput", "max")})
-        drilldown = best["point_id"].iloc[0] if len(best) else None
+        recs = recommend.recommendations(results)
+        drilldown = next((r[C.point_id] for r in recs if r["column"] == C.output_throughput), None)
     if drilldown is not None and (timeseries or telemetry):
-        label = results.loc[results["point_id"] == drilldown, "label"]
+        label = results.loc[results[C.point_id] == drilldown, C.label]
         name = label.iloc[0] if len(label) else drilldown
         figs["kv-usage-over-time"] = figures.kv_usage_over_time((timeseries or {}).get(drilldown),
                                                                 f"KV usage and batch size: {name}")
         figs["gpu-over-time"] = figures.gpu_over_time((telemetry or {}).get(drilldown),
                                                       f"GPU utilisation and power: {name}")
+        row = results.loc[results[C.point_id] == drilldown]
+        if C.gap_measured_s in row and len(row) and pd.notna(row[C.gap_measured_s].iloc[0]):
+            figs["waterfall"] = profile_figures.waterfall_figure(row.iloc[0], f"Where the time goes: {name}")
     return figs
+
+
+def _failures(results: pd.DataFrame) -> list[str]:
+    failed = results[results[C.status] != "ok"] if C.status in results else results.iloc[0:0]
+    if not len(failed):
+        return []
+    reasons = failed[C.error].fillna("").map(lambda e: str(e).split("\n")[0][:200])
+    counts = (failed[C.status].astype(str) + ": " + reasons).value_counts()
+    parts = [f"<h2 class='failed'>Failed points: {len(failed)} of {len(results)}</h2><ul>"]
+    parts += [f"<li><b>{n}</b> &times; {esc(reason)}</li>" for reason, n in counts.items()]
+    parts.append("</ul><details><summary>every failed point</summary><ul>")
+    for _, r in failed.iterrows():
+        parts.append(f"<li><b>{esc(r[C.label])}</b> [{esc(r[C.status])}]: <pre>{esc(r.get(C.error))}</pre></li>")
+    parts.append("</ul></details>")
+    return parts
+
+
+def _recommendation(results: pd.DataFrame, model: str, planner_verdict: str | None) -> list[str]:
+    recs = recommend.recommendations(results)
+    if not recs:
+        return ["<h2>Recommendation</h2><p>No point succeeded, so there is nothing to recommend: see the failures "
+                "above.</p>"]
+    rows = "".join(f"<tr><th>{esc(r['objective'])}</th><td><b>{esc(r[C.label])}</b></td>"
+                   f"<td>{esc(r['value_text'])}</td><td class='verdict'>{esc(r['verdict'])}</td></tr>" for r in recs)
+    parts = ["<h2>Recommendation</h2>",
+             "<table><tr><th>objective</th><th>choose</th><th>median</th><th>compared with the others</th></tr>"
+             f"{rows}</table>"]
+    why = {C.request_goodput: "it needs an SLO (slo= / --slo-ttft, --slo-tpot, --slo-e2e)",
+           C.energy_per_output_token_j: "it needs a GPU with NVML energy readings"}
+    for col, name in schema.OBJECTIVES:
+        if col not in {r["column"] for r in recs}:
+            parts.append(f"<p class='verdict'>No recommendation for {esc(name)}: "
+                         f"{esc(why.get(col, 'no data in these results'))}.</p>")
+    best = next((r for r in recs if r["column"] == C.output_throughput), recs[0])
+    row = results[results[C.point_id] == best[C.point_id]].iloc[0].to_dict()
+    parts += [f"<h3>Chosen config (best {esc(best['objective'])}: {esc(best[C.label])})</h3>",
+              f"<code class='block'>{esc(recommend.engine_config_line(row))}</code>",
+              "<p>The same settings for vLLM:</p>",
+              f"<code class='block'>{esc(recommend.vllm_serve_command(row, model))}</code>"]
+    if planner_verdict:
+        parts.append(f"<p><b>Memory planner:</b> {esc(planner_verdict)}</p>")
+    return parts
 
 
 def write_report(results: pd.DataFrame, path: str, timeseries: dict | None = None, requests: dict | None = None,
                  telemetry: dict | None = None, environment: dict | None = None,
-                 title: str = "paged-workbench sweep report", drilldown: str | None = None) -> str:
+                 title: str = "paged-workbench sweep report", drilldown: str | None = None,
+                 planner_verdict: str | None = None) -> str:
     """Write the HTML report of a sweep to ``path`` and return the path.
 
     results: `Sweep.results`; timeseries / requests / telemetry: the Sweep's per-point dicts (optional,
-    for CDFs and the over-time figures); environment: `Sweep.environment` or any dict.
+    for CDFs and the over-time figures); environment: `Sweep.environment` or any dict; planner_verdict:
+    one line from `workbench.recommend.plan_verdict` for the chosen config.
     """
     figs = report_figures(results, timeseries, requests, telemetry, drilldown)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>",
-             f"<style>{_CSS}</style>",
+    n_ok = int((results[C.status] == "ok").sum()) if len(results) and C.status in results else 0
+    repeats = int(results[C.repeats].max()) if C.repeats in results and len(results) else 1
+    model = str((environment or {}).get(C.model, "MODEL"))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             f"<style>{REPORT_CSS}</style>",
              f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head><body>",
-             f"<h1>{_esc(title)}</h1>",
-             f"<p>Generated {_esc(pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC'))}; "
-             f"{int((results.get('status') == 'ok').sum()) if len(results) else 0} of {len(results)} points ok.</p>"]
-    if environment:
-        parts += ["<h2>Environment</h2>", _kv_table(environment)]
-    best = metrics.best_settings(results) if len(results) else pd.DataFrame()
-    if len(best):
-        parts += ["<h2>Best setting per objective</h2>", _table(best)]
+             f"<h1>{esc(title)}</h1>",
+             f"<p>Generated {esc(pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC'))}; "
+             f"{n_ok} of {len(results)} points ok; {repeats} repeat{'s' if repeats != 1 else ''} per point.</p>"]
+    parts += _failures(results)
+    parts += _recommendation(results, model, planner_verdict)
     parts.append("<h2>Figures</h2>")
     for fig_id, fig in figs.items():
+        why = figures.is_empty(fig)
+        heading = fig.layout.title.text or fig_id
+        if why:
+            parts.append(f'<p class="empty" id="empty-{fig_id}"><b>{esc(heading)}:</b> {esc(why)}.</p>')
+            continue
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{fig_id}",
-                          default_height="450px", default_width="100%")
-        parts.append(f"<div class='figure'>{div}</div>")
+                          default_height=f"{fig.layout.height or 450}px", default_width="100%")
+        caption = f"<p class='caption'>{esc(CAPTIONS[fig_id])}</p>" if fig_id in CAPTIONS else ""
+        parts.append(f"<div class='figure'>{div}{caption}</div>")
     if len(results):
-        parts += ["<h2>Results</h2>", "<div class='scroll'>", _table(results, TABLE_COLUMNS), "</div>",
-                  "<p>Every column, and the per-point time series, are in the results file.</p>"]
-    failed = results[results["status"] != "ok"] if "status" in results else results.iloc[0:0]
-    if len(failed):
-        parts.append(f"<h2 class='failed'>Failed points ({len(failed)})</h2><ul>")
-        for _, r in failed.iterrows():
-            parts.append(f"<li><b>{_esc(r['label'])}</b> [{_esc(r['status'])}]: <pre>{_esc(r.get('error'))}</pre></li>")
-        parts.append("</ul>")
+        nvml = [c for c in schema.NVML_COLUMNS if c in results and pd.to_numeric(results[c], errors="coerce").notna().any()]
+        parts += ["<h2>Results</h2>", "<div class='scroll'>", results_table(results, schema.REPORT_COLUMNS + nvml),
+                  "</div>",
+                  "<p>Every column (and each repeat, and the per-point time series) is in the results file.</p>"]
+    if environment:
+        parts += ["<h2>Environment</h2>", kv_table(environment)]
     parts.append("</body></html>")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -24,8 +24,9 @@ import time
 
 import pandas as pd
 
-from .sweep import _stable_hash, point_label
+from .grid import point_label, stable_hash
 from .workloads import Workload
+from .schema import C
 
 
 def append_row(path: str, row: dict) -> None:
@@ -96,11 +97,11 @@ class ServerSweep:
             self.command(p)
         self.results = pd.DataFrame()
         self.requests, self.timeseries, self.telemetry = {}, {}, {}
-        self.environment = {"backend": "server", "server_cmd": server_cmd, "model": model,
-                            "workload": workload.summary()}
+        self.environment = {"backend": "server", "server_cmd": server_cmd, C.model: model,
+                            C.workload: workload.summary()}
 
     def command(self, point: dict) -> str:
-        values = {**self.fixed, **point, "model": self.model, "host": self.host, "port": self.port,
+        values = {**self.fixed, **point, C.model: self.model, "host": self.host, "port": self.port,
                   "python": shlex.quote(sys.executable)}
         try:
             return self.server_cmd.format(**values)
@@ -112,11 +113,11 @@ class ServerSweep:
         from .loadtest_http import run_loadtest
 
         cmd = self.command(point)
-        pid = _stable_hash({"cmd": cmd, "workload": self.workload.fingerprint()})
+        pid = stable_hash({"cmd": cmd, C.workload: self.workload.fingerprint()})
         label = point_label(point)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, f"{pid}.log")
-        row = {"point_id": pid, "label": label, **self.fixed, **point, "server_cmd": cmd, "server_log": log_path}
+        row = {C.point_id: pid, C.label: label, **self.fixed, **point, "server_cmd": cmd, "server_log": log_path}
         t0 = time.perf_counter()
         url = f"http://{self.host}:{self.port}"
         with open(log_path, "w") as log:
@@ -131,22 +132,22 @@ class ServerSweep:
                     res = run_loadtest(url, self.served_model_name, self.workload, point_id=pid, label=label,
                                        **self.loadtest)
                     died = proc.poll()
-                    row.update({k: v for k, v in res.row.items() if k not in ("point_id", "label")})
+                    row.update({k: v for k, v in res.row.items() if k not in (C.point_id, C.label)})
                     row.update({k: v for k, v in point.items()})  # the grid's values win over scraped ones
                     self.requests[pid], self.timeseries[pid], self.telemetry[pid] = \
                         res.requests, res.timeseries, res.telemetry
                     if died is not None:
                         why = f"the server died during the run (exit code {died})"
-                    elif res.row["status"] != "ok":
-                        why = res.row["error"]
+                    elif res.row[C.status] != "ok":
+                        why = res.row[C.error]
             except Exception as e:  # noqa: BLE001 - a failed point is a row, not the end of the sweep
                 why = f"{type(e).__name__}: {e}"
             finally:
                 stop_server(proc)
-        row.update(status="ok" if why is None else "error",
+        row.update(status="ok" if why is None else C.error,
                    error=None if why is None else f"{why} (server log: {log_path})")
-        row["point_duration_s"] = time.perf_counter() - t0
-        row["timestamp"] = pd.Timestamp.now(tz="UTC").isoformat()
+        row[C.point_duration_s] = time.perf_counter() - t0
+        row[C.timestamp] = pd.Timestamp.now(tz="UTC").isoformat()
         return row
 
     def run(self) -> pd.DataFrame:

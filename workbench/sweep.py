@@ -1,18 +1,13 @@
 """The grid runner: one workload (or a few), many engine settings, one results row per setting.
 
-`Sweep` (with `workbench.trace_replay` driving the engine through a workload's arrivals) loads the weights once,
-reconfigures the engine for every grid point, warms it up, replays the workload under telemetry, and
-appends one row per point (config, metrics from `workbench.metrics`, status) to a results file, so
-an interrupted sweep resumes where it stopped.
+`Sweep` composes the parts: `workbench.grid` (typed points, every value checked before anything runs),
+`workbench.store` (the results file: locked, appended per run, resumable), `workbench.point_run.run_point`
+(one measured run, the same the bench makes) and `workbench.metrics.summarise` (repeats -> median with
+min-max). It loads the weights once and reconfigures the engine for every point.
 """
 from __future__ import annotations
 
-import gc
-import hashlib
-import itertools
-import json
 import logging
-import math
 import os
 import time
 import traceback
@@ -20,92 +15,39 @@ from typing import Callable
 
 import pandas as pd
 
-from . import metrics
-from .trace_replay import replay, warm_up
+from . import metrics, schema
+from .grid import Point, build_points, point_label  # noqa: F401 - point_label is public here too
+from .point_run import is_oom, load_llm, model_vocab_size, release_memory, run_point
+from .schema import C
+from .store import ResultsStore
 from .telemetry import NullTelemetry, environment, make_telemetry
-from .workloads import Workload, make_workload
+from .workloads import resolve_workload
 
 log = logging.getLogger(__name__)
 
 
-def _is_oom(e: BaseException) -> bool:
-    try:
-        import torch
-
-        if isinstance(e, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
-def _config_fields() -> list[str]:
-    from engine import EngineConfig
-
-    return list(EngineConfig().to_dict())
-
-
-def _model_vocab_size(model) -> int | None:
-    """The model's vocabulary size, before loading weights where possible."""
-    if not isinstance(model, str):
-        for path in ("vocab_size", "spec.vocab_size", "hf_config.vocab_size", "model_config.vocab_size"):
-            obj = model
-            for part in path.split("."):
-                obj = getattr(obj, part, None)
-            if isinstance(obj, int):
-                return obj
-        return None
-    from engine import LLM
-
-    return LLM.model_spec(model).vocab_size
-
-
-SHORT_NAMES = {"block_size": "bs", "max_num_batched_tokens": "tokens", "max_num_seqs": "seqs",
-               "enable_prefix_caching": "prefix", "quantization": "quant", "kv_cache_dtype": "kv",
-               "gpu_memory_utilization": "mem", "max_model_len": "len", "num_gpu_blocks": "blocks",
-               "attention_backend": "attn", "tensor_parallel_size": "tp", "enforce_eager": "eager"}
-
-
-def point_label(settings: dict) -> str:
-    """A short name for the grid values of a point, e.g. "bs=16 prefix=on tokens=2048" ("base" for none)."""
-    def fmt(v):
-        return {True: "on", False: "off", None: "none"}.get(v, v) if isinstance(v, (bool, type(None))) else v
-
-    return " ".join(f"{SHORT_NAMES.get(k, k)}={fmt(v)}" for k, v in settings.items()) or "base"
-
-
-def _stable_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 class Sweep:
-    """Run ``workload`` once per point of ``grid`` (the product of its value lists) on one model.
+    """Run ``workload`` ``repeats`` times per point of ``grid`` (the product of its value lists) on one model.
 
     model: a preset name (random weights), an HF checkpoint folder, or an `LLM` (then give
     ``model_name`` so reruns recognise finished points). workload: a `Workload`, a built-in name or a
     .jsonl path (built with the model's vocab size, ``num_requests`` and ``workload_args``), or a list
-    of those (an outer grid dimension). grid: {EngineConfig field: [values]}; base_config: the other fields.
-    slo: {"ttft": s, "tpot": s, "e2e": s} for goodput. out: ".jsonl" or ".parquet" results file,
-    appended after every point; per-point steps/requests/telemetry go beside it in ``<out stem>.points/``.
+    of those (an outer grid dimension). grid: {EngineConfig field: [values]} (duplicates dropped; every
+    value checked here); base_config: the other fields. slo: {"ttft": s, "tpot": s, "e2e": s} for goodput.
+    repeats: runs per point, interleaved: round r runs every point once, odd rounds in reverse order (points
+    sharing a quantization stay adjacent, so weights are re-quantized once per value and round), so
+    drift over time does not favour one setting. out: ".jsonl" or ".parquet" results file, one row per
+    run, appended as each finishes (locked while the sweep runs; checked writable before the first run);
+    per-point steps/requests/telemetry go beside it in ``<out stem>.points/``.
 
-    After `run()`: ``results`` (DataFrame, one row per point, grid order), ``timeseries[point_id]``
-    (per-step counters with t in seconds since the run started, merged with GPU telemetry),
-    ``requests[point_id]`` (per-request latencies), ``telemetry[point_id]`` (raw NVML samples),
-    ``environment`` (versions, GPU).
-    Points sharing a quantization run next to each other, so weights are re-quantized once per value.
+    After `run()`: ``results`` (DataFrame, one row per point in grid order: the schema's median columns
+    summarised over repeats with ``_min`` / ``_max``), ``runs`` (one row per run), ``timeseries[point_id]``
+    (per-step counters of the point's last run, t in seconds since the run started, merged with GPU
+    telemetry), ``requests[point_id]``, ``telemetry[point_id]`` (raw NVML samples), ``environment``,
+    ``skipped`` (points already complete in ``out``, not rerun).
     A point's key (point_id) hashes its config, workload and model, not the SLO: rows resumed from
-    ``out`` keep the goodput of the SLO they were measured with (see their slo_*_s columns).
+    ``out`` keep the goodput of the SLO they were measured with (see their slo_*_s columns). A point
+    whose run fails is not repeated.
     """
 
     def __init__(self, model, workload, grid: dict | None = None, base_config=None, slo: dict | None = None,
@@ -113,16 +55,19 @@ class Sweep:
                  sampling: dict | None = None, telemetry: bool | None = None, telemetry_interval: float = 0.1,
                  seed: int = 0, dtype=None, model_name: str | None = None, max_duration: float | None = None,
                  retry_failed: bool = False, on_point: Callable[[dict], None] | None = None,
-                 workload_args: dict | None = None):
+                 workload_args: dict | None = None, repeats: int = 3):
         from engine import EngineConfig
 
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"repeats={repeats!r}: must be an integer >= 1")
+        if num_requests is not None and (not isinstance(num_requests, int) or num_requests < 1):
+            raise ValueError(f"num_requests={num_requests!r}: must be an integer >= 1")
         self.model, self.base_config = model, base_config if base_config is not None else EngineConfig()
-        self.slo, self.out, self.warmup, self.progress = dict(slo or {}), out, warmup, progress
+        self.slo, self.warmup, self.progress, self.repeats = dict(slo or {}), warmup, progress, repeats
         self.sampling, self.seed, self.dtype, self.max_duration = sampling, seed, dtype, max_duration
         self.retry_failed, self.on_point, self.workload_args = retry_failed, on_point, dict(workload_args or {})
         metrics.slo_met(pd.DataFrame(columns=list(metrics.SLO_KEYS)), self.slo)  # validates the keys
-        if out is not None and not out.endswith((".jsonl", ".parquet")):
-            raise ValueError(f"out={out!r}: the results file must end in .jsonl or .parquet")
+        self.store = ResultsStore(out)
         self.model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
         if not isinstance(model, str):
             self.model_id = f"llm:{self.model_name}"
@@ -130,232 +75,190 @@ class Sweep:
             self.model_id = os.path.abspath(model)
         else:
             self.model_id = f"preset:{model}:seed={seed}:dtype={dtype}"
-        self.vocab_size = _model_vocab_size(model)
+        self.vocab_size = model_vocab_size(model)
         workloads = workload if isinstance(workload, list) else [workload]
-        self.workloads = [self._workload(w, num_requests) for w in workloads]
-        self.grid = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in (grid or {}).items()}
-        allowed = _config_fields()
-        unknown = [k for k in self.grid if k not in allowed]
-        if unknown:
-            raise ValueError(f"grid keys {unknown} are not EngineConfig fields: use some of {allowed}")
-        self.points = self._points()
+        self.workloads = [resolve_workload(w, num_requests, self.vocab_size, seed, self.workload_args) for w in workloads]
+        self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
+                                                {C.model: self.model_id, "sampling": self.sampling})
         self.llm = model if not isinstance(model, str) else None
+        self._check_for_model()
         self._telemetry = make_telemetry(telemetry_interval, enabled=telemetry) if telemetry is not False and \
             str(self.base_config.device or "").split(":")[0] != "cpu" else NullTelemetry()
-        self.environment = {**environment(self._telemetry), "model": self.model_name,
-                            "workloads": [w.summary() for w in self.workloads]}
-        self.results = pd.DataFrame()
+        self.environment = {**environment(self._telemetry), C.model: self.model_name,
+                            "workloads": [w.summary() for w in self.workloads], C.repeats: repeats}
+        self.results, self.runs = pd.DataFrame(), pd.DataFrame()
         self.timeseries, self.requests, self.telemetry = {}, {}, {}
-        self._file_records: dict[str, dict] = self._load_out()
+        self.skipped = 0
+        self._rates: dict | None = None  # matmul rate and copy bandwidth, for the gap-to-limit columns
+        self.announce: Callable[[str], None] = log.info  # where run() says what it resumes (the CLI prints)
 
-    # --- setup -------------------------------------------------------------------------------------
+    def _check_for_model(self) -> None:
+        """Refuse, before anything runs, configs the engine refuses for this model whatever the memory
+        (max_model_len past its positions, quantization its shapes do not allow): every one in one error."""
+        from engine import LLM
 
-    def _workload(self, w, num_requests) -> Workload:
-        if isinstance(w, str):
-            params = {"seed": self.seed, **self.workload_args}
-            if self.vocab_size and "vocab_size" not in params:
-                params["vocab_size"] = self.vocab_size
-            if num_requests is not None:
-                params["num_requests"] = num_requests
-            w = make_workload(w, **params)
-        elif num_requests is not None:
-            w = w.head(num_requests)
-        if self.vocab_size and w.max_token_id >= self.vocab_size:
-            raise ValueError(f"workload {w.name!r} has token id {w.max_token_id}, outside the model's "
-                             f"vocabulary of {self.vocab_size}: build it with vocab_size={self.vocab_size}")
-        return w
+        spec = getattr(self.llm, "spec", None) if self.llm is not None else LLM.model_spec(self.model)
+        if spec is None:
+            return
+        problems = []
+        for cfg in dict.fromkeys(p.config for p in self.points):
+            try:
+                LLM.check_config(spec, cfg)
+            except ValueError as e:
+                problems.append(str(e))
+        if problems:
+            raise ValueError(f"invalid for model {self.model_name}: " + "; ".join(dict.fromkeys(problems)))
 
-    def _points(self) -> list[dict]:
-        keys = list(self.grid)
-        combos = [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())] or [{}]
-        multi = len(self.workloads) > 1
-        points = []
-        for w in self.workloads:
-            for combo in combos:
-                cfg = self.base_config.replace(**combo)  # raises ConfigError now, not mid-sweep
-                label = point_label(combo)
-                if multi:
-                    label = f"{w.name}: {label}"
-                pid = _stable_hash({"config": cfg.to_dict(), "workload": w.fingerprint(), "model": self.model_id,
-                                    "sampling": self.sampling})
-                points.append({"point_id": pid, "label": label, "config": cfg, "workload": w})
-        # Equal quantizations adjacent (weights re-quantized once per value), grid order otherwise.
-        order = {q: i for i, q in enumerate(dict.fromkeys(p["config"].quantization for p in points))}
-        return sorted(points, key=lambda p: order[p["config"].quantization])
+    @property
+    def out(self) -> str | None:
+        return self.store.path
 
     @property
     def sidecar_dir(self) -> str | None:
-        return None if self.out is None else os.path.splitext(self.out)[0] + ".points"
+        return self.store.sidecar_dir
 
-    # --- results file ----------------------------------------------------------------------------------
+    # --- which runs are left -------------------------------------------------------------------------
 
-    def _load_out(self) -> dict:
-        if self.out is None or not os.path.exists(self.out):
-            return {}
-        if self.out.endswith(".parquet"):
-            recs = pd.read_parquet(self.out).to_dict("records")
-        else:
-            with open(self.out) as f:
-                recs = [json.loads(line) for line in f if line.strip()]
-        return {r["point_id"]: r for r in recs}
+    def _recorded(self, p: Point, r: int) -> dict | None:
+        rec = self.store.done(p.point_id, r)
+        if rec is not None and rec.get(C.status) != "ok" and self.retry_failed:
+            return None
+        return rec
 
-    def _save(self, row: dict) -> None:
-        self._file_records[row["point_id"]] = row
-        if self.out is None:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
-        if self.out.endswith(".jsonl"):
-            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-            with open(self.out, "a") as f:
-                f.write(json.dumps(clean, default=str) + "\n")
-        else:  # Parquet cannot append: rewrite, atomically, so a kill never leaves half a file
-            tmp = self.out + ".tmp"
-            pd.DataFrame(list(self._file_records.values())).to_parquet(tmp, index=False)
-            os.replace(tmp, self.out)
+    def _point_done(self, p: Point) -> bool:
+        """All repeats recorded, or a recorded failure (a failing point is not repeated)."""
+        recs = [self._recorded(p, r) for r in range(self.repeats)]
+        return all(recs) or any(rec is not None and rec.get(C.status) != "ok" for rec in recs)
 
-    def _save_frames(self, pid: str, frames: dict) -> None:
-        if self.sidecar_dir is None:
-            return
-        try:
-            os.makedirs(self.sidecar_dir, exist_ok=True)
-            for kind, df in frames.items():
-                if df is not None and len(df):
-                    df.to_parquet(os.path.join(self.sidecar_dir, f"{pid}.{kind}.parquet"), index=False)
-        except ImportError:
-            log.warning("pyarrow is missing: per-point time series are not saved beside %s", self.out)
-
-    def _load_frames(self, pid: str) -> None:
-        for kind, store in (("steps", self.timeseries), ("requests", self.requests), ("telemetry", self.telemetry)):
-            path = os.path.join(self.sidecar_dir or "", f"{pid}.{kind}.parquet")
-            if self.sidecar_dir and os.path.exists(path):
-                df = pd.read_parquet(path)
-                if kind == "requests" and "itl" in df:
-                    df["itl"] = df["itl"].map(list)
-                store[pid] = df
+    def _schedule(self) -> list[tuple[Point, int]]:
+        """The runs still to do, round by round: even rounds in grid order, odd rounds reversed, so every
+        setting sits early and late alike (drift over time favours none) and points sharing a quantization
+        stay adjacent; with an odd number of rounds the last run is the last point, as without repeats."""
+        todo = []
+        for r in range(self.repeats):
+            rnd = [p for p in self.points if self._recorded(p, r) is None]
+            todo += [(p, r) for p in (rnd if r % 2 == 0 else rnd[::-1])]
+        return todo
 
     # --- running --------------------------------------------------------------------------------------
 
-    def _is_done(self, pid: str) -> bool:
-        rec = self._file_records.get(pid)
-        return rec is not None and (rec.get("status") == "ok" or not self.retry_failed)
-
-    def _llm_for(self, cfg):
-        """The LLM configured for ``cfg``: weights loaded on first use, reconfigured afterwards."""
-        if self.llm is None:
-            from engine import LLM
-
-            if os.path.isdir(self.model):
-                self.llm = LLM.from_pretrained(self.model, cfg)
-            else:
-                kwargs = {} if self.dtype is None else {"dtype": self.dtype}
-                self.llm = LLM.random(self.model, cfg, seed=self.seed, **kwargs)
-        else:
-            self.llm.reconfigure(cfg)
-        return self.llm
-
-    def _base_row(self, point: dict) -> dict:
-        w = point["workload"]
-        row = {"point_id": point["point_id"], "label": point["label"], "model": self.model_name,
-               "workload": w.name, "workload_id": w.fingerprint(), "num_requests": len(w), "arrival": w.arrival,
-               "request_rate": w.request_rate, "concurrency": w.concurrency}
-        row.update(point["config"].to_dict())
-        row.update({f"slo_{k}_s": self.slo.get(k) for k in metrics.SLO_KEYS})
+    def _base_row(self, p: Point, repeat: int) -> dict:
+        w = p.workload
+        row = {C.point_id: p.point_id, C.label: p.label, C.repeat: repeat, C.model: self.model_name,
+               C.workload: w.name, C.workload_id: w.fingerprint(), C.num_requests: len(w), C.arrival: w.arrival,
+               C.request_rate: w.request_rate, C.concurrency: w.concurrency}
+        row.update(p.config.to_dict())
+        row.update({C.slo_ttft_s: self.slo.get("ttft"), C.slo_tpot_s: self.slo.get("tpot"),
+                    C.slo_e2e_s: self.slo.get("e2e")})
         return row
 
-    def _run_point(self, point: dict) -> dict:
-        cfg, w, pid = point["config"], point["workload"], point["point_id"]
-        row = self._base_row(point)
+    def _run_one(self, p: Point, repeat: int) -> dict:
+        row = self._base_row(p, repeat)
         t0 = time.perf_counter()
         try:
-            if cfg.max_model_len is not None and w.max_seq_len > cfg.max_model_len:
-                raise ValueError(f"workload {w.name!r} has a request of {w.max_seq_len} tokens (prompt + output), "
-                                 f"over max_model_len={cfg.max_model_len}: raise max_model_len or shorten the workload")
-            llm = self._llm_for(cfg)
-            if w.max_seq_len > llm.config.max_model_len:  # max_model_len=None: the model's context
-                raise ValueError(f"workload {w.name!r} has a request of {w.max_seq_len} tokens (prompt + output), "
-                                 f"over the model's context of {llm.config.max_model_len} tokens: shorten the workload")
-            if self.warmup:
-                warm_up(llm.engine, llm.config)
-            llm.engine.reset_stats()
-            self._telemetry.start()
-            try:
-                run = replay(llm.engine, w, self.sampling, self.max_duration)
-            finally:
-                samples = self._telemetry.stop()
-            stats = llm.engine.stats()
-            requests, steps = metrics.request_frame(run.outputs), metrics.steps_frame(stats)
-            row.update(metrics.point_metrics(requests, steps, stats, metrics.telemetry_summary(samples),
-                                             run.duration, self.slo))
-            row.update(status="ok", error=None)
-            samples = samples.assign(t=samples["time"] - run.start)
-            self.timeseries[pid], self.requests[pid], self.telemetry[pid] = \
-                _timeseries(steps, samples, run.start), requests, samples
-            self._save_frames(pid, {"steps": self.timeseries[pid], "requests": requests, "telemetry": samples})
+            self.llm = load_llm(self.model, p.config, self.llm, self.seed, self.dtype)
+            if self._rates is None:  # measured once, on the device of the first point
+                from .profiling import measure_rates
+                self._rates = measure_rates(self.llm.device)
+            run = run_point(self.llm, p.workload, self.slo, self.warmup, self.sampling, self._telemetry,
+                            self.max_duration, rates=self._rates)
+            row.update(run.metrics)
+            row.update({C.status: schema.OK, C.error: None})
+            self.timeseries[p.point_id], self.requests[p.point_id], self.telemetry[p.point_id] = \
+                run.steps, run.requests, run.telemetry
+            self.store.save_frames(p.point_id, {"steps": run.steps, "requests": run.requests,
+                                                "telemetry": run.telemetry})
         except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
-            row.update(status="oom" if _is_oom(e) else "error", error=f"{type(e).__name__}: {e}")
-            log.debug("traceback of point %s:\n%s", pid, traceback.format_exc())
-            _release_memory()
-        row["point_duration_s"] = time.perf_counter() - t0
-        row["timestamp"] = pd.Timestamp.now(tz="UTC").isoformat()
+            row.update({C.status: schema.OOM if is_oom(e) else schema.ERROR, C.error: f"{type(e).__name__}: {e}"})
+            log.debug("traceback of point %s:\n%s", p.point_id, traceback.format_exc())
+            release_memory()
+        row[C.point_duration_s] = time.perf_counter() - t0
+        row[C.timestamp] = pd.Timestamp.now(tz="UTC").isoformat()
         return row
 
     def run(self) -> pd.DataFrame:
-        """Run every point not already in the results file; returns (and keeps in ``results``) the table."""
+        """Run every run not already in the results file; returns (and keeps in ``results``) the table.
+
+        The results file is locked and checked writable before the first run; a KeyboardInterrupt
+        propagates after the finished runs are saved (``saved_points()`` counts them).
+        """
         from tqdm.auto import tqdm
 
-        todo = [p for p in self.points if not self._is_done(p["point_id"])]
-        for p in self.points:
-            if self._is_done(p["point_id"]):
-                self._load_frames(p["point_id"])
-        self._collect()
-        bar = tqdm(total=len(self.points), initial=len(self.points) - len(todo), desc="sweep", unit="point",
-                   disable=not self.progress)
+        self.store.open()
         try:
-            for point in todo:
-                bar.set_postfix_str(point["label"], refresh=True)
-                row = self._run_point(point)
-                if row["status"] != "ok":
-                    msg = f"point {row['point_id']} ({row['label']}) failed [{row['status']}]: {row['error']}"
-                    if self.progress:
-                        bar.write(msg)
-                    else:
-                        log.warning(msg)
-                self._save(row)
-                self._collect()
-                bar.update(1)
-                if self.on_point is not None:
-                    self.on_point(row)
+            self.skipped = sum(self._point_done(p) for p in self.points)
+            for p in self.points:
+                if self.store.done(p.point_id, 0) is not None:
+                    frames = self.store.load_frames(p.point_id)
+                    for kind, target in (("steps", self.timeseries), ("requests", self.requests),
+                                         ("telemetry", self.telemetry)):
+                        if kind in frames:
+                            target[p.point_id] = frames[kind]
+            if self.skipped:
+                self.announce(f"resuming: skipped {self.skipped} of {len(self.points)} points already in {self.out}")
+            self._collect()
+            todo = self._schedule()
+            total = len(self.points) * self.repeats
+            bar = tqdm(total=total, initial=total - len(todo), desc="sweep", unit="run", disable=not self.progress)
+            try:
+                for p, r in todo:
+                    if self._point_done(p):  # failed in an earlier round: not repeated
+                        bar.update(1)
+                        continue
+                    bar.set_postfix_str(p.label, refresh=True)
+                    row = self._run_one(p, r)
+                    if row[C.status] != "ok":
+                        msg = f"point {p.point_id} ({p.label}) failed [{row[C.status]}]: {row[C.error]}"
+                        bar.write(msg) if self.progress else log.warning(msg)
+                    self.store.append(row)
+                    self._collect()
+                    bar.update(1)
+                    if self.on_point is not None:
+                        self.on_point(row)
+            finally:
+                bar.close()
         finally:
-            bar.close()
+            self.store.close()
         return self.results
 
+    def saved_points(self) -> int:
+        """Points whose every repeat (or a failure) is in the results."""
+        return sum(self._point_done(p) for p in self.points)
+
     def _collect(self) -> None:
-        rows = [self._file_records[p["point_id"]] for p in self.points if p["point_id"] in self._file_records]
-        self.results = pd.DataFrame(rows)
-        if len(self.results) and "ttft_p99_ms" in self.results:
-            ok = self.results["status"] == "ok"
-            front = metrics.pareto_front(self.results, "ttft_p99_ms", "output_throughput")
-            self.results["on_pareto_front"] = ok & front
+        self.runs = self.store.runs()
+        ids = [p.point_id for p in self.points]
+        if len(self.runs):
+            self.runs = self.runs[self.runs[C.point_id].isin(ids)]
+        summary = metrics.summarise(self.runs)
+        if len(summary):
+            summary = summary.set_index(C.point_id, drop=False).loc[[i for i in ids if i in set(summary[C.point_id])]]
+            summary = summary.reset_index(drop=True)
+            if C.ttft_p99_ms in summary:
+                ok = summary[C.status] == "ok"
+                summary[C.on_pareto_front] = ok & metrics.pareto_front(summary, C.ttft_p99_ms, C.output_throughput)
+        self.results = summary
 
     def write_report(self, path: str, title: str = "paged-workbench sweep report", drilldown: str | None = None) -> str:
         """The HTML report of this sweep (see `workbench.report.write_report`)."""
+        from .recommend import plan_verdict, recommendations
         from .report import write_report
 
+        verdict = None
+        best = next((r for r in recommendations(self.results) if r["column"] == C.output_throughput), None)
+        if best is not None:
+            row = self.results[self.results[C.point_id] == best[C.point_id]].iloc[0].to_dict()
+            model = self.llm.spec if self.llm is not None and isinstance(self.model, str) is False else self.model
+            verdict = plan_verdict(model, self._planner_gpu(), row)
         return write_report(self.results, path, self.timeseries, self.requests, self.telemetry, self.environment,
-                            title, drilldown)
+                            title, drilldown, planner_verdict=verdict)
+
+    def _planner_gpu(self) -> str:
+        import torch
+
+        on_cpu = str(self.base_config.device or "").startswith("cpu") or not torch.cuda.is_available()
+        return "cpu" if on_cpu else "current"
 
     def close(self) -> None:
         """Release the telemetry handle (the model stays in ``llm``)."""
         self._telemetry.close()
-
-
-def _timeseries(steps: pd.DataFrame, samples: pd.DataFrame, start: float) -> pd.DataFrame:
-    """Per-step counters with t (s since the run started) and the nearest earlier GPU sample."""
-    if len(steps) == 0:
-        return steps
-    steps = steps.copy()
-    steps["t"] = steps["time"].astype(float) - start if "time" in steps else range(len(steps))
-    if len(samples):
-        tel = samples[["t", "gpu_util_pct", "power_w", "mem_used_bytes"]].sort_values("t")
-        steps = pd.merge_asof(steps.sort_values("t"), tel, on="t", direction="backward")
-    return steps

@@ -19,6 +19,7 @@ import time
 import pandas as pd
 
 from .metrics import TELEMETRY_COLUMNS, telemetry_summary
+from .schema import C
 
 
 class NullTelemetry:
@@ -210,8 +211,10 @@ def make_telemetry(interval: float = 0.1, device_index: int | None = None, enabl
 def measure_overhead(llm, workload, interval: float = 0.1, repeats: int = 3, sampling=None) -> dict:
     """Engine output throughput (tokens/s) with and without the NVML sampler running, on one workload.
 
-    Runs are interleaved (off, on, off, on, ...) so drift affects both alike; the medians are compared.
-    Returns throughput_off, throughput_on, overhead_pct (100 * (off - on) / off; <1 is the target) and
+    Runs are interleaved in alternating order (off on, on off, off on, ...) so drift and position affect
+    both alike; the medians are compared. Returns throughput_off, throughput_on, overhead_pct
+    (100 * (off - on) / off; <1 is the target), range_off / range_on ([min, max] tokens/s),
+    within_noise (the two ranges overlap: the overhead is not distinguishable from run-to-run noise) and
     runs (all throughputs). Needs an NVIDIA GPU; without one overhead_pct is NaN.
     """
     from .metrics import request_frame, throughput
@@ -224,17 +227,19 @@ def measure_overhead(llm, workload, interval: float = 0.1, repeats: int = 3, sam
     replay(llm.engine, workload, sampling=sampling)  # untimed pass: warm caches, allocator, prefix cache
     runs = {"off": [], "on": []}
     try:
-        for _ in range(repeats):
-            for mode in ("off", "on"):
+        for i in range(repeats):
+            for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
                 llm.engine.reset_stats()
                 if mode == "on":
                     tel.start()
                 run = replay(llm.engine, workload, sampling=sampling)
                 if mode == "on":
                     tel.stop()
-                runs[mode].append(throughput(request_frame(run.outputs), run.duration)["output_throughput"])
+                runs[mode].append(throughput(request_frame(run.outputs), run.duration)[C.output_throughput])
     finally:
         tel.close()
     off, on = pd.Series(runs["off"]).median(), pd.Series(runs["on"]).median()
+    r_off, r_on = [min(runs["off"]), max(runs["off"])], [min(runs["on"]), max(runs["on"])]
     return {"throughput_off": float(off), "throughput_on": float(on), "overhead_pct": float(100 * (off - on) / off),
+            "range_off": r_off, "range_on": r_on, "within_noise": r_off[0] <= r_on[1] and r_on[0] <= r_off[1],
             "interval": interval, "runs": runs}

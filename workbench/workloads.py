@@ -390,3 +390,24 @@ def make_workload(name: str, **params) -> Workload:
     if unknown:
         raise ValueError(f"workload {name!r} has no parameter {sorted(unknown)}: it takes {sorted(defaults)}")
     return WORKLOADS[name](**params)
+
+
+def resolve_workload(workload, num_requests: int | None = None, vocab_size: int | None = None, seed: int = 0,
+                     params: dict | None = None) -> Workload:
+    """A `Workload` from a built-in name or .jsonl path (built with ``params``, the seed, the vocabulary and
+    ``num_requests``) or a `Workload` (cut to ``num_requests``). Raises ValueError when a token id is outside
+    the model's vocabulary of ``vocab_size``."""
+    if isinstance(workload, str):
+        kwargs = dict(seed=seed)
+        kwargs.update(params or {})
+        if num_requests is not None:
+            kwargs.update(num_requests=num_requests)
+        if vocab_size and "vocab_size" not in kwargs:
+            kwargs.update(vocab_size=vocab_size)
+        workload = make_workload(workload, **kwargs)
+    elif num_requests is not None:
+        workload = workload.head(num_requests)
+    if vocab_size and workload.max_token_id >= vocab_size:
+        raise ValueError(f"workload {workload.name!r} has token id {workload.max_token_id}, outside the model's "
+                         f"vocabulary of {vocab_size}: build it with vocab_size={vocab_size}")
+    return workload

@@ -179,3 +179,68 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
     assert blocks == 20 and tables >= 2  # every physical block drawn; the step's counters and block tables beside
     for png in ("block_map_explorer.png", "allocator_comparison.png"):
         assert _not_blank(shots / png), f"{png} looks blank"
+
+
+PANEL_NOTEBOOK = """
+from engine import EngineConfig
+from workbench.widgets import SweepPanel
+
+panel = SweepPanel("tiny", "fixed", grid={"block_size": [8, 16], "enable_prefix_caching": [True, False]},
+                   base_config=EngineConfig(device="cpu", max_model_len=64, num_gpu_blocks=64), num_requests=4,
+                   workloads={"fixed": dict(prompt_len=16, output_len=4)}, background=False,
+                   sweep_args={"warmup": False})
+panel.run()
+panel
+"""
+
+
+def test_sweep_panel_fits_a_1280_pixel_jupyterlab(tmp_path):
+    """The SweepPanel after a run, in JupyterLab in a 1280-pixel-wide window: no horizontal scrolling
+    (scrollWidth <= clientWidth of the panel and of its output area), figures drawn, Stop visibly disabled;
+    a screenshot stays in the test's tmp folder."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("jupyterlab")
+    pytest.importorskip("anywidget")
+    work = tmp_path / "lab"
+    work.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(PANEL_NOTEBOOK)]), work / "panel.ipynb")
+    for name, value in LAB_SETTINGS.items():
+        path = tmp_path / "settings" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+    port, token = _free_port(), "workbench-test"
+    lab = _start_lab(tmp_path, work, port, token)
+    _start_kernel(port, token, "panel.ipynb")
+    shot = tmp_path / "sweep_panel.png"
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            # 1280 px wide; tall, so that the whole panel is on screen for its screenshot
+            page = browser.new_page(viewport={"width": 1280, "height": 2200})
+            _open_and_run_all(page, port, token, "panel.ipynb")
+            page.wait_for_selector(".wb-sweep-panel .js-plotly-plot .main-svg", timeout=120_000)
+            page.wait_for_timeout(1000)
+            sizes = page.evaluate("""() => {
+                const panel = document.querySelector('.wb-sweep-panel');
+                const area = panel.closest('.jp-OutputArea-output');
+                return {panel: [panel.scrollWidth, panel.clientWidth], area: [area.scrollWidth, area.clientWidth],
+                        plots: panel.querySelectorAll('.js-plotly-plot .main-svg').length};
+            }""")
+            stop = page.locator(".wb-sweep-panel button:has-text('Stop')").first
+            stop_disabled = stop.is_disabled()
+            opacity = float(stop.evaluate("b => getComputedStyle(b).opacity"))
+            panel = page.locator(".wb-sweep-panel").first
+            panel.scroll_into_view_if_needed()
+            panel.screenshot(path=str(shot))
+            browser.close()
+    finally:
+        lab.terminate()
+        lab.wait(timeout=30)
+    print(f"screenshot: {shot}")
+    if os.environ.get("WORKBENCH_SCREENSHOT_DIR"):
+        shutil.copy(shot, os.environ["WORKBENCH_SCREENSHOT_DIR"])
+    assert sizes["panel"][0] <= sizes["panel"][1] and sizes["area"][0] <= sizes["area"][1], sizes
+    assert sizes["plots"] >= 4
+    assert stop_disabled and opacity < 0.6
+    assert _not_blank(shot)

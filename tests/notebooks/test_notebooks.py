@@ -62,6 +62,18 @@ def widget_views(nb) -> int:
     return sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(nb, "execute_result"))
 
 
+MAX_NOTEBOOK_BYTES = 3_000_000  # executed, with its widget state
+BUNDLE_MARKERS = ("Lodash (Custom Build)",  # a licence line of plotly's widget bundle, stored as is
+                  "DecompressionStream")  # the bundle as workbench.widgets.plotly_widget stores it
+
+def assert_small_with_plotly_js_once(nb):
+    """The executed notebook (widget state included, as JupyterLab saves it) stays small: plotly's widget code
+    is stored once, not once per figure widget."""
+    text = nbformat.writes(nb)
+    assert len(text.encode()) < MAX_NOTEBOOK_BYTES, f"{len(text.encode()) / 1e6:.1f} MB"
+    assert sum(text.count(m) for m in BUNDLE_MARKERS) <= 1
+
+
 def test_every_notebook_has_a_parameters_cell_first_and_no_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_paged_attention_internals.ipynb", "02_sweep.ipynb",
                                            "03_tuning_session.ipynb", "04_where_the_time_goes.ipynb"]
@@ -79,6 +91,8 @@ def test_01_paged_attention_internals(tmp_path, monkeypatch):
     log = text(nb)
     assert "block table [0" in log and "preempted r3" in log and "prefix-cache hits" in log
     assert "vLLM (paged)" in log and widget_views(nb) >= 2  # the BlockMapExplorer and the AllocatorComparison
+    assert "widget-state" in str(nb.metadata.get("widgets", {}))  # the state a saved notebook keeps
+    assert_small_with_plotly_js_once(nb)
 
 
 def test_02_sweep(tmp_path, monkeypatch):
@@ -87,12 +101,14 @@ def test_02_sweep(tmp_path, monkeypatch):
     assert (tmp_path / "panel_report.html").stat().st_size > 100_000  # plotly.js inlined
     assert (tmp_path / "sweep_report.html").stat().st_size > 100_000
     assert widget_views(nb) >= 1
+    assert_small_with_plotly_js_once(nb)
 
 
 def test_03_tuning_session(tmp_path, monkeypatch):
     nb, seconds = execute(NOTEBOOKS[2], tmp_path, monkeypatch)
     assert outputs(nb, "error") == [] and seconds < TIME_LIMIT_S
     assert "Chosen: seqs=" in text(nb) and "planner: fits" in text(nb)
+    assert_small_with_plotly_js_once(nb)
 
 
 def test_04_where_the_time_goes(tmp_path, monkeypatch):

@@ -36,3 +36,14 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert result["engine"]["num_finished"] == 6 and result["engine_over_baseline"] > 0
     assert result["physical_limit"] is None  # no GPU rates to measure on the CPU
     assert "command" in result["environment"]
+
+
+def test_bench_takes_a_checkpoint_folder_and_writes_to_the_current_directory(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    folder = str(Path(__file__).resolve().parents[2] / "data" / "models" / "pystdlib-llama-6m")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--model", folder, "--workload", "fixed", "--num-requests", "2", "--device", "cpu",
+                 "--workload-arg", "prompt_len=8", "--workload-arg", "output_len=3", "--set", "max_model_len=64"]) == 0
+    result = json.loads((tmp_path / "bench-pystdlib-llama-6m-fixed.json").read_text())
+    assert result["engine"]["total_output_tokens"] == 6 and result["model"] == folder

@@ -1,22 +1,15 @@
-"""Every figure (plotly and its matplotlib twin) draws synthetic results and reads columns only."""
-import matplotlib.figure
+"""Every figure draws synthetic results, reads columns only, labels its axes from the schema."""
 import plotly.graph_objects as go
 import pytest
 
-from workbench import figures
+from workbench import figures, schema
 
 RESULT_FIGURES = ["throughput_by_setting", "prefix_hit_rate", "energy_per_token", "latency_percentiles",
-                  "fragmentation_by_block_size", "throughput_latency"]
+                  "fragmentation_by_block_size", "throughput_latency", "nvml_by_setting"]
 
 
-def every_public_figure():
-    return sorted(n for n in dir(figures) if not n.startswith("_") and callable(getattr(figures, n))
-                  and hasattr(figures, n + "_mpl"))
-
-
-def test_every_figure_has_a_matplotlib_twin():
-    names = every_public_figure()
-    assert set(RESULT_FIGURES + ["latency_cdf", "kv_usage_over_time", "gpu_over_time"]) <= set(names)
+def test_one_implementation_per_figure():
+    assert not [n for n in dir(figures) if n.endswith("_mpl")]  # no hand-kept matplotlib twins
 
 
 @pytest.mark.parametrize("name", RESULT_FIGURES)
@@ -24,12 +17,23 @@ def test_result_figures_draw_ok_points_only(name, synthetic):
     df = synthetic[0]
     before = df.copy()
     fig = getattr(figures, name)(df)
-    assert isinstance(fig, go.Figure) and len(fig.data) >= 1
+    assert isinstance(fig, go.Figure) and len(fig.data) >= 1 and not figures.is_empty(fig)
     xs = {str(x) for trace in fig.data for x in (trace.x if trace.x is not None else [])}
     assert "block_size=64, enable_prefix_caching=True" not in xs  # the failed point
-    mpl = getattr(figures, name + "_mpl")(df)
-    assert isinstance(mpl, matplotlib.figure.Figure) and mpl.axes
     assert df.equals(before)  # figures never write into the results
+
+
+def _titles(fig):
+    lay = fig.layout
+    return [a.title.text for a in (lay[k] for k in lay if k.startswith(("xaxis", "yaxis"))) if a.title.text]
+
+
+@pytest.mark.parametrize("name", RESULT_FIGURES)
+def test_every_numeric_axis_title_has_a_unit(name, synthetic):
+    fig = getattr(figures, name)(synthetic[0])
+    for t in _titles(fig):
+        assert t == figures.SETTING_AXIS or "(" in t or t in {c.unit for c in schema.COLUMNS}, t
+    assert not any(t in schema.BY_NAME for t in _titles(fig))  # a label, never a raw column name
 
 
 def test_latency_percentiles_show_p50_p90_p99(synthetic):
@@ -38,6 +42,7 @@ def test_latency_percentiles_show_p50_p90_p99(synthetic):
     assert [t.name for t in fig.data] == ["p50", "p90", "p99"]
     ok = df[df.status == "ok"]
     assert list(fig.data[2].y) == ok["tpot_p99_ms"].tolist()
+    assert fig.layout.yaxis.title.text == "TPOT (ms)"
 
 
 def test_pareto_front_is_marked(synthetic):
@@ -47,22 +52,36 @@ def test_pareto_front_is_marked(synthetic):
     assert 1 <= len(front.x) <= 4 and list(front.x) == sorted(front.x)
 
 
-def test_fragmentation_per_block_size(synthetic):
-    fig = figures.fragmentation_by_block_size(synthetic[0], color="enable_prefix_caching")
+def test_fragmentation_colours_the_other_grid_dimension(synthetic):
+    fig = figures.fragmentation_by_block_size(synthetic[0])
     assert len(fig.data) == 2 and all(list(t.x) == [8, 32] for t in fig.data)
+    assert {t.name for t in fig.data} == {"prefix=on", "prefix=off"}
+    assert fig.layout.legend.title.text == "prefix caching"
+
+
+def test_repeats_show_as_error_bars(synthetic):
+    df = synthetic[0].copy()
+    df["output_throughput_min"], df["output_throughput_max"] = df.output_throughput * 0.9, df.output_throughput * 1.2
+    fig = figures.throughput_by_setting(df)
+    err = [t.error_y for t in fig.data if t.error_y.array is not None]
+    assert err and max(err[0].array) > 0
 
 
 def test_cdf_and_time_series(synthetic):
     df, requests, timeseries, telemetry = synthetic
     fig = figures.latency_cdf(df, requests, "ttft")
     assert len(fig.data) == 4 and max(fig.data[0].y) == 1.0
-    assert isinstance(figures.latency_cdf_mpl(df, requests, "itl"), matplotlib.figure.Figure)
     fig = figures.kv_usage_over_time(timeseries["p0"])
-    assert [t.name for t in fig.data] == ["KV usage", "batch size (running)"]
+    assert len(fig.data) == 2 and "share of blocks" in fig.data[0].name
     fig = figures.gpu_over_time(telemetry["p0"])
     assert [t.name for t in fig.data] == ["GPU utilisation (%)", "power (W)"]
-    assert figures.kv_usage_over_time_mpl(timeseries["p0"]).axes
-    assert figures.gpu_over_time_mpl(telemetry["p0"]).axes
+
+
+def test_wide_latency_spread_uses_a_log_axis(synthetic):
+    df, requests, _, _ = synthetic
+    wide = {k: v.assign(ttft=v.ttft * ([1] * 10 + [1000] * 10)) for k, v in requests.items()}
+    assert figures.latency_cdf(df, wide, "ttft").layout.xaxis.type == "log"
+    assert figures.latency_cdf(df, requests, "ttft").layout.xaxis.type != "log"
 
 
 def test_empty_inputs_give_an_explaining_figure(synthetic):
@@ -70,9 +89,10 @@ def test_empty_inputs_give_an_explaining_figure(synthetic):
     failed_only = df[df.status != "ok"]
     for name in RESULT_FIGURES:
         fig = getattr(figures, name)(failed_only)
-        assert len(fig.data) == 0 and fig.layout.annotations
-        assert getattr(figures, name + "_mpl")(failed_only).axes
+        assert len(fig.data) == 0 and fig.layout.annotations and figures.is_empty(fig)
     fig = figures.gpu_over_time(None)
-    assert "no GPU telemetry" in fig.layout.annotations[0].text
+    assert "no GPU telemetry" in figures.is_empty(fig)
     fig = figures.energy_per_token(df.assign(energy_per_output_token_j=float("nan")))
     assert "NVML" in fig.layout.annotations[0].text
+    fig = figures.prefix_hit_rate(df.assign(prefix_cache_hit_rate=0.0))
+    assert "no prompt token was served from the prefix cache" in figures.is_empty(fig)

@@ -128,6 +128,47 @@ def test_best_settings(synthetic):
     df = synthetic[0]
     best = metrics.best_settings(df).set_index("objective")
     ok = df[df.status == "ok"]
-    assert best.loc["max output throughput", "point_id"] == ok.loc[ok.output_throughput.idxmax(), "point_id"]
-    assert best.loc["min TTFT p99", "value"] == ok.ttft_p99_ms.min()
+    assert best.loc["throughput", "point_id"] == ok.loc[ok.output_throughput.idxmax(), "point_id"]
+    assert best.loc["TTFT p99", "value"] == ok.ttft_p99_ms.min()
     assert "p4" not in set(best["point_id"])  # the failed point is never best
+
+
+def _repeat_rows(values: dict) -> pd.DataFrame:
+    """Per-repeat rows: {label: [output_throughput of each repeat]}."""
+    return pd.DataFrame([{"point_id": label, "label": label, "repeat": r, "status": "ok", "output_throughput": v,
+                          "ttft_p99_ms": 100.0, "block_size": 8}
+                         for label, vs in values.items() for r, v in enumerate(vs)])
+
+
+def test_repeats_are_summarised_as_median_with_min_and_max():
+    runs = _repeat_rows({"a": [100.0, 160.0, 110.0], "b": [50.0, 55.0, 52.0]})
+    runs.loc[len(runs)] = {"point_id": "c", "label": "c", "repeat": 0, "status": "error", "output_throughput": None,
+                           "ttft_p99_ms": None, "block_size": 8}
+    s = metrics.summarise(runs).set_index("label")
+    assert s.loc["a", "output_throughput"] == 110.0  # the median, not the mean (123.3) nor the last
+    assert (s.loc["a", "output_throughput_min"], s.loc["a", "output_throughput_max"]) == (100.0, 160.0)
+    assert s.loc["b", "repeats"] == 3 and s.loc["c", "status"] == "error" and s.loc["a", "block_size"] == 8
+    assert "repeat" not in s
+
+
+def test_best_settings_reports_ties_when_ranges_overlap_and_margins():
+    s = metrics.summarise(_repeat_rows({"a": [100.0, 120.0, 110.0], "b": [105.0, 115.0, 108.0], "c": [50.0, 52.0, 51.0]}))
+    best = metrics.best_settings(s).set_index("objective")
+    row = best.loc["throughput"]
+    assert row["label"] == "a" and row["ties"] == ["b"]  # b's 105-115 overlaps a's 100-120
+    assert row["runner_up"] == "b" and row["margin"] == pytest.approx(110 / 108 - 1)
+    assert (row["low"], row["high"]) == (100.0, 120.0)
+    s = metrics.summarise(_repeat_rows({"a": [100.0, 120.0, 110.0], "c": [50.0, 52.0, 51.0]}))
+    assert metrics.best_settings(s).set_index("objective").loc["throughput", "ties"] == []
+
+
+def test_engine_stats_prints_a_short_summary_not_every_step():
+    from engine import LLM, EngineConfig, SamplingParams
+
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, num_gpu_blocks=32))
+    llm.generate([[1, 2, 3, 4, 5]] * 3, SamplingParams(max_tokens=30, ignore_eos=True))
+    st = llm.engine.stats()
+    text = repr(st)
+    assert len(st.steps) >= 30 and len(text) < 400 and "StepStats(" not in text
+    assert f"{st.num_steps} steps" in text and f"{st.num_generation_tokens} generated" in text
+    assert str(st) == text

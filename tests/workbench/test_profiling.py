@@ -59,7 +59,7 @@ def test_attribution_parts_match_hand_computation_and_sum_to_measured():
     assert out["gap_kernel_decode_s"] == pytest.approx(0.03 - 0.0234 + 0.025 - 0.02252)
     assert out["gap_kernel_mixed_s"] == 0.0
     assert out["ideal_over_measured"] == pytest.approx(0.04632 / 0.2)
-    assert {c["name"] for c in COLUMNS} >= set(out)
+    assert {c.name for c in COLUMNS} >= set(out)
     # Deep mode's own host time is a part of its own, taken out of the host part.
     prof = attribution(_steps(), 0.2, SPEC, WEIGHT_BYTES, KV_BYTES, RATES, 16, 2, profiler_overhead=0.03)
     assert prof["gap_profiler_s"] == 0.03 and prof["gap_host_s"] == pytest.approx(0.2 - 0.105 - 0.03)

@@ -3,6 +3,7 @@ import re
 
 import plotly.offline
 
+from workbench import figures
 from workbench.report import report_figures, write_report
 
 HOSTILE = "<script>alert('x')</script>"  # as in conftest.synthetic_results(hostile=True)
@@ -20,11 +21,25 @@ def test_report_is_self_contained(tmp_path, synthetic):
     figs = report_figures(df, timeseries, requests, telemetry)
     assert {"throughput", "ttft-percentiles", "throughput-latency", "fragmentation", "prefix-hit-rate",
             "energy-per-token", "ttft-cdf", "kv-usage-over-time", "gpu-over-time"} <= set(figs)
-    for fig_id in figs:
-        assert text.count(f'id="fig-{fig_id}"') == 1
+    for fig_id, fig in figs.items():
+        assert text.count(f'id="fig-{fig_id}"') == (0 if figures.is_empty(fig) else 1)
     assert "Environment" in text and "NVIDIA H100" in text
-    assert "Best setting per objective" in text and "max output throughput" in text
-    assert "Failed points (1)" in text and "the KV cache has 2 blocks" in text
+    assert "Failed points: 1 of 5" in text and "the KV cache has 2 blocks" in text
+    # The answer comes first: failures, then the recommendation, then the figures.
+    assert text.index("Failed points") < text.index("Recommendation") < text.index("Figures")
+    ok = df[df.status == "ok"]
+    best = ok.loc[ok.output_throughput.idxmax()]
+    rec = text[text.index("Recommendation"):text.index("Figures")]
+    for objective in ("throughput", "TTFT p99", "goodput under the SLO", "energy per token"):
+        assert f"<th>{objective}</th>" in rec
+    assert f"EngineConfig(block_size={best.block_size}, " in rec
+    assert f"vllm serve MODEL --block-size {best.block_size}" in rec
+    flag = "--enable-prefix-caching" if best.enable_prefix_caching else "--no-enable-prefix-caching"
+    assert flag in rec and "one run: no noise estimate" in rec
+    table = text[text.index("<h2>Results"):]
+    for column in ("power (mean) (W)", "energy per output token (J/token)", "SM clock (mean) (MHz)",
+                   "GPU memory used (peak) (bytes)", "temperature (peak) (°C)", "GPU utilisation (mean) (%)"):
+        assert f"<th>{column}</th>" in table  # NVML of every point, not of one
     assert "<title>My sweep</title>" in text
 
 
@@ -36,7 +51,8 @@ def test_user_strings_are_escaped(tmp_path, synthetic_hostile):
     assert HOSTILE not in text
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
     # Script tags are only plotly.js and the figures' own.
-    n_figures = len(report_figures(df, timeseries, requests, telemetry))
+    n_figures = len([f for f in report_figures(df, timeseries, requests, telemetry).values()
+                     if not figures.is_empty(f)])
     assert len(re.findall(r"<script", text)) == 1 + n_figures
 
 
@@ -44,4 +60,15 @@ def test_report_without_time_series_or_successes(tmp_path, synthetic):
     df = synthetic[0]
     path = write_report(df[df.status != "ok"], str(tmp_path / "report.html"))
     text = open(path, encoding="utf-8").read()
-    assert "0 of 1 points ok" in text and "Failed points (1)" in text
+    assert "0 of 1 points ok" in text and "Failed points: 1 of 1" in text
+    assert "nothing to recommend" in text
+    assert "plotly-graph-div" not in text  # every figure is replaced by the sentence saying why
+    assert "no successful points to show" in text
+
+
+def test_figure_without_data_is_one_sentence(tmp_path, synthetic):
+    df = synthetic[0].assign(prefix_cache_hit_rate=0.0)
+    text = open(write_report(df, str(tmp_path / "r.html")), encoding="utf-8").read()
+    assert 'id="fig-prefix-hit-rate"' not in text and 'id="empty-prefix-hit-rate"' in text
+    assert "no prompt token was served from the prefix cache" in text
+    assert 'id="fig-fragmentation"' in text and "fewer allocated slots" in text  # caption explains prefix caching

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from workbench import schema
 from workbench.report import report_figures, write_report
 
 CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,3 +40,40 @@ def test_report_opens_without_errors_and_draws_every_figure(tmp_path, synthetic_
         browser.close()
     assert drawn == len(fig_ids)
     assert errors == []
+
+
+def test_report_axes_have_units_no_empty_figure_and_a_screenshot(tmp_path, synthetic):
+    """Every drawn figure has data; every axis title names a unit or a count (categorical axes say what the
+    categories are); the report is screenshotted into the test's tmp folder (a CI artifact)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    df, requests, timeseries, telemetry = synthetic
+    df = df.assign(prefix_cache_hit_rate=0.0)  # a figure with no data: replaced by a sentence
+    path = write_report(df, str(tmp_path / "report.html"), timeseries, requests, telemetry)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"file://{path}")
+        page.wait_for_load_state("load")
+        page.wait_for_selector(".plotly-graph-div .main-svg")
+        figs = page.evaluate("""() => Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => ({
+            id: d.id, traces: d.data.length,
+            points: (d.calcdata || []).reduce((n, cd) => n + cd.filter(p => p.y !== undefined && !isNaN(p.y)).length, 0),
+            axes: Object.keys(d._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k) && d._fullLayout[k].visible)
+                  .map(k => ({type: d._fullLayout[k].type, title: (d._fullLayout[k].title || {}).text || ''}))}))""")
+        empty_notes = page.locator("p.empty").count()
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        wide = page.evaluate("() => document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        browser.close()
+    print(f"screenshot: {shot}")
+    assert figs and all(f["traces"] > 0 and f["points"] > 0 for f in figs), [(f["id"], f["traces"], f["points"]) for f in figs]
+    assert empty_notes >= 1 and "fig-prefix-hit-rate" not in {f["id"] for f in figs}
+    for f in figs:
+        for axis in f["axes"]:
+            t = axis["title"]
+            if axis["type"] == "category":
+                assert t, f"{f['id']}: a categorical axis without a title"
+            else:
+                units = {c.unit for c in schema.COLUMNS if c.unit}  # a small panel's axis: the unit alone
+                assert "(" in t or "count" in t or t in units, f"{f['id']}: {t!r}"
+    assert shot.stat().st_size > 10_000 and wide

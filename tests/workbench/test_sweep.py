@@ -81,7 +81,20 @@ def test_time_series_and_requests_are_kept_per_point(sweep_2x2x2):
         assert len(req) == 12 and req["ttft"].notna().all()
     side = sweep_2x2x2.sidecar_dir
     assert len([f for f in os.listdir(side) if f.endswith(".steps.parquet")]) == 8
-    assert len(pd.read_parquet(sweep_2x2x2.out)) == 8
+    runs = pd.read_parquet(sweep_2x2x2.out)  # one row per run: 8 points x 3 repeats (the default)
+    assert len(runs) == 24 and sorted(runs.groupby("point_id")["repeat"].apply(sorted).tolist()) == [[0, 1, 2]] * 8
+    df = sweep_2x2x2.results
+    assert (df["repeats"] == 3).all()
+    assert ((df["output_throughput_min"] <= df["output_throughput"])
+            & (df["output_throughput"] <= df["output_throughput_max"])).all()
+    for pid, g in runs.groupby("point_id"):
+        assert df.set_index("point_id").loc[pid, "output_throughput"] == pytest.approx(g["output_throughput"].median())
+    # Rounds are interleaved: every point's repeat 0 ran before any repeat 1, and the middle round ran in
+    # reverse order, so every setting ran early and late alike.
+    t = runs.sort_values("timestamp")
+    assert t["repeat"].is_monotonic_increasing
+    order = [list(g["point_id"]) for _, g in t.groupby("repeat", sort=True)]
+    assert order[1] == order[0][::-1] and order[2] == order[0]
 
 
 def test_report_of_a_real_sweep(sweep_2x2x2, tmp_path):
@@ -94,12 +107,12 @@ def test_report_of_a_real_sweep(sweep_2x2x2, tmp_path):
 def test_points_sharing_a_quantization_are_adjacent():
     sweep = Sweep(model="tiny", workload="fixed", num_requests=2, workload_args=TINY, base_config=BASE,
                   grid={"block_size": [8, 16], "quantization": [None, "int8"]}, progress=False)
-    assert [p["config"].quantization for p in sweep.points] == [None, None, "int8", "int8"]
-    assert [p["config"].block_size for p in sweep.points] == [8, 16, 8, 16]
+    assert [p.config.quantization for p in sweep.points] == [None, None, "int8", "int8"]
+    assert [p.config.block_size for p in sweep.points] == [8, 16, 8, 16]
 
 
 def test_bad_grid_is_refused_before_running():
-    with pytest.raises(ValueError, match="EngineConfig fields"):
+    with pytest.raises(ValueError, match="not an EngineConfig field"):
         Sweep(model="tiny", workload="fixed", grid={"blocksize": [8]}, base_config=BASE)
     with pytest.raises(ValueError, match="block_size"):
         Sweep(model="tiny", workload="fixed", grid={"block_size": [7]}, base_config=BASE)
@@ -113,7 +126,7 @@ def test_failing_points_are_recorded_and_the_others_complete(monkeypatch):
     monkeypatch.setattr(LLM, "random", classmethod(lambda cls, *a, **k: loads.append(1) or real_random(cls, *a, **k)))
     # num_gpu_blocks=2 cannot hold one 256-token request: fails at load (first point) and at reconfigure.
     sweep = Sweep(model="tiny", workload="fixed", num_requests=4, workload_args=TINY, base_config=BASE,
-                  grid={"num_gpu_blocks": [2, 64, 3, 32]}, progress=False)
+                  grid={"num_gpu_blocks": [2, 64, 3, 32]}, progress=False, repeats=1)
     df = sweep.run()
     assert df["status"].tolist() == ["error", "ok", "error", "ok"]
     assert df["error"][0].startswith("ValueError") and "max_model_len" in df["error"][0]
@@ -137,7 +150,7 @@ def test_errors_and_oom_mid_run_leave_the_engine_usable(monkeypatch):
     monkeypatch.setattr(LLMEngine, "step", step)
     llm = LLM.random("tiny", BASE)
     sweep = Sweep(model=llm, model_name="tiny-instance", workload="fixed", num_requests=4, workload_args=TINY,
-                  base_config=BASE, grid={"block_size": [16, 32, 8]}, warmup=False, progress=False)
+                  base_config=BASE, grid={"block_size": [16, 32, 8]}, warmup=False, progress=False, repeats=1)
     df = sweep.run()
     assert df["status"].tolist() == ["error", "oom", "ok"]
     assert df["error"][0] == "RuntimeError: boom" and "out of memory" in df["error"][1]
@@ -146,7 +159,7 @@ def test_errors_and_oom_mid_run_leave_the_engine_usable(monkeypatch):
 
 def test_workload_longer_than_max_model_len_fails_its_point():
     sweep = Sweep(model="tiny", workload="fixed", num_requests=2, workload_args=dict(prompt_len=100, output_len=8),
-                  base_config=BASE, grid={"max_model_len": [64, 128]}, progress=False, warmup=False)
+                  base_config=BASE, grid={"max_model_len": [64, 128]}, progress=False, warmup=False, repeats=1)
     df = sweep.run()
     assert df["status"].tolist() == ["error", "ok"] and "over max_model_len=64" in df["error"][0]
 
@@ -155,7 +168,8 @@ def test_workload_longer_than_max_model_len_fails_its_point():
 def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, ext):
     out = str(tmp_path / f"results.{ext}")
     kwargs = dict(model="tiny", workload="fixed", num_requests=4, workload_args=TINY, base_config=BASE,
-                  grid={"block_size": [8, 16], "enable_prefix_caching": [True, False]}, out=out, progress=False)
+                  grid={"block_size": [8, 16], "enable_prefix_caching": [True, False]}, out=out, progress=False,
+                  repeats=1)
     done = []
 
     def interrupt_after_two(row):
@@ -165,7 +179,10 @@ def test_interrupted_sweep_resumes_without_redoing_points(tmp_path, ext):
 
     with pytest.raises(KeyboardInterrupt):
         Sweep(**kwargs, on_point=interrupt_after_two).run()
-    first = Sweep(**kwargs)._load_out()
+    from workbench.store import ResultsStore
+
+    with ResultsStore(out) as store:
+        first = {pid: rec for (pid, _), rec in store.records.items()}
     assert list(first) == done
 
     ran = []
@@ -240,13 +257,14 @@ def test_measure_overhead_runs_with_a_sampler(install_fake_nvml):
     w = make_workload("fixed", num_requests=4, prompt_len=8, output_len=4, vocab_size=512)
     r = measure_overhead(llm, w, interval=0.01, repeats=2)
     assert len(r["runs"]["on"]) == 2 and r["throughput_off"] > 0 and math.isfinite(r["overhead_pct"])
+    assert r["range_on"] == [min(r["runs"]["on"]), max(r["runs"]["on"])] and isinstance(r["within_noise"], bool)
 
 
 def test_gpu_telemetry_flows_into_rows_and_time_series(install_fake_nvml, tmp_path):
     install_fake_nvml()
     sweep = Sweep(model="tiny", workload="fixed", num_requests=4, workload_args=dict(prompt_len=16, output_len=16),
                   base_config=BASE.replace(device=None), grid={"block_size": [16]}, telemetry_interval=0.01,
-                  progress=False, out=str(tmp_path / "r.parquet"))
+                  progress=False, out=str(tmp_path / "r.parquet"), repeats=1)
     df = sweep.run()
     row = df.iloc[0]
     assert row["status"] == "ok" and row["gpu_util_mean"] == 87 and row["power_w_peak"] == 250

@@ -56,7 +56,11 @@ def test_run_button_on_a_2_point_grid_fills_results_figures_and_export(tmp_path)
     p.report_path.value = str(tmp_path / "report.html")
     p.export_button.click()
     assert (tmp_path / "report.html").stat().st_size > 100_000 and "report.html" in p.status.value
-    p.dims["block_size"].value = "32"
+    assert (p.results["repeats"] == 1).all()  # the panel's quick mode
+    for column in ("hit rate", "frag.", "out tok/s"):
+        assert f"<th>{column}</th>" in p.points_table.value
+    p.dims["block_size"].value = "32"  # a new grid: the old figures no longer describe it
+    assert all(len(fw.data) == 0 for fw in p.figures.values())
     p.run_button.click()  # a second run reuses the loaded model
     assert list(p.results["block_size"]) == [32] and p.sweep.llm is p.llm
 
@@ -68,6 +72,17 @@ def test_stop_ends_the_sweep_after_the_running_point():
     p.run_button.click()
     assert len(p.results) == 1 and "stopped after 1 of 2 points" in p.status.value
     assert not p.run_button.disabled and p.stop_button.disabled
+    assert p.stop_button.button_style == ""  # grey when disabled, not a red button that looks pressable
+
+
+def test_stop_is_red_only_while_a_sweep_runs():
+    p = panel()
+    assert p.stop_button.disabled and p.stop_button.button_style == ""
+    styles = []
+    run_point = p._on_point
+    p._on_point = lambda row: (styles.append((p.stop_button.disabled, p.stop_button.button_style)), run_point(row))
+    p.run_button.click()
+    assert styles[0] == (False, "danger") and p.stop_button.button_style == ""
 
 
 def test_a_bad_value_disables_run_and_says_why():

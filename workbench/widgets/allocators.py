@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from .. import baselines, figures
 from .common import _CSS, _esc, _show, _table
+from .plotly_widget import figure_widget
 
 
 class AllocatorComparison(widgets.VBox):
@@ -31,8 +31,8 @@ class AllocatorComparison(widgets.VBox):
                                            value=steps, style={"button_width": "150px"},
                                            tooltips=["steps in which the pool held a request back",
                                                      "every step, including the drain at the end"])
-        self.waste = go.FigureWidget()
-        self.batch = go.FigureWidget()
+        self.waste = figure_widget()
+        self.batch = figure_widget()
         self.table = widgets.HTML()
         self.caption = widgets.HTML()
         for w in (self.block_size, self.capacity, self.steps):

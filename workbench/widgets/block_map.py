@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import ipywidgets as widgets
 import pandas as pd
-import plotly.graph_objects as go
 
 from .. import figures
 from .common import _CSS, _esc, _table
+from .plotly_widget import figure_widget
 
 
 class BlockMapRecording:
@@ -113,7 +113,7 @@ class BlockMapExplorer(widgets.VBox):
         self.recording, self.columns = recording, columns
         self.colors = figures.block_colors(recording.request_ids)
         last = len(recording) - 1
-        self.figure = go.FigureWidget(figures.block_map(recording.blocks(0), columns, self.colors))
+        self.figure = figure_widget(figures.block_map(recording.blocks(0), columns, self.colors))
         self.figure._config = {"displayModeBar": False}  # FigureWidget's config; zooming a fixed grid helps nobody
         self.play = widgets.Play(min=0, max=last, interval=interval_ms, description="play")
         self.slider = widgets.IntSlider(min=0, max=last, description="step", continuous_update=True,

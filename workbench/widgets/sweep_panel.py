@@ -7,16 +7,23 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
-from .. import figures, metrics
+from .. import figures, recommend, schema
+from ..schema import C
 from ..workloads import WORKLOADS
 from .common import _CSS, _esc, _show, _table
+from .plotly_widget import figure_widget
 
 
 DIMENSIONS = {  # EngineConfig field: example values
-    "block_size": "8, 16, 32", "max_num_batched_tokens": "256, 2048", "max_num_seqs": "4, 64",
-    "enable_prefix_caching": "True, False", "quantization": "None, int8", "kv_cache_dtype": "auto, fp8",
-    "gpu_memory_utilization": "0.8, 0.9",
+    C.block_size: "8, 16, 32", C.max_num_batched_tokens: "256, 2048", C.max_num_seqs: "4, 64",
+    C.enable_prefix_caching: "True, False", C.quantization: "None, int8", C.kv_cache_dtype: "auto, fp8",
+    C.gpu_memory_utilization: "0.8, 0.9",
 }
+# Short table headers of the panel's columns (the schema's labels are too long for a 1280 px notebook).
+HEADERS = {C.output_throughput: "out tok/s", C.ttft_p99_ms: "TTFT p99 ms", C.tpot_p50_ms: "TPOT p50 ms",
+           C.kv_usage_peak: "KV peak", C.prefix_cache_hit_rate: "hit rate", C.internal_fragmentation_mean: "frag.",
+           C.num_preemptions: "preempt."}
+FIGURE_WIDTH = 490  # two per row in JupyterLab's cell at 1280 px (one per row when narrower)
 
 
 def parse_values(text: str) -> list:
@@ -54,26 +61,29 @@ class SweepPanel(widgets.VBox):
     every built-in, default arguments). grid: initial values per EngineConfig field. base_config: the
     other settings. gpu: what the planner plans for ("cpu" on the CPU). background: Run starts a thread, so
     the notebook stays usable and Stop works; `run()` runs in the calling thread (scripts, tests).
+    repeats: runs per point (1, the quick mode, by default: no noise estimate; 3 to trust a winner).
+    The panel fits a 1280-pixel-wide JupyterLab notebook; changing the form clears the figures of the
+    last run (they no longer describe the grid shown).
     After a run: ``sweep`` (the `Sweep`), ``results`` (its DataFrame).
     """
 
     def __init__(self, model: str = "tiny", workload: str | None = None, grid: dict | None = None,
                  base_config=None, num_requests: int = 16, workloads: dict | None = None, gpu: str | None = None,
                  slo: dict | None = None, llm=None, report_path: str = "sweep_report.html",
-                 background: bool = True, sweep_args: dict | None = None):
+                 background: bool = True, sweep_args: dict | None = None, repeats: int = 1):
         super().__init__()
         from engine import LLM, EngineConfig
 
         self.base_config = base_config or EngineConfig()
         self.workload_args = dict(workloads or {name: {} for name in WORKLOADS})
         self.slo, self.llm, self._llm_model = slo, llm, model if llm is not None else None
-        self.background, self.sweep_args = background, dict(sweep_args or {})
+        self.background, self.sweep_args = background, {**dict(repeats=repeats), **(sweep_args or {})}
         self.sweep, self.results, self.plans = None, pd.DataFrame(), None
         self._thread, self._stop, self._running, self._running_label = None, False, False, None
-        style, wide = {"description_width": "175px"}, widgets.Layout(width="420px")
-        self.model = widgets.Combobox(value=model, options=[model] + LLM.presets(), description="model",
+        style, wide = {"description_width": "165px"}, widgets.Layout(width="400px")
+        self.model = widgets.Combobox(value=model, options=[model] + LLM.presets(), description=schema.column(C.model).label,
                                       ensure_option=False, style=style, layout=wide)
-        self.workload = widgets.Dropdown(options=list(self.workload_args), description="workload", style=style,
+        self.workload = widgets.Dropdown(options=list(self.workload_args), description=schema.column(C.workload).label, style=style,
                                          value=workload or next(iter(self.workload_args)), layout=wide)
         self.num_requests = widgets.BoundedIntText(value=num_requests, min=1, max=100_000, description="requests",
                                                    style=style, layout=wide)
@@ -86,13 +96,14 @@ class SweepPanel(widgets.VBox):
                                            placeholder=f"e.g. {example}  (empty: {getattr(self.base_config, name)})",
                                            description=name, continuous_update=False, style=style, layout=wide)
         self.run_button = widgets.Button(description="Run", icon="play", button_style="success")
-        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True)
+        self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True,
+                                          tooltip="stop after the running point")
         self.export_button = widgets.Button(description="Export HTML", icon="download", disabled=True)
         self.report_path = widgets.Text(value=report_path, description="report", layout=widgets.Layout(width="320px"))
-        self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="440px"))
+        self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="400px"))
         self.status = widgets.HTML()
         self.points_table = widgets.HTML()
-        self.figures = {name: go.FigureWidget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
+        self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.export_button.on_click(lambda _: self.export())
@@ -103,11 +114,13 @@ class SweepPanel(widgets.VBox):
                                                                        "(comma separated)</div>"),
                              *self.dims.values()])
         actions = widgets.VBox([widgets.HBox([self.run_button, self.stop_button]), self.progress, self.status,
-                                widgets.HBox([self.export_button, self.report_path]), self.points_table],
+                                widgets.HBox([self.export_button, self.report_path])],
                                layout=widgets.Layout(margin="0 0 0 20px"))
         figs = widgets.GridBox(list(self.figures.values()),
-                               layout=widgets.Layout(grid_template_columns="repeat(2, 510px)"))
-        self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions]), figs]
+                               layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {FIGURE_WIDTH + 10}px)"))
+        self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions], layout=widgets.Layout(flex_flow="row wrap")),
+                         self.points_table, figs]
+        self.layout.max_width = "100%"
         self.add_class("wb-sweep-panel")
         self.preview()
 
@@ -164,6 +177,7 @@ class SweepPanel(widgets.VBox):
             return
         self.plans = self._plan(self.sweep)
         self.results = pd.DataFrame()
+        self._clear_figures()
         self.run_button.disabled = False
         self.progress.max, self.progress.value = len(self.sweep.points), 0
         self.status.value = f"{len(self.sweep.points)} points, not run yet"
@@ -177,10 +191,10 @@ class SweepPanel(widgets.VBox):
             return None
         model = sweep.llm.spec if sweep.llm is not None else self.model.value.strip()
         try:
-            table = plan_table(model, self.gpu.value, [p["config"] for p in sweep.points])
+            table = plan_table(model, self.gpu.value, [p.config for p in sweep.points])
         except Exception as e:  # noqa: BLE001 - no plan is not a reason to refuse to run
-            return {p["point_id"]: ("no plan", str(e)) for p in sweep.points}
-        return {p["point_id"]: (r["verdict"], r["reason"]) for p, r in zip(sweep.points, table.to_dict("records"))}
+            return {p.point_id: ("no plan", str(e)) for p in sweep.points}
+        return {p.point_id: (r["verdict"], r["reason"]) for p, r in zip(sweep.points, table.to_dict("records"))}
 
     # --- running -------------------------------------------------------------------------------------
 
@@ -195,7 +209,7 @@ class SweepPanel(widgets.VBox):
     def stop(self) -> None:
         """Stop after the point that is running (a point cannot be interrupted halfway)."""
         self._stop = True
-        self.stop_button.disabled = True
+        self._set_stop(enabled=False)
         self.status.value = "stopping after the running point..."
 
     def run(self) -> pd.DataFrame:
@@ -206,9 +220,10 @@ class SweepPanel(widgets.VBox):
         if self.sweep is None:
             return self.results
         self._stop, self._running = False, True
-        self.run_button.disabled, self.stop_button.disabled, self.export_button.disabled = True, False, True
+        self.run_button.disabled, self.export_button.disabled = True, True
+        self._set_stop(enabled=True)
         self.progress.value, self.progress.bar_style = 0, ""
-        self._running_label = self.sweep.points[0]["label"] if self.sweep.points else None
+        self._running_label = self.sweep.points[0].label if self.sweep.points else None
         self.status.value = f"running {_esc(self._running_label)}... (the first point loads the weights)"
         self._render_points()
         try:
@@ -226,19 +241,20 @@ class SweepPanel(widgets.VBox):
             if self.sweep.llm is not None:
                 self.llm, self._llm_model = self.sweep.llm, self.model.value.strip()
             self.results = self.sweep.results
-            self.run_button.disabled, self.stop_button.disabled = False, True
+            self.run_button.disabled = False
+            self._set_stop(enabled=False)
             self.export_button.disabled = len(self.results) == 0
             self._render_points()
             self._render_figures()
         return self.results
 
     def _ok_count(self) -> int:
-        return int((self.sweep.results["status"] == "ok").sum()) if len(self.sweep.results) else 0
+        return int((self.sweep.results[C.status] == "ok").sum()) if len(self.sweep.results) else 0
 
     def _on_point(self, row: dict) -> None:
         self.results = self.sweep.results
-        done = set(self.results["point_id"])
-        nxt = next((p["label"] for p in self.sweep.points if p["point_id"] not in done), None)
+        done = set(self.results[C.point_id])
+        nxt = next((p.label for p in self.sweep.points if p.point_id not in done), None)
         self._running_label = None if self._stop else nxt
         self.progress.value = len(done)
         if nxt is not None and not self._stop:
@@ -257,40 +273,48 @@ class SweepPanel(widgets.VBox):
 
     # --- display -------------------------------------------------------------------------------------
 
+    def _set_stop(self, enabled: bool) -> None:
+        """Stop is red only while it can be pressed; disabled it is grey (and dimmed by the panel's CSS)."""
+        self.stop_button.disabled = not enabled
+        self.stop_button.button_style = "danger" if enabled else ""
+
+    def _clear_figures(self) -> None:
+        for fw in self.figures.values():
+            _show(fw, go.Figure(layout=dict(width=FIGURE_WIDTH, height=340)))
+
     def _render_points(self) -> None:
         if self.sweep is None:
             return
-        by_id = {r["point_id"]: r for r in self.results.to_dict("records")} if len(self.results) else {}
+        by_id = {r[C.point_id]: r for r in self.results.to_dict("records")} if len(self.results) else {}
         running = self._running_label
         rows = []
         for p in self.sweep.points:
-            r = by_id.get(p["point_id"], {})
-            status = r.get("status") or ("running" if p["label"] == running else "pending")
-            if r.get("error"):
-                status = f"<span title='{_esc(r['error'])}' class='wb-error'>{_esc(status)}</span>"
-            row = {"label": p["label"], "status": status, **{k: r.get(k) for k in
-                                                             ("output_throughput", "ttft_p99_ms", "tpot_p50_ms",
-                                                              "kv_usage_peak", "num_preemptions")}}
+            r = by_id.get(p.point_id, {})
+            status = r.get(C.status) or ("running" if p.label == running else "pending")
+            if r.get(C.error):
+                status = f"<span title='{_esc(r[C.error])}' class='wb-error'>{_esc(status)}</span>"
+            row = {C.label: p.label, C.status: status, **{k: r.get(k) for k in schema.PANEL_COLUMNS}}
             if self.plans is not None:
-                verdict, reason = self.plans[p["point_id"]]
+                verdict, reason = self.plans[p.point_id]
                 colour = "#2a7" if verdict == "fits" else "#b00"
                 row["plan"] = f"<span style='color:{colour}' title='{_esc(reason)}'>{_esc(verdict)}</span>"
             rows.append(row)
-        columns = {"label": ("point", None)}
+        columns = {C.label: ("point", None)}
         if self.plans is not None:
             columns["plan"] = ("planner", "html")
-        columns.update({"status": ("status", "html"), "output_throughput": ("output tok/s", "{:.1f}"),
-                        "ttft_p99_ms": ("TTFT p99 ms", "{:.0f}"), "tpot_p50_ms": ("TPOT p50 ms", "{:.1f}"),
-                        "kv_usage_peak": ("KV peak", "{:.0%}"), "num_preemptions": ("preempt.", "{:.0f}")})
-        self.points_table.value = _CSS + _table(rows, columns)
+        columns[C.status] = (schema.column(C.status).label, "html")
+        columns.update({k: (HEADERS.get(k, schema.title(k)), "schema") for k in schema.PANEL_COLUMNS})
+        self.points_table.value = (_CSS + "<div style='overflow-x:auto;max-width:100%'>" + _table(rows, columns)
+                                   + "</div>")
 
     def _render_figures(self) -> None:
         df = self.results
-        best = metrics.best_settings(df, {"throughput": ("output_throughput", "max")})
-        pid, label = (best["point_id"].iloc[0], best["label"].iloc[0]) if len(best) else (None, "no point yet")
+        best = next((r for r in recommend.recommendations(df) if r["column"] == C.output_throughput), None)
+        pid, label = (best[C.point_id], best[C.label]) if best else (None, "no point yet")
         figs = {"throughput_latency": figures.throughput_latency(df), "throughput": figures.throughput_by_setting(df),
                 "ttft": figures.latency_percentiles(df, "ttft"),
                 "kv": figures.kv_usage_over_time(self.sweep.timeseries.get(pid), f"KV usage and batch size: {label}")}
         for name, fig in figs.items():
-            fig.update_layout(width=500, height=360, margin=dict(l=60, r=20, t=50, b=50), title_font_size=14)
+            fig.update_layout(width=FIGURE_WIDTH, height=340, margin=dict(l=60, r=10, t=50, b=40), title_font_size=13,
+                              legend=dict(orientation="h", x=0, y=-0.3, yanchor="top", font_size=10))
             _show(self.figures[name], fig)

@@ -1,0 +1,237 @@
+"""The results schema: every column of a results row, defined once.
+
+A results row (one per grid point, or one per repeat of a point in the results file) holds the point's
+identity, its EngineConfig, the workload and the metrics `workbench.metrics` computes. Each column is one
+`Column` entry below: its name, a human label, the unit, which direction is better, and how repeats of
+a point are summarised. Everything else in the workbench reads columns through this module: code spells
+a column as ``C.output_throughput`` (an AttributeError for a typo), tables and axes use `title(name)`.
+
+To add a column: append one `Column(...)` to COLUMNS (and compute it in `workbench.metrics`).
+
+Aggregation over repeats (``agg``): "median" columns are measured numbers that vary from run to run;
+the summary row holds their median and, beside it, ``<name>_min`` / ``<name>_max`` (see `spread`).
+"first" columns are the same for every repeat (config, counts fixed by the workload) or are text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HIGHER, LOWER = "higher", "lower"
+OK, ERROR, OOM = "ok", "error", "oom"  # values of the status column
+MEDIAN, FIRST = "median", "first"
+ID, CONFIG, WORKLOAD, METRIC, ENGINE, TELEMETRY, PROFILE = ("id", "config", "workload", "metric", "engine",
+                                                            "telemetry", "profile")
+
+
+@dataclass(frozen=True)
+class Column:
+    """One results column. unit: what the number counts, shown after the label (None: text or a flag);
+    better: "higher" | "lower" | None; agg: "median" | "first"; fmt: str.format pattern for tables;
+    short: the name used in point labels (config columns only)."""
+
+    name: str
+    label: str
+    unit: str | None = None
+    better: str | None = None
+    agg: str = FIRST
+    kind: str = METRIC
+    fmt: str = "{:.4g}"
+    short: str | None = None
+
+    @property
+    def title(self) -> str:
+        """Label with unit, as an axis or table header: "output throughput (tokens/s)"."""
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+
+def _attribution() -> list[Column]:
+    """The gap-to-limit attribution of a run (workbench.profiling.attribution): seconds per part."""
+    parts = [("gap_measured_s", "measured wall time of the run"), ("gap_ideal_s", "ideal time: the trace's absolute limit"),
+             ("gap_host_s", "host time not hidden behind the device"),
+             ("gap_kernel_s", "device time over each step's roofline"),
+             ("gap_underfill_s", "time lost to steps below the token budget"),
+             ("gap_recompute_s", "roofline time of preemption recompute"),
+             ("gap_padding_s", "roofline time of CUDA-graph padding"),
+             ("gap_profiler_s", "host time of the deep-mode profiler"), ("gap_attributed_s", "sum of the parts")]
+    phases = [(f"host_{p}_s", f"host time in the {p} phase, summed over steps")
+              for p in ("schedule", "prepare", "launch", "sample", "output")]
+    kinds = [(f"gap_kernel_{k}_s", f"device time over roofline in {k} steps") for k in ("prefill", "decode", "mixed")]
+    return [Column(n, label, "s", LOWER, MEDIAN, kind=PROFILE, fmt="{:.3g}") for n, label in parts + phases + kinds] + [
+        Column("ideal_over_measured", "ideal / measured time", "ratio", HIGHER, MEDIAN, kind=PROFILE, fmt="{:.2f}"),
+        Column("device_busy_share", "share of the run the device was busy", "ratio", HIGHER, MEDIAN, kind=PROFILE,
+               fmt="{:.0%}")]
+
+
+def _latencies() -> list[Column]:
+    names = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "end-to-end latency"}
+    return [Column(f"{m}_{s}_ms", f"{names[m]} {s}", "ms", LOWER, MEDIAN, fmt="{:.1f}")
+            for m in names for s in ("mean", "p50", "p90", "p99")]
+
+
+COLUMNS: list[Column] = [
+    # --- identity of a point and of one run of it
+    Column("point_id", "point id", kind=ID),
+    Column("label", "setting", kind=ID),
+    Column("repeat", "repeat", "index", kind=ID, fmt="{}"),
+    Column("repeats", "repeats", "count", kind=ID, fmt="{}"),
+    Column("status", "status", kind=ID),
+    Column("error", "error", kind=ID),
+    Column("timestamp", "finished at", kind=ID),
+    Column("point_duration_s", "time to run the point", "s", agg=MEDIAN, kind=ID, fmt="{:.1f}"),
+    Column("on_pareto_front", "on the throughput / TTFT p99 Pareto front", kind=ID),
+    Column("model", "model", kind=WORKLOAD),
+    # --- workload
+    Column("workload", "workload", kind=WORKLOAD),
+    Column("workload_id", "workload fingerprint", kind=WORKLOAD),
+    Column("num_requests", "requests", "count", kind=WORKLOAD, fmt="{}"),
+    Column("arrival", "arrival process", kind=WORKLOAD),
+    Column("request_rate", "request rate", "requests/s", kind=WORKLOAD),
+    Column("concurrency", "concurrency", "requests in flight", kind=WORKLOAD, fmt="{}"),
+    Column("slo_ttft_s", "TTFT SLO", "s", kind=WORKLOAD),
+    Column("slo_tpot_s", "TPOT SLO", "s", kind=WORKLOAD),
+    Column("slo_e2e_s", "end-to-end SLO", "s", kind=WORKLOAD),
+    # --- EngineConfig (one column per field; the grid sweeps these)
+    Column("block_size", "KV block size", "tokens", kind=CONFIG, fmt="{}", short="bs"),
+    Column("max_num_batched_tokens", "batched-token budget", "tokens", kind=CONFIG, fmt="{}", short="tokens"),
+    Column("max_num_seqs", "max running requests", "count", kind=CONFIG, fmt="{}", short="seqs"),
+    Column("enable_prefix_caching", "prefix caching", kind=CONFIG, short="prefix"),
+    Column("quantization", "weight quantization", kind=CONFIG, short="quant"),
+    Column("kv_cache_dtype", "KV cache dtype", kind=CONFIG, short="kv"),
+    Column("gpu_memory_utilization", "GPU memory share", "share of GPU memory", kind=CONFIG, fmt="{:.2f}",
+           short="mem"),
+    Column("max_model_len", "max model length", "tokens", kind=CONFIG, fmt="{}", short="len"),
+    Column("num_gpu_blocks", "KV blocks (override)", "count", kind=CONFIG, fmt="{}", short="blocks"),
+    Column("attention_backend", "attention backend", kind=CONFIG, short="attn"),
+    Column("tensor_parallel_size", "tensor-parallel size", "GPUs", kind=CONFIG, fmt="{}", short="tp"),
+    Column("enforce_eager", "eager mode (no CUDA graphs)", kind=CONFIG, short="eager"),
+    Column("device", "device", kind=CONFIG, short="device"),
+    Column("seed", "sampling seed", kind=CONFIG, fmt="{}", short="seed"),
+    # --- throughput and goodput
+    Column("duration_s", "run time", "s", LOWER, MEDIAN, fmt="{:.2f}"),
+    Column("num_finished", "finished requests", "count", HIGHER, fmt="{}"),
+    Column("total_prompt_tokens", "prompt tokens", "tokens", fmt="{}"),
+    Column("total_output_tokens", "output tokens", "tokens", fmt="{}"),
+    Column("request_throughput", "request throughput", "requests/s", HIGHER, MEDIAN, fmt="{:.2f}"),
+    Column("output_throughput", "output throughput", "tokens/s", HIGHER, MEDIAN, fmt="{:.1f}"),
+    Column("total_token_throughput", "total token throughput", "tokens/s", HIGHER, MEDIAN, fmt="{:.1f}"),
+    Column("request_goodput", "goodput (requests meeting the SLO)", "requests/s", HIGHER, MEDIAN, fmt="{:.2f}"),
+    Column("slo_attainment", "SLO attainment", "share of requests", HIGHER, MEDIAN, fmt="{:.0%}"),
+    # --- latency
+    *_latencies(),
+    # --- engine steps and counters
+    Column("kv_usage_mean", "KV usage (mean over steps)", "share of blocks", agg=MEDIAN, fmt="{:.0%}"),
+    Column("kv_usage_peak", "KV usage (peak)", "share of blocks", agg=MEDIAN, fmt="{:.0%}"),
+    Column("internal_fragmentation_mean", "internal fragmentation", "share of allocated slots", LOWER, MEDIAN,
+           fmt="{:.2%}"),
+    Column("batch_size_mean", "running requests per step (mean)", "count", agg=MEDIAN, fmt="{:.1f}"),
+    Column("batch_size_p50", "running requests per step (median)", "count", agg=MEDIAN, fmt="{:.0f}"),
+    Column("batch_size_max", "running requests per step (max)", "count", agg=MEDIAN, fmt="{:.0f}"),
+    Column("batched_tokens_mean", "batched tokens per step (mean)", "tokens", agg=MEDIAN, fmt="{:.0f}"),
+    Column("batched_tokens_max", "batched tokens per step (max)", "tokens", agg=MEDIAN, fmt="{:.0f}"),
+    Column("host_time_p50_ms", "host time per step (median)", "ms", LOWER, MEDIAN, fmt="{:.2f}"),
+    Column("prefix_cache_queries", "prefix-cache lookups", "tokens", agg=MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("prefix_cache_hits", "prefix-cache hits", "tokens", HIGHER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("prefix_cache_hit_rate", "prefix-cache hit rate", "share of prompt tokens", HIGHER, MEDIAN, kind=ENGINE,
+           fmt="{:.1%}"),
+    Column("num_preemptions", "preemptions", "count", LOWER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("num_steps", "engine steps", "count", LOWER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("kv_blocks", "KV blocks", "count", HIGHER, kind=ENGINE, fmt="{}"),
+    Column("kv_capacity_tokens", "KV capacity", "tokens", HIGHER, kind=ENGINE, fmt="{}"),
+    Column("weight_bytes", "weight memory", "bytes", LOWER, kind=ENGINE, fmt="{:.3g}"),
+    Column("kv_bytes_per_token", "KV memory per token", "bytes", LOWER, kind=ENGINE, fmt="{}"),
+    Column("attention_backend_used", "attention backend that ran", kind=ENGINE),
+    Column("cuda_graphs", "CUDA graphs", kind=ENGINE),
+    Column("device_name", "device name", kind=ENGINE),
+    Column("expert_imbalance", "MoE expert load imbalance (busiest / mean)", "ratio", LOWER, MEDIAN, kind=ENGINE,
+           fmt="{:.2f}"),
+    # --- GPU telemetry (NVML; NaN without a GPU)
+    Column("gpu_util_mean", "GPU utilisation (mean)", "%", HIGHER, MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("gpu_util_peak", "GPU utilisation (peak)", "%", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("power_w_mean", "power (mean)", "W", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("power_w_peak", "power (peak)", "W", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("mem_used_peak_bytes", "GPU memory used (peak)", "bytes", agg=MEDIAN, kind=TELEMETRY, fmt="{:.3g}"),
+    Column("sm_clock_mhz_mean", "SM clock (mean)", "MHz", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("temperature_c_peak", "temperature (peak)", "°C", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("energy_j", "energy", "J", LOWER, MEDIAN, kind=TELEMETRY, fmt="{:.4g}"),
+    Column("energy_source", "energy source", kind=TELEMETRY),
+    Column("num_telemetry_samples", "NVML samples", "count", agg=MEDIAN, kind=TELEMETRY, fmt="{:.0f}"),
+    Column("energy_per_output_token_j", "energy per output token", "J/token", LOWER, MEDIAN, kind=TELEMETRY,
+           fmt="{:.3g}"),
+    # --- where the time went (workbench.profiling)
+    *_attribution(),
+]
+
+BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
+assert len(BY_NAME) == len(COLUMNS), "a column is defined twice"
+
+
+class _Names:
+    """``C.output_throughput == "output_throughput"``; a name not in the schema is an AttributeError."""
+
+    def __getattr__(self, name: str) -> str:
+        if name in BY_NAME:
+            return name
+        raise AttributeError(f"{name!r} is not a results column (see workbench.schema.COLUMNS)")
+
+
+C = _Names()
+
+# Objectives the report recommends a setting for: (column, shown name). Goodput needs an SLO.
+OBJECTIVES = [(C.output_throughput, "throughput"), (C.ttft_p99_ms, "TTFT p99"),
+              (C.request_goodput, "goodput under the SLO"), (C.energy_per_output_token_j, "energy per token")]
+
+# Columns of the compact tables (CLI, panel) and the report's results table, in order.
+SUMMARY_COLUMNS = [C.label, C.status, C.output_throughput, C.ttft_p99_ms, C.tpot_p99_ms,
+                   C.prefix_cache_hit_rate, C.internal_fragmentation_mean]
+PANEL_COLUMNS = [C.output_throughput, C.ttft_p99_ms, C.tpot_p50_ms, C.kv_usage_peak, C.prefix_cache_hit_rate,
+                 C.internal_fragmentation_mean, C.num_preemptions]
+NVML_COLUMNS = [c.name for c in COLUMNS if c.kind == TELEMETRY and c.unit and c.name != C.num_telemetry_samples]
+REPORT_COLUMNS = [C.label, C.status, C.workload, C.block_size, C.max_num_batched_tokens, C.max_num_seqs,
+                  C.enable_prefix_caching, C.quantization, C.kv_cache_dtype, C.attention_backend_used,
+                  C.request_throughput, C.output_throughput, C.total_token_throughput, C.request_goodput,
+                  C.ttft_p50_ms, C.ttft_p99_ms, C.tpot_p50_ms, C.tpot_p99_ms, C.itl_p99_ms, C.e2e_p99_ms,
+                  C.kv_usage_mean, C.kv_usage_peak, C.internal_fragmentation_mean, C.prefix_cache_hit_rate,
+                  C.num_preemptions, C.batch_size_mean, C.kv_blocks, C.duration_s, C.repeats]
+
+
+def column(name: str) -> Column:
+    """The Column of ``name``; a KeyError naming the known columns for an unknown one."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not a results column; known: {sorted(BY_NAME)}") from None
+
+
+def title(name: str) -> str:
+    """Axis / header text of a column: its label with the unit; an unknown name is returned as is."""
+    return BY_NAME[name].title if name in BY_NAME else name
+
+
+def latency(metric: str, stat: str) -> str:
+    """The column of one latency statistic: latency("ttft", "p99") -> "ttft_p99_ms"."""
+    return column(f"{metric}_{stat}_ms").name
+
+
+def spread(name: str) -> tuple[str, str]:
+    """The columns holding the min and max over repeats of a "median" column."""
+    if column(name).agg != MEDIAN:
+        raise ValueError(f"{name!r} is not summarised over repeats (agg={column(name).agg!r})")
+    return f"{name}_min", f"{name}_max"
+
+
+def fmt(name: str, value) -> str:
+    """A value formatted for a table ("-" for None / NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    try:
+        return BY_NAME[name].fmt.format(value) if name in BY_NAME else str(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def config_columns() -> list[str]:
+    return [c.name for c in COLUMNS if c.kind == CONFIG]
+
+
+def median_columns() -> list[str]:
+    return [c.name for c in COLUMNS if c.agg == MEDIAN]
