@@ -335,7 +335,8 @@ class ModelRunner:
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
             logits = self.model.compute_logits(hidden)
             del hidden
-            self.sampler(logits, profile_sampling_params(n, self.sampler.chunk_rows), [None] * n)
+            # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
+            self.sampler(logits, profile_sampling_params(n, self.sampler.chunk_rows), [torch.Generator()] * n)
         return 0
 
     def _measure_graph_pool(self) -> int:
