@@ -143,10 +143,11 @@ def reserved_trim_bytes(*, budget_bytes: int, margin_bytes: int, non_torch_bytes
     Why: the allocator keeps every freed block cached and, on a GPU with room past the share, takes a new segment
     whenever no cached block is large enough, so steps whose shapes grow (a decode batch filling up, logits of a
     few more rows each step) pile up segments: 5.7 GB reserved beyond the allocated peak at max_num_seqs=2048
-    on an H200, while the allocated peak matched the profile. A step allocates at most its activation peak anew, so
-    a step that starts at or below this many reserved bytes ends within the share plus the margin (non-torch
-    growth after the profile aside); with the pool sized by size_kv_cache this lets 2 x margin of free blocks
-    stay cached between steps, so steps whose shapes repeat never trim.
+    on an H200, while the allocated peak matched the profile. A step needs about its activation peak in new segments
+    when nothing cached fits, so a step that starts at or below this many reserved bytes ends within the share
+    plus the margin (non-torch growth after the profile aside). With the pool sized by size_kv_cache this keeps
+    up to 2 x margin of free blocks cached between steps beyond the weights, the pool and the graph pool, so steps
+    whose activations need less than that (repeating shapes) never trim.
     """
     return budget_bytes + margin_bytes - non_torch_bytes - activation_peak_bytes
 
