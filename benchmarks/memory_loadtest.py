@@ -205,6 +205,8 @@ def main() -> None:
         "errors": sum(bool(r.get("error")) for r in ran),
         "all_within_share_plus_margin": all(r.get("within_share_plus_margin") for r in ran),
         "max_over_share_bytes": max((r["peak_device_bytes"] - r["share_bytes"] for r in ran), default=None),
+        "max_allocated_over_profile_bytes": max((r["allocated_over_profile_bytes"] for r in ran), default=None),
+        "num_reserved_trims": sum(r["num_reserved_trims"] for r in ran),
         "verdicts_agree": all(r["verdict_agrees"] for r in rows),
         "max_abs_blocks_rel_error": max((abs(r["blocks_rel_error"]) for r in ran), default=None),
         "all_preempted_with_max_num_seqs_running": all(
