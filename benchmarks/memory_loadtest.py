@@ -11,9 +11,8 @@ OOM is counted), then driven to a full pool with max_num_seqs requests decoding 
 held through the KV manager by requests that never run, leaves room for exactly the prompts and one more block
 each, so the pool fills within a few decode steps and preemption follows (the memory of a pool is allocated at
 start-up whatever it holds, so the ballast changes no memory figure, only the minutes needed to compute it). Every
-16th request samples with top-k=50 / top-p=0.9 / temperature 0.8, the others are greedy: the sampler takes its
-top-k/top-p path (float32 logits of every row copied to the host) whenever one row needs it, and then filters each
-such row on the host, about 5 ms per row of a 128k vocabulary, so all 2048 rows would add 10 s to every step.
+16th request samples with top-k=50 / top-p=0.9 / temperature 0.8, the others are greedy: the sampler copies the
+logits of those rows to the host (Sampler.chunk_rows rows at a time) and filters each such row there, about 5 ms per row of a 128k vocabulary, so all 2048 rows would add 10 s to every step.
 A run ends 4 steps after the first preemption. Recorded per point: OOM (start-up or
 run), torch's peak reserved bytes + non-torch bytes against gpu_memory_utilization x total + MEMORY_MARGIN_BYTES,
 the engine's MemoryProfile, and the planner's verdict and num_gpu_blocks against the engine's (target: equal
@@ -167,6 +166,10 @@ def run_point(llm: LLM | None, cfg: EngineConfig, seed: int, time_limit: float) 
     row.update(share_bytes=share, limit_bytes=share + MEMORY_MARGIN_BYTES,
                peak_device_bytes=run["peak_reserved_bytes"] + run["non_torch_peak_bytes"])
     row["within_share_plus_margin"] = row["peak_device_bytes"] <= row["limit_bytes"]
+    # <= 0: torch's allocations stayed within what the profile left them (a larger peak_device_bytes is the caching
+    # allocator's cached blocks or non-torch growth); and how often a step emptied that cache (engine/memory.py).
+    row.update(allocated_over_profile_bytes=run["peak_allocated_bytes"] - (share - m.non_torch_bytes - m.margin_bytes),
+               reserved_trim_bytes=m.reserved_trim_bytes, num_reserved_trims=m.num_reserved_trims)
     return llm, row
 
 
@@ -191,7 +194,8 @@ def main() -> None:
             "point", "max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "quantization",
             "kv_cache_dtype", "engine_verdict", "planner_verdict", "engine_blocks", "planner_blocks",
             "blocks_rel_error", "oom", "error", "max_num_running", "num_preemptions", "peak_device_bytes",
-            "limit_bytes", "within_share_plus_margin", "start_seconds", "seconds")}), flush=True)
+            "limit_bytes", "within_share_plus_margin", "allocated_over_profile_bytes", "num_reserved_trims",
+            "start_seconds", "seconds")}), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     rows = result["rows"]
@@ -201,6 +205,8 @@ def main() -> None:
         "errors": sum(bool(r.get("error")) for r in ran),
         "all_within_share_plus_margin": all(r.get("within_share_plus_margin") for r in ran),
         "max_over_share_bytes": max((r["peak_device_bytes"] - r["share_bytes"] for r in ran), default=None),
+        "max_allocated_over_profile_bytes": max((r["allocated_over_profile_bytes"] for r in ran), default=None),
+        "num_reserved_trims": sum(r["num_reserved_trims"] for r in ran),
         "verdicts_agree": all(r["verdict_agrees"] for r in rows),
         "max_abs_blocks_rel_error": max((abs(r["blocks_rel_error"]) for r in ran), default=None),
         "all_preempted_with_max_num_seqs_running": all(

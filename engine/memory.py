@@ -11,7 +11,9 @@ vLLM's profile leaves out added:
 
 The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
 with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
-keeps (every graph shares its pool). On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
+keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
+past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
+cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
 and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
@@ -131,6 +133,23 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
         activation_peak_bytes=peak, graph_pool_bytes=graphs, non_torch_bytes=non_torch, margin_bytes=margin,
         kv_cache_bytes=kv_bytes, bytes_per_block=bytes_per_block, num_blocks=num_blocks, max_blocks=max_blocks,
         largest_max_model_len=largest, verdict=verdict, reason=reason)
+
+
+def reserved_trim_bytes(*, budget_bytes: int, margin_bytes: int, non_torch_bytes: int,
+                        activation_peak_bytes: int) -> int:
+    """Bytes reserved by torch's caching allocator above which the runner returns its free cached blocks to the
+    device after a step (CUDA): budget + margin - non-torch - activation peak.
+
+    Why: the allocator keeps every freed block cached and, on a GPU with room past the share, takes a new segment
+    whenever no cached block is large enough, so steps whose shapes grow (a decode batch filling up, logits of a
+    few more rows each step) pile up segments: 5.7 GB reserved beyond the allocated peak at max_num_seqs=2048
+    on an H200, while the allocated peak matched the profile. A step needs about its activation peak in new segments
+    when nothing cached fits, so a step that starts at or below this many reserved bytes ends within the share
+    plus the margin (non-torch growth after the profile aside). With the pool sized by size_kv_cache this keeps
+    up to 2 x margin of free blocks cached between steps beyond the weights, the pool and the graph pool, so steps
+    whose activations need less than that (repeating shapes) never trim.
+    """
+    return budget_bytes + margin_bytes - non_torch_bytes - activation_peak_bytes
 
 
 # ----- host memory (the CPU device, and every load) ------------------------------------------------

@@ -24,16 +24,23 @@ from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
-                     size_kv_cache)
+                     reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
 from .timeline import DeviceSpan, DeviceTimer
 
-# SamplingParams the memory profile samples its decode rows with: every filter of the sampler on, in one row of
-# PROFILE_SAMPLED_EVERY, the others greedy. The batch as a whole takes the sampler's mixed path (device logits,
-# float32, over every row); filtering each of 1024 rows on the host would add seconds to every start-up.
+# SamplingParams the memory profile samples its decode rows with: every filter of the sampler on, in evenly spread
+# rows, at least one full chunk of the sampler's (Sampler.chunk_rows), the others greedy. The sampler's device
+# temporaries are the argmax over every row and one gather of chunk_rows rows, whatever the number of random rows,
+# so one full chunk is its worst case; filtering each of 1024 rows on the host would add seconds to every start-up.
 PROFILE_SAMPLING = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50)
 PROFILE_GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
-PROFILE_SAMPLED_EVERY = 64
+
+
+def profile_sampling_params(num_rows: int, chunk_rows: int) -> list[SamplingParams]:
+    """The profile decode's SamplingParams: PROFILE_SAMPLING in every (num_rows // chunk_rows)-th row (so
+    min(num_rows, chunk_rows) or more rows, fewer than 2 x chunk_rows), PROFILE_GREEDY elsewhere."""
+    stride = max(1, num_rows // chunk_rows)
+    return [PROFILE_SAMPLING if i % stride == 0 else PROFILE_GREEDY for i in range(num_rows)]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -229,6 +236,9 @@ class ModelRunner:
                                non_torch_bytes=m.non_torch_bytes, **common)
         m.budget_bytes, m.kv_cache_bytes = sizing.budget_bytes, sizing.kv_cache_bytes
         m.margin_bytes = sizing.margin_bytes
+        m.reserved_trim_bytes = reserved_trim_bytes(budget_bytes=m.budget_bytes, margin_bytes=m.margin_bytes,
+                                                    non_torch_bytes=m.non_torch_bytes,
+                                                    activation_peak_bytes=m.peak_activation_bytes)
         return sizing
 
     def _profile_cuda_memory(self) -> MemoryProfile:
@@ -307,7 +317,7 @@ class ModelRunner:
     def _profile_decode(self, prepare: bool) -> int:
         """A decode step of the largest batch (max_num_seqs rows, or the token budget if smaller): the forward
         with the attention split for max_model_len, float32 logits over the whole vocabulary for every row,
-        and the sampler over them with top-k and top-p (see PROFILE_SAMPLING)."""
+        and the sampler over them through the path a batch with top-k/top-p rows takes (profile_sampling_params)."""
         if prepare:
             return 1
         n = self.graph_sizes[-1]
@@ -325,8 +335,8 @@ class ModelRunner:
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
             logits = self.model.compute_logits(hidden)
             del hidden
-            params = [PROFILE_GREEDY if i % PROFILE_SAMPLED_EVERY else PROFILE_SAMPLING for i in range(n)]
-            self.sampler(logits, params, [None] * n)
+            # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
+            self.sampler(logits, profile_sampling_params(n, self.sampler.chunk_rows), [torch.Generator()] * n)
         return 0
 
     def _measure_graph_pool(self) -> int:
@@ -411,6 +421,8 @@ class ModelRunner:
             self.device_timer.end(span)
             t_launched = time.perf_counter()
             tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
+            del logits
+        self.trim_reserved()
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
@@ -419,6 +431,18 @@ class ModelRunner:
                           prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
                           device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
+
+    def trim_reserved(self) -> None:
+        """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
+        has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims."""
+        m = self.memory
+        if m is None or not m.reserved_trim_bytes:
+            return
+        reserved = torch.cuda.memory_stats_as_nested_dict(self.device)["reserved_bytes"]["all"]["current"]
+        if reserved > m.reserved_trim_bytes:
+            with torch.cuda.device(self.device):
+                torch.cuda.empty_cache()
+            m.num_reserved_trims += 1
 
     def _decode_kv_tokens(self, plan: StepPlan) -> int:
         """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""

@@ -64,31 +64,47 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+# Rows of logits the sampler copies to the host at once: its device temporaries (a gather of that many rows)
+# are bounded whatever the batch, and the host never holds more than that many float32 rows either.
+SAMPLE_CHUNK_ROWS = 32
+
+
 class Sampler:
     """Turns the last-position logits of each request into one token id each.
 
     Greedy rows take the argmax. Random rows draw from softmax(logits / temperature) after top-k and
     top-p filtering, using the request's own torch.Generator when it has a seed (so a seeded request
     gives the same tokens whatever else is in the batch), else the engine's generator.
+
+    Device memory: the argmax over every row, and a gather of at most chunk_rows random rows at a time copied to
+    the host, where they are filtered (in row order, so the engine's generator is drawn from in the same order
+    whatever chunk_rows is). Only rows that sample at random leave the device.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, chunk_rows: int = SAMPLE_CHUNK_ROWS):
         self.generator = torch.Generator().manual_seed(seed)
+        self.chunk_rows = chunk_rows
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()
-        if all(p.greedy for p in params):
-            return greedy
-        cpu_logits = logits.cpu()
+        # float32 from bf16/fp16 is exact and monotone: the argmax (ties included) is that of logits.float().
+        out = logits.argmax(dim=-1).tolist()
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        for start in range(0, len(rows), self.chunk_rows):
+            chunk = rows[start:start + self.chunk_rows]
+            index = torch.as_tensor(chunk, device=logits.device)
+            block = logits.index_select(0, index).cpu().float()
+            for i, token in zip(chunk, self._sample_rows(block, [params[i] for i in chunk],
+                                                         [generators[i] for i in chunk])):
+                out[i] = token
+        return out
+
+    def _sample_rows(self, logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | None]) -> list[int]:
+        """One token per row of host float32 logits [rows, vocab], every row sampling at random."""
         out = []
-        for i, p in enumerate(params):
-            if p.greedy:
-                out.append(greedy[i])
-                continue
-            row = _filter_top_k_top_p(cpu_logits[i] / p.temperature, p.top_k, p.top_p)
+        for row_logits, p, gen in zip(logits, params, generators):
+            row = _filter_top_k_top_p(row_logits / p.temperature, p.top_k, p.top_p)
             probs = row.softmax(-1)
-            gen = generators[i] if generators[i] is not None else self.generator
-            out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+            out.append(int(torch.multinomial(probs, 1, generator=gen if gen is not None else self.generator).item()))
         return out

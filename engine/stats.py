@@ -52,6 +52,7 @@ class MemoryProfile:
     and a decode of max_num_seqs rows with float32 logits and the sampler (top-k/top-p) over them.
     graph_pool_bytes: the largest decode graph's pool, measured before sizing; graph_pool_bytes_captured:
     the pool of every captured graph, measured after the capture (-1 until then, 0 without graphs).
+    reserved_trim_bytes / num_reserved_trims: see engine.memory.reserved_trim_bytes.
     """
 
     total_bytes: int
@@ -66,6 +67,8 @@ class MemoryProfile:
     graph_pool_bytes: int = 0
     margin_bytes: int = 0
     graph_pool_bytes_captured: int = -1
+    reserved_trim_bytes: int = 0     # engine.memory.reserved_trim_bytes: above it a step ends with empty_cache()
+    num_reserved_trims: int = 0      # steps that ended so, since start-up
 
 
 @dataclass

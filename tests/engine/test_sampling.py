@@ -64,3 +64,60 @@ def test_max_model_len_caps_output():
     m = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=16, num_gpu_blocks=8, block_size=8))
     out = m.generate([[5] * 10], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+
+def _unchunked_reference(engine_gen, logits, params, generators):
+    """The sampler before rows were chunked: float32 logits of every row on the host, filtered row by row."""
+    logits = logits.float()
+    out = logits.argmax(-1).tolist()
+    host = logits.cpu()
+    for i, p in enumerate(params):
+        if not p.greedy:
+            row = _filter_top_k_top_p(host[i] / p.temperature, p.top_k, p.top_p)
+            gen = generators[i] if generators[i] is not None else engine_gen
+            out[i] = int(torch.multinomial(row.softmax(-1), 1, generator=gen).item())
+    return out
+
+
+def test_chunked_rows_sample_what_unchunked_sampling_did():
+    """Gathering random rows chunk by chunk (any chunk size) gives the tokens of the whole-batch copy, for greedy,
+    seeded and unseeded rows over three steps (generators carry over), in float32 and bfloat16, argmax ties
+    included."""
+    torch.manual_seed(0)
+    n, vocab = 13, 50
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=3),
+             SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.5),
+             SamplingParams(temperature=1.3, top_k=7, seed=11)]
+    params = [kinds[(3 * i) % len(kinds)] for i in range(n)]
+    assert params[0].greedy and sum(not p.greedy for p in params) >= 9
+
+    def seeded():
+        return [torch.Generator().manual_seed(p.seed + i) if p.seed is not None else None
+                for i, p in enumerate(params)]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        steps = [(torch.randn(n, vocab) * 3).to(dtype) for _ in range(3)]
+        steps[0][0, 4] = steps[0][0, 9] = steps[0][0].max() + 1  # a tie in a greedy row: the first index wins
+        engine_gen, gens = torch.Generator().manual_seed(5), seeded()
+        expected = [_unchunked_reference(engine_gen, logits, params, gens) for logits in steps]
+        assert expected[0][0] == 4
+        assert len({tuple(e) for e in expected}) == 3  # the steps differ, so a misplaced row would show
+        for chunk_rows in (1, 2, 5, 64):
+            sampler, gens = Sampler(5, chunk_rows=chunk_rows), seeded()
+            assert [sampler(logits, params, gens) for logits in steps] == expected, (dtype, chunk_rows)
+
+
+def test_sampler_gathers_at_most_chunk_rows_at_once(monkeypatch):
+    """The sampler's temporaries are bounded: random rows reach the host chunk_rows at a time, greedy rows never."""
+    seen = []
+    original = Sampler._sample_rows
+
+    def spy(self, logits, params, generators):
+        seen.append(logits.shape[0])
+        return original(self, logits, params, generators)
+
+    monkeypatch.setattr(Sampler, "_sample_rows", spy)
+    params = [SamplingParams(temperature=0) if i % 3 else SamplingParams(temperature=1.0, top_p=0.9) for i in range(73)]
+    Sampler(0, chunk_rows=8)(torch.randn(73, 20), params, [None] * 73)
+    assert seen == [8, 8, 8, 1]  # rows 0, 3, ..., 72: 25 random rows

@@ -1,0 +1,90 @@
+"""The worst-case memory profile's decode goes through the sampler path of a real batch (max_num_seqs rows, random
+rows with top-k/top-p, a full chunk of them gathered), and a step past reserved_trim_bytes empties the allocator's
+cache. CPU only: the CUDA calls of the profile are replaced by fakes, the forward and the sampler are the real ones."""
+import contextlib
+
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.memory import GiB, MiB, reserved_trim_bytes
+from engine.runner import profile_sampling_params
+from engine.sampling import Sampler
+from engine.stats import MemoryProfile
+
+
+def _cpu_llm(max_num_seqs: int) -> LLM:
+    return LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, num_gpu_blocks=64, block_size=8,
+                                           max_num_seqs=max_num_seqs, max_num_batched_tokens=256))
+
+
+@pytest.mark.parametrize("max_num_seqs", [8, 70])
+def test_profile_decode_runs_the_sampler_over_max_num_seqs_rows_with_a_full_chunk(monkeypatch, max_num_seqs):
+    llm = _cpu_llm(max_num_seqs)
+    runner = llm.engine.runner
+    calls, chunks = [], []
+    real_call, real_rows = Sampler.__call__, Sampler._sample_rows
+
+    def spy_call(self, logits, params, generators):
+        calls.append((tuple(logits.shape), logits.dtype, list(params)))
+        return real_call(self, logits, params, generators)
+
+    def spy_rows(self, logits, params, generators):
+        chunks.append(logits.shape[0])
+        return real_rows(self, logits, params, generators)
+
+    def measure_peak(run):  # what _measure_peak does, without the CUDA counters
+        runner.allocate_kv_cache(run(prepare=True))
+        run(prepare=False)
+        return 0
+
+    monkeypatch.setattr(Sampler, "__call__", spy_call)
+    monkeypatch.setattr(Sampler, "_sample_rows", spy_rows)
+    monkeypatch.setattr(runner, "_measure_peak", measure_peak)
+    for name, fake in (("synchronize", lambda *a: None), ("empty_cache", lambda: None),
+                       ("mem_get_info", lambda *a: (GiB, 2 * GiB)), ("memory_reserved", lambda *a: 0),
+                       ("memory_allocated", lambda *a: 0)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    runner._profile_cuda_memory()  # the profile's own entry point: prefill, then decode
+
+    assert len(calls) == 1  # the decode (the prefill takes an argmax only)
+    shape, dtype, params = calls[0]
+    assert shape == (max_num_seqs, llm.spec.vocab_size) == (runner.graph_sizes[-1], llm.spec.vocab_size)
+    assert dtype == torch.float32  # what compute_logits gives every step
+    random = [p for p in params if not p.greedy]
+    assert all(p.top_k != -1 and p.top_p < 1.0 for p in random)
+    assert len(random) < len(params) or max_num_seqs <= runner.sampler.chunk_rows  # the mixed path
+    # The sampler's device temporaries peak at one full chunk: the profile gathers one.
+    assert max(chunks) == min(max_num_seqs, runner.sampler.chunk_rows)
+
+
+def test_profile_sampling_params_cover_a_chunk():
+    for n, chunk in ((1, 32), (31, 32), (32, 32), (33, 32), (2048, 32), (2047, 32), (5, 2)):
+        params = profile_sampling_params(n, chunk)
+        k = sum(not p.greedy for p in params)
+        assert len(params) == n and min(n, chunk) <= k < 2 * chunk, (n, chunk, k)
+
+
+def test_reserved_trim_bytes_is_hand_computed():
+    # budget 72 GiB + margin 1 GiB - non-torch 600 MiB - activation peak 3 GiB
+    assert reserved_trim_bytes(budget_bytes=72 * GiB, margin_bytes=GiB, non_torch_bytes=600 * MiB,
+                               activation_peak_bytes=3 * GiB) == 70 * GiB - 600 * MiB
+
+
+def test_a_step_past_reserved_trim_bytes_empties_the_cache(monkeypatch):
+    llm = _cpu_llm(8)
+    runner = llm.engine.runner
+    reserved, emptied = [0], []
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict",
+                        lambda device=None: {"reserved_bytes": {"all": {"current": reserved[0]}}})
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(reserved[0]))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    runner.memory = MemoryProfile(total_bytes=2 * GiB, weight_bytes=0, peak_activation_bytes=0, non_torch_bytes=0,
+                                  kv_cache_bytes=0, reserved_trim_bytes=1000)
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    reserved[0] = 1000  # at the threshold: kept
+    llm.generate([[5, 6, 7]], greedy)
+    assert emptied == [] and runner.memory.num_reserved_trims == 0
+    reserved[0] = 1001  # past it: every step trims
+    llm.generate([[5, 6, 7]], greedy)
+    assert emptied == [1001] * 3 and runner.memory.num_reserved_trims == 3
