@@ -128,6 +128,13 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-workload", metavar="PATH", help="also write the workload trace as JSONL here")
     p.add_argument("--trace", metavar="DIR", help="write each point's run as a Chrome trace-event JSON file "
                    "(Perfetto) into this folder, named by point id")
+    p.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
+                   help="run points one after another here, or in parallel on Ray actors, one per group of "
+                        "tensor_parallel_size GPUs (pip install -e '.[ray]'); default: %(default)s")
+    p.add_argument("--address", metavar="ADDR", help="with --executor ray: a running Ray cluster to join "
+                   "(e.g. auto or ray://HOST:10001); default: start Ray on this machine")
+    p.add_argument("--num-workers", type=positive_int, metavar="N",
+                   help="with --executor ray: at most N actors (default: as many as the GPUs, or CPUs, allow)")
 
 
 def run_sweep(args) -> int:
@@ -157,7 +164,8 @@ def run_sweep(args) -> int:
                   telemetry={"auto": None, "on": True, "off": False}[args.telemetry],
                   telemetry_interval=args.telemetry_interval, seed=args.seed,
                   dtype=getattr(torch, args.dtype) if args.dtype else None, max_duration=args.max_duration,
-                  retry_failed=args.retry_failed, repeats=args.repeats)
+                  retry_failed=args.retry_failed, repeats=args.repeats, executor=args.executor,
+                  ray_address=args.address, num_workers=args.num_workers)
     sweep.announce = lambda message: print(message, file=sys.stderr)
     if args.save_workload:
         sweep.workloads[0].save_jsonl(args.save_workload)

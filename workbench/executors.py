@@ -3,7 +3,9 @@
 An executor takes the points still to run, a picklable ``make_runner`` (called once per worker; it
 returns ``run(point) -> result``, keeping its model loaded between points, the warm-weights path of a
 sequential sweep) and ``on_result(point, result)``, which the driver calls for every finished point in
-completion order. The driver alone writes results, so the results store keeps its single writer.
+completion order; ``skip(point)``, asked just before a point would start, drops it (a sweep skips the
+later repeats of a point that failed). The driver alone writes results, so the results store keeps its
+single writer.
 
 `RayExecutor` starts one actor per group of ``tensor_parallel_size`` GPUs (one per CPU slot without
 GPUs), hands each idle actor the next point, and streams results back as they finish. A point whose
@@ -30,9 +32,13 @@ class SequentialExecutor:
     name = "sequential"
 
     def map(self, points: Sequence, make_runner: Callable[[], Runner], on_result: Callable[[Any, Any], None],
-            on_error: Callable[[Any, str], None], tensor_parallel_size: Callable[[Any], int] = lambda p: 1) -> None:
-        run = make_runner() if points else None
+            on_error: Callable[[Any, str], None], tensor_parallel_size: Callable[[Any], int] = lambda p: 1,
+            skip: Callable[[Any], bool] | None = None) -> None:
+        run = None
         for point in points:
+            if skip is not None and skip(point):
+                continue
+            run = run or make_runner()
             on_result(point, run(point))
 
 
@@ -46,12 +52,6 @@ class _Worker:
         if self._run is None:
             self._run = self._make_runner()
         return self._run(point)
-
-    def where(self) -> dict:
-        """The host and accelerator this actor holds (for the report's provenance columns)."""
-        import socket
-
-        return {"host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def _ray():
@@ -114,7 +114,8 @@ class RayExecutor:
         return (min(n, self.num_workers) if self.num_workers else n), opts
 
     def map(self, points: Sequence, make_runner: Callable[[], Runner], on_result: Callable[[Any, Any], None],
-            on_error: Callable[[Any, str], None], tensor_parallel_size: Callable[[Any], int] = lambda p: 1) -> None:
+            on_error: Callable[[Any, str], None], tensor_parallel_size: Callable[[Any], int] = lambda p: 1,
+            skip: Callable[[Any], bool] | None = None) -> None:
         if not points:
             return
         ray, started = self._init()
@@ -123,12 +124,12 @@ class RayExecutor:
             for p in points:
                 by_tp.setdefault(int(tensor_parallel_size(p)), []).append(p)
             for tp, group in by_tp.items():
-                self._map_group(ray, tp, group, make_runner, on_result, on_error)
+                self._map_group(ray, tp, group, make_runner, on_result, on_error, skip)
         finally:
             if started:
                 ray.shutdown()
 
-    def _map_group(self, ray, tp, points, make_runner, on_result, on_error) -> None:
+    def _map_group(self, ray, tp, points, make_runner, on_result, on_error, skip) -> None:
         n, opts = self._slots(ray, tp)
         actor_cls = ray.remote(max_restarts=0, max_concurrency=1, **opts)(_Worker)
         queue = deque(points)
@@ -136,9 +137,11 @@ class RayExecutor:
         in_flight: dict = {}  # ObjectRef -> (actor, point)
 
         def submit(actor):
-            if queue:
+            while queue:
                 point = queue.popleft()
-                in_flight[actor.run.remote(point)] = (actor, point)
+                if skip is None or not skip(point):
+                    in_flight[actor.run.remote(point)] = (actor, point)
+                    return
 
         try:
             for actor in list(alive):

@@ -65,6 +65,68 @@ def run_point(llm, workload, slo: dict | None = None, warmup: bool = True, sampl
     return PointRun(requests, _timeseries(steps, samples, run.start), samples, run.duration, row, stats)
 
 
+class PointWorker:
+    """Runs points one after another on one model, kept loaded between them (weights load once, the engine
+    is reconfigured per point): the body of a sequential sweep and of each Ray actor of a parallel one.
+
+    It is picklable while it holds no model: build it from a preset name or checkpoint folder (``model``)
+    and it loads the weights on its first point, on the device its process sees. ``llm``: an already
+    loaded `LLM` to use instead (the sequential sweep's notebook path). A call returns the point's result
+    columns (metrics, status, error, duration, timestamp) and its frames (steps, requests, telemetry);
+    an exception inside the run is a failed point, not an exception.
+    """
+
+    def __init__(self, model, seed: int = 0, dtype=None, slo: dict | None = None, warmup: bool = True,
+                 sampling=None, max_duration: float | None = None, telemetry=None, telemetry_interval: float = 0.1,
+                 telemetry_enabled: bool | None = None, llm=None):
+        self.model, self.seed, self.dtype, self.slo, self.warmup = model, seed, dtype, slo, warmup
+        self.sampling, self.max_duration, self.llm = sampling, max_duration, llm
+        self.telemetry, self.telemetry_interval, self.telemetry_enabled = telemetry, telemetry_interval, \
+            telemetry_enabled
+        self.rates: dict | None = None  # matmul rate and copy bandwidth of this worker's device
+
+    def _telemetry_for(self, device):
+        if self.telemetry is None:
+            from .telemetry import make_telemetry
+
+            on = self.telemetry_enabled is not False and device.type == "cuda"
+            self.telemetry = make_telemetry(self.telemetry_interval, enabled=self.telemetry_enabled) if on \
+                else NullTelemetry()
+        return self.telemetry
+
+    def __call__(self, point) -> tuple[dict, dict]:
+        """point: a `grid.Point`, or a (Point, repeat) pair of a sweep's schedule."""
+        import socket
+        import time
+        import traceback
+
+        import pandas as pd
+
+        from . import schema
+        from .schema import C
+
+        point = point[0] if isinstance(point, tuple) else point
+        t0 = time.perf_counter()
+        frames: dict = {}
+        try:
+            self.llm = load_llm(self.model, point.config, self.llm, self.seed, self.dtype)
+            if self.rates is None:  # measured once, on the device of the first point
+                from .profiling import measure_rates
+                self.rates = measure_rates(self.llm.device)
+            run = run_point(self.llm, point.workload, self.slo, self.warmup, self.sampling,
+                            self._telemetry_for(self.llm.device), self.max_duration, rates=self.rates)
+            out = {**run.metrics, C.status: schema.OK, C.error: None}
+            frames = {"steps": run.steps, "requests": run.requests, "telemetry": run.telemetry}
+        except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
+            out = {C.status: schema.OOM if is_oom(e) else schema.ERROR, C.error: f"{type(e).__name__}: {e}"}
+            out["traceback"] = traceback.format_exc()
+            release_memory()
+        out[C.point_duration_s] = time.perf_counter() - t0
+        out[C.timestamp] = pd.Timestamp.now(tz="UTC").isoformat()
+        out[C.run_host] = socket.gethostname()
+        return out, frames
+
+
 def _timeseries(steps: pd.DataFrame, samples: pd.DataFrame, start: float) -> pd.DataFrame:
     if len(steps) == 0:
         return steps

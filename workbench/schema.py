@@ -142,6 +142,7 @@ COLUMNS: list[Column] = [
     Column("attention_backend_used", "attention backend that ran", kind=ENGINE),
     Column("cuda_graphs", "CUDA graphs", kind=ENGINE),
     Column("device_name", "device name", kind=ENGINE),
+    Column("run_host", "host that ran the point", kind=ID),
     Column("expert_imbalance", "MoE expert load imbalance (busiest / mean)", "ratio", LOWER, MEDIAN, kind=ENGINE,
            fmt="{:.2f}"),
     # --- GPU telemetry (NVML; NaN without a GPU)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-import traceback
 from typing import Callable
 
 import pandas as pd
 
 from . import metrics, schema
 from .grid import Point, build_points, point_label  # noqa: F401 - point_label is public here too
-from .point_run import is_oom, load_llm, model_vocab_size, release_memory, run_point
+from .executors import make_executor
+from .point_run import PointWorker, model_vocab_size
 from .schema import C
 from .store import ResultsStore
 from .telemetry import NullTelemetry, environment, make_telemetry
@@ -48,6 +47,10 @@ class Sweep:
     A point's key (point_id) hashes its config, workload and model, not the SLO: rows resumed from
     ``out`` keep the goodput of the SLO they were measured with (see their slo_*_s columns). A point
     whose run fails is not repeated.
+    executor: "sequential" (this process, one model) or "ray" (`workbench.executors.RayExecutor`: one actor
+    per group of tensor_parallel_size GPUs, each keeping its model loaded; ``ray_address`` joins a cluster,
+    None starts Ray here; ``num_workers`` caps the actors). Results stream into the same store, in the
+    same rows; a point whose actor dies is recorded as failed and the actor replaced.
     """
 
     def __init__(self, model, workload, grid: dict | None = None, base_config=None, slo: dict | None = None,
@@ -55,7 +58,8 @@ class Sweep:
                  sampling: dict | None = None, telemetry: bool | None = None, telemetry_interval: float = 0.1,
                  seed: int = 0, dtype=None, model_name: str | None = None, max_duration: float | None = None,
                  retry_failed: bool = False, on_point: Callable[[dict], None] | None = None,
-                 workload_args: dict | None = None, repeats: int = 3):
+                 workload_args: dict | None = None, repeats: int = 3, executor="sequential",
+                 ray_address: str | None = None, num_workers: int | None = None):
         from engine import EngineConfig
 
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
@@ -80,16 +84,22 @@ class Sweep:
         self.workloads = [resolve_workload(w, num_requests, self.vocab_size, seed, self.workload_args) for w in workloads]
         self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
                                                 {C.model: self.model_id, "sampling": self.sampling})
-        self.llm = model if not isinstance(model, str) else None
+        self.executor = make_executor(executor, ray_address, num_workers)
+        if self.executor.name != "sequential" and not isinstance(model, str):
+            raise ValueError(f"executor={executor!r} loads the model in each worker: give model as a preset "
+                             f"name or a checkpoint folder, not a loaded {type(model).__name__}")
+        self._worker = PointWorker(model, seed, dtype, self.slo, warmup, sampling, max_duration,
+                                   llm=model if not isinstance(model, str) else None)
+        self._telemetry_args = (telemetry_interval, telemetry)
         self._check_for_model()
         self._telemetry = make_telemetry(telemetry_interval, enabled=telemetry) if telemetry is not False and \
             str(self.base_config.device or "").split(":")[0] != "cpu" else NullTelemetry()
+        self._worker.telemetry = self._telemetry
         self.environment = {**environment(self._telemetry), C.model: self.model_name,
                             "workloads": [w.summary() for w in self.workloads], C.repeats: repeats}
         self.results, self.runs = pd.DataFrame(), pd.DataFrame()
         self.timeseries, self.requests, self.telemetry = {}, {}, {}
         self.skipped = 0
-        self._rates: dict | None = None  # matmul rate and copy bandwidth, for the gap-to-limit columns
         self.announce: Callable[[str], None] = log.info  # where run() says what it resumes (the CLI prints)
 
     def _check_for_model(self) -> None:
@@ -152,29 +162,18 @@ class Sweep:
                     C.slo_e2e_s: self.slo.get("e2e")})
         return row
 
-    def _run_one(self, p: Point, repeat: int) -> dict:
-        row = self._base_row(p, repeat)
-        t0 = time.perf_counter()
-        try:
-            self.llm = load_llm(self.model, p.config, self.llm, self.seed, self.dtype)
-            if self._rates is None:  # measured once, on the device of the first point
-                from .profiling import measure_rates
-                self._rates = measure_rates(self.llm.device)
-            run = run_point(self.llm, p.workload, self.slo, self.warmup, self.sampling, self._telemetry,
-                            self.max_duration, rates=self._rates)
-            row.update(run.metrics)
-            row.update({C.status: schema.OK, C.error: None})
-            self.timeseries[p.point_id], self.requests[p.point_id], self.telemetry[p.point_id] = \
-                run.steps, run.requests, run.telemetry
-            self.store.save_frames(p.point_id, {"steps": run.steps, "requests": run.requests,
-                                                "telemetry": run.telemetry})
-        except Exception as e:  # noqa: BLE001 - a failing point is a result, not the end of the sweep
-            row.update({C.status: schema.OOM if is_oom(e) else schema.ERROR, C.error: f"{type(e).__name__}: {e}"})
-            log.debug("traceback of point %s:\n%s", p.point_id, traceback.format_exc())
-            release_memory()
-        row[C.point_duration_s] = time.perf_counter() - t0
-        row[C.timestamp] = pd.Timestamp.now(tz="UTC").isoformat()
-        return row
+    @property
+    def llm(self):
+        """The loaded model of a sequential sweep (None before its first point, and with executor="ray")."""
+        return self._worker.llm
+
+    def _make_worker(self):
+        """What each worker runs points with: this process's own, or a fresh one (for a Ray actor)."""
+        if self.executor.name == "sequential":
+            return self._worker
+        interval, enabled = self._telemetry_args
+        return PointWorker(self.model, self.seed, self.dtype, self.slo, self.warmup, self.sampling,
+                           self.max_duration, telemetry_interval=interval, telemetry_enabled=enabled)
 
     def run(self) -> pd.DataFrame:
         """Run every run not already in the results file; returns (and keeps in ``results``) the table.
@@ -200,21 +199,39 @@ class Sweep:
             todo = self._schedule()
             total = len(self.points) * self.repeats
             bar = tqdm(total=total, initial=total - len(todo), desc="sweep", unit="run", disable=not self.progress)
-            try:
-                for p, r in todo:
-                    if self._point_done(p):  # failed in an earlier round: not repeated
-                        bar.update(1)
-                        continue
-                    bar.set_postfix_str(p.label, refresh=True)
-                    row = self._run_one(p, r)
-                    if row[C.status] != "ok":
-                        msg = f"point {p.point_id} ({p.label}) failed [{row[C.status]}]: {row[C.error]}"
-                        bar.write(msg) if self.progress else log.warning(msg)
-                    self.store.append(row)
-                    self._collect()
+
+            def finish(item, result):
+                (p, r), (out, frames) = item, result
+                row = {**self._base_row(p, r), **out}
+                if frames:
+                    self.timeseries[p.point_id], self.requests[p.point_id], self.telemetry[p.point_id] = \
+                        frames["steps"], frames["requests"], frames["telemetry"]
+                    self.store.save_frames(p.point_id, frames)
+                if row[C.status] != "ok":
+                    log.debug("traceback of point %s:\n%s", p.point_id, row.get("traceback"))
+                    msg = f"point {p.point_id} ({p.label}) failed [{row[C.status]}]: {row[C.error]}"
+                    bar.write(msg) if self.progress else log.warning(msg)
+                row.pop("traceback", None)
+                self.store.append(row)
+                self._collect()
+                bar.update(1)
+                if self.on_point is not None:
+                    self.on_point(row)
+
+            def fail(item, reason):  # the worker died mid-point (Ray): the point failed, the sweep goes on
+                finish(item, ({C.status: schema.ERROR, C.error: reason,
+                               C.timestamp: pd.Timestamp.now(tz="UTC").isoformat()}, {}))
+
+            def skip(item):  # failed in an earlier round: not repeated
+                if self._point_done(item[0]):
                     bar.update(1)
-                    if self.on_point is not None:
-                        self.on_point(row)
+                    return True
+                bar.set_postfix_str(item[0].label, refresh=True)
+                return False
+
+            try:
+                self.executor.map(todo, self._make_worker, finish, fail,
+                                  tensor_parallel_size=lambda item: item[0].config.tensor_parallel_size, skip=skip)
             finally:
                 bar.close()
         finally:

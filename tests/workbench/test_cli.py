@@ -83,9 +83,9 @@ def test_unknown_grid_field_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_every_invalid_grid_value_is_reported_before_anything_runs(tmp_path, capsys, monkeypatch):
-    import workbench.sweep
+    import workbench.point_run
 
-    monkeypatch.setattr(workbench.sweep, "run_point", lambda *a, **k: pytest.fail("a point ran"))
+    monkeypatch.setattr(workbench.point_run, "run_point", lambda *a, **k: pytest.fail("a point ran"))
     rc = main(["sweep", *TINY_ARGS, "--grid", "block_size=7,8,12", "--grid", "quantization=none,int3",
                "--out", str(tmp_path / "r.jsonl")])
     assert rc == 2
@@ -137,11 +137,11 @@ def test_duplicate_grid_values_run_once_and_outputs_default_to_the_current_direc
 
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_skips_what_was_saved(tmp_path, capsys, monkeypatch):
-    import workbench.sweep
+    import workbench.point_run
 
     out = tmp_path / "r.jsonl"
     args = ["sweep", *TINY_ARGS, "--grid", "block_size=8,16,32,64", "--out", str(out)]
-    real, calls = workbench.sweep.run_point, []
+    real, calls = workbench.point_run.run_point, []
 
     def interrupted_third(*a, **k):
         calls.append(1)
@@ -149,7 +149,7 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_skips_what_was_saved(tmp_path, 
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(workbench.sweep, "run_point", interrupted_third)
+    monkeypatch.setattr(workbench.point_run, "run_point", interrupted_third)
     assert main(args) == 130
     err = capsys.readouterr().err
     assert f"saved 2 of 4 points to {out}; rerun the same command to resume" in err and "Traceback" not in err
@@ -160,9 +160,9 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_skips_what_was_saved(tmp_path, 
 
 
 def test_output_that_cannot_be_written_is_refused_before_the_first_point(tmp_path, capsys, monkeypatch):
-    import workbench.sweep
+    import workbench.point_run
 
-    monkeypatch.setattr(workbench.sweep, "run_point", lambda *a, **k: pytest.fail("a point ran"))
+    monkeypatch.setattr(workbench.point_run, "run_point", lambda *a, **k: pytest.fail("a point ran"))
     (tmp_path / "file").write_text("not a folder")
     rc = main(["sweep", *TINY_ARGS, "--out", str(tmp_path / "file" / "r.jsonl")])
     assert rc == 2 and "cannot write the results file" in _one_line_error(capsys)

@@ -77,3 +77,24 @@ def test_make_executor_names():
     assert isinstance(make_executor("ray", num_workers=2), RayExecutor)
     with pytest.raises(ValueError, match="executor='dask'"):
         make_executor("dask")
+
+
+def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
+    """Four points of the shipped model over two actors: the same deterministic columns as one process."""
+    from engine import EngineConfig
+    from workbench import Sweep
+    from workbench.schema import C
+
+    def sweep(executor, out):
+        return Sweep(model=os.path.join(ROOT, "data", "models", "pystdlib-llama-6m"), workload="shared-prefix",
+                     num_requests=4, grid={"block_size": [8, 16], "enable_prefix_caching": [True, False]},
+                     base_config=EngineConfig(device="cpu", max_model_len=1024), out=str(out), repeats=1,
+                     progress=False, warmup=False, executor=executor, num_workers=2)
+
+    seq = sweep("sequential", tmp_path / "seq.jsonl").run()
+    par = sweep("ray", tmp_path / "ray.jsonl").run()
+    same = [C.point_id, C.label, C.status, C.block_size, C.enable_prefix_caching, C.num_requests,
+            C.prefix_cache_queries, C.prefix_cache_hits, C.num_preemptions, C.kv_blocks, C.total_output_tokens]
+    assert (par[C.status] == "ok").all()
+    assert par[same].to_dict("records") == seq[same].to_dict("records")
+    assert par[C.run_host].notna().all()
