@@ -8,7 +8,7 @@ a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -23,6 +23,7 @@ from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
+from .spec_decode.verifier import verify_draft
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
                      size_kv_cache)
 from .stats import MemoryProfile
@@ -54,6 +55,9 @@ class StepPlan:
     max_seq_len: int
     graph_size: int | None         # the CUDA graph replayed (a pure-decode step padded to graph_size), or None
     sample_rows: np.ndarray | None  # the sequences whose logits are needed; None: all of them
+    # Speculative steps: the token rows whose logits are needed (each sampling sequence's last row, and the
+    # 1 + k rows of each verified draft), in batch order; None otherwise (sample_rows applies).
+    logit_rows: np.ndarray | None = None
 
     @property
     def padded_tokens(self) -> int:
@@ -79,6 +83,9 @@ class StepResult:
     num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
     device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
     num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what the one-token (decode) rows attend
+    # Speculative decoding: request_id -> tokens emitted by verifying its draft (accepted prefix + one more);
+    # such requests are not in `sampled`.
+    spec_sampled: dict[str, list[int]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -405,12 +412,17 @@ class ModelRunner:
         waited = time.perf_counter() - t0
         plan, samplers, kv_read, scores = self._prepare(sched)
         t_prepared = time.perf_counter()
+        spec_sampled = {}
         with torch.inference_mode():
             span = self.device_timer.begin()
             logits = self.forward_step(plan)
             self.device_timer.end(span)
             t_launched = time.perf_counter()
-            tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
+            if sched.spec_drafts:
+                samplers, tokens, spec_sampled = self._verify(sched, samplers, logits)
+            else:
+                tokens = self.sampler(logits, [r.params for r in samplers],
+                                      [r.generator for r in samplers]) if samplers else []
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
@@ -418,7 +430,28 @@ class ModelRunner:
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
                           prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
-                          device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
+                          device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan),
+                          spec_sampled=spec_sampled)
+
+    def _verify(self, sched: SchedulerOutput, samplers: list, logits: torch.Tensor):
+        """Speculative step: sample the plain rows, verify each draft on its 1 + k rows (see plan.logit_rows).
+        Returns (plain samplers, their tokens, {request_id: verified tokens})."""
+        drafts, plain, plain_rows, spec, row = sched.spec_drafts, [], [], {}, 0
+        best = logits.float().argmax(-1).tolist()  # one device sync for every greedy verification
+        for r in samplers:
+            draft = drafts.get(r.request_id)
+            if draft is None:
+                plain.append(r)
+                plain_rows.append(row)
+                row += 1
+            else:
+                gen = r.generator if r.generator is not None else self.sampler.generator
+                end = row + len(draft) + 1
+                spec[r.request_id] = verify_draft(logits[row:end], draft, r.params, gen, best[row:end])
+                row += len(draft) + 1
+        tokens = self.sampler(logits[torch.as_tensor(plain_rows, device=logits.device)], [r.params for r in plain],
+                              [r.generator for r in plain]) if plain else []
+        return plain, tokens, spec
 
     def _decode_kv_tokens(self, plan: StepPlan) -> int:
         """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""
@@ -434,14 +467,19 @@ class ModelRunner:
         n = len(batch)
         # One pass over the requests in Python; everything after it is numpy on whole arrays.
         qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids = self._sync_row, sched.block_tables
+        sync_row, block_ids, drafts = self._sync_row, sched.block_tables, sched.spec_drafts
         for r, k in batch:
             c = r.num_computed_tokens
             tokens = r.all_token_ids
             qlen_l.append(k)
             start_l.append(c)
-            total_l.append(len(tokens))
             row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
+            draft = drafts.get(r.request_id) if drafts else None
+            if draft is None:
+                total_l.append(len(tokens))
+            else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
+                total_l.append(c + k)
+                tokens, c = tokens[c:] + list(draft.token_ids), 0
             if k == 1:
                 ids_l.append(tokens[c])
             else:
@@ -471,6 +509,11 @@ class ModelRunner:
             self._pad_for_graph(n, graph_size)
         plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
                         None if sample_mask.all() else np.flatnonzero(sample_mask))
+        if drafts:
+            ends = np.cumsum(qlens)
+            plan.logit_rows = np.concatenate(
+                [np.arange(ends[i] - (len(drafts[batch[i][0].request_id]) + 1 if batch[i][0].request_id in drafts
+                                      else 1), ends[i]) for i in np.flatnonzero(sample_mask)] or [np.zeros(0, int)])
         scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
         return plan, samplers, int(seq_lens.sum()), scores
 
@@ -502,6 +545,8 @@ class ModelRunner:
                             self.backend)
         if rows is not None and not len(rows):
             return None
+        if plan.logit_rows is not None:
+            return self.model.compute_logits(hidden[torch.as_tensor(plan.logit_rows, device=self.device)])
         last = b.qsl_dev[1:n + 1].long() - 1
         return self.model.compute_logits(hidden[last if rows is None else last[rows]])
 
