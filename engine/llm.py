@@ -148,6 +148,8 @@ class LLMEngine:
         now = time.perf_counter()
         if sched.spec_drafts:
             finished = self.scheduler.update_from_output(sched, result.sampled, now, result.spec_sampled)
+            for rid in sched.spec_drafts:  # the tables of verified requests shrank to their accepted tokens
+                self.runner.truncate_row(rid, len(self.kv.block_ids(rid)))
         else:
             finished = self.scheduler.update_from_output(sched, result.sampled, now)
         for req in finished:

@@ -371,6 +371,12 @@ class ModelRunner:
             self.rows_written.pop(request_id)
             self.free_rows.append(row)
 
+    def truncate_row(self, request_id: str, num_blocks: int) -> None:
+        """The request's block table shrank to num_blocks (speculative decoding released the blocks of rejected
+        tokens): entries past it are stale and are rewritten when the table grows again."""
+        if request_id in self.rows_written:
+            self.rows_written[request_id] = min(self.rows_written[request_id], num_blocks)
+
     def close(self) -> None:
         """Free the KV cache and the CUDA graphs (the engine is being replaced); the model stays."""
         self.graphs = {}

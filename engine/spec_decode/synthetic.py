@@ -32,11 +32,9 @@ class SyntheticProposer:
         self.rng = random.Random(seed)
         self.cost_proposer = cost_proposer
 
-    @classmethod
-    def from_outputs(cls, outputs, acceptance: float, seed: int = 0, cost_proposer=None) -> "SyntheticProposer":
-        """Record the token ids of RequestOutputs (a non-speculative run of the trace)."""
-        recorded = {tuple(o.prompt_token_ids): list(o.token_ids) for o in outputs}
-        return cls(acceptance, recorded, seed, cost_proposer)
+    def record(self, outputs) -> None:
+        """Record the token ids of RequestOutputs (a non-speculative run of the trace), keyed by prompt."""
+        self.recorded.update({tuple(o.prompt_token_ids): list(o.token_ids) for o in outputs})
 
     def propose(self, requests: list, limits: list[int]) -> dict[str, Draft]:
         if self.cost_proposer is not None:
