@@ -168,6 +168,16 @@ class LLMEngine:
             self.stop_kernel_profile()
         return outputs
 
+    def set_proposer(self, proposer) -> None:
+        """Switch speculative decoding's proposer (an engine.spec_decode proposer, or None for off) without
+        rebuilding the engine, e.g. to interleave arms of a benchmark; resets the counters (reset_stats)."""
+        if self.has_unfinished_requests():
+            raise ValueError("set_proposer() with unfinished requests: finish or abort them first")
+        if proposer is not None and self.config.tensor_parallel_size != 1:
+            raise ValueError("speculative decoding needs tensor_parallel_size=1")
+        self.proposer = proposer
+        self.reset_stats()
+
     def _propose(self):
         """Drafts for the decoding requests (their last token is the only one not computed): ({request_id:
         Draft}, seconds). Each is asked for at most num_speculative_tokens, fewer near max_tokens or
@@ -571,15 +581,16 @@ class LLM:
                                  cost_proposer=None if draft is None else DraftModelProposer(draft))
 
     def _draft_engine(self, config: EngineConfig) -> LLMEngine:
-        """The draft model's engine, built from the target's config (speculation off; on CUDA at most 15% of the
-        device memory). Raises ValueError if the vocabularies differ."""
+        """The draft model's engine, built from the target's config (speculation off, prefix caching on; on CUDA at
+        most 15% of the device memory). Raises ValueError if the vocabularies differ."""
         name = config.speculative_model
         draft_spec = self.model_spec(name)
         if draft_spec.vocab_size != self.spec.vocab_size:
             raise ValueError(f"speculative_model={name!r} has vocab_size={draft_spec.vocab_size}, the target "
                              f"{self.spec.vocab_size}: the draft must share the target's vocabulary")
+        # The draft's prefix cache is what spares it recomputing each sequence every step (see draft_model.py).
         draft_config = config.replace(
-            speculative_method=None, speculative_model=None,
+            speculative_method=None, speculative_model=None, enable_prefix_caching=True,
             max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
             gpu_memory_utilization=min(0.15, config.gpu_memory_utilization) if self.device.type == "cuda"
             else config.gpu_memory_utilization)

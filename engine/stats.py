@@ -81,6 +81,7 @@ class SpecDecodeStats:
     built from it must say so). num_drafts: verifications (request-steps with a draft); num_draft_tokens:
     tokens proposed and verified; num_accepted_tokens: of those, accepted. accepted_per_position[i] /
     drafts_per_position[i]: acceptance at draft position i, among drafts that reached position i.
+    num_rejections: drafts with a rejected position (the others were accepted whole).
     draft_time: seconds in the proposer; step_time: seconds of all steps (so draft_time_share is their ratio).
     """
 
@@ -93,6 +94,14 @@ class SpecDecodeStats:
     drafts_per_position: list[int] = field(default_factory=list)
     draft_time: float = 0.0
     step_time: float = 0.0
+    num_rejections: int = 0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """The per-token acceptance probability of the speculative-decoding papers (alpha): accepted over the
+        positions verification reached (accepted + one rejected per draft with a rejection)."""
+        reached = self.num_accepted_tokens + self.num_rejections
+        return self.num_accepted_tokens / reached if reached else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -121,6 +130,7 @@ class SpecDecodeStats:
         self.num_drafts += 1
         self.num_draft_tokens += draft_len
         self.num_accepted_tokens += accepted
+        self.num_rejections += accepted < draft_len
         for i in range(draft_len):
             self.drafts_per_position[i] += 1
         for i in range(accepted):
@@ -129,7 +139,8 @@ class SpecDecodeStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(acceptance_rate=self.acceptance_rate, acceptance_rate_per_position=self.acceptance_rate_per_position,
-                 mean_accepted_length=self.mean_accepted_length, draft_time_share=self.draft_time_share)
+                 mean_accepted_length=self.mean_accepted_length, draft_time_share=self.draft_time_share,
+                 per_token_acceptance=self.per_token_acceptance)
         return d
 
 

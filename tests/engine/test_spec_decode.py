@@ -162,6 +162,7 @@ def test_synthetic_acceptance(tiny, tiny_refs):
     reached = [spec.num_drafts] + spec.accepted_per_position[:-1]
     for acc, n in zip(spec.accepted_per_position, reached):
         assert abs(acc / n - 0.6) < 4 * (0.24 / n) ** 0.5
+    assert abs(spec.per_token_acceptance - 0.6) < 0.05
     assert_pool_empty(tiny)
 
 
