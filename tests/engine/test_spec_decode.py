@@ -252,3 +252,13 @@ def test_proposer_protocol_draft_truncate():
     d = Draft([1, 2, 3], forced=[True, False, True])
     assert d.truncate(2).token_ids == [1, 2] and d.truncate(2).forced == [True, False]
     assert NgramProposer().propose([], []) == {}
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_backend_verification_matches_torch_backend(tiny_refs):
+    """Verification steps (1 + k query tokens over cached context) through the Triton prefill kernel."""
+    llm = LLM.random("tiny", cfg(attention_backend="triton", speculative_method="ngram", num_speculative_tokens=3,
+                                 max_num_batched_tokens=16), seed=3)
+    assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == tiny_refs[:3]
+    assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
