@@ -24,6 +24,12 @@ replay CUDA graphs. The target runs without prefix caching (repeated prompts wou
 of later arms); the draft runs with it (see engine/spec_decode/draft_model.py).
 Target: at B = 1, 80% acceptance, k = 4: speed-up >= 2; the crossover (speed-up < 1) appears at large B.
 About 4 minutes on one H200 at the defaults.
+
+--real: a trained model folder (--model, e.g. the shipped data/models/pystdlib-llama-6m) on real text (the
+prompts are cut from its heldout.json), with REAL acceptance only: n-gram, and the draft model --draft (a
+folder or preset with the same vocabulary) when given. E.g. on the CPU:
+    PYTHONPATH=. python3 benchmarks/spec_bench.py --real --model data/models/pystdlib-llama-6m --draft none \
+        --device cpu --batch-sizes 1,4,16 --output-len 48 --out data/benchmarks/spec_decode_cpu_shipped.json
 """
 import argparse
 import json
@@ -69,6 +75,24 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
             "num_steps": stats.num_steps, "spec": spec.to_dict() if spec is not None else None}
 
 
+def label(arm: str, real: bool) -> str:
+    if arm.startswith("synthetic@"):
+        return "SYNTHETIC ACCEPTANCE (chosen, not earned; random weights)"
+    weights = "trained weights, real text" if real else "random weights"
+    return f"{arm}: real acceptance ({weights})"
+
+
+def real_prompts(model_dir: str, prompt_len: int, llm: LLM) -> list[list[int]]:
+    """Prompts of prompt_len tokens cut from the model folder's heldout.json files (one per window)."""
+    files = json.loads((Path(model_dir) / "heldout.json").read_text())["files"]
+    out = []
+    for f in files:
+        text = f["text"] if isinstance(f, dict) else f
+        ids = llm.tokenizer.encode(text)
+        out += [ids[i:i + prompt_len] for i in range(0, len(ids) - prompt_len, 4 * prompt_len)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -80,52 +104,73 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, help="cuda (default when present) or cpu (with --model tiny)")
+    ap.add_argument("--real", action="store_true", help="trained model folder, real text, real acceptance only")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rates = [float(a) for a in args.acceptance.split(",")]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_len = args.prompt_len + args.output_len + args.k + 16
+    draft = None if args.draft in ("", "none") else args.draft
+    if args.real:
+        method = "draft" if draft else "ngram"
+    else:
+        method = "synthetic"
     config = EngineConfig(max_num_seqs=max(batch_sizes), max_model_len=max_len, enable_prefix_caching=False,
-                          speculative_method="synthetic", speculative_model=args.draft,
+                          speculative_method=method, speculative_model=draft,
                           num_speculative_tokens=args.k, device=str(device))
     t_load = time.perf_counter()
-    llm = LLM.random(args.model, config, seed=0)
-    synthetic = llm.engine.proposer  # costed by the draft model (config.speculative_model)
-    draft_cost = synthetic.cost_proposer
+    if args.real:
+        llm = LLM.from_pretrained(args.model, config, dtype=torch.float32 if device.type == "cpu" else None)
+    else:
+        llm = LLM.random(args.model, config, seed=0)
     ngram = NgramProposer()
-    print(f"loaded {args.model} + draft {args.draft} in {time.perf_counter() - t_load:.1f} s; "
-          f"KV blocks {llm.engine.kv.num_blocks}, draft KV blocks {draft_cost.engine.kv.num_blocks}", flush=True)
+    proposers = {"ngram": ngram}
+    synthetic = None
+    if method == "synthetic":
+        synthetic = llm.engine.proposer  # costed by the draft model (config.speculative_model) when given
+        proposers.update({f"synthetic@{a}": synthetic for a in rates})
+    elif method == "draft":
+        proposers["draft"] = llm.engine.proposer
+    draft_engine = getattr(getattr(llm.engine.proposer, "cost_proposer", None) or llm.engine.proposer, "engine", None)
+    print(f"loaded {args.model} + draft {draft} in {time.perf_counter() - t_load:.1f} s; KV blocks "
+          f"{llm.engine.kv.num_blocks}, draft KV blocks {draft_engine.kv.num_blocks if draft_engine else None}",
+          flush=True)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    arms = [f"synthetic@{a}" for a in rates] + ["ngram"]
+    arms = list(proposers)[1:] + ["ngram"]
     results = {b: {arm: [] for arm in ["baseline"] + arms} for b in batch_sizes}
 
     gen = torch.Generator().manual_seed(0)
-    warm = torch.randint(4, llm.vocab_size, (2, args.prompt_len), generator=gen).tolist()
-    for proposer in (None, synthetic, ngram):  # warm-up: kernels compiled and autotuned outside the runs
+    texts = real_prompts(args.model, args.prompt_len, llm) if args.real else None
+
+    def make_prompts(b: int) -> list[list[int]]:
+        if texts is None:
+            return torch.randint(4, llm.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+        picks = torch.randint(0, len(texts), (b,), generator=gen).tolist()
+        return [texts[i] for i in picks]
+
+    warm = make_prompts(2)
+    for proposer in [None] + list(dict.fromkeys(proposers.values())):  # warm-up: kernels compiled and autotuned
         llm.engine.set_proposer(proposer)
         llm.generate(warm, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 
     for rep in range(args.repeats):
         for b in batch_sizes:
-            prompts = torch.randint(4, llm.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+            prompts = make_prompts(b)
             llm.engine.set_proposer(None)
             base = run(llm, prompts, params)
             results[b]["baseline"].append(base)
-            synthetic.recorded = {}
-            synthetic.record(base["outputs"])
+            if synthetic is not None:
+                synthetic.recorded = {}
+                synthetic.record(base["outputs"])
             order = arms[rep % len(arms):] + arms[:rep % len(arms)]
             for arm in order:
-                if arm == "ngram":
-                    llm.engine.set_proposer(ngram)
-                else:
+                if arm.startswith("synthetic@"):
                     synthetic.acceptance = float(arm.split("@")[1])
-                    llm.engine.set_proposer(synthetic)
+                llm.engine.set_proposer(proposers[arm])
                 results[b][arm].append(run(llm, prompts, params))
             line = " ".join(f"{arm} {results[b][arm][-1]['tpot'] * 1e3:.2f}" for arm in ["baseline"] + arms)
             print(f"repeat {rep} B={b}: TPOT ms {line}", flush=True)
-    llm.engine.set_proposer(synthetic)
-
     rows = []
     print(f"\nTPOT speed-up (baseline / arm), median of {args.repeats} [min-max]; k={args.k}")
     print("(a: measured per-token acceptance, accepted / positions reached)")
@@ -138,9 +183,8 @@ def main() -> None:
             speedups = [bt / r["tpot"] for bt, r in zip(base_tpot, runs)]
             spec = [r["spec"] for r in runs]
             row = {"batch_size": b, "arm": arm, "k": args.k,
-                   "label": ("SYNTHETIC ACCEPTANCE (chosen, not earned; random weights)" if arm != "ngram"
-                             else "ngram prompt lookup, real acceptance on random weights"),
-                   "nominal_acceptance": float(arm.split("@")[1]) if arm != "ngram" else None,
+                   "label": label(arm, args.real),
+                   "nominal_acceptance": float(arm.split("@")[1]) if arm.startswith("synthetic@") else None,
                    "tpot_s": spread([r["tpot"] for r in runs]), "baseline_tpot_s": spread(base_tpot),
                    "speedup": spread(speedups),
                    "output_throughput": spread([r["output_throughput"] for r in runs]),
