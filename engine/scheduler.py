@@ -47,6 +47,11 @@ class Scheduler:
       is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
       Recompute gives the same output because the sampled tokens are kept and re-fed as prompt.
     - Waiting requests are admitted first-come-first-served, only in steps that preempted nothing.
+    - Speculative decoding: a decoding request with a draft is scheduled 1 + k tokens when the budget and the
+      free blocks allow (a draft never preempts anyone; without room it decodes one token). After verification
+      it keeps the K/V of its verified tokens only: num_computed_tokens counts them, and the blocks past them
+      go back to the pool (KVCacheManager.trim), so between steps every running request holds exactly
+      blocks_needed(num_computed_tokens) blocks, as without speculation.
     - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
       is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
       hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
