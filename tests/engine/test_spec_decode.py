@@ -262,3 +262,48 @@ def test_triton_backend_verification_matches_torch_backend(tiny_refs):
                                  max_num_batched_tokens=16), seed=3)
     assert [o.token_ids for o in llm.generate(PROMPTS[:3], GREEDY)] == tiny_refs[:3]
     assert llm.engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_interrupted_verification_step_is_rolled_back(tiny, tiny_refs, method):
+    """A KeyboardInterrupt in the target's forward pass of a verification step (or in the draft's): the step
+    is rolled back, the requests are recomputed, and the outputs are still the non-speculative ones."""
+    tiny.reconfigure(cfg(speculative_method=method, speculative_model="tiny" if method == "draft" else None,
+                         num_speculative_tokens=3))
+    eng = tiny.engine
+    for i, p in enumerate(PROMPTS):
+        eng.add_request(f"r{i}", p, GREEDY)
+    model = tiny.model if method == "ngram" else tiny._draft.model
+    calls = {"n": 0}
+
+    def hook(module, args):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+
+    handle = model.layers[0].register_forward_pre_hook(hook)
+    outs, interrupted = {}, 0
+    try:
+        while eng.has_unfinished_requests():
+            try:
+                for o in eng.step():
+                    outs[o.request_id] = o.token_ids
+            except KeyboardInterrupt:
+                interrupted += 1
+            check_kv_invariants(tiny)
+    finally:
+        handle.remove()
+    assert interrupted == 1
+    assert [outs[f"r{i}"] for i in range(len(PROMPTS))] == tiny_refs
+    assert_pool_empty(tiny)
+    if method == "draft":
+        assert not tiny._draft.engine.has_unfinished_requests()
+
+
+def test_seeded_sampling_with_draft_is_reproducible(tiny):
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=s, ignore_eos=True) for s in range(6)]
+    tiny.reconfigure(cfg(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=2))
+    first = [o.token_ids for o in tiny.generate(PROMPTS, params)]
+    assert [o.token_ids for o in tiny.generate(PROMPTS, params)] == first
+    assert tiny.engine.stats().spec_decode.num_drafts > 0
+    assert_pool_empty(tiny)
