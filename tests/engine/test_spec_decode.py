@@ -307,3 +307,41 @@ def test_seeded_sampling_with_draft_is_reproducible(tiny):
     assert [o.token_ids for o in tiny.generate(PROMPTS, params)] == first
     assert tiny.engine.stats().spec_decode.num_drafts > 0
     assert_pool_empty(tiny)
+
+
+class EagerGraph:
+    """Stands in for a captured verification graph on the CPU: replay() runs what the graph would, over the
+    padded input buffers (size rows of k + 1 tokens) into the runner's graph_hidden."""
+
+    def __init__(self, runner, size, query_len):
+        self.runner, self.size, self.q = runner, size, query_len
+        self.replays = 0
+
+    def replay(self):
+        r, t = self.runner, self.size * self.q
+        b = r.buffers
+        meta = r._metadata(t, self.size, r.max_blocks_per_seq, 0, self.q, r.config.max_model_len)
+        r.graph_hidden[:t].copy_(r.model(b.ids_dev[:t], b.pos_dev[:t], r.kv_caches, meta, r.backend))
+        self.replays += 1
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_verification_graph_padding_gives_the_same_tokens(tiny, tiny_refs, k):
+    """Steps where every request verifies a full draft replay a verification graph padded to the next size up
+    (padding rows of k + 1 dummy tokens into the null block); the tokens must be the non-speculative ones."""
+    tiny.reconfigure(cfg(speculative_method="synthetic", speculative_acceptance=0.7, num_speculative_tokens=k,
+                         max_num_seqs=8))
+    runner = tiny.engine.runner
+    q = k + 1
+    assert runner.spec_query_len == q and runner.spec_graph_sizes == [1, 2, 4, 8]
+    runner.graph_hidden = torch.empty(8 * q, tiny.spec.hidden_size)
+    runner.spec_graphs = {s: (EagerGraph(runner, s, q), runner.graph_hidden[:s * q]) for s in runner.spec_graph_sizes}
+    outs_ref = [type("O", (), {"prompt_token_ids": p, "token_ids": t})() for p, t in zip(PROMPTS, tiny_refs)]
+    tiny.engine.proposer.record(outs_ref)
+    assert [o.token_ids for o in tiny.generate(PROMPTS, GREEDY)] == tiny_refs
+    steps = tiny.engine.stats().steps
+    graph_steps = [s for s in steps if s.cuda_graph]
+    assert graph_steps and all(s.num_draft_tokens > 0 for s in graph_steps)
+    assert any(s.num_padding_tokens > 0 for s in graph_steps)  # 6 or 5 or 3 requests: padded to 8 or 4
+    assert sum(g.replays for g, _ in runner.spec_graphs.values()) == len(graph_steps)
+    assert_pool_empty(tiny)
