@@ -19,8 +19,10 @@ Per batch size B: B requests of --prompt-len random tokens arrive at once and ge
 are the recording), then synthetic at each acceptance and n-gram in an order rotated every repeat. TPOT is
 the median over the B requests of (finish - first token) / (tokens - 1); the table gives the median over
 --repeats runs with its min-max spread, and speed-up = baseline TPOT / arm TPOT (> 1: speculation pays).
-Verification steps run eagerly (several query tokens per request); only decode steps without any draft
-replay CUDA graphs. The target runs without prefix caching (repeated prompts would otherwise skip the prefill
+Decode steps without any draft replay the decode CUDA graphs; verification steps in which every request
+verifies a full draft of k tokens replay verification graphs (the synthetic arms' steady state); the rest
+(mixed with prefill, or shorter drafts near max_tokens, most n-gram steps) run eagerly. StepStats.cuda_graph
+says which ran. The target runs without prefix caching (repeated prompts would otherwise skip the prefill
 of later arms); the draft runs with it (see engine/spec_decode/draft_model.py).
 Target: at B = 1, 80% acceptance, k = 4: speed-up >= 2; the crossover (speed-up < 1) appears at large B.
 About 4 minutes on one H200 at the defaults.
@@ -72,7 +74,8 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     spec = stats.spec_decode
     return {"tpot": statistics.median(o.metrics.tpot for o in outs),
             "output_throughput": sum(len(o.token_ids) for o in outs) / wall, "outputs": outs,
-            "num_steps": stats.num_steps, "spec": spec.to_dict() if spec is not None else None}
+            "num_steps": stats.num_steps, "spec": spec.to_dict() if spec is not None else None,
+            "graph_share": sum(s.cuda_graph for s in stats.steps) / max(1, len(stats.steps))}
 
 
 def label(arm: str, real: bool) -> str:
@@ -211,7 +214,10 @@ def main() -> None:
     result = {"environment": environment(device), "model": args.model, "draft": args.draft,
               "dtype": str(llm.dtype), "config": config.to_dict(), "prompt_len": args.prompt_len,
               "output_len": args.output_len, "repeats": args.repeats, "cuda_graphs_baseline": bool(llm.engine.runner.graphs),
-              "note": "verification steps run eagerly; decode steps without drafts replay CUDA graphs",
+              "note": ("decode steps without drafts replay decode CUDA graphs; verification steps where every request "
+                       "verifies a full draft replay verification graphs; other verification steps run eagerly"),
+              "graph_steps_share": {f"{b}/{arm}": statistics.median(r["graph_share"] for r in results[b][arm])
+                                    for b in batch_sizes for arm in ["baseline"] + arms},
               "rows": rows, "target": target, "crossover_batch_size": crossover}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -37,8 +37,8 @@ class LLMEngine:
 
     def __init__(self, runner: Runner, config: EngineConfig, tokenizer=None, proposer=None):
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
-        # Speculative decoding: an engine.spec_decode proposer (None: off). Verification steps run eagerly
-        # (several query tokens per request), never as a CUDA graph.
+        # Speculative decoding: an engine.spec_decode proposer (None: off). See engine/runner.py for which
+        # verification steps replay a CUDA graph.
         self.proposer = proposer
         self.spec = runner.spec
         num_blocks = runner.determine_num_blocks()
