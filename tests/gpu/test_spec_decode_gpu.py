@@ -31,3 +31,22 @@ def test_spec_decode_greedy_identical_on_gpu(method, k):
     assert st.spec_decode.num_accepted_tokens > 0 and st.num_used_blocks == 0
     if method == "draft":
         assert st.spec_decode.acceptance_rate > 0.8
+
+
+def test_verification_graphs_on_gpu():
+    """Synthetic acceptance 0.7 over recorded greedy tokens: steady-state steps verify a full draft for every
+    request and replay a verification graph; the corrections (the target's argmax at each rejected position)
+    must still give the recorded tokens."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(4, 4096, (20 + 7 * i,), generator=gen).tolist() for i in range(5)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    base = dict(max_model_len=256, block_size=16, max_num_seqs=8)
+    llm = LLM.from_pretrained(MODEL, EngineConfig(**base), dtype=torch.float32)
+    ref = llm.generate(prompts, params)
+    llm.reconfigure(EngineConfig(**base, speculative_method="synthetic", speculative_acceptance=0.7,
+                                 num_speculative_tokens=3))
+    assert llm.engine.runner.spec_graphs
+    llm.engine.proposer.record(ref)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in ref]
+    steps = llm.engine.stats().steps
+    assert any(s.cuda_graph and s.num_draft_tokens > 0 and s.num_padding_tokens > 0 for s in steps)
