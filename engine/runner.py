@@ -343,9 +343,15 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
             logits = self.model.compute_logits(hidden)
+            hidden_for_spec = hidden[:1] if self.spec_query_len else None
             del hidden
             params = [PROFILE_GREEDY if i % PROFILE_SAMPLED_EVERY else PROFILE_SAMPLING for i in range(n)]
             self.sampler(logits, params, [None] * n)
+            if self.spec_query_len:  # a verification step: float32 logits at k + 1 rows per request
+                del logits
+                rows = min(n * self.spec_query_len, self.config.max_num_batched_tokens)
+                logits = self.model.compute_logits(hidden_for_spec.expand(rows, -1).contiguous())
+                logits.argmax(-1).tolist()
         return 0
 
     def _measure_graph_pool(self) -> int:
