@@ -1,6 +1,8 @@
 """Prompt lookup (n-gram) proposals: no extra model, the request's own tokens are the draft."""
 from __future__ import annotations
 
+import numpy as np
+
 from .proposal import Draft
 
 
@@ -31,12 +33,21 @@ class NgramProposer:
 
 def lookup(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the longest suffix n-gram
-    (min_n <= n <= max_n) of `tokens`; [] if none recurs."""
+    (min_n <= n <= max_n) of `tokens`; [] if none recurs. Vectorised (numpy): a few array operations per
+    request, whatever the sequence length."""
     L = len(tokens)
+    if L < 2:
+        return []
+    arr = np.asarray(tokens)
+    # Earlier positions ending an occurrence of the suffix n-gram: they must at least repeat the last token.
+    ends = np.flatnonzero(arr[:-1] == arr[-1])
     for n in range(min(max_n, L - 1), min_n - 1, -1):
-        suffix = tokens[L - n:]
-        # Scan right to left: the most recent occurrence is the likeliest continuation.
-        for start in range(L - n - 1, -1, -1):
-            if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
+        cand = ends[ends >= n - 1]
+        for j in range(1, n):
+            if not len(cand):
+                break
+            cand = cand[arr[cand - j] == arr[L - 1 - j]]
+        if len(cand):
+            end = int(cand[-1])
+            return tokens[end + 1:end + 1 + k]
     return []

@@ -2,6 +2,7 @@
 proposals, k in {1, 3, 5}) under continuous batching, chunked prefill, prefix caching and preemption; the KV
 slots of rejected tokens go back to the pool; rejection sampling keeps the target distribution (chi-square);
 counters and config errors."""
+import random
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,23 @@ def test_ngram_lookup():
     assert lookup([1, 2, 5, 1, 2, 6, 1, 2], 2, 1, 3) == [6, 1]  # the most recent occurrence wins
     assert lookup([1, 2, 3, 4], 3, 1, 3) == []
     assert lookup([4, 4], 5, 1, 3) == [4]
+
+
+def test_ngram_lookup_matches_a_plain_scan():
+    """The vectorised lookup against the definition: scan n from max_n down, occurrences right to left."""
+    def scan(tokens, k, min_n, max_n):
+        L = len(tokens)
+        for n in range(min(max_n, L - 1), min_n - 1, -1):
+            for start in range(L - n - 1, -1, -1):
+                if tokens[start:start + n] == tokens[L - n:]:
+                    return tokens[start + n:start + n + k]
+        return []
+    rng = random.Random(0)
+    for _ in range(3000):
+        tokens = [rng.randrange(rng.randint(1, 6)) for _ in range(rng.randint(0, 30))]
+        k, min_n = rng.randint(1, 5), rng.randint(1, 3)
+        max_n = rng.randint(min_n, 4)
+        assert lookup(tokens, k, min_n, max_n) == scan(tokens, k, min_n, max_n)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
