@@ -569,8 +569,9 @@ class LLM:
         """The speculative-decoding proposer of config (None when off); loads the draft model if needed."""
         from .spec_decode import DraftModelProposer, NgramProposer, SyntheticProposer
         method = config.speculative_method
+        if method is None or config.speculative_model is None:
+            self._drop_draft()
         if method is None:
-            self._draft = None
             return None
         if method == "ngram":
             return NgramProposer()
@@ -597,13 +598,20 @@ class LLM:
         if self._draft is not None and self._draft_name == name:
             self._draft.reconfigure(draft_config)
         else:
-            self._draft = None
+            self._drop_draft()
             if name in PRESETS:
                 self._draft = LLM.random(name, draft_config, dtype=self.dtype, seed=self._seed + 1)
             else:
                 self._draft = LLM.from_pretrained(name, draft_config, dtype=self.dtype)
             self._draft_name = name
         return self._draft.engine
+
+    def _drop_draft(self) -> None:
+        """Release the draft model and its KV cache now (before the target sizes its pool)."""
+        if self._draft is not None:
+            self._draft._release_engine()
+            self._draft._drop_model()
+            self._draft, self._draft_name = None, None
 
     def _drop_model(self) -> None:
         if self.model is not None:

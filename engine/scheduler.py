@@ -94,7 +94,9 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break
             if drafts and num_new == 1 and computed == len(req.all_token_ids) - 1:
-                num_new += self._schedule_draft(out, req, drafts.get(req.request_id), budget - 1)
+                # Keep a block free for each running request after this one: a draft must not preempt them.
+                num_new += self._schedule_draft(out, req, drafts.get(req.request_id), budget - 1,
+                                                len(running) - i - 1)
             scheduled.append((req, num_new))
             out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
             # A request's last prompt token and every later token are decode work; earlier ones are prefill.
@@ -124,12 +126,12 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def _schedule_draft(self, out: SchedulerOutput, req: Request, draft, budget: int) -> int:
+    def _schedule_draft(self, out: SchedulerOutput, req: Request, draft, budget: int, keep_free: int) -> int:
         """Reserve slots for a decoding request's draft (never preempting for it); returns the tokens added."""
         if draft is None or budget <= 0:
             return 0
         draft = draft.truncate(budget)
-        if not len(draft) or not self.kv.allocate_draft_slots(req, len(req.all_token_ids) + len(draft)):
+        if not len(draft) or not self.kv.allocate_draft_slots(req, len(req.all_token_ids) + len(draft), keep_free):
             return 0
         out.spec_drafts[req.request_id] = draft
         return len(draft)

@@ -153,15 +153,16 @@ class KVCacheManager:
                 self._uncommitted.append((blocks[i], hashes[i]))
         self.num_cached_blocks[rid] = num_full
 
-    def allocate_draft_slots(self, request, num_tokens: int) -> bool:
+    def allocate_draft_slots(self, request, num_tokens: int, keep_free: int = 0) -> bool:
         """Speculative decoding: make the request's table cover num_tokens slots, the tail of which will hold
         the K/V of proposed tokens that verification may reject. Registers nothing in the prefix cache (the
-        tokens are not the request's yet). Returns False, changing nothing, when the pool lacks the blocks."""
+        tokens are not the request's yet). Returns False, changing nothing, unless the pool can supply the
+        blocks and still keep keep_free blocks free."""
         blocks = self.req_to_blocks.get(request.request_id, [])
         needed = self.blocks_needed(num_tokens) - len(blocks)
         if needed <= 0:
             return True
-        if needed > self.pool.num_free_blocks:
+        if needed + keep_free > self.pool.num_free_blocks:
             return False
         new_blocks = self.pool.get_new_blocks(needed)
         self.req_to_blocks.setdefault(request.request_id, []).extend(new_blocks)

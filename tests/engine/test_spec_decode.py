@@ -117,7 +117,7 @@ def test_ngram_greedy_identical_with_batching_chunking_caching_preemption(tiny, 
     spec = st.spec_decode
     assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
     assert spec.num_draft_tokens > 0 and 0 < spec.num_accepted_tokens < spec.num_draft_tokens
-    assert len(spec.accepted_per_position) == k
+    assert 1 <= len(spec.accepted_per_position) <= k
     assert sum(s.num_draft_tokens for s in st.steps) == spec.num_draft_tokens
     assert sum(s.num_accepted_tokens for s in st.steps) == spec.num_accepted_tokens
     # Every token emitted is counted: prompts' outputs, once each.
