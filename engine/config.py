@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 QUANTIZATION_MODES = (None, "int8", "int4", "awq", "gptq", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+# "synthetic": a performance-study proposer (engine/spec_decode/synthetic.py), never a real speed-up claim.
+SPECULATIVE_METHODS = (None, "ngram", "draft", "synthetic")
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,13 @@ class EngineConfig:
     enforce_eager: True turns CUDA graphs off.
     device: "cuda" | "cpu" | None (CUDA when present).
     seed: seed of the engine's sampler for requests without their own seed.
+    speculative_method: None (off) | "ngram" (prompt lookup) | "draft" (speculative_model proposes) |
+        "synthetic" (performance studies: proposals accepted with probability speculative_acceptance per
+        position; see engine/spec_decode/synthetic.py).
+    num_speculative_tokens: tokens proposed per decoding request and step (k), 1..16.
+    speculative_model: the draft, a preset name or an HF checkpoint folder with the target's vocabulary
+        ("draft" only; "synthetic" runs it, when given, to charge its cost).
+    speculative_acceptance: "synthetic" only, the per-position acceptance probability in [0, 1].
     """
 
     block_size: int = 16
@@ -56,6 +65,10 @@ class EngineConfig:
     enforce_eager: bool = False
     device: str | None = None
     seed: int = 0
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    speculative_model: str | None = None
+    speculative_acceptance: float = 0.8
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -86,6 +99,24 @@ class EngineConfig:
         _check(self.device is None or str(self.device).split(":")[0] in ("cuda", "cpu"),
                "device", self.device, "None, 'cpu' or 'cuda'")
         _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        m = self.speculative_method
+        _check(m in SPECULATIVE_METHODS, "speculative_method", m, f"one of {SPECULATIVE_METHODS}")
+        k = self.num_speculative_tokens
+        _check(_is_int(k) and 1 <= k <= 16, "num_speculative_tokens", k, "an integer from 1 to 16")
+        _check(self.speculative_model is None or isinstance(self.speculative_model, str), "speculative_model",
+               self.speculative_model, "None or a preset name / checkpoint folder (str)")
+        if m == "draft":
+            _check(self.speculative_model is not None, "speculative_model", None,
+                   "a preset name or checkpoint folder when speculative_method='draft'")
+        a = self.speculative_acceptance
+        _check(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1, "speculative_acceptance",
+               a, "a number in [0, 1]")
+        if m is not None:
+            _check(self.tensor_parallel_size == 1, "tensor_parallel_size", self.tensor_parallel_size,
+                   "1 when speculative decoding is on (speculative_method is not None)")
 
     def replace(self, **changes) -> "EngineConfig":
         """A copy with some fields changed (validated like any new config)."""

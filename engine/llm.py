@@ -1,6 +1,7 @@
 """LLM (the user API: load, generate, reconfigure) and LLMEngine (the step API and its counters)."""
 from __future__ import annotations
 
+import copy
 import gc
 import itertools
 import time
@@ -23,7 +24,7 @@ from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .stats import EngineStats, StepStats, expert_imbalance
+from .stats import EngineStats, SpecDecodeStats, StepStats, expert_imbalance
 from .timeline import RequestLog
 
 
@@ -34,8 +35,11 @@ class LLMEngine:
     rejected in add_request, before any state changes, so the engine stays usable.
     """
 
-    def __init__(self, runner: Runner, config: EngineConfig, tokenizer=None):
+    def __init__(self, runner: Runner, config: EngineConfig, tokenizer=None, proposer=None):
         self.runner, self.config, self.tokenizer = runner, config, tokenizer
+        # Speculative decoding: an engine.spec_decode proposer (None: off). See engine/runner.py for which
+        # verification steps replay a CUDA graph.
+        self.proposer = proposer
         self.spec = runner.spec
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
@@ -97,6 +101,8 @@ class LLMEngine:
         del self.requests[request_id]
         self.runner.release(request_id)
         self._request_log.forget(request_id)
+        if self.proposer is not None:
+            self.proposer.release(request_id)
         return self._output(req)
 
     # ----- one iteration ------------------------------------------------------------------------
@@ -128,7 +134,8 @@ class LLMEngine:
             profiler.before_step(len(self._steps))
         start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
-        sched = self.scheduler.schedule()
+        drafts, draft_time = self._propose() if self.proposer is not None else (None, 0.0)
+        sched = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting:
                 raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
@@ -139,18 +146,67 @@ class LLMEngine:
         t_execute = time.perf_counter()
         result = self.runner.execute(sched)
         now = time.perf_counter()
-        finished = self.scheduler.update_from_output(sched, result.sampled, now)
+        if sched.spec_drafts:
+            finished = self.scheduler.update_from_output(sched, result.sampled, now, result.spec_sampled)
+            for rid in sched.spec_drafts:  # the tables of verified requests shrank to their accepted tokens
+                self.runner.truncate_row(rid, len(self.kv.block_ids(rid)))
+        else:
+            finished = self.scheduler.update_from_output(sched, result.sampled, now)
         for req in finished:
             del self.requests[req.request_id]
             self.runner.release(req.request_id)
             self._request_log.forget(req.request_id)
+            if self.proposer is not None:
+                self.proposer.release(req.request_id)
         outputs = [self._output(req) for req in finished]
         self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
                           self.kv.prefix_cache_hits - hits, t_execute, recomputed)
+        if self._spec is not None:
+            self._record_spec(sched, result, draft_time)
         self.scheduler.commit()
         if profiler is not None and profiler.after_step(len(self._steps) - 1):
             self.stop_kernel_profile()
         return outputs
+
+    def set_proposer(self, proposer) -> None:
+        """Switch speculative decoding's proposer (an engine.spec_decode proposer, or None for off) without
+        rebuilding the engine, e.g. to interleave arms of a benchmark; resets the counters (reset_stats)."""
+        if self.has_unfinished_requests():
+            raise ValueError("set_proposer() with unfinished requests: finish or abort them first")
+        if proposer is not None and self.config.tensor_parallel_size != 1:
+            raise ValueError("speculative decoding needs tensor_parallel_size=1")
+        self.proposer = proposer
+        self.reset_stats()
+
+    def _propose(self):
+        """Drafts for the decoding requests (their last token is the only one not computed): ({request_id:
+        Draft}, seconds). Each is asked for at most num_speculative_tokens, fewer near max_tokens or
+        max_model_len, so that every verified token can be kept."""
+        t0 = time.perf_counter()
+        k, max_len = self.config.num_speculative_tokens, self.config.max_model_len
+        requests, limits = [], []
+        for req in self.scheduler.running:
+            if req.num_computed_tokens != req.num_tokens - 1:
+                continue
+            limit = min(k, req.params.max_tokens - len(req.output_token_ids) - 1, max_len - req.num_tokens - 1)
+            if limit > 0:
+                requests.append(req)
+                limits.append(limit)
+        drafts = self.proposer.propose(requests, limits) if requests else {}
+        return drafts, time.perf_counter() - t0
+
+    def _record_spec(self, sched, result, draft_time: float) -> None:
+        spec, step = self._spec, self._steps[-1]
+        spec.draft_time += draft_time
+        spec.step_time += step.duration
+        step.draft_time = draft_time
+        for rid, draft in sched.spec_drafts.items():
+            tokens = result.spec_sampled.get(rid)
+            if tokens is None:
+                continue
+            spec.record(len(draft), len(tokens) - 1)
+            step.num_draft_tokens += len(draft)
+            step.num_accepted_tokens += len(tokens) - 1
 
     def set_timeline(self, enabled: bool) -> None:
         """Switch the always-on timeline's CUDA events and request events off (False) or on: for measuring
@@ -189,7 +245,8 @@ class LLMEngine:
             num_cached_blocks=kv.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
             internal_fragmentation=wasted / (used * bs) if used else 0.0,
             prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted),
-            num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
+            num_sampled_tokens=len(result.sampled) + sum(map(len, result.spec_sampled.values())),
+            num_kv_tokens_read=result.num_kv_tokens_read,
             num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
             cuda_graph=result.used_cuda_graph,
@@ -203,7 +260,7 @@ class LLMEngine:
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
-        self._num_generation_tokens += len(result.sampled)
+        self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
 
     def _expert_load(self, num_tokens: int):
         """This step's tokens per expert per MoE layer ([layers, experts] tensor on the device, added to the
@@ -236,6 +293,8 @@ class LLMEngine:
         self._num_generation_tokens = 0
         self._kernel_profile = None
         self._expert_tokens = None  # MoE: a [moe layers, experts] tensor on the device
+        self._spec = (SpecDecodeStats(self.proposer.name, self.config.num_speculative_tokens)
+                      if self.proposer is not None else None)
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
         # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
         log = getattr(self, "_request_log", None) or RequestLog()
@@ -269,7 +328,8 @@ class LLMEngine:
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
             request_events=list(self._request_log.events), kernel_profile=self._kernel_profile,
-            expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None)
+            expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
+            spec_decode=copy.deepcopy(self._spec))
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
@@ -314,6 +374,9 @@ class LLM:
         # each rank then holds its shard, and no GPU the whole model).
         self.model: torch.nn.Module | None = None
         self._quantization: str | None = None  # what self.model holds now
+        # The draft model of speculative_method "draft" (or a costed "synthetic"), kept across reconfigure.
+        self._draft: LLM | None = None
+        self._draft_name: str | None = None
         self._engine: LLMEngine | None = None
         self.reconfigure(config)
 
@@ -495,7 +558,57 @@ class LLM:
                                prequantized=self.prequantized)
                 self._quantization = config.quantization
             runner = ModelRunner(self.model, self.spec, config, self.device, self.dtype)
-        self._engine = LLMEngine(runner, config, self.tokenizer)
+        # The draft's engine exists before the target sizes its KV pool, which then counts the draft's memory.
+        proposer = self._make_proposer(config)
+        self._engine = LLMEngine(runner, config, self.tokenizer, proposer)
+
+    def _make_proposer(self, config: EngineConfig):
+        """The speculative-decoding proposer of config (None when off); loads the draft model if needed."""
+        from .spec_decode import DraftModelProposer, NgramProposer, SyntheticProposer
+        method = config.speculative_method
+        if method is None or config.speculative_model is None:
+            self._drop_draft()
+        if method is None:
+            return None
+        if method == "ngram":
+            return NgramProposer()
+        draft = self._draft_engine(config) if config.speculative_model is not None else None
+        if method == "draft":
+            return DraftModelProposer(draft)
+        return SyntheticProposer(config.speculative_acceptance, seed=config.seed,
+                                 cost_proposer=None if draft is None else DraftModelProposer(draft))
+
+    def _draft_engine(self, config: EngineConfig) -> LLMEngine:
+        """The draft model's engine, built from the target's config (speculation off, prefix caching on; on CUDA at
+        most 15% of the device memory). Raises ValueError if the vocabularies differ."""
+        name = config.speculative_model
+        draft_spec = self.model_spec(name)
+        if draft_spec.vocab_size != self.spec.vocab_size:
+            raise ValueError(f"speculative_model={name!r} has vocab_size={draft_spec.vocab_size}, the target "
+                             f"{self.spec.vocab_size}: the draft must share the target's vocabulary")
+        # The draft's prefix cache is what spares it recomputing each sequence every step (see draft_model.py).
+        draft_config = config.replace(
+            speculative_method=None, speculative_model=None, enable_prefix_caching=True,
+            max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
+            gpu_memory_utilization=min(0.15, config.gpu_memory_utilization) if self.device.type == "cuda"
+            else config.gpu_memory_utilization)
+        if self._draft is not None and self._draft_name == name:
+            self._draft.reconfigure(draft_config)
+        else:
+            self._drop_draft()
+            if name in PRESETS:
+                self._draft = LLM.random(name, draft_config, dtype=self.dtype, seed=self._seed + 1)
+            else:
+                self._draft = LLM.from_pretrained(name, draft_config, dtype=self.dtype)
+            self._draft_name = name
+        return self._draft.engine
+
+    def _drop_draft(self) -> None:
+        """Release the draft model and its KV cache now (before the target sizes its pool)."""
+        if self._draft is not None:
+            self._draft._release_engine()
+            self._draft._drop_model()
+            self._draft, self._draft_name = None, None
 
     def _drop_model(self) -> None:
         if self.model is not None:

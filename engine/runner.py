@@ -3,12 +3,15 @@
 Host-side work is kept off the critical path: inputs are written into preallocated (pinned) host
 buffers with numpy and copied to the device in one go per tensor; each running request keeps a row
 of a persistent block table that only receives its new block ids. Pure-decode steps on CUDA replay
-a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24, ... max_num_seqs).
+a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24, ... max_num_seqs). With
+speculative decoding, verification steps in which every request verifies a draft of exactly k tokens replay a
+verification graph (k + 1 query tokens per request, through the prefill kernel) on the same ladder; other
+verification steps (mixed with prefill chunks, or with shorter drafts) run eagerly.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -23,6 +26,7 @@ from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
+from .spec_decode.verifier import verify_draft
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
                      reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
@@ -61,10 +65,15 @@ class StepPlan:
     max_seq_len: int
     graph_size: int | None         # the CUDA graph replayed (a pure-decode step padded to graph_size), or None
     sample_rows: np.ndarray | None  # the sequences whose logits are needed; None: all of them
+    # Speculative steps: the token rows whose logits are needed (each sampling sequence's last row, and the
+    # 1 + k rows of each verified draft), in batch order; None otherwise (sample_rows applies).
+    logit_rows: np.ndarray | None = None
+    # Query tokens per sequence of the graph replayed: 1 for decode graphs, k + 1 for verification graphs.
+    graph_query_len: int = 1
 
     @property
     def padded_tokens(self) -> int:
-        return self.graph_size or self.num_tokens
+        return self.graph_size * self.graph_query_len if self.graph_size else self.num_tokens
 
     @property
     def padded_seqs(self) -> int:
@@ -86,6 +95,9 @@ class StepResult:
     num_padding_tokens: int = 0    # dummy rows added to reach the CUDA graph's batch size
     device_span: DeviceSpan | None = None  # the forward pass's device timing (see engine.timeline)
     num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what the one-token (decode) rows attend
+    # Speculative decoding: request_id -> tokens emitted by verifying its draft (accepted prefix + one more);
+    # such requests are not in `sampled`.
+    spec_sampled: dict[str, list[int]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -166,13 +178,20 @@ class ModelRunner:
         self.memory: MemoryProfile | None = None
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self.graph_sizes = graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
+        # Speculative decoding: verification graphs for batches where every request verifies a draft of exactly
+        # num_speculative_tokens (k + 1 query tokens each), on the same ladder of batch sizes (spec_graph_sizes).
+        k = config.num_speculative_tokens if config.speculative_method is not None else 0
+        self.spec_query_len = k + 1 if k else 0
+        self.spec_graph_sizes = [s for s in self.graph_sizes if s * (k + 1) <= config.max_num_batched_tokens] if k else []
+        self.spec_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         max_tokens = max(config.max_num_batched_tokens, self.graph_sizes[-1])
         if device.type == "cpu":
             self._check_host_activations(max_tokens)
         self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device)
         # Captured decode graphs write their last hidden states here (one buffer for all sizes, so the
         # graphs' shared pool keeps no per-graph output); the LM head runs eagerly on the rows that sample.
-        self.graph_hidden = (torch.empty(self.graph_sizes[-1], spec.hidden_size, dtype=dtype, device=device)
+        hidden_rows = max([self.graph_sizes[-1]] + [s * self.spec_query_len for s in self.spec_graph_sizes])
+        self.graph_hidden = (torch.empty(hidden_rows, spec.hidden_size, dtype=dtype, device=device)
                              if self.uses_cuda_graphs else None)
         # Persistent block-table rows (see the class docstring).
         self.table_rows = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
@@ -334,9 +353,15 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
             logits = self.model.compute_logits(hidden)
+            hidden_for_spec = hidden[:1] if self.spec_query_len else None
             del hidden
             # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
             self.sampler(logits, profile_sampling_params(n, self.sampler.chunk_rows), [torch.Generator()] * n)
+            if self.spec_query_len:  # a verification step: float32 logits at k + 1 rows per request
+                del logits
+                rows = min(n * self.spec_query_len, self.config.max_num_batched_tokens)
+                logits = self.model.compute_logits(hidden_for_spec.expand(rows, -1).contiguous())
+                logits.argmax(-1).tolist()
         return 0
 
     def _measure_graph_pool(self) -> int:
@@ -349,10 +374,15 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(dev)
         size = self.graph_sizes[-1]
         graph = self._capture(size, None, max_cols=1)
+        if self.spec_graph_sizes:  # the largest verification graph, into the same pool: the pool is the larger
+            q = self.spec_query_len
+            spec_graph = self._capture(self.spec_graph_sizes[-1], graph.pool(), -(-q // self.config.block_size), q)
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()  # the warm-up's blocks in the general pool; the graph's private pool stays
         pool = torch.cuda.memory_reserved(dev) - before
         del graph
+        if self.spec_graph_sizes:
+            del spec_graph
         self.kv_caches = []
         torch.cuda.empty_cache()
         return max(pool, 0)
@@ -374,9 +404,16 @@ class ModelRunner:
             self.rows_written.pop(request_id)
             self.free_rows.append(row)
 
+    def truncate_row(self, request_id: str, num_blocks: int) -> None:
+        """The request's block table shrank to num_blocks (speculative decoding released the blocks of rejected
+        tokens): entries past it are stale and are rewritten when the table grows again."""
+        if request_id in self.rows_written:
+            self.rows_written[request_id] = min(self.rows_written[request_id], num_blocks)
+
     def close(self) -> None:
         """Free the KV cache and the CUDA graphs (the engine is being replaced); the model stays."""
         self.graphs = {}
+        self.spec_graphs = {}
         self.kv_caches = []
 
     def release_all(self) -> None:
@@ -415,12 +452,17 @@ class ModelRunner:
         waited = time.perf_counter() - t0
         plan, samplers, kv_read, scores = self._prepare(sched)
         t_prepared = time.perf_counter()
+        spec_sampled = {}
         with torch.inference_mode():
             span = self.device_timer.begin()
             logits = self.forward_step(plan)
             self.device_timer.end(span)
             t_launched = time.perf_counter()
-            tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
+            if sched.spec_drafts:
+                samplers, tokens, spec_sampled = self._verify(sched, samplers, logits)
+            else:
+                tokens = self.sampler(logits, [r.params for r in samplers],
+                                      [r.generator for r in samplers]) if samplers else []
             del logits
         self.trim_reserved()
         t_synced = time.perf_counter()
@@ -430,7 +472,28 @@ class ModelRunner:
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
                           prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
-                          device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
+                          device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan),
+                          spec_sampled=spec_sampled)
+
+    def _verify(self, sched: SchedulerOutput, samplers: list, logits: torch.Tensor):
+        """Speculative step: sample the plain rows, verify each draft on its 1 + k rows (see plan.logit_rows).
+        Returns (plain samplers, their tokens, {request_id: verified tokens})."""
+        drafts, plain, plain_rows, spec, row = sched.spec_drafts, [], [], {}, 0
+        best = logits.float().argmax(-1).tolist()  # one device sync for every greedy verification
+        for r in samplers:
+            draft = drafts.get(r.request_id)
+            if draft is None:
+                plain.append(r)
+                plain_rows.append(row)
+                row += 1
+            else:
+                gen = r.generator if r.generator is not None else self.sampler.generator
+                end = row + len(draft) + 1
+                spec[r.request_id] = verify_draft(logits[row:end], draft, r.params, gen, best[row:end])
+                row += len(draft) + 1
+        tokens = self.sampler(logits[torch.as_tensor(plain_rows, device=logits.device)], [r.params for r in plain],
+                              [r.generator for r in plain]) if plain else []
+        return plain, tokens, spec
 
     def trim_reserved(self) -> None:
         """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
@@ -458,14 +521,19 @@ class ModelRunner:
         n = len(batch)
         # One pass over the requests in Python; everything after it is numpy on whole arrays.
         qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids = self._sync_row, sched.block_tables
+        sync_row, block_ids, drafts = self._sync_row, sched.block_tables, sched.spec_drafts
         for r, k in batch:
             c = r.num_computed_tokens
             tokens = r.all_token_ids
             qlen_l.append(k)
             start_l.append(c)
-            total_l.append(len(tokens))
             row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
+            draft = drafts.get(r.request_id) if drafts else None
+            if draft is None:
+                total_l.append(len(tokens))
+            else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
+                total_l.append(c + k)
+                tokens, c = tokens[c:] + list(draft.token_ids), 0
             if k == 1:
                 ids_l.append(tokens[c])
             else:
@@ -491,10 +559,22 @@ class ModelRunner:
         np.cumsum(qlens, out=b.qsl_np[1:n + 1])
         b.lens_np[:n] = seq_lens
         graph_size = self._graph_size(n) if num_tokens == n else None
+        graph_query_len = 1
         if graph_size is not None:
             self._pad_for_graph(n, graph_size)
+        elif drafts and self.spec_graphs and len(drafts) == n and num_tokens == n * self.spec_query_len:
+            # Every request verifies a full draft: a verification graph, padded like a decode graph.
+            graph_size = self._graph_size(n, self.spec_graph_sizes, self.spec_graphs)
+            if graph_size is not None:
+                graph_query_len = self.spec_query_len
+                self._pad_for_graph(n, graph_size, graph_query_len)
         plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
-                        None if sample_mask.all() else np.flatnonzero(sample_mask))
+                        None if sample_mask.all() else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
+        if drafts:
+            ends = np.cumsum(qlens)
+            plan.logit_rows = np.concatenate(
+                [np.arange(ends[i] - (len(drafts[batch[i][0].request_id]) + 1 if batch[i][0].request_id in drafts
+                                      else 1), ends[i]) for i in np.flatnonzero(sample_mask)] or [np.zeros(0, int)])
         scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
         return plan, samplers, int(seq_lens.sum()), scores
 
@@ -513,11 +593,14 @@ class ModelRunner:
         self.upload(plan)
         rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
         if plan.graph_size is not None:
-            graph, hidden = self.graphs[plan.graph_size]
+            graphs = self.graphs if plan.graph_query_len == 1 else self.spec_graphs
+            graph, hidden = graphs[plan.graph_size]
             graph.replay()
             # The LM head runs eagerly, on the rows that sample only (a graph's pool keeps no logits).
             if rows is not None and not len(rows):
                 return None
+            if plan.logit_rows is not None:
+                return self.model.compute_logits(hidden[torch.as_tensor(plan.logit_rows, device=self.device)])
             hidden = hidden[:n]
             return self.model.compute_logits(hidden if rows is None else hidden[rows])
         meta = self._metadata(plan.num_tokens, n, plan.num_cols, plan.num_decodes, plan.max_query_len,
@@ -526,6 +609,8 @@ class ModelRunner:
                             self.backend)
         if rows is not None and not len(rows):
             return None
+        if plan.logit_rows is not None:
+            return self.model.compute_logits(hidden[torch.as_tensor(plan.logit_rows, device=self.device)])
         last = b.qsl_dev[1:n + 1].long() - 1
         return self.model.compute_logits(hidden[last if rows is None else last[rows]])
 
@@ -559,23 +644,26 @@ class ModelRunner:
             return torch.cat([self.model.compute_logits(h).cpu() for h in hidden.split(1024)])
 
     # ----- CUDA graphs --------------------------------------------------------------------------
-    def _graph_size(self, n: int) -> int | None:
-        if not self.graphs or n > self.graph_sizes[-1]:
+    def _graph_size(self, n: int, sizes: list[int] | None = None, graphs: dict | None = None) -> int | None:
+        sizes, graphs = (self.graph_sizes, self.graphs) if sizes is None else (sizes, graphs)
+        if not graphs or n > sizes[-1]:
             return None
-        for size in self.graph_sizes:
+        for size in sizes:
             if size >= n:
                 return size
         return None
 
-    def _pad_for_graph(self, n: int, size: int) -> None:
-        """Padding rows n..size-1 decode one dummy token into the null block."""
+    def _pad_for_graph(self, n: int, size: int, query_len: int = 1) -> None:
+        """Padding rows n..size-1 run query_len dummy tokens each (1: decode graphs; k + 1: verification
+        graphs) whose K/V goes to the null block."""
         b = self.buffers
-        b.ids_np[n:size] = 0
-        b.pos_np[n:size] = 0
-        b.slots_np[n:size] = self.null_block * self.config.block_size
-        b.qsl_np[n + 1:size + 1] = b.qsl_np[n] + np.arange(1, size - n + 1)
-        b.lens_np[n:size] = 1
-        b.tables_np[n:size, 0] = self.null_block
+        start, end = int(b.qsl_np[n]), int(b.qsl_np[n]) + (size - n) * query_len
+        b.ids_np[start:end] = 0
+        b.pos_np[start:end] = np.tile(np.arange(query_len), size - n) if query_len > 1 else 0
+        b.slots_np[start:end] = self.null_block * self.config.block_size
+        b.qsl_np[n + 1:size + 1] = b.qsl_np[n] + np.arange(1, size - n + 1) * query_len
+        b.lens_np[n:size] = query_len
+        b.tables_np[n:size, :-(-query_len // self.config.block_size)] = self.null_block
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for every size of the ladder, largest first, sharing one memory pool; records the
@@ -593,29 +681,41 @@ class ModelRunner:
             graph = self._capture(size, pool, self.max_blocks_per_seq)
             pool = graph.pool()
             self.graphs[size] = (graph, self.graph_hidden[:size])
+        q = self.spec_query_len
+        for size in reversed(self.spec_graph_sizes):  # into the same pool: never replayed at the same time
+            graph = self._capture(size, pool, self.max_blocks_per_seq, q)
+            self.spec_graphs[size] = (graph, self.graph_hidden[:size * q])
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         if self.memory is not None:
             self.memory.graph_pool_bytes_captured = torch.cuda.memory_reserved(dev) - before
 
-    def _capture(self, size: int, pool, max_cols: int) -> torch.cuda.CUDAGraph:
-        """One decode graph of `size` rows: padding rows only (null block), max_seq_len = max_model_len (the
-        decode kernel's split count comes from it). Its last hidden states go to graph_hidden[:size]."""
-        b = self.buffers
-        b.qsl_np[:size + 1] = np.arange(size + 1)
-        b.ids_np[:size] = 0
-        b.pos_np[:size] = 0
-        b.slots_np[:size] = self.null_block * self.config.block_size
-        b.lens_np[:size] = 1
-        b.tables_np[:size, :max_cols] = self.null_block
-        b.upload(size, size, max_cols)
+    def _capture(self, size: int, pool, max_cols: int, query_len: int = 1) -> torch.cuda.CUDAGraph:
+        """One graph of `size` rows of query_len tokens (1: a decode graph; k + 1: a verification graph, every
+        row through the prefill kernel): padding rows only (null block), max_seq_len = max_model_len (the decode
+        kernel's split count comes from it). Its hidden states go to graph_hidden[:size * query_len]."""
+        args = self.graph_args(size, max_cols, query_len)
+        t = size * query_len
         torch.cuda.synchronize(self.device)
         with torch.inference_mode():
-            meta = self._metadata(size, size, max_cols, size, 1, self.config.max_model_len)
-            args = (b.ids_dev[:size], b.pos_dev[:size], self.kv_caches, meta, self.backend)
-            self.graph_hidden[:size].copy_(self.model(*args))  # warm-up: compile kernels outside the capture
+            self.graph_hidden[:t].copy_(self.model(*args))  # warm-up: compile kernels outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.graph_hidden[:size].copy_(self.model(*args))
+                self.graph_hidden[:t].copy_(self.model(*args))
         return graph
+
+    def graph_args(self, size: int, max_cols: int, query_len: int = 1) -> tuple:
+        """The model's arguments a graph of `size` rows of query_len tokens is captured with (views of the device
+        input buffers, which each replay's upload refills); the buffers hold padding rows only."""
+        b, t = self.buffers, size * query_len
+        b.qsl_np[:size + 1] = np.arange(size + 1) * query_len
+        b.ids_np[:t] = 0
+        b.pos_np[:t] = np.tile(np.arange(query_len), size)
+        b.slots_np[:t] = self.null_block * self.config.block_size
+        b.lens_np[:size] = query_len
+        b.tables_np[:size, :max_cols] = self.null_block
+        b.upload(t, size, max_cols)
+        num_decodes = size if query_len == 1 else 0
+        meta = self._metadata(t, size, max_cols, num_decodes, query_len, self.config.max_model_len)
+        return (b.ids_dev[:t], b.pos_dev[:t], self.kv_caches, meta, self.backend)

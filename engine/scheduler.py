@@ -21,6 +21,9 @@ class SchedulerOutput:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
+    # Speculative decoding: request_id -> the Draft (engine.spec_decode) whose k tokens this step verifies; such a
+    # request is scheduled 1 + k tokens (its last token and the draft) and its block table covers them all.
+    spec_drafts: dict = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -44,6 +47,11 @@ class Scheduler:
       is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
       Recompute gives the same output because the sampled tokens are kept and re-fed as prompt.
     - Waiting requests are admitted first-come-first-served, only in steps that preempted nothing.
+    - Speculative decoding: a decoding request with a draft is scheduled 1 + k tokens when the budget and the
+      free blocks allow (a draft never preempts anyone; without room it decodes one token). After verification
+      it keeps the K/V of its verified tokens only: num_computed_tokens counts them, and the blocks past them
+      go back to the pool (KVCacheManager.trim), so between steps every running request holds exactly
+      blocks_needed(num_computed_tokens) blocks, as without speculation.
     - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
       is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
       hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
@@ -66,7 +74,9 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict | None = None) -> SchedulerOutput:
+        """drafts: {request_id: Draft} proposed for decoding requests (speculative decoding); a request with one
+        gets 1 + len(draft) tokens when the budget and the pool allow, else it decodes one token as usual."""
         out = self.current = SchedulerOutput()  # kept for rollback() until the step commits
         budget = self.config.max_num_batched_tokens
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
@@ -83,6 +93,10 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 break
+            if drafts and num_new == 1 and computed == len(req.all_token_ids) - 1:
+                # Keep a block free for each running request after this one: a draft must not preempt them.
+                num_new += self._schedule_draft(out, req, drafts.get(req.request_id), budget - 1,
+                                                len(running) - i - 1)
             scheduled.append((req, num_new))
             out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
             # A request's last prompt token and every later token are decode work; earlier ones are prefill.
@@ -112,6 +126,16 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _schedule_draft(self, out: SchedulerOutput, req: Request, draft, budget: int, keep_free: int) -> int:
+        """Reserve slots for a decoding request's draft (never preempting for it); returns the tokens added."""
+        if draft is None or budget <= 0:
+            return 0
+        draft = draft.truncate(budget)
+        if not len(draft) or not self.kv.allocate_draft_slots(req, len(req.all_token_ids) + len(draft), keep_free):
+            return 0
+        out.spec_drafts[req.request_id] = draft
+        return len(draft)
+
     def _add(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         out.scheduled.append((req, num_new))
         out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
@@ -128,10 +152,19 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
-        """Advance computed counts, append sampled tokens, and retire finished requests (returned)."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], now: float,
+                           spec_sampled: dict[str, list[int]] | None = None) -> list[Request]:
+        """Advance computed counts, append sampled tokens, and retire finished requests (returned).
+
+        spec_sampled: {request_id: tokens emitted by verifying its draft} (accepted prefix + one). Only the K/V
+        of the verified token and the accepted ones is kept: the blocks of rejected slots go back to the pool.
+        """
         finished = []
         for req, num_new in out.scheduled:
+            if spec_sampled and req.request_id in spec_sampled:
+                if self._update_verified(req, num_new, spec_sampled[req.request_id], now):
+                    finished.append(req)
+                continue
             req.num_computed_tokens += num_new
             token = sampled.get(req.request_id)
             if token is None:
@@ -145,6 +178,19 @@ class Scheduler:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
         return finished
+
+    def _update_verified(self, req: Request, num_new: int, tokens: list[int], now: float) -> bool:
+        """Apply a verification step's tokens (stopping at a stop token or a length limit); True if finished."""
+        num_rejected = num_new - len(tokens)  # num_new = 1 + k, len(tokens) = 1 + accepted
+        req.num_computed_tokens += num_new - num_rejected
+        self.kv.trim(req, req.num_computed_tokens)
+        for token in tokens:
+            req.append_output_token(token, now)
+            status = req.check_stop(self.max_model_len)
+            if status is not None:
+                self._finish(req, status, now)
+                return True
+        return False
 
     def rollback(self) -> list[Request]:
         """Undo the current step (see the class docstring); returns the requests it finished before failing.

@@ -41,6 +41,11 @@ class StepStats:
     num_recompute_tokens: int = 0    # prefill tokens computed before, redone after a preemption
     num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what one-token rows (the decode kernel) attend
     expert_imbalance: float | None = None  # MoE models: expert_imbalance() of this step's routing, else None
+    # Speculative decoding (engine/spec_decode): draft tokens verified this step, how many were accepted, and
+    # the seconds the proposer took (inside schedule_time's span: proposals are made before scheduling).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    draft_time: float = 0.0
 
 
 @dataclass
@@ -69,6 +74,77 @@ class MemoryProfile:
     graph_pool_bytes_captured: int = -1
     reserved_trim_bytes: int = 0     # engine.memory.reserved_trim_bytes: above it a step ends with empty_cache()
     num_reserved_trims: int = 0      # steps that ended so, since start-up
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters since the last reset_stats() (vLLM's names where it has them).
+
+    method: "ngram" | "draft" | "synthetic" (synthetic: acceptance chosen by the study, not earned; every result
+    built from it must say so). num_drafts: verifications (request-steps with a draft); num_draft_tokens:
+    tokens proposed and verified; num_accepted_tokens: of those, accepted. accepted_per_position[i] /
+    drafts_per_position[i]: acceptance at draft position i, among drafts that reached position i.
+    num_rejections: drafts with a rejected position (the others were accepted whole).
+    draft_time: seconds in the proposer; step_time: seconds of all steps (so draft_time_share is their ratio).
+    """
+
+    method: str
+    num_speculative_tokens: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafts_per_position: list[int] = field(default_factory=list)
+    draft_time: float = 0.0
+    step_time: float = 0.0
+    num_rejections: int = 0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """The per-token acceptance probability of the speculative-decoding papers (alpha): accepted over the
+        positions verification reached (accepted + one rejected per draft with a rejection)."""
+        reached = self.num_accepted_tokens + self.num_rejections
+        return self.num_accepted_tokens / reached if reached else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafts_per_position)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification emits on average: 1 + accepted tokens per draft (vLLM's mean acceptance length)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    @property
+    def draft_time_share(self) -> float:
+        """Share of the engine's step time spent proposing."""
+        return self.draft_time / self.step_time if self.step_time else 0.0
+
+    def record(self, draft_len: int, accepted: int) -> None:
+        grow = draft_len - len(self.drafts_per_position)
+        if grow > 0:
+            self.drafts_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        self.num_drafts += 1
+        self.num_draft_tokens += draft_len
+        self.num_accepted_tokens += accepted
+        self.num_rejections += accepted < draft_len
+        for i in range(draft_len):
+            self.drafts_per_position[i] += 1
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(acceptance_rate=self.acceptance_rate, acceptance_rate_per_position=self.acceptance_rate_per_position,
+                 mean_accepted_length=self.mean_accepted_length, draft_time_share=self.draft_time_share,
+                 per_token_acceptance=self.per_token_acceptance)
+        return d
 
 
 @dataclass
@@ -107,6 +183,8 @@ class EngineStats:
     kernel_profile: object | None = None
     # MoE models: tokens routed to each expert, [moe layer][expert], summed over the steps (None if dense).
     expert_tokens: list[list[int]] | None = None
+    # Speculative decoding counters (None when speculation is off).
+    spec_decode: SpecDecodeStats | None = None
 
     @property
     def expert_imbalance(self) -> float | None:
@@ -128,6 +206,7 @@ class EngineStats:
         d["kv_capacity_tokens"] = self.kv_capacity_tokens
         d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
         d["expert_imbalance"] = self.expert_imbalance
+        d["spec_decode"] = self.spec_decode.to_dict() if self.spec_decode is not None else None
         return d
 
     def __repr__(self) -> str:

@@ -153,6 +153,35 @@ class KVCacheManager:
                 self._uncommitted.append((blocks[i], hashes[i]))
         self.num_cached_blocks[rid] = num_full
 
+    def allocate_draft_slots(self, request, num_tokens: int, keep_free: int = 0) -> bool:
+        """Speculative decoding: make the request's table cover num_tokens slots, the tail of which will hold
+        the K/V of proposed tokens that verification may reject. Registers nothing in the prefix cache (the
+        tokens are not the request's yet). Returns False, changing nothing, unless the pool can supply the
+        blocks and still keep keep_free blocks free."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        needed = self.blocks_needed(num_tokens) - len(blocks)
+        if needed <= 0:
+            return True
+        if needed + keep_free > self.pool.num_free_blocks:
+            return False
+        new_blocks = self.pool.get_new_blocks(needed)
+        self.req_to_blocks.setdefault(request.request_id, []).extend(new_blocks)
+        self.req_to_block_ids.setdefault(request.request_id, []).extend(b.block_id for b in new_blocks)
+        return True
+
+    def trim(self, request, num_tokens: int) -> None:
+        """Free the request's blocks past the first blocks_needed(num_tokens) (the slots of rejected proposals),
+        tail first. Never touches a block registered in the prefix cache (those hold accepted tokens only)."""
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        keep = max(self.blocks_needed(num_tokens), self.num_cached_blocks.get(rid, 0))
+        if blocks is None or len(blocks) <= keep:
+            return
+        extra = blocks[keep:]
+        del blocks[keep:]
+        del self.req_to_block_ids[rid][keep:]
+        self.pool.free_blocks(reversed(extra))
+
     def commit(self) -> None:
         """The step that wrote the provisional blocks completed: they are now regular prefix-cache entries."""
         self._uncommitted.clear()
