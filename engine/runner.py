@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import add, attrgetter, getitem
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -34,6 +36,10 @@ from .timeline import DeviceSpan, DeviceTimer
 PROFILE_SAMPLING = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50)
 PROFILE_GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 PROFILE_SAMPLED_EVERY = 64
+
+# Per-request reads of the hot path, as map() over a batch (see ModelRunner._prepare).
+_REQUEST_ID, _NUM_COMPUTED, _ALL_TOKEN_IDS, _PARAMS, _GENERATOR = (attrgetter(a) for a in (
+    "request_id", "num_computed_tokens", "all_token_ids", "params", "generator"))
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -410,11 +416,12 @@ class ModelRunner:
             logits = self.forward_step(plan)
             self.device_timer.end(span)
             t_launched = time.perf_counter()
-            tokens = self.sampler(logits, [r.params for r in samplers], [r.generator for r in samplers]) if samplers else []
+            tokens = (self.sampler(logits, list(map(_PARAMS, samplers)), list(map(_GENERATOR, samplers)))
+                      if samplers else [])
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
-        return StepResult(sampled={r.request_id: t for r, t in zip(samplers, tokens)}, num_kv_tokens_read=kv_read,
+        return StepResult(sampled=dict(zip(map(_REQUEST_ID, samplers), tokens)), num_kv_tokens_read=kv_read,
                           num_attention_scores=scores, device_wait=wait, used_cuda_graph=plan.graph_size is not None,
                           prepare_time=t_prepared - t0, launch_time=t_launched - t_prepared,
                           sample_time=t_synced - t_launched, num_padding_tokens=plan.padded_tokens - plan.num_tokens,
@@ -432,20 +439,24 @@ class ModelRunner:
         if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
             batch = sorted(batch, key=lambda rn: rn[1] != 1)
         n = len(batch)
-        # One pass over the requests in Python; everything after it is numpy on whole arrays.
-        qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids = self._sync_row, sched.block_tables
-        for r, k in batch:
-            c = r.num_computed_tokens
-            tokens = r.all_token_ids
-            qlen_l.append(k)
-            start_l.append(c)
-            total_l.append(len(tokens))
-            row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
-            if k == 1:
-                ids_l.append(tokens[c])
-            else:
-                ids_l.extend(tokens[c:c + k])
+        # The per-request reads are map() over the batch (a loop in C, not in Python bytecode); everything after
+        # them is numpy on whole arrays. Only requests that gained a block (or are new) touch their table row.
+        reqs, qlen_l = zip(*batch)
+        rids = list(map(_REQUEST_ID, reqs))
+        start_l = list(map(_NUM_COMPUTED, reqs))
+        token_lists = list(map(_ALL_TOKEN_IDS, reqs))
+        total_l = list(map(len, token_lists))
+        tables = list(map(sched.block_tables.__getitem__, rids))
+        row_l = list(map(self.rows.get, rids))
+        num_blocks = list(map(len, tables))
+        if num_blocks != list(map(self.rows_written.get, rids)):  # a new request (None) or a new block
+            written = np.fromiter(map(self.rows_written.get, rids, repeat(-1)), np.int64, n)
+            for i in np.flatnonzero(np.array(num_blocks) != written).tolist():
+                row_l[i] = self._sync_row(rids[i], tables[i])
+        if sum(qlen_l) == n:  # one token each (decodes)
+            ids_l = list(map(getitem, token_lists, start_l))
+        else:
+            ids_l = list(chain.from_iterable(map(getitem, token_lists, map(slice, start_l, map(add, start_l, qlen_l)))))
         qlens = np.array(qlen_l, dtype=np.int64)
         starts = np.array(start_l, dtype=np.int64)
         rows = np.array(row_l, dtype=np.int64)
@@ -458,7 +469,7 @@ class ModelRunner:
             seq_idx = np.repeat(np.arange(n), qlens)
             positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
         sample_mask = seq_lens == np.array(total_l, dtype=np.int64)
-        samplers = [batch[i][0] for i in np.flatnonzero(sample_mask)]
+        samplers = list(reqs) if sample_mask.all() else [reqs[i] for i in np.flatnonzero(sample_mask).tolist()]
         num_cols = int(-(-seq_lens.max() // bs))
         b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
         b.pos_np[:num_tokens] = positions

@@ -69,29 +69,38 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = self.current = SchedulerOutput()  # kept for rollback() until the step commits
         budget = self.config.max_num_batched_tokens
+        # The loop below runs once per running request every step: names are bound locally and the
+        # token counts kept in locals, as it is most of the scheduler's host time at large batches.
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
+        tables, block_ids, RUNNING = out.block_tables, self.kv.block_ids, RequestStatus.RUNNING
+        num_decode = num_prefill = 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            num_new = min(len(req.all_token_ids) - computed, budget)
-            while not allocate(req, num_new):
-                victim = running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
+            num_new = len(req.all_token_ids) - computed
+            if num_new > budget:
+                num_new = budget
+            if not allocate(req, num_new):
+                while True:
+                    victim = running.pop()
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is req or allocate(req, num_new):
+                        break
+                if req.status is not RUNNING:
                     break
-            if req.status is not RequestStatus.RUNNING:
-                break
             scheduled.append((req, num_new))
-            out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
+            rid = req.request_id
+            tables[rid] = block_ids(rid)
             # A request's last prompt token and every later token are decode work; earlier ones are prefill.
-            if computed >= req.num_prompt_tokens:
-                out.num_decode_tokens += num_new
+            if computed >= len(req.prompt_token_ids):
+                num_decode += num_new
             else:
-                out.num_prefill_tokens += num_new
+                num_prefill += num_new
             budget -= num_new
             i += 1
+        out.num_decode_tokens, out.num_prefill_tokens = num_decode, num_prefill
 
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and not out.preempted):
@@ -130,14 +139,14 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
         """Advance computed counts, append sampled tokens, and retire finished requests (returned)."""
-        finished = []
+        finished, get, max_model_len = [], sampled.get, self.max_model_len
         for req, num_new in out.scheduled:
             req.num_computed_tokens += num_new
-            token = sampled.get(req.request_id)
+            token = get(req.request_id)
             if token is None:
                 continue
             req.append_output_token(token, now)
-            status = req.check_stop(self.max_model_len)
+            status = req.check_stop(max_model_len)
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(req)
