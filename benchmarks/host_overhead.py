@@ -1,7 +1,8 @@
 """Host time per decode step with N requests decoding (issue 17): where the host's time goes, phase by phase.
 
     PYTHONPATH=. python3 benchmarks/host_overhead.py [--model tiny] [--num-seqs 256,1024] [--runs 3] [--steps 40]
-                                                   [--device cpu|cuda] [--out host_overhead.json]
+                                                   [--device cpu|cuda] [--host-only]
+                                                   [--out host_overhead.json]
 
 The model is small by default ("tiny") so that host work dominates: N requests of a 32-token prompt are
 admitted, then `--steps` pure-decode steps with all N running are timed from the step timeline (StepStats
@@ -77,6 +78,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--host-only", action="store_true",
+                    help="replace the forward pass by constant logits: the host's work alone, with no forward "
+                         "evicting the host's caches between steps (a CPU stand-in for a GPU, whose forward runs "
+                         "elsewhere)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.num_seqs.split(",")]
@@ -85,16 +90,21 @@ def main(argv=None) -> dict:
     cfg = EngineConfig(max_num_seqs=max(sizes), max_num_batched_tokens=max(8192, max(sizes) * 40),
                        max_model_len=1024, device=args.device, num_gpu_blocks=max(sizes) * 8)
     llm = LLM.random(args.model, cfg, dtype=dtype, seed=0)
+    if args.host_only:
+        runner = llm.engine.runner
+        logits = torch.zeros(max(sizes), llm.vocab_size, device=llm.device)
+        runner.forward_step = lambda plan: logits[:plan.num_seqs if plan.sample_rows is None else len(plan.sample_rows)]
     measure(llm, min(sizes), 5)  # warm-up (kernels, allocator)
     runs: dict[int, list[dict]] = {n: [] for n in sizes}
     for _ in range(args.runs):  # interleaved: run r of every size before run r+1
         for n in sizes:
             runs[n].append(measure(llm, n, args.steps))
     result = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "model": args.model,
+              "host_only": args.host_only,
               "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "runs": args.runs,
               "steps_per_run": args.steps, "results": {}}
-    print(f"{args.model} on {llm.device.type}: median of {args.runs} runs (min..max), ms per decode step")
+    print(f"{args.model} on {llm.device.type}{' (host only: no forward)' if args.host_only else ''}: median of {args.runs} runs (min..max), ms per decode step")
     for n in sizes:
         row = {}
         for key in ["host_ms", "host_between_ms", "between_ms", "duration_ms", "device_ms"] + [f"{p}_ms" for p in PHASES]:

@@ -178,6 +178,7 @@ class ModelRunner:
         self.rows: dict[str, int] = {}
         self.rows_written: dict[str, int] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self._ones = np.ones(config.max_num_seqs, dtype=np.int64)  # the query lengths of an all-decode step
         # size -> (graph, the view of graph_hidden it writes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
@@ -435,13 +436,12 @@ class ModelRunner:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
         # Decodes first, so attention backends can send them to the decode kernel as one group.
-        batch = sched.scheduled
-        if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
-            batch = sorted(batch, key=lambda rn: rn[1] != 1)
-        n = len(batch)
         # The per-request reads are map() over the batch (a loop in C, not in Python bytecode); everything after
         # them is numpy on whole arrays. Only requests that gained a block (or are new) touch their table row.
-        reqs, qlen_l = zip(*batch)
+        reqs, qlen_l = zip(*sched.scheduled)
+        n, num_decodes = len(reqs), qlen_l.count(1)
+        if num_decodes != n:
+            reqs, qlen_l = zip(*sorted(sched.scheduled, key=lambda rn: rn[1] != 1))
         rids = list(map(_REQUEST_ID, reqs))
         start_l = list(map(_NUM_COMPUTED, reqs))
         token_lists = list(map(_ALL_TOKEN_IDS, reqs))
@@ -453,11 +453,12 @@ class ModelRunner:
             written = np.fromiter(map(self.rows_written.get, rids, repeat(-1)), np.int64, n)
             for i in np.flatnonzero(np.array(num_blocks) != written).tolist():
                 row_l[i] = self._sync_row(rids[i], tables[i])
-        if sum(qlen_l) == n:  # one token each (decodes)
+        if num_decodes == n:  # one token each
             ids_l = list(map(getitem, token_lists, start_l))
+            qlens = self._ones[:n]
         else:
             ids_l = list(chain.from_iterable(map(getitem, token_lists, map(slice, start_l, map(add, start_l, qlen_l)))))
-        qlens = np.array(qlen_l, dtype=np.int64)
+            qlens = np.array(qlen_l, dtype=np.int64)
         starts = np.array(start_l, dtype=np.int64)
         rows = np.array(row_l, dtype=np.int64)
         seq_lens = starts + qlens
@@ -480,7 +481,7 @@ class ModelRunner:
         graph_size = self._graph_size(n) if num_tokens == n else None
         if graph_size is not None:
             self._pad_for_graph(n, graph_size)
-        plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
+        plan = StepPlan(num_tokens, n, num_cols, num_decodes, int(qlens.max()), int(seq_lens.max()), graph_size,
                         None if sample_mask.all() else np.flatnonzero(sample_mask))
         scores = int((qlens * seq_lens - qlens * (qlens - 1) // 2).sum())
         return plan, samplers, int(seq_lens.sum()), scores
