@@ -50,7 +50,8 @@ class Scheduler:
     """
 
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
-        self.config = config
+        # LLM resolves batch limits left at None from its device; a bare Scheduler (tests) takes the CPU's.
+        self.config = config.with_batch_limits()
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
