@@ -152,8 +152,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="FIELD=VALUE",
                    help="an EngineConfig field, e.g. block_size=32 (default: EngineConfig's defaults); repeatable")
     p.add_argument("--device", choices=["cpu", "cuda"], help="where the engine runs (default: CUDA when present)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also run the naive baseline: HF transformers generate on static batches")
+    p.add_argument("--baseline", nargs="?", const="naive", choices=["naive", "hf-cb"],
+                   help="also run a baseline: naive (the default) is HF transformers generate on static batches; "
+                        "hf-cb is transformers' own continuous batching (paged KV cache)")
     p.add_argument("--baseline-batch-size", type=int, default=128, metavar="B",
                    help="largest static batch of the naive baseline (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and the workload (default: 0)")
