@@ -316,7 +316,18 @@ def _hf_cb_manager(hf_model, generation_config, num_blocks: int | None, max_batc
             generation_config.continuous_batching_config = cbc
     else:  # older: the sizes are GenerationConfig attributes
         generation_config.num_blocks, generation_config.max_batch_tokens = num_blocks, max_batch_tokens
-    return hf_model.init_continuous_batching(generation_config=generation_config, **kwargs)
+    try:
+        return hf_model.init_continuous_batching(generation_config=generation_config, **kwargs)
+    except ValueError as exc:  # a transformers that wants a paged attention name for continuous batching
+        if "implementation" not in str(exc):
+            raise
+        for name in ("paged|sdpa", "sdpa_paged"):
+            try:
+                hf_model.set_attn_implementation(name)
+                return hf_model.init_continuous_batching(generation_config=generation_config, **kwargs)
+            except (ValueError, KeyError):
+                continue
+        raise
 
 
 def run_hf_cb_baseline(hf_model, workload, num_blocks: int | None = None, max_batch_tokens: int | None = None,
