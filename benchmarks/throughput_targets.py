@@ -5,7 +5,9 @@
   the ratio of the trace's absolute limit to the measured time (profiling.attribution's ideal_over_measured);
   targets >= 17,000 tok/s at the defaults, >= 20,000 tok/s and >= 0.55 at the best setting;
 - decode at batch 1 (128 in / 256 out): TPOT / (weight bytes / measured copy bandwidth), target <= 1.15;
-- host time per decode step (StepStats.host_time, p50) with 256 and 1024 requests decoding: <= 1.0 / 2.0 ms.
+- host time per decode step (StepStats.host_time, p50) with 256 and 1024 requests decoding: <= 1.0 / 2.0 ms;
+- what the Triton kernels' precise P @ V (P's rounding residue, the default) costs: prefill 8 x 2048 and decode
+  128 x 1024 attention, with and without it.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/throughput_targets.py --out throughput_targets.json \
         [--settings default,1024:32768] [--runs 3] [--budget-s 330]
@@ -91,6 +93,44 @@ def host_time(llm, num_seqs: int, runs: int) -> dict:
             "met": h["median"] * 1e3 <= target}
 
 
+def precise_pv_cost(device, repeats: int = 10) -> dict:
+    """Seconds per call of the Triton attention kernels with and without P's rounding residue (pv_dot's
+    PRECISE_PV): prefill of 8 x 2048 new tokens and decode of 128 requests x 1024 context, llama-3.1-8b's
+    heads (32 query, 8 KV, head_dim 128), bf16; medians of `repeats` calls, interleaved."""
+    from engine.kernels.reference import random_paged_batch
+    from engine.kernels.triton_decode import decode_attention
+    from engine.kernels.triton_prefill import prefill_attention
+    out = {}
+    for kind, requests in (("prefill_8x2048", [(0, 2048)] * 8), ("decode_128x1024", [(1023, 1)] * 128)):
+        q, kc, vc, meta, _, _ = random_paged_batch(requests, num_kv_heads=8, group=4, head_dim=128, block_size=16,
+                                                   dtype=torch.bfloat16, seed=0, device=device)
+        o = torch.empty_like(q)
+
+        def call(precise):
+            if kind.startswith("prefill"):
+                prefill_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc, o, 128 ** -0.5,
+                                  max_query_len=meta.max_query_len, precise_pv=precise)
+            else:
+                decode_attention(q, kc, vc, meta.block_tables, meta.seq_lens, o, 128 ** -0.5,
+                                 max_seq_len=meta.max_seq_len, precise_pv=precise)
+        times = {True: [], False: []}
+        for precise in (True, False):
+            call(precise)  # compile
+        for _ in range(repeats):
+            for precise in (True, False):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(precise)
+                end.record()
+                end.synchronize()
+                times[precise].append(start.elapsed_time(end) / 1e3)
+        out[kind] = {"precise_s": spread(times[True]), "plain_s": spread(times[False]),
+                     "ratio": statistics.median(times[True]) / statistics.median(times[False])}
+        del q, kc, vc, o
+    torch.cuda.empty_cache()
+    return out
+
+
 def trace_run(llm, wl, rates) -> dict:
     run = run_engine(llm, wl)
     prof = point_profile(llm, run.stats, run.steps, run.requests, run.duration, rates)
@@ -129,6 +169,11 @@ def main(argv=None) -> dict:
     log(f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}")
     rates = measure_rates(device)
     results["rates"] = rates
+    if device.type == "cuda":
+        results["parts"]["precise_pv_cost"] = pv = precise_pv_cost(device)
+        log("attention with / without P's residue (pv_dot): " + ", ".join(
+            f"{k} {v['precise_s']['median'] * 1e3:.3f} / {v['plain_s']['median'] * 1e3:.3f} ms ({v['ratio']:.2f}x)"
+            for k, v in pv.items()))
     log(f"matmul {rates['matmul_flops'] / 1e12:.0f} TFLOP/s, copy {rates['copy_bandwidth'] / 1e12:.2f} TB/s")
     llm = LLM.random(args.model, BASE, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, seed=0)
     st = llm.engine.stats()
