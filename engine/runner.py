@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain
 from operator import add, attrgetter, getitem
 from typing import Protocol, runtime_checkable
 
@@ -149,7 +149,7 @@ class ModelRunner:
     """Owns the model, the physical KV cache tensors, the input buffers and the CUDA graphs of one engine.
 
     Invariants: rows[rid] is the persistent block-table row of a running request, and its first
-    rows_written[rid] entries equal the request's first block ids; a request loses its row when it
+    row_len[rows[rid]] entries equal the request's first block ids; a request loses its row when it
     is preempted or finishes (release()). One physical block past the pool (null_block) is scratch
     for the padding rows of CUDA-graph batches, so padding never touches a request's KV.
     """
@@ -176,7 +176,7 @@ class ModelRunner:
         # Persistent block-table rows (see the class docstring).
         self.table_rows = np.zeros((config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
         self.rows: dict[str, int] = {}
-        self.rows_written: dict[str, int] = {}
+        self.row_len = np.zeros(config.max_num_seqs, dtype=np.int64)  # block ids written in each row
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self._ones = np.ones(config.max_num_seqs, dtype=np.int64)  # the query lengths of an all-decode step
         # size -> (graph, the view of graph_hidden it writes)
@@ -368,7 +368,6 @@ class ModelRunner:
         """Forget a request's block-table row (it finished, was aborted or was preempted)."""
         row = self.rows.pop(request_id, None)
         if row is not None:
-            self.rows_written.pop(request_id)
             self.free_rows.append(row)
 
     def close(self) -> None:
@@ -381,16 +380,25 @@ class ModelRunner:
         for request_id in list(self.rows):
             self.release(request_id)
 
-    def _sync_row(self, request_id: str, block_ids: list[int]) -> int:
-        row = self.rows.get(request_id)
-        if row is None:
-            row = self.rows[request_id] = self.free_rows.pop()
-            self.rows_written[request_id] = 0
-        written = self.rows_written[request_id]
-        if len(block_ids) > written:
-            self.table_rows[row, written:len(block_ids)] = block_ids[written:]
-            self.rows_written[request_id] = len(block_ids)
-        return row
+    def _sync_rows(self, rids: list[str], tables: list[list[int]]) -> np.ndarray:
+        """The table rows of a batch's requests (new requests get a free one), after writing the block ids each
+        gained since its last step: one numpy assignment for the usual one new block, a slice per row else."""
+        row_l = list(map(self.rows.get, rids))
+        if None in row_l:
+            for i in [i for i, row in enumerate(row_l) if row is None]:
+                row = row_l[i] = self.rows[rids[i]] = self.free_rows.pop()
+                self.row_len[row] = 0
+        rows = np.array(row_l, dtype=np.int64)
+        num_blocks = np.fromiter(map(len, tables), np.int64, len(tables))
+        written = self.row_len[rows]
+        stale = np.flatnonzero(num_blocks > written)
+        if len(stale):
+            one = stale[num_blocks[stale] == written[stale] + 1]
+            self.table_rows[rows[one], written[one]] = [tables[i][-1] for i in one.tolist()]
+            for i in np.setdiff1d(stale, one, assume_unique=True).tolist():
+                self.table_rows[row_l[i], written[i]:num_blocks[i]] = tables[i][written[i]:]
+            self.row_len[rows[stale]] = num_blocks[stale]
+        return rows
 
     # ----- one step -----------------------------------------------------------------------------
     def _metadata(self, num_tokens, num_seqs, num_cols, num_decodes, max_query_len, max_seq_len):
@@ -446,13 +454,7 @@ class ModelRunner:
         start_l = list(map(_NUM_COMPUTED, reqs))
         token_lists = list(map(_ALL_TOKEN_IDS, reqs))
         total_l = list(map(len, token_lists))
-        tables = list(map(sched.block_tables.__getitem__, rids))
-        row_l = list(map(self.rows.get, rids))
-        num_blocks = list(map(len, tables))
-        if num_blocks != list(map(self.rows_written.get, rids)):  # a new request (None) or a new block
-            written = np.fromiter(map(self.rows_written.get, rids, repeat(-1)), np.int64, n)
-            for i in np.flatnonzero(np.array(num_blocks) != written).tolist():
-                row_l[i] = self._sync_row(rids[i], tables[i])
+        rows = self._sync_rows(rids, list(map(sched.block_tables.__getitem__, rids)))
         if num_decodes == n:  # one token each
             ids_l = list(map(getitem, token_lists, start_l))
             qlens = self._ones[:n]
@@ -460,7 +462,6 @@ class ModelRunner:
             ids_l = list(chain.from_iterable(map(getitem, token_lists, map(slice, start_l, map(add, start_l, qlen_l)))))
             qlens = np.array(qlen_l, dtype=np.int64)
         starts = np.array(start_l, dtype=np.int64)
-        rows = np.array(row_l, dtype=np.int64)
         seq_lens = starts + qlens
         num_tokens = len(ids_l)
         b.ids_np[:num_tokens] = ids_l

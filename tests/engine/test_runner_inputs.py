@@ -47,7 +47,7 @@ def test_prepared_inputs_match_per_request_definition(seed):
     checked = {"steps": 0, "mixed": 0, "new_blocks": 0}
 
     def check(sched):
-        before = dict(runner.rows_written)
+        before = {rid: int(runner.row_len[row]) for rid, row in runner.rows.items()}
         plan, samplers, kv_read, scores = original(sched)
         ids, pos, slots, qsl, lens, tables, sample_ids = expected_inputs(sched, bs)
         b, n, t = runner.buffers, len(lens), len(ids)
