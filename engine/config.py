@@ -23,13 +23,32 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Batch limits for a config that leaves them at None, by vLLM's rule for its offline LLM class (EngineArgs'
+# batch defaults, usage context LLM_CLASS): a GPU of at least 70 GiB that is not an A100 (H100, H200, MI300X)
+# gets a large batch, whose GEMMs are compute-bound; vLLM measured large budgets to lose throughput on A100s.
+LARGE_GPU_BYTES = 70 * 2**30
+LARGE_GPU_BATCH_LIMITS = (1024, 16384)   # (max_num_seqs, max_num_batched_tokens)
+DEFAULT_BATCH_LIMITS = (256, 8192)       # other GPUs and the CPU
+
+
+def default_batch_limits(total_bytes: int | None = None, device_name: str = "") -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) the engine picks for a device of total_bytes memory named
+    device_name: LARGE_GPU_BATCH_LIMITS from 70 GiB up unless an A100, else DEFAULT_BATCH_LIMITS.
+    total_bytes None: no GPU (the CPU)."""
+    if total_bytes is not None and total_bytes >= LARGE_GPU_BYTES and "a100" not in device_name.lower():
+        return LARGE_GPU_BATCH_LIMITS
+    return DEFAULT_BATCH_LIMITS
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Settings of one engine instance.
 
     block_size: tokens per KV-cache block (power of two, 1..256).
-    max_num_batched_tokens: token budget of one step (prefill chunks + decodes).
-    max_num_seqs: most requests running at once.
+    max_num_batched_tokens: token budget of one step (prefill chunks + decodes); None: the engine picks it
+        from the device (16384 on GPUs of >= 70 GiB other than the A100, else 8192; see default_batch_limits).
+    max_num_seqs: most requests running at once; None: picked from the device likewise (1024, else 256).
+        LLM resolves both (LLM.resolve_config), so llm.config holds numbers.
     enable_prefix_caching: reuse full KV blocks whose token prefix was seen before.
     quantization: weight quantization, None | "int8" | "int4" | "awq" | "gptq" | "fp8".
     kv_cache_dtype: "auto" (the model dtype) | "fp8".
@@ -52,8 +71,8 @@ class EngineConfig:
     """
 
     block_size: int = 16
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
     quantization: str | None = None
     kv_cache_dtype: str = "auto"
@@ -74,10 +93,12 @@ class EngineConfig:
         bs = self.block_size
         _check(_is_int(bs) and 1 <= bs <= 256 and bs & (bs - 1) == 0, "block_size", bs,
                "a power of two from 1 to 256 (e.g. 8, 16, 32)")
-        _check(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
-               "max_num_batched_tokens", self.max_num_batched_tokens, "an integer >= 1")
-        _check(_is_int(self.max_num_seqs) and self.max_num_seqs >= 1,
-               "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        _check(self.max_num_batched_tokens is None or (_is_int(self.max_num_batched_tokens)
+                                                       and self.max_num_batched_tokens >= 1),
+               "max_num_batched_tokens", self.max_num_batched_tokens,
+               "None (picked from the device) or an integer >= 1")
+        _check(self.max_num_seqs is None or (_is_int(self.max_num_seqs) and self.max_num_seqs >= 1),
+               "max_num_seqs", self.max_num_seqs, "None (picked from the device) or an integer >= 1")
         _check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                self.enable_prefix_caching, "True or False")
         _check(self.quantization in QUANTIZATION_MODES, "quantization", self.quantization,
@@ -117,6 +138,15 @@ class EngineConfig:
         if m is not None:
             _check(self.tensor_parallel_size == 1, "tensor_parallel_size", self.tensor_parallel_size,
                    "1 when speculative decoding is on (speculative_method is not None)")
+
+    def with_batch_limits(self, total_bytes: int | None = None, device_name: str = "") -> "EngineConfig":
+        """This config with max_num_seqs / max_num_batched_tokens that are None set by default_batch_limits
+        for the device (total_bytes None: the CPU); itself when both are set."""
+        if self.max_num_seqs is not None and self.max_num_batched_tokens is not None:
+            return self
+        seqs, tokens = default_batch_limits(total_bytes, device_name)
+        return self.replace(max_num_seqs=self.max_num_seqs or seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens or tokens)
 
     def replace(self, **changes) -> "EngineConfig":
         """A copy with some fields changed (validated like any new config)."""

@@ -357,7 +357,8 @@ class LLM:
     def __init__(self, spec: ModelSpec, state: dict | None, config: EngineConfig | None = None, tokenizer=None,
                  dtype: torch.dtype | None = None, seed: int = 0, calibration: list[list[int]] | None = None,
                  prequantized=None):
-        config = self.resolve_config(spec, config or EngineConfig())
+        config = config or EngineConfig()
+        config = self.resolve_config(spec, config, _default_device(config))
         # quantization "awq"/"gptq": token-id sequences to calibrate on (None: seeded random tokens), or a
         # loaded Hub checkpoint's int4 layers (engine.quant.checkpoint.Prequantized), used as they are.
         self.calibration, self.prequantized = calibration, prequantized
@@ -477,12 +478,21 @@ class LLM:
         return ModelSpec.from_hf_config(model)
 
     @staticmethod
-    def resolve_config(spec: ModelSpec, config: EngineConfig) -> EngineConfig:
+    def resolve_config(spec: ModelSpec, config: EngineConfig, device: torch.device | str | None = None,
+                       total_bytes: int | None = None, device_name: str = "") -> EngineConfig:
         """The config the engine runs: max_model_len=None becomes the model's context length
-        (max_position_embeddings), as in vLLM."""
+        (max_position_embeddings), as in vLLM; max_num_seqs / max_num_batched_tokens left at None are picked
+        from the device's memory as vLLM's offline LLM picks them (engine.config.default_batch_limits: 1024 /
+        16384 on a GPU of >= 70 GiB other than an A100, else 256 / 8192). The device is total_bytes and
+        device_name when given (a planned GPU), else `device` asked (CUDA: its total memory and name); with
+        neither, or on the CPU, the CPU's limits."""
         if config.max_model_len is None:
-            return config.replace(max_model_len=spec.max_position_embeddings)
-        return config
+            config = config.replace(max_model_len=spec.max_position_embeddings)
+        if total_bytes is None and device is not None and torch.device(device).type == "cuda" and (
+                config.max_num_seqs is None or config.max_num_batched_tokens is None):
+            props = torch.cuda.get_device_properties(torch.device(device))
+            total_bytes, device_name = props.total_memory, props.name
+        return config.with_batch_limits(total_bytes, device_name)
 
     @staticmethod
     def check_config(spec: ModelSpec, config: EngineConfig, device: torch.device | None = None) -> None:
@@ -515,7 +525,7 @@ class LLM:
         """Replace the KV cache and scheduler with ones built from `config`; the weights stay loaded."""
         if self._engine is not None and self._engine.has_unfinished_requests():
             raise ValueError("reconfigure() with unfinished requests would drop them: finish or abort them first")
-        config = self.resolve_config(self.spec, config)
+        config = self.resolve_config(self.spec, config, self.device)
         self.check_config(self.spec, config, self.device)
         if _default_device(config) != self.device:
             raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "

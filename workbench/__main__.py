@@ -205,8 +205,9 @@ def run_sweep(args) -> int:
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, "llama-3.1-8b", 256)
-    p.add_argument("--baseline", action="store_true",
-                   help="also run the naive baseline: HF transformers generate on static batches")
+    p.add_argument("--baseline", nargs="?", const="naive", choices=["naive", "hf-cb"],
+                   help="also run a baseline: naive (the default) is HF transformers generate on static batches; "
+                        "hf-cb is transformers' own continuous batching (paged KV cache)")
     p.add_argument("--baseline-batch-size", type=positive_int, default=128, metavar="B",
                    help="largest static batch of the naive baseline (default: %(default)s)")
     p.add_argument("--out", metavar="PATH", help="write the results as JSON here (default: "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -288,3 +289,109 @@ def compare_allocators(trace, capacity_tokens: int, max_model_len: int, block_si
     timeline = pd.concat([replay_allocator(trace, a, capacity_tokens, max_model_len, block_size, max_num_seqs)
                           for a in allocators], ignore_index=True)
     return AllocatorComparisonResult(summarize(timeline, steps), timeline)
+
+
+# ----- HF transformers' own continuous batching (a second throughput baseline of `bench`) ---------------------------
+HF_CB_LABEL = "HF continuous batching"
+
+
+def _hf_cb_manager(hf_model, generation_config, num_blocks: int | None, max_batch_tokens: int | None):
+    """transformers' ContinuousBatchingManager for hf_model, across the 5.x versions: the batching config goes in
+    its own argument where init_continuous_batching takes one (5.1x+), else inside the GenerationConfig."""
+    import inspect
+
+    from transformers.generation import configuration_utils as cu
+    kwargs = {}
+    cbc_cls = getattr(cu, "ContinuousBatchingConfig", None)
+    if cbc_cls is not None:
+        fields = inspect.signature(cbc_cls).parameters
+        cb_args = {k: v for k, v in (("num_blocks", num_blocks), ("max_batch_tokens", max_batch_tokens),
+                                     # the same attention family as the model was loaded with (sdpa), not a
+                                     # flash-attention switch that depends on what else is installed
+                                     ("auto_switch_to_flash", False)) if v is not None and k in fields}
+        cbc = cbc_cls(**cb_args)
+        if "continuous_batching_config" in inspect.signature(hf_model.init_continuous_batching).parameters:
+            kwargs["continuous_batching_config"] = cbc
+        else:
+            generation_config.continuous_batching_config = cbc
+    else:  # older: the sizes are GenerationConfig attributes
+        generation_config.num_blocks, generation_config.max_batch_tokens = num_blocks, max_batch_tokens
+    try:
+        return hf_model.init_continuous_batching(generation_config=generation_config, **kwargs)
+    except ValueError as exc:  # a transformers that wants a paged attention name for continuous batching
+        if "implementation" not in str(exc):
+            raise
+        for name in ("paged|sdpa", "sdpa_paged"):
+            try:
+                hf_model.set_attn_implementation(name)
+                return hf_model.init_continuous_batching(generation_config=generation_config, **kwargs)
+            except (ValueError, KeyError):
+                continue
+        raise
+
+
+def run_hf_cb_baseline(hf_model, workload, num_blocks: int | None = None, max_batch_tokens: int | None = None,
+                       timeout_s: float = 1800.0):
+    """HF transformers' continuous batching (`init_continuous_batching`: its paged KV cache, scheduler and
+    attention) over the workload's requests, all queued at once as in the engine's offline run: greedy, each
+    request exactly its max_tokens output tokens (EOS disabled, per-request max_new_tokens).
+
+    num_blocks / max_batch_tokens: the KV pool (blocks of transformers' page size) and per-step token budget;
+    None lets transformers size them from the free GPU memory. Returns a workbench.bench.RunResult whose
+    requests frame also holds each request's generated token ids (column token_ids); the wall time runs from
+    the first request queued to the last finished (a CUDA-graph warm-up, where transformers has one, runs
+    before). Raises RuntimeError if a request fails or the manager stops before every request finished.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from .bench import RunResult
+    from .metrics import throughput
+
+    reqs = list(workload.requests)
+    if num_blocks is None and not next(hf_model.parameters()).is_cuda:
+        # transformers sizes its pool from the memory of a GPU; on the CPU, enough for every request at once
+        # (pages of 16 tokens or more), and a budget of 2048 tokens per step
+        num_blocks = sum(-(-(r.prompt_len + r.max_tokens) // 16) for r in reqs) + 1
+        max_batch_tokens = max_batch_tokens or 2048
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0,
+                           max_new_tokens=max((r.max_tokens for r in reqs), default=1))
+    manager = _hf_cb_manager(hf_model, gen, num_blocks, max_batch_tokens)
+    if next(hf_model.parameters()).is_cuda and hasattr(manager, "warmup"):
+        manager.warmup()
+    results, finished_at = {}, {}
+    with torch.inference_mode():
+        manager.start()
+        try:
+            start = time.perf_counter()
+            for r in reqs:
+                manager.add_request(list(r.prompt_token_ids), request_id=r.request_id, max_new_tokens=r.max_tokens)
+            deadline = start + timeout_s
+            while len(results) < len(reqs) and time.perf_counter() < deadline:
+                out = manager.get_result(timeout=1)
+                if out is None:
+                    if not manager.is_running():
+                        break
+                    continue
+                if out.is_finished():
+                    if out.error is not None:
+                        raise RuntimeError(f"HF continuous batching failed request {out.request_id}: {out.error}")
+                    results[out.request_id] = out
+                    finished_at[out.request_id] = time.perf_counter()
+            duration = time.perf_counter() - start
+        finally:
+            manager.stop(block=True)
+            if hasattr(manager, "destroy"):
+                manager.destroy()  # its KV cache goes back to the device now (the engine is sized after this)
+    missing = [r.request_id for r in reqs if r.request_id not in results]
+    if missing:
+        raise RuntimeError(f"HF continuous batching finished {len(results)} of {len(reqs)} requests "
+                           f"(first missing: {missing[0]})")
+    rows = [{"request_id": r.request_id, "num_prompt_tokens": r.prompt_len,
+             "num_output_tokens": len(results[r.request_id].generated_tokens),
+             "e2e": finished_at[r.request_id] - start, "token_ids": list(results[r.request_id].generated_tokens)}
+            for r in reqs]
+    frame = pd.DataFrame(rows)
+    summary = throughput(frame, duration)
+    summary["num_length_mismatches"] = int(sum(row["num_output_tokens"] != r.max_tokens for row, r in zip(rows, reqs)))
+    return RunResult(HF_CB_LABEL, frame, duration, summary=summary)

@@ -154,9 +154,10 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
              f"{s[C.total_token_throughput]:13.1f}"]
     if baseline is not None:
         b = baseline.summary
-        lines.append(f"{'naive HF generate':28s}{b[C.request_throughput]:10.2f}{b[C.output_throughput]:12.1f}"
+        lines.append(f"{baseline.name:28s}{b[C.request_throughput]:10.2f}{b[C.output_throughput]:12.1f}"
                      f"{b[C.total_token_throughput]:13.1f}")
-        lines.append(f"engine / naive (output tok/s): {s[C.output_throughput] / b[C.output_throughput]:.2f}x")
+        short = "naive" if baseline.name.startswith("naive") else baseline.name
+        lines.append(f"engine / {short} (output tok/s): {s[C.output_throughput] / b[C.output_throughput]:.2f}x")
     if limit is not None:
         lines.append(f"physical limit: {limit['limit_time']:.2f} s of {engine.duration:.2f} s measured "
                      f"-> limit / measured = {limit['limit_time'] / engine.duration:.3f} "
@@ -172,11 +173,12 @@ def format_table(engine: RunResult, baseline: RunResult | None, limit: dict | No
     return "\n".join(lines)
 
 
-def bench(model: str, workload, config, baseline: bool = False, baseline_batch_size: int = 128,
+def bench(model: str, workload, config, baseline: bool | str = False, baseline_batch_size: int = 128,
           out: str | None = None, seed: int = 0, trace: str | None = None, profile: str | None = None) -> dict:
     """Run the bench on ``model`` (a preset with random weights, or an HF checkpoint folder); print the
     table and the gap-to-limit waterfall; write JSON to `out` (if given) and a Chrome trace to `trace` (if
-    given); profile="kernels" adds deep mode. Returns the result dict."""
+    given); profile="kernels" adds deep mode. baseline: False, True or "naive" (HF generate on static
+    batches), or "hf-cb" (transformers' continuous batching). Returns the result dict."""
     import os
 
     from engine import LLM
@@ -194,7 +196,11 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
         else:
             with torch.device(device):
                 hf = AutoModelForCausalLM.from_config(LLM.hf_config(model), dtype=dtype).eval()
-        base = run_naive_baseline(hf, workload, baseline_batch_size)
+        if baseline == "hf-cb":  # transformers' own continuous batching (paged KV), sized by transformers
+            from .baselines import run_hf_cb_baseline
+            base = run_hf_cb_baseline(hf, workload)
+        else:
+            base = run_naive_baseline(hf, workload, baseline_batch_size)
         del hf
         if on_gpu:
             torch.cuda.empty_cache()
@@ -210,9 +216,9 @@ def bench(model: str, workload, config, baseline: bool = False, baseline_batch_s
     print(format_table(eng, base, limit))
     from .profiling import run_profile
     profiled = run_profile(llm, eng, rates, trace=trace)
-    result = {C.model: model, C.workload: workload.summary(), "config": config.to_dict(),
+    result = {C.model: model, C.workload: workload.summary(), "config": llm.config.to_dict(),  # limits resolved
               "engine": {**eng.summary, "duration": eng.duration},
-              "baseline": None if base is None else {**base.summary, "duration": base.duration,
+              "baseline": None if base is None else {**base.summary, "duration": base.duration, "name": base.name,
                                                      "batch_size": baseline_batch_size},
               "physical_limit": limit, "environment": environment(device)}
     result.update(profiled)

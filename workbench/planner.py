@@ -464,7 +464,8 @@ def plan(model, gpu, cfg: EngineConfig | None = None, tensor_parallel_size: int 
     name, spec = resolve_model(model)
     g = resolve_gpu(gpu)
     dtype = _dtype_name(dtype or ("float32" if g.name == "cpu" else "bfloat16"))
-    cfg = LLM.resolve_config(spec, cfg)  # max_model_len=None: the model's context, as the engine reads it
+    # max_model_len=None: the model's context; batch limits None: picked from this GPU's memory, as the engine does
+    cfg = LLM.resolve_config(spec, cfg, total_bytes=None if g.name == "cpu" else g.total_bytes, device_name=g.name)
     _check_allowed(spec, g, cfg, tp)
     cal = calibration or CALIBRATION_H100
     p = _size(spec, name, g, cfg, tp, dtype, cal)

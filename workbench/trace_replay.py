@@ -96,7 +96,7 @@ def warm_up(engine, config, num_requests: int = 4, prompt_len: int = 32, max_tok
 
     prompt_len = max(1, min(prompt_len, config.max_model_len - max_tokens))
     max_tokens = max(3, min(max_tokens, config.max_model_len - prompt_len))  # the first wave decodes twice more
-    n = max(1, min(num_requests, config.max_num_seqs))
+    n = max(1, min(num_requests, config.max_num_seqs or engine.config.max_num_seqs))  # None: the engine's pick
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     waves = [1, 1, n - 2] if n > 2 else [1] * n
     added = 0

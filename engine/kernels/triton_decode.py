@@ -43,6 +43,28 @@ def soft_cap(s, softcap):
 
 
 @triton.jit
+def pv_dot(p, v, PRECISE_PV: tl.constexpr):
+    """P @ V of a tile in float32 (p: float32 probabilities, v: the tile in the model dtype).
+
+    The tensor-core dot takes both operands in V's dtype and accumulates in float32, so P enters rounded to
+    bf16 (8 mantissa bits). PRECISE_PV adds a second dot of P's rounding residue (P - bf16(P)), which gives P
+    about 16 bits; V is exact in its own dtype, so the product is then as accurate as with float32 P and the
+    kernel's error is the output's own rounding, as in the float32 torch path. It costs one more dot per tile:
+    nothing in memory-bound decode, a third more attention FLOPs in prefill.
+    """
+    p_lo = p.to(v.dtype)
+    out = tl.dot(p_lo, v)
+    if PRECISE_PV:
+        out = out + tl.dot((p - p_lo.to(tl.float32)).to(v.dtype), v)
+    return out
+
+
+def precise_pv_default(dtype: torch.dtype) -> bool:
+    """Whether the kernels add P's rounding residue (see pv_dot): for 16-bit models; float32 P is exact already."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          acc_ptr, lse_ptr, out_ptr, qk_scale, num_splits, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
@@ -50,7 +72,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                         SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         PRECISE_PV: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,7 +123,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv_dot(p, v, PRECISE_PV)
         m_i = m_new
 
     out_mask = mask_g[:, None] & mask_d[None, :]
@@ -180,12 +203,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, sliding_window: int | None = None,
-                     softcap: float | None = None) -> None:
+                     softcap: float | None = None, precise_pv: bool | None = None) -> None:
     """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
 
     B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
     correctly. num_splits / block_n / num_warps / num_stages override the defaults (benchmarks, tests).
     sliding_window W: only the last W positions are read; softcap c: scores become c * tanh(score / c).
+    precise_pv: see pv_dot (None: precise_pv_default(q.dtype)).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
@@ -223,6 +247,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

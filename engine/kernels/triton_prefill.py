@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import check_paged_layout, soft_cap
+from .triton_decode import check_paged_layout, precise_pv_default, pv_dot, soft_cap
 
 LOG2E = 1.4426950408889634
 
@@ -32,7 +32,8 @@ LOG2E = 1.4426950408889634
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off, tile_start, q_pos, kv_end,
                  qk_scale, stride_cb, stride_cs, mask_d, window, softcap,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                 MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                 PRECISE_PV: tl.constexpr):
     offs_n = tile_start + tl.arange(0, BLOCK_N)
     if MASKED:
         mask_n = offs_n < kv_end
@@ -70,7 +71,7 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv_dot(p, v, PRECISE_PV)
     return acc, m_new, l_i
 
 
@@ -80,7 +81,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISE_PV: tl.constexpr):
     # The last query blocks of a prompt see the most keys: launch them first, so the short ones
     # fill the tail of the grid.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -125,19 +126,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                          tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
                                          window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
-                                         HAS_WINDOW, HAS_SOFTCAP)
+                                         HAS_WINDOW, HAS_SOFTCAP, PRECISE_PV)
     else:
         full_end = ((ctx_len + first_tok + 1) // BLOCK_N) * BLOCK_N
         for tile_start in range(0, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                          tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
                                          window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False,
-                                         HAS_WINDOW, HAS_SOFTCAP)
+                                         HAS_WINDOW, HAS_SOFTCAP, PRECISE_PV)
         for tile_start in range(full_end, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_off,
                                          tile_start, q_pos, kv_end, qk_scale, stride_cb, stride_cs, mask_d,
                                          window, softcap, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True,
-                                         HAS_WINDOW, HAS_SOFTCAP)
+                                         HAS_WINDOW, HAS_SOFTCAP, PRECISE_PV)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + row_off[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -148,13 +149,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float,
                       max_query_len: int, block_m: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      sliding_window: int | None = None, softcap: float | None = None) -> None:
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      precise_pv: bool | None = None) -> None:
     """Causal attention of each request's new tokens over its paged context, written into out.
 
     B = seq_lens.shape[0] requests; query_start_loc ([B + 1], absolute row offsets into q) may be a
     slice of the batch's. max_query_len (tokens) must be at least the longest request's new tokens:
     it sizes the grid, so no device value is read on the host. sliding_window W: a token at position p
-    sees keys p - W + 1 .. p; softcap c: scores become c * tanh(score / c).
+    sees keys p - W + 1 .. p; softcap c: scores become c * tanh(score / c). precise_pv: see
+    triton_decode.pv_dot (None: precise_pv_default(q.dtype)).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
@@ -185,5 +188,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -79,7 +79,7 @@ def test_settings_that_cannot_be_sharded_are_refused_before_any_process_starts(h
     llm = LLM.from_hf_model(hf_models["llama"], CFG)
     with pytest.raises(ValueError, match=r"quantization='int8' with tensor_parallel_size=2"):
         llm.reconfigure(TP2.replace(quantization="int8"))
-    assert llm.config == CFG and not _tp_processes()
+    assert llm.config == CFG.with_batch_limits() and not _tp_processes()  # limits None: the CPU's
 
 
 class TestAgainstTP1:
@@ -194,7 +194,7 @@ def test_reconfigure_garbage_collection_and_a_second_engine_leave_no_stray_proce
     # leaves the previous engine in place.
     with pytest.raises(ValueError, match="max_model_len=64 needs 16"):
         llm.reconfigure(TP2.replace(num_gpu_blocks=2))
-    assert llm.config == CFG and not _tp_processes()
+    assert llm.config == CFG.with_batch_limits() and not _tp_processes()  # limits None: the CPU's
     llm.reconfigure(TP2)
     first = llm.engine.runner.workers.pids
     llm.reconfigure(TP2.replace(block_size=8, num_gpu_blocks=12))

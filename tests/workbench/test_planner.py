@@ -103,7 +103,7 @@ def test_planner_calls_the_engines_rule(monkeypatch):
 
 
 def test_planner_honours_every_field_that_changes_memory():
-    base = EngineConfig(max_model_len=8192)
+    base = EngineConfig(max_model_len=8192, max_num_seqs=256, max_num_batched_tokens=8192)  # H200 picks 1024 / 16384
     p = plan("llama-3.1-8b", "H200", base)
     blocks = p.num_gpu_blocks
     assert plan("llama-3.1-8b", "H200", base.replace(num_gpu_blocks=1000)).num_gpu_blocks == 1000
@@ -187,7 +187,8 @@ def test_70b_bf16_does_not_fit_one_h100():
 
 
 def test_long_max_model_len_gets_the_kv_verdict_with_knobs():
-    cfg = EngineConfig(gpu_memory_utilization=0.35, max_model_len=131072)
+    # Batch limits pinned at 256 / 8192 (an H100's own pick, 1024 / 16384, needs a larger activation peak).
+    cfg = EngineConfig(gpu_memory_utilization=0.35, max_model_len=131072, max_num_seqs=256, max_num_batched_tokens=8192)
     p = plan("llama-3.1-8b", H100, cfg)
     assert p.verdict == "max_model_len needs more KV than is left"
     need = 131072 * 128 * 1024  # 16 GiB for one request
