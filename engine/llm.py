@@ -16,10 +16,11 @@ from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
-from .request import Request, RequestOutput
+from .request import CompletionOutput, Request, RequestOutput
 from .runner import CPU_KV_BUDGET_BYTES, ModelRunner
-from .sampling import SamplingParams
+from .sampling import BeamSearchParams, SamplingParams
 from .scheduler import Scheduler
+from .sequence_group import SequenceGroup, SequenceGroups
 from .stats import EngineStats, StepStats
 
 
@@ -38,7 +39,8 @@ class LLMEngine:
         runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
-        self.requests: dict[str, Request] = {}
+        self.groups = SequenceGroups(self.scheduler, self.kv, runner, self.spec.eos_token_ids, config.max_model_len)
+        self.requests: dict[str, Request | SequenceGroup] = {}
         self.reset_stats()
 
     # ----- requests -----------------------------------------------------------------------------
@@ -46,8 +48,8 @@ class LLMEngine:
         """Check a request without changing anything; returns the prompt as a list of ints."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise ValueError(f"params must be a SamplingParams (or BeamSearchParams), got {type(params).__name__}")
         if isinstance(prompt_token_ids, str):
             prompt_token_ids = self._encode(prompt_token_ids)
         ids = [int(t) for t in prompt_token_ids]
@@ -66,13 +68,45 @@ class LLMEngine:
         if self.kv.blocks_needed(longest) > self.kv.num_blocks:
             raise ValueError(f"request {request_id!r}: {longest} tokens need {self.kv.blocks_needed(longest)} KV "
                              f"blocks but the pool has {self.kv.num_blocks}; lower max_tokens or enlarge the pool")
+        self._validate_group(request_id, params, longest)
         return ids
+
+    def _validate_group(self, request_id: str, params, longest: int) -> None:
+        """A request of several sequences (n, best_of, beam search) must fit the engine as a whole."""
+        beam = isinstance(params, BeamSearchParams)
+        size = params.beam_width if beam else params.num_sequences
+        if size == 1 and not beam:
+            return
+        what = f"beam_width={size}" if beam else f"{'best_of' if params.best_of else 'n'}={size}"
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError(f"request {request_id!r}: {what} needs tensor_parallel_size=1 (block copies are not "
+                             "implemented for tensor parallelism)")
+        if size > self.config.max_num_seqs:
+            raise ValueError(f"request {request_id!r}: {what} is more than max_num_seqs={self.config.max_num_seqs}; "
+                             "lower it or raise max_num_seqs")
+        # Sequences recomputed after a preemption share only their common prefix: the pool must hold them all.
+        need = size * self.kv.blocks_needed(longest)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"request {request_id!r}: {what} sequences of up to {longest} tokens need {need} KV "
+                             f"blocks but the pool has {self.kv.num_blocks}; lower max_tokens or {what.split('=')[0]}, "
+                             "or enlarge the pool")
+        if beam:
+            k = max(2, 1 + (0 if params.ignore_eos else len(self.spec.eos_token_ids))) * size
+            if k > self.spec.vocab_size:
+                raise ValueError(f"request {request_id!r}: {what} keeps {k} candidates a step, more than the "
+                                 f"vocabulary ({self.spec.vocab_size}); lower beam_width")
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         ids = self.validate_request(request_id, prompt_token_ids, params)
         arrival = time.perf_counter() if arrival_time is None else arrival_time
+        if isinstance(params, BeamSearchParams):
+            self.requests[request_id] = self.groups.add_beam_search(request_id, ids, params, arrival)
+            return
+        if params.num_sequences > 1:
+            self.requests[request_id] = self.groups.add_sampling(request_id, ids, params, arrival)
+            return
         req = Request(request_id, ids, params, arrival, self.spec.eos_token_ids)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
@@ -81,6 +115,10 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        if request_id in self.groups.groups:
+            group = self.groups.abort(request_id, time.perf_counter())
+            del self.requests[request_id]
+            return self._output(group)
         req = self.scheduler.abort(request_id, time.perf_counter())
         if req is None:
             return None
@@ -93,25 +131,37 @@ class LLMEngine:
         """Schedule, run and sample one batch; returns the outputs of the requests that finished in it."""
         start = time.perf_counter()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
+        cows = self.kv.num_cow_copies
         sched = self.scheduler.schedule()
+        groups = self.groups.active
+        if groups:
+            self.groups.after_schedule(sched)  # a group is preempted as a whole
+        copies, copied = self.kv.take_pending_copies()
         if sched.is_empty:
-            if self.scheduler.waiting:
+            if self.scheduler.waiting and not sched.preempted:
                 raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
+        if copies:  # copy-on-write: before the forward pass writes into the copies
+            self.runner.copy_blocks(copies)
+            for rid in copied:
+                self.runner.release(rid)  # its table row changed in place: the runner rewrites it
         result = self.runner.execute(sched, self.kv)
         now = time.perf_counter()
-        finished = self.scheduler.update_from_output(sched, result.sampled, now)
+        sampled = self.groups.take_candidates(result.sampled) if groups else result.sampled
+        finished = self.scheduler.update_from_output(sched, sampled, now)
+        if groups:
+            finished = self.groups.after_update(finished, now)
         for req in finished:
             del self.requests[req.request_id]
             self.runner.release(req.request_id)
         outputs = [self._output(req) for req in finished]
         self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
-                          self.kv.prefix_cache_hits - hits)
+                          self.kv.prefix_cache_hits - hits, self.kv.num_cow_copies - cows)
         return outputs
 
-    def _record_step(self, sched, result, start, now, queries, hits) -> None:
+    def _record_step(self, sched, result, start, now, queries, hits, cows=0) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         wasted = sum(len(kv.req_to_blocks.get(r.request_id, ())) * bs - r.num_computed_tokens
@@ -127,18 +177,24 @@ class LLMEngine:
             num_sampled_tokens=len(result.sampled), num_kv_tokens_read=result.num_kv_tokens_read,
             num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
-            cuda_graph=result.used_cuda_graph))
+            cuda_graph=result.used_cuda_graph, num_shared_blocks=kv.num_shared_blocks,
+            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows))
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled)
 
-    def _output(self, req: Request) -> RequestOutput:
+    def _output(self, req: Request | SequenceGroup) -> RequestOutput:
+        if isinstance(req, SequenceGroup):
+            return self.groups.output(req, self.tokenizer)
         finished = req.status.finished
         text = None
         if finished and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        token_ids = list(req.output_token_ids)
+        reason = req.status.value if finished else None
         return RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                             token_ids=list(req.output_token_ids), text=text, finished=finished,
-                             finish_reason=req.status.value if finished else None, metrics=req.metrics)
+                             token_ids=token_ids, text=text, finished=finished, finish_reason=reason,
+                             metrics=req.metrics,
+                             outputs=[CompletionOutput(0, token_ids, text, req.cumulative_logprob, reason)])
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -151,6 +207,7 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
+        self._cow_base = self.kv.num_cow_copies
 
     def stats(self) -> EngineStats:
         kv, runner = self.kv, self.runner
@@ -166,7 +223,9 @@ class LLMEngine:
             kv_bytes_per_token=runner.kv_bytes_per_token, quantization=self.config.quantization,
             kv_cache_dtype=self.config.kv_cache_dtype,
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps))
+            cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
+            num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
+            num_cow_copies=kv.num_cow_copies - self._cow_base)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
@@ -387,3 +446,12 @@ class LLM:
                     engine.abort_request(i)
             raise
         return [done[i] for i in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[RequestOutput]:
+        """Beam search over each prompt (strings, or lists of token ids); outputs in prompt order, each with
+        beam_width completions (outputs), best first, scored as HF transformers scores them."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self.generate(prompts, [params] * len(prompts))

@@ -80,6 +80,12 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids))
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.admitted_once = False
+        # Sequence groups (engine/sequence_group.py): the group this sequence belongs to, the token count
+        # it stops computing at until its siblings fork from it (None: compute every token), and the
+        # sibling sequences it will fork into once admitted (the scheduler keeps seats for them).
+        self.group = None
+        self.fork_point: int | None = None
+        self.num_pending_forks = 0
 
     @property
     def num_tokens(self) -> int:
@@ -107,9 +113,33 @@ class Request:
         return None
 
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the output tokens' log-probabilities, when the sampler computed them (params.logprobs)."""
+        if self.params.logprobs is None:
+            return None
+        return float(sum(getattr(t, "logprob", 0.0) for t in self.output_token_ids))
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request (vLLM's shape): index among the request's sequences, its
+    token ids, text, cumulative log-probability (None when not computed) and finish reason."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+
+
 @dataclass
 class RequestOutput:
-    """What the engine hands back for a request: its tokens so far, text, and timings."""
+    """What the engine hands back for a request: its tokens so far, text, and timings.
+
+    outputs: the completions (k of them for SamplingParams(n=k), beam_width for beam search, best
+    first); token_ids, text and finish_reason are those of outputs[0].
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -118,3 +148,8 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = [CompletionOutput(0, self.token_ids, self.text, None, self.finish_reason)]

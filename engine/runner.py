@@ -206,6 +206,16 @@ class ModelRunner:
                                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)))
         self.null_block = num_blocks
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks, (source, destination) block ids, in every layer's K and V cache: the
+        copy-on-write of a block two sequences shared (KVCacheManager.pending_copies)."""
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for cache in self.kv_caches:
+            for t in cache:
+                t = t.view(torch.uint8) if t.element_size() == 1 else t  # fp8 has no index kernels everywhere
+                t[dst] = t[src]
+
     # ----- persistent block-table rows ----------------------------------------------------------
     def release(self, request_id: str) -> None:
         """Forget a request's block-table row (it finished, was aborted or was preempted)."""

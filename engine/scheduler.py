@@ -41,6 +41,9 @@ class Scheduler:
       is preempted: its blocks are freed and it waits at the front of the queue to be recomputed.
       Recompute gives the same output because the sampled tokens are kept and re-fed as prompt.
     - Waiting requests are admitted first-come-first-served, only in steps that preempted nothing.
+    - A sequence computes no further than its fork_point while it has one; running sequences with
+      nothing to compute (a beam waiting for its siblings) are skipped. len(running) plus
+      num_reserved_seqs (seats of sequences still to be forked) stays within max_num_seqs.
     """
 
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
@@ -49,6 +52,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Seats kept for the sequences that running group roots will fork into (engine/sequence_group.py).
+        self.num_reserved_seqs = 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -65,7 +70,10 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            num_new = min(len(req.all_token_ids) - computed, budget)
+            num_new = min((req.fork_point or len(req.all_token_ids)) - computed, budget)
+            if num_new <= 0:  # a beam waiting for its siblings' step (engine/sequence_group.py)
+                i += 1
+                continue
             while not allocate(req, num_new):
                 victim = running.pop()
                 self._preempt(victim)
@@ -83,11 +91,11 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and not out.preempted):
+        while (self.waiting and budget > 0 and not out.preempted and len(self.running) + self.num_reserved_seqs
+               + self.waiting[0].num_pending_forks < self.config.max_num_seqs):
             req = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            num_new = min((req.fork_point or req.num_tokens) - num_hit_tokens, budget)
             if not self.kv.allocate_slots(req, num_new, hits):
                 break
             self.waiting.popleft()
@@ -98,6 +106,7 @@ class Scheduler:
                 req.metrics.first_scheduled_time = time.perf_counter()
                 req.metrics.num_cached_tokens = num_hit_tokens
             self.running.append(req)
+            self.num_reserved_seqs += req.num_pending_forks
             self._add(out, req, num_new)
             budget -= num_new
         return out

@@ -28,6 +28,9 @@ class StepStats:
     num_attention_scores: int        # query-key pairs scored (per layer and head): attention FLOPs / (4 x head_dim)
     host_time: float                 # seconds of the step not spent waiting for the device
     cuda_graph: bool                 # the forward pass replayed a captured CUDA graph
+    num_shared_blocks: int = 0       # blocks held by 2+ sequences (forks, prefix-cache hits)
+    num_saved_blocks: int = 0        # block-table entries - used blocks: what sharing saves
+    num_cow_copies: int = 0          # blocks copied on write in this step
 
 
 @dataclass
@@ -49,6 +52,9 @@ class EngineStats:
 
     num_cached_blocks: free blocks that still hold a reusable prefix. prefix_cache_queries / _hits
     count tokens looked up / served from the cache at admission.
+    num_shared_blocks: blocks held by two or more sequences now (forked sequences of parallel sampling
+    and beam search, prefix-cache hits); num_saved_blocks: blocks that sharing saves now (block-table
+    entries minus used blocks); num_cow_copies: blocks copied on write since the reset.
     """
 
     num_gpu_blocks: int
@@ -71,6 +77,9 @@ class EngineStats:
     cuda_graphs: bool
     memory: MemoryProfile | None = None
     steps: list[StepStats] = field(default_factory=list)
+    num_shared_blocks: int = 0
+    num_saved_blocks: int = 0
+    num_cow_copies: int = 0
 
     @property
     def kv_capacity_tokens(self) -> int:

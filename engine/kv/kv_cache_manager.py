@@ -14,6 +14,11 @@ class KVCacheManager:
     - The first num_cached_blocks[r] blocks of r are registered in the prefix cache under
       req_to_hashes[r]; only full blocks whose tokens are all scheduled are registered.
     - A request with no entry owns no block: free() returns every reference.
+    - Sharing beyond prefixes (parallel sampling, beam search): fork() gives a sequence the blocks of
+      another by reference. A sequence never writes into a block it shares: allocate_slots first gives
+      it a private copy of that block (copy-on-write), queued in pending_copies for the runner to copy
+      on the device before the step's forward pass. Only the partly filled last block can be shared and
+      written, so a copy is at most one block per sequence and step.
     prefix_cache_queries / prefix_cache_hits count tokens, as vLLM does: every admission looks up
     the request's whole token sequence (queries) and reuses the longest run of cached full blocks
     (hits), capped one token short of the end so that the last token is computed and gives logits.
@@ -29,6 +34,9 @@ class KVCacheManager:
         self.num_cached_blocks: dict[str, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.pending_copies: list[tuple[int, int]] = []  # (source block id, copy's block id), for the runner
+        self.copied_requests: list[str] = []  # requests whose block table changed in place (by a copy)
+        self.num_cow_copies = 0
 
     @property
     def num_blocks(self) -> int:
@@ -51,8 +59,9 @@ class KVCacheManager:
             return [], 0
         tokens = request.all_token_ids
         hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(request.request_id, []))
-        # Leave at least one token to compute: the step must produce logits for the last token.
-        max_blocks = (len(tokens) - 1) // self.block_size
+        # Leave at least one token to compute: the step must produce logits for the last token (or, for
+        # the root of a sequence group, the token at its fork point).
+        max_blocks = ((request.fork_point or len(tokens)) - 1) // self.block_size
         hits = []
         for h in hashes[:max_blocks]:
             block = self.pool.get_cached_block(h)
@@ -70,6 +79,9 @@ class KVCacheManager:
         """
         admitting = new_computed_blocks is not None
         blocks = self.req_to_blocks.get(request.request_id, [])
+        if not admitting and self._writes_shared_block(request, blocks):
+            if not self._copy_on_write(request, num_new_tokens):
+                return False
         if not admitting:
             # Fast path of a decode step: the new token fits the last block already held.
             total = request.num_computed_tokens + num_new_tokens
@@ -119,6 +131,64 @@ class KVCacheManager:
     def forget(self, request) -> None:
         """Drop the request's memoised block hashes (it has finished for good)."""
         self.req_to_hashes.pop(request.request_id, None)
+
+    # ----- sharing between the sequences of one request (parallel sampling, beam search) ------------
+    def fork(self, parent, child, num_tokens: int) -> None:
+        """Give `child` (which holds no block) the blocks of `parent` that hold its first num_tokens tokens,
+        by reference: nothing is copied until one of them writes into a shared block. The two must agree
+        on those tokens; child.num_computed_tokens is the caller's to set (to num_tokens)."""
+        cid = child.request_id
+        if self.req_to_blocks.get(cid):
+            raise RuntimeError(f"fork into {cid!r}, which already holds KV blocks")
+        blocks = self.req_to_blocks.get(parent.request_id, [])[:self.blocks_needed(num_tokens)]
+        if len(blocks) * self.block_size < num_tokens:
+            raise RuntimeError(f"fork of {num_tokens} tokens from {parent.request_id!r}, which holds "
+                               f"{len(blocks)} blocks")
+        self.pool.touch(blocks)
+        self.req_to_blocks[cid] = list(blocks)
+        self.req_to_block_ids[cid] = [b.block_id for b in blocks]
+        full = num_tokens // self.block_size
+        self.req_to_hashes[cid] = list(self.req_to_hashes.get(parent.request_id, [])[:full])
+        self.num_cached_blocks[cid] = min(self.num_cached_blocks.get(parent.request_id, 0), full)
+
+    def _writes_shared_block(self, request, blocks: list[KVBlock]) -> bool:
+        i = request.num_computed_tokens // self.block_size
+        return i < len(blocks) and blocks[i].ref_count > 1
+
+    def _copy_on_write(self, request, num_new_tokens: int) -> bool:
+        """Replace the shared block the request writes next by a private copy (queued for the runner);
+        False, changing nothing, when the pool cannot also supply the blocks the step then needs."""
+        rid = request.request_id
+        blocks = self.req_to_blocks[rid]
+        more = max(self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(blocks), 0)
+        if 1 + more > self.pool.num_free_blocks:
+            return False
+        i = request.num_computed_tokens // self.block_size
+        shared, [copy] = blocks[i], self.pool.get_new_blocks(1)
+        blocks[i] = copy
+        self.req_to_block_ids[rid][i] = copy.block_id
+        self.pool.free_blocks([shared])  # still held by the other sequences: never reaches 0 here
+        self.pending_copies.append((shared.block_id, copy.block_id))
+        self.copied_requests.append(rid)
+        self.num_cow_copies += 1
+        return True
+
+    def take_pending_copies(self) -> tuple[list[tuple[int, int]], list[str]]:
+        """The block copies queued since the last call, and the requests whose tables they changed."""
+        copies, rids = self.pending_copies, self.copied_requests
+        self.pending_copies, self.copied_requests = [], []
+        return copies, rids
+
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks held by two or more sequences (forks and prefix-cache hits)."""
+        return self.pool.num_shared_blocks
+
+    @property
+    def num_saved_blocks(self) -> int:
+        """Blocks that sharing saves: the sequences' block tables hold this many more entries than there
+        are blocks in use."""
+        return self.pool.num_block_refs - self.num_used_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (physical block ids in sequence order); do not modify."""
