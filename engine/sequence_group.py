@@ -223,23 +223,37 @@ class SequenceGroups:
             group.finished.append(req)
             if not group.seqs:
                 done_groups.append(group)
-        replace: dict[int, Request | None] = {}
-        added: list[Request] = []
+        changed: dict[int, SequenceGroup] = {}
         for group in list(self.groups.values()):
             if group.root is not None and group.root.status is RequestStatus.RUNNING \
                     and group.root.num_computed_tokens >= group.root.fork_point:
-                added += self._fork_parked(group)
+                self._fork_parked(group)
+                changed[id(group)] = group
             if group.ready_for_beam_step:
-                if self._beam_step(group, now, replace, added):
+                if self._beam_step(group, now):
                     done_groups.append(group)
-        if replace or added:
-            sched = self.scheduler
-            running = [replace.get(id(r), r) for r in sched.running]
-            sched.running = [r for r in running if r is not None] + added
+                changed[id(group)] = group
+        if changed:
+            self._regroup_running(changed)
         for group in done_groups:
             self._finish(group, now)
             out.append(group)
         return out
+
+    def _regroup_running(self, changed: dict[int, SequenceGroup]) -> None:
+        """Put the changed groups' live sequences into scheduler.running where the group was, together: the
+        scheduler preempts from the tail, so a group's sequences go back together before anything
+        else is touched (preempting one sequence of a group frees little, its blocks being shared)."""
+        running, placed = [], set()
+        for r in self.scheduler.running:
+            group = r.group
+            if group is None or id(group) not in changed:
+                running.append(r)
+            elif id(group) not in placed:
+                placed.add(id(group))
+                if group.status is not RequestStatus.FINISHED_LENGTH:
+                    running.extend(group.seqs)
+        self.scheduler.running = running
 
     def _fork_parked(self, group: SequenceGroup) -> list[Request]:
         root, n = group.root, group.root.fork_point
@@ -267,19 +281,19 @@ class SequenceGroups:
         child.num_computed_tokens = parent.num_computed_tokens
         return child
 
-    def _beam_step(self, group: SequenceGroup, now: float, replace: dict, added: list) -> bool:
+    def _beam_step(self, group: SequenceGroup, now: float) -> bool:
         """Advance the beams by one token; True when the search is over."""
         seqs = group.seqs
         nxt = group.state.step([s.candidates for s in seqs], [s.output_token_ids for s in seqs])
         if group.state.done:
+            group.status = RequestStatus.FINISHED_LENGTH
             return True
         claimed: set[int] = set()
-        plan, forks = [], []
+        plan = []
         # Every fork copies its parent's table before any beam appends its token.
         for parent, token in nxt:
             if parent in claimed:
                 seq = self._fork_seq(group, seqs[parent])
-                forks.append(seq)
             else:
                 seq = seqs[parent]
                 claimed.add(parent)
@@ -290,12 +304,6 @@ class SequenceGroups:
             seq.candidates = None
         for seq in dropped:
             self._release(seq)
-        # A fork takes the running slot of a dropped beam; the rest go to the end.
-        for old, new in zip(dropped, forks):
-            replace[id(old)] = new
-        for old in dropped[len(forks):]:
-            replace[id(old)] = None
-        added += forks[len(dropped):]
         group.seqs = [s for s, _ in plan]
         want = group.size - len(group.seqs)
         self.scheduler.num_reserved_seqs += want - group.reserved
