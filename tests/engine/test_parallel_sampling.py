@@ -40,8 +40,9 @@ def test_greedy_n_gives_n_copies_of_the_single_output(hf_models, kind, case):
         for o in out.outputs:
             assert o.token_ids == one.token_ids and o.finish_reason == "length"
         assert out.token_ids == out.outputs[0].token_ids and out.finish_reason == "length"
-        # the four greedy sequences have the same cumulative logprob
-        assert len({o.cumulative_logprob for o in out.outputs}) == 1 and out.outputs[0].cumulative_logprob < 0
+        # the four greedy sequences have the same cumulative logprob (up to batch-dependent float32 rounding)
+        lps = [o.cumulative_logprob for o in out.outputs]
+        assert max(lps) - min(lps) < 1e-4 and lps[0] < 0
         assert out.metrics.num_output_tokens == 12 and out.metrics.ttft > 0
     stats = llm.engine.stats()
     assert stats.num_used_blocks == 0 and llm.engine.scheduler.num_reserved_seqs == 0
