@@ -127,11 +127,14 @@ class Sampler:
 
     Greedy rows take the argmax. Random rows draw from softmax(logits / temperature) after top-k and
     top-p filtering, using the request's own torch.Generator when it has a seed (so a seeded request
-    gives the same tokens whatever else is in the batch), else the engine's generator.
+    gives the same tokens whatever else is in the batch), else the engine's generator (on a GPU, unseeded
+    rows without top-k/top-p draw in one batch from a device generator seeded alike).
     """
 
     def __init__(self, seed: int = 0):
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.device_generator: torch.Generator | None = None  # for unseeded rows drawn on a GPU
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
@@ -164,14 +167,29 @@ class Sampler:
         return out
 
     def _sample(self, logits, params, generators, greedy) -> list[int]:
-        cpu_logits = logits.cpu()
-        out = []
-        for i, p in enumerate(params):
-            if p.greedy:
-                out.append(greedy[i])
-                continue
-            row = _filter_top_k_top_p(cpu_logits[i] / p.temperature, p.top_k, p.top_p)
+        out = list(greedy)
+        rest = [i for i, p in enumerate(params) if not p.greedy]
+        if logits.device.type == "cuda":
+            # Unseeded rows without top-k/top-p draw together on the device: copying a batch of full-vocabulary
+            # rows to the host and drawing one by one costs more than the forward pass at large batches.
+            batch = [i for i in rest if generators[i] is None and params[i].top_k == -1 and params[i].top_p == 1.0]
+            if batch:
+                if self.device_generator is None:
+                    self.device_generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+                temps = torch.tensor([params[i].temperature for i in batch], device=logits.device)
+                probs = torch.softmax(logits[batch] / temps[:, None], dim=-1)
+                drawn = torch.multinomial(probs, 1, generator=self.device_generator)[:, 0].tolist()
+                for i, t in zip(batch, drawn):
+                    out[i] = t
+                done = set(batch)
+                rest = [i for i in rest if i not in done]
+        if not rest:
+            return out
+        cpu_logits = logits[rest].cpu()
+        for j, i in enumerate(rest):
+            p = params[i]
+            row = _filter_top_k_top_p(cpu_logits[j] / p.temperature, p.top_k, p.top_p)
             probs = row.softmax(-1)
             gen = generators[i] if generators[i] is not None else self.generator
-            out.append(int(torch.multinomial(probs, 1, generator=gen).item()))
+            out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
         return out
