@@ -164,3 +164,39 @@ def test_copy_on_write_fails_cleanly_without_a_free_block():
     assert (kv.block_ids("b"), kv.num_free_blocks, kv.num_cow_copies) == before
     kv.free(other)
     assert kv.allocate_slots(b, 1) and kv.num_cow_copies == 1
+
+
+def test_engine_with_groups_keeps_ref_counts_and_seats_every_step():
+    """Plain requests, n > 1 and beam search together in a pool small enough to preempt: after every step
+    each block's ref count is the number of tables holding it, and the seats stay within max_num_seqs."""
+    import torch
+
+    from engine import LLM, BeamSearchParams, EngineConfig
+    llm = LLM.random("tiny", EngineConfig(device="cpu", block_size=4, max_model_len=64, num_gpu_blocks=24,
+                                          max_num_seqs=12, max_num_batched_tokens=40))
+    engine = llm.engine
+    g = torch.Generator().manual_seed(0)
+    for i in range(9):
+        prompt = torch.randint(3, 200, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        if i % 3 == 0:
+            params = BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True)
+        elif i % 3 == 1:
+            params = SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=i, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"q{i}", prompt, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+        bm = engine.block_map()
+        holders = Counter(b for table in bm["block_tables"].values() for b in table)
+        assert [ref for ref, _ in bm["blocks"]] == [holders.get(i, 0) for i in range(len(bm["blocks"]))]
+        sched = engine.scheduler
+        assert 0 <= sched.num_reserved_seqs and len(sched.running) + sched.num_reserved_seqs <= 12
+        assert len({id(r) for r in sched.running}) == len(sched.running)
+    assert len(done) == 9 and all(len(o.outputs) == (1 if i % 3 == 2 else 3) for i, o in
+                                  enumerate(done[f"q{j}"] for j in range(9)))
+    stats = engine.stats()
+    assert stats.num_used_blocks == 0 and stats.num_preemptions > 0 and stats.num_cow_copies > 0
+    assert sched.num_reserved_seqs == 0
