@@ -151,7 +151,8 @@ def main():
         "n4_saving": {"blocks": peak_ind - peak_n4, "fraction": 1 - peak_n4 / peak_ind,
                       "throughput_ratio": float(np.median([x["output_tok_s"] for x in runs["n4"]])
                                                 / np.median([x["output_tok_s"] for x in runs["independent"]]))},
-        "beam4": {"peak_used_blocks": beam["peak_used_blocks"], "unshared_blocks_at_peak": beam["table_entries_at_peak"],
+        "beam4": {"peak_used_blocks": beam["peak_used_blocks"],
+                  "unshared_blocks_at_peak": beam["table_entries_at_peak"],
                   "saving_fraction": 1 - beam["peak_used_blocks"] / beam["table_entries_at_peak"],
                   "cow_copies": beam["cow_copies"], "requests": len(beam_prompts), "max_tokens": args.beam_tokens,
                   "output_tok_s": spread([x["output_tok_s"] for x in beam_runs])},

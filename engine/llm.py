@@ -16,11 +16,11 @@ from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
-from .request import CompletionOutput, Request, RequestOutput
+from .request import CompletionOutput, Request, RequestOutput, SequenceGroup
 from .runner import CPU_KV_BUDGET_BYTES, ModelRunner
 from .sampling import BeamSearchParams, SamplingParams
 from .scheduler import Scheduler
-from .sequence_group import SequenceGroup, SequenceGroups
+from .sequence_group import SequenceGroups
 from .stats import EngineStats, StepStats
 
 
@@ -184,7 +184,7 @@ class LLMEngine:
 
     def _output(self, req: Request | SequenceGroup) -> RequestOutput:
         if isinstance(req, SequenceGroup):
-            return self.groups.output(req, self.tokenizer)
+            return req.output(self.tokenizer)
         finished = req.status.finished
         text = None
         if finished and self.tokenizer is not None:

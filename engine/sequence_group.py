@@ -1,7 +1,8 @@
-"""Sequence groups: one request, several sequences sharing KV blocks (parallel sampling n > 1, beam search).
+"""Sequence groups at work: one request, several sequences sharing KV blocks (parallel sampling n > 1, beam
+search).
 
-The scheduler sees each sequence as a Request of its own; this file keeps a group's sequences
-together. How a group shares memory, as in the PagedAttention paper:
+The scheduler sees each sequence as a Request of its own; SequenceGroups (the group itself is
+request.SequenceGroup) keeps a group's sequences together. How a group shares memory, as in the PagedAttention paper:
 
 - Root phase. A group enters the waiting queue as one sequence, its root, with a fork_point: the
   number of leading tokens all its sequences agree on that it computes for them (the prompt minus its
@@ -22,50 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from .beam_search import BeamSearchState
-from .request import CompletionOutput, Request, RequestMetrics, RequestOutput, RequestStatus
+from .request import Request, RequestStatus, SequenceGroup
 from .sampling import BeamSearchParams, SamplingParams
-
-
-class SequenceGroup:
-    """The sequences of one request.
-
-    Invariants:
-    - seqs are the unfinished sequences (for beam search: the live beams, in the order of state.scores),
-      finished the finished ones (parallel sampling); a sequence is in exactly one of them.
-    - Root phase (root is not None): root is in the scheduler's waiting or running queue with its
-      fork_point set; the other sequences of seqs are parked (parked), hold no block and are in no
-      queue. Otherwise every sequence of seqs is in scheduler.running, or (a group that could share
-      nothing on re-entry) in the waiting queue.
-    - reserved: seats this group holds in scheduler.num_reserved_seqs (admitted, not yet forked).
-    """
-
-    def __init__(self, request_id: str, prompt: list[int], arrival: float, size: int,
-                 params: SamplingParams | None = None, beam: BeamSearchParams | None = None):
-        self.request_id = request_id
-        self.prompt_token_ids = prompt
-        self.params, self.beam = params, beam
-        self.size = size
-        self.metrics = RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(prompt))
-        self.seqs: list[Request] = []
-        self.finished: list[Request] = []
-        self.root: Request | None = None
-        self.parked: list[Request] = []
-        self.reserved = 0
-        self.queued = False          # queued_root waits for admission
-        self.queued_root: Request | None = None
-        self.state: BeamSearchState | None = None
-        self.status = RequestStatus.WAITING
-        self.first_admission: Request | None = None
-        self._next_seq = 0
-
-    def new_seq_id(self) -> str:
-        self._next_seq += 1
-        return f"{self.request_id}#{self._next_seq - 1}"
-
-    @property
-    def ready_for_beam_step(self) -> bool:
-        return (self.state is not None and self.root is None and not self.queued
-                and all(getattr(s, "candidates", None) is not None for s in self.seqs))
 
 
 def _common_prefix_len(seqs: list[Request]) -> int:
@@ -125,7 +84,7 @@ class SequenceGroups:
         params = SamplingParams(max_tokens=10**9, temperature=0.0, ignore_eos=True,
                                 logprobs=group.state.num_candidates)
         seq = Request(group.new_seq_id(), prompt, params, arrival, ())
-        seq.group, seq.candidates = group, None
+        seq.group = group
         group.seqs.append(seq)
         self.groups[request_id] = group
         self.num_beam_groups += 1
@@ -190,8 +149,7 @@ class SequenceGroups:
             seq.num_computed_tokens = 0
             seq.fork_point = None
             seq.num_pending_forks = 0
-            if group.state is not None:
-                seq.candidates = None
+            seq.candidates = None
         sched.num_reserved_seqs -= group.reserved
         group.reserved = 0
         group.metrics.num_preemptions += 1
@@ -275,7 +233,7 @@ class SequenceGroups:
         child.all_token_ids = list(parent.all_token_ids)
         child.output_token_ids = list(parent.output_token_ids)
         child.metrics = dataclasses.replace(parent.metrics, token_times=list(parent.metrics.token_times))
-        child.group, child.candidates = group, None
+        child.group = group
         child.status, child.admitted_once = RequestStatus.RUNNING, True
         self.kv.fork(parent, child, parent.num_computed_tokens)
         child.num_computed_tokens = parent.num_computed_tokens
@@ -354,27 +312,3 @@ class SequenceGroups:
             group.queued_root.num_pending_forks = 0
         self._finish(group, now, RequestStatus.FINISHED_ABORTED)
         return group
-
-    # ----- output ------------------------------------------------------------------------------
-    def output(self, group: SequenceGroup, tokenizer) -> RequestOutput:
-        def text(ids):
-            return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-
-        aborted = group.status is RequestStatus.FINISHED_ABORTED
-        if group.state is not None:
-            hyps = [] if aborted else group.state.hypotheses()
-            outputs = [CompletionOutput(i, [int(t) for t in h.token_ids], text(h.token_ids), h.cumulative_logprob,
-                                        "stop" if h.finished_by_eos else "length") for i, h in enumerate(hyps)]
-        else:
-            seqs = sorted(group.finished + group.seqs, key=lambda s: int(s.request_id.rsplit("#", 1)[1]))
-            outputs = [CompletionOutput(i, [int(t) for t in s.output_token_ids], text(s.output_token_ids),
-                                        s.cumulative_logprob, s.status.value if s.status.finished else None)
-                       for i, s in enumerate(seqs)]
-            n = group.params.n
-            if group.params.best_of is not None and group.params.best_of > n:
-                outputs = sorted(outputs, key=lambda o: o.cumulative_logprob, reverse=True)[:n]
-        first = outputs[0] if outputs else CompletionOutput(0, [], None, None, "abort")
-        return RequestOutput(request_id=group.request_id, prompt_token_ids=group.prompt_token_ids,
-                             token_ids=first.token_ids, text=first.text, finished=True,
-                             finish_reason=first.finish_reason, metrics=group.metrics, outputs=outputs)
-
