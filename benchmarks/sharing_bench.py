@@ -38,15 +38,18 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# The peak is recorded after the last step before the sequences finish: each has then computed its prompt and
+# all but its last two output tokens (the last one is sampled, never computed).
 def shared_blocks_ideal(prompt_len: int, output_len: int, block_size: int, n: int) -> int:
-    """Blocks of n sequences forked after prompt_len - 1 tokens, each ending with prompt_len + output_len - 1
-    computed tokens (the last sampled token is never computed)."""
+    """One prompt and n outputs: n sequences forked after prompt_len - 1 tokens hold the full prompt blocks
+    once and each its own tail (its copy of the partial prompt block included)."""
     full = (prompt_len - 1) // block_size
-    return full + n * (-(-(prompt_len + output_len - 1) // block_size) - full)
+    return full + n * (-(-(prompt_len + output_len - 2) // block_size) - full)
 
 
 def independent_ideal(prompt_len: int, output_len: int, block_size: int, n: int) -> int:
-    return n * -(-(prompt_len + output_len - 1) // block_size)
+    """n prompts and n outputs."""
+    return n * -(-(prompt_len + output_len - 2) // block_size)
 
 
 def sync():
