@@ -50,19 +50,12 @@ def prompts_for(seed, lengths, vocab=512):
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module")
-def eos_models(hf_models):
-    """Tiny models whose EOS id is a token they like to produce, so that beams finish early on EOS."""
-    models = {}
-    for kind in ("llama", "mistral", "qwen2"):
-        model = copy.deepcopy(hf_models[kind])
-        with torch.no_grad():
-            logits = model(torch.tensor([prompts_for(5, [24])[0]])).logits[0]
-        eos = int(logits.argmax(-1).mode().values)
-        model.config.eos_token_id = eos
-        model.generation_config.eos_token_id = eos
-        models[kind] = (model, eos)
-    return models
+def with_eos(model, eos):
+    """A copy of the model whose end-of-sequence token is `eos`."""
+    model = copy.deepcopy(model)
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    return model
 
 
 LENGTH_PENALTY = {2: 1.0, 4: 0.5, 8: 2.0}
@@ -71,11 +64,13 @@ LENGTH_PENALTY = {2: 1.0, 4: 0.5, 8: 2.0}
 @pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preemption"])
 @pytest.mark.parametrize("width", [2, 4, 8])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_beam_search_matches_hf(eos_models, kind, width, preempt):
-    model, eos = eos_models[kind]
+def test_beam_search_matches_hf(hf_models, kind, width, preempt):
     lp = LENGTH_PENALTY[width]
     max_tokens = 10
     prompts = prompts_for(width, [13, 30, 5, 22, 27, 18, 25, 29] if preempt else [13, 30, 5])
+    # EOS: a token the best beam of the second prompt produces, so that some beams finish on it.
+    eos = hf_beams(hf_models[kind], prompts[1], width, max_tokens, lp, None)[0][0][-2]
+    model = with_eos(hf_models[kind], eos)
     # Without EOS for the first prompt (all beams run to max_tokens), with the model's EOS for the others.
     params = [BeamSearchParams(beam_width=width, max_tokens=max_tokens, length_penalty=lp, ignore_eos=i == 0)
               for i in range(len(prompts))]
@@ -91,6 +86,9 @@ def test_beam_search_matches_hf(eos_models, kind, width, preempt):
     for i, (prompt, p, out) in enumerate(zip(prompts, params, outs)):
         theirs = hf_beams(model, prompt, width, max_tokens, lp, None if p.ignore_eos else eos)
         assert_same_beams(out, theirs, lp, f"{kind} W={width} prompt {i}")
+    if lp < 1:  # a penalty below 1 favours short beams: some of the best end on EOS
+        assert any(o.finish_reason == "stop" and o.token_ids[-1] == eos for o in outs[1].outputs)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == max_tokens for o in outs[0].outputs)
     stats = llm.engine.stats()
     assert stats.num_used_blocks == 0 and llm.engine.scheduler.num_reserved_seqs == 0
     assert stats.num_cow_copies > 0 and max(s.num_saved_blocks for s in stats.steps) > 0
