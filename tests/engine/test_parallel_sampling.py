@@ -153,3 +153,17 @@ def test_bad_n_is_rejected_before_any_change(hf_models):
         llm.generate([[5] * 16], SamplingParams(n=4, max_tokens=8))
     assert not llm.engine.has_unfinished_requests() and llm.engine.stats().num_used_blocks == 0
     assert len(llm.generate([[5, 6]], SamplingParams(n=4, max_tokens=3))[0].outputs) == 4
+
+
+def test_sequences_that_stop_early_finish_alone(hf_models):
+    """Stop tokens end the sequences of one request at different steps; each equals its separate request."""
+    llm = make_llm(hf_models)
+    prompt = prompts_for(8, [11])[0]
+    stops = tuple(range(3, 512, 9))  # about one token in nine ends a sequence
+    p = dict(max_tokens=16, temperature=1.0, stop_token_ids=stops)
+    out = llm.generate([prompt], SamplingParams(n=4, seed=40, **p))[0]
+    separate = llm.generate([prompt] * 4, [SamplingParams(seed=40 + j, **p) for j in range(4)])
+    assert [(o.token_ids, o.finish_reason) for o in out.outputs] == [(s.token_ids, s.finish_reason) for s in separate]
+    assert len({len(o.token_ids) for o in out.outputs}) > 1 and "stop" in {o.finish_reason for o in out.outputs}
+    assert out.metrics.num_output_tokens == max(len(o.token_ids) for o in out.outputs)
+    assert llm.engine.stats().num_used_blocks == 0
