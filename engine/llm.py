@@ -136,13 +136,14 @@ class LLMEngine:
         groups = self.groups.active
         if groups:
             self.groups.after_schedule(sched)  # a group is preempted as a whole
-        copies, copied = self.kv.take_pending_copies()
         if sched.is_empty:
+            self.kv.take_pending_copies()  # only sequences preempted in this step could have queued any
             if self.scheduler.waiting and not sched.preempted:
                 raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
+        copies, copied = self.kv.take_pending_copies()
         if copies:  # copy-on-write: before the forward pass writes into the copies
             self.runner.copy_blocks(copies)
             for rid in copied:
