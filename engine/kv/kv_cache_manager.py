@@ -18,7 +18,8 @@ class KVCacheManager:
       another by reference. A sequence never writes into a block it shares: allocate_slots first gives
       it a private copy of that block (copy-on-write), queued in pending_copies for the runner to copy
       on the device before the step's forward pass. Only the partly filled last block can be shared and
-      written, so a copy is at most one block per sequence and step.
+      written, so a copy is at most one block per sequence and step; only sequences in `forked` (those
+      that took part in a fork and hold blocks) can hold one.
     prefix_cache_queries / prefix_cache_hits count tokens, as vLLM does: every admission looks up
     the request's whole token sequence (queries) and reuses the longest run of cached full blocks
     (hits), capped one token short of the end so that the last token is computed and gives logits.
@@ -37,6 +38,7 @@ class KVCacheManager:
         self.pending_copies: list[tuple[int, int]] = []  # (source block id, copy's block id), for the runner
         self.copied_requests: list[str] = []  # requests whose block table changed in place (by a copy)
         self.num_cow_copies = 0
+        self.forked: set[str] = set()  # sequences that took part in a fork and still hold blocks
 
     @property
     def num_blocks(self) -> int:
@@ -79,7 +81,10 @@ class KVCacheManager:
         """
         admitting = new_computed_blocks is not None
         blocks = self.req_to_blocks.get(request.request_id, [])
-        if not admitting and self._writes_shared_block(request, blocks):
+        # Only a forked sequence can write into a shared block (prefix-cache hits are full blocks); the empty
+        # set costs the decode steps of everything else next to nothing.
+        if not admitting and self.forked and request.request_id in self.forked \
+                and self._writes_shared_block(request, blocks):
             if not self._copy_on_write(request, num_new_tokens):
                 return False
         if not admitting:
@@ -125,6 +130,7 @@ class KVCacheManager:
         rid = request.request_id
         blocks = self.req_to_blocks.pop(rid, [])
         self.req_to_block_ids.pop(rid, None)
+        self.forked.discard(rid)
         self.pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(rid, None)
 
@@ -145,6 +151,7 @@ class KVCacheManager:
             raise RuntimeError(f"fork of {num_tokens} tokens from {parent.request_id!r}, which holds "
                                f"{len(blocks)} blocks")
         self.pool.touch(blocks)
+        self.forked.update((parent.request_id, cid))
         self.req_to_blocks[cid] = list(blocks)
         self.req_to_block_ids[cid] = [b.block_id for b in blocks]
         full = num_tokens // self.block_size

@@ -48,6 +48,7 @@ def check(kv: KVCacheManager, device: Device, live: list[Request]) -> None:
     assert kv.num_saved_blocks == sum(holders.values()) - len(holders)
     assert kv.num_used_blocks == len(holders)
     assert kv.req_to_block_ids == {r: [b.block_id for b in bl] for r, bl in kv.req_to_blocks.items()}
+    assert kv.forked <= set(kv.req_to_blocks)
     for req in live:
         # each sequence reads back exactly its own tokens, whatever its siblings wrote
         assert device.read(req) == req.all_token_ids[:req.num_computed_tokens], req.request_id
