@@ -297,6 +297,13 @@ class SequenceGroups:
         m.token_times = list(lineage.metrics.token_times)
         m.first_token_time = lineage.metrics.first_token_time
         m.num_output_tokens = len(lineage.output_token_ids)
+        if group.state is not None and group.state.done:
+            # The last step's tokens go to the hypotheses only, not to the beams.
+            m.num_output_tokens = max((len(h.token_ids) for h in group.state.hypotheses()), default=0)
+            m.token_times += [now] * (m.num_output_tokens - len(m.token_times))
+            m.first_token_time = m.token_times[0] if m.token_times else None
+        scheduled = [s.metrics.first_scheduled_time for s in group.seqs + group.finished]
+        m.first_scheduled_time = min((t for t in scheduled if t is not None), default=None)
         if group.first_admission is not None:
             m.first_scheduled_time = group.first_admission.metrics.first_scheduled_time
             m.num_cached_tokens = group.first_admission.metrics.num_cached_tokens
