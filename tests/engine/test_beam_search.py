@@ -89,6 +89,7 @@ def test_beam_search_matches_hf(hf_models, kind, width, preempt):
     if lp < 1:  # a penalty below 1 favours short beams: some of the best end on EOS
         assert any(o.finish_reason == "stop" and o.token_ids[-1] == eos for o in outs[1].outputs)
     assert all(o.finish_reason == "length" and len(o.token_ids) == max_tokens for o in outs[0].outputs)
+    assert outs[0].metrics.num_output_tokens == max_tokens and len(outs[0].metrics.itl) == max_tokens - 1
     stats = llm.engine.stats()
     assert stats.num_used_blocks == 0 and llm.engine.scheduler.num_reserved_seqs == 0
     assert stats.num_cow_copies > 0 and max(s.num_saved_blocks for s in stats.steps) > 0
