@@ -114,10 +114,10 @@ def main():
     log(f"{len(prompts)} prompts, mean {np.mean([len(p) for p in prompts]):.0f} tokens; pool "
         f"{llm.engine.kv.num_blocks} blocks; ideal n4 {ideal_n4} blocks, independent {ideal_ind}")
 
-    # warm-up of both shapes (compiles, graph replays)
-    llm.generate(prompts[:8], SamplingParams(n=N, max_tokens=8, temperature=0.8, ignore_eos=True))
-    llm.generate([p for p in prompts[:8] for _ in range(N)], SamplingParams(max_tokens=8, temperature=0.8,
-                                                                            ignore_eos=True))
+    # Warm-up with the measured shapes (the full prefill steps, decodes of every batch size up to 1024), few tokens.
+    llm.generate(prompts, SamplingParams(n=N, max_tokens=4, temperature=0.8, ignore_eos=True))
+    llm.generate([p for p in prompts for _ in range(N)], SamplingParams(max_tokens=4, temperature=0.8,
+                                                                        ignore_eos=True))
     runs = {"n4": [], "independent": []}
     for r in range(args.repeats):
         runs["n4"].append(run(llm, prompts, n4))
