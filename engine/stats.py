@@ -41,6 +41,9 @@ class StepStats:
     num_recompute_tokens: int = 0    # prefill tokens computed before, redone after a preemption
     num_decode_kv_tokens_read: int = 0  # of num_kv_tokens_read, what one-token rows (the decode kernel) attend
     expert_imbalance: float | None = None  # MoE models: expert_imbalance() of this step's routing, else None
+    num_shared_blocks: int = 0       # blocks held by 2+ sequences (forks, prefix-cache hits)
+    num_saved_blocks: int = 0        # block-table entries - used blocks: what sharing saves
+    num_cow_copies: int = 0          # blocks copied on write in this step
 
 
 @dataclass
@@ -76,6 +79,9 @@ class EngineStats:
 
     num_cached_blocks: free blocks that still hold a reusable prefix. prefix_cache_queries / _hits
     count tokens looked up / served from the cache at admission.
+    num_shared_blocks: blocks held by two or more sequences now (forked sequences of parallel sampling
+    and beam search, prefix-cache hits); num_saved_blocks: blocks that sharing saves now (block-table
+    entries minus used blocks); num_cow_copies: blocks copied on write since the reset.
     """
 
     num_gpu_blocks: int
@@ -108,6 +114,9 @@ class EngineStats:
     @property
     def expert_imbalance(self) -> float | None:
         return expert_imbalance(self.expert_tokens)
+    num_shared_blocks: int = 0
+    num_saved_blocks: int = 0
+    num_cow_copies: int = 0
 
     @property
     def kv_capacity_tokens(self) -> int:
