@@ -201,3 +201,58 @@ def test_engine_with_groups_keeps_ref_counts_and_seats_every_step():
     stats = engine.stats()
     assert stats.num_used_blocks == 0 and stats.num_preemptions > 0 and stats.num_cow_copies > 0
     assert sched.num_reserved_seqs == 0
+
+
+def test_no_unwritten_block_is_ever_served_from_the_prefix_cache():
+    """Groups preempted as a whole after some of their sequences were scheduled (and registered full blocks)
+    in the same step: a simulated device records what each completed step wrote (block copies first); after
+    every step, every block in the prefix cache holds exactly the tokens it was registered for."""
+    import torch
+
+    from engine import LLM, BeamSearchParams, EngineConfig
+    llm = LLM.random("tiny", EngineConfig(device="cpu", block_size=4, max_model_len=64, num_gpu_blocks=24,
+                                          max_num_seqs=12, max_num_batched_tokens=40))
+    engine, kv = llm.engine, llm.engine.kv
+    bs = kv.block_size
+    content: dict[int, list] = {}   # block id -> token per slot, as the forward passes wrote them
+    expected: dict[int, list] = {}  # block id -> the tokens it was registered in the prefix cache for
+    execute, cache_full = engine.runner.execute, kv._cache_full_blocks
+
+    def execute_and_record(sched, *args):
+        result = execute(sched, *args)
+        for src, dst in sched.block_copies:
+            content[dst] = list(content.get(src, [None] * bs))
+        for req, k in sched.scheduled:
+            table = sched.block_tables[req.request_id]
+            for pos in range(req.num_computed_tokens, req.num_computed_tokens + k):
+                content.setdefault(table[pos // bs], [None] * bs)[pos % bs] = req.all_token_ids[pos]
+        return result
+
+    def cache_and_record(request, num_tokens):
+        cache_full(request, num_tokens)
+        blocks, tokens = kv.req_to_blocks[request.request_id], request.all_token_ids
+        for i in range(num_tokens // bs):
+            if blocks[i].block_hash is not None and kv.pool.cached_blocks.get(blocks[i].block_hash) is blocks[i]:
+                expected.setdefault(blocks[i].block_id, tokens[i * bs:(i + 1) * bs])
+
+    engine.runner.execute, kv._cache_full_blocks = execute_and_record, cache_and_record
+    orig_get_new = kv.pool.get_new_blocks
+
+    def get_new_blocks(n):  # a block handed out again forgets what it held and what it was cached for
+        out = orig_get_new(n)
+        for b in out:
+            content.pop(b.block_id, None)
+            expected.pop(b.block_id, None)
+        return out
+    kv.pool.get_new_blocks = get_new_blocks
+    g = torch.Generator().manual_seed(1)
+    for i in range(9):
+        prompt = torch.randint(3, 200, (int(torch.randint(5, 20, (1,), generator=g)),), generator=g).tolist()
+        params = (BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True) if i % 2 else
+                  SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=i, ignore_eos=True))
+        engine.add_request(f"q{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+        for block in kv.pool.cached_blocks.values():
+            assert content.get(block.block_id) == expected[block.block_id], block
+    assert engine.stats().num_preemptions > 0
