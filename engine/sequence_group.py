@@ -380,4 +380,5 @@ class SequenceGroups:
         if group.queued:  # its seats were never taken
             group.queued_root.num_pending_forks = 0
         self._finish(group, now, RequestStatus.FINISHED_ABORTED)
+        self.finished_in_step.remove(group)  # handed back by abort_request, not by a step
         return group

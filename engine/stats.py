@@ -31,7 +31,8 @@ class StepStats:
     # The step timeline (engine/timeline.py): host phases in seconds, they add up to duration.
     start: float = 0.0               # perf_counter seconds at the step's start
     schedule_time: float = 0.0       # Scheduler.schedule()
-    prepare_time: float = 0.0        # writing the inputs into the host buffers (and waiting for the last upload)
+    prepare_time: float = 0.0        # writing the inputs into the host buffers (and waiting for the last upload),
+    #                                  after launching the step's copy-on-write block copies
     launch_time: float = 0.0         # upload + launching the forward pass (or replaying its CUDA graph)
     sample_time: float = 0.0         # the sampler, including waiting for the device to finish the forward
     output_time: float = 0.0         # updating requests, building outputs, recording this step
