@@ -224,3 +224,47 @@ def test_groups_continue_after_interruption(llm, group_reference, data, layer, k
     assert run_groups(eng, outs) == refs
     assert eng.kv.num_used_blocks == 0 and sched.num_reserved_seqs == 0 and not eng.groups.groups
     check_pool(eng)
+
+
+@pytest.mark.parametrize("where", ["update", "record"])
+def test_groups_finished_by_a_failed_step_are_returned_by_the_next(llm, group_reference, monkeypatch, where):
+    """The step that finishes a group fails afterwards (its sequences' last tokens appended, or the group complete):
+    the next step returns the group once, with the completions of an engine never interrupted."""
+    refs, _ = group_reference
+    llm.reconfigure(GROUP_CONFIG)
+    eng = llm.engine
+    for i, (p, params) in enumerate(zip(GROUP_PROMPTS, group_params())):
+        eng.add_request(f"g{i}", p, params)
+    target = eng.scheduler if where == "update" else eng
+    name = "update_from_output" if where == "update" else "_record_step"
+    original = getattr(target, name)
+    failed = []
+
+    def g0_finishes_in_this_step():
+        group = eng.groups.groups.get("g0")
+        if where == "update":  # its sequences all finished, the group not yet
+            return group is not None and all(s.status.finished for s in group.seqs)
+        return any(g.request_id == "g0" for g in eng.groups.finished_in_step)
+
+    def call_then_fail(*args):
+        result = original(*args)
+        if not failed and g0_finishes_in_this_step():
+            failed.append(True)
+            raise KeyboardInterrupt
+        return result
+    monkeypatch.setattr(target, name, call_then_fail)
+    outs, delivered = {}, []
+    for _ in range(500):
+        if not eng.has_unfinished_requests() and len(outs) == len(GROUP_PROMPTS):
+            break
+        try:
+            step = eng.step()
+        except KeyboardInterrupt:
+            check_pool(eng)
+            continue
+        delivered += [o.request_id for o in step]
+        outs.update((o.request_id, [c.token_ids for c in o.outputs]) for o in step)
+    assert failed and sorted(delivered) == sorted(outs) == ["g0", "g1", "g2"]
+    assert [outs[f"g{i}"] for i in range(len(GROUP_PROMPTS))] == refs
+    assert eng.kv.num_used_blocks == 0 and eng.scheduler.num_reserved_seqs == 0 and eng.step() == []
+    check_pool(eng)
