@@ -200,6 +200,9 @@ class KVCacheManager:
             if rid in self.num_cached_blocks:
                 self.num_cached_blocks[rid] = count
         self.take_pending_copies()
+        # A request the failed step scheduled was freed by Scheduler.rollback (its copy with it); one still holding
+        # its copy was interrupted between its allocation and the forward pass, before anything else was freed or
+        # allocated, so the shared block is still held by its other owners and unchanged.
         for rid, i, shared, copy in reversed(self._uncommitted_copies):
             blocks = self.req_to_blocks.get(rid)
             if blocks is not None and i < len(blocks) and blocks[i] is copy:
