@@ -256,3 +256,28 @@ def test_no_unwritten_block_is_ever_served_from_the_prefix_cache():
         for block in kv.pool.cached_blocks.values():
             assert content.get(block.block_id) == expected[block.block_id], block
     assert engine.stats().num_preemptions > 0
+
+
+def test_rollback_reverts_a_copy_on_write_and_frees_orphans():
+    """A step fails after a sequence copied a shared block on write (before the forward pass ran): rollback()
+    gives it the shared block back (the copy never received its KV) and drops the queued copy; free_unowned
+    returns the blocks of a fork that no queue knows of."""
+    kv = KVCacheManager(16, 4, enable_prefix_caching=True)
+    device = Device(kv)
+    parent = Request("p", list(range(10)), SamplingParams(max_tokens=100), 0.0)
+    assert kv.allocate_slots(parent, 9, [])
+    device.run(parent, 9)
+    kv.commit()
+    child = Request("c", parent.prompt_token_ids, parent.params, 0.0)
+    kv.fork(parent, child, 9)
+    child.num_computed_tokens = 9
+    before = (list(kv.block_ids("p")), list(kv.block_ids("c")), kv.num_free_blocks)
+    child.all_token_ids[-1] = 99
+    assert kv.allocate_slots(child, 1) and kv.block_ids("c") != before[1] and kv.pending_copies
+    kv.rollback()
+    assert (kv.block_ids("p"), kv.block_ids("c"), kv.num_free_blocks) == before and not kv.pending_copies
+    check(kv, device, [parent, child])
+    assert kv.free_unowned({"p"}) == ["c"]
+    check(kv, device, [parent])
+    kv.free(parent)
+    assert kv.num_used_blocks == 0 and kv.pool.num_block_refs == 0
