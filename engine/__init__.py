@@ -2,9 +2,10 @@
 from .config import EngineConfig
 from .llm import LLM, LLMEngine
 from .model.spec import ModelSpec
-from .request import RequestMetrics, RequestOutput
-from .sampling import SamplingParams
+from .request import CompletionOutput, RequestMetrics, RequestOutput
+from .sampling import BeamSearchParams, SamplingParams
 from .stats import EngineStats, StepStats
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "RequestMetrics",
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "BeamSearchParams", "RequestOutput",
+           "CompletionOutput", "RequestMetrics",
            "EngineStats", "StepStats", "ModelSpec"]

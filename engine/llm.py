@@ -18,12 +18,13 @@ from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
 from .quant.checkpoint import load_prequantized_checkpoint
-from .request import Request, RequestOutput
+from .request import CompletionOutput, Request, RequestOutput, SequenceGroup
 from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
-from .sampling import SamplingParams
+from .sampling import BeamSearchParams, SamplingParams
 from .scheduler import Scheduler
+from .sequence_group import SequenceGroups
 from .stats import EngineStats, SpecDecodeStats, StepStats, expert_imbalance
 from .timeline import RequestLog
 
@@ -46,7 +47,9 @@ class LLMEngine:
         runner.capture_cuda_graphs()
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
-        self.requests: dict[str, Request] = {}
+        self.groups = SequenceGroups(self.scheduler, self.kv, runner, self.spec.eos_token_ids,
+                                     self.scheduler.max_model_len)
+        self.requests: dict[str, Request | SequenceGroup] = {}
         self._undelivered: list[RequestOutput] = []  # finished by a step that then failed (see step())
         self.kernel_profiler = None  # an engine.profiling.KernelProfiler while profile="kernels" runs
         self.timeline_enabled = True  # see set_timeline
@@ -57,8 +60,8 @@ class LLMEngine:
         """Check a request without changing anything; returns the prompt as a list of ints."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use by an unfinished request")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(params, (SamplingParams, BeamSearchParams)):
+            raise ValueError(f"params must be a SamplingParams (or BeamSearchParams), got {type(params).__name__}")
         if isinstance(prompt_token_ids, str):
             prompt_token_ids = self._encode(prompt_token_ids)
         ids = [int(t) for t in prompt_token_ids]
@@ -77,13 +80,48 @@ class LLMEngine:
         if self.kv.blocks_needed(longest) > self.kv.num_blocks:
             raise ValueError(f"request {request_id!r}: {longest} tokens need {self.kv.blocks_needed(longest)} KV "
                              f"blocks but the pool has {self.kv.num_blocks}; lower max_tokens or enlarge the pool")
+        self._validate_group(request_id, params, longest)
         return ids
+
+    def _validate_group(self, request_id: str, params, longest: int) -> None:
+        """A request of several sequences (n, best_of, beam search) must fit the engine as a whole."""
+        beam = isinstance(params, BeamSearchParams)
+        size = params.beam_width if beam else params.num_sequences
+        if size == 1 and not beam:
+            return
+        what = f"beam_width={size}" if beam else f"{'best_of' if params.best_of else 'n'}={size}"
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError(f"request {request_id!r}: {what} needs tensor_parallel_size=1 (block copies are not "
+                             "implemented for tensor parallelism)")
+        if self.proposer is not None:
+            raise ValueError(f"request {request_id!r}: {what} is not combined with speculative decoding; use one "
+                             "sequence per request or speculative_method=None")
+        if size > self.config.max_num_seqs:
+            raise ValueError(f"request {request_id!r}: {what} is more than max_num_seqs={self.config.max_num_seqs}; "
+                             "lower it or raise max_num_seqs")
+        # Sequences recomputed after a preemption share only their common prefix: the pool must hold them all.
+        need = size * self.kv.blocks_needed(longest)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"request {request_id!r}: {what} sequences of up to {longest} tokens need {need} KV "
+                             f"blocks but the pool has {self.kv.num_blocks}; lower max_tokens or {what.split('=')[0]}, "
+                             "or enlarge the pool")
+        if beam:
+            k = max(2, 1 + (0 if params.ignore_eos else len(self.spec.eos_token_ids))) * size
+            if k > self.spec.vocab_size:
+                raise ValueError(f"request {request_id!r}: {what} keeps {k} candidates a step, more than the "
+                                 f"vocabulary ({self.spec.vocab_size}); lower beam_width")
 
     def add_request(self, request_id: str, prompt_token_ids, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         params = params or SamplingParams()
         ids = self.validate_request(request_id, prompt_token_ids, params)
         arrival = time.perf_counter() if arrival_time is None else arrival_time
+        if isinstance(params, BeamSearchParams):
+            self.requests[request_id] = self.groups.add_beam_search(request_id, ids, params, arrival)
+            return
+        if params.num_sequences > 1:
+            self.requests[request_id] = self.groups.add_sampling(request_id, ids, params, arrival)
+            return
         req = Request(request_id, ids, params, arrival, self.spec.eos_token_ids)
         self.requests[request_id] = req
         self.scheduler.add_request(req)
@@ -95,6 +133,11 @@ class LLMEngine:
         for i, out in enumerate(self._undelivered):
             if out.request_id == request_id:
                 return self._undelivered.pop(i)
+        if request_id in self.groups.groups:
+            group = self.groups.abort(request_id, time.perf_counter())
+            del self.requests[request_id]
+            self._forget_timeline(group)
+            return self._output(group)
         req = self.scheduler.abort(request_id, time.perf_counter())
         if req is None:
             return None
@@ -123,10 +166,25 @@ class LLMEngine:
         return outputs
 
     def _rollback(self) -> None:
-        for req in self.scheduler.rollback():
+        finished = self.scheduler.rollback()
+        # Sequence groups re-enter whole; the groups the step finished (or that are complete now) are delivered.
+        finished = self.groups.rollback(finished, time.perf_counter())
+        # Whatever a fork interrupted half-way left in the KV cache: after the rollback only running requests
+        # (those the step did not schedule) hold blocks.
+        self.kv.free_unowned({r.request_id for r in self.scheduler.running})
+        for req in finished:
             self.requests.pop(req.request_id, None)
+            self._forget_timeline(req)
             self._undelivered.append(self._output(req))
         self.runner.release_all()
+
+    def _forget_timeline(self, req: Request | SequenceGroup) -> None:
+        """Drop a finished request's timeline entries (for a group: those of each of its sequences)."""
+        log = self._request_log
+        log.forget(req.request_id)
+        if isinstance(req, SequenceGroup):
+            for seq_id in req.seq_ids:
+                log.forget(seq_id)
 
     def _step(self) -> list[RequestOutput]:
         profiler = self.kernel_profiler
@@ -136,34 +194,44 @@ class LLMEngine:
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         drafts, draft_time = self._propose() if self.proposer is not None else (None, 0.0)
         sched = self.scheduler.schedule(drafts) if drafts else self.scheduler.schedule()
+        groups = self.groups.active
+        if groups:
+            self.groups.after_schedule(sched)  # a group is preempted as a whole
         if sched.is_empty:
-            if self.scheduler.waiting:
+            if self.scheduler.waiting and not sched.preempted:
                 raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
+            # Only sequence groups preempted as a whole leave a step with nothing to run; they wrote nothing.
+            self.scheduler.commit()
+            self.groups.commit()
             return []
         for req in sched.preempted:
             self.runner.release(req.request_id)
         recomputed = self._request_log.on_schedule(len(self._steps), sched) if self.timeline_enabled else 0
         t_execute = time.perf_counter()
-        result = self.runner.execute(sched)
+        result = self.runner.execute(sched)  # applies sched.block_copies (copy-on-write) before the forward pass
         now = time.perf_counter()
+        sampled = self.groups.take_candidates(result.sampled) if groups else result.sampled
         if sched.spec_drafts:
-            finished = self.scheduler.update_from_output(sched, result.sampled, now, result.spec_sampled)
+            finished = self.scheduler.update_from_output(sched, sampled, now, result.spec_sampled)
             for rid in sched.spec_drafts:  # the tables of verified requests shrank to their accepted tokens
                 self.runner.truncate_row(rid, len(self.kv.block_ids(rid)))
         else:
-            finished = self.scheduler.update_from_output(sched, result.sampled, now)
+            finished = self.scheduler.update_from_output(sched, sampled, now)
+        if groups:
+            finished = self.groups.after_update(finished, now)
         for req in finished:
             del self.requests[req.request_id]
             self.runner.release(req.request_id)
-            self._request_log.forget(req.request_id)
+            self._forget_timeline(req)
             if self.proposer is not None:
                 self.proposer.release(req.request_id)
         outputs = [self._output(req) for req in finished]
         self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
-                          self.kv.prefix_cache_hits - hits, t_execute, recomputed)
+                          self.kv.prefix_cache_hits - hits, t_execute, recomputed, len(sched.block_copies))
         if self._spec is not None:
             self._record_spec(sched, result, draft_time)
         self.scheduler.commit()
+        self.groups.commit()
         if profiler is not None and profiler.after_step(len(self._steps) - 1):
             self.stop_kernel_profile()
         return outputs
@@ -230,7 +298,8 @@ class LLMEngine:
             self._kernel_profile = profiler.stop()
         return self._kernel_profile
 
-    def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0) -> None:
+    def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0,
+                     cows=0) -> None:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         load = self._expert_load(sched.num_batched_tokens)
@@ -255,12 +324,14 @@ class LLMEngine:
             launch_time=result.launch_time, sample_time=result.sample_time,
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
             num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read,
-            expert_imbalance=expert_imbalance(load))
+            expert_imbalance=expert_imbalance(load), num_shared_blocks=kv.num_shared_blocks,
+            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows)
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
+        self._num_cow_copies += cows
 
     def _expert_load(self, num_tokens: int):
         """This step's tokens per expert per MoE layer ([layers, experts] tensor on the device, added to the
@@ -272,14 +343,19 @@ class LLMEngine:
             self._expert_tokens = load.clone() if self._expert_tokens is None else self._expert_tokens.add_(load)
         return load
 
-    def _output(self, req: Request) -> RequestOutput:
+    def _output(self, req: Request | SequenceGroup) -> RequestOutput:
+        if isinstance(req, SequenceGroup):
+            return req.output(self.tokenizer)
         finished = req.status.finished
         text = None
         if finished and self.tokenizer is not None:
             text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+        token_ids = list(req.output_token_ids)
+        reason = req.status.value if finished else None
         return RequestOutput(request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
-                             token_ids=list(req.output_token_ids), text=text, finished=finished,
-                             finish_reason=req.status.value if finished else None, metrics=req.metrics)
+                             token_ids=token_ids, text=text, finished=finished, finish_reason=reason,
+                             metrics=req.metrics,
+                             outputs=[CompletionOutput(0, token_ids, text, req.cumulative_logprob, reason)])
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -296,6 +372,7 @@ class LLMEngine:
         self._spec = (SpecDecodeStats(self.proposer.name, self.config.num_speculative_tokens)
                       if self.proposer is not None else None)
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
+        self._num_cow_copies = 0  # blocks copied on write by the steps since the reset
         # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
         log = getattr(self, "_request_log", None) or RequestLog()
         log.events = []
@@ -329,7 +406,9 @@ class LLMEngine:
             cuda_graphs=bool(runner.graphs), memory=runner.memory, steps=list(self._steps),
             request_events=list(self._request_log.events), kernel_profile=self._kernel_profile,
             expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
-            spec_decode=copy.deepcopy(self._spec))
+            spec_decode=copy.deepcopy(self._spec),
+            num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
+            num_cow_copies=self._num_cow_copies)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
@@ -672,3 +751,12 @@ class LLM:
                     engine.abort_request(i)
             raise
         return [done[i] for i in ids]
+
+    def beam_search(self, prompts, params: BeamSearchParams) -> list[RequestOutput]:
+        """Beam search over each prompt (strings, or lists of token ids); outputs in prompt order, each with
+        beam_width completions (outputs), best first, scored as HF transformers scores them."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self.generate(prompts, [params] * len(prompts))

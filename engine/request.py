@@ -1,4 +1,5 @@
-"""Request and its states; RequestOutput with per-request timings (perf_counter seconds)."""
+"""Request and its states; RequestOutput with per-request timings (perf_counter seconds); SequenceGroup, the
+sequences of one request that generates several (parallel sampling, beam search; run by sequence_group.py)."""
 from __future__ import annotations
 
 import enum
@@ -6,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampling import SamplingParams
+from .beam_search import BeamSearchState
+from .sampling import BeamSearchParams, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -80,6 +82,13 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids))
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.admitted_once = False
+        # Sequence groups (engine/sequence_group.py): the group this sequence belongs to, the token count
+        # it stops computing at until its siblings fork from it (None: compute every token), and the
+        # sibling sequences it will fork into once admitted (the scheduler keeps seats for them).
+        self.group = None
+        self.fork_point: int | None = None
+        self.num_pending_forks = 0
+        self.candidates = None  # a beam's top continuations (token ids, logprobs) of its last computed token
 
     @property
     def num_tokens(self) -> int:
@@ -107,9 +116,33 @@ class Request:
         return None
 
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the output tokens' log-probabilities, when the sampler computed them (params.logprobs)."""
+        if self.params.logprobs is None:
+            return None
+        return float(sum(getattr(t, "logprob", 0.0) for t in self.output_token_ids))
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request (vLLM's shape): index among the request's sequences, its
+    token ids, text, cumulative log-probability (None when not computed) and finish reason."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+
+
 @dataclass
 class RequestOutput:
-    """What the engine hands back for a request: its tokens so far, text, and timings."""
+    """What the engine hands back for a request: its tokens so far, text, and timings.
+
+    outputs: the completions (k of them for SamplingParams(n=k), beam_width for beam search, best
+    first); token_ids, text and finish_reason are those of outputs[0].
+    """
 
     request_id: str
     prompt_token_ids: list[int]
@@ -118,3 +151,80 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = [CompletionOutput(0, self.token_ids, self.text, None, self.finish_reason)]
+
+
+class SequenceGroup:
+    """The sequences of one request.
+
+    Invariants:
+    - seqs are the unfinished sequences (for beam search: the live beams, in the order of state.scores),
+      finished the finished ones (parallel sampling); a sequence is in exactly one of them.
+    - Root phase (root is not None): root is in the scheduler's waiting or running queue with its
+      fork_point set; the other sequences of seqs are parked (parked), hold no block and are in no
+      queue. Otherwise every sequence of seqs is in scheduler.running, or (a group that could share
+      nothing on re-entry) in the waiting queue.
+    - reserved: seats this group holds in scheduler.num_reserved_seqs (admitted, not yet forked).
+    """
+
+    def __init__(self, request_id: str, prompt: list[int], arrival: float, size: int,
+                 params: SamplingParams | None = None, beam: BeamSearchParams | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt
+        self.params, self.beam = params, beam
+        self.size = size
+        self.metrics = RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(prompt))
+        self.seqs: list[Request] = []
+        self.finished: list[Request] = []
+        self.root: Request | None = None
+        self.parked: list[Request] = []
+        self.reserved = 0
+        self.queued = False          # queued_root waits for admission
+        self.queued_root: Request | None = None
+        self.state: BeamSearchState | None = None
+        self.status = RequestStatus.WAITING
+        self.first_admission: Request | None = None
+        self._next_seq = 0
+
+    def new_seq_id(self) -> str:
+        self._next_seq += 1
+        return f"{self.request_id}#{self._next_seq - 1}"
+
+    @property
+    def seq_ids(self) -> list[str]:
+        """The request ids of every sequence the group has had (live, finished, dropped beams)."""
+        return [f"{self.request_id}#{i}" for i in range(self._next_seq)]
+
+    @property
+    def ready_for_beam_step(self) -> bool:
+        return (self.state is not None and self.root is None and not self.queued
+                and all(s.candidates is not None for s in self.seqs))
+
+    def output(self, tokenizer=None) -> RequestOutput:
+        """The group's RequestOutput: beams best first, or the sequences in index order (best_of: the n
+        with the highest cumulative logprob)."""
+        group = self
+        def text(ids):
+            return tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+
+        aborted = group.status is RequestStatus.FINISHED_ABORTED
+        if group.state is not None:
+            hyps = [] if aborted else group.state.hypotheses()
+            outputs = [CompletionOutput(i, [int(t) for t in h.token_ids], text(h.token_ids), h.cumulative_logprob,
+                                        "stop" if h.finished_by_eos else "length") for i, h in enumerate(hyps)]
+        else:
+            seqs = sorted(group.finished + group.seqs, key=lambda s: int(s.request_id.rsplit("#", 1)[1]))
+            outputs = [CompletionOutput(i, [int(t) for t in s.output_token_ids], text(s.output_token_ids),
+                                        s.cumulative_logprob, s.status.value if s.status.finished else None)
+                       for i, s in enumerate(seqs)]
+            n = group.params.n
+            if group.params.best_of is not None and group.params.best_of > n:
+                outputs = sorted(outputs, key=lambda o: o.cumulative_logprob, reverse=True)[:n]
+        first = outputs[0] if outputs else CompletionOutput(0, [], None, None, "abort")
+        return RequestOutput(request_id=group.request_id, prompt_token_ids=group.prompt_token_ids,
+                             token_ids=first.token_ids, text=first.text, finished=True,
+                             finish_reason=first.finish_reason, metrics=group.metrics, outputs=outputs)

@@ -106,8 +106,8 @@ class Runner(Protocol):
     tensor-parallel group, both implement it and nothing else of theirs is read from outside.
 
     Start-up: determine_num_blocks (sizing, engine/memory.py), allocate_kv_cache, capture_cuda_graphs.
-    A step: execute(sched) prepares the inputs from the scheduler's output (its block tables included),
-    runs the forward pass and samples. release / release_all forget block-table rows; close frees the KV cache
+    A step: execute(sched) prepares the inputs from the scheduler's output (its block tables and block copies
+    included), runs the forward pass and samples. release / release_all forget block-table rows; close frees the KV cache
     and the graphs (and stops a group's workers). backend, device, kv_bytes_per_token, memory, graphs and model
     are read for counters.
     """
@@ -396,6 +396,16 @@ class ModelRunner:
                                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)))
         self.null_block = num_blocks
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks, (source, destination) block ids, in every layer's K and V cache: the
+        copy-on-write of a block two sequences shared (KVCacheManager.pending_copies)."""
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for cache in self.kv_caches:
+            for t in cache:
+                t = t.view(torch.uint8) if t.element_size() == 1 else t  # fp8 has no index kernels everywhere
+                t[dst] = t[src]
+
     # ----- persistent block-table rows ----------------------------------------------------------
     def release(self, request_id: str) -> None:
         """Forget a request's block-table row (it finished, was aborted or was preempted)."""
@@ -446,10 +456,15 @@ class ModelRunner:
 
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
         """Run one step; sampled holds a token for each request whose last token was computed. The block tables
-        come in the scheduler's output (kv is accepted for older callers and not read)."""
+        and the step's copies-on-write come in the scheduler's output (kv is accepted for older callers and not
+        read); the copies run before the forward pass, which writes into them."""
         t0 = time.perf_counter()
         self.wait_host_buffers()
         waited = time.perf_counter() - t0
+        if sched.block_copies:
+            self.copy_blocks(sched.block_copies)
+        for request_id in sched.rewritten_tables:
+            self.release(request_id)  # its table changed in place: _prepare writes the row afresh
         plan, samplers, kv_read, scores = self._prepare(sched)
         t_prepared = time.perf_counter()
         spec_sampled = {}

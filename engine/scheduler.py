@@ -24,6 +24,11 @@ class SchedulerOutput:
     # Speculative decoding: request_id -> the Draft (engine.spec_decode) whose k tokens this step verifies; such a
     # request is scheduled 1 + k tokens (its last token and the draft) and its block table covers them all.
     spec_drafts: dict = field(default_factory=dict)
+    # Copy-on-write (parallel sampling, beam search): (source, destination) block ids the runner copies in every
+    # layer before the forward pass, and the requests whose tables one of them changed in place (the runner
+    # rewrites their persistent rows); block_tables already hold the copies.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    rewritten_tables: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -55,10 +60,14 @@ class Scheduler:
     - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
       is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
       hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
+    - A sequence computes no further than its fork_point while it has one; running sequences with
+      nothing to compute (a beam waiting for its siblings) are skipped. len(running) plus
+      num_reserved_seqs (seats of sequences still to be forked) stays within max_num_seqs.
     """
 
     def __init__(self, config: EngineConfig, kv: KVCacheManager):
-        self.config = config
+        # LLM resolves None batch limits for its device; a bare Scheduler (tests) takes the CPU's.
+        self.config = config.with_batch_limits()
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -66,6 +75,8 @@ class Scheduler:
         self.current: SchedulerOutput | None = None
         # LLM resolves max_model_len=None to the model's context; a bare Scheduler (tests) has no model.
         self.max_model_len = config.max_model_len or 2**62
+        # Seats kept for the sequences that running group roots will fork into (engine/sequence_group.py).
+        self.num_reserved_seqs = 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -84,7 +95,10 @@ class Scheduler:
         while i < len(running) and budget > 0:
             req = running[i]
             computed = req.num_computed_tokens
-            num_new = min(len(req.all_token_ids) - computed, budget)
+            num_new = min((req.fork_point or len(req.all_token_ids)) - computed, budget)
+            if num_new <= 0:  # a beam waiting for its siblings' step (engine/sequence_group.py)
+                i += 1
+                continue
             while not allocate(req, num_new):
                 victim = running.pop()
                 self._preempt(victim)
@@ -107,11 +121,11 @@ class Scheduler:
             budget -= num_new
             i += 1
 
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
-               and not out.preempted):
+        while (self.waiting and budget > 0 and not out.preempted and len(self.running) + self.num_reserved_seqs
+               + self.waiting[0].num_pending_forks < self.config.max_num_seqs):
             req = self.waiting[0]
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit_tokens, budget)
+            num_new = min((req.fork_point or req.num_tokens) - num_hit_tokens, budget)
             if not self.kv.allocate_slots(req, num_new, hits):
                 break
             self.waiting.popleft()
@@ -122,8 +136,11 @@ class Scheduler:
                 req.metrics.first_scheduled_time = time.perf_counter()
                 req.metrics.num_cached_tokens = num_hit_tokens
             self.running.append(req)
+            self.num_reserved_seqs += req.num_pending_forks
             self._add(out, req, num_new)
             budget -= num_new
+        # The copies the allocations above queued (KVCacheManager: only scheduled requests copy on write).
+        out.block_copies, out.rewritten_tables = self.kv.take_pending_copies()
         return out
 
     def _schedule_draft(self, out: SchedulerOutput, req: Request, draft, budget: int, keep_free: int) -> int:

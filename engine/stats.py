@@ -31,7 +31,8 @@ class StepStats:
     # The step timeline (engine/timeline.py): host phases in seconds, they add up to duration.
     start: float = 0.0               # perf_counter seconds at the step's start
     schedule_time: float = 0.0       # Scheduler.schedule()
-    prepare_time: float = 0.0        # writing the inputs into the host buffers (and waiting for the last upload)
+    prepare_time: float = 0.0        # writing the inputs into the host buffers (and waiting for the last upload),
+    #                                  after launching the step's copy-on-write block copies
     launch_time: float = 0.0         # upload + launching the forward pass (or replaying its CUDA graph)
     sample_time: float = 0.0         # the sampler, including waiting for the device to finish the forward
     output_time: float = 0.0         # updating requests, building outputs, recording this step
@@ -46,6 +47,9 @@ class StepStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     draft_time: float = 0.0
+    num_shared_blocks: int = 0       # blocks held by 2+ sequences (forks, prefix-cache hits)
+    num_saved_blocks: int = 0        # block-table entries - used blocks: what sharing saves
+    num_cow_copies: int = 0          # blocks copied on write in this step
 
 
 @dataclass
@@ -155,6 +159,9 @@ class EngineStats:
 
     num_cached_blocks: free blocks that still hold a reusable prefix. prefix_cache_queries / _hits
     count tokens looked up / served from the cache at admission.
+    num_shared_blocks: blocks held by two or more sequences now (forked sequences of parallel sampling
+    and beam search, prefix-cache hits); num_saved_blocks: blocks that sharing saves now (block-table
+    entries minus used blocks); num_cow_copies: blocks copied on write since the reset.
     """
 
     num_gpu_blocks: int
@@ -189,6 +196,9 @@ class EngineStats:
     @property
     def expert_imbalance(self) -> float | None:
         return expert_imbalance(self.expert_tokens)
+    num_shared_blocks: int = 0
+    num_saved_blocks: int = 0
+    num_cow_copies: int = 0
 
     @property
     def kv_capacity_tokens(self) -> int:

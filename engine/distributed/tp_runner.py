@@ -132,6 +132,8 @@ class TPRunner:
 
     # ----- steps ----------------------------------------------------------------------------------
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
+        if sched.block_copies:  # LLMEngine refuses n > 1 and beam search under tensor parallelism
+            raise NotImplementedError("copy-on-write block copies are not implemented for tensor parallelism")
         with self._guard():
             return self.runner.execute(sched)
 

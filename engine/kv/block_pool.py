@@ -69,14 +69,17 @@ class BlockPool:
 
     Invariants:
     - A block is in the free queue if and only if its ref_count is 0.
-    - ref_count equals the number of requests whose block table holds the block; a block is held by
-      more than one request only when they share it through the prefix cache.
+    - ref_count equals the number of sequences whose block table holds the block; a block is held by
+      more than one sequence when they share it through the prefix cache, or when a sequence was forked
+      (parallel sampling, beam search: KVCacheManager.fork).
     - A block with a block_hash is the one entry for that hash in cached_blocks (hash -> block). Such a
       block keeps its hash, and its KV, while free: a later request with the same prefix takes it back
       out of the free queue. It loses its hash only when the free queue hands it out again (eviction).
     - The free queue evicts the least recently freed block first; requests free their blocks tail
       first, so a prefix outlives the private tail that followed it.
     - num_free_blocks + blocks with ref_count > 0 == num_blocks.
+    - num_block_refs is the sum of all ref_counts (the blocks the sequences would hold without sharing);
+      num_shared_blocks counts the blocks with ref_count >= 2.
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool):
@@ -87,6 +90,8 @@ class BlockPool:
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
         # Free blocks that still hold a cached prefix (reusable until evicted), kept as a running count.
         self.num_cached_free_blocks = 0
+        self.num_block_refs = 0
+        self.num_shared_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -105,18 +110,21 @@ class BlockPool:
                 self.num_cached_free_blocks -= 1
             block.ref_count = 1
             out.append(block)
+        self.num_block_refs += n
         return out
 
     def get_cached_block(self, block_hash: BlockHash) -> KVBlock | None:
         return self.cached_blocks.get(block_hash)
 
     def touch(self, blocks: list[KVBlock]) -> None:
-        """Take a reference on prefix-cache hits, pulling free ones out of the free queue."""
+        """Take a reference on prefix-cache hits or forked blocks, pulling free ones out of the free queue."""
         for block in blocks:
             if block.ref_count == 0:
                 self.free_queue.remove(block)
                 self.num_cached_free_blocks -= block.block_hash is not None
             block.ref_count += 1
+            self.num_shared_blocks += block.ref_count == 2
+        self.num_block_refs += len(blocks)
 
     def cache_block(self, block: KVBlock, block_hash: BlockHash) -> bool:
         """Register a full block under its hash, unless another block already holds that prefix; True if it
@@ -138,6 +146,8 @@ class BlockPool:
         """Drop one reference from each block (in the given order); blocks reaching 0 join the free queue."""
         for block in blocks:
             block.ref_count -= 1
+            self.num_block_refs -= 1
+            self.num_shared_blocks -= block.ref_count == 1
             if block.ref_count == 0:
                 self.free_queue.append(block)
                 self.num_cached_free_blocks += block.block_hash is not None

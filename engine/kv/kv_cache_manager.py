@@ -13,7 +13,8 @@ class KVCacheSnapshot:
 
     blocks: (ref_count, cached) per physical block, cached meaning it holds a prefix-cache hash; block_tables:
     {request_id: block ids in sequence order}. Both are empty unless asked for (snapshot(detail=True)).
-    num_cached_blocks: free blocks that still hold a reusable prefix.
+    num_cached_blocks: free blocks that still hold a reusable prefix. num_shared_blocks: blocks held by two or
+    more sequences; num_saved_blocks: block-table entries minus used blocks (what sharing saves).
     """
 
     num_blocks: int
@@ -24,6 +25,15 @@ class KVCacheSnapshot:
     prefix_cache_hits: int
     blocks: tuple = ()
     block_tables: dict = None
+    num_shared_blocks: int = 0
+    num_saved_blocks: int = 0
+
+
+class _RequestId:
+    """Stands in for a request where only its id is known (KVCacheManager.free_unowned)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
 
 
 class KVCacheManager:
@@ -39,6 +49,14 @@ class KVCacheManager:
       completed. (A request admitted in the same step may hit them: every layer writes the step's KV
       before its attention reads it.) rollback() un-registers them, so a failed or interrupted step
       never leaves a half-written block in the prefix cache; commit() makes them permanent.
+      Copies-on-write since the last commit() are provisional too: rollback() drops the queued copies and
+      gives a request that still holds a copy its shared block back (the copy's KV was never written).
+    - Sharing beyond prefixes (parallel sampling, beam search): fork() gives a sequence the blocks of
+      another by reference. A sequence never writes into a block it shares: allocate_slots first gives
+      it a private copy of that block (copy-on-write), queued in pending_copies for the runner to copy
+      on the device before the step's forward pass. Only the partly filled last block can be shared and
+      written, so a copy is at most one block per sequence and step; only sequences in `forked` (those
+      that took part in a fork and hold blocks) can hold one.
     prefix_cache_queries / prefix_cache_hits count tokens, as vLLM does: every admission looks up
     the request's whole token sequence (queries) and reuses the longest run of cached full blocks
     (hits), capped one token short of the end so that the last token is computed and gives logits.
@@ -58,6 +76,12 @@ class KVCacheManager:
         # request's num_cached_blocks before the first of them.
         self._uncommitted: list[tuple[KVBlock, BlockHash]] = []
         self._cached_before: dict[str, int] = {}
+        self.pending_copies: list[tuple[int, int]] = []  # (source block id, copy's block id), for the runner
+        self.copied_requests: list[str] = []  # requests whose block table changed in place (by a copy)
+        self.num_cow_copies = 0
+        self.forked: set[str] = set()  # sequences that took part in a fork and still hold blocks
+        # Copies-on-write since the last commit: (request_id, table index, shared block, copy).
+        self._uncommitted_copies: list[tuple[str, int, KVBlock, KVBlock]] = []
 
     @property
     def num_blocks(self) -> int:
@@ -81,7 +105,8 @@ class KVCacheManager:
         return KVCacheSnapshot(
             num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=self.num_used_blocks,
             num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=self.prefix_cache_queries,
-            prefix_cache_hits=self.prefix_cache_hits,
+            prefix_cache_hits=self.prefix_cache_hits, num_shared_blocks=self.num_shared_blocks,
+            num_saved_blocks=self.num_saved_blocks,
             blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
             block_tables={rid: tuple(ids) for rid, ids in self.req_to_block_ids.items()} if detail else {})
 
@@ -94,8 +119,9 @@ class KVCacheManager:
             return [], 0
         tokens = request.all_token_ids
         hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(request.request_id, []))
-        # Leave at least one token to compute: the step must produce logits for the last token.
-        max_blocks = (len(tokens) - 1) // self.block_size
+        # Leave at least one token to compute: the step must produce logits for the last token (or, for
+        # the root of a sequence group, the token at its fork point).
+        max_blocks = ((request.fork_point or len(tokens)) - 1) // self.block_size
         hits = []
         for h in hashes[:max_blocks]:
             block = self.pool.get_cached_block(h)
@@ -113,6 +139,12 @@ class KVCacheManager:
         """
         admitting = new_computed_blocks is not None
         blocks = self.req_to_blocks.get(request.request_id, [])
+        # Only a forked sequence can write into a shared block (prefix-cache hits are full blocks); the empty
+        # set costs the decode steps of everything else next to nothing.
+        if not admitting and self.forked and request.request_id in self.forked \
+                and self._writes_shared_block(request, blocks):
+            if not self._copy_on_write(request, num_new_tokens):
+                return False
         if not admitting:
             # Fast path of a decode step: the new token fits the last block already held.
             total = request.num_computed_tokens + num_new_tokens
@@ -186,6 +218,7 @@ class KVCacheManager:
         """The step that wrote the provisional blocks completed: they are now regular prefix-cache entries."""
         self._uncommitted.clear()
         self._cached_before.clear()
+        self._uncommitted_copies.clear()
 
     def rollback(self) -> None:
         """The step failed: un-register every provisional block (its KV may be half-written), and make
@@ -195,19 +228,114 @@ class KVCacheManager:
         for rid, count in self._cached_before.items():
             if rid in self.num_cached_blocks:
                 self.num_cached_blocks[rid] = count
+        self.take_pending_copies()
+        # A request the failed step scheduled was freed by Scheduler.rollback (its copy with it); one still holding
+        # its copy was interrupted between its allocation and the forward pass, before anything else was freed or
+        # allocated, so the shared block is still held by its other owners and unchanged.
+        for rid, i, shared, copy in reversed(self._uncommitted_copies):
+            blocks = self.req_to_blocks.get(rid)
+            if blocks is not None and i < len(blocks) and blocks[i] is copy:
+                self.pool.touch([shared])
+                blocks[i] = shared
+                self.req_to_block_ids[rid][i] = shared.block_id
+                self.pool.free_blocks([copy])
         self.commit()
+
+    def drop_provisional(self, request) -> None:
+        """Un-register the request's provisional blocks: it leaves the current step before the forward pass
+        (a sequence group preempted as a whole), so the step will not write their KV. Call before free()."""
+        mine = {id(b) for b in self.req_to_blocks.get(request.request_id, ())}
+        if not mine or not self._uncommitted:
+            return
+        keep = []
+        for block, block_hash in self._uncommitted:
+            if id(block) in mine:
+                self.pool.uncache_block(block, block_hash)
+            else:
+                keep.append((block, block_hash))
+        self._uncommitted = keep
+
+    def free_unowned(self, owners: set[str]) -> list[str]:
+        """Free the block tables of every request not in `owners` (after a rolled-back step: whatever an
+        interrupted fork left behind); returns their ids."""
+        orphans = [rid for rid in self.req_to_blocks if rid not in owners]
+        for rid in orphans:
+            self.free(_RequestId(rid))
+            self.req_to_hashes.pop(rid, None)
+        return orphans
 
     def free(self, request) -> None:
         """Return every block of the request to the pool, tail first (so prefixes are evicted last)."""
         rid = request.request_id
         blocks = self.req_to_blocks.pop(rid, [])
         self.req_to_block_ids.pop(rid, None)
+        self.forked.discard(rid)
         self.pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(rid, None)
 
     def forget(self, request) -> None:
         """Drop the request's memoised block hashes (it has finished for good)."""
         self.req_to_hashes.pop(request.request_id, None)
+
+    # ----- sharing between the sequences of one request (parallel sampling, beam search) ------------
+    def fork(self, parent, child, num_tokens: int) -> None:
+        """Give `child` (which holds no block) the blocks of `parent` that hold its first num_tokens tokens,
+        by reference: nothing is copied until one of them writes into a shared block. The two must agree
+        on those tokens; child.num_computed_tokens is the caller's to set (to num_tokens)."""
+        cid = child.request_id
+        if self.req_to_blocks.get(cid):
+            raise RuntimeError(f"fork into {cid!r}, which already holds KV blocks")
+        blocks = self.req_to_blocks.get(parent.request_id, [])[:self.blocks_needed(num_tokens)]
+        if len(blocks) * self.block_size < num_tokens:
+            raise RuntimeError(f"fork of {num_tokens} tokens from {parent.request_id!r}, which holds "
+                               f"{len(blocks)} blocks")
+        self.pool.touch(blocks)
+        self.forked.update((parent.request_id, cid))
+        self.req_to_blocks[cid] = list(blocks)
+        self.req_to_block_ids[cid] = [b.block_id for b in blocks]
+        full = num_tokens // self.block_size
+        self.req_to_hashes[cid] = list(self.req_to_hashes.get(parent.request_id, [])[:full])
+        self.num_cached_blocks[cid] = min(self.num_cached_blocks.get(parent.request_id, 0), full)
+
+    def _writes_shared_block(self, request, blocks: list[KVBlock]) -> bool:
+        i = request.num_computed_tokens // self.block_size
+        return i < len(blocks) and blocks[i].ref_count > 1
+
+    def _copy_on_write(self, request, num_new_tokens: int) -> bool:
+        """Replace the shared block the request writes next by a private copy (queued for the runner);
+        False, changing nothing, when the pool cannot also supply the blocks the step then needs."""
+        rid = request.request_id
+        blocks = self.req_to_blocks[rid]
+        more = max(self.blocks_needed(request.num_computed_tokens + num_new_tokens) - len(blocks), 0)
+        if 1 + more > self.pool.num_free_blocks:
+            return False
+        i = request.num_computed_tokens // self.block_size
+        shared, [copy] = blocks[i], self.pool.get_new_blocks(1)
+        blocks[i] = copy
+        self.req_to_block_ids[rid][i] = copy.block_id
+        self.pool.free_blocks([shared])  # still held by the other sequences: never reaches 0 here
+        self.pending_copies.append((shared.block_id, copy.block_id))
+        self._uncommitted_copies.append((rid, i, shared, copy))
+        self.copied_requests.append(rid)
+        self.num_cow_copies += 1
+        return True
+
+    def take_pending_copies(self) -> tuple[list[tuple[int, int]], list[str]]:
+        """The block copies queued since the last call, and the requests whose tables they changed."""
+        copies, rids = self.pending_copies, self.copied_requests
+        self.pending_copies, self.copied_requests = [], []
+        return copies, rids
+
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks held by two or more sequences (forks and prefix-cache hits)."""
+        return self.pool.num_shared_blocks
+
+    @property
+    def num_saved_blocks(self) -> int:
+        """Blocks that sharing saves: the sequences' block tables hold this many more entries than there
+        are blocks in use."""
+        return self.pool.num_block_refs - self.num_used_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table (physical block ids in sequence order); do not modify."""

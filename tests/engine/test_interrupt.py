@@ -156,3 +156,115 @@ def test_requests_finished_by_a_failed_step_are_returned_by_the_next(llm, refere
     assert [o.request_id for o in outs] == ["a"] and outs[0].finished and outs[0].token_ids == refs[0][:1]
     assert not eng.has_unfinished_requests() and eng.kv.num_used_blocks == 0 and eng.step() == []
     check_pool(eng)
+
+
+# ----- sequence groups (parallel sampling, beam search): forks, copies-on-write, seats -----------------------
+GROUP_CONFIG = EngineConfig(device="cpu", block_size=4, max_num_batched_tokens=16, max_model_len=48,
+                            num_gpu_blocks=22)
+# Forks with a partly filled shared block (15 and 17 tokens), and a plain request that makes the pool preempt.
+GROUP_PROMPTS = [list(range(100, 115)), list(range(100, 106)) + list(range(300, 311)), list(range(200, 230))]
+
+
+def group_params():
+    from engine import BeamSearchParams
+    return [SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
+            BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True),
+            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]
+
+
+def run_groups(engine, outs):
+    while engine.has_unfinished_requests() or len(outs) < len(GROUP_PROMPTS):
+        outs.update((o.request_id, [c.token_ids for c in o.outputs]) for o in engine.step())
+    return [outs[f"g{i}"] for i in range(len(GROUP_PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def group_reference(llm):
+    """Each group's completions from an engine never interrupted, and the forward passes of layer 0."""
+    llm.reconfigure(GROUP_CONFIG)
+    eng = llm.engine
+    for i, (p, params) in enumerate(zip(GROUP_PROMPTS, group_params())):
+        eng.add_request(f"g{i}", p, params)
+    counter = Counter()
+    hook = llm.model.layers[0].register_forward_pre_hook(lambda *a: counter.update(["calls"]))
+    try:
+        refs = run_groups(eng, {})
+    finally:
+        hook.remove()
+    stats = eng.stats()
+    assert stats.num_cow_copies > 0 and stats.num_preemptions > 0  # the failures below land amid both
+    return refs, counter["calls"]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), layer=st.integers(0, 5), keyboard=st.booleans())
+def test_groups_continue_after_interruption(llm, group_reference, data, layer, keyboard):
+    """A step of forked sequences fails: no block leaks, ref counts hold, no seat stays reserved, no half-written
+    block is served, and the groups then finish with the completions of an engine never interrupted."""
+    refs, num_calls = group_reference
+    call = data.draw(st.integers(0, num_calls - 1), label="forward call")
+    llm.reconfigure(GROUP_CONFIG)
+    eng = llm.engine
+    for i, (p, params) in enumerate(zip(GROUP_PROMPTS, group_params())):
+        eng.add_request(f"g{i}", p, params)
+    exc = KeyboardInterrupt() if keyboard else Injected("device lost")
+    hook = interrupt_at(llm, call, layer, exc)
+    outs = {}
+    try:
+        with pytest.raises(type(exc)):
+            while eng.has_unfinished_requests():
+                outs.update((o.request_id, [c.token_ids for c in o.outputs]) for o in eng.step())
+    finally:
+        hook.remove()
+    check_pool(eng)
+    sched = eng.scheduler
+    assert sched.num_reserved_seqs == sum(g.reserved for g in eng.groups.groups.values()) == 0
+    assert set(eng.kv.req_to_blocks) <= {r.request_id for r in sched.running}
+    assert not eng.kv.pending_copies
+    assert run_groups(eng, outs) == refs
+    assert eng.kv.num_used_blocks == 0 and sched.num_reserved_seqs == 0 and not eng.groups.groups
+    check_pool(eng)
+
+
+@pytest.mark.parametrize("where", ["update", "record"])
+def test_groups_finished_by_a_failed_step_are_returned_by_the_next(llm, group_reference, monkeypatch, where):
+    """The step that finishes a group fails afterwards (its sequences' last tokens appended, or the group complete):
+    the next step returns the group once, with the completions of an engine never interrupted."""
+    refs, _ = group_reference
+    llm.reconfigure(GROUP_CONFIG)
+    eng = llm.engine
+    for i, (p, params) in enumerate(zip(GROUP_PROMPTS, group_params())):
+        eng.add_request(f"g{i}", p, params)
+    target = eng.scheduler if where == "update" else eng
+    name = "update_from_output" if where == "update" else "_record_step"
+    original = getattr(target, name)
+    failed = []
+
+    def g0_finishes_in_this_step():
+        group = eng.groups.groups.get("g0")
+        if where == "update":  # its sequences all finished, the group not yet
+            return group is not None and all(s.status.finished for s in group.seqs)
+        return any(g.request_id == "g0" for g in eng.groups.finished_in_step)
+
+    def call_then_fail(*args):
+        result = original(*args)
+        if not failed and g0_finishes_in_this_step():
+            failed.append(True)
+            raise KeyboardInterrupt
+        return result
+    monkeypatch.setattr(target, name, call_then_fail)
+    outs, delivered = {}, []
+    for _ in range(500):
+        if not eng.has_unfinished_requests() and len(outs) == len(GROUP_PROMPTS):
+            break
+        try:
+            step = eng.step()
+        except KeyboardInterrupt:
+            check_pool(eng)
+            continue
+        delivered += [o.request_id for o in step]
+        outs.update((o.request_id, [c.token_ids for c in o.outputs]) for o in step)
+    assert failed and sorted(delivered) == sorted(outs) == ["g0", "g1", "g2"]
+    assert [outs[f"g{i}"] for i in range(len(GROUP_PROMPTS))] == refs
+    assert eng.kv.num_used_blocks == 0 and eng.scheduler.num_reserved_seqs == 0 and eng.step() == []
+    check_pool(eng)
