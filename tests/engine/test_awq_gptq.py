@@ -33,32 +33,41 @@ def tiny_config() -> LlamaConfig:
 
 # --- GPTQ against the paper's formula -----------------------------------------------------------
 
-def gptq_direct(W, H, group, act_order, sym, percdamp=0.01):
+def gptq_direct(W, H, group, act_order, sym, percdamp=0.01, static_groups=False):
     """GPTQ as the paper states it, with no Cholesky and no blocks: for each column q in order,
     quantize it, spread err = (w_q - quant(w_q)) / [H_F^-1]_qq over the remaining columns F through
     [H_F^-1]_{q,F}, and remove q from the inverse by Gaussian elimination. Group parameters are
     min/max of the group's (updated) weights when its first column comes up."""
     W, H = W.double().clone(), H.double().clone()
     n, k = W.shape
+
+    def params(g):
+        if sym:
+            scale = 2 * torch.maximum(g.min(1).values.abs(), g.max(1).values.abs()) / 15
+            return scale, torch.full_like(scale, 8.0)
+        scale = (g.max(1).values - g.min(1).values) / 15
+        return scale, torch.round(-g.min(1).values / scale).clamp(1, 15)
+
+    static = [params(W[:, i:i + group]) for i in range(0, k, group)]  # from the unquantized weights
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     H += percdamp * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     codes = torch.zeros((n, k), dtype=torch.float64)
     for q in range(k):
-        if q % group == 0:
-            g = W[:, q:q + group]
-            if sym:
-                scale = 2 * torch.maximum(g.min(1).values.abs(), g.max(1).values.abs()) / 15
-                zero = torch.full_like(scale, 8.0)
-            else:
-                scale = (g.max(1).values - g.min(1).values) / 15
-                zero = torch.round(-g.min(1).values / scale).clamp(1, 15)
+        if static_groups:
+            scale, zero = static[int(perm[q]) // group]
+        elif q % group == 0:
+            scale, zero = params(W[:, q:q + group])
         c = (torch.round(W[:, q] / scale) + zero).clamp(0, 15)
         codes[:, q] = c
         err = (W[:, q] - (c - zero) * scale) / Hinv[q, q]
         W[:, q + 1:] -= err[:, None] * Hinv[q, q + 1:][None, :]
         Hinv = Hinv - Hinv[:, q:q + 1] @ Hinv[q:q + 1, :] / Hinv[q, q]
+    if static_groups:  # back to the natural order
+        natural = torch.empty_like(codes)
+        natural[:, perm] = codes
+        return natural, None
     return codes, (perm if act_order else None)
 
 
@@ -69,16 +78,17 @@ def correlated_inputs(t: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(t, k, generator=gen, dtype=torch.float64) @ mix) * scale
 
 
-@pytest.mark.parametrize("act_order,sym,block", [(False, False, 24), (True, False, 16), (True, True, 64),
-                                                 (False, True, 128)])
-def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block):
+@pytest.mark.parametrize("act_order,sym,block,static", [(False, False, 24, False), (True, False, 16, False),
+                                                        (True, True, 64, False), (False, True, 128, False),
+                                                        (True, False, 24, True)])
+def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block, static):
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(12, 64, generator=gen, dtype=torch.float64) * 0.05
     X = correlated_inputs(256, 64)
     H = X.t() @ X / 256
     codes, scales, zeros, perm = gptq_quantize_weight(W, H, group_size=16, act_order=act_order, sym=sym,
-                                                      block_size=block)
-    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym)
+                                                      block_size=block, static_groups=static)
+    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym, static_groups=static)
     assert (perm is None) == (ref_perm is None) and (perm is None or torch.equal(perm, ref_perm))
     assert torch.equal(codes.double(), ref_codes)
     assert scales.dtype == torch.float64 and zeros.dtype == torch.uint8
