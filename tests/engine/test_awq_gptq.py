@@ -17,9 +17,10 @@ from transformers import LlamaConfig  # noqa: E402
 from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.quant.awq import fake_quant, scale_plan, search_clip, search_scale  # noqa: E402
-from engine.quant.checkpoint import awq_to_int4, gptq_to_int4  # noqa: E402
+from engine.quant.checkpoint import awq_to_int4, gptq_to_int4, save_quantized  # noqa: E402
 from engine.quant.gptq import gptq_quantize_weight  # noqa: E402
 from engine.quant.int4 import Int4Linear  # noqa: E402
+from engine.quant.int8 import Int8Linear  # noqa: E402
 from engine.quant.packing import pack_awq, pack_last, pack_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,7 +156,7 @@ def test_awq_scale_folding_keeps_the_float_model():
 # --- the engine ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["awq", "gptq"])
-def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode):
+def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode, tmp_path):
     calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).tolist()
     llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=2)
     llm.calibration = calib
@@ -165,13 +166,19 @@ def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode):
     for m in ("int4", mode):
         llm.reconfigure(EngineConfig(device="cpu", max_model_len=256, quantization=m))
         assert all(isinstance(llm.model.get_submodule(n), Int4Linear)
-                   for n in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj", "lm_head"))
+                   for n in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj"))
+        assert isinstance(llm.model.lm_head, Int4Linear if m == "int4" else Int8Linear)  # LM_HEAD_MODE
         lp = llm.prompt_logits(ids).log_softmax(-1)
         kls[m] = torch.nn.functional.kl_div(lp, ref, log_target=True, reduction="batchmean").item()
     assert 0 < kls[mode] < 1.0  # a quantized model, close to the float one
     out = llm.generate([ids], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 5
     assert llm.engine.stats().quantization == mode
+    # Saved in the method's Hub layout (the int8 head as the float weight it stands for) and loaded back.
+    save_quantized(llm.model, tiny_config().to_dict(), tmp_path, mode)
+    loaded = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32)
+    assert loaded.config.quantization == mode
+    assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_calibration_and_modes_are_clear_errors():
