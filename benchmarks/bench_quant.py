@@ -20,7 +20,7 @@ keeps it in 16 bits, 0.5 GB more per decode step on Llama-3.1-8B.
   agreement at those positions, and greedy agreement over 256 generated tokens (4 prompts x 64)
 KV cache: blocks with kv_cache_dtype="fp8" vs "auto" at the same gpu_memory_utilization, and the Triton
 decode attention kernel at batch 64, context 4096 over bf16 vs fp8 caches (do_bench medians).
-Kernels: each decoder linear shape (and the LM head) at 1, 16, 64 and 256 rows in bf16 (cuBLAS), int8,
+Kernels: each decoder linear shape (and the LM head) at 1, 16 and 64 rows in bf16 (cuBLAS), int8,
 int4 (Triton, with the launch config engine.quant.tuning measured fastest; awq and gptq run the same
 kernel), fp8 (fused per-token activation quantization + _scaled_mm) and, where
 torch has it, torch._weight_int8pack_mm: device time from CUDA-graph replays, weight GB/s.
@@ -105,7 +105,7 @@ def kernel_bench() -> dict:
         if f8 is not None:
             mods["fp8"] = [f8] + [Fp8Linear(f8.weight_fp8.clone(), f8.weight_scale, None) for _ in range(copies - 1)]
         row = {}
-        for m in (1, 16, 64, 256):
+        for m in (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ref = F.linear(x, lin.weight)
