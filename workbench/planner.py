@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine import LLM, EngineConfig, ModelSpec
+from engine.quant import LM_HEAD_MODE  # awq/gptq: the LM head in int8
 
 MiB, GiB = 2**20, 2**30
 QUANT_GROUP_SIZE = 128  # int4: one scale and one zero point per 128 input channels
@@ -173,7 +174,7 @@ def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat
     bias = shapes["qkv_proj"][0] * e if spec.attention_bias else 0
     sharded = spec.num_layers * (per_layer + bias) + spec.vocab_size * spec.hidden_size * e
     if lm_head is not None:
-        sharded += _linear_bytes(*lm_head, quantization, e)
+        sharded += _linear_bytes(*lm_head, LM_HEAD_MODE.get(quantization, quantization), e)
     norms = (spec.num_layers * 2 + 1) * spec.hidden_size * e
     # What the formula above does not model (MoE experts and routers, q/k and Gemma's extra norms), from the
     # spec's own count; experts stay in the model dtype (engine/quant swaps nn.Linear only) and are split.

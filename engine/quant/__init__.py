@@ -8,10 +8,15 @@ Modes (EngineConfig.quantization):
     "awq":  int4's format, codes chosen by AWQ (per-channel scales searched on calibration activations,
             folded into the norms / V / up rows, then clipped groups; awq.py)
     "gptq": int4's format, codes chosen by GPTQ (second-order error compensation column by column;
-            gptq.py), optionally in act-order (a permutation of the input features)
+            gptq.py). Act-order (and static groups) are options of gptq.gptq_quantize_model, off in
+            the mode: on the shipped model act-order did worse (+1.90% vs +1.80% perplexity, both
+            with a 4-bit LM head) and would add an input permutation to every layer; checkpoints
+            with act-order (desc_act) load and run
 "awq" and "gptq" calibrate on `calibration` (token-id sequences; calibration.py) unless the model
 came from a Hub AWQ/GPTQ checkpoint of that method: then its codes are used as they are
-(`prequantized`, checkpoint.py). All three int4 modes run the same Int4Linear and kernels.
+(`prequantized`, checkpoint.py). All three int4 modes run the same Int4Linear and kernels; under
+"awq"/"gptq" an untied LM head they quantize themselves is int8 (LM_HEAD_MODE), one a checkpoint
+leaves in 16 bits stays so.
 What is quantized: every nn.Linear of the decoder layers (qkv_proj, o_proj, gate_up_proj,
 down_proj) and the LM head. The embedding table stays in the model dtype (a lookup reads one row per
 token, so quantizing it saves memory but no time). The LM head is quantized like the decoder, as
@@ -33,6 +38,11 @@ from .int8 import Int8Linear
 
 QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear, "fp8": Fp8Linear}
 CALIBRATED_MODES = ("awq", "gptq")  # int4 layers whose codes come from a calibrated method
+# What the (untied) LM head becomes under a mode when it differs from the decoder's format. Hub AWQ/GPTQ
+# checkpoints keep the head in 16 bits; on the shipped model 4-bit groups there cost as much perplexity
+# as all decoder layers together (GPTQ +0.94% -> +1.80%), int8 per channel next to nothing, at about
+# half the bytes of 16 bits. workbench.planner sizes the head by this too.
+LM_HEAD_MODE = {"awq": "int8", "gptq": "int8"}
 
 
 def linears_to_quantize(model: nn.Module, quantize_lm_head: bool = True) -> list[tuple[str, nn.Linear]]:
@@ -110,13 +120,19 @@ def _quantize_calibrated(model: nn.Module, mode: str, quantize_lm_head: bool, ca
     names = [name for name, _ in linears_to_quantize(model, quantize_lm_head)]
     seqs = default_calibration(model.spec.vocab_size) if calibration is None else \
         check_calibration(calibration, model.spec.vocab_size)
+    head = "lm_head" in names and mode in LM_HEAD_MODE
+    if head:
+        names.remove("lm_head")
     if mode == "awq":
         from .awq import awq_quantize_model
         awq_quantize_model(model, names, seqs)
     else:
         from .gptq import gptq_quantize_model
         gptq_quantize_model(model, names, seqs)
+    if head:
+        with torch.no_grad():
+            model.lm_head = QUANTIZED_LINEARS[LM_HEAD_MODE[mode]].from_linear(model.lm_head)
 
 
 __all__ = ["quantize_model", "check_quantization", "linears_to_quantize", "Int8Linear", "Int4Linear",
-           "Fp8Linear", "QUANTIZED_LINEARS", "CALIBRATED_MODES"]
+           "Fp8Linear", "QUANTIZED_LINEARS", "CALIBRATED_MODES", "LM_HEAD_MODE"]

@@ -187,7 +187,7 @@ def scale_plan(model: nn.Module, index: int) -> list[tuple]:
     q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     inter = spec.intermediate_size
     # o_proj input channel h * D + d reads V channel (h // query heads per KV head) * D + d.
-    channel = torch.arange(q_size, device=attn.o_proj.weight.device)
+    channel = torch.arange(q_size, device=layer.input_layernorm.weight.device)
     o_slots = (channel // spec.head_dim // (spec.num_heads // spec.num_kv_heads)) * spec.head_dim + \
         channel % spec.head_dim
     p = f"layers.{index}."

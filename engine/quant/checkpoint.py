@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .int4 import Int4Linear, pack_int4, unpack_int4
+from .int8 import Int8Linear, dequantize_int8
 from .packing import pack_awq, pack_last, pack_rows, unpack_awq, unpack_last, unpack_rows
 
 HUB_METHODS = ("awq", "gptq")
@@ -265,7 +266,8 @@ def _split_rows(module: nn.Module, sizes: list[int]) -> list[Int4Linear]:
 def save_quantized(model: nn.Module, hf_config: dict, folder: str | Path, method: str) -> HubQuantConfig:
     """Write `model` (an engine LlamaModel whose Linears are Int4Linear) as an HF folder in `method`'s
     layout ("awq" or "gptq"): config.json (hf_config + quantization_config) and model.safetensors.
-    Float Linears (e.g. an unquantized LM head) are written as weights. Returns the config written."""
+    Float Linears (e.g. an unquantized LM head) are written as weights, an int8 one (the LM head under
+    awq/gptq) as the float weight it stands for, as Hub checkpoints keep it. Returns the config written."""
     from safetensors.torch import save_file
 
     if method not in HUB_METHODS:
@@ -286,8 +288,10 @@ def save_quantized(model: nn.Module, hf_config: dict, folder: str | Path, method
                 perms |= layer.perm is not None
                 zeros.append(layer.zeros)
             quantized.add(name)
-        elif isinstance(module, nn.Linear):
-            weights = module.weight.split([r for _, r in parts]) if len(parts) > 1 else [module.weight]
+        elif isinstance(module, (nn.Linear, Int8Linear)):
+            weight = module.weight if isinstance(module, nn.Linear) else \
+                dequantize_int8(module.weight_int8, module.scales, model.embed_tokens.weight.dtype)
+            weights = weight.split([r for _, r in parts]) if len(parts) > 1 else [weight]
             biases = module.bias.split([r for _, r in parts]) if module.bias is not None and len(parts) > 1 \
                 else [module.bias] * len(parts)
             for (prefix, _), w, b in zip(parts, weights, biases):

@@ -53,11 +53,16 @@ def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) ->
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = GROUP_SIZE,
                          act_order: bool = False, sym: bool = False, block_size: int = BLOCK_SIZE,
-                         percdamp: float = PERCDAMP, scale_dtype: torch.dtype | None = None):
+                         percdamp: float = PERCDAMP, scale_dtype: torch.dtype | None = None,
+                         static_groups: bool = False):
     """GPTQ of weight [N, K] against hessian [K, K] -> (codes [N, K] uint8, scales [N, K/G] scale_dtype,
     zeros [N, K/G] uint8, perm [K] int64 or None). Codes and groups are in quantization order: column j
     of the codes is input feature perm[j] (j itself without act_order). Float64 inputs compute in
-    float64 (tests), anything else in float32. scale_dtype defaults to the weight's dtype."""
+    float64 (tests), anything else in float32. scale_dtype defaults to the weight's dtype.
+    static_groups: every group's (scale, zero) is fixed up front from the unquantized weights of the
+    contiguous input features g*G..(g+1)*G-1 (AutoGPTQ's static_groups); with act_order the columns are
+    still quantized in activation order, but the result is in the natural order (perm None), so the
+    layer needs no input permutation at inference."""
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"GPTQ needs in_features ({k}) to be a multiple of group_size ({group_size})")
@@ -68,23 +73,27 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, group_size
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    codes = torch.empty((n, k), dtype=cdt, device=W.device)
+    scales = torch.empty((n, k // group_size), dtype=cdt, device=W.device)
+    zeros = torch.empty_like(scales)
+    if static_groups:
+        for g in range(k // group_size):
+            scales[:, g], zeros[:, g] = group_params(W[:, g * group_size:(g + 1) * group_size], sym, scale_dtype)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+    group_of = ((perm if perm is not None and static_groups else torch.arange(k)) // group_size).tolist()
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=cdt, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    codes = torch.empty((n, k), dtype=cdt, device=W.device)
-    scales = torch.empty((n, k // group_size), dtype=cdt, device=W.device)
-    zeros = torch.empty_like(scales)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % group_size == 0:
+            if col % group_size == 0 and not static_groups:
                 # The group's weights as updated so far: the block's own columns from W1, columns past the
                 # block from W with this block's pending updates applied (so blocks need not align with groups).
                 group = W1[:, i:i + group_size]
@@ -94,7 +103,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, group_size
                     group = torch.cat([group, tail], dim=1)
                 g = col // group_size
                 scales[:, g], zeros[:, g] = group_params(group, sym, scale_dtype)
-            g = col // group_size
+            g = group_of[col]
             w = W1[:, i]
             q, wq = quantize_column(w, scales[:, g], zeros[:, g])
             codes[:, col] = q
@@ -102,6 +111,10 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, group_size
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if static_groups and perm is not None:  # back to the natural order, where the groups are
+        natural = torch.empty_like(codes)
+        natural[:, perm] = codes
+        codes, perm = natural, None
     return codes.to(torch.uint8), scales.to(scale_dtype), zeros.to(torch.uint8), perm
 
 
@@ -120,9 +133,10 @@ class HessianAccumulator:
 
 
 def gptq_linear(linear: nn.Linear, hessian: torch.Tensor, group_size: int = GROUP_SIZE, act_order: bool = False,
-                sym: bool = False) -> Int4Linear:
+                sym: bool = False, static_groups: bool = False) -> Int4Linear:
     """An Int4Linear holding GPTQ's codes for `linear` (scales in its dtype)."""
-    codes, scales, zeros, perm = gptq_quantize_weight(linear.weight, hessian, group_size, act_order, sym)
+    codes, scales, zeros, perm = gptq_quantize_weight(linear.weight, hessian, group_size, act_order, sym,
+                                                      static_groups=static_groups)
     bias = None if linear.bias is None else linear.bias.detach().clone()
     return Int4Linear(pack_int4(codes), scales, zeros, bias, group_size, perm)
 
@@ -134,7 +148,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, names: list[str], calibration: list[list[int]],
-                        group_size: int = GROUP_SIZE, act_order: bool = False, sym: bool = False) -> None:
+                        group_size: int = GROUP_SIZE, act_order: bool = False, sym: bool = False,
+                        static_groups: bool = False) -> None:
     """Replace the Linear layers `names` of `model` (in place) by GPTQ-quantized Int4Linear, calibrated
     sequentially: layer by layer, and within a layer in call order (qkv, o, gate_up, down), each
     calibrated on the inputs the already-quantized layers before it produce."""
@@ -151,7 +166,7 @@ def gptq_quantize_model(model: nn.Module, names: list[str], calibration: list[li
             linear = model.get_submodule(name)
             acc = HessianAccumulator(linear.in_features, linear.weight.device)
             stream.run({name: linear}, lambda _, x: acc.add(x))
-            _replace(model, name, gptq_linear(linear, acc.h, group_size, act_order, sym))
+            _replace(model, name, gptq_linear(linear, acc.h, group_size, act_order, sym, static_groups))
             del linear, acc
         if index < len(model.layers):
             stream.advance()

@@ -116,7 +116,8 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
     tile_k_values: an extra K-tile key to vary (int8's block_k)."""
     block_m = mm_block_m(m)
     out = [dict(gemv=False)]
-    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (64, 8, 4), (128, 8, 3), (256, 8, 3)):
+    # Few tiles (each one a compile per row tile on a cold cache); split-K is a runtime argument.
+    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3)):
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
         for sk in sorted({1, split}):

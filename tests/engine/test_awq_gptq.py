@@ -17,9 +17,10 @@ from transformers import LlamaConfig  # noqa: E402
 from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.quant.awq import fake_quant, scale_plan, search_clip, search_scale  # noqa: E402
-from engine.quant.checkpoint import awq_to_int4, gptq_to_int4  # noqa: E402
+from engine.quant.checkpoint import awq_to_int4, gptq_to_int4, save_quantized  # noqa: E402
 from engine.quant.gptq import gptq_quantize_weight  # noqa: E402
 from engine.quant.int4 import Int4Linear  # noqa: E402
+from engine.quant.int8 import Int8Linear  # noqa: E402
 from engine.quant.packing import pack_awq, pack_last, pack_rows  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,32 +34,41 @@ def tiny_config() -> LlamaConfig:
 
 # --- GPTQ against the paper's formula -----------------------------------------------------------
 
-def gptq_direct(W, H, group, act_order, sym, percdamp=0.01):
+def gptq_direct(W, H, group, act_order, sym, percdamp=0.01, static_groups=False):
     """GPTQ as the paper states it, with no Cholesky and no blocks: for each column q in order,
     quantize it, spread err = (w_q - quant(w_q)) / [H_F^-1]_qq over the remaining columns F through
     [H_F^-1]_{q,F}, and remove q from the inverse by Gaussian elimination. Group parameters are
     min/max of the group's (updated) weights when its first column comes up."""
     W, H = W.double().clone(), H.double().clone()
     n, k = W.shape
+
+    def params(g):
+        if sym:
+            scale = 2 * torch.maximum(g.min(1).values.abs(), g.max(1).values.abs()) / 15
+            return scale, torch.full_like(scale, 8.0)
+        scale = (g.max(1).values - g.min(1).values) / 15
+        return scale, torch.round(-g.min(1).values / scale).clamp(1, 15)
+
+    static = [params(W[:, i:i + group]) for i in range(0, k, group)]  # from the unquantized weights
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     H += percdamp * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
     Hinv = torch.linalg.inv(H)
     codes = torch.zeros((n, k), dtype=torch.float64)
     for q in range(k):
-        if q % group == 0:
-            g = W[:, q:q + group]
-            if sym:
-                scale = 2 * torch.maximum(g.min(1).values.abs(), g.max(1).values.abs()) / 15
-                zero = torch.full_like(scale, 8.0)
-            else:
-                scale = (g.max(1).values - g.min(1).values) / 15
-                zero = torch.round(-g.min(1).values / scale).clamp(1, 15)
+        if static_groups:
+            scale, zero = static[int(perm[q]) // group]
+        elif q % group == 0:
+            scale, zero = params(W[:, q:q + group])
         c = (torch.round(W[:, q] / scale) + zero).clamp(0, 15)
         codes[:, q] = c
         err = (W[:, q] - (c - zero) * scale) / Hinv[q, q]
         W[:, q + 1:] -= err[:, None] * Hinv[q, q + 1:][None, :]
         Hinv = Hinv - Hinv[:, q:q + 1] @ Hinv[q:q + 1, :] / Hinv[q, q]
+    if static_groups:  # back to the natural order
+        natural = torch.empty_like(codes)
+        natural[:, perm] = codes
+        return natural, None
     return codes, (perm if act_order else None)
 
 
@@ -69,16 +79,17 @@ def correlated_inputs(t: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(t, k, generator=gen, dtype=torch.float64) @ mix) * scale
 
 
-@pytest.mark.parametrize("act_order,sym,block", [(False, False, 24), (True, False, 16), (True, True, 64),
-                                                 (False, True, 128)])
-def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block):
+@pytest.mark.parametrize("act_order,sym,block,static", [(False, False, 24, False), (True, False, 16, False),
+                                                        (True, True, 64, False), (False, True, 128, False),
+                                                        (True, False, 24, True)])
+def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block, static):
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(12, 64, generator=gen, dtype=torch.float64) * 0.05
     X = correlated_inputs(256, 64)
     H = X.t() @ X / 256
     codes, scales, zeros, perm = gptq_quantize_weight(W, H, group_size=16, act_order=act_order, sym=sym,
-                                                      block_size=block)
-    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym)
+                                                      block_size=block, static_groups=static)
+    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym, static_groups=static)
     assert (perm is None) == (ref_perm is None) and (perm is None or torch.equal(perm, ref_perm))
     assert torch.equal(codes.double(), ref_codes)
     assert scales.dtype == torch.float64 and zeros.dtype == torch.uint8
@@ -145,7 +156,7 @@ def test_awq_scale_folding_keeps_the_float_model():
 # --- the engine ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["awq", "gptq"])
-def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode):
+def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode, tmp_path):
     calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).tolist()
     llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=2)
     llm.calibration = calib
@@ -155,13 +166,19 @@ def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode):
     for m in ("int4", mode):
         llm.reconfigure(EngineConfig(device="cpu", max_model_len=256, quantization=m))
         assert all(isinstance(llm.model.get_submodule(n), Int4Linear)
-                   for n in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj", "lm_head"))
+                   for n in ("layers.0.self_attn.qkv_proj", "layers.1.mlp.down_proj"))
+        assert isinstance(llm.model.lm_head, Int4Linear if m == "int4" else Int8Linear)  # LM_HEAD_MODE
         lp = llm.prompt_logits(ids).log_softmax(-1)
         kls[m] = torch.nn.functional.kl_div(lp, ref, log_target=True, reduction="batchmean").item()
     assert 0 < kls[mode] < 1.0  # a quantized model, close to the float one
     out = llm.generate([ids], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
     assert len(out[0].token_ids) == 5
     assert llm.engine.stats().quantization == mode
+    # Saved in the method's Hub layout (the int8 head as the float weight it stands for) and loaded back.
+    save_quantized(llm.model, tiny_config().to_dict(), tmp_path, mode)
+    loaded = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32)
+    assert loaded.config.quantization == mode
+    assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_calibration_and_modes_are_clear_errors():
