@@ -181,6 +181,7 @@ def engine_summary(stats) -> dict:
     attention_backend_used is the backend that ran (the config's attention_backend may say "auto").
     """
     st = _Counters(stats)
+    spec = st.spec_decode  # engine.stats.SpecDecodeStats with speculative decoding on, else None
     queries, hits = int(st.prefix_cache_queries or 0), int(st.prefix_cache_hits or 0)
     blocks, block_size = st.num_gpu_blocks, st.block_size
     return {
@@ -192,6 +193,9 @@ def engine_summary(stats) -> dict:
         C.attention_backend_used: st.attention_backend, C.cuda_graphs: st.cuda_graphs,
         C.device_name: st.device_name,
         C.expert_imbalance: st.expert_imbalance,  # MoE models (engine.stats.expert_imbalance); else None
+        C.num_cow_copies: int(st.num_cow_copies or 0),  # parallel sampling / beam search
+        C.spec_acceptance_rate: spec.per_token_acceptance if spec is not None else None,
+        C.spec_mean_accepted_length: spec.mean_accepted_length if spec is not None else None,
     }
 
 

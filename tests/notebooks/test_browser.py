@@ -158,8 +158,9 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
                                   ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
             error_text = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
             n_plots = page.locator(".js-plotly-plot .main-svg").count()
-            blocks = page.locator(".wb-block-map-explorer .scatterlayer .point").count()
-            tables = page.locator(".wb-block-map-explorer .wb-table").count()
+            first = page.locator(".wb-block-map-explorer").first  # section 1's explorer (20 blocks)
+            blocks = first.locator(".scatterlayer .point").count()
+            tables = first.locator(".wb-table").count()
             explorer_box = page.locator(".wb-block-map-explorer").first
             explorer_box.scroll_into_view_if_needed()
             explorer_box.screenshot(path=str(shots / "block_map_explorer.png"))
