@@ -31,6 +31,7 @@ import torch
 from engine import LLM, EngineConfig, SamplingParams
 from engine.kernels.moe import fused_moe, fused_moe_decode, route_topk_triton
 from engine.kernels.moe_reference import fused_moe_reference, route_topk
+from workbench.bench import median_cuda_time
 
 CFG = EngineConfig(block_size=16, max_num_seqs=4, max_num_batched_tokens=2048, max_model_len=1024,
                    num_gpu_blocks=512, attention_backend="triton")
@@ -43,17 +44,7 @@ def log(msg):
 
 def cuda_time(fn, repeats=50) -> float:
     """Median seconds of fn() over repeats, CUDA events, after a warm-up call."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return float(np.median(times))
+    return median_cuda_time(fn, repeats)
 
 
 def copy_bandwidth(nbytes=2 * 1024**3) -> float:

@@ -154,3 +154,19 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def parse_value(text: str):
+    """A config value written on a command line, as Python: true/false (on/off, yes/no) -> bool, none/null ->
+    None, then int, float, else the (stripped) string."""
+    low = text.strip().lower()
+    if low in ("true", "false", "on", "off", "yes", "no"):
+        return low in ("true", "on", "yes")
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()

@@ -10,20 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-
-def parse_value(text: str):
-    """A command-line value as Python: true/false -> bool, none/null -> None, then int, float, else str."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
+from engine.config import parse_value
 
 
 def parse_assignment(text: str, many: bool = False):

@@ -26,7 +26,7 @@ from .schema import C, latency
 
 # ----- device rates -------------------------------------------------------------------------------
 
-def _median_time(fn, repeats: int) -> float:
+def median_cuda_time(fn, repeats: int) -> float:
     """Median seconds of fn() on the GPU, timed with CUDA events after a warm-up."""
     fn()
     torch.cuda.synchronize()
@@ -45,12 +45,12 @@ def measure_device_rates(device="cuda", matmul_size: int = 8192, copy_bytes: int
     """bf16 matmul rate (FLOP/s) on random data and device-to-device copy bandwidth (bytes read + written / s)."""
     def matmul_time():
         a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
-        return _median_time(lambda: a @ b, 20)
+        return median_cuda_time(lambda: a @ b, 20)
 
     def copy_time():
         src = torch.randn(copy_bytes // 2, device=device, dtype=torch.bfloat16)
         dst = torch.empty_like(src)
-        return _median_time(lambda: dst.copy_(src), 20)
+        return median_cuda_time(lambda: dst.copy_(src), 20)
 
     # Each in its own function, so its buffers are freed before the next one and before the engine loads.
     t_mm, t_copy = matmul_time(), copy_time()

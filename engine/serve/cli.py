@@ -11,20 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-
-def _value(text: str):
-    """A flag value as Python: true/false -> bool, none/null -> None, then int, float, else str."""
-    low = text.strip().lower()
-    if low in ("true", "false", "on", "off", "yes", "no"):
-        return low in ("true", "on", "yes")
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+from ..config import parse_value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            group.add_argument(flag, dest=f.name, nargs="?", const=True, type=_value, default=None, metavar="BOOL")
+            group.add_argument(flag, dest=f.name, nargs="?", const=True, type=parse_value, default=None, metavar="BOOL")
             group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False)
         else:
-            group.add_argument(flag, dest=f.name, type=_value, default=None, metavar=f.name.upper())
+            group.add_argument(flag, dest=f.name, type=parse_value, default=None, metavar=f.name.upper())
     return ap
 
 

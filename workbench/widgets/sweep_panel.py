@@ -7,6 +7,8 @@ import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 
+from engine.config import parse_value
+
 from .. import figures, recommend, schema
 from ..schema import C
 from ..workloads import WORKLOADS
@@ -28,23 +30,8 @@ FIGURE_WIDTH = 490  # two per row in JupyterLab's cell at 1280 px (one per row w
 
 def parse_values(text: str) -> list:
     """"8, 16" -> [8, 16]; "True, off" -> [True, False]; "None, int8" -> [None, "int8"]; "" -> []."""
-    words = {"none": None, "true": True, "on": True, "false": False, "off": False}
-    out = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
-            continue
-        if item.lower() in words:
-            out.append(words[item.lower()])
-            continue
-        for cast in (int, float):
-            try:
-                out.append(cast(item))
-                break
-            except ValueError:
-                pass
-        else:
-            out.append(item.strip("'\""))
-    return out
+    values = [parse_value(t) for t in text.split(",") if t.strip()]
+    return [v.strip("'\"") if isinstance(v, str) else v for v in values]
 
 
 class _Stopped(Exception):
