@@ -42,8 +42,12 @@ def make_family_model(kind: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_family_config(kind), dtype=torch.float32).eval()
-    # Larger weights than HF's init (well-separated greedy choices, as tests/engine/conftest.py); norm
-    # weights perturbed too, so that Gemma's (1 + w) and the q/k norms are exercised.
+    return perturb_weights(model)
+
+
+def perturb_weights(model):
+    """Larger weights than HF's init (well-separated greedy choices, as tests/engine/conftest.py); norm
+    weights perturbed too, so that Gemma's (1 + w) and the q/k norms are exercised. Returns the model."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:

@@ -53,6 +53,20 @@ def check_pool(engine):
     assert all(b.block_hash == h for h, b in kv.pool.cached_blocks.items())
 
 
+def step_until_interrupted(llm, call: int, layer: int, keyboard: bool, keep) -> dict:
+    """Step llm's engine until a KeyboardInterrupt (or an injected error) raised at `layer` of forward call
+    `call` propagates (the test fails if it does not); returns {request_id: keep(output)} of what finished."""
+    exc = KeyboardInterrupt() if keyboard else Injected("device lost")
+    hook, outs, eng = interrupt_at(llm, call, layer, exc), {}, llm.engine
+    try:
+        with pytest.raises(type(exc)):
+            while eng.has_unfinished_requests():
+                outs.update((o.request_id, keep(o)) for o in eng.step())
+    finally:
+        hook.remove()
+    return outs
+
+
 def interrupt_at(llm, call: int, layer: int, exc):
     """A hook that raises `exc` when `layer` runs for the call-th time (counting from 0)."""
     seen = Counter()
@@ -98,15 +112,7 @@ def test_step_api_continues_after_interruption(llm, reference, data, layer, keyb
     eng = llm.engine
     for i, p in enumerate(PROMPTS):
         eng.add_request(f"r{i}", p, GREEDY)
-    exc = KeyboardInterrupt() if keyboard else Injected("device lost")
-    hook = interrupt_at(llm, call, layer, exc)
-    outs = {}
-    try:
-        with pytest.raises(type(exc)):
-            while eng.has_unfinished_requests():
-                outs.update((o.request_id, o) for o in eng.step())
-    finally:
-        hook.remove()
+    outs = step_until_interrupted(llm, call, layer, keyboard, lambda o: o)
     check_pool(eng)
     # Nothing of the failed step is cached: every cached block's tokens give the reference KV below.
     while eng.has_unfinished_requests() or len(outs) < len(PROMPTS):
@@ -207,15 +213,7 @@ def test_groups_continue_after_interruption(llm, group_reference, data, layer, k
     eng = llm.engine
     for i, (p, params) in enumerate(zip(GROUP_PROMPTS, group_params())):
         eng.add_request(f"g{i}", p, params)
-    exc = KeyboardInterrupt() if keyboard else Injected("device lost")
-    hook = interrupt_at(llm, call, layer, exc)
-    outs = {}
-    try:
-        with pytest.raises(type(exc)):
-            while eng.has_unfinished_requests():
-                outs.update((o.request_id, [c.token_ids for c in o.outputs]) for o in eng.step())
-    finally:
-        hook.remove()
+    outs = step_until_interrupted(llm, call, layer, keyboard, lambda o: [c.token_ids for c in o.outputs])
     check_pool(eng)
     sched = eng.scheduler
     assert sched.num_reserved_seqs == sum(g.reserved for g in eng.groups.groups.values()) == 0

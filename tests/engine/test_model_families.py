@@ -6,7 +6,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.model.spec import ModelSpec
-from family_models import FAMILIES, WINDOW, make_family_model, tiny_family_config
+from family_models import FAMILIES, WINDOW, make_family_model, perturb_weights, tiny_family_config
 
 TIE_GAP = 1e-4  # a first divergence is accepted only where HF's top two logits are this close
 
@@ -305,12 +305,7 @@ def test_multimodal_gemma3_in_memory_runs_its_language_model():
     model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                                         boi_token_index=290, eoi_token_index=291,
                                                         image_token_index=292)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_weights(model)
     ids = make_prompts(6, [30], vocab=280)[0]
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0]
