@@ -135,21 +135,22 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
         largest_max_model_len=largest, verdict=verdict, reason=reason)
 
 
-def reserved_trim_bytes(*, budget_bytes: int, margin_bytes: int, non_torch_bytes: int,
-                        activation_peak_bytes: int) -> int:
+def reserved_trim_bytes(*, budget_bytes: int, non_torch_bytes: int, activation_peak_bytes: int) -> int:
     """Bytes reserved by torch's caching allocator above which the runner returns its free cached blocks to the
-    device after a step (CUDA): budget + margin - non-torch - activation peak.
+    device after a step (CUDA): budget - non-torch - activation peak.
 
     Why: the allocator keeps every freed block cached and, on a GPU with room past the share, takes a new segment
     whenever no cached block is large enough, so steps whose shapes grow (a decode batch filling up, logits of a
     few more rows each step) pile up segments: 5.7 GB reserved beyond the allocated peak at max_num_seqs=2048
     on an H200, while the allocated peak matched the profile. A step needs about its activation peak in new segments
-    when nothing cached fits, so a step that starts at or below this many reserved bytes ends within the share
-    plus the margin (non-torch growth after the profile aside). With the pool sized by size_kv_cache this keeps
-    up to 2 x margin of free blocks cached between steps beyond the weights, the pool and the graph pool, so steps
-    whose activations need less than that (repeating shapes) never trim.
+    when nothing cached fits, so a step that starts at or below this many reserved bytes ends within the share;
+    the margin is left for what that estimate misses (segment rounding above the allocated peak, non-torch growth
+    after the profile: together up to 130 MB on an H200 at max_num_batched_tokens=32768 when the margin itself was
+    counted here). With the pool sized by size_kv_cache this keeps up to one margin of free blocks cached between
+    steps beyond the weights, the pool and the graph pool, so steps whose activations need less (repeating shapes)
+    never trim.
     """
-    return budget_bytes + margin_bytes - non_torch_bytes - activation_peak_bytes
+    return budget_bytes - non_torch_bytes - activation_peak_bytes
 
 
 # ----- host memory (the CPU device, and every load) ------------------------------------------------

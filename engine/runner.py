@@ -255,7 +255,7 @@ class ModelRunner:
                                non_torch_bytes=m.non_torch_bytes, **common)
         m.budget_bytes, m.kv_cache_bytes = sizing.budget_bytes, sizing.kv_cache_bytes
         m.margin_bytes = sizing.margin_bytes
-        m.reserved_trim_bytes = reserved_trim_bytes(budget_bytes=m.budget_bytes, margin_bytes=m.margin_bytes,
+        m.reserved_trim_bytes = reserved_trim_bytes(budget_bytes=m.budget_bytes,
                                                     non_torch_bytes=m.non_torch_bytes,
                                                     activation_peak_bytes=m.peak_activation_bytes)
         return sizing
