@@ -89,8 +89,8 @@ def build_model(spec: ModelSpec, state: dict | None, dtype: torch.dtype, device:
     initialises in seconds).
     """
     with torch.device("meta"):
-        model = LlamaModel(spec, max_positions)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaModel(spec, max_positions).to(dtype)  # cast on meta: no float32 copy is ever allocated
+    model = model.to_empty(device=device)
     # Rotary tables are buffers computed at construction; rebuild them on the device in float32.
     model.init_rotary_(device)
     if spec.tie_word_embeddings:
