@@ -100,3 +100,22 @@ def test_both_runners_implement_the_runner_protocol():
         assert all(callable(getattr(cls, n, None)) for n in methods), cls
     llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
     assert isinstance(llm.engine.runner, Runner)
+
+
+def test_building_a_bf16_model_never_allocates_float32_parameters(monkeypatch):
+    # Casting after to_empty() allocated every weight in float32 first: mixtral-8x7b needed 187 GB to load 93 GB.
+    import torch
+
+    from engine.model import ModelSpec, preset_config
+    from engine.model.weights import build_model
+    allocated = []
+    to_empty = torch.nn.Module.to_empty
+
+    def spy(self, *, device, recurse=True):
+        allocated.extend(p.dtype for p in self.parameters())
+        return to_empty(self, device=device, recurse=recurse)
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", spy)
+    model = build_model(ModelSpec.from_hf_config(preset_config("tiny")), None, torch.bfloat16, torch.device("cpu"), 64)
+    assert allocated and set(allocated) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
