@@ -52,3 +52,24 @@ def sharing_by_setting(df: pd.DataFrame, by: str = C.label) -> go.Figure:
     fig.update_xaxes(title_text=SETTING_AXIS)
     fig.update_layout(title=TITLE, barmode="group", legend_title_text="peak KV blocks")
     return fig
+
+
+def allocator_sharing(summary: pd.DataFrame, title: str = "Peak KV blocks with and without sharing") -> go.Figure:
+    """Per case of `workbench.sharing_baselines.compare_sharing` (one sequence, n parallel samples, a beam
+    search): the peak blocks of the Orca Oracle allocator, of paged blocks without sharing and of the paged
+    allocator with sharing (its saving written on the bar)."""
+    from .sharing_baselines import ALLOCATOR_LABELS
+
+    if summary is None or len(summary) == 0:
+        return _empty(title, "no cases to show")
+    fig = go.Figure()
+    colors = {"contiguous": "#F58518", "unshared": COLORS[C.num_unshared_blocks_peak],
+              "shared": COLORS[C.num_used_blocks_peak]}
+    for key, name in ALLOCATOR_LABELS.items():
+        text = summary["saving"].map(lambda v: f"-{v:.0%}" if v > 0 else "") if key == "shared" else None
+        fig.add_bar(x=summary[C.label], y=summary[key], name=name, marker_color=colors[key], text=text,
+                    textposition="outside", hovertemplate="%{x}<br>%{y:.0f} blocks<extra>" + name + "</extra>")
+    unit = schema.column(C.num_used_blocks_peak).unit
+    fig.update_layout(title=title, barmode="group", yaxis_title=f"KV blocks at the peak ({unit})",
+                      xaxis_title="sequences per request", legend_title_text="allocator")
+    return fig
