@@ -35,7 +35,7 @@ def sharing_by_setting(df: pd.DataFrame, by: str = C.label) -> go.Figure:
         return _empty(TITLE, "no KV block was shared in any point: sweep n (parallel sampling) or beam_width (beam "
                              "search), or use a workload whose prompts share a prefix with prefix caching on")
     fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35],
-                        subplot_titles=["KV blocks at the peak", schema.column(C.num_cow_copies).label])
+                        subplot_titles=["KV blocks at the peak", "KV blocks copied on write"])
     x = d[by].astype(str)
     for col, name in ((C.num_unshared_blocks_peak, "without sharing (block-table entries)"),
                       (C.num_used_blocks_peak, "with sharing (blocks in use)")):
@@ -48,7 +48,7 @@ def sharing_by_setting(df: pd.DataFrame, by: str = C.label) -> go.Figure:
                 marker_color=COLORS[C.num_cow_copies], error_y=_error(d, C.num_cow_copies), row=1, col=2)
     unit = schema.column(C.num_used_blocks_peak).unit
     fig.update_yaxes(title_text=f"KV blocks ({unit})", rangemode="tozero", row=1, col=1)
-    fig.update_yaxes(title_text=schema.title(C.num_cow_copies), rangemode="tozero", row=1, col=2)
+    fig.update_yaxes(title_text=f"copies ({schema.column(C.num_cow_copies).unit})", rangemode="tozero", row=1, col=2)
     fig.update_xaxes(title_text=SETTING_AXIS)
     fig.update_layout(title=TITLE, barmode="group", legend_title_text="peak KV blocks")
     return fig

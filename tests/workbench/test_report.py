@@ -75,7 +75,7 @@ def test_figure_without_data_is_one_sentence(tmp_path, synthetic):
 
 
 def test_sharing_figure_and_columns_only_when_the_sweep_shared_blocks(tmp_path, synthetic):
-    df = synthetic[0]
+    df = synthetic[0].assign(num_saved_blocks_peak=0.0)  # no sharing (the synthetic prefix-cache hits share blocks)
     text = open(write_report(df, str(tmp_path / "plain.html")), encoding="utf-8").read()
     assert 'id="empty-sharing"' in text and "no KV block was shared" in text
     assert "KV blocks saved by sharing (peak)" not in text
