@@ -44,8 +44,14 @@ def post(live, path, **body):
     return httpx.post(live.url + path, json={"model": "pystdlib", **body}, timeout=120)
 
 
+def metric(live, name: str) -> float:
+    lines = httpx.get(live.url + "/metrics").text.splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(name + "{") or x.startswith(name + " "))
+
+
 def test_n_is_one_request_whose_sequences_share_the_prompt_blocks(fresh, llm_factory):
     fresh.engine_call(lambda e: e.reset_stats())
+    requests, generated = (metric(fresh, f"vllm:request_{m}") for m in ("success_total", "generation_tokens_sum"))
     r = post(fresh, "/v1/completions", prompt=PROMPT, n=N, max_tokens=T, temperature=1.0, seed=3, ignore_eos=True,
              return_token_ids=True)
     assert r.status_code == 200, r.text
@@ -71,6 +77,9 @@ def test_n_is_one_request_whose_sequences_share_the_prompt_blocks(fresh, llm_fac
     assert max(s.num_used_blocks + s.num_saved_blocks for s in steps) == N * cdiv(P + T - 2, B)
     # the prompt is computed once (P - 1 tokens) plus each sequence's last prompt token, not N times
     assert stats.num_prompt_tokens == P - 1 + N
+    # one request for the server's metrics, with the tokens of all its choices
+    assert metric(fresh, "vllm:request_success_total") == requests + 1
+    assert metric(fresh, "vllm:request_generation_tokens_sum") == generated + N * T
 
 
 def sse(lines):
