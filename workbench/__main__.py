@@ -87,8 +87,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=positive_int, metavar="C", help="requests kept in flight (closed loop)")
     p.add_argument("--grid", type=_grid_item, action="append", default=[], metavar="FIELD=V1,V2,...",
                    help="an EngineConfig field and the values to sweep, e.g. block_size=8,16,32 or "
-                        "enable_prefix_caching=true,false or quantization=none,int8; repeatable (the grid is "
-                        "the product; repeated values run once)")
+                        "enable_prefix_caching=true,false or quantization=none,int8, or the workload's sampling: "
+                        "n=1,2,4 (completions per request) or beam_width=none,2,4 (beam search); repeatable (the "
+                        "grid is the product; repeated values run once)")
     p.add_argument("--repeats", type=positive_int, default=3, metavar="N",
                    help="runs per point, interleaved across points; results are the median with min-max "
                         "(default: %(default)s)")

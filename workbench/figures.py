@@ -47,7 +47,7 @@ def _has(d: pd.DataFrame, col: str) -> bool:
 def varying_settings(df: pd.DataFrame, exclude=()) -> list[str]:
     """Config columns (and the workload) whose value differs between the ok rows: the grid dimensions."""
     d = _ok(df)
-    cols = [C.workload] + schema.config_columns()
+    cols = [C.workload] + schema.SAMPLING_COLUMNS + schema.config_columns()
     return [c for c in cols if c in d and c not in exclude and d[c].astype(str).nunique() > 1]
 
 

@@ -1,7 +1,12 @@
 """The grid of a sweep: typed points from {EngineConfig field: [values]}, every value checked first.
 
+Besides EngineConfig fields a grid may sweep the workload's sampling (SAMPLING_KEYS): ``n``, completions
+per request (parallel sampling: every request's SamplingParams(n=...)), and ``beam_width`` (None: no beam
+search; an integer: every request runs as a beam search, BeamSearchParams(beam_width=...)); a point's
+``sampling`` holds them and `trace_replay.request_params` routes them to each request.
+
 `build_points` validates the whole grid before anything runs: unknown fields and every invalid value
-are reported together in one ValueError (one line), and duplicate values are dropped.
+(and combination) are reported together in one ValueError (one line), and duplicate values are dropped.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from . import schema
+from .schema import C
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,47 @@ class Point:
     config: object  # engine.EngineConfig
     workload: object  # workbench.workloads.Workload
     settings: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # the grid's SAMPLING_KEYS values of this point (n, beam_width)
+
+
+# Grid keys that are not EngineConfig fields: the workload's sampling, with the rule each value must meet.
+SAMPLING_KEYS = {C.n: "an integer >= 1 (completions per request)",
+                 C.beam_width: "None (no beam search) or an integer >= 1 (beams per request)"}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _sampling_value_ok(key: str, v) -> bool:
+    if key == C.beam_width and v is None:
+        return True
+    return _is_int(v) and v >= 1
+
+
+def sampling_problems(sampling: dict, config) -> list[str]:
+    """What is wrong with one point's sampling (n, beam_width, merged with the sweep's ``sampling``) on
+    ``config``, found before anything runs: the engine would refuse its requests on any pool."""
+    n, beam = sampling.get(C.n, 1), sampling.get(C.beam_width)
+    bad = [f"{k}={v!r} is not allowed: {k} must be {SAMPLING_KEYS[k]}" for k, v in ((C.n, n), (C.beam_width, beam))
+           if not _sampling_value_ok(k, v)]
+    if bad:
+        return bad
+    size, what = (beam, f"beam_width={beam}") if beam is not None else (n, f"n={n}")
+    problems = []
+    if beam is not None and n != 1:
+        problems.append(f"n={n} with beam_width={beam}: a point is either parallel sampling (n, with "
+                        "beam_width=None) or beam search (beam_width, with n=1); sweep them as separate points")
+    if size > 1 and config.max_num_seqs is not None and size > config.max_num_seqs:
+        problems.append(f"{what} is more than max_num_seqs={config.max_num_seqs}: one request runs {size} "
+                        "sequences at once")
+    if size > 1 and config.speculative_method is not None:
+        problems.append(f"{what} is not combined with speculative decoding (speculative_method="
+                        f"{config.speculative_method!r})")
+    if size > 1 and config.tensor_parallel_size > 1:
+        problems.append(f"{what} needs tensor_parallel_size=1 (block copies are not implemented for tensor "
+                        "parallelism)")
+    return problems
 
 
 def _fmt(v) -> str:
@@ -61,13 +108,17 @@ def normalise_grid(grid: dict | None) -> dict:
 def check_grid(grid: dict, base_config) -> None:
     """Raise one ValueError naming every unknown field and every invalid value of ``grid``."""
     allowed = list(base_config.to_dict())
-    problems = [f"{k!r} is not an EngineConfig field (use one of {', '.join(allowed)})" for k in grid
-                if k not in allowed]
+    problems = [f"{k!r} is not an EngineConfig field (use one of {', '.join(allowed)}) nor a sampling key "
+                f"({', '.join(SAMPLING_KEYS)})" for k in grid if k not in allowed and k not in SAMPLING_KEYS]
     for k, values in grid.items():
-        if k not in allowed:
+        if k not in allowed and k not in SAMPLING_KEYS:
             continue
         if not values:
             problems.append(f"{k} has no values")
+        if k in SAMPLING_KEYS:
+            problems += [f"{k}={v!r} is not allowed: {k} must be {SAMPLING_KEYS[k]}" for v in values
+                         if not _sampling_value_ok(k, v)]
+            continue
         for v in values:
             try:
                 base_config.replace(**{k: v})
@@ -77,24 +128,42 @@ def check_grid(grid: dict, base_config) -> None:
         raise ValueError("invalid grid: " + "; ".join(problems))
 
 
-def build_points(grid: dict, base_config, workloads: list, identity: dict) -> list[Point]:
+def build_points(grid: dict, base_config, workloads: list, identity: dict, check_sampling=None) -> list[Point]:
     """Every combination of ``grid`` values for every workload, as Points.
 
     identity: what else makes a point's key (model, sampling). Points sharing a quantization come next
-    to each other (weights are re-quantized once per value), grid order otherwise.
+    to each other (weights are re-quantized once per value), grid order otherwise. check_sampling(sampling):
+    raises ValueError for a point's sampling (the sweep's merged with the grid's) that no request could run
+    with (`trace_replay.request_params` with a made-up length); every problem of every combination is
+    reported in one ValueError.
     """
     grid = normalise_grid(grid)
     check_grid(grid, base_config)
     keys = list(grid)
     combos = [dict(zip(keys, values)) for values in itertools.product(*grid.values())] or [{}]
-    points = []
+    points, problems = [], []
+    base_sampling = dict(identity.get("sampling") or {})
     for w in workloads:
         for combo in combos:
-            cfg = base_config.replace(**combo)  # a combination may still be invalid: raised here, not mid-sweep
+            fields = {k: v for k, v in combo.items() if k not in SAMPLING_KEYS}
+            sampling = {k: v for k, v in combo.items() if k in SAMPLING_KEYS}
+            cfg = base_config.replace(**fields)  # a combination may still be invalid: raised here, not mid-sweep
+            merged = {**base_sampling, **sampling}
+            found = sampling_problems(merged, cfg)
+            if not found and check_sampling is not None:
+                try:
+                    check_sampling(merged)
+                except ValueError as e:
+                    found = [str(e)]
+            problems += [p for p in found if p not in problems]
             label = point_label(combo)
             if len(workloads) > 1:
                 label = f"{w.name}: {label}"
-            pid = stable_hash({"config": cfg.to_dict(), schema.C.workload: w.fingerprint(), **identity})
-            points.append(Point(pid, label, cfg, w, combo))
+            key = {"config": cfg.to_dict(), schema.C.workload: w.fingerprint(), **identity}
+            if sampling:  # only then: the keys of points without grid sampling stay as they were
+                key["grid_sampling"] = sampling
+            points.append(Point(stable_hash(key), label, cfg, w, combo, sampling))
+    if problems:
+        raise ValueError("invalid grid: " + "; ".join(problems))
     order = {q: i for i, q in enumerate(dict.fromkeys(p.config.quantization for p in points))}
     return sorted(points, key=lambda p: order[p.config.quantization])

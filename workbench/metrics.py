@@ -46,7 +46,9 @@ def _num(x) -> float:
 def request_frame(outputs) -> pd.DataFrame:
     """One row per finished request from RequestOutput objects: timings (s), token counts, itl (list, s).
 
-    queue_time = first_scheduled_time - arrival_time (s).
+    queue_time = first_scheduled_time - arrival_time (s). num_output_tokens: the tokens of every completion
+    the request returns (n for parallel sampling, beam_width beams for beam search), as vLLM's throughput
+    benchmark counts them; TTFT, TPOT and ITL are those of its (first) sequence.
     """
     rows = []
     for o in outputs:
@@ -59,11 +61,18 @@ def request_frame(outputs) -> pd.DataFrame:
             "ttft": _num(_get(m, "ttft")), "tpot": _num(_get(m, "tpot")), "e2e": _num(_get(m, "e2e")),
             "itl": [float(x) for x in (_get(m, "itl") or [])],
             "num_prompt_tokens": int(_get(m, "num_prompt_tokens", len(o.prompt_token_ids))),
-            "num_output_tokens": int(_get(m, "num_output_tokens", len(o.token_ids))),
+            "num_output_tokens": _output_tokens(o, m),
             "num_cached_tokens": int(_get(m, "num_cached_tokens", 0) or 0),
             "finish_reason": o.finish_reason,
         })
     return pd.DataFrame(rows, columns=REQUEST_COLUMNS)
+
+
+def _output_tokens(o, m) -> int:
+    completions = _get(o, "outputs") or []
+    if len(completions) > 1:
+        return sum(len(_get(c, "token_ids") or []) for c in completions)
+    return int(_get(m, "num_output_tokens", len(o.token_ids)))
 
 
 def percentiles(values, ps=PERCENTILES) -> dict:
@@ -165,6 +174,25 @@ def step_summary(steps: pd.DataFrame) -> dict:
     }
 
 
+def sharing_summary(steps: pd.DataFrame) -> dict:
+    """KV block sharing over the steps (engine StepStats counters), in blocks: the peak of blocks in use, of
+    block-table entries (used + saved: what an allocator without sharing would hold at that step), of blocks
+    saved and of blocks held by two or more sequences; sharing_saving = 1 - used peak / unshared peak (the
+    share of the pool sharing spares; NaN when no step held a block)."""
+    def peak(series) -> float:
+        return float(series.max()) if len(series) else math.nan
+
+    def col(name):
+        return steps[name].astype(float) if name in steps else pd.Series(dtype=float)
+
+    used, saved, shared = col("num_used_blocks"), col("num_saved_blocks"), col("num_shared_blocks")
+    unshared = used + saved if len(saved) else pd.Series(dtype=float)
+    used_peak, unshared_peak = peak(used), peak(unshared)
+    return {C.num_used_blocks_peak: used_peak, C.num_unshared_blocks_peak: unshared_peak,
+            C.num_saved_blocks_peak: peak(saved), C.num_shared_blocks_peak: peak(shared),
+            C.sharing_saving: 1.0 - used_peak / unshared_peak if unshared_peak > 0 else math.nan}
+
+
 class _Counters:
     """An EngineStats (or a dict with its fields) read by attribute; a missing counter reads as None."""
 
@@ -248,6 +276,7 @@ def point_metrics(requests: pd.DataFrame, steps: pd.DataFrame, stats, telemetry:
     row.update(goodput(requests, duration, slo))
     row.update(latency_summary(requests))
     row.update(step_summary(steps))
+    row.update(sharing_summary(steps))
     row.update(engine_summary(stats))
     row.update(telemetry if telemetry is not None else telemetry_summary(None))
     n_out = row[C.total_output_tokens]

@@ -113,7 +113,8 @@ class PointWorker:
             if self.rates is None:  # measured once, on the device of the first point
                 from .profiling import measure_rates
                 self.rates = measure_rates(self.llm.device)
-            run = run_point(self.llm, point.workload, self.slo, self.warmup, self.sampling,
+            sampling = {**(self.sampling or {}), **getattr(point, "sampling", {})}  # the grid's n / beam_width
+            run = run_point(self.llm, point.workload, self.slo, self.warmup, sampling or None,
                             self._telemetry_for(self.llm.device), self.max_duration, rates=self.rates)
             out = {**run.metrics, C.status: schema.OK, C.error: None}
             frames = {"steps": run.steps, "requests": run.requests, "telemetry": run.telemetry}

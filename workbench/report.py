@@ -14,7 +14,7 @@ import os
 import pandas as pd
 import plotly.offline
 
-from . import figures, profile_figures, recommend, schema
+from . import figures, profile_figures, recommend, schema, sharing_figures
 from .html_parts import REPORT_CSS, esc, kv_table, results_table
 from .schema import C
 
@@ -35,6 +35,11 @@ CAPTIONS = {
                      "waste over fewer allocated slots is a larger share.",
     "prefix-hit-rate": "Share of prompt tokens served from the prefix cache instead of being recomputed "
                        "(token-level, as vLLM's prefix_cache_hits / prefix_cache_queries).",
+    "sharing": "Left: the most KV blocks each setting held at once (blue) beside the most its sequences' block "
+               "tables would have needed without sharing (grey): n parallel samples hold their prompt's blocks "
+               "once, beams hold their common history once, requests hold a cached prefix once; the label is the "
+               "memory sharing saved. Right: blocks copied on write, when a sequence had to write into a block "
+               "it shared (the prompt's last, partly filled block of each fork).",
     "energy-per-token": "Joules per output token from the GPU's energy counter (NVML) over the run; lower is "
                         "better.",
     "nvml": "GPU telemetry of every point, sampled by NVML during its run: mean power, energy per output token, "
@@ -64,6 +69,7 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         "throughput-latency": figures.throughput_latency(results),
         "fragmentation": figures.fragmentation_by_block_size(results),
         "prefix-hit-rate": figures.prefix_hit_rate(results),
+        "sharing": sharing_figures.sharing_by_setting(results),
         "energy-per-token": figures.energy_per_token(results),
         "nvml": figures.nvml_by_setting(results),
     }
@@ -165,7 +171,9 @@ def write_report(results: pd.DataFrame, path: str, timeseries: dict | None = Non
         parts.append(f"<div class='figure'>{div}{caption}</div>")
     if len(results):
         nvml = [c for c in schema.NVML_COLUMNS if c in results and pd.to_numeric(results[c], errors="coerce").notna().any()]
-        parts += ["<h2>Results</h2>", "<div class='scroll'>", results_table(results, schema.REPORT_COLUMNS + nvml),
+        sharing = schema.SAMPLING_COLUMNS + schema.SHARING_COLUMNS if sharing_figures.has_sharing(results) else []
+        parts += ["<h2>Results</h2>", "<div class='scroll'>",
+                  results_table(results, schema.REPORT_COLUMNS + sharing + nvml),
                   "</div>",
                   "<p>Every column (and each repeat, and the per-point time series) is in the results file.</p>"]
     if environment:

@@ -87,6 +87,10 @@ COLUMNS: list[Column] = [
     Column("arrival", "arrival process", kind=WORKLOAD),
     Column("request_rate", "request rate", "requests/s", kind=WORKLOAD),
     Column("concurrency", "concurrency", "requests in flight", kind=WORKLOAD, fmt="{}"),
+    # the workload's sampling, sweepable like a config field (workbench.grid.SAMPLING_KEYS): n completions per
+    # request (parallel sampling, SamplingParams(n)) or beam search of beam_width beams (None: no beam search)
+    Column("n", "completions per request (parallel sampling)", "count", kind=WORKLOAD, fmt="{}", short="n"),
+    Column("beam_width", "beam width (beam search)", "beams", kind=WORKLOAD, fmt="{}", short="beam"),
     Column("slo_ttft_s", "TTFT SLO", "s", kind=WORKLOAD),
     Column("slo_tpot_s", "TPOT SLO", "s", kind=WORKLOAD),
     Column("slo_e2e_s", "end-to-end SLO", "s", kind=WORKLOAD),
@@ -150,6 +154,18 @@ COLUMNS: list[Column] = [
     Column("run_host", "host that ran the point", kind=ID),
     Column("num_cow_copies", "KV blocks copied on write (n > 1, beam search)", "count", agg=MEDIAN, kind=ENGINE,
            fmt="{:.0f}"),
+    # KV block sharing (forks of parallel sampling and beam search, prefix-cache hits), peaks over the steps:
+    # blocks in use, block-table entries (what an allocator without sharing would hold at that step), the
+    # difference (blocks saved), blocks held by 2+ sequences, and 1 - used peak / unshared peak.
+    Column("num_used_blocks_peak", "KV blocks in use (peak)", "count", agg=MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("num_unshared_blocks_peak", "KV blocks needed without sharing (peak)", "count", agg=MEDIAN, kind=ENGINE,
+           fmt="{:.0f}"),
+    Column("num_saved_blocks_peak", "KV blocks saved by sharing (peak)", "count", HIGHER, MEDIAN, kind=ENGINE,
+           fmt="{:.0f}"),
+    Column("num_shared_blocks_peak", "KV blocks held by 2+ sequences (peak)", "count", agg=MEDIAN, kind=ENGINE,
+           fmt="{:.0f}"),
+    Column("sharing_saving", "KV memory saved by sharing (peak blocks)", "share of the blocks needed without sharing",
+           HIGHER, MEDIAN, kind=ENGINE, fmt="{:.1%}"),
     Column("spec_acceptance_rate", "speculative tokens accepted (per token)", "share of proposed tokens", HIGHER,
            MEDIAN, kind=ENGINE, fmt="{:.0%}"),
     Column("spec_mean_accepted_length", "tokens per verification step", "tokens", HIGHER, MEDIAN, kind=ENGINE,
@@ -197,6 +213,9 @@ SUMMARY_COLUMNS = [C.label, C.status, C.output_throughput, C.ttft_p99_ms, C.tpot
                    C.prefix_cache_hit_rate, C.internal_fragmentation_mean]
 PANEL_COLUMNS = [C.output_throughput, C.ttft_p99_ms, C.tpot_p50_ms, C.kv_usage_peak, C.prefix_cache_hit_rate,
                  C.internal_fragmentation_mean, C.num_preemptions]
+SAMPLING_COLUMNS = [C.n, C.beam_width]  # grid dimensions besides the config columns (workbench.grid.SAMPLING_KEYS)
+SHARING_COLUMNS = [C.num_used_blocks_peak, C.num_unshared_blocks_peak, C.num_saved_blocks_peak,
+                   C.num_shared_blocks_peak, C.num_cow_copies, C.sharing_saving]
 NVML_COLUMNS = [c.name for c in COLUMNS if c.kind == TELEMETRY and c.unit and c.name != C.num_telemetry_samples]
 REPORT_COLUMNS = [C.label, C.status, C.workload, C.block_size, C.max_num_batched_tokens, C.max_num_seqs,
                   C.enable_prefix_caching, C.quantization, C.kv_cache_dtype, C.attention_backend_used,

@@ -19,6 +19,7 @@ from .executors import make_executor
 from .point_run import PointWorker, model_vocab_size
 from .schema import C
 from .store import ResultsStore
+from .trace_replay import request_params
 from .telemetry import NullTelemetry, environment, make_telemetry
 from .workloads import resolve_workload
 
@@ -32,7 +33,8 @@ class Sweep:
     ``model_name`` so reruns recognise finished points). workload: a `Workload`, a built-in name or a
     .jsonl path (built with the model's vocab size, ``num_requests`` and ``workload_args``), or a list
     of those (an outer grid dimension). grid: {EngineConfig field: [values]} (duplicates dropped; every
-    value checked here); base_config: the other fields. slo: {"ttft": s, "tpot": s, "e2e": s} for goodput.
+    value checked here), and the workload's sampling: ``n`` (completions per request) and ``beam_width``
+    (None, or beam search); base_config: the other fields. slo: {"ttft": s, "tpot": s, "e2e": s} for goodput.
     repeats: runs per point, interleaved: round r runs every point once, odd rounds in reverse order (points
     sharing a quantization stay adjacent, so weights are re-quantized once per value and round), so
     drift over time does not favour one setting. out: ".jsonl" or ".parquet" results file, one row per
@@ -83,7 +85,8 @@ class Sweep:
         workloads = workload if isinstance(workload, list) else [workload]
         self.workloads = [resolve_workload(w, num_requests, self.vocab_size, seed, self.workload_args) for w in workloads]
         self.points: list[Point] = build_points(grid, self.base_config, self.workloads,
-                                                {C.model: self.model_id, "sampling": self.sampling})
+                                                {C.model: self.model_id, "sampling": self.sampling},
+                                                check_sampling=lambda s: request_params(s, 1))
         self.executor = make_executor(executor, ray_address, num_workers)
         if self.executor.name != "sequential" and not isinstance(model, str):
             raise ValueError(f"executor={executor!r} loads the model in each worker: give model as a preset "
@@ -158,6 +161,8 @@ class Sweep:
                C.workload: w.name, C.workload_id: w.fingerprint(), C.num_requests: len(w), C.arrival: w.arrival,
                C.request_rate: w.request_rate, C.concurrency: w.concurrency}
         row.update(p.config.to_dict())
+        sampling = {**(self.sampling or {}), **p.sampling}
+        row.update({C.n: sampling.get(C.n, 1), C.beam_width: sampling.get(C.beam_width)})
         row.update({C.slo_ttft_s: self.slo.get("ttft"), C.slo_tpot_s: self.slo.get("tpot"),
                     C.slo_e2e_s: self.slo.get("e2e")})
         return row

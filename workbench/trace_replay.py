@@ -12,7 +12,39 @@ import time
 from collections import defaultdict
 from typing import Callable, NamedTuple
 
+from .schema import C
 from .workloads import Workload
+
+
+def request_params(sampling: dict | None, max_tokens: int):
+    """The params of one replayed request of ``max_tokens`` output tokens: greedy SamplingParams with
+    ignore_eos, ``sampling`` overriding other fields (``n``: parallel sampling); with ``beam_width`` set (not
+    None), BeamSearchParams(beam_width, max_tokens, ignore_eos=True, length_penalty) instead, which takes
+    no other sampling field. Raises ValueError naming a bad field (the engine's own checks)."""
+    from engine import BeamSearchParams, SamplingParams
+
+    overrides = dict(sampling or {})
+    beam_width = overrides.pop(C.beam_width, None)
+    if beam_width is None:
+        try:
+            return SamplingParams(**{"temperature": 0.0, "ignore_eos": True, **overrides, "max_tokens": max_tokens})
+        except TypeError:  # a field SamplingParams does not have
+            unknown = sorted(set(overrides) - set(SamplingParams.__dataclass_fields__))
+            raise ValueError(f"sampling {unknown} is not a SamplingParams field (use "
+                             f"{', '.join(SamplingParams.__dataclass_fields__)}, or beam_width)") from None
+    if overrides.get(C.n, 1) != 1:
+        raise ValueError(f"n={overrides[C.n]!r} with beam_width={beam_width!r}: beam search returns beam_width "
+                         "completions; use n=1 (or beam_width=None for parallel sampling)")
+    overrides.pop(C.n, None)
+    other = sorted(set(overrides) - set(BEAM_FIELDS))
+    if other:
+        raise ValueError(f"sampling {other} does not apply to beam search (beam_width={beam_width!r}), which "
+                         f"takes only {list(BEAM_FIELDS)}; drop them or set beam_width=None")
+    return BeamSearchParams(beam_width=beam_width, max_tokens=max_tokens,
+                            **{"ignore_eos": True, **overrides})
+
+
+BEAM_FIELDS = ("ignore_eos", "length_penalty")  # the sampling fields a beam-search point takes
 
 
 class ReplayResult(NamedTuple):
@@ -28,13 +60,19 @@ def replay(engine, workload: Workload, sampling: dict | None = None, max_duratio
     Offline / Poisson: a request is added once its arrival offset has passed, with arrival_time set to
     the scheduled time (so a long step that delays it counts against TTFT, as in a server's queue).
     Concurrency: ``workload.concurrency`` requests are kept in flight. A request with ``depends_on``
-    becomes due its think time after that request finished. Sampling is greedy with ignore_eos and
-    max_tokens from the trace; ``sampling`` overrides other SamplingParams fields.
+    becomes due its think time after that request finished. Each request's params are
+    `request_params(sampling, its max_tokens)`: greedy with ignore_eos unless ``sampling`` overrides it;
+    ``n`` runs every request as n parallel samples, ``beam_width`` as a beam search.
+
+    A beam-search request is timed as any request: it is added at its arrival through the engine's step
+    API (the path `LLM.beam_search` takes) and its beams run as sequences of the same batches; its first
+    token is the step that gave its beams their first token, it finishes when the search ends (with
+    ignore_eos, when the beams reach max_tokens), and its output tokens are those of the beam_width beams it
+    returns (as n completions count n times).
     Raises TimeoutError after ``max_duration`` seconds (the unfinished requests are aborted).
     """
-    from engine import SamplingParams
-
     overrides = dict(sampling or {})
+    request_params(overrides, 1)  # a bad field is refused before any request is sent
     closed = workload.arrival == "concurrency"
     children, due = defaultdict(list), []
     for i, r in enumerate(workload):
@@ -54,8 +92,7 @@ def replay(engine, workload: Workload, sampling: dict | None = None, max_duratio
                                    f"{len(workload) - len(finished)} requests unfinished")
             while due and due[0][0] <= now and (not closed or len(in_flight) < workload.concurrency):
                 t_due, _, r = heapq.heappop(due)
-                params = SamplingParams(**{"temperature": 0.0, "ignore_eos": True, **overrides,
-                                           "max_tokens": r.max_tokens})
+                params = request_params(overrides, r.max_tokens)
                 engine.add_request(r.request_id, list(r.prompt_token_ids), params,
                                    arrival_time=time.perf_counter() if closed else start + t_due)
                 in_flight.add(r.request_id)

@@ -77,10 +77,12 @@ class OpenAIServer:
         if name is not None and name != self.model_name:
             raise _NotFound(f"The model `{name}` does not exist; this server serves `{self.model_name}`")
 
-    def sampling_params(self, body, max_tokens: int, index: int) -> SamplingParams:
+    def sampling_params(self, body, max_tokens: int) -> SamplingParams:
+        """One engine request's params: n choices are SamplingParams(n) (the n sequences share the prompt's KV
+        blocks; with a seed, choice i samples with seed + i, as vLLM does)."""
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=body.top_k, seed=None if body.seed is None else body.seed + index,
+                                  top_k=body.top_k, seed=body.seed, n=body.n,
                                   ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()))
         except ConfigError as e:
             raise RequestError(str(e), str(e).split("=", 1)[0]) from None
@@ -100,15 +102,16 @@ class OpenAIServer:
         return requested
 
     async def submit(self, body, prompts: list[list[int]], limits: list[int], field: str, arrival: float):
-        """Add one engine request per (prompt, choice); returns (ids, queue). Choice i is prompt i // n."""
-        n = body.n
-        ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(prompts) * n)]
-        params = [self.sampling_params(body, limits[i // n], i % n) for i in range(len(ids))]
+        """Add one engine request per prompt, with n sequences each; returns (ids, queue). Choice p * n + i is
+        sequence i of prompt p."""
+        ids = [f"{uuid.uuid4().hex}-{p}" for p in range(len(prompts))]
+        params = [self.sampling_params(body, limits[p]) for p in range(len(prompts))]
         try:
-            q = await self.engine.add(ids, [prompts[i // n] for i in range(len(ids))], params, arrival)
+            q = await self.engine.add(ids, prompts, params, arrival)
         except ValueError as e:
             msg = re.sub(r"^request '[^']*': ", "", str(e))  # the engine's request id means nothing to the client
-            raise RequestError(msg, "max_tokens" if "max_tokens" in msg else field) from None
+            param = "n" if msg.startswith("n=") else "max_tokens" if "max_tokens" in msg else field
+            raise RequestError(msg, param) from None
         return ids, q
 
     # ----- engine deltas -> choices -------------------------------------------------------------
@@ -118,30 +121,34 @@ class OpenAIServer:
         Deltas already queued are taken together and merged per choice (as vLLM merges outputs for a
         consumer that fell behind): when the event loop keeps up each token is its own chunk, and
         when it does not it writes fewer, larger chunks instead of falling further behind.
-        finish[i] becomes the choice's finish_reason; a choice that hit a stop string is aborted in the
-        engine and finishes with "stop". Raises _Failed when the engine failed a request.
+        finish[i] becomes the choice's finish_reason; a choice that hit a stop string finishes with "stop" and
+        its further tokens are dropped; its engine request is aborted once all its n choices have finished.
+        Raises _Failed when the engine failed a request.
         """
-        index = {rid: i for i, rid in enumerate(ids)}
-        left = len(ids)
+        n = len(choices) // len(ids)
+        index = {rid: p for p, rid in enumerate(ids)}
+        left = len(choices)
         while left:
             batch = [await q.get()]
             while not q.empty():
                 batch.append(q.get_nowait())
             touched: dict[int, list[int]] = {}
             for d in batch:
-                i = index[d.request_id]
+                p = index[d.request_id]
+                i = p * n + d.index
                 if finish[i] is not None:
                     continue  # the abort that follows a stop string
                 if d.finish_reason == "error":
                     raise _Failed(d.error)
                 c = choices[i]
                 c.add(d.token_ids)
-                if d.output is not None:
-                    c.cached_tokens = d.output.metrics.num_cached_tokens
+                if d.output is not None:  # the request finished: every choice of it served the same prompt
+                    for j in range(p * n, (p + 1) * n):
+                        choices[j].cached_tokens = d.output.metrics.num_cached_tokens
                 if c.stopped:
                     finish[i] = "stop"
-                    if not d.finished:
-                        self.engine.abort(d.request_id)
+                    if all(f is not None for f in finish[p * n:(p + 1) * n]):
+                        self.engine.abort(d.request_id)  # a no-op when it has finished already
                 elif d.finished:
                     c.flush()
                     finish[i] = d.finish_reason
@@ -161,10 +168,17 @@ class OpenAIServer:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
+    @staticmethod
+    def unfinished(ids: list[str], finish: list) -> list[str]:
+        """The engine requests with a choice not finished yet (to abort)."""
+        n = len(finish) // len(ids)
+        return [rid for p, rid in enumerate(ids) if any(f is None for f in finish[p * n:(p + 1) * n])]
+
     async def respond(self, request: Request, body, prompts, limits, field: str, chat: bool, arrival: float):
         ids, q = await self.submit(body, prompts, limits, field, arrival)
-        choices = [ChoiceText(self.tokenizer, body.stop_strings, body.include_stop_str_in_output) for _ in ids]
-        finish: list = [None] * len(ids)
+        choices = [ChoiceText(self.tokenizer, body.stop_strings, body.include_stop_str_in_output)
+                   for _ in range(len(ids) * body.n)]
+        finish: list = [None] * len(choices)
         rid = ("chatcmpl-" if chat else "cmpl-") + ids[0].split("-")[0]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
@@ -180,7 +194,7 @@ class OpenAIServer:
             return JSONResponse(error_body(str(e), None, "server_error", 500), status_code=500)
         finally:
             watcher.cancel()
-            self.engine.abort([r for r, f in zip(ids, finish) if f is None])
+            self.engine.abort(self.unfinished(ids, finish))
         out = []
         for i, c in enumerate(choices):
             text = c.take(final=True)
@@ -195,7 +209,7 @@ class OpenAIServer:
     async def _stream(self, body, ids, q, choices, finish, head, chat, with_ids, prompts):
         try:
             if chat:
-                for i in range(len(ids)):
+                for i in range(len(choices)):
                     yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                      "logprobs": None, "finish_reason": None}]})
             try:
@@ -216,7 +230,7 @@ class OpenAIServer:
             yield b"data: [DONE]\n\n"
         finally:
             # The client went away (or the response ended early): free what is still running.
-            self.engine.abort([r for r, f in zip(ids, finish) if f is None])
+            self.engine.abort(self.unfinished(ids, finish))
 
 
 class _NotFound(Exception):

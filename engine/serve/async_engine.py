@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Delta:
-    """New output of one engine request: the token ids since the previous Delta.
+    """New output of one sequence of an engine request: the token ids since the previous Delta of it.
 
-    finished: this is the request's last Delta; finish_reason is "stop" | "length" | "abort" | "error"
-    (then ``error`` says why); ``output`` is the engine's final RequestOutput (None on error).
+    index: the sequence (choice) of the request: 0, or 0..n-1 for SamplingParams(n) (parallel sampling: one
+    engine request whose n sequences share the prompt's KV blocks). finished: this is the sequence's last
+    Delta; finish_reason is "stop" | "length" | "abort" | "error" (then ``error`` says why); ``output`` is the
+    engine's final RequestOutput once the whole request finished (None before, and on error).
     """
 
     request_id: str
@@ -30,12 +32,41 @@ class Delta:
     finish_reason: str | None = None
     output: object = None
     error: str | None = None
+    index: int = 0
 
 
 @dataclass
 class _Stream:
     queue: asyncio.Queue
-    sent: int = 0  # output tokens already delivered
+    n: int = 1                                     # sequences (choices) the request returns
+    sent: dict = field(default_factory=dict)       # index -> output tokens already delivered
+    done: set = field(default_factory=set)         # indices whose finished Delta was delivered
+
+
+def _sequences(req) -> list[tuple[int, object]]:
+    """(index, sequence) of an engine request whose tokens stream as they come: the request itself, or the
+    sequences of a parallel-sampling group by index (beams stream nothing: the search picks them at the end)."""
+    if not hasattr(req, "seqs"):
+        return [(0, req)]
+    if req.state is not None:
+        return []
+    return sorted(((int(s.request_id.rsplit("#", 1)[1]), s) for s in req.finished + req.seqs), key=lambda x: x[0])
+
+
+def _final_deltas(rid: str, st: _Stream, out, reason: str | None = None, error: str | None = None) -> list[Delta]:
+    """The finished Delta of every sequence of ``rid`` not yet finished: its tokens not yet sent, and its own
+    finish reason (``reason`` overrides it: "abort", "error"). ``out``: the request's RequestOutput, or None."""
+    completions = {c.index: c for c in (out.outputs if out is not None else [])}
+    deltas = []
+    for i in range(st.n):
+        if i in st.done:
+            continue
+        c = completions.get(i)
+        ids = list(c.token_ids[st.sent.get(i, 0):]) if c is not None else []
+        why = reason or (c.finish_reason if c is not None and c.finish_reason else
+                         out.finish_reason if out is not None else None)
+        deltas.append(Delta(rid, ids, True, why, out, error, index=i))
+    return deltas
 
 
 @dataclass
@@ -50,9 +81,11 @@ class AsyncEngine:
     - After start(), only the engine thread touches the LLMEngine. The event loop sends it commands
       (add, abort, stats) through a queue, run between two steps; results come back through
       ``loop.call_soon_threadsafe``, one batch per step.
-    - Every request accepted by add() gets exactly one Delta with finished=True, whether it finished,
-      was aborted (abort(): its KV blocks are freed before the next step) or a step raised (then every
-      request in flight is aborted and told why): no stream is left hanging.
+    - Every sequence (index) of a request accepted by add() gets exactly one Delta with finished=True,
+      whether it finished, was aborted (abort(): the request's KV blocks are freed before the next step)
+      or a step raised (then every request in flight is aborted and told why): no stream is left hanging.
+      A sequence of a parallel-sampling request that finishes before the others gets its finished Delta
+      then (output None); the request's RequestOutput comes with the last ones.
     - ``metrics`` (a ServerMetrics) sees every step's StepStats and every finished request, so its
       counters are the engine's own.
     """
@@ -118,7 +151,7 @@ class AsyncEngine:
                 eng.validate_request(rid, prompt, sp)
             for rid, prompt, sp in zip(request_ids, prompts, params):
                 eng.add_request(rid, prompt, sp, arrival_time=arrival)
-                self._state.streams[rid] = _Stream(q)
+                self._state.streams[rid] = _Stream(q, getattr(sp, "n", None) or getattr(sp, "beam_width", 1))
 
         await self._call(add)
         return q
@@ -175,15 +208,24 @@ class AsyncEngine:
             st = streams.pop(out.request_id, None)
             if st is None:
                 continue  # not ours (added by someone else on this thread)
-            batch.append((st.queue, Delta(out.request_id, out.token_ids[st.sent:], True, out.finish_reason, out)))
+            batch += [(st.queue, d) for d in _final_deltas(out.request_id, st, out)]
             if self.metrics is not None:
                 self.metrics.on_finished(out)
         for rid, st in streams.items():
             req = eng.requests.get(rid)
-            if req is not None and len(req.output_token_ids) > st.sent:
-                new = req.output_token_ids[st.sent:]
-                st.sent += len(new)
-                batch.append((st.queue, Delta(rid, list(new))))
+            for i, seq in (_sequences(req) if req is not None else []):
+                if i in st.done:
+                    continue
+                sent = st.sent.get(i, 0)
+                new = seq.output_token_ids[sent:]
+                # a sequence of a group that finished before its siblings (a stop token) ends its stream now
+                over = req is not seq and seq.status.finished
+                if new or over:
+                    st.sent[i] = sent + len(new)
+                    if over:
+                        st.done.add(i)
+                    batch.append((st.queue, Delta(rid, list(new), over, seq.status.value if over else None,
+                                                  index=i)))
         if self.metrics is not None:
             self.metrics.on_step(eng.last_step_stats())
         if batch:
@@ -196,8 +238,7 @@ class AsyncEngine:
             if st is None:
                 continue
             out = self.engine.abort_request(rid)
-            new = out.token_ids[st.sent:] if out is not None else []
-            batch.append((st.queue, Delta(rid, list(new), True, "abort", out)))
+            batch += [(st.queue, d) for d in _final_deltas(rid, st, out, "abort")]
         if batch:
             self._update_queue_gauges()
             self._loop.call_soon_threadsafe(_deliver, batch)
@@ -209,7 +250,7 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
             except Exception:  # noqa: BLE001 - keep failing the others
                 log.exception("abort of %s failed", rid)
-            batch.append((st.queue, Delta(rid, [], True, "error", None, reason)))
+            batch += [(st.queue, d) for d in _final_deltas(rid, st, None, "error", reason)]
         self._state.streams.clear()
         if batch and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_deliver, batch)

@@ -101,7 +101,9 @@ class ServerMetrics:
         if m.first_scheduled_time is not None:
             self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
         self.request_prompt_tokens.observe(m.num_prompt_tokens)
-        self.request_generation_tokens.observe(m.num_output_tokens)
+        outputs = getattr(output, "outputs", None) or []  # n > 1: every completion's tokens
+        self.request_generation_tokens.observe(sum(len(c.token_ids) for c in outputs) if len(outputs) > 1
+                                               else m.num_output_tokens)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -91,6 +91,7 @@ def test_01_paged_attention_internals(tmp_path, monkeypatch):
     log = text(nb)
     assert "block table [0" in log and "preempted r3" in log and "prefix-cache hits" in log
     assert "vLLM (paged)" in log and widget_views(nb) >= 2  # the BlockMapExplorer and the AllocatorComparison
+    assert "parallel sampling, n=4" in log and "beam search, width 4" in log  # the comparison's sharing cases
     assert "widget-state" in str(nb.metadata.get("widgets", {}))  # the state a saved notebook keeps
     assert_small_with_plotly_js_once(nb)
 
@@ -100,6 +101,7 @@ def test_02_sweep(tmp_path, monkeypatch):
     assert outputs(nb, "error") == [] and seconds < TIME_LIMIT_S
     assert (tmp_path / "panel_report.html").stat().st_size > 100_000  # plotly.js inlined
     assert (tmp_path / "sweep_report.html").stat().st_size > 100_000
+    assert "n=4" in text(nb) and "sharing_saving" in text(nb)  # the sampling sweep's table
     assert widget_views(nb) >= 1
     assert_small_with_plotly_js_once(nb)
 

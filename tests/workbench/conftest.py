@@ -34,7 +34,9 @@ def synthetic_results(hostile: bool = False) -> tuple[pd.DataFrame, dict, dict, 
         t = np.linspace(0, fin.max(), 30)
         steps = pd.DataFrame({"time": t, "t": t, "num_running": np.minimum(20, np.arange(30)),
                               "num_batched_tokens": 50, "kv_usage": np.linspace(0.1, 0.6, 30),
-                              "internal_fragmentation": bs / 100, "num_used_blocks": 10})
+                              "internal_fragmentation": bs / 100, "num_used_blocks": 10,
+                              # prefix caching shares the 64-token prefix's blocks between requests
+                              "num_saved_blocks": 64 // bs if pc else 0, "num_shared_blocks": 64 // bs if pc else 0})
         samples = pd.DataFrame({"time": t, "t": t, "gpu_util_pct": 90.0, "mem_used_bytes": 1e9, "power_w": 300.0,
                                 "sm_clock_mhz": 1900.0, "temperature_c": 60.0, "energy_j": 1000 + 300 * t})
         stats = {"num_gpu_blocks": 100, "block_size": bs, "prefix_cache_queries": 2000,

@@ -96,3 +96,42 @@ def test_empty_inputs_give_an_explaining_figure(synthetic):
     assert "NVML" in fig.layout.annotations[0].text
     fig = figures.prefix_hit_rate(df.assign(prefix_cache_hit_rate=0.0))
     assert "no prompt token was served from the prefix cache" in figures.is_empty(fig)
+
+
+def _sharing_rows(synthetic):
+    """The synthetic ok points as n = 1, 2, 4, 4 with hand-set sharing counters."""
+    df = synthetic[0]
+    ok = df["status"] == "ok"
+    used, unshared = [8.0, 12.0, 20.0, 20.0], [8.0, 16.0, 32.0, 32.0]
+    df = df.copy()
+    df.loc[ok, "n"] = [1, 2, 4, 4]
+    df.loc[ok, "num_used_blocks_peak"], df.loc[ok, "num_unshared_blocks_peak"] = used, unshared
+    df.loc[ok, "num_saved_blocks_peak"] = [0.0, 6.0, 18.0, 18.0]
+    df.loc[ok, "num_cow_copies"] = [0.0, 2.0, 6.0, 6.0]
+    df.loc[ok, "sharing_saving"] = [1 - u / s for u, s in zip(used, unshared)]
+    return df
+
+
+def test_sharing_figure_shows_blocks_with_and_without_sharing_and_the_copies(synthetic):
+    from workbench.sharing_figures import sharing_by_setting
+
+    df = _sharing_rows(synthetic)
+    fig = sharing_by_setting(df)
+    assert not figures.is_empty(fig)
+    without, with_, cow = fig.data
+    assert list(without.y) == [8, 16, 32, 32] and list(with_.y) == [8, 12, 20, 20] and list(cow.y) == [0, 2, 6, 6]
+    assert list(with_.text) == ["", "-25%", "-38%", "-38%"]  # 1 - 12/16, 1 - 20/32
+    assert "block_size=64, enable_prefix_caching=True" not in set(without.x)  # the failed point
+    for t in _titles(fig):
+        assert t == figures.SETTING_AXIS or "(" in t, t
+
+
+def test_sharing_figure_is_one_sentence_without_sharing(synthetic):
+    from workbench.sharing_figures import sharing_by_setting
+
+    df = _sharing_rows(synthetic)
+    df[["num_saved_blocks_peak", "num_cow_copies"]] = 0.0
+    assert "no KV block was shared" in figures.is_empty(sharing_by_setting(df))
+    no_columns = synthetic[0].drop(columns=["num_saved_blocks_peak", "num_cow_copies"])
+    assert "no KV block was shared" in figures.is_empty(sharing_by_setting(no_columns))
+    assert figures.is_empty(sharing_by_setting(df[df.status != "ok"])) == "no successful points to show"

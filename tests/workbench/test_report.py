@@ -72,3 +72,23 @@ def test_figure_without_data_is_one_sentence(tmp_path, synthetic):
     assert 'id="fig-prefix-hit-rate"' not in text and 'id="empty-prefix-hit-rate"' in text
     assert "no prompt token was served from the prefix cache" in text
     assert 'id="fig-fragmentation"' in text and "fewer allocated slots" in text  # caption explains prefix caching
+
+
+def test_sharing_figure_and_columns_only_when_the_sweep_shared_blocks(tmp_path, synthetic):
+    df = synthetic[0].assign(num_saved_blocks_peak=0.0)  # no sharing (the synthetic prefix-cache hits share blocks)
+    text = open(write_report(df, str(tmp_path / "plain.html")), encoding="utf-8").read()
+    assert 'id="empty-sharing"' in text and "no KV block was shared" in text
+    assert "KV blocks saved by sharing (peak)" not in text
+    ok = df["status"] == "ok"
+    shared = df.copy()
+    shared.loc[ok, "n"] = [1, 2, 4, 4]
+    shared.loc[ok, "num_used_blocks_peak"], shared.loc[ok, "num_unshared_blocks_peak"] = 20.0, 32.0
+    shared.loc[ok, "num_saved_blocks_peak"], shared.loc[ok, "num_cow_copies"] = 18.0, 6.0
+    shared.loc[ok, "sharing_saving"] = 0.375
+    text = open(write_report(shared, str(tmp_path / "shared.html")), encoding="utf-8").read()
+    assert 'id="fig-sharing"' in text and "n parallel samples hold their prompt" in text  # the figure and its caption
+    table = text[text.index("<h2>Results"):]
+    for column in ("completions per request (parallel sampling) (count)", "KV blocks saved by sharing (peak) (count)",
+                   "KV memory saved by sharing (peak blocks) (share of the blocks needed without sharing)"):
+        assert f"<th>{column}</th>" in table
+    assert "37.5%" in table

@@ -24,7 +24,9 @@ REQUIRED_COLUMNS = (
        "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "batch_size_mean", "batch_size_max",
        "batched_tokens_mean", "gpu_util_mean", "gpu_util_peak", "power_w_mean", "power_w_peak",
        "mem_used_peak_bytes", "energy_j", "energy_per_output_token_j", "weight_bytes", "kv_bytes_per_token",
-       "kv_blocks", "attention_backend_used", "cuda_graphs", "on_pareto_front"])
+       "kv_blocks", "attention_backend_used", "cuda_graphs", "on_pareto_front", "n", "beam_width",
+       "num_used_blocks_peak", "num_unshared_blocks_peak", "num_saved_blocks_peak", "num_shared_blocks_peak",
+       "num_cow_copies", "sharing_saving"])
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,15 @@ def test_prefix_cache_hit_rate_and_fragmentation(sweep_2x2x2):
     for _, g in df.groupby(["enable_prefix_caching", "max_num_batched_tokens"]):
         frag = g.set_index("block_size")["internal_fragmentation_mean"]
         assert frag[32] > frag[8]
+
+
+def test_prefix_caching_shows_as_shared_blocks_and_nothing_is_copied(sweep_2x2x2):
+    df = sweep_2x2x2.results
+    off, on = df[~df["enable_prefix_caching"]], df[df["enable_prefix_caching"]]
+    assert (off["num_saved_blocks_peak"] == 0).all() and (off["sharing_saving"] == 0).all()
+    assert (on["num_saved_blocks_peak"] > 0).all() and (on["num_shared_blocks_peak"] > 0).all()
+    assert (on["num_used_blocks_peak"] < on["num_unshared_blocks_peak"]).all()
+    assert (df["num_cow_copies"] == 0).all() and (df["n"] == 1).all() and df["beam_width"].isna().all()
 
 
 def test_time_series_and_requests_are_kept_per_point(sweep_2x2x2):

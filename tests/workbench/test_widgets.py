@@ -93,6 +93,20 @@ def test_a_bad_value_disables_run_and_says_why():
     assert not p.run_button.disabled
 
 
+def test_the_panel_sweeps_n_and_beam_width():
+    p = panel()
+    p.dims["n"].value = "1, 4"
+    assert p.grid() == {"block_size": [8, 16], "n": [1, 4]} and p.progress.max == 4
+    assert "n=4" in p.points_table.value and not p.run_button.disabled
+    p.dims["beam_width"].value = "None, 2"
+    assert p.run_button.disabled and "n=4 with beam_width=2" in p.status.value  # a point is one or the other
+    p.dims["n"].value = ""
+    p.dims["block_size"].value = "8"
+    p.run_button.click()
+    assert list(p.results["beam_width"].fillna(0)) == [0, 2] and (p.results["status"] == "ok").all()
+    assert (p.results["num_unshared_blocks_peak"] >= p.results["num_used_blocks_peak"]).all()
+
+
 @pytest.fixture(scope="module")
 def recording():
     """Three requests on the tiny model in 12 blocks of 4: two share an 8-token prefix, and the pool runs out."""

@@ -20,7 +20,10 @@ DIMENSIONS = {  # EngineConfig field: example values
     C.block_size: "8, 16, 32", C.max_num_batched_tokens: "256, 2048", C.max_num_seqs: "4, 64",
     C.enable_prefix_caching: "True, False", C.quantization: "None, int8", C.kv_cache_dtype: "auto, fp8",
     C.gpu_memory_utilization: "0.8, 0.9",
+    # the workload's sampling (workbench.grid.SAMPLING_KEYS), not EngineConfig fields
+    C.n: "1, 2, 4", C.beam_width: "None, 2, 4",
 }
+SAMPLING_DEFAULTS = {C.n: 1, C.beam_width: None}  # what an empty sampling field runs with
 # Short table headers of the panel's columns (the schema's labels are too long for a 1280 px notebook).
 HEADERS = {C.output_throughput: "out tok/s", C.ttft_p99_ms: "TTFT p99 ms", C.tpot_p50_ms: "TPOT p50 ms",
            C.kv_usage_peak: "KV peak", C.prefix_cache_hit_rate: "hit rate", C.internal_fragmentation_mean: "frag.",
@@ -80,7 +83,8 @@ class SweepPanel(widgets.VBox):
         for name, example in DIMENSIONS.items():
             values = (grid or {}).get(name, [])
             self.dims[name] = widgets.Text(value=", ".join("None" if v is None else str(v) for v in values),
-                                           placeholder=f"e.g. {example}  (empty: {getattr(self.base_config, name)})",
+                                           placeholder=f"e.g. {example}  (empty: "
+                                                       f"{getattr(self.base_config, name, SAMPLING_DEFAULTS.get(name))})",
                                            description=name, continuous_update=False, style=style, layout=wide)
         self.run_button = widgets.Button(description="Run", icon="play", button_style="success")
         self.stop_button = widgets.Button(description="Stop", icon="stop", disabled=True,
@@ -129,7 +133,8 @@ class SweepPanel(widgets.VBox):
         return "cpu" if cpu else "current"
 
     def grid(self) -> dict:
-        """The grid the form describes: {EngineConfig field: [values]} for the fields given values."""
+        """The grid the form describes: {EngineConfig field (or n, beam_width): [values]} for the fields given
+        values."""
         return {name: parse_values(w.value) for name, w in self.dims.items() if parse_values(w.value)}
 
     def _model(self):
