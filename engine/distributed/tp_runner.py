@@ -152,7 +152,8 @@ class TPRunner:
             return logits
 
     def describe_ranks(self) -> list[dict]:
-        """What each worker rank holds (pid, device, heads, KV cache shape, NCCL environment)."""
+        """What each worker rank holds (pid, device, heads, KV cache shape, NCCL environment, peak bytes
+        torch allocated on its GPU)."""
         with self._guard():
             self.workers.send(("describe",))
             return self.workers.collect()

@@ -108,8 +108,12 @@ def _answer(command: str, args: list, runner, model):
 
 def _describe(runner, model) -> dict:
     """What this rank holds, for tests and debugging."""
+    import torch
+
     attn = model.layers[0].self_attn
-    return {"pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
+    cuda = runner.device.type == "cuda"
+    return {"max_memory_allocated": torch.cuda.max_memory_allocated(runner.device) if cuda else None,
+            "pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
             "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
             "kv_cache_shape": tuple(runner.kv_caches[0][0].shape) if runner.kv_caches else None,
             "env": {k: os.environ.get(k) for k in NCCL_ENV}}
