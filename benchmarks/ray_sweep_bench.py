@@ -143,21 +143,26 @@ def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float
     }
 
 
-def calibrate(args, base_spec: dict, env_seq: dict, log) -> tuple[int, dict]:
+def calibrate(args, base_spec: dict, env_seq: dict, log, elapsed) -> tuple[int, dict]:
     """Requests per point so that one point's measured run takes about args.target_point_s, from a short
     sequential sweep (which also fills the Triton cache)."""
     spec = {**base_spec, "executor": "sequential", "num_requests": args.calibration_requests,
             "grid": {"block_size": base_spec["grid"]["block_size"],
                      "max_num_batched_tokens": [min(base_spec["grid"]["max_num_batched_tokens"])]},
             "out": str(Path(base_spec["out"]).with_name(Path(base_spec["out"]).stem + ".calibration.jsonl"))}
-    result = launch(spec, env_seq, args.child_timeout_s)
+    result = launch(spec, env_seq, min(args.child_timeout_s, args.budget_s / 3))
     if "error" in result:
         log(f"calibration failed: {result['error']}\n{result.get('stderr_tail', '')}")
         return args.calibration_requests, result
     ok = [row["duration_s"] for row in result["rows"] if row["status"] == "ok"]
     if not ok:
         return args.calibration_requests, result
-    n = round(args.calibration_requests * args.target_point_s / max(ok))
+    # Both timed sweeps must fit what is left of the budget: about 1.6 x the sequential one, whose points
+    # each add ~2.5 s (reconfigure, CUDA graphs, warm-up) to their measured run, plus ~20 s of process starts.
+    left = args.budget_s - elapsed()
+    target = min(args.target_point_s, ((left - 20) / 1.65 - 5) / 8 - 2.5)
+    result["target_point_s"] = target
+    n = round(args.calibration_requests * target / max(ok))
     return max(args.min_requests, min(args.max_requests, n)), result
 
 
@@ -175,7 +180,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per GPU; 2 on the CPU)")
     ap.add_argument("--pairs", type=int, default=1, help="(sequential, Ray) pairs to run, interleaved")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="start no pair that would end after this")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="seconds for the whole run: the request count is sized and pairs started to end by then, "
+                         "and no sweep runs past it (set it below an outer timeout)")
     ap.add_argument("--child-timeout-s", type=float, default=300.0)
     ap.add_argument("--out", default="data/benchmarks/ray_sweep.json")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -214,7 +221,7 @@ def main() -> None:
 
     if args.num_requests is None and not on_cpu:
         log(f"calibrating on {args.calibration_requests} requests (sequential, 2 points; fills the Triton cache)")
-        n, cal = calibrate(args, base_spec, env_seq, log)
+        n, cal = calibrate(args, base_spec, env_seq, log, lambda: time.perf_counter() - start)
         result["calibration"] = cal
         log(f"{n} requests per point")
     else:
@@ -235,9 +242,13 @@ def main() -> None:
         for executor in order:
             spec = {**base_spec, "executor": executor,
                     "out": str(out.with_name(f"{out.stem}.{executor}{pair}.jsonl"))}
+            left = args.budget_s - (time.perf_counter() - start)
+            if left < 20:
+                log(f"pair {pair}: no time left for the {executor} sweep (--budget-s {args.budget_s:.0f})")
+                break
             log(f"pair {pair}: {executor} sweep of {len(grid['block_size']) * len(grid['max_num_batched_tokens'])} "
                 f"points x {n} requests")
-            run = launch(spec, env_seq if executor == "sequential" else {}, args.child_timeout_s)
+            run = launch(spec, env_seq if executor == "sequential" else {}, min(args.child_timeout_s, left))
             run["pair"] = pair
             result["runs"].append(run)
             if "error" in run:
