@@ -3,17 +3,19 @@
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/ray_sweep_bench.py --out $OUT/ray_sweep_h200x2.json
 
 The sweep is what a user runs: `workbench.Sweep` over llama-3.1-8b (random bf16 weights), the ShareGPT-like
-workload, grid block_size {16, 32} x max_num_batched_tokens {2048, 4096, 8192, 16384} at max_num_seqs 256,
-one run per point. Each sweep runs in a fresh process (so no GPU memory or CUDA context is left over from
-the other): the sequential one with CUDA_VISIBLE_DEVICES set to one GPU, the Ray one (Sweep(executor="ray"),
-Ray started by the sweep) with every GPU, one actor per GPU. Wall time: from Sweep() to the return of
-run(), ray.init, each actor's imports and weight loads included (the process start and torch import are
-outside both).
+workload (lengths clipped to --max-len 512, so that no point is mostly the tail of a few long requests),
+grid block_size {16, 32} x max_num_batched_tokens {2048, 4096, 8192, 16384} at max_num_seqs 256, one run
+per point. Each sweep runs in a fresh process (no GPU memory or CUDA context left over from the other):
+the sequential one with CUDA_VISIBLE_DEVICES set to one GPU, the Ray one (Sweep(executor="ray"), Ray
+started by the sweep) with every GPU, one actor per GPU. Wall time: from Sweep() to the return of run(),
+ray.init, each actor's imports and weight loads included (the process start and torch import are outside
+both).
 
-Before the timed sweeps a calibration sweep (sequential, not timed) runs two points on --calibration-requests
-requests: it fills the on-disk Triton cache both timed sweeps then read (so neither pays the kernels'
-compilation and the other not), and from its run time the request count is chosen so that a point's
-measured run takes about --target-point-s seconds (or give --num-requests).
+Before the timed sweeps two short calibration sweeps (sequential, not timed; one per block size, of n and
+3n requests) fill the on-disk Triton cache that both timed sweeps then read (so neither pays the kernels'
+compilation while the other does not), and their run times give the request count for which a point's
+measured run takes about --target-point-s seconds, lowered so that both timed sweeps fit --budget-s (or
+give --num-requests).
 
 Targets (issue 22): Ray wall time <= 0.6x the sequential one; each point's output throughput on Ray within
 5% of its sequential value. --pairs N runs N (sequential, Ray) pairs, interleaved (seq, ray, ray, seq, ...),
@@ -21,7 +23,7 @@ as many as fit in --budget-s, and reports medians with their range; one pair is 
 each wall time, which the JSON says. JSON (command, device, versions, every row) goes to --out, rewritten
 after each sweep.
 
-CPU smoke run (a local Ray from the environment; seconds):
+CPU smoke run (a local Ray from the environment; a minute or two, mostly Ray's start on a small machine):
     PYTHONPATH=. python3 benchmarks/ray_sweep_bench.py --preset tiny --device cpu --out /tmp/ray_smoke.json
 """
 from __future__ import annotations
@@ -46,8 +48,17 @@ KEEP = ["point_id", "label", "status", "error", "output_throughput", "duration_s
 # ----- one sweep, in its own process ---------------------------------------------------------------
 
 def run_child(spec: dict) -> dict:
-    """Run one sweep as a user would and return its wall time and rows (called in a fresh process)."""
+    """Run one sweep as a user would and return its wall time and rows (called in a fresh process).
+    spec["parts"]: run one sweep per part ({"grid", "num_requests"}) instead, one after another."""
     import torch
+
+    if "parts" in spec:
+        runs = [run_child({**{k: v for k, v in spec.items() if k != "parts"}, **part,
+                           "out": spec["out"].replace(".jsonl", f".part{i}.jsonl")})
+                for i, part in enumerate(spec["parts"])]
+        rows = [{**row, "num_requests": part["num_requests"]} for run, part in zip(runs, spec["parts"])
+                for row in run["rows"]]
+        return {**runs[-1], "rows": rows, "wall_s": sum(r["wall_s"] for r in runs)}
 
     from engine import EngineConfig
     from workbench import Sweep
@@ -144,25 +155,32 @@ def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float
 
 
 def calibrate(args, base_spec: dict, env_seq: dict, log, elapsed) -> tuple[int, dict]:
-    """Requests per point so that one point's measured run takes about args.target_point_s, from a short
-    sequential sweep (which also fills the Triton cache)."""
-    spec = {**base_spec, "executor": "sequential", "num_requests": args.calibration_requests,
-            "grid": {"block_size": base_spec["grid"]["block_size"],
-                     "max_num_batched_tokens": [min(base_spec["grid"]["max_num_batched_tokens"])]},
+    """Requests per point so that one point's measured run takes about args.target_point_s, from two short
+    sequential sweeps (one per block size of the grid, so they also fill the Triton cache), of n and 3n
+    requests at the grid's smallest token budget: run time = a + b x requests (the tail of the longest
+    requests is the a)."""
+    n1 = args.calibration_requests
+    tokens = [min(base_spec["grid"]["max_num_batched_tokens"])]
+    parts = [{"grid": {"block_size": [bs], "max_num_batched_tokens": tokens}, "num_requests": n}
+             for bs, n in zip(base_spec["grid"]["block_size"], (n1, 3 * n1))]
+    spec = {**base_spec, "executor": "sequential", "parts": parts,
             "out": str(Path(base_spec["out"]).with_name(Path(base_spec["out"]).stem + ".calibration.jsonl"))}
     result = launch(spec, env_seq, min(args.child_timeout_s, args.budget_s / 3))
     if "error" in result:
         log(f"calibration failed: {result['error']}\n{result.get('stderr_tail', '')}")
-        return args.calibration_requests, result
-    ok = [row["duration_s"] for row in result["rows"] if row["status"] == "ok"]
+        return n1, result
+    ok = [(row["num_requests"], row["duration_s"]) for row in result["rows"] if row["status"] == "ok"]
     if not ok:
-        return args.calibration_requests, result
+        return n1, result
+    log("calibration runs: " + ", ".join(f"{n} requests {d:.1f} s" for n, d in ok))
     # Both timed sweeps must fit what is left of the budget: about 1.6 x the sequential one, whose points
     # each add ~2.5 s (reconfigure, CUDA graphs, warm-up) to their measured run, plus ~20 s of process starts.
     left = args.budget_s - elapsed()
     target = min(args.target_point_s, ((left - 20) / 1.65 - 5) / 8 - 2.5)
     result["target_point_s"] = target
-    n = round(args.calibration_requests * target / max(ok))
+    (na, da), (nb, db) = ok[0], ok[-1]
+    slope = (db - da) / (nb - na) if nb != na else 0.0
+    n = round(na + (target - da) / slope) if slope > 0 else round(nb * target / db)
     return max(args.min_requests, min(args.max_requests, n)), result
 
 
@@ -173,11 +191,14 @@ def main() -> None:
     ap.add_argument("--workload", default="sharegpt-like")
     ap.add_argument("--num-requests", type=int, default=None, help="requests per point (default: calibrated)")
     ap.add_argument("--target-point-s", type=float, default=11.0, help="measured run time per point to aim at")
-    ap.add_argument("--calibration-requests", type=int, default=128)
+    ap.add_argument("--calibration-requests", type=int, default=128, help="n: calibration runs n and 3n")
+    ap.add_argument("--calibrate", action="store_true", help="calibrate on the CPU too (default: 8 requests)")
     ap.add_argument("--min-requests", type=int, default=64)
     ap.add_argument("--max-requests", type=int, default=1000)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--max-len", type=int, default=512,
+                    help="longest prompt and output of the ShareGPT-like workload (bounds the tail of a point)")
     ap.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per GPU; 2 on the CPU)")
     ap.add_argument("--pairs", type=int, default=1, help="(sequential, Ray) pairs to run, interleaved")
     ap.add_argument("--budget-s", type=float, default=420.0,
@@ -206,6 +227,7 @@ def main() -> None:
         base.update(device="cpu", max_model_len=min(args.max_model_len, 256))
     workload = args.workload
     base_spec = {"model": args.preset, "workload": workload, "grid": grid, "base": base, "dtype": None,
+                 "workload_args": {"max_len": args.max_len} if workload == "sharegpt-like" else None,
                  "num_workers": args.num_workers or (2 if on_cpu else None),
                  "out": str(out.with_name(out.stem + ".sweep.jsonl"))}
     if on_cpu and args.workload == "sharegpt-like":
@@ -219,7 +241,7 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
-    if args.num_requests is None and not on_cpu:
+    if args.num_requests is None and (not on_cpu or args.calibrate):
         log(f"calibrating on {args.calibration_requests} requests (sequential, 2 points; fills the Triton cache)")
         n, cal = calibrate(args, base_spec, env_seq, log, lambda: time.perf_counter() - start)
         result["calibration"] = cal

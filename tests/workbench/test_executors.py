@@ -130,6 +130,11 @@ def test_ray_sweep_bench_smoke_gives_matching_rows_and_a_summary(local_ray, tmp_
         assert row["ray_over_sequential"] == pytest.approx(ray_row["output_throughput"] / seq_row["output_throughput"])
     assert "single measurement" in s["noise_note"]
     assert bench.summarise([seq], 0.6, 0.05) == {"complete_pairs": 0}  # a pair lost to a failure: no ratio
+    # The calibration's form: one sweep per part, each with its own request count.
+    parts = [{"grid": {"block_size": [8]}, "num_requests": 2}, {"grid": {"block_size": [16]}, "num_requests": 6}]
+    cal = bench.run_child({**spec, "executor": "sequential", "parts": parts, "out": str(tmp_path / "cal.jsonl")})
+    assert [(r["label"], r["num_requests"], r["total_output_tokens"]) for r in cal["rows"]] == [
+        ("bs=8", 2, 8), ("bs=16", 6, 24)]
 
 
 def test_a_ray_sweep_runs_tensor_parallel_points_on_an_actor_of_their_own(local_ray, tmp_path):
