@@ -242,7 +242,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
     if args.num_requests is None and (not on_cpu or args.calibrate):
-        log(f"calibrating on {args.calibration_requests} requests (sequential, 2 points; fills the Triton cache)")
+        log(f"calibrating on {args.calibration_requests} and {3 * args.calibration_requests} requests "
+            "(sequential; fills the Triton cache)")
         n, cal = calibrate(args, base_spec, env_seq, log, lambda: time.perf_counter() - start)
         result["calibration"] = cal
         log(f"{n} requests per point")
