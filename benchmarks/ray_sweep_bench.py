@@ -290,7 +290,8 @@ def main() -> None:
     s = result.get("summary", {})
     if s.get("complete_pairs"):
         w = s["wall_ratio_ray_over_sequential"]
-        print(f"wall time: sequential {s['wall_s']['sequential']['median']:.1f} s, ray {s['wall_s']['ray']['median']:.1f} s"
+        print(f"wall time: sequential {s['wall_s']['sequential']['median']:.1f} s, "
+              f"ray {s['wall_s']['ray']['median']:.1f} s"
               f" -> ratio {w['median']:.3f} (min {w['min']:.3f}, max {w['max']:.3f}; target <= 0.6: "
               f"{'met' if s['target_wall_ratio_met'] else 'MISSED'})")
         print(f"{'point':36s}{'seq out tok/s':>15s}{'ray out tok/s':>15s}{'ray/seq':>9s}")

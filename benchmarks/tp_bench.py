@@ -129,7 +129,8 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             max_len = args.max_model_len or (1024 if args.workload == "fixed" else 4096)
-            llm = LLM.random(args.model, EngineConfig(tensor_parallel_size=tp, max_model_len=max_len, device=args.device))
+            config = EngineConfig(tensor_parallel_size=tp, max_model_len=max_len, device=args.device)
+            llm = LLM.random(args.model, config)
             run.update(load_s=time.perf_counter() - t0, memory=peak_memory(llm), config=llm.config.to_dict())
             print(tp, "loaded", json.dumps(run), flush=True)
             save()

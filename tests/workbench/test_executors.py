@@ -103,7 +103,8 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
 def _load_bench():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ray_sweep_bench", os.path.join(ROOT, "benchmarks", "ray_sweep_bench.py"))
+    path = os.path.join(ROOT, "benchmarks", "ray_sweep_bench.py")
+    spec = importlib.util.spec_from_file_location("ray_sweep_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -119,7 +120,8 @@ def test_ray_sweep_bench_smoke_gives_matching_rows_and_a_summary(local_ray, tmp_
     seq = bench.run_child({**spec, "executor": "sequential", "out": str(tmp_path / "seq.jsonl")})
     par = bench.run_child({**spec, "executor": "ray", "out": str(tmp_path / "ray.jsonl")})
     assert [r["label"] for r in par["rows"]] == [r["label"] for r in seq["rows"]] == ["bs=8", "bs=16"]
-    assert [r["total_output_tokens"] for r in par["rows"]] == [r["total_output_tokens"] for r in seq["rows"]] == [16, 16]
+    tokens = [r["total_output_tokens"] for r in par["rows"]]
+    assert tokens == [r["total_output_tokens"] for r in seq["rows"]] == [16, 16]
     assert len(par["finished_at_s"]) == 2 and par["wall_s"] >= max(par["finished_at_s"])
     s = bench.summarise([seq, par], max_wall_ratio=0.6, max_throughput_dev=0.05)
     assert s["complete_pairs"] == 1 and s["points_failed"] == 0
