@@ -63,21 +63,24 @@ def run_child(spec: dict) -> dict:
     from engine import EngineConfig
     from workbench import Sweep
 
-    finished: list[float] = []
+    finished: list[tuple[float, float]] = []  # (s since Sweep() when the point's row arrived, its duration)
     t0 = time.perf_counter()
     sweep = Sweep(model=spec["model"], workload=spec["workload"], num_requests=spec["num_requests"],
                   grid=spec["grid"], base_config=EngineConfig(**spec["base"]), out=spec["out"], repeats=1,
                   progress=False, executor=spec["executor"], num_workers=spec.get("num_workers"),
                   workload_args=spec.get("workload_args"),
                   dtype=getattr(torch, spec["dtype"]) if spec.get("dtype") else None,
-                  on_point=lambda row: finished.append(time.perf_counter() - t0))
+                  on_point=lambda row: finished.append((time.perf_counter() - t0, row.get("point_duration_s"))))
     df = sweep.run()
     wall = time.perf_counter() - t0
     env = dict(sweep.environment)
     sweep.close()
     rows = df[[c for c in KEEP if c in df]].to_dict("records")
     durations = [r["point_duration_s"] for r in rows if r.get("point_duration_s") == r.get("point_duration_s")]
-    return {"executor": spec["executor"], "wall_s": wall, "finished_at_s": finished, "rows": rows,
+    starts = [t - d for t, d in finished if d is not None]
+    return {"executor": spec["executor"], "wall_s": wall, "finished_at_s": [t for t, _ in finished], "rows": rows,
+            # Sweep() to the start of its first point: Ray's start, the workers' imports (weights load in the point)
+            "startup_s": min(starts) if starts else None,
             "sum_point_duration_s": sum(durations), "hosts": sorted({str(r.get("run_host")) for r in rows}),
             "environment": env, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
@@ -143,6 +146,8 @@ def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float
         "wall_ratio_ray_over_sequential": _median_range(ratios),
         "wall_ratio_per_pair": ratios,
         "first_point_finished_s": {"sequential": seq[0]["finished_at_s"][:1], "ray": par[0]["finished_at_s"][:2]},
+        "startup_s": {"sequential": [r.get("startup_s") for r in seq[:pairs]],
+                      "ray": [r.get("startup_s") for r in par[:pairs]]},
         "per_point": per_point,
         "max_throughput_deviation": max(devs) if devs else None,
         "points_failed": sum(row["status"] != "ok" for r in ok for row in r["rows"]),
@@ -278,7 +283,9 @@ def main() -> None:
                 log(f"  FAILED: {run['error']}\n{run.get('stderr_tail', '')}")
             else:
                 failed = [r for r in run["rows"] if r["status"] != "ok"]
-                log(f"  wall {run['wall_s']:.1f} s (process {run['process_s']:.1f} s), hosts {run['hosts']}, "
+                startup = run["startup_s"] if run.get("startup_s") is not None else float("nan")
+                log(f"  wall {run['wall_s']:.1f} s (first point started at {startup:.1f} s; process "
+                    f"{run['process_s']:.1f} s), hosts {run['hosts']}, "
                     f"{len(failed)} failed points" + "".join(f"\n    {r['label']}: {r['error']}" for r in failed))
             if "error" not in run and executor == "ray" and "device" not in result:
                 result["device"] = {"name": run["environment"].get("cuda_device", "cpu"),

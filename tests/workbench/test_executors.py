@@ -123,6 +123,7 @@ def test_ray_sweep_bench_smoke_gives_matching_rows_and_a_summary(local_ray, tmp_
     tokens = [r["total_output_tokens"] for r in par["rows"]]
     assert tokens == [r["total_output_tokens"] for r in seq["rows"]] == [16, 16]
     assert len(par["finished_at_s"]) == 2 and par["wall_s"] >= max(par["finished_at_s"])
+    assert 0 <= seq["startup_s"] <= min(seq["finished_at_s"]) and 0 <= par["startup_s"] <= min(par["finished_at_s"])
     s = bench.summarise([seq, par], max_wall_ratio=0.6, max_throughput_dev=0.05)
     assert s["complete_pairs"] == 1 and s["points_failed"] == 0
     assert s["wall_ratio_per_pair"] == [par["wall_s"] / seq["wall_s"]]
