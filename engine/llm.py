@@ -610,31 +610,48 @@ class LLM:
             raise ValueError(f"device={config.device!r} differs from the device the weights are on ({self.device}); "
                              "load the model again to move it")
         previous = self._engine.config if self._engine is not None else None
-        self._release_engine()
+        # Same tensor-parallel degree: the workers and their shards stay, only each rank's runner is rebuilt.
+        kept = self._tp_runner_for(config)
+        self._release_engine(keep_runner=kept is not None)
         try:
-            self._build_engine(config)
+            self._build_engine(config, kept)
         except BaseException:
             # The new setting does not fit (say, too little KV for max_model_len): put the old engine back,
             # so that a failed point of a sweep leaves a usable LLM behind, then report the error.
             self._release_engine()
+            if kept is not None:
+                kept.close()
             if previous is not None:
                 self._build_engine(previous)
             raise
 
-    def _release_engine(self) -> None:
-        """Drop the engine and its KV cache (and CUDA graphs), returning the memory to the device."""
+    def _tp_runner_for(self, config: EngineConfig):
+        """The current tensor-parallel runner if `config` can reuse it (same degree, still open), else None."""
+        runner = self._engine.runner if self._engine is not None else None
+        if isinstance(runner, TPRunner) and not runner.closed and runner.world_size == config.tensor_parallel_size:
+            return runner
+        return None
+
+    def _release_engine(self, keep_runner: bool = False) -> None:
+        """Drop the engine and its KV cache (and CUDA graphs), returning the memory to the device.
+        keep_runner: leave the runner open (a tensor-parallel runner about to be reconfigured frees its ranks'
+        KV caches and graphs itself, and keeps its workers)."""
         if self._engine is None:
             return
         # The KV cache and CUDA graphs go now (and a tensor-parallel runner's worker processes stop now), not
         # whenever the runner is collected.
-        self._engine.runner.close()
+        if not keep_runner:
+            self._engine.runner.close()
         self._engine = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _build_engine(self, config: EngineConfig) -> None:
-        if config.tensor_parallel_size > 1:
+    def _build_engine(self, config: EngineConfig, tp_runner: TPRunner | None = None) -> None:
+        if tp_runner is not None:
+            tp_runner.reconfigure(config)
+            runner = tp_runner
+        elif config.tensor_parallel_size > 1:
             self._drop_model()  # rank 0's GPU holds a shard, not the whole model as well
             runner = TPRunner(self.spec, self._host_state, config, self.device, self.dtype, self._seed)
         else:

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,14 @@ class _Worker:
         if self._run is None:
             self._run = self._make_runner()
         return self._run(point)
+
+    def close(self) -> None:
+        """Drop the runner and collect it now: a tensor-parallel engine stops its worker processes cleanly
+        (a killed actor would leave them to notice their closed pipe)."""
+        import gc
+
+        self._run = None
+        gc.collect()
 
 
 def _ray():
@@ -87,16 +96,24 @@ class RayExecutor:
         ray = _ray()
         started = not ray.is_initialized()
         if started:
-            env = dict(self.runtime_env or {})
-            # Workers import this checkout's packages, not whatever an installed copy says.
+            # Workers import this checkout's packages, not whatever an installed copy says; NVLink multicast
+            # off in every process (see the device notes: it can hang shared hosts).
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env.setdefault("env_vars", {}).setdefault("PYTHONPATH", os.pathsep.join(
-                p for p in (root, os.environ.get("PYTHONPATH")) if p))
-            # NVLink multicast off in every process (see the device notes: it can hang shared hosts).
-            env["env_vars"].update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                                    "NVSHMEM_DISABLE_NVLS": "1"})
-            ray.init(address=self.address, runtime_env=env, log_to_driver=False, include_dashboard=False,
-                     ignore_reinit_error=True, configure_logging=False)
+            env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+                   "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+            opts = dict(log_to_driver=False, include_dashboard=False, ignore_reinit_error=True,
+                        configure_logging=False)
+            if self.address is None:
+                # A local Ray inherits this process's environment (raylet, then every worker), so the
+                # variables need no runtime_env (which a minimal Ray install may not be able to set up).
+                # The GPU count is torch's, not Ray's detection (which a trimmed Ray may lack: it would
+                # then see none and start one actor per CPU, each on the same GPU).
+                with _environ(env):
+                    ray.init(num_gpus=_visible_gpus(), runtime_env=self.runtime_env, **opts)
+            else:
+                runtime_env = dict(self.runtime_env or {})
+                runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+                ray.init(address=self.address, runtime_env=runtime_env, **opts)
         return ray, started
 
     def _slots(self, ray, tp: int) -> tuple[int, dict]:
@@ -164,12 +181,40 @@ class RayExecutor:
                 else:
                     on_result(point, result)
                 submit(actor)
+            try:  # every point done: let the actors release their models before they are killed
+                ray.get([actor.close.remote() for actor in alive], timeout=60)
+            except Exception:  # noqa: BLE001 - killed below in any case
+                pass
         finally:
             for actor in alive:
                 try:
                     ray.kill(actor, no_restart=True)
                 except Exception:  # noqa: BLE001 - already dead
                     pass
+
+
+def _visible_gpus() -> int:
+    """CUDA devices this process may use (CUDA_VISIBLE_DEVICES applied); 0 without torch or CUDA."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - the engine needs torch anyway
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@contextmanager
+def _environ(values: dict):
+    """os.environ with ``values`` set inside the block, restored after it."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _first_line(e: BaseException) -> str:

@@ -52,7 +52,9 @@ class Sweep:
     executor: "sequential" (this process, one model) or "ray" (`workbench.executors.RayExecutor`: one actor
     per group of tensor_parallel_size GPUs, each keeping its model loaded; ``ray_address`` joins a cluster,
     None starts Ray here; ``num_workers`` caps the actors). Results stream into the same store, in the
-    same rows; a point whose actor dies is recorded as failed and the actor replaced.
+    same rows; a point whose actor dies is recorded as failed and the actor replaced. Points of different
+    tensor_parallel_size run in groups, one after another (tp=1 on one-GPU actors, then tp=2 on two-GPU
+    actors, ...), in the order the sizes first appear in the schedule; repeats interleave within a group.
     """
 
     def __init__(self, model, workload, grid: dict | None = None, base_config=None, slo: dict | None = None,

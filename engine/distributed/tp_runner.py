@@ -15,6 +15,7 @@ handled by torch's NCCL watchdog, which by default ends the process rather than 
 """
 from __future__ import annotations
 
+import gc
 import weakref
 from contextlib import contextmanager
 
@@ -101,6 +102,27 @@ class TPRunner:
     def kv_caches(self, caches: list) -> None:
         self.runner.kv_caches = caches
 
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Rebuild every rank's runner for `config` (KV pool, CUDA graphs, step buffers) and keep the worker
+        processes, the process group and every rank's shard of the weights: a sweep's next point costs no
+        process start and no weight transfer. The tensor_parallel_size must stay (else build a new TPRunner);
+        the engine sizes and allocates the new KV pool afterwards, as for a new runner."""
+        if config.tensor_parallel_size != self.world_size:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size}: this runner's group has "
+                             f"{self.world_size} ranks; build a new TPRunner")
+        check_tensor_parallel_config(self.spec, config, self.device)
+        with self._guard():
+            self.runner.close()
+            self.runner = None
+            self.workers.send(("reconfigure", config))
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.runner = TPModelRunner(self.model, rank_spec(self.spec, self.world_size), config, self.device,
+                                        self.dtype, send_plan=lambda plan: self.workers.send(("step", plan)))
+            self.workers.collect()
+            self.config = config
+
     # ----- KV cache -------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
         """The smallest pool any rank can hold (every rank sizes its own; on CUDA they profile together)."""
@@ -152,7 +174,8 @@ class TPRunner:
             return logits
 
     def describe_ranks(self) -> list[dict]:
-        """What each worker rank holds (pid, device, heads, KV cache shape, NCCL environment)."""
+        """What each worker rank holds (pid, device, heads, KV cache shape, NCCL environment, peak bytes
+        torch allocated on its GPU)."""
         with self._guard():
             self.workers.send(("describe",))
             return self.workers.collect()
@@ -160,7 +183,7 @@ class TPRunner:
     # ----- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the workers and free rank 0's KV cache and CUDA graphs; later calls raise."""
-        if hasattr(self, "runner"):
+        if getattr(self, "runner", None) is not None:
             self.runner.graphs = {}  # before the process group's teardown (the graphs hold its collectives)
             self.runner.kv_caches = []
         self._finalizer()

@@ -48,8 +48,7 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
         scatter_shards(model)
-        runner = TPModelRunner(model, rank_spec(spec, world_size), config, device, dtype)
-        _serve(conn, runner, model)
+        runner = _serve(conn, TPModelRunner(model, rank_spec(spec, world_size), config, device, dtype), model)
         runner.graphs = {}  # before the teardown: captured graphs hold the communicator's collectives
         shut_down = True
     except (EOFError, KeyboardInterrupt):
@@ -70,16 +69,21 @@ def run_worker(rank: int, world_size: int, init_method: str, spec, config, devic
     os._exit(code)
 
 
-def _serve(conn, runner, model) -> None:
+def _serve(conn, runner, model):
+    """Answer rank 0's commands until "shutdown"; returns the runner in use then."""
     import torch
 
     while True:
         command, *args = conn.recv()
         if command == "shutdown":
-            return
+            return runner
         with torch.inference_mode():
             if command == "step":
                 runner.forward_step(args[0])
+                continue
+            if command == "reconfigure":  # a new runner (KV pool, graphs, buffers) for a config; same shard
+                runner = _rebuilt(runner, model, args[0])
+                conn.send(("ok", None))
                 continue
             try:
                 result = _answer(command, args, runner, model)
@@ -89,6 +93,24 @@ def _serve(conn, runner, model) -> None:
                 conn.send(("error", "ValueError", f"{exc}\n{traceback.format_exc()}"))
                 continue
         conn.send(("ok", result))
+
+
+def _rebuilt(runner, model, config):
+    """A TPModelRunner for `config` over the same shard; the old runner's KV cache and CUDA graphs are freed
+    before the new one allocates anything (the caller drops its last reference)."""
+    import gc
+
+    import torch
+
+    from .step_broadcast import TPModelRunner
+
+    spec, device, dtype = runner.spec, runner.device, runner.dtype
+    runner.close()
+    del runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return TPModelRunner(model, spec, config, device, dtype)
 
 
 def _answer(command: str, args: list, runner, model):
@@ -108,8 +130,12 @@ def _answer(command: str, args: list, runner, model):
 
 def _describe(runner, model) -> dict:
     """What this rank holds, for tests and debugging."""
+    import torch
+
     attn = model.layers[0].self_attn
-    return {"pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
+    cuda = runner.device.type == "cuda"
+    return {"max_memory_allocated": torch.cuda.max_memory_allocated(runner.device) if cuda else None,
+            "pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
             "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
             "kv_cache_shape": tuple(runner.kv_caches[0][0].shape) if runner.kv_caches else None,
             "env": {k: os.environ.get(k) for k in NCCL_ENV}}

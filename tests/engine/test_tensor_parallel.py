@@ -114,6 +114,31 @@ class TestAgainstTP1:
         assert not stats.cuda_graphs
 
 
+def test_reconfigure_at_the_same_degree_keeps_the_workers_and_matches_tp1_under_the_new_config(hf_models):
+    """A sweep's next tensor-parallel point: new block size, pool and batch limits on every rank, same worker
+    processes and shards; greedy outputs and KV pools equal TP=1's under the new config, and a config that
+    does not fit leaves the previous engine usable."""
+    llm = LLM.from_hf_model(hf_models["llama"], TP2)
+    (pid,) = llm.engine.runner.workers.pids
+    expected_first, _ = _generate(llm)
+    cfg2 = CFG.replace(block_size=8, num_gpu_blocks=14, max_num_batched_tokens=24, max_num_seqs=3)
+    llm.reconfigure(cfg2.replace(tensor_parallel_size=2))
+    assert llm.engine.runner.workers.pids == [pid] and llm.model is None
+    (rank1,) = llm.engine.runner.describe_ranks()
+    assert rank1["kv_cache_shape"] == (14 + 1, 8, 1, 16) == tuple(llm.engine.runner.kv_caches[0][0].shape)
+    got, stats = _generate(llm)
+    with pytest.raises(ValueError, match="max_model_len=64 needs"):
+        llm.reconfigure(TP2.replace(num_gpu_blocks=2))
+    assert _generate(llm)[0] == got and llm.config.block_size == 8  # the previous engine, rebuilt
+    llm.reconfigure(cfg2)
+    assert _gone(pid) and not _tp_processes()
+    expected, ref_stats = _generate(llm)
+    assert got == expected and max(s.num_running for s in stats.steps) == 3  # the new max_num_seqs
+    assert [s.num_batched_tokens for s in stats.steps] == [s.num_batched_tokens for s in ref_stats.steps]
+    llm.reconfigure(CFG)
+    assert _generate(llm)[0] == expected_first
+
+
 def test_tied_embeddings_and_qkv_bias_shard_correctly(hf_models):
     llm = LLM.from_hf_model(hf_models["qwen2"], CFG)  # tied LM head, q/k/v biases
     expected, _ = _generate(llm)
@@ -197,9 +222,15 @@ def test_reconfigure_garbage_collection_and_a_second_engine_leave_no_stray_proce
     assert llm.config == CFG.with_batch_limits() and not _tp_processes()  # limits None: the CPU's
     llm.reconfigure(TP2)
     first = llm.engine.runner.workers.pids
+    # The same degree keeps the workers (and their shards); only each rank's runner is rebuilt.
+    llm.reconfigure(TP2.replace(block_size=8, num_gpu_blocks=12))
+    assert llm.engine.runner.workers.pids == first and len(_tp_processes()) == 1
+    # Another degree (here 1, then 2 again) starts new ones.
+    llm.reconfigure(CFG)
+    assert all(map(_gone, first)) and not _tp_processes()
     llm.reconfigure(TP2.replace(block_size=8, num_gpu_blocks=12))
     second = llm.engine.runner.workers.pids
-    assert all(map(_gone, first)) and set(first).isdisjoint(second)
+    assert set(first).isdisjoint(second)
     # A second tensor-parallel engine in this process takes over the process group; the first is closed.
     other = LLM.from_hf_model(hf_models["llama"], TP2)
     assert all(map(_gone, second))

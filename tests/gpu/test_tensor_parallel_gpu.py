@@ -33,5 +33,15 @@ def test_tp2_matches_tp1_with_cuda_graphs_prefix_hits_and_preemption():
     assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
     (rank1,) = llm.engine.runner.describe_ranks()
     assert rank1["device"] == "cuda:1" and rank1["env"]["NCCL_NVLS_ENABLE"] == "0"
+    # A sweep's next point at the same degree: same worker, new pool and block size, graphs captured again.
+    pids = llm.engine.runner.workers.pids
+    llm.reconfigure(cfg.replace(tensor_parallel_size=2, block_size=32, num_gpu_blocks=24))
+    llm.engine.reset_stats()
+    again = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    stats = llm.engine.stats()
+    assert llm.engine.runner.workers.pids == pids and any(s.cuda_graph for s in stats.steps)
+    (rank1,) = llm.engine.runner.describe_ranks()
+    assert rank1["kv_cache_shape"][:2] == (24 + 1, 32)
     llm.reconfigure(cfg)
     assert got == expected
+    assert again == expected

@@ -98,3 +98,65 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
     assert (par[C.status] == "ok").all()
     assert par[same].to_dict("records") == seq[same].to_dict("records")
     assert par[C.run_host].notna().all()
+
+
+def _load_bench():
+    import importlib.util
+
+    path = os.path.join(ROOT, "benchmarks", "ray_sweep_bench.py")
+    spec = importlib.util.spec_from_file_location("ray_sweep_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ray_sweep_bench_smoke_gives_matching_rows_and_a_summary(local_ray, tmp_path):
+    """benchmarks/ray_sweep_bench.py's sweep (each executor's part, run here under the test's Ray) and its
+    comparison: same points and token counts on both executors, a wall-time ratio and per-point ratios."""
+    bench = _load_bench()
+    spec = {"model": "tiny", "workload": "fixed", "workload_args": {"prompt_len": 8, "output_len": 4},
+            "num_requests": 4, "grid": {"block_size": [8, 16]}, "base": {"device": "cpu", "max_model_len": 64},
+            "dtype": None, "num_workers": 2}
+    seq = bench.run_child({**spec, "executor": "sequential", "out": str(tmp_path / "seq.jsonl")})
+    par = bench.run_child({**spec, "executor": "ray", "out": str(tmp_path / "ray.jsonl")})
+    assert [r["label"] for r in par["rows"]] == [r["label"] for r in seq["rows"]] == ["bs=8", "bs=16"]
+    tokens = [r["total_output_tokens"] for r in par["rows"]]
+    assert tokens == [r["total_output_tokens"] for r in seq["rows"]] == [16, 16]
+    assert len(par["finished_at_s"]) == 2 and par["wall_s"] >= max(par["finished_at_s"])
+    assert 0 <= seq["startup_s"] <= min(seq["finished_at_s"]) and 0 <= par["startup_s"] <= min(par["finished_at_s"])
+    s = bench.summarise([seq, par], max_wall_ratio=0.6, max_throughput_dev=0.05)
+    assert s["complete_pairs"] == 1 and s["points_failed"] == 0
+    assert s["wall_ratio_per_pair"] == [par["wall_s"] / seq["wall_s"]]
+    for label, row in s["per_point"].items():
+        ray_row = next(r for r in par["rows"] if r["label"] == label)
+        seq_row = next(r for r in seq["rows"] if r["label"] == label)
+        assert row["ray_over_sequential"] == pytest.approx(ray_row["output_throughput"] / seq_row["output_throughput"])
+    assert "single measurement" in s["noise_note"]
+    assert bench.summarise([seq], 0.6, 0.05) == {"complete_pairs": 0}  # a pair lost to a failure: no ratio
+    # The calibration's form: one sweep per part, each with its own request count.
+    parts = [{"grid": {"block_size": [8]}, "num_requests": 2}, {"grid": {"block_size": [16]}, "num_requests": 6}]
+    cal = bench.run_child({**spec, "executor": "sequential", "parts": parts, "out": str(tmp_path / "cal.jsonl")})
+    assert [(r["label"], r["num_requests"], r["total_output_tokens"]) for r in cal["rows"]] == [
+        ("bs=8", 2, 8), ("bs=16", 6, 24)]
+
+
+def test_a_ray_sweep_runs_tensor_parallel_points_on_an_actor_of_their_own(local_ray, tmp_path):
+    """tensor_parallel_size as a sweep dimension on Ray: the tp=2 and tp=1 points run in separate groups of
+    actors (a tp=2 actor drives its own tensor-parallel worker, here gloo on the CPU), each with the token
+    counts of the workload and the KV pool the planner predicts (as the sequential sweep in
+    tests/engine/test_tensor_parallel.py)."""
+    from engine import EngineConfig
+    from workbench import Sweep
+    from workbench.planner import plan
+    from workbench.schema import C
+
+    base = EngineConfig(device="cpu", max_model_len=128)
+    df = Sweep(model="tiny", workload="shared-prefix", num_requests=4, progress=False, warmup=False,
+               workload_args=dict(num_prefixes=1, prefix_len=32, suffix_len=8, output_len=4),
+               grid={"tensor_parallel_size": [2, 1]}, base_config=base, out=str(tmp_path / "ray.jsonl"), repeats=1,
+               executor="ray", num_workers=1).run()
+    assert (df[C.status] == "ok").all(), df[C.error].tolist()
+    assert list(df[C.tensor_parallel_size]) == [2, 1] and list(df[C.label]) == ["tp=2", "tp=1"]
+    assert (df[C.total_output_tokens] == 16).all() and (df[C.prefix_cache_hits] > 0).all()
+    for tp, blocks in zip(df[C.tensor_parallel_size], df[C.kv_blocks]):
+        assert plan("tiny", "cpu", base, tensor_parallel_size=tp, dtype="float32").num_gpu_blocks == blocks
