@@ -27,8 +27,8 @@ from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
 from .spec_decode.verifier import verify_draft
-from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
-                     reserved_trim_bytes, size_kv_cache)
+from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
+                     forward_activation_bytes, reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
 from .timeline import DeviceSpan, DeviceTimer
 
@@ -198,10 +198,16 @@ class ModelRunner:
         self.rows: dict[str, int] = {}
         self.rows_written: dict[str, int] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # Constant arrays _prepare slices instead of allocating them each step.
+        self._arange = np.arange(max(max_tokens, config.max_num_seqs), dtype=np.int64)
+        self._ones = np.ones(config.max_num_seqs, dtype=np.int64)
         # size -> (graph, the view of graph_hidden it writes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
         self.device_timer = DeviceTimer(device)
+        # trim_reserved: step shapes the caching allocator has served since its last trim, steps since a check.
+        self._trim_shapes: set[tuple] = set()
+        self._steps_since_trim_check = 0
 
     # ----- KV cache sizing and allocation -------------------------------------------------------
     @property
@@ -479,7 +485,8 @@ class ModelRunner:
                 tokens = self.sampler(logits, [r.params for r in samplers],
                                       [r.generator for r in samplers]) if samplers else []
             del logits
-        self.trim_reserved()
+        self.trim_reserved((plan.padded_tokens, plan.padded_seqs,
+                            len(samplers) if plan.logit_rows is None else len(plan.logit_rows)))
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
@@ -510,17 +517,32 @@ class ModelRunner:
                               [r.generator for r in plain]) if plain else []
         return plain, tokens, spec
 
-    def trim_reserved(self) -> None:
+    def trim_reserved(self, shape: tuple | None = None) -> None:
         """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
-        has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims."""
+        has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims.
+
+        shape: the step's (padded tokens, padded sequences, logit rows). Reading the allocator's counters costs about
+        as much host time as preparing a decode step, so (engine/memory.py, TRIM_CHECK_INTERVAL) they are read only
+        after a step whose shape the allocator has not served since its last trim, and at least every
+        TRIM_CHECK_INTERVAL steps; shape None always reads them."""
         m = self.memory
         if m is None or not m.reserved_trim_bytes:
             return
+        self._steps_since_trim_check += 1
+        if shape is not None:
+            if shape in self._trim_shapes and self._steps_since_trim_check < TRIM_CHECK_INTERVAL:
+                return
+            if len(self._trim_shapes) >= 4096:  # bounded; forgetting a shape only costs one more check
+                self._trim_shapes.clear()
+            self._trim_shapes.add(shape)
+        self._steps_since_trim_check = 0
         reserved = torch.cuda.memory_stats_as_nested_dict(self.device)["reserved_bytes"]["all"]["current"]
         if reserved > m.reserved_trim_bytes:
             with torch.cuda.device(self.device):
                 torch.cuda.empty_cache()
             m.num_reserved_trims += 1
+            # The cache is empty: every shape needs new segments again.
+            self._trim_shapes.clear()
 
     def _decode_kv_tokens(self, plan: StepPlan) -> int:
         """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""
@@ -529,44 +551,69 @@ class ModelRunner:
     def _prepare(self, sched: SchedulerOutput) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
-        # Decodes first, so attention backends can send them to the decode kernel as one group.
-        batch = sched.scheduled
-        if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
-            batch = sorted(batch, key=lambda rn: rn[1] != 1)
+        batch, drafts = sched.scheduled, sched.spec_drafts
         n = len(batch)
-        # One pass over the requests in Python; everything after it is numpy on whole arrays.
-        qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids, drafts = self._sync_row, sched.block_tables, sched.spec_drafts
-        for r, k in batch:
-            c = r.num_computed_tokens
-            tokens = r.all_token_ids
-            qlen_l.append(k)
-            start_l.append(c)
-            row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
-            draft = drafts.get(r.request_id) if drafts else None
-            if draft is None:
+        # Every request decodes one token (the common step at large batches; each request has k >= 1, so a token
+        # count of n means k = 1 for all): no sort, one token each.
+        all_decode = not sched.num_prefill_tokens and not drafts and sched.num_decode_tokens == n
+        if not all_decode and (sched.num_prefill_tokens or any(k != 1 for _, k in batch)):
+            # Decodes first, so attention backends can send them to the decode kernel as one group.
+            batch = sorted(batch, key=lambda rn: rn[1] != 1)
+        # One pass over the requests in Python; everything after it is numpy on whole arrays. The block-table row
+        # of a request is synced only when its table grew (every block_size tokens of a decode).
+        start_l, row_l, total_l, ids_l = [], [], [], []
+        sync_row, block_ids, rows_get, written_get = self._sync_row, sched.block_tables, self.rows.get, \
+            self.rows_written.get
+        if all_decode:
+            qlen_l = None
+            for r, _ in batch:
+                c = r.num_computed_tokens
+                tokens = r.all_token_ids
+                rid = r.request_id
+                table = block_ids[rid]
+                row = rows_get(rid)
+                if row is None or len(table) > written_get(rid):
+                    row = sync_row(rid, table)
+                start_l.append(c)
+                row_l.append(row)
                 total_l.append(len(tokens))
-            else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
-                total_l.append(c + k)
-                tokens, c = tokens[c:] + list(draft.token_ids), 0
-            if k == 1:
                 ids_l.append(tokens[c])
-            else:
-                ids_l.extend(tokens[c:c + k])
-        qlens = np.array(qlen_l, dtype=np.int64)
+        else:
+            qlen_l = []
+            for r, k in batch:
+                c = r.num_computed_tokens
+                tokens = r.all_token_ids
+                qlen_l.append(k)
+                start_l.append(c)
+                row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
+                draft = drafts.get(r.request_id) if drafts else None
+                if draft is None:
+                    total_l.append(len(tokens))
+                else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
+                    total_l.append(c + k)
+                    tokens, c = tokens[c:] + list(draft.token_ids), 0
+                if k == 1:
+                    ids_l.append(tokens[c])
+                else:
+                    ids_l.extend(tokens[c:c + k])
         starts = np.array(start_l, dtype=np.int64)
         rows = np.array(row_l, dtype=np.int64)
-        seq_lens = starts + qlens
         num_tokens = len(ids_l)
         b.ids_np[:num_tokens] = ids_l
         if num_tokens == n:  # every request decodes one token
-            positions, seq_idx = starts, np.arange(n)
+            qlens = self._ones[:n]
+            seq_lens = starts + 1
+            positions, seq_idx = starts, self._arange[:n]
         else:
-            seq_idx = np.repeat(np.arange(n), qlens)
-            positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
+            qlens = np.array(qlen_l, dtype=np.int64)
+            seq_lens = starts + qlens
+            seq_idx = np.repeat(self._arange[:n], qlens)
+            positions = self._arange[:num_tokens] - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
         sample_mask = seq_lens == np.array(total_l, dtype=np.int64)
-        samplers = [batch[i][0] for i in np.flatnonzero(sample_mask)]
-        num_cols = int(-(-seq_lens.max() // bs))
+        all_sample = bool(sample_mask.all())
+        samplers = [rn[0] for rn in batch] if all_sample else [batch[i][0] for i in np.flatnonzero(sample_mask)]
+        max_seq_len = int(seq_lens.max())
+        num_cols = -(-max_seq_len // bs)
         b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
         b.pos_np[:num_tokens] = positions
         b.slots_np[:num_tokens] = b.tables_np[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
@@ -583,8 +630,9 @@ class ModelRunner:
             if graph_size is not None:
                 graph_query_len = self.spec_query_len
                 self._pad_for_graph(n, graph_size, graph_query_len)
-        plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
-                        None if sample_mask.all() else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
+        plan = StepPlan(num_tokens, n, num_cols, n if qlen_l is None else qlen_l.count(1),
+                        1 if num_tokens == n else int(qlens.max()), max_seq_len, graph_size,
+                        None if all_sample else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
         if drafts:
             ends = np.cumsum(qlens)
             plan.logit_rows = np.concatenate(
