@@ -1,0 +1,62 @@
+"""The host's per-step shortcuts (issue 17) against the definitions they replace: internal fragmentation from the
+pool's reference count, the trim check's shape test, and the runner's all-decode input path, over workloads that
+mix prefix sharing, parallel sampling, beam search, speculative decoding and preemption."""
+import numpy as np
+import pytest
+import torch
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.sampling import BeamSearchParams
+
+
+def _fragmentation_by_definition(eng) -> float:
+    """(allocated token slots - computed tokens) over the running requests, / (used blocks x block size)."""
+    bs, kv = eng.config.block_size, eng.kv
+    wasted = sum(len(kv.block_ids(r.request_id)) * bs - r.num_computed_tokens for r in eng.scheduler.running)
+    used = kv.num_used_blocks
+    return wasted / (used * bs) if used else 0.0
+
+
+def _check_every_step(eng, seen):
+    original = eng._record_step
+
+    def record(*args, **kwargs):
+        expected = _fragmentation_by_definition(eng)
+        original(*args, **kwargs)
+        assert eng.last_step_stats().internal_fragmentation == pytest.approx(expected, abs=1e-12)
+        seen["steps"] += 1
+        seen["shortcut"] += len(eng.kv.req_to_block_ids) == len(eng.scheduler.running)
+
+    eng._record_step = record
+
+
+@pytest.mark.parametrize("num_blocks", [24, 200])  # 24: requests preempt each other
+def test_internal_fragmentation_matches_its_definition_every_step(num_blocks):
+    cfg = EngineConfig(device="cpu", block_size=4, max_model_len=64, num_gpu_blocks=num_blocks, max_num_seqs=8,
+                       max_num_batched_tokens=32)
+    llm = LLM.random("tiny", cfg, dtype=torch.float32, seed=0)
+    eng = llm.engine
+    seen = {"steps": 0, "shortcut": 0}
+    _check_every_step(eng, seen)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(3, 500, 9).tolist()
+    prompts = [shared + rng.integers(3, 500, int(rng.integers(1, 12))).tolist() for _ in range(6)]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    llm.generate(prompts, greedy)
+    llm.generate(prompts[:3], [SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=i, ignore_eos=True)
+                               for i in range(3)])
+    llm.beam_search(prompts[:2], BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True))
+    if num_blocks == 24:
+        assert eng.stats().num_preemptions > 0
+    assert seen["steps"] > 30 and seen["shortcut"] > 0
+
+
+def test_internal_fragmentation_with_speculative_decoding():
+    cfg = EngineConfig(device="cpu", block_size=4, max_model_len=96, num_gpu_blocks=64, max_num_seqs=4,
+                       speculative_method="ngram", num_speculative_tokens=3)
+    llm = LLM.random("tiny", cfg, dtype=torch.float32, seed=0)
+    seen = {"steps": 0, "shortcut": 0}
+    _check_every_step(llm.engine, seen)
+    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11] * 6, [12, 13] * 4]
+    llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    assert seen["steps"] > 5 and seen["shortcut"] > 0
