@@ -95,16 +95,16 @@ class Scheduler:
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
         block_ids, block_tables, RUNNING = self.kv.block_ids, out.block_tables, RequestStatus.RUNNING
         num_decode = num_prefill = 0
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
+        # Preemption only pops from the tail of `running`, which the iterator sees (it stops at the new end).
+        for i, req in enumerate(running):
+            if budget <= 0:
+                break
             computed = req.num_computed_tokens
             num_tokens = len(req.all_token_ids)
             num_new = (req.fork_point or num_tokens) - computed
             if num_new > budget:
                 num_new = budget
             if num_new <= 0:  # a beam waiting for its siblings' step (engine/sequence_group.py)
-                i += 1
                 continue
             if not allocate(req, num_new):
                 while True:
@@ -128,7 +128,6 @@ class Scheduler:
             else:
                 num_prefill += num_new
             budget -= num_new
-            i += 1
         out.num_decode_tokens, out.num_prefill_tokens = num_decode, num_prefill
 
         while (self.waiting and budget > 0 and not out.preempted and len(self.running) + self.num_reserved_seqs
