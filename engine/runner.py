@@ -2,7 +2,9 @@
 
 Host-side work is kept off the critical path: inputs are written into preallocated (pinned) host
 buffers with numpy and copied to the device in one go per tensor; each running request keeps a row
-of a persistent block table that only receives its new block ids. Pure-decode steps on CUDA replay
+of a persistent block table that only receives its new block ids. A step in which every request decodes one token
+(the common step at large batches) takes a shorter path through _prepare: no sort, one token per request, and the
+block-table row of a request synced only when its table grew. Pure-decode steps on CUDA replay
 a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24, ... max_num_seqs). With
 speculative decoding, verification steps in which every request verifies a draft of exactly k tokens replay a
 verification graph (k + 1 query tokens per request, through the prefill kernel) on the same ladder; other
