@@ -4,19 +4,21 @@
                                                    [--prompt-len 32] [--device cpu|cuda] [--host-only]
                                                    [--profile 25] [--out host_overhead.json]
 
-The model is small by default ("tiny") so that host work dominates: N requests of a 32-token prompt are
-admitted (`--prompt-len`), then `--steps` pure-decode steps with all N running are timed from the step timeline (StepStats
+The model is small by default ("tiny") so that host work dominates: N requests of a --prompt-len token prompt
+are admitted, then `--steps` pure-decode steps with all N running are timed from the step timeline (StepStats
 schedule / prepare / launch / sample / output). "host_ms" is the step's wall time less the device's share:
 on CUDA the median StepStats.host_time (duration - time waiting for the device); on the CPU, whose forward pass
 is synchronous, the sum of the phases' medians less the forward's wall time (device_time) (the CPU sampler's
 argmax is compute, counted as host here). "between_ms": host time between one step's end and the next's start
-(recording the step), outside the timeline. Prints the median over
+(recording the step), outside the timeline. "host_time_phases_ms": schedule + prepare + launch + output, the
+phases StepStats.host_time counts on CUDA (--host-only on the CPU: the figure to set beside a GPU's host_ms; its
+sample phase is the CPU's argmax, device work on a GPU). Prints the median over
 `--runs` interleaved runs with min..max, and writes JSON (command, device, versions) to --out.
 
 --host-only replaces the forward pass by constant logits: on a machine without a GPU this is the stand-in for the
 host's share of a GPU step (the real scheduler, KV manager, runner input preparation, sampler call and step
-recording, with a forward that costs nothing). --profile N then runs cProfile over one more run of the largest size
-and prints the N functions with the most own time.
+recording, with a forward that costs nothing). --profile N runs cProfile over one more run of the largest size (on
+any device) and prints the N functions with the most own time.
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ def measure(llm: LLM, num_seqs: int, num_steps: int, prompt_len: int = 32, profi
         out["host_ms"] = (sum(out[f"{p}_ms"] for p in PHASES if p != "launch")
                           + med(lambda s: s.launch_time - s.device_time))
     out["host_between_ms"] = out["host_ms"] + out["between_ms"]
+    # What StepStats.host_time counts on CUDA, where the sample phase is waiting for the device: with --host-only
+    # on the CPU, the figure to compare with a GPU's host_ms (the sample phase there is the CPU's argmax).
+    out["host_time_phases_ms"] = sum(out[f"{p}_ms"] for p in PHASES if p != "sample")
     return out
 
 
@@ -125,12 +130,14 @@ def main(argv=None) -> dict:
     print(f"{args.model} on {llm.device.type}{' (host only: no forward)' if args.host_only else ''}: median of {args.runs} runs (min..max), ms per decode step")
     for n in sizes:
         row = {}
-        for key in ["host_ms", "host_between_ms", "between_ms", "duration_ms", "device_ms"] + [f"{p}_ms" for p in PHASES]:
+        for key in ["host_ms", "host_between_ms", "host_time_phases_ms", "between_ms", "duration_ms",
+                    "device_ms"] + [f"{p}_ms" for p in PHASES]:
             vals = [r[key] for r in runs[n]]
             row[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         result["results"][str(n)] = row
         print(f"  {n:5d} decoding: host {row['host_ms']['median']:.3f} ({row['host_ms']['min']:.3f}.."
               f"{row['host_ms']['max']:.3f})  +between steps {row['between_ms']['median']:.3f}  "
+              f"host_time's phases {row['host_time_phases_ms']['median']:.3f}  "
               f"step {row['duration_ms']['median']:.3f}  "
               + "  ".join(f"{p} {row[f'{p}_ms']['median']:.3f}" for p in PHASES))
     if args.profile:
