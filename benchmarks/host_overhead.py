@@ -127,7 +127,8 @@ def main(argv=None) -> dict:
               "device": torch.cuda.get_device_name() if llm.device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "runs": args.runs,
               "steps_per_run": args.steps, "results": {}}
-    print(f"{args.model} on {llm.device.type}{' (host only: no forward)' if args.host_only else ''}: median of {args.runs} runs (min..max), ms per decode step")
+    print(f"{args.model} on {llm.device.type}{' (host only: no forward)' if args.host_only else ''}: median of "
+          f"{args.runs} runs (min..max), ms per decode step")
     for n in sizes:
         row = {}
         for key in ["host_ms", "host_between_ms", "host_time_phases_ms", "between_ms", "duration_ms",

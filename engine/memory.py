@@ -13,13 +13,13 @@ The activation peak is the larger of a prefill of max_num_batched_tokens and a d
 with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
 keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
 past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
-cache. Reading what is reserved (torch.cuda.memory_stats_as_nested_dict) costs 50-200 us of host time, as much as
-preparing a decode step, so the runner reads it only after a step of a shape (tokens, sequences, logit rows) the
-allocator has not served since its last trim, and at least every TRIM_CHECK_INTERVAL steps: a shape served before
-finds its blocks in the cache and takes no new segment, so the steps skipped are those that leave it as it was,
-and the interval bounds how late a growth from elsewhere is seen (after a trim every shape counts as new again). On the CPU the budget is gpu_memory_utilization
-x CPU_KV_BUDGET_BYTES,
-and every allocation is first checked against the host memory available (check_host_memory).
+cache. Reading what is reserved (torch.cuda.memory_stats_as_nested_dict builds every statistic of the allocator
+into nested dicts) is host work on every step's critical path, so the runner reads it only after a step of a shape
+(tokens, sequences, logit rows) the allocator has not served since its last trim, and at least every
+TRIM_CHECK_INTERVAL steps: a shape served before finds its blocks in the cache and takes no new segment, so the
+steps skipped are those that leave it as it was, and the interval bounds how late a growth from elsewhere is seen
+(after a trim every shape counts as new again). On the CPU the budget is gpu_memory_utilization x
+CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
 
