@@ -108,8 +108,8 @@ class Request:
     def add_output_token(self, token_id: int, now: float, max_model_len: int) -> RequestStatus | None:
         """append_output_token then check_stop in one call (the scheduler's per-token path): the finished status
         the token leads to, or None to continue."""
-        self.all_token_ids.append(token_id)
-        out = self.output_token_ids
+        ids, out = self.all_token_ids, self.output_token_ids
+        ids.append(token_id)
         out.append(token_id)
         m = self.metrics
         m.num_output_tokens += 1
@@ -118,7 +118,7 @@ class Request:
             m.first_token_time = now
         if token_id in self._stop_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(out) >= self.params.max_tokens or len(self.all_token_ids) >= max_model_len:
+        if len(out) >= self.params.max_tokens or len(ids) >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

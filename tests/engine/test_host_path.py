@@ -60,3 +60,22 @@ def test_internal_fragmentation_with_speculative_decoding():
     prompts = [[5, 6, 7, 8] * 5, [9, 10, 11] * 6, [12, 13] * 4]
     llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     assert seen["steps"] > 5 and seen["shortcut"] > 0
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_add_output_token_is_append_then_check_stop(ignore_eos):
+    from engine.request import Request
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        params = SamplingParams(max_tokens=int(rng.integers(1, 12)), stop_token_ids=(7, 9), ignore_eos=ignore_eos)
+        prompt = rng.integers(3, 20, int(rng.integers(1, 6))).tolist()
+        max_len = len(prompt) + int(rng.integers(1, 14))
+        a, b = (Request("r", prompt, params, 0.0, eos_token_ids=(2,)) for _ in range(2))
+        for t in range(20):
+            token = int(rng.integers(2, 12))
+            a.append_output_token(token, float(t))
+            want = a.check_stop(max_len)
+            assert b.add_output_token(token, float(t), max_len) == want
+            assert (b.all_token_ids, b.output_token_ids, b.metrics) == (a.all_token_ids, a.output_token_ids, a.metrics)
+            if want is not None:
+                break
