@@ -18,7 +18,9 @@ into nested dicts) is host work on every step's critical path, so the runner rea
 (tokens, sequences, logit rows) the allocator has not served since its last trim, and at least every
 TRIM_CHECK_INTERVAL steps: a shape served before finds its blocks in the cache and takes no new segment, so the
 steps skipped are those that leave it as it was, and the interval bounds how late a growth from elsewhere is seen
-(after a trim every shape counts as new again). On the CPU the budget is gpu_memory_utilization x
+(after a trim every shape counts as new again). The sampler's temporaries are not in the shape (the same rows may
+be greedy one step and random the next), but they are bounded by its chunk (engine/sampling.py), far inside the
+margin for the few steps until the next read. On the CPU the budget is gpu_memory_utilization x
 CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations

@@ -523,10 +523,10 @@ class ModelRunner:
         """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
         has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims.
 
-        shape: the step's (padded tokens, padded sequences, logit rows). Reading the allocator's counters costs about
-        as much host time as preparing a decode step, so (engine/memory.py, TRIM_CHECK_INTERVAL) they are read only
-        after a step whose shape the allocator has not served since its last trim, and at least every
-        TRIM_CHECK_INTERVAL steps; shape None always reads them."""
+        shape: the step's (padded tokens, padded sequences, logit rows). Reading the allocator's counters is host
+        work on every step's critical path, so (engine/memory.py, TRIM_CHECK_INTERVAL) they are read only after a step
+        whose shape the allocator has not served since its last trim, and at least every TRIM_CHECK_INTERVAL steps;
+        shape None always reads them."""
         m = self.memory
         if m is None or not m.reserved_trim_bytes:
             return
