@@ -128,21 +128,38 @@ class Runner(Protocol):
 
 
 class InputBuffers:
-    """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins."""
+    """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins.
+
+    upload() costs the host three copies whatever the step: the int64 inputs (ids, positions, slots) live in one
+    buffer and go in one copy, the int32 ones (query_start_loc, seq_lens, and the step's block-table columns packed
+    compactly) in another, and one device-side copy spreads the packed table into tables_dev (whose row stride,
+    max_blocks, the CUDA graphs were captured with). To keep each copy a single contiguous range, the regions
+    before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of int32).
+    """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
+        def pair(size, dtype):
+            host = torch.zeros(size, dtype=dtype, pin_memory=pin)
+            return host, torch.zeros(size, dtype=dtype, device=device)
 
-        self.ids, self.ids_np, self.ids_dev = pair(max_tokens, torch.int64)
-        self.pos, self.pos_np, self.pos_dev = pair(max_tokens, torch.int64)
-        self.slots, self.slots_np, self.slots_dev = pair(max_tokens, torch.int64)
-        self.qsl, self.qsl_np, self.qsl_dev = pair(max_seqs + 1, torch.int32)
-        self.lens, self.lens_np, self.lens_dev = pair(max_seqs, torch.int32)
-        self.tables, self.tables_np, self.tables_dev = pair((max_seqs, max_blocks), torch.int32)
+        # int64: [ids | positions | slots], max_tokens each.
+        self.host64, self.dev64 = pair(3 * max_tokens, torch.int64)
+        # int32: [query_start_loc (max_seqs + 1) | seq_lens (max_seqs) | packed block-table columns].
+        self.host32, self.dev32 = pair(2 * max_seqs + 1 + max_seqs * max_blocks, torch.int32)
+        self.host32_np = self.host32.numpy()
+        t, s = max_tokens, max_seqs
+        (self.ids, self.pos, self.slots), (self.ids_dev, self.pos_dev, self.slots_dev) = (
+            [buf[i * t:(i + 1) * t] for i in range(3)] for buf in (self.host64, self.dev64))
+        self.qsl, self.lens = self.host32[:s + 1], self.host32[s + 1:2 * s + 1]
+        self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[s + 1:2 * s + 1]
+        self.ids_np, self.pos_np, self.slots_np = self.ids.numpy(), self.pos.numpy(), self.slots.numpy()
+        self.qsl_np, self.lens_np = self.qsl.numpy(), self.lens.numpy()
+        self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.tables_np = self.tables.numpy()
+        self.tables_dev = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         # Recorded after each upload (see ModelRunner.wait_host_buffers).
         self.copied = torch.cuda.Event() if pin else None
 
@@ -151,11 +168,12 @@ class InputBuffers:
             self.copied.synchronize()
 
     def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
-        for host, dev, n in ((self.ids, self.ids_dev, num_tokens), (self.pos, self.pos_dev, num_tokens),
-                             (self.slots, self.slots_dev, num_tokens), (self.qsl, self.qsl_dev, num_seqs + 1),
-                             (self.lens, self.lens_dev, num_seqs)):
-            dev[:n].copy_(host[:n], non_blocking=True)
-        self.tables_dev[:num_seqs, :num_cols].copy_(self.tables[:num_seqs, :num_cols], non_blocking=True)
+        t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
+        self.dev64[:2 * t + num_tokens].copy_(self.host64[:2 * t + num_tokens], non_blocking=True)
+        start = 2 * s + 1
+        self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
+        self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
+        self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))
         if self.copied is not None:
             self.copied.record()
 

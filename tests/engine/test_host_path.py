@@ -79,3 +79,17 @@ def test_add_output_token_is_append_then_check_stop(ignore_eos):
             assert (b.all_token_ids, b.output_token_ids, b.metrics) == (a.all_token_ids, a.output_token_ids, a.metrics)
             if want is not None:
                 break
+
+
+def test_upload_brings_every_input_to_the_device_buffers():
+    from engine.runner import InputBuffers
+    b = InputBuffers(max_tokens=40, max_seqs=6, max_blocks=5, device=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    for t, n, cols in [(40, 6, 5), (1, 1, 1), (17, 3, 2), (6, 6, 4), (40, 2, 5)]:
+        for arr in (b.ids_np, b.pos_np, b.slots_np, b.qsl_np, b.lens_np, b.tables_np):
+            arr[...] = rng.integers(0, 1000, arr.shape)
+        b.upload(t, n, cols)
+        for host, dev, k in ((b.ids, b.ids_dev, t), (b.pos, b.pos_dev, t), (b.slots, b.slots_dev, t),
+                             (b.qsl, b.qsl_dev, n + 1), (b.lens, b.lens_dev, n)):
+            assert torch.equal(dev[:k], host[:k])
+        assert torch.equal(b.tables_dev[:n, :cols], b.tables[:n, :cols])
