@@ -242,7 +242,9 @@ class ModelRunner:
         """On the CPU: the input buffers and one forward of max_num_batched_tokens must fit the host's memory."""
         cfg, spec = self.config, self.spec
         e = torch.empty((), dtype=self.dtype).element_size()
-        buffers = 3 * max_tokens * 8 + (2 * cfg.max_num_seqs + 1) * 4 + cfg.max_num_seqs * self.max_blocks_per_seq * 8
+        # InputBuffers: host and device copies of the int64 and int32 inputs, of the block table and its packed twin.
+        buffers = (2 * (3 * max_tokens * 8 + (2 * cfg.max_num_seqs + 1) * 4)
+                   + cfg.max_num_seqs * self.max_blocks_per_seq * 16)
         seqs = min(cfg.max_num_seqs, max_tokens)
         qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         act = forward_activation_bytes(max_tokens, seqs, spec.hidden_size, spec.intermediate_size, qkv,
