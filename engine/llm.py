@@ -338,10 +338,10 @@ class LLMEngine:
         numerator; a block shared by k tables counts k times)."""
         kv, running = self.kv, self.scheduler.running
         computed = sum([r.num_computed_tokens for r in running])
-        if len(kv.req_to_block_ids) == len(running):
-            # Only running requests hold blocks (each at least one): their table entries are every reference the
-            # pool counts, which spares a lookup per request.
-            return (kv.num_saved_blocks + kv.num_used_blocks) * self.config.block_size - computed
+        tables = kv.req_to_block_ids  # request_id -> block table (what kv.block_ids returns)
+        if len(tables) == len(running):
+            # Every running request holds a table, so no one else does: sum them all without a lookup per request.
+            return sum(map(len, tables.values())) * self.config.block_size - computed
         return sum([len(kv.block_ids(r.request_id)) for r in running]) * self.config.block_size - computed
 
     def _expert_load(self, num_tokens: int):
