@@ -1,6 +1,7 @@
-"""The host's per-step shortcuts (issue 17) against the definitions they replace: internal fragmentation from the
-pool's reference count, the trim check's shape test, and the runner's all-decode input path, over workloads that
-mix prefix sharing, parallel sampling, beam search, speculative decoding and preemption."""
+"""The host's per-step shortcuts (issue 17) against the definitions they replace: internal fragmentation summed over
+all block tables at once (workloads mixing prefix sharing, parallel sampling, beam search, speculative decoding and
+preemption), Request.add_output_token, and InputBuffers.upload's packed copies. (The runner's all-decode input path
+is checked every step by test_runner_inputs.py, the trim check's shape test by test_runner_profile.py.)"""
 import numpy as np
 import pytest
 import torch
