@@ -13,6 +13,7 @@ verification steps (mixed with prefill chunks, or with shorter drafts) run eager
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -733,10 +734,7 @@ class ModelRunner:
         sizes, graphs = (self.graph_sizes, self.graphs) if sizes is None else (sizes, graphs)
         if not graphs or n > sizes[-1]:
             return None
-        for size in sizes:
-            if size >= n:
-                return size
-        return None
+        return sizes[bisect_left(sizes, n)]  # the ladder is sorted: the smallest size >= n
 
     def _pad_for_graph(self, n: int, size: int, query_len: int = 1) -> None:
         """Padding rows n..size-1 run query_len dummy tokens each (1: decode graphs; k + 1: verification
