@@ -303,7 +303,7 @@ class LLMEngine:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         load = self._expert_load(sched.num_batched_tokens)
-        wasted = sum(len(kv.block_ids(r.request_id)) * bs - r.num_computed_tokens for r in self.scheduler.running)
+        wasted = self._unfilled_slots()
         t_execute = start if t_execute is None else t_execute
         runner_time = result.prepare_time + result.launch_time + result.sample_time
         step = StepStats(
@@ -332,6 +332,17 @@ class LLMEngine:
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
         self._num_cow_copies += cows
+
+    def _unfilled_slots(self) -> int:
+        """Token slots of the running requests' block tables not holding a computed token (internal fragmentation's
+        numerator; a block shared by k tables counts k times)."""
+        kv, running = self.kv, self.scheduler.running
+        computed = sum([r.num_computed_tokens for r in running])
+        tables = kv.req_to_block_ids  # request_id -> block table (what kv.block_ids returns)
+        if len(tables) == len(running):
+            # Every running request holds a table, so no one else does: sum them all without a lookup per request.
+            return sum(map(len, tables.values())) * self.config.block_size - computed
+        return sum([len(kv.block_ids(r.request_id)) for r in running]) * self.config.block_size - computed
 
     def _expert_load(self, num_tokens: int):
         """This step's tokens per expert per MoE layer ([layers, experts] tensor on the device, added to the

@@ -13,8 +13,15 @@ The activation peak is the larger of a prefill of max_num_batched_tokens and a d
 with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
 keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
 past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
-cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
-and every allocation is first checked against the host memory available (check_host_memory).
+cache. Reading what is reserved (torch.cuda.memory_stats_as_nested_dict builds every statistic of the allocator
+into nested dicts) is host work on every step's critical path, so the runner reads it only after a step of a shape
+(tokens, sequences, logit rows) the allocator has not served since its last trim, and at least every
+TRIM_CHECK_INTERVAL steps: a shape served before finds its blocks in the cache and takes no new segment, so the
+steps skipped are those that leave it as it was, and the interval bounds how late a growth from elsewhere is seen
+(after a trim every shape counts as new again). The sampler's temporaries are not in the shape (the same rows may
+be greedy one step and random the next), but they are bounded by its chunk (engine/sampling.py), far inside the
+margin for the few steps until the next read. On the CPU the budget is gpu_memory_utilization x
+CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
 
@@ -26,6 +33,10 @@ SCRATCH_BLOCKS = 1  # one block past the pool: the padding rows of CUDA-graph ba
 # Kept free inside the budget for what the profile cannot see: the caching allocator's fragmentation across
 # step shapes, cuBLAS/cuDNN workspaces of streams first used later, and CUDA-context growth as kernels load.
 MEMORY_MARGIN_BYTES = 1 * GiB
+
+# Steps between two reads of the caching allocator's reserved bytes when every step's shape was served before
+# (see the module docstring and ModelRunner.trim_reserved).
+TRIM_CHECK_INTERVAL = 16
 
 VERDICTS = ("fits", "weights do not fit", "max_model_len needs more KV than is left", "num_gpu_blocks does not fit")
 

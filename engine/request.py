@@ -79,6 +79,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
+        # For add_output_token's stop test, once per request rather than once per token.
+        self._stop_ids = frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids))
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.admitted_once = False
@@ -94,10 +97,6 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
     def append_output_token(self, token_id: int, now: float) -> None:
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
@@ -105,6 +104,23 @@ class Request:
         self.metrics.token_times.append(now)
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
+
+    def add_output_token(self, token_id: int, now: float, max_model_len: int) -> RequestStatus | None:
+        """append_output_token then check_stop in one call (the scheduler's per-token path): the finished status
+        the token leads to, or None to continue."""
+        ids, out = self.all_token_ids, self.output_token_ids
+        ids.append(token_id)
+        out.append(token_id)
+        m = self.metrics
+        m.num_output_tokens += 1
+        m.token_times.append(now)
+        if m.first_token_time is None:
+            m.first_token_time = now
+        if token_id in self._stop_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if len(out) >= self.params.max_tokens or len(ids) >= max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finished status the last appended token leads to, or None to continue."""

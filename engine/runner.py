@@ -2,7 +2,9 @@
 
 Host-side work is kept off the critical path: inputs are written into preallocated (pinned) host
 buffers with numpy and copied to the device in one go per tensor; each running request keeps a row
-of a persistent block table that only receives its new block ids. Pure-decode steps on CUDA replay
+of a persistent block table that only receives its new block ids. A step in which every request decodes one token
+(the common step at large batches) takes a shorter path through _prepare: no sort, one token per request, and the
+block-table row of a request synced only when its table grew. Pure-decode steps on CUDA replay
 a CUDA graph captured for the next batch size up on a ladder (1, 2, 4, 8, 16, 24, ... max_num_seqs). With
 speculative decoding, verification steps in which every request verifies a draft of exactly k tokens replay a
 verification graph (k + 1 query tokens per request, through the prefill kernel) on the same ladder; other
@@ -11,6 +13,7 @@ verification steps (mixed with prefill chunks, or with shorter drafts) run eager
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -27,8 +30,8 @@ from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler, SamplingParams
 from .scheduler import SchedulerOutput
 from .spec_decode.verifier import verify_draft
-from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, KVCacheSizing, check_host_memory, forward_activation_bytes,
-                     reserved_trim_bytes, size_kv_cache)
+from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
+                     forward_activation_bytes, reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
 from .timeline import DeviceSpan, DeviceTimer
 
@@ -126,21 +129,38 @@ class Runner(Protocol):
 
 
 class InputBuffers:
-    """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins."""
+    """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins.
+
+    upload() costs the host three copies whatever the step: the int64 inputs (ids, positions, slots) live in one
+    buffer and go in one copy, the int32 ones (query_start_loc, seq_lens, and the step's block-table columns packed
+    compactly) in another, and one device-side copy spreads the packed table into tables_dev (whose row stride,
+    max_blocks, the CUDA graphs were captured with). To keep each copy a single contiguous range, the regions
+    before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of int32).
+    """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
+        self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, host.numpy(), torch.zeros(shape, dtype=dtype, device=device)
+        def pair(size, dtype):
+            host = torch.zeros(size, dtype=dtype, pin_memory=pin)
+            return host, torch.zeros(size, dtype=dtype, device=device)
 
-        self.ids, self.ids_np, self.ids_dev = pair(max_tokens, torch.int64)
-        self.pos, self.pos_np, self.pos_dev = pair(max_tokens, torch.int64)
-        self.slots, self.slots_np, self.slots_dev = pair(max_tokens, torch.int64)
-        self.qsl, self.qsl_np, self.qsl_dev = pair(max_seqs + 1, torch.int32)
-        self.lens, self.lens_np, self.lens_dev = pair(max_seqs, torch.int32)
-        self.tables, self.tables_np, self.tables_dev = pair((max_seqs, max_blocks), torch.int32)
+        # int64: [ids | positions | slots], max_tokens each.
+        self.host64, self.dev64 = pair(3 * max_tokens, torch.int64)
+        # int32: [query_start_loc (max_seqs + 1) | seq_lens (max_seqs) | packed block-table columns].
+        self.host32, self.dev32 = pair(2 * max_seqs + 1 + max_seqs * max_blocks, torch.int32)
+        self.host32_np = self.host32.numpy()
+        t, s = max_tokens, max_seqs
+        (self.ids, self.pos, self.slots), (self.ids_dev, self.pos_dev, self.slots_dev) = (
+            [buf[i * t:(i + 1) * t] for i in range(3)] for buf in (self.host64, self.dev64))
+        self.qsl, self.lens = self.host32[:s + 1], self.host32[s + 1:2 * s + 1]
+        self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[s + 1:2 * s + 1]
+        self.ids_np, self.pos_np, self.slots_np = self.ids.numpy(), self.pos.numpy(), self.slots.numpy()
+        self.qsl_np, self.lens_np = self.qsl.numpy(), self.lens.numpy()
+        self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.tables_np = self.tables.numpy()
+        self.tables_dev = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
         # Recorded after each upload (see ModelRunner.wait_host_buffers).
         self.copied = torch.cuda.Event() if pin else None
 
@@ -149,11 +169,12 @@ class InputBuffers:
             self.copied.synchronize()
 
     def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
-        for host, dev, n in ((self.ids, self.ids_dev, num_tokens), (self.pos, self.pos_dev, num_tokens),
-                             (self.slots, self.slots_dev, num_tokens), (self.qsl, self.qsl_dev, num_seqs + 1),
-                             (self.lens, self.lens_dev, num_seqs)):
-            dev[:n].copy_(host[:n], non_blocking=True)
-        self.tables_dev[:num_seqs, :num_cols].copy_(self.tables[:num_seqs, :num_cols], non_blocking=True)
+        t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
+        self.dev64[:2 * t + num_tokens].copy_(self.host64[:2 * t + num_tokens], non_blocking=True)
+        start = 2 * s + 1
+        self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
+        self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
+        self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))
         if self.copied is not None:
             self.copied.record()
 
@@ -198,10 +219,16 @@ class ModelRunner:
         self.rows: dict[str, int] = {}
         self.rows_written: dict[str, int] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # Constant arrays _prepare slices instead of allocating them each step.
+        self._arange = np.arange(max(max_tokens, config.max_num_seqs), dtype=np.int64)
+        self._ones = np.ones(config.max_num_seqs, dtype=np.int64)
         # size -> (graph, the view of graph_hidden it writes)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
         self.device_timer = DeviceTimer(device)
+        # trim_reserved: step shapes the caching allocator has served since its last trim, steps since a check.
+        self._trim_shapes: set[tuple] = set()
+        self._steps_since_trim_check = 0
 
     # ----- KV cache sizing and allocation -------------------------------------------------------
     @property
@@ -216,7 +243,9 @@ class ModelRunner:
         """On the CPU: the input buffers and one forward of max_num_batched_tokens must fit the host's memory."""
         cfg, spec = self.config, self.spec
         e = torch.empty((), dtype=self.dtype).element_size()
-        buffers = 3 * max_tokens * 8 + (2 * cfg.max_num_seqs + 1) * 4 + cfg.max_num_seqs * self.max_blocks_per_seq * 8
+        # InputBuffers: host and device copies of the int64 and int32 inputs, of the block table and its packed twin.
+        buffers = (2 * (3 * max_tokens * 8 + (2 * cfg.max_num_seqs + 1) * 4)
+                   + cfg.max_num_seqs * self.max_blocks_per_seq * 16)
         seqs = min(cfg.max_num_seqs, max_tokens)
         qkv = (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
         act = forward_activation_bytes(max_tokens, seqs, spec.hidden_size, spec.intermediate_size, qkv,
@@ -479,7 +508,8 @@ class ModelRunner:
                 tokens = self.sampler(logits, [r.params for r in samplers],
                                       [r.generator for r in samplers]) if samplers else []
             del logits
-        self.trim_reserved()
+        self.trim_reserved((plan.padded_tokens, plan.padded_seqs,
+                            len(samplers) if plan.logit_rows is None else len(plan.logit_rows)))
         t_synced = time.perf_counter()
         # The host waits for the device in wait_host_buffers and in the sampler's read; the rest is host work.
         wait = waited + t_synced - t_launched if self.device.type == "cuda" else 0.0
@@ -510,17 +540,32 @@ class ModelRunner:
                               [r.generator for r in plain]) if plain else []
         return plain, tokens, spec
 
-    def trim_reserved(self) -> None:
+    def trim_reserved(self, shape: tuple | None = None) -> None:
         """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
-        has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims."""
+        has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims.
+
+        shape: the step's (padded tokens, padded sequences, logit rows). Reading the allocator's counters is host
+        work on every step's critical path, so (engine/memory.py, TRIM_CHECK_INTERVAL) they are read only after a step
+        whose shape the allocator has not served since its last trim, and at least every TRIM_CHECK_INTERVAL steps;
+        shape None always reads them."""
         m = self.memory
         if m is None or not m.reserved_trim_bytes:
             return
+        self._steps_since_trim_check += 1
+        if shape is not None:
+            if shape in self._trim_shapes and self._steps_since_trim_check < TRIM_CHECK_INTERVAL:
+                return
+            if len(self._trim_shapes) >= 4096:  # bounded; forgetting a shape only costs one more check
+                self._trim_shapes.clear()
+            self._trim_shapes.add(shape)
+        self._steps_since_trim_check = 0
         reserved = torch.cuda.memory_stats_as_nested_dict(self.device)["reserved_bytes"]["all"]["current"]
         if reserved > m.reserved_trim_bytes:
             with torch.cuda.device(self.device):
                 torch.cuda.empty_cache()
             m.num_reserved_trims += 1
+            # The cache is empty: every shape needs new segments again.
+            self._trim_shapes.clear()
 
     def _decode_kv_tokens(self, plan: StepPlan) -> int:
         """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""
@@ -529,44 +574,69 @@ class ModelRunner:
     def _prepare(self, sched: SchedulerOutput) -> tuple[StepPlan, list, int, int]:
         """Write the step's inputs into the host buffers: (plan, requests that sample, KV tokens read, scores)."""
         bs, b = self.config.block_size, self.buffers
-        # Decodes first, so attention backends can send them to the decode kernel as one group.
-        batch = sched.scheduled
-        if sched.num_prefill_tokens or any(k != 1 for _, k in batch):
-            batch = sorted(batch, key=lambda rn: rn[1] != 1)
+        batch, drafts = sched.scheduled, sched.spec_drafts
         n = len(batch)
-        # One pass over the requests in Python; everything after it is numpy on whole arrays.
-        qlen_l, start_l, row_l, total_l, ids_l = [], [], [], [], []
-        sync_row, block_ids, drafts = self._sync_row, sched.block_tables, sched.spec_drafts
-        for r, k in batch:
-            c = r.num_computed_tokens
-            tokens = r.all_token_ids
-            qlen_l.append(k)
-            start_l.append(c)
-            row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
-            draft = drafts.get(r.request_id) if drafts else None
-            if draft is None:
+        # Every request decodes one token (the common step at large batches; each request has k >= 1, so a token
+        # count of n means k = 1 for all): no sort, one token each.
+        all_decode = not sched.num_prefill_tokens and not drafts and sched.num_decode_tokens == n
+        if not all_decode and (sched.num_prefill_tokens or any(k != 1 for _, k in batch)):
+            # Decodes first, so attention backends can send them to the decode kernel as one group.
+            batch = sorted(batch, key=lambda rn: rn[1] != 1)
+        # One pass over the requests in Python; everything after it is numpy on whole arrays. The block-table row
+        # of a request is synced only when its table grew (every block_size tokens of a decode).
+        start_l, row_l, total_l, ids_l = [], [], [], []
+        sync_row, block_ids, rows_get, written_get = self._sync_row, sched.block_tables, self.rows.get, \
+            self.rows_written.get
+        if all_decode:
+            qlen_l = None
+            for r, _ in batch:
+                c = r.num_computed_tokens
+                tokens = r.all_token_ids
+                rid = r.request_id
+                table = block_ids[rid]
+                row = rows_get(rid)
+                if row is None or len(table) > written_get(rid):
+                    row = sync_row(rid, table)
+                start_l.append(c)
+                row_l.append(row)
                 total_l.append(len(tokens))
-            else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
-                total_l.append(c + k)
-                tokens, c = tokens[c:] + list(draft.token_ids), 0
-            if k == 1:
                 ids_l.append(tokens[c])
-            else:
-                ids_l.extend(tokens[c:c + k])
-        qlens = np.array(qlen_l, dtype=np.int64)
+        else:
+            qlen_l = []
+            for r, k in batch:
+                c = r.num_computed_tokens
+                tokens = r.all_token_ids
+                qlen_l.append(k)
+                start_l.append(c)
+                row_l.append(sync_row(r.request_id, block_ids[r.request_id]))
+                draft = drafts.get(r.request_id) if drafts else None
+                if draft is None:
+                    total_l.append(len(tokens))
+                else:  # the last token, then the draft: 1 + k query tokens, all of them sampled
+                    total_l.append(c + k)
+                    tokens, c = tokens[c:] + list(draft.token_ids), 0
+                if k == 1:
+                    ids_l.append(tokens[c])
+                else:
+                    ids_l.extend(tokens[c:c + k])
         starts = np.array(start_l, dtype=np.int64)
         rows = np.array(row_l, dtype=np.int64)
-        seq_lens = starts + qlens
         num_tokens = len(ids_l)
         b.ids_np[:num_tokens] = ids_l
         if num_tokens == n:  # every request decodes one token
-            positions, seq_idx = starts, np.arange(n)
+            qlens = self._ones[:n]
+            seq_lens = starts + 1
+            positions, seq_idx = starts, self._arange[:n]
         else:
-            seq_idx = np.repeat(np.arange(n), qlens)
-            positions = np.arange(num_tokens) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
+            qlens = np.array(qlen_l, dtype=np.int64)
+            seq_lens = starts + qlens
+            seq_idx = np.repeat(self._arange[:n], qlens)
+            positions = self._arange[:num_tokens] - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
         sample_mask = seq_lens == np.array(total_l, dtype=np.int64)
-        samplers = [batch[i][0] for i in np.flatnonzero(sample_mask)]
-        num_cols = int(-(-seq_lens.max() // bs))
+        all_sample = bool(sample_mask.all())
+        samplers = [rn[0] for rn in batch] if all_sample else [batch[i][0] for i in np.flatnonzero(sample_mask)]
+        max_seq_len = int(seq_lens.max())
+        num_cols = -(-max_seq_len // bs)
         b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
         b.pos_np[:num_tokens] = positions
         b.slots_np[:num_tokens] = b.tables_np[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
@@ -583,8 +653,9 @@ class ModelRunner:
             if graph_size is not None:
                 graph_query_len = self.spec_query_len
                 self._pad_for_graph(n, graph_size, graph_query_len)
-        plan = StepPlan(num_tokens, n, num_cols, qlen_l.count(1), int(qlens.max()), int(seq_lens.max()), graph_size,
-                        None if sample_mask.all() else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
+        plan = StepPlan(num_tokens, n, num_cols, n if qlen_l is None else qlen_l.count(1),
+                        1 if num_tokens == n else int(qlens.max()), max_seq_len, graph_size,
+                        None if all_sample else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
         if drafts:
             ends = np.cumsum(qlens)
             plan.logit_rows = np.concatenate(
@@ -663,10 +734,7 @@ class ModelRunner:
         sizes, graphs = (self.graph_sizes, self.graphs) if sizes is None else (sizes, graphs)
         if not graphs or n > sizes[-1]:
             return None
-        for size in sizes:
-            if size >= n:
-                return size
-        return None
+        return sizes[bisect_left(sizes, n)]  # the ladder is sorted: the smallest size >= n
 
     def _pad_for_graph(self, n: int, size: int, query_len: int = 1) -> None:
         """Padding rows n..size-1 run query_len dummy tokens each (1: decode graphs; k + 1: verification

@@ -90,36 +90,45 @@ class Scheduler:
         gets 1 + len(draft) tokens when the budget and the pool allow, else it decodes one token as usual."""
         out = self.current = SchedulerOutput()  # kept for rollback() until the step commits
         budget = self.config.max_num_batched_tokens
+        # The loop over running requests is the host's hottest path at large batches (one pass per decoding
+        # request and step): attribute lookups are hoisted and the token counts summed in locals.
         running, allocate, scheduled = self.running, self.kv.allocate_slots, out.scheduled
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            computed = req.num_computed_tokens
-            num_new = min((req.fork_point or len(req.all_token_ids)) - computed, budget)
-            if num_new <= 0:  # a beam waiting for its siblings' step (engine/sequence_group.py)
-                i += 1
-                continue
-            while not allocate(req, num_new):
-                victim = running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is not RequestStatus.RUNNING:
+        block_ids, block_tables, RUNNING = self.kv.block_ids, out.block_tables, RequestStatus.RUNNING
+        num_decode = num_prefill = 0
+        # Preemption only pops from the tail of `running`, which the iterator sees (it stops at the new end).
+        for i, req in enumerate(running):
+            if budget <= 0:
                 break
-            if drafts and num_new == 1 and computed == len(req.all_token_ids) - 1:
+            computed = req.num_computed_tokens
+            num_tokens = len(req.all_token_ids)
+            num_new = (req.fork_point or num_tokens) - computed
+            if num_new > budget:
+                num_new = budget
+            if num_new <= 0:  # a beam waiting for its siblings' step (engine/sequence_group.py)
+                continue
+            if not allocate(req, num_new):
+                while True:
+                    victim = running.pop()
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim is req or allocate(req, num_new):
+                        break
+            if req.status is not RUNNING:
+                break
+            if drafts and num_new == 1 and computed == num_tokens - 1:
                 # Keep a block free for each running request after this one: a draft must not preempt them.
                 num_new += self._schedule_draft(out, req, drafts.get(req.request_id), budget - 1,
                                                 len(running) - i - 1)
             scheduled.append((req, num_new))
-            out.block_tables[req.request_id] = self.kv.block_ids(req.request_id)
+            rid = req.request_id
+            block_tables[rid] = block_ids(rid)
             # A request's last prompt token and every later token are decode work; earlier ones are prefill.
             if computed >= req.num_prompt_tokens:
-                out.num_decode_tokens += num_new
+                num_decode += num_new
             else:
-                out.num_prefill_tokens += num_new
+                num_prefill += num_new
             budget -= num_new
-            i += 1
+        out.num_decode_tokens, out.num_prefill_tokens = num_decode, num_prefill
 
         while (self.waiting and budget > 0 and not out.preempted and len(self.running) + self.num_reserved_seqs
                + self.waiting[0].num_pending_forks < self.config.max_num_seqs):
@@ -177,17 +186,17 @@ class Scheduler:
         of the verified token and the accepted ones is kept: the blocks of rejected slots go back to the pool.
         """
         finished = []
+        max_model_len, get = self.max_model_len, sampled.get
         for req, num_new in out.scheduled:
             if spec_sampled and req.request_id in spec_sampled:
                 if self._update_verified(req, num_new, spec_sampled[req.request_id], now):
                     finished.append(req)
                 continue
             req.num_computed_tokens += num_new
-            token = sampled.get(req.request_id)
+            token = get(req.request_id)
             if token is None:
                 continue
-            req.append_output_token(token, now)
-            status = req.check_stop(self.max_model_len)
+            status = req.add_output_token(token, now, max_model_len)
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(req)

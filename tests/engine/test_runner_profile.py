@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.memory import GiB, MiB, reserved_trim_bytes
+from engine.memory import TRIM_CHECK_INTERVAL, GiB, MiB, reserved_trim_bytes
 from engine.runner import profile_sampling_params
 from engine.sampling import Sampler
 from engine.stats import MemoryProfile
@@ -85,6 +85,37 @@ def test_a_step_past_reserved_trim_bytes_empties_the_cache(monkeypatch):
     reserved[0] = 1000  # at the threshold: kept
     llm.generate([[5, 6, 7]], greedy)
     assert emptied == [] and runner.memory.num_reserved_trims == 0
-    reserved[0] = 1001  # past it: every step trims
-    llm.generate([[5, 6, 7]], greedy)
+    reserved[0] = 1001  # past it: a step of a new shape (a 4-token prefill) trims, and then every step does
+    llm.generate([[5, 6, 7, 8]], greedy)
     assert emptied == [1001] * 3 and runner.memory.num_reserved_trims == 3
+
+
+def test_reserved_bytes_are_read_after_new_step_shapes_and_every_interval(monkeypatch):
+    llm = _cpu_llm(8)
+    eng, runner = llm.engine, llm.engine.runner
+    reserved, reads, emptied = [1000], [], []
+
+    def stats(device=None):
+        reads.append(len(eng.stats().steps))
+        return {"reserved_bytes": {"all": {"current": reserved[0]}}}
+
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(eng.stats().steps)))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    runner.memory = MemoryProfile(total_bytes=2 * GiB, weight_bytes=0, peak_activation_bytes=0, non_torch_bytes=0,
+                                  kv_cache_bytes=0, reserved_trim_bytes=1000)
+    eng.reset_stats()
+    eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    for _ in range(3):  # a 3-token prefill, then one-row decodes: two shapes, each read once
+        eng.step()
+    assert reads == [0, 1] and emptied == []
+    reserved[0] = 1001  # grown without a new shape: seen TRIM_CHECK_INTERVAL steps after the last read
+    while not emptied:
+        eng.step()
+    assert reads[-2:] == [1, 1 + TRIM_CHECK_INTERVAL] and emptied == [1 + TRIM_CHECK_INTERVAL]
+    eng.step()  # after a trim every shape is new: read (and, still past the threshold, trimmed) again
+    assert reads[-1] == emptied[-1] == 2 + TRIM_CHECK_INTERVAL
+    reserved[0] = 1000
+    eng.step()
+    eng.step()
+    assert reads[-1] == 3 + TRIM_CHECK_INTERVAL and len(emptied) == 2
