@@ -7,6 +7,8 @@ min-max). It loads the weights once and reconfigures the engine for every point.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from typing import Callable
@@ -174,13 +176,15 @@ class Sweep:
         """The loaded model of a sequential sweep (None before its first point, and with executor="ray")."""
         return self._worker.llm
 
-    def _make_worker(self):
-        """What each worker runs points with: this process's own, or a fresh one (for a Ray actor)."""
+    def _worker_factory(self):
+        """What each worker builds its point runner with: this process's own, or, for a Ray actor, a picklable
+        factory of a fresh PointWorker (never a bound method: that would ship the whole Sweep, whose NVML
+        telemetry holds ctypes handles Ray cannot pickle)."""
         if self.executor.name == "sequential":
-            return self._worker
+            return lambda: self._worker
         interval, enabled = self._telemetry_args
-        return PointWorker(self.model, self.seed, self.dtype, self.slo, self.warmup, self.sampling,
-                           self.max_duration, telemetry_interval=interval, telemetry_enabled=enabled)
+        return functools.partial(PointWorker, self.model, self.seed, self.dtype, self.slo, self.warmup, self.sampling,
+                                 self.max_duration, telemetry_interval=interval, telemetry_enabled=enabled)
 
     def run(self) -> pd.DataFrame:
         """Run every run not already in the results file; returns (and keeps in ``results``) the table.
@@ -237,7 +241,7 @@ class Sweep:
                 return False
 
             try:
-                self.executor.map(todo, self._make_worker, finish, fail,
+                self.executor.map(todo, self._worker_factory(), finish, fail,
                                   tensor_parallel_size=lambda item: item[0].config.tensor_parallel_size, skip=skip)
             finally:
                 bar.close()

@@ -160,3 +160,23 @@ def test_a_ray_sweep_runs_tensor_parallel_points_on_an_actor_of_their_own(local_
     assert (df[C.total_output_tokens] == 16).all() and (df[C.prefix_cache_hits] > 0).all()
     for tp, blocks in zip(df[C.tensor_parallel_size], df[C.kv_blocks]):
         assert plan("tiny", "cpu", base, tensor_parallel_size=tp, dtype="float32").num_gpu_blocks == blocks
+
+
+def test_a_ray_sweep_ships_a_factory_that_pickles_without_the_sweep(tmp_path):
+    """On a GPU the Sweep holds NVML telemetry (ctypes handles Ray cannot pickle): the actors' factory must not
+    carry the Sweep (a bound method did, and every Ray sweep on an H200 failed before its first point)."""
+    import ctypes
+    import pickle
+
+    from engine import EngineConfig
+    from workbench import Sweep
+    from workbench.point_run import PointWorker
+
+    s = Sweep(model=os.path.join(ROOT, "data", "models", "pystdlib-llama-6m"), workload="shared-prefix", num_requests=4,
+              grid={"block_size": [8, 16]}, base_config=EngineConfig(device="cpu"), out=str(tmp_path / "r.jsonl"),
+              progress=False, warmup=False, executor="ray", num_workers=2)
+    s.nvml_handle = ctypes.pointer(ctypes.c_int(0))  # what pynvml's device handles are
+    with pytest.raises(ValueError):
+        pickle.dumps(s)
+    factory = pickle.loads(pickle.dumps(s._worker_factory()))
+    assert factory.func is PointWorker and factory.args[0] == s.model
