@@ -184,7 +184,7 @@ class DraftModelProposer:
                     if s >= feed - 1:
                         drafted.append(tok)
             else:
-                tok = self._eager_first(batch, lens, qlens, table)
+                tok = self._eager_first(batch, lens, qlens, table[:n])
                 drafted = [tok]
                 for s in range(1, num_steps):
                     tok = self._eager_decode(tok, inputs_dev[s], inputs[s, 2, :n], table_dev)
@@ -206,28 +206,54 @@ class DraftModelProposer:
         return runner.model.compute_logits(hidden[:n]).argmax(-1)
 
     def _eager_first(self, batch, lens, qlens, table) -> torch.Tensor:
-        """The first forward pass, eagerly: each sequence feeds its unseen tail; the argmax at its last token."""
+        """The first forward pass, eagerly: each sequence feeds its unseen tail (in rounds of at most the draft's
+        max_num_batched_tokens, what its activation memory was sized for); [n] argmax at each last token."""
+        budget = self.runner.config.max_num_batched_tokens
+        tok = torch.empty(len(batch), dtype=torch.int64, device=self.runner.device)
+        pieces, used = [], 0  # (sequence, first position, end position) of one round
+        for i, (req, _, q) in enumerate(batch):
+            start, end = int(lens[i] - q), int(lens[i])
+            while start < end:
+                take = min(end - start, budget - used)
+                pieces.append((i, start, start + take))
+                start, used = start + take, used + take
+                if used == budget:
+                    self._prefill_round(batch, pieces, table, tok)
+                    pieces, used = [], 0
+        if pieces:
+            self._prefill_round(batch, pieces, table, tok)
+        return tok
+
+    def _prefill_round(self, batch, pieces, table, tok: torch.Tensor) -> None:
+        """One eager forward over pieces (sequence, start, end) of tails; writes the argmax of each piece that
+        ends its sequence's tail into tok."""
         runner, bs, dev = self.runner, self.kv.block_size, self.runner.device
-        n = len(batch)
-        ids = np.concatenate([req.all_token_ids[len(req.all_token_ids) - q:] for req, _, q in batch])
-        starts = lens - qlens
+        pieces = sorted(pieces, key=lambda p: p[2] - p[1] != 1)  # one-token pieces first (the decode group)
+        idx = np.array([p[0] for p in pieces], dtype=np.int64)
+        starts = np.array([p[1] for p in pieces], dtype=np.int64)
+        ends = np.array([p[2] for p in pieces], dtype=np.int64)
+        qlens = ends - starts
+        ids = np.concatenate([batch[i][0].all_token_ids[a:e] for i, a, e in pieces]).astype(np.int64)
         positions = np.arange(len(ids)) - np.repeat(np.cumsum(qlens) - qlens - starts, qlens)
-        seq_idx = np.repeat(np.arange(n), qlens)
-        slots = table[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
+        rows = np.repeat(np.arange(len(pieces)), qlens)
+        tables = table[idx]
+        slots = tables[rows, positions // bs].astype(np.int64) * bs + positions % bs
         qsl = np.concatenate([[0], np.cumsum(qlens)]).astype(np.int32)
-        cols = int(-(-lens.max() // bs))
+        cols = int(-(-ends.max() // bs))
         host_lists = dev.type == "cpu" or runner.backend.name == "torch"
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(dev), query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.from_numpy(lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(np.ascontiguousarray(table[:n, :cols])).to(dev),
-            num_decodes=int((qlens == 1).sum()), max_query_len=int(qlens.max()), max_seq_len=int(lens.max()),
+            seq_lens=torch.from_numpy(ends.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(np.ascontiguousarray(tables[:, :cols])).to(dev),
+            num_decodes=int((qlens == 1).sum()), max_query_len=int(qlens.max()), max_seq_len=int(ends.max()),
             query_start_loc_cpu=qsl.tolist() if host_lists else None,
-            seq_lens_cpu=lens.tolist() if host_lists else None)
-        hidden = runner.model(torch.from_numpy(ids.astype(np.int64)).to(dev), torch.from_numpy(positions).to(dev),
-                              runner.kv_caches, meta, runner.backend)
-        last = torch.from_numpy(qsl[1:].astype(np.int64) - 1).to(dev)
-        return runner.model.compute_logits(hidden[last]).argmax(-1)
+            seq_lens_cpu=ends.tolist() if host_lists else None)
+        hidden = runner.model(torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), runner.kv_caches,
+                              meta, runner.backend)
+        done = np.flatnonzero(ends == np.array([len(batch[i][0].all_token_ids) for i in idx]))
+        if len(done):
+            last = torch.from_numpy(qsl[1:][done].astype(np.int64) - 1).to(dev)
+            tok[torch.from_numpy(idx[done]).to(dev)] = runner.model.compute_logits(hidden[last]).argmax(-1)
 
     def _eager_decode(self, tok: torch.Tensor, step: torch.Tensor, seq_lens: np.ndarray,
                       table_dev: torch.Tensor) -> torch.Tensor:

@@ -468,3 +468,22 @@ def test_draft_sequences_persist_and_feed_only_unseen_tokens(tiny, tiny_refs):
     assert len(feeds) > 2 * first and all(q in (1, 2) for q in feeds[first:])
     assert not proposer.seqs and tiny._draft.engine.kv.num_used_blocks == 0
     assert_pool_empty(tiny)
+
+
+def test_draft_prefill_in_rounds_of_the_token_budget():
+    """A draft's first proposal for a prompt longer than max_num_batched_tokens feeds it in rounds of at most
+    that many tokens (its activation memory was sized for them); the shipped model drafting for itself still
+    proposes the target's own tokens."""
+    prompts = [list(range(100, 121)), [1, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    base = dict(max_model_len=128, block_size=4, max_num_batched_tokens=8)
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(**base), dtype=torch.float32)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    llm.reconfigure(cfg(**base, speculative_method="draft", speculative_model=str(MODEL_DIR),
+                        num_speculative_tokens=3))
+    runner = llm._draft.engine.runner
+    sizes = []
+    hook = runner.model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    hook.remove()
+    assert max(sizes) == 8 and llm.engine.stats().spec_decode.acceptance_rate > 0.9
