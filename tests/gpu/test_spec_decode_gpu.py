@@ -1,6 +1,7 @@
-"""Speculative decoding on one GPU (Triton kernels; decode steps without drafts replay CUDA graphs, so do
-verification steps where every request verifies a full draft, and the draft model's decode steps): the shipped model in float32 gives the same greedy tokens with n-gram and
-draft-model proposals as without, through chunked prefill, prefix-cache hits and preemption."""
+"""Speculative decoding on one GPU (Triton kernels; CUDA graphs for decode steps without drafts, for verification
+steps where every request verifies a full draft, and for the draft model's decode steps): the shipped model in
+float32 gives the same greedy tokens with n-gram and draft-model proposals as without, through chunked prefill,
+prefix-cache hits and preemption."""
 from pathlib import Path
 
 import pytest
