@@ -143,16 +143,15 @@ class DraftModelProposer:
         replay s feeds position len - Q + s of every sequence (a sequence with a shorter feed recomputes K/V it
         already holds, the same values), the target's tokens first and then the draft's own greedy tokens,
         passed on the device. Otherwise the first forward pass feeds every sequence's unseen tail eagerly (a
-        prefill), then k - 1 one-token steps follow (Q = 1)."""
+        prefill), then k - 1 one-token steps follow (Q = 1), as graph replays where the batch has a graph."""
         runner, bs, dev = self.runner, self.kv.block_size, self.runner.device
         n = len(batch)
         lens = np.array([len(req.all_token_ids) for req, _, _ in batch], dtype=np.int64)
         qlens = np.array([q for _, _, q in batch], dtype=np.int64)
         size = runner._graph_size(n) if runner.graphs else None
         q_max = int(qlens.max())
-        if size is not None and (q_max > MAX_GRAPH_FEED or q_max > int(lens.min())):
-            size = None
-        feed = q_max if size is not None else 1
+        graph_feed = size is not None and q_max <= MAX_GRAPH_FEED and q_max <= int(lens.min())
+        feed = q_max if graph_feed else 1
         rows = size or n
         cols = runner.max_blocks_per_seq
         table = np.full((rows, cols), runner.null_block, dtype=np.int32)
@@ -173,21 +172,23 @@ class DraftModelProposer:
         inputs_dev = torch.from_numpy(inputs).to(dev)
         table_dev = torch.from_numpy(table).to(dev)
         with torch.inference_mode():
-            if size is not None:
+            if size is not None:  # the graphs' constant inputs: block tables, query starts, padding tokens
                 b = runner.buffers
                 b.tables_dev[:size, :cols].copy_(table_dev)
                 b.qsl_dev[:size + 1].copy_(torch.arange(size + 1, dtype=torch.int32, device=dev))
                 b.ids_dev[n:size].zero_()
+            if graph_feed:
                 drafted, tok = [], None
-                for s in range(num_steps):
-                    tok = self._graph_step(size, n, inputs_dev[s], inputs_dev[s, 3, :n] if s < feed else tok)
-                    if s >= feed - 1:
-                        drafted.append(tok)
-            else:
+            else:  # a long feed (a new request's prompt): one eager prefill gives the first draft token
                 tok = self._eager_first(batch, lens, qlens, table[:n])
                 drafted = [tok]
-                for s in range(1, num_steps):
-                    tok = self._eager_decode(tok, inputs_dev[s], inputs[s, 2, :n], table_dev)
+            for s in range(0 if graph_feed else 1, num_steps):
+                tok_in = inputs_dev[s, 3, :n] if s < feed else tok
+                if size is not None:
+                    tok = self._graph_step(size, n, inputs_dev[s], tok_in)
+                else:
+                    tok = self._eager_decode(tok_in, inputs_dev[s], inputs[s, 2, :n], table_dev)
+                if s >= feed - 1:
                     drafted.append(tok)
             return torch.stack(drafted, 1).tolist()
 

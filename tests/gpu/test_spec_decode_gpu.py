@@ -30,12 +30,35 @@ def test_spec_decode_greedy_identical_on_gpu(method, k):
     expected = [o.token_ids for o in llm.generate(prompts, params)]
     llm.reconfigure(EngineConfig(**base, speculative_method=method, num_speculative_tokens=k,
                                  speculative_model=str(MODEL) if method == "draft" else None))
+    replays, proposals = [], []
+    if method == "draft":  # count the draft's decode-graph replays: at least k - 1 per proposal
+        draft_runner = llm._draft.engine.runner
+        assert draft_runner.graphs
+        draft_runner.graphs = {size: (CountingGraph(g, replays), h) for size, (g, h) in draft_runner.graphs.items()}
+        propose = llm.engine.proposer.propose
+
+        def counting_propose(reqs, limits):
+            out = propose(reqs, limits)
+            proposals.extend([1] if out else [])  # a proposal the draft's pool could serve
+            return out
+
+        llm.engine.proposer.propose = counting_propose
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     st = llm.engine.stats()
     assert st.cuda_graphs and st.num_preemptions > 0 and st.prefix_cache_hits > 0
     assert st.spec_decode.num_accepted_tokens > 0 and st.num_used_blocks == 0
     if method == "draft":
         assert st.spec_decode.acceptance_rate > 0.8
+        assert proposals and len(replays) >= (k - 1) * len(proposals)
+
+
+class CountingGraph:
+    def __init__(self, graph, calls):
+        self.graph, self.calls = graph, calls
+
+    def replay(self):
+        self.calls.append(1)
+        self.graph.replay()
 
 
 def test_verification_graphs_on_gpu():
