@@ -27,14 +27,14 @@ MAX_GRAPH_FEED = 4
 
 
 class _DraftSeq:
-    """One target request's sequence in the draft's KV cache. fed[i] is the token whose K/V is in slot i of the
-    draft block table kv.block_ids(request_id) (for i < len(fed)); fed[:base] equals the target's first base
-    tokens (base: the target's length at the last proposal)."""
+    """One target request's sequence in the draft's KV cache: slots [0, base) of the draft block table
+    kv.block_ids(request_id) hold the K/V of the target's first base tokens, the next len(tail) slots that of
+    the draft tokens `tail` (fed at the last proposal, not yet verified)."""
 
-    __slots__ = ("request_id", "fed", "base")
+    __slots__ = ("request_id", "base", "tail")
 
     def __init__(self, request_id: str):
-        self.request_id, self.fed, self.base = request_id, [], 0
+        self.request_id, self.base, self.tail = request_id, 0, []
 
 
 class DraftModelProposer:
@@ -42,12 +42,14 @@ class DraftModelProposer:
 
     Invariants:
     - seqs[rid] exists from the first proposal for target request rid until release(rid) (finished or
-      aborted) or eviction; its draft block table covers at least len(fed) slots.
+      aborted) or eviction; its draft block table covers at least base + len(tail) slots.
     - A live target request's tokens only grow (verified tokens are appended, never rewritten), so the draft
-      K/V still valid at a proposal is fed's longest common prefix with the request's tokens, found by
-      comparing only fed[base:] (at most k tokens); at least the last target token is always recomputed (its
-      logits give the first draft token). Slots past the valid prefix hold K/V of rejected draft tokens: the
-      attention never reads past a sequence's length and the next proposal overwrites them.
+      K/V still valid at a proposal covers base tokens and then as many of `tail` as the target accepted
+      (compared against the request's new tokens: at most k - 1 comparisons); at least the last target token
+      is always recomputed (its logits give the first draft token). Slots past the valid prefix hold K/V of
+      rejected draft tokens: the attention never reads past a sequence's length and the next proposal
+      overwrites them. Were the invariant broken, the draft would only propose worse tokens: verification
+      alone decides what the target emits.
     - When the draft's pool runs out, the sequences of requests outside the current batch (preempted or
       waiting ones) are evicted first; a request that still does not fit gets no proposal this step.
     - A proposal interrupted by an exception drops the draft sequences of its batch (their K/V may be half
@@ -80,9 +82,7 @@ class DraftModelProposer:
         limit_of = dict(zip((r.request_id for r in requests), limits))
         out = {}
         for (req, seq, _), tokens in zip(batch, drafted):
-            all_ids = req.all_token_ids
-            seq.fed = list(all_ids) + tokens[:k - 1]  # the last draft token is never fed
-            seq.base = len(all_ids)
+            seq.base, seq.tail = req.num_tokens, tokens[:k - 1]  # the last draft token is never fed
             out[req.request_id] = Draft(tokens[:limit_of[req.request_id]])
         return out
 
@@ -95,8 +95,7 @@ class DraftModelProposer:
         them would do). The K/V in their slots is the draft's own tokens', which only costs acceptance."""
         seq = self.seqs.get(request_id)
         if seq is not None:
-            n = min(len(token_ids), len(seq.fed) - seq.base)
-            seq.fed[seq.base:seq.base + n] = token_ids[:n]
+            seq.tail = list(token_ids[:len(seq.tail)])
 
     # ----- draft sequences -----------------------------------------------------------------------
     def _drop(self, request_id: str) -> None:
@@ -128,7 +127,7 @@ class DraftModelProposer:
                 if not self.kv.allocate_draft_slots(seq, n + k - 1):
                     self._drop(req.request_id)
                     continue
-            seq.fed, seq.base = seq.fed[:valid], valid
+            seq.base, seq.tail = valid, []
             batch.append((req, seq, n - valid))
         # One-token feeds first: attention backends take the decodes of a batch as one group.
         batch.sort(key=lambda item: item[2] != 1)
@@ -275,13 +274,12 @@ class DraftModelProposer:
 
 
 def _common_prefix(seq: _DraftSeq, tokens: list[int]) -> int:
-    """Length of the draft sequence's valid prefix for the target's tokens (see DraftModelProposer), capped one
+    """How many of the target's tokens the draft sequence holds valid K/V for (see DraftModelProposer), capped one
     short of the end: the last target token is always fed again, its logits give the first draft token."""
-    fed = seq.fed
-    end = min(len(fed), len(tokens) - 1)
-    i = min(seq.base, end)
-    if i and fed[i - 1] != tokens[i - 1]:  # the invariant broken (it cannot be): compare from the start
-        i = 0
-    while i < end and fed[i] == tokens[i]:
-        i += 1
+    end = len(tokens) - 1
+    i, base = min(seq.base, end), seq.base
+    for j, token in enumerate(seq.tail):
+        if base + j >= end or tokens[base + j] != token:
+            break
+        i = base + j + 1
     return i
