@@ -22,8 +22,10 @@ the median over the B requests of (finish - first token) / (tokens - 1); the tab
 Decode steps without any draft replay the decode CUDA graphs; verification steps in which every request
 verifies a full draft of k tokens replay verification graphs (the synthetic arms' steady state); the rest
 (mixed with prefill, or shorter drafts near max_tokens, most n-gram steps) run eagerly. StepStats.cuda_graph
-says which ran. The target runs without prefix caching (repeated prompts would otherwise skip the prefill
-of later arms); the draft runs with it (see engine/spec_decode/draft_model.py).
+says which ran. The draft model's decode steps replay its own CUDA graphs, one host sync per proposal (see
+engine/spec_decode/draft_model.py); in synthetic mode it is told it proposed the study's tokens, so it feeds one
+or two tokens per step as a draft with that acceptance would. The target runs without prefix caching (repeated
+prompts would otherwise skip the prefill of later arms).
 Target: at B = 1, 80% acceptance, k = 4: speed-up >= 2; the crossover (speed-up < 1) appears at large B.
 About 4 minutes on one H200 at the defaults.
 
@@ -32,6 +34,7 @@ prompts are cut from its heldout.json), with REAL acceptance only: n-gram, and t
 folder or preset with the same vocabulary) when given. E.g. on the CPU:
     PYTHONPATH=. python3 benchmarks/spec_bench.py --real --model data/models/pystdlib-llama-6m --draft none \
         --device cpu --batch-sizes 1,4,16 --output-len 48 --out data/benchmarks/spec_decode_cpu_shipped.json
+and with the shipped draft (data/models/pystdlib-llama-1m-draft) as --draft: data/benchmarks/spec_decode_cpu_draft.json.
 """
 import argparse
 import json
