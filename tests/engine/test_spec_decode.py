@@ -487,3 +487,30 @@ def test_draft_prefill_in_rounds_of_the_token_budget():
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     hook.remove()
     assert max(sizes) == 8 and llm.engine.stats().spec_decode.acceptance_rate > 0.9
+
+
+def test_synthetic_acceptance_charges_a_draft_that_feeds_like_a_real_one(tiny, tiny_refs):
+    """Synthetic acceptance with a cost draft (as benchmarks/spec_bench.py runs it): the draft runs every step
+    through its (stand-in) decode graphs, and since it is told it proposed the study's tokens it feeds one or
+    two tokens per proposal, as a draft with that acceptance would; the outputs are still the recorded ones."""
+    tiny.reconfigure(cfg(speculative_method="synthetic", speculative_acceptance=0.7, num_speculative_tokens=3,
+                         speculative_model="tiny", max_num_seqs=8))
+    runner = install_draft_graphs(tiny)
+    outs_ref = [type("O", (), {"prompt_token_ids": p, "token_ids": t})() for p, t in zip(PROMPTS, tiny_refs)]
+    proposer = tiny.engine.proposer
+    proposer.record(outs_ref)
+    draft = proposer.cost_proposer
+    feeds, admit = [], draft._admit
+
+    def spy(requests, k):
+        batch = admit(requests, k)
+        feeds.append([q for _, _, q in batch])
+        return batch
+
+    draft._admit = spy
+    assert [o.token_ids for o in tiny.generate(PROMPTS, GREEDY)] == tiny_refs
+    assert sum(g.replays for g, _ in runner.graphs.values()) >= 2 * len(feeds)
+    later = [q for step in feeds[1:] for q in step]
+    assert later and max(later) <= 2 and sum(q == 2 for q in later) < len(later)
+    assert not draft.seqs and tiny._draft.engine.kv.num_used_blocks == 0
+    assert_pool_empty(tiny)
