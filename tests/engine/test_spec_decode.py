@@ -514,3 +514,26 @@ def test_synthetic_acceptance_charges_a_draft_that_feeds_like_a_real_one(tiny, t
     assert later and max(later) <= 2 and sum(q == 2 for q in later) < len(later)
     assert not draft.seqs and tiny._draft.engine.kv.num_used_blocks == 0
     assert_pool_empty(tiny)
+
+
+DRAFT_DIR = MODEL_DIR.parent / "pystdlib-llama-1m-draft"
+
+
+def test_shipped_draft_proposes_for_the_shipped_model():
+    """The shipped draft (0.9M parameters, the target's tokenizer) on held-out Python: the output is the target's,
+    and its acceptance is a real draft's, well above a random model's and below the target drafting for itself
+    (recorded with benchmarks/spec_bench.py --real in data/benchmarks/spec_decode_cpu_draft.json: about 0.37)."""
+    import json
+    assert (DRAFT_DIR / "tokenizer.json").read_bytes() == (MODEL_DIR / "tokenizer.json").read_bytes()
+    base = dict(max_model_len=256, block_size=16)
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(**base), dtype=torch.float32)
+    text = json.loads((MODEL_DIR / "heldout.json").read_text())["files"][0]["text"]
+    ids = llm.tokenizer.encode(text)
+    prompts = [ids[i:i + 64] for i in range(0, 4 * 64, 64)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    llm.reconfigure(cfg(**base, speculative_method="draft", speculative_model=str(DRAFT_DIR),
+                        num_speculative_tokens=3))
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    spec = llm.engine.stats().spec_decode
+    assert 0.15 < spec.per_token_acceptance < 0.9, spec.per_token_acceptance
