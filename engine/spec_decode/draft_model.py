@@ -3,11 +3,12 @@
 The draft keeps its own paged KV cache (the block pool and model runner of its own LLMEngine, whose scheduler
 is never used) with one draft sequence per target request, persistent across steps: each proposal feeds the
 draft only the target's tokens it has not seen yet (usually one: the correction or bonus token of the last
-verification) and then runs k - 1 one-token decode steps on its own greedy tokens. The k forward passes of a
-proposal go straight to the draft's runner, not through the draft engine's step(): no scheduling, no
-prefix-cache hashing, no per-step outputs, and one host synchronisation per proposal (the k drafted tokens
-read back together); the decode steps pass each greedy token to the next on the device and, on CUDA, replay
-the draft runner's decode graphs (the first forward too when every request feeds exactly one token). See
+verification; two after all k were accepted) and then runs k - 1 one-token decode steps on its own greedy
+tokens. These forward passes go straight to the draft's runner, not through the draft engine's step(): no
+scheduling, no prefix-cache hashing, no per-step outputs, and one host synchronisation per proposal (the k
+drafted tokens read back together); each greedy token is passed to the next step on the device and, on CUDA,
+every step replays one of the draft runner's decode graphs (only a long feed, a new request's prompt, runs
+as an eager prefill). See
 DraftModelProposer for the invariants that make a rejected token's K/V harmless.
 
 Greedy drafts are point masses (Draft.probs None): the verifier stays exact for sampled requests too, at a
