@@ -78,7 +78,25 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     return {"tpot": statistics.median(o.metrics.tpot for o in outs),
             "output_throughput": sum(len(o.token_ids) for o in outs) / wall, "outputs": outs,
             "num_steps": stats.num_steps, "spec": spec.to_dict() if spec is not None else None,
-            "graph_share": sum(s.cuda_graph for s in stats.steps) / max(1, len(stats.steps))}
+            "graph_share": sum(s.cuda_graph for s in stats.steps) / max(1, len(stats.steps)),
+            "step_ms": step_breakdown(stats.steps)}
+
+
+def step_breakdown(steps) -> dict:
+    """Where a steady-state step's time goes (medians, ms): verification steps (those with drafts) of a
+    speculative arm, decode-only steps of the baseline. draft: the proposer (for a draft model: its forward
+    passes and the one read-back); device: the target's forward on the device; the host phases of the step."""
+    sel = [s for s in steps if s.num_draft_tokens > 0]
+    kind = "verification"
+    if not sel:
+        sel, kind = [s for s in steps if s.num_decode_tokens and not s.num_prefill_tokens], "decode"
+    if not sel:
+        return {}
+    out = {"steps": kind, "count": len(sel)}
+    for name in ("duration", "draft_time", "device_time", "schedule_time", "prepare_time", "launch_time",
+                 "sample_time", "output_time"):
+        out[name] = 1e3 * statistics.median(getattr(s, name) for s in sel)
+    return out
 
 
 def label(arm: str, real: bool) -> str:
@@ -200,7 +218,8 @@ def main() -> None:
                    "acceptance_rate_per_position": spec[0]["acceptance_rate_per_position"],
                    "mean_accepted_length": statistics.median(s["mean_accepted_length"] for s in spec),
                    "draft_time_share": statistics.median(s["draft_time_share"] for s in spec),
-                   "num_steps": [r["num_steps"] for r in runs]}
+                   "num_steps": [r["num_steps"] for r in runs],
+                   "step_ms": [r["step_ms"] for r in runs], "baseline_step_ms": results[b]["baseline"][-1]["step_ms"]}
             rows.append(row)
             s = row["speedup"]
             cells.append(f"{s['median']:6.2f} [{s['min']:.2f}-{s['max']:.2f}] a {row['per_token_acceptance']:.2f}")
@@ -212,6 +231,16 @@ def main() -> None:
     for arm in arms:
         losing = [r["batch_size"] for r in rows if r["arm"] == arm and r["speedup"]["median"] < 1.0]
         crossover[arm] = min(losing) if losing else None
+    print("\nsteady-state step, medians in ms (last repeat): duration = draft (proposer) + schedule + prepare + "
+          "launch + sample + output; device: the target's forward")
+    for b in batch_sizes:
+        for arm in ["baseline"] + arms:
+            m = results[b][arm][-1]["step_ms"]
+            if m:
+                print(f"B={b:<4} {arm:>15} {m['steps']:>12} x{m['count']:<4} duration {m['duration']:7.2f} draft "
+                      f"{m['draft_time']:6.2f} device {m['device_time']:6.2f} host: schedule {m['schedule_time']:.2f} "
+                      f"prepare {m['prepare_time']:.2f} launch {m['launch_time']:.2f} sample {m['sample_time']:.2f} "
+                      f"output {m['output_time']:.2f}")
     print(f"\ntarget (B=1, 80%, k={args.k}, TPOT >= 2x): {target}; first batch size where speculation loses: "
           f"{crossover}")
     result = {"environment": environment(device), "model": args.model, "draft": args.draft,
