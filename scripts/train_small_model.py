@@ -212,7 +212,9 @@ def train(args, model, train_ids: torch.Tensor, val_ids: list[int], device, log)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last = step + 1 == args.steps
+        # A run stopped by --max-train-seconds ends with a validation too, so its last step can be kept.
+        out_of_time = bool(args.max_train_seconds) and time.perf_counter() - t0 > args.max_train_seconds
+        last = step + 1 == args.steps or out_of_time
         if (step + 1) % args.log_every == 0 or last:
             history["train"].append([step + 1, round(loss.item(), 4)])
             log(f"step {step + 1}/{args.steps} loss {loss.item():.4f} grad_norm {grad_norm.item():.3f} "
@@ -225,7 +227,7 @@ def train(args, model, train_ids: torch.Tensor, val_ids: list[int], device, log)
             if val_loss < best[1]:
                 best = (step + 1, val_loss)
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if args.max_train_seconds and time.perf_counter() - t0 > args.max_train_seconds:
+        if out_of_time and step + 1 < args.steps:
             log(f"stopping at step {step + 1}: --max-train-seconds {args.max_train_seconds} reached")
             history["stopped_by_time_at_step"] = step + 1
             break

@@ -204,7 +204,7 @@ class DraftModelProposer:
         b.ids_dev[:n].copy_(tok)
         graph, hidden = runner.graphs[size]
         graph.replay()
-        return runner.model.compute_logits(hidden[:n]).argmax(-1)
+        return _greedy(runner.model, hidden[:n])
 
     def _eager_first(self, batch, lens, qlens, table) -> torch.Tensor:
         """The first forward pass, eagerly: each sequence feeds its unseen tail (in rounds of at most the draft's
@@ -254,7 +254,7 @@ class DraftModelProposer:
         done = np.flatnonzero(ends == np.array([len(batch[i][0].all_token_ids) for i in idx]))
         if len(done):
             last = torch.from_numpy(qsl[1:][done].astype(np.int64) - 1).to(dev)
-            tok[torch.from_numpy(idx[done]).to(dev)] = runner.model.compute_logits(hidden[last]).argmax(-1)
+            tok[torch.from_numpy(idx[done]).to(dev)] = _greedy(runner.model, hidden[last])
 
     def _eager_decode(self, tok: torch.Tensor, step: torch.Tensor, seq_lens: np.ndarray,
                       table_dev: torch.Tensor) -> torch.Tensor:
@@ -271,7 +271,13 @@ class DraftModelProposer:
             query_start_loc_cpu=list(range(n + 1)) if host_lists else None,
             seq_lens_cpu=seq_lens.tolist() if host_lists else None)
         hidden = runner.model(tok, step[0, :n], runner.kv_caches, meta, runner.backend)
-        return runner.model.compute_logits(hidden).argmax(-1)
+        return _greedy(runner.model, hidden)
+
+
+def _greedy(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The draft's greedy tokens: argmax of the LM head in its own dtype (compute_logits' float32 copy and final
+    soft-cap change no argmax: the cast is exact, tanh is monotonic)."""
+    return model.lm_head(hidden).argmax(-1)
 
 
 def _common_prefix(seq: _DraftSeq, tokens: list[int]) -> int:
