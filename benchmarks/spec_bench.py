@@ -22,8 +22,10 @@ the median over the B requests of (finish - first token) / (tokens - 1); the tab
 Decode steps without any draft replay the decode CUDA graphs; verification steps in which every request
 verifies a full draft of k tokens replay verification graphs (the synthetic arms' steady state); the rest
 (mixed with prefill, or shorter drafts near max_tokens, most n-gram steps) run eagerly. StepStats.cuda_graph
-says which ran. The target runs without prefix caching (repeated prompts would otherwise skip the prefill
-of later arms); the draft runs with it (see engine/spec_decode/draft_model.py).
+says which ran. The draft model's decode steps replay its own CUDA graphs, one host sync per proposal (see
+engine/spec_decode/draft_model.py); in synthetic mode it is told it proposed the study's tokens, so it feeds one
+or two tokens per step as a draft with that acceptance would. The target runs without prefix caching (repeated
+prompts would otherwise skip the prefill of later arms).
 Target: at B = 1, 80% acceptance, k = 4: speed-up >= 2; the crossover (speed-up < 1) appears at large B.
 About 4 minutes on one H200 at the defaults.
 
@@ -32,6 +34,7 @@ prompts are cut from its heldout.json), with REAL acceptance only: n-gram, and t
 folder or preset with the same vocabulary) when given. E.g. on the CPU:
     PYTHONPATH=. python3 benchmarks/spec_bench.py --real --model data/models/pystdlib-llama-6m --draft none \
         --device cpu --batch-sizes 1,4,16 --output-len 48 --out data/benchmarks/spec_decode_cpu_shipped.json
+and with the shipped draft (data/models/pystdlib-llama-1m-draft) as --draft: data/benchmarks/spec_decode_cpu_draft.json.
 """
 import argparse
 import json
@@ -75,7 +78,25 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     return {"tpot": statistics.median(o.metrics.tpot for o in outs),
             "output_throughput": sum(len(o.token_ids) for o in outs) / wall, "outputs": outs,
             "num_steps": stats.num_steps, "spec": spec.to_dict() if spec is not None else None,
-            "graph_share": sum(s.cuda_graph for s in stats.steps) / max(1, len(stats.steps))}
+            "graph_share": sum(s.cuda_graph for s in stats.steps) / max(1, len(stats.steps)),
+            "step_ms": step_breakdown(stats.steps)}
+
+
+def step_breakdown(steps) -> dict:
+    """Where a steady-state step's time goes (medians, ms): verification steps (those with drafts) of a
+    speculative arm, decode-only steps of the baseline. draft: the proposer (for a draft model: its forward
+    passes and the one read-back); device: the target's forward on the device; the host phases of the step."""
+    sel = [s for s in steps if s.num_draft_tokens > 0]
+    kind = "verification"
+    if not sel:
+        sel, kind = [s for s in steps if s.num_decode_tokens and not s.num_prefill_tokens], "decode"
+    if not sel:
+        return {}
+    out = {"steps": kind, "count": len(sel)}
+    for name in ("duration", "draft_time", "device_time", "schedule_time", "prepare_time", "launch_time",
+                 "sample_time", "output_time"):
+        out[name] = 1e3 * statistics.median(getattr(s, name) for s in sel)
+    return out
 
 
 def label(arm: str, real: bool) -> str:
@@ -197,7 +218,8 @@ def main() -> None:
                    "acceptance_rate_per_position": spec[0]["acceptance_rate_per_position"],
                    "mean_accepted_length": statistics.median(s["mean_accepted_length"] for s in spec),
                    "draft_time_share": statistics.median(s["draft_time_share"] for s in spec),
-                   "num_steps": [r["num_steps"] for r in runs]}
+                   "num_steps": [r["num_steps"] for r in runs],
+                   "step_ms": [r["step_ms"] for r in runs], "baseline_step_ms": results[b]["baseline"][-1]["step_ms"]}
             rows.append(row)
             s = row["speedup"]
             cells.append(f"{s['median']:6.2f} [{s['min']:.2f}-{s['max']:.2f}] a {row['per_token_acceptance']:.2f}")
@@ -209,6 +231,16 @@ def main() -> None:
     for arm in arms:
         losing = [r["batch_size"] for r in rows if r["arm"] == arm and r["speedup"]["median"] < 1.0]
         crossover[arm] = min(losing) if losing else None
+    print("\nsteady-state step, medians in ms (last repeat): duration = draft (proposer) + schedule + prepare + "
+          "launch + sample + output; device: the target's forward")
+    for b in batch_sizes:
+        for arm in ["baseline"] + arms:
+            m = results[b][arm][-1]["step_ms"]
+            if m:
+                print(f"B={b:<4} {arm:>15} {m['steps']:>12} x{m['count']:<4} duration {m['duration']:7.2f} draft "
+                      f"{m['draft_time']:6.2f} device {m['device_time']:6.2f} host: schedule {m['schedule_time']:.2f} "
+                      f"prepare {m['prepare_time']:.2f} launch {m['launch_time']:.2f} sample {m['sample_time']:.2f} "
+                      f"output {m['output_time']:.2f}")
     print(f"\ntarget (B=1, 80%, k={args.k}, TPOT >= 2x): {target}; first batch size where speculation loses: "
           f"{crossover}")
     result = {"environment": environment(device), "model": args.model, "draft": args.draft,

@@ -696,19 +696,23 @@ class LLM:
                                  cost_proposer=None if draft is None else DraftModelProposer(draft))
 
     def _draft_engine(self, config: EngineConfig) -> LLMEngine:
-        """The draft model's engine, built from the target's config (speculation off, prefix caching on; on CUDA at
-        most 15% of the device memory). Raises ValueError if the vocabularies differ."""
+        """The draft model's engine, built from the target's config (speculation off; on CUDA, 15% of the device
+        memory on top of what is in use, the target's weights included). Raises ValueError if the vocabularies
+        differ. Its scheduler is never used: the proposer drives its runner and block pool (draft_model.py)."""
         name = config.speculative_model
         draft_spec = self.model_spec(name)
         if draft_spec.vocab_size != self.spec.vocab_size:
             raise ValueError(f"speculative_model={name!r} has vocab_size={draft_spec.vocab_size}, the target "
                              f"{self.spec.vocab_size}: the draft must share the target's vocabulary")
-        # The draft's prefix cache is what spares it recomputing each sequence every step (see draft_model.py).
+        # The draft keeps one sequence per request across steps (see draft_model.py): no prefix cache needed.
+        share = config.gpu_memory_utilization
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            share = min(share, (total - free) / total + 0.15)
         draft_config = config.replace(
-            speculative_method=None, speculative_model=None, enable_prefix_caching=True,
+            speculative_method=None, speculative_model=None, enable_prefix_caching=False,
             max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
-            gpu_memory_utilization=min(0.15, config.gpu_memory_utilization) if self.device.type == "cuda"
-            else config.gpu_memory_utilization)
+            gpu_memory_utilization=share)
         if self._draft is not None and self._draft_name == name:
             self._draft.reconfigure(draft_config)
         else:

@@ -525,6 +525,9 @@ class ModelRunner:
         Returns (plain samplers, their tokens, {request_id: verified tokens})."""
         drafts, plain, plain_rows, spec, row = sched.spec_drafts, [], [], {}, 0
         best = logits.float().argmax(-1).tolist()  # one device sync for every greedy verification
+        # Sampled verifications filter and draw on the host: one copy for all of them, not one per request.
+        host = logits.float().cpu() if any(not r.params.greedy and r.request_id in drafts
+                                           and drafts[r.request_id].forced is None for r in samplers) else logits
         for r in samplers:
             draft = drafts.get(r.request_id)
             if draft is None:
@@ -534,7 +537,7 @@ class ModelRunner:
             else:
                 gen = r.generator if r.generator is not None else self.sampler.generator
                 end = row + len(draft) + 1
-                spec[r.request_id] = verify_draft(logits[row:end], draft, r.params, gen, best[row:end])
+                spec[r.request_id] = verify_draft(host[row:end], draft, r.params, gen, best[row:end])
                 row += len(draft) + 1
         tokens = self.sampler(logits[torch.as_tensor(plain_rows, device=logits.device)], [r.params for r in plain],
                               [r.generator for r in plain]) if plain else []

@@ -212,7 +212,9 @@ def train(args, model, train_ids: torch.Tensor, val_ids: list[int], device, log)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last = step + 1 == args.steps
+        # A run stopped by --max-train-seconds ends with a validation too, so its last step can be kept.
+        out_of_time = bool(args.max_train_seconds) and time.perf_counter() - t0 > args.max_train_seconds
+        last = step + 1 == args.steps or out_of_time
         if (step + 1) % args.log_every == 0 or last:
             history["train"].append([step + 1, round(loss.item(), 4)])
             log(f"step {step + 1}/{args.steps} loss {loss.item():.4f} grad_norm {grad_norm.item():.3f} "
@@ -225,7 +227,7 @@ def train(args, model, train_ids: torch.Tensor, val_ids: list[int], device, log)
             if val_loss < best[1]:
                 best = (step + 1, val_loss)
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if args.max_train_seconds and time.perf_counter() - t0 > args.max_train_seconds:
+        if out_of_time and step + 1 < args.steps:
             log(f"stopping at step {step + 1}: --max-train-seconds {args.max_train_seconds} reached")
             history["stopped_by_time_at_step"] = step + 1
             break
@@ -362,6 +364,12 @@ def parse_args(argv=None):
     p.add_argument("--heldout-tokens", type=int, default=32768,
                    help="token budget of the stored held-out subset (heldout.json)")
     p.add_argument("--max-files", type=int, default=None, help="use only the first N files (smoke tests)")
+    p.add_argument("--tokenizer", default=None,
+                   help="reuse this model folder's tokenizer.json instead of training one (a draft model for "
+                        "speculative decoding must share its target's vocabulary)")
+    p.add_argument("--exclude-heldout-of", default=None,
+                   help="a model folder: leave the files of its heldout.json out of training and validation (so "
+                        "a draft never saw the text its target is evaluated on)")
     return p.parse_args(argv)
 
 
@@ -380,6 +388,13 @@ def main(argv=None) -> None:
 
     files = stdlib_files(args.max_files)
     train_files, val_files, test_files = split_files(files)
+    if args.exclude_heldout_of:
+        held = json.loads((Path(args.exclude_heldout_of) / "heldout.json").read_text())["files"]
+        held_paths = {f["path"] for f in held}
+        moved = [f for f in train_files + val_files if f[0] in held_paths]
+        train_files = [f for f in train_files if f[0] not in held_paths]
+        val_files = [f for f in val_files if f[0] not in held_paths]
+        log(f"left {len(moved)} files of {args.exclude_heldout_of}/heldout.json out of training and validation")
     corpus_hash = hashlib.sha256()
     for path, text in files:
         corpus_hash.update(path.encode() + b"\0" + text.encode("utf-8", "replace") + b"\0")
@@ -387,7 +402,12 @@ def main(argv=None) -> None:
         f"({sum(len(t) for _, t in files) / 1e6:.1f} M chars): {len(train_files)} train, {len(val_files)} "
         f"validation, {len(test_files)} test")
 
-    tok = train_tokenizer([t for _, t in train_files], args.vocab_size)
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+        assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK_ID, BOS_ID, EOS_ID, PAD_ID]
+    else:
+        tok = train_tokenizer([t for _, t in train_files], args.vocab_size)
     save_tokenizer(tok, out, model_max_length=2048)
     log(f"tokenizer: {tok.get_vocab_size()} tokens")
     train_stream = token_stream(tok, [t for _, t in train_files])

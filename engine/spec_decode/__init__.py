@@ -2,7 +2,8 @@
 
 - proposal.py: Draft (what a proposer offers) and the Proposer protocol.
 - ngram.py: prompt lookup (no extra model).
-- draft_model.py: a second model with the same vocabulary, run by its own engine.
+- draft_model.py: a second model with the same vocabulary; one KV sequence per request, its decode steps as
+  CUDA-graph replays with one host sync per proposal.
 - synthetic.py: performance studies on random weights (acceptance chosen, not earned; labelled as such).
 - verifier.py: acceptance that keeps the target distribution exactly (greedy: accept while equal).
 """

@@ -10,7 +10,9 @@ are not checked against the target, so outputs may drift from the target's after
 Every result from this mode must say "synthetic acceptance".
 
 An optional draft proposer (a DraftModelProposer) is run as well, its proposals discarded, to charge the draft
-model's cost to the step.
+model's cost to the step; it is told that it proposed the study's tokens (DraftModelProposer.assume), so that
+in the next step it feeds what a draft with this acceptance would feed (one or two tokens), not the tail of
+a rejection of its own random proposals.
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class SyntheticProposer:
                 ok = ok and self.rng.random() < self.acceptance
                 forced.append(ok)
             out[req.request_id] = Draft(tokens, forced=forced)
+            if self.cost_proposer is not None:
+                self.cost_proposer.assume(req.request_id, tokens)
         return out
 
     def release(self, request_id: str) -> None:

@@ -1,6 +1,7 @@
-"""Speculative decoding on one GPU (Triton kernels; decode steps without drafts replay CUDA graphs,
-verification steps run eagerly): the shipped model in float32 gives the same greedy tokens with n-gram and
-draft-model proposals as without, through chunked prefill, prefix-cache hits and preemption."""
+"""Speculative decoding on one GPU (Triton kernels; CUDA graphs for decode steps without drafts, for verification
+steps where every request verifies a full draft, and for the draft model's decode steps): the shipped model in
+float32 gives the same greedy tokens with n-gram and draft-model proposals as without, through chunked prefill,
+prefix-cache hits and preemption."""
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,44 @@ def test_spec_decode_greedy_identical_on_gpu(method, k):
     prompts = [shared + torch.randint(4, 4096, (8 + 9 * i,), generator=gen).tolist() for i in range(12)]
     prompts += [shared * 2, [10, 11, 12] * 20]  # repetitive: prompt lookup finds n-grams
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    base = dict(max_model_len=256, block_size=16, num_gpu_blocks=48, max_num_batched_tokens=96)
+    # 20 blocks of 16 tokens: the longest request needs 12 by its end, so two long ones cannot both grow and
+    # requests are preempted whatever the acceptance (the same config on the CPU: 6-8 preemptions for every
+    # case). With 48 blocks a draft accepting everything finished its requests before the pool ran out (0).
+    # max_num_seqs is explicit: the CPU's and the GPU's defaults differ.
+    base = dict(max_model_len=256, block_size=16, num_gpu_blocks=20, max_num_batched_tokens=96, max_num_seqs=16)
     llm = LLM.from_pretrained(MODEL, EngineConfig(**base), dtype=torch.float32)
     expected = [o.token_ids for o in llm.generate(prompts, params)]
     llm.reconfigure(EngineConfig(**base, speculative_method=method, num_speculative_tokens=k,
                                  speculative_model=str(MODEL) if method == "draft" else None))
+    replays, proposals = [], []
+    if method == "draft":  # count the draft's decode-graph replays: at least k - 1 per proposal
+        draft_runner = llm._draft.engine.runner
+        assert draft_runner.graphs
+        draft_runner.graphs = {size: (CountingGraph(g, replays), h) for size, (g, h) in draft_runner.graphs.items()}
+        propose = llm.engine.proposer.propose
+
+        def counting_propose(reqs, limits):
+            out = propose(reqs, limits)
+            proposals.extend([1] if out else [])  # a proposal the draft's pool could serve
+            return out
+
+        llm.engine.proposer.propose = counting_propose
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     st = llm.engine.stats()
     assert st.cuda_graphs and st.num_preemptions > 0 and st.prefix_cache_hits > 0
     assert st.spec_decode.num_accepted_tokens > 0 and st.num_used_blocks == 0
     if method == "draft":
         assert st.spec_decode.acceptance_rate > 0.8
+        assert proposals and len(replays) >= (k - 1) * len(proposals)
+
+
+class CountingGraph:
+    def __init__(self, graph, calls):
+        self.graph, self.calls = graph, calls
+
+    def replay(self):
+        self.calls.append(1)
+        self.graph.replay()
 
 
 def test_verification_graphs_on_gpu():

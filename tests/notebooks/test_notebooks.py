@@ -17,6 +17,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SHIPPED_MODEL = ROOT / "data" / "models" / "pystdlib-llama-6m"
+SHIPPED_DRAFT = ROOT / "data" / "models" / "pystdlib-llama-1m-draft"
 TIME_LIMIT_S = 180  # the bound per notebook on the CPU (they take well under a minute on 2 cores)
 
 
@@ -76,7 +77,8 @@ def assert_small_with_plotly_js_once(nb):
 
 def test_every_notebook_has_a_parameters_cell_first_and_no_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_paged_attention_internals.ipynb", "02_sweep.ipynb",
-                                           "03_tuning_session.ipynb", "04_where_the_time_goes.ipynb"]
+                                           "03_tuning_session.ipynb", "04_where_the_time_goes.ipynb",
+                                           "05_speculative_decoding.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         first_code = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
@@ -122,3 +124,11 @@ def test_04_where_the_time_goes(tmp_path, monkeypatch):
     import json
     trace = json.loads((tmp_path / "where_the_time_goes.trace.json").read_text())
     assert {e.get("cat") for e in trace["traceEvents"]} >= {"step", "phase", "request", "gemm"}
+
+
+def test_05_speculative_decoding(tmp_path, monkeypatch):
+    nb, seconds = execute(NOTEBOOKS[4], tmp_path, monkeypatch, DRAFT=str(SHIPPED_DRAFT), REPEATS=1)
+    assert outputs(nb, "error") == [] and seconds < TIME_LIMIT_S
+    log = text(nb)
+    assert "greedy output identical with speculation: True" in log and "best arm: " in log
+    assert (tmp_path / "speculative_decoding_cpu.png").stat().st_size > 10_000
