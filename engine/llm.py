@@ -12,6 +12,7 @@ import torch
 from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
 from .kv import KVCacheManager
+from .kv.hybrid import HybridKVCacheManager
 from .model.llama import LlamaModel
 from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
@@ -45,7 +46,10 @@ class LLMEngine:
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
         runner.capture_cuda_graphs()
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        groups = getattr(runner, "kv_groups", None)  # sliding-window models: one block table per KV cache group
+        self.kv = (KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching) if groups is None else
+                   HybridKVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, groups,
+                                        config.max_num_batched_tokens))
         self.scheduler = Scheduler(config, self.kv)
         self.groups = SequenceGroups(self.scheduler, self.kv, runner, self.spec.eos_token_ids,
                                      self.scheduler.max_model_len)
@@ -303,7 +307,7 @@ class LLMEngine:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         load = self._expert_load(sched.num_batched_tokens)
-        wasted = sum(len(kv.block_ids(r.request_id)) * bs - r.num_computed_tokens for r in self.scheduler.running)
+        wasted = kv.wasted_slots(self.scheduler.running)
         t_execute = start if t_execute is None else t_execute
         runner_time = result.prepare_time + result.launch_time + result.sample_time
         step = StepStats(

@@ -1,0 +1,363 @@
+"""The KV cache manager of a model with sliding-window layers: one block table per KV cache group, one pool.
+
+engine/kv/groups.py says how layers form groups. Here each group is a KVCacheManager over the one shared
+BlockPool (its prefix-cache hashes chain from its own root, so a group never hits another group's blocks); a
+sliding group is a SlidingWindowGroup, which also frees the blocks that left its window. HybridKVCacheManager
+is what the scheduler sees: the KVCacheManager interface, with every allocation checked against the pool for
+all groups at once (all groups get their blocks, or none does).
+"""
+from __future__ import annotations
+
+from .block_pool import BlockPool, KVBlock
+from .groups import KVCacheGroup, request_blocks
+from .hashing import hash_request_blocks
+from .kv_cache_manager import KVCacheManager, KVCacheSnapshot
+
+NULL_HASH = b"null block"  # never a real hash (those are 16 bytes): the null block is never registered
+
+
+class SlidingWindowGroup(KVCacheManager):
+    """The block tables of one sliding-window group (window W tokens: position p attends to p - W + 1 .. p).
+
+    Invariants, beyond KVCacheManager's:
+    - Before a request computes tokens from position c on, every block of its table whose tokens all lie
+      before c - W + 1 is freed and its slot holds null_block (id num_blocks, the scratch block past the pool;
+      never in the free queue, never cached, never counted in ref counts). The first num_skipped[r] slots of r
+      are exactly those (plus the slots a prefix hit left null): a table stays indexable by position.
+    - So between steps a request holds at most cdiv(W - 1, block_size) + 1 blocks here.
+    """
+
+    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool, window: int, hash_root: bytes):
+        super().__init__(pool.num_blocks, block_size, enable_prefix_caching, pool=pool, hash_root=hash_root)
+        self.sliding_window = window
+        self.null_block = KVBlock(pool.num_blocks)
+        self.null_block.ref_count = 1
+        self.null_block.block_hash = NULL_HASH
+        self.num_skipped: dict[str, int] = {}
+
+    def first_needed_block(self, num_computed_tokens: int) -> int:
+        """Index of the first block a token at position num_computed_tokens (and every later one) reads."""
+        return max(num_computed_tokens - self.sliding_window + 1, 0) // self.block_size
+
+    def remove_skipped_blocks(self, request_id: str, num_computed_tokens: int) -> None:
+        """Free the blocks no token from position num_computed_tokens on can see (oldest first: the free queue
+        then evicts the oldest of them first), leaving null_block in their slots."""
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        start = self.num_skipped.get(request_id, 0)
+        end = min(self.first_needed_block(num_computed_tokens), len(blocks))
+        if end <= start:
+            return
+        ids, null = self.req_to_block_ids[request_id], self.null_block
+        freed = []
+        for i in range(start, end):
+            if blocks[i] is not null:
+                freed.append(blocks[i])
+                blocks[i] = null
+                ids[i] = null.block_id
+        self.num_skipped[request_id] = end
+        self.pool.free_blocks(freed)
+
+    def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks: list[KVBlock] | None = None) -> bool:
+        if new_computed_blocks is None:
+            self.remove_skipped_blocks(request.request_id, request.num_computed_tokens)
+            return super().allocate_slots(request, num_new_tokens)
+        # Admission: the hits are null_block for the slots before the window of the first token to compute.
+        rid, null = request.request_id, self.null_block
+        blocks = self.req_to_blocks.get(rid, [])
+        hits = new_computed_blocks
+        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        needed = self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(hits)
+        real = [b for b in hits if b is not null]
+        if max(needed, 0) + sum(1 for b in real if b.ref_count == 0) > self.pool.num_free_blocks:
+            return False
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += len(hits) * self.block_size
+        self.pool.touch(real)
+        new_blocks = list(hits) + (self.pool.get_new_blocks(needed) if needed > 0 else [])
+        self.req_to_blocks.setdefault(rid, []).extend(new_blocks)
+        self.req_to_block_ids.setdefault(rid, []).extend(b.block_id for b in new_blocks)
+        if not blocks:
+            self.num_skipped[rid] = len(hits) - len(real)
+        self._cache_full_blocks(request, num_computed + num_new_tokens)
+        self.remove_skipped_blocks(rid, num_computed)
+        return True
+
+    def window_hits(self, blocks: list, n: int) -> int:
+        """The largest k <= n such that blocks[i] (a cached block or None) is cached for every i the window
+        of position k * block_size reads (first_needed_block .. k - 1)."""
+        for k in range(n, 0, -1):
+            lo = self.first_needed_block(k * self.block_size)
+            if all(b is not None for b in blocks[lo:k]):
+                return k
+        return 0
+
+    def free(self, request) -> None:
+        rid = request.request_id
+        blocks = self.req_to_blocks.pop(rid, [])
+        self.req_to_block_ids.pop(rid, None)
+        self.forked.discard(rid)
+        null = self.null_block
+        self.pool.free_blocks([b for b in reversed(blocks) if b is not null])
+        self.num_cached_blocks.pop(rid, None)
+        self.num_skipped.pop(rid, None)
+
+    def fork(self, parent, child, num_tokens: int) -> None:
+        cid, pid, null = child.request_id, parent.request_id, self.null_block
+        if self.req_to_blocks.get(cid):
+            raise RuntimeError(f"fork into {cid!r}, which already holds KV blocks")
+        blocks = self.req_to_blocks.get(pid, [])[:self.blocks_needed(num_tokens)]
+        if len(blocks) * self.block_size < num_tokens:
+            raise RuntimeError(f"fork of {num_tokens} tokens from {pid!r}, which holds {len(blocks)} blocks")
+        self.pool.touch([b for b in blocks if b is not null])
+        self.forked.update((pid, cid))
+        self.req_to_blocks[cid] = list(blocks)
+        self.req_to_block_ids[cid] = [b.block_id for b in blocks]
+        self.num_skipped[cid] = min(self.num_skipped.get(pid, 0), len(blocks))
+        full = num_tokens // self.block_size
+        self.req_to_hashes[cid] = list(self.req_to_hashes.get(pid, [])[:full])
+        self.num_cached_blocks[cid] = min(self.num_cached_blocks.get(pid, 0), full)
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks of the pool the request's table holds here (null slots excluded)."""
+        blocks = self.req_to_blocks.get(request_id, ())
+        return sum(1 for b in blocks if b is not self.null_block)
+
+
+class HybridKVCacheManager:
+    """KVCacheManager's interface over several KV cache groups sharing one BlockPool.
+
+    Invariants:
+    - groups[g] owns the block tables of group g (specs[g]); every request has a table in every group or in none,
+      all of the same length (positions index every table alike).
+    - An allocation (allocate_slots, allocate_draft_slots) first frees what left the sliding windows, then
+      takes the blocks of every group only if the pool holds them all: a failed allocation changes no table.
+    - A prefix-cache hit of n blocks is one that every group can serve: the full groups hold the first n blocks
+      cached, each sliding group the blocks the window of position n * block_size reads (the older ones
+      need not be cached: that request would not read them); otherwise the hit is shortened (recomputed).
+    - Counters of the pool (used, free, cached, shared blocks) count blocks of every group; prefix-cache
+      queries and hits count tokens once (group 0's count, every group sees the same hit).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, specs: tuple[KVCacheGroup, ...],
+                 max_chunk_tokens: int):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.specs = specs
+        self.windows = tuple(s.sliding_window for s in specs)
+        self.max_chunk_tokens = max_chunk_tokens
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.groups: list[KVCacheManager] = []
+        for g, spec in enumerate(specs):
+            root = bytes([g]) if g else b""
+            if spec.sliding_window is None:
+                self.groups.append(KVCacheManager(num_blocks, block_size, enable_prefix_caching, self.pool, root))
+            else:
+                self.groups.append(SlidingWindowGroup(self.pool, block_size, enable_prefix_caching,
+                                                      spec.sliding_window, root))
+        self.sliding = [m for m in self.groups if isinstance(m, SlidingWindowGroup)]
+        self.num_groups = len(specs)
+
+    # ----- counters (the pool's, shared by every group) ---------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free_blocks
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return self.pool.num_cached_free_blocks
+
+    @property
+    def num_shared_blocks(self) -> int:
+        return self.pool.num_shared_blocks
+
+    @property
+    def num_saved_blocks(self) -> int:
+        return self.groups[0].num_saved_blocks
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.groups[0].prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.groups[0].prefix_cache_hits
+
+    @property
+    def num_cow_copies(self) -> int:
+        return sum(m.num_cow_copies for m in self.groups)
+
+    @property
+    def req_to_blocks(self) -> dict:
+        return self.groups[0].req_to_blocks
+
+    def group_used_blocks(self) -> tuple[int, ...]:
+        """Blocks of the pool each group's tables hold (a block shared by two tables counts once)."""
+        out = []
+        for m in self.groups:
+            null = getattr(m, "null_block", None)
+            out.append(len({id(b) for bl in m.req_to_blocks.values() for b in bl if b is not null}))
+        return tuple(out)
+
+    def snapshot(self, detail: bool = False) -> KVCacheSnapshot:
+        pool = self.pool
+        used = self.group_used_blocks()
+        block_groups, group_tables = (), {}
+        if detail:
+            owner = [-1] * pool.num_blocks
+            for g, m in enumerate(self.groups):
+                for bl in m.req_to_blocks.values():
+                    for b in bl:
+                        if b.block_id < pool.num_blocks:
+                            owner[b.block_id] = g
+            block_groups = tuple(owner)
+            group_tables = {rid: tuple(tuple(m.block_ids(rid)) for m in self.groups)
+                            for rid in self.groups[0].req_to_block_ids}
+        return KVCacheSnapshot(
+            num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=self.num_used_blocks,
+            num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits, num_shared_blocks=self.num_shared_blocks,
+            num_saved_blocks=self.num_saved_blocks,
+            blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
+            block_tables={rid: tuple(ids) for rid, ids in self.groups[0].req_to_block_ids.items()} if detail else {},
+            group_used_blocks=used, block_groups=block_groups, group_block_tables=group_tables if detail else None)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks of the pool a request of num_tokens tokens can hold at once, over every group (a prefill chunk of
+        up to max_chunk_tokens included): what the pool must hold for it to run alone."""
+        return request_blocks(self.windows, num_tokens, self.block_size, min(self.max_chunk_tokens, num_tokens))
+
+    def wasted_slots(self, requests) -> int:
+        """Token slots held beyond the tokens stored, over every group (skipped slots hold no block and no token)."""
+        return sum(m.wasted_slots(requests) for m in self.groups)
+
+    # ----- allocation ----------------------------------------------------------------------------
+    def get_computed_blocks(self, request) -> tuple[tuple, int]:
+        """The longest prefix hit every group can serve (see the class docstring): per group, the blocks that
+        start its table (null_block where a sliding group needs none), and the hit's token count."""
+        if not self.enable_prefix_caching:
+            return (), 0
+        bs, rid, pool = self.block_size, request.request_id, self.pool
+        tokens = request.all_token_ids
+        n = ((request.fork_point or len(tokens)) - 1) // bs
+        found = []
+        for m in self.groups:
+            hashes = hash_request_blocks(tokens, bs, m.req_to_hashes.setdefault(rid, []), m.hash_root)
+            if isinstance(m, SlidingWindowGroup):
+                found.append([pool.get_cached_block(h) for h in hashes[:n]])
+            else:
+                run = []
+                for h in hashes[:n]:
+                    block = pool.get_cached_block(h)
+                    if block is None:
+                        break
+                    run.append(block)
+                found.append(run)
+        while True:  # a shorter hit may need older sliding blocks: shorten until every group agrees
+            k = n
+            for m, blocks in zip(self.groups, found):
+                k = m.window_hits(blocks, k) if isinstance(m, SlidingWindowGroup) else min(k, len(blocks))
+            if k == n:
+                break
+            n = k
+        hits = []
+        for m, blocks in zip(self.groups, found):
+            if isinstance(m, SlidingWindowGroup):
+                lo = m.first_needed_block(n * bs) if n else 0
+                hits.append([m.null_block] * lo + blocks[lo:n])
+            else:
+                hits.append(blocks[:n])
+        return tuple(hits), n * bs
+
+    def allocate_slots(self, request, num_new_tokens: int, new_computed_blocks=None) -> bool:
+        """As KVCacheManager.allocate_slots, for every group at once; new_computed_blocks: get_computed_blocks'
+        per-group hits (empty: no hit) when a waiting request is admitted."""
+        if new_computed_blocks is None:
+            rid, c = request.request_id, request.num_computed_tokens
+            for m in self.sliding:
+                m.remove_skipped_blocks(rid, c)
+            need = sum(m.num_blocks_to_allocate(request, num_new_tokens) for m in self.groups)
+            if need > self.pool.num_free_blocks:
+                return False
+            for m in self.groups:
+                if not m.allocate_slots(request, num_new_tokens):
+                    raise RuntimeError("a KV cache group failed an allocation the pool was checked for")
+            return True
+        hits = new_computed_blocks or ([],) * self.num_groups
+        need = sum(m.num_blocks_to_allocate(request, num_new_tokens, list(h)) for m, h in zip(self.groups, hits))
+        if need > self.pool.num_free_blocks:
+            return False
+        for m, h in zip(self.groups, hits):
+            if not m.allocate_slots(request, num_new_tokens, list(h)):
+                raise RuntimeError("a KV cache group failed an allocation the pool was checked for")
+        return True
+
+    def allocate_draft_slots(self, request, num_tokens: int, keep_free: int = 0) -> bool:
+        rid = request.request_id
+        need = sum(max(m.blocks_needed(num_tokens) - len(m.req_to_blocks.get(rid, ())), 0) for m in self.groups)
+        if need == 0:
+            return True
+        if need + keep_free > self.pool.num_free_blocks:
+            return False
+        for m in self.groups:
+            m.allocate_draft_slots(request, num_tokens)
+        return True
+
+    def trim(self, request, num_tokens: int) -> None:
+        for m in self.groups:
+            m.trim(request, num_tokens)
+
+    def fork(self, parent, child, num_tokens: int) -> None:
+        for m in self.groups:
+            m.fork(parent, child, num_tokens)
+
+    def free(self, request) -> None:
+        for m in reversed(self.groups):
+            m.free(request)
+
+    def forget(self, request) -> None:
+        for m in self.groups:
+            m.forget(request)
+
+    def free_unowned(self, owners: set[str]) -> list[str]:
+        orphans = set()
+        for m in self.groups:
+            orphans.update(m.free_unowned(owners))
+        return sorted(orphans)
+
+    def commit(self) -> None:
+        for m in self.groups:
+            m.commit()
+
+    def rollback(self) -> None:
+        for m in self.groups:
+            m.rollback()
+
+    def drop_provisional(self, request) -> None:
+        for m in self.groups:
+            m.drop_provisional(request)
+
+    def take_pending_copies(self) -> tuple[list[tuple[int, int]], list[str]]:
+        copies, rids = [], []
+        for m in self.groups:
+            c, r = m.take_pending_copies()
+            copies.extend(c)
+            rids.extend(x for x in r if x not in rids)
+        return copies, rids
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """Group 0's block table of the request (a full group's when the model has one); do not modify."""
+        return self.groups[0].block_ids(request_id)
+
+    def group_block_ids(self, request_id: str) -> tuple[list[int], ...]:
+        """The request's block table in every group (null slots hold id num_blocks); do not modify."""
+        return tuple(m.block_ids(request_id) for m in self.groups)
