@@ -12,6 +12,7 @@ import torch
 from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
 from .kv import KVCacheManager
+from .kv.groups import engine_kv_groups, request_blocks
 from .kv.hybrid import HybridKVCacheManager
 from .model.llama import LlamaModel
 from .model.presets import PRESETS, preset_config
@@ -536,6 +537,10 @@ class LLM:
     CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
     # The engine's sizing rule (engine/memory.py), for planners: bytes in, blocks out, verdict and reason.
     size_kv_cache = staticmethod(size_kv_cache)
+    # KV cache groups of sliding-window models (engine/kv/groups.py): which the engine keeps for a model, and the
+    # blocks one request holds in them; for the planner.
+    kv_cache_groups = staticmethod(engine_kv_groups)
+    request_kv_blocks = staticmethod(request_blocks)
     MEMORY_VERDICTS = MEMORY_VERDICTS
 
     @staticmethod

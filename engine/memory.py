@@ -144,7 +144,7 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
         source = f"num_gpu_blocks={num_gpu_blocks}" if num_gpu_blocks is not None else left
         fix = (f"lower max_model_len to {largest} or less" if largest > 0 else "lower max_model_len")
         reason = (f"the KV cache has {num_blocks} blocks of {block_size} tokens{_per_group(windows)} "
-                  f"({num_blocks * block_size} tokens, "
+                  f"({num_blocks * block_size // len(windows)} tokens{' of every layer' if group_windows else ''}, "
                   f"from {source}) but max_model_len={max_model_len} needs {need} blocks "
                   f"({_gib(need * bytes_per_block)}) for one request, short by "
                   f"{_gib((need - num_blocks) * bytes_per_block)}: {fix} (the largest max_model_len that fits "
@@ -152,7 +152,7 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
                   "cache, or use more GPUs")
     else:
         verdict = VERDICTS[0]
-        reason = (f"{num_blocks} KV blocks{_per_group(windows)} ({num_blocks * block_size} tokens) hold "
+        reason = (f"{num_blocks} KV blocks{_per_group(windows)} ({num_blocks * block_size // len(windows)} tokens) hold "
                   f"{num_blocks // steady} requests of max_model_len={max_model_len} at once")
     return KVCacheSizing(
         total_bytes=total_bytes, budget_bytes=budget, weight_bytes=weights, other_bytes=other,

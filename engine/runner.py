@@ -21,7 +21,7 @@ import torch
 from .config import EngineConfig
 from .kernels import AttentionMetadata, select_backend
 from .kv import KVCacheManager
-from .kv.groups import kv_cache_groups, layer_group_slots, needs_groups
+from .kv.groups import engine_kv_groups, layer_group_slots
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
@@ -203,9 +203,8 @@ class ModelRunner:
             self._check_host_activations(max_tokens)
         # KV cache groups (engine/kv/groups.py) when some layers slide (not under tensor parallelism, whose ranks
         # receive one block table): None keeps one table for every layer.
-        groups = kv_cache_groups(spec.layer_windows, spec.num_layers)
-        self.kv_groups = groups if needs_groups(groups) and config.tensor_parallel_size == 1 else None
-        extra = len(groups) - 1 if self.kv_groups else 0
+        self.kv_groups = engine_kv_groups(spec.layer_windows, spec.num_layers, config.tensor_parallel_size)
+        extra = len(self.kv_groups) - 1 if self.kv_groups else 0
         self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra)
         # Persistent rows of the groups past the first (same row index as table_rows), and how much of each is
         # written. Slots a sliding group freed keep their old ids here: the kernels never read a key outside

@@ -260,8 +260,10 @@ class Plan:
     The verdict, reason, kv_cache_bytes and num_gpu_blocks come from the engine's rule (LLM.size_kv_cache).
     load_bytes: the weights in the model dtype, which the engine builds on the GPU before quantizing
     (its start-up check). activation_peak_bytes estimates MemoryProfile.peak_activation_bytes, graph_pool_bytes
-    MemoryProfile.graph_pool_bytes. kv_tokens = num_gpu_blocks x block_size; max_concurrent_requests: requests
-    of max_model_len tokens whose KV fits at once; largest_max_model_len: the longest request the pool holds.
+    MemoryProfile.graph_pool_bytes. kv_tokens = num_gpu_blocks x block_size (/ the number of KV cache groups of
+    a sliding-window model, whose blocks each hold 1/num_groups of the layers: tokens of every layer);
+    max_concurrent_requests: requests of max_model_len tokens whose KV fits at once (a sliding layer keeping its
+    window's blocks only); largest_max_model_len: the longest request the pool holds.
     headroom_bytes: memory outside the engine's budget, (1 - util) x total. knobs: single changes that would
     make a failing plan fit (each checked by planning it).
     """
@@ -384,14 +386,19 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
         graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
         non_torch = cal.non_torch_bytes
+    # Sliding-window models: blocks per KV cache group, as the engine keeps them (engine/kv/groups.py).
+    groups = LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, tp)
+    windows = tuple(g.sliding_window for g in groups) if groups else None
     sizing = LLM.size_kv_cache(
         total_bytes=total, gpu_memory_utilization=util, weight_bytes=weights, kv_bytes_per_token=kv_token,
         block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static,
         activation_peak_bytes=fwd, graph_pool_bytes=graphs, non_torch_bytes=non_torch,
         num_gpu_blocks=cfg.num_gpu_blocks, load_bytes=load, max_positions=spec.max_position_embeddings,
-        device="cpu" if on_cpu else "cuda")
+        device="cpu" if on_cpu else "cuda", group_windows=windows, chunk_tokens=cfg.max_num_batched_tokens)
     blocks = sizing.num_blocks if sizing.verdict in ("fits", VERDICTS[2]) else 0
-    per_request = _cdiv(cfg.max_model_len, cfg.block_size)
+    # A request of max_model_len holds this many blocks between steps (all its blocks in a full group, its
+    # window's in a sliding one).
+    per_request = LLM.request_kv_blocks(windows or (None,), cfg.max_model_len, cfg.block_size)
     return Plan(
         model=name, gpu=gpu.name, total_bytes=total, dtype=dtype, quantization=cfg.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, tensor_parallel_size=tp, gpu_memory_utilization=util,
@@ -400,7 +407,8 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         weight_bytes_by_mode=modes, kv_bytes_per_token=kv_token, kv_bytes_per_token_by_dtype=kv_by,
         static_bytes=static, forward_peak_bytes=fwd, activation_peak_bytes=fwd, graph_pool_bytes=graphs,
         non_torch_bytes=non_torch, margin_bytes=sizing.margin_bytes, budget_bytes=sizing.budget_bytes,
-        kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks, kv_tokens=blocks * cfg.block_size,
+        kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks,
+        kv_tokens=blocks * cfg.block_size // (len(windows) if windows else 1),
         max_concurrent_requests=blocks // per_request, largest_max_model_len=sizing.largest_max_model_len,
         headroom_bytes=0 if on_cpu else total - sizing.budget_bytes, verdict=sizing.verdict, reason=sizing.reason)
 

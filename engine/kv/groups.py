@@ -61,6 +61,13 @@ def needs_groups(groups) -> bool:
     return any(g.sliding_window is not None for g in groups)
 
 
+def engine_kv_groups(layer_windows, num_layers: int, tensor_parallel_size: int = 1) -> tuple[KVCacheGroup, ...] | None:
+    """The groups the engine keeps for a model (the runner and the planner both ask here): None when it keeps one
+    table for every layer, because no layer slides, or under tensor parallelism (whose ranks get one table)."""
+    groups = kv_cache_groups(layer_windows, num_layers)
+    return groups if needs_groups(groups) and tensor_parallel_size == 1 else None
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
