@@ -330,7 +330,7 @@ class LLMEngine:
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
             num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read,
             expert_imbalance=expert_imbalance(load), num_shared_blocks=kv.num_shared_blocks,
-            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows)
+            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows, group_used_blocks=kv.group_used_blocks())
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
@@ -413,18 +413,25 @@ class LLMEngine:
             expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
             spec_decode=copy.deepcopy(self._spec),
             num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
-            num_cow_copies=self._num_cow_copies)
+            num_cow_copies=self._num_cow_copies, group_used_blocks=kv.group_used_blocks,
+            kv_cache_groups=tuple(g.sliding_window for g in getattr(self.kv, "specs", ())))
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
         (cached: holds a prefix-cache hash), "block_tables" {request_id: [block ids]}, "running"
         {request_id: num_computed_tokens} in admission order, "waiting" [request_id] in queue order."""
         kv, sched = self.kv.snapshot(detail=True), self.scheduler
-        return {"block_size": self.config.block_size,
-                "blocks": list(kv.blocks),
-                "block_tables": {rid: list(ids) for rid, ids in kv.block_tables.items()},
-                "running": {r.request_id: r.num_computed_tokens for r in sched.running},
-                "waiting": [r.request_id for r in sched.waiting]}
+        out = {"block_size": self.config.block_size,
+               "blocks": list(kv.blocks),
+               "block_tables": {rid: list(ids) for rid, ids in kv.block_tables.items()},
+               "running": {r.request_id: r.num_computed_tokens for r in sched.running},
+               "waiting": [r.request_id for r in sched.waiting]}
+        if kv.group_block_tables is not None:
+            # Sliding-window models: the KV cache groups' windows, each block's group (-1: free) and every table per
+            # group (block_tables is group 0's; id num_gpu_blocks marks a slot whose block left the window).
+            out.update(kv_cache_groups=[g.sliding_window for g in self.kv.specs], block_groups=list(kv.block_groups),
+                       group_block_tables={rid: [list(t) for t in ts] for rid, ts in kv.group_block_tables.items()})
+        return out
 
 
 def _default_device(config: EngineConfig) -> torch.device:

@@ -16,6 +16,33 @@ from .kv_cache_manager import KVCacheManager, KVCacheSnapshot
 NULL_HASH = b"null block"  # never a real hash (those are 16 bytes): the null block is never registered
 
 
+class GroupPoolView:
+    """One KV cache group's view of the shared BlockPool: forwards everything to it, and counts the blocks this
+    group holds (num_used_blocks: blocks with a reference from this group's tables; a block serves one group
+    at a time, so the groups' counts add up to the pool's used blocks)."""
+
+    def __init__(self, pool: BlockPool):
+        self._pool = pool
+        self.num_used_blocks = 0
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    def get_new_blocks(self, n: int) -> list[KVBlock]:
+        out = self._pool.get_new_blocks(n)
+        self.num_used_blocks += n
+        return out
+
+    def touch(self, blocks) -> None:
+        self.num_used_blocks += sum(1 for b in blocks if b.ref_count == 0)
+        self._pool.touch(blocks)
+
+    def free_blocks(self, blocks) -> None:
+        blocks = list(blocks)
+        self._pool.free_blocks(blocks)
+        self.num_used_blocks -= sum(1 for b in blocks if b.ref_count == 0)
+
+
 class SlidingWindowGroup(KVCacheManager):
     """The block tables of one sliding-window group (window W tokens: position p attends to p - W + 1 .. p).
 
@@ -27,7 +54,7 @@ class SlidingWindowGroup(KVCacheManager):
     - So between steps a request holds at most cdiv(W - 1, block_size) + 1 blocks here.
     """
 
-    def __init__(self, pool: BlockPool, block_size: int, enable_prefix_caching: bool, window: int, hash_root: bytes):
+    def __init__(self, pool, block_size: int, enable_prefix_caching: bool, window: int, hash_root: bytes):
         super().__init__(pool.num_blocks, block_size, enable_prefix_caching, pool=pool, hash_root=hash_root)
         self.sliding_window = window
         self.null_block = KVBlock(pool.num_blocks)
@@ -151,11 +178,12 @@ class HybridKVCacheManager:
         self.groups: list[KVCacheManager] = []
         for g, spec in enumerate(specs):
             root = bytes([g]) if g else b""
+            view = GroupPoolView(self.pool)
             if spec.sliding_window is None:
-                self.groups.append(KVCacheManager(num_blocks, block_size, enable_prefix_caching, self.pool, root))
+                self.groups.append(KVCacheManager(num_blocks, block_size, enable_prefix_caching, view, root))
             else:
-                self.groups.append(SlidingWindowGroup(self.pool, block_size, enable_prefix_caching,
-                                                      spec.sliding_window, root))
+                self.groups.append(SlidingWindowGroup(view, block_size, enable_prefix_caching, spec.sliding_window,
+                                                      root))
         self.sliding = [m for m in self.groups if isinstance(m, SlidingWindowGroup)]
         self.num_groups = len(specs)
 
@@ -202,11 +230,7 @@ class HybridKVCacheManager:
 
     def group_used_blocks(self) -> tuple[int, ...]:
         """Blocks of the pool each group's tables hold (a block shared by two tables counts once)."""
-        out = []
-        for m in self.groups:
-            null = getattr(m, "null_block", None)
-            out.append(len({id(b) for bl in m.req_to_blocks.values() for b in bl if b is not null}))
-        return tuple(out)
+        return tuple(m.pool.num_used_blocks for m in self.groups)
 
     def snapshot(self, detail: bool = False) -> KVCacheSnapshot:
         pool = self.pool

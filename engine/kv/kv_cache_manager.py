@@ -198,6 +198,10 @@ class KVCacheManager:
         n += max(self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(hits), 0)
         return n + sum(1 for b in hits if b.ref_count == 0)
 
+    def group_used_blocks(self) -> tuple[int, ...]:
+        """Blocks in use per KV cache group: () with one group (num_used_blocks says it all)."""
+        return ()
+
     def wasted_slots(self, requests) -> int:
         """Token slots the requests' block tables hold beyond their computed tokens (internal fragmentation)."""
         ids, bs = self.req_to_block_ids, self.block_size

@@ -1,0 +1,220 @@
+"""Sliding-window paged KV (engine/kv/groups.py, engine/kv/hybrid.py): KV cache groups, the blocks a sliding group
+frees as a request advances (hand-computed counts), prefix hits that need the window's blocks, and the same tokens
+as the one-table engine (HF parity: tests/engine/test_model_families.py) with sharing, beams and speculation."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from engine import LLM, BeamSearchParams, EngineConfig, SamplingParams
+from engine.kv.groups import (group_blocks, kv_cache_groups, largest_request_tokens, layer_group_slots,
+                              request_blocks)
+from engine.kv.hybrid import HybridKVCacheManager
+from engine.request import Request
+from family_models import make_family_model, tiny_family_config
+from test_model_families import hf_greedy, make_prompts, assert_same_greedy
+
+
+def test_gemma_3_12b_groups():
+    """48 layers, every 6th global: G = gcd(8, 40) = 8 layers per group, 1 full group and 5 sliding ones."""
+    spec = LLM.model_spec("gemma-3-12b")
+    groups = kv_cache_groups(spec.layer_windows, spec.num_layers)
+    assert [g.sliding_window for g in groups] == [None] + [1024] * 5
+    assert groups[0].layers == tuple(range(5, 48, 6))
+    assert groups[1].layers == (0, 1, 2, 3, 4, 6, 7, 8)
+    slots = layer_group_slots(groups)
+    assert slots[5] == (0, 0) and slots[47] == (0, 7) and slots[0] == (1, 0) and slots[46] == (5, 7)
+    assert LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2) is None  # tensor parallel: one table
+    assert LLM.kv_cache_groups((None,) * 4, 4) is None  # no window: one table, the plain engine
+    # Gemma 2 alternates: 2 groups of half the layers; Mistral's window on every layer: 1 sliding group.
+    assert [(len(g.layers), g.sliding_window) for g in kv_cache_groups((4, None) * 3, 6)] == [(3, None), (3, 4)]
+    assert [(len(g.layers), g.sliding_window) for g in kv_cache_groups((4,) * 3, 3)] == [(3, 4)]
+
+
+def test_request_blocks_hand_computed():
+    # Window 32, blocks of 16: the 32 visible tokens straddle at most cdiv(31, 16) + 1 = 3 blocks.
+    assert group_blocks(32, 200, 16) == 3
+    assert group_blocks(None, 200, 16) == 13
+    assert group_blocks(32, 20, 16) == 2  # a short request: its own blocks
+    assert group_blocks(32, 200, 16, chunk_tokens=200) == 13  # a whole-prompt prefill holds every block
+    assert group_blocks(32, 200, 16, chunk_tokens=64) == math.ceil((31 + 64) / 16) + 1
+    # gemma-3-12b at 4096 tokens: 256 blocks in the full group, 1023 // 16 + 1 + 1 = 65 in each sliding group.
+    assert request_blocks((None,) + (1024,) * 5, 4096, 16) == 256 + 5 * 65
+    assert largest_request_tokens((None, 32), 13 + 3, 16, 1, 10_000) == 13 * 16
+    assert largest_request_tokens((32,), 3, 16, 1, 10_000) == 10_000  # sliding only: any length
+
+
+@pytest.fixture(scope="module")
+def window32():
+    """Tiny Gemma 3 (3 sliding layers of window 32, 1 global) and its HF twin."""
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+    from family_models import perturb_weights
+    cfg = tiny_family_config("gemma3")
+    cfg.sliding_window = 32
+    return perturb_weights(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+
+
+def test_sliding_groups_hold_the_window_only(window32):
+    """Prompt 200, window 32, blocks of 16: after the prefill step (13 blocks in every group), each sliding group
+    holds exactly the blocks of positions c - 31 .. c (at most 3), the full group cdiv(c + 1, 16); HF's tokens."""
+    llm = LLM.from_hf_model(window32, EngineConfig(device="cpu", block_size=16, max_model_len=512))
+    eng = llm.engine
+    assert eng.stats().kv_cache_groups == (None, 32, 32, 32)
+    prompt = make_prompts(3, [200])[0]
+    eng.add_request("r", prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    req = eng.requests["r"]
+    eng.step()
+    assert eng.last_step_stats().group_used_blocks == (13, 13, 13, 13)
+    seen = set()
+    while eng.has_unfinished_requests():
+        c = req.num_computed_tokens  # the position this step computes
+        eng.step()
+        used = eng.last_step_stats().group_used_blocks
+        if not eng.has_unfinished_requests():
+            break
+        sliding = c // 16 - max(c - 31, 0) // 16 + 1
+        assert used == (math.ceil((c + 1) / 16), sliding, sliding, sliding), c
+        seen.add(sliding)
+        assert eng.kv.num_used_blocks == sum(used)
+    assert max(seen) == 3 and eng.stats().num_used_blocks == 0
+    assert eng.stats().group_used_blocks == (0, 0, 0, 0)
+    expected, gaps = hf_greedy(window32, prompt, 30)
+    assert_same_greedy(req.output_token_ids, expected, gaps, "window 32, prompt 200")
+
+
+def test_block_map_shows_groups(window32):
+    llm = LLM.from_hf_model(window32, EngineConfig(device="cpu", block_size=16, max_model_len=128, num_gpu_blocks=64))
+    eng = llm.engine
+    eng.add_request("r", make_prompts(4, [100])[0], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    eng.step()
+    eng.step()
+    m = eng.block_map()
+    assert m["kv_cache_groups"] == [None, 32, 32, 32]
+    tables = m["group_block_tables"]["r"]
+    assert len(tables) == 4 and all(len(t) == 7 for t in tables)
+    assert tables[1][:4] == [64] * 4  # left the window (position 100 sees 69..100): the null block's id
+    for g, t in enumerate(tables):
+        assert all(m["block_groups"][b] == g for b in t if b != 64)
+    assert m["block_groups"].count(-1) == 64 - 7 - 3 * 3
+
+
+def _req(rid, tokens):
+    return Request(rid, tokens, SamplingParams(max_tokens=4), 0.0, ())
+
+
+def test_prefix_hit_needs_the_windows_blocks():
+    """A hit is as long as every group can serve: the sliding group only needs the blocks the window of the first
+    token to compute reads; once one of those is evicted, the hit shrinks to where the window is cached again."""
+    kv = HybridKVCacheManager(64, 16, True, kv_cache_groups((None, 32), 2), max_chunk_tokens=256)
+    full, sliding = kv.groups
+    tokens = list(range(100, 200))
+    a = _req("a", tokens)
+    assert kv.allocate_slots(a, 100, kv.get_computed_blocks(a)[0])
+    kv.commit()
+    a.num_computed_tokens = 100
+    assert kv.allocate_slots(a, 1)  # decoding position 100: blocks 0..3 left the window (100 - 31 = 69 -> block 4)
+    assert sliding.block_ids("a")[:4] == [64] * 4 and kv.group_used_blocks() == (7, 3)
+    kv.free(a)
+    assert kv.num_used_blocks == 0
+    b = _req("b", tokens + list(range(300, 320)))
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 96  # 6 full blocks; the window of position 96 reads 65..96: blocks 4 and 5
+    assert [len(h) for h in hits] == [6, 6] and hits[1][:4] == [sliding.null_block] * 4
+    # Evict the sliding group's block 4: position 96's window is gone; position 64's (33..64: blocks 2, 3) is cached.
+    block4 = hits[1][4]
+    kv.pool.uncache_block(block4, block4.block_hash)
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 64 and hits[1][:2] == [sliding.null_block] * 2 and all(h is not None for h in hits[1])
+    assert kv.allocate_slots(b, 120 - 64, hits)
+    assert kv.prefix_cache_hits == 64 and sliding.block_ids("b")[:2] == [64, 64]
+    kv.commit()
+    kv.free(b)
+    assert kv.num_used_blocks == 0 and kv.group_used_blocks() == (0, 0)
+
+
+def test_allocation_is_all_groups_or_none():
+    kv = HybridKVCacheManager(10, 16, False, kv_cache_groups((None, 32), 2), max_chunk_tokens=256)
+    a = _req("a", list(range(90)))
+    assert not kv.allocate_slots(a, 90, [])  # 6 + 6 blocks > 10: nothing taken
+    assert kv.num_used_blocks == 0 and not kv.req_to_blocks
+    assert kv.allocate_slots(a, 64, [])  # a chunk of 64: 4 + 4
+    assert kv.group_used_blocks() == (4, 4)
+    a.num_computed_tokens = 64
+    assert kv.allocate_slots(a, 26)  # 6 full, sliding frees block 0 (64 - 31 = 33 -> block 2: blocks 0, 1) then 2 new
+    assert kv.group_used_blocks() == (6, 4)
+    assert kv.blocks_needed(90) == 6 + 6 and kv.blocks_needed(1000) == 63 + min(63, (31 + 256 + 15) // 16 + 1)
+
+
+def _plain(monkeypatch):
+    """The one-table engine (every layer keeps every block; sliding layers only mask)."""
+    import engine.runner
+    monkeypatch.setattr(engine.runner, "engine_kv_groups", lambda *a: None)
+
+
+@pytest.mark.parametrize("what", ["n3-sampled", "beam", "ngram"])
+def test_sharing_beams_and_speculation_match_the_one_table_engine(window32, monkeypatch, what):
+    """Forked sequences (copy-on-write), beam search and speculative decoding give the tokens of the engine that
+    keeps one table for every layer, with prompts several windows long; the pool ends empty."""
+    prompts = make_prompts(5, [90, 41])
+    cfg = EngineConfig(device="cpu", block_size=8, max_model_len=256, enable_prefix_caching=True,
+                       **({"speculative_method": "ngram", "num_speculative_tokens": 3} if what == "ngram" else {}))
+    if what == "ngram":  # repetitive prompts, so the lookup proposes something
+        prompts = [(p[:12] * 8)[:90] for p in prompts]
+
+    def go(llm):
+        if what == "beam":
+            outs = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=12, ignore_eos=True))
+            return [[c.token_ids for c in o.outputs] for o in outs]
+        params = (SamplingParams(n=3, max_tokens=20, temperature=1.0, seed=7, ignore_eos=True) if what != "ngram"
+                  else SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+        return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+
+    hybrid = LLM.from_hf_model(window32, cfg)
+    assert isinstance(hybrid.engine.kv, HybridKVCacheManager)
+    got = go(hybrid)
+    assert hybrid.engine.stats().num_used_blocks == 0
+    if what == "n3-sampled":
+        assert hybrid.engine.stats().num_cow_copies > 0
+    if what == "ngram":
+        assert hybrid.engine.stats().spec_decode.num_draft_tokens > 0
+    _plain(monkeypatch)
+    plain = LLM.from_hf_model(window32, cfg)
+    assert not isinstance(plain.engine.kv, HybridKVCacheManager)
+    assert got == go(plain)
+
+
+def test_sliding_window_kv_holds_more_requests_in_the_same_memory(window32, monkeypatch):
+    """The same memory (64 blocks of all 4 layers = 256 blocks of one group) and 8 requests of 150 tokens: the
+    grouped pool holds them all at once, the one-table pool (64 blocks) preempts."""
+    prompts = make_prompts(6, [140] * 8)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    base = dict(device="cpu", block_size=16, max_model_len=256, max_num_batched_tokens=256)
+    hybrid = LLM.from_hf_model(window32, EngineConfig(**base, num_gpu_blocks=256))
+    a = hybrid.generate(prompts, params)
+    s = hybrid.engine.stats()
+    # 10 blocks of the full group + 3 x 3 of the sliding ones per decoding request: 8 x 19 = 152 <= 256.
+    assert s.num_preemptions == 0 and max(st.num_running for st in s.steps) == 8
+    _plain(monkeypatch)
+    plain = LLM.from_hf_model(window32, EngineConfig(**base, num_gpu_blocks=64))
+    b = plain.generate(prompts, params)
+    assert plain.engine.stats().num_preemptions > 0  # 8 x 10 blocks > 64
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_planner_capacity_gemma_3_12b_vs_no_window():
+    """H200, 4096-token requests, blocks of 16: the same KV bytes K; a group block is 1 MiB (8 layers x 8 KV heads
+    x 256 x 2 (K, V) x 2 bytes x 16 tokens), a one-table block 6 MiB; a request holds 256 + 5 x 65 = 581 group
+    blocks or 256 one-table blocks: (K / 1 MiB - 1) // 581 vs (K / 6 MiB - 1) // 256, about 6 x 256 / 581 = 2.64x."""
+    from workbench.planner import plan
+    spec = LLM.model_spec("gemma-3-12b")
+    plain_spec = dataclasses.replace(spec, layer_windows=(None,) * spec.num_layers)
+    cfg = EngineConfig(max_model_len=4096, block_size=16)
+    a, b = plan(spec, "H200", cfg), plan(plain_spec, "H200", cfg)
+    assert a.fits and b.fits and a.kv_cache_bytes == b.kv_cache_bytes
+    mib = 2**20
+    assert a.num_gpu_blocks == a.kv_cache_bytes // mib - 1 and b.num_gpu_blocks == b.kv_cache_bytes // (6 * mib) - 1
+    assert a.max_concurrent_requests == a.num_gpu_blocks // 581
+    assert b.max_concurrent_requests == b.num_gpu_blocks // 256
+    assert 2.5 <= a.max_concurrent_requests / b.max_concurrent_requests <= 2.7
