@@ -218,3 +218,51 @@ def test_planner_capacity_gemma_3_12b_vs_no_window():
     assert a.max_concurrent_requests == a.num_gpu_blocks // 581
     assert b.max_concurrent_requests == b.num_gpu_blocks // 256
     assert 2.5 <= a.max_concurrent_requests / b.max_concurrent_requests <= 2.7
+
+
+def _check_pool(kv):
+    """Ref counts equal the owners over every group's tables (null slots aside); free queue = unowned blocks."""
+    from collections import Counter
+    owners = Counter(b.block_id for m in kv.groups for blocks in m.req_to_blocks.values() for b in blocks
+                     if b.block_id < kv.num_blocks)
+    free = {b.block_id for b in kv.pool.free_queue}
+    for block in kv.pool.blocks:
+        assert block.ref_count == owners.get(block.block_id, 0)
+        assert (block.ref_count == 0) == (block.block_id in free)
+    assert kv.pool.num_cached_free_blocks == sum(1 for b in kv.pool.cached_blocks.values() if b.ref_count == 0)
+    assert sum(kv.group_used_blocks()) == kv.num_used_blocks
+
+
+@pytest.mark.parametrize("call,layer", [(0, 0), (2, 2), (4, 3), (6, 1), (7, 0)])
+def test_interrupted_step_then_reference_tokens(window32, call, layer):
+    """A step interrupted in any layer is rolled back in every group: nothing half-written stays cached, the pool
+    is consistent, and the prompts (chunked, sharing a prefix, several windows long) then give the reference."""
+    from collections import Counter
+    cfg = EngineConfig(device="cpu", block_size=8, max_num_batched_tokens=24, max_model_len=128,
+                       enable_prefix_caching=True, num_gpu_blocks=120)
+    prompts = make_prompts(7, [70, 20])
+    prompts[1] = prompts[0][:48] + prompts[1]
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    llm = LLM.from_hf_model(window32, cfg)
+    refs = [o.token_ids for o in llm.generate(prompts, greedy)]
+    llm.reconfigure(cfg)
+    llm.generate([make_prompts(8, [60])[0]], greedy)  # cached blocks holding other KV
+    seen = Counter()
+
+    def hook(module, args):
+        seen["n"] += 1
+        if seen["n"] == call + 1:
+            raise KeyboardInterrupt
+    handle = llm.model.layers[layer].register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts, greedy)
+    finally:
+        handle.remove()
+    kv = llm.engine.kv
+    assert kv.num_used_blocks == 0
+    _check_pool(kv)
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == refs
+    assert [llm.generate([p], greedy)[0].token_ids for p in prompts] == refs
+    assert llm.engine.stats().prefix_cache_hits > 0
+    _check_pool(kv)
