@@ -186,6 +186,11 @@ class HybridKVCacheManager:
                                                       root))
         self.sliding = [m for m in self.groups if isinstance(m, SlidingWindowGroup)]
         self.num_groups = len(specs)
+        # Groups of one window free the same slots at the same time (same positions, same table lengths): one of
+        # each window tells whether a step frees anything.
+        self._window_heads = list({m.sliding_window: m for m in self.sliding}.values())
+        # request_id -> its tables (the groups' lists, which live from a request's first allocation to its free)
+        self._tables: dict[str, tuple[list[int], ...]] = {}
 
     # ----- counters (the pool's, shared by every group) ---------------------------------------------
     @property
@@ -307,6 +312,15 @@ class HybridKVCacheManager:
         per-group hits (empty: no hit) when a waiting request is admitted."""
         if new_computed_blocks is None:
             rid, c = request.request_id, request.num_computed_tokens
+            # Fast path of a decode step (most steps): the tokens fit every table, no slot leaves a window, no
+            # block fills up for the prefix cache, no copy-on-write.
+            g0, bs = self.groups[0], self.block_size
+            blocks = g0.req_to_blocks.get(rid)
+            total = c + num_new_tokens
+            if (blocks is not None and total <= len(blocks) * bs and not (g0.forked and rid in g0.forked)
+                    and (not self.enable_prefix_caching or total // bs <= g0.num_cached_blocks.get(rid, 0))
+                    and all(m.num_skipped.get(rid, 0) >= m.first_needed_block(c) for m in self._window_heads)):
+                return True
             for m in self.sliding:
                 m.remove_skipped_blocks(rid, c)
             need = sum(m.num_blocks_to_allocate(request, num_new_tokens) for m in self.groups)
@@ -345,6 +359,7 @@ class HybridKVCacheManager:
             m.fork(parent, child, num_tokens)
 
     def free(self, request) -> None:
+        self._tables.pop(request.request_id, None)
         for m in reversed(self.groups):
             m.free(request)
 
@@ -356,6 +371,8 @@ class HybridKVCacheManager:
         orphans = set()
         for m in self.groups:
             orphans.update(m.free_unowned(owners))
+        for rid in orphans:
+            self._tables.pop(rid, None)
         return sorted(orphans)
 
     def commit(self) -> None:
@@ -384,4 +401,9 @@ class HybridKVCacheManager:
 
     def group_block_ids(self, request_id: str) -> tuple[list[int], ...]:
         """The request's block table in every group (null slots hold id num_blocks); do not modify."""
-        return tuple(m.block_ids(request_id) for m in self.groups)
+        tables = self._tables.get(request_id)
+        if tables is None:
+            tables = tuple(m.block_ids(request_id) for m in self.groups)
+            if request_id in self.groups[0].req_to_block_ids:
+                self._tables[request_id] = tables
+        return tables
