@@ -334,9 +334,16 @@ class HybridKVCacheManager:
         need = sum(m.num_blocks_to_allocate(request, num_new_tokens, list(h)) for m, h in zip(self.groups, hits))
         if need > self.pool.num_free_blocks:
             return False
+        # Hold every group's hits first: a hit that sits free in the queue must not be handed out (evicted) as a
+        # new block of an earlier group. The extra reference goes once each group has taken its own.
+        held = [[b for b in h if b.block_id < self.pool.num_blocks] for h in hits]
+        for m, h in zip(self.groups, held):
+            m.pool.touch(h)
         for m, h in zip(self.groups, hits):
             if not m.allocate_slots(request, num_new_tokens, list(h)):
                 raise RuntimeError("a KV cache group failed an allocation the pool was checked for")
+        for m, h in zip(self.groups, held):
+            m.pool.free_blocks(h)
         return True
 
     def allocate_draft_slots(self, request, num_tokens: int, keep_free: int = 0) -> bool:

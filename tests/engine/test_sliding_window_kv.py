@@ -5,6 +5,9 @@ import dataclasses
 import math
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis import given
 import torch
 
 from engine import LLM, BeamSearchParams, EngineConfig, SamplingParams
@@ -230,6 +233,8 @@ def _check_pool(kv):
         assert block.ref_count == owners.get(block.block_id, 0)
         assert (block.ref_count == 0) == (block.block_id in free)
     assert kv.pool.num_cached_free_blocks == sum(1 for b in kv.pool.cached_blocks.values() if b.ref_count == 0)
+    assert kv.group_used_blocks() == tuple(
+        len({b.block_id for bl in m.req_to_blocks.values() for b in bl if b.block_id < kv.num_blocks}) for m in kv.groups)
     assert sum(kv.group_used_blocks()) == kv.num_used_blocks
 
 
@@ -265,4 +270,89 @@ def test_interrupted_step_then_reference_tokens(window32, call, layer):
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == refs
     assert [llm.generate([p], greedy)[0].token_ids for p in prompts] == refs
     assert llm.engine.stats().prefix_cache_hits > 0
+    _check_pool(kv)
+
+
+def _check_tables(kv, running):
+    """Every group's table of a request has one length, covers its computed tokens, and a sliding table holds the
+    null block exactly in its skipped slots, a real block in every slot the next token's window reads."""
+    for req in running:
+        rid, c = req.request_id, req.num_computed_tokens
+        lengths = {len(m.block_ids(rid)) for m in kv.groups}
+        assert len(lengths) == 1 and lengths.pop() * kv.block_size >= c
+        for m in kv.sliding:
+            ids, skipped = m.block_ids(rid), m.num_skipped.get(rid, 0)
+            assert all(b == kv.num_blocks for b in ids[:skipped])
+            assert all(b < kv.num_blocks for b in ids[max(skipped, m.first_needed_block(c)):])
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "rollback", "fork", "draft"]),
+                              st.integers(0, 3),
+                              st.integers(1, 40)), min_size=1, max_size=40))
+def test_hybrid_manager_invariants_under_random_schedules(ops):
+    """Admissions with prefix hits, chunked prefill, decode, preemption, finishing, rolled-back steps, forks
+    (copy-on-write) and speculative slots (allocate_draft_slots, trim), as the scheduler drives them: the pool
+    stays consistent, tables stay aligned, and everything returns to the pool."""
+    kv = HybridKVCacheManager(48, 4, True, kv_cache_groups((None, 6, 6, 13), 4), max_chunk_tokens=16)
+    waiting, running, n = [], [], 0
+
+    def advance(req, num_new):  # the step computed num_new tokens; the last one samples the next token
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens == req.num_tokens:
+            req.all_token_ids.append(7 + req.num_tokens % 5)
+    prefixes = [list(range(10, 30)), list(range(10, 20)) + list(range(50, 60))]
+    for op, i, length in ops:
+        if op == "add":
+            waiting.append(_req(f"r{n}", (prefixes[i % 2] + list(range(100, 140)))[:length]))
+            n += 1
+        elif op == "fork":  # a decoding request shares its blocks with a new sequence (parallel sampling)
+            parents = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
+            if parents:
+                parent = parents[i % len(parents)]
+                child = _req(f"r{n}", list(parent.all_token_ids))
+                n += 1
+                kv.fork(parent, child, parent.num_computed_tokens)
+                child.num_computed_tokens = parent.num_computed_tokens
+                running.append(child)
+        elif op == "draft":  # speculative slots for i + 1 proposed tokens, all rejected (no forked sequence drafts)
+            for req in running:
+                if req.num_computed_tokens == req.num_tokens - 1 and req.request_id not in kv.groups[0].forked:
+                    if kv.allocate_draft_slots(req, req.num_tokens + i + 1, keep_free=length % 3):
+                        kv.trim(req, req.num_computed_tokens)
+        elif op == "rollback":  # as Scheduler.rollback: every running request back to waiting, with no KV
+            for req in running:
+                kv.free(req)
+                req.num_computed_tokens = 0
+            waiting[:0], running = running, []
+            kv.rollback()
+        else:
+            for req in list(running):
+                num_new = min(req.num_tokens - req.num_computed_tokens, 16)
+                if not kv.allocate_slots(req, num_new):
+                    kv.free(req)  # preempted
+                    req.num_computed_tokens = 0
+                    running.remove(req)
+                    waiting.insert(0, req)
+                    continue
+                advance(req, num_new)
+                if req.num_tokens > 45:
+                    kv.free(req)
+                    running.remove(req)
+            while waiting:
+                req = waiting[0]
+                hits, num_hit = kv.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_hit, 16)
+                if not kv.allocate_slots(req, num_new, hits):
+                    break
+                waiting.pop(0)
+                req.num_computed_tokens = num_hit
+                advance(req, num_new)
+                running.append(req)
+            kv.commit()
+        _check_pool(kv)
+        _check_tables(kv, running)
+    for req in running:
+        kv.free(req)
+    assert kv.num_used_blocks == 0 and kv.group_used_blocks() == (0, 0, 0, 0)
     _check_pool(kv)
