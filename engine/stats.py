@@ -208,7 +208,9 @@ class EngineStats:
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.num_gpu_blocks * self.block_size
+        """Tokens of every layer the pool holds (a block of a sliding-window model's KV cache group holds
+        1/len(kv_cache_groups) of the layers)."""
+        return self.num_gpu_blocks * self.block_size // max(len(self.kv_cache_groups), 1)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

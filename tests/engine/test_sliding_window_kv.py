@@ -65,6 +65,7 @@ def test_sliding_groups_hold_the_window_only(window32):
     llm = LLM.from_hf_model(window32, EngineConfig(device="cpu", block_size=16, max_model_len=512))
     eng = llm.engine
     assert eng.stats().kv_cache_groups == (None, 32, 32, 32)
+    assert eng.stats().kv_capacity_tokens == eng.kv.num_blocks * 16 // 4  # a block holds one of the 4 layers
     prompt = make_prompts(3, [200])[0]
     eng.add_request("r", prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
     req = eng.requests["r"]
