@@ -357,3 +357,28 @@ def test_hybrid_manager_invariants_under_random_schedules(ops):
         kv.free(req)
     assert kv.num_used_blocks == 0 and kv.group_used_blocks() == (0, 0, 0, 0)
     _check_pool(kv)
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_prefix_hit_falls_back_when_the_window_was_evicted(window32, evict):
+    """A (160-token prompt) finishes; C repeats its prompt plus 20 tokens. Alone, C hits all 10 full blocks (160
+    tokens). When B first takes 84 blocks of the 100-block pool, the free queue hands out A's never-used
+    blocks, the sliding blocks that left A's window, then A's last sliding blocks (freed tail first): the full
+    group still has A's prefix, the sliding groups no longer have its window, so C recomputes. HF's tokens."""
+    cfg = EngineConfig(device="cpu", block_size=16, max_model_len=352, max_num_batched_tokens=512,
+                       enable_prefix_caching=True, num_gpu_blocks=100)
+    llm = LLM.from_hf_model(window32, cfg)
+    a, b, c = make_prompts(9, [160, 336, 20])
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate([a], greedy)
+    if evict:
+        llm.generate([b], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        from engine.kv.hashing import hash_request_blocks
+        kv = llm.engine.kv
+        cached = [[kv.pool.get_cached_block(h) is not None for h in hash_request_blocks(a, 16, [], m.hash_root)]
+                  for m in kv.groups]
+        assert all(cached[0]) and not all(cached[3][8:10])  # full group: A's prefix; group 3: not its window
+    out = llm.generate([a + c], greedy)[0]
+    assert out.metrics.num_cached_tokens == (0 if evict else 160)
+    expected, gaps = hf_greedy(window32, a + c, 4)
+    assert_same_greedy(out.token_ids, expected, gaps, f"evict={evict}")
