@@ -382,3 +382,24 @@ def test_prefix_hit_falls_back_when_the_window_was_evicted(window32, evict):
     assert out.metrics.num_cached_tokens == (0 if evict else 160)
     expected, gaps = hf_greedy(window32, a + c, 4)
     assert_same_greedy(out.token_ids, expected, gaps, f"evict={evict}")
+
+
+def test_triton_kernels_read_freed_slots_only_masked(window32):
+    """The Triton kernels (interpreter) over per-group tables whose freed slots point at blocks other requests
+    reuse: a prefill tile that starts before the window reads them masked, so the tokens equal the torch backend's
+    (small pool: blocks are reused; chunked prefill; a shared prefix)."""
+    pytest.importorskip("triton")
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    prompts = make_prompts(10, [60, 20])
+    prompts[1] = prompts[0][:40] + prompts[1]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM.from_hf_model(window32, EngineConfig(
+            device="cpu", max_model_len=96, block_size=4, max_num_batched_tokens=16, num_gpu_blocks=80,
+            enable_prefix_caching=True, attention_backend=backend))
+        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
+        assert llm.engine.stats().prefix_cache_hits > 0
+    assert tokens["triton"] == tokens["torch"]
