@@ -403,3 +403,21 @@ def test_triton_kernels_read_freed_slots_only_masked(window32):
         tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
         assert llm.engine.stats().prefix_cache_hits > 0
     assert tokens["triton"] == tokens["torch"]
+
+
+def test_size_kv_cache_per_group_by_hand():
+    """6 groups (1 full, 5 of window 1024), 6 KiB of KV per token over every layer: a block of 16 tokens holds one
+    group, 16 KiB. A 4096-token request needs 6 x 256 blocks while its whole prompt is one chunk (the verdict) and
+    256 + 5 x 65 = 581 between steps (the requests held at once)."""
+    from engine.memory import size_kv_cache
+    windows = (None,) + (1024,) * 5
+    common = dict(gpu_memory_utilization=1.0, weight_bytes=0, kv_bytes_per_token=6 * 1024, block_size=16,
+                  max_model_len=4096, device="cpu", group_windows=windows, chunk_tokens=8192)
+    s = size_kv_cache(total_bytes=(10_000 + 1) * 16 * 1024, **common)
+    assert s.bytes_per_block == 16 * 1024 and s.num_blocks == 10_000 and s.fits
+    assert f"hold {10_000 // 581} requests" in s.reason and "6 KV cache groups" in s.reason
+    small = size_kv_cache(total_bytes=(1535 + 1) * 16 * 1024, **common)
+    assert not small.fits and "needs 1536 blocks" in small.reason
+    chunked = size_kv_cache(total_bytes=(1535 + 1) * 16 * 1024, **{**common, "chunk_tokens": 512})
+    assert chunked.fits  # prefilled 512 at a time: 256 + 5 x (cdiv(1023 + 512, 16) + 1) = 741 blocks at most
+    assert size_kv_cache(total_bytes=(740 + 1) * 16 * 1024, **{**common, "chunk_tokens": 512}).verdict != "fits"
