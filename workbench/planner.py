@@ -240,13 +240,16 @@ def graph_pool_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calib
     return _alloc(int(rows * per_row * e / 2))
 
 
-def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16") -> int:
-    """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers and,
-    with CUDA graphs, the graphs' hidden-state output buffer."""
+def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", num_kv_groups: int = 1) -> int:
+    """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers (with
+    num_kv_groups KV cache groups, a block table and a slot mapping per group) and, with CUDA graphs, the graphs'
+    hidden-state output buffer."""
     rotary = 2 * _alloc(spec.max_position_embeddings * spec.head_dim * 4)
     tokens, seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
     blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
     buffers = 3 * _alloc(tokens * 8) + _alloc((seqs + 1) * 4) + _alloc(seqs * 4) + _alloc(seqs * blocks_per_seq * 4)
+    if num_kv_groups > 1:
+        buffers += _alloc((num_kv_groups - 1) * seqs * blocks_per_seq * 4) + _alloc((num_kv_groups - 1) * tokens * 8)
     hidden = 0 if cfg.enforce_eager else _alloc(min(seqs, tokens) * spec.hidden_size * DTYPE_BYTES[_dtype_name(dtype)])
     return rotary + buffers + hidden
 
@@ -380,15 +383,15 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
     modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "awq", "gptq", "fp8")}
     kv_by = {k: kv_bytes_per_token(spec, k, dtype, tp) for k in ("auto", "fp8")}
     load, weights, kv_token = modes["none"], modes[cfg.quantization or "none"], kv_by[cfg.kv_cache_dtype]
-    static = fwd = graphs = non_torch = 0
-    if not on_cpu:
-        static = static_bytes(spec, cfg, dtype) + cal.other_bytes
-        fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
-        graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
-        non_torch = cal.non_torch_bytes
     # Sliding-window models: blocks per KV cache group, as the engine keeps them (engine/kv/groups.py).
     groups = LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, tp)
     windows = tuple(g.sliding_window for g in groups) if groups else None
+    static = fwd = graphs = non_torch = 0
+    if not on_cpu:
+        static = static_bytes(spec, cfg, dtype, len(windows) if windows else 1) + cal.other_bytes
+        fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
+        graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
+        non_torch = cal.non_torch_bytes
     sizing = LLM.size_kv_cache(
         total_bytes=total, gpu_memory_utilization=util, weight_bytes=weights, kv_bytes_per_token=kv_token,
         block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static,

@@ -208,7 +208,7 @@ def test_sliding_window_kv_holds_more_requests_in_the_same_memory(window32, monk
 
 
 def test_planner_capacity_gemma_3_12b_vs_no_window():
-    """H200, 4096-token requests, blocks of 16: the same KV bytes K; a group block is 1 MiB (8 layers x 8 KV heads
+    """H200, 4096-token requests, blocks of 16: about the same KV bytes K; a group block is 1 MiB (8 layers x 8 KV heads
     x 256 x 2 (K, V) x 2 bytes x 16 tokens), a one-table block 6 MiB; a request holds 256 + 5 x 65 = 581 group
     blocks or 256 one-table blocks: (K / 1 MiB - 1) // 581 vs (K / 6 MiB - 1) // 256, about 6 x 256 / 581 = 2.64x."""
     from workbench.planner import plan
@@ -216,7 +216,8 @@ def test_planner_capacity_gemma_3_12b_vs_no_window():
     plain_spec = dataclasses.replace(spec, layer_windows=(None,) * spec.num_layers)
     cfg = EngineConfig(max_model_len=4096, block_size=16)
     a, b = plan(spec, "H200", cfg), plan(plain_spec, "H200", cfg)
-    assert a.fits and b.fits and a.kv_cache_bytes == b.kv_cache_bytes
+    assert a.fits and b.fits
+    assert 0 < b.kv_cache_bytes - a.kv_cache_bytes < 8 * 2**20  # 5 more block tables and slot mappings
     mib = 2**20
     assert a.num_gpu_blocks == a.kv_cache_bytes // mib - 1 and b.num_gpu_blocks == b.kv_cache_bytes // (6 * mib) - 1
     assert a.max_concurrent_requests == a.num_gpu_blocks // 581
