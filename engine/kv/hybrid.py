@@ -40,7 +40,7 @@ class HybridKVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.groups: list[KVCacheManager] = []
         for g, spec in enumerate(specs):
-            root = bytes([g]) if g else b""
+            root = g.to_bytes(2, "little") if g else b""  # group 0 chains as a one-table engine does
             view = GroupPoolView(self.pool)
             if spec.sliding_window is None:
                 self.groups.append(KVCacheManager(num_blocks, block_size, enable_prefix_caching, view, root))
