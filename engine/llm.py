@@ -12,6 +12,8 @@ import torch
 from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
 from .kv import KVCacheManager
+from .kv.groups import engine_kv_groups, request_blocks
+from .kv.hybrid import HybridKVCacheManager
 from .model.llama import LlamaModel
 from .model.presets import PRESETS, preset_config
 from .model.spec import ModelSpec
@@ -45,7 +47,10 @@ class LLMEngine:
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
         runner.capture_cuda_graphs()
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        groups = getattr(runner, "kv_groups", None)  # sliding-window models: one block table per KV cache group
+        self.kv = (KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching) if groups is None else
+                   HybridKVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, groups,
+                                        config.max_num_batched_tokens))
         self.scheduler = Scheduler(config, self.kv)
         self.groups = SequenceGroups(self.scheduler, self.kv, runner, self.spec.eos_token_ids,
                                      self.scheduler.max_model_len)
@@ -303,7 +308,7 @@ class LLMEngine:
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         load = self._expert_load(sched.num_batched_tokens)
-        wasted = self._unfilled_slots()
+        wasted = kv.wasted_slots(self.scheduler.running)
         t_execute = start if t_execute is None else t_execute
         runner_time = result.prepare_time + result.launch_time + result.sample_time
         step = StepStats(
@@ -325,24 +330,13 @@ class LLMEngine:
             output_time=(now - t_execute) - runner_time, num_padding_tokens=result.num_padding_tokens,
             num_recompute_tokens=recomputed, num_decode_kv_tokens_read=result.num_decode_kv_tokens_read,
             expert_imbalance=expert_imbalance(load), num_shared_blocks=kv.num_shared_blocks,
-            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows)
+            num_saved_blocks=kv.num_saved_blocks, num_cow_copies=cows, group_used_blocks=kv.group_used_blocks())
         self._steps.append(step)
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
         self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
         self._num_cow_copies += cows
-
-    def _unfilled_slots(self) -> int:
-        """Token slots of the running requests' block tables not holding a computed token (internal fragmentation's
-        numerator; a block shared by k tables counts k times)."""
-        kv, running = self.kv, self.scheduler.running
-        computed = sum([r.num_computed_tokens for r in running])
-        tables = kv.req_to_block_ids  # request_id -> block table (what kv.block_ids returns)
-        if len(tables) == len(running):
-            # Every running request holds a table, so no one else does: sum them all without a lookup per request.
-            return sum(map(len, tables.values())) * self.config.block_size - computed
-        return sum([len(kv.block_ids(r.request_id)) for r in running]) * self.config.block_size - computed
 
     def _expert_load(self, num_tokens: int):
         """This step's tokens per expert per MoE layer ([layers, experts] tensor on the device, added to the
@@ -419,18 +413,25 @@ class LLMEngine:
             expert_tokens=self._expert_tokens.tolist() if self._expert_tokens is not None else None,
             spec_decode=copy.deepcopy(self._spec),
             num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
-            num_cow_copies=self._num_cow_copies)
+            num_cow_copies=self._num_cow_copies, group_used_blocks=kv.group_used_blocks,
+            kv_cache_groups=tuple(g.sliding_window for g in getattr(self.kv, "specs", ())))
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block
         (cached: holds a prefix-cache hash), "block_tables" {request_id: [block ids]}, "running"
         {request_id: num_computed_tokens} in admission order, "waiting" [request_id] in queue order."""
         kv, sched = self.kv.snapshot(detail=True), self.scheduler
-        return {"block_size": self.config.block_size,
-                "blocks": list(kv.blocks),
-                "block_tables": {rid: list(ids) for rid, ids in kv.block_tables.items()},
-                "running": {r.request_id: r.num_computed_tokens for r in sched.running},
-                "waiting": [r.request_id for r in sched.waiting]}
+        out = {"block_size": self.config.block_size,
+               "blocks": list(kv.blocks),
+               "block_tables": {rid: list(ids) for rid, ids in kv.block_tables.items()},
+               "running": {r.request_id: r.num_computed_tokens for r in sched.running},
+               "waiting": [r.request_id for r in sched.waiting]}
+        if kv.group_block_tables is not None:
+            # Sliding-window models: the KV cache groups' windows, each block's group (-1: free) and every table per
+            # group (block_tables is group 0's; id num_gpu_blocks marks a slot whose block left the window).
+            out.update(kv_cache_groups=[g.sliding_window for g in self.kv.specs], block_groups=list(kv.block_groups),
+                       group_block_tables={rid: [list(t) for t in ts] for rid, ts in kv.group_block_tables.items()})
+        return out
 
 
 def _default_device(config: EngineConfig) -> torch.device:
@@ -543,6 +544,10 @@ class LLM:
     CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
     # The engine's sizing rule (engine/memory.py), for planners: bytes in, blocks out, verdict and reason.
     size_kv_cache = staticmethod(size_kv_cache)
+    # KV cache groups of sliding-window models (engine/kv/groups.py): which the engine keeps for a model, and the
+    # blocks one request holds in them; for the planner.
+    kv_cache_groups = staticmethod(engine_kv_groups)
+    request_kv_blocks = staticmethod(request_blocks)
     MEMORY_VERDICTS = MEMORY_VERDICTS
 
     @staticmethod

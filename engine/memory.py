@@ -7,7 +7,11 @@ vLLM's profile leaves out added:
 
     kv_cache_bytes = gpu_memory_utilization x total - weights - other torch memory - activation peak
                      - CUDA-graph pool - non-torch memory - MEMORY_MARGIN_BYTES
-    num_blocks     = kv_cache_bytes // (kv_bytes_per_token x block_size) - SCRATCH_BLOCKS
+    num_blocks     = kv_cache_bytes // (kv_bytes_per_token x block_size / num_groups) - SCRATCH_BLOCKS
+
+With KV cache groups (sliding-window models, engine/kv/groups.py) a block holds one group's layers, 1/num_groups
+of every layer's K and V, and a request of n tokens needs request_blocks(group_windows, n) blocks: all of its
+blocks in a full group, at most its window's in a sliding one (the whole chunk's while a prefill chunk runs).
 
 The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
 with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
@@ -26,6 +30,8 @@ CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memo
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .kv.groups import largest_request_tokens, request_blocks
 
 GiB, MiB = 2**30, 2**20
 CPU_KV_BUDGET_BYTES = 512 * MiB  # on the CPU, the pool is sized from this budget x gpu_memory_utilization
@@ -71,6 +77,14 @@ class KVCacheSizing:
         return self.verdict == VERDICTS[0]
 
 
+def _per_group(windows) -> str:
+    if len(windows) == 1 and windows[0] is None:
+        return ""
+    full = sum(w is None for w in windows)
+    return (f" shared by {len(windows)} KV cache groups ({full} full, {len(windows) - full} sliding-window, "
+            f"1/{len(windows)} of the layers each)")
+
+
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
@@ -80,18 +94,22 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
                   graph_pool_bytes: int = 0, non_torch_bytes: int = 0, margin_bytes: int | None = None,
                   num_gpu_blocks: int | None = None, load_bytes: int | None = None,
                   max_positions: int | None = None, device: str = "cuda",
-                  host_available_bytes: int | None = None) -> KVCacheSizing:
+                  host_available_bytes: int | None = None, group_windows: tuple | None = None,
+                  chunk_tokens: int | None = None) -> KVCacheSizing:
     """How many KV blocks fit, by the rule in the module docstring; never raises for a config that does not fit
     (the verdict says so). total_bytes: device memory (cudaMemGetInfo total), or CPU_KV_BUDGET_BYTES on the CPU,
     where only the budget counts. load_bytes: peak bytes of loading the weights (the model dtype, before any
     quantization), default weight_bytes. max_positions: the model's context length, caps largest_max_model_len.
     host_available_bytes: on the CPU, what a num_gpu_blocks override is checked against (default: this machine's
-    available memory, available_host_bytes()).
+    available memory, available_host_bytes()). group_windows: the sliding window of each KV cache group (None: full
+    attention), when the engine keeps KV per group (see the module docstring); kv_bytes_per_token stays every
+    layer's. chunk_tokens: the longest prefill chunk (max_num_batched_tokens), for what one request needs at most.
     """
     margin = MEMORY_MARGIN_BYTES if margin_bytes is None else margin_bytes
     on_cpu = device == "cpu"
     budget = int(gpu_memory_utilization * total_bytes)
-    bytes_per_block = kv_bytes_per_token * block_size
+    windows = tuple(group_windows) if group_windows else (None,)
+    bytes_per_block = kv_bytes_per_token * block_size // len(windows)
     if on_cpu:
         weights = other = peak = graphs = non_torch = margin = 0
         kv_bytes = budget
@@ -106,6 +124,13 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
     largest = num_blocks * block_size if max_positions is None else min(num_blocks * block_size, max_positions)
     load = weight_bytes if load_bytes is None else load_bytes
     need = -(-max_model_len // block_size)
+    steady = need  # blocks a request of max_model_len holds between steps
+    if group_windows:
+        chunk = min(chunk_tokens or max_model_len, max_model_len)
+        need = request_blocks(windows, max_model_len, block_size, chunk)
+        steady = request_blocks(windows, max_model_len, block_size)
+        largest = largest_request_tokens(windows, num_blocks, block_size, chunk_tokens or max_model_len,
+                                         max_positions or max(max_model_len, num_blocks * block_size))
     if not on_cpu and load > budget:
         verdict = VERDICTS[1]
         reason = (f"the weights need {_gib(load)} but gpu_memory_utilization={gpu_memory_utilization} of "
@@ -122,14 +147,15 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
                   f" of KV but {_gib(max(kv_bytes, 0))} is left after weights {_gib(weights)}, activation peak "
                   f"{_gib(peak)}, CUDA graphs {_gib(graphs)}, other {_gib(other + non_torch)} and the margin "
                   f"{_gib(margin)}: lower num_gpu_blocks to {max_blocks} or less, or leave it None")
-    elif num_blocks * block_size < max_model_len:
+    elif num_blocks < need:
         verdict = VERDICTS[2]
         left = (f"the budget gpu_memory_utilization={gpu_memory_utilization} x {_gib(total_bytes)}" if on_cpu else
                 f"what is left after weights {_gib(weights)}, activation peak {_gib(peak)}, CUDA graphs "
                 f"{_gib(graphs)}, other {_gib(other + non_torch)} and the margin {_gib(margin)}")
         source = f"num_gpu_blocks={num_gpu_blocks}" if num_gpu_blocks is not None else left
         fix = (f"lower max_model_len to {largest} or less" if largest > 0 else "lower max_model_len")
-        reason = (f"the KV cache has {num_blocks} blocks of {block_size} tokens ({num_blocks * block_size} tokens, "
+        reason = (f"the KV cache has {num_blocks} blocks of {block_size} tokens{_per_group(windows)} "
+                  f"({num_blocks * block_size // len(windows)} tokens{' of every layer' if group_windows else ''}, "
                   f"from {source}) but max_model_len={max_model_len} needs {need} blocks "
                   f"({_gib(need * bytes_per_block)}) for one request, short by "
                   f"{_gib((need - num_blocks) * bytes_per_block)}: {fix} (the largest max_model_len that fits "
@@ -137,8 +163,8 @@ def size_kv_cache(*, total_bytes: int, gpu_memory_utilization: float, weight_byt
                   "cache, or use more GPUs")
     else:
         verdict = VERDICTS[0]
-        reason = (f"{num_blocks} KV blocks ({num_blocks * block_size} tokens) hold {num_blocks // need} requests of "
-                  f"max_model_len={max_model_len} at once")
+        reason = (f"{num_blocks} KV blocks{_per_group(windows)} ({num_blocks * block_size // len(windows)} tokens) hold "
+                  f"{num_blocks // steady} requests of max_model_len={max_model_len} at once")
     return KVCacheSizing(
         total_bytes=total_bytes, budget_bytes=budget, weight_bytes=weights, other_bytes=other,
         activation_peak_bytes=peak, graph_pool_bytes=graphs, non_torch_bytes=non_torch, margin_bytes=margin,

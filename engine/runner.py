@@ -12,6 +12,7 @@ verification steps (mixed with prefill chunks, or with shorter drafts) run eager
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 from .config import EngineConfig
 from .kernels import AttentionMetadata, select_backend
 from .kv import KVCacheManager
+from .kv.groups import engine_kv_groups, layer_group_slots
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
@@ -138,7 +140,8 @@ class InputBuffers:
     before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of int32).
     """
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device,
+                 num_extra_groups: int = 0):
         pin = device.type == "cuda"
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
@@ -161,6 +164,16 @@ class InputBuffers:
         self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         self.tables_np = self.tables.numpy()
         self.tables_dev = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
+        # KV cache groups past the first (engine/kv/groups.py): their block tables and slot mappings.
+        self.num_extra_groups = num_extra_groups
+        if num_extra_groups:
+            self.group_tables, self.group_tables_dev = pair(num_extra_groups * max_seqs * max_blocks, torch.int32)
+            self.group_tables = self.group_tables.view(num_extra_groups, max_seqs, max_blocks)
+            self.group_tables_dev = self.group_tables_dev.view(num_extra_groups, max_seqs, max_blocks)
+            self.group_slots, self.group_slots_dev = pair(num_extra_groups * max_tokens, torch.int64)
+            self.group_slots = self.group_slots.view(num_extra_groups, max_tokens)
+            self.group_slots_dev = self.group_slots_dev.view(num_extra_groups, max_tokens)
+            self.group_tables_np, self.group_slots_np = self.group_tables.numpy(), self.group_slots.numpy()
         # Recorded after each upload (see ModelRunner.wait_host_buffers).
         self.copied = torch.cuda.Event() if pin else None
 
@@ -175,6 +188,10 @@ class InputBuffers:
         self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
         self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
         self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))
+        if self.num_extra_groups:
+            self.group_tables_dev[:, :num_seqs, :num_cols].copy_(self.group_tables[:, :num_seqs, :num_cols],
+                                                                 non_blocking=True)
+            self.group_slots_dev[:, :num_tokens].copy_(self.group_slots[:, :num_tokens], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
 
@@ -208,7 +225,17 @@ class ModelRunner:
         max_tokens = max(config.max_num_batched_tokens, self.graph_sizes[-1])
         if device.type == "cpu":
             self._check_host_activations(max_tokens)
-        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device)
+        # KV cache groups (engine/kv/groups.py) when some layers slide (not under tensor parallelism, whose ranks
+        # receive one block table): None keeps one table for every layer.
+        self.kv_groups = engine_kv_groups(spec.layer_windows, spec.num_layers, config.tensor_parallel_size)
+        extra = len(self.kv_groups) - 1 if self.kv_groups else 0
+        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra)
+        # Persistent rows of the groups past the first (same row index as table_rows), and how much of each is
+        # written. Slots a sliding group freed keep their old ids here: the kernels never read a key outside
+        # the window (a masked tile reads finite, zero-initialised KV), so rows only ever grow.
+        self.group_table_rows = (np.zeros((extra, config.max_num_seqs, self.max_blocks_per_seq), dtype=np.int32)
+                                 if extra else None)
+        self.group_rows_written: list[dict[str, int]] = [{} for _ in range(extra)]
         # Captured decode graphs write their last hidden states here (one buffer for all sizes, so the
         # graphs' shared pool keeps no per-graph output); the LM head runs eagerly on the rows that sample.
         hidden_rows = max([self.graph_sizes[-1]] + [s * self.spec_query_len for s in self.spec_graph_sizes])
@@ -273,6 +300,9 @@ class ModelRunner:
         common = dict(kv_bytes_per_token=self.kv_bytes_per_token, block_size=cfg.block_size,
                       max_model_len=cfg.max_model_len, num_gpu_blocks=cfg.num_gpu_blocks,
                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_positions=spec.max_position_embeddings)
+        if self.kv_groups:
+            common.update(group_windows=tuple(g.sliding_window for g in self.kv_groups),
+                          chunk_tokens=cfg.max_num_batched_tokens)
         if self.device.type != "cuda":
             return size_kv_cache(total_bytes=CPU_KV_BUDGET_BYTES, weight_bytes=weight_bytes(self.model),
                                  device="cpu", **common)
@@ -417,9 +447,17 @@ class ModelRunner:
         return max(pool, 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        """K and V tensors of every layer for num_blocks blocks, plus the scratch (null) block."""
+        """K and V tensors of every layer for num_blocks blocks, plus the scratch (null) block. With KV cache
+        groups, tensor j (zero-filled) is layer j of every group: kv_caches[layer] aliases its group slot's."""
         shape = (num_blocks + 1, self.config.block_size, self.spec.num_kv_heads, self.spec.head_dim)
         self.kv_caches = []
+        if self.kv_groups:
+            tensors = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                        torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
+                       for _ in self.kv_groups[0].layers]
+            self.kv_caches = [tensors[j] for _, j in layer_group_slots(self.kv_groups)]
+            self.null_block = num_blocks
+            return
         for _ in range(self.spec.num_layers):
             self.kv_caches.append((torch.empty(shape, dtype=self.kv_dtype, device=self.device),
                                    torch.empty(shape, dtype=self.kv_dtype, device=self.device)))
@@ -430,7 +468,7 @@ class ModelRunner:
         copy-on-write of a block two sequences shared (KVCacheManager.pending_copies)."""
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for cache in self.kv_caches:
+        for cache in {id(c): c for c in self.kv_caches}.values():  # KV cache groups share tensors
             for t in cache:
                 t = t.view(torch.uint8) if t.element_size() == 1 else t  # fp8 has no index kernels everywhere
                 t[dst] = t[src]
@@ -442,12 +480,17 @@ class ModelRunner:
         if row is not None:
             self.rows_written.pop(request_id)
             self.free_rows.append(row)
+            for written in self.group_rows_written:
+                written.pop(request_id, None)
 
     def truncate_row(self, request_id: str, num_blocks: int) -> None:
         """The request's block table shrank to num_blocks (speculative decoding released the blocks of rejected
         tokens): entries past it are stale and are rewritten when the table grows again."""
         if request_id in self.rows_written:
             self.rows_written[request_id] = min(self.rows_written[request_id], num_blocks)
+        for written in self.group_rows_written:
+            if request_id in written:
+                written[request_id] = min(written[request_id], num_blocks)
 
     def close(self) -> None:
         """Free the KV cache and the CUDA graphs (the engine is being replaced); the model stays."""
@@ -471,17 +514,41 @@ class ModelRunner:
             self.rows_written[request_id] = len(block_ids)
         return row
 
+    def _prepare_group_tables(self, sched: SchedulerOutput, batch, rows, seq_idx, positions, num_cols: int) -> None:
+        """The block tables and slot mapping of the KV cache groups past the first (sched.group_block_tables), in
+        the batch order _prepare chose (rows: the requests' persistent rows, already synced for group 0)."""
+        bs, b, tables = self.config.block_size, self.buffers, sched.group_block_tables
+        for r, _ in batch:
+            rid = r.request_id
+            row = self.rows[rid]
+            for g, ids in enumerate(tables[rid][1:]):
+                written = self.group_rows_written[g].get(rid, 0)
+                if len(ids) > written:
+                    self.group_table_rows[g, row, written:len(ids)] = ids[written:]
+                    self.group_rows_written[g][rid] = len(ids)
+        n, t = len(batch), len(positions)
+        for g in range(b.num_extra_groups):
+            b.group_tables_np[g, :n, :num_cols] = self.group_table_rows[g, rows, :num_cols]
+            b.group_slots_np[g, :t] = (b.group_tables_np[g, seq_idx, positions // bs].astype(np.int64) * bs
+                                       + positions % bs)
+
     # ----- one step -----------------------------------------------------------------------------
     def _metadata(self, num_tokens, num_seqs, num_cols, num_decodes, max_query_len, max_seq_len):
         b = self.buffers
         on_cpu = self.device.type == "cpu"
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             slot_mapping=b.slots_dev[:num_tokens], query_start_loc=b.qsl_dev[:num_seqs + 1],
             seq_lens=b.lens_dev[:num_seqs], block_tables=b.tables_dev[:num_seqs, :num_cols],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             # The torch backend loops over requests on the host: give it host copies (free on the CPU).
             query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,
             seq_lens_cpu=b.lens_np[:num_seqs].tolist() if on_cpu or self.backend.name == "torch" else None)
+        if b.num_extra_groups:
+            meta.groups = (meta,) + tuple(
+                dataclasses.replace(meta, slot_mapping=b.group_slots_dev[g, :num_tokens],
+                                    block_tables=b.group_tables_dev[g, :num_seqs, :num_cols])
+                for g in range(b.num_extra_groups))
+        return meta
 
     def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
         """Run one step; sampled holds a token for each request whose last token was computed. The block tables
@@ -643,6 +710,8 @@ class ModelRunner:
         b.tables_np[:n, :num_cols] = self.table_rows[rows, :num_cols]
         b.pos_np[:num_tokens] = positions
         b.slots_np[:num_tokens] = b.tables_np[seq_idx, positions // bs].astype(np.int64) * bs + positions % bs
+        if self.group_table_rows is not None:
+            self._prepare_group_tables(sched, batch, rows, seq_idx, positions, num_cols)
         b.qsl_np[0] = 0
         np.cumsum(qlens, out=b.qsl_np[1:n + 1])
         b.lens_np[:n] = seq_lens
@@ -750,6 +819,9 @@ class ModelRunner:
         b.qsl_np[n + 1:size + 1] = b.qsl_np[n] + np.arange(1, size - n + 1) * query_len
         b.lens_np[n:size] = query_len
         b.tables_np[n:size, :-(-query_len // self.config.block_size)] = self.null_block
+        if b.num_extra_groups:
+            b.group_slots_np[:, start:end] = self.null_block * self.config.block_size
+            b.group_tables_np[:, n:size, :-(-query_len // self.config.block_size)] = self.null_block
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode steps for every size of the ladder, largest first, sharing one memory pool; records the
@@ -801,6 +873,9 @@ class ModelRunner:
         b.slots_np[:t] = self.null_block * self.config.block_size
         b.lens_np[:size] = query_len
         b.tables_np[:size, :max_cols] = self.null_block
+        if b.num_extra_groups:
+            b.group_slots_np[:, :t] = self.null_block * self.config.block_size
+            b.group_tables_np[:, :size, :max_cols] = self.null_block
         b.upload(t, size, max_cols)
         num_decodes = size if query_len == 1 else 0
         meta = self._metadata(t, size, max_cols, num_decodes, query_len, self.config.max_model_len)

@@ -29,6 +29,9 @@ class SchedulerOutput:
     # rewrites their persistent rows); block_tables already hold the copies.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     rewritten_tables: list[str] = field(default_factory=list)
+    # KV cache groups (sliding-window models, engine/kv/hybrid.py): request_id -> its block table in every group
+    # (block_tables holds group 0's); empty with one group.
+    group_block_tables: dict[str, tuple] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -150,6 +153,8 @@ class Scheduler:
             budget -= num_new
         # The copies the allocations above queued (KVCacheManager: only scheduled requests copy on write).
         out.block_copies, out.rewritten_tables = self.kv.take_pending_copies()
+        if self.kv.num_groups > 1:
+            out.group_block_tables = {rid: self.kv.group_block_ids(rid) for rid in out.block_tables}
         return out
 
     def _schedule_draft(self, out: SchedulerOutput, req: Request, draft, budget: int, keep_free: int) -> int:

@@ -50,6 +50,8 @@ class StepStats:
     num_shared_blocks: int = 0       # blocks held by 2+ sequences (forks, prefix-cache hits)
     num_saved_blocks: int = 0        # block-table entries - used blocks: what sharing saves
     num_cow_copies: int = 0          # blocks copied on write in this step
+    # Sliding-window models (engine/kv/groups.py): blocks in use per KV cache group; () with one group.
+    group_used_blocks: tuple = ()
 
 
 @dataclass
@@ -199,10 +201,16 @@ class EngineStats:
     num_shared_blocks: int = 0
     num_saved_blocks: int = 0
     num_cow_copies: int = 0
+    # Sliding-window models (engine/kv/groups.py): each KV cache group's sliding window (None: full attention;
+    # each group holds len(layers) / len(kv_cache_groups) of the layers) and its blocks in use now; () otherwise.
+    kv_cache_groups: tuple = ()
+    group_used_blocks: tuple = ()
 
     @property
     def kv_capacity_tokens(self) -> int:
-        return self.num_gpu_blocks * self.block_size
+        """Tokens of every layer the pool holds (a block of a sliding-window model's KV cache group holds
+        1/len(kv_cache_groups) of the layers)."""
+        return self.num_gpu_blocks * self.block_size // max(len(self.kv_cache_groups), 1)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -17,6 +17,11 @@ The replay (`replay_allocator`) is one loop shared by every allocator, so only t
   admitted running request is preempted (blocks freed, re-admitted later with its tokens so far as
   prompt: recompute), and nothing is admitted in that step, as engine/scheduler.py does.
 - At most ``max_num_seqs`` requests run at once, for every allocator.
+- Sliding-window models (``group_windows``: the window of each KV cache group, engine/kv/groups.py): the paged
+  allocator is the engine's `engine.kv.HybridKVCacheManager`, a pool of num_groups x capacity_tokens // block_size
+  blocks of 1/num_groups of the layers each (the same memory), whose sliding groups free the blocks that left
+  their window; its parts are counted in slots of every layer (a group's slot is 1/num_groups of one), and the
+  timeline adds ``group<g>_blocks``, each group's blocks in use. The contiguous allocators keep every token.
 
 Each step the pool's token slots are split into five parts that sum to capacity_tokens:
 
@@ -138,12 +143,19 @@ class PagedAllocator:
     ceil(length / block_size) blocks. Any free block serves any request, so there is no external
     fragmentation."""
 
-    def __init__(self, capacity_tokens: int, block_size: int, max_model_len: int):
-        from engine.kv import KVCacheManager
+    def __init__(self, capacity_tokens: int, block_size: int, max_model_len: int, group_windows=None):
+        from engine.kv import HybridKVCacheManager, KVCacheManager
+        from engine.kv.groups import KVCacheGroup
 
         self.block_size = block_size
-        self.kv = KVCacheManager(capacity_tokens // block_size, block_size, enable_prefix_caching=False)
-        self.capacity = self.kv.num_blocks * block_size
+        self.num_groups = len(group_windows) if group_windows else 1
+        if group_windows:
+            specs = tuple(KVCacheGroup((), w) for w in group_windows)
+            self.kv = HybridKVCacheManager(self.num_groups * (capacity_tokens // block_size), block_size, False,
+                                           specs, max_chunk_tokens=max_model_len)
+        else:
+            self.kv = KVCacheManager(capacity_tokens // block_size, block_size, enable_prefix_caching=False)
+        self.capacity = self.kv.num_blocks // self.num_groups * block_size
         if self.kv.blocks_needed(max_model_len) > self.kv.num_blocks:
             raise ValueError(f"max_model_len={max_model_len} needs {self.kv.blocks_needed(max_model_len)} blocks of "
                              f"{block_size} but the pool has {self.kv.num_blocks}: raise capacity_tokens")
@@ -158,16 +170,27 @@ class PagedAllocator:
         self.kv.free(seq)
 
     @property
-    def num_free_slots(self) -> int:
-        return self.kv.num_free_blocks * self.block_size
+    def num_free_slots(self) -> float:
+        return self.kv.num_free_blocks * self.block_size / self.num_groups
 
     def could_fit_in_total(self, seq: _Seq) -> bool:
         return False  # a paged request that did not fit lacked blocks in total: no external fragmentation
 
     def parts(self, running: list[_Seq]) -> dict:
-        tokens = sum(s.length for s in running)
-        allocated = sum(len(self.kv.block_ids(s.request_id)) for s in running) * self.block_size
-        return {"tokens": tokens, "reservation": 0, "internal_fragmentation": allocated - tokens}
+        if self.num_groups == 1 and not hasattr(self.kv, "groups"):
+            tokens = sum(s.length for s in running)
+            allocated = sum(len(self.kv.block_ids(s.request_id)) for s in running) * self.block_size
+            return {"tokens": tokens, "reservation": 0, "internal_fragmentation": allocated - tokens}
+        # Per group: a sliding group stores no token of a slot it skipped (null); the rest as one table.
+        bs, k, tokens, allocated = self.block_size, self.num_groups, 0, 0
+        for m in self.kv.groups:
+            skipped = getattr(m, "num_skipped", {})
+            for s in running:
+                gone = skipped.get(s.request_id, 0)
+                tokens += s.length - gone * bs
+                allocated += (len(m.block_ids(s.request_id)) - gone) * bs
+        return {"tokens": tokens / k, "reservation": 0, "internal_fragmentation": (allocated - tokens) / k,
+                **{f"group{g}_blocks": n for g, n in enumerate(self.kv.group_used_blocks())}}
 
 
 def _lengths(trace) -> list[tuple[str, int, int]]:
@@ -182,15 +205,16 @@ def _lengths(trace) -> list[tuple[str, int, int]]:
 
 
 def replay_allocator(trace, allocator: str, capacity_tokens: int, max_model_len: int, block_size: int = 16,
-                     max_num_seqs: int = 256) -> pd.DataFrame:
+                     max_num_seqs: int = 256, group_windows=None) -> pd.DataFrame:
     """Replay ``trace`` through one allocator (see the module docstring); one row per step.
 
     trace: a Workload, a list of RequestSpec, or (prompt_len, output_len) pairs. allocator: one of
     ALLOCATORS. capacity_tokens: KV slots in the pool (the same memory for every allocator; paged uses
     capacity_tokens // block_size whole blocks). Columns: TIMELINE_COLUMNS, memory parts in token slots.
+    group_windows: a sliding-window model's KV cache groups (see the module docstring; the paged allocator only).
     """
     if allocator == "paged":
-        alloc = PagedAllocator(capacity_tokens, block_size, max_model_len)
+        alloc = PagedAllocator(capacity_tokens, block_size, max_model_len, group_windows)
     elif allocator in ALLOCATORS:
         alloc = ContiguousAllocator(allocator, capacity_tokens, max_model_len)
     else:
@@ -241,7 +265,8 @@ def replay_allocator(trace, allocator: str, capacity_tokens: int, max_model_len:
             alloc.free(s)
         running = [s for s in running if s.length < s.final_len]
         step += 1
-    return pd.DataFrame(rows, columns=TIMELINE_COLUMNS)
+    groups = [f"group{g}_blocks" for g in range(len(group_windows))] if allocator == "paged" and group_windows else []
+    return pd.DataFrame(rows, columns=TIMELINE_COLUMNS + groups)
 
 
 def summarize(timeline: pd.DataFrame, steps: str = "loaded") -> pd.DataFrame:
@@ -283,11 +308,12 @@ class AllocatorComparisonResult(NamedTuple):
 
 def compare_allocators(trace, capacity_tokens: int, max_model_len: int, block_size: int = 16,
                        max_num_seqs: int = 256, allocators=ALLOCATORS,
-                       steps: str = "loaded") -> AllocatorComparisonResult:
+                       steps: str = "loaded", group_windows=None) -> AllocatorComparisonResult:
     """The same trace through each allocator in ``allocators`` with the same pool of capacity_tokens slots;
-    ``steps`` as in `summarize`."""
-    timeline = pd.concat([replay_allocator(trace, a, capacity_tokens, max_model_len, block_size, max_num_seqs)
-                          for a in allocators], ignore_index=True)
+    ``steps`` as in `summarize`; group_windows: a sliding-window model's KV cache groups (the paged allocator
+    keeps per-group tables, see the module docstring)."""
+    timeline = pd.concat([replay_allocator(trace, a, capacity_tokens, max_model_len, block_size, max_num_seqs,
+                                           group_windows) for a in allocators], ignore_index=True)
     return AllocatorComparisonResult(summarize(timeline, steps), timeline)
 
 

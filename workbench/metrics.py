@@ -216,7 +216,9 @@ def engine_summary(stats) -> dict:
         C.prefix_cache_queries: queries, C.prefix_cache_hits: hits,
         C.prefix_cache_hit_rate: hits / queries if queries else 0.0,
         C.num_preemptions: int(st.num_preemptions or 0), C.num_steps: int(st.num_steps or 0),
-        C.kv_blocks: blocks, C.kv_capacity_tokens: blocks * block_size if blocks and block_size else None,
+        # a sliding-window model's block holds one KV cache group (1/len(groups) of the layers): tokens of every layer
+        C.kv_blocks: blocks, C.kv_capacity_tokens: blocks * block_size // max(len(st.kv_cache_groups or ()), 1)
+        if blocks and block_size else None,
         C.weight_bytes: st.weight_bytes, C.kv_bytes_per_token: st.kv_bytes_per_token,
         C.attention_backend_used: st.attention_backend, C.cuda_graphs: st.cuda_graphs,
         C.device_name: st.device_name,

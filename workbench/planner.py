@@ -240,13 +240,16 @@ def graph_pool_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calib
     return _alloc(int(rows * per_row * e / 2))
 
 
-def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16") -> int:
-    """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers and,
-    with CUDA graphs, the graphs' hidden-state output buffer."""
+def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", num_kv_groups: int = 1) -> int:
+    """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers (with
+    num_kv_groups KV cache groups, a block table and a slot mapping per group) and, with CUDA graphs, the graphs'
+    hidden-state output buffer."""
     rotary = 2 * _alloc(spec.max_position_embeddings * spec.head_dim * 4)
     tokens, seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
     blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
     buffers = 3 * _alloc(tokens * 8) + _alloc((seqs + 1) * 4) + _alloc(seqs * 4) + _alloc(seqs * blocks_per_seq * 4)
+    if num_kv_groups > 1:
+        buffers += _alloc((num_kv_groups - 1) * seqs * blocks_per_seq * 4) + _alloc((num_kv_groups - 1) * tokens * 8)
     hidden = 0 if cfg.enforce_eager else _alloc(min(seqs, tokens) * spec.hidden_size * DTYPE_BYTES[_dtype_name(dtype)])
     return rotary + buffers + hidden
 
@@ -260,8 +263,10 @@ class Plan:
     The verdict, reason, kv_cache_bytes and num_gpu_blocks come from the engine's rule (LLM.size_kv_cache).
     load_bytes: the weights in the model dtype, which the engine builds on the GPU before quantizing
     (its start-up check). activation_peak_bytes estimates MemoryProfile.peak_activation_bytes, graph_pool_bytes
-    MemoryProfile.graph_pool_bytes. kv_tokens = num_gpu_blocks x block_size; max_concurrent_requests: requests
-    of max_model_len tokens whose KV fits at once; largest_max_model_len: the longest request the pool holds.
+    MemoryProfile.graph_pool_bytes. kv_tokens = num_gpu_blocks x block_size (/ the number of KV cache groups of
+    a sliding-window model, whose blocks each hold 1/num_groups of the layers: tokens of every layer);
+    max_concurrent_requests: requests of max_model_len tokens whose KV fits at once (a sliding layer keeping its
+    window's blocks only); largest_max_model_len: the longest request the pool holds.
     headroom_bytes: memory outside the engine's budget, (1 - util) x total. knobs: single changes that would
     make a failing plan fit (each checked by planning it).
     """
@@ -378,9 +383,12 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
     modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "awq", "gptq", "fp8")}
     kv_by = {k: kv_bytes_per_token(spec, k, dtype, tp) for k in ("auto", "fp8")}
     load, weights, kv_token = modes["none"], modes[cfg.quantization or "none"], kv_by[cfg.kv_cache_dtype]
+    # Sliding-window models: blocks per KV cache group, as the engine keeps them (engine/kv/groups.py).
+    groups = LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, tp)
+    windows = tuple(g.sliding_window for g in groups) if groups else None
     static = fwd = graphs = non_torch = 0
     if not on_cpu:
-        static = static_bytes(spec, cfg, dtype) + cal.other_bytes
+        static = static_bytes(spec, cfg, dtype, len(windows) if windows else 1) + cal.other_bytes
         fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
         graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
         non_torch = cal.non_torch_bytes
@@ -389,9 +397,11 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static,
         activation_peak_bytes=fwd, graph_pool_bytes=graphs, non_torch_bytes=non_torch,
         num_gpu_blocks=cfg.num_gpu_blocks, load_bytes=load, max_positions=spec.max_position_embeddings,
-        device="cpu" if on_cpu else "cuda")
+        device="cpu" if on_cpu else "cuda", group_windows=windows, chunk_tokens=cfg.max_num_batched_tokens)
     blocks = sizing.num_blocks if sizing.verdict in ("fits", VERDICTS[2]) else 0
-    per_request = _cdiv(cfg.max_model_len, cfg.block_size)
+    # A request of max_model_len holds this many blocks between steps (all its blocks in a full group, its
+    # window's in a sliding one).
+    per_request = LLM.request_kv_blocks(windows or (None,), cfg.max_model_len, cfg.block_size)
     return Plan(
         model=name, gpu=gpu.name, total_bytes=total, dtype=dtype, quantization=cfg.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, tensor_parallel_size=tp, gpu_memory_utilization=util,
@@ -400,7 +410,8 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         weight_bytes_by_mode=modes, kv_bytes_per_token=kv_token, kv_bytes_per_token_by_dtype=kv_by,
         static_bytes=static, forward_peak_bytes=fwd, activation_peak_bytes=fwd, graph_pool_bytes=graphs,
         non_torch_bytes=non_torch, margin_bytes=sizing.margin_bytes, budget_bytes=sizing.budget_bytes,
-        kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks, kv_tokens=blocks * cfg.block_size,
+        kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks,
+        kv_tokens=blocks * cfg.block_size // (len(windows) if windows else 1),
         max_concurrent_requests=blocks // per_request, largest_max_model_len=sizing.largest_max_model_len,
         headroom_bytes=0 if on_cpu else total - sizing.budget_bytes, verdict=sizing.verdict, reason=sizing.reason)
 

@@ -36,6 +36,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int] | None = None
     k_scale: float = 1.0
     v_scale: float = 1.0
+    # KV cache groups (engine/kv/groups.py): the metadata of each group, whose block tables and slot mapping are
+    # the group's own (the rest is shared); a layer of group g reads groups[g]. None: one table for every layer.
+    groups: tuple | None = None
 
     @property
     def num_seqs(self) -> int:

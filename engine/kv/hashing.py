@@ -21,9 +21,11 @@ def hash_block_tokens(parent_hash: BlockHash, token_ids) -> BlockHash:
     return h.digest()
 
 
-def hash_request_blocks(token_ids, block_size: int, known: list[BlockHash]) -> list[BlockHash]:
-    """Extend `known` (hashes of the first full blocks) to cover every full block of token_ids."""
+def hash_request_blocks(token_ids, block_size: int, known: list[BlockHash],
+                        root: BlockHash = ROOT_HASH) -> list[BlockHash]:
+    """Extend `known` (hashes of the first full blocks) to cover every full block of token_ids. root: the parent
+    of the first block (KV cache groups of one pool each chain from their own root, engine/kv/groups.py)."""
     for i in range(len(known), len(token_ids) // block_size):
-        parent = known[-1] if known else ROOT_HASH
+        parent = known[-1] if known else root
         known.append(hash_block_tokens(parent, token_ids[i * block_size:(i + 1) * block_size]))
     return known

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .block_pool import BlockPool, KVBlock
-from .hashing import BlockHash, hash_request_blocks
+from .hashing import ROOT_HASH, BlockHash, hash_request_blocks
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class KVCacheSnapshot:
     block_tables: dict = None
     num_shared_blocks: int = 0
     num_saved_blocks: int = 0
+    # KV cache groups (engine/kv/groups.py; empty with one group): blocks in use per group, each physical
+    # block's group (-1: free) and every request's table per group, the latter two with detail=True only.
+    group_used_blocks: tuple = ()
+    block_groups: tuple = ()
+    group_block_tables: dict = None
 
 
 class _RequestId:
@@ -62,10 +67,16 @@ class KVCacheManager:
     (hits), capped one token short of the end so that the last token is computed and gives logits.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    num_groups = 1  # KV cache groups (engine/kv/hybrid.py manages several)
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, pool: BlockPool | None = None,
+                 hash_root: BlockHash = ROOT_HASH):
+        """pool: share another manager's pool (one KV cache group of several, engine/kv/hybrid.py), whose
+        hashes then chain from their own hash_root so that groups never hit each other's blocks."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching) if pool is None else pool
+        self.hash_root = hash_root
         self.req_to_blocks: dict[str, list[KVBlock]] = {}
         self.req_to_block_ids: dict[str, list[int]] = {}  # the block table, as ints, for the runner
         self.req_to_hashes: dict[str, list[BlockHash]] = {}
@@ -118,7 +129,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         tokens = request.all_token_ids
-        hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(request.request_id, []))
+        hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(request.request_id, []),
+                                     self.hash_root)
         # Leave at least one token to compute: the step must produce logits for the last token (or, for
         # the root of a sequence group, the token at its fork point).
         max_blocks = ((request.fork_point or len(tokens)) - 1) // self.block_size
@@ -169,6 +181,37 @@ class KVCacheManager:
         self._cache_full_blocks(request, num_computed + num_new_tokens)
         return True
 
+    def num_blocks_to_allocate(self, request, num_new_tokens: int, new_computed_blocks: list[KVBlock] | None = None
+                               ) -> int:
+        """Free blocks allocate_slots(request, num_new_tokens, new_computed_blocks) would take from the pool (new
+        blocks, free prefix-cache hits and a copy-on-write), without changing anything."""
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid, ())
+        n = 0
+        if new_computed_blocks is None:
+            hits = ()
+            if self.forked and rid in self.forked and self._writes_shared_block(request, blocks):
+                n = 1
+        else:
+            hits = new_computed_blocks
+        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        n += max(self.blocks_needed(num_computed + num_new_tokens) - len(blocks) - len(hits), 0)
+        return n + sum(1 for b in hits if b.ref_count == 0)
+
+    def group_used_blocks(self) -> tuple[int, ...]:
+        """Blocks in use per KV cache group: () with one group (num_used_blocks says it all)."""
+        return ()
+
+    def wasted_slots(self, requests) -> int:
+        """Token slots the requests' block tables hold beyond their computed tokens (internal fragmentation's
+        numerator; a block shared by k tables counts k times). Called every step with the running requests."""
+        ids, bs = self.req_to_block_ids, self.block_size
+        computed = sum([r.num_computed_tokens for r in requests])
+        if len(ids) == len(requests):
+            # Every given request holds a table and no one else does: sum them all without a lookup per request.
+            return sum(map(len, ids.values())) * bs - computed
+        return sum([len(ids.get(r.request_id, ())) for r in requests]) * bs - computed
+
     def _cache_full_blocks(self, request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:
             return
@@ -177,7 +220,8 @@ class KVCacheManager:
         start = self.num_cached_blocks.get(rid, 0)
         if num_full <= start:
             return
-        hashes = hash_request_blocks(request.all_token_ids, self.block_size, self.req_to_hashes.setdefault(rid, []))
+        hashes = hash_request_blocks(request.all_token_ids, self.block_size, self.req_to_hashes.setdefault(rid, []),
+                                     self.hash_root)
         blocks = self.req_to_blocks[rid]
         self._cached_before.setdefault(rid, start)
         for i in range(start, num_full):

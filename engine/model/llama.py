@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..kernels.metadata import AttentionMetadata
+from ..kv.groups import kv_cache_groups, layer_group_slots
 from .moe import MoEMLP
 from .rotary import RotaryEmbedding
 from .spec import ModelSpec
@@ -49,6 +50,8 @@ class Attention(nn.Module):
             self.attend_options["sliding_window"] = spec.layer_window(layer_idx)
         if spec.attn_softcap is not None:
             self.attend_options["softcap"] = float(spec.attn_softcap)
+        # This layer's KV cache group: it picks the group's block table when the runner keeps one per group.
+        self.kv_group = layer_group_slots(kv_cache_groups(spec.layer_windows, spec.num_layers))[layer_idx][0]
 
     def _norm_qk(self, qkv, backend):
         if getattr(backend, "name", "torch") == "triton":
@@ -62,6 +65,8 @@ class Attention(nn.Module):
         return torch.cat([q, k, v], dim=-1)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend):
+        if meta.groups is not None:
+            meta = meta.groups[self.kv_group]
         k_cache, v_cache = kv_cache
         qkv = self.qkv_proj(x)
         if self.q_norm is not None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.kv.groups import kv_cache_groups
 from engine.model.spec import ModelSpec
 from family_models import FAMILIES, WINDOW, make_family_model, perturb_weights, tiny_family_config
 
@@ -60,6 +61,18 @@ CASES = {
 }
 
 
+def case_config(kind: str, case: str) -> dict:
+    """CASES[case], with the preemption pool of a sliding-window model scaled to the same memory: its blocks each
+    hold one KV cache group (1/num_groups of the layers), and a sliding group keeps only its window's blocks, so
+    the requests also prefill in chunks of 64 to still run out of blocks."""
+    cfg = dict(CASES[case])
+    spec = LLM.model_spec(tiny_family_config(kind))
+    groups = kv_cache_groups(spec.layer_windows, spec.num_layers)
+    if case == "preemption" and any(g.sliding_window for g in groups):
+        cfg.update(num_gpu_blocks=20 * len(groups), max_num_batched_tokens=64)
+    return cfg
+
+
 def run(llm, refs):
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n, _, _ in refs]
     return llm.generate([p for p, _, _, _ in refs], params)
@@ -68,7 +81,7 @@ def run(llm, refs):
 @pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_hf(models, references, kind, case):
-    cfg = EngineConfig(device="cpu", **{"max_model_len": 256, **CASES[case]})
+    cfg = EngineConfig(device="cpu", **{"max_model_len": 256, **case_config(kind, case)})
     llm = LLM.from_hf_model(models[kind], cfg)
     outs = run(llm, references[kind])
     for (prompt, n, expected, gaps), out in zip(references[kind], outs):

@@ -118,3 +118,23 @@ def test_a_pool_that_never_fills_has_no_loaded_steps():
     assert (s["num_loaded_steps"] == 0).all() and s["tokens_share"].map(math.isnan).all()
     assert summarize(compare_allocators([(2, 2)], 64, 8, 4).timeline, "all")["tokens_share"].notna().all()
     assert isinstance(s, pd.DataFrame)
+
+
+def test_paged_with_sliding_window_groups_by_hand():
+    """A sliding-window model (groups: one full, one of window 16), 256 token slots of every layer = 32 blocks of
+    one group, requests (60, 40). Step 0 admits 4 (61 tokens: 4 blocks in each group = 8 blocks each). Step 1:
+    position 61's window starts at 46, in block 2, so each sliding table frees blocks 0 and 1 (16 -> 8), and a 5th
+    request fits (20 / 12 blocks). The one-table paged pool (16 blocks) holds 4 throughout step 1."""
+    trace = [(60, 40)] * 8
+    t = replay_allocator(trace, "paged", capacity_tokens=256, max_model_len=128, group_windows=(None, 16))
+    plain = replay_allocator(trace, "paged", capacity_tokens=256, max_model_len=128)
+    assert list(t["group0_blocks"][:2]) == [16, 20] and list(t["group1_blocks"][:2]) == [16, 12]
+    assert list(t["num_running"][:2]) == [4, 5] and list(plain["num_running"][:2]) == [4, 4]
+    assert "group0_blocks" not in plain.columns
+    assert (t[PARTS].sum(axis=1) - 256).abs().max() < 1e-9  # the parts tile the pool (slots of every layer)
+    # Step 1 by hand, in slots of every layer: 5 requests, 20 x 16 + 12 x 16 group slots = 256 (no free slot);
+    # tokens 4 x 62 + 61 in the full group, 4 x (62 - 32) + 61 in the sliding one.
+    row = t.iloc[1]
+    assert row["tokens"] == (4 * 62 + 61 + 4 * 30 + 61) / 2 and row["free"] == 0
+    s = compare_allocators(trace, 256, 128, allocators=("paged",), group_windows=(None, 16)).summary
+    assert s["batch_size_max"].iloc[0] > summarize(plain)["batch_size_max"].iloc[0]

@@ -166,3 +166,21 @@ def test_allocator_comparison_shows_the_baselines_and_replays_on_change():
     assert ac.result.summary.equals(compare_allocators(trace, 2048, 512, 64).summary)
     ac.steps.value = "all"
     assert (ac.result.summary["steps"] == "all").all() and "whole run" in ac.waste.layout.title.text
+
+
+def test_recording_of_a_sliding_window_model_names_every_blocks_group():
+    """Tiny Gemma 3 (window 8: 3 sliding layers, 1 global), blocks of 4: every block in use has its owner and its
+    KV cache group in the hover text, and the sliding groups hold fewer blocks than the full one."""
+    import transformers
+    cfg = transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=16, vocab_size=128, sliding_window=8,
+                                        layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    llm = LLM.random(cfg, EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=64))
+    rec = record_block_map(llm, [("a", list(range(10, 40)), 6)])
+    snap, frame = rec.snapshots[2], rec.blocks(2)
+    used = frame[frame["state"] == "owned"]
+    assert len(used) == sum(rec.counters[2]["group_used_blocks"]) and (used["owner"] == "a").all()
+    assert used["owners"].str.contains("KV cache group 0 \\(full\\)").sum() == rec.counters[2]["group_used_blocks"][0]
+    assert used["owners"].str.contains("window 8").sum() == sum(rec.counters[2]["group_used_blocks"][1:])
+    assert rec.counters[2]["group_used_blocks"][0] == 8 and rec.counters[2]["group_used_blocks"][1] == 3
+    assert snap["kv_cache_groups"] == [None, 8, 8, 8]

@@ -31,11 +31,24 @@ class BlockMapRecording:
         for rid, table in snap["block_tables"].items():
             for b in table:
                 holders.setdefault(b, []).append(rid)
+        # A sliding-window model: every KV cache group's tables own blocks (the null id marks slots whose block
+        # left the window); the hover text names the block's group.
+        groups = snap.get("kv_cache_groups")
+        if groups:
+            holders = {}
+            for rid, tables in snap["group_block_tables"].items():
+                for table in tables:
+                    for b in table:
+                        if b < len(snap["blocks"]):
+                            holders.setdefault(b, []).append(rid)
         rows = []
         for b, (ref, cached) in enumerate(snap["blocks"]):
             who = holders.get(b, [])
             state = ("shared" if ref > 1 else "owned") if ref else ("cached" if cached else "free")
             note = " (a cached prefix)" if cached else ""
+            g = snap["block_groups"][b] if groups else -1
+            if g >= 0:
+                note += f" in KV cache group {g} ({'full' if groups[g] is None else f'window {groups[g]}'})"
             owners = (f"held by {', '.join(who)}" if who else "no owner") + note
             rows.append({"block_id": b, "state": state, "owner": who[0] if len(who) == 1 else "",
                          "owners": owners, "ref_count": ref, "cached": cached})
