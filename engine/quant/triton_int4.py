@@ -246,8 +246,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
     step = KERNEL_CHUNK * chunks
-    if not _chunks_ok(chunks, group_size):
-        raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size}")
+    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4):
+        raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
+                         "(or is below the tl.dot kernel's 4)")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
