@@ -85,7 +85,7 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
-                      STAGES: tl.constexpr):
+                      EVEN_K: tl.constexpr, STAGES: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -102,14 +102,19 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_per_split,
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
-        mask_k = kc < k_end  # whole chunks: K and every split bound are multiples of 32
+        if EVEN_K:  # every step whole: masks constant along K, so loads stay 16-byte vectors
+            mask_k = tl.full([WORDS], 1, tl.int1)
+        else:  # whole chunks: K and every split bound are multiples of 32
+            mask_k = kc < k_end
         mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=mask, other=0)
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w_hi = w >> 16
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for i in tl.static_range(8):
-            x = tl.load(x_row + kc + 4 * i, mask=mask_k, other=0.0).to(tl.float32) * _inv_step(i)
+            xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
+            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * _inv_step(i)
             part += (_plane(w, w_hi, i) - (zero * _step(i) + 8388608.0)) * x[None, :]
         acc += part * scale
     out = tl.sum(acc, 1)
@@ -122,7 +127,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, k_per_split,
 def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
                      stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                     ONE_GROUP: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -141,14 +146,19 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
-        mask_k = kc < k_end
+        if EVEN_K:
+            mask_k = tl.full([WORDS], 1, tl.int1)
+        else:
+            mask_k = kc < k_end
         mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_rows + (k0 // 8 + offs_w)[None, :], mask=mask, other=0)
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w_hi = w >> 16
         mask_x = mask_k[:, None] & mask_m[None, :]
         for i in tl.static_range(8):
-            xt = tl.load(x_cols + (kc + 4 * i)[:, None], mask=mask_x, other=0.0)
+            xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)
+            xt = tl.load(x_cols + xk[:, None], mask=mask_x, other=0.0)
             wd = (_plane(w, w_hi, i) - (zero * _step(i) + 8388608.0)) * (scale * _inv_step(i))
             acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
     # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
@@ -258,15 +268,16 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     stages = (num_stages or 3) if x.is_cuda else 1
     common = (scales.stride(0), split_stride, out.stride(-2))
     one_group = group_size % step == 0
+    even_k = k % step == 0  # then every slice is whole steps too (k_per_split is a multiple of step)
     if gemv:
         _int4_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
             x, packed, scales, zeros, out, n, k, k_per_split, x.stride(0), packed.stride(0), *common,
-            GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=one_group, STAGES=stages,
-            num_warps=num_warps or 4)
+            GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=one_group, EVEN_K=even_k,
+            STAGES=stages, num_warps=num_warps or 4)
     else:
         block_m = block_m or mm_block_m(m)
         _int4_dot_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
             x, packed, scales, zeros, out, m, n, k, k_per_split, x.stride(0), packed.stride(0), *common,
-            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=one_group, STAGES=stages,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=one_group, EVEN_K=even_k,
+            STAGES=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
     return gemv_result(out, x.dtype)
