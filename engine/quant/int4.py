@@ -31,7 +31,8 @@ def check_int4_shape(name: str, in_features: int, group_size: int = GROUP_SIZE) 
     whole 32-feature chunks of the kernel layout."""
     if in_features % group_size != 0 or in_features % KERNEL_CHUNK != 0:
         raise ValueError(f"quantization='int4' needs every quantized layer's input dimension to be a multiple of "
-                         f"the group size {group_size} and of {KERNEL_CHUNK}, but {name} has in_features={in_features}: use "
+                         f"the group size {group_size} and of {KERNEL_CHUNK}, but {name} has "
+                         f"in_features={in_features}: use "
                          "quantization='int8' (per-channel) for this model")
 
 

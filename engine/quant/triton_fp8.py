@@ -176,6 +176,7 @@ def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, 
         out, split_stride = gemv_output(xq, n, split_k)
     _fp8_dot_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
         xq, xs, wq, ws, out, m, n, k, k_per_split, xq.stride(0), wq.stride(0), split_stride, out.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, STAGES=(num_stages or 3) if xq.is_cuda else 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        STAGES=(num_stages or 3) if xq.is_cuda else 1,
         PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
     return out.sum(0, dtype=out_dtype) if split_k > 1 else out

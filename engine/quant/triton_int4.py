@@ -279,5 +279,6 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         _int4_dot_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
             x, packed, scales, zeros, out, m, n, k, k_per_split, x.stride(0), packed.stride(0), *common,
             GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=one_group, EVEN_K=even_k,
-            STAGES=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+            STAGES=stages, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps or default["num_warps"])
     return gemv_result(out, x.dtype)
