@@ -92,7 +92,7 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split,
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
         if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
             mask_k = tl.full([BLOCK_K], 1, tl.int1)
         else:

@@ -44,7 +44,7 @@ def _int8_to_float(q):
 
 @triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -57,8 +57,11 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
         x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += _int8_to_float(w) * x[None, :]
@@ -71,7 +74,10 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
 
 @triton.jit
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
+    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -82,19 +88,22 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, s
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
+        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc += tl.dot(x, tl.trans(_int8_to_float(w).to(x.dtype)))
-    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 def mm_block_m(m: int) -> int:
@@ -225,7 +234,8 @@ def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps
         out, split_stride = gemv_output(x, n, split_k)
         _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
             x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), split_stride,
-            out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages or 1, num_warps=num_warps or 4)
+            out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+            STAGES=num_stages or 1, num_warps=num_warps or 4)
         return gemv_result(out, x.dtype)
     block_m = mm_block_m(m)
     block_n = block_n or (64 if m <= 64 else 128)
@@ -234,6 +244,7 @@ def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps
     out, split_stride = gemv_output(x, n, split_k)
     _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
         x, q, scales, out, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=(num_stages or 3) if x.is_cuda else 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        STAGES=(num_stages or 3) if x.is_cuda else 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps or 4)
     return gemv_result(out, x.dtype)
