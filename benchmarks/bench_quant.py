@@ -24,7 +24,8 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
    awq and gptq: random weights have no activations worth calibrating on, and their speed does not
    depend on the codes, so their layers are int4's codes sent through the Hub layouts (int4_to_awq ->
    awq_to_int4, int4_to_gptq -> gptq_to_int4, zero points >= 1 for GPTQ v1) and loaded as a
-   checkpoint's (LLM.prequantized), with the engine's int8 LM head (engine.quant.LM_HEAD_MODE).
+   checkpoint's (LLM.prequantized), with the engine's int8 LM head (engine.quant.LM_HEAD_MODE) and int8
+   embedding table (a Hub checkpoint run as it is keeps both in 16 bits: about 0.36x the bf16 bytes).
    No mode starts after ENGINE_DEADLINE_S (400 s, env BENCH_QUANT_DEADLINE_S) of the run.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json
@@ -286,7 +287,7 @@ def hub_prequantized(llm: LLM, method: str, head: torch.nn.Module | None):
     load path), on the host, and `head` (the int8 LM head) as the LM head: the format the engine's own
     awq/gptq produce (engine.quant.LM_HEAD_MODE). engine.quant.checkpoint.Prequantized for LLM.prequantized."""
     from engine.quant.checkpoint import Prequantized, awq_to_int4, gptq_to_int4, int4_to_awq, int4_to_gptq
-    pre = Prequantized(method)
+    pre = Prequantized(method, float_embedding=False)  # the engine's own awq/gptq format: int8 table too
     if head is not None:
         pre.modules["lm_head"] = head
     for name, mod in llm.model.named_modules():

@@ -23,7 +23,7 @@ from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.kernels import AttentionMetadata, TorchBackend  # noqa: E402
 from engine.kernels.reference import paged_attention_reference  # noqa: E402
 from engine.model.weights import weight_bytes  # noqa: E402
-from engine.quant import Fp8Linear, Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from engine.quant import Fp8Linear, Int4Linear, Int8Embedding, Int8Linear, quantize_model  # noqa: E402
 from engine.quant.fp8 import check_fp8_supported, fp8_linear_reference, quantize_fp8  # noqa: E402
 from engine.quant.int4 import dequantize_int4, pack_int4, pack_int4_kernel, quantize_int4, unpack_int4  # noqa: E402
 from engine.quant.int8 import dequantize_int8, quantize_int8  # noqa: E402
@@ -204,18 +204,19 @@ def test_every_tuning_candidate_computes_the_same_product():
 def test_quantize_model_swaps_decoder_linears_and_the_head_and_counts_their_bytes():
     llm = LLM.random(tiny_int4_config(), EngineConfig(device="cpu", max_model_len=64))
     model = llm.model
-    embed_bytes = model.embed_tokens.weight.numel() * 4
+    vocab, hidden = model.embed_tokens.weight.shape
+    embed_bytes = vocab * hidden + vocab * 4  # an untied table: int8 + a float32 scale per row
     linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     before = weight_bytes(model)
     after = quantize_model(model, "int4")
     assert isinstance(model.layers[1].mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int4Linear)
-    assert isinstance(model.embed_tokens, nn.Embedding) and model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.dtype == torch.float32
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     # Packed codes (K/2 bytes) + a float32 scale and a uint8 zero per group of 128, per output channel.
     quantized = sum(n * (k // 2 + (k // 128) * (4 + 1)) for k, n in linears.values())
     norms = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
     assert after == weight_bytes(model) == embed_bytes + norms + quantized
-    assert after < 0.3 * before  # float32 -> ~4.3 bits, the float32 embedding table unchanged
+    assert after < 0.3 * before  # float32 -> ~4.3 bits, the embedding table 8 bits
 
 
 def test_tied_lm_head_is_left_in_float(hf_models):
