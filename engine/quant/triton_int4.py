@@ -208,6 +208,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
                  dot_config(m, n, k, sms, num_warps=4 if m > 64 else 8)]
         if m <= 16:
             cands.append(gemv_config(m, n, k, sms, block_n=128))
+        if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
+            cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
     out = []
     for c in cands:
         extra = dict(c, split_k=1)
