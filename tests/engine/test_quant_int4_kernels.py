@@ -64,6 +64,9 @@ CASES = [
     (17, 33, 96, 32, dict(DOT, block_n=32, chunks=4, split_k=1)),        # 2 row tiles, a partial step
     (9, 40, 512, 32, dict(DOT, block_n=32, chunks=8, split_k=3)),        # 8 groups a step, split-K
     (40, 24, 256, 128, {}),
+    (1, 40, 384, 128, dict(GEMV, block_n=16, chunks=4, split_k=3, serial=True)),  # in-kernel reduction
+    (2, 24, 160, 32, dict(GEMV, block_n=16, chunks=1, split_k=4, serial=True)),   # with empty slices
+    (9, 40, 512, 32, dict(DOT, block_n=32, chunks=8, split_k=3, serial=True)),
     (16, 24, 256, 128, dict(GEMV, block_n=16, split_k=2)),               # the GEMV with many rows
 ]
 
@@ -110,3 +113,18 @@ def test_int4_matmul_rejects_groups_the_layout_cannot_tile():
     qweight, scales, zeros = quantize_int4(torch.randn(8, 64), 16)
     with pytest.raises(ValueError, match="group_size % 32"):
         int4_matmul(torch.randn(1, 64), pack_int4_kernel(qweight), scales, zeros, 16)
+
+
+def test_serial_split_k_leaves_its_tile_counters_zero_for_the_next_launch():
+    from engine.quant.triton_int4 import int4_matmul
+    from engine.quant.triton_int8 import split_locks
+    g = torch.Generator().manual_seed(5)
+    qweight, scales, zeros = quantize_int4(torch.randn(40, 512, generator=g) * 0.05, 128)
+    packed = pack_int4_kernel(qweight).to(DEVICE)
+    x = torch.randn(3, 512, generator=g).to(DEVICE)
+    ref = int4_linear_reference(x.cpu(), qweight, scales, zeros)
+    for cfg in (dict(GEMV, block_n=16, split_k=4, serial=True), dict(DOT, block_n=32, split_k=4, serial=True)):
+        for _ in range(2):  # a second launch reuses the counters
+            out = int4_matmul(x, packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
+        assert not split_locks(x.device, 1).any()
