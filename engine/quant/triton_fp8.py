@@ -127,8 +127,7 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     default, used untuned) and a few Triton tiles, each with and without split-K."""
     cands = [dict(kernel="scaled_mm")]
     for cfg in (fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-                fp8_dot_config(m, n, k, sms, block_k=256, num_stages=3),
-                fp8_dot_config(m, n, k, sms, num_stages=4)):
+                fp8_dot_config(m, n, k, sms, block_k=256, num_stages=3)):
         for c in (cfg, dict(cfg, split_k=1)):
             if c not in cands:
                 cands.append(c)

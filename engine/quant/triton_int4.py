@@ -43,7 +43,8 @@ import triton.language as tl
 
 from . import tuning
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
-from .triton_int8 import gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket, num_sms, split_locks
+from .triton_int8 import (_serial_split_reduce, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket,
+                          num_sms, split_locks)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -82,21 +83,6 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
         scale = tl.load(s_ptr + s_rows[:, None] + g, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + s_rows[:, None] + g, mask=mask, other=0).to(tl.float32)
     return scale, zero
-
-
-@triton.jit
-def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, lock_ptr, tile, split_k):
-    """After this program stored its K slice's partial at part_ptr + pid_k * stride_ps + offs: count the
-    tile's arrivals; the last slice to arrive sums all partials (in slice order: deterministic) into
-    res_ptr + res_offs in res's dtype and resets the counter for the next launch."""
-    tl.debug_barrier()  # every thread's partial is written before the counter says so
-    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
-    if count == split_k - 1:
-        total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        for s in range(1, split_k):
-            total += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(res_ptr + res_offs, total.to(res_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 @triton.jit
@@ -223,18 +209,14 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
 
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
-    """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles (each a compile)."""
+    """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles, since each tile
+    (and each of serial on/off) is a compile on a cold cache: about 8 for the GEMV, 6 per row tile."""
     if m <= GEMV_MAX_ROWS:
         cands = [gemv_config(m, n, k, sms), gemv_config(m, n, k, sms, block_n=128),
-                 gemv_config(m, n, k, sms, block_n=32), gemv_config(m, n, k, sms, chunks=8),
-                 gemv_config(m, n, k, sms, block_n=128, num_warps=8), gemv_config(m, n, k, sms, num_stages=4),
-                 dot_config(m, n, k, sms)]
+                 gemv_config(m, n, k, sms, block_n=32), gemv_config(m, n, k, sms, chunks=8)]
     else:
         cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-                 dot_config(m, n, k, sms, chunks=8), dot_config(m, n, k, sms, num_stages=4),
-                 dot_config(m, n, k, sms, num_warps=4 if m > 64 else 8)]
-        if m <= 16:
-            cands.append(gemv_config(m, n, k, sms, block_n=128))
+                 dot_config(m, n, k, sms, chunks=8)]
         if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
             cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
     out = []

@@ -43,8 +43,24 @@ def _int8_to_float(q):
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr):
+def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, lock_ptr, tile, split_k):
+    """After this program stored its K slice's partial at part_ptr + pid_k * stride_ps + offs: count the
+    tile's arrivals; the last slice to arrive sums all partials (in slice order: deterministic) into
+    res_ptr + res_offs in res's dtype and resets the counter for the next launch."""
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    if count == split_k - 1:
+        total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, split_k):
+            total += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(res_ptr + res_offs, total.to(res_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn, stride_os,
+                      stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      SERIAL: tl.constexpr, STAGES: tl.constexpr):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -67,15 +83,18 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
         acc += _int8_to_float(w) * x[None, :]
     out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     # With split_k > 1, out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones
-    # zeros) summed afterwards; else it is the output, stride_os unused.
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + offs_n
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    # zeros) summed by the tile's last slice into res_ptr (SERIAL) or afterwards; else it is the output.
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
 
 
 @triton.jit
-def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    STAGES: tl.constexpr, PRECISION: tl.constexpr):
+def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, split_k, stride_xm, stride_wn,
+                    stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
     and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel."""
     pid_m = tl.program_id(0)
@@ -101,9 +120,13 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, s
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
     acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
 
 
 def mm_block_m(m: int) -> int:
@@ -126,12 +149,14 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
     block_m = mm_block_m(m)
     out = [dict(gemv=False)]
     # Few tiles (each one a compile per row tile on a cold cache); split-K is a runtime argument.
-    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3)):
+    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3)):
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
-        for sk in sorted({1, split}):
+        for sk, serial in sorted({(1, False), (split, False), (split, split > 1)}):
             for tk in tile_k_values or (None,):
                 cfg = dict(gemv=False, block_n=block_n, split_k=sk, num_warps=warps, num_stages=stages)
+                if serial:
+                    cfg["serial"] = True
                 if tk is not None:
                     cfg[tile_k] = tk
                 if cfg not in out:
@@ -195,14 +220,16 @@ def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, wa
 
 
 def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, tile_k: str) -> list[dict]:
-    """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K x pipelining.
-    tile_k names the K-tile key (block_k for int8, groups_per_iter for int4)."""
+    """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K (reduced by
+    torch.sum or, serial, in the kernel) x pipelining. tile_k names the K-tile key (block_k for int8)."""
     small, large = (256, 512) if tile_k == "block_k" else (2, 4)
     out = [heuristic]
-    for block_n, tk, warps, stages in ((32, small, 4, 1), (64, small, 4, 1), (16, large, 4, 1), (64, large, 8, 1),
-                                       (128, small, 8, 1), (32, small, 4, 3), (64, small, 4, 3), (16, large, 4, 3)):
-        for split in sorted({1, gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_)}):
-            cfg = dict(block_n=block_n, split_k=split, num_warps=warps, num_stages=stages, gemv=True)
+    for block_n, tk, warps, stages in ((32, small, 4, 3), (16, large, 4, 3), (64, small, 4, 3), (64, large, 8, 3)):
+        split = gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_)
+        for cfg in (dict(split_k=split), dict(split_k=split, serial=True), dict(split_k=1)):
+            if cfg["split_k"] == 1 and cfg.get("serial"):
+                continue
+            cfg.update(block_n=block_n, num_warps=warps, num_stages=stages, gemv=True)
             cfg[tile_k] = tk
             if cfg not in out:
                 out.append(cfg)
@@ -243,30 +270,34 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
     return _launch(x, q, scales, **forced)
 
 
-def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None, gemv=None):
+def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None, gemv=None,
+            serial=False):
     m, k = x.shape
     n = q.shape[0]
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
     if gemv:
-        block_n = block_n or 32
-        block_k = block_k or 256
+        block_m, block_n, block_k = 1, block_n or 32, block_k or 256
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
-        out, split_stride = gemv_output(x, n, split_k)
-        _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
-            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), split_stride,
-            out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-            STAGES=num_stages or 1, num_warps=num_warps or 4)
-        return gemv_result(out, x.dtype)
-    block_m = mm_block_m(m)
-    block_n = block_n or (64 if m <= 64 else 128)
-    block_k = block_k or (128 if m <= 64 else 64)
-    split_k = split_k or 1
+    else:
+        block_m = mm_block_m(m)
+        block_n = block_n or (64 if m <= 64 else 128)
+        block_k = block_k or (128 if m <= 64 else 64)
+        split_k = split_k or 1
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     out, split_stride = gemv_output(x, n, split_k)
-    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        x, q, scales, out, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        STAGES=(num_stages or 3) if x.is_cuda else 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or 4)
-    return gemv_result(out, x.dtype)
+    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    args = (x, q, scales, out, res, out if locks is None else locks)
+    flags = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
+                 STAGES=(num_stages or 3) if x.is_cuda else 1)
+    if gemv:
+        _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                                **flags, num_warps=num_warps or 4)
+    else:
+        _int8_mm_kernel[grid](*args, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                              BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                              num_warps=num_warps or 4)
+    return res if locks is not None else gemv_result(out, x.dtype)
