@@ -60,17 +60,6 @@ def _plane(w, w_hi, I: tl.constexpr):
 
 
 @triton.jit
-def _step(I: tl.constexpr):
-    """16^(I % 4): the place value of plane I's nibble in its half-word."""
-    return float(1 << (4 * (I % 4)))
-
-
-@triton.jit
-def _inv_step(I: tl.constexpr):
-    return 1.0 / float(1 << (4 * (I % 4)))
-
-
-@triton.jit
 def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr):
     """Scale and zero (float32) of the step's codes: [BLOCK_N, 1] when the step lies in one group, else
     [BLOCK_N, WORDS] (the group of each word's chunk)."""
@@ -118,8 +107,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
-            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * _inv_step(i)
-            part += (_plane(w, w_hi, i) - (zero * _step(i) + 8388608.0)) * x[None, :]
+            step = 1 << (4 * (i % 4))  # the place value of plane i's nibble in its half-word
+            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * (1.0 / step)
+            part += (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
         acc += part * scale
     out = tl.sum(acc, 1)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
@@ -168,7 +158,8 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)
             xt = tl.load(x_cols + xk[:, None], mask=mask_x, other=0.0)
-            wd = (_plane(w, w_hi, i) - (zero * _step(i) + 8388608.0)) * (scale * _inv_step(i))
+            step = 1 << (4 * (i % 4))
+            wd = (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
             acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
     # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
     offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]

@@ -185,24 +185,25 @@ def gemv_output(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, in
     return out, out.stride(0)
 
 
-_split_locks: dict[tuple, torch.Tensor] = {}
+_split_locks: dict[str, torch.Tensor] = {}
 _retired_locks: list[torch.Tensor] = []  # replaced lock buffers stay alive: captured graphs point at them
 
 
 def split_locks(device: torch.device, tiles: int) -> torch.Tensor | None:
     """Zeroed int32 tile counters for a serial split-K reduction (the last K slice of a tile to finish
-    sums the partials; every launch leaves the counters zero again), one buffer per device and stream,
-    so kernels that may overlap never share a counter. None while a CUDA graph is being captured and the
-    buffer would have to grow (the caller then reduces with torch.sum)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    sums the partials; every launch leaves its counters zero again), one buffer per device, made on the
+    first use (an eager call: the engine warms every graph size up before capturing it). Invariant:
+    launches that use it never overlap (the engine runs its GEMMs on one stream at a time; tuning's
+    side stream is joined before and after). None while a CUDA graph is being captured and the buffer
+    would have to grow (the caller then reduces with torch.sum)."""
+    key = str(device)
     buf = _split_locks.get(key)
     if buf is None or buf.numel() < tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         if buf is not None:
             _retired_locks.append(buf)
-        buf = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        buf = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
         _split_locks[key] = buf
     return buf
 
