@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_int8 import _serial_split_reduce
+
 FP8_MAX = 448.0
 
 
@@ -73,10 +75,10 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 # ----- the W8A8 GEMM ------------------------------------------------------------------------------
 @triton.jit
-def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split,
+def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_os, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
     few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels."""
     pid_m = tl.program_id(0)
@@ -103,9 +105,14 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, k_per_split,
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
     acc = acc * ws[:, None] * xs[None, :]
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (triton_int8.py).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed by the tile's last slice into
+    # res_ptr (SERIAL) or by a torch.sum afterwards (triton_int8.py).
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
 
 
 def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128,
@@ -128,8 +135,8 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     cands = [dict(kernel="scaled_mm")]
     for cfg in (fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
                 fp8_dot_config(m, n, k, sms, block_k=256, num_stages=3)):
-        for c in (cfg, dict(cfg, split_k=1)):
-            if c not in cands:
+        for c in (cfg, dict(cfg, serial=True), dict(cfg, split_k=1)):
+            if (c["split_k"] > 1 or "serial" not in c) and c not in cands:
                 cands.append(c)
     return cands
 
@@ -158,24 +165,31 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
 
 
 def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, block_n=None, block_k=128,
-                split_k=None, num_warps=None, num_stages=None):
+                split_k=None, num_warps=None, num_stages=None, serial=False):
     if kernel == "scaled_mm":
         # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
-    from .triton_int8 import gemv_output, num_sms
+    from .triton_int8 import num_sms, split_locks
     m, k = xq.shape
     n = wq.shape[0]
     default = fp8_dot_config(m, n, k, num_sms(xq.device), block_n=block_n, block_k=block_k)
     block_m, block_n = block_m or default["block_m"], block_n or default["block_n"]
     split_k = split_k or default["split_k"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     if split_k == 1:
-        out, split_stride = torch.empty((m, n), dtype=out_dtype, device=xq.device), 0
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     else:
-        out, split_stride = gemv_output(xq, n, split_k)
-    _fp8_dot_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        xq, xs, wq, ws, out, m, n, k, k_per_split, xq.stride(0), wq.stride(0), split_stride, out.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
+    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
+    locks = split_locks(xq.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=out_dtype, device=xq.device) if locks is not None else out
+    _fp8_dot_kernel[grid](
+        xq, xs, wq, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
+        wq.stride(0), out.stride(0) if split_k > 1 else 0, out.stride(-2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
         STAGES=(num_stages or 3) if xq.is_cuda else 1,
         PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+    if locks is not None:
+        return res
     return out.sum(0, dtype=out_dtype) if split_k > 1 else out

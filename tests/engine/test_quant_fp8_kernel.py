@@ -48,6 +48,7 @@ FP8_GEMM_CASES = [(1, 40, 384, dict(kernel="triton", block_n=32, block_k=128, sp
                   (3, 72, 384, dict(kernel="triton", block_n=64, block_k=128, split_k=3)),
                   (5, 33, 200, dict(kernel="triton", block_n=32, block_k=64, split_k=2)),
                   (40, 24, 256, dict(kernel="triton", block_n=32, block_k=128, split_k=1)),
+                  (3, 72, 384, dict(kernel="triton", block_n=32, block_k=64, split_k=4, serial=True)),
                   (2, 50, 1024, None)]
 
 
