@@ -77,7 +77,8 @@ def check_fp8_gemm():
     from engine.quant.triton_fp8 import _fp8_dot_kernel
     ptx = _compile(_fp8_dot_kernel, {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
                                      "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32",
-                                     "K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"},
+                                     "K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32",
+                                     "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"},
                    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
 
