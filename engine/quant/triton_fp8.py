@@ -131,14 +131,11 @@ def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None,
 
 def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """What tuning.pick times for a W8A8 shape: torch._scaled_mm (cuBLASLt / CUTLASS row-wise; the
-    default, used untuned) and a few Triton tiles, each with and without split-K."""
-    cands = [dict(kernel="scaled_mm")]
-    for cfg in (fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-                fp8_dot_config(m, n, k, sms, block_k=256, num_stages=3)):
-        for c in (cfg, dict(cfg, serial=True), dict(cfg, split_k=1)):
-            if (c["split_k"] > 1 or "serial" not in c) and c not in cands:
-                cands.append(c)
-    return cands
+    default, used untuned) and a few Triton tiles with their split-K variants (split_variants)."""
+    from .triton_int8 import split_variants
+    return [dict(kernel="scaled_mm")] + split_variants(
+        [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+         fp8_dot_config(m, n, k, sms, block_k=256)])
 
 
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,
@@ -155,8 +152,8 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
         raise ValueError(f"fp8_matmul: x has {k} features but the weight has {wq.shape[1]}")
     if not config:
         from . import tuning
-        from .triton_int8 import mm_bucket, num_sms
-        key = ("fp8", mm_bucket(m), n, k, out_dtype)
+        from .triton_int8 import num_sms, tune_bucket
+        key = ("fp8", tune_bucket(m), n, k, out_dtype)
         copies = lambda: [(xq, xs, wq if i == 0 else wq.clone(), ws, out_dtype)  # noqa: E731
                           for i in range(tuning.weight_copies(wq.numel()))]
         config = tuning.pick(key, fp8_candidates(m, n, k, num_sms(xq.device)),

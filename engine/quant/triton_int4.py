@@ -43,8 +43,8 @@ import triton.language as tl
 
 from . import tuning
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
-from .triton_int8 import (_serial_split_reduce, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket,
-                          num_sms, split_locks)
+from .triton_int8 import (_serial_split_reduce, gemv_output, gemv_result, gemv_split_k, mm_block_m,
+                          num_sms, split_locks, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -201,22 +201,16 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
     """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles, since each tile
-    (and each of serial on/off) is a compile on a cold cache: about 8 for the GEMV, 6 per row tile."""
+    (and each of serial on/off) is a compile on a cold cache: 4 for the GEMV, about 4 per row tile."""
     if m <= GEMV_MAX_ROWS:
         cands = [gemv_config(m, n, k, sms), gemv_config(m, n, k, sms, block_n=128),
-                 gemv_config(m, n, k, sms, block_n=32), gemv_config(m, n, k, sms, chunks=8)]
+                 gemv_config(m, n, k, sms, chunks=8)]
     else:
         cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
                  dot_config(m, n, k, sms, chunks=8)]
         if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
             cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
-    out = []
-    for c in cands:  # each with split-K reduced by torch.sum and in the kernel (serial), and without
-        for cfg in (c, dict(c, serial=True), dict(c, split_k=1)):
-            if (cfg["split_k"] > 1 or "serial" not in cfg) and _chunks_ok(cfg["chunks"], group_size) \
-                    and cfg not in out:
-                out.append(cfg)
-    return out
+    return split_variants(cands, lambda c: _chunks_ok(c["chunks"], group_size))
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -244,7 +238,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     if not config:
         sms = num_sms(x.device)
         cands = candidates(m, n, k, group_size, sms)
-        key = ("int4", m if m <= GEMV_MAX_ROWS else mm_bucket(m), n, k, group_size, x.dtype)
+        key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
         copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]
         config = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)

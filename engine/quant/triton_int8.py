@@ -140,28 +140,29 @@ def mm_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 512)
 
 
+def tune_bucket(m: int) -> int:
+    """The rows a tuned config is kept under: m itself up to 2 (GEMV), then the row tile (16, 32, 64, 128:
+    every m of a tile launches the same grid), then 256 and 512 (all prefill chunks)."""
+    return m if m <= 2 else mm_block_m(m) if m <= 128 else mm_bucket(m)
+
+
 def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = None,
                   tile_k_values: tuple = ()) -> list[dict]:
     """Launch configs of a tl.dot kernel to time for m rows: the shape heuristic first, then column tiles
-    x split-K (enough programs to fill the GPU when m rows give few row tiles) x warps and stages.
+    x split-K (enough programs to fill the GPU when m rows give few row tiles; split_variants) x warps.
     k_tiles: the K loop's trip count at the smallest K tile (split-K keeps >= 4 per slice); tile_k /
     tile_k_values: an extra K-tile key to vary (int8's block_k)."""
     block_m = mm_block_m(m)
-    out = [dict(gemv=False)]
-    # Few tiles (each one a compile per row tile on a cold cache); split-K is a runtime argument.
+    cands = []
     for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3)):
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
-        for sk, serial in sorted({(1, False), (split, False), (split, split > 1)}):
-            for tk in tile_k_values or (None,):
-                cfg = dict(gemv=False, block_n=block_n, split_k=sk, num_warps=warps, num_stages=stages)
-                if serial:
-                    cfg["serial"] = True
-                if tk is not None:
-                    cfg[tile_k] = tk
-                if cfg not in out:
-                    out.append(cfg)
-    return out
+        for tk in tile_k_values or (None,):
+            cfg = dict(gemv=False, block_n=block_n, split_k=split, num_warps=warps, num_stages=stages)
+            if tk is not None:
+                cfg[tile_k] = tk
+            cands.append(cfg)
+    return [dict(gemv=False)] + split_variants(cands)
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,6 +209,21 @@ def split_locks(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf
 
 
+def split_variants(cands: list[dict], ok=lambda c: True) -> list[dict]:
+    """Tuning candidates with their split-K variants: the first (the heuristic) with split-K summed by
+    torch.sum, in the kernel (serial) and without split-K; the others serial when they split (each
+    serial on/off is another compile)."""
+    out = []
+    for i, c in enumerate(cands):
+        split = c.get("split_k", 1) > 1
+        variants = (c, dict(c, serial=True), dict(c, split_k=1)) if i == 0 else \
+            ((dict(c, serial=True),) if split else (c,))
+        for cfg in variants:
+            if (cfg.get("split_k", 1) > 1 or "serial" not in cfg) and ok(cfg) and cfg not in out:
+                out.append(cfg)
+    return out
+
+
 def gemv_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.sum(0, dtype=dtype) if out.dim() == 3 else out
 
@@ -222,20 +238,16 @@ def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, wa
 
 def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, tile_k: str) -> list[dict]:
     """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K (reduced by
-    torch.sum or, serial, in the kernel) x pipelining. tile_k names the K-tile key (block_k for int8)."""
+    torch.sum or, serial, in the kernel, split_variants) and the tl.dot kernel. tile_k names the K-tile
+    key (block_k for int8)."""
     small, large = (256, 512) if tile_k == "block_k" else (2, 4)
-    out = [heuristic]
-    for block_n, tk, warps, stages in ((32, small, 4, 3), (16, large, 4, 3), (64, small, 4, 3), (64, large, 8, 3)):
-        split = gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_)
-        for cfg in (dict(split_k=split), dict(split_k=split, serial=True), dict(split_k=1)):
-            if cfg["split_k"] == 1 and cfg.get("serial"):
-                continue
-            cfg.update(block_n=block_n, num_warps=warps, num_stages=stages, gemv=True)
-            cfg[tile_k] = tk
-            if cfg not in out:
-                out.append(cfg)
-    out.append(dict(gemv=False))
-    return out
+    cands = []
+    for block_n, tk in ((32, small), (16, large), (64, small)):
+        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_), num_warps=4,
+                   num_stages=3, gemv=True)
+        cfg[tile_k] = tk
+        cands.append(cfg)
+    return [heuristic] + split_variants(cands) + [dict(gemv=False)]
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block_n: int | None = None,
@@ -266,7 +278,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
-            key = ("int8_mm", mm_bucket(m), n, k, x.dtype)
+            key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
