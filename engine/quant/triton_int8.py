@@ -13,11 +13,14 @@ Two kernels, picked by the number of rows M:
   elementwise in a [BLOCK_N, BLOCK_K] float32 tile and reduces once at the end. The row index is the
   fastest grid axis, so the programs of all rows that read one weight tile run together and the
   tile comes from DRAM once. With SPLIT_K > 1 each slice stores float32 partial sums into a
-  [SPLIT_K, M, N] scratch that one torch.sum reduces and casts: that is what lets a 4096-wide layer
-  fill 132 SMs. The K loop can be software-pipelined (STAGES).
-- `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot over [BLOCK_M, BLOCK_K] x
-  [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
-  grid (row tiles, column tiles, SPLIT_K) with split-K partials summed like the GEMV's, its config
+  [SPLIT_K, M, N] scratch that one torch.sum reduces and casts, or (serial) the tile's last slice
+  sums them in the kernel (_serial_split_reduce, split_locks): that is what lets a 4096-wide layer
+  fill 132 SMs. The K loop is software-pipelined (STAGES); when K is a multiple of BLOCK_K (EVEN_K)
+  the loads carry no K mask, so they stay 16-byte vectors.
+- `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot with A and B swapped
+  (acc[n, m] = W x^T: the converted weight tile is the MMA's register operand, the rows of x its N,
+  16 at the least), the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
+  grid (row tiles, column tiles, SPLIT_K) with split-K partials reduced like the GEMV's, its config
   measured per shape and row tile on the device (mm_candidates).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
