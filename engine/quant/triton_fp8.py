@@ -9,10 +9,10 @@ Layouts:
     x:      [M, K] float16 / bfloat16 / float32, K contiguous
     codes:  [M, K] float8_e4m3fn
     scales: [M, 1] float32
-One program per row: pass 1 takes the row's absmax, pass 2 writes the codes (the row is re-read from
-L2). Before the cast the values are rounded to the e4m3 grid in float32 (exponent from the bits,
-round-half-even by the 1.5 * 2^23 trick), so the cast itself is exact: the same codes on every
-backend, including Triton's CPU interpreter, whose float -> fp8 conversion mis-rounds values just
+One program per row: a row of up to MAX_ROW_BLOCK features is read once and kept in registers;
+a longer one in two passes (absmax, then the codes, the row re-read from L2). Before the cast the
+values are rounded to the e4m3 grid in float32 (exponent from the bits, round-half-even by the
+1.5 * 2^23 trick), so the cast itself is exact: the same codes on every backend, including Triton's CPU interpreter, whose float -> fp8 conversion mis-rounds values just
 below a power of two.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import triton.language as tl
 from .triton_int8 import _serial_split_reduce
 
 FP8_MAX = 448.0
+MAX_ROW_BLOCK = 16384  # rows up to this many features are read once (32 values a thread at 16 warps)
 
 
 @triton.jit
@@ -40,22 +41,30 @@ def _round_to_e4m3_grid(v):
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          FP8_MAX: tl.constexpr):
+                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
-    tl.store(s_ptr + m, scale)
     q_row = q_ptr + m * stride_qm
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    if SINGLE:  # the row fits one block: read once, keep it in registers (decode: one short launch)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, 1e-12)
+        tl.store(s_ptr + m, scale)
         v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-        tl.store(q_row + k0 + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
+        tl.store(s_ptr + m, scale)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+            tl.store(q_row + k0 + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +76,9 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scales
-    block = min(triton.next_power_of_2(k), 4096)
+    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
     _fp8_per_token_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX,
-                                num_warps=8 if block >= 2048 else 4)
+                                SINGLE=block >= k, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return codes, scales
 
 

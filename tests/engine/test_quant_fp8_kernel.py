@@ -18,7 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,k", [(1, 256), (5, 3000), (3, 8192)])
+@pytest.mark.parametrize("m,k", [(1, 256), (5, 3000), (3, 8192), (3, 20000)])  # 20000: the two-pass path
 def test_fused_fp8_per_token_quant_matches_the_torch_reference(m, k, dtype):
     from engine.quant.triton_fp8 import fp8_quantize_per_token
     gen = torch.Generator().manual_seed(k)

@@ -84,6 +84,11 @@ def check_fp8_gemm():
                                      "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"},
                    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
+    from engine.quant.triton_fp8 import _fp8_per_token_kernel
+    for single in (True, False):
+        _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+                                         "stride_xm": "i32", "stride_qm": "i32"},
+                 dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
 
 
 def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
