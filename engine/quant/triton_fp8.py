@@ -12,8 +12,8 @@ Layouts:
 One program per row: a row of up to MAX_ROW_BLOCK features is read once and kept in registers;
 a longer one in two passes (absmax, then the codes, the row re-read from L2). Before the cast the
 values are rounded to the e4m3 grid in float32 (exponent from the bits, round-half-even by the
-1.5 * 2^23 trick), so the cast itself is exact: the same codes on every backend, including Triton's CPU interpreter, whose float -> fp8 conversion mis-rounds values just
-below a power of two.
+1.5 * 2^23 trick), so the cast itself is exact: the same codes on every backend, including Triton's
+CPU interpreter, whose float -> fp8 conversion mis-rounds values just below a power of two.
 """
 from __future__ import annotations
 
