@@ -281,13 +281,16 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
+            if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
+                cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8,
+                                  num_stages=3))
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
-def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None, gemv=None,
-            serial=False):
+def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
+            num_stages=None, gemv=None, serial=False):
     m, k = x.shape
     n = q.shape[0]
     if gemv is None:
@@ -297,7 +300,7 @@ def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
     else:
-        block_m = mm_block_m(m)
+        block_m = block_m or mm_block_m(m)
         block_n = block_n or (64 if m <= 64 else 128)
         block_k = block_k or (128 if m <= 64 else 64)
         split_k = split_k or 1

@@ -36,7 +36,8 @@ def test_every_int8_tl_dot_candidate_computes_the_same_product(m):
 @pytest.mark.parametrize("m,n,k,cfg", [(1, 33, 200, dict(gemv=True, block_n=16, block_k=64, split_k=3)),
                                        (2, 33, 512, dict(gemv=True, block_n=32, block_k=128, split_k=3)),
                                        (7, 33, 200, dict(gemv=False, block_n=32, block_k=64, split_k=2)),
-                                       (40, 24, 384, dict(gemv=False, block_n=32, block_k=128, split_k=1))])
+                                       (40, 24, 384, dict(gemv=False, block_n=32, block_k=128, split_k=1)),
+                                       (20, 24, 192, dict(gemv=False, block_m=256, block_n=32, block_k=64))])
 def test_int8_kernels_on_ragged_shapes(m, n, k, cfg, dtype):
     """K off the K tile (masked steps) and on it (mask-free steps), split-K with unequal slices."""
     from engine.quant.triton_int8 import _launch
