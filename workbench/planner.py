@@ -28,6 +28,7 @@ from pathlib import Path
 
 from engine import LLM, EngineConfig, ModelSpec
 from engine.quant import LM_HEAD_MODE  # awq/gptq: the LM head in int8
+from engine.quant.embedding import quantized_embedding_bytes  # any mode: an untied table in int8 per row
 
 MiB, GiB = 2**20, 2**30
 QUANT_GROUP_SIZE = 128  # int4: one scale and one zero point per 128 input channels
@@ -162,7 +163,8 @@ def _linears(spec: ModelSpec) -> dict[str, tuple[int, int]]:
 def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat16",
                  tensor_parallel_size: int = 1) -> int:
     """Weight bytes on one GPU, as engine/quant stores them: the decoder's linear layers and an untied LM
-    head quantized; embeddings, norms and biases in the model dtype (a tied LM head is the embedding).
+    head quantized, an untied embedding table in int8 per row; norms, biases and a tied embedding (the LM
+    head too) in the model dtype.
 
     With tensor_parallel_size > 1, linear layers, embeddings and LM head are split, norms replicated.
     For quantization=None and tp=1 this equals spec.num_params() x dtype bytes.
@@ -172,7 +174,9 @@ def weight_bytes(spec: ModelSpec, quantization: str | None = None, dtype="bfloat
     lm_head = shapes.pop("lm_head", None)
     per_layer = sum(_linear_bytes(o, i, quantization, e) for o, i in shapes.values())
     bias = shapes["qkv_proj"][0] * e if spec.attention_bias else 0
-    sharded = spec.num_layers * (per_layer + bias) + spec.vocab_size * spec.hidden_size * e
+    embedding = quantized_embedding_bytes(spec.vocab_size, spec.hidden_size) \
+        if quantization is not None and lm_head is not None else spec.vocab_size * spec.hidden_size * e
+    sharded = spec.num_layers * (per_layer + bias) + embedding
     if lm_head is not None:
         sharded += _linear_bytes(*lm_head, LM_HEAD_MODE.get(quantization, quantization), e)
     norms = (spec.num_layers * 2 + 1) * spec.hidden_size * e

@@ -18,8 +18,9 @@ came from a Hub AWQ/GPTQ checkpoint of that method: then its codes are used as t
 "awq"/"gptq" an untied LM head they quantize themselves is int8 (LM_HEAD_MODE), one a checkpoint
 leaves in 16 bits stays so.
 What is quantized: every nn.Linear of the decoder layers (qkv_proj, o_proj, gate_up_proj,
-down_proj) and the LM head. The embedding table stays in the model dtype (a lookup reads one row per
-token, so quantizing it saves memory but no time). The LM head is quantized like the decoder, as
+down_proj) and the LM head. An untied embedding table becomes int8 per row under every mode
+(embedding.py: a lookup reads one row per token, so that saves memory, not time; int4's bytes target
+needs it); a tied one stays in the model dtype. The LM head is quantized like the decoder, as
 gpt-fast does, unless it is tied to the embeddings (then quantizing would add a copy, not save
 one): on Llama-3.1-8B it is 1/15 of the weights read per decode step, and the memory targets
 (int8 <= 0.55x, int4 <= 0.30x of bf16) cannot be approached with it in 16 bits. AWQ/GPTQ
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..model.weights import weight_bytes
+from .embedding import Int8Embedding
 from .fp8 import Fp8Linear, check_fp8_supported
 from .int4 import GROUP_SIZE, Int4Linear, check_int4_shape
 from .int8 import Int8Linear
@@ -73,7 +75,8 @@ def check_quantization(model: nn.Module, mode: str | None, device: torch.device 
 
 
 def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = True,
-                   calibration: list[list[int]] | None = None, prequantized=None) -> int:
+                   calibration: list[list[int]] | None = None, prequantized=None,
+                   quantize_embedding: bool = True) -> int:
     """Replace the model's Linear layers (in place) by `mode`'s quantized modules; returns the model's
     weight bytes afterwards. Every check runs before the first layer is touched.
 
@@ -82,6 +85,8 @@ def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = 
     For "awq"/"gptq": `prequantized` (a checkpoint.Prequantized of the same method) supplies the
     layers as loaded, else the method runs on `calibration` (token-id sequences; None: seeded random
     tokens, see calibration.default_calibration).
+    quantize_embedding: under any mode, an untied embedding table becomes int8 per row (embedding.py),
+    except when the layers come from a checkpoint (`prequantized`, unless its float_embedding is off).
     """
     device = next(model.parameters()).device
     check_quantization(model, mode, device, quantize_lm_head)
@@ -98,7 +103,20 @@ def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = 
                 linear = getattr(parent, attr)
                 setattr(parent, attr, cls.from_linear(linear, name) if cls is Int4Linear else cls.from_linear(linear))
                 del linear
+    from_checkpoint = prequantized is not None and prequantized.method == mode and prequantized.float_embedding
+    if mode is not None and quantize_embedding and not from_checkpoint:  # last: calibration reads its dtype
+        _quantize_embedding(model)
     return weight_bytes(model)
+
+
+def _quantize_embedding(model: nn.Module) -> None:
+    """An untied nn.Embedding `embed_tokens` -> Int8Embedding (a tied one is the LM head's weight too;
+    a vocabulary-parallel one is left alone: quantization is single-GPU)."""
+    emb = getattr(model, "embed_tokens", None)
+    tied = getattr(getattr(model, "spec", None), "tie_word_embeddings", False)
+    if type(emb) is nn.Embedding and not tied:
+        with torch.no_grad():
+            model.embed_tokens = Int8Embedding.from_embedding(emb)
 
 
 def _quantize_calibrated(model: nn.Module, mode: str, quantize_lm_head: bool, calibration, prequantized) -> None:
@@ -134,5 +152,5 @@ def _quantize_calibrated(model: nn.Module, mode: str, quantize_lm_head: bool, ca
             model.lm_head = QUANTIZED_LINEARS[LM_HEAD_MODE[mode]].from_linear(model.lm_head)
 
 
-__all__ = ["quantize_model", "check_quantization", "linears_to_quantize", "Int8Linear", "Int4Linear",
+__all__ = ["quantize_model", "check_quantization", "linears_to_quantize", "Int8Linear", "Int4Linear", "Int8Embedding",
            "Fp8Linear", "QUANTIZED_LINEARS", "CALIBRATED_MODES", "LM_HEAD_MODE"]

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .embedding import Int8Embedding
 from .int4 import Int4Linear, pack_int4, unpack_int4
 from .int8 import Int8Linear, dequantize_int8
 from .packing import pack_awq, pack_last, pack_rows, unpack_awq, unpack_last, unpack_rows
@@ -91,10 +92,13 @@ class HubQuantConfig:
 
 @dataclass
 class Prequantized:
-    """A checkpoint's int4 layers, by the engine's module names (on the CPU), and the method they came from."""
+    """A checkpoint's int4 layers, by the engine's module names (on the CPU), and the method they came from.
+    float_embedding: keep the embedding table as the checkpoint has it (16 bits, as vLLM runs a Hub
+    checkpoint), rather than in int8 as the engine's own modes store it."""
 
     method: str
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    float_embedding: bool = True
 
 
 class FusedParts(nn.Module):
@@ -290,7 +294,7 @@ def save_quantized(model: nn.Module, hf_config: dict, folder: str | Path, method
             quantized.add(name)
         elif isinstance(module, (nn.Linear, Int8Linear)):
             weight = module.weight if isinstance(module, nn.Linear) else \
-                dequantize_int8(module.weight_int8, module.scales, model.embed_tokens.weight.dtype)
+                dequantize_int8(module.weight_int8, module.scales, model.norm.weight.dtype)
             weights = weight.split([r for _, r in parts]) if len(parts) > 1 else [weight]
             biases = module.bias.split([r for _, r in parts]) if module.bias is not None and len(parts) > 1 \
                 else [module.bias] * len(parts)
@@ -306,6 +310,8 @@ def save_quantized(model: nn.Module, hf_config: dict, folder: str | Path, method
     for pname, p in model.named_parameters():
         if pname.endswith(("norm.weight",)) or pname == "embed_tokens.weight":
             state["model." + pname] = p
+    if isinstance(model.embed_tokens, Int8Embedding):  # Hub checkpoints hold the table in 16 bits
+        state["model.embed_tokens.weight"] = model.embed_tokens.dequantized_weight()
     group = {model.get_submodule(n).group_size if isinstance(model.get_submodule(n), Int4Linear)
              else model.get_submodule(n).parts[0].group_size for n in quantized}
     if len(group) != 1:

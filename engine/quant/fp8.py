@@ -5,8 +5,10 @@ Format (per Linear of weight W [N, K]):
     weight_scale: [N] float32, scale = max_k |W[n, k]| / 448
 Forward: each row of x gets its own scale max|x_row| / 448, is cast to e4m3 (on CUDA by one fused
 Triton kernel, triton_fp8.py), and
-torch._scaled_mm multiplies on the fp8 tensor cores with both scale vectors applied to the float32
-accumulator (row-wise scaling). That needs compute capability >= 8.9 (Ada, Hopper): elsewhere
+the fp8 tensor cores multiply with both scale vectors applied to the float32 accumulator (row-wise
+scaling): torch._scaled_mm, or triton_fp8's swap-AB tl.dot kernel where tuning measured it faster
+(small batches, where _scaled_mm's tiles fit poorly). That needs compute capability >= 8.9 (Ada,
+Hopper): elsewhere
 `check_fp8_supported` raises a ValueError that names `quantization`.
 `fp8_linear_reference` is the float oracle: the same rounding of W and x, a float32 product.
 """
@@ -78,13 +80,14 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:  # one fused kernel instead of torch's five or six (triton_fp8.py)
-            from .triton_fp8 import fp8_quantize_per_token
+            from .triton_fp8 import fp8_matmul, fp8_quantize_per_token
             xq, xs = fp8_quantize_per_token(x2)
+            out = fp8_matmul(xq, xs, self.weight_fp8, self.weight_scale, x.dtype)
         else:
             xq, xs = quantize_fp8_per_token(x2)
-        # weight_fp8.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
-        out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                               out_dtype=x.dtype)
+            # weight_fp8.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
+            out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                                   out_dtype=x.dtype)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 

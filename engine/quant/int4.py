@@ -10,7 +10,9 @@ of a group's range, where the stored scale's own rounding (relative eps/2 of its
 15 steps fall short of max - min: there the clamp adds up to 15 * eps/2 steps.
 
 On CUDA the forward runs Triton kernels that unpack and dequantize in registers (triton_int4.py):
-a GEMV-style kernel for a few rows (decode) and a tiled tl.dot kernel otherwise. On the CPU it
+a GEMV-style kernel for a few rows (decode) and a tiled tl.dot kernel otherwise. Int4Linear keeps
+the codes in the kernels' layout (pack_int4_kernel: 8 codes per int32 word, interleaved so that
+one 16-byte load feeds 32 features), the same bytes as qweight. On the CPU it
 dequantizes with torch (`int4_linear_reference`), the oracle of those kernels.
 """
 from __future__ import annotations
@@ -21,13 +23,16 @@ from torch.nn import functional as F
 
 GROUP_SIZE = 128
 INT4_MAX = 15
+KERNEL_CHUNK = 32  # input features per 16-byte run of the kernel layout (pack_int4_kernel)
 
 
 def check_int4_shape(name: str, in_features: int, group_size: int = GROUP_SIZE) -> None:
-    """Raise ValueError naming the layer if its input dim cannot be cut into whole groups."""
-    if in_features % group_size != 0:
+    """Raise ValueError naming the layer if its input dim cannot be cut into whole groups, or into the
+    whole 32-feature chunks of the kernel layout."""
+    if in_features % group_size != 0 or in_features % KERNEL_CHUNK != 0:
         raise ValueError(f"quantization='int4' needs every quantized layer's input dimension to be a multiple of "
-                         f"the group size {group_size}, but {name} has in_features={in_features}: use "
+                         f"the group size {group_size} and of {KERNEL_CHUNK}, but {name} has "
+                         f"in_features={in_features}: use "
                          "quantization='int8' (per-channel) for this model")
 
 
@@ -60,6 +65,32 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
 
 
+def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
+    """[N, K // 2] uint8 (pack_int4's order) -> the kernels' layout: [N, K // 8] int32, K % 32 == 0.
+
+    Each run of 32 input features (a chunk, 16 bytes) is 4 words; nibble i (bits 4i..4i+3) of word r
+    of chunk c holds feature k = 32c + 4i + r. So one 16-byte load gives a row 32 codes, nibble
+    plane i of the 4 words meets the 4 contiguous features 32c + 4i .. 32c + 4i + 3 of x, and planes
+    0-3 sit in the low half-word (so a mask, no shift, isolates them; triton_int4.py).
+    """
+    n, half = qweight.shape
+    k = 2 * half
+    if k % KERNEL_CHUNK:
+        raise ValueError(f"the int4 kernel layout needs in_features % {KERNEL_CHUNK} == 0, got {k}")
+    codes = unpack_int4(qweight).view(n, k // KERNEL_CHUNK, 8, 4).transpose(2, 3)  # [n, c, r, i]
+    words = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [n, c, r, byte]: byte b holds nibbles 2b, 2b + 1
+    return words.contiguous().view(torch.int32).view(n, k // 8)
+
+
+def unpack_int4_kernel(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_kernel: [N, K // 8] int32 -> [N, K // 2] uint8 in pack_int4's order."""
+    n, words = packed.shape
+    k = 8 * words
+    b = packed.contiguous().view(torch.uint8).view(n, k // KERNEL_CHUNK, 4, 4)  # [n, c, r, byte]
+    codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(n, k // KERNEL_CHUNK, 4, 8)  # [n, c, r, i]
+    return pack_int4(codes.transpose(2, 3).reshape(n, k))
+
+
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight [N, K] that (qweight, scales, zeros) stand for."""
@@ -77,15 +108,19 @@ def int4_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
 
 
 class Int4Linear(nn.Module):
-    """Drop-in for nn.Linear holding packed int4 weights; qweight, scales, zeros (and bias) are
-    buffers, so engine.model.weights.weight_bytes counts them."""
+    """Drop-in for nn.Linear holding packed int4 weights; packed, scales, zeros (and bias) are
+    buffers, so engine.model.weights.weight_bytes counts them.
+
+    The codes are held once, in the kernels' layout (`packed`, pack_int4_kernel), prepared when the
+    layer is built; `qweight` gives them in the format's order (pack_int4) for checkpoints and tools."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 2
         self.group_size = group_size
-        self.register_buffer("qweight", qweight)
+        check_int4_shape("Int4Linear", self.in_features, group_size)
+        self.register_buffer("packed", pack_int4_kernel(qweight))
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.register_buffer("bias", bias)
@@ -101,6 +136,11 @@ class Int4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(qweight, scales, zeros, bias, group_size)
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """[out, in // 2] uint8, pack_int4's order (a new tensor, unpacked from `packed`)."""
+        return unpack_int4_kernel(self.packed)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in] this layer multiplies by, in the original input order."""
         w = dequantize_int4(self.qweight, self.scales, self.zeros, dtype)
@@ -115,7 +155,7 @@ class Int4Linear(nn.Module):
             x = x.index_select(-1, self.perm)
         if x.is_cuda:
             from .triton_int4 import int4_matmul
-            out = int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+            out = int4_matmul(x.reshape(-1, self.in_features), self.packed, self.scales, self.zeros,
                               self.group_size)
             out = out.view(*x.shape[:-1], self.out_features)
         else:

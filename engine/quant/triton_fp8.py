@@ -9,11 +9,11 @@ Layouts:
     x:      [M, K] float16 / bfloat16 / float32, K contiguous
     codes:  [M, K] float8_e4m3fn
     scales: [M, 1] float32
-One program per row: pass 1 takes the row's absmax, pass 2 writes the codes (the row is re-read from
-L2). Before the cast the values are rounded to the e4m3 grid in float32 (exponent from the bits,
-round-half-even by the 1.5 * 2^23 trick), so the cast itself is exact: the same codes on every
-backend, including Triton's CPU interpreter, whose float -> fp8 conversion mis-rounds values just
-below a power of two.
+One program per row: a row of up to MAX_ROW_BLOCK features is read once and kept in registers;
+a longer one in two passes (absmax, then the codes, the row re-read from L2). Before the cast the
+values are rounded to the e4m3 grid in float32 (exponent from the bits, round-half-even by the
+1.5 * 2^23 trick), so the cast itself is exact: the same codes on every backend, including Triton's
+CPU interpreter, whose float -> fp8 conversion mis-rounds values just below a power of two.
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_int8 import _serial_split_reduce
+
 FP8_MAX = 448.0
+MAX_ROW_BLOCK = 16384  # rows up to this many features are read once (32 values a thread at 16 warps)
 
 
 @triton.jit
@@ -38,22 +41,30 @@ def _round_to_e4m3_grid(v):
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          FP8_MAX: tl.constexpr):
+                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     x_row = x_ptr + m * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
-    tl.store(s_ptr + m, scale)
     q_row = q_ptr + m * stride_qm
-    for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+    if SINGLE:  # the row fits one block: read once, keep it in registers (decode: one short launch)
+        mask = offs < K
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, 1e-12)
+        tl.store(s_ptr + m, scale)
         v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-        tl.store(q_row + k0 + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
+        tl.store(s_ptr + m, scale)
+        for k0 in range(0, K, BLOCK_K):
+            mask = k0 + offs < K
+            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+            v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+            tl.store(q_row + k0 + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +76,126 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scales
-    block = min(triton.next_power_of_2(k), 4096)
+    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
     _fp8_per_token_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX,
-                                num_warps=8 if block >= 2048 else 4)
+                                SINGLE=block >= k, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return codes, scales
+
+
+# ----- the W8A8 GEMM ------------------------------------------------------------------------------
+@triton.jit
+def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                    stride_xm, stride_wn, stride_os, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
+    few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+    acc = acc * ws[:, None] * xs[None, :]
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed by the tile's last slice into
+    # res_ptr (SERIAL) or by a torch.sum afterwards (triton_int8.py).
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128,
+                   num_warps: int | None = None, num_stages: int = 3) -> dict:
+    """The Triton W8A8 kernel's config: row tile by m (16..128), column tile 64 (128 above 64 rows),
+    split-K up to 2 programs per SM while each slice keeps >= 4 K steps."""
+    from .triton_int8 import mm_block_m
+    block_m = mm_block_m(m)
+    block_n = block_n or (64 if m <= 64 else 128)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+    warps = num_warps or (8 if block_n * block_m >= 128 * 64 else 4)
+    return dict(kernel="triton", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
+                num_warps=warps, num_stages=num_stages)
+
+
+def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """What tuning.pick times for a W8A8 shape: torch._scaled_mm (cuBLASLt / CUTLASS row-wise; the
+    default, used untuned) and a few Triton tiles with their split-K variants (split_variants)."""
+    from .triton_int8 import split_variants
+    return [dict(kernel="scaled_mm")] + split_variants(
+        [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+         fp8_dot_config(m, n, k, sms, block_k=256)])
+
+
+def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,
+               **config) -> torch.Tensor:
+    """(xq [M, K] * xs [M, 1]) @ (wq [N, K] * ws [1, N])^T -> [M, N] in out_dtype, codes in e4m3 (any
+    float dtype for the Triton kernel: tests run it on float16 codes in the interpreter).
+
+    With no config, the one tuning.pick measured fastest for (rows bucket, N, K) on CUDA, else
+    torch._scaled_mm; config keys (kernel, block_m, block_n, block_k, split_k, num_warps,
+    num_stages) force one."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    if wq.shape[1] != k:
+        raise ValueError(f"fp8_matmul: x has {k} features but the weight has {wq.shape[1]}")
+    if not config:
+        from . import tuning
+        from .triton_int8 import num_sms, tune_bucket
+        key = ("fp8", tune_bucket(m), n, k, out_dtype)
+        copies = lambda: [(xq, xs, wq if i == 0 else wq.clone(), ws, out_dtype)  # noqa: E731
+                          for i in range(tuning.weight_copies(wq.numel()))]
+        config = tuning.pick(key, fp8_candidates(m, n, k, num_sms(xq.device)),
+                             lambda c, *a: _fp8_launch(*a, **c), copies, xq.device)
+    return _fp8_launch(xq, xs, wq, ws, out_dtype, **config)
+
+
+def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, block_n=None, block_k=128,
+                split_k=None, num_warps=None, num_stages=None, serial=False):
+    if kernel == "scaled_mm":
+        # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
+    from .triton_int8 import num_sms, split_locks
+    m, k = xq.shape
+    n = wq.shape[0]
+    default = fp8_dot_config(m, n, k, num_sms(xq.device), block_n=block_n, block_k=block_k)
+    block_m, block_n = block_m or default["block_m"], block_n or default["block_n"]
+    split_k = split_k or default["split_k"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    if split_k == 1:
+        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
+    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
+    locks = split_locks(xq.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=out_dtype, device=xq.device) if locks is not None else out
+    _fp8_dot_kernel[grid](
+        xq, xs, wq, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
+        wq.stride(0), out.stride(0) if split_k > 1 else 0, out.stride(-2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
+        STAGES=(num_stages or 3) if xq.is_cuda else 1,
+        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+    if locks is not None:
+        return res
+    return out.sum(0, dtype=out_dtype) if split_k > 1 else out

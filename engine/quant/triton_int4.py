@@ -1,29 +1,39 @@
 """Triton kernels: out = x @ dequant(W)^T for group-wise int4 weights, unpacked and dequantized in registers.
 
-Reference: `int4_linear_reference` in int4.py.
+Reference: `int4_linear_reference` in int4.py (int4, AWQ and GPTQ layers all run these kernels).
 
-Layouts (G = group size, 128 by default):
+Layouts (G = group size, a multiple of 32; K % 32 == 0):
     x:       [M, K] float16 / bfloat16 / float32, K contiguous
-    qweight: [N, K // 2] uint8; byte j of row n holds code k = 2j (low nibble) and k = 2j + 1 (high)
-    scales:  [N, K // G] float; zeros: [N, K // G] uint8; a code c stands for (c - zero) * scale
+    packed:  [N, K // 8] int32, the kernel layout of int4.pack_int4_kernel: per row, each chunk of 32
+             input features is 4 words (16 bytes), nibble i of word r holding feature 32c + 4i + r
+    scales:  [N, K // G] float; zeros: [N, K // G] uint8; a code q stands for (q - zero) * scale
     out:     [M, N] in x's dtype
-The two nibbles of a byte meet the even and the odd input features, so neither kernel interleaves
-weights: they load x contiguously, split it into even and odd features (tl.reshape + tl.split),
-and contract each half with one nibble.
-- `_int4_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): grid (M, cdiv(N, BLOCK_N), SPLIT_K), row fastest
-  (programs that share a weight tile run together). Each iteration loads a [BLOCK_N, GROUPS, G/2]
-  byte tile (GROUPS whole groups), with one scale and zero per (channel, group), and reduces the
-  group's products once; with SPLIT_K > 1 the K slices store float32 partials that one torch.sum
-  reduces (as in triton_int8.py). The group loop can be software-pipelined (STAGES).
-- `_int4_mm_kernel` (more rows): one group per iteration, the [BLOCK_N, G/2] tiles of both nibbles
-  dequantized to x's dtype and fed to two tl.dot calls (x's even and odd features loaded as two
-  stride-2 tiles); grid (row tiles, column tiles, SPLIT_K), split-K partials summed like the GEMV's,
-  so that 16-64 rows of a 4096-wide layer still fill the GPU. Its config (column tile, split,
-  warps, stages) is measured on the device per shape and bucket of rows (mm_bucket), like the GEMV's.
-Codes become floats with the exponent trick (bits 0x4B000000 | c are the float 2^23 + c), and the
-2^23 is folded into the zero point: dequantization is an OR, a subtract and a multiply.
-Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
-Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
+Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of words per step, one
+16-byte load per row and chunk. Nibble plane i of that tile meets the features 32c + 4i + (0..3), so
+x is read as 8 small gathers of 4 contiguous values per chunk, and no unpacked tile is reshaped.
+Dequantization in registers, per code, is one LOP3 and one float subtract: plane i (i < 4 from the
+word, i >= 4 from the word >> 16, once per word) is masked in place, `(w & (15 << 4i')) | 0x4B000000`
+being the float 2^23 + q * 16^i' exactly; subtracting 2^23 + zero * 16^i' (a per-row constant of the
+group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
+per row of x or per group, not per code. The scale and zero of a group are loaded once per row and
+step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
+- `_int4_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): CUDA cores, grid (M, cdiv(N, BLOCK_N), SPLIT_K),
+  row fastest (the programs that share a weight tile run together). It keeps a [BLOCK_N, 4 * CHUNKS]
+  float32 accumulator, adds scale * sum over planes of (q - zero) * x per step and reduces over K once
+  at the end.
+- `_int4_dot_kernel` (more rows): tensor cores with A and B swapped (out^T = W x^T, as Marlin/Machete
+  do for small batches), so the row tile BLOCK_M can be as small as 16 while BLOCK_N (the MMA's M)
+  stays 64-128: per step and plane, a [BLOCK_N, 4 * CHUNKS] dequantized tile (x's dtype) times a
+  [4 * CHUNKS, BLOCK_M] gather of x^T, accumulated in float32. grid (row tiles, column tiles, SPLIT_K).
+Split-K (both): each of SPLIT_K programs along K covers a multiple of the step; with SPLIT_K > 1 they
+store float32 partials into a [SPLIT_K, M, N] scratch, which is what fills 132 SMs with a 4096-wide
+layer at a few rows. The partials are summed either by one torch.sum afterwards (triton_int8.py), or,
+with `serial`, in the kernel: each tile counts its finished slices in an int32 counter (triton_int8.
+split_locks) and the last one sums all partials in slice order (deterministic) and writes the output,
+which saves a launch per layer (about 2 us in a CUDA graph, ~128 per decode step of an 8B model).
+Which kernel and config a shape gets is measured on the device (tuning.pick; the shape heuristic is
+the first candidate, and the one used off CUDA or during graph capture). Nothing reads device values
+on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -32,161 +42,241 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from .triton_int8 import (gemv_candidates, gemv_output, gemv_result, gemv_split_k, mm_block_m, mm_bucket,
-                          mm_candidates, num_sms)
+from .int4 import KERNEL_CHUNK, pack_int4_kernel
+from .triton_int8 import (_serial_split_reduce, gemv_output, gemv_result, gemv_split_k, mm_block_m,
+                          num_sms, split_locks, split_variants, tune_bucket)
 
-GEMV_MAX_ROWS = 2
-
-
-@triton.jit
-def _nibbles_to_float(b):
-    """uint8 bytes -> (low codes, high codes) as float32 2^23 + code."""
-    b = b.to(tl.int32)
-    lo = ((b & 15) | 0x4B000000).to(tl.float32, bitcast=True)
-    hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True)
-    return lo, hi
+GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, num_groups, split_k,
+def _plane(w, w_hi, I: tl.constexpr):
+    """Nibble plane I of the words w (w_hi = w >> 16) as float32 2^23 + q * 16^(I % 4), exact."""
+    if I < 4:
+        src = w
+    else:
+        src = w_hi
+    return ((src & (15 << (4 * (I % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexpr, ONE_GROUP: tl.constexpr):
+    """Scale and zero (float32) of the step's codes: [BLOCK_N, 1] when the step lies in one group, else
+    [BLOCK_N, WORDS] (the group of each word's chunk)."""
+    if ONE_GROUP:
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)[:, None]
+    else:
+        g = (kc // GROUP)[None, :]
+        scale = tl.load(s_ptr + s_rows[:, None] + g, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows[:, None] + g, mask=mask, other=0).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N, K, k_per_split, split_k,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
-                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, STAGES: tl.constexpr):
-    HALF: tl.constexpr = GROUP // 2
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
+                      EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr):
+    WORDS: tl.constexpr = 4 * CHUNKS
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_g = tl.arange(0, GROUPS)
-    offs_j = tl.arange(0, HALF)
-    offs_k = tl.arange(0, GROUP)
-    groups_per_split = tl.cdiv(tl.cdiv(num_groups, split_k), GROUPS) * GROUPS
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * stride_wn
-    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    offs_w = tl.arange(0, WORDS)
+    col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word column, from the step start
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = offs_n.to(tl.int64) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_N, GROUPS], dtype=tl.float32)
-    for g0 in tl.range(g_start, g_end, GROUPS, num_stages=STAGES):
-        gg = g0 + offs_g
-        mask_g = gg < g_end
-        mask_ng = mask_n[:, None] & mask_g[None, :]
-        b = tl.load(w_rows + (gg * HALF)[None, :, None] + offs_j[None, None, :], mask=mask_ng[:, :, None], other=0)
-        scale = tl.load(s_ptr + s_rows + gg[None, :], mask=mask_ng, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + s_rows + gg[None, :], mask=mask_ng, other=0).to(tl.float32) + 8388608.0
-        # x of these groups, contiguous, split into the features that meet low and high nibbles.
-        x = tl.load(x_row + gg[:, None] * GROUP + offs_k[None, :], mask=mask_g[:, None], other=0.0).to(tl.float32)
-        xe, xo = tl.split(tl.reshape(x, (GROUPS, HALF, 2)))
-        lo, hi = _nibbles_to_float(b)
-        z3 = zero[:, :, None]
-        part = tl.sum((lo - z3) * xe[None, :, :] + (hi - z3) * xo[None, :, :], 2)
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        kc = k0 + col_k
+        if EVEN_K:  # every step whole: masks constant along K, so loads stay 16-byte vectors
+            mask_k = tl.full([WORDS], 1, tl.int1)
+        else:  # whole chunks: K and every split bound are multiples of 32
+            mask_k = kc < k_end
+        mask = mask_n[:, None] & mask_k[None, :]
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        w_hi = w >> 16
+        part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
+            step = 1 << (4 * (i % 4))  # the place value of plane i's nibble in its half-word
+            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * (1.0 / step)
+            part += (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
         acc += part * scale
     out = tl.sum(acc, 1)
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (see triton_int8.py).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + offs_n
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
+    # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
 
 
 @triton.jit
-def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, num_groups, split_k,
-                    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
-                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-    HALF: tl.constexpr = GROUP // 2
+def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    WORDS: tl.constexpr = 4 * CHUNKS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, HALF)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # The even and odd input features of a group, loaded as two stride-2 tiles (they share cache lines),
-    # meet the low and the high nibbles: no reshape of x in registers.
-    x_even = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + 2 * offs_j[None, :]
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_j[None, :]
+    offs_w = tl.arange(0, WORDS)
+    col_k = 32 * (offs_w // 4) + offs_w % 4
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
-    groups_per_split = tl.cdiv(num_groups, split_k)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in tl.range(g_start, g_end, num_stages=STAGES):
-        xe = tl.load(x_even + g * GROUP, mask=mask_m[:, None], other=0.0)
-        xo = tl.load(x_even + g * GROUP + 1, mask=mask_m[:, None], other=0.0)
-        b = tl.load(w_rows + g * HALF, mask=mask_n[:, None], other=0)
-        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)[:, None] + 8388608.0
-        lo, hi = _nibbles_to_float(b)
-        w_lo = ((lo - zero) * scale).to(xe.dtype)
-        w_hi = ((hi - zero) * scale).to(xe.dtype)
-        acc += tl.dot(xe, tl.trans(w_lo))
-        acc += tl.dot(xo, tl.trans(w_hi))
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: features down, rows across
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        kc = k0 + col_k
+        if EVEN_K:
+            mask_k = tl.full([WORDS], 1, tl.int1)
+        else:
+            mask_k = kc < k_end
+        mask = mask_n[:, None] & mask_k[None, :]
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        w_hi = w >> 16
+        mask_x = mask_k[:, None] & mask_m[None, :]
+        for i in tl.static_range(8):
+            xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)
+            xt = tl.load(x_cols + xk[:, None], mask=mask_x, other=0.0)
+            step = 1 << (4 * (i % 4))
+            wd = (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
+            acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
+    # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int = 128, *, block_n: int | None = None, groups_per_iter: int | None = None,
-                split_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                gemv: bool | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(qweight [N, K/2], scales, zeros)^T -> [M, N] in x's dtype.
+# ----- launch configs -----------------------------------------------------------------------------
+def _chunks_ok(chunks: int, group_size: int) -> bool:
+    """A step of `chunks` chunks lies in one group, or holds whole groups (both powers of two here)."""
+    step = KERNEL_CHUNK * chunks
+    return group_size % step == 0 or step % group_size == 0
 
-    With no keyword argument, a decode-sized call (M <= GEMV_MAX_ROWS) on CUDA uses the config
-    tuning.pick measured fastest for its shape; the keywords force a config (tests, benchmarks).
+
+def gemv_config(m: int, n: int, k: int, sms: int, block_n: int = 64, chunks: int = 4, num_warps: int = 4,
+                num_stages: int = 3) -> dict:
+    """The GEMV's config for a shape: split-K so that rows x column blocks x slices make ~4 waves.
+    64 rows x 16 words over 128 threads puts 2 rows in a thread, so each x value it scales serves 2."""
+    split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, KERNEL_CHUNK * chunks), sms)
+    return dict(gemv=True, block_n=block_n, chunks=chunks, split_k=split, num_warps=num_warps, num_stages=num_stages)
+
+
+def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chunks: int = 4,
+               num_warps: int | None = None, num_stages: int = 3) -> dict:
+    """The tl.dot kernel's config: row tile by m (16..128), column tile 64 (128 above 64 rows), split-K
+    up to 2 programs per SM while each slice keeps >= 4 steps."""
+    block_m = mm_block_m(m)
+    block_n = block_n or (64 if m <= 64 else 128)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
+    split = max(1, min(triton.cdiv(2 * sms, programs), steps // 4 or 1, 8))
+    warps = num_warps or (8 if block_n * block_m >= 128 * 64 else 4)
+    return dict(gemv=False, block_m=block_m, block_n=block_n, chunks=chunks, split_k=split, num_warps=warps,
+                num_stages=num_stages)
+
+
+def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
+    """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles, since each tile
+    (and each of serial on/off) is a compile on a cold cache: 4 for the GEMV, about 4 per row tile."""
+    if m <= GEMV_MAX_ROWS:
+        cands = [gemv_config(m, n, k, sms), gemv_config(m, n, k, sms, block_n=128),
+                 gemv_config(m, n, k, sms, chunks=8)]
+    else:
+        cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+                 dot_config(m, n, k, sms, chunks=8)]
+        if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
+            cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
+    return split_variants(cands, lambda c: _chunks_ok(c["chunks"], group_size))
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int = 128, **config) -> torch.Tensor:
+    """x [M, K] @ dequant(packed [N, K/8] int32, scales, zeros)^T -> [M, N] in x's dtype.
+
+    `packed` is the kernel layout (Int4Linear.packed); a uint8 [N, K/2] qweight in the format's order
+    is packed first (tests, one-off calls). With no config, the config tuning.pick measured fastest
+    for (rows bucket, N, K) on CUDA, else the heuristic; config keys (gemv, block_m, block_n, chunks,
+    split_k, num_warps, num_stages) force one (tests, benchmarks).
     """
+    if packed.dtype == torch.uint8:
+        packed = pack_int4_kernel(packed)
     m, k = x.shape
-    n = qweight.shape[0]
-    if qweight.shape[1] * 2 != k or k % group_size != 0:
-        raise ValueError(f"int4_matmul: x has {k} features but the weight holds {qweight.shape[1] * 2} "
-                         f"in groups of {group_size}")
+    n = packed.shape[0]
+    if packed.shape[1] * 8 != k or k % group_size != 0 or group_size % KERNEL_CHUNK != 0:
+        raise ValueError(f"int4_matmul: x has {k} features but the weight holds {packed.shape[1] * 8}, in groups "
+                         f"of {group_size} (the kernels need group_size % {KERNEL_CHUNK} == 0 and K % group_size == 0)")
     if scales.stride() != zeros.stride():
         raise ValueError("int4_matmul needs scales and zeros with the same strides")
     if x.stride(1) != 1:
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    forced = dict(block_n=block_n, groups_per_iter=groups_per_iter, split_k=split_k, num_warps=num_warps,
-                  num_stages=num_stages, gemv=gemv)
-    forced = {key: v for key, v in forced.items() if v is not None}
-    if not forced:
-        copies = lambda: [(x, qweight if i == 0 else qweight.clone(), scales, zeros, group_size)  # noqa: E731
-                          for i in range(tuning.weight_copies(qweight.numel()))]
-        if m <= GEMV_MAX_ROWS:
-            cands = gemv_candidates(dict(gemv=True), num_sms(x.device), m, n, triton.cdiv(k // group_size, 2),
-                                    "groups_per_iter")
-            key = ("int4", m, n, k, x.dtype)
-        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
-            cands = mm_candidates(m, n, k // group_size, num_sms(x.device))  # K tile: one group
-            key = ("int4_mm", mm_bucket(m), n, k, x.dtype)
-        forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
-    return _launch(x, qweight, scales, zeros, group_size, **forced)
+    if not config:
+        sms = num_sms(x.device)
+        cands = candidates(m, n, k, group_size, sms)
+        key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
+        copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
+                          for i in range(tuning.weight_copies(packed.numel() * 4))]
+        config = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+    return _launch(x, packed, scales, zeros, group_size, **config)
 
 
-def _launch(x, qweight, scales, zeros, group_size, *, block_n=None, groups_per_iter=None, split_k=None,
-            num_warps=None, num_stages=None, gemv=None):
+def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
+            num_warps=None, num_stages=None, serial=False):
     m, k = x.shape
-    n = qweight.shape[0]
-    num_groups = k // group_size
+    n = packed.shape[0]
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
-    if gemv:
-        block_n = block_n or 32
-        groups = groups_per_iter or 2
-        if split_k is None:
-            split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(num_groups, groups), num_sms(x.device))
-        out, split_stride = gemv_output(x, n, split_k)
-        _int4_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
-            x, qweight, scales, zeros, out, n, num_groups, split_k,
-            x.stride(0), qweight.stride(0), scales.stride(0), split_stride, out.stride(-2),
-            GROUP=group_size, BLOCK_N=block_n, GROUPS=groups, STAGES=num_stages or 1, num_warps=num_warps or 4)
-        return gemv_result(out, x.dtype)
-    block_m = mm_block_m(m)
-    block_n = block_n or (64 if m <= 64 else 128)
-    split_k = split_k or 1
+    step = KERNEL_CHUNK * chunks
+    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4):
+        raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
+                         "(or is below the tl.dot kernel's 4)")
+    sms = num_sms(x.device)
+    default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
+    block_n = block_n or default["block_n"]
+    block_m = 1 if gemv else block_m or default["block_m"]
+    split_k = split_k or default["split_k"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     out, split_stride = gemv_output(x, n, split_k)
-    _int4_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        x, qweight, scales, zeros, out, m, n, num_groups, split_k,
-        x.stride(0), qweight.stride(0), scales.stride(0), split_stride, out.stride(-2),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=(num_stages or 3) if x.is_cuda else 1,
-        num_warps=num_warps or 4)
-    return gemv_result(out, x.dtype)
+    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    stages = (num_stages or 3) if x.is_cuda else 1
+    args = (x, packed, scales, zeros, out, res, out if locks is None else locks)
+    common = (scales.stride(0), split_stride, out.stride(-2))
+    flags = dict(GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=group_size % step == 0,
+                 EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
+                 SERIAL=locks is not None, STAGES=stages)
+    if gemv:
+        _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+                                **flags, num_warps=num_warps or 4)
+    else:
+        _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+                               BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                               num_warps=num_warps or default["num_warps"])
+    return res if locks is not None else gemv_result(out, x.dtype)

@@ -13,11 +13,14 @@ Two kernels, picked by the number of rows M:
   elementwise in a [BLOCK_N, BLOCK_K] float32 tile and reduces once at the end. The row index is the
   fastest grid axis, so the programs of all rows that read one weight tile run together and the
   tile comes from DRAM once. With SPLIT_K > 1 each slice stores float32 partial sums into a
-  [SPLIT_K, M, N] scratch that one torch.sum reduces and casts: that is what lets a 4096-wide layer
-  fill 132 SMs. The K loop can be software-pipelined (STAGES).
-- `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot over [BLOCK_M, BLOCK_K] x
-  [BLOCK_K, BLOCK_N], the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
-  grid (row tiles, column tiles, SPLIT_K) with split-K partials summed like the GEMV's, its config
+  [SPLIT_K, M, N] scratch that one torch.sum reduces and casts, or (serial) the tile's last slice
+  sums them in the kernel (_serial_split_reduce, split_locks): that is what lets a 4096-wide layer
+  fill 132 SMs. The K loop is software-pipelined (STAGES); when K is a multiple of BLOCK_K (EVEN_K)
+  the loads carry no K mask, so they stay 16-byte vectors.
+- `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot with A and B swapped
+  (acc[n, m] = W x^T: the converted weight tile is the MMA's register operand, the rows of x its N,
+  16 at the least), the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
+  grid (row tiles, column tiles, SPLIT_K) with split-K partials reduced like the GEMV's, its config
   measured per shape and row tile on the device (mm_candidates).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
@@ -43,8 +46,24 @@ def _int8_to_float(q):
 
 
 @triton.jit
-def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, lock_ptr, tile, split_k):
+    """After this program stored its K slice's partial at part_ptr + pid_k * stride_ps + offs: count the
+    tile's arrivals; the last slice to arrive sums all partials (in slice order: deterministic) into
+    res_ptr + res_offs in res's dtype and resets the counter for the next launch."""
+    tl.debug_barrier()  # every thread's partial is written before the counter says so
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+    if count == split_k - 1:
+        total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        for s in range(1, split_k):
+            total += tl.load(part_ptr + s * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(res_ptr + res_offs, total.to(res_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn, stride_os,
+                      stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      SERIAL: tl.constexpr, STAGES: tl.constexpr):
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -57,21 +76,30 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, split_k, stride_xm, st
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
         x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += _int8_to_float(w) * x[None, :]
     out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     # With split_k > 1, out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones
-    # zeros) summed afterwards; else it is the output, stride_os unused.
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + m.to(tl.int64) * stride_om + offs_n
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    # zeros) summed by the tile's last slice into res_ptr (SERIAL) or afterwards; else it is the output.
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
 
 
 @triton.jit
-def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_os, stride_om,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, split_k, stride_xm, stride_wn,
+                    stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
+    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -82,19 +110,26 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, split_k, stride_xm, s
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
+        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc += tl.dot(x, tl.trans(_int8_to_float(w).to(x.dtype)))
-    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed afterwards (as the GEMV's).
-    dst = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
 
 
 def mm_block_m(m: int) -> int:
@@ -108,26 +143,29 @@ def mm_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 512)
 
 
+def tune_bucket(m: int) -> int:
+    """The rows a tuned config is kept under: m itself up to 2 (GEMV), then the row tile (16, 32, 64, 128:
+    every m of a tile launches the same grid), then 256 and 512 (all prefill chunks)."""
+    return m if m <= 2 else mm_block_m(m) if m <= 128 else mm_bucket(m)
+
+
 def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = None,
                   tile_k_values: tuple = ()) -> list[dict]:
     """Launch configs of a tl.dot kernel to time for m rows: the shape heuristic first, then column tiles
-    x split-K (enough programs to fill the GPU when m rows give few row tiles) x warps and stages.
+    x split-K (enough programs to fill the GPU when m rows give few row tiles; split_variants) x warps.
     k_tiles: the K loop's trip count at the smallest K tile (split-K keeps >= 4 per slice); tile_k /
     tile_k_values: an extra K-tile key to vary (int8's block_k)."""
     block_m = mm_block_m(m)
-    out = [dict(gemv=False)]
-    # Few tiles (each one a compile per row tile on a cold cache); split-K is a runtime argument.
-    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (32, 4, 4), (128, 8, 3)):
+    cands = []
+    for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3)):
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
-        for sk in sorted({1, split}):
-            for tk in tile_k_values or (None,):
-                cfg = dict(gemv=False, block_n=block_n, split_k=sk, num_warps=warps, num_stages=stages)
-                if tk is not None:
-                    cfg[tile_k] = tk
-                if cfg not in out:
-                    out.append(cfg)
-    return out
+        for tk in tile_k_values or (None,):
+            cfg = dict(gemv=False, block_n=block_n, split_k=split, num_warps=warps, num_stages=stages)
+            if tk is not None:
+                cfg[tile_k] = tk
+            cands.append(cfg)
+    return [dict(gemv=False)] + split_variants(cands)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,6 +189,44 @@ def gemv_output(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, in
     return out, out.stride(0)
 
 
+_split_locks: dict[str, torch.Tensor] = {}
+_retired_locks: list[torch.Tensor] = []  # replaced lock buffers stay alive: captured graphs point at them
+
+
+def split_locks(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 tile counters for a serial split-K reduction (the last K slice of a tile to finish
+    sums the partials; every launch leaves its counters zero again), one buffer per device, made on the
+    first use (an eager call: the engine warms every graph size up before capturing it). Invariant:
+    launches that use it never overlap (the engine runs its GEMMs on one stream at a time; tuning's
+    side stream is joined before and after). None while a CUDA graph is being captured and the buffer
+    would have to grow (the caller then reduces with torch.sum)."""
+    key = str(device)
+    buf = _split_locks.get(key)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _retired_locks.append(buf)
+        buf = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        _split_locks[key] = buf
+    return buf
+
+
+def split_variants(cands: list[dict], ok=lambda c: True) -> list[dict]:
+    """Tuning candidates with their split-K variants: the first (the heuristic) with split-K summed by
+    torch.sum, in the kernel (serial) and without split-K; the others serial when they split (each
+    serial on/off is another compile)."""
+    out = []
+    for i, c in enumerate(cands):
+        split = c.get("split_k", 1) > 1
+        variants = (c, dict(c, serial=True), dict(c, split_k=1)) if i == 0 else \
+            ((dict(c, serial=True),) if split else (c,))
+        for cfg in variants:
+            if (cfg.get("split_k", 1) > 1 or "serial" not in cfg) and ok(cfg) and cfg not in out:
+                out.append(cfg)
+    return out
+
+
 def gemv_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.sum(0, dtype=dtype) if out.dim() == 3 else out
 
@@ -164,19 +240,17 @@ def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, wa
 
 
 def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, tile_k: str) -> list[dict]:
-    """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K x pipelining.
-    tile_k names the K-tile key (block_k for int8, groups_per_iter for int4)."""
+    """Launch configs to time for a GEMV shape: the heuristic first, then tiles x split-K (reduced by
+    torch.sum or, serial, in the kernel, split_variants) and the tl.dot kernel. tile_k names the K-tile
+    key (block_k for int8)."""
     small, large = (256, 512) if tile_k == "block_k" else (2, 4)
-    out = [heuristic]
-    for block_n, tk, warps, stages in ((32, small, 4, 1), (64, small, 4, 1), (16, large, 4, 1), (64, large, 8, 1),
-                                       (128, small, 8, 1), (32, small, 4, 3), (64, small, 4, 3), (16, large, 4, 3)):
-        for split in sorted({1, gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_)}):
-            cfg = dict(block_n=block_n, split_k=split, num_warps=warps, num_stages=stages, gemv=True)
-            cfg[tile_k] = tk
-            if cfg not in out:
-                out.append(cfg)
-    out.append(dict(gemv=False))
-    return out
+    cands = []
+    for block_n, tk in ((32, small), (16, large), (64, small)):
+        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_), num_warps=4,
+                   num_stages=3, gemv=True)
+        cfg[tile_k] = tk
+        cands.append(cfg)
+    return [heuristic] + split_variants(cands) + [dict(gemv=False)]
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block_n: int | None = None,
@@ -207,33 +281,42 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
-            key = ("int8_mm", mm_bucket(m), n, k, x.dtype)
+            if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
+                cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8,
+                                  num_stages=3))
+            key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
-def _launch(x, q, scales, *, block_n=None, block_k=None, split_k=None, num_warps=None, num_stages=None, gemv=None):
+def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
+            num_stages=None, gemv=None, serial=False):
     m, k = x.shape
     n = q.shape[0]
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
     if gemv:
-        block_n = block_n or 32
-        block_k = block_k or 256
+        block_m, block_n, block_k = 1, block_n or 32, block_k or 256
         if split_k is None:
             split_k = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), num_sms(x.device))
-        out, split_stride = gemv_output(x, n, split_k)
-        _int8_gemv_kernel[(m, triton.cdiv(n, block_n), split_k)](
-            x, q, scales, out, n, k, split_k, x.stride(0), q.stride(0), split_stride,
-            out.stride(-2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages or 1, num_warps=num_warps or 4)
-        return gemv_result(out, x.dtype)
-    block_m = mm_block_m(m)
-    block_n = block_n or (64 if m <= 64 else 128)
-    block_k = block_k or (128 if m <= 64 else 64)
-    split_k = split_k or 1
+    else:
+        block_m = block_m or mm_block_m(m)
+        block_n = block_n or (64 if m <= 64 else 128)
+        block_k = block_k or (128 if m <= 64 else 64)
+        split_k = split_k or 1
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     out, split_stride = gemv_output(x, n, split_k)
-    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)](
-        x, q, scales, out, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=(num_stages or 3) if x.is_cuda else 1,
-        num_warps=num_warps or 4)
-    return gemv_result(out, x.dtype)
+    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    args = (x, q, scales, out, res, out if locks is None else locks)
+    flags = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
+                 STAGES=(num_stages or 3) if x.is_cuda else 1)
+    if gemv:
+        _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                                **flags, num_warps=num_warps or 4)
+    else:
+        _int8_mm_kernel[grid](*args, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                              BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                              num_warps=num_warps or 4)
+    return res if locks is not None else gemv_result(out, x.dtype)

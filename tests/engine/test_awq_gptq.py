@@ -216,7 +216,7 @@ def gptq_layer(k, n, group, seed=0):
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
-@pytest.mark.parametrize("m,kw", [(1, {}), (2, dict(split_k=2, block_n=16, groups_per_iter=1)), (5, {}),
+@pytest.mark.parametrize("m,kw", [(1, {}), (2, dict(split_k=2, block_n=16, chunks=4)), (5, {}),
                                   (17, dict(gemv=False, split_k=2, block_n=32, num_warps=4, num_stages=2))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_int4_kernel_on_checkpoint_layers_matches_dequantize_then_matmul(fmt, m, kw, dtype):
@@ -228,7 +228,7 @@ def test_int4_kernel_on_checkpoint_layers_matches_dequantize_then_matmul(fmt, m,
     ref_w = layer.dequantized_weight()  # with the scales rounded to dtype
     x = torch.randn(m, 384, device=DEVICE).to(dtype)
     xp = x if layer.perm is None else x.index_select(1, layer.perm)
-    out = int4_matmul(xp, layer.qweight, layer.scales, layer.zeros, layer.group_size, **kw)
+    out = int4_matmul(xp, layer.packed, layer.scales, layer.zeros, layer.group_size, **kw)
     ref = x.float() @ ref_w.t()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and torch.allclose(out.float(), ref, atol=tol, rtol=tol)
@@ -237,13 +237,13 @@ def test_int4_kernel_on_checkpoint_layers_matches_dequantize_then_matmul(fmt, m,
 @pytest.mark.parametrize("m", [5, 40])
 def test_every_tl_dot_tuning_candidate_computes_the_same_product(m):
     """tuning.pick may choose any candidate of the multi-row kernel on the GPU (split-K included)."""
-    from engine.quant.triton_int4 import _launch, mm_candidates
+    from engine.quant.triton_int4 import _launch, candidates
     layer, _ = awq_layer(1024, 40, 128, seed=3)
     layer = layer.to(DEVICE)
     x = torch.randn(m, 1024, device=DEVICE)
     ref = x @ layer.dequantized_weight().t()
-    cands = mm_candidates(m, 40, 8, 132)
+    cands = candidates(m, 40, 1024, 128, 132)
     assert any(c.get("split_k", 1) > 1 for c in cands)
     for cfg in cands:
-        out = _launch(x, layer.qweight, layer.scales, layer.zeros, 128, **cfg)
+        out = _launch(x, layer.packed, layer.scales, layer.zeros, 128, **cfg)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), cfg

@@ -23,9 +23,9 @@ from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.kernels import AttentionMetadata, TorchBackend  # noqa: E402
 from engine.kernels.reference import paged_attention_reference  # noqa: E402
 from engine.model.weights import weight_bytes  # noqa: E402
-from engine.quant import Fp8Linear, Int4Linear, Int8Linear, quantize_model  # noqa: E402
+from engine.quant import Fp8Linear, Int4Linear, Int8Embedding, Int8Linear, quantize_model  # noqa: E402
 from engine.quant.fp8 import check_fp8_supported, fp8_linear_reference, quantize_fp8  # noqa: E402
-from engine.quant.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4  # noqa: E402
+from engine.quant.int4 import dequantize_int4, pack_int4, pack_int4_kernel, quantize_int4, unpack_int4  # noqa: E402
 from engine.quant.int8 import dequantize_int8, quantize_int8  # noqa: E402
 from engine.quant.kv_cache import quantize_kv, write_kv_fp8  # noqa: E402
 
@@ -140,8 +140,8 @@ DTYPES = [torch.float32, torch.float16]
 # ragged N, several K slices of unequal length.
 INT8_CASES = [(1, 48, 256, {}), (2, 40, 384, dict(split_k=3, block_n=16, block_k=64)),
               (5, 72, 256, {}), (33, 64, 128, dict(gemv=True))]
-INT4_CASES = [(1, 48, 256, {}), (2, 40, 384, dict(split_k=2, block_n=16, groups_per_iter=1)),
-              (1, 24, 512, dict(groups_per_iter=4, split_k=1)), (5, 72, 256, {}), (33, 64, 128, {})]
+INT4_CASES = [(1, 48, 256, {}), (2, 40, 384, dict(split_k=2, block_n=16, chunks=4)),
+              (1, 24, 512, dict(chunks=8, split_k=1)), (5, 72, 256, {}), (33, 64, 128, {})]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -177,6 +177,7 @@ def test_every_tuning_candidate_computes_the_same_product():
     from engine.quant.int4 import int4_linear_reference
     from engine.quant.int8 import int8_linear_reference
     from engine.quant.triton_int4 import _launch as int4_launch
+    from engine.quant.triton_int4 import candidates as int4_candidates
     from engine.quant.triton_int8 import _launch as int8_launch
     from engine.quant.triton_int8 import gemv_candidates
     g = torch.Generator().manual_seed(7)
@@ -185,15 +186,18 @@ def test_every_tuning_candidate_computes_the_same_product():
     w = torch.randn(n, k, generator=g) * 0.05
     q, s = (t.to(DEVICE) for t in quantize_int8(w))
     qw, sc, z = (t.to(DEVICE) for t in quantize_int4(w))
+    packed = pack_int4_kernel(qw)
     ref8 = int8_linear_reference(x.cpu(), q.cpu(), s.cpu())
     ref4 = int4_linear_reference(x.cpu(), qw.cpu(), sc.cpu(), z.cpu())
     cands8 = gemv_candidates({}, 132, 1, n, 4, "block_k")
-    cands4 = gemv_candidates({}, 132, 1, n, 4, "groups_per_iter")
+    cands4 = int4_candidates(1, n, k, 128, 132)
     assert any(c.get("split_k", 1) > 1 for c in cands8) and any(c.get("num_stages", 1) > 1 for c in cands8)
+    assert any(c["split_k"] > 1 for c in cands4) and any(c.get("serial") for c in cands4)
+    assert any(c.get("serial") for c in cands8)
     for cfg in cands8:
         assert rel_err(int8_launch(x, q, s, **cfg).cpu(), ref8) < 1e-5, cfg
     for cfg in cands4:
-        assert rel_err(int4_launch(x, qw, sc, z, 128, **cfg).cpu(), ref4) < 1e-5, cfg
+        assert rel_err(int4_launch(x, packed, sc, z, 128, **cfg).cpu(), ref4) < 1e-5, cfg
 
 
 # --- quantize_model -----------------------------------------------------------------------------
@@ -201,18 +205,19 @@ def test_every_tuning_candidate_computes_the_same_product():
 def test_quantize_model_swaps_decoder_linears_and_the_head_and_counts_their_bytes():
     llm = LLM.random(tiny_int4_config(), EngineConfig(device="cpu", max_model_len=64))
     model = llm.model
-    embed_bytes = model.embed_tokens.weight.numel() * 4
+    vocab, hidden = model.embed_tokens.weight.shape
+    embed_bytes = vocab * hidden + vocab * 4  # an untied table: int8 + a float32 scale per row
     linears = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     before = weight_bytes(model)
     after = quantize_model(model, "int4")
     assert isinstance(model.layers[1].mlp.down_proj, Int4Linear) and isinstance(model.lm_head, Int4Linear)
-    assert isinstance(model.embed_tokens, nn.Embedding) and model.embed_tokens.weight.dtype == torch.float32
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.dtype == torch.float32
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     # Packed codes (K/2 bytes) + a float32 scale and a uint8 zero per group of 128, per output channel.
     quantized = sum(n * (k // 2 + (k // 128) * (4 + 1)) for k, n in linears.values())
     norms = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
     assert after == weight_bytes(model) == embed_bytes + norms + quantized
-    assert after < 0.3 * before  # float32 -> ~4.3 bits, the float32 embedding table unchanged
+    assert after < 0.3 * before  # float32 -> ~4.3 bits, the embedding table 8 bits
 
 
 def test_tied_lm_head_is_left_in_float(hf_models):

@@ -18,7 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,k", [(1, 256), (5, 3000), (3, 8192)])
+@pytest.mark.parametrize("m,k", [(1, 256), (5, 3000), (3, 8192), (3, 20000)])  # 20000: the two-pass path
 def test_fused_fp8_per_token_quant_matches_the_torch_reference(m, k, dtype):
     from engine.quant.triton_fp8 import fp8_quantize_per_token
     gen = torch.Generator().manual_seed(k)
@@ -41,3 +41,36 @@ def test_values_just_below_a_power_of_two_round_up_to_it():
     codes, scales = fp8_quantize_per_token(x)
     assert scales.item() == 1.0
     assert codes.float().cpu().tolist() == [[448.0, 8.0, -2.0, 0.015625, 240.0, -0.001953125, 0.0]]
+
+
+# (m, n, k, config): ragged N, K off the K tile, split-K with unequal slices, two row tiles.
+FP8_GEMM_CASES = [(1, 40, 384, dict(kernel="triton", block_n=32, block_k=128, split_k=1)),
+                  (3, 72, 384, dict(kernel="triton", block_n=64, block_k=128, split_k=3)),
+                  (5, 33, 200, dict(kernel="triton", block_n=32, block_k=64, split_k=2)),
+                  (40, 24, 256, dict(kernel="triton", block_n=32, block_k=128, split_k=1)),
+                  (3, 72, 384, dict(kernel="triton", block_n=32, block_k=64, split_k=4, serial=True)),
+                  (2, 50, 1024, None)]
+
+
+@pytest.mark.parametrize("codes", ["e4m3", "float16"])
+@pytest.mark.parametrize("m,n,k,cfg", FP8_GEMM_CASES)
+def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
+    """The Triton W8A8 kernel: (x codes * row scale) @ (w codes * channel scale)^T in float32. Codes in
+    e4m3, and in float16 too (the same kernel; the interpreter's fp8 support is the weaker check)."""
+    from engine.quant.fp8 import fp8_supported, quantize_fp8, quantize_fp8_per_token
+    from engine.quant.triton_fp8 import fp8_candidates, fp8_matmul
+    if codes == "e4m3" and DEVICE.type == "cuda" and not fp8_supported(DEVICE):
+        pytest.skip("no fp8 tensor cores")
+    gen = torch.Generator().manual_seed(m * n + k)
+    wq, ws = quantize_fp8(torch.randn(n, k, generator=gen) * 0.05)
+    xq, xs = quantize_fp8_per_token(torch.randn(m, k, generator=gen))
+    ref = (xq.float() * xs) @ (wq.float() * ws[:, None]).t()
+    if codes == "float16":
+        xq, wq = xq.half(), wq.half()
+    configs = [c for c in fp8_candidates(m, n, k, 132) if c["kernel"] == "triton"] if cfg is None else [cfg]
+    assert cfg is not None or any(c["split_k"] > 1 for c in configs)
+    for c in configs:
+        out = fp8_matmul(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.view(1, -1).to(DEVICE), torch.float32,
+                         **c).cpu()
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, c

@@ -30,3 +30,21 @@ def test_every_int8_tl_dot_candidate_computes_the_same_product(m):
     for cfg in cands:
         out = _launch(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), **cfg).cpu()
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), cfg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,cfg", [(1, 33, 200, dict(gemv=True, block_n=16, block_k=64, split_k=3)),
+                                       (2, 33, 512, dict(gemv=True, block_n=32, block_k=128, split_k=3)),
+                                       (7, 33, 200, dict(gemv=False, block_n=32, block_k=64, split_k=2)),
+                                       (40, 24, 384, dict(gemv=False, block_n=32, block_k=128, split_k=1)),
+                                       (20, 24, 192, dict(gemv=False, block_m=256, block_n=32, block_k=64))])
+def test_int8_kernels_on_ragged_shapes(m, n, k, cfg, dtype):
+    """K off the K tile (masked steps) and on it (mask-free steps), split-K with unequal slices."""
+    from engine.quant.triton_int8 import _launch
+    g = torch.Generator().manual_seed(k + m)
+    q, s = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = int8_linear_reference(x, q, s).float()
+    out = _launch(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), **cfg).cpu()
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 2e-3)

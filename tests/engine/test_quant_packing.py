@@ -215,6 +215,7 @@ def test_hub_folder_loads_with_from_pretrained(tmp_path, method, act_order):
     qkv, gate_up = llm.model.layers[0].self_attn.qkv_proj, llm.model.layers[0].mlp.gate_up_proj
     assert isinstance(qkv, Int4Linear) and (qkv.perm is not None) == act_order
     assert isinstance(gate_up, FusedParts if act_order else Int4Linear)
+    assert type(llm.model.embed_tokens) is torch.nn.Embedding  # a checkpoint's table runs as it is
     ids = [1, 5, 9, 77, 200, 3, 41]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]

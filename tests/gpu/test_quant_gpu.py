@@ -77,3 +77,54 @@ def test_engine_runs_hub_layout_layers_in_cuda_graphs(method):
     llm.reconfigure(cfg.replace(quantization=method))
     assert llm.engine.stats().cuda_graphs
     assert [o.token_ids for o in llm.generate(prompts, params)] == eager
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 256])
+def test_every_int4_candidate_matches_dequantize_then_matmul(m):
+    """tuning.pick may choose any candidate; each compiles on this GPU and computes the product."""
+    from engine.quant.int4 import Int4Linear, int4_linear_reference
+    from engine.quant.triton_int4 import _launch, candidates
+    from engine.quant.triton_int8 import num_sms
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1536, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = int4_linear_reference(x.float(), q.qweight, q.scales, q.zeros)
+    for cfg in candidates(m, 1536, 4096, 128, num_sms(x.device)):
+        assert rel_err(_launch(x, q.packed, q.scales, q.zeros, 128, **cfg), ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_every_fp8_gemm_candidate_matches_the_oracle(m):
+    from engine.quant.fp8 import Fp8Linear, fp8_linear_reference, fp8_supported
+    from engine.quant.triton_fp8 import _fp8_launch, fp8_candidates, fp8_quantize_per_token
+    from engine.quant.triton_int8 import num_sms
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores")
+    lin = torch.nn.Linear(4096, 1536, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    f8 = Fp8Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = fp8_linear_reference(x.float(), f8.weight_fp8, f8.weight_scale.view(-1))
+    xq, xs = fp8_quantize_per_token(x)
+    for cfg in fp8_candidates(m, 1536, 4096, num_sms(x.device)):
+        out = _fp8_launch(xq, xs, f8.weight_fp8, f8.weight_scale, torch.bfloat16, **cfg)
+        assert rel_err(out, ref) < 1e-2, cfg
+
+
+def test_int8_embedding_under_int4_runs_in_cuda_graphs():
+    from transformers import LlamaConfig
+
+    from engine import LLM, EngineConfig, SamplingParams
+    from engine.quant import Int8Embedding
+    hf = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    cfg = EngineConfig(max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3, quantization="int4")
+    llm = LLM.random(hf, cfg.replace(enforce_eager=True), dtype=torch.bfloat16)
+    assert isinstance(llm.model.embed_tokens, Int8Embedding)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    eager = [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)]
+    llm.reconfigure(cfg)
+    assert [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)] == eager

@@ -1,0 +1,130 @@
+"""The int4 kernel layout (int4.pack_int4_kernel) and both int4 kernels (triton_int4.py) against the
+dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is present):
+the GEMV and the tl.dot kernel, split-K, N and K that are no multiple of a tile, groups of 128 and 32,
+steps that lie inside one group and steps that span several."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.quant.int4 import (Int4Linear, dequantize_int4, int4_linear_reference, pack_int4,  # noqa: E402
+                               pack_int4_kernel, quantize_int4, unpack_int4_kernel)
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_kernel_layout_puts_feature_32c_4i_r_in_nibble_i_of_word_r():
+    """Known answer, bit by bit: every code is distinct per position, read back with Python integers."""
+    n, k = 3, 64
+    codes = torch.tensor([[(7 * row + 3 * col + col // 16) % 16 for col in range(k)] for row in range(n)],
+                         dtype=torch.uint8)
+    packed = pack_int4_kernel(pack_int4(codes))
+    assert packed.dtype == torch.int32 and packed.shape == (n, k // 8)
+    for row in range(n):
+        for word in range(k // 8):
+            bits = int(packed[row, word]) & 0xFFFFFFFF
+            c, r = divmod(word, 4)
+            for i in range(8):
+                assert (bits >> (4 * i)) & 0xF == int(codes[row, 32 * c + 4 * i + r]), (row, word, i)
+
+
+def test_kernel_layout_round_trips_and_int4linear_keeps_one_copy():
+    g = torch.Generator().manual_seed(0)
+    qweight, scales, zeros = quantize_int4(torch.randn(40, 256, generator=g), 32)
+    assert torch.equal(unpack_int4_kernel(pack_int4_kernel(qweight)), qweight)
+    layer = Int4Linear(qweight, scales, zeros, None, 32)
+    assert torch.equal(layer.qweight, qweight)
+    assert "qweight" not in dict(layer.named_buffers())  # the codes are held once, as `packed`
+    assert layer.packed.numel() * 4 == qweight.numel()
+    assert torch.equal(layer.dequantized_weight(), dequantize_int4(qweight, scales, zeros))
+    with pytest.raises(ValueError, match="in_features % 32"):
+        pack_int4_kernel(torch.zeros(2, 8, dtype=torch.uint8))
+
+
+GEMV = dict(gemv=True)
+DOT = dict(gemv=False)
+# (m, n, k, group, config): ragged N everywhere; K = 96 and 160 are no multiple of a 128-feature step;
+# chunks=8 with group 128 and any step with group 32 take the several-groups-per-step path.
+CASES = [
+    (1, 48, 256, 128, dict(GEMV, block_n=16, chunks=4, split_k=1)),
+    (1, 40, 384, 128, dict(GEMV, block_n=32, chunks=4, split_k=3)),      # split-K, one group a slice
+    (1, 33, 512, 128, dict(GEMV, block_n=16, chunks=8, split_k=2)),      # 256-feature steps: 2 groups
+    (2, 24, 96, 32, dict(GEMV, block_n=16, chunks=4, split_k=1)),        # 3 chunks of 32, a partial step
+    (2, 24, 160, 32, dict(GEMV, block_n=32, chunks=1, split_k=4)),       # unequal slices, empty ones
+    (1, 50, 1024, 128, {}),                                              # the heuristic (split-K)
+    (3, 40, 384, 128, dict(DOT, block_n=32, chunks=4, split_k=1)),
+    (5, 72, 256, 128, dict(DOT, block_n=64, chunks=4, split_k=2)),
+    (17, 33, 96, 32, dict(DOT, block_n=32, chunks=4, split_k=1)),        # 2 row tiles, a partial step
+    (9, 40, 512, 32, dict(DOT, block_n=32, chunks=8, split_k=3)),        # 8 groups a step, split-K
+    (40, 24, 256, 128, {}),
+    (1, 40, 384, 128, dict(GEMV, block_n=16, chunks=4, split_k=3, serial=True)),  # in-kernel reduction
+    (2, 24, 160, 32, dict(GEMV, block_n=16, chunks=1, split_k=4, serial=True)),   # with empty slices
+    (9, 40, 512, 32, dict(DOT, block_n=32, chunks=8, split_k=3, serial=True)),
+    (16, 24, 256, 128, dict(GEMV, block_n=16, split_k=2)),               # the GEMV with many rows
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES)
+def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    scales = scales.to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
+                      group, **cfg).cpu()
+    ref = int4_linear_reference(x, qweight, scales, zeros).float()
+    assert out.dtype == dtype and out.shape == (m, n)
+    # fp16: the tl.dot kernel rounds dequantized weights to fp16 before the product.
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(DOT, block_n=32, chunks=8)])
+def test_int4_kernels_read_back_every_code_exactly(cfg):
+    """Scale 1, zero 0, x = unit rows: the output is the integer codes themselves, each one."""
+    from engine.quant.triton_int4 import int4_matmul
+    n, k, group = 24, 256, 32
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    ones = torch.ones(n, k // group)
+    rows = range(k) if not cfg["gemv"] else (0, 1, 2, 3, 4, 31, 32, 33, 100, 255)
+    x = torch.eye(k)[list(rows)]
+    packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
+    if cfg["gemv"]:
+        out = torch.cat([int4_matmul(r[None].to(DEVICE), packed, ones.to(DEVICE),
+                                     torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg)
+                         for r in x]).cpu()
+    else:
+        out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE),
+                          torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg).cpu()
+    assert torch.equal(out, codes[:, list(rows)].t().float())
+
+
+def test_int4_matmul_rejects_groups_the_layout_cannot_tile():
+    from engine.quant.triton_int4 import int4_matmul
+    qweight, scales, zeros = quantize_int4(torch.randn(8, 64), 16)
+    with pytest.raises(ValueError, match="group_size % 32"):
+        int4_matmul(torch.randn(1, 64), pack_int4_kernel(qweight), scales, zeros, 16)
+
+
+def test_serial_split_k_leaves_its_tile_counters_zero_for_the_next_launch():
+    from engine.quant.triton_int4 import int4_matmul
+    from engine.quant.triton_int8 import split_locks
+    g = torch.Generator().manual_seed(5)
+    qweight, scales, zeros = quantize_int4(torch.randn(40, 512, generator=g) * 0.05, 128)
+    packed = pack_int4_kernel(qweight).to(DEVICE)
+    x = torch.randn(3, 512, generator=g).to(DEVICE)
+    ref = int4_linear_reference(x.cpu(), qweight, scales, zeros)
+    for cfg in (dict(GEMV, block_n=16, split_k=4, serial=True), dict(DOT, block_n=32, split_k=4, serial=True)):
+        for _ in range(2):  # a second launch reuses the counters
+            out = int4_matmul(x, packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
+        assert not split_locks(x.device, 1).any()

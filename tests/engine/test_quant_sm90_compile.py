@@ -1,0 +1,107 @@
+"""The quantized matmul kernels compile for Hopper (sm_90) without a GPU (Triton's bundled ptxas), and
+the compiled code has the properties their speed rests on: tensor-core wgmma in the tl.dot kernels
+(e4m3 operands for fp8), 16-byte asynchronous copies of the int4 weight words, the split-K counter's
+acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
+
+Each test compiles in a subprocess: the other kernel tests put this one in Triton's interpreter
+(TRITON_INTERPRET=1), whose kernels cannot be compiled.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+def _run(check: str) -> None:
+    """Run `check` of this file in a fresh interpreter without TRITON_INTERPRET (so kernels are JIT ones)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=600)
+    if "SKIP:" in proc.stdout:
+        pytest.skip(proc.stdout.split("SKIP:", 1)[1].strip()[:200])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.errors import CompilationError
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    # What the JIT assumes of real launches: 16-aligned pointers, strides and sizes.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items())
+             if v != "constexpr" and k != "split_k"}
+    try:
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
+    except CompilationError:  # the kernel's own fault: fail
+        raise
+    except Exception as exc:  # noqa: BLE001 - no CUDA backend or ptxas on this machine
+        print(f"SKIP: cannot compile for sm_90 here: {exc!r}"[:200])
+        sys.exit(0)
+    return kernel.asm["ptx"]
+
+
+INT4_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
+             "res_ptr": "*bf16", "lock_ptr": "*i32"}
+INT4_SIZES = {"K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
+              "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
+
+
+def check_int4_gemv():
+    from engine.quant.triton_int4 import _int4_gemv_kernel
+    ptx = _compile(_int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
+                   dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3))
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
+    assert "atom.global.gpu.acq_rel.add" in ptx
+
+
+def check_dot_kernels():
+    from engine.quant.triton_int4 import _int4_dot_kernel
+    from engine.quant.triton_int8 import _int8_mm_kernel
+    ptx = _compile(_int4_dot_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
+                   dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
+                        STAGES=3, PRECISION="tf32"))
+    assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
+    ptx = _compile(_int8_mm_kernel, {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32",
+                                     "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                                     "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
+                                     "stride_om": "i32"},
+                   dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False, STAGES=3, PRECISION="tf32"))
+    assert "wgmma.mma_async" in ptx
+
+
+def check_fp8_gemm():
+    from engine.quant.triton_fp8 import _fp8_dot_kernel
+    ptx = _compile(_fp8_dot_kernel, {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
+                                     "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32",
+                                     "K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32",
+                                     "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"},
+                   dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32"))
+    assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
+    from engine.quant.triton_fp8 import _fp8_per_token_kernel
+    for single in (True, False):
+        _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+                                         "stride_xm": "i32", "stride_qm": "i32"},
+                 dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
+
+
+def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
+    _run("check_int4_gemv")
+
+
+def test_int4_and_int8_dot_kernels_use_wgmma():
+    _run("check_dot_kernels")
+
+
+def test_fp8_gemm_uses_e4m3_wgmma():
+    _run("check_fp8_gemm")
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]]()
