@@ -162,7 +162,9 @@ def test_tensor_parallel_matches_single_rank(kind):
     """TP=2 (gloo, one spawned worker): experts split over I on both ranks and all-reduced (Qwen3-MoE; Gemma 2's
     sandwich norms, embedding scale, windows and soft-caps under TP too); same greedy tokens."""
     model = make_family_model(kind)
-    cfg = EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=32, max_num_batched_tokens=16)
+    # A block of a sliding-window model holds one KV cache group's layers (gemma2 here: 3 groups): same bytes.
+    blocks = 32 * (3 if kind == "gemma2" else 1)
+    cfg = EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=blocks, max_num_batched_tokens=16)
     prompts = [[7, 8, 9, 10, 11] + [20 + i] * (4 + 3 * i) for i in range(4)]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     ref = [o.token_ids for o in LLM.from_hf_model(model, cfg).generate(prompts, params)]
