@@ -10,7 +10,8 @@ vLLM's profile leaves out added:
     num_blocks     = kv_cache_bytes // (kv_bytes_per_token x block_size) - SCRATCH_BLOCKS
 
 The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
-with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
+with float32 logits and the sampler's temporaries (measured at the sampler's worst case, Sampler.profile_params:
+a chunk of rows at a time, so bounded by sampler_temporary_bytes whatever max_num_seqs is); the graph pool is what the largest captured decode graph
 keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
 past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
 cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
@@ -182,7 +183,32 @@ def check_host_memory(setting: str, need_bytes: int, advice: str, available: int
 def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, intermediate_size: int,
                              qkv_size: int, vocab_size: int, dtype_bytes: int) -> int:
     """An upper estimate of one eager forward's activation peak (bytes): the residual stream and its normed
-    copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, and the LM head over
-    num_seqs rows in the model dtype plus its float32 copy. For host-memory checks before any allocation."""
+    copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, the LM head over
+    num_seqs rows in the model dtype plus its float32 copy, and the sampler's temporaries over them
+    (sampler_temporary_bytes at the default chunk sizes). For host-memory checks before any allocation."""
+    from .sampling import SAMPLE_CHUNK_ROWS, SORT_CHUNK_DIVISOR
     per_token = 4 * hidden_size + qkv_size + 3 * intermediate_size
-    return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4)
+    sampler = sampler_temporary_bytes(num_seqs, vocab_size, SAMPLE_CHUNK_ROWS,
+                                      max(1, SAMPLE_CHUNK_ROWS // SORT_CHUNK_DIVISOR))
+    return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4) + sampler
+
+
+# Bytes per element of a chunk of rows x vocab that the sampler (engine.sampling.Sampler) holds at its peak, beyond
+# the logits: top-k/plain path: the float32 copy x (4), the exponentials q (4), one bool mask (1), and a 16-bit
+# gather before the float32 copy (2) when the logits are not float32; the logprobs pass (x and log_softmax, 8) is
+# smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside
+# (on CUDA cub's double buffers of keys and values and a segment-id/iota array: up to 4 + 8 + 8 = 20, counted in
+# full), so 36; after the sort x, the sorted values, their cumulative sum and a bool mask (13), then x and q (8).
+SAMPLER_TOPK_BYTES_PER_ELEMENT = 4 + 4 + 1 + 2
+SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 20
+
+
+def sampler_temporary_bytes(num_rows: int, vocab_size: int, chunk_rows: int, sort_rows: int) -> int:
+    """An upper estimate (bytes) of the sampler's device temporaries over num_rows rows of logits, which exist beside
+    the logits themselves: the larger of a full top-k/plain chunk (min(num_rows, chunk_rows) rows) and a full sort
+    chunk (min(num_rows, sort_rows) rows), plus the argmax and token vector (16 bytes a row). Bounded by the chunk
+    sizes whatever num_rows is (see the constants above for the bytes per element). The engine does not size the
+    KV cache with it: its memory profile measures the sampler at Sampler.profile_params(max_num_seqs)."""
+    topk = min(num_rows, chunk_rows) * vocab_size * SAMPLER_TOPK_BYTES_PER_ELEMENT
+    sort = min(num_rows, sort_rows) * vocab_size * SAMPLER_SORT_BYTES_PER_ELEMENT
+    return max(topk, sort) + 16 * num_rows
