@@ -342,7 +342,7 @@ class ModelRunner:
             del hidden
             # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
             # The sampler's worst case at n rows (full chunks of each filter path); every row seeded.
-            self.sampler(logits, self.sampler.profile_params(n), [torch.Generator()] * n)
+            self.sampler(logits, self.sampler.profile_params(n, logits.shape[-1]), [torch.Generator()] * n)
             if self.spec_query_len:  # a verification step: float32 logits at k + 1 rows per request
                 del logits
                 rows = min(n * self.spec_query_len, self.config.max_num_batched_tokens)

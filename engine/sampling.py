@@ -168,12 +168,13 @@ class Sampler:
         """Rows of a chunk on the sort path (top-p without a top-k <= TOPK_PATH_MAX_K)."""
         return max(1, self.chunk_rows // SORT_CHUNK_DIVISOR)
 
-    def profile_params(self, num_rows: int) -> list[SamplingParams]:
+    def profile_params(self, num_rows: int, vocab_size: int) -> list[SamplingParams]:
         """The worst case of the sampler's memory over num_rows rows, for the runner's memory profile: a full chunk
-        of sort-path rows (top-p alone), a full chunk of top-k rows at TOPK_PATH_MAX_K with top-p and logprobs (as
-        many as fit), greedy rows after them (they still take the argmax over every row)."""
+        of sort-path rows (top-p alone), a full chunk of top-k rows at the largest k of the top-k path with top-p
+        and logprobs (as many as fit), greedy rows after them (they still take the argmax over every row)."""
         sort = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
-        topk = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=TOPK_PATH_MAX_K, logprobs=5)
+        k = max(1, min(TOPK_PATH_MAX_K, vocab_size - 1))
+        topk = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=k, logprobs=min(5, vocab_size))
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
         n_sort = min(num_rows, self.sort_rows)
         n_topk = min(num_rows - n_sort, self.chunk_rows)
@@ -214,20 +215,23 @@ class Sampler:
             groups.setdefault(key, []).append(i)
         return list(groups.items())
 
-    def _sample(self, logits, params, generators, random_rows, tokens) -> None:
+    def _filtered_chunks(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int]):
+        """Yield (chunk, idx, x) for the random rows `rows`, a chunk at a time (see _groups): chunk the row numbers,
+        idx them on the device, x [len(chunk), vocab] float32 their logits / temperature with the filtered tokens
+        at -inf (a new buffer the caller may overwrite)."""
         dev, vocab = logits.device, logits.shape[-1]
-        groups = self._groups(params, random_rows, vocab)
-        order = [i for _, rows in groups for i in rows]
+        groups = self._groups(params, rows, vocab)
+        order = [i for _, group in groups for i in group]
         # Per-row parameters of every random row, in group order: two host-to-device copies per call.
         ints = _to_device([order, [min(params[i].top_k, vocab) if params[i].top_k >= 1 else vocab for i in order]],
                           torch.long, dev)
         floats = _to_device([[float(params[i].temperature) for i in order], [float(params[i].top_p) for i in order]],
                             torch.float32, dev)
         start = 0
-        for key, rows in groups:
+        for key, group in groups:
             size = self.sort_rows if key == "sort" else self.chunk_rows
-            for s in range(0, len(rows), size):
-                chunk = rows[s:s + size]
+            for s in range(0, len(group), size):
+                chunk = group[s:s + size]
                 sl = slice(start + s, start + s + len(chunk))
                 idx = ints[0, sl]
                 x = logits.index_select(0, idx).float()
@@ -236,12 +240,25 @@ class Sampler:
                 if key == "sort":
                     apply_top_p_sorted(x, ints[1, sl, None], top_p)
                 elif key != "plain":
-                    any_p = any(params[i].top_p < 1.0 for i in chunk)
-                    apply_top_k_top_p(x, key[1], top_p if any_p else None)
-                q = self._exponentials(x, [generators[i] for i in chunk])
-                tokens.index_copy_(0, idx, exponential_race(x, q))
-                del x, q
-            start += len(rows)
+                    apply_top_k_top_p(x, key[1], top_p if any(params[i].top_p < 1.0 for i in chunk) else None)
+                yield chunk, idx, x
+                del x
+            start += len(group)
+
+    def _sample(self, logits, params, generators, random_rows, tokens) -> None:
+        for chunk, idx, x in self._filtered_chunks(logits, params, random_rows):
+            q = self._exponentials(x, [generators[i] for i in chunk])
+            tokens.index_copy_(0, idx, exponential_race(x, q))
+            del x, q
+
+    def filtered_logits(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """[rows, vocab] float32: each random row's logits / temperature with the tokens its top-k and top-p filter
+        out at -inf (softmax of it is the distribution the row draws from), greedy rows' logits as they are. Whole
+        rows, not chunked: for tests and small batches (speculative decoding's verifier)."""
+        out = logits.float().clone()
+        for _, idx, x in self._filtered_chunks(logits, params, [i for i, p in enumerate(params) if not p.greedy]):
+            out.index_copy_(0, idx, x)
+        return out
 
     def _exponentials(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """q [rows, vocab] ~ Exponential(1): one batched fill from the engine's generator when a row has no

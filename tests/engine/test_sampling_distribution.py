@@ -1,0 +1,131 @@
+"""The device sampler's filter and draws against an independent reference: the filter rule computed token by token
+in float64 (reference_probs), and chi-square tests of many draws on a tiny vocabulary against that exact filtered
+softmax, for temperature, top-k, top-p, both, the sort path, seeded rows and mixed batches."""
+import math
+
+import pytest
+import torch
+
+from engine.sampling import Sampler, SamplingParams, _filter_top_k_top_p
+from engine.spec_decode.verifier import target_probs
+
+
+def reference_probs(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The filtered softmax of one row, token by token in float64 (the scaled row in float32, as the sampler's).
+    top-k keeps the tokens >= the k-th largest value (ties kept); top-p keeps token t iff the renormalized mass of
+    the kept tokens strictly above it is < top_p."""
+    x = [float(v) for v in row.float() / torch.tensor(temperature, dtype=torch.float32)]
+    kept = list(range(len(x)))
+    if 1 <= top_k < len(x):
+        kth = sorted(x, reverse=True)[top_k - 1]
+        kept = [t for t in kept if x[t] >= kth]
+    if top_p < 1:
+        m = max(x[t] for t in kept)
+        w = {t: math.exp(x[t] - m) for t in kept}
+        z = sum(w.values())
+        kept = [t for t in kept if sum(w[s] for s in kept if x[s] > x[t]) / z < top_p]
+    m = max(x[t] for t in kept)
+    probs = torch.zeros(len(x), dtype=torch.float64)
+    for t in kept:
+        probs[t] = math.exp(x[t] - m)
+    return probs / probs.sum()
+
+
+def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson chi-square over the bins with expected count > 0 (all >= 5 here), as a p-value."""
+    keep = expected > 0
+    obs, exp = observed[keep].double(), expected[keep].double()
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = int(keep.sum()) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item() if dof else 1.0
+
+
+# A row with ties (1.5 twice, -0.5 twice) so that top-k and top-p cut through tie groups.
+ROW = torch.tensor([2.0, 1.5, 1.5, 0.3, 0.0, -0.5, -0.5, -3.0])
+CASES = [
+    dict(temperature=0.7),
+    dict(temperature=1.0, top_k=2),          # the k-th value is tied: 3 tokens kept
+    dict(temperature=1.0, top_k=4),
+    dict(temperature=1.0, top_p=0.5),        # sort path
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=0.9, top_k=5, top_p=0.7),
+    dict(temperature=2.0, top_k=6, top_p=0.95),  # ties at the k-th value (-0.5) beyond k
+    dict(temperature=0.5, top_k=7, top_p=0.999),
+]
+
+
+def test_reference_is_hand_computed():
+    # softmax of ROW: 2.0 -> 0.354, 1.5 -> 0.215 (x2), 0.3 -> 0.065, ...: top_p 0.5 keeps 2.0 (mass above 0) and
+    # both 1.5 (mass above 0.354 < 0.5); top_p 0.3 keeps only 2.0.
+    assert reference_probs(ROW, 1.0, -1, 0.5).nonzero().flatten().tolist() == [0, 1, 2]
+    assert reference_probs(ROW, 1.0, -1, 0.3).nonzero().flatten().tolist() == [0]
+    assert reference_probs(ROW, 1.0, 2, 1.0).nonzero().flatten().tolist() == [0, 1, 2]
+    assert reference_probs(ROW, 1.0, 6, 1.0).nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6]
+    p = reference_probs(ROW, 1.0, 1, 1.0)
+    assert p.tolist() == [1.0] + [0.0] * 7
+
+
+def _grid(vocab):
+    return [SamplingParams(temperature=t, top_k=k, top_p=p)
+            for t in (0.7, 1.0) for k in (-1, 1, 2, 5, 17, vocab - 1, vocab, vocab + 3) for p in (1.0, 0.95, 0.5, 0.2)]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_filtered_logits_equal_the_reference_with_ties(chunk_rows, monkeypatch):
+    """Every (temperature, top_k, top_p) of a grid, on rows full of ties and on random rows, in one mixed batch:
+    the sampler's kept tokens are the reference's and its values are logits / temperature; the sort path (top-p
+    alone, or a top-k above TOPK_PATH_MAX_K, lowered here to 4) gives the same as the top-k path."""
+    torch.manual_seed(0)
+    vocab = 40
+    grid = _grid(vocab)
+    rows = torch.cat([torch.randint(-6, 6, (len(grid), vocab)).float() * 0.5, torch.randn(len(grid), vocab) * 2])
+    params = grid + grid[::-1]
+    expected = torch.stack([reference_probs(r, p.temperature, p.top_k, p.top_p) for r, p in zip(rows, params)])
+    for max_k in (1024, 4):
+        monkeypatch.setattr("engine.sampling.TOPK_PATH_MAX_K", max_k)
+        got = Sampler(0, chunk_rows=chunk_rows).filtered_logits(rows, params)
+        assert torch.equal(torch.isfinite(got), expected > 0), max_k
+        scaled = rows / torch.tensor([p.temperature for p in params])[:, None]
+        assert torch.equal(got[torch.isfinite(got)], scaled[torch.isfinite(got)])
+        # The one-row filter the verifier uses is the same rule.
+        one = torch.stack([_filter_top_k_top_p(r / p.temperature, p.top_k, p.top_p) for r, p in zip(rows, params)])
+        assert torch.equal(torch.isfinite(one), expected > 0)
+
+
+def test_verifier_target_probs_are_the_reference():
+    torch.manual_seed(1)
+    logits = torch.randint(-4, 4, (3, 12)).float()
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.6)
+    expected = torch.stack([reference_probs(r, 0.8, 5, 0.6) for r in logits])
+    assert torch.allclose(target_probs(logits, params).double(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draws_follow_the_filtered_softmax(case, seeded):
+    """N rows of ROW in one call (chunked): filtered tokens are never drawn, the others follow the reference."""
+    n = 6000
+    params = SamplingParams(**case)
+    expected = reference_probs(ROW, params.temperature, params.top_k, params.top_p)
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(n)] if seeded else [None] * n
+    tokens = torch.tensor(Sampler(3)(ROW.repeat(n, 1), [params] * n, gens))
+    counts = torch.bincount(tokens, minlength=len(ROW))
+    assert counts[expected == 0].sum() == 0
+    assert chi2_pvalue(counts, n * expected) > 1e-3, (counts.tolist(), (n * expected).tolist())
+
+
+def test_mixed_batch_draws_follow_each_rows_distribution():
+    """Rows of every case interleaved in one batch with greedy rows (several chunks of each path): each case's rows
+    follow that case's reference, the greedy rows all take the argmax."""
+    per, cases = 2000, CASES + [dict(temperature=0.0)]
+    params = [SamplingParams(**cases[i % len(cases)]) for i in range(per * len(cases))]
+    tokens = torch.tensor(Sampler(7, chunk_rows=50)(ROW.repeat(len(params), 1), params, [None] * len(params)))
+    for c, case in enumerate(cases):
+        got = torch.bincount(tokens[c::len(cases)], minlength=len(ROW))
+        if case["temperature"] == 0:
+            assert got[0] == per
+            continue
+        p = SamplingParams(**case)
+        expected = reference_probs(ROW, p.temperature, p.top_k, p.top_p)
+        assert got[expected == 0].sum() == 0
+        assert chi2_pvalue(got, per * expected) > 1e-3, case
