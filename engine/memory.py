@@ -198,7 +198,8 @@ def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, i
 # gather before the float32 copy (2) when the logits are not float32; the logprobs pass (x and log_softmax, 8) is
 # smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside
 # (on CUDA cub's double buffers of keys and values and a segment-id/iota array: up to 4 + 8 + 8 = 20, counted in
-# full), so 36; after the sort x, the sorted values, their cumulative sum and a bool mask (13), then x and q (8).
+# full), so 36; after the sort x, the sorted values, their exponentials, the cumulative sum and a bool mask (17),
+# then x and q (8).
 SAMPLER_TOPK_BYTES_PER_ELEMENT = 4 + 4 + 1 + 2
 SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 20
 

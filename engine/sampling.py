@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError, _check, _is_int
-from .sample_ops import TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_sorted, exponential_race
+from .sample_ops import TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_sorted, exponential_race, fill_exponential
 
 
 @dataclass(frozen=True)
@@ -145,13 +145,14 @@ class Sampler:
       - Device memory is bounded whatever the batch: random rows are gathered, filtered and drawn chunk_rows at a
         time (top-p rows that sort their whole row, sort_rows at a time), logprobs computed chunk_rows at a time;
         nothing else is allocated per row beyond the argmax and the token vector (engine.memory.
-        sampler_temporary_bytes; the runner's memory profile runs profile_params(max_num_seqs)).
+        sampler_temporary_bytes; the runner's memory profile runs profile_params(max_num_seqs, vocab)).
       - A request with a seed (a torch.Generator of its own, on the host) is reproducible and independent of its
         batch: every step it draws one 63-bit seed from its generator, which seeds a device generator that fills
         its row's q alone; the row is filtered with row-wise operations, in a chunk whose rows all need the same
         filter path (and, on the top-k path, the same k), so nothing of another row reaches it.
-      - Unseeded rows fill q with one batched exponential_ per chunk from the engine's generator: `generator` (the
-        host one, also lent to speculative decoding) on the CPU, a device generator seeded with `seed` elsewhere.
+      - Unseeded rows fill q with one batched fill per chunk (sample_ops.fill_exponential) from the engine's
+        generator: `generator` (the host one, also lent to speculative decoding) on the CPU, a device generator
+        seeded with `seed` elsewhere.
       - One device-to-host read per call (the tokens, and the logprobs when asked for).
     """
 
@@ -266,13 +267,13 @@ class Sampler:
         dev = x.device
         q = torch.empty_like(x)
         if any(g is None for g in generators):
-            q.exponential_(generator=self._engine_generator(dev))
+            fill_exponential(q, self._engine_generator(dev))
         seeded = [(j, g) for j, g in enumerate(generators) if g is not None]
         if seeded:
             row_gen = self._seeded_row_generator(dev)
             for j, g in seeded:
                 row_gen.manual_seed(int(torch.randint(0, 2**63 - 1, (), generator=g)))
-                q[j].exponential_(generator=row_gen)
+                fill_exponential(q[j], row_gen)
         return q
 
     def _engine_generator(self, dev: torch.device) -> torch.Generator:
