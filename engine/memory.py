@@ -194,14 +194,15 @@ def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, i
 
 
 # Bytes per element of a chunk of rows x vocab that the sampler (engine.sampling.Sampler) holds at its peak, beyond
-# the logits: top-k/plain path: the float32 copy x (4), the exponentials q (4), one bool mask (1), and a 16-bit
+# the logits. Top-k/plain path: the float32 copy x (4), the exponentials q (4), one bool mask (1), and a 16-bit
 # gather before the float32 copy (2) when the logits are not float32; the logprobs pass (x and log_softmax, 8) is
-# smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside
-# (on CUDA cub's double buffers of keys and values and a segment-id/iota array: up to 4 + 8 + 8 = 20, counted in
-# full), so 36; after the sort x, the sorted values, their exponentials, the cumulative sum and a bool mask (17),
-# then x and q (8).
+# smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside: on
+# CUDA, for fewer than 128 rows, two int2 (index, segment) arrays (16), a keys buffer (4) and cub's double buffers
+# of keys and values (12), so 48 in all; after the sort, x, the sorted values, their exponentials, the cumulative
+# sum and a bool mask (17), then x and q (8). (torch.topk of at most 10 rows of >= 100000 sorts them too: the sort
+# path's bytes over at most 10 rows, below a top-k chunk's.)
 SAMPLER_TOPK_BYTES_PER_ELEMENT = 4 + 4 + 1 + 2
-SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 20
+SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 16 + 4 + 12
 
 
 def sampler_temporary_bytes(num_rows: int, vocab_size: int, chunk_rows: int, sort_rows: int) -> int:
