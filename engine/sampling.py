@@ -153,7 +153,7 @@ class Sampler:
       - Unseeded rows fill q with one batched fill per chunk (sample_ops.fill_exponential) from the engine's
         generator: `generator` (the host one, also lent to speculative decoding) on the CPU, a device generator
         seeded with `seed` elsewhere.
-      - One device-to-host read per call (the tokens, and the logprobs when asked for).
+      - The host waits for the device once per call, when it reads the tokens (and logprobs) back.
     """
 
     def __init__(self, seed: int = 0, chunk_rows: int = SAMPLE_CHUNK_ROWS):
