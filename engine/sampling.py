@@ -255,7 +255,7 @@ class Sampler:
     def filtered_logits(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """[rows, vocab] float32: each random row's logits / temperature with the tokens its top-k and top-p filter
         out at -inf (softmax of it is the distribution the row draws from), greedy rows' logits as they are. Whole
-        rows, not chunked: for tests and small batches (speculative decoding's verifier)."""
+        rows, not chunked: for tests, and small batches whose distribution itself is wanted."""
         out = logits.float().clone()
         for _, idx, x in self._filtered_chunks(logits, params, [i for i, p in enumerate(params) if not p.greedy]):
             out.index_copy_(0, idx, x)
