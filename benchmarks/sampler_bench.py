@@ -3,17 +3,18 @@
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/sampler_bench.py --out data/benchmarks/sampler_h200.json \
         [--rows 1,64,256,1024,2048] [--vocab 128256] [--repeats 3] [--old-max-rows 2048]
 
-Per point: `rows` float32 logits rows over `vocab` tokens (randn x 4, on the GPU, made once), every row sampling with
-the point's parameters; the time is from a synchronized start to the token ids on the host (what the runner waits
-for). Parameter sets: "topk50_topp0.9_t0.8" (the issue's; the top-k path), the same with a seed per row ("seeded":
-one device fill of the exponentials per row), and "topp0.9_t0.8" (top-p alone: the sort path, new sampler only
-unless --old-sort). "old" is the host sampler before this change (copied below): it copies those rows to the host
-chunk_rows at a time and filters each row there, so it runs only up to --old-max-rows rows. Runs are interleaved
+Per point: `rows` float32 logits rows over `vocab` tokens (randn x 4, on the GPU, made once), sampling with the
+point's parameters; the time is from a synchronized start to the token ids on the host (what the runner waits for).
+Parameter sets: "topk50_topp0.9_t0.8" (the issue's, every row; the top-k path), the same with a seed per row
+("seeded": one device fill of the exponentials per row), "topp0.9_t0.8" (top-p alone: the sort path, new sampler
+only unless --old-sort), and "every16th_..." (issue 13's load test: 1 row in 16 samples so, the others are greedy).
+"old" is the host sampler before this change (copied below): it copies the sampled rows to the host 32 at a time
+and filters each row there, so it runs only up to --old-max-rows rows. Runs are interleaved
 (every point and sampler once per repeat, after one warm-up each); the JSON gives each median with its min-max
 spread, the speed-up old / new, and the new sampler's peak device temporaries (torch.cuda.max_memory_allocated over
 the call, beyond the logits) against engine.memory.sampler_temporary_bytes.
 
-Expected: about 3 minutes on one H200 (the old path costs about 5 ms a row: 3 x 2 x 3393 rows ~ 100 s).
+Expected: about 3 minutes on one H200 (the old path costs about 5 ms a sampled row: 4 x (2 x 3393 + 213) rows).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ PARAMS = {
     "topk50_topp0.9_t0.8": dict(temperature=0.8, top_k=50, top_p=0.9),
     "topk50_topp0.9_t0.8_seeded": dict(temperature=0.8, top_k=50, top_p=0.9, seed=0),
     "topp0.9_t0.8": dict(temperature=0.8, top_p=0.9),
+    # issue 13's load test: 1 row in 16 samples with the issue's parameters, the others are greedy
+    "every16th_topk50_topp0.9_t0.8": dict(temperature=0.8, top_k=50, top_p=0.9, every=16),
 }
 
 
@@ -102,8 +105,10 @@ def environment(device: torch.device) -> dict:
 
 
 def point_inputs(name: str, rows: int):
-    kw = PARAMS[name]
-    params = [SamplingParams(**{**kw, "seed": kw["seed"] + i} if "seed" in kw else kw) for i in range(rows)]
+    kw = dict(PARAMS[name])
+    every = kw.pop("every", 1)
+    params = [SamplingParams(**{**kw, "seed": kw["seed"] + i} if "seed" in kw else kw) if i % every == 0 else
+              SamplingParams(temperature=0.0) for i in range(rows)]
     return params, lambda: [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in params]
 
 
