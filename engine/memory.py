@@ -12,9 +12,9 @@ vLLM's profile leaves out added:
 The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
 with float32 logits and the sampler's temporaries (measured at the sampler's worst case, Sampler.profile_params:
 it works a chunk of rows at a time, so they are bounded by sampler_temporary_bytes whatever max_num_seqs is); the
-graph pool is what the largest captured decode graph keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
-past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
-cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
+graph pool is what the largest captured decode graph keeps (every graph shares its pool). That bounds what torch
+allocates; what its caching allocator reserves can grow past it (freed blocks stay cached), so a step that ends with
+more than reserved_trim_bytes reserved empties the cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
 and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
