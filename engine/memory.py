@@ -14,8 +14,8 @@ with float32 logits and the sampler's temporaries (measured at the sampler's wor
 it works a chunk of rows at a time, so they are bounded by sampler_temporary_bytes whatever max_num_seqs is); the
 graph pool is what the largest captured decode graph keeps (every graph shares its pool). That bounds what torch
 allocates; what its caching allocator reserves can grow past it (freed blocks stay cached), so a step that ends with
-more than reserved_trim_bytes reserved empties the cache. On the CPU the budget is gpu_memory_utilization x CPU_KV_BUDGET_BYTES,
-and every allocation is first checked against the host memory available (check_host_memory).
+more than reserved_trim_bytes reserved empties the cache. On the CPU the budget is gpu_memory_utilization x
+CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
 
