@@ -6,15 +6,17 @@
 Per point: `rows` float32 logits rows over `vocab` tokens (randn x 4, on the GPU, made once), sampling with the
 point's parameters; the time is from a synchronized start to the token ids on the host (what the runner waits for).
 Parameter sets: "topk50_topp0.9_t0.8" (the issue's, every row; the top-k path), the same with a seed per row
-("seeded": one device fill of the exponentials per row), "topp0.9_t0.8" (top-p alone: the sort path, new sampler
-only unless --old-sort), and "every16th_..." (issue 13's load test: 1 row in 16 samples so, the others are greedy).
+("seeded": one device fill of the exponentials per row), "topp0.9_t0.8" (top-p alone: its nucleus looked for among
+the 1024 largest values first, sorted only when not there), "topk2000_topp0.9_t0.8" (the sort path: a top-k above
+1024), both new sampler only unless --old-sort, and "every16th_..." (issue 13's load test: 1 row in 16 samples so,
+the others are greedy).
 "old" is the host sampler before this change (copied below): it copies the sampled rows to the host 32 at a time
 and filters each row there, so it runs only up to --old-max-rows rows. Runs are interleaved
 (every point and sampler once per repeat, after one warm-up each); the JSON gives each median with its min-max
 spread, the speed-up old / new, and the new sampler's peak device temporaries (torch.cuda.max_memory_allocated over
 the call, beyond the logits) against engine.memory.sampler_temporary_bytes.
 
-Expected: about 3 minutes on one H200 (the old path costs about 5 ms a sampled row: 4 x (2 x 3393 + 213) rows).
+Expected: about 3-4 minutes on one H200 (the old path costs about 5 ms a sampled row: 4 x (2 x 3393 + 213) rows).
 """
 from __future__ import annotations
 
@@ -37,9 +39,12 @@ PARAMS = {
     "topk50_topp0.9_t0.8": dict(temperature=0.8, top_k=50, top_p=0.9),
     "topk50_topp0.9_t0.8_seeded": dict(temperature=0.8, top_k=50, top_p=0.9, seed=0),
     "topp0.9_t0.8": dict(temperature=0.8, top_p=0.9),
+    "topk2000_topp0.9_t0.8": dict(temperature=0.8, top_k=2000, top_p=0.9),
     # issue 13's load test: 1 row in 16 samples with the issue's parameters, the others are greedy
     "every16th_topk50_topp0.9_t0.8": dict(temperature=0.8, top_k=50, top_p=0.9, every=16),
 }
+
+SORTING_SETS = ("topp0.9_t0.8", "topk2000_topp0.9_t0.8")  # the old path sorts every row of these: --old-sort
 
 
 # ----- the host sampler this change replaced (engine/sampling.py before it), for comparison only ------------------
@@ -159,7 +164,7 @@ def main() -> None:
     for name in PARAMS:
         for rows in rows_list:
             for impl in ("new", "old"):
-                if impl == "old" and (rows > args.old_max_rows or (name == "topp0.9_t0.8" and not args.old_sort)):
+                if impl == "old" and (rows > args.old_max_rows or (name in SORTING_SETS and not args.old_sort)):
                     continue
                 points.append((name, rows, impl))
     samplers = {"new": new, "old": old}

@@ -199,7 +199,8 @@ def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, i
 # smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside: on
 # CUDA, for fewer than 128 rows, two int2 (index, segment) arrays (16), a keys buffer (4) and cub's double buffers
 # of keys and values (12), so 48 in all; after the sort, x, the sorted values, their exponentials, the cumulative
-# sum and a bool mask (17), then x and q (8). (torch.topk of at most 10 rows of >= 100000 sorts them too: the sort
+# sum and a bool mask (17), then x and q (8); top-p alone first probes its largest values (x, two float32 buffers
+# and a mask: 13) and sorts only if its nucleus is not among them. (torch.topk of at most 10 rows of >= 100000 sorts them too: the sort
 # path's bytes over at most 10 rows, below a top-k chunk's.)
 SAMPLER_TOPK_BYTES_PER_ELEMENT = 4 + 4 + 1 + 2
 SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 16 + 4 + 12

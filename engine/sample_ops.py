@@ -20,6 +20,9 @@ TINY = torch.finfo(torch.float32).tiny  # q is clamped here: exponential_ may re
 # Rows with top-p whose top_k is at most this take the top-k path (torch.topk of k values, top-p over those);
 # other top-p rows sort their whole row.
 TOPK_PATH_MAX_K = 1024
+# Rows with top-p and no top-k first look for their nucleus among their largest TOP_P_PROBE_K values (it is
+# usually there: a trained model's next-token distribution is peaked), and sort only when it is not.
+TOP_P_PROBE_K = 1024
 
 
 def apply_top_k_top_p(x: torch.Tensor, k: int, top_p: torch.Tensor | None) -> None:
@@ -46,6 +49,24 @@ def apply_top_p_sorted(x: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) ->
     kth = vals.gather(1, k - 1)
     vals.masked_fill_(vals < kth, NEG_INF)
     _apply_top_p(x, vals, top_p, extra_at_min=None, floor=kth)
+
+
+def apply_top_p_probed(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p alone (no top-k) on x [rows, vocab] float32 in place, for the rows whose nucleus lies within their
+    TOP_P_PROBE_K largest values (torch.topk of those, and the row's total mass by a cumulative sum): returns
+    done [rows, 1] bool; rows not done are left as they were (apply_top_p_sorted them, with top_p 1 for the done
+    rows). Whether a row is done depends on that row alone. Temporaries: two rows x vocab float32 buffers."""
+    vals = torch.topk(x, TOP_P_PROBE_K, dim=-1).values
+    top = vals[:, :1]
+    # The total by a cumulative sum rather than a sum: a scan adds a row in the same order whatever the batch.
+    total = (x - top).exp_().cumsum(-1)[:, -1:].clone()
+    cum = (vals - top).exp_().cumsum(-1)
+    bound = top_p * total
+    done = cum[:, -1:] >= bound  # the mass of the probe reaches the bound: no token outside it is kept
+    keep = 1 + (cum[:, :-1] < bound).sum(-1, keepdim=True)
+    cutoff = torch.where(done & (top_p < 1), vals.gather(1, keep - 1), NEG_INF)
+    x.masked_fill_(x < cutoff, NEG_INF)
+    return done | (top_p >= 1)
 
 
 def _apply_top_p(x: torch.Tensor, vals: torch.Tensor, top_p: torch.Tensor, extra_at_min, floor) -> None:

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ConfigError, _check, _is_int
-from .sample_ops import TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_sorted, exponential_race, fill_exponential
+from . import sample_ops
+from .sample_ops import (TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_probed, apply_top_p_sorted, exponential_race,
+                         fill_exponential)
 
 
 @dataclass(frozen=True)
@@ -70,24 +72,15 @@ class SamplingParams:
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """One row (any float dtype, any device) with the tokens outside top-k and outside the top-p nucleus masked to
-    -inf: the rule of engine.sample_ops (the sampler's), applied to a float32 copy of the row."""
-    x = logits.float().clone().unsqueeze(0)
-    vocab = x.shape[-1]
-    k = top_k if top_k != -1 and top_k < vocab else None
-    if top_p < 1.0:
-        if k is not None and k <= TOPK_PATH_MAX_K:
-            apply_top_k_top_p(x, k, torch.full((1, 1), top_p, device=x.device))
-        else:
-            apply_top_p_sorted(x, torch.full((1, 1), k or vocab, device=x.device), torch.full((1, 1), top_p,
-                                                                                              device=x.device))
-    elif k is not None:
-        apply_top_k_top_p(x, k, None)
-    return x[0]
+    """One row (any float dtype, any device; already divided by the temperature) as float32, with the tokens outside
+    top-k and outside the top-p nucleus masked to -inf: the sampler's own filter (Sampler.filtered_logits), so
+    speculative decoding's verifier draws from exactly the distribution the sampler draws from."""
+    params = [SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)]
+    return Sampler().filtered_logits(logits.float().reshape(1, -1), params)[0]
 
 
 # Rows the sampler filters and draws at once: its device temporaries are a few float32 buffers of this many rows
-# (top-p rows without a small top-k, which sort their rows, go SORT_CHUNK_DIVISOR times fewer at a time), whatever
+# (top-p rows without a small top-k, which may sort their rows, go SORT_CHUNK_DIVISOR times fewer at a time), whatever
 # the batch. engine.memory.sampler_temporary_bytes states the bound; the runner's memory profile measures it.
 SAMPLE_CHUNK_ROWS = 128
 SORT_CHUNK_DIVISOR = 4
@@ -143,7 +136,7 @@ class Sampler:
 
     Invariants:
       - Device memory is bounded whatever the batch: random rows are gathered, filtered and drawn chunk_rows at a
-        time (top-p rows that sort their whole row, sort_rows at a time), logprobs computed chunk_rows at a time;
+        time (top-p rows that may sort their whole row, sort_rows at a time), logprobs computed chunk_rows at a time;
         nothing else is allocated per row beyond the argmax and the token vector (engine.memory.
         sampler_temporary_bytes; the runner's memory profile runs profile_params(max_num_seqs, vocab)).
       - A request with a seed (a torch.Generator of its own, on the host) is reproducible and independent of its
@@ -166,14 +159,17 @@ class Sampler:
 
     @property
     def sort_rows(self) -> int:
-        """Rows of a chunk on the sort path (top-p without a top-k <= TOPK_PATH_MAX_K)."""
+        """Rows of a chunk on the sort and top-p paths (top-p without a top-k <= TOPK_PATH_MAX_K)."""
         return max(1, self.chunk_rows // SORT_CHUNK_DIVISOR)
 
     def profile_params(self, num_rows: int, vocab_size: int) -> list[SamplingParams]:
         """The worst case of the sampler's memory over num_rows rows, for the runner's memory profile: a full chunk
         of sort-path rows (top-p alone), a full chunk of top-k rows at the largest k of the top-k path with top-p
         and logprobs (as many as fit), greedy rows after them (they still take the argmax over every row)."""
-        sort = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9)
+        # The sort path without the probe (which may spare a trained model's rows the sort): a top-k above the
+        # top-k path's, when the vocabulary has one.
+        sort = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9,
+                              top_k=TOPK_PATH_MAX_K + 1 if TOPK_PATH_MAX_K + 1 < vocab_size else -1)
         k = max(1, min(TOPK_PATH_MAX_K, vocab_size - 1))
         topk = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=k, logprobs=min(5, vocab_size))
         greedy = SamplingParams(max_tokens=1, temperature=0.0)
@@ -201,16 +197,18 @@ class Sampler:
     # ----- random rows ---------------------------------------------------------------------------------
     def _groups(self, params: list[SamplingParams], rows: list[int], vocab: int) -> list[tuple[object, list[int]]]:
         """The random rows split by filter path, in order of first appearance: "plain" (temperature only),
-        ("topk", k) (1 <= k <= TOPK_PATH_MAX_K, k < vocab; any top_p), "sort" (top-p without such a k, or k >
-        TOPK_PATH_MAX_K)."""
+        ("topk", k) (1 <= k <= TOPK_PATH_MAX_K, k < vocab; any top_p), "topp" (top-p without top-k: the probe,
+        then the sort for the rows it leaves), "sort" (k > TOPK_PATH_MAX_K, k < vocab; any top_p)."""
         groups: dict[object, list[int]] = {}
         for i in rows:
             p = params[i]
             k = p.top_k if 1 <= p.top_k < vocab else None
             if k is not None and k <= TOPK_PATH_MAX_K:
                 key = ("topk", k)
-            elif k is not None or p.top_p < 1.0:
+            elif k is not None:
                 key = "sort"
+            elif p.top_p < 1.0:
+                key = "topp"
             else:
                 key = "plain"
             groups.setdefault(key, []).append(i)
@@ -230,7 +228,7 @@ class Sampler:
                             torch.float32, dev)
         start = 0
         for key, group in groups:
-            size = self.sort_rows if key == "sort" else self.chunk_rows
+            size = self.sort_rows if key in ("sort", "topp") else self.chunk_rows
             for s in range(0, len(group), size):
                 chunk = group[s:s + size]
                 sl = slice(start + s, start + s + len(chunk))
@@ -238,7 +236,11 @@ class Sampler:
                 x = logits.index_select(0, idx).float()
                 x.div_(floats[0, sl, None])
                 top_p = floats[1, sl, None]
-                if key == "sort":
+                if key == "topp" and sample_ops.TOP_P_PROBE_K < vocab:
+                    done = apply_top_p_probed(x, top_p)
+                    if not all(done[:, 0].tolist()):  # the host waits for the device here, once a chunk
+                        apply_top_p_sorted(x, ints[1, sl, None], torch.where(done, 1.0, top_p))
+                elif key in ("sort", "topp"):
                     apply_top_p_sorted(x, ints[1, sl, None], top_p)
                 elif key != "plain":
                     apply_top_k_top_p(x, key[1], top_p if any(params[i].top_p < 1.0 for i in chunk) else None)

@@ -69,6 +69,7 @@ def test_max_model_len_caps_output():
 
 KINDS = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=3),
          SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.5, seed=4),
+         SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.1, top_p=0.95, seed=14),
          SamplingParams(temperature=1.3, top_k=7, seed=11), SamplingParams(temperature=1.0, top_k=5, seed=12),
          SamplingParams(temperature=0.9, seed=13)]
 
@@ -77,9 +78,12 @@ def _seeded(params, offset=0):
     return [torch.Generator().manual_seed(p.seed + offset) if p.seed is not None else None for p in params]
 
 
-def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
+@pytest.mark.parametrize("probe", [1024, 16])
+def test_seeded_rows_are_reproducible_and_independent_of_the_batch(probe, monkeypatch):
     """A seeded row (each filter path) gives the same tokens over three steps alone, in any batch around it, at any
-    position, with any chunk size, in float32 and bfloat16, and run after run; another seed gives other tokens."""
+    position, with any chunk size, in float32 and bfloat16, and run after run; another seed gives other tokens.
+    probe 16: top-p alone looks among the 16 largest values first (a chunk's rows may or may not find it there)."""
+    monkeypatch.setattr("engine.sample_ops.TOP_P_PROBE_K", probe)
     torch.manual_seed(0)
     vocab = 300
     for dtype in (torch.float32, torch.bfloat16):
@@ -144,7 +148,8 @@ def test_large_batch_runs_a_chunk_at_a_time(monkeypatch):
     sampler = Sampler(0, chunk_rows=16)
     out = sampler(logits, params, _seeded(params))
     assert max(seen["draw"]) == 16 and max(seen["sort"]) == sampler.sort_rows == 4
-    assert seen["logp"] == [16] * 15 + [250 - 15 * 16]
+    n_lp = sum(p.logprobs is not None for p in params)
+    assert n_lp == 200 and seen["logp"] == [16] * 12 + [8]
     # Each group's rows draw chunk by chunk: the random rows are all drawn once.
     assert sum(seen["draw"]) == sum(not p.greedy for p in params)
     kept = torch.isfinite(sampler.filtered_logits(logits, params))
@@ -184,7 +189,8 @@ def test_profile_params_cover_a_full_chunk_of_each_path():
             params = sampler.profile_params(n, vocab)
             groups = dict(sampler._groups(params, [i for i, p in enumerate(params) if not p.greedy], vocab))
             assert len(params) == n
-            assert len(groups.get("sort", [])) == min(n, sampler.sort_rows)
+            # The sort path itself (a top-k above the top-k path's; top-p alone where the probe covers the vocabulary).
+            assert len(groups.get("sort" if vocab > TOPK_PATH_MAX_K + 1 else "topp", [])) == min(n, sampler.sort_rows)
             assert len(groups.get(("topk", k), [])) == min(n - min(n, 2), 8)
             assert all(p.logprobs for p in params if p.top_k == k)
 

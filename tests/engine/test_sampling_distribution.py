@@ -40,18 +40,20 @@ def _grid(vocab):
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64])
 def test_filtered_logits_equal_the_reference_with_ties(chunk_rows, monkeypatch):
     """Every (temperature, top_k, top_p) of a grid, on rows full of ties and on random rows, in one mixed batch:
-    the sampler's kept tokens are the reference's and its values are logits / temperature; the sort path (top-p
-    alone, or a top-k above TOPK_PATH_MAX_K, lowered here to 4) gives the same as the top-k path."""
+    the sampler's kept tokens are the reference's and its values are logits / temperature, on every path: the top-k
+    path, the sort path (a top-k above TOPK_PATH_MAX_K, lowered here to 4), and top-p alone with its nucleus found
+    among the TOP_P_PROBE_K largest values or not (the probe lowered to 8 or 3, or larger than the vocabulary)."""
     torch.manual_seed(0)
     vocab = 40
     grid = _grid(vocab)
     rows = torch.cat([torch.randint(-6, 6, (len(grid), vocab)).float() * 0.5, torch.randn(len(grid), vocab) * 2])
     params = grid + grid[::-1]
     expected = torch.stack([reference_probs(r, p.temperature, p.top_k, p.top_p) for r, p in zip(rows, params)])
-    for max_k in (1024, 4):
+    for max_k, probe in ((1024, 1024), (4, 8), (1024, 3)):
         monkeypatch.setattr("engine.sampling.TOPK_PATH_MAX_K", max_k)
+        monkeypatch.setattr("engine.sample_ops.TOP_P_PROBE_K", probe)
         got = Sampler(0, chunk_rows=chunk_rows).filtered_logits(rows, params)
-        assert torch.equal(torch.isfinite(got), expected > 0), max_k
+        assert torch.equal(torch.isfinite(got), expected > 0), (max_k, probe)
         scaled = rows / torch.tensor([p.temperature for p in params])[:, None]
         assert torch.equal(got[torch.isfinite(got)], scaled[torch.isfinite(got)])
         # The one-row filter the verifier uses is the same rule.
