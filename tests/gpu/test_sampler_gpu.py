@@ -48,7 +48,9 @@ def test_gpu_seeded_rows_are_reproducible_and_batch_independent():
         alone = [Sampler(0)(s[:1], [kind], gen)[0] for s in steps]
         gen = _gens([kind])
         assert [Sampler(1)(s[:1], [kind], gen)[0] for s in steps] == alone
-        params = [SamplingParams(temperature=1.0, top_k=(i % 3) * 20 + 10, top_p=0.9) if i % 2 else
+        # Chunk-mates on every path: top-k rows with the same k as the seeded one, top-p alone, greedy.
+        params = [SamplingParams(temperature=1.0, top_k=(i % 3) * 20 + 10, top_p=0.9) if i % 4 == 1 else
+                  SamplingParams(temperature=0.9, top_p=0.8 + (i % 5) / 50) if i % 4 == 3 else
                   SamplingParams(temperature=0.0) for i in range(300)]
         params[123] = kind
         gens = _gens(params)
