@@ -156,6 +156,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.device_generator: torch.Generator | None = None  # unseeded rows on an accelerator
         self._row_generator: torch.Generator | None = None    # re-seeded for each seeded row (device ones)
+        self._order: list[int] = []  # the random rows of the last call in the order their chunks came
 
     @property
     def sort_rows(self) -> int:
@@ -179,14 +180,16 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
-        n, dev = len(params), logits.device
+        n = len(params)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if len(random_rows) < n:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = torch.empty(n, dtype=torch.long, device=dev)
+        greedy = logits.argmax(dim=-1) if len(random_rows) < n else None
+        tokens = greedy
         if random_rows:
-            self._sample(logits, params, generators, random_rows, tokens)
+            drawn = []
+            for chunk, x in self._filtered_chunks(logits, params, random_rows):
+                drawn.append(exponential_race(x, self._exponentials(x, [generators[i] for i in chunk])))
+                del x  # before the next chunk's x exists: one chunk's buffers at a time
+            tokens = _merge_rows(greedy, n, self._order, drawn)
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprobs = self._logprobs(logits, params, lp_rows, tokens) if lp_rows else None
         out = tokens.tolist()
@@ -215,12 +218,12 @@ class Sampler:
         return list(groups.items())
 
     def _filtered_chunks(self, logits: torch.Tensor, params: list[SamplingParams], rows: list[int]):
-        """Yield (chunk, idx, x) for the random rows `rows`, a chunk at a time (see _groups): chunk the row numbers,
-        idx them on the device, x [len(chunk), vocab] float32 their logits / temperature with the filtered tokens
-        at -inf (a new buffer the caller may overwrite)."""
+        """Yield (chunk, x) for the random rows `rows`, a chunk at a time (see _groups), in the order self._order
+        (set first): chunk the row numbers, x [len(chunk), vocab] float32 their logits / temperature with the
+        filtered tokens at -inf (a new buffer the caller may overwrite)."""
         dev, vocab = logits.device, logits.shape[-1]
         groups = self._groups(params, rows, vocab)
-        order = [i for _, group in groups for i in group]
+        self._order = order = [i for _, group in groups for i in group]
         # Per-row parameters of every random row, in group order: two host-to-device copies per call.
         ints = _to_device([order, [min(params[i].top_k, vocab) if params[i].top_k >= 1 else vocab for i in order]],
                           torch.long, dev)
@@ -232,8 +235,7 @@ class Sampler:
             for s in range(0, len(group), size):
                 chunk = group[s:s + size]
                 sl = slice(start + s, start + s + len(chunk))
-                idx = ints[0, sl]
-                x = logits.index_select(0, idx).float()
+                x = logits.index_select(0, ints[0, sl]).float()
                 x.div_(floats[0, sl, None])
                 top_p = floats[1, sl, None]
                 if key == "topp" and sample_ops.TOP_P_PROBE_K < vocab:
@@ -244,24 +246,18 @@ class Sampler:
                     apply_top_p_sorted(x, ints[1, sl, None], top_p)
                 elif key != "plain":
                     apply_top_k_top_p(x, key[1], top_p if any(params[i].top_p < 1.0 for i in chunk) else None)
-                yield chunk, idx, x
+                yield chunk, x
                 del x
             start += len(group)
-
-    def _sample(self, logits, params, generators, random_rows, tokens) -> None:
-        for chunk, idx, x in self._filtered_chunks(logits, params, random_rows):
-            q = self._exponentials(x, [generators[i] for i in chunk])
-            tokens.index_copy_(0, idx, exponential_race(x, q))
-            del x, q
 
     def filtered_logits(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """[rows, vocab] float32: each random row's logits / temperature with the tokens its top-k and top-p filter
         out at -inf (softmax of it is the distribution the row draws from), greedy rows' logits as they are. Whole
         rows, not chunked: for tests, and small batches whose distribution itself is wanted."""
-        out = logits.float().clone()
-        for _, idx, x in self._filtered_chunks(logits, params, [i for i, p in enumerate(params) if not p.greedy]):
-            out.index_copy_(0, idx, x)
-        return out
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        parts = [x for _, x in self._filtered_chunks(logits, params, rows)] if rows else []
+        return _merge_rows(logits.float() if len(rows) < len(params) else None, len(params),
+                           self._order if rows else [], parts)
 
     def _exponentials(self, x: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """q [rows, vocab] ~ Exponential(1): one batched fill from the engine's generator when a row has no
@@ -321,6 +317,18 @@ class Sampler:
             kk = params[i].logprobs
             out[i] = SampledToken(tokens[i], chosen[j], (top_ids[j][:kk], top_lp[j][:kk]) if kk else None)
         return out
+
+
+def _merge_rows(base: torch.Tensor | None, n: int, order: list[int], parts: list[torch.Tensor]) -> torch.Tensor:
+    """The n rows: row order[j] from the concatenated parts (row j of them), the others from base (None when every
+    row is in order). One gather through a host-built permutation (no scatter: a profile counts index_copy and
+    scatter kernels as KV writes)."""
+    base_rows = 0 if base is None else n
+    perm = list(range(n))
+    for j, i in enumerate(order):
+        perm[i] = base_rows + j
+    stacked = torch.cat(([base] if base is not None else []) + parts)
+    return stacked.index_select(0, _to_device(perm, torch.long, stacked.device))
 
 
 def _to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

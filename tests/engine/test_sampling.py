@@ -1,4 +1,6 @@
 """The sampler against hand-computed distributions; seeds, stops and EOS through the engine."""
+import weakref
+
 import pytest
 import torch
 
@@ -126,14 +128,22 @@ def test_large_batch_runs_a_chunk_at_a_time(monkeypatch):
     import engine.sampling as sampling
     seen = {"draw": [], "sort": [], "logp": []}
     real_race, real_sort, real_lsm = sampling.exponential_race, sampling.apply_top_p_sorted, torch.log_softmax
+    real_top_k = sampling.apply_top_k_top_p
+
+    drawn_chunks = []  # weak references to the buffers of the chunks drawn so far
 
     def race(x, q):
         seen["draw"].append(x.shape[0])
+        drawn_chunks.append(weakref.ref(x))
         return real_race(x, q)
 
     def sort(x, k, p):
         seen["sort"].append(x.shape[0])
         return real_sort(x, k, p)
+
+    def top_k(x, k, p):  # a new chunk's buffer exists: the earlier chunks' are gone
+        assert all(ref() is None for ref in drawn_chunks)
+        return real_top_k(x, k, p)
 
     def lsm(x, dim):
         seen["logp"].append(x.shape[0])
@@ -141,6 +151,7 @@ def test_large_batch_runs_a_chunk_at_a_time(monkeypatch):
 
     monkeypatch.setattr(sampling, "exponential_race", race)
     monkeypatch.setattr(sampling, "apply_top_p_sorted", sort)
+    monkeypatch.setattr(sampling, "apply_top_k_top_p", top_k)
     monkeypatch.setattr(sampling.torch, "log_softmax", lsm)
     kinds = KINDS + [SamplingParams(temperature=1.0, top_k=3, logprobs=2)]
     params = [kinds[i % len(kinds)] for i in range(2000)]
@@ -148,6 +159,7 @@ def test_large_batch_runs_a_chunk_at_a_time(monkeypatch):
     sampler = Sampler(0, chunk_rows=16)
     out = sampler(logits, params, _seeded(params))
     assert max(seen["draw"]) == 16 and max(seen["sort"]) == sampler.sort_rows == 4
+    assert len(drawn_chunks) > 100
     n_lp = sum(p.logprobs is not None for p in params)
     assert n_lp == 200 and seen["logp"] == [16] * 12 + [8]
     # Each group's rows draw chunk by chunk: the random rows are all drawn once.
