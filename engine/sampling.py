@@ -125,8 +125,6 @@ class SampledToken(int):
         return self
 
 
-
-
 class Sampler:
     """Turns the last-position logits of each request into one token id each, on the logits' device.
 
@@ -142,11 +140,13 @@ class Sampler:
       - A request with a seed (a torch.Generator of its own, on the host) is reproducible and independent of its
         batch: every step it draws one 63-bit seed from its generator, which seeds a device generator that fills
         its row's q alone; the row is filtered with row-wise operations, in a chunk whose rows all need the same
-        filter path (and, on the top-k path, the same k), so nothing of another row reaches it.
+        filter path (and, on the top-k path, the same k), so nothing of another row reaches it (whether top-p alone
+        finds a row's nucleus among its largest values, or sorts it, depends on that row alone).
       - Unseeded rows fill q with one batched fill per chunk (sample_ops.fill_exponential) from the engine's
         generator: `generator` (the host one, also lent to speculative decoding) on the CPU, a device generator
         seeded with `seed` elsewhere.
-      - The host waits for the device once per call, when it reads the tokens (and logprobs) back.
+      - The host waits for the device when it reads the tokens (and logprobs) back, and once per chunk of rows with
+        top-p alone (to learn whether the probe found every row's nucleus); nowhere else.
     """
 
     def __init__(self, seed: int = 0, chunk_rows: int = SAMPLE_CHUNK_ROWS):
@@ -165,7 +165,7 @@ class Sampler:
 
     def profile_params(self, num_rows: int, vocab_size: int) -> list[SamplingParams]:
         """The worst case of the sampler's memory over num_rows rows, for the runner's memory profile: a full chunk
-        of sort-path rows (top-p alone), a full chunk of top-k rows at the largest k of the top-k path with top-p
+        of sort-path rows (top-p with a top-k above the top-k path's), a full chunk of top-k rows at the largest k of the top-k path with top-p
         and logprobs (as many as fit), greedy rows after them (they still take the argmax over every row)."""
         # The sort path without the probe (which may spare a trained model's rows the sort): a top-k above the
         # top-k path's, when the vocabulary has one.
