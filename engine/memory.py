@@ -14,17 +14,18 @@ of every layer's K and V, and a request of n tokens needs request_blocks(group_w
 blocks in a full group, at most its window's in a sliding one (the whole chunk's while a prefill chunk runs).
 
 The activation peak is the larger of a prefill of max_num_batched_tokens and a decode of max_num_seqs rows
-with float32 logits and the sampler's temporaries; the graph pool is what the largest captured decode graph
-keeps (every graph shares its pool). That bounds what torch allocates; what its caching allocator reserves can grow
-past it (freed blocks stay cached), so a step that ends with more than reserved_trim_bytes reserved empties the
-cache. Reading what is reserved (torch.cuda.memory_stats_as_nested_dict builds every statistic of the allocator
-into nested dicts) is host work on every step's critical path, so the runner reads it only after a step of a shape
-(tokens, sequences, logit rows) the allocator has not served since its last trim, and at least every
-TRIM_CHECK_INTERVAL steps: a shape served before finds its blocks in the cache and takes no new segment, so the
-steps skipped are those that leave it as it was, and the interval bounds how late a growth from elsewhere is seen
-(after a trim every shape counts as new again). The sampler's temporaries are not in the shape (the same rows may
-be greedy one step and random the next), but they are bounded by its chunk (engine/sampling.py), far inside the
-margin for the few steps until the next read. On the CPU the budget is gpu_memory_utilization x
+with float32 logits and the sampler's temporaries (measured at the sampler's worst case, Sampler.profile_params:
+it works a chunk of rows at a time, so they are bounded by sampler_temporary_bytes whatever max_num_seqs is); the
+graph pool is what the largest captured decode graph keeps (every graph shares its pool). That bounds what torch
+allocates; what its caching allocator reserves can grow past it (freed blocks stay cached), so a step that ends with
+more than reserved_trim_bytes reserved empties the cache. Reading what is reserved (torch.cuda.memory_stats_as_nested_dict
+builds every statistic of the allocator into nested dicts) is host work on every step's critical path, so the runner
+reads it only after a step of a shape (tokens, sequences, logit rows) the allocator has not served since its last
+trim, and at least every TRIM_CHECK_INTERVAL steps: a shape served before finds its blocks in the cache and takes no
+new segment, so the steps skipped are those that leave it as it was, and the interval bounds how late a growth from
+elsewhere is seen (after a trim every shape counts as new again). The sampler's temporaries are not in the shape (the
+same rows may be greedy one step and random the next), but they are bounded by its chunk, far inside the margin for
+the few steps until the next read. On the CPU the budget is gpu_memory_utilization x
 CPU_KV_BUDGET_BYTES, and every allocation is first checked against the host memory available (check_host_memory).
 """
 from __future__ import annotations
@@ -220,7 +221,35 @@ def check_host_memory(setting: str, need_bytes: int, advice: str, available: int
 def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, intermediate_size: int,
                              qkv_size: int, vocab_size: int, dtype_bytes: int) -> int:
     """An upper estimate of one eager forward's activation peak (bytes): the residual stream and its normed
-    copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, and the LM head over
-    num_seqs rows in the model dtype plus its float32 copy. For host-memory checks before any allocation."""
+    copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, the LM head over
+    num_seqs rows in the model dtype plus its float32 copy, and the sampler's temporaries over them
+    (sampler_temporary_bytes at the default chunk sizes). For host-memory checks before any allocation."""
+    from .sampling import SAMPLE_CHUNK_ROWS, SORT_CHUNK_DIVISOR
     per_token = 4 * hidden_size + qkv_size + 3 * intermediate_size
-    return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4)
+    sampler = sampler_temporary_bytes(num_seqs, vocab_size, SAMPLE_CHUNK_ROWS,
+                                      max(1, SAMPLE_CHUNK_ROWS // SORT_CHUNK_DIVISOR))
+    return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4) + sampler
+
+
+# Bytes per element of a chunk of rows x vocab that the sampler (engine.sampling.Sampler) holds at its peak, beyond
+# the logits. Top-k/plain path: the float32 copy x (4), the exponentials q (4), one bool mask (1), and a 16-bit
+# gather before the float32 copy (2) when the logits are not float32; the logprobs pass (x and log_softmax, 8) is
+# smaller. Sort path: x (4), torch.sort's values (4) and int64 indices (8), and what torch.sort allocates inside: on
+# CUDA, for fewer than 128 rows, two int2 (index, segment) arrays (16), a keys buffer (4) and cub's double buffers
+# of keys and values (12), so 48 in all; after the sort, x, the sorted values, their exponentials, the cumulative
+# sum and a bool mask (17), then x and q (8); top-p alone first probes its largest values (x, two float32 buffers
+# and a mask: 13) and sorts only if its nucleus is not among them. (torch.topk of at most 10 rows of >= 100000 sorts them too: the sort
+# path's bytes over at most 10 rows, below a top-k chunk's.)
+SAMPLER_TOPK_BYTES_PER_ELEMENT = 4 + 4 + 1 + 2
+SAMPLER_SORT_BYTES_PER_ELEMENT = 4 + 4 + 8 + 16 + 4 + 12
+
+
+def sampler_temporary_bytes(num_rows: int, vocab_size: int, chunk_rows: int, sort_rows: int) -> int:
+    """An upper estimate (bytes) of the sampler's device temporaries over num_rows rows of logits, which exist beside
+    the logits themselves: the larger of a full top-k/plain chunk (min(num_rows, chunk_rows) rows) and a full sort
+    chunk (min(num_rows, sort_rows) rows), plus the argmax and token vector (16 bytes a row). Bounded by the chunk
+    sizes whatever num_rows is (see the constants above for the bytes per element). The engine does not size the
+    KV cache with it: its memory profile measures the sampler at Sampler.profile_params(max_num_seqs)."""
+    topk = min(num_rows, chunk_rows) * vocab_size * SAMPLER_TOPK_BYTES_PER_ELEMENT
+    sort = min(num_rows, sort_rows) * vocab_size * SAMPLER_SORT_BYTES_PER_ELEMENT
+    return max(topk, sort) + 16 * num_rows

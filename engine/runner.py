@@ -29,28 +29,13 @@ from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .spec_decode.verifier import verify_draft
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
                      forward_activation_bytes, reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
 from .timeline import DeviceSpan, DeviceTimer
-
-# SamplingParams the memory profile samples its decode rows with: every filter of the sampler on, in evenly spread
-# rows, at least one full chunk of the sampler's (Sampler.chunk_rows), the others greedy. The sampler's device
-# temporaries are the argmax over every row and one gather of chunk_rows rows, whatever the number of random rows,
-# so one full chunk is its worst case; filtering each of 1024 rows on the host would add seconds to every start-up.
-PROFILE_SAMPLING = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, top_k=50)
-PROFILE_GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
-
-
-def profile_sampling_params(num_rows: int, chunk_rows: int) -> list[SamplingParams]:
-    """The profile decode's SamplingParams: PROFILE_SAMPLING in every (num_rows // chunk_rows)-th row (so
-    min(num_rows, chunk_rows) or more rows, fewer than 2 x chunk_rows), PROFILE_GREEDY elsewhere."""
-    stride = max(1, num_rows // chunk_rows)
-    return [PROFILE_SAMPLING if i % stride == 0 else PROFILE_GREEDY for i in range(num_rows)]
-
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     """The decode batch sizes that get a CUDA graph: 1, 2, 4, then every multiple of 8 up to max_num_seqs."""
@@ -395,7 +380,7 @@ class ModelRunner:
     def _profile_decode(self, prepare: bool) -> int:
         """A decode step of the largest batch (max_num_seqs rows, or the token budget if smaller): the forward
         with the attention split for max_model_len, float32 logits over the whole vocabulary for every row,
-        and the sampler over them through the path a batch with top-k/top-p rows takes (profile_sampling_params)."""
+        and the sampler over them at its worst case (Sampler.profile_params)."""
         if prepare:
             return 1
         n = self.graph_sizes[-1]
@@ -415,7 +400,8 @@ class ModelRunner:
             hidden_for_spec = hidden[:1] if self.spec_query_len else None
             del hidden
             # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
-            self.sampler(logits, profile_sampling_params(n, self.sampler.chunk_rows), [torch.Generator()] * n)
+            # The sampler's worst case at n rows (full chunks of each filter path); every row seeded.
+            self.sampler(logits, self.sampler.profile_params(n, logits.shape[-1]), [torch.Generator()] * n)
             if self.spec_query_len:  # a verification step: float32 logits at k + 1 rows per request
                 del logits
                 rows = min(n * self.spec_query_len, self.config.max_num_batched_tokens)

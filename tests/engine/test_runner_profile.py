@@ -1,5 +1,5 @@
-"""The worst-case memory profile's decode goes through the sampler path of a real batch (max_num_seqs rows, random
-rows with top-k/top-p, a full chunk of them gathered), and a step past reserved_trim_bytes empties the allocator's
+"""The worst-case memory profile's decode goes through the sampler's worst case (max_num_seqs rows, a full chunk of
+each filter path), and a step past reserved_trim_bytes empties the allocator's
 cache. CPU only: the CUDA calls of the profile are replaced by fakes, the forward and the sampler are the real ones."""
 import contextlib
 
@@ -8,7 +8,6 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.memory import TRIM_CHECK_INTERVAL, GiB, MiB, reserved_trim_bytes
-from engine.runner import profile_sampling_params
 from engine.sampling import Sampler
 from engine.stats import MemoryProfile
 
@@ -18,20 +17,28 @@ def _cpu_llm(max_num_seqs: int) -> LLM:
                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=256))
 
 
-@pytest.mark.parametrize("max_num_seqs", [8, 70])
-def test_profile_decode_runs_the_sampler_over_max_num_seqs_rows_with_a_full_chunk(monkeypatch, max_num_seqs):
+@pytest.mark.parametrize("max_num_seqs", [8, 70, 200])
+def test_profile_decode_runs_the_sampler_over_max_num_seqs_rows_at_its_worst_case(monkeypatch, max_num_seqs):
+    """The profile's decode samples max_num_seqs float32 rows with Sampler.profile_params: a full chunk of the sort
+    path and a full chunk of the top-k path (as many rows as there are), whose temporaries bound any batch's."""
+    import engine.sampling as sampling
     llm = _cpu_llm(max_num_seqs)
     runner = llm.engine.runner
-    calls, chunks = [], []
-    real_call, real_rows = Sampler.__call__, Sampler._sample_rows
+    runner.sampler.chunk_rows = 64  # so that 200 rows need more than a chunk of each path
+    calls, draws, sorts = [], [], []
+    real_call, real_race, real_sort = Sampler.__call__, sampling.exponential_race, sampling.apply_top_p_sorted
 
     def spy_call(self, logits, params, generators):
         calls.append((tuple(logits.shape), logits.dtype, list(params)))
         return real_call(self, logits, params, generators)
 
-    def spy_rows(self, logits, params, generators):
-        chunks.append(logits.shape[0])
-        return real_rows(self, logits, params, generators)
+    def spy_race(x, q):
+        draws.append(x.shape[0])
+        return real_race(x, q)
+
+    def spy_sort(x, k, p):
+        sorts.append(x.shape[0])
+        return real_sort(x, k, p)
 
     def measure_peak(run):  # what _measure_peak does, without the CUDA counters
         runner.allocate_kv_cache(run(prepare=True))
@@ -39,7 +46,8 @@ def test_profile_decode_runs_the_sampler_over_max_num_seqs_rows_with_a_full_chun
         return 0
 
     monkeypatch.setattr(Sampler, "__call__", spy_call)
-    monkeypatch.setattr(Sampler, "_sample_rows", spy_rows)
+    monkeypatch.setattr(sampling, "exponential_race", spy_race)
+    monkeypatch.setattr(sampling, "apply_top_p_sorted", spy_sort)
     monkeypatch.setattr(runner, "_measure_peak", measure_peak)
     for name, fake in (("synchronize", lambda *a: None), ("empty_cache", lambda: None),
                        ("mem_get_info", lambda *a: (GiB, 2 * GiB)), ("memory_reserved", lambda *a: 0),
@@ -51,18 +59,11 @@ def test_profile_decode_runs_the_sampler_over_max_num_seqs_rows_with_a_full_chun
     shape, dtype, params = calls[0]
     assert shape == (max_num_seqs, llm.spec.vocab_size) == (runner.graph_sizes[-1], llm.spec.vocab_size)
     assert dtype == torch.float32  # what compute_logits gives every step
-    random = [p for p in params if not p.greedy]
-    assert all(p.top_k != -1 and p.top_p < 1.0 for p in random)
-    assert len(random) < len(params) or max_num_seqs <= runner.sampler.chunk_rows  # the mixed path
-    # The sampler's device temporaries peak at one full chunk: the profile gathers one.
-    assert max(chunks) == min(max_num_seqs, runner.sampler.chunk_rows)
-
-
-def test_profile_sampling_params_cover_a_chunk():
-    for n, chunk in ((1, 32), (31, 32), (32, 32), (33, 32), (2048, 32), (2047, 32), (5, 2)):
-        params = profile_sampling_params(n, chunk)
-        k = sum(not p.greedy for p in params)
-        assert len(params) == n and min(n, chunk) <= k < 2 * chunk, (n, chunk, k)
+    assert params == runner.sampler.profile_params(max_num_seqs, llm.spec.vocab_size)
+    # One full chunk of each path (the sort path's is sort_rows = 16 rows), or every row there is.
+    n_sort = min(max_num_seqs, runner.sampler.sort_rows)
+    assert sorts == [n_sort]
+    assert draws == [n_sort] + ([min(max_num_seqs - n_sort, 64)] if max_num_seqs > n_sort else [])
 
 
 def test_reserved_trim_bytes_is_hand_computed():
