@@ -11,8 +11,8 @@ OOM is counted), then driven to a full pool with max_num_seqs requests decoding 
 held through the KV manager by requests that never run, leaves room for exactly the prompts and one more block
 each, so the pool fills within a few decode steps and preemption follows (the memory of a pool is allocated at
 start-up whatever it holds, so the ballast changes no memory figure, only the minutes needed to compute it). Every
-16th request samples with top-k=50 / top-p=0.9 / temperature 0.8, the others are greedy: the sampler copies the
-logits of those rows to the host (Sampler.chunk_rows rows at a time) and filters each such row there, about 5 ms per row of a 128k vocabulary, so all 2048 rows would add 10 s to every step.
+request samples with top-k=50 / top-p=0.9 / temperature 0.8 (on the device, Sampler.chunk_rows rows at a time; its
+temporaries are in the profile).
 A run ends 4 steps after the first preemption. Recorded per point: OOM (start-up or
 run), torch's peak reserved bytes + non-torch bytes against gpu_memory_utilization x total + MEMORY_MARGIN_BYTES,
 the engine's MemoryProfile, and the planner's verdict and num_gpu_blocks against the engine's (target: equal
@@ -44,7 +44,7 @@ from workbench import planner  # noqa: E402
 MODEL = "llama-3.1-8b"
 MAX_MODEL_LEN = 2048
 PROMPT_LEN, MAX_TOKENS = 64, 48
-SAMPLED_EVERY = 16  # 1 request in 16 samples with top-k/top-p (the sampler filters each such row on the host)
+SAMPLED_EVERY = 1  # every request samples with top-k/top-p
 
 
 def grid() -> list[dict]:

@@ -18,10 +18,10 @@ MiB = 2**20
 
 
 def _params(n: int) -> list[SamplingParams]:
-    """Top-k/top-p sampling on every 16th request (the sampler filters rows on the host), greedy elsewhere."""
-    sampled = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=50, ignore_eos=True, seed=1)
-    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    return [sampled if i % 16 == 0 else greedy for i in range(n)]
+    """Top-k/top-p sampling on every request, every 16th of them seeded (its own generator)."""
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=50, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=4, temperature=0.8, top_p=0.9, top_k=50, ignore_eos=True, seed=1)
+    return [seeded if i % 16 == 0 else sampled for i in range(n)]
 
 
 def test_profile_at_1024_sequences_covers_logits_sampler_and_graphs():
