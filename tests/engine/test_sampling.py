@@ -215,13 +215,13 @@ def test_bad_chunk_rows_is_refused():
 def test_sampler_temporary_bytes_is_hand_computed():
     from engine.memory import forward_activation_bytes, sampler_temporary_bytes
     v = 128256
-    # 2048 rows, chunks of 128 (top-k path: 11 bytes an element) and 32 (sort path: 48): the sort chunk is larger,
-    # 32 x 128256 x 48 = 197001216, plus 16 bytes a row for the argmax and the tokens.
-    assert sampler_temporary_bytes(2048, v, 128, 32) == 197001216 + 16 * 2048
-    assert sampler_temporary_bytes(4096, v, 128, 32) == 197001216 + 16 * 4096  # bounded by the chunks
-    assert sampler_temporary_bytes(5, v, 128, 32) == 5 * v * 48 + 80
+    # 2048 rows, chunks of 128 (top-k path: 11 bytes an element) and 32 (sort path: 56): the sort chunk is larger,
+    # 32 x 128256 x 56 = 229834752, plus 16 bytes a row for the argmax and the tokens.
+    assert sampler_temporary_bytes(2048, v, 128, 32) == 229834752 + 16 * 2048
+    assert sampler_temporary_bytes(4096, v, 128, 32) == 229834752 + 16 * 4096  # bounded by the chunks
+    assert sampler_temporary_bytes(5, v, 128, 32) == 5 * v * 56 + 80
     assert sampler_temporary_bytes(2048, v, 512, 32) == 512 * v * 11 + 16 * 2048
     # The host check counts it: 10 tokens of a 4/8/6/16 model over 3 rows of a 100-token vocabulary, 4-byte dtype.
     per_token = 4 * 4 + 6 + 3 * 16
     assert forward_activation_bytes(10, 3, 4, 16, 6, 100, 4) == (10 * per_token * 4 + 3 * 100 * (4 + 4 + 4)
-                                                                 + 3 * 100 * 48 + 16 * 3)
+                                                                 + 3 * 100 * 56 + 16 * 3)
