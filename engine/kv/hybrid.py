@@ -11,11 +11,11 @@ from __future__ import annotations
 from .block_pool import BlockPool
 from .groups import KVCacheGroup, request_blocks
 from .hashing import hash_request_blocks
-from .kv_cache_manager import KVCacheManager, KVCacheSnapshot
+from .kv_cache_manager import KVCacheManager, KVCacheSnapshot, PoolCounters
 from .sliding_window import GroupPoolView, SlidingWindowGroup
 
 
-class HybridKVCacheManager:
+class HybridKVCacheManager(PoolCounters):
     """KVCacheManager's interface over several KV cache groups sharing one BlockPool.
 
     Invariants:
@@ -56,22 +56,6 @@ class HybridKVCacheManager:
         self._tables: dict[str, tuple[list[int], ...]] = {}
 
     # ----- counters (the pool's, shared by every group) ---------------------------------------------
-    @property
-    def num_blocks(self) -> int:
-        return self.pool.num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.pool.num_free_blocks
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.pool.num_blocks - self.pool.num_free_blocks
-
-    @property
-    def num_cached_free_blocks(self) -> int:
-        return self.pool.num_cached_free_blocks
-
     @property
     def num_shared_blocks(self) -> int:
         return self.pool.num_shared_blocks

@@ -41,7 +41,27 @@ class _RequestId:
         self.request_id = request_id
 
 
-class KVCacheManager:
+class PoolCounters:
+    """The block counters of a manager over one BlockPool (self.pool): KVCacheManager's and the hybrid one's."""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free_blocks
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return self.pool.num_cached_free_blocks
+
+
+class KVCacheManager(PoolCounters):
     """Owns every request's block table and the counters of the prefix cache.
 
     Invariants:
@@ -93,22 +113,6 @@ class KVCacheManager:
         self.forked: set[str] = set()  # sequences that took part in a fork and still hold blocks
         # Copies-on-write since the last commit: (request_id, table index, shared block, copy).
         self._uncommitted_copies: list[tuple[str, int, KVBlock, KVBlock]] = []
-
-    @property
-    def num_blocks(self) -> int:
-        return self.pool.num_blocks
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.pool.num_free_blocks
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.pool.num_blocks - self.pool.num_free_blocks
-
-    @property
-    def num_cached_free_blocks(self) -> int:
-        return self.pool.num_cached_free_blocks
 
     def snapshot(self, detail: bool = False) -> KVCacheSnapshot:
         """The pool's counters, and with detail=True every block's (ref_count, cached) and every block table."""
