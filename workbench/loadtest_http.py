@@ -10,6 +10,17 @@ so it produces exactly max_tokens tokens. From each stream it measures, in the c
   ``vllm bench serve``); TPOT = (last chunk - first chunk) / (output tokens - 1); E2E = end - arrival;
 - output tokens from the final ``usage`` (``stream_options.include_usage``), else counted.
 
+A workload's sampling ``n`` (``sampling={"n": 4}``) goes into every request body; the server then streams n
+choices (``index`` 0..n-1, each chunk one choice's, each choice ending with its own finish_reason). They are
+counted as the in-process path counts SamplingParams(n) (`workbench.metrics.request_frame`, the engine's
+group metrics): output tokens are those of every choice (``usage.completion_tokens``, else each choice's
+counted tokens, summed), as vLLM's benchmark counts them; TTFT is the first chunk of any choice; ITL and
+TPOT are those of one choice, the longest (most tokens; ties: the lowest index), as in-process they are the
+group's longest sequence's: ITL its chunk gaps, TPOT (last chunk of any choice - first chunk) / (its
+tokens - 1). Its token count is its streamed ``token_ids`` when the server sends them, else, when every
+choice finished for "length" (one prompt, one limit: equal lengths), the usage total / n, else its chunk
+count (a lower bound). ``beam_width`` has no OpenAI field and is refused (ValueError).
+
 While it runs it scrapes ``/metrics`` (`workbench.metrics_scrape`; vLLM's names) when the server has it, giving a
 time series of KV usage, running / waiting requests and the counters' increase over the run (prefix
 hits, preemptions), and samples NVML when the GPU is local. Its row is made by the same
@@ -67,10 +78,14 @@ def _payload(model: str, r, sampling: dict, ignore_eos: bool, api: str = "comple
 
 
 async def _send(client, url: str, body: dict, r, arrival: float, timeout: float):
-    """One streaming request; returns (output-like record or None, error or None)."""
+    """One streaming request; returns (output-like record or None, error or None). With n > 1 choices see
+    the module docstring for how they are counted."""
     from httpx_sse import aconnect_sse
 
-    state = {"times": [], "n_chunked": 0, "usage": None, "finish": None, "done": False}
+    # Per choice index: the times of its chunks carrying output, its counted tokens (token_ids, else one per
+    # chunk), whether they came as token_ids, and its finish_reason.
+    times, counted, by_ids, finish = defaultdict(list), defaultdict(int), defaultdict(bool), {}
+    state = {"usage": None, "done": False}
 
     async def read():
         async with aconnect_sse(client, "POST", url, json=body) as es:
@@ -86,12 +101,15 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
                 if C.error in obj:
                     return f"error event: {json.dumps(obj['error'])[:300]}"
                 for c in obj.get("choices") or []:
+                    i = int(c.get("index") or 0)
                     text = c.get("text") or (c.get("delta") or {}).get("content") or ""
                     ids = c.get("token_ids")
                     if text or ids:
-                        state["times"].append(now)
-                        state["n_chunked"] += len(ids) if ids else 1
-                    state["finish"] = c.get("finish_reason") or state["finish"]
+                        times[i].append(now)
+                        counted[i] += len(ids) if ids else 1
+                        by_ids[i] = by_ids[i] or bool(ids)
+                    if c.get("finish_reason"):
+                        finish[i] = c["finish_reason"]
                 state["usage"] = obj.get("usage") or state["usage"]
         return None
 
@@ -103,21 +121,40 @@ async def _send(client, url: str, body: dict, r, arrival: float, timeout: float)
         return None, f"{type(e).__name__}: {e}"
     if err is not None:
         return None, err
-    times, n_chunked, usage, finish, done = (state[k] for k in ("times", "n_chunked", "usage", "finish", "done"))
-    end = time.perf_counter()
-    if not done:
+    usage, end = state["usage"], time.perf_counter()
+    if not state["done"]:
         return None, "the stream ended without data: [DONE]"
-    n_out = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") is not None else n_chunked
+    n_out = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") is not None \
+        else sum(counted.values())
     cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    first = times[0] if times else None
+    first = min((t[0] for t in times.values()), default=None)
+    last = max((t[-1] for t in times.values()), default=None)
+    num_choices = max(len(set(times) | set(finish)), int(body.get("n") or 1))
+    if times:
+        lead = min(times, key=lambda i: (-counted[i], i))  # the longest choice; ties: the lowest index
+        lead_tokens = _choice_tokens(lead, counted, by_ids, finish, n_out, num_choices)
+        itl = [b - a for a, b in zip(times[lead], times[lead][1:])]
+    else:
+        lead_tokens, itl = 0, []
     m = {"arrival_time": arrival, "first_scheduled_time": None, "first_token_time": first, "finished_time": end,
          "ttft": None if first is None else first - arrival, "e2e": end - arrival,
-         "tpot": (times[-1] - first) / (n_out - 1) if first is not None and n_out > 1 else None,
-         "itl": [b - a for a, b in zip(times, times[1:])],
+         "tpot": (last - first) / (lead_tokens - 1) if first is not None and lead_tokens > 1 else None,
+         "itl": itl,
          "num_prompt_tokens": int((usage or {}).get("prompt_tokens") or r.prompt_len),  # the server's count
          "num_output_tokens": n_out, "num_cached_tokens": int(cached)}
+    reasons = [finish.get(i) for i in range(num_choices)]
     return SimpleNamespace(request_id=r.request_id, prompt_token_ids=list(r.prompt_token_ids), token_ids=[],
-                           finish_reason=finish, metrics=m), None
+                           finish_reason=reasons[0] if reasons else None, finish_reasons=reasons, metrics=m), None
+
+
+def _choice_tokens(i: int, counted: dict, by_ids: dict, finish: dict, n_out: int, num_choices: int) -> int:
+    """Output tokens of choice ``i`` (see the module docstring): exact from token_ids; the usage total split
+    evenly when there is one choice or all finished for "length"; else its chunk count."""
+    if by_ids[i]:
+        return counted[i]
+    if num_choices == 1 or (len(finish) == num_choices and all(f == "length" for f in finish.values())):
+        return n_out // num_choices
+    return counted[i]
 
 
 async def _replay(endpoint: str, model: str, workload: Workload, sampling: dict, ignore_eos: bool,
@@ -254,7 +291,8 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
                  tokenizer=None) -> LoadTestResult:
     """Replay ``workload`` against ``endpoint`` (base URL, e.g. http://127.0.0.1:8000) serving ``model``.
 
-    sampling: extra fields of every request body (default greedy). telemetry: NVML sampling, None =
+    sampling: extra fields of every request body (default greedy); ``n`` asks for n choices per request
+    (counted as the module docstring says; the row's ``n``), ``beam_width`` is refused. telemetry: NVML sampling, None =
     when the endpoint is local and a GPU is there. scrape_interval: seconds between /metrics scrapes
     (None: no scraping). api: "completions" or "chat" (one user message). tokenizer (a transformers
     tokenizer or a folder): send each prompt as the text its token ids decode to (needed for chat, and for
@@ -265,6 +303,14 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
 
     if api not in API_PATHS:
         raise ValueError(f"api={api!r} is not allowed: use one of {sorted(API_PATHS)}")
+    sampling = dict(sampling or {})
+    beam_width = sampling.pop(C.beam_width, None)
+    if beam_width is not None:
+        raise ValueError(f"sampling beam_width={beam_width!r} cannot be load-tested over HTTP: the "
+                         "OpenAI API has no beam search field; use n (parallel sampling) or the in-process sweep")
+    n = sampling.get(C.n, 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling n={n!r} is not allowed: n must be an integer >= 1 (completions per request)")
     texts = None
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -282,7 +328,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
         tel.start()
         try:
             outputs, failures, scraped, start = asyncio.run(_replay(
-                endpoint, model, workload, dict(sampling or {}), ignore_eos, scrape_interval, request_timeout,
+                endpoint, model, workload, sampling, ignore_eos, scrape_interval, request_timeout,
                 max_duration, max_connections, api, texts))
         finally:
             samples = tel.stop()
@@ -296,7 +342,7 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
     row = {C.point_id: point_id, C.label: label or f"{model} @ {endpoint}", "backend": "endpoint",
            "endpoint": endpoint, "api": api, C.model: model, C.workload: workload.name, C.workload_id: workload.fingerprint(),
            C.num_requests: len(workload), C.arrival: workload.arrival, C.request_rate: workload.request_rate,
-           C.concurrency: workload.concurrency, C.block_size: stats.get(C.block_size)}
+           C.concurrency: workload.concurrency, C.block_size: stats.get(C.block_size), C.n: n, C.beam_width: None}
     row.update(metrics.point_metrics(requests, ts, stats, metrics.telemetry_summary(samples), duration, slo))
     row.update(num_failed=len(failures), first_failure=failures[0][C.error] if failures else None,
                metrics_scraped=bool(len(ts)), generation_tokens_scraped=stats.get("generation_tokens"),

@@ -72,6 +72,28 @@ def test_multi_turn_under_concurrency_hits_the_prefix_cache(live):
     assert res.requests["num_cached_tokens"].sum() == res.row["prefix_cache_hits"]
 
 
+@pytest.mark.parametrize("token_ids", [False, True])
+def test_n_choices_count_every_choice_and_time_the_longest(live, token_ids):
+    # 3 requests x n=3 choices x 5 tokens (ignore_eos): 15 output tokens per request, 45 in all, by hand.
+    w = make_workload("fixed", num_requests=3, prompt_len=16, output_len=5, vocab_size=4096, seed=4)
+    sampling = {"n": 3, "temperature": 1.0, "seed": 7, **({"return_token_ids": True} if token_ids else {})}
+    before = live.engine_call(lambda e: e.stats().num_generation_tokens)
+    res = run_loadtest(live.url, "pystdlib", w, sampling=sampling, scrape_interval=None, warmup=False)
+    row, req = res.row, res.requests
+    assert row["status"] == "ok" and row["num_finished"] == 3 and row["n"] == 3 and row["beam_width"] is None
+    assert list(req["num_output_tokens"]) == [15, 15, 15] and row["total_output_tokens"] == 45
+    assert live.engine_call(lambda e: e.stats().num_generation_tokens) - before == 45
+    # ITL and TPOT are one choice's (5 tokens, so at most 4 gaps), not the 15 tokens of all three: TPOT spans
+    # from the first to the last chunk of any choice over 4 gaps, so it is at least the longest choice's mean gap.
+    assert all(1 <= len(itl) <= 4 for itl in req["itl"])
+    assert all(tpot * 4 >= sum(itl) - 1e-9 for tpot, itl in zip(req["tpot"], req["itl"]))
+    assert (req["ttft"] > 0).all() and (req["ttft"] + req["tpot"] * 4 <= req["e2e"] + 1e-9).all()
+    with pytest.raises(ValueError, match="beam_width=2"):
+        run_loadtest(live.url, "pystdlib", w, sampling={"beam_width": 2}, warmup=False)
+    with pytest.raises(ValueError, match="n=0"):
+        run_loadtest(live.url, "pystdlib", w, sampling={"n": 0}, warmup=False)
+
+
 def test_chat_api_with_text_prompts(live):
     from transformers import AutoTokenizer
 
