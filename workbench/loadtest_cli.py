@@ -52,9 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-cmd", metavar="TEMPLATE", help="start a server per grid point from this str.format "
                    "template ({model}, {host}, {port}, {python} and the grid's and --set's names)")
     p.add_argument("--grid", type=grid_item, action="append", default=[], metavar="NAME=V1,V2,...",
-                   help="a value of --server-cmd to sweep; repeatable (the grid is the product)")
+                   help="a value of --server-cmd to sweep; repeatable (the grid is the product); n=1,4 sweeps "
+                   "the choices per request (sent in the request body)")
     p.add_argument("--set", type=parse_assignment, action="append", default=[], metavar="NAME=VALUE",
-                   help="a value of --server-cmd held fixed; repeatable")
+                   help="a value of --server-cmd held fixed; repeatable; n=4 asks for 4 choices per request "
+                   "(also without --server-cmd)")
     p.add_argument("--host", default="127.0.0.1", help="host of the started servers (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port of the started servers (default: %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
@@ -117,7 +119,10 @@ def run(args) -> int:
             return 2
         from .loadtest_http import run_loadtest
 
-        res = run_loadtest(args.endpoint, name, workload, **lt)
+        from .grid import SAMPLING_KEYS
+
+        sampling = {k: v for k, v in args.set if k in SAMPLING_KEYS}  # --set n=4: n choices per request
+        res = run_loadtest(args.endpoint, name, workload, sampling=sampling, **lt)
         df = pd.DataFrame([res.row])
         for f in res.failures:
             print(f"FAILED request {f['request_id']}: {f['error']}", file=sys.stderr)

@@ -8,7 +8,9 @@ The template is a ``str.format`` string over the point's values plus ``{model}``
 --enable-prefix-caching {enable_prefix_caching}"`` (booleans format as True / False, which
 ``engine serve`` accepts). Each server's stdout and stderr go to a log file that is kept; a point
 whose server exits or is not healthy within ``startup_timeout`` seconds, or dies during the run, is a
-row with status "error", the reason and the log's path, and the sweep goes on.
+row with status "error", the reason and the log's path, and the sweep goes on. A grid or fixed value named
+``n`` (completions per request) is sent in every request body rather than (or as well as) formatted into the
+template.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import time
 
 import pandas as pd
 
-from .grid import point_label, stable_hash
+from .grid import SAMPLING_KEYS, point_label, stable_hash
 from .workloads import Workload
 from .schema import C
 
@@ -113,7 +115,10 @@ class ServerSweep:
         from .loadtest_http import run_loadtest
 
         cmd = self.command(point)
-        pid = stable_hash({"cmd": cmd, C.workload: self.workload.fingerprint()})
+        # n (grid.SAMPLING_KEYS) is the workload's sampling, not a server flag: it goes into the request bodies
+        sampling = {k: v for k, v in {**self.fixed, **point}.items() if k in SAMPLING_KEYS}
+        key = {"cmd": cmd, C.workload: self.workload.fingerprint()}
+        pid = stable_hash({**key, "sampling": sampling} if sampling else key)
         label = point_label(point)
         os.makedirs(self.log_dir, exist_ok=True)
         log_path = os.path.join(self.log_dir, f"{pid}.log")
@@ -129,8 +134,8 @@ class ServerSweep:
                 why = wait_healthy(url, proc, self.startup_timeout)
                 row["startup_s"] = time.perf_counter() - t0
                 if why is None:
-                    res = run_loadtest(url, self.served_model_name, self.workload, point_id=pid, label=label,
-                                       **self.loadtest)
+                    lt = {**self.loadtest, "sampling": {**(self.loadtest.get("sampling") or {}), **sampling}}
+                    res = run_loadtest(url, self.served_model_name, self.workload, point_id=pid, label=label, **lt)
                     died = proc.poll()
                     row.update({k: v for k, v in res.row.items() if k not in (C.point_id, C.label)})
                     row.update({k: v for k, v in point.items()})  # the grid's values win over scraped ones

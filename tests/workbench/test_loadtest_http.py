@@ -5,6 +5,7 @@ read after the run, and the number of chunks one request can produce.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -92,6 +93,28 @@ def test_n_choices_count_every_choice_and_time_the_longest(live, token_ids):
         run_loadtest(live.url, "pystdlib", w, sampling={"beam_width": 2}, warmup=False)
     with pytest.raises(ValueError, match="n=0"):
         run_loadtest(live.url, "pystdlib", w, sampling={"n": 0}, warmup=False)
+
+
+def test_n_from_the_cli_and_from_a_server_sweep_grid(live, tmp_path):
+    from urllib.parse import urlparse
+
+    from workbench.__main__ import main
+    from workbench.server_sweep import ServerSweep
+
+    out = tmp_path / "r.jsonl"
+    assert main(["loadtest", "--endpoint", live.url, "--model", "pystdlib", "--workload", "fixed", "--num-requests",
+                 "2", "--workload-arg", "prompt_len=16", "--workload-arg", "output_len=3", "--vocab-size", "4096",
+                 "--set", "n=2", "--no-warmup", "--scrape-interval", "0", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["n"] == 2 and row["total_output_tokens"] == 2 * 2 * 3  # requests x choices x tokens
+    # The grid's n goes into the bodies, not the command: a stand-in command, measured against the live server.
+    w = make_workload("fixed", num_requests=2, prompt_len=16, output_len=3, vocab_size=4096)
+    port = urlparse(live.url).port
+    sweep = ServerSweep("{python} -c 'import time; time.sleep(60)'", "pystdlib", w, grid={"n": [1, 3]},
+                        port=port, log_dir=str(tmp_path / "logs"), loadtest={"warmup": False, "scrape_interval": None})
+    df = sweep.run()
+    assert list(df["status"]) == ["ok", "ok"] and list(df["n"]) == [1, 3]
+    assert list(df["total_output_tokens"]) == [2 * 1 * 3, 2 * 3 * 3] and df["point_id"].nunique() == 2
 
 
 def test_chat_api_with_text_prompts(live):
