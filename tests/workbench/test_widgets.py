@@ -107,6 +107,30 @@ def test_the_panel_sweeps_n_and_beam_width():
     assert (p.results["num_unshared_blocks_peak"] >= p.results["num_used_blocks_peak"]).all()
 
 
+def test_the_plan_says_what_sharing_means_for_n_and_beam_points():
+    from workbench.widgets.sweep_panel import sharing_note
+
+    p = panel(grid={"max_num_seqs": [8], "n": [1, 4]})
+    plans = [p.plans[q.point_id] for q in p.sweep.points]
+    assert [pl[2] for pl in plans][0] is None  # n=1: one sequence per request, nothing to say
+    tag, why = plans[1][2]
+    assert tag == "4 seqs/request, \u22642 requests"  # 8 sequences at once / 4 per request, by hand
+    assert "max_num_seqs=8 counts sequences" in why and "prompt's KV blocks" in why
+    table = p.points_table.value
+    assert ">fits<" in table and ">fits; 4 seqs/request, \u22642 requests<" in table
+    assert "at most 2 such requests run at once" in table  # the tooltip
+    p.dims["n"].value = ""
+    p.dims["beam_width"].value = "3"
+    assert "3 seqs/request, \u22642 requests" in p.points_table.value and "beams" in p.points_table.value
+    # n above max_num_seqs: refused as the grid refuses it (the panel, and the note for a single point)
+    p.dims["beam_width"].value = ""
+    p.dims["n"].value = "16"
+    assert p.run_button.disabled and "n=16 is more than max_num_seqs=8" in p.status.value
+    verdict, why = sharing_note({"n": 16}, CPU.replace(max_num_seqs=8))
+    assert verdict == "not allowed" and "n=16 is more than max_num_seqs=8" in why
+    assert sharing_note({"beam_width": 2}, CPU.replace(max_num_seqs=None))[0] == "2 seqs/request"
+
+
 @pytest.fixture(scope="module")
 def recording():
     """Three requests on the tiny model in 12 blocks of 4: two share an 8-token prefix, and the pool runs out."""

@@ -37,6 +37,34 @@ def parse_values(text: str) -> list:
     return [v.strip("'\"") if isinstance(v, str) else v for v in values]
 
 
+def sharing_note(sampling: dict, config) -> tuple[str, str] | None:
+    """What block sharing means for a point whose requests run several sequences (``n`` > 1, or a beam
+    search of ``beam_width`` > 1): (a short tag for the planner column, the explanation for its tooltip);
+    None for one sequence per request. max_num_seqs counts sequences, not requests, so such a point runs at
+    most max_num_seqs // size requests at once. A sampling the grid refuses (`workbench.grid.sampling_problems`,
+    e.g. n above max_num_seqs) gives ("not allowed", its problems), as the grid's validation words them."""
+    from ..grid import sampling_problems
+
+    problems = sampling_problems(sampling, config)
+    if problems:
+        return "not allowed", "; ".join(problems)
+    n, beam = sampling.get(C.n, 1), sampling.get(C.beam_width)
+    size = n if beam is None else beam
+    if size == 1:
+        return None
+    if beam is None:
+        what = (f"n={n}: each request holds up to {n} sequences, which share its prompt's KV blocks (the last, "
+                "partly filled block is copied on the first write)")
+    else:
+        what = (f"beam_width={beam}: each request holds up to {beam} beams, which share the blocks of their common "
+                "history (copied on write where they diverge, freed when a beam dies)")
+    seqs = config.max_num_seqs
+    if seqs is None:
+        return f"{size} seqs/request", f"{what}; max_num_seqs (the engine's pick) counts sequences, not requests"
+    return (f"{size} seqs/request, \u2264{seqs // size} requests",
+            f"{what}; max_num_seqs={seqs} counts sequences, so at most {seqs // size} such requests run at once")
+
+
 class _Stopped(Exception):
     pass
 
@@ -176,17 +204,20 @@ class SweepPanel(widgets.VBox):
         self._render_points()
 
     def _plan(self, sweep) -> dict | None:
-        """{point_id: (verdict, reason)} from the memory planner, or None when there is no planner."""
+        """{point_id: (verdict, reason, sharing)} from the memory planner (sharing: `sharing_note` of the point's
+        sampling, or None), or None when there is no planner."""
         try:
             from ..planner import plan_table
         except ImportError:
             return None
         model = sweep.llm.spec if sweep.llm is not None else self.model.value.strip()
+        notes = [sharing_note({**(sweep.sampling or {}), **p.sampling}, p.config) for p in sweep.points]
         try:
             table = plan_table(model, self.gpu.value, [p.config for p in sweep.points])
         except Exception as e:  # noqa: BLE001 - no plan is not a reason to refuse to run
-            return {p.point_id: ("no plan", str(e)) for p in sweep.points}
-        return {p.point_id: (r["verdict"], r["reason"]) for p, r in zip(sweep.points, table.to_dict("records"))}
+            return {p.point_id: ("no plan", str(e), note) for p, note in zip(sweep.points, notes)}
+        return {p.point_id: (r["verdict"], r["reason"], note)
+                for p, r, note in zip(sweep.points, table.to_dict("records"), notes)}
 
     # --- running -------------------------------------------------------------------------------------
 
@@ -287,8 +318,11 @@ class SweepPanel(widgets.VBox):
                 status = f"<span title='{_esc(r[C.error])}' class='wb-error'>{_esc(status)}</span>"
             row = {C.label: p.label, C.status: status, **{k: r.get(k) for k in schema.PANEL_COLUMNS}}
             if self.plans is not None:
-                verdict, reason = self.plans[p.point_id]
-                colour = "#2a7" if verdict == "fits" else "#b00"
+                verdict, reason, sharing = self.plans[p.point_id]
+                ok = verdict == "fits" and (sharing is None or sharing[0] != "not allowed")
+                if sharing is not None:  # e.g. "fits; 4 seqs/request, <=16 requests", the why in the tooltip
+                    verdict, reason = f"{verdict}; {sharing[0]}", f"{reason} | {sharing[1]}"
+                colour = "#2a7" if ok else "#b00"
                 row["plan"] = f"<span style='color:{colour}' title='{_esc(reason)}'>{_esc(verdict)}</span>"
             rows.append(row)
         columns = {C.label: ("point", None)}
