@@ -283,6 +283,20 @@ def _is_local(endpoint: str) -> bool:
     return (urlparse(endpoint).hostname or "") in ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
 
+def check_sampling(sampling: dict | None) -> dict:
+    """The request-body fields of ``sampling`` (beam_width=None dropped); raises ValueError for an ``n`` that is
+    not an integer >= 1 and for a beam_width (the OpenAI API has no beam search)."""
+    sampling = dict(sampling or {})
+    beam_width = sampling.pop(C.beam_width, None)
+    if beam_width is not None:
+        raise ValueError(f"sampling beam_width={beam_width!r} cannot be load-tested over HTTP: the "
+                         "OpenAI API has no beam search field; use n (parallel sampling) or the in-process sweep")
+    n = sampling.get(C.n, 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"sampling n={n!r} is not allowed: n must be an integer >= 1 (completions per request)")
+    return sampling
+
+
 def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict | None = None,
                  ignore_eos: bool = True, scrape_interval: float | None = 0.5, telemetry: bool | None = None,
                  telemetry_interval: float = 0.1, request_timeout: float = 600.0, max_duration: float | None = None,
@@ -303,14 +317,8 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
 
     if api not in API_PATHS:
         raise ValueError(f"api={api!r} is not allowed: use one of {sorted(API_PATHS)}")
-    sampling = dict(sampling or {})
-    beam_width = sampling.pop(C.beam_width, None)
-    if beam_width is not None:
-        raise ValueError(f"sampling beam_width={beam_width!r} cannot be load-tested over HTTP: the "
-                         "OpenAI API has no beam search field; use n (parallel sampling) or the in-process sweep")
+    sampling = check_sampling(sampling)
     n = sampling.get(C.n, 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"sampling n={n!r} is not allowed: n must be an integer >= 1 (completions per request)")
     texts = None
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):

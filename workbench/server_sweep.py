@@ -95,8 +95,11 @@ class ServerSweep:
         default_logs = os.path.splitext(out)[0] + ".logs" if out else "server-logs"
         self.log_dir = log_dir or default_logs
         self.points = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())] or [{}]
+        from .loadtest_http import check_sampling
+
         for p in self.points:  # a template that names an unknown value fails now, not after a server start
             self.command(p)
+            check_sampling({**(self.loadtest.get("sampling") or {}), **self._sampling(p)})  # so does beam_width
         self.results = pd.DataFrame()
         self.requests, self.timeseries, self.telemetry = {}, {}, {}
         self.environment = {"backend": "server", "server_cmd": server_cmd, C.model: model,
@@ -111,12 +114,15 @@ class ServerSweep:
             raise ValueError(f"server_cmd names {{{e.args[0]}}}, which is neither a grid nor a fixed value "
                              f"(known: {sorted(values)})") from None
 
+    def _sampling(self, point: dict) -> dict:
+        """n (grid.SAMPLING_KEYS) is the workload's sampling, not a server flag: it goes into the request bodies."""
+        return {k: v for k, v in {**self.fixed, **point}.items() if k in SAMPLING_KEYS}
+
     def _run_point(self, point: dict) -> dict:
         from .loadtest_http import run_loadtest
 
         cmd = self.command(point)
-        # n (grid.SAMPLING_KEYS) is the workload's sampling, not a server flag: it goes into the request bodies
-        sampling = {k: v for k, v in {**self.fixed, **point}.items() if k in SAMPLING_KEYS}
+        sampling = self._sampling(point)
         key = {"cmd": cmd, C.workload: self.workload.fingerprint()}
         pid = stable_hash({**key, "sampling": sampling} if sampling else key)
         label = point_label(point)

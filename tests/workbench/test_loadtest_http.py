@@ -115,6 +115,8 @@ def test_n_from_the_cli_and_from_a_server_sweep_grid(live, tmp_path):
     df = sweep.run()
     assert list(df["status"]) == ["ok", "ok"] and list(df["n"]) == [1, 3]
     assert list(df["total_output_tokens"]) == [2 * 1 * 3, 2 * 3 * 3] and df["point_id"].nunique() == 2
+    with pytest.raises(ValueError, match="beam_width=2"):  # refused before any server starts
+        ServerSweep("{python} -c pass", "pystdlib", w, grid={"beam_width": [None, 2]}, port=port)
 
 
 def test_chat_api_with_text_prompts(live):
