@@ -22,8 +22,9 @@ OTHER_TABLES = {"planner.py": None, "planner_figures.py": None,
                 "metrics_scrape.py": {"block_size", "num_gpu_blocks", "num_preemptions", "num_steps",
                                       "prefix_cache_hits", "prefix_cache_queries"},
                 "trace_export.py": {"device", "num_preemptions"},
-                # a failed request's record and an OpenAI error body have their own "error" field
-                "loadtest_cli.py": {"error"}, "loadtest_http.py": {"error"}}
+                # a failed request's record and an OpenAI error body have their own "error" field, an OpenAI
+                # request body its "n"
+                "loadtest_cli.py": {"error"}, "loadtest_http.py": {"error", "n"}}
 
 
 def _string_constants(source: str) -> set[str]:
