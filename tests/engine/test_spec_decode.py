@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.spec_decode import Draft, NgramProposer, rejection_sample
+from engine.spec_decode import Draft, DraftModelProposer, NgramProposer, rejection_sample
 from engine.spec_decode.ngram import lookup
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "pystdlib-llama-6m"
@@ -207,11 +207,11 @@ def test_rejection_sampler_keeps_target_distribution(deterministic):
     assert chi2_pvalue(second, second.sum() * p[1]) > 1e-3
 
 
-def small_vocab_model():
+def small_vocab_model(seed=5, **kw):
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, vocab_size=8, max_position_embeddings=64,
                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    return LLM.random(config, cfg(max_model_len=64, block_size=4), seed=5)
+    return LLM.random(config, cfg(max_model_len=64, block_size=4, **kw), seed=seed)
 
 
 def test_sampled_tokens_match_target_distribution_in_engine():
@@ -537,3 +537,89 @@ def test_shipped_draft_proposes_for_the_shipped_model():
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     spec = llm.engine.stats().spec_decode
     assert 0.15 < spec.per_token_acceptance < 0.9, spec.per_token_acceptance
+
+
+def test_sampled_drafts_keep_target_distribution_in_engine():
+    """Engine level, vocabulary 8, temperature 0.9 + top_k 6 + top_p 0.95, k = 2: a draft model of other random
+    weights (its distribution q differs from the target's p) samples its drafts from q; over 3000 seeds the joint
+    distribution of the second and third output tokens (the ones a verification emits: accepted draft tokens,
+    the correction from norm(max(0, p - q)), the bonus) is the exact one computed from the target's logits, and
+    the drafts carry q (rows summing to 1, the drafted token inside the filter)."""
+    llm = small_vocab_model()
+    draft = small_vocab_model(seed=11, max_num_seqs=256, num_gpu_blocks=2048)
+    prompt = list(range(8)) * 2
+    n, t, top_k, top_p = 3000, 0.9, 6, 0.95
+    params = [SamplingParams(max_tokens=3, temperature=t, top_k=top_k, top_p=top_p, ignore_eos=True, seed=s)
+              for s in range(n)]
+
+    def probs(model, ids):
+        row = model.prompt_logits(ids)[-1] / t
+        kth = torch.topk(row, top_k).values[-1]
+        pr = row.masked_fill(row < kth, float("-inf")).softmax(-1)
+        order = pr.argsort(descending=True)
+        keep = torch.zeros(8, dtype=torch.bool)
+        mass = 0.0
+        for tok in order.tolist():  # top-p: keep while the mass before the token is < top_p
+            if mass < top_p and pr[tok] > 0:
+                keep[tok] = True
+            mass += pr[tok].item()
+        return pr.masked_fill(~keep, 0.0) / pr[keep].sum()
+
+    # The draft's q differs from the target's p (else the test would not exercise the residual).
+    assert (probs(llm, prompt) - probs(draft, prompt)).abs().sum() > 0.3
+    p0 = probs(llm, prompt)
+    # Joint of output tokens 1 and 2: sum over output token 0.
+    joint = torch.zeros(8, 8, dtype=torch.float64)
+    for a in range(8):
+        if p0[a] == 0:
+            continue
+        pa = probs(llm, prompt + [a])
+        for b in range(8):
+            if pa[b] > 0:
+                joint[b] += (p0[a] * pa[b]).double() * probs(llm, prompt + [a, b]).double()
+    assert abs(joint.sum().item() - 1) < 1e-5
+    llm.reconfigure(cfg(max_model_len=64, block_size=4, speculative_method="ngram", num_speculative_tokens=2,
+                        max_num_seqs=256))
+    proposer = DraftModelProposer(draft.engine)
+    seen = []
+    propose = proposer.propose
+
+    def checking_propose(reqs, limits):
+        out = propose(reqs, limits)
+        for d in out.values():
+            assert d.probs is not None and d.probs.shape == (len(d), 8)
+            assert torch.allclose(d.probs.sum(-1), torch.ones(len(d)))
+            assert all(d.probs[i, tok] > 0 for i, tok in enumerate(d.token_ids))
+            seen.append(len(d))
+        return out
+
+    proposer.propose = checking_propose
+    llm.engine.set_proposer(proposer)
+    outs = llm.generate([prompt] * n, params)
+    pairs = torch.tensor([o.token_ids[1] * 8 + o.token_ids[2] for o in outs])
+    counts = torch.bincount(pairs, minlength=64).double()
+    assert chi2_pvalue(counts, n * joint.flatten()) > 1e-3
+    spec = llm.engine.stats().spec_decode
+    assert spec.method == "draft" and len(seen) >= spec.num_drafts > 0.9 * n
+    # The first draft token (drawn from q at prompt + [a], a the first output token) is accepted with probability
+    # sum_x min(p(x), q(x)): the speculative-sampling rate, which greedy drafts or a verifier ignoring q miss.
+    rate = sum(p0[a].item() * torch.minimum(probs(llm, prompt + [a]), probs(draft, prompt + [a])).sum().item()
+               for a in range(8) if p0[a] > 0)
+    got = spec.accepted_per_position[0] / spec.num_drafts
+    assert abs(got - rate) < 4 * (rate * (1 - rate) / spec.num_drafts) ** 0.5, (got, rate)
+    assert_pool_empty(llm)
+
+
+def test_sampled_drafts_of_the_target_itself_are_almost_always_accepted():
+    """The shipped model drafting for itself at temperature 0.8: q equals p (up to float32 rounding), so almost
+    every sampled draft token is accepted (min(1, p / q) = 1); greedy drafts would be rejected whenever the target
+    samples a token other than its argmax."""
+    prompts = [[1, 100, 200, 300], [1, 42, 43]]
+    params = [SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=s, ignore_eos=True) for s in range(2)]
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, speculative_method="draft",
+                                             speculative_model=str(MODEL_DIR), num_speculative_tokens=3),
+                              dtype=torch.float32)
+    llm.generate(prompts, params)
+    spec = llm.engine.stats().spec_decode
+    assert spec.num_drafts > 0 and spec.acceptance_rate > 0.95
+    assert_pool_empty(llm)
