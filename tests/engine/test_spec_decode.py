@@ -623,3 +623,41 @@ def test_sampled_drafts_of_the_target_itself_are_almost_always_accepted():
     spec = llm.engine.stats().spec_decode
     assert spec.num_drafts > 0 and spec.acceptance_rate > 0.95
     assert_pool_empty(llm)
+
+
+def test_one_hot_q_reduces_to_the_deterministic_rule():
+    """A draft whose q is a point mass on its token (greedy, n-gram) goes through the same rule: accept with
+    probability p(d), at a rejection draw from norm(max(0, p - onehot(d))) = p without d: the same tokens as the
+    deterministic path (q None) for the same random stream."""
+    torch.manual_seed(2)
+    V, k = 7, 3
+    for trial in range(300):
+        p = torch.softmax(torch.randn(k + 1, V) * 2, -1)
+        draft = torch.randint(0, V, (k,)).tolist()
+        onehot = torch.nn.functional.one_hot(torch.tensor(draft), V).float()
+        a = rejection_sample(p, draft, None, torch.Generator().manual_seed(trial))
+        b = rejection_sample(p, draft, onehot, torch.Generator().manual_seed(trial))
+        assert a == b
+
+
+def test_mixed_batch_greedy_requests_keep_greedy_drafts_and_outputs(tiny, tiny_refs):
+    """Greedy and sampling requests in one batch with a draft model: greedy requests get point-mass drafts (probs
+    None) and the non-speculative greedy tokens; sampling requests get drafts with q rows."""
+    tiny.reconfigure(cfg(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=3))
+    proposer = tiny.engine.proposer
+    propose, kinds = proposer.propose, {}
+
+    def recording(reqs, limits):
+        out = propose(reqs, limits)
+        for r in reqs:
+            if r.request_id in out:
+                kinds.setdefault(r.params.greedy, set()).add(out[r.request_id].probs is None)
+        return out
+
+    proposer.propose = recording
+    sampled = SamplingParams(max_tokens=20, temperature=0.7, top_k=20, seed=1, ignore_eos=True)
+    params = [GREEDY if i % 2 == 0 else sampled for i in range(len(PROMPTS))]
+    outs = [o.token_ids for o in tiny.generate(PROMPTS, params)]
+    assert [outs[i] for i in range(0, len(PROMPTS), 2)] == [tiny_refs[i] for i in range(0, len(PROMPTS), 2)]
+    assert kinds == {True: {True}, False: {False}}
+    assert_pool_empty(tiny)
