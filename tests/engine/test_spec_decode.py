@@ -661,3 +661,49 @@ def test_mixed_batch_greedy_requests_keep_greedy_drafts_and_outputs(tiny, tiny_r
     assert [outs[i] for i in range(0, len(PROMPTS), 2)] == [tiny_refs[i] for i in range(0, len(PROMPTS), 2)]
     assert kinds == {True: {True}, False: {False}}
     assert_pool_empty(tiny)
+
+
+def test_sampled_drafts_through_decode_graphs_read_back_once():
+    """Requests that sample, the shipped model drafting for itself through (stand-in) decode-graph replays: the
+    drafted tokens are drawn on the device and read back once per proposal (q stays on the device: no other
+    tolist or item), and the draft's q matches the target's p closely enough that > 90% of the drafts are accepted
+    (its K/V, reused across steps and overwritten after rejections, is right)."""
+    prompts = [[1, 100, 200, 300], [1, 42, 43], [1, 7, 8, 9, 10, 11, 12]]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=s, ignore_eos=True)
+              for s in range(3)]
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, max_num_seqs=4, speculative_method="draft",
+                                             speculative_model=str(MODEL_DIR), num_speculative_tokens=3),
+                              dtype=torch.float32)
+    runner = install_draft_graphs(llm)
+    proposer = llm.engine.proposer
+    calls = {"n": 0}
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counting(fn):
+        def wrapped(self, *a):
+            calls["n"] += 1
+            return fn(self, *a)
+        return wrapped
+
+    prop, per_proposal = proposer.propose, []
+
+    def replays():
+        return sum(g.replays for g, _ in runner.graphs.values())
+
+    def propose(reqs, limits):
+        calls["n"], before = 0, replays()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "tolist", counting(tolist))
+            mp.setattr(torch.Tensor, "item", counting(item))
+            out = prop(reqs, limits)
+        per_proposal.append((calls["n"], replays() - before))
+        assert all(d.probs is not None for d in out.values())
+        return out
+
+    proposer.propose = propose
+    llm.generate(prompts, params)
+    spec = llm.engine.stats().spec_decode
+    assert spec.acceptance_rate > 0.9
+    assert all(calls - 2 * n == 1 for calls, n in per_proposal)  # the stand-in graph's 2 tolist per replay
+    assert all(n >= 3 for _, n in per_proposal[1:])
+    assert_pool_empty(llm)
