@@ -180,7 +180,8 @@ class DraftModelProposer:
         inputs_dev = torch.from_numpy(inputs).to(dev)
         table_dev = torch.from_numpy(table).to(dev)
         self._draw = DraftSampler(runner.model, [req.params for req, _, _ in batch],
-                                  [getattr(req, "generator", None) for req, _, _ in batch], runner.sampler, dev)
+                                  [getattr(req, "generator", None) for req, _, _ in batch], runner.sampler, dev,
+                                  runner.spec.vocab_size)
         qs = []
         with torch.inference_mode():
             if size is not None:  # the graphs' constant inputs: block tables, query starts, padding tokens

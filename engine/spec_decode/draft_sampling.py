@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..sample_ops import apply_top_p_sorted, exponential_race
+from ..sampling import _to_device
 
 # Sampled rows filtered at once (the sort path's temporaries are about 12 bytes per row and vocabulary entry).
 DRAFT_SAMPLE_CHUNK_ROWS = 32
@@ -25,23 +26,25 @@ class DraftSampler:
     device (q[j] the distribution row rows[j]'s token was drawn from). Nothing is read back to the host.
     """
 
-    def __init__(self, model, params: list, generators: list, sampler, device: torch.device):
+    def __init__(self, model, params: list, generators: list, sampler, device: torch.device, vocab_size: int):
         self.model, self.sampler, self.device = model, sampler, device
         self.rows = [i for i, p in enumerate(params) if not p.greedy]
         self.params = [params[i] for i in self.rows]
         self.generators = [generators[i] for i in self.rows]
         n = len(params)
         if self.rows:
-            self.idx = torch.tensor(self.rows, dtype=torch.long).to(device)
-            self.temp = torch.tensor([[float(p.temperature)] for p in self.params]).to(device)
-            self.top_p = torch.tensor([[float(p.top_p)] for p in self.params]).to(device)
+            # Small host lists copied without waiting for the device's queue (the forward passes are queued by now).
+            self.idx = _to_device(self.rows, torch.long, device)
+            self.temp = _to_device([[float(p.temperature)] for p in self.params], torch.float32, device)
+            self.top_p = _to_device([[float(p.top_p)] for p in self.params], torch.float32, device)
+            self.top_k = _to_device([[min(p.top_k, vocab_size) if p.top_k >= 1 else vocab_size] for p in self.params],
+                                    torch.long, device)
             self.filtered = any(p.top_k >= 1 or p.top_p < 1.0 for p in self.params)
-            self.top_k = None  # [rows, 1] int64, at the first call (it needs the vocabulary size)
             # Row i's token: argmax row i for greedy rows, the j-th drawn token for sampled row rows[j].
             perm = list(range(n))
             for j, i in enumerate(self.rows):
                 perm[i] = n + j
-            self.perm = torch.tensor(perm, dtype=torch.long).to(device)
+            self.perm = _to_device(perm, torch.long, device)
 
     def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden: [n, hidden] the draft's last hidden states; returns (tokens [n] int64, q or None)."""
@@ -49,12 +52,8 @@ class DraftSampler:
             # The argmax of the LM head in its own dtype (compute_logits' float32 copy and soft-cap change no argmax).
             return self.model.lm_head(hidden).argmax(-1), None
         logits = self.model.compute_logits(hidden)
-        vocab = logits.shape[-1]
         greedy = logits.argmax(-1)
         x = logits.index_select(0, self.idx).div_(self.temp)
-        if self.filtered and self.top_k is None:
-            self.top_k = torch.tensor([[min(p.top_k, vocab) if p.top_k >= 1 else vocab] for p in self.params],
-                                      dtype=torch.long).to(self.device)
         qs, drawn = [], []
         step = DRAFT_SAMPLE_CHUNK_ROWS
         for s in range(0, len(self.rows), step):
