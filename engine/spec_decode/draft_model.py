@@ -1,5 +1,5 @@
-"""Draft-model proposals: a second, smaller model with the target's vocabulary proposes k tokens (greedy, or sampled from
-its own filtered distribution for requests that sample).
+"""Draft-model proposals: a second, smaller model with the target's vocabulary proposes k tokens (greedy, or
+sampled from its own filtered distribution for requests that sample).
 
 The draft keeps its own paged KV cache (the block pool and model runner of its own LLMEngine, whose scheduler
 is never used) with one draft sequence per target request, persistent across steps: each proposal feeds the

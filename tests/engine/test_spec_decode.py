@@ -671,9 +671,9 @@ def test_sampled_drafts_through_decode_graphs_read_back_once():
     prompts = [[1, 100, 200, 300], [1, 42, 43], [1, 7, 8, 9, 10, 11, 12]]
     params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=s, ignore_eos=True)
               for s in range(3)]
-    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, max_num_seqs=4, speculative_method="draft",
-                                             speculative_model=str(MODEL_DIR), num_speculative_tokens=3),
-                              dtype=torch.float32)
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, max_num_seqs=4,
+                                             speculative_method="draft", speculative_model=str(MODEL_DIR),
+                                             num_speculative_tokens=3), dtype=torch.float32)
     runner = install_draft_graphs(llm)
     proposer = llm.engine.proposer
     calls = {"n": 0}
