@@ -31,6 +31,7 @@ from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
 from .sampling import Sampler
 from .scheduler import SchedulerOutput
+from .spec_decode.proposal import Draft
 from .spec_decode.verifier import verify_draft
 from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
                      forward_activation_bytes, reserved_trim_bytes, size_kv_cache)
@@ -578,9 +579,19 @@ class ModelRunner:
         Returns (plain samplers, their tokens, {request_id: verified tokens})."""
         drafts, plain, plain_rows, spec, row = sched.spec_drafts, [], [], {}, 0
         best = logits.float().argmax(-1).tolist()  # one device sync for every greedy verification
-        # Sampled verifications filter and draw on the host: one copy for all of them, not one per request.
-        host = logits.float().cpu() if any(not r.params.greedy and r.request_id in drafts
-                                           and drafts[r.request_id].forced is None for r in samplers) else logits
+        # Sampled verifications filter and draw on the host: one copy for all of them (the target's logits and the
+        # drafts' q rows, which stayed on the device since the proposal), not one per request.
+        sampled = [r.request_id for r in samplers if not r.params.greedy and r.request_id in drafts
+                   and drafts[r.request_id].forced is None]
+        host = logits
+        if sampled:
+            with_q = [rid for rid in sampled if drafts[rid].probs is not None]
+            flat = torch.cat([logits.float()] + [drafts[rid].probs.float() for rid in with_q]).cpu()
+            host, start, drafts = flat[:logits.shape[0]], logits.shape[0], dict(drafts)
+            for rid in with_q:
+                d = drafts[rid]
+                drafts[rid] = Draft(d.token_ids, flat[start:start + len(d)], d.forced)
+                start += len(d)
         for r in samplers:
             draft = drafts.get(r.request_id)
             if draft is None:

@@ -1,18 +1,22 @@
-"""Draft-model proposals: a second, smaller model with the target's vocabulary proposes k tokens greedily.
+"""Draft-model proposals: a second, smaller model with the target's vocabulary proposes k tokens (greedy, or
+sampled from its own filtered distribution for requests that sample).
 
 The draft keeps its own paged KV cache (the block pool and model runner of its own LLMEngine, whose scheduler
 is never used) with one draft sequence per target request, persistent across steps: each proposal feeds the
 draft only the target's tokens it has not seen yet (usually one: the correction or bonus token of the last
-verification; two after all k were accepted) and then runs k - 1 one-token decode steps on its own greedy
+verification; two after all k were accepted) and then runs k - 1 one-token decode steps on its own
 tokens. These forward passes go straight to the draft's runner, not through the draft engine's step(): no
 scheduling, no prefix-cache hashing, no per-step outputs, and one host synchronisation per proposal (the k
-drafted tokens read back together); each greedy token is passed to the next step on the device and, on CUDA,
+drafted tokens read back together); each drafted token is passed to the next step on the device and, on CUDA,
 every step replays one of the draft runner's decode graphs (only a long feed, a new request's prompt, runs
 as an eager prefill). See
 DraftModelProposer for the invariants that make a rejected token's K/V harmless.
 
-Greedy drafts are point masses (Draft.probs None): the verifier stays exact for sampled requests too, at a
-lower acceptance than drafts sampled at the target's temperature would get.
+Requests that decode greedily get greedy drafts (point masses, Draft.probs None). Requests that sample get drafts
+drawn from the draft's own filtered distribution q at the request's temperature, top-k and top-p
+(draft_sampling.py), with Draft.probs [k, vocab] the q rows on the device: the verifier's speculative-sampling rule
+keeps the target's distribution exact, with a higher acceptance than greedy drafts get when q is close to p. The q
+rows stay on the device until verification; only the drawn tokens are read back (the one sync per proposal).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from ..kernels import AttentionMetadata
+from .draft_sampling import DraftSampler
 from .proposal import Draft
 
 # Feeds of up to this many unseen tokens per sequence run as decode-graph replays (one per token); longer ones
@@ -75,16 +80,17 @@ class DraftModelProposer:
         if not batch:
             return {}
         try:
-            drafted = self._run(batch, k)
+            drafted, probs = self._run(batch, k)
         except BaseException:
             for req, _, _ in batch:
                 self._drop(req.request_id)
             raise
         limit_of = dict(zip((r.request_id for r in requests), limits))
         out = {}
-        for (req, seq, _), tokens in zip(batch, drafted):
+        for (req, seq, _), tokens, q in zip(batch, drafted, probs):
             seq.base, seq.tail = req.num_tokens, tokens[:k - 1]  # the last draft token is never fed
-            out[req.request_id] = Draft(tokens[:limit_of[req.request_id]])
+            limit = limit_of[req.request_id]
+            out[req.request_id] = Draft(tokens[:limit], None if q is None else q[:limit])
         return out
 
     def release(self, request_id: str) -> None:
@@ -135,8 +141,10 @@ class DraftModelProposer:
         return batch
 
     # ----- the k forward passes ------------------------------------------------------------------
-    def _run(self, batch: list, k: int) -> list[list[int]]:
-        """k greedy draft tokens per sequence of batch, with one host synchronisation (the final read-back).
+    def _run(self, batch: list, k: int) -> tuple[list[list[int]], list]:
+        """k draft tokens per sequence of batch (greedy, or drawn from q for requests that sample: see
+        draft_sampling.py), with one host synchronisation (the final read-back of the tokens), and per sequence its
+        q rows [k, vocab] on the device (None for greedy sequences).
 
         With the draft runner's decode graphs (CUDA) and short feeds (every sequence feeds at most
         MAX_GRAPH_FEED unseen tokens), the proposal is Q + k - 1 decode-graph replays, Q the longest feed:
@@ -171,6 +179,10 @@ class DraftModelProposer:
             inputs[:feed, 3, i] = req.all_token_ids[len(req.all_token_ids) - feed:]
         inputs_dev = torch.from_numpy(inputs).to(dev)
         table_dev = torch.from_numpy(table).to(dev)
+        self._draw = DraftSampler(runner.model, [req.params for req, _, _ in batch],
+                                  [getattr(req, "generator", None) for req, _, _ in batch], runner.sampler, dev,
+                                  runner.spec.vocab_size)
+        qs = []
         with torch.inference_mode():
             if size is not None:  # the graphs' constant inputs: block tables, query starts, padding tokens
                 b = runner.buffers
@@ -180,22 +192,31 @@ class DraftModelProposer:
             if graph_feed:
                 drafted, tok = [], None
             else:  # a long feed (a new request's prompt): one eager prefill gives the first draft token
-                tok = self._eager_first(batch, lens, qlens, table[:n])
+                tok, q = self._draw(self._eager_first(batch, lens, qlens, table[:n]))
                 drafted = [tok]
+                qs.append(q)
             for s in range(0 if graph_feed else 1, num_steps):
                 tok_in = inputs_dev[s, 3, :n] if s < feed else tok
                 if size is not None:
-                    tok = self._graph_step(size, n, inputs_dev[s], tok_in)
+                    hidden = self._graph_step(size, n, inputs_dev[s], tok_in)
                 else:
-                    tok = self._eager_decode(tok_in, inputs_dev[s], inputs[s, 2, :n], table_dev)
+                    hidden = self._eager_decode(tok_in, inputs_dev[s], inputs[s, 2, :n], table_dev)
+                tok, q = self._draw(hidden)
                 if s >= feed - 1:
                     drafted.append(tok)
-            return torch.stack(drafted, 1).tolist()
+                    qs.append(q)
+            tokens = torch.stack(drafted, 1).tolist()
+        probs = [None] * n
+        if self._draw.rows:
+            q_all = torch.stack(qs, 1)  # [sampled rows, k, vocab], on the device
+            for j, i in enumerate(self._draw.rows):
+                probs[i] = q_all[j]
+        return tokens, probs
 
     def _graph_step(self, size: int, n: int, step: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """One decode step through the draft runner's decode graph of `size` rows (rows n..size-1 are padding
-        into the null block); step: the step's [4, size] device inputs; tok: [n] token ids on the device. The
-        greedy tokens stay on the device: no host synchronisation."""
+        into the null block); step: the step's [4, size] device inputs; tok: [n] token ids on the device. Returns the
+        [n] rows' hidden states (the next tokens are drawn from them on the device: no host synchronisation)."""
         runner = self.runner
         b = runner.buffers
         b.pos_dev[:size].copy_(step[0])
@@ -204,13 +225,14 @@ class DraftModelProposer:
         b.ids_dev[:n].copy_(tok)
         graph, hidden = runner.graphs[size]
         graph.replay()
-        return _greedy(runner.model, hidden[:n])
+        return hidden[:n]
 
     def _eager_first(self, batch, lens, qlens, table) -> torch.Tensor:
         """The first forward pass, eagerly: each sequence feeds its unseen tail (in rounds of at most the draft's
-        max_num_batched_tokens, what its activation memory was sized for); [n] argmax at each last token."""
+        max_num_batched_tokens, what its activation memory was sized for); [n, hidden] the hidden state at each
+        sequence's last token."""
         budget = self.runner.config.max_num_batched_tokens
-        tok = torch.empty(len(batch), dtype=torch.int64, device=self.runner.device)
+        tok = [None]  # the [n, hidden] buffer, allocated by the round that knows the hidden size
         pieces, used = [], 0  # (sequence, first position, end position) of one round
         for i, (req, _, q) in enumerate(batch):
             start, end = int(lens[i] - q), int(lens[i])
@@ -223,11 +245,11 @@ class DraftModelProposer:
                     pieces, used = [], 0
         if pieces:
             self._prefill_round(batch, pieces, table, tok)
-        return tok
+        return tok[0]
 
     def _prefill_round(self, batch, pieces, table, tok: torch.Tensor) -> None:
-        """One eager forward over pieces (sequence, start, end) of tails; writes the argmax of each piece that
-        ends its sequence's tail into tok."""
+        """One eager forward over pieces (sequence, start, end) of tails; writes the hidden state at the last
+        token of each piece that ends its sequence's tail into tok[0] ([n, hidden], allocated here the first time)."""
         runner, bs, dev = self.runner, self.kv.block_size, self.runner.device
         pieces = sorted(pieces, key=lambda p: p[2] - p[1] != 1)  # one-token pieces first (the decode group)
         idx = np.array([p[0] for p in pieces], dtype=np.int64)
@@ -254,7 +276,9 @@ class DraftModelProposer:
         done = np.flatnonzero(ends == np.array([len(batch[i][0].all_token_ids) for i in idx]))
         if len(done):
             last = torch.from_numpy(qsl[1:][done].astype(np.int64) - 1).to(dev)
-            tok[torch.from_numpy(idx[done]).to(dev)] = _greedy(runner.model, hidden[last])
+            if tok[0] is None:
+                tok[0] = hidden.new_zeros(len(batch), hidden.shape[-1])
+            tok[0][torch.from_numpy(idx[done]).to(dev)] = hidden[last]
 
     def _eager_decode(self, tok: torch.Tensor, step: torch.Tensor, seq_lens: np.ndarray,
                       table_dev: torch.Tensor) -> torch.Tensor:
@@ -270,14 +294,7 @@ class DraftModelProposer:
             num_decodes=n, max_query_len=1, max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=list(range(n + 1)) if host_lists else None,
             seq_lens_cpu=seq_lens.tolist() if host_lists else None)
-        hidden = runner.model(tok, step[0, :n], runner.kv_caches, meta, runner.backend)
-        return _greedy(runner.model, hidden)
-
-
-def _greedy(model, hidden: torch.Tensor) -> torch.Tensor:
-    """The draft's greedy tokens: argmax of the LM head in its own dtype (compute_logits' float32 copy and final
-    soft-cap change no argmax: the cast is exact, tanh is monotonic)."""
-    return model.lm_head(hidden).argmax(-1)
+        return runner.model(tok, step[0, :n], runner.kv_caches, meta, runner.backend)
 
 
 def _common_prefix(seq: _DraftSeq, tokens: list[int]) -> int:

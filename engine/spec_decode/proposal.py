@@ -12,9 +12,10 @@ class Draft:
     """Proposed next tokens of one request.
 
     token_ids: the k proposed tokens, in order.
-    probs: [k, vocab] the proposer's distribution each token was drawn from, or None when the proposal is
-        deterministic (a point mass on token_ids[i]: n-gram lookup, greedy drafts). The verifier needs it to
-        keep the target distribution exact.
+    probs: [k, vocab] float32 the proposer's distribution each token was drawn from (row i: q of token_ids[i];
+        the draft model's sampled drafts, on the draft's device until the runner's verification copies it to the
+        host together with the target's logits), or None when the proposal is deterministic (a point mass on
+        token_ids[i]: n-gram lookup, greedy drafts). The verifier needs it to keep the target distribution exact.
     forced: synthetic proposals only: forced[i] says position i is accepted (acceptance chosen by the
         study, not earned by the tokens; see synthetic.py). None for every real proposer.
     """

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.spec_decode import Draft, NgramProposer, rejection_sample
+from engine.spec_decode import Draft, DraftModelProposer, NgramProposer, rejection_sample
 from engine.spec_decode.ngram import lookup
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "data" / "models" / "pystdlib-llama-6m"
@@ -207,11 +207,11 @@ def test_rejection_sampler_keeps_target_distribution(deterministic):
     assert chi2_pvalue(second, second.sum() * p[1]) > 1e-3
 
 
-def small_vocab_model():
+def small_vocab_model(seed=5, **kw):
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, head_dim=16, vocab_size=8, max_position_embeddings=64,
                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
-    return LLM.random(config, cfg(max_model_len=64, block_size=4), seed=5)
+    return LLM.random(config, cfg(max_model_len=64, block_size=4, **kw), seed=seed)
 
 
 def test_sampled_tokens_match_target_distribution_in_engine():
@@ -537,3 +537,173 @@ def test_shipped_draft_proposes_for_the_shipped_model():
     assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     spec = llm.engine.stats().spec_decode
     assert 0.15 < spec.per_token_acceptance < 0.9, spec.per_token_acceptance
+
+
+def test_sampled_drafts_keep_target_distribution_in_engine():
+    """Engine level, vocabulary 8, temperature 0.9 + top_k 6 + top_p 0.95, k = 2: a draft model of other random
+    weights (its distribution q differs from the target's p) samples its drafts from q; over 3000 seeds the joint
+    distribution of the second and third output tokens (the ones a verification emits: accepted draft tokens,
+    the correction from norm(max(0, p - q)), the bonus) is the exact one computed from the target's logits, and
+    the drafts carry q (rows summing to 1, the drafted token inside the filter)."""
+    llm = small_vocab_model()
+    draft = small_vocab_model(seed=11, max_num_seqs=256, num_gpu_blocks=2048)
+    prompt = list(range(8)) * 2
+    n, t, top_k, top_p = 3000, 0.9, 6, 0.95
+    params = [SamplingParams(max_tokens=3, temperature=t, top_k=top_k, top_p=top_p, ignore_eos=True, seed=s)
+              for s in range(n)]
+
+    def probs(model, ids):
+        row = model.prompt_logits(ids)[-1] / t
+        kth = torch.topk(row, top_k).values[-1]
+        pr = row.masked_fill(row < kth, float("-inf")).softmax(-1)
+        order = pr.argsort(descending=True)
+        keep = torch.zeros(8, dtype=torch.bool)
+        mass = 0.0
+        for tok in order.tolist():  # top-p: keep while the mass before the token is < top_p
+            if mass < top_p and pr[tok] > 0:
+                keep[tok] = True
+            mass += pr[tok].item()
+        return pr.masked_fill(~keep, 0.0) / pr[keep].sum()
+
+    # The draft's q differs from the target's p (else the test would not exercise the residual).
+    assert (probs(llm, prompt) - probs(draft, prompt)).abs().sum() > 0.3
+    p0 = probs(llm, prompt)
+    # Joint of output tokens 1 and 2: sum over output token 0.
+    joint = torch.zeros(8, 8, dtype=torch.float64)
+    for a in range(8):
+        if p0[a] == 0:
+            continue
+        pa = probs(llm, prompt + [a])
+        for b in range(8):
+            if pa[b] > 0:
+                joint[b] += (p0[a] * pa[b]).double() * probs(llm, prompt + [a, b]).double()
+    assert abs(joint.sum().item() - 1) < 1e-5
+    llm.reconfigure(cfg(max_model_len=64, block_size=4, speculative_method="ngram", num_speculative_tokens=2,
+                        max_num_seqs=256))
+    proposer = DraftModelProposer(draft.engine)
+    seen = []
+    propose = proposer.propose
+
+    def checking_propose(reqs, limits):
+        out = propose(reqs, limits)
+        for d in out.values():
+            assert d.probs is not None and d.probs.shape == (len(d), 8)
+            assert torch.allclose(d.probs.sum(-1), torch.ones(len(d)))
+            assert all(d.probs[i, tok] > 0 for i, tok in enumerate(d.token_ids))
+            seen.append(len(d))
+        return out
+
+    proposer.propose = checking_propose
+    llm.engine.set_proposer(proposer)
+    outs = llm.generate([prompt] * n, params)
+    pairs = torch.tensor([o.token_ids[1] * 8 + o.token_ids[2] for o in outs])
+    counts = torch.bincount(pairs, minlength=64).double()
+    assert chi2_pvalue(counts, n * joint.flatten()) > 1e-3
+    spec = llm.engine.stats().spec_decode
+    assert spec.method == "draft" and len(seen) >= spec.num_drafts > 0.9 * n
+    # The first draft token (drawn from q at prompt + [a], a the first output token) is accepted with probability
+    # sum_x min(p(x), q(x)): the speculative-sampling rate, which greedy drafts or a verifier ignoring q miss.
+    rate = sum(p0[a].item() * torch.minimum(probs(llm, prompt + [a]), probs(draft, prompt + [a])).sum().item()
+               for a in range(8) if p0[a] > 0)
+    got = spec.accepted_per_position[0] / spec.num_drafts
+    assert abs(got - rate) < 4 * (rate * (1 - rate) / spec.num_drafts) ** 0.5, (got, rate)
+    assert_pool_empty(llm)
+
+
+def test_sampled_drafts_of_the_target_itself_are_almost_always_accepted():
+    """The shipped model drafting for itself at temperature 0.8: q equals p (up to float32 rounding), so almost
+    every sampled draft token is accepted (min(1, p / q) = 1); greedy drafts would be rejected whenever the target
+    samples a token other than its argmax."""
+    prompts = [[1, 100, 200, 300], [1, 42, 43]]
+    params = [SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=s, ignore_eos=True) for s in range(2)]
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, speculative_method="draft",
+                                             speculative_model=str(MODEL_DIR), num_speculative_tokens=3),
+                              dtype=torch.float32)
+    llm.generate(prompts, params)
+    spec = llm.engine.stats().spec_decode
+    assert spec.num_drafts > 0 and spec.acceptance_rate > 0.95
+    assert_pool_empty(llm)
+
+
+def test_one_hot_q_reduces_to_the_deterministic_rule():
+    """A draft whose q is a point mass on its token (greedy, n-gram) goes through the same rule: accept with
+    probability p(d), at a rejection draw from norm(max(0, p - onehot(d))) = p without d: the same tokens as the
+    deterministic path (q None) for the same random stream."""
+    torch.manual_seed(2)
+    V, k = 7, 3
+    for trial in range(300):
+        p = torch.softmax(torch.randn(k + 1, V) * 2, -1)
+        draft = torch.randint(0, V, (k,)).tolist()
+        onehot = torch.nn.functional.one_hot(torch.tensor(draft), V).float()
+        a = rejection_sample(p, draft, None, torch.Generator().manual_seed(trial))
+        b = rejection_sample(p, draft, onehot, torch.Generator().manual_seed(trial))
+        assert a == b
+
+
+def test_mixed_batch_greedy_requests_keep_greedy_drafts_and_outputs(tiny, tiny_refs):
+    """Greedy and sampling requests in one batch with a draft model: greedy requests get point-mass drafts (probs
+    None) and the non-speculative greedy tokens; sampling requests get drafts with q rows."""
+    tiny.reconfigure(cfg(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=3))
+    proposer = tiny.engine.proposer
+    propose, kinds = proposer.propose, {}
+
+    def recording(reqs, limits):
+        out = propose(reqs, limits)
+        for r in reqs:
+            if r.request_id in out:
+                kinds.setdefault(r.params.greedy, set()).add(out[r.request_id].probs is None)
+        return out
+
+    proposer.propose = recording
+    sampled = SamplingParams(max_tokens=20, temperature=0.7, top_k=20, seed=1, ignore_eos=True)
+    params = [GREEDY if i % 2 == 0 else sampled for i in range(len(PROMPTS))]
+    outs = [o.token_ids for o in tiny.generate(PROMPTS, params)]
+    assert [outs[i] for i in range(0, len(PROMPTS), 2)] == [tiny_refs[i] for i in range(0, len(PROMPTS), 2)]
+    assert kinds == {True: {True}, False: {False}}
+    assert_pool_empty(tiny)
+
+
+def test_sampled_drafts_through_decode_graphs_read_back_once():
+    """Requests that sample, the shipped model drafting for itself through (stand-in) decode-graph replays: the
+    drafted tokens are drawn on the device and read back once per proposal (q stays on the device: no other
+    tolist or item), and the draft's q matches the target's p closely enough that > 90% of the drafts are accepted
+    (its K/V, reused across steps and overwritten after rejections, is right)."""
+    prompts = [[1, 100, 200, 300], [1, 42, 43], [1, 7, 8, 9, 10, 11, 12]]
+    params = [SamplingParams(max_tokens=20, temperature=0.8, top_k=50, top_p=0.9, seed=s, ignore_eos=True)
+              for s in range(3)]
+    llm = LLM.from_pretrained(MODEL_DIR, cfg(max_model_len=256, block_size=16, max_num_seqs=4,
+                                             speculative_method="draft", speculative_model=str(MODEL_DIR),
+                                             num_speculative_tokens=3), dtype=torch.float32)
+    runner = install_draft_graphs(llm)
+    proposer = llm.engine.proposer
+    calls = {"n": 0}
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counting(fn):
+        def wrapped(self, *a):
+            calls["n"] += 1
+            return fn(self, *a)
+        return wrapped
+
+    prop, per_proposal = proposer.propose, []
+
+    def replays():
+        return sum(g.replays for g, _ in runner.graphs.values())
+
+    def propose(reqs, limits):
+        calls["n"], before = 0, replays()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.Tensor, "tolist", counting(tolist))
+            mp.setattr(torch.Tensor, "item", counting(item))
+            out = prop(reqs, limits)
+        per_proposal.append((calls["n"], replays() - before))
+        assert all(d.probs is not None for d in out.values())
+        return out
+
+    proposer.propose = propose
+    llm.generate(prompts, params)
+    spec = llm.engine.stats().spec_decode
+    assert spec.acceptance_rate > 0.9
+    assert all(calls - 2 * n == 1 for calls, n in per_proposal)  # the stand-in graph's 2 tolist per replay
+    assert all(n >= 3 for _, n in per_proposal[1:])
+    assert_pool_empty(llm)

@@ -78,3 +78,30 @@ def test_verification_graphs_on_gpu():
     assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in ref]
     steps = llm.engine.stats().steps
     assert any(s.cuda_graph and s.num_draft_tokens > 0 and s.num_padding_tokens > 0 for s in steps)
+
+
+def test_sampled_drafts_on_gpu():
+    """Requests that sample (temperature 0.8, top-k 50, top-p 0.9, seeded), the shipped model drafting for itself
+    through its CUDA decode graphs: the drafts are drawn from the draft's q on the device and carry q (on the GPU)
+    to verification; q equals the target's p up to rounding, so > 90% of the drafts are accepted; seeded requests
+    give the same tokens twice."""
+    prompts = [[1, 100, 200, 300] * 3, [1, 42, 43], [10, 11, 12] * 10]
+    params = [SamplingParams(max_tokens=32, temperature=0.8, top_k=50, top_p=0.9, seed=s, ignore_eos=True)
+              for s in range(len(prompts))]
+    llm = LLM.from_pretrained(MODEL, EngineConfig(max_model_len=256, block_size=16, max_num_seqs=8,
+                                                  speculative_method="draft", speculative_model=str(MODEL),
+                                                  num_speculative_tokens=3), dtype=torch.float32)
+    assert llm._draft.engine.runner.graphs
+    propose, devices = llm.engine.proposer.propose, set()
+
+    def recording(reqs, limits):
+        out = propose(reqs, limits)
+        devices.update(d.probs.device.type for d in out.values())
+        return out
+
+    llm.engine.proposer.propose = recording
+    first = [o.token_ids for o in llm.generate(prompts, params)]
+    spec = llm.engine.stats().spec_decode
+    assert devices == {"cuda"} and spec.num_drafts > 0 and spec.acceptance_rate > 0.9
+    assert [o.token_ids for o in llm.generate(prompts, params)] == first
+    assert llm.engine.stats().num_used_blocks == 0
