@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..kernels import AttentionMetadata
-from .draft_sampling import DraftSampler
+from .draft_sampling import DraftSampler, max_sampled_rows
 from .proposal import Draft
 
 # Feeds of up to this many unseen tokens per sequence run as decode-graph replays (one per token); longer ones
@@ -181,7 +181,7 @@ class DraftModelProposer:
         table_dev = torch.from_numpy(table).to(dev)
         self._draw = DraftSampler(runner.model, [req.params for req, _, _ in batch],
                                   [getattr(req, "generator", None) for req, _, _ in batch], runner.sampler, dev,
-                                  runner.spec.vocab_size)
+                                  runner.spec.vocab_size, max_sampled_rows(k, runner.spec.vocab_size))
         qs = []
         with torch.inference_mode():
             if size is not None:  # the graphs' constant inputs: block tables, query starts, padding tokens

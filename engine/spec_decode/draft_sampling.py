@@ -16,6 +16,15 @@ from ..sampling import _to_device
 
 # Sampled rows filtered at once (the sort path's temporaries are about 12 bytes per row and vocabulary entry).
 DRAFT_SAMPLE_CHUNK_ROWS = 32
+# The q rows of one proposal (sampled rows x k x vocabulary x 4 bytes) wait on the device until verification, outside
+# the memory profile: at most this many bytes, inside engine.memory.MEMORY_MARGIN_BYTES. Requests past it get greedy
+# drafts for that proposal (a point mass is a valid q: verification stays exact, only acceptance is lower).
+SAMPLED_DRAFT_MAX_BYTES = 256 * 2**20
+
+
+def max_sampled_rows(k: int, vocab_size: int) -> int:
+    """Rows of one proposal that may draw from q (see SAMPLED_DRAFT_MAX_BYTES)."""
+    return SAMPLED_DRAFT_MAX_BYTES // (k * vocab_size * 4)
 
 
 class DraftSampler:
@@ -26,9 +35,10 @@ class DraftSampler:
     device (q[j] the distribution row rows[j]'s token was drawn from). Nothing is read back to the host.
     """
 
-    def __init__(self, model, params: list, generators: list, sampler, device: torch.device, vocab_size: int):
+    def __init__(self, model, params: list, generators: list, sampler, device: torch.device, vocab_size: int,
+                 max_rows: int | None = None):
         self.model, self.sampler, self.device = model, sampler, device
-        self.rows = [i for i, p in enumerate(params) if not p.greedy]
+        self.rows = [i for i, p in enumerate(params) if not p.greedy][:max_rows]
         self.params = [params[i] for i in self.rows]
         self.generators = [generators[i] for i in self.rows]
         n = len(params)

@@ -707,3 +707,29 @@ def test_sampled_drafts_through_decode_graphs_read_back_once():
     assert all(calls - 2 * n == 1 for calls, n in per_proposal)  # the stand-in graph's 2 tolist per replay
     assert all(n >= 3 for _, n in per_proposal[1:])
     assert_pool_empty(llm)
+
+
+def test_sampled_drafts_are_bounded_by_their_q_bytes(tiny, monkeypatch):
+    """q rows wait on the device outside the memory profile: past SAMPLED_DRAFT_MAX_BYTES a proposal's further
+    sampling requests get greedy drafts (probs None), and every request still finishes."""
+    import engine.spec_decode.draft_sampling as ds
+    k = 3
+    vocab = tiny.engine.spec.vocab_size
+    monkeypatch.setattr(ds, "SAMPLED_DRAFT_MAX_BYTES", 2 * k * vocab * 4)  # room for the q rows of 2 requests
+    tiny.reconfigure(cfg(speculative_method="draft", speculative_model="tiny", num_speculative_tokens=k))
+    proposer = tiny.engine.proposer
+    propose, counts = proposer.propose, []
+
+    def recording(reqs, limits):
+        out = propose(reqs, limits)
+        counts.append((max(limits, default=0), sum(d.probs is not None for d in out.values())))
+        return out
+
+    proposer.propose = recording
+    params = SamplingParams(max_tokens=12, temperature=0.7, top_k=20, seed=3, ignore_eos=True)
+    outs = tiny.generate(PROMPTS, [params] * len(PROMPTS))
+    assert all(len(o.token_ids) == 12 for o in outs)
+    # A proposal of k tokens holds q rows of k x vocab float32 per sampled draft: never past the bound.
+    assert all(n * kk * vocab * 4 <= ds.SAMPLED_DRAFT_MAX_BYTES for kk, n in counts)
+    assert len(PROMPTS) > 2 and max(n for kk, n in counts if kk == k) == 2
+    assert_pool_empty(tiny)
