@@ -15,6 +15,8 @@ import time
 import httpx
 import pytest
 
+from serve_helpers import assert_engine_empty
+
 httpx_sse = pytest.importorskip("httpx_sse")
 
 LOAD_SECONDS = float(os.environ.get("PWB_SERVE_LOAD_SECONDS", "3"))
@@ -58,16 +60,6 @@ def assert_metrics_agree_with_stats(live) -> dict:
     assert m["vllm:num_requests_running"] == m["vllm:num_requests_waiting"] == 0
     assert m["vllm:kv_cache_usage_perc"] == 0
     return m
-
-
-def assert_engine_empty(live, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = live.engine_call(lambda e: (len(e.requests), e.has_unfinished_requests(), e.kv.num_used_blocks))
-        if state == (0, False, 0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert state == (0, False, 0), "requests left in the engine, or KV blocks still in use"
 
 
 async def _good_client(client, url, rng, deadline, records):

@@ -7,7 +7,6 @@ sampling), block counts computed by hand, the tokenizer's decode.
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -15,19 +14,11 @@ import pytest
 from engine import SamplingParams
 from engine.serve.background import BackgroundServer
 
+from serve_helpers import assert_engine_empty
+
 
 P, T, N, B = 40, 20, 4, 16  # prompt tokens, max_tokens, n, block size (conftest's)
 PROMPT = [(37 * i) % 3000 + 7 for i in range(P)]
-
-
-def assert_engine_empty(live, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = live.engine_call(lambda e: (len(e.requests), e.has_unfinished_requests(), e.kv.num_used_blocks))
-        if state == (0, False, 0) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert state == (0, False, 0), "requests left in the engine, or KV blocks still in use"
 
 
 def cdiv(a, b):
