@@ -11,7 +11,7 @@ from __future__ import annotations
 from .block_pool import BlockPool
 from .groups import KVCacheGroup, request_blocks
 from .hashing import hash_request_blocks
-from .kv_cache_manager import KVCacheManager, KVCacheSnapshot, PoolCounters
+from .kv_cache_manager import KVCacheManager, KVCacheSnapshot, PoolCounters, pool_snapshot
 from .sliding_window import GroupPoolView, SlidingWindowGroup
 
 
@@ -98,14 +98,8 @@ class HybridKVCacheManager(PoolCounters):
             block_groups = tuple(owner)
             group_tables = {rid: tuple(tuple(m.block_ids(rid)) for m in self.groups)
                             for rid in self.groups[0].req_to_block_ids}
-        return KVCacheSnapshot(
-            num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=self.num_used_blocks,
-            num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=self.prefix_cache_queries,
-            prefix_cache_hits=self.prefix_cache_hits, num_shared_blocks=self.num_shared_blocks,
-            num_saved_blocks=self.num_saved_blocks,
-            blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
-            block_tables={rid: tuple(ids) for rid, ids in self.groups[0].req_to_block_ids.items()} if detail else {},
-            group_used_blocks=used, block_groups=block_groups, group_block_tables=group_tables if detail else None)
+        return pool_snapshot(self, self.groups[0].req_to_block_ids, detail, group_used_blocks=used,
+                             block_groups=block_groups, group_block_tables=group_tables if detail else None)
 
     def blocks_needed(self, num_tokens: int) -> int:
         """Blocks of the pool a request of num_tokens tokens can hold at once, over every group (a prefill chunk of

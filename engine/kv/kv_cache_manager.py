@@ -41,6 +41,19 @@ class _RequestId:
         self.request_id = request_id
 
 
+def pool_snapshot(manager, tables: dict, detail: bool, **extra) -> KVCacheSnapshot:
+    """A KVCacheSnapshot of a manager over one pool (KVCacheManager, HybridKVCacheManager): its counters and, with
+    detail=True, every block's (ref_count, cached) and the block tables `tables` (request_id -> block ids)."""
+    pool = manager.pool
+    return KVCacheSnapshot(
+        num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=manager.num_used_blocks,
+        num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=manager.prefix_cache_queries,
+        prefix_cache_hits=manager.prefix_cache_hits, num_shared_blocks=manager.num_shared_blocks,
+        num_saved_blocks=manager.num_saved_blocks,
+        blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
+        block_tables={rid: tuple(ids) for rid, ids in tables.items()} if detail else {}, **extra)
+
+
 class PoolCounters:
     """The block counters of a manager over one BlockPool (self.pool): KVCacheManager's and the hybrid one's."""
 
@@ -116,14 +129,7 @@ class KVCacheManager(PoolCounters):
 
     def snapshot(self, detail: bool = False) -> KVCacheSnapshot:
         """The pool's counters, and with detail=True every block's (ref_count, cached) and every block table."""
-        pool = self.pool
-        return KVCacheSnapshot(
-            num_blocks=pool.num_blocks, num_free_blocks=pool.num_free_blocks, num_used_blocks=self.num_used_blocks,
-            num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=self.prefix_cache_queries,
-            prefix_cache_hits=self.prefix_cache_hits, num_shared_blocks=self.num_shared_blocks,
-            num_saved_blocks=self.num_saved_blocks,
-            blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
-            block_tables={rid: tuple(ids) for rid, ids in self.req_to_block_ids.items()} if detail else {})
+        return pool_snapshot(self, self.req_to_block_ids, detail)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
