@@ -57,3 +57,14 @@ def perturb_weights(model):
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
     return model
+
+
+def assert_case_counters(stats, case: str, max_batched_tokens: int) -> None:
+    """The engine counters every parity case shares: no block leaked, and the case did what it is named for."""
+    assert stats.num_used_blocks == 0, "blocks leaked after every request finished"
+    if case == "preemption":
+        assert stats.num_preemptions > 0
+    if case == "chunked-prefill":
+        assert max(s.num_batched_tokens for s in stats.steps) <= max_batched_tokens
+    if case == "block16-prefix-cache":
+        assert stats.prefix_cache_hits >= 64  # the shared 64-token prefix: 4 full blocks of 16

@@ -7,7 +7,8 @@ import torch
 from engine import LLM, EngineConfig, SamplingParams
 from engine.kv.groups import kv_cache_groups
 from engine.model.spec import ModelSpec
-from family_models import FAMILIES, WINDOW, make_family_model, perturb_weights, tiny_family_config
+from family_models import (FAMILIES, WINDOW, assert_case_counters, make_family_model, perturb_weights,
+                           tiny_family_config)
 
 TIE_GAP = 1e-4  # a first divergence is accepted only where HF's top two logits are this close
 
@@ -87,14 +88,7 @@ def test_greedy_matches_hf(models, references, kind, case):
     for (prompt, n, expected, gaps), out in zip(references[kind], outs):
         assert_same_greedy(out.token_ids, expected, gaps, f"{kind}/{case}: prompt of {len(prompt)} tokens")
         assert out.finish_reason == "length" and len(out.token_ids) == n
-    stats = llm.engine.stats()
-    assert stats.num_used_blocks == 0, "blocks leaked after every request finished"
-    if case == "preemption":
-        assert stats.num_preemptions > 0
-    if case == "chunked-prefill":
-        assert max(s.num_batched_tokens for s in stats.steps) <= 29
-    if case == "block16-prefix-cache":
-        assert stats.prefix_cache_hits >= 64
+    assert_case_counters(llm.engine.stats(), case, 29)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
