@@ -119,7 +119,8 @@ class EngineConfig:
         _check(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager, "True or False")
         _check(self.device is None or str(self.device).split(":")[0] in ("cuda", "cpu"),
                "device", self.device, "None, 'cpu' or 'cuda'")
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        _check(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed,
+               "an integer from -2**63 to 2**64 - 1")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

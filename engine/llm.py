@@ -76,6 +76,10 @@ class LLMEngine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        logprobs = getattr(params, "logprobs", None)
+        if logprobs is not None and logprobs > vocab:
+            raise ValueError(f"logprobs={logprobs} is not allowed: logprobs must be None or an integer from 0 to the "
+                             f"vocabulary size ({vocab})")
         max_len = self.config.max_model_len
         if len(ids) > max_len:
             raise ValueError(f"request {request_id!r}: the prompt has {len(ids)} tokens, more than "

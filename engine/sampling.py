@@ -47,7 +47,9 @@ class SamplingParams:
         _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1, "top_p", p, "a number in (0, 1]")
         _check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", self.top_k,
                "-1 (disabled) or an integer >= 1")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        # torch.Generator.manual_seed takes [-2**63, 2**64); sequence i of a request with n > 1 uses seed + i.
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed and self.seed + self.n <= 2**64),
+               "seed", self.seed, f"None or an integer from -2**63 to 2**64 - n ({self.n})")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "True or False")
         try:
             ids = tuple(int(i) for i in self.stop_token_ids)
@@ -59,7 +61,7 @@ class SamplingParams:
         _check(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n), "best_of", self.best_of,
                f"None or an integer >= n ({self.n})")
         _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs", self.logprobs,
-               "None or an integer >= 0")
+               "None or an integer >= 0")  # its upper bound, the vocabulary, is checked by the engine
 
     @property
     def num_sequences(self) -> int:

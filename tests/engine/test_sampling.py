@@ -225,3 +225,19 @@ def test_sampler_temporary_bytes_is_hand_computed():
     per_token = 4 * 4 + 6 + 3 * 16
     assert forward_activation_bytes(10, 3, 4, 16, 6, 100, 4) == (10 * per_token * 4 + 3 * 100 * (4 + 4 + 4)
                                                                  + 3 * 100 * 56 + 16 * 3)
+
+
+def test_seeds_and_logprobs_out_of_range_are_refused_naming_them():
+    with pytest.raises(ValueError, match="seed=.* is not allowed"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(ValueError, match="seed=.* is not allowed"):
+        SamplingParams(seed=2**64 - 2, n=4)  # sequence 3 would seed 2**64 + 1
+    with pytest.raises(ValueError, match="seed=.* is not allowed"):
+        EngineConfig(seed=-2**63 - 1)
+    SamplingParams(seed=2**64 - 4, n=4)
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64))
+    vocab = llm.engine.spec.vocab_size
+    with pytest.raises(ValueError, match="logprobs=.* is not allowed"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, logprobs=vocab + 1))
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0.0, logprobs=vocab))[0]
+    assert len(out.token_ids) == 2  # the engine stays usable, and the whole vocabulary is allowed
