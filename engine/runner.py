@@ -23,7 +23,6 @@ import torch
 
 from .config import EngineConfig
 from .kernels import AttentionMetadata, select_backend
-from .kv import KVCacheManager
 from .kv.groups import engine_kv_groups, layer_group_slots
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
@@ -109,7 +108,7 @@ class Runner(Protocol):
     def determine_num_blocks(self) -> int: ...
     def allocate_kv_cache(self, num_blocks: int) -> None: ...
     def capture_cuda_graphs(self) -> None: ...
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult: ...
+    def execute(self, sched: SchedulerOutput) -> StepResult: ...
     def release(self, request_id: str) -> None: ...
     def release_all(self) -> None: ...
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor: ...
@@ -537,10 +536,10 @@ class ModelRunner:
                 for g in range(b.num_extra_groups))
         return meta
 
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
+    def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run one step; sampled holds a token for each request whose last token was computed. The block tables
-        and the step's copies-on-write come in the scheduler's output (kv is accepted for older callers and not
-        read); the copies run before the forward pass, which writes into them."""
+        and the step's copies-on-write come in the scheduler's output; the copies run before the forward pass, which
+        writes into them."""
         t0 = time.perf_counter()
         self.wait_host_buffers()
         waited = time.perf_counter() - t0

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 import torch
 
 from ..config import EngineConfig
-from ..kv import KVCacheManager
 from ..model.spec import ModelSpec
 from ..model.weights import full_weights
 from ..runner import StepResult
@@ -153,7 +152,7 @@ class TPRunner:
         self.runner.graphs = graphs
 
     # ----- steps ----------------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput, kv: KVCacheManager | None = None) -> StepResult:
+    def execute(self, sched: SchedulerOutput) -> StepResult:
         if sched.block_copies:  # LLMEngine refuses n > 1 and beam search under tensor parallelism
             raise NotImplementedError("copy-on-write block copies are not implemented for tensor parallelism")
         with self._guard():
