@@ -63,13 +63,26 @@ def test_a_dead_worker_fails_its_point_and_the_rest_finish(local_ray):
     assert "bad point 4" in errors[4]
 
 
-def test_points_grouped_by_tensor_parallel_size_and_refused_beyond_the_cluster(local_ray):
-    points = [{"id": i, "tp": 1} for i in range(2)]
-    results, errors = _collect(RayExecutor(num_workers=2), points, tp=lambda p: p["tp"])
-    assert set(results) == {0, 1} and not errors
-    if not ray.cluster_resources().get("GPU"):
+def test_actor_slots_per_tensor_parallel_size_and_refusals():
+    """One actor per group of tp GPUs (at most num_workers), CPU slots without GPUs, and a tp larger than the
+    cluster's GPUs or a bad num_workers refused naming it (hand-computed, on a stand-in for ray)."""
+    class FakeRay:
+        def __init__(self, resources):
+            self.resources = resources
+
+        def cluster_resources(self):
+            return self.resources
+
+    two_gpus = FakeRay({"GPU": 2.0, "CPU": 32.0})
+    assert RayExecutor()._slots(two_gpus, 1) == (2, {"num_gpus": 1, "num_cpus": 1.0})
+    assert RayExecutor()._slots(two_gpus, 2) == (1, {"num_gpus": 2, "num_cpus": 1.0})
+    assert RayExecutor(num_workers=1)._slots(two_gpus, 1)[0] == 1
+    with pytest.raises(ValueError, match="tensor_parallel_size=4 needs 4 GPUs; the Ray cluster has 2"):
+        RayExecutor()._slots(two_gpus, 4)
+    assert RayExecutor(cpus_per_worker=2.0)._slots(FakeRay({"CPU": 5.0}), 1) == (2, {"num_cpus": 2.0})
+    for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="num_workers"):
-            RayExecutor(num_workers=0)
+            RayExecutor(num_workers=bad)
 
 
 def test_make_executor_names():
