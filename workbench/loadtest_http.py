@@ -46,7 +46,7 @@ import pandas as pd
 from . import metrics
 from .metrics_scrape import counter_increase, scrape_metrics, scrape_once
 from .workloads import Workload
-from .schema import C
+from .schema import ERROR, OK, C
 
 @dataclass
 class LoadTestResult:
@@ -356,8 +356,8 @@ def run_loadtest(endpoint: str, model: str, workload: Workload, sampling: dict |
                metrics_scraped=bool(len(ts)), generation_tokens_scraped=stats.get("generation_tokens"),
                prompt_tokens_scraped=stats.get("prompt_tokens"))
     ok = len(outputs) > 0
-    row.update(status="ok" if ok else C.error,
-               error=None if ok else f"every request failed; first: {failures[0]['error'] if failures else '?'}")
+    row.update({C.status: OK if ok else ERROR,
+                C.error: None if ok else f"every request failed; first: {failures[0][C.error] if failures else '?'}"})
     if len(samples):
         samples = samples.assign(t=samples["time"] - start)
     return LoadTestResult(row, requests, ts, samples, failures)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from .grid import SAMPLING_KEYS, point_label, stable_hash
 from .workloads import Workload
-from .schema import C
+from .schema import ERROR, OK, C
 
 
 def append_row(path: str, row: dict) -> None:
@@ -149,14 +149,14 @@ class ServerSweep:
                         res.requests, res.timeseries, res.telemetry
                     if died is not None:
                         why = f"the server died during the run (exit code {died})"
-                    elif res.row[C.status] != "ok":
+                    elif res.row[C.status] != OK:
                         why = res.row[C.error]
             except Exception as e:  # noqa: BLE001 - a failed point is a row, not the end of the sweep
                 why = f"{type(e).__name__}: {e}"
             finally:
                 stop_server(proc)
-        row.update(status="ok" if why is None else C.error,
-                   error=None if why is None else f"{why} (server log: {log_path})")
+        row.update({C.status: OK if why is None else ERROR,
+                    C.error: None if why is None else f"{why} (server log: {log_path})"})
         row[C.point_duration_s] = time.perf_counter() - t0
         row[C.timestamp] = pd.Timestamp.now(tz="UTC").isoformat()
         return row
