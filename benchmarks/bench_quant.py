@@ -429,7 +429,8 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
             s["speedup_curve"][mode] = curve
         gr, gb = eng.get(mode, {}).get("b1_graph_replay_ms"), bf.get("b1_graph_replay_ms")
         if gr and gb:
-            s[f"{mode}_b1_graph_replay_speedup"] = gb / gr
+            s[f"{mode}_b1_graph_replay_speedup"] = gb / gr  # one window of replays per mode: not a median
+            s[f"{mode}_b1_graph_replay_runs"] = 1
     if eng.get("bf16_kvfp8", {}).get("num_gpu_blocks") and bf.get("num_gpu_blocks"):
         s["kv_fp8_block_ratio"] = eng["bf16_kvfp8"]["num_gpu_blocks"] / bf["num_gpu_blocks"]
     if attention and "fp8_speedup" in attention:

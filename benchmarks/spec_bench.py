@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.spec_decode import DraftModelProposer, NgramProposer, SyntheticProposer
+from engine.spec_decode import NgramProposer
 
 
 def environment(device: torch.device) -> dict:

@@ -116,6 +116,7 @@ def main() -> None:
         for tp, run in results["runs"].items():
             if tp != 1 and "output_tok_s" in run and "output_tok_s" in base:
                 run["throughput_vs_tp1"] = run["output_tok_s"] / base["output_tok_s"]
+                run["throughput_runs"] = 1  # one trace run per degree: no spread
             if tp != 1 and run.get("decode") and base.get("decode"):
                 run["decode_speedup_vs_tp1"] = {b: base["decode"][b]["step_ms"] / d["step_ms"]
                                                 for b, d in run["decode"].items() if b in base["decode"]}

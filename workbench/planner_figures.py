@@ -43,7 +43,8 @@ def _empty_mpl(title: str) -> MplFigure:
 def kv_tokens_by_gpu(table: pd.DataFrame, color: str = "quantization", facet: str = "model") -> go.Figure:
     """KV tokens available (kv_tokens) per GPU, one bar per ``color`` value (quantization mode), one panel per
     ``facet`` value (model). Expects one row per (facet, gpu, color): filter the table first. A config that
-    does not fit shows 0 tokens and its verdict on hover; bars are marked W / L / ! / x by verdict."""
+    does not fit shows 0 tokens and its verdict on hover; bars are marked W / L / B / x by verdict
+    (VERDICT_MARK)."""
     title = "KV tokens available per GPU and quantization mode"
     if len(table) == 0:
         return _empty(title)

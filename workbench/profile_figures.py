@@ -57,7 +57,7 @@ def roofline_figure(steps: pd.DataFrame, rates: dict, title: str = "Each step ag
                         customdata=np.stack([g["step"], g["efficiency"]], axis=-1),
                         hovertemplate="step %{customdata[0]}<br>%{x:.3g} FLOP/B<br>%{y:.3g} FLOP/s<br>"
                                       "%{customdata[1]:.0%} of roof<extra></extra>")
-    ridge = rates["matmul_flops"] / rates["copy_bandwidth"]
+    ridge = float(profiling.roofline(1, 1, 1, rates)["ridge"])
     lo = min(float(ok["intensity"].min()) if len(ok) else ridge, ridge) / 4
     hi = max(float(ok["intensity"].max()) if len(ok) else ridge, ridge) * 4
     xs = np.geomspace(lo, hi, 64)
