@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import SamplingParams, _filter_top_k_top_p
+from ..sampling import Sampler, SamplingParams
 from .proposal import Draft
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[n, vocab] float32 probabilities the non-speculative sampler draws from, row by row (CPU)."""
+    """[n, vocab] float32 probabilities the non-speculative sampler draws from (CPU), for a request that samples:
+    the sampler's own filter (temperature, top-k, top-p) over all n rows at once."""
     logits = logits.float().cpu()
-    rows = [_filter_top_k_top_p(row / params.temperature, params.top_k, params.top_p) for row in logits]
-    return torch.stack(rows).softmax(-1)
+    return Sampler().filtered_logits(logits, [params] * len(logits)).softmax(-1)
 
 
 def rejection_sample(p: torch.Tensor, draft: list[int], q: torch.Tensor | None,
