@@ -108,29 +108,25 @@ class Request:
     def add_output_token(self, token_id: int, now: float, max_model_len: int) -> RequestStatus | None:
         """append_output_token then check_stop in one call (the scheduler's per-token path): the finished status
         the token leads to, or None to continue."""
-        ids, out = self.all_token_ids, self.output_token_ids
-        ids.append(token_id)
-        out.append(token_id)
+        self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
         m = self.metrics
         m.num_output_tokens += 1
         m.token_times.append(now)
         if m.first_token_time is None:
             m.first_token_time = now
-        if token_id in self._stop_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(out) >= self.params.max_tokens or len(ids) >= max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        return self._status(token_id, max_model_len)
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finished status the last appended token leads to, or None to continue."""
-        last = self.output_token_ids[-1]
-        if last in self.eos_token_ids or last in self.params.stop_token_ids:
+        return self._status(self.output_token_ids[-1], max_model_len)
+
+    def _status(self, last: int, max_model_len: int) -> RequestStatus | None:
+        if last in self._stop_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        if len(self.output_token_ids) >= self.params.max_tokens or len(self.all_token_ids) >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
 
     @property
     def cumulative_logprob(self) -> float | None:

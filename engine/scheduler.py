@@ -216,8 +216,7 @@ class Scheduler:
         req.num_computed_tokens += num_new - num_rejected
         self.kv.trim(req, req.num_computed_tokens)
         for token in tokens:
-            req.append_output_token(token, now)
-            status = req.check_stop(self.max_model_len)
+            status = req.add_output_token(token, now, self.max_model_len)
             if status is not None:
                 self._finish(req, status, now)
                 return True
