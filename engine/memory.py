@@ -224,10 +224,10 @@ def forward_activation_bytes(num_tokens: int, num_seqs: int, hidden_size: int, i
     copy, q/k/v, the gate/up projection and its SwiGLU output, the down projection, the LM head over
     num_seqs rows in the model dtype plus its float32 copy, and the sampler's temporaries over them
     (sampler_temporary_bytes at the default chunk sizes). For host-memory checks before any allocation."""
-    from .sampling import SAMPLE_CHUNK_ROWS, SORT_CHUNK_DIVISOR
+    from .sampling import Sampler
     per_token = 4 * hidden_size + qkv_size + 3 * intermediate_size
-    sampler = sampler_temporary_bytes(num_seqs, vocab_size, SAMPLE_CHUNK_ROWS,
-                                      max(1, SAMPLE_CHUNK_ROWS // SORT_CHUNK_DIVISOR))
+    default = Sampler()
+    sampler = sampler_temporary_bytes(num_seqs, vocab_size, default.chunk_rows, default.sort_rows)
     return num_tokens * per_token * dtype_bytes + num_seqs * vocab_size * (dtype_bytes + 4 + 4) + sampler
 
 
