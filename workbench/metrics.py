@@ -174,6 +174,11 @@ def step_summary(steps: pd.DataFrame) -> dict:
     }
 
 
+def sharing_saving(used_peak: float, unshared_peak: float) -> float:
+    """1 - used peak / unshared peak: the share of KV blocks sharing saved (nan without any block)."""
+    return 1.0 - used_peak / unshared_peak if unshared_peak > 0 else math.nan
+
+
 def sharing_summary(steps: pd.DataFrame) -> dict:
     """KV block sharing over the steps (engine StepStats counters), in blocks: the peak of blocks in use, of
     block-table entries (used + saved: what an allocator without sharing would hold at that step), of blocks
@@ -190,7 +195,7 @@ def sharing_summary(steps: pd.DataFrame) -> dict:
     used_peak, unshared_peak = peak(used), peak(unshared)
     return {C.num_used_blocks_peak: used_peak, C.num_unshared_blocks_peak: unshared_peak,
             C.num_saved_blocks_peak: peak(saved), C.num_shared_blocks_peak: peak(shared),
-            C.sharing_saving: 1.0 - used_peak / unshared_peak if unshared_peak > 0 else math.nan}
+            C.sharing_saving: sharing_saving(used_peak, unshared_peak)}
 
 
 class _Counters:

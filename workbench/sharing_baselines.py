@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from . import metrics
 from .baselines import _lengths
 from .schema import C
 
@@ -133,6 +134,6 @@ def compare_sharing(trace, block_size: int = 16, n: int = 4, beam_width: int = 4
         g = timeline[timeline["case"] == c]
         peak = {k: float(g[k].max()) for k in ALLOCATOR_LABELS}
         rows.append({"case": c, C.label: CASE_LABELS[c].format(widths[c]), "sequences": widths[c], **peak,
-                     "saving": 1.0 - peak["shared"] / peak["unshared"] if peak["unshared"] else float("nan"),
+                     "saving": metrics.sharing_saving(peak["shared"], peak["unshared"]),
                      C.num_cow_copies: int(g[C.num_cow_copies].iloc[-1])})
     return SharingComparisonResult(pd.DataFrame(rows), timeline)
