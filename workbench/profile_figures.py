@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import profiling
+from . import profiling, schema
 from .schema import C
 
 KIND_COLORS = {"prefill": "#F58518", "decode": "#4C78A8", "mixed": "#54A24B"}
@@ -38,7 +38,7 @@ def gap_parts_figure(results: pd.DataFrame, by: str = C.label, title: str = "Whi
     d = results[results[C.status] == "ok"] if C.status in results else results
     fig = go.Figure()
     for part in profiling.PARTS:
-        col = f"gap_{part}_s"
+        col = schema.gap(part)
         if col in d:
             fig.add_bar(x=d[by].astype(str), y=d[col], name=profiling.PART_LABELS[part],
                         marker_color=PART_COLORS[part])

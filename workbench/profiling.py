@@ -185,7 +185,7 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
     parts = {"ideal": ideal, "host": duration - busy - profiler_overhead, "kernel": busy - with_pad,
              "padding": with_pad - no_pad, "recompute": no_pad - useful, "underfill": useful - ideal,
              "profiler": profiler_overhead}
-    out = {C.gap_measured_s: float(duration), **{f"gap_{p}_s": float(parts[p]) for p in PARTS}}
+    out = {C.gap_measured_s: float(duration), **{schema.gap(p): float(parts[p]) for p in PARTS}}
     out[C.gap_attributed_s] = float(sum(parts.values()))
     out[C.ideal_over_measured] = ideal / duration if duration > 0 else math.nan
     out[C.device_busy_share] = busy / duration if duration > 0 else math.nan
@@ -193,7 +193,7 @@ def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, k
         out[f"host_{p}_s"] = float(_col(steps, f"{p}_time").sum())
     kinds = step_kind(steps) if len(steps) else pd.Series(dtype=str)
     for k in STEP_KINDS:  # the kernel part, split by the kind of step it was lost in
-        out[f"gap_kernel_{k}_s"] = float((device - per_step)[kinds == k].sum())
+        out[schema.gap_kernel(k)] = float((device - per_step)[kinds == k].sum())
     return out
 
 
@@ -201,8 +201,8 @@ def attribution_frame(row: dict) -> pd.DataFrame:
     """The parts of one attribution (a dict or results row with the gap_* columns) as rows: part, label,
     seconds, share of measured; in waterfall order."""
     measured = float(row[C.gap_measured_s])
-    return pd.DataFrame([{"part": p, C.label: PART_LABELS[p], "seconds": float(row[f"gap_{p}_s"]),
-                          "share": float(row[f"gap_{p}_s"]) / measured if measured else math.nan} for p in PARTS])
+    return pd.DataFrame([{"part": p, C.label: PART_LABELS[p], "seconds": float(row[schema.gap(p)]),
+                          "share": float(row[schema.gap(p)]) / measured if measured else math.nan} for p in PARTS])
 
 
 # ----- kernel classes against their rooflines -----------------------------------------------------------
@@ -283,7 +283,7 @@ def format_attribution(row: dict) -> str:
     lines.append("  host phases summed over steps (s): " + ", ".join(f"{p} {row[f'host_{p}_s']:.3f}"
                                                                     for p in PHASES))
     lines.append("  kernels below roofline by step kind (s): " + ", ".join(
-        f"{k} {row[f'gap_kernel_{k}_s']:.3f}" for k in STEP_KINDS if f"gap_kernel_{k}_s" in row))
+        f"{k} {row[schema.gap_kernel(k)]:.3f}" for k in STEP_KINDS if schema.gap_kernel(k) in row))
     return "\n".join(lines)
 
 

@@ -243,6 +243,16 @@ def latency(metric: str, stat: str) -> str:
     return column(f"{metric}_{stat}_ms").name
 
 
+def gap(part: str) -> str:
+    """The column of one part of the gap-to-limit attribution: gap("host") -> "gap_host_s"."""
+    return column(f"gap_{part}_s").name
+
+
+def gap_kernel(kind: str) -> str:
+    """The column of the device time over roofline in steps of one kind: gap_kernel("decode")."""
+    return column(f"gap_kernel_{kind}_s").name
+
+
 def spread(name: str) -> tuple[str, str]:
     """The columns holding the min and max over repeats of a "median" column."""
     if column(name).agg != MEDIAN:
