@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GPU_GRID = {"block_size": [16, 32], "max_num_batched_tokens": [2048, 4096, 8192, 16384]}
 CPU_GRID = {"block_size": [8, 16], "max_num_batched_tokens": [64, 128]}
 KEEP = ["point_id", "label", "status", "error", "output_throughput", "duration_s", "point_duration_s",
-        "total_output_tokens", "num_preemptions", "kv_blocks", "tpot_p50_ms", "run_host", "device_name"]
+        "total_output_tokens", "num_preemptions", "kv_blocks", "tpot_p50_ms", "run_host", "device_name",
+        "kernel_compiles", "kernel_compile_s"]
 
 
 # ----- one sweep, in its own process ---------------------------------------------------------------
@@ -135,8 +136,11 @@ def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float
                     if row["label"] == label and row["status"] == "ok"]
             tput[name] = statistics.median(vals) if vals else None
         ratio = tput["ray"] / tput["sequential"] if tput["ray"] and tput["sequential"] else None
+        # Triton builds inside the measured runs (each stalls the GPU): the usual reason for a point that differs
+        builds = {name: sum(row.get("kernel_compiles") or 0 for r in group[:pairs] for row in r["rows"]
+                            if row["label"] == label) for name, group in (("sequential", seq), ("ray", par))}
         per_point[label] = {"output_throughput_sequential": tput["sequential"], "output_throughput_ray": tput["ray"],
-                            "ray_over_sequential": ratio}
+                            "ray_over_sequential": ratio, "kernel_compiles": builds}
     devs = [abs(p["ray_over_sequential"] - 1) for p in per_point.values() if p["ray_over_sequential"] is not None]
     wall = {name: _median_range([r["wall_s"] for r in group[:pairs]]) for name, group in
             (("sequential", seq), ("ray", par))}
@@ -301,11 +305,12 @@ def main() -> None:
               f"ray {s['wall_s']['ray']['median']:.1f} s"
               f" -> ratio {w['median']:.3f} (min {w['min']:.3f}, max {w['max']:.3f}; target <= 0.6: "
               f"{'met' if s['target_wall_ratio_met'] else 'MISSED'})")
-        print(f"{'point':36s}{'seq out tok/s':>15s}{'ray out tok/s':>15s}{'ray/seq':>9s}")
+        print(f"{'point':36s}{'seq out tok/s':>15s}{'ray out tok/s':>15s}{'ray/seq':>9s}  kernel builds seq/ray")
         for label, p in s["per_point"].items():
             r = p["ray_over_sequential"]
             print(f"{label:36s}{p['output_throughput_sequential'] or float('nan'):15.1f}"
-                  f"{p['output_throughput_ray'] or float('nan'):15.1f}{r if r else float('nan'):9.3f}")
+                  f"{p['output_throughput_ray'] or float('nan'):15.1f}{r if r else float('nan'):9.3f}"
+                  f"  {p['kernel_compiles']['sequential']}/{p['kernel_compiles']['ray']}")
         dev = s["max_throughput_deviation"]
         print(f"max throughput deviation {dev if dev is not None else float('nan'):.3f} (target <= 0.05: "
               f"{'met' if s['target_throughput_within_met'] else 'MISSED'}); {s['noise_note']}")

@@ -11,6 +11,7 @@ import torch
 
 from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
+from .kernels import compile_watch
 from .kv import KVCacheManager
 from .kv.groups import engine_kv_groups, request_blocks
 from .kv.hybrid import HybridKVCacheManager
@@ -382,6 +383,8 @@ class LLMEngine:
                       if self.proposer is not None else None)
         self._base = (self.kv.prefix_cache_queries, self.kv.prefix_cache_hits, self.scheduler.num_preemptions)
         self._num_cow_copies = 0  # blocks copied on write by the steps since the reset
+        compile_watch.install()
+        self._compiles_base = len(compile_watch.events)
         # Requests mid-prefill or awaiting recompute keep their entries across a reset; only events go.
         log = getattr(self, "_request_log", None) or RequestLog()
         log.events = []
@@ -418,7 +421,8 @@ class LLMEngine:
             spec_decode=copy.deepcopy(self._spec),
             num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
             num_cow_copies=self._num_cow_copies, group_used_blocks=kv.group_used_blocks,
-            kv_cache_groups=tuple(g.sliding_window for g in getattr(self.kv, "specs", ())))
+            kv_cache_groups=tuple(g.sliding_window for g in getattr(self.kv, "specs", ())),
+            kernel_compiles=tuple(compile_watch.events[self._compiles_base:]))
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block

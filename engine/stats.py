@@ -205,6 +205,13 @@ class EngineStats:
     # each group holds len(layers) / len(kv_cache_groups) of the layers) and its blocks in use now; () otherwise.
     kv_cache_groups: tuple = ()
     group_used_blocks: tuple = ()
+    # Triton kernel builds in this process since the reset (engine/kernels/compile_watch.py): a build
+    # inside a measurement stalls the GPU for 0.1-1 s, so a run with any is slower than the engine is.
+    kernel_compiles: tuple = ()
+
+    @property
+    def kernel_compile_s(self) -> float:
+        return sum(e.seconds for e in self.kernel_compiles)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -231,6 +231,8 @@ def engine_summary(stats) -> dict:
         C.num_cow_copies: int(st.num_cow_copies or 0),  # parallel sampling / beam search
         C.spec_acceptance_rate: spec.per_token_acceptance if spec is not None else None,
         C.spec_mean_accepted_length: spec.mean_accepted_length if spec is not None else None,
+        C.kernel_compiles: len(st.kernel_compiles or ()),
+        C.kernel_compile_s: sum(_get(e, "seconds") for e in st.kernel_compiles or ()),
     }
 
 

@@ -109,6 +109,31 @@ def _failures(results: pd.DataFrame) -> list[str]:
     return parts
 
 
+def _measurement_warnings(results: pd.DataFrame) -> list[str]:
+    """Warnings that some points are not comparable with the others: they ran on different GPU models, or
+    their measurement contains kernel builds (each stalls the GPU for 0.1-1 s, so the point reads slow)."""
+    ok = results[results[C.status] == "ok"] if C.status in results else results
+    warnings = []
+    if C.device_name in ok:
+        devices = ok[C.device_name].dropna().astype(str)
+        if devices.nunique() > 1:
+            counts = ", ".join(f"{name} ({n} points)" for name, n in devices.value_counts().items())
+            warnings.append(f"These points ran on different GPU models: {counts}. Compare points of one model "
+                            f"only; the {C.device_name} and {C.run_host} columns say where each ran.")
+    if C.kernel_compiles in ok:
+        builds = pd.to_numeric(ok[C.kernel_compiles], errors="coerce").fillna(0)
+        slow = ok[builds > 0]
+        if len(slow):
+            secs = pd.to_numeric(slow[C.kernel_compile_s], errors="coerce").fillna(0) if C.kernel_compile_s in slow \
+                else pd.Series(0.0, index=slow.index)
+            names = ", ".join(f"{lab} ({int(b)}, {t:.1f} s)" for lab, b, t in
+                              zip(slow[C.label], builds[builds > 0], secs))
+            warnings.append(f"{len(slow)} point(s) built Triton kernels during the measured run, which stalls "
+                            f"the GPU and lowers their throughput: {names}. Rerun them (the kernels are cached "
+                            f"now) before comparing.")
+    return [f"<p class='failed warning'><b>Warning:</b> {esc(w)}</p>" for w in warnings]
+
+
 def _recommendation(results: pd.DataFrame, model: str, planner_verdict: str | None) -> list[str]:
     recs = recommend.recommendations(results)
     if not recs:
@@ -157,6 +182,7 @@ def write_report(results: pd.DataFrame, path: str, timeseries: dict | None = Non
              f"<p>Generated {esc(pd.Timestamp.now(tz='UTC').strftime('%Y-%m-%d %H:%M UTC'))}; "
              f"{n_ok} of {len(results)} points ok; {repeats} repeat{'s' if repeats != 1 else ''} per point.</p>"]
     parts += _failures(results)
+    parts += _measurement_warnings(results)
     parts += _recommendation(results, model, planner_verdict)
     parts.append("<h2>Figures</h2>")
     for fig_id, fig in figs.items():

@@ -170,6 +170,11 @@ COLUMNS: list[Column] = [
            MEDIAN, kind=ENGINE, fmt="{:.0%}"),
     Column("spec_mean_accepted_length", "tokens per verification step", "tokens", HIGHER, MEDIAN, kind=ENGINE,
            fmt="{:.2f}"),
+    # Triton kernels built during the run (engine/kernels/compile_watch.py): each stalls the GPU; a point
+    # with builds reads slower than the engine is (the report flags it).
+    Column("kernel_compiles", "kernel builds during the run", "count", LOWER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
+    Column("kernel_compile_s", "time building kernels during the run", "s", LOWER, MEDIAN, kind=ENGINE,
+           fmt="{:.2f}"),
     Column("expert_imbalance", "MoE expert load imbalance (busiest / mean)", "ratio", LOWER, MEDIAN, kind=ENGINE,
            fmt="{:.2f}"),
     # --- GPU telemetry (NVML; NaN without a GPU)
@@ -222,7 +227,8 @@ REPORT_COLUMNS = [C.label, C.status, C.workload, C.block_size, C.max_num_batched
                   C.request_throughput, C.output_throughput, C.total_token_throughput, C.request_goodput,
                   C.ttft_p50_ms, C.ttft_p99_ms, C.tpot_p50_ms, C.tpot_p99_ms, C.itl_p99_ms, C.e2e_p99_ms,
                   C.kv_usage_mean, C.kv_usage_peak, C.internal_fragmentation_mean, C.prefix_cache_hit_rate,
-                  C.num_preemptions, C.batch_size_mean, C.kv_blocks, C.duration_s, C.repeats]
+                  C.num_preemptions, C.batch_size_mean, C.kv_blocks, C.duration_s, C.repeats,
+                  C.kernel_compiles, C.device_name, C.run_host]
 
 
 def column(name: str) -> Column:

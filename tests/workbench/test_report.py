@@ -92,3 +92,19 @@ def test_sharing_figure_and_columns_only_when_the_sweep_shared_blocks(tmp_path, 
                    "KV memory saved by sharing (peak blocks) (share of the blocks needed without sharing)"):
         assert f"<th>{column}</th>" in table
     assert "37.5%" in table
+
+
+def test_warns_about_points_not_comparable_with_the_others(tmp_path, synthetic):
+    df = synthetic[0]
+    assert (df.loc[df.status == "ok", "kernel_compiles"] == 0).all()  # from the stats: no build in these runs
+    text = open(write_report(df, str(tmp_path / "same.html")), encoding="utf-8").read()
+    assert "warning'" not in text
+    ok = df.index[df.status == "ok"]
+    mixed = df.copy()
+    mixed.loc[ok[0], "device_name"] = "NVIDIA H100 80GB HBM3"
+    mixed.loc[ok[1], ["kernel_compiles", "kernel_compile_s"]] = [3, 1.25]
+    text = open(write_report(mixed, str(tmp_path / "mixed.html")), encoding="utf-8").read()
+    assert "ran on different GPU models: cpu (3 points), NVIDIA H100 80GB HBM3 (1 points)" in text
+    assert text.count("warning'") == 2 and "1 point(s) built Triton kernels during the measured run" in text
+    assert f"{df.loc[ok[1], 'label']} (3, 1.2 s)" in text
+    assert "<th>kernel builds during the run (count)</th>" in text and "<th>device name</th>" in text
