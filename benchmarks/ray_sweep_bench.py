@@ -43,7 +43,7 @@ GPU_GRID = {"block_size": [16, 32], "max_num_batched_tokens": [2048, 4096, 8192,
 CPU_GRID = {"block_size": [8, 16], "max_num_batched_tokens": [64, 128]}
 KEEP = ["point_id", "label", "status", "error", "output_throughput", "duration_s", "point_duration_s",
         "total_output_tokens", "num_preemptions", "kv_blocks", "tpot_p50_ms", "run_host", "device_name",
-        "kernel_compiles", "kernel_compile_s"]
+        "kernel_compiles", "kernel_compile_s", "kernels_built"]
 
 
 # ----- one sweep, in its own process ---------------------------------------------------------------

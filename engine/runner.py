@@ -136,14 +136,20 @@ class InputBuffers:
 
         # int64: [ids | positions | slots], max_tokens each.
         self.host64, self.dev64 = pair(3 * max_tokens, torch.int64)
-        # int32: [query_start_loc (max_seqs + 1) | seq_lens (max_seqs) | packed block-table columns].
-        self.host32, self.dev32 = pair(2 * max_seqs + 1 + max_seqs * max_blocks, torch.int32)
+        # int32: [query_start_loc (max_seqs + 1, padded to 16 bytes) | seq_lens (max_seqs) | packed block-table
+        # columns]. seq_lens starts 16-byte aligned like query_start_loc, so the prefill kernel's views of both behind
+        # n decodes (query_start_loc[n:], seq_lens[n:]) are aligned alike: Triton builds one kernel variant per
+        # combination of its pointers' 16-byte alignments, and trace_replay.warm_up builds each of them before a
+        # measurement (with seq_lens at max_seqs + 1, n = 3 mod 4 made a variant no warm-up built: a 2.4 s stall).
+        self.lens_at = -(-(max_seqs + 1) // 4) * 4
+        self.host32, self.dev32 = pair(self.lens_at + max_seqs + max_seqs * max_blocks, torch.int32)
         self.host32_np = self.host32.numpy()
         t, s = max_tokens, max_seqs
         (self.ids, self.pos, self.slots), (self.ids_dev, self.pos_dev, self.slots_dev) = (
             [buf[i * t:(i + 1) * t] for i in range(3)] for buf in (self.host64, self.dev64))
-        self.qsl, self.lens = self.host32[:s + 1], self.host32[s + 1:2 * s + 1]
-        self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[s + 1:2 * s + 1]
+        at = self.lens_at
+        self.qsl, self.lens = self.host32[:s + 1], self.host32[at:at + s]
+        self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[at:at + s]
         self.ids_np, self.pos_np, self.slots_np = self.ids.numpy(), self.pos.numpy(), self.slots.numpy()
         self.qsl_np, self.lens_np = self.qsl.numpy(), self.lens.numpy()
         self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
@@ -169,7 +175,7 @@ class InputBuffers:
     def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
         t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
         self.dev64[:2 * t + num_tokens].copy_(self.host64[:2 * t + num_tokens], non_blocking=True)
-        start = 2 * s + 1
+        start = self.lens_at + s
         self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
         self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
         self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))

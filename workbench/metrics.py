@@ -12,6 +12,8 @@ Latency columns are in milliseconds (``*_ms``), throughputs per second, energy i
 """
 from __future__ import annotations
 
+import collections
+
 import math
 from dataclasses import asdict, is_dataclass
 
@@ -233,6 +235,8 @@ def engine_summary(stats) -> dict:
         C.spec_mean_accepted_length: spec.mean_accepted_length if spec is not None else None,
         C.kernel_compiles: len(st.kernel_compiles or ()),
         C.kernel_compile_s: sum(_get(e, "seconds") for e in st.kernel_compiles or ()),
+        C.kernels_built: ", ".join(f"{name} x{n}" for name, n in
+                                   collections.Counter(_get(e, "kernel") for e in st.kernel_compiles or ()).items()),
     }
 
 

@@ -126,8 +126,9 @@ def _measurement_warnings(results: pd.DataFrame) -> list[str]:
         if len(slow):
             secs = pd.to_numeric(slow[C.kernel_compile_s], errors="coerce").fillna(0) if C.kernel_compile_s in slow \
                 else pd.Series(0.0, index=slow.index)
-            names = ", ".join(f"{lab} ({int(b)}, {t:.1f} s)" for lab, b, t in
-                              zip(slow[C.label], builds[builds > 0], secs))
+            kernels = slow[C.kernels_built] if C.kernels_built in slow else pd.Series("", index=slow.index)
+            names = ", ".join(f"{lab} ({int(b)}, {t:.1f} s{': ' + k if k else ''})" for lab, b, t, k in
+                              zip(slow[C.label], builds[builds > 0], secs, kernels.fillna("")))
             warnings.append(f"{len(slow)} point(s) built Triton kernels during the measured run, which stalls "
                             f"the GPU and lowers their throughput: {names}. Rerun them (the kernels are cached "
                             f"now) before comparing.")

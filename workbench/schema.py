@@ -175,6 +175,7 @@ COLUMNS: list[Column] = [
     Column("kernel_compiles", "kernel builds during the run", "count", LOWER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
     Column("kernel_compile_s", "time building kernels during the run", "s", LOWER, MEDIAN, kind=ENGINE,
            fmt="{:.2f}"),
+    Column("kernels_built", "kernels built during the run (name x builds)", kind=ENGINE),
     Column("expert_imbalance", "MoE expert load imbalance (busiest / mean)", "ratio", LOWER, MEDIAN, kind=ENGINE,
            fmt="{:.2f}"),
     # --- GPU telemetry (NVML; NaN without a GPU)

@@ -22,6 +22,7 @@ class CompileEvent:
     kernel: str       # the kernel's function name
     seconds: float    # from the cache miss to the built kernel (a disk-cache hit is fast)
     time: float       # time.perf_counter() when the build finished
+    variant: str = ""  # Triton's description: launch options and each argument's type and specialization
 
 
 events: list[CompileEvent] = []
@@ -47,7 +48,7 @@ def install() -> bool:
 
     def on_built(*args, **kwargs):
         name, now = _name(kwargs), time.perf_counter()
-        events.append(CompileEvent(name, now - _started.pop(name, now), now))
+        events.append(CompileEvent(name, now - _started.pop(name, now), now, str(kwargs.get("repr", ""))))
         return after(*args, **kwargs) if after else None
 
     runtime.jit_cache_hook, runtime.jit_post_compile_hook = on_miss, on_built

@@ -54,3 +54,8 @@ def test_engine_stats_count_builds_since_reset(fresh_watch, monkeypatch):
     _jit_calls("inside", clock, monkeypatch, 0.5)
     st = llm.engine.stats()
     assert [e.kernel for e in st.kernel_compiles] == ["inside"] and st.kernel_compile_s == 0.5
+    assert st.kernel_compiles[0].variant == "inside[num_warps=4](x: *fp32)"
+
+    from workbench.metrics import engine_summary
+    row = engine_summary(st)
+    assert (row["kernel_compiles"], row["kernel_compile_s"], row["kernels_built"]) == (1, 0.5, "inside x1")

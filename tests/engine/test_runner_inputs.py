@@ -70,3 +70,18 @@ def test_prepared_inputs_match_per_request_definition(seed):
         eng.step()
     assert eng.stats().num_preemptions > 0  # the pool of 40 blocks cannot hold every request at once
     assert checked["steps"] > 20 and checked["mixed"] > 0 and checked["new_blocks"] > 0
+
+
+@pytest.mark.parametrize("max_seqs", [1, 8, 31, 256, 257])
+def test_prefill_views_behind_any_decode_count_share_one_alignment(max_seqs):
+    """The prefill kernel gets query_start_loc[n:] and seq_lens[n:] behind n decodes. Triton builds a variant per
+    16-byte-alignment combination of its pointers, and warm-up builds those of n = 0, 1, 2: both views must be
+    aligned alike for every n, or n = 3 (mod 4) needs a variant no warm-up built (a stall inside a measurement)."""
+    from engine.runner import InputBuffers
+
+    b = InputBuffers(max_tokens=64, max_seqs=max_seqs, max_blocks=5, device=torch.device("cpu"))
+    for n in range(max_seqs):  # a prefill behind n decodes: n < max_seqs
+        assert b.qsl_dev[n:].data_ptr() % 16 == b.lens_dev[n:].data_ptr() % 16, n
+    # the regions stay disjoint and in place
+    assert b.qsl_dev.data_ptr() + 4 * (max_seqs + 1) <= b.lens_dev.data_ptr()
+    assert b.lens_dev.numel() == b.qsl_dev.numel() - 1 == max_seqs

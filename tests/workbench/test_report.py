@@ -102,9 +102,9 @@ def test_warns_about_points_not_comparable_with_the_others(tmp_path, synthetic):
     ok = df.index[df.status == "ok"]
     mixed = df.copy()
     mixed.loc[ok[0], "device_name"] = "NVIDIA H100 80GB HBM3"
-    mixed.loc[ok[1], ["kernel_compiles", "kernel_compile_s"]] = [3, 1.25]
+    mixed.loc[ok[1], ["kernel_compiles", "kernel_compile_s", "kernels_built"]] = [3, 1.25, "_prefill_kernel x3"]
     text = open(write_report(mixed, str(tmp_path / "mixed.html")), encoding="utf-8").read()
     assert "ran on different GPU models: cpu (3 points), NVIDIA H100 80GB HBM3 (1 points)" in text
     assert text.count("warning'") == 2 and "1 point(s) built Triton kernels during the measured run" in text
-    assert f"{df.loc[ok[1], 'label']} (3, 1.2 s)" in text
+    assert f"{df.loc[ok[1], 'label']} (3, 1.2 s: _prefill_kernel x3)" in text
     assert "<th>kernel builds during the run (count)</th>" in text and "<th>device name</th>" in text
