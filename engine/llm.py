@@ -411,6 +411,18 @@ class LLMEngine:
         self.proposer = proposer
         self.reset_stats()
 
+    def set_async_scheduling(self, enabled: bool | None) -> None:
+        """Switch async scheduling on (True), off (False) or to the automatic choice (None) without rebuilding the
+        engine, e.g. to interleave the arms of a benchmark; the step in flight is processed first. Raises ValueError
+        (changing nothing) where True is not supported (see EngineConfig.async_scheduling)."""
+        config = self.config.replace(async_scheduling=enabled)
+        resolved = self._resolve_async_scheduling(self.runner, config, self.proposer)
+        if enabled and self.groups.active:
+            raise ValueError("set_async_scheduling(True) while a request of several sequences runs; finish or abort "
+                             "it first, or use None (auto)")
+        self.drain()
+        self.config, self.async_scheduling = config, resolved
+
     def _propose(self):
         """Drafts for the decoding requests (their last token is the only one not computed): ({request_id:
         Draft}, seconds). Each is asked for at most num_speculative_tokens, fewer near max_tokens or
@@ -532,6 +544,7 @@ class LLMEngine:
 
     # ----- counters -----------------------------------------------------------------------------
     def reset_stats(self) -> None:
+        self.drain()  # async scheduling: the step in flight counts before the reset
         self._steps: list[StepStats] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
