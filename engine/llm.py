@@ -316,7 +316,10 @@ class LLMEngine:
         back the requests of the steps not processed and of the one being scheduled, as _rollback does for a
         synchronous step (they are recomputed from their known tokens; those this call finished are delivered)."""
         if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)
+            try:
+                torch.cuda.synchronize(self.runner.device)
+            except Exception:  # a device error: the original exception is the one to report
+                pass
         steps = [s.sched for s in self._inflight]
         if self.scheduler.current is not None:
             steps.append(self.scheduler.current)
