@@ -61,8 +61,9 @@ class StepPlan:
     logit_rows: np.ndarray | None = None
     # Query tokens per sequence of the graph replayed: 1 for decode graphs, k + 1 for verification graphs.
     graph_query_len: int = 1
-    # Async scheduling: (is_placeholder [tokens] bool, source rows [tokens] int64, the previous step's sampled
-    # tokens), all on the device; forward_step copies tokens[rows] into the input ids where is_placeholder holds.
+    # Async scheduling: (index [tokens] int64 on the device, the previous step's sampled tokens): forward_step sets
+    # ids = cat(ids, tokens)[index], index[i] = i for a known token and num_tokens + its row of tokens for a
+    # placeholder (one gather, no scatter kernel).
     feed: tuple | None = None
 
     @property
@@ -242,9 +243,13 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
         self.device_timer = DeviceTimer(device)
-        # Async scheduling: two pinned buffers the sampled tokens of alternate steps are copied into (the host reads
-        # step N's while step N+1's copy may be under way), created at the first launch().
+        # Async scheduling, created at the first launch(): two pinned buffers the sampled tokens of alternate steps
+        # are copied into (the host reads step N's while step N+1's copy may be under way), and two pinned buffers for
+        # the gather index of the device-side feed (_feed) with its device twin. Alternating is enough: when the host
+        # writes one for step N+1, step N-1, which read it, has been processed (its tokens were waited for).
         self._token_host: list[torch.Tensor] = []
+        self._feed_host: list[torch.Tensor] = []
+        self._feed_dev: torch.Tensor | None = None
         self._batch: list = []  # the batch in the order the last _prepare laid it out
         # trim_reserved: step shapes the caching allocator has served since its last trim, steps since a check.
         self._trim_shapes: set[tuple] = set()
@@ -620,23 +625,30 @@ class ModelRunner:
     def _feed(self, plan: StepPlan, prev: InFlightStep | None) -> tuple | None:
         """plan.feed for the step _prepare just laid out: where its input ids hold placeholders, the rows of prev's
         sampled tokens to take instead (None when it has none). Placeholders get id 0 in the upload."""
-        ids = self.buffers.ids_np[:plan.num_tokens]
-        is_placeholder = ids < 0
-        pos = np.flatnonzero(is_placeholder)
+        t = plan.num_tokens
+        ids = self.buffers.ids_np[:t]
+        pos = np.flatnonzero(ids < 0)
         if not len(pos):
             return None
         if prev is None:
             raise RuntimeError("a placeholder input token with no step in flight; this is a bug")
         batch, n = self._batch, plan.num_seqs
         # A placeholder is the last query token of its request.
-        seqs = pos if plan.num_tokens == n else np.searchsorted(self.buffers.qsl_np[1:n + 1], pos, side="right")
-        rows = np.zeros(plan.num_tokens, dtype=np.int64)
+        seqs = pos if t == n else np.searchsorted(self.buffers.qsl_np[1:n + 1], pos, side="right")
+        if not self._feed_host:
+            size, pin = self.buffers.max_tokens, self.device.type == "cuda"
+            self._feed_host = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+            self._feed_dev = torch.zeros(size, dtype=torch.int64, device=self.device)
+        host = self._feed_host.pop(0)
+        self._feed_host.append(host)
+        index = host.numpy()[:t]
+        index[:] = self._arange[:t]
         row_of = prev.row_of
-        rows[pos] = [row_of[batch[j][0].request_id] for j in seqs]
-        ids[pos] = 0
-        dev = self.device
-        return (torch.from_numpy(is_placeholder).to(dev, non_blocking=True),
-                torch.from_numpy(rows).to(dev, non_blocking=True), prev.tokens)
+        index[pos] = [t + row_of[batch[j][0].request_id] for j in seqs]
+        ids[pos] = 0  # a valid id for the upload; the feed replaces it
+        dev_index = self._feed_dev[:t]
+        dev_index.copy_(host[:t], non_blocking=True)
+        return dev_index, prev.tokens
 
     def _copy_tokens_to_host(self, tokens: torch.Tensor):
         """(host tensor, event): a non-blocking copy of the sampled tokens into one of two pinned buffers (alternating
@@ -828,9 +840,9 @@ class ModelRunner:
         b, n = self.buffers, plan.num_seqs
         self.upload(plan)
         if plan.feed is not None:  # async scheduling: tokens sampled by the previous step, still on the device
-            is_placeholder, rows, tokens = plan.feed
+            index, tokens = plan.feed
             ids = b.ids_dev[:plan.num_tokens]
-            ids.copy_(torch.where(is_placeholder, tokens.index_select(0, rows), ids))
+            ids.copy_(torch.cat([ids, tokens]).index_select(0, index))
         rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
         if plan.graph_size is not None:
             graphs = self.graphs if plan.graph_query_len == 1 else self.spec_graphs
