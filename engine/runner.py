@@ -249,7 +249,7 @@ class ModelRunner:
         # writes one for step N+1, step N-1, which read it, has been processed (its tokens were waited for).
         self._token_host: list[torch.Tensor] = []
         self._feed_host: list[torch.Tensor] = []
-        self._feed_dev: torch.Tensor | None = None
+        self._feed_dev = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # before the memory profile
         self._batch: list = []  # the batch in the order the last _prepare laid it out
         # trim_reserved: step shapes the caching allocator has served since its last trim, steps since a check.
         self._trim_shapes: set[tuple] = set()
@@ -638,7 +638,6 @@ class ModelRunner:
         if not self._feed_host:
             size, pin = self.buffers.max_tokens, self.device.type == "cuda"
             self._feed_host = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-            self._feed_dev = torch.zeros(size, dtype=torch.int64, device=self.device)
         host = self._feed_host.pop(0)
         self._feed_host.append(host)
         index = host.numpy()[:t]
