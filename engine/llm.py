@@ -51,7 +51,6 @@ class LLMEngine:
         self.spec = runner.spec
         self.async_scheduling = self._resolve_async_scheduling(runner, config, proposer)
         self._inflight: list[InFlightStep] = []
-        self._call_finished: set[int] = set()  # ids of the requests the current async step call finished
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
         runner.capture_cuda_graphs()
@@ -237,8 +236,7 @@ class LLMEngine:
 
     def _drain(self) -> None:
         while self._inflight:
-            outputs, _, _ = self._process(self._inflight[0])
-            self._undelivered += outputs
+            self._process(self._inflight[0])
 
     def _step_async(self) -> list[RequestOutput]:
         """Schedule and launch a batch, then process the previous step's outputs while the device runs it."""
@@ -246,7 +244,6 @@ class LLMEngine:
         if profiler is not None:
             profiler.before_step(len(self._steps))
         start = time.perf_counter()
-        self._call_finished = set()
         queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
         sched = self.scheduler.schedule()
         prev = self._inflight[0] if self._inflight else None
@@ -269,19 +266,19 @@ class LLMEngine:
             # for the device (_rollback_async), after which they hold their KV.
             self.scheduler.commit()
             self._inflight.append(launched)
-        outputs, wait, discarded, hidden = [], 0.0, 0, 0.0
+        wait, discarded, hidden = 0.0, 0, 0.0
         if prev is not None:
             t_wait = time.perf_counter()
             if not prev.done:  # the host got here while the device was still busy: what it did so far was hidden
                 hidden = t_wait - start - (launched.result.device_wait if launched is not None else 0.0)
-            outputs, wait, discarded = self._process(prev)
+            wait, discarded = self._process(prev)
             t_processed = time.perf_counter()
             if launched is not None and not launched.done:
                 hidden += t_processed - t_wait - wait
         if launched is not None and not self.scheduler.num_unfinished and self._inflight:
             # The last requests finished: the step in flight only computes discarded tokens; drain it.
-            more, w, d = self._process(launched)
-            outputs, wait, discarded = outputs + more, wait + w, discarded + d
+            w, d = self._process(launched)
+            wait, discarded = wait + w, discarded + d
         if launched is not None:
             result = launched.result
             result.device_wait += wait
@@ -293,28 +290,31 @@ class LLMEngine:
             step.hidden_host_time, step.num_discarded_tokens = hidden, discarded
         if profiler is not None and launched is not None and profiler.after_step(len(self._steps) - 1):
             self.stop_kernel_profile()
-        return outputs
+        return []  # the outputs are in self._undelivered, which step() returns
 
-    def _process(self, step: InFlightStep) -> tuple[list[RequestOutput], float, int]:
-        """Read a launched step's tokens and apply them: (outputs of the requests it finished, seconds waited for
-        the device, tokens discarded)."""
+    def _process(self, step: InFlightStep) -> tuple[float, int]:
+        """Read a launched step's tokens and apply them; the outputs of the requests it finished join
+        self._undelivered (a finished request leaves self.requests as its output is queued). Returns (seconds waited
+        for the device, tokens discarded). The step leaves self._inflight last, so that a failure half-way is rolled
+        back with it (_rollback_async)."""
         t0 = time.perf_counter()
         sampled = step.read()
         now = time.perf_counter()
         finished, discarded = self.scheduler.update_from_async_output(step.sched, sampled, now)
-        self._inflight.remove(step)
-        self._num_generation_tokens += len(sampled) - discarded
         for req in finished:
-            self._call_finished.add(id(req))
-            del self.requests[req.request_id]
             self.runner.release(req.request_id)
             self._forget_timeline(req)
-        return [self._output(req) for req in finished], now - t0, discarded
+            self._undelivered.append(self._output(req))
+            del self.requests[req.request_id]
+        self._num_generation_tokens += len(sampled) - discarded
+        self._inflight.remove(step)
+        return now - t0, discarded
 
     def _rollback_async(self) -> None:
         """A failed async step call (or drain): wait for what the device was given, drop every placeholder, and roll
         back the requests of the steps not processed and of the one being scheduled, as _rollback does for a
-        synchronous step (they are recomputed from their known tokens; those this call finished are delivered)."""
+        synchronous step (they are recomputed from their known tokens). Requests a half-processed step finished
+        whose outputs were not queued yet are delivered by the next step."""
         if self.runner.device.type == "cuda":
             try:
                 torch.cuda.synchronize(self.runner.device)
@@ -330,16 +330,26 @@ class LLMEngine:
                     continue
                 seen.add(id(req))
                 req.drop_placeholders()
-                if req.status.finished and id(req) not in self._call_finished:
-                    continue  # returned by an earlier step
+                rid = req.request_id
+                if req.status.finished:
+                    if self.requests.get(rid) is req:  # finished by the failed call, its output not queued yet
+                        self.runner.release(rid)
+                        self._forget_timeline(req)
+                        self._undelivered.append(self._output(req))
+                        del self.requests[rid]
+                    continue
                 if req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
                     continue  # preempted while its token was in flight: waits with no KV already
                 merged.scheduled.append((req, num_new))
-        for req in self.scheduler.waiting:  # preempted ones whose step was processed keep no placeholder anyway
+        sched = self.scheduler
+        for req in sched.waiting:  # preempted ones whose step was processed keep no placeholder anyway
             req.drop_placeholders()
+        # A step interrupted inside update_from_async_output leaves the requests it finished in their queue.
+        sched.running = [r for r in sched.running if not r.status.finished]
+        if any(r.status.finished for r in sched.waiting):
+            sched.waiting = type(sched.waiting)(r for r in sched.waiting if not r.status.finished)
         self._inflight = []
-        self._call_finished = set()
-        self.scheduler.current = merged
+        sched.current = merged
         self._rollback()
 
     def _forget_timeline(self, req: Request | SequenceGroup) -> None:

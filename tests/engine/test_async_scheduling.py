@@ -176,25 +176,28 @@ def test_interrupted_step_is_rolled_back_and_outputs_stay_exact(hf_models):
         check_clean(llm)
 
 
-@pytest.mark.parametrize("call", [0, 2, 4, 7])
-def test_failure_while_processing_outputs_delivers_each_request_once(hf_models, monkeypatch, call):
-    """An exception after the previous step's outputs were applied (a KeyboardInterrupt in output processing): the
-    requests it finished come back from the next step, the others are recomputed to the same tokens."""
+@pytest.mark.parametrize("where, call", [("update", c) for c in (0, 2, 4, 7)] + [("output", c) for c in range(4)])
+def test_failure_while_processing_outputs_delivers_each_request_once(hf_models, monkeypatch, call, where):
+    """An exception while the previous step's outputs are applied (a KeyboardInterrupt after the scheduler's update,
+    or while the finished requests' outputs are built): the requests it finished come back from the next step, once,
+    and the others are recomputed to the same tokens."""
     model = hf_models["llama"]
     prompts = make_prompts(10, [4, 22, 9, 35])
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (2, 7, 4, 9)]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (2, 7, 2, 9)]
     reference = [o.token_ids for o in engine_for(model, False, block_size=4).generate(prompts, params)]
     llm = engine_for(model, True, block_size=4)
     eng, outs, calls = llm.engine, {}, Counter()
-    real = eng.scheduler.update_from_async_output
+    target = eng.scheduler if where == "update" else eng
+    name = "update_from_async_output" if where == "update" else "_output"
+    real = getattr(target, name)
 
-    def update_then_fail(*args):
+    def call_then_fail(*args):
         result = real(*args)
         calls["n"] += 1
         if calls["n"] == call + 1:
             raise KeyboardInterrupt
         return result
-    monkeypatch.setattr(eng.scheduler, "update_from_async_output", update_then_fail)
+    monkeypatch.setattr(target, name, call_then_fail)
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, params[i])
     with pytest.raises(KeyboardInterrupt):
