@@ -190,7 +190,9 @@ class LLMEngine:
 
     # ----- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it.
+        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it (with async
+        scheduling: launches the batch and returns the outputs of the requests the previous step finished, which the
+        device ran meanwhile; see engine/async_step.py).
 
         If the step raises (KeyboardInterrupt included), it is rolled back before the exception propagates
         (Scheduler.rollback): its requests wait to be recomputed, no block it wrote stays in the prefix cache,

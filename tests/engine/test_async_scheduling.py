@@ -225,6 +225,18 @@ def test_step_timeline_of_async_steps(hf_models):
     assert st.num_steps == 12  # a prefill step then 11 decodes (the 12th token is capped: nothing scheduled past it)
 
 
+def test_device_gaps_are_the_idle_time_between_forward_passes():
+    from engine.stats import StepStats
+    from engine.timeline import device_gaps
+
+    def step(device_start, device_time):
+        s = StepStats(*([0] * 20))
+        s.device_start, s.device_time = device_start, device_time
+        return s
+    gaps = device_gaps([step(1.0, 0.5), step(1.5, 0.25), step(2.0, 0.1), step(float("nan"), 0.1)])
+    assert gaps[:2] == [0.0, 0.25] and gaps[2] != gaps[2]
+
+
 def test_config_validation_and_unsupported_requests(hf_models):
     with pytest.raises(ConfigError, match="async_scheduling"):
         EngineConfig(async_scheduling="yes")
