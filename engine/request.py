@@ -124,13 +124,14 @@ class Request:
         """The oldest placeholder's token arrived: record it as add_output_token does; returns the finished status
         it leads to (None to continue). A request it finishes drops its later placeholders (their tokens, computed
         by a step launched before the stop was known, are discarded)."""
-        i = self.num_known_tokens
-        if i < len(self.all_token_ids):
-            self.all_token_ids[i] = token_id
+        outputs, tokens = self.output_token_ids, self.all_token_ids
+        i = self.num_prompt_tokens + len(outputs)  # num_known_tokens, inlined: once per request and step
+        if i < len(tokens):
+            tokens[i] = token_id
         else:
-            self.all_token_ids.append(token_id)
+            tokens.append(token_id)
         self.num_output_placeholders -= 1
-        self.output_token_ids.append(token_id)
+        outputs.append(token_id)
         m = self.metrics
         m.num_output_tokens += 1
         m.token_times.append(now)

@@ -63,7 +63,7 @@ class StepPlan:
     graph_query_len: int = 1
     # Async scheduling: (index [tokens] int64 on the device, the previous step's sampled tokens): forward_step sets
     # ids = cat(ids, tokens)[index], index[i] = i for a known token and num_tokens + its row of tokens for a
-    # placeholder (one gather, no scatter kernel).
+    # placeholder (one gather, no scatter kernel); index None: ids = tokens (the previous step's batch, in order).
     feed: tuple | None = None
 
     @property
@@ -633,6 +633,9 @@ class ModelRunner:
         if prev is None:
             raise RuntimeError("a placeholder input token with no step in flight; this is a bug")
         batch, n = self._batch, plan.num_seqs
+        ids[pos] = 0  # a valid id for the upload; the feed replaces it
+        if len(pos) == t == len(prev.samplers) and all(r is s for (r, _), s in zip(batch, prev.samplers)):
+            return None, prev.tokens  # steady decode: the previous step's batch again, in the same order
         # A placeholder is the last query token of its request.
         seqs = pos if t == n else np.searchsorted(self.buffers.qsl_np[1:n + 1], pos, side="right")
         if not self._feed_host:
@@ -644,7 +647,6 @@ class ModelRunner:
         index[:] = self._arange[:t]
         row_of = prev.row_of
         index[pos] = [t + row_of[batch[j][0].request_id] for j in seqs]
-        ids[pos] = 0  # a valid id for the upload; the feed replaces it
         dev_index = self._feed_dev[:t]
         dev_index.copy_(host[:t], non_blocking=True)
         return dev_index, prev.tokens
@@ -841,7 +843,7 @@ class ModelRunner:
         if plan.feed is not None:  # async scheduling: tokens sampled by the previous step, still on the device
             index, tokens = plan.feed
             ids = b.ids_dev[:plan.num_tokens]
-            ids.copy_(torch.cat([ids, tokens]).index_select(0, index))
+            ids.copy_(tokens if index is None else torch.cat([ids, tokens]).index_select(0, index))
         rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
         if plan.graph_size is not None:
             graphs = self.graphs if plan.graph_query_len == 1 else self.spec_graphs

@@ -231,11 +231,13 @@ class Scheduler:
         tokens discarded)."""
         finished, discarded = [], 0
         max_model_len, get = self.max_model_len, sampled.get
+        RUNNING, PREEMPTED = RequestStatus.RUNNING, RequestStatus.PREEMPTED
         for req, _ in out.scheduled:
             token = get(req.request_id)
             if token is None:
                 continue
-            if req.status.finished:
+            status = req.status
+            if status is not RUNNING and status is not PREEMPTED:  # finished (the cheap identity tests first)
                 discarded += 1
                 continue
             status = req.resolve_placeholder(token, now, max_model_len)
