@@ -198,14 +198,13 @@ class LLMEngine:
         (Scheduler.rollback): its requests wait to be recomputed, no block it wrote stays in the prefix cache,
         and requests it had already finished are returned by the next step.
         """
+        use_async = self.async_scheduling and self.proposer is None and not self.groups.active
+        if not use_async:
+            self.drain()  # falling back to a synchronous step (rolls back itself if it fails)
         try:
-            if self.async_scheduling and self.proposer is None and not self.groups.active:
-                outputs = self._step_async()
-            else:
-                self._drain()
-                outputs = self._step()
+            outputs = self._step_async() if use_async else self._step()
         except BaseException:
-            self._rollback_async() if self.async_scheduling else self._rollback()
+            self._rollback_async() if use_async else self._rollback()
             raise
         if self._undelivered:
             outputs, self._undelivered = self._undelivered + outputs, []

@@ -280,3 +280,41 @@ def test_sequence_groups_fall_back_to_synchronous_steps(hf_models):
     assert outs["a"].token_ids == reference[0]
     assert [c.token_ids for c in outs["g"].outputs] == [reference[1][:4]] * 2
     check_clean(llm)
+
+
+@pytest.mark.parametrize("call", [1, 2, 3, 5])
+def test_interruption_while_groups_run_synchronously_in_auto_mode(hf_models, call):
+    """Auto mode (forced on as on CUDA) with a request of several sequences: steps are synchronous, and a failed
+    one is rolled back as such (groups re-enter whole), after the async steps before it were drained."""
+    model = hf_models["llama"]
+    prompts = make_prompts(11, [9, 21, 14])
+    plain = SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True)
+    group = SamplingParams(n=2, max_tokens=5, temperature=0.0, ignore_eos=True)
+    reference = [o.token_ids for o in engine_for(model, False).generate(prompts, plain)]
+    llm = engine_for(model, None, block_size=4)
+    eng, outs, seen = llm.engine, {}, Counter()
+    eng.async_scheduling = True  # what auto resolves to on CUDA
+    eng.add_request("a", prompts[0], plain)
+    outs.update((o.request_id, o) for o in eng.step())
+    eng.add_request("b", prompts[2], plain)
+    outs.update((o.request_id, o) for o in eng.step())
+    eng.add_request("g", prompts[1], group)
+
+    def hook(module, args):
+        seen["n"] += 1
+        if seen["n"] == call + 1:
+            raise KeyboardInterrupt
+    handle = llm.model.layers[0].register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            while eng.has_unfinished_requests():
+                outs.update((o.request_id, o) for o in eng.step())
+    finally:
+        handle.remove()
+    while eng.has_unfinished_requests() or eng._undelivered:
+        for o in eng.step():
+            assert o.request_id not in outs
+            outs[o.request_id] = o
+    assert outs["a"].token_ids == reference[0] and outs["b"].token_ids == reference[2]
+    assert [c.token_ids for c in outs["g"].outputs] == [reference[1][:5]] * 2
+    check_clean(llm)
