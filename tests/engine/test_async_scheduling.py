@@ -318,3 +318,41 @@ def test_interruption_while_groups_run_synchronously_in_auto_mode(hf_models, cal
     assert outs["a"].token_ids == reference[0] and outs["b"].token_ids == reference[2]
     assert [c.token_ids for c in outs["g"].outputs] == [reference[1][:5]] * 2
     check_clean(llm)
+
+
+def test_group_finished_by_a_failed_synchronous_step_is_returned_once_in_auto_mode(hf_models, monkeypatch):
+    """The synchronous step (auto mode's fallback) that finishes a group's sequences fails after its update: the
+    next step returns the group once, whole (the groups' own rollback, not the async one)."""
+    model = hf_models["llama"]
+    prompts = make_prompts(12, [9, 21])
+    plain = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    reference = [o.token_ids for o in engine_for(model, False).generate(prompts, plain)]
+    llm = engine_for(model, None, block_size=4)
+    eng, outs, delivered, failed = llm.engine, {}, [], []
+    eng.async_scheduling = True  # what auto resolves to on CUDA
+    eng.add_request("a", prompts[0], plain)
+    eng.step()
+    eng.add_request("g", prompts[1], SamplingParams(n=3, max_tokens=4, temperature=0.0, ignore_eos=True))
+    original = eng.scheduler.update_from_output
+
+    def update_then_fail(*args):
+        result = original(*args)
+        group = eng.groups.groups.get("g")
+        if not failed and group is not None and group.seqs and all(s.status.finished for s in group.seqs):
+            failed.append(True)
+            raise KeyboardInterrupt
+        return result
+    monkeypatch.setattr(eng.scheduler, "update_from_output", update_then_fail)
+    for _ in range(200):
+        if not eng.has_unfinished_requests() and not eng._undelivered:
+            break
+        try:
+            step = eng.step()
+        except KeyboardInterrupt:
+            continue
+        delivered += [o.request_id for o in step]
+        outs.update((o.request_id, o) for o in step)
+    assert failed and sorted(delivered) == ["a", "g"]
+    assert outs["a"].token_ids == reference[0]
+    assert [c.token_ids for c in outs["g"].outputs] == [reference[1][:4]] * 3
+    check_clean(llm)
