@@ -356,3 +356,27 @@ def test_group_finished_by_a_failed_synchronous_step_is_returned_once_in_auto_mo
     assert outs["a"].token_ids == reference[0]
     assert [c.token_ids for c in outs["g"].outputs] == [reference[1][:4]] * 3
     check_clean(llm)
+
+
+def test_request_preempted_with_its_last_token_in_flight_finishes_in_the_queue(hf_models):
+    """A (admitted first) needs a new block while B (the tail, its last token in flight) holds the other: B is
+    preempted with a placeholder, its token arrives while it waits, and it finishes from the waiting queue."""
+    model = hf_models["llama"]
+    pa, pb = make_prompts(14, [3, 3])
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)]
+    reference = [o.token_ids for o in engine_for(model, False, block_size=4).generate([pa, pb], params)]
+    llm = engine_for(model, True, block_size=4, num_gpu_blocks=2, max_model_len=8)
+    eng, outs = llm.engine, {}
+    eng.add_request("A", pa, params[0])
+    eng.add_request("B", pb, params[1])
+    eng.step()
+    eng.step()
+    assert [r.request_id for r in eng.scheduler.running] == ["A", "B"]
+    outs.update((o.request_id, o) for o in eng.step())  # schedules A, preempting B; then B's last token arrives
+    assert "B" in outs and outs["B"].finish_reason == "length" and eng.scheduler.num_preemptions == 1
+    assert not eng.scheduler.waiting
+    while eng.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in eng.step())
+    assert [outs["A"].token_ids, outs["B"].token_ids] == reference
+    check_clean(llm)
