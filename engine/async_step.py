@@ -43,8 +43,8 @@ class InFlightStep:
 
     __slots__ = ("sched", "samplers", "tokens", "logprobs", "host_tokens", "copied", "result", "row_of", "sampler")
 
-    def __init__(self, sched: SchedulerOutput, samplers: list, tokens: torch.Tensor, logprobs, host_tokens: torch.Tensor,
-                 copied, result: StepResult, sampler):
+    def __init__(self, sched: SchedulerOutput, samplers: list, tokens: torch.Tensor, logprobs,
+                 host_tokens: torch.Tensor, copied, result: StepResult, sampler):
         self.sched, self.samplers, self.tokens, self.logprobs = sched, samplers, tokens, logprobs
         self.host_tokens, self.copied, self.result, self.sampler = host_tokens, copied, result, sampler
         self.row_of = {r.request_id: j for j, r in enumerate(samplers)}

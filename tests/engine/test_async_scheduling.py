@@ -4,7 +4,6 @@ request dropped or duplicated, no token after a stop, and every KV block back in
 from collections import Counter
 
 import pytest
-import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.config import ConfigError
