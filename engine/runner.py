@@ -243,10 +243,11 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
         self.device_timer = DeviceTimer(device)
-        # Async scheduling, created at the first launch(): two pinned buffers the sampled tokens of alternate steps
-        # are copied into (the host reads step N's while step N+1's copy may be under way), and two pinned buffers for
-        # the gather index of the device-side feed (_feed) with its device twin. Alternating is enough: when the host
-        # writes one for step N+1, step N-1, which read it, has been processed (its tokens were waited for).
+        # Async scheduling: two pinned buffers the sampled tokens of alternate steps are copied into (the host reads
+        # step N's while step N+1's copy may be under way), and two pinned buffers for the gather index of the
+        # device-side feed (_feed), both created at the first launch() that needs them, and the index's device twin.
+        # Alternating is enough: when the host writes one for step N+1, step N-1, which read it, has been processed
+        # (its tokens were waited for, and the device runs a stream's work in order).
         self._token_host: list[torch.Tensor] = []
         self._feed_host: list[torch.Tensor] = []
         self._feed_dev = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # before the memory profile

@@ -63,6 +63,11 @@ class Scheduler:
     - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
       is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
       hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
+    - Async scheduling (engine/async_step.py): advance() counts a launched step's tokens as computed at once, and a
+      request it samples for holds a placeholder (Request.num_output_placeholders) until update_from_async_output;
+      schedule() then treats a placeholder in all_token_ids as a token to compute (the runner feeds it on the
+      device), never schedules past max_tokens / max_model_len (no placeholder stands there), and admits no waiting
+      request that still holds one.
     - A sequence computes no further than its fork_point while it has one; running sequences with
       nothing to compute (a beam waiting for its siblings) are skipped. len(running) plus
       num_reserved_seqs (seats of sequences still to be forked) stays within max_num_seqs.
