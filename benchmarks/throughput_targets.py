@@ -10,7 +10,13 @@
   128 x 1024 attention, with and without it.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/throughput_targets.py --out throughput_targets.json \
-        [--settings default,1024:32768] [--runs 3] [--budget-s 330]
+        [--settings default,1024:32768] [--runs 3] [--budget-s 330] [--async-scheduling auto|on|off|both]
+
+--async-scheduling (EngineConfig.async_scheduling, switched with LLMEngine.set_async_scheduling: no rebuild): auto
+(the default: on for CUDA), on, off, or both, which measures every part under both modes, interleaved run by run
+(parts and trace runs are then keyed "...|async=on" / "...|async=off"). Each result records whether async scheduling
+ran (stats().async_scheduling), the host work hidden behind the device (StepStats.hidden_host_time) and the device's
+idle time between forward passes (engine.timeline.device_gaps).
 
 Settings are "default" (max_num_seqs / max_num_batched_tokens left to the engine) or "SEQS:TOKENS". The trace runs
 are interleaved over the settings (A B, B A, A B ...: one reconfigure per switch) for up to --runs rounds while
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 from engine import LLM, EngineConfig
+from engine.timeline import device_gaps
 from workbench.bench import environment, run_engine
 from workbench.profiling import measure_rates, point_profile
 from workbench.workloads import fixed, make_workload
@@ -57,40 +64,96 @@ def config_for(setting: str) -> EngineConfig:
     return BASE.replace(max_num_seqs=seqs, max_num_batched_tokens=tokens)
 
 
-def decode_batch1(llm, rates, runs: int) -> dict:
+MODES = {"auto": [None], "on": [True], "off": [False], "both": [True, False]}
+
+
+def mode_label(mode) -> str:
+    return {None: "auto", True: "on", False: "off"}[mode]
+
+
+def keyed(name: str, mode, modes: list) -> str:
+    """A part's or setting's key: the name alone with one mode, name|async=on/off with both."""
+    return name if len(modes) == 1 else f"{name}|async={mode_label(mode)}"
+
+
+def use_mode(llm, mode) -> bool:
+    """Switch the engine's async scheduling (no rebuild); returns whether it is on."""
+    llm.engine.set_async_scheduling(mode)
+    return llm.engine.async_scheduling
+
+
+def median_gap(stats, rows=None) -> float:
+    """Median seconds the device idled between consecutive forward passes (over the steps `rows`, default all)."""
+    gaps = device_gaps(stats.steps)
+    if rows is not None:
+        gaps = [gaps[i - 1] for i in rows if i >= 1]
+    gaps = [g for g in gaps if g == g]
+    return statistics.median(gaps) if gaps else float("nan")
+
+
+def decode_batch1(llm, rates, runs: int, modes: list) -> dict:
+    """TPOT at batch 1 per async mode ({key: result}), the modes interleaved run by run."""
     wl = fixed(num_requests=1, prompt_len=128, output_len=256, vocab_size=llm.spec.vocab_size, seed=1)
-    tpots = []
+    tpots, gaps, hidden, on = ({m: [] for m in modes} for _ in range(4))
     for _ in range(runs):
-        run = run_engine(llm, wl)
-        tpots.append(float(run.requests["tpot"].iloc[0]))
+        for m in modes:
+            on[m].append(use_mode(llm, m))
+            run = run_engine(llm, wl)
+            tpots[m].append(float(run.requests["tpot"].iloc[0]))
+            gaps[m].append(median_gap(run.stats))
+            hidden[m].append(float((run.steps["hidden_host_time"] / run.steps["host_time"]).median()))
     st = llm.engine.stats()
     ideal = st.weight_bytes / rates["copy_bandwidth"]
-    tpot = spread(tpots)
-    ratio = tpot["median"] / ideal
-    return {"tpot_s": tpot, "weight_bytes": st.weight_bytes, "weight_read_s": ideal, "ratio": ratio,
+    out = {}
+    for m in modes:
+        tpot = spread(tpots[m])
+        ratio = tpot["median"] / ideal
+        out[keyed("decode1", m, modes)] = {
+            "async_scheduling": all(on[m]), "tpot_s": tpot, "weight_bytes": st.weight_bytes, "weight_read_s": ideal,
+            "ratio": ratio, "device_gap_s": spread(gaps[m]), "hidden_share_of_host": spread(hidden[m]),
             "target": "<= 1.15", "met": ratio <= 1.15}
+    return out
 
 
-def host_time(llm, num_seqs: int, runs: int) -> dict:
-    """Host ms per step with num_seqs requests decoding (prompt 128, 64 outputs each)."""
+def host_time(llm, num_seqs: int, runs: int, modes: list) -> dict:
+    """Host ms per step with num_seqs requests decoding (prompt 128, 64 outputs each), per async mode ({key:
+    result}), the modes interleaved run by run; with the host work hidden behind the device and the device's idle
+    time between forward passes."""
     wl = fixed(num_requests=num_seqs, prompt_len=128, output_len=64, vocab_size=llm.spec.vocab_size, seed=2)
-    host, between, step, device = [], [], [], []
+    names = ("host", "between", "step", "device", "hidden", "exposed", "gap", "on")
+    acc = {m: {k: [] for k in names} for m in modes}
+    phases = {}
     for _ in range(runs):
-        run = run_engine(llm, wl)
-        s = run.steps
-        dec = s[(s["num_running"] == num_seqs) & (s["num_prefill_tokens"] == 0)]
-        host.append(float(dec["host_time"].median()))
-        step.append(float(dec["duration"].median()))
-        device.append(float(dec["device_time"].median()))
-        # host time outside the timeline: from a step's end to the next step's start
-        gaps = (s["start"].shift(-1) - (s["start"] + s["duration"]))[dec.index].dropna()
-        between.append(float(gaps.median()) if len(gaps) else float("nan"))
+        for m in modes:
+            a = acc[m]
+            a["on"].append(use_mode(llm, m))
+            run = run_engine(llm, wl)
+            s = run.steps
+            dec = s[(s["num_running"] == num_seqs) & (s["num_prefill_tokens"] == 0)]
+            a["host"].append(float(dec["host_time"].median()))
+            a["step"].append(float(dec["duration"].median()))
+            a["device"].append(float(dec["device_time"].median()))
+            a["hidden"].append(float(dec["hidden_host_time"].median()))
+            a["exposed"].append(float((dec["host_time"] - dec["hidden_host_time"]).median()))
+            a["gap"].append(median_gap(run.stats, list(dec.index)))
+            # host time outside the timeline: from a step's end to the next step's start
+            gaps = (s["start"].shift(-1) - (s["start"] + s["duration"]))[dec.index].dropna()
+            a["between"].append(float(gaps.median()) if len(gaps) else float("nan"))
+            phases[m] = {p: float(dec[f"{p}_time"].median())
+                         for p in ("schedule", "prepare", "launch", "sample", "output", "token_wait")}
+            a.setdefault("decode_steps", len(dec))
     target = 1.0 if num_seqs <= 256 else 2.0
-    h = spread(host)
-    phases = {p: float(dec[f"{p}_time"].median()) for p in ("schedule", "prepare", "launch", "sample", "output")}
-    return {"decode_steps": len(dec), "host_time_s": h, "between_steps_s": spread(between), "step_s": spread(step),
-            "device_s": spread(device), "phases_last_run_s": phases, "target": f"<= {target} ms",
-            "met": h["median"] * 1e3 <= target}
+    out = {}
+    for m in modes:
+        a = acc[m]
+        h, exposed = spread(a["host"]), spread(a["exposed"])
+        out[keyed(f"host_{num_seqs}", m, modes)] = {
+            "async_scheduling": all(a["on"]), "decode_steps": a["decode_steps"], "host_time_s": h, "hidden_host_time_s": spread(a["hidden"]),
+            "exposed_host_time_s": exposed, "device_gap_s": spread(a["gap"]), "between_steps_s": spread(a["between"]),
+            "step_s": spread(a["step"]), "device_s": spread(a["device"]), "phases_last_run_s": phases[m],
+            "target": f"<= {target} ms, or hidden (exposed host time ~0, device gap ~0)",
+            "met": h["median"] * 1e3 <= target, "exposed_met": exposed["median"] * 1e3 <= target}
+    return out
 
 
 def precise_pv_cost(device, repeats: int = 10) -> dict:
@@ -141,7 +204,10 @@ def trace_run(llm, wl, rates) -> dict:
             "gap_underfill_s": att["gap_underfill_s"], "gap_padding_s": att["gap_padding_s"],
             "gap_recompute_s": att["gap_recompute_s"], "preemptions": run.summary["num_preemptions"],
             "host_time_p50_ms": run.summary["host_time_p50_ms"], "steps": int(len(run.steps)),
-            "mean_running": float(run.steps["num_running"].mean())}
+            "mean_running": float(run.steps["num_running"].mean()),
+            "async_scheduling": bool(run.stats.async_scheduling),
+            "hidden_host_s": float(run.steps["hidden_host_time"].sum()), "host_s": float(run.steps["host_time"].sum()),
+            "device_gap_sum_s": float(sum(g for g in device_gaps(run.stats.steps) if g == g))}
 
 
 def main(argv=None) -> dict:
@@ -154,13 +220,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-requests", type=int, default=1000, help="requests of the trace (a smoke test: fewer)")
     ap.add_argument("--host-seqs", default="256,1024", help="decoding batch sizes of the host-time part")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test of this script")
+    ap.add_argument("--async-scheduling", default="auto", choices=list(MODES),
+                    help="EngineConfig.async_scheduling: auto (on for CUDA), on, off, or both (interleaved)")
+    ap.add_argument("--parts-runs", type=int, default=3, help="runs of the bs=1 and host parts (per mode)")
     args = ap.parse_args(argv)
+    modes = MODES[args.async_scheduling]
     device = torch.device(args.device)
     global BASE
     if device.type == "cpu":
         BASE = BASE.replace(device="cpu", max_model_len=1024)
     env = environment(device)
-    results = {"command": " ".join(["python3"] + sys.argv), "environment": env, "model": args.model, "parts": {}}
+    results = {"command": " ".join(["python3"] + sys.argv), "environment": env, "model": args.model, "parts": {},
+               "async_scheduling": args.async_scheduling}
 
     def save():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -182,49 +253,62 @@ def main(argv=None) -> dict:
         f"{llm.config.max_num_batched_tokens}; KV {st.num_gpu_blocks} blocks")
 
     parts = results["parts"]
-    parts["decode1"] = decode_batch1(llm, rates, 3)
-    d = parts["decode1"]
-    log(f"bs=1 TPOT {fmt(d['tpot_s'], 1e3, 2)} ms vs weight read {d['weight_read_s'] * 1e3:.2f} ms: "
-        f"{d['ratio']:.3f}x (target <= 1.15: {'met' if d['met'] else 'MISSED'})")
+    for key, d in decode_batch1(llm, rates, args.parts_runs, modes).items():
+        parts[key] = d
+        log(f"{key} (async {'on' if d['async_scheduling'] else 'off'}): TPOT {fmt(d['tpot_s'], 1e3, 2)} ms vs weight "
+            f"read {d['weight_read_s'] * 1e3:.2f} ms: {d['ratio']:.3f}x (target <= 1.15: "
+            f"{'met' if d['met'] else 'MISSED'}); device gap {d['device_gap_s']['median'] * 1e3:.3f} ms")
     save()
     for n in (int(x) for x in args.host_seqs.split(",")):
         if n > llm.config.max_num_seqs:
             log(f"host part at {n}: skipped (max_num_seqs {llm.config.max_num_seqs})")
             continue
-        parts[f"host_{n}"] = h = host_time(llm, n, 3)
-        log(f"host per decode step at {n}: {fmt(h['host_time_s'], 1e3, 3)} ms (+ {h['between_steps_s']['median'] * 1e3:.3f}"
-            f" ms between steps; step {h['step_s']['median'] * 1e3:.2f} ms) target {h['target']}: "
-            f"{'met' if h['met'] else 'MISSED'}; phases {({k: round(v * 1e3, 3) for k, v in h['phases_last_run_s'].items()})}")
+        for key, h in host_time(llm, n, args.parts_runs, modes).items():
+            parts[key] = h
+            log(f"{key} (async {'on' if h['async_scheduling'] else 'off'}): host per decode step "
+                f"{fmt(h['host_time_s'], 1e3, 3)} ms, exposed {h['exposed_host_time_s']['median'] * 1e3:.3f} ms, "
+                f"device gap {h['device_gap_s']['median'] * 1e3:.3f} ms (+ {h['between_steps_s']['median'] * 1e3:.3f}"
+                f" ms between steps; step {h['step_s']['median'] * 1e3:.2f} ms) target {h['target']}: "
+                f"{'met' if h['met'] else 'MISSED'} / exposed {'met' if h['exposed_met'] else 'MISSED'}; phases "
+                f"{({k: round(v * 1e3, 3) for k, v in h['phases_last_run_s'].items()})}")
         save()
+    use_mode(llm, modes[0])
 
     wl = make_workload("sharegpt-like", num_requests=args.num_requests, vocab_size=llm.spec.vocab_size, seed=0)
     results["workload"] = wl.summary()
-    settings = args.settings.split(",")
-    runs: dict[str, list[dict]] = {s: [] for s in settings}
-    current = "default"
+    arms = [(setting, m) for setting in args.settings.split(",") for m in modes]
+    runs: dict[str, list[dict]] = {keyed(s, m, modes): [] for s, m in arms}
+    current, current_mode = "default", modes[0]
     last_run_s = 0.0
     for rnd in range(args.runs):
-        order = settings if rnd % 2 == 0 else settings[::-1]
-        for setting in order:
+        order = arms if rnd % 2 == 0 else arms[::-1]
+        for setting, m in order:
+            key = keyed(setting, m, modes)
             if time.perf_counter() - T0 + 1.5 * last_run_s > args.budget_s:
-                log(f"budget: skipping {setting} round {rnd + 1}")
+                log(f"budget: skipping {key} round {rnd + 1}")
                 continue
             t = time.perf_counter()
             if setting != current:
                 llm.reconfigure(config_for(setting))
                 current = setting
+                use_mode(llm, m)
+            elif m != current_mode:
+                use_mode(llm, m)
+            current_mode = m
             try:
                 r = trace_run(llm, wl, rates)
             except Exception as exc:  # an OOM at a large setting must not lose the other results
                 r = {"error": f"{type(exc).__name__}: {exc}"}
             r["config"] = {"max_num_seqs": llm.config.max_num_seqs,
                            "max_num_batched_tokens": llm.config.max_num_batched_tokens}
-            runs[setting].append(r)
+            runs[key].append(r)
             last_run_s = time.perf_counter() - t
-            log(f"trace @ {setting} {r['config']}: " + (r.get("error") or
-                f"{r['output_tok_s']:.0f} out tok/s, limit/measured {r['ideal_over_measured']:.3f}, "
-                f"host gap {r['gap_host_s']:.2f} s, kernel gap {r['gap_kernel_s']:.2f} s, mean running "
-                f"{r['mean_running']:.0f}, preemptions {r['preemptions']}"))
+            log(f"trace @ {key} {r['config']}: " + (r.get("error") or
+                f"{r['output_tok_s']:.0f} out tok/s (async {'on' if r['async_scheduling'] else 'off'}), limit/measured "
+                f"{r['ideal_over_measured']:.3f}, host gap {r['gap_host_s']:.2f} s (device idle between steps "
+                f"{r['device_gap_sum_s']:.2f} s; host {r['host_s']:.2f} s of which hidden {r['hidden_host_s']:.2f} s), "
+                f"kernel gap {r['gap_kernel_s']:.2f} s, mean running {r['mean_running']:.0f}, preemptions "
+                f"{r['preemptions']}"))
             results["trace_runs"] = runs
             save()
     summary = {}
@@ -233,11 +317,11 @@ def main(argv=None) -> dict:
         if ok:
             summary[setting] = {"output_tok_s": spread([r["output_tok_s"] for r in ok]),
                                 "ideal_over_measured": spread([r["ideal_over_measured"] for r in ok]),
-                                "config": ok[0]["config"]}
+                                "config": ok[0]["config"], "async_scheduling": ok[0]["async_scheduling"]}
     results["trace"] = summary
     if summary:
         best = max(summary, key=lambda s: summary[s]["output_tok_s"]["median"])
-        dflt = summary.get("default")
+        dflt = summary.get(keyed("default", modes[0], modes))
         results["targets"] = {
             "default_ge_17000": None if dflt is None else dflt["output_tok_s"]["median"] >= 17000,
             "best_ge_20000": summary[best]["output_tok_s"]["median"] >= 20000,
@@ -247,10 +331,17 @@ def main(argv=None) -> dict:
     for setting, s in summary.items():
         print(f"  trace @ {setting:12s} {s['config']}: {fmt(s['output_tok_s'], 1, 0)} out tok/s; limit/measured "
               f"{fmt(s['ideal_over_measured'], 1, 3)}")
-    print(f"  bs=1 TPOT / weight read: {parts['decode1']['ratio']:.3f} (<= 1.15)")
+    for m in modes:
+        key = keyed("decode1", m, modes)
+        print(f"  {key}: TPOT / weight read {parts[key]['ratio']:.3f} (<= 1.15)")
     for n in (int(x) for x in args.host_seqs.split(",")):
-        if f"host_{n}" in parts:
-            print(f"  host ms/step at {n}: {fmt(parts[f'host_{n}']['host_time_s'], 1e3, 3)} ({parts[f'host_{n}']['target']})")
+        for m in modes:
+            key = keyed(f"host_{n}", m, modes)
+            if key in parts:
+                h = parts[key]
+                print(f"  {key}: host ms/step {fmt(h['host_time_s'], 1e3, 3)}, exposed "
+                      f"{fmt(h['exposed_host_time_s'], 1e3, 3)}, device gap {fmt(h['device_gap_s'], 1e3, 3)} "
+                      f"({h['target']})")
     print(f"  targets: {results.get('targets')}")
     log(f"written {args.out}")
     return results

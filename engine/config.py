@@ -68,6 +68,12 @@ class EngineConfig:
     speculative_model: the draft, a preset name or an HF checkpoint folder with the target's vocabulary
         ("draft" only; "synthetic" runs it, when given, to charge its cost).
     speculative_acceptance: "synthetic" only, the per-position acceptance probability in [0, 1].
+    async_scheduling: schedule and prepare step N+1 (and process step N's outputs) on the host while step N runs
+        on the device, as vLLM v1's async scheduling (engine/async_step.py). None (auto): on for CUDA when
+        tensor_parallel_size is 1, speculative decoding is off and the model has one KV cache group (no sliding
+        window); the engine falls back to synchronous steps while a request of several sequences (n > 1,
+        best_of, beam search) runs. True: on, on the CPU too (same bookkeeping; what tests exercise); a request
+        of several sequences is then rejected. False: synchronous steps.
     """
 
     block_size: int = 16
@@ -88,6 +94,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     speculative_model: str | None = None
     speculative_acceptance: float = 0.8
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         bs = self.block_size
@@ -122,6 +129,13 @@ class EngineConfig:
         _check(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed,
                "an integer from -2**63 to 2**64 - 1")
         self._check_speculative()
+        a = self.async_scheduling
+        _check(a is None or isinstance(a, bool), "async_scheduling", a, "None (auto), True or False")
+        if a:
+            _check(self.speculative_method is None, "async_scheduling", a,
+                   "None or False when speculative decoding is on (speculative_method is not None)")
+            _check(self.tensor_parallel_size == 1, "async_scheduling", a,
+                   "None or False when tensor_parallel_size > 1")
 
     def _check_speculative(self) -> None:
         m = self.speculative_method

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .async_step import InFlightStep
 from .config import EngineConfig
 from .distributed import TPRunner, check_tensor_parallel_config
 from .kernels import compile_watch
@@ -21,12 +22,12 @@ from .model.spec import ModelSpec
 from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_state, load_hf_config, weight_bytes
 from .quant import check_quantization, quantize_model
 from .quant.checkpoint import load_prequantized_checkpoint
-from .request import CompletionOutput, Request, RequestOutput, SequenceGroup
+from .request import CompletionOutput, Request, RequestOutput, RequestStatus, SequenceGroup
 from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
 from .sampling import BeamSearchParams, SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence_group import SequenceGroups
 from .stats import EngineStats, SpecDecodeStats, StepStats, expert_imbalance
 from .timeline import RequestLog
@@ -37,6 +38,10 @@ class LLMEngine:
 
     Each step schedules a batch, runs it, samples, and appends one StepStats. Bad requests are
     rejected in add_request, before any state changes, so the engine stays usable.
+
+    With async scheduling (self.async_scheduling, see engine/async_step.py) a step launches its batch and returns
+    the outputs of the previous one, which ran meanwhile: the steps launched and not yet processed are
+    self._inflight (at most one between calls), and is empty whenever no request is unfinished.
     """
 
     def __init__(self, runner: Runner, config: EngineConfig, tokenizer=None, proposer=None):
@@ -45,6 +50,8 @@ class LLMEngine:
         # verification steps replay a CUDA graph.
         self.proposer = proposer
         self.spec = runner.spec
+        self.async_scheduling = self._resolve_async_scheduling(runner, config, proposer)
+        self._inflight: list[InFlightStep] = []
         num_blocks = runner.determine_num_blocks()
         runner.allocate_kv_cache(num_blocks)
         runner.capture_cuda_graphs()
@@ -60,6 +67,25 @@ class LLMEngine:
         self.kernel_profiler = None  # an engine.profiling.KernelProfiler while profile="kernels" runs
         self.timeline_enabled = True  # see set_timeline
         self.reset_stats()
+
+    @staticmethod
+    def _resolve_async_scheduling(runner, config: EngineConfig, proposer) -> bool:
+        """EngineConfig.async_scheduling for this runner: None (auto) is on for CUDA where it is supported; True
+        where it is not raises ValueError saying what to change."""
+        wanted = config.async_scheduling
+        if wanted is False:
+            return False
+        why = None
+        if not isinstance(runner, ModelRunner):
+            why = "tensor_parallel_size > 1"
+        elif getattr(runner, "kv_groups", None) is not None:
+            why = "the model has sliding-window layers (several KV cache groups)"
+        elif proposer is not None:
+            why = "speculative decoding is on"
+        if wanted and why is not None:
+            raise ValueError(f"async_scheduling=True is not supported here ({why}); use async_scheduling=None "
+                             "(auto) or False")
+        return why is None and (bool(wanted) or runner.device.type == "cuda")
 
     # ----- requests -----------------------------------------------------------------------------
     def validate_request(self, request_id: str, prompt_token_ids, params: SamplingParams) -> list[int]:
@@ -100,6 +126,10 @@ class LLMEngine:
         if size == 1 and not beam:
             return
         what = f"beam_width={size}" if beam else f"{'best_of' if params.best_of else 'n'}={size}"
+        if self.config.async_scheduling:
+            raise ValueError(f"request {request_id!r}: {what} is not run with async_scheduling=True; use one sequence "
+                             "per request, or async_scheduling=None (auto: synchronous steps while such requests run) "
+                             "or False")
         if self.config.tensor_parallel_size > 1:
             raise ValueError(f"request {request_id!r}: {what} needs tensor_parallel_size=1 (block copies are not "
                              "implemented for tensor parallelism)")
@@ -140,6 +170,7 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        self.drain()  # async scheduling: the request's state is exact once its step in flight is processed
         for i, out in enumerate(self._undelivered):
             if out.request_id == request_id:
                 return self._undelivered.pop(i)
@@ -160,16 +191,21 @@ class LLMEngine:
 
     # ----- one iteration ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it.
+        """Schedule, run and sample one batch; returns the outputs of the requests that finished in it (with async
+        scheduling: launches the batch and returns the outputs of the requests the previous step finished, which the
+        device ran meanwhile; see engine/async_step.py).
 
         If the step raises (KeyboardInterrupt included), it is rolled back before the exception propagates
         (Scheduler.rollback): its requests wait to be recomputed, no block it wrote stays in the prefix cache,
         and requests it had already finished are returned by the next step.
         """
+        use_async = self.async_scheduling and self.proposer is None and not self.groups.active
+        if not use_async:
+            self.drain()  # falling back to a synchronous step (rolls back itself if it fails)
         try:
-            outputs = self._step()
+            outputs = self._step_async() if use_async else self._step()
         except BaseException:
-            self._rollback()
+            self._rollback_async() if use_async else self._rollback()
             raise
         if self._undelivered:
             outputs, self._undelivered = self._undelivered + outputs, []
@@ -187,6 +223,136 @@ class LLMEngine:
             self._forget_timeline(req)
             self._undelivered.append(self._output(req))
         self.runner.release_all()
+
+    # ----- async scheduling (engine/async_step.py) ------------------------------------------------
+    def drain(self) -> None:
+        """Async scheduling: wait for the steps in flight and process them (their finished requests are returned
+        by the next step()), so that every request's state is exact; a no-op without steps in flight."""
+        if not self._inflight:
+            return
+        try:
+            self._drain()
+        except BaseException:
+            self._rollback_async()
+            raise
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._process(self._inflight[0])
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Schedule and launch a batch, then process the previous step's outputs while the device runs it."""
+        profiler = self.kernel_profiler
+        if profiler is not None:
+            profiler.before_step(len(self._steps))
+        start = time.perf_counter()
+        queries, hits = self.kv.prefix_cache_queries, self.kv.prefix_cache_hits
+        sched = self.scheduler.schedule()
+        prev = self._inflight[0] if self._inflight else None
+        launched, recomputed = None, 0
+        t_execute = time.perf_counter()
+        if sched.is_empty:
+            self.scheduler.commit()
+            if prev is None:
+                if self.scheduler.waiting and not sched.preempted:
+                    raise RuntimeError("the scheduler could not run any request (no free KV block); this is a bug")
+                return []
+        else:
+            for req in sched.preempted:
+                self.runner.release(req.request_id)
+            recomputed = self._request_log.on_schedule(len(self._steps), sched) if self.timeline_enabled else 0
+            t_execute = time.perf_counter()
+            launched = self.runner.launch(sched, prev)
+            self.scheduler.advance(sched)
+            # Every write of the blocks this step registered is queued on the device: a failure from here on waits
+            # for the device (_rollback_async), after which they hold their KV.
+            self.scheduler.commit()
+            self._inflight.append(launched)
+        wait, discarded, hidden = 0.0, 0, 0.0
+        if prev is not None:
+            t_wait = time.perf_counter()
+            if not prev.done:  # the host got here while the device was still busy: what it did so far was hidden
+                hidden = t_wait - start - (launched.result.device_wait if launched is not None else 0.0)
+            wait, discarded = self._process(prev)
+            t_processed = time.perf_counter()
+            if launched is not None and not launched.done:
+                hidden += t_processed - t_wait - wait
+        if launched is not None and not self.scheduler.num_unfinished and self._inflight:
+            # The last requests finished: the step in flight only computes discarded tokens; drain it.
+            w, d = self._process(launched)
+            wait, discarded = wait + w, discarded + d
+        if launched is not None:
+            result = launched.result
+            result.device_wait += wait
+            self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
+                              self.kv.prefix_cache_hits - hits, t_execute, recomputed, len(sched.block_copies),
+                              num_sampled=len(launched.samplers))
+            step = self._steps[-1]
+            step.async_scheduling, step.token_wait_time = True, wait
+            step.hidden_host_time, step.num_discarded_tokens = hidden, discarded
+        if profiler is not None and launched is not None and profiler.after_step(len(self._steps) - 1):
+            self.stop_kernel_profile()
+        return []  # the outputs are in self._undelivered, which step() returns
+
+    def _process(self, step: InFlightStep) -> tuple[float, int]:
+        """Read a launched step's tokens and apply them; the outputs of the requests it finished join
+        self._undelivered (a finished request leaves self.requests as its output is queued). Returns (seconds waited
+        for the device, tokens discarded). The step leaves self._inflight last, so that a failure half-way is rolled
+        back with it (_rollback_async)."""
+        t0 = time.perf_counter()
+        sampled = step.read()
+        now = time.perf_counter()
+        finished, discarded = self.scheduler.update_from_async_output(step.sched, sampled, now)
+        for req in finished:
+            self.runner.release(req.request_id)
+            self._forget_timeline(req)
+            self._undelivered.append(self._output(req))
+            del self.requests[req.request_id]
+        self._num_generation_tokens += len(sampled) - discarded
+        self._inflight.remove(step)
+        return now - t0, discarded
+
+    def _rollback_async(self) -> None:
+        """A failed async step call (or drain): wait for what the device was given, drop every placeholder, and roll
+        back the requests of the steps not processed and of the one being scheduled, as _rollback does for a
+        synchronous step (they are recomputed from their known tokens). Requests a half-processed step finished
+        whose outputs were not queued yet are delivered by the next step."""
+        if self.runner.device.type == "cuda":
+            try:
+                torch.cuda.synchronize(self.runner.device)
+            except Exception:  # a device error: the original exception is the one to report
+                pass
+        steps = [s.sched for s in self._inflight]
+        if self.scheduler.current is not None:
+            steps.append(self.scheduler.current)
+        merged, seen = SchedulerOutput(), set()
+        for out in steps:
+            for req, num_new in out.scheduled:
+                if id(req) in seen:
+                    continue
+                seen.add(id(req))
+                req.drop_placeholders()
+                rid = req.request_id
+                if req.status.finished:
+                    if self.requests.get(rid) is req:  # finished by the failed call, its output not queued yet
+                        self.runner.release(rid)
+                        self._forget_timeline(req)
+                        self._undelivered.append(self._output(req))
+                        del self.requests[rid]
+                    continue
+                if req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                    continue  # preempted while its token was in flight: waits with no KV already
+                merged.scheduled.append((req, num_new))
+        sched = self.scheduler
+        for req in sched.waiting:  # preempted ones whose step was processed keep no placeholder anyway
+            req.drop_placeholders()
+        # A step interrupted inside update_from_async_output leaves the requests it finished in their queue.
+        sched.running = [r for r in sched.running if not r.status.finished]
+        if any(r.status.finished for r in sched.waiting):
+            sched.waiting = type(sched.waiting)(r for r in sched.waiting if not r.status.finished)
+        self._inflight = []
+        sched.current = merged
+        self._rollback()
 
     def _forget_timeline(self, req: Request | SequenceGroup) -> None:
         """Drop a finished request's timeline entries (for a group: those of each of its sequences)."""
@@ -253,8 +419,24 @@ class LLMEngine:
             raise ValueError("set_proposer() with unfinished requests: finish or abort them first")
         if proposer is not None and self.config.tensor_parallel_size != 1:
             raise ValueError("speculative decoding needs tensor_parallel_size=1")
+        if proposer is not None and self.config.async_scheduling:
+            raise ValueError("speculative decoding is not combined with async_scheduling=True; build the engine with "
+                             "async_scheduling=None (auto: synchronous steps while a proposer is set) or False")
+        self.drain()
         self.proposer = proposer
         self.reset_stats()
+
+    def set_async_scheduling(self, enabled: bool | None) -> None:
+        """Switch async scheduling on (True), off (False) or to the automatic choice (None) without rebuilding the
+        engine, e.g. to interleave the arms of a benchmark; the step in flight is processed first. Raises ValueError
+        (changing nothing) where True is not supported (see EngineConfig.async_scheduling)."""
+        config = self.config.replace(async_scheduling=enabled)
+        resolved = self._resolve_async_scheduling(self.runner, config, self.proposer)
+        if enabled and self.groups.active:
+            raise ValueError("set_async_scheduling(True) while a request of several sequences runs; finish or abort "
+                             "it first, or use None (auto)")
+        self.drain()
+        self.config, self.async_scheduling = config, resolved
 
     def _propose(self):
         """Drafts for the decoding requests (their last token is the only one not computed): ({request_id:
@@ -309,7 +491,8 @@ class LLMEngine:
         return self._kernel_profile
 
     def _record_step(self, sched, result, start, now, queries, hits, t_execute=None, recomputed=0,
-                     cows=0) -> None:
+                     cows=0, num_sampled: int | None = None) -> None:
+        """num_sampled: async scheduling, the step's sampled rows (its tokens are counted as generated when read)."""
         kv, bs = self.kv, self.config.block_size
         used = kv.num_used_blocks
         load = self._expert_load(sched.num_batched_tokens)
@@ -324,7 +507,8 @@ class LLMEngine:
             num_cached_blocks=kv.num_cached_free_blocks, kv_usage=used / kv.num_blocks,
             internal_fragmentation=wasted / (used * bs) if used else 0.0,
             prefix_cache_queries=queries, prefix_cache_hits=hits, num_preemptions=len(sched.preempted),
-            num_sampled_tokens=len(result.sampled) + sum(map(len, result.spec_sampled.values())),
+            num_sampled_tokens=(len(result.sampled) + sum(map(len, result.spec_sampled.values())) if num_sampled is None
+                                else num_sampled),
             num_kv_tokens_read=result.num_kv_tokens_read,
             num_attention_scores=result.num_attention_scores,
             host_time=(now - start) - result.device_wait,
@@ -340,7 +524,8 @@ class LLMEngine:
         if self._timer is not None:
             self._timer.attach(step, result.device_span)
         self._num_prompt_tokens += sched.num_prefill_tokens
-        self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
+        if num_sampled is None:
+            self._num_generation_tokens += len(result.sampled) + sum(map(len, result.spec_sampled.values()))
         self._num_cow_copies += cows
 
     def _expert_load(self, num_tokens: int):
@@ -374,6 +559,7 @@ class LLMEngine:
 
     # ----- counters -----------------------------------------------------------------------------
     def reset_stats(self) -> None:
+        self.drain()  # async scheduling: the step in flight counts before the reset
         self._steps: list[StepStats] = []
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
@@ -400,6 +586,7 @@ class LLMEngine:
         return self._steps[-1] if self._steps else None
 
     def stats(self) -> EngineStats:
+        self.drain()  # async scheduling: counters of the step in flight included
         kv, runner = self.kv.snapshot(), self.runner
         q0, h0, p0 = self._base
         if self._timer is not None:
@@ -422,7 +609,8 @@ class LLMEngine:
             num_shared_blocks=kv.num_shared_blocks, num_saved_blocks=kv.num_saved_blocks,
             num_cow_copies=self._num_cow_copies, group_used_blocks=kv.group_used_blocks,
             kv_cache_groups=tuple(g.sliding_window for g in getattr(self.kv, "specs", ())),
-            kernel_compiles=tuple(compile_watch.events[self._compiles_base:]))
+            kernel_compiles=tuple(compile_watch.events[self._compiles_base:]),
+            async_scheduling=self.async_scheduling)
 
     def block_map(self) -> dict:
         """A copy of the KV pool's state, for pictures: "blocks" [(ref_count, cached)] per physical block

@@ -62,11 +62,21 @@ class RequestMetrics:
         return [b - a for a, b in zip(t, t[1:])]
 
 
+PLACEHOLDER = -1  # all_token_ids' stand-in for a token sampled on the device but not yet read by the host
+
+
 class Request:
     """One generation request as the scheduler sees it.
 
     all_token_ids = prompt + generated tokens. num_computed_tokens counts the leading tokens whose
     K/V is in the cache; a request is preempted by resetting it to 0 (recompute).
+
+    Async scheduling (engine/async_step.py): num_output_placeholders counts tokens sampled by steps still in
+    flight (their values are on the device only). Each placeholder whose token the request will feed to a later
+    step stands as PLACEHOLDER at the end of all_token_ids (so the scheduler sees the token to compute); one that
+    ends the request by length (max_tokens, max_model_len) does not, so no step is scheduled past it. Known tokens
+    (num_known_tokens = prompt + output_token_ids) always come first; resolve_placeholder turns the oldest
+    placeholder into its token. Without async scheduling num_output_placeholders stays 0.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival_time: float,
@@ -92,10 +102,50 @@ class Request:
         self.fork_point: int | None = None
         self.num_pending_forks = 0
         self.candidates = None  # a beam's top continuations (token ids, logprobs) of its last computed token
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows (all_token_ids minus its trailing placeholders)."""
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+    def add_placeholder(self, max_model_len: int) -> None:
+        """A step that samples this request's next token was launched (async scheduling)."""
+        self.num_output_placeholders += 1
+        outputs = len(self.output_token_ids) + self.num_output_placeholders
+        if outputs < self.params.max_tokens and self.num_prompt_tokens + outputs < max_model_len:
+            self.all_token_ids.append(PLACEHOLDER)  # the request goes on after it: a later step computes it
+
+    def resolve_placeholder(self, token_id, now: float, max_model_len: int) -> RequestStatus | None:
+        """The oldest placeholder's token arrived: record it as add_output_token does; returns the finished status
+        it leads to (None to continue). A request it finishes drops its later placeholders (their tokens, computed
+        by a step launched before the stop was known, are discarded)."""
+        outputs, tokens = self.output_token_ids, self.all_token_ids
+        i = self.num_prompt_tokens + len(outputs)  # num_known_tokens, inlined: once per request and step
+        if i < len(tokens):
+            tokens[i] = token_id
+        else:
+            tokens.append(token_id)
+        self.num_output_placeholders -= 1
+        outputs.append(token_id)
+        m = self.metrics
+        m.num_output_tokens += 1
+        m.token_times.append(now)
+        if m.first_token_time is None:
+            m.first_token_time = now
+        status = self._status(token_id, max_model_len, i + 1)
+        if status is not None:
+            self.drop_placeholders()
+        return status
+
+    def drop_placeholders(self) -> None:
+        """Forget the tokens of steps in flight (the request finished, or a failed step is rolled back)."""
+        del self.all_token_ids[self.num_known_tokens:]
+        self.num_output_placeholders = 0
 
     def append_output_token(self, token_id: int, now: float) -> None:
         self.all_token_ids.append(token_id)
@@ -115,16 +165,17 @@ class Request:
         m.token_times.append(now)
         if m.first_token_time is None:
             m.first_token_time = now
-        return self._status(token_id, max_model_len)
+        return self._status(token_id, max_model_len, len(self.all_token_ids))
 
     def check_stop(self, max_model_len: int) -> RequestStatus | None:
         """The finished status the last appended token leads to, or None to continue."""
-        return self._status(self.output_token_ids[-1], max_model_len)
+        return self._status(self.output_token_ids[-1], max_model_len, len(self.all_token_ids))
 
-    def _status(self, last: int, max_model_len: int) -> RequestStatus | None:
+    def _status(self, last: int, max_model_len: int, num_tokens: int) -> RequestStatus | None:
+        """The stop test of the latest token `last`, the request then holding num_tokens known tokens."""
         if last in self._stop_ids:
             return RequestStatus.FINISHED_STOPPED
-        if len(self.output_token_ids) >= self.params.max_tokens or len(self.all_token_ids) >= max_model_len:
+        if len(self.output_token_ids) >= self.params.max_tokens or num_tokens >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

@@ -28,6 +28,7 @@ from .model.llama import LlamaModel
 from .model.spec import ModelSpec
 from .model.weights import dtype_bytes, weight_bytes
 from .quant.kv_cache import kv_cache_torch_dtype
+from .async_step import InFlightStep
 from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .spec_decode.proposal import Draft
@@ -60,6 +61,10 @@ class StepPlan:
     logit_rows: np.ndarray | None = None
     # Query tokens per sequence of the graph replayed: 1 for decode graphs, k + 1 for verification graphs.
     graph_query_len: int = 1
+    # Async scheduling: (index [tokens] int64 on the device, the previous step's sampled tokens): forward_step sets
+    # ids = cat(ids, tokens)[index], index[i] = i for a known token and num_tokens + its row of tokens for a
+    # placeholder (one gather, no scatter kernel); index None: ids = tokens (the previous step's batch, in order).
+    feed: tuple | None = None
 
     @property
     def padded_tokens(self) -> int:
@@ -244,6 +249,15 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.null_block = 0
         self.device_timer = DeviceTimer(device)
+        # Async scheduling: two pinned buffers the sampled tokens of alternate steps are copied into (the host reads
+        # step N's while step N+1's copy may be under way), and two pinned buffers for the gather index of the
+        # device-side feed (_feed), both created at the first launch() that needs them, and the index's device twin.
+        # Alternating is enough: when the host writes one for step N+1, step N-1, which read it, has been processed
+        # (its tokens were waited for, and the device runs a stream's work in order).
+        self._token_host: list[torch.Tensor] = []
+        self._feed_host: list[torch.Tensor] = []
+        self._feed_dev = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # before the memory profile
+        self._batch: list = []  # the batch in the order the last _prepare laid it out
         # trim_reserved: step shapes the caching allocator has served since its last trim, steps since a check.
         self._trim_shapes: set[tuple] = set()
         self._steps_since_trim_check = 0
@@ -579,6 +593,87 @@ class ModelRunner:
                           device_span=span, num_decode_kv_tokens_read=self._decode_kv_tokens(plan),
                           spec_sampled=spec_sampled)
 
+    def launch(self, sched: SchedulerOutput, prev: InFlightStep | None = None) -> InFlightStep:
+        """Async scheduling's execute: prepare, launch the forward pass and the sampler, start copying the sampled
+        tokens to the host, and return without waiting for the device. Input tokens that are placeholders (all_token_ids
+        holds PLACEHOLDER) are taken on the device from prev's sampled tokens. No speculative drafts."""
+        t0 = time.perf_counter()
+        self.wait_host_buffers()
+        waited = time.perf_counter() - t0
+        if sched.block_copies:
+            self.copy_blocks(sched.block_copies)
+        for request_id in sched.rewritten_tables:
+            self.release(request_id)
+        plan, samplers, kv_read, scores = self._prepare(sched)
+        plan.feed = self._feed(plan, prev)
+        t_prepared = time.perf_counter()
+        with torch.inference_mode():
+            span = self.device_timer.begin()
+            logits = self.forward_step(plan)
+            self.device_timer.end(span)
+            t_launched = time.perf_counter()
+            if samplers:
+                tokens, logprobs = self.sampler.sample_on_device(logits, [r.params for r in samplers],
+                                                                 [r.generator for r in samplers])
+            else:
+                tokens, logprobs = torch.zeros(0, dtype=torch.int64, device=self.device), None
+            del logits
+        host, copied = self._copy_tokens_to_host(tokens)
+        self.trim_reserved((plan.padded_tokens, plan.padded_seqs, len(samplers)))
+        t_done = time.perf_counter()
+        result = StepResult(sampled={}, num_kv_tokens_read=kv_read, num_attention_scores=scores,
+                            device_wait=waited if self.device.type == "cuda" else 0.0,
+                            used_cuda_graph=plan.graph_size is not None, prepare_time=t_prepared - t0,
+                            launch_time=t_launched - t_prepared, sample_time=t_done - t_launched,
+                            num_padding_tokens=plan.padded_tokens - plan.num_tokens, device_span=span,
+                            num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
+        return InFlightStep(sched, samplers, tokens, logprobs, host, copied, result, self.sampler)
+
+    def _feed(self, plan: StepPlan, prev: InFlightStep | None) -> tuple | None:
+        """plan.feed for the step _prepare just laid out: where its input ids hold placeholders, the rows of prev's
+        sampled tokens to take instead (None when it has none). Placeholders get id 0 in the upload."""
+        t = plan.num_tokens
+        ids = self.buffers.ids_np[:t]
+        pos = np.flatnonzero(ids < 0)
+        if not len(pos):
+            return None
+        if prev is None:
+            raise RuntimeError("a placeholder input token with no step in flight; this is a bug")
+        batch, n = self._batch, plan.num_seqs
+        ids[pos] = 0  # a valid id for the upload; the feed replaces it
+        if len(pos) == t == len(prev.samplers) and all(r is s for (r, _), s in zip(batch, prev.samplers)):
+            return None, prev.tokens  # steady decode: the previous step's batch again, in the same order
+        # A placeholder is the last query token of its request.
+        seqs = pos if t == n else np.searchsorted(self.buffers.qsl_np[1:n + 1], pos, side="right")
+        if not self._feed_host:
+            size, pin = self.buffers.max_tokens, self.device.type == "cuda"
+            self._feed_host = [torch.zeros(size, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        host = self._feed_host.pop(0)
+        self._feed_host.append(host)
+        index = host.numpy()[:t]
+        index[:] = self._arange[:t]
+        row_of = prev.row_of
+        index[pos] = [t + row_of[batch[j][0].request_id] for j in seqs]
+        dev_index = self._feed_dev[:t]
+        dev_index.copy_(host[:t], non_blocking=True)
+        return dev_index, prev.tokens
+
+    def _copy_tokens_to_host(self, tokens: torch.Tensor):
+        """(host tensor, event): a non-blocking copy of the sampled tokens into one of two pinned buffers (alternating
+        steps), and the CUDA event after it (None on the CPU, where the copy is done on return)."""
+        if self.device.type != "cuda":
+            return tokens.clone(), None
+        if not self._token_host:
+            size = max(self.config.max_num_seqs, 1)
+            self._token_host = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        buf = self._token_host.pop(0)
+        self._token_host.append(buf)
+        host = buf[:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
     def _verify(self, sched: SchedulerOutput, samplers: list, logits: torch.Tensor):
         """Speculative step: sample the plain rows, verify each draft on its 1 + k rows (see plan.logit_rows).
         Returns (plain samplers, their tokens, {request_id: verified tokens})."""
@@ -691,6 +786,7 @@ class ModelRunner:
                     ids_l.append(tokens[c])
                 else:
                     ids_l.extend(tokens[c:c + k])
+        self._batch = batch
         starts = np.array(start_l, dtype=np.int64)
         rows = np.array(row_l, dtype=np.int64)
         num_tokens = len(ids_l)
@@ -751,6 +847,10 @@ class ModelRunner:
         """The logits of the sequences that sample (None if none does): a CUDA graph's replay, or eager."""
         b, n = self.buffers, plan.num_seqs
         self.upload(plan)
+        if plan.feed is not None:  # async scheduling: tokens sampled by the previous step, still on the device
+            index, tokens = plan.feed
+            ids = b.ids_dev[:plan.num_tokens]
+            ids.copy_(tokens if index is None else torch.cat([ids, tokens]).index_select(0, index))
         rows = None if plan.sample_rows is None else torch.as_tensor(plan.sample_rows, device=self.device)
         if plan.graph_size is not None:
             graphs = self.graphs if plan.graph_query_len == 1 else self.spec_graphs

@@ -182,6 +182,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[int]:
+        tokens, logprobs = self.sample_on_device(logits, params, generators)
+        return self.to_host(params, tokens.tolist(), logprobs)
+
+    def to_host(self, params: list[SamplingParams], tokens: list[int], logprobs) -> list[int]:
+        """The tokens of sample_on_device, read back (tokens: its tensor's tolist()), with SampledTokens for the
+        rows that asked for logprobs (which reads their logprobs back too)."""
+        if logprobs is None:
+            return tokens
+        return self._attach_logprobs(params, logprobs[0], tokens, logprobs[1])
+
+    def sample_on_device(self, logits: torch.Tensor, params: list[SamplingParams],
+                         generators: list[torch.Generator | None]):
+        """(tokens, logprobs): the sampled token of each row ([rows] int64, on the logits' device) and, when a row
+        asks for logprobs, (rows, their logprob tensors) for to_host, else None. Reads nothing back (the top-p
+        probe aside), so the host can go on while the device samples (async scheduling)."""
         n = len(params)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         greedy = logits.argmax(dim=-1) if len(random_rows) < n else None
@@ -193,11 +208,7 @@ class Sampler:
                 del x  # before the next chunk's x exists: one chunk's buffers at a time
             tokens = _merge_rows(greedy, n, self._order, drawn)
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        logprobs = self._logprobs(logits, params, lp_rows, tokens) if lp_rows else None
-        out = tokens.tolist()
-        if logprobs is not None:
-            out = self._attach_logprobs(params, lp_rows, out, logprobs)
-        return out
+        return tokens, ((lp_rows, self._logprobs(logits, params, lp_rows, tokens)) if lp_rows else None)
 
     # ----- random rows ---------------------------------------------------------------------------------
     def _groups(self, params: list[SamplingParams], rows: list[int], vocab: int) -> list[tuple[object, list[int]]]:

@@ -63,6 +63,11 @@ class Scheduler:
     - A step that fails (an exception or KeyboardInterrupt between schedule() and the engine's commit)
       is undone by rollback(): its requests go back to the front of the queue with no KV (recomputed,
       hitting the prefix cache for blocks of completed steps), and no block of it stays cached.
+    - Async scheduling (engine/async_step.py): advance() counts a launched step's tokens as computed at once, and a
+      request it samples for holds a placeholder (Request.num_output_placeholders) until update_from_async_output;
+      schedule() then treats a placeholder in all_token_ids as a token to compute (the runner feeds it on the
+      device), never schedules past max_tokens / max_model_len (no placeholder stands there), and admits no waiting
+      request that still holds one.
     - A sequence computes no further than its fork_point while it has one; running sequences with
       nothing to compute (a beam waiting for its siblings) are skipped. len(running) plus
       num_reserved_seqs (seats of sequences still to be forked) stays within max_num_seqs.
@@ -136,6 +141,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted and len(self.running) + self.num_reserved_seqs
                + self.waiting[0].num_pending_forks < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_output_placeholders:  # preempted with a token in flight: admitted once it is known
+                break
             hits, num_hit_tokens = self.kv.get_computed_blocks(req)
             num_new = min((req.fork_point or req.num_tokens) - num_hit_tokens, budget)
             if not self.kv.allocate_slots(req, num_new, hits):
@@ -209,6 +216,45 @@ class Scheduler:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
         return finished
+
+    # ----- async scheduling (engine/async_step.py) ---------------------------------------------------------
+    def advance(self, out: SchedulerOutput) -> None:
+        """Async scheduling: the step of `out` was launched. Its tokens count as computed now (the next schedule()
+        builds on them) and each request it samples for holds a placeholder until its token is read."""
+        max_model_len = self.max_model_len
+        for req, num_new in out.scheduled:
+            req.num_computed_tokens += num_new
+            if req.num_computed_tokens == len(req.all_token_ids):
+                req.add_placeholder(max_model_len)
+
+    def update_from_async_output(self, out: SchedulerOutput, sampled: dict[str, int], now: float
+                                 ) -> tuple[list[Request], int]:
+        """Async scheduling: the sampled tokens of a launched step (advance() already counted its computed tokens)
+        replace their placeholders; returns the requests they finished. A token of a request that finished before
+        (a stop token one step earlier, or an abort) is discarded; a request preempted while its token was in flight
+        takes the token (it is recomputed with it) and may finish in the waiting queue. Returns (finished requests,
+        tokens discarded)."""
+        finished, discarded = [], 0
+        max_model_len, get = self.max_model_len, sampled.get
+        RUNNING, PREEMPTED = RequestStatus.RUNNING, RequestStatus.PREEMPTED
+        for req, _ in out.scheduled:
+            token = get(req.request_id)
+            if token is None:
+                continue
+            status = req.status
+            if status is not RUNNING and status is not PREEMPTED:  # finished (the cheap identity tests first)
+                discarded += 1
+                continue
+            status = req.resolve_placeholder(token, now, max_model_len)
+            if status is not None:
+                self._finish(req, status, now)
+                finished.append(req)
+        if finished:
+            done = {id(r) for r in finished}
+            self.running = [r for r in self.running if id(r) not in done]
+            if any(id(r) in done for r in self.waiting):
+                self.waiting = deque(r for r in self.waiting if id(r) not in done)
+        return finished, discarded
 
     def _update_verified(self, req: Request, num_new: int, tokens: list[int], now: float) -> bool:
         """Apply a verification step's tokens (stopping at a stop token or a length limit); True if finished."""

@@ -52,6 +52,18 @@ class StepStats:
     num_cow_copies: int = 0          # blocks copied on write in this step
     # Sliding-window models (engine/kv/groups.py): blocks in use per KV cache group; () with one group.
     group_used_blocks: tuple = ()
+    # Async scheduling (engine/async_step.py): the step's batch was scheduled, prepared and launched while the
+    # previous step ran on the device; output_time then is the processing of the previous step's outputs (the
+    # counts above, num_sampled_tokens included, are this step's batch). token_wait_time: of output_time, seconds
+    # waiting for the previous step's sampled tokens. hidden_host_time: of host_time, seconds the device provably
+    # had launched work to run (the previous step unfinished when the host came to wait for it, and this step's
+    # unfinished when the host was done): host_time - hidden_host_time bounds what the device may have waited for
+    # the host. num_discarded_tokens: tokens the processed step sampled for requests a stop token had finished one
+    # step earlier (never returned).
+    async_scheduling: bool = False
+    token_wait_time: float = 0.0
+    hidden_host_time: float = 0.0
+    num_discarded_tokens: int = 0
 
 
 @dataclass
@@ -194,6 +206,8 @@ class EngineStats:
     expert_tokens: list[list[int]] | None = None
     # Speculative decoding counters (None when speculation is off).
     spec_decode: SpecDecodeStats | None = None
+    # Whether the engine schedules asynchronously (EngineConfig.async_scheduling resolved; see engine/async_step.py).
+    async_scheduling: bool = False
 
     @property
     def expert_imbalance(self) -> float | None:

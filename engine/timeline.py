@@ -11,6 +11,11 @@ what needs state across steps:
   synchronous, so its wall time is its device time and the span is resolved at once.
 - RequestLog records, only for steps that prefill or preempt, which request ran which prompt chunk
   and how many of its tokens were computed before (recompute after a preemption).
+
+With async scheduling (engine/async_step.py) a step's device span starts inside its own host window and ends
+after it, while the host schedules the next step and processes this one's outputs: the overlap is visible as
+device spans that cover the host phases of the next step, and device_gaps() measures what is left of the
+device's idle time between steps.
 """
 from __future__ import annotations
 
@@ -164,3 +169,10 @@ class RequestLog:
     def forget(self, request_id: str) -> None:
         self.progress.pop(request_id, None)
         self.high_water.pop(request_id, None)
+
+
+def device_gaps(steps) -> list[float]:
+    """Seconds the device sat between the end of each step's forward pass and the start of the next one's (one
+    value per step after the first; NaN where a device time is missing). The gap holds the previous step's sampling
+    and whatever host work the device waited for: near zero when the host work is hidden (async scheduling)."""
+    return [b.device_start - (a.device_start + a.device_time) for a, b in zip(steps, steps[1:])]

@@ -115,6 +115,7 @@ COLUMNS: list[Column] = [
     Column("speculative_model", "draft model", kind=CONFIG, short="draft"),
     Column("speculative_acceptance", "synthetic acceptance rate", "probability", kind=CONFIG, fmt="{:.2f}",
            short="accept"),
+    Column("async_scheduling", "async scheduling (None: auto)", kind=CONFIG, short="async"),
     # --- throughput and goodput
     Column("duration_s", "run time", "s", LOWER, MEDIAN, fmt="{:.2f}"),
     Column("num_finished", "finished requests", "count", HIGHER, fmt="{}"),

@@ -81,7 +81,8 @@ class KVCacheManager(PoolCounters):
     - req_to_blocks[r] covers at least r.num_computed_tokens token slots, in sequence order; the
       blocks of r hold one reference each (shared prefix blocks are referenced once per owner).
     - The first num_cached_blocks[r] blocks of r are registered in the prefix cache under
-      req_to_hashes[r]; only full blocks whose tokens are all scheduled are registered.
+      req_to_hashes[r]; only full blocks whose tokens are all scheduled and known are registered (under async
+      scheduling a token sampled by a step in flight is a placeholder until the host reads it).
     - A request with no entry owns no block: free() returns every reference.
     - Blocks registered since the last commit() are provisional: the step that writes their KV has not
       completed. (A request admitted in the same step may hit them: every layer writes the step's KV
@@ -226,11 +227,17 @@ class KVCacheManager(PoolCounters):
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
+        tokens = request.all_token_ids
+        if getattr(request, "num_output_placeholders", 0):
+            # Async scheduling: a block is registered once its tokens are known (a later step's allocation
+            # catches up); the placeholders at the end of all_token_ids are never hashed.
+            num_tokens = min(num_tokens, request.num_known_tokens)
+            tokens = tokens[:num_tokens - num_tokens % self.block_size]
         num_full = num_tokens // self.block_size
         start = self.num_cached_blocks.get(rid, 0)
         if num_full <= start:
             return
-        hashes = hash_request_blocks(request.all_token_ids, self.block_size, self.req_to_hashes.setdefault(rid, []),
+        hashes = hash_request_blocks(tokens, self.block_size, self.req_to_hashes.setdefault(rid, []),
                                      self.hash_root)
         blocks = self.req_to_blocks[rid]
         self._cached_before.setdefault(rid, start)
