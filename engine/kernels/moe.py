@@ -16,13 +16,15 @@ Reference: `fused_moe_reference` in moe_reference.py (same layouts, see there).
 Each block reads its expert's weight tiles once for all its rows, so weight traffic is one read of each
 chosen expert per step.
 
-Decode path (few tokens, T <= GEMV_MAX_TOKENS): sorting costs a dozen tiny kernels per layer, more than
+Decode path (few token-expert pairs, use_gemv_path): sorting costs a dozen tiny kernels per layer, more than
 the GEMMs at batch 1, so pairs are not sorted at all. `_moe_gemv_gate_up_kernel`, grid (P, cdiv(I, BLOCK_N)),
-has each pair read its own expert's gate and up rows (a GEMV, fused silu * up); `_moe_gemv_down_kernel`, grid
-(T, cdiv(H, BLOCK_N)), has each token loop over its k pairs and sum weight * (w2[e] @ act[pair]): the
-weighted combine is fused, with no atomics. Two tokens choosing one expert read it twice, which the
-token limit keeps rare. `route_topk_triton` fuses the router's softmax, top-k and renormalisation.
-Three launches per MoE layer at decode (router matmul aside).
+has each pair read its own expert's gate and up rows (a GEMV reading the expert id from topk_ids on the
+device, fused silu * up); `_moe_gemv_down_kernel`, grid (T, cdiv(H, BLOCK_N)), has each token load its k
+experts' down rows as one [k, BLOCK_N, BLOCK_K] tile and sum weight * (w2[e] @ act[pair]) in registers: the
+weighted combine is fused, deterministic, with no atomics. Two tokens choosing one expert read it twice, which
+use_gemv_path bounds. `route_topk_triton` fuses the router's softmax, top-k and renormalisation. Four launches
+per MoE layer at decode: the router matmul, route_topk, gate_up, down; nothing reads the device from the host,
+so the path is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -149,8 +151,10 @@ def route_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 @triton.jit
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn,
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, num_pairs, N, K, stride_x, stride_we, stride_wn,
                              TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[pair, n] = silu(w13[e, n] . x[t]) * (w13[e, I + n] . x[t]), e = ids[pair], t = pair // TOP_K.
+    Grid (num_pairs, cdiv(N, BLOCK_N)); N = I, K = H. num_pairs is only the autotune key."""
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -174,83 +178,115 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, N, K, stride_x, str
 
 
 @triton.jit
-def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_we, stride_wn, stride_o,
-                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, num_tokens, N, K, stride_we, stride_wn,
+                          stride_o, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """out[t, n] = sum_j weights[t, j] * (w2[e_j, n] . act[t * TOP_K + j]), e_j = ids[t, j]. Grid
+    (num_tokens, cdiv(N, BLOCK_N)); N = H, K = I. All k experts' [BLOCK_N, BLOCK_K] tiles are one
+    [K_PAD, BLOCK_N, BLOCK_K] load, so k times the bytes are in flight per program as a loop over the
+    experts would have; the k-term sum is in registers (deterministic, no atomics)."""
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    offs_j = tl.arange(0, K_PAD)
+    mask_j = offs_j < TOP_K
+    pairs = t * TOP_K + offs_j
+    experts = tl.load(ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
+    route_w = tl.load(weights_ptr + pairs, mask=mask_j, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    a_rows = act_ptr + pairs.to(tl.int64)[:, None] * K                                      # [K_PAD, 1]
+    w_rows = (w_ptr + experts[:, None, None] * stride_we
+              + offs_n.to(tl.int64)[None, :, None] * stride_wn)                              # [K_PAD, BLOCK_N, 1]
+    mask_jn = mask_j[:, None, None] & mask_n[None, :, None]
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_rows + kk[None, :], mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk[None, None, :], mask=mask_jn & mask_k[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[:, None, :], 2)
     dtype = out_ptr.dtype.element_ty
-    for j in tl.static_range(TOP_K):
-        pair = t * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        a_row = act_ptr + pair.to(tl.int64) * K
-        w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < K
-            a = tl.load(a_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a, 1)
-        out += acc.to(dtype).to(tl.float32) * tl.load(weights_ptr + pair)
+    # Each expert's product rounded to the model dtype before its weight, as the reference's per-expert linear.
+    out = tl.sum(acc.to(dtype).to(tl.float32) * route_w[:, None], 0)
     tl.store(out_ptr + t.to(tl.int64) * stride_o + offs_n, out.to(dtype), mask=mask_n)
 
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens the unsorted decode path runs (CUDA-graph decode sizes 1, 2, 4)
+# The decode path runs while T * k <= GEMV_MAX_PAIRS and the expected re-reads of experts chosen by several
+# tokens (each pair reads its expert) cost less than GEMV_MAX_EXTRA_BYTES: about the time moe_align's dozen
+# small launches take at ~4.5 TB/s (~15 us). Qwen3-30B-A3B (9.4 MB experts, k = 8): T <= 4; Mixtral (352 MB
+# experts, k = 2 of 8): T = 1 only. benchmarks/moe_bench.py measures both paths at T = 1..16.
+GEMV_MAX_PAIRS = 64
+GEMV_MAX_EXTRA_BYTES = 64 * 2**20
 
 
-def _gemv_block_n(rows: int, n: int, min_programs: int = 264) -> int:
-    """The widest row tile (<= 64, >= 8) that still gives min_programs programs (two per H100/H200 SM)."""
-    bn = 64
-    while bn > 8 and rows * triton.cdiv(n, bn) < min_programs:
-        bn //= 2
-    return bn
+def expected_distinct_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
+    """Experts chosen by at least one of num_tokens tokens under even routing: E (1 - (1 - k/E)^T)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
 
 
-# On the GPU the decode kernels pick their tiles by timing these once per (N, K), at the first call; the
-# engine's first decode-sized call is the warm-up before CUDA-graph capture, so capture never tunes.
-# (BLOCK_N, BLOCK_K, num_warps): narrow-and-long tiles keep enough bytes in flight when few rows are read
-# (Mixtral's down projection at batch 1: 4096 rows of 14336), wide ones when many are (its gate/up).
+def use_gemv_path(num_tokens: int, top_k: int, num_experts: int, expert_bytes: int) -> bool:
+    """Whether fused_moe's "auto" takes the unsorted decode path (see GEMV_MAX_PAIRS)."""
+    pairs = num_tokens * top_k
+    if pairs > GEMV_MAX_PAIRS:
+        return False
+    extra = pairs - expected_distinct_experts(num_tokens, top_k, num_experts)
+    return extra * expert_bytes <= GEMV_MAX_EXTRA_BYTES
+
+
+# On the GPU the decode kernels pick their tiles by timing these once per shape (key: N, K, k and the number of
+# pairs or tokens), at the first call of that shape; the engine runs each CUDA-graph size once before capturing
+# it, so capture never tunes. (BLOCK_N, BLOCK_K, num_warps). gate_up: narrow-and-long tiles keep enough bytes in
+# flight when few rows are read, wide ones when many are. down: the tile is [K_PAD, BLOCK_N, BLOCK_K], so the
+# candidates are pruned to at most _DOWN_ELEMS_PER_THREAD weight elements per thread (registers).
 _GEMV_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4),
                  (64, 256, 8), (8, 1024, 4), (16, 1024, 8)]
+_DOWN_CONFIGS = [(2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4), (4, 512, 8), (8, 256, 8), (16, 128, 8),
+                 (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (64, 128, 8)]
+_DOWN_ELEMS_PER_THREAD = 64
 
 
-def _tuned(kernel):
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _GEMV_CONFIGS]
-    return triton.autotune(configs=configs, key=["N", "K"])(kernel)
+def _configs(tiles):
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in tiles]
 
 
-_gate_up_tuned = _tuned(_moe_gemv_gate_up_kernel)
-_down_tuned = _tuned(_moe_gemv_down_kernel)
+def _prune_down(configs, named_args, **kwargs):
+    k_pad = kwargs["K_PAD"]
+    fits = [c for c in configs
+            if k_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _DOWN_ELEMS_PER_THREAD * 32 * c.num_warps]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)]
+
+
+_gate_up_tuned = triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["num_pairs", "N", "K", "TOP_K"])(
+    _moe_gemv_gate_up_kernel)
+_down_tuned = triton.autotune(configs=_configs(_DOWN_CONFIGS), key=["num_tokens", "N", "K", "TOP_K"],
+                              prune_configs_by={"early_config_prune": _prune_down})(_moe_gemv_down_kernel)
+_CPU_TILES = {"gate_up": (16, 32, 4), "down": (16, 32, 4)}
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """The decode path (see the module doc): fused_moe's result without sorting, for a few tokens.
-    On the GPU the tiles are autotuned unless block_k is given (then BLOCK_N from _gemv_block_n)."""
+                     topk_ids: torch.Tensor, tiles: dict | None = None) -> torch.Tensor:
+    """The decode path (see the module doc): fused_moe's result without sorting, two launches.
+    tiles: {"gate_up": (BLOCK_N, BLOCK_K, num_warps), "down": (...)} fixes the tiles (benchmarks, tests);
+    None autotunes on the GPU and uses small tiles under the interpreter."""
     t, h = x.shape
     inter = w13.shape[1] // 2
     top_k = topk_ids.shape[1]
-    on_gpu = x.device.type == "cuda"
+    k_pad = max(2, triton.next_power_of_2(top_k))
     ids = topk_ids.contiguous()
     weights = topk_weights.to(torch.float32).contiguous()
     act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    args1 = (x, w13, act, ids, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
-    args2 = (act, w2, out, ids, weights, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
-    if on_gpu and block_k is None:
+    args1 = (x, w13, act, ids, t * top_k, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
+    args2 = (act, w2, out, ids, weights, t, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
+    if tiles is None and x.device.type == "cuda":
         _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, TOP_K=top_k)
-        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k)
+        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k, K_PAD=k_pad)
         return out
-    bk = block_k or 32
-    bn1 = _gemv_block_n(t * top_k, inter) if on_gpu else 16
-    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](
-        *args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=num_warps)
-    bn2 = _gemv_block_n(t, h) if on_gpu else 16
-    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](
-        *args2, TOP_K=top_k, BLOCK_N=bn2, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=num_warps)
+    (bn1, bk1, w1), (bn2, bk2, w2_) = (tiles or _CPU_TILES)["gate_up"], (tiles or _CPU_TILES)["down"]
+    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](*args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=bk1,
+                                                                    num_warps=w1)
+    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](*args2, TOP_K=top_k, K_PAD=k_pad, BLOCK_N=bn2, BLOCK_K=bk2,
+                                                     num_warps=w2_)
     return out
 
 
@@ -278,7 +314,7 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bo
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, path: str = "auto") -> torch.Tensor:
     """The MoE output [T, H] in x's dtype (see fused_moe_reference). path: "gemv" (the unsorted decode path),
-    "grouped" (sorted, grouped GEMMs) or "auto" (gemv up to GEMV_MAX_TOKENS tokens); config overrides the
+    "grouped" (sorted, grouped GEMMs) or "auto" (use_gemv_path); config overrides the
     grouped path's tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks and tests."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
@@ -288,7 +324,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
     if path not in ("auto", "gemv", "grouped"):
         raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
-    if path == "gemv" or (path == "auto" and t <= GEMV_MAX_TOKENS):
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    if path == "gemv" or (path == "auto" and use_gemv_path(t, top_k, num_experts, expert_bytes)):
         return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     on_gpu = x.device.type == "cuda"
     cfg1 = dict(config or moe_config(t, top_k, num_experts, inter, on_gpu))
