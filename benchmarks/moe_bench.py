@@ -7,9 +7,10 @@
 For each model (qwen3-30b-a3b, mixtral-8x7b; bf16, random weights, CUDA graphs, Triton backend), --parts of:
 - kernels: the fused MoE kernels against the pure-torch reference on layer 0's real-size weights, both paths
   at T = 1 and 4, the grouped one at T = 64 and 512;
-- layer: one MoE layer (router matmul + route_topk + experts) per path ("gemv": the unsorted decode kernels,
-  "grouped": sorted, grouped GEMMs) at T = 1, 2, 4, 8, 16, timed as all MoE layers in one CUDA graph (no host
-  launch cost, weights not in L2) over the layer count, against reading the router and the distinct chosen
+- layer: one MoE layer (router matmul + routing + experts) per path ("gemv": the unsorted decode kernels, the
+  routing fused into gate_up; "gemv_unrouted": the same after a route_topk launch; "grouped": route_topk, then
+  sorted, grouped GEMMs) at T = 1, 2, 4, 8, 16, timed as all MoE layers in one CUDA graph (no host launch cost,
+  weights not in L2) over the layer count, against reading the router and the distinct chosen
   experts at the copy bandwidth; also the kernels one layer launches at T = 1, and the autotuned tiles;
 - decode1: decode at batch 1 (128-token prompt, 128 new tokens) with the MoE layers on "auto" (the decode path
   at T = 1) and on "grouped": TPOT vs active weight bytes (router + the k chosen experts + attention + norms +
@@ -40,14 +41,17 @@ import numpy as np
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.kernels.moe import fused_moe, route_topk_triton, use_gemv_path
+from engine.kernels.moe import (fused_moe, fused_moe_decode_routed, fused_moe_from_logits, route_topk_triton,
+                               use_gemv_path)
 from engine.kernels.moe_reference import fused_moe_reference, route_topk
 from workbench.bench import median_cuda_time
 
 CFG = EngineConfig(block_size=16, max_num_seqs=4, max_num_batched_tokens=2048, max_model_len=1024,
                    num_gpu_blocks=512, attention_backend="triton")
 TARGET = 1.5
-PATHS = ("gemv", "grouped")            # the layer sweep: both fused paths at every token count
+# The layer sweep at every token count: the decode path as the model runs it (routing fused into gate_up), the
+# same kernels after a separate route_topk launch (what the fusion saves), and the grouped path.
+PATHS = ("gemv", "gemv_unrouted", "grouped")
 DECODE_PATHS = ("auto", "grouped")     # decode at batch 1: auto takes gemv at T = 1 (use_gemv_path)
 
 
@@ -94,6 +98,11 @@ def kernel_check(mlp) -> dict:
             got = fused_moe(x, mlp.w13, mlp.w2, w, ids, path=path).float()
             out[f"T{t}_{path}"] = {"rel_err": float((got - ref).abs().max() / ref.abs().max()),
                                    "routing_equal": bool(torch.equal(ids, ids_k))}
+        if t <= 4:  # the decode path as the model runs it: routing fused into the gate_up kernel
+            got, w_r, ids_r = fused_moe_decode_routed(x, mlp.gate(x), mlp.w13, mlp.w2, mlp.top_k, mlp.renormalize)
+            out[f"T{t}_gemv_routed"] = {"rel_err": float((got.float() - ref).abs().max() / ref.abs().max()),
+                                        "routing_equal": bool(torch.equal(ids, ids_r)),
+                                        "weights_max_err": float((w_r - w).abs().max())}
     return out
 
 
@@ -121,7 +130,7 @@ def layer_kernels(fn) -> list[str]:
 
 
 def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
-    """One MoE layer (router matmul + route_topk + experts) per path and token count, timed as every MoE layer
+    """One MoE layer (router matmul + routing + experts) per path and token count, timed as every MoE layer
     of the model in turn inside one CUDA graph (their weights far exceed L2, as in a decode step) over the
     number of layers; against reading the router and the distinct chosen experts at the copy bandwidth.
     runs rounds, the paths interleaved within each; median and spread. Also the kernels one layer launches."""
@@ -136,8 +145,10 @@ def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
             distinct = [len(set(route_topk(m.gate(x), m.top_k, m.renormalize)[1].flatten().tolist())) for m in mlps]
             ideal_bytes = sum(e * h * 2 + d * expert_bytes for d in distinct) / len(mlps)
 
-            def layer(m, path):
-                return fused_moe(x, m.w13, m.w2, *route_topk_triton(m.gate(x), m.top_k, m.renormalize), path=path)
+            def layer(m, path):  # as MoEMLP.forward on the Triton backend
+                if path == "gemv_unrouted":
+                    return fused_moe(x, m.w13, m.w2, *route_topk_triton(m.gate(x), m.top_k, m.renormalize), path="gemv")
+                return fused_moe_from_logits(x, m.gate(x), m.w13, m.w2, m.top_k, m.renormalize, path=path)
 
             def model(path):
                 return lambda: [layer(m, path) for m in mlps]
@@ -154,8 +165,9 @@ def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
                                     "layer_us_spread": [min(times[p]) * 1e6, max(times[p]) * 1e6],
                                     "ideal_us": ideal * 1e6, "ratio": med / ideal,
                                     "distinct_experts_mean": float(np.mean(distinct)),
-                                    "auto_picks": "gemv" if use_gemv_path(t, mlps[0].top_k, e, expert_bytes) else "grouped"})
-                log(f"  T={t:2d} {p:7s}: {med * 1e6:7.1f} us/layer (spread {min(times[p]) * 1e6:.1f}-"
+                                    "auto_picks": "gemv" if use_gemv_path(t, mlps[0].top_k, e, expert_bytes)
+                                    else "grouped"})
+                log(f"  T={t:2d} {p:13s}: {med * 1e6:7.1f} us/layer (spread {min(times[p]) * 1e6:.1f}-"
                     f"{max(times[p]) * 1e6:.1f}), ideal {ideal * 1e6:.1f} us: {med / ideal:.2f}x")
             if t == 1:
                 for p in PATHS:
@@ -316,7 +328,8 @@ def main():
             res["load_s"] = time.perf_counter() - t0
             llm.generate([[5] * 64], SamplingParams(max_tokens=8, ignore_eos=True))  # compile the kernels
             log(f"loaded in {res['load_s']:.0f} s; {llm.spec.weight_bytes(2) / 1e9:.1f} GB of weights, "
-                f"{llm.spec.active_weight_bytes(2) / 1e9:.2f} GB active; backend {llm.engine.stats().attention_backend}; "
+                f"{llm.spec.active_weight_bytes(2) / 1e9:.2f} GB active; "
+                f"backend {llm.engine.stats().attention_backend}; "
                 f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated")
             timings = res["part_s"] = {}
             for part in ("kernels", "layer", "decode1", "profile", "trace"):
@@ -342,7 +355,8 @@ def main():
                         + ", ".join(f"{k['name'][:40]} {k['us_per_step']:.0f}" for k in p["top_kernels"][:8]))
                 else:
                     tr = res["trace_1000"] = trace_1000(llm, args.trace_requests, args.trace_budget_s)
-                    log(f"{name}: trace {tr['num_finished']}/{tr['num_requests']} finished in {tr['measured_s']:.1f} s, "
+                    log(f"{name}: trace {tr['num_finished']}/{tr['num_requests']} finished in "
+                        f"{tr['measured_s']:.1f} s, "
                         f"limit {tr['limit_s']:.1f} s: limit ratio {tr['limit_ratio']:.3f}")
                 timings[part] = time.perf_counter() - t0
                 log(f"part {part} took {timings[part]:.0f} s ({time.perf_counter() - start:.0f} s so far)")
@@ -365,7 +379,7 @@ def main():
                   f"(target {TARGET}) {'MET' if r.get('met') else 'MISSED'}")
         for row in res.get("moe_layer", {}).get("rows", []):
             if row["tokens"] == 1:
-                print(f"  {name:14s} MoE layer T=1 {row['path']:7s} {row['layer_us_median']:.1f} us, "
+                print(f"  {name:14s} MoE layer T=1 {row['path']:13s} {row['layer_us_median']:.1f} us, "
                       f"{row['ratio']:.2f}x its weight read time")
         if "trace_1000" in res:
             print(f"  {name:14s} trace limit ratio {res['trace_1000']['limit_ratio']:.3f}")

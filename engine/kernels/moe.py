@@ -22,9 +22,11 @@ has each pair read its own expert's gate and up rows (a GEMV reading the expert 
 device, fused silu * up); `_moe_gemv_down_kernel`, grid (T, cdiv(H, BLOCK_N)), has each token load its k
 experts' down rows as one [k, BLOCK_N, BLOCK_K] tile and sum weight * (w2[e] @ act[pair]) in registers: the
 weighted combine is fused, deterministic, with no atomics. Two tokens choosing one expert read it twice, which
-use_gemv_path bounds. `route_topk_triton` fuses the router's softmax, top-k and renormalisation. Four launches
-per MoE layer at decode: the router matmul, route_topk, gate_up, down; nothing reads the device from the host,
-so the path is CUDA-graph capturable.
+use_gemv_path bounds. The routing (softmax, top-k, renormalisation: `route_topk_triton` on the grouped path) is
+fused into the gate_up kernel (`fused_moe_from_logits`, `_route_pair`): every program ranks its token's experts
+from the router logits and takes its pair's expert; column tile 0 stores the ids and weights for the down kernel
+and the expert-load counters. Three launches per MoE layer at decode: the router matmul, gate_up, down; nothing
+reads the device from the host, so the path is CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -151,16 +153,53 @@ def route_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 @triton.jit
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, num_pairs, N, K, stride_x, stride_we, stride_wn,
-                             TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_pair(logits_row, j, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """(expert, weight) of a token's j-th choice from its router logits, as _route_topk_kernel: softmax in float32,
+    the j-th largest probability (the lowest index among equals, as torch.topk), renormalised over the top k.
+    One pass: each expert's rank is the count of experts ahead of it, so no loop over the k choices."""
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < num_experts
+    x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, 0))
+    p = p / tl.sum(p, 0)
+    p = tl.where(mask, p, -1.0)
+    p_other = p[None, :]
+    ahead = (p_other > p[:, None]) | ((p_other == p[:, None]) & (offs[None, :] < offs[:, None]))
+    rank = tl.sum(ahead.to(tl.int32), 1)
+    expert = tl.sum(tl.where(rank == j, offs, 0), 0)
+    weight = tl.sum(tl.where(rank == j, p, 0.0), 0)
+    if RENORMALIZE:
+        weight = weight / tl.sum(tl.where(rank < TOP_K, p, 0.0), 0)
+    return expert, weight
+
+
+@triton.jit
+def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, logits_ptr, weights_ptr, routing_ptr, num_pairs, N, K,
+                             num_experts, stride_x, stride_l, stride_we, stride_wn,
+                             TOP_K: tl.constexpr, ROUTE: tl.constexpr, RENORMALIZE: tl.constexpr,
+                             HAS_ROUTING: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
     """act[pair, n] = silu(w13[e, n] . x[t]) * (w13[e, I + n] . x[t]), e = ids[pair], t = pair // TOP_K.
-    Grid (num_pairs, cdiv(N, BLOCK_N)); N = I, K = H. num_pairs is only the autotune key."""
+    Grid (num_pairs, cdiv(N, BLOCK_N)); N = I, K = H. num_pairs is only the autotune key. ROUTE: e comes from
+    the router logits ([T, E], row stride stride_l) through _route_pair, and the programs of column tile 0
+    write ids[pair], weights[pair] (and routing[pair] if HAS_ROUTING) for the down kernel and the counters."""
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    t = pair // TOP_K
+    if ROUTE:
+        expert, weight = _route_pair(logits_ptr + t.to(tl.int64) * stride_l, pair % TOP_K, num_experts, TOP_K,
+                                     BLOCK_E, RENORMALIZE)
+        if tl.program_id(1) == 0:
+            tl.store(ids_ptr + pair, expert.to(tl.int64))
+            tl.store(weights_ptr + pair, weight)
+            if HAS_ROUTING:
+                tl.store(routing_ptr + pair, expert.to(tl.int64))
+        expert = expert.to(tl.int64)
+    else:
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    x_row = x_ptr + t.to(tl.int64) * stride_x
     w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -256,11 +295,39 @@ def _prune_down(configs, named_args, **kwargs):
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)]
 
 
-_gate_up_tuned = triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["num_pairs", "N", "K", "TOP_K"])(
+_gate_up_tuned = triton.autotune(configs=_configs(_GEMV_CONFIGS), key=["num_pairs", "N", "K", "TOP_K", "ROUTE"])(
     _moe_gemv_gate_up_kernel)
 _down_tuned = triton.autotune(configs=_configs(_DOWN_CONFIGS), key=["num_tokens", "N", "K", "TOP_K"],
                               prune_configs_by={"early_config_prune": _prune_down})(_moe_gemv_down_kernel)
 _CPU_TILES = {"gate_up": (16, 32, 4), "down": (16, 32, 4)}
+
+
+def _decode(x, w13, w2, ids, weights, tiles, route=None) -> torch.Tensor:
+    """The two decode launches. route: None (ids [T, k] int64 and weights [T, k] float32 given) or
+    (router_logits [T, E], renormalize, routing_out or None): the gate_up kernel routes and fills ids and weights."""
+    t, h = x.shape
+    inter = w13.shape[1] // 2
+    top_k = ids.shape[1]
+    k_pad = max(2, triton.next_power_of_2(top_k))
+    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    logits, renormalize, routing = route if route is not None else (ids, False, None)
+    num_experts = w13.shape[0]
+    args1 = (x, w13, act, ids, logits, weights, routing if routing is not None else ids, t * top_k, inter, h,
+             num_experts, x.stride(0), logits.stride(0), w13.stride(0), w13.stride(1))
+    meta1 = dict(TOP_K=top_k, ROUTE=route is not None, RENORMALIZE=renormalize, HAS_ROUTING=routing is not None,
+                 BLOCK_E=triton.next_power_of_2(num_experts))
+    args2 = (act, w2, out, ids, weights, t, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
+    if tiles is None and x.device.type == "cuda":
+        _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, **meta1)
+        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k, K_PAD=k_pad)
+        return out
+    (bn1, bk1, w1), (bn2, bk2, w2_) = (tiles or _CPU_TILES)["gate_up"], (tiles or _CPU_TILES)["down"]
+    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](*args1, **meta1, BLOCK_N=bn1, BLOCK_K=bk1,
+                                                                    num_warps=w1)
+    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](*args2, TOP_K=top_k, K_PAD=k_pad, BLOCK_N=bn2, BLOCK_K=bk2,
+                                                     num_warps=w2_)
+    return out
 
 
 def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -268,26 +335,45 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     """The decode path (see the module doc): fused_moe's result without sorting, two launches.
     tiles: {"gate_up": (BLOCK_N, BLOCK_K, num_warps), "down": (...)} fixes the tiles (benchmarks, tests);
     None autotunes on the GPU and uses small tiles under the interpreter."""
-    t, h = x.shape
-    inter = w13.shape[1] // 2
-    top_k = topk_ids.shape[1]
-    k_pad = max(2, triton.next_power_of_2(top_k))
-    ids = topk_ids.contiguous()
-    weights = topk_weights.to(torch.float32).contiguous()
-    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    args1 = (x, w13, act, ids, t * top_k, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
-    args2 = (act, w2, out, ids, weights, t, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
-    if tiles is None and x.device.type == "cuda":
-        _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, TOP_K=top_k)
-        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k, K_PAD=k_pad)
-        return out
-    (bn1, bk1, w1), (bn2, bk2, w2_) = (tiles or _CPU_TILES)["gate_up"], (tiles or _CPU_TILES)["down"]
-    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](*args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=bk1,
-                                                                    num_warps=w1)
-    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](*args2, TOP_K=top_k, K_PAD=k_pad, BLOCK_N=bn2, BLOCK_K=bk2,
-                                                     num_warps=w2_)
-    return out
+    return _decode(x, w13, w2, topk_ids.contiguous(), topk_weights.to(torch.float32).contiguous(), tiles)
+
+
+def fused_moe_decode_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                            top_k: int, renormalize: bool, routing_out: torch.Tensor | None = None,
+                            tiles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """route_topk_triton + fused_moe_decode in two launches: the gate_up kernel routes each pair from the router
+    logits ([T, E], last dim contiguous). Returns (out [T, H], topk_weights [T, k] float32, topk_ids [T, k]
+    int64); the ids are also written to routing_out ([T, k] int64, contiguous) if given."""
+    t = x.shape[0]
+    if router_logits.stride(1) != 1:
+        raise ValueError("fused_moe_decode_routed needs router_logits with a contiguous last dimension")
+    ids = torch.empty(t, top_k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=x.device)
+    out = _decode(x, w13, w2, ids, weights, tiles, (router_logits, renormalize, routing_out))
+    return out, weights, ids
+
+
+def _expert_bytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    return (w13[0].numel() + w2[0].numel()) * w13.element_size()
+
+
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, path: str) -> None:
+    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
+    if path not in ("auto", "gemv", "grouped"):
+        raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
+
+
+def fused_moe_from_logits(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          top_k: int, renormalize: bool, routing_out: torch.Tensor | None = None,
+                          path: str = "auto") -> torch.Tensor:
+    """The MoE layer after its router matmul: out [T, H]. The decode path (path "gemv", or "auto" and
+    use_gemv_path) routes inside its gate_up kernel (two launches); otherwise route_topk_triton then fused_moe."""
+    _check(x, w13, w2, path)
+    if path == "gemv" or (path == "auto" and use_gemv_path(x.shape[0], top_k, w13.shape[0], _expert_bytes(w13, w2))):
+        return fused_moe_decode_routed(x, router_logits, w13, w2, top_k, renormalize, routing_out)[0]
+    weights, ids = route_topk_triton(router_logits, top_k, renormalize, routing_out)
+    return fused_moe(x, w13, w2, weights, ids, path=path)
 
 
 def _block_n(n: int, active_experts: int, min_programs: int) -> int:
@@ -320,12 +406,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
-    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
-        raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
-    if path not in ("auto", "gemv", "grouped"):
-        raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
-    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
-    if path == "gemv" or (path == "auto" and use_gemv_path(t, top_k, num_experts, expert_bytes)):
+    _check(x, w13, w2, path)
+    if path == "gemv" or (path == "auto" and use_gemv_path(t, top_k, num_experts, _expert_bytes(w13, w2))):
         return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     on_gpu = x.device.type == "cuda"
     cfg1 = dict(config or moe_config(t, top_k, num_experts, inter, on_gpu))

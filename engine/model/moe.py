@@ -43,9 +43,9 @@ class MoEMLP(nn.Module):
         """x [T, H] -> [T, H]; the chosen experts' ids are copied into routing_out ([T, k]) if given."""
         logits = self.gate(x)
         if getattr(backend, "name", "torch") == "triton":
-            from ..kernels.moe import fused_moe, route_topk_triton  # lazily: triton is optional on CPU machines
-            weights, ids = route_topk_triton(logits, self.top_k, self.renormalize, routing_out)
-            out = fused_moe(x, self.w13, self.w2, weights, ids, path=self.path)
+            from ..kernels.moe import fused_moe_from_logits  # lazily: triton is optional on CPU machines
+            out = fused_moe_from_logits(x, logits, self.w13, self.w2, self.top_k, self.renormalize, routing_out,
+                                        path=self.path)
         else:
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
             if routing_out is not None:

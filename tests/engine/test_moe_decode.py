@@ -67,6 +67,29 @@ def test_decode_path_tiles_agree(tiles):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("t,k,e,renormalize", [(1, 8, 20, True), (2, 2, 8, True), (5, 1, 8, False),
+                                               (5, 8, 16, False), (3, 3, 6, True)])
+def test_routed_decode_path_routes_as_route_topk(t, k, e, renormalize):
+    """The gate_up kernel's fused routing: ids equal route_topk's, weights equal, the output the reference's,
+    and routing_out filled. With tied logits (torch.topk leaves the order among equals open) the ids equal
+    route_topk_triton's, which takes the lower index first."""
+    from engine.kernels.moe import fused_moe_decode_routed, route_topk_triton
+    x, w13, w2, _, _ = case(t, e, k, 40, 24, seed=t + e)
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(k))
+    ref_w, ref_ids = route_topk(logits, k, renormalize)
+    routing = torch.full((t, k), -1, dtype=torch.int64)
+    out, weights, ids = fused_moe_decode_routed(x, logits, w13, w2, k, renormalize, routing)
+    assert torch.equal(ids, ref_ids) and torch.equal(routing, ref_ids)
+    torch.testing.assert_close(weights, ref_w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, reference(x, w13, w2, ref_w, ref_ids), atol=1e-5, rtol=1e-5)
+    logits[:, 1::3] = logits[:, :1]       # every token has experts with equal logits
+    tie_w, tie_ids = route_topk_triton(logits, k, renormalize)
+    _, weights, ids = fused_moe_decode_routed(x, logits, w13, w2, k, renormalize)
+    assert torch.equal(ids, tie_ids)
+    torch.testing.assert_close(weights, tie_w, atol=1e-6, rtol=1e-6)
+
+
+@needs_interpreter
 def test_decode_path_float16_rounds_as_the_reference():
     from engine.kernels.moe import fused_moe_decode
     x, w13, w2, weights, ids = case(2, 8, 2, 64, 48, dtype=torch.float16, seed=5)
@@ -104,13 +127,14 @@ def test_fused_moe_auto_takes_the_decode_path_for_few_pairs(monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_triton_engine_decodes_moe_models_like_hf(kind, monkeypatch):
-    """Greedy tokens of the tiny models on the Triton backend equal HF's (tie-aware), with the decode path
-    taken at the decode steps (two running requests, then one)."""
+    """Greedy tokens of the tiny models on the Triton backend equal HF's (tie-aware), with the decode path (the
+    routing fused into its gate_up kernel) taken at the decode steps (two running requests, then one)."""
     from engine.kernels import moe
     model = make_family_model(kind)
     decode_tokens = []
-    real = moe.fused_moe_decode
-    monkeypatch.setattr(moe, "fused_moe_decode", lambda x, *a, **kw: decode_tokens.append(x.shape[0]) or real(x, *a, **kw))
+    real = moe.fused_moe_decode_routed
+    monkeypatch.setattr(moe, "fused_moe_decode_routed",
+                        lambda x, *a, **kw: decode_tokens.append(x.shape[0]) or real(x, *a, **kw))
     prompts, max_tokens = make_prompts(3, [3, 19]), [6, 4]
     llm = LLM.from_hf_model(model, EngineConfig(device="cpu", max_model_len=64, block_size=8,
                                                 max_num_batched_tokens=32, attention_backend="triton"))

@@ -1,5 +1,6 @@
 """Every autotune candidate of the MoE decode kernels compiles for Hopper (sm_90a) without a GPU (Triton's
-bundled ptxas), for top-k 8 (Qwen3-MoE) and 2 (Mixtral), in bf16, and streams the weights in 16-byte loads.
+bundled ptxas), for top-k 8 of 128 experts (Qwen3-MoE) and 2 of 8 (Mixtral), the routing fused or not, in
+bf16, and streams the weights in 16-byte loads.
 A candidate that fails to compile would only show on the GPU, at the autotuner's first call.
 Skipped where Triton has no CUDA backend or ptxas. Compiles in a subprocess: the other kernel tests put this
 process in Triton's interpreter (TRITON_INTERPRET=1).
@@ -17,8 +18,9 @@ triton = pytest.importorskip("triton")
 
 DOWN_ARGS = {"act_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "ids_ptr": "*i64", "weights_ptr": "*fp32",
              "num_tokens": "i32", "N": "i32", "K": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_o": "i32"}
-GATE_UP_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "ids_ptr": "*i64", "num_pairs": "i32",
-                "N": "i32", "K": "i32", "stride_x": "i32", "stride_we": "i32", "stride_wn": "i32"}
+GATE_UP_ARGS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "ids_ptr": "*i64", "logits_ptr": "*bf16",
+                "weights_ptr": "*fp32", "routing_ptr": "*i64", "num_pairs": "i32", "N": "i32", "K": "i32",
+                "num_experts": "i32", "stride_x": "i32", "stride_l": "i32", "stride_we": "i32", "stride_wn": "i32"}
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
@@ -41,15 +43,17 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int) -> str:
 
 def check_all_candidates():
     from engine.kernels import moe
-    for top_k in (8, 2):
+    for top_k, num_experts in ((8, 128), (2, 8)):
         k_pad = max(2, triton.next_power_of_2(top_k))
         for cfg in moe._prune_down(moe._down_tuned.configs, {}, K_PAD=k_pad):
             ptx = _compile(moe._moe_gemv_down_kernel, DOWN_ARGS, dict(TOP_K=top_k, K_PAD=k_pad, **cfg.kwargs),
                            cfg.num_warps)
             assert "ld.global" in ptx and ".v4." in ptx, (top_k, cfg)
-        for cfg in moe._gate_up_tuned.configs:
-            ptx = _compile(moe._moe_gemv_gate_up_kernel, GATE_UP_ARGS, dict(TOP_K=top_k, **cfg.kwargs), cfg.num_warps)
-            assert ".v4." in ptx, (top_k, cfg)
+        for i, cfg in enumerate(moe._gate_up_tuned.configs):
+            for route in (True, False)[:1 if i else 2]:  # the routing fused (the model's decode) or ids given
+                meta = dict(TOP_K=top_k, ROUTE=route, RENORMALIZE=True, HAS_ROUTING=route, BLOCK_E=num_experts)
+                ptx = _compile(moe._moe_gemv_gate_up_kernel, GATE_UP_ARGS, dict(**meta, **cfg.kwargs), cfg.num_warps)
+                assert ".v4." in ptx, (top_k, route, cfg)
 
 
 def test_decode_candidates_compile_for_sm90():
