@@ -84,7 +84,8 @@ def test_routed_moe_decode_path_bf16_in_a_cuda_graph(t, shape):
     e, k, h, i = shape
     g = torch.Generator(device="cuda").manual_seed(t)
     x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
-    logits = torch.randn(t, e, device="cuda", generator=g).bfloat16()
+    logits = torch.randn(t, e, device="cuda", generator=g)  # float32: in bf16, ties (topk's order among equals
+    # is unspecified) would be likely among 128 experts
     w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) / h ** 0.5).bfloat16()
     w2 = (torch.randn(e, h, i, device="cuda", generator=g) / i ** 0.5).bfloat16()
     routing = torch.zeros(t, k, dtype=torch.int64, device="cuda")
