@@ -310,7 +310,10 @@ def main():
     unknown = set(parts) - {"kernels", "layer", "decode1", "profile", "trace"}
     if unknown:
         raise ValueError(f"--parts has {sorted(unknown)}: allowed are kernels, layer, decode1, profile, trace")
-    results = {"environment": environment(), "config": str(CFG), "parts": parts, "models": {}}
+    from engine.kernels import moe
+    results = {"environment": environment(), "config": str(CFG), "parts": parts, "models": {},
+               "decode_path_rule": {"GEMV_MAX_PAIRS": moe.GEMV_MAX_PAIRS,
+                                    "GEMV_MAX_EXTRA_BYTES": moe.GEMV_MAX_EXTRA_BYTES}}
     log(f"{results['environment']}")
     start = time.perf_counter()
 
