@@ -289,7 +289,7 @@ def _configs(tiles):
 
 
 def _prune_down(configs, named_args, **kwargs):
-    k_pad = kwargs["K_PAD"]
+    k_pad = kwargs.get("K_PAD", 8)  # triton 3.x passes the launch's constexprs; 8: the largest in practice
     fits = [c for c in configs
             if k_pad * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _DOWN_ELEMS_PER_THREAD * 32 * c.num_warps]
     return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] / c.num_warps)]
