@@ -143,3 +143,19 @@ def test_triton_engine_decodes_moe_models_like_hf(kind, monkeypatch):
         expected, gaps = hf_greedy(model, prompt, n)
         assert_same_greedy(out.token_ids, expected, gaps, f"{kind}: prompt of {len(prompt)} tokens")
     assert {1, 2} <= set(decode_tokens)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("path", ["gemv", "grouped", "auto"])
+def test_moe_from_logits_paths_agree(path):
+    """MoEMLP's entry point: each path routes as route_topk and gives the reference's output."""
+    from engine.kernels.moe import fused_moe_from_logits
+    x, w13, w2, _, _ = case(3, 8, 2, 32, 40, seed=11)
+    logits = torch.randn(3, 8, generator=torch.Generator().manual_seed(12))
+    weights, ids = route_topk(logits, 2, renormalize=False)
+    routing = torch.zeros(3, 2, dtype=torch.int64)
+    out = fused_moe_from_logits(x, logits, w13, w2, 2, False, routing, path=path)
+    assert torch.equal(routing, ids)
+    torch.testing.assert_close(out, reference(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="path"):
+        fused_moe_from_logits(x, logits, w13, w2, 2, False, path="sorted")
