@@ -16,6 +16,12 @@ Reference: `fused_moe_reference` in moe_reference.py (same layouts, see there).
 Each block reads its expert's weight tiles once for all its rows, so weight traffic is one read of each
 chosen expert per step.
 
+Dedup path (up to DEDUP_MAX_PAIRS pairs, when the decode path below would re-read too many experts):
+`_moe_gemm_kernel` with DEDUP, grid (P, cdiv(N, BLOCK_N)), BLOCK_M >= P, no moe_align: program p scans
+topk_ids, returns unless p is the first pair of its expert, and otherwise serves every pair of that expert
+as the rows of one block (the others masked). Each chosen expert is read once, in five launches (router
+matmul, route_topk, two GEMMs, the k-term sum) instead of the sort's ~25.
+
 Decode path (few token-expert pairs, use_gemv_path): sorting costs a dozen tiny kernels per layer, more than
 the GEMMs at batch 1, so pairs are not sorted at all. `_moe_gemv_gate_up_kernel`, grid (P, cdiv(I, BLOCK_N)),
 has each pair read its own expert's gate and up rows (a GEMV reading the expert id from topk_ids on the
@@ -65,16 +71,26 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
                      num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om,
                      TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATE_UP: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, DEDUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
+    if DEDUP:
+        # Unsorted (sorted_ids_ptr: topk_ids, flat): program pid_m serves the expert of pair pid_m with every pair
+        # that chose it, if pid_m is that expert's first pair; the others return at once.
+        pair = tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + pair, mask=pair < num_pairs, other=-1)
+        expert = tl.load(sorted_ids_ptr + pid_m)
+        if tl.min(tl.where(ids == expert, pair, BLOCK_M), 0) != pid_m:
+            return
+        valid = ids == expert
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        valid = pair < num_pairs
     if A_BY_TOKEN:
         a_row = pair // TOP_K
     else:
@@ -256,6 +272,11 @@ def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, num_tok
 # experts, k = 2 of 8): T = 1 only. benchmarks/moe_bench.py measures both paths at T = 1..16.
 GEMV_MAX_PAIRS = 64
 GEMV_MAX_EXTRA_BYTES = 64 * 2**20
+# Above the decode path and up to this many pairs, the dedup path (each chosen expert read once, no sort: five
+# launches with the router matmul, route_topk and the k-term sum); beyond, moe_align's sort (~25 small launches)
+# pays for the grouped path's BLOCK_M-row blocks. One block of 128 rows holds them all.
+DEDUP_MAX_PAIRS = 128
+PATHS = ("auto", "gemv", "dedup", "grouped")
 
 
 def expected_distinct_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
@@ -360,15 +381,16 @@ def _expert_bytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
 def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, path: str) -> None:
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
-    if path not in ("auto", "gemv", "grouped"):
-        raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not allowed: choose one of {PATHS}")
 
 
 def fused_moe_from_logits(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           top_k: int, renormalize: bool, routing_out: torch.Tensor | None = None,
                           path: str = "auto") -> torch.Tensor:
     """The MoE layer after its router matmul: out [T, H]. The decode path (path "gemv", or "auto" and
-    use_gemv_path) routes inside its gate_up kernel (two launches); otherwise route_topk_triton then fused_moe."""
+    use_gemv_path) routes inside its gate_up kernel (two launches); otherwise route_topk_triton then fused_moe
+    (path "dedup" or "grouped", or "auto": pick_path)."""
     _check(x, w13, w2, path)
     if path == "gemv" or (path == "auto" and use_gemv_path(x.shape[0], top_k, w13.shape[0], _expert_bytes(w13, w2))):
         return fused_moe_decode_routed(x, router_logits, w13, w2, top_k, renormalize, routing_out)[0]
@@ -397,29 +419,59 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bo
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
+def dedup_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bool) -> dict:
+    """Tiles of the dedup path: BLOCK_M covers every pair (>= 16, tl.dot's smallest), the column tile narrowed
+    until the expected distinct experts fill the SMs twice, K tiles short enough for 3 stages of shared memory."""
+    pairs = num_tokens * top_k
+    block_m = max(16, triton.next_power_of_2(pairs))
+    if not on_gpu:
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    active = max(1, round(expected_distinct_experts(num_tokens, top_k, num_experts)))
+    return dict(BLOCK_M=block_m, BLOCK_N=_block_n(n, active, 264), BLOCK_K=128 if block_m <= 32 else 64,
+                num_warps=4, num_stages=3)
+
+
+def pick_path(num_tokens: int, top_k: int, num_experts: int, expert_bytes: int) -> str:
+    """The path fused_moe's "auto" takes: "gemv" while use_gemv_path, "dedup" up to DEDUP_MAX_PAIRS pairs,
+    "grouped" beyond (sorting pays for itself once the pairs fill many BLOCK_M-row blocks)."""
+    if use_gemv_path(num_tokens, top_k, num_experts, expert_bytes):
+        return "gemv"
+    return "dedup" if num_tokens * top_k <= DEDUP_MAX_PAIRS else "grouped"
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, path: str = "auto") -> torch.Tensor:
     """The MoE output [T, H] in x's dtype (see fused_moe_reference). path: "gemv" (the unsorted decode path),
-    "grouped" (sorted, grouped GEMMs) or "auto" (use_gemv_path); config overrides the
-    grouped path's tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks and tests."""
+    "dedup" (unsorted, one program per distinct expert and column tile), "grouped" (sorted, grouped GEMMs) or
+    "auto" (pick_path); config overrides the GEMM paths' tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages; dedup takes BLOCK_M >= T * k), for benchmarks and tests."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
     _check(x, w13, w2, path)
-    if path == "gemv" or (path == "auto" and use_gemv_path(t, top_k, num_experts, _expert_bytes(w13, w2))):
+    if path == "auto":
+        path = pick_path(t, top_k, num_experts, _expert_bytes(w13, w2))
+    if path == "gemv":
         return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     on_gpu = x.device.type == "cuda"
-    cfg1 = dict(config or moe_config(t, top_k, num_experts, inter, on_gpu))
-    cfg2 = dict(config or moe_config(t, top_k, num_experts, h, on_gpu))
+    make = dedup_config if path == "dedup" else moe_config
+    cfg1 = dict(config or make(t, top_k, num_experts, inter, on_gpu))
+    cfg2 = dict(config or make(t, top_k, num_experts, h, on_gpu))
     block_m = cfg1["BLOCK_M"]
     if cfg2["BLOCK_M"] != block_m:
         raise ValueError("both projections must use the same BLOCK_M (they share the sorted layout)")
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     num_pairs = t * top_k
+    if path == "dedup":
+        if block_m < num_pairs:
+            raise ValueError(f"the dedup path needs BLOCK_M >= T * k = {num_pairs}, got {block_m}")
+        sorted_ids = block_expert = topk_ids.flatten().contiguous()
+        nb = num_pairs
+    else:
+        sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+        nb = block_expert.shape[0]
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    nb = block_expert.shape[0]
 
     def launch(a, w, out, n, k, by_token, gate_up, mul_weight, cfg):
         c = dict(cfg)
@@ -427,7 +479,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         _moe_gemm_kernel[(nb, triton.cdiv(n, bn))](
             a, w, out, sorted_ids, block_expert, weights, num_pairs, n, k, a.stride(0), w.stride(0), w.stride(1),
             out.stride(0), TOP_K=top_k, A_BY_TOKEN=by_token, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+            DEDUP=path == "dedup", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
 
     launch(x, w13, act, inter, h, True, True, False, cfg1)
     out_pairs = torch.empty(num_pairs, h, dtype=x.dtype, device=x.device)

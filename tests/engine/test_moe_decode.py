@@ -1,6 +1,7 @@
-"""The MoE decode path (engine/kernels/moe.py: unsorted GEMV kernels over token-expert pairs) against the
-pure-torch reference under the Triton interpreter, the rule that picks it, and tiny Mixtral / Qwen3-MoE models
-on the Triton backend taking it at decode with HF's greedy tokens."""
+"""The MoE small-batch paths (engine/kernels/moe.py: the decode path's unsorted GEMV kernels over token-expert
+pairs, with or without the routing fused; the dedup path's unsorted GEMMs over distinct experts) against the
+pure-torch reference under the Triton interpreter, the rule that picks a path, and tiny Mixtral / Qwen3-MoE
+models on the Triton backend taking the decode path with HF's greedy tokens."""
 import os
 
 import pytest
@@ -97,6 +98,35 @@ def test_decode_path_float16_rounds_as_the_reference():
     torch.testing.assert_close(fused_moe_decode(x, w13, w2, weights, ids).float(), expected, atol=3e-3, rtol=3e-3)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("t,k,e", [(1, 8, 20), (2, 2, 8), (5, 1, 8), (5, 8, 20), (16, 8, 128), (30, 2, 4)])
+def test_dedup_path_matches_reference(t, k, e):
+    from engine.kernels.moe import fused_moe
+    x, w13, w2, weights, ids = case(t, e, k, 40, 24, seed=t * 7 + e)
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, path="dedup"), reference(x, w13, w2, weights, ids),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_interpreter
+def test_dedup_path_with_experts_shared_by_tokens_and_its_block_bound():
+    from engine.kernels.moe import fused_moe
+    x, w13, w2, weights, ids = case(5, 16, 2, 32, 48, shared=True)
+    torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, path="dedup"), reference(x, w13, w2, weights, ids),
+                               atol=1e-5, rtol=1e-5)
+    small = dict(BLOCK_M=8, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        fused_moe(x, w13, w2, weights, ids, config=small, path="dedup")
+
+
+def test_path_rule_picks_gemv_dedup_grouped():
+    from engine.kernels.moe import DEDUP_MAX_PAIRS, pick_path
+    qwen3_expert, mixtral_expert = 3 * 2048 * 768 * 2, 3 * 4096 * 14336 * 2
+    assert [pick_path(t, 8, 128, qwen3_expert) for t in (1, 4, 8, 16, 17)] == \
+        ["gemv", "gemv", "dedup", "dedup", "grouped"]
+    assert [pick_path(t, 2, 8, mixtral_expert) for t in (1, 2, 64, 65)] == ["gemv", "dedup", "dedup", "grouped"]
+    assert DEDUP_MAX_PAIRS == 128
+
+
 def test_path_rule_counts_pairs_and_expert_rereads():
     from engine.kernels.moe import GEMV_MAX_PAIRS, expected_distinct_experts, use_gemv_path
     qwen3_expert, mixtral_expert = 3 * 2048 * 768 * 2, 3 * 4096 * 14336 * 2
@@ -119,7 +149,7 @@ def test_fused_moe_auto_takes_the_decode_path_for_few_pairs(monkeypatch):
     monkeypatch.setattr(moe, "fused_moe_decode", lambda *a, **kw: calls.append(a[0].shape[0]) or a[0])
     x, w13, w2, weights, ids = case(5, 8, 2, 32, 16)
     moe.fused_moe(x, w13, w2, weights, ids)
-    x, w13, w2, weights, ids = case(40, 8, 2, 32, 16)
+    x, w13, w2, weights, ids = case(70, 8, 2, 32, 16)
     moe.fused_moe(x, w13, w2, weights, ids)
     assert calls == [5]
 
@@ -146,7 +176,7 @@ def test_triton_engine_decodes_moe_models_like_hf(kind, monkeypatch):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("path", ["gemv", "grouped", "auto"])
+@pytest.mark.parametrize("path", ["gemv", "dedup", "grouped", "auto"])
 def test_moe_from_logits_paths_agree(path):
     """MoEMLP's entry point: each path routes as route_topk and gives the reference's output."""
     from engine.kernels.moe import fused_moe_from_logits
