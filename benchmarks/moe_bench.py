@@ -5,13 +5,14 @@
         --out data/benchmarks/moe_trace_h200.json
 
 For each model (qwen3-30b-a3b, mixtral-8x7b; bf16, random weights, CUDA graphs, Triton backend), --parts of:
-- kernels: the fused MoE kernels against the pure-torch reference on layer 0's real-size weights, both paths
-  at T = 1 and 4, the grouped one at T = 64 and 512;
+- kernels: the fused MoE kernels against the pure-torch reference on layer 0's real-size weights: gemv, dedup
+  and grouped at T = 1 and 4, dedup and grouped at T = 16, grouped at T = 512, and the routed decode path;
 - layer: one MoE layer (router matmul + routing + experts) per path ("gemv": the unsorted decode kernels, the
-  routing fused into gate_up; "gemv_unrouted": the same after a route_topk launch; "grouped": route_topk, then
-  sorted, grouped GEMMs) at T = 1, 2, 4, 8, 16, timed as all MoE layers in one CUDA graph (no host launch cost,
-  weights not in L2) over the layer count, against reading the router and the distinct chosen
-  experts at the copy bandwidth; also the kernels one layer launches at T = 1, and the autotuned tiles;
+  routing fused into gate_up; "gemv_unrouted": the same after a route_topk launch; "dedup": route_topk, then
+  unsorted GEMMs over the distinct experts; "grouped": route_topk, then sorted, grouped GEMMs) at T = 1, 2, 4,
+  8, 16, timed as all MoE layers in one CUDA graph (no host launch cost, weights not in L2) over the layer
+  count, against reading the router and the distinct chosen experts at the copy bandwidth; also the kernels
+  one layer launches at T = 1, and the autotuned tiles;
 - decode1: decode at batch 1 (128-token prompt, 128 new tokens) with the MoE layers on "auto" (the decode path
   at T = 1) and on "grouped": TPOT vs active weight bytes (router + the k chosen experts + attention + norms +
   LM head, ModelSpec.active_weight_bytes) / copy bandwidth; --runs rounds, paths interleaved, each next to a
@@ -41,8 +42,8 @@ import numpy as np
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.kernels.moe import (fused_moe, fused_moe_decode_routed, fused_moe_from_logits, route_topk_triton,
-                               use_gemv_path)
+from engine.kernels.moe import (fused_moe, fused_moe_decode_routed, fused_moe_from_logits, pick_path,
+                               route_topk_triton)
 from engine.kernels.moe_reference import fused_moe_reference, route_topk
 from workbench.bench import median_cuda_time
 
@@ -50,9 +51,11 @@ CFG = EngineConfig(block_size=16, max_num_seqs=4, max_num_batched_tokens=2048, m
                    num_gpu_blocks=512, attention_backend="triton")
 TARGET = 1.5
 # The layer sweep at every token count: the decode path as the model runs it (routing fused into gate_up), the
-# same kernels after a separate route_topk launch (what the fusion saves), and the grouped path.
-PATHS = ("gemv", "gemv_unrouted", "grouped")
-DECODE_PATHS = ("auto", "grouped")     # decode at batch 1: auto takes gemv at T = 1 (use_gemv_path)
+# same kernels after a separate route_topk launch (what the fusion saves), the dedup and the grouped paths.
+PATHS = ("gemv", "gemv_unrouted", "dedup", "grouped")
+# Decode at batch 1: auto takes gemv at T = 1 (pick_path). Not "dedup": the 128-token prefill is past its pair
+# limit (the layer part compares it at decode sizes).
+DECODE_PATHS = ("auto", "grouped")
 
 
 def log(msg):
@@ -89,7 +92,8 @@ def kernel_check(mlp) -> dict:
     """Max |fused - reference| / max |reference| in bf16, both paths at decode sizes, grouped at prefill sizes."""
     out = {}
     g = torch.Generator(device="cuda").manual_seed(0)
-    for t, paths in ((1, ("gemv", "grouped")), (4, ("gemv", "grouped")), (64, ("grouped",)), (512, ("grouped",))):
+    for t, paths in ((1, ("gemv", "dedup", "grouped")), (4, ("gemv", "dedup", "grouped")), (16, ("dedup", "grouped")),
+                     (512, ("grouped",))):
         x = torch.randn(t, mlp.w13.shape[2], device="cuda", dtype=torch.bfloat16, generator=g)
         w, ids = route_topk(mlp.gate(x), mlp.top_k, mlp.renormalize)
         w_k, ids_k = route_topk_triton(mlp.gate(x), mlp.top_k, mlp.renormalize)
@@ -165,8 +169,7 @@ def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
                                     "layer_us_spread": [min(times[p]) * 1e6, max(times[p]) * 1e6],
                                     "ideal_us": ideal * 1e6, "ratio": med / ideal,
                                     "distinct_experts_mean": float(np.mean(distinct)),
-                                    "auto_picks": "gemv" if use_gemv_path(t, mlps[0].top_k, e, expert_bytes)
-                                    else "grouped"})
+                                    "auto_picks": pick_path(t, mlps[0].top_k, e, expert_bytes)})
                 log(f"  T={t:2d} {p:13s}: {med * 1e6:7.1f} us/layer (spread {min(times[p]) * 1e6:.1f}-"
                     f"{max(times[p]) * 1e6:.1f}), ideal {ideal * 1e6:.1f} us: {med / ideal:.2f}x")
             if t == 1:
@@ -312,8 +315,8 @@ def main():
         raise ValueError(f"--parts has {sorted(unknown)}: allowed are kernels, layer, decode1, profile, trace")
     from engine.kernels import moe
     results = {"environment": environment(), "config": str(CFG), "parts": parts, "models": {},
-               "decode_path_rule": {"GEMV_MAX_PAIRS": moe.GEMV_MAX_PAIRS,
-                                    "GEMV_MAX_EXTRA_BYTES": moe.GEMV_MAX_EXTRA_BYTES}}
+               "path_rule": {"GEMV_MAX_PAIRS": moe.GEMV_MAX_PAIRS, "GEMV_MAX_EXTRA_BYTES": moe.GEMV_MAX_EXTRA_BYTES,
+                             "DEDUP_MAX_PAIRS": moe.DEDUP_MAX_PAIRS}}
     log(f"{results['environment']}")
     start = time.perf_counter()
 

@@ -463,6 +463,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         raise ValueError("both projections must use the same BLOCK_M (they share the sorted layout)")
     num_pairs = t * top_k
     if path == "dedup":
+        if num_pairs > DEDUP_MAX_PAIRS:
+            raise ValueError(f"the dedup path takes at most DEDUP_MAX_PAIRS = {DEDUP_MAX_PAIRS} token-expert pairs, "
+                             f"got T * k = {num_pairs}: use path 'grouped' or 'auto'")
         if block_m < num_pairs:
             raise ValueError(f"the dedup path needs BLOCK_M >= T * k = {num_pairs}, got {block_m}")
         sorted_ids = block_expert = topk_ids.flatten().contiguous()

@@ -1,6 +1,6 @@
-"""Every autotune candidate of the MoE decode kernels, and the dedup path's tiles, compile for Hopper (sm_90a) without a GPU (Triton's
-bundled ptxas), for top-k 8 of 128 experts (Qwen3-MoE) and 2 of 8 (Mixtral), the routing fused or not, in
-bf16, and streams the weights in 16-byte loads.
+"""Every autotune candidate of the MoE decode kernels, and the dedup path's tiles, compile for Hopper (sm_90a)
+without a GPU (Triton's bundled ptxas), for top-k 8 of 128 experts (Qwen3-MoE) and 2 of 8 (Mixtral), the
+routing fused or not, in bf16; the decode kernels stream the weights in 16-byte loads.
 A candidate that fails to compile would only show on the GPU, at the autotuner's first call.
 Skipped where Triton has no CUDA backend or ptxas. Compiles in a subprocess: the other kernel tests put this
 process in Triton's interpreter (TRITON_INTERPRET=1).
