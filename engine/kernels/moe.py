@@ -67,7 +67,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids, block_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # a bound only: one compile for every batch size
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
                      num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om,
                      TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATE_UP: tl.constexpr,
@@ -189,7 +189,7 @@ def _route_pair(logits_row, j, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.con
     return expert, weight
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # the autotune key only: one compile for every batch size
 def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, logits_ptr, weights_ptr, routing_ptr, num_pairs, N, K,
                              num_experts, stride_x, stride_l, stride_we, stride_wn,
                              TOP_K: tl.constexpr, ROUTE: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -232,7 +232,7 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, logits_ptr, weights
     tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, act.to(dtype), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # the autotune key only
 def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, num_tokens, N, K, stride_we, stride_wn,
                           stride_o, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
