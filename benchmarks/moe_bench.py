@@ -91,10 +91,10 @@ def set_path(llm, path: str) -> None:
 def kernel_check(mlp) -> dict:
     """Max |fused - reference| / max |reference| in bf16, both paths at decode sizes, grouped at prefill sizes."""
     out = {}
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=mlp.w13.device).manual_seed(0)
     for t, paths in ((1, ("gemv", "dedup", "grouped")), (4, ("gemv", "dedup", "grouped")), (16, ("dedup", "grouped")),
                      (512, ("grouped",))):
-        x = torch.randn(t, mlp.w13.shape[2], device="cuda", dtype=torch.bfloat16, generator=g)
+        x = torch.randn(t, mlp.w13.shape[2], device=mlp.w13.device, dtype=mlp.w13.dtype, generator=g)
         w, ids = route_topk(mlp.gate(x), mlp.top_k, mlp.renormalize)
         w_k, ids_k = route_topk_triton(mlp.gate(x), mlp.top_k, mlp.renormalize)
         ref = fused_moe_reference(x.float(), mlp.w13.float(), mlp.w2.float(), w, ids)
@@ -141,11 +141,12 @@ def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
     mlps = moe_mlps(llm)
     e, two_i, h = mlps[0].w13.shape
     expert_bytes = 3 * h * (two_i // 2) * 2
-    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = mlps[0].w13.device
+    g = torch.Generator(device=dev).manual_seed(0)
     res = {"kernels_per_layer_T1": {}, "rows": []}
     with torch.inference_mode():
         for t in token_counts:
-            x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
+            x = torch.randn(t, h, device=dev, dtype=mlps[0].w13.dtype, generator=g)
             distinct = [len(set(route_topk(m.gate(x), m.top_k, m.renormalize)[1].flatten().tolist())) for m in mlps]
             ideal_bytes = sum(e * h * 2 + d * expert_bytes for d in distinct) / len(mlps)
 
