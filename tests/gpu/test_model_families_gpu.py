@@ -73,11 +73,12 @@ def test_fused_moe_bf16_real_shapes(t, shape):
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
 
 
-@pytest.mark.parametrize("t", [1, 2, 4])
+@pytest.mark.parametrize("t", [1, 2, 4, 16])
+@pytest.mark.parametrize("path", ["gemv", "dedup"])
 @pytest.mark.parametrize("shape", [(128, 8, 2048, 768), (8, 2, 4096, 1792)])  # Qwen3-30B-A3B; Mixtral, I/8
-def test_routed_moe_decode_path_bf16_in_a_cuda_graph(t, shape):
-    """The decode path with the routing fused into gate_up (fused_moe_from_logits, path "gemv"), captured in a
-    CUDA graph after one eager call (the autotuner's), replayed on new inputs: the reference's output and
+def test_small_batch_moe_paths_bf16_in_a_cuda_graph(t, path, shape):
+    """The decode path with the routing fused into gate_up and the dedup path (fused_moe_from_logits), captured
+    in a CUDA graph after one eager call (the autotuner's), replayed on new inputs: the reference's output and
     route_topk's experts, written to routing_out."""
     from engine.kernels.moe import fused_moe_from_logits
     from engine.kernels.moe_reference import fused_moe_reference, route_topk
@@ -89,11 +90,11 @@ def test_routed_moe_decode_path_bf16_in_a_cuda_graph(t, shape):
     w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) / h ** 0.5).bfloat16()
     w2 = (torch.randn(e, h, i, device="cuda", generator=g) / i ** 0.5).bfloat16()
     routing = torch.zeros(t, k, dtype=torch.int64, device="cuda")
-    fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path="gemv")
+    fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path=path)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path="gemv")
+        out = fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path=path)
     x.copy_(torch.randn(t, h, device="cuda", generator=g))
     logits.copy_(torch.randn(t, e, device="cuda", generator=g))
     graph.replay()
