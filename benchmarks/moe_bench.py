@@ -1,8 +1,13 @@
 """Mixture-of-experts decode at batch 1 against the time to read the active weights (issue 19), one GPU.
 
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/moe_bench.py --out data/benchmarks/moe_bench_h200.json
+One model per command keeps each under the 10-minute limit of a device call:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/moe_bench.py --models qwen3-30b-a3b \
+        --out data/benchmarks/moe_bench_qwen3_h200.json                                    # ~4 min
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/moe_bench.py --models mixtral-8x7b \
+        --out data/benchmarks/moe_bench_mixtral_h200.json                                  # ~4-5 min
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/moe_bench.py --models qwen3-30b-a3b --parts trace \
-        --out data/benchmarks/moe_trace_h200.json
+        --out data/benchmarks/moe_trace_h200.json                                          # ~5-6 min
 
 For each model (qwen3-30b-a3b, mixtral-8x7b; bf16, random weights, CUDA graphs, Triton backend), --parts of:
 - kernels: the fused MoE kernels against the pure-torch reference on layer 0's real-size weights: gemv, dedup
@@ -24,9 +29,10 @@ For each model (qwen3-30b-a3b, mixtral-8x7b; bf16, random weights, CUDA graphs, 
   matmul rate and bytes / copy bandwidth, the bytes counting each MoE layer's expected distinct experts
   E (1 - (1 - k/E)^T) for T batched tokens under even routing, plus KV reads), reported as limit / measured
   (workbench.bench.step_limits assumes a dense model).
-Writes JSON (command, device, versions, every run) to --out after every part. The default parts take about
-5-6 minutes on an H200 for both models (mixtral-8x7b's 93 GB load is most of its share); the trace part
-about 4-5 minutes (load, graph capture, at most --trace-budget-s of trace).
+Writes JSON (command, device, versions, every run) to --out after every part, with each part's seconds.
+Estimates (not yet measured): the default parts ~4 minutes per model on an H200 (load, Triton compiles and
+autotuning of the decode kernels, then ~1 minute each for layer and decode1); the trace part ~5-6 minutes
+(load, graph capture up to 256 sequences, at most --trace-budget-s of trace).
 """
 from __future__ import annotations
 
