@@ -184,9 +184,9 @@ def layer_times(llm, runs: int, token_counts=(1, 2, 4, 8, 16)) -> dict:
                     names = layer_kernels(lambda: layer(mlps[0], p))
                     res["kernels_per_layer_T1"][p] = {"count": len(names), "names": names}
                     log(f"  T=1 {p}: {len(names)} kernels per MoE layer: {names}")
-    from engine.kernels import moe
+    from engine.kernels import moe_decode
     res["autotuned"] = {name: {str(key): str(cfg) for key, cfg in k.cache.items()}
-                        for name, k in (("gate_up", moe._gate_up_tuned), ("down", moe._down_tuned))}
+                        for name, k in (("gate_up", moe_decode._gate_up_tuned), ("down", moe_decode._down_tuned))}
     return res
 
 

@@ -49,7 +49,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: 
 
 
 def check_all_candidates():
-    from engine.kernels import moe
+    from engine.kernels import moe_decode as moe
     for top_k, num_experts in ((8, 128), (2, 8)):
         k_pad = max(2, triton.next_power_of_2(top_k))
         for cfg in moe._prune_down(moe._down_tuned.configs, {}, K_PAD=k_pad):
