@@ -162,11 +162,12 @@ def route_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
 
 
 # The decode path runs while T * k <= GEMV_MAX_PAIRS and the expected re-reads of experts chosen by several
-# tokens (each pair reads its expert) cost less than GEMV_MAX_EXTRA_BYTES: about the time moe_align's dozen
-# small launches take at ~4.5 TB/s (~15 us). Qwen3-30B-A3B (9.4 MB experts, k = 8): T <= 4; Mixtral (352 MB
-# experts, k = 2 of 8): T = 1 only. benchmarks/moe_bench.py measures both paths at T = 1..16.
+# tokens (each pair reads its expert) cost less than GEMV_MAX_EXTRA_BYTES: about what the dedup path's two
+# extra launches (route_topk, the k-term sum: ~6-8 us) would read at ~4.3 TB/s. Qwen3-30B-A3B (9.4 MB experts,
+# k = 8): T <= 4; Mixtral (352 MB experts, k = 2 of 8): T = 1 only. benchmarks/moe_bench.py measures every path
+# at T = 1..16 (its layer part), which is where to re-tune these from.
 GEMV_MAX_PAIRS = 64
-GEMV_MAX_EXTRA_BYTES = 64 * 2**20
+GEMV_MAX_EXTRA_BYTES = 32 * 2**20
 # Above the decode path and up to this many pairs, the dedup path (each chosen expert read once, no sort: five
 # launches with the router matmul, route_topk and the k-term sum); beyond, moe_align's sort (~25 small launches)
 # pays for the grouped path's BLOCK_M-row blocks. One block of 128 rows holds them all.
