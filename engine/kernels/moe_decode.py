@@ -72,12 +72,16 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, logits_ptr, weights
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
+        kk = (k0 + offs_k)[None, :]
         mask_k = kk < K
-        x = tl.load(x_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        m = mask_n[:, None] & mask_k[None, :]
-        acc_g += tl.sum(tl.load(w_rows + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
-        acc_u += tl.sum(tl.load(w_rows + N * stride_wn + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
+        m = mask_n[:, None] & mask_k
+        # Both weight tiles issued before either is reduced (twice the bytes in flight), and x read as a [1, BLOCK_K]
+        # tile in the weights' layout (no layout conversion through shared memory each step).
+        w_gate = tl.load(w_rows + kk, mask=m, other=0.0)
+        w_up = tl.load(w_rows + N * stride_wn + kk, mask=m, other=0.0)
+        x = tl.load(x_row + kk, mask=mask_k, other=0.0).to(tl.float32)
+        acc_g += tl.sum(w_gate.to(tl.float32) * x, 1)
+        acc_u += tl.sum(w_up.to(tl.float32) * x, 1)
     dtype = act_ptr.dtype.element_ty
     g = acc_g.to(dtype).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_u.to(dtype).to(tl.float32)
@@ -101,7 +105,7 @@ def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, num_tok
     experts = tl.load(ids_ptr + pairs, mask=mask_j, other=0).to(tl.int64)
     route_w = tl.load(weights_ptr + pairs, mask=mask_j, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
-    a_rows = act_ptr + pairs.to(tl.int64)[:, None] * K                                      # [K_PAD, 1]
+    a_rows = act_ptr + pairs.to(tl.int64)[:, None, None] * K                                # [K_PAD, 1, 1]
     w_rows = (w_ptr + experts[:, None, None] * stride_we
               + offs_n.to(tl.int64)[None, :, None] * stride_wn)                              # [K_PAD, BLOCK_N, 1]
     mask_jn = mask_j[:, None, None] & mask_n[None, :, None]
@@ -109,9 +113,9 @@ def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, num_tok
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_rows + kk[None, None, :], mask=mask_jn & mask_k[None, None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(w * a[:, None, :], 2)
+        w = tl.load(w_rows + kk[None, None, :], mask=mask_jn & mask_k[None, None, :], other=0.0)
+        a = tl.load(a_rows + kk[None, None, :], mask=mask_j[:, None, None] & mask_k[None, None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32), 2)
     dtype = out_ptr.dtype.element_ty
     # Each expert's product rounded to the model dtype before its weight, as the reference's per-expert linear.
     out = tl.sum(acc.to(dtype).to(tl.float32) * route_w[:, None], 0)
