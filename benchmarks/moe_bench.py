@@ -323,7 +323,7 @@ def main():
     from engine.kernels import moe
     results = {"environment": environment(), "config": str(CFG), "parts": parts, "models": {},
                "path_rule": {"GEMV_MAX_PAIRS": moe.GEMV_MAX_PAIRS, "GEMV_MAX_EXTRA_BYTES": moe.GEMV_MAX_EXTRA_BYTES,
-                             "DEDUP_MAX_PAIRS": moe.DEDUP_MAX_PAIRS}}
+                             "DEDUP_MAX_PAIRS": moe.DEDUP_MAX_PAIRS, "DECODE_FUSED_ROUTING": moe.DECODE_FUSED_ROUTING}}
     log(f"{results['environment']}")
     start = time.perf_counter()
 

@@ -173,6 +173,10 @@ GEMV_MAX_EXTRA_BYTES = 32 * 2**20
 # pays for the grouped path's BLOCK_M-row blocks. One block of 128 rows holds them all.
 DEDUP_MAX_PAIRS = 128
 PATHS = ("auto", "gemv", "dedup", "grouped")
+# The decode path routes inside its gate_up kernel (one launch fewer; every program ranks its token's experts
+# first, ~1k instructions before its weight loads) rather than in route_topk_triton. moe_bench's layer part
+# times both ("gemv" and "gemv_unrouted"); set False if the separate launch is the faster.
+DECODE_FUSED_ROUTING = True
 
 
 def expected_distinct_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
@@ -204,13 +208,14 @@ def fused_moe_from_logits(x: torch.Tensor, router_logits: torch.Tensor, w13: tor
                           top_k: int, renormalize: bool, routing_out: torch.Tensor | None = None,
                           path: str = "auto") -> torch.Tensor:
     """The MoE layer after its router matmul: out [T, H]. The decode path (path "gemv", or "auto" and
-    use_gemv_path) routes inside its gate_up kernel (two launches); otherwise route_topk_triton then fused_moe
-    (path "dedup" or "grouped", or "auto": pick_path)."""
+    use_gemv_path) routes inside its gate_up kernel (two launches; DECODE_FUSED_ROUTING); otherwise
+    route_topk_triton then fused_moe (path "dedup" or "grouped", or "auto": pick_path)."""
     _check(x, w13, w2, path)
-    if path == "gemv" or (path == "auto" and use_gemv_path(x.shape[0], top_k, w13.shape[0], _expert_bytes(w13, w2))):
+    gemv = path == "gemv" or (path == "auto" and use_gemv_path(x.shape[0], top_k, w13.shape[0], _expert_bytes(w13, w2)))
+    if gemv and DECODE_FUSED_ROUTING:
         return fused_moe_decode_routed(x, router_logits, w13, w2, top_k, renormalize, routing_out)[0]
     weights, ids = route_topk_triton(router_logits, top_k, renormalize, routing_out)
-    return fused_moe(x, w13, w2, weights, ids, path=path)
+    return fused_moe(x, w13, w2, weights, ids, path="gemv" if gemv else path)
 
 
 def _block_n(n: int, active_experts: int, min_programs: int) -> int:

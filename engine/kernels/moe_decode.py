@@ -8,10 +8,11 @@ expert's gate and up rows (a GEMV reading the expert id on the device, fused sil
 [k, BLOCK_N, BLOCK_K] tile and sum weight * (w2[e] @ act[pair]) in registers: the weighted combine is fused,
 deterministic, with no atomics. Two tokens choosing one expert read it twice, which moe.py's use_gemv_path
 bounds. The routing (softmax, top-k, renormalisation; `route_topk_triton` on the other paths) is fused into
-the gate_up kernel (`fused_moe_decode_routed`, `_route_pair`): every program ranks its token's experts from
-the router logits and takes its pair's expert; column tile 0 stores the ids and weights for the down kernel
-and the expert-load counters. Three launches per MoE layer at decode: the router matmul, gate_up, down;
-nothing reads the device from the host, so the path is CUDA-graph capturable.
+the gate_up kernel (`fused_moe_decode_routed`, `_rank_experts`): every program ranks its token's experts by
+router logit and takes its pair's expert; column tile 0 also computes the weight (`_route_weight`) and stores
+ids and weights for the down kernel and the expert-load counters. Three launches per MoE layer at decode:
+the router matmul, gate_up, down; nothing reads the device from the host, so the path is CUDA-graph
+capturable.
 """
 from __future__ import annotations
 
@@ -21,24 +22,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_pair(logits_row, j, num_experts, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """(expert, weight) of a token's j-th choice from its router logits, as _route_topk_kernel: softmax in float32,
-    the j-th largest probability (the lowest index among equals), renormalised over the top k.
-    One pass: each expert's rank is the count of experts ahead of it, so no loop over the k choices."""
+def _rank_experts(logits_row, num_experts, BLOCK_E: tl.constexpr):
+    """(logits [BLOCK_E] float32, -inf past num_experts; rank [BLOCK_E]: how many experts come before each one,
+    by logit, the lower index first among equals). The k chosen experts are those of rank < k. Ranking the
+    logits ranks the softmax probabilities (monotonic): one comparison matrix and one reduction, no softmax
+    and no loop over the k choices, so that every program of the gate_up grid can afford it."""
     offs = tl.arange(0, BLOCK_E)
-    mask = offs < num_experts
-    x = tl.load(logits_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, 0))
-    p = p / tl.sum(p, 0)
-    p = tl.where(mask, p, -1.0)
-    p_other = p[None, :]
-    ahead = (p_other > p[:, None]) | ((p_other == p[:, None]) & (offs[None, :] < offs[:, None]))
-    rank = tl.sum(ahead.to(tl.int32), 1)
-    expert = tl.sum(tl.where(rank == j, offs, 0), 0)
-    weight = tl.sum(tl.where(rank == j, p, 0.0), 0)
+    x = tl.load(logits_row + offs, mask=offs < num_experts, other=float("-inf")).to(tl.float32)
+    ahead = (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (offs[None, :] < offs[:, None]))
+    return x, tl.sum(ahead.to(tl.int32), 1)
+
+
+@triton.jit
+def _route_weight(x, rank, j, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """The routing weight of the rank-j expert, as route_topk: its softmax probability (float32), divided by the
+    top k's sum when RENORMALIZE (then 1 / sum_i exp(x_i - x_j) over the top k: no softmax over all experts)."""
+    x_j = tl.sum(tl.where(rank == j, x, 0.0), 0)
     if RENORMALIZE:
-        weight = weight / tl.sum(tl.where(rank < TOP_K, p, 0.0), 0)
-    return expert, weight
+        return 1.0 / tl.sum(tl.where(rank < TOP_K, tl.exp(x - x_j), 0.0), 0)
+    m = tl.max(x, 0)
+    return tl.exp(x_j - m) / tl.sum(tl.exp(x - m), 0)
 
 
 @triton.jit(do_not_specialize=["num_pairs"])  # the autotune key only: one compile for every batch size
@@ -49,21 +52,21 @@ def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, logits_ptr, weights
                              BLOCK_K: tl.constexpr):
     """act[pair, n] = silu(w13[e, n] . x[t]) * (w13[e, I + n] . x[t]), e = ids[pair], t = pair // TOP_K.
     Grid (num_pairs, cdiv(N, BLOCK_N)); N = I, K = H. num_pairs is only the autotune key. ROUTE: e comes from
-    the router logits ([T, E], row stride stride_l) through _route_pair, and the programs of column tile 0
+    the router logits ([T, E], row stride stride_l) through _rank_experts, and the programs of column tile 0
     write ids[pair], weights[pair] (and routing[pair] if HAS_ROUTING) for the down kernel and the counters."""
     pair = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     t = pair // TOP_K
     if ROUTE:
-        expert, weight = _route_pair(logits_ptr + t.to(tl.int64) * stride_l, pair % TOP_K, num_experts, TOP_K,
-                                     BLOCK_E, RENORMALIZE)
-        if tl.program_id(1) == 0:
-            tl.store(ids_ptr + pair, expert.to(tl.int64))
-            tl.store(weights_ptr + pair, weight)
+        logits, rank = _rank_experts(logits_ptr + t.to(tl.int64) * stride_l, num_experts, BLOCK_E)
+        j = pair % TOP_K
+        expert = tl.sum(tl.where(rank == j, tl.arange(0, BLOCK_E), 0), 0).to(tl.int64)
+        if tl.program_id(1) == 0:  # the weight only where it is stored
+            tl.store(ids_ptr + pair, expert)
+            tl.store(weights_ptr + pair, _route_weight(logits, rank, j, TOP_K, RENORMALIZE))
             if HAS_ROUTING:
-                tl.store(routing_ptr + pair, expert.to(tl.int64))
-        expert = expert.to(tl.int64)
+                tl.store(routing_ptr + pair, expert)
     else:
         expert = tl.load(ids_ptr + pair).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)

@@ -189,3 +189,19 @@ def test_moe_from_logits_paths_agree(path):
     torch.testing.assert_close(out, reference(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="path"):
         fused_moe_from_logits(x, logits, w13, w2, 2, False, path="sorted")
+
+
+@needs_interpreter
+def test_decode_path_with_routing_unfused_agrees(monkeypatch):
+    """DECODE_FUSED_ROUTING off: route_topk_triton, then the same GEMV kernels; same output and routing_out."""
+    from engine.kernels import moe
+    x, w13, w2, _, _ = case(2, 16, 8, 32, 24, seed=13)
+    logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(14))
+    outs, routings = [], []
+    for fused in (True, False):
+        monkeypatch.setattr(moe, "DECODE_FUSED_ROUTING", fused)
+        routing = torch.zeros(2, 8, dtype=torch.int64)
+        outs.append(moe.fused_moe_from_logits(x, logits, w13, w2, 8, True, routing, path="auto"))
+        routings.append(routing)
+    assert torch.equal(routings[0], routings[1]) and torch.equal(routings[0], route_topk(logits, 8, True)[1])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-6)
