@@ -35,8 +35,9 @@ class MoEMLP(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.tp_group = False  # set by sharding: all-reduce the partial outputs
-        # The fused kernel's path (engine/kernels/moe.py fused_moe): "auto" picks by token count; benchmarks
-        # set "gemv" or "grouped" on every layer (then reconfigure to recapture the CUDA graphs) to compare.
+        # The fused kernels' path (engine/kernels/moe.py fused_moe_from_logits): "auto" picks by token count
+        # (pick_path); benchmarks set "gemv", "dedup" or "grouped" on every layer (then reconfigure, so the
+        # CUDA graphs are captured with it) to compare.
         self.path = "auto"
 
     def forward(self, x: torch.Tensor, backend, routing_out: torch.Tensor | None = None) -> torch.Tensor:
