@@ -16,19 +16,22 @@ Reference: `fused_moe_reference` in moe_reference.py (same layouts, see there).
 Each block reads its expert's weight tiles once for all its rows, so weight traffic is one read of each
 chosen expert per step.
 
-Decode path (few tokens, T <= GEMV_MAX_TOKENS): sorting costs a dozen tiny kernels per layer, more than
-the GEMMs at batch 1, so pairs are not sorted at all. `_moe_gemv_gate_up_kernel`, grid (P, cdiv(I, BLOCK_N)),
-has each pair read its own expert's gate and up rows (a GEMV, fused silu * up); `_moe_gemv_down_kernel`, grid
-(T, cdiv(H, BLOCK_N)), has each token loop over its k pairs and sum weight * (w2[e] @ act[pair]): the
-weighted combine is fused, with no atomics. Two tokens choosing one expert read it twice, which the
-token limit keeps rare. `route_topk_triton` fuses the router's softmax, top-k and renormalisation.
-Three launches per MoE layer at decode (router matmul aside).
+Dedup path (up to DEDUP_MAX_PAIRS pairs, when the decode path below would re-read too many experts):
+`_moe_gemm_kernel` with DEDUP, grid (P, cdiv(N, BLOCK_N)), BLOCK_M >= P, no moe_align: program p scans
+topk_ids, returns unless p is the first pair of its expert, and otherwise serves every pair of that expert
+as the rows of one block (the others masked). Each chosen expert is read once, in five launches (router
+matmul, route_topk, two GEMMs, the k-term sum) instead of the sort's ~25.
+
+Decode path (few token-expert pairs, use_gemv_path): moe_decode.py, GEMV kernels over the unsorted pairs with
+the routing fused; three launches per MoE layer with the router matmul.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .moe_decode import fused_moe_decode, fused_moe_decode_routed
 
 
 def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,20 +60,30 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return sorted_ids, block_expert
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # a bound only: one compile for every batch size
 def _moe_gemm_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_expert_ptr, weights_ptr,
                      num_pairs, N, K, stride_am, stride_we, stride_wn, stride_om,
                      TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, GATE_UP: tl.constexpr,
-                     MUL_WEIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MUL_WEIGHT: tl.constexpr, DEDUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < num_pairs
+    if DEDUP:
+        # Unsorted (sorted_ids_ptr: topk_ids, flat): program pid_m serves the expert of pair pid_m with every pair
+        # that chose it, if pid_m is that expert's first pair; the others return at once.
+        pair = tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + pair, mask=pair < num_pairs, other=-1)
+        expert = tl.load(sorted_ids_ptr + pid_m)
+        if tl.min(tl.where(ids == expert, pair, BLOCK_M), 0) != pid_m:
+            return
+        valid = ids == expert
+    else:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ids_ptr + offs_m)
+        valid = pair < num_pairs
     if A_BY_TOKEN:
         a_row = pair // TOP_K
     else:
@@ -148,110 +161,61 @@ def route_topk_triton(router_logits: torch.Tensor, top_k: int, renormalize: bool
     return weights, ids
 
 
-@triton.jit
-def _moe_gemv_gate_up_kernel(x_ptr, w_ptr, act_ptr, ids_ptr, N, K, stride_x, stride_we, stride_wn,
-                             TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pair = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    expert = tl.load(ids_ptr + pair).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
-    w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        x = tl.load(x_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        m = mask_n[:, None] & mask_k[None, :]
-        acc_g += tl.sum(tl.load(w_rows + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
-        acc_u += tl.sum(tl.load(w_rows + N * stride_wn + kk[None, :], mask=m, other=0.0).to(tl.float32) * x, 1)
-    dtype = act_ptr.dtype.element_ty
-    g = acc_g.to(dtype).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32) * acc_u.to(dtype).to(tl.float32)
-    tl.store(act_ptr + pair.to(tl.int64) * N + offs_n, act.to(dtype), mask=mask_n)
+# The decode path runs while T * k <= GEMV_MAX_PAIRS and the expected re-reads of experts chosen by several
+# tokens (each pair reads its expert) cost less than GEMV_MAX_EXTRA_BYTES: about what the dedup path's two
+# extra launches (route_topk, the k-term sum: ~6-8 us) would read at ~4.3 TB/s. Qwen3-30B-A3B (9.4 MB experts,
+# k = 8): T <= 4; Mixtral (352 MB experts, k = 2 of 8): T = 1 only. benchmarks/moe_bench.py measures every path
+# at T = 1..16 (its layer part), which is where to re-tune these from.
+GEMV_MAX_PAIRS = 64
+GEMV_MAX_EXTRA_BYTES = 32 * 2**20
+# Above the decode path and up to this many pairs, the dedup path (each chosen expert read once, no sort: five
+# launches with the router matmul, route_topk and the k-term sum); beyond, moe_align's sort (~25 small launches)
+# pays for the grouped path's BLOCK_M-row blocks. One block of 128 rows holds them all.
+DEDUP_MAX_PAIRS = 128
+PATHS = ("auto", "gemv", "dedup", "grouped")
+# The decode path routes inside its gate_up kernel (one launch fewer; every program ranks its token's experts
+# first, ~1k instructions before its weight loads) rather than in route_topk_triton. moe_bench's layer part
+# times both ("gemv" and "gemv_unrouted"); set False if the separate launch is the faster.
+DECODE_FUSED_ROUTING = True
 
 
-@triton.jit
-def _moe_gemv_down_kernel(act_ptr, w_ptr, out_ptr, ids_ptr, weights_ptr, N, K, stride_we, stride_wn, stride_o,
-                          TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    out = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    for j in tl.static_range(TOP_K):
-        pair = t * TOP_K + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        a_row = act_ptr + pair.to(tl.int64) * K
-        w_rows = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < K
-            a = tl.load(a_row + kk, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-            w = tl.load(w_rows + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a, 1)
-        out += acc.to(dtype).to(tl.float32) * tl.load(weights_ptr + pair)
-    tl.store(out_ptr + t.to(tl.int64) * stride_o + offs_n, out.to(dtype), mask=mask_n)
+def expected_distinct_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
+    """Experts chosen by at least one of num_tokens tokens under even routing: E (1 - (1 - k/E)^T)."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
 
 
-GEMV_MAX_TOKENS = 4  # up to this many tokens the unsorted decode path runs (CUDA-graph decode sizes 1, 2, 4)
+def use_gemv_path(num_tokens: int, top_k: int, num_experts: int, expert_bytes: int) -> bool:
+    """Whether fused_moe's "auto" takes the unsorted decode path (see GEMV_MAX_PAIRS)."""
+    pairs = num_tokens * top_k
+    if pairs > GEMV_MAX_PAIRS:
+        return False
+    extra = pairs - expected_distinct_experts(num_tokens, top_k, num_experts)
+    return extra * expert_bytes <= GEMV_MAX_EXTRA_BYTES
 
 
-def _gemv_block_n(rows: int, n: int, min_programs: int = 264) -> int:
-    """The widest row tile (<= 64, >= 8) that still gives min_programs programs (two per H100/H200 SM)."""
-    bn = 64
-    while bn > 8 and rows * triton.cdiv(n, bn) < min_programs:
-        bn //= 2
-    return bn
+def _expert_bytes(w13: torch.Tensor, w2: torch.Tensor) -> int:
+    return (w13[0].numel() + w2[0].numel()) * w13.element_size()
 
 
-# On the GPU the decode kernels pick their tiles by timing these once per (N, K), at the first call; the
-# engine's first decode-sized call is the warm-up before CUDA-graph capture, so capture never tunes.
-# (BLOCK_N, BLOCK_K, num_warps): narrow-and-long tiles keep enough bytes in flight when few rows are read
-# (Mixtral's down projection at batch 1: 4096 rows of 14336), wide ones when many are (its gate/up).
-_GEMV_CONFIGS = [(8, 256, 4), (16, 256, 4), (32, 256, 4), (64, 128, 4), (16, 512, 8), (32, 128, 4), (8, 512, 4),
-                 (64, 256, 8), (8, 1024, 4), (16, 1024, 8)]
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, path: str) -> None:
+    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not allowed: choose one of {PATHS}")
 
 
-def _tuned(kernel):
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _GEMV_CONFIGS]
-    return triton.autotune(configs=configs, key=["N", "K"])(kernel)
-
-
-_gate_up_tuned = _tuned(_moe_gemv_gate_up_kernel)
-_down_tuned = _tuned(_moe_gemv_down_kernel)
-
-
-def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor, block_k: int | None = None, num_warps: int = 4) -> torch.Tensor:
-    """The decode path (see the module doc): fused_moe's result without sorting, for a few tokens.
-    On the GPU the tiles are autotuned unless block_k is given (then BLOCK_N from _gemv_block_n)."""
-    t, h = x.shape
-    inter = w13.shape[1] // 2
-    top_k = topk_ids.shape[1]
-    on_gpu = x.device.type == "cuda"
-    ids = topk_ids.contiguous()
-    weights = topk_weights.to(torch.float32).contiguous()
-    act = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    args1 = (x, w13, act, ids, inter, h, x.stride(0), w13.stride(0), w13.stride(1))
-    args2 = (act, w2, out, ids, weights, h, inter, w2.stride(0), w2.stride(1), out.stride(0))
-    if on_gpu and block_k is None:
-        _gate_up_tuned[lambda m: (t * top_k, triton.cdiv(inter, m["BLOCK_N"]))](*args1, TOP_K=top_k)
-        _down_tuned[lambda m: (t, triton.cdiv(h, m["BLOCK_N"]))](*args2, TOP_K=top_k)
-        return out
-    bk = block_k or 32
-    bn1 = _gemv_block_n(t * top_k, inter) if on_gpu else 16
-    _moe_gemv_gate_up_kernel[(t * top_k, triton.cdiv(inter, bn1))](
-        *args1, TOP_K=top_k, BLOCK_N=bn1, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=num_warps)
-    bn2 = _gemv_block_n(t, h) if on_gpu else 16
-    _moe_gemv_down_kernel[(t, triton.cdiv(h, bn2))](
-        *args2, TOP_K=top_k, BLOCK_N=bn2, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=num_warps)
-    return out
+def fused_moe_from_logits(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                          top_k: int, renormalize: bool, routing_out: torch.Tensor | None = None,
+                          path: str = "auto") -> torch.Tensor:
+    """The MoE layer after its router matmul: out [T, H]. The decode path (path "gemv", or "auto" and
+    use_gemv_path) routes inside its gate_up kernel (two launches; DECODE_FUSED_ROUTING); otherwise
+    route_topk_triton then fused_moe (path "dedup" or "grouped", or "auto": pick_path)."""
+    _check(x, w13, w2, path)
+    gemv = path == "gemv" or (path == "auto" and use_gemv_path(x.shape[0], top_k, w13.shape[0], _expert_bytes(w13, w2)))
+    if gemv and DECODE_FUSED_ROUTING:
+        return fused_moe_decode_routed(x, router_logits, w13, w2, top_k, renormalize, routing_out)[0]
+    weights, ids = route_topk_triton(router_logits, top_k, renormalize, routing_out)
+    return fused_moe(x, w13, w2, weights, ids, path="gemv" if gemv else path)
 
 
 def _block_n(n: int, active_experts: int, min_programs: int) -> int:
@@ -275,32 +239,62 @@ def moe_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bo
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
+def dedup_config(num_tokens: int, top_k: int, num_experts: int, n: int, on_gpu: bool) -> dict:
+    """Tiles of the dedup path: BLOCK_M covers every pair (>= 16, tl.dot's smallest), the column tile narrowed
+    until the expected distinct experts fill the SMs twice, K tiles short enough for 3 stages of shared memory."""
+    pairs = num_tokens * top_k
+    block_m = max(16, triton.next_power_of_2(pairs))
+    if not on_gpu:
+        return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
+    active = max(1, round(expected_distinct_experts(num_tokens, top_k, num_experts)))
+    return dict(BLOCK_M=block_m, BLOCK_N=_block_n(n, active, 264), BLOCK_K=128 if block_m <= 32 else 64,
+                num_warps=4, num_stages=3)
+
+
+def pick_path(num_tokens: int, top_k: int, num_experts: int, expert_bytes: int) -> str:
+    """The path fused_moe's "auto" takes: "gemv" while use_gemv_path, "dedup" up to DEDUP_MAX_PAIRS pairs,
+    "grouped" beyond (sorting pays for itself once the pairs fill many BLOCK_M-row blocks)."""
+    if use_gemv_path(num_tokens, top_k, num_experts, expert_bytes):
+        return "gemv"
+    return "dedup" if num_tokens * top_k <= DEDUP_MAX_PAIRS else "grouped"
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None, path: str = "auto") -> torch.Tensor:
     """The MoE output [T, H] in x's dtype (see fused_moe_reference). path: "gemv" (the unsorted decode path),
-    "grouped" (sorted, grouped GEMMs) or "auto" (gemv up to GEMV_MAX_TOKENS tokens); config overrides the
-    grouped path's tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), for benchmarks and tests."""
+    "dedup" (unsorted, one program per distinct expert and column tile), "grouped" (sorted, grouped GEMMs) or
+    "auto" (pick_path); config overrides the GEMM paths' tile sizes (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages; dedup takes BLOCK_M >= T * k), for benchmarks and tests."""
     t, h = x.shape
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
-    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
-        raise ValueError("fused_moe needs x, w13 and w2 with a contiguous last dimension")
-    if path not in ("auto", "gemv", "grouped"):
-        raise ValueError(f"path={path!r} is not allowed: choose 'auto', 'gemv' or 'grouped'")
-    if path == "gemv" or (path == "auto" and t <= GEMV_MAX_TOKENS):
+    _check(x, w13, w2, path)
+    if path == "auto":
+        path = pick_path(t, top_k, num_experts, _expert_bytes(w13, w2))
+    if path == "gemv":
         return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     on_gpu = x.device.type == "cuda"
-    cfg1 = dict(config or moe_config(t, top_k, num_experts, inter, on_gpu))
-    cfg2 = dict(config or moe_config(t, top_k, num_experts, h, on_gpu))
+    make = dedup_config if path == "dedup" else moe_config
+    cfg1 = dict(config or make(t, top_k, num_experts, inter, on_gpu))
+    cfg2 = dict(config or make(t, top_k, num_experts, h, on_gpu))
     block_m = cfg1["BLOCK_M"]
     if cfg2["BLOCK_M"] != block_m:
         raise ValueError("both projections must use the same BLOCK_M (they share the sorted layout)")
-    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
     num_pairs = t * top_k
+    if path == "dedup":
+        if num_pairs > DEDUP_MAX_PAIRS:
+            raise ValueError(f"the dedup path takes at most DEDUP_MAX_PAIRS = {DEDUP_MAX_PAIRS} token-expert pairs, "
+                             f"got T * k = {num_pairs}: use path 'grouped' or 'auto'")
+        if block_m < num_pairs:
+            raise ValueError(f"the dedup path needs BLOCK_M >= T * k = {num_pairs}, got {block_m}")
+        sorted_ids = block_expert = topk_ids.flatten().contiguous()
+        nb = num_pairs
+    else:
+        sorted_ids, block_expert = moe_align(topk_ids, num_experts, block_m)
+        nb = block_expert.shape[0]
     weights = topk_weights.to(torch.float32).flatten().contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    nb = block_expert.shape[0]
 
     def launch(a, w, out, n, k, by_token, gate_up, mul_weight, cfg):
         c = dict(cfg)
@@ -308,7 +302,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         _moe_gemm_kernel[(nb, triton.cdiv(n, bn))](
             a, w, out, sorted_ids, block_expert, weights, num_pairs, n, k, a.stride(0), w.stride(0), w.stride(1),
             out.stride(0), TOP_K=top_k, A_BY_TOKEN=by_token, GATE_UP=gate_up, MUL_WEIGHT=mul_weight,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
+            DEDUP=path == "dedup", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **c)
 
     launch(x, w13, act, inter, h, True, True, False, cfg1)
     out_pairs = torch.empty(num_pairs, h, dtype=x.dtype, device=x.device)

@@ -35,14 +35,18 @@ class MoEMLP(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.tp_group = False  # set by sharding: all-reduce the partial outputs
+        # The fused kernels' path (engine/kernels/moe.py fused_moe_from_logits): "auto" picks by token count
+        # (pick_path); benchmarks set "gemv", "dedup" or "grouped" on every layer (then reconfigure, so the
+        # CUDA graphs are captured with it) to compare.
+        self.path = "auto"
 
     def forward(self, x: torch.Tensor, backend, routing_out: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] -> [T, H]; the chosen experts' ids are copied into routing_out ([T, k]) if given."""
         logits = self.gate(x)
         if getattr(backend, "name", "torch") == "triton":
-            from ..kernels.moe import fused_moe, route_topk_triton  # lazily: triton is optional on CPU machines
-            weights, ids = route_topk_triton(logits, self.top_k, self.renormalize, routing_out)
-            out = fused_moe(x, self.w13, self.w2, weights, ids)
+            from ..kernels.moe import fused_moe_from_logits  # lazily: triton is optional on CPU machines
+            out = fused_moe_from_logits(x, logits, self.w13, self.w2, self.top_k, self.renormalize, routing_out,
+                                        path=self.path)
         else:
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
             if routing_out is not None:

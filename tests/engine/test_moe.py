@@ -41,7 +41,7 @@ def moe_case(t, e, k, h, i, dtype, seed=0):
     (37, 4, 2, 48, 24),     # most experts get several 16-row blocks; hidden not a tile multiple
     (40, 8, 1, 32, 32),     # top-1
 ])
-@pytest.mark.parametrize("path", ["grouped", "gemv"])
+@pytest.mark.parametrize("path", ["grouped", "gemv", "dedup"])
 def test_fused_moe_matches_reference(dtype, t, e, k, h, i, path):
     from engine.kernels.moe import fused_moe
     x, w13, w2, weights, ids = moe_case(t, e, k, h, i, dtype)

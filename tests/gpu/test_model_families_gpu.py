@@ -71,3 +71,34 @@ def test_fused_moe_bf16_real_shapes(t, shape):
     expected = fused_moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
     got = fused_moe(x, w13, w2, weights, ids).float()
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 16])
+@pytest.mark.parametrize("path", ["gemv", "dedup"])
+@pytest.mark.parametrize("shape", [(128, 8, 2048, 768), (8, 2, 4096, 1792)])  # Qwen3-30B-A3B; Mixtral, I/8
+def test_small_batch_moe_paths_bf16_in_a_cuda_graph(t, path, shape):
+    """The decode path with the routing fused into gate_up and the dedup path (fused_moe_from_logits), captured
+    in a CUDA graph after one eager call (the autotuner's), replayed on new inputs: the reference's output and
+    route_topk's experts, written to routing_out."""
+    from engine.kernels.moe import fused_moe_from_logits
+    from engine.kernels.moe_reference import fused_moe_reference, route_topk
+    e, k, h, i = shape
+    g = torch.Generator(device="cuda").manual_seed(t)
+    x = torch.randn(t, h, device="cuda", generator=g).bfloat16()
+    logits = torch.randn(t, e, device="cuda", generator=g)  # float32: in bf16, ties (topk's order among equals
+    # is unspecified) would be likely among 128 experts
+    w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=g) / h ** 0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, device="cuda", generator=g) / i ** 0.5).bfloat16()
+    routing = torch.zeros(t, k, dtype=torch.int64, device="cuda")
+    fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path=path)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe_from_logits(x, logits, w13, w2, k, True, routing, path=path)
+    x.copy_(torch.randn(t, h, device="cuda", generator=g))
+    logits.copy_(torch.randn(t, e, device="cuda", generator=g))
+    graph.replay()
+    weights, ids = route_topk(logits, k, True)
+    assert torch.equal(routing, ids)
+    expected = fused_moe_reference(x.float(), w13.float(), w2.float(), weights, ids)
+    assert (out.float() - expected).abs().max() <= 0.02 * expected.abs().max()
