@@ -13,6 +13,7 @@ verification steps (mixed with prefill chunks, or with shorter drafts) run eager
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -330,6 +331,9 @@ class ModelRunner:
         sampler's filters, and the largest CUDA graph's pool (see engine/memory.py for how they combine)."""
         dev = self.device
         torch.cuda.synchronize(dev)
+        # An engine nothing refers to any more but a reference cycle (a notebook's previous LLM, a finished test's)
+        # still holds its weights and KV pool until the collector runs: they would count as other memory here.
+        gc.collect()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         non_torch = (total - free) - torch.cuda.memory_reserved(dev)

@@ -32,14 +32,15 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)  # what a @triton.jit function may read (the compiler refuses plain float globals)
 
 
 @triton.jit
 def soft_cap(s, softcap):
     """cap * tanh(x / cap) of base-2 scores s = x * log2(e) (tanh from exp, which the interpreter has)."""
-    x = s / (LOG2E * softcap)
+    x = s / (_LOG2E * softcap)
     t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-    return t * (softcap * LOG2E)
+    return t * (softcap * _LOG2E)
 
 
 @triton.jit
