@@ -246,13 +246,19 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False):
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True):
+    """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation); else the GEMV
+    (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
+    if kernel not in (None, "tc"):
+        raise ValueError(f"kernel={kernel!r}: expected None or 'tc'")
     if gemv is None:
-        gemv = m <= GEMV_MAX_ROWS
+        gemv = m <= GEMV_MAX_ROWS and kernel is None
+    if gemv and kernel is not None:
+        raise ValueError("gemv=True and kernel='tc' exclude each other")
     step = KERNEL_CHUNK * chunks
-    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4):
+    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4 and kernel is None) or chunks < 1:
         raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
                          "(or is below the tl.dot kernel's 4)")
     sms = num_sms(x.device)
@@ -272,7 +278,13 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     flags = dict(GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=group_size % step == 0,
                  EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
                  SERIAL=locks is not None, STAGES=stages)
-    if gemv:
+    if kernel == "tc":
+        from .triton_int4_tc import _int4_tc_kernel
+        _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+                              BLOCK_M=block_m, **flags, SWAP=swap,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                              num_warps=num_warps or default["num_warps"])
+    elif gemv:
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                 **flags, num_warps=num_warps or 4)
     else:
