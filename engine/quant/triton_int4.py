@@ -199,18 +199,54 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
                 num_stages=num_stages)
 
 
+def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chunks: int, num_warps: int,
+              num_stages: int = 3, swap: bool = True) -> dict:
+    """A config of triton_int4_tc's kernel: split-K up to 2 programs per SM while each slice keeps >= 4 steps."""
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
+    split = max(1, min(triton.cdiv(2 * sms, programs), steps // 4 or 1, 8))
+    return dict(gemv=False, kernel="tc", swap=swap, block_m=block_m, block_n=block_n, chunks=chunks, split_k=split,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+# GEMV tiles to time at 1-2 rows, (block_n, chunks, warps): from many rows x short K runs to a few rows x
+# long ones (16 chunks = 512 features, 2 KB of a row per step), so that what keeps the loads in flight
+# and the FMAs fed on a given GPU is found by measuring, not guessed.
+GEMV_TILES = ((128, 4, 4), (64, 8, 4), (32, 8, 4), (16, 16, 4), (8, 32, 4), (256, 4, 8), (128, 8, 8), (64, 16, 8),
+              (32, 4, 2), (16, 8, 1))
+# The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
+# x are the MMA's N); many rows: plain GEMM tiles of 64-128 rows x 128-256 columns, K steps of 64-128.
+TC_SMALL = ((16, 64, 4, 4, 3, True), (16, 128, 4, 4, 3, True), (16, 64, 8, 4, 3, True), (16, 128, 8, 8, 3, True))
+TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2, 8, 4, False),
+            (128, 256, 2, 8, 3, False), (64, 256, 4, 8, 3, False), (128, 128, 4, 8, 4, True),
+            (128, 128, 2, 4, 5, False))
+
+
 def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
-    """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles, since each tile
-    (and each of serial on/off) is a compile on a cold cache: 4 for the GEMV, about 4 per row tile."""
+    """Configs tuning.pick times for a shape; the heuristic first. Each distinct tile (and serial on/off)
+    is one compile on a cold cache, shared by every shape that times it."""
+    ok = lambda c: _chunks_ok(c["chunks"], group_size)  # noqa: E731
     if m <= GEMV_MAX_ROWS:
-        cands = [gemv_config(m, n, k, sms), gemv_config(m, n, k, sms, block_n=128),
-                 gemv_config(m, n, k, sms, chunks=8)]
-    else:
-        cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-                 dot_config(m, n, k, sms, chunks=8)]
-        if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
-            cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
-    return split_variants(cands, lambda c: _chunks_ok(c["chunks"], group_size))
+        cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
+                                               for bn, ch, w in GEMV_TILES]
+        tc = [tc_config(m, n, k, sms, bm, bn, ch, w, st, sw) for bm, bn, ch, w, st, sw in TC_SMALL]
+        return split_variants(cands, ok) + _serial_when_split(tc, ok)
+    cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+             dot_config(m, n, k, sms, chunks=8)]
+    if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
+        cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
+    tiles = TC_SMALL if m <= 32 else TC_SMALL[:2] + TC_LARGE if m <= 64 else TC_LARGE
+    tc = [tc_config(m, n, k, sms, mm_block_m(m) if sw and bm == 16 else bm, bn, ch, w, st, sw)
+          for bm, bn, ch, w, st, sw in tiles]
+    if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
+        tc += [dict(c, split_k=1) for c in tc[:3]]
+    return split_variants(cands, ok) + _serial_when_split(tc, ok)
+
+
+def _serial_when_split(cands: list[dict], ok) -> list[dict]:
+    """Each candidate once, reducing its split-K partials in the kernel when it splits."""
+    out = [dict(c, serial=True) if c["split_k"] > 1 else c for c in cands if ok(c)]
+    return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -97,9 +97,12 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, spl
 @triton.jit
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, split_k, stride_xm, stride_wn,
                     stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
-    """A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
-    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel."""
+                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                    SWAP: tl.constexpr = True):
+    """SWAP: A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
+    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel. Not SWAP (many rows): a plain
+    GEMM, acc[m, n] = x W^T with the converted tile transposed into the B operand. Either way the
+    per-channel scale is applied once, in the epilogue (int8 values are exact in 16-bit floats)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -112,20 +115,33 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, sp
     k_end = tl.minimum(k_start + k_per_split, K)
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
         if EVEN_K:
             mask_k = tl.full([BLOCK_K], 1, tl.int1)
         else:
             mask_k = offs_k < k_end
-        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
-    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        if SWAP:
+            xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+            acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
+        else:
+            xs = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(xs, tl.trans(_int8_to_float(w).to(xs.dtype)), acc, input_precision=PRECISION)
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
+    if SWAP:
+        acc = acc * scale[:, None]
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        acc = acc * scale[None, :]
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if SERIAL:
         _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
@@ -166,6 +182,27 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
                 cfg[tile_k] = tk
             cands.append(cfg)
     return [dict(gemv=False)] + split_variants(cands)
+
+
+# Plain-GEMM tiles for many rows (not swapped: x is the MMA's A, the converted weight tile its B), as
+# (block_m, block_n, block_k, warps, stages): what cuBLAS-class bf16 GEMMs use at 64-4096 rows.
+GEMM_TILES = ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
+              (128, 128, 64, 4, 4), (64, 256, 64, 8, 4), (128, 128, 64, 8, 5))
+
+
+def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """int8 tl.dot configs without swap-AB: each GEMM_TILES tile with split-K up to 2 programs per SM
+    (>= 4 K steps a slice, reduced in the kernel), and the first three also unsplit."""
+    out = []
+    for block_m, block_n, block_k, warps, stages in GEMM_TILES:
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+        cfg = dict(gemv=False, swap=False, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
+                   num_warps=warps, num_stages=stages)
+        out.append(dict(cfg, serial=True) if split > 1 else cfg)
+        if split > 1 and len(out) <= 4:
+            out.append(dict(cfg, split_k=1))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -245,9 +282,13 @@ def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, t
     key (block_k for int8)."""
     small, large = (256, 512) if tile_k == "block_k" else (2, 4)
     cands = []
-    for block_n, tk in ((32, small), (16, large), (64, small)):
-        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_), num_warps=4,
-                   num_stages=3, gemv=True)
+    tiles = [(32, small, 4), (16, large, 4), (64, small, 4)]
+    if tile_k == "block_k":  # int8: longer runs of a row per step, and more or fewer rows a program
+        tiles += [(8, 1024, 4), (128, 256, 8), (32, 512, 8), (16, 256, 2)]
+    for block_n, tk, warps in tiles:
+        k_tiles = max(1, k * small // tk)  # k counts K tiles of the small size
+        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k_tiles, num_sms_),
+                   num_warps=warps, num_stages=3, gemv=True)
         cfg[tile_k] = tk
         cands.append(cfg)
     return [heuristic] + split_variants(cands) + [dict(gemv=False)]
@@ -284,13 +325,15 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
                 cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8,
                                   num_stages=3))
+            if m > 16:
+                cands += gemm_candidates(m, n, k, sms)
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False):
+            num_stages=None, gemv=None, serial=False, swap=True):
     m, k = x.shape
     n = q.shape[0]
     if gemv is None:
@@ -318,5 +361,5 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     else:
         _int8_mm_kernel[grid](*args, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                               BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                              num_warps=num_warps or 4)
+                              SWAP=swap, num_warps=num_warps or 4)
     return res if locks is not None else gemv_result(out, x.dtype)

@@ -9,7 +9,9 @@ launches), over enough copies of the weights to overflow L2, and keeps the faste
 the process.
 
 Invariants: `chosen` maps a key to the config every later call with that key uses; `timings` keeps
-the measured milliseconds per candidate, for benchmarks to record. No tuning happens off CUDA,
+the measured milliseconds per candidate, for benchmarks to record; a candidate whose output differs
+from the first candidate's (tuning.agrees) or that fails to build is timed as inf and never chosen.
+No tuning happens off CUDA,
 while a CUDA graph is being captured (the first candidate is used then, without caching), or when
 ENGINE_QUANT_AUTOTUNE=0; the first candidate is the shape heuristic.
 """
@@ -38,8 +40,14 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
         return candidates[0]
     sets = arg_sets()
     results = []
+    reference = None
     for cand in candidates:
         try:
+            out = launch(cand, *sets[0])
+            if reference is None:
+                reference = out.float()
+            elif not agrees(out, reference):  # a wrong candidate never wins (a miscompile, a bad tile)
+                raise ValueError("output differs from the first candidate's")
             ms = _graph_time(lambda: [launch(cand, *a) for a in sets], len(sets))
         except Exception:  # noqa: BLE001 - a config this GPU or Triton cannot build is skipped
             ms = math.inf
@@ -48,6 +56,16 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     best = min(results, key=lambda r: r[1])[0]
     chosen[key], timings[key] = best, results
     return best
+
+
+def agrees(out: torch.Tensor, reference: torch.Tensor, rtol: float = 2e-2) -> bool:
+    """Whether a candidate's output equals the first candidate's up to 16-bit rounding of the weights
+    and of the sums (relative Frobenius error below rtol; NaN or inf anywhere never agrees)."""
+    if out.shape != reference.shape:
+        return False
+    out = out.float()
+    err = (out - reference).norm()
+    return bool(torch.isfinite(err)) and float(err) <= rtol * float(reference.norm()) + 1e-6
 
 
 def _graph_time(fn: Callable[[], object], calls: int, reps: int = 4) -> float:
