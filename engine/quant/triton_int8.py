@@ -98,7 +98,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, spl
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, split_k, stride_xm, stride_wn,
                     stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
-                    SWAP: tl.constexpr = True):
+                    SWAP: tl.constexpr):
     """SWAP: A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
     and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel. Not SWAP (many rows): a plain
     GEMM, acc[m, n] = x W^T with the converted tile transposed into the B operand. Either way the

@@ -68,12 +68,29 @@ def check_dot_kernels():
                    dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
                         STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
-    ptx = _compile(_int8_mm_kernel, {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                     "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                                     "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
-                                     "stride_om": "i32"},
-                   dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False, STAGES=3, PRECISION="tf32"))
+    int8_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
+                "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32",
+                "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False,
+                                                   STAGES=3, PRECISION="tf32", SWAP=True))
     assert "wgmma.mma_async" in ptx
+    # Many rows, not swapped: x is the 128-row A operand, the converted weights a 128-wide B.
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, SERIAL=False,
+                                                   STAGES=4, PRECISION="tf32", SWAP=False), num_warps=8)
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16", ptx)
+
+
+def check_int4_tc_kernel():
+    """The one-dot-per-step kernel: its K = 32 * CHUNKS step is one dot (CHUNKS * 2 k16 wgmmas in the
+    loop), swapped for few rows (n16) and plain for many (n128)."""
+    from engine.quant.triton_int4_tc import _int4_tc_kernel
+    sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
+    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32")
+    ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True))
+    assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=128, BLOCK_N=128, CHUNKS=2, SWAP=False), num_warps=8)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
 
 
 def check_fp8_gemm():
@@ -97,6 +114,10 @@ def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
 
 def test_int4_and_int8_dot_kernels_use_wgmma():
     _run("check_dot_kernels")
+
+
+def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
+    _run("check_int4_tc_kernel")
 
 
 def test_fp8_gemm_uses_e4m3_wgmma():
