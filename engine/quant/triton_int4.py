@@ -12,8 +12,8 @@ Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of
 16-byte load per row and chunk. Nibble plane i of that tile meets the features 32c + 4i + (0..3), so
 x is read as 8 small gathers of 4 contiguous values per chunk, and no unpacked tile is reshaped.
 Dequantization in registers, per code, is one LOP3 and one float subtract: plane i (i < 4 from the
-word, i >= 4 from the word >> 16, once per word) is masked in place, `(w & (15 << 4i')) | 0x4B000000`
-being the float 2^23 + q * 16^i' exactly; subtracting 2^23 + zero * 16^i' (a per-row constant of the
+word, i >= 4 from the word >> 16, each OR-ed with 0x4B000000 once per word) is masked in place,
+`src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting 2^23 + zero * 16^i' (a per-row constant of the
 group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
 per row of x or per group, not per code. The scale and zero of a group are loaded once per row and
 step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
@@ -50,13 +50,22 @@ GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) out
 
 
 @triton.jit
-def _plane(w, w_hi, I: tl.constexpr):
-    """Nibble plane I of the words w (w_hi = w >> 16) as float32 2^23 + q * 16^(I % 4), exact."""
+def _halves(w):
+    """The words w with the float 2^23's exponent bits OR-ed in, for planes 0-3 (w) and 4-7 (w >> 16):
+    once per word, so that each plane is then one AND with a single immediate (`_plane`)."""
+    return w | 0x4B000000, (w >> 16) | 0x4B000000
+
+
+@triton.jit
+def _plane(w_lo, w_hi, I: tl.constexpr):
+    """Nibble plane I of the words (w_lo, w_hi = _halves(w)) as float32 2^23 + q * 16^(I % 4), exact.
+    (An AND keeping the exponent bits and the nibble: one LOP3 with one immediate. A mask-then-OR
+    with two immediates makes ptxas rematerialize one constant per code.)"""
     if I < 4:
-        src = w
+        src = w_lo
     else:
         src = w_hi
-    return ((src & (15 << (4 * (I % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
+    return (src & (0x4B000000 | (15 << (4 * (I % 4))))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -103,13 +112,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        w_hi = w >> 16
+        w_lo, w_hi = _halves(w)
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
             step = 1 << (4 * (i % 4))  # the place value of plane i's nibble in its half-word
             x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * (1.0 / step)
-            part += (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
+            part += (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
         acc += part * scale
     out = tl.sum(acc, 1)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
@@ -153,13 +162,13 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        w_hi = w >> 16
+        w_lo, w_hi = _halves(w)
         mask_x = mask_k[:, None] & mask_m[None, :]
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)
             xt = tl.load(x_cols + xk[:, None], mask=mask_x, other=0.0)
             step = 1 << (4 * (i % 4))
-            wd = (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
+            wd = (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
             acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
     # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
     offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
