@@ -291,9 +291,11 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True):
-    """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation); else the GEMV
-    (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale"):
+    """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
+    the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
+    same by inline PTX, CUDA and 16-bit x only); else the GEMV (gemv, the default for
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
     if kernel not in (None, "tc"):
@@ -306,6 +308,14 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4 and kernel is None) or chunks < 1:
         raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
                          "(or is below the tl.dot kernel's 4)")
+    if kernel == "tc":
+        from .triton_int4_tc import DEQUANT_MODES
+        if dequant not in DEQUANT_MODES:
+            raise ValueError(f"dequant={dequant!r}: expected one of {sorted(DEQUANT_MODES)}")
+        if dequant != "scale" and group_size % step:
+            raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
+        if dequant == "asm" and not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            raise ValueError("dequant='asm' runs on CUDA with float16 / bfloat16 x only")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -324,9 +334,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                  EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
                  SERIAL=locks is not None, STAGES=stages)
     if kernel == "tc":
-        from .triton_int4_tc import _int4_tc_kernel
+        from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel
         _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
-                              BLOCK_M=block_m, **flags, SWAP=swap,
+                              BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:

@@ -8,8 +8,9 @@ Why a second tensor-core kernel: triton_int4's `_int4_dot_kernel` multiplies eac
 own tl.dot (8 dots of K = 4 * CHUNKS per step, each with its own operand staging), which starves the
 tensor cores once many rows share the weight tile (prefill chunks, batches of 64-256). Here the 8
 dequantized planes [BLOCK_N, WORDS] are interleaved in registers with tl.join into one
-[BLOCK_N, 8 * WORDS] tile whose column j is nibble j % 8 of word j // 8, i.e. input feature
-    32 * (w // 4) + 4 * (j % 8) + w % 4,   w = j // 8  (from the step's start),
+[BLOCK_N, 8 * WORDS] tile whose column j is nibble p(j) of word w = j // 8, i.e. input feature
+    32 * (w // 4) + 4 * p(j) + w % 4,   p(j) = j % 8 // 4 + 2 * (j // 2 % 2) + 4 * (j % 2)
+(from the step's start; planes i and i + 4 side by side, as _asm_planes makes them),
 and x is read in that same column order (a gather from a contiguous range, cached), so one dot of
 K = 32 * CHUNKS (128-512) does the step. The joins only regroup values a thread already holds, so
 the unpacked tile costs no data movement; dequantization is the magic-number trick of triton_int4
@@ -29,32 +30,77 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_int4 import _group_params, _plane
+from .triton_int4 import _group_params, _halves, _plane
 from .triton_int8 import _serial_split_reduce
 
+DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2}  # the DEQUANT constexpr of a launch config's `dequant`
+
 
 @triton.jit
-def _dequant(w, w_hi, scale, zero, I: tl.constexpr, DT: tl.constexpr):
-    """Nibble plane I of the words as (q - zero) * scale in DT (scale, zero float32, broadcastable)."""
+def _dequant(w_lo, w_hi, scale, zero, I: tl.constexpr, DT: tl.constexpr, EXACT: tl.constexpr):
+    """Nibble plane I of the words (w_lo, w_hi = _halves(w)) in DT: (q - zero) * scale, or with EXACT
+    the integers q - zero (exact in 16 bits; the scale is applied after the dot), one FFMA per code:
+    (2^23 + q * 16^i) / 16^i - (2^23 / 16^i + zero) is exact in float32."""
     step = 1 << (4 * (I % 4))  # the place value of plane I's nibble in its half-word
-    return ((_plane(w, w_hi, I) - (zero * step + 8388608.0)) * (scale * (1.0 / step))).to(DT)
+    if EXACT:
+        return (_plane(w_lo, w_hi, I) * (1.0 / step) - (zero + 8388608.0 / step)).to(DT)
+    return ((_plane(w_lo, w_hi, I) - (zero * step + 8388608.0)) * (scale * (1.0 / step))).to(DT)
+
+
+def _planes_ptx(magic: str, fma: str, one: str) -> str:
+    """PTX of _asm_planes: $8 the word, $9 the packed -(magic + zero); $0..$7 planes 0..7."""
+    body = "".join(f"shr.u32 u, $8, {4 * i};\nlop3.b32 t{i}, u, 0x000F000F, {magic}, 0xEA;\n" for i in range(1, 4))
+    return ("{\n.reg .b32 t0, t1, t2, t3, u, one;\n"
+            f"mov.b32 one, {one};\nlop3.b32 t0, $8, 0x000F000F, {magic}, 0xEA;\n{body}"
+            + "".join(f"{fma} t{i}, t{i}, one, $9;\n" for i in range(4))
+            + "".join(f"mov.b32 {{${i}, ${i + 4}}}, t{i};\n" for i in range(4)) + "}")
+
+
+_PTX_BF16 = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80"))  # magic 128
+_PTX_FP16 = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00"))  # magic 1024
 
 
 @triton.jit
-def _unpacked_tile(w, scale, zero, DT: tl.constexpr):
-    """[BLOCK_N, WORDS] int32 words -> [BLOCK_N, 8 * WORDS] dequantized codes in DT, column j = nibble
-    j % 8 of word j // 8 (the joins nest so that the plane index is the minor one)."""
-    w_hi = w >> 16
-    p0 = _dequant(w, w_hi, scale, zero, 0, DT)
-    p1 = _dequant(w, w_hi, scale, zero, 1, DT)
-    p2 = _dequant(w, w_hi, scale, zero, 2, DT)
-    p3 = _dequant(w, w_hi, scale, zero, 3, DT)
-    p4 = _dequant(w, w_hi, scale, zero, 4, DT)
-    p5 = _dequant(w, w_hi, scale, zero, 5, DT)
-    p6 = _dequant(w, w_hi, scale, zero, 6, DT)
-    p7 = _dequant(w, w_hi, scale, zero, 7, DT)
-    # t[..., a, b, c] = plane 4a + 2b + c
-    t = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+def _asm_planes(w, zero, DT: tl.constexpr):
+    """The 8 nibble planes of the words w as q - zero in DT (bfloat16 / float16), two codes per
+    instruction (Marlin's trick): per word, 3 shifts, 4 LOP3 `(w >> 4i & 0x000F000F) | magic` giving
+    the 16-bit pairs (magic + q_i, magic + q_{i+4}) with magic = 128 (bf16) or 1024 (fp16), whose
+    mantissa holds q exactly, and 4 packed FMAs x * 1 - (magic + zero). CUDA only (inline PTX)."""
+    if DT == tl.bfloat16:
+        mz = (0xC300 | zero.to(tl.int32)) * 0x10001  # packed -(128 + zero)
+        planes = tl.inline_asm_elementwise(
+            _PTX_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, tl.broadcast_to(mz, w.shape)],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16), is_pure=True, pack=1)
+    else:
+        mz = (0xE400 | zero.to(tl.int32)) * 0x10001  # packed -(1024 + zero)
+        planes = tl.inline_asm_elementwise(
+            _PTX_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, tl.broadcast_to(mz, w.shape)],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                   tl.float16), is_pure=True, pack=1)
+    return planes
+
+
+@triton.jit
+def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
+    """[BLOCK_N, WORDS] int32 words -> [BLOCK_N, 8 * WORDS] codes in DT, column j = nibble
+    p(j) = j % 8 // 4 + 2 * (j // 2 % 2) + 4 * (j % 2) of word j // 8. DEQUANT 0: (q - zero) * scale;
+    1: q - zero (EXACT); 2: q - zero by inline PTX (_asm_planes)."""
+    if DEQUANT == 2:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _asm_planes(w, zero, DT)
+    else:
+        w_lo, w_hi = _halves(w)
+        p0 = _dequant(w_lo, w_hi, scale, zero, 0, DT, DEQUANT == 1)
+        p1 = _dequant(w_lo, w_hi, scale, zero, 1, DT, DEQUANT == 1)
+        p2 = _dequant(w_lo, w_hi, scale, zero, 2, DT, DEQUANT == 1)
+        p3 = _dequant(w_lo, w_hi, scale, zero, 3, DT, DEQUANT == 1)
+        p4 = _dequant(w_lo, w_hi, scale, zero, 4, DT, DEQUANT == 1)
+        p5 = _dequant(w_lo, w_hi, scale, zero, 5, DT, DEQUANT == 1)
+        p6 = _dequant(w_lo, w_hi, scale, zero, 6, DT, DEQUANT == 1)
+        p7 = _dequant(w_lo, w_hi, scale, zero, 7, DT, DEQUANT == 1)
+    # tl.join adds the new axis last: t[..., x, y, z] = plane x + 2y + 4z, so adjacent columns hold
+    # planes i and i + 4, the two halves of one _asm_planes register (no re-packing of 16-bit pairs)
+    t = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7)))
     return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
 
 
@@ -63,7 +109,7 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                    SWAP: tl.constexpr, PRECISION: tl.constexpr):
+                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -75,7 +121,8 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
     offs_w = tl.arange(0, WORDS)
     col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word, from the step's start
     offs_j = tl.arange(0, 8 * WORDS)
-    feat_j = 32 * ((offs_j // 8) // 4) + 4 * (offs_j % 8) + (offs_j // 8) % 4  # feature of tile column j
+    plane_j = (offs_j % 8) // 4 + 2 * ((offs_j // 2) % 2) + 4 * (offs_j % 2)  # nibble of column j (_unpacked_tile)
+    feat_j = 32 * ((offs_j // 8) // 4) + 4 * plane_j + (offs_j // 8) % 4  # feature of tile column j
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
@@ -99,13 +146,19 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        wd = _unpacked_tile(w, scale, zero, DT)  # masked words dequantize to garbage; their x is 0
+        wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
         if SWAP:
             xt = tl.load(x_rows[None, :] + kj[:, None], mask=mask_j[:, None] & mask_m[None, :], other=0.0)
-            acc = tl.dot(wd, xt, acc, input_precision=PRECISION)
+            if DEQUANT == 0:
+                acc = tl.dot(wd, xt, acc, input_precision=PRECISION)
+            else:  # the step lies in one group (ONE_GROUP): its scale multiplies the step's dot
+                acc += tl.dot(wd, xt, input_precision=PRECISION) * scale
         else:
             xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-            acc = tl.dot(xs, tl.trans(wd), acc, input_precision=PRECISION)
+            if DEQUANT == 0:
+                acc = tl.dot(xs, tl.trans(wd), acc, input_precision=PRECISION)
+            else:
+                acc += tl.dot(xs, tl.trans(wd), input_precision=PRECISION) * tl.trans(scale)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
     if SWAP:
         offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
