@@ -209,13 +209,14 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
 
 
 def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chunks: int, num_warps: int,
-              num_stages: int = 3, swap: bool = True) -> dict:
-    """A config of triton_int4_tc's kernel: split-K up to 2 programs per SM while each slice keeps >= 4 steps."""
+              num_stages: int = 3, swap: bool = True, dequant: str = "scale", waves: int = 2) -> dict:
+    """A config of triton_int4_tc's kernel: split-K up to `waves` programs per SM while each slice keeps
+    >= 4 steps (2 with more waves)."""
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
-    split = max(1, min(triton.cdiv(2 * sms, programs), steps // 4 or 1, 8))
-    return dict(gemv=False, kernel="tc", swap=swap, block_m=block_m, block_n=block_n, chunks=chunks, split_k=split,
-                num_warps=num_warps, num_stages=num_stages)
+    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    return dict(gemv=False, kernel="tc", swap=swap, dequant=dequant, block_m=block_m, block_n=block_n, chunks=chunks,
+                split_k=split, num_warps=num_warps, num_stages=num_stages)
 
 
 # GEMV tiles to time at 1-2 rows, (block_n, chunks, warps): from many rows x short K runs to a few rows x
@@ -224,38 +225,60 @@ def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chun
 GEMV_TILES = ((128, 4, 4), (64, 8, 4), (32, 8, 4), (16, 16, 4), (8, 32, 4), (256, 4, 8), (128, 8, 8), (64, 16, 8),
               (32, 4, 2), (16, 8, 1))
 # The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
-# x are the MMA's N); many rows: plain GEMM tiles of 64-128 rows x 128-256 columns, K steps of 64-128.
-TC_SMALL = ((16, 64, 4, 4, 3, True), (16, 128, 4, 4, 3, True), (16, 64, 8, 4, 3, True), (16, 128, 8, 8, 3, True))
+# x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
+# thread dequantizes per step, the fewer instructions per code: ~2.9 at 256 x 128 with dequant="asm",
+# counted in sm_90 SASS); many rows: plain GEMM tiles of 64-128 rows x 128-256 columns, K steps of 64-128.
+TC_SMALL = ((16, 256, 4, 4, 3, True), (16, 256, 4, 8, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 2, 4, 4, True),
+            (16, 64, 4, 4, 3, True), (16, 128, 4, 2, 3, True))
 TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2, 8, 4, False),
             (128, 256, 2, 8, 3, False), (64, 256, 4, 8, 3, False), (128, 128, 4, 8, 4, True),
             (128, 128, 2, 4, 5, False))
 
 
-def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
+def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
     """Configs tuning.pick times for a shape; the heuristic first. Each distinct tile (and serial on/off)
-    is one compile on a cold cache, shared by every shape that times it."""
+    is one compile on a cold cache, shared by every shape that times it. asm: the inline-PTX
+    dequantization can run (CUDA, 16-bit x); tc tiles whose step lies in one group use it (else the
+    exact float32 one), the others dequantize with their scale per code."""
     ok = lambda c: _chunks_ok(c["chunks"], group_size)  # noqa: E731
+
+    def tc(tiles, **kw):
+        out = []
+        for bm, bn, ch, w, st, sw in tiles:
+            one_group = group_size % (KERNEL_CHUNK * ch) == 0
+            dequant = ("asm" if asm else "exact") if one_group else "scale"
+            bm = mm_block_m(m) if sw and bm == 16 else bm
+            out.append(tc_config(m, n, k, sms, bm, bn, ch, w, st, sw, dequant, **kw))
+        return out
+
     if m <= GEMV_MAX_ROWS:
         cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
                                                for bn, ch, w in GEMV_TILES]
-        tc = [tc_config(m, n, k, sms, bm, bn, ch, w, st, sw) for bm, bn, ch, w, st, sw in TC_SMALL]
-        return split_variants(cands, ok) + _serial_when_split(tc, ok)
+        # the tensor-core kernel, also with 4 programs per SM (longer split-K)
+        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:3], waves=4), ok)
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
         cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
-    tiles = TC_SMALL if m <= 32 else TC_SMALL[:2] + TC_LARGE if m <= 64 else TC_LARGE
-    tc = [tc_config(m, n, k, sms, mm_block_m(m) if sw and bm == 16 else bm, bn, ch, w, st, sw)
-          for bm, bn, ch, w, st, sw in tiles]
-    if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
-        tc += [dict(c, split_k=1) for c in tc[:3]]
-    return split_variants(cands, ok) + _serial_when_split(tc, ok)
+    if m <= 32:
+        extra = tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4)
+    else:
+        extra = tc(TC_SMALL[:3] if m <= 64 else ()) + tc(TC_LARGE)
+        if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
+            extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:3])]
+    return split_variants(cands, ok) + _serial_when_split(extra, ok)
 
 
 def _serial_when_split(cands: list[dict], ok) -> list[dict]:
     """Each candidate once, reducing its split-K partials in the kernel when it splits."""
     out = [dict(c, serial=True) if c["split_k"] > 1 else c for c in cands if ok(c)]
     return [c for i, c in enumerate(out) if c not in out[:i]]
+
+
+def asm_supported(x: torch.Tensor) -> bool:
+    """Whether dequant="asm" (packed bf16x2 / f16x2 PTX, sm_80+) can run on x's device and dtype."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -282,7 +305,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
     if not config:
         sms = num_sms(x.device)
-        cands = candidates(m, n, k, group_size, sms)
+        cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
         key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
         copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]
@@ -314,8 +337,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r}: expected one of {sorted(DEQUANT_MODES)}")
         if dequant != "scale" and group_size % step:
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
-        if dequant == "asm" and not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
-            raise ValueError("dequant='asm' runs on CUDA with float16 / bfloat16 x only")
+        if dequant == "asm" and not asm_supported(x):
+            raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]

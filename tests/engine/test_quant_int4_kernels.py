@@ -83,6 +83,11 @@ TC_CASES = [
     (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=2, split_k=3, swap=False, serial=True)),
     (5, 40, 512, 32, dict(TC, block_m=16, block_n=32, chunks=16, split_k=1)),
     (40, 24, 256, 128, dict(TC, block_m=32, block_n=16, chunks=4, split_k=2, swap=True)),
+    # dequant="exact": q - zero in 16 bits, the group's scale after the step's dot (steps inside a group)
+    (1, 48, 256, 128, dict(TC, block_m=16, block_n=16, chunks=4, split_k=1, dequant="exact")),
+    (2, 40, 384, 128, dict(TC, block_m=16, block_n=32, chunks=2, split_k=3, serial=True, dequant="exact")),
+    (3, 33, 160, 32, dict(TC, block_m=16, block_n=32, chunks=1, split_k=2, dequant="exact")),
+    (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=4, split_k=2, swap=False, dequant="exact")),
 ]
 
 
@@ -105,7 +110,9 @@ def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
 
 @pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(DOT, block_n=32, chunks=8),
                                  dict(TC, block_m=16, block_n=32, chunks=4, split_k=2),
-                                 dict(TC, block_m=32, block_n=16, chunks=8, swap=False)])
+                                 dict(TC, block_m=32, block_n=16, chunks=8, swap=False),
+                                 dict(TC, block_m=16, block_n=32, chunks=1, swap=True, dequant="exact"),
+                                 dict(TC, block_m=32, block_n=16, chunks=1, swap=False, dequant="exact")])
 def test_int4_kernels_read_back_every_code_exactly(cfg):
     """Scale 1, zero 0, x = unit rows: the output is the integer codes themselves, each one."""
     from engine.quant.triton_int4 import int4_matmul
@@ -123,6 +130,19 @@ def test_int4_kernels_read_back_every_code_exactly(cfg):
         out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE),
                           torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg).cpu()
     assert torch.equal(out, codes[:, list(rows)].t().float())
+
+
+def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
+    from engine.quant.triton_int4 import _launch
+    qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
+    packed, x = pack_int4_kernel(qweight), torch.randn(1, 256)
+    with pytest.raises(ValueError, match="dequant='bogus'"):
+        _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="bogus")
+    with pytest.raises(ValueError, match="one group"):  # 256-feature steps span two groups of 128
+        _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, dequant="exact")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="asm")
 
 
 def test_int4_matmul_rejects_groups_the_layout_cannot_tile():
@@ -158,7 +178,7 @@ def test_every_int4_tuning_candidate_computes_the_same_product(m):
     x = torch.randn(m, k, generator=g)
     ref = int4_linear_reference(x, qweight, scales, zeros)
     cands = candidates(m, n, k, 128, 132)
-    assert any(c.get("kernel") == "tc" for c in cands)
+    assert any(c.get("kernel") == "tc" and c["dequant"] == "exact" for c in cands)
     if m >= 64:
         assert any(c.get("kernel") == "tc" and not c["swap"] and c["block_m"] >= 64 and c["block_n"] >= 128
                    and c["num_stages"] >= 4 for c in cands)
