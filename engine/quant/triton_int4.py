@@ -243,19 +243,26 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
     ok = lambda c: _chunks_ok(c["chunks"], group_size)  # noqa: E731
 
     def tc(tiles, **kw):
+        """Few rows: the scale after each step's dot (one FMA per output, not per code); many rows: the
+        scale in the dequantization, so that the dot accumulates in place (no second accumulator)."""
         out = []
         for bm, bn, ch, w, st, sw in tiles:
             one_group = group_size % (KERNEL_CHUNK * ch) == 0
-            dequant = ("asm" if asm else "exact") if one_group else "scale"
+            if asm:
+                dequant = "asm" if one_group and m <= 32 else "asm_scaled"
+            else:
+                dequant = "exact" if one_group and m <= 32 else "scale"
             bm = mm_block_m(m) if sw and bm == 16 else bm
-            out.append(tc_config(m, n, k, sms, bm, bn, ch, w, st, sw, dequant, **kw))
+            out.append(dict(tc_config(m, n, k, sms, bm, bn, ch, w, st, sw, dequant, **kw), x_natural=True))
         return out
 
     if m <= GEMV_MAX_ROWS:
         cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
                                                for bn, ch, w in GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
-        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:3], waves=4), ok)
+        gathered = [dict(c, x_natural=False) for c in tc(TC_SMALL[:1])]  # x gathered in the tile's order
+        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:3], waves=4) + gathered,
+                                                              ok)
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
@@ -314,10 +321,12 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale"):
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
-    same by inline PTX, CUDA and 16-bit x only); else the GEMV (gemv, the default for
+    same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
+    any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
+    registers, not gathered); else the GEMV (gemv, the default for
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
@@ -335,9 +344,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         from .triton_int4_tc import DEQUANT_MODES
         if dequant not in DEQUANT_MODES:
             raise ValueError(f"dequant={dequant!r}: expected one of {sorted(DEQUANT_MODES)}")
-        if dequant != "scale" and group_size % step:
+        if dequant in ("exact", "asm") and group_size % step:
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
-        if dequant == "asm" and not asm_supported(x):
+        if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
@@ -360,6 +369,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel
         _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                               BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
+                              XNAT=x_natural,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:

@@ -21,6 +21,9 @@ Two orientations, a constexpr:
   dequantized tile is the MMA's A operand (from registers), rows of x its N (16 at the least).
 - not SWAP (large batches, prefill): acc [BLOCK_M, BLOCK_N] = x W^T, big row tiles (64-128), the
   dequantized tile transposed into the B operand, as a plain GEMM would be.
+x is either gathered in the tile's column order (8-byte runs, cached), or with XNAT loaded in feature
+order (16-byte loads) and permuted in registers (reshape / permute: feature 32c + 16z + 8y + 4x + r
+goes to column 8 * (4c + r) + 4x + 2y + z), which saves the gathers' address arithmetic at many rows.
 grid (row tiles, column tiles, SPLIT_K), rows fastest (the programs sharing a weight tile run
 together). Split-K partials as in triton_int4 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum
 or, serial, by the tile's last slice). Nothing reads device values on the host (CUDA-graph safe).
@@ -33,7 +36,7 @@ import triton.language as tl
 from .triton_int4 import _group_params, _halves, _plane
 from .triton_int8 import _serial_split_reduce
 
-DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2}  # the DEQUANT constexpr of a launch config's `dequant`
+DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}  # the DEQUANT constexpr of a launch config's `dequant`
 
 
 @triton.jit
@@ -47,37 +50,54 @@ def _dequant(w_lo, w_hi, scale, zero, I: tl.constexpr, DT: tl.constexpr, EXACT: 
     return ((_plane(w_lo, w_hi, I) - (zero * step + 8388608.0)) * (scale * (1.0 / step))).to(DT)
 
 
-def _planes_ptx(magic: str, fma: str, one: str) -> str:
-    """PTX of _asm_planes: $8 the word, $9 the packed -(magic + zero); $0..$7 planes 0..7."""
+def _planes_ptx(magic: str, fma: str, one: str, scaled: bool) -> str:
+    """PTX of _asm_planes: $8 the word, $9 the packed -(magic + zero), $10 (scaled) the packed scale;
+    $0..$7 planes 0..7. Scaled: one more packed FMA, x * scale + (-0), rounding once as a float32
+    (q - zero) * scale rounded to 16 bits would."""
     body = "".join(f"shr.u32 u, $8, {4 * i};\nlop3.b32 t{i}, u, 0x000F000F, {magic}, 0xEA;\n" for i in range(1, 4))
-    return ("{\n.reg .b32 t0, t1, t2, t3, u, one;\n"
-            f"mov.b32 one, {one};\nlop3.b32 t0, $8, 0x000F000F, {magic}, 0xEA;\n{body}"
-            + "".join(f"{fma} t{i}, t{i}, one, $9;\n" for i in range(4))
+    scale = "".join(f"{fma} t{i}, t{i}, $10, nz;\n" for i in range(4)) if scaled else ""
+    return ("{\n.reg .b32 t0, t1, t2, t3, u, one, nz;\n"
+            f"mov.b32 one, {one};\nmov.b32 nz, 0x80008000;\nlop3.b32 t0, $8, 0x000F000F, {magic}, 0xEA;\n{body}"
+            + "".join(f"{fma} t{i}, t{i}, one, $9;\n" for i in range(4)) + scale
             + "".join(f"mov.b32 {{${i}, ${i + 4}}}, t{i};\n" for i in range(4)) + "}")
 
 
-_PTX_BF16 = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80"))  # magic 128
-_PTX_FP16 = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00"))  # magic 1024
+_PTX_BF16 = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80", False))  # magic 128
+_PTX_FP16 = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00", False))  # magic 1024
+_PTX_BF16_SCALED = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80", True))
+_PTX_FP16_SCALED = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00", True))
+_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r")  # 8 16-bit planes; the word, -(magic + zero)
+_CONSTRAINTS_SCALED = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r")  # and the scale
 
 
 @triton.jit
-def _asm_planes(w, zero, DT: tl.constexpr):
-    """The 8 nibble planes of the words w as q - zero in DT (bfloat16 / float16), two codes per
-    instruction (Marlin's trick): per word, 3 shifts, 4 LOP3 `(w >> 4i & 0x000F000F) | magic` giving
-    the 16-bit pairs (magic + q_i, magic + q_{i+4}) with magic = 128 (bf16) or 1024 (fp16), whose
-    mantissa holds q exactly, and 4 packed FMAs x * 1 - (magic + zero). CUDA only (inline PTX)."""
+def _asm_planes(w, zero, scale, DT: tl.constexpr, SCALED: tl.constexpr):
+    """The 8 nibble planes of the words w as q - zero (SCALED: (q - zero) * scale) in DT (bfloat16 /
+    float16), two codes per instruction (Marlin's trick): per word, 3 shifts, 4 LOP3
+    `(w >> 4i & 0x000F000F) | magic` giving the 16-bit pairs (magic + q_i, magic + q_{i+4}) with
+    magic = 128 (bf16) or 1024 (fp16), whose mantissa holds q exactly, 4 packed FMAs x * 1 - (magic +
+    zero) (exact), and SCALED 4 more by the scale. CUDA only (inline PTX)."""
     if DT == tl.bfloat16:
-        mz = (0xC300 | zero.to(tl.int32)) * 0x10001  # packed -(128 + zero)
-        planes = tl.inline_asm_elementwise(
-            _PTX_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, tl.broadcast_to(mz, w.shape)],
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16), is_pure=True, pack=1)
+        mz = tl.broadcast_to((0xC300 | zero.to(tl.int32)) * 0x10001, w.shape)  # packed -(128 + zero)
     else:
-        mz = (0xE400 | zero.to(tl.int32)) * 0x10001  # packed -(1024 + zero)
-        planes = tl.inline_asm_elementwise(
-            _PTX_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [w, tl.broadcast_to(mz, w.shape)],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                   tl.float16), is_pure=True, pack=1)
+        mz = tl.broadcast_to((0xE400 | zero.to(tl.int32)) * 0x10001, w.shape)  # packed -(1024 + zero)
+    s2 = tl.broadcast_to((scale.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001, w.shape)
+    if DT == tl.bfloat16:
+        t = tl.bfloat16
+        if SCALED:
+            planes = tl.inline_asm_elementwise(_PTX_BF16_SCALED, _CONSTRAINTS_SCALED, [w, mz, s2],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+        else:
+            planes = tl.inline_asm_elementwise(_PTX_BF16, _CONSTRAINTS, [w, mz],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+    else:
+        t = tl.float16
+        if SCALED:
+            planes = tl.inline_asm_elementwise(_PTX_FP16_SCALED, _CONSTRAINTS_SCALED, [w, mz, s2],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+        else:
+            planes = tl.inline_asm_elementwise(_PTX_FP16, _CONSTRAINTS, [w, mz],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
     return planes
 
 
@@ -85,9 +105,9 @@ def _asm_planes(w, zero, DT: tl.constexpr):
 def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
     """[BLOCK_N, WORDS] int32 words -> [BLOCK_N, 8 * WORDS] codes in DT, column j = nibble
     p(j) = j % 8 // 4 + 2 * (j // 2 % 2) + 4 * (j % 2) of word j // 8. DEQUANT 0: (q - zero) * scale;
-    1: q - zero (EXACT); 2: q - zero by inline PTX (_asm_planes)."""
-    if DEQUANT == 2:
-        p0, p1, p2, p3, p4, p5, p6, p7 = _asm_planes(w, zero, DT)
+    1: q - zero (EXACT); 2: q - zero by inline PTX (_asm_planes); 3: (q - zero) * scale by inline PTX."""
+    if DEQUANT >= 2:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _asm_planes(w, zero, scale, DT, DEQUANT == 3)
     else:
         w_lo, w_hi = _halves(w)
         p0 = _dequant(w_lo, w_hi, scale, zero, 0, DT, DEQUANT == 1)
@@ -109,7 +129,7 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, PRECISION: tl.constexpr):
+                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -123,6 +143,7 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
     offs_j = tl.arange(0, 8 * WORDS)
     plane_j = (offs_j % 8) // 4 + 2 * ((offs_j // 2) % 2) + 4 * (offs_j % 2)  # nibble of column j (_unpacked_tile)
     feat_j = 32 * ((offs_j // 8) // 4) + 4 * plane_j + (offs_j // 8) % 4  # feature of tile column j
+    offs_f = tl.arange(0, 32 * CHUNKS)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
@@ -147,15 +168,24 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
+        if XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
+            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_m[:, None] & (k0 + offs_f < k_end)[None, :],
+                         other=0.0)
+            xs = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_M, CHUNKS, 2, 2, 2, 4)), (0, 1, 5, 4, 3, 2)),
+                            (BLOCK_M, 8 * WORDS))
+        elif not SWAP:
+            xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         if SWAP:
-            xt = tl.load(x_rows[None, :] + kj[:, None], mask=mask_j[:, None] & mask_m[None, :], other=0.0)
-            if DEQUANT == 0:
+            if XNAT:
+                xt = tl.trans(xs)
+            else:
+                xt = tl.load(x_rows[None, :] + kj[:, None], mask=mask_j[:, None] & mask_m[None, :], other=0.0)
+            if DEQUANT == 0 or DEQUANT == 3:
                 acc = tl.dot(wd, xt, acc, input_precision=PRECISION)
             else:  # the step lies in one group (ONE_GROUP): its scale multiplies the step's dot
                 acc += tl.dot(wd, xt, input_precision=PRECISION) * scale
         else:
-            xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-            if DEQUANT == 0:
+            if DEQUANT == 0 or DEQUANT == 3:
                 acc = tl.dot(xs, tl.trans(wd), acc, input_precision=PRECISION)
             else:
                 acc += tl.dot(xs, tl.trans(wd), input_precision=PRECISION) * tl.trans(scale)

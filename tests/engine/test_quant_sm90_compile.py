@@ -85,19 +85,20 @@ def check_int4_tc_kernel():
     loop), swapped for few rows (n16) and plain for many (n128)."""
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
-    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32")
+    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False)
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True, DEQUANT=0))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=128, BLOCK_N=128, CHUNKS=2, SWAP=False, DEQUANT=1),
                    num_warps=8)
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
-    # dequant="asm": ptxas accepts the inline PTX (bf16x2 and f16x2), two codes per LOP3 and per FMA.
+    # dequant="asm" / "asm_scaled": ptxas accepts the inline PTX (bf16x2 and f16x2), two codes per LOP3
+    # and per FMA; with x loaded in feature order (XNAT) and permuted in registers.
     for dt, fma, mma in (("bf16", "fma.rn.bf16x2", "bf16.bf16"), ("fp16", "fma.rn.f16x2", "f16.f16")):
         types = dict(sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
-        for swap, block_m in ((True, 16), (False, 64)):
+        for swap, block_m, dequant in ((True, 16, 2), (False, 64, 3)):
             ptx = _compile(_int4_tc_kernel, types, dict(common, BLOCK_M=block_m, BLOCK_N=128, CHUNKS=4, SWAP=swap,
-                                                        DEQUANT=2))
+                                                        DEQUANT=dequant, XNAT=True))
             assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
 
 
