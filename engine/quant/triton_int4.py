@@ -13,8 +13,8 @@ Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of
 x is read as 8 small gathers of 4 contiguous values per chunk, and no unpacked tile is reshaped.
 Dequantization in registers, per code, is one LOP3 and one float subtract: plane i (i < 4 from the
 word, i >= 4 from the word >> 16, each OR-ed with 0x4B000000 once per word) is masked in place,
-`src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting 2^23 + zero * 16^i' (a per-row constant of the
-group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
+`src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting
+2^23 + zero * 16^i' (a per-row constant of the group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
 per row of x or per group, not per code. The scale and zero of a group are loaded once per row and
 step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
 - `_int4_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): CUDA cores, grid (M, cdiv(N, BLOCK_N), SPLIT_K),

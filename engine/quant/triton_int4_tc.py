@@ -36,7 +36,8 @@ import triton.language as tl
 from .triton_int4 import _group_params, _halves, _plane
 from .triton_int8 import _serial_split_reduce
 
-DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}  # the DEQUANT constexpr of a launch config's `dequant`
+# The DEQUANT constexpr of a launch config's `dequant`.
+DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
 
 
 @triton.jit
@@ -169,8 +170,8 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
         if XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
-            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_m[:, None] & (k0 + offs_f < k_end)[None, :],
-                         other=0.0)
+            mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
+            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
             xs = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_M, CHUNKS, 2, 2, 2, 4)), (0, 1, 5, 4, 3, 2)),
                             (BLOCK_M, 8 * WORDS))
         elif not SWAP:

@@ -130,7 +130,8 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, sp
             xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
             acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
         else:
-            xs = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            xs = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             acc = tl.dot(xs, tl.trans(_int8_to_float(w).to(xs.dtype)), acc, input_precision=PRECISION)
     scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.

@@ -9,7 +9,8 @@ launches), over enough copies of the weights to overflow L2, and keeps the faste
 the process.
 
 Invariants: `chosen` maps a key to the config every later call with that key uses; `timings` keeps
-the measured milliseconds per candidate, for benchmarks to record; a candidate whose output differs
+the measured milliseconds per candidate and `seconds` the tuning's wall time, for benchmarks to
+record; a candidate whose output differs
 from the first candidate's (tuning.agrees) or that fails to build is timed as inf and never chosen.
 No tuning happens off CUDA,
 while a CUDA graph is being captured (the first candidate is used then, without caching), or when
@@ -19,12 +20,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable
 
 import torch
 
 chosen: dict[tuple, dict] = {}
 timings: dict[tuple, list[tuple[dict, float]]] = {}
+seconds: dict[tuple, float] = {}  # wall time the tuning of a key took (compiles included)
 
 
 def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_sets: Callable[[], list[tuple]],
@@ -38,6 +41,7 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     if (device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
+    t0 = time.perf_counter()
     sets = arg_sets()
     results = []
     reference = None
@@ -55,6 +59,7 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     del sets
     best = min(results, key=lambda r: r[1])[0]
     chosen[key], timings[key] = best, results
+    seconds[key] = time.perf_counter() - t0
     return best
 
 

@@ -1,7 +1,8 @@
-"""The int4 kernel layout (int4.pack_int4_kernel) and both int4 kernels (triton_int4.py) against the
-dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is present):
-the GEMV, the per-plane tl.dot kernel and the one-dot-per-step kernel (triton_int4_tc), split-K, N and K that are no multiple of a tile, groups of 128 and 32,
-steps that lie inside one group and steps that span several."""
+"""The int4 kernel layout (int4.pack_int4_kernel) and the int4 kernels (triton_int4.py, triton_int4_tc.py)
+against the dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is
+present): the GEMV, the per-plane tl.dot kernel and the one-dot-per-step kernel (both orientations, its
+dequantization modes but the CUDA-only inline PTX, x gathered or permuted), split-K, N and K that are no
+multiple of a tile, groups of 128 and 32, steps that lie inside one group and steps that span several."""
 from __future__ import annotations
 
 import os
