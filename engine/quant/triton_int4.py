@@ -221,18 +221,17 @@ def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chun
 
 # GEMV tiles to time at 1-2 rows, (block_n, chunks, warps): from many rows x short K runs to a few rows x
 # long ones (16 chunks = 512 features, 2 KB of a row per step), so that what keeps the loads in flight
-# and the FMAs fed on a given GPU is found by measuring, not guessed.
-GEMV_TILES = ((128, 4, 4), (64, 8, 4), (32, 8, 4), (16, 16, 4), (8, 32, 4), (256, 4, 8), (128, 8, 8), (64, 16, 8),
-              (32, 4, 2), (16, 8, 1))
+# and the FMAs fed on a given GPU is found by measuring, not guessed. (Each distinct tile is a Triton
+# compile on a cold cache, ~1 s: the lists stay short.)
+GEMV_TILES = ((128, 4, 4), (64, 8, 4), (16, 16, 4), (256, 4, 8), (32, 4, 2))
 # The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
 # x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
-# thread dequantizes per step, the fewer instructions per code: ~2.9 at 256 x 128 with dequant="asm",
-# counted in sm_90 SASS); many rows: plain GEMM tiles of 64-128 rows x 128-256 columns, K steps of 64-128.
-TC_SMALL = ((16, 256, 4, 4, 3, True), (16, 256, 4, 8, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 2, 4, 4, True),
-            (16, 64, 4, 4, 3, True), (16, 128, 4, 2, 3, True))
+# thread dequantizes per step, the fewer instructions per code: ~2.6 at 256 x 128 with dequant="asm",
+# x_natural, counted in sm_90 SASS, against ~6-7 for the GEMV); many rows: plain GEMM tiles of 64-128
+# rows x 128-256 columns, K steps of 64-128.
+TC_SMALL = ((16, 256, 4, 4, 3, True), (16, 256, 4, 8, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 2, 4, 4, True))
 TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2, 8, 4, False),
-            (128, 256, 2, 8, 3, False), (64, 256, 4, 8, 3, False), (128, 128, 4, 8, 4, True),
-            (128, 128, 2, 4, 5, False))
+            (128, 256, 2, 8, 3, False), (128, 128, 4, 8, 4, True))
 
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
@@ -260,19 +259,17 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
                                                for bn, ch, w in GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
-        gathered = [dict(c, x_natural=False) for c in tc(TC_SMALL[:1])]  # x gathered in the tile's order
-        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:3], waves=4) + gathered,
-                                                              ok)
+        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
         cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
     if m <= 32:
-        extra = tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4)
+        extra = tc(TC_SMALL) + tc(TC_SMALL[:1], waves=4)
     else:
-        extra = tc(TC_SMALL[:3] if m <= 64 else ()) + tc(TC_LARGE)
+        extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
-            extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:3])]
+            extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
     return split_variants(cands, ok) + _serial_when_split(extra, ok)
 
 

@@ -125,7 +125,7 @@ def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
     return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
 def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,

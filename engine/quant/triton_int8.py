@@ -187,8 +187,8 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
 
 # Plain-GEMM tiles for many rows (not swapped: x is the MMA's A, the converted weight tile its B), as
 # (block_m, block_n, block_k, warps, stages): what cuBLAS-class bf16 GEMMs use at 64-4096 rows.
-GEMM_TILES = ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3),
-              (128, 128, 64, 4, 4), (64, 256, 64, 8, 4), (128, 128, 64, 8, 5))
+GEMM_TILES = ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+              (128, 128, 64, 8, 5))
 
 
 def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
@@ -201,7 +201,7 @@ def gemm_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
         cfg = dict(gemv=False, swap=False, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
                    num_warps=warps, num_stages=stages)
         out.append(dict(cfg, serial=True) if split > 1 else cfg)
-        if split > 1 and len(out) <= 4:
+        if split > 1 and len(out) <= 3:
             out.append(dict(cfg, split_k=1))
     return out
 
@@ -285,7 +285,7 @@ def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, t
     cands = []
     tiles = [(32, small, 4), (16, large, 4), (64, small, 4)]
     if tile_k == "block_k":  # int8: longer runs of a row per step, and more or fewer rows a program
-        tiles += [(8, 1024, 4), (128, 256, 8), (32, 512, 8), (16, 256, 2)]
+        tiles += [(8, 1024, 4), (128, 256, 8), (16, 256, 2)]
     for block_n, tk, warps in tiles:
         k_tiles = max(1, k * small // tk)  # k counts K tiles of the small size
         cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k_tiles, num_sms_),
