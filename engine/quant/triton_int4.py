@@ -31,8 +31,12 @@ layer at a few rows. The partials are summed either by one torch.sum afterwards 
 with `serial`, in the kernel: each tile counts its finished slices in an int32 counter (triton_int8.
 split_locks) and the last one sums all partials in slice order (deterministic) and writes the output,
 which saves a launch per layer (about 2 us in a CUDA graph, ~128 per decode step of an 8B model).
-Which kernel and config a shape gets is measured on the device (tuning.pick; the shape heuristic is
-the first candidate, and the one used off CUDA or during graph capture). Nothing reads device values
+A third kernel, triton_int4_tc.py (config kernel="tc"), joins the 8 planes into one tile and does a
+step in one dot; with dequant="asm" it unpacks two codes per instruction (inline PTX), about half the
+instructions per code of the GEMV, so it is the candidate meant for decode at 1-16 rows as well as, not
+swapped and with big tiles, for 64 rows and more. Which kernel and config a shape gets is measured on
+the device (tuning.pick, over candidates(); the shape heuristic is the first candidate, and the one
+used off CUDA or during graph capture). Nothing reads device values
 on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
