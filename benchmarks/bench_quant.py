@@ -32,7 +32,8 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
 
 Writes --out (default data/benchmarks/quant.json) and, when $OUT is set, $OUT/quant.json. Environment:
 BENCH_QUANT_PARTS (kernels,attention,engine), BENCH_QUANT_ROWS (kernel rows, 1,16,64,256),
-BENCH_QUANT_SHAPES (kernel shapes), BENCH_QUANT_MODES (engine modes beside bf16, e.g. int4,int8; kvfp8
+BENCH_QUANT_SHAPES (kernel shapes), BENCH_QUANT_KINDS (kernel kinds beside bf16: int8,int4,fp8),
+BENCH_QUANT_MODES (engine modes beside bf16, e.g. int4,int8; kvfp8
 for the fp8-KV run), BENCH_QUANT_DEADLINE_S. The kernels part alone (the kernel-level speed-up per
 shape and rows, and per decode step) is
 
@@ -105,6 +106,7 @@ def rel_err(out, ref) -> float:
 SHAPES = {"qkv_proj": (4096, 4096 + 2 * 1024), "o_proj": (4096, 4096), "gate_up_proj": (4096, 2 * 14336),
           "down_proj": (14336, 4096), "lm_head": (4096, 128256)}  # (K, N) of Llama-3.1-8B
 PER_STEP = {"qkv_proj": 32, "o_proj": 32, "gate_up_proj": 32, "down_proj": 32, "lm_head": 1}
+KERNEL_KINDS = os.environ.get("BENCH_QUANT_KINDS", "int8,int4,fp8").split(",")  # beside bf16, in the kernels part
 KERNEL_ROWS = tuple(int(r) for r in os.environ.get("BENCH_QUANT_ROWS", "1,16,64,256").split(","))
 # BENCH_QUANT_SHAPES (e.g. "qkv_proj,down_proj") times fewer shapes (the decode-step sum needs all five)
 SHAPES = {k: v for k, v in SHAPES.items()
@@ -135,13 +137,14 @@ def kernel_bench() -> dict:
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         torch.nn.init.normal_(lin.weight, 0.0, 0.02)
         i8, i4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, name)
-        f8 = Fp8Linear.from_linear(lin) if fp8_supported(lin.weight.device) else None
+        f8 = Fp8Linear.from_linear(lin) if fp8_supported(lin.weight.device) and "fp8" in KERNEL_KINDS else None
         copies = tuning.weight_copies(k * n)
         # Distinct weight copies per kind, so small layers stream from DRAM as in a decode step.
         mods = {"bf16": [lin] + [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
                                  for _ in range(copies - 1)],
                 "int8": [i8] + [Int8Linear(i8.weight_int8.clone(), i8.scales, None) for _ in range(copies - 1)],
                 "int4": [i4] + [Int4Linear(i4.qweight, i4.scales, i4.zeros, None) for _ in range(copies - 1)]}
+        mods = {kd: v for kd, v in mods.items() if kd == "bf16" or kd in KERNEL_KINDS}
         if f8 is not None:
             mods["fp8"] = [f8] + [Fp8Linear(f8.weight_fp8.clone(), f8.weight_scale.view(-1), None)
                                   for _ in range(copies - 1)]
@@ -150,9 +153,12 @@ def kernel_bench() -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ref = F.linear(x, lin.weight)
-                row[f"int8_m{m}_err_vs_dequant"] = rel_err(i8(x), int8_linear_reference(x, i8.weight_int8, i8.scales))
-                row[f"int4_m{m}_err_vs_dequant"] = rel_err(i4(x), int4_linear_reference(x, i4.qweight, i4.scales,
-                                                                                        i4.zeros))
+                if "int8" in mods:
+                    row[f"int8_m{m}_err_vs_dequant"] = rel_err(i8(x), int8_linear_reference(x, i8.weight_int8,
+                                                                                            i8.scales))
+                if "int4" in mods:
+                    row[f"int4_m{m}_err_vs_dequant"] = rel_err(i4(x), int4_linear_reference(x, i4.qweight, i4.scales,
+                                                                                            i4.zeros))
                 if f8 is not None:
                     try:
                         row[f"fp8_m{m}_err_vs_oracle"] = rel_err(f8(x), fp8_linear_reference(
