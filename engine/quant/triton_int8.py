@@ -320,6 +320,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                           for i in range(tuning.weight_copies(q.numel()))]
         if m <= GEMV_MAX_ROWS:
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
+            if words_ok(q):
+                cands += words_candidates(m, n, k, sms, asm=x.is_cuda)
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
@@ -333,10 +335,44 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
     return _launch(x, q, scales, **forced)
 
 
+# Tiles of the word GEMV (triton_int8_words), (block_n, block_k, warps).
+WORDS_TILES = ((32, 512, 4), (64, 256, 4), (16, 1024, 4), (128, 256, 8), (64, 512, 8))
+
+
+def words_ok(q: torch.Tensor) -> bool:
+    """Whether q's rows can be read as 32-bit words (K % 4 == 0, 4-byte aligned rows)."""
+    return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(1) == 1 and q.data_ptr() % 4 == 0
+
+
+def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
+    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel); asm: the byte permute by
+    inline PTX (CUDA), else by shifts and masks."""
+    out = []
+    for block_n, block_k, warps in WORDS_TILES:
+        split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        cfg = dict(gemv=True, kernel="words", asm=asm, block_n=block_n, block_k=block_k, split_k=split,
+                   num_warps=warps, num_stages=3)
+        out.append(dict(cfg, serial=True) if split > 1 else cfg)
+    return out
+
+
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False, swap=True):
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
+    """kernel="words": the GEMV of triton_int8_words (asm: its byte permute in inline PTX, CUDA only)."""
     m, k = x.shape
     n = q.shape[0]
+    if kernel not in (None, "words"):
+        raise ValueError(f"kernel={kernel!r}: expected None or 'words'")
+    if kernel == "words":
+        if not words_ok(q):
+            raise ValueError("kernel='words' needs K % 4 == 0 and 4-byte aligned weight rows")
+        if asm and not x.is_cuda:
+            raise ValueError("asm=True (inline PTX) runs on CUDA only")
+        if gemv is False:
+            raise ValueError("kernel='words' is a GEMV")
+        if block_k is not None and block_k % 4:
+            raise ValueError(f"kernel='words' needs block_k % 4 == 0, got {block_k}")
+        gemv = True
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
     if gemv:
@@ -356,7 +392,11 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     args = (x, q, scales, out, res, out if locks is None else locks)
     flags = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
                  STAGES=(num_stages or 3) if x.is_cuda else 1)
-    if gemv:
+    if kernel == "words":
+        from .triton_int8_words import _int8_gemv_words_kernel
+        _int8_gemv_words_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                                      **flags, ASM=asm, num_warps=num_warps or 4)
+    elif gemv:
         _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                                 **flags, num_warps=num_warps or 4)
     else:

@@ -102,6 +102,18 @@ def check_int4_tc_kernel():
             assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
 
 
+def check_int8_word_gemv():
+    """The word GEMV's inline PTX assembles: one byte permute per code, 16-byte asynchronous copies."""
+    from engine.quant.triton_int8_words import _int8_gemv_words_kernel
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
+           "lock_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
+           "stride_os": "i32", "stride_om": "i32"}
+    ptx = _compile(_int8_gemv_words_kernel, sig, dict(BLOCK_N=32, BLOCK_K=512, EVEN_K=True, SERIAL=True, STAGES=3,
+                                                      ASM=True))
+    assert "prmt.b32" in ptx and "xor.b32" in ptx
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
+
+
 def check_fp8_gemm():
     from engine.quant.triton_fp8 import _fp8_dot_kernel
     ptx = _compile(_fp8_dot_kernel, {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
@@ -127,6 +139,10 @@ def test_int4_and_int8_dot_kernels_use_wgmma():
 
 def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
     _run("check_int4_tc_kernel")
+
+
+def test_int8_word_gemv_assembles_its_byte_permute():
+    _run("check_int8_word_gemv")
 
 
 def test_fp8_gemm_uses_e4m3_wgmma():

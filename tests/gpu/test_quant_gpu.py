@@ -119,7 +119,8 @@ def test_every_int8_candidate_matches_its_reference(m):
     import triton
 
     from engine.quant.int8 import Int8Linear, int8_linear_reference
-    from engine.quant.triton_int8 import (_launch, gemm_candidates, gemv_candidates, mm_candidates, num_sms)
+    from engine.quant.triton_int8 import (_launch, gemm_candidates, gemv_candidates, mm_candidates, num_sms,
+                                          words_candidates)
     torch.manual_seed(m)
     lin = torch.nn.Linear(4096, 1536, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, 0.0, 0.02)
@@ -129,6 +130,7 @@ def test_every_int8_candidate_matches_its_reference(m):
     sms = num_sms(x.device)
     if m <= 2:
         cands = gemv_candidates(dict(gemv=True), sms, m, 1536, triton.cdiv(4096, 256), "block_k")
+        cands += words_candidates(m, 1536, 4096, sms, asm=True) + words_candidates(m, 1536, 4096, sms, asm=False)
     else:
         cands = mm_candidates(m, 1536, triton.cdiv(4096, 128), sms, "block_k", (128,)) + gemm_candidates(
             m, 1536, 4096, sms)
