@@ -19,12 +19,15 @@ Two kernels, picked by the number of rows M:
   the loads carry no K mask, so they stay 16-byte vectors.
 - `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot with A and B swapped
   (acc[n, m] = W x^T: the converted weight tile is the MMA's register operand, the rows of x its N,
-  16 at the least), the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
+  16 at the least), or (SWAP off, GEMM_TILES: 64-128 rows) a plain GEMM, x the A operand and the
+  converted tile the B; the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
   grid (row tiles, column tiles, SPLIT_K) with split-K partials reduced like the GEMV's, its config
   measured per shape and row tile on the device (mm_candidates).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
-Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
+triton_int8_words.py holds a third, decode-only kernel (config kernel="words"): the GEMV reading the
+weight as 32-bit words, one byte permute per code. Which kernel, tile, split and pipelining a shape
+gets is measured on the device (tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
