@@ -19,20 +19,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_int8 import _serial_split_reduce
-
-# $4 the word; $0..$3 the floats 2^23 + (byte i ^ 0x80), bytes 4-7 of the permute's source being the
-# constant 0x4B000000 (selector 0x765i: byte i of the word, then 0x00, 0x00, 0x4B).
-_BYTES_PTX = tl.constexpr("{\n.reg .b32 t, m;\nxor.b32 t, $4, 0x80808080;\nmov.b32 m, 0x4B000000;\n"
-                          "prmt.b32 $0, t, m, 0x7650;\nprmt.b32 $1, t, m, 0x7651;\n"
-                          "prmt.b32 $2, t, m, 0x7652;\nprmt.b32 $3, t, m, 0x7653;\n}")
+from .triton_int8 import _INT8_BYTES_PTX, _serial_split_reduce
 
 
 @triton.jit
 def _byte_planes(w, ASM: tl.constexpr):
     """The 4 bytes of the words w as float32 2^23 + q + 128 (q the signed code), exact."""
     if ASM:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(_BYTES_PTX, "=r,=r,=r,=r,r", [w],
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(_INT8_BYTES_PTX, "=r,=r,=r,=r,r", [w],
                                                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
                                                    is_pure=True, pack=1)
     else:

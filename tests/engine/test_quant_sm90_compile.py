@@ -72,12 +72,15 @@ def check_dot_kernels():
                 "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
     ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False,
-                                                   STAGES=3, PRECISION="tf32", SWAP=True))
+                                                   STAGES=3, PRECISION="tf32", SWAP=True, ASM=False))
     assert "wgmma.mma_async" in ptx
     # Many rows, not swapped: x is the 128-row A operand, the converted weights a 128-wide B.
     ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, SERIAL=False,
-                                                   STAGES=4, PRECISION="tf32", SWAP=False), num_warps=8)
+                                                   STAGES=4, PRECISION="tf32", SWAP=False, ASM=False), num_warps=8)
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16", ptx)
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True, SERIAL=True,
+                                                   STAGES=3, PRECISION="tf32", SWAP=False, ASM=True))
+    assert "prmt.b32" in ptx and "wgmma.mma_async" in ptx
 
 
 def check_int4_tc_kernel():

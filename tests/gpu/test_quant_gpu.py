@@ -133,7 +133,7 @@ def test_every_int8_candidate_matches_its_reference(m):
         cands += words_candidates(m, 1536, 4096, sms, asm=True) + words_candidates(m, 1536, 4096, sms, asm=False)
     else:
         cands = mm_candidates(m, 1536, triton.cdiv(4096, 128), sms, "block_k", (128,)) + gemm_candidates(
-            m, 1536, 4096, sms)
+            m, 1536, 4096, sms) + gemm_candidates(m, 1536, 4096, sms, asm=True)
     for cfg in cands:
         assert rel_err(_launch(x, q.weight_int8, q.scales, **cfg), ref) < 1e-2, cfg
 
