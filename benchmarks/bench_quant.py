@@ -30,8 +30,18 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json
 
-(about 6-7 minutes on one H200; kernels ~1.5 min including Triton compiles and tuning). Writes --out
-(default data/benchmarks/quant.json) and, when $OUT is set, $OUT/quant.json.
+Writes --out (default data/benchmarks/quant.json) and, when $OUT is set, $OUT/quant.json. Environment:
+BENCH_QUANT_PARTS (kernels,attention,engine), BENCH_QUANT_ROWS (kernel rows, 1,16,64,256),
+BENCH_QUANT_SHAPES (kernel shapes), BENCH_QUANT_KINDS (kernel kinds beside bf16: int8,int4,fp8),
+BENCH_QUANT_MODES (engine modes beside bf16, e.g. int4,int8; kvfp8
+for the fp8-KV run), BENCH_QUANT_DEADLINE_S. The kernels part alone (the kernel-level speed-up per
+shape and rows, and per decode step) is
+
+    BENCH_QUANT_PARTS=kernels PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py \
+        --out data/benchmarks/quant_kernels.json
+
+Each tuning key times every candidate (engine.quant.tuning), and each distinct kernel config is a
+Triton compile on a cold cache: the tuning time per key is in the JSON (tuning_s).
 """
 from __future__ import annotations
 
@@ -59,6 +69,13 @@ from engine.quant.int8 import Int8Linear, int8_linear_reference  # noqa: E402
 
 MODEL = os.environ.get("BENCH_QUANT_MODEL", "llama-3.1-8b")  # another preset for a dry run
 MODES = [None, "int4", "int8", "fp8", "awq", "gptq"]  # most informative first, should the deadline hit
+# BENCH_QUANT_MODES (e.g. "int4,int8") runs fewer engine modes (bf16, the reference, always runs; awq and
+# gptq need int4; "kvfp8" adds the bf16 + fp8-KV run, which runs by default).
+_MODES_ENV = os.environ.get("BENCH_QUANT_MODES")
+if _MODES_ENV:
+    _wanted = {m.strip() for m in _MODES_ENV.split(",")}
+    MODES = [m for m in MODES if m is None or m in _wanted]
+RUN_KV_FP8 = not _MODES_ENV or "kvfp8" in _MODES_ENV
 INT4_MODES = ("int4", "awq", "gptq")
 BATCHES = (1, 16, 64, 256)
 REPS = 3
@@ -89,7 +106,21 @@ def rel_err(out, ref) -> float:
 SHAPES = {"qkv_proj": (4096, 4096 + 2 * 1024), "o_proj": (4096, 4096), "gate_up_proj": (4096, 2 * 14336),
           "down_proj": (14336, 4096), "lm_head": (4096, 128256)}  # (K, N) of Llama-3.1-8B
 PER_STEP = {"qkv_proj": 32, "o_proj": 32, "gate_up_proj": 32, "down_proj": 32, "lm_head": 1}
-KERNEL_ROWS = (1, 16, 64, 256)
+KERNEL_KINDS = os.environ.get("BENCH_QUANT_KINDS", "int8,int4,fp8").split(",")  # beside bf16, in the kernels part
+KERNEL_ROWS = tuple(int(r) for r in os.environ.get("BENCH_QUANT_ROWS", "1,16,64,256").split(","))
+# BENCH_QUANT_SHAPES (e.g. "qkv_proj,down_proj") times fewer shapes (the decode-step sum needs all five)
+SHAPES = {k: v for k, v in SHAPES.items()
+          if k in os.environ.get("BENCH_QUANT_SHAPES", ",".join(SHAPES)).split(",")}
+
+
+def kernel_name(cfg: dict) -> str:
+    """A short name of a tuned launch config, for the log: kernel, tile, split-K, dequantization."""
+    if cfg.get("kernel") == "scaled_mm":
+        return "scaled_mm"
+    kind = (cfg.get("kernel") or ("gemv" if cfg.get("gemv") else "dot")) + ("" if cfg.get("swap", True) else "-gemm")
+    tile = "x".join(str(cfg[k]) for k in ("block_m", "block_n", "block_k", "chunks") if cfg.get(k))
+    extra = "".join(f" {k}={cfg[k]}" for k in ("dequant", "asm", "x_natural") if k in cfg)
+    return f"{kind} {tile} s{cfg.get('split_k', 1)}{'*' if cfg.get('serial') else ''} w{cfg.get('num_warps')}{extra}"
 
 
 def kernel_bench() -> dict:
@@ -106,13 +137,14 @@ def kernel_bench() -> dict:
         lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
         torch.nn.init.normal_(lin.weight, 0.0, 0.02)
         i8, i4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, name)
-        f8 = Fp8Linear.from_linear(lin) if fp8_supported(lin.weight.device) else None
+        f8 = Fp8Linear.from_linear(lin) if fp8_supported(lin.weight.device) and "fp8" in KERNEL_KINDS else None
         copies = tuning.weight_copies(k * n)
         # Distinct weight copies per kind, so small layers stream from DRAM as in a decode step.
         mods = {"bf16": [lin] + [torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
                                  for _ in range(copies - 1)],
                 "int8": [i8] + [Int8Linear(i8.weight_int8.clone(), i8.scales, None) for _ in range(copies - 1)],
                 "int4": [i4] + [Int4Linear(i4.qweight, i4.scales, i4.zeros, None) for _ in range(copies - 1)]}
+        mods = {kd: v for kd, v in mods.items() if kd == "bf16" or kd in KERNEL_KINDS}
         if f8 is not None:
             mods["fp8"] = [f8] + [Fp8Linear(f8.weight_fp8.clone(), f8.weight_scale.view(-1), None)
                                   for _ in range(copies - 1)]
@@ -121,9 +153,12 @@ def kernel_bench() -> dict:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             with torch.inference_mode():
                 ref = F.linear(x, lin.weight)
-                row[f"int8_m{m}_err_vs_dequant"] = rel_err(i8(x), int8_linear_reference(x, i8.weight_int8, i8.scales))
-                row[f"int4_m{m}_err_vs_dequant"] = rel_err(i4(x), int4_linear_reference(x, i4.qweight, i4.scales,
-                                                                                        i4.zeros))
+                if "int8" in mods:
+                    row[f"int8_m{m}_err_vs_dequant"] = rel_err(i8(x), int8_linear_reference(x, i8.weight_int8,
+                                                                                            i8.scales))
+                if "int4" in mods:
+                    row[f"int4_m{m}_err_vs_dequant"] = rel_err(i4(x), int4_linear_reference(x, i4.qweight, i4.scales,
+                                                                                            i4.zeros))
                 if f8 is not None:
                     try:
                         row[f"fp8_m{m}_err_vs_oracle"] = rel_err(f8(x), fp8_linear_reference(
@@ -142,10 +177,13 @@ def kernel_bench() -> dict:
         for kind, nbytes in (("bf16", k * n * 2), ("int8", k * n), ("int4", k * n // 2), ("fp8", k * n)):
             if f"{kind}_m1_us" in row:
                 row[f"{kind}_m1_weight_GBps"] = nbytes / row[f"{kind}_m1_us"] / 1e3
-        row["tuning"] = {str(key): {"chosen": tuning.chosen.get(key),
+        row["tuning"] = {str(key): {"chosen": tuning.chosen.get(key), "tuning_s": tuning.seconds.get(key),
                                     "candidates_us": [(c, t * 1e3) for c, t in tuning.timings.get(key, [])]}
                          for key in tuning.chosen if key[2:4] in ((n, k),)}
+        row["chosen"] = {f"{key[0]}_m{key[1]}": kernel_name(cfg) for key, cfg in tuning.chosen.items()
+                         if key[2:4] == (n, k)}
         out[name] = row
+        log(f"kernels {name} chose: " + ", ".join(f"{key} {v}" for key, v in row["chosen"].items()))
         log(f"kernels {name}: " + " | ".join(
             f"m{m} bf16 {row[f'bf16_m{m}_us']:.1f}us " + " ".join(
                 f"{kd} x{row.get(f'{kd}_m{m}_speedup', float('nan')):.2f}" for kd in ("int8", "int4", "fp8"))
@@ -406,6 +444,8 @@ def engine_bench(backend: str) -> dict:
     try:
         if time.perf_counter() - T0 > ENGINE_DEADLINE_S:
             raise RuntimeError(f"skipped: past the {ENGINE_DEADLINE_S:.0f} s deadline of the run")
+        if not RUN_KV_FP8:
+            raise RuntimeError("skipped: not in BENCH_QUANT_MODES")
         res, _, _ = run_mode(llm, base, None, "fp8", ref_lp, ref_greedy, quality_prompts, greedy_prompts)
         results["bf16_kvfp8"] = res
     except Exception as exc:  # noqa: BLE001
@@ -493,6 +533,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - the other parts must still run
             traceback.print_exc()
             result["kernels"] = {"error": repr(exc)[:500]}
+        record_tuning(result)
         save(result, args.out)
         gc.collect()
         torch.cuda.empty_cache()
@@ -516,13 +557,20 @@ def main() -> None:
             result["engine"] = engine_bench(backend)
         result["engine_backend_requested"] = backend
         from engine.quant import tuning
-        result["configs_chosen"] = {str(k): v for k, v in tuning.chosen.items()}
+        record_tuning(result)
         result["summary"] = summarize(result["engine"], result.get("attention_b64_ctx4096"))
         print(table(result["engine"]))
         print(json.dumps(result["summary"], indent=1))
     result["seconds"] = time.perf_counter() - T0
     save(result, args.out)
     log("done")
+
+
+def record_tuning(result: dict) -> None:
+    """The configs engine.quant.tuning chose so far (every shape key) and the seconds its tuning took."""
+    from engine.quant import tuning
+    result["configs_chosen"] = {str(k): v for k, v in tuning.chosen.items()}
+    result["tuning_seconds_total"] = sum(tuning.seconds.values())
 
 
 def save(result: dict, out: str) -> None:

@@ -9,8 +9,8 @@ A code q stands for (q - zero) * scale. Rounding error per element <= scale / 2,
 of a group's range, where the stored scale's own rounding (relative eps/2 of its dtype) can make
 15 steps fall short of max - min: there the clamp adds up to 15 * eps/2 steps.
 
-On CUDA the forward runs Triton kernels that unpack and dequantize in registers (triton_int4.py):
-a GEMV-style kernel for a few rows (decode) and a tiled tl.dot kernel otherwise. Int4Linear keeps
+On CUDA the forward runs Triton kernels that unpack and dequantize in registers (triton_int4.py,
+triton_int4_tc.py): a GEMV on CUDA cores and tensor-core kernels, the one measured fastest per shape. Int4Linear keeps
 the codes in the kernels' layout (pack_int4_kernel: 8 codes per int32 word, interleaved so that
 one 16-byte load feeds 32 features), the same bytes as qweight. On the CPU it
 dequantizes with torch (`int4_linear_reference`), the oracle of those kernels.

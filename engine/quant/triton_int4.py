@@ -12,9 +12,9 @@ Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of
 16-byte load per row and chunk. Nibble plane i of that tile meets the features 32c + 4i + (0..3), so
 x is read as 8 small gathers of 4 contiguous values per chunk, and no unpacked tile is reshaped.
 Dequantization in registers, per code, is one LOP3 and one float subtract: plane i (i < 4 from the
-word, i >= 4 from the word >> 16, once per word) is masked in place, `(w & (15 << 4i')) | 0x4B000000`
-being the float 2^23 + q * 16^i' exactly; subtracting 2^23 + zero * 16^i' (a per-row constant of the
-group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
+word, i >= 4 from the word >> 16, each OR-ed with 0x4B000000 once per word) is masked in place,
+`src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting
+2^23 + zero * 16^i' (a per-row constant of the group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
 per row of x or per group, not per code. The scale and zero of a group are loaded once per row and
 step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
 - `_int4_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): CUDA cores, grid (M, cdiv(N, BLOCK_N), SPLIT_K),
@@ -31,8 +31,12 @@ layer at a few rows. The partials are summed either by one torch.sum afterwards 
 with `serial`, in the kernel: each tile counts its finished slices in an int32 counter (triton_int8.
 split_locks) and the last one sums all partials in slice order (deterministic) and writes the output,
 which saves a launch per layer (about 2 us in a CUDA graph, ~128 per decode step of an 8B model).
-Which kernel and config a shape gets is measured on the device (tuning.pick; the shape heuristic is
-the first candidate, and the one used off CUDA or during graph capture). Nothing reads device values
+A third kernel, triton_int4_tc.py (config kernel="tc"), joins the 8 planes into one tile and does a
+step in one dot; with dequant="asm" it unpacks two codes per instruction (inline PTX), about half the
+instructions per code of the GEMV, so it is the candidate meant for decode at 1-16 rows as well as, not
+swapped and with big tiles, for 64 rows and more. Which kernel and config a shape gets is measured on
+the device (tuning.pick, over candidates(); the shape heuristic is the first candidate, and the one
+used off CUDA or during graph capture). Nothing reads device values
 on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -50,13 +54,22 @@ GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) out
 
 
 @triton.jit
-def _plane(w, w_hi, I: tl.constexpr):
-    """Nibble plane I of the words w (w_hi = w >> 16) as float32 2^23 + q * 16^(I % 4), exact."""
+def _halves(w):
+    """The words w with the float 2^23's exponent bits OR-ed in, for planes 0-3 (w) and 4-7 (w >> 16):
+    once per word, so that each plane is then one AND with a single immediate (`_plane`)."""
+    return w | 0x4B000000, (w >> 16) | 0x4B000000
+
+
+@triton.jit
+def _plane(w_lo, w_hi, I: tl.constexpr):
+    """Nibble plane I of the words (w_lo, w_hi = _halves(w)) as float32 2^23 + q * 16^(I % 4), exact.
+    (An AND keeping the exponent bits and the nibble: one LOP3 with one immediate. A mask-then-OR
+    with two immediates makes ptxas rematerialize one constant per code.)"""
     if I < 4:
-        src = w
+        src = w_lo
     else:
         src = w_hi
-    return ((src & (15 << (4 * (I % 4)))) | 0x4B000000).to(tl.float32, bitcast=True)
+    return (src & (0x4B000000 | (15 << (4 * (I % 4))))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -103,13 +116,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        w_hi = w >> 16
+        w_lo, w_hi = _halves(w)
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
             step = 1 << (4 * (i % 4))  # the place value of plane i's nibble in its half-word
             x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * (1.0 / step)
-            part += (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
+            part += (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
         acc += part * scale
     out = tl.sum(acc, 1)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
@@ -153,13 +166,13 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        w_hi = w >> 16
+        w_lo, w_hi = _halves(w)
         mask_x = mask_k[:, None] & mask_m[None, :]
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)
             xt = tl.load(x_cols + xk[:, None], mask=mask_x, other=0.0)
             step = 1 << (4 * (i % 4))
-            wd = (_plane(w, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
+            wd = (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
             acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
     # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
     offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
@@ -199,18 +212,81 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
                 num_stages=num_stages)
 
 
-def candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
-    """Configs tuning.pick times for a shape; the heuristic first. Few distinct tiles, since each tile
-    (and each of serial on/off) is a compile on a cold cache: 4 for the GEMV, about 4 per row tile."""
+def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chunks: int, num_warps: int,
+              num_stages: int = 3, swap: bool = True, dequant: str = "scale", waves: int = 2) -> dict:
+    """A config of triton_int4_tc's kernel: split-K up to `waves` programs per SM while each slice keeps
+    >= 4 steps (2 with more waves)."""
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
+    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    return dict(gemv=False, kernel="tc", swap=swap, dequant=dequant, block_m=block_m, block_n=block_n, chunks=chunks,
+                split_k=split, num_warps=num_warps, num_stages=num_stages)
+
+
+# GEMV tiles to time at 1-2 rows, (block_n, chunks, warps): from many rows x short K runs to a few rows x
+# long ones (16 chunks = 512 features, 2 KB of a row per step), so that what keeps the loads in flight
+# and the FMAs fed on a given GPU is found by measuring, not guessed. (Each distinct tile is a Triton
+# compile on a cold cache, ~1 s: the lists stay short.)
+GEMV_TILES = ((128, 4, 4), (64, 8, 4), (16, 16, 4), (256, 4, 8), (32, 4, 2))
+# The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
+# x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
+# thread dequantizes per step, the fewer instructions per code: ~2.6 at 256 x 128 with dequant="asm",
+# x_natural, counted in sm_90 SASS, against ~6-7 for the GEMV); many rows: plain GEMM tiles of 64-128
+# rows x 128-256 columns, K steps of 64-128.
+TC_SMALL = ((16, 256, 4, 4, 3, True), (16, 256, 4, 8, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 2, 4, 4, True))
+TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2, 8, 4, False),
+            (128, 256, 2, 8, 3, False), (128, 128, 4, 8, 4, True))
+
+
+def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
+    """Configs tuning.pick times for a shape; the heuristic first. Each distinct tile (and serial on/off)
+    is one compile on a cold cache, shared by every shape that times it. asm: the inline-PTX
+    dequantization can run (CUDA, 16-bit x); tc tiles whose step lies in one group use it (else the
+    exact float32 one), the others dequantize with their scale per code."""
+    ok = lambda c: _chunks_ok(c["chunks"], group_size)  # noqa: E731
+
+    def tc(tiles, **kw):
+        """Few rows: the scale after each step's dot (one FMA per output, not per code); many rows: the
+        scale in the dequantization, so that the dot accumulates in place (no second accumulator)."""
+        out = []
+        for bm, bn, ch, w, st, sw in tiles:
+            one_group = group_size % (KERNEL_CHUNK * ch) == 0
+            if asm:
+                dequant = "asm" if one_group and m <= 32 else "asm_scaled"
+            else:
+                dequant = "exact" if one_group and m <= 32 else "scale"
+            bm = mm_block_m(m) if sw and bm == 16 else bm
+            out.append(dict(tc_config(m, n, k, sms, bm, bn, ch, w, st, sw, dequant, **kw), x_natural=True))
+        return out
+
     if m <= GEMV_MAX_ROWS:
-        cands = [gemv_config(m, n, k, sms), gemv_config(m, n, k, sms, block_n=128),
-                 gemv_config(m, n, k, sms, chunks=8)]
+        cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
+                                               for bn, ch, w in GEMV_TILES]
+        # the tensor-core kernel, also with 4 programs per SM (longer split-K)
+        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+    cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+             dot_config(m, n, k, sms, chunks=8)]
+    if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
+        cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
+    if m <= 32:
+        extra = tc(TC_SMALL) + tc(TC_SMALL[:1], waves=4)
     else:
-        cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-                 dot_config(m, n, k, sms, chunks=8)]
-        if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
-            cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
-    return split_variants(cands, lambda c: _chunks_ok(c["chunks"], group_size))
+        extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
+        if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
+            extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
+    return split_variants(cands, ok) + _serial_when_split(extra, ok)
+
+
+def _serial_when_split(cands: list[dict], ok) -> list[dict]:
+    """Each candidate once, reducing its split-K partials in the kernel when it splits."""
+    out = [dict(c, serial=True) if c["split_k"] > 1 else c for c in cands if ok(c)]
+    return [c for i, c in enumerate(out) if c not in out[:i]]
+
+
+def asm_supported(x: torch.Tensor) -> bool:
+    """Whether dequant="asm" (packed bf16x2 / f16x2 PTX, sm_80+) can run on x's device and dtype."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -237,7 +313,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
     if not config:
         sms = num_sms(x.device)
-        cands = candidates(m, n, k, group_size, sms)
+        cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
         key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
         copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]
@@ -246,15 +322,33 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False):
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False):
+    """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
+    the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
+    same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
+    any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
+    registers, not gathered); else the GEMV (gemv, the default for
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
+    if kernel not in (None, "tc"):
+        raise ValueError(f"kernel={kernel!r}: expected None or 'tc'")
     if gemv is None:
-        gemv = m <= GEMV_MAX_ROWS
+        gemv = m <= GEMV_MAX_ROWS and kernel is None
+    if gemv and kernel is not None:
+        raise ValueError("gemv=True and kernel='tc' exclude each other")
     step = KERNEL_CHUNK * chunks
-    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4):
+    if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4 and kernel is None) or chunks < 1:
         raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
                          "(or is below the tl.dot kernel's 4)")
+    if kernel == "tc":
+        from .triton_int4_tc import DEQUANT_MODES
+        if dequant not in DEQUANT_MODES:
+            raise ValueError(f"dequant={dequant!r}: expected one of {sorted(DEQUANT_MODES)}")
+        if dequant in ("exact", "asm") and group_size % step:
+            raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
+        if dequant.startswith("asm") and not asm_supported(x):
+            raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -272,7 +366,14 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     flags = dict(GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=group_size % step == 0,
                  EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
                  SERIAL=locks is not None, STAGES=stages)
-    if gemv:
+    if kernel == "tc":
+        from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel
+        _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+                              BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
+                              XNAT=x_natural,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                              num_warps=num_warps or default["num_warps"])
+    elif gemv:
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                 **flags, num_warps=num_warps or 4)
     else:

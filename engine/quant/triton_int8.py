@@ -19,12 +19,15 @@ Two kernels, picked by the number of rows M:
   the loads carry no K mask, so they stay 16-byte vectors.
 - `_int8_mm_kernel` (more rows, prefill and large batches): a tiled tl.dot with A and B swapped
   (acc[n, m] = W x^T: the converted weight tile is the MMA's register operand, the rows of x its N,
-  16 at the least), the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
+  16 at the least), or (SWAP off, GEMM_TILES: 64-128 rows) a plain GEMM, x the A operand and the
+  converted tile the B; the weight tile converted to x's dtype (int8 values are exact in bf16/fp16);
   grid (row tiles, column tiles, SPLIT_K) with split-K partials reduced like the GEMV's, its config
   measured per shape and row tile on the device (mm_candidates).
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
-Which tile, split and pipelining a decode shape gets is measured on the device (tuning.py).
+triton_int8_words.py holds a third, decode-only kernel (config kernel="words"): the GEMV reading the
+weight as 32-bit words, one byte permute per code. Which kernel, tile, split and pipelining a shape
+gets is measured on the device (tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -43,6 +46,21 @@ GEMV_MAX_ROWS = 2
 @triton.jit
 def _int8_to_float(q):
     return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+# Four int8 codes of one 32-bit register ($4) to the floats 2^23 + (code ^ 0x80) = 2^23 + 128 + q ($0..$3):
+# XOR the sign bits once, then one byte permute per code puts it under the exponent bits of 2^23
+# (bytes 4-7 of the permute's source are the constant 0x4B000000; selector 0x765i: byte i, 0x00, 0x00, 0x4B).
+_INT8_BYTES_PTX = tl.constexpr("{\n.reg .b32 t, m;\nxor.b32 t, $4, 0x80808080;\nmov.b32 m, 0x4B000000;\n"
+                               "prmt.b32 $0, t, m, 0x7650;\nprmt.b32 $1, t, m, 0x7651;\n"
+                               "prmt.b32 $2, t, m, 0x7652;\nprmt.b32 $3, t, m, 0x7653;\n}")
+
+
+@triton.jit
+def _int8_to_float_asm(q):
+    """_int8_to_float by inline PTX, four codes a register: one PRMT and one subtract per code (CUDA)."""
+    return tl.inline_asm_elementwise(_INT8_BYTES_PTX, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True,
+                                     pack=4) - 8388736.0
 
 
 @triton.jit
@@ -97,9 +115,12 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, spl
 @triton.jit
 def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, split_k, stride_xm, stride_wn,
                     stride_os, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
-    """A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
-    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel."""
+                    EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr,
+                    SWAP: tl.constexpr, ASM: tl.constexpr):
+    """SWAP: A and B swapped (acc[n, m] = W x^T): the converted weight tile is the MMA's register operand
+    and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel. Not SWAP (many rows): a plain
+    GEMM, acc[m, n] = x W^T with the converted tile transposed into the B operand. Either way the
+    per-channel scale is applied once, in the epilogue (int8 values are exact in 16-bit floats)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -112,20 +133,38 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, sp
     k_end = tl.minimum(k_start + k_per_split, K)
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
         if EVEN_K:
             mask_k = tl.full([BLOCK_K], 1, tl.int1)
         else:
             mask_k = offs_k < k_end
-        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc = tl.dot(_int8_to_float(w).to(xt.dtype), xt, acc, input_precision=PRECISION)
-    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        if ASM:  # ASM: the packed byte permute (CUDA); the converted tile in x's dtype, exact
+            wf = _int8_to_float_asm(w).to(x_ptr.dtype.element_ty)
+        else:
+            wf = _int8_to_float(w).to(x_ptr.dtype.element_ty)
+        if SWAP:
+            xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+            acc = tl.dot(wf, xt, acc, input_precision=PRECISION)
+        else:
+            xs = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(xs, tl.trans(wf), acc, input_precision=PRECISION)
+    scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
+    if SWAP:
+        acc = acc * scale[:, None]
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        acc = acc * scale[None, :]
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if SERIAL:
         _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
@@ -166,6 +205,29 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
                 cfg[tile_k] = tk
             cands.append(cfg)
     return [dict(gemv=False)] + split_variants(cands)
+
+
+# Plain-GEMM tiles for many rows (not swapped: x is the MMA's A, the converted weight tile its B), as
+# (block_m, block_n, block_k, warps, stages): what cuBLAS-class bf16 GEMMs use at 64-4096 rows.
+GEMM_TILES = ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
+              (128, 128, 64, 8, 5))
+
+
+def gemm_candidates(m: int, n: int, k: int, sms: int, asm: bool = False) -> list[dict]:
+    """int8 tl.dot configs without swap-AB: each GEMM_TILES tile with split-K up to 2 programs per SM
+    (>= 4 K steps a slice, reduced in the kernel), and the first three also unsplit. asm: convert the
+    codes by the packed byte permute (CUDA; in this orientation a thread's codes are whole 32-bit
+    words, ~10% fewer instructions in sm_90 SASS; swapped, re-packing them costs more than it saves)."""
+    out = []
+    for block_m, block_n, block_k, warps, stages in GEMM_TILES:
+        programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+        cfg = dict(gemv=False, swap=False, asm=asm, block_m=block_m, block_n=block_n, block_k=block_k,
+                   split_k=split, num_warps=warps, num_stages=stages)
+        out.append(dict(cfg, serial=True) if split > 1 else cfg)
+        if split > 1 and len(out) <= 3:
+            out.append(dict(cfg, split_k=1))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -245,9 +307,13 @@ def gemv_candidates(heuristic: dict, num_sms_: int, rows: int, n: int, k: int, t
     key (block_k for int8)."""
     small, large = (256, 512) if tile_k == "block_k" else (2, 4)
     cands = []
-    for block_n, tk in ((32, small), (16, large), (64, small)):
-        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k, num_sms_), num_warps=4,
-                   num_stages=3, gemv=True)
+    tiles = [(32, small, 4), (16, large, 4), (64, small, 4)]
+    if tile_k == "block_k":  # int8: longer runs of a row per step, and more or fewer rows a program
+        tiles += [(8, 1024, 4), (128, 256, 8), (16, 256, 2)]
+    for block_n, tk, warps in tiles:
+        k_tiles = max(1, k * small // tk)  # k counts K tiles of the small size
+        cfg = dict(block_n=block_n, split_k=gemv_split_k(rows, triton.cdiv(n, block_n), k_tiles, num_sms_),
+                   num_warps=warps, num_stages=3, gemv=True)
         cfg[tile_k] = tk
         cands.append(cfg)
     return [heuristic] + split_variants(cands) + [dict(gemv=False)]
@@ -278,21 +344,60 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                           for i in range(tuning.weight_copies(q.numel()))]
         if m <= GEMV_MAX_ROWS:
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
+            if words_ok(q):
+                cands += words_candidates(m, n, k, sms, asm=x.is_cuda)
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
             if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
                 cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8,
                                   num_stages=3))
+            if m > 16:
+                cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
+# Tiles of the word GEMV (triton_int8_words), (block_n, block_k, warps).
+WORDS_TILES = ((32, 512, 4), (64, 256, 4), (16, 1024, 4), (128, 256, 8), (64, 512, 8))
+
+
+def words_ok(q: torch.Tensor) -> bool:
+    """Whether q's rows can be read as 32-bit words (K % 4 == 0, 4-byte aligned rows)."""
+    return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(1) == 1 and q.data_ptr() % 4 == 0
+
+
+def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
+    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel); asm: the byte permute by
+    inline PTX (CUDA), else by shifts and masks."""
+    out = []
+    for block_n, block_k, warps in WORDS_TILES:
+        split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        cfg = dict(gemv=True, kernel="words", asm=asm, block_n=block_n, block_k=block_k, split_k=split,
+                   num_warps=warps, num_stages=3)
+        out.append(dict(cfg, serial=True) if split > 1 else cfg)
+    return out
+
+
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False):
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
+    """kernel="words": the GEMV of triton_int8_words; asm: the byte permute in inline PTX (CUDA only), in
+    the word GEMV or the tl.dot kernel."""
     m, k = x.shape
     n = q.shape[0]
+    if kernel not in (None, "words"):
+        raise ValueError(f"kernel={kernel!r}: expected None or 'words'")
+    if asm and not x.is_cuda:
+        raise ValueError("asm=True (inline PTX) runs on CUDA only")
+    if kernel == "words":
+        if not words_ok(q):
+            raise ValueError("kernel='words' needs K % 4 == 0 and 4-byte aligned weight rows")
+        if gemv is False:
+            raise ValueError("kernel='words' is a GEMV")
+        if block_k is not None and block_k % 4:
+            raise ValueError(f"kernel='words' needs block_k % 4 == 0, got {block_k}")
+        gemv = True
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS
     if gemv:
@@ -312,11 +417,15 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     args = (x, q, scales, out, res, out if locks is None else locks)
     flags = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
                  STAGES=(num_stages or 3) if x.is_cuda else 1)
-    if gemv:
+    if kernel == "words":
+        from .triton_int8_words import _int8_gemv_words_kernel
+        _int8_gemv_words_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
+                                      **flags, ASM=asm, num_warps=num_warps or 4)
+    elif gemv:
         _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                                 **flags, num_warps=num_warps or 4)
     else:
         _int8_mm_kernel[grid](*args, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                               BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                              num_warps=num_warps or 4)
+                              SWAP=swap, ASM=asm, num_warps=num_warps or 4)
     return res if locks is not None else gemv_result(out, x.dtype)

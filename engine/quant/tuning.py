@@ -9,7 +9,10 @@ launches), over enough copies of the weights to overflow L2, and keeps the faste
 the process.
 
 Invariants: `chosen` maps a key to the config every later call with that key uses; `timings` keeps
-the measured milliseconds per candidate, for benchmarks to record. No tuning happens off CUDA,
+the measured milliseconds per candidate and `seconds` the tuning's wall time, for benchmarks to
+record; a candidate whose output differs
+from the first candidate's (tuning.agrees) or that fails to build is timed as inf and never chosen.
+No tuning happens off CUDA,
 while a CUDA graph is being captured (the first candidate is used then, without caching), or when
 ENGINE_QUANT_AUTOTUNE=0; the first candidate is the shape heuristic.
 """
@@ -17,12 +20,14 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Callable
 
 import torch
 
 chosen: dict[tuple, dict] = {}
 timings: dict[tuple, list[tuple[dict, float]]] = {}
+seconds: dict[tuple, float] = {}  # wall time the tuning of a key took (compiles included)
 
 
 def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_sets: Callable[[], list[tuple]],
@@ -36,10 +41,17 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     if (device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         return candidates[0]
+    t0 = time.perf_counter()
     sets = arg_sets()
     results = []
+    reference = None
     for cand in candidates:
         try:
+            out = launch(cand, *sets[0])
+            if reference is None:
+                reference = out.float()
+            elif not agrees(out, reference):  # a wrong candidate never wins (a miscompile, a bad tile)
+                raise ValueError("output differs from the first candidate's")
             ms = _graph_time(lambda: [launch(cand, *a) for a in sets], len(sets))
         except Exception:  # noqa: BLE001 - a config this GPU or Triton cannot build is skipped
             ms = math.inf
@@ -47,7 +59,18 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     del sets
     best = min(results, key=lambda r: r[1])[0]
     chosen[key], timings[key] = best, results
+    seconds[key] = time.perf_counter() - t0
     return best
+
+
+def agrees(out: torch.Tensor, reference: torch.Tensor, rtol: float = 2e-2) -> bool:
+    """Whether a candidate's output equals the first candidate's up to 16-bit rounding of the weights
+    and of the sums (relative Frobenius error below rtol; NaN or inf anywhere never agrees)."""
+    if out.shape != reference.shape:
+        return False
+    out = out.float()
+    err = (out - reference).norm()
+    return bool(torch.isfinite(err)) and float(err) <= rtol * float(reference.norm()) + 1e-6
 
 
 def _graph_time(fn: Callable[[], object], calls: int, reps: int = 4) -> float:

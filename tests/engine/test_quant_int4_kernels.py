@@ -1,7 +1,8 @@
-"""The int4 kernel layout (int4.pack_int4_kernel) and both int4 kernels (triton_int4.py) against the
-dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is present):
-the GEMV and the tl.dot kernel, split-K, N and K that are no multiple of a tile, groups of 128 and 32,
-steps that lie inside one group and steps that span several."""
+"""The int4 kernel layout (int4.pack_int4_kernel) and the int4 kernels (triton_int4.py, triton_int4_tc.py)
+against the dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is
+present): the GEMV, the per-plane tl.dot kernel and the one-dot-per-step kernel (both orientations, its
+dequantization modes but the CUDA-only inline PTX, x gathered or permuted), split-K, N and K that are no
+multiple of a tile, groups of 128 and 32, steps that lie inside one group and steps that span several."""
 from __future__ import annotations
 
 import os
@@ -68,11 +69,36 @@ CASES = [
     (2, 24, 160, 32, dict(GEMV, block_n=16, chunks=1, split_k=4, serial=True)),   # with empty slices
     (9, 40, 512, 32, dict(DOT, block_n=32, chunks=8, split_k=3, serial=True)),
     (16, 24, 256, 128, dict(GEMV, block_n=16, split_k=2)),               # the GEMV with many rows
+    (1, 40, 384, 128, dict(GEMV, block_n=8, chunks=16, split_k=1)),      # 512-feature steps, a partial one
+    (2, 33, 1024, 128, dict(GEMV, block_n=4, chunks=32, split_k=2, num_warps=1)),
+]
+TC = dict(gemv=False, kernel="tc")
+# The one-dot-per-step kernel (triton_int4_tc), both orientations: rows 1..70, ragged N, K off the step,
+# split-K with unequal and empty slices, groups inside a step and steps over several groups.
+TC_CASES = [
+    (1, 48, 256, 128, dict(TC, block_m=16, block_n=16, chunks=4, split_k=1)),
+    (2, 40, 384, 128, dict(TC, block_m=16, block_n=32, chunks=4, split_k=3, serial=True)),
+    (3, 33, 160, 32, dict(TC, block_m=16, block_n=32, chunks=2, split_k=2)),
+    (17, 33, 96, 32, dict(TC, block_m=16, block_n=32, chunks=4, split_k=1, swap=False)),
+    (64, 40, 512, 128, dict(TC, block_m=64, block_n=32, chunks=8, split_k=1, swap=False)),
+    (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=2, split_k=3, swap=False, serial=True)),
+    (5, 40, 512, 32, dict(TC, block_m=16, block_n=32, chunks=16, split_k=1)),
+    (40, 24, 256, 128, dict(TC, block_m=32, block_n=16, chunks=4, split_k=2, swap=True)),
+    # dequant="exact": q - zero in 16 bits, the group's scale after the step's dot (steps inside a group)
+    (1, 48, 256, 128, dict(TC, block_m=16, block_n=16, chunks=4, split_k=1, dequant="exact")),
+    (2, 40, 384, 128, dict(TC, block_m=16, block_n=32, chunks=2, split_k=3, serial=True, dequant="exact")),
+    (3, 33, 160, 32, dict(TC, block_m=16, block_n=32, chunks=1, split_k=2, dequant="exact")),
+    (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=4, split_k=2, swap=False, dequant="exact")),
+    # x_natural: x loaded in feature order and permuted into the tile's column order in registers
+    (1, 40, 384, 128, dict(TC, block_m=16, block_n=16, chunks=4, split_k=2, x_natural=True, dequant="exact")),
+    (3, 33, 160, 32, dict(TC, block_m=16, block_n=32, chunks=2, split_k=2, x_natural=True)),
+    (17, 33, 96, 32, dict(TC, block_m=16, block_n=32, chunks=1, split_k=1, swap=False, x_natural=True)),
+    (70, 40, 512, 128, dict(TC, block_m=64, block_n=32, chunks=8, split_k=1, swap=False, x_natural=True)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,group,cfg", CASES)
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES + TC_CASES)
 def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
     from engine.quant.triton_int4 import int4_matmul
     g = torch.Generator().manual_seed(m * 1000 + n + k)
@@ -88,7 +114,13 @@ def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
     assert ((out.float() - ref).norm() / ref.norm()).item() < tol
 
 
-@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(DOT, block_n=32, chunks=8)])
+@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(DOT, block_n=32, chunks=8),
+                                 dict(TC, block_m=16, block_n=32, chunks=4, split_k=2),
+                                 dict(TC, block_m=32, block_n=16, chunks=8, swap=False),
+                                 dict(TC, block_m=16, block_n=32, chunks=1, swap=True, dequant="exact"),
+                                 dict(TC, block_m=32, block_n=16, chunks=1, swap=False, dequant="exact"),
+                                 dict(TC, block_m=16, block_n=16, chunks=1, x_natural=True, dequant="exact"),
+                                 dict(TC, block_m=32, block_n=16, chunks=2, swap=False, x_natural=True)])
 def test_int4_kernels_read_back_every_code_exactly(cfg):
     """Scale 1, zero 0, x = unit rows: the output is the integer codes themselves, each one."""
     from engine.quant.triton_int4 import int4_matmul
@@ -106,6 +138,19 @@ def test_int4_kernels_read_back_every_code_exactly(cfg):
         out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE),
                           torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg).cpu()
     assert torch.equal(out, codes[:, list(rows)].t().float())
+
+
+def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
+    from engine.quant.triton_int4 import _launch
+    qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
+    packed, x = pack_int4_kernel(qweight), torch.randn(1, 256)
+    with pytest.raises(ValueError, match="dequant='bogus'"):
+        _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="bogus")
+    with pytest.raises(ValueError, match="one group"):  # 256-feature steps span two groups of 128
+        _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, dequant="exact")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="asm")
 
 
 def test_int4_matmul_rejects_groups_the_layout_cannot_tile():
@@ -128,3 +173,26 @@ def test_serial_split_k_leaves_its_tile_counters_zero_for_the_next_launch():
             out = int4_matmul(x, packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
             assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
         assert not split_locks(x.device, 1).any()
+
+
+@pytest.mark.parametrize("m", [1, 17, 64, 200])
+def test_every_int4_tuning_candidate_computes_the_same_product(m):
+    """tuning.pick may choose any candidate (GEMV tiles, both tensor-core kernels, both orientations,
+    split-K serial or not) on a GPU: each computes the dequantize-then-matmul product."""
+    from engine.quant.triton_int4 import _launch, candidates
+    g = torch.Generator().manual_seed(m)
+    n, k = 40, 1024
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, 128)
+    x = torch.randn(m, k, generator=g)
+    ref = int4_linear_reference(x, qweight, scales, zeros)
+    cands = candidates(m, n, k, 128, 132)
+    # off CUDA no "asm": few rows take the exact planes (scale after the dot), many the scaled ones
+    assert any(c.get("kernel") == "tc" and c["dequant"] == ("exact" if m <= 32 else "scale") for c in cands)
+    assert not any(c.get("dequant", "").startswith("asm") for c in cands)
+    if m >= 64:
+        assert any(c.get("kernel") == "tc" and not c["swap"] and c["block_m"] >= 64 and c["block_n"] >= 128
+                   and c["num_stages"] >= 4 for c in cands)
+    packed = pack_int4_kernel(qweight).to(DEVICE)
+    for cfg in cands:
+        out = _launch(x.to(DEVICE), packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg

@@ -68,12 +68,53 @@ def check_dot_kernels():
                    dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
                         STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
-    ptx = _compile(_int8_mm_kernel, {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32",
-                                     "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                                     "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
-                                     "stride_om": "i32"},
-                   dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False, STAGES=3, PRECISION="tf32"))
+    int8_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
+                "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32",
+                "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=False,
+                                                   STAGES=3, PRECISION="tf32", SWAP=True, ASM=False))
     assert "wgmma.mma_async" in ptx
+    # Many rows, not swapped: x is the 128-row A operand, the converted weights a 128-wide B.
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN_K=True, SERIAL=False,
+                                                   STAGES=4, PRECISION="tf32", SWAP=False, ASM=False), num_warps=8)
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16", ptx)
+    ptx = _compile(_int8_mm_kernel, int8_sig, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True, SERIAL=True,
+                                                   STAGES=3, PRECISION="tf32", SWAP=False, ASM=True))
+    assert "prmt.b32" in ptx and "wgmma.mma_async" in ptx
+
+
+def check_int4_tc_kernel():
+    """The one-dot-per-step kernel: its K = 32 * CHUNKS step is one dot (CHUNKS * 2 k16 wgmmas in the
+    loop), swapped for few rows (n16) and plain for many (n128)."""
+    from engine.quant.triton_int4_tc import _int4_tc_kernel
+    sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
+    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False)
+    ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True, DEQUANT=0))
+    assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=128, BLOCK_N=128, CHUNKS=2, SWAP=False, DEQUANT=1),
+                   num_warps=8)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+    # dequant="asm" / "asm_scaled": ptxas accepts the inline PTX (bf16x2 and f16x2), two codes per LOP3
+    # and per FMA; with x loaded in feature order (XNAT) and permuted in registers.
+    for dt, fma, mma in (("bf16", "fma.rn.bf16x2", "bf16.bf16"), ("fp16", "fma.rn.f16x2", "f16.f16")):
+        types = dict(sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
+        for swap, block_m, dequant in ((True, 16, 2), (False, 64, 3)):
+            ptx = _compile(_int4_tc_kernel, types, dict(common, BLOCK_M=block_m, BLOCK_N=128, CHUNKS=4, SWAP=swap,
+                                                        DEQUANT=dequant, XNAT=True))
+            assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
+
+
+def check_int8_word_gemv():
+    """The word GEMV's inline PTX assembles: one byte permute per code, 16-byte asynchronous copies."""
+    from engine.quant.triton_int8_words import _int8_gemv_words_kernel
+    sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
+           "lock_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
+           "stride_os": "i32", "stride_om": "i32"}
+    ptx = _compile(_int8_gemv_words_kernel, sig, dict(BLOCK_N=32, BLOCK_K=512, EVEN_K=True, SERIAL=True, STAGES=3,
+                                                      ASM=True))
+    assert "prmt.b32" in ptx and "xor.b32" in ptx
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
 
 
 def check_fp8_gemm():
@@ -97,6 +138,14 @@ def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
 
 def test_int4_and_int8_dot_kernels_use_wgmma():
     _run("check_dot_kernels")
+
+
+def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
+    _run("check_int4_tc_kernel")
+
+
+def test_int8_word_gemv_assembles_its_byte_permute():
+    _run("check_int8_word_gemv")
 
 
 def test_fp8_gemm_uses_e4m3_wgmma():

@@ -79,7 +79,7 @@ def test_engine_runs_hub_layout_layers_in_cuda_graphs(method):
     assert [o.token_ids for o in llm.generate(prompts, params)] == eager
 
 
-@pytest.mark.parametrize("m", [1, 2, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 600])
 def test_every_int4_candidate_matches_dequantize_then_matmul(m):
     """tuning.pick may choose any candidate; each compiles on this GPU and computes the product."""
     from engine.quant.int4 import Int4Linear, int4_linear_reference
@@ -91,8 +91,51 @@ def test_every_int4_candidate_matches_dequantize_then_matmul(m):
     q = Int4Linear.from_linear(lin)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     ref = int4_linear_reference(x.float(), q.qweight, q.scales, q.zeros)
-    for cfg in candidates(m, 1536, 4096, 128, num_sms(x.device)):
+    cands = candidates(m, 1536, 4096, 128, num_sms(x.device), asm=True)
+    assert any(c.get("dequant") == "asm" for c in cands)
+    for cfg in cands:
         assert rel_err(_launch(x, q.packed, q.scales, q.zeros, 128, **cfg), ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_int4_asm_dequantization_in_float16_matches_dequantize_then_matmul(m):
+    """dequant="asm" has a float16 variant (magic 1024) beside the bfloat16 one the other tests run."""
+    from engine.quant.int4 import Int4Linear, int4_linear_reference
+    from engine.quant.triton_int4 import _launch, candidates
+    from engine.quant.triton_int8 import num_sms
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1536, bias=False, device="cuda", dtype=torch.float16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    ref = int4_linear_reference(x.float(), q.qweight, q.scales, q.zeros)
+    for cfg in [c for c in candidates(m, 1536, 4096, 128, num_sms(x.device), asm=True) if c.get("dequant") == "asm"]:
+        assert rel_err(_launch(x, q.packed, q.scales, q.zeros, 128, **cfg), ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 600])
+def test_every_int8_candidate_matches_its_reference(m):
+    """int8_matmul's tuning candidates at 1-2 rows (GEMV tiles) and many (swap-AB and plain GEMM tiles)."""
+    import triton
+
+    from engine.quant.int8 import Int8Linear, int8_linear_reference
+    from engine.quant.triton_int8 import (_launch, gemm_candidates, gemv_candidates, mm_candidates, num_sms,
+                                          words_candidates)
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1536, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    ref = int8_linear_reference(x.float(), q.weight_int8, q.scales)
+    sms = num_sms(x.device)
+    if m <= 2:
+        cands = gemv_candidates(dict(gemv=True), sms, m, 1536, triton.cdiv(4096, 256), "block_k")
+        cands += words_candidates(m, 1536, 4096, sms, asm=True) + words_candidates(m, 1536, 4096, sms, asm=False)
+    else:
+        cands = mm_candidates(m, 1536, triton.cdiv(4096, 128), sms, "block_k", (128,)) + gemm_candidates(
+            m, 1536, 4096, sms) + gemm_candidates(m, 1536, 4096, sms, asm=True)
+    for cfg in cands:
+        assert rel_err(_launch(x, q.weight_int8, q.scales, **cfg), ref) < 1e-2, cfg
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 256])

@@ -1,0 +1,203 @@
+"""Triton kernel: out = x @ dequant(W)^T for group-wise int4 weights, one tensor-core dot per K step.
+
+Reference: `int4_linear_reference` in int4.py. Same layouts as triton_int4.py (the weight in the kernel
+layout of int4.pack_int4_kernel: per row, each chunk of 32 input features is 4 int32 words, nibble i
+of word r holding feature 32c + 4i + r; scales [N, K // G]; zeros [N, K // G] uint8).
+
+Why a second tensor-core kernel: triton_int4's `_int4_dot_kernel` multiplies each nibble plane by its
+own tl.dot (8 dots of K = 4 * CHUNKS per step, each with its own operand staging), which starves the
+tensor cores once many rows share the weight tile (prefill chunks, batches of 64-256). Here the 8
+dequantized planes [BLOCK_N, WORDS] are interleaved in registers with tl.join into one
+[BLOCK_N, 8 * WORDS] tile whose column j is nibble p(j) of word w = j // 8, i.e. input feature
+    32 * (w // 4) + 4 * p(j) + w % 4,   p(j) = j % 8 // 4 + 2 * (j // 2 % 2) + 4 * (j % 2)
+(from the step's start; planes i and i + 4 side by side, as _asm_planes makes them),
+and x is read in that same column order (a gather from a contiguous range, cached), so one dot of
+K = 32 * CHUNKS (128-512) does the step. The joins only regroup values a thread already holds, so
+the unpacked tile costs no data movement; dequantization is the magic-number trick of triton_int4
+(`_plane`: one LOP3 and a float subtract per code, the scale multiply, a conversion to x's dtype).
+
+Two orientations, a constexpr:
+- SWAP (out^T = W x^T, as Marlin/Machete do for small batches): acc [BLOCK_N, BLOCK_M], the
+  dequantized tile is the MMA's A operand (from registers), rows of x its N (16 at the least).
+- not SWAP (large batches, prefill): acc [BLOCK_M, BLOCK_N] = x W^T, big row tiles (64-128), the
+  dequantized tile transposed into the B operand, as a plain GEMM would be.
+x is either gathered in the tile's column order (8-byte runs, cached), or with XNAT loaded in feature
+order (16-byte loads) and permuted in registers (reshape / permute: feature 32c + 16z + 8y + 4x + r
+goes to column 8 * (4c + r) + 4x + 2y + z), which saves the gathers' address arithmetic at many rows.
+grid (row tiles, column tiles, SPLIT_K), rows fastest (the programs sharing a weight tile run
+together). Split-K partials as in triton_int4 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum
+or, serial, by the tile's last slice). Nothing reads device values on the host (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_int4 import _group_params, _halves, _plane
+from .triton_int8 import _serial_split_reduce
+
+# The DEQUANT constexpr of a launch config's `dequant`.
+DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
+
+
+@triton.jit
+def _dequant(w_lo, w_hi, scale, zero, I: tl.constexpr, DT: tl.constexpr, EXACT: tl.constexpr):
+    """Nibble plane I of the words (w_lo, w_hi = _halves(w)) in DT: (q - zero) * scale, or with EXACT
+    the integers q - zero (exact in 16 bits; the scale is applied after the dot), one FFMA per code:
+    (2^23 + q * 16^i) / 16^i - (2^23 / 16^i + zero) is exact in float32."""
+    step = 1 << (4 * (I % 4))  # the place value of plane I's nibble in its half-word
+    if EXACT:
+        return (_plane(w_lo, w_hi, I) * (1.0 / step) - (zero + 8388608.0 / step)).to(DT)
+    return ((_plane(w_lo, w_hi, I) - (zero * step + 8388608.0)) * (scale * (1.0 / step))).to(DT)
+
+
+def _planes_ptx(magic: str, fma: str, one: str, scaled: bool) -> str:
+    """PTX of _asm_planes: $8 the word, $9 the packed -(magic + zero), $10 (scaled) the packed scale;
+    $0..$7 planes 0..7. Scaled: one more packed FMA, x * scale + (-0), rounding once as a float32
+    (q - zero) * scale rounded to 16 bits would."""
+    body = "".join(f"shr.u32 u, $8, {4 * i};\nlop3.b32 t{i}, u, 0x000F000F, {magic}, 0xEA;\n" for i in range(1, 4))
+    scale = "".join(f"{fma} t{i}, t{i}, $10, nz;\n" for i in range(4)) if scaled else ""
+    return ("{\n.reg .b32 t0, t1, t2, t3, u, one, nz;\n"
+            f"mov.b32 one, {one};\nmov.b32 nz, 0x80008000;\nlop3.b32 t0, $8, 0x000F000F, {magic}, 0xEA;\n{body}"
+            + "".join(f"{fma} t{i}, t{i}, one, $9;\n" for i in range(4)) + scale
+            + "".join(f"mov.b32 {{${i}, ${i + 4}}}, t{i};\n" for i in range(4)) + "}")
+
+
+_PTX_BF16 = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80", False))  # magic 128
+_PTX_FP16 = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00", False))  # magic 1024
+_PTX_BF16_SCALED = tl.constexpr(_planes_ptx("0x43004300", "fma.rn.bf16x2", "0x3F803F80", True))
+_PTX_FP16_SCALED = tl.constexpr(_planes_ptx("0x64006400", "fma.rn.f16x2", "0x3C003C00", True))
+_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r")  # 8 16-bit planes; the word, -(magic + zero)
+_CONSTRAINTS_SCALED = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r")  # and the scale
+
+
+@triton.jit
+def _asm_planes(w, zero, scale, DT: tl.constexpr, SCALED: tl.constexpr):
+    """The 8 nibble planes of the words w as q - zero (SCALED: (q - zero) * scale) in DT (bfloat16 /
+    float16), two codes per instruction (Marlin's trick): per word, 3 shifts, 4 LOP3
+    `(w >> 4i & 0x000F000F) | magic` giving the 16-bit pairs (magic + q_i, magic + q_{i+4}) with
+    magic = 128 (bf16) or 1024 (fp16), whose mantissa holds q exactly, 4 packed FMAs x * 1 - (magic +
+    zero) (exact), and SCALED 4 more by the scale. CUDA only (inline PTX)."""
+    if DT == tl.bfloat16:
+        mz = tl.broadcast_to((0xC300 | zero.to(tl.int32)) * 0x10001, w.shape)  # packed -(128 + zero)
+    else:
+        mz = tl.broadcast_to((0xE400 | zero.to(tl.int32)) * 0x10001, w.shape)  # packed -(1024 + zero)
+    s2 = tl.broadcast_to((scale.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001, w.shape)
+    if DT == tl.bfloat16:
+        t = tl.bfloat16
+        if SCALED:
+            planes = tl.inline_asm_elementwise(_PTX_BF16_SCALED, _CONSTRAINTS_SCALED, [w, mz, s2],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+        else:
+            planes = tl.inline_asm_elementwise(_PTX_BF16, _CONSTRAINTS, [w, mz],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+    else:
+        t = tl.float16
+        if SCALED:
+            planes = tl.inline_asm_elementwise(_PTX_FP16_SCALED, _CONSTRAINTS_SCALED, [w, mz, s2],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+        else:
+            planes = tl.inline_asm_elementwise(_PTX_FP16, _CONSTRAINTS, [w, mz],
+                                               dtype=(t, t, t, t, t, t, t, t), is_pure=True, pack=1)
+    return planes
+
+
+@triton.jit
+def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
+    """[BLOCK_N, WORDS] int32 words -> [BLOCK_N, 8 * WORDS] codes in DT, column j = nibble
+    p(j) = j % 8 // 4 + 2 * (j // 2 % 2) + 4 * (j % 2) of word j // 8. DEQUANT 0: (q - zero) * scale;
+    1: q - zero (EXACT); 2: q - zero by inline PTX (_asm_planes); 3: (q - zero) * scale by inline PTX."""
+    if DEQUANT >= 2:
+        p0, p1, p2, p3, p4, p5, p6, p7 = _asm_planes(w, zero, scale, DT, DEQUANT == 3)
+    else:
+        w_lo, w_hi = _halves(w)
+        p0 = _dequant(w_lo, w_hi, scale, zero, 0, DT, DEQUANT == 1)
+        p1 = _dequant(w_lo, w_hi, scale, zero, 1, DT, DEQUANT == 1)
+        p2 = _dequant(w_lo, w_hi, scale, zero, 2, DT, DEQUANT == 1)
+        p3 = _dequant(w_lo, w_hi, scale, zero, 3, DT, DEQUANT == 1)
+        p4 = _dequant(w_lo, w_hi, scale, zero, 4, DT, DEQUANT == 1)
+        p5 = _dequant(w_lo, w_hi, scale, zero, 5, DT, DEQUANT == 1)
+        p6 = _dequant(w_lo, w_hi, scale, zero, 6, DT, DEQUANT == 1)
+        p7 = _dequant(w_lo, w_hi, scale, zero, 7, DT, DEQUANT == 1)
+    # tl.join adds the new axis last: t[..., x, y, z] = plane x + 2y + 4z, so adjacent columns hold
+    # planes i and i + 4, the two halves of one _asm_planes register (no re-packing of 16-bit pairs)
+    t = tl.join(tl.join(tl.join(p0, p1), tl.join(p2, p3)), tl.join(tl.join(p4, p5), tl.join(p6, p7)))
+    return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
+def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                    ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
+                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr):
+    WORDS: tl.constexpr = 4 * CHUNKS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, WORDS)
+    col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word, from the step's start
+    offs_j = tl.arange(0, 8 * WORDS)
+    plane_j = (offs_j % 8) // 4 + 2 * ((offs_j // 2) % 2) + 4 * (offs_j % 2)  # nibble of column j (_unpacked_tile)
+    feat_j = 32 * ((offs_j // 8) // 4) + 4 * plane_j + (offs_j // 8) % 4  # feature of tile column j
+    offs_f = tl.arange(0, 32 * CHUNKS)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = offs_n.to(tl.int64) * stride_sn
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        kc = k0 + col_k
+        kj = k0 + feat_j
+        if EVEN_K:  # every step whole: masks constant along K
+            mask_k = tl.full([WORDS], 1, tl.int1)
+            mask_j = tl.full([8 * WORDS], 1, tl.int1)
+        else:  # whole chunks: K and every split bound are multiples of 32
+            mask_k = kc < k_end
+            mask_j = kj < k_end
+        mask = mask_n[:, None] & mask_k[None, :]
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
+        if XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
+            mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
+            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
+            xs = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_M, CHUNKS, 2, 2, 2, 4)), (0, 1, 5, 4, 3, 2)),
+                            (BLOCK_M, 8 * WORDS))
+        elif not SWAP:
+            xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+        if SWAP:
+            if XNAT:
+                xt = tl.trans(xs)
+            else:
+                xt = tl.load(x_rows[None, :] + kj[:, None], mask=mask_j[:, None] & mask_m[None, :], other=0.0)
+            if DEQUANT == 0 or DEQUANT == 3:
+                acc = tl.dot(wd, xt, acc, input_precision=PRECISION)
+            else:  # the step lies in one group (ONE_GROUP): its scale multiplies the step's dot
+                acc += tl.dot(wd, xt, input_precision=PRECISION) * scale
+        else:
+            if DEQUANT == 0 or DEQUANT == 3:
+                acc = tl.dot(xs, tl.trans(wd), acc, input_precision=PRECISION)
+            else:
+                acc += tl.dot(xs, tl.trans(wd), input_precision=PRECISION) * tl.trans(scale)
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
+    if SWAP:
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)

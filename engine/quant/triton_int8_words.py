@@ -1,0 +1,82 @@
+"""Triton kernel: the int8 decode GEMV reading the weight as 32-bit words, four codes converted per word.
+
+Reference: `int8_linear_reference` in int8.py. Layouts as triton_int8.py (q [N, K] int8, K contiguous,
+scale [N] float32, x [M, K], out [M, N] in x's dtype), with K % 4 == 0 and the rows 4-byte aligned, so
+that a row is K // 4 int32 words whose byte i is feature 4w + i.
+
+Why: triton_int8's GEMV converts each int8 code on its own (a byte extract with sign, an integer add
+of the float 2^23's bits, a float subtract: ~5 instructions per code with the FMA, counted in sm_90
+SASS), which leaves it bound by instruction issue, not by memory, at one or two rows. Here a word is
+XOR-ed with 0x80808080 once (q + 128, unsigned), then each byte is moved under the exponent bits of
+2^23 by one byte permute (PRMT, inline PTX: `bytes = PRMT` or, without it, shift and mask), so a code
+costs the permute, the subtract of 2^23 + 128 (exact) and the FMA. x is read once per step in feature
+order and split in registers into its four byte planes (tl.split: x[4w + i] for plane i).
+grid (M, cdiv(N, BLOCK_N), SPLIT_K), rows of x fastest; split-K partials as the other GEMVs
+(a float32 [SPLIT_K, M, N] scratch summed by torch.sum, or serial: by the tile's last slice).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_int8 import _INT8_BYTES_PTX, _serial_split_reduce
+
+
+@triton.jit
+def _byte_planes(w, ASM: tl.constexpr):
+    """The 4 bytes of the words w as float32 2^23 + q + 128 (q the signed code), exact."""
+    if ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(_INT8_BYTES_PTX, "=r,=r,=r,=r,r", [w],
+                                                   dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+                                                   is_pure=True, pack=1)
+    else:
+        t = w ^ -2139062144  # 0x80808080 as an int32
+        b0 = ((t & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+        b1 = (((t >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+        b2 = (((t >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+        b3 = (((t >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
+    return b0, b1, b2, b3
+
+
+@triton.jit
+def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn,
+                            stride_os, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+    WORDS: tl.constexpr = BLOCK_K // 4
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    offs_w = tl.arange(0, WORDS)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        kw = tl.multiple_of(k0 // 4, WORDS)  # steps start on whole tiles
+        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
+            mask_w = tl.full([WORDS], 1, tl.int1)
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:  # K % 4 == 0: a word is wholly inside or outside the slice
+            mask_w = 4 * (kw + offs_w) < k_end
+            mask_k = k0 + offs_k < k_end
+        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask_n[:, None] & mask_w[None, :], other=0)
+        x = tl.load(x_row + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))  # x[4w + 2a], x[4w + 2a + 1]
+        x0, x2 = tl.split(x_even)
+        x1, x3 = tl.split(x_odd)
+        b0, b1, b2, b3 = _byte_planes(w, ASM)
+        acc += (b0 - 8388736.0) * x0[None, :]
+        acc += (b1 - 8388736.0) * x1[None, :]
+        acc += (b2 - 8388736.0) * x2[None, :]
+        acc += (b3 - 8388736.0) * x3[None, :]
+    out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
