@@ -25,8 +25,9 @@ def test_triton_engine_with_cuda_graphs_matches_torch_engine(kind):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     tokens, llms = {}, {}
     for backend in ("torch", "triton"):
+        # A fixed pool: both engines live at once, and a share of the GPU would leave the second nothing.
         cfg = EngineConfig(device="cuda", max_model_len=128, block_size=16, max_num_batched_tokens=48,
-                           max_num_seqs=8, attention_backend=backend)
+                           max_num_seqs=8, attention_backend=backend, num_gpu_blocks=256)
         llms[backend] = LLM.from_hf_model(model, cfg, dtype=torch.float32)
         tokens[backend] = [o.token_ids for o in llms[backend].generate(prompts, params)]
     assert llms["triton"].engine.stats().cuda_graphs
