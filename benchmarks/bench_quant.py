@@ -83,7 +83,6 @@ PROMPT_LEN, NEW_TOKENS = 64, 16
 TARGETS = {"int8_weight_ratio_max": 0.55, "int4_weight_ratio_max": 0.30, "int8_b1_speedup_min": 1.8,
            "int4_b1_speedup_min": 2.8, "int4_b16_speedup_min": 2.0, "no_weight_mode_slower_than_bf16": True,
            "fp8_b64_speedup_min": 1.3, "kv_fp8_attention_speedup_min": 1.0, "kv_fp8_block_ratio_min": 1.9}
-COMMAND = "PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json"
 T0 = time.perf_counter()
 # The engine part starts no new mode after this many seconds of the run (its modes take ~30-40 s
 # each), so that one run stays within the lead's 8-minute slot; skipped modes say so in the JSON.
@@ -519,7 +518,8 @@ def main() -> None:
                     help="where to write the JSON results")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
-    result = {"command": COMMAND, "argv": sys.argv, "model": MODEL, "dtype": "bfloat16", "weights": "random (seed 0)",
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_QUANT_"))
+    result = {"command": " ".join(p for p in (env, "PYTHONUNBUFFERED=1 PYTHONPATH=. python3", *sys.argv) if p), "model": MODEL, "dtype": "bfloat16", "weights": "random (seed 0)",
               "device": torch.cuda.get_device_name(0), "compute_capability": f"{props.major}.{props.minor}",
               "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
               "batches": BATCHES, "reps": REPS, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
