@@ -560,10 +560,9 @@ class ModelRunner:
                 for g in range(b.num_extra_groups))
         return meta
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run one step; sampled holds a token for each request whose last token was computed. The block tables
-        and the step's copies-on-write come in the scheduler's output; the copies run before the forward pass, which
-        writes into them."""
+    def _begin(self, sched: SchedulerOutput) -> tuple[float, tuple[StepPlan, list, int, int]]:
+        """A step's work before its forward pass: wait until the last upload has read the host buffers (the seconds
+        waited are returned), copy the blocks the scheduler copies on write, and lay out the inputs (_prepare)."""
         t0 = time.perf_counter()
         self.wait_host_buffers()
         waited = time.perf_counter() - t0
@@ -571,7 +570,14 @@ class ModelRunner:
             self.copy_blocks(sched.block_copies)
         for request_id in sched.rewritten_tables:
             self.release(request_id)  # its table changed in place: _prepare writes the row afresh
-        plan, samplers, kv_read, scores = self._prepare(sched)
+        return waited, self._prepare(sched)
+
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Run one step; sampled holds a token for each request whose last token was computed. The block tables
+        and the step's copies-on-write come in the scheduler's output; the copies run before the forward pass, which
+        writes into them."""
+        t0 = time.perf_counter()
+        waited, (plan, samplers, kv_read, scores) = self._begin(sched)
         t_prepared = time.perf_counter()
         spec_sampled = {}
         with torch.inference_mode():
@@ -602,13 +608,7 @@ class ModelRunner:
         tokens to the host, and return without waiting for the device. Input tokens that are placeholders (all_token_ids
         holds PLACEHOLDER) are taken on the device from prev's sampled tokens. No speculative drafts."""
         t0 = time.perf_counter()
-        self.wait_host_buffers()
-        waited = time.perf_counter() - t0
-        if sched.block_copies:
-            self.copy_blocks(sched.block_copies)
-        for request_id in sched.rewritten_tables:
-            self.release(request_id)
-        plan, samplers, kv_read, scores = self._prepare(sched)
+        waited, (plan, samplers, kv_read, scores) = self._begin(sched)
         plan.feed = self._feed(plan, prev)
         t_prepared = time.perf_counter()
         with torch.inference_mode():

@@ -212,9 +212,7 @@ class Scheduler:
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(req)
-        if finished:
-            done = {id(r) for r in finished}
-            self.running = [r for r in self.running if id(r) not in done]
+        self._drop_finished(finished)
         return finished
 
     # ----- async scheduling (engine/async_step.py) ---------------------------------------------------------
@@ -249,12 +247,17 @@ class Scheduler:
             if status is not None:
                 self._finish(req, status, now)
                 finished.append(req)
+        self._drop_finished(finished)
+        return finished, discarded
+
+    def _drop_finished(self, finished: list[Request]) -> None:
+        """Take the requests of `finished` out of the running list and the waiting queue (a request preempted
+        while its token was in flight finishes from the waiting queue under async scheduling)."""
         if finished:
             done = {id(r) for r in finished}
             self.running = [r for r in self.running if id(r) not in done]
             if any(id(r) in done for r in self.waiting):
                 self.waiting = deque(r for r in self.waiting if id(r) not in done)
-        return finished, discarded
 
     def _update_verified(self, req: Request, num_new: int, tokens: list[int], now: float) -> bool:
         """Apply a verification step's tokens (stopping at a stop token or a length limit); True if finished."""
