@@ -28,7 +28,8 @@ def test_gemma_3_12b_groups():
     assert groups[1].layers == (0, 1, 2, 3, 4, 6, 7, 8)
     slots = layer_group_slots(groups)
     assert slots[5] == (0, 0) and slots[47] == (0, 7) and slots[0] == (1, 0) and slots[46] == (5, 7)
-    assert LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2) is None  # tensor parallel: one table
+    # Tensor parallel: the same groups (every rank holds its KV heads of every layer, with rank 0's tables).
+    assert LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2) == groups
     assert LLM.kv_cache_groups((None,) * 4, 4) is None  # no window: one table, the plain engine
     # Gemma 2 alternates: 2 groups of half the layers; Mistral's window on every layer: 1 sliding group.
     assert [(len(g.layers), g.sliding_window) for g in kv_cache_groups((4, None) * 3, 6)] == [(3, None), (3, 4)]
