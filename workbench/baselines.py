@@ -267,7 +267,8 @@ def replay_allocator(trace, allocator: str, capacity_tokens: int, max_model_len:
             alloc.free(s)
         running = [s for s in running if s.length < s.final_len]
         step += 1
-    groups = [group_blocks_column(g) for g in range(len(group_windows))] if allocator == "paged" and group_windows else []
+    paged_groups = allocator == "paged" and group_windows
+    groups = [group_blocks_column(g) for g in range(len(group_windows))] if paged_groups else []
     return pd.DataFrame(rows, columns=TIMELINE_COLUMNS + groups)
 
 

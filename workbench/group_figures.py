@@ -22,7 +22,7 @@ ONE_GROUP = ("the model has one KV cache group (no sliding-window layers): every
 
 def group_names(groups) -> list[str]:
     """Legend names of KV cache groups: groups is EngineStats.kv_cache_groups (None: full attention, else the
-    window) or the kv_cache_groups results column ("full, 21, 21"): "group 0 (full attention)", "group 1
+    window) or the kv_cache_group_windows results column ("full, 21, 21"): "group 0 (full attention)", "group 1
     (window 21)"."""
     if isinstance(groups, float) or groups is None:  # NaN: a results row without the column's value
         return []
@@ -36,8 +36,8 @@ def group_blocks_over_time(steps: pd.DataFrame | None, groups=None, num_blocks: 
                            title: str = TITLE) -> go.Figure:
     """Blocks of the pool each KV cache group holds (stacked, count) at every engine step of one run: a sweep
     point's time series (x: seconds since the start of the run), a steps frame (x: the step) or the paged rows of
-    an allocator timeline (x: its step). groups: the groups' windows or the kv_cache_groups column, for the legend;
-    num_blocks: the pool's size (C.kv_blocks), drawn as a dashed line. Says why instead for a model with one group."""
+    an allocator timeline (x: its step). groups: the groups' windows or the kv_cache_group_windows column, for the
+    legend; num_blocks: the pool's size (C.kv_blocks), drawn as a dashed line. Says why instead for a model with one group."""
     cols = metrics.group_blocks_columns(steps)
     if steps is None or len(steps) == 0 or not cols:
         return _empty(title, ONE_GROUP if steps is not None and len(steps) else "no per-step data for this point")

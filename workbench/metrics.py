@@ -261,7 +261,7 @@ def engine_summary(stats) -> dict:
         # a sliding-window model's block holds one KV cache group (1/len(groups) of the layers): tokens of every layer
         C.kv_blocks: blocks, C.kv_capacity_tokens: blocks * block_size // max(len(st.kv_cache_groups or ()), 1)
         if blocks and block_size else None,
-        C.kv_cache_groups: kv_cache_groups_text(st.kv_cache_groups),
+        C.kv_cache_group_windows: kv_cache_groups_text(st.kv_cache_groups),
         C.weight_bytes: st.weight_bytes, C.kv_bytes_per_token: st.kv_bytes_per_token,
         C.attention_backend_used: st.attention_backend, C.cuda_graphs: st.cuda_graphs,
         C.device_name: st.device_name,

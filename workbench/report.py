@@ -96,7 +96,7 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         row = results.loc[results[C.point_id] == drilldown]
         first = row.iloc[0] if len(row) else {}
         figs["kv-groups-over-time"] = group_figures.group_blocks_over_time(
-            (timeseries or {}).get(drilldown), first.get(C.kv_cache_groups), first.get(C.kv_blocks),
+            (timeseries or {}).get(drilldown), first.get(C.kv_cache_group_windows), first.get(C.kv_blocks),
             f"KV blocks in use per cache group: {name}")
         row = results.loc[results[C.point_id] == drilldown]
         if C.gap_measured_s in row and len(row) and pd.notna(row[C.gap_measured_s].iloc[0]):

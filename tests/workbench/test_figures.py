@@ -160,8 +160,8 @@ def test_group_blocks_over_time_from_a_sliding_window_models_stats():
         c = 40 + i - 1
         assert steps.loc[i, cols].tolist() == [-(-(c + 1) // 4)] + [c // 4 - (c - 7) // 4 + 1] * 2, c
     summary = metrics.engine_summary(stats)
-    assert summary[C.kv_cache_groups] == "full, 8, 8"
-    fig = group_figures.group_blocks_over_time(steps, summary[C.kv_cache_groups], summary[C.kv_blocks])
+    assert summary[C.kv_cache_group_windows] == "full, 8, 8"
+    fig = group_figures.group_blocks_over_time(steps, summary[C.kv_cache_group_windows], summary[C.kv_blocks])
     assert not figures.is_empty(fig)
     assert [t.name for t in fig.data] == ["group 0 (full attention)", "group 1 (window 8)", "group 2 (window 8)"]
     for trace, col in zip(fig.data, cols):

@@ -127,7 +127,7 @@ def test_kv_groups_figure_for_a_sliding_window_model_and_a_sentence_otherwise(tm
                   workload_args=dict(prompt_len=40, output_len=6), progress=False, warmup=False,
                   base_config=llm.config)
     results = sweep.run()
-    assert (results[C.status] == "ok").all() and list(results[C.kv_cache_groups]) == ["full, 8, 8"] * 2
+    assert (results[C.status] == "ok").all() and list(results[C.kv_cache_group_windows]) == ["full, 8, 8"] * 2
     pid = results[C.point_id].iloc[0]
     ts = sweep.timeseries[pid]
     cols = metrics.group_blocks_columns(ts)
