@@ -64,12 +64,13 @@ def test_sliding_window_groups_at_tp2_with_cuda_graphs_match_tp1(kind):
     prompts = [shared + torch.randint(3, 512, (6 + 9 * i,), generator=gen).tolist() for i in range(8)]
     cfg = EngineConfig(max_model_len=160, block_size=16, num_gpu_blocks=8 * len(groups), max_num_batched_tokens=64,
                        max_num_seqs=8, attention_backend="triton", enable_prefix_caching=True)
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)  # long enough to preempt (3-9 times)
     llm = LLM.from_hf_model(model, cfg, dtype=torch.float32)
-    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    expected = [o.token_ids for o in llm.generate(prompts, greedy)]
     ref_steps = [s.group_used_blocks for s in llm.engine.stats().steps]
     llm.reconfigure(cfg.replace(tensor_parallel_size=2))
     llm.engine.reset_stats()
-    got = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    got = [o.token_ids for o in llm.generate(prompts, greedy)]
     stats = llm.engine.stats()
     (rank1,) = llm.engine.runner.describe_ranks()
     llm.reconfigure(cfg)
