@@ -352,9 +352,11 @@ def test_sliding_window_groups_at_tp2_match_tp1_and_hf(sliding_models, kind):
     try:
         got, stats = _generate(llm, prompts, greedy)
         (rank1,) = llm.engine.runner.describe_ranks()
+        logits = llm.prompt_logits(prompts[0])
     finally:
         llm.reconfigure(cfg)
     assert not _tp_processes()
+    torch.testing.assert_close(logits, llm.prompt_logits(prompts[0]), atol=1e-4, rtol=1e-4)
     expected, ref_stats = _generate(llm, prompts, greedy)
     for p, tokens, (hf_tokens, gaps) in zip(prompts, expected, refs):
         assert_same_greedy(tokens, hf_tokens, gaps, f"{kind} TP=1: prompt of {len(p)} tokens")
