@@ -181,7 +181,8 @@ def steps_frame(stats) -> pd.DataFrame:
                       columns=list(StepStats.__dataclass_fields__) if not steps else None)
     num_groups = len(_get(stats, "kv_cache_groups", ()) or ())
     if num_groups and "group_used_blocks" in df:
-        used = [tuple(u) if u is not None and len(u) == num_groups else (0,) * num_groups
+        # A step without one count per group (none recorded) reads as unknown, never as 0 blocks.
+        used = [tuple(u) if u is not None and len(u) == num_groups else (math.nan,) * num_groups
                 for u in df["group_used_blocks"]]
         for g in range(num_groups):
             df[group_blocks_column(g)] = [u[g] for u in used]
