@@ -22,6 +22,14 @@ may wait or be preempted (a prefill chunk holds all its blocks in every group un
 
 Target (issue 19): sliding / no-window >= 1.5 (expected ~2.6: 6 x 256 / (256 + 5 x 65)), the pool and the planner
 agreeing (their ratios within 5%). Expected runtime on an H200: about 2.5 minutes with the run, 1 without.
+
+--tensor-parallel-size 2 (two GPUs): the same at TP=2, where every rank keeps the KV cache groups over its half of
+the KV heads (rank 0's per-group block tables broadcast each step): a request holds the same blocks of the pool as
+at TP=1 (blocks_per_request), each rank's pool has about twice TP=1's blocks (half the KV bytes per token), and the
+sliding / no-window ratio stays ~2.6, the planner agreeing:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/sliding_window_capacity.py --tensor-parallel-size 2 \
+        --out data/benchmarks/sliding_window_tp2_h200x2.json
 Writes JSON (command, device, versions, every number) to --out.
 """
 from __future__ import annotations
@@ -120,6 +128,7 @@ def main():
     ap.add_argument("--no-run", action="store_true", help="skip the real engine run (pool and planner only)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (checks the script, measures nothing)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over (default 1)")
     args = ap.parse_args()
     global TOKENS
     chunk = 16384
@@ -134,7 +143,8 @@ def main():
     device = torch.device("cpu" if args.smoke else "cuda")
     cfg = EngineConfig(max_model_len=TOKENS, block_size=16, max_num_batched_tokens=chunk, max_num_seqs=256,
                        enforce_eager=True, enable_prefix_caching=False,
-                       gpu_memory_utilization=args.gpu_memory_utilization, **extra)
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       tensor_parallel_size=args.tensor_parallel_size, **extra)
     variants = {"sliding": hf, "no_window": no_window_config(hf)}
     result = {"command": " ".join([sys.executable] + sys.argv), "environment": environment(device),
               "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "tokens_per_request": TOKENS}
@@ -159,6 +169,7 @@ def main():
             row["run"] = real_run(llm, min(caps[0]["requests"], cfg.max_num_seqs))
             log(f"{name}: run {row['run']}")
         result[name] = row
+        llm.engine.runner.close()  # the KV pool (and the workers of a tensor-parallel group) before the next model
         del llm, eng
         gc.collect()
         torch.cuda.empty_cache()

@@ -222,8 +222,8 @@ class ModelRunner:
         max_tokens = max(config.max_num_batched_tokens, self.graph_sizes[-1])
         if device.type == "cpu":
             self._check_host_activations(max_tokens)
-        # KV cache groups (engine/kv/groups.py) when some layers slide (not under tensor parallelism, whose ranks
-        # receive one block table): None keeps one table for every layer.
+        # KV cache groups (engine/kv/groups.py) when some layers slide (under tensor parallelism too: every rank
+        # receives rank 0's per-group tables): None keeps one table for every layer.
         self.kv_groups = engine_kv_groups(spec.layer_windows, spec.num_layers, config.tensor_parallel_size)
         extra = len(self.kv_groups) - 1 if self.kv_groups else 0
         self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra)

@@ -46,6 +46,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from .metrics import group_blocks_column
+
 ALLOCATORS = ("max", "pow2", "oracle", "paged")
 LABELS = {"max": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)", "paged": "vLLM (paged)"}
 PARTS = ("tokens", "reservation", "internal_fragmentation", "external_fragmentation", "free")
@@ -190,7 +192,7 @@ class PagedAllocator:
                 tokens += s.length - gone * bs
                 allocated += (len(m.block_ids(s.request_id)) - gone) * bs
         return {"tokens": tokens / k, "reservation": 0, "internal_fragmentation": (allocated - tokens) / k,
-                **{f"group{g}_blocks": n for g, n in enumerate(self.kv.group_used_blocks())}}
+                **{group_blocks_column(g): n for g, n in enumerate(self.kv.group_used_blocks())}}
 
 
 def _lengths(trace) -> list[tuple[str, int, int]]:
@@ -265,7 +267,8 @@ def replay_allocator(trace, allocator: str, capacity_tokens: int, max_model_len:
             alloc.free(s)
         running = [s for s in running if s.length < s.final_len]
         step += 1
-    groups = [f"group{g}_blocks" for g in range(len(group_windows))] if allocator == "paged" and group_windows else []
+    paged_groups = allocator == "paged" and group_windows
+    groups = [group_blocks_column(g) for g in range(len(group_windows))] if paged_groups else []
     return pd.DataFrame(rows, columns=TIMELINE_COLUMNS + groups)
 
 

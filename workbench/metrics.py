@@ -144,13 +144,49 @@ def goodput(requests: pd.DataFrame, duration: float, slo: dict | None) -> dict:
 
 # --- per-step and engine counters --------------------------------------------------------------------
 
+def group_blocks_column(group: int) -> str:
+    """The per-step column of one KV cache group's blocks in use (steps frames and the allocator timelines of
+    `workbench.baselines`): group_blocks_column(1) -> "group1_blocks"."""
+    return f"group{int(group)}_blocks"
+
+
+def group_blocks_columns(frame: pd.DataFrame | None) -> list[str]:
+    """The group_blocks_column columns ``frame`` has, in group order ([] for a model with one KV cache group)."""
+    if frame is None:
+        return []
+    cols, g = [], 0
+    while group_blocks_column(g) in frame:
+        cols.append(group_blocks_column(g))
+        g += 1
+    return cols
+
+
+def kv_cache_groups_text(windows) -> str | None:
+    """The KV cache groups of a sliding-window model as text, one entry per group ("full" or its window in
+    tokens): "full, 1024, 1024"; None for a model with one table (EngineStats.kv_cache_groups empty)."""
+    windows = tuple(windows or ())
+    return ", ".join("full" if w is None else str(int(w)) for w in windows) if windows else None
+
+
 def steps_frame(stats) -> pd.DataFrame:
-    """The per-step counters (engine.stats.StepStats) of an EngineStats as a DataFrame, one row per step."""
+    """The per-step counters (engine.stats.StepStats) of an EngineStats as a DataFrame, one row per step.
+
+    A sliding-window model (EngineStats.kv_cache_groups not empty) also gets one column per KV cache group,
+    group_blocks_column(g): blocks of the pool group g's tables held after the step (they add up to num_used_blocks).
+    """
     from engine import StepStats
 
     steps = _get(stats, "steps", []) or []
-    return pd.DataFrame([asdict(s) if is_dataclass(s) else dict(s) for s in steps],
-                        columns=list(StepStats.__dataclass_fields__) if not steps else None)
+    df = pd.DataFrame([asdict(s) if is_dataclass(s) else dict(s) for s in steps],
+                      columns=list(StepStats.__dataclass_fields__) if not steps else None)
+    num_groups = len(_get(stats, "kv_cache_groups", ()) or ())
+    if num_groups and "group_used_blocks" in df:
+        # A step without one count per group (none recorded) reads as unknown, never as 0 blocks.
+        used = [tuple(u) if u is not None and len(u) == num_groups else (math.nan,) * num_groups
+                for u in df["group_used_blocks"]]
+        for g in range(num_groups):
+            df[group_blocks_column(g)] = [u[g] for u in used]
+    return df
 
 
 def step_summary(steps: pd.DataFrame) -> dict:
@@ -226,6 +262,7 @@ def engine_summary(stats) -> dict:
         # a sliding-window model's block holds one KV cache group (1/len(groups) of the layers): tokens of every layer
         C.kv_blocks: blocks, C.kv_capacity_tokens: blocks * block_size // max(len(st.kv_cache_groups or ()), 1)
         if blocks and block_size else None,
+        C.kv_cache_group_windows: kv_cache_groups_text(st.kv_cache_groups),
         C.weight_bytes: st.weight_bytes, C.kv_bytes_per_token: st.kv_bytes_per_token,
         C.attention_backend_used: st.attention_backend, C.cuda_graphs: st.cuda_graphs,
         C.device_name: st.device_name,

@@ -244,16 +244,21 @@ def graph_pool_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calib
     return _alloc(int(rows * per_row * e / 2))
 
 
-def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", num_kv_groups: int = 1) -> int:
+def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", num_kv_groups: int = 1,
+                 tensor_parallel_size: int = 1) -> int:
     """Torch allocations besides weights made before the profile: rotary cos/sin (float32), input buffers (with
-    num_kv_groups KV cache groups, a block table and a slot mapping per group) and, with CUDA graphs, the graphs'
-    hidden-state output buffer."""
+    num_kv_groups KV cache groups, a block table and a slot mapping per group), under tensor parallelism each
+    rank's int64 staging buffer of a step's inputs (engine/distributed/step_broadcast.py, every group's tables and
+    slot mappings included) and, with CUDA graphs, the graphs' hidden-state output buffer."""
     rotary = 2 * _alloc(spec.max_position_embeddings * spec.head_dim * 4)
     tokens, seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
     blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
     buffers = 3 * _alloc(tokens * 8) + _alloc((seqs + 1) * 4) + _alloc(seqs * 4) + _alloc(seqs * blocks_per_seq * 4)
     if num_kv_groups > 1:
         buffers += _alloc((num_kv_groups - 1) * seqs * blocks_per_seq * 4) + _alloc((num_kv_groups - 1) * tokens * 8)
+    if tensor_parallel_size > 1:
+        table = seqs * blocks_per_seq
+        buffers += _alloc((3 * tokens + 2 * seqs + 1 + table + (num_kv_groups - 1) * (table + tokens)) * 8)
     hidden = 0 if cfg.enforce_eager else _alloc(min(seqs, tokens) * spec.hidden_size * DTYPE_BYTES[_dtype_name(dtype)])
     return rotary + buffers + hidden
 
@@ -392,7 +397,7 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
     windows = tuple(g.sliding_window for g in groups) if groups else None
     static = fwd = graphs = non_torch = 0
     if not on_cpu:
-        static = static_bytes(spec, cfg, dtype, len(windows) if windows else 1) + cal.other_bytes
+        static = static_bytes(spec, cfg, dtype, len(windows) if windows else 1, tp) + cal.other_bytes
         fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
         graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
         non_torch = cal.non_torch_bytes

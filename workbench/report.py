@@ -14,7 +14,7 @@ import os
 import pandas as pd
 import plotly.offline
 
-from . import figures, profile_figures, recommend, schema, sharing_figures
+from . import figures, group_figures, profile_figures, recommend, schema, sharing_figures
 from .html_parts import REPORT_CSS, esc, kv_table, results_table
 from .schema import C
 
@@ -55,6 +55,11 @@ CAPTIONS = {
                  "recompute and CUDA-graph padding. The parts add up to the measured time.",
     "waterfall": "The recommended-throughput point's measured time built up from the ideal time, part by part.",
     "gpu-over-time": "GPU utilisation and power during the run of the recommended-throughput point.",
+    "kv-groups-over-time": "A sliding-window model's KV blocks per cache group at every engine step of the "
+                           "recommended-throughput point, stacked (their sum is the pool's blocks in use; the dashed "
+                           "line is the pool). A full-attention group keeps every block of its requests; a sliding "
+                           "group frees the blocks that left its window, so its band stays flat while the full "
+                           "group's grows with the context: the difference is the memory the windows save.",
 }
 
 
@@ -88,6 +93,11 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
                                                                 f"KV usage and batch size: {name}")
         figs["gpu-over-time"] = figures.gpu_over_time((telemetry or {}).get(drilldown),
                                                       f"GPU utilisation and power: {name}")
+        row = results.loc[results[C.point_id] == drilldown]
+        first = row.iloc[0] if len(row) else {}
+        figs["kv-groups-over-time"] = group_figures.group_blocks_over_time(
+            (timeseries or {}).get(drilldown), first.get(C.kv_cache_group_windows), first.get(C.kv_blocks),
+            f"KV blocks in use per cache group: {name}")
         row = results.loc[results[C.point_id] == drilldown]
         if C.gap_measured_s in row and len(row) and pd.notna(row[C.gap_measured_s].iloc[0]):
             figs["waterfall"] = profile_figures.waterfall_figure(row.iloc[0], f"Where the time goes: {name}")

@@ -147,6 +147,9 @@ COLUMNS: list[Column] = [
     Column("num_steps", "engine steps", "count", LOWER, MEDIAN, kind=ENGINE, fmt="{:.0f}"),
     Column("kv_blocks", "KV blocks", "count", HIGHER, kind=ENGINE, fmt="{}"),
     Column("kv_capacity_tokens", "KV capacity", "tokens", HIGHER, kind=ENGINE, fmt="{}"),
+    # Sliding-window models (engine/kv/groups.py): each KV cache group, "full" or its window in tokens; None with
+    # one group. Per-step blocks of each group: workbench.metrics.group_blocks_column.
+    Column("kv_cache_group_windows", "KV cache groups (full or sliding window, tokens)", kind=ENGINE),
     Column("weight_bytes", "weight memory", "bytes", LOWER, kind=ENGINE, fmt="{:.3g}"),
     Column("kv_bytes_per_token", "KV memory per token", "bytes", LOWER, kind=ENGINE, fmt="{}"),
     Column("attention_backend_used", "attention backend that ran", kind=ENGINE),

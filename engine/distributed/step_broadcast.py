@@ -4,7 +4,8 @@ Rank 0's ModelRunner prepares a step as it does without tensor parallelism (the 
 StepPlan: sizes, the CUDA graph to replay, the rows that sample). Then, in upload():
 - rank 0 sends the plan to the workers through their pipes (a few hundred bytes, pickled);
 - rank 0 packs the used part of its host buffers (token ids, positions, slot mapping, query_start_loc,
-  seq_lens, block tables) into one pinned int64 tensor and copies it to its device;
+  seq_lens, block tables, and for a sliding-window model the block tables and slot mappings of its KV cache
+  groups past the first, engine/kv/groups.py) into one pinned int64 tensor and copies it to its device;
 - one torch.distributed broadcast gives every rank that tensor, and every rank unpacks it into its
   device input buffers.
 From there each rank runs forward_step(plan) on its shard: the same CUDA graph replayed, or the same
@@ -21,10 +22,11 @@ import torch.distributed as dist
 from ..runner import ModelRunner, StepPlan
 
 
-def staged_sizes(plan: StepPlan) -> list[int]:
-    """Lengths of the packed sections: ids, positions, slots (tokens), query_start_loc, seq_lens, tables."""
-    t, n = plan.padded_tokens, plan.padded_seqs
-    return [t, t, t, n + 1, n, n * plan.num_cols]
+def staged_sizes(plan: StepPlan, num_extra_groups: int = 0) -> list[int]:
+    """Lengths of the packed sections: ids, positions, slots (tokens), query_start_loc, seq_lens, tables, then
+    the extra KV cache groups' tables ([groups, seqs, cols]) and slot mappings ([groups, tokens])."""
+    t, n, e = plan.padded_tokens, plan.padded_seqs, num_extra_groups
+    return [t, t, t, n + 1, n, n * plan.num_cols, e * n * plan.num_cols, e * t]
 
 
 class TPModelRunner(ModelRunner):
@@ -39,6 +41,8 @@ class TPModelRunner(ModelRunner):
         self.send_plan = send_plan
         b = self.buffers
         capacity = 3 * b.ids.numel() + 2 * b.lens.numel() + 1 + b.tables.numel()
+        if b.num_extra_groups:
+            capacity += b.group_tables.numel() + b.group_slots.numel()
         self.staging = torch.empty(capacity, dtype=torch.int64, device=device)
         self.staging_host = self.staging_np = self.staging_copied = None  # rank 0's pinned copy and its copy event
         if send_plan is not None:
@@ -53,28 +57,34 @@ class TPModelRunner(ModelRunner):
             self.staging_copied.synchronize()  # rank 0's last copy has read the pinned staging buffer
 
     def upload(self, plan: StepPlan) -> None:
-        sizes = staged_sizes(plan)
-        flat = self.staging[:sum(sizes)]
         b = self.buffers
+        e = b.num_extra_groups
+        sizes = staged_sizes(plan, e)
+        flat = self.staging[:sum(sizes)]
         t, n, c = plan.padded_tokens, plan.padded_seqs, plan.num_cols
         if self.send_plan is not None:
             self.send_plan(plan)
             pos = 0
-            for part in (b.ids_np[:t], b.pos_np[:t], b.slots_np[:t], b.qsl_np[:n + 1], b.lens_np[:n],
-                         b.tables_np[:n, :c]):
+            parts = [b.ids_np[:t], b.pos_np[:t], b.slots_np[:t], b.qsl_np[:n + 1], b.lens_np[:n], b.tables_np[:n, :c]]
+            if e:
+                parts += [b.group_tables_np[:, :n, :c], b.group_slots_np[:, :t]]
+            for part in parts:
                 self.staging_np[pos:pos + part.size] = part.reshape(-1)
                 pos += part.size
             flat.copy_(self.staging_host[:pos], non_blocking=True)
             if self.staging_copied is not None:
                 self.staging_copied.record()
         dist.broadcast(flat, src=0)
-        ids, positions, slots, qsl, lens, tables = flat.split(sizes)
+        ids, positions, slots, qsl, lens, tables, group_tables, group_slots = flat.split(sizes)
         b.ids_dev[:t].copy_(ids)
         b.pos_dev[:t].copy_(positions)
         b.slots_dev[:t].copy_(slots)
         b.qsl_dev[:n + 1].copy_(qsl)
         b.lens_dev[:n].copy_(lens)
         b.tables_dev[:n, :c].copy_(tables.view(n, c))
+        if e:
+            b.group_tables_dev[:, :n, :c].copy_(group_tables.view(e, n, c))
+            b.group_slots_dev[:, :t].copy_(group_slots.view(e, t))
         if self.send_plan is None and self.host_lists:
             b.qsl_np[:n + 1] = qsl.cpu().numpy()
             b.lens_np[:n] = lens.cpu().numpy()

@@ -3,9 +3,11 @@
 The scheduler and the KV cache manager run once, in rank 0 (this process). TPRunner owns rank 0's
 ModelRunner (a TPModelRunner over rank 0's shard) and a WorkerGroup of ranks 1..W-1. Every rank holds
 its shard of the weights and its shard of the KV cache (its KV heads) in a pool with the same number
-of blocks, so one block table serves all ranks. A step is prepared by rank 0's runner as without
-tensor parallelism; its inputs reach the workers by one broadcast (step_broadcast.py), all ranks run
-the forward (replaying the same CUDA graph for decode steps), and rank 0 samples.
+of blocks, so one block table serves all ranks (one per KV cache group for a sliding-window model: every
+rank keeps the same groups, engine/kv/groups.py, and receives rank 0's per-group tables and slot mappings).
+A step is prepared by rank 0's runner as without tensor parallelism; its inputs reach the workers by one
+broadcast (step_broadcast.py), all ranks run the forward (replaying the same CUDA graph for decode steps),
+and rank 0 samples.
 
 The weights are cut into shards one tensor at a time on rank 0 (from the host copy of a checkpoint,
 or drawn on rank 0's GPU for random weights) and scattered: no GPU ever holds the whole model.
@@ -83,6 +85,11 @@ class TPRunner:
     @property
     def backend(self):
         return self.runner.backend
+
+    @property
+    def kv_groups(self):
+        """The KV cache groups every rank keeps (rank 0's; the workers build the same), or None: one table."""
+        return self.runner.kv_groups
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -138,4 +138,6 @@ def _describe(runner, model) -> dict:
             "pid": os.getpid(), "rank": model.tensor_parallel[0], "device": str(runner.device),
             "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
             "kv_cache_shape": tuple(runner.kv_caches[0][0].shape) if runner.kv_caches else None,
+            "kv_cache_groups": (tuple(g.sliding_window for g in runner.kv_groups) if runner.kv_groups else None),
+            "num_kv_tensors": len({id(c) for c in runner.kv_caches}),
             "env": {k: os.environ.get(k) for k in NCCL_ENV}}

@@ -63,9 +63,11 @@ def needs_groups(groups) -> bool:
 
 def engine_kv_groups(layer_windows, num_layers: int, tensor_parallel_size: int = 1) -> tuple[KVCacheGroup, ...] | None:
     """The groups the engine keeps for a model (the runner and the planner both ask here): None when it keeps one
-    table for every layer, because no layer slides, or under tensor parallelism (whose ranks get one table)."""
+    table for every layer, because no layer slides. The same at any tensor_parallel_size: a rank holds its KV heads
+    of every layer, so rank 0's per-group tables (broadcast each step, engine/distributed/step_broadcast.py) serve
+    every rank; the parameter stays so that callers say which engine they mean."""
     groups = kv_cache_groups(layer_windows, num_layers)
-    return groups if needs_groups(groups) and tensor_parallel_size == 1 else None
+    return groups if needs_groups(groups) else None
 
 
 def _cdiv(a: int, b: int) -> int:

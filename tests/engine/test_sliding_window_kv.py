@@ -28,7 +28,8 @@ def test_gemma_3_12b_groups():
     assert groups[1].layers == (0, 1, 2, 3, 4, 6, 7, 8)
     slots = layer_group_slots(groups)
     assert slots[5] == (0, 0) and slots[47] == (0, 7) and slots[0] == (1, 0) and slots[46] == (5, 7)
-    assert LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2) is None  # tensor parallel: one table
+    # Tensor parallel: the same groups (every rank holds its KV heads of every layer, with rank 0's tables).
+    assert LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2) == groups
     assert LLM.kv_cache_groups((None,) * 4, 4) is None  # no window: one table, the plain engine
     # Gemma 2 alternates: 2 groups of half the layers; Mistral's window on every layer: 1 sliding group.
     assert [(len(g.layers), g.sliding_window) for g in kv_cache_groups((4, None) * 3, 6)] == [(3, None), (3, 4)]
@@ -223,6 +224,25 @@ def test_planner_capacity_gemma_3_12b_vs_no_window():
     assert a.max_concurrent_requests == a.num_gpu_blocks // 581
     assert b.max_concurrent_requests == b.num_gpu_blocks // 256
     assert 2.5 <= a.max_concurrent_requests / b.max_concurrent_requests <= 2.7
+
+
+def test_planner_capacity_gemma_3_12b_at_tp2():
+    """Tensor parallel 2 on H200s: each rank keeps the 6 groups over its 4 of the 8 KV heads, so a group block is
+    0.5 MiB and a one-table block 3 MiB; a request still holds 581 group blocks or 256 one-table blocks: the same
+    2.6x over the model without windows as at TP=1, and about twice TP=1's requests (half the KV bytes per rank)."""
+    from workbench.planner import plan
+    spec = LLM.model_spec("gemma-3-12b")
+    plain_spec = dataclasses.replace(spec, layer_windows=(None,) * spec.num_layers)
+    cfg = EngineConfig(max_model_len=4096, block_size=16)
+    a, b = plan(spec, "H200", cfg, tensor_parallel_size=2), plan(plain_spec, "H200", cfg, tensor_parallel_size=2)
+    one = plan(spec, "H200", cfg)
+    assert a.fits and b.fits and a.tensor_parallel_size == 2
+    mib = 2**20
+    assert a.num_gpu_blocks == a.kv_cache_bytes // (mib // 2) - 1
+    assert b.num_gpu_blocks == b.kv_cache_bytes // (3 * mib) - 1
+    assert a.max_concurrent_requests == a.num_gpu_blocks // 581 and b.max_concurrent_requests == b.num_gpu_blocks // 256
+    assert 2.5 <= a.max_concurrent_requests / b.max_concurrent_requests <= 2.7
+    assert a.max_concurrent_requests > 2 * one.max_concurrent_requests  # the weights are split too: more KV room
 
 
 def _check_pool(kv):

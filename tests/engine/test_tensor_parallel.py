@@ -3,6 +3,7 @@
 The models come from conftest's make_hf_model (weights of std 0.08, so greedy choices are well separated
 and the different summation order of the all-reduces cannot flip them).
 """
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -297,3 +298,119 @@ def test_sweep_over_tensor_parallel_size_and_the_planner_agree_with_the_engine(t
     del sweep
     gc.collect()
     assert all(map(_gone, pids)) and not _tp_processes()
+
+
+# ----- sliding-window KV cache groups (engine/kv/groups.py) under tensor parallelism -----------------------------
+
+SLIDING_KINDS = ["gemma2", "gemma3", "mistral_window"]
+
+
+@pytest.fixture(scope="module")
+def sliding_models():
+    """Tiny float32 Gemma 2 (3 groups), Gemma 3 (4 groups: 1 full, 3 sliding) and Mistral with a window on every
+    layer (1 sliding group), window 21 (family_models.WINDOW), and HF's greedy tokens for prompts up to 3x the window:
+    a 64-token one, one sharing its first 40 tokens (prefix hits), and shorter ones."""
+    from family_models import make_family_model
+    from test_model_families import hf_greedy, make_prompts
+
+    prompts = make_prompts(11, [64, 9, 33, 50])
+    prompts[3] = prompts[0][:40] + prompts[3][:24]
+    out = {}
+    for kind in SLIDING_KINDS:
+        model = make_family_model(kind)
+        out[kind] = (model, prompts, [hf_greedy(model, p, 10) for p in prompts])
+    return out
+
+
+def _sliding_config(kind: str, **kw) -> EngineConfig:
+    """Blocks of 8, a 16-token budget (prefills chunked), prefix caching, and a pool of 9 blocks per KV cache group
+    (the 64-token prompt alone needs 8 in a full group): the four requests preempt one another."""
+    from family_models import tiny_family_config
+
+    spec = LLM.model_spec(tiny_family_config(kind))
+    groups = LLM.kv_cache_groups(spec.layer_windows, spec.num_layers)
+    return EngineConfig(device="cpu", max_model_len=96, block_size=8, max_num_batched_tokens=16,
+                        enable_prefix_caching=True, num_gpu_blocks=9 * len(groups), **kw)
+
+
+@pytest.mark.parametrize("kind", SLIDING_KINDS)
+def test_sliding_window_groups_at_tp2_match_tp1_and_hf(sliding_models, kind):
+    """Every rank keeps the KV cache groups and receives rank 0's per-group tables and slot mappings: TP=2 gives
+    TP=1's greedy tokens (which are HF's) and the same steps, with chunked prefill, prefix hits and preemption over
+    prompts up to 3x the window, and each rank holds one KV tensor per layer of a group (not one per layer)."""
+    from family_models import tiny_family_config
+    from test_model_families import assert_same_greedy
+
+    model, prompts, refs = sliding_models[kind]
+    cfg = _sliding_config(kind)
+    spec = LLM.model_spec(tiny_family_config(kind))
+    groups = LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 2)
+    assert groups == LLM.kv_cache_groups(spec.layer_windows, spec.num_layers, 1) and groups is not None
+    windows = tuple(g.sliding_window for g in groups)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    llm = LLM.from_hf_model(model, cfg.replace(tensor_parallel_size=2))
+    try:
+        got, stats = _generate(llm, prompts, greedy)
+        (rank1,) = llm.engine.runner.describe_ranks()
+        logits = llm.prompt_logits(prompts[0])
+    finally:
+        llm.reconfigure(cfg)
+    assert not _tp_processes()
+    torch.testing.assert_close(logits, llm.prompt_logits(prompts[0]), atol=1e-4, rtol=1e-4)
+    expected, ref_stats = _generate(llm, prompts, greedy)
+    for p, tokens, (hf_tokens, gaps) in zip(prompts, expected, refs):
+        assert_same_greedy(tokens, hf_tokens, gaps, f"{kind} TP=1: prompt of {len(p)} tokens")
+    assert got == expected
+    assert stats.kv_cache_groups == windows == ref_stats.kv_cache_groups
+    assert rank1["kv_cache_groups"] == windows and rank1["num_kv_tensors"] == len(groups[0].layers)
+    assert rank1["kv_cache_shape"] == (9 * len(groups) + 1, 8, 1, 16)  # one of the 2 KV heads
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hits > 0
+    assert max(s.num_prefill_tokens for s in stats.steps) == 16
+    assert [(s.num_batched_tokens, s.group_used_blocks) for s in stats.steps] == [
+        (s.num_batched_tokens, s.group_used_blocks) for s in ref_stats.steps]
+    if None in windows:  # the sliding groups freed what left their windows: fewer blocks than the full group
+        assert any(min(s.group_used_blocks[1:]) < s.group_used_blocks[0] for s in stats.steps)
+    assert stats.num_used_blocks == 0 and stats.group_used_blocks == (0,) * len(groups)
+
+
+def test_sliding_window_pool_at_tp2_holds_as_many_long_requests_as_tp1(sliding_models):
+    """Gemma 3 (1 full + 3 sliding groups, window 21), requests of 128 tokens, blocks of 8: a request holds at most
+    16 + 3 x (cdiv(20, 8) + 1) = 28 blocks of the pool, so 150 blocks hold 5 at once, at TP=1 and at TP=2 (each rank's
+    pool has the same blocks, of its KV heads); the planner says the same, and without windows (16 blocks per request
+    of 4x the layers: 150 // 4 // 16) 2. Blocks per request are counted from the pool's per-group counters."""
+    from family_models import tiny_family_config
+    from test_model_families import make_prompts
+    from workbench.planner import plan
+
+    model = sliding_models["gemma3"][0]
+    spec = LLM.model_spec(tiny_family_config("gemma3"))
+    prompts = make_prompts(3, [100] * 10)
+    params = SamplingParams(max_tokens=28, temperature=0.0, ignore_eos=True)
+    base = EngineConfig(device="cpu", max_model_len=128, block_size=8, max_num_batched_tokens=128)
+    windows = (None, 21, 21, 21)
+    assert LLM.request_kv_blocks(windows, 128, 8) == 28
+    llm = LLM.from_hf_model(model, base.replace(tensor_parallel_size=2))
+    try:
+        # The memory-sized pool (the CPU budget per rank): the planner's count at TP=2 is the engine's.
+        assert llm.engine.stats().num_gpu_blocks == plan(spec, "cpu", base, tensor_parallel_size=2,
+                                                         dtype="float32").num_gpu_blocks
+        results = {}
+        for tp in (2, 1):
+            cfg = base.replace(num_gpu_blocks=150, tensor_parallel_size=tp)
+            llm.reconfigure(cfg)
+            got, stats = _generate(llm, prompts, params)
+            p = plan(spec, "cpu", cfg, dtype="float32")
+            assert p.num_gpu_blocks == 150 and p.max_concurrent_requests == 5
+            decoding = [s for s in stats.steps if s.num_prefill_tokens == 0 and s.num_running]
+            per_request = max(sum(s.group_used_blocks) / s.num_running for s in decoding)
+            assert 20 <= per_request <= 28  # 128 tokens: up to 16 full-group blocks and 3 x 4 sliding ones
+            for s in decoding:
+                assert all(u <= s.num_running * 4 for u in s.group_used_blocks[1:])
+            assert stats.num_preemptions == 0 and max(s.num_running for s in stats.steps) == 5
+            results[tp] = got, [s.group_used_blocks for s in stats.steps]
+    finally:
+        llm.reconfigure(base)
+    assert results[1] == results[2] and not _tp_processes()
+    no_window = dataclasses.replace(spec, layer_windows=(None,) * spec.num_layers)
+    blocks = plan(no_window, "cpu", base.replace(num_gpu_blocks=150 // 4), dtype="float32")
+    assert blocks.max_concurrent_requests == 2

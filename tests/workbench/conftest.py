@@ -113,3 +113,19 @@ def install_fake_nvml(monkeypatch):
         return fake, state
 
     return install
+
+
+def tiny_sliding_window_llm(block_size: int = 4, **config):
+    """An LLM over a tiny random float32 Gemma 2 (3 layers: sliding, full, sliding; window 8): 3 KV cache groups,
+    group 0 full attention, groups 1 and 2 sliding (engine/kv/groups.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from engine import LLM, EngineConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, vocab_size=512, max_position_embeddings=1024, num_hidden_layers=3,
+                       sliding_window=8, query_pre_attn_scalar=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return LLM.from_hf_model(model, EngineConfig(device="cpu", block_size=block_size, max_model_len=128, **config))

@@ -135,3 +135,52 @@ def test_sharing_figure_is_one_sentence_without_sharing(synthetic):
     no_columns = synthetic[0].drop(columns=["num_saved_blocks_peak", "num_cow_copies"])
     assert "no KV block was shared" in figures.is_empty(sharing_by_setting(no_columns))
     assert figures.is_empty(sharing_by_setting(df[df.status != "ok"])) == "no successful points to show"
+
+
+def test_group_blocks_over_time_from_a_sliding_window_models_stats():
+    """A tiny Gemma 2 (groups: full, window 8, window 8; blocks of 4), one 40-token prompt and 10 tokens: the steps
+    frame has each group's blocks (adding up to the pool's), the full group holding cdiv(c + 1, 4) at position c, a
+    sliding one only the blocks of positions c - 7 .. c; the figure stacks exactly those columns per group."""
+    from conftest import tiny_sliding_window_llm
+    from engine import SamplingParams
+    from workbench import group_figures, metrics
+    from workbench.schema import C
+
+    llm = tiny_sliding_window_llm()
+    prompt = [(7 * i) % 500 + 3 for i in range(40)]
+    llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+    stats = llm.engine.stats()
+    steps = metrics.steps_frame(stats)
+    cols = metrics.group_blocks_columns(steps)
+    assert cols == ["group0_blocks", "group1_blocks", "group2_blocks"] == [metrics.group_blocks_column(g)
+                                                                           for g in range(3)]
+    assert (steps[cols].sum(axis=1) == steps["num_used_blocks"]).all()
+    assert len(steps) == 10  # the prefill, then 9 decodes (the 10th token needs no step of its own)
+    for i in range(1, 9):  # the decode of position c = 40 + i - 1 (the last step frees everything)
+        c = 40 + i - 1
+        assert steps.loc[i, cols].tolist() == [-(-(c + 1) // 4)] + [c // 4 - (c - 7) // 4 + 1] * 2, c
+    summary = metrics.engine_summary(stats)
+    assert summary[C.kv_cache_group_windows] == "full, 8, 8"
+    fig = group_figures.group_blocks_over_time(steps, summary[C.kv_cache_group_windows], summary[C.kv_blocks])
+    assert not figures.is_empty(fig)
+    assert [t.name for t in fig.data] == ["group 0 (full attention)", "group 1 (window 8)", "group 2 (window 8)"]
+    for trace, col in zip(fig.data, cols):
+        assert list(trace.y) == steps[col].tolist() and trace.stackgroup == "groups"
+    assert fig.layout.shapes[0].y0 == stats.num_gpu_blocks  # the pool, dashed
+    assert fig.layout.xaxis.title.text == "engine step" and "(count" in fig.layout.yaxis.title.text
+    assert group_figures.group_names(stats.kv_cache_groups) == [t.name for t in fig.data]
+    # The paged allocator of the allocator comparison keeps the same groups: its timeline draws alike.
+    from workbench.baselines import replay_allocator
+    timeline = replay_allocator([(60, 30)] * 6, "paged", 2048, 128, 16, group_windows=stats.kv_cache_groups)
+    fig = group_figures.group_blocks_over_time(timeline, stats.kv_cache_groups)
+    assert len(fig.data) == 3 and list(fig.data[1].x) == timeline["step"].tolist()
+
+
+def test_group_blocks_over_time_says_why_for_a_model_with_one_group(synthetic):
+    from workbench import group_figures, metrics
+
+    ts = next(iter(synthetic[2].values()))
+    assert metrics.group_blocks_columns(ts) == []
+    assert figures.is_empty(group_figures.group_blocks_over_time(ts)) == group_figures.ONE_GROUP
+    assert "no per-step data" in figures.is_empty(group_figures.group_blocks_over_time(None))
+    assert metrics.kv_cache_groups_text(()) is None

@@ -108,3 +108,35 @@ def test_warns_about_points_not_comparable_with_the_others(tmp_path, synthetic):
     assert text.count("warning'") == 2 and "1 point(s) built Triton kernels during the measured run" in text
     assert f"{df.loc[ok[1], 'label']} (3, 1.2 s: _prefill_kernel x3)" in text
     assert "<th>kernel builds during the run (count)</th>" in text and "<th>device name</th>" in text
+
+
+def test_kv_groups_figure_for_a_sliding_window_model_and_a_sentence_otherwise(tmp_path, synthetic):
+    """A sweep over a tiny sliding-window model (3 KV cache groups) puts the per-group blocks over time of its
+    drill-down point in the report, the groups in the results; a model with one group gets the sentence why."""
+    from conftest import tiny_sliding_window_llm
+    from workbench import Sweep, group_figures, metrics
+    from workbench.schema import C
+
+    df, requests, timeseries, telemetry = synthetic
+    text = open(write_report(df, str(tmp_path / "plain.html"), timeseries, requests, telemetry),
+                encoding="utf-8").read()
+    assert 'id="empty-kv-groups-over-time"' in text and "the model has one KV cache group" in text
+
+    llm = tiny_sliding_window_llm(max_num_batched_tokens=32)
+    sweep = Sweep(llm, "fixed", grid={"block_size": [4, 8]}, model_name="tiny-gemma2-window8", num_requests=3,
+                  workload_args=dict(prompt_len=40, output_len=6), progress=False, warmup=False,
+                  base_config=llm.config)
+    results = sweep.run()
+    assert (results[C.status] == "ok").all() and list(results[C.kv_cache_group_windows]) == ["full, 8, 8"] * 2
+    pid = results[C.point_id].iloc[0]
+    ts = sweep.timeseries[pid]
+    cols = metrics.group_blocks_columns(ts)
+    assert len(cols) == 3 and (ts[cols].sum(axis=1) == ts["num_used_blocks"]).all() and ts[cols[0]].max() > 0
+    figs = report_figures(results, sweep.timeseries, sweep.requests, sweep.telemetry, drilldown=pid)
+    fig = figs["kv-groups-over-time"]
+    assert [t.name for t in fig.data] == group_figures.group_names((None, 8, 8))
+    assert [list(t.y) for t in fig.data] == [ts[c].tolist() for c in cols]
+    path = write_report(results, str(tmp_path / "groups.html"), sweep.timeseries, sweep.requests, sweep.telemetry,
+                        drilldown=pid)
+    text = open(path, encoding="utf-8").read()
+    assert 'id="fig-kv-groups-over-time"' in text and "the memory the windows save" in text

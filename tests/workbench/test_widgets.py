@@ -192,6 +192,21 @@ def test_allocator_comparison_shows_the_baselines_and_replays_on_change():
     assert (ac.result.summary["steps"] == "all").all() and "whole run" in ac.waste.layout.title.text
 
 
+def test_allocator_comparison_of_a_sliding_window_model_shows_the_paged_blocks_per_group():
+    trace = sharegpt_like(num_requests=12, vocab_size=64, seed=1, mean_prompt_len=60, mean_output_len=100, max_len=256)
+    ac = AllocatorComparison(trace, capacity_tokens=2048, max_model_len=512, block_size=16, group_windows=(None, 16))
+    assert AllocatorComparison(trace, 2048, 512, 16).groups is None  # one group: no third figure
+    timeline = compare_allocators(trace, 2048, 512, 16, group_windows=(None, 16)).timeline
+    paged = timeline[timeline["allocator"] == "paged"]
+    assert [t.name for t in ac.groups.data] == ["group 0 (full attention)", "group 1 (window 16)"]
+    assert list(ac.groups.data[0].y) == paged["group0_blocks"].tolist()
+    assert list(ac.groups.data[1].y) == paged["group1_blocks"].tolist()
+    assert max(ac.groups.data[1].y) < max(ac.groups.data[0].y)  # the window's blocks only
+    ac.block_size.value = 32
+    paged = compare_allocators(trace, 2048, 512, 32, group_windows=(None, 16)).timeline.query("allocator == 'paged'")
+    assert list(ac.groups.data[0].y) == paged["group0_blocks"].tolist()
+
+
 def test_recording_of_a_sliding_window_model_names_every_blocks_group():
     """Tiny Gemma 3 (window 8: 3 sliding layers, 1 global), blocks of 4: every block in use has its owner and its
     KV cache group in the hover text, and the sliding groups hold fewer blocks than the full one."""
