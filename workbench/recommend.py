@@ -22,7 +22,8 @@ VLLM_FLAGS = {C.block_size: "--block-size", C.max_num_batched_tokens: "--max-num
               C.enable_prefix_caching: ("--enable-prefix-caching", "--no-enable-prefix-caching"),
               C.quantization: "--quantization", C.kv_cache_dtype: "--kv-cache-dtype",
               C.gpu_memory_utilization: "--gpu-memory-utilization", C.max_model_len: "--max-model-len",
-              C.tensor_parallel_size: "--tensor-parallel-size", C.enforce_eager: ("--enforce-eager", None)}
+              C.tensor_parallel_size: "--tensor-parallel-size", C.enforce_eager: ("--enforce-eager", None),
+              C.async_scheduling: ("--async-scheduling", "--no-async-scheduling")}
 
 
 def _value(v):
