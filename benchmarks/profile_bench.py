@@ -29,10 +29,8 @@ from engine import LLM, EngineConfig
 from workbench.bench import environment, measure_device_rates, run_engine
 from workbench.profiling import format_attribution, format_kernels, kernel_breakdown, run_profile
 from workbench.workloads import make_workload
+from workbench.bench import median_spread
 
-
-def _spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def main() -> None:
@@ -76,7 +74,7 @@ def main() -> None:
             tput[on].append(r.summary["output_throughput"])
             print(f"overhead run {i}: timeline {'on ' if on else 'off'} {tput[on][-1]:.1f} out tok/s", flush=True)
     llm.engine.set_timeline(True)
-    on, off = _spread(tput[True]), _spread(tput[False])
+    on, off = median_spread(tput[True]), median_spread(tput[False])
     overhead = 1 - on["median"] / off["median"]
     print(f"always-on overhead: {overhead:+.2%} of output throughput (median on {on['median']:.1f}, "
           f"off {off['median']:.1f} out tok/s; target < 1%)")

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from workbench.bench import median_spread
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_GRID = {"block_size": [16, 32], "max_num_batched_tokens": [2048, 4096, 8192, 16384]}
@@ -114,9 +115,6 @@ def launch(spec: dict, env_overrides: dict, timeout_s: float) -> dict:
 
 # ----- the comparison ------------------------------------------------------------------------------
 
-def _median_range(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
 
 def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float) -> dict:
     """Wall-time ratio (Ray / sequential) per pair and its median; per point the median output throughput of
@@ -142,12 +140,12 @@ def summarise(runs: list[dict], max_wall_ratio: float, max_throughput_dev: float
         per_point[label] = {"output_throughput_sequential": tput["sequential"], "output_throughput_ray": tput["ray"],
                             "ray_over_sequential": ratio, "kernel_compiles": builds}
     devs = [abs(p["ray_over_sequential"] - 1) for p in per_point.values() if p["ray_over_sequential"] is not None]
-    wall = {name: _median_range([r["wall_s"] for r in group[:pairs]]) for name, group in
+    wall = {name: median_spread([r["wall_s"] for r in group[:pairs]]) for name, group in
             (("sequential", seq), ("ray", par))}
     return {
         "complete_pairs": pairs,
         "wall_s": wall,
-        "wall_ratio_ray_over_sequential": _median_range(ratios),
+        "wall_ratio_ray_over_sequential": median_spread(ratios),
         "wall_ratio_per_pair": ratios,
         "first_point_finished_s": {"sequential": seq[0]["finished_at_s"][:1], "ray": par[0]["finished_at_s"][:2]},
         "startup_s": {"sequential": [r.get("startup_s") for r in seq[:pairs]],

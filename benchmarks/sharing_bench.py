@@ -30,6 +30,7 @@ import torch
 from engine import LLM, BeamSearchParams, EngineConfig, SamplingParams
 from workbench.bench import environment
 from workbench.workloads import sharegpt_like
+from workbench.bench import median_spread
 
 N = 4
 
@@ -76,9 +77,6 @@ def run(llm, prompts, params) -> dict:
             "max_shared_blocks": max(s.num_shared_blocks for s in steps), "cow_copies": st.num_cow_copies,
             "preemptions": st.num_preemptions, "steps": st.num_steps}
 
-
-def spread(values):
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
 
 
 def main():
@@ -146,11 +144,11 @@ def main():
         "n4": {"peak_used_blocks": peak_n4, "ideal_blocks": ideal_n4, "ratio_to_ideal": peak_n4 / ideal_n4,
                "target": "within 2% of one prompt + four outputs per request",
                "met": abs(peak_n4 / ideal_n4 - 1) <= 0.02,
-               "output_tok_s": spread([x["output_tok_s"] for x in runs["n4"]]),
-               "wall_s": spread([x["wall_s"] for x in runs["n4"]])},
+               "output_tok_s": median_spread([x["output_tok_s"] for x in runs["n4"]]),
+               "wall_s": median_spread([x["wall_s"] for x in runs["n4"]])},
         "independent": {"peak_used_blocks": peak_ind, "ideal_blocks": ideal_ind, "ratio_to_ideal": peak_ind / ideal_ind,
-                        "output_tok_s": spread([x["output_tok_s"] for x in runs["independent"]]),
-                        "wall_s": spread([x["wall_s"] for x in runs["independent"]])},
+                        "output_tok_s": median_spread([x["output_tok_s"] for x in runs["independent"]]),
+                        "wall_s": median_spread([x["wall_s"] for x in runs["independent"]])},
         "n4_saving": {"blocks": peak_ind - peak_n4, "fraction": 1 - peak_n4 / peak_ind,
                       "throughput_ratio": float(np.median([x["output_tok_s"] for x in runs["n4"]])
                                                 / np.median([x["output_tok_s"] for x in runs["independent"]]))},
@@ -158,7 +156,7 @@ def main():
                   "unshared_blocks_at_peak": beam["table_entries_at_peak"],
                   "saving_fraction": 1 - beam["peak_used_blocks"] / beam["table_entries_at_peak"],
                   "cow_copies": beam["cow_copies"], "requests": len(beam_prompts), "max_tokens": args.beam_tokens,
-                  "output_tok_s": spread([x["output_tok_s"] for x in beam_runs])},
+                  "output_tok_s": median_spread([x["output_tok_s"] for x in beam_runs])},
     }
     for key in ("n4", "independent", "n4_saving", "beam4"):
         log(f"{key}: {json.dumps({k: v for k, v in result[key].items()})}")

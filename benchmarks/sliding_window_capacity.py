@@ -48,6 +48,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.request import Request
 from workbench.bench import environment
 from workbench.planner import plan
+from workbench.bench import median_spread
 
 TOKENS = 4096
 MODEL = "gemma-3-12b"
@@ -117,9 +118,6 @@ def real_run(llm, n: int) -> dict:
             "final_used_blocks": st.num_used_blocks, "steps": st.num_steps}
 
 
-def spread(values):
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -159,7 +157,7 @@ def main():
         p = plan(spec, gpu, cfg, dtype=dtype)
         row = {"num_gpu_blocks": eng.kv.num_blocks, "kv_cache_groups": list(eng.stats().kv_cache_groups),
                "kv_cache_bytes": eng.stats().memory.kv_cache_bytes if eng.stats().memory else None,
-               "pool_requests": spread([c["requests"] for c in caps]), "pool_runs": caps,
+               "pool_requests": median_spread([c["requests"] for c in caps]), "pool_runs": caps,
                "planner_requests": p.max_concurrent_requests, "planner_num_gpu_blocks": p.num_gpu_blocks,
                "planner_kv_cache_bytes": p.kv_cache_bytes, "planner_reason": p.reason}
         log(f"{name}: pool {row['num_gpu_blocks']} blocks, {caps[0]['requests']} requests of {TOKENS} tokens "

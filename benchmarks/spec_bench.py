@@ -48,6 +48,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.spec_decode import NgramProposer
+from workbench.bench import median_spread
 
 
 def environment(device: torch.device) -> dict:
@@ -62,9 +63,6 @@ def environment(device: torch.device) -> dict:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
@@ -209,10 +207,10 @@ def main() -> None:
             row = {"batch_size": b, "arm": arm, "k": args.k,
                    "label": label(arm, args.real),
                    "nominal_acceptance": float(arm.split("@")[1]) if arm.startswith("synthetic@") else None,
-                   "tpot_s": spread([r["tpot"] for r in runs]), "baseline_tpot_s": spread(base_tpot),
-                   "speedup": spread(speedups),
-                   "output_throughput": spread([r["output_throughput"] for r in runs]),
-                   "baseline_output_throughput": spread([r["output_throughput"] for r in results[b]["baseline"]]),
+                   "tpot_s": median_spread([r["tpot"] for r in runs]), "baseline_tpot_s": median_spread(base_tpot),
+                   "speedup": median_spread(speedups),
+                   "output_throughput": median_spread([r["output_throughput"] for r in runs]),
+                   "baseline_output_throughput": median_spread([r["output_throughput"] for r in results[b]["baseline"]]),
                    "acceptance_rate": statistics.median(s["acceptance_rate"] for s in spec),
                    "per_token_acceptance": statistics.median(s["per_token_acceptance"] for s in spec),
                    "acceptance_rate_per_position": spec[0]["acceptance_rate_per_position"],

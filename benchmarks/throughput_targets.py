@@ -39,6 +39,7 @@ from engine.timeline import device_gaps
 from workbench.bench import environment, run_engine
 from workbench.profiling import measure_rates, point_profile
 from workbench.workloads import fixed, make_workload
+from workbench.bench import median_spread
 
 BASE = EngineConfig(max_model_len=4096)
 T0 = time.perf_counter()
@@ -48,13 +49,10 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
 
 def fmt(s: dict, scale: float = 1.0, digits: int = 1) -> str:
     return (f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}..{s['max'] * scale:.{digits}f}, "
-            f"{s['runs']} runs)")
+            f"{s['n']} runs)")
 
 
 def config_for(setting: str) -> EngineConfig:
@@ -106,11 +104,11 @@ def decode_batch1(llm, rates, runs: int, modes: list) -> dict:
     ideal = st.weight_bytes / rates["copy_bandwidth"]
     out = {}
     for m in modes:
-        tpot = spread(tpots[m])
+        tpot = median_spread(tpots[m])
         ratio = tpot["median"] / ideal
         out[keyed("decode1", m, modes)] = {
             "async_scheduling": all(on[m]), "tpot_s": tpot, "weight_bytes": st.weight_bytes, "weight_read_s": ideal,
-            "ratio": ratio, "device_gap_s": spread(gaps[m]), "hidden_share_of_host": spread(hidden[m]),
+            "ratio": ratio, "device_gap_s": median_spread(gaps[m]), "hidden_share_of_host": median_spread(hidden[m]),
             "target": "<= 1.15", "met": ratio <= 1.15}
     return out
 
@@ -146,11 +144,11 @@ def host_time(llm, num_seqs: int, runs: int, modes: list) -> dict:
     out = {}
     for m in modes:
         a = acc[m]
-        h, exposed = spread(a["host"]), spread(a["exposed"])
+        h, exposed = median_spread(a["host"]), median_spread(a["exposed"])
         out[keyed(f"host_{num_seqs}", m, modes)] = {
-            "async_scheduling": all(a["on"]), "decode_steps": a["decode_steps"], "host_time_s": h, "hidden_host_time_s": spread(a["hidden"]),
-            "exposed_host_time_s": exposed, "device_gap_s": spread(a["gap"]), "between_steps_s": spread(a["between"]),
-            "step_s": spread(a["step"]), "device_s": spread(a["device"]), "phases_last_run_s": phases[m],
+            "async_scheduling": all(a["on"]), "decode_steps": a["decode_steps"], "host_time_s": h, "hidden_host_time_s": median_spread(a["hidden"]),
+            "exposed_host_time_s": exposed, "device_gap_s": median_spread(a["gap"]), "between_steps_s": median_spread(a["between"]),
+            "step_s": median_spread(a["step"]), "device_s": median_spread(a["device"]), "phases_last_run_s": phases[m],
             "target": f"<= {target} ms, or hidden (exposed host time ~0, device gap ~0)",
             "met": h["median"] * 1e3 <= target, "exposed_met": exposed["median"] * 1e3 <= target}
     return out
@@ -187,7 +185,7 @@ def precise_pv_cost(device, repeats: int = 10) -> dict:
                 end.record()
                 end.synchronize()
                 times[precise].append(start.elapsed_time(end) / 1e3)
-        out[kind] = {"precise_s": spread(times[True]), "plain_s": spread(times[False]),
+        out[kind] = {"precise_s": median_spread(times[True]), "plain_s": median_spread(times[False]),
                      "ratio": statistics.median(times[True]) / statistics.median(times[False])}
         del q, kc, vc, o
     torch.cuda.empty_cache()
@@ -315,8 +313,8 @@ def main(argv=None) -> dict:
     for setting, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
         if ok:
-            summary[setting] = {"output_tok_s": spread([r["output_tok_s"] for r in ok]),
-                                "ideal_over_measured": spread([r["ideal_over_measured"] for r in ok]),
+            summary[setting] = {"output_tok_s": median_spread([r["output_tok_s"] for r in ok]),
+                                "ideal_over_measured": median_spread([r["ideal_over_measured"] for r in ok]),
                                 "config": ok[0]["config"], "async_scheduling": ok[0]["async_scheduling"]}
     results["trace"] = summary
     if summary:

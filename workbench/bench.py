@@ -24,6 +24,15 @@ from .point_run import load_llm, run_point
 from .schema import C, latency
 
 
+# ----- repeated measurements ----------------------------------------------------------------------
+
+def median_spread(values) -> dict:
+    """A repeated measurement as the benchmarks record it: median, min, max, n and the runs themselves."""
+    values = [float(v) for v in values]
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "n": len(values),
+            "runs": values}
+
+
 # ----- device rates -------------------------------------------------------------------------------
 
 def median_cuda_time(fn, repeats: int) -> float:
