@@ -220,7 +220,7 @@ class EngineStats:
     kv_cache_groups: tuple = ()
     group_used_blocks: tuple = ()
     # Triton kernel builds in this process since the reset (engine/kernels/compile_watch.py): a build
-    # inside a measurement stalls the GPU for 0.1-1 s, so a run with any is slower than the engine is.
+    # inside a measurement stalls the GPU (seconds on a cold cache), so a run with any is slower than the engine is.
     kernel_compiles: tuple = ()
 
     @property

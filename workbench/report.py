@@ -98,7 +98,6 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         figs["kv-groups-over-time"] = group_figures.group_blocks_over_time(
             (timeseries or {}).get(drilldown), first.get(C.kv_cache_group_windows), first.get(C.kv_blocks),
             f"KV blocks in use per cache group: {name}")
-        row = results.loc[results[C.point_id] == drilldown]
         if C.gap_measured_s in row and len(row) and pd.notna(row[C.gap_measured_s].iloc[0]):
             figs["waterfall"] = profile_figures.waterfall_figure(row.iloc[0], f"Where the time goes: {name}")
     return figs
@@ -121,7 +120,7 @@ def _failures(results: pd.DataFrame) -> list[str]:
 
 def _measurement_warnings(results: pd.DataFrame) -> list[str]:
     """Warnings that some points are not comparable with the others: they ran on different GPU models, or
-    their measurement contains kernel builds (each stalls the GPU for 0.1-1 s, so the point reads slow)."""
+    their measurement contains kernel builds (each stalls the GPU, for seconds on a cold cache: the point reads slow)."""
     ok = results[results[C.status] == "ok"] if C.status in results else results
     warnings = []
     if C.device_name in ok:

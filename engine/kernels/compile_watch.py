@@ -2,8 +2,8 @@
 
 Triton builds a kernel the first time a launch needs a variant it has not built in this process: a new
 constexpr (a block size, a split count's padding), or a new specialization of an argument (an integer
-equal to 1 or divisible by 16, a pointer aligned to 16 bytes). Building takes 0.1 to 1 s (less when
-Triton's disk cache has it), and the GPU idles meanwhile; a measurement that contains a build reads
+equal to 1 or divisible by 16, a pointer aligned to 16 bytes). Building takes up to seconds (2.4 s for the
+prefill kernel on an H200; milliseconds when Triton's disk cache has it), and the GPU idles meanwhile; a measurement that contains a build reads
 slower than the engine is. `install()` hooks Triton's JIT (knobs.runtime.jit_cache_hook, called before
 a build, and jit_post_compile_hook, after) and `events` keeps one CompileEvent per build, so
 EngineStats can say how many builds fell inside its window.

@@ -115,7 +115,7 @@ def install_fake_nvml(monkeypatch):
     return install
 
 
-def tiny_sliding_window_llm(block_size: int = 4, **config):
+def _tiny_sliding_window_llm(block_size: int = 4, **config):
     """An LLM over a tiny random float32 Gemma 2 (3 layers: sliding, full, sliding; window 8): 3 KV cache groups,
     group 0 full attention, groups 1 and 2 sliding (engine/kv/groups.py)."""
     import torch
@@ -129,3 +129,10 @@ def tiny_sliding_window_llm(block_size: int = 4, **config):
                        sliding_window=8, query_pre_attn_scalar=24, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     return LLM.from_hf_model(model, EngineConfig(device="cpu", block_size=block_size, max_model_len=128, **config))
+
+
+@pytest.fixture
+def tiny_sliding_window_llm():
+    """The factory _tiny_sliding_window_llm(block_size=4, **config) (a fixture: test modules cannot import this
+    conftest by name when another test directory's conftest holds that name)."""
+    return _tiny_sliding_window_llm

@@ -137,11 +137,10 @@ def test_sharing_figure_is_one_sentence_without_sharing(synthetic):
     assert figures.is_empty(sharing_by_setting(df[df.status != "ok"])) == "no successful points to show"
 
 
-def test_group_blocks_over_time_from_a_sliding_window_models_stats():
+def test_group_blocks_over_time_from_a_sliding_window_models_stats(tiny_sliding_window_llm):
     """A tiny Gemma 2 (groups: full, window 8, window 8; blocks of 4), one 40-token prompt and 10 tokens: the steps
     frame has each group's blocks (adding up to the pool's), the full group holding cdiv(c + 1, 4) at position c, a
     sliding one only the blocks of positions c - 7 .. c; the figure stacks exactly those columns per group."""
-    from conftest import tiny_sliding_window_llm
     from engine import SamplingParams
     from workbench import group_figures, metrics
     from workbench.schema import C

@@ -110,10 +110,10 @@ def test_warns_about_points_not_comparable_with_the_others(tmp_path, synthetic):
     assert "<th>kernel builds during the run (count)</th>" in text and "<th>device name</th>" in text
 
 
-def test_kv_groups_figure_for_a_sliding_window_model_and_a_sentence_otherwise(tmp_path, synthetic):
+def test_kv_groups_figure_for_a_sliding_window_model_and_a_sentence_otherwise(tmp_path, synthetic,
+                                                                              tiny_sliding_window_llm):
     """A sweep over a tiny sliding-window model (3 KV cache groups) puts the per-group blocks over time of its
     drill-down point in the report, the groups in the results; a model with one group gets the sentence why."""
-    from conftest import tiny_sliding_window_llm
     from workbench import Sweep, group_figures, metrics
     from workbench.schema import C
 
