@@ -33,6 +33,9 @@ N_GRID = 20
 MAX_SHRINK = 0.5
 SAMPLE_TOKENS = 2048  # token rows kept per layer input for the searches
 CLIP_TOKENS = 512
+CLIP_GRID = N_GRID
+CLIP_MAX_SHRINK = MAX_SHRINK
+CLIP_RANGE = False  # False: clamp to +-p max|w| (AutoAWQ); True: shrink the group's [min, max] to p [min, max]
 
 
 def fake_quant(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -108,11 +111,15 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, rows: to
     for r0 in range(0, n, chunk):
         wc = w[r0:r0 + chunk].view(-1, ng, group_size)
         org = torch.einsum("tgj,cgj->ctg", xg, wc)
-        max0 = wc.abs().amax(dim=2, keepdim=True)
-        best_max, best_err = max0.clone(), None
-        for i in range(int(MAX_SHRINK * N_GRID)):
-            mv = max0 * (1 - i / N_GRID)
-            cur = torch.maximum(torch.minimum(wc, mv), -mv)
+        if CLIP_RANGE:
+            hi0, lo0 = wc.amax(dim=2, keepdim=True), wc.amin(dim=2, keepdim=True)
+        else:
+            hi0 = wc.abs().amax(dim=2, keepdim=True)
+            lo0 = -hi0
+        best_hi, best_lo, best_err = hi0.clone(), lo0.clone(), None
+        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+            hi, lo = hi0 * (1 - i / CLIP_GRID), lo0 * (1 - i / CLIP_GRID)
+            cur = torch.maximum(torch.minimum(wc, hi), lo)
             q = fake_quant(cur.view(-1, k), group_size).view_as(wc)
             err = (torch.einsum("tgj,cgj->ctg", xg, q) - org).pow(2).mean(1)[..., None]  # [c, ng, 1]
             if best_err is None:
@@ -120,8 +127,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, rows: to
                 continue
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better, mv, best_max)
-        clipped = torch.maximum(torch.minimum(wc, best_max), -best_max).view(-1, k)
+            best_hi, best_lo = torch.where(better, hi, best_hi), torch.where(better, lo, best_lo)
+        clipped = torch.maximum(torch.minimum(wc, best_hi), best_lo).view(-1, k)
         keep = None if rows is None else ~rows[r0:r0 + chunk]
         if keep is not None:
             clipped[keep] = w[r0:r0 + chunk][keep]
