@@ -35,6 +35,7 @@ SAMPLE_TOKENS = 2048  # token rows kept per layer input for the searches
 CLIP_TOKENS = 512
 CLIP_GRID = N_GRID
 CLIP_MAX_SHRINK = MAX_SHRINK
+BLOCK_LOSS = False
 CLIP_RANGE = False  # False: clamp to +-p max|w| (AutoAWQ); True: shrink the group's [min, max] to p [min, max]
 
 
@@ -73,9 +74,11 @@ class InputStats:
 
 
 def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group_size: int,
-                 slots: torch.Tensor | None = None) -> torch.Tensor:
+                 slots: torch.Tensor | None = None, head=None) -> torch.Tensor:
     """The input-channel scale s [K] (or [num slots] when `slots` [K] ties channels to shared scales)
-    minimising the output error of Q(W s) (x / s) on the sample x [T, K]."""
+    minimising the output error of Q(W s) (x / s) on the sample x [T, K]; with `head` (a function of
+    the layer's outputs [T, N], e.g. the rest of the MLP), the error of head(outputs)."""
+    head = head or (lambda y: y)
     w = weight.float()
     n, k = w.shape
     g = w.abs().view(n, k // group_size, group_size)
@@ -84,7 +87,7 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, gr
         count = torch.bincount(slots).float()
         x_mean = torch.zeros(len(count), device=w.device).index_add_(0, slots, x_mean) / count
         w_mean = torch.zeros(len(count), device=w.device).index_add_(0, slots, w_mean) / count
-    ref = x @ w.t()
+    ref = head(x @ w.t())
     best, best_err = torch.ones_like(x_mean), None
     for ratio in [i / N_GRID for i in range(N_GRID)]:
         for duo in (False, True):
@@ -92,7 +95,7 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, gr
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             full = s if slots is None else s[slots]
-            err = (x @ (fake_quant(w * full, group_size) / full).t() - ref).pow(2).mean()
+            err = (head(x @ (fake_quant(w * full, group_size) / full).t()) - ref).pow(2).mean()
             if best_err is None or err < best_err:
                 best, best_err = s, err
     return best
@@ -164,7 +167,8 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         samples = {}
         for name, module, fold, slots in plan:  # search every scale on the unscaled weights, then fold
             x = stats[name].sample(SAMPLE_TOKENS)
-            s = search_scale(module.weight, x, stats[name].mean_abs(), group_size, slots)
+            s = search_scale(module.weight, x, stats[name].mean_abs(), group_size, slots,
+                             _mlp_head(model, name) if BLOCK_LOSS else None)
             full = s if slots is None else s[slots]
             samples[name] = x / full
             fold(s)
@@ -178,6 +182,21 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         del stats, samples
         if index < len(model.layers):
             stream.advance()
+
+
+def _mlp_head(model: nn.Module, name: str):
+    """For gate_up_proj: the rest of its MLP (activation, up product, down_proj in float) as a function
+    of gate_up's outputs [T, 2I]; None for other layers."""
+    if not name.endswith("mlp.gate_up_proj"):
+        return None
+    mlp = model.get_submodule(name.rpartition(".")[0])
+    down = mlp.down_proj.weight.float()
+    act = (lambda g: nn.functional.gelu(g, approximate="tanh")) if mlp.gelu else nn.functional.silu
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return (act(gate) * up) @ down.t()
+    return head
 
 
 def scale_plan(model: nn.Module, index: int) -> list[tuple]:

@@ -13,7 +13,10 @@ one Cholesky replaces all the eliminations: err = (w - q) / U_qq, W[:, q:] -= er
 are applied lazily in blocks of `block_size` columns (one matmul per block). H gets a damping of
 `percdamp` x mean(diag H) on its diagonal; inputs that never fire (diag 0) get weight 0.
 Group parameters (scale, zero point, from the group's min and max) are fixed when quantization
-reaches a group's first column, from the group's weights as updated so far.
+reaches a group's first column, from the group's weights as updated so far. With mse_grid (on in
+the "gptq" mode, as the reference implementation's Quantizer(mse=True)), each row's range is the
+shrink of min..max whose rounding error sum |w - q(w)|^2.4 over the group is least: on the shipped
+model this took the held-out perplexity change from +1.24% to +0.62%.
 act_order quantizes the columns in order of decreasing diag(H) (the most active inputs first, while
 the most freedom is left to compensate); groups are then formed in that order, and the layer keeps
 the permutation (Int4Linear.perm; g_idx in GPTQ checkpoints).

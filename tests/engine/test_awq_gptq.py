@@ -212,6 +212,26 @@ def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode, tmp_path):
     assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
 
 
+def test_gptq_act_order_with_static_groups_saves_and_loads_the_same_weights(tmp_path):
+    """desc_act quantization order with static groups: the layers keep the natural order (no g_idx
+    permutation), and the Hub GPTQ folder loads back to the same dequantized weights and logits."""
+    from engine.quant.gptq import gptq_quantize_model
+    llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=3)
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1)).tolist()
+    names = [f"layers.{i}.{n}" for i in range(2) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                           "mlp.gate_up_proj", "mlp.down_proj")]
+    gptq_quantize_model(llm.model, names, calib, group_size=64, act_order=True, static_groups=True)
+    assert all(llm.model.get_submodule(n).perm is None for n in names)
+    ids = [1, 7, 33, 90, 4, 18, 250, 3]
+    save_quantized(llm.model, tiny_config().to_dict(), tmp_path, "gptq")
+    loaded = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32)
+    assert loaded.config.quantization == "gptq"
+    for n in names:
+        assert torch.equal(loaded.model.get_submodule(n).dequantized_weight(),
+                           llm.model.get_submodule(n).dequantized_weight())
+    assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
+
+
 def test_bad_calibration_and_modes_are_clear_errors():
     with pytest.raises(ConfigError, match="quantization"):
         EngineConfig(quantization="awq4")
