@@ -13,7 +13,10 @@ Per decoder layer, on calibration inputs X (the layer's inputs, as the layers be
    candidates s = x^r / w^(1-r) and s = x^r for r in {0, 1/20, ..., 19/20} (x: mean |input| per
    channel, w: mean per channel of |W| relative to its group's max), each normalised to a geometric
    mean of 1; the one minimising ||X W^T - (X/s) Q(W s)^T||^2 on a token sample wins (s = 1, plain
-   round-to-nearest, is among the candidates, so the search never does worse than RTN on it).
+   round-to-nearest, is among the candidates, so the search never does worse than RTN on it). For
+   gate_up_proj the error is measured after the rest of the MLP (act(gate) * up, then the float
+   down_proj), as AutoAWQ inspects the whole MLP: on the shipped model that took the held-out
+   perplexity change from +1.10% to +0.78%.
 2. The scales are folded (producer / s, consumer * s): the float model computes the same function.
 3. Clipping search per output channel and group: the weight range is shrunk to (1 - i/20) x its max
    |w| for i < 10, keeping the one whose group outputs on the sample are closest to the unclipped
@@ -33,10 +36,6 @@ N_GRID = 20
 MAX_SHRINK = 0.5
 SAMPLE_TOKENS = 2048  # token rows kept per layer input for the searches
 CLIP_TOKENS = 512
-CLIP_GRID = N_GRID
-CLIP_MAX_SHRINK = MAX_SHRINK
-BLOCK_LOSS = False
-CLIP_RANGE = False  # False: clamp to +-p max|w| (AutoAWQ); True: shrink the group's [min, max] to p [min, max]
 
 
 def fake_quant(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -114,15 +113,11 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, rows: to
     for r0 in range(0, n, chunk):
         wc = w[r0:r0 + chunk].view(-1, ng, group_size)
         org = torch.einsum("tgj,cgj->ctg", xg, wc)
-        if CLIP_RANGE:
-            hi0, lo0 = wc.amax(dim=2, keepdim=True), wc.amin(dim=2, keepdim=True)
-        else:
-            hi0 = wc.abs().amax(dim=2, keepdim=True)
-            lo0 = -hi0
-        best_hi, best_lo, best_err = hi0.clone(), lo0.clone(), None
-        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-            hi, lo = hi0 * (1 - i / CLIP_GRID), lo0 * (1 - i / CLIP_GRID)
-            cur = torch.maximum(torch.minimum(wc, hi), lo)
+        max0 = wc.abs().amax(dim=2, keepdim=True)
+        best_max, best_err = max0.clone(), None
+        for i in range(int(MAX_SHRINK * N_GRID)):
+            mv = max0 * (1 - i / N_GRID)
+            cur = torch.maximum(torch.minimum(wc, mv), -mv)
             q = fake_quant(cur.view(-1, k), group_size).view_as(wc)
             err = (torch.einsum("tgj,cgj->ctg", xg, q) - org).pow(2).mean(1)[..., None]  # [c, ng, 1]
             if best_err is None:
@@ -130,8 +125,8 @@ def search_clip(weight: torch.Tensor, x: torch.Tensor, group_size: int, rows: to
                 continue
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_hi, best_lo = torch.where(better, hi, best_hi), torch.where(better, lo, best_lo)
-        clipped = torch.maximum(torch.minimum(wc, best_hi), best_lo).view(-1, k)
+            best_max = torch.where(better, mv, best_max)
+        clipped = torch.maximum(torch.minimum(wc, best_max), -best_max).view(-1, k)
         keep = None if rows is None else ~rows[r0:r0 + chunk]
         if keep is not None:
             clipped[keep] = w[r0:r0 + chunk][keep]
@@ -168,7 +163,7 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         for name, module, fold, slots in plan:  # search every scale on the unscaled weights, then fold
             x = stats[name].sample(SAMPLE_TOKENS)
             s = search_scale(module.weight, x, stats[name].mean_abs(), group_size, slots,
-                             _mlp_head(model, name) if BLOCK_LOSS else None)
+                             _mlp_head(model, name))
             full = s if slots is None else s[slots]
             samples[name] = x / full
             fold(s)

@@ -156,6 +156,26 @@ def test_awq_scale_search_helps_layers_with_salient_input_channels():
     assert s[:8].mean() > s[8:].mean()  # the salient channels were scaled up
 
 
+def test_awq_mlp_head_is_the_rest_of_the_mlp_and_the_scale_search_never_loses_to_rtn_through_it():
+    from engine.kernels import TorchBackend
+    from engine.quant.awq import _mlp_head
+    llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=4)
+    mlp = llm.model.layers[1].mlp
+    head = _mlp_head(llm.model, "layers.1.mlp.gate_up_proj")
+    assert _mlp_head(llm.model, "layers.1.mlp.down_proj") is None
+    torch.manual_seed(0)
+    x = torch.randn(512, 128)
+    x[:, :4] *= 20
+    with torch.no_grad():
+        assert torch.allclose(head(x @ mlp.gate_up_proj.weight.t()), mlp(x, TorchBackend()), atol=1e-5, rtol=1e-4)
+        W = mlp.gate_up_proj.weight.detach()
+        s = search_scale(W, x, x.abs().mean(0), 64, head=head)
+
+        def mlp_error(wq):
+            return (head(x @ wq.t()) - head(x @ W.t())).pow(2).mean().item()
+        assert mlp_error(fake_quant(W * s, 64) / s) <= mlp_error(fake_quant(W, 64))
+
+
 def test_awq_clip_search_never_increases_the_group_output_error():
     torch.manual_seed(1)
     W = torch.randn(40, 256) * 0.05
