@@ -7,11 +7,12 @@ Modes (EngineConfig.quantization):
     "fp8":  W8A8, e4m3 weights per channel, activations per token, torch._scaled_mm (fp8.py)
     "awq":  int4's format, codes chosen by AWQ (per-channel scales searched on calibration activations,
             folded into the norms / V / up rows, then clipped groups; awq.py)
-    "gptq": int4's format, codes chosen by GPTQ (second-order error compensation column by column;
-            gptq.py). Act-order (and static groups) are options of gptq.gptq_quantize_model, off in
-            the mode: on the shipped model act-order did worse (+1.90% vs +1.80% perplexity, both
-            with a 4-bit LM head) and would add an input permutation to every layer; checkpoints
-            with act-order (desc_act) load and run
+    "gptq": int4's format, codes chosen by GPTQ (second-order error compensation column by column,
+            each group's range searched for the least rounding error; gptq.py). Act-order (and
+            static groups) are options of gptq.gptq_quantize_model, off in the mode: on the shipped
+            model act-order did worse (+1.90% vs +1.80% perplexity, both with a 4-bit LM head,
+            before the range search) and would add an input permutation to every layer;
+            checkpoints with act-order (desc_act) load and run
 "awq" and "gptq" calibrate on `calibration` (token-id sequences; calibration.py) unless the model
 came from a Hub AWQ/GPTQ checkpoint of that method: then its codes are used as they are
 (`prequantized`, checkpoint.py). All three int4 modes run the same Int4Linear and kernels; under

@@ -13,7 +13,10 @@ Per decoder layer, on calibration inputs X (the layer's inputs, as the layers be
    candidates s = x^r / w^(1-r) and s = x^r for r in {0, 1/20, ..., 19/20} (x: mean |input| per
    channel, w: mean per channel of |W| relative to its group's max), each normalised to a geometric
    mean of 1; the one minimising ||X W^T - (X/s) Q(W s)^T||^2 on a token sample wins (s = 1, plain
-   round-to-nearest, is among the candidates, so the search never does worse than RTN on it).
+   round-to-nearest, is among the candidates, so the search never does worse than RTN on it). For
+   gate_up_proj the error is measured after the rest of the MLP (act(gate) * up, then the float
+   down_proj), as AutoAWQ inspects the whole MLP: on the shipped model that took the held-out
+   perplexity change from +1.10% to +0.78%.
 2. The scales are folded (producer / s, consumer * s): the float model computes the same function.
 3. Clipping search per output channel and group: the weight range is shrunk to (1 - i/20) x its max
    |w| for i < 10, keeping the one whose group outputs on the sample are closest to the unclipped
@@ -70,9 +73,11 @@ class InputStats:
 
 
 def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, group_size: int,
-                 slots: torch.Tensor | None = None) -> torch.Tensor:
+                 slots: torch.Tensor | None = None, head=None) -> torch.Tensor:
     """The input-channel scale s [K] (or [num slots] when `slots` [K] ties channels to shared scales)
-    minimising the output error of Q(W s) (x / s) on the sample x [T, K]."""
+    minimising the output error of Q(W s) (x / s) on the sample x [T, K]; with `head` (a function of
+    the layer's outputs [T, N], e.g. the rest of the MLP), the error of head(outputs)."""
+    head = head or (lambda y: y)
     w = weight.float()
     n, k = w.shape
     g = w.abs().view(n, k // group_size, group_size)
@@ -81,7 +86,7 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, gr
         count = torch.bincount(slots).float()
         x_mean = torch.zeros(len(count), device=w.device).index_add_(0, slots, x_mean) / count
         w_mean = torch.zeros(len(count), device=w.device).index_add_(0, slots, w_mean) / count
-    ref = x @ w.t()
+    ref = head(x @ w.t())
     best, best_err = torch.ones_like(x_mean), None
     for ratio in [i / N_GRID for i in range(N_GRID)]:
         for duo in (False, True):
@@ -89,7 +94,7 @@ def search_scale(weight: torch.Tensor, x: torch.Tensor, x_mean: torch.Tensor, gr
             s = s.clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
             full = s if slots is None else s[slots]
-            err = (x @ (fake_quant(w * full, group_size) / full).t() - ref).pow(2).mean()
+            err = (head(x @ (fake_quant(w * full, group_size) / full).t()) - ref).pow(2).mean()
             if best_err is None or err < best_err:
                 best, best_err = s, err
     return best
@@ -157,7 +162,8 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         samples = {}
         for name, module, fold, slots in plan:  # search every scale on the unscaled weights, then fold
             x = stats[name].sample(SAMPLE_TOKENS)
-            s = search_scale(module.weight, x, stats[name].mean_abs(), group_size, slots)
+            s = search_scale(module.weight, x, stats[name].mean_abs(), group_size, slots,
+                             _mlp_head(model, name))
             full = s if slots is None else s[slots]
             samples[name] = x / full
             fold(s)
@@ -171,6 +177,21 @@ def awq_quantize_model(model: nn.Module, names: list[str], calibration: list[lis
         del stats, samples
         if index < len(model.layers):
             stream.advance()
+
+
+def _mlp_head(model: nn.Module, name: str):
+    """For gate_up_proj: the rest of its MLP (activation, up product, down_proj in float) as a function
+    of gate_up's outputs [T, 2I]; None for other layers."""
+    if not name.endswith("mlp.gate_up_proj"):
+        return None
+    mlp = model.get_submodule(name.rpartition(".")[0])
+    down = mlp.down_proj.weight.float()
+    act = (lambda g: nn.functional.gelu(g, approximate="tanh")) if mlp.gelu else nn.functional.silu
+
+    def head(h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return (act(gate) * up) @ down.t()
+    return head
 
 
 def scale_plan(model: nn.Module, index: int) -> list[tuple]:

@@ -18,7 +18,7 @@ from engine import LLM, EngineConfig, SamplingParams  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.quant.awq import fake_quant, scale_plan, search_clip, search_scale  # noqa: E402
 from engine.quant.checkpoint import awq_to_int4, gptq_to_int4, save_quantized  # noqa: E402
-from engine.quant.gptq import gptq_quantize_weight  # noqa: E402
+from engine.quant.gptq import gptq_quantize_weight, group_params  # noqa: E402
 from engine.quant.int4 import Int4Linear  # noqa: E402
 from engine.quant.int8 import Int8Linear  # noqa: E402
 from engine.quant.packing import pack_awq, pack_last, pack_rows  # noqa: E402
@@ -34,20 +34,38 @@ def tiny_config() -> LlamaConfig:
 
 # --- GPTQ against the paper's formula -----------------------------------------------------------
 
-def gptq_direct(W, H, group, act_order, sym, percdamp=0.01, static_groups=False):
+def gptq_direct(W, H, group, act_order, sym, percdamp=0.01, static_groups=False, mse_grid=0):
     """GPTQ as the paper states it, with no Cholesky and no blocks: for each column q in order,
     quantize it, spread err = (w_q - quant(w_q)) / [H_F^-1]_qq over the remaining columns F through
     [H_F^-1]_{q,F}, and remove q from the inverse by Gaussian elimination. Group parameters are
-    min/max of the group's (updated) weights when its first column comes up."""
+    min/max of the group's (updated) weights when its first column comes up; with mse_grid, per row
+    the shrink p of that range (p = 1 - i / mse_grid, i < 0.8 mse_grid, the first best) whose
+    sum |w - q(w)|^2.4 is least."""
     W, H = W.double().clone(), H.double().clone()
     n, k = W.shape
 
-    def params(g):
+    def range_params(lo, hi):
         if sym:
-            scale = 2 * torch.maximum(g.min(1).values.abs(), g.max(1).values.abs()) / 15
+            scale = 2 * torch.maximum(lo.abs(), hi.abs()) / 15
             return scale, torch.full_like(scale, 8.0)
-        scale = (g.max(1).values - g.min(1).values) / 15
-        return scale, torch.round(-g.min(1).values / scale).clamp(1, 15)
+        scale = (hi - lo) / 15
+        return scale, torch.round(-lo / scale).clamp(1, 15)
+
+    def params(g):
+        lo, hi = g.min(1).values, g.max(1).values
+        if not mse_grid:
+            return range_params(lo, hi)
+        scale, zero = torch.empty_like(lo), torch.empty_like(lo)
+        for r in range(g.shape[0]):
+            errs = []
+            for i in range(int(0.8 * mse_grid)):
+                s, z = range_params(lo[r:r + 1] * (1 - i / mse_grid), hi[r:r + 1] * (1 - i / mse_grid))
+                deq = ((torch.round(g[r] / s) + z).clamp(0, 15) - z) * s
+                errs.append(((deq - g[r]).abs() ** 2.4).sum().item())
+            best = errs.index(min(errs))
+            s, z = range_params(lo[r:r + 1] * (1 - best / mse_grid), hi[r:r + 1] * (1 - best / mse_grid))
+            scale[r], zero[r] = s[0], z[0]
+        return scale, zero
 
     static = [params(W[:, i:i + group]) for i in range(0, k, group)]  # from the unquantized weights
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
@@ -79,17 +97,17 @@ def correlated_inputs(t: int, k: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(t, k, generator=gen, dtype=torch.float64) @ mix) * scale
 
 
-@pytest.mark.parametrize("act_order,sym,block,static", [(False, False, 24, False), (True, False, 16, False),
-                                                        (True, True, 64, False), (False, True, 128, False),
-                                                        (True, False, 24, True)])
-def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block, static):
+@pytest.mark.parametrize("act_order,sym,block,static,mse", [
+    (False, False, 24, False, 0), (True, False, 16, False, 0), (True, True, 64, False, 0), (False, True, 128, False, 0),
+    (True, False, 24, True, 0), (False, False, 24, False, 20), (True, True, 16, False, 20), (True, False, 24, True, 20)])
+def test_gptq_blocked_update_matches_the_papers_formula(act_order, sym, block, static, mse):
     gen = torch.Generator().manual_seed(3)
     W = torch.randn(12, 64, generator=gen, dtype=torch.float64) * 0.05
     X = correlated_inputs(256, 64)
     H = X.t() @ X / 256
     codes, scales, zeros, perm = gptq_quantize_weight(W, H, group_size=16, act_order=act_order, sym=sym,
-                                                      block_size=block, static_groups=static)
-    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym, static_groups=static)
+                                                      block_size=block, static_groups=static, mse_grid=mse)
+    ref_codes, ref_perm = gptq_direct(W, H, 16, act_order, sym, static_groups=static, mse_grid=mse)
     assert (perm is None) == (ref_perm is None) and (perm is None or torch.equal(perm, ref_perm))
     assert torch.equal(codes.double(), ref_codes)
     assert scales.dtype == torch.float64 and zeros.dtype == torch.uint8
@@ -112,6 +130,19 @@ def test_gptq_beats_round_to_nearest_on_its_calibration_inputs():
         assert layer_error(W, layer.dequantized_weight(), X) < 0.7 * layer_error(W, rtn, X)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_gptq_range_search_never_increases_a_groups_rounding_error(sym):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    w[::7, 3] = 0.5  # outliers that stretch some rows' ranges: shrinking pays there
+    errs = {}
+    for grid in (0, 100):
+        scale, zero = group_params(w, sym, torch.float32, grid)
+        deq = ((torch.round(w / scale[:, None]) + zero[:, None]).clamp(0, 15) - zero[:, None]) * scale[:, None]
+        errs[grid] = ((deq - w).abs() ** 2.4).sum(1)
+    assert (errs[100] <= errs[0]).all() and (errs[100] < errs[0]).sum() > 32
+
+
 # --- AWQ ----------------------------------------------------------------------------------------
 
 def test_awq_scale_search_helps_layers_with_salient_input_channels():
@@ -123,6 +154,26 @@ def test_awq_scale_search_helps_layers_with_salient_input_channels():
     awq = fake_quant(W * s, 128) / s
     assert layer_error(W, awq, x) < 0.8 * layer_error(W, fake_quant(W, 128), x)
     assert s[:8].mean() > s[8:].mean()  # the salient channels were scaled up
+
+
+def test_awq_mlp_head_is_the_rest_of_the_mlp_and_the_scale_search_never_loses_to_rtn_through_it():
+    from engine.kernels import TorchBackend
+    from engine.quant.awq import _mlp_head
+    llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=4)
+    mlp = llm.model.layers[1].mlp
+    head = _mlp_head(llm.model, "layers.1.mlp.gate_up_proj")
+    assert _mlp_head(llm.model, "layers.1.mlp.down_proj") is None
+    torch.manual_seed(0)
+    x = torch.randn(512, 128)
+    x[:, :4] *= 20
+    with torch.no_grad():
+        assert torch.allclose(head(x @ mlp.gate_up_proj.weight.t()), mlp(x, TorchBackend()), atol=1e-5, rtol=1e-4)
+        W = mlp.gate_up_proj.weight.detach()
+        s = search_scale(W, x, x.abs().mean(0), 64, head=head)
+
+        def mlp_error(wq):
+            return (head(x @ wq.t()) - head(x @ W.t())).pow(2).mean().item()
+        assert mlp_error(fake_quant(W * s, 64) / s) <= mlp_error(fake_quant(W, 64))
 
 
 def test_awq_clip_search_never_increases_the_group_output_error():
@@ -178,6 +229,26 @@ def test_engine_runs_awq_and_gptq_calibrated_on_given_text(mode, tmp_path):
     save_quantized(llm.model, tiny_config().to_dict(), tmp_path, mode)
     loaded = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32)
     assert loaded.config.quantization == mode
+    assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_gptq_act_order_with_static_groups_saves_and_loads_the_same_weights(tmp_path):
+    """desc_act quantization order with static groups: the layers keep the natural order (no g_idx
+    permutation), and the Hub GPTQ folder loads back to the same dequantized weights and logits."""
+    from engine.quant.gptq import gptq_quantize_model
+    llm = LLM.random(tiny_config(), EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32, seed=3)
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1)).tolist()
+    names = [f"layers.{i}.{n}" for i in range(2) for n in ("self_attn.qkv_proj", "self_attn.o_proj",
+                                                           "mlp.gate_up_proj", "mlp.down_proj")]
+    gptq_quantize_model(llm.model, names, calib, group_size=64, act_order=True, static_groups=True)
+    assert all(llm.model.get_submodule(n).perm is None for n in names)
+    ids = [1, 7, 33, 90, 4, 18, 250, 3]
+    save_quantized(llm.model, tiny_config().to_dict(), tmp_path, "gptq")
+    loaded = LLM.from_pretrained(tmp_path, EngineConfig(device="cpu", max_model_len=256), dtype=torch.float32)
+    assert loaded.config.quantization == "gptq"
+    for n in names:
+        assert torch.equal(loaded.model.get_submodule(n).dequantized_weight(),
+                           llm.model.get_submodule(n).dequantized_weight())
     assert torch.allclose(loaded.prompt_logits(ids), llm.prompt_logits(ids), atol=1e-4, rtol=1e-4)
 
 
