@@ -35,6 +35,24 @@ def hf_refs(hf_models):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+
+def _step_until_interrupted(eng, layer, nth: int, outs: dict) -> None:
+    """Step eng (collecting finished outputs into outs) until the nth forward pass through `layer` raises
+    KeyboardInterrupt, which the caller expects to happen."""
+    seen = Counter()
+
+    def hook(module, args):
+        seen["n"] += 1
+        if seen["n"] == nth:
+            raise KeyboardInterrupt
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            while eng.has_unfinished_requests():
+                outs.update((o.request_id, o) for o in eng.step())
+    finally:
+        handle.remove()
+
 def test_greedy_matches_hf(hf_models, hf_refs, case):
     llm = engine_for(hf_models["llama"], True, **CASES[case])
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n, _ in hf_refs]
@@ -153,19 +171,7 @@ def test_interrupted_step_is_rolled_back_and_outputs_stay_exact(hf_models):
         eng, outs = llm.engine, {}
         for i, p in enumerate(prompts):
             eng.add_request(f"r{i}", p, params[i])
-        seen = Counter()
-
-        def hook(module, args):
-            seen["n"] += 1
-            if seen["n"] == call + 1:
-                raise KeyboardInterrupt
-        handle = llm.model.layers[1].register_forward_pre_hook(hook)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                while eng.has_unfinished_requests():
-                    outs.update((o.request_id, o) for o in eng.step())
-        finally:
-            handle.remove()
+        _step_until_interrupted(eng, llm.model.layers[1], call + 1, outs)
         assert not eng._inflight and all(r.num_output_placeholders == 0 for r in eng.requests.values())
         while eng.has_unfinished_requests():
             for o in eng.step():
@@ -291,25 +297,14 @@ def test_interruption_while_groups_run_synchronously_in_auto_mode(hf_models, cal
     group = SamplingParams(n=2, max_tokens=5, temperature=0.0, ignore_eos=True)
     reference = [o.token_ids for o in engine_for(model, False).generate(prompts, plain)]
     llm = engine_for(model, None, block_size=4)
-    eng, outs, seen = llm.engine, {}, Counter()
+    eng, outs = llm.engine, {}
     eng.async_scheduling = True  # what auto resolves to on CUDA
     eng.add_request("a", prompts[0], plain)
     outs.update((o.request_id, o) for o in eng.step())
     eng.add_request("b", prompts[2], plain)
     outs.update((o.request_id, o) for o in eng.step())
     eng.add_request("g", prompts[1], group)
-
-    def hook(module, args):
-        seen["n"] += 1
-        if seen["n"] == call + 1:
-            raise KeyboardInterrupt
-    handle = llm.model.layers[0].register_forward_pre_hook(hook)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            while eng.has_unfinished_requests():
-                outs.update((o.request_id, o) for o in eng.step())
-    finally:
-        handle.remove()
+    _step_until_interrupted(eng, llm.model.layers[0], call + 1, outs)
     while eng.has_unfinished_requests() or eng._undelivered:
         for o in eng.step():
             assert o.request_id not in outs
