@@ -52,7 +52,7 @@ def log(msg: str) -> None:
 
 def fmt(s: dict, scale: float = 1.0, digits: int = 1) -> str:
     return (f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}..{s['max'] * scale:.{digits}f}, "
-            f"{s['n']} runs)")
+            f"{s['count']} runs)")
 
 
 def config_for(setting: str) -> EngineConfig:

@@ -27,9 +27,9 @@ from .schema import C, latency
 # ----- repeated measurements ----------------------------------------------------------------------
 
 def median_spread(values) -> dict:
-    """A repeated measurement as the benchmarks record it: median, min, max, n and the runs themselves."""
+    """A repeated measurement as the benchmarks record it: median, min, max, how many and the runs themselves."""
     values = [float(v) for v in values]
-    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "n": len(values),
+    return {"median": float(np.median(values)), "min": min(values), "max": max(values), "count": len(values),
             "runs": values}
 
 

@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from workbench import schema
+from workbench import figures
 from workbench.report import report_figures, write_report
 
 CHROMIUM = os.environ.get("WORKBENCH_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -22,7 +23,10 @@ def test_report_opens_without_errors_and_draws_every_figure(tmp_path, synthetic_
     df, requests, timeseries, telemetry = synthetic_hostile
     path = write_report(df, str(tmp_path / "report.html"), timeseries, requests, telemetry,
                         environment={"gpu": "none"}, title="<script>alert(1)</script>")
-    fig_ids = list(report_figures(df, timeseries, requests, telemetry))
+    figs = report_figures(df, timeseries, requests, telemetry)
+    fig_ids = [k for k, f in figs.items() if not figures.is_empty(f)]  # an empty one is a sentence, not a plot
+    empty_ids = [k for k in figs if k not in fig_ids]
+    assert empty_ids == ["kv-groups-over-time"]  # the synthetic model has one KV cache group
     errors = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -35,6 +39,8 @@ def test_report_opens_without_errors_and_draws_every_figure(tmp_path, synthetic_
         page.wait_for_load_state("load")
         for fig_id in fig_ids:
             page.wait_for_selector(f"#fig-{fig_id} .main-svg", timeout=10_000)
+        for fig_id in empty_ids:
+            assert page.locator(f"p.empty#empty-{fig_id}").count() == 1
         drawn = page.evaluate("() => Array.from(document.querySelectorAll('.plotly-graph-div'))"
                               ".filter(d => d._fullLayout && d.querySelector('.main-svg')).length")
         browser.close()
