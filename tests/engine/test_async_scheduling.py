@@ -26,16 +26,6 @@ def check_clean(llm):
     return st
 
 
-@pytest.fixture(scope="module")
-def hf_refs(hf_models):
-    lengths, max_tokens = [1, 7, 16, 33, 120, 300], [12, 30, 5, 24, 9, 16]
-    prompts = make_prompts(1, lengths)
-    prompts.append(prompts[4][:64] + make_prompts(2, [20])[0])  # a shared 64-token prefix
-    return [(p, n, hf_greedy(hf_models["llama"], p, n)) for p, n in zip(prompts, max_tokens + [10])]
-
-
-@pytest.mark.parametrize("case", list(CASES))
-
 def _step_until_interrupted(eng, layer, nth: int, outs: dict) -> None:
     """Step eng (collecting finished outputs into outs) until the nth forward pass through `layer` raises
     KeyboardInterrupt, which the caller expects to happen."""
@@ -53,6 +43,16 @@ def _step_until_interrupted(eng, layer, nth: int, outs: dict) -> None:
     finally:
         handle.remove()
 
+
+@pytest.fixture(scope="module")
+def hf_refs(hf_models):
+    lengths, max_tokens = [1, 7, 16, 33, 120, 300], [12, 30, 5, 24, 9, 16]
+    prompts = make_prompts(1, lengths)
+    prompts.append(prompts[4][:64] + make_prompts(2, [20])[0])  # a shared 64-token prefix
+    return [(p, n, hf_greedy(hf_models["llama"], p, n)) for p, n in zip(prompts, max_tokens + [10])]
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_greedy_matches_hf(hf_models, hf_refs, case):
     llm = engine_for(hf_models["llama"], True, **CASES[case])
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n, _ in hf_refs]
