@@ -169,6 +169,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix, so that the next requests start from a cold cache (a repeated
+        measurement of one workload would otherwise reuse the previous run's prompts). Only while no request
+        is in the engine (RuntimeError otherwise, nothing changed); returns the number of blocks forgotten."""
+        self.drain()
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"reset_prefix_cache: {self.scheduler.num_unfinished} requests are unfinished; "
+                               "finish or abort them first")
+        return self.kv.pool.reset_prefix_cache()
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         self.drain()  # async scheduling: the request's state is exact once its step in flight is processed
         for i, out in enumerate(self._undelivered):
@@ -938,6 +948,10 @@ class LLM:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (see LLMEngine.reset_prefix_cache): the next requests start cold."""
+        return self._engine.reset_prefix_cache()
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Next-token logits [len, vocab] (float32, CPU) at every position of token_ids, in one prefill."""

@@ -33,7 +33,8 @@ class PointRun:
 def run_point(llm, workload, slo: dict | None = None, warmup: bool = True, sampling=None,
               telemetry=None, max_duration: float | None = None, profile: str | None = None,
               kernel_window: tuple[int, int] | None = None, rates: dict | None = None) -> PointRun:
-    """Run ``workload`` once on ``llm`` as configured now; exceptions propagate (the engine stays usable).
+    """Run ``workload`` once on ``llm`` as configured now, from a cold prefix cache (a repeated run measures
+    the same work as the first); exceptions propagate (the engine stays usable).
     profile="kernels": deep mode over kernel_window = (first step, number of steps), by default
     `profiling.KERNEL_WINDOW`. rates (`profiling.measure_rates` of the device): adds the gap-to-limit
     attribution's columns to the metrics."""
@@ -44,6 +45,7 @@ def run_point(llm, workload, slo: dict | None = None, warmup: bool = True, sampl
     telemetry = telemetry or NullTelemetry()
     if warmup:
         warm_up(eng, cfg)
+    eng.reset_prefix_cache()  # every run starts cold: a repeat must not reuse the previous run's prompts
     eng.reset_stats()
     if profile is not None:
         from .profiling import start_deep_mode

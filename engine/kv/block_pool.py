@@ -142,6 +142,19 @@ class BlockPool:
             block.block_hash = None
             self.num_cached_free_blocks -= block.ref_count == 0
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (all blocks must be free: no sequence holds one); returns how many
+        blocks lost their hash. Their KV stays in memory but is never matched again."""
+        if self.num_free_blocks != self.num_blocks:
+            raise RuntimeError(f"{self.num_blocks - self.num_free_blocks} KV blocks are held by sequences; "
+                               "the prefix cache can only be reset while no request is in the engine")
+        for block in self.cached_blocks.values():
+            block.block_hash = None
+        dropped = len(self.cached_blocks)
+        self.cached_blocks.clear()
+        self.num_cached_free_blocks = 0
+        return dropped
+
     def free_blocks(self, blocks) -> None:
         """Drop one reference from each block (in the given order); blocks reaching 0 join the free queue."""
         for block in blocks:

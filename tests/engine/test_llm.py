@@ -98,6 +98,23 @@ def test_prefix_hits_and_stats_reset():
     assert st.prefix_cache_hits == 80 and st.prefix_cache_queries == 41 + 42
     assert st.prefix_cache_hit_rate == pytest.approx(80 / 83)
 
+def test_reset_prefix_cache_makes_the_next_run_cold():
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=128, block_size=8))
+    prompt = list(range(20, 60)) + [1, 2]  # 42 tokens: 5 full blocks
+    first = llm.generate([prompt], GREEDY)[0]
+    assert llm.generate([prompt], GREEDY)[0].metrics.num_cached_tokens == 40  # warm: the 5 blocks hit
+    assert llm.reset_prefix_cache() == 5 + 1  # the prompt's 5 blocks and the full block its output filled
+    cold = llm.generate([prompt], GREEDY)[0]
+    assert cold.metrics.num_cached_tokens == 0 and cold.token_ids == first.token_ids
+    # Not while a request holds blocks: a clear error, nothing changed, the request still finishes.
+    llm.engine.add_request("x", prompt, GREEDY)
+    llm.engine.step()
+    with pytest.raises(RuntimeError, match="1 requests are unfinished"):
+        llm.reset_prefix_cache()
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.generate([prompt], GREEDY)[0].metrics.num_cached_tokens == 40
+
 def test_block_map_is_a_copy_of_the_pool():
     llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, block_size=4, num_gpu_blocks=16))
     eng = llm.engine

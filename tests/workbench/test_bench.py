@@ -47,3 +47,20 @@ def test_bench_takes_a_checkpoint_folder_and_writes_to_the_current_directory(tmp
                  "--workload-arg", "prompt_len=8", "--workload-arg", "output_len=3", "--set", "max_model_len=64"]) == 0
     result = json.loads((tmp_path / "bench-pystdlib-llama-6m-fixed.json").read_text())
     assert result["engine"]["total_output_tokens"] == 6 and result["model"] == folder
+
+
+def test_repeated_runs_on_one_engine_start_from_a_cold_prefix_cache():
+    """A second run of the same trace on the same engine computes every prompt again (no hits on the first
+    run's prompts): each run feeds every prompt token and every output token but the last, by hand."""
+    from engine import LLM, EngineConfig
+    from workbench.bench import run_engine
+    from workbench.workloads import sharegpt_like
+
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=128, block_size=4, max_num_seqs=8,
+                                          enable_prefix_caching=True))
+    wl = sharegpt_like(num_requests=6, mean_prompt_len=24, mean_output_len=6, max_len=48, vocab_size=llm.vocab_size)
+    expected = sum(r.prompt_len + r.max_tokens - 1 for r in wl.requests)
+    for _ in range(2):
+        run = run_engine(llm, wl)
+        assert int(run.steps["num_batched_tokens"].sum()) == expected
+        assert run.stats.prefix_cache_hits == 0
