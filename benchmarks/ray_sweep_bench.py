@@ -17,6 +17,12 @@ compilation while the other does not), and their run times give the request coun
 measured run takes about --target-point-s seconds, lowered so that both timed sweeps fit --budget-s (or
 give --num-requests).
 
+A pair longer than one machine session can be split: `--executors sequential` runs and saves the sequential
+sweeps alone; a later `--executors ray --resume-from THAT.json` takes its request count and runs, adds the Ray
+sweeps and compares them with the saved sequential ones (both commands are recorded), after short untimed
+sweeps that fill this session's Triton cache. Only pairs measured on the same kind of host are comparable; the
+JSON keeps each run's environment.
+
 Targets (issue 22): Ray wall time <= 0.6x the sequential one; each point's output throughput on Ray within
 5% of its sequential value. --pairs N runs N (sequential, Ray) pairs, interleaved (seq, ray, ray, seq, ...),
 as many as fit in --budget-s, and reports medians with their range; one pair is a single measurement of
@@ -180,10 +186,12 @@ def calibrate(args, base_spec: dict, env_seq: dict, log, elapsed) -> tuple[int, 
     if not ok:
         return n1, result
     log("calibration runs: " + ", ".join(f"{n} requests {d:.1f} s" for n, d in ok))
-    # Both timed sweeps must fit what is left of the budget: about 1.6 x the sequential one, whose points
-    # each add ~2.5 s (reconfigure, CUDA graphs, warm-up) to their measured run, plus ~20 s of process starts.
+    # The timed sweeps must fit what is left of the budget: the sequential one, whose points each add ~2.5 s
+    # (reconfigure, CUDA graphs, warm-up) to their measured run, plus ~20 s of process starts, and the Ray one
+    # at about 0.65 x that when it runs here too.
     left = args.budget_s - elapsed()
-    target = min(args.target_point_s, ((left - 20) / 1.65 - 5) / 8 - 2.5)
+    share = 1.65 if "ray" in args.executors else 1.0
+    target = min(args.target_point_s, ((left - 20) / share - 5) / 8 - 2.5)
     result["target_point_s"] = target
     (na, da), (nb, db) = ok[0], ok[-1]
     slope = (db - da) / (nb - na) if nb != na else 0.0
@@ -208,6 +216,11 @@ def main() -> None:
                     help="longest prompt and output of the ShareGPT-like workload (bounds the tail of a point)")
     ap.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per GPU; 2 on the CPU)")
     ap.add_argument("--pairs", type=int, default=1, help="(sequential, Ray) pairs to run, interleaved")
+    ap.add_argument("--executors", default="sequential,ray",
+                    help="which sweeps of each pair run here: sequential,ray (default), sequential, or ray")
+    ap.add_argument("--resume-from", default=None,
+                    help="a JSON of an earlier run of this bench: its request count and runs are kept, and the "
+                         "sweeps run here are added to them (a pair split over two sessions)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="seconds for the whole run: the request count is sized and pairs started to end by then, "
                          "and no sweep runs past it (set it below an outer timeout)")
@@ -215,6 +228,9 @@ def main() -> None:
     ap.add_argument("--out", default="data/benchmarks/ray_sweep.json")
     ap.add_argument("--child", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.executors = [e.strip() for e in args.executors.split(",") if e.strip()]
+    if not args.executors or set(args.executors) - {"sequential", "ray"}:
+        ap.error(f"--executors must name sequential and/or ray, got {','.join(args.executors)!r}")
     if args.child:
         result = run_child(json.loads(Path(args.child[0]).read_text()))
         Path(args.child[1]).write_text(json.dumps(result, default=str))
@@ -248,6 +264,15 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps(result, indent=2, default=str))
 
+    if args.resume_from:
+        earlier = json.loads(Path(args.resume_from).read_text())
+        if earlier.get("grid") != grid or earlier.get("base_config") != base:
+            sys.exit(f"--resume-from {args.resume_from}: its grid/base config {earlier.get('grid')} "
+                     f"{earlier.get('base_config')} differ from this run's {grid} {base}")
+        result.update(runs=earlier["runs"], calibration=earlier.get("calibration"),
+                      commands=earlier.get("commands", [earlier["command"]]) + [result["command"]])
+        args.num_requests = args.num_requests or earlier["num_requests"]
+        log(f"resuming {args.resume_from}: {len(earlier['runs'])} earlier sweeps, {args.num_requests} requests")
     if args.num_requests is None and (not on_cpu or args.calibrate):
         log(f"calibrating on {args.calibration_requests} and {3 * args.calibration_requests} requests "
             "(sequential; fills the Triton cache)")
@@ -256,6 +281,10 @@ def main() -> None:
         log(f"{n} requests per point")
     else:
         n = args.num_requests or 8
+        if args.resume_from and not on_cpu:  # this session's Triton cache is cold: fill it before the timed sweeps
+            log("filling the Triton cache (short sequential sweeps, not timed)")
+            result["cache_fill"] = calibrate(argparse.Namespace(**{**vars(args), "calibration_requests": 32}),
+                                             base_spec, env_seq, log, lambda: time.perf_counter() - start)[1]
     base_spec["num_requests"] = n
     result["num_requests"] = n
     save()
@@ -269,7 +298,7 @@ def main() -> None:
             break
         t_pair = time.perf_counter()
         order = ["sequential", "ray"] if pair % 2 == 0 else ["ray", "sequential"]
-        for executor in order:
+        for executor in [e for e in order if e in args.executors]:
             spec = {**base_spec, "executor": executor,
                     "out": str(out.with_name(f"{out.stem}.{executor}{pair}.jsonl"))}
             left = args.budget_s - (time.perf_counter() - start)

@@ -37,7 +37,7 @@ import torch
 from engine import LLM, EngineConfig
 from engine.timeline import device_gaps
 from workbench.bench import environment, run_engine
-from workbench.profiling import measure_rates, point_profile
+from workbench.profiling import format_kernels, kernel_breakdown, measure_rates, point_profile
 from workbench.workloads import fixed, make_workload
 from workbench.bench import median_spread
 
@@ -192,6 +192,26 @@ def precise_pv_cost(device, repeats: int = 10) -> dict:
     return out
 
 
+def deep(llm, wl, rates, first_step: int, num_steps: int, top: int = 12) -> dict:
+    """Deep mode (torch.profiler) over steps [first_step, first_step + num_steps) of one run of wl: device time
+    per kernel class against its roofline, and the `top` kernels by device time (name, class, calls, ms)."""
+    run = run_engine(llm, wl, profile="kernels", kernel_window=(first_step, num_steps))
+    prof = run.stats.kernel_profile
+    breakdown = kernel_breakdown(prof, run.steps, llm.spec, run.stats.weight_bytes, run.stats.kv_bytes_per_token,
+                                 rates)
+    per_name: dict[tuple, list] = {}
+    for name, cls, _start, _dur, self_t in prof.kernels:
+        acc = per_name.setdefault((name, cls), [0, 0.0])
+        acc[0] += 1
+        acc[1] += self_t
+    kernels = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    w = run.steps.iloc[prof.first_step:prof.last_step + 1]
+    return {"steps": [prof.first_step, prof.last_step], "window_ms": prof.window * 1e3,
+            "per_step_ms": prof.window * 1e3 / len(w), "mean_batched_tokens": float(w["num_batched_tokens"].mean()),
+            "breakdown": breakdown.to_dict("records"), "table": format_kernels(breakdown),
+            "top_kernels": [{"name": n[:120], "class": c, "calls": k, "ms": t * 1e3} for (n, c), (k, t) in kernels]}
+
+
 def trace_run(llm, wl, rates) -> dict:
     run = run_engine(llm, wl)
     prof = point_profile(llm, run.stats, run.steps, run.requests, run.duration, rates)
@@ -201,6 +221,8 @@ def trace_run(llm, wl, rates) -> dict:
             "gap_host_s": att["gap_host_s"], "gap_kernel_s": att["gap_kernel_s"],
             "gap_underfill_s": att["gap_underfill_s"], "gap_padding_s": att["gap_padding_s"],
             "gap_recompute_s": att["gap_recompute_s"], "preemptions": run.summary["num_preemptions"],
+            **{k: v for k, v in att.items() if k.startswith("gap_kernel_") and k != "gap_kernel_s"},
+            "prefix_cache_hits": run.stats.prefix_cache_hits,
             "host_time_p50_ms": run.summary["host_time_p50_ms"], "steps": int(len(run.steps)),
             "mean_running": float(run.steps["num_running"].mean()),
             "async_scheduling": bool(run.stats.async_scheduling),
@@ -221,6 +243,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--async-scheduling", default="auto", choices=list(MODES),
                     help="EngineConfig.async_scheduling: auto (on for CUDA), on, off, or both (interleaved)")
     ap.add_argument("--parts-runs", type=int, default=3, help="runs of the bs=1 and host parts (per mode)")
+    ap.add_argument("--deep", action="store_true",
+                    help="deep mode (kernel classes and top kernels) over 16 steps of the bs=1 decode and of the "
+                         "trace (steps 32-47), in the first async mode, after the other parts")
     args = ap.parse_args(argv)
     modes = MODES[args.async_scheduling]
     device = torch.device(args.device)
@@ -309,6 +334,16 @@ def main(argv=None) -> dict:
                 f"{r['preemptions']}"))
             results["trace_runs"] = runs
             save()
+    if args.deep:
+        llm.reconfigure(config_for("default"))
+        use_mode(llm, modes[0])
+        bs1 = fixed(num_requests=1, prompt_len=128, output_len=64, vocab_size=llm.spec.vocab_size, seed=1)
+        results["deep"] = {"decode1": deep(llm, bs1, rates, 16, 16), "trace": deep(llm, wl, rates, 32, 16)}
+        for name, d in results["deep"].items():
+            log(f"deep mode, {name} steps {d['steps']} ({d['per_step_ms']:.3f} ms/step, "
+                f"{d['mean_batched_tokens']:.0f} tokens/step):\n{d['table']}\n" + "\n".join(
+                    f"  {k['ms']:9.3f} ms {k['calls']:6d}x {k['class']:18s} {k['name']}" for k in d["top_kernels"]))
+        save()
     summary = {}
     for setting, rs in runs.items():
         ok = [r for r in rs if "error" not in r]
