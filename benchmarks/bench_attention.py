@@ -192,6 +192,58 @@ def bench_decode_few_requests(copy_bps: float, gen: torch.Generator) -> dict:
     return result
 
 
+def bench_decode_trace_like(copy_bps: float, gen: torch.Generator, num_seqs: int = 1000) -> dict:
+    """The busy decode steps of the 1000-request ShareGPT-like trace: num_seqs requests of ragged contexts (a
+    log-normal of median 400 tokens, 16..2048), where the engine's decode kernel ran at 0.67 of its roofline
+    (throughput_targets_h200_cold.json, deep mode). The default config, then a sweep of tile, warps and stages;
+    each checked against a per-request SDPA reference first. Bytes: the K/V of every context token once."""
+    lens = torch.exp(torch.randn(num_seqs, generator=torch.Generator().manual_seed(1)) * 0.7 + 6.0)
+    lens = lens.clamp(16, 2048).to(torch.int64)
+    blocks = (lens + BLOCK_SIZE - 1) // BLOCK_SIZE
+    num_blocks, width = int(blocks.sum()), int(blocks.max())
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).to(torch.int32)
+    block_tables = torch.zeros(num_seqs, width, dtype=torch.int32, device="cuda")
+    starts = torch.cumsum(blocks, 0) - blocks
+    for i in range(num_seqs):
+        block_tables[i, :blocks[i]] = perm[starts[i]:starts[i] + blocks[i]]
+    seq_lens = lens.to(torch.int32).cuda()
+    q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    group = NUM_HEADS // NUM_KV_HEADS
+    ref = torch.empty_like(q)
+    for i in range(num_seqs):
+        n = int(lens[i])
+        ids = block_tables[i, :blocks[i]].long()
+        k = k_cache[ids].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n].transpose(0, 1).repeat_interleave(group, 0)
+        v = v_cache[ids].reshape(-1, NUM_KV_HEADS, HEAD_DIM)[:n].transpose(0, 1).repeat_interleave(group, 0)
+        ref[i] = F.scaled_dot_product_attention(q[i].unsqueeze(1), k, v, scale=SCALE).squeeze(1)
+    kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    result = {"shape": dict(num_seqs=num_seqs, context_median=int(lens.median()), context_mean=float(lens.float().mean()),
+                            context_max=int(lens.max())), "kv_bytes": kv_bytes, "configs": []}
+    configs = [dict()] + [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (32, 64, 128) for w in (2, 4, 8)
+                          for st in (2, 3, 4)]
+    out = torch.empty_like(q)
+    for cfg in configs:
+        def run():
+            decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out, SCALE, max_seq_len=int(lens.max()), **cfg)
+        timed = time_config(run, out, ref, cfg, result["configs"])
+        if timed is None:
+            continue
+        ms, err = timed
+        bps = kv_bytes / (ms * 1e-3)
+        result["configs"].append({**cfg, "ms": ms, "ratio_to_copy_bw": bps / copy_bps, "rel_err": err})
+    result["default"] = result["configs"][0]
+    best_config(result)
+    d, b = result["default"], result["best"]
+    print(f"decode trace-like ({num_seqs} requests, median context {result['shape']['context_median']}): default "
+          f"{d.get('ms', float('nan')) * 1e3:.1f} us = {d.get('ratio_to_copy_bw', float('nan')):.3f} of copy bw; best "
+          f"{ {k: v for k, v in (b or {}).items() if k in ('block_n', 'num_warps', 'num_stages')} } "
+          f"{(b or {}).get('ms', float('nan')) * 1e3:.1f} us = {(b or {}).get('ratio_to_copy_bw', float('nan')):.3f}",
+          flush=True)
+    return result
+
+
 def bench_prefill(matmul_fps: float, gen: torch.Generator) -> dict:
     num_seqs, prompt = 8, 2048
     k_cache, v_cache, block_tables = paged_cache(num_seqs, prompt, gen)
@@ -256,6 +308,7 @@ def main() -> None:
     print(f"bf16 matmul: {mm['flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     decode = bench_decode(copy["bytes_per_s"], gen)
     decode_few = bench_decode_few_requests(copy["bytes_per_s"], gen)
+    decode_trace = bench_decode_trace_like(copy["bytes_per_s"], gen)
     prefill = bench_prefill(mm["flop_per_s"], gen)
     results = {
         "benchmark": "attention_kernels",
@@ -264,7 +317,8 @@ def main() -> None:
         "num_sms": _num_sms(torch.cuda.current_device()),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
-        "copy_bandwidth": copy, "matmul": mm, "decode": decode, "decode_few_requests": decode_few, "prefill": prefill,
+        "copy_bandwidth": copy, "matmul": mm, "decode": decode, "decode_few_requests": decode_few,
+        "decode_trace_like": decode_trace, "prefill": prefill,
     }
     text = json.dumps(results, indent=2)
     paths = [Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "attention_kernels.json"]
