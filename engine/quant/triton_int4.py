@@ -321,8 +321,53 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     return _launch(x, packed, scales, zeros, group_size, **config)
 
 
+def mma_block_k(block_k: int, group_size: int) -> int:
+    """The largest K step <= block_k (32, 64, 128 or 256) that divides the group (triton_int4_mma)."""
+    return next(bk for bk in (256, 128, 64, 32) if bk <= block_k and group_size % bk == 0)
+
+
+def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, block_n: int, block_k: int,
+               num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2) -> dict:
+    """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K up to `waves`
+    programs per SM while each slice keeps >= 4 steps (2 with more waves)."""
+    block_k = mma_block_k(block_k, group_size)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    return dict(gemv=False, kernel="mma", swap=swap, fold=fold, block_m=block_m, block_n=block_n, block_k=block_k,
+                split_k=split, num_warps=num_warps, num_stages=num_stages)
+
+
+# triton_int4_mma tiles, (block_m, block_n, block_k, warps, stages, swap, fold); block_m 0: the row tile of
+# m (mm_block_m). The weight tile is loaded as [block_n, block_k] int32 (each word once per code it
+# holds), so stages x block_n x block_k x 4 bytes stays under ~160 KB of shared memory; stages 1 (no
+# cp.async staging, the replicated loads served from L1) beside the pipelined ones.
+MMA_SMALL = ((0, 64, 128, 4, 3, True, True), (0, 128, 128, 4, 2, True, True), (0, 128, 64, 4, 4, True, True),
+             (0, 128, 128, 8, 1, True, True), (0, 64, 128, 4, 3, True, False), (0, 256, 64, 8, 2, True, True))
+MMA_LARGE = ((64, 128, 128, 4, 2, False, True), (128, 128, 64, 8, 3, False, False),
+             (128, 128, 64, 8, 3, False, True), (128, 256, 32, 8, 3, False, False),
+             (128, 128, 64, 8, 1, False, False), (0, 128, 64, 8, 3, True, False))
+
+
+def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
+    """triton_int4_mma configs for m rows (> GEMV_MAX_ROWS): swap-AB tiles up to 64 rows, plain GEMM
+    tiles (and a swapped 128-row one) above; a 256-row tile when all rows fit in it; split-K serial."""
+    tiles = MMA_SMALL if m <= 64 else MMA_LARGE
+    out = []
+    for bm, bn, bk, warps, stages, swap, fold in tiles:
+        bm = bm or (mm_block_m(m) if m <= 64 else 128)
+        out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, swap, fold))
+    if m <= 16:  # longer split-K (4 programs per SM) for the smallest batches
+        out.append(mma_config(m, n, k, group_size, sms, 16, 64, 128, 4, 3, True, True, waves=4))
+    if 128 < m <= 256:  # every row in one tile: each weight tile unpacked once
+        out.append(mma_config(m, n, k, group_size, sms, 256, 64, 64, 8, 2, False, False))
+        out.append(mma_config(m, n, k, group_size, sms, 256, 128, 32, 8, 2, False, False))
+    return _serial_when_split(out, lambda c: True)
+
+
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False):
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
+            block_k=None, fold=True):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
@@ -331,8 +376,12 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
+    if kernel == "mma":
+        return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
+                           split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
+                           fold=fold)
     if kernel not in (None, "tc"):
-        raise ValueError(f"kernel={kernel!r}: expected None or 'tc'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'tc' or 'mma'")
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:
@@ -380,4 +429,35 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                num_warps=num_warps or default["num_warps"])
+    return res if locks is not None else gemv_result(out, x.dtype)
+
+
+def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
+                num_warps=None, num_stages=None, serial=False, swap=True, fold=True):
+    """triton_int4_mma's kernel (swap: out^T = W x^T, else x W^T; fold: MAGIC + q as the MMA operand, the
+    zero point and scale on the step's output, else (q - zero) * scale per code). block_k: the K step,
+    a multiple of 32 that divides the group."""
+    from .triton_int4_mma import _int4_mma_kernel
+    m, k = x.shape
+    n = packed.shape[0]
+    block_m = block_m or mm_block_m(m)
+    block_n = block_n or 128
+    block_k = block_k or mma_block_k(128, group_size)
+    if block_k % KERNEL_CHUNK or group_size % block_k or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: the mma kernel needs a power of two, a multiple of {KERNEL_CHUNK} "
+                         f"that divides the group size {group_size}")
+    split_k = split_k or 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    out, split_stride = gemv_output(x, n, split_k)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    stages = (num_stages or 3) if x.is_cuda else 1
+    _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
+                           split_k, x.stride(0), packed.stride(0), scales.stride(0), split_stride, out.stride(-2),
+                           GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
+                           MAGIC={torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0),
+                           PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                           num_warps=num_warps or (8 if block_m * block_n >= 128 * 128 else 4))
     return res if locks is not None else gemv_result(out, x.dtype)

@@ -1,0 +1,132 @@
+"""Triton kernel: out = x @ dequant(W)^T for group-wise int4 weights, the weight tile in natural K order.
+
+Reference: `int4_linear_reference` in int4.py. Same layouts as triton_int4.py (the weight in the kernel
+layout of int4.pack_int4_kernel: per row, each chunk of 32 input features is 4 int32 words, nibble i
+of word r holding feature 32c + 4i + r; scales [N, K // G]; zeros [N, K // G] uint8). No repack.
+
+Why a third tensor-core kernel: triton_int4's per-plane kernel does 8 small dots a step and
+triton_int4_tc's joins / reshapes / permutes the 8 planes into one tile, and both make the compiler
+move tiles between layouts. Here every value of the [BLOCK_N, BLOCK_K] weight tile is computed
+elementwise from its own load: feature k of the step reads word 4 * (k // 32) + k % 4 and keeps nibble
+(k % 32) // 4. Features k..k+3 (k % 4 == 0) read 4 adjacent words, so the loads stay 16-byte vectors,
+and the 8 loads of one 16-byte run by a row are the same address (served by L1, or merged). Nothing is
+reshaped, x is read in feature order (contiguous), and the tile can go to tl.dot in any layout the
+compiler likes (the unpack is elementwise, so it can be done in the dot operand's own layout).
+
+Dequantization, two modes (constexpr FOLD):
+- FOLD: the MMA operand is the 16-bit float MAGIC + q, built by one shift and one AND/OR on the word
+  (bits 0x4300 | q are bfloat16 128 + q, 0x6400 | q float16 1024 + q; exact). No float op per code:
+  the zero point and the scale act on the step's dot output, for a step inside one group:
+      out += s * (x . (MAGIC + q) - (MAGIC + zero) * sum(x over the step))
+  i.e. two FMAs per output and step instead of two float ops per code (the fold error is that of the
+  float32 sums: MAGIC * |x| * 2^-24 per term, far below 16-bit rounding).
+- not FOLD: (q - zero) * scale per code in float32 (magic 2^23 + q, one subtract, one multiply), then
+  rounded to x's dtype, the dot accumulating in place (better when many rows share the tile).
+Two orientations (constexpr SWAP): out^T = W x^T (the weight tile is the MMA's A operand, rows of x its
+N, for few rows) or out = x W^T (plain GEMM tiles for many rows).
+grid (row tiles, column tiles, SPLIT_K), rows fastest. Every step lies in one group and is whole
+(BLOCK_K divides the group, which divides K; a split is a whole number of steps). Split-K partials as
+triton_int4 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum or, SERIAL, by the tile's last slice).
+Nothing reads device values on the host (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_int8 import _serial_split_reduce
+
+
+@triton.jit
+def _folded_operand(w, shift, DT: tl.constexpr):
+    """Codes of the words w (nibble at `shift`) as DT MAGIC + q (bfloat16: 128 + q; float16: 1024 + q),
+    exact, from integer ops only; float32: q (MAGIC 0)."""
+    q = (w >> shift) & 0xF
+    if DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:  # float32 x (MAGIC 0): the code itself, exact, so the fold adds no cancellation
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True).to(DT) - 1024.0
+
+
+@triton.jit
+def _scaled_operand(w, shift, scale, zero, DT: tl.constexpr):
+    """(q - zero) * scale in DT, through the float32 2^23 + q (exact) and one subtract, one multiply."""
+    q = ((w >> shift) & 0xF) | 0x4B000000
+    return ((q.to(tl.float32, bitcast=True) - (zero + 8388608.0)) * scale).to(DT)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
+def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
+                     MAGIC: tl.constexpr, PRECISION: tl.constexpr):
+    """MAGIC: the float _folded_operand adds to each code (128.0 for bfloat16 x, 1024.0 float16, 0 float32)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # feature k of a step (steps start on whole chunks of 32): word 4 * (k // 32) + k % 4, nibble (k % 32) // 4
+    word_k = tl.max_contiguous(tl.multiple_of((offs_k // 32) * 4 + offs_k % 4, 4), 4)
+    shift_k = ((offs_k % 32) // 4) * 4
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n64 = offs_n.to(tl.int64)
+    s_rows = n64 * stride_sn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if SWAP:
+        w_tile = w_ptr + n64[:, None] * stride_wn + word_k[None, :]  # [BLOCK_N, BLOCK_K]
+        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
+        w_mask = mask_n[:, None]
+        x_mask = mask_m[None, :]
+        shift = shift_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        w_tile = w_ptr + n64[None, :] * stride_wn + word_k[:, None]  # W^T [BLOCK_K, BLOCK_N]
+        x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        w_mask = mask_n[None, :]
+        x_mask = mask_m[:, None]
+        shift = shift_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        k0 = tl.multiple_of(k0, BLOCK_K)
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_tile + kw, mask=w_mask, other=0)
+        xs = tl.load(x_tile + k0, mask=x_mask, other=0.0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        if FOLD:
+            wd = _folded_operand(w, shift, DT)
+            if SWAP:
+                part = tl.dot(wd, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+                xsum = tl.sum(xs.to(tl.float32), axis=0)
+                acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+            else:
+                part = tl.dot(xs, wd, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                xsum = tl.sum(xs.to(tl.float32), axis=1)
+                acc += (part - xsum[:, None] * (zero + MAGIC)[None, :]) * scale[None, :]
+        else:
+            if SWAP:
+                wd = _scaled_operand(w, shift, scale[:, None], zero[:, None], DT)
+                acc = tl.dot(wd, xs, acc, input_precision=PRECISION)
+            else:
+                wd = _scaled_operand(w, shift, scale[None, :], zero[None, :], DT)
+                acc = tl.dot(xs, wd, acc, input_precision=PRECISION)
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
+    if SWAP:
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
