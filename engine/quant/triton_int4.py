@@ -263,7 +263,9 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
                                                for bn, ch, w in GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
-        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+        return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+                + _serial_when_split([mma_config(m, n, k, group_size, sms, 16, 64, 128, 4, 3, True, True, waves=4)],
+                                     lambda c: True))
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
@@ -274,7 +276,7 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-    return split_variants(cands, ok) + _serial_when_split(extra, ok)
+    return split_variants(cands, ok) + _serial_when_split(extra, ok) + mma_candidates(m, n, k, group_size, sms)
 
 
 def _serial_when_split(cands: list[dict], ok) -> list[dict]:
@@ -359,6 +361,8 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[di
         out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, swap, fold))
     if m <= 16:  # longer split-K (4 programs per SM) for the smallest batches
         out.append(mma_config(m, n, k, group_size, sms, 16, 64, 128, 4, 3, True, True, waves=4))
+    if m > 64:  # the first two big tiles also without split-K (no float32 scratch round trip)
+        out += [dict(c, split_k=1) for c in out[:2] if c["split_k"] > 1]
     if 128 < m <= 256:  # every row in one tile: each weight tile unpacked once
         out.append(mma_config(m, n, k, group_size, sms, 256, 64, 64, 8, 2, False, False))
         out.append(mma_config(m, n, k, group_size, sms, 256, 128, 32, 8, 2, False, False))
