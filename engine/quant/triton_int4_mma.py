@@ -130,3 +130,197 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
     if SERIAL:
         _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
                              pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+@triton.jit
+def _plane_operand(w, I: tl.constexpr, DT: tl.constexpr):
+    """Nibble plane I of the words w as DT MAGIC + q (see _folded_operand), the shift a constant: so the
+    unpack is elementwise on the loaded words with constant operands only, which lets Triton load the
+    words straight into the MMA operand's register layout and unpack there (no shared-memory round trip
+    of the unpacked tile)."""
+    return _folded_operand(w, 4 * I, DT)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int4_mma_planes_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                            stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                            SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """The folded dequantization plane by plane: per step of 32 * CHUNKS features (inside one group), the
+    [BLOCK_N, 4 * CHUNKS] word tile is loaded once and each nibble plane I (features 32c + 4I + r of word
+    (c, r)) is one dot of K = 4 * CHUNKS against the rows of x of those features (runs of 4), all eight
+    into one float32 partial; then out += s * (partial - (MAGIC + zero) * sum(x over the step))."""
+    WORDS: tl.constexpr = 4 * CHUNKS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, WORDS)
+    col_k = tl.max_contiguous(tl.multiple_of(32 * (offs_w // 4) + offs_w % 4, 4), 4)  # plane 0's feature per word
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n64 = offs_n.to(tl.int64)
+    s_rows = n64 * stride_sn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if SWAP:
+        w_tile = w_ptr + n64[:, None] * stride_wn + offs_w[None, :]  # [BLOCK_N, WORDS]
+        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + col_k[:, None]  # x^T [WORDS, BLOCK_M]
+        w_mask = mask_n[:, None]
+        x_mask = mask_m[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        w_tile = w_ptr + n64[None, :] * stride_wn + offs_w[:, None]  # W^T [WORDS, BLOCK_N]
+        x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + col_k[None, :]  # [BLOCK_M, WORDS]
+        w_mask = mask_n[None, :]
+        x_mask = mask_m[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        k0 = tl.multiple_of(k0, 32 * CHUNKS)
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_tile + kw, mask=w_mask, other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        if SWAP:
+            part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        else:
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xs = tl.load(x_tile + (k0 + 4 * i), mask=x_mask, other=0.0)
+            wd = _plane_operand(w, i, DT)
+            if SWAP:
+                part = tl.dot(wd, xs, part, input_precision=PRECISION)
+                xsum += tl.sum(xs.to(tl.float32), axis=0)
+            else:
+                part = tl.dot(xs, wd, part, input_precision=PRECISION)
+                xsum += tl.sum(xs.to(tl.float32), axis=1)
+        if SWAP:
+            acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+        else:
+            acc += (part - xsum[:, None] * (zero + MAGIC)[None, :]) * scale[None, :]
+    if SWAP:
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+def _pair_ptx(shift: int, magic: str) -> str:
+    """PTX of _pair_operand's ASM path on a 32-bit register holding two half-words ($1): shift, then one
+    LOP3 `(t & 0x000F000F) | magic` gives both codes as 16-bit floats MAGIC + q ($0)."""
+    shr = f"shr.b32 t, $1, {shift};\n" if shift else "mov.b32 t, $1;\n"
+    return "{\n.reg .b32 t;\n" + shr + f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xEA;\n}}"
+
+
+_PAIR_PTX_BF16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x43004300")) for i in range(4))
+_PAIR_PTX_FP16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x64006400")) for i in range(4))
+_PAIR_BF16_0, _PAIR_BF16_1, _PAIR_BF16_2, _PAIR_BF16_3 = _PAIR_PTX_BF16
+_PAIR_FP16_0, _PAIR_FP16_1, _PAIR_FP16_2, _PAIR_FP16_3 = _PAIR_PTX_FP16
+
+
+@triton.jit
+def _pair_asm(h, I: tl.constexpr, DT: tl.constexpr):
+    """_pair_operand by inline PTX, two half-words a 32-bit register (pack=2): one shift and one LOP3 per
+    two codes. A pure one-operand asm, so Triton can still unpack in the MMA operand's layout."""
+    if DT == tl.bfloat16:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_0, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_1, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_2, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_3, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_0, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_1, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_2, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_3, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _pair_operand(h, I: tl.constexpr, DT: tl.constexpr):
+    """Nibble I (0-3) of each 16-bit half-word h as DT MAGIC + q: a constant shift, an AND, an OR on the
+    16-bit values, and a bitcast (no truncation). A word's two halves (nibbles I and I + 4) are adjacent
+    columns of the tile, so in the MMA operand's registers they share one 32-bit register and one
+    32-bit shift / LOP3 does both."""
+    q = (h >> (4 * I)) & 0xF
+    if DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:
+        return (q | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return (q | 0x6400).to(tl.float16, bitcast=True).to(DT) - 1024.0
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                           stride_xm, stride_hn, stride_sn, stride_os, stride_om,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                           SERIAL: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Swap-AB (out^T = W x^T), the weight read as 16-bit half-words (h_ptr: the packed words viewed as
+    int16, [N, K // 4]): per step of 32 * CHUNKS features (inside one group) one [BLOCK_N, 8 * CHUNKS]
+    half-word tile, loaded once, and 4 dots of K = 8 * CHUNKS: dot I takes nibble I of every half-word,
+    i.e. column 2j + h is nibble 4h + I of word j, feature 32 * (j // 4) + 16h + 4I + j % 4, and x^T's
+    rows are gathered in that order. Folded dequantization as _int4_mma_kernel's FOLD."""
+    HW: tl.constexpr = 8 * CHUNKS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_h = tl.arange(0, HW)
+    j = offs_h // 2
+    feat = 32 * (j // 4) + 16 * (offs_h % 2) + j % 4  # nibble-0 feature of column c of dot 0
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n64 = offs_n.to(tl.int64)
+    s_rows = n64 * stride_sn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    h_tile = h_ptr + n64[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, HW]
+    x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + feat[:, None]  # x^T [HW, BLOCK_M]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        k0 = tl.multiple_of(k0, 32 * CHUNKS)
+        kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
+        h = tl.load(h_tile + kh, mask=mask_n[:, None], other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        xacc = tl.zeros([HW, BLOCK_M], dtype=tl.float32)
+        for i in tl.static_range(4):
+            xs = tl.load(x_tile + (k0 + 4 * i), mask=mask_m[None, :], other=0.0)
+            if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
+                wd = _pair_asm(h, i, DT)
+            else:
+                wd = _pair_operand(h, i, DT)
+            part = tl.dot(wd, xs, part, input_precision=PRECISION)
+            xacc += xs.to(tl.float32)
+        xsum = tl.sum(xacc, axis=0)
+        acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
