@@ -264,8 +264,7 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
                                                for bn, ch, w in GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
         return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
-                + _serial_when_split([mma_config(m, n, k, group_size, sms, 16, 64, 128, 4, 3, True, True, waves=4)],
-                                     lambda c: True))
+                + mma_candidates(m, n, k, group_size, sms, asm))
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
@@ -276,7 +275,7 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-    return split_variants(cands, ok) + _serial_when_split(extra, ok) + mma_candidates(m, n, k, group_size, sms)
+    return split_variants(cands, ok) + _serial_when_split(extra, ok) + mma_candidates(m, n, k, group_size, sms, asm)
 
 
 def _serial_when_split(cands: list[dict], ok) -> list[dict]:
@@ -340,38 +339,49 @@ def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, 
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
 
-# triton_int4_mma tiles, (block_m, block_n, block_k, warps, stages, swap, fold); block_m 0: the row tile of
-# m (mm_block_m). The weight tile is loaded as [block_n, block_k] int32 (each word once per code it
-# holds), so stages x block_n x block_k x 4 bytes stays under ~160 KB of shared memory; stages 1 (no
-# cp.async staging, the replicated loads served from L1) beside the pipelined ones.
-MMA_SMALL = ((0, 64, 128, 4, 3, True, True), (0, 128, 128, 4, 2, True, True), (0, 128, 64, 4, 4, True, True),
-             (0, 128, 128, 8, 1, True, True), (0, 64, 128, 4, 3, True, False), (0, 256, 64, 8, 2, True, True))
-MMA_LARGE = ((64, 128, 128, 4, 2, False, True), (128, 128, 64, 8, 3, False, False),
-             (128, 128, 64, 8, 3, False, True), (128, 256, 32, 8, 3, False, False),
-             (128, 128, 64, 8, 1, False, False), (0, 128, 64, 8, 3, True, False))
+# triton_int4_mma "pairs" tiles (swap-AB, the weight unpacked in the MMA operand's registers, two codes per
+# LOP3 with asm), (block_m, block_n, warps, stages) per bucket of rows; block_m 0: the row tile of m
+# (mm_block_m). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at 16 rows x 256 weight rows,
+# ~4.5 at 64 x 256 (the gathered x and the fold's per-step correction grow with the rows), against ~6.4-8
+# for triton_int4's per-plane kernel. Each weight row tile x K step is 16-64 KB of shared memory at most.
+PAIRS_TILES = {
+    2: ((16, 256, 8, 3), (16, 128, 4, 3)),
+    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 256, 8, 4), (16, 128, 4, 4), (16, 64, 4, 3)),
+    32: ((32, 256, 8, 3), (32, 128, 4, 3), (32, 256, 8, 4), (16, 256, 8, 3)),
+    64: ((64, 256, 8, 3), (64, 128, 8, 3), (64, 256, 8, 4), (32, 256, 8, 3)),
+    128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
+    256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
+}  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
+# triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
+# for many rows: (block_m, block_n, block_k, warps, stages, fold).
+TILE_LARGE = ((128, 128, 64, 8, 3, False), (64, 128, 128, 8, 2, True))
 
 
-def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
-    """triton_int4_mma configs for m rows (> GEMV_MAX_ROWS): swap-AB tiles up to 64 rows, plain GEMM
-    tiles (and a swapped 128-row one) above; a 256-row tile when all rows fit in it; split-K serial."""
-    tiles = MMA_SMALL if m <= 64 else MMA_LARGE
+def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
+    """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
+    only when the group holds whole 128-feature steps), split-K up to 2 programs per SM (and 4 at up to 16
+    rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
+    bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
     out = []
-    for bm, bn, bk, warps, stages, swap, fold in tiles:
-        bm = bm or (mm_block_m(m) if m <= 64 else 128)
-        out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, swap, fold))
-    if m <= 16:  # longer split-K (4 programs per SM) for the smallest batches
-        out.append(mma_config(m, n, k, group_size, sms, 16, 64, 128, 4, 3, True, True, waves=4))
-    if m > 64:  # the first two big tiles also without split-K (no float32 scratch round trip)
-        out += [dict(c, split_k=1) for c in out[:2] if c["split_k"] > 1]
-    if 128 < m <= 256:  # every row in one tile: each weight tile unpacked once
-        out.append(mma_config(m, n, k, group_size, sms, 256, 64, 64, 8, 2, False, False))
-        out.append(mma_config(m, n, k, group_size, sms, 256, 128, 32, 8, 2, False, False))
+    if group_size % 128 == 0:
+        for bm, bn, warps, stages in PAIRS_TILES[bucket]:
+            bm = bm or mm_block_m(m)
+            cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True)
+            out.append(dict(cfg, layout="pairs", asm=asm))
+        if m <= 16:  # longer split-K for the smallest batches
+            for bm, bn, warps, stages in PAIRS_TILES[bucket][:2]:
+                cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True, waves=4)
+                out.append(dict(cfg, layout="pairs", asm=asm))
+    if m > 64:
+        for bm, bn, bk, warps, stages, fold in TILE_LARGE:
+            out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
+        out += [dict(c, split_k=1) for c in out if c["split_k"] > 1 and c["block_m"] >= 128][:2]
     return _serial_when_split(out, lambda c: True)
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True):
+            block_k=None, fold=True, layout="tile", asm=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
@@ -383,7 +393,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     if kernel == "mma":
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
-                           fold=fold)
+                           fold=fold, layout=layout, asm=asm)
     if kernel not in (None, "tc"):
         raise ValueError(f"kernel={kernel!r}: expected None, 'tc' or 'mma'")
     if gemv is None:
@@ -437,11 +447,19 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
 
 
 def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
-                num_warps=None, num_stages=None, serial=False, swap=True, fold=True):
-    """triton_int4_mma's kernel (swap: out^T = W x^T, else x W^T; fold: MAGIC + q as the MMA operand, the
-    zero point and scale on the step's output, else (q - zero) * scale per code). block_k: the K step,
-    a multiple of 32 that divides the group."""
-    from .triton_int4_mma import _int4_mma_kernel
+                num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False):
+    """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
+    fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
+    scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step, folded (asm: two
+    codes per LOP3 by inline PTX, CUDA and 16-bit x only). block_k: the K step, a multiple of 32 that
+    divides the group (pairs: at least 128)."""
+    from .triton_int4_mma import _int4_mma_kernel, _int4_mma_pairs_kernel
+    if layout not in ("tile", "pairs"):
+        raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
+    if asm and not asm_supported(x):
+        raise ValueError("asm=True (inline PTX) runs on CUDA (sm_80+) with float16 / bfloat16 x only")
+    if layout == "pairs" and (not swap or not fold):
+        raise ValueError("layout='pairs' is swap-AB with the folded dequantization only")
     m, k = x.shape
     n = packed.shape[0]
     block_m = block_m or mm_block_m(m)
@@ -450,6 +468,9 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     if block_k % KERNEL_CHUNK or group_size % block_k or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k}: the mma kernel needs a power of two, a multiple of {KERNEL_CHUNK} "
                          f"that divides the group size {group_size}")
+    if layout == "pairs" and block_k < 4 * KERNEL_CHUNK:
+        raise ValueError(f"block_k={block_k}: layout='pairs' needs steps of >= {4 * KERNEL_CHUNK} features "
+                         "(each of its 4 dots has K = block_k / 4 >= 16), in groups of at least that")
     split_k = split_k or 1
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
@@ -457,11 +478,20 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
     res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
     stages = (num_stages or 3) if x.is_cuda else 1
+    magic = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
+    warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
+    if layout == "pairs":
+        half = packed.view(torch.int16)  # [N, K // 4]: half-word 2w + h is bits 16h..16h+15 of word w
+        _int4_mma_pairs_kernel[grid](x, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
+                                     k_per_split, split_k, x.stride(0), half.stride(0), scales.stride(0),
+                                     split_stride, out.stride(-2), GROUP=group_size, BLOCK_M=block_m,
+                                     BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
+                                     STAGES=stages, MAGIC=magic, ASM=asm,
+                                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        return res if locks is not None else gemv_result(out, x.dtype)
     _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
                            split_k, x.stride(0), packed.stride(0), scales.stride(0), split_stride, out.stride(-2),
                            GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                            SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
-                           MAGIC={torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0),
-                           PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                           num_warps=num_warps or (8 if block_m * block_n >= 128 * 128 else 4))
+                           MAGIC=magic, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return res if locks is not None else gemv_result(out, x.dtype)

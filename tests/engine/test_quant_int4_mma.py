@@ -31,6 +31,11 @@ CASES = [  # (m, n, k, group, cfg)
     (70, 24, 256, 128, dict(MMA, block_m=32, block_n=16, block_k=64, swap=False, split_k=2, serial=True)),
     (9, 40, 256, 128, dict(MMA, block_m=16, block_n=32, block_k=128, fold=False)),
     (33, 24, 384, 64, dict(MMA, block_m=16, block_n=16, block_k=32, swap=False, fold=False, split_k=3)),
+    # layout="pairs": the words as half-words, 4 dots a step (without asm here: the CUDA-only inline PTX)
+    (1, 40, 256, 128, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=128)),
+    (19, 33, 512, 128, dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=3, serial=True)),
+    (5, 24, 768, 256, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=256, split_k=2)),  # K = 64 dots
+    (40, 24, 512, 128, dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=4)),  # empty slice
 ]
 
 
@@ -52,13 +57,15 @@ def test_mma_kernel_matches_dequantize_then_matmul(m, n, k, group, cfg, dtype):
 
 @pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=32),
                                  dict(MMA, block_m=32, block_n=16, block_k=64, swap=False),
-                                 dict(MMA, block_m=16, block_n=32, block_k=32, fold=False, split_k=2)])
+                                 dict(MMA, block_m=16, block_n=32, block_k=32, fold=False, split_k=2),
+                                 dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
     """Scale 1, zero 0 (then zero 3), x = unit rows: the output is each code (minus the zero) exactly,
     which pins the word / nibble of every feature of the layout."""
     from engine.quant.triton_int4 import int4_matmul
-    n, k, group = 24, 256, 64
+    n, k = 24, 256
+    group = 128 if cfg.get("layout") == "pairs" else 64
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
     x = torch.eye(k, dtype=dtype).to(DEVICE)
@@ -71,7 +78,8 @@ def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq_act_order"])
 @pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=128, split_k=2),
-                                 dict(MMA, block_m=32, block_n=32, block_k=64, swap=False, fold=False)])
+                                 dict(MMA, block_m=32, block_n=32, block_k=64, swap=False, fold=False),
+                                 dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=2)])
 def test_mma_kernel_on_checkpoint_layers(fmt, cfg):
     """AWQ layers (through the AWQ tensors and back) and GPTQ layers with act-order (a permutation of the
     input features, zero points 1..16 as GPTQ v1 stores them) run the same kernel on the same layout."""
@@ -93,24 +101,39 @@ def test_mma_kernel_on_checkpoint_layers(fmt, cfg):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_mma_launch_rejects_k_steps_that_do_not_divide_the_group():
+def test_mma_launch_rejects_configs_it_cannot_run():
     from engine.quant.triton_int4 import _launch
     qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 64)
-    x = torch.randn(2, 256)
+    packed, x = pack_int4_kernel(qweight), torch.randn(2, 256)
     for block_k in (128, 48, 16):
         with pytest.raises(ValueError, match=f"block_k={block_k}"):
-            _launch(x, pack_int4_kernel(qweight), scales, zeros, 64, kernel="mma", block_k=block_k)
+            _launch(x, packed, scales, zeros, 64, kernel="mma", block_k=block_k)
+    with pytest.raises(ValueError, match="block_k=64: layout='pairs'"):  # 4 dots of K = 16 need 128 a step
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", block_k=64)
+    with pytest.raises(ValueError, match="swap-AB"):
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", swap=False)
+    with pytest.raises(ValueError, match="layout='rows'"):
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="rows")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="inline PTX"):
+            _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", asm=True)
 
 
 def test_mma_configs_are_offered_at_every_batch_and_fit_the_group():
     from engine.quant.triton_int4 import candidates
-    for m in (1, 16, 64, 256):
-        for group in (128, 64, 32):
+    for m in (1, 2, 16, 33, 64, 100, 256, 600):
+        mma = [c for c in candidates(m, 4096, 4096, 128, 132, asm=True) if c.get("kernel") == "mma"]
+        pairs = [c for c in mma if c.get("layout") == "pairs"]
+        assert pairs and all(c["asm"] and c["block_k"] == 128 for c in pairs), m
+        assert all(c["split_k"] == 1 or c.get("serial") for c in mma)
+        assert all(c["block_m"] * c["block_n"] <= 16384 for c in pairs)  # <= 64 + 64 accumulators a thread
+        assert not any(c.get("asm") for c in candidates(m, 4096, 4096, 128, 132) if c.get("kernel") == "mma")
+        for group in (64, 32):  # steps of 128 features would span groups: no pairs, "tile" steps inside one
             mma = [c for c in candidates(m, 4096, 4096, group, 132, asm=True) if c.get("kernel") == "mma"]
-            assert mma and all(group % c["block_k"] == 0 and c["block_k"] % 32 == 0 for c in mma), (m, group)
-            assert all(c["split_k"] == 1 or c.get("serial") for c in mma)
+            assert not any(c.get("layout") == "pairs" for c in mma)
+            assert all(group % c["block_k"] == 0 and c["block_k"] % 32 == 0 for c in mma), (m, group)
     big = [c for c in candidates(256, 4096, 4096, 128, 132) if c.get("kernel") == "mma"]
-    assert any(c["block_m"] == 256 for c in big) and any(not c["swap"] for c in big)
+    assert any(not c["swap"] for c in big) and any(c["block_m"] == 128 and c.get("layout") == "pairs" for c in big)
 
 
 def test_tuner_never_picks_a_candidate_that_disagrees(monkeypatch):
