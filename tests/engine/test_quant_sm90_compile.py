@@ -105,6 +105,44 @@ def check_int4_tc_kernel():
             assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
 
 
+def check_int4_mma_kernels():
+    """triton_int4_mma: the "pairs" kernel loads the weight half-words straight into the wgmma A operand's
+    register layout (the unpack is elementwise there: no shared-memory round trip of the unpacked tile),
+    unpacks two codes per LOP3 (inline PTX, bf16 and fp16) and multiplies by wgmma; the "tile" kernel
+    compiles in both orientations."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.quant.triton_int4_mma import _int4_mma_kernel, _int4_mma_pairs_kernel
+    sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
+    renamed = {"w_ptr": "h_ptr", "stride_wn": "stride_hn"}
+    pairs_sig = {renamed.get(k, k): ("*i16" if k == "w_ptr" else v) for k, v in sig.items()}
+    for dt, mma, magic in (("bf16", "bf16.bf16", "0x43004300"), ("fp16", "f16.f16", "0x64006400")):
+        types = dict(pairs_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
+        consts = dict(GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
+                      PRECISION="tf32")
+        ptx = _compile(_int4_mma_pairs_kernel, types, consts, num_warps=8)
+        assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx and magic in ptx
+        try:
+            sig_all = dict(types, **{k: "constexpr" for k in consts})
+            attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig_all.items())
+                     if v != "constexpr" and k not in ("split_k", "M")}
+            kernel = triton.compile(ASTSource(fn=_int4_mma_pairs_kernel, signature=sig_all, constexprs=consts,
+                                              attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=8, num_stages=3))
+        except Exception as exc:  # noqa: BLE001
+            print(f"SKIP: {exc!r}"[:200])
+            sys.exit(0)
+        ttgir = kernel.asm["ttgir"]
+        assert re.search(r"ttg\.local_load [^\n]*-> tensor<256x32xi16, #ttg\.dot_op<\{opIdx = 0", ttgir), dt
+        assert not re.search(r"ttg\.local_alloc %\S+ : \(tensor<256x32x(bf16|f16)", ttgir), dt
+    for swap, block_m in ((True, 16), (False, 128)):
+        ptx = _compile(_int4_mma_kernel, sig, dict(GROUP=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SERIAL=True,
+                                                   STAGES=3, SWAP=swap, FOLD=swap, MAGIC=128.0, PRECISION="tf32"),
+                       num_warps=4 if swap else 8)
+        assert "wgmma.mma_async" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+
+
 def check_int8_word_gemv():
     """The word GEMV's inline PTX assembles: one byte permute per code, 16-byte asynchronous copies."""
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
@@ -142,6 +180,10 @@ def test_int4_and_int8_dot_kernels_use_wgmma():
 
 def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
     _run("check_int4_tc_kernel")
+
+
+def test_int4_mma_kernels_unpack_in_the_mma_operand_registers():
+    _run("check_int4_mma_kernels")
 
 
 def test_int8_word_gemv_assembles_its_byte_permute():
