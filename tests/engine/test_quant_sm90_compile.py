@@ -143,6 +143,20 @@ def check_int4_mma_kernels():
         assert "wgmma.mma_async" in ptx and "atom.global.gpu.acq_rel.add" in ptx
 
 
+def check_int8_mma_kernel():
+    """triton_int8_mma: float16 wgmma with the codes unpacked by one PRMT per two codes (inline PTX), the
+    half-words loaded straight into the A operand's register layout; bfloat16 and float16 x."""
+    from engine.quant.triton_int8_mma import _int8_mma_planes_kernel
+    for dt in ("bf16", "fp16"):
+        sig = {"x_ptr": f"*{dt}", "h_ptr": "*i16", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": f"*{dt}",
+               "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+               "stride_xm": "i32", "stride_hn": "i32", "stride_os": "i32", "stride_om": "i32"}
+        ptx = _compile(_int8_mma_planes_kernel, sig, dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, SERIAL=True, STAGES=3,
+                                                          ASM=True, PRECISION="tf32"), num_warps=8)
+        assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in ptx, dt
+        assert "0x64646464" in ptx and "prmt.b32" in ptx and "atom.global.gpu.acq_rel.add" in ptx, dt
+
+
 def check_int8_word_gemv():
     """The word GEMV's inline PTX assembles: one byte permute per code, 16-byte asynchronous copies."""
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
@@ -184,6 +198,10 @@ def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
 
 def test_int4_mma_kernels_unpack_in_the_mma_operand_registers():
     _run("check_int4_mma_kernels")
+
+
+def test_int8_mma_kernel_uses_float16_wgmma_and_its_byte_permute():
+    _run("check_int8_mma_kernel")
 
 
 def test_int8_word_gemv_assembles_its_byte_permute():

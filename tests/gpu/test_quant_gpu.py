@@ -173,8 +173,10 @@ def test_int8_embedding_under_int4_runs_in_cuda_graphs():
     assert [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)] == eager
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 5, 16, 33, 64, 100, 256])
+MMA_CASES = [(m, torch.bfloat16) for m in (1, 5, 16, 33, 64, 100, 256)] + [(16, torch.float16), (256, torch.float16)]
+
+
+@pytest.mark.parametrize("m,dtype", MMA_CASES)
 def test_int4_mma_candidates_match_dequantize_then_matmul(m, dtype):
     """Every triton_int4_mma config the tuner may time at these rows (bf16: MAGIC 128, fp16: 1024),
     compiled for this GPU, against dequantize-then-matmul; N off every column tile (1000)."""
@@ -218,3 +220,24 @@ def test_int4_mma_on_checkpoint_layers_in_bf16(fmt):
                     dict(block_m=64, block_n=128, block_k=64, swap=False, fold=False)):
             out = int4_matmul(xp, layer.packed, layer.scales, layer.zeros, group, gemv=False, kernel="mma", **cfg)
             assert rel_err(out, ref) < 1e-2, (m, cfg)
+
+
+@pytest.mark.parametrize("m,dtype", MMA_CASES)
+def test_int8_mma_candidates_match_reference(m, dtype):
+    """Every triton_int8_mma config the tuner may time (inline-PTX unpack, float16 MMA; bfloat16 x
+    scaled into float16) against the int8 reference; N off every column tile (1000)."""
+    from engine.quant.int8 import Int8Linear, int8_linear_reference
+    from engine.quant.triton_int8 import _launch, mma8_candidates, num_sms
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1000, bias=False, device="cuda", dtype=dtype)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    ref = int8_linear_reference(x.float(), q.weight_int8, q.scales)
+    cands = mma8_candidates(m, 1000, 4096, num_sms(x.device), asm=True)
+    assert cands
+    for cfg in cands:
+        for _ in range(2):  # the serial split-K counters are reset for the next launch
+            assert rel_err(_launch(x, q.weight_int8, q.scales, **cfg), ref) < 1e-2, cfg
+    big = x * 2e4  # beyond float16's range unless scaled
+    assert rel_err(_launch(big, q.weight_int8, q.scales, **cands[0]), ref * 2e4) < 1e-2
