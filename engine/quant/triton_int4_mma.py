@@ -1,33 +1,37 @@
-"""Triton kernel: out = x @ dequant(W)^T for group-wise int4 weights, the weight tile in natural K order.
+"""Triton kernels: out = x @ dequant(W)^T for group-wise int4 weights with the zero point and the scale
+folded out of the per-code work (kernel="mma" of triton_int4._launch).
 
 Reference: `int4_linear_reference` in int4.py. Same layouts as triton_int4.py (the weight in the kernel
 layout of int4.pack_int4_kernel: per row, each chunk of 32 input features is 4 int32 words, nibble i
-of word r holding feature 32c + 4i + r; scales [N, K // G]; zeros [N, K // G] uint8). No repack.
+of word r holding feature 32c + 4i + r; scales [N, K // G]; zeros [N, K // G] uint8). No repack: int4,
+AWQ and GPTQ layers (act-order through the layer's input permutation) all run on this layout.
 
-Why a third tensor-core kernel: triton_int4's per-plane kernel does 8 small dots a step and
-triton_int4_tc's joins / reshapes / permutes the 8 planes into one tile, and both make the compiler
-move tiles between layouts. Here every value of the [BLOCK_N, BLOCK_K] weight tile is computed
-elementwise from its own load: feature k of the step reads word 4 * (k // 32) + k % 4 and keeps nibble
-(k % 32) // 4. Features k..k+3 (k % 4 == 0) read 4 adjacent words, so the loads stay 16-byte vectors,
-and the 8 loads of one 16-byte run by a row are the same address (served by L1, or merged). Nothing is
-reshaped, x is read in feature order (contiguous), and the tile can go to tl.dot in any layout the
-compiler likes (the unpack is elementwise, so it can be done in the dot operand's own layout).
+The fold. Bits 0x4300 | q are the bfloat16 128 + q and 0x6400 | q the float16 1024 + q, exactly, so
+the MMA operand MAGIC + q costs integer ops only, and for a K step inside one group
+    out += s * (x . (MAGIC + q) - (MAGIC + zero) * sum(x over the step))
+two FMAs per output and step instead of float ops per code (the fold's own error is that of the
+float32 sums of step size, MAGIC * |x| * 2^-24 a term, far below 16-bit rounding). float32 x (tests):
+MAGIC 0, the operand q itself.
 
-Dequantization, two modes (constexpr FOLD):
-- FOLD: the MMA operand is the 16-bit float MAGIC + q, built by one shift and one AND/OR on the word
-  (bits 0x4300 | q are bfloat16 128 + q, 0x6400 | q float16 1024 + q; exact). No float op per code:
-  the zero point and the scale act on the step's dot output, for a step inside one group:
-      out += s * (x . (MAGIC + q) - (MAGIC + zero) * sum(x over the step))
-  i.e. two FMAs per output and step instead of two float ops per code (the fold error is that of the
-  float32 sums: MAGIC * |x| * 2^-24 per term, far below 16-bit rounding).
-- not FOLD: (q - zero) * scale per code in float32 (magic 2^23 + q, one subtract, one multiply), then
-  rounded to x's dtype, the dot accumulating in place (better when many rows share the tile).
-Two orientations (constexpr SWAP): out^T = W x^T (the weight tile is the MMA's A operand, rows of x its
-N, for few rows) or out = x W^T (plain GEMM tiles for many rows).
-grid (row tiles, column tiles, SPLIT_K), rows fastest. Every step lies in one group and is whole
-(BLOCK_K divides the group, which divides K; a split is a whole number of steps). Split-K partials as
-triton_int4 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum or, SERIAL, by the tile's last slice).
-Nothing reads device values on the host (CUDA-graph safe).
+Two kernels, both grid (row tiles, column tiles, SPLIT_K) with rows fastest, every step whole and inside
+one group (the step divides the group, the group K), split-K partials as triton_int4 (a float32
+[SPLIT_K, M, N] scratch summed by torch.sum or, SERIAL, by the tile's last slice), nothing read on the
+host (CUDA-graph safe):
+- `_int4_mma_pairs_kernel` (layout="pairs", the one tuned for 1-256 rows): swap-AB (out^T = W x^T, the
+  weight tile the wgmma A operand in registers, rows of x its N). The words are read as int16 half-words
+  (one contiguous [BLOCK_N, 8 * CHUNKS] tile a step); dot I (of 4) takes nibble I of every half-word,
+  so its operand is elementwise on the loaded tile with constant operands only, which lets Triton load
+  the half-words straight into the A operand's register layout and unpack there (no shared-memory round
+  trip of the unpacked tile, checked in sm_90 TTGIR by test_quant_sm90_compile). A word's two halves are
+  adjacent columns, i.e. one 32-bit register of the operand, so with ASM one shift and one LOP3 of
+  inline PTX unpack two codes. x^T is gathered in the matching order (column 2j + h of dot I is feature
+  32 * (j // 4) + 16h + 4I + j % 4). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at
+  16 rows x 256 weight rows, ~4.5 at 64 x 256, against ~6.4-8 for triton_int4's per-plane kernel.
+- `_int4_mma_kernel` (layout="tile"): the [BLOCK_N, BLOCK_K] tile in natural K order, every value from
+  its own load (feature k reads word 4 * (k // 32) + k % 4, nibble (k % 32) // 4: 16-byte loads, each
+  word loaded once per code it holds), x contiguous; folded (FOLD) or (q - zero) * scale per code in
+  float32, both orientations (SWAP). Its per-column shift keeps Triton from unpacking in the operand's
+  layout, so it goes through shared memory; offered for many rows in the plain GEMM orientation.
 """
 from __future__ import annotations
 
@@ -120,90 +124,6 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                 wd = _scaled_operand(w, shift, scale[None, :], zero[None, :], DT)
                 acc = tl.dot(xs, wd, acc, input_precision=PRECISION)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
-    if SWAP:
-        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        mask = mask_n[:, None] & mask_m[None, :]
-    else:
-        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
-
-
-@triton.jit
-def _plane_operand(w, I: tl.constexpr, DT: tl.constexpr):
-    """Nibble plane I of the words w as DT MAGIC + q (see _folded_operand), the shift a constant: so the
-    unpack is elementwise on the loaded words with constant operands only, which lets Triton load the
-    words straight into the MMA operand's register layout and unpack there (no shared-memory round trip
-    of the unpacked tile)."""
-    return _folded_operand(w, 4 * I, DT)
-
-
-@triton.jit(do_not_specialize=["M", "split_k"])
-def _int4_mma_planes_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                            stride_xm, stride_wn, stride_sn, stride_os, stride_om,
-                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                            SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr,
-                            PRECISION: tl.constexpr):
-    """The folded dequantization plane by plane: per step of 32 * CHUNKS features (inside one group), the
-    [BLOCK_N, 4 * CHUNKS] word tile is loaded once and each nibble plane I (features 32c + 4I + r of word
-    (c, r)) is one dot of K = 4 * CHUNKS against the rows of x of those features (runs of 4), all eight
-    into one float32 partial; then out += s * (partial - (MAGIC + zero) * sum(x over the step))."""
-    WORDS: tl.constexpr = 4 * CHUNKS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_w = tl.arange(0, WORDS)
-    col_k = tl.max_contiguous(tl.multiple_of(32 * (offs_w // 4) + offs_w % 4, 4), 4)  # plane 0's feature per word
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    n64 = offs_n.to(tl.int64)
-    s_rows = n64 * stride_sn
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    if SWAP:
-        w_tile = w_ptr + n64[:, None] * stride_wn + offs_w[None, :]  # [BLOCK_N, WORDS]
-        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + col_k[:, None]  # x^T [WORDS, BLOCK_M]
-        w_mask = mask_n[:, None]
-        x_mask = mask_m[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        w_tile = w_ptr + n64[None, :] * stride_wn + offs_w[:, None]  # W^T [WORDS, BLOCK_N]
-        x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + col_k[None, :]  # [BLOCK_M, WORDS]
-        w_mask = mask_n[None, :]
-        x_mask = mask_m[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
-        k0 = tl.multiple_of(k0, 32 * CHUNKS)
-        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_tile + kw, mask=w_mask, other=0)
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
-        if SWAP:
-            part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        else:
-            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for i in tl.static_range(8):
-            xs = tl.load(x_tile + (k0 + 4 * i), mask=x_mask, other=0.0)
-            wd = _plane_operand(w, i, DT)
-            if SWAP:
-                part = tl.dot(wd, xs, part, input_precision=PRECISION)
-                xsum += tl.sum(xs.to(tl.float32), axis=0)
-            else:
-                part = tl.dot(xs, wd, part, input_precision=PRECISION)
-                xsum += tl.sum(xs.to(tl.float32), axis=1)
-        if SWAP:
-            acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
-        else:
-            acc += (part - xsum[:, None] * (zero + MAGIC)[None, :]) * scale[None, :]
     if SWAP:
         offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
         mask = mask_n[:, None] & mask_m[None, :]
