@@ -34,7 +34,10 @@ which saves a launch per layer (about 2 us in a CUDA graph, ~128 per decode step
 A third kernel, triton_int4_tc.py (config kernel="tc"), joins the 8 planes into one tile and does a
 step in one dot; with dequant="asm" it unpacks two codes per instruction (inline PTX), about half the
 instructions per code of the GEMV, so it is the candidate meant for decode at 1-16 rows as well as, not
-swapped and with big tiles, for 64 rows and more. Which kernel and config a shape gets is measured on
+swapped and with big tiles, for 64 rows and more. A fourth, triton_int4_mma.py (config kernel="mma"),
+folds the zero point and scale out of the per-code work (the MMA operand is the 16-bit float 128 + q
+built by integer ops) and, with layout="pairs", unpacks in the wgmma operand's registers, two codes per
+LOP3 (mma_candidates, every row bucket). Which kernel and config a shape gets is measured on
 the device (tuning.pick, over candidates(); the shape heuristic is the first candidate, and the one
 used off CUDA or during graph capture). Nothing reads device values
 on the host, so the launches can be captured in a CUDA graph.
