@@ -98,8 +98,8 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         x_mask = mask_m[:, None]
         shift = shift_k[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        k0 = tl.multiple_of(k0, BLOCK_K)
+    for k_step in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        k0 = tl.multiple_of(k_step, BLOCK_K)  # (a new name: the loop variable is left alone)
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_tile + kw, mask=w_mask, other=0)
         xs = tl.load(x_tile + k0, mask=x_mask, other=0.0)
@@ -219,8 +219,8 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     h_tile = h_ptr + n64[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, HW]
     x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + feat[:, None]  # x^T [HW, BLOCK_M]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
-        k0 = tl.multiple_of(k0, 32 * CHUNKS)
+    for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
         h = tl.load(h_tile + kh, mask=mask_n[:, None], other=0)
         g = k0 // GROUP

@@ -76,8 +76,8 @@ def _int8_mma_planes_kernel(x_ptr, h_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, 
     h_tile = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, BLOCK_K // 2]
     x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        k0 = tl.multiple_of(k0, BLOCK_K)
+    for k_step in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        k0 = tl.multiple_of(k_step, BLOCK_K)  # (a new name: the loop variable is left alone)
         h = tl.load(h_tile + k0 // 2, mask=mask_n[:, None], other=0)
         xs = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
         if DT == tl.bfloat16:
