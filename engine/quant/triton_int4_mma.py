@@ -35,10 +35,13 @@ host (CUDA-graph safe):
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _serial_split_reduce
+from .int4 import KERNEL_CHUNK
+from .triton_int4 import _serial_when_split, asm_supported
+from .triton_int8 import _serial_split_reduce, gemv_output, gemv_result, mm_block_m, split_locks
 
 
 @triton.jit
@@ -244,3 +247,111 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     if SERIAL:
         _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
                              pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+# ----- launch configs -----------------------------------------------------------------------------
+def mma_block_k(block_k: int, group_size: int) -> int:
+    """The largest K step <= block_k (32, 64, 128 or 256) that divides the group (triton_int4_mma)."""
+    return next(bk for bk in (256, 128, 64, 32) if bk <= block_k and group_size % bk == 0)
+
+
+def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, block_n: int, block_k: int,
+               num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2) -> dict:
+    """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K up to `waves`
+    programs per SM while each slice keeps >= 4 steps (2 with more waves)."""
+    block_k = mma_block_k(block_k, group_size)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    return dict(gemv=False, kernel="mma", swap=swap, fold=fold, block_m=block_m, block_n=block_n, block_k=block_k,
+                split_k=split, num_warps=num_warps, num_stages=num_stages)
+
+
+# triton_int4_mma "pairs" tiles (swap-AB, the weight unpacked in the MMA operand's registers, two codes per
+# LOP3 with asm), (block_m, block_n, warps, stages) per bucket of rows; block_m 0: the row tile of m
+# (mm_block_m). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at 16 rows x 256 weight rows,
+# ~4.5 at 64 x 256 (the gathered x and the fold's per-step correction grow with the rows), against ~6.4-8
+# for triton_int4's per-plane kernel. Each weight row tile x K step is 16-64 KB of shared memory at most.
+PAIRS_TILES = {
+    2: ((16, 256, 8, 3), (16, 128, 4, 3)),
+    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 256, 8, 4), (16, 128, 4, 4), (16, 64, 4, 3)),
+    32: ((32, 256, 8, 3), (32, 128, 4, 3), (32, 256, 8, 4), (16, 256, 8, 3)),
+    64: ((64, 256, 8, 3), (64, 128, 8, 3), (64, 256, 8, 4), (32, 256, 8, 3)),
+    128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
+    256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
+}  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
+# triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
+# for many rows: (block_m, block_n, block_k, warps, stages, fold).
+TILE_LARGE = ((128, 128, 64, 8, 3, False), (64, 128, 128, 8, 2, True))
+
+
+def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
+    """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
+    only when the group holds whole 128-feature steps), split-K up to 2 programs per SM (and 4 at up to 16
+    rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
+    bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
+    out = []
+    if group_size % 128 == 0:
+        for bm, bn, warps, stages in PAIRS_TILES[bucket]:
+            bm = bm or mm_block_m(m)
+            cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True)
+            out.append(dict(cfg, layout="pairs", asm=asm))
+        if m <= 16:  # longer split-K for the smallest batches
+            for bm, bn, warps, stages in PAIRS_TILES[bucket][:2]:
+                cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True, waves=4)
+                out.append(dict(cfg, layout="pairs", asm=asm))
+    if m > 64:
+        for bm, bn, bk, warps, stages, fold in TILE_LARGE:
+            out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
+        out += [dict(c, split_k=1) for c in out if c["split_k"] > 1 and c["block_m"] >= 128][:2]
+    return _serial_when_split(out, lambda c: True)
+
+
+def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
+                num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False):
+    """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
+    fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
+    scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step, folded (asm: two
+    codes per LOP3 by inline PTX, CUDA and 16-bit x only). block_k: the K step, a multiple of 32 that
+    divides the group (pairs: at least 128)."""
+    if layout not in ("tile", "pairs"):
+        raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
+    if asm and not asm_supported(x):
+        raise ValueError("asm=True (inline PTX) runs on CUDA (sm_80+) with float16 / bfloat16 x only")
+    if layout == "pairs" and (not swap or not fold):
+        raise ValueError("layout='pairs' is swap-AB with the folded dequantization only")
+    m, k = x.shape
+    n = packed.shape[0]
+    block_m = block_m or mm_block_m(m)
+    block_n = block_n or 128
+    block_k = block_k or mma_block_k(128, group_size)
+    if block_k % KERNEL_CHUNK or group_size % block_k or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: the mma kernel needs a power of two, a multiple of {KERNEL_CHUNK} "
+                         f"that divides the group size {group_size}")
+    if layout == "pairs" and block_k < 4 * KERNEL_CHUNK:
+        raise ValueError(f"block_k={block_k}: layout='pairs' needs steps of >= {4 * KERNEL_CHUNK} features "
+                         "(each of its 4 dots has K = block_k / 4 >= 16), in groups of at least that")
+    split_k = split_k or 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    out, split_stride = gemv_output(x, n, split_k)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    stages = (num_stages or 3) if x.is_cuda else 1
+    magic = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
+    warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
+    if layout == "pairs":
+        half = packed.view(torch.int16)  # [N, K // 4]: half-word 2w + h is bits 16h..16h+15 of word w
+        _int4_mma_pairs_kernel[grid](x, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
+                                     k_per_split, split_k, x.stride(0), half.stride(0), scales.stride(0),
+                                     split_stride, out.stride(-2), GROUP=group_size, BLOCK_M=block_m,
+                                     BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
+                                     STAGES=stages, MAGIC=magic, ASM=asm,
+                                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        return res if locks is not None else gemv_result(out, x.dtype)
+    _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
+                           split_k, x.stride(0), packed.stride(0), scales.stride(0), split_stride, out.stride(-2),
+                           GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
+                           MAGIC=magic, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+    return res if locks is not None else gemv_result(out, x.dtype)

@@ -348,8 +348,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
             if words_ok(q):
                 cands += words_candidates(m, n, k, sms, asm=x.is_cuda)
-            if mma8_ok(q, 128):
-                cands += mma8_candidates(m, n, k, sms, asm=_mma8_asm(x))
+            cands += _mma8_candidates(m, n, k, sms, x, q)
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
@@ -358,15 +357,18 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                                   num_stages=3))
             if m > 16:
                 cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
-            if mma8_ok(q, 128):
-                cands += mma8_candidates(m, n, k, sms, asm=_mma8_asm(x))
+            cands += _mma8_candidates(m, n, k, sms, x, q)
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
 
 
-def _mma8_asm(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+def _mma8_candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor, q: torch.Tensor) -> list[dict]:
+    """triton_int8_mma's configs when q can be read in 128-feature steps (its inline PTX on CUDA, 16-bit x)."""
+    from .triton_int8_mma import mma8_candidates, mma8_ok  # (imported here: triton_int8_mma imports this module)
+    if not mma8_ok(q, 128):
+        return []
+    return mma8_candidates(m, n, k, sms, asm=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
 
 
 # Tiles of the word GEMV (triton_int8_words), (block_n, block_k, warps).
@@ -390,42 +392,6 @@ def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
     return out
 
 
-# triton_int8_mma tiles per bucket of rows, (block_m, block_n, block_k, warps, stages); block_m 0: the row
-# tile of m (mm_block_m).
-MMA8_TILES = {
-    2: ((16, 256, 128, 8, 3), (16, 128, 256, 4, 3)),
-    16: ((16, 256, 128, 8, 3), (16, 128, 128, 4, 3), (16, 256, 128, 8, 4), (16, 128, 256, 4, 3)),
-    32: ((32, 256, 128, 8, 3), (32, 128, 128, 4, 3), (16, 256, 128, 8, 3)),
-    64: ((64, 256, 128, 8, 3), (64, 128, 128, 4, 3), (32, 256, 128, 8, 3)),
-    256: ((64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)),
-}
-
-
-def mma8_ok(q: torch.Tensor, block_k: int) -> bool:
-    """Whether triton_int8_mma can read q as int16 half-words in whole steps of block_k."""
-    return q.shape[1] % block_k == 0 and q.stride(1) == 1 and q.stride(0) % 2 == 0 and q.data_ptr() % 4 == 0
-
-
-def mma8_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
-    """triton_int8_mma configs for m rows (split-K up to 2 programs per SM, 4 at up to 16 rows, reduced in
-    the kernel; only steps that divide K); asm: its inline-PTX unpack (CUDA, 16-bit x)."""
-    bucket = next(b for b in sorted(MMA8_TILES) if m <= b or b == 256)
-    out = []
-    for i, (bm, bn, bk, warps, stages) in enumerate(MMA8_TILES[bucket]):
-        if k % bk:
-            continue
-        bm = bm or mm_block_m(m)
-        programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        for waves in ((2, 4) if m <= 16 and i < 2 else (2,)):
-            split = max(1, min(triton.cdiv(waves * sms, programs), (k // bk) // (4 if waves <= 2 else 2) or 1, 16))
-            cfg = dict(gemv=False, kernel="mma", asm=asm, block_m=bm, block_n=bn, block_k=bk, split_k=split,
-                       num_warps=warps, num_stages=stages)
-            cfg = dict(cfg, serial=True) if split > 1 else cfg
-            if cfg not in out:
-                out.append(cfg)
-    return out
-
-
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
             num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
     """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
@@ -433,6 +399,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     m, k = x.shape
     n = q.shape[0]
     if kernel == "mma":
+        from .triton_int8_mma import _launch_mma
         return _launch_mma(x, q, scales, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                            num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
@@ -477,34 +444,4 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
         _int8_mm_kernel[grid](*args, m, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                               BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               SWAP=swap, ASM=asm, num_warps=num_warps or 4)
-    return res if locks is not None else gemv_result(out, x.dtype)
-
-
-def _launch_mma(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-                num_stages=None, serial=False, asm=False):
-    """triton_int8_mma's kernel: swap-AB, float16 MMA of the codes as 1152 + q (two byte planes a step)."""
-    from .triton_int8_mma import _int8_mma_planes_kernel
-    m, k = x.shape
-    n = q.shape[0]
-    block_m = block_m or mm_block_m(m)
-    block_n = block_n or 128
-    block_k = block_k or 128
-    if block_k < 32 or block_k & (block_k - 1) or not mma8_ok(q, block_k):
-        raise ValueError(f"kernel='mma' needs block_k a power of two >= 32 that divides K ({k}), got {block_k}, "
-                         "and int8 rows readable as 16-bit half-words")
-    if asm and not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
-        raise ValueError("asm=True (inline PTX) runs on CUDA with float16 / bfloat16 x only")
-    split_k = split_k or 1
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    out, split_stride = gemv_output(x, n, split_k)
-    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
-    half = q.view(torch.int16)  # [N, K // 2]: half-word j holds features 2j (low byte) and 2j + 1
-    _int8_mma_planes_kernel[grid](x, half, scales, out, res, out if locks is None else locks, m, n, k, k_per_split,
-                                  split_k, x.stride(0), half.stride(0), split_stride, out.stride(-2),
-                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=locks is not None,
-                                  STAGES=(num_stages or 3) if x.is_cuda else 1, ASM=asm,
-                                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                  num_warps=num_warps or (8 if block_n >= 256 else 4))
     return res if locks is not None else gemv_result(out, x.dtype)

@@ -25,10 +25,11 @@ itself, in float32, no fold.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _serial_split_reduce
+from .triton_int8 import _serial_split_reduce, gemv_output, gemv_result, mm_block_m, split_locks
 
 # 2 half-words ($1) = 4 int8 codes (bytes 0-3 = features 2j, 2j + 1, 2j', 2j' + 1) -> the float16 1152 + q
 # of byte P of each half-word (features 2j + P, 2j' + P), one register ($0).
@@ -104,3 +105,69 @@ def _int8_mma_planes_kernel(x_ptr, h_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, 
     if SERIAL:
         _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
                              pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+# ----- launch configs -----------------------------------------------------------------------------
+# triton_int8_mma tiles per bucket of rows, (block_m, block_n, block_k, warps, stages); block_m 0: the row
+# tile of m (mm_block_m).
+MMA8_TILES = {
+    2: ((16, 256, 128, 8, 3), (16, 128, 256, 4, 3)),
+    16: ((16, 256, 128, 8, 3), (16, 128, 128, 4, 3), (16, 256, 128, 8, 4), (16, 128, 256, 4, 3)),
+    32: ((32, 256, 128, 8, 3), (32, 128, 128, 4, 3), (16, 256, 128, 8, 3)),
+    64: ((64, 256, 128, 8, 3), (64, 128, 128, 4, 3), (32, 256, 128, 8, 3)),
+    256: ((64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)),
+}
+
+
+def mma8_ok(q: torch.Tensor, block_k: int) -> bool:
+    """Whether triton_int8_mma can read q as int16 half-words in whole steps of block_k."""
+    return q.shape[1] % block_k == 0 and q.stride(1) == 1 and q.stride(0) % 2 == 0 and q.data_ptr() % 4 == 0
+
+
+def mma8_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
+    """triton_int8_mma configs for m rows (split-K up to 2 programs per SM, 4 at up to 16 rows, reduced in
+    the kernel; only steps that divide K); asm: its inline-PTX unpack (CUDA, 16-bit x)."""
+    bucket = next(b for b in sorted(MMA8_TILES) if m <= b or b == 256)
+    out = []
+    for i, (bm, bn, bk, warps, stages) in enumerate(MMA8_TILES[bucket]):
+        if k % bk:
+            continue
+        bm = bm or mm_block_m(m)
+        programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        for waves in ((2, 4) if m <= 16 and i < 2 else (2,)):
+            split = max(1, min(triton.cdiv(waves * sms, programs), (k // bk) // (4 if waves <= 2 else 2) or 1, 16))
+            cfg = dict(gemv=False, kernel="mma", asm=asm, block_m=bm, block_n=bn, block_k=bk, split_k=split,
+                       num_warps=warps, num_stages=stages)
+            cfg = dict(cfg, serial=True) if split > 1 else cfg
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def _launch_mma(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
+                num_stages=None, serial=False, asm=False):
+    """triton_int8_mma's kernel: swap-AB, float16 MMA of the codes as 1152 + q (two byte planes a step)."""
+    m, k = x.shape
+    n = q.shape[0]
+    block_m = block_m or mm_block_m(m)
+    block_n = block_n or 128
+    block_k = block_k or 128
+    if block_k < 32 or block_k & (block_k - 1) or not mma8_ok(q, block_k):
+        raise ValueError(f"kernel='mma' needs block_k a power of two >= 32 that divides K ({k}), got {block_k}, "
+                         "and int8 rows readable as 16-bit half-words")
+    if asm and not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+        raise ValueError("asm=True (inline PTX) runs on CUDA with float16 / bfloat16 x only")
+    split_k = split_k or 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    out, split_stride = gemv_output(x, n, split_k)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    half = q.view(torch.int16)  # [N, K // 2]: half-word j holds features 2j (low byte) and 2j + 1
+    _int8_mma_planes_kernel[grid](x, half, scales, out, res, out if locks is None else locks, m, n, k, k_per_split,
+                                  split_k, x.stride(0), half.stride(0), split_stride, out.stride(-2),
+                                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=locks is not None,
+                                  STAGES=(num_stages or 3) if x.is_cuda else 1, ASM=asm,
+                                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                  num_warps=num_warps or (8 if block_n >= 256 else 4))
+    return res if locks is not None else gemv_result(out, x.dtype)

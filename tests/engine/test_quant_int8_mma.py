@@ -76,7 +76,7 @@ def test_int8_mma_rejects_what_it_cannot_run():
 
 
 def test_int8_mma_configs_offered_to_the_tuner():
-    from engine.quant.triton_int8 import mma8_candidates, mma8_ok
+    from engine.quant.triton_int8_mma import mma8_candidates, mma8_ok
     for m in (1, 2, 16, 33, 64, 256):
         cands = mma8_candidates(m, 4096, 4096, 132, asm=True)
         assert cands and all(c["kernel"] == "mma" and c["asm"] and 4096 % c["block_k"] == 0 for c in cands)
@@ -87,7 +87,8 @@ def test_int8_mma_configs_offered_to_the_tuner():
 
 
 def test_every_int8_mma_candidate_computes_the_product():
-    from engine.quant.triton_int8 import _launch, mma8_candidates
+    from engine.quant.triton_int8 import _launch
+    from engine.quant.triton_int8_mma import mma8_candidates
     g = torch.Generator().manual_seed(4)
     q, scales = quantize_int8(torch.randn(40, 512, generator=g) * 0.05)
     for m in (1, 16, 64, 200):

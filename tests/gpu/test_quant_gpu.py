@@ -227,7 +227,8 @@ def test_int8_mma_candidates_match_reference(m, dtype):
     """Every triton_int8_mma config the tuner may time (inline-PTX unpack, float16 MMA; bfloat16 x
     scaled into float16) against the int8 reference; N off every column tile (1000)."""
     from engine.quant.int8 import Int8Linear, int8_linear_reference
-    from engine.quant.triton_int8 import _launch, mma8_candidates, num_sms
+    from engine.quant.triton_int8 import _launch, num_sms
+    from engine.quant.triton_int8_mma import mma8_candidates
     torch.manual_seed(m)
     lin = torch.nn.Linear(4096, 1000, bias=False, device="cuda", dtype=dtype)
     torch.nn.init.normal_(lin.weight, 0.0, 0.02)
