@@ -271,14 +271,15 @@ def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, 
 # LOP3 with asm), (block_m, block_n, warps, stages) per bucket of rows; block_m 0: the row tile of m
 # (mm_block_m). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at 16 rows x 256 weight rows,
 # ~4.5 at 64 x 256 (the gathered x and the fold's per-step correction grow with the rows), against ~6.4-8
-# for triton_int4's per-plane kernel. Each weight row tile x K step is 16-64 KB of shared memory at most.
+# for triton_int4's per-plane kernel. Registers bound the occupancy (95-255 a thread): 16-warp tiles trade
+# a few more instructions per code for twice the warps per SM. Shared memory: 9-68 KB a program.
 PAIRS_TILES = {
-    2: ((16, 256, 8, 3), (16, 128, 4, 3)),
-    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 256, 8, 4), (16, 128, 4, 4), (16, 64, 4, 3)),
-    32: ((32, 256, 8, 3), (32, 128, 4, 3), (32, 256, 8, 4), (16, 256, 8, 3)),
-    64: ((64, 256, 8, 3), (64, 128, 8, 3), (64, 256, 8, 4), (32, 256, 8, 3)),
-    128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
-    256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 128, 8, 3), (128, 128, 8, 4)),
+    2: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 512, 16, 3)),
+    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 256, 8, 4), (16, 512, 16, 3), (16, 64, 4, 3)),
+    32: ((32, 256, 8, 3), (32, 128, 4, 3), (32, 256, 16, 3), (16, 256, 8, 3)),
+    64: ((64, 256, 8, 3), (64, 128, 8, 3), (64, 256, 16, 3), (32, 256, 8, 3)),
+    128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
+    256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
 }  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
 # triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
 # for many rows: (block_m, block_n, block_k, warps, stages, fold).
