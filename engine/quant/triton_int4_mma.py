@@ -284,6 +284,9 @@ PAIRS_TILES = {
 # triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
 # for many rows: (block_m, block_n, block_k, warps, stages, fold).
 TILE_LARGE = ((128, 128, 64, 8, 3, False), (64, 128, 128, 8, 2, True))
+# and, from 129 rows, all rows of a batch in one tile (each code unpacked once; sm_90 SASS: the loop's
+# instruction issue about equals the tile's wgmma time, against ~1.6x at 128 rows)
+TILE_ALL_ROWS = ((256, 128, 64, 8, 2, False), (256, 64, 64, 8, 3, False))
 
 
 def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
@@ -302,9 +305,9 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
                 cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True, waves=4)
                 out.append(dict(cfg, layout="pairs", asm=asm))
     if m > 64:
-        for bm, bn, bk, warps, stages, fold in TILE_LARGE:
+        for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
             out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
-        out += [dict(c, split_k=1) for c in out if c["split_k"] > 1 and c["block_m"] >= 128][:2]
+        out += [dict(c, split_k=1) for c in out if c["split_k"] > 1 and c["block_m"] >= 128 and not c["swap"]]
     return _serial_when_split(out, lambda c: True)
 
 
