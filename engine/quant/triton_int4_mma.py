@@ -229,17 +229,21 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
         g = k0 // GROUP
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
-        part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        xacc = tl.zeros([HW, BLOCK_M], dtype=tl.float32)
-        for i in tl.static_range(4):
-            xs = tl.load(x_tile + (k0 + 4 * i), mask=mask_m[None, :], other=0.0)
-            if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
-                wd = _pair_asm(h, i, DT)
-            else:
-                wd = _pair_operand(h, i, DT)
-            part = tl.dot(wd, xs, part, input_precision=PRECISION)
-            xacc += xs.to(tl.float32)
-        xsum = tl.sum(xacc, axis=0)
+        x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
+        x1 = tl.load(x_tile + (k0 + 4), mask=mask_m[None, :], other=0.0)
+        x2 = tl.load(x_tile + (k0 + 8), mask=mask_m[None, :], other=0.0)
+        x3 = tl.load(x_tile + (k0 + 12), mask=mask_m[None, :], other=0.0)
+        xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
+        if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
+            part = tl.dot(_pair_asm(h, 0, DT), x0, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 1, DT), x1, part, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 2, DT), x2, part, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 3, DT), x3, part, input_precision=PRECISION)
+        else:
+            part = tl.dot(_pair_operand(h, 0, DT), x0, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 1, DT), x1, part, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
         acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
     offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     mask = mask_n[:, None] & mask_m[None, :]
