@@ -41,7 +41,10 @@ shape and rows, and per decode step) is
         --out data/benchmarks/quant_kernels.json
 
 Each tuning key times every candidate (engine.quant.tuning), and each distinct kernel config is a
-Triton compile on a cold cache: the tuning time per key is in the JSON (tuning_s).
+Triton compile on a cold cache: the tuning time per key is in the JSON (tuning_s). Kernel times are the
+median of BENCH_QUANT_KERNEL_REPS (5) rounds interleaved over the kinds, with their spread (min, max);
+the log names the config tuning chose per key, its three fastest candidates and the fastest of each
+kernel family (gemv, dot, tc, mma, words...), and how many candidates failed or disagreed.
 """
 from __future__ import annotations
 
@@ -119,7 +122,7 @@ def kernel_name(cfg: dict) -> str:
         return "scaled_mm"
     kind = (cfg.get("kernel") or ("gemv" if cfg.get("gemv") else "dot")) + ("" if cfg.get("swap", True) else "-gemm")
     tile = "x".join(str(cfg[k]) for k in ("block_m", "block_n", "block_k", "chunks") if cfg.get(k))
-    extra = "".join(f" {k}={cfg[k]}" for k in ("dequant", "asm", "x_natural", "fold") if k in cfg)
+    extra = "".join(f" {k}={cfg[k]}" for k in ("layout", "dequant", "asm", "x_natural", "fold") if k in cfg)
     return (f"{kind} {tile} s{cfg.get('split_k', 1)}{'*' if cfg.get('serial') else ''} w{cfg.get('num_warps')}"
             f" st{cfg.get('num_stages')}{extra}")
 
