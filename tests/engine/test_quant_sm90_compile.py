@@ -1,7 +1,8 @@
 """The quantized matmul kernels compile for Hopper (sm_90) without a GPU (Triton's bundled ptxas), and
 the compiled code has the properties their speed rests on: tensor-core wgmma in the tl.dot kernels
-(e4m3 operands for fp8), 16-byte asynchronous copies of the int4 weight words, the split-K counter's
-acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
+(e4m3 operands for fp8, float16 for the int8 mma kernel), 16-byte asynchronous copies of the int4 weight
+words, the int4 "pairs" kernel unpacking in the wgmma operand's registers (two codes per LOP3), the
+split-K counter's acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
 
 Each test compiles in a subprocess: the other kernel tests put this one in Triton's interpreter
 (TRITON_INTERPRET=1), whose kernels cannot be compiled.
