@@ -41,7 +41,10 @@ shape and rows, and per decode step) is
         --out data/benchmarks/quant_kernels.json
 
 Each tuning key times every candidate (engine.quant.tuning), and each distinct kernel config is a
-Triton compile on a cold cache: the tuning time per key is in the JSON (tuning_s).
+Triton compile on a cold cache: the tuning time per key is in the JSON (tuning_s). Kernel times are the
+median of BENCH_QUANT_KERNEL_REPS (5) rounds interleaved over the kinds, with their spread (min, max);
+the log names the config tuning chose per key, its three fastest candidates and the fastest of each
+kernel family (gemv, dot, tc, mma, words...), and how many candidates failed or disagreed.
 """
 from __future__ import annotations
 
@@ -105,6 +108,7 @@ def rel_err(out, ref) -> float:
 SHAPES = {"qkv_proj": (4096, 4096 + 2 * 1024), "o_proj": (4096, 4096), "gate_up_proj": (4096, 2 * 14336),
           "down_proj": (14336, 4096), "lm_head": (4096, 128256)}  # (K, N) of Llama-3.1-8B
 PER_STEP = {"qkv_proj": 32, "o_proj": 32, "gate_up_proj": 32, "down_proj": 32, "lm_head": 1}
+KERNEL_REPS = int(os.environ.get("BENCH_QUANT_KERNEL_REPS", "5"))  # interleaved timing rounds per rows (>= 3)
 KERNEL_KINDS = os.environ.get("BENCH_QUANT_KINDS", "int8,int4,fp8").split(",")  # beside bf16, in the kernels part
 KERNEL_ROWS = tuple(int(r) for r in os.environ.get("BENCH_QUANT_ROWS", "1,16,64,256").split(","))
 # BENCH_QUANT_SHAPES (e.g. "qkv_proj,down_proj") times fewer shapes (the decode-step sum needs all five)
@@ -118,8 +122,15 @@ def kernel_name(cfg: dict) -> str:
         return "scaled_mm"
     kind = (cfg.get("kernel") or ("gemv" if cfg.get("gemv") else "dot")) + ("" if cfg.get("swap", True) else "-gemm")
     tile = "x".join(str(cfg[k]) for k in ("block_m", "block_n", "block_k", "chunks") if cfg.get(k))
-    extra = "".join(f" {k}={cfg[k]}" for k in ("dequant", "asm", "x_natural") if k in cfg)
-    return f"{kind} {tile} s{cfg.get('split_k', 1)}{'*' if cfg.get('serial') else ''} w{cfg.get('num_warps')}{extra}"
+    extra = "".join(f" {k}={cfg[k]}" for k in ("layout", "dequant", "asm", "x_natural", "fold") if k in cfg)
+    return (f"{kind} {tile} s{cfg.get('split_k', 1)}{'*' if cfg.get('serial') else ''} w{cfg.get('num_warps')}"
+            f" st{cfg.get('num_stages')}{extra}")
+
+
+def _spread(row: dict, kind: str, m: int) -> str:
+    """'min-max us' of a kind's timing rounds, for the log."""
+    sp = row.get(f"{kind}_m{m}_us_spread")
+    return f"{sp[0]:.1f}-{sp[1]:.1f}us" if sp else "n/a"
 
 
 def kernel_bench() -> dict:
@@ -164,13 +175,23 @@ def kernel_bench() -> dict:
                             x, f8.weight_fp8, f8.weight_scale.view(-1)))
                     except Exception as exc:  # noqa: BLE001 - record and go on
                         row[f"fp8_m{m}_error"] = repr(exc)[:300]
-                for kind, ms_ in mods.items():
-                    try:
-                        fn = lambda ms_=ms_: [mod(x) for mod in ms_]  # noqa: E731
-                        row[f"{kind}_m{m}_us"] = tuning._graph_time(fn, copies) * 1e3
-                    except Exception as exc:  # noqa: BLE001 - record and go on
-                        row[f"{kind}_m{m}_error"] = repr(exc)[:300]
-                        row[f"{kind}_m{m}_us"] = float("nan")
+                # KERNEL_REPS rounds interleaved over the kinds (each a best-of-3 graph replay window),
+                # after tuning (the error checks above made the first calls): median and spread per kind.
+                samples = {kind: [] for kind in mods}
+                for _ in range(KERNEL_REPS):
+                    for kind, ms_ in mods.items():
+                        if f"{kind}_m{m}_error" in row:
+                            continue
+                        try:
+                            fn = lambda ms_=ms_: [mod(x) for mod in ms_]  # noqa: E731
+                            samples[kind].append(tuning._graph_time(fn, copies) * 1e3)
+                        except Exception as exc:  # noqa: BLE001 - record and go on
+                            row[f"{kind}_m{m}_error"] = repr(exc)[:300]
+                for kind, ts in samples.items():
+                    ts = sorted(ts)
+                    row[f"{kind}_m{m}_us"] = ts[len(ts) // 2] if ts else float("nan")
+                    row[f"{kind}_m{m}_us_spread"] = [ts[0], ts[-1]] if ts else None
+                    row[f"{kind}_m{m}_us_samples"] = ts
                     if kind != "bf16":
                         row[f"{kind}_m{m}_speedup"] = row[f"bf16_m{m}_us"] / row[f"{kind}_m{m}_us"]
         for kind, nbytes in (("bf16", k * n * 2), ("int8", k * n), ("int4", k * n // 2), ("fp8", k * n)):
@@ -183,9 +204,20 @@ def kernel_bench() -> dict:
                          if key[2:4] == (n, k)}
         out[name] = row
         log(f"kernels {name} chose: " + ", ".join(f"{key} {v}" for key, v in row["chosen"].items()))
+        for key in tuning.chosen:  # the fastest candidates of each key, and the fastest of each kernel family
+            if key[2:4] != (n, k) or key not in tuning.timings:
+                continue
+            ranked = sorted(tuning.timings[key], key=lambda r: r[1])
+            best_of = {}
+            for cfg, t in ranked:
+                best_of.setdefault(kernel_name(cfg).split(" ")[0], (cfg, t))
+            log(f"  {key[0]}_m{key[1]}: top " + "; ".join(f"{kernel_name(c)} {t * 1e3:.1f}us" for c, t in ranked[:3])
+                + " | per kernel: " + "; ".join(f"{fam} {t * 1e3:.1f}us" for fam, (c, t) in best_of.items())
+                + f" | {sum(t == float('inf') for _, t in ranked)} of {len(ranked)} failed or disagreed")
         log(f"kernels {name}: " + " | ".join(
-            f"m{m} bf16 {row[f'bf16_m{m}_us']:.1f}us " + " ".join(
-                f"{kd} x{row.get(f'{kd}_m{m}_speedup', float('nan')):.2f}" for kd in ("int8", "int4", "fp8"))
+            f"m{m} bf16 {row[f'bf16_m{m}_us']:.1f}us ({_spread(row, 'bf16', m)}) " + " ".join(
+                f"{kd} x{row.get(f'{kd}_m{m}_speedup', float('nan')):.2f} ({_spread(row, kd, m)})"
+                for kd in ("int8", "int4", "fp8") if f"{kd}_m{m}_us" in row)
             for m in KERNEL_ROWS))
         del lin, i8, i4, f8, mods
         torch.cuda.empty_cache()
@@ -206,7 +238,8 @@ def kernel_bench() -> dict:
         "int4_b16_speedup": sp("int4", 16) >= TARGETS["int4_b16_speedup_min"],
         "int8_b1_speedup": sp("int8", 1) >= TARGETS["int8_b1_speedup_min"],
         "fp8_b64_speedup": sp("fp8", 64) >= TARGETS["fp8_b64_speedup_min"],
-        "no_weight_mode_slower_than_bf16": all(sp(kd, m) >= 1.0 for kd in ("int8", "int4", "fp8") for m in KERNEL_ROWS),
+        "no_weight_mode_slower_than_bf16": all(sp(kd, m) >= 1.0 for kd in ("int8", "int4", "fp8") for m in KERNEL_ROWS
+                                               if kd in KERNEL_KINDS),
     }
     log("decode-step GEMMs (32 layers + LM head), speed-up over bf16: " + ", ".join(
         f"{k_}={v:.2f}" for k_, v in step.items() if k_.endswith("speedup")))

@@ -34,7 +34,10 @@ which saves a launch per layer (about 2 us in a CUDA graph, ~128 per decode step
 A third kernel, triton_int4_tc.py (config kernel="tc"), joins the 8 planes into one tile and does a
 step in one dot; with dequant="asm" it unpacks two codes per instruction (inline PTX), about half the
 instructions per code of the GEMV, so it is the candidate meant for decode at 1-16 rows as well as, not
-swapped and with big tiles, for 64 rows and more. Which kernel and config a shape gets is measured on
+swapped and with big tiles, for 64 rows and more. A fourth, triton_int4_mma.py (config kernel="mma"),
+folds the zero point and scale out of the per-code work (the MMA operand is the 16-bit float 128 + q
+built by integer ops) and, with layout="pairs", unpacks in the wgmma operand's registers, two codes per
+LOP3 (mma_candidates, every row bucket). Which kernel and config a shape gets is measured on
 the device (tuning.pick, over candidates(); the shape heuristic is the first candidate, and the one
 used off CUDA or during graph capture). Nothing reads device values
 on the host, so the launches can be captured in a CUDA graph.
@@ -263,7 +266,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
                                                for bn, ch, w in GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
-        return split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+        return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+                + _mma_candidates(m, n, k, group_size, sms, asm))
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
              dot_config(m, n, k, sms, chunks=8)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
@@ -274,7 +278,12 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-    return split_variants(cands, ok) + _serial_when_split(extra, ok)
+    return split_variants(cands, ok) + _serial_when_split(extra, ok) + _mma_candidates(m, n, k, group_size, sms, asm)
+
+
+def _mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool) -> list[dict]:
+    from .triton_int4_mma import mma_candidates  # (imported here: triton_int4_mma imports this module)
+    return mma_candidates(m, n, k, group_size, sms, asm)
 
 
 def _serial_when_split(cands: list[dict], ok) -> list[dict]:
@@ -322,7 +331,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
-            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False):
+            num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
+            block_k=None, fold=True, layout="tile", asm=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
@@ -331,8 +341,13 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
+    if kernel == "mma":
+        from .triton_int4_mma import _launch_mma
+        return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
+                           split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
+                           fold=fold, layout=layout, asm=asm)
     if kernel not in (None, "tc"):
-        raise ValueError(f"kernel={kernel!r}: expected None or 'tc'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'tc' or 'mma'")
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:

@@ -26,8 +26,10 @@ Two kernels, picked by the number of rows M:
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
 triton_int8_words.py holds a third, decode-only kernel (config kernel="words"): the GEMV reading the
-weight as 32-bit words, one byte permute per code. Which kernel, tile, split and pipelining a shape
-gets is measured on the device (tuning.py).
+weight as 32-bit words, one byte permute per code. triton_int8_mma.py (config kernel="mma", any rows,
+K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte permute, unpacked in the
+MMA operand's registers (bfloat16 x scaled into float16 by 2^-4; mma8_candidates). Which kernel, tile,
+split and pipelining a shape gets is measured on the device (tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -346,6 +348,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
             if words_ok(q):
                 cands += words_candidates(m, n, k, sms, asm=x.is_cuda)
+            cands += _mma8_candidates(m, n, k, sms, x, q)
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
             cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
@@ -354,9 +357,18 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                                   num_stages=3))
             if m > 16:
                 cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
+            cands += _mma8_candidates(m, n, k, sms, x, q)
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
+
+
+def _mma8_candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor, q: torch.Tensor) -> list[dict]:
+    """triton_int8_mma's configs when q can be read in 128-feature steps (its inline PTX on CUDA, 16-bit x)."""
+    from .triton_int8_mma import mma8_candidates, mma8_ok  # (imported here: triton_int8_mma imports this module)
+    if not mma8_ok(q, 128):
+        return []
+    return mma8_candidates(m, n, k, sms, asm=x.is_cuda and x.dtype in (torch.float16, torch.bfloat16))
 
 
 # Tiles of the word GEMV (triton_int8_words), (block_n, block_k, warps).
@@ -382,12 +394,16 @@ def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
             num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
-    """kernel="words": the GEMV of triton_int8_words; asm: the byte permute in inline PTX (CUDA only), in
-    the word GEMV or the tl.dot kernel."""
+    """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
+    the byte permute in inline PTX (CUDA only), in the word GEMV, the tl.dot kernel or the mma kernel."""
     m, k = x.shape
     n = q.shape[0]
+    if kernel == "mma":
+        from .triton_int8_mma import _launch_mma
+        return _launch_mma(x, q, scales, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
+                           num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
-        raise ValueError(f"kernel={kernel!r}: expected None or 'words'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'words' or 'mma'")
     if asm and not x.is_cuda:
         raise ValueError("asm=True (inline PTX) runs on CUDA only")
     if kernel == "words":

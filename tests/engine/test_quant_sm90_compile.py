@@ -1,7 +1,8 @@
 """The quantized matmul kernels compile for Hopper (sm_90) without a GPU (Triton's bundled ptxas), and
 the compiled code has the properties their speed rests on: tensor-core wgmma in the tl.dot kernels
-(e4m3 operands for fp8), 16-byte asynchronous copies of the int4 weight words, the split-K counter's
-acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
+(e4m3 operands for fp8, float16 for the int8 mma kernel), 16-byte asynchronous copies of the int4 weight
+words, the int4 "pairs" kernel unpacking in the wgmma operand's registers (two codes per LOP3), the
+split-K counter's acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
 
 Each test compiles in a subprocess: the other kernel tests put this one in Triton's interpreter
 (TRITON_INTERPRET=1), whose kernels cannot be compiled.
@@ -105,6 +106,58 @@ def check_int4_tc_kernel():
             assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
 
 
+def check_int4_mma_kernels():
+    """triton_int4_mma: the "pairs" kernel loads the weight half-words straight into the wgmma A operand's
+    register layout (the unpack is elementwise there: no shared-memory round trip of the unpacked tile),
+    unpacks two codes per LOP3 (inline PTX, bf16 and fp16) and multiplies by wgmma; the "tile" kernel
+    compiles in both orientations."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from engine.quant.triton_int4_mma import _int4_mma_kernel, _int4_mma_pairs_kernel
+    sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
+    renamed = {"w_ptr": "h_ptr", "stride_wn": "stride_hn"}
+    pairs_sig = {renamed.get(k, k): ("*i16" if k == "w_ptr" else v) for k, v in sig.items()}
+    for dt, mma, magic in (("bf16", "bf16.bf16", "0x43004300"), ("fp16", "f16.f16", "0x64006400")):
+        types = dict(pairs_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
+        consts = dict(GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
+                      PRECISION="tf32")
+        ptx = _compile(_int4_mma_pairs_kernel, types, consts, num_warps=8)
+        assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx and magic in ptx
+        try:
+            sig_all = dict(types, **{k: "constexpr" for k in consts})
+            attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig_all.items())
+                     if v != "constexpr" and k not in ("split_k", "M")}
+            kernel = triton.compile(ASTSource(fn=_int4_mma_pairs_kernel, signature=sig_all, constexprs=consts,
+                                              attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=8, num_stages=3))
+        except Exception as exc:  # noqa: BLE001
+            print(f"SKIP: {exc!r}"[:200])
+            sys.exit(0)
+        ttgir = kernel.asm["ttgir"]
+        assert re.search(r"ttg\.local_load [^\n]*-> tensor<256x32xi16, #ttg\.dot_op<\{opIdx = 0", ttgir), dt
+        assert not re.search(r"ttg\.local_alloc %\S+ : \(tensor<256x32x(bf16|f16)", ttgir), dt
+    for swap, block_m in ((True, 16), (False, 128)):
+        ptx = _compile(_int4_mma_kernel, sig, dict(GROUP=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SERIAL=True,
+                                                   STAGES=3, SWAP=swap, FOLD=swap, MAGIC=128.0, PRECISION="tf32"),
+                       num_warps=4 if swap else 8)
+        assert "wgmma.mma_async" in ptx and "atom.global.gpu.acq_rel.add" in ptx
+
+
+def check_int8_mma_kernel():
+    """triton_int8_mma: float16 wgmma with the codes unpacked by one PRMT per two codes (inline PTX), the
+    half-words loaded straight into the A operand's register layout; bfloat16 and float16 x."""
+    from engine.quant.triton_int8_mma import _int8_mma_planes_kernel
+    for dt in ("bf16", "fp16"):
+        sig = {"x_ptr": f"*{dt}", "h_ptr": "*i16", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": f"*{dt}",
+               "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+               "stride_xm": "i32", "stride_hn": "i32", "stride_os": "i32", "stride_om": "i32"}
+        ptx = _compile(_int8_mma_planes_kernel, sig, dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, SERIAL=True, STAGES=3,
+                                                          ASM=True, PRECISION="tf32"), num_warps=8)
+        assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in ptx, dt
+        assert "0x64646464" in ptx and "prmt.b32" in ptx and "atom.global.gpu.acq_rel.add" in ptx, dt
+
+
 def check_int8_word_gemv():
     """The word GEMV's inline PTX assembles: one byte permute per code, 16-byte asynchronous copies."""
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
@@ -142,6 +195,14 @@ def test_int4_and_int8_dot_kernels_use_wgmma():
 
 def test_int4_tc_kernel_uses_wgmma_in_both_orientations():
     _run("check_int4_tc_kernel")
+
+
+def test_int4_mma_kernels_unpack_in_the_mma_operand_registers():
+    _run("check_int4_mma_kernels")
+
+
+def test_int8_mma_kernel_uses_float16_wgmma_and_its_byte_permute():
+    _run("check_int8_mma_kernel")
 
 
 def test_int8_word_gemv_assembles_its_byte_permute():

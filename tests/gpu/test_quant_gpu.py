@@ -171,3 +171,75 @@ def test_int8_embedding_under_int4_runs_in_cuda_graphs():
     eager = [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)]
     llm.reconfigure(cfg)
     assert [o.token_ids for o in llm.generate([[1, 2, 3], [4, 5]], params)] == eager
+
+
+MMA_CASES = [(m, torch.bfloat16) for m in (1, 5, 16, 33, 64, 100, 256)] + [(16, torch.float16), (256, torch.float16)]
+
+
+@pytest.mark.parametrize("m,dtype", MMA_CASES)
+def test_int4_mma_candidates_match_dequantize_then_matmul(m, dtype):
+    """Every triton_int4_mma config the tuner may time at these rows (bf16: MAGIC 128, fp16: 1024),
+    compiled for this GPU, against dequantize-then-matmul; N off every column tile (1000)."""
+    from engine.quant.int4 import Int4Linear, int4_linear_reference
+    from engine.quant.triton_int4 import _launch, candidates
+    from engine.quant.triton_int8 import num_sms
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1000, bias=False, device="cuda", dtype=dtype)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    ref = int4_linear_reference(x.float(), q.qweight, q.scales, q.zeros)
+    cands = [c for c in candidates(m, 1000, 4096, 128, num_sms(x.device), asm=True) if c.get("kernel") == "mma"]
+    assert cands
+    for cfg in cands:
+        for _ in range(2):  # the serial split-K counters are reset for the next launch
+            assert rel_err(_launch(x, q.packed, q.scales, q.zeros, 128, **cfg), ref) < 1e-2, cfg
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq_act_order"])
+def test_int4_mma_on_checkpoint_layers_in_bf16(fmt):
+    """AWQ (through its Hub tensors) and GPTQ act-order layers (zero points 1..16, permuted features)
+    through the mma kernel, both orientations, against the layer's dequantized weight."""
+    from engine.quant.checkpoint import awq_to_int4, int4_to_awq
+    from engine.quant.int4 import Int4Linear, quantize_int4
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(11)
+    n, k, group = 1536, 4096, 128
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.02, group, torch.bfloat16)
+    if fmt == "awq":
+        layer = awq_to_int4(**int4_to_awq(Int4Linear(qweight, scales, zeros, None, group)))
+    else:
+        zeros = torch.randint(1, 17, zeros.shape, generator=g).to(torch.uint8)
+        layer = Int4Linear(qweight, scales, zeros, None, group, perm=torch.randperm(k, generator=g))
+    layer = layer.cuda()
+    for m in (16, 64, 256):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        xp = x if layer.perm is None else x.index_select(1, layer.perm)
+        ref = x.float() @ layer.dequantized_weight().t()
+        for cfg in (dict(block_m=16, block_n=128, block_k=128, split_k=4, serial=True, swap=True, fold=True),
+                    dict(block_m=64, block_n=128, block_k=64, swap=False, fold=False)):
+            out = int4_matmul(xp, layer.packed, layer.scales, layer.zeros, group, gemv=False, kernel="mma", **cfg)
+            assert rel_err(out, ref) < 1e-2, (m, cfg)
+
+
+@pytest.mark.parametrize("m,dtype", MMA_CASES)
+def test_int8_mma_candidates_match_reference(m, dtype):
+    """Every triton_int8_mma config the tuner may time (inline-PTX unpack, float16 MMA; bfloat16 x
+    scaled into float16) against the int8 reference; N off every column tile (1000)."""
+    from engine.quant.int8 import Int8Linear, int8_linear_reference
+    from engine.quant.triton_int8 import _launch, num_sms
+    from engine.quant.triton_int8_mma import mma8_candidates
+    torch.manual_seed(m)
+    lin = torch.nn.Linear(4096, 1000, bias=False, device="cuda", dtype=dtype)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    ref = int8_linear_reference(x.float(), q.weight_int8, q.scales)
+    cands = mma8_candidates(m, 1000, 4096, num_sms(x.device), asm=True)
+    assert cands
+    for cfg in cands:
+        for _ in range(2):  # the serial split-K counters are reset for the next launch
+            assert rel_err(_launch(x, q.weight_int8, q.scales, **cfg), ref) < 1e-2, cfg
+    if dtype == torch.bfloat16:  # bfloat16 x beyond float16's range (up to ~1e5) is scaled into it
+        big = x * 2e4
+        assert rel_err(_launch(big, q.weight_int8, q.scales, **cands[0]), ref * 2e4) < 1e-2

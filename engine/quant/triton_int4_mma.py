@@ -1,0 +1,365 @@
+"""Triton kernels: out = x @ dequant(W)^T for group-wise int4 weights with the zero point and the scale
+folded out of the per-code work (kernel="mma" of triton_int4._launch).
+
+Reference: `int4_linear_reference` in int4.py. Same layouts as triton_int4.py (the weight in the kernel
+layout of int4.pack_int4_kernel: per row, each chunk of 32 input features is 4 int32 words, nibble i
+of word r holding feature 32c + 4i + r; scales [N, K // G]; zeros [N, K // G] uint8). No repack: int4,
+AWQ and GPTQ layers (act-order through the layer's input permutation) all run on this layout.
+
+The fold. Bits 0x4300 | q are the bfloat16 128 + q and 0x6400 | q the float16 1024 + q, exactly, so
+the MMA operand MAGIC + q costs integer ops only, and for a K step inside one group
+    out += s * (x . (MAGIC + q) - (MAGIC + zero) * sum(x over the step))
+two FMAs per output and step instead of float ops per code (the fold's own error is that of the
+float32 sums of step size, MAGIC * |x| * 2^-24 a term, far below 16-bit rounding). float32 x (tests):
+MAGIC 0, the operand q itself.
+
+Two kernels, both grid (row tiles, column tiles, SPLIT_K) with rows fastest, every step whole and inside
+one group (the step divides the group, the group K), split-K partials as triton_int4 (a float32
+[SPLIT_K, M, N] scratch summed by torch.sum or, SERIAL, by the tile's last slice), nothing read on the
+host (CUDA-graph safe):
+- `_int4_mma_pairs_kernel` (layout="pairs", the one tuned for 1-256 rows): swap-AB (out^T = W x^T, the
+  weight tile the wgmma A operand in registers, rows of x its N). The words are read as int16 half-words
+  (one contiguous [BLOCK_N, 8 * CHUNKS] tile a step); dot I (of 4) takes nibble I of every half-word,
+  so its operand is elementwise on the loaded tile with constant operands only, which lets Triton load
+  the half-words straight into the A operand's register layout and unpack there (no shared-memory round
+  trip of the unpacked tile, checked in sm_90 TTGIR by test_quant_sm90_compile). A word's two halves are
+  adjacent columns, i.e. one 32-bit register of the operand, so with ASM one shift and one LOP3 of
+  inline PTX unpack two codes. x^T is gathered in the matching order (column 2j + h of dot I is feature
+  32 * (j // 4) + 16h + 4I + j % 4). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at
+  16 rows x 256 weight rows, ~4.5 at 64 x 256, against ~6.4-8 for triton_int4's per-plane kernel.
+- `_int4_mma_kernel` (layout="tile"): the [BLOCK_N, BLOCK_K] tile in natural K order, every value from
+  its own load (feature k reads word 4 * (k // 32) + k % 4, nibble (k % 32) // 4: 16-byte loads, each
+  word loaded once per code it holds), x contiguous; folded (FOLD) or (q - zero) * scale per code in
+  float32, both orientations (SWAP). Its per-column shift keeps Triton from unpacking in the operand's
+  layout, so it goes through shared memory; offered for many rows in the plain GEMM orientation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4 import KERNEL_CHUNK
+from .triton_int4 import _serial_when_split, asm_supported
+from .triton_int8 import _serial_split_reduce, gemv_output, gemv_result, mm_block_m, split_locks
+
+
+@triton.jit
+def _folded_operand(w, shift, DT: tl.constexpr):
+    """Codes of the words w (nibble at `shift`) as DT MAGIC + q (bfloat16: 128 + q; float16: 1024 + q),
+    exact, from integer ops only; float32: q (MAGIC 0)."""
+    q = (w >> shift) & 0xF
+    if DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    else:  # float32 x (MAGIC 0): the code itself, exact, so the fold adds no cancellation
+        return (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True).to(DT) - 1024.0
+
+
+@triton.jit
+def _scaled_operand(w, shift, scale, zero, DT: tl.constexpr):
+    """(q - zero) * scale in DT, through the float32 2^23 + q (exact) and one subtract, one multiply."""
+    q = ((w >> shift) & 0xF) | 0x4B000000
+    return ((q.to(tl.float32, bitcast=True) - (zero + 8388608.0)) * scale).to(DT)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
+def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
+                     MAGIC: tl.constexpr, PRECISION: tl.constexpr):
+    """MAGIC: the float _folded_operand adds to each code (128.0 for bfloat16 x, 1024.0 float16, 0 float32)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # feature k of a step (steps start on whole chunks of 32): word 4 * (k // 32) + k % 4, nibble (k % 32) // 4
+    word_k = tl.max_contiguous(tl.multiple_of((offs_k // 32) * 4 + offs_k % 4, 4), 4)
+    shift_k = ((offs_k % 32) // 4) * 4
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n64 = offs_n.to(tl.int64)
+    s_rows = n64 * stride_sn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    if SWAP:
+        w_tile = w_ptr + n64[:, None] * stride_wn + word_k[None, :]  # [BLOCK_N, BLOCK_K]
+        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
+        w_mask = mask_n[:, None]
+        x_mask = mask_m[None, :]
+        shift = shift_k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        w_tile = w_ptr + n64[None, :] * stride_wn + word_k[:, None]  # W^T [BLOCK_K, BLOCK_N]
+        x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+        w_mask = mask_n[None, :]
+        x_mask = mask_m[:, None]
+        shift = shift_k[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_step in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        k0 = tl.multiple_of(k_step, BLOCK_K)  # (a new name: the loop variable is left alone)
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_tile + kw, mask=w_mask, other=0)
+        xs = tl.load(x_tile + k0, mask=x_mask, other=0.0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        if FOLD:
+            wd = _folded_operand(w, shift, DT)
+            if SWAP:
+                part = tl.dot(wd, xs, input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+                xsum = tl.sum(xs.to(tl.float32), axis=0)
+                acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+            else:
+                part = tl.dot(xs, wd, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                xsum = tl.sum(xs.to(tl.float32), axis=1)
+                acc += (part - xsum[:, None] * (zero + MAGIC)[None, :]) * scale[None, :]
+        else:
+            if SWAP:
+                wd = _scaled_operand(w, shift, scale[:, None], zero[:, None], DT)
+                acc = tl.dot(wd, xs, acc, input_precision=PRECISION)
+            else:
+                wd = _scaled_operand(w, shift, scale[None, :], zero[None, :], DT)
+                acc = tl.dot(xs, wd, acc, input_precision=PRECISION)
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
+    if SWAP:
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+def _pair_ptx(shift: int, magic: str) -> str:
+    """PTX of _pair_operand's ASM path on a 32-bit register holding two half-words ($1): shift, then one
+    LOP3 `(t & 0x000F000F) | magic` gives both codes as 16-bit floats MAGIC + q ($0)."""
+    shr = f"shr.b32 t, $1, {shift};\n" if shift else "mov.b32 t, $1;\n"
+    return "{\n.reg .b32 t;\n" + shr + f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xEA;\n}}"
+
+
+_PAIR_PTX_BF16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x43004300")) for i in range(4))
+_PAIR_PTX_FP16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x64006400")) for i in range(4))
+_PAIR_BF16_0, _PAIR_BF16_1, _PAIR_BF16_2, _PAIR_BF16_3 = _PAIR_PTX_BF16
+_PAIR_FP16_0, _PAIR_FP16_1, _PAIR_FP16_2, _PAIR_FP16_3 = _PAIR_PTX_FP16
+
+
+@triton.jit
+def _pair_asm(h, I: tl.constexpr, DT: tl.constexpr):
+    """_pair_operand by inline PTX, two half-words a 32-bit register (pack=2): one shift and one LOP3 per
+    two codes. A pure one-operand asm, so Triton can still unpack in the MMA operand's layout."""
+    if DT == tl.bfloat16:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_0, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_1, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_2, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_BF16_3, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_0, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_1, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_2, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_FP16_3, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _pair_operand(h, I: tl.constexpr, DT: tl.constexpr):
+    """Nibble I (0-3) of each 16-bit half-word h as DT MAGIC + q: a constant shift, an AND, an OR on the
+    16-bit values, and a bitcast (no truncation). A word's two halves (nibbles I and I + 4) are adjacent
+    columns of the tile, so in the MMA operand's registers they share one 32-bit register and one
+    32-bit shift / LOP3 does both."""
+    q = (h >> (4 * I)) & 0xF
+    if DT == tl.bfloat16:
+        return (q | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif DT == tl.float16:
+        return (q | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return (q | 0x6400).to(tl.float16, bitcast=True).to(DT) - 1024.0
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                           stride_xm, stride_hn, stride_sn, stride_os, stride_om,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                           SERIAL: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Swap-AB (out^T = W x^T), the weight read as 16-bit half-words (h_ptr: the packed words viewed as
+    int16, [N, K // 4]): per step of 32 * CHUNKS features (inside one group) one [BLOCK_N, 8 * CHUNKS]
+    half-word tile, loaded once, and 4 dots of K = 8 * CHUNKS: dot I takes nibble I of every half-word,
+    i.e. column 2j + h is nibble 4h + I of word j, feature 32 * (j // 4) + 16h + 4I + j % 4, and x^T's
+    rows are gathered in that order. Folded dequantization as _int4_mma_kernel's FOLD."""
+    HW: tl.constexpr = 8 * CHUNKS
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_h = tl.arange(0, HW)
+    j = offs_h // 2
+    feat = 32 * (j // 4) + 16 * (offs_h % 2) + j % 4  # nibble-0 feature of column c of dot 0
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    n64 = offs_n.to(tl.int64)
+    s_rows = n64 * stride_sn
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    h_tile = h_ptr + n64[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, HW]
+    x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + feat[:, None]  # x^T [HW, BLOCK_M]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
+        k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
+        kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
+        h = tl.load(h_tile + kh, mask=mask_n[:, None], other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
+        x1 = tl.load(x_tile + (k0 + 4), mask=mask_m[None, :], other=0.0)
+        x2 = tl.load(x_tile + (k0 + 8), mask=mask_m[None, :], other=0.0)
+        x3 = tl.load(x_tile + (k0 + 12), mask=mask_m[None, :], other=0.0)
+        xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
+        if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
+            part = tl.dot(_pair_asm(h, 0, DT), x0, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 1, DT), x1, part, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 2, DT), x2, part, input_precision=PRECISION)
+            part = tl.dot(_pair_asm(h, 3, DT), x3, part, input_precision=PRECISION)
+        else:
+            part = tl.dot(_pair_operand(h, 0, DT), x0, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 1, DT), x1, part, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
+            part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
+        acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
+                             pid_m * tl.num_programs(1) + pid_n, split_k)
+
+
+# ----- launch configs -----------------------------------------------------------------------------
+def mma_block_k(block_k: int, group_size: int) -> int:
+    """The largest K step <= block_k (32, 64, 128 or 256) that divides the group (triton_int4_mma)."""
+    return next(bk for bk in (256, 128, 64, 32) if bk <= block_k and group_size % bk == 0)
+
+
+def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, block_n: int, block_k: int,
+               num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2) -> dict:
+    """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K up to `waves`
+    programs per SM while each slice keeps >= 4 steps (2 with more waves)."""
+    block_k = mma_block_k(block_k, group_size)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    steps = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    return dict(gemv=False, kernel="mma", swap=swap, fold=fold, block_m=block_m, block_n=block_n, block_k=block_k,
+                split_k=split, num_warps=num_warps, num_stages=num_stages)
+
+
+# triton_int4_mma "pairs" tiles (swap-AB, the weight unpacked in the MMA operand's registers, two codes per
+# LOP3 with asm), (block_m, block_n, warps, stages) per bucket of rows; block_m 0: the row tile of m
+# (mm_block_m). Counted in sm_90 SASS (Triton 3.9): ~2.8 instructions a code at 16 rows x 256 weight rows,
+# ~4.5 at 64 x 256 (the gathered x and the fold's per-step correction grow with the rows), against ~6.4-8
+# for triton_int4's per-plane kernel. Registers bound the occupancy (95-255 a thread): 16-warp tiles trade
+# a few more instructions per code for twice the warps per SM. Shared memory: 9-68 KB a program.
+PAIRS_TILES = {
+    2: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 512, 16, 3)),
+    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 256, 8, 4), (16, 512, 16, 3), (16, 64, 4, 3)),
+    32: ((32, 256, 8, 3), (32, 128, 4, 3), (32, 256, 16, 3), (16, 256, 8, 3)),
+    64: ((64, 256, 8, 3), (64, 128, 8, 3), (64, 256, 16, 3), (32, 256, 8, 3)),
+    128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
+    256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
+}  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
+# triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
+# for many rows: (block_m, block_n, block_k, warps, stages, fold).
+TILE_LARGE = ((128, 128, 64, 8, 3, False), (64, 128, 128, 8, 2, True))
+# and, from 129 rows, all rows of a batch in one tile (each code unpacked once; sm_90 SASS: the loop's
+# instruction issue about equals the tile's wgmma time, against ~1.6x at 128 rows)
+TILE_ALL_ROWS = ((256, 128, 64, 8, 2, False), (256, 64, 64, 8, 3, False))
+
+
+def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
+    """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
+    only when the group holds whole 128-feature steps), split-K up to 2 programs per SM (and 4 at up to 16
+    rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
+    bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
+    out = []
+    if group_size % 128 == 0:
+        for bm, bn, warps, stages in PAIRS_TILES[bucket]:
+            bm = bm or mm_block_m(m)
+            cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True)
+            out.append(dict(cfg, layout="pairs", asm=asm))
+        if m <= 16:  # longer split-K for the smallest batches
+            for bm, bn, warps, stages in PAIRS_TILES[bucket][:2]:
+                cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True, waves=4)
+                out.append(dict(cfg, layout="pairs", asm=asm))
+    if m > 64:
+        for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
+            out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
+        out += [dict(c, split_k=1) for c in out if c["split_k"] > 1 and c["block_m"] >= 128 and not c["swap"]]
+    return _serial_when_split(out, lambda c: True)
+
+
+def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
+                num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False):
+    """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
+    fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
+    scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step, folded (asm: two
+    codes per LOP3 by inline PTX, CUDA and 16-bit x only). block_k: the K step, a multiple of 32 that
+    divides the group (pairs: at least 128)."""
+    if layout not in ("tile", "pairs"):
+        raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
+    if asm and not asm_supported(x):
+        raise ValueError("asm=True (inline PTX) runs on CUDA (sm_80+) with float16 / bfloat16 x only")
+    if layout == "pairs" and (not swap or not fold):
+        raise ValueError("layout='pairs' is swap-AB with the folded dequantization only")
+    m, k = x.shape
+    n = packed.shape[0]
+    block_m = block_m or mm_block_m(m)
+    block_n = block_n or 128
+    block_k = block_k or mma_block_k(128, group_size)
+    if block_k % KERNEL_CHUNK or group_size % block_k or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k}: the mma kernel needs a power of two, a multiple of {KERNEL_CHUNK} "
+                         f"that divides the group size {group_size}")
+    if layout == "pairs" and block_k < 4 * KERNEL_CHUNK:
+        raise ValueError(f"block_k={block_k}: layout='pairs' needs steps of >= {4 * KERNEL_CHUNK} features "
+                         "(each of its 4 dots has K = block_k / 4 >= 16), in groups of at least that")
+    split_k = split_k or 1
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    out, split_stride = gemv_output(x, n, split_k)
+    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    stages = (num_stages or 3) if x.is_cuda else 1
+    magic = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
+    warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
+    if layout == "pairs":
+        half = packed.view(torch.int16)  # [N, K // 4]: half-word 2w + h is bits 16h..16h+15 of word w
+        _int4_mma_pairs_kernel[grid](x, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
+                                     k_per_split, split_k, x.stride(0), half.stride(0), scales.stride(0),
+                                     split_stride, out.stride(-2), GROUP=group_size, BLOCK_M=block_m,
+                                     BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
+                                     STAGES=stages, MAGIC=magic, ASM=asm,
+                                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+        return res if locks is not None else gemv_result(out, x.dtype)
+    _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
+                           split_k, x.stride(0), packed.stride(0), scales.stride(0), split_stride, out.stride(-2),
+                           GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
+                           MAGIC=magic, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
+    return res if locks is not None else gemv_result(out, x.dtype)

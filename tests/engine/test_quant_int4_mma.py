@@ -1,0 +1,169 @@
+"""triton_int4_mma (kernel="mma"): the natural-K-order int4 tensor-core kernel against the
+dequantize-then-matmul reference, through Triton's CPU interpreter (compiled where CUDA is present):
+both orientations, the folded (zero point and scale on the dot's output) and the per-code scaled
+dequantization, K steps below the group, split-K (torch.sum and serial, with empty slices), row counts
+and N off the tile, AWQ / GPTQ layers (GPTQ zero points up to 16, act-order via the layer's permutation),
+every code read back exactly, and the tuner keeping a disagreeing candidate from being chosen."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.quant.int4 import (Int4Linear, int4_linear_reference, pack_int4, pack_int4_kernel,  # noqa: E402
+                               quantize_int4)
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MMA = dict(gemv=False, kernel="mma")
+
+CASES = [  # (m, n, k, group, cfg)
+    (1, 48, 256, 128, dict(MMA, block_m=16, block_n=16, block_k=128)),
+    (5, 40, 512, 128, dict(MMA, block_m=16, block_n=32, block_k=64, split_k=3, serial=True)),  # 2 steps a group
+    (17, 33, 256, 64, dict(MMA, block_m=16, block_n=16, block_k=64, split_k=2)),     # 2 row tiles, ragged N
+    (3, 24, 160, 32, dict(MMA, block_m=16, block_n=16, block_k=32, split_k=4)),      # an empty slice
+    (40, 40, 384, 128, dict(MMA, block_m=32, block_n=16, block_k=128, swap=False)),
+    (70, 24, 256, 128, dict(MMA, block_m=32, block_n=16, block_k=64, swap=False, split_k=2, serial=True)),
+    (9, 40, 256, 128, dict(MMA, block_m=16, block_n=32, block_k=128, fold=False)),
+    (33, 24, 384, 64, dict(MMA, block_m=16, block_n=16, block_k=32, swap=False, fold=False, split_k=3)),
+    # layout="pairs": the words as half-words, 4 dots a step (without asm here: the CUDA-only inline PTX)
+    (1, 40, 256, 128, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=128)),
+    (19, 33, 512, 128, dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=3, serial=True)),
+    (5, 24, 768, 256, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=256, split_k=2)),  # K = 64 dots
+    (40, 24, 512, 128, dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=4)),  # empty slice
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES)
+def test_mma_kernel_matches_dequantize_then_matmul(m, n, k, group, cfg, dtype):
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    scales = scales.to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
+                      group, **cfg).cpu()
+    ref = int4_linear_reference(x.float(), qweight, scales, zeros)
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # fp16: the MMA operand and the output are 16-bit
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=32),
+                                 dict(MMA, block_m=32, block_n=16, block_k=64, swap=False),
+                                 dict(MMA, block_m=16, block_n=32, block_k=32, fold=False, split_k=2),
+                                 dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
+    """Scale 1, zero 0 (then zero 3), x = unit rows: the output is each code (minus the zero) exactly,
+    which pins the word / nibble of every feature of the layout."""
+    from engine.quant.triton_int4 import int4_matmul
+    n, k = 24, 256
+    group = 128 if cfg.get("layout") == "pairs" else 64
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
+    x = torch.eye(k, dtype=dtype).to(DEVICE)
+    ones = torch.ones(n, k // group, dtype=dtype, device=DEVICE)
+    for zero in (0, 3):
+        zeros = torch.full((n, k // group), zero, dtype=torch.uint8, device=DEVICE)
+        out = int4_matmul(x, packed, ones, zeros, group, **cfg).cpu()
+        assert torch.equal(out.float(), codes.t().float() - zero)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq_act_order"])
+@pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=128, split_k=2),
+                                 dict(MMA, block_m=32, block_n=32, block_k=64, swap=False, fold=False),
+                                 dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=2)])
+def test_mma_kernel_on_checkpoint_layers(fmt, cfg):
+    """AWQ layers (through the AWQ tensors and back) and GPTQ layers with act-order (a permutation of the
+    input features, zero points 1..16 as GPTQ v1 stores them) run the same kernel on the same layout."""
+    from engine.quant.checkpoint import awq_to_int4, int4_to_awq
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(7)
+    n, k, group, m = 40, 384, 128, 19
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    if fmt == "awq":
+        layer = awq_to_int4(**int4_to_awq(Int4Linear(qweight, scales, zeros, None, group)))
+    else:
+        zeros = torch.randint(1, 17, zeros.shape, generator=g).to(torch.uint8)  # GPTQ v1: stored zero + 1
+        layer = Int4Linear(qweight, scales, zeros, None, group, perm=torch.randperm(k, generator=g))
+    layer = layer.to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    xp = x if layer.perm is None else x.index_select(1, layer.perm)
+    out = int4_matmul(xp, layer.packed, layer.scales, layer.zeros, layer.group_size, **cfg)
+    ref = x.float() @ layer.dequantized_weight().t()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_mma_launch_rejects_configs_it_cannot_run():
+    from engine.quant.triton_int4 import _launch
+    qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 64)
+    packed, x = pack_int4_kernel(qweight), torch.randn(2, 256)
+    for block_k in (128, 48, 16):
+        with pytest.raises(ValueError, match=f"block_k={block_k}"):
+            _launch(x, packed, scales, zeros, 64, kernel="mma", block_k=block_k)
+    with pytest.raises(ValueError, match="block_k=64: layout='pairs'"):  # 4 dots of K = 16 need 128 a step
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", block_k=64)
+    with pytest.raises(ValueError, match="swap-AB"):
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", swap=False)
+    with pytest.raises(ValueError, match="layout='rows'"):
+        _launch(x, packed, scales, zeros, 64, kernel="mma", layout="rows")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="inline PTX"):
+            _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", asm=True)
+
+
+def test_mma_configs_are_offered_at_every_batch_and_fit_the_group():
+    from engine.quant.triton_int4 import candidates
+    for m in (1, 2, 16, 33, 64, 100, 256, 600):
+        mma = [c for c in candidates(m, 4096, 4096, 128, 132, asm=True) if c.get("kernel") == "mma"]
+        pairs = [c for c in mma if c.get("layout") == "pairs"]
+        assert pairs and all(c["asm"] and c["block_k"] == 128 for c in pairs), m
+        assert all(c["split_k"] == 1 or c.get("serial") for c in mma)
+        assert all(c["block_m"] * c["block_n"] <= 16384 for c in pairs)  # <= 64 + 64 accumulators a thread
+        assert not any(c.get("asm") for c in candidates(m, 4096, 4096, 128, 132) if c.get("kernel") == "mma")
+        for group in (64, 32):  # steps of 128 features would span groups: no pairs, "tile" steps inside one
+            mma = [c for c in candidates(m, 4096, 4096, group, 132, asm=True) if c.get("kernel") == "mma"]
+            assert not any(c.get("layout") == "pairs" for c in mma)
+            assert all(group % c["block_k"] == 0 and c["block_k"] % 32 == 0 for c in mma), (m, group)
+    big = [c for c in candidates(256, 4096, 4096, 128, 132) if c.get("kernel") == "mma"]
+    assert any(not c["swap"] for c in big) and any(c["block_m"] == 128 and c.get("layout") == "pairs" for c in big)
+
+
+def test_tuner_never_picks_a_candidate_that_disagrees(monkeypatch):
+    """tuning.pick on a (simulated) GPU: the fastest candidate computes a wrong product, so the fastest
+    of the agreeing ones is chosen and the wrong one is timed as inf."""
+    from engine.quant import tuning
+    from engine.quant.triton_int4 import _launch
+    g = torch.Generator().manual_seed(3)
+    qweight, scales, zeros = quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128)
+    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g)
+    good_slow = dict(MMA, block_m=16, block_n=16, block_k=128)
+    wrong_fast = dict(MMA, block_m=16, block_n=16, block_k=128, wrong=True)
+    good_fast = dict(MMA, block_m=16, block_n=32, block_k=64, swap=False)
+    times = {0: 3.0, 1: 1.0, 2: 2.0}
+    calls = []
+
+    def launch(cfg, *args):
+        calls.append(cfg)
+        cfg = dict(cfg)
+        out = _launch(*args, **{k: v for k, v in cfg.items() if k != "wrong"})
+        return out * 1.5 if cfg.get("wrong") else out
+
+    monkeypatch.setattr(tuning, "_graph_time", lambda fn, n: times[[good_slow, wrong_fast, good_fast].index(calls[-1])])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    key = ("test-int4-mma", 5, 24, 256)
+    try:
+        best = tuning.pick(key, [good_slow, wrong_fast, good_fast], launch,
+                           lambda: [(x, packed, scales, zeros, 128)], torch.device("cuda"))
+        assert best == good_fast
+        assert dict((str(c), t) for c, t in tuning.timings[key])[str(wrong_fast)] == float("inf")
+    finally:
+        for table in (tuning.chosen, tuning.timings, tuning.seconds):
+            table.pop(key, None)
