@@ -25,9 +25,29 @@ class CountingRunner:
         return {"id": point["id"], "value": point["id"] ** 2 + 1, "pid": os.getpid(), "nth": self.loads_seen}
 
 
-def _collect(executor, points, tp=lambda p: 1):
+class PreparingRunner(CountingRunner):
+    """A runner with prepare(point), as PointWorker: records what it was prepared for before its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare(self, point):
+        if point.get("bad_prepare"):
+            raise RuntimeError(f"out of memory preparing {point['id']}")
+        self.prepared.append(point["id"])
+
+    def __call__(self, point):
+        import torch
+
+        out = super().__call__(point)
+        return {**out, "prepared": list(self.prepared), "threads": torch.get_num_threads(),
+                "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _collect(executor, points, tp=lambda p: 1, runner=CountingRunner):
     results, errors = {}, {}
-    executor.map(points, CountingRunner, lambda p, r: results.__setitem__(p["id"], r),
+    executor.map(points, runner, lambda p, r: results.__setitem__(p["id"], r),
                  lambda p, msg: errors.__setitem__(p["id"], msg), tensor_parallel_size=tp)
     return results, errors
 
@@ -61,6 +81,40 @@ def test_a_dead_worker_fails_its_point_and_the_rest_finish(local_ray):
     assert set(errors) == {1, 4}
     assert errors[1].startswith("worker died")
     assert "bad point 4" in errors[4]
+
+
+def test_each_actor_prepares_its_first_point_in_its_constructor(local_ray):
+    """An actor is created with its first point and prepares it (loads the model) before the point's call; a
+    replacement for a dead actor prepares its own first point; a prepare that fails leaves the point to run."""
+    points = [{"id": 0}, {"id": 1}, {"id": 2, "crash": True}, {"id": 3}, {"id": 4}, {"id": 5}]
+    results, errors = _collect(RayExecutor(num_workers=2), points, runner=PreparingRunner)
+    assert set(results) == {0, 1, 3, 4, 5} and errors[2].startswith("worker died")
+    firsts = {r["pid"]: r["id"] for r in results.values() if r["nth"] == 1}
+    for r in results.values():
+        assert r["prepared"] == [firsts[r["pid"]]]  # prepared once, for the point it ran first
+    assert len(firsts) == 3  # two actors and the replacement of the one that died
+    results, errors = _collect(RayExecutor(num_workers=1), [{"id": 7, "bad_prepare": True}, {"id": 8}],
+                               runner=PreparingRunner)
+    assert not errors and results[7]["prepared"] == results[8]["prepared"] == []
+
+
+def test_actors_run_with_the_torch_threads_of_the_driver(local_ray):
+    """Ray gives an actor of one CPU OMP_NUM_THREADS=1; the actors take the driver's torch thread count
+    instead (as a sequential sweep started here runs), or num_threads when given."""
+    import torch
+
+    before = torch.get_num_threads()
+    want = min(2, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(want)
+    try:
+        results, _ = _collect(RayExecutor(num_workers=2), [{"id": i} for i in range(2)], runner=PreparingRunner)
+    finally:
+        torch.set_num_threads(before)
+    assert {(r["threads"], r["omp"]) for r in results.values()} == {(want, str(want))}
+    results, _ = _collect(RayExecutor(num_workers=1, num_threads=1), [{"id": 0}], runner=PreparingRunner)
+    assert (results[0]["threads"], results[0]["omp"]) == (1, "1")
+    with pytest.raises(ValueError, match="num_threads=0"):
+        RayExecutor(num_threads=0)
 
 
 def test_actor_slots_per_tensor_parallel_size_and_refusals():
