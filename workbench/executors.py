@@ -48,18 +48,22 @@ class _Worker:
 
     Created with its first point, it builds the runner at once and, when the runner has ``prepare(point)``
     (`PointWorker`: imports, CUDA context, weights for that point's config, the device's rates), prepares
-    it in the constructor, so that the process is warm when the point's call arrives. ``num_threads``: the
-    torch intra-op threads of the driver, which the actor takes instead of the OMP_NUM_THREADS=1 that
-    Ray gives an actor of one CPU (the engine's host work has CPU torch ops; a point must run under the
-    conditions of a sequential run). A prepare that raises leaves the point to load and fail by itself.
+    it in the constructor, so that the process is warm when the point's call arrives. A point runs under
+    the conditions of a sequential run from the driver: ``num_threads``, the driver's torch intra-op
+    threads, replaces the OMP_NUM_THREADS=1 that Ray gives an actor of one CPU (the engine's host work
+    has CPU torch ops), and ``nice``, the driver's niceness, the 15 Ray's raylet gives its workers (where
+    this process may raise its priority; a local Ray started by `RayExecutor` starts them at it). A
+    prepare that raises leaves the point to load and fail by itself.
     """
 
-    def __init__(self, make_runner: Callable[[], Runner], first_point=None, num_threads: int | None = None):
+    def __init__(self, make_runner: Callable[[], Runner], first_point=None, num_threads: int | None = None,
+                 nice: int | None = None):
         import socket
         import time
 
         t0 = time.perf_counter()
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "num_threads": _use_threads(num_threads)}
+        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "num_threads": _use_threads(num_threads),
+                     "nice": _use_niceness(nice)}
         self._make_runner, self._run = make_runner, None
         if first_point is not None:
             self._run = make_runner()
@@ -105,6 +109,17 @@ def _use_threads(num_threads: int | None) -> int | None:
     return torch.get_num_threads()
 
 
+def _use_niceness(nice: int | None) -> int:
+    """Lower this process's niceness (raise its priority) to ``nice`` where allowed (root, CAP_SYS_NICE);
+    returns the niceness now. On Linux it applies to the calling thread and the threads it starts later."""
+    if nice is not None and os.nice(0) > nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except (OSError, AttributeError):  # not permitted: the point runs at Ray's niceness, which describe() says
+            pass
+    return os.nice(0)
+
+
 def _driver_threads() -> int | None:
     """The torch intra-op threads of this process (what a sequential sweep here runs with)."""
     try:
@@ -129,7 +144,8 @@ class RayExecutor:
     running cluster. num_workers: the number of actors per tensor-parallel size (default: as many as
     the cluster's GPUs allow, or its CPUs divided by ``cpus_per_worker`` on a machine without GPUs).
     num_threads: torch intra-op threads of every actor (default: this process's, so that a point runs as
-    in a sequential sweep started here; Ray alone would give an actor of one CPU a single thread).
+    in a sequential sweep started here; Ray alone would give an actor of one CPU a single thread); the
+    actors also take this process's niceness (Ray's workers run at 15), see `_Worker`.
     Each actor is created with its first point and loads the model for it in its constructor (see
     `_Worker`); ``timings`` says, after map(), how long ray.init and each actor's start took.
     Invariant: at most one point is in flight per actor; every point handed out ends in exactly one
@@ -162,6 +178,9 @@ class RayExecutor:
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
                    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+            # The raylet starts its workers at niceness 15 by default; a local one starts them at this
+            # process's, so that the actors' points get the CPU a sequential sweep's would.
+            local = {"RAY_worker_niceness": str(os.nice(0))}
             opts = dict(log_to_driver=False, include_dashboard=False, ignore_reinit_error=True,
                         configure_logging=False)
             if self.address is None:
@@ -169,7 +188,7 @@ class RayExecutor:
                 # variables need no runtime_env (which a minimal Ray install may not be able to set up).
                 # The GPU count is torch's, not Ray's detection (which a trimmed Ray may lack: it would
                 # then see none and start one actor per CPU, each on the same GPU).
-                with _environ(env):
+                with _environ({**env, **local}):
                     ray.init(num_gpus=_visible_gpus(), runtime_env=self.runtime_env, **opts)
             else:
                 runtime_env = dict(self.runtime_env or {})
@@ -232,7 +251,7 @@ class RayExecutor:
             handed to it at once: all actors of the group start, import and load side by side."""
             point = next_point()
             if point is not None:
-                actor = actor_cls.remote(make_runner, point, threads)
+                actor = actor_cls.remote(make_runner, point, threads, os.nice(0))
                 alive.append(actor)
                 in_flight[actor.run.remote(point)] = (actor, point)
                 described.append(actor.describe.remote())
@@ -275,7 +294,7 @@ class RayExecutor:
                     pass
 
     def _record_actors(self, ray, tp: int, described: list, t_start: float) -> None:
-        """timings["actors"]: per actor of this group its host, pid, torch threads, constructor seconds
+        """timings["actors"]: per actor of this group its host, pid, torch threads, niceness, constructor seconds
         (runner built and first point prepared) and when it was ready, in s since the group started."""
         for ref in described:
             try:

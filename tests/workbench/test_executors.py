@@ -42,7 +42,7 @@ class PreparingRunner(CountingRunner):
 
         out = super().__call__(point)
         return {**out, "prepared": list(self.prepared), "threads": torch.get_num_threads(),
-                "omp": os.environ.get("OMP_NUM_THREADS")}
+                "omp": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0)}
 
 
 def _collect(executor, points, tp=lambda p: 1, runner=CountingRunner):
@@ -111,6 +111,10 @@ def test_actors_run_with_the_torch_threads_of_the_driver(local_ray):
     finally:
         torch.set_num_threads(before)
     assert {(r["threads"], r["omp"]) for r in results.values()} == {(want, str(want))}
+    # Ray starts its workers at niceness 15 (this fixture's Ray too); an actor that may raise its priority
+    # runs its points at the driver's
+    if os.geteuid() == 0:
+        assert {r["nice"] for r in results.values()} == {os.nice(0)}
     results, _ = _collect(RayExecutor(num_workers=1, num_threads=1), [{"id": 0}], runner=PreparingRunner)
     assert (results[0]["threads"], results[0]["omp"]) == (1, "1")
     with pytest.raises(ValueError, match="num_threads=0"):
