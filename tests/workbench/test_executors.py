@@ -175,6 +175,36 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
     assert par[C.run_host].notna().all()
 
 
+def test_ctrl_c_in_a_ray_sweep_leaves_a_file_that_resumes_only_the_rest(local_ray, tmp_path):
+    """A KeyboardInterrupt while a Ray sweep runs (here: raised as the first row arrives) stops it with that row
+    saved; the same sweep run again skips it and runs only the other points."""
+    from engine import EngineConfig
+    from workbench import Sweep
+    from workbench.schema import C
+
+    def sweep(on_point):
+        return Sweep(model="tiny", workload="fixed", workload_args={"prompt_len": 8, "output_len": 4}, num_requests=4,
+                     grid={"block_size": [8, 16, 32]}, base_config=EngineConfig(device="cpu", max_model_len=64),
+                     out=str(tmp_path / "r.jsonl"), repeats=1, progress=False, warmup=False, executor="ray",
+                     num_workers=1, on_point=on_point)
+
+    saved = []
+
+    def interrupt(row):
+        saved.append(row[C.label])
+        raise KeyboardInterrupt
+
+    first = sweep(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert first.saved_points() == 1 and len(saved) == 1
+    rerun = []
+    second = sweep(lambda row: rerun.append(row[C.label]))
+    df = second.run()
+    assert second.skipped == 1 and sorted(rerun + saved) == sorted(["bs=8", "bs=16", "bs=32"])
+    assert len(df) == 3 and (df[C.status] == "ok").all()
+
+
 def _load_bench():
     import importlib.util
 
