@@ -16,6 +16,7 @@ so the caller can say how many points were saved and how to resume.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections import deque
@@ -189,13 +190,23 @@ class RayExecutor:
                 # The GPU count is torch's, not Ray's detection (which a trimmed Ray may lack: it would
                 # then see none and start one actor per CPU, each on the same GPU).
                 with _environ({**env, **local}):
-                    ray.init(num_gpus=_visible_gpus(), runtime_env=self.runtime_env, **opts)
+                    ray.init(**self._local_resources(_visible_gpus()), runtime_env=self.runtime_env, **opts)
             else:
                 runtime_env = dict(self.runtime_env or {})
                 runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
                 ray.init(address=self.address, runtime_env=runtime_env, **opts)
         self.timings = {"ray_init_s": time.perf_counter() - t0, "ray_started_here": started}
         return ray, started
+
+    def _local_resources(self, gpus: int) -> dict:
+        """ray.init's resources for a Ray started here. With GPUs, only the CPUs their actors ask for: the raylet
+        prestarts one idle Python worker per CPU as the driver connects (32 on a 32-core host), and those
+        would import Ray beside the actors' own imports and weight loads, for nothing. Without GPUs the
+        CPUs set the number of actors: Ray's default (all of them)."""
+        if not gpus:
+            return {"num_gpus": 0}
+        cpus = max(1, math.ceil(gpus * self.cpus_per_worker))
+        return {"num_gpus": gpus, "num_cpus": min(cpus, os.cpu_count() or cpus)}
 
     def _slots(self, ray, tp: int) -> tuple[int, dict]:
         """(number of actors, resources of one) for points of tensor-parallel size ``tp``."""

@@ -147,6 +147,14 @@ def test_actor_slots_per_tensor_parallel_size_and_refusals():
             RayExecutor(num_workers=bad)
 
 
+def test_a_local_ray_with_gpus_gets_the_cpus_of_its_actors_only():
+    """Hand-computed: one CPU per GPU's actor (cpus_per_worker each, rounded up), not one idle prestarted worker
+    per core; without GPUs Ray's default CPUs (they set the number of actors)."""
+    assert RayExecutor()._local_resources(2) == {"num_gpus": 2, "num_cpus": min(2, os.cpu_count())}
+    assert RayExecutor(cpus_per_worker=1.5)._local_resources(1) == {"num_gpus": 1, "num_cpus": min(2, os.cpu_count())}
+    assert RayExecutor()._local_resources(0) == {"num_gpus": 0}
+
+
 def test_make_executor_names():
     assert isinstance(make_executor(None), SequentialExecutor)
     assert isinstance(make_executor("ray", num_workers=2), RayExecutor)
