@@ -64,7 +64,8 @@ class _Worker:
 
         t0 = time.perf_counter()
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "num_threads": _use_threads(num_threads),
-                     "nice": _use_niceness(nice)}
+                     "nice": _use_niceness(nice), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                     "points": []}
         self._make_runner, self._run = make_runner, None
         if first_point is not None:
             self._run = make_runner()
@@ -79,11 +80,14 @@ class _Worker:
     def run(self, point):
         if self._run is None:
             self._run = self._make_runner()
+        item = point[0] if isinstance(point, tuple) else point
+        self.info["points"].append(getattr(item, "label", None))  # a sweep's point: which GPU ran which point
         return self._run(point)
 
     def describe(self) -> dict:
-        """pid, host, torch threads and the seconds the constructor took (runner built and prepared)."""
-        return dict(self.info)
+        """pid, host, torch threads, niceness, CUDA_VISIBLE_DEVICES, the labels of the points run so far and
+        the seconds the constructor took (runner built and first point prepared)."""
+        return {**self.info, "points": list(self.info["points"])}
 
     def close(self) -> None:
         """Drop the runner and collect it now: a tensor-parallel engine stops its worker processes cleanly
@@ -246,7 +250,6 @@ class RayExecutor:
         threads = self.num_threads if self.num_threads is not None else _driver_threads()
         queue = deque(points)
         alive: list = []
-        described: list = []  # each actor's describe() ref: answered after its first point
         in_flight: dict = {}  # ObjectRef -> (actor, point)
         t_start = time.time()
 
@@ -265,7 +268,6 @@ class RayExecutor:
                 actor = actor_cls.remote(make_runner, point, threads, os.nice(0))
                 alive.append(actor)
                 in_flight[actor.run.remote(point)] = (actor, point)
-                described.append(actor.describe.remote())
 
         def submit(actor):
             point = next_point()
@@ -292,7 +294,7 @@ class RayExecutor:
                 else:
                     on_result(point, result)
                 submit(actor)
-            self._record_actors(ray, tp, described, t_start)
+            self._record_actors(ray, tp, alive, t_start)
             try:  # every point done: let the actors release their models before they are killed
                 ray.get([actor.close.remote() for actor in alive], timeout=60)
             except Exception:  # noqa: BLE001 - killed below in any case
@@ -304,13 +306,13 @@ class RayExecutor:
                 except Exception:  # noqa: BLE001 - already dead
                     pass
 
-    def _record_actors(self, ray, tp: int, described: list, t_start: float) -> None:
-        """timings["actors"]: per actor of this group its host, pid, torch threads, niceness, constructor seconds
-        (runner built and first point prepared) and when it was ready, in s since the group started."""
-        for ref in described:
+    def _record_actors(self, ray, tp: int, actors: list, t_start: float) -> None:
+        """timings["actors"]: per live actor of this group what `_Worker.describe` says, and when it was ready,
+        in s since the group started (an actor that died is in the results as its point's error)."""
+        for actor in actors:
             try:
-                info = ray.get(ref, timeout=10)
-            except Exception:  # noqa: BLE001 - a dead actor says nothing
+                info = ray.get(actor.describe.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - nothing to record
                 continue
             info = {**info, "tensor_parallel_size": tp}
             if "ready_at" in info:

@@ -175,12 +175,18 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
                      progress=False, warmup=False, executor=executor, num_workers=2)
 
     seq = sweep("sequential", tmp_path / "seq.jsonl").run()
-    par = sweep("ray", tmp_path / "ray.jsonl").run()
+    ray_sweep = sweep("ray", tmp_path / "ray.jsonl")
+    par = ray_sweep.run()
     same = [C.point_id, C.label, C.status, C.block_size, C.enable_prefix_caching, C.num_requests,
             C.prefix_cache_queries, C.prefix_cache_hits, C.num_preemptions, C.kv_blocks, C.total_output_tokens]
     assert (par[C.status] == "ok").all()
     assert par[same].to_dict("records") == seq[same].to_dict("records")
     assert par[C.run_host].notna().all()
+    # the environment says how long Ray and each actor took to start, and which actor ran which point
+    timings = ray_sweep.environment["executor_timings"]
+    assert timings["ray_init_s"] >= 0 and len(timings["actors"]) == 2
+    assert sorted(label for a in timings["actors"] for label in a["points"]) == sorted(par[C.label])
+    assert all(a["init_s"] > 0 and a["tensor_parallel_size"] == 1 for a in timings["actors"])
 
 
 def test_ctrl_c_in_a_ray_sweep_leaves_a_file_that_resumes_only_the_rest(local_ray, tmp_path):
