@@ -186,6 +186,9 @@ class RayExecutor:
             # The raylet starts its workers at niceness 15 by default; a local one starts them at this
             # process's, so that the actors' points get the CPU a sequential sweep's would.
             local = {"RAY_worker_niceness": str(os.nice(0))}
+            threads = self.num_threads if self.num_threads is not None else _driver_threads()
+            if threads is not None:  # else Ray sets 1 before the actors import torch and numpy (see _Worker)
+                local["OMP_NUM_THREADS"] = str(threads)
             opts = dict(log_to_driver=False, include_dashboard=False, ignore_reinit_error=True,
                         configure_logging=False)
             if self.address is None:
