@@ -86,6 +86,26 @@ class PointWorker:
         self.telemetry, self.telemetry_interval, self.telemetry_enabled = telemetry, telemetry_interval, \
             telemetry_enabled
         self.rates: dict | None = None  # matmul rate and copy bandwidth of this worker's device
+        self._prepared: tuple | None = None  # (config, seconds) of prepare(): the next point of that config uses it
+
+    def prepare(self, point) -> None:
+        """Load the weights for ``point``'s config and measure the device's rates now, ahead of the point (a Ray
+        actor does it in its constructor). The point's call then starts from this engine, as a sequential
+        sweep's first point starts from the one it loads, and its point_duration_s includes these seconds.
+        Raises what the load raises (memory released), for the point to meet again and record."""
+        import time
+
+        point = point[0] if isinstance(point, tuple) else point
+        t0 = time.perf_counter()
+        try:
+            self.llm = load_llm(self.model, point.config, self.llm, self.seed, self.dtype)
+            if self.rates is None:
+                from .profiling import measure_rates
+                self.rates = measure_rates(self.llm.device)
+        except Exception:
+            release_memory()
+            raise
+        self._prepared = (point.config, time.perf_counter() - t0)
 
     def _telemetry_for(self, device):
         if self.telemetry is None:
@@ -109,9 +129,15 @@ class PointWorker:
 
         point = point[0] if isinstance(point, tuple) else point
         t0 = time.perf_counter()
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == point.config and self.llm is not None:
+            t0 -= prepared[1]  # loaded for this point by prepare(): its seconds count as the point's
+        else:
+            prepared = None
         frames: dict = {}
         try:
-            self.llm = load_llm(self.model, point.config, self.llm, self.seed, self.dtype)
+            if prepared is None:
+                self.llm = load_llm(self.model, point.config, self.llm, self.seed, self.dtype)
             if self.rates is None:  # measured once, on the device of the first point
                 from .profiling import measure_rates
                 self.rates = measure_rates(self.llm.device)

@@ -245,6 +245,8 @@ class Sweep:
                                   tensor_parallel_size=lambda item: item[0].config.tensor_parallel_size, skip=skip)
             finally:
                 bar.close()
+                if getattr(self.executor, "timings", None):  # Ray: ray.init's and each actor's start, in s
+                    self.environment["executor_timings"] = self.executor.timings
         finally:
             self.store.close()
         return self.results

@@ -25,9 +25,29 @@ class CountingRunner:
         return {"id": point["id"], "value": point["id"] ** 2 + 1, "pid": os.getpid(), "nth": self.loads_seen}
 
 
-def _collect(executor, points, tp=lambda p: 1):
+class PreparingRunner(CountingRunner):
+    """A runner with prepare(point), as PointWorker: records what it was prepared for before its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.prepared = []
+
+    def prepare(self, point):
+        if point.get("bad_prepare"):
+            raise RuntimeError(f"out of memory preparing {point['id']}")
+        self.prepared.append(point["id"])
+
+    def __call__(self, point):
+        import torch
+
+        out = super().__call__(point)
+        return {**out, "prepared": list(self.prepared), "threads": torch.get_num_threads(),
+                "omp": os.environ.get("OMP_NUM_THREADS"), "nice": os.nice(0)}
+
+
+def _collect(executor, points, tp=lambda p: 1, runner=CountingRunner):
     results, errors = {}, {}
-    executor.map(points, CountingRunner, lambda p, r: results.__setitem__(p["id"], r),
+    executor.map(points, runner, lambda p, r: results.__setitem__(p["id"], r),
                  lambda p, msg: errors.__setitem__(p["id"], msg), tensor_parallel_size=tp)
     return results, errors
 
@@ -63,6 +83,48 @@ def test_a_dead_worker_fails_its_point_and_the_rest_finish(local_ray):
     assert "bad point 4" in errors[4]
 
 
+def test_each_actor_prepares_its_first_point_in_its_constructor(local_ray):
+    """An actor is created with its first point and prepares it (loads the model) before the point's call; a
+    replacement for a dead actor prepares its own first point; a prepare that fails leaves the point to run."""
+    results, errors = _collect(RayExecutor(num_workers=2), [{"id": i} for i in range(4)], runner=PreparingRunner)
+    firsts = {r["pid"]: r["id"] for r in results.values() if r["nth"] == 1}
+    assert not errors and sorted(firsts.values()) == [0, 1]  # each actor created with its first point
+    for r in results.values():
+        assert r["prepared"] == [firsts[r["pid"]]]  # prepared once, for the point it ran first
+    # one actor, so that which one dies and what is left for its replacement is fixed
+    points = [{"id": 0}, {"id": 1, "crash": True}, {"id": 2}, {"id": 3}]
+    results, errors = _collect(RayExecutor(num_workers=1), points, runner=PreparingRunner)
+    assert set(results) == {0, 2, 3} and errors[1].startswith("worker died")
+    assert results[0]["prepared"] == [0] and results[2]["prepared"] == results[3]["prepared"] == [2]
+    assert results[0]["pid"] != results[2]["pid"] == results[3]["pid"]
+    results, errors = _collect(RayExecutor(num_workers=1), [{"id": 7, "bad_prepare": True}, {"id": 8}],
+                               runner=PreparingRunner)
+    assert not errors and results[7]["prepared"] == results[8]["prepared"] == []
+
+
+def test_actors_run_with_the_torch_threads_of_the_driver(local_ray):
+    """Ray gives an actor of one CPU OMP_NUM_THREADS=1; the actors take the driver's torch thread count
+    instead (as a sequential sweep started here runs), or num_threads when given."""
+    import torch
+
+    before = torch.get_num_threads()
+    want = min(2, len(os.sched_getaffinity(0)))
+    torch.set_num_threads(want)
+    try:
+        results, _ = _collect(RayExecutor(num_workers=2), [{"id": i} for i in range(2)], runner=PreparingRunner)
+    finally:
+        torch.set_num_threads(before)
+    assert {(r["threads"], r["omp"]) for r in results.values()} == {(want, str(want))}
+    # Ray starts its workers at niceness 15 (this fixture's Ray too); an actor that may raise its priority
+    # runs its points at the driver's
+    if os.geteuid() == 0:
+        assert {r["nice"] for r in results.values()} == {os.nice(0)}
+    results, _ = _collect(RayExecutor(num_workers=1, num_threads=1), [{"id": 0}], runner=PreparingRunner)
+    assert (results[0]["threads"], results[0]["omp"]) == (1, "1")
+    with pytest.raises(ValueError, match="num_threads=0"):
+        RayExecutor(num_threads=0)
+
+
 def test_actor_slots_per_tensor_parallel_size_and_refusals():
     """One actor per group of tp GPUs (at most num_workers), CPU slots without GPUs, and a tp larger than the
     cluster's GPUs or a bad num_workers refused naming it (hand-computed, on a stand-in for ray)."""
@@ -85,6 +147,14 @@ def test_actor_slots_per_tensor_parallel_size_and_refusals():
             RayExecutor(num_workers=bad)
 
 
+def test_a_local_ray_with_gpus_gets_the_cpus_of_its_actors_only():
+    """Hand-computed: one CPU per GPU's actor (cpus_per_worker each, rounded up), not one idle prestarted worker
+    per core; without GPUs Ray's default CPUs (they set the number of actors)."""
+    assert RayExecutor()._local_resources(2) == {"num_gpus": 2, "num_cpus": min(2, os.cpu_count())}
+    assert RayExecutor(cpus_per_worker=1.5)._local_resources(1) == {"num_gpus": 1, "num_cpus": min(2, os.cpu_count())}
+    assert RayExecutor()._local_resources(0) == {"num_gpus": 0}
+
+
 def test_make_executor_names():
     assert isinstance(make_executor(None), SequentialExecutor)
     assert isinstance(make_executor("ray", num_workers=2), RayExecutor)
@@ -105,12 +175,48 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
                      progress=False, warmup=False, executor=executor, num_workers=2)
 
     seq = sweep("sequential", tmp_path / "seq.jsonl").run()
-    par = sweep("ray", tmp_path / "ray.jsonl").run()
+    ray_sweep = sweep("ray", tmp_path / "ray.jsonl")
+    par = ray_sweep.run()
     same = [C.point_id, C.label, C.status, C.block_size, C.enable_prefix_caching, C.num_requests,
             C.prefix_cache_queries, C.prefix_cache_hits, C.num_preemptions, C.kv_blocks, C.total_output_tokens]
     assert (par[C.status] == "ok").all()
     assert par[same].to_dict("records") == seq[same].to_dict("records")
     assert par[C.run_host].notna().all()
+    # the environment says how long Ray and each actor took to start, and which actor ran which point
+    timings = ray_sweep.environment["executor_timings"]
+    assert timings["ray_init_s"] >= 0 and len(timings["actors"]) == 2
+    assert sorted(label for a in timings["actors"] for label in a["points"]) == sorted(par[C.label])
+    assert all(a["init_s"] > 0 and a["tensor_parallel_size"] == 1 for a in timings["actors"])
+
+
+def test_ctrl_c_in_a_ray_sweep_leaves_a_file_that_resumes_only_the_rest(local_ray, tmp_path):
+    """A KeyboardInterrupt while a Ray sweep runs (here: raised as the first row arrives) stops it with that row
+    saved; the same sweep run again skips it and runs only the other points."""
+    from engine import EngineConfig
+    from workbench import Sweep
+    from workbench.schema import C
+
+    def sweep(on_point):
+        return Sweep(model="tiny", workload="fixed", workload_args={"prompt_len": 8, "output_len": 4}, num_requests=4,
+                     grid={"block_size": [8, 16, 32]}, base_config=EngineConfig(device="cpu", max_model_len=64),
+                     out=str(tmp_path / "r.jsonl"), repeats=1, progress=False, warmup=False, executor="ray",
+                     num_workers=1, on_point=on_point)
+
+    saved = []
+
+    def interrupt(row):
+        saved.append(row[C.label])
+        raise KeyboardInterrupt
+
+    first = sweep(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert first.saved_points() == 1 and len(saved) == 1
+    rerun = []
+    second = sweep(lambda row: rerun.append(row[C.label]))
+    df = second.run()
+    assert second.skipped == 1 and sorted(rerun + saved) == sorted(["bs=8", "bs=16", "bs=32"])
+    assert len(df) == 3 and (df[C.status] == "ok").all()
 
 
 def _load_bench():
