@@ -82,7 +82,13 @@ def _int8_mma_planes_kernel(x_ptr, h_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, 
         h = tl.load(h_tile + k0 // 2, mask=mask_n[:, None], other=0)
         xs = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
         if DT == tl.bfloat16:
-            xh = (xs.to(tl.float32) * 0.0625).to(tl.float16)  # XSCALE = 2^-4
+            # x * XSCALE (2^-4) as the float32 exponent lowered by 4 in its bits (0 and values below 1e-30 go to
+            # 0). Not `(x.to(float32) * 0.0625).to(float16)`: Triton 3.6 on sm_90 converts to float16 before
+            # the multiply, so |x| >= 65520 became inf and the output NaN (the GPU test
+            # test_int8_mma_candidates_match_reference's large x).
+            xf = xs.to(tl.float32)
+            xb = (xf.to(tl.int32, bitcast=True) - (4 << 23)).to(tl.float32, bitcast=True)
+            xh = tl.where(tl.abs(xf) >= 1e-30, xb, 0.0).to(tl.float16)
         elif DT == tl.float16:
             xh = xs
         else:
