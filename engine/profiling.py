@@ -25,6 +25,7 @@ _RULES = [
     ("attention_prefill", r"prefill|attention|attn|flash|fmha|sdpa|scaled_dot_product|aten::bmm|aten::baddbmm"
                           r"|einsum|softmax"),
     ("kv_write", r"write_kv|reshape_and_cache|index_put|index_copy|scatter"),
+    ("other", r"route|routing"),  # MoE routing picks experts with a top-k: not the sampler's
     ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|exponential"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"),
     ("norm_rotary_act", r"norm|rms|rotary|rope|silu|gelu|act|elementwise|aten::mul|aten::add|aten::neg|aten::cat"

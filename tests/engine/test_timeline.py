@@ -86,7 +86,8 @@ def test_reset_stats_clears_the_timeline():
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"), ("_int4_gemv_kernel", "gemm"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>", "sampler"),
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "communication"), ("Memcpy HtoD (Pinned -> Device)", "memcpy"),
-    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::einsum", "attention_prefill"), ("something_else", "other")])
+    ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::einsum", "attention_prefill"), ("something_else", "other"),
+    ("_route_topk_kernel", "other"), ("aten::topk", "sampler")])
 def test_kernel_names_are_classified(name, cls):
     assert classify(name) == cls and cls in KERNEL_CLASSES
 
