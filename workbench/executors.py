@@ -81,7 +81,10 @@ class _Worker:
         if self._run is None:
             self._run = self._make_runner()
         item = point[0] if isinstance(point, tuple) else point
-        self.info["points"].append(getattr(item, "label", None))  # a sweep's point: which GPU ran which point
+        try:  # a sweep's point: which GPU ran which point
+            self.info["points"].append(item.label)
+        except AttributeError:
+            self.info["points"].append(None)
         return self._run(point)
 
     def describe(self) -> dict:
@@ -317,7 +320,7 @@ class RayExecutor:
                 info = ray.get(actor.describe.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - nothing to record
                 continue
-            info = {**info, "tensor_parallel_size": tp}
+            info = {**info, "tp": tp}
             if "ready_at" in info:
                 info["ready_after_s"] = info.pop("ready_at") - t_start
             self.timings.setdefault("actors", []).append(info)

@@ -186,7 +186,7 @@ def test_a_ray_sweep_gives_the_rows_of_a_sequential_one(local_ray, tmp_path):
     timings = ray_sweep.environment["executor_timings"]
     assert timings["ray_init_s"] >= 0 and len(timings["actors"]) == 2
     assert sorted(label for a in timings["actors"] for label in a["points"]) == sorted(par[C.label])
-    assert all(a["init_s"] > 0 and a["tensor_parallel_size"] == 1 for a in timings["actors"])
+    assert all(a["init_s"] > 0 and a["tp"] == 1 for a in timings["actors"])
 
 
 def test_ctrl_c_in_a_ray_sweep_leaves_a_file_that_resumes_only_the_rest(local_ray, tmp_path):
