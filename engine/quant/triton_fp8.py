@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _serial_split_reduce
+from .triton_int8 import _store_tile
 
 FP8_MAX = 448.0
 MAX_ROW_BLOCK = 16384  # rows up to this many features are read once (32 values a thread at 16 warps)
@@ -116,12 +116,8 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
     acc = acc * ws[:, None] * xs[None, :]
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed by the tile's last slice into
     # res_ptr (SERIAL) or by a torch.sum afterwards (triton_int8.py).
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
 
 
 def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128,

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import tuning
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
-from .triton_int8 import (_serial_split_reduce, gemv_output, gemv_result, gemv_split_k, mm_block_m,
-                          num_sms, split_locks, split_variants, tune_bucket)
+from .triton_int8 import (_serial_split_reduce, _store_tile, gemv_output, gemv_result, gemv_split_k,
+                          mm_block_m, num_sms, split_locks, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -178,12 +178,8 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
             wd = (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * (scale * (1.0 / step))
             acc = tl.dot(wd.to(xt.dtype), xt, acc, input_precision=PRECISION)
     # acc[n, m] is out[m, n]; split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (as the GEMV's).
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
 
 
 # ----- launch configs -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .triton_int4 import _serial_when_split, asm_supported
-from .triton_int8 import _serial_split_reduce, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, gemv_output, gemv_result, mm_block_m, split_locks
 
 
 @triton.jit
@@ -127,16 +127,8 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                 wd = _scaled_operand(w, shift, scale[None, :], zero[None, :], DT)
                 acc = tl.dot(xs, wd, acc, input_precision=PRECISION)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
-    if SWAP:
-        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        mask = mask_n[:, None] & mask_m[None, :]
-    else:
-        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=SWAP, SERIAL=SERIAL)
 
 
 def _pair_ptx(shift: int, magic: str) -> str:
@@ -245,12 +237,8 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
             part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
             part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
         acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
 
 
 # ----- launch configs -----------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .triton_int4 import _group_params, _halves, _plane
-from .triton_int8 import _serial_split_reduce
+from .triton_int8 import _store_tile
 
 # The DEQUANT constexpr of a launch config's `dequant`.
 DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
@@ -191,13 +191,5 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
             else:
                 acc += tl.dot(xs, tl.trans(wd), input_precision=PRECISION) * tl.trans(scale)
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros).
-    if SWAP:
-        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        mask = mask_n[:, None] & mask_m[None, :]
-    else:
-        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=SWAP, SERIAL=SERIAL)

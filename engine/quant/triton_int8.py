@@ -66,6 +66,24 @@ def _int8_to_float_asm(q):
 
 
 @triton.jit
+def _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr, tile,
+                split_k, SWAPPED: tl.constexpr, SERIAL: tl.constexpr):
+    """The dequantizing GEMMs' epilogue: store the tile (acc [BLOCK_N, BLOCK_M] when SWAPPED, the swap-AB
+    kernels' out^T, else [BLOCK_M, BLOCK_N]) at out_ptr + pid_k * stride_os (split_k > 1: a float32
+    [split_k, M, N] scratch, each slice writing its partial), then, SERIAL, sum the tile's partials into
+    res_ptr (_serial_split_reduce; `tile` numbers the output tile for its counter)."""
+    if SWAPPED:
+        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        mask = mask_n[:, None] & mask_m[None, :]
+    else:
+        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr, tile, split_k)
+
+
+@triton.jit
 def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, lock_ptr, tile, split_k):
     """After this program stored its K slice's partial at part_ptr + pid_k * stride_ps + offs: count the
     tile's arrivals; the last slice to arrive sums all partials (in slice order: deterministic) into
@@ -161,16 +179,10 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, sp
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed as the GEMV's.
     if SWAP:
         acc = acc * scale[:, None]
-        offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-        mask = mask_n[:, None] & mask_m[None, :]
     else:
         acc = acc * scale[None, :]
-        offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=SWAP, SERIAL=SERIAL)
 
 
 def mm_block_m(m: int) -> int:

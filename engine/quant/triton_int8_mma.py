@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _serial_split_reduce, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, gemv_output, gemv_result, mm_block_m, split_locks
 
 # 2 half-words ($1) = 4 int8 codes (bytes 0-3 = features 2j, 2j + 1, 2j', 2j' + 1) -> the float16 1152 + q
 # of byte P of each half-word (features 2j + P, 2j' + P), one register ($0).
@@ -105,12 +105,8 @@ def _int8_mma_planes_kernel(x_ptr, h_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, 
     if DT == tl.bfloat16:
         scale = scale * 16.0  # 1 / XSCALE
     acc = acc * scale[:, None]
-    offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-    mask = mask_n[:, None] & mask_m[None, :]
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask, res_ptr, offs, lock_ptr,
-                             pid_m * tl.num_programs(1) + pid_n, split_k)
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
 
 
 # ----- launch configs -----------------------------------------------------------------------------
