@@ -10,8 +10,9 @@ the process.
 
 Invariants: `chosen` maps a key to the config every later call with that key uses; `timings` keeps
 the measured milliseconds per candidate and `seconds` the tuning's wall time, for benchmarks to
-record; a candidate whose output differs
-from the first candidate's (tuning.agrees) or that fails to build is timed as inf and never chosen.
+record; a candidate whose output differs from the first candidate's (tuning.agrees), on the activations given
+and on them scaled past float16's range (bfloat16 / float32 ones), or that fails to build is timed as inf and
+never chosen.
 No tuning happens off CUDA,
 while a CUDA graph is being captured (the first candidate is used then, without caching), or when
 ENGINE_QUANT_AUTOTUNE=0; the first candidate is the shape heuristic.
@@ -43,15 +44,21 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
         return candidates[0]
     t0 = time.perf_counter()
     sets = arg_sets()
+    large = _large_x(sets[0])
     results = []
-    reference = None
+    reference = reference_large = None
     for cand in candidates:
         try:
             out = launch(cand, *sets[0])
+            out_large = launch(cand, *large) if large is not None else None
             if reference is None:
                 reference = out.float()
+                if out_large is not None and bool(torch.isfinite(out_large).all()):
+                    reference_large = out_large.float()
             elif not agrees(out, reference):  # a wrong candidate never wins (a miscompile, a bad tile)
                 raise ValueError("output differs from the first candidate's")
+            elif reference_large is not None and not agrees(out_large, reference_large):
+                raise ValueError("output differs from the first candidate's with activations past float16's range")
             ms = _graph_time(lambda: [launch(cand, *a) for a in sets], len(sets))
         except Exception:  # noqa: BLE001 - a config this GPU or Triton cannot build is skipped
             ms = math.inf
@@ -61,6 +68,20 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     chosen[key], timings[key] = best, results
     seconds[key] = time.perf_counter() - t0
     return best
+
+
+def _large_x(args: tuple) -> tuple | None:
+    """args with the activations (the first argument) scaled to a largest magnitude of 1e5, past float16's
+    range, or None when they cannot hold it (float16, fp8) or are all zero. A candidate that converts them
+    to float16 on the way (triton_int8_mma did, where the compiler moved its scaling after the conversion)
+    then returns inf or NaN, which never agrees."""
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float32) or x.numel() == 0:
+        return None
+    peak = float(x.abs().max())
+    if not peak > 0:
+        return None
+    return (x * (1e5 / peak),) + tuple(args[1:])
 
 
 def agrees(out: torch.Tensor, reference: torch.Tensor, rtol: float = 2e-2) -> bool:

@@ -167,3 +167,37 @@ def test_tuner_never_picks_a_candidate_that_disagrees(monkeypatch):
     finally:
         for table in (tuning.chosen, tuning.timings, tuning.seconds):
             table.pop(key, None)
+
+
+def test_tuner_rejects_a_candidate_that_overflows_on_large_activations(monkeypatch):
+    """A candidate right on ordinary activations but non-finite once they pass float16's range (what
+    triton_int8_mma's float16 conversion did on the GPU) is timed as inf, though it is the fastest."""
+    from engine.quant import tuning
+    from engine.quant.triton_int4 import _launch
+    g = torch.Generator().manual_seed(4)
+    qweight, scales, zeros = quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128)
+    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g)
+    good_slow = dict(MMA, block_m=16, block_n=16, block_k=128)
+    overflows_fast = dict(MMA, block_m=16, block_n=32, block_k=64, overflow=True)
+    calls = []
+
+    def launch(cfg, *args):
+        calls.append(cfg)
+        out = _launch(*args, **{k: v for k, v in cfg.items() if k != "overflow"})
+        if cfg.get("overflow") and float(args[0].abs().max()) > 65504:
+            return torch.full_like(out, float("nan"))
+        return out
+
+    times = {0: 2.0, 1: 1.0}
+    monkeypatch.setattr(tuning, "_graph_time", lambda fn, n: times[[good_slow, overflows_fast].index(calls[-1])])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    key = ("test-int4-overflow", 5, 24, 256)
+    try:
+        best = tuning.pick(key, [good_slow, overflows_fast], launch, lambda: [(x, packed, scales, zeros, 128)],
+                           torch.device("cuda"))
+        assert best == good_slow
+        assert dict((str(c), t) for c, t in tuning.timings[key])[str(overflows_fast)] == float("inf")
+        assert float(x.abs().max()) < 10  # the caller's activations are untouched
+    finally:
+        for table in (tuning.chosen, tuning.timings, tuning.seconds):
+            table.pop(key, None)
