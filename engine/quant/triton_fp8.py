@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _store_tile
+from .triton_int8 import _store_tile, _tile
 
 FP8_MAX = 448.0
 MAX_ROW_BLOCK = 16384  # rows up to this many features are read once (32 values a thread at 16 warps)
@@ -90,15 +90,8 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
                     SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
     """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
     few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from . import tuning
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
-from .triton_int8 import (_serial_split_reduce, _store_tile, gemv_output, gemv_result, gemv_split_k,
+from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_output, gemv_result, gemv_split_k,
                           mm_block_m, num_sms, split_locks, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
@@ -144,17 +144,10 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                      ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                      PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     col_k = 32 * (offs_w // 4) + offs_w % 4
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: features down, rows across

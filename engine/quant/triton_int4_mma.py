@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .triton_int4 import _serial_when_split, asm_supported
-from .triton_int8 import _store_tile, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, _tile, gemv_output, gemv_result, mm_block_m, split_locks
 
 
 @triton.jit
@@ -71,19 +71,12 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                      SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
                      MAGIC: tl.constexpr, PRECISION: tl.constexpr):
     """MAGIC: the float _folded_operand adds to each code (128.0 for bfloat16 x, 1024.0 float16, 0 float32)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # feature k of a step (steps start on whole chunks of 32): word 4 * (k // 32) + k % 4, nibble (k % 32) // 4
     word_k = tl.max_contiguous(tl.multiple_of((offs_k // 32) * 4 + offs_k % 4, 4), 4)
     shift_k = ((offs_k % 32) // 4) * 4
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     n64 = offs_n.to(tl.int64)
     s_rows = n64 * stride_sn
     DT: tl.constexpr = x_ptr.dtype.element_ty
@@ -196,18 +189,11 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     i.e. column 2j + h is nibble 4h + I of word j, feature 32 * (j // 4) + 16h + 4I + j % 4, and x^T's
     rows are gathered in that order. Folded dequantization as _int4_mma_kernel's FOLD."""
     HW: tl.constexpr = 8 * CHUNKS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_h = tl.arange(0, HW)
     j = offs_h // 2
     feat = 32 * (j // 4) + 16 * (offs_h % 2) + j % 4  # nibble-0 feature of column c of dot 0
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     n64 = offs_n.to(tl.int64)
     s_rows = n64 * stride_sn
     DT: tl.constexpr = x_ptr.dtype.element_ty

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .triton_int4 import _group_params, _halves, _plane
-from .triton_int8 import _store_tile
+from .triton_int8 import _store_tile, _tile
 
 # The DEQUANT constexpr of a launch config's `dequant`.
 DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
@@ -132,21 +132,14 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                     SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word, from the step's start
     offs_j = tl.arange(0, 8 * WORDS)
     plane_j = (offs_j % 8) // 4 + 2 * ((offs_j // 2) % 2) + 4 * (offs_j % 2)  # nibble of column j (_unpacked_tile)
     feat_j = 32 * ((offs_j // 8) // 4) + 4 * plane_j + (offs_j // 8) % 4  # feature of tile column j
     offs_f = tl.arange(0, 32 * CHUNKS)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm

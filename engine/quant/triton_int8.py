@@ -66,6 +66,19 @@ def _int8_to_float_asm(q):
 
 
 @triton.jit
+def _tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The dequantizing GEMMs' program coordinates on a (row tiles, column tiles, K slices) grid: (pid_m,
+    pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end), the slice covering [k_start, k_end)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_k * k_per_split
+    return pid_m, pid_n, pid_k, offs_m, offs_n, offs_m < M, offs_n < N, k_start, tl.minimum(k_start + k_per_split, K)
+
+
+@triton.jit
 def _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr, tile,
                 split_k, SWAPPED: tl.constexpr, SERIAL: tl.constexpr):
     """The dequantizing GEMMs' epilogue: store the tile (acc [BLOCK_N, BLOCK_M] when SWAPPED, the swap-AB
@@ -141,16 +154,9 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, sp
     and a few rows of x its 16-wide N, as in triton_int4's tl.dot kernel. Not SWAP (many rows): a plain
     GEMM, acc[m, n] = x W^T with the converted tile transposed into the B operand. Either way the
     per-channel scale is applied once, in the epilogue (int8 values are exact in 16-bit floats)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     if SWAP:

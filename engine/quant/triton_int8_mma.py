@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _store_tile, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, _tile, gemv_output, gemv_result, mm_block_m, split_locks
 
 # 2 half-words ($1) = 4 int8 codes (bytes 0-3 = features 2j, 2j + 1, 2j', 2j' + 1) -> the float16 1152 + q
 # of byte P of each half-word (features 2j + P, 2j' + P), one register ($0).
@@ -62,17 +62,10 @@ def _int8_mma_planes_kernel(x_ptr, h_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, M, 
     K % BLOCK_K == 0): per step a [BLOCK_N, BLOCK_K // 2] half-word tile and two dots, byte plane P taking
     features 2j + P, against x's even / odd features (x loaded in order, split in registers). Each
     plane's unpack is elementwise on the loaded half-words with a constant selector, two codes per PRMT."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     h_tile = h_ptr + offs_n.to(tl.int64)[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, BLOCK_K // 2]
     x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
