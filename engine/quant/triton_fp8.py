@@ -164,24 +164,18 @@ def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, 
     if kernel == "scaled_mm":
         # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
-    from .triton_int8 import num_sms, split_locks
+    from .triton_int8 import num_sms, split_outputs
     m, k = xq.shape
     n = wq.shape[0]
     default = fp8_dot_config(m, n, k, num_sms(xq.device), block_n=block_n, block_k=block_k)
     block_m, block_n = block_m or default["block_m"], block_n or default["block_n"]
     split_k = split_k or default["split_k"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    if split_k == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
-    else:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
-    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
-    locks = split_locks(xq.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=out_dtype, device=xq.device) if locks is not None else out
+    grid, out, split_stride, locks, res = split_outputs(xq.device, m, n, block_m, block_n, split_k, serial,
+                                                        out_dtype)
     _fp8_dot_kernel[grid](
         xq, xs, wq, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
-        wq.stride(0), out.stride(0) if split_k > 1 else 0, out.stride(-2),
+        wq.stride(0), split_stride, out.stride(-2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
         STAGES=(num_stages or 3) if xq.is_cuda else 1,
         PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])

@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import tuning
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
-from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_output, gemv_result, gemv_split_k,
-                          mm_block_m, num_sms, split_locks, split_variants, tune_bucket)
+from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m,
+                          num_sms, split_outputs, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -359,11 +359,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     block_m = 1 if gemv else block_m or default["block_m"]
     split_k = split_k or default["split_k"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    out, split_stride = gemv_output(x, n, split_k)
-    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
-    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m, block_n, split_k, serial, x.dtype)
     stages = (num_stages or 3) if x.is_cuda else 1
     args = (x, packed, scales, zeros, out, res, out if locks is None else locks)
     common = (scales.stride(0), split_stride, out.stride(-2))

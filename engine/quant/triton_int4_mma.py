@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .triton_int4 import _serial_when_split, asm_supported
-from .triton_int8 import _store_tile, _tile, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
 
 
 @triton.jit
@@ -315,10 +315,7 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
                          "(each of its 4 dots has K = block_k / 4 >= 16), in groups of at least that")
     split_k = split_k or 1
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    out, split_stride = gemv_output(x, n, split_k)
-    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m, block_n, split_k, serial, x.dtype)
     stages = (num_stages or 3) if x.is_cuda else 1
     magic = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
     warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)

@@ -262,13 +262,21 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def gemv_output(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, int]:
-    """A GEMV kernel's output and its split stride: [M, N] in x's dtype, or with split_k > 1 a float32
-    [split_k, M, N] scratch of partial sums that gemv_result adds up."""
+def split_outputs(device: torch.device, m: int, n: int, block_m: int, block_n: int, split_k: int, serial: bool,
+                  dtype: torch.dtype) -> tuple[tuple, torch.Tensor, int, torch.Tensor | None, torch.Tensor]:
+    """What a (row tiles, column tiles, K slices) launch writes: (grid, out, split_stride, locks, res). out is
+    the [M, N] result in dtype, or with split_k > 1 a float32 [split_k, M, N] scratch of partial sums (the
+    kernel's last slice sums them into res when serial, gemv_result does afterwards otherwise); locks are the
+    serial kernels' arrival counters (None unless serial and split); res is the result (out unless serial)."""
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     if split_k == 1:
-        return torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device), 0
-    out = torch.empty((split_k, x.shape[0], n), dtype=torch.float32, device=x.device)
-    return out, out.stride(0)
+        out, split_stride = torch.empty((m, n), dtype=dtype, device=device), 0
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
+        split_stride = out.stride(0)
+    locks = split_locks(device, grid[0] * grid[1]) if serial and split_k > 1 else None
+    res = torch.empty((m, n), dtype=dtype, device=device) if locks is not None else out
+    return grid, out, split_stride, locks, res
 
 
 _split_locks: dict[str, torch.Tensor] = {}
@@ -443,11 +451,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
         block_n = block_n or (64 if m <= 64 else 128)
         block_k = block_k or (128 if m <= 64 else 64)
         split_k = split_k or 1
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    out, split_stride = gemv_output(x, n, split_k)
-    # serial: the last K slice of each tile sums the partials in the kernel (no torch.sum launch)
-    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m, block_n, split_k, serial, x.dtype)
     args = (x, q, scales, out, res, out if locks is None else locks)
     flags = dict(BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
                  STAGES=(num_stages or 3) if x.is_cuda else 1)

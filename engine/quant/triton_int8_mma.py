@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _store_tile, _tile, gemv_output, gemv_result, mm_block_m, split_locks
+from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
 
 # 2 half-words ($1) = 4 int8 codes (bytes 0-3 = features 2j, 2j + 1, 2j', 2j' + 1) -> the float16 1152 + q
 # of byte P of each half-word (features 2j + P, 2j' + P), one register ($0).
@@ -155,10 +155,7 @@ def _launch_mma(x, q, scales, *, block_m=None, block_n=None, block_k=None, split
         raise ValueError("asm=True (inline PTX) runs on CUDA with float16 / bfloat16 x only")
     split_k = split_k or 1
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    out, split_stride = gemv_output(x, n, split_k)
-    locks = split_locks(x.device, grid[0] * grid[1]) if serial and split_k > 1 else None
-    res = torch.empty((m, n), dtype=x.dtype, device=x.device) if locks is not None else out
+    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m, block_n, split_k, serial, x.dtype)
     half = q.view(torch.int16)  # [N, K // 2]: half-word j holds features 2j (low byte) and 2j + 1
     _int8_mma_planes_kernel[grid](x, half, scales, out, res, out if locks is None else locks, m, n, k, k_per_split,
                                   split_k, x.stride(0), half.stride(0), split_stride, out.stride(-2),
