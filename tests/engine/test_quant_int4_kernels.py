@@ -97,8 +97,26 @@ TC_CASES = [
 ]
 
 
+MMA = dict(gemv=False, kernel="mma")
+MMA_CASES = [  # triton_int4_mma (kernel="mma"): (m, n, k, group, cfg)
+    (1, 48, 256, 128, dict(MMA, block_m=16, block_n=16, block_k=128)),
+    (5, 40, 512, 128, dict(MMA, block_m=16, block_n=32, block_k=64, split_k=3, serial=True)),  # 2 steps a group
+    (17, 33, 256, 64, dict(MMA, block_m=16, block_n=16, block_k=64, split_k=2)),     # 2 row tiles, ragged N
+    (3, 24, 160, 32, dict(MMA, block_m=16, block_n=16, block_k=32, split_k=4)),      # an empty slice
+    (40, 40, 384, 128, dict(MMA, block_m=32, block_n=16, block_k=128, swap=False)),
+    (70, 24, 256, 128, dict(MMA, block_m=32, block_n=16, block_k=64, swap=False, split_k=2, serial=True)),
+    (9, 40, 256, 128, dict(MMA, block_m=16, block_n=32, block_k=128, fold=False)),
+    (33, 24, 384, 64, dict(MMA, block_m=16, block_n=16, block_k=32, swap=False, fold=False, split_k=3)),
+    # layout="pairs": the words as half-words, 4 dots a step (without asm here: the CUDA-only inline PTX)
+    (1, 40, 256, 128, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=128)),
+    (19, 33, 512, 128, dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=3, serial=True)),
+    (5, 24, 768, 256, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=256, split_k=2)),  # K = 64 dots
+    (40, 24, 512, 128, dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=4)),  # empty slice
+]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,group,cfg", CASES + TC_CASES)
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES + TC_CASES + MMA_CASES)
 def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
     from engine.quant.triton_int4 import int4_matmul
     g = torch.Generator().manual_seed(m * 1000 + n + k)
