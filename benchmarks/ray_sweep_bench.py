@@ -269,7 +269,7 @@ def main() -> None:
         if earlier.get("grid") != grid or earlier.get("base_config") != base:
             sys.exit(f"--resume-from {args.resume_from}: its grid/base config {earlier.get('grid')} "
                      f"{earlier.get('base_config')} differ from this run's {grid} {base}")
-        result.update(runs=earlier["runs"], calibration=earlier.get("calibration"),
+        result.update(runs=earlier["runs"], calibration=earlier.get("calibration"), resumed_from=args.resume_from,
                       commands=earlier.get("commands", [earlier["command"]]) + [result["command"]])
         args.num_requests = args.num_requests or earlier["num_requests"]
         log(f"resuming {args.resume_from}: {len(earlier['runs'])} earlier sweeps, {args.num_requests} requests")
@@ -341,6 +341,9 @@ def main() -> None:
         dev = s["max_throughput_deviation"]
         print(f"max throughput deviation {dev if dev is not None else float('nan'):.3f} (target <= 0.05: "
               f"{'met' if s['target_throughput_within_met'] else 'MISSED'}); {s['noise_note']}")
+        if args.resume_from:
+            print(f"the sequential sweeps come from {args.resume_from}, an earlier session: not a baseline measured "
+                  "in this run (same kind of host only if both JSONs' environments say so)")
     else:
         print("no complete (sequential, Ray) pair: see the runs' errors in the JSON")
     print(f"results: {out}")
