@@ -37,6 +37,16 @@ class TorchBackend:
     def silu_and_mul(self, x):
         return silu_and_mul_reference(x)
 
+    def norm_linear(self, x, residual, norm, linear):
+        """(linear(norm(x + residual)), x + residual): a block's input norm and first projection, which the
+        Triton backend runs as one kernel at decode size."""
+        x, residual = self.add_rms_norm(x, residual, norm.weight, norm.eps)
+        return linear(x), residual
+
+    def silu_linear(self, h, linear):
+        """linear(silu_and_mul(h)): SwiGLU's activation and down projection (one kernel, as above)."""
+        return linear(self.silu_and_mul(h))
+
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         if k_cache.dtype == torch.float8_e4m3fn:
             from ..quant.kv_cache import write_kv_fp8  # lazily: engine.quant imports the model, which imports us

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from .metadata import AttentionMetadata
 from .triton_backend import TritonBackend
+from .triton_gemv import fusable, fused_linear
 
 FP8_MAX = 448.0
 
@@ -125,7 +126,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 
 
 class TritonFusedBackend(TritonBackend):
-    """The Triton attention backend plus the fused element-wise kernels above."""
+    """The Triton attention backend plus the fused element-wise kernels above; at decode size a block's
+    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py)."""
 
     def add_rms_norm(self, x, residual, weight, eps):
         return add_rms_norm_triton(x, residual, weight, eps)
@@ -136,3 +138,14 @@ class TritonFusedBackend(TritonBackend):
 
     def silu_and_mul(self, x):
         return silu_and_mul_triton(x)
+
+    def norm_linear(self, x, residual, norm, linear):
+        if fusable(x, linear, "norm"):
+            return fused_linear(x, linear, "norm", residual, norm)
+        x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps)
+        return linear(x), residual
+
+    def silu_linear(self, h, linear):
+        if fusable(h, linear, "silu"):
+            return fused_linear(h, linear, "silu")
+        return linear(silu_and_mul_triton(h))

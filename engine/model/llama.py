@@ -64,11 +64,11 @@ class Attention(nn.Module):
         k = self.k_norm(k.reshape(-1, d), None, backend)[0].view(t, -1)
         return torch.cat([q, k, v], dim=-1)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend):
+    def forward(self, positions, qkv, kv_cache, meta: AttentionMetadata, backend):
+        """The attention block after its QKV projection (the decoder layer runs that with its input norm)."""
         if meta.groups is not None:
             meta = meta.groups[self.kv_group]
         k_cache, v_cache = kv_cache
-        qkv = self.qkv_proj(x)
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv, backend)
         # Rotates q and k, and writes k and v into the paged cache (one fused kernel on CUDA).
@@ -87,11 +87,14 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x, backend, routing_out=None):
-        h = self.gate_up_proj(x)
+        return self.activate_down(self.gate_up_proj(x), backend)
+
+    def activate_down(self, h, backend):
+        """down_proj(act(gate) * up) of the gate/up projection h."""
         if self.gelu:  # Gemma: GeGLU with tanh-approximated GELU (no fused kernel: plain torch)
             gate, up = h.chunk(2, dim=-1)
             return self.down_proj(nn.functional.gelu(gate, approximate="tanh") * up)
-        return self.down_proj(backend.silu_and_mul(h))
+        return backend.silu_linear(h, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -107,10 +110,14 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(self, positions, x, residual, kv_cache, meta, backend, routing_out=None):
-        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them."""
-        x, residual = self.input_layernorm(x, residual, backend)
-        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds them.
+        Each norm that feeds a projection goes through backend.norm_linear, which may fuse the two."""
+        qkv, residual = backend.norm_linear(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        x = self.self_attn(positions, qkv, kv_cache, meta, backend)
         if not self.sandwich:
+            if isinstance(self.mlp, MLP):
+                h, residual = backend.norm_linear(x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+                return self.mlp.activate_down(h, backend), residual
             x, residual = self.post_attention_layernorm(x, residual, backend)
             return self.mlp(x, backend, routing_out), residual
         # Gemma: the attention and MLP outputs are normed before they join the residual stream.
