@@ -7,8 +7,8 @@ import torch
 
 from .config import ConfigError, _check, _is_int
 from . import sample_ops
-from .sample_ops import (TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_probed, apply_top_p_sorted, exponential_race,
-                         fill_exponential)
+from .sample_ops import (TOPK_PATH_MAX_K, apply_top_k_top_p, apply_top_p_probed, apply_top_p_sorted, argmax_rows,
+                         exponential_race, fill_exponential)
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ class Sampler:
         probe aside), so the host can go on while the device samples (async scheduling)."""
         n = len(params)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        greedy = logits.argmax(dim=-1) if len(random_rows) < n else None
+        greedy = argmax_rows(logits) if len(random_rows) < n else None
         tokens = greedy
         if random_rows:
             drawn = []

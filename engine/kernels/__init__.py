@@ -37,6 +37,10 @@ class TorchBackend:
     def silu_and_mul(self, x):
         return silu_and_mul_reference(x)
 
+    def linear(self, x, linear):
+        """linear(x): the attention block's output projection (a GEMV kernel of the Triton backend's at decode size)."""
+        return linear(x)
+
     def norm_linear(self, x, residual, norm, linear):
         """(linear(norm(x + residual)), x + residual): a block's input norm and first projection, which the
         Triton backend runs as one kernel at decode size."""

@@ -139,6 +139,9 @@ class TritonFusedBackend(TritonBackend):
     def silu_and_mul(self, x):
         return silu_and_mul_triton(x)
 
+    def linear(self, x, linear):
+        return fused_linear(x, linear, "none") if fusable(x, linear, "none") else linear(x)
+
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
             return fused_linear(x, linear, "norm", residual, norm)

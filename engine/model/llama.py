@@ -75,7 +75,7 @@ class Attention(nn.Module):
         q = backend.rotary_write_kv(qkv, positions, self.rotary, k_cache, v_cache, meta,
                                     self.num_heads, self.num_kv_heads, self.head_dim)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale, **self.attend_options)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return backend.linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):

@@ -122,6 +122,24 @@ def test_greedy_rows_take_the_argmax_first_index_on_ties():
         assert out[0] == 4
 
 
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 4096), (8, 1000), (9, 4096), (2, 97)])
+def test_argmax_rows_is_argmax_ties_and_nan_included(rows, vocab):
+    """The two-pass argmax (chunk maxima, then the first chunk holding the row maximum) against torch.argmax:
+    ties inside a chunk and across chunks take the first index, NaN wins; shapes it splits (vocab with a
+    power-of-two factor >= 16, <= 8 rows) and ones it leaves to argmax."""
+    from engine.sample_ops import argmax_rows
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    top = x.max() + 1
+    x[0, vocab // 2] = x[0, vocab - 1] = x[0, 3] = top  # a tie across chunks: index 3
+    if rows > 1:
+        x[1, 5] = x[1, 6] = top  # a tie inside one chunk
+    if rows > 2:
+        x[2, vocab - 2] = float("nan")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert int(argmax_rows(x)[0]) == 3
+
+
 def test_large_batch_runs_a_chunk_at_a_time(monkeypatch):
     """2000 rows: the sampler filters and draws at most chunk_rows rows at once (sort_rows for the sort path),
     computes logprobs chunk_rows at a time, and every row's token is one its filter keeps."""
