@@ -78,10 +78,21 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
 
 
 # ----- quantization fused into add + RMSNorm and SiLU-and-mul ----------------------------------------
-def assert_same_codes(codes, scales, ref_codes, ref_scales, scale_ulps=0):
-    """Codes byte for byte; scales to within scale_ulps float32 ulps (0: byte for byte too)."""
+def assert_same_codes(codes, scales, ref_codes, ref_scales, scale_ulps=0, near=False):
+    """Codes byte for byte; scales to within scale_ulps float32 ulps (0: byte for byte too). near: a
+    compiled kernel against another reduction order or exp (CUDA): scales within 2^-10 relative and
+    at most 0.1% of the codes off, each by one e4m3 step."""
     assert codes.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
     assert codes.shape == ref_codes.shape and scales.shape == ref_scales.shape
+    if near:
+        assert torch.allclose(scales, ref_scales, rtol=2 ** -10, atol=0)
+        a, b = codes.view(torch.uint8).long(), ref_codes.view(torch.uint8).long()
+        off = a != b
+        assert off.float().mean().item() <= 1e-3
+        mag_a, mag_b = a[off] & 0x7F, b[off] & 0x7F  # e4m3 bytes: sign bit, then magnitude in order
+        same_sign = (a[off] >> 7) == (b[off] >> 7)
+        assert (((mag_a - mag_b).abs() <= 1) & (same_sign | ((mag_a <= 1) & (mag_b <= 1)))).all()
+        return
     ulps = (scales.cpu().view(torch.int32).long() - ref_scales.cpu().view(torch.int32).long()).abs()
     assert ulps.max().item() <= scale_ulps, ulps.max().item()
     assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
@@ -127,13 +138,14 @@ def test_add_rms_norm_fp8_is_quantize_of_add_rms_norm(t, n, max_block, with_resi
 
     normed, ref_res = add_rms_norm_reference(x, residual, weight, 1e-5)
     assert torch.equal(res_out, ref_res)
-    assert_same_codes(codes, scales, *quantize_fp8_per_token(normed), scale_ulps=4 if dtype == torch.float32 else 0)
+    assert_same_codes(codes, scales, *quantize_fp8_per_token(normed), scale_ulps=4 if dtype == torch.float32 else 0,
+                      near=DEVICE.type == "cuda")
     if t > 2:
         assert (scales[1] == 1e-12).all() and (codes[1].float() == 0).all()
     if triton_fp8.MAX_ROW_BLOCK >= n:
         normed_triton, res_triton = add_rms_norm_triton(x, residual, weight, 1e-5)
         assert torch.equal(res_out, res_triton)
-        assert_same_codes(codes, scales, *quantize_fp8_per_token(normed_triton))
+        assert_same_codes(codes, scales, *quantize_fp8_per_token(normed_triton), near=DEVICE.type == "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -156,19 +168,29 @@ def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, max_block, dtype, mo
     codes, scales = triton_fp8.silu_and_mul_fp8(h)
     assert codes.shape == (t, i)
     assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_reference(h)),
-                      scale_ulps=4 if dtype == torch.float32 else 0)
-    assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_triton(h)))
+                      scale_ulps=4 if dtype == torch.float32 else 0, near=DEVICE.type == "cuda")
+    assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_triton(h)), near=DEVICE.type == "cuda")
     if t > 2:
         assert (scales[1] == 1e-12).all() and scales[2].item() == pytest.approx(30.0 * 200.0 / 448, rel=1e-3)
 
 
-def test_fused_quant_takes_every_width_and_no_rows():
+def test_fused_quant_takes_every_width_strided_rows_and_no_rows():
     from engine.quant.triton_fp8 import add_rms_norm_fp8, fp8_fusable, silu_and_mul_fp8
     assert fp8_fusable(1) and fp8_fusable(8192) and fp8_fusable(28672) and not fp8_fusable(0)
     x = torch.empty(0, 64, device=DEVICE)
     codes, scales, res = add_rms_norm_fp8(x, None, torch.ones(64, device=DEVICE), 1e-5)
     assert codes.shape == (0, 64) and scales.shape == (0, 1) and res.shape == (0, 64)
     assert silu_and_mul_fp8(torch.empty(0, 128, device=DEVICE))[0].shape == (0, 64)
+    # rows with a stride (a column slice of a wider tensor) read as such, no copy needed
+    wide = torch.randn(3, 200, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = silu_and_mul_fp8(wide[:, 10:138])
+    expect = silu_and_mul_fp8(wide[:, 10:138].contiguous())
+    assert torch.equal(got[0].view(torch.uint8), expect[0].view(torch.uint8)) and torch.equal(got[1], expect[1])
+    got = add_rms_norm_fp8(wide[:, :64], wide[:, 100:164], torch.ones(64, device=DEVICE), 1e-5)
+    expect = add_rms_norm_fp8(wide[:, :64].contiguous(), wide[:, 100:164].contiguous(), torch.ones(64, device=DEVICE),
+                              1e-5)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got[:2], expect[:2]))
+    assert torch.equal(got[2], expect[2])
     with pytest.raises(ValueError, match="even"):
         silu_and_mul_fp8(torch.zeros(2, 129, device=DEVICE))
     with pytest.raises(ValueError, match="weight"):
