@@ -25,10 +25,12 @@ inputs; o_proj's comes from attention and still goes through fp8_quantize_per_to
 Each rounds like its 16-bit twin in engine/kernels/triton_fused.py (the sum x + residual, the
 normalized value, weight * it, silu and silu * up each rounded to x's dtype), then quantizes that
 16-bit value with the rule above: the codes and scales are quantize_fp8_per_token's of the unfused
-kernel's output, byte for byte. One program per token (the scale needs the whole row); a row of up to
-MAX_ROW_BLOCK features stays in registers, a longer one is recomputed from its inputs in passes
-(norm: sum of squares, absmax, codes; SwiGLU: absmax, codes), so every width is fused
-(`fp8_fusable`). No host reads of device values: both are CUDA-graph capturable.
+kernel's output, byte for byte, as long as the norm's sum of squares adds in the same order (it does
+in the interpreter for a row in one block; compiled with other warps, or a row in passes, a normed
+value may move by an ulp: rarely, a code one e4m3 step off). One program per token (the scale needs
+the whole row); a row of up to MAX_ROW_BLOCK features stays in registers, a longer one is recomputed
+from its inputs in passes (norm: sum of squares, absmax, codes; SwiGLU: absmax, codes), so every
+width is fused (`fp8_fusable`). No host reads of device values: both are CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -206,36 +208,36 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 
 @triton.jit
-def _swiglu(h_row, offs, mask, I):
+def _swiglu(h_row, offs, mask, inter):
     """silu(gate) * up of h_row = [gate | up] at offs, rounded as _silu_and_mul_kernel rounds, as float32."""
     g = tl.load(h_row + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(h_row + I + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(h_row.dtype.element_ty).to(tl.float32)
     return (act * u).to(h_row.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(h_ptr, q_ptr, s_ptr, I, stride_hm, stride_qm, BLOCK: tl.constexpr,
+def _silu_and_mul_fp8_kernel(h_ptr, q_ptr, s_ptr, inter, stride_hm, stride_qm, BLOCK: tl.constexpr,
                              FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     h_row = h_ptr + m * stride_hm
     q_row = q_ptr + m * stride_qm
     if SINGLE:
-        mask = offs < I
-        y = _swiglu(h_row, offs, mask, I)
+        mask = offs < inter
+        y = _swiglu(h_row, offs, mask, inter)
         scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
         _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
     else:  # absmax, then the codes, silu * up recomputed from the (L2-resident) row
         amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK):
-            amax = tl.maximum(amax, tl.abs(_swiglu(h_row + k0, offs, k0 + offs < I, I)))
+        for k0 in range(0, inter, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_swiglu(h_row + k0, offs, k0 + offs < inter, inter)))
         scale = _token_scale(tl.max(amax, 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
-        for k0 in range(0, I, BLOCK):
-            mask = k0 + offs < I
-            _store_codes(q_row + k0, offs, _swiglu(h_row + k0, offs, mask, I), scale, mask, FP8_MAX)
+        for k0 in range(0, inter, BLOCK):
+            mask = k0 + offs < inter
+            _store_codes(q_row + k0, offs, _swiglu(h_row + k0, offs, mask, inter), scale, mask, FP8_MAX)
 
 
 def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
