@@ -1,7 +1,8 @@
 """Quantized layers on the GPU, at Llama-3.1-8B's layer shapes in bf16: the fused fp8 W8A8 forward
 against its float oracle, the int4 (= AWQ / GPTQ) and int8 kernels with the launch configs tuning
 picks at every bucket of rows against dequantize-then-matmul, and the engine with CUDA graphs
-running AWQ/GPTQ layers loaded from a Hub layout."""
+running AWQ/GPTQ layers loaded from a Hub layout; the fp8 quantization fused into add + RMSNorm and
+SwiGLU against the unfused kernels, in a CUDA graph, feeding Fp8Linear.forward_quantized."""
 from __future__ import annotations
 
 import pytest
