@@ -11,6 +11,8 @@ scaling): torch._scaled_mm, or triton_fp8's swap-AB tl.dot kernel where tuning m
 Hopper): elsewhere
 `check_fp8_supported` raises a ValueError that names `quantization`.
 `fp8_linear_reference` is the float oracle: the same rounding of W and x, a float32 product.
+`Fp8Linear.forward_quantized` takes the input already quantized, for the kernels that fuse the
+quantization into whatever produces the activation (triton_fp8.add_rms_norm_fp8, silu_and_mul_fp8).
 """
 from __future__ import annotations
 
@@ -80,15 +82,26 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if x2.is_cuda:  # one fused kernel instead of torch's five or six (triton_fp8.py)
-            from .triton_fp8 import fp8_matmul, fp8_quantize_per_token
+            from .triton_fp8 import fp8_quantize_per_token
             xq, xs = fp8_quantize_per_token(x2)
-            out = fp8_matmul(xq, xs, self.weight_fp8, self.weight_scale, x.dtype)
         else:
             xq, xs = quantize_fp8_per_token(x2)
+        return self.forward_quantized(xq, xs, x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def forward_quantized(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """The Linear on an input already quantized per token: xq [M, K] e4m3 codes, xs [M, 1] float32
+        scales (fp8_quantize_per_token, or a producer that fused it: triton_fp8.add_rms_norm_fp8,
+        silu_and_mul_fp8) -> [M, N] in out_dtype, bias added."""
+        if xq.dim() != 2 or xq.shape[1] != self.in_features:
+            raise ValueError(f"Fp8Linear.forward_quantized: xq has shape {tuple(xq.shape)}, expected "
+                             f"[M, {self.in_features}]")
+        if xq.is_cuda:  # the GEMM tuning measured fastest for this shape: _scaled_mm or the Triton kernel
+            from .triton_fp8 import fp8_matmul
+            out = fp8_matmul(xq, xs, self.weight_fp8, self.weight_scale, out_dtype)
+        else:
             # weight_fp8.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
             out = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                                   out_dtype=x.dtype)
-        out = out.view(*x.shape[:-1], self.out_features)
+                                   out_dtype=out_dtype)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:

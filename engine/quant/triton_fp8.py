@@ -14,6 +14,23 @@ a longer one in two passes (absmax, then the codes, the row re-read from L2). Be
 values are rounded to the e4m3 grid in float32 (exponent from the bits, round-half-even by the
 1.5 * 2^23 trick), so the cast itself is exact: the same codes on every backend, including Triton's
 CPU interpreter, whose float -> fp8 conversion mis-rounds values just below a power of two.
+
+Fused producers (vLLM's fused RMSNorm+quant and SiLU-and-mul+quant): the kernels whose outputs feed
+an fp8 Linear quantize them before storing, so the 16-bit activation never reaches memory and the
+per-token kernel above is not launched (a decoder layer's qkv_proj, gate_up_proj and down_proj
+inputs; o_proj's comes from attention and still goes through fp8_quantize_per_token).
+    add_rms_norm_fp8:  x [T, N] (+ residual [T, N]), weight [N] ->
+                       (codes [T, N] e4m3, scales [T, 1] float32, residual_out [T, N] in x's dtype)
+    silu_and_mul_fp8:  h [T, 2 I] (gate | up) -> (codes [T, I] e4m3, scales [T, 1] float32)
+Each rounds like its 16-bit twin in engine/kernels/triton_fused.py (the sum x + residual, the
+normalized value, weight * it, silu and silu * up each rounded to x's dtype), then quantizes that
+16-bit value with the rule above: the codes and scales are quantize_fp8_per_token's of the unfused
+kernel's output, byte for byte, as long as the norm's sum of squares adds in the same order (it does
+in the interpreter for a row in one block; compiled with other warps, or a row in passes, a normed
+value may move by an ulp: rarely, a code one e4m3 step off). One program per token (the scale needs
+the whole row); a row of up to MAX_ROW_BLOCK features stays in registers, a longer one is recomputed
+from its inputs in passes (norm: sum of squares, absmax, codes; SwiGLU: absmax, codes), so every
+width is fused (`fp8_fusable`). No host reads of device values: both are CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -40,6 +57,19 @@ def _round_to_e4m3_grid(v):
 
 
 @triton.jit
+def _token_scale(amax, FP8_MAX: tl.constexpr):
+    """A row's scale from its absmax: absmax / 448, floored at 1e-12 (an all-zero row)."""
+    return tl.maximum(amax / FP8_MAX, 1e-12)
+
+
+@triton.jit
+def _store_codes(q_row, offs, y, scale, mask, FP8_MAX: tl.constexpr):
+    """Store e4m3(clamp(y / scale)) at q_row + offs, y float32 (already rounded like the 16-bit tensor)."""
+    v = tl.minimum(tl.maximum(y / scale, -FP8_MAX), FP8_MAX)
+    tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
                           FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
@@ -49,22 +79,26 @@ def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K:
     if SINGLE:  # the row fits one block: read once, keep it in registers (decode: one short launch)
         mask = offs < K
         x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX, 1e-12)
+        scale = _token_scale(tl.max(tl.abs(x), 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
-        v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-        tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+        _store_codes(q_row, offs, x, scale, mask, FP8_MAX)
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX, 1e-12)
+        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
         for k0 in range(0, K, BLOCK_K):
             mask = k0 + offs < K
             x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-            tl.store(q_row + k0 + offs, _round_to_e4m3_grid(v).to(q_ptr.dtype.element_ty), mask=mask)
+            _store_codes(q_row + k0, offs, x, scale, mask, FP8_MAX)
+
+
+def _row_launch(k: int) -> tuple[int, int]:
+    """(block, num_warps) for one program per row of k features: the whole row if it fits MAX_ROW_BLOCK."""
+    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
+    return block, 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
 def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +110,151 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return codes, scales
-    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
+    block, warps = _row_launch(k)
     _fp8_per_token_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX,
-                                SINGLE=block >= k, num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+                                SINGLE=block >= k, num_warps=warps)
+    return codes, scales
+
+
+# ----- quantization fused into the kernels that produce the activations ---------------------------
+def fp8_fusable(n_features: int) -> bool:
+    """Whether add_rms_norm_fp8 / silu_and_mul_fp8 take rows of n_features (N, resp. I): every width
+    >= 1 is (rows over MAX_ROW_BLOCK in passes), so a caller needs no fallback for the size."""
+    return n_features >= 1
+
+
+@triton.jit
+def _residual_sum(x_row, r_row, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """x (+ residual) rounded to x's dtype, as float32: the residual stream's next value."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(r_row + offs, mask=mask, other=0.0).to(tl.float32)
+    return x.to(x_row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _rms_normed(x, inv, w_ptr, offs, mask, x_row):
+    """weight * (x * inv), each product rounded to x's dtype as _add_rms_norm_kernel's output is, as float32."""
+    y = (x * inv).to(x_row.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (w * y).to(x_row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _add_rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, ro_ptr, q_ptr, s_ptr, N, eps,
+                             stride_xm, stride_rm, stride_om, stride_qm, HAS_RESIDUAL: tl.constexpr,
+                             BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    x_row, r_row = x_ptr + m * stride_xm, r_ptr + m * stride_rm
+    ro_row, q_row = ro_ptr + m * stride_om, q_ptr + m * stride_qm
+    if SINGLE:  # the row in registers: read x and residual once, write residual_out and the codes
+        mask = offs < N
+        x = _residual_sum(x_row, r_row, offs, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            tl.store(ro_row + offs, x.to(ro_row.dtype.element_ty), mask=mask)
+        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)  # _add_rms_norm_kernel's expression
+        y = _rms_normed(x, inv, w_ptr, offs, mask, x_row)
+        scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
+    else:  # three passes over the inputs (sum of squares, absmax, codes), the row recomputed each time
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, N, BLOCK):
+            mask = k0 + offs < N
+            x = _residual_sum(x_row + k0, r_row + k0, offs, mask, HAS_RESIDUAL)
+            if HAS_RESIDUAL:
+                tl.store(ro_row + k0 + offs, x.to(ro_row.dtype.element_ty), mask=mask)
+            acc += x * x
+        inv = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, N, BLOCK):
+            mask = k0 + offs < N
+            x = _residual_sum(x_row + k0, r_row + k0, offs, mask, HAS_RESIDUAL)
+            amax = tl.maximum(amax, tl.abs(_rms_normed(x, inv, w_ptr + k0, offs, mask, x_row)))
+        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        for k0 in range(0, N, BLOCK):
+            mask = k0 + offs < N
+            x = _residual_sum(x_row + k0, r_row + k0, offs, mask, HAS_RESIDUAL)
+            _store_codes(q_row + k0, offs, _rms_normed(x, inv, w_ptr + k0, offs, mask, x_row), scale, mask,
+                         FP8_MAX)
+
+
+def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x [T, N] (+ residual [T, N]) -> (codes [T, N] e4m3, scales [T, 1] float32, residual_out [T, N]):
+    quantize_fp8_per_token(add_rms_norm_triton(x, residual, weight, eps)[0]) and its residual_out, in
+    one launch. residual_out = x + residual in x's dtype, or x itself when residual is None (as
+    add_rms_norm_reference; nothing is copied)."""
+    t, n = x.shape
+    if weight.shape != (n,):
+        raise ValueError(f"add_rms_norm_fp8: weight has shape {tuple(weight.shape)}, expected ({n},)")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"add_rms_norm_fp8: residual has shape {tuple(residual.shape)}, expected {tuple(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    residual = residual if residual is None or residual.stride(1) == 1 else residual.contiguous()
+    weight = weight.contiguous()
+    codes = torch.empty((t, n), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((t, 1), dtype=torch.float32, device=x.device)
+    res_out = x if residual is None else torch.empty((t, n), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return codes, scales, res_out
+    block, warps = _row_launch(n)
+    r = x if residual is None else residual
+    _add_rms_norm_fp8_kernel[(t,)](x, r, weight, res_out, codes, scales, n, eps, x.stride(0), r.stride(0),
+                                   res_out.stride(0), codes.stride(0), HAS_RESIDUAL=residual is not None,
+                                   BLOCK=block, FP8_MAX=FP8_MAX, SINGLE=block >= n, num_warps=warps)
+    return codes, scales, res_out
+
+
+@triton.jit
+def _swiglu(h_row, offs, mask, inter):
+    """silu(gate) * up of h_row = [gate | up] at offs, rounded as _silu_and_mul_kernel rounds, as float32."""
+    g = tl.load(h_row + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(h_row.dtype.element_ty).to(tl.float32)
+    return (act * u).to(h_row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(h_ptr, q_ptr, s_ptr, inter, stride_hm, stride_qm, BLOCK: tl.constexpr,
+                             FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    h_row = h_ptr + m * stride_hm
+    q_row = q_ptr + m * stride_qm
+    if SINGLE:
+        mask = offs < inter
+        y = _swiglu(h_row, offs, mask, inter)
+        scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
+    else:  # absmax, then the codes, silu * up recomputed from the (L2-resident) row
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_swiglu(h_row + k0, offs, k0 + offs < inter, inter)))
+        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        for k0 in range(0, inter, BLOCK):
+            mask = k0 + offs < inter
+            _store_codes(q_row + k0, offs, _swiglu(h_row + k0, offs, mask, inter), scale, mask, FP8_MAX)
+
+
+def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [T, 2 I] = [gate | up] -> (codes [T, I] e4m3, scales [T, 1] float32):
+    quantize_fp8_per_token(silu_and_mul_triton(h)) in one launch."""
+    t, two_i = h.shape
+    if two_i % 2:
+        raise ValueError(f"silu_and_mul_fp8: h has {two_i} features, expected an even number (gate | up)")
+    inter = two_i // 2
+    h = h if h.stride(1) == 1 else h.contiguous()
+    codes = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=h.device)
+    scales = torch.empty((t, 1), dtype=torch.float32, device=h.device)
+    if t == 0:
+        return codes, scales
+    block, warps = _row_launch(inter)
+    _silu_and_mul_fp8_kernel[(t,)](h, codes, scales, inter, h.stride(0), codes.stride(0), BLOCK=block,
+                                   FP8_MAX=FP8_MAX, SINGLE=block >= inter, num_warps=warps)
     return codes, scales
 
 

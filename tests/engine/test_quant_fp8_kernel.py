@@ -1,5 +1,6 @@
-"""The fused per-token fp8 activation quantization kernel against quantize_fp8_per_token, byte for
-byte (Triton's CPU interpreter here, compiled where CUDA is present)."""
+"""The fused per-token fp8 activation quantization kernels against quantize_fp8_per_token, byte for
+byte (Triton's CPU interpreter here, compiled where CUDA is present): the standalone one, the ones fused
+into add + RMSNorm and into SiLU-and-mul, Fp8Linear.forward_quantized, and the Triton W8A8 GEMM."""
 from __future__ import annotations
 
 import os
@@ -74,3 +75,154 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
                          **c).cpu()
         assert out.shape == (m, n) and out.dtype == torch.float32
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5, c
+
+
+# ----- quantization fused into add + RMSNorm and SiLU-and-mul ----------------------------------------
+def assert_same_codes(codes, scales, ref_codes, ref_scales, scale_ulps=0, near=False):
+    """Codes byte for byte; scales to within scale_ulps float32 ulps (0: byte for byte too). near: a
+    compiled kernel against another reduction order or exp (CUDA): scales within 2^-10 relative and
+    at most 0.1% of the codes off, each by one e4m3 step."""
+    assert codes.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
+    assert codes.shape == ref_codes.shape and scales.shape == ref_scales.shape
+    if near:
+        assert torch.allclose(scales, ref_scales, rtol=2 ** -10, atol=0)
+        a, b = codes.view(torch.uint8).long(), ref_codes.view(torch.uint8).long()
+        off = a != b
+        assert off.float().mean().item() <= 1e-3
+        mag_a, mag_b = a[off] & 0x7F, b[off] & 0x7F  # e4m3 bytes: sign bit, then magnitude in order
+        same_sign = (a[off] >> 7) == (b[off] >> 7)
+        assert (((mag_a - mag_b).abs() <= 1) & (same_sign | ((mag_a <= 1) & (mag_b <= 1)))).all()
+        return
+    ulps = (scales.cpu().view(torch.int32).long() - ref_scales.cpu().view(torch.int32).long()).abs()
+    assert ulps.max().item() <= scale_ulps, ulps.max().item()
+    assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+
+
+def spread_rows(t, n, dtype, seed, scale=1.0):
+    """t rows of n values over four decades; row 1 all zero (the scale floor), row 2 one outlier."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=gen) * torch.logspace(-2, 2, n)[torch.randperm(n, generator=gen)] * scale
+    if t > 2:
+        x[1] = 0.0
+        x[2, 7] = 3e3 * scale
+    return x.to(dtype).to(DEVICE)
+
+
+# (t, n, max_row_block): one block per row, a row off a power of two, and rows in passes (n over the
+# block: 20000 at the real MAX_ROW_BLOCK, 700 with it lowered to 256 so the passes end mid-block).
+FUSED_SHAPES = [(1, 64, None), (5, 1000, None), (4, 20000, None), (4, 700, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("t,n,max_block", FUSED_SHAPES)
+def test_add_rms_norm_fp8_is_quantize_of_add_rms_norm(t, n, max_block, with_residual, dtype, monkeypatch):
+    """Codes and scales of the fused kernel are quantize_fp8_per_token of the pure-torch
+    add_rms_norm_reference's output, and residual_out is its residual, byte for byte; with one
+    allowance: float32 scales may differ by a few ulps, since the norm's mean of squares is a sum in
+    another order (and 1 / sqrt is not torch.rsqrt), which moves a float32 normed value by an ulp or
+    two; in float16 the rounding to the model dtype absorbs that. Against the unfused Triton pair
+    (add_rms_norm_triton, then the per-token kernel) it is byte for byte with no allowance where the
+    row is one block (rows in passes sum their squares in another order)."""
+    from engine.kernels.reference import add_rms_norm_reference
+    from engine.kernels.triton_fused import add_rms_norm_triton
+    from engine.quant import triton_fp8
+    if max_block is not None:
+        monkeypatch.setattr(triton_fp8, "MAX_ROW_BLOCK", max_block)
+    x = spread_rows(t, n, dtype, seed=n)
+    residual = spread_rows(t, n, dtype, seed=n + 1, scale=0.5) if with_residual else None
+    if residual is not None and t > 2:
+        residual[1] = 0.0  # x + residual = 0: the zero row survives the sum
+    weight = (1 + 0.1 * torch.randn(n, generator=torch.Generator().manual_seed(0))).to(dtype).to(DEVICE)
+    codes, scales, res_out = triton_fp8.add_rms_norm_fp8(x, residual, weight, 1e-5)
+
+    normed, ref_res = add_rms_norm_reference(x, residual, weight, 1e-5)
+    assert torch.equal(res_out, ref_res)
+    assert_same_codes(codes, scales, *quantize_fp8_per_token(normed), scale_ulps=4 if dtype == torch.float32 else 0,
+                      near=DEVICE.type == "cuda")
+    if t > 2:
+        assert (scales[1] == 1e-12).all() and (codes[1].float() == 0).all()
+    if triton_fp8.MAX_ROW_BLOCK >= n:
+        normed_triton, res_triton = add_rms_norm_triton(x, residual, weight, 1e-5)
+        assert torch.equal(res_out, res_triton)
+        assert_same_codes(codes, scales, *quantize_fp8_per_token(normed_triton), near=DEVICE.type == "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("t,i,max_block", [(1, 64, None), (5, 1500, None), (3, 20000, None), (4, 700, 256)])
+def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, max_block, dtype, monkeypatch):
+    """Codes and scales are quantize_fp8_per_token of silu_and_mul_reference's output, byte for byte
+    (float32 scales within a few ulps: the interpreter's exp is numpy's, torch's silu its own), and of
+    the unfused Triton silu_and_mul's output with no allowance, rows in passes included."""
+    from engine.kernels.reference import silu_and_mul_reference
+    from engine.kernels.triton_fused import silu_and_mul_triton
+    from engine.quant import triton_fp8
+    if max_block is not None:
+        monkeypatch.setattr(triton_fp8, "MAX_ROW_BLOCK", max_block)
+    gen = torch.Generator().manual_seed(i)
+    h = torch.randn(t, 2 * i, generator=gen) * 3
+    if t > 2:
+        h[1] = 0.0                     # silu(0) * 0: the scale floor
+        h[2, 7], h[2, i + 7] = 30.0, 200.0  # one outlier sets the row's scale
+    h = h.to(dtype).to(DEVICE)
+    codes, scales = triton_fp8.silu_and_mul_fp8(h)
+    assert codes.shape == (t, i)
+    assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_reference(h)),
+                      scale_ulps=4 if dtype == torch.float32 else 0, near=DEVICE.type == "cuda")
+    assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_triton(h)), near=DEVICE.type == "cuda")
+    if t > 2:
+        assert (scales[1] == 1e-12).all() and scales[2].item() == pytest.approx(30.0 * 200.0 / 448, rel=1e-3)
+
+
+def test_fused_quant_takes_every_width_strided_rows_and_no_rows():
+    from engine.quant.triton_fp8 import add_rms_norm_fp8, fp8_fusable, silu_and_mul_fp8
+    assert fp8_fusable(1) and fp8_fusable(8192) and fp8_fusable(28672) and not fp8_fusable(0)
+    x = torch.empty(0, 64, device=DEVICE)
+    codes, scales, res = add_rms_norm_fp8(x, None, torch.ones(64, device=DEVICE), 1e-5)
+    assert codes.shape == (0, 64) and scales.shape == (0, 1) and res.shape == (0, 64)
+    assert silu_and_mul_fp8(torch.empty(0, 128, device=DEVICE))[0].shape == (0, 64)
+    # rows with a stride (a column slice of a wider tensor) read as such, no copy needed
+    wide = torch.randn(3, 200, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = silu_and_mul_fp8(wide[:, 10:138])
+    expect = silu_and_mul_fp8(wide[:, 10:138].contiguous())
+    assert torch.equal(got[0].view(torch.uint8), expect[0].view(torch.uint8)) and torch.equal(got[1], expect[1])
+    got = add_rms_norm_fp8(wide[:, :64], wide[:, 100:164], torch.ones(64, device=DEVICE), 1e-5)
+    expect = add_rms_norm_fp8(wide[:, :64].contiguous(), wide[:, 100:164].contiguous(), torch.ones(64, device=DEVICE),
+                              1e-5)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got[:2], expect[:2]))
+    assert torch.equal(got[2], expect[2])
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul_fp8(torch.zeros(2, 129, device=DEVICE))
+    with pytest.raises(ValueError, match="weight"):
+        add_rms_norm_fp8(torch.zeros(2, 64, device=DEVICE), None, torch.ones(32, device=DEVICE), 1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_forward_quantized_is_forward_without_the_quantization(bias):
+    """forward(x) is forward_quantized(quantize(x)) (the CPU path: torch._scaled_mm), both the float
+    product of the codes; and fed by the fused norm it computes the Linear of the quantized norm."""
+    from engine.kernels.reference import add_rms_norm_reference
+    from engine.quant.fp8 import Fp8Linear, fp8_linear_reference, quantize_fp8
+    from engine.quant.triton_fp8 import add_rms_norm_fp8
+    if DEVICE.type == "cuda":
+        pytest.skip("the CPU path; tests/gpu/test_quant_gpu.py runs the CUDA one")
+    gen = torch.Generator().manual_seed(3)
+    wq, ws = quantize_fp8(torch.randn(48, 64, generator=gen) * 0.05)
+    b = torch.randn(48, generator=gen) if bias else None
+    lin = Fp8Linear(wq, ws, b)
+    x = torch.randn(2, 3, 64, generator=gen)
+    out = lin(x)
+    xq, xs = quantize_fp8_per_token(x.reshape(-1, 64))
+    assert torch.equal(out, lin.forward_quantized(xq, xs, torch.float32).view(2, 3, 48))
+    expect = fp8_linear_reference(x, wq, ws) + (0 if b is None else b)
+    assert ((out - expect).norm() / expect.norm()).item() < 1e-6
+
+    x2, residual = torch.randn(5, 64, generator=gen), torch.randn(5, 64, generator=gen)
+    norm_w = 1 + 0.1 * torch.randn(64, generator=gen)
+    codes, scales, _ = add_rms_norm_fp8(x2, residual, norm_w, 1e-5)
+    fused = lin.forward_quantized(codes, scales, torch.float32)
+    expect = fp8_linear_reference(add_rms_norm_reference(x2, residual, norm_w, 1e-5)[0], wq, ws)
+    expect = expect + (0 if b is None else b)
+    assert ((fused - expect).norm() / expect.norm()).item() < 1e-6
+    with pytest.raises(ValueError, match="forward_quantized: xq has shape"):
+        lin.forward_quantized(codes[:, :32], scales, torch.float32)

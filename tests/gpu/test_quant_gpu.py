@@ -1,7 +1,8 @@
 """Quantized layers on the GPU, at Llama-3.1-8B's layer shapes in bf16: the fused fp8 W8A8 forward
 against its float oracle, the int4 (= AWQ / GPTQ) and int8 kernels with the launch configs tuning
 picks at every bucket of rows against dequantize-then-matmul, and the engine with CUDA graphs
-running AWQ/GPTQ layers loaded from a Hub layout."""
+running AWQ/GPTQ layers loaded from a Hub layout; the fp8 quantization fused into add + RMSNorm and
+SwiGLU against the unfused kernels, in a CUDA graph, feeding Fp8Linear.forward_quantized."""
 from __future__ import annotations
 
 import pytest
@@ -243,3 +244,77 @@ def test_int8_mma_candidates_match_reference(m, dtype):
     if dtype == torch.bfloat16:  # bfloat16 x beyond float16's range (up to ~1e5) is scaled into it
         big = x * 2e4
         assert rel_err(_launch(big, q.weight_int8, q.scales, **cands[0]), ref * 2e4) < 1e-2
+
+
+def assert_codes_near(codes, scales, ref_codes, ref_scales):
+    """Fused quantization against quantize_fp8_per_token of the unfused kernels' 16-bit output: the
+    norm's sum of squares runs in another reduction order here, so a value on a rounding boundary may
+    land one e4m3 step away; at most 0.1% of the codes, each within that step of the reference value."""
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == ref_codes.shape and scales.shape == ref_scales.shape
+    assert torch.allclose(scales, ref_scales, rtol=2 ** -7, atol=0)  # one bf16 ulp of the row's absmax
+    assert (codes.view(torch.uint8) != ref_codes.view(torch.uint8)).float().mean().item() <= 1e-3
+    ref = ref_codes.float() * ref_scales
+    # one step is <= 2^-3 of a normal value (2^-9 of the scale for a subnormal), plus the scales' gap
+    assert ((codes.float() * scales - ref).abs() <= 0.14 * ref.abs() + 2 ** -8 * ref_scales).all()
+
+
+@pytest.mark.parametrize("t", [1, 64, 300])
+@pytest.mark.parametrize("n,inter", [(4096, 14336), (8192, 28672)])  # Llama-3.1-8B, -70B: 28672 in passes
+def test_fused_fp8_quant_kernels_match_the_unfused_ones_and_replay_in_a_cuda_graph(n, inter, t):
+    from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
+    from engine.quant.fp8 import quantize_fp8_per_token
+    from engine.quant.triton_fp8 import add_rms_norm_fp8, silu_and_mul_fp8
+    torch.manual_seed(t)
+    x = torch.randn(t, n, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(t, n, device="cuda", dtype=torch.bfloat16) * 4
+    weight = 1 + 0.1 * torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(t, 2 * inter, device="cuda", dtype=torch.bfloat16) * 2
+    x[0, 5] = 300.0  # an outlier in the norm's input and in a SwiGLU product
+    h[0, 3], h[0, inter + 3] = 20.0, 50.0
+    for res in (None, residual):
+        codes, scales, res_out = add_rms_norm_fp8(x, res, weight, 1e-5)
+        normed, ref_res = add_rms_norm_triton(x, res, weight, 1e-5)
+        assert torch.equal(res_out, ref_res)
+        assert_codes_near(codes, scales, *quantize_fp8_per_token(normed))
+    codes, scales = silu_and_mul_fp8(h)
+    assert_codes_near(codes, scales, *quantize_fp8_per_token(silu_and_mul_triton(h)))
+
+    # CUDA graphs: no host reads; a replay on new inputs gives what an eager call gives
+    outs = {}
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        add_rms_norm_fp8(x, residual, weight, 1e-5)  # compile outside the capture
+        silu_and_mul_fp8(h)
+        with torch.cuda.graph(graph, stream=stream):
+            outs["norm"] = add_rms_norm_fp8(x, residual, weight, 1e-5)
+            outs["silu"] = silu_and_mul_fp8(h)
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn_like(x))
+    h.copy_(torch.randn_like(h))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = {"norm": add_rms_norm_fp8(x, residual, weight, 1e-5), "silu": silu_and_mul_fp8(h)}
+    for got, expect in ((outs[k], eager[k]) for k in outs):
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, expect))
+
+
+@pytest.mark.parametrize("m", [1, 64, 256])
+def test_fp8_linear_on_fused_swiglu_quantization_matches_its_oracle(m):
+    """forward_quantized on silu_and_mul_fp8's codes (the tuned GEMM) against the float oracle of the
+    Linear on the unfused SwiGLU output."""
+    from engine.kernels.reference import silu_and_mul_reference
+    from engine.quant.fp8 import Fp8Linear, fp8_linear_reference, fp8_supported
+    from engine.quant.triton_fp8 import silu_and_mul_fp8
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores")
+    lin = torch.nn.Linear(14336, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, 0.0, 0.02)
+    f8 = Fp8Linear.from_linear(lin)
+    h = torch.randn(m, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = f8.forward_quantized(*silu_and_mul_fp8(h), torch.bfloat16)
+        ref = fp8_linear_reference(silu_and_mul_reference(h).float(), f8.weight_fp8, f8.weight_scale.view(-1))
+    assert out.shape == (m, 4096) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
