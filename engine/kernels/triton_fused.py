@@ -127,7 +127,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
 
 class TritonFusedBackend(TritonBackend):
     """The Triton attention backend plus the fused element-wise kernels above; at decode size a block's
-    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py)."""
+    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py), and
+    before fp8 W8A8 layers they write the layer's quantized input (triton_fp8.py)."""
 
     def add_rms_norm(self, x, residual, weight, eps):
         return add_rms_norm_triton(x, residual, weight, eps)
@@ -145,10 +146,22 @@ class TritonFusedBackend(TritonBackend):
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
             return fused_linear(x, linear, "norm", residual, norm)
+        if _is_fp8(linear):  # the norm writes the fp8 W8A8 input (codes, per-token scales) directly
+            from ..quant.triton_fp8 import add_rms_norm_fp8
+            codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
+            return linear.forward_quantized(codes, scales, x.dtype), residual
         x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps)
         return linear(x), residual
 
     def silu_linear(self, h, linear):
         if fusable(h, linear, "silu"):
             return fused_linear(h, linear, "silu")
+        if _is_fp8(linear):
+            from ..quant.triton_fp8 import silu_and_mul_fp8
+            return linear.forward_quantized(*silu_and_mul_fp8(h), h.dtype)
         return linear(silu_and_mul_triton(h))
+
+
+def _is_fp8(linear) -> bool:
+    from ..quant.fp8 import Fp8Linear  # lazily: engine.quant imports the model, which imports the kernels
+    return type(linear) is Fp8Linear

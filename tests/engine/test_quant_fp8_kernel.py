@@ -226,3 +226,35 @@ def test_fp8_linear_forward_quantized_is_forward_without_the_quantization(bias):
     assert ((fused - expect).norm() / expect.norm()).item() < 1e-6
     with pytest.raises(ValueError, match="forward_quantized: xq has shape"):
         lin.forward_quantized(codes[:, :32], scales, torch.float32)
+
+
+def test_triton_backend_feeds_fp8_layers_their_quantized_input_from_the_norm_and_swiglu(monkeypatch):
+    """TritonFusedBackend.norm_linear / silu_linear before an Fp8Linear: the norm / SwiGLU kernel writes the
+    layer's fp8 codes and scales (no per-token quantization launch) and the result is the unfused
+    composition's, residual included."""
+    from engine.kernels.reference import add_rms_norm_reference, silu_and_mul_reference
+    from engine.kernels.triton_fused import TritonFusedBackend
+    from engine.model.llama import RMSNorm
+    from engine.quant import fp8, triton_fp8
+    from engine.quant.fp8 import Fp8Linear, quantize_fp8
+    if DEVICE.type == "cuda":
+        pytest.skip("the CPU path (torch._scaled_mm on the CPU); tests/gpu/test_quant_gpu.py runs the CUDA one")
+    gen = torch.Generator().manual_seed(5)
+    lin = Fp8Linear(*quantize_fp8(torch.randn(48, 64, generator=gen) * 0.05), None)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = 1 + 0.1 * torch.randn(64, generator=gen)
+    x, residual = torch.randn(3, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    backend = TritonFusedBackend()
+    unfused = []  # a separate quantization of the layer's input (Fp8Linear.forward's, on either device)
+    for module, name in ((triton_fp8, "fp8_quantize_per_token"), (fp8, "quantize_fp8_per_token")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real: unfused.append(1) or real(*a))
+    out, res = backend.norm_linear(x, residual, norm, lin)
+    h = torch.randn(3, 128, generator=gen)
+    down = backend.silu_linear(h, lin)
+    assert not unfused
+    monkeypatch.undo()
+    normed, ref_res = add_rms_norm_reference(x, residual, norm.weight, norm.eps)
+    assert torch.equal(res, ref_res)
+    torch.testing.assert_close(out, lin(normed), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(down, lin(silu_and_mul_reference(h)), rtol=1e-5, atol=1e-5)
