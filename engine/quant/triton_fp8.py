@@ -59,13 +59,13 @@ def _round_to_e4m3_grid(v):
 @triton.jit
 def _token_scale(amax, FP8_MAX: tl.constexpr):
     """A row's scale from its absmax: absmax / 448, floored at 1e-12 (an all-zero row)."""
-    return tl.maximum(amax / FP8_MAX, 1e-12)
+    return tl.maximum(tl.math.div_rn(amax, FP8_MAX), 1e-12)  # div_rn: CUDA's `/` is not correctly rounded
 
 
 @triton.jit
 def _store_codes(q_row, offs, y, scale, mask, FP8_MAX: tl.constexpr):
     """Store e4m3(clamp(y / scale)) at q_row + offs, y float32 (already rounded like the 16-bit tensor)."""
-    v = tl.minimum(tl.maximum(y / scale, -FP8_MAX), FP8_MAX)
+    v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)
     tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_row.dtype.element_ty), mask=mask)
 
 

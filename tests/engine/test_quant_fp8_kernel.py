@@ -74,21 +74,25 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
         out = fp8_matmul(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.view(1, -1).to(DEVICE), torch.float32,
                          **c).cpu()
         assert out.shape == (m, n) and out.dtype == torch.float32
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, c
+        # Hopper's fp8 MMAs add products with ~14 mantissa bits before the float32 accumulator (DeepSeek-V3
+        # report, sec. 3.3.2): 1.4e-4 / 3.3e-4 measured on the H200 at K = 384 / 1024.
+        bound = 1e-3 if codes == "e4m3" and DEVICE.type == "cuda" else 1e-5
+        assert ((out - ref).norm() / ref.norm()).item() < bound, c
 
 
 # ----- quantization fused into add + RMSNorm and SiLU-and-mul ----------------------------------------
 def assert_same_codes(codes, scales, ref_codes, ref_scales, scale_ulps=0, near=False):
     """Codes byte for byte; scales to within scale_ulps float32 ulps (0: byte for byte too). near: a
     compiled kernel against another reduction order or exp (CUDA): scales within 2^-10 relative and
-    at most 0.1% of the codes off, each by one e4m3 step."""
+    at most 0.5% of the codes off, each by one e4m3 step (a 16-bit normed value rounded the other way
+    flips its code: 4 of 2800 in float16 rows summed in passes on the H200)."""
     assert codes.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
     assert codes.shape == ref_codes.shape and scales.shape == ref_scales.shape
     if near:
         assert torch.allclose(scales, ref_scales, rtol=2 ** -10, atol=0)
         a, b = codes.view(torch.uint8).long(), ref_codes.view(torch.uint8).long()
         off = a != b
-        assert off.float().mean().item() <= 1e-3
+        assert off.float().mean().item() <= 5e-3
         mag_a, mag_b = a[off] & 0x7F, b[off] & 0x7F  # e4m3 bytes: sign bit, then magnitude in order
         same_sign = (a[off] >> 7) == (b[off] >> 7)
         assert (((mag_a - mag_b).abs() <= 1) & (same_sign | ((mag_a <= 1) & (mag_b <= 1)))).all()
