@@ -307,9 +307,17 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """What tuning.pick times for a W8A8 shape: torch._scaled_mm (cuBLASLt / CUTLASS row-wise; the
     default, used untuned) and a few Triton tiles with their split-K variants (split_variants)."""
     from .triton_int8 import split_variants
+    extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+             for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
     return [dict(kernel="scaled_mm")] + split_variants(
         [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-         fp8_dot_config(m, n, k, sms, block_k=256)])
+         fp8_dot_config(m, n, k, sms, block_k=256)] + extra)
+
+
+# (block_n, block_k, num_warps, num_stages) also timed above 16 rows, where the tiles above left the decode
+# step's small projections at 1.0x (qkv) and 0.89x (o_proj) of bf16 at 64 rows on the H200: deeper pipelines,
+# wider K steps, a narrower weight tile (more programs) and a wider one (x re-read from L2 half as often).
+FP8_TILES_MANY_ROWS = ((128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (32, 256, 4, 4))
 
 
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,

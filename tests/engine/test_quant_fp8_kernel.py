@@ -50,7 +50,7 @@ FP8_GEMM_CASES = [(1, 40, 384, dict(kernel="triton", block_n=32, block_k=128, sp
                   (5, 33, 200, dict(kernel="triton", block_n=32, block_k=64, split_k=2)),
                   (40, 24, 256, dict(kernel="triton", block_n=32, block_k=128, split_k=1)),
                   (3, 72, 384, dict(kernel="triton", block_n=32, block_k=64, split_k=4, serial=True)),
-                  (2, 50, 1024, None)]
+                  (2, 50, 1024, None), (40, 72, 1024, None)]
 
 
 @pytest.mark.parametrize("codes", ["e4m3", "float16"])
