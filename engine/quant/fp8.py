@@ -49,7 +49,9 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], scales [M, 1] float32), one dynamic scale per row."""
-    scales = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+    # amax * (1 / 448), not amax / 448: torch on CUDA divides by a scalar that way, on the CPU exactly; a product
+    # gives the same bits on both, and in the Triton kernels.
+    scales = (x.abs().amax(dim=1, keepdim=True).float() * (1.0 / FP8_MAX)).clamp(min=1e-12)
     return (x.float() / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scales
 
 
