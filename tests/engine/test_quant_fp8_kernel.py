@@ -71,7 +71,8 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
     configs = [c for c in fp8_candidates(m, n, k, 132) if c["kernel"] == "triton"] if cfg is None else [cfg]
     assert cfg is not None or any(c["split_k"] > 1 for c in configs)
     for c in configs:
-        if codes == "float16" and DEVICE.type == "cuda" and c.get("block_k", 128) * c.get("block_n", 64) >= 256 * 128:
+        stage_bytes = 2 * c.get("block_k", 128) * (c.get("block_n", 64) + c.get("block_m", 16))
+        if codes == "float16" and DEVICE.type == "cuda" and c.get("num_stages", 3) * stage_bytes > 200 * 2**10:
             continue  # tiles sized for 1-byte codes: with 2-byte stand-ins they overflow shared memory (tuning skips)
         out = fp8_matmul(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.view(1, -1).to(DEVICE), torch.float32,
                          **c).cpu()
