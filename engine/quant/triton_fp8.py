@@ -70,29 +70,50 @@ def _store_codes(q_row, offs, y, scale, mask, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
+def _swiglu(h_row, offs, mask, inter):
+    """silu(gate) * up of h_row = [gate | up] at offs, rounded as _silu_and_mul_kernel rounds, as float32."""
+    g = tl.load(h_row + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(h_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(h_row.dtype.element_ty).to(tl.float32)
+    return (act * u).to(h_row.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _row_values(row, offs, mask, n, SWIGLU: tl.constexpr):
+    """Features offs of one row as float32: the row as stored, or (SWIGLU) silu(gate) * up of row = [gate | up]."""
+    if SWIGLU:
+        return _swiglu(row, offs, mask, n)
+    return tl.load(row + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr,
+                  SWIGLU: tl.constexpr):
+    """One row's scale and codes: read once when it fits a block (decode: one short launch), else absmax over
+    the row, then the codes, the values recomputed from the (L2-resident) row."""
+    offs = tl.arange(0, BLOCK)
+    if SINGLE:
+        mask = offs < n
+        y = _row_values(src_row, offs, mask, n, SWIGLU)
+        scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, n, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_row_values(src_row + k0, offs, k0 + offs < n, n, SWIGLU)))
+        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
+        tl.store(s_ptr + m, scale)
+        for k0 in range(0, n, BLOCK):
+            mask = k0 + offs < n
+            _store_codes(q_row + k0, offs, _row_values(src_row + k0, offs, mask, n, SWIGLU), scale, mask, FP8_MAX)
+
+
+@triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
                           FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + m * stride_xm
-    q_row = q_ptr + m * stride_qm
-    if SINGLE:  # the row fits one block: read once, keep it in registers (decode: one short launch)
-        mask = offs < K
-        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        scale = _token_scale(tl.max(tl.abs(x), 0), FP8_MAX)
-        tl.store(s_ptr + m, scale)
-        _store_codes(q_row, offs, x, scale, mask, FP8_MAX)
-    else:
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
-        tl.store(s_ptr + m, scale)
-        for k0 in range(0, K, BLOCK_K):
-            mask = k0 + offs < K
-            x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            _store_codes(q_row + k0, offs, x, scale, mask, FP8_MAX)
+    _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, SWIGLU=False)
 
 
 def _row_launch(k: int) -> tuple[int, int]:
@@ -208,36 +229,10 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 
 @triton.jit
-def _swiglu(h_row, offs, mask, inter):
-    """silu(gate) * up of h_row = [gate | up] at offs, rounded as _silu_and_mul_kernel rounds, as float32."""
-    g = tl.load(h_row + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(h_row + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(h_row.dtype.element_ty).to(tl.float32)
-    return (act * u).to(h_row.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
 def _silu_and_mul_fp8_kernel(h_ptr, q_ptr, s_ptr, inter, stride_hm, stride_qm, BLOCK: tl.constexpr,
                              FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    h_row = h_ptr + m * stride_hm
-    q_row = q_ptr + m * stride_qm
-    if SINGLE:
-        mask = offs < inter
-        y = _swiglu(h_row, offs, mask, inter)
-        scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
-        tl.store(s_ptr + m, scale)
-        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
-    else:  # absmax, then the codes, silu * up recomputed from the (L2-resident) row
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK):
-            amax = tl.maximum(amax, tl.abs(_swiglu(h_row + k0, offs, k0 + offs < inter, inter)))
-        scale = _token_scale(tl.max(amax, 0), FP8_MAX)
-        tl.store(s_ptr + m, scale)
-        for k0 in range(0, inter, BLOCK):
-            mask = k0 + offs < inter
-            _store_codes(q_row + k0, offs, _swiglu(h_row + k0, offs, mask, inter), scale, mask, FP8_MAX)
+    _quantize_row(h_ptr + m * stride_hm, q_ptr + m * stride_qm, s_ptr, m, inter, BLOCK, FP8_MAX, SINGLE, SWIGLU=True)
 
 
 def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The quantized matmul kernels compile for Hopper (sm_90) without a GPU (Triton's bundled ptxas), and
+"""The quantized matmul kernels (and the decode GEMV of engine/kernels/triton_gemv.py) compile for Hopper
+(sm_90) without a GPU (Triton's bundled ptxas), and
 the compiled code has the properties their speed rests on: tensor-core wgmma in the tl.dot kernels
 (e4m3 operands for fp8, float16 for the int8 mma kernel), 16-byte asynchronous copies of the int4 weight
 words, the int4 "pairs" kernel unpacking in the wgmma operand's registers (two codes per LOP3), the
@@ -179,10 +180,33 @@ def check_fp8_gemm():
                    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
+    from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _silu_and_mul_fp8_kernel
     for single in (True, False):
-        _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
-                                         "stride_xm": "i32", "stride_qm": "i32"},
-                 dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
+        ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
+                                               "stride_xm": "i32", "stride_qm": "i32"},
+                       dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
+        assert "div.rn.f32" in ptx  # the codes' division correctly rounded, as torch's
+        _compile(_silu_and_mul_fp8_kernel, {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "inter": "i32",
+                                            "stride_hm": "i32", "stride_qm": "i32"},
+                 dict(BLOCK=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
+        for residual in (True, False):
+            _compile(_add_rms_norm_fp8_kernel, {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "ro_ptr": "*bf16",
+                                                "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "N": "i32", "eps": "fp32",
+                                                "stride_xm": "i32", "stride_rm": "i32", "stride_om": "i32",
+                                                "stride_qm": "i32"},
+                     dict(HAS_RESIDUAL=residual, BLOCK=4096, FP8_MAX=448.0, SINGLE=single), num_warps=8)
+
+
+def check_decode_gemv():
+    from engine.kernels.triton_gemv import PROLOGUES, _gemv_kernel
+    for name, code in PROLOGUES.items():
+        ptx = _compile(_gemv_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "w_ptr": "*bf16",
+                                      "b_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16", "N": "i32",
+                                      "K": "i32", "eps": "fp32", "stride_xm": "i32", "stride_wn": "i32"},
+                       dict(PROLOGUE=code, HAS_RESIDUAL=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=512,
+                            ROW_BLOCK=4096 if name == "norm" else 1, EVEN_K=True))
+        # The weight tiles stream as 16-byte vector loads (its prefetch included): what its bandwidth rests on.
+        assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)) >= 2, name
 
 
 def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
@@ -211,6 +235,10 @@ def test_int8_word_gemv_assembles_its_byte_permute():
 
 def test_fp8_gemm_uses_e4m3_wgmma():
     _run("check_fp8_gemm")
+
+
+def test_decode_gemv_streams_16_byte_weight_loads_with_every_prologue():
+    _run("check_decode_gemv")
 
 
 if __name__ == "__main__":
