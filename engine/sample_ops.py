@@ -108,11 +108,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     batch 1 on an H200); the chunks spread it over the GPU. Equal to argmax, ties and NaN included (max and
     argmax both take the first maximum, NaN counting as the largest). On the CPU too: tests run it there."""
     rows, vocab = x.shape
-    chunks = vocab & -vocab  # the largest power of two dividing vocab, capped below
-    chunks = min(chunks, 256)
+    chunks = min(vocab & -vocab, 256)  # the largest power of two dividing vocab, at most 256
     if rows > ARGMAX_SPLIT_ROWS or chunks < 16:
         return x.argmax(-1)
     vals, idx = x.reshape(rows, chunks, vocab // chunks).max(-1)
     best = vals.argmax(-1, keepdim=True)
     return (best * (vocab // chunks) + idx.gather(1, best)).squeeze(1)
-
