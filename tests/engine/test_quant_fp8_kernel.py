@@ -260,6 +260,9 @@ def test_triton_backend_feeds_fp8_layers_their_quantized_input_from_the_norm_and
     h = torch.randn(3, 128, generator=gen)
     down = backend.silu_linear(h, lin)
     assert not unfused
+    monkeypatch.setattr(triton_fp8, "MAX_ROW_BLOCK", 32)  # an intermediate size past one block: the two kernels
+    torch.testing.assert_close(backend.silu_linear(h, lin), down, rtol=1e-5, atol=1e-5)
+    assert len(unfused) == 1
     monkeypatch.undo()
     normed, ref_res = add_rms_norm_reference(x, residual, norm.weight, norm.eps)
     assert torch.equal(res, ref_res)
