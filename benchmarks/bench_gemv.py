@@ -50,7 +50,7 @@ def kernel_part(rates: dict, rounds: int = 5) -> dict:
     for name, n, k, prologue in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(n + k)
         x = torch.randn(1, 2 * k if prologue == "silu" else k, device="cuda", dtype=torch.bfloat16, generator=g)
-        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         norm = torch.nn.Module()
         norm.weight, norm.eps = torch.ones(k, device="cuda", dtype=torch.bfloat16), 1e-5
         residual = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g) if prologue == "norm" else None
