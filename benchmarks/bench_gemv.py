@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from engine.kernels import triton_gemv
 from engine.quant import tuning
 from bench_quant import graph_replay_ms
 from throughput_targets import decode_batch1, deep
-from workbench.bench import environment
+from workbench.bench import environment, median_spread
 from workbench.profiling import measure_rates
 from workbench.workloads import fixed
 
@@ -39,10 +38,6 @@ SHAPES = [("qkv_proj", 6144, 4096, "norm"), ("o_proj", 4096, 4096, "none"), ("ga
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
-
-
-def spread(xs: list[float]) -> dict:
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "count": len(xs)}
 
 
 def kernel_part(rates: dict, rounds: int = 5) -> dict:
@@ -76,7 +71,7 @@ def kernel_part(rates: dict, rounds: int = 5) -> dict:
                 samples[key].append(tuning._graph_time(lambda: [launch(cfg, w) for w in copies], len(copies)) * 1e3)
         tuning.chosen.pop(("gemv", prologue, 1, n, k, torch.bfloat16, False, residual is not None), None)
         lin.weight = torch.nn.Parameter(copies[0], requires_grad=False)
-        timed = {key: spread(v) for key, v in samples.items()}
+        timed = {key: median_spread(v) for key, v in samples.items()}
         unfused = timed[json.dumps({"kernel": "unfused"})]["median"]
         best = min((key for key in timed if "gemv" in key), key=lambda key: timed[key]["median"])
         gbps = n * k * 2 / (timed[best]["median"] * 1e-6) / 1e9
@@ -104,7 +99,7 @@ def engine_part(rates: dict, runs: int) -> dict:
             res[m]["graph_ms"].append(graph_replay_ms(llm))
             log(f"round {rnd + 1} {m}: TPOT {d['tpot_s']['median'] * 1e3:.3f} ms = {d['ratio']:.3f}x the weight read "
                 f"({d['weight_read_s'] * 1e3:.2f} ms); graph replay {res[m]['graph_ms'][-1]:.3f} ms")
-    out = {m: {k: spread(v) for k, v in r.items()} for m, r in res.items()}
+    out = {m: {k: median_spread(v) for k, v in r.items()} for m, r in res.items()}
     out["weight_read_s"] = d["weight_read_s"]
     wl = fixed(num_requests=1, prompt_len=128, output_len=256, vocab_size=llm.spec.vocab_size, seed=1)
     for m, flag in modes.items():

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,17 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton  # noqa: E402
 from engine.quant.triton_fp8 import add_rms_norm_fp8, fp8_quantize_per_token, silu_and_mul_fp8  # noqa: E402
+from workbench.bench import environment, median_spread  # noqa: E402
 
 CALLS_PER_GRAPH = 50
 SHAPES = {"llama-3.1-8b": dict(hidden=4096, intermediate=14336),
           "llama-3.1-70b": dict(hidden=8192, intermediate=28672)}
-
-
-def environment(device: torch.device) -> dict:
-    import triton
-    return {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(device),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def graphed(fn) -> torch.cuda.CUDAGraph:
@@ -101,7 +92,7 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
            "swiglu_mismatching_codes": mismatching_codes(variants[("swiglu", "fused")](),
                                                          variants[("swiglu", "unfused")]())}
     for (op, variant), ts in times.items():
-        out[f"{op}_{variant}_us"] = {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "runs": ts}
+        out[f"{op}_{variant}_us"] = median_spread(ts)
     for op in ("norm", "swiglu"):
         out[f"{op}_saving_us"] = out[f"{op}_unfused_us"]["median"] - out[f"{op}_fused_us"]["median"]
     del graphs

@@ -157,13 +157,13 @@ def fusable(x: torch.Tensor, linear: nn.Module, prologue: str) -> bool:
     """Whether `linear` can run as this kernel on x: a plain nn.Linear (not a quantized or tensor-parallel
     one, no hooks: calibration's pre-hooks must see its input) at decode size, x and weight of one dtype,
     unless ENGINE_FUSED_GEMV=0 (read when a step is traced: CUDA graphs keep what they were captured with)."""
-    if os.environ.get("ENGINE_FUSED_GEMV", "1") == "0":  # the unfused path, for A/B measurements
+    if x.dim() != 2 or x.shape[0] > GEMV_MAX_ROWS:  # first: prefill steps (eager, every layer) stop here
         return False
     if type(linear) is not nn.Linear or linear._forward_hooks or linear._forward_pre_hooks:
         return False
-    k = linear.in_features
-    return (x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.dtype == linear.weight.dtype
-            and linear.weight.stride(-1) == 1 and (prologue != "norm" or k <= MAX_NORM_ROW))
+    return (x.dtype == linear.weight.dtype and linear.weight.stride(-1) == 1
+            and (prologue != "norm" or linear.in_features <= MAX_NORM_ROW)
+            and os.environ.get("ENGINE_FUSED_GEMV", "1") != "0")  # "0": the unfused path, for A/B measurements
 
 
 def fused_linear(x: torch.Tensor, linear: nn.Linear, prologue: str, residual: torch.Tensor | None = None,

@@ -29,8 +29,8 @@ kernel's output, byte for byte, as long as the norm's sum of squares adds in the
 in the interpreter for a row in one block; compiled with other warps, or a row in passes, a normed
 value may move by an ulp: rarely, a code one e4m3 step off). One program per token (the scale needs
 the whole row); a row of up to MAX_ROW_BLOCK features stays in registers, a longer one is recomputed
-from its inputs in passes (norm: sum of squares, absmax, codes; SwiGLU: absmax, codes), so every
-width is fused (`fp8_fusable`). No host reads of device values: both are CUDA-graph capturable.
+from its inputs in passes (norm: sum of squares, absmax, codes; SwiGLU: absmax, codes; the backend
+sends SwiGLU rows past one block to the two separate kernels, measured faster there). No host reads of device values: both are CUDA-graph capturable.
 """
 from __future__ import annotations
 
@@ -138,12 +138,6 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 # ----- quantization fused into the kernels that produce the activations ---------------------------
-def fp8_fusable(n_features: int) -> bool:
-    """Whether add_rms_norm_fp8 / silu_and_mul_fp8 take rows of n_features (N, resp. I): every width
-    >= 1 is (rows over MAX_ROW_BLOCK in passes), so a caller needs no fallback for the size."""
-    return n_features >= 1
-
-
 @triton.jit
 def _residual_sum(x_row, r_row, offs, mask, HAS_RESIDUAL: tl.constexpr):
     """x (+ residual) rounded to x's dtype, as float32: the residual stream's next value."""

@@ -182,8 +182,7 @@ def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, max_block, dtype, mo
 
 
 def test_fused_quant_takes_every_width_strided_rows_and_no_rows():
-    from engine.quant.triton_fp8 import add_rms_norm_fp8, fp8_fusable, silu_and_mul_fp8
-    assert fp8_fusable(1) and fp8_fusable(8192) and fp8_fusable(28672) and not fp8_fusable(0)
+    from engine.quant.triton_fp8 import add_rms_norm_fp8, silu_and_mul_fp8
     x = torch.empty(0, 64, device=DEVICE)
     codes, scales, res = add_rms_norm_fp8(x, None, torch.ones(64, device=DEVICE), 1e-5)
     assert codes.shape == (0, 64) and scales.shape == (0, 1) and res.shape == (0, 64)
