@@ -294,8 +294,12 @@ def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None,
 
 def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """What tuning.pick times for a W8A8 shape: torch._scaled_mm (cuBLASLt / CUTLASS row-wise; the
-    default, used untuned) and a few Triton tiles with their split-K variants (split_variants)."""
+    default, used untuned) and, up to 256 rows, a few Triton tiles with their split-K variants
+    (split_variants). Above 256 rows (prefill chunks, which all share one tuned config) scaled_mm alone:
+    a tile or split-K that wins at the bucket's first row count must not run a 8192-token chunk."""
     from .triton_int8 import split_variants
+    if m > 256:
+        return [dict(kernel="scaled_mm")]
     extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
              for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
     return [dict(kernel="scaled_mm")] + split_variants(

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
 from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m,
                           num_sms, split_outputs, split_variants, tune_bucket)
@@ -267,7 +268,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-    return split_variants(cands, ok) + _serial_when_split(extra, ok) + _mma_candidates(m, n, k, group_size, sms, asm)
+    return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
+                        + _mma_candidates(m, n, k, group_size, sms, asm))
 
 
 def _mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool) -> list[dict]:
@@ -330,13 +332,15 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
+    if kernel == "dequant":
+        return int4_dequant_matmul(x, packed, scales, zeros, group_size)
     if kernel == "mma":
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
                            fold=fold, layout=layout, asm=asm)
     if kernel not in (None, "tc"):
-        raise ValueError(f"kernel={kernel!r}: expected None, 'tc' or 'mma'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma' or 'dequant'")
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .dequant_mm import int8_dequant_matmul, with_dequant
 
 GEMV_MAX_ROWS = 2
 
@@ -383,7 +384,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                                   num_stages=3))
             if m > 16:
                 cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
-            cands += _mma8_candidates(m, n, k, sms, x, q)
+            cands = with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q))
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
@@ -424,12 +425,14 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     the byte permute in inline PTX (CUDA only), in the word GEMV, the tl.dot kernel or the mma kernel."""
     m, k = x.shape
     n = q.shape[0]
+    if kernel == "dequant":
+        return int8_dequant_matmul(x, q, scales)
     if kernel == "mma":
         from .triton_int8_mma import _launch_mma
         return _launch_mma(x, q, scales, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                            num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
-        raise ValueError(f"kernel={kernel!r}: expected None, 'words' or 'mma'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'words', 'mma' or 'dequant'")
     if asm and not x.is_cuda:
         raise ValueError("asm=True (inline PTX) runs on CUDA only")
     if kernel == "words":

@@ -209,6 +209,21 @@ def check_decode_gemv():
         assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)) >= 2, name
 
 
+def check_int4_dequant():
+    from engine.quant.dequant_mm import _int4_dequant_kernel
+    ptx = _compile(_int4_dequant_kernel, {"p_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "w_ptr": "*bf16",
+                                          "N": "i32", "K": "i32", "stride_p": "i32", "stride_s": "i32",
+                                          "stride_w": "i32"}, dict(GROUP=128, BLOCK_N=32, CHUNKS=4))
+    # A pass over memory: words read as vectors, the float weights written as 16-byte vectors, and one scale and
+    # zero load per row and chunk (4 x 2 here), not one per weight.
+    assert re.search(r"ld\.global(?:\.\w+)*\.v[24]\.b32", ptx) and re.search(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
+    assert len(re.findall(r"ld\.global(?:\.\w+)*\.b(?:8|16) ", ptx)) <= 8
+
+
+def test_int4_dequant_kernel_reads_and_writes_16_byte_vectors():
+    _run("check_int4_dequant")
+
+
 def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
     _run("check_int4_gemv")
 

@@ -287,6 +287,23 @@ def _int4_friendly_tiny():
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
+def test_forward_peak_counts_the_dequantized_weight_slice_of_int_modes():
+    """Llama-3.1-8B in bf16: the widest layers (gate_up 28672 x 4096, the LM head 128256 x 4096) are held in slices
+    of 16384 output channels (128 MiB); under TP 2 gate_up's 14336 channels fit one slice, the LM head's 64128 do
+    not. No slice for fp8 or bf16, nor for a token budget below the 65 rows the path starts at."""
+    spec = LLM.model_spec("llama-3.1-8b")
+    cfg = EngineConfig(max_num_batched_tokens=8192, max_model_len=8192, max_num_seqs=256)
+    for mode in ("int8", "int4", "awq", "gptq"):
+        assert planner.dequant_slice_bytes(spec, cfg.replace(quantization=mode), 2) == 16384 * 4096 * 2
+    tiny_head = dataclasses.replace(spec, vocab_size=1024, tie_word_embeddings=False)
+    assert planner.dequant_slice_bytes(tiny_head, cfg.replace(quantization="int4"), 2, 2) == 14336 * 4096 * 2
+    assert planner.dequant_slice_bytes(spec, cfg.replace(quantization="fp8"), 2) == 0
+    assert planner.dequant_slice_bytes(spec, cfg, 2) == 0
+    assert planner.dequant_slice_bytes(spec, cfg.replace(quantization="int4", max_num_batched_tokens=64), 2) == 0
+    base = planner.forward_peak_bytes(spec, cfg)
+    assert planner.forward_peak_bytes(spec, cfg.replace(quantization="int4")) - base == 16384 * 4096 * 2
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_weight_bytes_match_the_engine(mode):
     pytest.importorskip("engine.quant")

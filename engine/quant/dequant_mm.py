@@ -1,0 +1,106 @@
+"""Many rows: dequantize the weight into x's dtype, then one cuBLAS matmul (config kernel="dequant").
+
+At a few hundred rows and more a matmul is bound by its arithmetic, not by reading the weight, so the
+4x / 2x fewer weight bytes of int4 / int8 buy little there, and the fused kernels (triton_int4*.py,
+triton_int8*.py) pay their in-register dequantization once per weight and row tile on top of an MMA
+that cuBLAS runs faster. Writing the float weight once and handing it to cuBLAS costs one pass over
+N x K 16-bit values, a small share of a prefill chunk's matmul; vLLM's AWQ layer does the same from 256
+tokens on. tuning.pick times this candidate beside the fused kernels above 64 rows (it is the first,
+untuned candidate above 256 rows: prefill chunks).
+
+The float weight is built and used in slices of at most SLICE_BYTES (output channels [a, b)), each
+matmul writing its columns of the output in place, so the transient memory stays bounded for wide layers
+(an LM head, a 70B MLP); the memory planner counts one slice.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4 import KERNEL_CHUNK
+
+SLICE_BYTES = 128 * 2**20  # the largest dequantized weight slice alive at once (bytes)
+DEQUANT_MIN_ROWS = 65  # rows from which tuning times the candidate (below, the fused kernels always win)
+DEQUANT_FIRST_ROWS = 257  # rows from which it is the untuned default
+
+
+@triton.jit
+def _int4_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, stride_w,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """w[n, k] = (q[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP] for a [BLOCK_N, 32 * CHUNKS] tile, from
+    int4.pack_int4_kernel's layout (nibble i of word r of chunk c is feature 32c + 4i + r): the 8 nibbles of
+    each word are unpacked along a new axis and the tile permuted to feature order in registers."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = pid_k * 4 * CHUNKS + tl.arange(0, 4 * CHUNKS)
+    chunks = pid_k * CHUNKS + tl.arange(0, CHUNKS)
+    feats = pid_k * 32 * CHUNKS + tl.arange(0, 32 * CHUNKS)
+    mask_n = rows < N
+    w = tl.load(p_ptr + rows[:, None] * stride_p + words[None, :],
+                mask=mask_n[:, None] & (words < K // 8)[None, :], other=0)
+    q = (w[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15  # [n, 4c + r, i]
+    q = tl.permute(tl.reshape(q, (BLOCK_N, CHUNKS, 4, 8)), (0, 1, 3, 2))  # [n, c, i, r]: feature 32c + 4i + r
+    # A chunk lies in one group (GROUP % 32 == 0): one scale and zero per row and chunk.
+    params = rows[:, None] * stride_s + (chunks * 32 // GROUP)[None, :]
+    pmask = mask_n[:, None] & (chunks * 32 < K)[None, :]
+    scale = tl.load(s_ptr + params, mask=pmask, other=0.0).to(tl.float32)[:, :, None, None]
+    zero = tl.load(z_ptr + params, mask=pmask, other=0).to(tl.float32)[:, :, None, None]
+    val = tl.reshape((q.to(tl.float32) - zero) * scale, (BLOCK_N, 32 * CHUNKS))
+    tl.store(w_ptr + rows[:, None] * stride_w + feats[None, :], val.to(w_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (feats < K)[None, :])
+
+
+def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype, block_n: int = 32, chunks: int = 4) -> torch.Tensor:
+    """The float weight [N, K] in `dtype` of the kernel layout `packed` [N, K / 8] int32 (int4.py)."""
+    n, k = packed.shape[0], packed.shape[1] * 8
+    if k % KERNEL_CHUNK or group_size % KERNEL_CHUNK:
+        raise ValueError(f"int4_dequantize needs K and group_size multiples of {KERNEL_CHUNK}, got {k} and {group_size}")
+    if scales.stride() != zeros.stride() or scales.stride(1) != 1 or packed.stride(1) != 1:
+        raise ValueError("int4_dequantize needs row-major packed codes, and scales and zeros with the same strides")
+    w = torch.empty((n, k), dtype=dtype, device=packed.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, KERNEL_CHUNK * chunks))
+    _int4_dequant_kernel[grid](packed, scales, zeros, w, n, k, packed.stride(0), scales.stride(0), w.stride(0),
+                               GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks)
+    return w
+
+
+def with_dequant(m: int, candidates: list[dict]) -> list[dict]:
+    """A dequantizing kernel's tuning candidates for m rows with this module's candidate added: first from
+    DEQUANT_FIRST_ROWS rows on (the untuned default), last from DEQUANT_MIN_ROWS, not at all below."""
+    if m >= DEQUANT_FIRST_ROWS:
+        return [dict(kernel="dequant")] + candidates
+    return candidates + [dict(kernel="dequant")] if m >= DEQUANT_MIN_ROWS else candidates
+
+
+def sliced_matmul(x: torch.Tensor, n: int, weight_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype, where weight_rows(a, b) builds rows [a, b) of W in x's dtype;
+    W is built in slices of at most SLICE_BYTES, each slice's matmul writing its output columns in place."""
+    m, k = x.shape
+    rows = max(1, SLICE_BYTES // (k * x.element_size()))
+    if rows >= n:
+        return x @ weight_rows(0, n).t()
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        torch.mm(x, weight_rows(a, b).t(), out=out[:, a:b])
+    return out
+
+
+def int4_dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """int4_matmul's kernel="dequant": the weight dequantized in slices, each multiplied by cuBLAS."""
+    return sliced_matmul(x, packed.shape[0], lambda a, b: int4_dequantize(packed[a:b], scales[a:b], zeros[a:b],
+                                                                          group_size, x.dtype))
+
+
+def int8_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8_matmul's kernel="dequant": q * scale per output channel in x's dtype (one elementwise kernel per
+    slice), each slice multiplied by cuBLAS."""
+    def rows(a: int, b: int) -> torch.Tensor:
+        w = torch.empty((b - a, q.shape[1]), dtype=x.dtype, device=x.device)
+        return torch.mul(q[a:b], scales[a:b, None], out=w)
+    return sliced_matmul(x, q.shape[0], rows)
