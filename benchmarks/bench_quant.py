@@ -17,6 +17,8 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
      (prompt 64 random tokens, 16 new tokens, greedy), through the engine as configured (CUDA graphs
      for decode), REPS passes interleaved over the batch sizes after one warm-up pass; the median and
      the spread (min, max) per point, and the speed-up over bf16 per point (median / median)
+   - prefill speed: prompt tokens/s of 16 prompts x 1024 random tokens, 1 new token each (two 8192-token
+     chunks), interleaved with the curve's passes (median, spread), and its speed-up over bf16
    - the device time of one replay of the engine's batch-1 decode graph (CUDA events)
    - quality against bf16 on the same random weights, logits only: mean KL(bf16 || mode) over 4,096
      positions, top-1 agreement, greedy agreement over 256 generated tokens
@@ -83,6 +85,7 @@ INT4_MODES = ("int4", "awq", "gptq")
 BATCHES = (1, 16, 64, 256)
 REPS = 3
 PROMPT_LEN, NEW_TOKENS = 64, 16
+PREFILL_PROMPTS, PREFILL_LEN = 16, 1024  # the prefill point: 16384 prompt tokens, two chunks of the 8192 budget
 TARGETS = {"int8_weight_ratio_max": 0.55, "int4_weight_ratio_max": 0.30, "int8_b1_speedup_min": 1.8,
            "int4_b1_speedup_min": 2.8, "int4_b16_speedup_min": 2.0, "no_weight_mode_slower_than_bf16": True,
            "fp8_b64_speedup_min": 1.3, "kv_fp8_attention_speedup_min": 1.0, "kv_fp8_block_ratio_min": 1.9}
@@ -344,21 +347,37 @@ def graph_replay_ms(llm: LLM) -> float | None:
     return start.elapsed_time(end) / 20
 
 
-def speed_curve(llm: LLM) -> dict:
-    """TPOT per batch size: a warm-up pass, then REPS passes interleaved over BATCHES (median, spread)."""
+def prefill_tok_s(llm: LLM, seed: int) -> float:
+    """Prompt tokens per second of one generate() of PREFILL_PROMPTS x PREFILL_LEN random tokens, 1 new token each."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, llm.spec.vocab_size, (PREFILL_PROMPTS, PREFILL_LEN), generator=g).tolist()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    return PREFILL_PROMPTS * PREFILL_LEN / (time.perf_counter() - t)
+
+
+def speed_curve(llm: LLM) -> tuple[dict, dict]:
+    """TPOT per batch size and prefill tokens/s: a warm-up pass, then REPS passes interleaved over BATCHES and
+    the prefill point (median, spread)."""
     for b in BATCHES:
         tpot(llm, b, PROMPT_LEN, 4, 100 + b)
+    prefill_tok_s(llm, 99)
     runs = {b: [] for b in BATCHES}
+    prefill = []
     for rep in range(REPS):
         for b in BATCHES:
             runs[b].append(tpot(llm, b, PROMPT_LEN, NEW_TOKENS, 1000 * rep + b))
+        prefill.append(prefill_tok_s(llm, 1000 * rep + 999))
     out = {}
     for b, rs in runs.items():
         t = sorted(r["tpot_ms"] for r in rs)
         out[str(b)] = {"tpot_ms": t[len(t) // 2], "tpot_ms_min": t[0], "tpot_ms_max": t[-1],
                        "tpot_ms_runs": [r["tpot_ms"] for r in rs],
                        "decode_steps_graphed": rs[-1]["decode_steps_graphed"], "decode_steps": rs[-1]["decode_steps"]}
-    return out
+    p = sorted(prefill)
+    return out, {"tok_s": p[len(p) // 2], "tok_s_min": p[0], "tok_s_max": p[-1], "tok_s_runs": prefill,
+                 "prompts": PREFILL_PROMPTS, "prompt_len": PREFILL_LEN}
 
 
 def hub_prequantized(llm: LLM, method: str, head: torch.nn.Module | None):
@@ -411,10 +430,12 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
                cuda_graphs=st.cuda_graphs)
     log(f"mode {mode or 'bf16'} kv {kv}: reconfigured in {res['reconfigure_s']:.1f}s, weights "
         f"{st.weight_bytes / 2**30:.2f} GiB, {st.num_gpu_blocks} blocks, graphs {st.cuda_graphs}")
-    res["curve"] = speed_curve(llm)
+    res["curve"], res["prefill"] = speed_curve(llm)
     res["b1_graph_replay_ms"] = graph_replay_ms(llm)
     log("  tpot ms " + ", ".join(f"b{b} {r['tpot_ms']:.2f} [{r['tpot_ms_min']:.2f}, {r['tpot_ms_max']:.2f}]"
-                                 for b, r in res["curve"].items()) + f" | graph b1 {res['b1_graph_replay_ms']}")
+                                 for b, r in res["curve"].items()) + f" | graph b1 {res['b1_graph_replay_ms']}"
+        + f" | prefill {res['prefill']['tok_s']:.0f} tok/s [{res['prefill']['tok_s_min']:.0f}, "
+          f"{res['prefill']['tok_s_max']:.0f}]")
     if mode in ("awq", "gptq"):  # int4's codes: int4's quality
         return res, None, None
     lp, kl, top1 = prefill_quality(llm, quality_prompts, ref_lp)
@@ -499,6 +520,9 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
         curve = {str(b): tp("bf16", b) / tp(mode, b) for b in BATCHES if tp(mode, b) and tp("bf16", b)}
         if curve:
             s["speedup_curve"][mode] = curve
+        pre, pre_bf = (eng.get(m_, {}).get("prefill", {}).get("tok_s") for m_ in (mode, "bf16"))
+        if pre and pre_bf:
+            s.setdefault("prefill_speedup", {})[mode] = pre / pre_bf
         gr, gb = eng.get(mode, {}).get("b1_graph_replay_ms"), bf.get("b1_graph_replay_ms")
         if gr and gb:
             s[f"{mode}_b1_graph_replay_speedup"] = gb / gr  # one window of replays per mode: not a median
@@ -527,7 +551,8 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
 def table(eng: dict) -> str:
     bf = eng.get("bf16", {})
     lines = [f"{'mode':<12}{'weights GiB':>12}{'x bf16':>8}{'KV blocks':>10}{'graph b1 ms':>12}"
-             + "".join(f"{'b' + str(b) + ' ms (x)':>17}" for b in BATCHES) + f"{'mean KL':>10}{'top1':>7}"]
+             + "".join(f"{'b' + str(b) + ' ms (x)':>17}" for b in BATCHES) + f"{'prefill x':>10}{'mean KL':>10}"
+             + f"{'top1':>7}"]
     for key, r in eng.items():
         if "error" in r:
             lines.append(f"{key:<12} error: {r['error'][:100]}")
@@ -538,8 +563,9 @@ def table(eng: dict) -> str:
         for b in BATCHES:
             mine, ref = r["curve"][str(b)]["tpot_ms"], bf.get("curve", {}).get(str(b), {}).get("tpot_ms")
             cells += f"{mine:>9.2f} ({ref / mine if ref else float('nan'):.2f})"
+        pre, pre_bf = r.get("prefill", {}).get("tok_s"), bf.get("prefill", {}).get("tok_s")
         lines.append(f"{key:<12}{r['weight_bytes'] / 2**30:>12.2f}{ratio:>8.3f}{r['num_gpu_blocks']:>10}"
-                     f"{(gr if gr else float('nan')):>12.2f}{cells}"
+                     f"{(gr if gr else float('nan')):>12.2f}{cells}{(pre / pre_bf if pre and pre_bf else float('nan')):>10.2f}"
                      f"{r.get('mean_kl', float('nan')):>10.2e}{r.get('top1_agreement', float('nan')):>7.3f}")
     return "\n".join(lines)
 
