@@ -16,7 +16,9 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
    - a decode speed curve: TPOT (mean over requests, RequestMetrics) at batch 1, 16, 64 and 256
      (prompt 64 random tokens, 16 new tokens, greedy), through the engine as configured (CUDA graphs
      for decode), REPS passes interleaved over the batch sizes after one warm-up pass; the median and
-     the spread (min, max) per point, and the speed-up over bf16 per point (median / median)
+     the spread (min, max) per point, and the speed-up over bf16 per point (median / median); beside it the
+     steady decode step (median wall time of the steps decoding the whole batch; TPOT at 256 also holds the
+     mixed steps that prefill the batch's later prompts) and its speed-up curve
    - prefill speed: prompt tokens/s of 16 prompts x 1024 random tokens, 1 new token each (two 8192-token
      chunks), interleaved with the curve's passes (median, spread), and its speed-up over bf16
    - the device time of one replay of the engine's batch-1 decode graph (CUDA events)
@@ -323,7 +325,11 @@ def tpot(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed: int) -> d
     wall = time.perf_counter() - t
     steps = llm.engine.stats().steps
     decode_steps = [s for s in steps if s.num_prefill_tokens == 0]
+    # The steady decode step: steps decoding the whole batch, the first left out (it can absorb a wait for the
+    # prefill before it). TPOT also holds the mixed steps that prefill the later prompts of a batch.
+    full = sorted(s.duration for s in decode_steps[1:] if s.num_decode_tokens == batch)
     return {"tpot_ms": 1e3 * sum(o.metrics.tpot for o in outs) / len(outs),
+            "decode_step_ms": 1e3 * full[len(full) // 2] if full else float("nan"),
             "wall_s": wall, "output_tok_per_s": batch * new_tokens / wall,
             "decode_steps_graphed": sum(bool(getattr(s, "cuda_graph", False)) for s in decode_steps),
             "decode_steps": len(decode_steps)}
@@ -372,8 +378,10 @@ def speed_curve(llm: LLM) -> tuple[dict, dict]:
     out = {}
     for b, rs in runs.items():
         t = sorted(r["tpot_ms"] for r in rs)
+        d = sorted(r["decode_step_ms"] for r in rs)
         out[str(b)] = {"tpot_ms": t[len(t) // 2], "tpot_ms_min": t[0], "tpot_ms_max": t[-1],
                        "tpot_ms_runs": [r["tpot_ms"] for r in rs],
+                       "decode_step_ms": d[len(d) // 2], "decode_step_ms_min": d[0], "decode_step_ms_max": d[-1],
                        "decode_steps_graphed": rs[-1]["decode_steps_graphed"], "decode_steps": rs[-1]["decode_steps"]}
     p = sorted(prefill)
     return out, {"tok_s": p[len(p) // 2], "tok_s_min": p[0], "tok_s_max": p[-1], "tok_s_runs": prefill,
@@ -434,6 +442,8 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
     res["b1_graph_replay_ms"] = graph_replay_ms(llm)
     log("  tpot ms " + ", ".join(f"b{b} {r['tpot_ms']:.2f} [{r['tpot_ms_min']:.2f}, {r['tpot_ms_max']:.2f}]"
                                  for b, r in res["curve"].items()) + f" | graph b1 {res['b1_graph_replay_ms']}"
+        + " | decode step ms " + ", ".join(f"b{b} {r['decode_step_ms']:.2f} [{r['decode_step_ms_min']:.2f}, "
+                                           f"{r['decode_step_ms_max']:.2f}]" for b, r in res["curve"].items())
         + f" | prefill {res['prefill']['tok_s']:.0f} tok/s [{res['prefill']['tok_s_min']:.0f}, "
           f"{res['prefill']['tok_s_max']:.0f}]")
     if mode in ("awq", "gptq"):  # int4's codes: int4's quality
@@ -511,8 +521,8 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
     bf = eng.get("bf16", {})
     s = {"speedup_curve": {}}
 
-    def tp(mode, b):
-        return eng.get(mode, {}).get("curve", {}).get(str(b), {}).get("tpot_ms")
+    def tp(mode, b, key="tpot_ms"):
+        return eng.get(mode, {}).get("curve", {}).get(str(b), {}).get(key)
 
     for mode in ("int8", "int4", "awq", "gptq", "fp8", "bf16_kvfp8"):
         if "weight_bytes" in eng.get(mode, {}) and "weight_bytes" in bf:
@@ -520,6 +530,10 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
         curve = {str(b): tp("bf16", b) / tp(mode, b) for b in BATCHES if tp(mode, b) and tp("bf16", b)}
         if curve:
             s["speedup_curve"][mode] = curve
+        step = {str(b): tp("bf16", b, "decode_step_ms") / tp(mode, b, "decode_step_ms") for b in BATCHES
+                if tp(mode, b, "decode_step_ms") and tp("bf16", b, "decode_step_ms")}
+        if step:
+            s.setdefault("decode_step_speedup_curve", {})[mode] = step
         pre, pre_bf = (eng.get(m_, {}).get("prefill", {}).get("tok_s") for m_ in (mode, "bf16"))
         if pre and pre_bf:
             s.setdefault("prefill_speedup", {})[mode] = pre / pre_bf
