@@ -53,9 +53,23 @@ def _int4_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, s
              mask=mask_n[:, None] & (feats < K)[None, :])
 
 
+@triton.jit
+def _int8_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_q, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w[n, k] = q[n, k] * scale[n] for a [BLOCK_N, BLOCK_K] tile."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    q = tl.load(q_ptr + rows[:, None] * stride_q + cols[None, :], mask=mask, other=0)
+    scale = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+    tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], (q.to(tl.float32) * scale[:, None]).to(
+        w_ptr.dtype.element_ty), mask=mask)
+
+
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     dtype: torch.dtype, block_n: int = 32, chunks: int = 4) -> torch.Tensor:
-    """The float weight [N, K] in `dtype` of the kernel layout `packed` [N, K / 8] int32 (int4.py)."""
+    """The float weight [N, K] in `dtype` of the kernel layout `packed` [N, K / 8] int32 (int4.py); a program
+    writes block_n rows x 32 * chunks features."""
     n, k = packed.shape[0], packed.shape[1] * 8
     if k % KERNEL_CHUNK or group_size % KERNEL_CHUNK:
         raise ValueError(f"int4_dequantize needs K and group_size multiples of {KERNEL_CHUNK}, got {k} and {group_size}")
@@ -68,12 +82,33 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return w
 
 
-def with_dequant(m: int, candidates: list[dict]) -> list[dict]:
-    """A dequantizing kernel's tuning candidates for m rows with this module's candidate added: first from
-    DEQUANT_FIRST_ROWS rows on (the untuned default), last from DEQUANT_MIN_ROWS, not at all below."""
+def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, block_n: int = 8,
+                    block_k: int = 1024) -> torch.Tensor:
+    """The float weight [N, K] in `dtype` of int8 codes q [N, K] (row-major) and per-channel scales [N]."""
+    if q.stride(1) != 1:
+        raise ValueError("int8_dequantize needs row-major codes")
+    n, k = q.shape
+    w = torch.empty((n, k), dtype=dtype, device=q.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _int8_dequant_kernel[grid](q, scales, w, n, k, q.stride(0), w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
+# Tiles tuning times per format (the first is the default): (block_n, chunks of 32 features) for int4,
+# (block_n, block_k) for int8.
+INT4_TILES = ((32, 4), (16, 8), (64, 2))
+INT8_TILES = ((8, 1024), (16, 512), (32, 256))
+
+
+def with_dequant(m: int, candidates: list[dict], kind: str) -> list[dict]:
+    """A dequantizing kernel's tuning candidates for m rows with this module's tiles for `kind` ("int4" or
+    "int8") added: first from DEQUANT_FIRST_ROWS rows on (the first tile is then the untuned default), last from
+    DEQUANT_MIN_ROWS, not at all below."""
+    keys = ("block_n", "chunks") if kind == "int4" else ("block_n", "block_k")
+    ours = [dict(kernel="dequant", **dict(zip(keys, tile))) for tile in (INT4_TILES if kind == "int4" else INT8_TILES)]
     if m >= DEQUANT_FIRST_ROWS:
-        return [dict(kernel="dequant")] + candidates
-    return candidates + [dict(kernel="dequant")] if m >= DEQUANT_MIN_ROWS else candidates
+        return ours + candidates
+    return candidates + ours if m >= DEQUANT_MIN_ROWS else candidates
 
 
 def sliced_matmul(x: torch.Tensor, n: int, weight_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -91,16 +126,13 @@ def sliced_matmul(x: torch.Tensor, n: int, weight_rows: Callable[[int, int], tor
 
 
 def int4_dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                        group_size: int) -> torch.Tensor:
+                        group_size: int, block_n: int = 32, chunks: int = 4) -> torch.Tensor:
     """int4_matmul's kernel="dequant": the weight dequantized in slices, each multiplied by cuBLAS."""
-    return sliced_matmul(x, packed.shape[0], lambda a, b: int4_dequantize(packed[a:b], scales[a:b], zeros[a:b],
-                                                                          group_size, x.dtype))
+    return sliced_matmul(x, packed.shape[0], lambda a, b: int4_dequantize(
+        packed[a:b], scales[a:b], zeros[a:b], group_size, x.dtype, block_n, chunks))
 
 
-def int8_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8_matmul's kernel="dequant": q * scale per output channel in x's dtype (one elementwise kernel per
-    slice), each slice multiplied by cuBLAS."""
-    def rows(a: int, b: int) -> torch.Tensor:
-        w = torch.empty((b - a, q.shape[1]), dtype=x.dtype, device=x.device)
-        return torch.mul(q[a:b], scales[a:b, None], out=w)
-    return sliced_matmul(x, q.shape[0], rows)
+def int8_dequant_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block_n: int = 8,
+                        block_k: int = 1024) -> torch.Tensor:
+    """int8_matmul's kernel="dequant": the weight dequantized in slices, each multiplied by cuBLAS."""
+    return sliced_matmul(x, q.shape[0], lambda a, b: int8_dequantize(q[a:b], scales[a:b], x.dtype, block_n, block_k))

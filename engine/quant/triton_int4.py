@@ -269,7 +269,7 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
-                        + _mma_candidates(m, n, k, group_size, sms, asm))
+                        + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
 
 def _mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool) -> list[dict]:
@@ -333,7 +333,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     m, k = x.shape
     n = packed.shape[0]
     if kernel == "dequant":
-        return int4_dequant_matmul(x, packed, scales, zeros, group_size)
+        return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
     if kernel == "mma":
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,

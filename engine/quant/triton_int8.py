@@ -384,7 +384,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                                   num_stages=3))
             if m > 16:
                 cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
-            cands = with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q))
+            cands = with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q), "int8")
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
     return _launch(x, q, scales, **forced)
@@ -426,7 +426,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     m, k = x.shape
     n = q.shape[0]
     if kernel == "dequant":
-        return int8_dequant_matmul(x, q, scales)
+        return int8_dequant_matmul(x, q, scales, block_n or 8, block_k or 1024)
     if kernel == "mma":
         from .triton_int8_mma import _launch_mma
         return _launch_mma(x, q, scales, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,

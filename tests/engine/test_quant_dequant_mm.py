@@ -34,6 +34,16 @@ def test_int4_dequantize_kernel_equals_the_torch_dequantization(n, k, group, blo
     assert out.dtype == dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("n,k,block_n,block_k", [(40, 256, 8, 1024), (33, 200, 16, 64), (7, 96, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_dequantize_kernel_equals_codes_times_channel_scale(n, k, block_n, block_k, dtype):
+    from engine.quant.dequant_mm import int8_dequantize
+    g = torch.Generator().manual_seed(n + k)
+    q, s = quantize_int8(torch.randn(n, k, generator=g))
+    out = int8_dequantize(q.to(DEVICE), s.to(DEVICE), dtype, block_n, block_k).cpu()
+    assert out.dtype == dtype and torch.equal(out, (q.float() * s[:, None]).to(dtype))
+
+
 def test_int4_dequantize_refuses_a_layout_it_cannot_read():
     from engine.quant.dequant_mm import int4_dequantize
     qw, scales, zeros = quantize_int4(torch.randn(8, 64), group_size=32)
@@ -46,8 +56,8 @@ def test_int4_dequantize_refuses_a_layout_it_cannot_read():
 
 @pytest.mark.parametrize("slice_bytes", [None, 2 * 256 * 4, 5 * 256 * 4])
 def test_sliced_dequant_matmul_equals_the_reference_in_one_slice_or_several(monkeypatch, slice_bytes):
-    """int4 and int8 through kernel="dequant": one slice, slices of 2 output channels, and 5 (a ragged last
-    slice of 40 channels), each matmul writing its columns in place."""
+    """int4 and int8 through each kernel="dequant" tile tuning may pick: one slice, slices of 2 output channels, and
+    5 (a ragged last slice of 40 channels), each matmul writing its columns in place."""
     from engine.quant import dequant_mm
     from engine.quant.triton_int4 import _launch as int4_launch
     from engine.quant.triton_int8 import _launch as int8_launch
@@ -59,11 +69,14 @@ def test_sliced_dequant_matmul_equals_the_reference_in_one_slice_or_several(monk
     x = torch.randn(m, k, generator=g)
     qw, scales, zeros = quantize_int4(w)
     q8, s8 = quantize_int8(w)
-    out4 = int4_launch(x.to(DEVICE), pack_int4_kernel(qw).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 128,
-                       kernel="dequant").cpu()
-    out8 = int8_launch(x.to(DEVICE), q8.to(DEVICE), s8.to(DEVICE), kernel="dequant").cpu()
-    torch.testing.assert_close(out4, int4_linear_reference(x, qw, scales, zeros), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out8, int8_linear_reference(x, q8, s8), rtol=1e-5, atol=1e-5)
+    ref4, ref8 = int4_linear_reference(x, qw, scales, zeros), int8_linear_reference(x, q8, s8)
+    for cfg in dequant_mm.with_dequant(300, [], "int4"):
+        out = int4_launch(x.to(DEVICE), pack_int4_kernel(qw).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 128,
+                          **cfg).cpu()
+        torch.testing.assert_close(out, ref4, rtol=1e-5, atol=1e-5)
+    for cfg in dequant_mm.with_dequant(300, [], "int8"):
+        out = int8_launch(x.to(DEVICE), q8.to(DEVICE), s8.to(DEVICE), **cfg).cpu()
+        torch.testing.assert_close(out, ref8, rtol=1e-5, atol=1e-5)
 
 
 def test_tuning_offers_dequant_from_65_rows_and_defaults_to_it_for_prefill_chunks():
@@ -71,10 +84,12 @@ def test_tuning_offers_dequant_from_65_rows_and_defaults_to_it_for_prefill_chunk
     and fp8 keeps to torch._scaled_mm; from 65 rows tuning times it last; at 64 rows and below not at all."""
     from engine.quant.triton_fp8 import fp8_candidates
     from engine.quant.triton_int4 import candidates as int4_candidates
-    dequant = dict(kernel="dequant")
-    assert int4_candidates(300, 4096, 4096, 128, 132)[0] == dequant
-    assert int4_candidates(100, 4096, 4096, 128, 132)[-1] == dequant
-    assert dequant not in int4_candidates(64, 4096, 4096, 128, 132)
+    from engine.quant.dequant_mm import INT4_TILES
+    kinds = lambda cands: [c.get("kernel") for c in cands]  # noqa: E731
+    tiles = len(INT4_TILES)
+    assert kinds(int4_candidates(300, 4096, 4096, 128, 132))[:tiles + 1].count("dequant") == tiles
+    assert kinds(int4_candidates(100, 4096, 4096, 128, 132))[-tiles:] == ["dequant"] * tiles
+    assert "dequant" not in kinds(int4_candidates(64, 4096, 4096, 128, 132))
     assert fp8_candidates(300, 4096, 4096, 132) == [dict(kernel="scaled_mm")]
     assert len(fp8_candidates(256, 4096, 4096, 132)) > 1
 

@@ -218,9 +218,13 @@ def check_int4_dequant():
     # zero load per row and chunk (4 x 2 here), not one per weight.
     assert re.search(r"ld\.global(?:\.\w+)*\.v[24]\.b32", ptx) and re.search(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
     assert len(re.findall(r"ld\.global(?:\.\w+)*\.b(?:8|16) ", ptx)) <= 8
+    from engine.quant.dequant_mm import _int8_dequant_kernel
+    ptx = _compile(_int8_dequant_kernel, {"q_ptr": "*i8", "s_ptr": "*fp32", "w_ptr": "*bf16", "N": "i32", "K": "i32",
+                                          "stride_q": "i32", "stride_w": "i32"}, dict(BLOCK_N=8, BLOCK_K=1024))
+    assert re.search(r"ld\.global(?:\.\w+)*\.v[24]\.b32", ptx) and re.search(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
 
 
-def test_int4_dequant_kernel_reads_and_writes_16_byte_vectors():
+def test_dequant_kernels_read_and_write_vectors():
     _run("check_int4_dequant")
 
 
