@@ -27,6 +27,10 @@ one): on Llama-3.1-8B it is 1/15 of the weights read per decode step, and the me
 (int8 <= 0.55x, int4 <= 0.30x of bf16) cannot be approached with it in 16 bits. AWQ/GPTQ
 checkpoints keep it in 16 bits for quality; set quantize_lm_head=False for that.
 The KV cache in fp8 is kv_cache.py.
+On CUDA, which kernel runs a quantized linear is measured per shape and row bucket (tuning.py): the fused
+dequantizing kernels for decode sizes; from 65 rows int8 / int4 also time dequantizing into a float weight
+slice for one cuBLAS matmul (dequant_mm.py), which is the untuned default above 256 rows (prefill chunks),
+where fp8 keeps to torch._scaled_mm.
 """
 from __future__ import annotations
 
