@@ -320,6 +320,7 @@ def tpot(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed: int) -> d
     prompts = torch.randint(0, llm.spec.vocab_size, (batch, prompt_len), generator=g).tolist()
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     llm.engine.reset_stats()
+    trims = _reserved_trims(llm)
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
@@ -332,7 +333,14 @@ def tpot(llm: LLM, batch: int, prompt_len: int, new_tokens: int, seed: int) -> d
             "decode_step_ms": 1e3 * full[len(full) // 2] if full else float("nan"),
             "wall_s": wall, "output_tok_per_s": batch * new_tokens / wall,
             "decode_steps_graphed": sum(bool(getattr(s, "cuda_graph", False)) for s in decode_steps),
-            "decode_steps": len(decode_steps)}
+            "decode_steps": len(decode_steps),
+            # steps that emptied the allocator's cache (engine.memory.reserved_trim_bytes): the next ones re-allocate
+            "reserved_trims": _reserved_trims(llm) - trims}
+
+
+def _reserved_trims(llm: LLM) -> int:
+    memory = llm.engine.stats().memory
+    return memory.num_reserved_trims if memory is not None else 0
 
 
 def graph_replay_ms(llm: LLM) -> float | None:
@@ -382,7 +390,8 @@ def speed_curve(llm: LLM) -> tuple[dict, dict]:
         out[str(b)] = {"tpot_ms": t[len(t) // 2], "tpot_ms_min": t[0], "tpot_ms_max": t[-1],
                        "tpot_ms_runs": [r["tpot_ms"] for r in rs],
                        "decode_step_ms": d[len(d) // 2], "decode_step_ms_min": d[0], "decode_step_ms_max": d[-1],
-                       "decode_steps_graphed": rs[-1]["decode_steps_graphed"], "decode_steps": rs[-1]["decode_steps"]}
+                       "decode_steps_graphed": rs[-1]["decode_steps_graphed"], "decode_steps": rs[-1]["decode_steps"],
+                       "reserved_trims_runs": [r["reserved_trims"] for r in rs]}
     p = sorted(prefill)
     return out, {"tok_s": p[len(p) // 2], "tok_s_min": p[0], "tok_s_max": p[-1], "tok_s_runs": prefill,
                  "prompts": PREFILL_PROMPTS, "prompt_len": PREFILL_LEN}
