@@ -54,6 +54,14 @@ def test_int4_dequantize_refuses_a_layout_it_cannot_read():
         int4_dequantize(packed, scales, zeros.t().contiguous().t(), 32, torch.float32)
 
 
+def _layer(seed: int, n: int, k: int, m: int):
+    """Activations [m, k] and one [n, k] weight in int4 (codes, scales, zeros) and int8 (codes, scales)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(m, k, generator=g)
+    return (x, *quantize_int4(w), *quantize_int8(w))
+
+
 @pytest.mark.parametrize("slice_bytes", [None, 2 * 256 * 4, 5 * 256 * 4])
 def test_sliced_dequant_matmul_equals_the_reference_in_one_slice_or_several(monkeypatch, slice_bytes):
     """int4 and int8 through each kernel="dequant" tile tuning may pick: one slice, slices of 2 output channels, and
@@ -63,12 +71,7 @@ def test_sliced_dequant_matmul_equals_the_reference_in_one_slice_or_several(monk
     from engine.quant.triton_int8 import _launch as int8_launch
     if slice_bytes is not None:
         monkeypatch.setattr(dequant_mm, "SLICE_BYTES", slice_bytes)
-    g = torch.Generator().manual_seed(3)
-    n, k, m = 40, 256, 70
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(m, k, generator=g)
-    qw, scales, zeros = quantize_int4(w)
-    q8, s8 = quantize_int8(w)
+    x, qw, scales, zeros, q8, s8 = _layer(3, n=40, k=256, m=70)
     ref4, ref8 = int4_linear_reference(x, qw, scales, zeros), int8_linear_reference(x, q8, s8)
     for cfg in dequant_mm.with_dequant(300, [], "int4"):
         out = int4_launch(x.to(DEVICE), pack_int4_kernel(qw).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 128,
@@ -98,12 +101,7 @@ def test_int4_and_int8_matmul_take_the_dequant_path_untuned_at_prefill_rows():
     """int4_matmul / int8_matmul with no config at 300 rows (off CUDA or untuned: the first candidate)."""
     from engine.quant.triton_int4 import int4_matmul
     from engine.quant.triton_int8 import int8_matmul
-    g = torch.Generator().manual_seed(5)
-    n, k, m = 24, 128, 300
-    w = torch.randn(n, k, generator=g) * 0.05
-    x = torch.randn(m, k, generator=g)
-    qw, scales, zeros = quantize_int4(w)
-    q8, s8 = quantize_int8(w)
+    x, qw, scales, zeros, q8, s8 = _layer(5, n=24, k=128, m=300)
     out4 = int4_matmul(x.to(DEVICE), pack_int4_kernel(qw).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)).cpu()
     out8 = int8_matmul(x.to(DEVICE), q8.to(DEVICE), s8.to(DEVICE)).cpu()
     torch.testing.assert_close(out4, int4_linear_reference(x, qw, scales, zeros), rtol=1e-5, atol=1e-5)
