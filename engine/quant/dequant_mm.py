@@ -5,8 +5,8 @@ At a few hundred rows and more a matmul is bound by its arithmetic, not by readi
 triton_int8*.py) pay their in-register dequantization once per weight and row tile on top of an MMA
 that cuBLAS runs faster. Writing the float weight once and handing it to cuBLAS costs one pass over
 N x K 16-bit values, a small share of a prefill chunk's matmul; vLLM's AWQ layer does the same from 256
-tokens on. tuning.pick times this candidate beside the fused kernels above 64 rows (it is the first,
-untuned candidate above 256 rows: prefill chunks).
+tokens on. tuning.pick times it, in three tiles of the dequantization kernel, beside the fused kernels
+above 64 rows; above 256 rows (prefill chunks) its first tile is the untuned default.
 
 The float weight is built and used in slices of at most SLICE_BYTES (output channels [a, b)), each
 matmul writing its columns of the output in place, so the transient memory stays bounded for wide layers

@@ -6,7 +6,7 @@ Format (per Linear of weight W [N, K]):
 Forward: each row of x gets its own scale max|x_row| / 448, is cast to e4m3 (on CUDA by one fused
 Triton kernel, triton_fp8.py), and
 the fp8 tensor cores multiply with both scale vectors applied to the float32 accumulator (row-wise
-scaling): torch._scaled_mm, or triton_fp8's swap-AB tl.dot kernel where tuning measured it faster
+scaling): torch._scaled_mm, or triton_fp8_gemm's swap-AB tl.dot kernel where tuning measured it faster
 (small batches, where _scaled_mm's tiles fit poorly). That needs compute capability >= 8.9 (Ada,
 Hopper): elsewhere
 `check_fp8_supported` raises a ValueError that names `quantization`.
@@ -98,7 +98,7 @@ class Fp8Linear(nn.Module):
             raise ValueError(f"Fp8Linear.forward_quantized: xq has shape {tuple(xq.shape)}, expected "
                              f"[M, {self.in_features}]")
         if xq.is_cuda:  # the GEMM tuning measured fastest for this shape: _scaled_mm or the Triton kernel
-            from .triton_fp8 import fp8_matmul
+            from .triton_fp8_gemm import fp8_matmul
             out = fp8_matmul(xq, xs, self.weight_fp8, self.weight_scale, out_dtype)
         else:
             # weight_fp8.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.

@@ -85,7 +85,7 @@ def test_sliced_dequant_matmul_equals_the_reference_in_one_slice_or_several(monk
 def test_tuning_offers_dequant_from_65_rows_and_defaults_to_it_for_prefill_chunks():
     """Above 256 rows (prefill chunks) the untuned default is the dequantize-then-matmul path for int4 and int8,
     and fp8 keeps to torch._scaled_mm; from 65 rows tuning times it last; at 64 rows and below not at all."""
-    from engine.quant.triton_fp8 import fp8_candidates
+    from engine.quant.triton_fp8_gemm import fp8_candidates
     from engine.quant.triton_int4 import candidates as int4_candidates
     from engine.quant.dequant_mm import INT4_TILES
     kinds = lambda cands: [c.get("kernel") for c in cands]  # noqa: E731

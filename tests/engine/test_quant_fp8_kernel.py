@@ -59,7 +59,7 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
     """The Triton W8A8 kernel: (x codes * row scale) @ (w codes * channel scale)^T in float32. Codes in
     e4m3, and in float16 too (the same kernel; the interpreter's fp8 support is the weaker check)."""
     from engine.quant.fp8 import fp8_supported, quantize_fp8, quantize_fp8_per_token
-    from engine.quant.triton_fp8 import fp8_candidates, fp8_matmul
+    from engine.quant.triton_fp8_gemm import fp8_candidates, fp8_matmul
     if codes == "e4m3" and DEVICE.type == "cuda" and not fp8_supported(DEVICE):
         pytest.skip("no fp8 tensor cores")
     gen = torch.Generator().manual_seed(m * n + k)

@@ -172,7 +172,7 @@ def check_int8_word_gemv():
 
 
 def check_fp8_gemm():
-    from engine.quant.triton_fp8 import _fp8_dot_kernel
+    from engine.quant.triton_fp8_gemm import _fp8_dot_kernel
     ptx = _compile(_fp8_dot_kernel, {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
                                      "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32",
                                      "K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32",

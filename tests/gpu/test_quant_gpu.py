@@ -142,7 +142,8 @@ def test_every_int8_candidate_matches_its_reference(m):
 @pytest.mark.parametrize("m", [1, 16, 64, 256])
 def test_every_fp8_gemm_candidate_matches_the_oracle(m):
     from engine.quant.fp8 import Fp8Linear, fp8_linear_reference, fp8_supported
-    from engine.quant.triton_fp8 import _fp8_launch, fp8_candidates, fp8_quantize_per_token
+    from engine.quant.triton_fp8 import fp8_quantize_per_token
+    from engine.quant.triton_fp8_gemm import _fp8_launch, fp8_candidates
     from engine.quant.triton_int8 import num_sms
     if not fp8_supported(torch.device("cuda")):
         pytest.skip("no fp8 tensor cores")

@@ -1,0 +1,132 @@
+"""Triton kernel: the W8A8 GEMM out = (x codes * row scale) @ (w codes * channel scale)^T, e4m3 codes.
+
+Reference: `fp8_linear_reference` in fp8.py. torch._scaled_mm (cuBLASLt / CUTLASS row-wise) is the other
+candidate; which one a shape and row bucket runs is measured on the device (fp8_candidates, tuning.pick):
+the Triton tiles pay at decode sizes, where a few rows need split-K to fill the GPU, and above 256 rows
+(prefill chunks) scaled_mm alone runs. The activations' codes come from triton_fp8.py's kernels.
+
+Layouts:
+    xq: [M, K] e4m3 codes, K contiguous; xs: [M, 1] float32
+    wq: [N, K] e4m3 codes, K contiguous; ws: [N] (or [1, N]) float32
+    out: [M, N] in the requested dtype
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_int8 import _store_tile, _tile
+
+
+@triton.jit
+def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
+                    stride_xm, stride_wn, stride_os, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+    """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
+    few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels."""
+    pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
+        _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
+        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
+        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
+            mask_k = tl.full([BLOCK_K], 1, tl.int1)
+        else:
+            mask_k = offs_k < k_end
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+    acc = acc * ws[:, None] * xs[None, :]
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed by the tile's last slice into
+    # res_ptr (SERIAL) or by a torch.sum afterwards (triton_int8.py).
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
+                pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
+
+
+def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128,
+                   num_warps: int | None = None, num_stages: int = 3) -> dict:
+    """The Triton W8A8 kernel's config: row tile by m (16..128), column tile 64 (128 above 64 rows),
+    split-K up to 2 programs per SM while each slice keeps >= 4 K steps."""
+    from .triton_int8 import mm_block_m
+    block_m = mm_block_m(m)
+    block_n = block_n or (64 if m <= 64 else 128)
+    programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+    warps = num_warps or (8 if block_n * block_m >= 128 * 64 else 4)
+    return dict(kernel="triton", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
+                num_warps=warps, num_stages=num_stages)
+
+
+def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """What tuning.pick times for a W8A8 shape: torch._scaled_mm (cuBLASLt / CUTLASS row-wise; the
+    default, used untuned) and, up to 256 rows, a few Triton tiles with their split-K variants
+    (split_variants). Above 256 rows (prefill chunks, which all share one tuned config) scaled_mm alone:
+    a tile or split-K that wins at the bucket's first row count must not run an 8192-token chunk."""
+    from .triton_int8 import split_variants
+    if m > 256:
+        return [dict(kernel="scaled_mm")]
+    extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+             for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
+    return [dict(kernel="scaled_mm")] + split_variants(
+        [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
+         fp8_dot_config(m, n, k, sms, block_k=256)] + extra)
+
+
+# (block_n, block_k, num_warps, num_stages) also timed above 16 rows, where the tiles above left the decode
+# step's small projections at 1.0x (qkv) and 0.89x (o_proj) of bf16 at 64 rows on the H200: deeper pipelines,
+# wider K steps, a narrower weight tile (more programs) and a wider one (x re-read from L2 half as often).
+FP8_TILES_MANY_ROWS = ((128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (32, 256, 4, 4))
+
+
+def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,
+               **config) -> torch.Tensor:
+    """(xq [M, K] * xs [M, 1]) @ (wq [N, K] * ws [1, N])^T -> [M, N] in out_dtype, codes in e4m3 (any
+    float dtype for the Triton kernel: tests run it on float16 codes in the interpreter).
+
+    With no config, the one tuning.pick measured fastest for (rows bucket, N, K) on CUDA, else
+    torch._scaled_mm; config keys (kernel, block_m, block_n, block_k, split_k, num_warps,
+    num_stages) force one."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    if wq.shape[1] != k:
+        raise ValueError(f"fp8_matmul: x has {k} features but the weight has {wq.shape[1]}")
+    if not config:
+        from . import tuning
+        from .triton_int8 import num_sms, tune_bucket
+        key = ("fp8", tune_bucket(m), n, k, out_dtype)
+        copies = lambda: [(xq, xs, wq if i == 0 else wq.clone(), ws, out_dtype)  # noqa: E731
+                          for i in range(tuning.weight_copies(wq.numel()))]
+        config = tuning.pick(key, fp8_candidates(m, n, k, num_sms(xq.device)),
+                             lambda c, *a: _fp8_launch(*a, **c), copies, xq.device)
+    return _fp8_launch(xq, xs, wq, ws, out_dtype, **config)
+
+
+def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, block_n=None, block_k=128,
+                split_k=None, num_warps=None, num_stages=None, serial=False):
+    if kernel == "scaled_mm":
+        # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
+    from .triton_int8 import num_sms, split_outputs
+    m, k = xq.shape
+    n = wq.shape[0]
+    default = fp8_dot_config(m, n, k, num_sms(xq.device), block_n=block_n, block_k=block_k)
+    block_m, block_n = block_m or default["block_m"], block_n or default["block_n"]
+    split_k = split_k or default["split_k"]
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    grid, out, split_stride, locks, res = split_outputs(xq.device, m, n, block_m, block_n, split_k, serial,
+                                                        out_dtype)
+    _fp8_dot_kernel[grid](
+        xq, xs, wq, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
+        wq.stride(0), split_stride, out.stride(-2),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
+        STAGES=(num_stages or 3) if xq.is_cuda else 1,
+        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+    if locks is not None:
+        return res
+    return out.sum(0, dtype=out_dtype) if split_k > 1 else out
