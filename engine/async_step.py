@@ -12,7 +12,9 @@ How a step call of LLMEngine goes with it on (LLMEngine._step_async):
    the sampled tokens stay on the device, and a non-blocking copy into pinned host memory is recorded with an
    event.
 3. process step N (InFlightStep.read waits for its copy): placeholders become tokens, finished requests are
-   returned. A request that a stop token finished in step N was also computed in step N+1: that token is
+   returned. Only then may step N+1's allocator trim (ModelRunner.trim_reserved) empty the cache: that waits for
+   the device, and before step 3 it would hold step N's tokens back until step N+1 ends (stamping them, TTFT and
+   TPOT with them, a whole step late). A request that a stop token finished in step N was also computed in step N+1: that token is
    discarded (never returned) and its blocks freed now; the device runs step N+1 before any later step that reuses
    them (one stream).
 
@@ -41,12 +43,14 @@ class InFlightStep:
     host times and counters (its `sampled` is filled by read()).
     """
 
-    __slots__ = ("sched", "samplers", "tokens", "logprobs", "host_tokens", "copied", "result", "row_of", "sampler")
+    __slots__ = ("sched", "samplers", "tokens", "logprobs", "host_tokens", "copied", "result", "row_of", "sampler",
+                 "shape")
 
     def __init__(self, sched: SchedulerOutput, samplers: list, tokens: torch.Tensor, logprobs,
-                 host_tokens: torch.Tensor, copied, result: StepResult, sampler):
+                 host_tokens: torch.Tensor, copied, result: StepResult, sampler, shape: tuple):
         self.sched, self.samplers, self.tokens, self.logprobs = sched, samplers, tokens, logprobs
         self.host_tokens, self.copied, self.result, self.sampler = host_tokens, copied, result, sampler
+        self.shape = shape  # (padded tokens, padded sequences, logit rows): ModelRunner.trim_reserved's step shape
         self.row_of = {r.request_id: j for j, r in enumerate(samplers)}
 
     @property

@@ -293,6 +293,10 @@ class LLMEngine:
             wait, discarded = wait + w, discarded + d
         if launched is not None:
             result = launched.result
+            # After processing prev, not at the launch: a trim waits for the device (async_step.py).
+            t_trim = time.perf_counter()
+            if self.runner.trim_reserved(launched.shape):
+                result.device_wait += time.perf_counter() - t_trim
             result.device_wait += wait
             self._record_step(sched, result, start, time.perf_counter(), self.kv.prefix_cache_queries - queries,
                               self.kv.prefix_cache_hits - hits, t_execute, recomputed, len(sched.block_copies),

@@ -623,7 +623,6 @@ class ModelRunner:
                 tokens, logprobs = torch.zeros(0, dtype=torch.int64, device=self.device), None
             del logits
         host, copied = self._copy_tokens_to_host(tokens)
-        self.trim_reserved((plan.padded_tokens, plan.padded_seqs, len(samplers)))
         t_done = time.perf_counter()
         result = StepResult(sampled={}, num_kv_tokens_read=kv_read, num_attention_scores=scores,
                             device_wait=waited if self.device.type == "cuda" else 0.0,
@@ -631,7 +630,8 @@ class ModelRunner:
                             launch_time=t_launched - t_prepared, sample_time=t_done - t_launched,
                             num_padding_tokens=plan.padded_tokens - plan.num_tokens, device_span=span,
                             num_decode_kv_tokens_read=self._decode_kv_tokens(plan))
-        return InFlightStep(sched, samplers, tokens, logprobs, host, copied, result, self.sampler)
+        return InFlightStep(sched, samplers, tokens, logprobs, host, copied, result, self.sampler,
+                            (plan.padded_tokens, plan.padded_seqs, len(samplers)))
 
     def _feed(self, plan: StepPlan, prev: InFlightStep | None) -> tuple | None:
         """plan.feed for the step _prepare just laid out: where its input ids hold placeholders, the rows of prev's
@@ -711,21 +711,21 @@ class ModelRunner:
                               [r.generator for r in plain]) if plain else []
         return plain, tokens, spec
 
-    def trim_reserved(self, shape: tuple | None = None) -> None:
+    def trim_reserved(self, shape: tuple | None = None) -> bool:
         """After a step on CUDA: hand the caching allocator's free blocks back to the device when what torch reserves
         has grown past memory.reserved_trim_bytes (engine/memory.py says why), counting it in num_reserved_trims.
 
         shape: the step's (padded tokens, padded sequences, logit rows). Reading the allocator's counters is host
         work on every step's critical path, so (engine/memory.py, TRIM_CHECK_INTERVAL) they are read only after a step
         whose shape the allocator has not served since its last trim, and at least every TRIM_CHECK_INTERVAL steps;
-        shape None always reads them."""
+        shape None always reads them. Returns whether it emptied the cache (which waits for the device)."""
         m = self.memory
         if m is None or not m.reserved_trim_bytes:
-            return
+            return False
         self._steps_since_trim_check += 1
         if shape is not None:
             if shape in self._trim_shapes and self._steps_since_trim_check < TRIM_CHECK_INTERVAL:
-                return
+                return False
             if len(self._trim_shapes) >= 4096:  # bounded; forgetting a shape only costs one more check
                 self._trim_shapes.clear()
             self._trim_shapes.add(shape)
@@ -737,6 +737,8 @@ class ModelRunner:
             m.num_reserved_trims += 1
             # The cache is empty: every shape needs new segments again.
             self._trim_shapes.clear()
+            return True
+        return False
 
     def _decode_kv_tokens(self, plan: StepPlan) -> int:
         """K/V tokens the one-token rows of the step attend (they come first in the batch, see _prepare)."""

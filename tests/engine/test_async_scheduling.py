@@ -230,6 +230,27 @@ def test_step_timeline_of_async_steps(hf_models):
     assert st.num_steps == 12  # a prefill step then 11 decodes (the 12th token is capped: nothing scheduled past it)
 
 
+def test_allocator_trim_waits_until_the_previous_steps_tokens_are_processed(hf_models, monkeypatch):
+    """A trim empties the allocator's cache, which waits for the device: run between launching step N+1 and
+    processing step N, it would hold N's tokens (and their timestamps) back until N+1 ended. So each launched
+    step's trim comes after the step before it was processed: one step in flight, and every request already
+    holding the tokens of the steps before."""
+    llm = engine_for(hf_models["llama"], True, block_size=8)
+    eng = llm.engine
+    seen = []
+
+    def trim(shape=None):
+        seen.append((len(eng._inflight), sum(len(r.output_token_ids) for r in eng.requests.values()), shape))
+        return False
+    monkeypatch.setattr(eng.runner, "trim_reserved", trim)
+    outs = llm.generate(make_prompts(8, [10, 20]), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    assert len(seen) == eng.stats().num_steps and all(inflight == 1 for inflight, _, _ in seen[:-1])
+    # Step k's trim (k >= 2) sees the tokens of steps 1..k-1 applied: 2 requests x (k - 1).
+    assert [tokens for _, tokens, _ in seen[:-1]] == [2 * k for k in range(len(seen) - 1)]
+    assert seen[0][2] == (30, 2, 2)  # (tokens, sequences, logit rows) of the prefill step, no padding on the CPU
+
+
 def test_device_gaps_are_the_idle_time_between_forward_passes():
     from engine.stats import StepStats
     from engine.timeline import device_gaps
