@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+# Every key tuned afresh (the fused-vs-unfused choice is part of what is measured), not read from the tuning cache.
+os.environ.setdefault("ENGINE_TUNING_CACHE", "0")
+
 from engine import LLM, EngineConfig
 from engine.kernels import triton_gemv
 from engine.quant import tuning

@@ -16,12 +16,24 @@ never chosen.
 No tuning happens off CUDA,
 while a CUDA graph is being captured (the first candidate is used then, without caching), or when
 ENGINE_QUANT_AUTOTUNE=0; the first candidate is the shape heuristic.
+
+Choices persist on disk across processes (a notebook's restarted kernel, a sweep's Ray workers, the command
+line): one JSON file per GPU model, SM count, torch and Triton version and hash of the kernels' source
+(engine/quant, engine/kernels), in ENGINE_TUNING_CACHE (default ~/.cache/paged-workbench/tuning; "0" turns it
+off). A stored choice is used only while it is still one of the key's candidates; timings and seconds stay empty
+for such a key. A process reads the file once, and writes it (merged with what other processes wrote) after each
+key it tuned.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +41,7 @@ import torch
 chosen: dict[tuple, dict] = {}
 timings: dict[tuple, list[tuple[dict, float]]] = {}
 seconds: dict[tuple, float] = {}  # wall time the tuning of a key took (compiles included)
+_stored: dict[str, dict[str, dict]] = {}  # per cache file: repr(key) -> config, as read from disk (and written)
 
 
 def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_sets: Callable[[], list[tuple]],
@@ -39,8 +52,14 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     cfg = chosen.get(key)
     if cfg is not None:
         return cfg
-    if (device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()):
+    if device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    path = cache_file(device)
+    stored = _read(path).get(repr(key)) if path is not None else None
+    if stored is not None and stored in candidates:
+        chosen[key] = stored
+        return stored
+    if torch.cuda.is_current_stream_capturing():
         return candidates[0]
     t0 = time.perf_counter()
     sets = arg_sets()
@@ -67,7 +86,66 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
     best = min(results, key=lambda r: r[1])[0]
     chosen[key], timings[key] = best, results
     seconds[key] = time.perf_counter() - t0
+    if path is not None:
+        _write(path, repr(key), best)
     return best
+
+
+def cache_file(device: torch.device) -> Path | None:
+    """The file this device's tuned choices persist in (module docstring), or None when ENGINE_TUNING_CACHE=0 or
+    the device cannot be described."""
+    root = os.environ.get("ENGINE_TUNING_CACHE", str(Path.home() / ".cache" / "paged-workbench" / "tuning"))
+    if root in ("", "0"):
+        return None
+    try:
+        props = torch.cuda.get_device_properties(device)
+    except Exception:  # noqa: BLE001 - no such device (a test's stand-in): nothing to persist
+        return None
+    import triton
+    name = (f"{props.name}-sm{props.major}{props.minor}-{props.multi_processor_count}sms-torch{torch.__version__}"
+            f"-triton{triton.__version__}-{_source_hash()}")
+    return Path(root) / ("".join(c if c.isalnum() or c in ".-_" else "_" for c in name) + ".json")
+
+
+@functools.cache
+def _source_hash() -> str:
+    """8 hex digits of the kernels' source (engine/quant, engine/kernels): edited kernels are tuned afresh."""
+    engine = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for f in sorted([*(engine / "quant").glob("*.py"), *(engine / "kernels").glob("*.py")]):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The choices stored in path (read once per process; an unreadable file counts as empty)."""
+    table = _stored.get(str(path))
+    if table is None:
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        _stored[str(path)] = table = table if isinstance(table, dict) else {}
+    return table
+
+
+def _write(path: Path, key: str, cfg: dict) -> None:
+    """Store one choice: merged into the file as it is now (other processes may have added keys), written to a
+    temporary file and renamed over it. A failure to write only costs a later process this key's tuning."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _stored.pop(str(path), None)
+        table = dict(_read(path), **{key: cfg})
+        text = json.dumps(table, indent=0, sort_keys=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            f.write(text)
+        os.replace(tmp, path)
+        _stored[str(path)] = table
+    except (OSError, TypeError, ValueError):
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _large_x(args: tuple) -> tuple | None:
