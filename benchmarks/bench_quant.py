@@ -590,7 +590,8 @@ def table(eng: dict) -> str:
             cells += f"{mine:>9.2f} ({ref / mine if ref else float('nan'):.2f})"
         pre, pre_bf = r.get("prefill", {}).get("tok_s"), bf.get("prefill", {}).get("tok_s")
         lines.append(f"{key:<12}{r['weight_bytes'] / 2**30:>12.2f}{ratio:>8.3f}{r['num_gpu_blocks']:>10}"
-                     f"{(gr if gr else float('nan')):>12.2f}{cells}{(pre / pre_bf if pre and pre_bf else float('nan')):>10.2f}"
+                     f"{(gr if gr else float('nan')):>12.2f}{cells}"
+                     f"{(pre / pre_bf if pre and pre_bf else float('nan')):>10.2f}"
                      f"{r.get('mean_kl', float('nan')):>10.2e}{r.get('top1_agreement', float('nan')):>7.3f}")
     return "\n".join(lines)
 

@@ -14,9 +14,9 @@ How a step call of LLMEngine goes with it on (LLMEngine._step_async):
 3. process step N (InFlightStep.read waits for its copy): placeholders become tokens, finished requests are
    returned. Only then may step N+1's allocator trim (ModelRunner.trim_reserved) empty the cache: that waits for
    the device, and before step 3 it would hold step N's tokens back until step N+1 ends (stamping them, TTFT and
-   TPOT with them, a whole step late). A request that a stop token finished in step N was also computed in step N+1: that token is
-   discarded (never returned) and its blocks freed now; the device runs step N+1 before any later step that reuses
-   them (one stream).
+   TPOT with them, a whole step late). A request that a stop token finished in step N was also computed in step
+   N+1: that token is discarded (never returned) and its blocks freed now; the device runs step N+1 before any later
+   step that reuses them (one stream).
 
 Exact state is restored by draining (LLMEngine.drain: wait for the step in flight and process it) before aborts,
 reconfiguration, switching to synchronous steps, and after the last request finished. A failed step call waits

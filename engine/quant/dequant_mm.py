@@ -72,7 +72,8 @@ def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     writes block_n rows x 32 * chunks features."""
     n, k = packed.shape[0], packed.shape[1] * 8
     if k % KERNEL_CHUNK or group_size % KERNEL_CHUNK:
-        raise ValueError(f"int4_dequantize needs K and group_size multiples of {KERNEL_CHUNK}, got {k} and {group_size}")
+        raise ValueError(f"int4_dequantize needs K and group_size multiples of {KERNEL_CHUNK}, got {k} and "
+                         f"{group_size}")
     if scales.stride() != zeros.stride() or scales.stride(1) != 1 or packed.stride(1) != 1:
         raise ValueError("int4_dequantize needs row-major packed codes, and scales and zeros with the same strides")
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
