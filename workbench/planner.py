@@ -250,14 +250,17 @@ def dequant_slice_bytes(spec: ModelSpec, cfg: EngineConfig, dtype_bytes: int, te
 def graph_pool_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", calibration: Calibration | None = None,
                      tensor_parallel_size: int = 1) -> int:
     """The CUDA-graph pool the engine measures (0 with enforce_eager): the largest decode graph's forward of
-    min(max_num_seqs, max_num_batched_tokens) rows, without the LM head (the engine runs that eagerly)."""
+    min(max_num_seqs, max_num_batched_tokens) rows, without the LM head (the engine runs that eagerly), and from
+    DEQUANT_MIN_ROWS rows under int modes a float weight slice (dequant_slice_bytes; from 65 to 256 rows only where
+    tuning picks that path, so counted there too: the block count errs low rather than high)."""
     if cfg.enforce_eager:
         return 0
     c, tp = calibration or CALIBRATION_H100, tensor_parallel_size
     e = DTYPE_BYTES[_dtype_name(dtype)]
     rows = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
     per_row = c.forward_hidden_bytes * spec.hidden_size + c.forward_intermediate_bytes * spec.intermediate_size / tp
-    return _alloc(int(rows * per_row * e / 2))
+    slice_ = dequant_slice_bytes(spec, cfg, e, tp) if rows >= DEQUANT_MIN_ROWS else 0
+    return _alloc(int(rows * per_row * e / 2)) + slice_
 
 
 def static_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", num_kv_groups: int = 1,

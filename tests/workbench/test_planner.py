@@ -302,6 +302,11 @@ def test_forward_peak_counts_the_dequantized_weight_slice_of_int_modes():
     assert planner.dequant_slice_bytes(spec, cfg.replace(quantization="int4", max_num_batched_tokens=64), 2) == 0
     base = planner.forward_peak_bytes(spec, cfg)
     assert planner.forward_peak_bytes(spec, cfg.replace(quantization="int4")) - base == 16384 * 4096 * 2
+    # The largest decode graph (256 rows here) holds a slice too; 64 rows never take the path.
+    graphs = planner.graph_pool_bytes(spec, cfg)
+    assert planner.graph_pool_bytes(spec, cfg.replace(quantization="int8")) - graphs == 16384 * 4096 * 2
+    few = cfg.replace(max_num_seqs=64)
+    assert planner.graph_pool_bytes(spec, few.replace(quantization="int8")) == planner.graph_pool_bytes(spec, few)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
