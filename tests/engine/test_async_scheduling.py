@@ -246,7 +246,7 @@ def test_allocator_trim_waits_until_the_previous_steps_tokens_are_processed(hf_m
     outs = llm.generate(make_prompts(8, [10, 20]), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
     assert len(seen) == eng.stats().num_steps and all(inflight == 1 for inflight, _, _ in seen[:-1])
-    # Step k's trim (k >= 2) sees the tokens of steps 1..k-1 applied: 2 requests x (k - 1).
+    # Step k's trim sees the tokens of steps 1..k-1 applied: 2 requests x (k - 1).
     assert [tokens for _, tokens, _ in seen[:-1]] == [2 * k for k in range(len(seen) - 1)]
     assert seen[0][2] == (30, 2, 2)  # (tokens, sequences, logit rows) of the prefill step, no padding on the CPU
 
