@@ -28,7 +28,7 @@ from pathlib import Path
 
 from engine import LLM, EngineConfig, ModelSpec
 from engine.quant import LM_HEAD_MODE  # awq/gptq: the LM head in int8
-from engine.quant.dequant_mm import DEQUANT_MIN_ROWS, SLICE_BYTES  # int8/int4 from 65 rows: a float weight slice
+from engine.quant.dequant_mm import DEQUANT_MIN_ROWS, slice_rows  # int8/int4 from 65 rows: a float weight slice
 from engine.quant.embedding import quantized_embedding_bytes  # any mode: an untied table in int8 per row
 
 MiB, GiB = 2**20, 2**30
@@ -235,7 +235,7 @@ def forward_peak_bytes(spec: ModelSpec, cfg: EngineConfig, dtype="bfloat16", cal
 def dequant_slice_bytes(spec: ModelSpec, cfg: EngineConfig, dtype_bytes: int, tensor_parallel_size: int = 1) -> int:
     """The float weight slice an int8 / int4 / AWQ / GPTQ linear holds while it multiplies a prefill chunk
     (engine.quant.dequant_mm, from DEQUANT_MIN_ROWS rows): whole output channels of the widest layer on one GPU
-    (column-parallel layers split their outputs, row-parallel ones their inputs), at most SLICE_BYTES."""
+    (column-parallel layers split their outputs, row-parallel ones their inputs), as dequant_mm.slice_rows cuts them."""
     if cfg.quantization not in ("int8", "int4", "awq", "gptq") or cfg.max_num_batched_tokens < DEQUANT_MIN_ROWS:
         return 0
     tp = tensor_parallel_size
@@ -243,7 +243,7 @@ def dequant_slice_bytes(spec: ModelSpec, cfg: EngineConfig, dtype_bytes: int, te
     largest = 0
     for name, (out_f, in_f) in _linears(spec).items():
         n, k = (out_f, in_f // tp) if name in row_parallel else (out_f // tp, in_f)
-        largest = max(largest, min(n, max(1, SLICE_BYTES // (k * dtype_bytes))) * k * dtype_bytes)
+        largest = max(largest, min(n, slice_rows(k, dtype_bytes)) * k * dtype_bytes)
     return largest
 
 

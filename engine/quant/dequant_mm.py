@@ -112,11 +112,16 @@ def with_dequant(m: int, candidates: list[dict], kind: str) -> list[dict]:
     return candidates + ours if m >= DEQUANT_MIN_ROWS else candidates
 
 
+def slice_rows(k: int, element_size: int) -> int:
+    """Output channels of a K-wide float weight slice of element_size-byte values (at most SLICE_BYTES, >= 1)."""
+    return max(1, SLICE_BYTES // (k * element_size))
+
+
 def sliced_matmul(x: torch.Tensor, n: int, weight_rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """x [M, K] @ W^T -> [M, N] in x's dtype, where weight_rows(a, b) builds rows [a, b) of W in x's dtype;
-    W is built in slices of at most SLICE_BYTES, each slice's matmul writing its output columns in place."""
+    W is built in slices of slice_rows channels, each slice's matmul writing its output columns in place."""
     m, k = x.shape
-    rows = max(1, SLICE_BYTES // (k * x.element_size()))
+    rows = slice_rows(k, x.element_size())
     if rows >= n:
         return x @ weight_rows(0, n).t()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
