@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import time
+import warnings
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -34,7 +35,7 @@ from .sampling import Sampler
 from .scheduler import SchedulerOutput
 from .spec_decode.proposal import Draft
 from .spec_decode.verifier import verify_draft
-from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
+from .memory import (CPU_KV_BUDGET_BYTES, SCRATCH_BLOCKS, GiB, TRIM_CHECK_INTERVAL, KVCacheSizing, check_host_memory,
                      forward_activation_bytes, reserved_trim_bytes, size_kv_cache)
 from .stats import MemoryProfile
 from .timeline import DeviceSpan, DeviceTimer
@@ -334,6 +335,7 @@ class ModelRunner:
         # An engine nothing refers to any more but a reference cycle (a notebook's previous LLM, a finished test's)
         # still holds its weights and KV pool until the collector runs: they would count as other memory here.
         gc.collect()
+        self._tune_kernels()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         non_torch = (total - free) - torch.cuda.memory_reserved(dev)
@@ -401,13 +403,26 @@ class ModelRunner:
             logits.argmax(-1)
         return 0
 
-    def _profile_decode(self, prepare: bool) -> int:
-        """A decode step of the largest batch (max_num_seqs rows, or the token budget if smaller): the forward
-        with the attention split for max_model_len, float32 logits over the whole vocabulary for every row,
-        and the sampler over them at its worst case (Sampler.profile_params)."""
-        if prepare:
-            return 1
-        n = self.graph_sizes[-1]
+    def _tune_kernels(self) -> None:
+        """Run once, before the memory profile, the forward of every step shape whose kernels keep a tuned choice:
+        a prefill of the token budget and a decode of each CUDA-graph batch size, largest first (the order the
+        profile and the capture met them in before). Quantized linears and the fused GEMVs time their candidates
+        at the first call of each row bucket (engine/quant/tuning.py), in a CUDA graph of repeated launches over
+        weight copies that overflow the L2. At prefill sizes that takes GB, which the profile counted as activation
+        peak when the tuning ran inside it (int8 on an H200: 10.7 GB against bf16's 2.3 GB); and with the graph
+        sizes tuned after the KV pool existed, the int8 engine kept 3.5 GB reserved past the profile that
+        empty_cache could not return, so every step ended with a trim. Choices the disk cache holds (tuning.py)
+        are not timed again."""
+        num_blocks = self._profile_prefill(prepare=True)
+        self.allocate_kv_cache(num_blocks)
+        self._profile_prefill(prepare=False)
+        for n in reversed(self.graph_sizes):
+            self._decode_forward(n, self.config.max_model_len)
+        torch.cuda.synchronize(self.device)
+        self.kv_caches = []
+
+    def _decode_forward(self, n: int, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step's forward over n rows of one context token each (scratch block 0): (hidden, logits)."""
         b = self.buffers
         b.ids_np[:n] = 0
         b.pos_np[:n] = 0
@@ -416,13 +431,22 @@ class ModelRunner:
         b.lens_np[:n] = 1
         b.tables_np[:n, :1] = 0
         b.upload(n, n, 1)
-        # Split counts of the decode kernel come from max_seq_len: the largest a decode can see.
-        meta = self._metadata(n, n, 1, n, 1, self.config.max_model_len)
+        meta = self._metadata(n, n, 1, n, 1, max_seq_len)
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
-            logits = self.model.compute_logits(hidden)
-            hidden_for_spec = hidden[:1] if self.spec_query_len else None
-            del hidden
+            return hidden, self.model.compute_logits(hidden)
+
+    def _profile_decode(self, prepare: bool) -> int:
+        """A decode step of the largest batch (max_num_seqs rows, or the token budget if smaller): the forward
+        with the attention split for max_model_len (the largest a decode can see), float32 logits over the whole
+        vocabulary for every row, and the sampler over them at its worst case (Sampler.profile_params)."""
+        if prepare:
+            return 1
+        n = self.graph_sizes[-1]
+        hidden, logits = self._decode_forward(n, self.config.max_model_len)
+        hidden_for_spec = hidden[:1] if self.spec_query_len else None
+        del hidden
+        with torch.inference_mode():
             # A throwaway generator: the profile leaves the engine's own (unseeded requests) where it was.
             # The sampler's worst case at n rows (full chunks of each filter path); every row seeded.
             self.sampler(logits, self.sampler.profile_params(n, logits.shape[-1]), [torch.Generator()] * n)
@@ -737,6 +761,16 @@ class ModelRunner:
             m.num_reserved_trims += 1
             # The cache is empty: every shape needs new segments again.
             self._trim_shapes.clear()
+            floor = torch.cuda.memory_reserved(self.device)
+            if floor > m.reserved_trim_bytes:
+                # What empty_cache cannot return (live tensors the profile did not see, free blocks in segments a
+                # live tensor pins) is past the profile: trimming at every step would only wait for the device.
+                warnings.warn(f"torch still reserves {(floor - m.reserved_trim_bytes) / GiB:.2f} GiB past what the "
+                              "memory profile allowed for after emptying its cache, so the KV cache leaves that much "
+                              "less of the engine's margin; the engine now trims only above that. Lower "
+                              "gpu_memory_utilization by as much if the GPU must keep its share.", RuntimeWarning,
+                              stacklevel=2)
+                m.reserved_trim_bytes = floor
             return True
         return False
 

@@ -78,7 +78,14 @@ def test_a_step_past_reserved_trim_bytes_empties_the_cache(monkeypatch):
     reserved, emptied = [0], []
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict",
                         lambda device=None: {"reserved_bytes": {"all": {"current": reserved[0]}}})
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(reserved[0]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved[0])
+    freed = [0]  # what empty_cache returns (the cached free blocks)
+
+    def empty_cache():
+        emptied.append(reserved[0])
+        reserved[0] -= freed[0]
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     runner.memory = MemoryProfile(total_bytes=2 * GiB, weight_bytes=0, peak_activation_bytes=0, non_torch_bytes=0,
                                   kv_cache_bytes=0, reserved_trim_bytes=1000)
@@ -86,9 +93,19 @@ def test_a_step_past_reserved_trim_bytes_empties_the_cache(monkeypatch):
     reserved[0] = 1000  # at the threshold: kept
     llm.generate([[5, 6, 7]], greedy)
     assert emptied == [] and runner.memory.num_reserved_trims == 0
-    reserved[0] = 1001  # past it: a step of a new shape (a 4-token prefill) trims, and then every step does
+    reserved[0], freed[0] = 1300, 300  # past it: a step of a new shape (a 4-token prefill) trims back to 1000
     llm.generate([[5, 6, 7, 8]], greedy)
-    assert emptied == [1001] * 3 and runner.memory.num_reserved_trims == 3
+    assert emptied == [1300] and runner.memory.num_reserved_trims == 1 and runner.memory.reserved_trim_bytes == 1000
+    # A trim that cannot get under the threshold (empty_cache returns 100 of 1300): one trim and a warning naming
+    # the excess, then the threshold is what the cache could not return, so the next steps do not trim in vain.
+    reserved[0], freed[0] = 1300, 100
+    with pytest.warns(RuntimeWarning, match="still reserves 0.00 GiB past .* gpu_memory_utilization"):
+        llm.generate([[5, 6, 7, 8, 9]], greedy)
+    assert emptied == [1300, 1300] and runner.memory.num_reserved_trims == 2
+    assert runner.memory.reserved_trim_bytes == 1200
+    reserved[0] = 1201  # growth past the new threshold trims again
+    llm.generate([[5, 6, 7, 8, 9, 10]], greedy)
+    assert emptied[2:] == [1201] and runner.memory.num_reserved_trims == 3
 
 
 def test_reserved_bytes_are_read_after_new_step_shapes_and_every_interval(monkeypatch):
@@ -100,8 +117,13 @@ def test_reserved_bytes_are_read_after_new_step_shapes_and_every_interval(monkey
         reads.append(len(eng.stats().steps))
         return {"reserved_bytes": {"all": {"current": reserved[0]}}}
 
+    def empty_cache():  # returns every cached block: back to the threshold
+        emptied.append(len(eng.stats().steps))
+        reserved[0] = 1000
+
     monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(len(eng.stats().steps)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved[0])
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     runner.memory = MemoryProfile(total_bytes=2 * GiB, weight_bytes=0, peak_activation_bytes=0, non_torch_bytes=0,
                                   kv_cache_bytes=0, reserved_trim_bytes=1000)
@@ -114,9 +136,39 @@ def test_reserved_bytes_are_read_after_new_step_shapes_and_every_interval(monkey
     while not emptied:
         eng.step()
     assert reads[-2:] == [1, 1 + TRIM_CHECK_INTERVAL] and emptied == [1 + TRIM_CHECK_INTERVAL]
-    eng.step()  # after a trim every shape is new: read (and, still past the threshold, trimmed) again
-    assert reads[-1] == emptied[-1] == 2 + TRIM_CHECK_INTERVAL
-    reserved[0] = 1000
-    eng.step()
-    eng.step()
-    assert reads[-1] == 3 + TRIM_CHECK_INTERVAL and len(emptied) == 2
+    eng.step()  # after a trim every shape is new: read again (at the threshold now: kept)
+    assert reads[-1] == 2 + TRIM_CHECK_INTERVAL and emptied == [1 + TRIM_CHECK_INTERVAL]
+    eng.step()  # a shape served since the trim: not read
+    assert reads[-1] == 2 + TRIM_CHECK_INTERVAL
+
+
+def test_every_tuned_step_shape_runs_before_the_profile_measures(monkeypatch):
+    """Kernels that tune themselves at the first call of a row count (engine/quant/tuning.py) meet every step shape
+    in _tune_kernels, before the profile's first measurement: a prefill of the token budget, then a decode of each
+    CUDA-graph batch size, largest first (the order the profile and the capture used to meet them in)."""
+    llm = _cpu_llm(70)
+    runner = llm.engine.runner
+    rows, measured = [], []
+    real_forward = runner.model.forward
+
+    def forward(ids, *args, **kwargs):
+        rows.append(ids.shape[0])
+        return real_forward(ids, *args, **kwargs)
+
+    def measure_peak(run):
+        measured.append(len(rows))
+        runner.allocate_kv_cache(run(prepare=True))
+        run(prepare=False)
+        return 0
+
+    monkeypatch.setattr(runner.model, "forward", forward)
+    monkeypatch.setattr(runner, "_measure_peak", measure_peak)
+    for name, fake in (("synchronize", lambda *a: None), ("empty_cache", lambda: None),
+                       ("mem_get_info", lambda *a: (GiB, 2 * GiB)), ("memory_reserved", lambda *a: 0),
+                       ("memory_allocated", lambda *a: 0)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    runner._profile_cuda_memory()
+    sizes = runner.graph_sizes
+    assert len(sizes) > 5 and sizes[-1] == 70
+    assert rows[:measured[0]] == [256] + sorted(sizes, reverse=True)
+    assert rows[measured[0]:] == [256, 70]  # then the profile's prefill and decode
