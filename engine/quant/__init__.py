@@ -111,7 +111,40 @@ def quantize_model(model: nn.Module, mode: str | None, quantize_lm_head: bool = 
     from_checkpoint = prequantized is not None and prequantized.method == mode and prequantized.float_embedding
     if mode is not None and quantize_embedding and not from_checkpoint:  # last: calibration reads its dtype
         _quantize_embedding(model)
+    if mode is not None and device.type == "cuda":
+        compact_on_device(model, device)
     return weight_bytes(model)
+
+
+def compact_on_device(model: nn.Module, device: torch.device) -> bool:
+    """Move the model's tensors to the host and back, so that each sits in a segment of its own size.
+
+    Quantizing layer by layer allocates each quantized tensor while the caching allocator holds the freed float
+    weights and float32 temporaries of the layers before it, so it is carved out of one of their segments and keeps
+    the rest of that segment from ever being returned: 3.2 GB of an int8 llama-3.1-8b on an H200 (a 501 MB int8
+    table in a 2 GB segment, int8 layers in the segments of float32 copies of weights; torch.cuda.memory._snapshot),
+    which the memory profile does not see. Through the host, with the cache emptied
+    in between, the tensors come back in fresh segments. Tensors tied across modules stay tied. Skipped (False)
+    when the host has not twice the model's bytes available. `device`: the tensors moved are those on it."""
+    from ..memory import available_host_bytes
+    entries = [(table, name, id(t)) for module in model.modules() for table in (module._parameters, module._buffers)
+               for name, t in table.items() if t is not None and t.device == device]
+    tensors = {key: table[name] for table, name, key in entries}
+    if not tensors or 2 * sum(t.numel() * t.element_size() for t in tensors.values()) > available_host_bytes():
+        return False
+    grads = {key: t.requires_grad if isinstance(t, nn.Parameter) else None for key, t in tensors.items()}
+    host = {key: t.detach().to("cpu", copy=True) for key, t in tensors.items()}
+    for table, name, _ in entries:  # no reference to a device copy may remain when the cache is emptied
+        table[name] = None
+    del tensors
+    torch.cuda.empty_cache()
+    back = {}
+    for key, t in host.items():
+        t = t.to(device, copy=True)
+        back[key] = t if grads[key] is None else nn.Parameter(t, requires_grad=grads[key])
+    for table, name, key in entries:
+        table[name] = back[key]
+    return True
 
 
 def _quantize_embedding(model: nn.Module) -> None:

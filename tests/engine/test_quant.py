@@ -347,3 +347,26 @@ def test_kv_fp8_scales_fold_into_attention():
     out = TorchBackend().attend(q, k_cache2, v_cache2, meta, d ** -0.5)
     ref = paged_attention_reference(q, k_cache2.float() * 0.5, v_cache2.float() * 4.0, meta, d ** -0.5)
     assert rel_err(out, ref) < 1e-5
+
+
+def test_compact_on_device_gives_every_tensor_new_storage_and_keeps_ties_types_and_outputs():
+    """compact_on_device moves the model's tensors out and back (on CUDA, into fresh segments): every tensor gets new
+    storage with the same values, parameters stay parameters (requires_grad kept), buffers stay buffers, tensors two
+    modules share stay shared, and the quantized model computes the same logits."""
+    from engine.quant import compact_on_device
+    llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=64, num_gpu_blocks=32, block_size=8,
+                                          quantization="int8"))
+    model = llm.model
+    model.lm_head.register_buffer("shared", model.layers[0].mlp.gate_up_proj.scales)  # ties across modules
+    model.lm_head.tied_norm = model.norm.weight
+    ids = torch.arange(5)
+    before = model.lm_head(model.embed_tokens(ids))
+    reference = [(n, t, t.clone(), type(t), t.requires_grad) for n, t in model.state_dict(keep_vars=True).items()]
+    assert compact_on_device(model, torch.device("cpu"))
+    state = model.state_dict(keep_vars=True)
+    for name, old, value, kind, grad in reference:  # (the host may hand a freed address out again: not compared)
+        t = state[name]
+        assert t is not old and type(t) is kind and t.requires_grad == grad and torch.equal(t, value), name
+    assert model.lm_head.shared is model.layers[0].mlp.gate_up_proj.scales
+    assert model.lm_head.tied_norm is model.norm.weight and isinstance(model.norm.weight, nn.Parameter)
+    assert torch.equal(model.lm_head(model.embed_tokens(ids)), before)
