@@ -326,7 +326,8 @@ def main() -> None:
     prefill = bench_prefill(mm["flop_per_s"], gen) if "prefill" in parts else None
     results = {
         "benchmark": "attention_kernels",
-        "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
+        "command": "".join(f"{k}={os.environ[k]} " for k in ("BENCH_ATTENTION_PARTS",) if k in os.environ)
+                   + "PYTHONPATH=. python3 " + " ".join(sys.argv),
         "device": torch.cuda.get_device_name(),
         "num_sms": _num_sms(torch.cuda.current_device()),
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),

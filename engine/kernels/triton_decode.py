@@ -226,10 +226,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if block_n is None:
         block_n = 64 if block_d <= 128 else 32
     if num_warps is None:
-        # 2 warps per program at head_dim <= 128: more programs per SM, which is what short contexts lack. H200,
-        # bf16, 64-token tiles (benchmarks/bench_attention.py, decode_trace_like): 2 warps beat 4 by 1.3% at
-        # 1000 requests of median context 406, 1.9% at 192 and 3% at 256 requests of 71.
-        num_warps = 2 if block_d <= 128 else 4
+        # Many requests, head_dim <= 128: 2 warps per program, more programs per SM, which short contexts lack. H200,
+        # bf16, 64-token tiles (benchmarks/bench_attention.py, decode_trace_like, two runs): 2 warps beat 4 by
+        # 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11% at 256 requests of 71.
+        # Fewer requests (not measured with 2 warps) keep 4.
+        num_warps = 2 if block_d <= 128 and num_seqs >= 256 else 4
     if num_stages is None:
         num_stages = 2 if q.device.type == "cuda" and block_d <= 128 else 1
 
