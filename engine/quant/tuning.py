@@ -82,11 +82,7 @@ def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_
         except Exception:  # noqa: BLE001 - a config this GPU or Triton cannot build is skipped
             ms = math.inf
         results.append((cand, ms))
-    # Drop the outputs too, not only the weight copies: after an int8 engine's setup on an H200 a 32 MB output
-    # allocated by the launch above was still alive (benchmarks/memory_snapshot.py). Something keeps this frame
-    # (a stored exception's traceback, the likeliest), which was not traced; cleared locals hold nothing.
     del sets
-    out = out_large = reference = reference_large = large = None  # noqa: F841
     best = min(results, key=lambda r: r[1])[0]
     chosen[key], timings[key] = best, results
     seconds[key] = time.perf_counter() - t0
@@ -176,9 +172,19 @@ def agrees(out: torch.Tensor, reference: torch.Tensor, rtol: float = 2e-2) -> bo
     return bool(torch.isfinite(err)) and float(err) <= rtol * float(reference.norm()) + 1e-6
 
 
+@functools.cache
+def _timing_stream(device_index: int) -> torch.cuda.Stream:
+    """The one side stream all timings of a device capture on. torch gives every stream cuBLAS runs on a workspace
+    of its own (32 MiB on sm_90) for the life of the process, and torch.cuda.Stream() hands out streams of a pool
+    of 32 in turn: a new stream per timing could keep up to 1 GiB. (On an H200 a bf16 engine's other_bytes went
+    from 0.21 to 0.75 GB once the tuning ran before the memory profile, benchmarks/memory_trims.py, which such
+    workspaces would explain; not re-measured with the one stream.)"""
+    return torch.cuda.Stream(device_index)
+
+
 def _graph_time(fn: Callable[[], object], calls: int, reps: int = 4) -> float:
     """Milliseconds per call of fn's launches, from replays of a CUDA graph of `reps` x fn (best of 3)."""
-    stream = torch.cuda.Stream()
+    stream = _timing_stream(torch.cuda.current_device())
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()  # compile and warm up outside the capture
