@@ -17,6 +17,10 @@ triton.testing.do_bench medians (ms). Results go to data/benchmarks/attention_ke
 set, $OUT/attention_kernels.json.
 
     PYTHONPATH=. python3 benchmarks/bench_attention.py
+
+BENCH_ATTENTION_PARTS (default "decode,few,trace,prefill") runs some of the parts; the trace-like part times
+TRACE_LIKE_CASES (many requests, ragged contexts, short ones included). Only a run of every part rewrites
+data/benchmarks/attention_kernels.json.
 """
 from __future__ import annotations
 
@@ -389,6 +393,7 @@ def summarize_prefill(prefill: dict) -> None:
         pb = prefill["best"]
         print(f"prefill best config   {({k: v for k, v in pb.items() if k in ('block_m', 'block_n', 'num_warps', 'num_stages')})} "
               f"{pb['ms'] * 1e3:.1f} us, {pb['flop_per_s'] / 1e12:.1f} TFLOP/s")
+
 
 if __name__ == "__main__":
     main()
