@@ -123,13 +123,20 @@ def compact_on_device(model: nn.Module, device: torch.device) -> bool:
     weights and float32 temporaries of the layers before it, so it is carved out of one of their segments and keeps
     the rest of that segment from ever being returned: 3.2 GB of an int8 llama-3.1-8b on an H200 (a 501 MB int8
     table in a 2 GB segment, int8 layers in the segments of float32 copies of weights; torch.cuda.memory._snapshot),
-    which the memory profile does not see. Through the host, with the cache emptied
-    in between, the tensors come back in fresh segments. Tensors tied across modules stay tied. Skipped (False)
-    when the host has not twice the model's bytes available. `device`: the tensors moved are those on it."""
+    which the memory profile does not see. Through the host, with the cache emptied in between, the tensors come
+    back in fresh segments. A tensor tied across modules stays tied; distinct tensors viewing one storage are left
+    in place. Skipped (False) when the host has not twice the bytes available. `device`: the tensors moved are
+    those on it."""
     from ..memory import available_host_bytes
     entries = [(table, name, id(t)) for module in model.modules() for table in (module._parameters, module._buffers)
                for name, t in table.items() if t is not None and t.device == device]
     tensors = {key: table[name] for table, name, key in entries}
+    owners: dict[int, set[int]] = {}  # storage -> the tensors on it: views of one storage stay where they are
+    for key, t in tensors.items():
+        owners.setdefault(t.untyped_storage().data_ptr(), set()).add(key)
+    shared = set().union(*(keys for keys in owners.values() if len(keys) > 1))
+    entries = [e for e in entries if e[2] not in shared]
+    tensors = {key: t for key, t in tensors.items() if key not in shared}
     if not tensors or 2 * sum(t.numel() * t.element_size() for t in tensors.values()) > available_host_bytes():
         return False
     grads = {key: t.requires_grad if isinstance(t, nn.Parameter) else None for key, t in tensors.items()}

@@ -370,3 +370,18 @@ def test_compact_on_device_gives_every_tensor_new_storage_and_keeps_ties_types_a
     assert model.lm_head.shared is model.layers[0].mlp.gate_up_proj.scales
     assert model.lm_head.tied_norm is model.norm.weight and isinstance(model.norm.weight, nn.Parameter)
     assert torch.equal(model.lm_head(model.embed_tokens(ids)), before)
+
+
+def test_compact_on_device_leaves_views_of_one_storage_in_place():
+    """Two modules holding different views of one storage would each get a copy of their own: they stay put, and
+    the rest still moves."""
+    from engine.quant import compact_on_device
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    base = torch.arange(16.0)
+    model[0].register_buffer("a", base[:8])
+    model[1].register_buffer("b", base[8:])
+    weight = model[0].weight
+    assert compact_on_device(model, torch.device("cpu"))
+    assert model[0].a.untyped_storage().data_ptr() == model[1].b.untyped_storage().data_ptr() == \
+        base.untyped_storage().data_ptr()
+    assert model[0].weight is not weight and torch.equal(model[0].weight, weight)
