@@ -73,11 +73,11 @@ def test_billion_blocks_is_refused_at_start_up():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_engine_holds_no_memory_past_its_profile(mode):
     """A quantized llama-3.2-1b (random bf16 weights, kernels tuned at start-up): the tuner's timing buffers are not
-    in the activation peak (bf16's at the same limits plus the dequantized weight slice the planner counts, and
-    64 MiB), what torch reserves after setup and an
-    empty_cache is within the trim threshold (quantized tensors no longer pin the segments of the freed float
-    weights: compact_on_device), and decoding at batch 1 and 64 never trims. On an H200, int8 llama-3.1-8b had
-    a 10.7 GB peak against bf16's 2.3 GB and trimmed at every step before (benchmarks/memory_trims.py)."""
+    in the activation peak (at most bf16's at the same limits plus the dequantized weight slice the planner counts
+    and 64 MiB); what torch reserves after setup and an empty_cache is within the trim threshold (quantized tensors
+    no longer pin the segments of the freed float weights: compact_on_device); decoding at batch 1 and 64 never
+    trims. On an H200 int8 llama-3.1-8b had a 10.7 GB peak against bf16's 2.3 GB, and trimmed at every step,
+    before both (benchmarks/memory_trims.py)."""
     cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048, gpu_memory_utilization=0.5)
     bf16 = LLM.random("llama-3.2-1b", cfg).engine.stats().memory.peak_activation_bytes
     torch.cuda.empty_cache()
