@@ -411,8 +411,7 @@ class ModelRunner:
         weight copies that overflow the L2. At prefill sizes that takes GB, which the profile counted as activation
         peak when the tuning ran inside it: int8 llama-3.1-8b on an H200 measured a 10.7 GB peak, 2.4 GB with this
         pass (bf16: 2.3 GB), and its KV pool grew from 113.2 to 121.1 GB. Nothing tunes once the KV pool exists
-        either. Choices the disk cache holds
-        (tuning.py) are not timed again."""
+        either. Choices the disk cache holds (tuning.py) are not timed again."""
         num_blocks = self._profile_prefill(prepare=True)
         self.allocate_kv_cache(num_blocks)
         self._profile_prefill(prepare=False)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _store_tile, _tile
+from .triton_int8 import _k_step, _store_tile, _tile
 
 
 @triton.jit
@@ -32,11 +32,7 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
-        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
-            mask_k = tl.full([BLOCK_K], 1, tl.int1)
-        else:
-            mask_k = offs_k < k_end
+        offs_k, mask_k = _k_step(k0, k_end, BLOCK_K, EVEN_K)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)

@@ -113,6 +113,18 @@ def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, loc
 
 
 @triton.jit
+def _k_step(k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The features of the K step starting at k0 (steps start on whole tiles) and their mask: constant with EVEN_K,
+    so that the loads stay 16-byte vectors."""
+    offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        mask_k = tl.full([BLOCK_K], 1, tl.int1)
+    else:
+        mask_k = offs_k < k_end
+    return offs_k, mask_k
+
+
+@triton.jit
 def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn, stride_os,
                       stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                       SERIAL: tl.constexpr, STAGES: tl.constexpr):
@@ -128,11 +140,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, spl
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k = tl.multiple_of(k0, BLOCK_K) + tl.arange(0, BLOCK_K)  # steps start on whole tiles
-        if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
-            mask_k = tl.full([BLOCK_K], 1, tl.int1)
-        else:
-            mask_k = offs_k < k_end
+        offs_k, mask_k = _k_step(k0, k_end, BLOCK_K, EVEN_K)
         x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += _int8_to_float(w) * x[None, :]
