@@ -11,16 +11,23 @@ Layouts (G = group size, a multiple of 32; K % 32 == 0):
 Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of words per step, one
 16-byte load per row and chunk. Nibble plane i of that tile meets the features 32c + 4i + (0..3), so
 x is read as 8 small gathers of 4 contiguous values per chunk, and no unpacked tile is reshaped.
-Dequantization in registers, per code, is one LOP3 and one float subtract: plane i (i < 4 from the
-word, i >= 4 from the word >> 16, each OR-ed with 0x4B000000 once per word) is masked in place,
-`src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting
-2^23 + zero * 16^i' (a per-row constant of the group) leaves (q - zero) * 16^i', and the 16^-i' goes into x (GEMV) or into the scale (tl.dot), once
-per row of x or per group, not per code. The scale and zero of a group are loaded once per row and
-step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
+The tl.dot kernels dequantize in registers with one LOP3 and one float subtract per code: plane i
+(i < 4 from the word, i >= 4 from the word >> 16, each OR-ed with 0x4B000000 once per word) is masked
+in place, `src & (0x4B000000 | 15 << 4i')` being the float 2^23 + q * 16^i' exactly; subtracting
+2^23 + zero * 16^i' (a per-row constant of the group) leaves (q - zero) * 16^i', and the 16^-i' goes
+into the scale, once per group, not per code. The scale and zero of a group are loaded once per row
+and step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), else per chunk.
 - `_int4_gemv_kernel` (M <= GEMV_MAX_ROWS, decode): CUDA cores, grid (M, cdiv(N, BLOCK_N), SPLIT_K),
-  row fastest (the programs that share a weight tile run together). It keeps a [BLOCK_N, 4 * CHUNKS]
-  float32 accumulator, adds scale * sum over planes of (q - zero) * x per step and reduces over K once
-  at the end.
+  row fastest (the programs that share a weight tile run together). A code costs one LOP3 and one FMA:
+  masked under no exponent bits, a nibble is the float32 denormal q * 2^(4i') * 2^-149 exactly (no
+  offset to subtract; planes 0-5 from the word, 6-7 from the word >> 8), and x, read once per plane,
+  is scaled by 2^(DENORMAL_E - 4i') so that each product is q * x * 2^(DENORMAL_E - 149). The zero
+  point comes off once per row, word column and step, as zero * (the sum of the x that column met),
+  then the scale; the [BLOCK_N, 4 * CHUNKS] float32 accumulator is reduced over K once at the end.
+  x's per-plane work is shared by the rows a thread holds (BLOCK_N * CHUNKS / (32 * warps)), so the
+  tiles that put 8 rows in a thread cost ~3.5 sm_90 SASS instructions per code, against ~5.5 for the
+  previous 2^23-offset floats (benchmarks/sass_loop_counts.py). Denormal operands run at full
+  rate in FMA (no flush to zero: Triton emits fma.rn.f32).
 - `_int4_dot_kernel` (more rows): tensor cores with A and B swapped (out^T = W x^T, as Marlin/Machete
   do for small batches), so the row tile BLOCK_M can be as small as 16 while BLOCK_N (the MMA's M)
   stays 64-128: per step and plane, a [BLOCK_N, 4 * CHUNKS] dequantized tile (x's dtype) times a
@@ -91,12 +98,32 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
     return scale, zero
 
 
+# The GEMV's planes are float32 denormals: a nibble under no exponent bits is q * 2^SHIFT * 2^-149 exactly,
+# so one AND makes a code a float with no offset to subtract. x is scaled by 2^(DENORMAL_E - SHIFT) per
+# plane (exact), so every product is q * x * 2^(DENORMAL_E - 149), a normal float for |x| >= 2^-67, and x
+# overflows only from |x| >= 2^38.
+DENORMAL_E = tl.constexpr(90)
+
+
+@triton.jit
+def _denormal_term(w, w8, x, I: tl.constexpr, E: tl.constexpr):
+    """Plane I's codes q times x, as q * x * 2^(E - 149): the nibbles of the words w (w8 = w >> 8) as the
+    float32 denormals q * 2^SHIFT * 2^-149 (exact: one AND), times x * 2^(E - SHIFT) (exact).
+    Planes 0-5 lie in the mantissa bits of w (SHIFT 4I), planes 6-7 in those of w8 (4I - 8)."""
+    if I < 6:
+        term = (w & (15 << (4 * I))).to(tl.float32, bitcast=True) * (x * (2.0 ** (E - 4 * I)))[None, :]
+    else:
+        term = (w8 & (15 << (4 * I - 8))).to(tl.float32, bitcast=True) * (x * (2.0 ** (E - 4 * I + 8)))[None, :]
+    return term
+
+
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N, K, k_per_split, split_k,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
+    E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -120,15 +147,17 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
-        w_lo, w_hi = _halves(w)
-        part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        w8 = w >> 8
+        part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)  # sum of q * x, in units of 2^(149 - E)
+        x_sum = tl.zeros([WORDS], dtype=tl.float32)  # sum of the x a word column meets, for the zero point
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
-            step = 1 << (4 * (i % 4))  # the place value of plane i's nibble in its half-word
-            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32) * (1.0 / step)
-            part += (_plane(w_lo, w_hi, i) - (zero * step + 8388608.0)) * x[None, :]
-        acc += part * scale
-    out = tl.sum(acc, 1)
+            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32)
+            x_sum += x
+            part += _denormal_term(w, w8, x, i, E)
+        # sum (q - zero) * x = sum q * x - zero * sum x
+        acc += (part - zero * (x_sum * (2.0 ** (E - 149)))[None, :]) * scale
+    out = tl.sum(acc, 1) * (2.0 ** (149 - E))
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
     # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
     offs = m.to(tl.int64) * stride_om + offs_n
@@ -183,10 +212,10 @@ def _chunks_ok(chunks: int, group_size: int) -> bool:
     return group_size % step == 0 or step % group_size == 0
 
 
-def gemv_config(m: int, n: int, k: int, sms: int, block_n: int = 64, chunks: int = 4, num_warps: int = 4,
+def gemv_config(m: int, n: int, k: int, sms: int, block_n: int = 128, chunks: int = 4, num_warps: int = 4,
                 num_stages: int = 3) -> dict:
     """The GEMV's config for a shape: split-K so that rows x column blocks x slices make ~4 waves.
-    64 rows x 16 words over 128 threads puts 2 rows in a thread, so each x value it scales serves 2."""
+    128 rows x 16 words over 128 threads puts 4 rows in a thread, so each x value it scales serves 4."""
     split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, KERNEL_CHUNK * chunks), sms)
     return dict(gemv=True, block_n=block_n, chunks=chunks, split_k=split, num_warps=num_warps, num_stages=num_stages)
 
@@ -216,11 +245,12 @@ def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chun
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
 
-# GEMV tiles to time at 1-2 rows, (block_n, chunks, warps): from many rows x short K runs to a few rows x
-# long ones (16 chunks = 512 features, 2 KB of a row per step), so that what keeps the loads in flight
-# and the FMAs fed on a given GPU is found by measuring, not guessed. (Each distinct tile is a Triton
-# compile on a cold cache, ~1 s: the lists stay short.)
-GEMV_TILES = ((128, 4, 4), (64, 8, 4), (16, 16, 4), (256, 4, 8), (32, 4, 2))
+# GEMV tiles to time at 1-2 rows besides the default, (block_n, chunks, warps): 8 rows a thread (~3.5
+# instructions per code), and smaller tiles for narrow layers, whose programs would otherwise be few or
+# their split-K slices short; what keeps the loads in flight and the FMAs fed on a given GPU is found
+# by measuring, not guessed. (Each distinct tile is a Triton compile on a cold cache, ~1 s: the lists
+# stay short.)
+GEMV_TILES = ((256, 4, 4), (512, 2, 4), (512, 4, 8), (64, 4, 4), (32, 4, 2))
 # The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
 # x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
 # thread dequantizes per step, the fewer instructions per code: ~2.6 at 256 x 128 with dequant="asm",

@@ -132,7 +132,8 @@ def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
     assert ((out.float() - ref).norm() / ref.norm()).item() < tol
 
 
-@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(DOT, block_n=32, chunks=8),
+@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=2), dict(GEMV, block_n=32, chunks=1),
+                                 dict(DOT, block_n=32, chunks=8),
                                  dict(TC, block_m=16, block_n=32, chunks=4, split_k=2),
                                  dict(TC, block_m=32, block_n=16, chunks=8, swap=False),
                                  dict(TC, block_m=16, block_n=32, chunks=1, swap=True, dequant="exact"),
@@ -145,7 +146,8 @@ def test_int4_kernels_read_back_every_code_exactly(cfg):
     n, k, group = 24, 256, 32
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     ones = torch.ones(n, k // group)
-    rows = range(k) if not cfg["gemv"] else (0, 1, 2, 3, 4, 31, 32, 33, 100, 255)
+    # the GEMV: every nibble plane (feature 32c + 4i + r: plane i) and word of a chunk, and a few chunks
+    rows = range(k) if not cfg["gemv"] else (0, 1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 31, 32, 33, 61, 100, 255)
     x = torch.eye(k)[list(rows)]
     packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
     if cfg["gemv"]:
@@ -156,6 +158,24 @@ def test_int4_kernels_read_back_every_code_exactly(cfg):
         out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE),
                           torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg).cpu()
     assert torch.equal(out, codes[:, list(rows)].t().float())
+
+
+@pytest.mark.parametrize("magnitude", [1e-15, 1e-3, 1.0, 1e5, 1e10])
+def test_int4_gemv_keeps_float32_accuracy_over_the_range_of_x(magnitude):
+    """The GEMV multiplies the codes as float32 denormals by x scaled by up to 2^90: over 25 decades of x
+    (products normal from |x| >= 2^-67, x finite below 2^38) it matches a float64 product to float32
+    rounding, with the zero points and scales of random groups and x of both signs and exact zeros."""
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(7)
+    n, k, group = 40, 512, 128
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    x = torch.randn(2, k, generator=g) * magnitude
+    x[:, ::17] = 0.0
+    ref = x.double() @ dequantize_int4(qweight, scales, zeros, torch.float64).t()
+    for cfg in (dict(GEMV, block_n=16, chunks=4, split_k=2), dict(GEMV, block_n=32, chunks=8)):
+        out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
+                          group, **cfg).cpu().double()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-6, cfg
 
 
 def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():

@@ -61,6 +61,8 @@ def check_int4_gemv():
                    dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3))
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx
+    # the codes are float32 denormals: an FMA that flushed them to zero would multiply x by 0
+    assert "fma.rn.f32" in ptx and not re.search(r"\.ftz\.f32", ptx)
 
 
 def check_dot_kernels():
