@@ -76,6 +76,8 @@ def main() -> None:
     rows = [  # (name, kernel, signature, constexprs, warps, weight codes a thread handles per loop trip)
         ("int4 GEMV 128x4", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_N=128, CHUNKS=4), 4, 128 * 128 / 128),
+        ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
+         dict(g4, BLOCK_N=256, CHUNKS=4), 4, 256 * 128 / 128),
         ("int4 tc swap 16x256x4 asm x_natural", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32"), 4,
          256 * 128 / 128),
