@@ -24,10 +24,13 @@ and step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), 
   is scaled by 2^(DENORMAL_E - 4i') so that each product is q * x * 2^(DENORMAL_E - 149). The zero
   point comes off once per row, word column and step, as zero * (the sum of the x that column met),
   then the scale; the [BLOCK_N, 4 * CHUNKS] float32 accumulator is reduced over K once at the end.
-  x's per-plane work is shared by the rows a thread holds (BLOCK_N * CHUNKS / (32 * warps)), so the
-  tiles that put 8 rows in a thread cost ~3.5 sm_90 SASS instructions per code, against ~5.5 for the
-  previous 2^23-offset floats (benchmarks/sass_loop_counts.py). Denormal operands run at full
-  rate in FMA (no flush to zero: Triton emits fma.rn.f32).
+  x's per-plane work is shared by the rows a thread holds (BLOCK_N * CHUNKS / (32 * warps)): 4.3 sm_90
+  SASS instructions per code at 4 rows a thread, 3.5 at 8, against 5.5 for the 2^23-offset floats
+  before (benchmarks/sass_loop_counts.py). On an H200 that made it 1.05-1.13x faster per layer, the
+  4-row tiles still the fastest (benchmarks/int4_gemv_ab.py): not bound by instruction issue alone.
+  Steps over several groups (a scale and zero gathered per word) ran ~4x slower there, so the
+  tuner's GEMV tiles keep a step inside one group. Denormal operands run at full rate in FMA (no
+  flush to zero: Triton emits fma.rn.f32).
 - `_int4_dot_kernel` (more rows): tensor cores with A and B swapped (out^T = W x^T, as Marlin/Machete
   do for small batches), so the row tile BLOCK_M can be as small as 16 while BLOCK_N (the MMA's M)
   stays 64-128: per step and plane, a [BLOCK_N, 4 * CHUNKS] dequantized tile (x's dtype) times a
@@ -245,12 +248,11 @@ def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chun
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
 
-# GEMV tiles to time at 1-2 rows besides the default, (block_n, chunks, warps): 8 rows a thread (~3.5
-# instructions per code), and smaller tiles for narrow layers, whose programs would otherwise be few or
-# their split-K slices short; what keeps the loads in flight and the FMAs fed on a given GPU is found
-# by measuring, not guessed. (Each distinct tile is a Triton compile on a cold cache, ~1 s: the lists
-# stay short.)
-GEMV_TILES = ((256, 4, 4), (512, 2, 4), (512, 4, 8), (64, 4, 4), (32, 4, 2))
+# GEMV tiles to time at 1-2 rows besides the default, (block_n, chunks, warps), chunks capped so that a
+# step stays in one group: the ones that won a layer of llama-3.1-8b on an H200 (int4_gemv_ab_tiles_h200
+# .json); what keeps the loads in flight and the FMAs fed on a given GPU is found by measuring, not
+# guessed. (Each distinct tile is a Triton compile on a cold cache, ~1 s: the lists stay short.)
+GEMV_TILES = ((64, 4, 2), (32, 4, 2), (64, 4, 4), (256, 4, 8))
 # The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
 # x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
 # thread dequantizes per step, the fewer instructions per code: ~2.6 at 256 x 128 with dequant="asm",
@@ -283,8 +285,9 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         return out
 
     if m <= GEMV_MAX_ROWS:
-        cands = [gemv_config(m, n, k, sms)] + [gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
-                                               for bn, ch, w in GEMV_TILES]
+        one_group = lambda ch: min(ch, group_size // KERNEL_CHUNK)  # noqa: E731
+        cands = [gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w)
+                 for bn, ch, w in ((128, 4, 4),) + GEMV_TILES]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
         return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))

@@ -178,6 +178,16 @@ def test_int4_gemv_keeps_float32_accuracy_over_the_range_of_x(magnitude):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-6, cfg
 
 
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_gemv_candidates_keep_each_step_inside_one_group(group):
+    """A GEMV step over several groups gathers a scale and zero per word (~4x slower on an H200,
+    int4_gemv_ab_tiles_h200.json): the tuner's GEMV candidates, the heuristic first, never take one."""
+    from engine.quant.triton_int4 import candidates
+    gemv = [c for c in candidates(1, 4096, 4096, group, 132) if c.get("gemv")]
+    assert len(gemv) >= 5 and candidates(1, 4096, 4096, group, 132)[0]["gemv"]
+    assert all(group % (32 * c["chunks"]) == 0 for c in gemv)
+
+
 def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
     from engine.quant.triton_int4 import _launch
     qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
