@@ -50,15 +50,12 @@ def baseline_module():
     return module
 
 
-old = None
-
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
           "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
 TILES = sorted({(64, 4, 4), (128, 4, 4), (64, 8, 4), (256, 4, 8), (32, 4, 2), (256, 4, 4), (512, 2, 4), (512, 4, 8)})
 # second run: long contiguous runs of a row per step (128-512 B), and pipeline depths, new kernel only
 EXTRA = [(32, 32, 4, 3), (64, 16, 4, 3), (128, 8, 4, 3), (32, 16, 2, 3), (256, 8, 8, 3), (128, 4, 4, 2), (128, 4, 4, 4),
          (128, 4, 4, 5), (32, 4, 2, 5), (64, 4, 2, 3)]
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 
 
 def launch(kernel, x, packed, scales, zeros, group, cfg):
@@ -85,13 +82,13 @@ def configs(n, k, sms, tiles):
 
 
 def main():
-    global old
-    old = baseline_module()
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    kernels = {"old": baseline_module()._int4_gemv_kernel, "new": new._int4_gemv_kernel}
     dev = torch.device("cuda")
     sms = num_sms(dev)
     torch.manual_seed(0)
     res = {"command": "python3 benchmarks/int4_gemv_ab.py " + " ".join(sys.argv[1:]), "device": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__, "rounds": ROUNDS, "shapes": {}}
+           "torch": torch.__version__, "triton": triton.__version__, "rounds": rounds, "shapes": {}}
     data = {}
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device=dev) * 0.02
@@ -108,7 +105,7 @@ def main():
         base = [t + (3,) for t in TILES]
         cfgs = {"old": configs(n, k, sms, base), "new": configs(n, k, sms, base + (EXTRA if "--extra" in sys.argv else []))}
         errs = {}
-        for kind, kern in (("old", old._int4_gemv_kernel), ("new", new._int4_gemv_kernel)):
+        for kind, kern in kernels.items():
             for c in cfgs[kind]:
                 out = launch(kern, x, packed, s, z, 128, c).float()
                 errs[(kind, str(c))] = ((out - ref).norm() / ref.norm()).item()
@@ -116,10 +113,10 @@ def main():
                           t={"old": [], "new": [], "bf16": []}, best={"old": [], "new": []}, all={})
         print(name, "max rel err old %.2e new %.2e" % (max(v for (kk, _), v in errs.items() if kk == "old"),
                                                         max(v for (kk, _), v in errs.items() if kk == "new")), flush=True)
-    for r in range(ROUNDS):
+    for r in range(rounds):
         for name, d in data.items():
-            for kind, kern in (("old", old._int4_gemv_kernel), ("new", new._int4_gemv_kernel)) if r % 2 == 0 else \
-                    (("new", new._int4_gemv_kernel), ("old", old._int4_gemv_kernel)):
+            for kind in ("old", "new") if r % 2 == 0 else ("new", "old"):  # interleaved, the order alternating
+                kern = kernels[kind]
                 times = []
                 for c in d["cfgs"][kind]:
                     us = 1e3 * _graph_time(lambda: [launch(kern, *a, 128, c) for a in d["sets"]], len(d["sets"]))

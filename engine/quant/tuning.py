@@ -178,7 +178,7 @@ def _timing_stream(device_index: int) -> torch.cuda.Stream:
     of its own (32 MiB on sm_90) for the life of the process, and torch.cuda.Stream() hands out streams of a pool
     of 32 in turn: a new stream per timing could keep up to 1 GiB. (On an H200 a bf16 engine's other_bytes went
     from 0.21 to 0.75 GB once the tuning ran before the memory profile, benchmarks/memory_trims.py, which such
-    workspaces would explain; not re-measured with the one stream.)"""
+    workspaces would explain; with the one stream it read 0.28 GB, data/benchmarks/trim_diag_fp8_h200.log.)"""
     return torch.cuda.Stream(device_index)
 
 
