@@ -19,7 +19,8 @@ set, $OUT/attention_kernels.json.
     PYTHONPATH=. python3 benchmarks/bench_attention.py
 
 BENCH_ATTENTION_PARTS (default "decode,few,trace,prefill") runs some of the parts; the trace-like part times
-TRACE_LIKE_CASES (many requests, ragged contexts, short ones included). Only a run of every part rewrites
+TRACE_LIKE_CASES (many requests, ragged contexts, short ones included); "batches" (not in the default) times
+BATCH_CASES over bf16 and fp8 caches (bench_decode_batches). Only a run of every part rewrites
 data/benchmarks/attention_kernels.json.
 """
 from __future__ import annotations
@@ -197,6 +198,67 @@ def bench_decode_few_requests(copy_bps: float, gen: torch.Generator) -> dict:
     return result
 
 
+BATCH_CASES = ((32, 80), (64, 80), (128, 80), (32, 4096), (64, 4096), (128, 4096))  # (requests, context)
+BATCH_CONFIGS = (dict(), dict(num_splits=2), dict(block_n=32, num_warps=4, num_stages=2),
+                 dict(block_n=32, num_warps=2, num_stages=2), dict(block_n=32, num_warps=4, num_stages=3),
+                 dict(block_n=16, num_warps=2, num_stages=2), dict(block_n=64, num_warps=4, num_stages=3),
+                 dict(block_n=128, num_warps=4, num_stages=2))
+
+
+def bench_decode_batches(copy_bps: float, gen: torch.Generator) -> list[dict]:
+    """Decode at 32 / 64 / 128 requests of equal context (80 tokens, as bench_quant's engine curve; 4096), over bf16
+    and fp8 (e4m3) caches: the default and BATCH_CONFIGS, timed as CUDA-graph replays (as the engine runs decode) of
+    one launch per copy of the case's K/V, with enough copies (up to 8) that they overflow L2. 32 x 8 = 256 and
+    64 x 8 = 512 (request, KV head) programs are one and two of the 2-per-SM waves the split count aims at."""
+    results = []
+    for num_seqs, context in BATCH_CASES:
+        per_copy = 2 * num_seqs * context * NUM_KV_HEADS * HEAD_DIM * 2
+        copies = max(1, min(8, (256 << 20) // per_copy))
+        k_cache, v_cache, tables = paged_cache(num_seqs * copies, context, gen)
+        tables = tables.view(copies, num_seqs, -1)
+        seq_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
+        q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+        out = torch.empty_like(q)
+        for kv_dtype in (DTYPE, torch.float8_e4m3fn):
+            kc, vc = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
+            group = NUM_HEADS // NUM_KV_HEADS
+            k = gather_contiguous(kc.to(DTYPE), tables[-1], context).repeat_interleave(group, dim=1)
+            v = gather_contiguous(vc.to(DTYPE), tables[-1], context).repeat_interleave(group, dim=1)
+            ref = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=SCALE).squeeze(2)  # the last copy's
+            del k, v
+            kv_bytes = per_copy // 2 * kc.element_size()
+            case = {"num_seqs": num_seqs, "context": context, "kv_dtype": str(kv_dtype).replace("torch.", ""),
+                    "kv_bytes": kv_bytes, "copies": copies, "configs": []}
+            for cfg in BATCH_CONFIGS:
+                def run():
+                    for c in range(copies):
+                        decode_attention(q, kc, vc, tables[c], seq_lens, out, SCALE, max_seq_len=context, **cfg)
+                try:
+                    out.fill_(float("nan"))
+                    run()
+                    err = rel_err(out, ref)
+                    if not err < 1e-2:
+                        raise ValueError(f"wrong result: rel err {err}")
+                    ms = do_bench_cudagraph(run, rep=100, return_mode="median") / copies
+                except Exception as exc:  # noqa: BLE001 - recorded, and the other configs still run
+                    case["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                    continue
+                case["configs"].append({**cfg, "us": ms * 1e3, "ratio_to_copy_bw": kv_bytes / (ms * 1e-3) / copy_bps,
+                                        "rel_err": err})
+            ok = [c for c in case["configs"] if "us" in c]
+            case["best"] = min(ok, key=lambda c: c["us"]) if ok else None
+            d = case["configs"][0]
+            print(f"decode {num_seqs} x {context} {case['kv_dtype']}: default {d.get('us', float('nan')):.1f} us "
+                  f"({d.get('ratio_to_copy_bw', float('nan')):.3f} of copy bw); "
+                  + ", ".join(f"{ {k: v for k, v in c.items() if k in ('num_splits', 'block_n', 'num_warps', 'num_stages')} }"
+                              f" {c['us']:.1f}" for c in ok[1:]), flush=True)
+            results.append(case)
+            del kc, vc
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+    return results
+
+
 TRACE_LIKE_CASES = (  # (requests, median context, log-normal sigma)
     (1000, 400, 0.7),  # the trace's busy steps later on
     (1000, 190, 0.7),  # its busy steps early on (steps 32-47 of throughput_targets' deep mode: prompts + ~40 tokens)
@@ -323,6 +385,7 @@ def main() -> None:
     mm = matmul_rate()
     print(f"bf16 matmul: {mm['flop_per_s'] / 1e12:.1f} TFLOP/s", flush=True)
     parts = os.environ.get("BENCH_ATTENTION_PARTS", "decode,few,trace,prefill").split(",")
+    batches = bench_decode_batches(copy["bytes_per_s"], gen) if "batches" in parts else None
     decode = bench_decode(copy["bytes_per_s"], gen) if "decode" in parts else None
     decode_few = bench_decode_few_requests(copy["bytes_per_s"], gen) if "few" in parts else None
     decode_trace = [bench_decode_trace_like(copy["bytes_per_s"], gen, *case) for case in TRACE_LIKE_CASES] \
@@ -337,7 +400,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
                      "cuda": torch.version.cuda},
         "copy_bandwidth": copy, "matmul": mm, "decode": decode, "decode_few_requests": decode_few,
-        "decode_trace_like": decode_trace, "prefill": prefill,
+        "decode_trace_like": decode_trace, "prefill": prefill, "decode_batches": batches,
     }
     text = json.dumps(results, indent=2)
     paths = [Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "attention_kernels.json"] \

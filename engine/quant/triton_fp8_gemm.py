@@ -23,18 +23,25 @@ from .triton_int8 import _k_step, _store_tile, _tile
 def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_os, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr):
+                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
-    few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels."""
+    few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels.
+    TMA: x_ptr and w_ptr are tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] boxes (Hopper's
+    bulk copies, zero-filled past M, N and K; a slice ends on a whole K tile, so only K's end is ragged)."""
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: K-major, as fp8 MMAs want B
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-        offs_k, mask_k = _k_step(k0, k_end, BLOCK_K, EVEN_K)
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        xt = tl.load(x_cols + offs_k[:, None], mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        if TMA:
+            w = w_ptr.load([pid_n * BLOCK_N, k0])
+            xt = tl.trans(x_ptr.load([pid_m * BLOCK_M, k0]))
+        else:
+            offs_k, mask_k = _k_step(k0, k_end, BLOCK_K, EVEN_K)
+            w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            # x^T: K-major, as fp8 MMAs want B
+            xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
+                         mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
@@ -69,15 +76,18 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
         return [dict(kernel="scaled_mm")]
     extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
              for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
-    return [dict(kernel="scaled_mm")] + split_variants(
+    ours = split_variants(
         [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
          fp8_dot_config(m, n, k, sms, block_k=256)] + extra)
+    tma = [dict(c, kernel="tma") for c in ours] if k % 16 == 0 else []  # bulk copies need 16-byte row strides
+    return [dict(kernel="scaled_mm")] + ours + tma
 
 
 # (block_n, block_k, num_warps, num_stages) also timed above 16 rows, where the tiles above left the decode
 # step's small projections at 1.0x (qkv) and 0.89x (o_proj) of bf16 at 64 rows on the H200: deeper pipelines,
 # wider K steps, a narrower weight tile (more programs) and a wider one (x re-read from L2 half as often).
-FP8_TILES_MANY_ROWS = ((128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (32, 256, 4, 4))
+FP8_TILES_MANY_ROWS = ((128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (32, 256, 4, 4), (256, 128, 8, 3),
+                       (256, 128, 8, 4))
 
 
 def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, out_dtype: torch.dtype,
@@ -105,6 +115,7 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
 
 def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, block_n=None, block_k=128,
                 split_k=None, num_warps=None, num_stages=None, serial=False):
+    """kernel: "scaled_mm", "triton" (pointer loads) or "tma" (the same Triton kernel with tensor-descriptor loads)."""
     if kernel == "scaled_mm":
         # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
@@ -117,12 +128,18 @@ def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, 
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid, out, split_stride, locks, res = split_outputs(xq.device, m, n, block_m, block_n, split_k, serial,
                                                         out_dtype)
+    x_arg, w_arg = xq, wq
+    if kernel == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        x_arg = TensorDescriptor.from_tensor(xq, [block_m, block_k])
+        w_arg = TensorDescriptor.from_tensor(wq, [block_n, block_k])
     _fp8_dot_kernel[grid](
-        xq, xs, wq, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
+        x_arg, xs, w_arg, ws, out, res, out if locks is None else locks, m, n, k, k_per_split, split_k, xq.stride(0),
         wq.stride(0), split_stride, out.stride(-2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
         STAGES=(num_stages or 3) if xq.is_cuda else 1,
-        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", num_warps=num_warps or default["num_warps"])
+        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", TMA=kernel == "tma",
+        num_warps=num_warps or default["num_warps"])
     if locks is not None:
         return res
     return out.sum(0, dtype=out_dtype) if split_k > 1 else out

@@ -50,6 +50,8 @@ FP8_GEMM_CASES = [(1, 40, 384, dict(kernel="triton", block_n=32, block_k=128, sp
                   (5, 33, 200, dict(kernel="triton", block_n=32, block_k=64, split_k=2)),
                   (40, 24, 256, dict(kernel="triton", block_n=32, block_k=128, split_k=1)),
                   (3, 72, 384, dict(kernel="triton", block_n=32, block_k=64, split_k=4, serial=True)),
+                  (3, 72, 384, dict(kernel="tma", block_n=64, block_k=128, split_k=3)),
+                  (40, 40, 208, dict(kernel="tma", block_n=32, block_k=64, split_k=2, serial=True)),
                   (2, 50, 1024, None), (40, 72, 1024, None)]
 
 
@@ -68,7 +70,8 @@ def test_triton_w8a8_gemm_matches_scaled_float_product(m, n, k, cfg, codes):
     ref = (xq.float() * xs) @ (wq.float() * ws[:, None]).t()
     if codes == "float16":
         xq, wq = xq.half(), wq.half()
-    configs = [c for c in fp8_candidates(m, n, k, 132) if c["kernel"] == "triton"] if cfg is None else [cfg]
+    configs = [c for c in fp8_candidates(m, n, k, 132) if c["kernel"] != "scaled_mm"] if cfg is None else [cfg]
+    assert cfg is not None or {c["kernel"] for c in configs} == {"triton", "tma"}
     assert cfg is not None or any(c["split_k"] > 1 for c in configs)
     for c in configs:
         stage_bytes = 2 * c.get("block_k", 128) * (c.get("block_n", 64) + c.get("block_m", 16))
