@@ -66,6 +66,20 @@ def precise_pv_default(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def _q_as_float16(q, qk_scale):
+    """An fp8 cache's tiles convert to float16 in one instruction per pair (to bfloat16 it takes four, and the
+    conversions bounded the kernel: 0.38 of the copy bandwidth on the H200). q joins them in float16, scaled by the
+    power of two 2^-e that puts its largest magnitude in [2^14, 2^15), in float16's range with 10 mantissa bits
+    (bfloat16 keeps 7); 2^e moves into qk_scale, so the scores are unchanged. Returns (q, qk_scale)."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127 - 14  # floor(log2(amax)) - 14
+    e = tl.minimum(tl.maximum(e, -100), 120)  # an all-zero q (padding) gives -141: any power will do
+    q = (qf * ((127 - e) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+    return q, qk_scale * ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          acc_ptr, lse_ptr, out_ptr, qk_scale, num_splits, window, softcap,
                          stride_qt, stride_qh, stride_ot, stride_oh,
@@ -74,7 +88,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                          SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         PRECISE_PV: tl.constexpr):
+                         PRECISE_PV: tl.constexpr, FP8_KV: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -96,6 +110,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     heads = kv_head * GROUP + offs_g
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    if FP8_KV:
+        q, qk_scale = _q_as_float16(q, qk_scale)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -188,6 +204,30 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, most, max_splits))
 
 
+def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of the split kernel by default. Measured on the H200 (bench_attention.py):
+    - From 256 requests, head_dim <= 128: 64-token tiles, 2 warps, 2 stages (more programs per SM, which short
+      contexts lack): 2 warps beat 4 by 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11%
+      at 256 requests of 71 (decode_trace_like, two runs).
+    - 32 to 255 requests, head_dim <= 128 (decode_batches, attention_batches_h200.json and _run2.json, which agree
+      within 1%): 64-token tiles ran two waves at 64 requests (512 programs of 138 registers a thread, 3 a SM).
+      - bf16 cache: 32-token tiles, 4 warps, 3 stages: 10.4 against 14.4 us at context 80 and 272 against 334 us
+        at 4096; 18.2 against 23.0 and 534 against 536 us at 128 requests; 8.1 against 8.2 and 144 against 170 us
+        at 32.
+      - fp8 cache: 128-token tiles, 4 warps, 2 stages: 12.2 against 14.3 us at context 80 and 225 against 308 us at
+        4096 (64 requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against
+        183 us at 32.
+    - Otherwise (fewer requests, wider heads) 64-token tiles (32 above head_dim 128), 4 warps, 2 stages.
+    The interpreter (not CUDA) runs one stage."""
+    if block_d <= 128 and num_seqs >= 256:
+        block_n, warps, stages = 64, 2, 2
+    elif block_d <= 128 and num_seqs >= 32:
+        block_n, warps, stages = (128, 4, 2) if fp8_kv else (32, 4, 3)
+    else:
+        block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 2
+    return block_n, warps, (stages if on_cuda and block_d <= 128 else 1)
+
+
 def check_paged_layout(op: str, q, out, k_cache, v_cache) -> int:
     """Check the layouts both attention kernels assume; returns the GQA group (query heads per KV head)."""
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -223,16 +263,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             if q.device.type == "cuda" else 8
         num_splits = decode_num_splits(num_seqs, num_kv_heads, min(max_seq_len, sliding_window or max_seq_len), sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if block_n is None:
-        block_n = 64 if block_d <= 128 else 32
-    if num_warps is None:
-        # Many requests, head_dim <= 128: 2 warps per program, more programs per SM, which short contexts lack. H200,
-        # bf16, 64-token tiles (benchmarks/bench_attention.py, decode_trace_like, two runs): 2 warps beat 4 by
-        # 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11% at 256 requests of 71.
-        # Fewer requests (not measured with 2 warps) keep 4.
-        num_warps = 2 if block_d <= 128 and num_seqs >= 256 else 4
-    if num_stages is None:
-        num_stages = 2 if q.device.type == "cuda" and block_d <= 128 else 1
+    tile = decode_tile(num_seqs, block_d, k_cache.element_size() == 1, q.device.type == "cuda")
+    block_n, num_warps, num_stages = (given if given is not None else default
+                                      for given, default in zip((block_n, num_warps, num_stages), tile))
 
     if num_splits == 1:
         acc = lse = out  # unused by the kernel with a single split
@@ -253,7 +286,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
-        num_warps=num_warps, num_stages=num_stages,
+        FP8_KV=k_cache.element_size() == 1, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -104,6 +104,25 @@ def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("q_dtype,q_size", [(torch.bfloat16, 1.0), (torch.float32, 1e5), (torch.bfloat16, 1e-6)])
+def test_decode_over_fp8_caches_matches_reference_of_their_values(q_dtype, q_size):
+    """e4m3 caches: the kernel converts the tiles to float16 and q with them, rescaled by a power of two (q of 1e5
+    overflows float16 unless rescaled; the reference sees q as given), against the float32 reference over the
+    caches' own values. NaN fills the slots no request owns, as above."""
+    requests = [(0, 1), (15, 1), (64, 1), (130, 1)]
+    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=2, group=4, head_dim=64, block_size=16,
+                                                 dtype=torch.float32, seed=11)
+    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    q = (q * q_size).to(q_dtype)
+    scale = 64 ** -0.5
+    for splits in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k8, v8, meta.block_tables, meta.seq_lens, out, scale, max_seq_len=meta.max_seq_len,
+                         num_splits=splits)
+        ref = reference(q.float(), k8.float(), v8.float(), meta, scale)
+        assert rel_err(out.cpu(), ref) < 5e-3, splits
+
+
 def test_decode_split_count_fills_the_gpu_from_shapes():
     # Few long requests: many slices; a full batch: one slice.
     assert decode_num_splits(1, 8, 4096, 132) == 16
