@@ -1,0 +1,72 @@
+"""The 1000-request ShareGPT-like trace at the engine's defaults with the decode-attention tile rule of
+engine.kernels.triton_decode.decode_tile ("new") against the rule before it ("old": 64-token tiles, 4 warps and 2
+stages below 256 requests), the engine rebuilt with its CUDA graphs each switch, 3 interleaved rounds (new old,
+old new, new old): output tok/s, and the steps' duration summed by running requests (below 32, 32-255, from 256),
+where the two rules differ only in the middle bucket. On a machine without CUDA: a tiny-model smoke run.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from engine import LLM, EngineConfig
+from engine.kernels import triton_decode
+from workbench.bench import run_engine
+from workbench.workloads import make_workload
+
+NEW = triton_decode.decode_tile
+
+
+def old_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
+    """The rule before decode_tile's 32-255-request case."""
+    warps = 2 if block_d <= 128 and num_seqs >= 256 else 4
+    return (64 if block_d <= 128 else 32), warps, (2 if on_cuda and block_d <= 128 else 1)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    cpu = not torch.cuda.is_available()
+    llm = LLM.random("tiny" if cpu else "llama-3.1-8b", EngineConfig(device="cpu" if cpu else None),
+                     dtype=torch.float32 if cpu else torch.bfloat16, seed=0)
+    wl = make_workload("sharegpt-like", num_requests=6 if cpu else 1000, vocab_size=llm.spec.vocab_size, seed=0)
+    runs = []
+    for rule in ("new", "old", "old", "new", "new", "old"):
+        triton_decode.decode_tile = NEW if rule == "new" else old_tile
+        llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
+        run = run_engine(llm, wl)
+        s = run.steps
+        bucket = s["num_running"].map(lambda n: "<32" if n < 32 else "32-255" if n < 256 else ">=256")
+        by = s.groupby(bucket)["duration"].agg(["sum", "count"])
+        r = {"rule": rule, "tok_s": run.summary["output_throughput"],
+             "seconds_by_running": {k: float(v) for k, v in by["sum"].items()},
+             "steps_by_running": {k: int(v) for k, v in by["count"].items()}}
+        runs.append(r)
+        print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running requests "
+              f"{ {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
+    triton_decode.decode_tile = NEW
+    summary = {}
+    for rule in ("new", "old"):
+        mine = [r for r in runs if r["rule"] == rule]
+        tok = [r["tok_s"] for r in mine]
+        summary[rule] = {"tok_s_median": statistics.median(tok), "tok_s_min": min(tok), "tok_s_max": max(tok),
+                         "seconds_by_running_median": {k: statistics.median(r["seconds_by_running"].get(k, 0.0)
+                                                                            for r in mine)
+                                                       for k in ("<32", "32-255", ">=256")}}
+    summary["new_over_old"] = summary["new"]["tok_s_median"] / summary["old"]["tok_s_median"]
+    print(json.dumps(summary, indent=1), flush=True)
+    out = {"command": "PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py",
+           "device": "cpu" if cpu else torch.cuda.get_device_name(), "config": {
+               "max_num_seqs": llm.config.max_num_seqs, "max_num_batched_tokens": llm.config.max_num_batched_tokens},
+           "runs": runs, "summary": summary}
+    with open(os.path.join(os.environ.get("OUT", "."), "trace_decode_tile_ab.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
