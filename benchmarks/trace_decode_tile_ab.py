@@ -1,8 +1,10 @@
-"""The 1000-request ShareGPT-like trace at the engine's defaults with the decode-attention tile rule of
-engine.kernels.triton_decode.decode_tile ("new") against the rule before it ("old": 64-token tiles, 4 warps and 2
-stages below 256 requests), the engine rebuilt with its CUDA graphs each switch, 3 interleaved rounds (new old,
-old new, new old): output tok/s, and the steps' duration summed by running requests (below 32, 32-255, from 256),
-where the two rules differ only in the middle bucket. On a machine without CUDA: a tiny-model smoke run.
+"""The 1000-request ShareGPT-like trace at the engine's defaults with two decode-attention tile rules: the engine's
+(engine.kernels.triton_decode.decode_tile, "engine") and one that gives a bf16 cache 32-token tiles, 4 warps and 3
+stages at 32-255 requests ("tiles32", faster in bench_attention.py's decode_batches at equal contexts), the engine
+rebuilt with its CUDA graphs each switch, 3 interleaved rounds: output tok/s, and the steps' duration summed by
+running requests (below 32, 32-255, from 256), where the rules differ only in the middle bucket. On a machine
+without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's rule: its
+"new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py
 """
@@ -20,13 +22,14 @@ from engine.kernels import triton_decode
 from workbench.bench import run_engine
 from workbench.workloads import make_workload
 
-NEW = triton_decode.decode_tile
+ENGINE = triton_decode.decode_tile
 
 
-def old_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-    """The rule before decode_tile's 32-255-request case."""
-    warps = 2 if block_d <= 128 and num_seqs >= 256 else 4
-    return (64 if block_d <= 128 else 32), warps, (2 if on_cuda and block_d <= 128 else 1)
+def tiles32(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
+    """The engine's rule, except 32-token tiles, 4 warps and 3 stages for a bf16 cache at 32-255 requests."""
+    if block_d <= 128 and 32 <= num_seqs < 256 and not fp8_kv:
+        return 32, 4, (3 if on_cuda else 1)
+    return ENGINE(num_seqs, block_d, fp8_kv, on_cuda)
 
 
 def main() -> None:
@@ -36,8 +39,8 @@ def main() -> None:
                      dtype=torch.float32 if cpu else torch.bfloat16, seed=0)
     wl = make_workload("sharegpt-like", num_requests=6 if cpu else 1000, vocab_size=llm.spec.vocab_size, seed=0)
     runs = []
-    for rule in ("new", "old", "old", "new", "new", "old"):
-        triton_decode.decode_tile = NEW if rule == "new" else old_tile
+    for rule in ("tiles32", "engine", "engine", "tiles32", "tiles32", "engine"):
+        triton_decode.decode_tile = tiles32 if rule == "tiles32" else ENGINE
         llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
         run = run_engine(llm, wl)
         s = run.steps
@@ -49,16 +52,16 @@ def main() -> None:
         runs.append(r)
         print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running requests "
               f"{ {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
-    triton_decode.decode_tile = NEW
+    triton_decode.decode_tile = ENGINE
     summary = {}
-    for rule in ("new", "old"):
+    for rule in ("engine", "tiles32"):
         mine = [r for r in runs if r["rule"] == rule]
         tok = [r["tok_s"] for r in mine]
         summary[rule] = {"tok_s_median": statistics.median(tok), "tok_s_min": min(tok), "tok_s_max": max(tok),
                          "seconds_by_running_median": {k: statistics.median(r["seconds_by_running"].get(k, 0.0)
                                                                             for r in mine)
                                                        for k in ("<32", "32-255", ">=256")}}
-    summary["new_over_old"] = summary["new"]["tok_s_median"] / summary["old"]["tok_s_median"]
+    summary["tiles32_over_engine"] = summary["tiles32"]["tok_s_median"] / summary["engine"]["tok_s_median"]
     print(json.dumps(summary, indent=1), flush=True)
     out = {"command": "PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py",
            "device": "cpu" if cpu else torch.cuda.get_device_name(), "config": {

@@ -209,20 +209,20 @@ def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tup
     - From 256 requests, head_dim <= 128: 64-token tiles, 2 warps, 2 stages (more programs per SM, which short
       contexts lack): 2 warps beat 4 by 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11%
       at 256 requests of 71 (decode_trace_like, two runs).
-    - 32 to 255 requests, head_dim <= 128 (decode_batches, attention_batches_h200.json and _run2.json, which agree
-      within 1%): 64-token tiles ran two waves at 64 requests (512 programs of 138 registers a thread, 3 a SM).
-      - bf16 cache: 32-token tiles, 4 warps, 3 stages: 10.4 against 14.4 us at context 80 and 272 against 334 us
-        at 4096; 18.2 against 23.0 and 534 against 536 us at 128 requests; 8.1 against 8.2 and 144 against 170 us
-        at 32.
-      - fp8 cache: 128-token tiles, 4 warps, 2 stages: 12.2 against 14.3 us at context 80 and 225 against 308 us at
-        4096 (64 requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against
-        183 us at 32.
-    - Otherwise (fewer requests, wider heads) 64-token tiles (32 above head_dim 128), 4 warps, 2 stages.
+    - 32 to 255 requests, head_dim <= 128, fp8 cache: 128-token tiles, 4 warps, 2 stages (decode_batches,
+      attention_batches_h200_run2.json): 12.2 against 14.3 us at context 80 and 225 against 308 us at 4096 (64
+      requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against 183 us at 32.
+      Equal contexts only: ragged ones, as in a trace, were not measured with an fp8 cache.
+    - Otherwise 64-token tiles (32 above head_dim 128), 4 warps, 2 stages. With a bf16 cache, 32-token tiles and 3
+      stages beat them at 32-128 requests of equal contexts (10.4 against 14.4 us at 64 x 80, 272 against 334 us at
+      64 x 4096; attention_batches_h200.json, _run2), but cost the 1000-request trace 2% (17,108 against 17,458
+      out tok/s, 3 interleaved runs each, all of it in the steps with 32-255 requests running:
+      trace_decode_tile_ab_h200.json).
     The interpreter (not CUDA) runs one stage."""
     if block_d <= 128 and num_seqs >= 256:
         block_n, warps, stages = 64, 2, 2
-    elif block_d <= 128 and num_seqs >= 32:
-        block_n, warps, stages = (128, 4, 2) if fp8_kv else (32, 4, 3)
+    elif block_d <= 128 and num_seqs >= 32 and fp8_kv:
+        block_n, warps, stages = 128, 4, 2
     else:
         block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 2
     return block_n, warps, (stages if on_cuda and block_d <= 128 else 1)
