@@ -211,8 +211,9 @@ def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tup
       at 256 requests of 71 (decode_trace_like, two runs).
     - 32 to 255 requests, head_dim <= 128, fp8 cache: 128-token tiles, 4 warps, 2 stages (decode_batches,
       attention_batches_h200_run2.json): 12.2 against 14.3 us at context 80 and 225 against 308 us at 4096 (64
-      requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against 183 us at 32.
-      Equal contexts only: ragged ones, as in a trace, were not measured with an fp8 cache.
+      requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against 183 us at 32. The
+      1000-request trace with an fp8 cache: 17,355 against 17,013 out tok/s with 64-token tiles, 3 interleaved runs
+      each (trace_decode_tile_ab_fp8_h200.json).
     - Otherwise 64-token tiles (32 above head_dim 128), 4 warps, 2 stages. With a bf16 cache, 32-token tiles and 3
       stages beat them at 32-128 requests of equal contexts (10.4 against 14.4 us at 64 x 80, 272 against 334 us at
       64 x 4096; attention_batches_h200.json, _run2), but cost the 1000-request trace 2% (17,108 against 17,458
