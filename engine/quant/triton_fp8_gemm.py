@@ -87,7 +87,8 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
 # (block_n, block_k, num_warps, num_stages) also timed above 16 rows, where the tiles above left the decode
 # step's small projections at 1.0x (qkv) and 0.89x (o_proj) of bf16 at 64 rows on the H200: deeper pipelines,
-# wider K steps, a narrower weight tile (more programs) and a wider one (x re-read from L2 half as often).
+# wider K steps, a narrower weight tile (more programs) and wider ones (x re-read from L2 half or a quarter as often;
+# the 256-row tile with 4 stages ran the LM head at 256 rows, quant_kernels_fp8_tma_h200.json).
 FP8_TILES_MANY_ROWS = ((128, 128, 4, 4), (64, 256, 4, 4), (128, 256, 8, 3), (32, 256, 4, 4), (256, 128, 8, 3),
                        (256, 128, 8, 4))
 
