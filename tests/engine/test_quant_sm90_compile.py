@@ -37,7 +37,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     # What the JIT assumes of real launches: 16-aligned pointers, strides and sizes.
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items())
-             if v != "constexpr" and k != "split_k"}
+             if v != "constexpr" and k != "split_k" and not v.startswith("tensordesc")}
     try:
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
@@ -175,12 +175,16 @@ def check_int8_word_gemv():
 
 def check_fp8_gemm():
     from engine.quant.triton_fp8_gemm import _fp8_dot_kernel
-    ptx = _compile(_fp8_dot_kernel, {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32",
-                                     "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32",
-                                     "K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32",
-                                     "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"},
-                   dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32"))
+    sig = {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "out_ptr": "*fp32",
+           "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+           "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32")
+    ptx = _compile(_fp8_dot_kernel, sig, dict(tile, TMA=False))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
+    # kernel="tma": the same MMA fed by bulk tensor copies (host tensor descriptors of the x and weight boxes).
+    ptx = _compile(_fp8_dot_kernel, dict(sig, x_ptr="tensordesc<fp8e4nv[16, 128]>", w_ptr="tensordesc<fp8e4nv[64, 128]>"),
+                   dict(tile, TMA=True))
+    assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
     from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _silu_and_mul_fp8_kernel
     for single in (True, False):
@@ -197,6 +201,20 @@ def check_fp8_gemm():
                                                 "stride_xm": "i32", "stride_rm": "i32", "stride_om": "i32",
                                                 "stride_qm": "i32"},
                      dict(HAS_RESIDUAL=residual, BLOCK=4096, FP8_MAX=448.0, SINGLE=single), num_warps=8)
+
+
+def check_decode_attention_fp8_cache():
+    from engine.kernels.triton_decode import _decode_split_kernel
+    sig = {"q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv", "block_tables_ptr": "*i32",
+           "seq_lens_ptr": "*i32", "acc_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "qk_scale": "fp32",
+           "num_splits": "i32", "window": "i32", "softcap": "fp32", **{f"stride_{s}": "i32" for s in (
+               "qt", "qh", "ot", "oh", "cb", "cs", "ch", "bt", "acc_b", "acc_h", "acc_s", "lse_b", "lse_h")}}
+    ptx = _compile(_decode_split_kernel, sig, dict(
+        GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128, SINGLE_SPLIT=True,
+        HAS_WINDOW=False, HAS_SOFTCAP=False, PRECISE_PV=True, FP8_KV=True))
+    # e4m3 pairs to float16 in one conversion each, and the MMAs in float16 (_q_as_float16).
+    assert "cvt.rn.f16x2.e4m3x2" in ptx and "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assert ".bf16.bf16" not in ptx
 
 
 def check_decode_gemv():
@@ -256,6 +274,10 @@ def test_int8_word_gemv_assembles_its_byte_permute():
 
 def test_fp8_gemm_uses_e4m3_wgmma():
     _run("check_fp8_gemm")
+
+
+def test_decode_attention_converts_an_fp8_cache_to_float16():
+    _run("check_decode_attention_fp8_cache")
 
 
 def test_decode_gemv_streams_16_byte_weight_loads_with_every_prologue():
