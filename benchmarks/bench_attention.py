@@ -76,9 +76,10 @@ def matmul_rate() -> dict:
     return {"n": n, "ms": ms, "flop_per_s": 2 * n ** 3 / (ms * 1e-3)}
 
 
-def time_config(run, out, ref, cfg: dict, configs: list) -> tuple[float, float] | None:
-    """(ms, rel err) of one kernel config that gives the right result; else the failure is appended to
-    configs (a wrong result, or a config that does not compile, e.g. out of shared memory) and None returned."""
+def time_config(run, out, ref, cfg: dict, configs: list, timer=None) -> tuple[float, float] | None:
+    """(ms, rel err) of one kernel config that gives the right result, timed by timer (default: bench); else the
+    failure is appended to configs (a wrong result, or a config that does not compile, e.g. out of shared memory)
+    and None returned."""
     try:
         out.fill_(float("nan"))
         run()
@@ -87,7 +88,7 @@ def time_config(run, out, ref, cfg: dict, configs: list) -> tuple[float, float] 
         if not err < 1e-2:
             configs.append({**cfg, "error": f"wrong result: rel err {err}"})
             return None
-        return bench(run), err
+        return (timer or bench)(run), err
     except Exception as exc:  # noqa: BLE001 - recorded, and the other configs still run
         configs.append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return None
@@ -219,9 +220,9 @@ def bench_decode_batches(copy_bps: float, gen: torch.Generator) -> list[dict]:
         seq_lens = torch.full((num_seqs,), context, dtype=torch.int32, device="cuda")
         q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
         out = torch.empty_like(q)
+        group = NUM_HEADS // NUM_KV_HEADS
         for kv_dtype in (DTYPE, torch.float8_e4m3fn):
             kc, vc = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
-            group = NUM_HEADS // NUM_KV_HEADS
             k = gather_contiguous(kc.to(DTYPE), tables[-1], context).repeat_interleave(group, dim=1)
             v = gather_contiguous(vc.to(DTYPE), tables[-1], context).repeat_interleave(group, dim=1)
             ref = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=SCALE).squeeze(2)  # the last copy's
@@ -233,16 +234,11 @@ def bench_decode_batches(copy_bps: float, gen: torch.Generator) -> list[dict]:
                 def run():
                     for c in range(copies):
                         decode_attention(q, kc, vc, tables[c], seq_lens, out, SCALE, max_seq_len=context, **cfg)
-                try:
-                    out.fill_(float("nan"))
-                    run()
-                    err = rel_err(out, ref)
-                    if not err < 1e-2:
-                        raise ValueError(f"wrong result: rel err {err}")
-                    ms = do_bench_cudagraph(run, rep=100, return_mode="median") / copies
-                except Exception as exc:  # noqa: BLE001 - recorded, and the other configs still run
-                    case["configs"].append({**cfg, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                timed = time_config(run, out, ref, cfg, case["configs"],
+                                    timer=lambda f: do_bench_cudagraph(f, rep=100, return_mode="median"))
+                if timed is None:
                     continue
+                ms, err = timed[0] / copies, timed[1]
                 case["configs"].append({**cfg, "us": ms * 1e3, "ratio_to_copy_bw": kv_bytes / (ms * 1e-3) / copy_bps,
                                         "rel_err": err})
             ok = [c for c in case["configs"] if "us" in c]

@@ -181,10 +181,13 @@ def check_fp8_gemm():
     tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32")
     ptx = _compile(_fp8_dot_kernel, sig, dict(tile, TMA=False))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
-    # kernel="tma": the same MMA fed by bulk tensor copies (host tensor descriptors of the x and weight boxes).
-    ptx = _compile(_fp8_dot_kernel, dict(sig, x_ptr="tensordesc<fp8e4nv[16, 128]>", w_ptr="tensordesc<fp8e4nv[64, 128]>"),
-                   dict(tile, TMA=True))
-    assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx
+    # kernel="tma": the same MMA fed by bulk tensor copies (host tensor descriptors of the x and weight boxes; a
+    # Triton without them never tunes that kernel).
+    from engine.quant.triton_fp8_gemm import HAS_TMA
+    if HAS_TMA:
+        descs = dict(x_ptr="tensordesc<fp8e4nv[16, 128]>", w_ptr="tensordesc<fp8e4nv[64, 128]>")
+        ptx = _compile(_fp8_dot_kernel, dict(sig, **descs), dict(tile, TMA=True))
+        assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
     from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _silu_and_mul_fp8_kernel
     for single in (True, False):
