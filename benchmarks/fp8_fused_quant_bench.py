@@ -8,6 +8,10 @@ Per point (tokens t, Llama-3.1-8B and -70B widths, bfloat16), the device time of
            "unfused": add_rms_norm_triton, then fp8_quantize_per_token of its output (fp8 before the fusion)
            "fused":   add_rms_norm_fp8 (triton_fp8.py)
     swiglu the same with silu_and_mul_triton / silu_and_mul_fp8 (I = 14336, 28672: 28672 runs in passes)
+    pertoken           fp8_quantize_per_token of a [t, hidden] row block (o_proj's input: attention's output)
+and, as A/B in the same run: each fused kernel with the e4m3 cast rounded to the grid first ("grid_round",
+the kernels before the cast went to the conversion instruction; what Triton's interpreter still runs), and
+SwiGLU with 32 warps a program ("warps32"; 16 is the default for rows of 8192 and more).
 Each is captured 50 times in one CUDA graph (decode runs in graphs, so launch cost on the host is not
 counted) and the replay timed with CUDA events; runs are interleaved (every variant once per repeat), the
 JSON gives each median with its min-max spread and the saving unfused - fused in microseconds. The fused
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton  # noqa: E402
+from engine.quant import triton_fp8  # noqa: E402
 from engine.quant.triton_fp8 import add_rms_norm_fp8, fp8_quantize_per_token, silu_and_mul_fp8  # noqa: E402
 from workbench.bench import environment, median_spread  # noqa: E402
 
@@ -61,6 +66,20 @@ def replay_us(graph: torch.cuda.CUDAGraph) -> float:
     return start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH
 
 
+def patched(fn, **attrs):
+    """fn run (and so captured) with triton_fp8's attributes replaced by attrs."""
+    def run():
+        saved = {name: getattr(triton_fp8, name) for name in attrs}
+        for name, value in attrs.items():
+            setattr(triton_fp8, name, value)
+        try:
+            return fn()
+        finally:
+            for name, value in saved.items():
+                setattr(triton_fp8, name, value)
+    return run
+
+
 def mismatching_codes(fused, unfused) -> int:
     return int((fused[0].view(torch.uint8) != unfused[0].view(torch.uint8)).sum().item())
 
@@ -73,6 +92,7 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
     residual = torch.randn(t, n, device=device, dtype=torch.bfloat16, generator=gen)
     weight = 1 + 0.1 * torch.randn(n, device=device, dtype=torch.bfloat16, generator=gen)
     h = torch.randn(t, 2 * inter, device=device, dtype=torch.bfloat16, generator=gen)
+    o_in = torch.randn(t, n, device=device, dtype=torch.bfloat16, generator=gen)
     variants = {
         ("norm", "bf16"): lambda: add_rms_norm_triton(x, residual, weight, 1e-5),
         ("norm", "unfused"): lambda: fp8_quantize_per_token(add_rms_norm_triton(x, residual, weight, 1e-5)[0]),
@@ -80,7 +100,16 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
         ("swiglu", "bf16"): lambda: silu_and_mul_triton(h),
         ("swiglu", "unfused"): lambda: fp8_quantize_per_token(silu_and_mul_triton(h)),
         ("swiglu", "fused"): lambda: silu_and_mul_fp8(h),
+        ("pertoken", "fused"): lambda: fp8_quantize_per_token(o_in),
     }
+    # The kernels as they were before the e4m3 cast went to the conversion instruction (rounded to the grid
+    # first, as the interpreter needs), and with 32 warps a program (16 now for rows of 8192 and more).
+    for op, fn in [("norm", variants[("norm", "fused")]), ("swiglu", variants[("swiglu", "fused")]),
+                   ("pertoken", variants[("pertoken", "fused")])]:
+        variants[(op, "grid_round")] = patched(fn, hw_cast=lambda device: False)
+    row_launch = triton_fp8._row_launch
+    variants[("swiglu", "warps32")] = patched(variants[("swiglu", "fused")], _row_launch=lambda k: (
+        row_launch(k)[0], 32 if row_launch(k)[1] == 16 else row_launch(k)[1]))
     graphs = {key: graphed(fn) for key, fn in variants.items()}
     times = {key: [] for key in variants}
     for _ in range(repeats):
@@ -91,6 +120,9 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
                                                        variants[("norm", "unfused")]()),
            "swiglu_mismatching_codes": mismatching_codes(variants[("swiglu", "fused")](),
                                                          variants[("swiglu", "unfused")]())}
+    for op in ("norm", "swiglu", "pertoken"):
+        out[f"{op}_grid_round_mismatching_codes"] = mismatching_codes(variants[(op, "fused")](),
+                                                                      variants[(op, "grid_round")]())
     for (op, variant), ts in times.items():
         out[f"{op}_{variant}_us"] = median_spread(ts)
     for op in ("norm", "swiglu"):
@@ -113,6 +145,10 @@ def main(args: argparse.Namespace) -> None:
                   f"{row['swiglu_unfused_us']['median']:6.2f} {row['swiglu_fused_us']['median']:6.2f} us "
                   f"(spread {row['swiglu_fused_us']['min']:.2f}-{row['swiglu_fused_us']['max']:.2f}, "
                   f"{row['swiglu_mismatching_codes']} codes off)", flush=True)
+            print(" " * 22 + "grid-rounded cast (before): norm {:6.2f}  swiglu {:6.2f}  per-token {:6.2f} -> {:6.2f} us;"
+                  " swiglu at 32 warps {:6.2f} us".format(*(row[k]["median"] for k in (
+                      "norm_grid_round_us", "swiglu_grid_round_us", "pertoken_grid_round_us", "pertoken_fused_us",
+                      "swiglu_warps32_us"))), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

@@ -34,6 +34,8 @@ sends SwiGLU rows past one block to the two separate kernels, measured faster th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -62,10 +64,14 @@ def _token_scale(amax, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def _store_codes(q_row, offs, y, scale, mask, FP8_MAX: tl.constexpr):
-    """Store e4m3(clamp(y / scale)) at q_row + offs, y float32 (already rounded like the 16-bit tensor)."""
+def _store_codes(q_row, offs, y, scale, mask, FP8_MAX: tl.constexpr, HW_CAST: tl.constexpr):
+    """Store e4m3(clamp(y / scale)) at q_row + offs, y float32 (already rounded like the 16-bit tensor).
+    HW_CAST (compiled for a GPU): the cast alone, one correctly rounded conversion instruction
+    (cvt.rn.satfinite.e4m3x2.f32) a pair; else rounded to the e4m3 grid first (the interpreter's cast)."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FP8_MAX), FP8_MAX)  # `/` on CUDA is not correctly rounded
-    tl.store(q_row + offs, _round_to_e4m3_grid(v).to(q_row.dtype.element_ty), mask=mask)
+    if not HW_CAST:
+        v = _round_to_e4m3_grid(v)
+    tl.store(q_row + offs, v.to(q_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -87,7 +93,7 @@ def _row_values(row, offs, mask, n, SWIGLU: tl.constexpr):
 
 @triton.jit
 def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr,
-                  SWIGLU: tl.constexpr):
+                  SWIGLU: tl.constexpr, HW_CAST: tl.constexpr):
     """One row's scale and codes: read once when it fits a block (decode: one short launch), else absmax over
     the row, then the codes, the values recomputed from the (L2-resident) row."""
     offs = tl.arange(0, BLOCK)
@@ -96,7 +102,7 @@ def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.
         y = _row_values(src_row, offs, mask, n, SWIGLU)
         scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
-        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX, HW_CAST)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, n, BLOCK):
@@ -105,14 +111,21 @@ def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.
         tl.store(s_ptr + m, scale)
         for k0 in range(0, n, BLOCK):
             mask = k0 + offs < n
-            _store_codes(q_row + k0, offs, _row_values(src_row + k0, offs, mask, n, SWIGLU), scale, mask, FP8_MAX)
+            _store_codes(q_row + k0, offs, _row_values(src_row + k0, offs, mask, n, SWIGLU), scale, mask, FP8_MAX,
+                         HW_CAST)
 
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
+                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr, HW_CAST: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
-    _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, SWIGLU=False)
+    _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, False, HW_CAST)
+
+
+def hw_cast(device: torch.device) -> bool:
+    """Whether the kernels cast to e4m3 with the GPU's conversion instruction (compiled for CUDA) rather than
+    rounding to the e4m3 grid first (Triton's CPU interpreter, whose cast mis-rounds)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def _row_launch(k: int) -> tuple[int, int]:
@@ -132,7 +145,7 @@ def fp8_quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return codes, scales
     block, warps = _row_launch(k)
     _fp8_per_token_kernel[(m,)](x, codes, scales, k, x.stride(0), codes.stride(0), BLOCK_K=block, FP8_MAX=FP8_MAX,
-                                SINGLE=block >= k, num_warps=warps)
+                                SINGLE=block >= k, HW_CAST=hw_cast(x.device), num_warps=warps)
     return codes, scales
 
 
@@ -157,7 +170,8 @@ def _rms_normed(x, inv, w_ptr, offs, mask, x_row):
 @triton.jit
 def _add_rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, ro_ptr, q_ptr, s_ptr, N, eps,
                              stride_xm, stride_rm, stride_om, stride_qm, HAS_RESIDUAL: tl.constexpr,
-                             BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
+                             BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr,
+                             HW_CAST: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     x_row, r_row = x_ptr + m * stride_xm, r_ptr + m * stride_rm
@@ -171,7 +185,7 @@ def _add_rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, ro_ptr, q_ptr, s_ptr, N, eps,
         y = _rms_normed(x, inv, w_ptr, offs, mask, x_row)
         scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
-        _store_codes(q_row, offs, y, scale, mask, FP8_MAX)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX, HW_CAST)
     else:  # three passes over the inputs (sum of squares, absmax, codes), the row recomputed each time
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, N, BLOCK):
@@ -192,7 +206,7 @@ def _add_rms_norm_fp8_kernel(x_ptr, r_ptr, w_ptr, ro_ptr, q_ptr, s_ptr, N, eps,
             mask = k0 + offs < N
             x = _residual_sum(x_row + k0, r_row + k0, offs, mask, HAS_RESIDUAL)
             _store_codes(q_row + k0, offs, _rms_normed(x, inv, w_ptr + k0, offs, mask, x_row), scale, mask,
-                         FP8_MAX)
+                         FP8_MAX, HW_CAST)
 
 
 def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -217,15 +231,16 @@ def add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     r = x if residual is None else residual
     _add_rms_norm_fp8_kernel[(t,)](x, r, weight, res_out, codes, scales, n, eps, x.stride(0), r.stride(0),
                                    res_out.stride(0), codes.stride(0), HAS_RESIDUAL=residual is not None,
-                                   BLOCK=block, FP8_MAX=FP8_MAX, SINGLE=block >= n, num_warps=warps)
+                                   BLOCK=block, FP8_MAX=FP8_MAX, SINGLE=block >= n,
+                                   HW_CAST=hw_cast(x.device), num_warps=warps)
     return codes, scales, res_out
 
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(h_ptr, q_ptr, s_ptr, inter, stride_hm, stride_qm, BLOCK: tl.constexpr,
-                             FP8_MAX: tl.constexpr, SINGLE: tl.constexpr):
+                             FP8_MAX: tl.constexpr, SINGLE: tl.constexpr, HW_CAST: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
-    _quantize_row(h_ptr + m * stride_hm, q_ptr + m * stride_qm, s_ptr, m, inter, BLOCK, FP8_MAX, SINGLE, SWIGLU=True)
+    _quantize_row(h_ptr + m * stride_hm, q_ptr + m * stride_qm, s_ptr, m, inter, BLOCK, FP8_MAX, SINGLE, True, HW_CAST)
 
 
 def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,5 +257,6 @@ def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return codes, scales
     block, warps = _row_launch(inter)
     _silu_and_mul_fp8_kernel[(t,)](h, codes, scales, inter, h.stride(0), codes.stride(0), BLOCK=block,
-                                   FP8_MAX=FP8_MAX, SINGLE=block >= inter, num_warps=warps)
+                                   FP8_MAX=FP8_MAX, SINGLE=block >= inter, HW_CAST=hw_cast(h.device),
+                                   num_warps=warps)
     return codes, scales

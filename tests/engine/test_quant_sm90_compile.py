@@ -191,19 +191,26 @@ def check_fp8_gemm():
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
     from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _silu_and_mul_fp8_kernel
     for single in (True, False):
-        ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32",
-                                               "stride_xm": "i32", "stride_qm": "i32"},
-                       dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
-        assert "div.rn.f32" in ptx  # the codes' division correctly rounded, as torch's
-        _compile(_silu_and_mul_fp8_kernel, {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "inter": "i32",
-                                            "stride_hm": "i32", "stride_qm": "i32"},
-                 dict(BLOCK=16384, FP8_MAX=448.0, SINGLE=single), num_warps=16)
-        for residual in (True, False):
-            _compile(_add_rms_norm_fp8_kernel, {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16", "ro_ptr": "*bf16",
-                                                "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "N": "i32", "eps": "fp32",
-                                                "stride_xm": "i32", "stride_rm": "i32", "stride_om": "i32",
-                                                "stride_qm": "i32"},
-                     dict(HAS_RESIDUAL=residual, BLOCK=4096, FP8_MAX=448.0, SINGLE=single), num_warps=8)
+        ptx = {hw: _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                    "K": "i32", "stride_xm": "i32", "stride_qm": "i32"},
+                            dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw), num_warps=16)
+               for hw in (False, True)}
+        assert "div.rn.f32" in ptx[True]  # the codes' division correctly rounded, as torch's
+        # HW_CAST (what a GPU runs): the conversion instruction rounds (to nearest even, saturating), and the
+        # interpreter's rounding to the e4m3 grid (its bit shifts) is not compiled in.
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx[True]
+        assert ptx[True].count("shr.u32") < ptx[False].count("shr.u32")
+        for hw in (False, True):
+            _compile(_silu_and_mul_fp8_kernel, {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                "inter": "i32", "stride_hm": "i32", "stride_qm": "i32"},
+                     dict(BLOCK=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw), num_warps=16)
+            for residual in (True, False):
+                _compile(_add_rms_norm_fp8_kernel, {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16",
+                                                    "ro_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                                                    "N": "i32", "eps": "fp32", "stride_xm": "i32", "stride_rm": "i32",
+                                                    "stride_om": "i32", "stride_qm": "i32"},
+                         dict(HAS_RESIDUAL=residual, BLOCK=4096, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw),
+                         num_warps=8)
 
 
 def check_decode_attention_fp8_cache():
