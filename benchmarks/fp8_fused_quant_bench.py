@@ -7,11 +7,10 @@ Per point (tokens t, Llama-3.1-8B and -70B widths, bfloat16), the device time of
     norm   "bf16":    add_rms_norm_triton (what the bf16 model runs; the floor)
            "unfused": add_rms_norm_triton, then fp8_quantize_per_token of its output (fp8 before the fusion)
            "fused":   add_rms_norm_fp8 (triton_fp8.py)
-    swiglu the same with silu_and_mul_triton / silu_and_mul_fp8 (I = 14336, 28672: 28672 runs in passes)
+    swiglu the same with silu_and_mul_triton / silu_and_mul_fp8 (I = 14336, 28672)
     pertoken           fp8_quantize_per_token of a [t, hidden] row block (o_proj's input: attention's output)
-and, as A/B in the same run: each fused kernel with the e4m3 cast rounded to the grid first ("grid_round",
-the kernels before the cast went to the conversion instruction; what Triton's interpreter still runs), and
-SwiGLU with 32 warps a program ("warps32"; 16 is the default for rows of 8192 and more).
+and, as A/B in the same run, each fused kernel with the e4m3 cast rounded to the grid first ("grid_round":
+what Triton's interpreter runs, and the GPU kernels ran before the cast went to the conversion instruction).
 Each is captured 50 times in one CUDA graph (decode runs in graphs, so launch cost on the host is not
 counted) and the replay timed with CUDA events; runs are interleaved (every variant once per repeat), the
 JSON gives each median with its min-max spread and the saving unfused - fused in microseconds. The fused
@@ -102,14 +101,10 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
         ("swiglu", "fused"): lambda: silu_and_mul_fp8(h),
         ("pertoken", "fused"): lambda: fp8_quantize_per_token(o_in),
     }
-    # The kernels as they were before the e4m3 cast went to the conversion instruction (rounded to the grid
-    # first, as the interpreter needs), and with 32 warps a program (16 now for rows of 8192 and more).
+    # The kernels with the e4m3 cast rounded to the grid first, as the interpreter needs (A/B of HW_CAST).
     for op, fn in [("norm", variants[("norm", "fused")]), ("swiglu", variants[("swiglu", "fused")]),
                    ("pertoken", variants[("pertoken", "fused")])]:
         variants[(op, "grid_round")] = patched(fn, hw_cast=lambda device: False)
-    row_launch = triton_fp8._row_launch
-    variants[("swiglu", "warps32")] = patched(variants[("swiglu", "fused")], _row_launch=lambda k: (
-        row_launch(k)[0], 32 if row_launch(k)[1] == 16 else row_launch(k)[1]))
     graphs = {key: graphed(fn) for key, fn in variants.items()}
     times = {key: [] for key in variants}
     for _ in range(repeats):
@@ -145,10 +140,9 @@ def main(args: argparse.Namespace) -> None:
                   f"{row['swiglu_unfused_us']['median']:6.2f} {row['swiglu_fused_us']['median']:6.2f} us "
                   f"(spread {row['swiglu_fused_us']['min']:.2f}-{row['swiglu_fused_us']['max']:.2f}, "
                   f"{row['swiglu_mismatching_codes']} codes off)", flush=True)
-            print(" " * 22 + "grid-rounded cast (before): norm {:6.2f}  swiglu {:6.2f}  per-token {:6.2f} -> {:6.2f} us;"
-                  " swiglu at 32 warps {:6.2f} us".format(*(row[k]["median"] for k in (
-                      "norm_grid_round_us", "swiglu_grid_round_us", "pertoken_grid_round_us", "pertoken_fused_us",
-                      "swiglu_warps32_us"))), flush=True)
+            print(" " * 22 + "grid-rounded cast: norm {:6.2f}  swiglu {:6.2f}  per-token {:6.2f} -> {:6.2f} us".format(
+                *(row[k]["median"] for k in ("norm_grid_round_us", "swiglu_grid_round_us", "pertoken_grid_round_us",
+                                             "pertoken_fused_us"))), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

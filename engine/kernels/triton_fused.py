@@ -157,11 +157,8 @@ class TritonFusedBackend(TritonBackend):
         if fusable(h, linear, "silu"):
             return fused_linear(h, linear, "silu")
         if _is_fp8(linear):
-            from ..quant import triton_fp8
-            # Rows past one register block take two passes over h, which measured slower than the two kernels
-            # (70B's 28672: 11.9 against 8.1 us at 1 row on the H200, fp8_fused_quant_h200.json).
-            if h.shape[1] // 2 <= triton_fp8.MAX_ROW_BLOCK:
-                return linear.forward_quantized(*triton_fp8.silu_and_mul_fp8(h), h.dtype)
+            from ..quant.triton_fp8 import silu_and_mul_fp8
+            return linear.forward_quantized(*silu_and_mul_fp8(h), h.dtype)
         return linear(silu_and_mul_triton(h))
 
 

@@ -161,16 +161,18 @@ def test_add_rms_norm_fp8_is_quantize_of_add_rms_norm(t, n, max_block, with_resi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("t,i,max_block", [(1, 64, None), (5, 1500, None), (3, 20000, None), (4, 700, 256)])
-def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, max_block, dtype, monkeypatch):
+# (t, I, chunk): one chunk; 2 with a ragged end; 20 (a row's absmax over more chunks than a power of two);
+# 3 with the chunk lowered to 256.
+@pytest.mark.parametrize("t,i,chunk", [(1, 64, None), (5, 1500, None), (3, 20000, None), (4, 700, 256)])
+def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, chunk, dtype, monkeypatch):
     """Codes and scales are quantize_fp8_per_token of silu_and_mul_reference's output, byte for byte
     (float32 scales within a few ulps: the interpreter's exp is numpy's, torch's silu its own), and of
     the unfused Triton silu_and_mul's output with no allowance, rows in passes included."""
     from engine.kernels.reference import silu_and_mul_reference
     from engine.kernels.triton_fused import silu_and_mul_triton
     from engine.quant import triton_fp8
-    if max_block is not None:
-        monkeypatch.setattr(triton_fp8, "MAX_ROW_BLOCK", max_block)
+    if chunk is not None:
+        monkeypatch.setattr(triton_fp8, "SWIGLU_CHUNK", chunk)
     gen = torch.Generator().manual_seed(i)
     h = torch.randn(t, 2 * i, generator=gen) * 3
     if t > 2:
@@ -263,10 +265,9 @@ def test_triton_backend_feeds_fp8_layers_their_quantized_input_from_the_norm_and
     out, res = backend.norm_linear(x, residual, norm, lin)
     h = torch.randn(3, 128, generator=gen)
     down = backend.silu_linear(h, lin)
-    assert not unfused
-    monkeypatch.setattr(triton_fp8, "MAX_ROW_BLOCK", 32)  # an intermediate size past one block: the two kernels
+    monkeypatch.setattr(triton_fp8, "SWIGLU_CHUNK", 16)  # the intermediate size in 4 chunks: fused all the same
     torch.testing.assert_close(backend.silu_linear(h, lin), down, rtol=1e-5, atol=1e-5)
-    assert len(unfused) == 1
+    assert not unfused
     monkeypatch.undo()
     normed, ref_res = add_rms_norm_reference(x, residual, norm.weight, norm.eps)
     assert torch.equal(res, ref_res)

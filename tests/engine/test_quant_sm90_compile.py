@@ -189,7 +189,9 @@ def check_fp8_gemm():
         ptx = _compile(_fp8_dot_kernel, dict(sig, **descs), dict(tile, TMA=True))
         assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
-    from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _silu_and_mul_fp8_kernel
+    from engine.quant.triton_fp8 import _add_rms_norm_fp8_kernel, _quantize_chunk_kernel, _silu_and_mul_amax_kernel
+    _compile(_silu_and_mul_amax_kernel, {"h_ptr": "*bf16", "a_ptr": "*bf16", "amax_ptr": "*fp32", "inter": "i32",
+                                         "num_chunks": "i32", "stride_hm": "i32", "stride_am": "i32"}, dict(BLOCK=1024))
     for single in (True, False):
         ptx = {hw: _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"},
@@ -201,9 +203,11 @@ def check_fp8_gemm():
         assert "cvt.rn.satfinite.e4m3x2.f32" in ptx[True]
         assert ptx[True].count("shr.u32") < ptx[False].count("shr.u32")
         for hw in (False, True):
-            _compile(_silu_and_mul_fp8_kernel, {"h_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
-                                                "inter": "i32", "stride_hm": "i32", "stride_qm": "i32"},
-                     dict(BLOCK=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw), num_warps=16)
+            if single:
+                _compile(_quantize_chunk_kernel, {"a_ptr": "*bf16", "amax_ptr": "*fp32", "q_ptr": "*fp8e4nv",
+                                                  "s_ptr": "*fp32", "n": "i32", "num_chunks": "i32",
+                                                  "stride_am": "i32", "stride_qm": "i32"},
+                         dict(BLOCK=1024, CHUNKS=16, FP8_MAX=448.0, HW_CAST=hw))
             for residual in (True, False):
                 _compile(_add_rms_norm_fp8_kernel, {"x_ptr": "*bf16", "r_ptr": "*bf16", "w_ptr": "*bf16",
                                                     "ro_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
