@@ -407,7 +407,7 @@ def _mma8_candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor, q: torch
 
 
 # Tiles of the word GEMV (triton_int8_words), (block_n, block_k, warps).
-WORDS_TILES = ((32, 512, 4), (64, 256, 4), (16, 1024, 4), (128, 256, 8), (64, 512, 8))
+WORDS_TILES = ((32, 512, 4), (64, 256, 4), (16, 1024, 4), (128, 256, 8), (64, 512, 8), (64, 512, 4))
 
 
 def words_ok(q: torch.Tensor) -> bool:
@@ -416,21 +416,25 @@ def words_ok(q: torch.Tensor) -> bool:
 
 
 def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
-    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel); asm: the byte permute by
-    inline PTX (CUDA), else by shifts and masks."""
+    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel), each tile with the codes as
+    2^23-offset floats (asm: the byte permute by inline PTX (CUDA), else by shifts and masks) and as
+    denormals (denormal=True)."""
     out = []
     for block_n, block_k, warps in WORDS_TILES:
         split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         cfg = dict(gemv=True, kernel="words", asm=asm, block_n=block_n, block_k=block_k, split_k=split,
                    num_warps=warps, num_stages=3)
-        out.append(dict(cfg, serial=True) if split > 1 else cfg)
+        if split > 1:
+            cfg["serial"] = True
+        out += [cfg, dict(cfg, asm=False, denormal=True)]
     return out
 
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, denormal=False):
     """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
-    the byte permute in inline PTX (CUDA only), in the word GEMV, the tl.dot kernel or the mma kernel."""
+    the byte permute in inline PTX (CUDA only), in the word GEMV, the tl.dot kernel or the mma kernel;
+    denormal: the word GEMV's codes as float32 denormals."""
     m, k = x.shape
     n = q.shape[0]
     if kernel == "dequant":
@@ -441,6 +445,8 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
                            num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
         raise ValueError(f"kernel={kernel!r}: expected None, 'words', 'mma' or 'dequant'")
+    if denormal and kernel != "words":
+        raise ValueError("denormal=True is a config of kernel='words'")
     if asm and not x.is_cuda:
         raise ValueError("asm=True (inline PTX) runs on CUDA only")
     if kernel == "words":
@@ -448,6 +454,8 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
             raise ValueError("kernel='words' needs K % 4 == 0 and 4-byte aligned weight rows")
         if gemv is False:
             raise ValueError("kernel='words' is a GEMV")
+        if denormal and asm:
+            raise ValueError("kernel='words': denormal=True has no inline PTX (asm=False)")
         if block_k is not None and block_k % 4:
             raise ValueError(f"kernel='words' needs block_k % 4 == 0, got {block_k}")
         gemv = True
@@ -469,7 +477,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     if kernel == "words":
         from .triton_int8_words import _int8_gemv_words_kernel
         _int8_gemv_words_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-                                      **flags, ASM=asm, num_warps=num_warps or 4)
+                                      **flags, ASM=asm, DENORMAL=denormal, num_warps=num_warps or 4)
     elif gemv:
         _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                                 **flags, num_warps=num_warps or 4)

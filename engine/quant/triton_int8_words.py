@@ -9,7 +9,9 @@ of the float 2^23's bits, a float subtract: ~5 instructions per code with the FM
 SASS), which leaves it bound by instruction issue, not by memory, at one or two rows. Here a word is
 XOR-ed with 0x80808080 once (q + 128, unsigned), then each byte is moved under the exponent bits of
 2^23 by one byte permute (PRMT, inline PTX: `bytes = PRMT` or, without it, shift and mask), so a code
-costs the permute, the subtract of 2^23 + 128 (exact) and the FMA. x is read once per step in feature
+costs the permute, the subtract of 2^23 + 128 (exact) and the FMA. DENORMAL (config denormal=True)
+instead masks each byte in place as a float32 denormal (one AND a code, no subtract; the 128 comes off
+once per row as 128 * sum x), as triton_int4's GEMV does with its nibbles. x is read once per step in feature
 order and split in registers into its four byte planes (tl.split: x[4w + i] for plane i).
 grid (M, cdiv(N, BLOCK_N), SPLIT_K), rows of x fastest; split-K partials as the other GEMVs
 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum, or serial: by the tile's last slice).
@@ -20,6 +22,12 @@ import triton
 import triton.language as tl
 
 from .triton_int8 import _INT8_BYTES_PTX, _serial_split_reduce
+
+# DENORMAL: a byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for
+# bytes j = 0, 1 of a word (bytes 2, 3 the same from the word >> 16), one AND a code; x scaled by 2^(E - 8j)
+# (exact) makes each product (q + 128) * x * 2^(E - 149), a normal float for |x| >= 2^-59; x overflows only
+# from |x| >= 2^38. As triton_int4's GEMV (its DENORMAL_E).
+DENORMAL_E = tl.constexpr(90)
 
 
 @triton.jit
@@ -41,8 +49,10 @@ def _byte_planes(w, ASM: tl.constexpr):
 @triton.jit
 def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn,
                             stride_os, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr):
+                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+                            DENORMAL: tl.constexpr):
     WORDS: tl.constexpr = BLOCK_K // 4
+    E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -56,6 +66,7 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    x_sum = tl.zeros([WORDS], dtype=tl.float32)  # DENORMAL: the x met, for the codes' offset of 128
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         kw = tl.multiple_of(k0 // 4, WORDS)  # steps start on whole tiles
         if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
@@ -69,12 +80,24 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
         x_even, x_odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))  # x[4w + 2a], x[4w + 2a + 1]
         x0, x2 = tl.split(x_even)
         x1, x3 = tl.split(x_odd)
-        b0, b1, b2, b3 = _byte_planes(w, ASM)
-        acc += (b0 - 8388736.0) * x0[None, :]
-        acc += (b1 - 8388736.0) * x1[None, :]
-        acc += (b2 - 8388736.0) * x2[None, :]
-        acc += (b3 - 8388736.0) * x3[None, :]
-    out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+        if DENORMAL:
+            t = w ^ -2139062144  # 0x80808080: q + 128 in each byte
+            t16 = t >> 16
+            acc += (t & 0xFF).to(tl.float32, bitcast=True) * (x0 * (2.0 ** E))[None, :]
+            acc += (t & 0xFF00).to(tl.float32, bitcast=True) * (x1 * (2.0 ** (E - 8)))[None, :]
+            acc += (t16 & 0xFF).to(tl.float32, bitcast=True) * (x2 * (2.0 ** E))[None, :]
+            acc += (t16 & 0xFF00).to(tl.float32, bitcast=True) * (x3 * (2.0 ** (E - 8)))[None, :]
+            x_sum += (x0 + x1) + (x2 + x3)
+        else:
+            b0, b1, b2, b3 = _byte_planes(w, ASM)
+            acc += (b0 - 8388736.0) * x0[None, :]
+            acc += (b1 - 8388736.0) * x1[None, :]
+            acc += (b2 - 8388736.0) * x2[None, :]
+            acc += (b3 - 8388736.0) * x3[None, :]
+    dot = tl.sum(acc, 1)
+    if DENORMAL:  # sum (q + 128) x, in units of 2^(149 - E), less 128 sum x
+        dot = dot * (2.0 ** (149 - E)) - 128.0 * tl.sum(x_sum, 0)
+    out = dot * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     offs = m.to(tl.int64) * stride_om + offs_n
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
     if SERIAL:
