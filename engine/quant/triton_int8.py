@@ -26,8 +26,8 @@ Two kernels, picked by the number of rows M:
 int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2^23 + 128 + q), an
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
 triton_int8_words.py holds a third, decode-only kernel (config kernel="words"): the GEMV reading the
-weight as 32-bit words, one byte permute per code. triton_int8_mma.py (config kernel="mma", any rows,
-K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte permute, unpacked in the
+weight as 32-bit words, each code a float32 denormal by one AND. triton_int8_mma.py (config
+kernel="mma", any rows, K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte permute, unpacked in the
 MMA operand's registers (bfloat16 x scaled into float16 by 2^-4; mma8_candidates). Which kernel, tile,
 split and pipelining a shape gets is measured on the device (tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
@@ -382,7 +382,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
         if m <= GEMV_MAX_ROWS:
             cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
             if words_ok(q):
-                cands += words_candidates(m, n, k, sms, asm=x.is_cuda)
+                cands += words_candidates(m, n, k, sms)
             cands += _mma8_candidates(m, n, k, sms, x, q)
             key = ("int8", m, n, k, x.dtype)
         else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
@@ -415,26 +415,21 @@ def words_ok(q: torch.Tensor) -> bool:
     return q.shape[1] % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(1) == 1 and q.data_ptr() % 4 == 0
 
 
-def words_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
-    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel), each tile with the codes as
-    2^23-offset floats (asm: the byte permute by inline PTX (CUDA), else by shifts and masks) and as
-    denormals (denormal=True)."""
+def words_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """The word GEMV's configs (split-K for ~4 waves, reduced in the kernel)."""
     out = []
     for block_n, block_k, warps in WORDS_TILES:
         split = gemv_split_k(m, triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
-        cfg = dict(gemv=True, kernel="words", asm=asm, block_n=block_n, block_k=block_k, split_k=split,
-                   num_warps=warps, num_stages=3)
-        if split > 1:
-            cfg["serial"] = True
-        out += [cfg, dict(cfg, asm=False, denormal=True)]
+        cfg = dict(gemv=True, kernel="words", block_n=block_n, block_k=block_k, split_k=split, num_warps=warps,
+                   num_stages=3)
+        out.append(dict(cfg, serial=True) if split > 1 else cfg)
     return out
 
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, denormal=False):
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False):
     """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
-    the byte permute in inline PTX (CUDA only), in the word GEMV, the tl.dot kernel or the mma kernel;
-    denormal: the word GEMV's codes as float32 denormals."""
+    the byte permute in inline PTX (CUDA only), in the tl.dot kernel or the mma kernel."""
     m, k = x.shape
     n = q.shape[0]
     if kernel == "dequant":
@@ -445,8 +440,8 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
                            num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
         raise ValueError(f"kernel={kernel!r}: expected None, 'words', 'mma' or 'dequant'")
-    if denormal and kernel != "words":
-        raise ValueError("denormal=True is a config of kernel='words'")
+    if asm and kernel == "words":
+        raise ValueError("kernel='words' has no inline PTX (asm=False)")
     if asm and not x.is_cuda:
         raise ValueError("asm=True (inline PTX) runs on CUDA only")
     if kernel == "words":
@@ -454,8 +449,6 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
             raise ValueError("kernel='words' needs K % 4 == 0 and 4-byte aligned weight rows")
         if gemv is False:
             raise ValueError("kernel='words' is a GEMV")
-        if denormal and asm:
-            raise ValueError("kernel='words': denormal=True has no inline PTX (asm=False)")
         if block_k is not None and block_k % 4:
             raise ValueError(f"kernel='words' needs block_k % 4 == 0, got {block_k}")
         gemv = True
@@ -477,7 +470,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
     if kernel == "words":
         from .triton_int8_words import _int8_gemv_words_kernel
         _int8_gemv_words_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-                                      **flags, ASM=asm, DENORMAL=denormal, num_warps=num_warps or 4)
+                                      **flags, num_warps=num_warps or 4)
     elif gemv:
         _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
                                 **flags, num_warps=num_warps or 4)

@@ -7,12 +7,13 @@ that a row is K // 4 int32 words whose byte i is feature 4w + i.
 Why: triton_int8's GEMV converts each int8 code on its own (a byte extract with sign, an integer add
 of the float 2^23's bits, a float subtract: ~5 instructions per code with the FMA, counted in sm_90
 SASS), which leaves it bound by instruction issue, not by memory, at one or two rows. Here a word is
-XOR-ed with 0x80808080 once (q + 128, unsigned), then each byte is moved under the exponent bits of
-2^23 by one byte permute (PRMT, inline PTX: `bytes = PRMT` or, without it, shift and mask), so a code
-costs the permute, the subtract of 2^23 + 128 (exact) and the FMA. DENORMAL (config denormal=True)
-instead masks each byte in place as a float32 denormal (one AND a code, no subtract; the 128 comes off
-once per row as 128 * sum x), as triton_int4's GEMV does with its nibbles. x is read once per step in feature
-order and split in registers into its four byte planes (tl.split: x[4w + i] for plane i).
+XOR-ed with 0x80808080 once (q + 128, unsigned) and each byte masked in place is a float32 denormal
+(one AND a code, folded with the XOR into one LOP3; no subtract), as triton_int4's GEMV does with its
+nibbles; the 128 comes off once per row as 128 * sum x. x is read once per step in feature order and
+split in registers into its four byte planes (tl.split: x[4w + i] for plane i). 3.0-3.4 sm_90 SASS
+instructions a code (benchmarks/sass_loop_counts.py) against 3.7-3.9 for the byte permute (PRMT) under
+2^23's exponent bits it replaced, which measured 0.99-1.02x as fast per layer on the H200
+(data/benchmarks/int8_gemv_ab_h200.json, at commit 59b612d): the GEMV is not issue-bound any more.
 grid (M, cdiv(N, BLOCK_N), SPLIT_K), rows of x fastest; split-K partials as the other GEMVs
 (a float32 [SPLIT_K, M, N] scratch summed by torch.sum, or serial: by the tile's last slice).
 """
@@ -21,36 +22,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_int8 import _INT8_BYTES_PTX, _serial_split_reduce
+from .triton_int8 import _serial_split_reduce
 
-# DENORMAL: a byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for
-# bytes j = 0, 1 of a word (bytes 2, 3 the same from the word >> 16), one AND a code; x scaled by 2^(E - 8j)
-# (exact) makes each product (q + 128) * x * 2^(E - 149), a normal float for |x| >= 2^-59; x overflows only
-# from |x| >= 2^38. As triton_int4's GEMV (its DENORMAL_E).
+# A byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for bytes
+# j = 0, 1 of a word (bytes 2, 3 the same from the word >> 16); x scaled by 2^(E - 8j) (exact) makes each
+# product (q + 128) * x * 2^(E - 149), a normal float for |x| >= 2^-59; x overflows only from |x| >= 2^38.
+# As triton_int4's GEMV (its DENORMAL_E).
 DENORMAL_E = tl.constexpr(90)
-
-
-@triton.jit
-def _byte_planes(w, ASM: tl.constexpr):
-    """The 4 bytes of the words w as float32 2^23 + q + 128 (q the signed code), exact."""
-    if ASM:
-        b0, b1, b2, b3 = tl.inline_asm_elementwise(_INT8_BYTES_PTX, "=r,=r,=r,=r,r", [w],
-                                                   dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                                                   is_pure=True, pack=1)
-    else:
-        t = w ^ -2139062144  # 0x80808080 as an int32
-        b0 = ((t & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-        b1 = (((t >> 8) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-        b2 = (((t >> 16) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-        b3 = (((t >> 24) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True)
-    return b0, b1, b2, b3
 
 
 @triton.jit
 def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn,
                             stride_os, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                            DENORMAL: tl.constexpr):
+                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr):
     WORDS: tl.constexpr = BLOCK_K // 4
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -66,7 +50,7 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
     offs_w = tl.arange(0, WORDS)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
-    x_sum = tl.zeros([WORDS], dtype=tl.float32)  # DENORMAL: the x met, for the codes' offset of 128
+    x_sum = tl.zeros([WORDS], dtype=tl.float32)  # the x met, for the codes' offset of 128
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         kw = tl.multiple_of(k0 // 4, WORDS)  # steps start on whole tiles
         if EVEN_K:  # masks constant along K: the loads stay 16-byte vectors
@@ -80,23 +64,15 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
         x_even, x_odd = tl.split(tl.reshape(x, (WORDS, 2, 2)))  # x[4w + 2a], x[4w + 2a + 1]
         x0, x2 = tl.split(x_even)
         x1, x3 = tl.split(x_odd)
-        if DENORMAL:
-            t = w ^ -2139062144  # 0x80808080: q + 128 in each byte
-            t16 = t >> 16
-            acc += (t & 0xFF).to(tl.float32, bitcast=True) * (x0 * (2.0 ** E))[None, :]
-            acc += (t & 0xFF00).to(tl.float32, bitcast=True) * (x1 * (2.0 ** (E - 8)))[None, :]
-            acc += (t16 & 0xFF).to(tl.float32, bitcast=True) * (x2 * (2.0 ** E))[None, :]
-            acc += (t16 & 0xFF00).to(tl.float32, bitcast=True) * (x3 * (2.0 ** (E - 8)))[None, :]
-            x_sum += (x0 + x1) + (x2 + x3)
-        else:
-            b0, b1, b2, b3 = _byte_planes(w, ASM)
-            acc += (b0 - 8388736.0) * x0[None, :]
-            acc += (b1 - 8388736.0) * x1[None, :]
-            acc += (b2 - 8388736.0) * x2[None, :]
-            acc += (b3 - 8388736.0) * x3[None, :]
-    dot = tl.sum(acc, 1)
-    if DENORMAL:  # sum (q + 128) x, in units of 2^(149 - E), less 128 sum x
-        dot = dot * (2.0 ** (149 - E)) - 128.0 * tl.sum(x_sum, 0)
+        t = w ^ -2139062144  # 0x80808080: q + 128 in each byte
+        t16 = t >> 16
+        acc += (t & 0xFF).to(tl.float32, bitcast=True) * (x0 * (2.0 ** E))[None, :]
+        acc += (t & 0xFF00).to(tl.float32, bitcast=True) * (x1 * (2.0 ** (E - 8)))[None, :]
+        acc += (t16 & 0xFF).to(tl.float32, bitcast=True) * (x2 * (2.0 ** E))[None, :]
+        acc += (t16 & 0xFF00).to(tl.float32, bitcast=True) * (x3 * (2.0 ** (E - 8)))[None, :]
+        x_sum += (x0 + x1) + (x2 + x3)
+    # sum (q + 128) x, in units of 2^(149 - E), less 128 sum x
+    dot = tl.sum(acc, 1) * (2.0 ** (149 - E)) - 128.0 * tl.sum(x_sum, 0)
     out = dot * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
     offs = m.to(tl.int64) * stride_om + offs_n
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
