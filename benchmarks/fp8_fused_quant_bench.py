@@ -10,7 +10,9 @@ Per point (tokens t, Llama-3.1-8B and -70B widths, bfloat16), the device time of
     swiglu the same with silu_and_mul_triton / silu_and_mul_fp8 (I = 14336, 28672)
     pertoken           fp8_quantize_per_token of a [t, hidden] row block (o_proj's input: attention's output)
 and, as A/B in the same run, each fused kernel with the e4m3 cast rounded to the grid first ("grid_round":
-what Triton's interpreter runs, and the GPU kernels ran before the cast went to the conversion instruction).
+what Triton's interpreter runs, and the GPU kernels ran before the cast went to the conversion instruction),
+and the norm and per-token kernels with 16 and 32 warps a program ("warps16", "warps32"; _row_launch's
+default is 8 for rows of 2048-8191 features, 16 from 8192).
 Each is captured 50 times in one CUDA graph (decode runs in graphs, so launch cost on the host is not
 counted) and the replay timed with CUDA events; runs are interleaved (every variant once per repeat), the
 JSON gives each median with its min-max spread and the saving unfused - fused in microseconds. The fused
@@ -21,6 +23,7 @@ Expected: well under a minute on one H200 (most of it Triton compiles).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -105,6 +108,11 @@ def point(model: str, t: int, device: torch.device, repeats: int) -> dict:
     for op, fn in [("norm", variants[("norm", "fused")]), ("swiglu", variants[("swiglu", "fused")]),
                    ("pertoken", variants[("pertoken", "fused")])]:
         variants[(op, "grid_round")] = patched(fn, hw_cast=lambda device: False)
+    # The one-program-per-token kernels (norm, per-token) with 16 and 32 warps a program whatever the row's width.
+    row_launch = triton_fp8._row_launch
+    for op, warps in itertools.product(("norm", "pertoken"), (16, 32)):
+        variants[(op, f"warps{warps}")] = patched(variants[(op, "fused")],
+                                                 _row_launch=lambda k, w=warps: (row_launch(k)[0], w))
     graphs = {key: graphed(fn) for key, fn in variants.items()}
     times = {key: [] for key in variants}
     for _ in range(repeats):
@@ -143,6 +151,8 @@ def main(args: argparse.Namespace) -> None:
             print(" " * 22 + "grid-rounded cast: norm {:6.2f}  swiglu {:6.2f}  per-token {:6.2f} -> {:6.2f} us".format(
                 *(row[k]["median"] for k in ("norm_grid_round_us", "swiglu_grid_round_us", "pertoken_grid_round_us",
                                              "pertoken_fused_us"))), flush=True)
+            print(" " * 22 + "16 / 32 warps a program: norm {:6.2f} {:6.2f}  per-token {:6.2f} {:6.2f} us".format(
+                *(row[f"{op}_warps{w}_us"]["median"] for op in ("norm", "pertoken") for w in (16, 32))), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
