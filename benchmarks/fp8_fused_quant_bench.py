@@ -11,8 +11,8 @@ Per point (tokens t, Llama-3.1-8B and -70B widths, bfloat16), the device time of
     pertoken           fp8_quantize_per_token of a [t, hidden] row block (o_proj's input: attention's output)
 and, as A/B in the same run, each fused kernel with the e4m3 cast rounded to the grid first ("grid_round":
 what Triton's interpreter runs, and the GPU kernels ran before the cast went to the conversion instruction),
-and the norm and per-token kernels with 16 and 32 warps a program ("warps16", "warps32"; _row_launch's
-default is 8 for rows of 2048-8191 features, 16 from 8192).
+and the norm and per-token kernels with 16 and 32 warps a program whatever the width ("warps16",
+"warps32"; what set _row_launch's rule).
 Each is captured 50 times in one CUDA graph (decode runs in graphs, so launch cost on the host is not
 counted) and the replay timed with CUDA events; runs are interleaved (every variant once per repeat), the
 JSON gives each median with its min-max spread and the saving unfused - fused in microseconds. The fused

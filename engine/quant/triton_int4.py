@@ -292,8 +292,10 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
         return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))
+    # chunks=8 with 128-row tiles holds 3 stages in 232 KB of shared memory under Triton 3.9 and not under 3.6
+    # (237,568 bytes on the H200): 2 stages there
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-             dot_config(m, n, k, sms, chunks=8)]
+             dot_config(m, n, k, sms, chunks=8, num_stages=2 if mm_block_m(m) >= 128 else 3)]
     if m > 128:  # all rows in one tile: each weight dequantized once (the MMA's N goes up to 256)
         cands.append(dict(dot_config(m, n, k, sms, block_n=64, num_warps=8), block_m=256))
     if m <= 32:
