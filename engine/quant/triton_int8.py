@@ -27,9 +27,10 @@ int8 -> float uses the exponent trick (bits 0x4B000000 + 128 + q are the float 2
 integer add and a float subtract, instead of the slow int-to-float conversion unit.
 triton_int8_words.py holds a third, decode-only kernel (config kernel="words"): the GEMV reading the
 weight as 32-bit words, each code a float32 denormal by one AND. triton_int8_mma.py (config
-kernel="mma", any rows, K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte permute, unpacked in the
-MMA operand's registers (bfloat16 x scaled into float16 by 2^-4; mma8_candidates). Which kernel, tile,
-split and pipelining a shape gets is measured on the device (tuning.py).
+kernel="mma", any rows, K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte
+permute, unpacked in the MMA operand's registers (bfloat16 x scaled into float16 by 2^-4;
+mma8_candidates). Which kernel, tile, split and pipelining a shape gets is measured on the device
+(tuning.py).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations

@@ -167,7 +167,7 @@ def test_add_rms_norm_fp8_is_quantize_of_add_rms_norm(t, n, max_block, with_resi
 def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, chunk, dtype, monkeypatch):
     """Codes and scales are quantize_fp8_per_token of silu_and_mul_reference's output, byte for byte
     (float32 scales within a few ulps: the interpreter's exp is numpy's, torch's silu its own), and of
-    the unfused Triton silu_and_mul's output with no allowance, rows in passes included."""
+    the unfused Triton silu_and_mul's output with no allowance, rows over several chunks included."""
     from engine.kernels.reference import silu_and_mul_reference
     from engine.kernels.triton_fused import silu_and_mul_triton
     from engine.quant import triton_fp8
