@@ -48,7 +48,8 @@ class TorchBackend:
         return linear(x), residual
 
     def silu_linear(self, h, linear):
-        """linear(silu_and_mul(h)): SwiGLU's activation and down projection (one kernel, as above)."""
+        """linear(silu_and_mul(h)): SwiGLU's activation and down projection (one kernel, as above). h is the
+        caller's gate/up projection, dead after this: a backend may overwrite it."""
         return linear(self.silu_and_mul(h))
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:

@@ -158,7 +158,7 @@ class TritonFusedBackend(TritonBackend):
             return fused_linear(h, linear, "silu")
         if _is_fp8(linear):
             from ..quant.triton_fp8 import silu_and_mul_fp8
-            return linear.forward_quantized(*silu_and_mul_fp8(h), h.dtype)
+            return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
         return linear(silu_and_mul_triton(h))
 
 

@@ -270,22 +270,26 @@ def _quantize_chunk_kernel(a_ptr, amax_ptr, q_ptr, s_ptr, n, num_chunks, stride_
     _store_codes(q_ptr + m * stride_qm, offs, y, scale, mask, FP8_MAX, HW_CAST)
 
 
-def silu_and_mul_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_and_mul_fp8(h: torch.Tensor, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """h [T, 2 I] = [gate | up] -> (codes [T, I] e4m3, scales [T, 1] float32):
     quantize_fp8_per_token(silu_and_mul_triton(h)), each row spread over I / SWIGLU_CHUNK programs in two
-    launches: SwiGLU with each chunk's absmax, then the codes of each chunk under the row's scale."""
+    launches: SwiGLU with each chunk's absmax, then the codes of each chunk under the row's scale.
+    The activation waits between the two in a [T, I] tensor of h's dtype, or (inplace, for a caller whose h
+    is dead after this: the backend's silu_linear) in h's gate half, each chunk over the gate values only
+    its own program read: no scratch, so a prefill's MLP peak stays h and the codes."""
     t, two_i = h.shape
     if two_i % 2:
         raise ValueError(f"silu_and_mul_fp8: h has {two_i} features, expected an even number (gate | up)")
     inter = two_i // 2
-    h = h if h.stride(1) == 1 else h.contiguous()
+    if h.stride(1) != 1:
+        h, inplace = h.contiguous(), True  # a copy of our own
     codes = torch.empty((t, inter), dtype=torch.float8_e4m3fn, device=h.device)
     scales = torch.empty((t, 1), dtype=torch.float32, device=h.device)
     if t == 0:
         return codes, scales
     block = min(SWIGLU_CHUNK, triton.next_power_of_2(inter))
     chunks = triton.cdiv(inter, block)
-    act = torch.empty((t, inter), dtype=h.dtype, device=h.device)
+    act = h[:, :inter] if inplace else torch.empty((t, inter), dtype=h.dtype, device=h.device)
     amax = torch.empty((t, chunks), dtype=torch.float32, device=h.device)
     _silu_and_mul_amax_kernel[(t, chunks)](h, act, amax, inter, chunks, h.stride(0), act.stride(0), BLOCK=block)
     _quantize_chunk_kernel[(t, chunks)](act, amax, codes, scales, inter, chunks, act.stride(0), codes.stride(0),

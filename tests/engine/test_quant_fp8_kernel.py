@@ -181,6 +181,11 @@ def test_silu_and_mul_fp8_is_quantize_of_silu_and_mul(t, i, chunk, dtype, monkey
     h = h.to(dtype).to(DEVICE)
     codes, scales = triton_fp8.silu_and_mul_fp8(h)
     assert codes.shape == (t, i)
+    # inplace: the activation staged in h's gate half (no scratch), the same codes; the up half untouched
+    staged = h.clone()
+    in_codes, in_scales = triton_fp8.silu_and_mul_fp8(staged, inplace=True)
+    assert torch.equal(in_codes.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(in_scales, scales)
+    assert torch.equal(staged[:, i:], h[:, i:]) and torch.equal(staged[:, :i], silu_and_mul_triton(h))
     assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_reference(h)),
                       scale_ulps=4 if dtype == torch.float32 else 0, near=DEVICE.type == "cuda")
     assert_same_codes(codes, scales, *quantize_fp8_per_token(silu_and_mul_triton(h)), near=DEVICE.type == "cuda")
@@ -264,9 +269,9 @@ def test_triton_backend_feeds_fp8_layers_their_quantized_input_from_the_norm_and
         monkeypatch.setattr(module, name, lambda *a, real=real: unfused.append(1) or real(*a))
     out, res = backend.norm_linear(x, residual, norm, lin)
     h = torch.randn(3, 128, generator=gen)
-    down = backend.silu_linear(h, lin)
+    down = backend.silu_linear(h.clone(), lin)  # (h is the caller's to lose: the activation is staged in it)
     monkeypatch.setattr(triton_fp8, "SWIGLU_CHUNK", 16)  # the intermediate size in 4 chunks: fused all the same
-    torch.testing.assert_close(backend.silu_linear(h, lin), down, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backend.silu_linear(h.clone(), lin), down, rtol=1e-5, atol=1e-5)
     assert not unfused
     monkeypatch.undo()
     normed, ref_res = add_rms_norm_reference(x, residual, norm.weight, norm.eps)
