@@ -2,7 +2,8 @@
 
 - the 1000-request ShareGPT-like trace of `python -m workbench bench --num-requests 1000` (seed 0) at the engine's
   default settings (picked from the GPU: 1024 / 16384 on a GPU of >= 70 GiB) and at larger ones: output tok/s and
-  the ratio of the trace's absolute limit to the measured time (profiling.attribution's ideal_over_measured);
+  the ratio of the trace's absolute limit to the measured time (profiling.attribution's ideal_over_measured) and
+  that of the run's own steps with GEMMs and attention in turn, each at its roofline (profiling.serial_limit_time);
   targets >= 17,000 tok/s at the defaults, >= 20,000 tok/s and >= 0.55 at the best setting;
 - decode at batch 1 (128 in / 256 out): TPOT / (weight bytes / measured copy bandwidth), target <= 1.15;
 - host time per decode step (StepStats.host_time, p50) with 256 and 1024 requests decoding: <= 1.0 / 2.0 ms;
@@ -218,6 +219,7 @@ def trace_run(llm, wl, rates) -> dict:
     att = prof["attribution"]
     return {"output_tok_s": run.summary["output_throughput"], "duration_s": run.duration,
             "ideal_over_measured": att["ideal_over_measured"], "ideal_s": att["gap_ideal_s"],
+            "serial_limit_s": prof["serial_limit_s"], "serial_over_measured": prof["serial_over_measured"],
             "gap_host_s": att["gap_host_s"], "gap_kernel_s": att["gap_kernel_s"],
             "gap_underfill_s": att["gap_underfill_s"], "gap_padding_s": att["gap_padding_s"],
             "gap_recompute_s": att["gap_recompute_s"], "preemptions": run.summary["num_preemptions"],
@@ -328,7 +330,7 @@ def main(argv=None) -> dict:
             last_run_s = time.perf_counter() - t
             log(f"trace @ {key} {r['config']}: " + (r.get("error") or
                 f"{r['output_tok_s']:.0f} out tok/s (async {'on' if r['async_scheduling'] else 'off'}), limit/measured "
-                f"{r['ideal_over_measured']:.3f}, host gap {r['gap_host_s']:.2f} s (device idle between steps "
+                f"{r['ideal_over_measured']:.3f}, serial limit/measured {r['serial_over_measured']:.3f}, host gap {r['gap_host_s']:.2f} s (device idle between steps "
                 f"{r['device_gap_sum_s']:.2f} s; host {r['host_s']:.2f} s of which hidden {r['hidden_host_s']:.2f} s), "
                 f"kernel gap {r['gap_kernel_s']:.2f} s, mean running {r['mean_running']:.0f}, preemptions "
                 f"{r['preemptions']}"))
@@ -350,6 +352,7 @@ def main(argv=None) -> dict:
         if ok:
             summary[setting] = {"output_tok_s": median_spread([r["output_tok_s"] for r in ok]),
                                 "ideal_over_measured": median_spread([r["ideal_over_measured"] for r in ok]),
+                                "serial_over_measured": median_spread([r["serial_over_measured"] for r in ok]),
                                 "config": ok[0]["config"], "async_scheduling": ok[0]["async_scheduling"]}
     results["trace"] = summary
     if summary:
@@ -363,7 +366,7 @@ def main(argv=None) -> dict:
     print("\nSUMMARY (medians, min..max)")
     for setting, s in summary.items():
         print(f"  trace @ {setting:12s} {s['config']}: {fmt(s['output_tok_s'], 1, 0)} out tok/s; limit/measured "
-              f"{fmt(s['ideal_over_measured'], 1, 3)}")
+              f"{fmt(s['ideal_over_measured'], 1, 3)}; serial limit/measured {fmt(s['serial_over_measured'], 1, 3)}")
     for m in modes:
         key = keyed("decode1", m, modes)
         print(f"  {key}: TPOT / weight read {parts[key]['ratio']:.3f} (<= 1.15)")

@@ -70,19 +70,24 @@ def measure_device_rates(device="cuda", matmul_size: int = 8192, copy_bytes: int
 # ----- physical limit -----------------------------------------------------------------------------
 
 def step_limits(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token: int, rates: dict) -> pd.DataFrame:
-    """Per step: FLOPs, bytes moved and the time the GPU needs at least (seconds), from engine counters."""
+    """Per step: FLOPs, bytes moved and the time the GPU needs at least (seconds), from engine counters:
+    limit_time = max(FLOPs / R, bytes / BW), and serial_time, the GEMMs' max(FLOPs / R, weight bytes / BW)
+    plus attention's max(FLOPs / R, K/V bytes / BW): the limit of a step that runs them in turn."""
     h, vocab = spec.hidden_size, spec.vocab_size
     embed = vocab * h
     lm_head = vocab * h
     linear_params = spec.num_params() - embed - (0 if spec.tie_word_embeddings else lm_head)
     attn_width = spec.num_layers * spec.num_heads * spec.head_dim
-    flops = (2 * linear_params * steps["num_batched_tokens"] + 2 * lm_head * steps["num_sampled_tokens"]
-             + 4 * attn_width * steps["num_attention_scores"])
-    moved = weight_bytes + kv_bytes_per_token * (steps["num_kv_tokens_read"] + steps["num_batched_tokens"])
-    out = pd.DataFrame({"flops": flops.astype(float), "bytes": moved.astype(float)})
-    out["compute_time"] = out["flops"] / rates["matmul_flops"]
-    out["memory_time"] = out["bytes"] / rates["copy_bandwidth"]
+    R, BW = rates["matmul_flops"], rates["copy_bandwidth"]
+    gemm_flops = (2 * linear_params * steps["num_batched_tokens"] + 2 * lm_head * steps["num_sampled_tokens"]).astype(float)
+    attn_flops = (4 * attn_width * steps["num_attention_scores"]).astype(float)
+    kv_bytes = (kv_bytes_per_token * (steps["num_kv_tokens_read"] + steps["num_batched_tokens"])).astype(float)
+    out = pd.DataFrame({"flops": gemm_flops + attn_flops, "bytes": weight_bytes + kv_bytes})
+    out["compute_time"] = out["flops"] / R
+    out["memory_time"] = out["bytes"] / BW
     out["limit_time"] = out[["compute_time", "memory_time"]].max(axis=1)
+    # the GEMMs and attention one after the other, each at its own roofline (no overlap of the two)
+    out["serial_time"] = np.maximum(gemm_flops / R, weight_bytes / BW) + np.maximum(attn_flops / R, kv_bytes / BW)
     return out
 
 

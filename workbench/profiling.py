@@ -164,6 +164,15 @@ def ideal_time(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token:
     return float(max(useful["flops"].sum() / rates["matmul_flops"], moved / rates["copy_bandwidth"]))
 
 
+def serial_limit_time(steps: pd.DataFrame, spec, weight_bytes: int, kv_bytes_per_token: int, rates: dict) -> float:
+    """The steps' useful work (no padding rows, no recompute) with each step's GEMMs and its attention at
+    their own rooflines, one after the other (`bench.step_limits`' serial_time), summed (s): what an engine
+    that never overlaps the two needs at least on these very steps. Above ideal + underfill by the
+    attention of the compute-bound steps, which only running attention beside the GEMMs recovers."""
+    work = step_work(steps, spec, weight_bytes, kv_bytes_per_token, rates, padding=False, recompute=False)
+    return float(work["serial_time"].sum())
+
+
 def attribution(steps: pd.DataFrame, duration: float, spec, weight_bytes: int, kv_bytes_per_token: int,
                 rates: dict, max_num_batched_tokens: int, max_output_len: int = 0,
                 profiler_overhead: float = 0.0) -> dict:
@@ -299,7 +308,8 @@ def format_kernels(breakdown: pd.DataFrame) -> str:
 def point_profile(llm, stats, steps: pd.DataFrame, requests: pd.DataFrame, duration: float, rates: dict,
                   trace=None) -> dict:
     """What a bench run or a sweep point adds to its results: {"attribution": gap_* columns, "rates",
-    "kernel_breakdown": rows (if deep mode ran), "trace": path (if `trace` given)}.
+    "serial_limit_s" (`serial_limit_time`) and "serial_over_measured", "kernel_breakdown": rows (if deep
+    mode ran), "trace": path (if `trace` given)}.
 
     stats: `llm.engine.stats()` of the run; steps / requests: its `metrics.steps_frame` / `request_frame`;
     duration: its wall time (s). The deep-mode profiler's own host time inside the run is its own part.
@@ -312,7 +322,9 @@ def point_profile(llm, stats, steps: pd.DataFrame, requests: pd.DataFrame, durat
         else 0.0
     att = attribution(steps, duration, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates,
                       llm.config.max_num_batched_tokens, max_out, overhead)
-    out = {"attribution": att, "rates": rates}
+    serial = serial_limit_time(steps, llm.spec, stats.weight_bytes, stats.kv_bytes_per_token, rates)
+    out = {"attribution": att, "rates": rates, "serial_limit_s": serial,
+           "serial_over_measured": serial / duration if duration > 0 else math.nan}
     if prof is not None and prof.kernels:
         out["kernel_breakdown"] = kernel_breakdown(prof, steps, llm.spec, stats.weight_bytes,
                                                    stats.kv_bytes_per_token, rates).to_dict("records")
@@ -328,6 +340,8 @@ def run_profile(llm, run, rates: dict | None = None, trace=None, echo: bool = Tr
     out = point_profile(llm, stats, run.steps, run.requests, run.duration, rates or measure_rates(llm.device), trace)
     if echo:
         print(format_attribution(out["attribution"]))
+        print(f"serial limit (each step's GEMMs, then its attention, each at its roofline): "
+              f"{out['serial_limit_s']:.3f} s, {out['serial_over_measured']:.2f} of the measured time")
         if "kernel_breakdown" in out:
             print(format_kernels(pd.DataFrame(out["kernel_breakdown"])))
         if trace:

@@ -22,6 +22,8 @@ def test_step_limits_by_hand():
     assert out["flops"] == 2 * linear * 10 + 2 * 512 * 64 * 2 + 4 * (2 * 4 * 16) * 55
     assert out["bytes"] == 1000 + 8 * (10 + 10)
     assert out["limit_time"] == pytest.approx(max(out["flops"] / 1e9, out["bytes"] / 1e6))
+    gemm, attn = 2 * linear * 10 + 2 * 512 * 64 * 2, 4 * (2 * 4 * 16) * 55
+    assert out["serial_time"] == pytest.approx(max(gemm / 1e9, 1000 / 1e6) + max(attn / 1e9, 8 * 20 / 1e6))
 
 
 def test_bench_command_writes_json(tmp_path, capsys):

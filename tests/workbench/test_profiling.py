@@ -7,6 +7,7 @@ import pytest
 
 from engine.profiling import KernelProfile
 from workbench.profiling import (COLUMNS, PARTS, attribution, attribution_frame, kernel_breakdown, measure_rates,
+                                serial_limit_time,
                                  roofline, step_roofline)
 
 # A made-up model whose counts are easy by hand: 1000 linear params, a tied 10 x 10 embedding / LM head
@@ -74,6 +75,22 @@ def test_ideal_is_bound_by_the_token_budget_when_outputs_are_short():
     assert out["gap_ideal_s"] == pytest.approx(0.06832) and out["gap_underfill_s"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_serial_limit_puts_each_steps_attention_after_its_gemms():
+    # At a ridge of 3 FLOP/byte the GEMMs are compute-bound (step 0) or weight-read bound, attention
+    # (~1 FLOP/byte) K/V-read bound. Useful work only: step 0 keeps 6 of 10 tokens, so 24 scores and 6 reads.
+    rates = {"matmul_flops": 3e5, "copy_bandwidth": 1e5}
+    gemm = [2 * 1000 * 6 + 2 * 100 * 1, 2 * 1000 * 3 + 2 * 100 * 3, 2 * 1000 * 1 + 2 * 100 * 1]
+    attn = [4 * 24, 4 * 30, 4 * 12]
+    kv = [4 * (6 + 6), 4 * (30 + 3), 4 * (12 + 1)]
+    hand = sum(max(g / 3e5, 2200 / 1e5) + max(a / 3e5, b / 1e5) for g, a, b in zip(gemm, attn, kv))
+    assert hand == pytest.approx(0.041146667 + 0.02332 + 0.02252)
+    assert serial_limit_time(_steps(), SPEC, WEIGHT_BYTES, KV_BYTES, rates) == pytest.approx(hand)
+    # above the per-step limit of the same useful work (steps 1-2 memory-bound in both) by what step 0's
+    # attention takes over its K/V reads instead of over its FLOPs
+    combined = sum(max((g + a) / 3e5, (2200 + b) / 1e5) for g, a, b in zip(gemm, attn, kv))
+    assert hand - combined == pytest.approx(kv[0] / 1e5 - attn[0] / 3e5)
+
+
 def test_roofline_placement_of_known_work():
     # Ridge at 1e6 / 1e5 = 10 FLOP/byte.
     c = roofline(1e6, 1e4, 2.0, RATES)  # intensity 100: compute-bound, roof 1e6 FLOP/s, limit 1 s
@@ -138,6 +155,10 @@ def test_bench_command_prints_the_waterfall_and_writes_trace_and_kernels(tmp_pat
     assert att["gap_ideal_s"] > 0 and att["gap_host_s"] > 0 and att["gap_underfill_s"] >= 0
     assert att["gap_padding_s"] == 0 and att["gap_recompute_s"] == 0  # no graphs on the CPU, no preemption
     assert att["gap_profiler_s"] > 0  # deep mode ran: its own time is a part of its own
+    # GEMMs then attention, each at its roofline: never below the per-step limit of the same useful work
+    assert att["gap_ideal_s"] + att["gap_underfill_s"] <= result["serial_limit_s"] * (1 + 1e-9)
+    assert result["serial_over_measured"] == pytest.approx(result["serial_limit_s"] / att["gap_measured_s"])
+    assert "serial limit" in printed
     classes = {r["class"]: r for r in result["kernel_breakdown"]}
     assert classes["gemm"]["device_time"] > 0 and classes["gemm"]["roofline_time"] > 0
     events = json.loads(trace.read_text())["traceEvents"]
