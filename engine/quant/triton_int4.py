@@ -289,8 +289,6 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         one_group = lambda ch: min(ch, group_size // KERNEL_CHUNK)  # noqa: E731
         cands = [gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w)
                  for bn, ch, w in GEMV_TILES]
-        if asm:  # the same tiles in packed half2 math (triton_int4_h2)
-            cands += [dict(c, h2=True) for c in cands]
         # the tensor-core kernel, also with 4 programs per SM (longer split-K)
         return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))
@@ -361,13 +359,13 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, h2=False):
+            block_k=None, fold=True, layout="tile", asm=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered); else the GEMV (gemv, the default for
-    m <= GEMV_MAX_ROWS; h2: in packed half2 math, triton_int4_h2, 16-bit x) or the per-plane tl.dot kernel."""
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel."""
     m, k = x.shape
     n = packed.shape[0]
     if kernel == "dequant":
@@ -383,9 +381,6 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:
         raise ValueError("gemv=True and kernel='tc' exclude each other")
-    if h2 and not (gemv and x.dtype in (torch.float16, torch.bfloat16)):
-        raise ValueError(f"h2=True is the GEMV's (gemv=True, at most {GEMV_MAX_ROWS} rows) for float16 / bfloat16 x, "
-                         f"not {x.dtype} x with gemv={gemv}")
     step = KERNEL_CHUNK * chunks
     if not _chunks_ok(chunks, group_size) or (not gemv and chunks < 4 and kernel is None) or chunks < 1:
         raise ValueError(f"chunks={chunks} ({step} features a step) does not tile groups of {group_size} "
@@ -418,10 +413,6 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                               XNAT=x_natural,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
-    elif h2:
-        from .triton_int4_h2 import _int4_gemv_h2_kernel
-        _int4_gemv_h2_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
-                                   **flags, ASM=asm_supported(x), num_warps=num_warps or 4)
     elif gemv:
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                 **flags, num_warps=num_warps or 4)

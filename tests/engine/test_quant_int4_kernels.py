@@ -178,61 +178,6 @@ def test_int4_gemv_keeps_float32_accuracy_over_the_range_of_x(magnitude):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-6, cfg
 
 
-H2 = dict(gemv=True, h2=True)
-# triton_int4_h2 (packed half2 math; here its float16 Triton path, the PTX runs on the GPU): ragged N, K off
-# the step, split-K serial or not with empty slices, steps inside one group and over several.
-H2_CASES = [
-    (1, 48, 256, 128, dict(H2, block_n=16, chunks=4, split_k=1)),
-    (1, 40, 384, 128, dict(H2, block_n=32, chunks=4, split_k=3)),
-    (2, 24, 96, 32, dict(H2, block_n=16, chunks=4, split_k=1)),
-    (2, 24, 160, 32, dict(H2, block_n=16, chunks=1, split_k=4, serial=True)),
-    (1, 33, 1024, 128, dict(H2, block_n=8, chunks=16, split_k=2, num_warps=1)),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,n,k,group,cfg", H2_CASES)
-def test_int4_h2_gemv_matches_dequantize_then_matmul(m, n, k, group, cfg, dtype):
-    """Sums of 4 products in float16 lanes: within the 16-bit output's own rounding of the float32 product,
-    for x from 1e-2 to 1e4 (x is scaled by 2^-4 into float16's range; scales of either sign)."""
-    from engine.quant.triton_int4 import int4_matmul
-    g = torch.Generator().manual_seed(m * 1000 + n + k)
-    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
-    packed, scales = pack_int4_kernel(qweight).to(DEVICE), scales.to(dtype)
-    scales[::3] *= -1
-    for magnitude in (1e-2, 1.0, 1e4):
-        x = (torch.randn(m, k, generator=g) * magnitude).to(dtype)
-        out = int4_matmul(x.to(DEVICE), packed, scales.to(DEVICE), zeros.to(DEVICE), group, **cfg).cpu()
-        ref = int4_linear_reference(x.float(), qweight, scales.float(), zeros)
-        assert out.dtype == dtype and out.shape == (m, n)
-        assert ((out.float() - ref).norm() / ref.norm()).item() < 4e-3, (magnitude, cfg)
-
-
-@pytest.mark.parametrize("cfg", [dict(H2, block_n=16, chunks=4, split_k=2), dict(H2, block_n=32, chunks=1)])
-def test_int4_h2_gemv_reads_back_every_code_exactly(cfg):
-    """Scale 1, zero 0, x = float16 unit rows: every nibble plane and word of a chunk comes back exact."""
-    from engine.quant.triton_int4 import int4_matmul
-    n, k, group = 24, 256, 32
-    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
-    ones, zeros = torch.ones(n, k // group, dtype=torch.float16), torch.zeros(n, k // group, dtype=torch.uint8)
-    rows = [0, 1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 31, 32, 33, 61, 100, 255]
-    x = torch.eye(k, dtype=torch.float16)[rows]
-    out = torch.cat([int4_matmul(r[None].to(DEVICE), packed, ones.to(DEVICE), zeros.to(DEVICE), group, **cfg)
-                     for r in x]).cpu()
-    assert torch.equal(out.float(), codes[:, rows].t().float())
-
-
-def test_int4_h2_gemv_rejects_what_it_cannot_run():
-    from engine.quant.triton_int4 import _launch
-    qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
-    packed = pack_int4_kernel(qweight)
-    with pytest.raises(ValueError, match="h2=True.*float32"):
-        _launch(torch.randn(1, 256), packed, scales, zeros, 128, gemv=True, h2=True)
-    with pytest.raises(ValueError, match="h2=True.*gemv=False"):
-        _launch(torch.randn(1, 256).half(), packed, scales.half(), zeros, 128, gemv=False, h2=True)
-
-
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_int4_gemv_candidates_keep_each_step_inside_one_group(group):
     """A GEMV step over several groups gathers a scale and zero per word (~4x slower on an H200,

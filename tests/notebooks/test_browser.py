@@ -149,9 +149,10 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
             explorer = page.wait_for_selector(".wb-block-map-explorer .js-plotly-plot .main-svg", timeout=60_000)
             page.wait_for_selector(".wb-allocator-comparison .js-plotly-plot .main-svg", timeout=60_000)
             # The slider goes through the kernel: the explorer redraws the block map of the step it lands on.
-            page.locator(".wb-block-map-explorer .slider-container .noUi-handle").first.click()
+            # Each press focuses the handle first: a late reflow of the page cannot take the keys elsewhere.
+            handle = page.locator(".wb-block-map-explorer .slider-container .noUi-handle").first
             for _ in range(STEP):
-                page.keyboard.press("ArrowRight")
+                handle.press("ArrowRight")
             # 27 redraws, each through the kernel and plotly: on CI's two cores beside the other test worker
             # they took over 30 s once; a miss says where the slider and the title got to.
             title = f".wb-block-map-explorer .gtitle:text-is('KV blocks after step {STEP}')"
