@@ -153,8 +153,8 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
             handle = page.locator(".wb-block-map-explorer .slider-container .noUi-handle").first
             for _ in range(STEP):
                 handle.press("ArrowRight")
-            # 27 redraws, each through the kernel and plotly: on CI's two cores beside the other test worker
-            # they took over 30 s once; a miss says where the slider and the title got to.
+            # 27 redraws, each through the kernel and plotly. On CI (two cores, the other test worker beside
+            # it) a 30 s wait ran out once, cause not reproduced; a miss says where the slider and title got to.
             title = f".wb-block-map-explorer .gtitle:text-is('KV blocks after step {STEP}')"
             try:
                 page.wait_for_selector(title, timeout=120_000)
