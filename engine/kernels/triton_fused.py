@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .metadata import AttentionMetadata
+from .pdl import release, release_flag
 from .triton_backend import TritonBackend
 from .triton_gemv import fusable, fused_linear
 
@@ -27,7 +28,8 @@ FP8_MAX = 448.0
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
+    release(RELEASE)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -43,12 +45,15 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
     tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                        release_early: bool | None = None):
+    """release_early: let a PDL kernel after this one launch at once (engine.kernels.pdl; None: its default)."""
     t, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, n, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+                               HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+                               RELEASE=release_flag(x.device, release_early))
     return out, res_out
 
 
@@ -106,7 +111,8 @@ def rotary_write_kv_triton(qkv, positions, cos, sin, k_cache, v_cache, meta: Att
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
+    release(RELEASE)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
@@ -116,12 +122,13 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * inter + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None) -> torch.Tensor:
     t, two_i = x.shape
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, BLOCK=block)
+    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, BLOCK=block,
+                                                         RELEASE=release_flag(x.device, release_early))
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.pdl import prefetch_rows, release_and_wait
 from .triton_int8 import _serial_split_reduce
 
 # A byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for bytes
@@ -34,7 +35,8 @@ DENORMAL_E = tl.constexpr(90)
 @triton.jit
 def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn,
                             stride_os, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr):
+                            EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
+                            PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K // 4
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -45,6 +47,9 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PREFETCH:  # this slice of the weight rows into L2 (engine.kernels.pdl), before waiting for x
+        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start, k_end - k_start)
+    release_and_wait(PDL)
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     offs_w = tl.arange(0, WORDS)

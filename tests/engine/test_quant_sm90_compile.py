@@ -55,10 +55,26 @@ INT4_SIZES = {"K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "
               "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
 
 
+def _pdl_variants(compile_with, loads_before_wait: bool = False) -> str:
+    """Compile a GEMV without and with programmatic dependent launch (engine.kernels.pdl); return the PTX
+    without. With: each program bulk-prefetches its weight rows into L2, then lets the next kernel launch,
+    then waits for the kernels before it, and (unless loads_before_wait: the bf16 GEMV loads its first
+    weight tile first) loads nothing from global memory before that wait. Without: none of it."""
+    off, on = compile_with(PDL=False, PREFETCH=False), compile_with(PDL=True, PREFETCH=True)
+    assert "griddepcontrol" not in off and "prefetch" not in off
+    prefetch, release = on.find("cp.async.bulk.prefetch.L2.global"), on.find("griddepcontrol.launch_dependents")
+    wait = on.find("griddepcontrol.wait")
+    assert 0 <= prefetch < release < wait, (prefetch, release, wait)
+    if not loads_before_wait:
+        assert not re.search(r"ld\.global|cp\.async\.cg", on[:wait])
+    return off
+
+
 def check_int4_gemv():
     from engine.quant.triton_int4 import _int4_gemv_kernel
-    ptx = _compile(_int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-                   dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3))
+    ptx = _pdl_variants(lambda **pdl: _compile(
+        _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
+        dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, **pdl)))
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx
     # the codes are float32 denormals: an FMA that flushed them to zero would multiply x by 0
@@ -167,7 +183,8 @@ def check_int8_word_gemv():
     sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
            "lock_ptr": "*i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
            "stride_os": "i32", "stride_om": "i32"}
-    ptx = _compile(_int8_gemv_words_kernel, sig, dict(BLOCK_N=32, BLOCK_K=512, EVEN_K=True, SERIAL=True, STAGES=3))
+    ptx = _pdl_variants(lambda **pdl: _compile(
+        _int8_gemv_words_kernel, sig, dict(BLOCK_N=32, BLOCK_K=512, EVEN_K=True, SERIAL=True, STAGES=3, **pdl)))
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
     # the codes are denormals: their FMAs must keep denormal operands (no flush to zero)
     assert "fma.rn.f32" in ptx and not re.search(r"\.ftz\.f32", ptx)
@@ -234,11 +251,12 @@ def check_decode_attention_fp8_cache():
 def check_decode_gemv():
     from engine.kernels.triton_gemv import PROLOGUES, _gemv_kernel
     for name, code in PROLOGUES.items():
-        ptx = _compile(_gemv_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "w_ptr": "*bf16",
-                                      "b_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16", "N": "i32",
-                                      "K": "i32", "eps": "fp32", "stride_xm": "i32", "stride_wn": "i32"},
-                       dict(PROLOGUE=code, HAS_RESIDUAL=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=512,
-                            ROW_BLOCK=4096 if name == "norm" else 1, EVEN_K=True))
+        ptx = _pdl_variants(lambda **pdl: _compile(
+            _gemv_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
+                           "out_ptr": "*bf16", "res_out_ptr": "*bf16", "N": "i32", "K": "i32", "eps": "fp32",
+                           "stride_xm": "i32", "stride_wn": "i32"},
+            dict(PROLOGUE=code, HAS_RESIDUAL=True, HAS_BIAS=False, BLOCK_N=8, BLOCK_K=512,
+                 ROW_BLOCK=4096 if name == "norm" else 1, EVEN_K=True, **pdl)), loads_before_wait=True)
         # The weight tiles stream as 16-byte vector loads (its prefetch included): what its bandwidth rests on.
         assert len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.b32", ptx)) >= 2, name
 
