@@ -45,16 +45,27 @@ def release(PDL: tl.constexpr):
 
 
 @triton.jit
-def release_and_wait(PDL: tl.constexpr):
-    """With PDL: let the next kernel in the stream launch, then wait until the kernels before this one
-    have finished and their writes are visible. Without: nothing."""
-    if PDL:
+def wait_for_inputs(PDL: tl.constexpr):
+    """PDL 1: let the next kernel launch now, then wait until the kernels before this one have finished and
+    their writes are visible; PDL 2: only wait (`release_late` lets the next one launch after the main loop);
+    0: nothing."""
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
+    if PDL >= 1:
         tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def release_late(PDL: tl.constexpr):
+    """PDL 2: let the next kernel launch (after the main loop, so that its programs do not take the SM slots
+    this kernel's later programs need)."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 # Off until measured on the device (benchmarks/pdl_ab.py); ENGINE_PDL=1 / 0 overrides.
 DEFAULT = "0"
+DEFAULT_MODE, DEFAULT_PREFETCH = 2, 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,17 +82,19 @@ def pdl_enabled(device: torch.device) -> bool:
     return _capability(index) >= (9, 0)
 
 
-def pdl_flags(device: torch.device, weight: torch.Tensor, row_bytes: int, pdl: bool | None,
-              prefetch: bool | None) -> tuple[bool, bool]:
-    """(PDL, PREFETCH) of a GEMV launch over `weight` rows of `row_bytes` bytes: pdl None takes the device's
-    default, prefetch None follows pdl; off CUDA both are off, and the prefetch is off unless every row
-    starts 16-byte aligned (what the bulk prefetch needs)."""
+def pdl_flags(device: torch.device, weight: torch.Tensor, row_bytes: int, pdl: int | bool | None,
+              prefetch: int | bool | None) -> tuple[int, int]:
+    """(PDL, PREFETCH) of a GEMV launch over `weight` rows of `row_bytes` bytes. PDL: 0 off, 1 let the next
+    kernel launch at the start, 2 after the main loop; PREFETCH: 0 none, 1 the first tiles of a program's
+    rows, 2 all of them. pdl None (or True) takes the device's default mode, prefetch None its default with
+    PDL; off CUDA both are 0, and the prefetch is 0 unless every row starts 16-byte aligned."""
     if device.type != "cuda":
-        return False, False
-    pdl = pdl_enabled(device) if pdl is None else pdl
-    prefetch = pdl if prefetch is None else prefetch
+        return 0, 0
+    on = pdl_enabled(device) if pdl is None else bool(pdl)
+    pdl = (DEFAULT_MODE if pdl is None or pdl is True else int(pdl)) if on else 0
+    prefetch = (DEFAULT_PREFETCH if pdl else 0) if prefetch is None or prefetch is True else int(prefetch)
     aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
-    return bool(pdl), bool(prefetch and aligned and row_bytes >= 16)
+    return pdl, prefetch if aligned and row_bytes >= 16 else 0
 
 
 def release_flag(device: torch.device, release_early: bool | None) -> bool:

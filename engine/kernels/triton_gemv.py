@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from .pdl import launch_options, pdl_flags, prefetch_rows, release_and_wait
+from .pdl import launch_options, pdl_flags, prefetch_rows, release_late, wait_for_inputs
 
 GEMV_MAX_ROWS = 4  # above this, cuBLAS's tensor-core GEMMs win (each row re-reads the weights from L2 here)
 MAX_NORM_ROW = 8192  # the norm prologue keeps a whole row in registers
@@ -69,8 +69,8 @@ def _prologue_x(x_row, res_row, nw_ptr, offs_k, mask_k, K, inv, PROLOGUE: tl.con
 @triton.jit
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, eps, stride_xm, stride_wn,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = 0,
+                 PREFETCH: tl.constexpr = 0):
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
@@ -84,11 +84,15 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
         mask_k = tl.full([BLOCK_K], 1, tl.int1)
     else:
         mask_k = offs_k < K
-    if PREFETCH:  # the program's whole weight rows into L2 (engine.kernels.pdl)
-        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn,
-                      K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8))
+    if PREFETCH:  # the rows' second tile (1; the first is loaded below) or all of them (2) into L2 (engine.kernels.pdl)
+        size: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        if PREFETCH == 2:
+            prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn, K * size)
+        else:
+            prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + BLOCK_K,
+                          tl.minimum(K - BLOCK_K, BLOCK_K) * size)
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # before the norm
-    release_and_wait(PDL)  # weights are constant: only x, the residual and out wait for the kernels before
+    wait_for_inputs(PDL)  # weights are constant: only x, the residual and out wait for the kernels before
     inv = 1.0
     if PROLOGUE == 1:
         offs = tl.arange(0, ROW_BLOCK)
@@ -115,6 +119,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
         xk = _prologue_x(x_row, res_row, nw_ptr, offs_k, mask_k, K, inv, PROLOGUE, HAS_RESIDUAL, dtype)
         acc += w.to(tl.float32) * xk[None, :]
         w = w_next
+    release_late(PDL)
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.pdl import launch_options, pdl_flags, prefetch_rows, release_and_wait
+from ..kernels.pdl import launch_options, pdl_flags, prefetch_rows, release_late, wait_for_inputs
 from . import tuning
 from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
@@ -126,7 +126,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                      PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
     WORDS: tl.constexpr = 4 * CHUNKS
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -138,10 +138,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
     col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word column, from the step start
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if PREFETCH:  # this slice of the packed rows (8 features a word) into L2 (engine.kernels.pdl)
-        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start // 8,
-                      (k_end - k_start) // 2)
-    release_and_wait(PDL)
+    if PREFETCH:  # the slice's first STAGES steps (1) or all of it (2), 8 features a word, into L2 (engine.kernels.pdl)
+        nbytes = (k_end - k_start) // 2 if PREFETCH == 2 else tl.minimum(k_end - k_start, STAGES * 32 * CHUNKS) // 2
+        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start // 8, nbytes)
+    wait_for_inputs(PDL)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
@@ -166,6 +166,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
             part += _denormal_term(w, w8, x, i, E)
         # sum (q - zero) * x = sum q * x - zero * sum x
         acc += (part - zero * (x_sum * (2.0 ** (E - 149)))[None, :]) * scale
+    release_late(PDL)
     out = tl.sum(acc, 1) * (2.0 ** (149 - E))
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
     # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
