@@ -5,13 +5,13 @@ One layer per mode (bf16: the fused GEMVs of engine/kernels/triton_gemv.py; int8
 int4: triton_int4's GEMV):
     bf16:        gemv(norm) qkv, 2 stand-ins, gemv o, gemv(norm) gate_up, gemv(silu) down
     int8 / int4: add_rms_norm, qkv, 2 stand-ins, o, add_rms_norm, gate_up, silu_and_mul, down
-32 layers (each with its own weights) and the LM head make one CUDA graph per variant of VARIANTS: "off"
-(plain launches), PDL letting the next kernel launch at a GEMV's start ("early") or after its main loop
-("late"), with an L2 prefetch of each program's first weight tiles before its wait ("+head"), and with the
-norm / SwiGLU kernels between the GEMVs letting the next one launch at their start ("+release"). The
-stand-ins are one-row add_rms_norm launches where the engine runs rotary + KV write and attention: kernel
-boundaries, not that work. (The first run, at 7f3db58, prefetched every program's whole slice: 0.60-0.84x,
-pdl_ab_h200.json.) Each
+32 layers (each with its own weights) and the LM head make one CUDA graph per variant: "off" (plain
+launches), "pdl" (the GEMVs launched with PDL: each waits at its start and lets the next kernel launch
+after its main loop) and "pdl+release" (the engine's default: also the norm / SwiGLU kernels between the
+GEMVs, and the stand-ins, let the next one launch at their start). The stand-ins are one-row add_rms_norm
+launches where the engine runs rotary + KV write and attention: kernel boundaries, not that work. Earlier
+variants: releasing at the GEMV's start, and an L2 prefetch of each program's weight rows before its wait
+(pdl_ab_h200.json at 7f3db58, pdl_ab_h200_run2.json at baa4299; git checkout baa4299 for that script). Each
 GEMV shape gets the tile tuning.pick measures fastest among its GEMV tiles (without PDL). Rounds replay
 every variant's graph (the order rotating each round); medians and spread of the milliseconds per replay
 are reported, and every variant's outputs must equal the "off" graph's bit for bit.
@@ -36,10 +36,8 @@ from engine.quant.int4 import pack_int4_kernel, quantize_int4  # noqa: E402
 
 LAYERS = 32
 HIDDEN, INTER, QKV, VOCAB = 4096, 14336, 6144, 128256
-# (PDL mode, PREFETCH mode, release): engine.kernels.pdl's modes; release: the norm / SwiGLU kernels (and stand-ins)
-# between the GEMVs let the next one launch at their start.
-VARIANTS = {"off": (0, 0, False), "early": (1, 0, False), "late": (2, 0, False), "late+head": (2, 1, False),
-            "late+head+release": (2, 1, True), "early+head+release": (1, 1, True), "late+release": (2, 0, True)}
+# (GEMVs launched with PDL, norm / SwiGLU kernels releasing early)
+VARIANTS = {"off": (False, False), "pdl": (True, False), "pdl+release": (True, True)}
 REPLAYS = 20
 
 
@@ -56,8 +54,7 @@ def make_weight(mode, n, k, dev):
 
 def linear(mode, x, weight, cfg, variant, prologue="none", residual=None, norm_w=None):
     """One GEMV launch of `mode` with tile cfg and the variant's PDL flags; bf16 with its fused prologue."""
-    pdl, prefetch, _ = VARIANTS[variant]
-    flags = dict(pdl=pdl, prefetch=prefetch)
+    flags = dict(pdl=VARIANTS[variant][0])
     if mode == "bf16":
         return gemv(x, weight[0], None, prologue, residual, norm_w, 1e-5, block_n=cfg["block_n"],
                     block_k=cfg["block_k"], num_warps=cfg["num_warps"], **flags)
@@ -102,7 +99,7 @@ def build(mode, dev, sms):
     cfgs["lm_head"] = tune(mode, VOCAB, HIDDEN, head, x, sms)
 
     def step(variant):
-        rel = VARIANTS[variant][2]
+        rel = VARIANTS[variant][1]
         norm = lambda a, r: add_rms_norm_triton(a, r, norm_w, 1e-5, release_early=rel)  # noqa: E731
         outs = []
         for w in layers:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .metadata import AttentionMetadata
-from .pdl import release, release_flag
+from .pdl import pdl_enabled, release
 from .triton_backend import TritonBackend
 from .triton_gemv import fusable, fused_linear
 
@@ -47,13 +47,14 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                         release_early: bool | None = None):
-    """release_early: let a PDL kernel after this one launch at once (engine.kernels.pdl; None: its default)."""
+    """release_early: let a GEMV launched with PDL after this kernel launch at once (engine.kernels.pdl; None:
+    its default)."""
     t, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, n, eps,
                                HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                               RELEASE=release_flag(x.device, release_early))
+                               RELEASE=pdl_enabled(x.device, release_early))
     return out, res_out
 
 
@@ -128,7 +129,7 @@ def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None) -> t
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = 1024
     _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, BLOCK=block,
-                                                         RELEASE=release_flag(x.device, release_early))
+                                                         RELEASE=pdl_enabled(x.device, release_early))
     return out
 
 

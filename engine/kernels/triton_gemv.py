@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import nn
 from torch.nn import functional as F
 
-from .pdl import launch_options, pdl_flags, prefetch_rows, release_late, wait_for_inputs
+from .pdl import launch_options, pdl_enabled, release, wait_for_inputs
 
 GEMV_MAX_ROWS = 4  # above this, cuBLAS's tensor-core GEMMs win (each row re-reads the weights from L2 here)
 MAX_NORM_ROW = 8192  # the norm prologue keeps a whole row in registers
@@ -69,8 +69,7 @@ def _prologue_x(x_row, res_row, nw_ptr, offs_k, mask_k, K, inv, PROLOGUE: tl.con
 @triton.jit
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, eps, stride_xm, stride_wn,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = 0,
-                 PREFETCH: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
     m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     dtype = out_ptr.dtype.element_ty
@@ -84,15 +83,9 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
         mask_k = tl.full([BLOCK_K], 1, tl.int1)
     else:
         mask_k = offs_k < K
-    if PREFETCH:  # the rows' second tile (1; the first is loaded below) or all of them (2) into L2 (engine.kernels.pdl)
-        size: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        if PREFETCH == 2:
-            prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn, K * size)
-        else:
-            prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + BLOCK_K,
-                          tl.minimum(K - BLOCK_K, BLOCK_K) * size)
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # before the norm
-    wait_for_inputs(PDL)  # weights are constant: only x, the residual and out wait for the kernels before
+    # programmatic dependent launch (engine.kernels.pdl): the weights are constant, x, the residual and out wait
+    wait_for_inputs(PDL)
     inv = 1.0
     if PROLOGUE == 1:
         offs = tl.arange(0, ROW_BLOCK)
@@ -119,7 +112,7 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
         xk = _prologue_x(x_row, res_row, nw_ptr, offs_k, mask_k, K, inv, PROLOGUE, HAS_RESIDUAL, dtype)
         acc += w.to(tl.float32) * xk[None, :]
         w = w_next
-    release_late(PDL)
+    release(PDL)
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -128,11 +121,10 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, prologue: str = "none",
          residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6, *,
-         block_n: int = 8, block_k: int = 512, num_warps: int = 4, pdl: bool | None = None,
-         prefetch: bool | None = None):
+         block_n: int = 8, block_k: int = 512, num_warps: int = 4, pdl: bool | None = None):
     """out [M, N] = prologue(x) @ weight^T (+ bias), in x's dtype. prologue "norm" returns (out, new residual
-    [M, K]); "silu" takes x = h [M, 2K]; "none" returns out. pdl / prefetch: programmatic dependent launch and
-    the L2 weight prefetch (engine.kernels.pdl; None: its default)."""
+    [M, K]); "silu" takes x = h [M, 2K]; "none" returns out. pdl: programmatic dependent launch
+    (engine.kernels.pdl; None: its default)."""
     m = x.shape[0]
     n, k = weight.shape
     code = PROLOGUES[prologue]
@@ -142,13 +134,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     res_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if code == 1 else out
     if residual is not None:
         residual = residual.contiguous()
-    pdl, prefetch = pdl_flags(x.device, weight, k * weight.element_size(), pdl, prefetch)
+    pdl = pdl_enabled(x.device, pdl)
     _gemv_kernel[(m, triton.cdiv(n, block_n))](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else weight, weight,
         bias if bias is not None else weight, out, res_out, n, k, eps, x.stride(0), weight.stride(0),
         PROLOGUE=code, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n,
         BLOCK_K=block_k, ROW_BLOCK=triton.next_power_of_2(k) if code == 1 else 1, EVEN_K=k % block_k == 0,
-        PDL=pdl, PREFETCH=prefetch, num_warps=num_warps, **launch_options(pdl))
+        PDL=pdl, num_warps=num_warps, **launch_options(pdl))
     return (out, res_out) if code == 1 else out
 
 

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.pdl import launch_options, pdl_flags, prefetch_rows, release_late, wait_for_inputs
+from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
 from . import tuning
 from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
@@ -126,7 +126,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                      PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
+                      PDL: tl.constexpr = False):
     WORDS: tl.constexpr = 4 * CHUNKS
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -138,10 +138,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
     col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word column, from the step start
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if PREFETCH:  # the slice's first STAGES steps (1) or all of it (2), 8 features a word, into L2 (engine.kernels.pdl)
-        nbytes = (k_end - k_start) // 2 if PREFETCH == 2 else tl.minimum(k_end - k_start, STAGES * 32 * CHUNKS) // 2
-        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start // 8, nbytes)
-    wait_for_inputs(PDL)
+    wait_for_inputs(PDL)  # programmatic dependent launch (engine.kernels.pdl)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
@@ -166,7 +163,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
             part += _denormal_term(w, w8, x, i, E)
         # sum (q - zero) * x = sum q * x - zero * sum x
         acc += (part - zero * (x_sum * (2.0 ** (E - 149)))[None, :]) * scale
-    release_late(PDL)
+    release(PDL)
     out = tl.sum(acc, 1) * (2.0 ** (149 - E))
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
     # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
@@ -366,14 +363,14 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=None):
+            block_k=None, fold=True, layout="tile", asm=False, pdl=None):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered); else the GEMV (gemv, the default for
-    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. pdl / prefetch: the GEMV's programmatic dependent
-    launch and L2 weight prefetch (engine.kernels.pdl; None: its default)."""
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. pdl: the GEMV's programmatic dependent launch
+    (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
     if kernel == "dequant":
@@ -422,9 +419,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:
-        pdl, prefetch = pdl_flags(x.device, packed, k // 2, pdl, prefetch)
+        pdl = pdl_enabled(x.device, pdl)
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
-                                **flags, PDL=pdl, PREFETCH=prefetch, num_warps=num_warps or 4, **launch_options(pdl))
+                                **flags, PDL=pdl, num_warps=num_warps or 4, **launch_options(pdl))
     else:
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels.pdl import launch_options, pdl_flags
+from ..kernels.pdl import launch_options, pdl_enabled
 from . import tuning
 from .dequant_mm import int8_dequant_matmul, with_dequant
 
@@ -429,10 +429,10 @@ def words_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, pdl=None, prefetch=None):
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, pdl=None):
     """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
-    the byte permute in inline PTX (CUDA only), in the tl.dot kernel or the mma kernel. pdl / prefetch: the
-    word GEMV's programmatic dependent launch and L2 weight prefetch (engine.kernels.pdl; None: its default)."""
+    the byte permute in inline PTX (CUDA only), in the tl.dot kernel or the mma kernel. pdl: the word GEMV's
+    programmatic dependent launch (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = q.shape[0]
     if kernel == "dequant":
@@ -472,9 +472,9 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
                  STAGES=(num_stages or 3) if x.is_cuda else 1)
     if kernel == "words":
         from .triton_int8_words import _int8_gemv_words_kernel
-        pdl, prefetch = pdl_flags(x.device, q, k, pdl, prefetch)
+        pdl = pdl_enabled(x.device, pdl)
         _int8_gemv_words_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),
-                                      **flags, PDL=pdl, PREFETCH=prefetch, num_warps=num_warps or 4,
+                                      **flags, PDL=pdl, num_warps=num_warps or 4,
                                       **launch_options(pdl))
     elif gemv:
         _int8_gemv_kernel[grid](*args, n, k, split_k, x.stride(0), q.stride(0), split_stride, out.stride(-2),

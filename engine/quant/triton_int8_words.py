@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.pdl import prefetch_rows, release_late, wait_for_inputs
+from ..kernels.pdl import release, wait_for_inputs
 from .triton_int8 import _serial_split_reduce
 
 # A byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for bytes
@@ -36,7 +36,7 @@ DENORMAL_E = tl.constexpr(90)
 def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, split_k, stride_xm, stride_wn,
                             stride_os, stride_om, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                            PDL: tl.constexpr = 0, PREFETCH: tl.constexpr = 0):
+                            PDL: tl.constexpr = False):
     WORDS: tl.constexpr = BLOCK_K // 4
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -47,10 +47,7 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
     k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if PREFETCH:  # the slice's first STAGES tiles (1) or all of it (2) into L2 (engine.kernels.pdl), before x
-        nbytes = k_end - k_start if PREFETCH == 2 else tl.minimum(k_end - k_start, STAGES * BLOCK_K)
-        prefetch_rows(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + k_start, nbytes)
-    wait_for_inputs(PDL)
+    wait_for_inputs(PDL)  # programmatic dependent launch (engine.kernels.pdl)
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     offs_w = tl.arange(0, WORDS)
@@ -77,7 +74,7 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
         acc += (t16 & 0xFF).to(tl.float32, bitcast=True) * (x2 * (2.0 ** E))[None, :]
         acc += (t16 & 0xFF00).to(tl.float32, bitcast=True) * (x3 * (2.0 ** (E - 8)))[None, :]
         x_sum += (x0 + x1) + (x2 + x3)
-    release_late(PDL)
+    release(PDL)
     # sum (q + 128) x, in units of 2^(149 - E), less 128 sum x
     dot = tl.sum(acc, 1) * (2.0 ** (149 - E)) - 128.0 * tl.sum(x_sum, 0)
     out = dot * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)

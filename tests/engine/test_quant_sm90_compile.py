@@ -56,18 +56,15 @@ INT4_SIZES = {"K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "
 
 
 def _pdl_variants(compile_with, loads_before_wait: bool = False) -> str:
-    """Compile a GEMV without and with programmatic dependent launch (engine.kernels.pdl's default modes);
-    return the PTX without. With: each program bulk-prefetches its first weight tiles into L2, waits for the
-    kernels before it, and only after its main loop lets the next kernel launch; unless loads_before_wait
-    (the bf16 GEMV loads its first weight tile first) it loads nothing from global memory before the wait.
-    Without: none of it."""
-    from engine.kernels.pdl import DEFAULT_MODE, DEFAULT_PREFETCH
-    off, on = compile_with(PDL=0, PREFETCH=0), compile_with(PDL=DEFAULT_MODE, PREFETCH=DEFAULT_PREFETCH)
-    assert "griddepcontrol" not in off and "prefetch" not in off
-    prefetch, wait = on.find("cp.async.bulk.prefetch.L2.global"), on.find("griddepcontrol.wait")
-    release = on.find("griddepcontrol.launch_dependents")
-    assert 0 <= prefetch < wait < release, (prefetch, wait, release)
-    assert re.search(r"(fma\.rn\.f32|ld\.global|cp\.async\.cg)", on[wait:release])  # the loop in between
+    """Compile a GEMV without and with programmatic dependent launch (engine.kernels.pdl); return the PTX
+    without. With: each program waits for the kernels before it, runs its main loop, and only then lets the
+    next kernel launch; unless loads_before_wait (the bf16 GEMV loads its first weight tile first) it loads
+    nothing from global memory before the wait. Without: none of it."""
+    off, on = compile_with(PDL=False), compile_with(PDL=True)
+    assert "griddepcontrol" not in off
+    wait, release = on.find("griddepcontrol.wait"), on.find("griddepcontrol.launch_dependents")
+    assert 0 <= wait < release, (wait, release)
+    assert re.search(r"fma\.rn\.f32", on[wait:release])  # the main loop in between
     if not loads_before_wait:
         assert not re.search(r"ld\.global|cp\.async\.cg", on[:wait])
     return off

@@ -1,8 +1,8 @@
 """Programmatic dependent launch (engine/kernels/pdl.py) on the GPU.
 
 A chain of MLP blocks where every kernel reads what the kernel before it wrote (norm -> gate_up GEMV ->
-SwiGLU -> down GEMV -> next block's norm), captured in a CUDA graph with PDL launches, the L2 prefetch and
-the norm / SwiGLU kernels releasing early, gives bit for bit what the same chain of plain launches gives,
+SwiGLU -> down GEMV -> next block's norm), captured in a CUDA graph with PDL launches and the norm / SwiGLU
+kernels releasing early, gives bit for bit what the same chain of plain launches gives,
 for each GEMV that launches with PDL (bf16 with its fused prologues, the int8 word GEMV and the int4 GEMV,
 both with split-K reduced in the kernel). A GEMV that read its input before `gdc_wait` would race the
 kernel before it. Plain launches are checked against torch's matmuls first. And an engine with
@@ -37,11 +37,11 @@ def _weights(kind, n, k, gen):
 
 
 def _chain(kind, blocks, x, norm_w, pdl):
-    """BLOCKS MLP blocks over x [1, HIDDEN]; pdl: PDL launches, prefetch and early release, or none of it."""
+    """BLOCKS MLP blocks over x [1, HIDDEN]; pdl: PDL launches and early releases, or neither."""
     from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
     from engine.kernels.triton_gemv import gemv
     from engine.quant import triton_int4, triton_int8
-    flags = dict(pdl=pdl, prefetch=pdl)
+    flags = dict(pdl=pdl)
 
     def linear(a, w, prologue="none", residual=None):
         if kind == "bf16":
@@ -66,7 +66,7 @@ def _chain(kind, blocks, x, norm_w, pdl):
 def _reference(blocks, x, norm_w):
     residual = torch.zeros_like(x, dtype=torch.float32)
     x = x.float()
-    for (_, gate_up), (_, down) in blocks:
+    for gate_up, down in blocks:
         residual = x + residual
         a = residual * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
         h = a @ gate_up.t()
