@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import pdl_enabled, release
+
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)  # what a @triton.jit function may read (the compiler refuses plain float globals)
 
@@ -88,7 +90,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                          SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         PRECISE_PV: tl.constexpr, FP8_KV: tl.constexpr):
+                         PRECISE_PV: tl.constexpr, FP8_KV: tl.constexpr, RELEASE: tl.constexpr):
+    release(RELEASE)  # a decode GEMV after it (o_proj) may launch now (engine.kernels.pdl)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -164,7 +167,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
                           stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
                           stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                          RELEASE: tl.constexpr):
+    release(RELEASE)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -287,10 +292,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
-        FP8_KV=k_cache.element_size() == 1, num_warps=num_warps, num_stages=num_stages,
+        FP8_KV=k_cache.element_size() == 1, RELEASE=pdl_enabled(q.device), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             acc, lse, out, num_splits, *acc_strides, *lse_strides, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            RELEASE=pdl_enabled(q.device), num_warps=4,
         )
