@@ -8,10 +8,12 @@ while the kernel before it in the stream is still running, once every program of
 reads. So the next GEMV's launch overlaps the end of the kernel before it.
 
 Where (measured on an H200, benchmarks/pdl_ab.py, a batch-1 chain of 32 llama-3.1-8b layers in a CUDA
-graph, pdl_ab_h200_run2.json): a GEMV launched with PDL waits at its start and releases after its main
-loop (releasing at its start let the next GEMV's programs take the SM slots its own later programs
-needed: 0.98x for int8 / int4), and the norm and SwiGLU kernels before a GEMV release at their start:
-1.024x / 1.018x / 1.016x for bf16 / int8 / int4. An L2 prefetch of each program's weight rows before its
+graph): a GEMV launched with PDL waits at its start and releases after its main loop (releasing at its
+start let the next GEMV's programs take the SM slots its own later programs needed: 0.97-0.98x for int8 /
+int4, pdl_ab_h200_run2.json), and the norm, SwiGLU and attention kernels before a GEMV release at their
+start: 1.022x / 1.021x / 1.015x for bf16 / int8 / int4 (pdl_ab_h200_run3.json); the engine's batch-1 TPOT
+1.015-1.022x / 1.007x / 1.006x (benchmarks/pdl_engine_ab.py, pdl_engine_ab_h200.json, _run2.log).
+`pdl_enabled` reads ENGINE_PDL at each launch (sub-microsecond host work; none inside a CUDA graph). An L2 prefetch of each program's weight rows before its
 wait (one cp.async.bulk.prefetch.L2 a row) lost everywhere, 0.60-0.98x (pdl_ab_h200.json, _run2), and was
 removed.
 
