@@ -160,7 +160,8 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
                 page.wait_for_selector(title, timeout=120_000)
             except sync_api.TimeoutError:
                 readout = page.locator(".wb-block-map-explorer .widget-readout").first.inner_text()
-                shown = page.locator(".wb-block-map-explorer .gtitle").first.inner_text()
+                # the title is SVG text: text_content (inner_text is for HTML elements and raised in CI)
+                shown = page.locator(".wb-block-map-explorer .gtitle").first.text_content()
                 pytest.fail(f"the explorer did not reach step {STEP}: slider reads {readout!r}, title {shown!r}")
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'], "
                                   ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
