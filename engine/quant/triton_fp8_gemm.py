@@ -28,14 +28,20 @@ HAS_TMA = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
 def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_os, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+                    SERIAL: tl.constexpr, STAGES: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+                    LIMBS: tl.constexpr = False):
     """out[m, n] = xs[m] * ws[n] * sum_k x[m, k] w[n, k], A and B swapped (acc[n, m] = W x^T) so that a
     few rows make a 16-wide MMA N while the weights fill its 64-128-row M; split-K as int4's kernels.
     TMA: x_ptr and w_ptr are tensor descriptors of [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] boxes (Hopper's
-    bulk copies, zero-filled past M, N and K; a slice ends on a whole K tile, so only K's end is ragged)."""
+    bulk copies, zero-filled past M, N and K; a slice ends on a whole K tile, so only K's end is ragged).
+    LIMBS (triton_int8_limbs): int8 codes, x's M rows the hi / lo limbs of M / 2 tokens (rows 2t, 2t + 1),
+    summed in int32; the epilogue joins each pair, 128 * hi + lo, and scales it by its token's xs."""
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if LIMBS:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         if TMA:
             w = w_ptr.load([pid_n * BLOCK_N, k0])
@@ -49,8 +55,15 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
                          mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
-    acc = acc * ws[:, None] * xs[None, :]
+    if LIMBS:
+        hi, lo = tl.split(tl.reshape(acc.to(tl.float32), (BLOCK_N, BLOCK_M // 2, 2)))
+        offs_m = pid_m * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)  # tokens from here on
+        mask_m = offs_m < M // 2
+        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = (hi * 128.0 + lo) * ws[:, None] * xs[None, :]
+    else:
+        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
+        acc = acc * ws[:, None] * xs[None, :]
     # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch, summed by the tile's last slice into
     # res_ptr (SERIAL) or by a torch.sum afterwards (triton_int8.py).
     _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
@@ -76,9 +89,15 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     default, used untuned) and, up to 256 rows, a few Triton tiles with their split-K variants
     (split_variants). Above 256 rows (prefill chunks, which all share one tuned config) scaled_mm alone:
     a tile or split-K that wins at the bucket's first row count must not run an 8192-token chunk."""
-    from .triton_int8 import split_variants
     if m > 256:
         return [dict(kernel="scaled_mm")]
+    return [dict(kernel="scaled_mm")] + dot_candidates(m, n, k, sms)
+
+
+def dot_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
+    """The Triton kernel's configs for m rows: the heuristic's tile and a few others with their split-K variants,
+    each with pointer loads and (Triton >= 3.4, 16-byte row strides) tensor-descriptor loads."""
+    from .triton_int8 import split_variants
     extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
              for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
     # More K slices than the heuristic's (2 programs per SM) lost at 64 rows on the H200: twice as many took qkv from
@@ -87,7 +106,7 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
         [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
          fp8_dot_config(m, n, k, sms, block_k=256)] + extra)
     tma = [dict(c, kernel="tma") for c in ours] if HAS_TMA and k % 16 == 0 else []  # 16-byte row strides
-    return [dict(kernel="scaled_mm")] + ours + tma
+    return ours + tma
 
 
 # (block_n, block_k, num_warps, num_stages) also timed above 16 rows, where the tiles above left the decode
@@ -122,9 +141,10 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
 
 
 def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, block_n=None, block_k=128,
-                split_k=None, num_warps=None, num_stages=None, serial=False):
+                split_k=None, num_warps=None, num_stages=None, serial=False, limbs=False):
     """kernel: "scaled_mm", "triton" (pointer loads) or "tma" (the same Triton kernel with tensor-descriptor loads;
-    building the two descriptors costs ~4 us of host time a launch, paid once where a CUDA graph replays it)."""
+    building the two descriptors costs ~4 us of host time a launch, paid once where a CUDA graph replays it).
+    limbs: xq holds int8 limbs, two rows a token (triton_int8_limbs; block_m counts limb rows, even)."""
     if kernel == "scaled_mm":
         # wq.t() is the column-major [K, N] operand _scaled_mm wants, without a copy.
         return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=out_dtype)
@@ -135,7 +155,8 @@ def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, 
     block_m, block_n = block_m or default["block_m"], block_n or default["block_n"]
     split_k = split_k or default["split_k"]
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    grid, out, split_stride, locks, res = split_outputs(xq.device, m, n, block_m, block_n, split_k, serial,
+    rows, tile_rows = (m // 2, block_m // 2) if limbs else (m, block_m)  # the output's rows and a tile's
+    grid, out, split_stride, locks, res = split_outputs(xq.device, rows, n, tile_rows, block_n, split_k, serial,
                                                         out_dtype)
     x_arg, w_arg = xq, wq
     if kernel == "tma":
@@ -147,7 +168,7 @@ def _fp8_launch(xq, xs, wq, ws, out_dtype, *, kernel="scaled_mm", block_m=None, 
         wq.stride(0), split_stride, out.stride(-2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, SERIAL=locks is not None,
         STAGES=(num_stages or 3) if xq.is_cuda else 1,
-        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", TMA=kernel == "tma",
+        PRECISION="ieee" if xq.dtype == torch.float32 else "tf32", TMA=kernel == "tma", LIMBS=limbs,
         num_warps=num_warps or default["num_warps"])
     if locks is not None:
         return res

@@ -30,7 +30,8 @@ weight as 32-bit words, each code a float32 denormal by one AND. triton_int8_mma
 kernel="mma", any rows, K % 128 == 0) multiplies in float16 with the codes as 1152 + q, two per byte
 permute, unpacked in the MMA operand's registers (bfloat16 x scaled into float16 by 2^-4;
 mma8_candidates). Which kernel, tile, split and pipelining a shape gets is measured on the device
-(tuning.py).
+(tuning.py). triton_int8_limbs.py (config kernel="limbs", from 17 rows, CUDA) multiplies on int8 tensor
+cores, the activations as two int8 limbs per token (a 15-bit fixed point of each token's range).
 Nothing reads device values on the host, so the launches can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -394,6 +395,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
                                   num_stages=3))
             if m > 16:
                 cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
+                if x.is_cuda:
+                    from .triton_int8_limbs import limbs_candidates
+                    cands += limbs_candidates(m, n, k, sms)
             cands = with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q), "int8")
             key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
         forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
@@ -429,12 +433,17 @@ def words_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
 
 def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=None, num_warps=None,
-            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, pdl=None):
-    """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel; asm:
-    the byte permute in inline PTX (CUDA only), in the tl.dot kernel or the mma kernel. pdl: the word GEMV's
-    programmatic dependent launch (engine.kernels.pdl; None: its default)."""
+            num_stages=None, gemv=None, serial=False, swap=True, kernel=None, asm=False, pdl=None, tma=False):
+    """kernel="words": the GEMV of triton_int8_words; kernel="mma": triton_int8_mma's float16 kernel;
+    kernel="limbs": triton_int8_limbs (tma: its tensor-descriptor loads); asm: the byte permute in inline PTX
+    (CUDA only), in the tl.dot kernel or the mma kernel. pdl: the word GEMV's programmatic dependent launch
+    (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = q.shape[0]
+    if kernel == "limbs":
+        from .triton_int8_limbs import limbs_matmul
+        return limbs_matmul(x, q, scales, tma=tma, block_m=block_m, block_n=block_n, block_k=block_k or 128,
+                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial)
     if kernel == "dequant":
         return int8_dequant_matmul(x, q, scales, block_n or 8, block_k or 1024)
     if kernel == "mma":
@@ -442,7 +451,7 @@ def _launch(x, q, scales, *, block_m=None, block_n=None, block_k=None, split_k=N
         return _launch_mma(x, q, scales, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                            num_warps=num_warps, num_stages=num_stages, serial=serial, asm=asm)
     if kernel not in (None, "words"):
-        raise ValueError(f"kernel={kernel!r}: expected None, 'words', 'mma' or 'dequant'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'words', 'mma', 'limbs' or 'dequant'")
     if asm and kernel == "words":
         raise ValueError("kernel='words' has no inline PTX (asm=False)")
     if asm and not x.is_cuda:

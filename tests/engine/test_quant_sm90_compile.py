@@ -195,7 +195,8 @@ def check_fp8_gemm():
     sig = {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "ws_ptr": "*fp32", "out_ptr": "*fp32",
            "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
            "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
-    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32")
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32",
+                LIMBS=False)
     ptx = _compile(_fp8_dot_kernel, sig, dict(tile, TMA=False))
     assert "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3" in ptx
     # kernel="tma": the same MMA fed by bulk tensor copies (host tensor descriptors of the x and weight boxes; a
@@ -212,7 +213,8 @@ def check_fp8_gemm():
     for single in (True, False):
         ptx = {hw: _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"},
-                            dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw), num_warps=16)
+                            dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw, LIMBS=False),
+                            num_warps=16)
                for hw in (False, True)}
         assert "div.rn.f32" in ptx[True]  # the codes' division correctly rounded, as torch's
         # HW_CAST (what a GPU runs): the conversion instruction rounds (to nearest even, saturating), and the
@@ -232,6 +234,29 @@ def check_fp8_gemm():
                                                     "stride_om": "i32", "stride_qm": "i32"},
                          dict(HAS_RESIDUAL=residual, BLOCK=4096, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw),
                          num_warps=8)
+
+
+def check_int8_limbs():
+    """triton_int8_limbs: the W8A8 kernel with LIMBS multiplies int8 codes on s8 wgmma (int32 sums), pointer
+    and tensor-descriptor loads; the limbs' quantization divides correctly rounded, as int8_limbs_reference."""
+    from engine.quant.triton_fp8_gemm import HAS_TMA, _fp8_dot_kernel
+    sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*fp32",
+           "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+           "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
+    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32",
+                LIMBS=True)
+    ptx = _compile(_fp8_dot_kernel, sig, dict(tile, TMA=False), num_warps=8)
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.s8\.s8", ptx)
+    if HAS_TMA:
+        descs = dict(x_ptr="tensordesc<i8[128, 128]>", w_ptr="tensordesc<i8[128, 128]>")
+        ptx = _compile(_fp8_dot_kernel, dict(sig, **descs), dict(tile, TMA=True), num_warps=8)
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx and "cp.async.bulk.tensor" in ptx
+    from engine.quant.triton_fp8 import _fp8_per_token_kernel
+    for single in (True, False):
+        ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32",
+                                               "stride_xm": "i32", "stride_qm": "i32"},
+                       dict(BLOCK_K=4096, FP8_MAX=16256.0, SINGLE=single, HW_CAST=False, LIMBS=True), num_warps=16)
+        assert "div.rn.f32" in ptx
 
 
 def check_decode_attention_fp8_cache():
@@ -308,6 +333,10 @@ def test_int8_word_gemv_assembles_its_byte_permute():
 
 def test_fp8_gemm_uses_e4m3_wgmma():
     _run("check_fp8_gemm")
+
+
+def test_int8_limbs_gemm_uses_s8_wgmma():
+    _run("check_int8_limbs")
 
 
 def test_decode_attention_converts_an_fp8_cache_to_float16():

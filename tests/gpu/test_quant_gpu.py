@@ -116,7 +116,7 @@ def test_int4_asm_dequantization_in_float16_matches_dequantize_then_matmul(m):
 
 @pytest.mark.parametrize("m", [1, 2, 16, 64, 256, 600])
 def test_every_int8_candidate_matches_its_reference(m):
-    """int8_matmul's tuning candidates at 1-2 rows (GEMV tiles) and many (swap-AB and plain GEMM tiles)."""
+    """int8_matmul's tuning candidates at 1-2 rows (GEMV tiles) and many (swap-AB and plain GEMM tiles, the limbs)."""
     import triton
 
     from engine.quant.int8 import Int8Linear, int8_linear_reference
@@ -133,8 +133,9 @@ def test_every_int8_candidate_matches_its_reference(m):
         cands = gemv_candidates(dict(gemv=True), sms, m, 1536, triton.cdiv(4096, 256), "block_k")
         cands += words_candidates(m, 1536, 4096, sms)
     else:
+        from engine.quant.triton_int8_limbs import limbs_candidates
         cands = mm_candidates(m, 1536, triton.cdiv(4096, 128), sms, "block_k", (128,)) + gemm_candidates(
-            m, 1536, 4096, sms) + gemm_candidates(m, 1536, 4096, sms, asm=True)
+            m, 1536, 4096, sms) + gemm_candidates(m, 1536, 4096, sms, asm=True) + limbs_candidates(m, 1536, 4096, sms)
     for cfg in cands:
         assert rel_err(_launch(x, q.weight_int8, q.scales, **cfg), ref) < 1e-2, cfg
 
