@@ -90,30 +90,36 @@ def _swiglu(h_row, offs, mask, inter):
 
 
 @triton.jit
-def _store_limbs(q_row, n, offs, y, scale, mask):
+def _store_limbs(q_row, n, offs, y, scale, mask, CHUNK_ORDER: tl.constexpr):
     """Store the int8 limbs of v = rint(y / scale) (|v| <= LIMBS_MAX = 127 * 128): hi = rint(v / 128) at
-    q_row + offs and lo = v - 128 hi (|lo| <= 64) at q_row + n + offs, so that y ~ scale * (128 hi + lo)."""
+    q_row + offs and lo = v - 128 hi (|lo| <= 64) at q_row + n + offs, so that y ~ scale * (128 hi + lo).
+    CHUNK_ORDER (offs from a multiple of 32): within each run of 32 features, feature u = 8b + 4h + r goes
+    to 16h + 4r + b, the order of int4's kernel layout read as bytes (triton_int4_limbs)."""
     v = tl.math.div_rn(y, scale)
     v = (v + 12582912.0) - 12582912.0  # rint, ties to even (1.5 * 2^23; |v| < 2^22)
     v = tl.minimum(tl.maximum(v, -16256.0), 16256.0)
     hi = (v * (1.0 / 128.0) + 12582912.0) - 12582912.0
+    if CHUNK_ORDER:
+        u = offs % 32
+        offs = offs - u + 16 * ((u // 4) % 2) + 4 * (u % 4) + u // 8
     tl.store(q_row + offs, hi.to(tl.int8), mask=mask)
     tl.store(q_row + n + offs, (v - 128.0 * hi).to(tl.int8), mask=mask)
 
 
 @triton.jit
 def _store_row(q_row, n, offs, y, scale, mask, FP8_MAX: tl.constexpr, HW_CAST: tl.constexpr, LIMBS: tl.constexpr):
-    if LIMBS:
-        _store_limbs(q_row, n, offs, y, scale, mask)
+    """LIMBS 0: e4m3 codes; 1: int8 limbs; 2: int8 limbs in int4's chunk order (_store_limbs)."""
+    if LIMBS > 0:
+        _store_limbs(q_row, n, offs, y, scale, mask, LIMBS == 2)
     else:
         _store_codes(q_row, offs, y, scale, mask, FP8_MAX, HW_CAST)
 
 
 @triton.jit
 def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr,
-                  HW_CAST: tl.constexpr, LIMBS: tl.constexpr = False):
+                  HW_CAST: tl.constexpr, LIMBS: tl.constexpr = 0):
     """One row's scale and codes: read once when it fits a block (decode: one short launch), else absmax over
-    the row, then the codes, the row re-read (from L2). LIMBS: int8 limbs (_store_limbs) for FP8_MAX =
+    the row, then the codes, the row re-read (from L2). LIMBS (1, 2): int8 limbs (_store_row) for FP8_MAX =
     LIMBS_MAX instead of e4m3 codes, the lo row n values after the hi row."""
     offs = tl.arange(0, BLOCK)
     if SINGLE:
@@ -137,7 +143,7 @@ def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
                           FP8_MAX: tl.constexpr, SINGLE: tl.constexpr, HW_CAST: tl.constexpr,
-                          LIMBS: tl.constexpr = False):
+                          LIMBS: tl.constexpr = 0):
     m = tl.program_id(0).to(tl.int64)
     _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, HW_CAST,
                   LIMBS)

@@ -25,6 +25,17 @@ HAS_TMA = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
 
 
 @triton.jit
+def _join_limbs(acc, xs_ptr, pid_m, M, BLOCK_M: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] float32 over limb rows (2t: hi, 2t + 1: lo of token t; M limb rows in all) ->
+    (scale_t * (128 hi + lo) [BLOCK_N, BLOCK_M // 2], the tokens' offsets, their mask)."""
+    hi, lo = tl.split(tl.reshape(acc, (acc.shape[0], BLOCK_M // 2, 2)))
+    offs_t = pid_m * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)
+    mask_t = offs_t < M // 2
+    xs = tl.load(xs_ptr + offs_t, mask=mask_t, other=0.0)
+    return (hi * 128.0 + lo) * xs[None, :], offs_t, mask_t
+
+
+@triton.jit
 def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_os, stride_om,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -56,11 +67,7 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
         acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     if LIMBS:
-        hi, lo = tl.split(tl.reshape(acc.to(tl.float32), (BLOCK_N, BLOCK_M // 2, 2)))
-        offs_m = pid_m * (BLOCK_M // 2) + tl.arange(0, BLOCK_M // 2)  # tokens from here on
-        mask_m = offs_m < M // 2
-        xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
-        acc = (hi * 128.0 + lo) * ws[:, None] * xs[None, :]
+        acc, offs_m, mask_m = _join_limbs(acc.to(tl.float32) * ws[:, None], xs_ptr, pid_m, M, BLOCK_M)
     else:
         xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)
         acc = acc * ws[:, None] * xs[None, :]

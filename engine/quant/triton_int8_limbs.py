@@ -30,10 +30,14 @@ from .triton_fp8_gemm import _fp8_launch, dot_candidates
 
 LIMB = 128  # hi's place value
 LIMBS_MAX = 127 * LIMB  # the largest |v|: hi stays within int8
+# chunk_order: feature u of a run of 32 at position CHUNK_PERM[u] (u = 8b + 4h + r -> 16h + 4r + b)
+CHUNK_PERM = tuple(16 * ((u // 4) % 2) + 4 * (u % 4) + u // 8 for u in range(32))
 
 
-def int8_limbs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (limbs [2M, K] int8, scales [M, 1] float32): rows 2t, 2t + 1 are token t's hi and lo."""
+def int8_limbs(x: torch.Tensor, chunk_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (limbs [2M, K] int8, scales [M, 1] float32): rows 2t, 2t + 1 are token t's hi and lo.
+    chunk_order: each run of 32 features in the order of int4's kernel layout read as bytes (K % 32 == 0;
+    triton_int4_limbs, CHUNK_PERM)."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -43,13 +47,16 @@ def int8_limbs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return limbs, scales
     block, warps = _row_launch(k)
     _fp8_per_token_kernel[(m,)](x, limbs, scales, k, x.stride(0), 2 * k, BLOCK_K=block, FP8_MAX=float(LIMBS_MAX),
-                                SINGLE=block >= k, HW_CAST=False, LIMBS=True, num_warps=warps)
+                                SINGLE=block >= k, HW_CAST=False, LIMBS=2 if chunk_order else 1, num_warps=warps)
     return limbs, scales
 
 
-def int8_limbs_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_limbs_reference(x: torch.Tensor, chunk_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_limbs in torch (float32 arithmetic, the same roundings)."""
     xf = x.float()
+    if chunk_order:  # position p holds the feature u with CHUNK_PERM[u] = p
+        inverse = torch.tensor(CHUNK_PERM).argsort()
+        xf = xf.view(x.shape[0], -1, 32)[:, :, inverse].reshape(x.shape)
     scales = (xf.abs().amax(dim=1, keepdim=True) * (1.0 / LIMBS_MAX)).clamp(min=1e-12)
     v = torch.round(xf / scales).clamp(-LIMBS_MAX, LIMBS_MAX)
     hi = torch.round(v * (1.0 / LIMB))

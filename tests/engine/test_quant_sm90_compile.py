@@ -238,7 +238,8 @@ def check_fp8_gemm():
 
 def check_int8_limbs():
     """triton_int8_limbs: the W8A8 kernel with LIMBS multiplies int8 codes on s8 wgmma (int32 sums), pointer
-    and tensor-descriptor loads; the limbs' quantization divides correctly rounded, as int8_limbs_reference."""
+    and tensor-descriptor loads; the limbs' quantization divides correctly rounded, as int8_limbs_reference;
+    triton_int4_limbs multiplies int4 codes on s8 wgmma too."""
     from engine.quant.triton_fp8_gemm import HAS_TMA, _fp8_dot_kernel
     sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*fp32",
            "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
@@ -253,10 +254,21 @@ def check_int8_limbs():
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx and "cp.async.bulk.tensor" in ptx
     from engine.quant.triton_fp8 import _fp8_per_token_kernel
     for single in (True, False):
-        ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32",
-                                               "stride_xm": "i32", "stride_qm": "i32"},
-                       dict(BLOCK_K=4096, FP8_MAX=16256.0, SINGLE=single, HW_CAST=False, LIMBS=True), num_warps=16)
-        assert "div.rn.f32" in ptx
+        for order in (1, 2):
+            ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32",
+                                                   "stride_xm": "i32", "stride_qm": "i32"},
+                           dict(BLOCK_K=4096, FP8_MAX=16256.0, SINGLE=single, HW_CAST=False, LIMBS=order),
+                           num_warps=16)
+            assert "div.rn.f32" in ptx
+    # int4 (triton_int4_limbs): the codes' nibbles straight into s8 wgmmas, two a step
+    from engine.quant.triton_int4_limbs import _int4_limbs_kernel
+    sig = {"l_ptr": "*i8", "xs_ptr": "*fp32", "b_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
+           "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+           "split_k": "i32", "stride_lm": "i32", "stride_bn": "i32", "stride_sn": "i32", "stride_os": "i32",
+           "stride_om": "i32"}
+    ptx = _compile(_int4_limbs_kernel, sig, dict(GROUP=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SERIAL=True,
+                                                  STAGES=3), num_warps=8)
+    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.s8\.s8", ptx)
 
 
 def check_decode_attention_fp8_cache():
