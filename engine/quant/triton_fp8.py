@@ -90,44 +90,17 @@ def _swiglu(h_row, offs, mask, inter):
 
 
 @triton.jit
-def _store_limbs(q_row, n, offs, y, scale, mask, CHUNK_ORDER: tl.constexpr):
-    """Store the int8 limbs of v = rint(y / scale) (|v| <= LIMBS_MAX = 127 * 128): hi = rint(v / 128) at
-    q_row + offs and lo = v - 128 hi (|lo| <= 64) at q_row + n + offs, so that y ~ scale * (128 hi + lo).
-    CHUNK_ORDER (offs from a multiple of 32): within each run of 32 features, feature u = 8b + 4h + r goes
-    to 16h + 4r + b, the order of int4's kernel layout read as bytes (triton_int4_limbs)."""
-    v = tl.math.div_rn(y, scale)
-    v = (v + 12582912.0) - 12582912.0  # rint, ties to even (1.5 * 2^23; |v| < 2^22)
-    v = tl.minimum(tl.maximum(v, -16256.0), 16256.0)
-    hi = (v * (1.0 / 128.0) + 12582912.0) - 12582912.0
-    if CHUNK_ORDER:
-        u = offs % 32
-        offs = offs - u + 16 * ((u // 4) % 2) + 4 * (u % 4) + u // 8
-    tl.store(q_row + offs, hi.to(tl.int8), mask=mask)
-    tl.store(q_row + n + offs, (v - 128.0 * hi).to(tl.int8), mask=mask)
-
-
-@triton.jit
-def _store_row(q_row, n, offs, y, scale, mask, FP8_MAX: tl.constexpr, HW_CAST: tl.constexpr, LIMBS: tl.constexpr):
-    """LIMBS 0: e4m3 codes; 1: int8 limbs; 2: int8 limbs in int4's chunk order (_store_limbs)."""
-    if LIMBS > 0:
-        _store_limbs(q_row, n, offs, y, scale, mask, LIMBS == 2)
-    else:
-        _store_codes(q_row, offs, y, scale, mask, FP8_MAX, HW_CAST)
-
-
-@triton.jit
 def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, SINGLE: tl.constexpr,
-                  HW_CAST: tl.constexpr, LIMBS: tl.constexpr = 0):
+                  HW_CAST: tl.constexpr):
     """One row's scale and codes: read once when it fits a block (decode: one short launch), else absmax over
-    the row, then the codes, the row re-read (from L2). LIMBS (1, 2): int8 limbs (_store_row) for FP8_MAX =
-    LIMBS_MAX instead of e4m3 codes, the lo row n values after the hi row."""
+    the row, then the codes, the row re-read (from L2)."""
     offs = tl.arange(0, BLOCK)
     if SINGLE:
         mask = offs < n
         y = tl.load(src_row + offs, mask=mask, other=0.0).to(tl.float32)
         scale = _token_scale(tl.max(tl.abs(y), 0), FP8_MAX)
         tl.store(s_ptr + m, scale)
-        _store_row(q_row, n, offs, y, scale, mask, FP8_MAX, HW_CAST, LIMBS)
+        _store_codes(q_row, offs, y, scale, mask, FP8_MAX, HW_CAST)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, n, BLOCK):
@@ -137,16 +110,14 @@ def _quantize_row(src_row, q_row, s_ptr, m, n, BLOCK: tl.constexpr, FP8_MAX: tl.
         for k0 in range(0, n, BLOCK):
             mask = k0 + offs < n
             y = tl.load(src_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            _store_row(q_row + k0, n, offs, y, scale, mask, FP8_MAX, HW_CAST, LIMBS)
+            _store_codes(q_row + k0, offs, y, scale, mask, FP8_MAX, HW_CAST)
 
 
 @triton.jit
 def _fp8_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr, HW_CAST: tl.constexpr,
-                          LIMBS: tl.constexpr = 0):
+                          FP8_MAX: tl.constexpr, SINGLE: tl.constexpr, HW_CAST: tl.constexpr):
     m = tl.program_id(0).to(tl.int64)
-    _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, HW_CAST,
-                  LIMBS)
+    _quantize_row(x_ptr + m * stride_xm, q_ptr + m * stride_qm, s_ptr, m, K, BLOCK_K, FP8_MAX, SINGLE, HW_CAST)
 
 
 def hw_cast(device: torch.device) -> bool:

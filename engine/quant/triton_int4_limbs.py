@@ -17,7 +17,8 @@ goes into an s8 MMA as the integer q itself (0..15), from two bit operations on 
 For a K step inside one group g (the step divides the group), with L the limb rows,
     acc[n, l] += s[n, g] * (sum_k q[n, k] L[l, k] - z[n, g] * sum_k L[l, k])
 the integer part exact in int32 (|q L| sums <= 15 * 127 * step), the zero point folded out by the step's limb
-sums, the group scale applied once a step; the epilogue joins each token's two limb rows (triton_fp8_gemm's
+sums (int8_limbs gives each limb row's sums over runs of 32 features), the group scale applied once a step (the
+integer to float32 by its bits: Hopper converts 16 integers a clock per SM, a quarter of its float rate); the epilogue joins each token's two limb rows (triton_fp8_gemm's
 _join_limbs). Grid (limb-row tiles, column tiles, SPLIT_K), rows fastest, split-K partials as triton_int8.
 Nothing reads device values on the host (CUDA-graph safe).
 """
@@ -33,11 +34,12 @@ from .triton_int8_limbs import int8_limbs
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
-def _int4_limbs_kernel(l_ptr, xs_ptr, b_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                       stride_lm, stride_bn, stride_sn, stride_os, stride_om,
+def _int4_limbs_kernel(l_ptr, xs_ptr, c_ptr, b_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split,
+                       split_k, stride_lm, stride_cm, stride_bn, stride_sn, stride_os, stride_om,
                        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SERIAL: tl.constexpr, STAGES: tl.constexpr):
-    """M: limb rows (two a token); b_ptr: the weight bytes [N, K / 2]; every step whole and inside one group."""
+    """M: limb rows (two a token); c_ptr: their run sums [M, K / 32]; b_ptr: the weight bytes [N, K / 2]; every step
+    whole and inside one group."""
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     HALF: tl.constexpr = BLOCK_K // 2
@@ -45,6 +47,8 @@ def _int4_limbs_kernel(l_ptr, xs_ptr, b_ptr, s_ptr, z_ptr, out_ptr, res_ptr, loc
     pos_lo = 32 * (offs_j // 16) + offs_j % 16
     b_rows = b_ptr + offs_n.to(tl.int64)[:, None] * stride_bn
     l_cols = l_ptr + offs_m.to(tl.int64)[None, :] * stride_lm
+    c_cols = c_ptr + offs_m.to(tl.int64)[None, :] * stride_cm
+    offs_r = tl.arange(0, BLOCK_K // 32)
     s_rows = offs_n.to(tl.int64) * stride_sn
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k_step in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
@@ -56,11 +60,13 @@ def _int4_limbs_kernel(l_ptr, xs_ptr, b_ptr, s_ptr, z_ptr, out_ptr, res_ptr, loc
         x_hi = tl.load(l_cols + (k0 + 16 + pos_lo)[:, None], mask=mask_m[None, :], other=0)
         part = tl.dot(lo, x_lo, out_dtype=tl.int32)
         part = tl.dot(hi, x_hi, part, out_dtype=tl.int32)
-        lsum = tl.sum(x_lo.to(tl.int32), axis=0) + tl.sum(x_hi.to(tl.int32), axis=0)
+        lsum = tl.sum(tl.load(c_cols + (k0 // 32 + offs_r)[:, None], mask=mask_m[None, :], other=0), axis=0)
         g = k0 // GROUP
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.int32)
-        acc += (part - zero[:, None] * lsum[None, :]).to(tl.float32) * scale[:, None]
+        # |part - zero * lsum| < 2^22: to float32 by the 1.5 * 2^23 bits (an add, a subtract), not the slow converter
+        t = (part - zero[:, None] * lsum[None, :] + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        acc += t * scale[:, None]
     out, offs_t, mask_t = _join_limbs(acc, xs_ptr, pid_m, M, BLOCK_M)
     _store_tile(out_ptr, out, offs_t, offs_n, mask_t, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
                 pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
@@ -76,13 +82,14 @@ def int4_limbs_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     if block_m % 2 or block_k % 32 or group_size % block_k:
         raise ValueError(f"block_m={block_m} must be even and block_k={block_k} a multiple of 32 dividing the group "
                          f"({group_size})")
-    limbs, xs = int8_limbs(x, chunk_order=True)
+    limbs, xs, sums = int8_limbs(x, chunk_order=True)
     weight_bytes = packed.view(torch.uint8)  # [N, K / 2]: little-endian bytes of the words
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m // 2, block_n, split_k, serial, x.dtype)
     _int4_limbs_kernel[grid](
-        limbs, xs, weight_bytes, scales, zeros, out, res, out if locks is None else locks, 2 * m, n, k, k_per_split,
-        split_k, limbs.stride(0), weight_bytes.stride(0), scales.stride(0), split_stride, out.stride(-2),
+        limbs, xs, sums, weight_bytes, scales, zeros, out, res, out if locks is None else locks, 2 * m, n, k,
+        k_per_split, split_k, limbs.stride(0), sums.stride(0), weight_bytes.stride(0), scales.stride(0), split_stride,
+        out.stride(-2),
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SERIAL=locks is not None,
         STAGES=num_stages if x.is_cuda else 1, num_warps=num_warps)
     return res if locks is not None else gemv_result(out, x.dtype)

@@ -26,7 +26,7 @@ def test_limbs_of_a_hand_computed_row():
     """max|x| = 16256 gives scale 1: v = rint(x), hi = rint(v / 128) (ties to even), lo = v - 128 hi."""
     from engine.quant.triton_int8_limbs import int8_limbs
     x = torch.tensor([[16256.0, -300.4, 64.5, 0.0, -16256.0, 16192.0, 191.0, -0.49]])
-    limbs, scales = int8_limbs(x.to(DEVICE))
+    limbs, scales, _ = int8_limbs(x.to(DEVICE))
     assert scales.item() == 1.0
     assert limbs.cpu().tolist() == [[127, -2, 0, 0, -127, 126, 1, 0],  # 16192 / 128 = 126.5 -> 126
                                      [0, -44, 64, 0, 0, 64, 63, 0]]
@@ -39,8 +39,8 @@ def test_limbs_match_the_reference_and_bound_the_error(m, k, dtype):
     g = torch.Generator().manual_seed(m + k)
     x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m)[:, None]).to(dtype)
     x[0, :3] = 0.0
-    limbs, scales = int8_limbs(x.to(DEVICE))
-    ref_limbs, ref_scales = int8_limbs_reference(x)
+    limbs, scales, _ = int8_limbs(x.to(DEVICE))
+    ref_limbs, ref_scales, _ = int8_limbs_reference(x)
     assert torch.equal(scales.cpu(), ref_scales) and torch.equal(limbs.cpu(), ref_limbs)
     hi, lo = limbs.cpu().view(m, 2, k).unbind(1)
     assert hi.abs().max() <= 127 and lo.abs().max() <= 64
@@ -52,14 +52,14 @@ def test_limbs_match_the_reference_and_bound_the_error(m, k, dtype):
 
 def test_zero_rows_have_zero_limbs():
     from engine.quant.triton_int8_limbs import int8_limbs
-    limbs, scales = int8_limbs(torch.zeros(3, 40, device=DEVICE))
+    limbs, scales, _ = int8_limbs(torch.zeros(3, 40, device=DEVICE))
     assert not limbs.any() and (scales > 0).all()
 
 
 def _bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """|limbs product - exact product| <= w_scale * (token scale / 2) * sum |q| (the limbs' rounding), per output."""
     from engine.quant.triton_int8_limbs import int8_limbs_reference
-    _, token_scale = int8_limbs_reference(x)
+    _, token_scale, _ = int8_limbs_reference(x)
     return token_scale * (0.5 + 2 ** -10) * (q.float().abs().sum(1) * scales)[None, :]
 
 
@@ -144,11 +144,12 @@ INT4_LIMBS = dict(gemv=False, kernel="limbs")
 def test_limbs_in_chunk_order_match_the_reference(m, k):
     from engine.quant.triton_int8_limbs import CHUNK_PERM, int8_limbs, int8_limbs_reference
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-    limbs, scales = int8_limbs(x.to(DEVICE), chunk_order=True)
-    ref_limbs, ref_scales = int8_limbs_reference(x, chunk_order=True)
+    limbs, scales, sums = int8_limbs(x.to(DEVICE), chunk_order=True)
+    ref_limbs, ref_scales, ref_sums = int8_limbs_reference(x, chunk_order=True)
     assert torch.equal(scales.cpu(), ref_scales) and torch.equal(limbs.cpu(), ref_limbs)
-    plain, _ = int8_limbs_reference(x)
+    plain, _, _ = int8_limbs_reference(x)
     assert torch.equal(ref_limbs.view(2 * m, -1, 32)[:, :, list(CHUNK_PERM)], plain.view(2 * m, -1, 32))
+    assert torch.equal(sums.cpu(), plain.view(2 * m, -1, 32).sum(2, dtype=torch.int32))
     # the order of pack_int4_kernel's bytes: byte j = 4r + b of a chunk holds features 8b + r (low), 8b + 4 + r
     assert [CHUNK_PERM[8 * b + r] for r in range(4) for b in range(4)] == list(range(16))
     assert [CHUNK_PERM[8 * b + 4 + r] for r in range(4) for b in range(4)] == list(range(16, 32))
@@ -165,7 +166,7 @@ def _int4_bound(x, qweight, scales, zeros):
     """|limbs product - exact| <= (token scale / 2) * sum_k |dequantized w| (the limbs' rounding), per output."""
     from engine.quant.int4 import dequantize_int4
     from engine.quant.triton_int8_limbs import int8_limbs_reference
-    _, token_scale = int8_limbs_reference(x)
+    _, token_scale, _ = int8_limbs_reference(x)
     return token_scale * (0.5 + 2 ** -10) * dequantize_int4(qweight, scales, zeros).abs().sum(1)[None, :]
 
 

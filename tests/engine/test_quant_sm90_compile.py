@@ -213,8 +213,7 @@ def check_fp8_gemm():
     for single in (True, False):
         ptx = {hw: _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                                                     "K": "i32", "stride_xm": "i32", "stride_qm": "i32"},
-                            dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw, LIMBS=False),
-                            num_warps=16)
+                            dict(BLOCK_K=16384, FP8_MAX=448.0, SINGLE=single, HW_CAST=hw), num_warps=16)
                for hw in (False, True)}
         assert "div.rn.f32" in ptx[True]  # the codes' division correctly rounded, as torch's
         # HW_CAST (what a GPU runs): the conversion instruction rounds (to nearest even, saturating), and the
@@ -252,20 +251,19 @@ def check_int8_limbs():
         descs = dict(x_ptr="tensordesc<i8[128, 128]>", w_ptr="tensordesc<i8[128, 128]>")
         ptx = _compile(_fp8_dot_kernel, dict(sig, **descs), dict(tile, TMA=True), num_warps=8)
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx and "cp.async.bulk.tensor" in ptx
-    from engine.quant.triton_fp8 import _fp8_per_token_kernel
+    from engine.quant.triton_int8_limbs import _limbs_kernel
     for single in (True, False):
-        for order in (1, 2):
-            ptx = _compile(_fp8_per_token_kernel, {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32",
-                                                   "stride_xm": "i32", "stride_qm": "i32"},
-                           dict(BLOCK_K=4096, FP8_MAX=16256.0, SINGLE=single, HW_CAST=False, LIMBS=order),
-                           num_warps=16)
+        for order in (False, True):
+            ptx = _compile(_limbs_kernel, {"x_ptr": "*bf16", "l_ptr": "*i8", "s_ptr": "*fp32", "c_ptr": "*i32",
+                                           "K": "i32", "stride_xm": "i32"},
+                           dict(BLOCK=4096, SINGLE=single, CHUNK_ORDER=order), num_warps=16)
             assert "div.rn.f32" in ptx
     # int4 (triton_int4_limbs): the codes' nibbles straight into s8 wgmmas, two a step
     from engine.quant.triton_int4_limbs import _int4_limbs_kernel
-    sig = {"l_ptr": "*i8", "xs_ptr": "*fp32", "b_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
-           "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
-           "split_k": "i32", "stride_lm": "i32", "stride_bn": "i32", "stride_sn": "i32", "stride_os": "i32",
-           "stride_om": "i32"}
+    sig = {"l_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*i32", "b_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8",
+           "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "k_per_split": "i32", "split_k": "i32", "stride_lm": "i32", "stride_cm": "i32", "stride_bn": "i32",
+           "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
     ptx = _compile(_int4_limbs_kernel, sig, dict(GROUP=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SERIAL=True,
                                                   STAGES=3), num_warps=8)
     assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.s8\.s8", ptx)
