@@ -64,8 +64,8 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
             # x^T: K-major, as fp8 MMAs want B
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
                          mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        if LIMBS:  # (an integer dot takes no input precision: Triton 3.6 rejects one)
-            acc = tl.dot(w, xt, acc)
+        if LIMBS:  # int32 sums (Triton 3.6 wants an accumulator of the dot's out_dtype and no input precision)
+            acc = tl.dot(w, xt, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(w, xt, acc, input_precision=PRECISION)
     ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)

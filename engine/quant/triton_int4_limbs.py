@@ -76,12 +76,12 @@ def int4_limbs_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
                       group_size: int, *, block_m: int = 64, block_n: int = 128, block_k: int = 128, split_k: int = 1,
                       num_warps: int = 4, num_stages: int = 3, serial: bool = False) -> torch.Tensor:
     """x [M, K] @ dequant(packed [N, K / 8] int32 kernel layout, scales, zeros)^T -> [M, N] in x's dtype.
-    block_m counts limb rows (two a token, even); block_k divides the group and is a multiple of 32."""
+    block_m counts limb rows (two a token, even); block_k divides the group and is a multiple of 64."""
     m, k = x.shape
     n = packed.shape[0]
-    if block_m % 2 or block_k % 32 or group_size % block_k:
-        raise ValueError(f"block_m={block_m} must be even and block_k={block_k} a multiple of 32 dividing the group "
-                         f"({group_size})")
+    if block_m % 2 or block_k % 64 or group_size % block_k:
+        raise ValueError(f"block_m={block_m} must be even and block_k={block_k} a multiple of 64 (each nibble's dot "
+                         f"a K of 32, an int8 MMA's) dividing the group ({group_size})")
     limbs, xs, sums = int8_limbs(x, chunk_order=True)
     weight_bytes = packed.view(torch.uint8)  # [N, K / 2]: little-endian bytes of the words
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
@@ -104,7 +104,9 @@ def int4_limbs_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> 
     """int4_matmul's tuning candidates on this path for m rows: LIMBS4_TILES whose row tile fits 2m limb rows (the
     smallest that covers them at least), split-K up to 2 programs per SM while each slice keeps >= 4 K steps (up to
     256 tokens: prefill chunks share one tuned config, so unsplit there)."""
-    block_k = 128 if group_size % 128 == 0 else 64 if group_size % 64 == 0 else 32
+    if group_size % 64:
+        return []
+    block_k = 128 if group_size % 128 == 0 else 64
     fit = min((bm for bm, *_ in LIMBS4_TILES if bm >= 2 * m), default=256)
     cands = []
     for block_m, block_n, warps, stages in LIMBS4_TILES:

@@ -174,7 +174,7 @@ def _int4_bound(x, qweight, scales, zeros):
     (1, 48, 256, 128, dict(block_m=16, block_n=16, block_k=128)),
     (9, 40, 512, 128, dict(block_m=32, block_n=32, block_k=64, split_k=3, serial=True)),  # ragged rows and N
     (17, 33, 384, 64, dict(block_m=16, block_n=16, block_k=64, split_k=2)),  # groups of 64, split by torch.sum
-    (20, 24, 256, 128, dict(block_m=16, block_n=16, block_k=32, split_k=16)),  # empty slices
+    (20, 24, 256, 128, dict(block_m=16, block_n=16, block_k=64, split_k=16)),  # empty slices
 ])
 def test_int4_limbs_product_within_the_rounding_bound(m, n, k, group, cfg):
     from engine.quant.int4 import int4_linear_reference
@@ -220,8 +220,9 @@ def test_int4_limbs_reject_tiles_that_do_not_fit():
     _, packed, scales, zeros, _ = _int4_layer(8, 256, 128, 1)
     with pytest.raises(ValueError, match="block_m=15"):
         _launch(torch.randn(4, 256), packed, scales, zeros, 128, **INT4_LIMBS, block_m=15)
-    with pytest.raises(ValueError, match="block_k=256"):
-        _launch(torch.randn(4, 256), packed, scales, zeros, 128, **INT4_LIMBS, block_k=256)
+    for block_k in (256, 32):  # past the group; below an int8 MMA's K in each nibble's dot
+        with pytest.raises(ValueError, match=f"block_k={block_k}"):
+            _launch(torch.randn(4, 256), packed, scales, zeros, 128, **INT4_LIMBS, block_k=block_k)
 
 
 def test_every_int4_limbs_candidate_computes_the_product():
@@ -231,7 +232,7 @@ def test_every_int4_limbs_candidate_computes_the_product():
     qweight, packed, scales, zeros, g = _int4_layer(40, 512, 128, 4)
     for m in (17, 64, 300):
         cands = int4_limbs_candidates(m, 40, 512, 128, 8)
-        assert cands and all(c["block_m"] % 2 == 0 and 128 % c["block_k"] == 0 for c in cands)
+        assert cands and all(c["block_m"] % 2 == 0 and c["block_k"] == 128 for c in cands)
         assert m <= 256 or all(c["split_k"] == 1 for c in cands)
         if m == 300:
             continue  # (the configs' arithmetic is the same at every m; the interpreter is slow)
