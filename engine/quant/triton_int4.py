@@ -354,9 +354,6 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     if not config:
         sms = num_sms(x.device)
         cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
-        if m > 16 and x.is_cuda:
-            from .triton_int4_limbs import int4_limbs_candidates
-            cands += int4_limbs_candidates(m, n, k, group_size, sms)
         key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
         copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]
@@ -372,15 +369,10 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered); else the GEMV (gemv, the default for
-    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel; kernel="limbs": triton_int4_limbs (int8 MMA, x as two
-    int8 limbs a token). pdl: the GEMV's programmatic dependent launch (engine.kernels.pdl; None: its default)."""
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. pdl: the GEMV's programmatic dependent launch
+    (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
-    if kernel == "limbs":
-        from .triton_int4_limbs import int4_limbs_matmul
-        return int4_limbs_matmul(x, packed, scales, zeros, group_size, block_m=block_m or 64, block_n=block_n or 128,
-                                 block_k=block_k or 128, split_k=split_k or 1, num_warps=num_warps or 4,
-                                 num_stages=num_stages or 3, serial=serial)
     if kernel == "dequant":
         return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
     if kernel == "mma":
@@ -389,7 +381,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
                            fold=fold, layout=layout, asm=asm)
     if kernel not in (None, "tc"):
-        raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma', 'limbs' or 'dequant'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma' or 'dequant'")
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:

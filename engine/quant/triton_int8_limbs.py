@@ -17,8 +17,14 @@ int32 sums), whose epilogue forms scale_t * w_scale_n * (128 acc[2t] + acc[2t + 
 twice the MMA work, which is bf16's at int8's doubled rate, while the weights are read as 1-byte codes and
 never converted.
 
-Launches: the limbs in one kernel per token (_limbs_kernel), then triton_fp8_gemm's kernel with LIMBS. Layouts: x [M, K] float, limbs [2M, K] int8 (K contiguous),
-scales [M, 1] float32; q [N, K] int8, w_scale [N] float32 as int8.py; out [M, N] in x's dtype.
+Measured on the H200 (quant_kernels_limbs_h200_run3.json): the tuner picked this path for every layer of
+llama-3.1-8b at 64 and 256 rows, the decode step's GEMMs 1.23x / 0.81x bf16 there (0.96x / 0.56x without it).
+The same done for int4 codes (a nibble unpack into the MMA operand, a per-group scale each K step) lost to the
+existing int4 kernels at every shape (quant_kernels_limbs_h200_run2.json) and was removed.
+
+Launches: the limbs in one kernel per token (_limbs_kernel), then triton_fp8_gemm's kernel with LIMBS.
+Layouts: x [M, K] float, limbs [2M, K] int8 (K contiguous), scales [M, 1] float32; q [N, K] int8,
+w_scale [N] float32 as int8.py; out [M, N] in x's dtype.
 """
 from __future__ import annotations
 
@@ -31,47 +37,34 @@ from .triton_fp8_gemm import _fp8_launch, dot_candidates
 
 LIMB = 128  # hi's place value
 LIMBS_MAX = 127 * LIMB  # the largest |v|: hi stays within int8
-# chunk_order: feature u of a run of 32 at position CHUNK_PERM[u] (u = 8b + 4h + r -> 16h + 4r + b)
-CHUNK_PERM = tuple(16 * ((u // 4) % 2) + 4 * (u % 4) + u // 8 for u in range(32))
 
 
 @triton.jit
-def _store_limbs(l_row, c_row, n, k0, y, scale, mask, BLOCK: tl.constexpr, CHUNK_ORDER: tl.constexpr):
+def _store_limbs(l_row, n, k0, y, scale, mask, BLOCK: tl.constexpr):
     """Features k0 .. k0 + BLOCK of one token (y float32, masked to 0): the int8 limbs of v = rint(y / scale)
     (|v| <= LIMBS_MAX), hi = rint(v / 128) at l_row and lo = v - 128 hi (|lo| <= 64) at l_row + n, so that
-    y ~ scale * (128 hi + lo). CHUNK_ORDER (k0 a multiple of 32): each run of 32 features in CHUNK_PERM's
-    order, and the sums of each run's hi and lo limbs (int32) at c_row and c_row + n // 32."""
+    y ~ scale * (128 hi + lo)."""
     v = tl.math.div_rn(y, scale)
     v = (v + 12582912.0) - 12582912.0  # rint, ties to even (1.5 * 2^23; |v| < 2^22)
     v = tl.minimum(tl.maximum(v, -16256.0), 16256.0)
     hi = (v * (1.0 / 128.0) + 12582912.0) - 12582912.0
-    lo = v - 128.0 * hi
-    offs = tl.arange(0, BLOCK)
-    if CHUNK_ORDER:
-        u = offs % 32
-        offs = offs - u + 16 * ((u // 4) % 2) + 4 * (u % 4) + u // 8
-        runs = k0 // 32 + tl.arange(0, BLOCK // 32)
-        mask_c = runs < n // 32
-        tl.store(c_row + runs, tl.sum(tl.reshape(hi.to(tl.int32), (BLOCK // 32, 32)), axis=1), mask=mask_c)
-        tl.store(c_row + n // 32 + runs, tl.sum(tl.reshape(lo.to(tl.int32), (BLOCK // 32, 32)), axis=1), mask=mask_c)
-    tl.store(l_row + k0 + offs, hi.to(tl.int8), mask=mask)
-    tl.store(l_row + n + k0 + offs, lo.to(tl.int8), mask=mask)
+    offs = k0 + tl.arange(0, BLOCK)
+    tl.store(l_row + offs, hi.to(tl.int8), mask=mask)
+    tl.store(l_row + n + offs, (v - 128.0 * hi).to(tl.int8), mask=mask)
 
 
 @triton.jit
-def _limbs_kernel(x_ptr, l_ptr, s_ptr, c_ptr, K, stride_xm, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                  CHUNK_ORDER: tl.constexpr):
+def _limbs_kernel(x_ptr, l_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """One program a token: its scale (absmax / LIMBS_MAX, floored at 1e-12), then its limbs (_store_limbs); the
     row read once when it fits a block, else absmax over the row, then the limbs, the row re-read (from L2)."""
     t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + t * stride_xm
     l_row = l_ptr + 2 * t * K
-    c_row = c_ptr + 2 * t * (K // 32)
     offs = tl.arange(0, BLOCK)
     if SINGLE:
         y = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(y), 0) * (1.0 / 16256.0), 1e-12)
-        _store_limbs(l_row, c_row, K, 0, y, scale, offs < K, BLOCK, CHUNK_ORDER)
+        _store_limbs(l_row, K, 0, y, scale, offs < K, BLOCK)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
@@ -80,45 +73,31 @@ def _limbs_kernel(x_ptr, l_ptr, s_ptr, c_ptr, K, stride_xm, BLOCK: tl.constexpr,
         for k0 in range(0, K, BLOCK):
             mask = k0 + offs < K
             y = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-            _store_limbs(l_row, c_row, K, k0, y, scale, mask, BLOCK, CHUNK_ORDER)
+            _store_limbs(l_row, K, k0, y, scale, mask, BLOCK)
     tl.store(s_ptr + t, scale)
 
 
-def int8_limbs(x: torch.Tensor, chunk_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x [M, K] -> (limbs [2M, K] int8, scales [M, 1] float32, run sums): rows 2t, 2t + 1 are token t's hi and lo.
-    chunk_order (K % 32 == 0; triton_int4_limbs): each run of 32 features in the order of int4's kernel layout read
-    as bytes (CHUNK_PERM), and the run sums [2M, K // 32] int32 of each limb row; else None."""
+def int8_limbs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (limbs [2M, K] int8, scales [M, 1] float32): rows 2t, 2t + 1 are token t's hi and lo."""
     m, k = x.shape
-    if chunk_order and k % 32:
-        raise ValueError(f"int8_limbs(chunk_order=True) needs K % 32 == 0, got K={k}")
     if x.stride(1) != 1:
         x = x.contiguous()
     limbs = torch.empty((2 * m, k), dtype=torch.int8, device=x.device)
     scales = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    sums = torch.empty((2 * m, k // 32), dtype=torch.int32, device=x.device) if chunk_order else None
     if m == 0:
-        return limbs, scales, sums
+        return limbs, scales
     block, warps = _row_launch(k)
-    block = max(block, 32)
-    _limbs_kernel[(m,)](x, limbs, scales, scales if sums is None else sums, k, x.stride(0), BLOCK=block,
-                        SINGLE=block >= k, CHUNK_ORDER=chunk_order, num_warps=warps)
-    return limbs, scales, sums
+    _limbs_kernel[(m,)](x, limbs, scales, k, x.stride(0), BLOCK=block, SINGLE=block >= k, num_warps=warps)
+    return limbs, scales
 
 
-def int8_limbs_reference(x: torch.Tensor, chunk_order: bool = False) -> tuple[torch.Tensor, torch.Tensor,
-                                                                              torch.Tensor | None]:
+def int8_limbs_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8_limbs in torch (float32 arithmetic, the same roundings)."""
     xf = x.float()
     scales = (xf.abs().amax(dim=1, keepdim=True) * (1.0 / LIMBS_MAX)).clamp(min=1e-12)
     v = torch.round(xf / scales).clamp(-LIMBS_MAX, LIMBS_MAX)
     hi = torch.round(v * (1.0 / LIMB))
-    limbs = torch.stack((hi, v - LIMB * hi), dim=1).to(torch.int8).reshape(2 * x.shape[0], x.shape[1])
-    if not chunk_order:
-        return limbs, scales, None
-    runs = limbs.view(2 * x.shape[0], -1, 32)
-    sums = runs.sum(dim=2, dtype=torch.int32)
-    inverse = torch.tensor(CHUNK_PERM).argsort()  # position p holds the feature u with CHUNK_PERM[u] = p
-    return runs[:, :, inverse].reshape(limbs.shape), scales, sums
+    return torch.stack((hi, v - LIMB * hi), dim=1).to(torch.int8).reshape(2 * x.shape[0], x.shape[1]), scales
 
 
 def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma: bool = False,
@@ -129,7 +108,7 @@ def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma
     limb rows (two a token, even); tma: tensor-descriptor loads (Triton >= 3.4, K % 16 == 0)."""
     if block_m is not None and block_m % 2:
         raise ValueError(f"block_m={block_m}: limb rows come in pairs, expected an even tile")
-    limbs, scales, _ = int8_limbs(x)
+    limbs, scales = int8_limbs(x)
     return _fp8_launch(limbs, scales, q, w_scale, x.dtype, kernel="tma" if tma else "triton", block_m=block_m,
                        block_n=block_n, block_k=block_k, split_k=split_k, num_warps=num_warps,
                        num_stages=num_stages, serial=serial, limbs=True)

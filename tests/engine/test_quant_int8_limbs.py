@@ -26,7 +26,7 @@ def test_limbs_of_a_hand_computed_row():
     """max|x| = 16256 gives scale 1: v = rint(x), hi = rint(v / 128) (ties to even), lo = v - 128 hi."""
     from engine.quant.triton_int8_limbs import int8_limbs
     x = torch.tensor([[16256.0, -300.4, 64.5, 0.0, -16256.0, 16192.0, 191.0, -0.49]])
-    limbs, scales, _ = int8_limbs(x.to(DEVICE))
+    limbs, scales = int8_limbs(x.to(DEVICE))
     assert scales.item() == 1.0
     assert limbs.cpu().tolist() == [[127, -2, 0, 0, -127, 126, 1, 0],  # 16192 / 128 = 126.5 -> 126
                                      [0, -44, 64, 0, 0, 64, 63, 0]]
@@ -39,8 +39,8 @@ def test_limbs_match_the_reference_and_bound_the_error(m, k, dtype):
     g = torch.Generator().manual_seed(m + k)
     x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m)[:, None]).to(dtype)
     x[0, :3] = 0.0
-    limbs, scales, _ = int8_limbs(x.to(DEVICE))
-    ref_limbs, ref_scales, _ = int8_limbs_reference(x)
+    limbs, scales = int8_limbs(x.to(DEVICE))
+    ref_limbs, ref_scales = int8_limbs_reference(x)
     assert torch.equal(scales.cpu(), ref_scales) and torch.equal(limbs.cpu(), ref_limbs)
     hi, lo = limbs.cpu().view(m, 2, k).unbind(1)
     assert hi.abs().max() <= 127 and lo.abs().max() <= 64
@@ -52,14 +52,14 @@ def test_limbs_match_the_reference_and_bound_the_error(m, k, dtype):
 
 def test_zero_rows_have_zero_limbs():
     from engine.quant.triton_int8_limbs import int8_limbs
-    limbs, scales, _ = int8_limbs(torch.zeros(3, 40, device=DEVICE))
+    limbs, scales = int8_limbs(torch.zeros(3, 40, device=DEVICE))
     assert not limbs.any() and (scales > 0).all()
 
 
 def _bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """|limbs product - exact product| <= w_scale * (token scale / 2) * sum |q| (the limbs' rounding), per output."""
     from engine.quant.triton_int8_limbs import int8_limbs_reference
-    _, token_scale, _ = int8_limbs_reference(x)
+    _, token_scale = int8_limbs_reference(x)
     return token_scale * (0.5 + 2 ** -10) * (q.float().abs().sum(1) * scales)[None, :]
 
 
@@ -135,109 +135,3 @@ def test_every_limbs_candidate_computes_the_product():
             out = _launch(x.to(DEVICE), q.to(DEVICE), scales.to(DEVICE), **dict(cfg, gemv=False)).cpu()
             assert ((out - ref).abs() <= _bound(x, q, scales) + 1e-5 * ref.abs() + 1e-6).all(), cfg
 
-
-# ----- int4 (triton_int4_limbs): the same limbs, in the order of int4's kernel layout -----------------------------
-INT4_LIMBS = dict(gemv=False, kernel="limbs")
-
-
-@pytest.mark.parametrize("m,k", [(3, 64), (2, 20000 // 32 * 32)])  # one block; a row in passes
-def test_limbs_in_chunk_order_match_the_reference(m, k):
-    from engine.quant.triton_int8_limbs import CHUNK_PERM, int8_limbs, int8_limbs_reference
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
-    limbs, scales, sums = int8_limbs(x.to(DEVICE), chunk_order=True)
-    ref_limbs, ref_scales, ref_sums = int8_limbs_reference(x, chunk_order=True)
-    assert torch.equal(scales.cpu(), ref_scales) and torch.equal(limbs.cpu(), ref_limbs)
-    plain, _, _ = int8_limbs_reference(x)
-    assert torch.equal(ref_limbs.view(2 * m, -1, 32)[:, :, list(CHUNK_PERM)], plain.view(2 * m, -1, 32))
-    assert torch.equal(sums.cpu(), plain.view(2 * m, -1, 32).sum(2, dtype=torch.int32))
-    # the order of pack_int4_kernel's bytes: byte j = 4r + b of a chunk holds features 8b + r (low), 8b + 4 + r
-    assert [CHUNK_PERM[8 * b + r] for r in range(4) for b in range(4)] == list(range(16))
-    assert [CHUNK_PERM[8 * b + 4 + r] for r in range(4) for b in range(4)] == list(range(16, 32))
-
-
-def _int4_layer(n: int, k: int, group: int, seed: int):
-    from engine.quant.int4 import pack_int4_kernel, quantize_int4
-    g = torch.Generator().manual_seed(seed)
-    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group, torch.float32)
-    return qweight, pack_int4_kernel(qweight), scales, zeros, g
-
-
-def _int4_bound(x, qweight, scales, zeros):
-    """|limbs product - exact| <= (token scale / 2) * sum_k |dequantized w| (the limbs' rounding), per output."""
-    from engine.quant.int4 import dequantize_int4
-    from engine.quant.triton_int8_limbs import int8_limbs_reference
-    _, token_scale, _ = int8_limbs_reference(x)
-    return token_scale * (0.5 + 2 ** -10) * dequantize_int4(qweight, scales, zeros).abs().sum(1)[None, :]
-
-
-@pytest.mark.parametrize("m,n,k,group,cfg", [
-    (1, 48, 256, 128, dict(block_m=16, block_n=16, block_k=128)),
-    (9, 40, 512, 128, dict(block_m=32, block_n=32, block_k=64, split_k=3, serial=True)),  # ragged rows and N
-    (17, 33, 384, 64, dict(block_m=16, block_n=16, block_k=64, split_k=2)),  # groups of 64, split by torch.sum
-    (20, 24, 256, 128, dict(block_m=16, block_n=16, block_k=64, split_k=16)),  # empty slices
-])
-def test_int4_limbs_product_within_the_rounding_bound(m, n, k, group, cfg):
-    from engine.quant.int4 import int4_linear_reference
-    from engine.quant.triton_int4 import _launch
-    qweight, packed, scales, zeros, g = _int4_layer(n, k, group, m + n)
-    x = torch.randn(m, k, generator=g)
-    x[:, 3] *= 50.0
-    out = _launch(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, **INT4_LIMBS,
-                  **cfg).cpu()
-    ref = int4_linear_reference(x, qweight, scales, zeros)
-    assert out.dtype == x.dtype and out.shape == (m, n)
-    assert ((out - ref).abs() <= _int4_bound(x, qweight, scales, zeros) + 1e-5 * ref.abs() + 1e-6).all()
-    assert (out - ref).abs().max() > 0
-
-
-def test_int4_limbs_read_back_every_code():
-    """Scale 1, zero z, x = unit rows (one limb each, no rounding): the output is q - z for every code and position."""
-    from engine.quant.int4 import pack_int4, pack_int4_kernel
-    from engine.quant.triton_int4 import _launch
-    n, k = 16, 128
-    g = torch.Generator().manual_seed(7)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    zeros = torch.randint(0, 16, (n, 1), generator=g, dtype=torch.uint8)
-    out = _launch(torch.eye(k).to(DEVICE), pack_int4_kernel(pack_int4(codes)).to(DEVICE), torch.ones(n, 1, device=DEVICE),
-                  zeros.to(DEVICE), 128, **INT4_LIMBS, block_m=32, block_n=16, block_k=128).cpu()
-    assert torch.equal(out, (codes.float() - zeros.float()).t())
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_int4_limbs_in_16_bits(dtype):
-    from engine.quant.int4 import int4_linear_reference
-    from engine.quant.triton_int4 import _launch
-    qweight, packed, scales, zeros, g = _int4_layer(32, 256, 128, 3)
-    x = torch.randn(24, 256, generator=g).to(dtype)
-    out = _launch(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 128, **INT4_LIMBS,
-                  block_m=16, block_n=16).cpu()
-    ref = int4_linear_reference(x.float(), qweight, scales, zeros)
-    assert out.dtype == dtype and ((out.float() - ref).norm() / ref.norm()).item() < 8e-3
-
-
-def test_int4_limbs_reject_tiles_that_do_not_fit():
-    from engine.quant.triton_int4 import _launch
-    _, packed, scales, zeros, _ = _int4_layer(8, 256, 128, 1)
-    with pytest.raises(ValueError, match="block_m=15"):
-        _launch(torch.randn(4, 256), packed, scales, zeros, 128, **INT4_LIMBS, block_m=15)
-    for block_k in (256, 32):  # past the group; below an int8 MMA's K in each nibble's dot
-        with pytest.raises(ValueError, match=f"block_k={block_k}"):
-            _launch(torch.randn(4, 256), packed, scales, zeros, 128, **INT4_LIMBS, block_k=block_k)
-
-
-def test_every_int4_limbs_candidate_computes_the_product():
-    from engine.quant.int4 import int4_linear_reference
-    from engine.quant.triton_int4 import _launch
-    from engine.quant.triton_int4_limbs import int4_limbs_candidates
-    qweight, packed, scales, zeros, g = _int4_layer(40, 512, 128, 4)
-    for m in (17, 64, 300):
-        cands = int4_limbs_candidates(m, 40, 512, 128, 8)
-        assert cands and all(c["block_m"] % 2 == 0 and c["block_k"] == 128 for c in cands)
-        assert m <= 256 or all(c["split_k"] == 1 for c in cands)
-        if m == 300:
-            continue  # (the configs' arithmetic is the same at every m; the interpreter is slow)
-        x = torch.randn(m, 512, generator=g)
-        ref = int4_linear_reference(x, qweight, scales, zeros)
-        for cfg in cands:
-            out = _launch(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
-            assert ((out - ref).abs() <= _int4_bound(x, qweight, scales, zeros) + 1e-5 * ref.abs() + 1e-6).all(), cfg

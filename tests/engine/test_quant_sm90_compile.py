@@ -237,8 +237,7 @@ def check_fp8_gemm():
 
 def check_int8_limbs():
     """triton_int8_limbs: the W8A8 kernel with LIMBS multiplies int8 codes on s8 wgmma (int32 sums), pointer
-    and tensor-descriptor loads; the limbs' quantization divides correctly rounded, as int8_limbs_reference;
-    triton_int4_limbs multiplies int4 codes on s8 wgmma too."""
+    and tensor-descriptor loads; the limbs' quantization divides correctly rounded, as int8_limbs_reference."""
     from engine.quant.triton_fp8_gemm import HAS_TMA, _fp8_dot_kernel
     sig = {"x_ptr": "*i8", "xs_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*fp32",
            "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
@@ -253,20 +252,9 @@ def check_int8_limbs():
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx and "cp.async.bulk.tensor" in ptx
     from engine.quant.triton_int8_limbs import _limbs_kernel
     for single in (True, False):
-        for order in (False, True):
-            ptx = _compile(_limbs_kernel, {"x_ptr": "*bf16", "l_ptr": "*i8", "s_ptr": "*fp32", "c_ptr": "*i32",
-                                           "K": "i32", "stride_xm": "i32"},
-                           dict(BLOCK=4096, SINGLE=single, CHUNK_ORDER=order), num_warps=16)
-            assert "div.rn.f32" in ptx
-    # int4 (triton_int4_limbs): the codes' nibbles straight into s8 wgmmas, two a step
-    from engine.quant.triton_int4_limbs import _int4_limbs_kernel
-    sig = {"l_ptr": "*i8", "xs_ptr": "*fp32", "c_ptr": "*i32", "b_ptr": "*u8", "s_ptr": "*bf16", "z_ptr": "*u8",
-           "out_ptr": "*fp32", "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-           "k_per_split": "i32", "split_k": "i32", "stride_lm": "i32", "stride_cm": "i32", "stride_bn": "i32",
-           "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
-    ptx = _compile(_int4_limbs_kernel, sig, dict(GROUP=128, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SERIAL=True,
-                                                  STAGES=3), num_warps=8)
-    assert re.search(r"wgmma\.mma_async\.sync\.aligned\.m64n128k32\.s32\.s8\.s8", ptx)
+        ptx = _compile(_limbs_kernel, {"x_ptr": "*bf16", "l_ptr": "*i8", "s_ptr": "*fp32", "K": "i32",
+                                       "stride_xm": "i32"}, dict(BLOCK=4096, SINGLE=single), num_warps=16)
+        assert "div.rn.f32" in ptx
 
 
 def check_decode_attention_fp8_cache():
