@@ -115,14 +115,16 @@ def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma
 
 
 def limbs_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
-    """int8_matmul's tuning candidates for m rows on this path: the W8A8 kernel's tiles for 2m rows (their
-    split-K variants up to 256 tokens; above, prefill chunks sharing one tuned config, unsplit tiles only)."""
-    cands = dot_candidates(2 * m, n, k, sms)
-    if m >= 128:  # 128 tokens a tile: 256 limb rows, the widest N of an MMA, so each weight tile is read once or twice
-        wide = [dict(kernel=kernel, block_m=256, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3)
-                for kernel in ("triton", "tma") if kernel == "triton" or any(c["kernel"] == "tma" for c in cands)]
-        cands += wide
+    """int8_matmul's tuning candidates for m rows on this path: the W8A8 kernel's tiles for 2m limb rows with their
+    split-K variants, and from 128 rows 128-token tiles (256 limb rows, the widest MMA N: each weight tile read once
+    or twice). None above 256 rows: a prefill chunk's limbs would be a second copy of its activations, which the
+    memory profile and planner do not count, and there the dequantize-then-cuBLAS path won anyway on the H200 (all
+    but the LM head at 512 rows, quant_engine_limbs_h200_run3.json)."""
     if m > 256:
-        cands = [c for c in cands if c.get("split_k", 1) == 1]
+        return []
+    cands = dot_candidates(2 * m, n, k, sms)
+    if m >= 128:
+        wide = dict(block_m=256, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3)
+        cands += [dict(wide, kernel=kernel) for kernel in ("triton", "tma") if any(c["kernel"] == kernel for c in cands)]
     return [dict(kernel="limbs", tma=c["kernel"] == "tma", **{key: v for key, v in c.items() if key != "kernel"})
             for c in cands]
