@@ -117,9 +117,9 @@ def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma
 def limbs_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """int8_matmul's tuning candidates for m rows on this path: the W8A8 kernel's tiles for 2m limb rows with their
     split-K variants, and from 128 rows 128-token tiles (256 limb rows, the widest MMA N: each weight tile read once
-    or twice). None above 256 rows: a prefill chunk's limbs would be a second copy of its activations, which the
-    memory profile and planner do not count, and there the dequantize-then-cuBLAS path won anyway on the H200 (all
-    but the LM head at 512 rows, quant_engine_limbs_h200_run3.json)."""
+    or twice). None above 256 rows: a prefill chunk's limbs would be a second copy of its activations, past the
+    activation peak the memory planner models, and there the dequantize-then-cuBLAS path won anyway on the H200
+    (all but the LM head at 512 rows, quant_engine_limbs_h200_run3.json)."""
     if m > 256:
         return []
     cands = dot_candidates(2 * m, n, k, sms)
