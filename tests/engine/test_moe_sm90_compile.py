@@ -7,12 +7,10 @@ process in Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from sm90_compile import run_check
 
 triton = pytest.importorskip("triton")
 
@@ -86,12 +84,7 @@ def check_all():
 
 
 def test_decode_candidates_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    if "SKIP:" in proc.stdout:
-        pytest.skip(proc.stdout.split("SKIP:", 1)[1].strip()[:200])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_check(__file__)
 
 
 if __name__ == "__main__":

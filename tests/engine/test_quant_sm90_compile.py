@@ -6,28 +6,22 @@ words, the int4 "pairs" kernel unpacking in the wgmma operand's registers (two c
 split-K counter's acquire-release atomic. Skipped where Triton has no CUDA backend or ptxas.
 
 Each test compiles in a subprocess: the other kernel tests put this one in Triton's interpreter
-(TRITON_INTERPRET=1), whose kernels cannot be compiled.
+(TRITON_INTERPRET=1), whose kernels cannot be compiled; with SM90_COMPILE_PYTHONS also in other Pythons, such
+as one with the GPU machine's Triton (tests/engine/sm90_compile.py).
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from sm90_compile import run_check
 
 triton = pytest.importorskip("triton")
 
 def _run(check: str) -> None:
-    """Run `check` of this file in a fresh interpreter without TRITON_INTERPRET (so kernels are JIT ones)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=600)
-    if "SKIP:" in proc.stdout:
-        pytest.skip(proc.stdout.split("SKIP:", 1)[1].strip()[:200])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """Run `check` of this file in fresh interpreters (sm90_compile.run_check: also with SM90_COMPILE_PYTHONS)."""
+    run_check(__file__, check)
 
 
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
