@@ -4,8 +4,8 @@ Reference: `int8_limbs_reference` below, and `int8_linear_reference` in int8.py,
 the limbs' rounding (the bound below). Used by int8_matmul's tuner as candidates (kernel="limbs") from 17 rows.
 
 Why. The int8 kernels of triton_int8 / triton_int8_mma convert every weight code to a 16-bit float on its way
-into a bf16/fp16 MMA, and from 64 rows on the H200 they lost to cuBLAS bf16 (decode step 0.96x at 64, 0.67x
-at 256: quant_kernels_h200_mma.json). The W8A8 fp8 GEMM (triton_fp8_gemm), whose operands go straight from
+into a bf16/fp16 MMA, and from 64 rows on the H200 they lost to cuBLAS bf16 (the decode step's GEMMs 0.99x at
+64 rows, 0.56x at 256: quant_kernels_h200_mma.json). The W8A8 fp8 GEMM (triton_fp8_gemm), whose operands go straight from
 memory into the MMA, beat bf16 there (1.3x). Here the weight codes also go straight into an int8 MMA (s8 wgmma,
 twice bf16's rate); the activations become int8 instead, without giving up 16-bit precision: per token,
     scale = max(|x|) / 16256,  v = rint(x / scale) (|v| <= 16256 = 127 * 128),
