@@ -116,15 +116,18 @@ def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma
 
 def limbs_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """int8_matmul's tuning candidates for m rows on this path: the W8A8 kernel's tiles for 2m limb rows with their
-    split-K variants, and from 128 rows 128-token tiles (256 limb rows, the widest MMA N: each weight tile read once
+    split-K variants (tensor-descriptor loads where they can run, else pointer loads), and from 128 rows 128-token tiles (256 limb rows, the widest MMA N: each weight tile read once
     or twice). None above 256 rows: a prefill chunk's limbs would be a second copy of its activations, past the
     activation peak the memory planner models, and there the dequantize-then-cuBLAS path won anyway on the H200
     (all but the LM head at 512 rows, quant_engine_limbs_h200_run3.json)."""
     if m > 256:
         return []
     cands = dot_candidates(2 * m, n, k, sms)
+    # Tensor-descriptor loads where they can run: they won all 10 layer x row-bucket choices on the H200, the same tile
+    # with pointer loads within 1-2% (quant_kernels_limbs_h200_run3.json), so the pointer variants only cost tuning time.
+    cands = [c for c in cands if c["kernel"] == "tma"] or cands
     if m >= 128:
-        wide = dict(block_m=256, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3)
-        cands += [dict(wide, kernel=kernel) for kernel in ("triton", "tma") if any(c["kernel"] == kernel for c in cands)]
+        cands.append(dict(block_m=256, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3,
+                          kernel=cands[0]["kernel"]))
     return [dict(kernel="limbs", tma=c["kernel"] == "tma", **{key: v for key, v in c.items() if key != "kernel"})
             for c in cands]
