@@ -75,22 +75,22 @@ def main() -> None:
     g4 = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3)
     rows = [  # (name, kernel, signature, constexprs, warps, weight codes a thread handles per loop trip)
         ("int4 GEMV 128x4", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=128, CHUNKS=4), 4, 128 * 128 / 128),
+         dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False), 4, 128 * 128 / 128),
         ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=256, CHUNKS=4), 4, 256 * 128 / 128),
+         dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False), 4, 256 * 128 / 128),
         ("int4 tc swap 16x256x4 asm x_natural", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32"), 4,
+         dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32", PREFETCH=False), 4,
          256 * 128 / 128),
         ("int4 tc swap 16x256x4 exact", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=1, XNAT=True, PRECISION="tf32"), 4,
+         dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=1, XNAT=True, PRECISION="tf32", PREFETCH=False), 4,
          256 * 128 / 128),
         ("int4 tc gemm 128x128x4 asm_scaled", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_M=128, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=3, XNAT=True, PRECISION="tf32"), 8,
+         dict(g4, BLOCK_M=128, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=3, XNAT=True, PRECISION="tf32", PREFETCH=False), 8,
          128 * 128 / 256),
         ("int8 GEMV 64x256", _int8_gemv_kernel, {**INT8_ARGS, **INT8_SIZES},
          dict(BLOCK_N=64, BLOCK_K=256, EVEN_K=True, SERIAL=True, STAGES=3), 4, 64 * 256 / 128),
         *[(f"int8 word GEMV {bn}x{bk}x{w}", _int8_gemv_words_kernel, {**INT8_ARGS, **INT8_SIZES},
-           dict(BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, SERIAL=True, STAGES=3), w, bn * bk / (32 * w))
+           dict(BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, SERIAL=True, STAGES=3, PDL=False), w, bn * bk / (32 * w))
           for bn, bk, w in ((32, 512, 4), (64, 512, 4), (128, 256, 8))],
         ("int8 gemm 64x128x128 asm", _int8_mm_kernel, {**INT8_ARGS, "M": "i32", **INT8_SIZES},
          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32",

@@ -308,6 +308,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
+        # each also prefetching the next step's scale and zero (steps inside one group; not yet timed on a GPU)
+        extra += [dict(c, prefetch=True) for c in extra if group_size % (KERNEL_CHUNK * c["chunks"]) == 0]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
@@ -363,12 +365,13 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, pdl=None):
+            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
-    registers, not gathered); else the GEMV (gemv, the default for
+    registers, not gathered; prefetch: each step loads the next one's group scale and zero, steps inside one
+    group); else the GEMV (gemv, the default for
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. pdl: the GEMV's programmatic dependent launch
     (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
@@ -398,6 +401,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
         if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
+        if prefetch and group_size % step:
+            raise ValueError(f"prefetch=True needs steps inside one group ({step} features, group {group_size})")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -415,7 +420,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel
         _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                               BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
-                              XNAT=x_natural,
+                              XNAT=x_natural, PREFETCH=prefetch,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:

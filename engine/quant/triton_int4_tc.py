@@ -130,7 +130,11 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr):
+                    SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr,
+                    PREFETCH: tl.constexpr = False):
+    """PREFETCH (steps inside one group): each step loads the next step's group scale and zero, so their latency
+    overlaps a step's work: as plain loads (not the pipelined copies of the weights) it is otherwise paid every
+    step, before the dequantization can start (sm_90 PTX: ld.global.b16 / .b8 at the loop's top)."""
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -148,6 +152,10 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:  # the first step's group (clamped: an empty slice starts past K)
+        g_next = tl.minimum(k_start // GROUP, K // GROUP - 1)
+        s_next = tl.load(s_ptr + s_rows + g_next, mask=mask_n, other=0.0)
+        z_next = tl.load(z_ptr + s_rows + g_next, mask=mask_n, other=0)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
         kj = k0 + feat_j
@@ -160,7 +168,14 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
-        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        if PREFETCH:
+            scale = s_next.to(tl.float32)[:, None]
+            zero = z_next.to(tl.float32)[:, None]
+            g_next = tl.minimum((k0 + 32 * CHUNKS) // GROUP, K // GROUP - 1)
+            s_next = tl.load(s_ptr + s_rows + g_next, mask=mask_n, other=0.0)
+            z_next = tl.load(z_ptr + s_rows + g_next, mask=mask_n, other=0)
+        else:
+            scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
         if XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
             mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]

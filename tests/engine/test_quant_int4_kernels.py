@@ -94,6 +94,10 @@ TC_CASES = [
     (3, 33, 160, 32, dict(TC, block_m=16, block_n=32, chunks=2, split_k=2, x_natural=True)),
     (17, 33, 96, 32, dict(TC, block_m=16, block_n=32, chunks=1, split_k=1, swap=False, x_natural=True)),
     (70, 40, 512, 128, dict(TC, block_m=64, block_n=32, chunks=8, split_k=1, swap=False, x_natural=True)),
+    # prefetch: each step loads the next step's scale and zero (steps inside a group; unequal and empty slices)
+    (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=2, split_k=3, swap=False, serial=True, prefetch=True)),
+    (40, 24, 256, 64, dict(TC, block_m=32, block_n=16, chunks=1, split_k=16, swap=True, prefetch=True)),
+    (5, 33, 384, 128, dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, dequant="exact", prefetch=True)),
 ]
 
 
@@ -196,6 +200,8 @@ def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
         _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="bogus")
     with pytest.raises(ValueError, match="one group"):  # 256-feature steps span two groups of 128
         _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, dequant="exact")
+    with pytest.raises(ValueError, match="prefetch=True"):
+        _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, prefetch=True)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="asm")

@@ -102,12 +102,17 @@ def check_int4_tc_kernel():
     loop), swapped for few rows (n16) and plain for many (n128)."""
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
-    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False)
+    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False,
+                  PREFETCH=False)
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True, DEQUANT=0))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=128, BLOCK_N=128, CHUNKS=2, SWAP=False, DEQUANT=1),
                    num_warps=8)
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+    # PREFETCH: the next step's scale and zero loaded a step ahead (loop-carried), still one dot a step
+    ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=64, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=0,
+                                              PREFETCH=True))
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     # dequant="asm" / "asm_scaled": ptxas accepts the inline PTX (bf16x2 and f16x2), two codes per LOP3
     # and per FMA; with x loaded in feature order (XNAT) and permuted in registers.
