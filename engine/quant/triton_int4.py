@@ -102,6 +102,14 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
     return scale, zero
 
 
+@triton.jit
+def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
+    """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
+    last step, or an empty slice, asks past K), loaded a step before their use (the kernels' PREFETCH)."""
+    g = tl.minimum(k_next // GROUP, K // GROUP - 1)
+    return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
+
+
 # The GEMV's planes are float32 denormals: a nibble under no exponent bits is q * 2^SHIFT * 2^-149 exactly,
 # so one AND makes a code a float with no offset to subtract. x is scaled by 2^(DENORMAL_E - SHIFT) per
 # plane (exact), so every product is q * x * 2^(DENORMAL_E - 149), a normal float for |x| >= 2^-67, and x
@@ -179,7 +187,7 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                      stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                      ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -189,6 +197,8 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: features down, rows across
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if PREFETCH:  # (steps inside one group) the first step's scale and zero
+        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
         if EVEN_K:
@@ -198,7 +208,11 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
-        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        if PREFETCH:  # this step's, loaded a step ago; then the next step's
+            scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
+            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
+        else:
+            scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w_lo, w_hi = _halves(w)
         mask_x = mask_k[:, None] & mask_m[None, :]
         for i in tl.static_range(8):
@@ -310,6 +324,7 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
         # each also prefetching the next step's scale and zero (steps inside one group; not yet timed on a GPU)
         extra += [dict(c, prefetch=True) for c in extra if group_size % (KERNEL_CHUNK * c["chunks"]) == 0]
+        cands += [dict(c, prefetch=True) for c in cands if group_size % (KERNEL_CHUNK * c["chunks"]) == 0]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
@@ -370,9 +385,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
-    registers, not gathered; prefetch: each step loads the next one's group scale and zero, steps inside one
-    group); else the GEMV (gemv, the default for
-    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. pdl: the GEMV's programmatic dependent launch
+    registers, not gathered); else the GEMV (gemv, the default for
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc and tl.dot kernels, steps inside one group):
+    each step loads the next step's group scale and zero. pdl: the GEMV's programmatic dependent launch
     (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
@@ -401,8 +416,10 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
         if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
-        if prefetch and group_size % step:
-            raise ValueError(f"prefetch=True needs steps inside one group ({step} features, group {group_size})")
+
+    if prefetch and (gemv or group_size % step):
+        raise ValueError(f"prefetch=True is for the tl.dot and tc kernels with steps inside one group ({step} "
+                         f"features, group {group_size})")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -430,5 +447,6 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     else:
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                               PREFETCH=prefetch,
                                num_warps=num_warps or default["num_warps"])
     return res if locks is not None else gemv_result(out, x.dtype)

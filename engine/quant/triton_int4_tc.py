@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_int4 import _group_params, _halves, _plane
+from .triton_int4 import _group_params, _halves, _next_group_params, _plane
 from .triton_int8 import _store_tile, _tile
 
 # The DEQUANT constexpr of a launch config's `dequant`.
@@ -152,10 +152,8 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PREFETCH:  # the first step's group (clamped: an empty slice starts past K)
-        g_next = tl.minimum(k_start // GROUP, K // GROUP - 1)
-        s_next = tl.load(s_ptr + s_rows + g_next, mask=mask_n, other=0.0)
-        z_next = tl.load(z_ptr + s_rows + g_next, mask=mask_n, other=0)
+    if PREFETCH:  # the first step's scale and zero
+        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
         kj = k0 + feat_j
@@ -168,12 +166,9 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
-        if PREFETCH:
-            scale = s_next.to(tl.float32)[:, None]
-            zero = z_next.to(tl.float32)[:, None]
-            g_next = tl.minimum((k0 + 32 * CHUNKS) // GROUP, K // GROUP - 1)
-            s_next = tl.load(s_ptr + s_rows + g_next, mask=mask_n, other=0.0)
-            z_next = tl.load(z_ptr + s_rows + g_next, mask=mask_n, other=0)
+        if PREFETCH:  # this step's, loaded a step ago; then the next step's
+            scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
+            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
         else:
             scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
