@@ -322,9 +322,11 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-        # each also prefetching the next step's scale and zero (steps inside one group; not yet timed on a GPU)
-        extra += [dict(c, prefetch=True) for c in extra if group_size % (KERNEL_CHUNK * c["chunks"]) == 0]
-        cands += [dict(c, prefetch=True) for c in cands if group_size % (KERNEL_CHUNK * c["chunks"]) == 0]
+        # the tiles that won at 64 rows on the H200 (quant_kernels_limbs_h200_run2.json) also prefetching the next
+        # step's scale and zero (steps inside one group; not yet timed on a GPU)
+        one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
+        extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2]) if one_group(c)]
+        cands += [dict(c, prefetch=True) for c in cands[:2] if one_group(c)]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
