@@ -418,7 +418,6 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
         if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
-
     if prefetch and (gemv or group_size % step):
         raise ValueError(f"prefetch=True is for the tl.dot and tc kernels with steps inside one group ({step} "
                          f"features, group {group_size})")

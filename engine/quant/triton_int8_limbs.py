@@ -5,9 +5,10 @@ the limbs' rounding (the bound below). Used by int8_matmul's tuner as candidates
 
 Why. The int8 kernels of triton_int8 / triton_int8_mma convert every weight code to a 16-bit float on its way
 into a bf16/fp16 MMA, and from 64 rows on the H200 they lost to cuBLAS bf16 (the decode step's GEMMs 0.99x at
-64 rows, 0.56x at 256: quant_kernels_h200_mma.json). The W8A8 fp8 GEMM (triton_fp8_gemm), whose operands go straight from
-memory into the MMA, beat bf16 there (1.3x). Here the weight codes also go straight into an int8 MMA (s8 wgmma,
-twice bf16's rate); the activations become int8 instead, without giving up 16-bit precision: per token,
+64 rows, 0.56x at 256: quant_kernels_h200_mma.json). The W8A8 fp8 GEMM (triton_fp8_gemm), whose operands go
+straight from memory into the MMA, beat bf16 there (1.3x). Here the weight codes also go straight into an int8
+MMA (s8 wgmma, twice bf16's rate); the activations become int8 instead, without giving up 16-bit precision:
+per token,
     scale = max(|x|) / 16256,  v = rint(x / scale) (|v| <= 16256 = 127 * 128),
     hi = rint(v / 128) (|hi| <= 127),  lo = v - 128 hi (|lo| <= 64),
 so x ~ scale * (128 hi + lo) with |x - scale * v| <= scale / 2 = max|x| / 32512: a 15-bit fixed point of
@@ -37,6 +38,7 @@ from .triton_fp8_gemm import _fp8_launch, dot_candidates
 
 LIMB = 128  # hi's place value
 LIMBS_MAX = 127 * LIMB  # the largest |v|: hi stays within int8
+_LIMBS_MAX = tl.constexpr(float(LIMBS_MAX))  # (what a @triton.jit function may read)
 
 
 @triton.jit
@@ -46,7 +48,7 @@ def _store_limbs(l_row, n, k0, y, scale, mask, BLOCK: tl.constexpr):
     y ~ scale * (128 hi + lo)."""
     v = tl.math.div_rn(y, scale)
     v = (v + 12582912.0) - 12582912.0  # rint, ties to even (1.5 * 2^23; |v| < 2^22)
-    v = tl.minimum(tl.maximum(v, -16256.0), 16256.0)
+    v = tl.minimum(tl.maximum(v, -_LIMBS_MAX), _LIMBS_MAX)
     hi = (v * (1.0 / 128.0) + 12582912.0) - 12582912.0
     offs = k0 + tl.arange(0, BLOCK)
     tl.store(l_row + offs, hi.to(tl.int8), mask=mask)
@@ -63,13 +65,13 @@ def _limbs_kernel(x_ptr, l_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr, SINGLE
     offs = tl.arange(0, BLOCK)
     if SINGLE:
         y = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(y), 0) * (1.0 / 16256.0), 1e-12)
+        scale = tl.maximum(tl.max(tl.abs(y), 0) * (1.0 / _LIMBS_MAX), 1e-12)
         _store_limbs(l_row, K, 0, y, scale, offs < K, BLOCK)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             amax = tl.maximum(amax, tl.abs(tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, 0) * (1.0 / 16256.0), 1e-12)
+        scale = tl.maximum(tl.max(amax, 0) * (1.0 / _LIMBS_MAX), 1e-12)
         for k0 in range(0, K, BLOCK):
             mask = k0 + offs < K
             y = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
@@ -116,15 +118,16 @@ def limbs_matmul(x: torch.Tensor, q: torch.Tensor, w_scale: torch.Tensor, *, tma
 
 def limbs_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
     """int8_matmul's tuning candidates for m rows on this path: the W8A8 kernel's tiles for 2m limb rows with their
-    split-K variants (tensor-descriptor loads where they can run, else pointer loads), and from 128 rows 128-token tiles (256 limb rows, the widest MMA N: each weight tile read once
-    or twice). None above 256 rows: a prefill chunk's limbs would be a second copy of its activations, past the
-    activation peak the memory planner models, and there the dequantize-then-cuBLAS path won anyway on the H200
-    (all but the LM head at 512 rows, quant_engine_limbs_h200_run3.json)."""
+    split-K variants (tensor-descriptor loads where they can run, else pointer loads), and from 128 rows 128-token
+    tiles (256 limb rows, the widest MMA N: each weight tile read once or twice). None above 256 rows: a prefill
+    chunk's limbs would be a second copy of its activations, past the activation peak the memory planner models,
+    and there the dequantize-then-cuBLAS path won anyway on the H200 (all but the LM head at 512 rows,
+    quant_engine_limbs_h200_run3.json)."""
     if m > 256:
         return []
     cands = dot_candidates(2 * m, n, k, sms)
-    # Tensor-descriptor loads where they can run: they won all 10 layer x row-bucket choices on the H200, the same tile
-    # with pointer loads within 1-2% (quant_kernels_limbs_h200_run3.json), so the pointer variants only cost tuning time.
+    # Tensor-descriptor loads where they can run: they won all 10 layer x row-bucket choices on the H200, the same
+    # tile with pointer loads within 1-2% (quant_kernels_limbs_h200_run3.json): pointer variants only cost tuning.
     cands = [c for c in cands if c["kernel"] == "tma"] or cands
     if m >= 128:
         cands.append(dict(block_m=256, block_n=128, block_k=128, split_k=1, num_warps=8, num_stages=3,

@@ -71,6 +71,7 @@ def _bound(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 ])
 def test_limbs_product_within_the_rounding_bound(m, n, k, cfg):
     from engine.quant.triton_int8 import _launch
+    from engine.quant.triton_int8_limbs import int8_limbs_reference
     g = torch.Generator().manual_seed(m * 100 + n)
     q, scales = quantize_int8(torch.randn(n, k, generator=g) * 0.05)
     x = torch.randn(m, k, generator=g)
@@ -79,8 +80,12 @@ def test_limbs_product_within_the_rounding_bound(m, n, k, cfg):
     ref = int8_linear_reference(x, q, scales)
     assert out.dtype == x.dtype and out.shape == (m, n)
     assert ((out - ref).abs() <= _bound(x, q, scales) + 1e-5 * ref.abs() + 1e-6).all()
-    # the bound is not loose by orders of magnitude: the limbs do round (x is not on their grid)
-    assert (out - ref).abs().max() > 0
+    # and it is the product of the reference limbs (exact integer sums, then the scales): the limbs are what ran
+    limbs, token_scale = int8_limbs_reference(x)
+    sums = limbs.double() @ q.double().t()
+    joined = (128.0 * sums[0::2] + sums[1::2]) * token_scale.double() * scales.double()[None, :]
+    assert torch.allclose(out.double(), joined, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(out.double(), ref.double(), rtol=1e-6, atol=0.0)  # (they differ from x's product)
 
 
 @pytest.mark.parametrize("dtype,size", [(torch.float16, 1e-3), (torch.float16, 1e3), (torch.bfloat16, 1e-3),
