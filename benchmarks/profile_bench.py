@@ -2,7 +2,8 @@
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/profile_bench.py \
         --out data/benchmarks/profile_llama-3.1-8b_h200.json [--model llama-3.1-8b] [--num-requests 1000] \
-        [--overhead-requests 1000] [--repeats 3] [--trace PATH] [--no-deep]
+        [--overhead-requests 1000] [--repeats 3] [--trace PATH] [--no-deep] [--no-overhead] \
+        [--windows 32:16,500:16]
 
 In one process, with EngineConfig() defaults and the ShareGPT-like trace (offline, seed 0):
 1. the device rates (bf16 matmul FLOP/s, copy bandwidth), as `python -m workbench bench` measures them;
@@ -12,7 +13,8 @@ In one process, with EngineConfig() defaults and the ShareGPT-like trace (offlin
    events off (`LLMEngine.set_timeline(False)`; the few perf_counter marks per step stay), interleaved
    (on, off, off, on, ...), of --overhead-requests requests; medians and spreads of output tok/s
    (target: on is within 1% of off);
-4. deep mode (profile="kernels") over steps [32, 48) of one more run: device time by kernel class
+4. deep mode (profile="kernels") over steps [32, 48) of one more run (--windows FIRST:COUNT,...: one run per
+   window, e.g. the early steps where all requests run and the tail where few do): device time by kernel class
    against each class's roofline.
 Prints each part and writes JSON (command, device, versions, every number) to --out.
 About 5-6 minutes on one H200 at the defaults (8 runs of about 28 s, plus loading and CUDA-graph capture);
@@ -27,7 +29,7 @@ import torch
 
 from engine import LLM, EngineConfig
 from workbench.bench import environment, measure_device_rates, run_engine
-from workbench.profiling import format_attribution, format_kernels, kernel_breakdown, run_profile
+from workbench.profiling import KERNEL_WINDOW, format_attribution, format_kernels, kernel_breakdown, run_profile
 from workbench.workloads import make_workload
 from workbench.bench import median_spread
 
@@ -41,8 +43,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per arm of the overhead measurement (>= 3)")
     ap.add_argument("--trace", help="write the main run's Chrome trace here")
     ap.add_argument("--no-deep", action="store_true", help="skip the deep-mode run")
+    ap.add_argument("--no-overhead", action="store_true", help="skip the always-on overhead runs")
+    ap.add_argument("--windows", default=f"{KERNEL_WINDOW[0]}:{KERNEL_WINDOW[1]}",
+                    help="deep-mode step windows FIRST:COUNT, comma-separated (one run each)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    try:
+        windows = [tuple(int(v) for v in w.split(":")) for w in args.windows.split(",")]
+    except ValueError:
+        windows = []
+    if not windows or any(len(w) != 2 or w[0] < 0 or w[1] < 1 for w in windows):
+        ap.error(f"--windows={args.windows!r}: expected FIRST:COUNT pairs (FIRST >= 0, COUNT >= 1), e.g. 32:16,500:16")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     rates = measure_device_rates(device) if device.type == "cuda" else None
@@ -64,6 +75,19 @@ def main() -> None:
                       "rates": prof["rates"], "trace": prof.get("trace")}
 
     # 3. Always-on overhead: interleaved runs with the timeline on and off.
+    if not args.no_overhead:
+        result["overhead"] = _overhead(llm, workload, args)
+
+    # 4. Deep mode over windows of steps.
+    if not args.no_deep:
+        result["deep"] = [_deep(llm, workload, prof["rates"], first, count) for first, count in windows]
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"results: {args.out}")
+
+
+def _overhead(llm, workload, args) -> dict:
     wl = workload if args.overhead_requests == args.num_requests else make_workload(
         "sharegpt-like", num_requests=args.overhead_requests, vocab_size=llm.vocab_size, seed=0)
     tput = {True: [], False: []}
@@ -78,26 +102,26 @@ def main() -> None:
     overhead = 1 - on["median"] / off["median"]
     print(f"always-on overhead: {overhead:+.2%} of output throughput (median on {on['median']:.1f}, "
           f"off {off['median']:.1f} out tok/s; target < 1%)")
-    result["overhead"] = {"num_requests": len(wl), "repeats": args.repeats, "timeline_on": on, "timeline_off": off,
-                          "overhead": overhead, "within_1pct": overhead < 0.01}
+    return {"num_requests": len(wl), "repeats": args.repeats, "timeline_on": on, "timeline_off": off,
+            "overhead": overhead, "within_1pct": overhead < 0.01}
 
-    # 4. Deep mode over a window of steps.
-    if not args.no_deep:
-        deep = run_engine(llm, workload, profile="kernels")
-        kp = deep.stats.kernel_profile
-        if kp is not None and kp.kernels:
-            st = deep.stats
-            kb = kernel_breakdown(kp, deep.steps, llm.spec, st.weight_bytes, st.kv_bytes_per_token,
-                                  prof["rates"])
-            print(f"deep mode, steps {kp.first_step}-{kp.last_step}:")
-            print(format_kernels(kb))
-            result["deep"] = {"first_step": kp.first_step, "last_step": kp.last_step, "window_s": kp.window,
-                              "profiler_overhead_s": kp.overhead, "kernel_breakdown": kb.to_dict("records"),
-                              "top_kernels": _top_kernels(kp)}
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-    print(f"results: {args.out}")
+def _deep(llm, workload, rates: dict, first: int, count: int) -> dict | None:
+    """One run with deep mode over steps [first, first + count): device time by kernel class vs roofline."""
+    deep = run_engine(llm, workload, profile="kernels", kernel_window=(first, count))
+    kp = deep.stats.kernel_profile
+    if kp is None or not kp.kernels:
+        print(f"deep mode, steps from {first}: no kernels recorded (the run has fewer steps?)")
+        return None
+    st = deep.stats
+    kb = kernel_breakdown(kp, deep.steps, llm.spec, st.weight_bytes, st.kv_bytes_per_token, rates)
+    w = deep.steps.iloc[kp.first_step:kp.last_step + 1]
+    running = float(w["num_running"].mean()) if "num_running" in w else float("nan")
+    print(f"deep mode, steps {kp.first_step}-{kp.last_step} (mean running {running:.0f}):")
+    print(format_kernels(kb))
+    return {"first_step": kp.first_step, "last_step": kp.last_step, "mean_running": running, "window_s": kp.window,
+            "profiler_overhead_s": kp.overhead, "kernel_breakdown": kb.to_dict("records"),
+            "top_kernels": _top_kernels(kp)}
 
 
 def _top_kernels(kp, n: int = 15) -> list[dict]:

@@ -105,7 +105,7 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
 @triton.jit
 def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
     """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
-    last step, or an empty slice, asks past K), loaded a step before their use (the kernels' PREFETCH)."""
+    last step, or an empty slice, asks past K), loaded a step before their use (the tc kernel's PREFETCH)."""
     g = tl.minimum(k_next // GROUP, K // GROUP - 1)
     return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
 
@@ -187,7 +187,7 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
                      stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                      ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                     PRECISION: tl.constexpr, PREFETCH: tl.constexpr = False):
+                     PRECISION: tl.constexpr):
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -197,8 +197,6 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_cols = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm  # x^T: features down, rows across
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if PREFETCH:  # (steps inside one group) the first step's scale and zero
-        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
         if EVEN_K:
@@ -208,11 +206,7 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
-        if PREFETCH:  # this step's, loaded a step ago; then the next step's
-            scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
-            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
-        else:
-            scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w_lo, w_hi = _halves(w)
         mask_x = mask_k[:, None] & mask_m[None, :]
         for i in tl.static_range(8):
@@ -280,6 +274,10 @@ GEMV_TILES = ((128, 4, 4), (64, 4, 2), (32, 4, 2), (64, 4, 4), (256, 4, 8))
 TC_SMALL = ((16, 256, 4, 4, 3, True), (16, 256, 4, 8, 3, True), (16, 128, 4, 4, 3, True), (16, 128, 2, 4, 4, True))
 TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2, 8, 4, False),
             (128, 256, 2, 8, 3, False), (128, 128, 4, 8, 4, True))
+# Offered only with prefetch: at 64 rows the 64 x 128 tile of 4 warps waits on its own dequantize -> shared
+# memory -> wgmma -> wait chain (ncu on the H200: 1.85 active warps a scheduler, an issue every 4.6 cycles,
+# 17% of DRAM bandwidth); twice the warps, or half the columns (more programs a multiprocessor), hide more of it.
+TC_PREFETCH = ((64, 128, 4, 8, 3, False), (64, 64, 4, 4, 3, False))
 
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
@@ -322,11 +320,11 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-        # the tiles that won at 64 rows on the H200 (quant_kernels_limbs_h200_run2.json) also prefetching the next
-        # step's scale and zero (steps inside one group; not yet timed on a GPU)
+        # the tiles that won at 64 rows on the H200 also prefetching the next step's scale and zero (steps inside
+        # one group), which won 4 of the 5 layers there by 2-4% (quant_kernels_int4_prefetch_h200.json), and
+        # TC_PREFETCH's tiles with it
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
-        extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2]) if one_group(c)]
-        cands += [dict(c, prefetch=True) for c in cands[:2] if one_group(c)]
+        extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
@@ -388,8 +386,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered); else the GEMV (gemv, the default for
-    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc and tl.dot kernels, steps inside one group):
-    each step loads the next step's group scale and zero. pdl: the GEMV's programmatic dependent launch
+    m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, steps inside one group): each step
+    loads the next step's group scale and zero. pdl: the GEMV's programmatic dependent launch
     (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
@@ -418,9 +416,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
         if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
-    if prefetch and (gemv or group_size % step):
-        raise ValueError(f"prefetch=True is for the tl.dot and tc kernels with steps inside one group ({step} "
-                         f"features, group {group_size})")
+    if prefetch and (kernel != "tc" or group_size % step):
+        raise ValueError(f"prefetch=True is for the tc kernel with steps inside one group ({step} features, "
+                         f"group {group_size})")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -448,6 +446,5 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     else:
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                               PREFETCH=prefetch,
                                num_warps=num_warps or default["num_warps"])
     return res if locks is not None else gemv_result(out, x.dtype)

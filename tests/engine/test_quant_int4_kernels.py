@@ -71,9 +71,6 @@ CASES = [
     (16, 24, 256, 128, dict(GEMV, block_n=16, split_k=2)),               # the GEMV with many rows
     (1, 40, 384, 128, dict(GEMV, block_n=8, chunks=16, split_k=1)),      # 512-feature steps, a partial one
     (2, 33, 1024, 128, dict(GEMV, block_n=4, chunks=32, split_k=2, num_warps=1)),
-    # prefetch: each step loads the next step's scale and zero (unequal and empty slices, serial and torch.sum)
-    (40, 40, 640, 128, dict(DOT, block_n=32, chunks=4, split_k=3, serial=True, prefetch=True)),
-    (9, 24, 512, 128, dict(DOT, block_n=16, chunks=4, split_k=8, prefetch=True)),
 ]
 TC = dict(gemv=False, kernel="tc")
 # The one-dot-per-step kernel (triton_int4_tc), both orientations: rows 1..70, ragged N, K off the step,
@@ -203,7 +200,7 @@ def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
         _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="bogus")
     with pytest.raises(ValueError, match="one group"):  # 256-feature steps span two groups of 128
         _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, dequant="exact")
-    for cfg in (dict(kernel="tc", chunks=8), dict(gemv=False, chunks=8), dict(gemv=True)):  # 2 groups a step; the GEMV
+    for cfg in (dict(kernel="tc", chunks=8), dict(gemv=False), dict(gemv=True)):  # 2 groups a step; the tl.dot, GEMV
         with pytest.raises(ValueError, match="prefetch=True"):
             _launch(x, packed, scales, zeros, 128, **cfg, prefetch=True)
     if not torch.cuda.is_available():

@@ -78,11 +78,10 @@ def check_int4_gemv():
 def check_dot_kernels():
     from engine.quant.triton_int4 import _int4_dot_kernel
     from engine.quant.triton_int8 import _int8_mm_kernel
-    for prefetch in (False, True):
-        ptx = _compile(_int4_dot_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
-                       dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
-                            STAGES=3, PRECISION="tf32", PREFETCH=prefetch))
-        assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
+    ptx = _compile(_int4_dot_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
+                   dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
+                        STAGES=3, PRECISION="tf32"))
+    assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
     int8_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
                 "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32",
                 "stride_wn": "i32", "stride_os": "i32", "stride_om": "i32"}
