@@ -255,11 +255,8 @@ def bench_decode_batches(copy_bps: float, gen: torch.Generator) -> list[dict]:
     return results
 
 
-# the keys of a config (none: the default)
-TUNED = frozenset(("block_n", "num_warps", "num_stages", "num_splits", "seqs_per_program"))
 TRACE_LIKE_CASES = (  # (requests, median context, log-normal sigma)
     (1000, 400, 0.7),  # the trace's busy steps later on
-    (300, 560, 0.7),  # its steps 400-415 (profile_windows_llama-3.1-8b_h200.json: 296 running)
     (1000, 190, 0.7),  # its busy steps early on (steps 32-47 of throughput_targets' deep mode: prompts + ~40 tokens)
     (256, 72, 0.2),  # decode_profile.py --batch 256 --prompt-len 64 (attention at 0.41 of its roofline there)
 )
@@ -297,12 +294,8 @@ def bench_decode_trace_like(copy_bps: float, gen: torch.Generator, num_seqs: int
     result = {"shape": dict(num_seqs=num_seqs, context_median=int(lens.median()), context_mean=float(lens.float().mean()),
                             context_max=int(lens.max())), "kv_bytes": kv_bytes, "configs": []}
     # The default again at the end: the first timing of a case can read slow (clocks after the reference loop).
-    # and several requests a program (the packed kernel, one split), on the default tile and a few others
     configs = [dict()] + [dict(block_n=bn, num_warps=w, num_stages=st) for bn in (16, 32, 64, 128) for w in (1, 2, 4)
-                          for st in (1, 2, 3)] \
-        + [dict(num_splits=1, seqs_per_program=n, **tile) for n in (2, 4, 8)
-           for tile in ({}, dict(block_n=32, num_warps=2, num_stages=3), dict(block_n=64, num_warps=4, num_stages=2),
-                        dict(block_n=64, num_warps=2, num_stages=3))] + [dict()]
+                          for st in (1, 2, 3)] + [dict()]
     out = torch.empty_like(q)
     for cfg in configs:
         def run():
@@ -313,13 +306,13 @@ def bench_decode_trace_like(copy_bps: float, gen: torch.Generator, num_seqs: int
         ms, err = timed
         bps = kv_bytes / (ms * 1e-3)
         result["configs"].append({**cfg, "ms": ms, "ratio_to_copy_bw": bps / copy_bps, "rel_err": err})
-    defaults = [c for c in result["configs"] if "ms" in c and not (TUNED & c.keys())]
+    defaults = [c for c in result["configs"] if "ms" in c and not ({"block_n", "num_warps", "num_stages"} & c.keys())]
     result["default"] = min(defaults, key=lambda c: c["ms"]) if defaults else result["configs"][0]
     best_config(result)
     d, b = result["default"], result["best"]
     print(f"decode trace-like ({num_seqs} requests, median context {result['shape']['context_median']}): default "
           f"{d.get('ms', float('nan')) * 1e3:.1f} us = {d.get('ratio_to_copy_bw', float('nan')):.3f} of copy bw; best "
-          f"{ {k: v for k, v in (b or {}).items() if k in TUNED} } "
+          f"{ {k: v for k, v in (b or {}).items() if k in ('block_n', 'num_warps', 'num_stages')} } "
           f"{(b or {}).get('ms', float('nan')) * 1e3:.1f} us = {(b or {}).get('ratio_to_copy_bw', float('nan')):.3f}",
           flush=True)
     return result
@@ -427,7 +420,7 @@ def main() -> None:
         d, b, shape = case["default"], case["best"] or {}, case["shape"]
         print(f"decode {shape['num_seqs']} x median {shape['context_median']}: default "
               f"{d.get('ratio_to_copy_bw', float('nan')):.3f} of copy bw, best {b.get('ratio_to_copy_bw', float('nan')):.3f} "
-              f"{ {k: v for k, v in b.items() if k in TUNED} }")
+              f"{ {k: v for k, v in b.items() if k in ('block_n', 'num_warps', 'num_stages')} }")
     if prefill:
         summarize_prefill(prefill)
 

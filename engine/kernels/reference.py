@@ -162,11 +162,9 @@ def random_paged_batch(requests, *, num_kv_heads: int, group: int, head_dim: int
 
 
 def reference_on_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                     scale: float, **opts) -> torch.Tensor:
-    """paged_attention_reference in float32 on CPU copies of (device) inputs: the kernels' oracle (opts: its
-    sliding_window and softcap)."""
+                     scale: float) -> torch.Tensor:
+    """paged_attention_reference in float32 on CPU copies of (device) inputs: the kernels' oracle."""
     cpu_meta = AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
                                  meta.block_tables.cpu(), meta.num_decodes, meta.max_query_len, meta.max_seq_len,
                                  meta.query_start_loc_cpu, meta.seq_lens_cpu)
-    return paged_attention_reference(q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), cpu_meta, scale,
-                                     **opts)
+    return paged_attention_reference(q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), cpu_meta, scale)

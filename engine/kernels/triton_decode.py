@@ -164,102 +164,6 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
 
 @triton.jit
-def _packed_tiles(seq_lens_ptr, first_seq, j: tl.constexpr, SEQS: tl.constexpr, num_seqs, window, BLOCK_N: tl.constexpr,
-                  HAS_WINDOW: tl.constexpr):
-    """The packed kernel's steps for its request j: its tiles, at least 1; 0 past SEQS or the batch."""
-    seq = first_seq + j
-    valid = (seq < num_seqs) & (j < SEQS)
-    seq_len = tl.load(seq_lens_ptr + seq, mask=valid, other=0)
-    if HAS_WINDOW:
-        seq_len = seq_len - tl.maximum(seq_len - window, 0)
-    return tl.where(valid, tl.maximum(tl.cdiv(seq_len, BLOCK_N), 1), 0)
-
-
-@triton.jit
-def _decode_packed_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                          num_seqs, qk_scale, window, softcap,
-                          stride_qt, stride_qh, stride_ot, stride_oh,
-                          stride_cb, stride_cs, stride_ch, stride_bt,
-                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SEQS: tl.constexpr,
-                          HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISE_PV: tl.constexpr,
-                          RELEASE: tl.constexpr):
-    """SEQS requests of one KV head in one loop over all their tiles, so that the pipelined loads run on from
-    one request into the next: a program per (request, KV head) pays its start (the context length, then the
-    block table, then the first tile, one after another) once per request, which short contexts do not hide.
-    Each request's tiles see the same online softmax, in the same order, as `_decode_split_kernel` with one
-    split; its state restarts at the request's first tile and the output is written after its last."""
-    release(RELEASE)
-    first_seq = tl.program_id(0) * SEQS
-    kv_head = tl.program_id(1)
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = kv_head * GROUP + offs_g
-    head_off = kv_head * stride_ch + offs_d[None, :]
-    # Requests j = 0 .. SEQS - 1 own the loop's steps e_j .. e_{j+1} - 1 (e_0 = 0; MAX_PACKED_SEQS scalars, the
-    # ones past SEQS or past the batch empty): no list or reduction a step, only scalar compares. A request with
-    # no key (a padding row) still takes a step, to write its output.
-    e1 = _packed_tiles(seq_lens_ptr, first_seq, 0, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e2 = e1 + _packed_tiles(seq_lens_ptr, first_seq, 1, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e3 = e2 + _packed_tiles(seq_lens_ptr, first_seq, 2, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e4 = e3 + _packed_tiles(seq_lens_ptr, first_seq, 3, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e5 = e4 + _packed_tiles(seq_lens_ptr, first_seq, 4, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e6 = e5 + _packed_tiles(seq_lens_ptr, first_seq, 5, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    e7 = e6 + _packed_tiles(seq_lens_ptr, first_seq, 6, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    total = e7 + _packed_tiles(seq_lens_ptr, first_seq, 7, SEQS, num_seqs, window, BLOCK_N, HAS_WINDOW)
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    for t in range(0, total):
-        j = ((t >= e1).to(tl.int32) + (t >= e2).to(tl.int32) + (t >= e3).to(tl.int32) + (t >= e4).to(tl.int32)
-             + (t >= e5).to(tl.int32) + (t >= e6).to(tl.int32) + (t >= e7).to(tl.int32))
-        # the request's first step and the next request's (the ends are nondecreasing)
-        tile_base = tl.where(t >= e7, e7, tl.where(t >= e6, e6, tl.where(t >= e5, e5, tl.where(
-            t >= e4, e4, tl.where(t >= e3, e3, tl.where(t >= e2, e2, tl.where(t >= e1, e1, 0)))))))
-        next_start = tl.where(t < e1, e1, tl.where(t < e2, e2, tl.where(t < e3, e3, tl.where(
-            t < e4, e4, tl.where(t < e5, e5, tl.where(t < e6, e6, tl.where(t < e7, e7, total)))))))
-        seq = first_seq + j
-        seq_len = tl.load(seq_lens_ptr + seq)
-        lo = 0
-        if HAS_WINDOW:
-            lo = tl.maximum(seq_len - window, 0)
-        first = t == tile_base
-        m_i = tl.where(first, float("-inf"), m_i)
-        l_i = tl.where(first, 0.0, l_i)
-        acc = tl.where(first, 0.0, acc)
-        q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=mask_g[:, None] & mask_d[None, :], other=0.0)
-        offs_n = lo + (t - tile_base) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < seq_len
-        block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        block_ids = tl.load(block_table + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        kv_off = block_ids[:, None] * stride_cb + (offs_n % BLOCK_SIZE)[:, None] * stride_cs + head_off
-        if HEAD_DIM == BLOCK_D:
-            kv_mask = mask_n[:, None]
-        else:
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if HAS_SOFTCAP:
-            s = soft_cap(s, softcap)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a request with no key: zeros, not NaN
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + pv_dot(p, v, PRECISE_PV)
-        m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        last = mask_g & (offs_g * 0 + t + 1 == next_start)  # (a vector: the interpreter cannot mask by a scalar)
-        tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=last[:, None] & mask_d[None, :])
-
-
-@triton.jit
 def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
                           stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
                           stride_ot, stride_oh,
@@ -305,14 +209,6 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, most, max_splits))
 
 
-MAX_PACKED_SEQS = 8
-
-
-def decode_packing(num_seqs: int, num_kv_heads: int, num_splits: int, fp8_kv: bool) -> int:
-    """Requests a program of the packed kernel takes (1: the split kernel, one request a program)."""
-    return 1
-
-
 def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages) of the split kernel by default. Measured on the H200 (bench_attention.py):
     - From 256 requests, head_dim <= 128: 64-token tiles, 2 warps, 2 stages (more programs per SM, which short
@@ -354,15 +250,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, sliding_window: int | None = None,
-                     softcap: float | None = None, precise_pv: bool | None = None,
-                     seqs_per_program: int | None = None) -> None:
+                     softcap: float | None = None, precise_pv: bool | None = None) -> None:
     """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
 
     B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
     correctly. num_splits / block_n / num_warps / num_stages override the defaults (benchmarks, tests).
     sliding_window W: only the last W positions are read; softcap c: scores become c * tanh(score / c).
-    precise_pv: see pv_dot (None: precise_pv_default(q.dtype)). seqs_per_program > 1 (one split, 16-bit
-    caches): `_decode_packed_kernel`, that many requests a program (None: decode_packing's choice).
+    precise_pv: see pv_dot (None: precise_pv_default(q.dtype)).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
@@ -379,27 +273,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n, num_warps, num_stages = (given if given is not None else default
                                       for given, default in zip((block_n, num_warps, num_stages), tile))
 
-    fp8_kv = k_cache.element_size() == 1
-    pv = precise_pv_default(q.dtype) if precise_pv is None else precise_pv
-    if seqs_per_program is None:
-        seqs_per_program = decode_packing(num_seqs, num_kv_heads, num_splits, fp8_kv)
-    if not 1 <= seqs_per_program <= MAX_PACKED_SEQS:
-        raise ValueError(f"seqs_per_program={seqs_per_program}: expected 1 to {MAX_PACKED_SEQS}")
-    if seqs_per_program > 1 and (num_splits > 1 or fp8_kv):
-        raise ValueError(f"seqs_per_program={seqs_per_program} needs one split and a 16-bit cache "
-                         f"(num_splits={num_splits}, cache {k_cache.dtype}); use 1")
-    if seqs_per_program > 1:
-        _decode_packed_kernel[(triton.cdiv(num_seqs, seqs_per_program), num_kv_heads)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, scale * LOG2E,
-            sliding_window or 0, float(softcap or 1.0),
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, BLOCK_N=block_n, SEQS=seqs_per_program,
-            HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None, PRECISE_PV=pv,
-            RELEASE=pdl_enabled(q.device), num_warps=num_warps, num_stages=num_stages,
-        )
-        return
     if num_splits == 1:
         acc = lse = out  # unused by the kernel with a single split
         acc_strides = (0, 0, 0)
@@ -418,7 +291,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        PRECISE_PV=pv, FP8_KV=fp8_kv, RELEASE=pdl_enabled(q.device), num_warps=num_warps,
+        PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
+        FP8_KV=k_cache.element_size() == 1, RELEASE=pdl_enabled(q.device), num_warps=num_warps,
         num_stages=num_stages,
     )
     if num_splits > 1:

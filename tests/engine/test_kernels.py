@@ -123,42 +123,6 @@ def test_decode_over_fp8_caches_matches_reference_of_their_values(q_dtype, q_siz
         assert rel_err(out.cpu(), ref) < 5e-3, splits
 
 
-@pytest.mark.parametrize("seqs", [2, 3, 8])
-@pytest.mark.parametrize("opts", [{}, dict(sliding_window=40), dict(softcap=5.0)])
-def test_packed_decode_matches_reference_and_the_split_kernel_bit_for_bit(seqs, opts):
-    """Several requests a program in one loop: the same online softmax per request, in the same order, so the
-    outputs equal the one-split kernel's exactly; 7 requests leave the last program part empty."""
-    requests = [(0, 1), (15, 1), (64, 1), (130, 1), (200, 1), (3, 1), (70, 1)]
-    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=2, group=4, head_dim=64, block_size=16,
-                                                 dtype=torch.float16, seed=seqs)
-    out, one = torch.full_like(q, float("nan")), torch.full_like(q, float("nan"))
-    args = (q, k_cache, v_cache, meta.block_tables, meta.seq_lens)
-    decode_attention(*args, out, 0.125, max_seq_len=meta.max_seq_len, num_splits=1, block_n=16,
-                     seqs_per_program=seqs, **opts)
-    decode_attention(*args, one, 0.125, max_seq_len=meta.max_seq_len, num_splits=1, block_n=16,
-                     seqs_per_program=1, **opts)
-    assert torch.equal(out, one)
-    ref = reference(q, k_cache, v_cache, meta, 0.125, **opts)
-    assert rel_err(out.cpu(), ref) < TOL[torch.float16]
-
-
-def test_packed_decode_writes_zeros_for_a_request_with_no_key_and_rejects_what_it_cannot_run():
-    requests = [(5, 1), (0, 1), (20, 1)]
-    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=1, group=2, head_dim=32, block_size=8,
-                                                 dtype=torch.float32, seed=1)
-    seq_lens = meta.seq_lens.clone()
-    seq_lens[1] = 0  # a padding row
-    out = torch.full_like(q, float("nan"))
-    decode_attention(q, k_cache, v_cache, meta.block_tables, seq_lens, out, 0.2, max_seq_len=21, num_splits=1,
-                     seqs_per_program=2)
-    assert torch.equal(out[1], torch.zeros_like(out[1]))
-    ref = reference(q, k_cache, v_cache, meta, 0.2)
-    assert rel_err(out[[0, 2]].cpu(), ref[[0, 2]]) < TOL[torch.float32]
-    for bad, match in ((dict(seqs_per_program=9), "1 to 8"), (dict(seqs_per_program=2, num_splits=2), "one split")):
-        with pytest.raises(ValueError, match=match):
-            decode_attention(q, k_cache, v_cache, meta.block_tables, seq_lens, out, 0.2, max_seq_len=21, **bad)
-
-
 def test_decode_split_count_fills_the_gpu_from_shapes():
     # Few long requests: many slices; a full batch: one slice.
     assert decode_num_splits(1, 8, 4096, 132) == 16

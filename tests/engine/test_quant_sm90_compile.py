@@ -272,19 +272,6 @@ def check_decode_attention_fp8_cache():
     assert ".bf16.bf16" not in ptx
 
 
-def check_decode_attention_packed():
-    """Several requests a program: the K/V tiles stay pipelined copies across the requests of one loop."""
-    from engine.kernels.triton_decode import _decode_packed_kernel
-    sig = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "block_tables_ptr": "*i32",
-           "seq_lens_ptr": "*i32", "out_ptr": "*bf16", "num_seqs": "i32", "qk_scale": "fp32", "window": "i32",
-           "softcap": "fp32", **{f"stride_{s}": "i32" for s in ("qt", "qh", "ot", "oh", "cb", "cs", "ch", "bt")}}
-    ptx = _compile(_decode_packed_kernel, sig, dict(
-        GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64, SEQS=4, HAS_WINDOW=False,
-        HAS_SOFTCAP=False, PRECISE_PV=True, RELEASE=True), num_warps=2)
-    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
-    assert "cp.async.wait_group" in ptx and "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx
-
-
 def check_decode_gemv():
     from engine.kernels.triton_gemv import PROLOGUES, _gemv_kernel
     for name, code in PROLOGUES.items():
@@ -351,10 +338,6 @@ def test_int8_limbs_gemm_uses_s8_wgmma():
 
 def test_decode_attention_converts_an_fp8_cache_to_float16():
     _run("check_decode_attention_fp8_cache")
-
-
-def test_packed_decode_attention_pipelines_its_tile_copies():
-    _run("check_decode_attention_packed")
 
 
 def test_decode_gemv_streams_16_byte_weight_loads_with_every_prologue():
