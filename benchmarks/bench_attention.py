@@ -257,6 +257,7 @@ def bench_decode_batches(copy_bps: float, gen: torch.Generator) -> list[dict]:
 
 TRACE_LIKE_CASES = (  # (requests, median context, log-normal sigma)
     (1000, 400, 0.7),  # the trace's busy steps later on
+    (300, 560, 0.7),  # its steps 400-415 (profile_windows_llama-3.1-8b_h200.json: 296 running)
     (1000, 190, 0.7),  # its busy steps early on (steps 32-47 of throughput_targets' deep mode: prompts + ~40 tokens)
     (256, 72, 0.2),  # decode_profile.py --batch 256 --prompt-len 64 (attention at 0.41 of its roofline there)
 )

@@ -224,6 +224,10 @@ def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tup
       64 x 4096; attention_batches_h200.json, _run2), but cost the 1000-request trace 2% (17,108 against 17,458
       out tok/s, 3 interleaved runs each, all of it in the steps with 32-255 requests running:
       trace_decode_tile_ab_h200.json).
+    - Several requests a program, in one loop whose pipelined copies run on from one request into the next (a
+      packed kernel, commit 08ed79b, reverted): 316.5 against 318.9 us at 1000 requests of median context 192, 0.744
+      against 0.739 of the copy bandwidth, and never better at 256-1000 requests (attention_packed_h200.json). Each
+      program's start is not what holds short contexts below long ones' 0.87.
     The interpreter (not CUDA) runs one stage."""
     if block_d <= 128 and num_seqs >= 256:
         block_n, warps, stages = 64, 2, 2
