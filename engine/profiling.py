@@ -45,8 +45,11 @@ def classify(name: str) -> str:
 @dataclass
 class KernelProfile:
     """Kernels of profiled steps [first_step, last_step]: (name, class, start, duration, self time) in
-    seconds, start relative to the first kernel; self time is the duration less nested events (CPU ops),
-    the duration itself for device kernels. window: from the first kernel's start to the last one's end."""
+    seconds, start relative to the first kernel; self time is the duration less nested events (CPU ops), and
+    for device kernels the part of its time no earlier kernel covered: with programmatic dependent launch
+    (engine.kernels.pdl) a kernel starts while the one before it still runs, and that overlap counts once, for
+    the earlier kernel, so the classes add up to the busy time. window: from the first kernel's start to the
+    last one's end."""
 
     first_step: int
     last_step: int
@@ -150,5 +153,12 @@ def _kernels(events, cuda: bool) -> list[tuple[str, str, float, float, float]]:
         rows.append((e.name, classify(e.name), start, dur, dur if cuda else e.self_cpu_time_total / 1e6))
     if not rows:
         return []
-    t0 = min(r[2] for r in rows)
-    return sorted(((n, c, s - t0, d, own) for n, c, s, d, own in rows), key=lambda r: r[2])
+    rows.sort(key=lambda r: r[2])
+    t0 = rows[0][2]
+    if cuda:  # a kernel's self time: what of it no earlier kernel covered (see KernelProfile)
+        covered, own = t0, []
+        for _, _, s, d, _ in rows:
+            own.append(max(0.0, s + d - max(s, covered)))
+            covered = max(covered, s + d)
+        rows = [(n, c, s, d, o) for (n, c, s, d, _), o in zip(rows, own)]
+    return [(n, c, s - t0, d, own) for n, c, s, d, own in rows]

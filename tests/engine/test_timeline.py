@@ -2,6 +2,7 @@
 import math
 
 import pytest
+import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.profiling import KERNEL_CLASSES, KernelProfiler, classify
@@ -131,3 +132,30 @@ def test_the_timeline_can_be_switched_off_for_overhead_measurements():
     llm.generate([[4] * 9], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     st = llm.engine.stats()
     assert st.request_events and all(math.isfinite(s.device_time) for s in st.steps)
+
+
+def test_overlapping_device_kernels_count_once_for_the_earlier_one():
+    """With programmatic dependent launch a kernel starts before the one before it ends: the overlap is the
+    earlier kernel's, so the classes add up to the busy time (hand-counted intervals, in microseconds)."""
+    from types import SimpleNamespace
+
+    from engine.profiling import KernelProfile, _kernels
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end):
+        return SimpleNamespace(name=name, device_type=cuda, time_range=SimpleNamespace(start=start, end=end),
+                               self_cpu_time_total=0)
+
+    # gemv 0-10, decode attention 8-20 (2 overlapped), a norm inside it 12-14, a second gemv 25-30 after a gap
+    events = [event("attention_decode_kernel", 8, 20), event("gemv_kernel", 0, 10), event("rms_norm", 12, 14),
+              event("gemv_kernel", 25, 30), SimpleNamespace(name="aten::mm", device_type=torch.autograd.DeviceType.CPU,
+                                                            time_range=SimpleNamespace(start=0, end=99))]
+    kernels = _kernels(events, cuda=True)
+    assert [k[0] for k in kernels] == ["gemv_kernel", "attention_decode_kernel", "rms_norm", "gemv_kernel"]
+    assert [v * 1e6 for k in kernels for v in k[2:]] == pytest.approx([0, 10, 10, 8, 12, 10, 12, 2, 0, 25, 5, 5])
+    prof = KernelProfile(0, 0, "cuda", kernels)
+    by = prof.by_class()
+    assert by["gemm"] * 1e6 == pytest.approx(15) and by["attention_decode"] * 1e6 == pytest.approx(10)
+    assert by["norm_rotary_act"] == 0 and by["idle"] * 1e6 == pytest.approx(5)
+    assert sum(v for k, v in by.items() if k != "idle") == pytest.approx(prof.busy_time())
