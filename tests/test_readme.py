@@ -30,3 +30,17 @@ def test_every_readme_python_block_runs_on_the_cpu(tmp_path):
                              timeout=600)
         assert run.returncode == 0, f"README block {i} failed:\n{code}\n--- stderr:\n{run.stderr[-3000:]}"
     assert (tmp_path / "report.html").exists() and (tmp_path / "results.jsonl").exists()
+
+
+# Files the README names that a command writes where the reader runs it, not results kept in the repository.
+WRITTEN_BY_THE_READER = {"report.html", "results.jsonl"}
+
+
+def test_every_result_file_the_readme_cites_is_in_the_repository():
+    """Each `name.json` / `.log` / `.jsonl` / `.html` the README cites as a measurement lies in data/benchmarks (or at
+    the path it gives), so that no claim points at a file a later change removed."""
+    text = (ROOT / "README.md").read_text()
+    names = set(re.findall(r"`([A-Za-z][A-Za-z0-9_./\-]*\.(?:json|log|jsonl|html))`", text)) - WRITTEN_BY_THE_READER
+    assert len(names) > 50  # the README's results tables cite many
+    missing = sorted(n for n in names if not (ROOT / "data" / "benchmarks" / n).exists() and not (ROOT / n).exists())
+    assert not missing, f"README cites files that are not in the repository: {missing}"
