@@ -1,46 +1,55 @@
-"""The ShareGPT-like trace's floor when every kernel runs at its roofline, one after another (no GPU needed).
+"""The ShareGPT-like trace's floor with every kernel at its roofline, one after another (no GPU needed).
 
     PYTHONPATH=. python3 benchmarks/trace_floor.py [--model llama-3.1-8b] [--num-requests 1000] \
-        [--matmul-tflops 787] [--copy-tbps 4.22]
+        [--matmul-tflops 787] [--copy-tbps 4.22] [--target 20000]
 
-`bench` prints "limit / measured" against the trace's FLOPs alone (every token's linear layers at the matmul
-rate). That limit ignores two costs no schedule avoids: a decode step reads every weight once, however few
-requests it carries, and decode attention reads every request's K/V once per step. This floor counts them, with
-every request admitted at the start (the default 1024 / 16384 settings admit all 1000 within the first steps):
+`bench` prints "limit / measured" against the trace's absolute limit: its FLOPs, with the weights read once per
+step of the fewest steps. That limit leaves out two costs no schedule avoids: a decode step reads every weight
+however few requests it carries, and decode attention reads every request's K/V once per step, next to GEMMs
+that are compute-bound. `workbench.profiling.serial_limit_time` counts both on a run's own steps (each step's
+GEMMs, then its attention, each at its roofline: `bench.step_limits`' serial_time). This asks the same of the
+best schedule there is, before any run: every prompt prefilled in one step, then every request decoding from the
+next step on, one token a step (the default 1024 / 16384 settings admit all 1000 within the first steps).
 
-- prefill: the prompts' linear-layer FLOPs at the matmul rate;
-- decode step t (requests with more than t output tokens left): max(weight bytes / copy rate, FLOPs / matmul
-  rate) for the linear layers and LM head, plus the K/V bytes of their contexts (prompt + t) / copy rate.
-
-Defaults: the rates `throughput_targets.py` measured on one H200 (throughput_targets_h200_s8.log). Prints the
-floor in seconds, the output tok/s it allows, and the share of that floor a given throughput reaches.
+Default rates: what `throughput_targets.py` measured on one H200 (throughput_targets_h200_s8.log).
 """
 from __future__ import annotations
 
 import argparse
 
 import numpy as np
+import pandas as pd
 
 from engine.model.presets import preset_config
 from engine.model.spec import ModelSpec
+from workbench.bench import step_limits
 from workbench.workloads import make_workload
 
 
-def trace_floor(spec: ModelSpec, prompt_lens: np.ndarray, output_lens: np.ndarray, flops: float, bandwidth: float,
+def ideal_steps(prompt_lens: np.ndarray, output_lens: np.ndarray) -> pd.DataFrame:
+    """The engine's step counters (num_batched_tokens, num_sampled_tokens, num_attention_scores,
+    num_kv_tokens_read) of the best schedule: one prefill step of every prompt (causal scores, each prompt's K/V
+    read once, the first output token sampled), then decode step t for the requests with more than t + 1
+    output tokens, each scoring and reading its context (prompt + t + 1 tokens before the new one)."""
+    p = prompt_lens.astype(np.int64)
+    rows = [dict(num_batched_tokens=int(p.sum()), num_sampled_tokens=len(p),
+                 num_attention_scores=int((p * (p + 1) // 2).sum()), num_kv_tokens_read=0)]
+    for t in range(int(output_lens.max()) - 1):
+        alive = output_lens > t + 1
+        ctx = int((p[alive] + t + 1).sum())
+        rows.append(dict(num_batched_tokens=int(alive.sum()), num_sampled_tokens=int(alive.sum()),
+                         num_attention_scores=ctx + int(alive.sum()), num_kv_tokens_read=ctx))
+    return pd.DataFrame(rows)
+
+
+def trace_floor(spec: ModelSpec, prompt_lens: np.ndarray, output_lens: np.ndarray, rates: dict,
                 dtype_bytes: int = 2) -> dict:
-    """Seconds of the floor's parts (see the module docstring) for requests of these prompt / output lengths."""
-    head = spec.vocab_size * spec.hidden_size
-    per_token = 2.0 * (spec.num_active_params() - spec.hidden_size)  # linear layers + LM head, FLOPs
-    weight_s = spec.active_weight_bytes(dtype_bytes) / bandwidth
-    kv_per_token = spec.kv_bytes_per_token(dtype_bytes)
-    prefill = float(prompt_lens.sum()) * (per_token - 2.0 * head) / flops  # the LM head only on the last token
-    gemm = attention = 0.0
-    for t in range(int(output_lens.max())):
-        alive = output_lens > t
-        gemm += max(weight_s, int(alive.sum()) * per_token / flops)
-        attention += float((prompt_lens[alive] + t).sum()) * kv_per_token / bandwidth
-    return {"prefill_s": prefill, "decode_linear_s": gemm, "decode_attention_s": attention,
-            "floor_s": prefill + gemm + attention, "output_tokens": int(output_lens.sum())}
+    """Seconds of the best schedule's steps at `bench.step_limits`' serial_time: the prefill step, the decode
+    steps, and both; with the output tokens they make."""
+    limits = step_limits(ideal_steps(prompt_lens, output_lens), spec, spec.weight_bytes(dtype_bytes),
+                         spec.kv_bytes_per_token(dtype_bytes), rates)["serial_time"]
+    return {"prefill_s": float(limits.iloc[0]), "decode_s": float(limits.iloc[1:].sum()),
+            "floor_s": float(limits.sum()), "output_tokens": int(output_lens.sum())}
 
 
 def main() -> None:
@@ -51,18 +60,19 @@ def main() -> None:
     ap.add_argument("--copy-tbps", type=float, default=4.22)
     ap.add_argument("--target", type=float, default=20000.0, help="an output tok/s to compare with the floor")
     args = ap.parse_args()
-    if args.matmul_tflops <= 0 or args.copy_tbps <= 0:
-        ap.error("--matmul-tflops and --copy-tbps must be > 0")
+    if args.matmul_tflops <= 0 or args.copy_tbps <= 0 or args.target <= 0:
+        ap.error("--matmul-tflops, --copy-tbps and --target must be > 0")
     spec = ModelSpec.from_hf_config(preset_config(args.model))
     wl = make_workload("sharegpt-like", num_requests=args.num_requests, vocab_size=spec.vocab_size, seed=0)
     prompts = np.array([r.prompt_len for r in wl])
     outputs = np.array([r.max_tokens for r in wl])
-    f = trace_floor(spec, prompts, outputs, args.matmul_tflops * 1e12, args.copy_tbps * 1e12)
+    rates = {"matmul_flops": args.matmul_tflops * 1e12, "copy_bandwidth": args.copy_tbps * 1e12}
+    f = trace_floor(spec, prompts, outputs, rates)
     best = f["output_tokens"] / f["floor_s"]
     print(f"{args.model}, {len(wl)} ShareGPT-like requests ({prompts.sum()} prompt, {f['output_tokens']} output "
           f"tokens), {args.matmul_tflops:g} TFLOP/s, {args.copy_tbps:g} TB/s:")
-    print(f"  prefill {f['prefill_s']:.2f} s + decode linear layers {f['decode_linear_s']:.2f} s + decode attention "
-          f"{f['decode_attention_s']:.2f} s = floor {f['floor_s']:.2f} s, {best:,.0f} out tok/s")
+    print(f"  prefill {f['prefill_s']:.2f} s + decode {f['decode_s']:.2f} s = floor {f['floor_s']:.2f} s, "
+          f"{best:,.0f} out tok/s")
     print(f"  {args.target:,.0f} out tok/s takes {f['output_tokens'] / args.target:.2f} s: "
           f"{f['floor_s'] * args.target / f['output_tokens']:.3f} of the floor's speed")
 
