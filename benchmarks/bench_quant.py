@@ -129,7 +129,7 @@ def kernel_name(cfg: dict) -> str:
         return "scaled_mm"
     kind = (cfg.get("kernel") or ("gemv" if cfg.get("gemv") else "dot")) + ("" if cfg.get("swap", True) else "-gemm")
     tile = "x".join(str(cfg[k]) for k in ("block_m", "block_n", "block_k", "chunks") if cfg.get(k))
-    extra = "".join(f" {k}={cfg[k]}" for k in ("layout", "dequant", "asm", "x_natural", "fold", "prefetch") if k in cfg)
+    extra = "".join(f" {k}={cfg[k]}" for k in ("layout", "dequant", "asm", "x_natural", "x_perm", "fold", "prefetch") if k in cfg)
     return (f"{kind} {tile} s{cfg.get('split_k', 1)}{'*' if cfg.get('serial') else ''} w{cfg.get('num_warps')}"
             f" st{cfg.get('num_stages')}{extra}")
 

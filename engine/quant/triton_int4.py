@@ -322,9 +322,11 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
         # the tiles that won at 64 rows on the H200 also prefetching the next step's scale and zero (steps inside
         # one group), which won 4 of the 5 layers there by 2-4% (quant_kernels_int4_prefetch_h200.json), and
-        # TC_PREFETCH's tiles with it
+        # TC_PREFETCH's tiles with it; the first two also with x permuted before the launch (x_perm: its tile
+        # copied straight into the MMA operand, no permutation through shared memory a step; not yet timed on a GPU)
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
+        extra += [dict(c, prefetch=True, x_natural=False, x_perm=True) for c in tc(TC_LARGE[:2]) if one_group(c)]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
@@ -380,12 +382,13 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False):
+            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False, x_perm=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
-    registers, not gathered); else the GEMV (gemv, the default for
+    registers, not gathered; x_perm: x permuted into the tile's column order by triton_int4_tc.permute_x before
+    the launch, then copied straight into the MMA operand); else the GEMV (gemv, the default for
     m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, steps inside one group): each step
     loads the next step's group scale and zero. pdl: the GEMV's programmatic dependent launch
     (engine.kernels.pdl; None: its default)."""
@@ -416,6 +419,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError(f"dequant={dequant!r} needs steps inside one group ({step} features, group {group_size})")
         if dequant.startswith("asm") and not asm_supported(x):
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
+    if x_perm and (kernel != "tc" or x_natural):
+        raise ValueError("x_perm=True is for the tc kernel, without x_natural (x is loaded either way, not both)")
     if prefetch and (kernel != "tc" or group_size % step):
         raise ValueError(f"prefetch=True is for the tc kernel with steps inside one group ({step} features, "
                          f"group {group_size})")
@@ -433,10 +438,11 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                  EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
                  SERIAL=locks is not None, STAGES=stages)
     if kernel == "tc":
-        from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel
-        _int4_tc_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+        from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel, permute_x
+        xk = permute_x(x) if x_perm else x
+        _int4_tc_kernel[grid](xk, *args[1:], m, n, k, k_per_split, split_k, xk.stride(0), packed.stride(0), *common,
                               BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
-                              XNAT=x_natural, PREFETCH=prefetch,
+                              XNAT=x_natural, PREFETCH=prefetch, XPERM=x_perm,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:

@@ -30,6 +30,7 @@ or, serial, by the tile's last slice). Nothing reads device values on the host (
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -125,16 +126,32 @@ def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
     return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
 
 
+# Column j of a 32-feature chunk's tile holds nibble PLANE_OF_COLUMN[j % 8] of word j // 8: feature
+# 4 * PLANE_OF_COLUMN[j % 8] + j // 8 of the chunk (_unpacked_tile's order; the plane index bit-reversed).
+PLANE_OF_COLUMN = (0, 4, 2, 6, 1, 5, 3, 7)
+
+
+def permute_x(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (K a multiple of 32) with each 32-feature chunk in the tc kernel's column order (XPERM): column
+    8 r + i of a chunk is its feature 4 PLANE_OF_COLUMN[i] + r. One gather and one copy, shape-only (CUDA-graph safe)."""
+    m, k = x.shape
+    planes = torch.tensor(PLANE_OF_COLUMN, device=x.device)
+    return x.reshape(m, k // 32, 8, 4).index_select(2, planes).transpose(2, 3).reshape(m, k)
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
 def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                     SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr,
-                    PREFETCH: tl.constexpr = False):
+                    PREFETCH: tl.constexpr = False, XPERM: tl.constexpr = False):
     """PREFETCH (steps inside one group): each step loads the next step's group scale and zero, so their latency
     overlaps a step's work: as plain loads (not the pipelined copies of the weights) it is otherwise paid every
-    step, before the dequantization can start (sm_90 PTX: ld.global.b16 / .b8 at the loop's top)."""
+    step, before the dequantization can start (sm_90 PTX: ld.global.b16 / .b8 at the loop's top).
+    XPERM: x_ptr holds x already in the tile's column order (`permute_x`), so a step's x is one contiguous tile
+    that the pipeline copies straight into the MMA's shared-memory operand (16-byte cp.async), where XNAT
+    permutes it through registers and shared memory every step (4 barriers a step in sm_90 PTX)."""
     WORDS: tl.constexpr = 4 * CHUNKS
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -172,7 +189,10 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         else:
             scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
-        if XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
+        if XPERM:  # x in the tile's column order already: a contiguous tile
+            mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
+            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
+        elif XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
             mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
             xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
             xs = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_M, CHUNKS, 2, 2, 2, 4)), (0, 1, 5, 4, 3, 2)),
@@ -180,7 +200,7 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         elif not SWAP:
             xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         if SWAP:
-            if XNAT:
+            if XNAT or XPERM:
                 xt = tl.trans(xs)
             else:
                 xt = tl.load(x_rows[None, :] + kj[:, None], mask=mask_j[:, None] & mask_m[None, :], other=0.0)

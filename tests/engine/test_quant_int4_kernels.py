@@ -98,6 +98,10 @@ TC_CASES = [
     (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=2, split_k=3, swap=False, serial=True, prefetch=True)),
     (40, 24, 256, 64, dict(TC, block_m=32, block_n=16, chunks=1, split_k=16, swap=True, prefetch=True)),
     (5, 33, 384, 128, dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, dequant="exact", prefetch=True)),
+    # x_perm: x permuted into the tile's column order before the launch (both orientations, K off the step)
+    (70, 24, 384, 128, dict(TC, block_m=32, block_n=16, chunks=2, split_k=3, swap=False, serial=True, x_perm=True)),
+    (17, 33, 96, 32, dict(TC, block_m=16, block_n=32, chunks=4, split_k=1, swap=False, x_perm=True)),
+    (5, 40, 512, 128, dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, x_perm=True, prefetch=True)),
 ]
 
 
@@ -203,9 +207,23 @@ def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
     for cfg in (dict(kernel="tc", chunks=8), dict(gemv=False), dict(gemv=True)):  # 2 groups a step; the tl.dot, GEMV
         with pytest.raises(ValueError, match="prefetch=True"):
             _launch(x, packed, scales, zeros, 128, **cfg, prefetch=True)
+    for cfg in (dict(gemv=False), dict(kernel="tc", x_natural=True)):
+        with pytest.raises(ValueError, match="x_perm=True"):
+            _launch(x, packed, scales, zeros, 128, **cfg, x_perm=True)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="asm")
+
+
+def test_permute_x_puts_each_chunk_in_the_tc_tiles_column_order():
+    """Column 8 r + i of a 32-feature chunk holds the chunk's feature 4 p(i) + r, p(i) = _unpacked_tile's plane of
+    column i (hand-listed: i = 4a + 2b + c gives plane a + 2b + 4c)."""
+    from engine.quant.triton_int4_tc import permute_x
+    x = torch.arange(3 * 96, dtype=torch.float32).view(3, 96)
+    xp = permute_x(x)
+    planes = [0, 4, 2, 6, 1, 5, 3, 7]
+    expected = torch.tensor([32 * c + 4 * planes[i] + r for c in range(3) for r in range(4) for i in range(8)])
+    assert torch.equal(xp, x[:, expected])
 
 
 def test_int4_matmul_rejects_groups_the_layout_cannot_tile():

@@ -103,7 +103,7 @@ def check_int4_tc_kernel():
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
     common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False,
-                  PREFETCH=False)
+                  PREFETCH=False, XPERM=False)
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True, DEQUANT=0))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
     assert "atom.global.gpu.acq_rel.add" in ptx
@@ -122,6 +122,15 @@ def check_int4_tc_kernel():
             ptx = _compile(_int4_tc_kernel, types, dict(common, BLOCK_M=block_m, BLOCK_N=128, CHUNKS=4, SWAP=swap,
                                                         DEQUANT=dequant, XNAT=True))
             assert "lop3.b32" in ptx and fma in ptx and f"f32.{mma}" in ptx, (dt, swap)
+    # XPERM (x permuted before the launch): the step's x tile goes from its pipelined copy to the MMA without the
+    # XNAT permutation's round trip through registers and shared memory (fewer shared-memory loads).
+    shared_loads = {}
+    for xnat, xperm in ((True, False), (False, True)):
+        ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=64, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=3,
+                                                  XNAT=xnat, XPERM=xperm, PREFETCH=True))
+        assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+        shared_loads[xperm] = len(re.findall(r"ld\.shared", ptx))
+    assert shared_loads[True] < shared_loads[False], shared_loads
 
 
 def check_int4_mma_kernels():
