@@ -126,17 +126,12 @@ def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
     return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
 
 
-# Column j of a 32-feature chunk's tile holds nibble PLANE_OF_COLUMN[j % 8] of word j // 8: feature
-# 4 * PLANE_OF_COLUMN[j % 8] + j // 8 of the chunk (_unpacked_tile's order; the plane index bit-reversed).
-PLANE_OF_COLUMN = (0, 4, 2, 6, 1, 5, 3, 7)
-
-
 def permute_x(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (K a multiple of 32) with each 32-feature chunk in the tc kernel's column order (XPERM): column
-    8 r + i of a chunk is its feature 4 PLANE_OF_COLUMN[i] + r. One gather and one copy, shape-only (CUDA-graph safe)."""
+    """x [M, K] (K a multiple of 32) with each 32-feature chunk in the tc kernel's column order (XPERM): feature
+    32c + 16z + 8y + 4x + r to column 8 (4c + r) + 4x + 2y + z, the permutation XNAT makes in registers. Views and
+    one copy: no index tensor to upload, so it can run inside a CUDA-graph capture."""
     m, k = x.shape
-    planes = torch.tensor(PLANE_OF_COLUMN, device=x.device)
-    return x.reshape(m, k // 32, 8, 4).index_select(2, planes).transpose(2, 3).reshape(m, k)
+    return x.reshape(m, k // 32, 2, 2, 2, 4).permute(0, 1, 5, 4, 3, 2).reshape(m, k)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
