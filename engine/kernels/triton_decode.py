@@ -10,8 +10,9 @@ Layouts:
 Query head j reads KV head j // group (group = num_heads // num_kv_heads), as in the reference.
 
 Two launches:
-1. `_decode_split_kernel`, grid (B, num_kv_heads, num_splits). A program owns one KV head of one
-   request and one of num_splits equal slices of its context. It loads each K/V tile once and scores
+1. `_decode_split_kernel`, grid (B, num_kv_heads, num_splits) (heads_first: (num_kv_heads, B, num_splits)).
+   A program owns one KV head of one request and one of num_splits equal slices of its context.
+   It loads each K/V tile once and scores
    all `group` query heads of that KV head against it with one tl.dot (the group is padded to 16
    rows, the smallest dot tile), keeping an online softmax. It writes the slice's normalised
    output and its log-sum-exp (base 2) to float32 scratch.
@@ -90,10 +91,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                          SINGLE_SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         PRECISE_PV: tl.constexpr, FP8_KV: tl.constexpr, RELEASE: tl.constexpr):
+                         PRECISE_PV: tl.constexpr, FP8_KV: tl.constexpr, RELEASE: tl.constexpr,
+                         HEADS_FIRST: tl.constexpr = False):
     release(RELEASE)  # a decode GEMV after it (o_proj) may launch now (engine.kernels.pdl)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:  # grid (num_kv_heads, B, num_splits): a request's KV heads run side by side
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -254,13 +260,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      seq_lens: torch.Tensor, out: torch.Tensor, scale: float, max_seq_len: int,
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, sliding_window: int | None = None,
-                     softcap: float | None = None, precise_pv: bool | None = None) -> None:
+                     softcap: float | None = None, precise_pv: bool | None = None, heads_first: bool = False) -> None:
     """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
 
     B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
     correctly. num_splits / block_n / num_warps / num_stages override the defaults (benchmarks, tests).
     sliding_window W: only the last W positions are read; softcap c: scores become c * tanh(score / c).
-    precise_pv: see pv_dot (None: precise_pv_default(q.dtype)).
+    precise_pv: see pv_dot (None: precise_pv_default(q.dtype)). heads_first: the split kernel's programs
+    ordered KV head fastest, so that a request's heads run together and read its tokens' whole K/V rows
+    (num_kv_heads x head_dim contiguous) side by side, where the default runs each head across all requests
+    first and reads head_dim of every row at a time (not yet timed on a GPU: bench_attention.py's trace-like
+    cases time both).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
@@ -286,7 +296,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
         acc_strides = acc.stride()[:3]
         lse_strides = lse.stride()[:2]
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, num_seqs, num_splits) if heads_first else (num_seqs, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, acc, lse, out, scale * LOG2E, num_splits,
         sliding_window or 0, float(softcap or 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -296,8 +307,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
-        FP8_KV=k_cache.element_size() == 1, RELEASE=pdl_enabled(q.device), num_warps=num_warps,
-        num_stages=num_stages,
+        FP8_KV=k_cache.element_size() == 1, RELEASE=pdl_enabled(q.device), HEADS_FIRST=heads_first,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

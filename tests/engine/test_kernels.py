@@ -88,8 +88,9 @@ DECODE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("heads_first", [False, True])
 @pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,num_splits,dtype", DECODE_CASES)
-def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num_splits, dtype):
+def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num_splits, dtype, heads_first):
     # Context lengths around block and tile edges, including 1 token and a slice count above the
     # number of tiles (empty slices).
     requests = [(0, 1), (15, 1), (64, 1), (130, 1), (200, 1)]
@@ -98,7 +99,7 @@ def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))
     decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, scale, max_seq_len=meta.max_seq_len,
-                     num_splits=num_splits)
+                     num_splits=num_splits, heads_first=heads_first)
     ref = reference(q, k_cache, v_cache, meta, scale)
     assert not out.isnan().any()
     assert rel_err(out.cpu(), ref) < TOL[dtype]

@@ -273,7 +273,7 @@ def check_decode_attention_fp8_cache():
                "qt", "qh", "ot", "oh", "cb", "cs", "ch", "bt", "acc_b", "acc_h", "acc_s", "lse_b", "lse_h")}}
     ptx = _compile(_decode_split_kernel, sig, dict(
         GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128, SINGLE_SPLIT=True,
-        HAS_WINDOW=False, HAS_SOFTCAP=False, PRECISE_PV=True, FP8_KV=True, RELEASE=True))
+        HAS_WINDOW=False, HAS_SOFTCAP=False, PRECISE_PV=True, FP8_KV=True, RELEASE=True, HEADS_FIRST=False))
     # it lets a PDL GEMV after it launch at its start (engine.kernels.pdl), and waits for nothing itself
     assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" not in ptx
     # e4m3 pairs to float16 in one conversion each, and the MMAs in float16 (_q_as_float16).
