@@ -102,14 +102,6 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
     return scale, zero
 
 
-@triton.jit
-def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
-    """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
-    last step, or an empty slice, asks past K), loaded a step before their use (the tc kernel's PREFETCH)."""
-    g = tl.minimum(k_next // GROUP, K // GROUP - 1)
-    return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
-
-
 # The GEMV's planes are float32 denormals: a nibble under no exponent bits is q * 2^SHIFT * 2^-149 exactly,
 # so one AND makes a code a float with no offset to subtract. x is scaled by 2^(DENORMAL_E - SHIFT) per
 # plane (exact), so every product is q * x * 2^(DENORMAL_E - 149), a normal float for |x| >= 2^-67, and x
@@ -321,9 +313,10 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
         # the tiles that won at 64 rows on the H200 also prefetching the next step's scale and zero (steps inside
-        # one group), which won 4 of the 5 layers there by 2-4% (quant_kernels_int4_prefetch_h200.json), and
-        # TC_PREFETCH's tiles with it; the first two also with x permuted before the launch (x_perm: its tile
-        # copied straight into the MMA operand, no permutation through shared memory a step; not yet timed on a GPU)
+        # one group), which won 4 of the 5 layers there by 1-4% in two runs' tuning
+        # (quant_kernels_int4_prefetch_h200.json, _run2), and TC_PREFETCH's tiles with it; the first two also with x
+        # permuted before the launch (x_perm: its tile copied straight into the MMA operand, no permutation through
+        # shared memory a step; not yet timed on a GPU)
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
         extra += [dict(c, prefetch=True, x_natural=False, x_perm=True) for c in tc(TC_LARGE[:2]) if one_group(c)]

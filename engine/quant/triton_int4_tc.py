@@ -34,11 +34,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int4 import _group_params, _halves, _next_group_params, _plane
+from .triton_int4 import _group_params, _halves, _plane
 from .triton_int8 import _store_tile, _tile
 
 # The DEQUANT constexpr of a launch config's `dequant`.
 DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
+
+
+@triton.jit
+def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
+    """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
+    last step, or an empty slice, asks past K), loaded a step before their use (PREFETCH)."""
+    g = tl.minimum(k_next // GROUP, K // GROUP - 1)
+    return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
 
 
 @triton.jit
@@ -184,15 +192,13 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         else:
             scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
-        if XPERM:  # x in the tile's column order already: a contiguous tile
+        if XNAT or XPERM:  # a contiguous tile: x in feature order (XNAT) or in the tile's column order (XPERM)
             mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
             xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
-        elif XNAT:  # x in feature order (16-byte loads), put into the tile's column order in registers
-            mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]
-            xs = tl.load(x_rows[:, None] + (k0 + offs_f)[None, :], mask=mask_f, other=0.0)
+        if XNAT:  # put into the tile's column order in registers
             xs = tl.reshape(tl.permute(tl.reshape(xs, (BLOCK_M, CHUNKS, 2, 2, 2, 4)), (0, 1, 5, 4, 3, 2)),
                             (BLOCK_M, 8 * WORDS))
-        elif not SWAP:
+        if not (SWAP or XNAT or XPERM):  # gathered in the tile's column order
             xs = tl.load(x_rows[:, None] + kj[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
         if SWAP:
             if XNAT or XPERM:
