@@ -312,14 +312,16 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         extra = tc(TC_SMALL[:2] if m <= 64 else ()) + tc(TC_LARGE)
         if m > 64:  # prefill-sized: the big tiles without split-K too (no scratch round trip)
             extra += [dict(c, split_k=1) for c in tc(TC_LARGE[:2])]
-        # the tiles that won at 64 rows on the H200 also prefetching the next step's scale and zero (steps inside
+        # The tiles that won at 64 rows on the H200 also prefetching the next step's scale and zero (steps inside
         # one group), which won 4 of the 5 layers there by 1-4% in two runs' tuning
-        # (quant_kernels_int4_prefetch_h200.json, _run2), and TC_PREFETCH's tiles with it; the first two also with x
+        # (quant_kernels_int4_prefetch_h200.json, _run2), and TC_PREFETCH's tiles with it. Every tile also with x
         # permuted before the launch (x_perm: its tile copied straight into the MMA operand, no permutation through
-        # shared memory a step; not yet timed on a GPU)
+        # shared memory a step): the first two won 4 of 5 layers at 64 rows and the LM head at 256, up to 27%
+        # (LM head at 64 rows 225.4 against 307.8 us; quant_kernels_int4_xperm_h200.json).
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
-        extra += [dict(c, prefetch=True, x_natural=False, x_perm=True) for c in tc(TC_LARGE[:2]) if one_group(c)]
+        permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True) for c in tc(TC_LARGE + TC_PREFETCH)]
+        extra += permuted + ([dict(c, split_k=1) for c in permuted[:2]] if m > 64 else [])
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
