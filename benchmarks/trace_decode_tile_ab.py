@@ -5,14 +5,18 @@ its CUDA graphs each switch, 3 interleaved rounds: output tok/s, and the steps' 
 - bf16 cache (default): "tiles32", 32-token tiles, 4 warps and 3 stages (faster in bench_attention.py's
   decode_batches at equal contexts);
 - --kv-cache-dtype fp8: "tiles64", the 64-token tiles, 4 warps and 2 stages that the engine's rule replaced there.
+--alt rows_first instead compares the engine's decode-attention program order (heads_first, the default) with the
+programs ordered request fastest (heads_first=False), the tile rule unchanged.
 On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's
 rule: its "new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py [--kv-cache-dtype fp8]
+        [--alt rows_first]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -21,11 +25,12 @@ import time
 import torch
 
 from engine import LLM, EngineConfig
-from engine.kernels import triton_decode
+from engine.kernels import triton_backend, triton_decode
 from workbench.bench import run_engine
 from workbench.workloads import make_workload
 
 ENGINE = triton_decode.decode_tile
+DECODE = triton_backend.decode_attention
 
 
 def tiles32(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
@@ -45,8 +50,13 @@ def tiles64(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    ap.add_argument("--alt", default="tiles", choices=["tiles", "rows_first"])
     args = ap.parse_args()
-    alt_name, alt = ("tiles64", tiles64) if args.kv_cache_dtype == "fp8" else ("tiles32", tiles32)
+    if args.alt == "rows_first":
+        alt_name, alt_tile, alt_decode = "rows_first", ENGINE, functools.partial(DECODE, heads_first=False)
+    else:
+        alt_name, alt_tile = ("tiles64", tiles64) if args.kv_cache_dtype == "fp8" else ("tiles32", tiles32)
+        alt_decode = DECODE
     t0 = time.perf_counter()
     cpu = not torch.cuda.is_available()
     llm = LLM.random("tiny" if cpu else "llama-3.1-8b",
@@ -55,7 +65,8 @@ def main() -> None:
     wl = make_workload("sharegpt-like", num_requests=6 if cpu else 1000, vocab_size=llm.spec.vocab_size, seed=0)
     runs = []
     for rule in (alt_name, "engine", "engine", alt_name, alt_name, "engine"):
-        triton_decode.decode_tile = alt if rule == alt_name else ENGINE
+        triton_decode.decode_tile, triton_backend.decode_attention = \
+            (alt_tile, alt_decode) if rule == alt_name else (ENGINE, DECODE)
         llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
         run = run_engine(llm, wl)
         s = run.steps
@@ -67,7 +78,7 @@ def main() -> None:
         runs.append(r)
         print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running requests "
               f"{ {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
-    triton_decode.decode_tile = ENGINE
+    triton_decode.decode_tile, triton_backend.decode_attention = ENGINE, DECODE
     summary = {}
     for rule in ("engine", alt_name):
         mine = [r for r in runs if r["rule"] == rule]
@@ -78,8 +89,10 @@ def main() -> None:
                                                        for k in ("<32", "32-255", ">=256")}}
     summary[f"{alt_name}_over_engine"] = summary[alt_name]["tok_s_median"] / summary["engine"]["tok_s_median"]
     print(json.dumps(summary, indent=1), flush=True)
-    suffix = "" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}"
-    out = {"command": f"PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py --kv-cache-dtype {args.kv_cache_dtype}",
+    suffix = ("" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}") + \
+        ("" if args.alt == "tiles" else f"_{args.alt}")
+    out = {"command": f"PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py --kv-cache-dtype {args.kv_cache_dtype}"
+                      f" --alt {args.alt}",
            "device": "cpu" if cpu else torch.cuda.get_device_name(), "config": {
                "max_num_seqs": llm.config.max_num_seqs, "max_num_batched_tokens": llm.config.max_num_batched_tokens,
                "kv_cache_dtype": args.kv_cache_dtype}, "runs": runs, "summary": summary}
