@@ -317,7 +317,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         # (quant_kernels_int4_prefetch_h200.json, _run2), and TC_PREFETCH's tiles with it. Every tile also with x
         # permuted before the launch (x_perm: its tile copied straight into the MMA operand, no permutation through
         # shared memory a step): the first two won 4 of 5 layers at 64 rows and the LM head at 256, up to 27%
-        # (LM head at 64 rows 225.4 against 307.8 us; quant_kernels_int4_xperm_h200.json).
+        # (LM head at 64 rows 225.4 against 307.8 us; quant_kernels_int4_xperm_h200.json); offered on every tile,
+        # x_perm won every layer at 64 rows and gate_up / LM head at 256 (quant_kernels_int4_xperm_all_h200.json).
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
         permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True) for c in tc(TC_LARGE + TC_PREFETCH)]
