@@ -1,17 +1,20 @@
-"""The 1000-request ShareGPT-like trace at the engine's defaults with two decode-attention tile rules: the engine's
-(engine.kernels.triton_decode.decode_tile, "engine") and an alternative at 32-255 requests, the engine rebuilt with
-its CUDA graphs each switch, 3 interleaved rounds: output tok/s, and the steps' duration summed by running requests
-(below 32, 32-255, from 256), where the rules differ only in the middle bucket. The alternative:
-- bf16 cache (default): "tiles32", 32-token tiles, 4 warps and 3 stages (faster in bench_attention.py's
-  decode_batches at equal contexts);
-- --kv-cache-dtype fp8: "tiles64", the 64-token tiles, 4 warps and 2 stages that the engine's rule replaced there.
---alt rows_first instead compares the engine's decode-attention program order (heads_first, the default) with the
-programs ordered request fastest (heads_first=False), the tile rule unchanged.
+"""The 1000-request ShareGPT-like trace at the engine's defaults with the engine's decode-attention tile rule
+(engine.kernels.triton_decode.decode_tile, "engine") and one or more alternatives, the engine rebuilt with its CUDA
+graphs each switch, 3 interleaved rounds (each round runs every rule once, in a rotated order): output tok/s, and
+the steps' duration summed by running requests (below 32, 32-255, from 256). The alternatives (--alt, comma-separated):
+- "tiles" (the default): for a bf16 cache "tiles32", 32-token tiles, 4 warps and 3 stages at 32-255 requests
+  (faster in bench_attention.py's decode_batches at equal contexts); for --kv-cache-dtype fp8 "tiles64", the
+  64-token tiles, 4 warps and 2 stages that the engine's rule replaced there;
+- "tiles128": 128-token tiles, 4 warps and 2 stages for a bf16 cache at 32-255 requests (fp8's rule there; 0.98 of
+  copy bandwidth at 64 requests x 4096 in attention_batches_h200_run2.json);
+- "tiles128_all": the same from 32 requests up (the engine's rule takes 64-token tiles and 2 warps from 256);
+- "rows_first": the engine's tile rule with the programs ordered request fastest (heads_first=False; the engine
+  orders them KV head fastest).
 On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's
 rule: its "new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py [--kv-cache-dtype fp8]
-        [--alt rows_first]
+        [--alt tiles|tiles128|tiles128_all|rows_first[,...]] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -33,30 +36,40 @@ ENGINE = triton_decode.decode_tile
 DECODE = triton_backend.decode_attention
 
 
-def tiles32(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-    """The engine's rule, except 32-token tiles, 4 warps and 3 stages for a bf16 cache at 32-255 requests."""
-    if block_d <= 128 and 32 <= num_seqs < 256 and not fp8_kv:
-        return 32, 4, (3 if on_cuda else 1)
-    return ENGINE(num_seqs, block_d, fp8_kv, on_cuda)
+def _rule(name: str, lo: int, hi: int, fp8: bool, tile: tuple[int, int, int]):
+    """The engine's rule, except `tile` (block_n, warps, stages on CUDA) for lo <= requests < hi with that cache."""
+    def rule(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
+        if block_d <= 128 and lo <= num_seqs < hi and fp8_kv == fp8:
+            return tile[0], tile[1], (tile[2] if on_cuda else 1)
+        return ENGINE(num_seqs, block_d, fp8_kv, on_cuda)
+    rule.__name__ = name
+    return rule
 
 
-def tiles64(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-    """The engine's rule, except 64-token tiles, 4 warps and 2 stages for an fp8 cache at 32-255 requests."""
-    if block_d <= 128 and 32 <= num_seqs < 256 and fp8_kv:
-        return 64, 4, (2 if on_cuda else 1)
-    return ENGINE(num_seqs, block_d, fp8_kv, on_cuda)
+def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object]:
+    """(its name, its tile rule, its decode_attention) for an --alt value."""
+    fp8 = kv_cache_dtype == "fp8"
+    if name == "rows_first":
+        return name, ENGINE, functools.partial(DECODE, heads_first=False)
+    if name == "tiles":
+        name, tile = ("tiles64", (64, 4, 2)) if fp8 else ("tiles32", (32, 4, 3))
+        return name, _rule(name, 32, 256, fp8, tile), DECODE
+    if name in ("tiles128", "tiles128_all"):
+        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, fp8, (128, 4, 2)), DECODE
+    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all or rows_first")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    ap.add_argument("--alt", default="tiles", choices=["tiles", "rows_first"])
+    ap.add_argument("--alt", default="tiles", help="comma-separated: tiles, tiles128, tiles128_all, rows_first")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.alt == "rows_first":
-        alt_name, alt_tile, alt_decode = "rows_first", ENGINE, functools.partial(DECODE, heads_first=False)
-    else:
-        alt_name, alt_tile = ("tiles64", tiles64) if args.kv_cache_dtype == "fp8" else ("tiles32", tiles32)
-        alt_decode = DECODE
+    rules = {"engine": (ENGINE, DECODE)}
+    for alt in args.alt.split(","):
+        name, tile, decode = alternative(alt.strip(), args.kv_cache_dtype)
+        rules[name] = (tile, decode)
+    names = list(rules)
     t0 = time.perf_counter()
     cpu = not torch.cuda.is_available()
     llm = LLM.random("tiny" if cpu else "llama-3.1-8b",
@@ -64,35 +77,36 @@ def main() -> None:
                      dtype=torch.float32 if cpu else torch.bfloat16, seed=0)
     wl = make_workload("sharegpt-like", num_requests=6 if cpu else 1000, vocab_size=llm.spec.vocab_size, seed=0)
     runs = []
-    for rule in (alt_name, "engine", "engine", alt_name, alt_name, "engine"):
-        triton_decode.decode_tile, triton_backend.decode_attention = \
-            (alt_tile, alt_decode) if rule == alt_name else (ENGINE, DECODE)
-        llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
-        run = run_engine(llm, wl)
-        s = run.steps
-        bucket = s["num_running"].map(lambda n: "<32" if n < 32 else "32-255" if n < 256 else ">=256")
-        by = s.groupby(bucket)["duration"].agg(["sum", "count"])
-        r = {"rule": rule, "tok_s": run.summary["output_throughput"],
-             "seconds_by_running": {k: float(v) for k, v in by["sum"].items()},
-             "steps_by_running": {k: int(v) for k, v in by["count"].items()}}
-        runs.append(r)
-        print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running requests "
-              f"{ {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
+    for i in range(args.rounds):
+        for rule in names[i % len(names):] + names[:i % len(names)]:
+            triton_decode.decode_tile, triton_backend.decode_attention = rules[rule]
+            llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
+            run = run_engine(llm, wl)
+            s = run.steps
+            bucket = s["num_running"].map(lambda n: "<32" if n < 32 else "32-255" if n < 256 else ">=256")
+            by = s.groupby(bucket)["duration"].agg(["sum", "count"])
+            r = {"rule": rule, "tok_s": run.summary["output_throughput"],
+                 "seconds_by_running": {k: float(v) for k, v in by["sum"].items()},
+                 "steps_by_running": {k: int(v) for k, v in by["count"].items()}}
+            runs.append(r)
+            print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running "
+                  f"requests { {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
     triton_decode.decode_tile, triton_backend.decode_attention = ENGINE, DECODE
     summary = {}
-    for rule in ("engine", alt_name):
+    for rule in names:
         mine = [r for r in runs if r["rule"] == rule]
         tok = [r["tok_s"] for r in mine]
         summary[rule] = {"tok_s_median": statistics.median(tok), "tok_s_min": min(tok), "tok_s_max": max(tok),
                          "seconds_by_running_median": {k: statistics.median(r["seconds_by_running"].get(k, 0.0)
                                                                             for r in mine)
                                                        for k in ("<32", "32-255", ">=256")}}
-    summary[f"{alt_name}_over_engine"] = summary[alt_name]["tok_s_median"] / summary["engine"]["tok_s_median"]
+    for rule in names[1:]:
+        summary[f"{rule}_over_engine"] = summary[rule]["tok_s_median"] / summary["engine"]["tok_s_median"]
     print(json.dumps(summary, indent=1), flush=True)
     suffix = ("" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}") + \
-        ("" if args.alt == "tiles" else f"_{args.alt}")
+        ("" if args.alt == "tiles" else "_" + args.alt.replace(",", "_"))
     out = {"command": f"PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py --kv-cache-dtype {args.kv_cache_dtype}"
-                      f" --alt {args.alt}",
+                      f" --alt {args.alt} --rounds {args.rounds}",
            "device": "cpu" if cpu else torch.cuda.get_device_name(), "config": {
                "max_num_seqs": llm.config.max_num_seqs, "max_num_batched_tokens": llm.config.max_num_batched_tokens,
                "kv_cache_dtype": args.kv_cache_dtype}, "runs": runs, "summary": summary}
