@@ -5,8 +5,9 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
 - "tiles" (the default): for a bf16 cache "tiles32", 32-token tiles, 4 warps and 3 stages at 32-255 requests
   (faster in bench_attention.py's decode_batches at equal contexts); for --kv-cache-dtype fp8 "tiles64", the
   64-token tiles, 4 warps and 2 stages that the engine's rule replaced there;
-- "tiles128": 128-token tiles, 4 warps and 2 stages for a bf16 cache at 32-255 requests (fp8's rule there; 0.98 of
-  copy bandwidth at 64 requests x 4096 in attention_batches_h200_run2.json);
+- "tiles128": 128-token tiles, 4 warps and 2 stages for a bf16 cache at 32-255 requests (0.98 of copy bandwidth at
+  64 requests x 4096 in attention_batches_h200_run2.json; the engine's rule since trace_decode_tile_ab_tiles128_h200.json,
+  whose "engine" ran 64-token tiles there);
 - "tiles128_all": the same from 32 requests up (the engine's rule takes 64-token tiles and 2 warps from 256);
 - "rows_first": the engine's tile rule with the programs ordered request fastest (heads_first=False; the engine
   orders them KV head fastest).

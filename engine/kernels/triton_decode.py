@@ -216,20 +216,22 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 
 def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the split kernel by default. Measured on the H200 (bench_attention.py):
+    """(block_n, num_warps, num_stages) of the split kernel by default; the same for bf16 and fp8 caches (fp8_kv lets
+    the alternatives of benchmarks/trace_decode_tile_ab.py tell them apart). Measured on the H200 (bench_attention.py):
     - From 256 requests, head_dim <= 128: 64-token tiles, 2 warps, 2 stages (more programs per SM, which short
       contexts lack): 2 warps beat 4 by 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11%
-      at 256 requests of 71 (decode_trace_like, two runs).
-    - 32 to 255 requests, head_dim <= 128, fp8 cache: 128-token tiles, 4 warps, 2 stages (decode_batches,
+      at 256 requests of 71 (decode_trace_like, two runs). 128-token tiles with 4 warps there cost the 1000-request
+      trace 1.6% (17,574 against 17,862 out tok/s, 3 interleaved runs each; trace_decode_tile_ab_tiles128_h200.json).
+    - 32 to 255 requests, head_dim <= 128: 128-token tiles, 4 warps, 2 stages. fp8 cache (decode_batches,
       attention_batches_h200_run2.json): 12.2 against 14.3 us at context 80 and 225 against 308 us at 4096 (64
-      requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against 183 us at 32. The
-      1000-request trace with an fp8 cache: 17,355 against 17,013 out tok/s with 64-token tiles, 3 interleaved runs
-      each (trace_decode_tile_ab_fp8_h200.json).
-    - Otherwise 64-token tiles (32 above head_dim 128), 4 warps, 2 stages. With a bf16 cache, 32-token tiles and 3
-      stages beat them at 32-128 requests of equal contexts (10.4 against 14.4 us at 64 x 80, 272 against 334 us at
-      64 x 4096; attention_batches_h200.json, _run2), but cost the 1000-request trace 2% (17,108 against 17,458
-      out tok/s, 3 interleaved runs each, all of it in the steps with 32-255 requests running:
-      trace_decode_tile_ab_h200.json).
+      requests); 22.2 against 26.1 and 444 against 599 us at 128; 6.0 against 7.0 and 123 against 183 us at 32; the
+      1000-request trace with an fp8 cache 17,355 against 17,013 out tok/s with 64-token tiles, 3 interleaved runs
+      each (trace_decode_tile_ab_fp8_h200.json). bf16 cache: 258 against 334 us at 64 x 4096 (0.98 of copy
+      bandwidth); the 1000-request trace 17,912 (17,903-17,912) against 17,862 (17,826-17,868) out tok/s with
+      64-token tiles, its steps with 32-255 requests 5.89 against 5.97 s (trace_decode_tile_ab_tiles128_h200.json).
+      32-token tiles and 3 stages, faster at equal contexts of 64 requests (10.4 against 14.4 us at 80), cost the
+      trace 2% (17,108 against 17,458, trace_decode_tile_ab_h200.json).
+    - Otherwise 64-token tiles (32 above head_dim 128), 4 warps, 2 stages.
     - Several requests a program, in one loop whose pipelined copies run on from one request into the next (a
       packed kernel, commit 08ed79b, reverted): 316.5 against 318.9 us at 1000 requests of median context 192, 0.744
       against 0.739 of the copy bandwidth, and never better at 256-1000 requests (attention_packed_h200.json). Each
@@ -237,7 +239,7 @@ def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tup
     The interpreter (not CUDA) runs one stage."""
     if block_d <= 128 and num_seqs >= 256:
         block_n, warps, stages = 64, 2, 2
-    elif block_d <= 128 and num_seqs >= 32 and fp8_kv:
+    elif block_d <= 128 and num_seqs >= 32:
         block_n, warps, stages = 128, 4, 2
     else:
         block_n, warps, stages = (64 if block_d <= 128 else 32), 4, 2
