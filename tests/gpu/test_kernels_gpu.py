@@ -46,6 +46,21 @@ def test_decode_bf16(block_size, num_splits):
     assert rel_err(out, reference(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)) < TOL
 
 
+@pytest.mark.parametrize("num_seqs", [31, 32, 255, 256])
+def test_decode_bf16_default_tiles_around_their_batch_bounds(num_seqs):
+    """The default tile changes at 32 and 256 requests (decode_tile): each side of both bounds, ragged contexts."""
+    from engine.kernels.triton_decode import decode_attention
+
+    contexts = [1 + (i * 397) % 700 for i in range(num_seqs)]
+    q, k_cache, v_cache, meta, _, _ = make_batch([(c - 1, 1) for c in contexts], 16, seed=num_seqs)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, HEAD_DIM ** -0.5,
+                     max_seq_len=meta.max_seq_len)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert rel_err(out, reference(q, k_cache, v_cache, meta, HEAD_DIM ** -0.5)) < TOL
+
+
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_prefill_bf16_continuing_from_cached_blocks(block_size):
     from engine.kernels.triton_prefill import prefill_attention
