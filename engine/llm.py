@@ -922,6 +922,10 @@ class LLM:
         # The draft keeps one sequence per request across steps (see draft_model.py): no prefix cache needed.
         share = config.gpu_memory_utilization
         if self.device.type == "cuda":
+            # An engine only a reference cycle keeps (a notebook's earlier LLM, a finished test's) would count as in
+            # use and give the draft its pool: collect it first (as ModelRunner._profile_cuda_memory does).
+            gc.collect()
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             share = min(share, (total - free) / total + 0.15)
         draft_config = config.replace(

@@ -105,3 +105,18 @@ def test_sampled_drafts_on_gpu():
     assert devices == {"cuda"} and spec.num_drafts > 0 and spec.acceptance_rate > 0.9
     assert [o.token_ids for o in llm.generate(prompts, params)] == first
     assert llm.engine.stats().num_used_blocks == 0
+
+
+def test_draft_share_ignores_an_engine_only_a_cycle_keeps():
+    """An earlier engine that only a reference cycle keeps alive (a notebook's previous LLM) is garbage, not memory
+    in use, when the draft takes its share of the device (in use + 15%): the draft stays small and the target's pool
+    gets the rest. (With the share read before collecting it, the draft took the whole 0.9 and the target got 0
+    blocks: gpu_tests_families_rest_h200.log.)"""
+    base = dict(max_model_len=256, block_size=16, max_num_seqs=8)
+    old = LLM.from_pretrained(MODEL, EngineConfig(**base), dtype=torch.float32)
+    old.cycle = old
+    del old
+    llm = LLM.from_pretrained(MODEL, EngineConfig(**base, speculative_method="draft", speculative_model=str(MODEL),
+                                                  num_speculative_tokens=3), dtype=torch.float32)
+    target, draft = llm.engine.stats().num_gpu_blocks, llm._draft.engine.stats().num_gpu_blocks
+    assert 0 < draft and 2 * draft < target  # the same model: equal block bytes
