@@ -5,7 +5,7 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
 - "tiles" (the default): for a bf16 cache "tiles32", 32-token tiles, 4 warps and 3 stages at 32-255 requests
   (faster in bench_attention.py's decode_batches at equal contexts); for --kv-cache-dtype fp8 "tiles64", the
   64-token tiles, 4 warps and 2 stages that the engine's rule replaced there;
-- "tiles128": 128-token tiles, 4 warps and 2 stages for a bf16 cache at 32-255 requests (0.98 of copy bandwidth at
+- "tiles128": 128-token tiles, 4 warps and 2 stages at 32-255 requests (0.98 of copy bandwidth at
   64 requests x 4096 in attention_batches_h200_run2.json; the engine's rule since trace_decode_tile_ab_tiles128_h200.json,
   whose "engine" ran 64-token tiles there);
 - "tiles128_all": the same from 32 requests up (the engine's rule takes 64-token tiles and 2 warps from 256);
@@ -37,26 +37,26 @@ ENGINE = triton_decode.decode_tile
 DECODE = triton_backend.decode_attention
 
 
-def _rule(name: str, lo: int, hi: int, fp8: bool, tile: tuple[int, int, int]):
-    """The engine's rule, except `tile` (block_n, warps, stages on CUDA) for lo <= requests < hi with that cache."""
-    def rule(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-        if block_d <= 128 and lo <= num_seqs < hi and fp8_kv == fp8:
+def _rule(name: str, lo: int, hi: int, tile: tuple[int, int, int]):
+    """The engine's rule, except `tile` (block_n, warps, stages on CUDA) for lo <= requests < hi (the run's one cache
+    dtype: the rule cannot tell them apart)."""
+    def rule(num_seqs: int, block_d: int, on_cuda: bool) -> tuple[int, int, int]:
+        if block_d <= 128 and lo <= num_seqs < hi:
             return tile[0], tile[1], (tile[2] if on_cuda else 1)
-        return ENGINE(num_seqs, block_d, fp8_kv, on_cuda)
+        return ENGINE(num_seqs, block_d, on_cuda)
     rule.__name__ = name
     return rule
 
 
 def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object]:
     """(its name, its tile rule, its decode_attention) for an --alt value."""
-    fp8 = kv_cache_dtype == "fp8"
     if name == "rows_first":
         return name, ENGINE, functools.partial(DECODE, heads_first=False)
     if name == "tiles":
-        name, tile = ("tiles64", (64, 4, 2)) if fp8 else ("tiles32", (32, 4, 3))
-        return name, _rule(name, 32, 256, fp8, tile), DECODE
+        name, tile = ("tiles64", (64, 4, 2)) if kv_cache_dtype == "fp8" else ("tiles32", (32, 4, 3))
+        return name, _rule(name, 32, 256, tile), DECODE
     if name in ("tiles128", "tiles128_all"):
-        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, fp8, (128, 4, 2)), DECODE
+        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE
     raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all or rows_first")
 
 

@@ -215,9 +215,9 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(want, most, max_splits))
 
 
-def decode_tile(num_seqs: int, block_d: int, fp8_kv: bool, on_cuda: bool) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) of the split kernel by default; the same for bf16 and fp8 caches (fp8_kv lets
-    the alternatives of benchmarks/trace_decode_tile_ab.py tell them apart). Measured on the H200 (bench_attention.py):
+def decode_tile(num_seqs: int, block_d: int, on_cuda: bool) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) of the split kernel by default, the same for bf16 and fp8 caches. Measured on
+    the H200 (bench_attention.py):
     - From 256 requests, head_dim <= 128: 64-token tiles, 2 warps, 2 stages (more programs per SM, which short
       contexts lack): 2 warps beat 4 by 1.0-1.3% at 1000 requests of median context 406, 1.5-1.9% at 192 and 3.5-11%
       at 256 requests of 71 (decode_trace_like, two runs). 128-token tiles with 4 warps there cost the 1000-request
@@ -286,7 +286,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             if q.device.type == "cuda" else 8
         num_splits = decode_num_splits(num_seqs, num_kv_heads, min(max_seq_len, sliding_window or max_seq_len), sms)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    tile = decode_tile(num_seqs, block_d, k_cache.element_size() == 1, q.device.type == "cuda")
+    tile = decode_tile(num_seqs, block_d, q.device.type == "cuda")
     block_n, num_warps, num_stages = (given if given is not None else default
                                       for given, default in zip((block_n, num_warps, num_stages), tile))
 

@@ -2,6 +2,7 @@
 steps where every request verifies a full draft, and for the draft model's decode steps): the shipped model in
 float32 gives the same greedy tokens with n-gram and draft-model proposals as without, through chunked prefill,
 prefix-cache hits and preemption."""
+import gc
 from pathlib import Path
 
 import pytest
@@ -113,10 +114,14 @@ def test_draft_share_ignores_an_engine_only_a_cycle_keeps():
     gets the rest. (With the share read before collecting it, the draft took the whole 0.9 and the target got 0
     blocks: gpu_tests_families_rest_h200.log.)"""
     base = dict(max_model_len=256, block_size=16, max_num_seqs=8)
-    old = LLM.from_pretrained(MODEL, EngineConfig(**base), dtype=torch.float32)
-    old.cycle = old
-    del old
-    llm = LLM.from_pretrained(MODEL, EngineConfig(**base, speculative_method="draft", speculative_model=str(MODEL),
-                                                  num_speculative_tokens=3), dtype=torch.float32)
+    gc.disable()  # only the engine's own collections run: the old engine is garbage until one of them
+    try:
+        old = LLM.from_pretrained(MODEL, EngineConfig(**base), dtype=torch.float32)
+        old.cycle = old
+        del old
+        llm = LLM.from_pretrained(MODEL, EngineConfig(**base, speculative_method="draft", speculative_model=str(MODEL),
+                                                      num_speculative_tokens=3), dtype=torch.float32)
+    finally:
+        gc.enable()
     target, draft = llm.engine.stats().num_gpu_blocks, llm._draft.engine.stats().num_gpu_blocks
     assert 0 < draft and 2 * draft < target  # the same model: equal block bytes
