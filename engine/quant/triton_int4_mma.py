@@ -131,6 +131,19 @@ def _pair_ptx(shift: int, magic: str) -> str:
     return "{\n.reg .b32 t;\n" + shr + f"lop3.b32 $0, t, 0x000F000F, {magic}, 0xEA;\n}}"
 
 
+def _pair_scaled_ptx(shift: int, magic: str, one: str, fma: str) -> str:
+    """_pair_ptx, then ((MAGIC + q) + $2) * $3 on both halves by two packed FMAs ($2: -(MAGIC + zero), so the
+    first is exact; the second rounds once)."""
+    shr = f"shr.b32 t, $1, {shift};\n" if shift else "mov.b32 t, $1;\n"
+    return ("{\n.reg .b32 t, one, nzero;\n" + shr + f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA;\n"
+            f"mov.b32 one, {one};\nmov.b32 nzero, 0x80008000;\n"
+            f"fma.rn.{fma} t, t, one, $2;\nfma.rn.{fma} $0, t, $3, nzero;\n}}")
+
+
+_PAIR_SCALED_BF16_0, _PAIR_SCALED_BF16_1, _PAIR_SCALED_BF16_2, _PAIR_SCALED_BF16_3 = (
+    tl.constexpr(_pair_scaled_ptx(4 * i, "0x43004300", "0x3F803F80", "bf16x2")) for i in range(4))
+_PAIR_SCALED_FP16_0, _PAIR_SCALED_FP16_1, _PAIR_SCALED_FP16_2, _PAIR_SCALED_FP16_3 = (
+    tl.constexpr(_pair_scaled_ptx(4 * i, "0x64006400", "0x3C003C00", "f16x2")) for i in range(4))
 _PAIR_PTX_BF16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x43004300")) for i in range(4))
 _PAIR_PTX_FP16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x64006400")) for i in range(4))
 _PAIR_BF16_0, _PAIR_BF16_1, _PAIR_BF16_2, _PAIR_BF16_3 = _PAIR_PTX_BF16
@@ -163,6 +176,49 @@ def _pair_asm(h, I: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _pair_scaled_asm(h, nz, sc, I: tl.constexpr, DT: tl.constexpr):
+    """(q - zero) * scale of nibble I of each half-word h in DT by inline PTX (_pair_scaled_ptx); nz, sc:
+    -(MAGIC + zero) and the scale, DT, broadcast to h's shape."""
+    if DT == tl.bfloat16:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_0, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_1, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_2, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_3, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+    else:
+        if I == 0:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_0, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        elif I == 1:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_1, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        elif I == 2:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_2, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_3, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _scaled_pair(h, nz, sc, I: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """(q - zero) * scale of nibble I of each half-word h in DT (nz: -(MAGIC + zero), sc: the scale, both DT
+    and h's shape): the sum (MAGIC + q) + nz is exact, the product rounds once."""
+    if ASM:
+        return _pair_scaled_asm(h, nz, sc, I, DT)
+    else:
+        return (_pair_operand(h, I, DT) + nz) * sc
+
+
+@triton.jit
 def _pair_operand(h, I: tl.constexpr, DT: tl.constexpr):
     """Nibble I (0-3) of each 16-bit half-word h as DT MAGIC + q: a constant shift, an AND, an OR on the
     16-bit values, and a bitcast (no truncation). A word's two halves (nibbles I and I + 4) are adjacent
@@ -182,7 +238,7 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
                            stride_xm, stride_hn, stride_sn, stride_os, stride_om,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                            SERIAL: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           FOLD: tl.constexpr, XPERM: tl.constexpr, PRECISION: tl.constexpr):
     """Swap-AB (out^T = W x^T), the weight read as 16-bit half-words (h_ptr: the packed words viewed as
     int16, [N, K // 4]): per step of 32 * CHUNKS features (inside one group) one [BLOCK_N, 8 * CHUNKS]
     half-word tile, loaded once, and 4 dots of K = 8 * CHUNKS: dot I takes nibble I of every half-word,
@@ -198,8 +254,16 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     s_rows = n64 * stride_sn
     DT: tl.constexpr = x_ptr.dtype.element_ty
     h_tile = h_ptr + n64[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, HW]
-    x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + feat[:, None]  # x^T [HW, BLOCK_M]
+    if XPERM:  # x in permute_pairs_x's order: dot I's x^T is columns HW * I ... of the step, contiguous
+        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_h[:, None]  # x^T [HW, BLOCK_M]
+        X_STEP: tl.constexpr = HW
+    else:
+        x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + feat[:, None]  # x^T [HW, BLOCK_M]
+        X_STEP: tl.constexpr = 4
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
@@ -208,21 +272,33 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
         x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
-        x1 = tl.load(x_tile + (k0 + 4), mask=mask_m[None, :], other=0.0)
-        x2 = tl.load(x_tile + (k0 + 8), mask=mask_m[None, :], other=0.0)
-        x3 = tl.load(x_tile + (k0 + 12), mask=mask_m[None, :], other=0.0)
-        xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
-        if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
-            part = tl.dot(_pair_asm(h, 0, DT), x0, input_precision=PRECISION)
-            part = tl.dot(_pair_asm(h, 1, DT), x1, part, input_precision=PRECISION)
-            part = tl.dot(_pair_asm(h, 2, DT), x2, part, input_precision=PRECISION)
-            part = tl.dot(_pair_asm(h, 3, DT), x3, part, input_precision=PRECISION)
-        else:
-            part = tl.dot(_pair_operand(h, 0, DT), x0, input_precision=PRECISION)
-            part = tl.dot(_pair_operand(h, 1, DT), x1, part, input_precision=PRECISION)
-            part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
-            part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
-        acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+        x1 = tl.load(x_tile + (k0 + X_STEP), mask=mask_m[None, :], other=0.0)
+        x2 = tl.load(x_tile + (k0 + 2 * X_STEP), mask=mask_m[None, :], other=0.0)
+        x3 = tl.load(x_tile + (k0 + 3 * X_STEP), mask=mask_m[None, :], other=0.0)
+        if FOLD:  # the zero point and scale on the step's sums (two FMAs an output a step)
+            xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
+            if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
+                part = tl.dot(_pair_asm(h, 0, DT), x0, input_precision=PRECISION)
+                part = tl.dot(_pair_asm(h, 1, DT), x1, part, input_precision=PRECISION)
+                part = tl.dot(_pair_asm(h, 2, DT), x2, part, input_precision=PRECISION)
+                part = tl.dot(_pair_asm(h, 3, DT), x3, part, input_precision=PRECISION)
+            else:
+                part = tl.dot(_pair_operand(h, 0, DT), x0, input_precision=PRECISION)
+                part = tl.dot(_pair_operand(h, 1, DT), x1, part, input_precision=PRECISION)
+                part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
+                part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
+            acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
+        else:  # (MAGIC + q) - (MAGIC + zero) is exact in DT, times the scale rounds once. One accumulator a
+            # dot, so that every wgmma stays in flight while the next operand is unpacked (chained into one
+            # accumulator, each dot but the last waits for the one before it: sm_90 PTX wait_group 0)
+            nz = tl.broadcast_to(-(zero + MAGIC).to(DT)[:, None], h.shape)
+            sc = tl.broadcast_to(scale.to(DT)[:, None], h.shape)
+            acc = tl.dot(_scaled_pair(h, nz, sc, 0, DT, ASM), x0, acc, input_precision=PRECISION)
+            acc1 = tl.dot(_scaled_pair(h, nz, sc, 1, DT, ASM), x1, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(_scaled_pair(h, nz, sc, 2, DT, ASM), x2, acc2, input_precision=PRECISION)
+            acc3 = tl.dot(_scaled_pair(h, nz, sc, 3, DT, ASM), x3, acc3, input_precision=PRECISION)
+    if not FOLD:
+        acc += (acc1 + acc2) + acc3
     _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, stride_os, pid_k, res_ptr, lock_ptr,
                 pid_m * tl.num_programs(1) + pid_n, split_k, SWAPPED=True, SERIAL=SERIAL)
 
@@ -259,6 +335,16 @@ PAIRS_TILES = {
     128: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
     256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
 }  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
+# "pairs" tiles unfolded (fold=False: (q - zero) * scale as the operand, one accumulator a dot, so the wgmmas
+# stay in flight: sm_90 PTX wait_group 7 against the folded tiles' wait_group 0 after every dot) with x_perm
+# (x's tiles pipelined copies), per bucket of rows; four accumulators a thread bound the tiles (sm_90 ptxas:
+# 128-222 registers, no spills; 64 x 256 and 128 x 128 spill).
+PAIRS_ASYNC_TILES = {
+    16: ((16, 256, 8, 3), (16, 128, 4, 3)),
+    32: ((32, 128, 4, 3), (16, 256, 8, 3)),
+    64: ((64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)),
+    256: ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+}
 # triton_int4_mma "tile" configs (the natural-K-order tile, replicated word loads), plain GEMM orientation
 # for many rows: (block_m, block_n, block_k, warps, stages, fold).
 TILE_LARGE = ((128, 128, 64, 8, 3, False), (64, 128, 128, 8, 2, True))
@@ -269,7 +355,7 @@ TILE_ALL_ROWS = ((256, 128, 64, 8, 2, False), (256, 64, 64, 8, 3, False))
 
 def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
     """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
-    only when the group holds whole 128-feature steps), split-K up to 2 programs per SM (and 4 at up to 16
+    only when the group holds whole 128-feature steps; above 2 rows also unfolded with x_perm), split-K up to 2 programs per SM (and 4 at up to 16
     rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
     bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
     out = []
@@ -282,6 +368,11 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
             for bm, bn, warps, stages in PAIRS_TILES[bucket][:2]:
                 cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, True, waves=4)
                 out.append(dict(cfg, layout="pairs", asm=asm))
+        if m > 2:
+            for bm, bn, warps, stages in PAIRS_ASYNC_TILES[next(b for b in sorted(PAIRS_ASYNC_TILES)
+                                                                if m <= b or b == 256)]:
+                cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False)
+                out.append(dict(cfg, layout="pairs", asm=asm, x_perm=True))
     if m > 64:
         for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
             out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
@@ -289,19 +380,33 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
     return _serial_when_split(out, lambda c: True)
 
 
+def permute_pairs_x(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """x [M, K] (K a multiple of 32 * chunks) in the pairs kernel's XPERM order: in each step of 32 * chunks
+    features, feature 32a + 16h + 4I + r goes to column 8 * chunks * I + 8a + 2r + h, so dot I's x^T is one
+    contiguous tile that the pipeline copies straight into the MMA's shared-memory operand. Views and one copy
+    (CUDA-graph safe)."""
+    m, k = x.shape
+    return x.reshape(m, k // (32 * chunks), chunks, 2, 4, 4).permute(0, 1, 4, 2, 5, 3).reshape(m, k)
+
+
 def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
-                num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False):
+                num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False,
+                x_perm=False):
     """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
     fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
-    scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step, folded (asm: two
-    codes per LOP3 by inline PTX, CUDA and 16-bit x only). block_k: the K step, a multiple of 32 that
-    divides the group (pairs: at least 128)."""
+    scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step (asm: two codes per
+    LOP3 by inline PTX, CUDA and 16-bit x only), folded or (fold=False) with (q - zero) * scale as the operand
+    and one accumulator a dot, every wgmma in flight while the next operand is unpacked; x_perm (pairs): x
+    permuted by permute_pairs_x before the launch, its tiles then pipelined copies. block_k: the K step, a
+    multiple of 32 that divides the group (pairs: at least 128)."""
     if layout not in ("tile", "pairs"):
         raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
     if asm and not asm_supported(x):
         raise ValueError("asm=True (inline PTX) runs on CUDA (sm_80+) with float16 / bfloat16 x only")
-    if layout == "pairs" and (not swap or not fold):
-        raise ValueError("layout='pairs' is swap-AB with the folded dequantization only")
+    if layout == "pairs" and not swap:
+        raise ValueError("layout='pairs' is swap-AB only")
+    if x_perm and layout != "pairs":
+        raise ValueError("x_perm=True is for layout='pairs'")
     m, k = x.shape
     n = packed.shape[0]
     block_m = block_m or mm_block_m(m)
@@ -321,11 +426,12 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
     if layout == "pairs":
         half = packed.view(torch.int16)  # [N, K // 4]: half-word 2w + h is bits 16h..16h+15 of word w
-        _int4_mma_pairs_kernel[grid](x, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
-                                     k_per_split, split_k, x.stride(0), half.stride(0), scales.stride(0),
+        xk = permute_pairs_x(x, block_k // KERNEL_CHUNK) if x_perm else x
+        _int4_mma_pairs_kernel[grid](xk, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
+                                     k_per_split, split_k, xk.stride(0), half.stride(0), scales.stride(0),
                                      split_stride, out.stride(-2), GROUP=group_size, BLOCK_M=block_m,
                                      BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
-                                     STAGES=stages, MAGIC=magic, ASM=asm,
+                                     STAGES=stages, MAGIC=magic, ASM=asm, FOLD=fold, XPERM=x_perm,
                                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
         return res if locks is not None else gemv_result(out, x.dtype)
     _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,

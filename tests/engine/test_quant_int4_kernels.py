@@ -120,6 +120,12 @@ MMA_CASES = [  # triton_int4_mma (kernel="mma"): (m, n, k, group, cfg)
     (19, 33, 512, 128, dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=3, serial=True)),
     (5, 24, 768, 256, dict(MMA, layout="pairs", block_m=16, block_n=16, block_k=256, split_k=2)),  # K = 64 dots
     (40, 24, 512, 128, dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=4)),  # empty slice
+    # unfolded pairs ((q - zero) * scale as the operand, one accumulator a dot), x gathered or permuted first
+    (19, 33, 512, 128, dict(MMA, layout="pairs", fold=False, block_m=16, block_n=32, block_k=128, split_k=3,
+                            serial=True)),
+    (40, 24, 512, 128, dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=32, block_n=16, block_k=128,
+                            split_k=4)),
+    (5, 24, 768, 256, dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=16, block_k=256)),
 ]
 
 

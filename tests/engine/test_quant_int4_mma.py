@@ -25,7 +25,9 @@ MMA = dict(gemv=False, kernel="mma")
 @pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=32),
                                  dict(MMA, block_m=32, block_n=16, block_k=64, swap=False),
                                  dict(MMA, block_m=16, block_n=32, block_k=32, fold=False, split_k=2),
-                                 dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=2)])
+                                 dict(MMA, layout="pairs", block_m=32, block_n=16, block_k=128, split_k=2),
+                                 dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=16,
+                                      block_k=128, split_k=2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
     """Scale 1, zero 0 (then zero 3), x = unit rows: the output is each code (minus the zero) exactly,
@@ -46,7 +48,9 @@ def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
 @pytest.mark.parametrize("fmt", ["awq", "gptq_act_order"])
 @pytest.mark.parametrize("cfg", [dict(MMA, block_m=16, block_n=16, block_k=128, split_k=2),
                                  dict(MMA, block_m=32, block_n=32, block_k=64, swap=False, fold=False),
-                                 dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=2)])
+                                 dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=2),
+                                 dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=32,
+                                      block_k=128)])
 def test_mma_kernel_on_checkpoint_layers(fmt, cfg):
     """AWQ layers (through the AWQ tensors and back) and GPTQ layers with act-order (a permutation of the
     input features, zero points 1..16 as GPTQ v1 stores them) run the same kernel on the same layout."""
@@ -79,6 +83,8 @@ def test_mma_launch_rejects_configs_it_cannot_run():
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", block_k=64)
     with pytest.raises(ValueError, match="swap-AB"):
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", swap=False)
+    with pytest.raises(ValueError, match="x_perm=True is for layout='pairs'"):
+        _launch(x, packed, scales, zeros, 64, kernel="mma", x_perm=True)
     with pytest.raises(ValueError, match="layout='rows'"):
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="rows")
     if not torch.cuda.is_available():
@@ -94,6 +100,9 @@ def test_mma_configs_are_offered_at_every_batch_and_fit_the_group():
         assert pairs and all(c["asm"] and c["block_k"] == 128 for c in pairs), m
         assert all(c["split_k"] == 1 or c.get("serial") for c in mma)
         assert all(c["block_m"] * c["block_n"] <= 16384 for c in pairs)  # <= 64 + 64 accumulators a thread
+        unfolded = [c for c in pairs if not c["fold"]]  # four accumulators: <= 128 float32 a thread
+        assert bool(unfolded) == (m > 2) and all(c["x_perm"] for c in unfolded), m
+        assert all(4 * c["block_m"] * c["block_n"] <= 128 * 32 * c["num_warps"] for c in unfolded), m
         assert not any(c.get("asm") for c in candidates(m, 4096, 4096, 128, 132) if c.get("kernel") == "mma")
         for group in (64, 32):  # steps of 128 features would span groups: no pairs, "tile" steps inside one
             mma = [c for c in candidates(m, 4096, 4096, group, 132, asm=True) if c.get("kernel") == "mma"]

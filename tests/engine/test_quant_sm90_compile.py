@@ -148,9 +148,17 @@ def check_int4_mma_kernels():
     for dt, mma, magic in (("bf16", "bf16.bf16", "0x43004300"), ("fp16", "f16.f16", "0x64006400")):
         types = dict(pairs_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
         consts = dict(GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
-                      PRECISION="tf32")
+                      FOLD=True, XPERM=False, PRECISION="tf32")
         ptx = _compile(_int4_mma_pairs_kernel, types, consts, num_warps=8)
         assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx and magic in ptx
+        # unfolded with x permuted first: x's tiles are pipelined copies and every wgmma stays in flight
+        # (one wait for all of them, after the loop; folded, each of the 4 dots a step waits for its result)
+        unfolded = _compile(_int4_mma_pairs_kernel, types, dict(consts, FOLD=False, XPERM=True, BLOCK_M=64,
+                                                                BLOCK_N=128), num_warps=8)
+        waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", unfolded)
+        assert waits.count("0") == 1 and len(waits) > 1, waits
+        assert re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx).count("0") >= 4
+        assert f"fma.rn.{mma.split('.')[0]}x2" in unfolded and "cp.async.cg.shared.global" in unfolded
         try:
             sig_all = dict(types, **{k: "constexpr" for k in consts})
             attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig_all.items())
