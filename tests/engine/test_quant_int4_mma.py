@@ -118,8 +118,8 @@ def test_tuner_never_picks_a_candidate_that_disagrees(monkeypatch):
     from engine.quant import tuning
     from engine.quant.triton_int4 import _launch
     g = torch.Generator().manual_seed(3)
-    qweight, scales, zeros = quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128)
-    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g)
+    qweight, scales, zeros = (t.to(DEVICE) for t in quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128))
+    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g).to(DEVICE)
     good_slow = dict(MMA, block_m=16, block_n=16, block_k=128)
     wrong_fast = dict(MMA, block_m=16, block_n=16, block_k=128, wrong=True)
     good_fast = dict(MMA, block_m=16, block_n=32, block_k=64, swap=False)
@@ -151,8 +151,8 @@ def test_tuner_rejects_a_candidate_that_overflows_on_large_activations(monkeypat
     from engine.quant import tuning
     from engine.quant.triton_int4 import _launch
     g = torch.Generator().manual_seed(4)
-    qweight, scales, zeros = quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128)
-    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g)
+    qweight, scales, zeros = (t.to(DEVICE) for t in quantize_int4(torch.randn(24, 256, generator=g) * 0.05, 128))
+    packed, x = pack_int4_kernel(qweight), torch.randn(5, 256, generator=g).to(DEVICE)
     good_slow = dict(MMA, block_m=16, block_n=16, block_k=128)
     overflows_fast = dict(MMA, block_m=16, block_n=32, block_k=64, overflow=True)
     calls = []

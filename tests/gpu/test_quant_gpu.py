@@ -220,7 +220,8 @@ def test_int4_mma_on_checkpoint_layers_in_bf16(fmt):
         xp = x if layer.perm is None else x.index_select(1, layer.perm)
         ref = x.float() @ layer.dequantized_weight().t()
         for cfg in (dict(block_m=16, block_n=128, block_k=128, split_k=4, serial=True, swap=True, fold=True),
-                    dict(block_m=64, block_n=128, block_k=64, swap=False, fold=False)):
+                    dict(block_m=64, block_n=128, block_k=64, swap=False, fold=False),
+                    dict(block_m=64, block_n=64, block_k=128, layout="pairs", fold=False, x_perm=True, asm=True)):
             out = int4_matmul(xp, layer.packed, layer.scales, layer.zeros, group, gemv=False, kernel="mma", **cfg)
             assert rel_err(out, ref) < 1e-2, (m, cfg)
 
