@@ -140,14 +140,11 @@ def _pair_scaled_ptx(shift: int, magic: str, one: str, fma: str) -> str:
             f"fma.rn.{fma} t, t, one, $2;\nfma.rn.{fma} $0, t, $3, nzero;\n}}")
 
 
-_PAIR_SCALED_BF16_0, _PAIR_SCALED_BF16_1, _PAIR_SCALED_BF16_2, _PAIR_SCALED_BF16_3 = (
-    tl.constexpr(_pair_scaled_ptx(4 * i, "0x43004300", "0x3F803F80", "bf16x2")) for i in range(4))
-_PAIR_SCALED_FP16_0, _PAIR_SCALED_FP16_1, _PAIR_SCALED_FP16_2, _PAIR_SCALED_FP16_3 = (
-    tl.constexpr(_pair_scaled_ptx(4 * i, "0x64006400", "0x3C003C00", "f16x2")) for i in range(4))
-_PAIR_PTX_BF16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x43004300")) for i in range(4))
-_PAIR_PTX_FP16 = tuple(tl.constexpr(_pair_ptx(4 * i, "0x64006400")) for i in range(4))
-_PAIR_BF16_0, _PAIR_BF16_1, _PAIR_BF16_2, _PAIR_BF16_3 = _PAIR_PTX_BF16
-_PAIR_FP16_0, _PAIR_FP16_1, _PAIR_FP16_2, _PAIR_FP16_3 = _PAIR_PTX_FP16
+# indexed by a constexpr inside the kernels (one string per nibble)
+_PAIR_PTX_BF16 = tl.constexpr(tuple(_pair_ptx(4 * i, "0x43004300") for i in range(4)))
+_PAIR_PTX_FP16 = tl.constexpr(tuple(_pair_ptx(4 * i, "0x64006400") for i in range(4)))
+_PAIR_SCALED_BF16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x43004300", "0x3F803F80", "bf16x2") for i in range(4)))
+_PAIR_SCALED_FP16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x64006400", "0x3C003C00", "f16x2") for i in range(4)))
 
 
 @triton.jit
@@ -155,24 +152,9 @@ def _pair_asm(h, I: tl.constexpr, DT: tl.constexpr):
     """_pair_operand by inline PTX, two half-words a 32-bit register (pack=2): one shift and one LOP3 per
     two codes. A pure one-operand asm, so Triton can still unpack in the MMA operand's layout."""
     if DT == tl.bfloat16:
-        if I == 0:
-            out = tl.inline_asm_elementwise(_PAIR_BF16_0, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif I == 1:
-            out = tl.inline_asm_elementwise(_PAIR_BF16_1, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif I == 2:
-            out = tl.inline_asm_elementwise(_PAIR_BF16_2, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(_PAIR_BF16_3, "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_PAIR_PTX_BF16[I], "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2)
     else:
-        if I == 0:
-            out = tl.inline_asm_elementwise(_PAIR_FP16_0, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        elif I == 1:
-            out = tl.inline_asm_elementwise(_PAIR_FP16_1, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        elif I == 2:
-            out = tl.inline_asm_elementwise(_PAIR_FP16_2, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(_PAIR_FP16_3, "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
-    return out
+        return tl.inline_asm_elementwise(_PAIR_PTX_FP16[I], "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -180,32 +162,11 @@ def _pair_scaled_asm(h, nz, sc, I: tl.constexpr, DT: tl.constexpr):
     """(q - zero) * scale of nibble I of each half-word h in DT by inline PTX (_pair_scaled_ptx); nz, sc:
     -(MAGIC + zero) and the scale, DT, broadcast to h's shape."""
     if DT == tl.bfloat16:
-        if I == 0:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_0, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
-                                            is_pure=True, pack=2)
-        elif I == 1:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_1, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
-                                            is_pure=True, pack=2)
-        elif I == 2:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_2, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
-                                            is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_BF16_3, "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
-                                            is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(_PAIR_SCALED_BF16[I], "=r,r,r,r", [h, nz, sc], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
     else:
-        if I == 0:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_0, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
-                                            is_pure=True, pack=2)
-        elif I == 1:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_1, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
-                                            is_pure=True, pack=2)
-        elif I == 2:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_2, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
-                                            is_pure=True, pack=2)
-        else:
-            out = tl.inline_asm_elementwise(_PAIR_SCALED_FP16_3, "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
-                                            is_pure=True, pack=2)
-    return out
+        return tl.inline_asm_elementwise(_PAIR_SCALED_FP16[I], "=r,r,r,r", [h, nz, sc], dtype=tl.float16,
+                                         is_pure=True, pack=2)
 
 
 @triton.jit
@@ -355,8 +316,8 @@ TILE_ALL_ROWS = ((256, 128, 64, 8, 2, False), (256, 64, 64, 8, 3, False))
 
 def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
     """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
-    only when the group holds whole 128-feature steps; above 2 rows also unfolded with x_perm), split-K up to 2 programs per SM (and 4 at up to 16
-    rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
+    only when the group holds whole 128-feature steps; above 2 rows also unfolded with x_perm), split-K up to
+    2 programs per SM (and 4 at up to 16 rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
     bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
     out = []
     if group_size % 128 == 0:
