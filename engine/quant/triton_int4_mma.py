@@ -143,8 +143,10 @@ def _pair_scaled_ptx(shift: int, magic: str, one: str, fma: str) -> str:
 # indexed by a constexpr inside the kernels (one string per nibble)
 _PAIR_PTX_BF16 = tl.constexpr(tuple(_pair_ptx(4 * i, "0x43004300") for i in range(4)))
 _PAIR_PTX_FP16 = tl.constexpr(tuple(_pair_ptx(4 * i, "0x64006400") for i in range(4)))
-_PAIR_SCALED_BF16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x43004300", "0x3F803F80", "bf16x2") for i in range(4)))
-_PAIR_SCALED_FP16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x64006400", "0x3C003C00", "f16x2") for i in range(4)))
+_PAIR_SCALED_BF16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x43004300", "0x3F803F80", "bf16x2")
+                                       for i in range(4)))
+_PAIR_SCALED_FP16 = tl.constexpr(tuple(_pair_scaled_ptx(4 * i, "0x64006400", "0x3C003C00", "f16x2")
+                                       for i in range(4)))
 
 
 @triton.jit
@@ -299,7 +301,7 @@ PAIRS_TILES = {
 # "pairs" tiles unfolded (fold=False: (q - zero) * scale as the operand, one accumulator a dot, so the wgmmas
 # stay in flight: sm_90 PTX wait_group 7 against the folded tiles' wait_group 0 after every dot) with x_perm
 # (x's tiles pipelined copies), per bucket of rows; four accumulators a thread bound the tiles (sm_90 ptxas:
-# 128-222 registers, no spills; 64 x 256 and 128 x 128 spill).
+# 126-222 registers, no spills; 64 x 256 and 128 x 128 spill).
 PAIRS_ASYNC_TILES = {
     16: ((16, 256, 8, 3), (16, 128, 4, 3)),
     32: ((32, 128, 4, 3), (16, 256, 8, 3)),
