@@ -172,6 +172,15 @@ def _pair_scaled_asm(h, nz, sc, I: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _magic_pair(h, I: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """MAGIC + q of nibble I of each half-word h in DT (ASM, CUDA and 16-bit x: two codes per shift and LOP3)."""
+    if ASM:
+        return _pair_asm(h, I, DT)
+    else:
+        return _pair_operand(h, I, DT)
+
+
+@triton.jit
 def _scaled_pair(h, nz, sc, I: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """(q - zero) * scale of nibble I of each half-word h in DT (nz: -(MAGIC + zero), sc: the scale, both DT
     and h's shape): the sum (MAGIC + q) + nz is exact, the product rounds once."""
@@ -240,16 +249,10 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
         x3 = tl.load(x_tile + (k0 + 3 * X_STEP), mask=mask_m[None, :], other=0.0)
         if FOLD:  # the zero point and scale on the step's sums (two FMAs an output a step)
             xsum = tl.sum(x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32), axis=0)
-            if ASM:  # CUDA, 16-bit x: two codes per shift and LOP3
-                part = tl.dot(_pair_asm(h, 0, DT), x0, input_precision=PRECISION)
-                part = tl.dot(_pair_asm(h, 1, DT), x1, part, input_precision=PRECISION)
-                part = tl.dot(_pair_asm(h, 2, DT), x2, part, input_precision=PRECISION)
-                part = tl.dot(_pair_asm(h, 3, DT), x3, part, input_precision=PRECISION)
-            else:
-                part = tl.dot(_pair_operand(h, 0, DT), x0, input_precision=PRECISION)
-                part = tl.dot(_pair_operand(h, 1, DT), x1, part, input_precision=PRECISION)
-                part = tl.dot(_pair_operand(h, 2, DT), x2, part, input_precision=PRECISION)
-                part = tl.dot(_pair_operand(h, 3, DT), x3, part, input_precision=PRECISION)
+            part = tl.dot(_magic_pair(h, 0, DT, ASM), x0, input_precision=PRECISION)
+            part = tl.dot(_magic_pair(h, 1, DT, ASM), x1, part, input_precision=PRECISION)
+            part = tl.dot(_magic_pair(h, 2, DT, ASM), x2, part, input_precision=PRECISION)
+            part = tl.dot(_magic_pair(h, 3, DT, ASM), x3, part, input_precision=PRECISION)
             acc += (part - (zero + MAGIC)[:, None] * xsum[None, :]) * scale[:, None]
         else:  # (MAGIC + q) - (MAGIC + zero) is exact in DT, times the scale rounds once. One accumulator a
             # dot, so that every wgmma stays in flight while the next operand is unpacked (chained into one
