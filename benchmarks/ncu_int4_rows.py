@@ -1,4 +1,4 @@
-"""Nsight Compute target: int4 kernels at 64 rows on llama-3.1-8b's gate_up (28672 x 4096), and bf16 cuBLAS.
+"""Nsight Compute target: int4 kernels at 64 rows (gemv1: 1 row) on llama-3.1-8b's gate_up (28672 x 4096), and bf16 cuBLAS.
 
 One config a run, launched 3 times (ncu profiles the third, --launch-skip 2; the first launch compiles). The
 configs are the tuner's picks at 64 rows on the H200 (quant_kernels_int4_prefetch_h200.log): the one-dot-per-step
@@ -25,7 +25,10 @@ from engine.quant.triton_int4 import _launch
 TC = dict(kernel="tc", block_m=64, block_n=128, chunks=4, split_k=2, serial=True, num_warps=4, num_stages=3,
           swap=False, dequant="asm_scaled", x_natural=True)
 CONFIGS = {"tcgemm": TC, "tcgemm_pf": dict(TC, prefetch=True),
-           "dot": dict(block_m=64, block_n=128, chunks=4, split_k=2, serial=True, num_warps=8, num_stages=3)}
+           "dot": dict(block_m=64, block_n=128, chunks=4, split_k=2, serial=True, num_warps=8, num_stages=3),
+           # decode at 1 row: the CUDA-core GEMV, the tuner's gate_up pick on the H200 (quant_kernels_int4_async_h200)
+           "gemv1": dict(gemv=True, block_n=128, chunks=4, split_k=1, num_warps=4, num_stages=3)}
+ROWS = {"gemv1": 1}
 
 
 def sass_top(path: str, top: int = 12) -> None:
@@ -56,7 +59,7 @@ def main() -> None:
     lin = torch.nn.Linear(4096, 28672, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, 0.0, 0.02)
     layer = Int4Linear.from_linear(lin, "gate_up")
-    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(ROWS.get(which, 64), 4096, device="cuda", dtype=torch.bfloat16)
     ref = torch.nn.functional.linear(x, lin.weight)
     for _ in range(3):
         if which == "bf16":
