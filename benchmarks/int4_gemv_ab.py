@@ -5,7 +5,10 @@ over enough weight copies to overflow L2, as tuning.pick does) and keeps each ke
 interleave (the order alternates), medians and spread are reported. --extra also times more tiles and
 pipeline depths of the new kernel and records each one's median.
 
-    PYTHONPATH=. python3 benchmarks/int4_gemv_ab.py ROUNDS OUT.json [--extra]
+    PYTHONPATH=. python3 benchmarks/int4_gemv_ab.py ROUNDS OUT.json [--extra] [--prefetch]
+
+--prefetch: the A/B is instead the current kernel against itself with PREFETCH (each step's scale and zero
+loaded a step ahead), same tiles.
 
 The baseline kernel is read from git (`git show 86dadb2:engine/quant/triton_int4.py`), or from the file
 named by INT4_GEMV_BASELINE (a checkout without history: write that file on a machine with it).
@@ -58,7 +61,7 @@ EXTRA = [(32, 32, 4, 3), (64, 16, 4, 3), (128, 8, 4, 3), (32, 16, 2, 3), (256, 8
          (128, 4, 4, 5), (32, 4, 2, 5), (64, 4, 2, 3)]
 
 
-def launch(kernel, x, packed, scales, zeros, group, cfg):
+def launch(kernel, flags, x, packed, scales, zeros, group, cfg):
     m, k = x.shape
     n = packed.shape[0]
     step = 32 * cfg["chunks"]
@@ -68,7 +71,7 @@ def launch(kernel, x, packed, scales, zeros, group, cfg):
     kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, n, k, kps, split_k,
                  x.stride(0), packed.stride(0), scales.stride(0), sst, out.stride(-2), GROUP=group,
                  BLOCK_N=cfg["block_n"], CHUNKS=cfg["chunks"], ONE_GROUP=group % step == 0, EVEN_K=k % step == 0,
-                 SERIAL=locks is not None, STAGES=cfg.get("stages", 3), num_warps=cfg["num_warps"])
+                 SERIAL=locks is not None, STAGES=cfg.get("stages", 3), num_warps=cfg["num_warps"], **flags)
     return res if locks is not None else gemv_result(out, x.dtype)
 
 
@@ -83,7 +86,10 @@ def configs(n, k, sms, tiles):
 
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    kernels = {"old": baseline_module()._int4_gemv_kernel, "new": new._int4_gemv_kernel}
+    if "--prefetch" in sys.argv:
+        kernels = {"old": (new._int4_gemv_kernel, {}), "new": (new._int4_gemv_kernel, {"PREFETCH": True})}
+    else:
+        kernels = {"old": (baseline_module()._int4_gemv_kernel, {}), "new": (new._int4_gemv_kernel, {})}
     dev = torch.device("cuda")
     sms = num_sms(dev)
     torch.manual_seed(0)
@@ -107,7 +113,7 @@ def main():
         errs = {}
         for kind, kern in kernels.items():
             for c in cfgs[kind]:
-                out = launch(kern, x, packed, s, z, 128, c).float()
+                out = launch(*kern, x, packed, s, z, 128, c).float()
                 errs[(kind, str(c))] = ((out - ref).norm() / ref.norm()).item()
         data[name] = dict(n=n, k=k, sets=sets, bsets=bsets, cfgs=cfgs, x=x, errs=errs,
                           t={"old": [], "new": [], "bf16": []}, best={"old": [], "new": []}, all={})
@@ -119,7 +125,7 @@ def main():
                 kern = kernels[kind]
                 times = []
                 for c in d["cfgs"][kind]:
-                    us = 1e3 * _graph_time(lambda: [launch(kern, *a, 128, c) for a in d["sets"]], len(d["sets"]))
+                    us = 1e3 * _graph_time(lambda: [launch(*kern, *a, 128, c) for a in d["sets"]], len(d["sets"]))
                     times.append((us, c))
                     if kind == "new":
                         d["all"].setdefault((c["block_n"], c["chunks"], c["num_warps"], c["stages"], c["split_k"]), []).append(us)

@@ -28,7 +28,8 @@ CONFIGS = {"tcgemm": TC, "tcgemm_pf": dict(TC, prefetch=True),
            "dot": dict(block_m=64, block_n=128, chunks=4, split_k=2, serial=True, num_warps=8, num_stages=3),
            # decode at 1 row: the CUDA-core GEMV, the tuner's gate_up pick on the H200 (quant_kernels_int4_async_h200)
            "gemv1": dict(gemv=True, block_n=128, chunks=4, split_k=1, num_warps=4, num_stages=3)}
-ROWS = {"gemv1": 1}
+CONFIGS["gemv1_pf"] = dict(CONFIGS["gemv1"], prefetch=True)
+ROWS = {"gemv1": 1, "gemv1_pf": 1}
 
 
 def sass_top(path: str, top: int = 12) -> None:

@@ -102,6 +102,14 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
     return scale, zero
 
 
+@triton.jit
+def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
+    """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
+    last step, or an empty slice, asks past K), loaded a step before their use (PREFETCH: the GEMV and triton_int4_tc)."""
+    g = tl.minimum(k_next // GROUP, K // GROUP - 1)
+    return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
+
+
 # The GEMV's planes are float32 denormals: a nibble under no exponent bits is q * 2^SHIFT * 2^-149 exactly,
 # so one AND makes a code a float with no offset to subtract. x is scaled by 2^(DENORMAL_E - SHIFT) per
 # plane (exact), so every product is q * x * 2^(DENORMAL_E - 149), a normal float for |x| >= 2^-67, and x
@@ -126,7 +134,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = 4 * CHUNKS
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -143,6 +151,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+    if PREFETCH:  # the first step's scale and zero
+        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k0 in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         kc = k0 + col_k
         if EVEN_K:  # every step whole: masks constant along K, so loads stay 16-byte vectors
@@ -152,7 +162,11 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
         w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
-        scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        if PREFETCH:  # this step's, loaded a step ago; then the next step's
+            scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
+            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
+        else:
+            scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w8 = w >> 8
         part = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)  # sum of q * x, in units of 2^(149 - E)
         x_sum = tl.zeros([WORDS], dtype=tl.float32)  # sum of the x a word column meets, for the zero point
@@ -295,10 +309,13 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
 
     if m <= GEMV_MAX_ROWS:
         one_group = lambda ch: min(ch, group_size // KERNEL_CHUNK)  # noqa: E731
-        cands = [gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w)
-                 for bn, ch, w in GEMV_TILES]
-        # the tensor-core kernel, also with 4 programs per SM (longer split-K)
-        return (split_variants(cands, ok) + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
+        cands = split_variants([gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w)
+                                for bn, ch, w in GEMV_TILES], ok)
+        # Each GEMV tile also prefetching the next step's scale and zero: without it, ncu on the H200 puts a quarter
+        # of the gate_up tile's stall samples at 1 row on their plain loads and the layout copy waiting on them
+        # (ncu_int4_gemv1_h200.log). Then the tensor-core kernel, also with 4 programs per SM (longer split-K).
+        return (cands + [dict(c, prefetch=True) for c in cands]
+                + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))
     # chunks=8 with 128-row tiles holds 3 stages in 232 KB of shared memory under Triton 3.9 and not under 3.6
     # (237,568 bytes on the H200): 2 stages there
@@ -385,8 +402,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered; x_perm: x permuted into the tile's column order by triton_int4_tc.permute_x before
     the launch, then copied straight into the MMA operand; with kernel="mma", _launch_mma's x_perm); else the
-    GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, steps
-    inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
+    GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel and GEMV,
+    steps inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
     dependent launch (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
@@ -417,9 +434,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
             raise ValueError("dequant='asm' runs on CUDA (sm_80+) with float16 / bfloat16 x only")
     if x_perm and (kernel != "tc" or x_natural):
         raise ValueError("x_perm=True is for the tc kernel, without x_natural (x is loaded either way, not both)")
-    if prefetch and (kernel != "tc" or group_size % step):
-        raise ValueError(f"prefetch=True is for the tc kernel with steps inside one group ({step} features, "
-                         f"group {group_size})")
+    if prefetch and (not (kernel == "tc" or gemv) or group_size % step):
+        raise ValueError(f"prefetch=True is for the tc kernel and the GEMV with steps inside one group ({step} "
+                         f"features, group {group_size})")
     sms = num_sms(x.device)
     default = gemv_config(m, n, k, sms) if gemv else dot_config(m, n, k, sms, block_n=block_n, chunks=chunks)
     block_n = block_n or default["block_n"]
@@ -444,7 +461,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     elif gemv:
         pdl = pdl_enabled(x.device, pdl)
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
-                                **flags, PDL=pdl, num_warps=num_warps or 4, **launch_options(pdl))
+                                **flags, PDL=pdl, PREFETCH=prefetch, num_warps=num_warps or 4,
+                                **launch_options(pdl))
     else:
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -34,19 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int4 import _group_params, _halves, _plane
+from .triton_int4 import _group_params, _halves, _next_group_params, _plane
 from .triton_int8 import _store_tile, _tile
 
 # The DEQUANT constexpr of a launch config's `dequant`.
 DEQUANT_MODES = {"scale": 0, "exact": 1, "asm": 2, "asm_scaled": 3}
-
-
-@triton.jit
-def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
-    """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
-    last step, or an empty slice, asks past K), loaded a step before their use (PREFETCH)."""
-    g = tl.minimum(k_next // GROUP, K // GROUP - 1)
-    return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
 
 
 @triton.jit

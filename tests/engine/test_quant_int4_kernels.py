@@ -71,6 +71,11 @@ CASES = [
     (16, 24, 256, 128, dict(GEMV, block_n=16, split_k=2)),               # the GEMV with many rows
     (1, 40, 384, 128, dict(GEMV, block_n=8, chunks=16, split_k=1)),      # 512-feature steps, a partial one
     (2, 33, 1024, 128, dict(GEMV, block_n=4, chunks=32, split_k=2, num_warps=1)),
+    # prefetch: the next step's scale and zero loaded a step ahead (unequal and empty slices, a partial step)
+    (1, 40, 384, 128, dict(GEMV, block_n=16, chunks=4, split_k=3, serial=True, prefetch=True)),
+    (2, 24, 160, 32, dict(GEMV, block_n=16, chunks=1, split_k=4, prefetch=True)),
+    (1, 33, 96, 32, dict(GEMV, block_n=32, chunks=1, split_k=1, prefetch=True)),
+    (2, 33, 1024, 256, dict(GEMV, block_n=8, chunks=4, split_k=2, serial=True, prefetch=True)),  # 2 steps a group
 ]
 TC = dict(gemv=False, kernel="tc")
 # The one-dot-per-step kernel (triton_int4_tc), both orientations: rows 1..70, ragged N, K off the step,
@@ -210,7 +215,7 @@ def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
         _launch(x, packed, scales, zeros, 128, kernel="tc", dequant="bogus")
     with pytest.raises(ValueError, match="one group"):  # 256-feature steps span two groups of 128
         _launch(x, packed, scales, zeros, 128, kernel="tc", chunks=8, dequant="exact")
-    for cfg in (dict(kernel="tc", chunks=8), dict(gemv=False), dict(gemv=True)):  # 2 groups a step; the tl.dot, GEMV
+    for cfg in (dict(kernel="tc", chunks=8), dict(gemv=False), dict(gemv=True, chunks=8)):  # 2 groups a step; tl.dot
         with pytest.raises(ValueError, match="prefetch=True"):
             _launch(x, packed, scales, zeros, 128, **cfg, prefetch=True)
     for cfg in (dict(gemv=False), dict(kernel="tc", x_natural=True)):

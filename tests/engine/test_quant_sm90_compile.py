@@ -66,13 +66,15 @@ def _pdl_variants(compile_with, loads_before_wait: bool = False) -> str:
 
 def check_int4_gemv():
     from engine.quant.triton_int4 import _int4_gemv_kernel
-    ptx = _pdl_variants(lambda **pdl: _compile(
-        _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-        dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, **pdl)))
-    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
-    assert "atom.global.gpu.acq_rel.add" in ptx
-    # the codes are float32 denormals: an FMA that flushed them to zero would multiply x by 0
-    assert "fma.rn.f32" in ptx and not re.search(r"\.ftz\.f32", ptx)
+    for prefetch in (False, True):  # the scale and zero loaded in the step or a step ahead
+        ptx = _pdl_variants(lambda **pdl: _compile(
+            _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
+            dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3,
+                 PREFETCH=prefetch, **pdl)))
+        assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
+        assert "atom.global.gpu.acq_rel.add" in ptx
+        # the codes are float32 denormals: an FMA that flushed them to zero would multiply x by 0
+        assert "fma.rn.f32" in ptx and not re.search(r"\.ftz\.f32", ptx)
 
 
 def check_dot_kernels():
