@@ -8,7 +8,8 @@ pipeline depths of the new kernel and records each one's median.
     PYTHONPATH=. python3 benchmarks/int4_gemv_ab.py ROUNDS OUT.json [--extra] [--prefetch]
 
 --prefetch: the A/B is instead the current kernel against itself with PREFETCH (each step's scale and zero
-loaded a step ahead), same tiles.
+loaded a step ahead), both on the same tiles (those whose steps lie inside one group; with --extra, both
+sides time the extra ones too).
 
 The baseline kernel is read from git (`git show 86dadb2:engine/quant/triton_int4.py`), or from the file
 named by INT4_GEMV_BASELINE (a checkout without history: write that file on a machine with it).
@@ -56,9 +57,10 @@ def baseline_module():
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
           "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
 TILES = sorted({(64, 4, 4), (128, 4, 4), (64, 8, 4), (256, 4, 8), (32, 4, 2), (256, 4, 4), (512, 2, 4), (512, 4, 8)})
-# second run: long contiguous runs of a row per step (128-512 B), and pipeline depths, new kernel only
+# --extra: long contiguous runs of a row per step (128-512 B), and pipeline depths (new kernel only, but with
+# --prefetch, where both sides time those of one group a step)
 EXTRA = [(32, 32, 4, 3), (64, 16, 4, 3), (128, 8, 4, 3), (32, 16, 2, 3), (256, 8, 8, 3), (128, 4, 4, 2), (128, 4, 4, 4),
-         (128, 4, 4, 5), (32, 4, 2, 5), (64, 4, 2, 3)]
+         (128, 4, 4, 5), (32, 4, 2, 5), (64, 4, 2, 3), (64, 4, 2, 4), (64, 4, 2, 5), (256, 4, 8, 4)]
 
 
 def launch(kernel, flags, x, packed, scales, zeros, group, cfg):
@@ -110,6 +112,8 @@ def main():
         bsets = [wb if i == 0 else wb.clone() for i in range(weight_copies(wb.numel() * 2))]
         base = [t + (3,) for t in TILES]
         cfgs = {"old": configs(n, k, sms, base), "new": configs(n, k, sms, base + (EXTRA if "--extra" in sys.argv else []))}
+        if "--prefetch" in sys.argv:  # PREFETCH needs steps inside one group: both sides time the same such tiles
+            cfgs = {kind: [c for c in cfgs["new"] if 128 % (32 * c["chunks"]) == 0] for kind in cfgs}
         errs = {}
         for kind, kern in kernels.items():
             for c in cfgs[kind]:
@@ -127,8 +131,8 @@ def main():
                 for c in d["cfgs"][kind]:
                     us = 1e3 * _graph_time(lambda: [launch(*kern, *a, 128, c) for a in d["sets"]], len(d["sets"]))
                     times.append((us, c))
-                    if kind == "new":
-                        d["all"].setdefault((c["block_n"], c["chunks"], c["num_warps"], c["stages"], c["split_k"]), []).append(us)
+                    d["all"].setdefault((kind, c["block_n"], c["chunks"], c["num_warps"], c["stages"], c["split_k"]),
+                                        []).append(us)
                 us, c = min(times, key=lambda t: t[0])
                 d["t"][kind].append(us)
                 d["best"][kind].append(c)
@@ -156,9 +160,11 @@ def main():
     res["decode_step_gemms_vs_bf16"] = {k: tot["bf16"] / v for k, v in tot.items() if k != "bf16"}
     print("32 layers + LM head, us:", {k: round(v) for k, v in tot.items()}, res["decode_step_gemms_vs_bf16"])
     out = sys.argv[2] if len(sys.argv) > 2 else "int4_gemv_ab.json"
-    if "--extra" in sys.argv:  # every new-kernel tile's best time per shape (median over rounds)
+    if "--extra" in sys.argv:  # every config's time per shape and kernel (median over rounds)
         for name, d in data.items():
-            res["shapes"][name]["new_all_us"] = {str(c): statistics.median(v) for c, v in d["all"].items()}
+            for kind in ("old", "new"):
+                res["shapes"][name][f"{kind}_all_us"] = {str(c[1:]): statistics.median(v) for c, v in d["all"].items()
+                                                         if c[0] == kind}
     json.dump(res, open(out, "w"), indent=1, default=str)
 
 
