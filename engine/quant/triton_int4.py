@@ -29,7 +29,9 @@ and step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), 
   before (benchmarks/sass_loop_counts.py). On an H200 that made it 1.05-1.13x faster per layer, the
   4-row tiles still the fastest (benchmarks/int4_gemv_ab.py): not bound by instruction issue alone.
   Steps over several groups (a scale and zero gathered per word) ran ~4x slower there, so the
-  tuner's GEMV tiles keep a step inside one group. Denormal operands run at full rate in FMA (no
+  tuner's GEMV tiles keep a step inside one group. With PREFETCH each step loads the next step's scale
+  and zero (2 and 1 bytes a row: too narrow for the pipelined cp.async copies of the words), so their
+  latency is not paid at every step's start. Denormal operands run at full rate in FMA (no
   flush to zero: Triton emits fma.rn.f32).
 - `_int4_dot_kernel` (more rows): tensor cores with A and B swapped (out^T = W x^T, as Marlin/Machete
   do for small batches), so the row tile BLOCK_M can be as small as 16 while BLOCK_N (the MMA's M)
