@@ -315,8 +315,9 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
                                 for bn, ch, w in GEMV_TILES], ok)
         # Each GEMV tile also prefetching the next step's scale and zero: without it, ncu on the H200 puts a quarter
         # of the gate_up tile's stall samples at 1 row on their plain loads and the layout copy waiting on them
-        # (ncu_int4_gemv1_h200.log). Then the tensor-core kernel, also with 4 programs per SM (longer split-K).
-        return (cands + [dict(c, prefetch=True) for c in cands]
+        # (ncu_int4_gemv1_h200.log); and so with a stage more in flight. Then the tensor-core kernel, also with 4
+        # programs per SM (longer split-K).
+        return (cands + [dict(c, prefetch=True, num_stages=st) for st in (3, 4) for c in cands]
                 + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))
     # chunks=8 with 128-row tiles holds 3 stages in 232 KB of shared memory under Triton 3.9 and not under 3.6
