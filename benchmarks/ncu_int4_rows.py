@@ -1,4 +1,5 @@
-"""Nsight Compute target: int4 kernels at 64 rows (gemv1: 1 row) on llama-3.1-8b's gate_up (28672 x 4096), and bf16 cuBLAS.
+"""Nsight Compute target: int4 kernels at 64 rows (gemv1: 1 row) on llama-3.1-8b's gate_up (28672 x 4096), and
+bf16 cuBLAS.
 
 One config a run, launched 3 times (ncu profiles the third, --launch-skip 2; the first launch compiles). The
 configs are the tuner's picks at 64 rows on the H200 (quant_kernels_int4_prefetch_h200.log): the one-dot-per-step

@@ -107,7 +107,8 @@ def _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP: tl.constexp
 @triton.jit
 def _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_next, K, GROUP: tl.constexpr):
     """The raw scale and zero [BLOCK_N] of the group holding feature k_next (clamped to the last group: a slice's
-    last step, or an empty slice, asks past K), loaded a step before their use (PREFETCH: the GEMV and triton_int4_tc)."""
+    last step, or an empty slice, asks past K), loaded a step before their use (PREFETCH, in the GEMV and the tc
+    kernel)."""
     g = tl.minimum(k_next // GROUP, K // GROUP - 1)
     return tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0), tl.load(z_ptr + s_rows + g, mask=mask_n, other=0)
 
