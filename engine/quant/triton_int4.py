@@ -316,9 +316,10 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
                                 for bn, ch, w in GEMV_TILES], ok)
         # Each GEMV tile also prefetching the next step's scale and zero: without it, ncu on the H200 puts a quarter
         # of the gate_up tile's stall samples at 1 row on their plain loads and the layout copy waiting on them
-        # (ncu_int4_gemv1_h200.log); and so with a stage more in flight. Then the tensor-core kernel, also with 4
-        # programs per SM (longer split-K).
-        return (cands + [dict(c, prefetch=True, num_stages=st) for st in (3, 4) for c in cands]
+        # (ncu_int4_gemv1_h200.log); 1.05-1.10x on four of llama-3.1-8b's five layers at 1 row, the LM head even
+        # (int4_gemv_prefetch_ab_h200.json; 4 stages won qkv and gate_up by another ~2% there, not offered: each
+        # tile is a compile and a timing per shape). Then the tensor-core kernel, also with 4 programs per SM.
+        return (cands + [dict(c, prefetch=True) for c in cands]
                 + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
                 + _mma_candidates(m, n, k, group_size, sms, asm))
     # chunks=8 with 128-row tiles holds 3 stages in 232 KB of shared memory under Triton 3.9 and not under 3.6
