@@ -6,7 +6,11 @@ times every candidate (a CUDA graph of its launches over enough weight copies to
 rounds interleave with the order alternating; medians and spread of each kind's best are reported, and the
 decode step's GEMMs (32 layers + LM head) per row count.
 
-    PYTHONPATH=. python3 benchmarks/bf16_gemm_ab.py ROUNDS OUT.json [ROWS,ROWS,...]
+    PYTHONPATH=. python3 benchmarks/bf16_gemm_ab.py ROUNDS OUT.json [ROWS,ROWS,... | LO:HI:STEP] [--no-swapped]
+
+LO:HI:STEP scans the row counts range(LO, HI + 1, STEP) (the engine captures a decode graph every 8 rows, so a
+step's GEMMs run at any multiple of 8); --no-swapped leaves the swapped-AB tiles out (they lost everywhere
+from 64 rows, bf16_gemm_ab_h200.json).
 """
 import json
 import statistics
@@ -77,11 +81,11 @@ def cublas(x, w, lib):
         torch.backends.cuda.preferred_blas_library("cublas")
 
 
-def candidates(m, n, k, sms):
+def candidates(m, n, k, sms, swapped_tiles=True):
     """(kind, label, fn(x, w)) of every candidate for an [m, k] x [n, k]^T product."""
     out = [("cublas", "cublas", lambda x, w: cublas(x, w, "cublas")),
            ("cublaslt", "cublaslt", lambda x, w: cublas(x, w, "cublaslt"))]
-    for c in dot_candidates(m, n, k, sms):
+    for c in dot_candidates(m, n, k, sms) if swapped_tiles else ():
         ones = {}
 
         def swapped(x, w, c=c):  # unit row and column scales, made once per shape
@@ -96,9 +100,15 @@ def candidates(m, n, k, sms):
 
 
 def main():
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
-    out_path = sys.argv[2] if len(sys.argv) > 2 else "bf16_gemm_ab.json"
-    rows = tuple(int(r) for r in sys.argv[3].split(",")) if len(sys.argv) > 3 else ROWS
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    rows = ROWS
+    if len(args) > 2 and ":" in args[2]:
+        lo, hi, step_rows = map(int, args[2].split(":"))
+        rows = tuple(range(lo, hi + 1, step_rows))
+    elif len(args) > 2:
+        rows = tuple(int(r) for r in args[2].split(","))
+    rounds = int(args[0]) if args else 3
+    out_path = args[1] if len(args) > 1 else "bf16_gemm_ab.json"
     dev = torch.device("cuda")
     sms = num_sms(dev)
     torch.manual_seed(0)
@@ -113,7 +123,7 @@ def main():
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref = (x.float() @ w.float().t())
             cands = []
-            for kind, label, fn in candidates(m, n, k, sms):
+            for kind, label, fn in candidates(m, n, k, sms, "--no-swapped" not in sys.argv):
                 try:
                     err = ((fn(x, w).float() - ref).norm() / ref.norm()).item()
                 except Exception as e:  # a tile that does not fit (shared memory, TMA box): left out, said so
