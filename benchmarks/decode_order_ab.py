@@ -69,7 +69,8 @@ def main():
         row = dict(shape=c["shape"], kv_bytes=c["kv_bytes"], max_abs_diff=c["diff"])
         for name, us in c["times"].items():
             med = statistics.median(us)
-            row[name] = dict(us=med, spread=[min(us), max(us)], ratio_to_copy_bw=c["kv_bytes"] / (med * 1e-6) / copy_bps)
+            row[name] = dict(us=med, spread=[min(us), max(us)],
+                             ratio_to_copy_bw=c["kv_bytes"] / (med * 1e-6) / copy_bps)
         row["longest_first_speedup"] = row["batch"]["us"] / row["longest_first"]["us"]
         res["cases"].append(row)
         print(f"case {c['shape']}: batch order {row['batch']['us']:.1f} us ({row['batch']['ratio_to_copy_bw']:.3f}), "

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench_attention import BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE, TRACE_LIKE_CASES, copy_bandwidth  # noqa: E402,E501
+from bench_attention import (BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE,  # noqa: E402
+                             TRACE_LIKE_CASES, copy_bandwidth)
 from engine.kernels.triton_decode import decode_attention  # noqa: E402
 from engine.quant.tuning import _graph_time  # noqa: E402
 
