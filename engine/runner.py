@@ -76,6 +76,11 @@ class StepPlan:
     def padded_seqs(self) -> int:
         return self.graph_size or self.num_seqs
 
+    @property
+    def decode_rows(self) -> int:
+        """The leading rows the decode attention kernel runs: a decode graph's padding rows too."""
+        return self.graph_size if self.graph_size and self.graph_query_len == 1 else self.num_decodes
+
 
 @dataclass
 class StepResult:
@@ -125,11 +130,13 @@ class Runner(Protocol):
 class InputBuffers:
     """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins.
 
-    upload() costs the host three copies whatever the step: the int64 inputs (ids, positions, slots) live in one
-    buffer and go in one copy, the int32 ones (query_start_loc, seq_lens, and the step's block-table columns packed
-    compactly) in another, and one device-side copy spreads the packed table into tables_dev (whose row stride,
-    max_blocks, the CUDA graphs were captured with). To keep each copy a single contiguous range, the regions
-    before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of int32).
+    upload() costs the host three copies whatever the step: the int64 inputs (ids, positions, slots) live in one buffer
+    and go in one copy, the int32 ones (query_start_loc, seq_lens, the decode rows' order, and the step's block-table
+    columns packed compactly) in another, and one device-side copy spreads the packed table into tables_dev (whose row
+    stride, max_blocks, the CUDA graphs were captured with). The order (sort_decodes) is the decode rows by context,
+    longest first: the order the decode attention kernel's programs take them in. To keep each copy a single contiguous
+    range, the regions before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of
+    int32).
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device,
@@ -143,13 +150,14 @@ class InputBuffers:
 
         # int64: [ids | positions | slots], max_tokens each.
         self.host64, self.dev64 = pair(3 * max_tokens, torch.int64)
-        # int32: [query_start_loc (max_seqs + 1, padded to 16 bytes) | seq_lens (max_seqs) | packed block-table
-        # columns]. seq_lens starts 16-byte aligned like query_start_loc, so the prefill kernel's views of both behind
-        # n decodes (query_start_loc[n:], seq_lens[n:]) are aligned alike: Triton builds one kernel variant per
-        # combination of its pointers' 16-byte alignments, and trace_replay.warm_up builds each of them before a
-        # measurement (with seq_lens at max_seqs + 1, n = 3 mod 4 made a variant no warm-up built: a 2.4 s stall).
+        # int32: [query_start_loc (max_seqs + 1, padded to 16 bytes) | seq_lens (max_seqs) | decode order (max_seqs) |
+        # packed block-table columns]. seq_lens starts 16-byte aligned like query_start_loc, so the prefill kernel's
+        # views of both behind n decodes (query_start_loc[n:], seq_lens[n:]) are aligned alike: Triton builds one kernel
+        # variant per combination of its pointers' 16-byte alignments, and trace_replay.warm_up builds each of them
+        # before a measurement (with seq_lens at max_seqs + 1, n = 3 mod 4 made a variant no warm-up built: a 2.4 s
+        # stall).
         self.lens_at = -(-(max_seqs + 1) // 4) * 4
-        self.host32, self.dev32 = pair(self.lens_at + max_seqs + max_seqs * max_blocks, torch.int32)
+        self.host32, self.dev32 = pair(self.lens_at + 2 * max_seqs + max_seqs * max_blocks, torch.int32)
         self.host32_np = self.host32.numpy()
         t, s = max_tokens, max_seqs
         (self.ids, self.pos, self.slots), (self.ids_dev, self.pos_dev, self.slots_dev) = (
@@ -157,8 +165,9 @@ class InputBuffers:
         at = self.lens_at
         self.qsl, self.lens = self.host32[:s + 1], self.host32[at:at + s]
         self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[at:at + s]
+        self.order, self.order_dev = self.host32[at + s:at + 2 * s], self.dev32[at + s:at + 2 * s]
         self.ids_np, self.pos_np, self.slots_np = self.ids.numpy(), self.pos.numpy(), self.slots.numpy()
-        self.qsl_np, self.lens_np = self.qsl.numpy(), self.lens.numpy()
+        self.qsl_np, self.lens_np, self.order_np = self.qsl.numpy(), self.lens.numpy(), self.order.numpy()
         self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         self.tables_np = self.tables.numpy()
         self.tables_dev = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
@@ -179,10 +188,15 @@ class InputBuffers:
         if self.copied is not None:
             self.copied.synchronize()
 
-    def upload(self, num_tokens: int, num_seqs: int, num_cols: int) -> None:
+    def sort_decodes(self, num_decodes: int) -> None:
+        """order[:num_decodes]: the decode rows by context, longest first (ties in batch order)."""
+        self.order_np[:num_decodes] = np.argsort(-self.lens_np[:num_decodes], kind="stable")
+
+    def upload(self, num_tokens: int, num_seqs: int, num_cols: int, num_decodes: int) -> None:
         t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
+        self.sort_decodes(num_decodes)
         self.dev64[:2 * t + num_tokens].copy_(self.host64[:2 * t + num_tokens], non_blocking=True)
-        start = self.lens_at + s
+        start = self.lens_at + 2 * s
         self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
         self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
         self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))
@@ -394,7 +408,7 @@ class ModelRunner:
         np.cumsum(lens, out=b.qsl_np[1:num_seqs + 1])
         b.lens_np[:num_seqs] = lens
         b.tables_np[:num_seqs, :blocks_per_seq] = tables
-        b.upload(num_tokens, num_seqs, blocks_per_seq)
+        b.upload(num_tokens, num_seqs, blocks_per_seq, 0)
         meta = self._metadata(num_tokens, num_seqs, blocks_per_seq, 0, int(lens.max()), int(lens.max()))
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:num_tokens], b.pos_dev[:num_tokens], self.kv_caches, meta, self.backend)
@@ -429,7 +443,7 @@ class ModelRunner:
         b.qsl_np[:n + 1] = np.arange(n + 1)
         b.lens_np[:n] = 1
         b.tables_np[:n, :1] = 0
-        b.upload(n, n, 1)
+        b.upload(n, n, 1, n)
         meta = self._metadata(n, n, 1, n, 1, max_seq_len)
         with torch.inference_mode():
             hidden = self.model(b.ids_dev[:n], b.pos_dev[:n], self.kv_caches, meta, self.backend)
@@ -573,6 +587,7 @@ class ModelRunner:
             slot_mapping=b.slots_dev[:num_tokens], query_start_loc=b.qsl_dev[:num_seqs + 1],
             seq_lens=b.lens_dev[:num_seqs], block_tables=b.tables_dev[:num_seqs, :num_cols],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
+            decode_order=b.order_dev[:num_decodes],
             # The torch backend loops over requests on the host: give it host copies (free on the CPU).
             query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,
             seq_lens_cpu=b.lens_np[:num_seqs].tolist() if on_cpu or self.backend.name == "torch" else None)
@@ -880,7 +895,7 @@ class ModelRunner:
 
     def upload(self, plan: StepPlan) -> None:
         """Copy the step's inputs from the host buffers to the device (a tensor-parallel rank receives them)."""
-        self.buffers.upload(plan.padded_tokens, plan.padded_seqs, plan.num_cols)
+        self.buffers.upload(plan.padded_tokens, plan.padded_seqs, plan.num_cols, plan.decode_rows)
 
     def forward_step(self, plan: StepPlan) -> torch.Tensor | None:
         """The logits of the sequences that sample (None if none does): a CUDA graph's replay, or eager."""
@@ -1017,7 +1032,7 @@ class ModelRunner:
         if b.num_extra_groups:
             b.group_slots_np[:, :t] = self.null_block * self.config.block_size
             b.group_tables_np[:, :size, :max_cols] = self.null_block
-        b.upload(t, size, max_cols)
         num_decodes = size if query_len == 1 else 0
+        b.upload(t, size, max_cols, num_decodes)
         meta = self._metadata(t, size, max_cols, num_decodes, query_len, self.config.max_model_len)
         return (b.ids_dev[:t], b.pos_dev[:t], self.kv_caches, meta, self.backend)

@@ -20,6 +20,8 @@ class AttentionMetadata:
     block_tables:    [B, max_blocks_per_seq] int32, physical block ids in sequence order (padding unspecified).
     The new tokens of request i sit at positions seq_lens[i] - query_len_i ... seq_lens[i] - 1, and
     attend causally to every earlier position of their own request.
+    decode_order:    [num_decodes] int32 or None, a permutation of the decode rows: the order the decode kernel's
+                     programs take them in (the runner's: longest context first); None: batch order.
     k_scale, v_scale: dequantization scales of an fp8 KV cache (a cached code c stands for c * scale);
     ignored for 16/32-bit caches. The Triton kernels only cast (they assume 1.0, see engine/quant/kv_cache.py).
     """
@@ -34,6 +36,7 @@ class AttentionMetadata:
     # Host copies, so the torch reference can loop without device syncs.
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    decode_order: torch.Tensor | None = None
     k_scale: float = 1.0
     v_scale: float = 1.0
     # KV cache groups (engine/kv/groups.py): the metadata of each group, whose block tables and slot mapping are

@@ -32,7 +32,7 @@ class TritonBackend:
         num_seqs = meta.seq_lens.shape[0]
         if num_decodes > 0:
             decode_attention(q, k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
-                             out, scale, max_seq_len=meta.max_seq_len, **opts)
+                             out, scale, max_seq_len=meta.max_seq_len, order=meta.decode_order, **opts)
         if num_seqs > num_decodes:
             prefill_attention(q, k_cache, v_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
                               meta.query_start_loc[num_decodes:], out, scale, max_query_len=meta.max_query_len,

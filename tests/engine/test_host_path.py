@@ -86,11 +86,15 @@ def test_upload_brings_every_input_to_the_device_buffers():
     from engine.runner import InputBuffers
     b = InputBuffers(max_tokens=40, max_seqs=6, max_blocks=5, device=torch.device("cpu"))
     rng = np.random.default_rng(0)
-    for t, n, cols in [(40, 6, 5), (1, 1, 1), (17, 3, 2), (6, 6, 4), (40, 2, 5)]:
+    for t, n, cols, decodes in [(40, 6, 5, 6), (1, 1, 1, 1), (17, 3, 2, 2), (6, 6, 4, 0), (40, 2, 5, 2)]:
         for arr in (b.ids_np, b.pos_np, b.slots_np, b.qsl_np, b.lens_np, b.tables_np):
             arr[...] = rng.integers(0, 1000, arr.shape)
-        b.upload(t, n, cols)
+        b.lens_np[:2] = b.lens_np[2]  # ties: kept in batch order
+        b.upload(t, n, cols, decodes)
         for host, dev, k in ((b.ids, b.ids_dev, t), (b.pos, b.pos_dev, t), (b.slots, b.slots_dev, t),
                              (b.qsl, b.qsl_dev, n + 1), (b.lens, b.lens_dev, n)):
             assert torch.equal(dev[:k], host[:k])
         assert torch.equal(b.tables_dev[:n, :cols], b.tables[:n, :cols])
+        # the decode rows' order: longest context first, ties in batch order
+        lens = b.lens_np[:decodes].tolist()
+        assert b.order_dev[:decodes].tolist() == sorted(range(decodes), key=lambda i: (-lens[i], i))

@@ -105,6 +105,27 @@ def test_decode_matches_reference(block_size, num_kv_heads, group, head_dim, num
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_in_a_given_order_matches_the_batch_order(num_splits):
+    # The programs take the requests in `order` (the runner's: longest context first): every row is still written,
+    # each with exactly the values of the batch-order launch.
+    requests = [(30, 1), (0, 1), (200, 1), (64, 1), (129, 1), (7, 1)]
+    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=2, group=4, head_dim=64, block_size=16,
+                                                 dtype=torch.float32, seed=3)
+    scale = 0.125
+    batch = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, batch, scale,
+                     max_seq_len=meta.max_seq_len, num_splits=num_splits)
+    lens = meta.seq_lens.tolist()
+    for order in (sorted(range(len(lens)), key=lambda i: -lens[i]), [4, 1, 5, 0, 3, 2]):
+        out = torch.full_like(q, float("nan"))
+        decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, scale,
+                         max_seq_len=meta.max_seq_len, num_splits=num_splits,
+                         order=torch.tensor(order, dtype=torch.int32, device=DEVICE))
+        assert torch.equal(out, batch)
+    assert rel_err(batch.cpu(), reference(q, k_cache, v_cache, meta, scale)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("q_dtype,q_size", [(torch.bfloat16, 1.0), (torch.float32, 1e5), (torch.bfloat16, 1e-6)])
 def test_decode_over_fp8_caches_matches_reference_of_their_values(q_dtype, q_size):
     """e4m3 caches: the kernel converts the tiles to float16 and q with them, rescaled by a power of two (q of 1e5
@@ -160,12 +181,15 @@ def test_prefill_matches_reference(block_size, num_kv_heads, group, head_dim, dt
 
 # --- the backend -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("decode_order", [None, [2, 0, 1]])
 @pytest.mark.parametrize("block_size,group,dtype", [(16, 4, torch.float16), (8, 8, torch.float32)])
-def test_backend_mixed_decode_and_prefill_matches_torch_backend(block_size, group, dtype, monkeypatch):
+def test_backend_mixed_decode_and_prefill_matches_torch_backend(block_size, group, dtype, decode_order, monkeypatch):
     requests = [(40, 1), (7, 1), (100, 1), (0, 30), (24, 17)]  # 3 decodes, then 2 prefill chunks
     q, k_cache, v_cache, meta, key, value = make_batch(
         requests, num_kv_heads=2, group=group, head_dim=64, block_size=block_size, dtype=dtype,
         seed=7 + block_size, fill_new_kv=False)
+    if decode_order is not None:  # the runner's order of the decode rows (longest context first)
+        meta.decode_order = torch.tensor(decode_order, dtype=torch.int32, device=DEVICE)
     backend = select_backend("triton", DEVICE)
     assert backend.name == "triton"
     # Poison whatever the backend allocates for its output, so an unwritten row shows up as NaN.
