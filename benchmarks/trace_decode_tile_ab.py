@@ -10,12 +10,14 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
   whose "engine" ran 64-token tiles there);
 - "tiles128_all": the same from 32 requests up (the engine's rule takes 64-token tiles and 2 warps from 256);
 - "rows_first": the engine's tile rule with the programs ordered request fastest (heads_first=False; the engine
-  orders them KV head fastest).
+  orders them KV head fastest);
+- "batch_order": the engine's tile rule with the decode rows in the batch's order (the engine's programs take them
+  longest context first, AttentionMetadata.decode_order).
 On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's
 rule: its "new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py [--kv-cache-dtype fp8]
-        [--alt tiles|tiles128|tiles128_all|rows_first[,...]] [--rounds 3]
+        [--alt tiles|tiles128|tiles128_all|rows_first|batch_order[,...]] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -48,22 +50,30 @@ def _rule(name: str, lo: int, hi: int, tile: tuple[int, int, int]):
     return rule
 
 
+def _batch_order(*args, order=None, **kwargs):
+    """decode_attention with the decode rows in the batch's order, whatever order the backend passes."""
+    return DECODE(*args, **kwargs)
+
+
 def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object]:
     """(its name, its tile rule, its decode_attention) for an --alt value."""
     if name == "rows_first":
         return name, ENGINE, functools.partial(DECODE, heads_first=False)
+    if name == "batch_order":
+        return name, ENGINE, _batch_order
     if name == "tiles":
         name, tile = ("tiles64", (64, 4, 2)) if kv_cache_dtype == "fp8" else ("tiles32", (32, 4, 3))
         return name, _rule(name, 32, 256, tile), DECODE
     if name in ("tiles128", "tiles128_all"):
         return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE
-    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all or rows_first")
+    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all, rows_first or batch_order")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
-    ap.add_argument("--alt", default="tiles", help="comma-separated: tiles, tiles128, tiles128_all, rows_first")
+    ap.add_argument("--alt", default="tiles",
+                    help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     rules = {"engine": (ENGINE, DECODE)}
