@@ -282,7 +282,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     order: int32 [B], a permutation of 0..B-1: the requests in the order their programs start (None: 0..B-1). Longest
     context first took ragged log-normal contexts on the H200 from 0.83-0.86 to 0.92-0.98 of copy bandwidth, 1.05-1.14x
     (1000 requests of median 190 and 400, 300 of 560; even at 256 x 72, decode_order_ab_h200.json): with the batch's
-    order a few long requests' programs ran alone at the kernel's end.
+    order a few long requests' programs ran alone at the kernel's end. On the 1000-request trace: 17,881 against
+    17,625 out tok/s in the batch's order, +1.5%, 3 interleaved runs each (trace_decode_order_ab_h200.json).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
