@@ -17,25 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
-from bench_attention import SCALE, copy_bandwidth  # noqa: E402
+from bench_attention import SCALE  # noqa: E402
 from engine.kernels.triton_decode import decode_attention  # noqa: E402
 from engine.quant.tuning import _graph_time  # noqa: E402
-from kv_layout_ab import case  # noqa: E402
+from kv_layout_ab import case, start  # noqa: E402
 
 CASES = ((1000, 190, 1.0), (1000, 400, 1.0), (300, 560, 1.0), (1000, 190, 0.7), (256, 72, 0.2))
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    rounds = int(args[0]) if args else 5
-    out_path = args[1] if len(args) > 1 else "decode_order_ab.json"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    copy_bps = copy_bandwidth()["bytes_per_s"]
-    res = {"command": "python3 benchmarks/decode_order_ab.py " + " ".join(sys.argv[1:]),
-           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "copy_bytes_per_s": copy_bps, "rounds": rounds, "cases": []}
+    rounds, out_path, gen, copy_bps, res = start("decode_order_ab.py")
     cases = []
     for shape in CASES:
         c = case(*shape, gen)

@@ -48,15 +48,20 @@ def case(num_seqs, median, sigma, gen):
                 seq_lens=lens.to(torch.int32).cuda(), kv_bytes=kv_bytes, times={})
 
 
-def main():
+def start(script: str):
+    """(rounds, output path, generator, copy bandwidth, result dict) of an A/B run as `script ROUNDS OUT.json`."""
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     rounds = int(args[0]) if args else 5
-    out_path = args[1] if len(args) > 1 else "kv_layout_ab.json"
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    out_path = args[1] if len(args) > 1 else Path(script).stem + ".json"
     copy_bps = copy_bandwidth()["bytes_per_s"]
-    res = {"command": "python3 benchmarks/kv_layout_ab.py " + " ".join(sys.argv[1:]),
+    res = {"command": f"python3 benchmarks/{script} " + " ".join(sys.argv[1:]),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "copy_bytes_per_s": copy_bps, "rounds": rounds, "cases": []}
+    return rounds, out_path, torch.Generator(device="cuda").manual_seed(0), copy_bps, res
+
+
+def main():
+    rounds, out_path, gen, copy_bps, res = start("kv_layout_ab.py")
     cases = []
     for num_seqs, median, sigma in TRACE_LIKE_CASES:
         c = case(num_seqs, median, sigma, gen)
