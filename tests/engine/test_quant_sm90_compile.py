@@ -280,15 +280,18 @@ def check_decode_attention_fp8_cache():
     sig = {"q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv", "block_tables_ptr": "*i32",
            "seq_lens_ptr": "*i32", "acc_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "qk_scale": "fp32",
            "num_splits": "i32", "window": "i32", "softcap": "fp32", **{f"stride_{s}": "i32" for s in (
-               "qt", "qh", "ot", "oh", "cb", "cs", "ch", "bt", "acc_b", "acc_h", "acc_s", "lse_b", "lse_h")}}
-    ptx = _compile(_decode_split_kernel, sig, dict(
-        GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128, SINGLE_SPLIT=True,
-        HAS_WINDOW=False, HAS_SOFTCAP=False, PRECISE_PV=True, FP8_KV=True, RELEASE=True, HEADS_FIRST=False))
-    # it lets a PDL GEMV after it launch at its start (engine.kernels.pdl), and waits for nothing itself
-    assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" not in ptx
-    # e4m3 pairs to float16 in one conversion each, and the MMAs in float16 (_q_as_float16).
-    assert "cvt.rn.f16x2.e4m3x2" in ptx and "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
-    assert ".bf16.bf16" not in ptx
+               "qt", "qh", "ot", "oh", "cb", "cs", "ch", "bt", "acc_b", "acc_h", "acc_s", "lse_b", "lse_h")},
+           "order_ptr": "*i32"}
+    for ordered in (False, True):  # the decode rows in batch order, or in the runner's (longest context first)
+        ptx = _compile(_decode_split_kernel, sig, dict(
+            GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=128, SINGLE_SPLIT=True,
+            HAS_WINDOW=False, HAS_SOFTCAP=False, PRECISE_PV=True, FP8_KV=True, RELEASE=True, HEADS_FIRST=True,
+            ORDERED=ordered))
+        # it lets a PDL GEMV after it launch at its start (engine.kernels.pdl), and waits for nothing itself
+        assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" not in ptx
+        # e4m3 pairs to float16 in one conversion each, and the MMAs in float16 (_q_as_float16).
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+        assert ".bf16.bf16" not in ptx
 
 
 def check_decode_gemv():
