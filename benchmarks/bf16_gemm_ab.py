@@ -7,6 +7,7 @@ rounds interleave with the order alternating; medians and spread of each kind's 
 decode step's GEMMs (32 layers + LM head) per row count.
 
     PYTHONPATH=. python3 benchmarks/bf16_gemm_ab.py ROUNDS OUT.json [ROWS,ROWS,... | LO:HI:STEP] [--no-swapped]
+    python3 benchmarks/bf16_gemm_ab.py --summary OUT.json [RATE_TFLOPS]   (no GPU: a saved run's summary)
 
 LO:HI:STEP scans the row counts range(LO, HI + 1, STEP) (the engine captures a decode graph every 8 rows, so a
 step's GEMMs run at any multiple of 8); --no-swapped leaves the swapped-AB tiles out (they lost everywhere
@@ -171,8 +172,33 @@ def main():
     for m, t in step.items():
         print(f"m={m:5d} decode-step GEMMs, us: cublas {t['cublas']:.0f} cublaslt {t['cublaslt']:.0f} "
               f"best {t['best']:.0f} ({t['cublas'] / t['best']:.3f}x)", flush=True)
+    summary(res)
     json.dump(res, open(out_path, "w"), indent=1, default=str)
 
 
+def step_flops(m: int) -> int:
+    """FLOPs of the decode step's GEMMs at m rows: 32 layers of SHAPES' projections and the LM head."""
+    return sum(2 * m * n * k * (1 if name == "lm_head" else 32) for name, (n, k) in SHAPES.items())
+
+
+def summary(res: dict, rate_tflops: float | None = None) -> None:
+    """The decode step's GEMMs over the run's row counts: the best candidate against cuBLAS (over the sum, median,
+    how many row counts above 1.02x, the largest), and cuBLAS's TFLOP/s (against rate_tflops if given)."""
+    step = {int(m): t for m, t in res["decode_step_gemms_us"].items()}
+    ratios = {m: t["cublas"] / t["best"] for m, t in step.items()}
+    top = max(ratios, key=ratios.get)
+    over_sum = sum(t["cublas"] for t in step.values()) / sum(t["best"] for t in step.values())
+    print(f"best / cuBLAS over {len(step)} row counts: sum {over_sum:.3f}x, "
+          f"median {statistics.median(ratios.values()):.3f}x, above 1.02x at {sum(r > 1.02 for r in ratios.values())}, "
+          f"largest {ratios[top]:.2f}x at {top} rows")
+    for m in sorted(step):
+        tflops = step_flops(m) / step[m]["cublas"] / 1e6
+        of_rate = f" = {tflops / rate_tflops:.2f} of {rate_tflops:.0f}" if rate_tflops else ""
+        print(f"m={m:5d} cuBLAS decode-step GEMMs {step[m]['cublas']:8.0f} us, {tflops:.0f} TFLOP/s{of_rate}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--summary"]:
+        summary(json.load(open(sys.argv[2])), float(sys.argv[3]) if len(sys.argv) > 3 else None)
+    else:
+        main()

@@ -280,7 +280,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     from 319.6 to 288.8 us (0.737 -> 0.816 of copy bandwidth), 1000 x 406 from 562.0 to 542.8 us, 300 x 557
     from 266.8 to 261.1 us, and left 256 x 71 even (39.6 against 39.4-40.2 us; attention_heads_first_h200.json).
     order: int32 [B], a permutation of 0..B-1: the requests in the order their programs start (None: 0..B-1). Longest
-    context first took ragged log-normal contexts on the H200 from 0.83-0.86 to 0.92-0.98 of copy bandwidth, 1.05-1.14x
+    context first took ragged log-normal contexts on the H200 from 0.83-0.94 to 0.92-0.99 of copy bandwidth, 1.05-1.14x
     (1000 requests of median 190 and 400, 300 of 560; even at 256 x 72, decode_order_ab_h200.json): with the batch's
     order a few long requests' programs ran alone at the kernel's end. On the 1000-request trace: 17,881 against
     17,625 out tok/s in the batch's order, +1.5%, 3 interleaved runs each (trace_decode_order_ab_h200.json).

@@ -124,6 +124,13 @@ def test_decode_in_a_given_order_matches_the_batch_order(num_splits):
                          order=torch.tensor(order, dtype=torch.int32, device=DEVICE))
         assert torch.equal(out, batch)
     assert rel_err(batch.cpu(), reference(q, k_cache, v_cache, meta, scale)) < TOL[torch.float32]
+    if num_splits > 1:
+        return  # (the reduce kernel writes every row; the order must be a permutation)
+    # the programs follow the order: rows it does not name are left alone
+    out = torch.full_like(q, float("nan"))
+    decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, out, scale, max_seq_len=meta.max_seq_len,
+                     num_splits=num_splits, order=torch.tensor([2, 2, 4, 4, 2, 4], dtype=torch.int32, device=DEVICE))
+    assert torch.equal(out[[2, 4]], batch[[2, 4]]) and out[[0, 1, 3, 5]].isnan().all()
 
 
 @pytest.mark.parametrize("q_dtype,q_size", [(torch.bfloat16, 1.0), (torch.float32, 1e5), (torch.bfloat16, 1e-6)])
@@ -202,7 +209,15 @@ def test_backend_mixed_decode_and_prefill_matches_torch_backend(block_size, grou
     # Slots that hold no token stay NaN in both: compare with NaN mapped to a sentinel.
     assert torch.equal(k_cache.cpu().nan_to_num(7.0), k_ref.nan_to_num(7.0))
     assert torch.equal(v_cache.cpu().nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    from engine.kernels import triton_backend
+    orders = []
+
+    def recording(*args, order=None, **kwargs):
+        orders.append(order)
+        return decode_attention(*args, order=order, **kwargs)
+    monkeypatch.setattr(triton_backend, "decode_attention", recording)
     out = backend.attend(q, k_cache, v_cache, meta, scale)
+    assert len(orders) == 1 and orders[0] is meta.decode_order  # the decode kernel gets the metadata's order
     ref = reference(q, k_ref, v_ref, meta, scale)
     assert not out.isnan().any()
     assert rel_err(out.cpu(), ref) < TOL[dtype]
