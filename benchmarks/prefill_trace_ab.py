@@ -1,0 +1,161 @@
+"""A/B on the GPU: prefill attention over the 1000-request trace's prefill steps, against its FLOP limit and
+torch's flash attention (varlen) over the same requests.
+
+The trace (`sharegpt_like(1000)`, seed 0: prompts of 4-1024 tokens, mean 151) starts with every request
+admitted (max_num_seqs 1024 on an H200), so its prompts fill the first steps of 16384 batched tokens, each
+step's budget less one token per request already decoding, the last prompt of a step chunked. Each step's
+prefill part (its requests' cached context and new tokens, K/V in shuffled 16-token blocks, llama-3.1-8b's
+heads) is timed by CUDA-graph replays of one layer's kernel, for every config of CONFIGS; rounds interleave with
+the order alternating; medians and spread per config of the trace's total (x 32 layers) and of its rate against
+the attention FLOPs (4 * head_dim per unmasked query-key pair per head). Every config's output is checked
+against the default's. The reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal)
+over the same steps, where this torch has it.
+
+    PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json
+"""
+import inspect
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_attention import BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
+from engine.quant.tuning import _graph_time  # noqa: E402
+from kv_layout_ab import start  # noqa: E402
+from workbench.workloads import sharegpt_like  # noqa: E402
+
+NUM_LAYERS, BUDGET = 32, 16384
+CONFIGS = {"default": {}, "pv_plain": dict(precise_pv=False), "m64": dict(block_m=64),
+           "n64_w8": dict(block_n=64, num_warps=8), "m64_n64": dict(block_m=64, block_n=64),
+           "n64_w4": dict(block_n=64, num_warps=4)}
+
+
+def prefill_steps(prompt_lens: list[int], budget: int = BUDGET) -> list[list[tuple[int, int]]]:
+    """Each step's prefill part as (cached context, new tokens) per request, as the scheduler packs them."""
+    steps, pending, decoding = [], [(0, n) for n in prompt_lens], 0
+    while pending:
+        room, step = budget - decoding, []
+        while pending and room > 0:
+            done, total = pending[0]
+            take = min(total - done, room)
+            step.append((done, take))
+            room -= take
+            if done + take == total:
+                pending.pop(0)
+                decoding += 1
+            else:
+                pending[0] = (done + take, total)
+        steps.append(step)
+    return steps
+
+
+def step_inputs(step, gen):
+    lens = [c + n for c, n in step]
+    blocks = [-(-s // BLOCK_SIZE) for s in lens]
+    perm = torch.randperm(sum(blocks), device="cuda", generator=gen).to(torch.int32)
+    tables = torch.zeros(len(step), max(blocks), dtype=torch.int32, device="cuda")
+    at = 0
+    for i, b in enumerate(blocks):
+        tables[i, :b] = perm[at:at + b]
+        at += b
+    k, v = (torch.randn(sum(blocks), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+            for _ in range(2))
+    qlens = torch.tensor([n for _, n in step])
+    qsl = torch.zeros(len(step) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(qlens, 0)
+    q = torch.randn(int(qsl[-1]), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    flops = 4 * HEAD_DIM * NUM_HEADS * sum(n * c + n * (n + 1) // 2 for c, n in step)
+    return dict(q=q, k=k, v=v, tables=tables, seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
+                qsl=qsl.cuda(), max_q=int(qlens.max()), flops=flops, lens=lens, step=step)
+
+
+def flash_reference(s):
+    """torch's varlen flash attention over the step's K/V gathered contiguous (None where this torch lacks it)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    ks, vs, cu_k = [], [], [0]
+    for i, n in enumerate(s["lens"]):
+        idx = s["tables"][i, :-(-n // BLOCK_SIZE)].long()
+        ks.append(s["k"][idx].flatten(0, 1)[:n])
+        vs.append(s["v"][idx].flatten(0, 1)[:n])
+        cu_k.append(cu_k[-1] + n)
+    k, v = torch.cat(ks), torch.cat(vs)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32, device="cuda")
+    params = inspect.signature(varlen_attn).parameters
+    causal = dict(is_causal=True) if "is_causal" in params else dict(window_size=(-1, 0))
+    gqa = dict(enable_gqa=True) if "enable_gqa" in params else {}
+    if not gqa:
+        k, v = (t.repeat_interleave(NUM_HEADS // NUM_KV_HEADS, dim=1) for t in (k, v))
+    max_k = max(s["lens"])
+
+    return lambda: varlen_attn(s["q"], k, v, s["qsl"], cu_k, s["max_q"], max_k, scale=SCALE, **causal, **gqa)
+
+
+def main():
+    rounds, out_path, gen, _, res = start("prefill_trace_ab.py")
+    work = sharegpt_like(1000, vocab_size=128256, seed=0)
+    steps = prefill_steps([r.prompt_len for r in work.requests])
+    inputs = [step_inputs(s, gen) for s in steps]
+    total_flops = NUM_LAYERS * sum(s["flops"] for s in inputs)
+    print(f"{len(steps)} prefill steps, {sum(len(s) for s in steps)} request parts, "
+          f"{total_flops / 1e12:.2f} TFLOP of attention over 32 layers", flush=True)
+    runs = {}
+    for name, cfg in CONFIGS.items():
+        fns = []
+        for s in inputs:
+            out = torch.empty_like(s["q"])
+            fn = (lambda s=s, out=out, cfg=cfg: prefill_attention(
+                s["q"], s["k"], s["v"], s["tables"], s["seq_lens"], s["qsl"], out, SCALE, max_query_len=s["max_q"],
+                **cfg))
+            fn()
+            fns.append((fn, out))
+        runs[name] = fns
+    diffs = {name: max((o.float() - ref.float()).abs().max().item() for (_, o), (_, ref) in zip(fns, runs["default"]))
+             for name, fns in runs.items()}
+    print("max |diff| against the default config:", {k: f"{v:.3g}" for k, v in diffs.items()}, flush=True)
+    flash = [flash_reference(s) for s in inputs]
+    if all(f is not None for f in flash):
+        try:
+            flash_out = [f() for f in flash]
+            err = max((fo.float() - o.float()).abs().max().item() for fo, (_, o) in zip(flash_out, runs["default"]))
+            print(f"varlen flash attention against the default config: max |diff| {err:.3g}", flush=True)
+            runs["torch_flash"] = [(f, None) for f in flash]
+            diffs["torch_flash"] = err
+        except Exception as exc:  # a torch build without flash attention for this GPU
+            print(f"varlen flash attention unavailable: {exc!r}", flush=True)
+    times = {name: [] for name in runs}
+    per_step = {name: [[] for _ in steps] for name in runs}
+    for r in range(rounds):
+        names = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for name in names:
+            total = 0.0
+            for i, (fn, _) in enumerate(runs[name]):
+                ms = _graph_time(fn, 1)
+                per_step[name][i].append(ms)
+                total += ms
+            times[name].append(total * NUM_LAYERS)
+    res.update(num_steps=len(steps), step_parts=[len(s) for s in steps], attention_flops=total_flops,
+               max_abs_diff=diffs, configs=CONFIGS)
+    res["results"] = {}
+    base = statistics.median(times["default"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res["results"][name] = dict(trace_ms=ts, median_ms=med, spread_ms=[min(ts), max(ts)],
+                                    tflops=total_flops / (med * 1e-3) / 1e12,
+                                    per_step_median_ms=[statistics.median(x) for x in per_step[name]])
+        print(f"{name:12s} trace {med:8.2f} ms ({min(ts):.2f}-{max(ts):.2f}) over 32 layers, "
+              f"{total_flops / (med * 1e-3) / 1e12:6.1f} TFLOP/s, {base / med:.3f}x the default", flush=True)
+    Path(out_path).write_text(json.dumps(res, indent=1))
+    print("results:", out_path)
+
+
+if __name__ == "__main__":
+    main()
