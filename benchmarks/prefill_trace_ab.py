@@ -8,8 +8,10 @@ prefill part (its requests' cached context and new tokens, K/V in shuffled 16-to
 heads) is timed by CUDA-graph replays of one layer's kernel, for every config of CONFIGS; rounds interleave with
 the order alternating; medians and spread per config of the trace's total (x 32 layers) and of its rate against
 the attention FLOPs (4 * head_dim per unmasked query-key pair per head). Every config's output is checked
-against the default's. The reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal)
-over the same steps, where this torch has it.
+against the default's. "work_*": the kernel over a list of (request, query block) pairs (prefill_work), in
+the batch's order or longest first, instead of a grid of every request by the longest one's blocks. The
+reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal) over the same steps, where
+this torch has it.
 
     PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json
 """
@@ -22,10 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_attention import BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE  # noqa: E402
-from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention, prefill_block_q, prefill_work  # noqa: E402
 from engine.quant.tuning import _graph_time  # noqa: E402
 from kv_layout_ab import start  # noqa: E402
 from workbench.workloads import sharegpt_like  # noqa: E402
@@ -33,7 +36,8 @@ from workbench.workloads import sharegpt_like  # noqa: E402
 NUM_LAYERS, BUDGET = 32, 16384
 CONFIGS = {"default": {}, "pv_plain": dict(precise_pv=False), "m64": dict(block_m=64),
            "n64_w8": dict(block_n=64, num_warps=8), "m64_n64": dict(block_m=64, block_n=64),
-           "n64_w4": dict(block_n=64, num_warps=4)}
+           "n64_w4": dict(block_n=64, num_warps=4), "work_batch": dict(work="batch"),
+           "work_longest": dict(work="longest_first")}
 
 
 def prefill_steps(prompt_lens: list[int], budget: int = BUDGET) -> list[list[tuple[int, int]]]:
@@ -71,8 +75,10 @@ def step_inputs(step, gen):
     qsl[1:] = torch.cumsum(qlens, 0)
     q = torch.randn(int(qsl[-1]), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     flops = 4 * HEAD_DIM * NUM_HEADS * sum(n * c + n * (n + 1) // 2 for c, n in step)
-    return dict(q=q, k=k, v=v, tables=tables, seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                qsl=qsl.cuda(), max_q=int(qlens.max()), flops=flops, lens=lens, step=step)
+    work = prefill_work(qlens.numpy(), lens, prefill_block_q(NUM_HEADS // NUM_KV_HEADS, True))
+    works = {"longest_first": torch.from_numpy(work).cuda(), "batch": torch.from_numpy(np.sort(work)).cuda()}
+    return dict(works=works, q=q, k=k, v=v, tables=tables, qsl=qsl.cuda(),
+                seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), max_q=int(qlens.max()), flops=flops, lens=lens, step=step)
 
 
 def flash_reference(s):
@@ -112,9 +118,10 @@ def main():
         fns = []
         for s in inputs:
             out = torch.empty_like(s["q"])
-            fn = (lambda s=s, out=out, cfg=cfg: prefill_attention(
+            kw = dict(cfg, work=s["works"][cfg["work"]]) if "work" in cfg else cfg
+            fn = (lambda s=s, out=out, kw=kw: prefill_attention(
                 s["q"], s["k"], s["v"], s["tables"], s["seq_lens"], s["qsl"], out, SCALE, max_query_len=s["max_q"],
-                **cfg))
+                **kw))
             fn()
             fns.append((fn, out))
         runs[name] = fns
@@ -130,7 +137,7 @@ def main():
             runs["torch_flash"] = [(f, None) for f in flash]
             diffs["torch_flash"] = err
         except Exception as exc:  # a torch build without flash attention for this GPU
-            print(f"varlen flash attention unavailable: {exc!r}", flush=True)
+            print(f"varlen flash attention unavailable: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     times = {name: [] for name in runs}
     per_step = {name: [[] for _ in steps] for name in runs}
     for r in range(rounds):

@@ -19,6 +19,7 @@ in full, without a mask, then the tiles that cross the causal diagonal, and none
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -77,16 +78,23 @@ def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table, head_o
 
 @triton.jit
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    out_ptr, qk_scale, window, softcap,
+                    work_ptr, out_ptr, qk_scale, window, softcap,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISE_PV: tl.constexpr):
-    # The last query blocks of a prompt see the most keys: launch them first, so the short ones
-    # fill the tail of the grid.
-    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+                    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISE_PV: tl.constexpr,
+                    WORK: tl.constexpr):
+    if WORK:  # grid (kv heads, work items): item = seq << 16 | query block, in the order given
+        kv_head = tl.program_id(0)
+        item = tl.load(work_ptr + tl.program_id(1))
+        seq = item >> 16
+        q_block = item & 0xFFFF
+    else:
+        # The last query blocks of a prompt see the most keys: launch them first, so the short ones
+        # fill the tail of the grid.
+        q_block = tl.num_programs(0) - 1 - tl.program_id(0)
+        seq = tl.program_id(1)
+        kv_head = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -145,12 +153,41 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
+def _block_m(group: int, on_gpu: bool, block_m: int | None) -> int:
+    if block_m is None:
+        # Defaults from the H100 sweep in benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128):
+        # 128 x 32 tiles, 4 warps, 3 stages ran 331 TFLOP/s against 294 for 128 x 64 with 8 warps.
+        block_m = 128 if on_gpu else 32
+    return max(block_m, triton.next_power_of_2(group), 16)
+
+
+def prefill_block_q(group: int, on_gpu: bool, block_m: int | None = None) -> int:
+    """Query tokens a program of prefill_attention takes: its BLOCK_M rows over `group` query heads."""
+    return _block_m(group, on_gpu, block_m) // group
+
+
+def prefill_work(query_lens, seq_lens, block_q: int) -> np.ndarray:
+    """prefill_attention's work list: every (request, query block) pair as request << 16 | block, the blocks
+    whose last token sees the most keys first (longest processing time first: the long ones start at once and
+    the short ones fill in behind them)."""
+    qlens, lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    blocks = -(-qlens // block_q)
+    if len(qlens) >= 1 << 15 or (len(qlens) and blocks.max() >= 1 << 16):
+        raise ValueError(f"prefill_work: {len(qlens)} requests of up to {blocks.max()} query blocks; the work list "
+                         f"holds < 32768 requests of < 65536 blocks")
+    seq = np.repeat(np.arange(len(qlens)), blocks)
+    block = np.arange(len(seq)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    keys = (lens - qlens)[seq] + np.minimum((block + 1) * block_q, qlens[seq])
+    order = np.argsort(-keys, kind="stable")
+    return (seq[order] << 16 | block[order]).astype(np.int32)
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float,
                       max_query_len: int, block_m: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
                       sliding_window: int | None = None, softcap: float | None = None,
-                      precise_pv: bool | None = None) -> None:
+                      precise_pv: bool | None = None, work: torch.Tensor | None = None) -> None:
     """Causal attention of each request's new tokens over its paged context, written into out.
 
     B = seq_lens.shape[0] requests; query_start_loc ([B + 1], absolute row offsets into q) may be a
@@ -158,6 +195,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     it sizes the grid, so no device value is read on the host. sliding_window W: a token at position p
     sees keys p - W + 1 .. p; softcap c: scores become c * tanh(score / c). precise_pv: see
     triton_decode.pv_dot (None: precise_pv_default(q.dtype)).
+    work: int32 [items], the (request, query block) pairs to run as request << 16 | block, blocks of
+    prefill_block_q(...) tokens (prefill_work builds it): one program a pair and KV head, in that order,
+    instead of a grid of every request by the longest request's blocks.
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0 or max_query_len == 0:
@@ -167,27 +207,27 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = check_paged_layout("prefill_attention", q, out, k_cache, v_cache)
     block_d = max(16, triton.next_power_of_2(head_dim))
     on_gpu = q.device.type == "cuda"
-    # Defaults from the H100 sweep in benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128):
-    # 128 x 32 tiles, 4 warps, 3 stages ran 331 TFLOP/s against 294 for 128 x 64 with 8 warps.
-    if block_m is None:
-        block_m = 128 if on_gpu else 32
-    block_m = max(block_m, triton.next_power_of_2(group), 16)
+    block_m = _block_m(group, on_gpu, block_m)
+    block_q = block_m // group
     if block_n is None:
         block_n = 32 if on_gpu else 16
     if num_warps is None:
         num_warps = 4
     if num_stages is None:
         num_stages = (3 if block_d <= 128 else 2) if on_gpu else 1
-    block_q = block_m // group
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    if work is None:
+        grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    else:
+        grid = (num_kv_heads, work.shape[0])
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_lens if work is None else work, out,
+        scale * LOG2E,
         sliding_window or 0, float(softcap or 1.0),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
-        PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv,
+        PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv, WORK=work is not None,
         num_warps=num_warps, num_stages=num_stages,
     )

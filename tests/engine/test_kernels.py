@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -27,7 +28,7 @@ from engine.kernels.reference import random_paged_batch, write_kv_reference  # n
 from engine.kernels.reference import reference_on_cpu as reference  # noqa: E402
 from engine.kernels.triton_cache import write_kv_triton  # noqa: E402
 from engine.kernels.triton_decode import decode_attention, decode_num_splits  # noqa: E402
-from engine.kernels.triton_prefill import prefill_attention  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention, prefill_block_q, prefill_work  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -184,6 +185,38 @@ def test_prefill_matches_reference(block_size, num_kv_heads, group, head_dim, dt
     ref = reference(q, k_cache, v_cache, meta, scale)
     assert not out.isnan().any()
     assert rel_err(out.cpu(), ref) < TOL[dtype]
+
+
+def test_prefill_work_lists_every_query_block_longest_first():
+    # Hand-computed: block_q 4; request 0 has 10 new tokens after 3 cached (blocks 0-2, last tokens see
+    # 7, 11, 13 keys), request 1 5 new tokens (blocks 0-1: 4, 5 keys), request 2 one token after 20 (21 keys).
+    work = prefill_work([10, 5, 1], [13, 5, 21], 4)
+    assert work.dtype == np.int32
+    assert [(int(w) >> 16, int(w) & 0xFFFF) for w in work] == [(2, 0), (0, 2), (0, 1), (0, 0), (1, 1), (1, 0)]
+    with pytest.raises(ValueError, match="prefill_work"):
+        prefill_work([1 << 18], [1 << 18], 4)
+
+
+@pytest.mark.parametrize("block_size,num_kv_heads,group,head_dim,dtype", PREFILL_CASES[:2])
+def test_prefill_over_a_work_list_matches_reference(block_size, num_kv_heads, group, head_dim, dtype):
+    requests = [(0, 45), (32, 20), (37, 9), (50, 1)]
+    q, k_cache, v_cache, meta, _, _ = make_batch(requests, num_kv_heads=num_kv_heads, group=group, head_dim=head_dim,
+                                                 block_size=block_size, dtype=dtype, seed=200 + block_size + group)
+    scale = head_dim ** -0.5
+    block_q = prefill_block_q(group, DEVICE.type == "cuda")
+    work = prefill_work([n for _, n in requests], [c + n for c, n in requests], block_q)
+    ref = reference(q, k_cache, v_cache, meta, scale)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale,
+                      max_query_len=meta.max_query_len, work=torch.from_numpy(work).to(DEVICE))
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), ref) < TOL[dtype]
+    # The list is what runs: without the first request's blocks, its rows stay unwritten.
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, out, scale,
+                      max_query_len=meta.max_query_len, work=torch.from_numpy(work[(work >> 16) != 0]).to(DEVICE))
+    assert out[:45].isnan().all() and not out[45:].isnan().any()
+    assert rel_err(out[45:].cpu(), ref[45:]) < TOL[dtype]
 
 
 # --- the backend -------------------------------------------------------------------------------
