@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_attention import BLOCK_SIZE, DTYPE, HEAD_DIM, NUM_HEADS, NUM_KV_HEADS, SCALE  # noqa: E402
-from engine.kernels.triton_prefill import prefill_attention, prefill_block_q, prefill_work  # noqa: E402
+from engine.kernels.metadata import prefill_work  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention, prefill_block_q  # noqa: E402
 from engine.quant.tuning import _graph_time  # noqa: E402
 from kv_layout_ab import start  # noqa: E402
 from workbench.workloads import sharegpt_like  # noqa: E402

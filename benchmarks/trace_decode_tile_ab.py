@@ -12,12 +12,15 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
 - "rows_first": the engine's tile rule with the programs ordered request fastest (heads_first=False; the engine
   orders them KV head fastest);
 - "batch_order": the engine's tile rule with the decode rows in the batch's order (the engine's programs take them
-  longest context first, AttentionMetadata.decode_order).
+  longest context first, AttentionMetadata.decode_order);
+- "prefill_grid": prefill attention over its grid of every request by the longest request's query blocks (the
+  engine's runs a work list of the (request, query block) pairs, longest first, AttentionMetadata.prefill_work).
+Each run also sums the duration of the steps that hold prefill tokens.
 On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's
 rule: its "new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py [--kv-cache-dtype fp8]
-        [--alt tiles|tiles128|tiles128_all|rows_first|batch_order[,...]] [--rounds 3]
+        [--alt tiles|tiles128|tiles128_all|rows_first|batch_order|prefill_grid[,...]] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from workbench.workloads import make_workload
 
 ENGINE = triton_decode.decode_tile
 DECODE = triton_backend.decode_attention
+PREFILL = triton_backend.prefill_attention
 
 
 def _rule(name: str, lo: int, hi: int, tile: tuple[int, int, int]):
@@ -55,31 +59,38 @@ def _batch_order(*args, order=None, **kwargs):
     return DECODE(*args, **kwargs)
 
 
-def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object]:
-    """(its name, its tile rule, its decode_attention) for an --alt value."""
+def _prefill_grid(*args, work=None, **kwargs):
+    """prefill_attention over its own grid, whatever work list the backend passes."""
+    return PREFILL(*args, **kwargs)
+
+
+def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object, object]:
+    """(its name, its tile rule, its decode_attention, its prefill_attention) for an --alt value."""
     if name == "rows_first":
-        return name, ENGINE, functools.partial(DECODE, heads_first=False)
+        return name, ENGINE, functools.partial(DECODE, heads_first=False), PREFILL
     if name == "batch_order":
-        return name, ENGINE, _batch_order
+        return name, ENGINE, _batch_order, PREFILL
+    if name == "prefill_grid":
+        return name, ENGINE, DECODE, _prefill_grid
     if name == "tiles":
         name, tile = ("tiles64", (64, 4, 2)) if kv_cache_dtype == "fp8" else ("tiles32", (32, 4, 3))
-        return name, _rule(name, 32, 256, tile), DECODE
+        return name, _rule(name, 32, 256, tile), DECODE, PREFILL
     if name in ("tiles128", "tiles128_all"):
-        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE
-    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all, rows_first or batch_order")
+        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE, PREFILL
+    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all, rows_first, batch_order or prefill_grid")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--alt", default="tiles",
-                    help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order")
+                    help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order, prefill_grid")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    rules = {"engine": (ENGINE, DECODE)}
+    rules = {"engine": (ENGINE, DECODE, PREFILL)}
     for alt in args.alt.split(","):
-        name, tile, decode = alternative(alt.strip(), args.kv_cache_dtype)
-        rules[name] = (tile, decode)
+        name, *rule = alternative(alt.strip(), args.kv_cache_dtype)
+        rules[name] = tuple(rule)
     names = list(rules)
     t0 = time.perf_counter()
     cpu = not torch.cuda.is_available()
@@ -90,7 +101,7 @@ def main() -> None:
     runs = []
     for i in range(args.rounds):
         for rule in names[i % len(names):] + names[:i % len(names)]:
-            triton_decode.decode_tile, triton_backend.decode_attention = rules[rule]
+            triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention = rules[rule]
             llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
             run = run_engine(llm, wl)
             s = run.steps
@@ -98,16 +109,19 @@ def main() -> None:
             by = s.groupby(bucket)["duration"].agg(["sum", "count"])
             r = {"rule": rule, "tok_s": run.summary["output_throughput"],
                  "seconds_by_running": {k: float(v) for k, v in by["sum"].items()},
+                 "prefill_steps_s": float(s.loc[s["num_prefill_tokens"] > 0, "duration"].sum()),
                  "steps_by_running": {k: int(v) for k, v in by["count"].items()}}
             runs.append(r)
             print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running "
-                  f"requests { {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }", flush=True)
-    triton_decode.decode_tile, triton_backend.decode_attention = ENGINE, DECODE
+                  f"requests { {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }, steps with prefill "
+                  f"{r['prefill_steps_s']:.3f} s", flush=True)
+    triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention = rules["engine"]
     summary = {}
     for rule in names:
         mine = [r for r in runs if r["rule"] == rule]
         tok = [r["tok_s"] for r in mine]
         summary[rule] = {"tok_s_median": statistics.median(tok), "tok_s_min": min(tok), "tok_s_max": max(tok),
+                         "prefill_steps_s_median": statistics.median(r["prefill_steps_s"] for r in mine),
                          "seconds_by_running_median": {k: statistics.median(r["seconds_by_running"].get(k, 0.0)
                                                                             for r in mine)
                                                        for k in ("<32", "32-255", ">=256")}}

@@ -25,6 +25,7 @@ import torch
 
 from .config import EngineConfig
 from .kernels import AttentionMetadata, select_backend
+from .kernels.metadata import prefill_work
 from .kv.groups import engine_kv_groups, layer_group_slots
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
@@ -67,6 +68,8 @@ class StepPlan:
     # ids = cat(ids, tokens)[index], index[i] = i for a known token and num_tokens + its row of tokens for a
     # placeholder (one gather, no scatter kernel); index None: ids = tokens (the previous step's batch, in order).
     feed: tuple | None = None
+    # Items of the prefill rows' work list in the input buffers (AttentionMetadata.prefill_work); 0: none.
+    num_work: int = 0
 
     @property
     def padded_tokens(self) -> int:
@@ -131,16 +134,17 @@ class InputBuffers:
     """Preallocated inputs of one step: host arrays (pinned on CUDA) and their device twins.
 
     upload() costs the host three copies whatever the step: the int64 inputs (ids, positions, slots) live in one buffer
-    and go in one copy, the int32 ones (query_start_loc, seq_lens, the decode rows' order, and the step's block-table
-    columns packed compactly) in another, and one device-side copy spreads the packed table into tables_dev (whose row
-    stride, max_blocks, the CUDA graphs were captured with). The order (sort_decodes) is the decode rows by context,
-    longest first: the order the decode attention kernel's programs take them in. To keep each copy a single contiguous
+    and go in one copy, the int32 ones (query_start_loc, seq_lens, the decode rows' order, the prefill rows' work list,
+    and the step's block-table columns packed compactly) in another, and one device-side copy spreads the packed table
+    into tables_dev (whose row stride, max_blocks, the CUDA graphs were captured with). The order (sort_decodes) is the
+    decode rows by context, longest first: the order the decode attention kernel's programs take them in; the work list
+    (max_work items, ModelRunner._prepare writes it) the prefill kernel's. To keep each copy a single contiguous
     range, the regions before the last one of a buffer go whole (a few hundred KiB of int64 at most, a few KiB of
     int32).
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device,
-                 num_extra_groups: int = 0):
+                 num_extra_groups: int = 0, max_work: int = 0):
         pin = device.type == "cuda"
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
@@ -151,13 +155,14 @@ class InputBuffers:
         # int64: [ids | positions | slots], max_tokens each.
         self.host64, self.dev64 = pair(3 * max_tokens, torch.int64)
         # int32: [query_start_loc (max_seqs + 1, padded to 16 bytes) | seq_lens (max_seqs) | decode order (max_seqs) |
-        # packed block-table columns]. seq_lens starts 16-byte aligned like query_start_loc, so the prefill kernel's
-        # views of both behind n decodes (query_start_loc[n:], seq_lens[n:]) are aligned alike: Triton builds one kernel
-        # variant per combination of its pointers' 16-byte alignments, and trace_replay.warm_up builds each of them
-        # before a measurement (with seq_lens at max_seqs + 1, n = 3 mod 4 made a variant no warm-up built: a 2.4 s
-        # stall).
+        # prefill work list (max_work) | packed block-table columns]. seq_lens starts 16-byte aligned like
+        # query_start_loc, so the prefill kernel's views of both behind n decodes (query_start_loc[n:], seq_lens[n:])
+        # are aligned alike: Triton builds one kernel variant per combination of its pointers' 16-byte alignments, and
+        # trace_replay.warm_up builds each of them before a measurement (with seq_lens at max_seqs + 1, n = 3 mod 4 made
+        # a variant no warm-up built: a 2.4 s stall).
         self.lens_at = -(-(max_seqs + 1) // 4) * 4
-        self.host32, self.dev32 = pair(self.lens_at + 2 * max_seqs + max_seqs * max_blocks, torch.int32)
+        self.max_work = max_work
+        self.host32, self.dev32 = pair(self.lens_at + 2 * max_seqs + max_work + max_seqs * max_blocks, torch.int32)
         self.host32_np = self.host32.numpy()
         t, s = max_tokens, max_seqs
         (self.ids, self.pos, self.slots), (self.ids_dev, self.pos_dev, self.slots_dev) = (
@@ -166,8 +171,10 @@ class InputBuffers:
         self.qsl, self.lens = self.host32[:s + 1], self.host32[at:at + s]
         self.qsl_dev, self.lens_dev = self.dev32[:s + 1], self.dev32[at:at + s]
         self.order, self.order_dev = self.host32[at + s:at + 2 * s], self.dev32[at + s:at + 2 * s]
+        self.work, self.work_dev = (buf[at + 2 * s:at + 2 * s + max_work] for buf in (self.host32, self.dev32))
         self.ids_np, self.pos_np, self.slots_np = self.ids.numpy(), self.pos.numpy(), self.slots.numpy()
-        self.qsl_np, self.lens_np, self.order_np = self.qsl.numpy(), self.lens.numpy(), self.order.numpy()
+        self.qsl_np, self.lens_np, self.order_np, self.work_np = (t.numpy() for t in (self.qsl, self.lens, self.order,
+                                                                                      self.work))
         self.tables = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, pin_memory=pin)
         self.tables_np = self.tables.numpy()
         self.tables_dev = torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=device)
@@ -196,7 +203,7 @@ class InputBuffers:
         t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
         self.sort_decodes(num_decodes)
         self.dev64[:2 * t + num_tokens].copy_(self.host64[:2 * t + num_tokens], non_blocking=True)
-        start = self.lens_at + 2 * s
+        start = self.lens_at + 2 * s + self.max_work
         self.host32_np[start:start + n] = self.tables_np[:num_seqs, :num_cols].reshape(-1)
         self.dev32[:start + n].copy_(self.host32[:start + n], non_blocking=True)
         self.tables_dev[:num_seqs, :num_cols].copy_(self.dev32[start:start + n].view(num_seqs, num_cols))
@@ -241,7 +248,11 @@ class ModelRunner:
         # receives rank 0's per-group tables): None keeps one table for every layer.
         self.kv_groups = engine_kv_groups(spec.layer_windows, spec.num_layers, config.tensor_parallel_size)
         extra = len(self.kv_groups) - 1 if self.kv_groups else 0
-        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra)
+        # The prefill rows' work list, for a backend whose prefill kernel takes one (query blocks of block_q tokens).
+        block_q = getattr(self.backend, "prefill_block_q", None)
+        self.prefill_block_q = block_q(spec.num_heads // spec.num_kv_heads, device) if block_q else 0
+        max_work = max_tokens // self.prefill_block_q + config.max_num_seqs if self.prefill_block_q else 0
+        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra, max_work)
         # Persistent rows of the groups past the first (same row index as table_rows), and how much of each is
         # written. Slots a sliding group freed keep their old ids here: the kernels never read a key outside
         # the window (a masked tile reads finite, zero-initialised KV), so rows only ever grow.
@@ -580,7 +591,7 @@ class ModelRunner:
                                        + positions % bs)
 
     # ----- one step -----------------------------------------------------------------------------
-    def _metadata(self, num_tokens, num_seqs, num_cols, num_decodes, max_query_len, max_seq_len):
+    def _metadata(self, num_tokens, num_seqs, num_cols, num_decodes, max_query_len, max_seq_len, num_work=0):
         b = self.buffers
         on_cpu = self.device.type == "cpu"
         meta = AttentionMetadata(
@@ -588,6 +599,7 @@ class ModelRunner:
             seq_lens=b.lens_dev[:num_seqs], block_tables=b.tables_dev[:num_seqs, :num_cols],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
             decode_order=b.order_dev[:num_decodes],
+            prefill_work=b.work_dev[:num_work] if num_work else None, prefill_block_q=self.prefill_block_q,
             # The torch backend loops over requests on the host: give it host copies (free on the CPU).
             query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,
             seq_lens_cpu=b.lens_np[:num_seqs].tolist() if on_cpu or self.backend.name == "torch" else None)
@@ -880,6 +892,12 @@ class ModelRunner:
         plan = StepPlan(num_tokens, n, num_cols, n if qlen_l is None else qlen_l.count(1),
                         1 if num_tokens == n else int(qlens.max()), max_seq_len, graph_size,
                         None if all_sample else np.flatnonzero(sample_mask), graph_query_len=graph_query_len)
+        if graph_size is None and self.prefill_block_q and plan.num_decodes < n:
+            # Eager steps only: a graph's prefill kernel keeps the grid it was captured with.
+            d = plan.num_decodes
+            work = prefill_work(qlens[d:], seq_lens[d:], self.prefill_block_q)
+            b.work_np[:len(work)] = work
+            plan.num_work = len(work)
         if drafts:
             ends = np.cumsum(qlens)
             plan.logit_rows = np.concatenate(
@@ -918,7 +936,7 @@ class ModelRunner:
             hidden = hidden[:n]
             return self.model.compute_logits(hidden if rows is None else hidden[rows])
         meta = self._metadata(plan.num_tokens, n, plan.num_cols, plan.num_decodes, plan.max_query_len,
-                              plan.max_seq_len)
+                              plan.max_seq_len, plan.num_work)
         hidden = self.model(b.ids_dev[:plan.num_tokens], b.pos_dev[:plan.num_tokens], self.kv_caches, meta,
                             self.backend)
         if rows is not None and not len(rows):

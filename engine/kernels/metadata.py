@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -22,6 +23,9 @@ class AttentionMetadata:
     attend causally to every earlier position of their own request.
     decode_order:    [num_decodes] int32 or None, a permutation of the decode rows: the order the decode kernel's
                      programs take them in (the runner's: longest context first); None: batch order.
+    prefill_work:    [items] int32 or None, the prefill rows' (request, query block) pairs for a backend that runs
+                     one program a pair (prefill_work(); the Triton backend's prefill kernel), blocks of
+                     prefill_block_q tokens; None: the backend's own grid.
     k_scale, v_scale: dequantization scales of an fp8 KV cache (a cached code c stands for c * scale);
     ignored for 16/32-bit caches. The Triton kernels only cast (they assume 1.0, see engine/quant/kv_cache.py).
     """
@@ -37,6 +41,8 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
     decode_order: torch.Tensor | None = None
+    prefill_work: torch.Tensor | None = None
+    prefill_block_q: int = 0
     k_scale: float = 1.0
     v_scale: float = 1.0
     # KV cache groups (engine/kv/groups.py): the metadata of each group, whose block tables and slot mapping are
@@ -50,3 +56,19 @@ class AttentionMetadata:
     @property
     def num_decode_tokens(self) -> int:
         return self.num_decodes
+
+
+def prefill_work(query_lens, seq_lens, block_q: int) -> np.ndarray:
+    """prefill_attention's work list: every (request, query block) pair as request << 16 | block, the blocks
+    whose last token sees the most keys first (longest processing time first: the long ones start at once and
+    the short ones fill in behind them)."""
+    qlens, lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    blocks = -(-qlens // block_q)
+    if len(qlens) >= 1 << 15 or (len(qlens) and blocks.max() >= 1 << 16):
+        raise ValueError(f"prefill_work: {len(qlens)} requests of up to {blocks.max()} query blocks; the work list "
+                         f"holds < 32768 requests of < 65536 blocks")
+    seq = np.repeat(np.arange(len(qlens)), blocks)
+    block = np.arange(len(seq)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    keys = (lens - qlens)[seq] + np.minimum((block + 1) * block_q, qlens[seq])
+    order = np.argsort(-keys, kind="stable")
+    return (seq[order] << 16 | block[order]).astype(np.int32)

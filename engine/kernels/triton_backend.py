@@ -12,7 +12,7 @@ import torch
 from .metadata import AttentionMetadata
 from .triton_cache import write_kv_triton
 from .triton_decode import decode_attention
-from .triton_prefill import prefill_attention
+from .triton_prefill import prefill_attention, prefill_block_q
 
 
 class TritonBackend:
@@ -20,6 +20,11 @@ class TritonBackend:
     new token each, rows 0..num_decodes-1 of q), the prefill kernel for the rest."""
 
     name = "triton"
+
+    @staticmethod
+    def prefill_block_q(group: int, device: torch.device) -> int:
+        """Query tokens of a block of the prefill kernel's work list (AttentionMetadata.prefill_work)."""
+        return prefill_block_q(group, device.type == "cuda")
 
     def write_kv(self, key, value, k_cache, v_cache, meta: AttentionMetadata) -> None:
         write_kv_triton(key, value, k_cache, v_cache, meta.slot_mapping)
@@ -34,7 +39,10 @@ class TritonBackend:
             decode_attention(q, k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
                              out, scale, max_seq_len=meta.max_seq_len, order=meta.decode_order, **opts)
         if num_seqs > num_decodes:
+            # The runner's work list, when its blocks are this kernel's (the group is the layer's own).
+            block_q = self.prefill_block_q(q.shape[1] // k_cache.shape[2], q.device)
+            work = meta.prefill_work if meta.prefill_block_q == block_q else None
             prefill_attention(q, k_cache, v_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
                               meta.query_start_loc[num_decodes:], out, scale, max_query_len=meta.max_query_len,
-                              **opts)
+                              work=work, **opts)
         return out

@@ -19,7 +19,6 @@ in full, without a mask, then the tiles that cross the causal diagonal, and none
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -166,22 +165,6 @@ def prefill_block_q(group: int, on_gpu: bool, block_m: int | None = None) -> int
     return _block_m(group, on_gpu, block_m) // group
 
 
-def prefill_work(query_lens, seq_lens, block_q: int) -> np.ndarray:
-    """prefill_attention's work list: every (request, query block) pair as request << 16 | block, the blocks
-    whose last token sees the most keys first (longest processing time first: the long ones start at once and
-    the short ones fill in behind them)."""
-    qlens, lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
-    blocks = -(-qlens // block_q)
-    if len(qlens) >= 1 << 15 or (len(qlens) and blocks.max() >= 1 << 16):
-        raise ValueError(f"prefill_work: {len(qlens)} requests of up to {blocks.max()} query blocks; the work list "
-                         f"holds < 32768 requests of < 65536 blocks")
-    seq = np.repeat(np.arange(len(qlens)), blocks)
-    block = np.arange(len(seq)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
-    keys = (lens - qlens)[seq] + np.minimum((block + 1) * block_q, qlens[seq])
-    order = np.argsort(-keys, kind="stable")
-    return (seq[order] << 16 | block[order]).astype(np.int32)
-
-
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, scale: float,
                       max_query_len: int, block_m: int | None = None, block_n: int | None = None,
@@ -196,7 +179,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     sees keys p - W + 1 .. p; softcap c: scores become c * tanh(score / c). precise_pv: see
     triton_decode.pv_dot (None: precise_pv_default(q.dtype)).
     work: int32 [items], the (request, query block) pairs to run as request << 16 | block, blocks of
-    prefill_block_q(...) tokens (prefill_work builds it): one program a pair and KV head, in that order,
+    prefill_block_q(...) tokens (metadata.prefill_work builds it): one program a pair and KV head, in that order,
     instead of a grid of every request by the longest request's blocks.
     """
     num_seqs = seq_lens.shape[0]

@@ -9,7 +9,16 @@ from engine import LLM, EngineConfig, SamplingParams
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
-def test_triton_engine_matches_torch_engine():
+def test_triton_engine_matches_torch_engine(monkeypatch):
+    from engine.kernels import triton_backend
+    from engine.kernels.triton_prefill import prefill_attention
+    lists = []
+
+    def recording(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args, work=None, **kwargs):
+        lists.append(None if work is None else (work.tolist(), query_start_loc.tolist(), seq_lens.tolist()))
+        return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args, work=work,
+                                 **kwargs)
+    monkeypatch.setattr(triton_backend, "prefill_attention", recording)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 20, 37)]
     prompts.append(prompts[2][:32] + [7, 8])  # 4 blocks of 8 shared with the third prompt
@@ -23,4 +32,11 @@ def test_triton_engine_matches_torch_engine():
         assert st.attention_backend == backend
         hits[backend] = st.prefix_cache_hits
     assert tokens["triton"] == tokens["torch"]
+    # Every prefill ran over the runner's work list: each (request, query block) pair once, none past a request.
+    assert lists and None not in lists
+    block_q = triton_backend.TritonBackend.prefill_block_q(4 // 2, torch.device("cpu"))
+    for work, qsl, _ in lists:
+        qlens = [b - a for a, b in zip(qsl, qsl[1:])]
+        assert sorted((w >> 16, w & 0xFFFF) for w in work) == [(i, j) for i, n in enumerate(qlens)
+                                                                for j in range(-(-n // block_q))]
     assert hits["triton"] == hits["torch"] == 32

@@ -84,15 +84,15 @@ def test_add_output_token_is_append_then_check_stop(ignore_eos):
 
 def test_upload_brings_every_input_to_the_device_buffers():
     from engine.runner import InputBuffers
-    b = InputBuffers(max_tokens=40, max_seqs=6, max_blocks=5, device=torch.device("cpu"))
+    b = InputBuffers(max_tokens=40, max_seqs=6, max_blocks=5, device=torch.device("cpu"), max_work=9)
     rng = np.random.default_rng(0)
     for t, n, cols, decodes in [(40, 6, 5, 6), (1, 1, 1, 1), (17, 3, 2, 2), (6, 6, 4, 0), (40, 2, 5, 2)]:
-        for arr in (b.ids_np, b.pos_np, b.slots_np, b.qsl_np, b.lens_np, b.tables_np):
+        for arr in (b.ids_np, b.pos_np, b.slots_np, b.qsl_np, b.lens_np, b.work_np, b.tables_np):
             arr[...] = rng.integers(0, 1000, arr.shape)
         b.lens_np[:2] = b.lens_np[2]  # ties: kept in batch order
         b.upload(t, n, cols, decodes)
         for host, dev, k in ((b.ids, b.ids_dev, t), (b.pos, b.pos_dev, t), (b.slots, b.slots_dev, t),
-                             (b.qsl, b.qsl_dev, n + 1), (b.lens, b.lens_dev, n)):
+                             (b.qsl, b.qsl_dev, n + 1), (b.lens, b.lens_dev, n), (b.work, b.work_dev, 9)):
             assert torch.equal(dev[:k], host[:k])
         assert torch.equal(b.tables_dev[:n, :cols], b.tables[:n, :cols])
         # the decode rows' order: longest context first, ties in batch order

@@ -28,7 +28,8 @@ from engine.kernels.reference import random_paged_batch, write_kv_reference  # n
 from engine.kernels.reference import reference_on_cpu as reference  # noqa: E402
 from engine.kernels.triton_cache import write_kv_triton  # noqa: E402
 from engine.kernels.triton_decode import decode_attention, decode_num_splits  # noqa: E402
-from engine.kernels.triton_prefill import prefill_attention, prefill_block_q, prefill_work  # noqa: E402
+from engine.kernels.metadata import prefill_work  # noqa: E402
+from engine.kernels.triton_prefill import prefill_attention, prefill_block_q  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
