@@ -13,9 +13,14 @@ the batch's order or longest first, instead of a grid of every request by the lo
 reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal) over the same steps, where
 this torch has it.
 
-    PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json
+    PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json [--scan]
+
+--scan: every tile of scan_configs() (block_m x block_n x warps x stages) instead of CONFIGS, over the trace's
+steps and two long-prompt cases (8 fresh prompts of 2048 tokens; 4 chunks of 2048 after 6144 cached), each
+config's total per case; configs sorted by the trace's time.
 """
 import inspect
+import itertools
 import json
 import statistics
 import sys
@@ -107,61 +112,80 @@ def flash_reference(s):
     return lambda: varlen_attn(s["q"], k, v, s["qsl"], cu_k, s["max_q"], max_k, scale=SCALE, **causal, **gqa)
 
 
+def scan_configs() -> dict:
+    """--scan: tiles x warps x stages (P @ V as the engine runs it), and the default tile with a plain P @ V."""
+    configs = {"default": {}, "pv_plain": dict(precise_pv=False)}
+    for bm, bn, w, st in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3)):
+        configs[f"m{bm}_n{bn}_w{w}_s{st}"] = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+    return configs
+
+
+def kernel_runs(cfg: dict, inputs: list) -> list:
+    """(fn, out) per step: one layer's prefill_attention over the step with cfg (compiled and run once here)."""
+    fns = []
+    for s in inputs:
+        out = torch.empty_like(s["q"])
+        kw = dict(cfg, work=s["works"][cfg["work"]]) if "work" in cfg else cfg
+        fn = (lambda s=s, out=out, kw=kw: prefill_attention(
+            s["q"], s["k"], s["v"], s["tables"], s["seq_lens"], s["qsl"], out, SCALE, max_query_len=s["max_q"],
+            **kw))
+        fn()
+        fns.append((fn, out))
+    return fns
+
+
 def main():
     rounds, out_path, gen, _, res = start("prefill_trace_ab.py")
+    configs = scan_configs() if "--scan" in sys.argv else CONFIGS
     work = sharegpt_like(1000, vocab_size=128256, seed=0)
     steps = prefill_steps([r.prompt_len for r in work.requests])
-    inputs = [step_inputs(s, gen) for s in steps]
-    total_flops = NUM_LAYERS * sum(s["flops"] for s in inputs)
+    cases = {"trace": [step_inputs(s, gen) for s in steps]}
+    if "--scan" in sys.argv:  # long prompts too: 8 fresh ones of 2048 tokens, 4 chunks of 2048 after 6144 cached
+        cases["dense_8x2048"] = [step_inputs([(0, 2048)] * 8, gen)]
+        cases["chunk_4x2048_after_6144"] = [step_inputs([(6144, 2048)] * 4, gen)]
+    flops = {case: NUM_LAYERS * sum(s["flops"] for s in inputs) for case, inputs in cases.items()}
     print(f"{len(steps)} prefill steps, {sum(len(s) for s in steps)} request parts, "
-          f"{total_flops / 1e12:.2f} TFLOP of attention over 32 layers", flush=True)
-    runs = {}
-    for name, cfg in CONFIGS.items():
-        fns = []
-        for s in inputs:
-            out = torch.empty_like(s["q"])
-            kw = dict(cfg, work=s["works"][cfg["work"]]) if "work" in cfg else cfg
-            fn = (lambda s=s, out=out, kw=kw: prefill_attention(
-                s["q"], s["k"], s["v"], s["tables"], s["seq_lens"], s["qsl"], out, SCALE, max_query_len=s["max_q"],
-                **kw))
-            fn()
-            fns.append((fn, out))
-        runs[name] = fns
-    diffs = {name: max((o.float() - ref.float()).abs().max().item() for (_, o), (_, ref) in zip(fns, runs["default"]))
-             for name, fns in runs.items()}
+          f"{flops['trace'] / 1e12:.2f} TFLOP of attention over 32 layers", flush=True)
+    runs, diffs = {}, {}
+    for name, cfg in configs.items():
+        try:
+            runs[name] = {case: kernel_runs(cfg, inputs) for case, inputs in cases.items()}
+        except Exception as exc:  # e.g. a tile past the shared memory of this GPU
+            print(f"{name}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+            continue
+        diffs[name] = max((o.float() - ref.float()).abs().max().item() for case in cases
+                          for (_, o), (_, ref) in zip(runs[name][case], runs["default"][case]))
     print("max |diff| against the default config:", {k: f"{v:.3g}" for k, v in diffs.items()}, flush=True)
-    flash = [flash_reference(s) for s in inputs]
+    flash = [flash_reference(s) for s in cases["trace"]]
     if all(f is not None for f in flash):
         try:
             flash_out = [f() for f in flash]
-            err = max((fo.float() - o.float()).abs().max().item() for fo, (_, o) in zip(flash_out, runs["default"]))
+            err = max((fo.float() - o.float()).abs().max().item()
+                      for fo, (_, o) in zip(flash_out, runs["default"]["trace"]))
             print(f"varlen flash attention against the default config: max |diff| {err:.3g}", flush=True)
-            runs["torch_flash"] = [(f, None) for f in flash]
+            runs["torch_flash"] = {"trace": [(f, None) for f in flash]}
             diffs["torch_flash"] = err
         except Exception as exc:  # a torch build without flash attention for this GPU
             print(f"varlen flash attention unavailable: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-    times = {name: [] for name in runs}
-    per_step = {name: [[] for _ in steps] for name in runs}
+    times = {name: {case: [] for case in by_case} for name, by_case in runs.items()}
     for r in range(rounds):
         names = list(runs) if r % 2 == 0 else list(runs)[::-1]
         for name in names:
-            total = 0.0
-            for i, (fn, _) in enumerate(runs[name]):
-                ms = _graph_time(fn, 1)
-                per_step[name][i].append(ms)
-                total += ms
-            times[name].append(total * NUM_LAYERS)
-    res.update(num_steps=len(steps), step_parts=[len(s) for s in steps], attention_flops=total_flops,
-               max_abs_diff=diffs, configs=CONFIGS)
-    res["results"] = {}
-    base = statistics.median(times["default"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        res["results"][name] = dict(trace_ms=ts, median_ms=med, spread_ms=[min(ts), max(ts)],
-                                    tflops=total_flops / (med * 1e-3) / 1e12,
-                                    per_step_median_ms=[statistics.median(x) for x in per_step[name]])
-        print(f"{name:12s} trace {med:8.2f} ms ({min(ts):.2f}-{max(ts):.2f}) over 32 layers, "
-              f"{total_flops / (med * 1e-3) / 1e12:6.1f} TFLOP/s, {base / med:.3f}x the default", flush=True)
+            for case, fns in runs[name].items():
+                times[name][case].append(NUM_LAYERS * sum(_graph_time(fn, 1) for fn, _ in fns))
+    res.update(num_steps=len(steps), step_parts=[len(s) for s in steps], attention_flops=flops,
+               max_abs_diff=diffs, configs=configs, results={})
+    base = {case: statistics.median(ts) for case, ts in times["default"].items()}
+    for name in sorted(times, key=lambda n: statistics.median(times[n]["trace"])):
+        row = {}
+        for case, ts in times[name].items():
+            med = statistics.median(ts)
+            row[case] = dict(ms=ts, median_ms=med, spread_ms=[min(ts), max(ts)],
+                             tflops=flops[case] / (med * 1e-3) / 1e12, over_default=base[case] / med)
+        res["results"][name] = row
+        print(f"{name:16s} " + "  ".join(
+            f"{case} {v['median_ms']:7.2f} ms ({v['spread_ms'][0]:.2f}-{v['spread_ms'][1]:.2f}) "
+            f"{v['tflops']:5.1f} TFLOP/s {v['over_default']:.3f}x" for case, v in row.items()), flush=True)
     Path(out_path).write_text(json.dumps(res, indent=1))
     print("results:", out_path)
 

@@ -14,7 +14,9 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
 - "batch_order": the engine's tile rule with the decode rows in the batch's order (the engine's programs take them
   longest context first, AttentionMetadata.decode_order);
 - "prefill_grid": prefill attention over its grid of every request by the longest request's query blocks (the
-  engine's runs a work list of the (request, query block) pairs, longest first, AttentionMetadata.prefill_work).
+  engine's runs a work list of the (request, query block) pairs, longest first, AttentionMetadata.prefill_work);
+- "prefill_tile=mBM_nBN_wW_sS" (a name of benchmarks/prefill_trace_ab.py --scan): the prefill kernel's CUDA tile
+  (triton_prefill.GPU_TILE, which the runner's work list follows) block_m BM, block_n BN, W warps, S stages.
 Each run also sums the duration of the steps that hold prefill tokens.
 On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.json ran when tiles32 was the engine's
 rule: its "new" is tiles32, its "old" the engine's rule now.)
@@ -34,13 +36,14 @@ import time
 import torch
 
 from engine import LLM, EngineConfig
-from engine.kernels import triton_backend, triton_decode
+from engine.kernels import triton_backend, triton_decode, triton_prefill
 from workbench.bench import run_engine
 from workbench.workloads import make_workload
 
 ENGINE = triton_decode.decode_tile
 DECODE = triton_backend.decode_attention
 PREFILL = triton_backend.prefill_attention
+TILE = triton_prefill.GPU_TILE
 
 
 def _rule(name: str, lo: int, hi: int, tile: tuple[int, int, int]):
@@ -64,20 +67,25 @@ def _prefill_grid(*args, work=None, **kwargs):
     return PREFILL(*args, **kwargs)
 
 
-def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object, object]:
-    """(its name, its tile rule, its decode_attention, its prefill_attention) for an --alt value."""
+def alternative(name: str, kv_cache_dtype: str) -> tuple[str, object, object, object, tuple]:
+    """(its name, its decode tile rule, its decode_attention, its prefill_attention, its prefill tile) for an --alt
+    value."""
     if name == "rows_first":
-        return name, ENGINE, functools.partial(DECODE, heads_first=False), PREFILL
+        return name, ENGINE, functools.partial(DECODE, heads_first=False), PREFILL, TILE
     if name == "batch_order":
-        return name, ENGINE, _batch_order, PREFILL
+        return name, ENGINE, _batch_order, PREFILL, TILE
     if name == "prefill_grid":
-        return name, ENGINE, DECODE, _prefill_grid
+        return name, ENGINE, DECODE, _prefill_grid, TILE
+    if name.startswith("prefill_tile="):
+        tile = tuple(int(part[1:]) for part in name.split("=", 1)[1].split("_"))
+        return name, ENGINE, DECODE, PREFILL, tile
     if name == "tiles":
         name, tile = ("tiles64", (64, 4, 2)) if kv_cache_dtype == "fp8" else ("tiles32", (32, 4, 3))
-        return name, _rule(name, 32, 256, tile), DECODE, PREFILL
+        return name, _rule(name, 32, 256, tile), DECODE, PREFILL, TILE
     if name in ("tiles128", "tiles128_all"):
-        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE, PREFILL
-    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all, rows_first, batch_order or prefill_grid")
+        return name, _rule(name, 32, 256 if name == "tiles128" else 1 << 30, (128, 4, 2)), DECODE, PREFILL, TILE
+    raise SystemExit(f"--alt {name!r}: expected tiles, tiles128, tiles128_all, rows_first, batch_order, prefill_grid "
+                     f"or prefill_tile=mBM_nBN_wW_sS")
 
 
 def main() -> None:
@@ -87,7 +95,7 @@ def main() -> None:
                     help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order, prefill_grid")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    rules = {"engine": (ENGINE, DECODE, PREFILL)}
+    rules = {"engine": (ENGINE, DECODE, PREFILL, TILE)}
     for alt in args.alt.split(","):
         name, *rule = alternative(alt.strip(), args.kv_cache_dtype)
         rules[name] = tuple(rule)
@@ -101,7 +109,8 @@ def main() -> None:
     runs = []
     for i in range(args.rounds):
         for rule in names[i % len(names):] + names[:i % len(names)]:
-            triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention = rules[rule]
+            (triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention,
+             triton_prefill.GPU_TILE) = rules[rule]
             llm.reconfigure(llm.config)  # recaptures the decode graphs with the rule
             run = run_engine(llm, wl)
             s = run.steps
@@ -115,7 +124,8 @@ def main() -> None:
             print(f"[{time.perf_counter() - t0:5.0f}s] {rule}: {r['tok_s']:.0f} tok/s, step seconds by running "
                   f"requests { {k: round(v, 3) for k, v in r['seconds_by_running'].items()} }, steps with prefill "
                   f"{r['prefill_steps_s']:.3f} s", flush=True)
-    triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention = rules["engine"]
+    (triton_decode.decode_tile, triton_backend.decode_attention, triton_backend.prefill_attention,
+     triton_prefill.GPU_TILE) = rules["engine"]
     summary = {}
     for rule in names:
         mine = [r for r in runs if r["rule"] == rule]
@@ -129,7 +139,7 @@ def main() -> None:
         summary[f"{rule}_over_engine"] = summary[rule]["tok_s_median"] / summary["engine"]["tok_s_median"]
     print(json.dumps(summary, indent=1), flush=True)
     suffix = ("" if args.kv_cache_dtype == "auto" else f"_{args.kv_cache_dtype}") + \
-        ("" if args.alt == "tiles" else "_" + args.alt.replace(",", "_"))
+        ("" if args.alt == "tiles" else "_" + args.alt.replace(",", "_").replace("=", "_"))
     out = {"command": f"PYTHONPATH=. python3 benchmarks/trace_decode_tile_ab.py --kv-cache-dtype {args.kv_cache_dtype}"
                       f" --alt {args.alt} --rounds {args.rounds}",
            "device": "cpu" if cpu else torch.cuda.get_device_name(), "config": {

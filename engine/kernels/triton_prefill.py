@@ -152,11 +152,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
+# The tile on CUDA (block_m, block_n, warps, stages; 2 stages above head_dim 128): from the H100 sweep in
+# benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128), where 128 x 32, 4 warps, 3 stages ran
+# 331 TFLOP/s against 294 for 128 x 64 with 8 warps. On the CPU (interpreter): 32 x 16, 4 warps, 1 stage.
+GPU_TILE = (128, 32, 4, 3)
+CPU_TILE = (32, 16, 4, 1)
+
+
 def _block_m(group: int, on_gpu: bool, block_m: int | None) -> int:
     if block_m is None:
-        # Defaults from the H100 sweep in benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128):
-        # 128 x 32 tiles, 4 warps, 3 stages ran 331 TFLOP/s against 294 for 128 x 64 with 8 warps.
-        block_m = 128 if on_gpu else 32
+        block_m = (GPU_TILE if on_gpu else CPU_TILE)[0]
     return max(block_m, triton.next_power_of_2(group), 16)
 
 
@@ -192,12 +197,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     on_gpu = q.device.type == "cuda"
     block_m = _block_m(group, on_gpu, block_m)
     block_q = block_m // group
+    tile = GPU_TILE if on_gpu else CPU_TILE
     if block_n is None:
-        block_n = 32 if on_gpu else 16
+        block_n = tile[1]
     if num_warps is None:
-        num_warps = 4
+        num_warps = tile[2]
     if num_stages is None:
-        num_stages = (3 if block_d <= 128 else 2) if on_gpu else 1
+        num_stages = min(tile[3], 2) if on_gpu and block_d > 128 else tile[3]
     if work is None:
         grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     else:
