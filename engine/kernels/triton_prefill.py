@@ -152,10 +152,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-# The tile on CUDA (block_m, block_n, warps, stages; 2 stages above head_dim 128): from the H100 sweep in
-# benchmarks/bench_attention.py (8 x 2048 tokens, head_dim 128), where 128 x 32, 4 warps, 3 stages ran
-# 331 TFLOP/s against 294 for 128 x 64 with 8 warps. On the CPU (interpreter): 32 x 16, 4 warps, 1 stage.
-GPU_TILE = (128, 32, 4, 3)
+# The tile on CUDA (block_m, block_n, warps, stages; 2 stages above head_dim 128): the fastest of 36 on an H200
+# over the 1000-request trace's prefill steps that was not slower on long prompts (prefill_tile_scan_h200.json,
+# `python3 benchmarks/prefill_trace_ab.py 3 OUT.json --scan`, 3 interleaved rounds, P @ V with its residue dot):
+# 64 x 64, 4 warps, 3 stages, 1.67x the former 128 x 32 (an H100 pick) on the trace's steps, 2.07x on 8 fresh
+# prompts of 2048 tokens (245 against 118 TFLOP/s), 2.28x on 2048-token chunks after 6144 cached. On the CPU
+# (interpreter): 32 x 16, 4 warps, 1 stage.
+GPU_TILE = (64, 64, 4, 3)
 CPU_TILE = (32, 16, 4, 1)
 
 
