@@ -11,7 +11,9 @@ The new tokens of a request sit at positions ctx_len .. seq_len - 1 (ctx_len = s
 the prefix already in the cache, e.g. prefix-cached blocks or earlier chunks) and attend to every
 earlier position of their request and to themselves.
 
-Grid (cdiv(max_query_len, BLOCK_Q), B, num_kv_heads). A program takes BLOCK_Q new tokens of one
+Grid (cdiv(max_query_len, BLOCK_Q), B, num_kv_heads), or, given a work list of the (request, query block)
+pairs (the runner's, longest first: AttentionMetadata.prefill_work), (pairs x num_kv_heads,), which runs no
+empty program when the requests' lengths differ. A program takes BLOCK_Q new tokens of one
 request and all `group` query heads of one KV head, packed as BLOCK_M = BLOCK_Q * group rows (row r is
 token r // group, head r % group), so each K/V tile loaded from the cache serves the whole group. It
 walks K/V tiles of BLOCK_N tokens with an online softmax (base 2): first the tiles every row may see
@@ -82,10 +84,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISE_PV: tl.constexpr,
-                    WORK: tl.constexpr):
-    if WORK:  # grid (kv heads, work items): item = seq << 16 | query block, in the order given
-        kv_head = tl.program_id(0)
-        item = tl.load(work_ptr + tl.program_id(1))
+                    WORK: tl.constexpr, NUM_KV_HEADS: tl.constexpr):
+    if WORK:  # grid (work items x kv heads,), KV head fastest: item = seq << 16 | query block, in the order given
+        kv_head = tl.program_id(0) % NUM_KV_HEADS
+        item = tl.load(work_ptr + tl.program_id(0) // NUM_KV_HEADS)
         seq = item >> 16
         q_block = item & 0xFFFF
     else:
@@ -210,7 +212,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if work is None:
         grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     else:
-        grid = (num_kv_heads, work.shape[0])
+        grid = (work.shape[0] * num_kv_heads,)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, seq_lens if work is None else work, out,
         scale * LOG2E,
@@ -221,5 +223,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=softcap is not None,
         PRECISE_PV=precise_pv_default(q.dtype) if precise_pv is None else precise_pv, WORK=work is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        NUM_KV_HEADS=num_kv_heads, num_warps=num_warps, num_stages=num_stages,
     )
