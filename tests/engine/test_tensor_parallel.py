@@ -115,6 +115,22 @@ class TestAgainstTP1:
         assert not stats.cuda_graphs
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_triton_backend_at_tp2_matches_tp1(hf_models):
+    """The Triton backend's inputs reach every rank: the decode order and the prefill work list go in the
+    step's broadcast (staged_sizes), through chunked prefill and mixed steps."""
+    expected, _ = _generate(LLM.from_hf_model(hf_models["llama"], CFG))
+    tp = LLM.from_hf_model(hf_models["llama"], TP2.replace(attention_backend="triton"))
+    try:
+        got, stats = _generate(tp)
+        assert stats.attention_backend == "triton"
+        assert any(s.num_prefill_tokens and s.num_decode_tokens for s in stats.steps)  # a mixed step ran
+        assert got == expected
+    finally:
+        tp.reconfigure(CFG)
+    assert not _tp_processes()
+
+
 def test_reconfigure_at_the_same_degree_keeps_the_workers_and_matches_tp1_under_the_new_config(hf_models):
     """A sweep's next tensor-parallel point: new block size, pool and batch limits on every rank, same worker
     processes and shards; greedy outputs and KV pools equal TP=1's under the new config, and a config that
