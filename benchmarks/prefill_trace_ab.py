@@ -11,7 +11,8 @@ the attention FLOPs (4 * head_dim per unmasked query-key pair per head). Every c
 against the default's. "work_*": the kernel over a list of (request, query block) pairs (prefill_work), in
 the batch's order or longest first, instead of a grid of every request by the longest one's blocks. The
 reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal) over the same steps, where
-this torch has it.
+this torch has it. CONFIGS change the engine's tile (triton_prefill.GPU_TILE) one setting at a time:
+prefill_trace_ab_h200.json ran with the former tile, 128 x 32, 4 warps, 3 stages.
 
     PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json [--scan]
 

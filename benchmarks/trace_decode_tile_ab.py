@@ -22,7 +22,8 @@ On a machine without CUDA: a tiny-model smoke run. (trace_decode_tile_ab_h200.js
 rule: its "new" is tiles32, its "old" the engine's rule now.)
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. OUT=data/benchmarks python3 benchmarks/trace_decode_tile_ab.py [--kv-cache-dtype fp8]
-        [--alt tiles|tiles128|tiles128_all|rows_first|batch_order|prefill_grid[,...]] [--rounds 3]
+        [--alt tiles|tiles128|tiles128_all|rows_first|batch_order|prefill_grid|prefill_tile=mBM_nBN_wW_sS[,...]]
+        [--rounds 3]
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     ap.add_argument("--alt", default="tiles",
-                    help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order, prefill_grid")
+                    help="comma-separated: tiles, tiles128, tiles128_all, rows_first, batch_order, prefill_grid, "
+                         "prefill_tile=mBM_nBN_wW_sS")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     rules = {"engine": (ENGINE, DECODE, PREFILL, TILE)}
