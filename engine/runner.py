@@ -25,7 +25,7 @@ import torch
 
 from .config import EngineConfig
 from .kernels import AttentionMetadata, select_backend
-from .kernels.metadata import prefill_work
+from .kernels.metadata import prefill_work, prefill_work_fits
 from .kv.groups import engine_kv_groups, layer_group_slots
 from .model.llama import LlamaModel
 from .model.spec import ModelSpec
@@ -251,6 +251,8 @@ class ModelRunner:
         # The prefill rows' work list, for a backend whose prefill kernel takes one (query blocks of block_q tokens).
         block_q = getattr(self.backend, "prefill_block_q", None)
         self.prefill_block_q = block_q(spec.num_heads // spec.num_kv_heads, device) if block_q else 0
+        if self.prefill_block_q and not prefill_work_fits(config.max_num_seqs, max_tokens, self.prefill_block_q):
+            self.prefill_block_q = 0  # more than the list encodes: the kernel's own grid
         max_work = max_tokens // self.prefill_block_q + config.max_num_seqs if self.prefill_block_q else 0
         self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra, max_work)
         # Persistent rows of the groups past the first (same row index as table_rows), and how much of each is

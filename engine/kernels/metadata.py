@@ -58,15 +58,21 @@ class AttentionMetadata:
         return self.num_decodes
 
 
+def prefill_work_fits(num_requests: int, max_query_len: int, block_q: int) -> bool:
+    """Whether prefill_work can encode the pairs of num_requests requests of up to max_query_len new tokens (an
+    int32 item holds a request < 32768 and a block < 65536)."""
+    return num_requests < 1 << 15 and -(-max_query_len // block_q) < 1 << 16
+
+
 def prefill_work(query_lens, seq_lens, block_q: int) -> np.ndarray:
     """prefill_attention's work list: every (request, query block) pair as request << 16 | block, the blocks
     whose last token sees the most keys first (longest processing time first: the long ones start at once and
     the short ones fill in behind them)."""
     qlens, lens = np.asarray(query_lens, dtype=np.int64), np.asarray(seq_lens, dtype=np.int64)
+    if not prefill_work_fits(len(qlens), int(qlens.max(initial=0)), block_q):
+        raise ValueError(f"prefill_work: {len(qlens)} requests of up to {qlens.max()} new tokens in blocks of "
+                         f"{block_q}; the work list holds < 32768 requests of < 65536 blocks")
     blocks = -(-qlens // block_q)
-    if len(qlens) >= 1 << 15 or (len(qlens) and blocks.max() >= 1 << 16):
-        raise ValueError(f"prefill_work: {len(qlens)} requests of up to {blocks.max()} query blocks; the work list "
-                         f"holds < 32768 requests of < 65536 blocks")
     seq = np.repeat(np.arange(len(qlens)), blocks)
     block = np.arange(len(seq)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
     keys = (lens - qlens)[seq] + np.minimum((block + 1) * block_q, qlens[seq])

@@ -40,3 +40,16 @@ def test_triton_engine_matches_torch_engine(monkeypatch):
         assert sorted((w >> 16, w & 0xFFFF) for w in work) == [(i, j) for i, n in enumerate(qlens)
                                                                 for j in range(-(-n // block_q))]
     assert hits["triton"] == hits["torch"] == 32
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_more_requests_than_the_work_list_encodes_run_on_the_kernels_grid():
+    prompts = [[3 + i, 40, 41, 42, 43][: 2 + i] for i in range(3)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend, seqs in (("torch", 8), ("triton", 1 << 15)):
+        llm = LLM.random("tiny", EngineConfig(device="cpu", max_model_len=32, block_size=8, num_gpu_blocks=16,
+                                              max_num_seqs=seqs, max_num_batched_tokens=16, attention_backend=backend))
+        tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.runner.prefill_block_q == 0  # 32768 requests: past what an int32 item encodes
+    assert tokens["triton"] == tokens["torch"]

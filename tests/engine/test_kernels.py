@@ -28,7 +28,7 @@ from engine.kernels.reference import random_paged_batch, write_kv_reference  # n
 from engine.kernels.reference import reference_on_cpu as reference  # noqa: E402
 from engine.kernels.triton_cache import write_kv_triton  # noqa: E402
 from engine.kernels.triton_decode import decode_attention, decode_num_splits  # noqa: E402
-from engine.kernels.metadata import prefill_work  # noqa: E402
+from engine.kernels.metadata import prefill_work, prefill_work_fits  # noqa: E402
 from engine.kernels.triton_prefill import prefill_attention, prefill_block_q  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -194,7 +194,10 @@ def test_prefill_work_lists_every_query_block_longest_first():
     work = prefill_work([10, 5, 1], [13, 5, 21], 4)
     assert work.dtype == np.int32
     assert [(int(w) >> 16, int(w) & 0xFFFF) for w in work] == [(2, 0), (0, 2), (0, 1), (0, 0), (1, 1), (1, 0)]
-    with pytest.raises(ValueError, match="prefill_work"):
+    # What an int32 item encodes: < 32768 requests of < 65536 blocks.
+    assert prefill_work_fits(32767, 65535 * 4, 4) and not prefill_work_fits(32768, 4, 4)
+    assert not prefill_work_fits(1, 65536 * 4, 4)
+    with pytest.raises(ValueError, match="prefill_work: 1 requests of up to 262144 new tokens"):
         prefill_work([1 << 18], [1 << 18], 4)
 
 
