@@ -86,7 +86,7 @@ def step_inputs(step, gen):
     works = {"longest_first": torch.from_numpy(work).cuda(), "batch": torch.from_numpy(np.sort(work)).cuda()}
     return dict(works=works, q=q, k=k, v=v, tables=tables, qsl=qsl.cuda(),
                 seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), max_q=int(qlens.max()), flops=flops,
-                lens=lens, step=step)
+                lens=lens)
 
 
 def flash_reference(s):

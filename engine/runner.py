@@ -144,9 +144,10 @@ class InputBuffers:
     """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device,
-                 num_extra_groups: int = 0, max_work: int = 0):
+                 num_extra_groups: int = 0, max_work: int = 0, order_decodes: bool = True):
         pin = device.type == "cuda"
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
+        self.order_decodes = order_decodes  # False: no backend reads the order, none is computed
 
         def pair(size, dtype):
             host = torch.zeros(size, dtype=dtype, pin_memory=pin)
@@ -197,7 +198,8 @@ class InputBuffers:
 
     def sort_decodes(self, num_decodes: int) -> None:
         """order[:num_decodes]: the decode rows by context, longest first (ties in batch order)."""
-        self.order_np[:num_decodes] = np.argsort(-self.lens_np[:num_decodes], kind="stable")
+        if self.order_decodes:
+            self.order_np[:num_decodes] = np.argsort(-self.lens_np[:num_decodes], kind="stable")
 
     def upload(self, num_tokens: int, num_seqs: int, num_cols: int, num_decodes: int) -> None:
         t, s, n = self.max_tokens, self.max_seqs, num_seqs * num_cols
@@ -254,7 +256,8 @@ class ModelRunner:
         if self.prefill_block_q and not prefill_work_fits(config.max_num_seqs, max_tokens, self.prefill_block_q):
             self.prefill_block_q = 0  # more than the list encodes: the kernel's own grid
         max_work = max_tokens // self.prefill_block_q + config.max_num_seqs if self.prefill_block_q else 0
-        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra, max_work)
+        self.buffers = InputBuffers(max_tokens, config.max_num_seqs, self.max_blocks_per_seq, device, extra, max_work,
+                                    order_decodes=getattr(self.backend, "orders_decodes", False))
         # Persistent rows of the groups past the first (same row index as table_rows), and how much of each is
         # written. Slots a sliding group freed keep their old ids here: the kernels never read a key outside
         # the window (a masked tile reads finite, zero-initialised KV), so rows only ever grow.
@@ -600,7 +603,7 @@ class ModelRunner:
             slot_mapping=b.slots_dev[:num_tokens], query_start_loc=b.qsl_dev[:num_seqs + 1],
             seq_lens=b.lens_dev[:num_seqs], block_tables=b.tables_dev[:num_seqs, :num_cols],
             num_decodes=num_decodes, max_query_len=max_query_len, max_seq_len=max_seq_len,
-            decode_order=b.order_dev[:num_decodes],
+            decode_order=b.order_dev[:num_decodes] if b.order_decodes else None,
             prefill_work=b.work_dev[:num_work] if num_work else None, prefill_block_q=self.prefill_block_q,
             # The torch backend loops over requests on the host: give it host copies (free on the CPU).
             query_start_loc_cpu=b.qsl_np[:num_seqs + 1].tolist() if on_cpu or self.backend.name == "torch" else None,

@@ -20,6 +20,7 @@ class TritonBackend:
     new token each, rows 0..num_decodes-1 of q), the prefill kernel for the rest."""
 
     name = "triton"
+    orders_decodes = True  # the decode kernel reads AttentionMetadata.decode_order (the runner computes it)
 
     @staticmethod
     def prefill_block_q(group: int, device: torch.device) -> int:

@@ -30,6 +30,7 @@ def test_triton_engine_matches_torch_engine(monkeypatch):
         tokens[backend] = [o.token_ids for o in llm.generate(prompts, params)]
         st = llm.engine.stats()
         assert st.attention_backend == backend
+        assert llm.engine.runner.buffers.order_decodes == (backend == "triton")  # only the Triton kernels read it
         hits[backend] = st.prefix_cache_hits
     assert tokens["triton"] == tokens["torch"]
     # Every prefill ran over the runner's work list: each (request, query block) pair once, none past a request.
