@@ -9,9 +9,9 @@ heads) is timed by CUDA-graph replays of one layer's kernel, for every config of
 the order alternating; medians and spread per config of the trace's total (x 32 layers) and of its rate against
 the attention FLOPs (4 * head_dim per unmasked query-key pair per head). Every config's output is checked
 against the default's. "work_*": the kernel over a list of (request, query block) pairs (prefill_work), in
-the batch's order or longest first, instead of a grid of every request by the longest one's blocks. The
-reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal) over the same steps, where
-this torch has it. CONFIGS change the engine's tile (triton_prefill.GPU_TILE) one setting at a time:
+the engine's order (the block that sees the most keys first) or another (work_orders), instead of a grid of
+every request by the longest one's blocks. The reference rate: torch's `varlen_attn` (flash attention over
+contiguous K/V, causal) over the same steps, where this torch has it. CONFIGS change the engine's tile (triton_prefill.GPU_TILE) one setting at a time:
 prefill_trace_ab_h200.json ran with the former tile, 128 x 32, 4 warps, 3 stages.
 
     PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json [--scan]
@@ -44,6 +44,7 @@ NUM_LAYERS, BUDGET = 32, 16384
 CONFIGS = {"default": {}, "pv_plain": dict(precise_pv=False), "m64": dict(block_m=64),
            "n64_w8": dict(block_n=64, num_warps=8), "m64_n64": dict(block_m=64, block_n=64),
            "n64_w4": dict(block_n=64, num_warps=4), "work_batch": dict(work="batch"),
+           "work_batch_desc": dict(work="batch_desc"), "work_request_longest": dict(work="request_longest"),
            "work_longest": dict(work="longest_first")}
 
 
@@ -83,10 +84,19 @@ def step_inputs(step, gen):
     q = torch.randn(int(qsl[-1]), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     flops = 4 * HEAD_DIM * NUM_HEADS * sum(n * c + n * (n + 1) // 2 for c, n in step)
     work = prefill_work(qlens.numpy(), lens, prefill_block_q(NUM_HEADS // NUM_KV_HEADS, True))
-    works = {"longest_first": torch.from_numpy(work).cuda(), "batch": torch.from_numpy(np.sort(work)).cuda()}
+    works = {name: torch.from_numpy(w).cuda() for name, w in work_orders(work, lens).items()}
     return dict(works=works, q=q, k=k, v=v, tables=tables, qsl=qsl.cuda(),
                 seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), max_q=int(qlens.max()), flops=flops,
                 lens=lens)
+
+
+def work_orders(work: np.ndarray, lens: list[int]) -> dict:
+    """The engine's list (longest block first) and the same pairs in other orders: the batch's, blocks ascending
+    or descending within a request, and requests longest first with their blocks together, descending."""
+    seq, block = work >> 16, work & 0xFFFF
+    longest = -np.asarray(lens)[seq]
+    return {"longest_first": work, "batch": np.sort(work), "batch_desc": work[np.lexsort((-block, seq))],
+            "request_longest": work[np.lexsort((-block, seq, longest))]}
 
 
 def flash_reference(s):
