@@ -8,10 +8,10 @@ prefill part (its requests' cached context and new tokens, K/V in shuffled 16-to
 heads) is timed by CUDA-graph replays of one layer's kernel, for every config of CONFIGS; rounds interleave with
 the order alternating; medians and spread per config of the trace's total (x 32 layers) and of its rate against
 the attention FLOPs (4 * head_dim per unmasked query-key pair per head). Every config's output is checked
-against the default's. "work_*": the kernel over a list of (request, query block) pairs (prefill_work), in
-the engine's order (the block that sees the most keys first) or another (work_orders), instead of a grid of
-every request by the longest one's blocks. The reference rate: torch's `varlen_attn` (flash attention over
-contiguous K/V, causal) over the same steps, where this torch has it. CONFIGS change the engine's tile (triton_prefill.GPU_TILE) one setting at a time:
+against the default's. "work*": the kernel over a list of (request, query block) pairs (prefill_work), in
+the engine's order or another (work_orders), instead of a grid of every request by the longest one's blocks.
+The reference rate: torch's `varlen_attn` (flash attention over contiguous K/V, causal) over the same steps,
+where this torch has it. CONFIGS change the engine's tile (triton_prefill.GPU_TILE) one setting at a time:
 prefill_trace_ab_h200.json ran with the former tile, 128 x 32, 4 warps, 3 stages.
 
     PYTHONPATH=. python3 benchmarks/prefill_trace_ab.py ROUNDS OUT.json [--scan]
@@ -43,9 +43,9 @@ from workbench.workloads import sharegpt_like  # noqa: E402
 NUM_LAYERS, BUDGET = 32, 16384
 CONFIGS = {"default": {}, "pv_plain": dict(precise_pv=False), "m64": dict(block_m=64),
            "n64_w8": dict(block_n=64, num_warps=8), "m64_n64": dict(block_m=64, block_n=64),
-           "n64_w4": dict(block_n=64, num_warps=4), "work_batch": dict(work="batch"),
-           "work_batch_desc": dict(work="batch_desc"), "work_request_longest": dict(work="request_longest"),
-           "work_longest": dict(work="longest_first")}
+           "n64_w4": dict(block_n=64, num_warps=4), "work": dict(work="engine"),
+           "work_batch": dict(work="batch"), "work_batch_desc": dict(work="batch_desc"),
+           "work_keys_first": dict(work="keys_first")}
 
 
 def prefill_steps(prompt_lens: list[int], budget: int = BUDGET) -> list[list[tuple[int, int]]]:
@@ -83,20 +83,23 @@ def step_inputs(step, gen):
     qsl[1:] = torch.cumsum(qlens, 0)
     q = torch.randn(int(qsl[-1]), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
     flops = 4 * HEAD_DIM * NUM_HEADS * sum(n * c + n * (n + 1) // 2 for c, n in step)
-    work = prefill_work(qlens.numpy(), lens, prefill_block_q(NUM_HEADS // NUM_KV_HEADS, True))
-    works = {name: torch.from_numpy(w).cuda() for name, w in work_orders(work, lens).items()}
+    block_q = prefill_block_q(NUM_HEADS // NUM_KV_HEADS, True)
+    work = prefill_work(qlens.numpy(), lens, block_q)
+    works = {name: torch.from_numpy(w).cuda() for name, w in work_orders(work, qlens.numpy(), lens, block_q).items()}
     return dict(works=works, q=q, k=k, v=v, tables=tables, qsl=qsl.cuda(),
                 seq_lens=torch.tensor(lens, dtype=torch.int32, device="cuda"), max_q=int(qlens.max()), flops=flops,
                 lens=lens)
 
 
-def work_orders(work: np.ndarray, lens: list[int]) -> dict:
-    """The engine's list (longest block first) and the same pairs in other orders: the batch's, blocks ascending
-    or descending within a request, and requests longest first with their blocks together, descending."""
+def work_orders(work: np.ndarray, qlens: list[int], lens: list[int], block_q: int) -> dict:
+    """The engine's list (requests longest first, each one's blocks together, descending) and the same pairs in
+    other orders: the batch's, with blocks ascending or descending, and every pair by the keys its block's last
+    token sees, most first (the engine's order before prefill_work_orders_h200.json)."""
     seq, block = work >> 16, work & 0xFFFF
-    longest = -np.asarray(lens)[seq]
-    return {"longest_first": work, "batch": np.sort(work), "batch_desc": work[np.lexsort((-block, seq))],
-            "request_longest": work[np.lexsort((-block, seq, longest))]}
+    qlens, lens = np.asarray(qlens), np.asarray(lens)
+    keys = (lens - qlens)[seq] + np.minimum((block + 1) * block_q, qlens[seq])
+    return {"engine": work, "batch": np.sort(work), "batch_desc": work[np.lexsort((-block, seq))],
+            "keys_first": work[np.argsort(-keys, kind="stable")]}
 
 
 def flash_reference(s):

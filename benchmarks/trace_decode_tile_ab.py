@@ -14,7 +14,7 @@ the steps' duration summed by running requests (below 32, 32-255, from 256). The
 - "batch_order": the engine's tile rule with the decode rows in the batch's order (the engine's programs take them
   longest context first, AttentionMetadata.decode_order);
 - "prefill_grid": prefill attention over its grid of every request by the longest request's query blocks (the
-  engine's runs a work list of the (request, query block) pairs, longest first, AttentionMetadata.prefill_work);
+  engine's runs a work list of the (request, query block) pairs, longest request first, AttentionMetadata.prefill_work);
 - "prefill_tile=mBM_nBN_wW_sS" (a name of benchmarks/prefill_trace_ab.py --scan): the prefill kernel's CUDA tile
   (triton_prefill.GPU_TILE, which the runner's work list follows) block_m BM, block_n BN, W warps, S stages.
 Each run also sums the duration of the steps that hold prefill tokens.

@@ -12,7 +12,7 @@ the prefix already in the cache, e.g. prefix-cached blocks or earlier chunks) an
 earlier position of their request and to themselves.
 
 Grid (cdiv(max_query_len, BLOCK_Q), B, num_kv_heads), or, given a work list of the (request, query block)
-pairs (the runner's, longest first: AttentionMetadata.prefill_work), (pairs x num_kv_heads,), which runs no
+pairs (the runner's, longest request first: AttentionMetadata.prefill_work), (pairs x num_kv_heads,), which runs no
 empty program when the requests' lengths differ. A program takes BLOCK_Q new tokens of one
 request and all `group` query heads of one KV head, packed as BLOCK_M = BLOCK_Q * group rows (row r is
 token r // group, head r % group), so each K/V tile loaded from the cache serves the whole group. It

@@ -188,9 +188,13 @@ def test_prefill_matches_reference(block_size, num_kv_heads, group, head_dim, dt
     assert rel_err(out.cpu(), ref) < TOL[dtype]
 
 
-def test_prefill_work_lists_every_query_block_longest_first():
-    # Hand-computed: block_q 4; request 0 has 10 new tokens after 3 cached (blocks 0-2, last tokens see
-    # 7, 11, 13 keys), request 1 5 new tokens (blocks 0-1: 4, 5 keys), request 2 one token after 20 (21 keys).
+def test_prefill_work_lists_every_query_block_longest_request_first():
+    # Hand-computed: block_q 4. Requests by context after the step: 2 and 3 (9 tokens; ties keep the batch's
+    # order), 0 (8), 1 (6). Each request's blocks together, the one seeing the most keys first: request 2 has
+    # 9 new tokens (blocks 0-2), 3 has 2 after 7 cached (block 0), 0 has 8 new (blocks 0-1), 1 one after 5.
+    # (Sorted by each block's keys alone, 3's block, seeing 9 keys, would come second.)
+    work = prefill_work([8, 1, 9, 2], [8, 6, 9, 9], 4)
+    assert [(int(w) >> 16, int(w) & 0xFFFF) for w in work] == [(2, 2), (2, 1), (2, 0), (3, 0), (0, 1), (0, 0), (1, 0)]
     work = prefill_work([10, 5, 1], [13, 5, 21], 4)
     assert work.dtype == np.int32
     assert [(int(w) >> 16, int(w) & 0xFFFF) for w in work] == [(2, 0), (0, 2), (0, 1), (0, 0), (1, 1), (1, 0)]
