@@ -7,7 +7,6 @@ on one GPU (llama-3.1-8b shapes, random bf16 weights):
 - engine: decode at batch 1 (128 in / 256 out, issue 17's target TPOT <= 1.15 x weight bytes / copy bandwidth)
   with the fused path on and off (ENGINE_FUSED_GEMV=1/0, the engine rebuilt with its CUDA graphs each switch),
   3 interleaved runs each; the batch-1 graph's replay time; then deep mode (kernel classes per step) for each.
-  --quantization int4 (or awq / gptq): the same for the int4 GEMVs, whose prologues ENGINE_FUSED_GEMV also switches.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_gemv.py --out data/benchmarks/gemv_h200.json
 """
@@ -89,9 +88,8 @@ def kernel_part(rates: dict, rounds: int = 5) -> dict:
     return out
 
 
-def engine_part(rates: dict, runs: int, quantization: str | None = None) -> dict:
-    llm = LLM.random("llama-3.1-8b", EngineConfig(max_model_len=4096, quantization=quantization),
-                     dtype=torch.bfloat16, seed=0)
+def engine_part(rates: dict, runs: int) -> dict:
+    llm = LLM.random("llama-3.1-8b", EngineConfig(max_model_len=4096), dtype=torch.bfloat16, seed=0)
     modes = {"fused": "1", "unfused": "0"}
     res = {m: {"tpot_s": [], "graph_ms": [], "ratio": []} for m in modes}
     for rnd in range(runs):
@@ -113,7 +111,7 @@ def engine_part(rates: dict, runs: int, quantization: str | None = None) -> dict
         out[m]["deep"] = dp = deep(llm, wl, rates, 16, 16)
         log(f"deep mode, {m}, {dp['per_step_ms']:.3f} ms per step:\n{dp['table']}")
     os.environ.pop("ENGINE_FUSED_GEMV")
-    out["chosen"] = {str(k): v for k, v in tuning.chosen.items() if k[0] in ("gemv", "int4")}
+    out["chosen"] = {str(k): v for k, v in tuning.chosen.items() if k[0] == "gemv"}
     f, u = out["fused"]["tpot_s"]["median"], out["unfused"]["tpot_s"]["median"]
     log(f"TPOT fused {f * 1e3:.3f} ms ({out['fused']['ratio']['median']:.3f}x) vs unfused {u * 1e3:.3f} ms "
         f"({out['unfused']['ratio']['median']:.3f}x): {u / f:.3f}x faster; target <= 1.15x: "
@@ -126,8 +124,6 @@ def main() -> None:
     ap.add_argument("--out", default="data/benchmarks/gemv.json")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--parts", default="kernels,engine")
-    ap.add_argument("--quantization", default=None,
-                    help="the engine part's weights (e.g. int4: its GEMVs run the norm and SwiGLU in their prologue)")
     args = ap.parse_args()
     env = environment(torch.device("cuda"))
     result = {"command": " ".join(["python3"] + sys.argv), "environment": env}
@@ -139,7 +135,7 @@ def main() -> None:
         result["kernels"] = kernel_part(rates)
         save()
     if "engine" in args.parts:
-        result["engine"] = engine_part(rates, args.runs, args.quantization)
+        result["engine"] = engine_part(rates, args.runs)
         save()
     log("done")
 

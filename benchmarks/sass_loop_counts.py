@@ -73,13 +73,11 @@ def main() -> None:
     from engine.quant.triton_int8 import _int8_gemv_kernel, _int8_mm_kernel
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
     g4 = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3)
-    no_prologue = dict(PREFETCH=False, xres_ptr=None, nw_ptr=None, res_out_ptr=None, eps=0.0, PROLOGUE=0,
-                       HAS_RESIDUAL=False, ROW_BLOCK=1)  # the GEMV's defaults (Triton 3.9 needs every argument)
     rows = [  # (name, kernel, signature, constexprs, warps, weight codes a thread handles per loop trip)
         ("int4 GEMV 128x4", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False, **no_prologue), 4, 128 * 128 / 128),
+         dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False), 4, 128 * 128 / 128),
         ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False, **no_prologue), 4, 256 * 128 / 128),
+         dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False), 4, 256 * 128 / 128),
         ("int4 tc swap 16x256x4 asm x_natural", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32",
               PREFETCH=False, XPERM=False), 4,

@@ -135,8 +135,7 @@ def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None) -> t
 
 class TritonFusedBackend(TritonBackend):
     """The Triton attention backend plus the fused element-wise kernels above; at decode size a block's
-    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py; for int4, AWQ
-    and GPTQ layers without act-order, the int4 GEMV of engine/quant/triton_int4.py), and
+    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py), and
     before fp8 W8A8 layers they write the layer's quantized input (triton_fp8.py)."""
 
     def add_rms_norm(self, x, residual, weight, eps):
@@ -155,8 +154,6 @@ class TritonFusedBackend(TritonBackend):
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
             return fused_linear(x, linear, "norm", residual, norm)
-        if _int4_fuses(x, linear):
-            return linear.forward_prologue(x, "norm", residual, norm)
         if _is_fp8(linear):  # the norm writes the fp8 W8A8 input (codes, per-token scales) directly
             from ..quant.triton_fp8 import add_rms_norm_fp8
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
@@ -167,18 +164,10 @@ class TritonFusedBackend(TritonBackend):
     def silu_linear(self, h, linear):
         if fusable(h, linear, "silu"):
             return fused_linear(h, linear, "silu")
-        if _int4_fuses(h, linear):
-            return linear.forward_prologue(h, "silu")
         if _is_fp8(linear):
             from ..quant.triton_fp8 import silu_and_mul_fp8
             return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
         return linear(silu_and_mul_triton(h))
-
-
-def _int4_fuses(x, linear) -> bool:
-    """An int4 / AWQ / GPTQ layer whose int4 GEMV runs the norm or SwiGLU in its prologue at x's size."""
-    from ..quant.int4 import Int4Linear  # lazily, as _is_fp8
-    return type(linear) is Int4Linear and linear.fuses_prologue(x)
 
 
 def _is_fp8(linear) -> bool:

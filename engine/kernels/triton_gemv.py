@@ -67,23 +67,6 @@ def _prologue_x(x_row, res_row, nw_ptr, offs_k, mask_k, K, inv, PROLOGUE: tl.con
 
 
 @triton.jit
-def _norm_prologue_inv(x_row, res_row, res_out_row, K, eps, WRITE, HAS_RESIDUAL: tl.constexpr,
-                       ROW_BLOCK: tl.constexpr):
-    """The "norm" prologue's 1 / rms of the row x (+ residual), the sum rounded to x's dtype as add_rms_norm
-    rounds it; where WRITE, also stores that sum (the new residual)."""
-    offs = tl.arange(0, ROW_BLOCK)
-    mask = offs < K
-    h = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        h += tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-    h = h.to(x_row.dtype.element_ty)
-    if WRITE:
-        tl.store(res_out_row + offs, h, mask=mask)
-    hf = h.to(tl.float32)
-    return 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, K, eps, stride_xm, stride_wn,
                  PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROW_BLOCK: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
@@ -105,7 +88,16 @@ def _gemv_kernel(x_ptr, res_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, res_out_ptr, N, 
     wait_for_inputs(PDL)
     inv = 1.0
     if PROLOGUE == 1:
-        inv = _norm_prologue_inv(x_row, res_row, res_out_ptr + m * K, K, eps, pid_n == 0, HAS_RESIDUAL, ROW_BLOCK)
+        offs = tl.arange(0, ROW_BLOCK)
+        mask = offs < K
+        h = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(dtype)
+        if pid_n == 0:
+            tl.store(res_out_ptr + m * K + offs, h, mask=mask)
+        hf = h.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)

@@ -17,8 +17,6 @@ dequantizes with torch (`int4_linear_reference`), the oracle of those kernels.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -163,25 +161,6 @@ class Int4Linear(nn.Module):
         else:
             out = int4_linear_reference(x, self.qweight, self.scales, self.zeros)
         return out if self.bias is None else out + self.bias
-
-    def fuses_prologue(self, x: torch.Tensor) -> bool:
-        """Whether forward_prologue runs on x (a decode step's rows on CUDA, no act-order gather, unless
-        ENGINE_FUSED_GEMV=0, read when a step is traced)."""
-        from .triton_int4 import GEMV_MAX_ROWS
-        return (x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and self.perm is None
-                and os.environ.get("ENGINE_FUSED_GEMV", "1") != "0")
-
-    def forward_prologue(self, x: torch.Tensor, prologue: str, residual: torch.Tensor | None = None,
-                         norm: nn.Module | None = None):
-        """self(prologue(x)) with the norm ("norm": returns (out, x + residual); norm: the RMSNorm module) or the
-        SwiGLU ("silu", x [M, 2K]) in the int4 GEMV's prologue (triton_int4.int4_matmul)."""
-        from .triton_int4 import int4_matmul
-        out = int4_matmul(x, self.packed, self.scales, self.zeros, self.group_size, prologue=prologue,
-                          residual=residual, norm_weight=None if norm is None else norm.weight,
-                          eps=1e-6 if norm is None else norm.eps)
-        out, res = out if prologue == "norm" else (out, None)
-        out = out if self.bias is None else out + self.bias
-        return (out, res) if prologue == "norm" else out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

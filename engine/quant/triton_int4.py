@@ -28,9 +28,6 @@ and step when a step lies inside one group (ONE_GROUP: G % (32 * CHUNKS) == 0), 
   SASS instructions per code at 4 rows a thread, 3.5 at 8, against 5.5 for the 2^23-offset floats
   before (benchmarks/sass_loop_counts.py). On an H200 that made it 1.05-1.13x faster per layer, the
   4-row tiles still the fastest (benchmarks/int4_gemv_ab.py): not bound by instruction issue alone.
-  With PROLOGUE (int4_matmul's prologue="norm" / "silu"), x's loads run the decoder's RMSNorm (its 1 / rms from
-  the whole row, read first) or SwiGLU as engine.kernels.triton_gemv's decode GEMV does, so at 1-2 rows a
-  layer's norm or activation is no kernel of its own (TritonFusedBackend.norm_linear / silu_linear).
   Steps over several groups (a scale and zero gathered per word) ran ~4x slower there, so the
   tuner's GEMV tiles keep a step inside one group. With PREFETCH each step loads the next step's scale
   and zero (2 and 1 bytes a row: too narrow for the pipelined cp.async copies of the words), so their
@@ -64,7 +61,6 @@ import triton
 import triton.language as tl
 
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
-from ..kernels.triton_gemv import MAX_NORM_ROW, PROLOGUES, _norm_prologue_inv, _prologue_x
 from . import tuning
 from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
@@ -141,9 +137,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
-                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                      xres_ptr=None, nw_ptr=None, res_out_ptr=None, eps=0.0,
-                      PROLOGUE: tl.constexpr = 0, HAS_RESIDUAL: tl.constexpr = False, ROW_BLOCK: tl.constexpr = 1):
+                      PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = 4 * CHUNKS
     E: tl.constexpr = DENORMAL_E
     m = tl.program_id(0)
@@ -159,13 +153,6 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    xres_row = x_row  # the residual's row: read only with HAS_RESIDUAL
-    inv = 1.0  # the norm's 1 / rms
-    if PROLOGUE == 1:  # the norm's 1 / rms over the whole row (from L2); one program a row writes the new residual
-        if HAS_RESIDUAL:
-            xres_row = xres_ptr + m.to(tl.int64) * K
-        inv = _norm_prologue_inv(x_row, xres_row, res_out_ptr + m.to(tl.int64) * K, K, eps,
-                                 (pid_n == 0) & (pid_k == 0), HAS_RESIDUAL, ROW_BLOCK)
     acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
     if PREFETCH:  # the first step's scale and zero
         s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
@@ -188,11 +175,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         x_sum = tl.zeros([WORDS], dtype=tl.float32)  # sum of the x a word column meets, for the zero point
         for i in tl.static_range(8):
             xk = tl.max_contiguous(tl.multiple_of(kc + 4 * i, 4), 4)  # runs of 4 features
-            if PROLOGUE == 0:
-                x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32)
-            else:  # (with every pointer given: _launch passes x for the ones a prologue does not read)
-                x = _prologue_x(x_row, xres_row, nw_ptr, xk, mask_k, K, inv, PROLOGUE, HAS_RESIDUAL,
-                                x_ptr.dtype.element_ty)
+            x = tl.load(x_row + xk, mask=mask_k, other=0.0).to(tl.float32)
             x_sum += x
             part += _denormal_term(w, w8, x, i, E)
         # sum (q - zero) * x = sum q * x - zero * sum x
@@ -384,66 +367,40 @@ def asm_supported(x: torch.Tensor) -> bool:
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int = 128, *, prologue: str = "none", residual: torch.Tensor | None = None,
-                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, **config):
+                group_size: int = 128, **config) -> torch.Tensor:
     """x [M, K] @ dequant(packed [N, K/8] int32, scales, zeros)^T -> [M, N] in x's dtype.
 
     `packed` is the kernel layout (Int4Linear.packed); a uint8 [N, K/2] qweight in the format's order
     is packed first (tests, one-off calls). With no config, the config tuning.pick measured fastest
     for (rows bucket, N, K) on CUDA, else the heuristic; config keys (gemv, block_m, block_n, chunks,
     split_k, num_warps, num_stages) force one (tests, benchmarks).
-    prologue (engine.kernels.triton_gemv's): "norm" multiplies norm_weight * rmsnorm(x + residual) and returns
-    (out, x + residual); "silu" multiplies silu(x[:, :K]) * x[:, K:] of x [M, 2K]. The GEMV runs it in its
-    prologue, bit for bit as the separate kernels (add_rms_norm, silu_and_mul) round; other configs run those
-    kernels first. The config is the plain matmul's.
     """
     if packed.dtype == torch.uint8:
         packed = pack_int4_kernel(packed)
-    if prologue not in PROLOGUES:
-        raise ValueError(f"prologue={prologue!r}: expected one of {sorted(PROLOGUES)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    m, k = x.shape[0], x.shape[1] // 2 if prologue == "silu" else x.shape[1]  # the layer's input features
+    m, k = x.shape
     n = packed.shape[0]
     if packed.shape[1] * 8 != k or k % group_size != 0 or group_size % KERNEL_CHUNK != 0:
         raise ValueError(f"int4_matmul: x has {k} features but the weight holds {packed.shape[1] * 8}, in groups "
                          f"of {group_size} (the kernels need group_size % {KERNEL_CHUNK} == 0 and K % group_size == 0)")
     if scales.stride() != zeros.stride():
         raise ValueError("int4_matmul needs scales and zeros with the same strides")
+    if x.stride(1) != 1:
+        x = x.contiguous()
     if m == 0:
-        out = torch.empty((0, n), dtype=x.dtype, device=x.device)
-        return (out, torch.empty_like(x)) if prologue == "norm" else out
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
     if not config:
         sms = num_sms(x.device)
         cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
         key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
-        layer_x = lambda: x[:, :k].contiguous() if prologue == "silu" else x  # noqa: E731 - what is timed
-        copies = lambda: [(layer_x(), packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
+        copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]
         config = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
-    if prologue == "none":
-        return _launch(x, packed, scales, zeros, group_size, **config)
-    if _launch_is_gemv(m, config) and (prologue == "silu" or k <= MAX_NORM_ROW):
-        res_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if prologue == "norm" else None
-        out = _launch(x, packed, scales, zeros, group_size, **config, prologue=(
-            PROLOGUES[prologue], residual, norm_weight, res_out, eps))
-        return (out, res_out) if prologue == "norm" else out
-    from ..kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-    if prologue == "silu":
-        return _launch(silu_and_mul_triton(x), packed, scales, zeros, group_size, **config)
-    y, res_out = add_rms_norm_triton(x, residual, norm_weight, eps)
-    return _launch(y, packed, scales, zeros, group_size, **config), res_out
-
-
-def _launch_is_gemv(m: int, config: dict) -> bool:
-    """Whether _launch runs config on the GEMV (the kernel with the prologues)."""
-    gemv = config.get("gemv")
-    return (m <= GEMV_MAX_ROWS and config.get("kernel") is None) if gemv is None else gemv
+    return _launch(x, packed, scales, zeros, group_size, **config)
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False, x_perm=False, prologue=None):
+            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False, x_perm=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
@@ -452,9 +409,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     the launch, then copied straight into the MMA operand; with kernel="mma", _launch_mma's x_perm); else the
     GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel and GEMV,
     steps inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
-    dependent launch (engine.kernels.pdl; None: its default). prologue (the GEMV's; int4_matmul's): (PROLOGUE,
-    residual, norm weight, residual out, eps), x then the prologue's input ([M, 2K] for "silu")."""
-    m, n, k = x.shape[0], packed.shape[0], packed.shape[1] * 8
+    dependent launch (engine.kernels.pdl; None: its default)."""
+    m, k = x.shape
+    n = packed.shape[0]
     if kernel == "dequant":
         return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
     if kernel == "mma":
@@ -508,15 +465,9 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                               num_warps=num_warps or default["num_warps"])
     elif gemv:
         pdl = pdl_enabled(x.device, pdl)
-        pro = {}
-        if prologue is not None:
-            kind, residual, norm_weight, res_out, eps = prologue
-            given = lambda t: x if t is None else t  # noqa: E731 - a pointer the prologue does not read
-            pro = dict(xres_ptr=given(residual), nw_ptr=given(norm_weight), res_out_ptr=given(res_out), eps=eps,
-                       PROLOGUE=kind, HAS_RESIDUAL=residual is not None, ROW_BLOCK=triton.next_power_of_2(k))
         _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                 **flags, PDL=pdl, PREFETCH=prefetch, num_warps=num_warps or 4,
-                                **pro, **launch_options(pdl))
+                                **launch_options(pdl))
     else:
         _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

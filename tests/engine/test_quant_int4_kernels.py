@@ -197,43 +197,6 @@ def test_int4_gemv_keeps_float32_accuracy_over_the_range_of_x(magnitude):
         assert ((out - ref).norm() / ref.norm()).item() < 1e-6, cfg
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("prologue", ["norm", "norm_first_layer", "silu"])
-@pytest.mark.parametrize("cfg", [dict(GEMV, block_n=16, chunks=4, split_k=1),
-                                 dict(GEMV, block_n=32, chunks=2, split_k=3, serial=True),
-                                 dict(GEMV, block_n=16, chunks=4, split_k=2, prefetch=True),
-                                 dict(DOT, block_n=32, chunks=4)])  # no prologue there: the separate kernel first
-def test_int4_prologue_matches_the_separate_kernel_then_the_matmul(cfg, prologue, dtype):
-    """The norm (with and without a residual) or SwiGLU in the int4 GEMV's prologue: the same output, bit for
-    bit, as the separate Triton kernel (add_rms_norm / silu_and_mul) followed by the same config's matmul, and
-    within rounding of the unfused torch ops (engine/kernels/reference.py) and the dequantized weight."""
-    from engine.kernels.reference import add_rms_norm_reference, silu_and_mul_reference
-    from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-    from engine.quant.triton_int4 import int4_matmul
-    g = torch.Generator().manual_seed(11)
-    m, n, k, group = 2, 40, 384, 128
-    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
-    w = [t.to(DEVICE) for t in (pack_int4_kernel(qweight), scales.to(dtype), zeros)]
-    kind = "norm" if prologue.startswith("norm") else prologue
-    x = torch.randn(m, 2 * k if kind == "silu" else k, generator=g).to(DEVICE, dtype)
-    kw = {}
-    if kind == "norm":
-        kw = dict(residual=None if prologue == "norm_first_layer" else torch.randn(m, k, generator=g).to(DEVICE, dtype),
-                  norm_weight=(1 + 0.1 * torch.randn(k, generator=g)).to(DEVICE, dtype), eps=1e-5)
-    out = int4_matmul(x, *w, group, prologue=kind, **kw, **cfg)
-    if kind == "norm":
-        (out, res), (y, ref_res) = out, add_rms_norm_triton(x, kw["residual"], kw["norm_weight"], kw["eps"])
-        torch.testing.assert_close(res, ref_res, atol=0, rtol=0)  # the new residual, bit for bit
-        ref_x = add_rms_norm_reference(x.cpu(), None if kw["residual"] is None else kw["residual"].cpu(),
-                                       kw["norm_weight"].cpu(), kw["eps"])[0]
-    else:
-        y, ref_x = silu_and_mul_triton(x), silu_and_mul_reference(x.cpu())
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert torch.equal(out, int4_matmul(y, *w, group, **cfg))
-    ref = int4_linear_reference(ref_x.float(), qweight, scales.to(dtype).float(), zeros)
-    assert ((out.cpu().float() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 3e-3)
-
-
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 def test_int4_gemv_candidates_keep_each_step_inside_one_group(group):
     """A GEMV step over several groups gathers a scale and zero per word (~4x slower on an H200,

@@ -159,59 +159,6 @@ def test_every_fp8_gemm_candidate_matches_the_oracle(m):
         assert rel_err(out, ref) < 1e-2, cfg
 
 
-@pytest.mark.parametrize("prologue", ["norm", "norm_first_layer", "silu"])
-@pytest.mark.parametrize("m", [1, 2])
-def test_int4_gemv_prologue_matches_the_separate_kernel_at_llama_shapes(m, prologue):
-    """Llama-3.1-8B's qkv / gate_up after the norm and down after SwiGLU, the config tuning picks: the new residual
-    bit for bit, the output within bf16 rounding of the separate kernel then the matmul."""
-    from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-    from engine.quant.int4 import pack_int4_kernel, quantize_int4
-    from engine.quant.triton_int4 import int4_matmul
-    kind = "norm" if prologue.startswith("norm") else prologue
-    n, k = (14336 * 2, 4096) if kind == "norm" else (4096, 14336)
-    torch.manual_seed(m)
-    q, s, z = quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128)
-    w = (pack_int4_kernel(q), s.to(torch.bfloat16), z)
-    x = torch.randn(m, 2 * k if kind == "silu" else k, device="cuda", dtype=torch.bfloat16)
-    kw = {}
-    if kind == "norm":
-        kw = dict(residual=None if prologue == "norm_first_layer" else torch.randn_like(x),
-                  norm_weight=1 + 0.1 * torch.randn(k, device="cuda", dtype=torch.bfloat16), eps=1e-5)
-    out = int4_matmul(x, *w, 128, prologue=kind, **kw)
-    if kind == "norm":
-        (out, res), (y, ref_res) = out, add_rms_norm_triton(x, kw["residual"], kw["norm_weight"], kw["eps"])
-        assert torch.equal(res, ref_res)
-    else:
-        y = silu_and_mul_triton(x)
-    assert rel_err(out, int4_matmul(y, *w, 128)) < 2e-3
-
-
-def test_int4_engine_with_the_gemv_prologues_matches_it_without(monkeypatch):
-    """Decode at 1 and 2 rows in CUDA graphs: the int4 GEMVs with the norm and SwiGLU in their prologue
-    (the default) give the greedy tokens of the separate kernels (ENGINE_FUSED_GEMV=0)."""
-    from transformers import LlamaConfig
-
-    from engine import LLM, EngineConfig, SamplingParams
-    from engine.quant.int4 import Int4Linear
-    hf = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
-                     num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
-                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    cfg = EngineConfig(max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3, quantization="int4")
-    calls = []
-    fused = Int4Linear.forward_prologue
-    monkeypatch.setattr(Int4Linear, "forward_prologue", lambda self, x, p, *a: calls.append(p) or fused(self, x, p, *a))
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    tokens = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("ENGINE_FUSED_GEMV", flag)
-        llm = LLM.random(hf, cfg, dtype=torch.bfloat16, seed=0)
-        assert llm.engine.stats().cuda_graphs
-        tokens[flag] = [[o.token_ids for o in llm.generate(p, params)] for p in ([[1, 2, 3]], [[1, 2, 3], [4, 5]])]
-        assert (len(calls) > 0) == (flag == "1")
-    assert tokens["1"] == tokens["0"]
-    assert "norm" in calls and "silu" in calls
-
-
 def test_int8_embedding_under_int4_runs_in_cuda_graphs():
     from transformers import LlamaConfig
 
