@@ -91,6 +91,35 @@ def tiled(packed: torch.Tensor, block_n: int) -> torch.Tensor:
     return packed.view(n // block_n, block_n, kw // STEP_WORDS, STEP_WORDS).transpose(1, 2).contiguous()
 
 
+def make_variants(n, k, x, s, z, rows, tiles):
+    """name -> (fn, calls): each fn launches one variant over every weight copy."""
+    n_steps = k // 128
+    out = torch.empty(n * 4, device=x.device, dtype=torch.int32)
+    y = torch.empty(1, n, device=x.device, dtype=torch.bfloat16)
+    variants = {}
+    for bn, split in ((128, 1), (64, 1), (128, 2)):
+        for kind in ("rows", "tiled"):
+            ws = rows if kind == "rows" else tiles[bn]
+
+            def run(ws=ws, bn=bn, split=split, t=kind == "tiled"):
+                for p in ws:
+                    _load_probe[(n // bn, split)](p, out, n_steps, k // 8, BLOCK_N=bn, WORDS=STEP_WORDS,
+                                                  TILED=t, STAGES=3, num_warps=4 if bn == 128 else 2)
+            variants[f"load_{kind}_{bn}x{split}"] = (run, len(ws))
+    for split in (1, 2, 4):
+        cfg = dict(gemv=True, block_n=128, chunks=4, split_k=split, num_warps=4, serial=split > 1, prefetch=True)
+        variants[f"gemv_rows_128x{split}"] = (lambda cfg=cfg: [_launch(x, p, s, z, 128, **cfg) for p in rows],
+                                              len(rows))
+    for bn in (64, 128):
+        def gemv_t(bn=bn):
+            for p in tiles[bn]:
+                _gemv_tiled[(n // bn,)](x, p, s, z, y, n, k, n_steps, s.stride(0), GROUP=128, BLOCK_N=bn,
+                                        STAGES=3, num_warps=4 if bn == 128 else 2)
+            return y
+        variants[f"gemv_tiled_{bn}"] = (gemv_t, len(tiles[bn]))
+    return variants
+
+
 def main():
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     dev = torch.device("cuda")
@@ -110,30 +139,7 @@ def main():
         copies = weight_copies(packed.numel() * 4)
         rows = [packed] + [packed.clone() for _ in range(copies - 1)]
         tiles = {bn: [tiled(p, bn) for p in rows] for bn in (64, 128)}
-        n_steps = k // 128
-        out = torch.empty(n * 4, device=dev, dtype=torch.int32)
-        y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
-        variants = {}
-        for bn, split in ((128, 1), (64, 1), (128, 2)):
-            for kind in ("rows", "tiled"):
-                ws = rows if kind == "rows" else tiles[bn]
-
-                def run(ws=ws, bn=bn, split=split, t=kind == "tiled"):
-                    for p in ws:
-                        _load_probe[(n // bn, split)](p, out, n_steps, k // 8, BLOCK_N=bn, WORDS=STEP_WORDS,
-                                                      TILED=t, STAGES=3, num_warps=4 if bn == 128 else 2)
-                variants[f"load_{kind}_{bn}x{split}"] = (run, len(ws))
-        for split in (1, 2, 4):
-            cfg = dict(gemv=True, block_n=128, chunks=4, split_k=split, num_warps=4, serial=split > 1, prefetch=True)
-            variants[f"gemv_rows_128x{split}"] = (lambda cfg=cfg: [_launch(x, p, s, z, 128, **cfg) for p in rows],
-                                                  len(rows))
-        for bn in (64, 128):
-            def gemv_t(bn=bn):
-                for p in tiles[bn]:
-                    _gemv_tiled[(n // bn,)](x, p, s, z, y, n, k, n_steps, s.stride(0), GROUP=128, BLOCK_N=bn,
-                                            STAGES=3, num_warps=4 if bn == 128 else 2)
-                return y
-            variants[f"gemv_tiled_{bn}"] = (gemv_t, len(tiles[bn]))
+        variants = make_variants(n, k, x, s, z, rows, tiles)
         errs = {}
         for key, (fn, _) in variants.items():
             if key.startswith("gemv"):
