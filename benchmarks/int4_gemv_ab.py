@@ -30,6 +30,7 @@ import triton  # noqa: E402
 
 from engine.quant import triton_int4 as new  # noqa: E402
 from engine.quant.int4 import int4_linear_reference, pack_int4_kernel, quantize_int4  # noqa: E402
+from engine.quant.int4_layout import layout_args  # noqa: E402
 from engine.quant.triton_int8 import gemv_result, gemv_split_k, num_sms, split_outputs  # noqa: E402
 from engine.quant.tuning import _graph_time, weight_copies  # noqa: E402
 
@@ -70,8 +71,12 @@ def launch(kernel, flags, x, packed, scales, zeros, group, cfg):
     split_k = cfg["split_k"]
     kps = triton.cdiv(triton.cdiv(k, split_k), step) * step
     grid, out, sst, locks, res = split_outputs(x.device, m, n, 1, cfg["block_n"], split_k, cfg["serial"], x.dtype)
+    if packed.dim() == 3:  # the current kernels' step-major layout (int4.pack_int4_kernel)
+        strides, flags = layout_args(packed)[:2], dict(flags, RUN=packed.shape[2])
+    else:  # the baseline's row-major [N, K // 8] words
+        strides = (packed.stride(0),)
     kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, n, k, kps, split_k,
-                 x.stride(0), packed.stride(0), scales.stride(0), sst, out.stride(-2), GROUP=group,
+                 x.stride(0), *strides, scales.stride(0), sst, out.stride(-2), GROUP=group,
                  BLOCK_N=cfg["block_n"], CHUNKS=cfg["chunks"], ONE_GROUP=group % step == 0, EVEN_K=k % step == 0,
                  SERIAL=locks is not None, STAGES=cfg.get("stages", 3), num_warps=cfg["num_warps"], **flags)
     return res if locks is not None else gemv_result(out, x.dtype)
@@ -108,6 +113,9 @@ def main():
         ref = int4_linear_reference(x.float(), q, s.float(), z).float()
         copies = weight_copies(packed.numel() * 4)
         sets = [(x, packed if i == 0 else packed.clone(), s, z) for i in range(copies)]
+        kind_sets = {"new": sets, "old": sets}
+        if "--prefetch" not in sys.argv:  # the baseline kernel reads the row-major layout of its commit
+            kind_sets["old"] = [(x, p.reshape(n, -1).contiguous(), s, z) for _, p, _, _ in sets]
         wb = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         bsets = [wb if i == 0 else wb.clone() for i in range(weight_copies(wb.numel() * 2))]
         base = [t + (3,) for t in TILES]
@@ -117,9 +125,9 @@ def main():
         errs = {}
         for kind, kern in kernels.items():
             for c in cfgs[kind]:
-                out = launch(*kern, x, packed, s, z, 128, c).float()
+                out = launch(*kern, *kind_sets[kind][0], 128, c).float()
                 errs[(kind, str(c))] = ((out - ref).norm() / ref.norm()).item()
-        data[name] = dict(n=n, k=k, sets=sets, bsets=bsets, cfgs=cfgs, x=x, errs=errs,
+        data[name] = dict(n=n, k=k, sets=kind_sets, bsets=bsets, cfgs=cfgs, x=x, errs=errs,
                           t={"old": [], "new": [], "bf16": []}, best={"old": [], "new": []}, all={})
         print(name, "max rel err old %.2e new %.2e" % (max(v for (kk, _), v in errs.items() if kk == "old"),
                                                         max(v for (kk, _), v in errs.items() if kk == "new")), flush=True)
@@ -129,7 +137,8 @@ def main():
                 kern = kernels[kind]
                 times = []
                 for c in d["cfgs"][kind]:
-                    us = 1e3 * _graph_time(lambda: [launch(*kern, *a, 128, c) for a in d["sets"]], len(d["sets"]))
+                    us = 1e3 * _graph_time(lambda: [launch(*kern, *a, 128, c) for a in d["sets"][kind]],
+                                           len(d["sets"][kind]))
                     times.append((us, c))
                     d["all"].setdefault((kind, c["block_n"], c["chunks"], c["num_warps"], c["stages"], c["split_k"]),
                                         []).append(us)

@@ -5,8 +5,11 @@ apart (a step stays inside one group of 128 features). This times, at 1 row on l
   load_rows   the same tiles with no arithmetic (the words XOR-ed together): the pattern's bandwidth alone;
   load_tiled  the same bytes with each step's [BLOCK_N, 16] tile contiguous in memory (a layout prepared at load
               time: [N / BLOCK_N, K / 128, BLOCK_N, 16] words);
-  gemv_rows   the engine's GEMV (PREFETCH, the tuner's usual 128 x 4 tile);
-  gemv_tiled  the same kernel reading the tiled layout (checked against the dequantize-then-matmul reference).
+  gemv_rows   the engine's GEMV (PREFETCH, the tuner's usual 128 x 4 tile) on the engine's layout: row-strided
+              when this was first run (int4_layout_probe_h200.json, commit 026972f), step-major since (each step's
+              rows contiguous, int4.pack_int4_kernel);
+  gemv_tiled  the GEMV without split-K reading the tiled layout (checked against the dequantize-then-matmul
+              reference).
 Each round times every variant (a CUDA graph over enough weight copies to overflow L2, as tuning.pick does);
 rounds interleave with the order alternating; medians and spread are reported.
 
@@ -91,7 +94,7 @@ def tiled(packed: torch.Tensor, block_n: int) -> torch.Tensor:
     return packed.view(n // block_n, block_n, kw // STEP_WORDS, STEP_WORDS).transpose(1, 2).contiguous()
 
 
-def make_variants(n, k, x, s, z, rows, tiles):
+def make_variants(n, k, x, s, z, rows, engine, tiles):
     """name -> (fn, calls): each fn launches one variant over every weight copy."""
     n_steps = k // 128
     out = torch.empty(n * 4, device=x.device, dtype=torch.int32)
@@ -108,8 +111,8 @@ def make_variants(n, k, x, s, z, rows, tiles):
             variants[f"load_{kind}_{bn}x{split}"] = (run, len(ws))
     for split in (1, 2, 4):
         cfg = dict(gemv=True, block_n=128, chunks=4, split_k=split, num_warps=4, serial=split > 1, prefetch=True)
-        variants[f"gemv_rows_128x{split}"] = (lambda cfg=cfg: [_launch(x, p, s, z, 128, **cfg) for p in rows],
-                                              len(rows))
+        variants[f"gemv_rows_128x{split}"] = (lambda cfg=cfg: [_launch(x, p, s, z, 128, **cfg) for p in engine],
+                                              len(engine))
     for bn in (64, 128):
         def gemv_t(bn=bn):
             for p in tiles[bn]:
@@ -133,13 +136,15 @@ def main():
         q, s, z = quantize_int4(w, 128)
         del w
         packed = pack_int4_kernel(q)
+        words = packed.reshape(n, -1).contiguous()  # row-major [N, K // 8]: the load probes' "rows" layout
         s = s.to(torch.bfloat16)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         ref = int4_linear_reference(x.float(), q, s.float(), z).float()
         copies = weight_copies(packed.numel() * 4)
-        rows = [packed] + [packed.clone() for _ in range(copies - 1)]
+        rows = [words] + [words.clone() for _ in range(copies - 1)]
+        engine = [packed] + [packed.clone() for _ in range(copies - 1)]
         tiles = {bn: [tiled(p, bn) for p in rows] for bn in (64, 128)}
-        variants = make_variants(n, k, x, s, z, rows, tiles)
+        variants = make_variants(n, k, x, s, z, rows, engine, tiles)
         errs = {}
         for key, (fn, _) in variants.items():
             if key.startswith("gemv"):

@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 INT4_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
              "res_ptr": "*bf16", "lock_ptr": "*i32"}
 INT4_SIZES = {"K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
-              "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
+              "stride_ws": "i32", "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
 INT8_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
              "lock_ptr": "*i32"}
 INT8_SIZES = {"N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
@@ -72,7 +72,7 @@ def main() -> None:
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     from engine.quant.triton_int8 import _int8_gemv_kernel, _int8_mm_kernel
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
-    g4 = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3)
+    g4 = dict(RUN=16, GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3)
     rows = [  # (name, kernel, signature, constexprs, warps, weight codes a thread handles per loop trip)
         ("int4 GEMV 128x4", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False), 4, 128 * 128 / 128),

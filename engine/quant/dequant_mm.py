@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
+from .int4_layout import _word_offsets, layout_args
 
 SLICE_BYTES = 128 * 2**20  # the largest dequantized weight slice alive at once (bytes)
 DEQUANT_MIN_ROWS = 65  # rows from which tuning times the candidate (below, the fused kernels always win)
@@ -28,8 +29,8 @@ DEQUANT_FIRST_ROWS = 257  # rows from which it is the untuned default
 
 
 @triton.jit
-def _int4_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, stride_w,
-                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+def _int4_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_ps, stride_s, stride_w,
+                         RUN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
     """w[n, k] = (q[n, k] - zero[n, k // GROUP]) * scale[n, k // GROUP] for a [BLOCK_N, 32 * CHUNKS] tile, from
     int4.pack_int4_kernel's layout (nibble i of word r of chunk c is feature 32c + 4i + r): the 8 nibbles of
     each word are unpacked along a new axis and the tile permuted to feature order in registers."""
@@ -39,7 +40,7 @@ def _int4_dequant_kernel(p_ptr, s_ptr, z_ptr, w_ptr, N, K, stride_p, stride_s, s
     chunks = pid_k * CHUNKS + tl.arange(0, CHUNKS)
     feats = pid_k * 32 * CHUNKS + tl.arange(0, 32 * CHUNKS)
     mask_n = rows < N
-    w = tl.load(p_ptr + rows[:, None] * stride_p + words[None, :],
+    w = tl.load(p_ptr + rows[:, None] * stride_p + _word_offsets(words, stride_ps, RUN)[None, :],
                 mask=mask_n[:, None] & (words < K // 8)[None, :], other=0)
     q = (w[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15  # [n, 4c + r, i]
     q = tl.permute(tl.reshape(q, (BLOCK_N, CHUNKS, 4, 8)), (0, 1, 3, 2))  # [n, c, i, r]: feature 32c + 4i + r
@@ -68,18 +69,19 @@ def _int8_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_q, stride_w, BLOCK_N:
 
 def int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                     dtype: torch.dtype, block_n: int = 32, chunks: int = 4) -> torch.Tensor:
-    """The float weight [N, K] in `dtype` of the kernel layout `packed` [N, K / 8] int32 (int4.py); a program
-    writes block_n rows x 32 * chunks features."""
-    n, k = packed.shape[0], packed.shape[1] * 8
+    """The float weight [N, K] in `dtype` of the kernel layout `packed` [N, K // (8 * RUN), RUN] int32
+    (int4.pack_int4_kernel); a program writes block_n rows x 32 * chunks features."""
+    stride_p, stride_ps, run = layout_args(packed)
+    n, k = packed.shape[0], packed[0].numel() * 8
     if k % KERNEL_CHUNK or group_size % KERNEL_CHUNK:
         raise ValueError(f"int4_dequantize needs K and group_size multiples of {KERNEL_CHUNK}, got {k} and "
                          f"{group_size}")
-    if scales.stride() != zeros.stride() or scales.stride(1) != 1 or packed.stride(1) != 1:
-        raise ValueError("int4_dequantize needs row-major packed codes, and scales and zeros with the same strides")
+    if scales.stride() != zeros.stride() or scales.stride(1) != 1:
+        raise ValueError("int4_dequantize needs scales and zeros with the same strides, row-major")
     w = torch.empty((n, k), dtype=dtype, device=packed.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, KERNEL_CHUNK * chunks))
-    _int4_dequant_kernel[grid](packed, scales, zeros, w, n, k, packed.stride(0), scales.stride(0), w.stride(0),
-                               GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks)
+    _int4_dequant_kernel[grid](packed, scales, zeros, w, n, k, stride_p, stride_ps, scales.stride(0), w.stride(0),
+                               RUN=run, GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks)
     return w
 
 

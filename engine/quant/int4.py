@@ -65,13 +65,25 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
 
 
+def kernel_run(k: int) -> int:
+    """Words of a row the kernel layout stores together: 16 (128 features, the decode GEMV's step) when K allows,
+    else 4 (one chunk)."""
+    return 16 if k % 128 == 0 else 4
+
+
 def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
-    """[N, K // 2] uint8 (pack_int4's order) -> the kernels' layout: [N, K // 8] int32, K % 32 == 0.
+    """[N, K // 2] uint8 (pack_int4's order) -> the kernels' layout: [N, K // (8 * RUN), RUN] int32, K % 32 == 0.
 
     Each run of 32 input features (a chunk, 16 bytes) is 4 words; nibble i (bits 4i..4i+3) of word r
     of chunk c holds feature k = 32c + 4i + r. So one 16-byte load gives a row 32 codes, nibble
     plane i of the 4 words meets the 4 contiguous features 32c + 4i .. 32c + 4i + 3 of x, and planes
     0-3 sit in the low half-word (so a mask, no shift, isolates them; triton_int4.py).
+    The words are stored step-major: a view [N, S, RUN] (RUN = kernel_run(K) words a row, S = K // (8 * RUN)) of
+    storage [S, N, RUN], so that the RUN words of consecutive rows are contiguous: a kernel's step tile of
+    BLOCK_N rows x 16 words is one BLOCK_N * 64-byte run of memory, not BLOCK_N runs of 64 bytes K / 2 bytes
+    apart. The row-strided layout capped the loads alone at 2.4 TB/s on an H200 (llama-3.1-8b's LM head at 1 row;
+    4.2 TB/s contiguous, int4_layout_probe_h200.json). Kernels address word w of row n at
+    n * stride(0) + (w // RUN) * stride(1) + w % RUN (triton_int4._word_offsets).
     """
     n, half = qweight.shape
     k = 2 * half
@@ -79,14 +91,17 @@ def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the int4 kernel layout needs in_features % {KERNEL_CHUNK} == 0, got {k}")
     codes = unpack_int4(qweight).view(n, k // KERNEL_CHUNK, 8, 4).transpose(2, 3)  # [n, c, r, i]
     words = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [n, c, r, byte]: byte b holds nibbles 2b, 2b + 1
-    return words.contiguous().view(torch.int32).view(n, k // 8)
+    run = kernel_run(k)
+    words = words.contiguous().view(torch.int32).view(n, k // (8 * run), run)
+    return words.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 def unpack_int4_kernel(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_int4_kernel: [N, K // 8] int32 -> [N, K // 2] uint8 in pack_int4's order."""
-    n, words = packed.shape
-    k = 8 * words
-    b = packed.contiguous().view(torch.uint8).view(n, k // KERNEL_CHUNK, 4, 4)  # [n, c, r, byte]
+    """The inverse of pack_int4_kernel: [N, K // (8 * RUN), RUN] int32 -> [N, K // 2] uint8 in pack_int4's order."""
+    n = packed.shape[0]
+    words = packed.reshape(n, -1)  # row-major [N, K // 8] (a copy of the step-major storage)
+    k = 8 * words.shape[1]
+    b = words.contiguous().view(torch.uint8).view(n, k // KERNEL_CHUNK, 4, 4)  # [n, c, r, byte]
     codes = torch.stack([b & 0xF, b >> 4], dim=-1).view(n, k // KERNEL_CHUNK, 4, 8)  # [n, c, r, i]
     return pack_int4(codes.transpose(2, 3).reshape(n, k))
 

@@ -4,8 +4,10 @@ Reference: `int4_linear_reference` in int4.py (int4, AWQ and GPTQ layers all run
 
 Layouts (G = group size, a multiple of 32; K % 32 == 0):
     x:       [M, K] float16 / bfloat16 / float32, K contiguous
-    packed:  [N, K // 8] int32, the kernel layout of int4.pack_int4_kernel: per row, each chunk of 32
-             input features is 4 words (16 bytes), nibble i of word r holding feature 32c + 4i + r
+    packed:  [N, K // (8 * RUN), RUN] int32, the kernel layout of int4.pack_int4_kernel: per row, each chunk of
+             32 input features is 4 words (16 bytes), nibble i of word r holding feature 32c + 4i + r; stored
+             step-major (runs of RUN words of consecutive rows contiguous), word w of row n at
+             n * stride_wn + (w // RUN) * stride_ws + w % RUN (_word_offsets)
     scales:  [N, K // G] float; zeros: [N, K // G] uint8; a code q stands for (q - zero) * scale
     out:     [M, N] in x's dtype
 Both kernels walk K in steps of CHUNKS chunks: one [BLOCK_N, 4 * CHUNKS] tile of words per step, one
@@ -64,6 +66,7 @@ from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
 from . import tuning
 from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
+from .int4_layout import _step_words, layout_args
 from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m,
                           num_sms, split_outputs, split_variants, tune_bucket)
 
@@ -134,7 +137,7 @@ def _denormal_term(w, w8, x, I: tl.constexpr, E: tl.constexpr):
 
 @triton.jit
 def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N, K, k_per_split, split_k,
-                      stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                      stride_xm, stride_wn, stride_ws, stride_sn, stride_os, stride_om, RUN: tl.constexpr,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, ONE_GROUP: tl.constexpr,
                       EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
@@ -164,7 +167,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
             mask_k = kc < k_end
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :], mask=mask, other=0)
         if PREFETCH:  # this step's, loaded a step ago; then the next step's
             scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
             s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
@@ -193,7 +196,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
 
 @triton.jit
 def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                     stride_xm, stride_wn, stride_ws, stride_sn, stride_os, stride_om, RUN: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                      ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -214,7 +217,7 @@ def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
             mask_k = kc < k_end
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :], mask=mask, other=0)
         scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
         w_lo, w_hi = _halves(w)
         mask_x = mask_k[:, None] & mask_m[None, :]
@@ -377,10 +380,11 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     """
     if packed.dtype == torch.uint8:
         packed = pack_int4_kernel(packed)
+    layout_args(packed)
     m, k = x.shape
     n = packed.shape[0]
-    if packed.shape[1] * 8 != k or k % group_size != 0 or group_size % KERNEL_CHUNK != 0:
-        raise ValueError(f"int4_matmul: x has {k} features but the weight holds {packed.shape[1] * 8}, in groups "
+    if packed[0].numel() * 8 != k or k % group_size != 0 or group_size % KERNEL_CHUNK != 0:
+        raise ValueError(f"int4_matmul: x has {k} features but the weight holds {packed[0].numel() * 8}, in groups "
                          f"of {group_size} (the kernels need group_size % {KERNEL_CHUNK} == 0 and K % group_size == 0)")
     if scales.stride() != zeros.stride():
         raise ValueError("int4_matmul needs scales and zeros with the same strides")
@@ -451,25 +455,26 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     grid, out, split_stride, locks, res = split_outputs(x.device, m, n, block_m, block_n, split_k, serial, x.dtype)
     stages = (num_stages or 3) if x.is_cuda else 1
     args = (x, packed, scales, zeros, out, res, out if locks is None else locks)
-    common = (scales.stride(0), split_stride, out.stride(-2))
-    flags = dict(GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=group_size % step == 0,
+    stride_wn, stride_ws, run = layout_args(packed)
+    common = (stride_wn, stride_ws, scales.stride(0), split_stride, out.stride(-2))
+    flags = dict(RUN=run, GROUP=group_size, BLOCK_N=block_n, CHUNKS=chunks, ONE_GROUP=group_size % step == 0,
                  EVEN_K=k % step == 0,  # then every slice is whole steps too (k_per_split is a multiple of step)
                  SERIAL=locks is not None, STAGES=stages)
     if kernel == "tc":
         from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel, permute_x
         xk = permute_x(x) if x_perm else x
-        _int4_tc_kernel[grid](xk, *args[1:], m, n, k, k_per_split, split_k, xk.stride(0), packed.stride(0), *common,
+        _int4_tc_kernel[grid](xk, *args[1:], m, n, k, k_per_split, split_k, xk.stride(0), *common,
                               BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
                               XNAT=x_natural, PREFETCH=prefetch, XPERM=x_perm,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                               num_warps=num_warps or default["num_warps"])
     elif gemv:
         pdl = pdl_enabled(x.device, pdl)
-        _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+        _int4_gemv_kernel[grid](*args, n, k, k_per_split, split_k, x.stride(0), *common,
                                 **flags, PDL=pdl, PREFETCH=prefetch, num_warps=num_warps or 4,
                                 **launch_options(pdl))
     else:
-        _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), packed.stride(0), *common,
+        _int4_dot_kernel[grid](*args, m, n, k, k_per_split, split_k, x.stride(0), *common,
                                BLOCK_M=block_m, **flags, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                num_warps=num_warps or default["num_warps"])
     return res if locks is not None else gemv_result(out, x.dtype)

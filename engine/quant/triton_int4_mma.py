@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
+from .int4_layout import _step_words, layout_args
 from .triton_int4 import _serial_when_split, asm_supported
 from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
 
@@ -66,7 +67,7 @@ def _scaled_operand(w, shift, scale, zero, DT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
 def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                     stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                     stride_xm, stride_wn, stride_ws, stride_sn, stride_os, stride_om, RUN: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SERIAL: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, FOLD: tl.constexpr,
                      MAGIC: tl.constexpr, PRECISION: tl.constexpr):
@@ -75,20 +76,20 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     # feature k of a step (steps start on whole chunks of 32): word 4 * (k // 32) + k % 4, nibble (k % 32) // 4
-    word_k = tl.max_contiguous(tl.multiple_of((offs_k // 32) * 4 + offs_k % 4, 4), 4)
+    word_k = (offs_k // 32) * 4 + offs_k % 4
     shift_k = ((offs_k % 32) // 4) * 4
     n64 = offs_n.to(tl.int64)
     s_rows = n64 * stride_sn
     DT: tl.constexpr = x_ptr.dtype.element_ty
     if SWAP:
-        w_tile = w_ptr + n64[:, None] * stride_wn + word_k[None, :]  # [BLOCK_N, BLOCK_K]
+        w_rows = w_ptr + n64[:, None] * stride_wn  # [BLOCK_N, BLOCK_K] tiles
         x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T [BLOCK_K, BLOCK_M]
         w_mask = mask_n[:, None]
         x_mask = mask_m[None, :]
         shift = shift_k[None, :]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
-        w_tile = w_ptr + n64[None, :] * stride_wn + word_k[:, None]  # W^T [BLOCK_K, BLOCK_N]
+        w_rows = w_ptr + n64[None, :] * stride_wn  # W^T [BLOCK_K, BLOCK_N] tiles
         x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
         w_mask = mask_n[None, :]
         x_mask = mask_m[:, None]
@@ -97,7 +98,11 @@ def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, 
     for k_step in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         k0 = tl.multiple_of(k_step, BLOCK_K)  # (a new name: the loop variable is left alone)
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_tile + kw, mask=w_mask, other=0)
+        words = _step_words(kw, word_k, stride_ws, RUN, 4)
+        if SWAP:
+            w = tl.load(w_rows + words[None, :], mask=w_mask, other=0)
+        else:
+            w = tl.load(w_rows + words[:, None], mask=w_mask, other=0)
         xs = tl.load(x_tile + k0, mask=x_mask, other=0.0)
         g = k0 // GROUP
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -207,7 +212,7 @@ def _pair_operand(h, I: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                           stride_xm, stride_hn, stride_sn, stride_os, stride_om,
+                           stride_xm, stride_hn, stride_hs, stride_sn, stride_os, stride_om, HRUN: tl.constexpr,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                            SERIAL: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
                            FOLD: tl.constexpr, XPERM: tl.constexpr, PRECISION: tl.constexpr):
@@ -225,7 +230,7 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     n64 = offs_n.to(tl.int64)
     s_rows = n64 * stride_sn
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    h_tile = h_ptr + n64[:, None] * stride_hn + offs_h[None, :]  # [BLOCK_N, HW]
+    h_rows = h_ptr + n64[:, None] * stride_hn  # [BLOCK_N, HW] tiles
     if XPERM:  # x in permute_pairs_x's order: dot I's x^T is columns HW * I ... of the step, contiguous
         x_tile = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_h[:, None]  # x^T [HW, BLOCK_M]
         X_STEP: tl.constexpr = HW
@@ -239,7 +244,7 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
-        h = tl.load(h_tile + kh, mask=mask_n[:, None], other=0)
+        h = tl.load(h_rows + _step_words(kh, offs_h, stride_hs, HRUN, 8)[None, :], mask=mask_n[:, None], other=0)
         g = k0 // GROUP
         scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
@@ -391,18 +396,20 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     magic = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
     warps = num_warps or (8 if block_m * block_n >= 128 * 128 else 4)
     if layout == "pairs":
-        half = packed.view(torch.int16)  # [N, K // 4]: half-word 2w + h is bits 16h..16h+15 of word w
+        half = packed.view(torch.int16)  # [N, S, 2 * RUN]: half-word 2w + h is bits 16h..16h+15 of word w
+        stride_hn, stride_hs, hrun = layout_args(half)
         xk = permute_pairs_x(x, block_k // KERNEL_CHUNK) if x_perm else x
         _int4_mma_pairs_kernel[grid](xk, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
-                                     k_per_split, split_k, xk.stride(0), half.stride(0), scales.stride(0),
-                                     split_stride, out.stride(-2), GROUP=group_size, BLOCK_M=block_m,
+                                     k_per_split, split_k, xk.stride(0), stride_hn, stride_hs, scales.stride(0),
+                                     split_stride, out.stride(-2), HRUN=hrun, GROUP=group_size, BLOCK_M=block_m,
                                      BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
                                      STAGES=stages, MAGIC=magic, ASM=asm, FOLD=fold, XPERM=x_perm,
                                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
         return res if locks is not None else gemv_result(out, x.dtype)
     _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
-                           split_k, x.stride(0), packed.stride(0), scales.stride(0), split_stride, out.stride(-2),
-                           GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           split_k, x.stride(0), *layout_args(packed)[:2], scales.stride(0), split_stride,
+                           out.stride(-2), RUN=packed.shape[2], GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_K=block_k,
                            SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
                            MAGIC=magic, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return res if locks is not None else gemv_result(out, x.dtype)

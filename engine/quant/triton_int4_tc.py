@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .int4_layout import _step_words
 from .triton_int4 import _group_params, _halves, _next_group_params, _plane
 from .triton_int8 import _store_tile, _tile
 
@@ -136,7 +137,7 @@ def permute_x(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit(do_not_specialize=["M", "split_k"])  # one compile for every row count and split
 def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N, K, k_per_split, split_k,
-                    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                    stride_xm, stride_wn, stride_ws, stride_sn, stride_os, stride_om, RUN: tl.constexpr,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                     ONE_GROUP: tl.constexpr, EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr,
                     SWAP: tl.constexpr, DEQUANT: tl.constexpr, XNAT: tl.constexpr, PRECISION: tl.constexpr,
@@ -177,7 +178,7 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
             mask_j = kj < k_end
         mask = mask_n[:, None] & mask_k[None, :]
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_rows + (kw + offs_w)[None, :], mask=mask, other=0)
+        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :], mask=mask, other=0)
         if PREFETCH:  # this step's, loaded a step ago; then the next step's
             scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
             s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)

@@ -21,16 +21,22 @@ pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_kernel_layout_puts_feature_32c_4i_r_in_nibble_i_of_word_r():
-    """Known answer, bit by bit: every code is distinct per position, read back with Python integers."""
-    n, k = 3, 64
+@pytest.mark.parametrize("k, run", [(256, 16), (96, 4)])
+def test_kernel_layout_puts_feature_32c_4i_r_in_nibble_i_of_word_r(k, run):
+    """Known answer, bit by bit: every code is distinct per position, read back with Python integers from the
+    flat storage, where word w of row n sits at (w // RUN) * N * RUN + n * RUN + w % RUN (runs of RUN words of
+    consecutive rows contiguous: 16 when K % 128 == 0, else 4)."""
+    n = 3
     codes = torch.tensor([[(7 * row + 3 * col + col // 16) % 16 for col in range(k)] for row in range(n)],
                          dtype=torch.uint8)
     packed = pack_int4_kernel(pack_int4(codes))
-    assert packed.dtype == torch.int32 and packed.shape == (n, k // 8)
+    assert packed.dtype == torch.int32 and packed.shape == (n, k // (8 * run), run)
+    assert packed.stride() == (run, n * run, 1)
+    flat = torch.empty(packed.numel(), dtype=torch.int32)
+    flat.set_(packed.untyped_storage(), packed.storage_offset(), (packed.numel(),))
     for row in range(n):
         for word in range(k // 8):
-            bits = int(packed[row, word]) & 0xFFFFFFFF
+            bits = int(flat[(word // run) * n * run + row * run + word % run]) & 0xFFFFFFFF
             c, r = divmod(word, 4)
             for i in range(8):
                 assert (bits >> (4 * i)) & 0xF == int(codes[row, 32 * c + 4 * i + r]), (row, word, i)

@@ -46,7 +46,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
 INT4_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
              "res_ptr": "*bf16", "lock_ptr": "*i32"}
 INT4_SIZES = {"K": "i32", "k_per_split": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32",
-              "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
+              "stride_ws": "i32", "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
 
 
 def _pdl_variants(compile_with, loads_before_wait: bool = False) -> str:
@@ -69,7 +69,7 @@ def check_int4_gemv():
     for prefetch in (False, True):  # the scale and zero loaded in the step or a step ahead
         ptx = _pdl_variants(lambda **pdl: _compile(
             _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-            dict(GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3,
+            dict(RUN=16, GROUP=128, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3,
                  PREFETCH=prefetch, **pdl)))
         assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
         assert "atom.global.gpu.acq_rel.add" in ptx
@@ -81,8 +81,8 @@ def check_dot_kernels():
     from engine.quant.triton_int4 import _int4_dot_kernel
     from engine.quant.triton_int8 import _int8_mm_kernel
     ptx = _compile(_int4_dot_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
-                   dict(GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True, SERIAL=False,
-                        STAGES=3, PRECISION="tf32"))
+                   dict(RUN=16, GROUP=128, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, ONE_GROUP=True, EVEN_K=True,
+                        SERIAL=False, STAGES=3, PRECISION="tf32"))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
     int8_sig = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16",
                 "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32",
@@ -104,7 +104,7 @@ def check_int4_tc_kernel():
     loop), swapped for few rows (n16) and plain for many (n128)."""
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
-    common = dict(GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False,
+    common = dict(RUN=16, GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32", XNAT=False,
                   PREFETCH=False, XPERM=False)
     ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=16, BLOCK_N=64, CHUNKS=4, SWAP=True, DEQUANT=0))
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16" in ptx
@@ -145,12 +145,12 @@ def check_int4_mma_kernels():
 
     from engine.quant.triton_int4_mma import _int4_mma_kernel, _int4_mma_pairs_kernel
     sig = {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES}
-    renamed = {"w_ptr": "h_ptr", "stride_wn": "stride_hn"}
+    renamed = {"w_ptr": "h_ptr", "stride_wn": "stride_hn", "stride_ws": "stride_hs"}
     pairs_sig = {renamed.get(k, k): ("*i16" if k == "w_ptr" else v) for k, v in sig.items()}
     for dt, mma, magic in (("bf16", "bf16.bf16", "0x43004300"), ("fp16", "f16.f16", "0x64006400")):
         types = dict(pairs_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
-        consts = dict(GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
-                      FOLD=True, XPERM=False, PRECISION="tf32")
+        consts = dict(HRUN=32, GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0,
+                      ASM=True, FOLD=True, XPERM=False, PRECISION="tf32")
         ptx = _compile(_int4_mma_pairs_kernel, types, consts, num_warps=8)
         assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx and magic in ptx
         # unfolded with x permuted first: x's tiles are pipelined copies and every wgmma stays in flight
@@ -175,8 +175,9 @@ def check_int4_mma_kernels():
         assert re.search(r"ttg\.local_load [^\n]*-> tensor<256x32xi16, #ttg\.dot_op<\{opIdx = 0", ttgir), dt
         assert not re.search(r"ttg\.local_alloc %\S+ : \(tensor<256x32x(bf16|f16)", ttgir), dt
     for swap, block_m in ((True, 16), (False, 128)):
-        ptx = _compile(_int4_mma_kernel, sig, dict(GROUP=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SERIAL=True,
-                                                   STAGES=3, SWAP=swap, FOLD=swap, MAGIC=128.0, PRECISION="tf32"),
+        constants = dict(RUN=16, GROUP=128, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SERIAL=True, STAGES=3,
+                         SWAP=swap, FOLD=swap, MAGIC=128.0, PRECISION="tf32")
+        ptx = _compile(_int4_mma_kernel, sig, constants,
                        num_warps=4 if swap else 8)
         assert "wgmma.mma_async" in ptx and "atom.global.gpu.acq_rel.add" in ptx
 
@@ -310,8 +311,9 @@ def check_decode_gemv():
 def check_int4_dequant():
     from engine.quant.dequant_mm import _int4_dequant_kernel
     ptx = _compile(_int4_dequant_kernel, {"p_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "w_ptr": "*bf16",
-                                          "N": "i32", "K": "i32", "stride_p": "i32", "stride_s": "i32",
-                                          "stride_w": "i32"}, dict(GROUP=128, BLOCK_N=32, CHUNKS=4))
+                                          "N": "i32", "K": "i32", "stride_p": "i32", "stride_ps": "i32",
+                                          "stride_s": "i32", "stride_w": "i32"}, dict(RUN=16, GROUP=128, BLOCK_N=32,
+                                                                                      CHUNKS=4))
     # A pass over memory: words read as vectors, the float weights written as 16-byte vectors, and one scale and
     # zero load per row and chunk (4 x 2 here), not one per weight.
     assert re.search(r"ld\.global(?:\.\w+)*\.v[24]\.b32", ptx) and re.search(r"st\.global(?:\.\w+)*\.v4\.b32", ptx)
