@@ -11,8 +11,9 @@ pipeline depths of the new kernel and records each one's median.
 loaded a step ahead), both on the same tiles (those whose steps lie inside one group; with --extra, both
 sides time the extra ones too).
 
-The baseline kernel is read from git (`git show 86dadb2:engine/quant/triton_int4.py`), or from the file
-named by INT4_GEMV_BASELINE (a checkout without history: write that file on a machine with it).
+The baseline kernel is read from git (`git show 86dadb2:engine/quant/triton_int4.py`; INT4_GEMV_BASELINE_COMMIT
+names another commit, e.g. 6e2718c, the last before the step-major layout), or from the file named by
+INT4_GEMV_BASELINE (a checkout without history: write that file on a machine with it, `--write-baseline FILE`).
 """
 import importlib.util
 import json
@@ -34,21 +35,24 @@ from engine.quant.int4_layout import layout_args  # noqa: E402
 from engine.quant.triton_int8 import gemv_result, gemv_split_k, num_sms, split_outputs  # noqa: E402
 from engine.quant.tuning import _graph_time, weight_copies  # noqa: E402
 
-BASELINE_COMMIT = "86dadb2"
+BASELINE_COMMIT = os.environ.get("INT4_GEMV_BASELINE_COMMIT", "86dadb2")
+
+
+def baseline_source() -> str:
+    """The GEMV kernel (and its jit helpers) of BASELINE_COMMIT's triton_int4.py, as module source."""
+    path = os.environ.get("INT4_GEMV_BASELINE")
+    if path:
+        return Path(path).read_text()
+    src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:engine/quant/triton_int4.py"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    return ("import triton\nimport triton.language as tl\nfrom engine.kernels.pdl import release, wait_for_inputs\n"
+            "from engine.quant.triton_int8 import _serial_split_reduce\n\n\n"
+            + src[src.index("@triton.jit\ndef _halves"):src.index("@triton.jit\ndef _int4_dot_kernel")])
 
 
 def baseline_module():
-    """The GEMV kernel (and its jit helpers) of BASELINE_COMMIT's triton_int4.py, as a module."""
-    path = os.environ.get("INT4_GEMV_BASELINE")
-    if path:
-        src = Path(path).read_text()
-    else:
-        src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:engine/quant/triton_int4.py"], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-        src = ("import triton\nimport triton.language as tl\nfrom engine.quant.triton_int8 import _serial_split_reduce\n\n\n"
-               + src[src.index("@triton.jit\ndef _halves"):src.index("@triton.jit\ndef _int4_dot_kernel")])
     file = Path(tempfile.mkdtemp(), "int4_gemv_baseline.py")  # triton.jit needs the source in a file
-    file.write_text(src)
+    file.write_text(baseline_source())
     spec = importlib.util.spec_from_file_location("int4_gemv_baseline", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -92,6 +96,9 @@ def configs(n, k, sms, tiles):
 
 
 def main():
+    if "--write-baseline" in sys.argv:
+        Path(sys.argv[sys.argv.index("--write-baseline") + 1]).write_text(baseline_source())
+        return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     if "--prefetch" in sys.argv:
         kernels = {"old": (new._int4_gemv_kernel, {}), "new": (new._int4_gemv_kernel, {"PREFETCH": True})}
