@@ -68,8 +68,8 @@ def candidates(mode, n, k, sms):
         return [dict(block_n=bn, block_k=bk, num_warps=w) for bn, bk, w in GEMV_TILES]
     if mode == "int8":
         return triton_int8.words_candidates(1, n, k, sms)
-    cands = [triton_int4.gemv_config(1, n, k, sms, block_n=bn, chunks=ch, num_warps=w)
-             for bn, ch, w in triton_int4.GEMV_TILES]
+    cands = [triton_int4.gemv_config(1, n, k, sms, block_n=bn, chunks=ch, num_warps=w, num_stages=st)
+             for bn, ch, w, st in triton_int4.GEMV_TILES]
     return triton_int8.split_variants(cands)
 
 

@@ -272,12 +272,13 @@ def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chun
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
 
-# GEMV tiles to time at 1-2 rows, (block_n, chunks, warps), the first the heuristic (gemv_config's), chunks
-# capped so that a step stays in one group: the ones that won a layer of llama-3.1-8b on an H200
-# (int4_gemv_ab_tiles_h200.json); what keeps the loads in flight and the FMAs fed on a given GPU is found
-# by measuring, not guessed. (Each distinct tile is a Triton compile on a cold cache, ~1 s: the lists
-# stay short.)
-GEMV_TILES = ((128, 4, 4), (64, 4, 2), (32, 4, 2), (64, 4, 4), (256, 4, 8))
+# GEMV tiles to time at 1-2 rows, (block_n, chunks, warps, stages), the first the heuristic (gemv_config's),
+# chunks capped so that a step stays in one group: the ones that won a layer of llama-3.1-8b on an H200
+# (int4_gemv_ab_tiles_h200.json; with the step-major layout the 128-row tile with 2 stages won qkv, gate_up
+# and down, int4_gemv_ab_stepmajor_tiles_h200.json); what keeps the loads in flight and the FMAs fed on a
+# given GPU is found by measuring, not guessed. (Each distinct tile is a Triton compile on a cold cache,
+# ~1 s: the lists stay short.)
+GEMV_TILES = ((128, 4, 4, 3), (64, 4, 2, 3), (32, 4, 2, 3), (64, 4, 4, 3), (256, 4, 8, 3), (128, 4, 4, 2))
 # The one-dot-per-step kernel: (block_m, block_n, chunks, warps, stages, swap). Few rows: swap-AB (rows of
 # x are the MMA's N, block_m 16 grows to the row tile), 64-256 weight rows a program (the more rows a
 # thread dequantizes per step, the fewer instructions per code: ~2.6 at 256 x 128 with dequant="asm",
@@ -315,8 +316,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
 
     if m <= GEMV_MAX_ROWS:
         one_group = lambda ch: min(ch, group_size // KERNEL_CHUNK)  # noqa: E731
-        cands = split_variants([gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w)
-                                for bn, ch, w in GEMV_TILES], ok)
+        cands = split_variants([gemv_config(m, n, k, sms, block_n=bn, chunks=one_group(ch), num_warps=w,
+                                            num_stages=st) for bn, ch, w, st in GEMV_TILES], ok)
         # Each GEMV tile also prefetching the next step's scale and zero: without it, ncu on the H200 puts a quarter
         # of the gate_up tile's stall samples at 1 row on their plain loads and the layout copy waiting on them
         # (ncu_int4_gemv1_h200.log); 1.05-1.10x on four of llama-3.1-8b's five layers at 1 row, the LM head even
