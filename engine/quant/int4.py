@@ -65,12 +65,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
 
 
-def kernel_run(k: int) -> int:
-    """Words of a row the kernel layout stores together: 16 (128 features, the decode GEMV's step) when K allows,
-    else 4 (one chunk)."""
-    return 16 if k % 128 == 0 else 4
-
-
 def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
     """[N, K // 2] uint8 (pack_int4's order) -> the kernels' layout: [N, K // (8 * RUN), RUN] int32, K % 32 == 0.
 
@@ -78,12 +72,12 @@ def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
     of chunk c holds feature k = 32c + 4i + r. So one 16-byte load gives a row 32 codes, nibble
     plane i of the 4 words meets the 4 contiguous features 32c + 4i .. 32c + 4i + 3 of x, and planes
     0-3 sit in the low half-word (so a mask, no shift, isolates them; triton_int4.py).
-    The words are stored step-major: a view [N, S, RUN] (RUN = kernel_run(K) words a row, S = K // (8 * RUN)) of
-    storage [S, N, RUN], so that the RUN words of consecutive rows are contiguous: a kernel's step tile of
-    BLOCK_N rows x 16 words is one BLOCK_N * 64-byte run of memory, not BLOCK_N runs of 64 bytes K / 2 bytes
-    apart. The row-strided layout capped the loads alone at 2.4 TB/s on an H200 (llama-3.1-8b's LM head at 1 row;
-    4.2 TB/s contiguous, int4_layout_probe_h200.json). Kernels address word w of row n at
-    n * stride(0) + (w // RUN) * stride(1) + w % RUN (triton_int4._word_offsets).
+    The words are stored step-major: a view [N, S, RUN] of storage [S, N, RUN] (RUN = 16 words, the GEMV's
+    128-feature step, when K % 128 == 0, else 4; S = K // (8 * RUN)), so that the RUN words of consecutive rows are
+    contiguous: a kernel's step tile of BLOCK_N rows x 16 words is one BLOCK_N * 64-byte run of memory, not BLOCK_N
+    runs of 64 bytes K / 2 bytes apart. The row-strided layout capped the loads alone at 2.4 TB/s on an H200
+    (llama-3.1-8b's LM head at 1 row; 4.2 TB/s contiguous, int4_layout_probe_h200.json). Kernels address word w of
+    row n at n * stride(0) + (w // RUN) * stride(1) + w % RUN (int4_layout._word_offsets).
     """
     n, half = qweight.shape
     k = 2 * half
@@ -91,7 +85,7 @@ def pack_int4_kernel(qweight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the int4 kernel layout needs in_features % {KERNEL_CHUNK} == 0, got {k}")
     codes = unpack_int4(qweight).view(n, k // KERNEL_CHUNK, 8, 4).transpose(2, 3)  # [n, c, r, i]
     words = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [n, c, r, byte]: byte b holds nibbles 2b, 2b + 1
-    run = kernel_run(k)
+    run = 16 if k % 128 == 0 else 4
     words = words.contiguous().view(torch.int32).view(n, k // (8 * run), run)
     return words.transpose(0, 1).contiguous().transpose(0, 1)
 

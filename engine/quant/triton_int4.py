@@ -381,7 +381,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
     """
     if packed.dtype == torch.uint8:
         packed = pack_int4_kernel(packed)
-    layout_args(packed)
+    layout_args(packed)  # raises, naming the layout it needs, on any other
     m, k = x.shape
     n = packed.shape[0]
     if packed[0].numel() * 8 != k or k % group_size != 0 or group_size % KERNEL_CHUNK != 0:

@@ -406,10 +406,10 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
                                      STAGES=stages, MAGIC=magic, ASM=asm, FOLD=fold, XPERM=x_perm,
                                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
         return res if locks is not None else gemv_result(out, x.dtype)
+    stride_wn, stride_ws, run = layout_args(packed)
     _int4_mma_kernel[grid](x, packed, scales, zeros, out, res, out if locks is None else locks, m, n, k, k_per_split,
-                           split_k, x.stride(0), *layout_args(packed)[:2], scales.stride(0), split_stride,
-                           out.stride(-2), RUN=packed.shape[2], GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k,
-                           SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
+                           split_k, x.stride(0), stride_wn, stride_ws, scales.stride(0), split_stride,
+                           out.stride(-2), RUN=run, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n,
+                           BLOCK_K=block_k, SERIAL=locks is not None, STAGES=stages, SWAP=swap, FOLD=fold,
                            MAGIC=magic, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
     return res if locks is not None else gemv_result(out, x.dtype)
