@@ -323,9 +323,11 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         # (ncu_int4_gemv1_h200.log); 1.05-1.10x on four of llama-3.1-8b's five layers at 1 row, the LM head even
         # (int4_gemv_prefetch_ab_h200.json; 4 stages won qkv and gate_up by another ~2% there, not offered: each
         # tile is a compile and a timing per shape). Then the tensor-core kernel, also with 4 programs per SM.
+        # With asm (CUDA, 16-bit x) also the integer-dot GEMV (triton_int4_dp4a: x as two int8 limbs).
         return (cands + [dict(c, prefetch=True) for c in cands]
                 + _serial_when_split(tc(TC_SMALL) + tc(TC_SMALL[:2], waves=4), ok)
-                + _mma_candidates(m, n, k, group_size, sms, asm))
+                + _mma_candidates(m, n, k, group_size, sms, asm) + (_dp4a_candidates(m, n, k, group_size, sms)
+                                                                    if asm else []))
     # chunks=8 with 128-row tiles holds 3 stages in 232 KB of shared memory under Triton 3.9 and not under 3.6
     # (237,568 bytes on the H200): 2 stages there
     cands = [dot_config(m, n, k, sms), dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
@@ -356,6 +358,11 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
 def _mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool) -> list[dict]:
     from .triton_int4_mma import mma_candidates  # (imported here: triton_int4_mma imports this module)
     return mma_candidates(m, n, k, group_size, sms, asm)
+
+
+def _dp4a_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
+    from .triton_int4_dp4a import dp4a_candidates  # (imported here: triton_int4_dp4a imports this module)
+    return dp4a_candidates(m, n, k, group_size, sms)
 
 
 def _serial_when_split(cands: list[dict], ok) -> list[dict]:
@@ -419,13 +426,18 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     n = packed.shape[0]
     if kernel == "dequant":
         return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
+    if kernel == "dp4a":
+        from .triton_int4_dp4a import _launch_dp4a
+        return _launch_dp4a(x, packed, scales, zeros, group_size, block_n=block_n or 128, chunks=chunks,
+                            split_k=split_k or 1, num_warps=num_warps or 4, num_stages=num_stages or 3, serial=serial,
+                            pdl=pdl)
     if kernel == "mma":
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
                            fold=fold, layout=layout, asm=asm, x_perm=x_perm)
     if kernel not in (None, "tc"):
-        raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma' or 'dequant'")
+        raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma', 'dp4a' or 'dequant'")
     if gemv is None:
         gemv = m <= GEMV_MAX_ROWS and kernel is None
     if gemv and kernel is not None:

@@ -1,0 +1,222 @@
+"""Triton kernels: the int4 GEMV (1-2 rows) on integer dot products, x as two int8 limbs (config kernel="dp4a").
+
+Reference: `int4_linear_reference` in int4.py, which it matches to within the limbs' rounding (the bound below);
+`dp4a_reference` here reproduces the kernel's integer sums exactly (tests).
+
+Why. triton_int4's GEMV spends ~4.6 sm_90 instructions a code (Nsight Compute on the H200, gate_up at 1 row:
+16.7M warp instructions for 117M codes, issue slots 55% busy, 2.17 TB/s; ncu_int4_gemv1_pf_stepmajor_h200.log):
+one LOP3 and one FMA a code plus x's per-plane scaling, the zero point and the addressing, so the issue rate,
+not DRAM, bounds it. PTX's dp4a multiplies four bytes by four bytes and adds them to an int32 in one
+instruction. With each token's x as the int8 limbs of triton_int8_limbs (per step of the GEMV: scale =
+max|x| / 16256, v = rint(x / scale), hi = rint(v / 128), lo = v - 128 hi, |x - scale v| <= max|x| / 32512, finer
+than bfloat16's own rounding for every value above max|x| / 64), a word of 8 codes costs two LOP3s and a shift
+(its even and odd nibbles as four bytes each), four dp4a (both limbs, both halves) and a multiply-add, about
+one instruction a code, and the group's scale and zero point come in once a row and step:
+    out[n] += scale[n, g] * (sx * sum(q * v) - zero[n, g] * sx * sum(v))
+Layout: in the kernel layout (int4.pack_int4_kernel) nibble i of word r of chunk c is feature 32c + 4i + r, so
+byte b of `w & 0x0F0F0F0F` holds feature 32c + r + 8b and byte b of `(w >> 4) & 0x0F0F0F0F` feature 32c + r + 8b
++ 4. `_x_limbs_kernel` packs each limb in that order once per call (xq [M, 4, K / 8] int32: hi even, hi odd,
+lo even, lo odd, word for word with the weight's words; xs [M, steps, 2] float32: sx and sx * sum(v) per step),
+one program a row and step; the GEMV (`_int4_dp4a_kernel`, grid (M, cdiv(N, BLOCK_N), SPLIT_K), split-K as
+triton_int4's GEMV) reads a [BLOCK_N, 4 * CHUNKS] tile of words a step and the step's four packed x vectors.
+Steps lie inside one group (the launch checks). Off CUDA (the Triton interpreter) dp4a is emulated byte by
+byte; on CUDA it is one `dp4a.u32.s32` of inline PTX (sm_61+). Nothing reads device values on the host
+(CUDA-graph safe).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
+from .int4 import KERNEL_CHUNK, unpack_int4
+from .int4_layout import _step_words, layout_args
+from .triton_int4 import _next_group_params, gemv_config
+from .triton_int8 import _serial_split_reduce, gemv_result, split_outputs
+from .triton_int8_limbs import _LIMBS_MAX, LIMB, LIMBS_MAX
+
+
+@triton.jit
+def _rint(v):
+    """v rounded to the nearest integer, ties to even (|v| < 2^22), as a float."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _pack_bytes(v, b):
+    """Rows of four int8 values v [W, 4] (as floats) packed into int32 words, value b in byte b."""
+    return tl.sum((v.to(tl.int32) & 0xFF) << (8 * b)[None, :], axis=1)
+
+
+@triton.jit
+def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, stride_sm, CHUNKS: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Program (m, step): the step's 32 * CHUNKS features of row m as the limbs' packed words (module docstring)
+    and the step's sx and sx * sum(v) (0 and 0 when its x is all zero)."""
+    WORDS: tl.constexpr = 4 * CHUNKS
+    m = tl.program_id(0)
+    step = tl.program_id(1)
+    wait_for_inputs(PDL)
+    release(PDL)
+    offs_w = tl.arange(0, WORDS)
+    b = tl.arange(0, 4)
+    even = step * (32 * CHUNKS) + (32 * (offs_w // 4) + offs_w % 4)[:, None] + 8 * b[None, :]  # [WORDS, 4]
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    xe = tl.load(x_row + even, mask=even < K, other=0.0).to(tl.float32)
+    xo = tl.load(x_row + even + 4, mask=even + 4 < K, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=1), axis=0), tl.max(tl.max(tl.abs(xo), axis=1), axis=0))
+    scale = amax / _LIMBS_MAX
+    inv = tl.where(amax > 0, _LIMBS_MAX / tl.where(amax > 0, amax, 1.0), 0.0)
+    ve = tl.minimum(tl.maximum(_rint(xe * inv), -_LIMBS_MAX), _LIMBS_MAX)
+    vo = tl.minimum(tl.maximum(_rint(xo * inv), -_LIMBS_MAX), _LIMBS_MAX)
+    he = _rint(ve * (1.0 / 128.0))
+    ho = _rint(vo * (1.0 / 128.0))
+    q_row = q_ptr + m.to(tl.int64) * stride_qm + step * WORDS + offs_w
+    mask_w = step * (32 * CHUNKS) + 32 * (offs_w // 4) < K  # whole chunks: K % 32 == 0
+    tl.store(q_row, _pack_bytes(he, b), mask=mask_w)
+    tl.store(q_row + stride_qp, _pack_bytes(ho, b), mask=mask_w)
+    tl.store(q_row + 2 * stride_qp, _pack_bytes(ve - 128.0 * he, b), mask=mask_w)
+    tl.store(q_row + 3 * stride_qp, _pack_bytes(vo - 128.0 * ho, b), mask=mask_w)
+    vsum = tl.sum(tl.sum(ve, axis=1), axis=0) + tl.sum(tl.sum(vo, axis=1), axis=0)  # exact: integers < 2^22
+    s_row = s_ptr + m.to(tl.int64) * stride_sm + 2 * step
+    tl.store(s_row, scale)
+    tl.store(s_row + 1, scale * vsum)
+
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + the sum over bytes i of a's byte i (unsigned) times b's byte i (signed), int32 (PTX dp4a.u32.s32)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            c += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        return c
+
+
+@triton.jit
+def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N, K, k_per_split, split_k,
+                      stride_qm, stride_qp, stride_xsm, stride_wn, stride_ws, stride_sn, stride_os, stride_om,
+                      RUN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
+                      EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
+                      PDL: tl.constexpr):
+    WORDS: tl.constexpr = 4 * CHUNKS
+    STEP: tl.constexpr = 32 * CHUNKS
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = tl.arange(0, WORDS)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    wait_for_inputs(PDL)  # programmatic dependent launch (engine.kernels.pdl)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = offs_n.to(tl.int64) * stride_sn
+    q_row = q_ptr + m.to(tl.int64) * stride_qm
+    xs_row = xs_ptr + m.to(tl.int64) * stride_xsm
+    zero_words = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
+    for k0 in tl.range(k_start, k_end, STEP, num_stages=STAGES):
+        if EVEN_K:  # every step whole: masks constant along K, so loads stay 16-byte vectors
+            mask_w = tl.full([WORDS], 1, tl.int1)
+        else:  # whole chunks: K and every split bound are multiples of 32
+            mask_w = k0 + 32 * (offs_w // 4) < k_end
+        kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
+        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :],
+                    mask=mask_n[:, None] & mask_w[None, :], other=0)
+        scale, zero = s_next.to(tl.float32), z_next.to(tl.float32)  # this step's, loaded a step ago
+        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + STEP, K, GROUP)
+        words = tl.max_contiguous(tl.multiple_of(kw + offs_w, 4), 4)
+        he = tl.broadcast_to(tl.load(q_row + words, mask=mask_w, other=0)[None, :], w.shape)
+        ho = tl.broadcast_to(tl.load(q_row + stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
+        le = tl.broadcast_to(tl.load(q_row + 2 * stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
+        lo = tl.broadcast_to(tl.load(q_row + 3 * stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
+        sx = tl.load(xs_row + 2 * (k0 // STEP))
+        sxv = tl.load(xs_row + 2 * (k0 // STEP) + 1)
+        qe = w & 0x0F0F0F0F
+        qo = (w >> 4) & 0x0F0F0F0F
+        hi = _dp4a(qo, ho, _dp4a(qe, he, zero_words, ASM), ASM)
+        lo = _dp4a(qo, lo, _dp4a(qe, le, zero_words, ASM), ASM)
+        dot = tl.sum(hi * 128 + lo, axis=1)  # sum of q * v over the step, exact (|.| < 2^31)
+        acc += scale * (sx * dot.to(tl.float32) - zero * sxv)
+    release(PDL)
+    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
+    # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
+
+
+# ----- launch ---------------------------------------------------------------------------------------
+# (block_n, chunks, warps, stages): the GEMV tiles of triton_int4 that won a layer there, and 4 stages
+DP4A_TILES = ((128, 4, 4, 3), (64, 4, 2, 3), (256, 4, 8, 3), (128, 4, 4, 4), (64, 4, 4, 3))
+
+
+def dp4a_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
+    """kernel="dp4a" configs for 1-2 rows: DP4A_TILES (chunks capped to the group), split-K as the GEMV's
+    heuristic, reduced in the kernel, and each tile without split-K."""
+    out = []
+    for bn, ch, w, st in DP4A_TILES:
+        ch = min(ch, group_size // KERNEL_CHUNK)
+        cfg = gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w, num_stages=st)
+        base = dict(kernel="dp4a", block_n=bn, chunks=ch, num_warps=w, num_stages=st)
+        for split in dict.fromkeys((cfg["split_k"], 1)):
+            c = dict(base, split_k=split, serial=split > 1)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, chunks: int) -> torch.Tensor:
+    """What the dp4a kernel computes for qweight [N, K // 2] uint8 (int4.quantize_int4's), in float64 on the CPU: x's limbs per step of 32 * chunks features, the exact
+    integer sums of q * v, then scale * (sx * sum(q v) - zero * sx * sum(v)) per row, group and step."""
+    x = x.double().cpu()
+    q = unpack_int4(qweight.cpu()).to(torch.int64)
+    step = KERNEL_CHUNK * chunks
+    m, k = x.shape
+    out = torch.zeros(m, q.shape[0], dtype=torch.float64)
+    for k0 in range(0, k, step):
+        xs = x[:, k0:k0 + step].float()  # the kernel's float32 arithmetic for the limbs
+        amax = xs.abs().amax(1, keepdim=True)
+        inv = torch.where(amax > 0, LIMBS_MAX / torch.where(amax > 0, amax, 1.0), 0.0)
+        v = torch.round(xs * inv).clamp(-LIMBS_MAX, LIMBS_MAX)
+        hi = torch.round(v / LIMB)
+        v = (LIMB * hi + (v - LIMB * hi)).to(torch.int64)
+        sx = (amax / LIMBS_MAX).double()
+        g = k0 // group_size
+        dot = v @ q[:, k0:k0 + step].t()
+        out += scales[:, g].double().cpu()[None] * (sx * dot - zeros[:, g].double().cpu()[None] * sx * v.sum(1, keepdim=True))
+    return out
+
+
+def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,
+                 num_stages=3, serial=False, pdl=None):
+    m, k = x.shape
+    n = packed.shape[0]
+    step = KERNEL_CHUNK * chunks
+    if group_size % step:
+        raise ValueError(f"kernel='dp4a' needs steps inside one group: chunks={chunks} ({step} features) "
+                         f"does not divide group_size={group_size}")
+    pdl = pdl_enabled(x.device, pdl)
+    steps = triton.cdiv(k, step)
+    xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
+    xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
+    _x_limbs_kernel[(m, steps)](x, xq, xs, k, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
+                                PDL=pdl, num_warps=1, **launch_options(pdl))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
+    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, 1, block_n, split_k, serial, x.dtype)
+    stride_wn, stride_ws, run = layout_args(packed)
+    _int4_dp4a_kernel[grid](xq, xs, packed, scales, zeros, out, res, out if locks is None else locks, n, k,
+                            k_per_split, split_k, xq.stride(0), xq.stride(1), xs.stride(0), stride_wn, stride_ws,
+                            scales.stride(0), split_stride, out.stride(-2), RUN=run, GROUP=group_size,
+                            BLOCK_N=block_n, CHUNKS=chunks, EVEN_K=k % step == 0, SERIAL=locks is not None,
+                            STAGES=num_stages if x.is_cuda else 1, ASM=x.is_cuda, PDL=pdl, num_warps=num_warps,
+                            **launch_options(pdl))
+    return res if locks is not None else gemv_result(out, x.dtype)
