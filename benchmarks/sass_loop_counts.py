@@ -7,7 +7,7 @@ a code. A decode GEMV moving int4 weights at the H200's ~4.8 TB/s needs ~9.6e12 
 thread instructions/s (132 SMs x 4 x 32 lanes x 1.98 GHz) it must stay near 3 instructions per code at
 full issue; this is how the kernel variants were compared before any GPU run.
 
-    PYTHONPATH=. python benchmarks/sass_loop_counts.py            # prints one line per kernel config
+    PYTHONPATH=. python benchmarks/sass_loop_counts.py [NAME]     # one line per kernel config (NAME in its name)
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ INT8_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*fp
              "lock_ptr": "*i32"}
 INT8_SIZES = {"N": "i32", "K": "i32", "split_k": "i32", "stride_xm": "i32", "stride_wn": "i32", "stride_os": "i32",
               "stride_om": "i32"}
+
+DP4A_SIG = {"q_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
+            "res_ptr": "*bf16", "lock_ptr": "*i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+            "stride_qm": "i32", "stride_qp": "i32", "stride_xsm": "i32", "stride_wn": "i32", "stride_ws": "i32",
+            "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
@@ -69,6 +74,7 @@ def loop_opcodes(kernel) -> collections.Counter:
 
 def main() -> None:
     from engine.quant.triton_int4 import _int4_gemv_kernel
+    from engine.quant.triton_int4_dp4a import _int4_dp4a_kernel
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     from engine.quant.triton_int8 import _int8_gemv_kernel, _int8_mm_kernel
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
@@ -78,6 +84,9 @@ def main() -> None:
          dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False), 4, 128 * 128 / 128),
         ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False), 4, 256 * 128 / 128),
+        *[(f"int4 dp4a GEMV {bn}x4 {w} warps", _int4_dp4a_kernel, DP4A_SIG,
+           dict(RUN=16, GROUP=128, EVEN_K=True, SERIAL=True, STAGES=3, BLOCK_N=bn, CHUNKS=4, ASM=True, PDL=False), w,
+           bn * 128 / (32 * w)) for bn, w in ((128, 4), (256, 4), (256, 8))],
         ("int4 tc swap 16x256x4 asm x_natural", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32",
               PREFETCH=False, XPERM=False), 4,
@@ -103,7 +112,10 @@ def main() -> None:
          dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, EVEN_K=True, SERIAL=True, STAGES=3, PRECISION="tf32",
               SWAP=False, ASM=True), 4, 128 * 128 / 128),
     ]
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
     for name, fn, sig, cons, warps, codes in rows:
+        if only not in name:
+            continue
         ops = loop_opcodes(compile_sm90(fn, sig, cons, warps))
         total = sum(ops.values())
         top = ", ".join(f"{op} {c}" for op, c in ops.most_common(8))

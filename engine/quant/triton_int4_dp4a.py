@@ -196,6 +196,19 @@ def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
+def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as the dp4a kernel reads it, per step of 32 * chunks features (_x_limbs_kernel): xq [M, 4, K / 8]
+    int32 (the hi limb's even and odd bytes, then the lo limb's, word for word with the weight's words) and xs
+    [M, steps, 2] float32 (sx and sx * sum(v))."""
+    m, k = x.shape
+    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
+    xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
+    xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
+    _x_limbs_kernel[(m, steps)](x, xq, xs, k, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
+                                PDL=pdl, num_warps=1, **launch_options(pdl))
+    return xq, xs
+
+
 def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,
                  num_stages=3, serial=False, pdl=None):
     m, k = x.shape
@@ -205,11 +218,7 @@ def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4,
         raise ValueError(f"kernel='dp4a' needs steps inside one group: chunks={chunks} ({step} features) "
                          f"does not divide group_size={group_size}")
     pdl = pdl_enabled(x.device, pdl)
-    steps = triton.cdiv(k, step)
-    xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
-    xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
-    _x_limbs_kernel[(m, steps)](x, xq, xs, k, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
-                                PDL=pdl, num_warps=1, **launch_options(pdl))
+    xq, xs = x_limbs(x, chunks, pdl)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
     grid, out, split_stride, locks, res = split_outputs(x.device, m, n, 1, block_n, split_k, serial, x.dtype)
     stride_wn, stride_ws, run = layout_args(packed)

@@ -77,6 +77,27 @@ def check_int4_gemv():
         assert "fma.rn.f32" in ptx and not re.search(r"\.ftz\.f32", ptx)
 
 
+def check_int4_dp4a():
+    """The integer-dot GEMV: 16-byte asynchronous copies of the weight words, the products by dp4a; the kernel
+    that packs x's limbs waits for the kernel before it (PDL) before it reads x."""
+    from engine.quant.triton_int4_dp4a import _int4_dp4a_kernel, _x_limbs_kernel
+    sig = {"q_ptr": "*i32", "xs_ptr": "*fp32", **{k: v for k, v in INT4_ARGS.items() if k != "x_ptr"}, "N": "i32",
+           **{k: v for k, v in INT4_SIZES.items() if k != "stride_xm"}, "stride_qm": "i32", "stride_qp": "i32",
+           "stride_xsm": "i32"}
+    sig = {k: sig[k] for k in _int4_dp4a_kernel.arg_names if k in sig}
+    ptx = _pdl_variants(lambda **pdl: _compile(_int4_dp4a_kernel, sig, dict(
+        RUN=16, GROUP=128, BLOCK_N=128, CHUNKS=4, EVEN_K=True, SERIAL=True, STAGES=3, ASM=True, **pdl)))
+    assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
+    # four a word (both limbs, both nibble halves): 128 x 16 words over 128 threads
+    assert len(re.findall(r"dp4a\.u32\.s32", ptx)) == 4 * 128 * 16 // 128
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    limbs = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+             "stride_qm": "i32", "stride_qp": "i32", "stride_sm": "i32"}
+    ptx = _compile(_x_limbs_kernel, limbs, dict(CHUNKS=4, PDL=True), num_warps=1)
+    wait = ptx.find("griddepcontrol.wait")
+    assert 0 <= wait < ptx.find("ld.global")
+
+
 def check_dot_kernels():
     from engine.quant.triton_int4 import _int4_dot_kernel
     from engine.quant.triton_int8 import _int8_mm_kernel
@@ -330,6 +351,10 @@ def test_dequant_kernels_read_and_write_vectors():
 
 def test_int4_gemv_streams_16_byte_words_and_reduces_split_k_in_the_kernel():
     _run("check_int4_gemv")
+
+
+def test_int4_dp4a_gemv_streams_16_byte_words_into_integer_dot_products():
+    _run("check_int4_dp4a")
 
 
 def test_int4_and_int8_dot_kernels_use_wgmma():

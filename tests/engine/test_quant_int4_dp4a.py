@@ -1,0 +1,127 @@
+"""The integer-dot int4 GEMV (engine/quant/triton_int4_dp4a.py) through Triton's CPU interpreter, dp4a emulated
+byte by byte (compiled, with the PTX instruction, where CUDA is present): x's limbs packed in the kernel layout's
+byte order (known answer), the kernel's sums equal to a float64 reimplementation of them (dp4a_reference), and the
+product within the limbs' rounding of the dequantize-then-matmul reference over 25 decades of x; split-K, ragged N,
+K off the step, groups of 32 and 128."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from engine.quant.int4 import (dequantize_int4, int4_linear_reference, pack_int4, pack_int4_kernel,  # noqa: E402
+                               quantize_int4)
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DP4A = dict(kernel="dp4a")
+
+
+def test_x_limbs_pack_each_words_features_in_its_byte_order():
+    """Known answer: x = 3 * ((f % 128) - 64), each 128-feature step's max |x| set to 192, so v = rint(x * 16256 /
+    192); byte b of word j of the hi-even plane is the hi limb of feature 32 (j // 4) + j % 4 + 8 b, of the hi-odd
+    plane that of feature + 4, the lo planes likewise; xs holds sx = 192 / 16256 and sx * sum(v) per step."""
+    from engine.quant.triton_int4_dp4a import LIMB, LIMBS_MAX, x_limbs
+    k = 256
+    x = torch.tensor([[(f % 128) - 64.0 for f in range(k)]]) * 3.0
+    x[0, 127] = x[0, 255] = 64.0 * 3.0  # each 128-feature step's max |x| is 192: v = x * 16256 / 192
+    xq, xs = x_limbs(x.to(DEVICE), 4)
+    xq, xs = xq.cpu(), xs.cpu()
+    v = torch.round(x[0] * (LIMBS_MAX / 192.0))
+    hi = torch.round(v / LIMB)
+    lo = v - LIMB * hi
+    assert xq.shape == (1, 4, k // 8)
+
+    def byte(word, b):
+        return ((int(word) & 0xFFFFFFFF) >> (8 * b) & 0xFF) - (256 if (int(word) >> (8 * b) & 0x80) else 0)
+
+    for j in range(k // 8):
+        for b in range(4):
+            f = 32 * (j // 4) + j % 4 + 8 * b
+            assert byte(xq[0, 0, j], b) == hi[f] and byte(xq[0, 1, j], b) == hi[f + 4], (j, b)
+            assert byte(xq[0, 2, j], b) == lo[f] and byte(xq[0, 3, j], b) == lo[f + 4], (j, b)
+    assert torch.allclose(xs[0, :, 0], torch.full((2,), 192.0 / LIMBS_MAX))
+    for s in range(2):
+        assert xs[0, s, 1].item() == pytest.approx(192.0 / LIMBS_MAX * v[128 * s:128 * (s + 1)].sum().item())
+
+
+# (m, n, k, group, cfg): ragged N, K off a 128-feature step (96, 160), unequal and empty slices
+CASES = [
+    (1, 48, 256, 128, dict(DP4A, block_n=16, chunks=4, split_k=1)),
+    (2, 40, 384, 128, dict(DP4A, block_n=32, chunks=4, split_k=3, serial=True)),
+    (1, 33, 160, 32, dict(DP4A, block_n=16, chunks=1, split_k=4)),                 # an empty slice, torch.sum
+    (2, 24, 96, 32, dict(DP4A, block_n=16, chunks=1, split_k=1)),
+    (1, 40, 1024, 256, dict(DP4A, block_n=8, chunks=4, split_k=2, serial=True)),   # 2 steps a group
+    (1, 24, 192, 64, dict(DP4A, block_n=8, chunks=2, split_k=2, serial=True)),     # 3 groups, 2 slices
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES)
+def test_int4_dp4a_gemv_computes_its_integer_sums_exactly(m, n, k, group, cfg, dtype):
+    """Against dp4a_reference (float64, the same limbs): float32 rounding only; against the dequantize-then-matmul
+    reference: within the limbs' rounding (|x - scale v| <= max|x| / 32512 per feature)."""
+    from engine.quant.triton_int4 import int4_matmul
+    from engine.quant.triton_int4_dp4a import dp4a_reference
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    scales = scales.to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
+                      group, **cfg).cpu()
+    assert out.dtype == dtype and out.shape == (m, n)
+    exact = dp4a_reference(x, qweight, scales, zeros, group, cfg["chunks"])
+    ref = int4_linear_reference(x, qweight, scales, zeros).double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-3  # float16 output rounding
+    assert ((out.double() - exact).norm() / exact.norm()).item() < tol
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-4 + tol
+
+
+@pytest.mark.parametrize("magnitude", [1e-15, 1e-3, 1.0, 1e5, 1e10])
+def test_int4_dp4a_gemv_keeps_its_accuracy_over_the_range_of_x(magnitude):
+    """The limbs are a fixed point of each step's range, so the error relative to the product does not depend on
+    x's magnitude (x of both signs, exact zeros, an all-zero step)."""
+    from engine.quant.triton_int4 import int4_matmul
+    g = torch.Generator().manual_seed(7)
+    n, k, group = 40, 512, 128
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    x = torch.randn(2, k, generator=g) * magnitude
+    x[:, ::17] = 0.0
+    x[1, 128:256] = 0.0
+    ref = x.double() @ dequantize_int4(qweight, scales, zeros, torch.float64).t()
+    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
+                      group, **DP4A, block_n=16, chunks=4, split_k=2, serial=True).cpu().double()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-4
+
+
+def test_int4_dp4a_gemv_reads_back_every_code():
+    """Scale 1, zero 0, x a unit row: v = 16256 at the one feature, so the output is the codes of that feature."""
+    from engine.quant.triton_int4 import int4_matmul
+    n, k, group = 24, 128, 32
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    packed = pack_int4_kernel(pack_int4(codes)).to(DEVICE)
+    ones, zeros = torch.ones(n, k // group), torch.zeros(n, k // group, dtype=torch.uint8)
+    for f in (0, 1, 3, 4, 7, 8, 12, 16, 20, 28, 31, 32, 37, 100, 127):
+        x = torch.eye(k)[f:f + 1]
+        out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE), zeros.to(DEVICE), group, **DP4A, block_n=8,
+                          chunks=1).cpu()
+        assert torch.allclose(out[0], codes[:, f].float(), rtol=1e-6), f
+
+
+def test_int4_dp4a_is_offered_on_cuda_with_16_bit_x_and_keeps_steps_in_one_group():
+    from engine.quant.triton_int4 import _launch, candidates
+    for group in (32, 64, 128):
+        dp4a = [c for c in candidates(1, 4096, 4096, group, 132, asm=True) if c.get("kernel") == "dp4a"]
+        assert len(dp4a) >= 5 and all(group % (32 * c["chunks"]) == 0 for c in dp4a)
+        assert any(c["split_k"] > 1 and c["serial"] for c in dp4a) and any(c["split_k"] == 1 for c in dp4a)
+    # off CUDA / float32 x (asm=False) and above the GEMV's rows it is not a candidate
+    assert not any(c.get("kernel") == "dp4a" for c in candidates(1, 4096, 4096, 128, 132, asm=False))
+    assert not any(c.get("kernel") == "dp4a" for c in candidates(16, 4096, 4096, 128, 132, asm=True))
+    qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
+    with pytest.raises(ValueError, match="chunks=8"):
+        _launch(torch.randn(1, 256), pack_int4_kernel(qweight), scales, zeros, 128, **DP4A, chunks=8)
