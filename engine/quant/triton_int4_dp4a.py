@@ -66,8 +66,8 @@ def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, str
     xe = tl.load(x_row + even, mask=even < K, other=0.0).to(tl.float32)
     xo = tl.load(x_row + even + 4, mask=even + 4 < K, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=1), axis=0), tl.max(tl.max(tl.abs(xo), axis=1), axis=0))
-    scale = amax / _LIMBS_MAX
-    inv = tl.where(amax > 0, _LIMBS_MAX / tl.where(amax > 0, amax, 1.0), 0.0)
+    scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
+    inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
     ve = tl.minimum(tl.maximum(_rint(xe * inv), -_LIMBS_MAX), _LIMBS_MAX)
     vo = tl.minimum(tl.maximum(_rint(xo * inv), -_LIMBS_MAX), _LIMBS_MAX)
     he = _rint(ve * (1.0 / 128.0))
