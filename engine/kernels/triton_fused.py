@@ -154,10 +154,6 @@ class TritonFusedBackend(TritonBackend):
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
             return fused_linear(x, linear, "norm", residual, norm)
-        if _is_int4(linear):  # the norm in the dp4a GEMV's limbs pass, where the tuner picked that kernel
-            fused = linear.forward_prologue(x, "norm", residual, norm)
-            if fused is not None:
-                return fused
         if _is_fp8(linear):  # the norm writes the fp8 W8A8 input (codes, per-token scales) directly
             from ..quant.triton_fp8 import add_rms_norm_fp8
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
@@ -168,19 +164,10 @@ class TritonFusedBackend(TritonBackend):
     def silu_linear(self, h, linear):
         if fusable(h, linear, "silu"):
             return fused_linear(h, linear, "silu")
-        if _is_int4(linear):
-            fused = linear.forward_prologue(h, "silu")
-            if fused is not None:
-                return fused
         if _is_fp8(linear):
             from ..quant.triton_fp8 import silu_and_mul_fp8
             return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
         return linear(silu_and_mul_triton(h))
-
-
-def _is_int4(linear) -> bool:
-    from ..quant.int4 import Int4Linear
-    return type(linear) is Int4Linear
 
 
 def _is_fp8(linear) -> bool:

@@ -171,22 +171,6 @@ class Int4Linear(nn.Module):
             out = int4_linear_reference(x, self.qweight, self.scales, self.zeros)
         return out if self.bias is None else out + self.bias
 
-    def forward_prologue(self, x: torch.Tensor, prologue: str, residual: torch.Tensor | None = None,
-                         norm: nn.Module | None = None):
-        """self(prologue(x)) with the element-wise op before the layer ("norm": the RMSNorm module `norm` on x +
-        residual, returning (out, new residual); "silu": silu(h[:, :K]) * h[:, K:] of x = h) fused into the int4
-        GEMV where the tuner picked the dp4a kernel for this shape (CUDA, 1-2 rows, no act-order permutation);
-        None where it does not run (the caller runs the op, then the layer)."""
-        if self.perm is not None:
-            return None
-        from .triton_int4 import int4_prologue_matmul
-        norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
-        fused = int4_prologue_matmul(x, self.packed, self.scales, self.zeros, self.group_size, prologue, residual,
-                                     norm_weight, eps)
-        if fused is None or self.bias is None:
-            return fused
-        return (fused[0] + self.bias, fused[1]) if prologue == "norm" else fused + self.bias
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"int4 group={self.group_size}")

@@ -400,39 +400,14 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    return _launch(x, packed, scales, zeros, group_size, **(config or tuned_config(x, packed, scales, zeros,
-                                                                                      group_size)))
-
-
-def tuned_config(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int) -> dict:
-    """The config int4_matmul launches for x [M, K] (M > 0) with these weights: measured by tuning.pick on CUDA
-    (once per rows bucket, N, K, group and dtype), else the heuristic."""
-    m, k = x.shape
-    n = packed.shape[0]
-    cands = candidates(m, n, k, group_size, num_sms(x.device), asm=asm_supported(x))
-    key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
-    copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
-                      for i in range(tuning.weight_copies(packed.numel() * 4))]
-    return tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
-
-
-def int4_prologue_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                         group_size: int, prologue: str, residual: torch.Tensor | None = None,
-                         norm_weight: torch.Tensor | None = None, eps: float = 1e-6):
-    """prologue(x) @ dequant(W)^T with the element-wise op before the layer (triton_gemv's prologues: "norm" returns
-    (out, new residual), "silu" takes h [M, 2K]) run inside the dp4a GEMV's limbs pass, one kernel fewer, when
-    the config tuned for the layer's input shape is that GEMV; None otherwise (the caller runs the op, then
-    int4_matmul)."""
-    k = packed[0].numel() * 8
-    if x.dim() != 2 or not 0 < x.shape[0] <= GEMV_MAX_ROWS or not asm_supported(x):
-        return None
-    config = tuned_config(x[:, :k], packed, scales, zeros, group_size)  # (timed on x: only its shape matters)
-    if config.get("kernel") != "dp4a":
-        return None
-    from .triton_int4_dp4a import _launch_dp4a
-    return _launch_dp4a(x, packed, scales, zeros, group_size, **{c: v for c, v in config.items() if c != "kernel"},
-                        prologue=prologue, residual=residual, norm_weight=norm_weight, eps=eps)
+    if not config:
+        sms = num_sms(x.device)
+        cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
+        key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
+        copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
+                          for i in range(tuning.weight_copies(packed.numel() * 4))]
+        config = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+    return _launch(x, packed, scales, zeros, group_size, **config)
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,

@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
-from ..kernels.triton_gemv import PROLOGUES, _prologue_x
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
 from .triton_int4 import _next_group_params, gemv_config
@@ -51,54 +50,36 @@ def _pack_bytes(v, b):
 
 
 @triton.jit
-def _x_limbs_kernel(x_ptr, res_ptr, nw_ptr, q_ptr, s_ptr, res_out_ptr, K, eps, stride_xm, stride_qm, stride_qp,
-                    stride_sm, CHUNKS: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                    ROW_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (m, step): the step's 32 * CHUNKS features of the layer's input row m (x, or the element-wise op
-    before the layer applied to it, triton_gemv's PROLOGUE: "norm" x := norm_weight * rmsnorm(x + residual), each
-    program summing the whole row's squares and step 0's writing the new residual; "silu" x := silu(h[:, :K]) *
-    h[:, K:]; rounded as the unfused kernels round) as the limbs' packed words (module docstring), and the step's
-    sx and sx * sum(v) (0 and 0 when its x is all zero)."""
+def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, stride_sm, CHUNKS: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Program (m, step): the step's 32 * CHUNKS features of row m as the limbs' packed words (module docstring)
+    and the step's sx and sx * sum(v) (0 and 0 when its x is all zero)."""
     WORDS: tl.constexpr = 4 * CHUNKS
-    m = tl.program_id(0).to(tl.int64)
+    m = tl.program_id(0)
     step = tl.program_id(1)
-    dtype = x_ptr.dtype.element_ty
     wait_for_inputs(PDL)
     release(PDL)
-    x_row = x_ptr + m * stride_xm
-    res_row = res_ptr + m * K
-    inv = 1.0
-    if PROLOGUE == 1:
-        offs = tl.arange(0, ROW_BLOCK)
-        mask = offs < K
-        h = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            h += tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-        h = h.to(dtype)
-        if step == 0:
-            tl.store(res_out_ptr + m * K + offs, h, mask=mask)
-        hf = h.to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / K + eps)
     offs_w = tl.arange(0, WORDS)
     b = tl.arange(0, 4)
     even = step * (32 * CHUNKS) + (32 * (offs_w // 4) + offs_w % 4)[:, None] + 8 * b[None, :]  # [WORDS, 4]
-    xe = _prologue_x(x_row, res_row, nw_ptr, even, even < K, K, inv, PROLOGUE, HAS_RESIDUAL, dtype)
-    xo = _prologue_x(x_row, res_row, nw_ptr, even + 4, even + 4 < K, K, inv, PROLOGUE, HAS_RESIDUAL, dtype)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    xe = tl.load(x_row + even, mask=even < K, other=0.0).to(tl.float32)
+    xo = tl.load(x_row + even + 4, mask=even + 4 < K, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=1), axis=0), tl.max(tl.max(tl.abs(xo), axis=1), axis=0))
     scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
-    inv_scale = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
-    ve = tl.minimum(tl.maximum(_rint(xe * inv_scale), -_LIMBS_MAX), _LIMBS_MAX)
-    vo = tl.minimum(tl.maximum(_rint(xo * inv_scale), -_LIMBS_MAX), _LIMBS_MAX)
+    inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
+    ve = tl.minimum(tl.maximum(_rint(xe * inv), -_LIMBS_MAX), _LIMBS_MAX)
+    vo = tl.minimum(tl.maximum(_rint(xo * inv), -_LIMBS_MAX), _LIMBS_MAX)
     he = _rint(ve * (1.0 / 128.0))
     ho = _rint(vo * (1.0 / 128.0))
-    q_row = q_ptr + m * stride_qm + step * WORDS + offs_w
+    q_row = q_ptr + m.to(tl.int64) * stride_qm + step * WORDS + offs_w
     mask_w = step * (32 * CHUNKS) + 32 * (offs_w // 4) < K  # whole chunks: K % 32 == 0
     tl.store(q_row, _pack_bytes(he, b), mask=mask_w)
     tl.store(q_row + stride_qp, _pack_bytes(ho, b), mask=mask_w)
     tl.store(q_row + 2 * stride_qp, _pack_bytes(ve - 128.0 * he, b), mask=mask_w)
     tl.store(q_row + 3 * stride_qp, _pack_bytes(vo - 128.0 * ho, b), mask=mask_w)
     vsum = tl.sum(tl.sum(ve, axis=1), axis=0) + tl.sum(tl.sum(vo, axis=1), axis=0)  # exact: integers < 2^22
-    s_row = s_ptr + m * stride_sm + 2 * step
+    s_row = s_ptr + m.to(tl.int64) * stride_sm + 2 * step
     tl.store(s_row, scale)
     tl.store(s_row + 1, scale * vsum)
 
@@ -215,43 +196,29 @@ def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False, prologue: str = "none",
-            residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6):
-    """The layer input prologue(x) [M, K] as the dp4a kernel reads it, per step of 32 * chunks features
-    (_x_limbs_kernel; prologue as triton_gemv's: "silu" takes x = h [M, 2K], "norm" also returns the new residual):
-    (xq, xs, new residual or None), xq [M, 4, K / 8] int32 (the hi limb's even and odd bytes, then the lo limb's,
-    word for word with the weight's words), xs [M, steps, 2] float32 (sx and sx * sum(v))."""
-    code = PROLOGUES[prologue]
-    m, k = x.shape[0], x.shape[1] // 2 if code == 2 else x.shape[1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as the dp4a kernel reads it, per step of 32 * chunks features (_x_limbs_kernel): xq [M, 4, K / 8]
+    int32 (the hi limb's even and odd bytes, then the lo limb's, word for word with the weight's words) and xs
+    [M, steps, 2] float32 (sx and sx * sum(v))."""
+    m, k = x.shape
     steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
     xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
     xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
-    res_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if code == 1 else None
-    if residual is not None:
-        residual = residual.contiguous()
-    _x_limbs_kernel[(m, steps)](x, residual if residual is not None else x,
-                                norm_weight if norm_weight is not None else x, xq, xs,
-                                res_out if res_out is not None else x, k, eps, x.stride(0), xq.stride(0), xq.stride(1),
-                                xs.stride(0), CHUNKS=chunks, PROLOGUE=code, HAS_RESIDUAL=residual is not None,
-                                ROW_BLOCK=triton.next_power_of_2(k) if code == 1 else 1, PDL=pdl,
-                                num_warps=4 if code == 1 else 1, **launch_options(pdl))
-    return xq, xs, res_out
+    _x_limbs_kernel[(m, steps)](x, xq, xs, k, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
+                                PDL=pdl, num_warps=1, **launch_options(pdl))
+    return xq, xs
 
 
 def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,
-                 num_stages=3, serial=False, pdl=None, prologue="none", residual=None, norm_weight=None, eps=1e-6):
-    """x [M, K] (prologue "silu": h [M, 2K]) -> prologue(x) @ dequant(W)^T [M, N] in x's dtype; with prologue
-    "norm" (out, new residual)."""
-    m = x.shape[0]
-    n, k = packed.shape[0], packed[0].numel() * 8
+                 num_stages=3, serial=False, pdl=None):
+    m, k = x.shape
+    n = packed.shape[0]
     step = KERNEL_CHUNK * chunks
     if group_size % step:
         raise ValueError(f"kernel='dp4a' needs steps inside one group: chunks={chunks} ({step} features) "
                          f"does not divide group_size={group_size}")
     pdl = pdl_enabled(x.device, pdl)
-    xq, xs, res_out = x_limbs(x, chunks, pdl, prologue, residual, norm_weight, eps)
+    xq, xs = x_limbs(x, chunks, pdl)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
     grid, out, split_stride, locks, res = split_outputs(x.device, m, n, 1, block_n, split_k, serial, x.dtype)
     stride_wn, stride_ws, run = layout_args(packed)
@@ -261,5 +228,4 @@ def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4,
                             BLOCK_N=block_n, CHUNKS=chunks, EVEN_K=k % step == 0, SERIAL=locks is not None,
                             STAGES=num_stages if x.is_cuda else 1, ASM=x.is_cuda, PDL=pdl, num_warps=num_warps,
                             **launch_options(pdl))
-    out = res if locks is not None else gemv_result(out, x.dtype)
-    return (out, res_out) if res_out is not None else out
+    return res if locks is not None else gemv_result(out, x.dtype)
