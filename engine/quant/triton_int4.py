@@ -51,7 +51,9 @@ instructions per code of the GEMV, so it is the candidate meant for decode at 1-
 swapped and with big tiles, for 64 rows and more. A fourth, triton_int4_mma.py (config kernel="mma"),
 folds the zero point and scale out of the per-code work (the MMA operand is the 16-bit float 128 + q
 built by integer ops) and, with layout="pairs", unpacks in the wgmma operand's registers, two codes per
-LOP3 (mma_candidates, every row bucket). Which kernel and config a shape gets is measured on
+LOP3 (mma_candidates, every row bucket). A fifth, triton_int4_dp4a.py (config kernel="dp4a", 1-2 rows, CUDA and
+16-bit x), is the GEMV on integer dot products: x as two int8 limbs a step, four dp4a a word of 8 codes, about
+half the GEMV's instructions a code. Which kernel and config a shape gets is measured on
 the device (tuning.pick, over candidates(); the shape heuristic is the first candidate, and the one
 used off CUDA or during graph capture). Nothing reads device values
 on the host, so the launches can be captured in a CUDA graph.
