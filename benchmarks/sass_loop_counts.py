@@ -85,7 +85,7 @@ def main() -> None:
         ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False), 4, 256 * 128 / 128),
         *[(f"int4 dp4a GEMV {bn}x4 {w} warps", _int4_dp4a_kernel, DP4A_SIG,
-           dict(RUN=16, GROUP=128, EVEN_K=True, SERIAL=True, STAGES=3, BLOCK_N=bn, CHUNKS=4, ASM=True, PDL=False), w,
+           dict(RUN=16, GROUP=128, SERIAL=True, STAGES=3, BLOCK_N=bn, CHUNKS=4, ASM=True, PDL=False), w,
            bn * 128 / (32 * w)) for bn, w in ((128, 4), (256, 4), (256, 8))],
         ("int4 tc swap 16x256x4 asm x_natural", _int4_tc_kernel, {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
          dict(g4, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SWAP=True, DEQUANT=2, XNAT=True, PRECISION="tf32",

@@ -34,7 +34,7 @@ from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
 from .triton_int4 import _next_group_params, gemv_config
 from .triton_int8 import _serial_split_reduce, gemv_result, split_outputs
-from .triton_int8_limbs import _LIMBS_MAX, LIMB, LIMBS_MAX
+from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _pack_bytes(v, b):
 
 
 @triton.jit
-def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, stride_sm, CHUNKS: tl.constexpr,
+def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_qp, stride_sm, CHUNKS: tl.constexpr,
                     PDL: tl.constexpr):
     """Program (m, step): the step's 32 * CHUNKS features of row m as the limbs' packed words (module docstring)
     and the step's sx and sx * sum(v) (0 and 0 when its x is all zero)."""
@@ -63,8 +63,8 @@ def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, str
     b = tl.arange(0, 4)
     even = step * (32 * CHUNKS) + (32 * (offs_w // 4) + offs_w % 4)[:, None] + 8 * b[None, :]  # [WORDS, 4]
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    xe = tl.load(x_row + even, mask=even < K, other=0.0).to(tl.float32)
-    xo = tl.load(x_row + even + 4, mask=even + 4 < K, other=0.0).to(tl.float32)
+    xe = tl.load(x_row + even).to(tl.float32)  # (K is whole steps: the launch checks)
+    xo = tl.load(x_row + even + 4).to(tl.float32)
     amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=1), axis=0), tl.max(tl.max(tl.abs(xo), axis=1), axis=0))
     scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
     inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
@@ -73,11 +73,10 @@ def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_qp, str
     he = _rint(ve * (1.0 / 128.0))
     ho = _rint(vo * (1.0 / 128.0))
     q_row = q_ptr + m.to(tl.int64) * stride_qm + step * WORDS + offs_w
-    mask_w = step * (32 * CHUNKS) + 32 * (offs_w // 4) < K  # whole chunks: K % 32 == 0
-    tl.store(q_row, _pack_bytes(he, b), mask=mask_w)
-    tl.store(q_row + stride_qp, _pack_bytes(ho, b), mask=mask_w)
-    tl.store(q_row + 2 * stride_qp, _pack_bytes(ve - 128.0 * he, b), mask=mask_w)
-    tl.store(q_row + 3 * stride_qp, _pack_bytes(vo - 128.0 * ho, b), mask=mask_w)
+    tl.store(q_row, _pack_bytes(he, b))
+    tl.store(q_row + stride_qp, _pack_bytes(ho, b))
+    tl.store(q_row + 2 * stride_qp, _pack_bytes(ve - 128.0 * he, b))
+    tl.store(q_row + 3 * stride_qp, _pack_bytes(vo - 128.0 * ho, b))
     vsum = tl.sum(tl.sum(ve, axis=1), axis=0) + tl.sum(tl.sum(vo, axis=1), axis=0)  # exact: integers < 2^22
     s_row = s_ptr + m.to(tl.int64) * stride_sm + 2 * step
     tl.store(s_row, scale)
@@ -100,8 +99,9 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N, K, k_per_split, split_k,
                       stride_qm, stride_qp, stride_xsm, stride_wn, stride_ws, stride_sn, stride_os, stride_om,
                       RUN: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
-                      EVEN_K: tl.constexpr, SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr,
-                      PDL: tl.constexpr):
+                      SERIAL: tl.constexpr, STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Program (m, column tile, K slice): out[m, tile] (split_k > 1: the slice's partial) from the step-major words
+    and x's limbs (module docstring). K and every slice are whole steps (the launch checks)."""
     WORDS: tl.constexpr = 4 * CHUNKS
     STEP: tl.constexpr = 32 * CHUNKS
     m = tl.program_id(0)
@@ -121,20 +121,15 @@ def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k0 in tl.range(k_start, k_end, STEP, num_stages=STAGES):
-        if EVEN_K:  # every step whole: masks constant along K, so loads stay 16-byte vectors
-            mask_w = tl.full([WORDS], 1, tl.int1)
-        else:  # whole chunks: K and every split bound are multiples of 32
-            mask_w = k0 + 32 * (offs_w // 4) < k_end
         kw = tl.multiple_of(k0 // 8, 4)  # steps start on whole chunks: 16-byte aligned words
-        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :],
-                    mask=mask_n[:, None] & mask_w[None, :], other=0)
+        w = tl.load(w_rows + _step_words(kw, offs_w, stride_ws, RUN, 4)[None, :], mask=mask_n[:, None], other=0)
         scale, zero = s_next.to(tl.float32), z_next.to(tl.float32)  # this step's, loaded a step ago
         s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + STEP, K, GROUP)
         words = tl.max_contiguous(tl.multiple_of(kw + offs_w, 4), 4)
-        he = tl.broadcast_to(tl.load(q_row + words, mask=mask_w, other=0)[None, :], w.shape)
-        ho = tl.broadcast_to(tl.load(q_row + stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
-        le = tl.broadcast_to(tl.load(q_row + 2 * stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
-        lo = tl.broadcast_to(tl.load(q_row + 3 * stride_qp + words, mask=mask_w, other=0)[None, :], w.shape)
+        he = tl.broadcast_to(tl.load(q_row + words)[None, :], w.shape)
+        ho = tl.broadcast_to(tl.load(q_row + stride_qp + words)[None, :], w.shape)
+        le = tl.broadcast_to(tl.load(q_row + 2 * stride_qp + words)[None, :], w.shape)
+        lo = tl.broadcast_to(tl.load(q_row + 3 * stride_qp + words)[None, :], w.shape)
         sx = tl.load(xs_row + 2 * (k0 // STEP))
         sxv = tl.load(xs_row + 2 * (k0 // STEP) + 1)
         qe = w & 0x0F0F0F0F
@@ -175,8 +170,9 @@ def dp4a_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[d
 
 def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int, chunks: int) -> torch.Tensor:
-    """What the dp4a kernel computes for qweight [N, K // 2] uint8 (int4.quantize_int4's), in float64 on the CPU: x's limbs per step of 32 * chunks features, the exact
-    integer sums of q * v, then scale * (sx * sum(q v) - zero * sx * sum(v)) per row, group and step."""
+    """What the dp4a kernel computes for qweight [N, K // 2] uint8 (int4.quantize_int4's), in float64 on the CPU:
+    x's limbs per step of 32 * chunks features, the exact integer sums of q * v (v = 128 hi + lo), then
+    scale * (sx * sum(q v) - zero * sx * sum(v)) per row, group and step."""
     x = x.double().cpu()
     q = unpack_int4(qweight.cpu()).to(torch.int64)
     step = KERNEL_CHUNK * chunks
@@ -186,13 +182,11 @@ def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         xs = x[:, k0:k0 + step].float()  # the kernel's float32 arithmetic for the limbs
         amax = xs.abs().amax(1, keepdim=True)
         inv = torch.where(amax > 0, LIMBS_MAX / torch.where(amax > 0, amax, 1.0), 0.0)
-        v = torch.round(xs * inv).clamp(-LIMBS_MAX, LIMBS_MAX)
-        hi = torch.round(v / LIMB)
-        v = (LIMB * hi + (v - LIMB * hi)).to(torch.int64)
+        v = torch.round(xs * inv).clamp(-LIMBS_MAX, LIMBS_MAX).to(torch.int64)
         sx = (amax / LIMBS_MAX).double()
         g = k0 // group_size
-        dot = v @ q[:, k0:k0 + step].t()
-        out += scales[:, g].double().cpu()[None] * (sx * dot - zeros[:, g].double().cpu()[None] * sx * v.sum(1, keepdim=True))
+        scale, zero = scales[:, g].double().cpu()[None], zeros[:, g].double().cpu()[None]
+        out += scale * (sx * (v @ q[:, k0:k0 + step].t()) - zero * sx * v.sum(1, keepdim=True))
     return out
 
 
@@ -201,10 +195,10 @@ def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> tuple[torch.Tens
     int32 (the hi limb's even and odd bytes, then the lo limb's, word for word with the weight's words) and xs
     [M, steps, 2] float32 (sx and sx * sum(v))."""
     m, k = x.shape
-    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
+    steps = k // (KERNEL_CHUNK * chunks)
     xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
     xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
-    _x_limbs_kernel[(m, steps)](x, xq, xs, k, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
+    _x_limbs_kernel[(m, steps)](x, xq, xs, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
                                 PDL=pdl, num_warps=1, **launch_options(pdl))
     return xq, xs
 
@@ -214,9 +208,9 @@ def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4,
     m, k = x.shape
     n = packed.shape[0]
     step = KERNEL_CHUNK * chunks
-    if group_size % step:
-        raise ValueError(f"kernel='dp4a' needs steps inside one group: chunks={chunks} ({step} features) "
-                         f"does not divide group_size={group_size}")
+    if group_size % step or k % group_size:  # then K and every K slice are whole steps
+        raise ValueError(f"kernel='dp4a' needs steps inside one group and K whole groups: chunks={chunks} ({step} "
+                         f"features), group_size={group_size}, K={k}")
     pdl = pdl_enabled(x.device, pdl)
     xq, xs = x_limbs(x, chunks, pdl)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
@@ -225,7 +219,7 @@ def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4,
     _int4_dp4a_kernel[grid](xq, xs, packed, scales, zeros, out, res, out if locks is None else locks, n, k,
                             k_per_split, split_k, xq.stride(0), xq.stride(1), xs.stride(0), stride_wn, stride_ws,
                             scales.stride(0), split_stride, out.stride(-2), RUN=run, GROUP=group_size,
-                            BLOCK_N=block_n, CHUNKS=chunks, EVEN_K=k % step == 0, SERIAL=locks is not None,
+                            BLOCK_N=block_n, CHUNKS=chunks, SERIAL=locks is not None,
                             STAGES=num_stages if x.is_cuda else 1, ASM=x.is_cuda, PDL=pdl, num_warps=num_warps,
                             **launch_options(pdl))
     return res if locks is not None else gemv_result(out, x.dtype)

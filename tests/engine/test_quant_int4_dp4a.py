@@ -2,7 +2,7 @@
 byte by byte (compiled, with the PTX instruction, where CUDA is present): x's limbs packed in the kernel layout's
 byte order (known answer), the kernel's sums equal to a float64 reimplementation of them (dp4a_reference), and the
 product within the limbs' rounding of the dequantize-then-matmul reference over 25 decades of x; split-K, ragged N,
-K off the step, groups of 32 and 128."""
+groups of 32 to 256."""
 from __future__ import annotations
 
 import os
@@ -26,7 +26,8 @@ def test_x_limbs_pack_each_words_features_in_its_byte_order():
     """Known answer: x = 3 * ((f % 128) - 64), each 128-feature step's max |x| set to 192, so v = rint(x * 16256 /
     192); byte b of word j of the hi-even plane is the hi limb of feature 32 (j // 4) + j % 4 + 8 b, of the hi-odd
     plane that of feature + 4, the lo planes likewise; xs holds sx = 192 / 16256 and sx * sum(v) per step."""
-    from engine.quant.triton_int4_dp4a import LIMB, LIMBS_MAX, x_limbs
+    from engine.quant.triton_int4_dp4a import x_limbs
+    from engine.quant.triton_int8_limbs import LIMB, LIMBS_MAX
     k = 256
     x = torch.tensor([[(f % 128) - 64.0 for f in range(k)]]) * 3.0
     x[0, 127] = x[0, 255] = 64.0 * 3.0  # each 128-feature step's max |x| is 192: v = x * 16256 / 192
@@ -50,7 +51,7 @@ def test_x_limbs_pack_each_words_features_in_its_byte_order():
         assert xs[0, s, 1].item() == pytest.approx(192.0 / LIMBS_MAX * v[128 * s:128 * (s + 1)].sum().item())
 
 
-# (m, n, k, group, cfg): ragged N, K off a 128-feature step (96, 160), unequal and empty slices
+# (m, n, k, group, cfg): ragged N, K of 3 and 5 chunks (96, 160), unequal and empty slices
 CASES = [
     (1, 48, 256, 128, dict(DP4A, block_n=16, chunks=4, split_k=1)),
     (2, 40, 384, 128, dict(DP4A, block_n=32, chunks=4, split_k=3, serial=True)),

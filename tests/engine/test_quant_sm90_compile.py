@@ -86,12 +86,12 @@ def check_int4_dp4a():
            "stride_xsm": "i32"}
     sig = {k: sig[k] for k in _int4_dp4a_kernel.arg_names if k in sig}
     ptx = _pdl_variants(lambda **pdl: _compile(_int4_dp4a_kernel, sig, dict(
-        RUN=16, GROUP=128, BLOCK_N=128, CHUNKS=4, EVEN_K=True, SERIAL=True, STAGES=3, ASM=True, **pdl)))
+        RUN=16, GROUP=128, BLOCK_N=128, CHUNKS=4, SERIAL=True, STAGES=3, ASM=True, **pdl)))
     assert re.search(r"cp\.async\.cg\.shared\.global \[[^\]]*\], \[[^\]]*\], 0x10", ptx)
     # four a word (both limbs, both nibble halves): 128 x 16 words over 128 threads
     assert len(re.findall(r"dp4a\.u32\.s32", ptx)) == 4 * 128 * 16 // 128
     assert "atom.global.gpu.acq_rel.add" in ptx
-    limbs = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+    limbs = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": "*fp32", "stride_xm": "i32",
              "stride_qm": "i32", "stride_qp": "i32", "stride_sm": "i32"}
     ptx = _compile(_x_limbs_kernel, limbs, dict(CHUNKS=4, PDL=True), num_warps=1)
     wait = ptx.find("griddepcontrol.wait")
