@@ -145,15 +145,9 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
                       PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     WORDS: tl.constexpr = 4 * CHUNKS
     E: tl.constexpr = DENORMAL_E
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    m, pid_n, pid_k, offs_n, mask_n, k_start, k_end = _gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
     col_k = 32 * (offs_w // 4) + offs_w % 4  # plane 0's feature of each word column, from the step start
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     wait_for_inputs(PDL)  # programmatic dependent launch (engine.kernels.pdl)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
@@ -186,9 +180,27 @@ def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, N,
         # sum (q - zero) * x = sum q * x - zero * sum x
         acc += (part - zero * (x_sum * (2.0 ** (E - 149)))[None, :]) * scale
     release(PDL)
-    out = tl.sum(acc, 1) * (2.0 ** (149 - E))
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
-    # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
+    _gemv_store(tl.sum(acc, 1) * (2.0 ** (149 - E)), out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n,
+                split_k, stride_os, stride_om, SERIAL)
+
+
+@triton.jit
+def _gemv_program(N, K, k_per_split, BLOCK_N: tl.constexpr):
+    """A GEMV program's place in its grid (M, cdiv(N, BLOCK_N), SPLIT_K): (row m, pid_n, pid_k, its columns and
+    their mask, its K slice [k_start, k_end))."""
+    pid_k = tl.program_id(2)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_k * k_per_split
+    return (tl.program_id(0), tl.program_id(1), pid_k, offs_n, offs_n < N, k_start,
+            tl.minimum(k_start + k_per_split, K))
+
+
+@triton.jit
+def _gemv_store(out, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om,
+                SERIAL: tl.constexpr):
+    """A GEMV program's result `out` [BLOCK_N]: with split_k > 1 out_ptr is a float32 [split_k, M, N] scratch (every
+    slice writes, empty ones zeros), reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a
+    torch.sum afterwards."""
     offs = m.to(tl.int64) * stride_om + offs_n
     tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
     if SERIAL:

@@ -32,8 +32,8 @@ import triton.language as tl
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
-from .triton_int4 import _next_group_params, gemv_config
-from .triton_int8 import _serial_split_reduce, gemv_result, split_outputs
+from .triton_int4 import _gemv_program, _gemv_store, _next_group_params, gemv_config
+from .triton_int8 import gemv_result, split_outputs
 from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX
 
 
@@ -104,14 +104,8 @@ def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock
     and x's limbs (module docstring). K and every slice are whole steps (the launch checks)."""
     WORDS: tl.constexpr = 4 * CHUNKS
     STEP: tl.constexpr = 32 * CHUNKS
-    m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    m, pid_n, pid_k, offs_n, mask_n, k_start, k_end = _gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, WORDS)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
     wait_for_inputs(PDL)  # programmatic dependent launch (engine.kernels.pdl)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = offs_n.to(tl.int64) * stride_sn
@@ -139,13 +133,8 @@ def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock
         dot = tl.sum(hi * 128 + lo, axis=1)  # sum of q * v over the step, exact (|.| < 2^31)
         acc += scale * (sx * dot.to(tl.float32) - zero * sxv)
     release(PDL)
-    # split_k > 1: out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones zeros),
-    # reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a torch.sum afterwards.
-    offs = m.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
-                             m * tl.num_programs(1) + pid_n, split_k)
+    _gemv_store(acc, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om,
+                SERIAL)
 
 
 # ----- launch ---------------------------------------------------------------------------------------

@@ -67,15 +67,10 @@ CASES = [
 def test_int4_dp4a_gemv_computes_its_integer_sums_exactly(m, n, k, group, cfg, dtype):
     """Against dp4a_reference (float64, the same limbs): float32 rounding only; against the dequantize-then-matmul
     reference: within the limbs' rounding (|x - scale v| <= max|x| / 32512 per feature)."""
-    from engine.quant.triton_int4 import int4_matmul
+    from test_quant_int4_kernels import run_case
+
     from engine.quant.triton_int4_dp4a import dp4a_reference
-    g = torch.Generator().manual_seed(m * 1000 + n + k)
-    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
-    scales = scales.to(dtype)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
-                      group, **cfg).cpu()
-    assert out.dtype == dtype and out.shape == (m, n)
+    x, qweight, scales, zeros, out = run_case(m, n, k, group, cfg, dtype)
     exact = dp4a_reference(x, qweight, scales, zeros, group, cfg["chunks"])
     ref = int4_linear_reference(x, qweight, scales, zeros).double()
     tol = 1e-6 if dtype == torch.float32 else 1e-3  # float16 output rounding

@@ -140,9 +140,9 @@ MMA_CASES = [  # triton_int4_mma (kernel="mma"): (m, n, k, group, cfg)
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,group,cfg", CASES + TC_CASES + MMA_CASES)
-def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
+def run_case(m: int, n: int, k: int, group: int, cfg: dict, dtype: torch.dtype):
+    """int4_matmul with config cfg on random group-quantized weights [n, k] and x [m, k] of dtype (seeded by the
+    shape): (x, qweight, scales, zeros, out on the CPU), out checked for dtype and shape."""
     from engine.quant.triton_int4 import int4_matmul
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
@@ -150,8 +150,15 @@ def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
     x = torch.randn(m, k, generator=g).to(dtype)
     out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
                       group, **cfg).cpu()
-    ref = int4_linear_reference(x, qweight, scales, zeros).float()
     assert out.dtype == dtype and out.shape == (m, n)
+    return x, qweight, scales, zeros, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,group,cfg", CASES + TC_CASES + MMA_CASES)
+def test_int4_kernels_match_dequantize_then_matmul(m, n, k, group, cfg, dtype):
+    x, qweight, scales, zeros, out = run_case(m, n, k, group, cfg, dtype)
+    ref = int4_linear_reference(x, qweight, scales, zeros).float()
     # fp16: the tl.dot kernel rounds dequantized weights to fp16 before the product.
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     assert ((out.float() - ref).norm() / ref.norm()).item() < tol
