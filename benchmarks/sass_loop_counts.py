@@ -81,9 +81,9 @@ def main() -> None:
     g4 = dict(RUN=16, GROUP=128, ONE_GROUP=True, EVEN_K=True, SERIAL=True, STAGES=3)
     rows = [  # (name, kernel, signature, constexprs, warps, weight codes a thread handles per loop trip)
         ("int4 GEMV 128x4", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False), 4, 128 * 128 / 128),
+         dict(g4, BLOCK_N=128, CHUNKS=4, PDL=False, PREFETCH=False), 4, 128 * 128 / 128),
         ("int4 GEMV 256x4 (8 rows a thread)", _int4_gemv_kernel, {**INT4_ARGS, "N": "i32", **INT4_SIZES},
-         dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False), 4, 256 * 128 / 128),
+         dict(g4, BLOCK_N=256, CHUNKS=4, PDL=False, PREFETCH=False), 4, 256 * 128 / 128),
         *[(f"int4 dp4a GEMV {bn}x4 {w} warps", _int4_dp4a_kernel, DP4A_SIG,
            dict(RUN=16, GROUP=128, SERIAL=True, STAGES=3, BLOCK_N=bn, CHUNKS=4, ASM=True, PDL=False), w,
            bn * 128 / (32 * w)) for bn, w in ((128, 4), (256, 4), (256, 8))],

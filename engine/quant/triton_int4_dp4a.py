@@ -34,13 +34,7 @@ from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
 from .triton_int4 import _gemv_program, _gemv_store, _next_group_params, gemv_config
 from .triton_int8 import gemv_result, split_outputs
-from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX
-
-
-@triton.jit
-def _rint(v):
-    """v rounded to the nearest integer, ties to even (|v| < 2^22), as a float."""
-    return (v + 12582912.0) - 12582912.0
+from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX, _rint
 
 
 @triton.jit

@@ -42,14 +42,20 @@ _LIMBS_MAX = tl.constexpr(float(LIMBS_MAX))  # (what a @triton.jit function may 
 
 
 @triton.jit
+def _rint(v):
+    """v rounded to the nearest integer, ties to even (1.5 * 2^23 added and taken off; |v| < 2^22), as a float."""
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
 def _store_limbs(l_row, n, k0, y, scale, mask, BLOCK: tl.constexpr):
     """Features k0 .. k0 + BLOCK of one token (y float32, masked to 0): the int8 limbs of v = rint(y / scale)
     (|v| <= LIMBS_MAX), hi = rint(v / 128) at l_row and lo = v - 128 hi (|lo| <= 64) at l_row + n, so that
     y ~ scale * (128 hi + lo)."""
     v = tl.math.div_rn(y, scale)
-    v = (v + 12582912.0) - 12582912.0  # rint, ties to even (1.5 * 2^23; |v| < 2^22)
+    v = _rint(v)
     v = tl.minimum(tl.maximum(v, -_LIMBS_MAX), _LIMBS_MAX)
-    hi = (v * (1.0 / 128.0) + 12582912.0) - 12582912.0
+    hi = _rint(v * (1.0 / 128.0))
     offs = k0 + tl.arange(0, BLOCK)
     tl.store(l_row + offs, hi.to(tl.int8), mask=mask)
     tl.store(l_row + n + offs, (v - 128.0 * hi).to(tl.int8), mask=mask)
