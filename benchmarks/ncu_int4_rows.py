@@ -1,5 +1,5 @@
-"""Nsight Compute target: int4 kernels at 64 rows (gemv1: 1 row) on llama-3.1-8b's gate_up (28672 x 4096), and
-bf16 cuBLAS.
+"""Nsight Compute target: int4 kernels at 64 rows (gemv1: 1 row; mma16: 16 rows) on llama-3.1-8b's gate_up
+(28672 x 4096), and bf16 cuBLAS.
 
 One config a run, launched 3 times (ncu profiles the third, --launch-skip 2; the first launch compiles). The
 configs are the tuner's picks at 64 rows on the H200 (quant_kernels_int4_prefetch_h200.log): the one-dot-per-step
@@ -13,6 +13,8 @@ feature order), with and without the next step's scale / zero prefetched, and th
     # per-instruction stall samples: add --set full --import-source yes -o REPORT, then
     ncu -i REPORT.ncu-rep --page source --print-source sass --csv > sass.csv
     python3 benchmarks/ncu_int4_rows.py --sass-top sass.csv  # the main loop's mix and its most-stalled instructions
+    python3 benchmarks/ncu_int4_rows.py bf16 16  # a config at another row count (default: its own, else 64)
+    python3 benchmarks/ncu_int4_rows.py --time 16 mma16 mma16_async bf16  # CUDA-graph timings, 5 interleaved rounds
 """
 import csv
 import sys
@@ -30,7 +32,13 @@ CONFIGS = {"tcgemm": TC, "tcgemm_pf": dict(TC, prefetch=True),
            # decode at 1 row: the CUDA-core GEMV, the tuner's gate_up pick on the H200 (quant_kernels_int4_async_h200)
            "gemv1": dict(gemv=True, block_n=128, chunks=4, split_k=1, num_warps=4, num_stages=3)}
 CONFIGS["gemv1_pf"] = dict(CONFIGS["gemv1"], prefetch=True)
-ROWS = {"gemv1": 1, "gemv1_pf": 1}
+# decode at 16 rows: the swap-AB "pairs" tile, folded (the tuner's gate_up pick, quant_kernels_int4_async_h200)
+# and unfolded with x permuted once (one accumulator a dot, the wgmmas in flight)
+PAIRS16 = dict(kernel="mma", layout="pairs", swap=True, asm=True, block_m=16, block_n=128, block_k=128, split_k=2,
+               serial=True, num_warps=4, num_stages=3)
+CONFIGS["mma16"] = dict(PAIRS16, fold=True)
+CONFIGS["mma16_async"] = dict(PAIRS16, fold=False, x_perm=True)
+ROWS = {"gemv1": 1, "gemv1_pf": 1, "mma16": 16, "mma16_async": 16}
 
 
 def sass_top(path: str, top: int = 12) -> None:
@@ -51,23 +59,45 @@ def sass_top(path: str, top: int = 12) -> None:
         print(f"{int(r[stalls]) / total:6.1%} {r[execs]:>8} {r[src].strip()[:90]}")
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--sass-top":
-        return sass_top(sys.argv[2])
-    which = sys.argv[1] if len(sys.argv) > 1 else "tcgemm"
-    if which not in (*CONFIGS, "bf16"):
-        sys.exit(f"config {which!r}: choose one of {sorted((*CONFIGS, 'bf16'))}")
+def _setup(rows: int):
     torch.manual_seed(0)
     lin = torch.nn.Linear(4096, 28672, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, 0.0, 0.02)
     layer = Int4Linear.from_linear(lin, "gate_up")
-    x = torch.randn(ROWS.get(which, 64), 4096, device="cuda", dtype=torch.bfloat16)
+    return lin, layer, torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+
+
+def _run(which: str, lin, layer, x):
+    if which == "bf16":
+        return torch.nn.functional.linear(x, lin.weight)
+    return _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **CONFIGS[which])
+
+
+def time_configs(names: list[str], rows: int, rounds: int = 5) -> None:
+    """Median (min-max) microseconds of each config at `rows` rows over `rounds` interleaved CUDA-graph timings."""
+    from triton.testing import do_bench_cudagraph
+    lin, layer, x = _setup(rows)
+    times = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            times[n].append(1e3 * do_bench_cudagraph(lambda: _run(n, lin, layer, x), rep=50))
+    for n, t in times.items():
+        t.sort()
+        print(f"{n:14s} {rows:4d} rows  {t[len(t) // 2]:7.1f} us ({t[0]:.1f}-{t[-1]:.1f})")
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--sass-top":
+        return sass_top(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "--time":  # --time ROWS NAME...
+        return time_configs(sys.argv[3:], int(sys.argv[2]))
+    which = sys.argv[1] if len(sys.argv) > 1 else "tcgemm"
+    if which not in (*CONFIGS, "bf16"):
+        sys.exit(f"config {which!r}: choose one of {sorted((*CONFIGS, 'bf16'))}")
+    lin, layer, x = _setup(int(sys.argv[2]) if len(sys.argv) > 2 else ROWS.get(which, 64))
     ref = torch.nn.functional.linear(x, lin.weight)
     for _ in range(3):
-        if which == "bf16":
-            y = torch.nn.functional.linear(x, lin.weight)
-        else:
-            y = _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **CONFIGS[which])
+        y = _run(which, lin, layer, x)
     torch.cuda.synchronize()
     print(which, "relative difference from bf16 (int4 rounding):",
           ((y.float() - ref.float()).norm() / ref.float().norm()).item())
