@@ -19,11 +19,13 @@ feature order), with and without the next step's scale / zero prefetched, and th
 import csv
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
-from engine.quant.int4 import Int4Linear
-from engine.quant.triton_int4 import _launch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.quant.int4 import Int4Linear  # noqa: E402
+from engine.quant.triton_int4 import _launch  # noqa: E402
 
 TC = dict(kernel="tc", block_m=64, block_n=128, chunks=4, split_k=2, serial=True, num_warps=4, num_stages=3,
           swap=False, dequant="asm_scaled", x_natural=True)
@@ -37,8 +39,9 @@ CONFIGS["gemv1_pf"] = dict(CONFIGS["gemv1"], prefetch=True)
 PAIRS16 = dict(kernel="mma", layout="pairs", swap=True, asm=True, block_m=16, block_n=128, block_k=128, split_k=2,
                serial=True, num_warps=4, num_stages=3)
 CONFIGS["mma16"] = dict(PAIRS16, fold=True)
+CONFIGS["mma16_perm"] = dict(PAIRS16, fold=True, x_perm=True)
 CONFIGS["mma16_async"] = dict(PAIRS16, fold=False, x_perm=True)
-ROWS = {"gemv1": 1, "gemv1_pf": 1, "mma16": 16, "mma16_async": 16}
+ROWS = {"gemv1": 1, "gemv1_pf": 1, "mma16": 16, "mma16_perm": 16, "mma16_async": 16}
 
 
 def sass_top(path: str, top: int = 12) -> None:

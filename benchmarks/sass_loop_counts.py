@@ -39,6 +39,10 @@ DP4A_SIG = {"q_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16
             "res_ptr": "*bf16", "lock_ptr": "*i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
             "stride_qm": "i32", "stride_qp": "i32", "stride_xsm": "i32", "stride_wn": "i32", "stride_ws": "i32",
             "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
+PAIRS_SIG = {"x_ptr": "*bf16", "h_ptr": "*i16", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
+             "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+             "stride_xm": "i32", "stride_hn": "i32", "stride_hs": "i32", "stride_sn": "i32", "stride_os": "i32",
+             "stride_om": "i32"}
 
 
 def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int):
@@ -75,6 +79,7 @@ def loop_opcodes(kernel) -> collections.Counter:
 def main() -> None:
     from engine.quant.triton_int4 import _int4_gemv_kernel
     from engine.quant.triton_int4_dp4a import _int4_dp4a_kernel
+    from engine.quant.triton_int4_mma import _int4_mma_pairs_kernel
     from engine.quant.triton_int4_tc import _int4_tc_kernel
     from engine.quant.triton_int8 import _int8_gemv_kernel, _int8_mm_kernel
     from engine.quant.triton_int8_words import _int8_gemv_words_kernel
@@ -103,6 +108,12 @@ def main() -> None:
            {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
            dict(g4, BLOCK_M=64, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=3, XNAT=not perm, PRECISION="tf32",
                 PREFETCH=True, XPERM=perm), 4, 128 * 128 / 128) for perm in (False, True)],
+        *[(f"int4 mma pairs 16x{bn} {w} warps {'fold' if fold else 'unfolded'}{' x_perm' if perm else ''}",
+           _int4_mma_pairs_kernel,
+           PAIRS_SIG,
+           dict(HRUN=32, GROUP=128, BLOCK_M=16, BLOCK_N=bn, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
+                FOLD=fold, XPERM=perm, PRECISION="tf32"), w, bn * 128 / (32 * w))
+          for bn, w in ((128, 4), (256, 8)) for fold, perm in ((True, False), (True, True), (False, True))],
         ("int8 GEMV 64x256", _int8_gemv_kernel, {**INT8_ARGS, **INT8_SIZES},
          dict(BLOCK_N=64, BLOCK_K=256, EVEN_K=True, SERIAL=True, STAGES=3), 4, 64 * 256 / 128),
         *[(f"int8 word GEMV {bn}x{bk}x{w}", _int8_gemv_words_kernel, {**INT8_ARGS, **INT8_SIZES},
