@@ -41,7 +41,9 @@ PAIRS16 = dict(kernel="mma", layout="pairs", swap=True, asm=True, block_m=16, bl
 CONFIGS["mma16"] = dict(PAIRS16, fold=True)
 CONFIGS["mma16_perm"] = dict(PAIRS16, fold=True, x_perm=True)
 CONFIGS["mma16_async"] = dict(PAIRS16, fold=False, x_perm=True)
-ROWS = {"gemv1": 1, "gemv1_pf": 1, "mma16": 16, "mma16_perm": 16, "mma16_async": 16}
+for name in ("mma16", "mma16_perm", "mma16_async"):  # each step loading the next step's scale and zero
+    CONFIGS[name + "_pf"] = dict(CONFIGS[name], prefetch=True)
+ROWS = {name: 16 if name.startswith("mma16") else 1 for name in CONFIGS if name.startswith(("gemv1", "mma16"))}
 
 
 def sass_top(path: str, top: int = 12) -> None:

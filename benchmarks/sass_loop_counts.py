@@ -108,12 +108,12 @@ def main() -> None:
            {**INT4_ARGS, "M": "i32", "N": "i32", **INT4_SIZES},
            dict(g4, BLOCK_M=64, BLOCK_N=128, CHUNKS=4, SWAP=False, DEQUANT=3, XNAT=not perm, PRECISION="tf32",
                 PREFETCH=True, XPERM=perm), 4, 128 * 128 / 128) for perm in (False, True)],
-        *[(f"int4 mma pairs 16x{bn} {w} warps {'fold' if fold else 'unfolded'}{' x_perm' if perm else ''}",
-           _int4_mma_pairs_kernel,
-           PAIRS_SIG,
+        *[(f"int4 mma pairs 16x{bn} {w} warps {'fold' if fold else 'unfolded'}{' x_perm' if perm else ''}"
+           f"{' prefetch' if pf else ''}", _int4_mma_pairs_kernel, PAIRS_SIG,
            dict(HRUN=32, GROUP=128, BLOCK_M=16, BLOCK_N=bn, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0, ASM=True,
-                FOLD=fold, XPERM=perm, PRECISION="tf32"), w, bn * 128 / (32 * w))
-          for bn, w in ((128, 4), (256, 8)) for fold, perm in ((True, False), (True, True), (False, True))],
+                FOLD=fold, XPERM=perm, PRECISION="tf32", PREFETCH=pf), w, bn * 128 / (32 * w))
+          for bn, w in ((128, 4), (256, 8)) for fold, perm in ((True, False), (True, True), (False, True))
+          for pf in (False, True)],
         ("int8 GEMV 64x256", _int8_gemv_kernel, {**INT8_ARGS, **INT8_SIZES},
          dict(BLOCK_N=64, BLOCK_K=256, EVEN_K=True, SERIAL=True, STAGES=3), 4, 64 * 256 / 128),
         *[(f"int8 word GEMV {bn}x{bk}x{w}", _int8_gemv_words_kernel, {**INT8_ARGS, **INT8_SIZES},

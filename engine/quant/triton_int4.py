@@ -433,8 +433,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     any group), both CUDA and 16-bit x only; x_natural: x loaded in feature order and permuted in
     registers, not gathered; x_perm: x permuted into the tile's column order by triton_int4_tc.permute_x before
     the launch, then copied straight into the MMA operand; with kernel="mma", _launch_mma's x_perm); else the
-    GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel and GEMV,
-    steps inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
+    GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, GEMV and
+    the mma "pairs" tiles, steps inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
     dependent launch (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
@@ -449,7 +449,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
-                           fold=fold, layout=layout, asm=asm, x_perm=x_perm)
+                           fold=fold, layout=layout, asm=asm, x_perm=x_perm, prefetch=prefetch)
     if kernel not in (None, "tc"):
         raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma', 'dp4a' or 'dequant'")
     if gemv is None:

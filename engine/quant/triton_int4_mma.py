@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .int4_layout import _step_words, layout_args
-from .triton_int4 import _serial_when_split, asm_supported
+from .triton_int4 import _next_group_params, _serial_when_split, asm_supported
 from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
 
 
@@ -215,12 +215,15 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
                            stride_xm, stride_hn, stride_hs, stride_sn, stride_os, stride_om, HRUN: tl.constexpr,
                            GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr,
                            SERIAL: tl.constexpr, STAGES: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr,
-                           FOLD: tl.constexpr, XPERM: tl.constexpr, PRECISION: tl.constexpr):
+                           FOLD: tl.constexpr, XPERM: tl.constexpr, PRECISION: tl.constexpr,
+                           PREFETCH: tl.constexpr):
     """Swap-AB (out^T = W x^T), the weight read as 16-bit half-words (h_ptr: the packed words viewed as
     int16, [N, K // 4]): per step of 32 * CHUNKS features (inside one group) one [BLOCK_N, 8 * CHUNKS]
     half-word tile, loaded once, and 4 dots of K = 8 * CHUNKS: dot I takes nibble I of every half-word,
     i.e. column 2j + h is nibble 4h + I of word j, feature 32 * (j // 4) + 16h + 4I + j % 4, and x^T's
-    rows are gathered in that order. Folded dequantization as _int4_mma_kernel's FOLD."""
+    rows are gathered in that order. Folded dequantization as _int4_mma_kernel's FOLD. PREFETCH: each step
+    loads the next step's group scale and zero (plain loads, outside the pipelined copies), so their latency
+    overlaps a step's work instead of starting it."""
     HW: tl.constexpr = 8 * CHUNKS
     pid_m, pid_n, pid_k, offs_m, offs_n, mask_m, mask_n, k_start, k_end = \
         _tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
@@ -241,13 +244,19 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     acc1 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if PREFETCH:  # the first step's scale and zero
+        s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
     for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
         k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
         h = tl.load(h_rows + _step_words(kh, offs_h, stride_hs, HRUN, 8)[None, :], mask=mask_n[:, None], other=0)
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        if PREFETCH:  # this step's, loaded a step ago; then the next step's
+            scale, zero = s_next.to(tl.float32), z_next.to(tl.float32)
+            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
+        else:
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
         x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
         x1 = tl.load(x_tile + (k0 + X_STEP), mask=mask_m[None, :], other=0.0)
         x2 = tl.load(x_tile + (k0 + 2 * X_STEP), mask=mask_m[None, :], other=0.0)
@@ -362,22 +371,23 @@ def permute_pairs_x(x: torch.Tensor, chunks: int) -> torch.Tensor:
 
 def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
                 num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False,
-                x_perm=False):
+                x_perm=False, prefetch=False):
     """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
     fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
     scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step (asm: two codes per
     LOP3 by inline PTX, CUDA and 16-bit x only), folded or (fold=False) with (q - zero) * scale as the operand
     and one accumulator a dot, every wgmma in flight while the next operand is unpacked; x_perm (pairs): x
-    permuted by permute_pairs_x before the launch, its tiles then pipelined copies. block_k: the K step, a
-    multiple of 32 that divides the group (pairs: at least 128)."""
+    permuted by permute_pairs_x before the launch, its tiles then pipelined copies; prefetch (pairs): each step
+    loads the next step's scale and zero. block_k: the K step, a multiple of 32 that divides the group (pairs: at
+    least 128)."""
     if layout not in ("tile", "pairs"):
         raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
     if asm and not asm_supported(x):
         raise ValueError("asm=True (inline PTX) runs on CUDA (sm_80+) with float16 / bfloat16 x only")
     if layout == "pairs" and not swap:
         raise ValueError("layout='pairs' is swap-AB only")
-    if x_perm and layout != "pairs":
-        raise ValueError("x_perm=True is for layout='pairs'")
+    if (x_perm or prefetch) and layout != "pairs":
+        raise ValueError("x_perm=True and prefetch=True are for layout='pairs'")
     m, k = x.shape
     n = packed.shape[0]
     block_m = block_m or mm_block_m(m)
@@ -403,7 +413,7 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
                                      k_per_split, split_k, xk.stride(0), stride_hn, stride_hs, scales.stride(0),
                                      split_stride, out.stride(-2), HRUN=hrun, GROUP=group_size, BLOCK_M=block_m,
                                      BLOCK_N=block_n, CHUNKS=block_k // KERNEL_CHUNK, SERIAL=locks is not None,
-                                     STAGES=stages, MAGIC=magic, ASM=asm, FOLD=fold, XPERM=x_perm,
+                                     STAGES=stages, MAGIC=magic, ASM=asm, FOLD=fold, XPERM=x_perm, PREFETCH=prefetch,
                                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps)
         return res if locks is not None else gemv_result(out, x.dtype)
     stride_wn, stride_ws, run = layout_args(packed)

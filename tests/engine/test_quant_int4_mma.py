@@ -50,10 +50,16 @@ def test_mma_kernel_reads_back_every_code_exactly(cfg, dtype):
                                  dict(MMA, block_m=32, block_n=32, block_k=64, swap=False, fold=False),
                                  dict(MMA, layout="pairs", block_m=16, block_n=32, block_k=128, split_k=2),
                                  dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=32,
-                                      block_k=128)])
+                                      block_k=128),
+                                 dict(MMA, layout="pairs", prefetch=True, block_m=16, block_n=32, block_k=128,
+                                      split_k=2),
+                                 dict(MMA, layout="pairs", fold=False, x_perm=True, prefetch=True, block_m=16,
+                                      block_n=16, block_k=128, split_k=4)])
 def test_mma_kernel_on_checkpoint_layers(fmt, cfg):
     """AWQ layers (through the AWQ tensors and back) and GPTQ layers with act-order (a permutation of the
-    input features, zero points 1..16 as GPTQ v1 stores them) run the same kernel on the same layout."""
+    input features, zero points 1..16 as GPTQ v1 stores them) run the same kernel on the same layout; with
+    prefetch, each step's scale and zero loaded a step ahead (3 groups in slices of 2 steps and 1, or of 1 step
+    each and an empty one: the look-ahead past K is clamped)."""
     from engine.quant.checkpoint import awq_to_int4, int4_to_awq
     from engine.quant.triton_int4 import int4_matmul
     g = torch.Generator().manual_seed(7)
@@ -83,8 +89,9 @@ def test_mma_launch_rejects_configs_it_cannot_run():
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", block_k=64)
     with pytest.raises(ValueError, match="swap-AB"):
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="pairs", swap=False)
-    with pytest.raises(ValueError, match="x_perm=True is for layout='pairs'"):
-        _launch(x, packed, scales, zeros, 64, kernel="mma", x_perm=True)
+    for flag in ("x_perm", "prefetch"):
+        with pytest.raises(ValueError, match="x_perm=True and prefetch=True are for layout='pairs'"):
+            _launch(x, packed, scales, zeros, 64, kernel="mma", **{flag: True})
     with pytest.raises(ValueError, match="layout='rows'"):
         _launch(x, packed, scales, zeros, 64, kernel="mma", layout="rows")
     if not torch.cuda.is_available():

@@ -171,9 +171,11 @@ def check_int4_mma_kernels():
     for dt, mma, magic in (("bf16", "bf16.bf16", "0x43004300"), ("fp16", "f16.f16", "0x64006400")):
         types = dict(pairs_sig, x_ptr=f"*{dt}", s_ptr=f"*{dt}", res_ptr=f"*{dt}")
         consts = dict(HRUN=32, GROUP=128, BLOCK_M=16, BLOCK_N=256, CHUNKS=4, SERIAL=True, STAGES=3, MAGIC=128.0,
-                      ASM=True, FOLD=True, XPERM=False, PRECISION="tf32")
-        ptx = _compile(_int4_mma_pairs_kernel, types, consts, num_warps=8)
-        assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx and magic in ptx
+                      ASM=True, FOLD=True, XPERM=False, PRECISION="tf32", PREFETCH=False)
+        for prefetch in (True, False):  # (the last one's PTX checked below)
+            ptx = _compile(_int4_mma_pairs_kernel, types, dict(consts, PREFETCH=prefetch), num_warps=8)
+            assert f"wgmma.mma_async.sync.aligned.m64n16k16.f32.{mma}" in ptx and "0x000F000F" in ptx
+            assert magic in ptx
         # unfolded with x permuted first: x's tiles are pipelined copies and every wgmma stays in flight
         # (one wait for all of them, after the loop; folded, each of the 4 dots a step waits for its result)
         unfolded = _compile(_int4_mma_pairs_kernel, types, dict(consts, FOLD=False, XPERM=True, BLOCK_M=64,
