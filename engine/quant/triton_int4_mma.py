@@ -317,8 +317,9 @@ PAIRS_TILES = {
 }  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
 # "pairs" tiles unfolded (fold=False: (q - zero) * scale as the operand, one accumulator a dot, so the wgmmas
 # stay in flight: sm_90 PTX wait_group 7 against the folded tiles' wait_group 0 after every dot) with x_perm
-# (x's tiles pipelined copies), per bucket of rows; four accumulators a thread bound the tiles (sm_90 ptxas:
-# 126-222 registers, no spills; 64 x 256 and 128 x 128 spill).
+# (x's tiles pipelined copies) and the next step's scale and zero prefetched (gate_up at 16 rows on the H200,
+# 16 x 128, 4 warps: 35.2 against 40.7 us without, int4_m16_prefetch_times_h200.log), per bucket of rows; four
+# accumulators a thread bound the tiles (sm_90 ptxas: 126-222 registers, no spills; 64 x 256 and 128 x 128 spill).
 PAIRS_ASYNC_TILES = {
     16: ((16, 256, 8, 3), (16, 128, 4, 3)),
     32: ((32, 128, 4, 3), (16, 256, 8, 3)),
@@ -335,8 +336,9 @@ TILE_ALL_ROWS = ((256, 128, 64, 8, 2, False), (256, 64, 64, 8, 3, False))
 
 def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
     """triton_int4_mma configs for m rows: "pairs" tiles for every bucket (asm: its inline-PTX unpack;
-    only when the group holds whole 128-feature steps; above 2 rows also unfolded with x_perm), split-K up to
-    2 programs per SM (and 4 at up to 16 rows), reduced in the kernel; plain-GEMM "tile" configs above 64 rows."""
+    only when the group holds whole 128-feature steps; above 2 rows also unfolded with x_perm and prefetch),
+    split-K up to 2 programs per SM (and 4 at up to 16 rows), reduced in the kernel; plain-GEMM "tile" configs
+    above 64 rows."""
     bucket = next(b for b in sorted(PAIRS_TILES) if m <= b or b == 256)
     out = []
     if group_size % 128 == 0:
@@ -352,7 +354,7 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
             for bm, bn, warps, stages in PAIRS_ASYNC_TILES[next(b for b in sorted(PAIRS_ASYNC_TILES)
                                                                 if m <= b or b == 256)]:
                 cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False)
-                out.append(dict(cfg, layout="pairs", asm=asm, x_perm=True))
+                out.append(dict(cfg, layout="pairs", asm=asm, x_perm=True, prefetch=True))
     if m > 64:
         for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
             out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))

@@ -137,6 +137,11 @@ MMA_CASES = [  # triton_int4_mma (kernel="mma"): (m, n, k, group, cfg)
     (40, 24, 512, 128, dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=32, block_n=16, block_k=128,
                             split_k=4)),
     (5, 24, 768, 256, dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=16, block_k=256)),
+    # and each step's scale and zero loaded a step ahead (the tuned unfolded tiles), over split-K with an empty slice
+    (40, 24, 512, 128, dict(MMA, layout="pairs", fold=False, x_perm=True, prefetch=True, block_m=32, block_n=16,
+                            block_k=128, split_k=4, serial=True)),
+    (5, 24, 768, 256, dict(MMA, layout="pairs", fold=False, x_perm=True, prefetch=True, block_m=16, block_n=16,
+                           block_k=256)),
 ]
 
 
