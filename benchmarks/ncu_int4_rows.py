@@ -14,7 +14,7 @@ feature order), with and without the next step's scale / zero prefetched, and th
     ncu -i REPORT.ncu-rep --page source --print-source sass --csv > sass.csv
     python3 benchmarks/ncu_int4_rows.py --sass-top sass.csv  # the main loop's mix and its most-stalled instructions
     python3 benchmarks/ncu_int4_rows.py bf16 16  # a config at another row count (default: its own, else 64)
-    python3 benchmarks/ncu_int4_rows.py --time 16 mma16 mma16_async bf16  # CUDA-graph timings, 5 interleaved rounds
+    python3 benchmarks/ncu_int4_rows.py --time 16 mma16 mma16_async:split_k=4 bf16  # CUDA-graph timings, 5 rounds
 """
 import csv
 import sys
@@ -72,10 +72,20 @@ def _setup(rows: int):
     return lin, layer, torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
 
 
+def _config(which: str) -> dict:
+    """A config by name, with overrides after a colon: "mma16_async_pf:block_n=64,split_k=4"."""
+    name, _, over = which.partition(":")
+    cfg = dict(CONFIGS[name])
+    for item in filter(None, over.split(",")):
+        key, value = item.split("=")
+        cfg[key] = {"True": True, "False": False}.get(value, value) if not value.isdigit() else int(value)
+    return cfg
+
+
 def _run(which: str, lin, layer, x):
     if which == "bf16":
         return torch.nn.functional.linear(x, lin.weight)
-    return _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **CONFIGS[which])
+    return _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **_config(which))
 
 
 def time_configs(names: list[str], rows: int, rounds: int = 5) -> None:
@@ -88,7 +98,7 @@ def time_configs(names: list[str], rows: int, rounds: int = 5) -> None:
             times[n].append(1e3 * do_bench_cudagraph(lambda: _run(n, lin, layer, x), rep=50))
     for n, t in times.items():
         t.sort()
-        print(f"{n:14s} {rows:4d} rows  {t[len(t) // 2]:7.1f} us ({t[0]:.1f}-{t[-1]:.1f})")
+        print(f"{n:40s} {rows:4d} rows  {t[len(t) // 2]:7.1f} us ({t[0]:.1f}-{t[-1]:.1f})")
 
 
 def main() -> None:
@@ -97,7 +107,7 @@ def main() -> None:
     if len(sys.argv) > 3 and sys.argv[1] == "--time":  # --time ROWS NAME...
         return time_configs(sys.argv[3:], int(sys.argv[2]))
     which = sys.argv[1] if len(sys.argv) > 1 else "tcgemm"
-    if which not in (*CONFIGS, "bf16"):
+    if which.partition(":")[0] not in (*CONFIGS, "bf16"):
         sys.exit(f"config {which!r}: choose one of {sorted((*CONFIGS, 'bf16'))}")
     lin, layer, x = _setup(int(sys.argv[2]) if len(sys.argv) > 2 else ROWS.get(which, 64))
     ref = torch.nn.functional.linear(x, lin.weight)
