@@ -15,6 +15,7 @@ feature order), with and without the next step's scale / zero prefetched, and th
     python3 benchmarks/ncu_int4_rows.py --sass-top sass.csv  # the main loop's mix and its most-stalled instructions
     python3 benchmarks/ncu_int4_rows.py bf16 16  # a config at another row count (default: its own, else 64)
     python3 benchmarks/ncu_int4_rows.py --time 16 mma16 mma16_async:split_k=4 bf16  # CUDA-graph timings, 5 rounds
+    python3 benchmarks/ncu_int4_rows.py --time 16@down mma16:split_k=16 bf16  # another layer (LAYERS)
 """
 import csv
 import sys
@@ -64,12 +65,18 @@ def sass_top(path: str, top: int = 12) -> None:
         print(f"{int(r[stalls]) / total:6.1%} {r[execs]:>8} {r[src].strip()[:90]}")
 
 
-def _setup(rows: int):
+# llama-3.1-8b's projections, (N, K)
+LAYERS = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096), "o": (4096, 4096),
+          "lm_head": (128256, 4096)}
+
+
+def _setup(rows: int, layer_name: str = "gate_up"):
+    n, k = LAYERS[layer_name]
     torch.manual_seed(0)
-    lin = torch.nn.Linear(4096, 28672, bias=False, device="cuda", dtype=torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(lin.weight, 0.0, 0.02)
-    layer = Int4Linear.from_linear(lin, "gate_up")
-    return lin, layer, torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    layer = Int4Linear.from_linear(lin, layer_name)
+    return lin, layer, torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
 
 
 def _config(which: str) -> dict:
@@ -88,24 +95,26 @@ def _run(which: str, lin, layer, x):
     return _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **_config(which))
 
 
-def time_configs(names: list[str], rows: int, rounds: int = 5) -> None:
-    """Median (min-max) microseconds of each config at `rows` rows over `rounds` interleaved CUDA-graph timings."""
+def time_configs(names: list[str], rows: int, layer_name: str = "gate_up", rounds: int = 5) -> None:
+    """Median (min-max) microseconds of each config at `rows` rows of a layer over `rounds` interleaved CUDA-graph
+    timings."""
     from triton.testing import do_bench_cudagraph
-    lin, layer, x = _setup(rows)
+    lin, layer, x = _setup(rows, layer_name)
     times = {n: [] for n in names}
     for _ in range(rounds):
         for n in names:
             times[n].append(1e3 * do_bench_cudagraph(lambda: _run(n, lin, layer, x), rep=50))
     for n, t in times.items():
         t.sort()
-        print(f"{n:40s} {rows:4d} rows  {t[len(t) // 2]:7.1f} us ({t[0]:.1f}-{t[-1]:.1f})")
+        print(f"{layer_name:8s} {n:40s} {rows:4d} rows  {t[len(t) // 2]:7.1f} us ({t[0]:.1f}-{t[-1]:.1f})")
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--sass-top":
         return sass_top(sys.argv[2])
-    if len(sys.argv) > 3 and sys.argv[1] == "--time":  # --time ROWS NAME...
-        return time_configs(sys.argv[3:], int(sys.argv[2]))
+    if len(sys.argv) > 3 and sys.argv[1] == "--time":  # --time ROWS[@LAYER] NAME...
+        rows, _, layer_name = sys.argv[2].partition("@")
+        return time_configs(sys.argv[3:], int(rows), layer_name or "gate_up")
     which = sys.argv[1] if len(sys.argv) > 1 else "tcgemm"
     if which.partition(":")[0] not in (*CONFIGS, "bf16"):
         sys.exit(f"config {which!r}: choose one of {sorted((*CONFIGS, 'bf16'))}")
