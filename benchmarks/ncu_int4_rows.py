@@ -44,6 +44,9 @@ CONFIGS["mma16_perm"] = dict(PAIRS16, fold=True, x_perm=True)
 CONFIGS["mma16_async"] = dict(PAIRS16, fold=False, x_perm=True)
 for name in ("mma16", "mma16_perm", "mma16_async"):  # each step loading the next step's scale and zero
     CONFIGS[name + "_pf"] = dict(CONFIGS[name], prefetch=True)
+# 64 rows: the tuner's gate_up pick (tc, x permuted, prefetch) and the unfolded pairs tile
+CONFIGS["tc64"] = dict(TC, x_natural=False, x_perm=True, prefetch=True)
+CONFIGS["mma64_async_pf"] = dict(CONFIGS["mma16_async_pf"], block_m=64, num_warps=8, split_k=1)
 ROWS = {name: 16 if name.startswith("mma16") else 1 for name in CONFIGS if name.startswith(("gemv1", "mma16"))}
 
 

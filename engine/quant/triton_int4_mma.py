@@ -246,17 +246,22 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if PREFETCH:  # the first step's scale and zero
         s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
-    for k_step in tl.range(k_start, k_end, 32 * CHUNKS, num_stages=STAGES):
-        k0 = tl.multiple_of(k_step, 32 * CHUNKS)  # (a new name: the loop variable is left alone)
+    # At least one trip (an empty slice runs the last step at scale 0): with no path around the loop, no copies
+    # of the accumulators sit between the wgmmas and their wait after it, which ptxas answers by serializing
+    # every wgmma (C7515: sm_90 SASS waits after each one, and the unfolded tiles lose their async MMA)
+    STEP: tl.constexpr = 32 * CHUNKS
+    for i in tl.range(0, tl.maximum(tl.cdiv(k_end - k_start, STEP), 1), num_stages=STAGES):
+        k0 = tl.multiple_of(tl.minimum(k_start + i * STEP, K - STEP), STEP)  # K: whole groups, so whole steps
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
         h = tl.load(h_rows + _step_words(kh, offs_h, stride_hs, HRUN, 8)[None, :], mask=mask_n[:, None], other=0)
         if PREFETCH:  # this step's, loaded a step ago; then the next step's
             scale, zero = s_next.to(tl.float32), z_next.to(tl.float32)
-            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
+            s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + STEP, K, GROUP)
         else:
             g = k0 // GROUP
             scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
+        scale = tl.where(k_start + i * STEP < k_end, scale, 0.0)
         x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
         x1 = tl.load(x_tile + (k0 + X_STEP), mask=mask_m[None, :], other=0.0)
         x2 = tl.load(x_tile + (k0 + 2 * X_STEP), mask=mask_m[None, :], other=0.0)

@@ -24,7 +24,8 @@ def _run(check: str) -> None:
     run_check(__file__, check)
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
+def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4, what: str = "ptx") -> str:
+    """The kernel's PTX, or with what="sass" its sm_90 SASS (the bundled nvdisasm on the cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler.errors import CompilationError
@@ -40,7 +41,16 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4) -> str:
     except Exception as exc:  # noqa: BLE001 - no CUDA backend or ptxas on this machine
         print(f"SKIP: cannot compile for sm_90 here: {exc!r}"[:200])
         sys.exit(0)
-    return kernel.asm["ptx"]
+    if what == "sass":
+        import subprocess
+        import tempfile
+        from pathlib import Path
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "k.cubin").write_bytes(kernel.asm["cubin"])
+            nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+            return subprocess.run([str(nvdisasm), "-c", str(Path(d, "k.cubin"))], capture_output=True, text=True,
+                                  check=True).stdout
+    return kernel.asm[what]
 
 
 INT4_ARGS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
@@ -184,6 +194,13 @@ def check_int4_mma_kernels():
         assert waits.count("0") == 1 and len(waits) > 1, waits
         assert re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx).count("0") >= 4
         assert f"fma.rn.{mma.split('.')[0]}x2" in unfolded and "cp.async.cg.shared.global" in unfolded
+        # and ptxas keeps them in flight: in sm_90 SASS one full wait (after the loop), not one after each wgmma
+        # (ptxas serializes them, C7515, when copies of the accumulators sit on a path around the loop)
+        for prefetch in (False, True):
+            sass = _compile(_int4_mma_pairs_kernel, types, dict(consts, FOLD=False, XPERM=True, BLOCK_M=16,
+                                                                BLOCK_N=128, PREFETCH=prefetch), 4, what="sass")
+            assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)) == 1, prefetch
+            assert len(re.findall(r"HGMMA\.64x16x16", sass)) >= 16
         try:
             sig_all = dict(types, **{k: "constexpr" for k in consts})
             attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig_all.items())
