@@ -246,12 +246,19 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
     acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     if PREFETCH:  # the first step's scale and zero
         s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k_start, K, GROUP)
-    # At least one trip (an empty slice runs the last step at scale 0): with no path around the loop, no copies
-    # of the accumulators sit between the wgmmas and their wait after it, which ptxas answers by serializing
-    # every wgmma (C7515: sm_90 SASS waits after each one, and the unfolded tiles lose their async MMA)
+    # Unfolded, at least one trip (an empty slice runs the last step at scale 0): with no path around the loop,
+    # no copies of the accumulators sit between the wgmmas and their wait after it, which ptxas answers by
+    # serializing every wgmma (C7515: sm_90 SASS waits after each one, and the unfolded tiles lose their async
+    # MMA). Folded tiles wait for each step's dots anyway.
     STEP: tl.constexpr = 32 * CHUNKS
-    for i in tl.range(0, tl.maximum(tl.cdiv(k_end - k_start, STEP), 1), num_stages=STAGES):
-        k0 = tl.multiple_of(tl.minimum(k_start + i * STEP, K - STEP), STEP)  # K: whole groups, so whole steps
+    trips = tl.cdiv(k_end - k_start, STEP)
+    if not FOLD:
+        trips = tl.maximum(trips, 1)
+    for i in tl.range(0, trips, num_stages=STAGES):
+        k0 = k_start + i * STEP
+        if not FOLD:
+            k0 = tl.minimum(k0, K - STEP)  # K: whole groups, so whole steps
+        k0 = tl.multiple_of(k0, STEP)
         kh = tl.multiple_of(k0 // 4, 8)  # steps start on whole chunks: 16-byte aligned half-words
         h = tl.load(h_rows + _step_words(kh, offs_h, stride_hs, HRUN, 8)[None, :], mask=mask_n[:, None], other=0)
         if PREFETCH:  # this step's, loaded a step ago; then the next step's
@@ -261,7 +268,8 @@ def _int4_mma_pairs_kernel(x_ptr, h_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_pt
             g = k0 // GROUP
             scale = tl.load(s_ptr + s_rows + g, mask=mask_n, other=0.0).to(tl.float32)
             zero = tl.load(z_ptr + s_rows + g, mask=mask_n, other=0).to(tl.float32)
-        scale = tl.where(k_start + i * STEP < k_end, scale, 0.0)
+        if not FOLD:
+            scale = tl.where(k_start + i * STEP < k_end, scale, 0.0)
         x0 = tl.load(x_tile + k0, mask=mask_m[None, :], other=0.0)
         x1 = tl.load(x_tile + (k0 + X_STEP), mask=mask_m[None, :], other=0.0)
         x2 = tl.load(x_tile + (k0 + 2 * X_STEP), mask=mask_m[None, :], other=0.0)
@@ -321,10 +329,13 @@ PAIRS_TILES = {
     256: ((64, 256, 8, 3), (128, 128, 8, 3), (64, 256, 16, 3), (64, 128, 8, 3)),
 }  # (no tile with more than 64 float32 accumulators a thread: the fold keeps two, 256 x 64 spills)
 # "pairs" tiles unfolded (fold=False: (q - zero) * scale as the operand, one accumulator a dot, so the wgmmas
-# stay in flight: sm_90 PTX wait_group 7 against the folded tiles' wait_group 0 after every dot) with x_perm
-# (x's tiles pipelined copies) and the next step's scale and zero prefetched (gate_up at 16 rows on the H200,
-# 16 x 128, 4 warps: 35.2 against 40.7 us without, int4_m16_prefetch_times_h200.log), per bucket of rows; four
-# accumulators a thread bound the tiles (sm_90 ptxas: 126-222 registers, no spills; 64 x 256 and 128 x 128 spill).
+# stay in flight: sm_90 PTX wait_group 7 against the folded tiles' wait_group 0 after every dot, and in SASS
+# since the loop has no path around it) with x_perm (x's tiles pipelined copies) and the next step's scale and
+# zero prefetched (gate_up at 16 rows on the H200, 16 x 128, 4 warps: 35.2 against 40.7 us without,
+# int4_m16_prefetch_times_h200.log; 32.9 with the wgmmas in flight, at one slice: int4_pairs_async_times_h200.log),
+# per bucket of rows, each also at one slice (the in-flight operands' registers, 124-255 a thread in sm_90
+# ptxas, halve the programs an SM holds, so fewer slices can fill it better); four accumulators a thread bound
+# the tiles (64 x 256 and 128 x 128 spill).
 PAIRS_ASYNC_TILES = {
     16: ((16, 256, 8, 3), (16, 128, 4, 3)),
     32: ((32, 128, 4, 3), (16, 256, 8, 3)),
@@ -358,8 +369,9 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
         if m > 2:
             for bm, bn, warps, stages in PAIRS_ASYNC_TILES[next(b for b in sorted(PAIRS_ASYNC_TILES)
                                                                 if m <= b or b == 256)]:
-                cfg = mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False)
-                out.append(dict(cfg, layout="pairs", asm=asm, x_perm=True, prefetch=True))
+                cfg = dict(mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False),
+                           layout="pairs", asm=asm, x_perm=True, prefetch=True)
+                out += [cfg] + ([dict(cfg, split_k=1)] if cfg["split_k"] > 1 else [])
     if m > 64:
         for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
             out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))
