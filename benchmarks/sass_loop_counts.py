@@ -40,7 +40,8 @@ DP4A_SIG = {"q_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*bf16
             "stride_qm": "i32", "stride_qp": "i32", "stride_xsm": "i32", "stride_wn": "i32", "stride_ws": "i32",
             "stride_sn": "i32", "stride_os": "i32", "stride_om": "i32"}
 PAIRS_SIG = {"x_ptr": "*bf16", "h_ptr": "*i16", "s_ptr": "*bf16", "z_ptr": "*u8", "out_ptr": "*fp32",
-             "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32", "split_k": "i32",
+             "res_ptr": "*bf16", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32",
+             "split_k": "i32",
              "stride_xm": "i32", "stride_hn": "i32", "stride_hs": "i32", "stride_sn": "i32", "stride_os": "i32",
              "stride_om": "i32"}
 

@@ -434,8 +434,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     registers, not gathered; x_perm: x permuted into the tile's column order by triton_int4_tc.permute_x before
     the launch, then copied straight into the MMA operand; with kernel="mma", _launch_mma's x_perm); else the
     GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, GEMV and
-    the mma "pairs" tiles, steps inside one group): each step loads the next step's group scale and zero. pdl: the GEMV's programmatic
-    dependent launch (engine.kernels.pdl; None: its default)."""
+    the mma "pairs" tiles, steps inside one group): each step loads the next step's group scale and zero. pdl: the
+    GEMV's programmatic dependent launch (engine.kernels.pdl; None: its default)."""
     m, k = x.shape
     n = packed.shape[0]
     if kernel == "dequant":
