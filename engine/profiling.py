@@ -27,7 +27,10 @@ _RULES = [
     ("kv_write", r"write_kv|reshape_and_cache|index_put|index_copy|scatter"),
     ("other", r"route|routing"),  # MoE routing picks experts with a top-k: not the sampler's
     ("sampler", r"argmax|argmin|topk|sort|multinomial|aten::max\b|exponential"),
-    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"),
+    # The quantized linears' own kernels (dot, dp4a, MMA, tensor-core and dequantize kernels, and the quantization
+    # of their activations) count as GEMM time, as cuBLAS's do for bf16.
+    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|cublas|matmul|_mm_kernel|splitk|aten::mm\b|aten::addmm|aten::linear"
+             r"|_dot_kernel|dp4a|_mma|_tc_kernel|dequant|limbs|quantize|per_token"),
     ("norm_rotary_act", r"norm|rms|rotary|rope|silu|gelu|act|elementwise|aten::mul|aten::add|aten::neg|aten::cat"
                         r"|aten::pow|aten::mean|aten::rsqrt|aten::sigmoid|aten::embedding|aten::index_select"),
 ]

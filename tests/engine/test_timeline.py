@@ -93,6 +93,24 @@ def test_kernel_names_are_classified(name, cls):
     assert classify(name) == cls and cls in KERNEL_CLASSES
 
 
+def test_every_engine_kernel_has_a_class():
+    """Each Triton kernel the engine defines gets its class: a quantized linear's kernels are GEMM time (the int4
+    MMA and dp4a kernels once fell into "other", so a quantized decode profile showed no GEMMs)."""
+    import pathlib
+    import re
+    expected = {"_route_topk_kernel": "other"}  # MoE routing: neither a GEMM nor the sampler
+    quant = ("_int4_", "_int8_", "_fp8_dot", "_fp8_per_token", "_quantize_chunk", "_limbs", "_x_limbs", "_moe_g")
+    engine = pathlib.Path(__file__).resolve().parents[2] / "engine"
+    names = [m.group(1) for f in engine.rglob("*.py")
+             for m in re.finditer(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+_kernel)\(", f.read_text())]
+    assert len(names) >= 30
+    for name in names:
+        want = expected.get(name) or ("gemm" if name.startswith(quant) else None)
+        got = classify(name)
+        assert got != "other" or want == "other", f"{name} is classified 'other'"
+        assert want is None or got == want, f"{name}: {got}, expected {want}"
+
+
 def test_deep_mode_profiles_the_forward_on_the_cpu():
     cfg = EngineConfig(device="cpu", max_model_len=64, block_size=8)
     llm, _, st = _run(cfg, [[4] * 12, [9] * 5], 4, profile="kernels")
