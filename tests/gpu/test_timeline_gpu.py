@@ -41,3 +41,23 @@ def test_deep_mode_sees_gemm_and_attention_kernels():
     # Kernels that overlap (a PDL launch starts before the kernel before it ends) count once, for the earlier one
     # (engine.profiling.KernelProfile): the classes add up to the busy time, and busy + idle is the window.
     assert sum(v for k, v in by.items() if k != "idle") == pytest.approx(prof.window - by["idle"], rel=0.01)
+
+
+def test_deep_mode_counts_int4_kernels_as_gemm():
+    """A quantized engine's linears run the int4 kernels (GEMV at 1-2 rows, MMA/tc tiles above): deep mode counts
+    them as GEMM time."""
+    from transformers import LlamaConfig
+
+    from engine import LLM, EngineConfig, SamplingParams
+    hf = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64, vocab_size=512, max_position_embeddings=512,
+                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    llm = LLM.random(hf, EngineConfig(max_model_len=512, max_num_seqs=32, gpu_memory_utilization=0.3,
+                                      quantization="int4"), dtype=torch.bfloat16)
+    prompts = [[3 + i] * (10 + i) for i in range(20)]  # decode steps of 20 rows, prefill of ~390 tokens
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), profile="kernels")
+    prof = llm.engine.stats().kernel_profile
+    names = {k[0]: k[1] for k in prof.kernels}
+    quant = [n for n in names if n.startswith(("_int4_", "_x_limbs"))]
+    assert quant and all(names[n] == "gemm" for n in quant), names
+    assert prof.by_class()["gemm"] > 0
