@@ -48,7 +48,7 @@ def varying_settings(df: pd.DataFrame, exclude=()) -> list[str]:
     """Config columns (and the workload) whose value differs between the ok rows: the grid dimensions."""
     d = _ok(df)
     cols = [C.workload] + schema.SAMPLING_COLUMNS + schema.config_columns()
-    return [c for c in cols if c in d and c not in exclude and d[c].astype(str).nunique() > 1]
+    return [c for c in cols if c in d and c not in exclude and schema.as_text(d[c]).nunique() > 1]
 
 
 def _groups(d: pd.DataFrame, exclude=()):
@@ -203,6 +203,44 @@ def throughput_latency(df: pd.DataFrame, x: str = C.ttft_p99_ms, y: str = C.outp
                     hovertemplate="%{text}", marker=dict(size=14, symbol="star-open", color="black"), line_dash="dash")
     fig.update_layout(title=title, xaxis_title=schema.title(x), yaxis_title=schema.title(y),
                       legend_title_text=legend or "")
+    return fig
+
+
+BATCH_AXES = (C.max_num_seqs, C.concurrency, C.max_num_batched_tokens)  # a speed-up curve's x: the first varied
+
+
+def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None,
+                  metric: str = C.output_throughput) -> go.Figure:
+    """``metric`` of each value of ``setting`` over that of ``baseline`` at the same other settings
+    (`metrics.speedup_over`; above 1: better), against the first batch limit the sweep varies (max running
+    requests, concurrency, token budget); one line per value and combination of the other grid dimensions,
+    a dashed line at 1. For a quantization sweep: where each mode pays, by batch size."""
+    d = _ok(df)
+    base = "no quantization" if setting == C.quantization and baseline is None else schema_label({setting: baseline})
+    title = f"{schema.column(metric).label.capitalize()} over {base}"
+    if len(d) == 0:
+        return _empty(title)
+    if setting not in varying_settings(d):
+        return _empty(title, f"these results do not vary the {schema.column(setting).label}")
+    sp = metrics.speedup_over(d, setting, baseline, metric)
+    if len(sp) == 0:
+        return _empty(title, f"no point has a {base} point with the same other settings to compare with")
+    x = next((c for c in BATCH_AXES if c in d and schema.as_text(d[c]).nunique() > 1), None)
+    dims = [setting] + varying_settings(d, exclude=(setting, x))
+    names = sp[dims].apply(lambda r: schema_label(dict(zip(dims, r))), axis=1)
+    fig = go.Figure()
+    for name in dict.fromkeys(names):
+        g = sp[names == name]
+        g = g.sort_values(x) if x else g
+        fig.add_scatter(x=g[x] if x else g[C.label].astype(str), y=g["speedup"], name=name, mode="lines+markers",
+                        marker_size=9, text=g[C.label], hovertemplate="%{text}<br>%{y:.3f}x<extra></extra>")
+    fig.add_hline(y=1.0, line_dash="dash", line_color="#666", annotation_text=base)
+    ticks = sorted(pd.to_numeric(sp[x], errors="coerce").dropna().unique()) if x else []
+    wide = len(ticks) > 2 and ticks[0] > 0 and ticks[-1] / ticks[0] > 8
+    fig.update_layout(title=title, yaxis_title=f"speed-up over {base} (x, {schema.column(metric).label})",
+                      xaxis_title=schema.title(x) if x else SETTING_AXIS, xaxis_type="log" if wide else None,
+                      xaxis_tickvals=ticks if wide else None, legend_title_text=", ".join(
+                          schema.column(c).label for c in dims))
     return fig
 
 

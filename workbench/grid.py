@@ -73,7 +73,9 @@ def sampling_problems(sampling: dict, config) -> list[str]:
 
 
 def _fmt(v) -> str:
-    return {True: "on", False: "off", None: "none"}.get(v, v) if isinstance(v, (bool, type(None))) else str(v)
+    if schema.is_missing(v):
+        return "none"
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else str(v)
 
 
 def point_label(settings: dict) -> str:

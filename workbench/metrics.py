@@ -431,3 +431,25 @@ def best_settings(df: pd.DataFrame, objectives=None) -> pd.DataFrame:
                      "runner_up_value": math.nan if second is None else float(v[second]), "margin": margin,
                      "ties": ties, C.repeats: int(ok.at[i, C.repeats]) if C.repeats in ok else 1})
     return pd.DataFrame(rows, columns=cols)
+
+
+
+
+def speedup_over(df: pd.DataFrame, setting: str, baseline=None, metric: str = C.output_throughput) -> pd.DataFrame:
+    """Each ok row's ``metric`` against the ok row with ``setting`` == ``baseline`` and the same other settings
+    (config, workload and sampling columns): its rows with a column "speedup", above 1 when the row is better
+    (a "lower is better" metric, a latency, is inverted). Baseline rows themselves, and rows with no baseline
+    partner, are left out: a quantization sweep over max_num_seqs gives each mode's speed-up over no
+    quantization at each batch limit."""
+    d = df[df[C.status] == schema.OK] if C.status in df else df
+    keys = [c.name for c in schema.COLUMNS if c.kind in (schema.CONFIG, schema.WORKLOAD) and c.name in d]
+    keys = [c for c in dict.fromkeys(keys + schema.SAMPLING_COLUMNS) if c in d and c != setting]
+    key = d[keys].apply(schema.as_text).agg("|".join, axis=1) if keys else pd.Series("", index=d.index)
+    is_base = schema.as_text(d[setting]) == ("None" if baseline is None else str(baseline))
+    base = pd.to_numeric(d.loc[is_base, metric], errors="coerce").groupby(key[is_base]).median()
+    rows = d[~is_base].assign(_key=key[~is_base])
+    ref = rows["_key"].map(base)
+    value = pd.to_numeric(rows[metric], errors="coerce")
+    lower = schema.column(metric).better == schema.LOWER
+    rows = rows.assign(speedup=(ref / value) if lower else (value / ref)).drop(columns="_key")
+    return rows[rows["speedup"].notna() & np.isfinite(rows["speedup"])]

@@ -53,6 +53,11 @@ CAPTIONS = {
                  "bytes at the measured matmul rate and copy bandwidth), host time the GPU did not hide, kernels "
                  "below their roofline, steps carrying fewer tokens than the budget allows (the tail), preemption "
                  "recompute and CUDA-graph padding. The parts add up to the measured time.",
+    "quantization-speedup": "Output throughput of each weight quantization over no quantization at the same "
+                            "other settings (a KV cache dtype the sweep varies gets its own lines), by batch "
+                            "limit: above the dashed line the mode pays. Memory-bound decode at small batches "
+                            "gains from reading fewer weight bytes; large batches are bound by the arithmetic, "
+                            "where dequantizing the weights costs.",
     "waterfall": "The recommended-throughput point's measured time built up from the ideal time, part by part.",
     "gpu-over-time": "GPU utilisation and power during the run of the recommended-throughput point.",
     "kv-groups-over-time": "A sliding-window model's KV blocks per cache group at every engine step of the "
@@ -78,6 +83,8 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         "energy-per-token": figures.energy_per_token(results),
         "nvml": figures.nvml_by_setting(results),
     }
+    if C.quantization in figures.varying_settings(results):
+        figs["quantization-speedup"] = figures.speedup_curve(results)
     if C.gap_measured_s in results and results[C.gap_measured_s].notna().any():
         figs["gap-parts"] = profile_figures.gap_parts_figure(results)
     if requests:

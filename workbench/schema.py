@@ -271,9 +271,20 @@ def spread(name: str) -> tuple[str, str]:
     return f"{name}_min", f"{name}_max"
 
 
+def is_missing(value) -> bool:
+    """None, or NaN (what a None setting becomes in a float column or a stored file)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def as_text(values):
+    """A column's values (a pandas Series) as text, None and NaN alike as "None": under pandas 3 astype(str)
+    keeps NaN as NaN, and a grid value of None would then not count as a value."""
+    return values.map(lambda v: "None" if is_missing(v) else str(v))
+
+
 def fmt(name: str, value) -> str:
     """A value formatted for a table ("-" for None / NaN)."""
-    if value is None or (isinstance(value, float) and value != value):
+    if is_missing(value):
         return "-"
     try:
         return BY_NAME[name].fmt.format(value) if name in BY_NAME else str(value)

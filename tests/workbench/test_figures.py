@@ -183,3 +183,62 @@ def test_group_blocks_over_time_says_why_for_a_model_with_one_group(synthetic):
     assert figures.is_empty(group_figures.group_blocks_over_time(ts)) == group_figures.ONE_GROUP
     assert "no per-step data" in figures.is_empty(group_figures.group_blocks_over_time(None))
     assert metrics.kv_cache_groups_text(()) is None
+
+
+def _quant_sweep():
+    """A quantization x max_num_seqs sweep with hand-set throughputs and TPOTs: int4 pays at small batches."""
+    import pandas as pd
+    tput = {(None, 1): 100.0, (None, 16): 1000.0, (None, 64): 3000.0, ("int4", 1): 190.0, ("int4", 16): 1400.0,
+            ("int4", 64): 2400.0, ("int8", 1): 150.0, ("int8", 16): 1300.0, ("int8", 64): 3300.0,
+            ("int4", 256): 5000.0}  # no baseline at 256 (below: its bf16 point failed)
+    rows = [{"point_id": f"p{i}", "label": f"quant={q} seqs={s}", "workload": "w", "status": "ok",
+             "quantization": q, "max_num_seqs": s, "block_size": 16, "output_throughput": t,
+             "tpot_p50_ms": 1000.0 / t} for i, ((q, s), t) in enumerate(tput.items())]
+    rows.append({"point_id": "pf", "label": "quant=None seqs=256", "workload": "w", "status": "error",
+                 "quantization": None, "max_num_seqs": 256, "block_size": 16, "output_throughput": 9e9,
+                 "tpot_p50_ms": 1e-9})
+    return pd.DataFrame(rows)
+
+
+def test_speedup_curve_per_mode_over_no_quantization_by_batch_limit():
+    from workbench import metrics
+    df = _quant_sweep()
+    fig = figures.speedup_curve(df)
+    assert not figures.is_empty(fig)
+    lines = {t.name: dict(zip(t.x, t.y)) for t in fig.data}
+    assert set(lines) == {"quant=int4", "quant=int8"}
+    assert lines["quant=int4"] == pytest.approx({1: 1.9, 16: 1.4, 64: 0.8})  # 256 has no ok bf16 point
+    assert lines["quant=int8"] == pytest.approx({1: 1.5, 16: 1.3, 64: 1.1})
+    assert fig.layout.xaxis.type == "log" and "max running requests" in fig.layout.xaxis.title.text
+    # A latency is inverted: TPOT 1000 / t ms gives the same ratios.
+    sp = metrics.speedup_over(df, "quantization", None, "tpot_p50_ms")
+    assert dict(zip(zip(sp.quantization, sp.max_num_seqs), sp.speedup))[("int4", 16)] == pytest.approx(1.4)
+    # A stored file has None as NaN: the same partners.
+    assert metrics.speedup_over(df.astype({"quantization": object}).fillna(float("nan")), "quantization")[
+        "speedup"].tolist() == pytest.approx(sp.speedup.tolist())
+
+
+def test_speedup_curve_compares_only_points_of_the_same_other_settings():
+    import pandas as pd
+    df = _quant_sweep()
+    other = df.assign(block_size=32, output_throughput=df.output_throughput * 2)
+    other.loc[(other.quantization == "int4") & (other.max_num_seqs == 1), "output_throughput"] = 100.0
+    both = pd.concat([df, other.assign(point_id=other.point_id + "b")], ignore_index=True)
+    lines = {t.name: dict(zip(t.x, t.y)) for t in figures.speedup_curve(both).data}
+    assert lines["quant=int4 bs=16"][1] == pytest.approx(1.9) and lines["quant=int4 bs=32"][1] == pytest.approx(0.5)
+    assert lines["quant=int8 bs=32"] == pytest.approx({1: 1.5, 16: 1.3, 64: 1.1})
+
+
+def test_speedup_curve_says_why_it_is_empty(synthetic):
+    assert "do not vary the weight quantization" in figures.is_empty(figures.speedup_curve(synthetic[0]))
+    df = _quant_sweep()
+    quantized = figures.speedup_curve(df[df.quantization.notna()])
+    assert "no point has a no quantization point" in figures.is_empty(quantized)
+
+
+def test_speedup_curve_by_concurrency_and_none_counts_as_a_grid_value():
+    df = _quant_sweep().rename(columns={"max_num_seqs": "concurrency"})
+    fig = figures.speedup_curve(df)
+    assert "concurrency" in fig.layout.xaxis.title.text
+    assert "quantization" in figures.varying_settings(df)  # None and NaN (pandas 3 keeps NaN through astype(str))
+    assert "quantization" in figures.varying_settings(df.astype({"quantization": "str"}))

@@ -140,3 +140,15 @@ def test_kv_groups_figure_for_a_sliding_window_model_and_a_sentence_otherwise(tm
                         drilldown=pid)
     text = open(path, encoding="utf-8").read()
     assert 'id="fig-kv-groups-over-time"' in text and "the memory the windows save" in text
+
+
+def test_quantization_sweep_report_shows_the_speedup_curve(tmp_path, synthetic):
+    import pandas as pd
+    df = synthetic[0]
+    int4 = df.assign(quantization="int4", point_id=df.point_id + "q", output_throughput=df.output_throughput * 1.5)
+    both = pd.concat([df, int4], ignore_index=True)
+    fig = report_figures(both)["quantization-speedup"]
+    assert [y for t in fig.data for y in t.y] == [1.5] * 4  # the 4 ok points, each against its bf16 twin
+    text = open(write_report(both, str(tmp_path / "q.html")), encoding="utf-8").read()
+    assert 'id="fig-quantization-speedup"' in text and "dequantizing the weights" in text
+    assert "quantization-speedup" not in report_figures(df)
