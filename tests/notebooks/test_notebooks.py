@@ -104,6 +104,7 @@ def test_02_sweep(tmp_path, monkeypatch):
     assert (tmp_path / "panel_report.html").stat().st_size > 100_000  # plotly.js inlined
     assert (tmp_path / "sweep_report.html").stat().st_size > 100_000
     assert "n=4" in text(nb) and "sharing_saving" in text(nb)  # the sampling sweep's table
+    assert "Output throughput over no quantization" in str(outputs(nb, "display_data") + outputs(nb, "execute_result"))
     assert widget_views(nb) >= 1
     assert_small_with_plotly_js_once(nb)
 
