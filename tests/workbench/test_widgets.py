@@ -223,3 +223,20 @@ def test_recording_of_a_sliding_window_model_names_every_blocks_group():
     assert used["owners"].str.contains("window 8").sum() == sum(rec.counters[2]["group_used_blocks"][1:])
     assert rec.counters[2]["group_used_blocks"][0] == 8 and rec.counters[2]["group_used_blocks"][1] == 3
     assert snap["kv_cache_groups"] == [None, 8, 8, 8]
+
+
+def test_a_quantization_grid_adds_the_speedup_curve_to_the_panel():
+    p = panel(workload="fixed", grid={"quantization": [None, "int8"], "max_num_seqs": [1, 2]})
+
+    def shown():  # (identity: FigureWidgets compare equal by content)
+        return any(w is p.figures["quant_speedup"] for w in p.figure_grid.children)
+
+    assert not shown()
+    p.run_button.click()
+    assert (p.results["status"] == "ok").all() and shown()
+    lines = {t.name: list(t.y) for t in p.figures["quant_speedup"].data}
+    ok = p.results.set_index(["quantization", "max_num_seqs"])["output_throughput"]
+    base = p.results[p.results.quantization.isna()].set_index("max_num_seqs")["output_throughput"]
+    assert lines["quant=int8"] == pytest.approx([ok[("int8", s)] / base[s] for s in (1, 2)])
+    p.dims["quantization"].value = "int8"  # a grid without the mode comparison: back to the four figures
+    assert not shown()

@@ -122,7 +122,9 @@ class SweepPanel(widgets.VBox):
         self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="400px"))
         self.status = widgets.HTML()
         self.points_table = widgets.HTML()
-        self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv")}
+        # The quantization speed-up curve joins the others once the results vary the weight quantization.
+        self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv",
+                                                           "quant_speedup")}
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.export_button.on_click(lambda _: self.export())
@@ -135,10 +137,10 @@ class SweepPanel(widgets.VBox):
         actions = widgets.VBox([widgets.HBox([self.run_button, self.stop_button]), self.progress, self.status,
                                 widgets.HBox([self.export_button, self.report_path])],
                                layout=widgets.Layout(margin="0 0 0 20px"))
-        figs = widgets.GridBox(list(self.figures.values()),
-                               layout=widgets.Layout(grid_template_columns=f"repeat(auto-fill, {FIGURE_WIDTH + 10}px)"))
+        self.figure_grid = widgets.GridBox(list(self.figures.values())[:4], layout=widgets.Layout(
+            grid_template_columns=f"repeat(auto-fill, {FIGURE_WIDTH + 10}px)"))
         self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions], layout=widgets.Layout(flex_flow="row wrap")),
-                         self.points_table, figs]
+                         self.points_table, self.figure_grid]
         self.layout.max_width = "100%"
         self.add_class("wb-sweep-panel")
         self.preview()
@@ -304,6 +306,7 @@ class SweepPanel(widgets.VBox):
     def _clear_figures(self) -> None:
         for fw in self.figures.values():
             _show(fw, go.Figure(layout=dict(width=FIGURE_WIDTH, height=340)))
+        self.figure_grid.children = list(self.figures.values())[:4]
 
     def _render_points(self) -> None:
         if self.sweep is None:
@@ -340,6 +343,11 @@ class SweepPanel(widgets.VBox):
         figs = {"throughput_latency": figures.throughput_latency(df), "throughput": figures.throughput_by_setting(df),
                 "ttft": figures.latency_percentiles(df, "ttft"),
                 "kv": figures.kv_usage_over_time(self.sweep.timeseries.get(pid), f"KV usage and batch size: {label}")}
+        if C.quantization in figures.varying_settings(df):
+            figs["quant_speedup"] = figures.speedup_curve(df)
+        shown = [self.figures[name] for name in figs]
+        if [id(w) for w in self.figure_grid.children] != [id(w) for w in shown]:  # (== compares the figures)
+            self.figure_grid.children = shown
         for name, fig in figs.items():
             fig.update_layout(width=FIGURE_WIDTH, height=340, margin=dict(l=60, r=10, t=50, b=40), title_font_size=13,
                               legend=dict(orientation="h", x=0, y=-0.3, yanchor="top", font_size=10))
