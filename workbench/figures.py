@@ -222,6 +222,8 @@ def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None
         return _empty(title)
     if setting not in varying_settings(d):
         return _empty(title, f"these results do not vary the {schema.column(setting).label}")
+    if not _has(d, metric):
+        return _empty(title, f"no {schema.column(metric).label} in these results")
     sp = metrics.speedup_over(d, setting, baseline, metric)
     if len(sp) == 0:
         return _empty(title, f"no point has a {base} point with the same other settings to compare with")

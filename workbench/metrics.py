@@ -433,8 +433,6 @@ def best_settings(df: pd.DataFrame, objectives=None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-
-
 def speedup_over(df: pd.DataFrame, setting: str, baseline=None, metric: str = C.output_throughput) -> pd.DataFrame:
     """Each ok row's ``metric`` against the ok row with ``setting`` == ``baseline`` and the same other settings
     (config, workload and sampling columns): its rows with a column "speedup", above 1 when the row is better
