@@ -207,6 +207,8 @@ def throughput_latency(df: pd.DataFrame, x: str = C.ttft_p99_ms, y: str = C.outp
 
 
 BATCH_AXES = (C.max_num_seqs, C.concurrency, C.max_num_batched_tokens)  # a speed-up curve's x: the first varied
+# The settings whose values a speed-up curve compares with a baseline value: (baseline, what to call it).
+SPEEDUP_BASELINES = {C.quantization: (None, "no quantization"), C.kv_cache_dtype: ("auto", "a model-dtype KV cache")}
 
 
 def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None,
@@ -216,7 +218,8 @@ def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None
     requests, concurrency, token budget); one line per value and combination of the other grid dimensions,
     a dashed line at 1. For a quantization sweep: where each mode pays, by batch size."""
     d = _ok(df)
-    base = "no quantization" if setting == C.quantization and baseline is None else schema_label({setting: baseline})
+    known = SPEEDUP_BASELINES.get(setting)
+    base = known[1] if known and known[0] == baseline else schema_label({setting: baseline})
     title = f"{schema.column(metric).label.capitalize()} over {base}"
     if len(d) == 0:
         return _empty(title)
@@ -244,6 +247,12 @@ def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None
                       xaxis_tickvals=ticks if wide else None, legend_title_text=", ".join(
                           schema.column(c).label for c in dims))
     return fig
+
+
+def speedup_curves(df: pd.DataFrame) -> dict:
+    """`speedup_curve` for each setting of SPEEDUP_BASELINES the results vary, by setting."""
+    varied = varying_settings(df)
+    return {s: speedup_curve(df, s, base) for s, (base, _) in SPEEDUP_BASELINES.items() if s in varied}
 
 
 # --- per request ---------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ CAPTIONS = {
                             "limit: above the dashed line the mode pays. Memory-bound decode at small batches "
                             "gains from reading fewer weight bytes; large batches are bound by the arithmetic, "
                             "where dequantizing the weights costs.",
+    "kv_cache_dtype-speedup": "Output throughput with each KV cache dtype over a KV cache in the model's dtype at "
+                              "the same other settings, by batch limit: an fp8 cache holds twice the tokens and "
+                              "halves the bytes decode attention reads, which pays where the pool or attention "
+                              "limits the batch.",
     "waterfall": "The recommended-throughput point's measured time built up from the ideal time, part by part.",
     "gpu-over-time": "GPU utilisation and power during the run of the recommended-throughput point.",
     "kv-groups-over-time": "A sliding-window model's KV blocks per cache group at every engine step of the "
@@ -83,8 +87,7 @@ def report_figures(results: pd.DataFrame, timeseries: dict | None = None, reques
         "energy-per-token": figures.energy_per_token(results),
         "nvml": figures.nvml_by_setting(results),
     }
-    if C.quantization in figures.varying_settings(results):
-        figs["quantization-speedup"] = figures.speedup_curve(results)
+    figs.update({f"{setting}-speedup": fig for setting, fig in figures.speedup_curves(results).items()})
     if C.gap_measured_s in results and results[C.gap_measured_s].notna().any():
         figs["gap-parts"] = profile_figures.gap_parts_figure(results)
     if requests:

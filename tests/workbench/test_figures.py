@@ -242,3 +242,17 @@ def test_speedup_curve_by_concurrency_and_none_counts_as_a_grid_value():
     assert "concurrency" in fig.layout.xaxis.title.text
     assert "quantization" in figures.varying_settings(df)  # None and NaN (pandas 3 keeps NaN through astype(str))
     assert "quantization" in figures.varying_settings(df.astype({"quantization": "str"}))
+
+
+def test_speedup_curves_for_each_varied_setting_with_a_baseline():
+    import pandas as pd
+    df = _quant_sweep()
+    kv = df[df.quantization.isna() & (df.status == "ok")].assign(kv_cache_dtype="auto")  # max_num_seqs 1, 16, 64
+    fp8 = kv.assign(kv_cache_dtype="fp8", output_throughput=kv.output_throughput * [1.0, 1.25, 2.0],
+                    point_id=kv.point_id + "kv")
+    curves = figures.speedup_curves(pd.concat([kv, fp8], ignore_index=True))
+    assert set(curves) == {"kv_cache_dtype"}
+    fig = curves["kv_cache_dtype"]
+    assert "over a model-dtype KV cache" in fig.layout.title.text
+    assert {t.name: list(t.y) for t in fig.data} == {"kv=fp8": pytest.approx([1.0, 1.25, 2.0])}
+    assert set(figures.speedup_curves(df)) == {"quantization"}

@@ -229,12 +229,12 @@ def test_a_quantization_grid_adds_the_speedup_curve_to_the_panel():
     p = panel(workload="fixed", grid={"quantization": [None, "int8"], "max_num_seqs": [1, 2]})
 
     def shown():  # (identity: FigureWidgets compare equal by content)
-        return any(w is p.figures["quant_speedup"] for w in p.figure_grid.children)
+        return any(w is p.figures["quantization"] for w in p.figure_grid.children)
 
     assert not shown()
     p.run_button.click()
     assert (p.results["status"] == "ok").all() and shown()
-    lines = {t.name: list(t.y) for t in p.figures["quant_speedup"].data}
+    lines = {t.name: list(t.y) for t in p.figures["quantization"].data}
     ok = p.results.set_index(["quantization", "max_num_seqs"])["output_throughput"]
     base = p.results[p.results.quantization.isna()].set_index("max_num_seqs")["output_throughput"]
     assert lines["quant=int8"] == pytest.approx([ok[("int8", s)] / base[s] for s in (1, 2)])

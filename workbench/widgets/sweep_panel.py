@@ -122,9 +122,9 @@ class SweepPanel(widgets.VBox):
         self.progress = widgets.IntProgress(min=0, max=1, value=0, layout=widgets.Layout(width="400px"))
         self.status = widgets.HTML()
         self.points_table = widgets.HTML()
-        # The quantization speed-up curve joins the others once the results vary the weight quantization.
+        # A speed-up curve (figures.SPEEDUP_BASELINES: quantization, KV dtype) joins them once the results vary it.
         self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv",
-                                                           "quant_speedup")}
+                                                           *figures.SPEEDUP_BASELINES)}
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.export_button.on_click(lambda _: self.export())
@@ -343,8 +343,7 @@ class SweepPanel(widgets.VBox):
         figs = {"throughput_latency": figures.throughput_latency(df), "throughput": figures.throughput_by_setting(df),
                 "ttft": figures.latency_percentiles(df, "ttft"),
                 "kv": figures.kv_usage_over_time(self.sweep.timeseries.get(pid), f"KV usage and batch size: {label}")}
-        if C.quantization in figures.varying_settings(df):
-            figs["quant_speedup"] = figures.speedup_curve(df)
+        figs.update(figures.speedup_curves(df))
         shown = [self.figures[name] for name in figs]
         if [id(w) for w in self.figure_grid.children] != [id(w) for w in shown]:  # (== compares the figures)
             self.figure_grid.children = shown
