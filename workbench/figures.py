@@ -48,7 +48,12 @@ def varying_settings(df: pd.DataFrame, exclude=()) -> list[str]:
     """Config columns (and the workload) whose value differs between the ok rows: the grid dimensions."""
     d = _ok(df)
     cols = [C.workload] + schema.SAMPLING_COLUMNS + schema.config_columns()
-    return [c for c in cols if c in d and c not in exclude and schema.as_text(d[c]).nunique() > 1]
+    return [c for c in cols if c not in exclude and _varies(d, c)]
+
+
+def _varies(d: pd.DataFrame, col: str) -> bool:
+    """``col`` holds more than one value (None and NaN one value, `schema.as_text`)."""
+    return col in d and schema.as_text(d[col]).nunique() > 1
 
 
 def _groups(d: pd.DataFrame, exclude=()):
@@ -230,14 +235,14 @@ def speedup_curve(df: pd.DataFrame, setting: str = C.quantization, baseline=None
     sp = metrics.speedup_over(d, setting, baseline, metric)
     if len(sp) == 0:
         return _empty(title, f"no point has a {base} point with the same other settings to compare with")
-    x = next((c for c in BATCH_AXES if c in d and schema.as_text(d[c]).nunique() > 1), None)
+    x = next((c for c in BATCH_AXES if _varies(d, c)), None)
     dims = [setting] + varying_settings(d, exclude=(setting, x))
     names = sp[dims].apply(lambda r: schema_label(dict(zip(dims, r))), axis=1)
     fig = go.Figure()
     for name in dict.fromkeys(names):
         g = sp[names == name]
         g = g.sort_values(x) if x else g
-        fig.add_scatter(x=g[x] if x else g[C.label].astype(str), y=g["speedup"], name=name, mode="lines+markers",
+        fig.add_scatter(x=g[x] if x else g[C.label].astype(str), y=g[C.speedup], name=name, mode="lines+markers",
                         marker_size=9, text=g[C.label], hovertemplate="%{text}<br>%{y:.3f}x<extra></extra>")
     fig.add_hline(y=1.0, line_dash="dash", line_color="#666", annotation_text=base)
     ticks = sorted(pd.to_numeric(sp[x], errors="coerce").dropna().unique()) if x else []

@@ -435,10 +435,14 @@ def best_settings(df: pd.DataFrame, objectives=None) -> pd.DataFrame:
 
 def speedup_over(df: pd.DataFrame, setting: str, baseline=None, metric: str = C.output_throughput) -> pd.DataFrame:
     """Each ok row's ``metric`` against the ok row with ``setting`` == ``baseline`` and the same other settings
-    (config, workload and sampling columns): its rows with a column "speedup", above 1 when the row is better
+    (config, workload and sampling columns): its rows with a column C.speedup, above 1 when the row is better
     (a "lower is better" metric, a latency, is inverted). Baseline rows themselves, and rows with no baseline
     partner, are left out: a quantization sweep over max_num_seqs gives each mode's speed-up over no
-    quantization at each batch limit."""
+    quantization at each batch limit. An unknown ``setting`` or ``metric`` is a KeyError naming it."""
+    lower = schema.column(metric).better == schema.LOWER
+    for name in (setting, metric):
+        if schema.column(name).name not in df:
+            raise KeyError(f"{name!r} is not in these results")
     d = df[df[C.status] == schema.OK] if C.status in df else df
     keys = [c.name for c in schema.COLUMNS if c.kind in (schema.CONFIG, schema.WORKLOAD) and c.name in d]
     keys = [c for c in dict.fromkeys(keys + schema.SAMPLING_COLUMNS) if c in d and c != setting]
@@ -448,6 +452,5 @@ def speedup_over(df: pd.DataFrame, setting: str, baseline=None, metric: str = C.
     rows = d[~is_base].assign(_key=key[~is_base])
     ref = rows["_key"].map(base)
     value = pd.to_numeric(rows[metric], errors="coerce")
-    lower = schema.column(metric).better == schema.LOWER
-    rows = rows.assign(speedup=(ref / value) if lower else (value / ref)).drop(columns="_key")
-    return rows[rows["speedup"].notna() & np.isfinite(rows["speedup"])]
+    rows = rows.assign(**{C.speedup: (ref / value) if lower else (value / ref)}).drop(columns="_key")
+    return rows[np.isfinite(rows[C.speedup].astype(float))]

@@ -79,6 +79,8 @@ COLUMNS: list[Column] = [
     Column("timestamp", "finished at", kind=ID),
     Column("point_duration_s", "time to run the point", "s", agg=MEDIAN, kind=ID, fmt="{:.1f}"),
     Column("on_pareto_front", "on the throughput / TTFT p99 Pareto front", kind=ID),
+    # metrics.speedup_over's view: a point's metric over that of its baseline twin (the same other settings)
+    Column("speedup", "speed-up over the baseline setting", "x", HIGHER, kind=ID, fmt="{:.3f}"),
     Column("model", "model", kind=WORKLOAD),
     # --- workload
     Column("workload", "workload", kind=WORKLOAD),

@@ -256,3 +256,12 @@ def test_speedup_curves_for_each_varied_setting_with_a_baseline():
     assert "over a model-dtype KV cache" in fig.layout.title.text
     assert {t.name: list(t.y) for t in fig.data} == {"kv=fp8": pytest.approx([1.0, 1.25, 2.0])}
     assert set(figures.speedup_curves(df)) == {"quantization"}
+
+
+def test_speedup_over_names_an_unknown_column():
+    from workbench import metrics
+    df = _quant_sweep()
+    with pytest.raises(KeyError, match="'quantisation' is not a results column"):
+        metrics.speedup_over(df, "quantisation")
+    with pytest.raises(KeyError, match="'ttft_p50_ms' is not in these results"):
+        metrics.speedup_over(df, "quantization", None, "ttft_p50_ms")

@@ -29,6 +29,7 @@ HEADERS = {C.output_throughput: "out tok/s", C.ttft_p99_ms: "TTFT p99 ms", C.tpo
            C.kv_usage_peak: "KV peak", C.prefix_cache_hit_rate: "hit rate", C.internal_fragmentation_mean: "frag.",
            C.num_preemptions: "preempt."}
 FIGURE_WIDTH = 490  # two per row in JupyterLab's cell at 1280 px (one per row when narrower)
+PANEL_FIGURES = ("throughput_latency", "throughput", "ttft", "kv")  # always shown; a speed-up curve when it applies
 
 
 def parse_values(text: str) -> list:
@@ -123,8 +124,7 @@ class SweepPanel(widgets.VBox):
         self.status = widgets.HTML()
         self.points_table = widgets.HTML()
         # A speed-up curve (figures.SPEEDUP_BASELINES: quantization, KV dtype) joins them once the results vary it.
-        self.figures = {name: figure_widget() for name in ("throughput_latency", "throughput", "ttft", "kv",
-                                                           *figures.SPEEDUP_BASELINES)}
+        self.figures = {name: figure_widget() for name in (*PANEL_FIGURES, *figures.SPEEDUP_BASELINES)}
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.export_button.on_click(lambda _: self.export())
@@ -137,7 +137,7 @@ class SweepPanel(widgets.VBox):
         actions = widgets.VBox([widgets.HBox([self.run_button, self.stop_button]), self.progress, self.status,
                                 widgets.HBox([self.export_button, self.report_path])],
                                layout=widgets.Layout(margin="0 0 0 20px"))
-        self.figure_grid = widgets.GridBox(list(self.figures.values())[:4], layout=widgets.Layout(
+        self.figure_grid = widgets.GridBox([self.figures[n] for n in PANEL_FIGURES], layout=widgets.Layout(
             grid_template_columns=f"repeat(auto-fill, {FIGURE_WIDTH + 10}px)"))
         self.children = [widgets.HTML(_CSS), widgets.HBox([form, actions], layout=widgets.Layout(flex_flow="row wrap")),
                          self.points_table, self.figure_grid]
@@ -306,7 +306,7 @@ class SweepPanel(widgets.VBox):
     def _clear_figures(self) -> None:
         for fw in self.figures.values():
             _show(fw, go.Figure(layout=dict(width=FIGURE_WIDTH, height=340)))
-        self.figure_grid.children = list(self.figures.values())[:4]
+        self.figure_grid.children = [self.figures[n] for n in PANEL_FIGURES]
 
     def _render_points(self) -> None:
         if self.sweep is None:
