@@ -55,15 +55,17 @@ def _collect(executor, points, tp=lambda p: 1, runner=CountingRunner):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # Actors take the driver's torch thread count: one each, so two actors fill the 2-core CI machine
-    # instead of spin-waiting for each other's cores (the Ray sweep below ran 36 s with 2 threads each, 14 s with 1).
+    # Actors take the driver's torch thread count: one each, so two actors fill the 2-core CI machine instead
+    # of spin-waiting for each other's cores (the Ray sweep below, alone, one run each: 36 s at 2 threads, 14 s at 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([ROOT, os.path.dirname(__file__)])}})
-    yield
-    ray.shutdown()
-    torch.set_num_threads(threads)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([ROOT, os.path.dirname(__file__)])}})
+        yield
+        ray.shutdown()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_ray_gives_the_sequential_results_over_two_workers(local_ray):
