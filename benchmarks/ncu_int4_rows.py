@@ -47,7 +47,9 @@ for name in ("mma16", "mma16_perm", "mma16_async"):  # each step loading the nex
 # 64 rows: the tuner's gate_up pick (tc, x permuted, prefetch) and the unfolded pairs tile
 CONFIGS["tc64"] = dict(TC, x_natural=False, x_perm=True, prefetch=True)
 CONFIGS["mma64_async_pf"] = dict(CONFIGS["mma16_async_pf"], block_m=64, num_warps=8, split_k=1)
-ROWS = {name: 16 if name.startswith("mma16") else 1 for name in CONFIGS if name.startswith(("gemv1", "mma16"))}
+# 1 row on integer dot products (triton_int4_dp4a), the first of its tiles without split-K
+CONFIGS["dp4a1"] = dict(kernel="dp4a", block_n=128, chunks=4, split_k=1, serial=False, num_warps=4, num_stages=3)
+ROWS = {name: 16 if name.startswith("mma16") else 1 for name in CONFIGS if name.startswith(("gemv1", "mma16", "dp4a"))}
 
 
 def sass_top(path: str, top: int = 12) -> None:

@@ -1,0 +1,70 @@
+"""Scan the int4 dp4a GEMV's tiles, pipeline depths and split-K at 1 row on llama-3.1-8b's projections (CUDA).
+
+For each layer every (block_n, warps) of TILES x STAGES x SPLITS runs in CUDA-graph timings, `rounds` interleaved
+rounds; it prints each layer's fastest configs with the tuner's own candidates (dp4a_candidates) marked, and the
+fastest of those, so that a better tile shows as a ratio against what the engine can pick today:
+
+    PYTHONPATH=. python3 benchmarks/int4_dp4a_scan.py 3 OUT.json [LAYER...]
+"""
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ncu_int4_rows import LAYERS, _setup  # noqa: E402
+
+from engine.quant.triton_int4 import _launch  # noqa: E402
+from engine.quant.triton_int4_dp4a import dp4a_candidates  # noqa: E402
+
+TILES = ((64, 2), (64, 4), (128, 4), (256, 8))  # (block_n, warps)
+STAGES = (2, 3, 4, 6)
+SPLITS = (1, 2, 3, 4, 6, 8, 16)
+
+
+def configs(n: int, k: int, sms: int) -> list[dict]:
+    steps = k // 128
+    out = [dict(kernel="dp4a", block_n=bn, chunks=4, num_warps=w, num_stages=st, split_k=s, serial=s > 1)
+           for (bn, w), st, s in itertools.product(TILES, STAGES, SPLITS) if s <= steps // 2 or s == 1]
+    for c in dp4a_candidates(1, n, k, 128, sms):  # the tuner's own, kept whatever the grid above holds
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def key(c: dict) -> str:
+    return f"bn{c['block_n']}_w{c['num_warps']}_s{c['num_stages']}_k{c['split_k']}"
+
+
+def main() -> None:
+    rounds, out_path = int(sys.argv[1]), sys.argv[2]
+    layers = sys.argv[3:] or list(LAYERS)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(0), "layers": {}}
+    for name in layers:
+        n, k = LAYERS[name]
+        lin, layer, x = _setup(1, name)
+        cands = configs(n, k, sms)
+        tuner = [key(c) for c in dp4a_candidates(1, n, k, 128, sms)]
+        times = {key(c): [] for c in cands}
+        for _ in range(rounds):
+            for c in cands:
+                f = lambda c=c: _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **c)  # noqa: E731
+                times[key(c)].append(1e3 * do_bench_cudagraph(f, rep=20))
+        med = {kk: sorted(t)[len(t) // 2] for kk, t in times.items()}
+        best_tuner = min(tuner, key=med.get)
+        gbytes = (n * k / 2 + 2 * 2 * n * k / 128) / 1e9
+        print(f"{name}: tuner's best {best_tuner} {med[best_tuner]:.2f} us ({gbytes / med[best_tuner] * 1e3:.2f} TB/s)")
+        for kk in sorted(med, key=med.get)[:8]:
+            t = sorted(times[kk])
+            print(f"  {kk:24s} {med[kk]:7.2f} us ({t[0]:.2f}-{t[-1]:.2f})  {med[best_tuner] / med[kk]:.3f}x"
+                  f"{'  (tuner)' if kk in tuner else ''}")
+        result["layers"][name] = {"us": times, "tuner": tuner, "best_tuner": best_tuner}
+        Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
