@@ -1,8 +1,10 @@
 """Scan the int4 dp4a GEMV's tiles, pipeline depths and split-K at 1 row on llama-3.1-8b's projections (CUDA).
 
-For each layer every (block_n, warps) of TILES x STAGES x SPLITS runs in CUDA-graph timings, `rounds` interleaved
-rounds; it prints each layer's fastest configs with the tuner's own candidates (dp4a_candidates) marked, and the
-fastest of those, so that a better tile shows as a ratio against what the engine can pick today:
+For each layer every (block_n, warps) of TILES x STAGES x SPLITS is timed as the tuner times a candidate
+(engine.quant.tuning: CUDA-graph replays over enough copies of the weights to overflow L2, so that they stream from
+DRAM as in a decode step), `rounds` interleaved rounds. It prints each layer's fastest configs, the tuner's own
+candidates (dp4a_candidates) marked, and the fastest of those, so that a better tile shows as a ratio against what
+the engine can pick today:
 
     PYTHONPATH=. python3 benchmarks/int4_dp4a_scan.py 3 OUT.json [LAYER...]
 """
@@ -12,11 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ncu_int4_rows import LAYERS, _setup  # noqa: E402
 
+from engine.quant import tuning  # noqa: E402
 from engine.quant.triton_int4 import _launch  # noqa: E402
 from engine.quant.triton_int4_dp4a import dp4a_candidates  # noqa: E402
 
@@ -49,11 +51,14 @@ def main() -> None:
         lin, layer, x = _setup(1, name)
         cands = configs(n, k, sms)
         tuner = [key(c) for c in dp4a_candidates(1, n, k, 128, sms)]
+        copies = tuning.weight_copies(layer.packed.numel() * 4)
+        packs = [layer.packed] + [layer.packed.clone() for _ in range(copies - 1)]
         times = {key(c): [] for c in cands}
         for _ in range(rounds):
             for c in cands:
-                f = lambda c=c: _launch(x, layer.packed, layer.scales, layer.zeros, layer.group_size, **c)  # noqa: E731
-                times[key(c)].append(1e3 * do_bench_cudagraph(f, rep=20))
+                launches = lambda c=c: [_launch(x, p, layer.scales, layer.zeros, layer.group_size, **c)  # noqa: E731
+                                        for p in packs]
+                times[key(c)].append(1e3 * tuning._graph_time(launches, len(packs)))
         med = {kk: sorted(t)[len(t) // 2] for kk, t in times.items()}
         best_tuner = min(tuner, key=med.get)
         gbytes = (n * k / 2 + 2 * 2 * n * k / 128) / 1e9
