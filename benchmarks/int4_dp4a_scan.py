@@ -24,7 +24,7 @@ from engine.quant.triton_int4_dp4a import dp4a_candidates  # noqa: E402
 
 TILES = ((64, 2), (64, 4), (128, 4), (256, 8))  # (block_n, warps)
 STAGES = (2, 3, 4, 6)
-SPLITS = (1, 2, 3, 4, 6, 8, 16)
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 28)
 
 
 def configs(n: int, k: int, sms: int) -> list[dict]:

@@ -123,7 +123,7 @@ def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "tcgemm"
     if which.partition(":")[0] not in (*CONFIGS, "bf16"):
         sys.exit(f"config {which!r}: choose one of {sorted((*CONFIGS, 'bf16'))}")
-    lin, layer, x = _setup(int(sys.argv[2]) if len(sys.argv) > 2 else ROWS.get(which, 64))
+    lin, layer, x = _setup(int(sys.argv[2]) if len(sys.argv) > 2 else ROWS.get(which.partition(":")[0], 64))
     ref = torch.nn.functional.linear(x, lin.weight)
     for _ in range(3):
         y = _run(which, lin, layer, x)

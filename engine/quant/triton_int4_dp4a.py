@@ -132,19 +132,28 @@ def _int4_dp4a_kernel(q_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock
 
 
 # ----- launch ---------------------------------------------------------------------------------------
-# (block_n, chunks, warps, stages): the GEMV tiles of triton_int4 that won a layer there, and 4 stages
-DP4A_TILES = ((128, 4, 4, 3), (64, 4, 2, 3), (256, 4, 8, 3), (128, 4, 4, 4), (64, 4, 4, 3))
+# (block_n, chunks, warps, stages): the GEMV tiles of triton_int4 that won a layer there, and 4 stages; then the
+# fastest tiles of down_proj (64 x 4 warps, 2 stages, at 16 slices) and of the LM head (256 x 8 warps, 4 stages) in
+# a scan of tiles x stages x split-K at 1 row (benchmarks/int4_dp4a_scan.py, int4_dp4a_scan_h100.json: 1.16x /
+# 1.04x the best of the tiles before)
+DP4A_TILES = ((128, 4, 4, 3), (64, 4, 2, 3), (256, 4, 8, 3), (128, 4, 4, 4), (64, 4, 4, 3), (64, 4, 4, 2),
+              (256, 4, 8, 4))
+DEEP_SPLIT_STEPS = 7  # with K of 64 steps or more (down_proj), each tile also at slices of about this many steps
 
 
 def dp4a_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[dict]:
     """kernel="dp4a" configs for 1-2 rows: DP4A_TILES (chunks capped to the group), split-K as the GEMV's
-    heuristic, reduced in the kernel, and each tile without split-K."""
+    heuristic, reduced in the kernel, each tile without split-K, and with K of 64 steps or more each tile at
+    slices of DEEP_SPLIT_STEPS steps (down_proj's 112 steps at 1 row: 16 slices ran 1.27x the heuristic's 9, same
+    tile, in that scan)."""
     out = []
     for bn, ch, w, st in DP4A_TILES:
         ch = min(ch, group_size // KERNEL_CHUNK)
         cfg = gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w, num_stages=st)
         base = dict(kernel="dp4a", block_n=bn, chunks=ch, num_warps=w, num_stages=st)
-        for split in dict.fromkeys((cfg["split_k"], 1)):
+        steps = k // (KERNEL_CHUNK * ch)
+        deep = min(32, steps // DEEP_SPLIT_STEPS) if steps >= 64 else 1
+        for split in dict.fromkeys((cfg["split_k"], 1, deep)):
             c = dict(base, split_k=split, serial=split > 1)
             if c not in out:
                 out.append(c)
