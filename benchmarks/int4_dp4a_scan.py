@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ncu_int4_rows import LAYERS, _setup  # noqa: E402
 
 from engine.quant import tuning  # noqa: E402
+from engine.quant.int4 import KERNEL_CHUNK  # noqa: E402
 from engine.quant.triton_int4 import _launch  # noqa: E402
 from engine.quant.triton_int4_dp4a import dp4a_candidates  # noqa: E402
 
@@ -28,7 +29,7 @@ SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 28)
 
 
 def configs(n: int, k: int, sms: int) -> list[dict]:
-    steps = k // 128
+    steps = k // (4 * KERNEL_CHUNK)  # (the scan's steps are 4 chunks, one group of 128)
     out = [dict(kernel="dp4a", block_n=bn, chunks=4, num_warps=w, num_stages=st, split_k=s, serial=s > 1)
            for (bn, w), st, s in itertools.product(TILES, STAGES, SPLITS) if s <= steps // 2 or s == 1]
     for c in dp4a_candidates(1, n, k, 128, sms):  # the tuner's own, kept whatever the grid above holds
@@ -48,7 +49,7 @@ def main() -> None:
     result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(0), "layers": {}}
     for name in layers:
         n, k = LAYERS[name]
-        lin, layer, x = _setup(1, name)
+        _, layer, x = _setup(1, name)
         cands = configs(n, k, sms)
         tuner = [key(c) for c in dp4a_candidates(1, n, k, 128, sms)]
         copies = tuning.weight_copies(layer.packed.numel() * 4)
@@ -61,7 +62,7 @@ def main() -> None:
                 times[key(c)].append(1e3 * tuning._graph_time(launches, len(packs)))
         med = {kk: sorted(t)[len(t) // 2] for kk, t in times.items()}
         best_tuner = min(tuner, key=med.get)
-        gbytes = (n * k / 2 + 2 * 2 * n * k / 128) / 1e9
+        gbytes = sum(t.numel() * t.element_size() for t in (layer.packed, layer.scales, layer.zeros)) / 1e9
         print(f"{name}: tuner's best {best_tuner} {med[best_tuner]:.2f} us ({gbytes / med[best_tuner] * 1e3:.2f} TB/s)")
         for kk in sorted(med, key=med.get)[:8]:
             t = sorted(times[kk])

@@ -152,8 +152,8 @@ def dp4a_candidates(m: int, n: int, k: int, group_size: int, sms: int) -> list[d
         cfg = gemv_config(m, n, k, sms, block_n=bn, chunks=ch, num_warps=w, num_stages=st)
         base = dict(kernel="dp4a", block_n=bn, chunks=ch, num_warps=w, num_stages=st)
         steps = k // (KERNEL_CHUNK * ch)
-        deep = min(32, steps // DEEP_SPLIT_STEPS) if steps >= 64 else 1
-        for split in dict.fromkeys((cfg["split_k"], 1, deep)):
+        deep = (min(32, steps // DEEP_SPLIT_STEPS),) if steps >= 64 else ()
+        for split in dict.fromkeys((cfg["split_k"], 1, *deep)):
             c = dict(base, split_k=split, serial=split > 1)
             if c not in out:
                 out.append(c)
