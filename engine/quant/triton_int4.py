@@ -275,13 +275,23 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
                 num_stages=num_stages)
 
 
+def split_for_waves(programs: int, steps: int, sms: int, waves: int, whole_waves: bool = False) -> int:
+    """Slices of K for a tensor-core kernel's `programs` output tiles: about `waves` programs per SM (the
+    fewest slices that reach it), while each slice keeps >= 4 steps (2 with more waves), at most 16.
+    whole_waves: the most slices that stay within `waves` programs per SM instead. These kernels hold 1-2
+    programs an SM, so a grid just past a whole wave runs a second, nearly empty one: at 16 rows on an H100
+    down_proj's 32 tiles ran 22.4 us at 8 slices (256 programs) against 27.1 at 9 (288), at 64 rows its 64
+    tiles 42.5 us at 4 slices against 59.3 at 5 (int4_pairs_scan16_h100.json, int4_pairs_scan64_h100.json)."""
+    want = (waves * sms) // programs if whole_waves else triton.cdiv(waves * sms, programs)
+    return max(1, min(want, steps // (4 if waves <= 2 else 2) or 1, 16))
+
+
 def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chunks: int, num_warps: int,
-              num_stages: int = 3, swap: bool = True, dequant: str = "scale", waves: int = 2) -> dict:
-    """A config of triton_int4_tc's kernel: split-K up to `waves` programs per SM while each slice keeps
-    >= 4 steps (2 with more waves)."""
+              num_stages: int = 3, swap: bool = True, dequant: str = "scale", waves: int = 2,
+              whole_waves: bool = False) -> dict:
+    """A config of triton_int4_tc's kernel: split-K by split_for_waves."""
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
-    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    split = split_for_waves(programs, triton.cdiv(k, KERNEL_CHUNK * chunks), sms, waves, whole_waves)
     return dict(gemv=False, kernel="tc", swap=swap, dequant=dequant, block_m=block_m, block_n=block_n, chunks=chunks,
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
@@ -363,7 +373,10 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         # x_perm won every layer at 64 rows and gate_up / LM head at 256 (quant_kernels_int4_xperm_all_h200.json).
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
-        permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True) for c in tc(TC_LARGE + TC_PREFETCH)]
+        # At up to 64 rows each x_perm tile also at the split that fits whole waves (split_for_waves).
+        whole = tc(TC_LARGE + TC_PREFETCH, whole_waves=True) if m <= 64 else []
+        permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True)
+                    for c in tc(TC_LARGE + TC_PREFETCH) + whole]
         extra += permuted + ([dict(c, split_k=1) for c in permuted[:2]] if m > 64 else [])
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")

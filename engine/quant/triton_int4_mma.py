@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .int4_layout import _step_words, layout_args
-from .triton_int4 import _next_group_params, _serial_when_split, asm_supported
+from .triton_int4 import _next_group_params, _serial_when_split, asm_supported, split_for_waves
 from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
 
 
@@ -303,13 +303,15 @@ def mma_block_k(block_k: int, group_size: int) -> int:
 
 
 def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, block_n: int, block_k: int,
-               num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2) -> dict:
+               num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2,
+               whole_waves: bool = False) -> dict:
     """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K up to `waves`
-    programs per SM while each slice keeps >= 4 steps (2 with more waves)."""
+    programs per SM (whole_waves: at most, triton_int4.split_for_waves) while each slice keeps >= 4 steps (2 with
+    more waves)."""
     block_k = mma_block_k(block_k, group_size)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)
-    split = max(1, min(triton.cdiv(waves * sms, programs), steps // (4 if waves <= 2 else 2) or 1, 16))
+    split = split_for_waves(programs, steps, sms, waves, whole_waves)
     return dict(gemv=False, kernel="mma", swap=swap, fold=fold, block_m=block_m, block_n=block_n, block_k=block_k,
                 split_k=split, num_warps=num_warps, num_stages=num_stages)
 
@@ -335,9 +337,10 @@ PAIRS_TILES = {
 # int4_m16_prefetch_times_h200.log; 32.9 with the wgmmas in flight, at one slice: int4_pairs_async_times_h200.log),
 # per bucket of rows, each also at one slice (the in-flight operands' registers, 124-255 a thread in sm_90
 # ptxas, halve the programs an SM holds, so fewer slices can fill it better); four accumulators a thread bound
-# the tiles (64 x 256 and 128 x 128 spill).
+# the tiles (64 x 256 and 128 x 128 spill). At 16 rows 16 x 128 also at 4 stages: the LM head 115.4 against 117.9
+# us at 3 on an H100 (int4_pairs_scan16_h100.json), each tile also at whole waves (split_for_waves).
 PAIRS_ASYNC_TILES = {
-    16: ((16, 256, 8, 3), (16, 128, 4, 3)),
+    16: ((16, 256, 8, 3), (16, 128, 4, 3), (16, 128, 4, 4)),
     32: ((32, 128, 4, 3), (16, 256, 8, 3)),
     64: ((64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)),
     256: ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
@@ -369,9 +372,10 @@ def mma_candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool 
         if m > 2:
             for bm, bn, warps, stages in PAIRS_ASYNC_TILES[next(b for b in sorted(PAIRS_ASYNC_TILES)
                                                                 if m <= b or b == 256)]:
-                cfg = dict(mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False),
-                           layout="pairs", asm=asm, x_perm=True, prefetch=True)
-                out += [cfg] + ([dict(cfg, split_k=1)] if cfg["split_k"] > 1 else [])
+                for whole in (False, True):
+                    cfg = dict(mma_config(m, n, k, group_size, sms, bm, bn, 128, warps, stages, True, False,
+                                          whole_waves=whole), layout="pairs", asm=asm, x_perm=True, prefetch=True)
+                    out += [cfg] + ([dict(cfg, split_k=1)] if cfg["split_k"] > 1 else [])
     if m > 64:
         for bm, bn, bk, warps, stages, fold in TILE_LARGE + (TILE_ALL_ROWS if 128 < m <= 256 else ()):
             out.append(mma_config(m, n, k, group_size, sms, bm, bn, bk, warps, stages, False, fold))

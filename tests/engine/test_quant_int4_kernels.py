@@ -225,6 +225,32 @@ def test_int4_gemv_candidates_keep_each_step_inside_one_group(group):
     assert all(group % (32 * c["chunks"]) == 0 for c in gemv)
 
 
+@pytest.mark.parametrize("programs, steps, waves, ceil, whole", [
+    (32, 112, 2, 9, 8),    # down_proj at 16 rows, 16 x 128 tiles: 288 programs just past 264 slots, or 256 within
+    (64, 112, 2, 5, 4),    # down_proj at 64 rows, 64 x 64 tiles
+    (48, 32, 2, 6, 5),     # qkv at 16 rows
+    (300, 32, 2, 1, 1),    # more tiles than two waves: no split either way
+    (32, 12, 2, 3, 3),     # the >= 4 steps a slice bound
+    (32, 112, 4, 17, 16),  # four programs an SM: at most 16 slices
+])
+def test_split_for_waves_fills_whole_waves_when_asked(programs, steps, waves, ceil, whole):
+    """Hand-counted on 132 SMs: the fewest slices reaching `waves` programs an SM, or the most that stay within."""
+    from engine.quant.triton_int4 import split_for_waves
+    assert split_for_waves(programs, steps, 132, waves) == min(ceil, 16)
+    assert split_for_waves(programs, steps, 132, waves, whole_waves=True) == whole
+
+
+def test_int4_tuning_offers_the_pairs_and_tc_tiles_at_whole_waves():
+    """down_proj (N 4096, K 14336) at 16 and 64 rows: the x_perm tiles also at the split whose grid fits two
+    programs an SM, beside the heuristic's (int4_pairs_scan16_h100.json: 22.4 against 27.1 us at 16 rows)."""
+    from engine.quant.triton_int4 import candidates
+    for m, tiles in ((16, [(16, 128)]), (64, [(64, 64)])):
+        cands = [c for c in candidates(m, 4096, 14336, 128, 132, asm=True) if c.get("x_perm")]
+        for bm, bn in tiles:
+            splits = {c["split_k"] for c in cands if c["block_m"] == bm and c["block_n"] == bn}
+            whole = (2 * 132) // ((m // bm) * (4096 // bn))
+            assert whole in splits and whole + 1 in splits, (m, bm, bn, splits)
+
 def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
     from engine.quant.triton_int4 import _launch
     qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
