@@ -305,9 +305,8 @@ def mma_block_k(block_k: int, group_size: int) -> int:
 def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, block_n: int, block_k: int,
                num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2,
                whole_waves: bool = False) -> dict:
-    """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K up to `waves`
-    programs per SM (whole_waves: at most, triton_int4.split_for_waves) while each slice keeps >= 4 steps (2 with
-    more waves)."""
+    """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K by
+    triton_int4.split_for_waves."""
     block_k = mma_block_k(block_k, group_size)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)

@@ -244,12 +244,12 @@ def test_int4_tuning_offers_the_pairs_and_tc_tiles_at_whole_waves():
     """down_proj (N 4096, K 14336) at 16 and 64 rows: the x_perm tiles also at the split whose grid fits two
     programs an SM, beside the heuristic's (int4_pairs_scan16_h100.json: 22.4 against 27.1 us at 16 rows)."""
     from engine.quant.triton_int4 import candidates
-    for m, tiles in ((16, [(16, 128)]), (64, [(64, 64)])):
+    # 16 rows, 16 x 128 tiles: 32 programs, 9 slices reach 264 slots, 8 stay within; 64 rows, 64 x 64: 64, 5 and 4
+    for m, bm, bn, splits in ((16, 16, 128, {8, 9}), (64, 64, 64, {4, 5})):
         cands = [c for c in candidates(m, 4096, 14336, 128, 132, asm=True) if c.get("x_perm")]
-        for bm, bn in tiles:
-            splits = {c["split_k"] for c in cands if c["block_m"] == bm and c["block_n"] == bn}
-            whole = (2 * 132) // ((m // bm) * (4096 // bn))
-            assert whole in splits and whole + 1 in splits, (m, bm, bn, splits)
+        offered = {c["split_k"] for c in cands if c["block_m"] == bm and c["block_n"] == bn}
+        assert splits <= offered, (m, bm, bn, offered)
+
 
 def test_int4_tc_launch_rejects_dequant_modes_it_cannot_run():
     from engine.quant.triton_int4 import _launch
