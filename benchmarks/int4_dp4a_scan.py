@@ -38,6 +38,14 @@ def key(c: dict) -> str:
     return f"bn{c['block_n']}_w{c['num_warps']}_s{c['num_stages']}_k{c['split_k']}"
 
 
+def check_layers(names: list[str]) -> list[str]:
+    """The layers named on the command line (all of LAYERS when none), or exit naming the allowed ones."""
+    unknown = [n for n in names if n not in LAYERS]
+    if unknown:
+        sys.exit(f"layer {unknown[0]!r}: choose from {', '.join(LAYERS)}")
+    return names or list(LAYERS)
+
+
 def scan_layer(name: str, rows: int, cands: list[dict], tuner: list[dict], rounds: int, key=key) -> dict:
     """Every config of cands (the tuner's own added) on layer `name` at `rows` rows, `rounds` interleaved
     rounds timed as the tuner times; prints the fastest against the tuner's best and returns the layer's entry."""
@@ -70,7 +78,7 @@ def scan_layer(name: str, rows: int, cands: list[dict], tuner: list[dict], round
 
 def main() -> None:
     rounds, out_path = int(sys.argv[1]), sys.argv[2]
-    layers = sys.argv[3:] or list(LAYERS)
+    layers = check_layers(sys.argv[3:])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(0), "layers": {}}
     for name in layers:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int4_dp4a_scan import scan_layer  # noqa: E402
+from int4_dp4a_scan import check_layers, scan_layer  # noqa: E402
 from ncu_int4_rows import LAYERS  # noqa: E402
 
 from engine.quant.triton_int4 import candidates  # noqa: E402
@@ -48,7 +48,7 @@ def main() -> None:
         i = args.index("--rows")
         rows = int(args[i + 1])
         del args[i:i + 2]
-    rounds, out_path, layers = int(args[0]), args[1], args[2:] or list(LAYERS)
+    rounds, out_path, layers = int(args[0]), args[1], check_layers(args[2:])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(0), "rows": rows,
               "layers": {}}

@@ -200,4 +200,4 @@ def fused_linear(x: torch.Tensor, linear: nn.Linear, prologue: str, residual: to
     key = ("gemv", prologue, x.shape[0], w.shape[0], w.shape[1], x.dtype, b is not None, residual is not None)
     copies = lambda: [(x, w if i == 0 else w.clone(), residual)  # noqa: E731
                       for i in range(tuning.weight_copies(w.numel() * w.element_size()))]
-    return launch(tuning.pick(key, candidates(), timed, copies, x.device), x, w, residual)
+    return launch(tuning.pick(key, candidates, timed, copies, x.device), x, w, residual)

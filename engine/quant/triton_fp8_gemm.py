@@ -145,7 +145,7 @@ def fp8_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
         key = ("fp8", tune_bucket(m), n, k, out_dtype)
         copies = lambda: [(xq, xs, wq if i == 0 else wq.clone(), ws, out_dtype)  # noqa: E731
                           for i in range(tuning.weight_copies(wq.numel()))]
-        config = tuning.pick(key, fp8_candidates(m, n, k, num_sms(xq.device)),
+        config = tuning.pick(key, lambda: fp8_candidates(m, n, k, num_sms(xq.device)),
                              lambda c, *a: _fp8_launch(*a, **c), copies, xq.device)
     return _fp8_launch(xq, xs, wq, ws, out_dtype, **config)
 

@@ -429,7 +429,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
     if not config:
         sms = num_sms(x.device)
-        cands = candidates(m, n, k, group_size, sms, asm=asm_supported(x))
+        cands = lambda: candidates(m, n, k, group_size, sms, asm=asm_supported(x))  # noqa: E731 (built if untuned)
         key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
         copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
                           for i in range(tuning.weight_copies(packed.numel() * 4))]

@@ -382,26 +382,29 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, block
         sms = num_sms(x.device)
         copies = lambda: [(x, q if i == 0 else q.clone(), scales)  # noqa: E731
                           for i in range(tuning.weight_copies(q.numel()))]
-        if m <= GEMV_MAX_ROWS:
-            cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
-            if words_ok(q):
-                cands += words_candidates(m, n, k, sms)
-            cands += _mma8_candidates(m, n, k, sms, x, q)
-            key = ("int8", m, n, k, x.dtype)
-        else:  # one tuned config per bucket of m, not per m (the engine's graphs alone use ~35 sizes)
-            cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
-            if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
-                cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8,
-                                  num_stages=3))
-            if m > 16:
-                cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
-                if x.is_cuda:
-                    from .triton_int8_limbs import limbs_candidates
-                    cands += limbs_candidates(m, n, k, sms)
-            cands = with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q), "int8")
-            key = ("int8_mm", tune_bucket(m), n, k, x.dtype)
-        forced = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
+        # one tuned config per bucket of m above the GEMV's rows, not per m (the engine's graphs alone use ~35 sizes)
+        key = ("int8", m, n, k, x.dtype) if m <= GEMV_MAX_ROWS else ("int8_mm", tune_bucket(m), n, k, x.dtype)
+        forced = tuning.pick(key, lambda: _candidates(m, n, k, sms, x, q), lambda c, *a: _launch(*a, **c), copies,
+                             x.device)
     return _launch(x, q, scales, **forced)
+
+
+def _candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor, q: torch.Tensor) -> list[dict]:
+    """What tuning.pick times for int8_matmul's shape (the heuristic first)."""
+    if m <= GEMV_MAX_ROWS:
+        cands = gemv_candidates(dict(gemv=True), sms, m, n, triton.cdiv(k, 256), "block_k")
+        if words_ok(q):
+            cands += words_candidates(m, n, k, sms)
+        return cands + _mma8_candidates(m, n, k, sms, x, q)
+    cands = mm_candidates(m, n, triton.cdiv(k, 128), sms, "block_k", (128,) if m <= 64 else (64,))
+    if m > 128:  # all rows in one tile: each weight converted once (the MMA's N goes up to 256)
+        cands.append(dict(gemv=False, block_m=256, block_n=64, block_k=64, split_k=1, num_warps=8, num_stages=3))
+    if m > 16:
+        cands += gemm_candidates(m, n, k, sms, asm=x.is_cuda)
+        if x.is_cuda:
+            from .triton_int8_limbs import limbs_candidates
+            cands += limbs_candidates(m, n, k, sms)
+    return with_dequant(m, cands + _mma8_candidates(m, n, k, sms, x, q), "int8")
 
 
 def _mma8_candidates(m: int, n: int, k: int, sms: int, x: torch.Tensor, q: torch.Tensor) -> list[dict]:

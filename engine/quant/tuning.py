@@ -44,14 +44,19 @@ seconds: dict[tuple, float] = {}  # wall time the tuning of a key took (compiles
 _stored: dict[str, dict[str, dict]] = {}  # per cache file: repr(key) -> config, as read from disk (and written)
 
 
-def pick(key: tuple, candidates: list[dict], launch: Callable[..., object], arg_sets: Callable[[], list[tuple]],
-         device: torch.device) -> dict:
+def pick(key: tuple, candidates: list[dict] | Callable[[], list[dict]], launch: Callable[..., object],
+         arg_sets: Callable[[], list[tuple]], device: torch.device) -> dict:
     """The config of `candidates` to use for `key`. launch(cfg, *args) runs the kernel(s) once;
     arg_sets() gives argument tuples whose weights together overflow the L2 cache, so the timing
-    streams weights from DRAM as a decode step does (a lone 17 MB layer would stay in a 50 MB L2)."""
+    streams weights from DRAM as a decode step does (a lone 17 MB layer would stay in a 50 MB L2).
+    candidates may be a function giving the list: the engine's layers pass one, so that a call whose key is
+    already chosen (every call after the first on CUDA) does not build the list (~0.1-0.5 ms of host time
+    for the int4 kernels' 20-50 configs, per layer and eager step)."""
     cfg = chosen.get(key)
     if cfg is not None:
         return cfg
+    if callable(candidates):
+        candidates = candidates()
     if device.type != "cuda" or os.environ.get("ENGINE_QUANT_AUTOTUNE", "1") == "0":
         return candidates[0]
     path = cache_file(device)

@@ -96,3 +96,19 @@ def test_no_file_for_a_device_that_cannot_be_described(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_device)
     monkeypatch.setenv("ENGINE_TUNING_CACHE", str(tmp_path))
     assert tuning.cache_file(torch.device("cuda")) is None
+
+
+def test_a_candidate_function_is_called_only_while_its_key_is_untuned(gpu):
+    """The engine's layers pass their candidates as a function: once a key is chosen, a call (every later layer
+    call, each eager step) returns the choice without building the list."""
+    built = []
+
+    def cands():
+        built.append(1)
+        return CANDIDATES
+
+    key = ("int4", 16, 4096, 14336, 128, torch.bfloat16)
+    assert gpu.pick(key, cands) == CANDIDATES[1] and len(built) == 1
+    assert gpu.pick(key, cands) == CANDIDATES[1] and len(built) == 1
+    _new_process()  # the choice read back from the file still checks it is one of the candidates
+    assert gpu.pick(key, cands) == CANDIDATES[1] and len(built) == 2
