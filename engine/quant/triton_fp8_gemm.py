@@ -81,14 +81,14 @@ def _fp8_dot_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, res_ptr, lock_ptr, M,
 
 
 def fp8_dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, block_k: int = 128,
-                   num_warps: int | None = None, num_stages: int = 3) -> dict:
+                   num_warps: int | None = None, num_stages: int = 3, whole_waves: bool = False) -> dict:
     """The Triton W8A8 kernel's config: row tile by m (16..128), column tile 64 (128 above 64 rows),
-    split-K up to 2 programs per SM while each slice keeps >= 4 K steps."""
-    from .triton_int8 import mm_block_m
+    split-K up to 2 programs per SM while each slice keeps >= 4 K steps (whole_waves: split_for_waves')."""
+    from .triton_int8 import mm_block_m, split_for_waves
     block_m = mm_block_m(m)
     block_n = block_n or (64 if m <= 64 else 128)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+    split = split_for_waves(programs, triton.cdiv(k, block_k), sms, whole_waves=whole_waves, most=8)
     warps = num_warps or (8 if block_n * block_m >= 128 * 64 else 4)
     return dict(kernel="triton", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
                 num_warps=warps, num_stages=num_stages)
@@ -105,16 +105,19 @@ def fp8_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
 
 
 def dot_candidates(m: int, n: int, k: int, sms: int) -> list[dict]:
-    """The Triton kernel's configs for m rows: the heuristic's tile and a few others with their split-K variants,
-    each with pointer loads and (Triton >= 3.4, 16-byte row strides) tensor-descriptor loads."""
+    """The Triton kernel's configs for m rows: the heuristic's tile and a few others with their split-K variants
+    (also the split that fits whole waves, split_for_waves), each with pointer loads and (Triton >= 3.4, 16-byte
+    row strides) tensor-descriptor loads."""
     from .triton_int8 import split_variants
-    extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
-             for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
+
+    def tiles(**kw):
+        extra = [fp8_dot_config(m, n, k, sms, block_n=bn, block_k=bk, num_warps=w, num_stages=st, **kw)
+                 for bn, bk, w, st in FP8_TILES_MANY_ROWS] if m > 16 else []
+        return [fp8_dot_config(m, n, k, sms, **kw), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64, **kw),
+                fp8_dot_config(m, n, k, sms, block_k=256, **kw)] + extra
     # More K slices than the heuristic's (2 programs per SM) lost at 64 rows on the H200: twice as many took qkv from
     # 14.3 to 17.4 us and down_proj from 24.7 to 32.5 (quant_kernels_fp8_split_h200.json).
-    ours = split_variants(
-        [fp8_dot_config(m, n, k, sms), fp8_dot_config(m, n, k, sms, block_n=128 if m <= 64 else 64),
-         fp8_dot_config(m, n, k, sms, block_k=256)] + extra)
+    ours = split_variants(tiles() + tiles(whole_waves=True))
     tma = [dict(c, kernel="tma") for c in ours] if HAS_TMA and k % 16 == 0 else []  # 16-byte row strides
     return ours + tma
 

@@ -70,7 +70,7 @@ from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
 from .int4_layout import _step_words, layout_args
 from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m,
-                          num_sms, split_outputs, split_variants, tune_bucket)
+                          num_sms, split_for_waves, split_outputs, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -268,22 +268,10 @@ def dot_config(m: int, n: int, k: int, sms: int, block_n: int | None = None, chu
     block_m = mm_block_m(m)
     block_n = block_n or (64 if m <= 64 else 128)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, KERNEL_CHUNK * chunks)
-    split = max(1, min(triton.cdiv(2 * sms, programs), steps // 4 or 1, 8))
+    split = split_for_waves(programs, triton.cdiv(k, KERNEL_CHUNK * chunks), sms, 2, most=8)
     warps = num_warps or (8 if block_n * block_m >= 128 * 64 else 4)
     return dict(gemv=False, block_m=block_m, block_n=block_n, chunks=chunks, split_k=split, num_warps=warps,
                 num_stages=num_stages)
-
-
-def split_for_waves(programs: int, steps: int, sms: int, waves: int, whole_waves: bool = False) -> int:
-    """Slices of K for a tensor-core kernel's `programs` output tiles: about `waves` programs per SM (the
-    fewest slices that reach it), while each slice keeps >= 4 steps (2 with more waves), at most 16.
-    whole_waves: the most slices that stay within `waves` programs per SM instead. These kernels hold 1-2
-    programs an SM, so a grid just past a whole wave runs a second, nearly empty one: at 16 rows on an H100
-    down_proj's 32 tiles ran 22.4 us at 8 slices (256 programs) against 27.1 at 9 (288), at 64 rows its 64
-    tiles 42.5 us at 4 slices against 59.3 at 5 (int4_pairs_scan16_h100.json, int4_pairs_scan64_h100.json)."""
-    want = (waves * sms) // programs if whole_waves else triton.cdiv(waves * sms, programs)
-    return max(1, min(want, steps // (4 if waves <= 2 else 2) or 1, 16))
 
 
 def tc_config(m: int, n: int, k: int, sms: int, block_m: int, block_n: int, chunks: int, num_warps: int,

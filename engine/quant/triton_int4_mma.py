@@ -41,8 +41,8 @@ import triton.language as tl
 
 from .int4 import KERNEL_CHUNK
 from .int4_layout import _step_words, layout_args
-from .triton_int4 import _next_group_params, _serial_when_split, asm_supported, split_for_waves
-from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
+from .triton_int4 import _next_group_params, _serial_when_split, asm_supported
+from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_for_waves, split_outputs
 
 
 @triton.jit
@@ -306,7 +306,7 @@ def mma_config(m: int, n: int, k: int, group_size: int, sms: int, block_m: int, 
                num_warps: int, num_stages: int, swap: bool, fold: bool, waves: int = 2,
                whole_waves: bool = False) -> dict:
     """A config of triton_int4_mma's kernel: the K step clamped to divide the group, split-K by
-    triton_int4.split_for_waves."""
+    triton_int8.split_for_waves."""
     block_k = mma_block_k(block_k, group_size)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     steps = triton.cdiv(k, block_k)

@@ -225,18 +225,20 @@ def mm_candidates(m: int, n: int, k_tiles: int, sms: int, tile_k: str | None = N
     """Launch configs of a tl.dot kernel to time for m rows: the shape heuristic first, then column tiles
     x split-K (enough programs to fill the GPU when m rows give few row tiles; split_variants) x warps.
     k_tiles: the K loop's trip count at the smallest K tile (split-K keeps >= 4 per slice); tile_k /
-    tile_k_values: an extra K-tile key to vary (int8's block_k)."""
+    tile_k_values: an extra K-tile key to vary (int8's block_k). Each tile also at the split that fits whole
+    waves (split_for_waves), where that differs."""
     block_m = mm_block_m(m)
-    cands = []
+    cands, whole = [], []
     for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3)):
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = max(1, min(triton.cdiv(2 * sms, programs), k_tiles // 4 or 1, 8))
         for tk in tile_k_values or (None,):
-            cfg = dict(gemv=False, block_n=block_n, split_k=split, num_warps=warps, num_stages=stages)
+            cfg = dict(gemv=False, block_n=block_n, split_k=split_for_waves(programs, k_tiles, sms, most=8),
+                       num_warps=warps, num_stages=stages)
             if tk is not None:
                 cfg[tile_k] = tk
             cands.append(cfg)
-    return [dict(gemv=False)] + split_variants(cands)
+            whole.append(dict(cfg, split_k=split_for_waves(programs, k_tiles, sms, whole_waves=True, most=8)))
+    return [dict(gemv=False)] + split_variants(cands + whole)
 
 
 # Plain-GEMM tiles for many rows (not swapped: x is the MMA's A, the converted weight tile its B), as
@@ -247,19 +249,24 @@ GEMM_TILES = ((64, 128, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), 
 
 def gemm_candidates(m: int, n: int, k: int, sms: int, asm: bool = False) -> list[dict]:
     """int8 tl.dot configs without swap-AB: each GEMM_TILES tile with split-K up to 2 programs per SM
-    (>= 4 K steps a slice, reduced in the kernel), and the first three also unsplit. asm: convert the
+    (>= 4 K steps a slice, reduced in the kernel), also at the split that fits whole waves where that differs, and
+    the first three also unsplit. asm: convert the
     codes by the packed byte permute (CUDA; in this orientation a thread's codes are whole 32-bit
     words, ~10% fewer instructions in sm_90 SASS; swapped, re-packing them costs more than it saves)."""
-    out = []
+    out, whole = [], []
     for block_m, block_n, block_k, warps, stages in GEMM_TILES:
         programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(k, block_k) // 4 or 1, 8))
+        steps = triton.cdiv(k, block_k)
+        split = split_for_waves(programs, steps, sms, most=8)
         cfg = dict(gemv=False, swap=False, asm=asm, block_m=block_m, block_n=block_n, block_k=block_k,
                    split_k=split, num_warps=warps, num_stages=stages)
         out.append(dict(cfg, serial=True) if split > 1 else cfg)
         if split > 1 and len(out) <= 3:
             out.append(dict(cfg, split_k=1))
-    return out
+        fits = split_for_waves(programs, steps, sms, whole_waves=True, most=8)
+        if fits != split:
+            whole.append(dict(cfg, split_k=fits, serial=True) if fits > 1 else dict(cfg, split_k=1))
+    return out + [c for c in whole if c not in out]
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,6 +338,18 @@ def split_variants(cands: list[dict], ok=lambda c: True) -> list[dict]:
 
 def gemv_result(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.sum(0, dtype=dtype) if out.dim() == 3 else out
+
+
+def split_for_waves(programs: int, steps: int, sms: int, waves: int = 2, whole_waves: bool = False,
+                    most: int = 16) -> int:
+    """Slices of K for a tensor-core kernel's `programs` output tiles: about `waves` programs per SM (the
+    fewest slices that reach it), while each slice keeps >= 4 steps (2 with more waves), at most `most`.
+    whole_waves: the most slices that stay within `waves` programs per SM instead. These kernels hold 1-2
+    programs an SM, so a grid just past a whole wave runs a second, nearly empty one: at 16 rows on an H100
+    int4's down_proj's 32 tiles ran 22.4 us at 8 slices (256 programs) against 27.1 at 9 (288), at 64 rows its 64
+    tiles 42.5 us at 4 slices against 59.3 at 5 (int4_pairs_scan16_h100.json, int4_pairs_scan64_h100.json)."""
+    want = (waves * sms) // programs if whole_waves else triton.cdiv(waves * sms, programs)
+    return max(1, min(want, steps // (4 if waves <= 2 else 2) or 1, most))
 
 
 def gemv_split_k(num_rows: int, num_col_blocks: int, k_blocks: int, sms: int, waves: int = 4) -> int:

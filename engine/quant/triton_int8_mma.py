@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_outputs
+from .triton_int8 import _store_tile, _tile, gemv_result, mm_block_m, split_for_waves, split_outputs
 
 # 2 half-words ($1) = 4 int8 codes (bytes 0-3 = features 2j, 2j + 1, 2j', 2j' + 1) -> the float16 1152 + q
 # of byte P of each half-word (features 2j + P, 2j' + P), one register ($0).
@@ -122,7 +122,8 @@ def mma8_ok(q: torch.Tensor, block_k: int) -> bool:
 
 def mma8_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
     """triton_int8_mma configs for m rows (split-K up to 2 programs per SM, 4 at up to 16 rows, reduced in
-    the kernel; only steps that divide K); asm: its inline-PTX unpack (CUDA, 16-bit x)."""
+    the kernel, each also at the split that fits whole waves; only steps that divide K); asm: its inline-PTX
+    unpack (CUDA, 16-bit x)."""
     bucket = next(b for b in sorted(MMA8_TILES) if m <= b or b == 256)
     out = []
     for i, (bm, bn, bk, warps, stages) in enumerate(MMA8_TILES[bucket]):
@@ -131,12 +132,13 @@ def mma8_candidates(m: int, n: int, k: int, sms: int, asm: bool) -> list[dict]:
         bm = bm or mm_block_m(m)
         programs = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         for waves in ((2, 4) if m <= 16 and i < 2 else (2,)):
-            split = max(1, min(triton.cdiv(waves * sms, programs), (k // bk) // (4 if waves <= 2 else 2) or 1, 16))
-            cfg = dict(gemv=False, kernel="mma", asm=asm, block_m=bm, block_n=bn, block_k=bk, split_k=split,
-                       num_warps=warps, num_stages=stages)
-            cfg = dict(cfg, serial=True) if split > 1 else cfg
-            if cfg not in out:
-                out.append(cfg)
+            for whole in (False, True):
+                split = split_for_waves(programs, k // bk, sms, waves, whole)
+                cfg = dict(gemv=False, kernel="mma", asm=asm, block_m=bm, block_n=bn, block_k=bk, split_k=split,
+                           num_warps=warps, num_stages=stages)
+                cfg = dict(cfg, serial=True) if split > 1 else cfg
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 

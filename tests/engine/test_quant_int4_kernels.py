@@ -235,7 +235,7 @@ def test_int4_gemv_candidates_keep_each_step_inside_one_group(group):
 ])
 def test_split_for_waves_fills_whole_waves_when_asked(programs, steps, waves, ceil, whole):
     """Hand-counted on 132 SMs: the fewest slices reaching `waves` programs an SM, or the most that stay within."""
-    from engine.quant.triton_int4 import split_for_waves
+    from engine.quant.triton_int8 import split_for_waves
     assert split_for_waves(programs, steps, 132, waves) == min(ceil, 16)
     assert split_for_waves(programs, steps, 132, waves, whole_waves=True) == whole
 

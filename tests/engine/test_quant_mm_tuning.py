@@ -128,3 +128,24 @@ def test_tuning_agrees_rejects_wrong_or_non_finite_outputs():
     bad[0, 0] = float("nan")
     assert not agrees(bad, ref)
     assert agrees(torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+def _splits(cands, **tile):
+    return {c["split_k"] for c in cands if all(c.get(key) == v for key, v in tile.items())}
+
+
+def test_int8_and_fp8_tuning_offer_each_tile_at_whole_waves():
+    """Beside the fewest slices that reach two programs an SM, the most that stay within (split_for_waves), hand
+    counted on 132 SMs: a grid just past a whole wave runs a second, nearly empty one."""
+    from engine.quant.triton_fp8_gemm import dot_candidates
+    from engine.quant.triton_int8 import gemm_candidates, mm_candidates
+    from engine.quant.triton_int8_mma import mma8_candidates
+    # fp8, o_proj at 64 rows, 64 x 64 tiles: 64 programs, 5 slices (320 programs) reach 264 slots, 4 (256) stay within
+    assert {4, 5} <= _splits(dot_candidates(64, 4096, 4096, 132), block_m=64, block_n=64, block_k=128)
+    # int8 without swap, qkv at 64 rows, 64 x 128 tiles: 48 programs, 6 or 5 slices
+    assert {5, 6} <= _splits(gemm_candidates(64, 6144, 4096, 132), block_m=64, block_n=128)
+    # int8 tl.dot, qkv at 64 rows, 64-row tiles: 96 programs at 64 columns, 3 or 2 slices; 48 at 128, 6 or 5
+    cands = mm_candidates(64, 6144, 32, 132, "block_k", (128,))
+    assert {2, 3} <= _splits(cands, block_n=64) and {5, 6} <= _splits(cands, block_n=128, num_warps=4)
+    # int8 mma, down_proj at 16 rows, 16 x 128 tiles: 32 programs, 9 or 8 slices
+    assert {8, 9} <= _splits(mma8_candidates(16, 4096, 14336, 132, True), block_n=128, block_k=128, num_warps=4)
