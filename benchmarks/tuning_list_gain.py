@@ -1,0 +1,40 @@
+"""What a longer candidate list gained, within one run: for each tuning key of bench_quant's kernels part, the best
+candidate the new list's run timed against the best of those candidates the old list also holds (timed in the same
+tuning, so no run-to-run noise enters the ratio), beside the best the old list's own run found.
+
+    python3 benchmarks/tuning_list_gain.py NEW.json OLD.json
+
+NEW.json and OLD.json are `bench_quant.py` outputs of the kernels part at two commits (their `candidates_us`).
+data/benchmarks/quant_kernels_int8_fp8_waves_{new,old}_h100.json: the whole-wave splits of af240c9 against 75dc26c.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+
+def _timed(candidates: list) -> list[tuple[float, str]]:
+    return [(t, json.dumps(c, sort_keys=True)) for c, t in candidates if math.isfinite(t)]
+
+
+def main(new_path: str, old_path: str) -> None:
+    new, old = (json.load(open(p))["kernels"] for p in (new_path, old_path))
+    for shape, layer in new.items():
+        for key, entry in layer.get("tuning", {}).items():  # the step's totals have none
+            if key not in old[shape]["tuning"]:
+                continue
+            old_candidates = old[shape]["tuning"][key]["candidates_us"]
+            old_list = {c for _, c in _timed(old_candidates)}
+            timed = _timed(entry["candidates_us"])
+            best, best_cfg = min(timed)
+            best_old_list = min(t for t, c in timed if c in old_list)
+            kind, rows = key.strip("()").split(", ")[:2]
+            print(f"{shape:12s} {kind.strip(chr(39)):8s} {rows:>4s} rows: {len(timed)} candidates ({len(old_list)} "
+                  f"before), best {best:7.1f} us, best of the old list {best_old_list:7.1f} us in the same tuning "
+                  f"(x{best_old_list / best:.3f}), the old run's best {min(_timed(old_candidates))[0]:7.1f} us; "
+                  f"{best_cfg}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
