@@ -30,11 +30,13 @@ def main(new_path: str, old_path: str) -> None:
             best, best_cfg = min(timed)
             best_old_list = min(t for t, c in timed if c in old_list)
             kind, rows = key.strip("()").split(", ")[:2]
-            print(f"{shape:12s} {kind.strip(chr(39)):8s} {rows:>4s} rows: {len(timed)} candidates ({len(old_list)} "
+            print(f"{shape:12s} {kind.strip(chr(39)):8s} {rows:>4s} rows: {len(timed)} candidates timed ({len(old_list)} "
                   f"before), best {best:7.1f} us, best of the old list {best_old_list:7.1f} us in the same tuning "
                   f"(x{best_old_list / best:.3f}), the old run's best {min(_timed(old_candidates))[0]:7.1f} us; "
                   f"{best_cfg}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
