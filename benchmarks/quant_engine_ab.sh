@@ -1,20 +1,27 @@
 #!/bin/bash
-# The quantized engine at two commits on one GPU, alternated: bench_quant's engine part (3 interleaved passes against
-# its own bf16 in each process) run ROUNDS times for each side, alternated: new, old, then old, new, then new, old...
-# The old side runs from `git archive OLD engine benchmarks` in OUT/old; each side's tuned choices persist in
-# OUT/tuning (ENGINE_TUNING_CACHE, keyed by the kernels' source), so a side tunes in its first process only.
-#   bash benchmarks/quant_engine_ab.sh OLD_REV ROUNDS OUT [MODES]     e.g. cfa0046 3 /tmp/ab int4
+# Quantized decode at two commits on one GPU: bench_quant's engine part (3 interleaved passes against its own bf16 in
+# each process; PART=kernels: its kernels part, 5 rounds against cuBLAS bf16) run ROUNDS times for each side,
+# alternated: new, old, then old, new, then new, old...
+# The old side runs from `git archive OLD engine benchmarks` in OUT/old (a tree already there is used as it is: a copy
+# without .git, e.g. the device machine's, gets one made beforehand). Each side's tuned choices persist in OUT/tuning
+# (ENGINE_TUNING_CACHE, keyed by the kernels' source), so a side tunes in its first process only.
+#   bash benchmarks/quant_engine_ab.sh OLD_REV ROUNDS OUT [MODES] [PART]     e.g. cfa0046 3 /tmp/ab int4
+#   bash benchmarks/quant_engine_ab.sh 75dc26c 3 /tmp/ab int8,fp8 kernels    (BENCH_QUANT_ROWS passes through)
 set -euo pipefail
-old=$1 rounds=$2 out=$3 modes=${4:-int4}
+old=$1 rounds=$2 out=$3 modes=${4:-int4} part=${5:-engine}
+case $part in
+  engine) select=BENCH_QUANT_MODES ;;
+  kernels) select=BENCH_QUANT_KINDS ;;
+  *) echo "PART must be engine or kernels, not '$part'" >&2; exit 2 ;;
+esac
 mkdir -p "$out/old" "$out/tuning"
-git archive "$old" engine benchmarks | tar -x -C "$out/old"
-new=$(git rev-parse --short HEAD)
+[ -d "$out/old/engine" ] || git archive "$old" engine benchmarks | tar -x -C "$out/old"
+new=$(git rev-parse --short HEAD 2>/dev/null || echo HEAD)
 run() {  # name, source root, commit
-  echo "# commit $3: BENCH_QUANT_MODES=$modes BENCH_QUANT_PARTS=engine python3 benchmarks/bench_quant.py" \
-    > "$out/$1.log"
-  PYTHONPATH=$2 ENGINE_TUNING_CACHE="$out/tuning" BENCH_QUANT_MODES=$modes BENCH_QUANT_PARTS=engine \
+  echo "# commit $3: $select=$modes BENCH_QUANT_PARTS=$part python3 benchmarks/bench_quant.py" > "$out/$1.log"
+  env PYTHONPATH="$2" ENGINE_TUNING_CACHE="$out/tuning" "$select=$modes" BENCH_QUANT_PARTS="$part" \
     python3 "$2/benchmarks/bench_quant.py" --out "$out/$1.json" >> "$out/$1.log" 2>&1
-  grep -E 'decode step' "$out/$1.log" | tail -2
+  grep -E 'decode step|decode-step' "$out/$1.log" | tail -2
 }
 for r in $(seq 1 "$rounds"); do
   if [ $((r % 2)) -eq 1 ]; then
@@ -23,14 +30,28 @@ for r in $(seq 1 "$rounds"); do
     run "old$r" "$out/old" "$old"; run "new$r" . "$new"
   fi
 done
-python3 - "$out" "$rounds" <<'PY'
+python3 - "$out" "$rounds" "$part" <<'PY'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, part = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+
+def curve(path):  # {mode: {rows: step speed-up over bf16}}
+    data = json.load(open(path))
+    if part == "engine":
+        return data["summary"]["decode_step_speedup_curve"]
+    step, by_mode = data["kernels"]["decode_step_gemms"], {}
+    for key, value in step.items():
+        if key.endswith("_speedup"):
+            mode, rows = key[:-len("_speedup")].rsplit("_m", 1)
+            by_mode.setdefault(mode, {})[rows] = value
+    return by_mode
+
+
 for side in ("old", "new"):
-    curves = [json.load(open(f"{out}/{side}{r}.json"))["summary"]["decode_step_speedup_curve"]
-              for r in range(1, rounds + 1)]
+    curves = [curve(f"{out}/{side}{r}.json") for r in range(1, rounds + 1)]
     for mode in curves[0]:
         cells = {b: sorted(c[mode][b] for c in curves) for b in curves[0][mode]}
-        print(side, mode, "decode step over bf16:",
+        print(side, mode, "decode step" if part == "engine" else "decode-step GEMMs", "over bf16 at",
+              " / ".join(cells), "rows:" if part == "kernels" else "requests:",
               " / ".join(f"{statistics.median(v):.2f} ({v[0]:.2f}-{v[-1]:.2f})" for v in cells.values()))
 PY
