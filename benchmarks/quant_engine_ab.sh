@@ -3,7 +3,7 @@
 # each process; PART=kernels: its kernels part, 5 rounds against cuBLAS bf16) run ROUNDS times for each side,
 # alternated: new, old, then old, new, then new, old...
 # The old side runs from `git archive OLD engine benchmarks` in OUT/old (a tree already there is used as it is: a copy
-# without .git, e.g. the device machine's, gets one made beforehand). Each side's tuned choices persist in OUT/tuning
+# without .git, e.g. the device machine's, gets one made beforehand; one this script made must be OLD's). Each side's tuned choices persist in OUT/tuning
 # (ENGINE_TUNING_CACHE, keyed by the kernels' source), so a side tunes in its first process only.
 #   bash benchmarks/quant_engine_ab.sh OLD_REV ROUNDS OUT [MODES] [PART]     e.g. cfa0046 3 /tmp/ab int4
 #   bash benchmarks/quant_engine_ab.sh 75dc26c 3 /tmp/ab int8,fp8 kernels    (BENCH_QUANT_ROWS passes through)
@@ -15,7 +15,11 @@ case $part in
   *) echo "PART must be engine or kernels, not '$part'" >&2; exit 2 ;;
 esac
 mkdir -p "$out/old" "$out/tuning"
-[ -d "$out/old/engine" ] || git archive "$old" engine benchmarks | tar -x -C "$out/old"
+if [ ! -d "$out/old/engine" ]; then
+  git archive "$old" engine benchmarks | tar -x -C "$out/old" && echo "$old" > "$out/old/REVISION"
+elif [ -f "$out/old/REVISION" ] && [ "$(cat "$out/old/REVISION")" != "$old" ]; then
+  echo "$out/old holds $(cat "$out/old/REVISION"), not $old: use another OUT or remove $out/old" >&2; exit 2
+fi
 new=$(git rev-parse --short HEAD 2>/dev/null || echo HEAD)
 run() {  # name, source root, commit
   echo "# commit $3: $select=$modes BENCH_QUANT_PARTS=$part python3 benchmarks/bench_quant.py" > "$out/$1.log"

@@ -21,18 +21,19 @@ def _timed(candidates: list) -> list[tuple[float, str]]:
 def main(new_path: str, old_path: str) -> None:
     new, old = (json.load(open(p))["kernels"] for p in (new_path, old_path))
     for shape, layer in new.items():
+        old_keys = old.get(shape, {}).get("tuning", {})
         for key, entry in layer.get("tuning", {}).items():  # the step's totals have none
-            if key not in old[shape]["tuning"]:
-                continue
-            old_candidates = old[shape]["tuning"][key]["candidates_us"]
-            old_list = {c for _, c in _timed(old_candidates)}
+            old_timed = _timed(old_keys[key]["candidates_us"]) if key in old_keys else []
             timed = _timed(entry["candidates_us"])
+            old_list = {c for _, c in old_timed}
+            in_both = [t for t, c in timed if c in old_list]
+            if not (timed and in_both):  # a key only one side tuned, or whose candidates all failed
+                continue
             best, best_cfg = min(timed)
-            best_old_list = min(t for t, c in timed if c in old_list)
             kind, rows = key.strip("()").split(", ")[:2]
-            print(f"{shape:12s} {kind.strip(chr(39)):8s} {rows:>4s} rows: {len(timed)} candidates timed ({len(old_list)} "
-                  f"before), best {best:7.1f} us, best of the old list {best_old_list:7.1f} us in the same tuning "
-                  f"(x{best_old_list / best:.3f}), the old run's best {min(_timed(old_candidates))[0]:7.1f} us; "
+            print(f"{shape:12s} {kind.strip(chr(39)):8s} {rows:>4s} rows: {len(timed)} candidates timed "
+                  f"({len(old_list)} before), best {best:7.1f} us, best of the old list {min(in_both):7.1f} us in "
+                  f"the same tuning (x{min(in_both) / best:.3f}), the old run's best {min(old_timed)[0]:7.1f} us; "
                   f"{best_cfg}")
 
 
