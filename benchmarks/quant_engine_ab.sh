@@ -3,8 +3,9 @@
 # each process; PART=kernels: its kernels part, 5 rounds against cuBLAS bf16) run ROUNDS times for each side,
 # alternated: new, old, then old, new, then new, old...
 # The old side runs from `git archive OLD engine benchmarks` in OUT/old (a tree already there is used as it is: a copy
-# without .git, e.g. the device machine's, gets one made beforehand; one this script made must be OLD's). Each side's tuned choices persist in OUT/tuning
-# (ENGINE_TUNING_CACHE, keyed by the kernels' source), so a side tunes in its first process only.
+# without .git, e.g. the device machine's, gets one made beforehand; one this script made must be OLD's). Each
+# side's tuned choices persist in OUT/tuning (ENGINE_TUNING_CACHE, keyed by the kernels' source), so a side tunes in
+# its first process only.
 #   bash benchmarks/quant_engine_ab.sh OLD_REV ROUNDS OUT [MODES] [PART]     e.g. cfa0046 3 /tmp/ab int4
 #   bash benchmarks/quant_engine_ab.sh 75dc26c 3 /tmp/ab int8,fp8 kernels    (BENCH_QUANT_ROWS passes through)
 set -euo pipefail
