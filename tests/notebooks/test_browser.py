@@ -154,7 +154,10 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
             for _ in range(STEP):
                 handle.press("ArrowRight")
             # 27 redraws, each through the kernel and plotly. On CI (two cores, the other test worker beside
-            # it) a 30 s wait ran out once, cause not reproduced; a miss says where the slider and title got to.
+            # it) a 30 s wait ran out once, cause not reproduced. A 120 s wait ran out once on a clean clone
+            # (2026-12-06, the full suite, 1 of 3 runs that day; alone or beside two busy cores it passed): the
+            # slider read 27 and the title had not moved from step 0, i.e. not slowness but updates that never
+            # arrived. A miss now also says whether the kernel's side (the counters, plain HTML) moved at all.
             title = f".wb-block-map-explorer .gtitle:text-is('KV blocks after step {STEP}')"
             try:
                 page.wait_for_selector(title, timeout=120_000)
@@ -162,7 +165,9 @@ def test_notebook_01_renders_in_jupyterlab(tmp_path):
                 readout = page.locator(".wb-block-map-explorer .widget-readout").first.inner_text()
                 # the title is SVG text: text_content (inner_text is for HTML elements and raised in CI)
                 shown = page.locator(".wb-block-map-explorer .gtitle").first.text_content()
-                pytest.fail(f"the explorer did not reach step {STEP}: slider reads {readout!r}, title {shown!r}")
+                kernel_moved = "no step has run yet" not in page.locator(".wb-block-map-explorer").first.inner_text()
+                pytest.fail(f"the explorer did not reach step {STEP}: slider reads {readout!r}, title {shown!r}, "
+                            f"counters {'moved' if kernel_moved else 'still at step 0'}")
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'], "
                                   ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
             error_text = [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
