@@ -27,8 +27,20 @@ FP8_MAX = 448.0
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
+def _columns(col_ptr, offs, mask, COLUMNS: tl.constexpr):
+    """Where features offs are stored in an output row: col_ptr's columns (a consumer's input order,
+    Int4Linear.input_columns) with COLUMNS, else offs themselves."""
+    if COLUMNS:
+        cols = tl.load(col_ptr + offs, mask=mask, other=0)
+    else:
+        cols = offs
+    return cols
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, col_ptr, n, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, RELEASE: tl.constexpr,
+                         COLUMNS: tl.constexpr = False):
     release(RELEASE)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -42,19 +54,21 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, eps,
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
     y = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * n + _columns(col_ptr, offs, mask, COLUMNS), (w * y).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                        release_early: bool | None = None):
+                        release_early: bool | None = None, columns: torch.Tensor | None = None):
     """release_early: let a GEMV launched with PDL after this kernel launch at once (engine.kernels.pdl; None:
-    its default)."""
+    its default). columns: int32 [N], the column each normed feature is stored at (the residual stays in order)."""
     t, n = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
-    _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out, n, eps,
+    _add_rms_norm_kernel[(t,)](x, residual if residual is not None else x, weight, out, res_out,
+                               out if columns is None else columns, n, eps,
                                HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                               RELEASE=pdl_enabled(x.device, release_early))
+                               RELEASE=pdl_enabled(x.device, release_early), COLUMNS=columns is not None)
     return out, res_out
 
 
@@ -112,7 +126,8 @@ def rotary_write_kv_triton(qkv, positions, cos, sin, k_cache, v_cache, meta: Att
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, col_ptr, inter, BLOCK: tl.constexpr, RELEASE: tl.constexpr,
+                         COLUMNS: tl.constexpr = False):
     release(RELEASE)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -120,16 +135,20 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, BLOCK: tl.constexpr, RELEASE: tl
     g = tl.load(x_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * inter + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * inter + _columns(col_ptr, offs, mask, COLUMNS), (act * u).to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
-def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None) -> torch.Tensor:
+def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None,
+                        columns: torch.Tensor | None = None) -> torch.Tensor:
+    """columns: int32 [I], the column each output feature is stored at (as add_rms_norm_triton's)."""
     t, two_i = x.shape
     inter = two_i // 2
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, inter, BLOCK=block,
-                                                         RELEASE=pdl_enabled(x.device, release_early))
+    _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, out if columns is None else columns, inter,
+                                                         BLOCK=block, RELEASE=pdl_enabled(x.device, release_early),
+                                                         COLUMNS=columns is not None)
     return out
 
 
@@ -158,8 +177,9 @@ class TritonFusedBackend(TritonBackend):
             from ..quant.triton_fp8 import add_rms_norm_fp8
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
             return linear.forward_quantized(codes, scales, x.dtype), residual
-        x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps)
-        return linear(x), residual
+        columns = _int4_columns(linear, x)  # the norm stores x in the int4 kernel's order (no gather of its own)
+        x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps, columns=columns)
+        return (linear(x) if columns is None else linear(x, x_ordered=True)), residual
 
     def silu_linear(self, h, linear):
         if fusable(h, linear, "silu"):
@@ -167,9 +187,19 @@ class TritonFusedBackend(TritonBackend):
         if _is_fp8(linear):
             from ..quant.triton_fp8 import silu_and_mul_fp8
             return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
-        return linear(silu_and_mul_triton(h))
+        columns = _int4_columns(linear, h)
+        x = silu_and_mul_triton(h, columns=columns)
+        return linear(x) if columns is None else linear(x, x_ordered=True)
 
 
 def _is_fp8(linear) -> bool:
     from ..quant.fp8 import Fp8Linear  # lazily: engine.quant imports the model, which imports the kernels
     return type(linear) is Fp8Linear
+
+
+def _int4_columns(linear, x: torch.Tensor) -> torch.Tensor | None:
+    """Int4Linear.input_columns for x's rows when linear is an int4 / AWQ / GPTQ layer, else None."""
+    from ..quant.int4 import Int4Linear  # lazily, as above
+    if type(linear) is not Int4Linear:
+        return None
+    return linear.input_columns(x.shape[0], x.dtype, x.device)

@@ -136,6 +136,36 @@ class Int4Linear(nn.Module):
         # GPTQ's act-order: the codes are stored with input feature perm[j] at column j (so that groups
         # stay contiguous) and the forward gathers x's features in that order. None: identity.
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
+        self._columns: dict[tuple, torch.Tensor] = {}  # input_columns' tensors, by kernel order and device
+
+    def input_columns(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """Where each input feature goes in the x the kernel for `rows` rows reads (int32 [in_features] on device),
+        when that is not the features' own order: GPTQ's act-order gather and the x_perm kernels' permutation
+        (triton_int4.x_order) together. A kernel producing this layer's input can store feature f at column
+        columns[f] and call forward(x, x_ordered=True): no gather or permuting copy of its own. None: x goes as
+        it is, or the kernel is not chosen yet (on CUDA it is tuned here, as forward would), or a CUDA graph is
+        being captured and the tensor would have to be made in it."""
+        from . import tuning
+        from .triton_int4 import tuned_config, tuning_key, x_order, x_order_kind
+        if device.type != "cuda" and tuning_key(rows, self.out_features, self.in_features, self.group_size,
+                                                dtype) not in tuning.chosen:
+            return None  # (off CUDA forward runs the torch reference; tests choose a kernel config to get here)
+        config = tuned_config(rows, dtype, device, self.packed, self.scales, self.zeros, self.group_size,
+                              lambda: torch.randn(rows, self.in_features, dtype=dtype, device=device))
+        kind = x_order_kind(config)
+        if kind is None and self.perm is None:
+            return None
+        key = (kind, device)
+        if key not in self._columns:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            order = x_order(config, self.in_features)
+            if self.perm is not None:  # the kernel reads x1[:, order] of x1 = x[:, perm]
+                order = self.perm.cpu() if order is None else self.perm.cpu()[order]
+            columns = torch.empty(self.in_features, dtype=torch.int32)
+            columns[order] = torch.arange(self.in_features, dtype=torch.int32)
+            self._columns[key] = columns.to(device)
+        return self._columns[key]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, name: str = "a Linear layer",
@@ -159,13 +189,14 @@ class Int4Linear(nn.Module):
         out[:, self.perm] = w
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
+    def forward(self, x: torch.Tensor, x_ordered: bool = False) -> torch.Tensor:
+        """x_ordered: x's features are already where input_columns put them (not in their own order)."""
+        if self.perm is not None and not x_ordered:
             x = x.index_select(-1, self.perm)
-        if x.is_cuda:
+        if x.is_cuda or x_ordered:  # (x_ordered on the CPU: the Triton kernels under the interpreter, in tests)
             from .triton_int4 import int4_matmul
             out = int4_matmul(x.reshape(-1, self.in_features), self.packed, self.scales, self.zeros,
-                              self.group_size)
+                              self.group_size, x_ordered=x_ordered)
             out = out.view(*x.shape[:-1], self.out_features)
         else:
             out = int4_linear_reference(x, self.qweight, self.scales, self.zeros)

@@ -393,13 +393,15 @@ def asm_supported(x: torch.Tensor) -> bool:
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int = 128, **config) -> torch.Tensor:
+                group_size: int = 128, x_ordered: bool = False, **config) -> torch.Tensor:
     """x [M, K] @ dequant(packed [N, K/8] int32, scales, zeros)^T -> [M, N] in x's dtype.
 
     `packed` is the kernel layout (Int4Linear.packed); a uint8 [N, K/2] qweight in the format's order
-    is packed first (tests, one-off calls). With no config, the config tuning.pick measured fastest
-    for (rows bucket, N, K) on CUDA, else the heuristic; config keys (gemv, block_m, block_n, chunks,
-    split_k, num_warps, num_stages) force one (tests, benchmarks).
+    is packed first (tests, one-off calls). With no config, tuned_config's (tuning.pick measured it fastest
+    for (rows bucket, N, K) on CUDA, else the heuristic); config keys (gemv, block_m, block_n, chunks,
+    split_k, num_warps, num_stages) force one (tests, benchmarks). x_ordered: x is already in the column
+    order the config's kernel reads (x[:, x_order(config, K)], written so by the kernel that produced it),
+    so the launch does not permute it.
     """
     if packed.dtype == torch.uint8:
         packed = pack_int4_kernel(packed)
@@ -415,19 +417,58 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    if not config:
-        sms = num_sms(x.device)
-        cands = lambda: candidates(m, n, k, group_size, sms, asm=asm_supported(x))  # noqa: E731 (built if untuned)
-        key = ("int4", tune_bucket(m), n, k, group_size, x.dtype)
-        copies = lambda: [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)  # noqa: E731
-                          for i in range(tuning.weight_copies(packed.numel() * 4))]
-        config = tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, x.device)
-    return _launch(x, packed, scales, zeros, group_size, **config)
+    config = config or tuned_config(m, x.dtype, x.device, packed, scales, zeros, group_size, lambda: x)
+    return _launch(x, packed, scales, zeros, group_size, **config, x_ordered=x_ordered)
+
+
+def tuned_config(m: int, dtype: torch.dtype, device: torch.device, packed: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor, group_size: int, make_x) -> dict:
+    """The config int4_matmul runs m rows of x (dtype, on device) with: tuning.pick's for the shape, which on
+    CUDA times the candidates the first time (on make_x()'s rows), else the shape heuristic."""
+    k, n = packed[0].numel() * 8, packed.shape[0]
+    key = tuning_key(m, n, k, group_size, dtype)
+    if key in tuning.chosen:  # every call after the first: no candidate list, no closures
+        return tuning.chosen[key]
+
+    def copies():
+        x = make_x()
+        return [(x, packed if i == 0 else packed.clone(), scales, zeros, group_size)
+                for i in range(tuning.weight_copies(packed.numel() * 4))]
+    cands = lambda: candidates(m, n, k, group_size, num_sms(device),  # noqa: E731 (built if untuned)
+                               asm=asm_supported(torch.empty(0, dtype=dtype, device=device)))
+    return tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, device)
+
+
+def tuning_key(m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> tuple:
+    """The key tuning.pick keeps the config for m rows of x (dtype) times an [n, k] int4 weight under."""
+    return ("int4", tune_bucket(m), n, k, group_size, dtype)
+
+
+def x_order_kind(config: dict) -> tuple | None:
+    """What x_order(config, K) depends on besides K; None for the kernels that read x as it is."""
+    if not config.get("x_perm"):
+        return None
+    return ("pairs", config["block_k"]) if config.get("kernel") == "mma" else ("tc",)
+
+
+def x_order(config: dict, k: int) -> torch.Tensor | None:
+    """The input feature at each column of x as config's kernel reads it (int64 [K], on the CPU): the x_perm
+    kernels read x[:, x_order] (permute_x, permute_pairs_x), the others x as it is (None)."""
+    kind = x_order_kind(config)
+    if kind is None:
+        return None
+    features = torch.arange(k).view(1, k)
+    if kind[0] == "pairs":
+        from .triton_int4_mma import permute_pairs_x
+        return permute_pairs_x(features, kind[1] // KERNEL_CHUNK)[0]
+    from .triton_int4_tc import permute_x
+    return permute_x(features)[0]
 
 
 def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, block_n=None, chunks=4, split_k=None,
             num_warps=None, num_stages=None, serial=False, kernel=None, swap=True, dequant="scale", x_natural=False,
-            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False, x_perm=False):
+            block_k=None, fold=True, layout="tile", asm=False, pdl=None, prefetch=False, x_perm=False,
+            x_ordered=False):
     """kernel="tc": triton_int4_tc's one-dot-per-step kernel (swap: its orientation; dequant: "scale",
     the codes dequantized with their scale, "exact": q - zero with the scale after the dot, "asm": the
     same by inline PTX, "asm_scaled": the scale applied by the PTX too (the dot accumulates in place;
@@ -436,7 +477,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     the launch, then copied straight into the MMA operand; with kernel="mma", _launch_mma's x_perm); else the
     GEMV (gemv, the default for m <= GEMV_MAX_ROWS) or the per-plane tl.dot kernel. prefetch (tc kernel, GEMV and
     the mma "pairs" tiles, steps inside one group): each step loads the next step's group scale and zero. pdl: the
-    GEMV's programmatic dependent launch (engine.kernels.pdl; None: its default)."""
+    GEMV's programmatic dependent launch (engine.kernels.pdl; None: its default). x_ordered: x is already in the
+    order the kernel reads (x_order), so x_perm permutes nothing."""
     m, k = x.shape
     n = packed.shape[0]
     if kernel == "dequant":
@@ -450,7 +492,8 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,
                            split_k=split_k, num_warps=num_warps, num_stages=num_stages, serial=serial, swap=swap,
-                           fold=fold, layout=layout, asm=asm, x_perm=x_perm, prefetch=prefetch)
+                           fold=fold, layout=layout, asm=asm, x_perm=x_perm, prefetch=prefetch,
+                           x_ordered=x_ordered)
     if kernel not in (None, "tc"):
         raise ValueError(f"kernel={kernel!r}: expected None, 'tc', 'mma', 'dp4a' or 'dequant'")
     if gemv is None:
@@ -490,7 +533,7 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
                  SERIAL=locks is not None, STAGES=stages)
     if kernel == "tc":
         from .triton_int4_tc import DEQUANT_MODES, _int4_tc_kernel, permute_x
-        xk = permute_x(x) if x_perm else x
+        xk = permute_x(x) if x_perm and not x_ordered else x
         _int4_tc_kernel[grid](xk, *args[1:], m, n, k, k_per_split, split_k, xk.stride(0), *common,
                               BLOCK_M=block_m, **flags, SWAP=swap, DEQUANT=DEQUANT_MODES[dequant],
                               XNAT=x_natural, PREFETCH=prefetch, XPERM=x_perm,

@@ -393,7 +393,7 @@ def permute_pairs_x(x: torch.Tensor, chunks: int) -> torch.Tensor:
 
 def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=None, block_k=None, split_k=None,
                 num_warps=None, num_stages=None, serial=False, swap=True, fold=True, layout="tile", asm=False,
-                x_perm=False, prefetch=False):
+                x_perm=False, prefetch=False, x_ordered=False):
     """triton_int4_mma's kernels. layout "tile": the natural-K-order tile (swap: out^T = W x^T, else x W^T;
     fold: MAGIC + q as the MMA operand, the zero point and scale on the step's output, else (q - zero) *
     scale per code); "pairs": swap-AB, the words read as half-words, 4 dots a step (asm: two codes per
@@ -401,7 +401,7 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     and one accumulator a dot, every wgmma in flight while the next operand is unpacked; x_perm (pairs): x
     permuted by permute_pairs_x before the launch, its tiles then pipelined copies; prefetch (pairs): each step
     loads the next step's scale and zero. block_k: the K step, a multiple of 32 that divides the group (pairs: at
-    least 128)."""
+    least 128). x_ordered: x is already in permute_pairs_x's order (written so by its producer)."""
     if layout not in ("tile", "pairs"):
         raise ValueError(f"layout={layout!r}: expected 'tile' or 'pairs'")
     if asm and not asm_supported(x):
@@ -430,7 +430,7 @@ def _launch_mma(x, packed, scales, zeros, group_size, *, block_m=None, block_n=N
     if layout == "pairs":
         half = packed.view(torch.int16)  # [N, S, 2 * RUN]: half-word 2w + h is bits 16h..16h+15 of word w
         stride_hn, stride_hs, hrun = layout_args(half)
-        xk = permute_pairs_x(x, block_k // KERNEL_CHUNK) if x_perm else x
+        xk = permute_pairs_x(x, block_k // KERNEL_CHUNK) if x_perm and not x_ordered else x
         _int4_mma_pairs_kernel[grid](xk, half, scales, zeros, out, res, out if locks is None else locks, m, n, k,
                                      k_per_split, split_k, xk.stride(0), stride_hn, stride_hs, scales.stride(0),
                                      split_stride, out.stride(-2), HRUN=hrun, GROUP=group_size, BLOCK_M=block_m,

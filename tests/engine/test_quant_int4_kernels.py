@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -324,3 +325,50 @@ def test_every_int4_tuning_candidate_computes_the_same_product(m):
     for cfg in cands:
         out = _launch(x.to(DEVICE), packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
         assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("cfg", [dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, x_perm=True, prefetch=True),
+                                 dict(MMA, layout="pairs", fold=False, x_perm=True, prefetch=True, block_m=16,
+                                      block_n=16, block_k=128, split_k=2, serial=True),
+                                 dict(TC, block_m=16, block_n=32, chunks=4, split_k=1)],
+                         ids=["tc_x_perm", "pairs_x_perm", "tc_in_order"])
+def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeypatch, cfg, act_order):
+    """TritonFusedBackend.norm_linear / silu_linear before an Int4Linear whose tuned kernel reads x permuted
+    (x_perm) or that gathers x by GPTQ's act-order: the norm / SwiGLU kernel stores each feature where that
+    kernel reads it (Int4Linear.input_columns), so no permuting copy or gather runs, and the outputs are the
+    torch reference's of the unfused composition (the residual too, in the features' own order)."""
+    from engine.kernels.reference import add_rms_norm_reference, silu_and_mul_reference
+    from engine.kernels.triton_fused import TritonFusedBackend
+    from engine.model.llama import RMSNorm
+    from engine.quant import triton_int4_mma, triton_int4_tc, tuning
+    from engine.quant.triton_int4 import tuning_key
+    m, hidden, inter, n, group, dtype = 5, 512, 256, 40, 128, torch.float16
+    gen = torch.Generator().manual_seed(11)
+
+    def layer(k, out):
+        qweight, scales, zeros = quantize_int4(torch.randn(out, k, generator=gen) * 0.05, group)
+        perm = torch.randperm(k, generator=gen) if act_order else None
+        lin = Int4Linear(qweight, scales.to(dtype), zeros, None, group, perm).to(DEVICE)
+        monkeypatch.setitem(tuning.chosen, tuning_key(m, out, k, group, dtype), cfg)
+        return lin
+    qkv, down = layer(hidden, n), layer(inter, n)
+    norm = RMSNorm(hidden, 1e-5).to(DEVICE)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    x, residual = (torch.randn(m, hidden, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    h = torch.randn(m, 2 * inter, generator=gen).to(DEVICE, dtype)
+    fused = cfg.get("x_perm") or act_order
+    assert (qkv.input_columns(m, dtype, x.device) is not None) == fused
+    copies = []  # the launch's own permutation of x (x_order calls them on index rows, not on activations)
+    for module, name in ((triton_int4_tc, "permute_x"), (triton_int4_mma, "permute_pairs_x")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda t, *a, real=real: copies.append(t.dtype) or real(t, *a))
+    backend = TritonFusedBackend()
+    out, res = backend.norm_linear(x, residual, norm, qkv)
+    down_out = backend.silu_linear(h, down)
+    assert not [d for d in copies if d.is_floating_point]
+    normed, ref_res = add_rms_norm_reference(x.float(), residual.float(), norm.weight.float(), norm.eps)
+    torch.testing.assert_close(res.float(), ref_res, rtol=1e-3, atol=1e-3)
+    for got, lin, inp in ((out, qkv, normed), (down_out, down, silu_and_mul_reference(h.float()))):
+        ref = F.linear(inp, lin.dequantized_weight())
+        assert ((got.float() - ref).norm() / ref.norm()).item() < 5e-3
