@@ -178,7 +178,7 @@ class TritonFusedBackend(TritonBackend):
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
             return linear.forward_quantized(codes, scales, x.dtype), residual
         columns = _int4_columns(linear, x)  # the norm stores x in the int4 kernel's order (no gather of its own)
-        x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps, columns=columns)
+        x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps, columns=_nonempty(columns))
         return (linear(x) if columns is None else linear(x, x_ordered=True)), residual
 
     def silu_linear(self, h, linear):
@@ -188,7 +188,7 @@ class TritonFusedBackend(TritonBackend):
             from ..quant.triton_fp8 import silu_and_mul_fp8
             return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
         columns = _int4_columns(linear, h)
-        x = silu_and_mul_triton(h, columns=columns)
+        x = silu_and_mul_triton(h, columns=_nonempty(columns))
         return linear(x) if columns is None else linear(x, x_ordered=True)
 
 
@@ -203,3 +203,8 @@ def _int4_columns(linear, x: torch.Tensor) -> torch.Tensor | None:
     if type(linear) is not Int4Linear:
         return None
     return linear.input_columns(x.shape[0], x.dtype, x.device)
+
+
+def _nonempty(columns: torch.Tensor | None) -> torch.Tensor | None:
+    """columns for the kernels' store, None for the features' own order (empty from Int4Linear.input_columns)."""
+    return None if columns is None or columns.numel() == 0 else columns

@@ -139,31 +139,30 @@ class Int4Linear(nn.Module):
         self._columns: dict[tuple, torch.Tensor] = {}  # input_columns' tensors, by kernel order and device
 
     def input_columns(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """Where each input feature goes in the x the kernel for `rows` rows reads (int32 [in_features] on device),
-        when that is not the features' own order: GPTQ's act-order gather and the x_perm kernels' permutation
-        (triton_int4.x_order) together. A kernel producing this layer's input can store feature f at column
-        columns[f] and call forward(x, x_ordered=True): no gather or permuting copy of its own. None: x goes as
-        it is, or the kernel is not chosen yet (on CUDA it is tuned here, as forward would), or a CUDA graph is
-        being captured and the tensor would have to be made in it."""
+        """For a kernel that produces this layer's input: where to store each feature (int32 [in_features] on
+        device) so that forward(x, x_ordered=True) reads x as its kernel does, with no gather or permuting copy
+        of its own: GPTQ's act-order gather and the x_perm kernels' permutation (triton_int4.x_order) together.
+        That kernel is tuned for such input (tuned_config's x_ordered key; on CUDA the first call tunes it).
+        An empty tensor: the features in their own order. None: no such input (call forward(x)): off CUDA
+        (where forward runs the torch reference; tests choose a kernel config to get here), or while a CUDA graph
+        is being captured and the tensor would have to be made in it."""
         from . import tuning
         from .triton_int4 import tuned_config, tuning_key, x_order, x_order_kind
         if device.type != "cuda" and tuning_key(rows, self.out_features, self.in_features, self.group_size,
-                                                dtype) not in tuning.chosen:
-            return None  # (off CUDA forward runs the torch reference; tests choose a kernel config to get here)
-        config = tuned_config(rows, dtype, device, self.packed, self.scales, self.zeros, self.group_size,
-                              lambda: torch.randn(rows, self.in_features, dtype=dtype, device=device))
-        kind = x_order_kind(config)
-        if kind is None and self.perm is None:
+                                                dtype, x_ordered=True) not in tuning.chosen:
             return None
-        key = (kind, device)
+        config = tuned_config(rows, dtype, device, self.packed, self.scales, self.zeros, self.group_size,
+                              lambda: torch.randn(rows, self.in_features, dtype=dtype, device=device), True)
+        key = (x_order_kind(config), device)
         if key not in self._columns:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return None
             order = x_order(config, self.in_features)
             if self.perm is not None:  # the kernel reads x1[:, order] of x1 = x[:, perm]
                 order = self.perm.cpu() if order is None else self.perm.cpu()[order]
-            columns = torch.empty(self.in_features, dtype=torch.int32)
-            columns[order] = torch.arange(self.in_features, dtype=torch.int32)
+            columns = torch.empty(0 if order is None else self.in_features, dtype=torch.int32)
+            if order is not None:
+                columns[order] = torch.arange(self.in_features, dtype=torch.int32)
             self._columns[key] = columns.to(device)
         return self._columns[key]
 

@@ -417,16 +417,18 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zer
         x = x.contiguous()
     if m == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device)
-    config = config or tuned_config(m, x.dtype, x.device, packed, scales, zeros, group_size, lambda: x)
+    config = config or tuned_config(m, x.dtype, x.device, packed, scales, zeros, group_size, lambda: x, x_ordered)
     return _launch(x, packed, scales, zeros, group_size, **config, x_ordered=x_ordered)
 
 
 def tuned_config(m: int, dtype: torch.dtype, device: torch.device, packed: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, group_size: int, make_x) -> dict:
+                 zeros: torch.Tensor, group_size: int, make_x, x_ordered: bool = False) -> dict:
     """The config int4_matmul runs m rows of x (dtype, on device) with: tuning.pick's for the shape, which on
-    CUDA times the candidates the first time (on make_x()'s rows), else the shape heuristic."""
+    CUDA times the candidates the first time (on make_x()'s rows), else the shape heuristic. x_ordered: for x
+    that its producer stores in the chosen kernel's order, a key of its own, whose candidates are timed without
+    the permuting copy (_ordered_launch)."""
     k, n = packed[0].numel() * 8, packed.shape[0]
-    key = tuning_key(m, n, k, group_size, dtype)
+    key = tuning_key(m, n, k, group_size, dtype, x_ordered)
     if key in tuning.chosen:  # every call after the first: no candidate list, no closures
         return tuning.chosen[key]
 
@@ -436,12 +438,31 @@ def tuned_config(m: int, dtype: torch.dtype, device: torch.device, packed: torch
                 for i in range(tuning.weight_copies(packed.numel() * 4))]
     cands = lambda: candidates(m, n, k, group_size, num_sms(device),  # noqa: E731 (built if untuned)
                                asm=asm_supported(torch.empty(0, dtype=dtype, device=device)))
-    return tuning.pick(key, cands, lambda c, *a: _launch(*a, **c), copies, device)
+    launch = _ordered_launch() if x_ordered else lambda c, *a: _launch(*a, **c)
+    return tuning.pick(key, cands, launch, copies, device)
 
 
-def tuning_key(m: int, n: int, k: int, group_size: int, dtype: torch.dtype) -> tuple:
-    """The key tuning.pick keeps the config for m rows of x (dtype) times an [n, k] int4 weight under."""
-    return ("int4", tune_bucket(m), n, k, group_size, dtype)
+def _ordered_launch():
+    """launch(config, x, ...) for tuning.pick under an x_ordered key: each candidate reads x[:, x_order(config)],
+    permuted once before its timing (in the engine its producer stores x so), so that what is timed is the
+    kernel alone, and every candidate multiplies the same x."""
+    permuted = {}
+
+    def launch(config, x, *args):
+        kind = x_order_kind(config)
+        if kind is not None:
+            if (id(x), kind) not in permuted:  # (the candidate's first launch, outside any capture)
+                permuted[id(x), kind] = x, x[:, x_order(config, x.shape[1]).to(x.device)]
+            x = permuted[id(x), kind][1]
+        return _launch(x, *args, **config, x_ordered=True)
+    return launch
+
+
+def tuning_key(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, x_ordered: bool = False) -> tuple:
+    """The key tuning.pick keeps the config for m rows of x (dtype) times an [n, k] int4 weight under (x_ordered:
+    tuned_config's)."""
+    key = ("int4", tune_bucket(m), n, k, group_size, dtype)
+    return key + ("x_ordered",) if x_ordered else key
 
 
 def x_order_kind(config: dict) -> tuple | None:
