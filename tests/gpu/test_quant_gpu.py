@@ -49,8 +49,10 @@ def test_tuned_kernels_match_dequantize_then_matmul(kind, m):
         assert rel_err(q(x), ref) < 1e-2
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "gptq_act_order"])
 def test_engine_runs_hub_layout_layers_in_cuda_graphs(method):
+    """Greedy tokens of AWQ / GPTQ layers (act-order: each layer's input features permuted, which the norm and
+    SwiGLU kernels then store in the layer's order) are the same in CUDA graphs as eager."""
     from transformers import LlamaConfig
 
     from engine import LLM, EngineConfig, SamplingParams
@@ -61,15 +63,19 @@ def test_engine_runs_hub_layout_layers_in_cuda_graphs(method):
                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     cfg = EngineConfig(max_model_len=512, max_num_seqs=8, gpu_memory_utilization=0.3)
     llm = LLM.random(hf, cfg.replace(quantization="int4"), dtype=torch.bfloat16)
+    fmt, method = method, method.removesuffix("_act_order")
     pre = Prequantized(method)
     for name, mod in llm.model.named_modules():
         if isinstance(mod, Int4Linear):
             cpu = Int4Linear(mod.qweight.cpu(), mod.scales.cpu(), mod.zeros.cpu().clamp(min=1), None, mod.group_size)
-            if method == "awq":
+            if fmt == "awq":
                 pre.modules[name] = awq_to_int4(**int4_to_awq(cpu))
-            else:
+            elif fmt == "gptq":
                 t = int4_to_gptq(cpu)
                 pre.modules[name] = gptq_to_int4(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], mod.group_size)
+            else:
+                pre.modules[name] = Int4Linear(cpu.qweight, cpu.scales, cpu.zeros, None, cpu.group_size,
+                                               perm=torch.randperm(cpu.in_features))
     llm.prequantized = pre
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = [[1, 2, 3, 4], [5, 6, 7]]
