@@ -136,7 +136,9 @@ class Int4Linear(nn.Module):
         # GPTQ's act-order: the codes are stored with input feature perm[j] at column j (so that groups
         # stay contiguous) and the forward gathers x's features in that order. None: identity.
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64))
-        self._columns: dict[tuple, torch.Tensor] = {}  # input_columns' tensors, by kernel order and device
+        # input_columns' tensors by (kernel order, device), and the same by (rows bucket, dtype, device)
+        self._columns: dict[tuple, torch.Tensor] = {}
+        self._columns_by_rows: dict[tuple, torch.Tensor] = {}
 
     def input_columns(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """For a kernel that produces this layer's input: where to store each feature (int32 [in_features] on
@@ -146,6 +148,11 @@ class Int4Linear(nn.Module):
         An empty tensor: the features in their own order. None: no such input (call forward(x)): off CUDA
         (where forward runs the torch reference; tests choose a kernel config to get here), or while a CUDA graph
         is being captured and the tensor would have to be made in it."""
+        from .triton_int8 import tune_bucket
+        rows_key = (tune_bucket(rows), dtype, device)
+        columns = self._columns_by_rows.get(rows_key)  # (an eager step's ~100 calls: a lookup each after the first)
+        if columns is not None:
+            return columns
         from . import tuning
         from .triton_int4 import tuned_config, tuning_key, x_order, x_order_kind
         if device.type != "cuda" and tuning_key(rows, self.out_features, self.in_features, self.group_size,
@@ -164,6 +171,7 @@ class Int4Linear(nn.Module):
             if order is not None:
                 columns[order] = torch.arange(self.in_features, dtype=torch.int32)
             self._columns[key] = columns.to(device)
+        self._columns_by_rows[rows_key] = self._columns[key]
         return self._columns[key]
 
     @classmethod
