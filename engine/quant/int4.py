@@ -121,7 +121,9 @@ class Int4Linear(nn.Module):
     buffers, so engine.model.weights.weight_bytes counts them.
 
     The codes are held once, in the kernels' layout (`packed`, pack_int4_kernel), prepared when the
-    layer is built; `qweight` gives them in the format's order (pack_int4) for checkpoints and tools."""
+    layer is built; `qweight` gives them in the format's order (pack_int4) for checkpoints and tools.
+    input_columns' tensors are kept once per kernel order and device, and looked up by rows bucket: they
+    follow the process's tuned choices (tuning.chosen), which never change once made."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None):
