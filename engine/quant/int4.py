@@ -168,7 +168,8 @@ class Int4Linear(nn.Module):
                 return None
             order = x_order(config, self.in_features)
             if self.perm is not None:  # the kernel reads x1[:, order] of x1 = x[:, perm]
-                order = self.perm.cpu() if order is None else self.perm.cpu()[order]
+                perm = self.perm.cpu()
+                order = perm if order is None else perm[order]
             columns = torch.empty(0 if order is None else self.in_features, dtype=torch.int32)
             if order is not None:
                 columns[order] = torch.arange(self.in_features, dtype=torch.int32)
