@@ -38,6 +38,15 @@ def _columns(col_ptr, offs, mask, COLUMNS: tl.constexpr):
 
 
 @triton.jit
+def _residual_sum(x_ptr, res_ptr, offs, mask, HAS_RESIDUAL: tl.constexpr):
+    """x (+ residual) at offs, float32, not rounded."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x = x + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, col_ptr, n, eps,
                          HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, RELEASE: tl.constexpr,
                          COLUMNS: tl.constexpr = False):
@@ -45,10 +54,7 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, col_ptr, n
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        x = x + tl.load(res_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
-    x_rounded = x.to(res_out_ptr.dtype.element_ty)
+    x_rounded = _residual_sum(x_ptr, res_ptr, row * n + offs, mask, HAS_RESIDUAL).to(res_out_ptr.dtype.element_ty)
     tl.store(res_out_ptr + row * n + offs, x_rounded, mask=mask)
     x = x_rounded.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
@@ -126,17 +132,24 @@ def rotary_write_kv_triton(qkv, positions, cos, sin, k_cache, v_cache, meta: Att
 
 
 @triton.jit
+def _silu_mul(g_ptrs, u_ptrs, mask, dtype: tl.constexpr):
+    """silu(gate) * up in dtype, silu rounded to dtype first (as the torch path)."""
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, col_ptr, inter, BLOCK: tl.constexpr, RELEASE: tl.constexpr,
                          COLUMNS: tl.constexpr = False):
     release(RELEASE)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
-    g = tl.load(x_ptr + row * 2 * inter + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * 2 * inter + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * inter + _columns(col_ptr, offs, mask, COLUMNS), (act * u).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    act = _silu_mul(x_ptr + row * 2 * inter + offs, x_ptr + row * 2 * inter + inter + offs, mask,
+                    out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * inter + _columns(col_ptr, offs, mask, COLUMNS), act, mask=mask)
 
 
 def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None,
@@ -154,8 +167,9 @@ def silu_and_mul_triton(x: torch.Tensor, release_early: bool | None = None,
 
 class TritonFusedBackend(TritonBackend):
     """The Triton attention backend plus the fused element-wise kernels above; at decode size a block's
-    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py), and
-    before fp8 W8A8 layers they write the layer's quantized input (triton_fp8.py)."""
+    input norm and the SwiGLU activation run inside the GEMV that consumes them (triton_gemv.py), before
+    fp8 W8A8 layers they write the layer's quantized input (triton_fp8.py), and before int4 layers its input
+    in the kernel's column order or, for the dp4a GEMV, its int8 limbs (triton_int4_dp4a.py)."""
 
     def add_rms_norm(self, x, residual, weight, eps):
         return add_rms_norm_triton(x, residual, weight, eps)
@@ -177,7 +191,11 @@ class TritonFusedBackend(TritonBackend):
             from ..quant.triton_fp8 import add_rms_norm_fp8
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
             return linear.forward_quantized(codes, scales, x.dtype), residual
-        columns = _int4_columns(linear, x)  # the norm stores x in the int4 kernel's order (no gather of its own)
+        chunks, columns = _int4_input(linear, x)  # the norm stores x as the int4 kernel reads it (no copy of its own)
+        if chunks is not None:
+            from ..quant.triton_int4_dp4a import add_rms_norm_limbs
+            limbs, residual = add_rms_norm_limbs(x, residual, norm.weight, norm.eps, chunks, linear.perm)
+            return linear.forward_limbs(limbs), residual
         x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps, columns=_nonempty(columns))
         return (linear(x) if columns is None else linear(x, x_ordered=True)), residual
 
@@ -187,7 +205,10 @@ class TritonFusedBackend(TritonBackend):
         if _is_fp8(linear):
             from ..quant.triton_fp8 import silu_and_mul_fp8
             return linear.forward_quantized(*silu_and_mul_fp8(h, inplace=True), h.dtype)
-        columns = _int4_columns(linear, h)
+        chunks, columns = _int4_input(linear, h)
+        if chunks is not None:
+            from ..quant.triton_int4_dp4a import silu_and_mul_limbs
+            return linear.forward_limbs(silu_and_mul_limbs(h, chunks, linear.perm))
         x = silu_and_mul_triton(h, columns=_nonempty(columns))
         return linear(x) if columns is None else linear(x, x_ordered=True)
 
@@ -197,12 +218,14 @@ def _is_fp8(linear) -> bool:
     return type(linear) is Fp8Linear
 
 
-def _int4_columns(linear, x: torch.Tensor) -> torch.Tensor | None:
-    """Int4Linear.input_columns for x's rows when linear is an int4 / AWQ / GPTQ layer, else None."""
+def _int4_input(linear, x: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+    """How to store x's rows for linear when it is an int4 / AWQ / GPTQ layer: (Int4Linear.input_limbs, None) when
+    that gives chunks, else (None, Int4Linear.input_columns); (None, None) for other layers."""
     from ..quant.int4 import Int4Linear  # lazily, as above
     if type(linear) is not Int4Linear:
-        return None
-    return linear.input_columns(x.shape[0], x.dtype, x.device)
+        return None, None
+    chunks = linear.input_limbs(x.shape[0], x.dtype, x.device)
+    return chunks, None if chunks is not None else linear.input_columns(x.shape[0], x.dtype, x.device)
 
 
 def _nonempty(columns: torch.Tensor | None) -> torch.Tensor | None:

@@ -122,8 +122,8 @@ class Int4Linear(nn.Module):
 
     The codes are held once, in the kernels' layout (`packed`, pack_int4_kernel), prepared when the
     layer is built; `qweight` gives them in the format's order (pack_int4) for checkpoints and tools.
-    input_columns' tensors are kept once per kernel order and device, and looked up by rows bucket: they
-    follow the process's tuned choices (tuning.chosen), which never change once made."""
+    input_columns' tensors are kept once per kernel order and device, and they and input_limbs' answers are looked
+    up by rows bucket: they follow the process's tuned choices (tuning.chosen), which never change once made."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None):
@@ -141,6 +141,43 @@ class Int4Linear(nn.Module):
         # input_columns' tensors by (kernel order, device), and the same by (rows bucket, dtype, device)
         self._columns: dict[tuple, torch.Tensor] = {}
         self._columns_by_rows: dict[tuple, torch.Tensor] = {}
+        self._limbs_by_rows: dict[tuple, int | None] = {}  # input_limbs' answers by (rows bucket, dtype, device)
+
+    def _ordered_config(self, rows: int, dtype: torch.dtype, device: torch.device) -> dict | None:
+        """The config of the kernel that runs rows of input stored by its producer (tuned_config's x_ordered key;
+        on CUDA the first call tunes it); None off CUDA unless a test chose one."""
+        from . import tuning
+        from .triton_int4 import tuned_config, tuning_key
+        if device.type != "cuda" and tuning_key(rows, self.out_features, self.in_features, self.group_size,
+                                                dtype, x_ordered=True) not in tuning.chosen:
+            return None
+        return tuned_config(rows, dtype, device, self.packed, self.scales, self.zeros, self.group_size,
+                            lambda: torch.randn(rows, self.in_features, dtype=dtype, device=device), True)
+
+    def input_limbs(self, rows: int, dtype: torch.dtype, device: torch.device) -> int | None:
+        """The chunks of the dp4a GEMV that runs rows of input stored by its producer, when that kernel is the dp4a
+        GEMV: the producer then stores the input as its Limbs (triton_int4_dp4a's fused producers, the columns in
+        `perm`'s order) for forward_limbs. None: no such input (see input_columns)."""
+        from .triton_int8 import tune_bucket
+        rows_key = (tune_bucket(rows), dtype, device)
+        if rows_key not in self._limbs_by_rows:
+            config = self._ordered_config(rows, dtype, device)
+            if config is None:
+                return None
+            self._limbs_by_rows[rows_key] = config.get("chunks", 4) if config.get("kernel") == "dp4a" else None
+        return self._limbs_by_rows[rows_key]
+
+    def forward_limbs(self, limbs) -> torch.Tensor:
+        """The product of the input whose Limbs (triton_int4_dp4a.Limbs, of input_limbs' chunks) its producer
+        stored, [M, out_features]."""
+        from .triton_int4 import _launch
+        rows = limbs.q.shape[0]
+        config = self._ordered_config(rows, limbs.dtype, limbs.q.device)
+        if config is None or config.get("kernel") != "dp4a":
+            raise ValueError(f"forward_limbs: the layer's kernel for {rows} rows of ordered input is not the dp4a "
+                             f"GEMV ({config}): check input_limbs first")
+        out = _launch(limbs, self.packed, self.scales, self.zeros, self.group_size, **config)
+        return out if self.bias is None else out + self.bias
 
     def input_columns(self, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         """For a kernel that produces this layer's input: where to store each feature (int32 [in_features] on
@@ -155,13 +192,10 @@ class Int4Linear(nn.Module):
         columns = self._columns_by_rows.get(rows_key)  # (an eager step's ~100 calls: a lookup each after the first)
         if columns is not None:
             return columns
-        from . import tuning
-        from .triton_int4 import tuned_config, tuning_key, x_order, x_order_kind
-        if device.type != "cuda" and tuning_key(rows, self.out_features, self.in_features, self.group_size,
-                                                dtype, x_ordered=True) not in tuning.chosen:
+        from .triton_int4 import x_order, x_order_kind
+        config = self._ordered_config(rows, dtype, device)
+        if config is None:
             return None
-        config = tuned_config(rows, dtype, device, self.packed, self.scales, self.zeros, self.group_size,
-                              lambda: torch.randn(rows, self.in_features, dtype=dtype, device=device), True)
         key = (x_order_kind(config), device)
         if key not in self._columns:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

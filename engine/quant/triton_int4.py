@@ -444,12 +444,18 @@ def tuned_config(m: int, dtype: torch.dtype, device: torch.device, packed: torch
 
 def _ordered_launch():
     """launch(config, x, ...) for tuning.pick under an x_ordered key: each candidate reads x[:, x_order(config)],
-    permuted once before its timing (in the engine its producer stores x so), so that what is timed is the
-    kernel alone, and every candidate multiplies the same x."""
+    permuted once before its timing, or the dp4a GEMV x's Limbs, made once (in the engine its producer stores x
+    so), so that what is timed is the kernel alone, and every candidate multiplies the same x."""
     permuted = {}
 
     def launch(config, x, *args):
         kind = x_order_kind(config)
+        if config.get("kernel") == "dp4a":
+            from .triton_int4_dp4a import x_limbs
+            key = (id(x), "limbs", config.get("chunks", 4))
+            if key not in permuted:
+                permuted[key] = x, x_limbs(x, key[2])
+            return _launch(permuted[key][1], *args, **config)
         if kind is not None:
             if (id(x), kind) not in permuted:  # (the candidate's first launch, outside any capture)
                 permuted[id(x), kind] = x, x[:, x_order(config, x.shape[1]).to(x.device)]
@@ -500,15 +506,15 @@ def _launch(x, packed, scales, zeros, group_size, *, gemv=None, block_m=None, bl
     the mma "pairs" tiles, steps inside one group): each step loads the next step's group scale and zero. pdl: the
     GEMV's programmatic dependent launch (engine.kernels.pdl; None: its default). x_ordered: x is already in the
     order the kernel reads (x_order), so x_perm permutes nothing."""
-    m, k = x.shape
-    n = packed.shape[0]
-    if kernel == "dequant":
-        return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
-    if kernel == "dp4a":
+    if kernel == "dp4a":  # (x may be its Limbs)
         from .triton_int4_dp4a import _launch_dp4a
         return _launch_dp4a(x, packed, scales, zeros, group_size, block_n=block_n or 128, chunks=chunks,
                             split_k=split_k or 1, num_warps=num_warps or 4, num_stages=num_stages or 3, serial=serial,
                             pdl=pdl)
+    m, k = x.shape
+    n = packed.shape[0]
+    if kernel == "dequant":
+        return int4_dequant_matmul(x, packed, scales, zeros, group_size, block_n or 32, chunks)
     if kernel == "mma":
         from .triton_int4_mma import _launch_mma
         return _launch_mma(x, packed, scales, zeros, group_size, block_m=block_m, block_n=block_n, block_k=block_k,

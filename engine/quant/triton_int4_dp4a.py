@@ -25,11 +25,14 @@ byte; on CUDA it is one `dp4a.u32.s32` of inline PTX (sm_61+). Nothing reads dev
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
+from ..kernels.triton_fused import _residual_sum, _silu_mul
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
 from .triton_int4 import _gemv_program, _gemv_store, _next_group_params, gemv_config
@@ -38,9 +41,44 @@ from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX, _rint
 
 
 @triton.jit
-def _pack_bytes(v, b):
-    """Rows of four int8 values v [W, 4] (as floats) packed into int32 words, value b in byte b."""
-    return tl.sum((v.to(tl.int32) & 0xFF) << (8 * b)[None, :], axis=1)
+def _limb_features(step0, STEPS: tl.constexpr, WORDS: tl.constexpr):
+    """The feature of byte b of word w of steps step0 .. step0 + STEPS in the even planes, [STEPS, WORDS, 4]
+    (module docstring); the odd planes' are these + 4."""
+    s = step0 + tl.arange(0, STEPS)[:, None, None]
+    w = tl.arange(0, WORDS)[None, :, None]
+    b = tl.arange(0, 4)[None, None, :]
+    return s * (8 * WORDS) + 32 * (w // 4) + w % 4 + 8 * b
+
+
+@triton.jit
+def _pack_bytes(v):
+    """int8 values v [STEPS, WORDS, 4] (as floats) packed into int32 words [STEPS, WORDS], v[..., b] in byte b."""
+    b = tl.arange(0, 4)[None, None, :]
+    return tl.sum((v.to(tl.int32) & 0xFF) << (8 * b), axis=2)
+
+
+@triton.jit
+def _store_limbs(xe, xo, q_row, s_row, stride_qp, step0, n_steps, STEPS: tl.constexpr, WORDS: tl.constexpr):
+    """x's values at _limb_features(step0, ...) (xe) and 4 features on (xo), float32 [STEPS, WORDS, 4], as the
+    limbs' packed words at q_row (planes stride_qp apart) and each step's sx and sx * sum(v) at s_row (0 and 0 for
+    an all-zero step); steps from n_steps on are padding, not stored."""
+    amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=2), axis=1), tl.max(tl.max(tl.abs(xo), axis=2), axis=1))
+    scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
+    inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)[:, None, None]
+    ve = tl.minimum(tl.maximum(_rint(xe * inv), -_LIMBS_MAX), _LIMBS_MAX)
+    vo = tl.minimum(tl.maximum(_rint(xo * inv), -_LIMBS_MAX), _LIMBS_MAX)
+    he = _rint(ve * (1.0 / 128.0))
+    ho = _rint(vo * (1.0 / 128.0))
+    steps = step0 + tl.arange(0, STEPS)
+    words = steps[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
+    mask = (steps < n_steps)[:, None]
+    tl.store(q_row + words, _pack_bytes(he), mask=mask)
+    tl.store(q_row + stride_qp + words, _pack_bytes(ho), mask=mask)
+    tl.store(q_row + 2 * stride_qp + words, _pack_bytes(ve - 128.0 * he), mask=mask)
+    tl.store(q_row + 3 * stride_qp + words, _pack_bytes(vo - 128.0 * ho), mask=mask)
+    vsum = tl.sum(tl.sum(ve, axis=2), axis=1) + tl.sum(tl.sum(vo, axis=2), axis=1)  # exact: integers < 2^22
+    tl.store(s_row + 2 * steps, scale, mask=steps < n_steps)
+    tl.store(s_row + 2 * steps + 1, scale * vsum, mask=steps < n_steps)
 
 
 @triton.jit
@@ -48,33 +86,16 @@ def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_qp, stride
                     PDL: tl.constexpr):
     """Program (m, step): the step's 32 * CHUNKS features of row m as the limbs' packed words (module docstring)
     and the step's sx and sx * sum(v) (0 and 0 when its x is all zero)."""
-    WORDS: tl.constexpr = 4 * CHUNKS
     m = tl.program_id(0)
     step = tl.program_id(1)
     wait_for_inputs(PDL)
     release(PDL)
-    offs_w = tl.arange(0, WORDS)
-    b = tl.arange(0, 4)
-    even = step * (32 * CHUNKS) + (32 * (offs_w // 4) + offs_w % 4)[:, None] + 8 * b[None, :]  # [WORDS, 4]
+    even = _limb_features(step, 1, 4 * CHUNKS)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     xe = tl.load(x_row + even).to(tl.float32)  # (K is whole steps: the launch checks)
     xo = tl.load(x_row + even + 4).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=1), axis=0), tl.max(tl.max(tl.abs(xo), axis=1), axis=0))
-    scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
-    inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)
-    ve = tl.minimum(tl.maximum(_rint(xe * inv), -_LIMBS_MAX), _LIMBS_MAX)
-    vo = tl.minimum(tl.maximum(_rint(xo * inv), -_LIMBS_MAX), _LIMBS_MAX)
-    he = _rint(ve * (1.0 / 128.0))
-    ho = _rint(vo * (1.0 / 128.0))
-    q_row = q_ptr + m.to(tl.int64) * stride_qm + step * WORDS + offs_w
-    tl.store(q_row, _pack_bytes(he, b))
-    tl.store(q_row + stride_qp, _pack_bytes(ho, b))
-    tl.store(q_row + 2 * stride_qp, _pack_bytes(ve - 128.0 * he, b))
-    tl.store(q_row + 3 * stride_qp, _pack_bytes(vo - 128.0 * ho, b))
-    vsum = tl.sum(tl.sum(ve, axis=1), axis=0) + tl.sum(tl.sum(vo, axis=1), axis=0)  # exact: integers < 2^22
-    s_row = s_ptr + m.to(tl.int64) * stride_sm + 2 * step
-    tl.store(s_row, scale)
-    tl.store(s_row + 1, scale * vsum)
+    _store_limbs(xe, xo, q_ptr + m.to(tl.int64) * stride_qm, s_ptr + m.to(tl.int64) * stride_sm, stride_qp, step,
+                 step + 1, 1, 4 * CHUNKS)
 
 
 @triton.jit
@@ -182,36 +203,154 @@ def dp4a_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] as the dp4a kernel reads it, per step of 32 * chunks features (_x_limbs_kernel): xq [M, 4, K / 8]
-    int32 (the hi limb's even and odd bytes, then the lo limb's, word for word with the weight's words) and xs
-    [M, steps, 2] float32 (sx and sx * sum(v))."""
+class Limbs(NamedTuple):
+    """x [M, K] as the dp4a kernel reads it, per step of 32 * chunks features: q [M, 4, K / 8] int32 (the hi limb's
+    even and odd bytes, then the lo limb's, word for word with the weight's words), s [M, steps, 2] float32 (sx and
+    sx * sum(v)), and the dtype of x (the product's)."""
+    q: torch.Tensor
+    s: torch.Tensor
+    dtype: torch.dtype
+
+
+def empty_limbs(m: int, k: int, chunks: int, dtype: torch.dtype, device: torch.device) -> Limbs:
+    return Limbs(torch.empty((m, 4, k // 8), dtype=torch.int32, device=device),
+                 torch.empty((m, k // (KERNEL_CHUNK * chunks), 2), dtype=torch.float32, device=device), dtype)
+
+
+def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> Limbs:
+    """x [M, K]'s Limbs (_x_limbs_kernel)."""
     m, k = x.shape
-    steps = k // (KERNEL_CHUNK * chunks)
-    xq = torch.empty((m, 4, k // 8), dtype=torch.int32, device=x.device)
-    xs = torch.empty((m, steps, 2), dtype=torch.float32, device=x.device)
-    _x_limbs_kernel[(m, steps)](x, xq, xs, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0), CHUNKS=chunks,
-                                PDL=pdl, num_warps=1, **launch_options(pdl))
-    return xq, xs
+    limbs = empty_limbs(m, k, chunks, x.dtype, x.device)
+    xq, xs = limbs.q, limbs.s
+    _x_limbs_kernel[(m, xs.shape[1])](x, xq, xs, x.stride(0), xq.stride(0), xq.stride(1), xs.stride(0),
+                                      CHUNKS=chunks, PDL=pdl, num_warps=1, **launch_options(pdl))
+    return limbs
+
+
+# ----- fused producers ------------------------------------------------------------------------------
+# The kernels whose output feeds a dp4a layer (a decoder layer's qkv_proj, gate_up_proj and down_proj at 1-2 rows)
+# store it as its Limbs, so _x_limbs_kernel does not run (97 launches a step of llama-3.1-8b, 0.105 ms of a 2.51 ms
+# step at 1 row on the H200: decode_profile_int4_b1_16_s18_h200.log). Each rounds like its 16-bit twin in
+# engine/kernels/triton_fused.py, then packs that 16-bit value as _x_limbs_kernel does: the limbs are x_limbs' of
+# the unfused kernel's output, bit for bit, as long as the norm's sum of squares adds in the same order (as in
+# triton_fp8's fused producers). sources (GPTQ's act-order perm, int64 [K]): the feature at each of the layer's
+# columns, which is where the kernels load from; None: column j is feature j.
+
+@triton.jit
+def _feature(src_ptr, cols, mask, SOURCES: tl.constexpr):
+    if SOURCES:
+        return tl.load(src_ptr + cols, mask=mask, other=0)
+    else:
+        return cols
+
+
+@triton.jit
+def _add_rms_norm_int8x2_kernel(x_ptr, res_ptr, w_ptr, src_ptr, res_out_ptr, q_ptr, s_ptr, n, eps, stride_qm,
+                                stride_qp, stride_sm, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                                STEPS: tl.constexpr, CHUNKS: tl.constexpr, SOURCES: tl.constexpr,
+                                RELEASE: tl.constexpr):
+    """Program t: row t's sum x + residual (stored in order), then weight * rmsnorm of it as its Limbs."""
+    release(RELEASE)
+    row = tl.program_id(0)
+    dtype = res_out_ptr.dtype.element_ty
+    offs = tl.arange(0, BLOCK)  # the sum of squares over the row in order, as _add_rms_norm_kernel adds it
+    x = _residual_sum(x_ptr, res_ptr, row * n + offs, offs < n, HAS_RESIDUAL).to(dtype)
+    tl.store(res_out_ptr + row * n + offs, x, mask=offs < n)
+    x = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+    even = _limb_features(0, STEPS, 4 * CHUNKS)  # each feature again (from L1), at the layer's column
+    ye = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even, n, inv, dtype, HAS_RESIDUAL, SOURCES)
+    yo = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even + 4, n, inv, dtype, HAS_RESIDUAL, SOURCES)
+    _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp, 0,
+                 n // (32 * CHUNKS), STEPS, 4 * CHUNKS)
+
+
+@triton.jit
+def _normed(x_ptr, res_ptr, w_ptr, src_ptr, row_start, cols, n, inv, dtype: tl.constexpr,
+            HAS_RESIDUAL: tl.constexpr, SOURCES: tl.constexpr):
+    """weight * rmsnorm(x + residual) at the layer's columns cols (< n) of the row from row_start, float32."""
+    f = _feature(src_ptr, cols, cols < n, SOURCES)
+    v = _residual_sum(x_ptr, res_ptr, row_start + f, cols < n, HAS_RESIDUAL).to(dtype).to(tl.float32)
+    y = (v * inv).to(dtype).to(tl.float32)
+    w = tl.load(w_ptr + f, mask=cols < n, other=0.0).to(tl.float32)
+    return (w * y).to(dtype).to(tl.float32)
+
+
+def add_rms_norm_limbs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       chunks: int, sources: torch.Tensor | None = None,
+                       release_early: bool | None = None) -> tuple[Limbs, torch.Tensor]:
+    """add_rms_norm_triton's (weight * rmsnorm(x + residual), x + residual), the first as its Limbs (columns in
+    sources' order) for a dp4a layer of chunks, the second in order. x [T, N], N whole steps of 32 * chunks."""
+    t, n = x.shape
+    step = KERNEL_CHUNK * chunks
+    if n % step:
+        raise ValueError(f"add_rms_norm_limbs: N={n} is not whole steps of {step} features (chunks={chunks})")
+    limbs = empty_limbs(t, n, chunks, x.dtype, x.device)
+    res_out = torch.empty_like(x)
+    _add_rms_norm_int8x2_kernel[(t,)](
+        x, residual if residual is not None else x, weight, x if sources is None else sources, res_out, limbs.q,
+        limbs.s, n, eps, limbs.q.stride(0), limbs.q.stride(1), limbs.s.stride(0), HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(n), STEPS=triton.next_power_of_2(n // step), CHUNKS=chunks,
+        SOURCES=sources is not None, RELEASE=pdl_enabled(x.device, release_early))
+    return limbs, res_out
+
+
+@triton.jit
+def _silu_and_mul_int8x2_kernel(h_ptr, src_ptr, q_ptr, s_ptr, inter, stride_hm, stride_qm, stride_qp, stride_sm,
+                                CHUNKS: tl.constexpr, SOURCES: tl.constexpr, RELEASE: tl.constexpr):
+    """Program (t, step): silu(gate) * up of row t's step of 32 * CHUNKS columns as its Limbs."""
+    release(RELEASE)
+    row = tl.program_id(0)
+    step = tl.program_id(1)
+    even = _limb_features(step, 1, 4 * CHUNKS)  # (inter is whole steps: the launch checks)
+    h_row = h_ptr + row.to(tl.int64) * stride_hm
+    fe = _feature(src_ptr, even, even < inter, SOURCES)
+    fo = _feature(src_ptr, even + 4, even < inter, SOURCES)
+    dtype = h_ptr.dtype.element_ty
+    ye = _silu_mul(h_row + fe, h_row + inter + fe, fe < inter, dtype).to(tl.float32)
+    yo = _silu_mul(h_row + fo, h_row + inter + fo, fo < inter, dtype).to(tl.float32)
+    _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp,
+                 step, step + 1, 1, 4 * CHUNKS)
+
+
+def silu_and_mul_limbs(h: torch.Tensor, chunks: int, sources: torch.Tensor | None = None,
+                       release_early: bool | None = None) -> Limbs:
+    """silu_and_mul_triton(h) as its Limbs (columns in sources' order) for a dp4a layer of chunks; h [T, 2 I], I
+    whole steps of 32 * chunks."""
+    t, inter = h.shape[0], h.shape[1] // 2
+    step = KERNEL_CHUNK * chunks
+    if inter % step:
+        raise ValueError(f"silu_and_mul_limbs: I={inter} is not whole steps of {step} features (chunks={chunks})")
+    limbs = empty_limbs(t, inter, chunks, h.dtype, h.device)
+    _silu_and_mul_int8x2_kernel[(t, inter // step)](
+        h, h if sources is None else sources, limbs.q, limbs.s, inter, h.stride(0), limbs.q.stride(0),
+        limbs.q.stride(1), limbs.s.stride(0), CHUNKS=chunks, SOURCES=sources is not None,
+        RELEASE=pdl_enabled(h.device, release_early), num_warps=1)
+    return limbs
 
 
 def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,
                  num_stages=3, serial=False, pdl=None):
-    m, k = x.shape
+    """x: [M, K] floats, or their Limbs (a fused producer's, of these chunks)."""
+    xq = x.q if isinstance(x, Limbs) else x
+    m, k = xq.shape[0], (xq.shape[2] * 8 if isinstance(x, Limbs) else xq.shape[1])
     n = packed.shape[0]
     step = KERNEL_CHUNK * chunks
     if group_size % step or k % group_size:  # then K and every K slice are whole steps
         raise ValueError(f"kernel='dp4a' needs steps inside one group and K whole groups: chunks={chunks} ({step} "
                          f"features), group_size={group_size}, K={k}")
-    pdl = pdl_enabled(x.device, pdl)
-    xq, xs = x_limbs(x, chunks, pdl)
+    if isinstance(x, Limbs) and x.s.shape[1] != k // step:
+        raise ValueError(f"kernel='dp4a' with chunks={chunks} reads limbs of {step}-feature steps, but these have "
+                         f"{x.s.shape[1]} steps for K={k}")
+    pdl = pdl_enabled(xq.device, pdl)
+    xq, xs, dtype = x if isinstance(x, Limbs) else x_limbs(x, chunks, pdl)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), step) * step
-    grid, out, split_stride, locks, res = split_outputs(x.device, m, n, 1, block_n, split_k, serial, x.dtype)
+    grid, out, split_stride, locks, res = split_outputs(xq.device, m, n, 1, block_n, split_k, serial, dtype)
     stride_wn, stride_ws, run = layout_args(packed)
     _int4_dp4a_kernel[grid](xq, xs, packed, scales, zeros, out, res, out if locks is None else locks, n, k,
                             k_per_split, split_k, xq.stride(0), xq.stride(1), xs.stride(0), stride_wn, stride_ws,
                             scales.stride(0), split_stride, out.stride(-2), RUN=run, GROUP=group_size,
                             BLOCK_N=block_n, CHUNKS=chunks, SERIAL=locks is not None,
-                            STAGES=num_stages if x.is_cuda else 1, ASM=x.is_cuda, PDL=pdl, num_warps=num_warps,
+                            STAGES=num_stages if xq.is_cuda else 1, ASM=xq.is_cuda, PDL=pdl, num_warps=num_warps,
                             **launch_options(pdl))
-    return res if locks is not None else gemv_result(out, x.dtype)
+    return res if locks is not None else gemv_result(out, dtype)

@@ -130,3 +130,38 @@ def test_int4_dp4a_is_offered_on_cuda_with_16_bit_x_and_keeps_steps_in_one_group
     qweight, scales, zeros = quantize_int4(torch.randn(8, 256), 128)
     with pytest.raises(ValueError, match="chunks=8"):
         _launch(torch.randn(1, 256), pack_int4_kernel(qweight), scales, zeros, 128, **DP4A, chunks=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, inter, chunks, act_order, residual", [
+    (512, 256, 4, False, True),
+    (384, 384, 4, True, True),   # 3 steps: a power-of-2 block of 4 with one step of padding
+    (256, 192, 2, True, False),  # 64-feature steps, no residual
+    (96, 32, 1, False, False),
+])
+def test_fused_producers_store_x_limbs_of_the_unfused_kernels_output(dtype, n, inter, chunks, act_order, residual):
+    """add_rms_norm_limbs / silu_and_mul_limbs against x_limbs of the unfused kernels' outputs (triton_fused),
+    gathered by the act-order permutation: the same words and step scales bit for bit, and the residual in order."""
+    from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
+    from engine.quant.triton_int4_dp4a import add_rms_norm_limbs, silu_and_mul_limbs, x_limbs
+    g = torch.Generator().manual_seed(5)
+    t = 3
+    x = torch.randn(t, n, generator=g).to(DEVICE, dtype)
+    res = torch.randn(t, n, generator=g).to(DEVICE, dtype) if residual else None
+    weight = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype)
+    h = (2 * torch.randn(t, 2 * inter, generator=g)).to(DEVICE, dtype)
+    h[1, :inter] = 0.0  # a row whose activation is all zero: sx = 0
+    src_n = torch.randperm(n, generator=g).to(DEVICE) if act_order else None
+    src_i = torch.randperm(inter, generator=g).to(DEVICE) if act_order else None
+    normed, ref_res = add_rms_norm_triton(x, res, weight, 1e-5)
+    limbs, res_out = add_rms_norm_limbs(x, res, weight, 1e-5, chunks, src_n)
+    act = silu_and_mul_triton(h)
+    for got, y, src in ((limbs, normed, src_n), (silu_and_mul_limbs(h, chunks, src_i), act, src_i)):
+        want = x_limbs(y if src is None else y[:, src], chunks)
+        assert got.dtype == dtype and got.q.shape == want.q.shape and got.s.shape == want.s.shape
+        assert torch.equal(got.q.cpu(), want.q.cpu())
+        assert torch.equal(got.s.cpu(), want.s.cpu())
+    assert torch.equal(res_out.cpu(), ref_res.cpu())
+    assert torch.equal(silu_and_mul_limbs(h, chunks).s[1].cpu(), torch.zeros_like(want.s[1].cpu()))
+    with pytest.raises(ValueError, match="whole steps"):
+        add_rms_norm_limbs(x[:, :n - 32], None, weight[:n - 32], 1e-5, 4)

@@ -331,17 +331,19 @@ def test_every_int4_tuning_candidate_computes_the_same_product(m):
 @pytest.mark.parametrize("cfg", [dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, x_perm=True, prefetch=True),
                                  dict(MMA, layout="pairs", fold=False, x_perm=True, prefetch=True, block_m=16,
                                       block_n=16, block_k=128, split_k=2, serial=True),
-                                 dict(TC, block_m=16, block_n=32, chunks=4, split_k=1)],
-                         ids=["tc_x_perm", "pairs_x_perm", "tc_in_order"])
+                                 dict(TC, block_m=16, block_n=32, chunks=4, split_k=1),
+                                 dict(kernel="dp4a", block_n=16, chunks=4, split_k=2, serial=True)],
+                         ids=["tc_x_perm", "pairs_x_perm", "tc_in_order", "dp4a_limbs"])
 def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeypatch, cfg, act_order):
     """TritonFusedBackend.norm_linear / silu_linear before an Int4Linear whose tuned kernel reads x permuted
     (x_perm) or that gathers x by GPTQ's act-order: the norm / SwiGLU kernel stores each feature where that
-    kernel reads it (Int4Linear.input_columns), so no permuting copy or gather runs, and the outputs are the
-    torch reference's of the unfused composition (the residual too, in the features' own order)."""
+    kernel reads it (Int4Linear.input_columns), or for the dp4a GEMV as its int8 limbs (input_limbs), so no
+    permuting copy, gather or limbs kernel runs, and the outputs are the torch reference's of the unfused
+    composition (the residual too, in the features' own order)."""
     from engine.kernels.reference import add_rms_norm_reference, silu_and_mul_reference
     from engine.kernels.triton_fused import TritonFusedBackend
     from engine.model.llama import RMSNorm
-    from engine.quant import triton_int4_mma, triton_int4_tc, tuning
+    from engine.quant import triton_int4_dp4a, triton_int4_mma, triton_int4_tc, tuning
     from engine.quant.triton_int4 import tuning_key
     m, hidden, inter, n, group, dtype = 5, 512, 256, 40, 128, torch.float16
     gen = torch.Generator().manual_seed(11)
@@ -359,8 +361,10 @@ def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeyp
     h = torch.randn(m, 2 * inter, generator=gen).to(DEVICE, dtype)
     fused = cfg.get("x_perm") or act_order
     assert qkv.input_columns(m, dtype, x.device).numel() == (hidden if fused else 0)  # (empty: in order)
+    assert qkv.input_limbs(m, dtype, x.device) == (4 if cfg.get("kernel") == "dp4a" else None)
     copies = []  # the launch's own permutation of x (x_order calls them on index rows, not on activations)
-    for module, name in ((triton_int4_tc, "permute_x"), (triton_int4_mma, "permute_pairs_x")):
+    for module, name in ((triton_int4_tc, "permute_x"), (triton_int4_mma, "permute_pairs_x"),
+                         (triton_int4_dp4a, "x_limbs")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda t, *a, real=real: copies.append(t.dtype) or real(t, *a))
     backend = TritonFusedBackend()
@@ -376,7 +380,7 @@ def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeyp
 
 def test_tuning_for_ordered_input_gives_each_candidate_x_in_its_kernels_order():
     """tuned_config's x_ordered key times each candidate on x already permuted into its kernel's order (as the
-    norm stores it), so every candidate, permuting or not, computes the same product: tuning.pick's agreement
+    norm stores it; the dp4a GEMV on x's limbs, made before the timing), so every candidate, permuting or not, computes the same product: tuning.pick's agreement
     check holds, and the permutation is outside what is timed."""
     from engine.quant.triton_int4 import _ordered_launch
     m, n, k, group = 5, 24, 512, 128
@@ -388,6 +392,8 @@ def test_tuning_for_ordered_input_gives_each_candidate_x_in_its_kernels_order():
     args = (pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group)
     for cfg in (dict(TC, block_m=16, block_n=32, chunks=4, split_k=2, x_perm=True),
                 dict(MMA, layout="pairs", fold=False, x_perm=True, block_m=16, block_n=16, block_k=128),
-                dict(TC, block_m=16, block_n=32, chunks=4, split_k=1), dict(GEMV, block_n=16, chunks=4)):
+                dict(TC, block_m=16, block_n=32, chunks=4, split_k=1), dict(GEMV, block_n=16, chunks=4),
+                dict(kernel="dp4a", block_n=16, chunks=2, split_k=2, serial=True)):
         out = launch(cfg, x, *args).cpu()
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
+        tol = 2e-4 if cfg.get("kernel") == "dp4a" else 1e-5  # (dp4a: x's limbs' rounding, test_quant_int4_dp4a)
+        assert ((out - ref).norm() / ref.norm()).item() < tol, cfg
