@@ -31,7 +31,7 @@ def test_x_limbs_pack_each_words_features_in_its_byte_order():
     k = 256
     x = torch.tensor([[(f % 128) - 64.0 for f in range(k)]]) * 3.0
     x[0, 127] = x[0, 255] = 64.0 * 3.0  # each 128-feature step reaches |x| = 192 with both signs: v = x * 16256 / 192
-    xq, xs = x_limbs(x.to(DEVICE), 4)
+    xq, xs, _ = x_limbs(x.to(DEVICE), 4)
     xq, xs = xq.cpu(), xs.cpu()
     v = torch.round(x[0] * (LIMBS_MAX / 192.0))
     hi = torch.round(v / LIMB)
