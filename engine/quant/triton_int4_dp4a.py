@@ -236,6 +236,9 @@ def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> Limbs:
 # triton_fp8's fused producers). sources (GPTQ's act-order perm, int64 [K]): the feature at each of the layer's
 # columns, which is where the kernels load from; None: column j is feature j.
 
+NORM_STEPS = 4  # steps a program of the fused norm (a decode row of llama-3.1-8b over 8 SMs, not one)
+
+
 @triton.jit
 def _feature(src_ptr, cols, mask, SOURCES: tl.constexpr):
     if SOURCES:
@@ -249,20 +252,24 @@ def _add_rms_norm_int8x2_kernel(x_ptr, res_ptr, w_ptr, src_ptr, res_out_ptr, q_p
                                 stride_qp, stride_sm, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
                                 STEPS: tl.constexpr, CHUNKS: tl.constexpr, SOURCES: tl.constexpr,
                                 RELEASE: tl.constexpr):
-    """Program t: row t's sum x + residual (stored in order), then weight * rmsnorm of it as its Limbs."""
+    """Program (t, p): row t's rmsnorm scale from its whole sum x + residual (each program the same), then STEPS
+    steps of weight * rmsnorm(x + residual) from step p * STEPS as their Limbs, and the sum's features of those
+    steps' span stored in order."""
     release(RELEASE)
     row = tl.program_id(0)
+    step0 = tl.program_id(1) * STEPS
     dtype = res_out_ptr.dtype.element_ty
     offs = tl.arange(0, BLOCK)  # the sum of squares over the row in order, as _add_rms_norm_kernel adds it
     x = _residual_sum(x_ptr, res_ptr, row * n + offs, offs < n, HAS_RESIDUAL).to(dtype)
-    tl.store(res_out_ptr + row * n + offs, x, mask=offs < n)
+    span = (offs >= step0 * 32 * CHUNKS) & (offs < (step0 + STEPS) * 32 * CHUNKS) & (offs < n)
+    tl.store(res_out_ptr + row * n + offs, x, mask=span)
     x = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    even = _limb_features(0, STEPS, 4 * CHUNKS)  # each feature again (from L1), at the layer's column
+    even = _limb_features(step0, STEPS, 4 * CHUNKS)  # the program's features again (from L1), at the layer's column
     ye = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even, n, inv, dtype, HAS_RESIDUAL, SOURCES)
     yo = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even + 4, n, inv, dtype, HAS_RESIDUAL, SOURCES)
-    _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp, 0,
-                 n // (32 * CHUNKS), STEPS, 4 * CHUNKS)
+    _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp,
+                 step0, n // (32 * CHUNKS), STEPS, 4 * CHUNKS)
 
 
 @triton.jit
@@ -277,21 +284,23 @@ def _normed(x_ptr, res_ptr, w_ptr, src_ptr, row_start, cols, n, inv, dtype: tl.c
 
 
 def add_rms_norm_limbs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       chunks: int, sources: torch.Tensor | None = None,
-                       release_early: bool | None = None) -> tuple[Limbs, torch.Tensor]:
+                       chunks: int, sources: torch.Tensor | None = None, release_early: bool | None = None,
+                       steps_per_program: int = NORM_STEPS) -> tuple[Limbs, torch.Tensor]:
     """add_rms_norm_triton's (weight * rmsnorm(x + residual), x + residual), the first as its Limbs (columns in
-    sources' order) for a dp4a layer of chunks, the second in order. x [T, N], N whole steps of 32 * chunks."""
+    sources' order) for a dp4a layer of chunks, the second in order. x [T, N], N whole steps of 32 * chunks; each
+    row over programs of steps_per_program steps (a power of 2)."""
     t, n = x.shape
     step = KERNEL_CHUNK * chunks
     if n % step:
         raise ValueError(f"add_rms_norm_limbs: N={n} is not whole steps of {step} features (chunks={chunks})")
+    steps = min(steps_per_program, triton.next_power_of_2(n // step))
     limbs = empty_limbs(t, n, chunks, x.dtype, x.device)
     res_out = torch.empty_like(x)
-    _add_rms_norm_int8x2_kernel[(t,)](
+    _add_rms_norm_int8x2_kernel[(t, triton.cdiv(n // step, steps))](
         x, residual if residual is not None else x, weight, x if sources is None else sources, res_out, limbs.q,
         limbs.s, n, eps, limbs.q.stride(0), limbs.q.stride(1), limbs.s.stride(0), HAS_RESIDUAL=residual is not None,
-        BLOCK=triton.next_power_of_2(n), STEPS=triton.next_power_of_2(n // step), CHUNKS=chunks,
-        SOURCES=sources is not None, RELEASE=pdl_enabled(x.device, release_early))
+        BLOCK=triton.next_power_of_2(n), STEPS=steps, CHUNKS=chunks, SOURCES=sources is not None,
+        RELEASE=pdl_enabled(x.device, release_early))
     return limbs, res_out
 
 

@@ -154,14 +154,16 @@ def test_fused_producers_store_x_limbs_of_the_unfused_kernels_output(dtype, n, i
     src_n = torch.randperm(n, generator=g).to(DEVICE) if act_order else None
     src_i = torch.randperm(inter, generator=g).to(DEVICE) if act_order else None
     normed, ref_res = add_rms_norm_triton(x, res, weight, 1e-5)
-    limbs, res_out = add_rms_norm_limbs(x, res, weight, 1e-5, chunks, src_n)
     act = silu_and_mul_triton(h)
-    for got, y, src in ((limbs, normed, src_n), (silu_and_mul_limbs(h, chunks, src_i), act, src_i)):
+    norms = [add_rms_norm_limbs(x, res, weight, 1e-5, chunks, src_n, steps_per_program=p) for p in (1, 2, 64)]
+    got = [(limbs, normed, src_n) for limbs, _ in norms] + [(silu_and_mul_limbs(h, chunks, src_i), act, src_i)]
+    for limbs, y, src in got:
         want = x_limbs(y if src is None else y[:, src], chunks)
-        assert got.dtype == dtype and got.q.shape == want.q.shape and got.s.shape == want.s.shape
-        assert torch.equal(got.q.cpu(), want.q.cpu())
-        assert torch.equal(got.s.cpu(), want.s.cpu())
-    assert torch.equal(res_out.cpu(), ref_res.cpu())
+        assert limbs.dtype == dtype and limbs.q.shape == want.q.shape and limbs.s.shape == want.s.shape
+        assert torch.equal(limbs.q.cpu(), want.q.cpu())
+        assert torch.equal(limbs.s.cpu(), want.s.cpu())
+    for _, res_out in norms:  # (programs of 1 and 2 steps, and the whole row in one)
+        assert torch.equal(res_out.cpu(), ref_res.cpu())
     assert torch.equal(silu_and_mul_limbs(h, chunks).s[1].cpu(), torch.zeros_like(want.s[1].cpu()))
     with pytest.raises(ValueError, match="whole steps"):
         add_rms_norm_limbs(x[:, :n - 32], None, weight[:n - 32], 1e-5, 4)

@@ -114,7 +114,7 @@ def check_int4_dp4a():
             "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "src_ptr": "*i64", "res_out_ptr": "*bf16",
             **{k: out[k] for k in ("q_ptr", "s_ptr")}, "n": "i32", "eps": "fp32",
             **{k: out[k] for k in ("stride_qm", "stride_qp", "stride_sm")}},
-            dict(HAS_RESIDUAL=True, BLOCK=4096, STEPS=32, CHUNKS=4, SOURCES=sources, RELEASE=True))
+            dict(HAS_RESIDUAL=True, BLOCK=4096, STEPS=4, CHUNKS=4, SOURCES=sources, RELEASE=True))
         assert "griddepcontrol.launch_dependents" in ptx and "st.global" in ptx
         ptx = _compile(_silu_and_mul_int8x2_kernel, {
             "h_ptr": "*bf16", "src_ptr": "*i64", **{k: out[k] for k in ("q_ptr", "s_ptr")}, "inter": "i32",
