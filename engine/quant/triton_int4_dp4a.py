@@ -17,8 +17,9 @@ Layout: in the kernel layout (int4.pack_int4_kernel) nibble i of word r of chunk
 byte b of `w & 0x0F0F0F0F` holds feature 32c + r + 8b and byte b of `(w >> 4) & 0x0F0F0F0F` feature 32c + r + 8b
 + 4. `_x_limbs_kernel` packs each limb in that order once per call (xq [M, 4, K / 8] int32: hi even, hi odd,
 lo even, lo odd, word for word with the weight's words; xs [M, steps, 2] float32: sx and sx * sum(v) per step),
-one program a row and step; the GEMV (`_int4_dp4a_kernel`, grid (M, cdiv(N, BLOCK_N), SPLIT_K), split-K as
-triton_int4's GEMV) reads a [BLOCK_N, 4 * CHUNKS] tile of words a step and the step's four packed x vectors.
+one program a row and step, unless the kernel before the layer stores them itself (the fused producers below); the
+GEMV (`_int4_dp4a_kernel`, grid (M, cdiv(N, BLOCK_N), SPLIT_K), split-K as triton_int4's GEMV) reads a [BLOCK_N, 4 *
+CHUNKS] tile of words a step and the step's four packed x vectors.
 Steps lie inside one group (the launch checks). Off CUDA (the Triton interpreter) dp4a is emulated byte by
 byte; on CUDA it is one `dp4a.u32.s32` of inline PTX (sm_61+). Nothing reads device values on the host
 (CUDA-graph safe).
