@@ -380,8 +380,8 @@ def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeyp
 
 def test_tuning_for_ordered_input_gives_each_candidate_x_in_its_kernels_order():
     """tuned_config's x_ordered key times each candidate on x already permuted into its kernel's order (as the
-    norm stores it; the dp4a GEMV on x's limbs, made before the timing), so every candidate, permuting or not, computes the same product: tuning.pick's agreement
-    check holds, and the permutation is outside what is timed."""
+    norm stores it; the dp4a GEMV on x's limbs, made before the timing), so every candidate, permuting or not,
+    computes the same product: tuning.pick's agreement check holds, and the permutation is outside what is timed."""
     from engine.quant.triton_int4 import _ordered_launch
     m, n, k, group = 5, 24, 512, 128
     gen = torch.Generator().manual_seed(12)
