@@ -1,0 +1,82 @@
+"""The dp4a GEMV's input at 1-2 rows: the norm / SwiGLU kernel then `_x_limbs_kernel` (before), against the fused
+producer that stores the limbs itself (add_rms_norm_limbs / silu_and_mul_limbs), llama-3.1-8b's shapes (hidden 4096,
+intermediate 14336). Each variant is a CUDA graph of REPEAT calls (as in a decode step's graph), timed by CUDA events;
+ROUNDS interleaved rounds, median and spread of the time per call, and the ratio before / fused.
+
+    PYTHONPATH=. python3 benchmarks/int4_limbs_producers.py [ROUNDS] [--out FILE]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+
+import torch
+
+from engine.kernels.pdl import pdl_enabled
+from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
+from engine.quant.triton_int4_dp4a import add_rms_norm_limbs, silu_and_mul_limbs, x_limbs
+
+REPEAT, HIDDEN, INTER, CHUNKS = 64, 4096, 14336, 4
+
+
+def graph(fn):
+    """fn captured REPEAT times in one CUDA graph (warmed up first, outside the capture)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(REPEAT):
+            fn()
+    return g
+
+
+def time_us(g) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(5):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (5 * REPEAT)
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else 5
+    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    pdl = pdl_enabled(dev)  # as the dp4a launch calls x_limbs
+    result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(dev),
+              "repeat": REPEAT, "rounds": rounds, "per_call_us": {}}
+    for rows in (1, 2):
+        x, res = (torch.randn(rows, HIDDEN, device=dev, dtype=dt) for _ in range(2))
+        w = torch.randn(HIDDEN, device=dev, dtype=dt)
+        h = torch.randn(rows, 2 * INTER, device=dev, dtype=dt)
+        variants = {
+            "norm, then x_limbs": lambda: x_limbs(add_rms_norm_triton(x, res, w, 1e-5)[0], CHUNKS, pdl),
+            "norm writing limbs": lambda: add_rms_norm_limbs(x, res, w, 1e-5, CHUNKS),
+            "swiglu, then x_limbs": lambda: x_limbs(silu_and_mul_triton(h), CHUNKS, pdl),
+            "swiglu writing limbs": lambda: silu_and_mul_limbs(h, CHUNKS),
+        }
+        graphs = {name: graph(fn) for name, fn in variants.items()}
+        times = {name: [] for name in graphs}
+        for _ in range(rounds):
+            for name, g in graphs.items():
+                times[name].append(time_us(g))
+        for name, ts in times.items():
+            ts.sort()
+            result["per_call_us"][f"{name} @{rows}"] = {"median": statistics.median(ts), "min": ts[0],
+                                                          "max": ts[-1]}
+            print(f"rows {rows}  {name:22s} {statistics.median(ts):7.2f} us ({ts[0]:.2f}-{ts[-1]:.2f})")
+        for a, b in (("norm, then x_limbs", "norm writing limbs"), ("swiglu, then x_limbs", "swiglu writing limbs")):
+            ratio = statistics.median(times[a]) / statistics.median(times[b])
+            result[f"ratio {a.split(',')[0]} @{rows}"] = ratio
+            print(f"rows {rows}  {a.split(',')[0]}: before / fused {ratio:.2f}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
