@@ -122,8 +122,9 @@ class Int4Linear(nn.Module):
 
     The codes are held once, in the kernels' layout (`packed`, pack_int4_kernel), prepared when the
     layer is built; `qweight` gives them in the format's order (pack_int4) for checkpoints and tools.
-    input_columns' tensors are kept once per kernel order and device, and they and input_limbs' answers are looked
-    up by rows bucket: they follow the process's tuned choices (tuning.chosen), which never change once made."""
+    input_columns' tensors are kept once per kernel order and device; they and the dp4a configs that input_limbs
+    and forward_limbs read are looked up by rows bucket: they follow the process's tuned choices (tuning.chosen),
+    which never change once made."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = GROUP_SIZE, perm: torch.Tensor | None = None):
@@ -141,7 +142,7 @@ class Int4Linear(nn.Module):
         # input_columns' tensors by (kernel order, device), and the same by (rows bucket, dtype, device)
         self._columns: dict[tuple, torch.Tensor] = {}
         self._columns_by_rows: dict[tuple, torch.Tensor] = {}
-        self._limbs_by_rows: dict[tuple, int | None] = {}  # input_limbs' answers by (rows bucket, dtype, device)
+        self._dp4a_by_rows: dict[tuple, dict | None] = {}  # _dp4a_config's answers by (rows bucket, dtype, device)
 
     def _ordered_config(self, rows: int, dtype: torch.dtype, device: torch.device) -> dict | None:
         """The config of the kernel that runs rows of input stored by its producer (tuned_config's x_ordered key;
@@ -158,24 +159,29 @@ class Int4Linear(nn.Module):
         """The chunks of the dp4a GEMV that runs rows of input stored by its producer, when that kernel is the dp4a
         GEMV: the producer then stores the input as its Limbs (triton_int4_dp4a's fused producers, the columns in
         `perm`'s order) for forward_limbs. None: no such input (see input_columns)."""
+        config = self._dp4a_config(rows, dtype, device)
+        return None if config is None else config.get("chunks", 4)
+
+    def _dp4a_config(self, rows: int, dtype: torch.dtype, device: torch.device) -> dict | None:
+        """_ordered_config when it is the dp4a GEMV's, else None; looked up by rows bucket after the first call."""
         from .triton_int8 import tune_bucket
         rows_key = (tune_bucket(rows), dtype, device)
-        if rows_key not in self._limbs_by_rows:
+        if rows_key not in self._dp4a_by_rows:
             config = self._ordered_config(rows, dtype, device)
             if config is None:
                 return None
-            self._limbs_by_rows[rows_key] = config.get("chunks", 4) if config.get("kernel") == "dp4a" else None
-        return self._limbs_by_rows[rows_key]
+            self._dp4a_by_rows[rows_key] = config if config.get("kernel") == "dp4a" else None
+        return self._dp4a_by_rows[rows_key]
 
     def forward_limbs(self, limbs) -> torch.Tensor:
         """The product of the input whose Limbs (triton_int4_dp4a.Limbs, of input_limbs' chunks) its producer
         stored, [M, out_features]."""
         from .triton_int4 import _launch
         rows = limbs.q.shape[0]
-        config = self._ordered_config(rows, limbs.dtype, limbs.q.device)
-        if config is None or config.get("kernel") != "dp4a":
+        config = self._dp4a_config(rows, limbs.dtype, limbs.q.device)
+        if config is None:
             raise ValueError(f"forward_limbs: the layer's kernel for {rows} rows of ordered input is not the dp4a "
-                             f"GEMV ({config}): check input_limbs first")
+                             "GEMV: check input_limbs first")
         out = _launch(limbs, self.packed, self.scales, self.zeros, self.group_size, **config)
         return out if self.bias is None else out + self.bias
 

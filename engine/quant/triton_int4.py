@@ -449,13 +449,13 @@ def _ordered_launch():
     permuted = {}
 
     def launch(config, x, *args):
-        kind = x_order_kind(config)
         if config.get("kernel") == "dp4a":
             from .triton_int4_dp4a import x_limbs
             key = (id(x), "limbs", config.get("chunks", 4))
             if key not in permuted:
                 permuted[key] = x, x_limbs(x, key[2])
             return _launch(permuted[key][1], *args, **config)
+        kind = x_order_kind(config)
         if kind is not None:
             if (id(x), kind) not in permuted:  # (the candidate's first launch, outside any capture)
                 permuted[id(x), kind] = x, x[:, x_order(config, x.shape[1]).to(x.device)]

@@ -164,6 +164,6 @@ def test_fused_producers_store_x_limbs_of_the_unfused_kernels_output(dtype, n, i
         assert torch.equal(limbs.s.cpu(), want.s.cpu())
     for _, res_out in norms:  # (programs of 1 and 2 steps, and the whole row in one)
         assert torch.equal(res_out.cpu(), ref_res.cpu())
-    assert torch.equal(silu_and_mul_limbs(h, chunks).s[1].cpu(), torch.zeros_like(want.s[1].cpu()))
+    assert not silu_and_mul_limbs(h, chunks).s[1].any()  # the all-zero row: sx = 0 and sx * sum(v) = 0
     with pytest.raises(ValueError, match="whole steps"):
         add_rms_norm_limbs(x[:, :n - 32], None, weight[:n - 32], 1e-5, 4)
