@@ -127,6 +127,24 @@ def _unpacked_tile(w, scale, zero, DT: tl.constexpr, DEQUANT: tl.constexpr):
     return tl.reshape(t, (w.shape[0], 8 * w.shape[1]))
 
 
+@triton.jit
+def _step_group_params(s_ptr, z_ptr, s_rows, mask_n, k0, k_end, WORDS: tl.constexpr, GROUP: tl.constexpr):
+    """Scale and zero (float32) [BLOCK_N, WORDS] of a step of whole groups (GROUP divides the step, so steps start
+    on groups): one load of the step's groups a row, each repeated over its GROUP / 8 words. The same values as
+    _group_params' gather of a group a word, from which Triton 3.6 cannot build the non-swapped kernel for sm_90
+    (its TritonGPUOptimizeDotOperands pass fails)."""
+    GROUPS: tl.constexpr = 8 * WORDS // GROUP
+    offs_g = tl.arange(0, GROUPS)
+    mask = mask_n[:, None] & (k0 + GROUP * offs_g < k_end)[None, :]
+    at = s_rows[:, None] + (k0 // GROUP + offs_g)[None, :]
+    scale = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + at, mask=mask, other=0).to(tl.float32)
+    BLOCK_N: tl.constexpr = mask_n.shape[0]
+    scale = tl.broadcast_to(scale[:, :, None], (BLOCK_N, GROUPS, WORDS // GROUPS))
+    zero = tl.broadcast_to(zero[:, :, None], (BLOCK_N, GROUPS, WORDS // GROUPS))
+    return tl.reshape(scale, (BLOCK_N, WORDS)), tl.reshape(zero, (BLOCK_N, WORDS))
+
+
 def permute_x(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] (K a multiple of 32) with each 32-feature chunk in the tc kernel's column order (XPERM): feature
     32c + 16z + 8y + 4x + r to column 8 (4c + r) + 4x + 2y + z, the permutation XNAT makes in registers. Views and
@@ -182,8 +200,10 @@ def _int4_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, res_ptr, lock_ptr, M, N
         if PREFETCH:  # this step's, loaded a step ago; then the next step's
             scale, zero = s_next.to(tl.float32)[:, None], z_next.to(tl.float32)[:, None]
             s_next, z_next = _next_group_params(s_ptr, z_ptr, s_rows, mask_n, k0 + 32 * CHUNKS, K, GROUP)
-        else:
+        elif ONE_GROUP or (32 * CHUNKS) % GROUP:
             scale, zero = _group_params(s_ptr, z_ptr, s_rows, mask_n, kc, mask, k0, GROUP, ONE_GROUP)
+        else:  # whole groups a step
+            scale, zero = _step_group_params(s_ptr, z_ptr, s_rows, mask_n, k0, k_end, WORDS, GROUP)
         wd = _unpacked_tile(w, scale, zero, DT, DEQUANT)  # masked words dequantize to garbage; their x is 0
         if XNAT or XPERM:  # a contiguous tile: x in feature order (XNAT) or in the tile's column order (XPERM)
             mask_f = mask_m[:, None] & (k0 + offs_f < k_end)[None, :]

@@ -179,6 +179,12 @@ def check_int4_tc_kernel():
         assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
         shared_loads[xperm] = len(re.findall(r"ld\.shared", ptx))
     assert shared_loads[True] < shared_loads[False], shared_loads
+    # steps of several groups (group 32 / 64: GPTQ checkpoints), the tiles of many rows: Triton 3.6 failed to build
+    # them from a group gathered per word (TritonGPUOptimizeDotOperands)
+    for group, dequant in ((32, 0), (64, 3)):
+        ptx = _compile(_int4_tc_kernel, sig, dict(common, GROUP=group, ONE_GROUP=False, BLOCK_M=64, BLOCK_N=128,
+                                                  CHUNKS=4, SWAP=False, DEQUANT=dequant, XPERM=True))
+        assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
 
 
 def check_int4_mma_kernels():
