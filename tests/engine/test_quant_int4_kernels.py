@@ -18,8 +18,20 @@ import pytest  # noqa: E402
 from engine.quant.int4 import (Int4Linear, dequantize_int4, int4_linear_reference, pack_int4,  # noqa: E402
                                pack_int4_kernel, quantize_int4, unpack_int4_kernel)
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fits_shared_memory(launch):
+    """launch() on CUDA, or None where its config does not fit the GPU's shared memory (float32 x doubles the x
+    tiles of the interpreter-sized cases; tuning.pick skips such a candidate the same way). Any other error
+    raises."""
+    try:
+        return launch()
+    except triton.runtime.errors.OutOfResources as exc:
+        if "shared memory" not in str(exc):
+            raise
+        return None
 
 
 @pytest.mark.parametrize("k, run", [(256, 16), (96, 4)])
@@ -154,8 +166,11 @@ def run_case(m: int, n: int, k: int, group: int, cfg: dict, dtype: torch.dtype):
     qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
     scales = scales.to(dtype)
     x = torch.randn(m, k, generator=g).to(dtype)
-    out = int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE),
-                      group, **cfg).cpu()
+    out = fits_shared_memory(lambda: int4_matmul(x.to(DEVICE), pack_int4_kernel(qweight).to(DEVICE),
+                                                 scales.to(DEVICE), zeros.to(DEVICE), group, **cfg))
+    if out is None:
+        pytest.skip(f"{cfg} with {dtype} x needs more shared memory than this GPU has")
+    out = out.cpu()
     assert out.dtype == dtype and out.shape == (m, n)
     return x, qweight, scales, zeros, out
 
@@ -193,8 +208,11 @@ def test_int4_kernels_read_back_every_code_exactly(cfg):
                                      torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg)
                          for r in x]).cpu()
     else:
-        out = int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE),
-                          torch.zeros(n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg).cpu()
+        out = fits_shared_memory(lambda: int4_matmul(x.to(DEVICE), packed, ones.to(DEVICE), torch.zeros(
+            n, k // group, dtype=torch.uint8, device=DEVICE), group, **cfg))
+        if out is None:
+            pytest.skip(f"{cfg} with float32 x needs more shared memory than this GPU has")
+        out = out.cpu()
     assert torch.equal(out, codes[:, list(rows)].t().float())
 
 
@@ -322,9 +340,14 @@ def test_every_int4_tuning_candidate_computes_the_same_product(m):
         assert any(c.get("kernel") == "tc" and not c["swap"] and c["block_m"] >= 64 and c["block_n"] >= 128
                    and c["num_stages"] >= 4 for c in cands)
     packed = pack_int4_kernel(qweight).to(DEVICE)
+    built = 0
     for cfg in cands:
-        out = _launch(x.to(DEVICE), packed, scales.to(DEVICE), zeros.to(DEVICE), 128, **cfg).cpu()
-        assert ((out - ref).norm() / ref.norm()).item() < 1e-5, cfg
+        out = fits_shared_memory(lambda: _launch(x.to(DEVICE), packed, scales.to(DEVICE), zeros.to(DEVICE), 128,
+                                                 **cfg))
+        if out is not None:
+            built += 1
+            assert ((out.cpu() - ref).norm() / ref.norm()).item() < 1e-5, cfg
+    assert built >= len(cands) // 2, f"{len(cands) - built} of {len(cands)} candidates do not fit shared memory"
 
 
 @pytest.mark.parametrize("act_order", [False, True])
