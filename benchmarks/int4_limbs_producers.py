@@ -1,12 +1,14 @@
-"""The dp4a GEMV's input at 1-2 rows: the norm / SwiGLU kernel then `_x_limbs_kernel` (before), against the fused
-producer that stores the limbs itself (add_rms_norm_limbs / silu_and_mul_limbs), llama-3.1-8b's shapes (hidden 4096,
-intermediate 14336). Each variant is a CUDA graph of REPEAT calls (as in a decode step's graph), timed by CUDA events;
+"""The dp4a GEMV's input at 1-2 rows: the norm / SwiGLU kernel / decode attention then `_x_limbs_kernel` (before),
+against the fused producer that stores the limbs itself (add_rms_norm_limbs / silu_and_mul_limbs / decode attention
+with decode_reduce_limbs), llama-3.1-8b's shapes (hidden 4096, intermediate 14336, 32 heads and 8 KV heads of 128,
+contexts of CONTEXT tokens over the split count of a decode graph of max_model_len 8192). Each variant is a CUDA graph of REPEAT calls (as in a decode step's graph), timed by CUDA events;
 ROUNDS interleaved rounds, median and spread of the time per call, and the ratio before / fused.
 
     PYTHONPATH=. python3 benchmarks/int4_limbs_producers.py [ROUNDS] [--out FILE]
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -14,10 +16,31 @@ import sys
 import torch
 
 from engine.kernels.pdl import pdl_enabled
+from engine.kernels.triton_decode import decode_attention
 from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-from engine.quant.triton_int4_dp4a import add_rms_norm_limbs, silu_and_mul_limbs, x_limbs
+from engine.quant.triton_int4_dp4a import (add_rms_norm_limbs, decode_reduce_limbs, empty_limbs, silu_and_mul_limbs,
+                                           x_limbs)
 
 REPEAT, HIDDEN, INTER, CHUNKS = 64, 4096, 14336, 4
+HEADS, KV_HEADS, HEAD_DIM, BLOCK, CONTEXT, MAX_MODEL_LEN = 32, 8, 128, 16, 1024, 8192
+
+
+def attention(rows: int, dev: torch.device, dt: torch.dtype, limbs: bool):
+    """decode_attention over rows requests of CONTEXT tokens (random cache, contiguous blocks), then x_limbs of its
+    output (limbs=False) or with the reduce storing them (limbs=True)."""
+    q = torch.randn(rows, HEADS, HEAD_DIM, device=dev, dtype=dt)
+    blocks = CONTEXT // BLOCK
+    k_cache, v_cache = (torch.randn(rows * blocks, BLOCK, KV_HEADS, HEAD_DIM, device=dev, dtype=dt) for _ in range(2))
+    tables = torch.arange(rows * blocks, device=dev, dtype=torch.int32).view(rows, blocks)
+    lens = torch.full((rows,), CONTEXT, device=dev, dtype=torch.int32)
+    out, lb = torch.empty_like(q), empty_limbs(rows, HEADS * HEAD_DIM, CHUNKS, dt, dev)
+    reduce = functools.partial(decode_reduce_limbs, limbs=lb) if limbs else None
+
+    def run():
+        decode_attention(q, k_cache, v_cache, tables, lens, out, HEAD_DIM ** -0.5, MAX_MODEL_LEN, reduce=reduce)
+        if not limbs:
+            x_limbs(out.view(rows, -1), CHUNKS, pdl_enabled(dev))
+    return run
 
 
 def graph(fn):
@@ -58,6 +81,8 @@ def main() -> None:
             "norm writing limbs": lambda: add_rms_norm_limbs(x, res, w, 1e-5, CHUNKS),
             "swiglu, then x_limbs": lambda: x_limbs(silu_and_mul_triton(h), CHUNKS, pdl),
             "swiglu writing limbs": lambda: silu_and_mul_limbs(h, CHUNKS),
+            "attention, then x_limbs": attention(rows, dev, dt, False),
+            "attention writing limbs": attention(rows, dev, dt, True),
         }
         graphs = {name: graph(fn) for name, fn in variants.items()}
         times = {name: [] for name in graphs}
@@ -68,8 +93,9 @@ def main() -> None:
             ts.sort()
             result["per_call_us"][f"{name} @{rows}"] = {"median": statistics.median(ts), "min": ts[0],
                                                           "max": ts[-1]}
-            print(f"rows {rows}  {name:22s} {statistics.median(ts):7.2f} us ({ts[0]:.2f}-{ts[-1]:.2f})")
-        for a, b in (("norm, then x_limbs", "norm writing limbs"), ("swiglu, then x_limbs", "swiglu writing limbs")):
+            print(f"rows {rows}  {name:25s} {statistics.median(ts):7.2f} us ({ts[0]:.2f}-{ts[-1]:.2f})")
+        for a, b in (("norm, then x_limbs", "norm writing limbs"), ("swiglu, then x_limbs", "swiglu writing limbs"),
+                     ("attention, then x_limbs", "attention writing limbs")):
             ratio = statistics.median(times[a]) / statistics.median(times[b])
             result[f"ratio {a.split(',')[0]} @{rows}"] = ratio
             print(f"rows {rows}  {a.split(',')[0]}: before / fused {ratio:.2f}")

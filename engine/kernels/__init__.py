@@ -41,6 +41,11 @@ class TorchBackend:
         """linear(x): the attention block's output projection (a GEMV kernel of the Triton backend's at decode size)."""
         return linear(x)
 
+    def attend_linear(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, linear, **opts):
+        """linear(attend(...)) of the heads' outputs side by side: attention and its output projection, which the
+        Triton backend may join (the decode reduce storing an int4 layer's input limbs)."""
+        return self.linear(self.attend(q, k_cache, v_cache, meta, scale, **opts).reshape(q.shape[0], -1), linear)
+
     def norm_linear(self, x, residual, norm, linear):
         """(linear(norm(x + residual)), x + residual): a block's input norm and first projection, which the
         Triton backend runs as one kernel at decode size."""

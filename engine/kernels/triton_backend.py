@@ -32,13 +32,19 @@ class TritonBackend:
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-        opts = dict(sliding_window=sliding_window, softcap=softcap)
+        return self._attend(q, k_cache, v_cache, meta, scale, dict(sliding_window=sliding_window, softcap=softcap))[0]
+
+    def _attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, opts: dict,
+                reduce=None) -> tuple[torch.Tensor, int]:
+        """attend's output and the decode kernel's split count (0 without decode rows); reduce: decode_attention's."""
         out = torch.empty_like(q)
         num_decodes = meta.num_decodes
         num_seqs = meta.seq_lens.shape[0]
+        splits = 0
         if num_decodes > 0:
-            decode_attention(q, k_cache, v_cache, meta.block_tables[:num_decodes], meta.seq_lens[:num_decodes],
-                             out, scale, max_seq_len=meta.max_seq_len, order=meta.decode_order, **opts)
+            splits = decode_attention(q, k_cache, v_cache, meta.block_tables[:num_decodes],
+                                      meta.seq_lens[:num_decodes], out, scale, max_seq_len=meta.max_seq_len,
+                                      order=meta.decode_order, reduce=reduce, **opts)
         if num_seqs > num_decodes:
             # The runner's work list, when its blocks are this kernel's (the group is the layer's own).
             block_q = self.prefill_block_q(q.shape[1] // k_cache.shape[2], q.device)
@@ -46,4 +52,4 @@ class TritonBackend:
             prefill_attention(q, k_cache, v_cache, meta.block_tables[num_decodes:], meta.seq_lens[num_decodes:],
                               meta.query_start_loc[num_decodes:], out, scale, max_query_len=meta.max_query_len,
                               work=work, **opts)
-        return out
+        return out, splits

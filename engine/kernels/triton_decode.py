@@ -174,14 +174,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
 
 @triton.jit
-def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
-                          stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
-                          stride_ot, stride_oh,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                          RELEASE: tl.constexpr):
-    release(RELEASE)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
+def _reduced_head(acc_ptr, lse_ptr, seq, head, num_splits, stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b,
+                  stride_lse_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Head `head` of request `seq`, float32 [BLOCK_D] (0 from HEAD_DIM on): its slices' outputs rescaled by their
+    log-sum-exp and summed."""
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < num_splits
@@ -195,9 +191,23 @@ def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
                   + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     denom = tl.sum(weights, 0)
     denom = tl.where(denom == 0.0, 1.0, denom)
-    out = tl.sum(acc * weights[:, None], 0) / denom
+    return tl.sum(acc * weights[:, None], 0) / denom
+
+
+@triton.jit
+def _decode_reduce_kernel(acc_ptr, lse_ptr, out_ptr, num_splits,
+                          stride_acc_b, stride_acc_h, stride_acc_s, stride_lse_b, stride_lse_h,
+                          stride_ot, stride_oh,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                          RELEASE: tl.constexpr):
+    release(RELEASE)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    out = _reduced_head(acc_ptr, lse_ptr, seq, head, num_splits, stride_acc_b, stride_acc_h, stride_acc_s,
+                        stride_lse_b, stride_lse_h, HEAD_DIM, BLOCK_D, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=mask_d)
+             mask=offs_d < HEAD_DIM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,7 +277,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, sliding_window: int | None = None,
                      softcap: float | None = None, precise_pv: bool | None = None, heads_first: bool = True,
-                     order: torch.Tensor | None = None) -> None:
+                     order: torch.Tensor | None = None, reduce=None) -> int:
     """Decode attention of q[:B] (one token per request) over the paged cache, written into out[:B].
 
     B = seq_lens.shape[0]. max_seq_len (tokens) only picks the split count; any seq_len is computed
@@ -284,10 +294,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (1000 requests of median 190 and 400, 300 of 560; even at 256 x 72, decode_order_ab_h200.json): with the batch's
     order a few long requests' programs ran alone at the kernel's end. On the 1000-request trace: 17,881 against
     17,625 out tok/s in the batch's order, +1.5%, 3 interleaved runs each (trace_decode_order_ab_h200.json).
+    reduce: what launches the reduce in place of `_decode_reduce_kernel`, called as reduce(acc, lse, out, num_splits)
+    with the slices' float32 outputs [B, num_heads, num_splits, head_dim] and log-sum-exps [B, num_heads,
+    num_splits] (triton_int4_dp4a.decode_reduce_limbs: the output also as an int4 layer's input limbs).
+    Returns the split count: the reduce runs when it is above 1 (with 1 the split kernel writes out itself).
     """
     num_seqs = seq_lens.shape[0]
     if num_seqs == 0:
-        return
+        return 0
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = check_paged_layout("decode_attention", q, out, k_cache, v_cache)
@@ -324,9 +338,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         order_ptr=seq_lens if order is None else order, ORDERED=order is not None,  # (any pointer unless ORDERED)
         num_warps=num_warps, num_stages=num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and reduce is not None:
+        reduce(acc, lse, out, num_splits)
+    elif num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             acc, lse, out, num_splits, *acc_strides, *lse_strides, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS_PAD=triton.next_power_of_2(num_splits),
             RELEASE=pdl_enabled(q.device), num_warps=4,
         )
+    return num_splits

@@ -14,6 +14,8 @@ silu rounded before the product), so the two agree to the last bit in most eleme
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -184,6 +186,16 @@ class TritonFusedBackend(TritonBackend):
     def linear(self, x, linear):
         return fused_linear(x, linear, "none") if fusable(x, linear, "none") else linear(x)
 
+    def attend_linear(self, q, k_cache, v_cache, meta, scale, linear, **opts):
+        chunks = _attention_limbs(linear, q, meta)
+        if chunks is None:
+            return self.linear(self.attend(q, k_cache, v_cache, meta, scale, **opts).reshape(q.shape[0], -1), linear)
+        from ..quant.triton_int4_dp4a import decode_reduce_limbs, empty_limbs  # the reduce stores the layer's limbs
+        limbs = empty_limbs(q.shape[0], q.shape[1] * q.shape[2], chunks, q.dtype, q.device)
+        out, splits = self._attend(q, k_cache, v_cache, meta, scale, opts,
+                                   reduce=functools.partial(decode_reduce_limbs, limbs=limbs))
+        return linear.forward_limbs(limbs) if splits > 1 else self.linear(out.reshape(q.shape[0], -1), linear)
+
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
             return fused_linear(x, linear, "norm", residual, norm)
@@ -226,6 +238,21 @@ def _int4_input(linear, x: torch.Tensor) -> tuple[int | None, torch.Tensor | Non
         return None, None
     chunks = linear.input_limbs(x.shape[0], x.dtype, x.device)
     return chunks, None if chunks is not None else linear.input_columns(x.shape[0], x.dtype, x.device)
+
+
+def _attention_limbs(linear, q: torch.Tensor, meta) -> int | None:
+    """The chunks of linear's dp4a GEMV when the decode reduce can store its input (the attention output) as Limbs:
+    an int4 / AWQ / GPTQ layer without act-order (a head's program holds its own features only) whose kernel for
+    these rows of producer-stored input is the dp4a GEMV (1-2 rows), every row a decode, steps within a head of a
+    power-of-2 size; else None."""
+    from ..quant.int4 import KERNEL_CHUNK, Int4Linear
+    from ..quant.triton_int4 import GEMV_MAX_ROWS
+    t, _, head_dim = q.shape
+    if (type(linear) is not Int4Linear or linear.perm is not None or not 0 < t <= GEMV_MAX_ROWS
+            or meta.num_decodes != t or meta.seq_lens.shape[0] != t or head_dim & (head_dim - 1)):
+        return None
+    chunks = linear.input_limbs(t, q.dtype, q.device)
+    return chunks if chunks is not None and head_dim % (KERNEL_CHUNK * chunks) == 0 else None
 
 
 def _nonempty(columns: torch.Tensor | None) -> torch.Tensor | None:

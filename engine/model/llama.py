@@ -74,8 +74,7 @@ class Attention(nn.Module):
         # Rotates q and k, and writes k and v into the paged cache (one fused kernel on CUDA).
         q = backend.rotary_write_kv(qkv, positions, self.rotary, k_cache, v_cache, meta,
                                     self.num_heads, self.num_kv_heads, self.head_dim)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale, **self.attend_options)
-        return backend.linear(out.reshape(-1, self.q_size), self.o_proj)
+        return backend.attend_linear(q, k_cache, v_cache, meta, self.scale, self.o_proj, **self.attend_options)
 
 
 class MLP(nn.Module):

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
+from ..kernels.triton_decode import _reduced_head
 from ..kernels.triton_fused import _residual_sum, _silu_mul
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
@@ -337,6 +338,46 @@ def silu_and_mul_limbs(h: torch.Tensor, chunks: int, sources: torch.Tensor | Non
         limbs.q.stride(1), limbs.s.stride(0), CHUNKS=chunks, SOURCES=sources is not None,
         RELEASE=pdl_enabled(h.device, release_early), num_warps=1)
     return limbs
+
+
+@triton.jit
+def _decode_reduce_int8x2_kernel(acc_ptr, lse_ptr, out_ptr, q_ptr, s_ptr, num_splits, stride_acc_b, stride_acc_h,
+                                 stride_acc_s, stride_lse_b, stride_lse_h, stride_ot, stride_oh, stride_qm, stride_qp,
+                                 stride_sm, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNKS: tl.constexpr,
+                                 RELEASE: tl.constexpr):
+    """Program (seq, head): the decode reduce's output of the head (_decode_reduce_kernel's, stored as it stores
+    it), and as the Limbs of the HEAD_DIM // (32 * CHUNKS) steps it makes of the request's row (a power of 2 a
+    head, HEAD_DIM a power of 2)."""
+    release(RELEASE)
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    dtype = out_ptr.dtype.element_ty
+    out = _reduced_head(acc_ptr, lse_ptr, seq, head, num_splits, stride_acc_b, stride_acc_h, stride_acc_s,
+                        stride_lse_b, stride_lse_h, HEAD_DIM, HEAD_DIM, SPLITS_PAD).to(dtype)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + tl.arange(0, HEAD_DIM), out)
+    STEPS: tl.constexpr = HEAD_DIM // (32 * CHUNKS)
+    # feature 32 CHUNKS s + 32 c + 8 b + 4 o + r of the head -> [step s, word 4 c + r, byte b, o] (_limb_features)
+    y = tl.permute(tl.reshape(out.to(tl.float32), (STEPS, CHUNKS, 4, 2, 4)), (0, 1, 4, 2, 3))
+    xe, xo = tl.split(tl.reshape(y, (STEPS, 4 * CHUNKS, 4, 2)))
+    _store_limbs(xe, xo, q_ptr + seq.to(tl.int64) * stride_qm, s_ptr + seq.to(tl.int64) * stride_sm, stride_qp,
+                 head * STEPS, head * STEPS + STEPS, STEPS, 4 * CHUNKS)
+
+
+def decode_reduce_limbs(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int, limbs: Limbs,
+                        release_early: bool | None = None) -> None:
+    """triton_decode.decode_attention's reduce (its `reduce` argument, with limbs bound) that also stores the output
+    rows [B, num_heads * head_dim] as their Limbs (empty_limbs of B rows), the input of the int4 layer after
+    attention (o_proj) for the dp4a GEMV; head_dim a power of 2 and whole steps of the limbs' chunks."""
+    num_seqs, num_heads, _, head_dim = acc.shape
+    chunks = head_dim * num_heads // (KERNEL_CHUNK * limbs.s.shape[1])
+    if head_dim & (head_dim - 1) or head_dim % (KERNEL_CHUNK * chunks):
+        raise ValueError(f"decode_reduce_limbs: head_dim={head_dim} must be a power of 2 and whole steps of "
+                         f"{KERNEL_CHUNK * chunks} features (chunks={chunks})")
+    _decode_reduce_int8x2_kernel[(num_seqs, num_heads)](
+        acc, lse, out, limbs.q, limbs.s, num_splits, *acc.stride()[:3], *lse.stride()[:2], out.stride(0),
+        out.stride(1), limbs.q.stride(0), limbs.q.stride(1), limbs.s.stride(0), HEAD_DIM=head_dim,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), CHUNKS=chunks, RELEASE=pdl_enabled(out.device, release_early),
+        num_warps=4)
 
 
 def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,

@@ -167,3 +167,34 @@ def test_fused_producers_store_x_limbs_of_the_unfused_kernels_output(dtype, n, i
     assert not silu_and_mul_limbs(h, chunks).s[1].any()  # the all-zero row: sx = 0 and sx * sum(v) = 0
     with pytest.raises(ValueError, match="whole steps"):
         add_rms_norm_limbs(x[:, :n - 32], None, weight[:n - 32], 1e-5, 4)
+
+
+@pytest.mark.parametrize("head_dim, chunks, splits", [(128, 4, 3), (128, 2, 16), (64, 1, 2), (32, 1, 5)])
+def test_decode_reduce_stores_x_limbs_of_the_attention_output(head_dim, chunks, splits):
+    """decode_attention with decode_reduce_limbs as its reduce: the output rows as the plain reduce writes them,
+    bit for bit, and their Limbs those x_limbs makes of them (1-4 steps a head; a step over 2 heads' features is
+    refused); a request with no context (a padding row) gives zeros, an all-zero step (sx = 0)."""
+    import functools
+
+    from engine.kernels.triton_decode import decode_attention
+    from engine.quant.triton_int4_dp4a import decode_reduce_limbs, empty_limbs, x_limbs
+    g = torch.Generator().manual_seed(head_dim + splits)
+    b, heads, kv_heads, block_size, blocks, dtype = 3, 4, 2, 16, 12, torch.float16
+    q = torch.randn(b, heads, head_dim, generator=g).to(DEVICE, dtype)
+    k_cache, v_cache = (torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+                        for _ in range(2))
+    tables = torch.randperm(blocks, generator=g)[:b * 4].view(b, 4).to(DEVICE, torch.int32)
+    args = (q, k_cache, v_cache, tables, torch.tensor([50, 7, 0], dtype=torch.int32, device=DEVICE))
+    plain, out = torch.empty_like(q), torch.empty_like(q)
+    assert decode_attention(*args, plain, 0.1, max_seq_len=64, num_splits=splits) == splits
+    limbs = empty_limbs(b, heads * head_dim, chunks, dtype, DEVICE)
+    assert decode_attention(*args, out, 0.1, max_seq_len=64, num_splits=splits,
+                            reduce=functools.partial(decode_reduce_limbs, limbs=limbs)) == splits
+    assert torch.equal(out.cpu(), plain.cpu())
+    want = x_limbs(plain.view(b, -1), chunks)
+    assert torch.equal(limbs.q.cpu(), want.q.cpu()) and torch.equal(limbs.s.cpu(), want.s.cpu())
+    assert plain[2].abs().sum() == 0 and not limbs.s[2].any()
+    wide = empty_limbs(b, heads * head_dim, 2 * head_dim // 32, dtype, DEVICE)
+    with pytest.raises(ValueError, match="whole steps"):
+        decode_attention(*args, out, 0.1, max_seq_len=64, num_splits=splits,
+                         reduce=functools.partial(decode_reduce_limbs, limbs=wide))

@@ -401,6 +401,52 @@ def test_norm_and_swiglu_store_an_int4_layers_input_in_its_kernels_order(monkeyp
         assert ((got.float() - ref).norm() / ref.norm()).item() < 5e-3
 
 
+@pytest.mark.parametrize("max_seq_len, dp4a, act_order", [(4096, True, False), (64, True, False),
+                                                          (4096, False, False), (4096, True, True)],
+                         ids=["reduce_limbs", "one_split", "not_dp4a", "act_order"])
+def test_attention_stores_o_projs_limbs_in_its_decode_reduce(monkeypatch, max_seq_len, dp4a, act_order):
+    """TritonFusedBackend.attend_linear for 2 decode rows before an int4 o_proj whose kernel for producer-stored
+    input is the dp4a GEMV: the decode reduce stores the layer's limbs (no x_limbs kernel on the attention output)
+    when the context is split; with one split (the split kernel writes the output), another kernel or GPTQ's
+    act-order the plain path runs. Every case equals the torch backend's attention then the dequantized layer."""
+    from engine.kernels import TorchBackend
+    from engine.kernels.reference import random_paged_batch
+    from engine.kernels.triton_fused import TritonFusedBackend
+    from engine.quant import triton_int4_dp4a, tuning
+    from engine.quant.triton_int4 import tuning_key
+    m, heads, head_dim, n, group, dtype = 2, 4, 64, 40, 128, torch.float16
+    q, k_cache, v_cache, meta, _, _ = random_paged_batch([(40, 1), (90, 1)], num_kv_heads=2, group=heads // 2,
+                                                         head_dim=head_dim, block_size=16, dtype=dtype, seed=13,
+                                                         device=DEVICE)
+    meta.max_seq_len = max_seq_len  # (a decode graph's: the split count follows it)
+    gen = torch.Generator().manual_seed(13)
+    k = heads * head_dim
+    qweight, scales, zeros = quantize_int4(torch.randn(n, k, generator=gen) * 0.05, group)
+    o_proj = Int4Linear(qweight, scales.to(dtype), zeros, None, group,
+                        torch.randperm(k, generator=gen) if act_order else None).to(DEVICE)
+    cfg = dict(kernel="dp4a", block_n=16, chunks=2, split_k=2, serial=True) if dp4a else \
+        dict(TC, block_m=16, block_n=32, chunks=4, split_k=1)
+    monkeypatch.setitem(tuning.chosen, tuning_key(m, n, k, group, dtype, x_ordered=True), cfg)
+    calls = {"x_limbs": 0, "decode_reduce_limbs": 0}
+    for name in calls:
+        real = getattr(triton_int4_dp4a, name)
+        monkeypatch.setattr(triton_int4_dp4a, name, lambda *a, name=name, real=real, **kw:
+                            calls.__setitem__(name, calls[name] + 1) or real(*a, **kw))
+    got = TritonFusedBackend().attend_linear(q, k_cache, v_cache, meta, 0.125, o_proj)
+    fused = dp4a and max_seq_len > 64 and not act_order
+    assert calls["decode_reduce_limbs"] == fused and not (fused and calls["x_limbs"])
+    ref_attn = TorchBackend().attend(q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(),
+                                     _cpu(meta), 0.125)
+    ref = F.linear(ref_attn.reshape(m, -1), o_proj.dequantized_weight().cpu().float())
+    assert got.shape == (m, n) and ((got.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def _cpu(meta):
+    import dataclasses
+    return dataclasses.replace(meta, **{f.name: getattr(meta, f.name).cpu() for f in dataclasses.fields(meta)
+                                        if isinstance(getattr(meta, f.name), torch.Tensor)})
+
+
 def test_tuning_for_ordered_input_gives_each_candidate_x_in_its_kernels_order():
     """tuned_config's x_ordered key times each candidate on x already permuted into its kernel's order (as the
     norm stores it; the dp4a GEMV on x's limbs, made before the timing), so every candidate, permuting or not,

@@ -121,6 +121,16 @@ def check_int4_dp4a():
             "stride_hm": "i32", **{k: out[k] for k in ("stride_qm", "stride_qp", "stride_sm")}},
             dict(CHUNKS=4, SOURCES=sources, RELEASE=True), num_warps=1)
         assert "griddepcontrol.launch_dependents" in ptx and "st.global" in ptx
+    # and the decode attention's reduce (o_proj's input), 1 and 2 steps a head
+    from engine.quant.triton_int4_dp4a import _decode_reduce_int8x2_kernel
+    sig = {"acc_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", **{k: out[k] for k in ("q_ptr", "s_ptr")},
+           "num_splits": "i32", **{k: "i32" for k in ("stride_acc_b", "stride_acc_h", "stride_acc_s", "stride_lse_b",
+                                                      "stride_lse_h", "stride_ot", "stride_oh")},
+           **{k: out[k] for k in ("stride_qm", "stride_qp", "stride_sm")}}
+    for chunks in (4, 2):
+        ptx = _compile(_decode_reduce_int8x2_kernel, sig, dict(HEAD_DIM=128, SPLITS_PAD=16, CHUNKS=chunks,
+                                                                  RELEASE=True))
+        assert "griddepcontrol.launch_dependents" in ptx and "st.global" in ptx
 
 
 def check_dot_kernels():
