@@ -10,7 +10,7 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
 2. fp8 KV: the Triton decode attention kernel at batch 64, context 4096 over bf16 vs fp8 caches.
 3. The engine: the llama-3.1-8b preset with seeded random weights in bf16 (no trained 8B checkpoint
    can be fetched here), one LLM whose reconfigure() re-quantizes from the host copy of the weights.
-   For each weight mode (bf16, int8, int4, awq, gptq, fp8) and for bf16 weights with the fp8 KV cache:
+   For each weight mode (bf16, int8, int4, awq, gptq, gptq_act, fp8) and for bf16 weights with the fp8 KV cache:
    - weight bytes (EngineStats.weight_bytes) and their split into embedding, LM head, decoder linears
      and norms
    - a decode speed curve: TPOT (mean over requests, RequestMetrics) at batch 1, 16, 64 and 256
@@ -30,6 +30,8 @@ Three parts, in this order (BENCH_QUANT_PARTS picks some), each saved to --out a
    awq_to_int4, int4_to_gptq -> gptq_to_int4, zero points >= 1 for GPTQ v1) and loaded as a
    checkpoint's (LLM.prequantized), with the engine's int8 LM head (engine.quant.LM_HEAD_MODE) and int8
    embedding table (a Hub checkpoint run as it is keeps both in 16 bits: about 0.36x the bf16 bytes).
+   gptq_act: the same through GPTQ with desc_act=True (a seeded random act-order permutation a layer, in g_idx),
+   which the engine folds into where its norm and SwiGLU store x (o_proj, fed by attention, gathers it).
    No mode starts after ENGINE_DEADLINE_S (400 s, env BENCH_QUANT_DEADLINE_S) of the run.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/bench_quant.py --out data/benchmarks/quant.json
@@ -77,7 +79,7 @@ from engine.quant.int4 import Int4Linear, int4_linear_reference  # noqa: E402
 from engine.quant.int8 import Int8Linear, int8_linear_reference  # noqa: E402
 
 MODEL = os.environ.get("BENCH_QUANT_MODEL", "llama-3.1-8b")  # another preset for a dry run
-MODES = [None, "int4", "int8", "fp8", "awq", "gptq"]  # most informative first, should the deadline hit
+MODES = [None, "int4", "int8", "fp8", "awq", "gptq", "gptq_act"]  # most informative first, should the deadline hit
 # BENCH_QUANT_MODES (e.g. "int4,int8") runs fewer engine modes (bf16, the reference, always runs; awq and
 # gptq need int4; "kvfp8" adds the bf16 + fp8-KV run, which runs by default).
 _MODES_ENV = os.environ.get("BENCH_QUANT_MODES")
@@ -86,6 +88,7 @@ if _MODES_ENV:
     MODES = [m for m in MODES if m is None or m in _wanted]
 RUN_KV_FP8 = not _MODES_ENV or "kvfp8" in _MODES_ENV
 INT4_MODES = ("int4", "awq", "gptq")
+HUB_MODES = ("awq", "gptq", "gptq_act")  # int4's codes through a Hub layout (gptq_act: desc_act=True)
 BATCHES = (1, 16, 64, 256)
 REPS = 3
 PROMPT_LEN, NEW_TOKENS = 64, 16
@@ -404,14 +407,17 @@ def hub_prequantized(llm: LLM, method: str, head: torch.nn.Module | None):
     load path), on the host, and `head` (the int8 LM head) as the LM head: the format the engine's own
     awq/gptq produce (engine.quant.LM_HEAD_MODE). engine.quant.checkpoint.Prequantized for LLM.prequantized."""
     from engine.quant.checkpoint import Prequantized, awq_to_int4, gptq_to_int4, int4_to_awq, int4_to_gptq
-    pre = Prequantized(method, float_embedding=False)  # the engine's own awq/gptq format: int8 table too
+    pre = Prequantized(method.removesuffix("_act"), float_embedding=False)  # the engine's awq/gptq: int8 table too
     if head is not None:
         pre.modules["lm_head"] = head
     for name, mod in llm.model.named_modules():
         if not isinstance(mod, Int4Linear) or name == "lm_head":
             continue
         # On the GPU (the packing is plain torch): on the host it took minutes for 8B.
-        cpu = Int4Linear(mod.qweight, mod.scales, mod.zeros.clamp(min=1), None, mod.group_size)
+        # gptq_act: a seeded random act-order (desc_act=True), input feature perm[j] at stored column j
+        perm = torch.randperm(mod.in_features, generator=torch.Generator().manual_seed(len(pre.modules)),
+                              device="cpu").to(mod.qweight.device) if method == "gptq_act" else None
+        cpu = Int4Linear(mod.qweight, mod.scales, mod.zeros.clamp(min=1), None, mod.group_size, perm)
         if method == "awq":
             layer = awq_to_int4(**int4_to_awq(cpu))
         else:
@@ -457,7 +463,7 @@ def run_mode(llm: LLM, base: EngineConfig, mode, kv: str, ref_lp, ref_greedy, qu
                                            f"{r['decode_step_ms_max']:.2f}]" for b, r in res["curve"].items())
         + f" | prefill {res['prefill']['tok_s']:.0f} tok/s [{res['prefill']['tok_s_min']:.0f}, "
           f"{res['prefill']['tok_s_max']:.0f}]")
-    if mode in ("awq", "gptq"):  # int4's codes: int4's quality
+    if mode in HUB_MODES:  # int4's codes: int4's quality
         return res, None, None
     lp, kl, top1 = prefill_quality(llm, quality_prompts, ref_lp)
     if ref_lp is not None:
@@ -491,7 +497,7 @@ def engine_bench(backend: str) -> dict:
             log(f"mode {key}: skipped (deadline)")
             continue
         try:
-            if mode in ("awq", "gptq"):
+            if mode in HUB_MODES:
                 if mode not in pre:
                     raise RuntimeError("int4 did not run, so there are no codes to send through the Hub layouts")
                 llm.prequantized = pre[mode]
@@ -504,7 +510,7 @@ def engine_bench(backend: str) -> dict:
                     float_head.weight.data = head.dequantized_weight(torch.bfloat16)
                     head8 = Int8Linear.from_linear(float_head)
                     del float_head
-                pre = {m: hub_prequantized(llm, m, head8) for m in ("awq", "gptq")}
+                pre = {m: hub_prequantized(llm, m, head8) for m in HUB_MODES if m in MODES}
         except Exception as exc:  # noqa: BLE001 - one failing mode must not hide the others
             traceback.print_exc()
             results[key] = {"error": repr(exc)[:500]}
@@ -535,7 +541,7 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
     def tp(mode, b, key="tpot_ms"):
         return eng.get(mode, {}).get("curve", {}).get(str(b), {}).get(key)
 
-    for mode in ("int8", "int4", "awq", "gptq", "fp8", "bf16_kvfp8"):
+    for mode in ("int8", "int4", *HUB_MODES, "fp8", "bf16_kvfp8"):
         if "weight_bytes" in eng.get(mode, {}) and "weight_bytes" in bf:
             s[f"{mode}_weight_ratio"] = eng[mode]["weight_bytes"] / bf["weight_bytes"]
         curve = {str(b): tp("bf16", b) / tp(mode, b) for b in BATCHES if tp(mode, b) and tp("bf16", b)}
@@ -557,7 +563,7 @@ def summarize(eng: dict, attention: dict | None = None) -> dict:
     if attention and "fp8_speedup" in attention:
         s["kv_fp8_attention_speedup"] = attention["fp8_speedup"]
     t, c = TARGETS, s["speedup_curve"]
-    weight_modes = [m for m in ("int8", "int4", "awq", "gptq", "fp8") if m in c]
+    weight_modes = [m for m in ("int8", "int4", *HUB_MODES, "fp8") if m in c]
     s["met"] = {
         "int8_weight_ratio": s.get("int8_weight_ratio", 9) <= t["int8_weight_ratio_max"],
         "int4_weight_ratio": all(s.get(f"{m}_weight_ratio", 9) <= t["int4_weight_ratio_max"] for m in INT4_MODES),
