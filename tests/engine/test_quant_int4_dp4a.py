@@ -198,3 +198,47 @@ def test_decode_reduce_stores_x_limbs_of_the_attention_output(head_dim, chunks, 
     with pytest.raises(ValueError, match="whole steps"):
         decode_attention(*args, out, 0.1, max_seq_len=64, num_splits=splits,
                          reduce=functools.partial(decode_reduce_limbs, limbs=wide))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
+def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkeypatch):
+    """An int4 engine on the Triton backend (the interpreter) whose layers' kernel at 1 row of producer-stored input
+    is the dp4a GEMV (as tuning picks it on a GPU): each decode step's norms, SwiGLU and attention reduce (a context
+    over 256 tokens: split) store their layer's limbs, each the x_limbs of the output they store beside it, and the
+    greedy tokens are the torch backend's int4 engine's."""
+    from transformers import LlamaConfig
+
+    from engine import LLM, EngineConfig, SamplingParams
+    from engine.quant import triton_int4_dp4a, tuning
+    from engine.quant.triton_int4 import tuning_key
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, vocab_size=256, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    for n, k in ((256, 128), (128, 128), (512, 128), (128, 256)):  # qkv, o_proj, gate_up, down
+        monkeypatch.setitem(tuning.chosen, tuning_key(1, n, k, 128, torch.float32, x_ordered=True),
+                            dict(kernel="dp4a", block_n=32, chunks=1, split_k=2, serial=True))
+    calls = {"add_rms_norm_limbs": 0, "silu_and_mul_limbs": 0, "decode_reduce_limbs": 0}
+
+    def checked(name, real):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            result = real(*args, **kwargs)
+            if name == "decode_reduce_limbs":  # (acc, lse, out, num_splits, limbs)
+                out, limbs = args[2], kwargs["limbs"]
+                want = triton_int4_dp4a.x_limbs(out.reshape(out.shape[0], -1), 1)
+                assert torch.equal(limbs.q, want.q) and torch.equal(limbs.s, want.s)
+            return result
+        return run
+    for name in calls:
+        monkeypatch.setattr(triton_int4_dp4a, name, checked(name, getattr(triton_int4_dp4a, name)))
+    prompt = torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        llm = LLM.random(config, EngineConfig(device="cpu", max_model_len=512, block_size=16, num_gpu_blocks=40,
+                                              quantization="int4", attention_backend=backend),
+                         dtype=torch.float32, seed=3)
+        tokens[backend] = llm.generate([prompt], params)[0].token_ids
+    assert tokens["triton"] == tokens["torch"]
+    assert calls["decode_reduce_limbs"] == 2 * 3 and calls["silu_and_mul_limbs"] == 2 * 3  # 3 decode steps
+    assert calls["add_rms_norm_limbs"] >= 2 * 3
