@@ -187,14 +187,15 @@ class TritonFusedBackend(TritonBackend):
         return fused_linear(x, linear, "none") if fusable(x, linear, "none") else linear(x)
 
     def attend_linear(self, q, k_cache, v_cache, meta, scale, linear, **opts):
-        chunks = _attention_limbs(linear, q, meta)
-        if chunks is None:
-            return self.linear(self.attend(q, k_cache, v_cache, meta, scale, **opts).reshape(q.shape[0], -1), linear)
-        from ..quant.triton_int4_dp4a import decode_reduce_limbs, empty_limbs  # the reduce stores the layer's limbs
-        limbs = empty_limbs(q.shape[0], q.shape[1] * q.shape[2], chunks, q.dtype, q.device)
-        out, splits = self._attend(q, k_cache, v_cache, meta, scale, opts,
-                                   reduce=functools.partial(decode_reduce_limbs, limbs=limbs))
-        return linear.forward_limbs(limbs) if splits > 1 else self.linear(out.reshape(q.shape[0], -1), linear)
+        chunks, reduce = _attention_limbs(linear, q, meta), None
+        if chunks is not None:  # the decode reduce stores the layer's limbs
+            from ..quant.triton_int4_dp4a import decode_reduce_limbs, empty_limbs
+            limbs = empty_limbs(q.shape[0], q.shape[1] * q.shape[2], chunks, q.dtype, q.device)
+            reduce = functools.partial(decode_reduce_limbs, limbs=limbs)
+        out, splits = self._attend(q, k_cache, v_cache, meta, scale, opts, reduce)
+        if reduce is not None and splits > 1:
+            return linear.forward_limbs(limbs)
+        return self.linear(out.reshape(q.shape[0], -1), linear)
 
     def norm_linear(self, x, residual, norm, linear):
         if fusable(x, linear, "norm"):
@@ -245,11 +246,13 @@ def _attention_limbs(linear, q: torch.Tensor, meta) -> int | None:
     an int4 / AWQ / GPTQ layer without act-order (a head's program holds its own features only) whose kernel for
     these rows of producer-stored input is the dp4a GEMV (1-2 rows), every row a decode, steps within a head of a
     power-of-2 size; else None."""
-    from ..quant.int4 import KERNEL_CHUNK, Int4Linear
+    if getattr(linear, "input_limbs", None) is None:  # (every attention block calls this: no import for the rest)
+        return None
+    from ..quant.int4 import KERNEL_CHUNK
     from ..quant.triton_int4 import GEMV_MAX_ROWS
     t, _, head_dim = q.shape
-    if (type(linear) is not Int4Linear or linear.perm is not None or not 0 < t <= GEMV_MAX_ROWS
-            or meta.num_decodes != t or meta.seq_lens.shape[0] != t or head_dim & (head_dim - 1)):
+    if (linear.perm is not None or not 0 < t <= GEMV_MAX_ROWS or meta.num_decodes != t
+            or meta.seq_lens.shape[0] != t or head_dim & (head_dim - 1)):
         return None
     chunks = linear.input_limbs(t, q.dtype, q.device)
     return chunks if chunks is not None and head_dim % (KERNEL_CHUNK * chunks) == 0 else None

@@ -363,8 +363,7 @@ def _decode_reduce_int8x2_kernel(acc_ptr, lse_ptr, out_ptr, q_ptr, s_ptr, num_sp
                  head * STEPS, head * STEPS + STEPS, STEPS, 4 * CHUNKS)
 
 
-def decode_reduce_limbs(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int, limbs: Limbs,
-                        release_early: bool | None = None) -> None:
+def decode_reduce_limbs(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int, limbs: Limbs) -> None:
     """triton_decode.decode_attention's reduce (its `reduce` argument, with limbs bound) that also stores the output
     rows [B, num_heads * head_dim] as their Limbs (empty_limbs of B rows), the input of the int4 layer after
     attention (o_proj) for the dp4a GEMV; head_dim a power of 2 and whole steps of the limbs' chunks."""
@@ -376,8 +375,7 @@ def decode_reduce_limbs(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor,
     _decode_reduce_int8x2_kernel[(num_seqs, num_heads)](
         acc, lse, out, limbs.q, limbs.s, num_splits, *acc.stride()[:3], *lse.stride()[:2], out.stride(0),
         out.stride(1), limbs.q.stride(0), limbs.q.stride(1), limbs.s.stride(0), HEAD_DIM=head_dim,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), CHUNKS=chunks, RELEASE=pdl_enabled(out.device, release_early),
-        num_warps=4)
+        SPLITS_PAD=triton.next_power_of_2(num_splits), CHUNKS=chunks, RELEASE=pdl_enabled(out.device), num_warps=4)
 
 
 def _launch_dp4a(x, packed, scales, zeros, group_size, *, block_n=128, chunks=4, split_k=1, num_warps=4,

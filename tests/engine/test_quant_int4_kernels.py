@@ -409,8 +409,7 @@ def test_attention_stores_o_projs_limbs_in_its_decode_reduce(monkeypatch, max_se
     input is the dp4a GEMV: the decode reduce stores the layer's limbs (no x_limbs kernel on the attention output)
     when the context is split; with one split (the split kernel writes the output), another kernel or GPTQ's
     act-order the plain path runs. Every case equals the torch backend's attention then the dequantized layer."""
-    from engine.kernels import TorchBackend
-    from engine.kernels.reference import random_paged_batch
+    from engine.kernels.reference import random_paged_batch, reference_on_cpu
     from engine.kernels.triton_fused import TritonFusedBackend
     from engine.quant import triton_int4_dp4a, tuning
     from engine.quant.triton_int4 import tuning_key
@@ -435,16 +434,9 @@ def test_attention_stores_o_projs_limbs_in_its_decode_reduce(monkeypatch, max_se
     got = TritonFusedBackend().attend_linear(q, k_cache, v_cache, meta, 0.125, o_proj)
     fused = dp4a and max_seq_len > 64 and not act_order
     assert calls["decode_reduce_limbs"] == fused and not (fused and calls["x_limbs"])
-    ref_attn = TorchBackend().attend(q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(),
-                                     _cpu(meta), 0.125)
+    ref_attn = reference_on_cpu(q, k_cache, v_cache, meta, 0.125)
     ref = F.linear(ref_attn.reshape(m, -1), o_proj.dequantized_weight().cpu().float())
     assert got.shape == (m, n) and ((got.float().cpu() - ref).norm() / ref.norm()).item() < 5e-3
-
-
-def _cpu(meta):
-    import dataclasses
-    return dataclasses.replace(meta, **{f.name: getattr(meta, f.name).cpu() for f in dataclasses.fields(meta)
-                                        if isinstance(getattr(meta, f.name), torch.Tensor)})
 
 
 def test_tuning_for_ordered_input_gives_each_candidate_x_in_its_kernels_order():
