@@ -5,6 +5,7 @@ product within the limbs' rounding of the dequantize-then-matmul reference over 
 groups of 32 to 256."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -204,11 +205,12 @@ def test_decode_reduce_stores_x_limbs_of_the_attention_output(head_dim, chunks, 
 def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkeypatch):
     """An int4 engine on the Triton backend (the interpreter) whose layers' kernel at 1 row of producer-stored input
     is the dp4a GEMV (as tuning picks it on a GPU): each decode step's norms, SwiGLU and attention reduce (a context
-    over 256 tokens: split) store their layer's limbs, each the x_limbs of the output they store beside it, and the
-    greedy tokens are the torch backend's int4 engine's."""
+    split into slices of 32 tokens, 256 on a GPU) store their layer's limbs, each the x_limbs of the output they
+    store beside it, and the greedy tokens are the torch backend's int4 engine's."""
     from transformers import LlamaConfig
 
     from engine import LLM, EngineConfig, SamplingParams
+    from engine.kernels import triton_decode
     from engine.quant import triton_int4_dp4a, tuning
     from engine.quant.triton_int4 import tuning_key
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -216,7 +218,10 @@ def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkey
                          rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     for n, k in ((256, 128), (128, 128), (512, 128), (128, 256)):  # qkv, o_proj, gate_up, down
         monkeypatch.setitem(tuning.chosen, tuning_key(1, n, k, 128, torch.float32, x_ordered=True),
-                            dict(kernel="dp4a", block_n=32, chunks=1, split_k=2, serial=True))
+                            dict(kernel="dp4a", block_n=128, chunks=1, split_k=2, serial=True))
+    # a short prompt split as a GPU splits a long one: the interpreter's prefill of 300 tokens took most of a minute
+    monkeypatch.setattr(triton_decode, "decode_num_splits",
+                        functools.partial(triton_decode.decode_num_splits, min_tokens_per_split=32))
     calls = {"add_rms_norm_limbs": 0, "silu_and_mul_limbs": 0, "decode_reduce_limbs": 0}
 
     def checked(name, real):
@@ -231,7 +236,7 @@ def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkey
         return run
     for name in calls:
         monkeypatch.setattr(triton_int4_dp4a, name, checked(name, getattr(triton_int4_dp4a, name)))
-    prompt = torch.randint(3, 256, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(3, 256, (80,), generator=torch.Generator().manual_seed(0)).tolist()
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     tokens = {}
     for backend in ("torch", "triton"):
