@@ -377,20 +377,24 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         return runs.copy()
     if C.repeat not in runs:
         runs = runs.assign(**{C.repeat: 0})
+    # The medians, minima and maxima of every point at once (per point and column, the sweep's results after each
+    # run took 41 ms a point: a 100-point sweep of 3 repeats spent about 10 minutes here).
+    names = [name for name in schema.median_columns() if name in runs]
+    values = runs[names].apply(pd.to_numeric, errors="coerce")
+    if C.status in runs:
+        values = values.where(runs[C.status] == "ok")  # failed repeats do not count
+    by_point = values.groupby(runs[C.point_id], sort=False)
+    med, low, high = by_point.median(), by_point.min(), by_point.max()
+    stats = dict(zip(med.index, zip(*(f.to_numpy().tolist() for f in (med, low, high)))))
+    spreads = [schema.spread(name) for name in names]
     rows = []
-    for _, g in runs.groupby(C.point_id, sort=False):
+    for pid, g in runs.groupby(C.point_id, sort=False):
         g = g.sort_values(C.repeat)
-        ok = g[g[C.status] == "ok"] if C.status in g else g
         failed = g[g[C.status] != "ok"] if C.status in g else g.iloc[0:0]
         row = (failed if len(failed) else g).iloc[0].to_dict()
         row.pop(C.repeat, None)
-        for name in schema.median_columns():
-            if name not in g:
-                continue
-            v = pd.to_numeric(ok[name], errors="coerce")
-            lo, hi = schema.spread(name)
-            row[name] = float(v.median()) if v.notna().any() else math.nan
-            row[lo], row[hi] = (float(v.min()), float(v.max())) if v.notna().any() else (math.nan, math.nan)
+        for name, (lo, hi), *value in zip(names, spreads, *stats[pid]):
+            row[name], row[lo], row[hi] = map(float, value)
         row[C.repeats] = len(g)
         rows.append(row)
     return pd.DataFrame(rows)

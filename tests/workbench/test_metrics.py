@@ -144,7 +144,16 @@ def test_repeats_are_summarised_as_median_with_min_and_max():
     runs = _repeat_rows({"a": [100.0, 160.0, 110.0], "b": [50.0, 55.0, 52.0]})
     runs.loc[len(runs)] = {"point_id": "c", "label": "c", "repeat": 0, "status": "error", "output_throughput": None,
                            "ttft_p99_ms": None, "block_size": 8}
+    # d: a failed repeat's partial figure (999) counts toward no median; the point's status is the failure's
+    runs.loc[len(runs)] = {"point_id": "d", "label": "d", "repeat": 1, "status": "error", "output_throughput": 999.0,
+                           "ttft_p99_ms": 5.0, "block_size": 8}
+    for r, v in ((0, 100.0), (2, 120.0)):
+        runs.loc[len(runs)] = {"point_id": "d", "label": "d", "repeat": r, "status": "ok", "output_throughput": v,
+                               "ttft_p99_ms": 5.0, "block_size": 8}
     s = metrics.summarise(runs).set_index("label")
+    assert list(s.index) == ["a", "b", "c", "d"]  # first-seen order
+    assert s.loc["d", "output_throughput"] == 110.0 and s.loc["d", "output_throughput_max"] == 120.0
+    assert s.loc["d", "status"] == "error" and s.loc["d", "repeats"] == 3
     assert s.loc["a", "output_throughput"] == 110.0  # the median, not the mean (123.3) nor the last
     assert (s.loc["a", "output_throughput_min"], s.loc["a", "output_throughput_max"]) == (100.0, 160.0)
     assert s.loc["b", "repeats"] == 3 and s.loc["c", "status"] == "error" and s.loc["a", "block_size"] == 8
