@@ -50,11 +50,11 @@ class _Worker:
     Created with its first point, it builds the runner at once and, when the runner has ``prepare(point)``
     (`PointWorker`: imports, CUDA context, weights for that point's config, the device's rates), prepares
     it in the constructor, so that the process is warm when the point's call arrives. A point runs under
-    the conditions of a sequential run from the driver: ``num_threads``, the driver's torch intra-op
-    threads, replaces the OMP_NUM_THREADS=1 that Ray gives an actor of one CPU (the engine's host work
-    has CPU torch ops), and ``nice``, the driver's niceness, the 15 Ray's raylet gives its workers (where
-    this process may raise its priority; a local Ray started by `RayExecutor` starts them at it). A
-    prepare that raises leaves the point to load and fail by itself.
+    the conditions of a sequential run from the driver: ``num_threads``, the actor's share of the driver's
+    torch intra-op threads (see `RayExecutor`), replaces the OMP_NUM_THREADS=1 that Ray gives an actor of one
+    CPU (the engine's host work has CPU torch ops), and ``nice``, the driver's niceness, the 15 Ray's raylet
+    gives its workers (where this process may raise its priority; a local Ray started by `RayExecutor` starts
+    them at it). A prepare that raises leaves the point to load and fail by itself.
     """
 
     def __init__(self, make_runner: Callable[[], Runner], first_point=None, num_threads: int | None = None,
@@ -151,9 +151,12 @@ class RayExecutor:
     address: None starts Ray on this machine (its GPUs and CPUs); "auto" or "ray://host:10001" joins a
     running cluster. num_workers: the number of actors per tensor-parallel size (default: as many as
     the cluster's GPUs allow, or its CPUs divided by ``cpus_per_worker`` on a machine without GPUs).
-    num_threads: torch intra-op threads of every actor (default: this process's, so that a point runs as
-    in a sequential sweep started here; Ray alone would give an actor of one CPU a single thread); the
-    actors also take this process's niceness (Ray's workers run at 15), see `_Worker`.
+    num_threads: torch intra-op threads of every actor (default: this process's shared among the actors that
+    run side by side, so that a point's host work gets the cores a sequential sweep started here would, and
+    the actors do not oversubscribe them: two actors of two threads each on two cores ran a CPU sweep 2.6x
+    slower than at one thread each, since OpenMP threads spin-wait for a busy core; Ray alone would give an
+    actor of one CPU a single thread); the actors also take this process's niceness (Ray's workers run at
+    15), see `_Worker`.
     Each actor is created with its first point and loads the model for it in its constructor (see
     `_Worker`); ``timings`` says, after map(), how long ray.init and each actor's start took.
     Invariant: at most one point is in flight per actor; every point handed out ends in exactly one
@@ -253,7 +256,9 @@ class RayExecutor:
 
         n, opts = self._slots(ray, tp)
         actor_cls = ray.remote(max_restarts=0, max_concurrency=1, **opts)(_Worker)
-        threads = self.num_threads if self.num_threads is not None else _driver_threads()
+        threads = self.num_threads
+        if threads is None and _driver_threads() is not None:
+            threads = max(1, _driver_threads() // n)
         queue = deque(points)
         alive: list = []
         in_flight: dict = {}  # ObjectRef -> (actor, point)
