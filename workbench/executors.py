@@ -256,9 +256,9 @@ class RayExecutor:
 
         n, opts = self._slots(ray, tp)
         actor_cls = ray.remote(max_restarts=0, max_concurrency=1, **opts)(_Worker)
-        threads = self.num_threads
-        if threads is None and _driver_threads() is not None:
-            threads = max(1, _driver_threads() // n)
+        threads, driver = self.num_threads, _driver_threads()
+        if threads is None and driver is not None:
+            threads = max(1, driver // n)  # the actors' share of this process's threads
         queue = deque(points)
         alive: list = []
         in_flight: dict = {}  # ObjectRef -> (actor, point)
