@@ -8,6 +8,7 @@
 # its first process only.
 #   bash benchmarks/quant_engine_ab.sh OLD_REV ROUNDS OUT [MODES] [PART]     e.g. cfa0046 3 /tmp/ab int4
 #   bash benchmarks/quant_engine_ab.sh 75dc26c 3 /tmp/ab int8,fp8 kernels    (BENCH_QUANT_ROWS passes through)
+# FIRST=2 starts at round 2 over an OUT that holds round 1's files (an A/B split over two device calls).
 set -euo pipefail
 old=$1 rounds=$2 out=$3 modes=${4:-int4} part=${5:-engine}
 case $part in
@@ -28,7 +29,7 @@ run() {  # name, source root, commit
     python3 "$2/benchmarks/bench_quant.py" --out "$out/$1.json" >> "$out/$1.log" 2>&1
   grep -E 'decode step|decode-step' "$out/$1.log" | tail -2
 }
-for r in $(seq 1 "$rounds"); do
+for r in $(seq "${FIRST:-1}" "$rounds"); do
   if [ $((r % 2)) -eq 1 ]; then
     run "new$r" . "$new"; run "old$r" "$out/old" "$old"
   else
