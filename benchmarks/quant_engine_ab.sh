@@ -11,6 +11,10 @@
 # FIRST=2 starts at round 2 over an OUT that holds round 1's files (an A/B split over two device calls).
 set -euo pipefail
 old=$1 rounds=$2 out=$3 modes=${4:-int4} part=${5:-engine}
+first=${FIRST:-1}
+if ! [[ $first =~ ^[0-9]+$ ]] || [ "$first" -lt 1 ] || [ "$first" -gt "$rounds" ]; then
+  echo "FIRST must be a round from 1 to ROUNDS ($rounds), not '$first'" >&2; exit 2
+fi
 case $part in
   engine) select=BENCH_QUANT_MODES ;;
   kernels) select=BENCH_QUANT_KINDS ;;
@@ -29,7 +33,7 @@ run() {  # name, source root, commit
     python3 "$2/benchmarks/bench_quant.py" --out "$out/$1.json" >> "$out/$1.log" 2>&1
   grep -E 'decode step|decode-step' "$out/$1.log" | tail -2
 }
-for r in $(seq "${FIRST:-1}" "$rounds"); do
+for r in $(seq "$first" "$rounds"); do
   if [ $((r % 2)) -eq 1 ]; then
     run "new$r" . "$new"; run "old$r" "$out/old" "$old"
   else
