@@ -69,8 +69,8 @@ from . import tuning
 from .dequant_mm import int4_dequant_matmul, with_dequant
 from .int4 import KERNEL_CHUNK, pack_int4_kernel
 from .int4_layout import _step_words, layout_args
-from .triton_int8 import (_serial_split_reduce, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m,
-                          num_sms, split_for_waves, split_outputs, split_variants, tune_bucket)
+from .triton_int8 import (_gemv_store, _store_tile, _tile, gemv_result, gemv_split_k, mm_block_m, num_sms,
+                          split_for_waves, split_outputs, split_variants, tune_bucket)
 
 GEMV_MAX_ROWS = 2  # above this, the CUDA-core FMAs per weight (one per row) outrun the memory
 
@@ -193,19 +193,6 @@ def _gemv_program(N, K, k_per_split, BLOCK_N: tl.constexpr):
     k_start = pid_k * k_per_split
     return (tl.program_id(0), tl.program_id(1), pid_k, offs_n, offs_n < N, k_start,
             tl.minimum(k_start + k_per_split, K))
-
-
-@triton.jit
-def _gemv_store(out, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om,
-                SERIAL: tl.constexpr):
-    """A GEMV program's result `out` [BLOCK_N]: with split_k > 1 out_ptr is a float32 [split_k, M, N] scratch (every
-    slice writes, empty ones zeros), reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a
-    torch.sum afterwards."""
-    offs = m.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
-                             m * tl.num_programs(1) + pid_n, split_k)
 
 
 @triton.jit

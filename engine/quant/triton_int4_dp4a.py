@@ -37,8 +37,8 @@ from ..kernels.triton_decode import _reduced_head
 from ..kernels.triton_fused import _residual_sum, _silu_mul
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
-from .triton_int4 import _gemv_program, _gemv_store, _next_group_params, gemv_config
-from .triton_int8 import gemv_result, split_outputs
+from .triton_int4 import _gemv_program, _next_group_params, gemv_config
+from .triton_int8 import _gemv_store, gemv_result, split_outputs
 from .triton_int8_limbs import _LIMBS_MAX, LIMBS_MAX, _rint
 
 

@@ -116,6 +116,19 @@ def _serial_split_reduce(part_ptr, stride_ps, offs, mask, res_ptr, res_offs, loc
 
 
 @triton.jit
+def _gemv_store(out, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om,
+                SERIAL: tl.constexpr):
+    """A GEMV program's result `out` [BLOCK_N]: with split_k > 1 out_ptr is a float32 [split_k, M, N] scratch (every
+    slice writes, empty ones zeros), reduced by the tile's last slice into res_ptr [M, N] (SERIAL) or by a
+    torch.sum afterwards."""
+    offs = m.to(tl.int64) * stride_om + offs_n
+    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    if SERIAL:
+        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
+                             m * tl.num_programs(1) + pid_n, split_k)
+
+
+@triton.jit
 def _k_step(k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """The features of the K step starting at k0 (steps start on whole tiles) and their mask: constant with EVEN_K,
     so that the loads stay 16-byte vectors."""
@@ -148,13 +161,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, K, spl
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
         acc += _int8_to_float(w) * x[None, :]
     out = tl.sum(acc, 1) * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-    # With split_k > 1, out_ptr is a float32 [split_k, M, N] scratch (every slice writes, empty ones
-    # zeros) summed by the tile's last slice into res_ptr (SERIAL) or afterwards; else it is the output.
-    offs = m.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
-                             m * tl.num_programs(1) + pid_n, split_k)
+    _gemv_store(out, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om, SERIAL)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.pdl import release, wait_for_inputs
-from .triton_int8 import _serial_split_reduce
+from .triton_int8 import _gemv_store
 
 # A byte under no exponent bits is a float32 denormal, (q + 128) * 2^(8j) * 2^-149 exactly for bytes
 # j = 0, 1 of a word (bytes 2, 3 the same from the word >> 16); x scaled by 2^(E - 8j) (exact) makes each
@@ -78,8 +78,4 @@ def _int8_gemv_words_kernel(x_ptr, w_ptr, s_ptr, out_ptr, res_ptr, lock_ptr, N, 
     # sum (q + 128) x, in units of 2^(149 - E), less 128 sum x
     dot = tl.sum(acc, 1) * (2.0 ** (149 - E)) - 128.0 * tl.sum(x_sum, 0)
     out = dot * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
-    offs = m.to(tl.int64) * stride_om + offs_n
-    tl.store(out_ptr + pid_k.to(tl.int64) * stride_os + offs, out.to(out_ptr.dtype.element_ty), mask=mask_n)
-    if SERIAL:
-        _serial_split_reduce(out_ptr, stride_os, offs, mask_n, res_ptr, offs, lock_ptr,
-                             m * tl.num_programs(1) + pid_n, split_k)
+    _gemv_store(out, out_ptr, res_ptr, lock_ptr, m, pid_n, pid_k, offs_n, mask_n, split_k, stride_os, stride_om, SERIAL)
