@@ -290,6 +290,12 @@ TC_LARGE = ((64, 128, 4, 4, 3, False), (128, 128, 4, 8, 3, False), (128, 128, 2,
 # memory -> wgmma -> wait chain (ncu on the H200: 1.85 active warps a scheduler, an issue every 4.6 cycles,
 # 17% of DRAM bandwidth); twice the warps, or half the columns (more programs a multiprocessor), hide more of it.
 TC_PREFETCH = ((64, 128, 4, 8, 3, False), (64, 64, 4, 4, 3, False))
+# Above 128 rows: swap-AB tiles of all 256 rows (each weight dequantized once a tile; the MMA's N is 256). Swapped,
+# the dequantized weights are the MMA's A operand, kept in registers, so the wgmma runs asynchronously
+# (wgmma.wait_group 3 inside the loop in Triton 3.6's sm_90 PTX) while the next step dequantizes; the plain tiles
+# store them to shared memory, fence and wait for every wgmma (wait_group 0): the serial chain that leaves int4
+# at 0.65x bf16 at 256 rows. Both build under Triton 3.6 without spills (255 and 255 registers, ptxas -v).
+TC_ROWS256 = ((256, 128, 2, 8, 3, True), (256, 64, 2, 4, 3, True))
 
 
 def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = False) -> list[dict]:
@@ -353,6 +359,8 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True)
                     for c in tc(TC_LARGE + TC_PREFETCH) + whole]
         extra += permuted + ([dict(c, split_k=1) for c in permuted[:2]] if m > 64 else [])
+        if m > 128:
+            extra += [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True) for c in tc(TC_ROWS256)]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 

@@ -339,6 +339,8 @@ def test_every_int4_tuning_candidate_computes_the_same_product(m):
     if m >= 64:
         assert any(c.get("kernel") == "tc" and not c["swap"] and c["block_m"] >= 64 and c["block_n"] >= 128
                    and c["num_stages"] >= 4 for c in cands)
+    if m > 128:  # swap-AB over all rows of the 256 bucket (weights in the MMA's register operand)
+        assert any(c.get("kernel") == "tc" and c["swap"] and c["block_m"] == 256 and c.get("x_perm") for c in cands)
     packed = pack_int4_kernel(qweight).to(DEVICE)
     built = 0
     for cfg in cands:

@@ -189,6 +189,16 @@ def check_int4_tc_kernel():
         assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
         shared_loads[xperm] = len(re.findall(r"ld\.shared", ptx))
     assert shared_loads[True] < shared_loads[False], shared_loads
+    # Swapped, the dequantized weights are the wgmma's A operand in registers: the loop leaves wgmma groups in
+    # flight (wait_group > 0) while it dequantizes the next step; plain, they go through shared memory and the
+    # loop waits for every wgmma (wait_group 0 only). The 256-row swapped tiles of TC_ROWS256.
+    waits = {}
+    for swap, block_m, block_n, warps in ((True, 256, 128, 8), (True, 256, 64, 4), (False, 128, 128, 8)):
+        ptx = _compile(_int4_tc_kernel, sig, dict(common, BLOCK_M=block_m, BLOCK_N=block_n, CHUNKS=2, SWAP=swap,
+                                                  DEQUANT=3, XPERM=True, PREFETCH=True), num_warps=warps)
+        assert f"wgmma.mma_async.sync.aligned.m64n{block_m if swap else block_n}k16" in ptx, (swap, block_m)
+        waits[swap, block_n] = {int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)}
+    assert max(waits[True, 128]) > 0 and max(waits[True, 64]) > 0 and waits[False, 128] == {0}, waits
     # steps of several groups (group 32 / 64: GPTQ checkpoints), the tiles of many rows: Triton 3.6 failed to build
     # them from a group gathered per word (TritonGPUOptimizeDotOperands)
     for group, dequant in ((32, 0), (64, 3)):
