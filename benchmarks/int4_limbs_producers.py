@@ -1,8 +1,10 @@
-"""The dp4a GEMV's input at 1-2 rows: the norm / SwiGLU kernel / decode attention then `_x_limbs_kernel` (before),
-against the fused producer that stores the limbs itself (add_rms_norm_limbs / silu_and_mul_limbs / decode attention
-with decode_reduce_limbs), llama-3.1-8b's shapes (hidden 4096, intermediate 14336, 32 heads and 8 KV heads of 128,
-contexts of CONTEXT tokens over the split count of a decode graph of max_model_len 8192). Each variant is a CUDA graph of REPEAT calls (as in a decode step's graph), timed by CUDA events;
-ROUNDS interleaved rounds, median and spread of the time per call, and the ratio before / fused.
+"""The dp4a GEMV's input at 1-2 rows: the SwiGLU kernel / decode attention then `_x_limbs_kernel` (before), against
+the fused producer that stores the limbs itself (silu_and_mul_limbs / decode attention with decode_reduce_limbs),
+llama-3.1-8b's shapes (intermediate 14336, 32 heads and 8 KV heads of 128, contexts of CONTEXT tokens over the split
+count of a decode graph of max_model_len 8192). A norm writing the limbs, measured so at 574c56b
+(int4_limbs_producers_h100.json), lost and was removed. Each variant is a CUDA graph of REPEAT calls (as in a decode
+step's graph), timed by CUDA events; ROUNDS interleaved rounds, median and spread of the time per call, and the
+ratio before / fused.
 
     PYTHONPATH=. python3 benchmarks/int4_limbs_producers.py [ROUNDS] [--out FILE]
 """
@@ -17,11 +19,10 @@ import torch
 
 from engine.kernels.pdl import pdl_enabled
 from engine.kernels.triton_decode import decode_attention
-from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-from engine.quant.triton_int4_dp4a import (add_rms_norm_limbs, decode_reduce_limbs, empty_limbs, silu_and_mul_limbs,
-                                           x_limbs)
+from engine.kernels.triton_fused import silu_and_mul_triton
+from engine.quant.triton_int4_dp4a import decode_reduce_limbs, empty_limbs, silu_and_mul_limbs, x_limbs
 
-REPEAT, HIDDEN, INTER, CHUNKS = 64, 4096, 14336, 4
+REPEAT, INTER, CHUNKS = 64, 14336, 4
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, CONTEXT, MAX_MODEL_LEN = 32, 8, 128, 16, 1024, 8192
 
 
@@ -73,12 +74,8 @@ def main() -> None:
     result = {"command": " ".join(["python3"] + sys.argv), "device": torch.cuda.get_device_name(dev),
               "repeat": REPEAT, "rounds": rounds, "per_call_us": {}}
     for rows in (1, 2):
-        x, res = (torch.randn(rows, HIDDEN, device=dev, dtype=dt) for _ in range(2))
-        w = torch.randn(HIDDEN, device=dev, dtype=dt)
         h = torch.randn(rows, 2 * INTER, device=dev, dtype=dt)
         variants = {
-            "norm, then x_limbs": lambda: x_limbs(add_rms_norm_triton(x, res, w, 1e-5)[0], CHUNKS, pdl),
-            "norm writing limbs": lambda: add_rms_norm_limbs(x, res, w, 1e-5, CHUNKS),
             "swiglu, then x_limbs": lambda: x_limbs(silu_and_mul_triton(h), CHUNKS, pdl),
             "swiglu writing limbs": lambda: silu_and_mul_limbs(h, CHUNKS),
             "attention, then x_limbs": attention(rows, dev, dt, False),
@@ -94,7 +91,7 @@ def main() -> None:
             result["per_call_us"][f"{name} @{rows}"] = {"median": statistics.median(ts), "min": ts[0],
                                                           "max": ts[-1]}
             print(f"rows {rows}  {name:25s} {statistics.median(ts):7.2f} us ({ts[0]:.2f}-{ts[-1]:.2f})")
-        for a, b in (("norm, then x_limbs", "norm writing limbs"), ("swiglu, then x_limbs", "swiglu writing limbs"),
+        for a, b in (("swiglu, then x_limbs", "swiglu writing limbs"),
                      ("attention, then x_limbs", "attention writing limbs")):
             ratio = statistics.median(times[a]) / statistics.median(times[b])
             result[f"ratio {a.split(',')[0]} @{rows}"] = ratio

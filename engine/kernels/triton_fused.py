@@ -204,11 +204,10 @@ class TritonFusedBackend(TritonBackend):
             from ..quant.triton_fp8 import add_rms_norm_fp8
             codes, scales, residual = add_rms_norm_fp8(x, residual, norm.weight, norm.eps)
             return linear.forward_quantized(codes, scales, x.dtype), residual
-        chunks, columns = _int4_input(linear, x)  # the norm stores x as the int4 kernel reads it (no copy of its own)
-        if chunks is not None:
-            from ..quant.triton_int4_dp4a import add_rms_norm_limbs
-            limbs, residual = add_rms_norm_limbs(x, residual, norm.weight, norm.eps, chunks, linear.perm)
-            return linear.forward_limbs(limbs), residual
+        # The norm stores x as the int4 kernel reads it (no copy of its own), but not as the dp4a GEMV's limbs: a
+        # norm writing them took 2.94 us at 1 row against 2.69 for the norm and then x_limbs in CUDA graphs on an
+        # H100 (int4_limbs_producers_h100.json), where SwiGLU writing them took 1.56 against 2.25.
+        _, columns = _int4_input(linear, x, limbs=False)
         x, residual = add_rms_norm_triton(x, residual, norm.weight, norm.eps, columns=_nonempty(columns))
         return (linear(x) if columns is None else linear(x, x_ordered=True)), residual
 
@@ -231,13 +230,13 @@ def _is_fp8(linear) -> bool:
     return type(linear) is Fp8Linear
 
 
-def _int4_input(linear, x: torch.Tensor) -> tuple[int | None, torch.Tensor | None]:
+def _int4_input(linear, x: torch.Tensor, limbs: bool = True) -> tuple[int | None, torch.Tensor | None]:
     """How to store x's rows for linear when it is an int4 / AWQ / GPTQ layer: (Int4Linear.input_limbs, None) when
-    that gives chunks, else (None, Int4Linear.input_columns); (None, None) for other layers."""
+    limbs and that gives chunks, else (None, Int4Linear.input_columns); (None, None) for other layers."""
     from ..quant.int4 import Int4Linear  # lazily, as above
     if type(linear) is not Int4Linear:
         return None, None
-    chunks = linear.input_limbs(x.shape[0], x.dtype, x.device)
+    chunks = linear.input_limbs(x.shape[0], x.dtype, x.device) if limbs else None
     return chunks, None if chunks is not None else linear.input_columns(x.shape[0], x.dtype, x.device)
 
 

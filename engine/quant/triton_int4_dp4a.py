@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ..kernels.pdl import launch_options, pdl_enabled, release, wait_for_inputs
 from ..kernels.triton_decode import _reduced_head
-from ..kernels.triton_fused import _residual_sum, _silu_mul
+from ..kernels.triton_fused import _silu_mul
 from .int4 import KERNEL_CHUNK, unpack_int4
 from .int4_layout import _step_words, layout_args
 from .triton_int4 import _gemv_program, _next_group_params, gemv_config
@@ -230,16 +230,14 @@ def x_limbs(x: torch.Tensor, chunks: int, pdl: bool = False) -> Limbs:
 
 
 # ----- fused producers ------------------------------------------------------------------------------
-# The kernels whose output feeds a dp4a layer (a decoder layer's qkv_proj, gate_up_proj and down_proj at 1-2 rows)
-# store it as its Limbs, so _x_limbs_kernel does not run (97 launches a step of llama-3.1-8b, 0.105 ms of a 2.51 ms
-# step at 1 row on the H200: decode_profile_int4_b1_16_s18_h200.log). Each rounds like its 16-bit twin in
-# engine/kernels/triton_fused.py, then packs that 16-bit value as _x_limbs_kernel does: the limbs are x_limbs' of
-# the unfused kernel's output, bit for bit, as long as the norm's sum of squares adds in the same order (as in
-# triton_fp8's fused producers). sources (GPTQ's act-order perm, int64 [K]): the feature at each of the layer's
-# columns, which is where the kernels load from; None: column j is feature j.
-
-NORM_STEPS = 4  # steps a program of the fused norm (a decode row of llama-3.1-8b over 8 SMs, not one)
-
+# SwiGLU and the decode attention reduce, whose outputs feed a dp4a layer (a decoder layer's down_proj and o_proj at
+# 1-2 rows), store them as its Limbs, so _x_limbs_kernel does not run for those layers (it ran 97 times a step of
+# llama-3.1-8b, 0.105 ms of a 2.51 ms step at 1 row on the H200: decode_profile_int4_b1_16_s18_h200.log). Each rounds
+# like its 16-bit twin in engine/kernels/triton_fused.py / triton_decode.py, then packs that 16-bit value as
+# _x_limbs_kernel does: the limbs are x_limbs' of the unfused kernel's output, bit for bit. (A norm writing the
+# limbs was slower than the norm and x_limbs after it, 2.94 against 2.69 us at 1 row on an H100,
+# int4_limbs_producers_h100.json, and was removed.) sources (GPTQ's act-order perm, int64 [K]): the feature at each
+# of the layer's columns, which is where the kernels load from; None: column j is feature j.
 
 @triton.jit
 def _feature(src_ptr, cols, mask, SOURCES: tl.constexpr):
@@ -247,63 +245,6 @@ def _feature(src_ptr, cols, mask, SOURCES: tl.constexpr):
         return tl.load(src_ptr + cols, mask=mask, other=0)
     else:
         return cols
-
-
-@triton.jit
-def _add_rms_norm_int8x2_kernel(x_ptr, res_ptr, w_ptr, src_ptr, res_out_ptr, q_ptr, s_ptr, n, eps, stride_qm,
-                                stride_qp, stride_sm, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                                STEPS: tl.constexpr, CHUNKS: tl.constexpr, SOURCES: tl.constexpr,
-                                RELEASE: tl.constexpr):
-    """Program (t, p): row t's rmsnorm scale from its whole sum x + residual (each program the same), then STEPS
-    steps of weight * rmsnorm(x + residual) from step p * STEPS as their Limbs, and the sum's features of those
-    steps' span stored in order."""
-    release(RELEASE)
-    row = tl.program_id(0)
-    step0 = tl.program_id(1) * STEPS
-    dtype = res_out_ptr.dtype.element_ty
-    offs = tl.arange(0, BLOCK)  # the sum of squares over the row in order, as _add_rms_norm_kernel adds it
-    x = _residual_sum(x_ptr, res_ptr, row * n + offs, offs < n, HAS_RESIDUAL).to(dtype)
-    span = (offs >= step0 * 32 * CHUNKS) & (offs < (step0 + STEPS) * 32 * CHUNKS) & (offs < n)
-    tl.store(res_out_ptr + row * n + offs, x, mask=span)
-    x = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-    even = _limb_features(step0, STEPS, 4 * CHUNKS)  # the program's features again (from L1), at the layer's column
-    ye = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even, n, inv, dtype, HAS_RESIDUAL, SOURCES)
-    yo = _normed(x_ptr, res_ptr, w_ptr, src_ptr, row * n, even + 4, n, inv, dtype, HAS_RESIDUAL, SOURCES)
-    _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp,
-                 step0, n // (32 * CHUNKS), STEPS, 4 * CHUNKS)
-
-
-@triton.jit
-def _normed(x_ptr, res_ptr, w_ptr, src_ptr, row_start, cols, n, inv, dtype: tl.constexpr,
-            HAS_RESIDUAL: tl.constexpr, SOURCES: tl.constexpr):
-    """weight * rmsnorm(x + residual) at the layer's columns cols (< n) of the row from row_start, float32."""
-    f = _feature(src_ptr, cols, cols < n, SOURCES)
-    v = _residual_sum(x_ptr, res_ptr, row_start + f, cols < n, HAS_RESIDUAL).to(dtype).to(tl.float32)
-    y = (v * inv).to(dtype).to(tl.float32)
-    w = tl.load(w_ptr + f, mask=cols < n, other=0.0).to(tl.float32)
-    return (w * y).to(dtype).to(tl.float32)
-
-
-def add_rms_norm_limbs(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       chunks: int, sources: torch.Tensor | None = None, release_early: bool | None = None,
-                       steps_per_program: int = NORM_STEPS) -> tuple[Limbs, torch.Tensor]:
-    """add_rms_norm_triton's (weight * rmsnorm(x + residual), x + residual), the first as its Limbs (columns in
-    sources' order) for a dp4a layer of chunks, the second in order. x [T, N], N whole steps of 32 * chunks; each
-    row over programs of steps_per_program steps (a power of 2)."""
-    t, n = x.shape
-    step = KERNEL_CHUNK * chunks
-    if n % step:
-        raise ValueError(f"add_rms_norm_limbs: N={n} is not whole steps of {step} features (chunks={chunks})")
-    steps = min(steps_per_program, triton.next_power_of_2(n // step))
-    limbs = empty_limbs(t, n, chunks, x.dtype, x.device)
-    res_out = torch.empty_like(x)
-    _add_rms_norm_int8x2_kernel[(t, triton.cdiv(n // step, steps))](
-        x, residual if residual is not None else x, weight, x if sources is None else sources, res_out, limbs.q,
-        limbs.s, n, eps, limbs.q.stride(0), limbs.q.stride(1), limbs.s.stride(0), HAS_RESIDUAL=residual is not None,
-        BLOCK=triton.next_power_of_2(n), STEPS=steps, CHUNKS=chunks, SOURCES=sources is not None,
-        RELEASE=pdl_enabled(x.device, release_early))
-    return limbs, res_out
 
 
 @triton.jit

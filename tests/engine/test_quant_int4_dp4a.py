@@ -134,40 +134,24 @@ def test_int4_dp4a_is_offered_on_cuda_with_16_bit_x_and_keeps_steps_in_one_group
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n, inter, chunks, act_order, residual", [
-    (512, 256, 4, False, True),
-    (384, 384, 4, True, True),   # 3 steps: a power-of-2 block of 4 with one step of padding
-    (256, 192, 2, True, False),  # 64-feature steps, no residual
-    (96, 32, 1, False, False),
-])
-def test_fused_producers_store_x_limbs_of_the_unfused_kernels_output(dtype, n, inter, chunks, act_order, residual):
-    """add_rms_norm_limbs / silu_and_mul_limbs against x_limbs of the unfused kernels' outputs (triton_fused),
-    gathered by the act-order permutation: the same words and step scales bit for bit, and the residual in order."""
-    from engine.kernels.triton_fused import add_rms_norm_triton, silu_and_mul_triton
-    from engine.quant.triton_int4_dp4a import add_rms_norm_limbs, silu_and_mul_limbs, x_limbs
+@pytest.mark.parametrize("inter, chunks, act_order", [(256, 4, False), (384, 4, True), (192, 2, True), (32, 1, False)])
+def test_silu_and_mul_limbs_stores_x_limbs_of_the_unfused_kernels_output(dtype, inter, chunks, act_order):
+    """silu_and_mul_limbs against x_limbs of the unfused kernel's output (triton_fused), gathered by the act-order
+    permutation: the same words and step scales bit for bit."""
+    from engine.kernels.triton_fused import silu_and_mul_triton
+    from engine.quant.triton_int4_dp4a import silu_and_mul_limbs, x_limbs
     g = torch.Generator().manual_seed(5)
-    t = 3
-    x = torch.randn(t, n, generator=g).to(DEVICE, dtype)
-    res = torch.randn(t, n, generator=g).to(DEVICE, dtype) if residual else None
-    weight = (1 + 0.1 * torch.randn(n, generator=g)).to(DEVICE, dtype)
-    h = (2 * torch.randn(t, 2 * inter, generator=g)).to(DEVICE, dtype)
+    h = (2 * torch.randn(3, 2 * inter, generator=g)).to(DEVICE, dtype)
     h[1, :inter] = 0.0  # a row whose activation is all zero: sx = 0
-    src_n = torch.randperm(n, generator=g).to(DEVICE) if act_order else None
-    src_i = torch.randperm(inter, generator=g).to(DEVICE) if act_order else None
-    normed, ref_res = add_rms_norm_triton(x, res, weight, 1e-5)
+    src = torch.randperm(inter, generator=g).to(DEVICE) if act_order else None
     act = silu_and_mul_triton(h)
-    norms = [add_rms_norm_limbs(x, res, weight, 1e-5, chunks, src_n, steps_per_program=p) for p in (1, 2, 64)]
-    got = [(limbs, normed, src_n) for limbs, _ in norms] + [(silu_and_mul_limbs(h, chunks, src_i), act, src_i)]
-    for limbs, y, src in got:
-        want = x_limbs(y if src is None else y[:, src], chunks)
-        assert limbs.dtype == dtype and limbs.q.shape == want.q.shape and limbs.s.shape == want.s.shape
-        assert torch.equal(limbs.q.cpu(), want.q.cpu())
-        assert torch.equal(limbs.s.cpu(), want.s.cpu())
-    for _, res_out in norms:  # (programs of 1 and 2 steps, and the whole row in one)
-        assert torch.equal(res_out.cpu(), ref_res.cpu())
+    limbs, want = silu_and_mul_limbs(h, chunks, src), x_limbs(act if src is None else act[:, src], chunks)
+    assert limbs.dtype == dtype and limbs.q.shape == want.q.shape and limbs.s.shape == want.s.shape
+    assert torch.equal(limbs.q.cpu(), want.q.cpu())
+    assert torch.equal(limbs.s.cpu(), want.s.cpu())
     assert not silu_and_mul_limbs(h, chunks).s[1].any()  # the all-zero row: sx = 0 and sx * sum(v) = 0
     with pytest.raises(ValueError, match="whole steps"):
-        add_rms_norm_limbs(x[:, :n - 32], None, weight[:n - 32], 1e-5, 4)
+        silu_and_mul_limbs(h[:, :2 * inter - 32], chunks)
 
 
 @pytest.mark.parametrize("head_dim, chunks, splits", [(128, 4, 3), (128, 2, 16), (64, 1, 2), (32, 1, 5)])
@@ -202,11 +186,12 @@ def test_decode_reduce_stores_x_limbs_of_the_attention_output(head_dim, chunks, 
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 on the CPU")
-def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkeypatch):
+def test_int4_engine_decodes_with_dp4a_inputs_stored_by_swiglu_and_attention(monkeypatch):
     """An int4 engine on the Triton backend (the interpreter) whose layers' kernel at 1 row of producer-stored input
-    is the dp4a GEMV (as tuning picks it on a GPU): each decode step's norms, SwiGLU and attention reduce (a context
-    split into slices of 32 tokens, 256 on a GPU) store their layer's limbs, each the x_limbs of the output they
-    store beside it, and the greedy tokens are the torch backend's int4 engine's."""
+    is the dp4a GEMV (as tuning picks it on a GPU): each decode step's SwiGLU and attention reduce (a context split
+    into slices of 32 tokens, 256 on a GPU) store their layer's limbs, each the x_limbs of the output they store
+    beside it, the layers after the norms make theirs with x_limbs, and the greedy tokens are the torch backend's
+    int4 engine's."""
     from transformers import LlamaConfig
 
     from engine import LLM, EngineConfig, SamplingParams
@@ -222,7 +207,8 @@ def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkey
     # a short prompt split as a GPU splits a long one: the interpreter's prefill of 300 tokens took most of a minute
     monkeypatch.setattr(triton_decode, "decode_num_splits",
                         functools.partial(triton_decode.decode_num_splits, min_tokens_per_split=32))
-    calls = {"add_rms_norm_limbs": 0, "silu_and_mul_limbs": 0, "decode_reduce_limbs": 0}
+    calls = {"x_limbs": 0, "silu_and_mul_limbs": 0, "decode_reduce_limbs": 0}
+    x_limbs = triton_int4_dp4a.x_limbs
 
     def checked(name, real):
         def run(*args, **kwargs):
@@ -230,7 +216,7 @@ def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkey
             result = real(*args, **kwargs)
             if name == "decode_reduce_limbs":  # (acc, lse, out, num_splits, limbs)
                 out, limbs = args[2], kwargs["limbs"]
-                want = triton_int4_dp4a.x_limbs(out.reshape(out.shape[0], -1), 1)
+                want = x_limbs(out.reshape(out.shape[0], -1), 1)
                 assert torch.equal(limbs.q, want.q) and torch.equal(limbs.s, want.s)
             return result
         return run
@@ -246,4 +232,4 @@ def test_int4_engine_decodes_with_every_dp4a_input_stored_by_its_producer(monkey
         tokens[backend] = llm.generate([prompt], params)[0].token_ids
     assert tokens["triton"] == tokens["torch"]
     assert calls["decode_reduce_limbs"] == 2 * 3 and calls["silu_and_mul_limbs"] == 2 * 3  # 3 decode steps
-    assert calls["add_rms_norm_limbs"] >= 2 * 3
+    assert calls["x_limbs"] == 2 * 2 * 3  # the limbs kernel after the norms only: qkv_proj and gate_up_proj

@@ -106,16 +106,10 @@ def check_int4_dp4a():
     ptx = _compile(_x_limbs_kernel, limbs, dict(CHUNKS=4, PDL=True), num_warps=1)
     wait = ptx.find("griddepcontrol.wait")
     assert 0 <= wait < ptx.find("ld.global")
-    # the fused producers (norm, SwiGLU) that write the limbs themselves, act-order sources or not
-    from engine.quant.triton_int4_dp4a import _add_rms_norm_int8x2_kernel, _silu_and_mul_int8x2_kernel
+    # the fused producer (SwiGLU) that writes the limbs itself, act-order sources or not
+    from engine.quant.triton_int4_dp4a import _silu_and_mul_int8x2_kernel
     out = {"q_ptr": "*i32", "s_ptr": "*fp32", "stride_qm": "i32", "stride_qp": "i32", "stride_sm": "i32"}
     for sources in (False, True):
-        ptx = _compile(_add_rms_norm_int8x2_kernel, {
-            "x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "src_ptr": "*i64", "res_out_ptr": "*bf16",
-            **{k: out[k] for k in ("q_ptr", "s_ptr")}, "n": "i32", "eps": "fp32",
-            **{k: out[k] for k in ("stride_qm", "stride_qp", "stride_sm")}},
-            dict(HAS_RESIDUAL=True, BLOCK=4096, STEPS=4, CHUNKS=4, SOURCES=sources, RELEASE=True))
-        assert "griddepcontrol.launch_dependents" in ptx and "st.global" in ptx
         ptx = _compile(_silu_and_mul_int8x2_kernel, {
             "h_ptr": "*bf16", "src_ptr": "*i64", **{k: out[k] for k in ("q_ptr", "s_ptr")}, "inter": "i32",
             "stride_hm": "i32", **{k: out[k] for k in ("stride_qm", "stride_qp", "stride_sm")}},
