@@ -294,8 +294,8 @@ TC_PREFETCH = ((64, 128, 4, 8, 3, False), (64, 64, 4, 4, 3, False))
 # the dequantized weights are the MMA's A operand, kept in registers, so the wgmma runs asynchronously
 # (wgmma.wait_group 3 inside the loop in Triton 3.6's sm_90 PTX) while the next step dequantizes; the plain tiles
 # store them to shared memory, fence and wait for every wgmma (wait_group 0). Both build under Triton 3.6 without
-# spills (255 registers, ptxas -v). On an H100 256 x 64 won gate_up and the LM head at 256 rows by ~5% over the best
-# plain tile (quant_kernels_int4_rows256_swap_h100.json): the step's GEMMs still 0.58x bf16 there.
+# spills (255 registers, ptxas -v). In an H100's tuning at 256 rows 256 x 64 beat the best plain tile on gate_up and
+# the LM head by ~5%, one timing each (quant_kernels_int4_rows256_swap_h100.json): the GEMMs still 0.58x bf16.
 TC_ROWS256 = ((256, 128, 2, 8, 3, True), (256, 64, 2, 4, 3, True))
 
 

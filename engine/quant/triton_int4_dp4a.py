@@ -60,10 +60,10 @@ def _pack_bytes(v):
 
 
 @triton.jit
-def _store_limbs(xe, xo, q_row, s_row, stride_qp, step0, n_steps, STEPS: tl.constexpr, WORDS: tl.constexpr):
+def _store_limbs(xe, xo, q_row, s_row, stride_qp, step0, STEPS: tl.constexpr, WORDS: tl.constexpr):
     """x's values at _limb_features(step0, ...) (xe) and 4 features on (xo), float32 [STEPS, WORDS, 4], as the
     limbs' packed words at q_row (planes stride_qp apart) and each step's sx and sx * sum(v) at s_row (0 and 0 for
-    an all-zero step); steps from n_steps on are padding, not stored."""
+    an all-zero step)."""
     amax = tl.maximum(tl.max(tl.max(tl.abs(xe), axis=2), axis=1), tl.max(tl.max(tl.abs(xo), axis=2), axis=1))
     scale = tl.math.div_rn(amax, _LIMBS_MAX)  # (IEEE divisions: `/` is an approximate one on CUDA)
     inv = tl.where(amax > 0, tl.math.div_rn(_LIMBS_MAX, tl.where(amax > 0, amax, 1.0)), 0.0)[:, None, None]
@@ -73,14 +73,13 @@ def _store_limbs(xe, xo, q_row, s_row, stride_qp, step0, n_steps, STEPS: tl.cons
     ho = _rint(vo * (1.0 / 128.0))
     steps = step0 + tl.arange(0, STEPS)
     words = steps[:, None] * WORDS + tl.arange(0, WORDS)[None, :]
-    mask = (steps < n_steps)[:, None]
-    tl.store(q_row + words, _pack_bytes(he), mask=mask)
-    tl.store(q_row + stride_qp + words, _pack_bytes(ho), mask=mask)
-    tl.store(q_row + 2 * stride_qp + words, _pack_bytes(ve - 128.0 * he), mask=mask)
-    tl.store(q_row + 3 * stride_qp + words, _pack_bytes(vo - 128.0 * ho), mask=mask)
+    tl.store(q_row + words, _pack_bytes(he))
+    tl.store(q_row + stride_qp + words, _pack_bytes(ho))
+    tl.store(q_row + 2 * stride_qp + words, _pack_bytes(ve - 128.0 * he))
+    tl.store(q_row + 3 * stride_qp + words, _pack_bytes(vo - 128.0 * ho))
     vsum = tl.sum(tl.sum(ve, axis=2), axis=1) + tl.sum(tl.sum(vo, axis=2), axis=1)  # exact: integers < 2^22
-    tl.store(s_row + 2 * steps, scale, mask=steps < n_steps)
-    tl.store(s_row + 2 * steps + 1, scale * vsum, mask=steps < n_steps)
+    tl.store(s_row + 2 * steps, scale)
+    tl.store(s_row + 2 * steps + 1, scale * vsum)
 
 
 @triton.jit
@@ -97,7 +96,7 @@ def _x_limbs_kernel(x_ptr, q_ptr, s_ptr, stride_xm, stride_qm, stride_qp, stride
     xe = tl.load(x_row + even).to(tl.float32)  # (K is whole steps: the launch checks)
     xo = tl.load(x_row + even + 4).to(tl.float32)
     _store_limbs(xe, xo, q_ptr + m.to(tl.int64) * stride_qm, s_ptr + m.to(tl.int64) * stride_sm, stride_qp, step,
-                 step + 1, 1, 4 * CHUNKS)
+                 1, 4 * CHUNKS)
 
 
 @triton.jit
@@ -262,7 +261,7 @@ def _silu_and_mul_int8x2_kernel(h_ptr, src_ptr, q_ptr, s_ptr, inter, stride_hm, 
     ye = _silu_mul(h_row + fe, h_row + inter + fe, fe < inter, dtype).to(tl.float32)
     yo = _silu_mul(h_row + fo, h_row + inter + fo, fo < inter, dtype).to(tl.float32)
     _store_limbs(ye, yo, q_ptr + row.to(tl.int64) * stride_qm, s_ptr + row.to(tl.int64) * stride_sm, stride_qp,
-                 step, step + 1, 1, 4 * CHUNKS)
+                 step, 1, 4 * CHUNKS)
 
 
 def silu_and_mul_limbs(h: torch.Tensor, chunks: int, sources: torch.Tensor | None = None,
@@ -301,7 +300,7 @@ def _decode_reduce_int8x2_kernel(acc_ptr, lse_ptr, out_ptr, q_ptr, s_ptr, num_sp
     y = tl.permute(tl.reshape(out.to(tl.float32), (STEPS, CHUNKS, 4, 2, 4)), (0, 1, 4, 2, 3))
     xe, xo = tl.split(tl.reshape(y, (STEPS, 4 * CHUNKS, 4, 2)))
     _store_limbs(xe, xo, q_ptr + seq.to(tl.int64) * stride_qm, s_ptr + seq.to(tl.int64) * stride_sm, stride_qp,
-                 head * STEPS, head * STEPS + STEPS, STEPS, 4 * CHUNKS)
+                 head * STEPS, STEPS, 4 * CHUNKS)
 
 
 def decode_reduce_limbs(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, num_splits: int, limbs: Limbs) -> None:
