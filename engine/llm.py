@@ -23,7 +23,7 @@ from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_s
 from .quant import check_quantization, quantize_model
 from .quant.checkpoint import load_prequantized_checkpoint
 from .request import CompletionOutput, Request, RequestOutput, RequestStatus, SequenceGroup
-from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, size_kv_cache
+from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, draft_memory_share, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
 from .sampling import BeamSearchParams, SamplingParams
@@ -912,7 +912,8 @@ class LLM:
 
     def _draft_engine(self, config: EngineConfig) -> LLMEngine:
         """The draft model's engine, built from the target's config (speculation off; on CUDA, 15% of the device
-        memory on top of what is in use, the target's weights included). Raises ValueError if the vocabularies
+        memory on top of what is in use, the target's weights included: engine.memory.draft_memory_share). Raises
+        ValueError if the vocabularies
         differ. Its scheduler is never used: the proposer drives its runner and block pool (draft_model.py)."""
         name = config.speculative_model
         draft_spec = self.model_spec(name)
@@ -927,7 +928,9 @@ class LLM:
             gc.collect()
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
-            share = min(share, (total - free) / total + 0.15)
+            share = draft_memory_share(gpu_memory_utilization=share, total_bytes=total, free_bytes=free,
+                                       reserved_bytes=torch.cuda.memory_reserved(self.device),
+                                       allocated_bytes=torch.cuda.memory_allocated(self.device))
         draft_config = config.replace(
             speculative_method=None, speculative_model=None, enable_prefix_caching=False,
             max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),

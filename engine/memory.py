@@ -191,6 +191,29 @@ def reserved_trim_bytes(*, budget_bytes: int, non_torch_bytes: int, activation_p
     return budget_bytes - non_torch_bytes - activation_peak_bytes
 
 
+
+DRAFT_EXTRA_SHARE = 0.15  # a draft model's engine: this share of the device on top of what is in use
+
+
+def draft_memory_share(*, gpu_memory_utilization: float, total_bytes: int, free_bytes: int, reserved_bytes: int,
+                       allocated_bytes: int, extra: float = DRAFT_EXTRA_SHARE) -> float:
+    """The gpu_memory_utilization a draft model's engine gets (CUDA): what is in use now, live torch tensors
+    (allocated_bytes) and memory outside torch (total - free - reserved, cudaMemGetInfo against torch's reserved
+    bytes), plus `extra` of the device, at most the target's gpu_memory_utilization. The draft's own sizing
+    (size_kv_cache) takes that in-use memory off again, so its pool comes out at about `extra` of the device.
+
+    Why not total - free: what torch's allocator holds cached but unallocated is not in use, and the draft's pool can
+    be served from it. empty_cache() cannot return a segment that still holds one live block (an earlier engine's
+    KV pool segment that a later tensor was carved from). After the PDL and sharing GPU tests in one process the
+    draft of a 6M model took 45.5 GiB and the target 23.8 of an 80 GB H100 (gpu_tests_spec_share_h100.log), not
+    about 12 and 59: about 34 GiB counted as in use when the draft's share was read, yet the two pools together
+    used the whole 0.9, so nothing held those 34 GiB once the pools existed. Cached segments fit that; it is
+    inferred from those figures, not yet confirmed on a GPU.
+    """
+    in_use = allocated_bytes + max(total_bytes - free_bytes - reserved_bytes, 0)
+    return min(gpu_memory_utilization, in_use / total_bytes + extra)
+
+
 # ----- host memory (the CPU device, and every load) ------------------------------------------------
 
 def available_host_bytes() -> int:

@@ -29,6 +29,29 @@ def test_sizing_rule_is_hand_computed():
     assert s.margin_bytes == memory.MEMORY_MARGIN_BYTES == GiB
 
 
+
+def test_draft_share_counts_cached_segments_as_free_and_leaves_the_draft_its_15_percent():
+    """engine.memory.draft_memory_share against hand-computed figures. An 80 GiB device: 6 GiB of live tensors (the
+    target's weights among them), 1 GiB outside torch, and 40 GiB reserved by torch's allocator, 34 of them a cached
+    segment that empty_cache() cannot return (one live block in it). cudaMemGetInfo then says 41 GiB in use, but the
+    draft can have those 34: in use is 7 GiB, so the share is 7 / 80 + 0.15, and the draft's sizing (its 1 GiB of
+    weights, the 6 GiB allocated before it as other memory, the 1 GiB outside torch) leaves it 15% of the device less
+    its weights, 11 GiB. Counting the cached segment as in use gave it 45 GiB (the GPU test's failure)."""
+    total, reserved, allocated, outside = 80 * GiB, 40 * GiB, 6 * GiB, 1 * GiB
+    free = total - reserved - outside
+    share = memory.draft_memory_share(gpu_memory_utilization=0.9, total_bytes=total, free_bytes=free,
+                                      reserved_bytes=reserved, allocated_bytes=allocated)
+    assert share == pytest.approx(7 / 80 + 0.15)
+    draft = size_kv_cache(total_bytes=total, gpu_memory_utilization=share, weight_bytes=GiB, other_bytes=allocated,
+                          non_torch_bytes=outside, margin_bytes=0, kv_bytes_per_token=MiB // 16, block_size=16,
+                          max_model_len=256)
+    assert draft.kv_cache_bytes == pytest.approx(int(0.15 * total) - GiB, abs=1) == 11 * GiB
+    # nothing cached: in use is total - free, as cudaMemGetInfo says; the share never exceeds the target's
+    assert memory.draft_memory_share(gpu_memory_utilization=0.9, total_bytes=total, free_bytes=total - 7 * GiB,
+                                     reserved_bytes=allocated, allocated_bytes=allocated) == pytest.approx(7 / 80 + 0.15)
+    assert memory.draft_memory_share(gpu_memory_utilization=0.2, total_bytes=total, free_bytes=free,
+                                     reserved_bytes=reserved, allocated_bytes=allocated) == 0.2
+
 def test_sizing_verdicts_and_reasons():
     big = h100(num_gpu_blocks=10**9)
     assert big.verdict == "num_gpu_blocks does not fit" and "lower num_gpu_blocks to 26535" in big.reason
