@@ -913,8 +913,8 @@ class LLM:
     def _draft_engine(self, config: EngineConfig) -> LLMEngine:
         """The draft model's engine, built from the target's config (speculation off; on CUDA, 15% of the device
         memory on top of what is in use, the target's weights included: engine.memory.draft_memory_share). Raises
-        ValueError if the vocabularies
-        differ. Its scheduler is never used: the proposer drives its runner and block pool (draft_model.py)."""
+        ValueError if the vocabularies differ. Its scheduler is never used: the proposer drives its runner and block
+        pool (draft_model.py)."""
         name = config.speculative_model
         draft_spec = self.model_spec(name)
         if draft_spec.vocab_size != self.spec.vocab_size:

@@ -191,7 +191,6 @@ def reserved_trim_bytes(*, budget_bytes: int, non_torch_bytes: int, activation_p
     return budget_bytes - non_torch_bytes - activation_peak_bytes
 
 
-
 DRAFT_EXTRA_SHARE = 0.15  # a draft model's engine: this share of the device on top of what is in use
 
 

@@ -29,7 +29,6 @@ def test_sizing_rule_is_hand_computed():
     assert s.margin_bytes == memory.MEMORY_MARGIN_BYTES == GiB
 
 
-
 def test_draft_share_counts_cached_segments_as_free_and_leaves_the_draft_its_15_percent():
     """engine.memory.draft_memory_share against hand-computed figures. An 80 GiB device: 6 GiB of live tensors (the
     target's weights among them), 1 GiB outside torch, and 40 GiB reserved by torch's allocator, 34 of them a cached
@@ -51,6 +50,7 @@ def test_draft_share_counts_cached_segments_as_free_and_leaves_the_draft_its_15_
                                      reserved_bytes=allocated, allocated_bytes=allocated) == pytest.approx(7 / 80 + 0.15)
     assert memory.draft_memory_share(gpu_memory_utilization=0.2, total_bytes=total, free_bytes=free,
                                      reserved_bytes=reserved, allocated_bytes=allocated) == 0.2
+
 
 def test_sizing_verdicts_and_reasons():
     big = h100(num_gpu_blocks=10**9)
