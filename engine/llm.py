@@ -954,11 +954,15 @@ class LLM:
             self._draft, self._draft_name = None, None
 
     def _drop_model(self) -> None:
-        if self.model is not None:
-            self.model = None
+        """Drop the model. On CUDA, also with no model yet (before every build), return what torch's allocator keeps
+        cached to the device: a new model's weights carved from an earlier engine's freed segments would keep those
+        segments reserved for as long as the weights live (empty_cache() cannot return a segment with a live block
+        in it), and their free space would read as in use (engine.memory.draft_memory_share)."""
+        dropped, self.model = self.model is not None, None
+        if dropped or self.device.type == "cuda":
             gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached prefix (see LLMEngine.reset_prefix_cache): the next requests start cold."""

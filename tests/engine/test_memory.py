@@ -3,6 +3,7 @@ refuse, with a ValueError naming the setting, what would otherwise be killed by 
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine.memory as memory
 from engine import LLM, EngineConfig, SamplingParams
@@ -51,6 +52,28 @@ def test_draft_share_counts_cached_segments_as_free_and_leaves_the_draft_its_15_
     assert memory.draft_memory_share(gpu_memory_utilization=0.2, total_bytes=total, free_bytes=free,
                                      reserved_bytes=reserved, allocated_bytes=allocated) == 0.2
 
+
+
+def test_every_build_on_cuda_returns_the_allocators_cache_first(monkeypatch):
+    """LLM._drop_model, which runs before every model build: on CUDA it collects garbage and empties torch's cache even
+    with no model yet (a new model's weights must not be carved from a dead engine's cached segments; the GPU test
+    test_a_new_engine_returns_cached_memory_before_placing_its_weights checks the effect); on the CPU with no model it
+    does nothing (no collection per build)."""
+    import gc
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *args: calls.append("collect") or 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    llm = object.__new__(LLM)
+    llm.model, llm.device = None, torch.device("cuda")
+    llm._drop_model()
+    assert calls == ["collect", "empty_cache"]
+    calls.clear()
+    llm.device = torch.device("cpu")
+    llm._drop_model()
+    assert calls == []
+    llm.model = object()
+    llm._drop_model()
+    assert calls == ["collect"] and llm.model is None
 
 def test_sizing_verdicts_and_reasons():
     big = h100(num_gpu_blocks=10**9)

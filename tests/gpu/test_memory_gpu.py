@@ -92,3 +92,23 @@ def test_quantized_engine_holds_no_memory_past_its_profile(mode):
         llm.generate([[5 + i, 6, 7, 8] for i in range(batch)],
                      SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     assert m.num_reserved_trims == 0
+
+
+def test_a_new_engine_returns_cached_memory_before_placing_its_weights():
+    """A freed engine's memory that torch's allocator still keeps cached (a notebook's `del llm`, no empty_cache since)
+    goes back to the device before a new LLM places its weights: carved from that cached segment (the 6M model's 4 MiB
+    embedding and LM head come from the large-block pool), they would keep all of it reserved for as long as they live,
+    since empty_cache() cannot return a segment with a live block in it. LLM._drop_model empties the cache before
+    every build on CUDA; without that the segment stays (the draft-share failure, gpu_tests_spec_share_h100.log)."""
+    import gc
+    gc.collect()
+    torch.cuda.empty_cache()
+    _, total = torch.cuda.mem_get_info()
+    segment = torch.empty(total // 10, dtype=torch.uint8, device="cuda")
+    del segment  # cached, as a freed engine's KV pool is
+    assert torch.cuda.memory_reserved() >= total // 10
+    llm = LLM.from_pretrained(MODEL, EngineConfig(max_model_len=256, block_size=16, max_num_seqs=8, num_gpu_blocks=64),
+                              dtype=torch.float32)
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, ignore_eos=True))[0].outputs[0].token_ids
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() - torch.cuda.memory_allocated() < total // 20
