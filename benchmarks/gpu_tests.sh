@@ -4,7 +4,7 @@
 # summary, which a plain `timeout` (SIGTERM) loses with the session. The log's first line names the commit, the GPU
 # and the command.
 #   bash benchmarks/gpu_tests.sh LOG LIMIT_S PYTEST_ARGS...
-#   e.g. bash benchmarks/gpu_tests.sh $OUT/gpu_suite.log 450 tests/gpu/test_memory_gpu.py tests/gpu/test_spec_decode_gpu.py
+#   e.g. bash benchmarks/gpu_tests.sh $OUT/gpu.log 450 tests/gpu/test_memory_gpu.py tests/gpu/test_spec_decode_gpu.py
 set -uo pipefail
 if [ $# -lt 3 ] || ! [[ $2 =~ ^[0-9]+$ ]]; then
   echo "usage: bash benchmarks/gpu_tests.sh LOG LIMIT_S PYTEST_ARGS... (LIMIT_S in whole seconds)" >&2; exit 2
