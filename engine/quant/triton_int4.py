@@ -356,12 +356,12 @@ def candidates(m: int, n: int, k: int, group_size: int, sms: int, asm: bool = Fa
         one_group = lambda c: group_size % (KERNEL_CHUNK * c["chunks"]) == 0  # noqa: E731
         extra += [dict(c, prefetch=True) for c in tc(TC_LARGE[:2] + TC_PREFETCH) if one_group(c)]
         # At up to 64 rows each x_perm tile also at the split that fits whole waves (split_for_waves).
+        # Above 128 rows also the swapped tiles of all rows (TC_ROWS256).
         whole = tc(TC_LARGE + TC_PREFETCH, whole_waves=True) if m <= 64 else []
+        rows256 = tc(TC_ROWS256) if m > 128 else []
         permuted = [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True)
-                    for c in tc(TC_LARGE + TC_PREFETCH) + whole]
+                    for c in tc(TC_LARGE + TC_PREFETCH) + whole + rows256]
         extra += permuted + ([dict(c, split_k=1) for c in permuted[:2]] if m > 64 else [])
-        if m > 128:
-            extra += [dict(c, prefetch=one_group(c), x_natural=False, x_perm=True) for c in tc(TC_ROWS256)]
     return with_dequant(m, split_variants(cands, ok) + _serial_when_split(extra, ok)
                         + _mma_candidates(m, n, k, group_size, sms, asm), "int4")
 
