@@ -754,6 +754,8 @@ class LLM:
     CPU_KV_BUDGET_BYTES = CPU_KV_BUDGET_BYTES  # on the CPU, the pool is gpu_memory_utilization x this
     # The engine's sizing rule (engine/memory.py), for planners: bytes in, blocks out, verdict and reason.
     size_kv_cache = staticmethod(size_kv_cache)
+    # The share of the device a speculative draft model's engine gets (CUDA), for planners.
+    draft_memory_share = staticmethod(draft_memory_share)
     # KV cache groups of sliding-window models (engine/kv/groups.py): which the engine keeps for a model, and the
     # blocks one request holds in them; for the planner.
     kv_cache_groups = staticmethod(engine_kv_groups)

@@ -296,7 +296,9 @@ class Plan:
     max_concurrent_requests: requests of max_model_len tokens whose KV fits at once (a sliding layer keeping its
     window's blocks only); largest_max_model_len: the longest request the pool holds.
     headroom_bytes: memory outside the engine's budget, (1 - util) x total. knobs: single changes that would
-    make a failing plan fit (each checked by planning it).
+    make a failing plan fit (each checked by planning it). draft_model, draft_bytes, draft_num_gpu_blocks: a
+    speculative draft model's engine (on a GPU): its weights, other memory and KV pool, which the target's sizing
+    counts as other memory, and its pool's blocks; a draft that does not fit its share gives the plan its verdict.
     """
 
     model: str
@@ -333,6 +335,9 @@ class Plan:
     verdict: str
     reason: str
     knobs: list = field(default_factory=list)
+    draft_model: str | None = None
+    draft_bytes: int = 0
+    draft_num_gpu_blocks: int = 0
 
     @property
     def fits(self) -> bool:
@@ -345,7 +350,8 @@ class Plan:
         d["quantization"] = d["quantization"] or "none"
         d.update({f"weight_bytes_{m}": b for m, b in d.pop("weight_bytes_by_mode").items()})
         d.update({f"kv_bytes_per_token_{k}": b for k, b in d.pop("kv_bytes_per_token_by_dtype").items()})
-        d["other_bytes"] = self.static_bytes + self.non_torch_bytes + self.graph_pool_bytes + self.margin_bytes
+        d["other_bytes"] = self.static_bytes + self.non_torch_bytes + self.graph_pool_bytes + self.margin_bytes \
+            + self.draft_bytes
         d["knobs"] = "; ".join(self.knobs)
         return d
 
@@ -404,8 +410,28 @@ def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) ->
                          "lacks: use quantization='int8' or 'int4'")
 
 
-def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration) -> Plan:
-    """The numbers and the verdict of one config, without knobs: the planner's estimates through the engine's rule."""
+def _draft_plan(gpu: GPU, cfg: EngineConfig, dtype: str, cal: Calibration, target_bytes: int) -> Plan:
+    """The plan of cfg's speculative draft model on a GPU. The engine builds the draft's engine after the target's
+    weights and before the target's pool (engine/llm.py, LLM._draft_engine), with the config of the target less
+    speculation and prefix caching, and the share of the device LLM.draft_memory_share gives: what is in use then
+    (target_bytes that torch holds and the CUDA context) plus a fixed extra. The target's bytes count as the draft's
+    other memory."""
+    name, spec = resolve_model(cfg.speculative_model)
+    in_use = target_bytes + cal.non_torch_bytes
+    share = LLM.draft_memory_share(gpu_memory_utilization=cfg.gpu_memory_utilization, total_bytes=gpu.total_bytes,
+                                   free_bytes=gpu.total_bytes - in_use, reserved_bytes=target_bytes,
+                                   allocated_bytes=target_bytes)
+    draft_cfg = cfg.replace(speculative_method=None, speculative_model=None, enable_prefix_caching=False,
+                            max_model_len=min(cfg.max_model_len, spec.max_position_embeddings),
+                            gpu_memory_utilization=share)
+    return _size(spec, name, gpu, draft_cfg, 1, dtype, cal, resident_bytes=target_bytes)
+
+
+def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration,
+          resident_bytes: int = 0) -> Plan:
+    """The numbers and the verdict of one config, without knobs: the planner's estimates through the engine's rule.
+    resident_bytes: what another engine of the process holds when this one sizes its pool (a draft model's, or
+    the target's for the draft), which the engine measures as its other memory."""
     on_cpu = gpu.name == "cpu"
     total, util = gpu.total_bytes, cfg.gpu_memory_utilization
     modes = {m or "none": weight_bytes(spec, m, dtype, tp) for m in (None, "int8", "int4", "awq", "gptq", "fp8")}
@@ -420,9 +446,13 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         fwd = forward_peak_bytes(spec, cfg, dtype, cal, tp)
         graphs = graph_pool_bytes(spec, cfg, dtype, cal, tp)
         non_torch = cal.non_torch_bytes
+    draft, draft_bytes = None, 0
+    if not on_cpu and cfg.speculative_method in ("draft", "synthetic") and cfg.speculative_model is not None:
+        draft = _draft_plan(gpu, cfg, dtype, cal, weights + static)
+        draft_bytes = draft.weight_bytes + draft.static_bytes + draft.kv_cache_bytes
     sizing = LLM.size_kv_cache(
         total_bytes=total, gpu_memory_utilization=util, weight_bytes=weights, kv_bytes_per_token=kv_token,
-        block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static,
+        block_size=cfg.block_size, max_model_len=cfg.max_model_len, other_bytes=static + resident_bytes + draft_bytes,
         activation_peak_bytes=fwd, graph_pool_bytes=graphs, non_torch_bytes=non_torch,
         num_gpu_blocks=cfg.num_gpu_blocks, load_bytes=load, max_positions=spec.max_position_embeddings,
         device="cpu" if on_cpu else "cuda", group_windows=windows, chunk_tokens=cfg.max_num_batched_tokens)
@@ -430,7 +460,7 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
     # A request of max_model_len holds this many blocks between steps (all its blocks in a full group, its
     # window's in a sliding one).
     per_request = LLM.request_kv_blocks(windows or (None,), cfg.max_model_len, cfg.block_size)
-    return Plan(
+    p = Plan(
         model=name, gpu=gpu.name, total_bytes=total, dtype=dtype, quantization=cfg.quantization,
         kv_cache_dtype=cfg.kv_cache_dtype, tensor_parallel_size=tp, gpu_memory_utilization=util,
         block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
@@ -441,7 +471,13 @@ def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtyp
         kv_cache_bytes=sizing.kv_cache_bytes, num_gpu_blocks=blocks,
         kv_tokens=blocks * cfg.block_size // (len(windows) if windows else 1),
         max_concurrent_requests=blocks // per_request, largest_max_model_len=sizing.largest_max_model_len,
-        headroom_bytes=0 if on_cpu else total - sizing.budget_bytes, verdict=sizing.verdict, reason=sizing.reason)
+        headroom_bytes=0 if on_cpu else total - sizing.budget_bytes, verdict=sizing.verdict, reason=sizing.reason,
+        draft_model=None if draft is None else draft.model, draft_bytes=draft_bytes,
+        draft_num_gpu_blocks=0 if draft is None else draft.num_gpu_blocks)
+    if draft is not None and not draft.fits:
+        p.verdict, p.reason = draft.verdict, f"the draft model (speculative_model={cfg.speculative_model!r}, " \
+            f"{draft.gpu_memory_utilization:.3f} of the device): {draft.reason}"
+    return p
 
 
 def _knobs(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration,

@@ -15,7 +15,7 @@ GIB = 2**30
 VERDICT_MARK = {"fits": "", "num_gpu_blocks does not fit": "B", "weights do not fit": "W",
                 "max_model_len needs more KV than is left": "L", "not allowed": "x"}
 BREAKDOWN = [("weight_bytes", "weights", "#4C78A8"), ("activation_peak_bytes", "activation peak", "#F58518"),
-             ("other_bytes", "other (context, buffers, CUDA graphs, margin)", "#B279A2"),
+             ("other_bytes", "other (context, buffers, CUDA graphs, margin, a draft model)", "#B279A2"),
              ("kv_cache_bytes", "KV cache", "#54A24B"),
              ("headroom_bytes", "outside the budget", "#BAB0AC")]
 

@@ -103,6 +103,44 @@ def test_planner_calls_the_engines_rule(monkeypatch):
     assert calls and calls[0]["device"] == "cpu"
 
 
+def test_a_draft_model_takes_its_share_from_the_targets_pool():
+    """speculative_model on a GPU: the draft's engine gets what is in use when it is built (the target's weights,
+    its other memory and the CUDA context) plus engine.memory.DRAFT_EXTRA_SHARE of the device; its weights, other
+    memory and pool come off the target's pool. Checked against the arithmetic by hand."""
+    cfg = EngineConfig(max_model_len=4096, max_num_batched_tokens=8192)
+    spec = cfg.replace(speculative_method="draft", speculative_model="llama-3.2-1b")
+    alone, target = plan("llama-3.1-8b", H100, cfg), plan("llama-3.1-8b", H100, spec)
+    draft_alone = plan("llama-3.2-1b", H100, cfg.replace(enable_prefix_caching=False))
+    assert target.verdict == "fits" and target.draft_model == "llama-3.2-1b"
+    block = 128 * 1024 * 16
+    # The draft's budget less what was in use: DRAFT_EXTRA_SHARE of the device, less the draft's activation peak,
+    # CUDA graphs and margin (its scratch block and rounding to blocks: under two of its 32 KiB-per-token blocks).
+    held = (engine_memory.DRAFT_EXTRA_SHARE * target.total_bytes - draft_alone.activation_peak_bytes
+            - draft_alone.graph_pool_bytes - draft_alone.margin_bytes)
+    assert 0 <= held - target.draft_bytes < 2 * 32 * 1024 * 16 + 1
+    assert target.draft_bytes > draft_alone.weight_bytes
+    assert target.draft_num_gpu_blocks > 0
+    # ... and the target's pool is smaller by that much (to a block).
+    assert 0 <= target.kv_cache_bytes - (alone.kv_cache_bytes - target.draft_bytes) < block
+    assert target.to_dict()["other_bytes"] - alone.to_dict()["other_bytes"] == target.draft_bytes
+    # Prompt lookup loads no model, and on the CPU the engine sizes each pool as its own share of the CPU budget.
+    ngram = plan("llama-3.1-8b", H100, spec.replace(speculative_method="ngram"))
+    assert ngram.draft_bytes == 0 and ngram.num_gpu_blocks == alone.num_gpu_blocks
+    tiny = EngineConfig(max_model_len=64)
+    assert plan("tiny", "cpu", tiny.replace(speculative_method="draft", speculative_model="tiny")).num_gpu_blocks \
+        == plan("tiny", "cpu", tiny).num_gpu_blocks
+
+
+def test_a_draft_that_does_not_fit_its_share_fails_the_plan_and_says_so():
+    """A 3B draft's bf16 weights (6.0 GiB) and one request's KV need more than the 0.15 of an L40S it gets."""
+    cfg = EngineConfig(max_model_len=8192, speculative_method="draft", speculative_model="llama-3.2-3b")
+    p = plan("llama-3.1-8b", "L40S", cfg)
+    assert not p.fits and "the draft model (speculative_model='llama-3.2-3b', 0.50" in p.reason
+    assert plan("llama-3.1-8b", "L40S", cfg.replace(speculative_model="llama-3.2-1b")).fits
+    assert "quantize: quantization='int8'" in p.reason  # the knob, checked by planning it
+    assert plan("llama-3.1-8b", "L40S", cfg.replace(quantization="int8")).fits
+
+
 def test_planner_honours_every_field_that_changes_memory():
     base = EngineConfig(max_model_len=8192, max_num_seqs=256, max_num_batched_tokens=8192)  # H200 picks 1024 / 16384
     p = plan("llama-3.1-8b", "H200", base)
