@@ -150,3 +150,19 @@ def test_draft_share_ignores_a_cached_segment_empty_cache_cannot_return():
     block_bytes = llm.engine.runner.kv_bytes_per_token * 16
     assert 0 < draft * block_bytes <= DRAFT_EXTRA_SHARE * total and 2 * draft < target
     del pin
+
+
+def test_planner_predicts_both_pools_of_a_draft_model():
+    """workbench.planner with speculative_model: the target's and the draft's KV blocks within 5% of the engine's
+    (the planner's tolerance, benchmarks/planner_check.py), on this GPU."""
+    from workbench.planner import plan
+    gc.collect()
+    torch.cuda.empty_cache()
+    cfg = EngineConfig(max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=256,
+                       speculative_method="draft", speculative_model="llama-3.2-1b")
+    p = plan("llama-3.2-3b", "current", cfg)
+    llm = LLM.random("llama-3.2-3b", cfg)
+    target, draft = llm.engine.stats().num_gpu_blocks, llm._draft.engine.stats().num_gpu_blocks
+    print(f"target {target} blocks (planned {p.num_gpu_blocks}), draft {draft} (planned {p.draft_num_gpu_blocks})")
+    assert p.fits and abs(p.num_gpu_blocks - target) <= 0.05 * target
+    assert abs(p.draft_num_gpu_blocks - draft) <= 0.05 * draft
