@@ -23,7 +23,7 @@ from .model.weights import build_model, convert_hf_state_dict, load_checkpoint_s
 from .quant import check_quantization, quantize_model
 from .quant.checkpoint import load_prequantized_checkpoint
 from .request import CompletionOutput, Request, RequestOutput, RequestStatus, SequenceGroup
-from .memory import CPU_KV_BUDGET_BYTES, check_host_memory, draft_memory_share, size_kv_cache
+from .memory import CPU_KV_BUDGET_BYTES, DRAFT_EXTRA_SHARE, check_host_memory, draft_memory_share, size_kv_cache
 from .memory import VERDICTS as MEMORY_VERDICTS
 from .runner import ModelRunner, Runner
 from .sampling import BeamSearchParams, SamplingParams
@@ -937,15 +937,22 @@ class LLM:
             speculative_method=None, speculative_model=None, enable_prefix_caching=False,
             max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
             gpu_memory_utilization=share)
-        if self._draft is not None and self._draft_name == name:
-            self._draft.reconfigure(draft_config)
-        else:
-            self._drop_draft()
-            if name in PRESETS:
-                self._draft = LLM.random(name, draft_config, dtype=self.dtype, seed=self._seed + 1)
+        try:
+            if self._draft is not None and self._draft_name == name:
+                self._draft.reconfigure(draft_config)
             else:
-                self._draft = LLM.from_pretrained(name, draft_config, dtype=self.dtype)
-            self._draft_name = name
+                self._drop_draft()
+                if name in PRESETS:
+                    self._draft = LLM.random(name, draft_config, dtype=self.dtype, seed=self._seed + 1)
+                else:
+                    self._draft = LLM.from_pretrained(name, draft_config, dtype=self.dtype)
+                self._draft_name = name
+        except ValueError as exc:
+            if share == config.gpu_memory_utilization:
+                raise
+            raise ValueError(f"speculative_model={name!r}, the draft model, runs at gpu_memory_utilization={share:.3f},"
+                             f" a draft's share of the device (what is in use when it starts, the target's weights "
+                             f"included, plus {DRAFT_EXTRA_SHARE}): {exc}") from exc
         return self._draft.engine
 
     def _drop_draft(self) -> None:

@@ -166,3 +166,13 @@ def test_planner_predicts_both_pools_of_a_draft_model():
     print(f"target {target} blocks (planned {p.num_gpu_blocks}), draft {draft} (planned {p.draft_num_gpu_blocks})")
     assert p.fits and abs(p.num_gpu_blocks - target) <= 0.05 * target
     assert abs(p.draft_num_gpu_blocks - draft) <= 0.05 * draft
+
+
+def test_a_draft_past_its_share_is_refused_naming_the_share():
+    """A draft whose weights exceed its share of the device (what is in use plus DRAFT_EXTRA_SHARE) is refused with
+    an error naming speculative_model and the share, not only the draft's own gpu_memory_utilization."""
+    cfg = EngineConfig(max_model_len=1024, gpu_memory_utilization=0.5, speculative_method="draft",
+                       speculative_model="llama-3.1-70b")  # 141 GB of bf16 weights; llama-3.2-1b's vocabulary
+    expected = r"speculative_model='llama-3.1-70b', the draft model, runs at .* plus 0\.15\): the weights need"
+    with pytest.raises(ValueError, match=expected):
+        LLM.random("llama-3.2-1b", cfg)
