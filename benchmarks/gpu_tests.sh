@@ -12,6 +12,9 @@ fi
 log=$1 limit=$2
 shift 2
 rev=$(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown)
+# A device copy's .git can be older than its working tree: say so rather than name a commit that did not run.
+changed=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
+[ "$changed" -gt 0 ] && rev="$rev with $changed tracked files changed"
 gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "# commit $rev on ${gpu:-no GPU}: python3 -m pytest -v -rfE --tb=short $* (${limit} s limit, SIGINT)" > "$log"
 timeout -s INT -k 20 "$limit" python3 -m pytest -v -rfE --tb=short -p no:cacheprovider "$@" >> "$log" 2>&1
