@@ -207,7 +207,8 @@ def draft_memory_share(*, gpu_memory_utilization: float, total_bytes: int, free_
     draft of a 6M model took 45.5 GiB and the target 23.8 of an 80 GB H100 (gpu_tests_spec_share_h100.log), not
     about 12 and 59: about 34 GiB counted as in use when the draft's share was read, yet the two pools together
     used the whole 0.9, so nothing held those 34 GiB once the pools existed. Cached segments fit that; it is
-    inferred from those figures, not yet confirmed on a GPU.
+    inferred from those figures. With such a segment made on purpose, the draft keeps its share on an H200
+    (tests/gpu/test_spec_decode_gpu.py, gpu_tests_draft_share_6cb1323_h200.log).
     """
     in_use = allocated_bytes + max(total_bytes - free_bytes - reserved_bytes, 0)
     return min(gpu_memory_utilization, in_use / total_bytes + extra)
