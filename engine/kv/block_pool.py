@@ -20,41 +20,94 @@ class KVBlock:
         return f"KVBlock(id={self.block_id}, ref={self.ref_count}, cached={self.block_hash is not None})"
 
 
+class Blocks:
+    """A pool's KVBlock objects by block id, each made on first use. A small model on a large GPU has millions of
+    blocks (the 6M shipped model: 2.6 million in 0.9 of an H200), and making them all up front took seconds at every
+    engine build; a pool now starts with none made. Indexing and iterating make what they reach."""
+
+    def __init__(self, num_blocks: int):
+        self._num_blocks = num_blocks
+        self._made: list[KVBlock] = []
+
+    def __len__(self) -> int:
+        return self._num_blocks
+
+    def __getitem__(self, block_id: int) -> KVBlock:
+        if not 0 <= block_id < self._num_blocks:
+            raise IndexError(f"block id {block_id} is not in the pool of {self._num_blocks}")
+        made = self._made
+        while len(made) <= block_id:
+            made.append(KVBlock(len(made)))
+        return made[block_id]
+
+    def __iter__(self):
+        return (self[i] for i in range(self._num_blocks))
+
+    def states(self) -> tuple:
+        """(ref_count, cached) of every block by id, without making the ones never used: (0, False)."""
+        made = tuple((b.ref_count, b.block_hash is not None) for b in self._made)
+        return made + ((0, False),) * (self._num_blocks - len(made))
+
+
 class FreeBlockQueue:
-    """Doubly linked list of free blocks, least recently freed at the front.
+    """The free blocks in eviction order, least recently freed at the front: first the blocks never handed out,
+    in id order (a counter, so none of them needs to exist yet), then a doubly linked list of the freed ones.
 
     A plain deque cannot remove a block from its middle in O(1), which a prefix-cache hit on a free
     cached block needs; the links live in the blocks themselves, so no node objects are allocated.
     """
 
-    def __init__(self, blocks: list[KVBlock]):
+    def __init__(self, blocks: Blocks):
+        self._blocks = blocks
+        self._next_unused = 0  # blocks [_next_unused, len(blocks)) were never handed out
         self._head = KVBlock(-1)
         self._tail = KVBlock(-1)
         self._head.next_free, self._tail.prev_free = self._tail, self._head
-        self.num_free_blocks = 0
-        for b in blocks:
-            self.append(b)
+        self._num_linked = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._blocks) - self._next_unused + self._num_linked
 
     def append(self, block: KVBlock) -> None:
         last = self._tail.prev_free
         last.next_free, block.prev_free = block, last
         block.next_free, self._tail.prev_free = self._tail, block
-        self.num_free_blocks += 1
+        self._num_linked += 1
 
     def remove(self, block: KVBlock) -> None:
+        if block.prev_free is None:  # never handed out: link the unused range first (no pool path gets here)
+            self._link_unused()
         block.prev_free.next_free = block.next_free
         block.next_free.prev_free = block.prev_free
         block.prev_free = block.next_free = None
-        self.num_free_blocks -= 1
+        self._num_linked -= 1
+
+    def _link_unused(self) -> None:
+        """Move the never-handed-out blocks into the front of the linked list, keeping the order."""
+        first = self._head.next_free
+        prev = self._head
+        for i in range(self._next_unused, len(self._blocks)):
+            block = self._blocks[i]
+            prev.next_free, block.prev_free = block, prev
+            prev = block
+        prev.next_free, first.prev_free = first, prev
+        self._num_linked += len(self._blocks) - self._next_unused
+        self._next_unused = len(self._blocks)
 
     def popleft(self) -> KVBlock:
-        if self.num_free_blocks == 0:
+        if self._next_unused < len(self._blocks):
+            self._next_unused += 1
+            return self._blocks[self._next_unused - 1]
+        if self._num_linked == 0:
             raise RuntimeError("no free KV block left")
         block = self._head.next_free
         self.remove(block)
         return block
 
     def __iter__(self):
+        for i in range(self._next_unused, len(self._blocks)):
+            yield self._blocks[i]
         b = self._head.next_free
         while b is not self._tail:
             yield b
@@ -85,7 +138,7 @@ class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool):
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.blocks = Blocks(num_blocks)
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached_blocks: dict[BlockHash, KVBlock] = {}
         # Free blocks that still hold a cached prefix (reusable until evicted), kept as a running count.

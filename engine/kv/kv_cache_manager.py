@@ -50,7 +50,7 @@ def pool_snapshot(manager, tables: dict, detail: bool, **extra) -> KVCacheSnapsh
         num_cached_blocks=pool.num_cached_free_blocks, prefix_cache_queries=manager.prefix_cache_queries,
         prefix_cache_hits=manager.prefix_cache_hits, num_shared_blocks=manager.num_shared_blocks,
         num_saved_blocks=manager.num_saved_blocks,
-        blocks=tuple((b.ref_count, b.block_hash is not None) for b in pool.blocks) if detail else (),
+        blocks=pool.blocks.states() if detail else (),
         block_tables={rid: tuple(ids) for rid, ids in tables.items()} if detail else {}, **extra)
 
 
