@@ -756,6 +756,15 @@ class LLM:
     size_kv_cache = staticmethod(size_kv_cache)
     # The share of the device a speculative draft model's engine gets (CUDA), for planners.
     draft_memory_share = staticmethod(draft_memory_share)
+
+    @staticmethod
+    def draft_config(config: EngineConfig, draft_spec: ModelSpec, share: float) -> EngineConfig:
+        """The config of a speculative draft model's engine: the target's, less speculation and prefix caching (the
+        draft keeps one sequence per request across steps, see draft_model.py), max_model_len capped at the draft's
+        positions, at gpu_memory_utilization `share` (draft_memory_share on CUDA)."""
+        return config.replace(speculative_method=None, speculative_model=None, enable_prefix_caching=False,
+                              max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
+                              gpu_memory_utilization=share)
     # KV cache groups of sliding-window models (engine/kv/groups.py): which the engine keeps for a model, and the
     # blocks one request holds in them; for the planner.
     kv_cache_groups = staticmethod(engine_kv_groups)
@@ -922,7 +931,6 @@ class LLM:
         if draft_spec.vocab_size != self.spec.vocab_size:
             raise ValueError(f"speculative_model={name!r} has vocab_size={draft_spec.vocab_size}, the target "
                              f"{self.spec.vocab_size}: the draft must share the target's vocabulary")
-        # The draft keeps one sequence per request across steps (see draft_model.py): no prefix cache needed.
         share = config.gpu_memory_utilization
         if self.device.type == "cuda":
             # An engine only a reference cycle keeps (a notebook's earlier LLM, a finished test's) would count as in
@@ -933,10 +941,7 @@ class LLM:
             share = draft_memory_share(gpu_memory_utilization=share, total_bytes=total, free_bytes=free,
                                        reserved_bytes=torch.cuda.memory_reserved(self.device),
                                        allocated_bytes=torch.cuda.memory_allocated(self.device))
-        draft_config = config.replace(
-            speculative_method=None, speculative_model=None, enable_prefix_caching=False,
-            max_model_len=min(config.max_model_len, draft_spec.max_position_embeddings),
-            gpu_memory_utilization=share)
+        draft_config = self.draft_config(config, draft_spec, share)
         try:
             if self._draft is not None and self._draft_name == name:
                 self._draft.reconfigure(draft_config)

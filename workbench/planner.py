@@ -412,19 +412,15 @@ def _check_allowed(spec: ModelSpec, gpu: GPU, cfg: EngineConfig, tp: int = 1) ->
 
 def _draft_plan(gpu: GPU, cfg: EngineConfig, dtype: str, cal: Calibration, target_bytes: int) -> Plan:
     """The plan of cfg's speculative draft model on a GPU. The engine builds the draft's engine after the target's
-    weights and before the target's pool (engine/llm.py, LLM._draft_engine), with the config of the target less
-    speculation and prefix caching, and the share of the device LLM.draft_memory_share gives: what is in use then
-    (target_bytes that torch holds and the CUDA context) plus a fixed extra. The target's bytes count as the draft's
-    other memory."""
+    weights and before the target's pool (engine/llm.py, LLM._draft_engine), with LLM.draft_config at the share of
+    the device LLM.draft_memory_share gives: what is in use then (target_bytes that torch holds and the CUDA
+    context) plus a fixed extra. The target's bytes count as the draft's other memory."""
     name, spec = resolve_model(cfg.speculative_model)
     in_use = target_bytes + cal.non_torch_bytes
     share = LLM.draft_memory_share(gpu_memory_utilization=cfg.gpu_memory_utilization, total_bytes=gpu.total_bytes,
                                    free_bytes=gpu.total_bytes - in_use, reserved_bytes=target_bytes,
                                    allocated_bytes=target_bytes)
-    draft_cfg = cfg.replace(speculative_method=None, speculative_model=None, enable_prefix_caching=False,
-                            max_model_len=min(cfg.max_model_len, spec.max_position_embeddings),
-                            gpu_memory_utilization=share)
-    return _size(spec, name, gpu, draft_cfg, 1, dtype, cal, resident_bytes=target_bytes)
+    return _size(spec, name, gpu, LLM.draft_config(cfg, spec, share), 1, dtype, cal, resident_bytes=target_bytes)
 
 
 def _size(spec: ModelSpec, name: str, gpu: GPU, cfg: EngineConfig, tp: int, dtype: str, cal: Calibration,

@@ -33,11 +33,12 @@ class Blocks:
         return self._num_blocks
 
     def __getitem__(self, block_id: int) -> KVBlock:
+        made = self._made
+        if 0 <= block_id < len(made):
+            return made[block_id]
         if not 0 <= block_id < self._num_blocks:
             raise IndexError(f"block id {block_id} is not in the pool of {self._num_blocks}")
-        made = self._made
-        while len(made) <= block_id:
-            made.append(KVBlock(len(made)))
+        made.extend(KVBlock(i) for i in range(len(made), block_id + 1))
         return made[block_id]
 
     def __iter__(self):
@@ -59,7 +60,8 @@ class FreeBlockQueue:
 
     def __init__(self, blocks: Blocks):
         self._blocks = blocks
-        self._next_unused = 0  # blocks [_next_unused, len(blocks)) were never handed out
+        self._num_blocks = len(blocks)
+        self._next_unused = 0  # blocks [_next_unused, _num_blocks) were never handed out
         self._head = KVBlock(-1)
         self._tail = KVBlock(-1)
         self._head.next_free, self._tail.prev_free = self._tail, self._head
@@ -67,7 +69,7 @@ class FreeBlockQueue:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._blocks) - self._next_unused + self._num_linked
+        return self._num_blocks - self._next_unused + self._num_linked
 
     def append(self, block: KVBlock) -> None:
         last = self._tail.prev_free
@@ -87,18 +89,19 @@ class FreeBlockQueue:
         """Move the never-handed-out blocks into the front of the linked list, keeping the order."""
         first = self._head.next_free
         prev = self._head
-        for i in range(self._next_unused, len(self._blocks)):
+        for i in range(self._next_unused, self._num_blocks):
             block = self._blocks[i]
             prev.next_free, block.prev_free = block, prev
             prev = block
         prev.next_free, first.prev_free = first, prev
-        self._num_linked += len(self._blocks) - self._next_unused
-        self._next_unused = len(self._blocks)
+        self._num_linked += self._num_blocks - self._next_unused
+        self._next_unused = self._num_blocks
 
     def popleft(self) -> KVBlock:
-        if self._next_unused < len(self._blocks):
-            self._next_unused += 1
-            return self._blocks[self._next_unused - 1]
+        i = self._next_unused
+        if i < self._num_blocks:
+            self._next_unused = i + 1
+            return self._blocks[i]
         if self._num_linked == 0:
             raise RuntimeError("no free KV block left")
         block = self._head.next_free
@@ -106,7 +109,7 @@ class FreeBlockQueue:
         return block
 
     def __iter__(self):
-        for i in range(self._next_unused, len(self._blocks)):
+        for i in range(self._next_unused, self._num_blocks):
             yield self._blocks[i]
         b = self._head.next_free
         while b is not self._tail:

@@ -54,7 +54,6 @@ def test_draft_share_counts_cached_segments_as_free_and_leaves_the_draft_its_15_
                                      reserved_bytes=reserved, allocated_bytes=allocated) == 0.2
 
 
-
 def test_every_build_on_cuda_returns_the_allocators_cache_first(monkeypatch):
     """LLM._drop_model, which runs before every model build: on CUDA it collects garbage and empties torch's cache even
     with no model yet (a new model's weights must not be carved from a dead engine's cached segments; the GPU test
@@ -75,6 +74,7 @@ def test_every_build_on_cuda_returns_the_allocators_cache_first(monkeypatch):
     llm.model = object()
     llm._drop_model()
     assert calls == ["collect"] and llm.model is None
+
 
 def test_sizing_verdicts_and_reasons():
     big = h100(num_gpu_blocks=10**9)
