@@ -38,7 +38,10 @@ class Blocks:
             return made[block_id]
         if not 0 <= block_id < self._num_blocks:
             raise IndexError(f"block id {block_id} is not in the pool of {self._num_blocks}")
-        made.extend(KVBlock(i) for i in range(len(made), block_id + 1))
+        if block_id == len(made):  # the free queue's next unused block
+            made.append(KVBlock(block_id))
+        else:
+            made.extend([KVBlock(i) for i in range(len(made), block_id + 1)])
         return made[block_id]
 
     def __iter__(self):
